@@ -1,0 +1,48 @@
+#!/bin/bash
+# Entrypoint of the vLLM engine image: find or prepare the base model, then exec vLLM's
+# OpenAI-compatible server with LoRA enabled. Extra arguments are passed to vLLM unchanged.
+set -euo pipefail
+
+SERVED_NAME="${LORAGATE_SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
+CACHE="${LORAGATE_MODEL_CACHE:-/var/lib/loragate/models}"
+BAKED="/opt/loragate/models/SmolLM2-135M-Instruct"
+
+if [ -n "${LORAGATE_MODEL_DIR:-}" ] && [ -f "${LORAGATE_MODEL_DIR}/config.json" ]; then
+    MODEL_DIR="${LORAGATE_MODEL_DIR}"
+elif [ -z "${LORAGATE_MODEL_DIR:-}" ] && [ -f "${BAKED}/config.json" ] && [ ! -f "${CACHE}/SmolLM2-135M-Instruct/config.json" ]; then
+    MODEL_DIR="${BAKED}"
+else
+    if [ -n "${LORAGATE_MODEL_DIR:-}" ] && [ "${LORAGATE_MODEL_DIR%/}" != "${CACHE%/}/SmolLM2-135M-Instruct" ]; then
+        echo "engine-entrypoint: LORAGATE_MODEL_DIR=${LORAGATE_MODEL_DIR} has no config.json and is not the default model's folder" >&2
+        exit 66
+    fi
+    mkdir -p "${CACHE}"
+    echo "engine-entrypoint: preparing the default model into ${CACHE} (once; other replicas wait)" >&2
+    # Several replicas may share the volume: one converts, the rest find it prepared (prepare is idempotent).
+    LORAGATE_MODEL_CACHE="${CACHE}" flock "${CACHE}/.prepare.lock" loragate model prepare
+    MODEL_DIR="${CACHE}/SmolLM2-135M-Instruct"
+fi
+
+# The gateway asks vLLM to load adapters by path: the store must exist at the same path as in the gateway.
+if [ -n "${LORAGATE_ADAPTER_STORE:-}" ]; then
+    mkdir -p "${LORAGATE_ADAPTER_STORE}" 2>/dev/null || true
+fi
+
+ARGS=(
+    --model "${MODEL_DIR}"
+    --served-model-name "${SERVED_NAME}"
+    --enable-lora
+    --max-loras "${LORAGATE_MAX_LORAS:-4}"
+    --max-cpu-loras "${LORAGATE_MAX_CPU_LORAS:-8}"
+    --max-lora-rank "${LORAGATE_MAX_LORA_RANK:-16}"
+    --host 0.0.0.0
+    --port "${VLLM_PORT:-8000}"
+)
+if [ "${LORAGATE_QUANTIZATION:-}" = "bitsandbytes" ]; then
+    # 4-bit (QLoRA) base on CUDA.
+    ARGS+=(--quantization bitsandbytes)
+fi
+
+echo "engine-entrypoint: serving ${MODEL_DIR} as ${SERVED_NAME}" >&2
+export HF_HUB_OFFLINE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+exec python3 -m vllm.entrypoints.openai.api_server "${ARGS[@]}" "$@"

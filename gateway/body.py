@@ -1,0 +1,36 @@
+"""Reading a request body: size-capped, parsed once, errors in OpenAI's words."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic_core
+from starlette.requests import Request
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {max_bytes} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        payload = pydantic_core.from_json(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc}). "
+            "The OpenAI API expects a JSON payload."
+        ) from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return payload

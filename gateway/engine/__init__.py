@@ -1,0 +1,1 @@
+"""The inference engine: vLLM OpenAI servers, started and supervised here or reached at given URLs."""

@@ -1,0 +1,131 @@
+"""Which replica serves a request, and making sure the adapter it needs is loaded there.
+
+- affinity: a replica that already holds the adapter is preferred, unless it is much busier
+  than the least busy replica, in which case the adapter is loaded there too (spreading load);
+- single flight: concurrent first requests for a cold adapter on a replica share one load;
+- LRU residency: each replica holds at most `capacity` adapters (vLLM's `--max-cpu-loras`);
+  the least recently used one that is not pinned is unloaded to make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from gateway.engine.pool import Replica, ReplicaPool
+from gateway.errors import EngineUnavailable, UpstreamError
+from gateway.metrics import Metrics
+from gateway.routing import Route
+
+log = logging.getLogger("loragate.placement")
+
+SPREAD_MARGIN = 4
+"""How many more in-flight requests a holder may have than the least busy replica before spreading."""
+
+
+class Placement:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        capacity: int,
+        pinned: frozenset[str] = frozenset(),
+    ) -> None:
+        self._pool = pool
+        self._session = session
+        self._metrics = metrics
+        self.capacity = capacity
+        self.pinned = set(pinned)
+        self._loading: dict[tuple[Replica, int, str], asyncio.Future[None]] = {}
+        self.loads = 0
+
+    async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
+        if route.adapter_path is None:
+            return self._pool.pick(exclude)
+        replica = self._choose(route.upstream_model, exclude)
+        await self._ensure_loaded(replica, route)
+        return replica
+
+    def _holds(self, replica: Replica, name: str) -> bool:
+        return name in replica.resident or (replica, replica.generation, name) in self._loading
+
+    def _choose(self, name: str, exclude: frozenset[Replica]) -> Replica:
+        healthy = self._pool.healthy(exclude)
+        if not healthy:
+            raise EngineUnavailable("No inference engine is available right now; try again shortly.")
+        least_busy = min(healthy, key=lambda r: r.inflight)
+        holders = [r for r in healthy if self._holds(r, name)]
+        if holders:
+            best = min(holders, key=lambda r: r.inflight)
+            if best.inflight - least_busy.inflight <= SPREAD_MARGIN:
+                return best
+        return least_busy
+
+    async def _ensure_loaded(self, replica: Replica, route: Route) -> None:
+        name = route.upstream_model
+        if name in replica.resident:
+            replica.resident.pop(name)
+            replica.resident[name] = None
+            return
+        key = (replica, replica.generation, name)
+        future = self._loading.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._load(replica, route))
+            self._loading[key] = future
+            future.add_done_callback(lambda _: self._loading.pop(key, None))
+        await asyncio.shield(future)
+
+    async def _post(self, replica: Replica, path: str, payload: dict[str, str]) -> tuple[int, str]:
+        try:
+            async with self._session.post(
+                replica.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=120)
+            ) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            replica.mark_down()
+            raise EngineUnavailable(f"The engine could not be reached to load or unload an adapter: {exc}") from exc
+
+    async def _load(self, replica: Replica, route: Route) -> None:
+        name = route.upstream_model
+        await self._make_room(replica)
+        started = time.perf_counter()
+        status, text = await self._post(
+            replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
+        )
+        if status != 200 and "already been loaded" not in text:
+            self._metrics.adapter_loads.labels(route.requested, "error").inc()
+            log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
+            raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
+        self._metrics.adapter_loads.labels(route.requested, "ok").inc()
+        self._metrics.adapter_load_seconds.labels(route.requested).observe(time.perf_counter() - started)
+        self._metrics.adapter_resident.labels(name, replica.url).set(1)
+        self.loads += 1
+        replica.resident[name] = None
+
+    async def _make_room(self, replica: Replica) -> None:
+        while len(replica.resident) >= self.capacity:
+            victim = next((n for n in replica.resident if n not in self.pinned), None)
+            if victim is None:
+                return
+            await self._unload(replica, victim)
+
+    async def _unload(self, replica: Replica, name: str) -> None:
+        replica.resident.pop(name, None)
+        self._metrics.adapter_resident.labels(name, replica.url).set(0)
+        status, text = await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": name})
+        if status != 200 and status != 404:
+            log.warning("unloading %s from %s answered %s: %s", name, replica.url, status, text[:300])
+
+    def forget(self, replica: Replica, name: str) -> None:
+        replica.resident.pop(name, None)
+
+    async def unload_everywhere(self, name: str) -> None:
+        """Used when an adapter version is deleted: no replica may keep serving it."""
+        for replica in self._pool.replicas:
+            if name in replica.resident and replica.healthy:
+                await self._unload(replica, name)
+            replica.resident.pop(name, None)

@@ -1,0 +1,1 @@
+"""Thin HTTP handlers: authenticate, validate, hand on."""

@@ -1,0 +1,57 @@
+"""The OpenAI surface: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from gateway.body import read_json
+from gateway.errors import from_validation_error
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+router = APIRouter()
+
+
+def services(request: Request) -> "Services":
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def _complete(request: Request, route_name: str, path: str, schema: type[BaseModel]) -> Response:
+    svc = services(request)
+    principal = await svc.keys.verify(request.headers.get("authorization"))
+    payload = await read_json(request, svc.settings.max_body_bytes)
+    try:
+        validated = schema.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    route = svc.router.resolve(validated.model, principal)  # type: ignore[attr-defined]
+    request_id = uuid.uuid4().hex
+    return await svc.forwarder.forward(
+        route_name, path, payload, route, request_id, stream=validated.stream  # type: ignore[attr-defined]
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, "chat", "/v1/chat/completions", ChatCompletionRequest)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _complete(request, "completions", "/v1/completions", CompletionRequest)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    svc = services(request)
+    await svc.keys.verify(request.headers.get("authorization"))
+    cards = [ModelCard(id=svc.settings.served_model_name, created=int(time.time()))]
+    return ModelList(data=cards)

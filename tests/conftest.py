@@ -1,0 +1,151 @@
+"""Session-wide real parts: one redis-server, one gateway supervising one real vLLM, per test run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.settings import DEFAULT_HOME
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key-0123456789"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    subprocess.run([str(ROOT / "scripts/redis.sh"), "start", str(port), str(folder)], check=True)
+    yield RedisServer(port)
+    subprocess.run([str(ROOT / "scripts/redis.sh"), "stop", str(port)], check=False)
+
+
+@dataclass
+class Gateway:
+    url: str
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log: Path
+    engine_ports: list[int]
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def gateway_env(home: Path, redis_url: str, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+    env.update(
+        LORAGATE_HOME=str(home),
+        LORAGATE_MODEL_CACHE=os.environ.get("LORAGATE_MODEL_CACHE", str(DEFAULT_HOME / "models")),
+        LORAGATE_REDIS_URL=redis_url,
+        LORAGATE_PORT=str(port),
+        LORAGATE_ADMIN_KEY=ADMIN_KEY,
+        LORAGATE_HEALTH_INTERVAL_S="0.5",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_gateway(home: Path, env: dict[str, str], engine_ports: list[int], ready_timeout: float) -> Gateway:
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "gateway.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    gateway = Gateway(f"http://127.0.0.1:{env['LORAGATE_PORT']}", env, process, log, engine_ports)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
+        try:
+            if httpx.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
+                return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_gateway(gateway)
+    raise RuntimeError(f"gateway not up after {ready_timeout} s:\n{gateway.log_tail()}")
+
+
+def stop_gateway(gateway: Gateway) -> None:
+    gateway.process.terminate()
+    try:
+        gateway.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+
+
+def create_key(env: dict[str, str], tenant: str = "tests") -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "create", "--tenant", tenant],
+        env=env, check=True, capture_output=True, text=True, cwd=ROOT,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """`loragate serve` with no engine URLs: it prepares the model and supervises its own vLLM."""
+    home = tmp_path_factory.mktemp("gateway-home")
+    engine_port = free_port()
+    env = gateway_env(home, redis_server.url, free_port(), LORAGATE_ENGINE_PORT=str(engine_port))
+    gw = start_gateway(home, env, [engine_port], ready_timeout=900)
+    yield gw
+    stop_gateway(gw)
+    if gw.process.returncode not in (0, -15):
+        print(gw.log_tail())
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway: Gateway) -> str:
+    return create_key(gateway.env)
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Gateway, api_key: str):  # type: ignore[no-untyped-def]
+    import openai
+
+    return openai.OpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(gateway: Gateway, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as c:
+        yield c
+
+
+def redis_cli() -> str:
+    return shutil.which("redis-cli") or "redis-cli"

@@ -1,0 +1,124 @@
+"""Every error a client can cause, or meet, arrives as OpenAI's envelope with the right status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Gateway, free_port, gateway_env, start_gateway, stop_gateway
+
+pytestmark = pytest.mark.integration
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def assert_envelope(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_missing_key_is_401(gateway: Gateway) -> None:
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO})
+    assert_envelope(resp, 401, "invalid_api_key")
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO},
+                      headers={"Authorization": "Basic abc"})
+    assert_envelope(resp, 401, "invalid_api_key")
+
+
+def test_wrong_key_is_401(gateway: Gateway) -> None:
+    wrong = openai.OpenAI(base_url=gateway.base_url, api_key="sk-lg-not-a-real-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.models.list()
+    assert info.value.code == "invalid_api_key"
+    assert "not-a-real-key" not in str(info.value), "the key must not be echoed back"
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)  # type: ignore[arg-type]
+    assert info.value.code == "model_not_found"
+    assert info.value.param == "model"
+
+
+def test_malformed_json_is_400(http: httpx.Client) -> None:
+    resp = http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"})
+    assert_envelope(resp, 400)
+    resp = http.post("/v1/completions", content=b"[1, 2]")
+    assert_envelope(resp, 400)
+
+
+def test_invalid_fields_are_400_naming_the_param(client: openai.OpenAI, http: httpx.Client) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+    assert info.value.param == "messages[0].role"
+    assert_envelope(http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "temperature": 7}),
+                    400, param="temperature")
+    assert_envelope(http.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, param="messages")
+    assert_envelope(http.post("/v1/completions", json={"model": MODEL}), 400, param="prompt")
+
+
+def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=10_000_000)
+    assert info.value.type == "invalid_request_error"
+
+
+def test_oversized_body_is_413(http: httpx.Client) -> None:
+    big = "x" * (9 * 1024 * 1024)
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": big}]})
+    assert_envelope(resp, 413, "request_too_large")
+
+
+def test_unknown_route_is_404_envelope(http: httpx.Client) -> None:
+    assert_envelope(http.get("/v1/nothing-here"), 404)
+
+
+@pytest.fixture(scope="module")
+def stranded_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+    """A gateway whose only engine URL has nothing listening, and a second Redis URL that is dead."""
+    home = tmp_path_factory.mktemp("stranded")
+    env = gateway_env(home, redis_server.url, free_port(), LORAGATE_ENGINE_URLS=f"http://127.0.0.1:{free_port()}")
+    gw = start_gateway(home, env, [], ready_timeout=60)
+    yield gw
+    stop_gateway(gw)
+
+
+def test_engine_down_is_503(stranded_gateway: Gateway) -> None:
+    from tests.conftest import create_key
+
+    key = create_key(stranded_gateway.env)
+    down = openai.OpenAI(base_url=stranded_gateway.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        down.chat.completions.create(model=MODEL, messages=HELLO)  # type: ignore[arg-type]
+    assert info.value.status_code == 503
+    assert info.value.code == "engine_unavailable"
+    ready = httpx.get(f"{stranded_gateway.url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["redis"] == "ok"
+    assert set(ready.json()["engines"].values()) == {"unreachable"}
+
+
+def test_redis_down_is_503_and_named(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("no-redis")
+    env = gateway_env(home, f"redis://127.0.0.1:{free_port()}/0", free_port(),
+                      LORAGATE_ENGINE_URLS=f"http://127.0.0.1:{free_port()}")
+    gw = start_gateway(home, env, [], ready_timeout=60)
+    try:
+        ready = httpx.get(f"{gw.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
+        resp = httpx.post(f"{gw.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO},
+                          headers={"Authorization": "Bearer sk-lg-anything"}, timeout=30)
+        assert_envelope(resp, 503, "state_unavailable")
+    finally:
+        stop_gateway(gw)

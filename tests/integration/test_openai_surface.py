@@ -1,0 +1,149 @@
+"""The OpenAI SDK, unmodified, against the real gateway, real vLLM and real Redis."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Gateway
+
+pytestmark = pytest.mark.integration
+
+HELLO = [{"role": "user", "content": "Say hello in one word."}]
+
+
+def test_chat_completion_has_id_request_id_and_usage(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=8)
+    completion = raw.parse()
+    request_id = raw.headers["x-request-id"]
+    assert completion.id == f"chatcmpl-{request_id}"
+    assert completion.model == MODEL
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
+
+
+def test_text_completion(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="The capital of France is", max_tokens=6)
+    completion = raw.parse()
+    assert completion.id.startswith("cmpl-") and raw.headers["x-request-id"] in completion.id
+    assert completion.choices[0].text
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_stream(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True))
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_stream_is_sse_ending_with_done(http: httpx.Client) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-request-id"]
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give the largest city of France and its population as JSON."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}},
+    )
+    data = json.loads(completion.choices[0].message.content or "")
+    assert set(data) == {"city", "population"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+
+
+def test_sampling_parameters_pass_through(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, messages=HELLO, max_completion_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
+    first = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    second = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.usage is not None and first.usage.completion_tokens <= 12
+
+    many = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, n=3)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+
+    with_logprobs = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    content = with_logprobs.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and len(content[0].top_logprobs) == 2
+
+
+def test_stop_sequence_ends_generation(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt="Count: 1, 2, 3, 4, 5, 6, 7,", max_tokens=30, temperature=0, stop=[" 9"]
+    )
+    assert " 9" not in out.choices[0].text
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_named_tool_call(client: openai.OpenAI) -> None:
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }]
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=40,
+        temperature=0,
+    )
+    call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
+
+
+def test_models_lists_base_model(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids
+
+
+def test_health_and_readiness(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["redis"] == "ok"
+    assert set(ready.json()["engines"].values()) == {"ok"}
+
+
+def test_metrics_count_requests(gateway: Gateway, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    text = httpx.get(f"{gateway.url}/metrics").text
+    assert 'loragate_requests_total{model="SmolLM2-135M-Instruct",route="chat",status="200"}' in text
+    assert "loragate_tokens_total" in text

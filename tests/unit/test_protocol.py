@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.errors import from_validation_error
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def error_of(schema: type, payload: dict) -> tuple[str | None, str]:  # type: ignore[type-arg]
+    with pytest.raises(ValidationError) as info:
+        schema.model_validate(payload)
+    err = from_validation_error(info.value)
+    assert err.status == 400 and err.type == "invalid_request_error"
+    return err.param, err.message
+
+
+def test_unknown_fields_pass_through() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "ignore_eos": True, "top_k": 5})
+    assert req.model_extra == {"ignore_eos": True, "top_k": 5}
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"messages": MSG}, "model"),
+        ({"model": "", "messages": MSG}, "model"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": MSG, "temperature": 2.5}, "temperature"),
+        ({"model": "m", "messages": MSG, "top_p": -0.1}, "top_p"),
+        ({"model": "m", "messages": MSG, "n": 0}, "n"),
+        ({"model": "m", "messages": MSG, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "messages": MSG, "top_logprobs": 21}, "top_logprobs"),
+        ({"model": "m", "messages": MSG, "response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"model": "m", "messages": MSG, "tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+    ],
+)
+def test_chat_rejections_name_the_param(payload: dict, param: str) -> None:  # type: ignore[type-arg]
+    assert error_of(ChatCompletionRequest, payload)[0] == param
+
+
+def test_json_schema_format_needs_its_schema() -> None:
+    _, message = error_of(ChatCompletionRequest, {"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}})
+    assert "json_schema" in message
+
+
+def test_stream_options_need_stream() -> None:
+    _, message = error_of(ChatCompletionRequest, {"model": "m", "messages": MSG, "stream_options": {"include_usage": True}})
+    assert "stream" in message
+
+
+def test_completion_prompt_forms() -> None:
+    for prompt in ("text", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):
+        assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompt == prompt
+    assert error_of(CompletionRequest, {"model": "m"})[0] == "prompt"
+    assert error_of(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 9})[0] == "logprobs"

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import admin_key_matches, bearer_token, hash_key
+from gateway.engine.supervisor import engine_command, is_internal_address
+from gateway.errors import AuthenticationFailed
+from gateway.settings import Settings
+
+
+def test_env_and_yaml_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "loragate.yaml"
+    config.write_text("port: 9001\nmax_lora_rank: 32\nserved_model_name: from-yaml\n")
+    monkeypatch.setenv("LORAGATE_CONFIG", str(config))
+    monkeypatch.setenv("LORAGATE_PORT", "9002")
+    monkeypatch.setenv("LORAGATE_ENGINE_URLS", "http://10.0.0.5:8000/, http://10.0.0.6:8000")
+    settings = Settings()
+    assert settings.port == 9002, "environment beats the file"
+    assert settings.max_lora_rank == 32 and settings.served_model_name == "from-yaml"
+    assert settings.engine_urls == ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]
+
+
+def test_engine_command_carries_lora_settings(tmp_path: Path) -> None:
+    cmd = engine_command(Settings(max_loras=3, max_cpu_loras=6, max_lora_rank=8), tmp_path, 8123)
+    assert "--enable-lora" in cmd
+    for flag, value in (("--max-loras", "3"), ("--max-cpu-loras", "6"), ("--max-lora-rank", "8"), ("--port", "8123")):
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+@pytest.mark.parametrize(("host", "ok"), [("127.0.0.1", True), ("localhost", True), ("10.1.2.3", True),
+                                          ("192.168.1.1", True), ("0.0.0.0", False), ("8.8.8.8", False),
+                                          ("example.com", False)])
+def test_engine_listens_only_inside(host: str, ok: bool) -> None:
+    assert is_internal_address(host) is ok
+
+
+def test_bearer_parsing() -> None:
+    assert bearer_token("Bearer sk-abc") == "sk-abc"
+    assert bearer_token("bearer   sk-abc ") == "sk-abc"
+    for bad in (None, "", "Basic abc", "Bearer", "Bearer   "):
+        with pytest.raises(AuthenticationFailed):
+            bearer_token(bad)
+
+
+def test_admin_key_is_separate() -> None:
+    assert admin_key_matches("Bearer root-key", "root-key")
+    assert not admin_key_matches("Bearer root-key", None)
+    assert not admin_key_matches("Bearer other", "root-key")
+    assert hash_key("a") != hash_key("b") and len(hash_key("a")) == 64
