@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from adapters.manifest import AdapterRef
 from gateway.settings import Settings
 
 app = typer.Typer(help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
@@ -18,7 +19,9 @@ app = typer.Typer(help="loragate: an OpenAI-compatible gateway for many LoRA ada
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (stored hashed in Redis).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+adapters_app = typer.Typer(help="The adapter registry (versions are immutable).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
 
 console = Console(stderr=True)
 
@@ -88,6 +91,88 @@ def keys_check(key: Annotated[str, typer.Argument(help="The API key to check.")]
         raise typer.Exit(1) from exc
 
 
+def _store(settings: Settings):  # type: ignore[no-untyped-def]
+    from adapters.store import AdapterStore
+
+    return AdapterStore(settings.adapter_root)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[Path, typer.Argument(help="A PEFT adapter folder or a .tar.gz of one.")],
+    name: Annotated[str, typer.Option(help="Adapter name; each add makes its next version.")],
+) -> None:
+    """Validate an adapter against the base model and store it as a new version."""
+    from adapters.manifest import InvalidAdapter
+    from adapters.validate import BaseModelSpec
+
+    settings = Settings()
+    base = BaseModelSpec.from_folder(_prepare_model(settings), settings.served_model_name)
+    try:
+        manifest = _store(settings).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
+    except InvalidAdapter as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(manifest.ref)
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Every version of every adapter."""
+    from rich.table import Table
+
+    store = _store(Settings())
+    table = Table("adapter", "rank", "alpha", "targets", "size", "sha256 (weights)", "created", "default")
+    for m in store.list():
+        default = "yes" if store.resolve(AdapterRef(m.name)).version == m.version else ""
+        table.add_row(m.ref, str(m.rank), f"{m.alpha:g}", ",".join(m.target_modules), f"{m.size_bytes / 1e6:.1f} MB",
+                      m.files.get("adapter_model.safetensors", "")[:12], m.created.strftime("%Y-%m-%d %H:%M"), default)
+    Console().print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(ref: Annotated[str, typer.Argument(help="name (default version) or name@version")]) -> None:
+    """Print one version's manifest as JSON."""
+    from adapters.store import AdapterNotFound
+
+    try:
+        typer.echo(_store(Settings()).resolve(AdapterRef.parse(ref)).model_dump_json(indent=2))
+    except (AdapterNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+@adapters_app.command("rm")
+def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete")]) -> None:
+    """Delete one version; running gateways unload it within a health interval."""
+    from adapters.store import AdapterNotFound
+
+    try:
+        parsed = AdapterRef.parse(ref)
+        if parsed.version is None:
+            raise ValueError("give the version to delete: name@version")
+        typer.echo(f"deleted {_store(Settings()).remove(parsed.name, parsed.version).ref}")
+    except (AdapterNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+@adapters_app.command("pin")
+def adapters_pin(ref: Annotated[str, typer.Argument(help="name@version the bare name should resolve to, or name to unpin")]) -> None:
+    """Make `name` resolve to a fixed version instead of the latest (no version: unpin)."""
+    from adapters.store import AdapterNotFound
+
+    try:
+        parsed = AdapterRef.parse(ref)
+        store = _store(Settings())
+        store.pin(parsed.name, parsed.version)
+        typer.echo(f"{parsed.name} -> {store.resolve(AdapterRef(parsed.name)).ref}")
+    except (AdapterNotFound, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+
+
 @app.command()
 def serve(
     port: Annotated[int | None, typer.Option(help="Port (default LORAGATE_PORT or 8080).")] = None,
@@ -99,14 +184,40 @@ def serve(
     settings = Settings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = None if settings.engine_urls else _prepare_model(settings)
+    if model_dir is None and settings.model_dir is None:
+        from adapters.base_model import is_prepared, prepared_dir
+
+        default = prepared_dir(settings.models_root)
+        validation_model = default if is_prepared(default) else None
+    else:
+        validation_model = model_dir or settings.model_dir
     try:
-        asyncio.run(_serve(settings, model_dir))
+        asyncio.run(_serve(settings, model_dir, validation_model))
     except KeyboardInterrupt:
         pass
 
 
-async def _serve(settings: Settings, model_dir: Path | None) -> None:
+async def _serve(settings: Settings, model_dir: Path | None, validation_model: Path | None) -> None:
+    import contextlib
+    import signal
+    from collections.abc import Iterator
+
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after shutting down, which would kill this process
+        before it stops vLLM; here a signal only asks the server to exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
 
     from gateway.app import create_app
     from gateway.engine.supervisor import EngineSupervisor
@@ -121,10 +232,10 @@ async def _serve(settings: Settings, model_dir: Path | None) -> None:
         console.log("vLLM is healthy")
     try:
         config = uvicorn.Config(
-            create_app(settings, urls), host=settings.host, port=settings.port,
+            create_app(settings, urls, validation_model), host=settings.host, port=settings.port,
             log_level=settings.log_level, access_log=False, lifespan="on",
         )
-        server = uvicorn.Server(config)
+        server = _Server(config)
         console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1")
         await server.serve()
     finally:

@@ -83,6 +83,12 @@ class EngineUnavailable(APIError):
     code = "engine_unavailable"
 
 
+class AdapterUnavailable(APIError):
+    status = 503
+    type = "server_error"
+    code = "adapter_unavailable"
+
+
 class StateUnavailable(APIError):
     status = 503
     type = "server_error"

@@ -12,7 +12,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loragate_requests", "Requests answered, by route, model and HTTP status.",
+            "loragate_requests", "Requests answered, by route, served model (adapter name@version) and HTTP status.",
             ["route", "model", "status"], registry=r,
         )
         self.duration = Histogram(
@@ -37,6 +37,9 @@ class Metrics:
         self.adapter_load_seconds = Histogram(
             "loragate_adapter_load_seconds", "Time to load an adapter into a vLLM replica.", ["adapter"],
             registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.adapter_evictions = Counter(
+            "loragate_adapter_evictions", "Adapters unloaded to make room (LRU), by replica.", ["replica"], registry=r,
         )
         self.adapter_resident = Gauge(
             "loragate_adapter_resident", "1 while an adapter is loaded on a replica.",

@@ -15,8 +15,10 @@ import time
 
 import aiohttp
 
+from adapters.registry import Registry
+from adapters.store import IntegrityError
 from gateway.engine.pool import Replica, ReplicaPool
-from gateway.errors import EngineUnavailable, UpstreamError
+from gateway.errors import AdapterUnavailable, EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
 from gateway.routing import Route
 
@@ -31,11 +33,13 @@ class Placement:
         self,
         pool: ReplicaPool,
         session: aiohttp.ClientSession,
+        registry: Registry,
         metrics: Metrics,
         capacity: int,
         pinned: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
+        self._registry = registry
         self._session = session
         self._metrics = metrics
         self.capacity = capacity
@@ -91,17 +95,26 @@ class Placement:
 
     async def _load(self, replica: Replica, route: Route) -> None:
         name = route.upstream_model
+        assert route.adapter is not None
+        try:
+            await asyncio.to_thread(self._registry.verify_once, route.adapter)
+        except (IntegrityError, OSError) as exc:
+            self._metrics.adapter_loads.labels(route.adapter.name, "integrity_error").inc()
+            log.error("refusing to load %s: %s", name, exc)
+            raise AdapterUnavailable(
+                f"Adapter `{route.requested}` failed its integrity check and was not loaded."
+            ) from exc
         await self._make_room(replica)
         started = time.perf_counter()
         status, text = await self._post(
             replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
         )
         if status != 200 and "already been loaded" not in text:
-            self._metrics.adapter_loads.labels(route.requested, "error").inc()
+            self._metrics.adapter_loads.labels(route.adapter.name, "error").inc()
             log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
             raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
-        self._metrics.adapter_loads.labels(route.requested, "ok").inc()
-        self._metrics.adapter_load_seconds.labels(route.requested).observe(time.perf_counter() - started)
+        self._metrics.adapter_loads.labels(route.adapter.name, "ok").inc()
+        self._metrics.adapter_load_seconds.labels(route.adapter.name).observe(time.perf_counter() - started)
         self._metrics.adapter_resident.labels(name, replica.url).set(1)
         self.loads += 1
         replica.resident[name] = None
@@ -111,6 +124,7 @@ class Placement:
             victim = next((n for n in replica.resident if n not in self.pinned), None)
             if victim is None:
                 return
+            self._metrics.adapter_evictions.labels(replica.url).inc()
             await self._unload(replica, victim)
 
     async def _unload(self, replica: Replica, name: str) -> None:
@@ -122,6 +136,15 @@ class Placement:
 
     def forget(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
+
+    async def maintain(self, hot: list[Route]) -> None:
+        """Unload versions deleted from the store (by any process); keep hot adapters loaded and pinned."""
+        self.pinned = {route.upstream_model for route in hot}
+        for replica in self._pool.healthy():
+            for name in [n for n in replica.resident if not self._registry.exists(n)]:
+                await self._unload(replica, name)
+            for route in hot:
+                await self._ensure_loaded(replica, route)
 
     async def unload_everywhere(self, name: str) -> None:
         """Used when an adapter version is deleted: no replica may keep serving it."""

@@ -100,12 +100,21 @@ class Forwarder:
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
 
+    def _track(self, replica: Replica, delta: int) -> None:
+        replica.inflight += delta
+        self._metrics.inflight.labels(replica.url).inc(delta)
+
     async def _send(self, path: str, route: Route, body: bytes, request_id: str) -> tuple[Replica, aiohttp.ClientResponse]:
-        """Post to a replica; a replica that cannot be reached is marked down and another one tried."""
+        """Post to a replica; a replica that cannot be reached is marked down and another one tried.
+
+        The request counts as in flight on its replica from before it is sent (vLLM answers a
+        non-streaming request only when it is done), until `forward` finishes it.
+        """
         tried: set[Replica] = set()
         reloaded = False
         while True:
             replica = await self._placement.acquire(route, exclude=frozenset(tried))
+            self._track(replica, +1)
             try:
                 upstream = await self._session.post(
                     replica.url + path,
@@ -114,13 +123,18 @@ class Forwarder:
                     timeout=self._timeout,
                 )
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                self._track(replica, -1)
                 log.warning("replica %s unreachable: %s", replica.url, exc)
                 self._metrics.upstream_errors.labels(replica.url).inc()
                 replica.mark_down()
                 tried.add(replica)
                 continue
+            except BaseException:
+                self._track(replica, -1)
+                raise
             if upstream.status == 404 and route.adapter_path is not None and not reloaded:
                 # The replica lost the adapter (it restarted in between): load it again, once.
+                self._track(replica, -1)
                 upstream.release()
                 self._placement.forget(replica, route.upstream_model)
                 reloaded = True
@@ -134,43 +148,36 @@ class Forwarder:
         payload["model"] = route.upstream_model
         body = pydantic_core.to_json(payload)
         replica, upstream = await self._send(path, route, body, request_id)
-        gauge = self._metrics.inflight.labels(replica.url)
-        replica.inflight += 1
-        gauge.inc()
         headers = {"x-request-id": request_id}
 
         def finish(status: int, usage: dict[str, Any] | None) -> None:
-            replica.inflight -= 1
-            gauge.dec()
-            self._metrics.requests.labels(route_name, route.requested, str(status)).inc()
+            self._track(replica, -1)
+            self._metrics.requests.labels(route_name, route.upstream_model, str(status)).inc()
             if usage:
                 for kind in ("prompt", "completion"):
                     count = usage.get(f"{kind}_tokens")
                     if isinstance(count, int):
-                        self._metrics.tokens.labels(route.requested, kind).inc(count)
+                        self._metrics.tokens.labels(route.upstream_model, kind).inc(count)
 
         if stream and upstream.status == 200:
             self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
             return RelayResponse(upstream, lambda usage: finish(200, usage), headers)
+        status, usage = 502, None
         try:
             raw = await upstream.read()
+            status = upstream.status
+            if status >= 400:
+                raw = normalise_error(status, raw)
+                status = 502 if status >= 500 else status
+            elif b'"usage"' in raw:
+                usage = json.loads(raw).get("usage")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            finish(502, None)
             raise UpstreamError("The engine stopped in the middle of the response.") from exc
+        except ValueError:
+            usage = None
         finally:
             upstream.release()
-        status = upstream.status
-        usage = None
-        if status >= 400:
-            raw = normalise_error(status, raw)
-            if status >= 500:
-                status = 502
-        elif b'"usage"' in raw:
-            try:
-                usage = json.loads(raw).get("usage")
-            except ValueError:
-                usage = None
-        finish(status, usage)
+            finish(status, usage)
         self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
         return Response(raw, status_code=status, headers=headers, media_type="application/json")
 

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=1, description="Adapters in one vLLM batch (--max-loras).")
     max_cpu_loras: int = Field(8, ge=1, description="Adapters cached by each vLLM (--max-cpu-loras).")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank vLLM accepts (--max-lora-rank).")
+    adapter_store: Path | None = Field(None, description="Adapter store folder (default HOME/adapters).")
+    hot_adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Adapters kept loaded on every replica, never evicted (comma-separated)."
+    )
+    max_adapter_upload_bytes: int = Field(1 << 30, description="Largest adapter archive /admin/adapters accepts.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     upstream_timeout_s: float = Field(600.0, description="Longest a single upstream request may take.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
@@ -64,7 +69,7 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")
     log_level: str = Field("info", description="Gateway log level.")
 
-    @field_validator("engine_urls", "engine_extra_args", mode="before")
+    @field_validator("engine_urls", "engine_extra_args", "hot_adapters", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
@@ -92,3 +97,7 @@ class Settings(BaseSettings):
     @cached_property
     def models_root(self) -> Path:
         return self.model_cache or self.home / "models"
+
+    @cached_property
+    def adapter_root(self) -> Path:
+        return self.adapter_store or self.home / "adapters"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,21 +10,42 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from gateway.settings import DEFAULT_HOME
 
+if TYPE_CHECKING:
+    from adapters.validate import BaseModelSpec
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
+MAX_LORAS = 2
+CAPACITY = 3
+"""Adapters each test vLLM replica holds (--max-cpu-loras): small, so eviction is cheap to reach."""
+HOT_ADAPTER = "hot"
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p+1 are both free (two supervised vLLM replicas count up)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
 
 
 @dataclass
@@ -120,9 +140,16 @@ def create_key(env: dict[str, str], tenant: str = "tests") -> str:
 def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """`loragate serve` with no engine URLs: it prepares the model and supervises its own vLLM."""
     home = tmp_path_factory.mktemp("gateway-home")
-    engine_port = free_port()
-    env = gateway_env(home, redis_server.url, free_port(), LORAGATE_ENGINE_PORT=str(engine_port))
-    gw = start_gateway(home, env, [engine_port], ready_timeout=900)
+    engine_port = free_port_pair()
+    env = gateway_env(
+        home, redis_server.url, free_port(),
+        LORAGATE_ENGINE_PORT=str(engine_port),
+        LORAGATE_ENGINE_REPLICAS="2",
+        LORAGATE_MAX_LORAS=str(MAX_LORAS),
+        LORAGATE_MAX_CPU_LORAS=str(CAPACITY),
+        LORAGATE_HOT_ADAPTERS=HOT_ADAPTER,
+    )
+    gw = start_gateway(home, env, [engine_port, engine_port + 1], ready_timeout=900)
     yield gw
     stop_gateway(gw)
     if gw.process.returncode not in (0, -15):
@@ -147,5 +174,15 @@ def http(gateway: Gateway, api_key: str) -> Iterator[httpx.Client]:
         yield c
 
 
-def redis_cli() -> str:
-    return shutil.which("redis-cli") or "redis-cli"
+@pytest.fixture(scope="session")
+def admin(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{gateway.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def base_spec() -> "BaseModelSpec":
+    from adapters.validate import BaseModelSpec
+
+    folder = Path(os.environ.get("LORAGATE_MODEL_CACHE", str(DEFAULT_HOME / "models"))) / MODEL
+    return BaseModelSpec.from_folder(folder, MODEL)

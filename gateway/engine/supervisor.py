@@ -78,7 +78,7 @@ async def wait_healthy(url: str, timeout_s: float, alive: "asyncio.subprocess.Pr
 
 
 class EngineProcess:
-    """One supervised vLLM server. `run()` keeps it alive until `stop()`."""
+    """One supervised vLLM server (behind `gateway.engine.guard`). `run()` keeps it alive until `stop()`."""
 
     def __init__(self, settings: Settings, model_dir: Path, port: int, log_dir: Path) -> None:
         if not is_internal_address(settings.engine_host):
@@ -102,12 +102,12 @@ class EngineProcess:
         logfile = self.log_path.open("ab")
         try:
             return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.engine.guard",
                 *engine_command(self.settings, self.model_dir, self.port),
                 env=engine_env(self.settings),
                 stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
             )
         finally:
             logfile.close()
@@ -150,13 +150,13 @@ class EngineProcess:
         if proc is None or proc.returncode is not None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             return
         try:
-            await asyncio.wait_for(proc.wait(), timeout=15)
+            await asyncio.wait_for(proc.wait(), timeout=30)
         except asyncio.TimeoutError:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             await proc.wait()
 
 

@@ -53,5 +53,8 @@ async def completions(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     svc = services(request)
     await svc.keys.verify(request.headers.get("authorization"))
-    cards = [ModelCard(id=svc.settings.served_model_name, created=int(time.time()))]
+    base = svc.settings.served_model_name
+    cards = [ModelCard(id=base, created=int(time.time()), root=base)]
+    for name, manifest in svc.registry.listing():
+        cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
     return ModelList(data=cards)

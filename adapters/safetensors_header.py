@@ -1,0 +1,34 @@
+"""Reading a safetensors file's header (names, dtypes, shapes) without loading any tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"}; raises ValueError if it is not safetensors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError("file is too short to be safetensors")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError("header length is out of range: not a safetensors file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 8 + length
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"tensor {name!r} has a malformed header entry")
+        start, stop = info["data_offsets"]
+        if not 0 <= start <= stop or end + stop > size:
+            raise ValueError(f"tensor {name!r} points outside the file")
+    return header

@@ -1,0 +1,230 @@
+"""The adapter store: immutable versions under `ROOT/NAME/vN/`, each with its PEFT files and a manifest.
+
+A folder on disk (shared by the gateway, vLLM and training); writes are atomic (stage, then rename)
+and serialised by a lock file, so several processes can use one store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapters.manifest import (
+    ADAPTER_FILES,
+    MANIFEST_FILE,
+    AdapterRef,
+    InvalidAdapter,
+    Manifest,
+    Source,
+    check_name,
+)
+from adapters.validate import BaseModelSpec, check_adapter
+
+PIN_FILE = "pinned"
+COUNTER_FILE = ".last_version"
+
+
+class AdapterNotFound(LookupError):
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"Adapter `{ref}` does not exist.")
+        self.ref = ref
+
+
+class IntegrityError(RuntimeError):
+    """A stored file no longer matches the sha256 in its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe_extract(archive: Path, into: Path) -> Path:
+    """Unpack a .tar.gz refusing links, devices, absolute paths and `..`; return the adapter folder."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar.getmembers():
+                name = member.name
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise InvalidAdapter(f"Archive member {name!r} tries to escape the adapter folder.")
+                if not (member.isfile() or member.isdir()):
+                    raise InvalidAdapter(f"Archive member {name!r} is a link or device; only files are accepted.")
+            tar.extractall(into, filter="data")
+    except tarfile.TarError as exc:
+        raise InvalidAdapter(f"Not a readable tar archive: {exc}") from exc
+    candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
+    if len(candidates) != 1:
+        raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
+    return candidates.pop()
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- paths -------------------------------------------------------------------------------
+    def _name_dir(self, name: str) -> Path:
+        check_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root.resolve():
+            raise InvalidAdapter(f"Adapter name {name!r} escapes the store.")
+        return path
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self._name_dir(name) / f"v{version}"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # -- reading -----------------------------------------------------------------------------
+    def versions(self, name: str) -> list[int]:
+        folder = self._name_dir(name)
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in folder.iterdir():
+            if entry.name.startswith("v") and entry.name[1:].isdigit() and (entry / MANIFEST_FILE).is_file():
+                found.append(int(entry.name[1:]))
+        return sorted(found)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.versions(p.name))
+
+    def pinned(self, name: str) -> int | None:
+        pin = self._name_dir(name) / PIN_FILE
+        try:
+            return int(pin.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        path = self.version_dir(name, version) / MANIFEST_FILE
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise AdapterNotFound(f"{name}@{version}") from None
+
+    def resolve(self, ref: AdapterRef) -> Manifest:
+        """`name@V` exactly; `name` is its pinned version if pinned, else its latest."""
+        if ref.version is not None:
+            return self.manifest(ref.name, ref.version)
+        versions = self.versions(ref.name)
+        if not versions:
+            raise AdapterNotFound(str(ref))
+        pinned = self.pinned(ref.name)
+        return self.manifest(ref.name, pinned if pinned in versions else versions[-1])
+
+    def list(self) -> list[Manifest]:
+        return [self.manifest(name, v) for name in self.names() for v in self.versions(name)]
+
+    def verify(self, manifest: Manifest) -> None:
+        folder = self.version_dir(manifest.name, manifest.version)
+        for filename, expected in manifest.files.items():
+            path = folder / filename
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != expected:
+                raise IntegrityError(f"{manifest.ref}: {filename} does not match the sha256 in its manifest")
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, source: Path, name: str, base: BaseModelSpec, max_rank: int, origin: str | None = None) -> Manifest:
+        """Validate `source` (a PEFT folder or .tar.gz) and store it as the next version of `name`."""
+        check_name(name)
+        if name.lower() in base.aliases:
+            raise InvalidAdapter(f"Adapter name {name!r} is the base model's name.", param="name")
+        if source.is_symlink():
+            raise InvalidAdapter("Adapter path is a symbolic link; links are refused.")
+        with tempfile.TemporaryDirectory(prefix=".incoming-", dir=self._ensure_root()) as scratch:
+            folder = source
+            if source.is_file():
+                folder = _safe_extract(source, Path(scratch) / "unpacked")
+            elif not source.is_dir():
+                raise InvalidAdapter(f"{source} is neither an adapter folder nor a .tar.gz archive.")
+            checked = check_adapter(folder, base, max_rank)
+            files = {f: sha256_file(folder / f) for f in ADAPTER_FILES}
+            self._check_shipped_manifest(folder, files)
+            staging = Path(scratch) / "staging"
+            staging.mkdir()
+            for filename in ADAPTER_FILES:
+                shutil.copyfile(folder / filename, staging / filename)
+            with self._locked():
+                version = self._next_version(name)
+                manifest = Manifest(
+                    name=name, version=version, base_model=base.name, base_architecture=base.architecture,
+                    rank=checked.rank, alpha=checked.alpha, target_modules=checked.target_modules,
+                    dtype=checked.dtype, size_bytes=sum((staging / f).stat().st_size for f in ADAPTER_FILES),
+                    files=files, source=Source(kind="uploaded", origin=origin or str(source)),
+                )
+                (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+                for entry in staging.iterdir():
+                    entry.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                target = self.version_dir(name, version)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging.rename(target)
+                (target.parent / COUNTER_FILE).write_text(str(version))
+        return manifest
+
+    def _ensure_root(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    def _check_shipped_manifest(self, folder: Path, files: dict[str, str]) -> None:
+        shipped = folder / MANIFEST_FILE
+        if not shipped.is_file():
+            return
+        try:
+            claimed = json.loads(shipped.read_text()).get("files", {})
+        except (ValueError, AttributeError) as exc:
+            raise InvalidAdapter(f"The shipped {MANIFEST_FILE} is not valid JSON.") from exc
+        for filename, digest in files.items():
+            if filename in claimed and claimed[filename] != digest:
+                raise InvalidAdapter(f"{filename} does not match the sha256 in the shipped manifest.")
+
+    def _next_version(self, name: str) -> int:
+        counter = self._name_dir(name) / COUNTER_FILE
+        try:
+            last = int(counter.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            last = 0
+        return max([last, *self.versions(name)]) + 1
+
+    def remove(self, name: str, version: int) -> Manifest:
+        with self._locked():
+            manifest = self.manifest(name, version)
+            folder = self.version_dir(name, version)
+            trash = folder.with_name(f".trash-v{version}-{os.getpid()}")
+            folder.rename(trash)
+            if self.pinned(name) == version:
+                (folder.parent / PIN_FILE).unlink(missing_ok=True)
+            shutil.rmtree(trash)
+        return manifest
+
+    def pin(self, name: str, version: int | None) -> None:
+        with self._locked():
+            pin = self._name_dir(name) / PIN_FILE
+            if version is None:
+                pin.unlink(missing_ok=True)
+                return
+            self.manifest(name, version)
+            staged = pin.with_name(f".{PIN_FILE}.{os.getpid()}")
+            staged.write_text(str(version))
+            staged.rename(pin)

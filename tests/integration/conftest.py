@@ -1,0 +1,61 @@
+"""Helpers for driving adapters through the real gateway and looking inside the real vLLM replicas."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from tests.conftest import Gateway
+
+
+def tarball(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for entry in sorted(folder.iterdir()):
+            tar.add(entry, arcname=entry.name)
+    return buffer.getvalue()
+
+
+def upload(admin: httpx.Client, name: str, folder: Path) -> httpx.Response:
+    return admin.post("/adapters", params={"name": name}, content=tarball(folder),
+                      headers={"content-type": "application/gzip"})
+
+
+def add_synthetic(admin: httpx.Client, base: BaseModelSpec, tmp: Path, name: str, seed: int, **kw: object) -> str:
+    folder = make_adapter(tmp / f"{name}-{seed}", base, seed=seed, **kw)  # type: ignore[arg-type]
+    resp = upload(admin, name, folder)
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["name"]) + "@" + str(resp.json()["version"])
+
+
+def loaded_on(port: int) -> set[str]:
+    """LoRA adapters a vLLM replica has registered, asked of vLLM itself."""
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}\{{(?P<labels>[^}}]*)\}} (?P<value>\S+)$", line)
+        if match and all(f'{k}="{v}"' in match["labels"] for k, v in labels.items()):
+            total += float(match["value"])
+    return total
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)
+    return check()

@@ -1,0 +1,167 @@
+"""Adapters through the real gateway and two real vLLM replicas: hot-loading, versions, single
+flight, LRU eviction with pinned hot adapters, unload on delete, affinity and spreading."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters.validate import BaseModelSpec
+from tests.conftest import CAPACITY, HOT_ADAPTER, MODEL, ROOT, Gateway
+from tests.integration.conftest import add_synthetic, eventually, loaded_on, metric
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def greedy(client: openai.OpenAI, model: str, max_tokens: int = 12) -> tuple[str, str]:
+    out = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0)  # type: ignore[arg-type]
+    return out.model, out.choices[0].message.content or ""
+
+
+def holders(gateway: Gateway, ref: str) -> list[int]:
+    return [port for port in gateway.engine_ports if ref in loaded_on(port)]
+
+
+def test_hot_loaded_adapter_changes_output_and_is_listed(
+    client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path, gateway: Gateway
+) -> None:
+    ref = add_synthetic(admin, base_spec, tmp_path, "support-bot", seed=11)
+    assert ref == "support-bot@1"
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["support-bot"].parent == MODEL  # type: ignore[attr-defined]
+    assert listed["support-bot@1"].parent == MODEL  # type: ignore[attr-defined]
+
+    base_model, base_text = greedy(client, MODEL)
+    served, adapter_text = greedy(client, "support-bot")
+    assert (base_model, served) == (MODEL, "support-bot@1")
+    assert adapter_text != base_text, "a LoRA with non-zero weights must change greedy output"
+    assert greedy(client, "support-bot@1")[1] == adapter_text
+    assert len(holders(gateway, "support-bot@1")) == 1
+    assert metric(gateway, "loragate_adapter_loads_total", adapter="support-bot", outcome="ok") == 1
+    assert metric(gateway, "loragate_requests_total", model="support-bot@1", status="200") == 2
+    assert metric(gateway, "loragate_tokens_total", model="support-bot@1", kind="completion") > 0
+    assert metric(gateway, "loragate_adapter_resident", adapter="support-bot@1") == 1
+    assert metric(gateway, "loragate_adapter_load_seconds_count", adapter="support-bot") == 1
+
+
+def test_versions_latest_and_pin(client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    add_synthetic(admin, base_spec, tmp_path, "writer", seed=21)
+    v1 = greedy(client, "writer")
+    add_synthetic(admin, base_spec, tmp_path, "writer", seed=22)
+    latest = greedy(client, "writer")
+    assert latest[0] == "writer@2" and latest[1] != v1[1]
+    assert greedy(client, "writer@1") == v1
+
+    pinned = admin.put("/adapters/writer/pin", json={"version": 1})
+    assert pinned.status_code == 200 and pinned.json()["resolves_to"] == "writer@1"
+    assert greedy(client, "writer") == v1
+    assert admin.put("/adapters/writer/pin", json={"version": None}).json()["resolves_to"] == "writer@2"
+    assert admin.put("/adapters/writer/pin", json={"version": 9}).status_code == 404
+    assert admin.get("/adapters/writer@1").json()["files"].keys() == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_single_flight_cold_load(gateway: Gateway, api_key: str, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    add_synthetic(admin, base_spec, tmp_path, "burst", seed=31, rank=16)
+
+    async def hundred() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
+            outs = await asyncio.gather(*(
+                c.chat.completions.create(model="burst", messages=PROMPT, max_tokens=1)  # type: ignore[arg-type]
+                for _ in range(100)
+            ))
+        return [o.model for o in outs]
+
+    assert asyncio.run(hundred()) == ["burst@1"] * 100
+    loads = metric(gateway, "loragate_adapter_loads_total", adapter="burst", outcome="ok")
+    # One load per replica at most: 100 concurrent first requests share the load in flight.
+    assert 1 <= loads <= len(gateway.engine_ports)
+    assert loads == len(holders(gateway, "burst@1"))
+
+
+def test_affinity_then_spreading(gateway: Gateway, api_key: str, client: openai.OpenAI, admin: httpx.Client,
+                                 base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    add_synthetic(admin, base_spec, tmp_path, "sticky", seed=41)
+    for _ in range(4):
+        greedy(client, "sticky", max_tokens=2)
+    assert len(holders(gateway, "sticky@1")) == 1, "sequential requests stay on the replica that holds the adapter"
+    assert metric(gateway, "loragate_adapter_loads_total", adapter="sticky", outcome="ok") == 1
+
+    async def crowd() -> None:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
+            await asyncio.gather(*(
+                c.chat.completions.create(model="sticky", messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
+                for _ in range(24)
+            ))
+
+    asyncio.run(crowd())
+    assert len(holders(gateway, "sticky@1")) == 2, "a busy holder spreads the adapter to the idle replica"
+
+
+def test_hot_adapter_is_preloaded_everywhere_and_never_evicted(
+    gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    add_synthetic(admin, base_spec, tmp_path, HOT_ADAPTER, seed=51)
+    assert eventually(lambda: len(holders(gateway, f"{HOT_ADAPTER}@1")) == 2), "hot adapters load on every replica"
+    evictions_before = metric(gateway, "loragate_adapter_evictions_total")
+    names = [f"churn{i}" for i in range(CAPACITY + 2)]
+    for seed, name in enumerate(names, start=60):
+        add_synthetic(admin, base_spec, tmp_path, name, seed=seed)
+        greedy(client, name, max_tokens=1)
+    for port in gateway.engine_ports:
+        assert len(loaded_on(port)) <= CAPACITY, "each replica holds at most --max-cpu-loras adapters"
+    assert metric(gateway, "loragate_adapter_evictions_total") > evictions_before
+    assert len(holders(gateway, f"{HOT_ADAPTER}@1")) == 2, "a pinned hot adapter survives eviction"
+    evicted = [n for n in names if not holders(gateway, f"{n}@1")]
+    assert evicted, "older adapters were evicted"
+    assert greedy(client, evicted[0], max_tokens=1)[0] == f"{evicted[0]}@1", "an evicted adapter loads again on demand"
+
+
+def test_delete_unloads_everywhere(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
+                                   base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    ref = add_synthetic(admin, base_spec, tmp_path, "doomed", seed=71)
+    greedy(client, "doomed", max_tokens=1)
+    assert holders(gateway, ref)
+    assert admin.delete(f"/adapters/{ref}").json() == {"id": ref, "object": "adapter", "deleted": True}
+    assert holders(gateway, ref) == []
+    with pytest.raises(openai.NotFoundError):
+        greedy(client, "doomed")
+    assert admin.delete(f"/adapters/{ref}").status_code == 404
+    assert ref not in {m.id for m in client.models.list()}
+
+
+def test_cli_delete_is_noticed_by_the_gateway(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
+                                             base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    ref = add_synthetic(admin, base_spec, tmp_path, "cli-doomed", seed=72)
+    greedy(client, ref, max_tokens=1)
+    assert holders(gateway, ref)
+    subprocess.run([sys.executable, "-m", "gateway", "adapters", "rm", ref], env=gateway.env, cwd=ROOT, check=True)
+    assert eventually(lambda: holders(gateway, ref) == []), "the gateway unloads versions deleted by another process"
+
+
+def test_tampered_adapter_is_never_loaded(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
+                                         base_spec: BaseModelSpec, tmp_path: Path) -> None:
+    ref = add_synthetic(admin, base_spec, tmp_path, "tampered", seed=81)
+    weights = Path(gateway.env["LORAGATE_HOME"]) / "adapters" / "tampered" / "v1" / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(openai.InternalServerError) as info:
+        greedy(client, "tampered")
+    assert info.value.status_code == 503 and info.value.code == "adapter_unavailable"
+    assert holders(gateway, ref) == []
+    assert metric(gateway, "loragate_adapter_loads_total", adapter="tampered", outcome="integrity_error") == 1
+
+
+def test_admin_api_needs_the_admin_key(gateway: Gateway, api_key: str) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {api_key}"}, {"Authorization": "Bearer wrong"}):
+        resp = httpx.get(f"{gateway.url}/admin/adapters", headers=headers)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"

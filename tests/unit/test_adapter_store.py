@@ -1,0 +1,196 @@
+"""Every way an adapter is refused before anything is stored or loaded, on real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from adapters.manifest import AdapterRef, InvalidAdapter
+from adapters.registry import Registry
+from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+
+MAX_RANK = 16
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
+    """A tiny Llama-shaped base: two layers, hidden 32, with the module names a real one has."""
+    folder = tmp_path_factory.mktemp("base")
+    hidden, inter, kv = 32, 64, 16
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    tensors = {"model.embed_tokens.weight": np.zeros((100, hidden), np.float32)}
+    for layer in range(2):
+        for module, shape in shapes.items():
+            block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            tensors[f"model.layers.{layer}.{block}.{module}.weight"] = np.zeros(shape, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"}))
+    return BaseModelSpec.from_folder(folder, "tiny-base")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path / "store")
+
+
+@pytest.fixture
+def good(tmp_path: Path, base: BaseModelSpec) -> Path:
+    return make_adapter(tmp_path / "good", base, seed=1, rank=4)
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def refused(store: AdapterStore, source: Path, base: BaseModelSpec, match: str, name: str = "a") -> None:
+    with pytest.raises(InvalidAdapter, match=match):
+        store.add(source, name, base, MAX_RANK)
+    assert store.list() == [], "nothing is stored when an adapter is refused"
+
+
+def test_good_adapter_gets_versions_and_a_full_manifest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    first = store.add(good, "a", base, MAX_RANK)
+    second = store.add(good, "a", base, MAX_RANK)
+    assert (first.ref, second.ref) == ("a@1", "a@2")
+    assert first.base_model == "tiny-base" and first.base_architecture == "LlamaForCausalLM"
+    assert (first.rank, first.alpha, first.dtype) == (4, 8.0, "F32")
+    assert first.target_modules == ["q_proj", "v_proj"]
+    assert set(first.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert first.size_bytes == sum((good / f).stat().st_size for f in first.files)
+    assert first.source.kind == "uploaded"
+    assert store.resolve(AdapterRef("a")).version == 2
+    store.verify(first)
+
+
+def test_versions_are_never_reused_after_delete(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    store.add(good, "a", base, MAX_RANK)
+    store.add(good, "a", base, MAX_RANK)
+    store.remove("a", 2)
+    assert store.add(good, "a", base, MAX_RANK).version == 3
+    with pytest.raises(AdapterNotFound):
+        store.manifest("a", 2)
+
+
+def test_pin_and_latest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    for _ in range(3):
+        store.add(good, "a", base, MAX_RANK)
+    store.pin("a", 1)
+    assert store.resolve(AdapterRef("a")).version == 1
+    store.pin("a", None)
+    assert store.resolve(AdapterRef("a")).version == 3
+    with pytest.raises(AdapterNotFound):
+        store.pin("a", 7)
+
+
+def test_registry_sees_writes_from_another_process_at_once(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    registry = Registry(store)
+    store.add(good, "a", base, MAX_RANK)
+    assert registry.resolve(AdapterRef("a")).version == 1
+    AdapterStore(store.root).add(good, "a", base, MAX_RANK)
+    assert registry.resolve(AdapterRef("a")).version == 2
+    AdapterStore(store.root).remove("a", 2)
+    assert registry.resolve(AdapterRef("a")).version == 1
+    assert not registry.exists("a@2") and registry.exists("a@1")
+
+
+def test_other_base_model_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    edit_config(good, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
+    refused(store, good, base, "made for base model")
+
+
+def test_other_architecture_is_refused_by_shape(store: AdapterStore, tmp_path: Path, base: BaseModelSpec) -> None:
+    wide = BaseModelSpec("tiny-base", "LlamaForCausalLM", base.aliases,
+                         {k: (v[0] * 2, v[1] * 2) for k, v in base.linear_shapes.items()})
+    folder = make_adapter(tmp_path / "wide", wide, seed=2, rank=4)
+    refused(store, folder, base, "has shape")
+
+
+def test_rank_above_engine_limit_is_refused(store: AdapterStore, tmp_path: Path, base: BaseModelSpec) -> None:
+    folder = make_adapter(tmp_path / "big", base, seed=3, rank=32)
+    refused(store, folder, base, "exceeds the engine's max_lora_rank")
+
+
+def test_missing_target_modules_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    edit_config(good, target_modules=["c_attn", "q_proj"])
+    refused(store, good, base, r"c_attn.*do not exist")
+
+
+def test_tensor_for_a_missing_module_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    save_file({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32)},
+              str(good / "adapter_model.safetensors"))
+    refused(store, good, base, "does not have")
+
+
+def test_pickled_weights_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    (good / "adapter_model.safetensors").rename(good / "adapter_model.bin")
+    refused(store, good, base, "pickle")
+
+
+def test_weights_that_are_not_safetensors_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    (good / "adapter_model.safetensors").write_bytes(b"\x80\x04not really safetensors" * 10)
+    refused(store, good, base, "not a valid safetensors")
+
+
+def test_shipped_manifest_with_wrong_sha256_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    (good / "manifest.json").write_text(json.dumps({"files": {"adapter_model.safetensors": "0" * 64}}))
+    refused(store, good, base, "does not match the sha256")
+
+
+def test_tampered_store_fails_verification(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    manifest = store.add(good, "a", base, MAX_RANK)
+    weights = store.version_dir("a", 1) / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(IntegrityError):
+        store.verify(manifest)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".hidden", "a@1", "x" * 65, "tiny-base"])
+def test_names_that_escape_or_clash_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec, name: str) -> None:
+    refused(store, good, base, "name", name=name)
+
+
+def test_symlinks_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    os.symlink(good, link)
+    refused(store, link, base, "symbolic link")
+    (good / "extra").symlink_to("/etc/passwd")
+    refused(store, good, base, "symbolic link")
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_archives_that_escape_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    payload = (good / "adapter_config.json").read_bytes()
+    for bad_name in ("../adapter_config.json", "/tmp/adapter_config.json"):
+        info = tarfile.TarInfo(bad_name)
+        info.size = len(payload)
+        refused(store, _tar([(info, payload)], tmp_path / "escape.tar.gz"), base, "escape")
+    link = tarfile.TarInfo("adapter_model.safetensors")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    refused(store, _tar([(link, None)], tmp_path / "link.tar.gz"), base, "link")
+
+
+def test_good_archive_is_accepted(store: AdapterStore, good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    archive = tmp_path / "good.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(good, arcname="my-adapter")
+    assert store.add(archive, "a", base, MAX_RANK).ref == "a@1"
