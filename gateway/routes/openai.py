@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -33,7 +32,7 @@ async def _complete(request: Request, route_name: str, path: str, schema: type[B
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
     route = svc.router.resolve(validated.model, principal)  # type: ignore[attr-defined]
-    request_id = uuid.uuid4().hex
+    request_id: str = request.state.request_id
     return await svc.forwarder.forward(
         route_name, path, payload, route, request_id, stream=validated.stream  # type: ignore[attr-defined]
     )

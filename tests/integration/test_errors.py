@@ -21,6 +21,7 @@ def assert_envelope(resp: httpx.Response, status: int, code: str | None = None, 
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and "Traceback" not in error["message"]
+    assert len(resp.headers["x-request-id"]) == 32, "errors carry a request id too"
     if code is not None:
         assert error["code"] == code
     if param is not None:

@@ -107,7 +107,7 @@ def test_stop_sequence_ends_generation(client: openai.OpenAI) -> None:
     assert out.choices[0].finish_reason == "stop"
 
 
-def test_named_tool_call(client: openai.OpenAI) -> None:
+def test_tool_calls(client: openai.OpenAI) -> None:
     tools = [{
         "type": "function",
         "function": {
@@ -116,17 +116,19 @@ def test_named_tool_call(client: openai.OpenAI) -> None:
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
     }]
-    completion = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=tools,  # type: ignore[arg-type]
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=40,
-        temperature=0,
-    )
-    call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    assert "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
+    for tool_choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=tools,  # type: ignore[arg-type]
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+            max_tokens=100,
+            temperature=0,
+        )
+        calls = completion.choices[0].message.tool_calls
+        assert calls, f"no tool call for tool_choice={tool_choice}"
+        assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+        json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
 
 
 def test_models_lists_base_model(client: openai.OpenAI) -> None:

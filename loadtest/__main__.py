@@ -1,0 +1,39 @@
+"""`python -m loadtest`: every benchmark with its defaults, one after the other (what `make bench` runs).
+
+1. `loadtest.overhead`: what the gateway itself costs, against a mock upstream (about a minute);
+2. `loadtest.adapters`: cold adapters, mixed-adapter throughput and adapter memory with a real vLLM on
+   the CPU (about 6-8 minutes on 2 cores).
+
+Each writes its own results to loadtest/results/. Run one alone, or with other options, with
+`python -m loadtest.overhead --help` or `python -m loadtest.adapters --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from loadtest import adapters, overhead
+
+INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Run the overhead benchmark, then the adapters benchmark, both with their defaults.",
+        epilog="Options for one benchmark: python -m loadtest.overhead --help, python -m loadtest.adapters --help",
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    codes = []
+    for bench in (overhead, adapters):
+        code = bench.main([])
+        codes.append(code)
+        if code == INTERRUPTED:
+            return code
+    return next((code for code in codes if code), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
