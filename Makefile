@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup run test test-unit bench clean
+.PHONY: setup run test test-unit lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -13,8 +13,13 @@ test: setup
 test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 
+lint: setup
+	.venv/bin/ruff check gateway adapters tests
+	.venv/bin/ruff format --check gateway adapters tests
+	.venv/bin/mypy gateway adapters
+
 bench: setup
-	.venv/bin/python -m loadtest.overhead
+	.venv/bin/python -m loadtest
 
 clean:
 	rm -rf .venv .pytest_cache

@@ -70,7 +70,7 @@ def _convert(source: Path, target: Path, progress: Progress) -> None:
     progress("dequantising the GGUF weights to bf16 (about 20 s)")
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.bfloat16)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     progress("writing safetensors")

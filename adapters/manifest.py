@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -27,7 +27,8 @@ class InvalidAdapter(ValueError):
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or ".." in name:
         raise InvalidAdapter(
-            f"Invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            f"Invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit.",
             param="name",
         )
     return name
@@ -71,7 +72,7 @@ class Manifest(BaseModel):
     dtype: str
     size_bytes: int
     files: dict[str, str] = Field(description="sha256 of every file, by file name.")
-    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: Source = Field(default_factory=Source)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -29,16 +29,25 @@ def _config(group_size: int) -> dict[str, object]:
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "ignore": ["lm_head"],
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                        "group_size": group_size, "dynamic": False},
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": group_size,
+                    "dynamic": False,
+                },
+            }
+        },
     }
 
 
-def quantize_w4a16(source: Path, target: Path, group_size: int = 64,
-                   progress: Callable[[str], None] = lambda _: None) -> Path:
+def quantize_w4a16(
+    source: Path, target: Path, group_size: int = 64, progress: Callable[[str], None] = lambda _: None
+) -> Path:
     """Write the W4A16 copy of `source` to `target` (atomically; a no-op if already there)."""
     if (target / DONE_MARKER).is_file():
         return target
@@ -73,8 +82,9 @@ def quantize_w4a16(source: Path, target: Path, group_size: int = 64,
         config = json.loads((source / "config.json").read_text())
         config["quantization_config"] = _config(group_size)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        (staging / DONE_MARKER).write_text(json.dumps({"source": str(source), "method": "w4a16-rtn",
-                                                       "group_size": group_size}))
+        (staging / DONE_MARKER).write_text(
+            json.dumps({"source": str(source), "method": "w4a16-rtn", "group_size": group_size})
+        )
         if target.exists():
             shutil.rmtree(target)
         staging.chmod(0o755)

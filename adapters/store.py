@@ -109,7 +109,9 @@ class AdapterStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.versions(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.versions(p.name)
+        )
 
     def pinned(self, name: str) -> int | None:
         pin = self._name_dir(name) / PIN_FILE
@@ -169,10 +171,17 @@ class AdapterStore:
             with self._locked():
                 version = self._next_version(name)
                 manifest = Manifest(
-                    name=name, version=version, base_model=base.name, base_architecture=base.architecture,
-                    rank=checked.rank, alpha=checked.alpha, target_modules=checked.target_modules,
-                    dtype=checked.dtype, size_bytes=sum((staging / f).stat().st_size for f in ADAPTER_FILES),
-                    files=files, source=Source(kind="uploaded", origin=origin or str(source)),
+                    name=name,
+                    version=version,
+                    base_model=base.name,
+                    base_architecture=base.architecture,
+                    rank=checked.rank,
+                    alpha=checked.alpha,
+                    target_modules=checked.target_modules,
+                    dtype=checked.dtype,
+                    size_bytes=sum((staging / f).stat().st_size for f in ADAPTER_FILES),
+                    files=files,
+                    source=Source(kind="uploaded", origin=origin or str(source)),
                 )
                 (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
                 for entry in staging.iterdir():

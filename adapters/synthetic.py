@@ -32,7 +32,9 @@ def make_adapter(
         if module.rsplit(".", 1)[-1] not in targets or not module.startswith("model.layers."):
             continue
         prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, in_features)) / np.sqrt(in_features)).astype(np.float32)
+        tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, in_features)) / np.sqrt(in_features)).astype(
+            np.float32
+        )
         tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((out_features, rank)) * scale).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE))

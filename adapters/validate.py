@@ -123,7 +123,9 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
     for tensor, info in header.items():
         match = LORA_KEY.match(tensor)
         if match is None:
-            raise InvalidAdapter(f"Unexpected tensor {tensor!r}: only lora_A/lora_B weights of linear modules are served.")
+            raise InvalidAdapter(
+                f"Unexpected tensor {tensor!r}: only lora_A/lora_B weights of linear modules are served."
+            )
         module, part = match["module"], match["part"]
         if module not in base.linear_shapes:
             raise InvalidAdapter(f"Tensor {tensor!r} targets {module!r}, which {base.name} does not have.")
@@ -137,7 +139,9 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
                 f"{'[r, ' + str(in_features) + ']' if part == 'A' else '[' + str(out_features) + ', r]'}."
             )
         if tensor_rank > max_rank:
-            raise InvalidAdapter(f"Tensor {tensor!r} has rank {tensor_rank}, above the engine's max_lora_rank {max_rank}.")
+            raise InvalidAdapter(
+                f"Tensor {tensor!r} has rank {tensor_rank}, above the engine's max_lora_rank {max_rank}."
+            )
         dtypes.add(str(info["dtype"]))
     return ",".join(sorted(dtypes))
 
@@ -152,9 +156,7 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
         raise InvalidAdapter(f"adapter_config.json has an invalid rank r={rank!r}.")
     ranks = [rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))]
     if max(ranks) > max_rank:
-        raise InvalidAdapter(
-            f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank"
-        )
+        raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")
     targets = _check_targets(config, base)
     dtype = _check_tensors(folder, base, max_rank)
     return CheckedAdapter(rank=rank, alpha=float(config.get("lora_alpha", rank)), target_modules=targets, dtype=dtype)

@@ -21,7 +21,8 @@ from adapters.validate import BaseModelSpec
 from gateway import __version__
 from gateway.auth import KeyStore, Principal
 from gateway.engine.pool import ReplicaPool
-from gateway.errors import APIError, ModelNotFound, StateUnavailable, install_handlers
+from gateway.error_handlers import install_handlers
+from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.request_id import RequestIdMiddleware

@@ -71,7 +71,7 @@ class KeyStore:
             return False
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.api_key(digest))
-            pipe.srem(keys.tenant_keys(tenant), digest)
+            pipe.srem(keys.tenant_keys(str(tenant)), digest)
             await pipe.execute()
         return True
 
@@ -88,7 +88,7 @@ class KeyStore:
             raise StateUnavailable(f"The key store is unavailable: {type(exc).__name__}.") from exc
         if not record:
             raise AuthenticationFailed(f"Incorrect API key provided: {_redacted(token)}.")
-        principal = Principal(tenant=record.get("tenant", ""), key_name=record.get("name", ""))
+        principal = Principal(tenant=str(record.get("tenant", "")), key_name=str(record.get("name", "")))
         if self._cache_seconds > 0:
             self._cache[digest] = (principal, now + self._cache_seconds)
         return principal

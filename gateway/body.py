@@ -28,8 +28,7 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         payload = pydantic_core.from_json(raw)
     except ValueError as exc:
         raise InvalidRequest(
-            f"We could not parse the JSON body of your request ({exc}). "
-            "The OpenAI API expects a JSON payload."
+            f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload."
         ) from exc
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")

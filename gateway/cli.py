@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +16,11 @@ from rich.console import Console
 from adapters.manifest import AdapterRef
 from gateway.settings import Settings
 
-app = typer.Typer(help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (stored hashed in Redis).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -26,6 +29,18 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 
 console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner for long one-off work, with each step also logged."""
+    with console.status(title) as status:
+
+        def step(message: str) -> None:
+            console.log(message)
+            status.update(message)
+
+        yield step
 
 
 def _base_folder(settings: Settings) -> Path:
@@ -37,8 +52,8 @@ def _base_folder(settings: Settings) -> Path:
     if is_prepared(prepared_dir(settings.models_root)):
         return prepared_dir(settings.models_root)
     try:
-        with console.status("preparing the default model") as status:
-            return prepare(settings.models_root, lambda step: (console.log(step), status.update(step)))
+        with _progress("preparing the default model") as step:
+            return prepare(settings.models_root, step)
     except PrepareError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -50,21 +65,24 @@ def _serving_folder(settings: Settings, base: Path) -> Path:
         import importlib.util
 
         if importlib.util.find_spec("vllm.model_executor.layers.quantization.bitsandbytes") is None:
-            console.print("[red]error:[/red] this vLLM has no bitsandbytes support (vLLM 0.32 removed it); "
-                          "use LORAGATE_QUANTIZATION=w4a16, or a CUDA vLLM release that ships bitsandbytes.")
+            console.print(
+                "[red]error:[/red] this vLLM has no bitsandbytes support (vLLM 0.32 removed it); "
+                "use LORAGATE_QUANTIZATION=w4a16, or a CUDA vLLM release that ships bitsandbytes."
+            )
             raise typer.Exit(1)
     if settings.quantization != "w4a16":
         return base
     from adapters.quantize import quantize_w4a16
 
-    with console.status("quantising the base model to 4-bit") as status:
-        return quantize_w4a16(base, base.with_name(f"{base.name}-w4a16"),
-                              progress=lambda step: (console.log(step), status.update(step)))
+    with _progress("quantising the base model to 4-bit") as step:
+        return quantize_w4a16(base, base.with_name(f"{base.name}-w4a16"), progress=step)
 
 
 @model_app.command("prepare")
 def model_prepare(
-    quantization: Annotated[str | None, typer.Option(help="none | w4a16 | bitsandbytes (default LORAGATE_QUANTIZATION)")] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="none | w4a16 | bitsandbytes (default LORAGATE_QUANTIZATION)")
+    ] = None,
 ) -> None:
     """Convert the bundled SmolLM2-135M-Instruct GGUF to a bf16 safetensors folder (once), and its
     4-bit copy with --quantization w4a16. Prints the folder vLLM serves."""
@@ -155,8 +173,16 @@ def adapters_list() -> None:
     table = Table("adapter", "rank", "alpha", "targets", "size", "sha256 (weights)", "created", "default")
     for m in store.list():
         default = "yes" if store.resolve(AdapterRef(m.name)).version == m.version else ""
-        table.add_row(m.ref, str(m.rank), f"{m.alpha:g}", ",".join(m.target_modules), f"{m.size_bytes / 1e6:.1f} MB",
-                      m.files.get("adapter_model.safetensors", "")[:12], m.created.strftime("%Y-%m-%d %H:%M"), default)
+        table.add_row(
+            m.ref,
+            str(m.rank),
+            f"{m.alpha:g}",
+            ",".join(m.target_modules),
+            f"{m.size_bytes / 1e6:.1f} MB",
+            m.files.get("adapter_model.safetensors", "")[:12],
+            m.created.strftime("%Y-%m-%d %H:%M"),
+            default,
+        )
     Console().print(table)
 
 
@@ -178,7 +204,9 @@ def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete"
 
 
 @adapters_app.command("pin")
-def adapters_pin(ref: Annotated[str, typer.Argument(help="name@version the bare name should resolve to, or name to unpin")]) -> None:
+def adapters_pin(
+    ref: Annotated[str, typer.Argument(help="name@version the bare name should resolve to, or name to unpin")],
+) -> None:
     """Make `name` resolve to a fixed version instead of the latest (no version: unpin)."""
     with _registry_errors():
         parsed = AdapterRef.parse(ref)
@@ -240,14 +268,21 @@ async def _serve(settings: Settings, model_dir: Path | None, validation_model: P
     urls = settings.engine_urls
     if model_dir is not None:
         supervisor = EngineSupervisor(settings, model_dir)
-        console.log(f"starting {settings.engine_replicas} vLLM server(s) on {supervisor.urls} (logs in {settings.home / 'logs'})")
+        console.log(
+            f"starting {settings.engine_replicas} vLLM server(s) on {supervisor.urls}"
+            f" (logs in {settings.home / 'logs'})"
+        )
         await supervisor.start()
         urls = supervisor.urls
         console.log("vLLM is healthy")
     try:
         config = uvicorn.Config(
-            create_app(settings, urls, validation_model), host=settings.host, port=settings.port,
-            log_level=settings.log_level, access_log=False, lifespan="on",
+            create_app(settings, urls, validation_model),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="on",
         )
         server = _Server(config)
         console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1")

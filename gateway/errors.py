@@ -55,9 +55,7 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(
-            f"The model `{model}` does not exist or you do not have access to it.", param="model"
-        )
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
 
 
 class Conflict(APIError):
@@ -101,7 +99,7 @@ class UpstreamError(APIError):
     code = "upstream_error"
 
 
-def _param_path(loc: tuple[int | str, ...]) -> str:
+def param_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
@@ -112,7 +110,7 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
     """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`)."""
     first = exc.errors(include_url=False)[0]
     loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
-    param = _param_path(loc) or None
+    param = param_path(loc) or None
     message = first["msg"]
     if param:
         message = f"Invalid value for '{param}': {message}"
@@ -122,48 +120,3 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
 def sse_error_frame(exc: APIError) -> bytes:
     """A mid-stream failure: one error event, then the terminator clients wait for."""
     return b"data: " + json.dumps(exc.body()).encode() + b"\n\ndata: [DONE]\n\n"
-
-
-def install_handlers(app: Any) -> None:
-    """Every failure leaves the gateway as an OpenAI envelope; unexpected ones are logged, not shown."""
-    import logging
-
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-
-    log = logging.getLogger("loragate.errors")
-
-    def respond(exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, APIError)
-        return respond(exc)
-
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, (RequestValidationError, ValidationError))
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-        param = _param_path(loc) or None
-        return respond(InvalidRequest(f"Invalid value for '{param}': {first['msg']}" if param else first["msg"],
-                                      param=param))
-
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        kinds: dict[int, type[APIError]] = {404: NotFound, 405: InvalidRequest, 413: PayloadTooLarge}
-        error = kinds.get(exc.status_code, InvalidRequest)(str(exc.detail))
-        error.status = exc.status_code
-        return respond(error)
-
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
-        return respond(APIError("The server had an error while processing your request."))
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)

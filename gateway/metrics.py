@@ -12,36 +12,58 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loragate_requests", "Requests answered, by route, served model (adapter name@version) and HTTP status.",
-            ["route", "model", "status"], registry=r,
+            "loragate_requests",
+            "Requests answered, by route, served model (adapter name@version) and HTTP status.",
+            ["route", "model", "status"],
+            registry=r,
         )
         self.duration = Histogram(
-            "loragate_request_duration_seconds", "Time to the full (non-stream) or first (stream) response.",
-            ["route"], registry=r,
+            "loragate_request_duration_seconds",
+            "Time to the full (non-stream) or first (stream) response.",
+            ["route"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.tokens = Counter(
-            "loragate_tokens", "Tokens reported by the engine, by model and kind.",
-            ["model", "kind"], registry=r,
+            "loragate_tokens",
+            "Tokens reported by the engine, by model and kind.",
+            ["model", "kind"],
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "loragate_upstream_errors", "Connection failures to vLLM replicas.", ["replica"], registry=r,
+            "loragate_upstream_errors",
+            "Connection failures to vLLM replicas.",
+            ["replica"],
+            registry=r,
         )
         self.inflight = Gauge(
-            "loragate_inflight_requests", "Requests in flight, by vLLM replica.", ["replica"], registry=r,
+            "loragate_inflight_requests",
+            "Requests in flight, by vLLM replica.",
+            ["replica"],
+            registry=r,
         )
         self.adapter_loads = Counter(
-            "loragate_adapter_loads", "Adapter loads into vLLM, by adapter and outcome.",
-            ["adapter", "outcome"], registry=r,
+            "loragate_adapter_loads",
+            "Adapter loads into vLLM, by adapter and outcome.",
+            ["adapter", "outcome"],
+            registry=r,
         )
         self.adapter_load_seconds = Histogram(
-            "loragate_adapter_load_seconds", "Time to load an adapter into a vLLM replica.", ["adapter"],
-            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            "loragate_adapter_load_seconds",
+            "Time to load an adapter into a vLLM replica.",
+            ["adapter"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.adapter_evictions = Counter(
-            "loragate_adapter_evictions", "Adapters unloaded to make room (LRU), by replica.", ["replica"], registry=r,
+            "loragate_adapter_evictions",
+            "Adapters unloaded to make room (LRU), by replica.",
+            ["replica"],
+            registry=r,
         )
         self.adapter_resident = Gauge(
-            "loragate_adapter_resident", "1 while an adapter is loaded on a replica.",
-            ["adapter", "replica"], registry=r,
+            "loragate_adapter_resident",
+            "1 while an adapter is loaded on a replica.",
+            ["adapter", "replica"],
+            registry=r,
         )

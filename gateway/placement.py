@@ -89,7 +89,7 @@ class Placement:
                 replica.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=120)
             ) as resp:
                 return resp.status, await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             replica.mark_down()
             raise EngineUnavailable(f"The engine could not be reached to load or unload an adapter: {exc}") from exc
 

@@ -7,7 +7,6 @@ stream (for usage) and error bodies (to normalise them to OpenAI's envelope).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -27,9 +26,15 @@ from gateway.routing import Route
 
 log = logging.getLogger("loragate.serving")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
 TAIL_BYTES = 4096
 
 
@@ -42,12 +47,16 @@ def normalise_error(status: int, raw: bytes) -> bytes:
     if not isinstance(error, dict):
         return json.dumps(UpstreamError(f"The engine answered with HTTP {status}.").body()).encode()
     message = str(error.get("message") or f"The engine answered with HTTP {status}.")
-    return json.dumps({"error": {
-        "message": message,
-        "type": ERROR_TYPES.get(status, "server_error"),
-        "param": error.get("param"),
-        "code": error.get("code") if isinstance(error.get("code"), str) else None,
-    }}).encode()
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": ERROR_TYPES.get(status, "server_error"),
+                "param": error.get("param"),
+                "code": error.get("code") if isinstance(error.get("code"), str) else None,
+            }
+        }
+    ).encode()
 
 
 def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
@@ -79,7 +88,7 @@ class RelayResponse(StreamingResponse):
             async for chunk in self._upstream.content.iter_any():
                 self._tail = (self._tail + chunk)[-TAIL_BYTES:]
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("upstream stream broke: %s", exc)
             yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
 
@@ -104,7 +113,9 @@ class Forwarder:
         replica.inflight += delta
         self._metrics.inflight.labels(replica.url).inc(delta)
 
-    async def _send(self, path: str, route: Route, body: bytes, request_id: str) -> tuple[Replica, aiohttp.ClientResponse]:
+    async def _send(
+        self, path: str, route: Route, body: bytes, request_id: str
+    ) -> tuple[Replica, aiohttp.ClientResponse]:
         """Post to a replica; a replica that cannot be reached is marked down and another one tried.
 
         The request counts as in flight on its replica from before it is sent (vLLM answers a
@@ -122,7 +133,7 @@ class Forwarder:
                     headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                     timeout=self._timeout,
                 )
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
                 log.warning("replica %s unreachable: %s", replica.url, exc)
                 self._metrics.upstream_errors.labels(replica.url).inc()
@@ -170,7 +181,7 @@ class Forwarder:
                 status = 502 if status >= 500 else status
             elif b'"usage"' in raw:
                 usage = json.loads(raw).get("usage")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError("The engine stopped in the middle of the response.") from exc
         except ValueError:
             usage = None
@@ -179,4 +190,3 @@ class Forwarder:
             finish(status, usage)
         self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
         return Response(raw, status_code=status, media_type="application/json")
-

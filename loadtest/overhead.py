@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -473,7 +473,7 @@ async def load_segment(
             done += 1
             try:
                 latencies.append((await call(session, target, body, False))[1])
-            except (BenchError, aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, BenchError, aiohttp.ClientError):
                 errors += 1
 
     started = time.perf_counter()
@@ -792,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gateway.proc.poll() is not None:
                 raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
             report = {
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "command": command_line(argv),
                 "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
                 "machine": machine(),
@@ -819,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as exc:
             console.print(f"[red]error:[/red] {exc}")
             console.print(stack.logs())
-        except (OSError, subprocess.SubprocessError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
             console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
             console.print(stack.logs())
         finally:

@@ -131,7 +131,11 @@ def stop_gateway(gateway: Gateway) -> None:
 def create_key(env: dict[str, str], tenant: str = "tests") -> str:
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "keys", "create", "--tenant", tenant],
-        env=env, check=True, capture_output=True, text=True, cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     return out.stdout.strip().splitlines()[-1]
 
@@ -142,7 +146,9 @@ def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
     home = tmp_path_factory.mktemp("gateway-home")
     engine_port = free_port_pair()
     env = gateway_env(
-        home, redis_server.url, free_port(),
+        home,
+        redis_server.url,
+        free_port(),
         LORAGATE_ENGINE_PORT=str(engine_port),
         LORAGATE_ENGINE_REPLICAS="2",
         LORAGATE_MAX_LORAS=str(MAX_LORAS),
@@ -176,12 +182,14 @@ def http(gateway: Gateway, api_key: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def admin(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{gateway.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
+    with httpx.Client(
+        base_url=f"{gateway.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="session")
-def base_spec() -> "BaseModelSpec":
+def base_spec() -> BaseModelSpec:
     from adapters.validate import BaseModelSpec
 
     folder = Path(os.environ.get("LORAGATE_MODEL_CACHE", str(DEFAULT_HOME / "models"))) / MODEL

@@ -49,11 +49,9 @@ class ReplicaPool:
 
     async def check(self, replica: Replica) -> bool:
         try:
-            async with self._session.get(
-                f"{replica.url}/health", timeout=aiohttp.ClientTimeout(total=3)
-            ) as resp:
+            async with self._session.get(f"{replica.url}/health", timeout=aiohttp.ClientTimeout(total=3)) as resp:
                 ok = resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         replica.mark_up() if ok else replica.mark_down()
         return ok

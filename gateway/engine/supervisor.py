@@ -18,7 +18,6 @@ from gateway.settings import Settings
 log = logging.getLogger("loragate.engine")
 
 
-
 def is_internal_address(host: str) -> bool:
     """vLLM never faces clients: only loopback or private addresses are allowed for it."""
     if host == "localhost":
@@ -32,20 +31,35 @@ def is_internal_address(host: str) -> bool:
 
 def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", settings.served_model_name,
-        "--host", settings.engine_host,
-        "--port", str(port),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        settings.served_model_name,
+        "--host",
+        settings.engine_host,
+        "--port",
+        str(port),
         "--enable-lora",
-        "--max-loras", str(settings.max_loras),
-        "--max-cpu-loras", str(settings.max_cpu_loras),
-        "--max-lora-rank", str(settings.max_lora_rank),
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-cpu-loras",
+        str(settings.max_cpu_loras),
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
         "--disable-uvicorn-access-log",
-        *(["--enable-auto-tool-choice", "--tool-call-parser", settings.engine_tool_parser]
-          if settings.engine_tool_parser else []),
-        *(["--quantization", "bitsandbytes", "--load-format", "bitsandbytes"]
-          if settings.quantization == "bitsandbytes" else []),
+        *(
+            ["--enable-auto-tool-choice", "--tool-call-parser", settings.engine_tool_parser]
+            if settings.engine_tool_parser
+            else []
+        ),
+        *(
+            ["--quantization", "bitsandbytes", "--load-format", "bitsandbytes"]
+            if settings.quantization == "bitsandbytes"
+            else []
+        ),
         *settings.engine_extra_args,
     ]
 
@@ -63,7 +77,7 @@ def engine_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def wait_healthy(url: str, timeout_s: float, alive: "asyncio.subprocess.Process | None" = None) -> None:
+async def wait_healthy(url: str, timeout_s: float, alive: asyncio.subprocess.Process | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.monotonic() < deadline:
@@ -73,7 +87,7 @@ async def wait_healthy(url: str, timeout_s: float, alive: "asyncio.subprocess.Pr
                 async with session.get(f"{url}/health") as resp:
                     if resp.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.5)
     raise TimeoutError(f"vLLM at {url} was not healthy after {timeout_s:.0f} s")
@@ -104,7 +118,9 @@ class EngineProcess:
         logfile = self.log_path.open("ab")
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.engine.guard",
+                sys.executable,
+                "-m",
+                "gateway.engine.guard",
                 *engine_command(self.settings, self.model_dir, self.port),
                 env=engine_env(self.settings),
                 stdout=logfile,
@@ -157,7 +173,7 @@ class EngineProcess:
             return
         try:
             await asyncio.wait_for(proc.wait(), timeout=30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 

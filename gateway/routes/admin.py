@@ -22,7 +22,7 @@ from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.store import AdapterNotFound
 from gateway.auth import admin_key_matches
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge
-from gateway.routes.openai import services
+from gateway.routes import services
 
 router = APIRouter(prefix="/admin")
 

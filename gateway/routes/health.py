@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
-from gateway.routes.openai import services
+from gateway.routes import services
 
 router = APIRouter()
 
@@ -30,7 +30,9 @@ async def readyz(request: Request) -> JSONResponse:
             return False
 
     checks = await asyncio.gather(redis_ok(), *(svc.pool.check(r) for r in svc.pool.replicas))
-    engines = {replica.url: "ok" if ok else "unreachable" for replica, ok in zip(svc.pool.replicas, checks[1:])}
+    engines = {
+        replica.url: "ok" if ok else "unreachable" for replica, ok in zip(svc.pool.replicas, checks[1:], strict=True)
+    }
     ready = checks[0] and any(checks[1:])
     body = {
         "status": "ready" if ready else "not ready",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
@@ -12,15 +11,9 @@ from starlette.responses import Response
 from gateway.body import read_json
 from gateway.errors import from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-
-if TYPE_CHECKING:
-    from gateway.app import Services
+from gateway.routes import services
 
 router = APIRouter()
-
-
-def services(request: Request) -> "Services":
-    return request.app.state.services  # type: ignore[no-any-return]
 
 
 async def _complete(request: Request, route_name: str, path: str, schema: type[BaseModel]) -> Response:
@@ -34,7 +27,12 @@ async def _complete(request: Request, route_name: str, path: str, schema: type[B
     route = svc.router.resolve(validated.model, principal)  # type: ignore[attr-defined]
     request_id: str = request.state.request_id
     return await svc.forwarder.forward(
-        route_name, path, payload, route, request_id, stream=validated.stream  # type: ignore[attr-defined]
+        route_name,
+        path,
+        payload,
+        route,
+        request_id,
+        stream=validated.stream,  # type: ignore[attr-defined]
     )
 
 

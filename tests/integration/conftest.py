@@ -25,8 +25,9 @@ def tarball(folder: Path) -> bytes:
 
 
 def upload(admin: httpx.Client, name: str, folder: Path) -> httpx.Response:
-    return admin.post("/adapters", params={"name": name}, content=tarball(folder),
-                      headers={"content-type": "application/gzip"})
+    return admin.post(
+        "/adapters", params={"name": name}, content=tarball(folder), headers={"content-type": "application/gzip"}
+    )
 
 
 def add_synthetic(admin: httpx.Client, base: BaseModelSpec, tmp: Path, name: str, seed: int, **kw: object) -> str:

@@ -52,7 +52,9 @@ def test_hot_loaded_adapter_changes_output_and_is_listed(
     assert metric(gateway, "loragate_adapter_load_seconds_count", adapter="support-bot") == 1
 
 
-def test_versions_latest_and_pin(client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_versions_latest_and_pin(
+    client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     add_synthetic(admin, base_spec, tmp_path, "writer", seed=21)
     v1 = greedy(client, "writer")
     add_synthetic(admin, base_spec, tmp_path, "writer", seed=22)
@@ -65,18 +67,25 @@ def test_versions_latest_and_pin(client: openai.OpenAI, admin: httpx.Client, bas
     assert greedy(client, "writer") == v1
     assert admin.put("/adapters/writer/pin", json={"version": None}).json()["resolves_to"] == "writer@2"
     assert admin.put("/adapters/writer/pin", json={"version": 9}).status_code == 404
-    assert admin.get("/adapters/writer@1").json()["files"].keys() == {"adapter_config.json", "adapter_model.safetensors"}
+    assert admin.get("/adapters/writer@1").json()["files"].keys() == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
 
 
-def test_single_flight_cold_load(gateway: Gateway, api_key: str, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_single_flight_cold_load(
+    gateway: Gateway, api_key: str, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     add_synthetic(admin, base_spec, tmp_path, "burst", seed=31, rank=16)
 
     async def hundred() -> list[str]:
         async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
-            outs = await asyncio.gather(*(
-                c.chat.completions.create(model="burst", messages=PROMPT, max_tokens=1)  # type: ignore[arg-type]
-                for _ in range(100)
-            ))
+            outs = await asyncio.gather(
+                *(
+                    c.chat.completions.create(model="burst", messages=PROMPT, max_tokens=1)  # type: ignore[arg-type]
+                    for _ in range(100)
+                )
+            )
         return [o.model for o in outs]
 
     assert asyncio.run(hundred()) == ["burst@1"] * 100
@@ -86,8 +95,9 @@ def test_single_flight_cold_load(gateway: Gateway, api_key: str, admin: httpx.Cl
     assert loads == len(holders(gateway, "burst@1"))
 
 
-def test_affinity_then_spreading(gateway: Gateway, api_key: str, client: openai.OpenAI, admin: httpx.Client,
-                                 base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_affinity_then_spreading(
+    gateway: Gateway, api_key: str, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     add_synthetic(admin, base_spec, tmp_path, "sticky", seed=41)
     for _ in range(4):
         greedy(client, "sticky", max_tokens=2)
@@ -96,10 +106,12 @@ def test_affinity_then_spreading(gateway: Gateway, api_key: str, client: openai.
 
     async def crowd() -> None:
         async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
-            await asyncio.gather(*(
-                c.chat.completions.create(model="sticky", messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
-                for _ in range(24)
-            ))
+            await asyncio.gather(
+                *(
+                    c.chat.completions.create(model="sticky", messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
+                    for _ in range(24)
+                )
+            )
 
     asyncio.run(crowd())
     assert len(holders(gateway, "sticky@1")) == 2, "a busy holder spreads the adapter to the idle replica"
@@ -124,8 +136,9 @@ def test_hot_adapter_is_preloaded_everywhere_and_never_evicted(
     assert greedy(client, evicted[0], max_tokens=1)[0] == f"{evicted[0]}@1", "an evicted adapter loads again on demand"
 
 
-def test_delete_unloads_everywhere(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
-                                   base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_delete_unloads_everywhere(
+    gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     ref = add_synthetic(admin, base_spec, tmp_path, "doomed", seed=71)
     greedy(client, "doomed", max_tokens=1)
     assert holders(gateway, ref)
@@ -137,8 +150,9 @@ def test_delete_unloads_everywhere(gateway: Gateway, client: openai.OpenAI, admi
     assert ref not in {m.id for m in client.models.list()}
 
 
-def test_cli_delete_is_noticed_by_the_gateway(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
-                                             base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_cli_delete_is_noticed_by_the_gateway(
+    gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     ref = add_synthetic(admin, base_spec, tmp_path, "cli-doomed", seed=72)
     greedy(client, ref, max_tokens=1)
     assert holders(gateway, ref)
@@ -146,8 +160,9 @@ def test_cli_delete_is_noticed_by_the_gateway(gateway: Gateway, client: openai.O
     assert eventually(lambda: holders(gateway, ref) == []), "the gateway unloads versions deleted by another process"
 
 
-def test_tampered_adapter_is_never_loaded(gateway: Gateway, client: openai.OpenAI, admin: httpx.Client,
-                                         base_spec: BaseModelSpec, tmp_path: Path) -> None:
+def test_tampered_adapter_is_never_loaded(
+    gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
     ref = add_synthetic(admin, base_spec, tmp_path, "tampered", seed=81)
     weights = Path(gateway.env["LORAGATE_HOME"]) / "adapters" / "tampered" / "v1" / "adapter_model.safetensors"
     weights.chmod(0o644)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -32,8 +31,11 @@ def assert_envelope(resp: httpx.Response, status: int, code: str | None = None, 
 def test_missing_key_is_401(gateway: Gateway) -> None:
     resp = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO})
     assert_envelope(resp, 401, "invalid_api_key")
-    resp = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO},
-                      headers={"Authorization": "Basic abc"})
+    resp = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": MODEL, "messages": HELLO},
+        headers={"Authorization": "Basic abc"},
+    )
     assert_envelope(resp, 401, "invalid_api_key")
 
 
@@ -53,7 +55,9 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 
 def test_malformed_json_is_400(http: httpx.Client) -> None:
-    resp = http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"})
+    resp = http.post(
+        "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}
+    )
     assert_envelope(resp, 400)
     resp = http.post("/v1/completions", content=b"[1, 2]")
     assert_envelope(resp, 400)
@@ -63,8 +67,11 @@ def test_invalid_fields_are_400_naming_the_param(client: openai.OpenAI, http: ht
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
     assert info.value.param == "messages[0].role"
-    assert_envelope(http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "temperature": 7}),
-                    400, param="temperature")
+    assert_envelope(
+        http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "temperature": 7}),
+        400,
+        param="temperature",
+    )
     assert_envelope(http.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, param="messages")
     assert_envelope(http.post("/v1/completions", json={"model": MODEL}), 400, param="prompt")
 
@@ -112,14 +119,19 @@ def test_engine_down_is_503(stranded_gateway: Gateway) -> None:
 
 def test_redis_down_is_503_and_named(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = tmp_path_factory.mktemp("no-redis")
-    env = gateway_env(home, f"redis://127.0.0.1:{free_port()}/0", free_port(),
-                      LORAGATE_ENGINE_URLS=f"http://127.0.0.1:{free_port()}")
+    env = gateway_env(
+        home, f"redis://127.0.0.1:{free_port()}/0", free_port(), LORAGATE_ENGINE_URLS=f"http://127.0.0.1:{free_port()}"
+    )
     gw = start_gateway(home, env, [], ready_timeout=60)
     try:
         ready = httpx.get(f"{gw.url}/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
-        resp = httpx.post(f"{gw.base_url}/chat/completions", json={"model": MODEL, "messages": HELLO},
-                          headers={"Authorization": "Bearer sk-lg-anything"}, timeout=30)
+        resp = httpx.post(
+            f"{gw.base_url}/chat/completions",
+            json={"model": MODEL, "messages": HELLO},
+            headers={"Authorization": "Bearer sk-lg-anything"},
+            timeout=30,
+        )
         assert_envelope(resp, 503, "state_unavailable")
     finally:
         stop_gateway(gw)

@@ -108,14 +108,16 @@ def test_stop_sequence_ends_generation(client: openai.OpenAI) -> None:
 
 
 def test_tool_calls(client: openai.OpenAI) -> None:
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     for tool_choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
         completion = client.chat.completions.create(
             model=MODEL,

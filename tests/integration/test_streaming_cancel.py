@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def running_requests(engine_port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{engine_port}/metrics", timeout=5).text
-    values = re.findall(r'^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$', text, flags=re.M)
+    values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$", text, flags=re.M)
     return sum(float(v) for v in values)
 
 

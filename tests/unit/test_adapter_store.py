@@ -26,15 +26,24 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
     """A tiny Llama-shaped base: two layers, hidden 32, with the module names a real one has."""
     folder = tmp_path_factory.mktemp("base")
     hidden, inter, kv = 32, 64, 16
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
     tensors = {"model.embed_tokens.weight": np.zeros((100, hidden), np.float32)}
     for layer in range(2):
         for module, shape in shapes.items():
             block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             tensors[f"model.layers.{layer}.{block}.{module}.weight"] = np.zeros(shape, np.float32)
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"})
+    )
     return BaseModelSpec.from_folder(folder, "tiny-base")
 
 
@@ -94,7 +103,9 @@ def test_pin_and_latest(store: AdapterStore, good: Path, base: BaseModelSpec) ->
         store.pin("a", 7)
 
 
-def test_registry_sees_writes_from_another_process_at_once(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+def test_registry_sees_writes_from_another_process_at_once(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
     registry = Registry(store)
     store.add(good, "a", base, MAX_RANK)
     assert registry.resolve(AdapterRef("a")).version == 1
@@ -111,8 +122,9 @@ def test_other_base_model_is_refused(store: AdapterStore, good: Path, base: Base
 
 
 def test_other_architecture_is_refused_by_shape(store: AdapterStore, tmp_path: Path, base: BaseModelSpec) -> None:
-    wide = BaseModelSpec("tiny-base", "LlamaForCausalLM", base.aliases,
-                         {k: (v[0] * 2, v[1] * 2) for k, v in base.linear_shapes.items()})
+    wide = BaseModelSpec(
+        "tiny-base", "LlamaForCausalLM", base.aliases, {k: (v[0] * 2, v[1] * 2) for k, v in base.linear_shapes.items()}
+    )
     folder = make_adapter(tmp_path / "wide", wide, seed=2, rank=4)
     refused(store, folder, base, "has shape")
 
@@ -128,8 +140,10 @@ def test_missing_target_modules_are_refused(store: AdapterStore, good: Path, bas
 
 
 def test_tensor_for_a_missing_module_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
-    save_file({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32)},
-              str(good / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32)},
+        str(good / "adapter_model.safetensors"),
+    )
     refused(store, good, base, "does not have")
 
 
@@ -158,7 +172,9 @@ def test_tampered_store_fails_verification(store: AdapterStore, good: Path, base
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".hidden", "a@1", "x" * 65, "tiny-base"])
-def test_names_that_escape_or_clash_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec, name: str) -> None:
+def test_names_that_escape_or_clash_are_refused(
+    store: AdapterStore, good: Path, base: BaseModelSpec, name: str
+) -> None:
     refused(store, good, base, "name", name=name)
 
 

@@ -33,7 +33,9 @@ def test_engine_html_or_garbage_never_leaks() -> None:
 
 
 def test_usage_is_read_from_the_stream_tail() -> None:
-    tail = (b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
-            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n')
+    tail = (
+        b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
+    )
     assert usage_from_tail(tail) == {"prompt_tokens": 3, "completion_tokens": 5}
     assert usage_from_tail(b'data: {"choices":[]}\n\ndata: [DONE]\n\n') is None

@@ -47,8 +47,18 @@ class FakeVLLM:
 
 
 def route(name: str) -> Route:
-    manifest = Manifest(name=name, version=1, base_model="b", base_architecture="x", rank=8, alpha=16,
-                        target_modules=["q_proj"], dtype="F32", size_bytes=1, files={})
+    manifest = Manifest(
+        name=name,
+        version=1,
+        base_model="b",
+        base_architecture="x",
+        rank=8,
+        alpha=16,
+        target_modules=["q_proj"],
+        dtype="F32",
+        size_bytes=1,
+        files={},
+    )
     return Route(requested=name, upstream_model=manifest.ref, adapter=manifest, adapter_path="/nowhere")
 
 

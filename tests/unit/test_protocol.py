@@ -43,12 +43,16 @@ def test_chat_rejections_name_the_param(payload: dict, param: str) -> None:  # t
 
 
 def test_json_schema_format_needs_its_schema() -> None:
-    _, message = error_of(ChatCompletionRequest, {"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}})
+    _, message = error_of(
+        ChatCompletionRequest, {"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}}
+    )
     assert "json_schema" in message
 
 
 def test_stream_options_need_stream() -> None:
-    _, message = error_of(ChatCompletionRequest, {"model": "m", "messages": MSG, "stream_options": {"include_usage": True}})
+    _, message = error_of(
+        ChatCompletionRequest, {"model": "m", "messages": MSG, "stream_options": {"include_usage": True}}
+    )
     assert "stream" in message
 
 

@@ -29,9 +29,18 @@ def test_engine_command_carries_lora_settings(tmp_path: Path) -> None:
         assert cmd[cmd.index(flag) + 1] == value
 
 
-@pytest.mark.parametrize(("host", "ok"), [("127.0.0.1", True), ("localhost", True), ("10.1.2.3", True),
-                                          ("192.168.1.1", True), ("0.0.0.0", False), ("8.8.8.8", False),
-                                          ("example.com", False)])
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("10.1.2.3", True),
+        ("192.168.1.1", True),
+        ("0.0.0.0", False),
+        ("8.8.8.8", False),
+        ("example.com", False),
+    ],
+)
 def test_engine_listens_only_inside(host: str, ok: bool) -> None:
     assert is_internal_address(host) is ok
 
