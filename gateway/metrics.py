@@ -50,7 +50,7 @@ class Metrics:
         )
         self.adapter_load_seconds = Histogram(
             "loragate_adapter_load_seconds",
-            "Time to load an adapter into a vLLM replica.",
+            "Time to make an adapter usable on a replica: integrity check, eviction, vLLM load.",
             ["adapter"],
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

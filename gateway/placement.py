@@ -45,7 +45,6 @@ class Placement:
         self.capacity = capacity
         self.pinned = set(pinned)
         self._loading: dict[tuple[Replica, int, str], asyncio.Future[None]] = {}
-        self.loads = 0
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
         if route.adapter_path is None:
@@ -96,6 +95,7 @@ class Placement:
     async def _load(self, replica: Replica, route: Route) -> None:
         name = route.upstream_model
         assert route.adapter is not None
+        started = time.perf_counter()
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)
         except (IntegrityError, OSError) as exc:
@@ -105,7 +105,6 @@ class Placement:
                 f"Adapter `{route.requested}` failed its integrity check and was not loaded."
             ) from exc
         await self._make_room(replica)
-        started = time.perf_counter()
         status, text = await self._post(
             replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
         )
@@ -116,7 +115,6 @@ class Placement:
         self._metrics.adapter_loads.labels(route.adapter.name, "ok").inc()
         self._metrics.adapter_load_seconds.labels(route.adapter.name).observe(time.perf_counter() - started)
         self._metrics.adapter_resident.labels(name, replica.url).set(1)
-        self.loads += 1
         replica.resident[name] = None
 
     async def _make_room(self, replica: Replica) -> None:

@@ -651,9 +651,9 @@ async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progr
     result["ratio_gateway_single"] = result["gateway"]["tokens_per_s"] / result["single"]["tokens_per_s"]
     # Paired by round, which cancels slow drifts in the machine's load.
     result["ratio_gateway_direct_each"] = [g["tokens_per_s"] / d["tokens_per_s"]
-                                           for g, d in zip(runs["gateway"], runs["direct"])]
+                                           for g, d in zip(runs["gateway"], runs["direct"], strict=True)]
     result["ratio_gateway_single_each"] = [g["tokens_per_s"] / s["tokens_per_s"]
-                                           for g, s in zip(runs["gateway"], runs["single"])]
+                                           for g, s in zip(runs["gateway"], runs["single"], strict=True)]
     return result
 
 
