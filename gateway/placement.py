@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 
 import aiohttp
 
@@ -45,6 +46,8 @@ class Placement:
         self.capacity = capacity
         self.pinned = set(pinned)
         self._loading: dict[tuple[Replica, int, str], asyncio.Future[None]] = {}
+        self._slots: defaultdict[Replica, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """One load at a time per replica, so making room and loading never overshoot capacity."""
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
         if route.adapter_path is None:
@@ -104,18 +107,19 @@ class Placement:
             raise AdapterUnavailable(
                 f"Adapter `{route.requested}` failed its integrity check and was not loaded."
             ) from exc
-        await self._make_room(replica)
-        status, text = await self._post(
-            replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
-        )
-        if status != 200 and "already been loaded" not in text:
-            self._metrics.adapter_loads.labels(route.adapter.name, "error").inc()
-            log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
-            raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
+        async with self._slots[replica]:
+            await self._make_room(replica)
+            status, text = await self._post(
+                replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
+            )
+            if status != 200 and "already been loaded" not in text:
+                self._metrics.adapter_loads.labels(route.adapter.name, "error").inc()
+                log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
+                raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
+            replica.resident[name] = None
         self._metrics.adapter_loads.labels(route.adapter.name, "ok").inc()
         self._metrics.adapter_load_seconds.labels(route.adapter.name).observe(time.perf_counter() - started)
         self._metrics.adapter_resident.labels(name, replica.url).set(1)
-        replica.resident[name] = None
 
     async def _make_room(self, replica: Replica) -> None:
         while len(replica.resident) >= self.capacity:

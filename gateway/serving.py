@@ -26,16 +26,13 @@ from gateway.routing import Route
 
 log = logging.getLogger("loragate.serving")
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
 TAIL_BYTES = 4096
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 def normalise_error(status: int, raw: bytes) -> bytes:
@@ -51,7 +48,7 @@ def normalise_error(status: int, raw: bytes) -> bytes:
         {
             "error": {
                 "message": message,
-                "type": ERROR_TYPES.get(status, "server_error"),
+                "type": _error_type(status),
                 "param": error.get("param"),
                 "code": error.get("code") if isinstance(error.get("code"), str) else None,
             }

@@ -135,3 +135,11 @@ async def test_unload_everywhere(setup) -> None:  # type: ignore[no-untyped-def]
     await placement.unload_everywhere("a@1")
     assert not any("a@1" in f.loaded for f in fakes)
     assert all("a@1" not in r.resident for r in pool.replicas)
+
+
+async def test_concurrent_loads_of_different_adapters_never_overshoot(setup) -> None:  # type: ignore[no-untyped-def]
+    placement, pool, fakes = setup
+    pool.replicas[1].mark_down()
+    await asyncio.gather(*(placement.acquire(route(f"a{i}")) for i in range(8)))
+    assert len(pool.replicas[0].resident) == placement.capacity
+    assert len(fakes[0].loaded) == placement.capacity
