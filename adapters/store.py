@@ -30,6 +30,7 @@ from adapters.manifest import (
 from adapters.validate import BaseModelSpec, check_adapter
 
 PIN_FILE = "pinned"
+MAX_UNPACKED_BYTES = 8 << 30
 COUNTER_FILE = ".last_version"
 
 
@@ -51,11 +52,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _safe_extract(archive: Path, into: Path) -> Path:
-    """Unpack a .tar.gz refusing links, devices, absolute paths and `..`; return the adapter folder."""
+def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack a .tar.gz refusing links, devices, absolute paths, `..` and archives that unpack to more
+    than `max_bytes`; return the adapter folder."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar.getmembers():
+            members = tar.getmembers()
+            if sum(m.size for m in members) > max_bytes:
+                raise InvalidAdapter(f"Archive unpacks to more than {max_bytes} bytes.")
+            for member in members:
                 name = member.name
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise InvalidAdapter(f"Archive member {name!r} tries to escape the adapter folder.")

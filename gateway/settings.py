@@ -58,8 +58,10 @@ class Settings(BaseSettings):
     engine_tool_parser: str | None = Field(
         "hermes", description="vLLM tool-call parser (enables tools and tool_choice); empty to disable."
     )
-    max_loras: int = Field(4, ge=1, description="Adapters in one vLLM batch (--max-loras).")
-    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached by each vLLM (--max-cpu-loras).")
+    max_loras: int = Field(
+        16, ge=1, description="Distinct adapters in one vLLM batch (--max-loras); below the working set, mixed traffic slows."
+    )
+    max_cpu_loras: int = Field(32, ge=1, description="Adapters held by each vLLM replica (--max-cpu-loras).")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank vLLM accepts (--max-lora-rank).")
     adapter_store: Path | None = Field(None, description="Adapter store folder (default HOME/adapters).")
     hot_adapters: Annotated[list[str], NoDecode] = Field(

@@ -95,8 +95,8 @@ class Config:
     seed: int = 0
     memory_steps: list[int] = field(default_factory=lambda: [8, 16, 32])
     rank: int = 16
-    max_loras: int = 4
-    max_cpu_loras: int = 32
+    max_loras: int = 16
+    max_cpu_loras: int = 64
     kv_cache_gib: int = 2
     start_timeout_s: float = 600.0
 
@@ -797,7 +797,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"`--max-loras {cfg['max_loras']}` vLLM batches requests for at most {cfg['max_loras']} different adapters "
         "per step, which is what (a) and (b) pay against (c). (a) and (b) use different vLLM adapter names for "
         f"the same files, so together they are {cfg['adapters'] * 2} adapters in vLLM's "
-        f"{cfg['max_cpu_loras']}-slot CPU cache; each run reloads evicted ones from disk inside vLLM, alike for both.",
+        f"{cfg['max_cpu_loras']}-slot CPU cache"
+        + (
+            "; each run reloads evicted ones from disk inside vLLM, alike for both."
+            if cfg["adapters"] * 2 > cfg["max_cpu_loras"]
+            else ": all stay loaded."
+        ),
         "",
         "## Memory per resident adapter",
         "",

@@ -32,8 +32,8 @@ ARGS=(
     --model "${MODEL_DIR}"
     --served-model-name "${SERVED_NAME}"
     --enable-lora
-    --max-loras "${LORAGATE_MAX_LORAS:-4}"
-    --max-cpu-loras "${LORAGATE_MAX_CPU_LORAS:-8}"
+    --max-loras "${LORAGATE_MAX_LORAS:-16}"
+    --max-cpu-loras "${LORAGATE_MAX_CPU_LORAS:-32}"
     --max-lora-rank "${LORAGATE_MAX_LORA_RANK:-16}"
     --host 0.0.0.0
     --port "${VLLM_PORT:-8000}"

@@ -46,12 +46,29 @@ async def completions(request: Request) -> Response:
     return await _complete(request, "completions", "/v1/completions", CompletionRequest)
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> ModelList:
+def _cards(request: Request) -> list[ModelCard]:
     svc = services(request)
-    await svc.keys.verify(request.headers.get("authorization"))
     base = svc.settings.served_model_name
     cards = [ModelCard(id=base, created=int(time.time()), root=base)]
     for name, manifest in svc.registry.listing():
         cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
-    return ModelList(data=cards)
+    return cards
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    await services(request).keys.verify(request.headers.get("authorization"))
+    return ModelList(data=_cards(request))
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    svc = services(request)
+    principal = await svc.keys.verify(request.headers.get("authorization"))
+    route = svc.router.resolve(model_id, principal)
+    base = svc.settings.served_model_name
+    if route.adapter is None:
+        return ModelCard(id=base, created=int(time.time()), root=base)
+    return ModelCard(
+        id=model_id, created=int(route.adapter.created.timestamp()), root=route.upstream_model, parent=base
+    )

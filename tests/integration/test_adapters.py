@@ -38,6 +38,9 @@ def test_hot_loaded_adapter_changes_output_and_is_listed(
     listed = {m.id: m for m in client.models.list()}
     assert listed["support-bot"].parent == MODEL  # type: ignore[attr-defined]
     assert listed["support-bot@1"].parent == MODEL  # type: ignore[attr-defined]
+    assert client.models.retrieve("support-bot").root == "support-bot@1"  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("support-bot@7")
 
     base_model, base_text = greedy(client, MODEL)
     served, adapter_text = greedy(client, "support-bot")

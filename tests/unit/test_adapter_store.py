@@ -210,3 +210,14 @@ def test_good_archive_is_accepted(store: AdapterStore, good: Path, base: BaseMod
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(good, arcname="my-adapter")
     assert store.add(archive, "a", base, MAX_RANK).ref == "a@1"
+
+
+def test_archive_bombs_are_refused(store: AdapterStore, good: Path, tmp_path: Path) -> None:
+    from adapters.store import _safe_extract
+
+    archive = tmp_path / "big.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(good, arcname="a")
+    with pytest.raises(InvalidAdapter, match="more than"):
+        _safe_extract(archive, tmp_path / "out", max_bytes=1000)
+    assert not (tmp_path / "out").exists()
