@@ -15,6 +15,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from adapters.base_model import prepared_dir
 from adapters.registry import Registry
 from adapters.store import AdapterStore
 from adapters.validate import BaseModelSpec
@@ -50,12 +51,14 @@ class Services:
 
     @cached_property
     def base_spec(self) -> BaseModelSpec:
-        """The base adapters are validated against; needs the model folder on this machine."""
-        if self.model_dir is None or not (self.model_dir / "config.json").is_file():
+        """The base adapters are validated against: the unquantised model folder on this machine
+        (found on first use, so a gateway may start before its engines have prepared the model)."""
+        folder = self.model_dir or prepared_dir(self.settings.models_root)
+        if not (folder / "config.json").is_file():
             raise StateUnavailable(
-                "Adapters cannot be validated: this gateway has no copy of the base model (set LORAGATE_MODEL_DIR)."
+                f"Adapters cannot be validated: no copy of the base model at {folder} (set LORAGATE_MODEL_DIR)."
             )
-        return BaseModelSpec.from_folder(self.model_dir, self.settings.served_model_name)
+        return BaseModelSpec.from_folder(folder, self.settings.served_model_name)
 
 
 async def _maintain(svc: Services) -> None:

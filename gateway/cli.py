@@ -225,16 +225,11 @@ def serve(
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    validation_model: Path | None = None
+    validation_model: Path | None = settings.model_dir
     model_dir: Path | None = None
     if not settings.engine_urls:
         validation_model = _base_folder(settings)
         model_dir = _serving_folder(settings, validation_model)
-    else:
-        from adapters.base_model import is_prepared, prepared_dir
-
-        default = prepared_dir(settings.models_root)
-        validation_model = settings.model_dir or (default if is_prepared(default) else None)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(settings, model_dir, validation_model))

@@ -4,6 +4,7 @@
 set -euo pipefail
 
 SERVED_NAME="${LORAGATE_SERVED_MODEL_NAME:-SmolLM2-135M-Instruct}"
+export LORAGATE_QUANTIZATION="${LORAGATE_QUANTIZATION:-none}"   # none | w4a16 | bitsandbytes
 CACHE="${LORAGATE_MODEL_CACHE:-/var/lib/loragate/models}"
 BAKED="/opt/loragate/models/SmolLM2-135M-Instruct"
 
@@ -23,6 +24,11 @@ else
     MODEL_DIR="${CACHE}/SmolLM2-135M-Instruct"
 fi
 
+if [ "${LORAGATE_QUANTIZATION}" = "w4a16" ]; then
+    # A 4-bit weight-only copy beside the base, built once; vLLM reads the method from its config.json.
+    MODEL_DIR="$(LORAGATE_MODEL_DIR="${MODEL_DIR}" flock "${CACHE}/.prepare.lock" loragate model prepare)"
+fi
+
 # The gateway asks vLLM to load adapters by path: the store must exist at the same path as in the gateway.
 if [ -n "${LORAGATE_ADAPTER_STORE:-}" ]; then
     mkdir -p "${LORAGATE_ADAPTER_STORE}" 2>/dev/null || true
@@ -38,9 +44,9 @@ ARGS=(
     --host 0.0.0.0
     --port "${VLLM_PORT:-8000}"
 )
-if [ "${LORAGATE_QUANTIZATION:-}" = "bitsandbytes" ]; then
-    # 4-bit (QLoRA) base on CUDA.
-    ARGS+=(--quantization bitsandbytes)
+if [ "${LORAGATE_QUANTIZATION}" = "bitsandbytes" ]; then
+    # 4-bit (QLoRA) base on CUDA: needs a vLLM release that still ships bitsandbytes (0.32 does not).
+    ARGS+=(--quantization bitsandbytes --load-format bitsandbytes)
 fi
 
 echo "engine-entrypoint: serving ${MODEL_DIR} as ${SERVED_NAME}" >&2
