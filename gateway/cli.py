@@ -110,6 +110,26 @@ def keys_create(
     typer.echo(asyncio.run(create()))
 
 
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The API key to revoke.")]) -> None:
+    """Delete a key; gateways stop accepting it within LORAGATE_AUTH_CACHE_S."""
+    import redis.asyncio as aioredis
+
+    from gateway.auth import KeyStore
+
+    async def revoke() -> bool:
+        redis = aioredis.from_url(Settings().redis_url, decode_responses=True)
+        try:
+            return await KeyStore(redis).revoke(key)
+        finally:
+            await redis.aclose()
+
+    if not asyncio.run(revoke()):
+        console.print("[red]error:[/red] no such key")
+        raise typer.Exit(1)
+    typer.echo("revoked")
+
+
 @keys_app.command("check")
 def keys_check(key: Annotated[str, typer.Argument(help="The API key to check.")]) -> None:
     """Exit 0 if the key is valid, printing its tenant; exit 1 if not."""

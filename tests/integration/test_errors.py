@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, Gateway, free_port, gateway_env, start_gateway, stop_gateway
+from tests.conftest import MODEL, ROOT, Gateway, create_key, free_port, gateway_env, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +48,21 @@ def test_wrong_key_is_401(gateway: Gateway) -> None:
         wrong.models.list()
     assert info.value.code == "invalid_api_key"
     assert "not-a-real-key" not in str(info.value), "the key must not be echoed back"
+
+
+def test_revoked_key_stops_working(gateway: Gateway) -> None:
+    key = create_key(gateway.env, tenant="short-lived")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    assert client.models.list().data
+    subprocess.run([sys.executable, "-m", "gateway", "keys", "revoke", key], env=gateway.env, cwd=ROOT, check=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            return
+        time.sleep(0.5)
+    raise AssertionError("a revoked key still works after the auth cache expired")
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -103,8 +121,6 @@ def stranded_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_engine_down_is_503(stranded_gateway: Gateway) -> None:
-    from tests.conftest import create_key
-
     key = create_key(stranded_gateway.env)
     down = openai.OpenAI(base_url=stranded_gateway.base_url, api_key=key, max_retries=0)
     with pytest.raises(openai.InternalServerError) as info:
