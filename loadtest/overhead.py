@@ -768,6 +768,18 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
+def report_header(stack: Stack, argv: Sequence[str], load_before: Sequence[float]) -> dict[str, Any]:
+    """What every benchmark report starts with: when, how it was run, on what, under what load."""
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command_line(argv),
+        "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
+        "machine": machine(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
 def publish(output_dir: Path, stem: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str],
             summarise: Callable[[dict[str, Any]], None]) -> None:
     """Write a report as JSON and Markdown (atomically), print it, and say where it went."""
@@ -838,12 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gateway.proc.poll() is not None:
             raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
         report = {
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": command_line(argv),
-            "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
-            "machine": machine(),
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
+            **report_header(stack, argv, load_before),
             "versions": versions(),
             "config": {"requests": cfg.requests, "warmup": cfg.warmup, "repeats": cfg.repeats,
                        "concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "segments": cfg.segments,

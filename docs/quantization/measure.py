@@ -159,6 +159,14 @@ def completion(url: str, model: str, prompt: str, max_tokens: int = 32) -> dict:
     return r.json()
 
 
+def ask(url: str, model: str) -> tuple[int, str]:
+    """One greedy chat question: (HTTP status, answer or error text)."""
+    r = requests.post(url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "max_tokens": 24, "temperature": 0.0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    return r.status_code, (r.json()["choices"][0]["message"]["content"] if r.ok else r.text[:300])
+
+
 def throughput(url: str, model: str, conc: int, rounds: int) -> dict:
     rates = []
     with ThreadPoolExecutor(conc) as ex:
@@ -189,23 +197,13 @@ def run(args: argparse.Namespace) -> dict:
         res["startup_s"] = round(wait_health(url, proc, args.timeout), 1)
         time.sleep(2)
         res["rss_idle_mib"] = round(tree_rss(proc.pid) / 2**20)
-        chat = requests.post(url + "/v1/chat/completions", timeout=300, json={
-            "model": "base", "max_tokens": 24, "temperature": 0.0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-        res["base_request"] = chat.status_code
-        res["base_text"] = (chat.json()["choices"][0]["message"]["content"]
-                            if chat.ok else chat.text[:300])
+        res["base_request"], res["base_text"] = ask(url, "base")
         if args.adapter:
             r = requests.post(url + "/v1/load_lora_adapter", timeout=120, json={
                 "lora_name": "test-lora", "lora_path": args.adapter})
             res["load_lora"] = r.status_code
             res["load_lora_body"] = r.text[:300]
-            r = requests.post(url + "/v1/chat/completions", timeout=300, json={
-                "model": "test-lora", "max_tokens": 24, "temperature": 0.0,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-            res["lora_request"] = r.status_code
-            res["lora_text"] = (r.json()["choices"][0]["message"]["content"]
-                                if r.ok else r.text[:300])
+            res["lora_request"], res["lora_text"] = ask(url, "test-lora")
         res["base_throughput"] = throughput(url, "base", args.concurrency, args.rounds)
         if args.adapter and res.get("lora_request") == 200:
             res["lora_throughput"] = throughput(url, "test-lora", args.concurrency, args.rounds)
