@@ -1,13 +1,19 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup run test test-unit lint bench clean
+.PHONY: setup bnb-engine run test test-unit lint bench clean
 
 setup:
 	@scripts/setup.sh
 
+# vLLM 0.27.1 with bitsandbytes (and TRL, to train QLoRA adapters on its NF4 base), apart from .venv.
+# On a CUDA machine: make bnb-engine BNB_EXTRAS=cuda,train
+BNB_EXTRAS ?= cpu-bnb,train
+bnb-engine:
+	@LORAGATE_VENV=.venv-bnb LORAGATE_EXTRAS=$(BNB_EXTRAS) scripts/setup.sh
+
 run: setup
 	@scripts/run.sh
 
-test: setup
+test: setup bnb-engine
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-unit: setup
@@ -22,4 +28,4 @@ bench: setup
 	.venv/bin/python -m loadtest
 
 clean:
-	rm -rf .venv .pytest_cache
+	rm -rf .venv .venv-bnb .pytest_cache

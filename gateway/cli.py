@@ -60,15 +60,12 @@ def _base_folder(settings: Settings) -> Path:
 
 
 def _serving_folder(settings: Settings, base: Path) -> Path:
-    """What vLLM loads: the base itself, or its W4A16 copy (built once)."""
-    if settings.quantization == "bitsandbytes":
-        import importlib.util
+    """What vLLM loads: the base itself (bitsandbytes quantises it while loading), or its W4A16 copy (built once)."""
+    if settings.quantization == "bitsandbytes" and not settings.engine_urls:
+        from gateway.engine.supervisor import bitsandbytes_problem
 
-        if importlib.util.find_spec("vllm.model_executor.layers.quantization.bitsandbytes") is None:
-            console.print(
-                "[red]error:[/red] this vLLM has no bitsandbytes support (vLLM 0.32 removed it); "
-                "use LORAGATE_QUANTIZATION=w4a16, or a CUDA vLLM release that ships bitsandbytes."
-            )
+        if problem := bitsandbytes_problem(settings):
+            console.print(f"[red]error:[/red] {problem}")
             raise typer.Exit(1)
     if settings.quantization != "w4a16":
         return base

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     )
     quantization: Literal["none", "w4a16", "bitsandbytes"] = Field(
         "none",
-        description="Base weights: bf16 (none), a 4-bit W4A16 copy (CPU or CUDA), or bitsandbytes 4-bit (CUDA).",
+        description="Base weights: bf16 (none), a 4-bit W4A16 copy, or bitsandbytes NF4 (the QLoRA base; vLLM 0.27.1).",
     )
     served_model_name: str = Field("SmolLM2-135M-Instruct", description="The base model's name in the API.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding keys and state.")
@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         description="Comma-separated URLs of running vLLM servers; empty means loragate starts its own.",
     )
     engine_replicas: int = Field(1, ge=1, description="vLLM servers to start when engine_urls is empty.")
+    engine_python: Path | None = Field(
+        None,
+        description="Python that runs vLLM (default: the gateway's own); e.g. .venv-bnb/bin/python for bitsandbytes.",
+    )
     engine_host: str = Field("127.0.0.1", description="Address started vLLM servers bind (loopback/private only).")
     engine_port: int = Field(8100, description="Port of the first started vLLM server; replicas count up.")
     engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of each started vLLM server (CPU), GiB.")

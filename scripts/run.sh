@@ -9,6 +9,12 @@ export LORAGATE_REDIS_URL=${LORAGATE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}
 export HF_HUB_OFFLINE=1
 LG=.venv/bin/loragate
 
+if [ "${LORAGATE_QUANTIZATION:-none}" = bitsandbytes ] && [ -z "${LORAGATE_ENGINE_PYTHON:-}${LORAGATE_ENGINE_URLS:-}" ]; then
+  # vLLM 0.28+ has no bitsandbytes: the NF4 (QLoRA) base runs on vLLM 0.27.1, installed apart.
+  LORAGATE_VENV=.venv-bnb LORAGATE_EXTRAS=${BNB_EXTRAS:-cpu-bnb,train} scripts/setup.sh
+  export LORAGATE_ENGINE_PYTHON=$PWD/.venv-bnb/bin/python
+fi
+
 started_redis=""
 if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   scripts/redis.sh start "$REDIS_PORT" "$LORAGATE_HOME/redis" persist

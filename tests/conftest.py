@@ -120,6 +120,13 @@ def start_gateway(home: Path, env: dict[str, str], engine_ports: list[int], read
     raise RuntimeError(f"gateway not up after {ready_timeout} s:\n{gateway.log_tail()}")
 
 
+def start_one_engine_gateway(home: Path, redis_url: str, **settings: str) -> Gateway:
+    """A gateway of its own with one supervised vLLM, for settings the session gateway does not have."""
+    engine_port = free_port()
+    env = gateway_env(home, redis_url, free_port(), LORAGATE_ENGINE_PORT=str(engine_port), **settings)
+    return start_gateway(home, env, [engine_port], ready_timeout=900)
+
+
 def stop_gateway(gateway: Gateway) -> None:
     gateway.process.terminate()
     try:
@@ -189,8 +196,22 @@ def admin(gateway: Gateway) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def base_spec() -> BaseModelSpec:
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prepared bf16 base folder (`loragate model prepare` is a no-op once done)."""
+    env = gateway_env(tmp_path_factory.mktemp("prepare"), "redis://unused", 0)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "model", "prepare"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def base_spec(base_model_dir: Path) -> BaseModelSpec:
     from adapters.validate import BaseModelSpec
 
-    folder = Path(os.environ.get("LORAGATE_MODEL_CACHE", str(DEFAULT_HOME / "models"))) / MODEL
-    return BaseModelSpec.from_folder(folder, MODEL)
+    return BaseModelSpec.from_folder(base_model_dir, MODEL)

@@ -45,7 +45,7 @@ ARGS=(
     --port "${VLLM_PORT:-8000}"
 )
 if [ "${LORAGATE_QUANTIZATION}" = "bitsandbytes" ]; then
-    # 4-bit (QLoRA) base on CUDA: needs a vLLM release that still ships bitsandbytes (0.32 does not).
+    # NF4 (QLoRA) base: vLLM quantises the bf16 folder while loading; needs vLLM <= 0.27.1 (0.28 removed bitsandbytes).
     ARGS+=(--quantization bitsandbytes --load-format bitsandbytes)
 fi
 

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def is_internal_address(host: str) -> bool:
 
 def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     return [
-        sys.executable,
+        str(settings.engine_python or sys.executable),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
@@ -62,6 +63,26 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         ),
         *settings.engine_extra_args,
     ]
+
+
+BNB_VLLM = "vLLM 0.27.1, the last release with bitsandbytes: `pip install loragate[cuda]`, or on CPU `make bnb-engine`"
+_HAS_BNB = (
+    "import importlib.util as u, sys; "
+    "sys.exit(0 if u.find_spec('bitsandbytes') and "
+    "u.find_spec('vllm.model_executor.layers.quantization.bitsandbytes') else 3)"
+)
+
+
+def bitsandbytes_problem(settings: Settings) -> str | None:
+    """Why the engine's Python cannot serve a bitsandbytes base, or None when it can."""
+    python = str(settings.engine_python or sys.executable)
+    try:
+        done = subprocess.run([python, "-c", _HAS_BNB], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run the engine's Python {python}: {exc}"
+    if done.returncode == 0:
+        return None
+    return f"the vLLM in {python} has no bitsandbytes support (vLLM 0.28 removed it); use {BNB_VLLM}"
 
 
 def engine_env(settings: Settings) -> dict[str, str]:

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from adapters.validate import BaseModelSpec
-from tests.conftest import ADMIN_KEY, MODEL, Gateway, create_key, free_port, gateway_env, start_gateway, stop_gateway
+from tests.conftest import ADMIN_KEY, MODEL, Gateway, create_key, start_one_engine_gateway, stop_gateway
 from tests.integration.conftest import add_synthetic
 
 pytestmark = pytest.mark.integration
@@ -20,12 +20,7 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def quantized_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
-    home = tmp_path_factory.mktemp("w4a16")
-    engine_port = free_port()
-    env = gateway_env(
-        home, redis_server.url, free_port(), LORAGATE_QUANTIZATION="w4a16", LORAGATE_ENGINE_PORT=str(engine_port)
-    )
-    gw = start_gateway(home, env, [engine_port], ready_timeout=900)
+    gw = start_one_engine_gateway(tmp_path_factory.mktemp("w4a16"), redis_server.url, LORAGATE_QUANTIZATION="w4a16")
     yield gw
     stop_gateway(gw)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import admin_key_matches, bearer_token, hash_key
-from gateway.engine.supervisor import engine_command, is_internal_address
+from gateway.engine.supervisor import bitsandbytes_problem, engine_command, is_internal_address
 from gateway.errors import AuthenticationFailed
 from gateway.settings import Settings
 
@@ -27,6 +27,22 @@ def test_engine_command_carries_lora_settings(tmp_path: Path) -> None:
     assert "--enable-lora" in cmd
     for flag, value in (("--max-loras", "3"), ("--max-cpu-loras", "6"), ("--max-lora-rank", "8"), ("--port", "8123")):
         assert cmd[cmd.index(flag) + 1] == value
+
+
+def test_bitsandbytes_engine_runs_in_its_own_python(tmp_path: Path) -> None:
+    python = tmp_path / "bnb/bin/python"
+    cmd = engine_command(Settings(quantization="bitsandbytes", engine_python=python), tmp_path, 8123)
+    assert cmd[0] == str(python)
+    assert cmd[cmd.index("--quantization") + 1] == "bitsandbytes"
+    assert cmd[cmd.index("--load-format") + 1] == "bitsandbytes"
+    assert "--quantization" not in engine_command(Settings(quantization="w4a16"), tmp_path, 8123)
+
+
+def test_a_vllm_without_bitsandbytes_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    problem = bitsandbytes_problem(Settings())
+    assert problem is not None and "0.27.1" in problem, "the gateway's own vLLM 0.32 has no bitsandbytes"
+    missing = bitsandbytes_problem(Settings(engine_python=tmp_path / "nope/python"))
+    assert missing is not None and "cannot run" in missing
 
 
 @pytest.mark.parametrize(
