@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
 .PHONY: setup bnb-engine run test test-unit lint bench clean
+# setup and bnb-engine both install redis and write loragate.egg-info: never at the same time.
+.NOTPARALLEL:
 
 setup:
 	@scripts/setup.sh
@@ -8,7 +10,7 @@ setup:
 # On a CUDA machine: make bnb-engine BNB_EXTRAS=cuda,train
 BNB_EXTRAS ?= cpu-bnb,train
 bnb-engine:
-	@LORAGATE_VENV=.venv-bnb LORAGATE_EXTRAS=$(BNB_EXTRAS) scripts/setup.sh
+	@LORAGATE_VENV=.venv-bnb LORAGATE_EXTRAS="$(BNB_EXTRAS)" scripts/setup.sh
 
 run: setup
 	@scripts/run.sh

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
@@ -25,7 +25,7 @@ class InvalidAdapter(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidAdapter(
             f"Invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.",
@@ -47,7 +47,7 @@ class AdapterRef:
         check_name(name)
         if not sep:
             return cls(name)
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
             raise InvalidAdapter(f"Invalid adapter version in {text!r}: expected name@N with N >= 1.", param="version")
         return cls(name, int(version))
 

@@ -69,5 +69,10 @@ class Registry:
                 out.append((name, self.resolve(AdapterRef(name))))
             except AdapterNotFound:
                 continue
-            out.extend((m.ref, m) for m in (self.store.manifest(name, v) for v in self.store.versions(name)))
+            for version in self.store.versions(name):
+                try:
+                    manifest = self.store.manifest(name, version)
+                except AdapterNotFound:
+                    continue  # deleted while we listed
+                out.append((manifest.ref, manifest))
         return out

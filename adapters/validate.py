@@ -6,6 +6,7 @@ Every check reads headers and JSON only: weights are never deserialised, pickles
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +153,14 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
     config = _load_config(folder)
     _check_base(config, base)
     rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidAdapter(f"adapter_config.json has an invalid rank r={rank!r}.")
+    alpha = config.get("lora_alpha", rank)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r}.")
     ranks = [rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))]
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")
     targets = _check_targets(config, base)
     dtype = _check_tensors(folder, base, max_rank)
-    return CheckedAdapter(rank=rank, alpha=float(config.get("lora_alpha", rank)), target_modules=targets, dtype=dtype)
+    return CheckedAdapter(rank=rank, alpha=float(alpha), target_modules=targets, dtype=dtype)

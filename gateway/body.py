@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pydantic_core
@@ -25,11 +26,24 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
-        payload = pydantic_core.from_json(raw)
+        payload = pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload."
         ) from exc
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if not _finite(payload):
+        raise InvalidRequest("The request body holds a number too large to represent; JSON numbers must be finite.")
     return payload
+
+
+def _finite(value: object) -> bool:
+    """JSON allows 1e400, which parses to inf and could not be sent on as valid JSON."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True

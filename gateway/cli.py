@@ -245,6 +245,9 @@ def serve(
     validation_model: Path | None = settings.model_dir
     model_dir: Path | None = None
     if not settings.engine_urls:
+        if settings.engine_python and not os.access(settings.engine_python, os.X_OK):
+            console.print(f"[red]error:[/red] LORAGATE_ENGINE_PYTHON {settings.engine_python} is not an executable")
+            raise typer.Exit(1)
         validation_model = _base_folder(settings)
         model_dir = _serving_folder(settings, validation_model)
     try:

@@ -106,12 +106,27 @@ def param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "any"})
+
+
+def _is_type_tag(part: int | str) -> bool:
+    """pydantic names the members of a union in `loc` ('str', 'list[int]', 'TextPart'); fields are snake_case."""
+    return isinstance(part, str) and (
+        part in _TYPE_TAGS or "[" in part or part[:1].isupper() or part.startswith("function-")
+    )
+
+
 def from_validation_error(exc: ValidationError) -> InvalidRequest:
     """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`)."""
-    first = exc.errors(include_url=False)[0]
-    loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    errors = exc.errors(include_url=False)
+    loc = tuple(part for part in errors[0]["loc"] if not _is_type_tag(part))
+    members = [
+        str(e["loc"][-1]) for e in errors if e["loc"] and tuple(p for p in e["loc"] if not _is_type_tag(p)) == loc
+    ]
     param = param_path(loc) or None
-    message = first["msg"]
+    message = errors[0]["msg"]
+    if len(members) > 1 and all(_is_type_tag(m) for m in members):
+        message = f"Input has the wrong type; expected one of: {', '.join(members)}"
     if param:
         message = f"Invalid value for '{param}': {message}"
     return InvalidRequest(message, param=param, code="invalid_value" if loc else None)

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("engine_python")
+    @classmethod
+    def _absolute(cls, python: Path | None) -> Path | None:
+        """Absolute, so the engine starts the same from any folder; not resolved: a venv's python is a symlink."""
+        return python.expanduser().absolute() if python else None
+
     @field_validator("engine_urls")
     @classmethod
     def _strip_slash(cls, urls: list[str]) -> list[str]:

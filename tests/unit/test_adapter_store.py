@@ -134,6 +134,14 @@ def test_rank_above_engine_limit_is_refused(store: AdapterStore, tmp_path: Path,
     refused(store, folder, base, "exceeds the engine's max_lora_rank")
 
 
+@pytest.mark.parametrize(("field", "value"), [("r", True), ("r", "8"), ("lora_alpha", "x"), ("lora_alpha", -1)])
+def test_nonsense_rank_or_alpha_is_refused(
+    store: AdapterStore, good: Path, base: BaseModelSpec, field: str, value: object
+) -> None:
+    edit_config(good, **{field: value})
+    refused(store, good, base, f"invalid {'rank' if field == 'r' else 'lora_alpha'}")
+
+
 def test_missing_target_modules_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     edit_config(good, target_modules=["c_attn", "q_proj"])
     refused(store, good, base, r"c_attn.*do not exist")
@@ -171,7 +179,7 @@ def test_tampered_store_fails_verification(store: AdapterStore, good: Path, base
         store.verify(manifest)
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".hidden", "a@1", "x" * 65, "tiny-base"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".hidden", "a@1", "x" * 65, "tiny-base", "a\n"])
 def test_names_that_escape_or_clash_are_refused(
     store: AdapterStore, good: Path, base: BaseModelSpec, name: str
 ) -> None:
@@ -221,3 +229,9 @@ def test_archive_bombs_are_refused(store: AdapterStore, good: Path, tmp_path: Pa
     with pytest.raises(InvalidAdapter, match="more than"):
         _safe_extract(archive, tmp_path / "out", max_bytes=1000)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["a@0", "a@-1", "a@\u00b2", "a@1.5", "a@" + "9" * 5000, "a@"])
+def test_odd_versions_are_invalid_not_crashes(text: str) -> None:
+    with pytest.raises(InvalidAdapter):
+        AdapterRef.parse(text)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,17 @@ def test_bitsandbytes_engine_runs_in_its_own_python(tmp_path: Path) -> None:
 
 
 def test_a_vllm_without_bitsandbytes_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    problem = bitsandbytes_problem(Settings())
-    assert problem is not None and "0.27.1" in problem, "the gateway's own vLLM 0.32 has no bitsandbytes"
+    problem = bitsandbytes_problem(Settings(engine_python=Path(sys.executable)))
+    assert problem is not None and "no bitsandbytes support" in problem and "0.27.1" in problem, (
+        "the test venv's vLLM 0.32 has no bitsandbytes"
+    )
     missing = bitsandbytes_problem(Settings(engine_python=tmp_path / "nope/python"))
     assert missing is not None and "cannot run" in missing
+
+
+def test_engine_python_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings(engine_python=Path(".venv-bnb/bin/python")).engine_python == tmp_path / ".venv-bnb/bin/python"
 
 
 @pytest.mark.parametrize(
