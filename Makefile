@@ -22,8 +22,8 @@ test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 
 lint: setup
-	.venv/bin/ruff check gateway adapters tests
-	.venv/bin/ruff format --check gateway adapters tests
+	.venv/bin/ruff check gateway adapters tests loadtest
+	.venv/bin/ruff format --check gateway adapters tests loadtest
 	.venv/bin/mypy gateway adapters
 
 bench: setup

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     )
     max_adapter_upload_bytes: int = Field(1 << 30, description="Largest adapter archive /admin/adapters accepts.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
-    upstream_timeout_s: float = Field(600.0, description="Longest a single upstream request may take.")
+    upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
     auth_cache_s: float = Field(5.0, ge=0, description="How long a verified API key is trusted without Redis.")
     admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")

