@@ -74,6 +74,8 @@ async def _maintain(svc: Services) -> None:
             await svc.placement.maintain(hot)
         except APIError as exc:
             log.warning("adapter maintenance: %s", exc.message)
+        except Exception:
+            log.exception("adapter maintenance failed; trying again next round")
 
 
 def create_app(settings: Settings, engine_urls: list[str] | None = None, model_dir: Path | None = None) -> FastAPI:

@@ -99,6 +99,12 @@ class UpstreamError(APIError):
     code = "upstream_error"
 
 
+class UpstreamTimeout(APIError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
 def param_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:

@@ -19,7 +19,7 @@ import aiohttp
 from adapters.registry import Registry
 from adapters.store import IntegrityError
 from gateway.engine.pool import Replica, ReplicaPool
-from gateway.errors import AdapterUnavailable, EngineUnavailable, UpstreamError
+from gateway.errors import AdapterUnavailable, APIError, EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
 from gateway.routing import Route
 
@@ -50,11 +50,37 @@ class Placement:
         """One load at a time per replica, so making room and loading never overshoot capacity."""
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
+        """A replica ready to serve `route`; the adapter stays protected from eviction until `release`.
+
+        A replica that fails to load the adapter is skipped for another one; the error of the last
+        attempt is raised only when no replica is left.
+        """
         if route.adapter_path is None:
             return self._pool.pick(exclude)
-        replica = self._choose(route.upstream_model, exclude)
-        await self._ensure_loaded(replica, route)
-        return replica
+        tried = set(exclude)
+        failure: EngineUnavailable | UpstreamError | None = None
+        while True:
+            try:
+                replica = self._choose(route.upstream_model, frozenset(tried))
+            except EngineUnavailable:
+                if failure is not None:
+                    raise failure from None
+                raise
+            try:
+                await self._ensure_loaded(replica, route)
+            except (EngineUnavailable, UpstreamError) as exc:
+                failure = exc
+                tried.add(replica)
+                continue
+            replica.in_use[route.upstream_model] += 1
+            return replica
+
+    def release(self, replica: Replica, route: Route) -> None:
+        """The request has reached vLLM (which keeps its adapter for it even if unloaded now)."""
+        if route.adapter_path is not None:
+            replica.in_use[route.upstream_model] -= 1
+            if replica.in_use[route.upstream_model] <= 0:
+                del replica.in_use[route.upstream_model]
 
     def _holds(self, replica: Replica, name: str) -> bool:
         return name in replica.resident or (replica, replica.generation, name) in self._loading
@@ -88,10 +114,13 @@ class Placement:
     async def _post(self, replica: Replica, path: str, payload: dict[str, str]) -> tuple[int, str]:
         try:
             async with self._session.post(
-                replica.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=120)
+                replica.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=120, sock_connect=5)
             ) as resp:
                 return resp.status, await resp.text()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+            # Slow, not gone (a load waits for generation steps); the health check decides about "down".
+            raise EngineUnavailable(f"The engine took too long to load or unload an adapter: {exc!r}") from exc
+        except aiohttp.ClientError as exc:
             replica.mark_down()
             raise EngineUnavailable(f"The engine could not be reached to load or unload an adapter: {exc}") from exc
 
@@ -122,8 +151,12 @@ class Placement:
         self._metrics.adapter_resident.labels(name, replica.url).set(1)
 
     async def _make_room(self, replica: Replica) -> None:
+        """Unload least recently used adapters; pinned ones and those of requests on their way stay.
+
+        When nothing can go, vLLM's own LRU of `--max-cpu-loras` keeps its memory bounded.
+        """
         while len(replica.resident) >= self.capacity:
-            victim = next((n for n in replica.resident if n not in self.pinned), None)
+            victim = next((n for n in replica.resident if n not in self.pinned and n not in replica.in_use), None)
             if victim is None:
                 return
             self._metrics.adapter_evictions.labels(replica.url).inc()
@@ -140,13 +173,20 @@ class Placement:
         replica.resident.pop(name, None)
 
     async def maintain(self, hot: list[Route]) -> None:
-        """Unload versions deleted from the store (by any process); keep hot adapters loaded and pinned."""
+        """Unload versions deleted from the store (by any process); keep hot adapters loaded and pinned.
+
+        One replica or adapter that fails does not stop the others from being looked after.
+        """
+        hot = [route for route in hot if route.adapter_path is not None]
         self.pinned = {route.upstream_model for route in hot}
         for replica in self._pool.healthy():
             for name in [n for n in replica.resident if not self._registry.exists(n)]:
                 await self._unload(replica, name)
             for route in hot:
-                await self._ensure_loaded(replica, route)
+                try:
+                    await self._ensure_loaded(replica, route)
+                except APIError as exc:
+                    log.warning("keeping %s loaded on %s: %s", route.upstream_model, replica.url, exc.message)
 
     async def unload_everywhere(self, name: str) -> None:
         """Used when an adapter version is deleted: no replica may keep serving it."""

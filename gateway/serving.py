@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.engine.pool import Replica
-from gateway.errors import UpstreamError, sse_error_frame
+from gateway.errors import AdapterUnavailable, UpstreamError, UpstreamTimeout, sse_error_frame
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
@@ -74,10 +74,13 @@ class RelayResponse(StreamingResponse):
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
     """
 
-    def __init__(self, upstream: aiohttp.ClientResponse, on_close: Any) -> None:
+    def __init__(
+        self, upstream: aiohttp.ClientResponse, on_close: Callable[[int, dict[str, Any] | None], None]
+    ) -> None:
         self._upstream = upstream
         self._on_close = on_close
         self._tail = b""
+        self._outcome = 200
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     async def _relay(self) -> AsyncIterator[bytes]:
@@ -87,14 +90,17 @@ class RelayResponse(StreamingResponse):
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("upstream stream broke: %s", exc)
-            yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
+            self._outcome = 502
+            # End a half-sent event first, so the error arrives as an event of its own.
+            cut = b"" if not self._tail or self._tail.endswith(b"\n\n") else b"\n\n"
+            yield cut + sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._upstream.close()
-            self._on_close(usage_from_tail(self._tail))
+            self._on_close(self._outcome, usage_from_tail(self._tail))
 
 
 class Forwarder:
@@ -130,6 +136,13 @@ class Forwarder:
                     headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                     timeout=self._timeout,
                 )
+            except aiohttp.SocketTimeoutError as exc:
+                # The replica is alive but silent (a long generation): replaying it elsewhere would not help.
+                self._track(replica, -1)
+                self._metrics.upstream_errors.labels(replica.url).inc()
+                raise UpstreamTimeout(
+                    f"The engine sent nothing for {self._timeout.sock_read:.0f} s; the request was abandoned."
+                ) from exc
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
                 log.warning("replica %s unreachable: %s", replica.url, exc)
@@ -140,10 +153,14 @@ class Forwarder:
             except BaseException:
                 self._track(replica, -1)
                 raise
-            if upstream.status == 404 and route.adapter_path is not None and not reloaded:
-                # The replica lost the adapter (it restarted in between): load it again, once.
+            finally:
+                self._placement.release(replica, route)
+            if upstream.status == 404 and route.adapter_path is not None:
                 self._track(replica, -1)
                 upstream.release()
+                if reloaded:
+                    raise AdapterUnavailable(f"Adapter `{route.requested}` could not be kept loaded; try again.")
+                # The replica lost the adapter (it restarted in between): load it again, once.
                 self._placement.forget(replica, route.upstream_model)
                 reloaded = True
                 continue
@@ -168,7 +185,7 @@ class Forwarder:
 
         if stream and upstream.status == 200:
             self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
-            return RelayResponse(upstream, lambda usage: finish(200, usage))
+            return RelayResponse(upstream, finish)
         status, usage = 502, None
         try:
             raw = await upstream.read()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -22,17 +23,20 @@ class Replica:
     """Bumped whenever the replica comes back from being down: what it had loaded is gone."""
     resident: dict[str, None] = field(default_factory=dict)
     """Adapters loaded on this replica, least recently used first."""
+    in_use: Counter[str] = field(default_factory=Counter)
+    """Adapters of requests chosen for this replica that vLLM has not received yet: not to be evicted."""
 
     def mark_down(self) -> None:
         if self.healthy:
             log.warning("vLLM replica %s is down", self.url)
         self.healthy = False
 
-    def mark_up(self) -> None:
+    def mark_up(self, loaded: list[str] | None = None) -> None:
+        """Back up: `loaded` is what vLLM says it holds (nothing after a restart)."""
         if not self.healthy:
             self.generation += 1
-            self.resident.clear()
-            log.info("vLLM replica %s is up", self.url)
+            self.resident = dict.fromkeys(loaded or [])
+            log.info("vLLM replica %s is up (%d adapters loaded)", self.url, len(self.resident))
         self.healthy = True
 
 
@@ -53,8 +57,22 @@ class ReplicaPool:
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
-        replica.mark_up() if ok else replica.mark_down()
+        if not ok:
+            replica.mark_down()
+        elif replica.healthy:
+            replica.mark_up()
+        else:
+            replica.mark_up(await self._loaded_adapters(replica))
         return ok
+
+    async def _loaded_adapters(self, replica: Replica) -> list[str]:
+        """The LoRA adapters vLLM has registered: a replica marked down for a blip has lost nothing."""
+        try:
+            async with self._session.get(f"{replica.url}/v1/models", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                models = (await resp.json()).get("data", []) if resp.status == 200 else []
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return []
+        return [m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)]
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(replica) for replica in self.replicas))

@@ -102,7 +102,10 @@ async def delete_adapter(ref: str, request: Request, _: Admin) -> dict[str, Any]
     except AdapterNotFound as exc:
         raise NotFound(str(exc), param="ref", code="adapter_not_found") from exc
     await svc.placement.unload_everywhere(str(parsed))
-    manifest = await asyncio.to_thread(svc.registry.store.remove, parsed.name, parsed.version)
+    try:
+        manifest = await asyncio.to_thread(svc.registry.store.remove, parsed.name, parsed.version)
+    except AdapterNotFound as exc:  # another delete won the race
+        raise NotFound(str(exc), param="ref", code="adapter_not_found") from exc
     return {"id": manifest.ref, "object": "adapter", "deleted": True}
 
 

@@ -13,7 +13,8 @@ from aiohttp import web
 from adapters.manifest import Manifest
 from adapters.registry import Registry
 from adapters.store import AdapterStore
-from gateway.engine.pool import ReplicaPool
+from gateway.engine.pool import Replica, ReplicaPool
+from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.placement import SPREAD_MARGIN, Placement
 from gateway.routing import Route
@@ -23,10 +24,12 @@ class FakeVLLM:
     def __init__(self) -> None:
         self.loads: Counter[str] = Counter()
         self.loaded: set[str] = set()
+        self.broken = False
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/load_lora_adapter", self.load)
         app.router.add_post("/v1/unload_lora_adapter", self.unload)
         return app
@@ -34,8 +37,14 @@ class FakeVLLM:
     async def health(self, _: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def models(self, _: web.Request) -> web.Response:
+        data = [{"id": "base", "parent": None}] + [{"id": n, "parent": "base"} for n in sorted(self.loaded)]
+        return web.json_response({"object": "list", "data": data})
+
     async def load(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.broken:
+            return web.Response(status=500, text="Internal Server Error")
         await asyncio.sleep(0.05)
         self.loads[body["lora_name"]] += 1
         self.loaded.add(body["lora_name"])
@@ -86,6 +95,13 @@ async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
         await runner.cleanup()
 
 
+async def use(placement: Placement, r: Route) -> Replica:
+    """One request's placement, from choosing a replica to its reaching vLLM."""
+    replica = await placement.acquire(r)
+    placement.release(replica, r)
+    return replica
+
+
 async def test_concurrent_cold_requests_share_one_load(setup) -> None:  # type: ignore[no-untyped-def]
     placement, pool, fakes = setup
     replicas = await asyncio.gather(*(placement.acquire(route("a")) for _ in range(100)))
@@ -97,12 +113,12 @@ async def test_lru_eviction_respects_capacity_and_pins(setup) -> None:  # type: 
     placement, pool, fakes = setup
     placement.pinned = {"hot@1"}
     for name in ("hot", "a", "b", "c", "d"):
-        replica = await placement.acquire(route(name))
+        replica = await use(placement, route(name))
     assert replica is pool.replicas[0]
     assert list(pool.replicas[0].resident) == ["hot@1", "c@1", "d@1"]
     assert fakes[0].loaded == {"hot@1", "c@1", "d@1"}
-    await placement.acquire(route("c"))
-    await placement.acquire(route("e"))
+    await use(placement, route("c"))
+    await use(placement, route("e"))
     assert list(pool.replicas[0].resident) == ["hot@1", "c@1", "e@1"], "d was least recently used"
 
 
@@ -118,19 +134,54 @@ async def test_busy_holder_spreads_to_idle_replica(setup) -> None:  # type: igno
 
 async def test_down_replica_is_avoided_and_forgets_its_adapters(setup) -> None:  # type: ignore[no-untyped-def]
     placement, pool, fakes = setup
-    first = await placement.acquire(route("a"))
+    first = await use(placement, route("a"))
     first.mark_down()
-    other = await placement.acquire(route("a"))
+    other = await use(placement, route("a"))
     assert other is not first
-    first.mark_up()
-    assert first.resident == {}, "a replica that comes back holds nothing"
+    fakes[pool.replicas.index(first)].loaded.clear()  # it restarted
+    await pool.check(first)
+    assert first.healthy and first.resident == {}, "a replica that restarted holds nothing"
+
+
+async def test_a_replica_back_from_a_blip_keeps_what_vllm_still_holds(setup) -> None:  # type: ignore[no-untyped-def]
+    placement, pool, fakes = setup
+    first = await use(placement, route("a"))
+    generation = first.generation
+    first.mark_down()
+    await pool.check(first)
+    assert first.healthy and list(first.resident) == ["a@1"], "rebuilt from vLLM's /v1/models"
+    assert first.generation == generation + 1
+
+
+async def test_an_adapter_on_its_way_to_vllm_is_not_evicted(setup) -> None:  # type: ignore[no-untyped-def]
+    placement, pool, fakes = setup
+    pool.replicas[1].mark_down()
+    busy = route("busy")
+    replica = await placement.acquire(busy)  # chosen, not yet sent
+    for name in ("b", "c", "d", "e"):
+        await use(placement, route(name))
+    assert "busy@1" in replica.resident and "busy@1" in fakes[0].loaded
+    placement.release(replica, busy)
+    await use(placement, route("f"))
+    assert "busy@1" not in replica.resident, "once sent, it is evictable again"
+
+
+async def test_a_replica_that_fails_the_load_is_skipped(setup) -> None:  # type: ignore[no-untyped-def]
+    placement, pool, fakes = setup
+    fakes[0].broken = True
+    pool.replicas[1].inflight = 1  # replica 0 is chosen first
+    replica = await use(placement, route("a"))
+    assert replica is pool.replicas[1] and "a@1" in fakes[1].loaded
+    fakes[1].broken = True
+    with pytest.raises(UpstreamError):
+        await placement.acquire(route("b"))
 
 
 async def test_unload_everywhere(setup) -> None:  # type: ignore[no-untyped-def]
     placement, pool, fakes = setup
-    replica = await placement.acquire(route("a"))
+    replica = await use(placement, route("a"))
     replica.inflight = SPREAD_MARGIN + 1
-    await placement.acquire(route("a"))
+    await use(placement, route("a"))
     assert all("a@1" in f.loaded for f in fakes)
     await placement.unload_everywhere("a@1")
     assert not any("a@1" in f.loaded for f in fakes)
@@ -140,6 +191,6 @@ async def test_unload_everywhere(setup) -> None:  # type: ignore[no-untyped-def]
 async def test_concurrent_loads_of_different_adapters_never_overshoot(setup) -> None:  # type: ignore[no-untyped-def]
     placement, pool, fakes = setup
     pool.replicas[1].mark_down()
-    await asyncio.gather(*(placement.acquire(route(f"a{i}")) for i in range(8)))
+    await asyncio.gather(*(use(placement, route(f"a{i}")) for i in range(8)))
     assert len(pool.replicas[0].resident) == placement.capacity
     assert len(fakes[0].loaded) == placement.capacity
