@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.manifest import AdapterRef, Manifest
-from adapters.store import AdapterNotFound, AdapterStore
+from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Registry:
         self.store = store
         self._cache: dict[str, _Entry] = {}
         self._verified: set[tuple[str, int]] = set()
+        self._corrupt: dict[tuple[str, int], str] = {}
 
     def _entry(self, name: str) -> _Entry:
         try:
@@ -55,11 +56,19 @@ class Registry:
         return self.store.version_dir(manifest.name, manifest.version)
 
     def verify_once(self, manifest: Manifest) -> None:
-        """sha256 of every file against the manifest; versions are immutable, so once per process."""
+        """sha256 of every file against the manifest; versions are immutable, so once per process,
+        and a version that failed keeps failing without hashing it again for every request."""
         key = (manifest.name, manifest.version)
-        if key not in self._verified:
+        if key in self._verified:
+            return
+        if key in self._corrupt:
+            raise IntegrityError(self._corrupt[key])
+        try:
             self.store.verify(manifest)
-            self._verified.add(key)
+        except IntegrityError as exc:
+            self._corrupt[key] = str(exc)
+            raise
+        self._verified.add(key)
 
     def listing(self) -> list[tuple[str, Manifest]]:
         """Every name a client can use: each adapter's bare name (its default version) and name@V."""

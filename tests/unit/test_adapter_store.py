@@ -116,6 +116,22 @@ def test_registry_sees_writes_from_another_process_at_once(
     assert not registry.exists("a@2") and registry.exists("a@1")
 
 
+def test_a_corrupt_version_is_hashed_once_and_keeps_failing(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = store.add(good, "a", base, MAX_RANK)
+    weights = store.version_dir("a", 1) / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    registry = Registry(store)
+    hashes = []
+    monkeypatch.setattr(store, "verify", lambda m: hashes.append(m) or AdapterStore.verify(store, m))
+    for _ in range(3):
+        with pytest.raises(IntegrityError):
+            registry.verify_once(manifest)
+    assert len(hashes) == 1
+
+
 def test_other_base_model_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     edit_config(good, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
     refused(store, good, base, "made for base model")
