@@ -50,10 +50,10 @@ import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadtest.overhead import (
-    HERE,
     BenchError,
     Service,
     Stack,
+    add_common_arguments,
     console,
     event_loop_factory,
     free_port,
@@ -964,15 +964,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; flags given as well win.",
     )
-    parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
-    parser.add_argument(
-        "--gateway-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Extra environment for the gateway (repeatable).",
-    )
-    parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}

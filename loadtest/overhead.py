@@ -622,6 +622,19 @@ async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark has: where results go, extra gateway settings, keeping the logs."""
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
+    )
+    parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+
+
 def command_line(module: str, argv: Sequence[str]) -> str:
     """How to run the benchmark `module` again with the same arguments."""
     exe = os.path.relpath(sys.executable)
@@ -800,15 +813,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=2,
         help="Concurrent load is split into this many segments per target, alternating.",
     )
-    parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
-    parser.add_argument(
-        "--gateway-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
-    )
-    parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("requests", "repeats", "concurrency", "segments"):
         if getattr(args, name) < 1:
