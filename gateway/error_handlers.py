@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, param_path
+from gateway.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, from_errors
 
 log = logging.getLogger("loragate.errors")
 
@@ -27,12 +27,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-    param = param_path(loc) or None
-    message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
-    return _respond(InvalidRequest(message, param=param))
+    return _respond(from_errors(exc.errors(), code=None))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ ever exposes a traceback.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -122,20 +123,30 @@ def _is_type_tag(part: int | str) -> bool:
     )
 
 
-def from_validation_error(exc: ValidationError) -> InvalidRequest:
+def _field_path(loc: Sequence[int | str]) -> tuple[int | str, ...]:
+    """`loc` without FastAPI's leading request part ('body', 'query') and pydantic's union member tags."""
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    return tuple(part for part in loc if not _is_type_tag(part))
+
+
+def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid_value") -> InvalidRequest:
     """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`)."""
-    errors = exc.errors(include_url=False)
-    loc = tuple(part for part in errors[0]["loc"] if not _is_type_tag(part))
-    members = [
-        str(e["loc"][-1]) for e in errors if e["loc"] and tuple(p for p in e["loc"] if not _is_type_tag(p)) == loc
-    ]
+    if not errors:
+        return InvalidRequest("invalid request")
+    loc = _field_path(errors[0].get("loc", ()))
+    members = [str(e["loc"][-1]) for e in errors if e.get("loc") and _field_path(e["loc"]) == loc]
     param = param_path(loc) or None
-    message = errors[0]["msg"]
+    message = str(errors[0]["msg"])
     if len(members) > 1 and all(_is_type_tag(m) for m in members):
         message = f"Input has the wrong type; expected one of: {', '.join(members)}"
     if param:
         message = f"Invalid value for '{param}': {message}"
-    return InvalidRequest(message, param=param, code="invalid_value" if loc else None)
+    return InvalidRequest(message, param=param, code=code if loc else None)
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    return from_errors(exc.errors(include_url=False))
 
 
 def sse_error_frame(exc: APIError) -> bytes:

@@ -33,7 +33,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -226,18 +225,11 @@ class EngineStack(Stack):
                 continue
         raise BenchError("cannot find the vLLM process the gateway started")
 
+    stop_timeout_s = 60.0  # the gateway stops vLLM (and waits for it) before it exits
+
     def stop(self) -> None:
         self.remember_children()
-        for service in reversed(self.services):
-            proc = service.proc
-            if proc.poll() is None:
-                proc.terminate()  # the gateway stops vLLM (and waits for it) before it exits
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-        self.services.clear()
+        self.stop_services()
         # Anything of vLLM's still there (the gateway was killed, or the guard is slow): end it by pid.
         leftovers = [p for p in self.seen.values() if p.is_running()]
         if leftovers:

@@ -304,17 +304,23 @@ class Stack:
             raise BenchError(f"`gateway keys create` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
         self.api_key = lines[-1]
 
-    def stop(self) -> None:
+    stop_timeout_s = 10.0
+    """How long a started service may take to exit after SIGTERM before it is killed."""
+
+    def stop_services(self) -> None:
         for service in reversed(self.services):
             proc = service.proc
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=10)
+                    proc.wait(timeout=self.stop_timeout_s)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
         self.services.clear()
+
+    def stop(self) -> None:
+        self.stop_services()
         self.stop_redis()
 
     def logs(self) -> str:

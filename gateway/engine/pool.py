@@ -31,11 +31,11 @@ class Replica:
             log.warning("vLLM replica %s is down", self.url)
         self.healthy = False
 
-    def mark_up(self, loaded: list[str] | None = None) -> None:
+    def mark_up(self, loaded: list[str]) -> None:
         """Back up: `loaded` is what vLLM says it holds (nothing after a restart)."""
         if not self.healthy:
             self.generation += 1
-            self.resident = dict.fromkeys(loaded or [])
+            self.resident = dict.fromkeys(loaded)
             log.info("vLLM replica %s is up (%d adapters loaded)", self.url, len(self.resident))
         self.healthy = True
 
@@ -59,9 +59,7 @@ class ReplicaPool:
             ok = False
         if not ok:
             replica.mark_down()
-        elif replica.healthy:
-            replica.mark_up()
-        else:
+        elif not replica.healthy:
             replica.mark_up(await self._loaded_adapters(replica))
         return ok
 
