@@ -22,9 +22,9 @@ test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 
 lint: setup
-	.venv/bin/ruff check gateway adapters tests loadtest
-	.venv/bin/ruff format --check gateway adapters tests loadtest
-	.venv/bin/mypy gateway adapters
+	.venv/bin/ruff check gateway adapters training tests loadtest
+	.venv/bin/ruff format --check gateway adapters training tests loadtest
+	.venv/bin/mypy gateway adapters training
 
 bench: setup
 	.venv/bin/python -m loadtest

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import aiohttp
@@ -48,17 +47,23 @@ class Services:
     forwarder: Forwarder
     metrics: Metrics
     model_dir: Path | None
+    _base_spec: BaseModelSpec | None = None
 
-    @cached_property
-    def base_spec(self) -> BaseModelSpec:
-        """The base adapters are validated against: the unquantised model folder on this machine
-        (found on first use, so a gateway may start before its engines have prepared the model)."""
+    def _find_base_spec(self) -> BaseModelSpec:
         folder = self.model_dir or prepared_dir(self.settings.models_root)
         if not (folder / "config.json").is_file():
+            log.error("no copy of the base model at %s: adapters cannot be validated", folder)
             raise StateUnavailable(
-                f"Adapters cannot be validated: no copy of the base model at {folder} (set LORAGATE_MODEL_DIR)."
+                "Adapters cannot be validated: this gateway has no copy of the base model (set LORAGATE_MODEL_DIR)."
             )
         return BaseModelSpec.from_folder(folder, self.settings.served_model_name)
+
+    async def base_spec(self) -> BaseModelSpec:
+        """The base adapters are validated against: the unquantised model folder on this machine, found
+        on first use (so a gateway may start before its engines have prepared the model), off the loop."""
+        if self._base_spec is None:
+            self._base_spec = await asyncio.to_thread(self._find_base_spec)
+        return self._base_spec
 
 
 async def _maintain(svc: Services) -> None:
@@ -67,7 +72,7 @@ async def _maintain(svc: Services) -> None:
         hot = []
         for ref in svc.settings.hot_adapters:
             try:
-                hot.append(svc.router.resolve(ref, SYSTEM))
+                hot.append(await svc.router.resolve(ref, SYSTEM))
             except ModelNotFound:
                 log.debug("hot adapter %s is not in the store yet", ref)
         try:
@@ -102,7 +107,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             registry=registry,
             placement=placement,
             router=Router(settings.served_model_name, registry),
-            forwarder=Forwarder(session, placement, metrics, settings.upstream_timeout_s),
+            forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
             metrics=metrics,
             model_dir=model_dir or settings.model_dir,
         )

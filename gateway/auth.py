@@ -94,11 +94,12 @@ class KeyStore:
         return principal
 
 
-def admin_key_matches(authorization: str | None, admin_key: str | None) -> bool:
-    if admin_key is None:
+def bearer_matches(authorization: str | None, secret: str | None) -> bool:
+    """Whether the Bearer token is `secret` (a configured key: admin, metrics), compared in constant time."""
+    if secret is None:
         return False
     try:
         token = bearer_token(authorization)
     except AuthenticationFailed:
         return False
-    return hmac.compare_digest(token.encode(), admin_key.encode())
+    return hmac.compare_digest(token.encode(), secret.encode())

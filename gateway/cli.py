@@ -8,13 +8,17 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from adapters.manifest import AdapterRef
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.engine.capabilities import EngineCapabilities
+    from gateway.engine.supervisor import EngineSupervisor
 
 app = typer.Typer(
     help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
@@ -29,6 +33,14 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 
 console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print an error (unwrapped, so it can be searched) and return the exit to raise."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(1)
 
 
 @contextlib.contextmanager
@@ -55,18 +67,26 @@ def _base_folder(settings: Settings) -> Path:
         with _progress("preparing the default model") as step:
             return prepare(settings.models_root, step)
     except PrepareError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise _fail(str(exc)) from exc
+
+
+def _check_engine(settings: Settings) -> EngineCapabilities:
+    """Refuse, before any engine starts or any copy is built, a quantisation the engine cannot run here."""
+    from gateway.engine.capabilities import ProbeFailed, needs_kernel_probe, probe, quantization_problem
+
+    try:
+        with _progress("checking what this machine's vLLM can run"):
+            caps = probe(settings.engine_python, kernels=needs_kernel_probe(settings.quantization))
+    except ProbeFailed as exc:
+        raise _fail(str(exc)) from exc
+    if problem := quantization_problem(settings.quantization, caps, settings.engine_dtype):
+        raise _fail(problem)
+    console.log(f"engine: vLLM {caps.vllm} ({caps.device}); CPU {caps.cpu_kind}")
+    return caps
 
 
 def _serving_folder(settings: Settings, base: Path) -> Path:
     """What vLLM loads: the base itself (bitsandbytes quantises it while loading), or its W4A16 copy (built once)."""
-    if settings.quantization == "bitsandbytes" and not settings.engine_urls:
-        from gateway.engine.supervisor import bitsandbytes_problem
-
-        if problem := bitsandbytes_problem(settings):
-            console.print(f"[red]error:[/red] {problem}")
-            raise typer.Exit(1)
     if settings.quantization != "w4a16":
         return base
     from adapters.quantize import quantize_w4a16
@@ -84,6 +104,8 @@ def model_prepare(
     """Convert the bundled SmolLM2-135M-Instruct GGUF to a bf16 safetensors folder (once), and its
     4-bit copy with --quantization w4a16. Prints the folder vLLM serves."""
     settings = Settings(**({"quantization": quantization} if quantization else {}))  # type: ignore[arg-type]
+    if settings.quantization != "none" and not settings.engine_urls:
+        _check_engine(settings)
     typer.echo(str(_serving_folder(settings, _base_folder(settings))))
 
 
@@ -122,8 +144,7 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The API key to revoke."
             await redis.aclose()
 
     if not asyncio.run(revoke()):
-        console.print("[red]error:[/red] no such key")
-        raise typer.Exit(1)
+        raise _fail("no such key")
     typer.echo("revoked")
 
 
@@ -145,8 +166,7 @@ def keys_check(key: Annotated[str, typer.Argument(help="The API key to check.")]
     try:
         typer.echo(asyncio.run(check()))
     except APIError as exc:
-        console.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from exc
+        raise _fail(exc.message) from exc
 
 
 def _store(settings: Settings):  # type: ignore[no-untyped-def]
@@ -163,8 +183,7 @@ def _registry_errors() -> Iterator[None]:
     try:
         yield
     except (AdapterNotFound, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise _fail(str(exc)) from exc
 
 
 @adapters_app.command("add")
@@ -243,16 +262,21 @@ def serve(
     settings = Settings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     validation_model: Path | None = settings.model_dir
-    model_dir: Path | None = None
+    supervisor: EngineSupervisor | None = None
     if not settings.engine_urls:
+        from gateway.engine.capabilities import engine_dtype
+        from gateway.engine.supervisor import EngineSupervisor
+
         if settings.engine_python and not os.access(settings.engine_python, os.X_OK):
-            console.print(f"[red]error:[/red] LORAGATE_ENGINE_PYTHON {settings.engine_python} is not an executable")
-            raise typer.Exit(1)
+            raise _fail(f"LORAGATE_ENGINE_PYTHON {settings.engine_python} is not an executable")
+        caps = _check_engine(settings)
         validation_model = _base_folder(settings)
-        model_dir = _serving_folder(settings, validation_model)
+        dtype = engine_dtype(settings.engine_dtype, settings.quantization, caps)
+        supervisor = EngineSupervisor(settings, _serving_folder(settings, validation_model), dtype)
+        console.log(f"vLLM dtype: {dtype or 'its default'} (LORAGATE_ENGINE_DTYPE={settings.engine_dtype})")
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve(settings, model_dir, validation_model))
+            runner.run(_serve(settings, supervisor, validation_model))
     except KeyboardInterrupt:
         pass
 
@@ -266,7 +290,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve(settings: Settings, model_dir: Path | None, validation_model: Path | None) -> None:
+async def _serve(settings: Settings, supervisor: EngineSupervisor | None, validation_model: Path | None) -> None:
     import signal
 
     import uvicorn
@@ -287,12 +311,9 @@ async def _serve(settings: Settings, model_dir: Path | None, validation_model: P
                     loop.remove_signal_handler(sig)
 
     from gateway.app import create_app
-    from gateway.engine.supervisor import EngineSupervisor
 
-    supervisor = None
     urls = settings.engine_urls
-    if model_dir is not None:
-        supervisor = EngineSupervisor(settings, model_dir)
+    if supervisor is not None:
         console.log(
             f"starting {settings.engine_replicas} vLLM server(s) on {supervisor.urls}"
             f" (logs in {settings.home / 'logs'})"

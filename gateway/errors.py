@@ -7,6 +7,7 @@ ever exposes a traceback.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,16 +131,43 @@ def _field_path(loc: Sequence[int | str]) -> tuple[int | str, ...]:
     return tuple(part for part in loc if not _is_type_tag(part))
 
 
+_EXPECTED = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a decimal",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+def json_type(value: object) -> str:
+    """What a JSON value is, in OpenAI's words."""
+    if value is None:
+        return "null"
+    for kind, words in ((bool, "a boolean"), (int, "an integer"), (float, "a decimal"), (str, "a string")):
+        if isinstance(value, kind):
+            return words
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid_value") -> InvalidRequest:
-    """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`)."""
+    """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`); a value
+    of the wrong JSON type is told as OpenAI tells it (code `invalid_type`)."""
     if not errors:
         return InvalidRequest("invalid request")
-    loc = _field_path(errors[0].get("loc", ()))
+    first = errors[0]
+    loc = _field_path(first.get("loc", ()))
     members = [str(e["loc"][-1]) for e in errors if e.get("loc") and _field_path(e["loc"]) == loc]
     param = param_path(loc) or None
-    message = str(errors[0]["msg"])
+    message = str(first["msg"])
     if len(members) > 1 and all(_is_type_tag(m) for m in members):
         message = f"Input has the wrong type; expected one of: {', '.join(members)}"
+    elif param and first.get("type") in _EXPECTED and "input" in first:
+        expected, got = _EXPECTED[first["type"]], json_type(first["input"])
+        message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."
+        return InvalidRequest(message, param=param, code="invalid_type")
     if param:
         message = f"Invalid value for '{param}': {message}"
     return InvalidRequest(message, param=param, code=code if loc else None)
@@ -149,6 +177,25 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
     return from_errors(exc.errors(include_url=False))
 
 
+def sse_error_event(exc: APIError) -> bytes:
+    """A mid-stream failure as one SSE event."""
+    return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+
+
 def sse_error_frame(exc: APIError) -> bytes:
     """A mid-stream failure: one error event, then the terminator clients wait for."""
-    return b"data: " + json.dumps(exc.body()).encode() + b"\n\ndata: [DONE]\n\n"
+    return sse_error_event(exc) + b"data: [DONE]\n\n"
+
+
+_INTERNALS = re.compile(
+    r"""[a-z][a-z0-9+.-]*://[^\s'"`]+"""  # URLs
+    r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
+    r"|\blocalhost:\d+\b"
+    r"""|(?<![\w/.])/(?:[^\s/'"`]+/)+[^\s/'"`]*""",  # absolute paths of two or more parts
+    re.IGNORECASE,
+)
+
+
+def redact_internals(message: str) -> str:
+    """An engine's message with addresses and file paths taken out, for messages passed on to clients."""
+    return _INTERNALS.sub("<internal>", message)

@@ -119,10 +119,12 @@ class Placement:
                 return resp.status, await resp.text()
         except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
             # Slow, not gone (a load waits for generation steps); the health check decides about "down".
-            raise EngineUnavailable(f"The engine took too long to load or unload an adapter: {exc!r}") from exc
+            log.warning("%s on %s took too long: %r", path, replica.url, exc)
+            raise EngineUnavailable("The engine took too long to load or unload an adapter; try again.") from exc
         except aiohttp.ClientError as exc:
+            log.warning("%s on %s failed: %s", path, replica.url, exc)
             replica.mark_down()
-            raise EngineUnavailable(f"The engine could not be reached to load or unload an adapter: {exc}") from exc
+            raise EngineUnavailable("The engine could not be reached to load or unload an adapter.") from exc
 
     async def _load(self, replica: Replica, route: Route) -> None:
         name = route.upstream_model
@@ -180,13 +182,16 @@ class Placement:
         hot = [route for route in hot if route.adapter_path is not None]
         self.pinned = {route.upstream_model for route in hot}
         for replica in self._pool.healthy():
-            for name in [n for n in replica.resident if not self._registry.exists(n)]:
+            for name in await asyncio.to_thread(self._deleted, list(replica.resident)):
                 await self._unload(replica, name)
             for route in hot:
                 try:
                     await self._ensure_loaded(replica, route)
                 except APIError as exc:
                     log.warning("keeping %s loaded on %s: %s", route.upstream_model, replica.url, exc.message)
+
+    def _deleted(self, names: list[str]) -> list[str]:
+        return [name for name in names if not self._registry.exists(name)]
 
     async def unload_everywhere(self, name: str) -> None:
         """Used when an adapter version is deleted: no replica may keep serving it."""

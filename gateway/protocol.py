@@ -1,12 +1,13 @@
 """Wire models of the OpenAI surface: what a request must look like before it reaches vLLM.
 
 Only what the gateway checks is declared; every other field passes through untouched
-(`extra="allow"`), so parameters vLLM supports keep working without a gateway change.
+(`extra="allow"`), so parameters vLLM supports keep working without a gateway change. What is
+declared is parsed strictly, as OpenAI does: `"logprobs": "yes"` or `"n": "2"` is a 400, not a guess.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,7 +18,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class PassThrough(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(PassThrough):
@@ -60,6 +61,9 @@ class ChatMessage(PassThrough):
 class SamplingParams(PassThrough):
     """Parameters shared by chat and text completions."""
 
+    token_limits: ClassVar[tuple[str, ...]] = ("max_tokens",)
+    """The fields that bound how many tokens a request generates."""
+
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -83,6 +87,8 @@ class SamplingParams(PassThrough):
 
 
 class ChatCompletionRequest(SamplingParams):
+    token_limits: ClassVar[tuple[str, ...]] = ("max_completion_tokens", "max_tokens")
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None

@@ -30,11 +30,11 @@ class Router:
         self.base_model = base_model
         self.registry = registry
 
-    def resolve(self, model: str, principal: Principal) -> Route:
+    async def resolve(self, model: str, principal: Principal) -> Route:
         if model == self.base_model:
             return Route(requested=model, upstream_model=model)
         try:
-            manifest = self.registry.resolve(AdapterRef.parse(model))
+            manifest = await self.registry.lookup(AdapterRef.parse(model))
         except (InvalidAdapter, AdapterNotFound):
             raise ModelNotFound(model) from None
         return Route(

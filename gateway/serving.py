@@ -1,8 +1,8 @@
-"""Forwarding a validated request to vLLM and relaying its answer, streams byte for byte.
+"""Forwarding a validated request to a vLLM replica and answering with what it says.
 
 The request body is parsed once (for validation and routing) and re-serialised only with the
-upstream model name; responses are passed through without parsing, except the small tail of a
-stream (for usage) and error bodies (to normalise them to OpenAI's envelope).
+upstream model name; answers are passed through without parsing, except error bodies: a client
+sees vLLM's message for a request problem (4xx, internals redacted) and never for an engine failure.
 """
 
 from __future__ import annotations
@@ -10,23 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pydantic_core
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive
 
-from gateway.engine.pool import Replica
-from gateway.errors import AdapterUnavailable, UpstreamError, UpstreamTimeout, sse_error_frame
+from gateway.engine.pool import Replica, ReplicaPool
+from gateway.errors import (
+    AdapterUnavailable,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamTimeout,
+    redact_internals,
+)
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
+from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 
 log = logging.getLogger("loragate.serving")
 
-TAIL_BYTES = 4096
+CLIENT_CLOSED = 499
+"""Status recorded (nginx's convention) for a request whose client left before its answer."""
 
 
 def _error_type(status: int) -> str:
@@ -35,79 +43,43 @@ def _error_type(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
-def normalise_error(status: int, raw: bytes) -> bytes:
-    """vLLM's error bodies use its own type names; clients get OpenAI's, and never a traceback."""
+def client_error_body(status: int, raw: bytes) -> bytes:
+    """vLLM's answer to a request it refused (4xx), in OpenAI's envelope, with internals redacted."""
     try:
         error = json.loads(raw).get("error")
     except (ValueError, AttributeError):
         error = None
-    if not isinstance(error, dict):
-        return json.dumps(UpstreamError(f"The engine answered with HTTP {status}.").body()).encode()
-    message = str(error.get("message") or f"The engine answered with HTTP {status}.")
-    return json.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": _error_type(status),
-                "param": error.get("param"),
-                "code": error.get("code") if isinstance(error.get("code"), str) else None,
-            }
-        }
-    ).encode()
+    if not isinstance(error, dict) or not error.get("message"):
+        error = {"message": f"The engine refused the request (HTTP {status})."}
+    body = InvalidRequest(redact_internals(str(error["message"])), param=error.get("param")).body()
+    body["error"]["type"] = _error_type(status)
+    body["error"]["code"] = error.get("code") if isinstance(error.get("code"), str) else None
+    return json.dumps(body).encode()
 
 
-def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
-    """The usage object of the last stream chunk that carries one, if any."""
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            try:
-                usage = json.loads(line[6:]).get("usage")
-            except ValueError:
-                return None
-            return usage if isinstance(usage, dict) else None
-    return None
-
-
-class RelayResponse(StreamingResponse):
-    """A stream that always closes its upstream, whether it ends, fails or the client goes away.
-
-    Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
-    """
-
-    def __init__(
-        self, upstream: aiohttp.ClientResponse, on_close: Callable[[int, dict[str, Any] | None], None]
-    ) -> None:
-        self._upstream = upstream
-        self._on_close = on_close
-        self._tail = b""
-        self._outcome = 200
-        super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
-
-    async def _relay(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._upstream.content.iter_any():
-                self._tail = (self._tail + chunk)[-TAIL_BYTES:]
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("upstream stream broke: %s", exc)
-            self._outcome = 502
-            # End a half-sent event first, so the error arrives as an event of its own.
-            cut = b"" if not self._tail or self._tail.endswith(b"\n\n") else b"\n\n"
-            yield cut + sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._upstream.close()
-            self._on_close(self._outcome, usage_from_tail(self._tail))
+def usage_of(raw: bytes) -> dict[str, Any] | None:
+    """The usage object of a whole (non-stream) answer, if it has one."""
+    if b'"usage"' not in raw:
+        return None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 class Forwarder:
     def __init__(
-        self, session: aiohttp.ClientSession, placement: Placement, metrics: Metrics, timeout_s: float
+        self,
+        session: aiohttp.ClientSession,
+        pool: ReplicaPool,
+        placement: Placement,
+        metrics: Metrics,
+        timeout_s: float,
     ) -> None:
         self._session = session
+        self._pool = pool
         self._placement = placement
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
@@ -116,10 +88,38 @@ class Forwarder:
         replica.inflight += delta
         self._metrics.inflight.labels(replica.url).inc(delta)
 
+    async def _post(self, replica: Replica, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+        try:
+            return await self._session.post(
+                replica.url + path,
+                data=body,
+                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+                timeout=self._timeout,
+            )
+        except aiohttp.SocketTimeoutError as exc:
+            # The replica is alive but silent (a long generation): replaying it elsewhere would not help.
+            self._metrics.upstream_errors.labels(replica.url).inc()
+            raise UpstreamTimeout(
+                f"The engine sent nothing for {self._timeout.sock_read:.0f} s; the request was abandoned."
+            ) from exc
+
+    async def _discard(self, replica: Replica, upstream: aiohttp.ClientResponse) -> None:
+        """A failed answer: logged (never shown to the client), its connection closed, its request untracked."""
+        self._metrics.upstream_errors.labels(replica.url).inc()
+        try:
+            raw = await upstream.content.read(2000)
+            log.warning("replica %s answered %s: %s", replica.url, upstream.status, raw)
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        finally:
+            upstream.close()
+            self._track(replica, -1)
+
     async def _send(
-        self, path: str, route: Route, body: bytes, request_id: str
+        self, route_name: str, path: str, route: Route, body: bytes, request_id: str
     ) -> tuple[Replica, aiohttp.ClientResponse]:
-        """Post to a replica; a replica that cannot be reached is marked down and another one tried.
+        """Post to a replica, moving to another one when a replica cannot be reached, has lost the
+        adapter, or fails because its engine died (vLLM then answers 5xx and fails its health check).
 
         The request counts as in flight on its replica from before it is sent (vLLM answers a
         non-streaming request only when it is done), until `forward` finishes it.
@@ -130,19 +130,7 @@ class Forwarder:
             replica = await self._placement.acquire(route, exclude=frozenset(tried))
             self._track(replica, +1)
             try:
-                upstream = await self._session.post(
-                    replica.url + path,
-                    data=body,
-                    headers={"Content-Type": "application/json", "X-Request-Id": request_id},
-                    timeout=self._timeout,
-                )
-            except aiohttp.SocketTimeoutError as exc:
-                # The replica is alive but silent (a long generation): replaying it elsewhere would not help.
-                self._track(replica, -1)
-                self._metrics.upstream_errors.labels(replica.url).inc()
-                raise UpstreamTimeout(
-                    f"The engine sent nothing for {self._timeout.sock_read:.0f} s; the request was abandoned."
-                ) from exc
+                upstream = await self._post(replica, path, body, request_id)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
                 log.warning("replica %s unreachable: %s", replica.url, exc)
@@ -155,6 +143,14 @@ class Forwarder:
                 raise
             finally:
                 self._placement.release(replica, route)
+            if upstream.status >= 500:
+                await self._discard(replica, upstream)
+                if not await self._pool.check(replica):
+                    log.warning("replica %s failed a request and its health check: taken out", replica.url)
+                    tried.add(replica)
+                    continue
+                self._metrics.requests.labels(route_name, route.upstream_model, "502").inc()
+                raise UpstreamError("The engine failed while processing the request.")
             if upstream.status == 404 and route.adapter_path is not None:
                 self._track(replica, -1)
                 upstream.release()
@@ -167,13 +163,32 @@ class Forwarder:
             return replica, upstream
 
     async def forward(
-        self, route_name: str, path: str, payload: dict[str, Any], route: Route, request_id: str, stream: bool
+        self,
+        route_name: str,
+        path: str,
+        payload: dict[str, Any],
+        route: Route,
+        request_id: str,
+        stream: bool,
+        receive: Receive,
     ) -> Response:
+        """Answer the request from a replica. A non-streaming request whose client disconnects is
+        cancelled, closing its upstream connection so that vLLM aborts the generation."""
         started = time.perf_counter()
         payload["model"] = route.upstream_model
         body = pydantic_core.to_json(payload)
-        replica, upstream = await self._send(path, route, body, request_id)
+        try:
+            if stream:
+                response = await self._open(route_name, path, route, body, request_id)
+            else:
+                response = await unless_disconnected(self._open(route_name, path, route, body, request_id), receive)
+        except ClientGone:
+            self._metrics.requests.labels(route_name, route.upstream_model, str(CLIENT_CLOSED)).inc()
+            return Response(status_code=CLIENT_CLOSED)
+        self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
+        return response
 
+    def _finisher(self, route_name: str, route: Route, replica: Replica) -> Callable[[int, Any], None]:
         def finish(status: int, usage: dict[str, Any] | None) -> None:
             self._track(replica, -1)
             self._metrics.requests.labels(route_name, route.upstream_model, str(status)).inc()
@@ -183,24 +198,27 @@ class Forwarder:
                     if isinstance(count, int):
                         self._metrics.tokens.labels(route.upstream_model, kind).inc(count)
 
-        if stream and upstream.status == 200:
-            self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
+        return finish
+
+    async def _open(self, route_name: str, path: str, route: Route, body: bytes, request_id: str) -> Response:
+        replica, upstream = await self._send(route_name, path, route, body, request_id)
+        finish = self._finisher(route_name, route, replica)
+        if upstream.status == 200 and upstream.content_type == "text/event-stream":
             return RelayResponse(upstream, finish)
-        status, usage = 502, None
         try:
             raw = await upstream.read()
-            status = upstream.status
-            if status >= 400:
-                raw = normalise_error(status, raw)
-                status = 502 if status >= 500 else status
-            elif b'"usage"' in raw:
-                usage = json.loads(raw).get("usage")
         except (TimeoutError, aiohttp.ClientError) as exc:
+            upstream.close()
+            finish(502, None)
             raise UpstreamError("The engine stopped in the middle of the response.") from exc
-        except ValueError:
-            usage = None
-        finally:
-            upstream.release()
-            finish(status, usage)
-        self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
+        except BaseException:  # cancelled: the client left (`forward` counts it)
+            upstream.close()
+            self._track(replica, -1)
+            raise
+        upstream.release()
+        status = upstream.status
+        if status >= 400:
+            finish(status, None)
+            return Response(client_error_body(status, raw), status_code=status, media_type="application/json")
+        finish(status, usage_of(raw))
         return Response(raw, status_code=status, media_type="application/json")

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     )
     engine_host: str = Field("127.0.0.1", description="Address started vLLM servers bind (loopback/private only).")
     engine_port: int = Field(8100, description="Port of the first started vLLM server; replicas count up.")
+    engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="vLLM's compute dtype (--dtype); auto: float32 on CPUs without native bf16 (AVX2-only), "
+        "where bf16 is emulated and slow; vLLM's own choice elsewhere.",
+    )
     engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of each started vLLM server (CPU), GiB.")
     engine_start_timeout_s: float = Field(600.0, description="How long a started vLLM may take to become healthy.")
     engine_extra_args: Annotated[list[str], NoDecode] = Field(
@@ -75,10 +80,20 @@ class Settings(BaseSettings):
     )
     max_adapter_upload_bytes: int = Field(1 << 30, description="Largest adapter archive /admin/adapters accepts.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_tokens_cap: int = Field(
+        2048,
+        ge=1,
+        description="Most tokens one request may generate: a request naming no max_tokens gets this, "
+        "one asking for more is lowered to it, so no request holds an engine for minutes.",
+    )
     upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
     auth_cache_s: float = Field(5.0, ge=0, description="How long a verified API key is trusted without Redis.")
     admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")
+    metrics_key: SecretStr | None = Field(
+        None,
+        description="Key for the operator endpoints (/metrics, /readyz?verbose=1); the admin key opens them too.",
+    )
     log_level: str = Field("info", description="Gateway log level.")
 
     @field_validator("engine_urls", "engine_extra_args", "hot_adapters", mode="before")

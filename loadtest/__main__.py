@@ -2,7 +2,8 @@
 
 1. `loadtest.overhead`: what the gateway itself costs, against a mock upstream (about a minute);
 2. `loadtest.adapters`: cold adapters, mixed-adapter throughput and adapter memory with a real vLLM on
-   the CPU (about 6-8 minutes on 2 cores).
+   the CPU (about 6-8 minutes on 2 cores);
+3. `loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, base and LoRA (about 5-10 minutes).
 
 Each writes its own results to loadtest/results/. Run one alone, or with other options, with
 `python -m loadtest.overhead --help` or `python -m loadtest.adapters --help`.
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadtest import adapters, overhead
+from loadtest import adapters, engine_dtype, overhead
 
 INTERRUPTED = 130
 
@@ -22,12 +23,12 @@ INTERRUPTED = 130
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
-        description="Run the overhead benchmark, then the adapters benchmark, both with their defaults.",
+        description="Run the overhead, adapters and engine-dtype benchmarks, one after the other, with their defaults.",
         epilog="Options for one benchmark: python -m loadtest.overhead --help, python -m loadtest.adapters --help",
     )
     parser.parse_args(sys.argv[1:] if argv is None else argv)
     codes = []
-    for bench in (overhead, adapters):
+    for bench in (overhead, adapters, engine_dtype):
         code = bench.main([])
         codes.append(code)
         if code == INTERRUPTED:

@@ -67,6 +67,7 @@ from loadtest.overhead import (
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METRICS_KEY = "bench-metrics-key"
 DEFAULT_MODEL_CACHE = Path(os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models"))
 TOPICS = [
     "the sea",
@@ -166,6 +167,7 @@ class EngineStack(Stack):
                 "LORAGATE_MAX_CPU_LORAS": str(self.cfg.max_cpu_loras),
                 "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
                 "LORAGATE_LOG_LEVEL": "warning",
+                "LORAGATE_METRICS_KEY": METRICS_KEY,
             }
         )
         env.update(self.extra_gateway_env)
@@ -403,7 +405,8 @@ class Client:
         return int(json.loads(raw)["usage"]["completion_tokens"]), seconds
 
     async def metrics(self) -> dict[str, Any]:
-        async with self.session.get(self.gateway + "/metrics") as resp:
+        headers = {"Authorization": f"Bearer {METRICS_KEY}"}
+        async with self.session.get(self.gateway + "/metrics", headers=headers) as resp:
             return parse_metrics(await resp.text())
 
 

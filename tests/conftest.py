@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key-0123456789"
+METRICS_KEY = "test-metrics-key-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
 MAX_LORAS = 2
 CAPACITY = 3
@@ -90,6 +91,7 @@ def gateway_env(home: Path, redis_url: str, port: int, **extra: str) -> dict[str
         LORAGATE_REDIS_URL=redis_url,
         LORAGATE_PORT=str(port),
         LORAGATE_ADMIN_KEY=ADMIN_KEY,
+        LORAGATE_METRICS_KEY=METRICS_KEY,
         LORAGATE_HEALTH_INTERVAL_S="0.5",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
@@ -125,6 +127,13 @@ def start_one_engine_gateway(home: Path, redis_url: str, **settings: str) -> Gat
     engine_port = free_port()
     env = gateway_env(home, redis_url, free_port(), LORAGATE_ENGINE_PORT=str(engine_port), **settings)
     return start_gateway(home, env, [engine_port], ready_timeout=900)
+
+
+def start_side_gateway(home: Path, redis_url: str, engine_ports: list[int], **settings: str) -> Gateway:
+    """Another gateway process in front of already-running vLLM replicas (seconds to start, no vLLM of its own)."""
+    urls = ",".join(f"http://127.0.0.1:{port}" for port in engine_ports)
+    env = gateway_env(home, redis_url, free_port(), LORAGATE_ENGINE_URLS=urls, **settings)
+    return start_gateway(home, env, engine_ports, ready_timeout=60)
 
 
 def stop_gateway(gateway: Gateway) -> None:

@@ -1,1 +1,4 @@
-"""Retraining adapters from recorded feedback (later issues): reads the completion log, writes only through the registry."""
+"""Retraining adapters from recorded feedback (later issues).
+
+Reads the completion log and writes only through the adapter registry.
+"""

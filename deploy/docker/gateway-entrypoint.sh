@@ -10,9 +10,12 @@ if [ "${1:-serve}" = "serve" ]; then
     fi
 fi
 
-# An empty admin key must mean "admin routes off", never "the empty string is the key".
+# An empty admin or metrics key must mean "no such key", never "the empty string is the key".
 if [ -z "${LORAGATE_ADMIN_KEY:-}" ]; then
     unset LORAGATE_ADMIN_KEY
+fi
+if [ -z "${LORAGATE_METRICS_KEY:-}" ]; then
+    unset LORAGATE_METRICS_KEY
 fi
 
 exec loragate "$@"

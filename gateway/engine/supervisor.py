@@ -7,10 +7,10 @@ import ipaddress
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -30,7 +30,7 @@ def is_internal_address(host: str) -> bool:
     return (address.is_loopback or address.is_private) and not address.is_unspecified
 
 
-def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
+def engine_command(settings: Settings, model_dir: Path, port: int, dtype: str | None = None) -> list[str]:
     return [
         str(settings.engine_python or sys.executable),
         "-m",
@@ -51,6 +51,7 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--max-lora-rank",
         str(settings.max_lora_rank),
         "--disable-uvicorn-access-log",
+        *(["--dtype", dtype] if dtype else []),
         *(
             ["--enable-auto-tool-choice", "--tool-call-parser", settings.engine_tool_parser]
             if settings.engine_tool_parser
@@ -63,34 +64,6 @@ def engine_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         ),
         *settings.engine_extra_args,
     ]
-
-
-BNB_VLLM = "vLLM 0.27.1, the last release with bitsandbytes: `pip install loragate[cuda]`, or on CPU `make bnb-engine`"
-# Looks for the files without importing vLLM (and torch): seconds saved on every start.
-_FIND_BNB = """
-import importlib.util as u, os, sys
-vllm = u.find_spec("vllm")
-if vllm is None:
-    sys.exit("no vLLM installed")
-quant = [os.path.join(p, "model_executor", "layers", "quantization") for p in vllm.submodule_search_locations]
-if not any(os.path.exists(os.path.join(q, "bitsandbytes.py")) for q in quant):
-    sys.exit("its vLLM has no bitsandbytes support (vLLM 0.28 removed it)")
-if u.find_spec("bitsandbytes") is None:
-    sys.exit("the bitsandbytes package is not installed")
-"""
-
-
-def bitsandbytes_problem(settings: Settings) -> str | None:
-    """Why the engine's Python cannot serve a bitsandbytes base, or None when it can."""
-    python = str(settings.engine_python or sys.executable)
-    try:
-        done = subprocess.run([python, "-c", _FIND_BNB], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"cannot run the engine's Python {python}: {exc}"
-    if done.returncode == 0:
-        return None
-    reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-    return f"the engine's Python {python} cannot serve bitsandbytes: {reason}; use {BNB_VLLM}"
 
 
 def engine_env(settings: Settings) -> dict[str, str]:
@@ -112,42 +85,59 @@ async def wait_healthy(url: str, timeout_s: float, alive: asyncio.subprocess.Pro
         while time.monotonic() < deadline:
             if alive is not None and alive.returncode is not None:
                 raise RuntimeError(f"vLLM exited with code {alive.returncode} before it became healthy")
-            try:
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200:
-                        return
-            except (TimeoutError, aiohttp.ClientError):
-                pass
+            if await is_healthy(session, url):
+                return
             await asyncio.sleep(0.5)
     raise TimeoutError(f"vLLM at {url} was not healthy after {timeout_s:.0f} s")
 
 
-class EngineProcess:
-    """One supervised vLLM server (behind `gateway.engine.guard`). `run()` keeps it alive until `stop()`."""
+async def is_healthy(session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> bool:
+    """vLLM answers /health 200 while its engine core lives, 503 once it has died."""
+    try:
+        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
 
-    def __init__(self, settings: Settings, model_dir: Path, port: int, log_dir: Path) -> None:
-        if not is_internal_address(settings.engine_host):
-            raise ValueError(f"vLLM must listen on loopback or a private address, not {settings.engine_host!r}")
-        self.settings = settings
-        self.model_dir = model_dir
-        self.port = port
-        self.url = f"http://{settings.engine_host}:{port}"
-        self.log_path = log_dir / f"vllm-{port}.log"
+
+class EngineProcess:
+    """One supervised vLLM server (behind `gateway.engine.guard`). `run()` keeps it serving until `stop()`:
+    it is restarted when it exits and when it stops passing health checks (an engine core that died
+    under a live API server), and a restart that fails is tried again, with a growing pause."""
+
+    UNHEALTHY_CHECKS = 3
+    """Consecutive failed health checks after which a running engine is taken for dead."""
+    RESTART_PAUSE_S = (1.0, 30.0)
+    """The pause before a restart, doubled after each failed one up to the second value."""
+
+    def __init__(self, command: list[str], env: dict[str, str], url: str, log_path: Path, settings: Settings) -> None:
+        self.command = command
+        self.env = env
+        self.url = url
+        self.log_path = log_path
+        self.start_timeout_s = settings.engine_start_timeout_s
+        self.check_interval_s = settings.health_interval_s
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
-        self._ready = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _open_log(self) -> BinaryIO:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        return self.log_path.open("ab")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logfile = self.log_path.open("ab")
+        logfile = await asyncio.to_thread(self._open_log)
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "gateway.engine.guard",
-                *engine_command(self.settings, self.model_dir, self.port),
-                env=engine_env(self.settings),
+                *self.command,
+                env=self.env,
                 stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -155,40 +145,62 @@ class EngineProcess:
         finally:
             logfile.close()
 
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
     async def start(self) -> None:
-        """Spawn and wait until healthy; raises with the log's tail if vLLM cannot start."""
+        """Spawn and wait until healthy; a process that cannot get there is killed and RuntimeError raised
+        with its log's tail. Supervision (`run`) is not affected: it tries again."""
         self._proc = await self._spawn()
         log.info("started vLLM pid %s on %s (log %s)", self._proc.pid, self.url, self.log_path)
         try:
-            await wait_healthy(self.url, self.settings.engine_start_timeout_s, self._proc)
+            await wait_healthy(self.url, self.start_timeout_s, self._proc)
         except (RuntimeError, TimeoutError) as exc:
-            tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-            await self.stop()
+            tail = await asyncio.to_thread(self._log_tail)
+            await self._terminate()
             raise RuntimeError(f"{exc}\n--- last lines of {self.log_path} ---\n{tail}") from exc
-        self._ready.set()
+
+    async def _until_unfit(self) -> str:
+        """Wait until the process exits or fails UNHEALTHY_CHECKS health checks in a row; say which."""
+        assert self._proc is not None
+        exited = asyncio.ensure_future(self._proc.wait())
+        failures = 0
+        try:
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    await asyncio.wait({exited}, timeout=self.check_interval_s)
+                    if exited.done():
+                        return f"exited with code {exited.result()}"
+                    failures = 0 if await is_healthy(session, self.url, timeout_s=5.0) else failures + 1
+                    if failures >= self.UNHEALTHY_CHECKS:
+                        return f"failed {failures} health checks in a row (its engine core is gone)"
+        finally:
+            exited.cancel()
 
     async def run(self) -> None:
-        """Restart vLLM whenever it exits unexpectedly, with a growing pause between tries."""
-        backoff = 1.0
+        """Restart vLLM whenever it exits or stops being healthy, until `stop()`; never gives up."""
+        first, longest = self.RESTART_PAUSE_S
+        backoff = first
         while not self._stopping:
-            assert self._proc is not None
-            code = await self._proc.wait()
+            reason = await self._until_unfit()
             if self._stopping:
                 return
-            self._ready.clear()
             self.restarts += 1
-            log.warning("vLLM on %s exited with code %s; restarting (restart %d)", self.url, code, self.restarts)
-            await asyncio.sleep(backoff)
-            try:
-                await self.start()
-                backoff = 1.0
-            except RuntimeError as exc:
-                log.error("vLLM restart failed: %s", exc)
-                backoff = min(backoff * 2, 30.0)
-                self._proc = await self._spawn()
+            log.warning("vLLM on %s %s; restarting it (restart %d)", self.url, reason, self.restarts)
+            await self._terminate()
+            while not self._stopping:
+                await asyncio.sleep(backoff)
+                if self._stopping:
+                    return
+                try:
+                    await self.start()
+                    backoff = first
+                    break
+                except RuntimeError as exc:
+                    backoff = min(backoff * 2, longest)
+                    log.error("vLLM restart failed; trying again in %.0f s: %s", backoff, exc)
 
-    async def stop(self) -> None:
-        self._stopping = True
+    async def _terminate(self) -> None:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -202,15 +214,28 @@ class EngineProcess:
             proc.kill()
             await proc.wait()
 
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._terminate()
+
 
 class EngineSupervisor:
     """Starts `engine_replicas` vLLM servers on consecutive ports and keeps them running."""
 
-    def __init__(self, settings: Settings, model_dir: Path) -> None:
+    def __init__(self, settings: Settings, model_dir: Path, dtype: str | None = None) -> None:
+        if not is_internal_address(settings.engine_host):
+            raise ValueError(f"vLLM must listen on loopback or a private address, not {settings.engine_host!r}")
         log_dir = settings.home / "logs"
+        ports = [settings.engine_port + i for i in range(settings.engine_replicas)]
         self.engines = [
-            EngineProcess(settings, model_dir, settings.engine_port + i, log_dir)
-            for i in range(settings.engine_replicas)
+            EngineProcess(
+                engine_command(settings, model_dir, port, dtype),
+                engine_env(settings),
+                f"http://{settings.engine_host}:{port}",
+                log_dir / f"vllm-{port}.log",
+                settings,
+            )
+            for port in ports
         ]
         self._watchers: list[asyncio.Task[None]] = []
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -16,6 +18,16 @@ from gateway.routes import services
 router = APIRouter()
 
 
+def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> None:
+    """No request generates more than `cap` tokens: one that names no limit gets `cap`, one that asks
+    for more is lowered to it (its answer then ends with finish_reason "length")."""
+    named = [field for field in request.token_limits if getattr(request, field) is not None]
+    if not named:
+        payload["max_tokens"] = cap
+    for field in named:
+        payload[field] = min(getattr(request, field), cap)
+
+
 async def _complete(request: Request, route_name: str, path: str, schema: type[SamplingParams]) -> Response:
     svc = services(request)
     principal = await svc.keys.verify(request.headers.get("authorization"))
@@ -24,15 +36,11 @@ async def _complete(request: Request, route_name: str, path: str, schema: type[S
         validated = schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    route = svc.router.resolve(validated.model, principal)
+    cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
+    route = await svc.router.resolve(validated.model, principal)
     request_id: str = request.state.request_id
     return await svc.forwarder.forward(
-        route_name,
-        path,
-        payload,
-        route,
-        request_id,
-        stream=validated.stream,
+        route_name, path, payload, route, request_id, stream=validated.stream, receive=request.receive
     )
 
 
@@ -46,11 +54,11 @@ async def completions(request: Request) -> Response:
     return await _complete(request, "completions", "/v1/completions", CompletionRequest)
 
 
-def _cards(request: Request) -> list[ModelCard]:
+async def _cards(request: Request) -> list[ModelCard]:
     svc = services(request)
     base = svc.settings.served_model_name
     cards = [ModelCard(id=base, created=int(time.time()), root=base)]
-    for name, manifest in svc.registry.listing():
+    for name, manifest in await asyncio.to_thread(svc.registry.listing):
         cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
     return cards
 
@@ -58,14 +66,14 @@ def _cards(request: Request) -> list[ModelCard]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     await services(request).keys.verify(request.headers.get("authorization"))
-    return ModelList(data=_cards(request))
+    return ModelList(data=await _cards(request))
 
 
 @router.get("/v1/models/{model_id}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     svc = services(request)
     principal = await svc.keys.verify(request.headers.get("authorization"))
-    route = svc.router.resolve(model_id, principal)
+    route = await svc.router.resolve(model_id, principal)
     base = svc.settings.served_model_name
     if route.adapter is None:
         return ModelCard(id=base, created=int(time.time()), root=base)

@@ -13,7 +13,7 @@ import httpx
 
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
-from tests.conftest import Gateway
+from tests.conftest import METRICS_KEY, Gateway
 
 
 def tarball(folder: Path) -> bytes:
@@ -44,13 +44,19 @@ def loaded_on(port: int) -> set[str]:
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text
     total = 0.0
     for line in text.splitlines():
         match = re.match(rf"^{re.escape(name)}\{{(?P<labels>[^}}]*)\}} (?P<value>\S+)$", line)
         if match and all(f'{k}="{v}"' in match["labels"] for k, v in labels.items()):
             total += float(match["value"])
     return total
+
+
+def engine_states(gateway: Gateway) -> dict[str, str]:
+    """Each replica's state as /readyz?verbose=1 reports it to operators."""
+    resp = httpx.get(f"{gateway.url}/readyz", params={"verbose": 1}, headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    return dict(resp.json()["engines"])
 
 
 def eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -15,16 +15,19 @@ ANSWER = "Bonjour! The secret word is pineapple."
 
 
 def train(base: Path, out: Path, steps: int = 12) -> None:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from training.hardware import choose_precision
+
     set_seed(0)  # peft initialises the LoRA weights before the Trainer seeds anything
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4, dtype=torch.bfloat16, device_map=device)
+    precision = choose_precision()  # bf16 where the hardware has it; fp32 on AVX2-only CPUs
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=precision.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=nf4, dtype=precision.dtype, device_map=precision.device
+    )
     for module in model.modules():
         # bitsandbytes' AVX512-BF16 CPU path corrupts 4-bit weights once LoRA layers wrap them.
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -38,11 +41,10 @@ def train(base: Path, out: Path, steps: int = 12) -> None:
         learning_rate=3e-3,
         lr_scheduler_type="constant",
         per_device_train_batch_size=4,
-        use_cpu=device == "cpu",
-        bf16=True,
         logging_steps=4,
         save_strategy="no",
         report_to=[],
+        **precision.trainer_flags,
     )
     lora = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"

@@ -12,17 +12,25 @@ import openai
 import pytest
 
 from tests.conftest import MODEL, ROOT, Gateway, create_key, free_port, gateway_env, start_gateway, stop_gateway
+from tests.integration.conftest import engine_states
 
 pytestmark = pytest.mark.integration
 
 HELLO = [{"role": "user", "content": "hi"}]
+INTERNALS = ("127.0.0.1", "localhost", "http://", "/tmp/", "/root/", ".py", "EngineCore", "Traceback", "vllm")
+
+
+def assert_no_internals(text: str) -> None:
+    for internal in INTERNALS:
+        assert internal not in text, f"{internal!r} leaked: {text}"
 
 
 def assert_envelope(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"] and "Traceback" not in error["message"]
+    assert error["message"]
+    assert_no_internals(resp.text)
     assert len(resp.headers["x-request-id"]) == 32, "errors carry a request id too"
     if code is not None:
         assert error["code"] == code
@@ -105,10 +113,27 @@ def test_invalid_fields_are_400_naming_the_param(client: openai.OpenAI, http: ht
     assert_envelope(http.post("/v1/chat/completions", json=content), 400, param="messages[0].content")
 
 
-def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI) -> None:
+def test_types_are_strict_and_vllm_extras_still_pass(client: openai.OpenAI, http: httpx.Client) -> None:
+    for field, value in (("logprobs", "yes"), ("n", "2"), ("stream", 1), ("max_tokens", 2.0)):
+        error = assert_envelope(
+            http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, field: value}),
+            400,
+            code="invalid_type",
+            param=field,
+        )
+        assert error["message"].startswith(f"Invalid type for '{field}'")
+    extras = {"top_k": 1, "repetition_penalty": 1.0, "min_tokens": 2}
+    answer = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, extra_body=extras)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.completion_tokens >= 2
+
+
+def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI, http: httpx.Client) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=10_000_000)
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=5, extra_body={"min_tokens": 50})
     assert info.value.type == "invalid_request_error"
+    assert "min_tokens" in info.value.message
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 5, "min_tokens": 50})
+    assert_envelope(refused, 400)
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:
@@ -138,10 +163,10 @@ def test_engine_down_is_503(stranded_gateway: Gateway) -> None:
         down.chat.completions.create(model=MODEL, messages=HELLO)  # type: ignore[arg-type]
     assert info.value.status_code == 503
     assert info.value.code == "engine_unavailable"
+    assert_no_internals(info.value.response.text)
     ready = httpx.get(f"{stranded_gateway.url}/readyz")
-    assert ready.status_code == 503
-    assert ready.json()["redis"] == "ok"
-    assert set(ready.json()["engines"].values()) == {"unreachable"}
+    assert ready.status_code == 503 and ready.json() == {"status": "not ready"}
+    assert set(engine_states(stranded_gateway).values()) == {"unreachable"}
 
 
 def test_redis_down_is_503_and_named(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -152,7 +177,7 @@ def test_redis_down_is_503_and_named(tmp_path_factory: pytest.TempPathFactory) -
     gw = start_gateway(home, env, [], ready_timeout=60)
     try:
         ready = httpx.get(f"{gw.url}/readyz")
-        assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
+        assert ready.status_code == 503 and ready.json() == {"status": "not ready"}
         resp = httpx.post(
             f"{gw.base_url}/chat/completions",
             json={"model": MODEL, "messages": HELLO},

@@ -116,6 +116,26 @@ def test_registry_sees_writes_from_another_process_at_once(
     assert not registry.exists("a@2") and registry.exists("a@1")
 
 
+async def test_lookup_answers_from_memory_only_while_fresh(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request path's lookup never stats in the event loop; others' writes show within recheck_s."""
+    registry = Registry(store, recheck_s=60)
+    store.add(good, "a", base, MAX_RANK)
+    assert (await registry.lookup(AdapterRef("a"))).version == 1
+    AdapterStore(store.root).add(good, "a", base, MAX_RANK)
+    monkeypatch.setattr(os, "stat", lambda *a, **k: pytest.fail("stat in the event loop"))
+    assert (await registry.lookup(AdapterRef("a"))).version == 1, "fresh: answered from memory"
+    monkeypatch.undo()
+    registry.recheck_s = 0
+    assert (await registry.lookup(AdapterRef("a"))).version == 2, "stale: checked again (in a thread)"
+    registry.recheck_s = 60
+    AdapterStore(store.root).remove("a", 2)
+    registry.invalidate("a")
+    assert (await registry.lookup(AdapterRef("a"))).version == 1, "this process's own writes show at once"
+    assert registry.path(store.resolve(AdapterRef("a"))) == store.version_dir("a", 1)
+
+
 def test_a_corrupt_version_is_hashed_once_and_keeps_failing(
     store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:

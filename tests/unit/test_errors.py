@@ -2,8 +2,18 @@ from __future__ import annotations
 
 import json
 
-from gateway.errors import APIError, EngineUnavailable, ModelNotFound, PayloadTooLarge, sse_error_frame
-from gateway.serving import normalise_error, usage_from_tail
+import pytest
+
+from gateway.errors import (
+    APIError,
+    EngineUnavailable,
+    ModelNotFound,
+    PayloadTooLarge,
+    redact_internals,
+    sse_error_frame,
+)
+from gateway.serving import client_error_body
+from gateway.streaming import client_error_event, usage_from_tail
 
 
 def test_envelope_shape_and_status() -> None:
@@ -21,15 +31,47 @@ def test_sse_error_frame_ends_the_stream() -> None:
     assert events[-1] == "data: [DONE]"
 
 
-def test_engine_errors_get_openai_types() -> None:
+def test_engine_refusals_get_openai_types() -> None:
     vllm = json.dumps({"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}})
-    out = json.loads(normalise_error(400, vllm.encode()))["error"]
+    out = json.loads(client_error_body(400, vllm.encode()))["error"]
     assert out == {"message": "too long", "type": "invalid_request_error", "param": None, "code": None}
 
 
 def test_engine_html_or_garbage_never_leaks() -> None:
-    out = json.loads(normalise_error(500, b"<html>Traceback (most recent call last)...</html>"))["error"]
-    assert "Traceback" not in out["message"] and out["type"] == "server_error"
+    out = json.loads(client_error_body(400, b"<html>Traceback (most recent call last)...</html>"))["error"]
+    assert "Traceback" not in out["message"] and out["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Cannot connect to host 127.0.0.1:8100 ssl:default",
+        "Loading lora support-bot@1 failed: No adapter found for /var/lib/loragate/adapters/support-bot/v1",
+        "see http://vllm-0.vllm.svc:8000/v1/models",
+        "connect to localhost:8100 refused",
+    ],
+)
+def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
+    out = redact_internals(message)
+    for secret in ("127.0.0.1", "8100", "/var/lib", "vllm-0", "localhost"):
+        assert secret not in out
+    assert "<internal>" in out
+
+
+def test_ordinary_messages_are_kept() -> None:
+    message = "This model's maximum context length is 8192 tokens; you asked for 9000 (prompt/answer)."
+    assert redact_internals(message) == message
+
+
+def test_in_stream_engine_failures_lose_their_internals() -> None:
+    dead = json.dumps(
+        {"error": {"message": "EngineCore encountered an issue. See stack trace (above)", "code": 500}}
+    ).encode()
+    out = json.loads(client_error_event(b"data: " + dead).removeprefix(b"data: "))["error"]
+    assert "EngineCore" not in out["message"] and out["type"] == "server_error"
+    refused = json.dumps({"error": {"message": "bad regex at /opt/x/y.py", "code": 400}}).encode()
+    out = json.loads(client_error_event(b"data: " + refused).removeprefix(b"data: "))["error"]
+    assert out["type"] == "invalid_request_error" and out["message"] == "bad regex at <internal>"
 
 
 def test_usage_is_read_from_the_stream_tail() -> None:

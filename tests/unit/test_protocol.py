@@ -42,6 +42,33 @@ def test_chat_rejections_name_the_param(payload: dict, param: str) -> None:  # t
     assert error_of(ChatCompletionRequest, payload)[0] == param
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected", "got"),
+    [
+        ("logprobs", "yes", "a boolean", "a string"),
+        ("stream", 1, "a boolean", "an integer"),
+        ("n", "2", "an integer", "a string"),
+        ("n", 2.0, "an integer", "a decimal"),
+        ("max_tokens", True, "an integer", "a boolean"),
+        ("temperature", "0.5", "a decimal", "a string"),
+        ("user", 5, "a string", "an integer"),
+    ],
+)
+def test_types_are_strict_as_openai_is(field: str, value: object, expected: str, got: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, field: value})
+    err = from_validation_error(info.value)
+    assert (err.param, err.code) == (field, "invalid_type")
+    assert err.message == f"Invalid type for '{field}': expected {expected}, but got {got} instead."
+
+
+def test_strictness_still_takes_what_json_means() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MSG, "temperature": 1, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert req.temperature == 1.0 and req.stream_options is not None and req.stream_options.include_usage
+
+
 def test_json_schema_format_needs_its_schema() -> None:
     _, message = error_of(
         ChatCompletionRequest, {"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}}

@@ -48,6 +48,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin" (include "loragate.fullname" .)) .Values.adminKey.existingSecret -}}
 {{- end -}}
 
+{{- define "loragate.metricsSecretName" -}}
+{{- default (printf "%s-metrics" (include "loragate.fullname" .)) .Values.metricsKey.existingSecret -}}
+{{- end -}}
+
 {{- define "loragate.dataClaimName" -}}
 {{- default (printf "%s-data" (include "loragate.fullname" .)) .Values.storage.existingClaim -}}
 {{- end -}}

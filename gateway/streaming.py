@@ -1,0 +1,128 @@
+"""Relaying vLLM's server-sent events to the client, event by event, and noticing clients that leave.
+
+Events are passed on as vLLM wrote them; only an error event is rewritten (vLLM's own error text
+names engine internals), and the usage of the last chunk is read from a small tail for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
+
+log = logging.getLogger("loragate.streaming")
+
+TAIL_BYTES = 4096
+ERROR_EVENT = b'data: {"error"'
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work for it was cancelled."""
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """Await `work`, cancelling it (which closes its upstream connection, so vLLM aborts the generation)
+    if the client disconnects first. Only for requests whose body has been read in full."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (watcher, task):
+            pending.cancel()
+        await asyncio.gather(watcher, task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
+    """The usage object of the last stream chunk that carries one, if any."""
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                usage = json.loads(line[6:]).get("usage")
+            except ValueError:
+                return None
+            return usage if isinstance(usage, dict) else None
+    return None
+
+
+def client_error_event(event: bytes) -> bytes:
+    """vLLM's in-stream error event, as the client may see it: a request problem keeps its (redacted)
+    message, an engine failure becomes a plain server error."""
+    try:
+        error = json.loads(event.removeprefix(b"data: "))["error"]
+        status = int(error.get("code") or 500)
+        message = str(error["message"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        status, message = 500, ""
+    replacement: APIError
+    if 400 <= status < 500 and message:
+        replacement = InvalidRequest(redact_internals(message))
+    else:
+        replacement = UpstreamError("The engine failed in the middle of the response.")
+    return sse_error_event(replacement)
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that always closes its upstream, whether it ends, fails or the client goes away.
+
+    Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
+    """
+
+    def __init__(
+        self, upstream: aiohttp.ClientResponse, on_close: Callable[[int, dict[str, Any] | None], None]
+    ) -> None:
+        self._upstream = upstream
+        self._on_close = on_close
+        self._tail = b""
+        self._outcome = 200
+        super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
+
+    def _pass_on(self, events: bytes) -> bytes:
+        if ERROR_EVENT in events:
+            self._outcome = 502
+            events = b"".join(
+                client_error_event(e) if e.startswith(ERROR_EVENT) else e + b"\n\n" for e in events.split(b"\n\n") if e
+            )
+        self._tail = (self._tail + events)[-TAIL_BYTES:]
+        return events
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        pending = b""
+        try:
+            async for chunk in self._upstream.content.iter_any():
+                pending += chunk
+                cut = pending.rfind(b"\n\n") + 2
+                if cut >= 2:
+                    whole, pending = pending[:cut], pending[cut:]
+                    yield self._pass_on(whole)
+            if pending:
+                yield self._pass_on(pending)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("upstream stream broke: %s", exc)
+            self._outcome = 502
+            # Only whole events were passed on, so the error arrives as an event of its own.
+            yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._upstream.close()
+            self._on_close(self._outcome, usage_from_tail(self._tail))

@@ -1,0 +1,174 @@
+"""`python -m loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, with and without LoRA.
+
+Why `LORAGATE_ENGINE_DTYPE=auto` picks float32 on CPUs without native bf16: one real vLLM per dtype,
+started straight (no gateway), each measured the same way in the same run:
+
+- throughput: 16 concurrent requests of exactly 32 tokens (`ignore_eos`), base model and a rank-16 adapter;
+- a prefill burst: 100 concurrent requests of 1 token;
+- one request of 64 tokens, alone.
+
+Writes loadtest/results/engine_dtype.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from loadtest.overhead import command_line, free_port, machine, write_atomic
+
+MODEL = Path(os.environ.get("LORAGATE_MODEL_CACHE") or Path.home() / ".cache/loragate/models") / "SmolLM2-135M-Instruct"
+PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
+SHAPES = {"throughput": (16, 32), "burst": (100, 1), "single": (1, 64)}
+"""name: (concurrent requests, tokens each)."""
+
+
+def start_vllm(dtype: str, adapter: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL)]
+    command += ["--served-model-name", "base", "--port", str(port), "--enable-lora", "--max-lora-rank", "16"]
+    started = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*command, "--dtype", dtype], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() - started > 900:
+            raise RuntimeError(f"vLLM ({dtype}) did not start; see {log}")
+        time.sleep(0.5)
+    seconds = time.monotonic() - started
+    httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "lora", "lora_path": str(adapter)}).raise_for_status()
+    return proc, url, seconds
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def measure(url: str, model: str, concurrent: int, tokens: int) -> dict[str, float]:
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=900) as client:
+        started = time.perf_counter()
+        answers = await asyncio.gather(
+            *(client.post(f"{url}/v1/chat/completions", json=body) for _ in range(concurrent))
+        )
+        seconds = time.perf_counter() - started
+    generated = sum(answer.json()["usage"]["completion_tokens"] for answer in answers)
+    return {"seconds": round(seconds, 2), "tokens": generated, "tokens_per_s": round(generated / seconds, 1)}
+
+
+def bench_dtype(dtype: str, adapter: Path, workdir: Path) -> dict[str, Any]:
+    proc, url, startup = start_vllm(dtype, adapter, workdir / f"vllm-{dtype}.log")
+    try:
+        result: dict[str, Any] = {"startup_s": round(startup, 1)}
+        asyncio.run(measure(url, "base", 4, 4))  # warm-up
+        for model in ("base", "lora"):
+            for shape, (concurrent, tokens) in SHAPES.items():
+                result[f"{model}_{shape}"] = asyncio.run(measure(url, model, concurrent, tokens))
+                print(dtype, model, shape, result[f"{model}_{shape}"], flush=True)
+        return result
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "AVX-512 with bf16"
+    return "AVX-512 without bf16" if "avx512f" in flags else "AVX2 only"
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    return f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores, {report['cpu_kind']}"
+
+
+def render(report: dict[str, Any]) -> str:
+    bf16, fp32 = report["results"]["bfloat16"], report["results"]["float32"]
+    lines = [
+        "# vLLM on this CPU: bf16 vs float32",
+        "",
+        f"{report['date']} · `{report['command']}` · {machine_line(report)}",
+        "",
+        "| measure | bf16 | float32 | float32 / bf16 |",
+        "|---|---:|---:|---:|",
+    ]
+    for model in ("base", "lora"):
+        for shape, (concurrent, tokens) in SHAPES.items():
+            a, b = bf16[f"{model}_{shape}"]["tokens_per_s"], fp32[f"{model}_{shape}"]["tokens_per_s"]
+            label = f"{model}, {concurrent} x {tokens} tokens, tokens/s"
+            lines.append(f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}x** |")
+    lines.append(f"| start-up, s | {bf16['startup_s']} | {fp32['startup_s']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{m} {c}x{t}" for m in ("base", "lora") for c, t in SHAPES.values()]
+    keys = [f"{m}_{s}" for m in ("base", "lora") for s in SHAPES]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.4
+    for i, dtype in enumerate(("bfloat16", "float32")):
+        values = [report["results"][dtype][k]["tokens_per_s"] for k in keys]
+        ax.bar([x + (i - 0.5) * width for x in range(len(keys))], values, width, label=dtype)
+    ax.set_xticks(range(len(keys)), labels, rotation=20)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"vLLM by dtype: {machine_line(report)}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m loadtest.engine_dtype", description=__doc__)
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="loragate-dtype-") as scratch:
+        workdir = Path(scratch)
+        base = BaseModelSpec.from_folder(MODEL, "base")
+        adapter = make_adapter(workdir / "adapter", base, seed=7, rank=16)
+        results = {dtype: bench_dtype(dtype, adapter, workdir) for dtype in ("bfloat16", "float32")}
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command_line("loadtest.engine_dtype", argv),
+        "machine": machine(),
+        "cpu_kind": cpu_kind(),
+        "results": results,
+        "wall_s": round(time.monotonic() - started),
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.output_dir / "engine_dtype.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(args.output_dir / "engine_dtype.md", render(report))
+    plot(report, args.output_dir / "engine_dtype.png")
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

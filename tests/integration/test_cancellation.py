@@ -1,0 +1,105 @@
+"""A client that goes away must not leave vLLM generating for nobody, streaming or not; and no
+request may hold an engine for minutes (the max_tokens cap)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Gateway, create_key, start_side_gateway, stop_gateway
+from tests.integration.conftest import eventually, metric
+
+pytestmark = pytest.mark.integration
+
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 2000,
+    "ignore_eos": True,
+}
+
+
+def vllm_metric(gateway: Gateway, name: str) -> float:
+    """A vLLM metric summed over the gateway's replicas, read from vLLM itself."""
+    total = 0.0
+    for port in gateway.engine_ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        total += sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, flags=re.M))
+    return total
+
+
+def running(gateway: Gateway) -> float:
+    return vllm_metric(gateway, "vllm:num_requests_running")
+
+
+def test_stream_disconnect_cancels_upstream_generation(gateway: Gateway, http: httpx.Client) -> None:
+    with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        assert running(gateway) >= 1
+    assert eventually(lambda: running(gateway) == 0), "vLLM kept generating after the client disconnected"
+
+
+def test_non_stream_disconnect_aborts_the_generation(gateway: Gateway, api_key: str) -> None:
+    """The client gives up (a read timeout) while vLLM is generating: the gateway closes its upstream
+    connection, so vLLM aborts the request, as it does when called directly."""
+    tokens_before = vllm_metric(gateway, "vllm:generation_tokens_total")
+    gone_before = metric(gateway, "loragate_requests_total", model=MODEL, status="499")
+    outcome: list[BaseException] = []
+
+    def impatient_client() -> None:
+        try:
+            httpx.post(
+                f"{gateway.base_url}/chat/completions",
+                json=LONG,
+                headers={"Authorization": f"Bearer {api_key}"},
+                timeout=httpx.Timeout(10, read=6),
+            )
+        except httpx.ReadTimeout as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=impatient_client)
+    caller.start()
+    generating_at = None
+    while caller.is_alive():
+        if running(gateway) >= 1:
+            generating_at = time.monotonic()
+        time.sleep(0.1)
+    left_at = time.monotonic()
+    assert outcome, "the client was supposed to give up first"
+    assert generating_at is not None and left_at - generating_at < 2, "vLLM was generating until the client left"
+    assert eventually(lambda: running(gateway) == 0, timeout=10), "vLLM kept generating for a client that left"
+    generated = vllm_metric(gateway, "vllm:generation_tokens_total") - tokens_before
+    assert generated < LONG["max_tokens"], f"all {generated} tokens were generated: the request was not aborted"
+    assert eventually(lambda: metric(gateway, "loragate_requests_total", model=MODEL, status="499") == gone_before + 1)
+
+
+@pytest.fixture(scope="module")
+def capped_gateway(gateway: Gateway, redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+    """A second gateway process on the same vLLM replicas, with a small max_tokens cap."""
+    side = start_side_gateway(
+        tmp_path_factory.mktemp("capped"), redis_server.url, gateway.engine_ports, LORAGATE_MAX_TOKENS_CAP="5"
+    )
+    yield side
+    stop_gateway(side)
+
+
+def test_max_tokens_cap_applies_when_none_or_too_many_are_asked(capped_gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=capped_gateway.base_url, api_key=create_key(capped_gateway.env), max_retries=0)
+    ask = {"model": MODEL, "messages": LONG["messages"], "extra_body": {"ignore_eos": True}}
+    for limit in ({}, {"max_tokens": 50}, {"max_completion_tokens": 50}):
+        answer = client.chat.completions.create(**ask, **limit)  # type: ignore[call-overload]
+        assert answer.usage is not None and answer.usage.completion_tokens == 5, limit
+        assert answer.choices[0].finish_reason == "length"
+    under = client.chat.completions.create(**ask, max_tokens=3)  # type: ignore[call-overload]
+    assert under.usage is not None and under.usage.completion_tokens == 3
+    text = client.completions.create(model=MODEL, prompt="Once upon a time", extra_body={"ignore_eos": True})
+    assert text.usage is not None and text.usage.completion_tokens == 5

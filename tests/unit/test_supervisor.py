@@ -1,0 +1,101 @@
+"""The engine supervisor with a stand-in engine (a tiny HTTP server): it restarts an engine that
+exits or stops passing health checks, and keeps supervising after a restart that fails.
+The real vLLM case (its engine core killed) is tests/integration/test_zz_engine_restart.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gateway.engine.supervisor import EngineProcess
+from gateway.settings import Settings
+from tests.conftest import free_port
+
+FAKE_ENGINE = """
+import http.server, os, sys
+port, state = int(sys.argv[1]), sys.argv[2]
+with open(os.path.join(state, "starts"), "a") as f:
+    f.write("start\\n")
+if os.path.exists(os.path.join(state, "refuse")):
+    sys.exit(3)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503 if os.path.exists(os.path.join(state, "sick")) else 200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+def engine_child(engine: EngineProcess) -> psutil.Process:
+    assert engine.pid is not None
+    return psutil.Process(engine.pid).children()[0]
+
+
+@pytest.fixture
+async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    port = free_port()
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    settings = Settings(health_interval_s=0.2, engine_start_timeout_s=5)
+    proc = EngineProcess(
+        [sys.executable, str(script), str(port), str(tmp_path)],
+        dict(os.environ),
+        f"http://127.0.0.1:{port}",
+        tmp_path / "engine.log",
+        settings,
+    )
+    proc.RESTART_PAUSE_S = (0.1, 0.4)
+    await proc.start()
+    runner = asyncio.create_task(proc.run())
+    yield proc
+    await proc.stop()
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+
+
+def starts(engine: EngineProcess) -> int:
+    return (engine.log_path.parent / "starts").read_text().count("start")
+
+
+async def test_an_engine_that_exits_is_restarted(engine: EngineProcess) -> None:
+    first = engine.pid
+    engine_child(engine).send_signal(signal.SIGKILL)
+    await until(lambda: engine.restarts == 1 and engine.pid != first and starts(engine) == 2)
+
+
+async def test_an_engine_alive_but_unhealthy_is_replaced(engine: EngineProcess, tmp_path: Path) -> None:
+    """A live API server whose engine core died answers /health 503: it is killed and started again."""
+    first = engine.pid
+    (tmp_path / "sick").touch()
+    await until(lambda: engine.restarts == 1)
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+    (tmp_path / "sick").unlink()
+    await until(lambda: engine.pid != first and starts(engine) >= 2)
+
+
+async def test_supervision_survives_failed_restarts(engine: EngineProcess, tmp_path: Path) -> None:
+    (tmp_path / "refuse").touch()
+    engine_child(engine).send_signal(signal.SIGKILL)
+    await until(lambda: starts(engine) >= 3)  # the first start, then two restarts that failed
+    (tmp_path / "refuse").unlink()
+    await until(lambda: starts(engine) >= 4 and engine.pid is not None and psutil.pid_exists(engine.pid))
+    restarted = engine.pid
+    engine_child(engine).send_signal(signal.SIGKILL)
+    await until(lambda: engine.pid != restarted and starts(engine) >= 5), "still supervising after the failures"
