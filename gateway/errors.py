@@ -164,6 +164,12 @@ def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid
     message = str(first["msg"])
     if len(members) > 1 and all(_is_type_tag(m) for m in members):
         message = f"Input has the wrong type; expected one of: {', '.join(members)}"
+        if param and "input" in first:
+            message = (
+                f"Invalid type for '{param}': expected one of: {', '.join(members)}, "
+                f"but got {json_type(first['input'])} instead."
+            )
+            return InvalidRequest(message, param=param, code="invalid_type")
     elif param and first.get("type") in _EXPECTED and "input" in first:
         expected, got = _EXPECTED[first["type"]], json_type(first["input"])
         message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."
@@ -189,9 +195,10 @@ def sse_error_frame(exc: APIError) -> bytes:
 
 _INTERNALS = re.compile(
     r"""[a-z][a-z0-9+.-]*://[^\s'"`]+"""  # URLs
+    r"|\[[0-9a-f:.]+\](?::\d+)?"  # IPv6 addresses, bracketed, with a port
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
-    r"|\blocalhost:\d+\b"
-    r"""|(?<![\w/.])/(?:[^\s/'"`]+/)+[^\s/'"`]*""",  # absolute paths of two or more parts
+    r"|\b(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b"  # host:port (aiohttp's "Cannot connect to host")
+    r"""|(?<![\w/.:])/[\w.-]+(?:/[^\s/'"`]+)*/?""",  # absolute paths
     re.IGNORECASE,
 )
 

@@ -58,14 +58,15 @@ def client_error_body(status: int, raw: bytes) -> bytes:
 
 
 def usage_of(raw: bytes) -> dict[str, Any] | None:
-    """The usage object of a whole (non-stream) answer, if it has one."""
-    if b'"usage"' not in raw:
+    """The usage object of a whole (non-stream) answer, decoded from where it starts: an answer of many
+    choices can be megabytes, which are not parsed in the event loop just for this."""
+    at = raw.rfind(b'"usage":')
+    if at < 0:
         return None
     try:
-        answer = json.loads(raw)
-    except ValueError:
+        usage, _ = json.JSONDecoder().raw_decode(raw[at + 8 :].decode().lstrip())
+    except (ValueError, UnicodeDecodeError):
         return None
-    usage = answer.get("usage") if isinstance(answer, dict) else None
     return usage if isinstance(usage, dict) else None
 
 

@@ -30,6 +30,7 @@ import httpx
 
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
+from gateway.engine.capabilities import probe
 from loadtest.overhead import command_line, free_port, machine, write_atomic
 
 MODEL = Path(os.environ.get("LORAGATE_MODEL_CACHE") or Path.home() / ".cache/loragate/models") / "SmolLM2-135M-Instruct"
@@ -49,13 +50,23 @@ def start_vllm(dtype: str, adapter: Path, log: Path) -> tuple[subprocess.Popen[b
             [*command, "--dtype", dtype], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() - started > 900:
-            raise RuntimeError(f"vLLM ({dtype}) did not start; see {log}")
-        time.sleep(0.5)
-    seconds = time.monotonic() - started
-    httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "lora", "lora_path": str(adapter)}).raise_for_status()
+    try:
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() - started > 900:
+                raise RuntimeError(f"vLLM ({dtype}) did not start; see {log}")
+            time.sleep(0.5)
+        seconds = time.monotonic() - started
+        load = {"lora_name": "lora", "lora_path": str(adapter)}
+        httpx.post(f"{url}/v1/load_lora_adapter", json=load).raise_for_status()
+    except BaseException:
+        stop_vllm(proc)
+        raise
     return proc, url, seconds
+
+
+def stop_vllm(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _healthy(url: str) -> bool:
@@ -73,6 +84,8 @@ async def measure(url: str, model: str, concurrent: int, tokens: int) -> dict[st
             *(client.post(f"{url}/v1/chat/completions", json=body) for _ in range(concurrent))
         )
         seconds = time.perf_counter() - started
+    for answer in answers:
+        answer.raise_for_status()
     generated = sum(answer.json()["usage"]["completion_tokens"] for answer in answers)
     return {"seconds": round(seconds, 2), "tokens": generated, "tokens_per_s": round(generated / seconds, 1)}
 
@@ -88,15 +101,7 @@ def bench_dtype(dtype: str, adapter: Path, workdir: Path) -> dict[str, Any]:
                 print(dtype, model, shape, result[f"{model}_{shape}"], flush=True)
         return result
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split()
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return "AVX-512 with bf16"
-    return "AVX-512 without bf16" if "avx512f" in flags else "AVX2 only"
+        stop_vllm(proc)
 
 
 def machine_line(report: dict[str, Any]) -> str:
@@ -158,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": command_line("loadtest.engine_dtype", argv),
         "machine": machine(),
-        "cpu_kind": cpu_kind(),
+        "cpu_kind": probe().cpu_kind,
         "results": results,
         "wall_s": round(time.monotonic() - started),
     }

@@ -45,5 +45,6 @@ def choose_precision() -> Precision:
     import torch
 
     if torch.cuda.is_available():
-        return Precision("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later
+        return Precision("cuda", torch.bfloat16 if native else torch.float16)
     return Precision("cpu", torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)

@@ -55,6 +55,13 @@ print(json.dumps(out))
 """
 
 
+SIXTEEN_BIT_ONLY = {
+    "bitsandbytes": "vLLM's NF4 loader packs the weights for a 16-bit dtype and fails to load them in float32",
+    "w4a16": "vLLM's W4A16 CPU kernel is built for bf16 and fp16 activations only",
+}
+"""Quantisations vLLM runs only with 16-bit activations, and why."""
+
+
 class ProbeFailed(RuntimeError):
     """The engine's Python could not be asked what it can run."""
 
@@ -120,10 +127,10 @@ def quantization_problem(quantization: str, caps: EngineCapabilities, dtype: str
         return f"the engine's Python {caps.python} has no vLLM installed (`make setup` installs it)"
     if quantization == "bitsandbytes" and caps.bitsandbytes is not None:
         return f"the engine's Python {caps.python} cannot serve bitsandbytes: {caps.bitsandbytes}; use {BNB_VLLM}"
-    if quantization == "bitsandbytes" and dtype == "float32":
+    if quantization in SIXTEEN_BIT_ONLY and dtype == "float32":
         return (
-            "LORAGATE_ENGINE_DTYPE=float32 cannot serve a bitsandbytes base: vLLM's NF4 loader packs the weights "
-            "for a 16-bit dtype and fails to load them in float32. Use LORAGATE_ENGINE_DTYPE=auto or bfloat16."
+            f"LORAGATE_ENGINE_DTYPE=float32 cannot serve a {quantization} base: {SIXTEEN_BIT_ONLY[quantization]}. "
+            "Use LORAGATE_ENGINE_DTYPE=auto or bfloat16."
         )
     if quantization == "w4a16" and caps.device == "cpu" and caps.wna16_kernel is False:
         return (
@@ -140,10 +147,10 @@ def engine_dtype(setting: str, quantization: str, caps: EngineCapabilities) -> s
 
     `auto` picks float32 on a CPU without native bf16: there vLLM's bf16 default is emulated, and on an
     AVX2-only machine float32 served 2-6x faster, with LoRA and without (README, "Machines"). Not for a
-    bitsandbytes base, which vLLM cannot load in float32.
+    quantised base that vLLM runs only with 16-bit activations (SIXTEEN_BIT_ONLY).
     """
     if setting != "auto":
         return setting
-    if caps.device == "cpu" and not caps.fast_bf16 and quantization != "bitsandbytes":
+    if caps.device == "cpu" and not caps.fast_bf16 and quantization not in SIXTEEN_BIT_ONLY:
         return "float32"
     return None

@@ -9,8 +9,9 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import aiohttp
 
@@ -85,19 +86,25 @@ async def wait_healthy(url: str, timeout_s: float, alive: asyncio.subprocess.Pro
         while time.monotonic() < deadline:
             if alive is not None and alive.returncode is not None:
                 raise RuntimeError(f"vLLM exited with code {alive.returncode} before it became healthy")
-            if await is_healthy(session, url):
+            if await health(session, url) == "ok":
                 return
             await asyncio.sleep(0.5)
     raise TimeoutError(f"vLLM at {url} was not healthy after {timeout_s:.0f} s")
 
 
-async def is_healthy(session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> bool:
-    """vLLM answers /health 200 while its engine core lives, 503 once it has died."""
+Health = Literal["ok", "dead", "silent"]
+
+
+async def health(session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> Health:
+    """vLLM answers /health 200 while its engine core lives and 503 once it has died; a refused
+    connection is dead too. No answer in time is only "silent": a busy engine may be slow to answer."""
     try:
         async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            return resp.status == 200
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return False
+            return "ok" if resp.status == 200 else "dead"
+    except TimeoutError:
+        return "silent"
+    except (aiohttp.ClientError, OSError):
+        return "dead"
 
 
 class EngineProcess:
@@ -105,8 +112,10 @@ class EngineProcess:
     it is restarted when it exits and when it stops passing health checks (an engine core that died
     under a live API server), and a restart that fails is tried again, with a growing pause."""
 
-    UNHEALTHY_CHECKS = 3
-    """Consecutive failed health checks after which a running engine is taken for dead."""
+    DEAD_CHECKS = 3
+    """Consecutive health checks answered 503 (or refused) after which a running engine is taken for dead."""
+    SILENT_CHECKS = 12
+    """Consecutive health checks without an answer (5 s each) after which an engine is taken for hung."""
     RESTART_PAUSE_S = (1.0, 30.0)
     """The pause before a restart, doubled after each failed one up to the second value."""
 
@@ -154,26 +163,34 @@ class EngineProcess:
         self._proc = await self._spawn()
         log.info("started vLLM pid %s on %s (log %s)", self._proc.pid, self.url, self.log_path)
         try:
+            if self._stopping:  # stop() came while this process was being spawned
+                raise RuntimeError("the gateway is stopping")
             await wait_healthy(self.url, self.start_timeout_s, self._proc)
         except (RuntimeError, TimeoutError) as exc:
             tail = await asyncio.to_thread(self._log_tail)
             await self._terminate()
             raise RuntimeError(f"{exc}\n--- last lines of {self.log_path} ---\n{tail}") from exc
+        except BaseException:  # cancelled: leave nothing running
+            await self._terminate()
+            raise
 
     async def _until_unfit(self) -> str:
-        """Wait until the process exits or fails UNHEALTHY_CHECKS health checks in a row; say which."""
+        """Wait until the process exits, or its health checks say dead (or nothing) often enough in a row."""
         assert self._proc is not None
         exited = asyncio.ensure_future(self._proc.wait())
-        failures = 0
+        streak: Counter[Health] = Counter()
         try:
             async with aiohttp.ClientSession() as session:
                 while True:
                     await asyncio.wait({exited}, timeout=self.check_interval_s)
                     if exited.done():
                         return f"exited with code {exited.result()}"
-                    failures = 0 if await is_healthy(session, self.url, timeout_s=5.0) else failures + 1
-                    if failures >= self.UNHEALTHY_CHECKS:
-                        return f"failed {failures} health checks in a row (its engine core is gone)"
+                    answer = await health(session, self.url, timeout_s=5.0)
+                    streak = Counter() if answer == "ok" else streak + Counter([answer])
+                    if streak["dead"] >= self.DEAD_CHECKS:
+                        return f"failed {streak['dead']} health checks in a row (its engine core is gone)"
+                    if streak["silent"] >= self.SILENT_CHECKS:
+                        return f"did not answer {streak['silent']} health checks in a row (hung)"
         finally:
             exited.cancel()
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from gateway.body import read_json
-from gateway.errors import from_validation_error
+from gateway.errors import InvalidRequest, from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
 from gateway.routes import services
 
@@ -20,7 +20,14 @@ router = APIRouter()
 
 def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> None:
     """No request generates more than `cap` tokens: one that names no limit gets `cap`, one that asks
-    for more is lowered to it (its answer then ends with finish_reason "length")."""
+    for more is lowered to it (its answer then ends with finish_reason "length"). vLLM's `min_tokens`
+    above the cap could never be met: refused here, naming the cap."""
+    least = payload.get("min_tokens")
+    if isinstance(least, int) and not isinstance(least, bool) and least > cap:
+        raise InvalidRequest(
+            f"min_tokens is {least}, above the most tokens this gateway lets one request generate ({cap}).",
+            param="min_tokens",
+        )
     named = [field for field in request.token_limits if getattr(request, field) is not None]
     if not named:
         payload["max_tokens"] = cap

@@ -10,7 +10,8 @@ import pytest
 from gateway.engine.capabilities import EngineCapabilities, ProbeFailed, engine_dtype, probe, quantization_problem
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
-AVX512_BF16 = AVX2 | {"avx512f", "avx512bw", "avx512_bf16"}
+AVX512 = AVX2 | {"avx512f", "avx512bw"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
 
 
 def caps(flags: frozenset[str], **kw: object) -> EngineCapabilities:
@@ -77,9 +78,14 @@ def test_engine_dtype_follows_the_cpu_unless_set() -> None:
     assert engine_dtype("auto", "none", caps(AVX2, device="cuda")) is None, "GPUs keep vLLM's choice"
     assert engine_dtype("bfloat16", "none", caps(AVX2)) == "bfloat16", "an explicit setting wins"
     assert engine_dtype("auto", "bitsandbytes", caps(AVX2)) is None, "vLLM loads NF4 only for 16-bit dtypes"
+    assert engine_dtype("auto", "none", caps(AVX512)) == "float32", "AVX-512 without bf16 emulates it too"
+    assert engine_dtype("auto", "w4a16", caps(AVX512, wna16_kernel=True)) is None, "W4A16 runs 16-bit only"
 
 
-def test_bitsandbytes_in_float32_is_refused() -> None:
+def test_sixteen_bit_quantisations_in_float32_are_refused() -> None:
     problem = quantization_problem("bitsandbytes", caps(AVX2, vllm="0.27.1"), "float32")
     assert problem is not None and "LORAGATE_ENGINE_DTYPE=auto" in problem
     assert quantization_problem("bitsandbytes", caps(AVX2, vllm="0.27.1"), "auto") is None
+    problem = quantization_problem("w4a16", caps(AVX512, wna16_kernel=True), "float32")
+    assert problem is not None and "bf16 and fp16" in problem
+    assert quantization_problem("w4a16", caps(AVX512, wna16_kernel=True), "auto") is None

@@ -12,7 +12,7 @@ from gateway.errors import (
     redact_internals,
     sse_error_frame,
 )
-from gateway.serving import client_error_body
+from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event, usage_from_tail
 
 
@@ -49,17 +49,27 @@ def test_engine_html_or_garbage_never_leaks() -> None:
         "Loading lora support-bot@1 failed: No adapter found for /var/lib/loragate/adapters/support-bot/v1",
         "see http://vllm-0.vllm.svc:8000/v1/models",
         "connect to localhost:8100 refused",
+        "Cannot connect to host vllm-0.vllm.svc:8100 ssl:default",
+        "Cannot connect to host [::1]:8100",
+        "no such file: /data",
     ],
 )
 def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
     out = redact_internals(message)
-    for secret in ("127.0.0.1", "8100", "/var/lib", "vllm-0", "localhost"):
+    for secret in ("127.0.0.1", "8100", "/var/lib", "vllm-0", "localhost", "::1", "/data"):
         assert secret not in out
     assert "<internal>" in out
 
 
-def test_ordinary_messages_are_kept() -> None:
-    message = "This model's maximum context length is 8192 tokens; you asked for 9000 (prompt/answer)."
+@pytest.mark.parametrize(
+    "message",
+    [
+        "This model's maximum context length is 8192 tokens; you asked for 9000 (prompt/answer).",
+        "min_tokens must be less than or equal to max_tokens=5, got 50.",
+        "at 12.5 tokens/s, 1/2 of the time; see name@version, e.g. support-bot@3; at 10:30",
+    ],
+)
+def test_ordinary_messages_are_kept(message: str) -> None:
     assert redact_internals(message) == message
 
 
@@ -81,3 +91,11 @@ def test_usage_is_read_from_the_stream_tail() -> None:
     )
     assert usage_from_tail(tail) == {"prompt_tokens": 3, "completion_tokens": 5}
     assert usage_from_tail(b'data: {"choices":[]}\n\ndata: [DONE]\n\n') is None
+
+
+def test_usage_is_read_from_a_whole_answer_without_parsing_it_all() -> None:
+    usage = {"prompt_tokens": 3, "total_tokens": 8, "completion_tokens": 5}
+    answer = {"id": "x", "choices": [{"message": {"content": 'say "usage": {"prompt_tokens": 99}'}}], "usage": usage}
+    assert usage_of(json.dumps(answer).encode()) == usage
+    assert usage_of(json.dumps({"usage": None}).encode()) is None
+    assert usage_of(b'{"choices": []}') is None

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
 from gateway.routes.openai import cap_max_tokens
 from gateway.streaming import ClientGone, unless_disconnected
@@ -37,6 +38,13 @@ def test_an_unvalidated_extra_named_like_a_limit_is_left_to_the_engine() -> None
     """Completions have no max_completion_tokens: an extra of that name is not compared (it may be anything)."""
     payload = capped(CompletionRequest, 64, prompt="x", max_completion_tokens="lots")
     assert payload["max_completion_tokens"] == "lots" and payload["max_tokens"] == 64
+
+
+def test_min_tokens_above_the_cap_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        capped(CompletionRequest, 64, prompt="x", min_tokens=100)
+    assert info.value.param == "min_tokens" and "64" in info.value.message
+    assert capped(CompletionRequest, 64, prompt="x", min_tokens=10)["min_tokens"] == 10
 
 
 class Connection:

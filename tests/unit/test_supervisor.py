@@ -48,8 +48,7 @@ def engine_child(engine: EngineProcess) -> psutil.Process:
     return psutil.Process(engine.pid).children()[0]
 
 
-@pytest.fixture
-async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+def fake_engine(tmp_path: Path) -> EngineProcess:
     port = free_port()
     script = tmp_path / "fake_engine.py"
     script.write_text(FAKE_ENGINE)
@@ -62,6 +61,12 @@ async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
         settings,
     )
     proc.RESTART_PAUSE_S = (0.1, 0.4)
+    return proc
+
+
+@pytest.fixture
+async def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc = fake_engine(tmp_path)
     await proc.start()
     runner = asyncio.create_task(proc.run())
     yield proc
@@ -98,4 +103,17 @@ async def test_supervision_survives_failed_restarts(engine: EngineProcess, tmp_p
     await until(lambda: starts(engine) >= 4 and engine.pid is not None and psutil.pid_exists(engine.pid))
     restarted = engine.pid
     engine_child(engine).send_signal(signal.SIGKILL)
-    await until(lambda: engine.pid != restarted and starts(engine) >= 5), "still supervising after the failures"
+    await until(lambda: engine.pid != restarted and starts(engine) >= 5)  # still supervising after the failures
+
+
+async def test_a_start_that_is_cancelled_leaves_nothing_running(tmp_path: Path) -> None:
+    """The gateway stops while an engine is still starting: the half-started engine goes too."""
+    (tmp_path / "sick").touch()  # it answers /health 503, so start() keeps waiting
+    engine = fake_engine(tmp_path)
+    starting = asyncio.create_task(engine.start())
+    await until(lambda: (tmp_path / "starts").exists())
+    guard = engine.pid
+    assert guard is not None and psutil.pid_exists(guard)
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    assert not psutil.pid_exists(guard) or psutil.Process(guard).status() == psutil.STATUS_ZOMBIE
