@@ -146,7 +146,7 @@ def engine_dtype(setting: str, quantization: str, caps: EngineCapabilities) -> s
     """The `--dtype` to start vLLM with; None leaves vLLM's own choice (bf16 on CPUs, the model's on GPUs).
 
     `auto` picks float32 on a CPU without native bf16: there vLLM's bf16 default is emulated, and on an
-    AVX2-only machine float32 served 2-6x faster, with LoRA and without (README, "Machines"). Not for a
+    AVX2-only machine float32 served 1.2-6.4x faster, with LoRA and without (README, "Machines"). Not for a
     quantised base that vLLM runs only with 16-bit activations (SIXTEEN_BIT_ONLY).
     """
     if setting != "auto":
