@@ -75,6 +75,7 @@ class Manifest(BaseModel):
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source: Source = Field(default_factory=Source)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    tenant: str | None = Field(None, description="The tenant that owns it.")
 
     @property
     def ref(self) -> str:

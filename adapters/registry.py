@@ -1,21 +1,25 @@
-"""The registry as the request path sees it: name -> adapter version, in microseconds.
+"""The registry as the request path sees it: (tenant, name, version) -> adapter version, in microseconds.
 
-Resolutions are cached per adapter name and invalidated by the name folder's mtime, which every
-add, remove and pin changes (they rename entries in it). The request path (`lookup`) never touches
-the filesystem in the event loop: it answers from the cache while the cache was checked within
-`recheck_s`, and otherwise checks in a worker thread; so other processes' writes show within
-`recheck_s`, and this process's own writes (`invalidate`) at once.
+Each tenant has its own store, `ROOT/TENANT/`. Resolutions are cached per (tenant, adapter name) and
+invalidated by the name folder's mtime, which every add and remove changes (they rename entries in
+it). The request path (`lookup`) never touches the filesystem in the event loop: it answers from
+the cache while the cache was checked within `recheck_s`, and otherwise checks in a worker thread;
+so other processes' writes show within `recheck_s`, and this process's own writes (`invalidate`) at once.
+
+In vLLM an adapter version is loaded as `TENANT.NAME@V` (`upstream_name`): tenant names have no
+'.', so two tenants' adapters of the same name never collide there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.manifest import AdapterRef, Manifest
+from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
 
 
@@ -27,86 +31,136 @@ class _Entry:
     resolved: dict[int | None, Manifest] = field(default_factory=dict)
 
 
-class Registry:
-    def __init__(self, store: AdapterStore, recheck_s: float = 0.25) -> None:
-        self.store = store
-        self.recheck_s = recheck_s
-        self._root = store.root.absolute()
-        self._cache: dict[str, _Entry] = {}
-        self._verified: set[tuple[str, int]] = set()
-        self._corrupt: dict[tuple[str, int], str] = {}
+def upstream_name(tenant: str, manifest: Manifest) -> str:
+    """The name vLLM knows an adapter version by: unique across tenants, immutable, path-safe."""
+    return f"{tenant}.{manifest.ref}"
 
-    def _entry(self, name: str) -> _Entry:
+
+def parse_upstream_name(name: str) -> tuple[str, AdapterRef]:
+    """(tenant, name@V) of an upstream name; InvalidAdapter if it is not one."""
+    tenant, dot, ref = name.partition(".")
+    if not dot or not tenant:
+        raise InvalidAdapter(f"{name!r} is not an upstream adapter name")
+    return tenant, AdapterRef.parse(ref)
+
+
+class Registry:
+    def __init__(self, root: Path, recheck_s: float = 0.25) -> None:
+        self.root = root
+        self.recheck_s = recheck_s
+        self._root = root.absolute()
+        self._stores: dict[str, AdapterStore] = {}
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._verified: set[tuple[str, str, int]] = set()
+        self._seen: set[str] = set()
+        """Upstream names this process has found in the store: only those can be found deleted."""
+        self._corrupt: dict[tuple[str, str, int], str] = {}
+
+    def store(self, tenant: str) -> AdapterStore:
+        """The tenant's own store (the tenant name must have been checked: it becomes a folder)."""
+        store = self._stores.get(tenant)
+        if store is None:
+            store = self._stores[tenant] = AdapterStore(self.root / tenant, tenant)
+        return store
+
+    def tenants(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _entry(self, tenant: str, name: str) -> _Entry:
         try:
-            mtime = os.stat(self.store.root / name).st_mtime_ns
+            mtime = os.stat(self.root / tenant / name).st_mtime_ns
         except (FileNotFoundError, NotADirectoryError):
-            self._cache.pop(name, None)
+            self._cache.pop((tenant, name), None)
             raise AdapterNotFound(name) from None
-        entry = self._cache.get(name)
+        entry = self._cache.get((tenant, name))
         if entry is None or entry.mtime_ns != mtime:
-            entry = self._cache[name] = _Entry(mtime, time.monotonic())
+            entry = self._cache[(tenant, name)] = _Entry(mtime, time.monotonic())
         else:
             entry.checked = time.monotonic()
         return entry
 
-    async def lookup(self, ref: AdapterRef) -> Manifest:
-        """`resolve` for the event loop: from memory when checked lately, else in a worker thread."""
-        entry = self._cache.get(ref.name)
-        if entry is not None and time.monotonic() - entry.checked < self.recheck_s:
-            manifest = entry.resolved.get(ref.version)
-            if manifest is not None:
-                return manifest
-        return await asyncio.to_thread(self.resolve, ref)
-
-    def invalidate(self, name: str) -> None:
-        """This process changed `name` (added, removed or pinned a version): look again next time."""
-        self._cache.pop(name, None)
-
-    def resolve(self, ref: AdapterRef) -> Manifest:
-        entry = self._entry(ref.name)
-        manifest = entry.resolved.get(ref.version)
+    def resolve(self, tenant: str, ref: AdapterRef, pinned: int | None = None) -> Manifest:
+        """`name@V` exactly; `name` is its `pinned` version (if it still exists), else its latest."""
+        entry = self._entry(tenant, ref.name)
+        version = ref.version or pinned
+        manifest = entry.resolved.get(version)
         if manifest is None:
-            manifest = entry.resolved[ref.version] = self.store.resolve(ref)
+            manifest = self.store(tenant).resolve(AdapterRef(ref.name, ref.version), pinned)
+            entry.resolved[version if version == manifest.version else None] = manifest
+            self._seen.add(upstream_name(tenant, manifest))
         return manifest
 
-    def exists(self, ref: str) -> bool:
+    async def lookup(self, tenant: str, ref: AdapterRef, pinned: int | None = None) -> Manifest:
+        """`resolve` for the event loop: from memory when checked lately, else in a worker thread."""
+        entry = self._cache.get((tenant, ref.name))
+        if entry is not None and time.monotonic() - entry.checked < self.recheck_s:
+            manifest = entry.resolved.get(ref.version or pinned)
+            if manifest is not None:
+                return manifest
+        return await asyncio.to_thread(self.resolve, tenant, ref, pinned)
+
+    def invalidate(self, tenant: str, name: str) -> None:
+        """This process changed an adapter (added or removed a version): look again next time."""
+        self._cache.pop((tenant, name), None)
+
+    def deleted(self, upstream: str) -> bool:
+        """Whether an upstream name this process found in the store is gone from it. A name it never found
+        is not taken for deleted: another gateway with a store this one cannot see (yet) may serve it."""
+        return upstream in self._seen and not self.exists(upstream)
+
+    def exists(self, upstream: str) -> bool:
+        """Whether an upstream name (`TENANT.NAME@V`) is still in the store."""
         try:
-            self.resolve(AdapterRef.parse(ref))
+            tenant, ref = parse_upstream_name(upstream)
+            self.resolve(tenant, ref)
         except (AdapterNotFound, ValueError):
             return False
         return True
 
     def path(self, manifest: Manifest) -> Path:
         """The version's folder, without touching the disk (names were checked when it was stored)."""
-        return self._root / manifest.name / f"v{manifest.version}"
+        assert manifest.tenant is not None
+        return self._root / manifest.tenant / manifest.name / f"v{manifest.version}"
 
     def verify_once(self, manifest: Manifest) -> None:
         """sha256 of every file against the manifest; versions are immutable, so once per process,
         and a version that failed keeps failing without hashing it again for every request."""
-        key = (manifest.name, manifest.version)
+        assert manifest.tenant is not None
+        key = (manifest.tenant, manifest.name, manifest.version)
         if key in self._verified:
             return
         if key in self._corrupt:
             raise IntegrityError(self._corrupt[key])
         try:
-            self.store.verify(manifest)
+            self.store(manifest.tenant).verify(manifest)
         except IntegrityError as exc:
             self._corrupt[key] = str(exc)
             raise
         self._verified.add(key)
 
-    def listing(self) -> list[tuple[str, Manifest]]:
-        """Every name a client can use: each adapter's bare name (its default version) and name@V."""
+    def listing(self, tenant: str, pins: dict[str, int]) -> list[tuple[str, Manifest]]:
+        """Every name of the tenant's own adapters a client can use: each bare name (its default
+        version) and every name@V."""
         out: list[tuple[str, Manifest]] = []
-        for name in self.store.names():
+        store = self.store(tenant)
+        for name in store.names():
             try:
-                out.append((name, self.resolve(AdapterRef(name))))
+                out.append((name, self.resolve(tenant, AdapterRef(name), pins.get(name))))
             except AdapterNotFound:
                 continue
-            for version in self.store.versions(name):
+            for version in store.versions(name):
                 try:
-                    manifest = self.store.manifest(name, version)
+                    manifest = store.manifest(name, version)
                 except AdapterNotFound:
                     continue  # deleted while we listed
                 out.append((manifest.ref, manifest))
         return out
+
+    def remove_tenant(self, tenant: str) -> None:
+        """Every adapter of a deleted tenant (running gateways unload them within a health interval)."""
+        shutil.rmtree(self.root / tenant, ignore_errors=True)
+        self._stores.pop(tenant, None)
+        for key in [key for key in self._cache if key[0] == tenant]:
+            del self._cache[key]

@@ -1,7 +1,9 @@
-"""The adapter store: immutable versions under `ROOT/NAME/vN/`, each with its PEFT files and a manifest.
+"""One tenant's adapters: immutable versions under `ROOT/TENANT/NAME/vN/`, each with its PEFT files
+and a manifest. (The registry holds one store per tenant.)
 
 A folder on disk (shared by the gateway, vLLM and training); writes are atomic (stage, then rename)
-and serialised by a lock file, so several processes can use one store.
+and serialised by a lock file, so several processes can use one store. Which version a bare name
+means (a pin) is a mutable pointer, kept in Redis by the gateway, not here.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from adapters.manifest import (
 )
 from adapters.validate import BaseModelSpec, check_adapter
 
-PIN_FILE = "pinned"
 MAX_UNPACKED_BYTES = 8 << 30
 COUNTER_FILE = ".last_version"
 
@@ -76,8 +77,10 @@ def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES
 
 
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tenant: str | None = None) -> None:
         self.root = root
+        self.tenant = tenant
+        """The tenant owning every adapter here (written into their manifests)."""
 
     # -- paths -------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
@@ -118,13 +121,6 @@ class AdapterStore:
             p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.versions(p.name)
         )
 
-    def pinned(self, name: str) -> int | None:
-        pin = self._name_dir(name) / PIN_FILE
-        try:
-            return int(pin.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-
     def manifest(self, name: str, version: int) -> Manifest:
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
@@ -132,14 +128,13 @@ class AdapterStore:
         except FileNotFoundError:
             raise AdapterNotFound(f"{name}@{version}") from None
 
-    def resolve(self, ref: AdapterRef) -> Manifest:
-        """`name@V` exactly; `name` is its pinned version if pinned, else its latest."""
+    def resolve(self, ref: AdapterRef, pinned: int | None = None) -> Manifest:
+        """`name@V` exactly; `name` is the `pinned` version if it still exists, else its latest."""
         if ref.version is not None:
             return self.manifest(ref.name, ref.version)
         versions = self.versions(ref.name)
         if not versions:
             raise AdapterNotFound(str(ref))
-        pinned = self.pinned(ref.name)
         return self.manifest(ref.name, pinned if pinned in versions else versions[-1])
 
     def list(self) -> list[Manifest]:
@@ -187,6 +182,7 @@ class AdapterStore:
                     size_bytes=sum((staging / f).stat().st_size for f in ADAPTER_FILES),
                     files=files,
                     source=Source(kind="uploaded", origin=origin or str(source)),
+                    tenant=self.tenant,
                 )
                 (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
                 for entry in staging.iterdir():
@@ -227,18 +223,5 @@ class AdapterStore:
             folder = self.version_dir(name, version)
             trash = folder.with_name(f".trash-v{version}-{os.getpid()}")
             folder.rename(trash)
-            if self.pinned(name) == version:
-                (folder.parent / PIN_FILE).unlink(missing_ok=True)
             shutil.rmtree(trash)
         return manifest
-
-    def pin(self, name: str, version: int | None) -> None:
-        with self._locked():
-            pin = self._name_dir(name) / PIN_FILE
-            if version is None:
-                pin.unlink(missing_ok=True)
-                return
-            self.manifest(name, version)
-            staged = pin.with_name(f".{PIN_FILE}.{os.getpid()}")
-            staged.write_text(str(version))
-            staged.rename(pin)

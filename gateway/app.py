@@ -16,30 +16,36 @@ from fastapi import FastAPI
 
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
-from adapters.store import AdapterStore
 from adapters.validate import BaseModelSpec
 from gateway import __version__
-from gateway.auth import KeyStore, Principal
+from gateway.apikeys import KeyStore
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.placement import Placement
+from gateway.pointers import PointerStore
+from gateway.quotas import QuotaGate
 from gateway.request_id import RequestIdMiddleware
-from gateway.routes import admin, health, openai
-from gateway.routing import Router
+from gateway.residency import Residency
+from gateway.routes import admin_adapters, admin_tenants, health, openai
+from gateway.routing import Route, Router
 from gateway.serving import Forwarder
 from gateway.settings import Settings
+from gateway.state import StateWatcher
+from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate")
-SYSTEM = Principal(tenant="__system__", key_name="hot-adapters")
 
 
 @dataclass
 class Services:
     settings: Settings
     redis: aioredis.Redis
+    tenants: TenantStore
     keys: KeyStore
+    pointers: PointerStore
+    quotas: QuotaGate
     pool: ReplicaPool
     registry: Registry
     placement: Placement
@@ -65,22 +71,53 @@ class Services:
             self._base_spec = await asyncio.to_thread(self._find_base_spec)
         return self._base_spec
 
+    async def hot_routes(self) -> list[Route]:
+        """LORAGATE_HOT_ADAPTERS (`owner/name` or `owner/name@V`), as routes; those not stored yet are skipped."""
+        routes = []
+        for ref in self.settings.hot_adapters:
+            owner, _, name = ref.partition("/")
+            try:
+                routes.append(await self.router.resolve(name, owner))
+            except ModelNotFound:
+                log.debug("hot adapter %s is not in the store yet", ref)
+        return routes
+
 
 async def _maintain(svc: Services) -> None:
     while True:
         await asyncio.sleep(svc.settings.health_interval_s)
-        hot = []
-        for ref in svc.settings.hot_adapters:
-            try:
-                hot.append(await svc.router.resolve(ref, SYSTEM))
-            except ModelNotFound:
-                log.debug("hot adapter %s is not in the store yet", ref)
         try:
-            await svc.placement.maintain(hot)
+            await svc.placement.maintain(await svc.hot_routes())
+            await svc.keys.flush_uses()
         except APIError as exc:
             log.warning("adapter maintenance: %s", exc.message)
         except Exception:
-            log.exception("adapter maintenance failed; trying again next round")
+            log.exception("maintenance failed; trying again next round")
+
+
+def _services(settings: Settings, urls: list[str], model_dir: Path | None, session: aiohttp.ClientSession) -> Services:
+    redis = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+    metrics = Metrics()
+    pool = ReplicaPool(urls, session, settings.health_interval_s)
+    registry = Registry(settings.adapter_root)
+    pointers = PointerStore(redis)
+    residency = Residency(redis, session, settings.max_cpu_loras)
+    placement = Placement(pool, session, registry, metrics, residency)
+    return Services(
+        settings=settings,
+        redis=redis,
+        tenants=TenantStore(redis),
+        keys=KeyStore(redis, settings.auth_cache_s),
+        pointers=pointers,
+        quotas=QuotaGate(redis, metrics, settings.quota_reserve_tokens),
+        pool=pool,
+        registry=registry,
+        placement=placement,
+        router=Router(settings.served_model_name, registry, pointers),
+        forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
+        metrics=metrics,
+        model_dir=model_dir or settings.model_dir,
+    )
 
 
 def create_app(settings: Settings, engine_urls: list[str] | None = None, model_dir: Path | None = None) -> FastAPI:
@@ -94,39 +131,34 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
             auto_decompress=False,
         )
-        redis = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2)
-        metrics = Metrics()
-        pool = ReplicaPool(urls, session, settings.health_interval_s)
-        registry = Registry(AdapterStore(settings.adapter_root))
-        placement = Placement(pool, session, registry, metrics, capacity=settings.max_cpu_loras)
-        svc = app.state.services = Services(
-            settings=settings,
-            redis=redis,
-            keys=KeyStore(redis, settings.auth_cache_s),
-            pool=pool,
-            registry=registry,
-            placement=placement,
-            router=Router(settings.served_model_name, registry),
-            forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
-            metrics=metrics,
-            model_dir=model_dir or settings.model_dir,
+        svc = app.state.services = _services(settings, urls, model_dir, session)
+        watcher = StateWatcher(
+            svc.redis,
+            settings.state_poll_s,
+            [svc.keys.forget_cached, svc.tenants.forget_cached, svc.pointers.forget_cached],
         )
-        await pool.start()
-        maintenance = asyncio.create_task(_maintain(svc))
+        await svc.pool.start()
+        background = [
+            asyncio.create_task(_maintain(svc)),
+            asyncio.create_task(watcher.run()),
+            asyncio.create_task(svc.quotas.run()),
+        ]
         try:
             yield
         finally:
-            maintenance.cancel()
+            for task in background:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
-            await pool.stop()
+                await asyncio.gather(*background)
+            await svc.pool.stop()
             await session.close()
-            await redis.aclose()
+            await svc.redis.aclose()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai.router)
-    app.include_router(admin.router)
+    app.include_router(admin_tenants.router)
+    app.include_router(admin_adapters.router)
     app.include_router(health.router)
     return app

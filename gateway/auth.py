@@ -1,33 +1,23 @@
-"""Who is calling: a bearer key, checked against hashed keys in Redis, becomes a Principal.
+"""Who is calling, as one typed FastAPI dependency per kind of route.
 
-Keys are stored as sha256 digests only; a short in-process cache keeps Redis off the hot path.
+- `Caller`: any valid key: the global admin key (LORAGATE_ADMIN_KEY) or a tenant's key;
+- `TenantCaller`: a tenant's key of either role (the /v1 routes: the admin key belongs to no tenant);
+- `Manager`: the admin key, or a `manage` key of the tenant named in the path;
+- `Admin`: the admin key only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
-import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from fastapi import Depends, Request
 
-from gateway import keys
-from gateway.errors import AuthenticationFailed, StateUnavailable
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.principal import ADMIN, Principal
 
-KEY_PREFIX = "sk-lg-"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    tenant: str
-    key_name: str
-
-
-def hash_key(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
+if TYPE_CHECKING:
+    from gateway.app import Services
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -42,58 +32,6 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def _redacted(token: str) -> str:
-    return token[:6] + "***" + token[-4:] if len(token) > 12 else "***"
-
-
-class KeyStore:
-    """API keys in Redis (a client with decode_responses=True); `verify` runs on every request."""
-
-    def __init__(self, redis: aioredis.Redis, cache_seconds: float = 5.0) -> None:
-        self._redis = redis
-        self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[Principal, float]] = {}
-
-    async def create(self, tenant: str, name: str = "default") -> str:
-        api_key = KEY_PREFIX + secrets.token_urlsafe(32)
-        digest = hash_key(api_key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.api_key(digest), mapping={"tenant": tenant, "name": name, "created": int(time.time())})
-            pipe.sadd(keys.tenant_keys(tenant), digest)
-            await pipe.execute()
-        return api_key
-
-    async def revoke(self, api_key: str) -> bool:
-        digest = hash_key(api_key)
-        self._cache.pop(digest, None)
-        tenant = await self._redis.hget(keys.api_key(digest), "tenant")
-        if tenant is None:
-            return False
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.api_key(digest))
-            pipe.srem(keys.tenant_keys(str(tenant)), digest)
-            await pipe.execute()
-        return True
-
-    async def verify(self, authorization: str | None) -> Principal:
-        token = bearer_token(authorization)
-        digest = hash_key(token)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        try:
-            record = await self._redis.hgetall(keys.api_key(digest))
-        except RedisError as exc:
-            raise StateUnavailable(f"The key store is unavailable: {type(exc).__name__}.") from exc
-        if not record:
-            raise AuthenticationFailed(f"Incorrect API key provided: {_redacted(token)}.")
-        principal = Principal(tenant=str(record.get("tenant", "")), key_name=str(record.get("name", "")))
-        if self._cache_seconds > 0:
-            self._cache[digest] = (principal, now + self._cache_seconds)
-        return principal
-
-
 def bearer_matches(authorization: str | None, secret: str | None) -> bool:
     """Whether the Bearer token is `secret` (a configured key: admin, metrics), compared in constant time."""
     if secret is None:
@@ -103,3 +41,44 @@ def bearer_matches(authorization: str | None, secret: str | None) -> bool:
     except AuthenticationFailed:
         return False
     return hmac.compare_digest(token.encode(), secret.encode())
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def authenticate(request: Request) -> Principal:
+    svc = _services(request)
+    token = bearer_token(request.headers.get("authorization"))
+    admin_key = svc.settings.admin_key
+    if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
+        return ADMIN
+    principal = await svc.keys.verify(token)
+    request.state.principal = principal
+    return principal
+
+
+Caller = Annotated[Principal, Depends(authenticate)]
+
+
+async def tenant_caller(caller: Caller) -> Principal:
+    if caller.tenant is None:
+        raise PermissionDenied("The admin key manages loragate; call the /v1 API with a tenant's key.")
+    return caller
+
+
+async def manager(tenant: str, caller: Caller) -> Principal:
+    if not caller.can_manage(tenant):
+        raise PermissionDenied("This key cannot manage that tenant: it needs the admin key or the tenant's manage key.")
+    return caller
+
+
+async def admin(caller: Caller) -> Principal:
+    if not caller.is_admin:
+        raise PermissionDenied("This needs the admin key (LORAGATE_ADMIN_KEY).")
+    return caller
+
+
+TenantCaller = Annotated[Principal, Depends(tenant_caller)]
+Manager = Annotated[Principal, Depends(manager)]
+Admin = Annotated[Principal, Depends(admin)]

@@ -17,7 +17,7 @@ log = logging.getLogger("loragate.errors")
 
 
 def _respond(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:

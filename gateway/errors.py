@@ -23,6 +23,8 @@ class APIError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}
+        """Extra response headers (Retry-After and the rate-limit headers of a 429)."""
         if code is not None:
             self.code = code
 
@@ -70,6 +72,17 @@ class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RateLimited(APIError):
+    """OpenAI's 429: type `requests` or `tokens`, code `rate_limit_exceeded`."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.type = kind
 
 
 class UnprocessableEntity(APIError):

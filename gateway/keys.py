@@ -1,15 +1,69 @@
-"""Every Redis key loragate uses, built by one function each, so the key space is read in one place."""
+"""Every Redis key loragate uses, built by one function each, so the key space is read in one place.
+
+Tenant names never contain `:` (tenants.check_tenant_name), so no key of one tenant can be spelled
+as a key of another.
+"""
 
 from __future__ import annotations
 
 PREFIX = "loragate"
 
 
-def api_key(key_hash: str) -> str:
-    """Hash of one API key's record: tenant, name, created. Only the sha256 of a key is stored."""
-    return f"{PREFIX}:apikey:{key_hash}"
+def state_version() -> str:
+    """Counter bumped by every change to tenants, keys, pins, aliases and shares; gateways watch it."""
+    return f"{PREFIX}:state:version"
 
 
-def tenant_keys(tenant: str) -> str:
-    """Set of key hashes that belong to a tenant."""
-    return f"{PREFIX}:tenant:{tenant}:keys"
+def tenants() -> str:
+    """Set of tenant names."""
+    return f"{PREFIX}:tenants"
+
+
+def tenant(name: str) -> str:
+    """JSON of one tenant's settings (limits, behaviour when Redis is down)."""
+    return f"{PREFIX}:tenant:{name}"
+
+
+def tenant_keys(name: str) -> str:
+    """Set of the ids of a tenant's API keys."""
+    return f"{PREFIX}:tenant:{name}:keys"
+
+
+def api_key(key_id: str) -> str:
+    """Hash of one API key: tenant, role, name, sha256 of the key (never the key), created, expiry, last use."""
+    return f"{PREFIX}:key:{key_id}"
+
+
+def pins(name: str) -> str:
+    """Hash adapter name -> pinned version, for one tenant."""
+    return f"{PREFIX}:tenant:{name}:pins"
+
+
+def aliases(name: str) -> str:
+    """Hash alias -> target model (`name@V`, `owner/name@V` or the base model), for one tenant."""
+    return f"{PREFIX}:tenant:{name}:aliases"
+
+
+def shares() -> str:
+    """Hash `owner/adapter` -> JSON list of the tenants it is shared with (set by the global admin)."""
+    return f"{PREFIX}:shares"
+
+
+def quota_requests(scope: str) -> str:
+    """Sorted set of admitted requests in the last minute (score: time), for a tenant or key scope."""
+    return f"{PREFIX}:quota:{scope}:requests"
+
+
+def quota_tokens(scope: str, minute: int) -> str:
+    """Tokens charged to a tenant or key scope in one clock minute (sliding-window counter)."""
+    return f"{PREFIX}:quota:{scope}:tokens:{minute}"
+
+
+def replica_lock(replica: str) -> str:
+    """Short lock held by the gateway process that loads or evicts adapters on one vLLM replica."""
+    return f"{PREFIX}:replica:{replica}:lock"
+
+
+def replica_usage(replica: str) -> str:
+    """Sorted set adapter -> last time any gateway sent it a request on one replica (shared LRU)."""
+    return f"{PREFIX}:replica:{replica}:usage"

@@ -61,6 +61,18 @@ class Metrics:
             ["replica"],
             registry=r,
         )
+        self.quota_redis_failures = Counter(
+            "loragate_quota_redis_failures",
+            "Requests whose quota could not be checked (Redis down), by tenant and what was done (open: admitted).",
+            ["tenant", "mode"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "loragate_quota_refusals",
+            "Requests refused with 429, by tenant and the limit they hit (requests or tokens).",
+            ["tenant", "kind"],
+            registry=r,
+        )
         self.adapter_resident = Gauge(
             "loragate_adapter_resident",
             "1 while an adapter is loaded on a replica.",

@@ -4,7 +4,8 @@
   than the least busy replica, in which case the adapter is loaded there too (spreading load);
 - single flight: concurrent first requests for a cold adapter on a replica share one load;
 - LRU residency: each replica holds at most `capacity` adapters (vLLM's `--max-cpu-loras`);
-  the least recently used one that is not pinned is unloaded to make room.
+  the least recently used one (by any gateway process) that is not pinned and not in use is
+  unloaded to make room, under the replica's Redis lock (gateway.residency).
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ from adapters.store import IntegrityError
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import AdapterUnavailable, APIError, EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
+from gateway.residency import Residency
 from gateway.routing import Route
 
 log = logging.getLogger("loragate.placement")
 
 SPREAD_MARGIN = 4
 """How many more in-flight requests a holder may have than the least busy replica before spreading."""
+
+
+def _family(route: Route) -> str:
+    """An adapter's metric label: OWNER.NAME, every version together (tenants' names never merge)."""
+    return route.upstream_model.rpartition("@")[0]
 
 
 class Placement:
@@ -36,14 +43,15 @@ class Placement:
         session: aiohttp.ClientSession,
         registry: Registry,
         metrics: Metrics,
-        capacity: int,
+        residency: Residency,
         pinned: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
         self._registry = registry
         self._session = session
         self._metrics = metrics
-        self.capacity = capacity
+        self._residency = residency
+        self.capacity = residency.capacity
         self.pinned = set(pinned)
         self._loading: dict[tuple[Replica, int, str], asyncio.Future[None]] = {}
         self._slots: defaultdict[Replica, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -102,6 +110,7 @@ class Placement:
         if name in replica.resident:
             replica.resident.pop(name)
             replica.resident[name] = None
+            self._residency.note_use(replica.url, name)
             return
         key = (replica, replica.generation, name)
         future = self._loading.get(key)
@@ -133,23 +142,26 @@ class Placement:
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)
         except (IntegrityError, OSError) as exc:
-            self._metrics.adapter_loads.labels(route.adapter.name, "integrity_error").inc()
+            self._metrics.adapter_loads.labels(_family(route), "integrity_error").inc()
             log.error("refusing to load %s: %s", name, exc)
             raise AdapterUnavailable(
                 f"Adapter `{route.requested}` failed its integrity check and was not loaded."
             ) from exc
-        async with self._slots[replica]:
-            await self._make_room(replica)
-            status, text = await self._post(
-                replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
-            )
-            if status != 200 and "already been loaded" not in text:
-                self._metrics.adapter_loads.labels(route.adapter.name, "error").inc()
-                log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
-                raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
-            replica.resident[name] = None
-        self._metrics.adapter_loads.labels(route.adapter.name, "ok").inc()
-        self._metrics.adapter_load_seconds.labels(route.adapter.name).observe(time.perf_counter() - started)
+        async with self._slots[replica], self._residency.exclusive(replica.url):
+            await self._refresh(replica)
+            if name not in replica.resident:
+                await self._make_room(replica)
+                status, text = await self._post(
+                    replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
+                )
+                if status != 200 and "already been loaded" not in text:
+                    self._metrics.adapter_loads.labels(_family(route), "error").inc()
+                    log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
+                    raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
+                replica.resident[name] = None
+            self._residency.note_use(replica.url, name)
+        self._metrics.adapter_loads.labels(_family(route), "ok").inc()
+        self._metrics.adapter_load_seconds.labels(_family(route)).observe(time.perf_counter() - started)
         self._metrics.adapter_resident.labels(name, replica.url).set(1)
 
     async def _make_room(self, replica: Replica) -> None:
@@ -158,11 +170,27 @@ class Placement:
         When nothing can go, vLLM's own LRU of `--max-cpu-loras` keeps its memory bounded.
         """
         while len(replica.resident) >= self.capacity:
-            victim = next((n for n in replica.resident if n not in self.pinned and n not in replica.in_use), None)
-            if victim is None:
+            keep = self.pinned | set(replica.in_use)
+            victims = await self._residency.evictable(replica.url, list(replica.resident), keep)
+            if not victims:
                 return
             self._metrics.adapter_evictions.labels(replica.url).inc()
-            await self._unload(replica, victim)
+            await self._unload(replica, victims[0])
+
+    async def _refresh(self, replica: Replica) -> None:
+        """Bring this process's view of the replica in line with what vLLM says it holds (other gateway
+        processes load and evict too), keeping the local LRU order of what is still there."""
+        truth = await self._residency.loaded(replica.url)
+        if truth is None:
+            return
+        held = set(truth)
+        for gone in [name for name in replica.resident if name not in held]:
+            replica.resident.pop(gone)
+            self._metrics.adapter_resident.labels(gone, replica.url).set(0)
+        arrived = [name for name in truth if name not in replica.resident]
+        replica.resident = dict.fromkeys([*arrived, *replica.resident])
+        for name in arrived:
+            self._metrics.adapter_resident.labels(name, replica.url).set(1)
 
     async def _unload(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
@@ -182,6 +210,7 @@ class Placement:
         hot = [route for route in hot if route.adapter_path is not None]
         self.pinned = {route.upstream_model for route in hot}
         for replica in self._pool.healthy():
+            await self._refresh(replica)
             for name in await asyncio.to_thread(self._deleted, list(replica.resident)):
                 await self._unload(replica, name)
             for route in hot:
@@ -189,13 +218,17 @@ class Placement:
                     await self._ensure_loaded(replica, route)
                 except APIError as exc:
                     log.warning("keeping %s loaded on %s: %s", route.upstream_model, replica.url, exc.message)
+        await self._residency.flush_uses()
 
     def _deleted(self, names: list[str]) -> list[str]:
-        return [name for name in names if not self._registry.exists(name)]
+        return [name for name in names if self._registry.deleted(name)]
 
     async def unload_everywhere(self, name: str) -> None:
         """Used when an adapter version is deleted: no replica may keep serving it."""
         for replica in self._pool.replicas:
-            if name in replica.resident and replica.healthy:
-                await self._unload(replica, name)
+            if replica.healthy:
+                async with self._residency.exclusive(replica.url):
+                    await self._refresh(replica)
+                    if name in replica.resident:
+                        await self._unload(replica, name)
             replica.resident.pop(name, None)

@@ -1,4 +1,6 @@
-"""Every response, errors included, carries an `x-request-id`; the same id names the completion."""
+"""Every response, errors included, carries an `x-request-id` (the same id names the completion), and
+the headers a handler left in `request.state.response_headers` (the rate-limit headers), whatever
+produced the response: the handler, an exception handler, or a stream."""
 
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                extra: dict[str, str] = state.get("response_headers") or {}
+                names = {HEADER, *(name.encode() for name in extra)}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
                 headers.append((HEADER, request_id.encode()))
+                headers += [(name.encode(), value.encode()) for name, value in extra.items()]
                 message["headers"] = headers
             await send(message)
 

@@ -1,45 +1,96 @@
-"""Which model serves a request: the `model` a client names becomes the name vLLM knows.
+"""Which model serves a request: the `model` a tenant names becomes the name vLLM knows.
 
-The base model is always selectable; `name` or `name@version` selects an adapter version from the
-registry. In vLLM an adapter version is loaded under the name `name@version`, so responses already
-name the exact version that answered and need no rewriting.
+A tenant's `model` resolves only within its own namespace, the adapters shared with it, and the base:
+
+| `model` | serves |
+|---|---|
+| the base model's name | the base |
+| an alias of the tenant | the alias's target (a version, a shared version, or the base) |
+| `name` / `name@V` | the tenant's adapter: its pinned (else latest) version / exactly V |
+| `owner/name` / `owner/name@V` | another tenant's adapter that the global admin shared with this one |
+
+Anything else, including another tenant's adapter or alias, is the same ModelNotFound as a name that
+never existed. vLLM knows an adapter version as `OWNER.NAME@V`; responses name the version that
+served as the tenant sees it (`name@V`, or `owner/name@V` for a shared one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
-from adapters.registry import Registry
+from adapters.registry import Registry, upstream_name
 from adapters.store import AdapterNotFound
-from gateway.auth import Principal
 from gateway.errors import ModelNotFound
+from gateway.pointers import PointerStore, TenantPointers
+from gateway.tenants import InvalidTenant, check_tenant_name
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     requested: str
     upstream_model: str
+    """The name vLLM knows: the base model's, or OWNER.NAME@V."""
+    served_model: str
+    """The name responses give the version that served, as the tenant sees it."""
     adapter: Manifest | None = None
     adapter_path: str | None = None
     """Folder vLLM loads the adapter from; None for the base model."""
+    alias: str | None = None
+
+    @property
+    def model_rename(self) -> tuple[bytes, bytes] | None:
+        """How the engine's `"model"` field is rewritten to the name the tenant sees (None: no change)."""
+        if self.served_model == self.upstream_model:
+            return None
+        return b'"model":"%s"' % self.upstream_model.encode(), b'"model":"%s"' % self.served_model.encode()
 
 
 class Router:
-    def __init__(self, base_model: str, registry: Registry) -> None:
+    def __init__(self, base_model: str, registry: Registry, pointers: PointerStore) -> None:
         self.base_model = base_model
         self.registry = registry
+        self.pointers = pointers
 
-    async def resolve(self, model: str, principal: Principal) -> Route:
+    async def resolve(self, model: str, tenant: str) -> Route:
         if model == self.base_model:
-            return Route(requested=model, upstream_model=model)
+            return Route(requested=model, upstream_model=model, served_model=model)
+        pointers = await self.pointers.of(tenant)
+        target = pointers.aliases.get(model)
+        if target is not None:
+            try:
+                route = await self.target(target, tenant)
+            except ModelNotFound:
+                raise ModelNotFound(model) from None
+            return replace(route, requested=model, alias=model)
+        return await self._adapter(model, tenant, pointers)
+
+    async def target(self, target: str, tenant: str) -> Route:
+        """What an alias target means for `tenant`: the base, or one exact adapter version."""
+        if target == self.base_model:
+            return Route(requested=target, upstream_model=target, served_model=target)
+        if "@" not in target:
+            raise ModelNotFound(target)
+        return await self._adapter(target, tenant, await self.pointers.of(tenant))
+
+    async def _adapter(self, model: str, tenant: str, pointers: TenantPointers) -> Route:
+        owner, slash, rest = model.partition("/")
+        if not slash:
+            owner, rest = tenant, model
         try:
-            manifest = await self.registry.lookup(AdapterRef.parse(model))
-        except (InvalidAdapter, AdapterNotFound):
+            check_tenant_name(owner)
+            ref = AdapterRef.parse(rest)
+            if owner != tenant:
+                if tenant not in (await self.pointers.shares()).get(f"{owner}/{ref.name}", ()):
+                    raise ModelNotFound(model)
+                pointers = await self.pointers.of(owner)
+            manifest = await self.registry.lookup(owner, ref, pointers.pins.get(ref.name))
+        except (InvalidAdapter, InvalidTenant, AdapterNotFound):
             raise ModelNotFound(model) from None
         return Route(
             requested=model,
-            upstream_model=manifest.ref,
+            upstream_model=upstream_name(owner, manifest),
+            served_model=manifest.ref if owner == tenant else f"{owner}/{manifest.ref}",
             adapter=manifest,
             adapter_path=str(self.registry.path(manifest)),
         )

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -70,6 +71,22 @@ def usage_of(raw: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+@dataclass
+class Call:
+    """One request on its way to a replica, and what to do when it is answered."""
+
+    route_name: str
+    """"chat" or "completions"."""
+    path: str
+    payload: dict[str, Any]
+    route: Route
+    request_id: str
+    stream: bool
+    receive: Receive
+    on_finish: Callable[[int, dict[str, Any] | None], None] = lambda status, usage: None
+    """Called once with the status and the engine's usage (None when it gave none)."""
+
+
 class Forwarder:
     def __init__(
         self,
@@ -116,22 +133,21 @@ class Forwarder:
             upstream.close()
             self._track(replica, -1)
 
-    async def _send(
-        self, route_name: str, path: str, route: Route, body: bytes, request_id: str
-    ) -> tuple[Replica, aiohttp.ClientResponse]:
+    async def _send(self, call: Call, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
         """Post to a replica, moving to another one when a replica cannot be reached, has lost the
         adapter, or fails because its engine died (vLLM then answers 5xx and fails its health check).
 
         The request counts as in flight on its replica from before it is sent (vLLM answers a
         non-streaming request only when it is done), until `forward` finishes it.
         """
+        route = call.route
         tried: set[Replica] = set()
         reloaded = False
         while True:
             replica = await self._placement.acquire(route, exclude=frozenset(tried))
             self._track(replica, +1)
             try:
-                upstream = await self._post(replica, path, body, request_id)
+                upstream = await self._post(replica, call.path, body, call.request_id)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
                 log.warning("replica %s unreachable: %s", replica.url, exc)
@@ -150,62 +166,57 @@ class Forwarder:
                     log.warning("replica %s failed a request and its health check: taken out", replica.url)
                     tried.add(replica)
                     continue
-                self._metrics.requests.labels(route_name, route.upstream_model, "502").inc()
+                self._metrics.requests.labels(call.route_name, route.upstream_model, "502").inc()
                 raise UpstreamError("The engine failed while processing the request.")
             if upstream.status == 404 and route.adapter_path is not None:
                 self._track(replica, -1)
                 upstream.release()
                 if reloaded:
                     raise AdapterUnavailable(f"Adapter `{route.requested}` could not be kept loaded; try again.")
-                # The replica lost the adapter (it restarted in between): load it again, once.
+                # The replica lost the adapter (another gateway evicted it, or vLLM restarted): load it again, once.
                 self._placement.forget(replica, route.upstream_model)
                 reloaded = True
                 continue
             return replica, upstream
 
-    async def forward(
-        self,
-        route_name: str,
-        path: str,
-        payload: dict[str, Any],
-        route: Route,
-        request_id: str,
-        stream: bool,
-        receive: Receive,
-    ) -> Response:
+    async def forward(self, call: Call) -> Response:
         """Answer the request from a replica. A non-streaming request whose client disconnects is
         cancelled, closing its upstream connection so that vLLM aborts the generation."""
         started = time.perf_counter()
-        payload["model"] = route.upstream_model
-        body = pydantic_core.to_json(payload)
+        call.payload["model"] = call.route.upstream_model
+        body = pydantic_core.to_json(call.payload)
         try:
-            if stream:
-                response = await self._open(route_name, path, route, body, request_id)
+            if call.stream:
+                response = await self._open(call, body)
             else:
-                response = await unless_disconnected(self._open(route_name, path, route, body, request_id), receive)
+                response = await unless_disconnected(self._open(call, body), call.receive)
         except ClientGone:
-            self._metrics.requests.labels(route_name, route.upstream_model, str(CLIENT_CLOSED)).inc()
+            self._metrics.requests.labels(call.route_name, call.route.upstream_model, str(CLIENT_CLOSED)).inc()
+            call.on_finish(CLIENT_CLOSED, None)
             return Response(status_code=CLIENT_CLOSED)
-        self._metrics.duration.labels(route_name).observe(time.perf_counter() - started)
+        self._metrics.duration.labels(call.route_name).observe(time.perf_counter() - started)
         return response
 
-    def _finisher(self, route_name: str, route: Route, replica: Replica) -> Callable[[int, Any], None]:
+    def _finisher(self, call: Call, replica: Replica) -> Callable[[int, dict[str, Any] | None], None]:
+        model = call.route.upstream_model
+
         def finish(status: int, usage: dict[str, Any] | None) -> None:
             self._track(replica, -1)
-            self._metrics.requests.labels(route_name, route.upstream_model, str(status)).inc()
+            self._metrics.requests.labels(call.route_name, model, str(status)).inc()
             if usage:
                 for kind in ("prompt", "completion"):
                     count = usage.get(f"{kind}_tokens")
                     if isinstance(count, int):
-                        self._metrics.tokens.labels(route.upstream_model, kind).inc(count)
+                        self._metrics.tokens.labels(model, kind).inc(count)
+            call.on_finish(status, usage)
 
         return finish
 
-    async def _open(self, route_name: str, path: str, route: Route, body: bytes, request_id: str) -> Response:
-        replica, upstream = await self._send(route_name, path, route, body, request_id)
-        finish = self._finisher(route_name, route, replica)
+    async def _open(self, call: Call, body: bytes) -> Response:
+        replica, upstream = await self._send(call, body)
+        finish = self._finisher(call, replica)
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
-            return RelayResponse(upstream, finish)
+            return RelayResponse(upstream, finish, call.route.model_rename)
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -222,4 +233,6 @@ class Forwarder:
             finish(status, None)
             return Response(client_error_body(status, raw), status_code=status, media_type="application/json")
         finish(status, usage_of(raw))
+        if call.route.model_rename is not None:
+            raw = raw.replace(*call.route.model_rename, 1)
         return Response(raw, status_code=status, media_type="application/json")

@@ -88,7 +88,17 @@ class Settings(BaseSettings):
     )
     upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
-    auth_cache_s: float = Field(5.0, ge=0, description="How long a verified API key is trusted without Redis.")
+    auth_cache_s: float = Field(
+        5.0, ge=0, description="Longest a verified API key is trusted without asking Redis again (changes show sooner)."
+    )
+    state_poll_s: float = Field(
+        0.25, gt=0, description="How often each gateway checks Redis for changed tenants, keys, pins and aliases."
+    )
+    quota_reserve_tokens: int = Field(
+        256,
+        ge=1,
+        description="Completion tokens a request naming no max_tokens reserves against a tokens-per-minute quota.",
+    )
     admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")
     metrics_key: SecretStr | None = Field(
         None,

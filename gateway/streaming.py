@@ -1,7 +1,8 @@
 """Relaying vLLM's server-sent events to the client, event by event, and noticing clients that leave.
 
-Events are passed on as vLLM wrote them; only an error event is rewritten (vLLM's own error text
-names engine internals), and the usage of the last chunk is read from a small tail for metrics.
+Events are passed on whole, as vLLM wrote them, but for two rewrites: the `"model"` of an adapter
+becomes the name the tenant knows it by, and an error event loses vLLM's own text (which names
+engine internals). The usage of the last chunk is read from a small tail for metrics.
 """
 
 from __future__ import annotations
@@ -86,15 +87,21 @@ class RelayResponse(StreamingResponse):
     """
 
     def __init__(
-        self, upstream: aiohttp.ClientResponse, on_close: Callable[[int, dict[str, Any] | None], None]
+        self,
+        upstream: aiohttp.ClientResponse,
+        on_close: Callable[[int, dict[str, Any] | None], None],
+        rename: tuple[bytes, bytes] | None = None,
     ) -> None:
         self._upstream = upstream
         self._on_close = on_close
+        self._rename = rename
         self._tail = b""
         self._outcome = 200
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     def _pass_on(self, events: bytes) -> bytes:
+        if self._rename is not None:
+            events = events.replace(*self._rename)
         if ERROR_EVENT in events:
             self._outcome = 502
             events = b"".join(

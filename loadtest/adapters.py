@@ -68,6 +68,8 @@ from loadtest.overhead import (
 BASE_MODEL = "SmolLM2-135M-Instruct"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METRICS_KEY = "bench-metrics-key"
+TENANT = "loadtest"
+"""The tenant whose key the benchmark calls with (overhead.Stack.create_key) and who owns its adapters."""
 DEFAULT_MODEL_CACHE = Path(os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models"))
 TOPICS = [
     "the sea",
@@ -294,7 +296,7 @@ def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
             "(with LORAGATE_MODEL_CACHE set to that folder's parent)"
         )
     base = BaseModelSpec.from_folder(model_dir, BASE_MODEL)
-    store = AdapterStore(stack.store_root)
+    store = AdapterStore(stack.store_root / TENANT, TENANT)
     raw = stack.workdir / "raw"
     names = {"cold": [f"cold-{i:02d}" for i in range(cfg.cold)], "mixed": [f"mix-{i:02d}" for i in range(cfg.adapters)]}
     paths: dict[str, str] = {}

@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MOCK_SCRIPT = HERE / "mock_upstream.py"
 MODEL = "mock-model"
+TENANCY_ALIAS = "prod"
 START_TIMEOUT_S = 60.0
 
 console = Console(stderr=True, highlight=False)
@@ -155,6 +156,7 @@ class Stack:
         self.mock_port: int | None = None
         self.gateway_port: int | None = None
         self.api_key: str | None = None
+        self.tenancy_key: str | None = None
         self.gateway_command: list[str] = []
 
     # -- redis ------------------------------------------------------------------------------
@@ -289,9 +291,9 @@ class Stack:
         self._wait_http(service, f"http://127.0.0.1:{self.gateway_port}/readyz")
         return service
 
-    def create_key(self) -> None:
+    def _loragate(self, *args: str) -> list[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "gateway", "keys", "create", "--tenant", "loadtest", "--name", "overhead"],
+            [sys.executable, "-m", "gateway", *args],
             cwd=REPO,
             env=self.gateway_env(),
             stdin=subprocess.DEVNULL,
@@ -301,8 +303,21 @@ class Stack:
         )
         lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
         if result.returncode != 0 or not lines:
-            raise BenchError(f"`gateway keys create` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-        self.api_key = lines[-1]
+            command = " ".join(args)
+            raise BenchError(f"`loragate {command}` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        return lines
+
+    def create_key(self, tenant: str = "loadtest") -> None:
+        """A key of a tenant with no limits (the serving core: no quota check) calling the base model by name."""
+        self._loragate("tenants", "create", tenant, "--exist-ok")
+        self.api_key = self._loragate("keys", "create", "--tenant", tenant, "--name", "overhead")[-1]
+
+    def create_tenancy_key(self, tenant: str = "loadtest-quotas") -> None:
+        """A key of a tenant with request and token quotas (never reached) that calls the base through an
+        alias: auth, namespace, alias and one quota check in Redis on every request."""
+        self._loragate("tenants", "create", tenant, "--rpm", "1000000000", "--tpm", "1000000000000", "--exist-ok")
+        self._loragate("aliases", "set", TENANCY_ALIAS, MODEL, "--tenant", tenant)
+        self.tenancy_key = self._loragate("keys", "create", "--tenant", tenant)[-1]
 
     stop_timeout_s = 10.0
     """How long a started service may take to exit after SIGTERM before it is killed."""
@@ -337,8 +352,8 @@ MESSAGES = [
 ]
 
 
-def request_body(stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 64, "temperature": 0.7}
+def request_body(stream: bool, model: str = MODEL) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": 64, "temperature": 0.7}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -350,6 +365,8 @@ class Target:
     name: str
     url: str
     headers: dict[str, str]
+    model: str = MODEL
+    """The `model` its requests name (an alias, for the tenancy target)."""
 
 
 async def call(session: aiohttp.ClientSession, target: Target, body: bytes, stream: bool) -> tuple[float, float]:
@@ -448,13 +465,15 @@ async def sequential(
     label: str,
     gateway_pid: int,
 ) -> dict[str, Any]:
-    """N requests per target, one at a time, alternating targets (ABBA order), `repeats` times."""
-    body = request_body(stream)
+    """N requests per target, one at a time, alternating targets (ABBA order), `repeats` times. The first
+    target is the baseline: `added` is the second's latency minus the first's."""
+    bodies = {target.name: request_body(stream, target.model) for target in targets}
+    base, other = (target.name for target in targets)
     task = progress.add_task(label, total=(cfg.warmup + cfg.requests * cfg.repeats) * 2)
     ticker = Ticker(progress, task)
     for _ in range(cfg.warmup):
         for target in targets:
-            await call(session, target, body, stream)
+            await call(session, target, bodies[target.name], stream)
             ticker.tick()
     runs = []
     for _ in range(cfg.repeats):
@@ -463,7 +482,7 @@ async def sequential(
         cpu_before = cpu_seconds(gateway_pid)
         for i in range(cfg.requests):
             for target in targets if i % 2 == 0 else targets[::-1]:
-                ttfb, total = await call(session, target, body, stream)
+                ttfb, total = await call(session, target, bodies[target.name], stream)
                 first[target.name].append(ttfb)
                 last[target.name].append(total)
                 ticker.tick()
@@ -474,7 +493,7 @@ async def sequential(
             run[target.name]["requests_per_s"] = len(last[target.name]) / sum(last[target.name])
             if stream:
                 run[target.name]["first_byte"] = summarise(first[target.name])
-        paired = [g - d for d, g in zip(last["direct"], last["gateway"], strict=True)]
+        paired = [g - d for d, g in zip(last[base], last[other], strict=True)]
         run["paired_added_p50_ms"] = statistics.median(paired) * 1000
         if cpu_before is not None and cpu_after is not None:
             run["gateway_cpu_us_per_request"] = (cpu_after - cpu_before) / cfg.requests * 1e6
@@ -482,23 +501,23 @@ async def sequential(
     ticker.flush()
 
     result: dict[str, Any] = {"runs": runs}
-    for name in ("direct", "gateway"):
+    for name in (base, other):
         result[name] = {
             key: median_of(runs, name, key) for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "requests_per_s")
         }
         if stream:
             result[name]["first_byte"] = {key: median_of(runs, name, "first_byte", key) for key in ("p50_ms", "p99_ms")}
     result["added"] = {
-        "p50_ms": statistics.median(r["gateway"]["p50_ms"] - r["direct"]["p50_ms"] for r in runs),
-        "p99_ms": statistics.median(r["gateway"]["p99_ms"] - r["direct"]["p99_ms"] for r in runs),
-        "p50_ms_per_run": [r["gateway"]["p50_ms"] - r["direct"]["p50_ms"] for r in runs],
+        "p50_ms": statistics.median(r[other]["p50_ms"] - r[base]["p50_ms"] for r in runs),
+        "p99_ms": statistics.median(r[other]["p99_ms"] - r[base]["p99_ms"] for r in runs),
+        "p50_ms_per_run": [r[other]["p50_ms"] - r[base]["p50_ms"] for r in runs],
         "paired_p50_ms": median_of(runs, "paired_added_p50_ms"),
     }
     if stream:
         result["added"]["first_byte_p50_ms"] = statistics.median(
-            r["gateway"]["first_byte"]["p50_ms"] - r["direct"]["first_byte"]["p50_ms"] for r in runs
+            r[other]["first_byte"]["p50_ms"] - r[base]["first_byte"]["p50_ms"] for r in runs
         )
-    result["ratio_requests_per_s"] = result["gateway"]["requests_per_s"] / result["direct"]["requests_per_s"]
+    result["ratio_requests_per_s"] = result[other]["requests_per_s"] / result[base]["requests_per_s"]
     if all("gateway_cpu_us_per_request" in r for r in runs):
         result["gateway_cpu_us_per_request"] = median_of(runs, "gateway_cpu_us_per_request")
     return result
@@ -616,6 +635,15 @@ async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]
             )
             results["sequential_stream"] = await sequential(
                 session, targets, True, cfg, progress, "sequential, stream (requests)", gateway_pid
+            )
+            tenancy = Target(
+                "tenancy",
+                gateway.url,
+                {"Content-Type": "application/json", "Authorization": f"Bearer {stack.tenancy_key}"},
+                model=TENANCY_ALIAS,
+            )
+            results["tenancy_nonstream"] = await sequential(
+                session, (gateway, tenancy), False, cfg, progress, "tenancy + quotas on vs off (requests)", gateway_pid
             )
             results["concurrent"] = await concurrent(
                 session, targets, cfg, progress, f"concurrent C={cfg.concurrency} (seconds)", gateway_pid
@@ -742,6 +770,20 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(row("Sequential, stream: first byte", stream["direct"]["first_byte"], stream["gateway"]["first_byte"]))
     lines.append(added_row("Sequential, stream: last byte", stream, stream["direct"], stream["gateway"]))
     lines.append(row(f"Concurrent (C={conc['concurrency']}), non-stream", conc["direct"], conc["gateway"]))
+    tenancy = report.get("tenancy_nonstream")
+    if tenancy:
+        lines += [
+            "",
+            "## Tenancy and quotas (ms)",
+            "",
+            "The same gateway, two keys, alternating request by request: a tenant without limits calling the base "
+            "model by name (the serving core: auth from the cache, no Redis call), and a tenant with request and "
+            "token quotas calling it through an alias (auth, namespace, alias, one quota Lua script per request).",
+            "",
+            "| Scenario | Core p50 | Tenancy + quotas p50 | Added p50 | Core p99 | Tenancy + quotas p99 | Added p99 |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            added_row("Sequential, non-stream", tenancy, tenancy["gateway"], tenancy["tenancy"]),
+        ]
     lines += [
         "",
         "## Throughput (requests/s)",
@@ -935,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.start_mock()
             gateway = stack.start_gateway()
             stack.create_key()
+            stack.create_tenancy_key()
         console.print(
             f"redis :{stack.redis_port}, mock :{stack.mock_port}, gateway :{stack.gateway_port} "
             f"(pid {gateway.proc.pid}); logs in {workdir}"

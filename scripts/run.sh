@@ -26,7 +26,8 @@ trap cleanup EXIT
 "$LG" model prepare >/dev/null
 keyfile="$LORAGATE_HOME/demo-key"
 if [ ! -s "$keyfile" ] || ! "$LG" keys check "$(cat "$keyfile")" >/dev/null 2>&1; then
-  "$LG" keys create --tenant demo --name demo > "$keyfile"
+  "$LG" tenants create demo --exist-ok >/dev/null
+  "$LG" keys create --tenant demo --name demo 2>/dev/null | tail -1 > "$keyfile"
   chmod 600 "$keyfile"
 fi
 cat <<MSG

@@ -27,6 +27,8 @@ MODEL = "SmolLM2-135M-Instruct"
 MAX_LORAS = 2
 CAPACITY = 3
 """Adapters each test vLLM replica holds (--max-cpu-loras): small, so eviction is cheap to reach."""
+TENANT = "tests"
+"""The tenant of the session's keys and adapters."""
 HOT_ADAPTER = "hot"
 
 
@@ -144,16 +146,18 @@ def stop_gateway(gateway: Gateway) -> None:
         gateway.process.kill()
 
 
-def create_key(env: dict[str, str], tenant: str = "tests") -> str:
+def loragate(env: dict[str, str], *args: str) -> str:
+    """Run the `loragate` CLI; its standard output."""
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", "create", "--tenant", tenant],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, "-m", "gateway", *args], env=env, check=True, capture_output=True, text=True, cwd=ROOT
     )
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout
+
+
+def create_key(env: dict[str, str], tenant: str = TENANT, *options: str) -> str:
+    """A new API key of `tenant` (created first if needed), through the CLI."""
+    loragate(env, "tenants", "create", tenant, "--exist-ok")
+    return loragate(env, "keys", "create", "--tenant", tenant, *options).strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +173,7 @@ def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
         LORAGATE_ENGINE_REPLICAS="2",
         LORAGATE_MAX_LORAS=str(MAX_LORAS),
         LORAGATE_MAX_CPU_LORAS=str(CAPACITY),
-        LORAGATE_HOT_ADAPTERS=HOT_ADAPTER,
+        LORAGATE_HOT_ADAPTERS=f"{TENANT}/{HOT_ADAPTER}",
     )
     gw = start_gateway(home, env, [engine_port, engine_port + 1], ready_timeout=900)
     yield gw
@@ -197,9 +201,10 @@ def http(gateway: Gateway, api_key: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def admin(gateway: Gateway) -> Iterator[httpx.Client]:
+def admin(gateway: Gateway, api_key: str) -> Iterator[httpx.Client]:
+    """The admin API of the session tenant (`/admin/tenants/tests`), with the admin key."""
     with httpx.Client(
-        base_url=f"{gateway.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120
+        base_url=f"{gateway.url}/admin/tenants/{TENANT}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120
     ) as c:
         yield c
 

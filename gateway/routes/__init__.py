@@ -1,10 +1,18 @@
-"""Thin HTTP handlers: authenticate, validate, hand on."""
+"""Thin HTTP handlers: authenticate (gateway.auth), validate, hand on."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
+
+from adapters.manifest import InvalidAdapter
+from adapters.store import AdapterNotFound
+from gateway.apikeys import InvalidKeyRequest, KeyNotFound
+from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.tenants import InvalidTenant, TenantExists, TenantNotFound
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -13,3 +21,24 @@ if TYPE_CHECKING:
 def services(request: Request) -> Services:
     """The app's services, built in its lifespan."""
     return request.app.state.services  # type: ignore[no-any-return]
+
+
+@contextmanager
+def domain_errors(param: str | None = None) -> Iterator[None]:
+    """The registry's, tenants' and keys' refusals, as OpenAI-style HTTP errors."""
+    try:
+        yield
+    except InvalidTenant as exc:
+        raise InvalidRequest(str(exc), param=param or "tenant", code="invalid_tenant") from exc
+    except InvalidAdapter as exc:
+        raise InvalidRequest(str(exc), param=exc.param or param, code="invalid_adapter") from exc
+    except InvalidKeyRequest as exc:
+        raise InvalidRequest(str(exc), param=exc.param or param, code="invalid_key_request") from exc
+    except TenantExists as exc:
+        raise Conflict(str(exc), param=param or "name", code="tenant_exists") from exc
+    except TenantNotFound as exc:
+        raise NotFound(str(exc), param="tenant", code="tenant_not_found") from exc
+    except KeyNotFound as exc:
+        raise NotFound(str(exc), param="key_id", code="key_not_found") from exc
+    except AdapterNotFound as exc:
+        raise NotFound(str(exc), param=param or "ref", code="adapter_not_found") from exc

@@ -1,4 +1,7 @@
-"""The OpenAI surface: /v1/chat/completions, /v1/completions, /v1/models."""
+"""The OpenAI surface: /v1/chat/completions, /v1/completions, /v1/models, for a tenant's key.
+
+request → principal (auth) → quota → route (alias or adapter → version) → replica → response.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +13,21 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from gateway.auth import TenantCaller
 from gateway.body import read_json
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
 from gateway.routes import services
+from gateway.serving import Call
 
 router = APIRouter()
 
 
-def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> None:
+def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> int | None:
     """No request generates more than `cap` tokens: one that names no limit gets `cap`, one that asks
     for more is lowered to it (its answer then ends with finish_reason "length"). vLLM's `min_tokens`
-    above the cap could never be met: refused here, naming the cap."""
+    above the cap could never be met: refused here, naming the cap. Returns the limit the client named
+    (capped), or None."""
     least = payload.get("min_tokens")
     if isinstance(least, int) and not isinstance(least, bool) and least > cap:
         raise InvalidRequest(
@@ -33,57 +39,87 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
         payload["max_tokens"] = cap
     for field in named:
         payload[field] = min(getattr(request, field), cap)
+    return min(getattr(request, field) for field in named) if named else None
 
 
-async def _complete(request: Request, route_name: str, path: str, schema: type[SamplingParams]) -> Response:
+def _total_tokens(usage: dict[str, Any] | None) -> int | None:
+    if not usage:
+        return None
+    total = usage.get("total_tokens")
+    return total if isinstance(total, int) else None
+
+
+async def _complete(
+    request: Request, caller: TenantCaller, route_name: str, path: str, schema: type[SamplingParams]
+) -> Response:
     svc = services(request)
-    principal = await svc.keys.verify(request.headers.get("authorization"))
+    assert caller.tenant is not None
     payload = await read_json(request, svc.settings.max_body_bytes)
     try:
         validated = schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
-    route = await svc.router.resolve(validated.model, principal)
+    asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
     request_id: str = request.state.request_id
-    return await svc.forwarder.forward(
-        route_name, path, payload, route, request_id, stream=validated.stream, receive=request.receive
-    )
+    tenant = await svc.tenants.cached(caller.tenant)
+    cost = svc.quotas.cost(asked, int(request.headers.get("content-length") or 0))
+    admission = await svc.quotas.admit(caller, tenant, request_id, cost)
+    request.state.response_headers = admission.headers
+    svc.keys.note_use(caller.key_id)
+    route = await svc.router.resolve(validated.model, caller.tenant)
+
+    def settle(status: int, usage: dict[str, Any] | None) -> None:
+        svc.quotas.settle(admission, _total_tokens(usage))
+
+    call = Call(route_name, path, payload, route, request_id, validated.stream, request.receive, settle)
+    return await svc.forwarder.forward(call)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _complete(request, "chat", "/v1/chat/completions", ChatCompletionRequest)
+async def chat_completions(request: Request, caller: TenantCaller) -> Response:
+    return await _complete(request, caller, "chat", "/v1/chat/completions", ChatCompletionRequest)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await _complete(request, "completions", "/v1/completions", CompletionRequest)
+async def completions(request: Request, caller: TenantCaller) -> Response:
+    return await _complete(request, caller, "completions", "/v1/completions", CompletionRequest)
 
 
-async def _cards(request: Request) -> list[ModelCard]:
+async def _cards(request: Request, tenant: str) -> list[ModelCard]:
+    """The base, the tenant's aliases and adapters, and the adapters shared with it: nothing else."""
     svc = services(request)
     base = svc.settings.served_model_name
-    cards = [ModelCard(id=base, created=int(time.time()), root=base)]
-    for name, manifest in await asyncio.to_thread(svc.registry.listing):
+    now = int(time.time())
+    cards = [ModelCard(id=base, created=now, root=base)]
+    pointers = await svc.pointers.of(tenant)
+    for alias, target in sorted(pointers.aliases.items()):
+        cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
+    own = await asyncio.to_thread(svc.registry.listing, tenant, pointers.pins)
+    for name, manifest in own:
         cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
+    for owner, adapter in await svc.pointers.shared_with(tenant):
+        pins = (await svc.pointers.of(owner)).pins
+        shared = await asyncio.to_thread(svc.registry.listing, owner, pins)
+        for name, manifest in shared:
+            if manifest.name == adapter:
+                card = ModelCard(id=f"{owner}/{name}", created=0, root=f"{owner}/{manifest.ref}", parent=base)
+                cards.append(card.model_copy(update={"created": int(manifest.created.timestamp())}))
     return cards
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> ModelList:
-    await services(request).keys.verify(request.headers.get("authorization"))
-    return ModelList(data=await _cards(request))
+async def list_models(request: Request, caller: TenantCaller) -> ModelList:
+    assert caller.tenant is not None
+    return ModelList(data=await _cards(request, caller.tenant))
 
 
-@router.get("/v1/models/{model_id}")
-async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) -> ModelCard:
     svc = services(request)
-    principal = await svc.keys.verify(request.headers.get("authorization"))
-    route = await svc.router.resolve(model_id, principal)
+    assert caller.tenant is not None
+    route = await svc.router.resolve(model_id, caller.tenant)
     base = svc.settings.served_model_name
-    if route.adapter is None:
+    if route.adapter is None and route.alias is None:
         return ModelCard(id=base, created=int(time.time()), root=base)
-    return ModelCard(
-        id=model_id, created=int(route.adapter.created.timestamp()), root=route.upstream_model, parent=base
-    )
+    created = int(route.adapter.created.timestamp()) if route.adapter else int(time.time())
+    return ModelCard(id=model_id, created=created, root=route.served_model, parent=base)

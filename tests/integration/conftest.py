@@ -13,7 +13,7 @@ import httpx
 
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
-from tests.conftest import METRICS_KEY, Gateway
+from tests.conftest import METRICS_KEY, TENANT, Gateway
 
 
 def tarball(folder: Path) -> bytes:
@@ -37,10 +37,12 @@ def add_synthetic(admin: httpx.Client, base: BaseModelSpec, tmp: Path, name: str
     return str(resp.json()["name"]) + "@" + str(resp.json()["version"])
 
 
-def loaded_on(port: int) -> set[str]:
-    """LoRA adapters a vLLM replica has registered, asked of vLLM itself."""
+def loaded_on(port: int, tenant: str = TENANT) -> set[str]:
+    """A tenant's adapter versions (`name@V`) a vLLM replica has registered, asked of vLLM itself (which
+    knows them as `TENANT.name@V`)."""
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
-    return {m["id"] for m in models if m.get("parent")}
+    prefix = f"{tenant}."
+    return {m["id"].removeprefix(prefix) for m in models if m.get("parent") and m["id"].startswith(prefix)}
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:

@@ -4,8 +4,6 @@ flight, LRU eviction with pinned hot adapters, unload on delete, affinity and sp
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -13,7 +11,7 @@ import openai
 import pytest
 
 from adapters.validate import BaseModelSpec
-from tests.conftest import CAPACITY, HOT_ADAPTER, MODEL, ROOT, Gateway
+from tests.conftest import CAPACITY, HOT_ADAPTER, MODEL, TENANT, Gateway, loragate
 from tests.integration.conftest import add_synthetic, eventually, loaded_on, metric
 
 pytestmark = pytest.mark.integration
@@ -48,11 +46,11 @@ def test_hot_loaded_adapter_changes_output_and_is_listed(
     assert adapter_text != base_text, "a LoRA with non-zero weights must change greedy output"
     assert greedy(client, "support-bot@1")[1] == adapter_text
     assert len(holders(gateway, "support-bot@1")) == 1
-    assert metric(gateway, "loragate_adapter_loads_total", adapter="support-bot", outcome="ok") == 1
-    assert metric(gateway, "loragate_requests_total", model="support-bot@1", status="200") == 2
-    assert metric(gateway, "loragate_tokens_total", model="support-bot@1", kind="completion") > 0
-    assert metric(gateway, "loragate_adapter_resident", adapter="support-bot@1") == 1
-    assert metric(gateway, "loragate_adapter_load_seconds_count", adapter="support-bot") == 1
+    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.support-bot", outcome="ok") == 1
+    assert metric(gateway, "loragate_requests_total", model=f"{TENANT}.support-bot@1", status="200") == 2
+    assert metric(gateway, "loragate_tokens_total", model=f"{TENANT}.support-bot@1", kind="completion") > 0
+    assert metric(gateway, "loragate_adapter_resident", adapter=f"{TENANT}.support-bot@1") == 1
+    assert metric(gateway, "loragate_adapter_load_seconds_count", adapter=f"{TENANT}.support-bot") == 1
 
 
 def test_versions_latest_and_pin(
@@ -89,7 +87,7 @@ def test_single_flight_cold_load(
         return [o.model for o in outs]
 
     assert asyncio.run(hundred()) == ["burst@1"] * 100
-    loads = metric(gateway, "loragate_adapter_loads_total", adapter="burst", outcome="ok")
+    loads = metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.burst", outcome="ok")
     # One load per replica at most: 100 concurrent first requests share the load in flight.
     assert 1 <= loads <= len(gateway.engine_ports)
     assert loads == len(holders(gateway, "burst@1"))
@@ -102,7 +100,7 @@ def test_affinity_then_spreading(
     for _ in range(4):
         greedy(client, "sticky", max_tokens=2)
     assert len(holders(gateway, "sticky@1")) == 1, "sequential requests stay on the replica that holds the adapter"
-    assert metric(gateway, "loragate_adapter_loads_total", adapter="sticky", outcome="ok") == 1
+    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.sticky", outcome="ok") == 1
 
     async def crowd() -> None:
         async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
@@ -152,7 +150,7 @@ def test_cli_delete_is_noticed_by_the_gateway(
     ref = add_synthetic(admin, base_spec, tmp_path, "cli-doomed", seed=72)
     greedy(client, ref, max_tokens=1)
     assert holders(gateway, ref)
-    subprocess.run([sys.executable, "-m", "gateway", "adapters", "rm", ref], env=gateway.env, cwd=ROOT, check=True)
+    loragate(gateway.env, "adapters", "rm", ref, "--tenant", TENANT)
     assert eventually(lambda: holders(gateway, ref) == []), "the gateway unloads versions deleted by another process"
 
 
@@ -160,7 +158,7 @@ def test_tampered_adapter_is_never_loaded(
     gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
 ) -> None:
     ref = add_synthetic(admin, base_spec, tmp_path, "tampered", seed=81)
-    weights = Path(gateway.env["LORAGATE_HOME"]) / "adapters" / "tampered" / "v1" / "adapter_model.safetensors"
+    weights = Path(gateway.env["LORAGATE_HOME"]) / "adapters" / TENANT / "tampered" / "v1" / "adapter_model.safetensors"
     weights.chmod(0o644)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -169,10 +167,14 @@ def test_tampered_adapter_is_never_loaded(
         greedy(client, "tampered")
     assert info.value.status_code == 503 and info.value.code == "adapter_unavailable"
     assert holders(gateway, ref) == []
-    assert metric(gateway, "loragate_adapter_loads_total", adapter="tampered", outcome="integrity_error") == 1
+    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.tampered", outcome="integrity_error") == 1
 
 
-def test_admin_api_needs_the_admin_key(gateway: Gateway, api_key: str) -> None:
-    for headers in ({}, {"Authorization": f"Bearer {api_key}"}, {"Authorization": "Bearer wrong"}):
-        resp = httpx.get(f"{gateway.url}/admin/adapters", headers=headers)
+def test_admin_api_needs_the_admin_key_or_a_manage_key(gateway: Gateway, api_key: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = httpx.get(f"{gateway.url}/admin/tenants/{TENANT}/adapters", headers=headers)
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    inference = httpx.get(
+        f"{gateway.url}/admin/tenants/{TENANT}/adapters", headers={"Authorization": f"Bearer {api_key}"}
+    )
+    assert inference.status_code == 403 and inference.json()["error"]["code"] == "permission_denied"

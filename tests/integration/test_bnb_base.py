@@ -15,6 +15,7 @@ from tests.conftest import (
     ADMIN_KEY,
     MODEL,
     ROOT,
+    TENANT,
     Gateway,
     create_key,
     free_port,
@@ -72,10 +73,11 @@ def test_base_is_served_nf4(bnb_gateway: Gateway) -> None:
 
 
 def test_adapter_trained_on_the_nf4_base_serves_on_it(bnb_gateway: Gateway, qlora_adapter: Path) -> None:
-    with httpx.Client(base_url=f"{bnb_gateway.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+    client = openai.OpenAI(base_url=bnb_gateway.base_url, api_key=create_key(bnb_gateway.env), max_retries=0)
+    admin_url = f"{bnb_gateway.url}/admin/tenants/{TENANT}"
+    with httpx.Client(base_url=admin_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
         resp = upload(admin, "qlora", qlora_adapter)
     assert resp.status_code == 201, resp.text
-    client = openai.OpenAI(base_url=bnb_gateway.base_url, api_key=create_key(bnb_gateway.env), max_retries=0)
     tuned = client.chat.completions.create(model="qlora", messages=PROMPT, max_tokens=16, temperature=0)  # type: ignore[arg-type]
     assert tuned.model == f"qlora@{resp.json()['version']}"
     assert (tuned.choices[0].message.content or "").strip() == ANSWER

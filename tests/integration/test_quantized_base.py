@@ -18,6 +18,7 @@ from tests.conftest import (
     ADMIN_KEY,
     MODEL,
     ROOT,
+    TENANT,
     RedisServer,
     create_key,
     free_port,
@@ -40,7 +41,8 @@ def serve_w4a16(redis: RedisServer, home: Path, base_spec: BaseModelSpec) -> Non
         client = openai.OpenAI(base_url=gw.base_url, api_key=create_key(gw.env), max_retries=0)
         base = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=12, temperature=0)  # type: ignore[arg-type]
         assert "Paris" in (base.choices[0].message.content or "")
-        with httpx.Client(base_url=f"{gw.url}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        admin_url = f"{gw.url}/admin/tenants/{TENANT}"
+        with httpx.Client(base_url=admin_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
             ref = add_synthetic(admin, base_spec, home, "on-4bit", seed=5)
         tuned = client.chat.completions.create(model="on-4bit", messages=PROMPT, max_tokens=12, temperature=0)  # type: ignore[arg-type]
         assert tuned.model == ref

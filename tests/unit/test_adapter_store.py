@@ -49,7 +49,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
 
 @pytest.fixture
 def store(tmp_path: Path) -> AdapterStore:
-    return AdapterStore(tmp_path / "store")
+    """Tenant `t`'s store, in the registry root tmp_path/store."""
+    return AdapterStore(tmp_path / "store" / "t", "t")
 
 
 @pytest.fixture
@@ -92,47 +93,64 @@ def test_versions_are_never_reused_after_delete(store: AdapterStore, good: Path,
         store.manifest("a", 2)
 
 
-def test_pin_and_latest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+def test_pinned_version_or_latest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    """Which version a bare name means is the caller's pin (kept in Redis by the gateway), else the latest."""
     for _ in range(3):
         store.add(good, "a", base, MAX_RANK)
-    store.pin("a", 1)
-    assert store.resolve(AdapterRef("a")).version == 1
-    store.pin("a", None)
+    assert store.resolve(AdapterRef("a"), pinned=1).version == 1
     assert store.resolve(AdapterRef("a")).version == 3
-    with pytest.raises(AdapterNotFound):
-        store.pin("a", 7)
+    assert store.resolve(AdapterRef("a"), pinned=7).version == 3, "a pin to a deleted version falls back"
+    assert store.resolve(AdapterRef("a", 2), pinned=1).version == 2, "name@V is exact"
+    assert store.list()[0].tenant == "t"
 
 
 def test_registry_sees_writes_from_another_process_at_once(
     store: AdapterStore, good: Path, base: BaseModelSpec
 ) -> None:
-    registry = Registry(store)
+    registry = Registry(store.root.parent)
     store.add(good, "a", base, MAX_RANK)
-    assert registry.resolve(AdapterRef("a")).version == 1
-    AdapterStore(store.root).add(good, "a", base, MAX_RANK)
-    assert registry.resolve(AdapterRef("a")).version == 2
-    AdapterStore(store.root).remove("a", 2)
-    assert registry.resolve(AdapterRef("a")).version == 1
-    assert not registry.exists("a@2") and registry.exists("a@1")
+    assert registry.resolve("t", AdapterRef("a")).version == 1
+    AdapterStore(store.root, "t").add(good, "a", base, MAX_RANK)
+    assert registry.resolve("t", AdapterRef("a")).version == 2
+    assert registry.resolve("t", AdapterRef("a"), pinned=1).version == 1
+    assert not registry.deleted("t.a@2")
+    AdapterStore(store.root, "t").remove("a", 2)
+    assert registry.resolve("t", AdapterRef("a")).version == 1
+    assert not registry.exists("t.a@2") and registry.exists("t.a@1")
+    assert registry.deleted("t.a@2"), "found before, gone now"
+    assert not registry.deleted("t.never@1"), "never found here: not taken for deleted"
+    assert not registry.exists("other.a@1"), "another tenant's namespace"
+
+
+def test_tenants_have_separate_namespaces(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    registry = Registry(store.root.parent)
+    registry.store("t").add(good, "a", base, MAX_RANK)
+    registry.store("u").add(good, "a", base, MAX_RANK)
+    registry.store("u").add(good, "a", base, MAX_RANK)
+    assert registry.resolve("t", AdapterRef("a")).version == 1
+    assert registry.resolve("u", AdapterRef("a")).version == 2
+    assert registry.path(registry.resolve("u", AdapterRef("a"))) == store.root.parent.absolute() / "u" / "a" / "v2"
+    registry.remove_tenant("u")
+    assert not registry.exists("u.a@1") and registry.exists("t.a@1")
 
 
 async def test_lookup_answers_from_memory_only_while_fresh(
     store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The request path's lookup never stats in the event loop; others' writes show within recheck_s."""
-    registry = Registry(store, recheck_s=60)
+    registry = Registry(store.root.parent, recheck_s=60)
     store.add(good, "a", base, MAX_RANK)
-    assert (await registry.lookup(AdapterRef("a"))).version == 1
-    AdapterStore(store.root).add(good, "a", base, MAX_RANK)
+    assert (await registry.lookup("t", AdapterRef("a"))).version == 1
+    AdapterStore(store.root, "t").add(good, "a", base, MAX_RANK)
     monkeypatch.setattr(os, "stat", lambda *a, **k: pytest.fail("stat in the event loop"))
-    assert (await registry.lookup(AdapterRef("a"))).version == 1, "fresh: answered from memory"
+    assert (await registry.lookup("t", AdapterRef("a"))).version == 1, "fresh: answered from memory"
     monkeypatch.undo()
     registry.recheck_s = 0
-    assert (await registry.lookup(AdapterRef("a"))).version == 2, "stale: checked again (in a thread)"
+    assert (await registry.lookup("t", AdapterRef("a"))).version == 2, "stale: checked again (in a thread)"
     registry.recheck_s = 60
-    AdapterStore(store.root).remove("a", 2)
-    registry.invalidate("a")
-    assert (await registry.lookup(AdapterRef("a"))).version == 1, "this process's own writes show at once"
+    AdapterStore(store.root, "t").remove("a", 2)
+    registry.invalidate("t", "a")
+    assert (await registry.lookup("t", AdapterRef("a"))).version == 1, "this process's own writes show at once"
     assert registry.path(store.resolve(AdapterRef("a"))) == store.version_dir("a", 1)
 
 
@@ -143,9 +161,10 @@ def test_a_corrupt_version_is_hashed_once_and_keeps_failing(
     weights = store.version_dir("a", 1) / "adapter_model.safetensors"
     weights.chmod(0o644)
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
-    registry = Registry(store)
+    registry = Registry(store.root.parent)
     hashes = []
-    monkeypatch.setattr(store, "verify", lambda m: hashes.append(m) or AdapterStore.verify(store, m))
+    target = registry.store("t")
+    monkeypatch.setattr(target, "verify", lambda m: hashes.append(m) or AdapterStore.verify(target, m))
     for _ in range(3):
         with pytest.raises(IntegrityError):
             registry.verify_once(manifest)

@@ -1,4 +1,5 @@
-"""Placement against a stand-in for vLLM's LoRA endpoints: single flight, LRU, pinning, affinity."""
+"""Placement against a stand-in for vLLM's LoRA endpoints and a real Redis: single flight, LRU, pinning,
+affinity, and residency shared by two gateway processes."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from aiohttp import web
 
 from adapters.manifest import Manifest
 from adapters.registry import Registry
-from adapters.store import AdapterStore
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.placement import SPREAD_MARGIN, Placement
+from gateway.residency import Residency
 from gateway.routing import Route
+from tests.conftest import RedisServer
 
 
 class FakeVLLM:
@@ -68,11 +70,35 @@ def route(name: str) -> Route:
         size_bytes=1,
         files={},
     )
-    return Route(requested=name, upstream_model=manifest.ref, adapter=manifest, adapter_path="/nowhere")
+    return Route(
+        requested=name,
+        upstream_model=manifest.ref,
+        served_model=manifest.ref,
+        adapter=manifest,
+        adapter_path="/nowhere",
+    )
+
+
+async def gateway_process(
+    urls: list[str], redis_url: str, tmp_path: Path, protect_s: float = 0.0
+) -> tuple[Placement, ReplicaPool, aiohttp.ClientSession]:
+    """What one gateway process holds: its own pool and view of the replicas, a shared Redis."""
+    import redis.asyncio as aioredis
+
+    session = aiohttp.ClientSession()
+    pool = ReplicaPool(urls, session, interval_s=60)
+    await pool.check_all()
+    registry = Registry(tmp_path)
+    registry.verify_once = lambda manifest: None  # type: ignore[method-assign]
+    registry.deleted = lambda name: False  # type: ignore[method-assign]
+    redis = aioredis.from_url(redis_url, decode_responses=True)
+    residency = Residency(redis, session, capacity=3, protect_s=protect_s)
+    return Placement(pool, session, registry, Metrics(), residency), pool, session
 
 
 @pytest.fixture
-async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def fakes():  # type: ignore[no-untyped-def]
+    """Two stand-in vLLM replicas; yields (fakes, urls)."""
     fakes = [FakeVLLM(), FakeVLLM()]
     runners = []
     urls = []
@@ -83,16 +109,16 @@ async def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
         await site.start()
         runners.append(runner)
         urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
-    session = aiohttp.ClientSession()
-    pool = ReplicaPool(urls, session, interval_s=60)
-    await pool.check_all()
-    registry = Registry(AdapterStore(tmp_path))
-    registry.verify_once = lambda manifest: None  # type: ignore[method-assign]
-    placement = Placement(pool, session, registry, Metrics(), capacity=3)
-    yield placement, pool, fakes
-    await session.close()
+    yield fakes, urls
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def setup(fakes, redis_server: RedisServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    placement, pool, session = await gateway_process(fakes[1], redis_server.url, tmp_path)
+    yield placement, pool, fakes[0]
+    await session.close()
 
 
 async def use(placement: Placement, r: Route) -> Replica:
@@ -194,3 +220,40 @@ async def test_concurrent_loads_of_different_adapters_never_overshoot(setup) -> 
     await asyncio.gather(*(use(placement, route(f"a{i}")) for i in range(8)))
     assert len(pool.replicas[0].resident) == placement.capacity
     assert len(fakes[0].loaded) == placement.capacity
+
+
+async def test_two_gateway_processes_share_one_capacity(fakes, redis_server: RedisServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Process B sees what process A loaded (vLLM is the truth) and evicts A's least recently used
+    adapter, under the replica's lock: the replica never holds more than its capacity."""
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path)
+    try:
+        for name in ("x", "y", "z"):
+            await use(a, route(name))
+        await use(a, route("x"))  # y is now A's least recently used
+        await a.maintain([])  # A shares its uses
+        await asyncio.gather(*(use(b, route(name)) for name in ("p", "q")))
+        assert len(fake.loaded) <= 3, fake.loaded
+        assert "x@1" in fake.loaded, "x was used most recently, by the other process"
+        assert "y@1" not in fake.loaded
+    finally:
+        await session_a.close()
+        await session_b.close()
+
+
+async def test_an_adapter_another_process_uses_is_never_evicted(
+    fakes, redis_server: RedisServer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    try:
+        for name in ("x", "y", "z"):
+            await use(a, route(name))
+        await a.maintain([])
+        await use(b, route("w"))
+        assert {"x@1", "y@1", "z@1", "w@1"} <= fake.loaded, "all in use within protect_s: nothing evicted"
+    finally:
+        await session_a.close()
+        await session_b.close()

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import bearer_matches, bearer_token, hash_key
+from gateway.apikeys import hash_key
+from gateway.auth import bearer_matches, bearer_token
 from gateway.engine.supervisor import engine_command, is_internal_address
 from gateway.errors import AuthenticationFailed
 from gateway.settings import Settings

@@ -1,0 +1,253 @@
+"""Tenants' API keys: `sk-lg-<id>_<secret>`, stored in Redis as the sha256 of the whole key only.
+
+The id (8 hex characters) names the key in listings, revocation and rotation, and finds its record
+in one lookup; the secret never leaves the `create` or `rotate` answer. `verify` runs on every
+request from a per-process cache that the state watcher empties whenever a key or tenant changes,
+so a revoked key fails in every gateway process within the watch interval; an expiry is checked on
+every request against the cached expiry time. While Redis is unreachable, keys verified before keep
+working (no revocation can happen meanwhile); unknown keys get 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.errors import AuthenticationFailed, StateUnavailable
+from gateway.principal import ROLES, Principal, Role
+from gateway.tenants import Limits, TenantNotFound
+
+KEY_PREFIX = "sk-lg-"
+KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
+
+
+class KeyNotFound(LookupError):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"API key `{key_id}` does not exist.")
+
+
+class InvalidKeyRequest(ValueError):
+    """A key setting is refused (role, expiry, grace); the message says why."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class KeyInfo(BaseModel):
+    """What may be shown of a key: never the key itself, nor its hash."""
+
+    id: str
+    tenant: str
+    role: Role
+    name: str
+    prefix: str
+    created: float
+    expires_at: float | None = None
+    last_used: float | None = None
+    limits: Limits = Limits()
+
+    @classmethod
+    def from_record(cls, key_id: str, record: dict[str, str]) -> KeyInfo:
+        def number(field: str) -> float | None:
+            return float(record[field]) if record.get(field) else None
+
+        def count(field: str) -> int | None:
+            return int(record[field]) if record.get(field) else None
+
+        return cls(
+            id=key_id,
+            tenant=record["tenant"],
+            role=record["role"],  # type: ignore[arg-type]
+            name=record.get("name", ""),
+            prefix=f"{KEY_PREFIX}{key_id}",
+            created=float(record["created"]),
+            expires_at=number("expires_at"),
+            last_used=number("last_used"),
+            limits=Limits(rpm=count("rpm"), tpm=count("tpm")),
+        )
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
+    """Seconds, from a number of seconds or a duration like `30s`, `15m`, `1h`, `7d`, `1h30m`."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        found = _DURATION.fullmatch(str(text).strip())
+        if not str(text).strip() or found is None:
+            raise InvalidKeyRequest(f"Invalid duration {text!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m.")
+        days, hours, minutes, secs = (int(part or 0) for part in found.groups())
+        seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise InvalidKeyRequest(f"Invalid duration {text!r}: it must be longer than zero.")
+    return seconds
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def redacted(token: str) -> str:
+    return token[:10] + "***" + token[-4:] if len(token) > 16 else "***"
+
+
+def check_role(role: str) -> Role:
+    if role not in ROLES:
+        raise InvalidKeyRequest(f"Unknown role {role!r}: use one of {', '.join(ROLES)}.", param="role")
+    return role  # type: ignore[return-value]
+
+
+class KeyStore:
+    """API keys in Redis (a client with decode_responses=True)."""
+
+    def __init__(self, redis: aioredis.Redis, cache_seconds: float = 5.0) -> None:
+        self._redis = redis
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._used: dict[str, float] = {}
+        self._touch = redis.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end"
+        )
+
+    def note_use(self, key_id: str | None) -> None:
+        """Remember that a key was used now; `flush_uses` writes it to Redis later, off the request path."""
+        if key_id is not None:
+            self._used[key_id] = time.time()
+
+    async def flush_uses(self) -> None:
+        """Write the keys' last-use times (only to keys that still exist: a revoked key stays gone)."""
+        used, self._used = self._used, {}
+        for key_id, when in used.items():
+            await self._touch(keys=[keys.api_key(key_id)], args=[when])
+
+    def forget_cached(self) -> None:
+        """Something changed (a key revoked or rotated, a tenant deleted): ask Redis again."""
+        self._cache.clear()
+
+    async def _record(self, key_id: str) -> dict[str, str]:
+        record: dict[str, str] = await self._redis.hgetall(keys.api_key(key_id))
+        if not record:
+            raise KeyNotFound(key_id)
+        return record
+
+    async def create(
+        self,
+        tenant: str,
+        role: str = "inference",
+        name: str = "default",
+        expires_in_s: float | None = None,
+        limits: Limits | None = None,
+    ) -> tuple[str, KeyInfo]:
+        """A new key for an existing tenant: (the key, shown once; what may be shown of it later)."""
+        check_role(role)
+        if expires_in_s is not None and expires_in_s <= 0:
+            raise InvalidKeyRequest("A key's expiry must be in the future.")
+        if not await self._redis.exists(keys.tenant(tenant)):
+            raise TenantNotFound(tenant)
+        key_id = secrets.token_hex(4)
+        api_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        limits = limits or Limits()
+        record: dict[str, Any] = {
+            "tenant": tenant,
+            "role": role,
+            "name": name,
+            "sha256": hash_key(api_key),
+            "created": time.time(),
+            "expires_at": time.time() + expires_in_s if expires_in_s is not None else "",
+            "rpm": limits.rpm or "",
+            "tpm": limits.tpm or "",
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.api_key(key_id), mapping=record)
+            pipe.sadd(keys.tenant_keys(tenant), key_id)
+            await pipe.execute()
+        return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
+
+    async def list(self, tenant: str) -> list[KeyInfo]:
+        if not await self._redis.exists(keys.tenant(tenant)):
+            raise TenantNotFound(tenant)
+        infos = []
+        for key_id in sorted(await self._redis.smembers(keys.tenant_keys(tenant))):
+            record = await self._redis.hgetall(keys.api_key(key_id))
+            if record:
+                infos.append(KeyInfo.from_record(key_id, record))
+        return sorted(infos, key=lambda info: info.created)
+
+    async def get(self, key_id: str) -> KeyInfo:
+        return KeyInfo.from_record(key_id, await self._record(key_id))
+
+    async def revoke(self, key_id: str) -> KeyInfo:
+        info = await self.get(key_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.api_key(key_id))
+            pipe.srem(keys.tenant_keys(info.tenant), key_id)
+            pipe.incr(keys.state_version())
+            await pipe.execute()
+        self.forget_cached()
+        return info
+
+    async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyInfo]:
+        """A new key like `key_id` (tenant, role, name, limits); the old one works `grace_s` more seconds."""
+        if grace_s < 0:
+            raise InvalidKeyRequest("The grace period cannot be negative.")
+        old = await self.get(key_id)
+        api_key, new = await self.create(old.tenant, old.role, old.name, limits=old.limits)
+        ends = time.time() + grace_s
+        if old.expires_at is None or ends < old.expires_at:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.api_key(key_id), "expires_at", ends)
+                pipe.incr(keys.state_version())
+                await pipe.execute()
+        self.forget_cached()
+        return api_key, new
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a tenant's key, or AuthenticationFailed; StateUnavailable when Redis is down
+        and the key is not cached."""
+        digest = hash_key(token)
+        cached = self._cache.get(digest)
+        if cached is None or cached[1] <= time.monotonic():
+            try:
+                cached = (await self._lookup(token, digest), time.monotonic() + self._cache_seconds)
+            except StateUnavailable:
+                # Redis is unreachable: a key verified before stays valid (nothing can be revoked meanwhile).
+                if cached is None:
+                    raise
+            if self._cache_seconds > 0:
+                self._cache[digest] = cached
+        principal = cached[0]
+        if principal.expires_at is not None and time.time() >= principal.expires_at:
+            raise AuthenticationFailed(f"The API key {redacted(token)} has expired.")
+        return principal
+
+    async def _lookup(self, token: str, digest: str) -> Principal:
+        found = KEY_FORMAT.fullmatch(token)
+        if found is None:
+            raise AuthenticationFailed(f"Incorrect API key provided: {redacted(token)}.")
+        try:
+            record = await self._redis.hgetall(keys.api_key(found["id"]))
+        except RedisError as exc:
+            raise StateUnavailable(f"The key store is unavailable: {type(exc).__name__}.") from exc
+        if not record or not hmac.compare_digest(record.get("sha256", ""), digest):
+            raise AuthenticationFailed(f"Incorrect API key provided: {redacted(token)}.")
+        info = KeyInfo.from_record(found["id"], record)
+        return Principal(
+            tenant=info.tenant,
+            key_id=info.id,
+            role=info.role,
+            expires_at=info.expires_at,
+            rpm=info.limits.rpm,
+            tpm=info.limits.tpm,
+        )

@@ -1,0 +1,25 @@
+"""The `loragate` command. Heavy imports stay inside commands so `--help` and no-op runs are instant."""
+
+from __future__ import annotations
+
+import typer
+
+from gateway.cli.adapters import adapters_app, aliases_app
+from gateway.cli.serve import model_app, serve
+from gateway.cli.tenants import keys_app, tenants_app
+
+app = typer.Typer(
+    help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command()(serve)
+app.add_typer(model_app, name="model")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(aliases_app, name="aliases")
+
+
+def main() -> None:
+    app()

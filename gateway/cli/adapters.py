@@ -1,0 +1,208 @@
+"""`loragate adapters ...` and `loragate aliases ...`: a tenant's adapter versions and the names
+pointing at them. Files go to the store on disk; pins, aliases and shares go to Redis, where every
+running gateway sees them within LORAGATE_STATE_POLL_S."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from adapters.manifest import AdapterRef
+from gateway.cli.common import refusals, with_redis
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from adapters.store import AdapterStore
+
+adapters_app = typer.Typer(help="A tenant's adapters (versions are immutable).", no_args_is_help=True)
+aliases_app = typer.Typer(help="A tenant's aliases: names that point at an adapter version or the base.")
+Tenant = Annotated[str, typer.Option("--tenant", help="The tenant that owns them.")]
+
+
+def _store(tenant: str) -> AdapterStore:
+    from adapters.registry import Registry
+    from gateway.tenants import check_tenant_name
+
+    with refusals():
+        return Registry(Settings().adapter_root).store(check_tenant_name(tenant))
+
+
+def _tenant_must_exist(tenant: str) -> None:
+    from gateway.tenants import TenantStore
+
+    async def get(redis: Any) -> None:
+        await TenantStore(redis).get(tenant)
+
+    with_redis(get)
+
+
+def _pins(tenant: str) -> dict[str, int]:
+    from gateway.pointers import PointerStore
+
+    async def pins(redis: Any) -> dict[str, int]:
+        return (await PointerStore(redis).of(tenant)).pins
+
+    return with_redis(pins)
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[Path, typer.Argument(help="A PEFT adapter folder or a .tar.gz of one.")],
+    name: Annotated[str, typer.Option(help="Adapter name; each add makes its next version.")],
+    tenant: Tenant,
+) -> None:
+    """Validate an adapter against the base model and store it as the tenant's next version of NAME."""
+    from adapters.validate import BaseModelSpec
+    from gateway.cli.serve import base_folder
+
+    settings = Settings()
+    _tenant_must_exist(tenant)
+    base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
+    with refusals():
+        manifest = _store(tenant).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
+    typer.echo(manifest.ref)
+
+
+@adapters_app.command("list")
+def adapters_list(tenant: Tenant) -> None:
+    """Every version of the tenant's adapters."""
+    from rich.console import Console
+    from rich.table import Table
+
+    store, pins = _store(tenant), _pins(tenant)
+    table = Table("adapter", "rank", "alpha", "targets", "size", "sha256 (weights)", "created", "default")
+    for m in store.list():
+        default = "yes" if store.resolve(AdapterRef(m.name), pins.get(m.name)).version == m.version else ""
+        table.add_row(
+            m.ref,
+            str(m.rank),
+            f"{m.alpha:g}",
+            ",".join(m.target_modules),
+            f"{m.size_bytes / 1e6:.1f} MB",
+            m.files.get("adapter_model.safetensors", "")[:12],
+            m.created.strftime("%Y-%m-%d %H:%M"),
+            default,
+        )
+    Console().print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(
+    ref: Annotated[str, typer.Argument(help="name (default version) or name@version")], tenant: Tenant
+) -> None:
+    """Print one version's manifest as JSON."""
+    with refusals():
+        parsed = AdapterRef.parse(ref)
+        typer.echo(_store(tenant).resolve(parsed, _pins(tenant).get(parsed.name)).model_dump_json(indent=2))
+
+
+@adapters_app.command("rm")
+def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete")], tenant: Tenant) -> None:
+    """Delete one version; running gateways unload it within a health interval."""
+    with refusals():
+        parsed = AdapterRef.parse(ref)
+        if parsed.version is None:
+            raise ValueError("give the version to delete: name@version")
+        typer.echo(f"deleted {_store(tenant).remove(parsed.name, parsed.version).ref}")
+
+
+@adapters_app.command("pin")
+def adapters_pin(
+    ref: Annotated[str, typer.Argument(help="name@version the bare name should resolve to, or name to unpin")],
+    tenant: Tenant,
+) -> None:
+    """Make `name` resolve to a fixed version instead of the latest (no version: unpin)."""
+    from gateway.pointers import PointerStore
+
+    store = _store(tenant)
+    with refusals():
+        parsed = AdapterRef.parse(ref)
+        resolved = store.resolve(parsed)
+
+    async def pin(redis: Any) -> None:
+        await PointerStore(redis).pin(tenant, parsed.name, parsed.version)
+
+    with_redis(pin)
+    typer.echo(f"{parsed.name} -> {resolved.ref}")
+
+
+@adapters_app.command("share")
+def adapters_share(
+    name: Annotated[str, typer.Argument(help="The adapter (every version of it).")],
+    tenant: Tenant,
+    with_: Annotated[str, typer.Option("--with", help="Comma-separated tenants; empty: share with no one.")],
+) -> None:
+    """Let other tenants call this tenant's adapter as `OWNER/NAME[@V]` (the global admin's decision)."""
+    from gateway.pointers import PointerStore
+    from gateway.tenants import TenantStore
+
+    consumers = [t.strip() for t in with_.split(",") if t.strip() and t.strip() != tenant]
+    with refusals():
+        _store(tenant).resolve(AdapterRef.parse(name))
+
+    async def share(redis: Any) -> None:
+        for other in consumers:
+            await TenantStore(redis).get(other)
+        await PointerStore(redis).share(tenant, name, consumers)
+
+    with_redis(share)
+    typer.echo(f"{tenant}/{name} shared with {', '.join(consumers) or 'no one'}")
+
+
+@aliases_app.command("set")
+def aliases_set(
+    alias: str,
+    target: Annotated[str, typer.Argument(help="name@version, owner/name@version, or the base model.")],
+    tenant: Tenant,
+) -> None:
+    """Point ALIAS at TARGET (an atomic repoint when it exists); requests for ALIAS get TARGET."""
+    from adapters.manifest import check_name
+    from adapters.registry import Registry
+    from gateway.errors import ModelNotFound
+    from gateway.pointers import PointerStore
+    from gateway.routing import Router
+
+    settings = Settings()
+    with refusals():
+        check_name(alias)
+        if alias == settings.served_model_name or _store(tenant).versions(alias):
+            raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
+
+    async def point(redis: Any) -> str:
+        pointers = PointerStore(redis)
+        router = Router(settings.served_model_name, Registry(settings.adapter_root), pointers)
+        try:
+            route = await router.target(target, tenant)
+        except ModelNotFound as exc:
+            raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
+        await pointers.set_alias(tenant, alias, target)
+        return route.served_model
+
+    typer.echo(f"{alias} -> {with_redis(point)}")
+
+
+@aliases_app.command("list")
+def aliases_list(tenant: Tenant) -> None:
+    """The tenant's aliases and what they point at."""
+    from gateway.pointers import PointerStore
+
+    async def aliases(redis: Any) -> dict[str, str]:
+        return (await PointerStore(redis).of(tenant)).aliases
+
+    for alias, target in sorted(with_redis(aliases).items()):
+        typer.echo(f"{alias} -> {target}")
+
+
+@aliases_app.command("rm")
+def aliases_rm(alias: str, tenant: Tenant) -> None:
+    """Delete an alias (requests for it then get 404)."""
+    from gateway.pointers import PointerStore
+
+    async def delete(redis: Any) -> bool:
+        return await PointerStore(redis).delete_alias(tenant, alias)
+
+    if not with_redis(delete):
+        raise ValueError(f"alias {alias} does not exist")
+    typer.echo(f"deleted {alias}")

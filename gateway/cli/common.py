@@ -1,0 +1,69 @@
+"""What every `loragate` command shares: the error and progress console, and a Redis client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from gateway.settings import Settings
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def fail(message: str) -> typer.Exit:
+    """Print an error (unwrapped, so it can be searched) and return the exit to raise."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner for long one-off work, with each step also logged."""
+    with console.status(title) as status:
+
+        def step(message: str) -> None:
+            console.log(message)
+            status.update(message)
+
+        yield step
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Refusals of the registry, tenants and keys (bad names, missing things) end the command with their
+    message; Redis being unreachable too."""
+    from redis.exceptions import RedisError
+
+    from adapters.store import AdapterNotFound
+    from gateway.apikeys import KeyNotFound
+    from gateway.tenants import TenantNotFound
+
+    try:
+        yield
+    except (AdapterNotFound, KeyNotFound, TenantNotFound, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    except (RedisError, OSError) as exc:
+        raise fail(f"Redis at {Settings().redis_url} cannot be reached: {exc}") from exc
+
+
+def with_redis(work: Callable[..., Awaitable[T]]) -> T:
+    """Run `work(redis)` with a Redis client of the settings' LORAGATE_REDIS_URL."""
+    import redis.asyncio as aioredis
+
+    async def run() -> T:
+        redis = aioredis.from_url(Settings().redis_url, decode_responses=True)
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    with refusals():
+        return asyncio.run(run())

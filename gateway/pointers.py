@@ -1,0 +1,101 @@
+"""The mutable pointers of the adapter namespace, kept in Redis and cached in every gateway process:
+
+- pins: a tenant's bare adapter name -> the version it means (else its latest);
+- aliases: a tenant-level name -> a target model (`name@V`, `owner/name@V`, or the base model);
+  later also an experiment;
+- shares: `owner/adapter` -> the tenants the global admin lets use it.
+
+Every write bumps the state version in the same transaction; the state watcher empties these caches
+when it moves, so a repointed alias reaches every gateway process within the watch interval.
+Adapter files stay immutable in the store: only these pointers change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+
+
+@dataclass(frozen=True)
+class TenantPointers:
+    pins: dict[str, int]
+    aliases: dict[str, str]
+
+
+class PointerStore:
+    """Redis client with decode_responses=True."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._tenants: dict[str, TenantPointers] = {}
+        self._shares: dict[str, frozenset[str]] | None = None
+
+    def forget_cached(self) -> None:
+        self._tenants.clear()
+        self._shares = None
+
+    async def of(self, tenant: str) -> TenantPointers:
+        cached = self._tenants.get(tenant)
+        if cached is None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.pins(tenant))
+                pipe.hgetall(keys.aliases(tenant))
+                pins, aliases = await pipe.execute()
+            cached = self._tenants[tenant] = TenantPointers({k: int(v) for k, v in pins.items()}, dict(aliases))
+        return cached
+
+    async def shares(self) -> dict[str, frozenset[str]]:
+        """`owner/adapter` -> tenants it is shared with."""
+        if self._shares is None:
+            raw = await self._redis.hgetall(keys.shares())
+            self._shares = {adapter: frozenset(json.loads(tenants)) for adapter, tenants in raw.items()}
+        return self._shares
+
+    async def shared_with(self, tenant: str) -> list[tuple[str, str]]:
+        """(owner, adapter) pairs shared with `tenant`."""
+        return sorted(
+            (owner, name)
+            for qualified, tenants in (await self.shares()).items()
+            if tenant in tenants
+            for owner, _, name in [qualified.partition("/")]
+        )
+
+    async def _write(self, *commands: tuple[str, tuple[object, ...]]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for command, args in commands:
+                getattr(pipe, command)(*args)
+            pipe.incr(keys.state_version())
+            await pipe.execute()
+        self.forget_cached()
+
+    async def pin(self, tenant: str, adapter: str, version: int | None) -> None:
+        if version is None:
+            await self._write(("hdel", (keys.pins(tenant), adapter)))
+        else:
+            await self._write(("hset", (keys.pins(tenant), adapter, version)))
+
+    async def set_alias(self, tenant: str, alias: str, target: str) -> None:
+        """Point `alias` at `target` (one HSET: a repoint is atomic)."""
+        await self._write(("hset", (keys.aliases(tenant), alias, target)))
+
+    async def delete_alias(self, tenant: str, alias: str) -> bool:
+        existed = alias in (await self.of(tenant)).aliases
+        await self._write(("hdel", (keys.aliases(tenant), alias)))
+        return existed
+
+    async def share(self, owner: str, adapter: str, tenants: list[str]) -> None:
+        """Share `owner`'s adapter (every version) with exactly `tenants` (empty: share with no one)."""
+        qualified = f"{owner}/{adapter}"
+        if tenants:
+            await self._write(("hset", (keys.shares(), qualified, json.dumps(sorted(set(tenants))))))
+        else:
+            await self._write(("hdel", (keys.shares(), qualified)))
+
+    async def forget_adapter(self, tenant: str, adapter: str) -> None:
+        """The adapter's last version is gone: drop its pin and shares (aliases name versions; they stay
+        and answer 404 until repointed)."""
+        await self._write(("hdel", (keys.pins(tenant), adapter)), ("hdel", (keys.shares(), f"{tenant}/{adapter}")))

@@ -1,0 +1,202 @@
+"""Requests and tokens per minute, per tenant and optionally per key, enforced atomically in Redis.
+
+One Lua script per request checks every limit that applies and admits the request only if all
+pass, so N gateway processes sharing one Redis admit no more than the limit between them.
+
+- Requests: a sliding log (a sorted set of the last minute's admissions): exact, at most `rpm` in
+  any 60 s.
+- Tokens: a sliding-window counter (this minute's tokens plus the previous minute's, weighted by how
+  much of it is still inside the window). A request reserves its `max_tokens` (or a configured
+  default) plus an estimate of its prompt before it is forwarded; `settle` corrects the reservation
+  by the real usage afterwards (corrections are batched and sent every 0.1 s, off the request path).
+- Over a limit: 429 `rate_limit_exceeded` with Retry-After. OpenAI's `x-ratelimit-*` headers describe
+  the tighter scope on every response of a tenant (or key) that has limits.
+- Redis down: the tenant's `on_redis_down` decides: admit (`open`, the default) or refuse with 503
+  (`closed`); both are counted in `loragate_quota_redis_failures_total`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.errors import RateLimited, StateUnavailable
+from gateway.metrics import Metrics
+from gateway.principal import Principal
+from gateway.tenants import Tenant
+
+log = logging.getLogger("loragate.quotas")
+
+WINDOW_S = 60
+
+# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: now, member, cost,
+# then per scope rpm, tpm (0: none). Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens),
+# then for requests and for tokens the tightest limit, remaining and milliseconds to reset (-1 where
+# no scope has that limit).
+_ADMIT = """
+local now, member, cost = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local window = 60
+local into = (now % window) / window
+local out = {1, 0, -1, -1, -1, -1, -1, -1}
+local function tighter(at, limit, remaining, reset)
+  if out[at] == -1 or remaining < out[at + 1] then
+    out[at], out[at + 1], out[at + 2] = limit, remaining, reset
+  end
+end
+for i = 0, #KEYS / 3 - 1 do
+  local rpm, tpm = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  if rpm > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i + 1], '-inf', now - window)
+    local count = redis.call('ZCARD', KEYS[3 * i + 1])
+    local reset = window * 1000
+    if count > 0 then
+      local oldest = redis.call('ZRANGE', KEYS[3 * i + 1], 0, 0, 'WITHSCORES')
+      reset = math.ceil((tonumber(oldest[2]) + window - now) * 1000)
+    end
+    if count >= rpm and out[1] == 1 then out[1], out[2] = 0, 1 end
+    tighter(3, rpm, math.max(rpm - count - 1, 0), reset)
+  end
+  if tpm > 0 then
+    local used = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
+               + tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0') * (1 - into)
+    if used + cost > tpm and out[1] == 1 then out[1], out[2] = 0, 2 end
+    tighter(6, tpm, math.max(math.floor(tpm - used - cost), 0), math.ceil((1 - into) * window * 1000))
+  end
+end
+if out[1] == 1 then
+  for i = 0, #KEYS / 3 - 1 do
+    if tonumber(ARGV[4 + 2 * i]) > 0 then
+      redis.call('ZADD', KEYS[3 * i + 1], now, member)
+      redis.call('EXPIRE', KEYS[3 * i + 1], window + 1)
+    end
+    if tonumber(ARGV[5 + 2 * i]) > 0 then
+      redis.call('INCRBY', KEYS[3 * i + 2], cost)
+      redis.call('EXPIRE', KEYS[3 * i + 2], 2 * window + 1)
+    end
+  end
+end
+return out
+"""
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format: 1m30s, 6s, 250ms."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = math.ceil(ms / 1000)
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+@dataclass
+class Admission:
+    """A request let through: what it reserved (to settle later) and the headers to answer with."""
+
+    headers: dict[str, str]
+    reserved: int = 0
+    token_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def unlimited(cls) -> Admission:
+        return cls({})
+
+
+def _headers(limits: list[int]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind, (limit, remaining, reset) in (("requests", limits[2:5]), ("tokens", limits[5:8])):
+        if limit != -1:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+    return headers
+
+
+class QuotaGate:
+    def __init__(self, redis: aioredis.Redis, metrics: Metrics, reserve_tokens: int) -> None:
+        self._redis = redis
+        self._metrics = metrics
+        self._reserve_tokens = reserve_tokens
+        self._admit = redis.register_script(_ADMIT)
+        self._corrections: Counter[str] = Counter()
+
+    def cost(self, max_tokens: int | None, prompt_chars: int) -> int:
+        """Tokens reserved before forwarding: the request's max_tokens (else the configured default),
+        plus its prompt at about four characters a token."""
+        return (max_tokens or self._reserve_tokens) + prompt_chars // 4 + 1
+
+    async def admit(self, principal: Principal, tenant: Tenant, request_id: str, cost: int) -> Admission:
+        scopes = [(f"tenant:{tenant.name}", tenant.limits.rpm, tenant.limits.tpm)]
+        if principal.rpm is not None or principal.tpm is not None:
+            scopes.append((f"key:{principal.key_id}", principal.rpm, principal.tpm))
+        scopes = [scope for scope in scopes if scope[1] is not None or scope[2] is not None]
+        if not scopes:
+            return Admission.unlimited()
+        now = time.time()
+        minute = int(now // WINDOW_S)
+        script_keys: list[str] = []
+        args: list[object] = [now, request_id, cost]
+        for scope, rpm, tpm in scopes:
+            script_keys += [keys.quota_requests(scope), keys.quota_tokens(scope, minute)]
+            script_keys.append(keys.quota_tokens(scope, minute - 1))
+            args += [rpm or 0, tpm or 0]
+        try:
+            found = [int(value) for value in await self._admit(keys=script_keys, args=args)]
+        except (RedisError, OSError) as exc:
+            return self._redis_down(tenant, exc)
+        headers = _headers(found)
+        if not found[0]:
+            self._metrics.quota_refusals.labels(tenant.name, "requests" if found[1] == 1 else "tokens").inc()
+            raise self._refusal(found, headers, cost)
+        token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
+        return Admission(headers, reserved=cost, token_keys=token_keys)
+
+    def _redis_down(self, tenant: Tenant, exc: Exception) -> Admission:
+        self._metrics.quota_redis_failures.labels(tenant.name, tenant.on_redis_down).inc()
+        log.warning("quota of %s not checked (Redis: %r); %s", tenant.name, exc, f"fail-{tenant.on_redis_down}")
+        if tenant.on_redis_down == "closed":
+            raise StateUnavailable("Quotas cannot be checked right now; try again shortly.") from exc
+        return Admission.unlimited()
+
+    @staticmethod
+    def _refusal(found: list[int], headers: dict[str, str], cost: int) -> RateLimited:
+        by_requests = found[1] == 1
+        limit, reset = (found[2], found[4]) if by_requests else (found[5], found[7])
+        what = "requests per minute" if by_requests else f"tokens per minute (this request needs {cost})"
+        error = RateLimited(
+            f"Rate limit reached for {what}: limit {limit}. Please try again in {duration(reset)}.",
+            kind="requests" if by_requests else "tokens",
+        )
+        error.headers = {**headers, "retry-after": str(max(math.ceil(reset / 1000), 1))}
+        return error
+
+    def settle(self, admission: Admission, used_tokens: int | None) -> None:
+        """Replace a request's token reservation by what it really used (when the engine said). Corrections
+        are batched: `flush` sends them, off the request path."""
+        if admission.token_keys and used_tokens is not None and used_tokens != admission.reserved:
+            for key in admission.token_keys:
+                self._corrections[key] += used_tokens - admission.reserved
+
+    async def flush(self) -> None:
+        corrections, self._corrections = self._corrections, Counter()
+        if not corrections:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, delta in corrections.items():
+                    pipe.incrby(key, delta)
+                await pipe.execute()
+        except (RedisError, OSError):
+            pass  # the window moves on; a lost correction only lasts a minute
+
+    async def run(self, interval_s: float = 0.1) -> None:
+        """Send the corrections every `interval_s`."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()

@@ -1,0 +1,214 @@
+"""A tenant's adapters and aliases, for the admin key or that tenant's `manage` key.
+
+POST   /admin/tenants/{tenant}/adapters?name=N        body: a .tar.gz of a PEFT folder -> 201 manifest
+GET    /admin/tenants/{tenant}/adapters               every version of the tenant's adapters
+GET    /admin/tenants/{tenant}/adapters/{ref}         `name` (default version) or `name@V`
+DELETE /admin/tenants/{tenant}/adapters/{name@V}      unloads it from every replica, then deletes it
+PUT    /admin/tenants/{tenant}/adapters/{name}/pin    {"version": V | null}: what the bare name resolves to
+PUT    /admin/tenants/{tenant}/adapters/{name}/share  {"tenants": [...]}: admin key only
+GET    /admin/tenants/{tenant}/aliases                every alias and its target
+PUT    /admin/tenants/{tenant}/aliases/{alias}        {"target": "name@V" | "owner/name@V" | base}: atomic repoint
+DELETE /admin/tenants/{tenant}/aliases/{alias}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict
+from starlette.responses import JSONResponse
+
+from adapters.manifest import AdapterRef, Manifest, check_name
+from adapters.store import AdapterNotFound, AdapterStore
+from gateway.auth import Admin, Manager
+from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.routes import domain_errors, services
+from gateway.tenants import check_tenant_name
+
+router = APIRouter(prefix="/admin/tenants/{tenant}")
+
+UPLOAD_WRITE_BYTES = 1 << 20
+
+
+class Pin(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    version: int | None
+
+
+class Share(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    tenants: list[str]
+
+
+class AliasTarget(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    target: str
+
+
+async def _existing(request: Request, tenant: str) -> None:
+    with domain_errors():
+        await services(request).tenants.get(check_tenant_name(tenant))
+
+
+def _require(store: AdapterStore, name: str, version: int | None = None) -> None:
+    """AdapterNotFound unless the adapter (or that version of it) is stored."""
+    if version is not None:
+        store.manifest(name, version)
+    elif not store.versions(name):
+        raise AdapterNotFound(name)
+
+
+def _ref(text: str) -> AdapterRef:
+    with domain_errors("ref"):
+        return AdapterRef.parse(text)
+
+
+@router.get("/adapters")
+async def list_adapters(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    manifests = await asyncio.to_thread(services(request).registry.store(tenant).list)
+    return {"object": "list", "data": [m.model_dump(mode="json") for m in manifests]}
+
+
+@router.get("/adapters/{ref}")
+async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> Manifest:
+    await _existing(request, tenant)
+    svc = services(request)
+    parsed = _ref(ref)
+    pinned = (await svc.pointers.of(tenant)).pins.get(parsed.name)
+    with domain_errors():
+        return await asyncio.to_thread(svc.registry.store(tenant).resolve, parsed, pinned)
+
+
+async def _receive_archive(request: Request, into: Path, limit: int) -> int:
+    """Stream the body to `into`, writing in worker threads a buffer of about 1 MiB at a time."""
+    size = 0
+    buffer = bytearray()
+    with await asyncio.to_thread(into.open, "wb") as out:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Adapter archive exceeds the limit of {limit} bytes.")
+            buffer += chunk
+            if len(buffer) >= UPLOAD_WRITE_BYTES:
+                await asyncio.to_thread(out.write, bytes(buffer))
+                buffer.clear()
+        await asyncio.to_thread(out.write, bytes(buffer))
+    return size
+
+
+@router.post("/adapters", status_code=201)
+async def add_adapter(
+    tenant: str, request: Request, _: Manager, name: Annotated[str, Query(min_length=1)]
+) -> JSONResponse:
+    await _existing(request, tenant)
+    svc = services(request)
+    with domain_errors("name"):
+        check_name(name)
+    if name in (await svc.pointers.of(tenant)).aliases:
+        raise Conflict(f"`{name}` is already an alias of this tenant.", param="name", code="name_taken")
+    base = await svc.base_spec()
+    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
+    try:
+        archive = scratch / "adapter.tar.gz"
+        if await _receive_archive(request, archive, svc.settings.max_adapter_upload_bytes) == 0:
+            raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
+        with domain_errors("name"):
+            manifest = await asyncio.to_thread(
+                svc.registry.store(tenant).add, archive, name, base, svc.settings.max_lora_rank, "upload"
+            )
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+    svc.registry.invalidate(tenant, manifest.name)
+    return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
+
+
+@router.delete("/adapters/{ref}")
+async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    parsed = _ref(ref)
+    if parsed.version is None:
+        raise InvalidRequest("Delete one version at a time: name@version.", param="ref", code="invalid_adapter")
+    svc = services(request)
+    store = svc.registry.store(tenant)
+    try:
+        with domain_errors():
+            manifest = await asyncio.to_thread(store.manifest, parsed.name, parsed.version)
+            await svc.placement.unload_everywhere(f"{tenant}.{manifest.ref}")
+            await asyncio.to_thread(store.remove, parsed.name, parsed.version)
+    finally:
+        svc.registry.invalidate(tenant, parsed.name)
+    if not await asyncio.to_thread(store.versions, parsed.name):
+        await svc.pointers.forget_adapter(tenant, parsed.name)
+    return {"id": manifest.ref, "object": "adapter", "deleted": True}
+
+
+@router.put("/adapters/{name}/pin")
+async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    svc = services(request)
+    parsed = _ref(name)
+    store = svc.registry.store(tenant)
+    with domain_errors("version"):
+        await asyncio.to_thread(_require, store, parsed.name, body.version)
+    await svc.pointers.pin(tenant, parsed.name, body.version)
+    with domain_errors():
+        resolves_to = await asyncio.to_thread(store.resolve, AdapterRef(parsed.name), body.version)
+    return {"name": parsed.name, "pinned": body.version, "resolves_to": resolves_to.ref}
+
+
+@router.put("/adapters/{name}/share")
+async def share_adapter(tenant: str, name: str, body: Share, request: Request, _: Admin) -> dict[str, Any]:
+    await _existing(request, tenant)
+    svc = services(request)
+    parsed = _ref(name)
+    with domain_errors("tenants"):
+        await asyncio.to_thread(_require, svc.registry.store(tenant), parsed.name)
+        for other in body.tenants:
+            await svc.tenants.get(other)
+    await svc.pointers.share(tenant, parsed.name, [t for t in body.tenants if t != tenant])
+    return {"adapter": f"{tenant}/{parsed.name}", "shared_with": sorted(set(body.tenants) - {tenant})}
+
+
+@router.get("/aliases")
+async def list_aliases(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    aliases = (await services(request).pointers.of(tenant)).aliases
+    return {"object": "list", "data": [{"alias": a, "target": t} for a, t in sorted(aliases.items())]}
+
+
+@router.put("/aliases/{alias}")
+async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    svc = services(request)
+    with domain_errors("alias"):
+        check_name(alias)
+    taken = await asyncio.to_thread(svc.registry.store(tenant).versions, alias)
+    if alias == svc.settings.served_model_name or taken:
+        raise Conflict(f"`{alias}` is already the name of a model of this tenant.", param="alias", code="name_taken")
+    try:
+        route = await svc.router.target(body.target, tenant)
+    except ModelNotFound as exc:
+        raise InvalidRequest(
+            f"An alias points at the base model or at one adapter version (name@V); `{body.target}` is neither.",
+            param="target",
+            code="invalid_alias_target",
+        ) from exc
+    await svc.pointers.set_alias(tenant, alias, body.target)
+    return {"alias": alias, "target": body.target, "serves": route.served_model}
+
+
+@router.delete("/aliases/{alias}")
+async def delete_alias(tenant: str, alias: str, request: Request, _: Manager) -> dict[str, Any]:
+    await _existing(request, tenant)
+    if not await services(request).pointers.delete_alias(tenant, alias):
+        raise NotFound(f"Alias `{alias}` does not exist.", param="alias", code="alias_not_found")
+    return {"alias": alias, "object": "alias", "deleted": True}

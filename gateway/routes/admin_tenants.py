@@ -1,0 +1,126 @@
+"""Tenants and their API keys, for the global admin key only (LORAGATE_ADMIN_KEY).
+
+POST   /admin/tenants                                 {"name", "limits"?, "on_redis_down"?}  -> 201 tenant
+GET    /admin/tenants                                 every tenant
+GET    /admin/tenants/{tenant}                        one tenant
+PATCH  /admin/tenants/{tenant}                        {"limits"?, "on_redis_down"?}
+DELETE /admin/tenants/{tenant}                        its keys, aliases, pins, shares and adapters
+POST   /admin/tenants/{tenant}/keys                   {"role"?, "name"?, "expires"?, "limits"?} -> 201, the key once
+GET    /admin/tenants/{tenant}/keys                   id, prefix, role, created, expiry, last use; never the key
+DELETE /admin/tenants/{tenant}/keys/{key_id}          revoke: refused by every gateway within a second
+POST   /admin/tenants/{tenant}/keys/{key_id}/rotate   {"grace"}: a new key; the old one works until the grace ends
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+from starlette.responses import JSONResponse
+
+from gateway.apikeys import KeyInfo, parse_duration
+from gateway.auth import Admin
+from gateway.errors import NotFound
+from gateway.routes import domain_errors, services
+from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
+
+router = APIRouter(prefix="/admin/tenants")
+
+
+class NewTenant(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    limits: Limits = Limits()
+    on_redis_down: Literal["open", "closed"] = "open"
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str = "inference"
+    name: str = "default"
+    expires: str | int | None = None
+    """Seconds, or a duration such as 30d or 12h; None: never."""
+    limits: Limits = Limits()
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grace: str | int = "1h"
+
+
+@router.post("", status_code=201)
+async def create_tenant(body: NewTenant, request: Request, _: Admin) -> Tenant:
+    with domain_errors("name"):
+        return await services(request).tenants.create(body.name, body.limits, body.on_redis_down)
+
+
+@router.get("")
+async def list_tenants(request: Request, _: Admin) -> dict[str, Any]:
+    tenants = await services(request).tenants.all()
+    return {"object": "list", "data": [t.model_dump() for t in tenants]}
+
+
+@router.get("/{tenant}")
+async def show_tenant(tenant: str, request: Request, _: Admin) -> Tenant:
+    with domain_errors():
+        return await services(request).tenants.get(tenant)
+
+
+@router.patch("/{tenant}")
+async def update_tenant(tenant: str, body: TenantChanges, request: Request, _: Admin) -> Tenant:
+    with domain_errors():
+        return await services(request).tenants.update(tenant, body)
+
+
+@router.delete("/{tenant}")
+async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, Any]:
+    svc = services(request)
+    with domain_errors():
+        revoked = await svc.tenants.delete(check_tenant_name(tenant))
+    await asyncio.to_thread(svc.registry.remove_tenant, tenant)
+    svc.keys.forget_cached()
+    return {"id": tenant, "object": "tenant", "deleted": True, "keys_revoked": len(revoked)}
+
+
+@router.post("/{tenant}/keys", status_code=201)
+async def create_key(tenant: str, body: NewKey, request: Request, _: Admin) -> JSONResponse:
+    with domain_errors("expires"):
+        expires = parse_duration(body.expires) if body.expires is not None else None
+        key, info = await services(request).keys.create(tenant, body.role, body.name, expires, body.limits)
+    return JSONResponse({"key": key, **info.model_dump()}, status_code=201)
+
+
+@router.get("/{tenant}/keys")
+async def list_keys(tenant: str, request: Request, _: Admin) -> dict[str, Any]:
+    with domain_errors():
+        infos = await services(request).keys.list(tenant)
+    return {"object": "list", "data": [info.model_dump() for info in infos]}
+
+
+async def _own_key(request: Request, tenant: str, key_id: str) -> KeyInfo:
+    with domain_errors():
+        info = await services(request).keys.get(key_id)
+    if info.tenant != tenant:
+        raise NotFound(f"API key `{key_id}` does not exist.", param="key_id", code="key_not_found")
+    return info
+
+
+@router.delete("/{tenant}/keys/{key_id}")
+async def revoke_key(tenant: str, key_id: str, request: Request, _: Admin) -> dict[str, Any]:
+    await _own_key(request, tenant, key_id)
+    with domain_errors():
+        info = await services(request).keys.revoke(key_id)
+    return {"id": info.id, "object": "api_key", "revoked": True}
+
+
+@router.post("/{tenant}/keys/{key_id}/rotate", status_code=201)
+async def rotate_key(tenant: str, key_id: str, body: Rotation, request: Request, _: Admin) -> JSONResponse:
+    await _own_key(request, tenant, key_id)
+    with domain_errors("grace"):
+        key, info = await services(request).keys.rotate(key_id, parse_duration(body.grace, allow_zero=True))
+    return JSONResponse({"key": key, **info.model_dump(), "replaces": key_id}, status_code=201)

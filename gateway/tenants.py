@@ -1,0 +1,166 @@
+"""Tenants: the teams that share one loragate. Each has its own keys, adapters, aliases and limits.
+
+A tenant's settings live in Redis as one JSON document; every change bumps the state version
+that all gateway processes watch (gateway.state), so a deleted tenant stops everywhere within 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.errors import StateUnavailable
+
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+class InvalidTenant(ValueError):
+    """A tenant name or setting is refused; the message says why."""
+
+
+class TenantNotFound(LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Tenant `{name}` does not exist.")
+
+
+class TenantExists(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Tenant `{name}` already exists.")
+
+
+def check_tenant_name(name: str) -> str:
+    """1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit: no ':', '/' or '.',
+    so a tenant can never be spelled into another tenant's Redis keys, folders or vLLM adapter names."""
+    if not TENANT_NAME.fullmatch(name):
+        raise InvalidTenant(
+            f"Invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit (no ':', '/', '.' or spaces)."
+        )
+    return name
+
+
+class Limits(BaseModel):
+    """Requests and tokens per minute; None is unlimited."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + completion).")
+
+    @property
+    def any(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    created: float = Field(default_factory=time.time)
+    limits: Limits = Field(default_factory=Limits)
+    on_redis_down: Literal["open", "closed"] = Field(
+        "open",
+        description="When Redis cannot be asked about quotas: admit requests (open) or refuse them (closed).",
+    )
+
+
+class TenantChanges(BaseModel):
+    """What an update may change; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    limits: Limits | None = None
+    on_redis_down: Literal["open", "closed"] | None = None
+
+
+class TenantStore:
+    """Tenants in Redis (a client with decode_responses=True), and a per-process cache of their settings
+    for the request path, emptied by the state watcher."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._cache: dict[str, Tenant] = {}
+        self._loading: dict[str, asyncio.Future[Tenant]] = {}
+
+    def forget_cached(self) -> None:
+        self._cache.clear()
+
+    async def cached(self, name: str) -> Tenant:
+        """The tenant's settings, from memory when read since the last change (concurrent first reads share
+        one Redis call). Redis unreachable with nothing in memory: StateUnavailable, never "no limits"."""
+        tenant = self._cache.get(name)
+        if tenant is not None:
+            return tenant
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.ensure_future(self.get(name))
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        try:
+            tenant = await asyncio.shield(loading)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"Tenant settings are unavailable: {type(exc).__name__}.") from exc
+        self._cache[name] = tenant
+        return tenant
+
+    async def create(self, name: str, limits: Limits | None = None, on_redis_down: str = "open") -> Tenant:
+        tenant = Tenant.model_validate(
+            {"name": check_tenant_name(name), "limits": limits or Limits(), "on_redis_down": on_redis_down}
+        )
+        if not await self._redis.set(keys.tenant(name), tenant.model_dump_json(), nx=True):
+            raise TenantExists(name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.tenants(), name)
+            pipe.incr(keys.state_version())
+            await pipe.execute()
+        return tenant
+
+    async def get(self, name: str) -> Tenant:
+        raw = await self._redis.get(keys.tenant(check_tenant_name(name)))
+        if raw is None:
+            raise TenantNotFound(name)
+        return Tenant.model_validate_json(raw)
+
+    async def names(self) -> list[str]:
+        return sorted(await self._redis.smembers(keys.tenants()))
+
+    async def all(self) -> list[Tenant]:
+        names = await self.names()
+        raws = await self._redis.mget([keys.tenant(n) for n in names]) if names else []
+        return [Tenant.model_validate_json(raw) for raw in raws if raw is not None]
+
+    async def update(self, name: str, changes: TenantChanges) -> Tenant:
+        tenant = await self.get(name)
+        updated = tenant.model_copy(update=changes.model_dump(exclude_none=True))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.tenant(name), updated.model_dump_json(), xx=True)
+            pipe.incr(keys.state_version())
+            await pipe.execute()
+        return updated
+
+    async def delete(self, name: str) -> list[str]:
+        """Delete the tenant, its keys, pins and aliases, and its shares (both ways). Returns the ids of the
+        keys it revoked. Its adapter files are the registry's to remove."""
+        await self.get(name)
+        key_ids = sorted(await self._redis.smembers(keys.tenant_keys(name)))
+        shares = await self._redis.hgetall(keys.shares())
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.tenant(name), keys.tenant_keys(name), keys.pins(name), keys.aliases(name))
+            for key_id in key_ids:
+                pipe.delete(keys.api_key(key_id))
+            pipe.srem(keys.tenants(), name)
+            for adapter, raw in shares.items():
+                if adapter.startswith(f"{name}/"):
+                    pipe.hdel(keys.shares(), adapter)
+                elif name in (consumers := json.loads(raw)):
+                    pipe.hset(keys.shares(), adapter, json.dumps([t for t in consumers if t != name]))
+            pipe.incr(keys.state_version())
+            await pipe.execute()
+        return key_ids

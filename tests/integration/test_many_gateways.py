@@ -1,0 +1,170 @@
+"""Several gateway processes, one Redis, one set of vLLM replicas: revocation, quotas, aliases and
+adapter residency hold across all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters.validate import BaseModelSpec
+from tests.conftest import (
+    ADMIN_KEY,
+    CAPACITY,
+    MODEL,
+    Gateway,
+    RedisServer,
+    create_key,
+    loragate,
+    start_side_gateway,
+    stop_gateway,
+)
+from tests.integration.conftest import add_synthetic, metric
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sides(
+    gateway: Gateway, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Gateway]]:
+    """Two more gateway processes, both in front of the session's first vLLM replica only, sharing the
+    session gateway's Redis and adapter store."""
+    started = [
+        start_side_gateway(
+            tmp_path_factory.mktemp(f"side{i}"),
+            redis_server.url,
+            gateway.engine_ports[:1],
+            LORAGATE_MAX_CPU_LORAS=str(CAPACITY),
+            LORAGATE_ADAPTER_STORE=str(Path(gateway.env["LORAGATE_HOME"]) / "adapters"),
+        )
+        for i in range(2)
+    ]
+    yield started
+    for side in started:
+        stop_gateway(side)
+
+
+def ask(gateway: Gateway, key: str, model: str = MODEL) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/completions",
+        json={"model": model, "prompt": "Hi", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+
+
+def test_a_revoked_key_fails_on_every_process_within_a_second(gateway: Gateway, sides: list[Gateway]) -> None:
+    key = create_key(gateway.env, "multi")
+    processes = [gateway, *sides]
+    assert all(ask(p, key).status_code == 200 for p in processes), "every process has the key cached"
+    loragate(gateway.env, "keys", "revoke", key.removeprefix("sk-lg-").split("_")[0])
+    revoked_at = time.monotonic()
+    still_working = set(range(len(processes)))
+    while still_working and time.monotonic() - revoked_at < 1.0:
+        still_working = {i for i in still_working if ask(processes[i], key).status_code != 401}
+    assert not still_working, f"processes {still_working} accepted the key a second after it was revoked"
+
+
+async def _burst(processes: list[Gateway], key: str, count: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"{processes[i % len(processes)].base_url}/completions",
+                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                for i in range(count)
+            )
+        )
+
+
+def test_quota_admits_exactly_the_limit_across_processes(gateway: Gateway, sides: list[Gateway]) -> None:
+    loragate(gateway.env, "tenants", "create", "quota50", "--rpm", "50")
+    key = create_key(gateway.env, "quota50")
+    answers = asyncio.run(_burst([gateway, sides[0]], key, 200))
+    statuses = [answer.status_code for answer in answers]
+    for process in (gateway, sides[0]):
+        assert metric(process, "loragate_quota_redis_failures_total") == 0, "no quota check was skipped"
+    assert (statuses.count(200), statuses.count(429)) == (50, 150), statuses
+    for answer in answers:
+        assert answer.headers["x-ratelimit-limit-requests"] == "50"
+        assert "x-ratelimit-remaining-requests" in answer.headers and "x-ratelimit-reset-requests" in answer.headers
+        if answer.status_code == 429:
+            error = answer.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+            assert 1 <= int(answer.headers["retry-after"]) <= 60
+
+
+def test_tokens_per_minute_are_settled_against_real_usage(gateway: Gateway, sides: list[Gateway]) -> None:
+    loragate(gateway.env, "tenants", "create", "tpm", "--tpm", "5000")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=create_key(gateway.env, "tpm"), max_retries=0)
+    ask_ = dict(model=MODEL, prompt="The capital of France is", max_tokens=400, stop=["."], temperature=0)
+    first = client.completions.with_raw_response.create(**ask_)  # type: ignore[call-overload]
+    reserved_remaining = int(first.headers["x-ratelimit-remaining-tokens"])
+    used = first.parse().usage.total_tokens
+    assert used < 100, "the answer stopped early: far less than the 400 reserved"
+    time.sleep(0.5)  # settling runs after the response
+    second = openai.OpenAI(base_url=sides[0].base_url, api_key=client.api_key, max_retries=0)
+    after = int(second.completions.with_raw_response.create(**ask_).headers["x-ratelimit-remaining-tokens"])  # type: ignore[call-overload]
+    reservation = 5000 - reserved_remaining
+    assert abs(after - (5000 - used - reservation)) <= 2, (reserved_remaining, used, after)
+
+
+def test_a_repointed_alias_reaches_another_process_within_a_second(
+    gateway: Gateway, sides: list[Gateway], base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    key = create_key(gateway.env, "aliases")
+    with httpx.Client(
+        base_url=f"{gateway.url}/admin/tenants/aliases", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as admin:
+        first = add_synthetic(admin, base_spec, tmp_path, "bot", seed=401)
+        second = add_synthetic(admin, base_spec, tmp_path, "bot", seed=402)
+        assert admin.put("/aliases/prod", json={"target": first}).status_code == 200
+        assert ask(sides[1], key, "prod").json()["model"] == first
+        assert admin.put("/aliases/prod", json={"target": second}).status_code == 200
+    moved_at = time.monotonic()
+    while ask(sides[1], key, "prod").json()["model"] != second:
+        assert time.monotonic() - moved_at < 1.0, "the other process still serves the old target after a second"
+
+
+async def _mixed(processes: list[Gateway], key: str, names: list[str], count: int) -> list[httpx.Response]:
+    order = random.Random(7).choices(names, k=count)
+    gate = asyncio.Semaphore(8)
+    async with httpx.AsyncClient(timeout=300) as client:
+
+        async def one(i: int, name: str) -> httpx.Response:
+            async with gate:
+                return await client.post(
+                    f"{processes[i % len(processes)].base_url}/completions",
+                    json={"model": name, "prompt": "Hi", "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+
+        return await asyncio.gather(*(one(i, name) for i, name in enumerate(order)))
+
+
+def test_processes_share_a_replicas_adapters_without_failures(
+    gateway: Gateway, sides: list[Gateway], base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    """Two gateway processes, one vLLM holding at most 3 adapters, 12 adapters in mixed concurrent traffic:
+    no 5xx, and every answer names the version asked for."""
+    key = create_key(gateway.env, "residents")
+    names = [f"r{i:02d}" for i in range(12)]
+    with httpx.Client(
+        base_url=f"{gateway.url}/admin/tenants/residents", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as admin:
+        for seed, name in enumerate(names, start=500):
+            add_synthetic(admin, base_spec, tmp_path, name, seed=seed)
+    answers = asyncio.run(_mixed(sides, key, names, 72))
+    assert [a.status_code for a in answers if a.status_code != 200] == []
+    asked = random.Random(7).choices(names, k=72)
+    assert [a.json()["model"] for a in answers] == [f"{name}@1" for name in asked]

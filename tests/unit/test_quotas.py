@@ -1,0 +1,103 @@
+"""Quotas against a real Redis: exact across processes, tokens reserved then settled, OpenAI's headers,
+and what happens when Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.errors import RateLimited, StateUnavailable
+from gateway.metrics import Metrics
+from gateway.principal import Principal
+from gateway.quotas import Admission, QuotaGate, duration
+from gateway.tenants import Limits, Tenant
+from tests.conftest import RedisServer, free_port
+
+KEY = Principal(tenant="acme", key_id="k1", role="inference")
+
+
+async def attempt(
+    gate: QuotaGate, tenant: Tenant, i: int, principal: Principal = KEY, cost: int = 10
+) -> Admission | RateLimited:
+    try:
+        return await gate.admit(principal, tenant, f"req-{i}", cost)
+    except RateLimited as refused:
+        return refused
+
+
+async def test_n_processes_admit_exactly_the_limit_between_them(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """Four gate instances (as four gateway processes would hold, each with its own connection) and 200
+    concurrent requests against 50 requests per minute: exactly 50 get through."""
+    clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(4)]
+    gates = [QuotaGate(client, Metrics(), 256) for client in clients]
+    tenant = Tenant(name="acme", limits=Limits(rpm=50))
+    try:
+        outcomes = await asyncio.gather(*(attempt(gates[i % 4], tenant, i) for i in range(200)))
+    finally:
+        for client in clients:
+            await client.aclose()
+    admitted = [o for o in outcomes if isinstance(o, Admission)]
+    refused = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert (len(admitted), len(refused)) == (50, 150)
+    assert sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted) == list(range(50))
+    for refusal in refused:
+        assert refusal.status == 429 and refusal.code == "rate_limit_exceeded" and refusal.type == "requests"
+        assert refusal.headers["x-ratelimit-limit-requests"] == "50"
+        assert refusal.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 1 <= int(refusal.headers["retry-after"]) <= 60
+
+
+async def test_tokens_are_reserved_then_settled_by_real_usage(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="acme", limits=Limits(tpm=1000))
+    first = await gate.admit(KEY, tenant, "a", 400)
+    await gate.admit(KEY, tenant, "b", 400)
+    refused = await attempt(gate, tenant, 3, cost=400)
+    assert isinstance(refused, RateLimited) and refused.type == "tokens"
+    assert "needs 400" in refused.message
+    gate.settle(first, used_tokens=50)  # it reserved 400 and used 50
+    await gate.flush()
+    admitted = await gate.admit(KEY, tenant, "c", 400)
+    assert int(admitted.headers["x-ratelimit-remaining-tokens"]) == 1000 - 50 - 400 - 400
+    assert admitted.headers["x-ratelimit-limit-tokens"] == "1000"
+
+
+async def test_a_key_limit_applies_on_top_of_its_tenant(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="acme", limits=Limits(rpm=100))
+    limited = Principal(tenant="acme", key_id="k2", role="inference", rpm=2)
+    outcomes = [await attempt(gate, tenant, i, limited) for i in range(3)]
+    assert [type(o).__name__ for o in outcomes] == ["Admission", "Admission", "RateLimited"]
+    assert outcomes[1].headers["x-ratelimit-limit-requests"] == "2", "the tighter scope is reported"  # type: ignore[union-attr]
+    assert isinstance(await attempt(gate, tenant, 9), Admission), "other keys of the tenant go on"
+
+
+async def test_no_limits_costs_no_redis_call(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0"), Metrics(), 256)
+    assert (await gate.admit(KEY, Tenant(name="free"), "x", 10)).headers == {}
+
+
+async def test_redis_down_follows_the_tenant_setting_and_is_counted() -> None:
+    metrics = Metrics()
+    gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1), metrics, 256)
+    opened = await gate.admit(KEY, Tenant(name="acme", limits=Limits(rpm=1), on_redis_down="open"), "x", 10)
+    assert opened.headers == {}
+    with pytest.raises(StateUnavailable):
+        await gate.admit(KEY, Tenant(name="strict", limits=Limits(rpm=1), on_redis_down="closed"), "y", 10)
+    assert metrics.quota_redis_failures.labels("acme", "open")._value.get() == 1
+    assert metrics.quota_redis_failures.labels("strict", "closed")._value.get() == 1
+
+
+def test_reset_durations_read_like_openai() -> None:
+    assert [duration(ms) for ms in (20, 999, 1000, 6_400, 60_000, 90_500)] == [
+        "20ms",
+        "999ms",
+        "1s",
+        "7s",
+        "1m0s",
+        "1m31s",
+    ]

@@ -1,0 +1,154 @@
+"""Tenants, keys, the state watch and the pointers, against a real Redis (flushed for each test)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.apikeys import InvalidKeyRequest, KeyStore, parse_duration
+from gateway.errors import AuthenticationFailed
+from gateway.pointers import PointerStore
+from gateway.state import StateWatcher
+from gateway.tenants import InvalidTenant, Limits, TenantExists, TenantNotFound, TenantStore, check_tenant_name
+from tests.conftest import RedisServer
+
+
+@pytest.mark.parametrize("name", ["", "Acme", "a:b", "a/b", "a.b", "-a", "a b", "x" * 64, "é"])
+def test_bad_tenant_names_are_refused_saying_why(name: str) -> None:
+    with pytest.raises(InvalidTenant, match="lowercase letters"):
+        check_tenant_name(name)
+
+
+async def test_tenants_are_created_once_and_deleted_with_everything_they_own(redis: aioredis.Redis) -> None:
+    tenants, keys, pointers = TenantStore(redis), KeyStore(redis, 0), PointerStore(redis)
+    await tenants.create("acme", Limits(rpm=10))
+    await tenants.create("beta")
+    with pytest.raises(TenantExists):
+        await tenants.create("acme")
+    assert [t.name for t in await tenants.all()] == ["acme", "beta"]
+    key, _ = await keys.create("acme")
+    await pointers.set_alias("acme", "prod", "base")
+    await pointers.share("acme", "bot", ["beta"])
+    await pointers.share("beta", "helper", ["acme"])
+    assert await tenants.delete("acme") == [key[6:14]]
+    with pytest.raises(TenantNotFound):
+        await tenants.get("acme")
+    with pytest.raises(AuthenticationFailed):
+        await keys.verify(key)
+    assert await redis.keys("loragate:tenant:acme*") == []
+    assert await pointers.shares() == {"beta/helper": frozenset()}
+
+
+async def test_keys_are_hashed_listed_without_secrets_and_checked(redis: aioredis.Redis) -> None:
+    await TenantStore(redis).create("acme")
+    keys = KeyStore(redis, 0)
+    with pytest.raises(TenantNotFound):
+        await keys.create("nobody")
+    with pytest.raises(InvalidKeyRequest, match="Unknown role"):
+        await keys.create("acme", role="root")
+    key, info = await keys.create("acme", role="manage", name="ci", limits=Limits(rpm=5))
+    assert key.startswith(f"sk-lg-{info.id}_") and info.prefix == f"sk-lg-{info.id}"
+    stored = await redis.hgetall(f"loragate:key:{info.id}")
+    assert key not in str(stored) and key.split("_", 1)[1] not in str(stored), "only the hash is stored"
+    principal = await keys.verify(key)
+    assert (principal.tenant, principal.role, principal.rpm) == ("acme", "manage", 5)
+    assert [i.id for i in await keys.list("acme")] == [info.id]
+    for wrong in ("sk-lg-nothing", key[:-1] + ("x" if key[-1] != "x" else "y"), f"sk-lg-{info.id}_" + "a" * 43):
+        with pytest.raises(AuthenticationFailed) as refused:
+            await keys.verify(wrong)
+        assert key not in refused.value.message
+
+
+async def test_expiry_and_rotation_with_grace(redis: aioredis.Redis) -> None:
+    await TenantStore(redis).create("acme")
+    keys = KeyStore(redis, 60)
+    short, _ = await keys.create("acme", expires_in_s=0.5)
+    await keys.verify(short)
+    await asyncio.sleep(0.6)
+    with pytest.raises(AuthenticationFailed, match="expired"):
+        await keys.verify(short)  # an expiry holds even for a cached key
+    old, info = await keys.create("acme", role="manage")
+    new, new_info = await keys.rotate(info.id, grace_s=0.5)
+    assert new_info.role == "manage" and new_info.id != info.id
+    await keys.verify(old)
+    await keys.verify(new)
+    await asyncio.sleep(0.6)
+    with pytest.raises(AuthenticationFailed):
+        await keys.verify(old)
+    await keys.verify(new)
+
+
+def test_durations() -> None:
+    assert parse_duration("1h30m") == 5400 and parse_duration("7d") == 7 * 86400 and parse_duration(90) == 90
+    assert parse_duration("0s", allow_zero=True) == 0
+    for bad in ("", "soon", "-5", "0s"):
+        with pytest.raises(InvalidKeyRequest):
+            parse_duration(bad)
+
+
+async def test_a_revocation_reaches_another_process_through_the_state_watch(redis_server: RedisServer) -> None:
+    """Two processes' key stores, each with a long auth cache: the watch empties it within its interval."""
+    here = aioredis.from_url(redis_server.url, decode_responses=True)
+    there = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await here.flushdb()
+        await TenantStore(here).create("acme")
+        mine, theirs = KeyStore(here, 3600), KeyStore(there, 3600)
+        watcher = StateWatcher(there, 0.05, [theirs.forget_cached])
+        watching = asyncio.create_task(watcher.run())
+        key, info = await mine.create("acme")
+        await theirs.verify(key)
+        revoked_at = time.monotonic()
+        await mine.revoke(info.id)
+        while time.monotonic() - revoked_at < 1:
+            try:
+                await theirs.verify(key)
+            except AuthenticationFailed:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the other process still accepts the revoked key after 1 s")
+        watching.cancel()
+    finally:
+        await here.aclose()
+        await there.aclose()
+
+
+async def test_pointers_are_read_once_and_forgotten_on_change(redis: aioredis.Redis) -> None:
+    pointers = PointerStore(redis)
+    await pointers.pin("acme", "bot", 2)
+    await pointers.set_alias("acme", "prod", "bot@1")
+    assert (await pointers.of("acme")).pins == {"bot": 2}
+    await redis.hset("loragate:tenant:acme:aliases", "sneaky", "x@1")
+    assert "sneaky" not in (await pointers.of("acme")).aliases, "cached until the state version moves"
+    pointers.forget_cached()
+    assert (await pointers.of("acme")).aliases == {"prod": "bot@1", "sneaky": "x@1"}
+    await pointers.share("acme", "bot", ["beta", "gamma"])
+    assert await pointers.shared_with("beta") == [("acme", "bot")]
+    assert await pointers.shared_with("acme") == []
+
+
+async def test_while_redis_is_down_known_keys_keep_working_and_unknown_ones_get_503(redis: aioredis.Redis) -> None:
+    from gateway.errors import StateUnavailable
+    from tests.conftest import free_port
+
+    await TenantStore(redis).create("acme")
+    keys = KeyStore(redis, cache_seconds=0.05)
+    key, _ = await keys.create("acme")
+    other, _ = await keys.create("acme")
+    await keys.verify(key)
+    tenants = TenantStore(redis)
+    await tenants.cached("acme")
+    dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True)
+    keys._redis = tenants._redis = dead  # Redis goes away
+    await asyncio.sleep(0.1)
+    assert (await keys.verify(key)).tenant == "acme", "verified before: still valid"
+    assert (await tenants.cached("acme")).name == "acme"
+    with pytest.raises(StateUnavailable):
+        await keys.verify(other)
+    with pytest.raises(StateUnavailable):
+        await TenantStore(dead).cached("acme")
+    await dead.aclose()
