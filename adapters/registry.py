@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +157,17 @@ class Registry:
                 out.append((manifest.ref, manifest))
         return out
 
-    def remove_tenant(self, tenant: str) -> None:
-        """Every adapter of a deleted tenant (running gateways unload them within a health interval)."""
-        shutil.rmtree(self.root / tenant, ignore_errors=True)
-        self._stores.pop(tenant, None)
-        for key in [key for key in self._cache if key[0] == tenant]:
-            del self._cache[key]
+    def remove_tenant(self, tenant: str) -> list[str]:
+        """Delete every adapter version of a deleted tenant; return their upstream names (to unload).
+
+        Each name's version counter stays, so a tenant later created with the same name numbers its
+        versions on from there: an upstream name is never reused, and no vLLM replica can serve an
+        old tenant's weights under a new tenant's name."""
+        store = self.store(tenant)
+        removed = []
+        for manifest in store.list():
+            store.remove(manifest.name, manifest.version)
+            removed.append(upstream_name(tenant, manifest))
+        for key in [key for key in list(self._cache) if key[0] == tenant]:
+            self._cache.pop(key, None)
+        return removed

@@ -1,11 +1,11 @@
 """Tenants' API keys: `sk-lg-<id>_<secret>`, stored in Redis as the sha256 of the whole key only.
 
-The id (8 hex characters) names the key in listings, revocation and rotation, and finds its record
+The id (12 hex characters) names the key in listings, revocation and rotation, and finds its record
 in one lookup; the secret never leaves the `create` or `rotate` answer. `verify` runs on every
 request from a per-process cache that the state watcher empties whenever a key or tenant changes,
 so a revoked key fails in every gateway process within the watch interval; an expiry is checked on
-every request against the cached expiry time. While Redis is unreachable, keys verified before keep
-working (no revocation can happen meanwhile); unknown keys get 503.
+every request against the cached expiry time. While Redis cannot be reached from this process, keys
+it verified within the last minute keep working; unknown keys get 503.
 """
 
 from __future__ import annotations
@@ -24,10 +24,22 @@ from redis.exceptions import RedisError
 from gateway import keys
 from gateway.errors import AuthenticationFailed, StateUnavailable
 from gateway.principal import ROLES, Principal, Role
-from gateway.tenants import Limits, TenantNotFound
+from gateway.tenants import Limits, TenantNotFound, check_tenant_name
 
 KEY_PREFIX = "sk-lg-"
-KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{8})_[A-Za-z0-9_-]{20,}")
+STALE_S = 60.0
+"""How long past its cache time a verified key keeps working while Redis cannot be reached from this
+process (a revocation made meanwhile through another process takes effect once it is reached again)."""
+KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{20,}")
+# KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, then the record's fields.
+# The tenant must still exist and the id must be new, checked and written in one step.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
 
 
 class KeyNotFound(LookupError):
@@ -117,6 +129,9 @@ class KeyStore:
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._used: dict[str, float] = {}
+        self._generation = 0
+        """Bumped by every forget: a lookup begun before it is not cached after it."""
+        self._create = redis.register_script(_CREATE)
         self._touch = redis.register_script(
             "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end"
         )
@@ -134,6 +149,7 @@ class KeyStore:
 
     def forget_cached(self) -> None:
         """Something changed (a key revoked or rotated, a tenant deleted): ask Redis again."""
+        self._generation += 1
         self._cache.clear()
 
     async def _record(self, key_id: str) -> dict[str, str]:
@@ -152,36 +168,43 @@ class KeyStore:
     ) -> tuple[str, KeyInfo]:
         """A new key for an existing tenant: (the key, shown once; what may be shown of it later)."""
         check_role(role)
+        check_tenant_name(tenant)
         if expires_in_s is not None and expires_in_s <= 0:
             raise InvalidKeyRequest("A key's expiry must be in the future.")
-        if not await self._redis.exists(keys.tenant(tenant)):
-            raise TenantNotFound(tenant)
-        key_id = secrets.token_hex(4)
-        api_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         limits = limits or Limits()
-        record: dict[str, Any] = {
-            "tenant": tenant,
-            "role": role,
-            "name": name,
-            "sha256": hash_key(api_key),
-            "created": time.time(),
-            "expires_at": time.time() + expires_in_s if expires_in_s is not None else "",
-            "rpm": limits.rpm or "",
-            "tpm": limits.tpm or "",
-        }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.api_key(key_id), mapping=record)
-            pipe.sadd(keys.tenant_keys(tenant), key_id)
-            await pipe.execute()
-        return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
+        while True:
+            key_id = secrets.token_hex(6)
+            api_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+            record: dict[str, Any] = {
+                "tenant": tenant,
+                "role": role,
+                "name": name,
+                "sha256": hash_key(api_key),
+                "created": time.time(),
+                "expires_at": time.time() + expires_in_s if expires_in_s is not None else "",
+                "rpm": limits.rpm or "",
+                "tpm": limits.tpm or "",
+            }
+            fields = [str(part) for pair in record.items() for part in pair]
+            created = await self._create(
+                keys=[keys.tenant(tenant), keys.api_key(key_id), keys.tenant_keys(tenant)], args=[key_id, *fields]
+            )
+            if created == -1:
+                raise TenantNotFound(tenant)
+            if created == 1:
+                return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
 
     async def list(self, tenant: str) -> list[KeyInfo]:
         if not await self._redis.exists(keys.tenant(tenant)):
             raise TenantNotFound(tenant)
         infos = []
-        for key_id in sorted(await self._redis.smembers(keys.tenant_keys(tenant))):
-            record = await self._redis.hgetall(keys.api_key(key_id))
-            if record:
+        ids = sorted(await self._redis.smembers(keys.tenant_keys(tenant)))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key_id in ids:
+                pipe.hgetall(keys.api_key(key_id))
+            records = await pipe.execute()
+        for key_id, record in zip(ids, records, strict=True):
+            if record and record.get("tenant") == tenant:
                 infos.append(KeyInfo.from_record(key_id, record))
         return sorted(infos, key=lambda info: info.created)
 
@@ -199,11 +222,14 @@ class KeyStore:
         return info
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyInfo]:
-        """A new key like `key_id` (tenant, role, name, limits); the old one works `grace_s` more seconds."""
+        """A new key like `key_id` (tenant, role, name, limits, expiry); the old one works `grace_s` more seconds."""
         if grace_s < 0:
             raise InvalidKeyRequest("The grace period cannot be negative.")
         old = await self.get(key_id)
-        api_key, new = await self.create(old.tenant, old.role, old.name, limits=old.limits)
+        lifetime = old.expires_at - time.time() if old.expires_at is not None else None
+        if lifetime is not None and lifetime <= 0:
+            raise InvalidKeyRequest(f"API key `{key_id}` has expired: create a new key instead.", param="key_id")
+        api_key, new = await self.create(old.tenant, old.role, old.name, lifetime, old.limits)
         ends = time.time() + grace_s
         if old.expires_at is None or ends < old.expires_at:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -219,13 +245,14 @@ class KeyStore:
         digest = hash_key(token)
         cached = self._cache.get(digest)
         if cached is None or cached[1] <= time.monotonic():
+            generation = self._generation
             try:
                 cached = (await self._lookup(token, digest), time.monotonic() + self._cache_seconds)
             except StateUnavailable:
-                # Redis is unreachable: a key verified before stays valid (nothing can be revoked meanwhile).
-                if cached is None:
+                # Redis unreachable from here: a key verified within the last STALE_S stays valid.
+                if cached is None or time.monotonic() - cached[1] > STALE_S:
                     raise
-            if self._cache_seconds > 0:
+            if self._cache_seconds > 0 and generation == self._generation:
                 self._cache[digest] = cached
         principal = cached[0]
         if principal.expires_at is not None and time.time() >= principal.expires_at:

@@ -96,7 +96,17 @@ async def _maintain(svc: Services) -> None:
 
 
 def _services(settings: Settings, urls: list[str], model_dir: Path | None, session: aiohttp.ClientSession) -> Services:
-    redis = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+    # A bounded pool: a burst of requests queues for a connection instead of opening hundreds of them.
+    redis = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=5,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+        )
+    )
     metrics = Metrics()
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)

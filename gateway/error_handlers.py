@@ -7,11 +7,12 @@ import logging
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, from_errors
+from gateway.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, StateUnavailable, from_errors
 
 log = logging.getLogger("loragate.errors")
 
@@ -43,8 +44,14 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _respond(APIError("The server had an error while processing your request."))
 
 
+async def _state_error(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis failed under a request: %r", exc)
+    return _respond(StateUnavailable("loragate's state store is unavailable right now; try again shortly."))
+
+
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RedisError, _state_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

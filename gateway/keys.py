@@ -67,3 +67,28 @@ def replica_lock(replica: str) -> str:
 def replica_usage(replica: str) -> str:
     """Sorted set adapter -> last time any gateway sent it a request on one replica (shared LRU)."""
     return f"{PREFIX}:replica:{replica}:usage"
+
+
+def completion_log(tenant: str) -> str:
+    """Stream of a tenant's completion records (field `r`: the record's JSON), trimmed by length and age."""
+    return f"{PREFIX}:log:{tenant}"
+
+
+def completion(completion_id: str) -> str:
+    """`TENANT ENTRY-ID` of one recorded completion: who owns it and where its record is in the log."""
+    return f"{PREFIX}:completion:{completion_id}"
+
+
+def feedback(tenant: str, completion_id: str) -> str:
+    """Hash end user (empty: anonymous) -> feedback JSON, for one completion of one tenant."""
+    return f"{PREFIX}:feedback:{tenant}:{completion_id}"
+
+
+def feedback_index(tenant: str) -> str:
+    """Sorted set of a tenant's completion ids that have feedback (score: time of the latest)."""
+    return f"{PREFIX}:feedback-index:{tenant}"
+
+
+def end_user(tenant: str, user: str) -> str:
+    """Set of the completion ids an end user of a tenant asked for or rated (for erasure)."""
+    return f"{PREFIX}:user:{tenant}:{user}"

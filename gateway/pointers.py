@@ -33,27 +33,37 @@ class PointerStore:
         self._redis = redis
         self._tenants: dict[str, TenantPointers] = {}
         self._shares: dict[str, frozenset[str]] | None = None
+        self._generation = 0
+        """Bumped by every forget: a read begun before it is not cached after it."""
 
     def forget_cached(self) -> None:
+        self._generation += 1
         self._tenants.clear()
         self._shares = None
 
     async def of(self, tenant: str) -> TenantPointers:
         cached = self._tenants.get(tenant)
         if cached is None:
+            generation = self._generation
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.pins(tenant))
                 pipe.hgetall(keys.aliases(tenant))
                 pins, aliases = await pipe.execute()
-            cached = self._tenants[tenant] = TenantPointers({k: int(v) for k, v in pins.items()}, dict(aliases))
+            cached = TenantPointers({k: int(v) for k, v in pins.items()}, dict(aliases))
+            if generation == self._generation:  # not read across a change: safe to keep
+                self._tenants[tenant] = cached
         return cached
 
     async def shares(self) -> dict[str, frozenset[str]]:
         """`owner/adapter` -> tenants it is shared with."""
-        if self._shares is None:
+        shares = self._shares
+        if shares is None:
+            generation = self._generation
             raw = await self._redis.hgetall(keys.shares())
-            self._shares = {adapter: frozenset(json.loads(tenants)) for adapter, tenants in raw.items()}
-        return self._shares
+            shares = {adapter: frozenset(json.loads(tenants)) for adapter, tenants in raw.items()}
+            if generation == self._generation:
+                self._shares = shares
+        return shares
 
     async def shared_with(self, tenant: str) -> list[tuple[str, str]]:
         """(owner, adapter) pairs shared with `tenant`."""

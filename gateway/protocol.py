@@ -77,6 +77,15 @@ class SamplingParams(PassThrough):
     seed: int | None = None
     user: str | None = None
 
+    def answers(self) -> int:
+        """How many completions the request generates: n (or vLLM's best_of), times its prompts."""
+        best_of = (self.model_extra or {}).get("best_of")
+        per_prompt = max(self.n, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 0)
+        return per_prompt * self.prompts()
+
+    def prompts(self) -> int:
+        return 1
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
@@ -102,6 +111,12 @@ class CompletionRequest(SamplingParams):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
     suffix: str | None = None
+
+    def prompts(self) -> int:
+        """A batch (a list of strings or of token lists) is one prompt each; one token list is one prompt."""
+        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int):
+            return len(self.prompt)
+        return 1
 
 
 class ModelCard(BaseModel):

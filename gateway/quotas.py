@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import keys
-from gateway.errors import RateLimited, StateUnavailable
+from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.tenants import Tenant
@@ -37,12 +37,14 @@ log = logging.getLogger("loragate.quotas")
 
 WINDOW_S = 60
 
-# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: now, member, cost,
-# then per scope rpm, tpm (0: none). Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens),
-# then for requests and for tokens the tightest limit, remaining and milliseconds to reset (-1 where
-# no scope has that limit).
+# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: member, cost, then per
+# scope rpm, tpm (0: none). Time is Redis's own (TIME), so gateways on hosts whose clocks differ agree.
+# Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens), then for requests and for tokens the
+# tightest limit, remaining and milliseconds to reset (-1 where no scope has that limit).
 _ADMIT = """
-local now, member, cost = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local member, cost = ARGV[1], tonumber(ARGV[2])
 local window = 60
 local into = (now % window) / window
 local out = {1, 0, -1, -1, -1, -1, -1, -1}
@@ -52,7 +54,7 @@ local function tighter(at, limit, remaining, reset)
   end
 end
 for i = 0, #KEYS / 3 - 1 do
-  local rpm, tpm = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  local rpm, tpm = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   if rpm > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[3 * i + 1], '-inf', now - window)
     local count = redis.call('ZCARD', KEYS[3 * i + 1])
@@ -73,11 +75,11 @@ for i = 0, #KEYS / 3 - 1 do
 end
 if out[1] == 1 then
   for i = 0, #KEYS / 3 - 1 do
-    if tonumber(ARGV[4 + 2 * i]) > 0 then
+    if tonumber(ARGV[3 + 2 * i]) > 0 then
       redis.call('ZADD', KEYS[3 * i + 1], now, member)
       redis.call('EXPIRE', KEYS[3 * i + 1], window + 1)
     end
-    if tonumber(ARGV[5 + 2 * i]) > 0 then
+    if tonumber(ARGV[4 + 2 * i]) > 0 then
       redis.call('INCRBY', KEYS[3 * i + 2], cost)
       redis.call('EXPIRE', KEYS[3 * i + 2], 2 * window + 1)
     end
@@ -126,10 +128,10 @@ class QuotaGate:
         self._admit = redis.register_script(_ADMIT)
         self._corrections: Counter[str] = Counter()
 
-    def cost(self, max_tokens: int | None, prompt_chars: int) -> int:
-        """Tokens reserved before forwarding: the request's max_tokens (else the configured default),
-        plus its prompt at about four characters a token."""
-        return (max_tokens or self._reserve_tokens) + prompt_chars // 4 + 1
+    def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
+        """Tokens reserved before forwarding: the request's max_tokens (else the configured default) for each
+        answer it asks for (n, times the prompts of a batch), plus its prompt at about four characters a token."""
+        return (max_tokens or self._reserve_tokens) * answers + prompt_chars // 4 + 1
 
     async def admit(self, principal: Principal, tenant: Tenant, request_id: str, cost: int) -> Admission:
         scopes = [(f"tenant:{tenant.name}", tenant.limits.rpm, tenant.limits.tpm)]
@@ -138,10 +140,17 @@ class QuotaGate:
         scopes = [scope for scope in scopes if scope[1] is not None or scope[2] is not None]
         if not scopes:
             return Admission.unlimited()
-        now = time.time()
-        minute = int(now // WINDOW_S)
+        for _, _, tpm in scopes:
+            if tpm is not None and cost > tpm:
+                raise InvalidRequest(
+                    f"This request may use up to {cost} tokens, more than this key's tokens-per-minute limit "
+                    f"({tpm}) allows at once: ask for fewer (max_tokens, n) or a higher limit.",
+                    param="max_tokens",
+                    code="tokens_over_limit",
+                )
+        minute = int(time.time() // WINDOW_S)
         script_keys: list[str] = []
-        args: list[object] = [now, request_id, cost]
+        args: list[object] = [request_id, cost]
         for scope, rpm, tpm in scopes:
             script_keys += [keys.quota_requests(scope), keys.quota_tokens(scope, minute)]
             script_keys.append(keys.quota_tokens(scope, minute - 1))
@@ -191,6 +200,7 @@ class QuotaGate:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, delta in corrections.items():
                     pipe.incrby(key, delta)
+                    pipe.expire(key, 2 * WINDOW_S + 1)
                 await pipe.execute()
         except (RedisError, OSError):
             pass  # the window moves on; a lost correction only lasts a minute

@@ -27,10 +27,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.errors import EngineUnavailable
 
 log = logging.getLogger("loragate.residency")
 
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
+"""The owner's lock: renewed for ARGV[2] ms, or released when that is 0; another owner's is left alone."""
 
 
 class Residency:
@@ -49,26 +55,42 @@ class Residency:
 
     @asynccontextmanager
     async def exclusive(self, replica: str) -> AsyncIterator[None]:
-        """Hold the replica's lock (waiting for another process to finish). Without Redis, go on alone:
-        the worst case is one eviction too many, never a failed request."""
+        """Hold the replica's lock, renewed while held, waiting up to LOCK_TTL_MS for another process to
+        finish (then EngineUnavailable). Without Redis, go on alone: the worst case is one eviction too
+        many, never a failed request."""
         token = secrets.token_hex(8)
-        held = False
-        deadline = time.monotonic() + self.LOCK_TTL_MS / 1000
         try:
-            while not held and time.monotonic() < deadline:
-                held = bool(await self._redis.set(keys.replica_lock(replica), token, nx=True, px=self.LOCK_TTL_MS))
-                if not held:
-                    await asyncio.sleep(0.05)
+            held = await self._acquire(replica, token)
         except (RedisError, OSError) as exc:
             log.warning("no residency lock for %s (Redis: %s); loading without it", replica, exc)
+            held = False
+        renewing = asyncio.create_task(self._renew(replica, token)) if held else None
         try:
             yield
         finally:
-            if held:
+            if renewing is not None:
+                renewing.cancel()
                 try:
-                    await self._release(keys=[keys.replica_lock(replica)], args=[token])
+                    await self._release(keys=[keys.replica_lock(replica)], args=[token, 0])
                 except (RedisError, OSError):
                     pass  # it expires on its own
+
+    async def _acquire(self, replica: str, token: str) -> bool:
+        deadline = time.monotonic() + self.LOCK_TTL_MS / 1000
+        while not await self._redis.set(keys.replica_lock(replica), token, nx=True, px=self.LOCK_TTL_MS):
+            if time.monotonic() > deadline:
+                raise EngineUnavailable("Another gateway is loading adapters on the engine; try again shortly.")
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _renew(self, replica: str, token: str) -> None:
+        """Keep the lock while its owner works (a load can wait long behind generation steps)."""
+        while True:
+            await asyncio.sleep(self.LOCK_TTL_MS / 3000)
+            try:
+                await self._release(keys=[keys.replica_lock(replica)], args=[token, self.LOCK_TTL_MS])
+            except (RedisError, OSError):
+                return
 
     async def loaded(self, replica: str) -> list[str] | None:
         """The adapters vLLM says the replica holds, or None when it cannot be asked."""

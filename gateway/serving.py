@@ -85,6 +85,8 @@ class Call:
     receive: Receive
     on_finish: Callable[[int, dict[str, Any] | None], None] = lambda status, usage: None
     """Called once with the status and the engine's usage (None when it gave none)."""
+    hide_usage: bool = False
+    """The stream's usage chunk was asked of vLLM by the gateway, not the client: it is not passed on."""
 
 
 class Forwarder:
@@ -216,7 +218,7 @@ class Forwarder:
         replica, upstream = await self._send(call, body)
         finish = self._finisher(call, replica)
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
-            return RelayResponse(upstream, finish, call.route.model_rename)
+            return RelayResponse(upstream, finish, call.route.model_rename, call.hide_usage)
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:

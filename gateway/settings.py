@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     served_model_name: str = Field("SmolLM2-135M-Instruct", description="The base model's name in the API.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding keys and state.")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connections to Redis one gateway process opens at most (requests queue beyond)."
+    )
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated URLs of running vLLM servers; empty means loragate starts its own.",

@@ -23,6 +23,8 @@ log = logging.getLogger("loragate.streaming")
 
 TAIL_BYTES = 4096
 ERROR_EVENT = b'data: {"error"'
+USAGE_ONLY = b'"choices":[],"usage":{'
+"""How vLLM's final usage chunk reads, in a stream asked for `include_usage`."""
 T = TypeVar("T")
 
 
@@ -91,10 +93,12 @@ class RelayResponse(StreamingResponse):
         upstream: aiohttp.ClientResponse,
         on_close: Callable[[int, dict[str, Any] | None], None],
         rename: tuple[bytes, bytes] | None = None,
+        hide_usage: bool = False,
     ) -> None:
         self._upstream = upstream
         self._on_close = on_close
         self._rename = rename
+        self._hide_usage = hide_usage
         self._tail = b""
         self._outcome = 200
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
@@ -102,13 +106,20 @@ class RelayResponse(StreamingResponse):
     def _pass_on(self, events: bytes) -> bytes:
         if self._rename is not None:
             events = events.replace(*self._rename)
-        if ERROR_EVENT in events:
-            self._outcome = 502
-            events = b"".join(
-                client_error_event(e) if e.startswith(ERROR_EVENT) else e + b"\n\n" for e in events.split(b"\n\n") if e
-            )
         self._tail = (self._tail + events)[-TAIL_BYTES:]
+        if ERROR_EVENT in events or (self._hide_usage and USAGE_ONLY in events):
+            events = b"".join(self._client_event(e) for e in events.split(b"\n\n") if e)
         return events
+
+    def _client_event(self, event: bytes) -> bytes:
+        """One whole event as the client gets it: an engine error rewritten, a usage chunk it did not ask
+        for dropped (the gateway asked for it, to settle the quota)."""
+        if event.startswith(ERROR_EVENT):
+            self._outcome = 502
+            return client_error_event(event)
+        if self._hide_usage and USAGE_ONLY in event:
+            return b""
+        return event + b"\n\n"
 
     async def _relay(self) -> AsyncIterator[bytes]:
         pending = b""

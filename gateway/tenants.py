@@ -13,11 +13,12 @@ import time
 from typing import Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.errors import StateUnavailable
+from gateway.records import LogPolicy
 
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -70,6 +71,7 @@ class Tenant(BaseModel):
         "open",
         description="When Redis cannot be asked about quotas: admit requests (open) or refuse them (closed).",
     )
+    logging: LogPolicy = Field(default_factory=LogPolicy, description="What the completion log keeps, how long.")
 
 
 class TenantChanges(BaseModel):
@@ -79,6 +81,7 @@ class TenantChanges(BaseModel):
 
     limits: Limits | None = None
     on_redis_down: Literal["open", "closed"] | None = None
+    logging: LogPolicy | None = None
 
 
 class TenantStore:
@@ -89,9 +92,13 @@ class TenantStore:
         self._redis = redis
         self._cache: dict[str, Tenant] = {}
         self._loading: dict[str, asyncio.Future[Tenant]] = {}
+        self._generation = 0
+        """Bumped by every forget: a read begun before it is not cached after it."""
 
     def forget_cached(self) -> None:
+        self._generation += 1
         self._cache.clear()
+        self._loading.clear()
 
     async def cached(self, name: str) -> Tenant:
         """The tenant's settings, from memory when read since the last change (concurrent first reads share
@@ -99,21 +106,26 @@ class TenantStore:
         tenant = self._cache.get(name)
         if tenant is not None:
             return tenant
+        generation = self._generation
         loading = self._loading.get(name)
         if loading is None:
             loading = self._loading[name] = asyncio.ensure_future(self.get(name))
-            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+            loading.add_done_callback(
+                lambda done: self._loading.pop(name, None) if self._loading.get(name) is done else None
+            )
         try:
             tenant = await asyncio.shield(loading)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"Tenant settings are unavailable: {type(exc).__name__}.") from exc
-        self._cache[name] = tenant
+        if generation == self._generation:  # not read across a change: safe to keep
+            self._cache[name] = tenant
         return tenant
 
-    async def create(self, name: str, limits: Limits | None = None, on_redis_down: str = "open") -> Tenant:
-        tenant = Tenant.model_validate(
-            {"name": check_tenant_name(name), "limits": limits or Limits(), "on_redis_down": on_redis_down}
-        )
+    async def create(
+        self, name: str, limits: Limits | None = None, on_redis_down: str = "open", logging: LogPolicy | None = None
+    ) -> Tenant:
+        settings = {"limits": limits or Limits(), "on_redis_down": on_redis_down, "logging": logging or LogPolicy()}
+        tenant = Tenant.model_validate({"name": check_tenant_name(name), **settings})
         if not await self._redis.set(keys.tenant(name), tenant.model_dump_json(), nx=True):
             raise TenantExists(name)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -138,7 +150,14 @@ class TenantStore:
 
     async def update(self, name: str, changes: TenantChanges) -> Tenant:
         tenant = await self.get(name)
-        updated = tenant.model_copy(update=changes.model_dump(exclude_none=True))
+        merged = tenant.model_dump()
+        merged.update(changes.model_dump(exclude_none=True, exclude={"logging"}))
+        if changes.logging is not None:  # a partial policy changes only the fields it names
+            merged["logging"].update(changes.logging.model_dump(exclude_unset=True))
+        try:
+            updated = Tenant.model_validate(merged)
+        except ValidationError as exc:
+            raise InvalidTenant(f"Invalid tenant settings: {exc.errors()[0]['msg']}") from exc
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.tenant(name), updated.model_dump_json(), xx=True)
             pipe.incr(keys.state_version())

@@ -101,11 +101,21 @@ def adapters_show(
 @adapters_app.command("rm")
 def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete")], tenant: Tenant) -> None:
     """Delete one version; running gateways unload it within a health interval."""
+    from gateway.pointers import PointerStore
+
+    store = _store(tenant)
     with refusals():
         parsed = AdapterRef.parse(ref)
         if parsed.version is None:
             raise ValueError("give the version to delete: name@version")
-        typer.echo(f"deleted {_store(tenant).remove(parsed.name, parsed.version).ref}")
+        removed = store.remove(parsed.name, parsed.version)
+    if not store.versions(parsed.name):  # its last version: its pin and shares go too
+
+        async def forget(redis: Any) -> None:
+            await PointerStore(redis).forget_adapter(tenant, parsed.name)
+
+        with_redis(forget)
+    typer.echo(f"deleted {removed.ref}")
 
 
 @adapters_app.command("pin")

@@ -82,9 +82,11 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     svc = services(request)
     with domain_errors():
         revoked = await svc.tenants.delete(check_tenant_name(tenant))
-    await asyncio.to_thread(svc.registry.remove_tenant, tenant)
     svc.keys.forget_cached()
-    return {"id": tenant, "object": "tenant", "deleted": True, "keys_revoked": len(revoked)}
+    removed = await asyncio.to_thread(svc.registry.remove_tenant, tenant)
+    for name in removed:
+        await svc.placement.unload_everywhere(name)
+    return {"id": tenant, "object": "tenant", "deleted": True, "keys_revoked": len(revoked), "adapters": len(removed)}
 
 
 @router.post("/{tenant}/keys", status_code=201)

@@ -15,10 +15,11 @@ from starlette.responses import Response
 
 from gateway.auth import TenantCaller
 from gateway.body import read_json
-from gateway.errors import InvalidRequest, from_validation_error
+from gateway.errors import APIError, AuthenticationFailed, InvalidRequest, from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
 from gateway.routes import services
 from gateway.serving import Call
+from gateway.tenants import TenantNotFound
 
 router = APIRouter()
 
@@ -60,19 +61,29 @@ async def _complete(
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
     asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
+    hide_usage = validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
+    if hide_usage:  # the usage of every stream settles its quota; the client still gets only what it asked for
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     request_id: str = request.state.request_id
-    tenant = await svc.tenants.cached(caller.tenant)
-    cost = svc.quotas.cost(asked, int(request.headers.get("content-length") or 0))
+    try:
+        tenant = await svc.tenants.cached(caller.tenant)
+    except TenantNotFound as exc:
+        raise AuthenticationFailed("This API key's tenant no longer exists.") from exc
+    cost = svc.quotas.cost(asked, validated.answers(), int(request.headers.get("content-length") or 0))
     admission = await svc.quotas.admit(caller, tenant, request_id, cost)
     request.state.response_headers = admission.headers
     svc.keys.note_use(caller.key_id)
-    route = await svc.router.resolve(validated.model, caller.tenant)
 
     def settle(status: int, usage: dict[str, Any] | None) -> None:
         svc.quotas.settle(admission, _total_tokens(usage))
 
-    call = Call(route_name, path, payload, route, request_id, validated.stream, request.receive, settle)
-    return await svc.forwarder.forward(call)
+    try:
+        route = await svc.router.resolve(validated.model, caller.tenant)
+        call = Call(route_name, path, payload, route, request_id, validated.stream, request.receive, settle, hide_usage)
+        return await svc.forwarder.forward(call)
+    except APIError:
+        svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back
+        raise
 
 
 @router.post("/v1/chat/completions")

@@ -179,7 +179,7 @@ def test_redis_down_is_503_and_named(tmp_path_factory: pytest.TempPathFactory) -
         resp = httpx.post(
             f"{gw.base_url}/chat/completions",
             json={"model": MODEL, "messages": HELLO},
-            headers={"Authorization": "Bearer sk-lg-0123abcd_" + "a" * 43},
+            headers={"Authorization": "Bearer sk-lg-0123456789ab_" + "a" * 43},
             timeout=30,
         )
         assert_envelope(resp, 503, "state_unavailable")

@@ -94,7 +94,8 @@ def test_quota_admits_exactly_the_limit_across_processes(gateway: Gateway, sides
     statuses = [answer.status_code for answer in answers]
     for process in (gateway, sides[0]):
         assert metric(process, "loragate_quota_redis_failures_total") == 0, "no quota check was skipped"
-    assert (statuses.count(200), statuses.count(429)) == (50, 150), statuses
+    others = [(answer.status_code, answer.text) for answer in answers if answer.status_code not in (200, 429)]
+    assert (statuses.count(200), statuses.count(429)) == (50, 150), others
     for answer in answers:
         assert answer.headers["x-ratelimit-limit-requests"] == "50"
         assert "x-ratelimit-remaining-requests" in answer.headers and "x-ratelimit-reset-requests" in answer.headers
@@ -117,6 +118,11 @@ def test_tokens_per_minute_are_settled_against_real_usage(gateway: Gateway, side
     after = int(second.completions.with_raw_response.create(**ask_).headers["x-ratelimit-remaining-tokens"])  # type: ignore[call-overload]
     reservation = 5000 - reserved_remaining
     assert abs(after - (5000 - used - reservation)) <= 2, (reserved_remaining, used, after)
+    streamed = list(client.completions.create(**ask_, stream=True))  # type: ignore[call-overload]
+    assert all(chunk.usage is None for chunk in streamed), "the client did not ask for usage"
+    time.sleep(0.5)
+    last = int(client.completions.with_raw_response.create(**ask_).headers["x-ratelimit-remaining-tokens"])  # type: ignore[call-overload]
+    assert abs(last - (5000 - 3 * used - reservation)) <= 3, "a stream is settled by its real usage too"
 
 
 def test_a_repointed_alias_reaches_another_process_within_a_second(

@@ -52,6 +52,8 @@ def test_completion_stream(client: openai.OpenAI) -> None:
     chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True))
     assert len(chunks) >= 2
     assert "".join(c.choices[0].text for c in chunks if c.choices)
+    # The gateway asks vLLM for usage on every stream (to settle quotas); a client that did not gets none.
+    assert all(c.usage is None and c.choices for c in chunks)
 
 
 def test_stream_is_sse_ending_with_done(http: httpx.Client) -> None:

@@ -130,8 +130,9 @@ def test_tenants_have_separate_namespaces(store: AdapterStore, good: Path, base:
     assert registry.resolve("t", AdapterRef("a")).version == 1
     assert registry.resolve("u", AdapterRef("a")).version == 2
     assert registry.path(registry.resolve("u", AdapterRef("a"))) == store.root.parent.absolute() / "u" / "a" / "v2"
-    registry.remove_tenant("u")
+    assert registry.remove_tenant("u") == ["u.a@1", "u.a@2"]
     assert not registry.exists("u.a@1") and registry.exists("t.a@1")
+    assert registry.store("u").add(good, "a", base, MAX_RANK).version == 3, "an upstream name is never reused"
 
 
 async def test_lookup_answers_from_memory_only_while_fresh(

@@ -1,0 +1,145 @@
+"""What loragate stores about each request and each rating of it: the shapes of the completion log
+and of feedback, and each tenant's policy for them.
+
+These are boundary models: the recorder writes them, the feedback API reads and writes them, the
+exports (and, later, experiments and retraining) read them. Every record carries the tenant, the
+alias and the version that served, and room for the experiment and arm that chose it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PIIKind = Literal["email", "phone", "card", "iban", "ip"]
+ALL_PII: list[PIIKind] = ["email", "phone", "card", "iban", "ip"]
+Outcome = Literal["ok", "error", "cancelled"]
+
+
+class LogPolicy(BaseModel):
+    """A tenant's policy for its completion log and feedback."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    content: bool = Field(
+        True, description="Store prompts, responses and corrections; false keeps metadata only (who, what, how long)."
+    )
+    redact: list[PIIKind] = Field(
+        default_factory=lambda: list(ALL_PII),
+        description="PII replaced by a placeholder before anything is stored: email, phone, card, iban, ip.",
+    )
+    max_records: int = Field(100_000, ge=100, description="Completion records kept (the oldest are trimmed).")
+    max_age_days: float = Field(30.0, gt=0, le=3650, description="Completion records older than this are trimmed.")
+    score_min: float = Field(0.0, description="Lowest feedback score accepted.")
+    score_max: float = Field(1.0, description="Highest feedback score accepted.")
+
+    @model_validator(mode="after")
+    def _range(self) -> LogPolicy:
+        if not (math.isfinite(self.score_min) and math.isfinite(self.score_max)) or self.score_min >= self.score_max:
+            raise ValueError("score_min must be below score_max")
+        return self
+
+    @property
+    def max_age_s(self) -> int:
+        return int(self.max_age_days * 86400)
+
+
+class Choice(BaseModel):
+    index: int
+    text: str | None = None
+    finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class CompletionRecord(BaseModel):
+    """One request, as the completion log keeps it (one entry of the tenant's Redis Stream)."""
+
+    id: str
+    """The response's id (`chatcmpl-...`, `cmpl-...`); `req-<request id>` for a request with no answer."""
+    request_id: str
+    tenant: str
+    key_id: str | None = None
+    user: str | None = None
+    endpoint: Literal["chat", "completions"]
+    model: str
+    """The `model` the client asked for."""
+    alias: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
+    adapter: str | None = None
+    """The adapter that served (`name`, or `owner/name` when shared); None for the base model."""
+    version: int | None = None
+    served_model: str | None = None
+    stream: bool = False
+    request: dict[str, Any] | None = None
+    """messages (or prompt) and the sampling parameters; None when the tenant keeps no content."""
+    choices: list[Choice] | None = None
+    """The answer per choice; None when the tenant keeps no content or there was no answer."""
+    usage: dict[str, int] | None = None
+    status: int
+    outcome: Outcome
+    error_type: str | None = None
+    created: float
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    """Time to the first token of a stream."""
+    redactions: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def text(self) -> str | None:
+        """The first choice's text."""
+        return self.choices[0].text if self.choices else None
+
+
+Label = str
+
+
+class FeedbackIn(BaseModel):
+    """`POST /v1/feedback`: a rating (thumbs and/or score) and/or a correction of one completion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    completion_id: str = Field(min_length=1, max_length=200)
+    user: str | None = Field(None, max_length=256, description="The end user rating; one rating per user.")
+    thumbs: Literal["up", "down"] | None = None
+    score: float | None = Field(None, description="A number in the tenant's declared range (default 0 to 1).")
+    correction: str | None = Field(None, min_length=1, max_length=100_000, description="The ideal answer.")
+    comment: str | None = Field(None, max_length=10_000)
+    labels: list[str] = Field(default_factory=list, max_length=32)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str]) -> list[str]:
+        if any(not 1 <= len(label) <= 64 for label in labels):
+            raise ValueError("each label must be 1 to 64 characters")
+        return labels
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # JSON has one number type: 1 is as good a score as 1.0
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackIn:
+        if self.thumbs is None and self.score is None and self.correction is None:
+            raise ValueError("feedback needs at least one of thumbs, score or correction")
+        if self.score is not None and not math.isfinite(self.score):
+            raise ValueError("score must be a finite number")
+        return self
+
+
+class Feedback(FeedbackIn):
+    """Feedback as stored and returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["feedback"] = "feedback"
+    id: str = Field(default_factory=lambda: f"fb-{uuid.uuid4().hex}")
+    created: float = Field(default_factory=time.time)
+    redactions: dict[str, int] = Field(default_factory=dict)
