@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from redis.exceptions import RedisError
 
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
@@ -22,16 +23,19 @@ from gateway.apikeys import KeyStore
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
+from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
 from gateway.quotas import QuotaGate
+from gateway.recorder import Recorder
 from gateway.request_id import RequestIdMiddleware
 from gateway.residency import Residency
-from gateway.routes import admin_adapters, admin_tenants, health, openai
+from gateway.routes import admin_adapters, admin_tenants, feedback, health, openai
 from gateway.routing import Route, Router
 from gateway.serving import Forwarder
 from gateway.settings import Settings
+from gateway.spool import Spool
 from gateway.state import StateWatcher
 from gateway.tenants import TenantStore
 
@@ -52,6 +56,10 @@ class Services:
     router: Router
     forwarder: Forwarder
     metrics: Metrics
+    records_redis: aioredis.Redis
+    recorder: Recorder
+    feedback: FeedbackStore
+    spools: tuple[Spool, Spool]
     model_dir: Path | None
     _base_spec: BaseModelSpec | None = None
 
@@ -95,19 +103,53 @@ async def _maintain(svc: Services) -> None:
             log.exception("maintenance failed; trying again next round")
 
 
-def _services(settings: Settings, urls: list[str], model_dir: Path | None, session: aiohttp.ClientSession) -> Services:
+async def _keep_records(svc: Services) -> None:
+    """Replay spooled feedback, re-check how Redis persists it, trim old records; every second or so."""
+    rounds = 0
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await svc.feedback.replay()
+            if rounds % 30 == 0:
+                await svc.feedback.check_durability()
+                await svc.recorder.trim()
+        except (RedisError, OSError) as exc:
+            log.debug("records upkeep: %r", exc)
+        except Exception:
+            log.exception("records upkeep failed; trying again next round")
+        for spool, name in zip(svc.spools, ("records", "feedback"), strict=True):
+            svc.metrics.spool_pending.labels(name).set(spool.pending())
+        rounds += 1
+
+
+def _redis(url: str, max_connections: int) -> aioredis.Redis:
     # A bounded pool: a burst of requests queues for a connection instead of opening hundreds of them.
-    redis = aioredis.Redis(
+    return aioredis.Redis(
         connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
+            url,
+            max_connections=max_connections,
             timeout=5,
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=2,
         )
     )
+
+
+def _services(settings: Settings, urls: list[str], model_dir: Path | None, session: aiohttp.ClientSession) -> Services:
+    redis = _redis(settings.redis_url, settings.redis_max_connections)
+    records_redis = redis
+    if settings.records_redis_url and settings.records_redis_url != settings.redis_url:
+        records_redis = _redis(settings.records_redis_url, settings.redis_max_connections)
     metrics = Metrics()
+    records_spool = Spool(
+        settings.spool_root / "records",
+        fsync=False,
+        max_items=settings.record_spool_max,
+        on_drop=metrics.records_dropped.labels("spool_full").inc,
+    )
+    feedback_spool = Spool(settings.spool_root / "feedback", fsync=True)
+    recorder = Recorder(records_redis, records_spool, metrics, enabled=settings.record_completions)
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
@@ -126,6 +168,10 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         router=Router(settings.served_model_name, registry, pointers),
         forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
         metrics=metrics,
+        records_redis=records_redis,
+        recorder=recorder,
+        feedback=FeedbackStore(records_redis, feedback_spool, recorder, metrics),
+        spools=(records_spool, feedback_spool),
         model_dir=model_dir or settings.model_dir,
     )
 
@@ -147,12 +193,17 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             settings.state_poll_s,
             [svc.keys.forget_cached, svc.tenants.forget_cached, svc.pointers.forget_cached],
         )
+        for spool in svc.spools:
+            await asyncio.to_thread(spool.open)
+        await svc.feedback.check_durability()
         await svc.pool.start()
         background = [
             asyncio.create_task(_maintain(svc)),
             asyncio.create_task(watcher.run()),
             asyncio.create_task(svc.quotas.run()),
+            asyncio.create_task(_keep_records(svc)),
         ]
+        recording = asyncio.create_task(svc.recorder.run())
         try:
             yield
         finally:
@@ -160,9 +211,16 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*background)
+            recording.cancel()  # it writes what is still queued before it stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await recording
             await svc.pool.stop()
             await session.close()
+            for spool in svc.spools:
+                spool.close()
             await svc.redis.aclose()
+            if svc.records_redis is not svc.redis:
+                await svc.records_redis.aclose()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_handlers(app)
@@ -170,5 +228,6 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
     app.include_router(openai.router)
     app.include_router(admin_tenants.router)
     app.include_router(admin_adapters.router)
+    app.include_router(feedback.router)
     app.include_router(health.router)
     return app

@@ -39,6 +39,11 @@ class Route:
     alias: str | None = None
 
     @property
+    def adapter_label(self) -> str | None:
+        """The adapter that serves, as the tenant names it (`name`, or `owner/name` when shared); None: the base."""
+        return self.served_model.rpartition("@")[0] if self.adapter is not None else None
+
+    @property
     def model_rename(self) -> tuple[bytes, bytes] | None:
         """How the engine's `"model"` field is rewritten to the name the tenant sees (None: no change)."""
         if self.served_model == self.upstream_model:

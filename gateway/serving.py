@@ -19,6 +19,7 @@ import pydantic_core
 from starlette.responses import Response
 from starlette.types import Receive
 
+from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import (
     AdapterUnavailable,
@@ -33,9 +34,6 @@ from gateway.routing import Route
 from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 
 log = logging.getLogger("loragate.serving")
-
-CLIENT_CLOSED = 499
-"""Status recorded (nginx's convention) for a request whose client left before its answer."""
 
 
 def _error_type(status: int) -> str:
@@ -83,8 +81,9 @@ class Call:
     request_id: str
     stream: bool
     receive: Receive
-    on_finish: Callable[[int, dict[str, Any] | None], None] = lambda status, usage: None
-    """Called once with the status and the engine's usage (None when it gave none)."""
+    context: RequestContext
+    on_finish: Callable[[RequestContext], None] = lambda context: None
+    """Called once, when the request has ended (its context then says how)."""
     hide_usage: bool = False
     """The stream's usage chunk was asked of vLLM by the gateway, not the client: it is not passed on."""
 
@@ -194,36 +193,41 @@ class Forwarder:
                 response = await unless_disconnected(self._open(call, body), call.receive)
         except ClientGone:
             self._metrics.requests.labels(call.route_name, call.route.upstream_model, str(CLIENT_CLOSED)).inc()
-            call.on_finish(CLIENT_CLOSED, None)
+            call.context.finish(CLIENT_CLOSED)
+            call.on_finish(call.context)
             return Response(status_code=CLIENT_CLOSED)
         self._metrics.duration.labels(call.route_name).observe(time.perf_counter() - started)
         return response
 
-    def _finisher(self, call: Call, replica: Replica) -> Callable[[int, dict[str, Any] | None], None]:
+    def _finisher(self, call: Call, replica: Replica) -> Callable[[int], None]:
         model = call.route.upstream_model
 
-        def finish(status: int, usage: dict[str, Any] | None) -> None:
+        def finish(status: int) -> None:
             self._track(replica, -1)
             self._metrics.requests.labels(call.route_name, model, str(status)).inc()
+            usage = call.context.answer.usage
             if usage:
                 for kind in ("prompt", "completion"):
                     count = usage.get(f"{kind}_tokens")
                     if isinstance(count, int):
                         self._metrics.tokens.labels(model, kind).inc(count)
-            call.on_finish(status, usage)
+            call.context.finish(status, _error_type(status) if status >= 400 else None)
+            call.on_finish(call.context)
 
         return finish
 
     async def _open(self, call: Call, body: bytes) -> Response:
         replica, upstream = await self._send(call, body)
         finish = self._finisher(call, replica)
+        context = call.context
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
-            return RelayResponse(upstream, finish, call.route.model_rename, call.hide_usage)
+            rename = call.route.model_rename
+            return RelayResponse(upstream, context.answer, context.first_token, finish, rename, call.hide_usage)
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
-            finish(502, None)
+            finish(502)
             raise UpstreamError("The engine stopped in the middle of the response.") from exc
         except BaseException:  # cancelled: the client left (`forward` counts it)
             upstream.close()
@@ -232,9 +236,10 @@ class Forwarder:
         upstream.release()
         status = upstream.status
         if status >= 400:
-            finish(status, None)
+            finish(status)
             return Response(client_error_body(status, raw), status_code=status, media_type="application/json")
-        finish(status, usage_of(raw))
+        context.answer.body, context.answer.usage = raw, usage_of(raw)
+        finish(status)
         if call.route.model_rename is not None:
             raw = raw.replace(*call.route.model_rename, 1)
         return Response(raw, status_code=status, media_type="application/json")

@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     )
     served_model_name: str = Field("SmolLM2-135M-Instruct", description="The base model's name in the API.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding keys and state.")
+    records_redis_url: str | None = Field(
+        None,
+        description="Redis for the completion log and feedback (default: redis_url). Feedback is acknowledged "
+        "from it only if it fsyncs first: AOF on Redis >= 7.2 (WAITAOF), or appendfsync always.",
+    )
+    record_completions: bool = Field(
+        True, description="Write the completion log (off: nothing is recorded; feedback then finds no completion)."
+    )
+    record_spool_max: int = Field(
+        100_000, ge=1000, description="Completion records spooled locally while Redis is down (oldest dropped past it)."
+    )
     redis_max_connections: int = Field(
         64, ge=1, description="Connections to Redis one gateway process opens at most (requests queue beyond)."
     )
@@ -143,6 +154,11 @@ class Settings(BaseSettings):
     @cached_property
     def models_root(self) -> Path:
         return self.model_cache or self.home / "models"
+
+    @cached_property
+    def spool_root(self) -> Path:
+        """Local spools of records and feedback waiting for Redis: keep it on a disk that outlives the process."""
+        return self.home / "spool"
 
     @cached_property
     def adapter_root(self) -> Path:

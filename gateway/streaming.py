@@ -1,8 +1,10 @@
 """Relaying vLLM's server-sent events to the client, event by event, and noticing clients that leave.
 
-Events are passed on whole, as vLLM wrote them, but for two rewrites: the `"model"` of an adapter
-becomes the name the tenant knows it by, and an error event loses vLLM's own text (which names
-engine internals). The usage of the last chunk is read from a small tail for metrics.
+Events are passed on whole, as vLLM wrote them, but for three rewrites: the `"model"` of an adapter
+becomes the name the tenant knows it by, an error event loses vLLM's own text (which names engine
+internals), and the usage chunk the gateway asked for (not the client) is dropped. As events pass,
+the answer is assembled into the request's context (text, finish reasons, usage), and how the
+stream ended is noted: done, failed upstream, or cancelled by a client that left.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from gateway.context import CLIENT_CLOSED, Answer
 from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
 
 log = logging.getLogger("loragate.streaming")
 
-TAIL_BYTES = 4096
 ERROR_EVENT = b'data: {"error"'
 USAGE_ONLY = b'"choices":[],"usage":{'
 """How vLLM's final usage chunk reads, in a stream asked for `include_usage`."""
@@ -53,18 +55,6 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     return task.result()
 
 
-def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
-    """The usage object of the last stream chunk that carries one, if any."""
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            try:
-                usage = json.loads(line[6:]).get("usage")
-            except ValueError:
-                return None
-            return usage if isinstance(usage, dict) else None
-    return None
-
-
 def client_error_event(event: bytes) -> bytes:
     """vLLM's in-stream error event, as the client may see it: a request problem keeps its (redacted)
     message, an engine failure becomes a plain server error."""
@@ -86,34 +76,41 @@ class RelayResponse(StreamingResponse):
     """A stream that always closes its upstream, whether it ends, fails or the client goes away.
 
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
+    `on_close(status)` is called once: 200 (done), 502 (the engine failed) or 499 (the client left).
     """
 
     def __init__(
         self,
         upstream: aiohttp.ClientResponse,
-        on_close: Callable[[int, dict[str, Any] | None], None],
+        answer: Answer,
+        on_first: Callable[[], None],
+        on_close: Callable[[int], None],
         rename: tuple[bytes, bytes] | None = None,
         hide_usage: bool = False,
     ) -> None:
         self._upstream = upstream
+        self._answer = answer
+        self._on_first = on_first
         self._on_close = on_close
         self._rename = rename
         self._hide_usage = hide_usage
-        self._tail = b""
         self._outcome = 200
+        self._done = False
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     def _pass_on(self, events: bytes) -> bytes:
         if self._rename is not None:
             events = events.replace(*self._rename)
-        self._tail = (self._tail + events)[-TAIL_BYTES:]
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                self._answer.feed(event[6:])
         if ERROR_EVENT in events or (self._hide_usage and USAGE_ONLY in events):
             events = b"".join(self._client_event(e) for e in events.split(b"\n\n") if e)
         return events
 
     def _client_event(self, event: bytes) -> bytes:
         """One whole event as the client gets it: an engine error rewritten, a usage chunk it did not ask
-        for dropped (the gateway asked for it, to settle the quota)."""
+        for dropped (the gateway asked for it, to settle the quota and log the usage)."""
         if event.startswith(ERROR_EVENT):
             self._outcome = 502
             return client_error_event(event)
@@ -129,6 +126,7 @@ class RelayResponse(StreamingResponse):
                 cut = pending.rfind(b"\n\n") + 2
                 if cut >= 2:
                     whole, pending = pending[:cut], pending[cut:]
+                    self._on_first()
                     yield self._pass_on(whole)
             if pending:
                 yield self._pass_on(pending)
@@ -137,10 +135,11 @@ class RelayResponse(StreamingResponse):
             self._outcome = 502
             # Only whole events were passed on, so the error arrives as an event of its own.
             yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
+        self._done = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._upstream.close()
-            self._on_close(self._outcome, usage_from_tail(self._tail))
+            self._on_close(self._outcome if self._done else CLIENT_CLOSED)

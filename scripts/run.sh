@@ -5,7 +5,11 @@ cd "$(dirname "$0")/.."
 export LORAGATE_HOME=${LORAGATE_HOME:-$HOME/.cache/loragate}
 export LORAGATE_PORT=${LORAGATE_PORT:-8080}
 REDIS_PORT=${LORAGATE_REDIS_PORT:-6379}
+RECORDS_PORT=$((REDIS_PORT + 1))
 export LORAGATE_REDIS_URL=${LORAGATE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}
+# The completion log and feedback: a Redis of their own that fsyncs before answering (Debian's Redis 7.0
+# has no WAITAOF), so an acknowledged rating is on disk without slowing every quota check down.
+export LORAGATE_RECORDS_REDIS_URL=${LORAGATE_RECORDS_REDIS_URL:-redis://127.0.0.1:$RECORDS_PORT/0}
 export HF_HUB_OFFLINE=1
 LG=.venv/bin/loragate
 
@@ -18,9 +22,13 @@ fi
 started_redis=""
 if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   scripts/redis.sh start "$REDIS_PORT" "$LORAGATE_HOME/redis" persist
-  started_redis=1
+  started_redis="$REDIS_PORT"
 fi
-cleanup() { [ -n "$started_redis" ] && scripts/redis.sh stop "$REDIS_PORT"; }
+if [ "$LORAGATE_RECORDS_REDIS_URL" = "redis://127.0.0.1:$RECORDS_PORT/0" ] && ! redis-cli -p "$RECORDS_PORT" ping >/dev/null 2>&1; then
+  scripts/redis.sh start "$RECORDS_PORT" "$LORAGATE_HOME/redis-records" durable
+  started_redis="$started_redis $RECORDS_PORT"
+fi
+cleanup() { for port in $started_redis; do scripts/redis.sh stop "$port"; done; }
 trap cleanup EXIT
 
 "$LG" model prepare >/dev/null

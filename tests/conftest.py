@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,19 +55,33 @@ def free_port_pair() -> int:
 @dataclass
 class RedisServer:
     port: int
+    folder: Path | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def start(self, mode: str = "durable") -> None:
+        """Start (again) a real redis-server; `durable`: AOF fsynced before every answer (records)."""
+        assert self.folder is not None
+        subprocess.run([str(ROOT / "scripts/redis.sh"), "start", str(self.port), str(self.folder), mode], check=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, no save."""
+        assert self.folder is not None
+        os.kill(int((self.folder / "redis.pid").read_text()), signal.SIGKILL)
+
+    def stop(self) -> None:
+        subprocess.run([str(ROOT / "scripts/redis.sh"), "stop", str(self.port)], check=False)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    subprocess.run([str(ROOT / "scripts/redis.sh"), "start", str(port), str(folder)], check=True)
-    yield RedisServer(port)
-    subprocess.run([str(ROOT / "scripts/redis.sh"), "stop", str(port)], check=False)
+    """One redis-server for the session, with AOF fsynced before answering: feedback is acknowledged from it."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @dataclass

@@ -54,12 +54,16 @@ def refusals() -> Iterator[None]:
         raise fail(f"Redis at {Settings().redis_url} cannot be reached: {exc}") from exc
 
 
-def with_redis(work: Callable[..., Awaitable[T]]) -> T:
-    """Run `work(redis)` with a Redis client of the settings' LORAGATE_REDIS_URL."""
+def with_redis(work: Callable[..., Awaitable[T]], records: bool = False) -> T:
+    """Run `work(redis)` with a Redis client of the settings' LORAGATE_REDIS_URL (with `records`: of
+    LORAGATE_RECORDS_REDIS_URL, where the completion log and feedback live, if it is set)."""
     import redis.asyncio as aioredis
 
+    settings = Settings()
+    url = (settings.records_redis_url or settings.redis_url) if records else settings.redis_url
+
     async def run() -> T:
-        redis = aioredis.from_url(Settings().redis_url, decode_responses=True)
+        redis = aioredis.from_url(url, decode_responses=True)
         try:
             return await work(redis)
         finally:

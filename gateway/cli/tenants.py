@@ -103,6 +103,47 @@ def tenants_update(name: str, rpm: Rpm = None, tpm: Tpm = None, on_redis_down: s
     typer.echo(with_redis(update))
 
 
+@tenants_app.command("logging")
+def tenants_logging(
+    name: str,
+    content: Annotated[
+        bool | None, typer.Option("--content/--no-content", help="Keep prompts and responses, or metadata only.")
+    ] = None,
+    redact: Annotated[str | None, typer.Option(help="PII to redact: email,phone,card,iban,ip (or none).")] = None,
+    max_records: Annotated[int | None, typer.Option(min=100, help="Completion records kept.")] = None,
+    max_age_days: Annotated[float | None, typer.Option(help="Completion records kept this long.")] = None,
+    score_range: Annotated[str | None, typer.Option(help="Feedback scores accepted, as MIN,MAX (e.g. 1,5).")] = None,
+) -> None:
+    """What the completion log keeps for a tenant (options left out stay as they are)."""
+    from pydantic import ValidationError
+
+    from gateway.records import LogPolicy
+    from gateway.tenants import TenantChanges, TenantStore
+
+    changes: dict[str, Any] = {"content": content, "max_records": max_records, "max_age_days": max_age_days}
+    if redact is not None:
+        changes["redact"] = [] if redact == "none" else [kind.strip() for kind in redact.split(",") if kind.strip()]
+    if score_range is not None:
+        low, _, high = score_range.partition(",")
+        try:
+            changes["score_min"], changes["score_max"] = float(low), float(high)
+        except ValueError as exc:
+            raise fail(f"--score-range must be MIN,MAX, not {score_range!r}") from exc
+    try:
+        current = with_redis(lambda redis: TenantStore(redis).get(name)).logging
+        policy = LogPolicy.model_validate(
+            {**current.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        raise fail(f"invalid logging policy: {exc.errors()[0]['msg']}") from exc
+
+    async def update(redis: Any) -> str:
+        tenant = await TenantStore(redis).update(name, TenantChanges(logging=policy))
+        return tenant.logging.model_dump_json(indent=2)
+
+    typer.echo(with_redis(update))
+
+
 @tenants_app.command("delete")
 def tenants_delete(
     name: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False

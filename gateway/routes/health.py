@@ -2,8 +2,8 @@
 
 `/healthz` and `/readyz` are open, for orchestrators' probes, and say only whether the gateway is
 up and ready. What operators see — `/metrics` (Prometheus) and `/readyz?verbose=1` (which of Redis
-and the vLLM replicas is unreachable) — names adapters and internal addresses, so it needs the
-metrics key (LORAGATE_METRICS_KEY) or the admin key as a Bearer token.
+and the vLLM replicas is unreachable, what waits in the local spools) — names adapters and internal
+addresses, so it needs the metrics key (LORAGATE_METRICS_KEY) or the admin key as a Bearer token.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
@@ -49,29 +50,37 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _redis_ok(redis: Redis) -> bool:
+    try:
+        return bool(await redis.ping())
+    except (RedisError, OSError):
+        return False
+
+
 @router.get("/readyz")
 async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
-    """Ready when Redis and at least one vLLM replica answer. `verbose=1` (operators) says which do."""
+    """503 "not ready" until a vLLM replica answers. Then 200: "ready", or "degraded" while Redis is down
+    or records wait in the local spool (serving goes on; quotas follow each tenant's choice).
+    `verbose=1` (operators) says which part is which."""
     if verbose:
         require_operator(request)
     svc = services(request)
-
-    async def redis_ok() -> bool:
-        try:
-            return bool(await svc.redis.ping())
-        except (RedisError, OSError):
-            return False
-
-    checks = await asyncio.gather(redis_ok(), *(svc.pool.check(r) for r in svc.pool.replicas))
-    ready = checks[0] and any(checks[1:])
-    body: dict[str, object] = {"status": "ready" if ready else "not ready"}
+    redis_ok, records_ok, *engines = await asyncio.gather(
+        _redis_ok(svc.redis), _redis_ok(svc.records_redis), *(svc.pool.check(r) for r in svc.pool.replicas)
+    )
+    spooled = sum(spool.pending() for spool in svc.spools)
+    status = "not ready" if not any(engines) else "ready"
+    if status == "ready" and not (redis_ok and records_ok and not svc.recorder.degraded and not spooled):
+        status = "degraded"
+    body: dict[str, object] = {"status": status}
     if verbose:
-        body["redis"] = "ok" if checks[0] else "unreachable"
+        body["redis"] = "ok" if redis_ok else "unreachable"
+        body["records_redis"] = "ok" if records_ok else "unreachable"
         body["engines"] = {
-            replica.url: "ok" if ok else "unreachable"
-            for replica, ok in zip(svc.pool.replicas, checks[1:], strict=True)
+            replica.url: "ok" if ok else "unreachable" for replica, ok in zip(svc.pool.replicas, engines, strict=True)
         }
-    return JSONResponse(body, status_code=200 if ready else 503)
+        body["records"] = {"spooled": spooled, "feedback_durability": svc.feedback.durability}
+    return JSONResponse(body, status_code=503 if status == "not ready" else 200)
 
 
 @router.get("/metrics")

@@ -1,6 +1,6 @@
 """The OpenAI surface: /v1/chat/completions, /v1/completions, /v1/models, for a tenant's key.
 
-request → principal (auth) → quota → route (alias or adapter → version) → replica → response.
+request → principal (auth) → quota → route (alias or adapter → version) → replica → response → recorder.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from starlette.responses import Response
 
 from gateway.auth import TenantCaller
 from gateway.body import read_json
+from gateway.context import RequestContext
 from gateway.errors import APIError, AuthenticationFailed, InvalidRequest, from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
+from gateway.quotas import Admission
 from gateway.routes import services
 from gateway.serving import Call
 from gateway.tenants import TenantNotFound
@@ -51,38 +53,54 @@ def _total_tokens(usage: dict[str, Any] | None) -> int | None:
 
 
 async def _complete(
-    request: Request, caller: TenantCaller, route_name: str, path: str, schema: type[SamplingParams]
+    request: Request, caller: TenantCaller, endpoint: str, path: str, schema: type[SamplingParams]
 ) -> Response:
+    """One completion request, from its caller to its recorded outcome: every request that has a tenant
+    reaches the recorder, answered, refused (4xx before forwarding), failed or cancelled."""
     svc = services(request)
     assert caller.tenant is not None
-    payload = await read_json(request, svc.settings.max_body_bytes)
-    try:
-        validated = schema.model_validate(payload)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from exc
-    asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
-    hide_usage = validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
-    if hide_usage:  # the usage of every stream settles its quota; the client still gets only what it asked for
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-    request_id: str = request.state.request_id
     try:
         tenant = await svc.tenants.cached(caller.tenant)
     except TenantNotFound as exc:
         raise AuthenticationFailed("This API key's tenant no longer exists.") from exc
-    cost = svc.quotas.cost(asked, validated.answers(), int(request.headers.get("content-length") or 0))
-    admission = await svc.quotas.admit(caller, tenant, request_id, cost)
-    request.state.response_headers = admission.headers
-    svc.keys.note_use(caller.key_id)
+    context = RequestContext(request.state.request_id, endpoint, tenant, caller.key_id, payload={})
+    admission: Admission | None = None
+    handed_over = False
 
-    def settle(status: int, usage: dict[str, Any] | None) -> None:
-        svc.quotas.settle(admission, _total_tokens(usage))
+    def finished(done: RequestContext) -> None:
+        nonlocal handed_over
+        handed_over = True
+        if admission is not None:
+            svc.quotas.settle(admission, _total_tokens(done.answer.usage))
+        svc.recorder.record(done)
 
     try:
-        route = await svc.router.resolve(validated.model, caller.tenant)
-        call = Call(route_name, path, payload, route, request_id, validated.stream, request.receive, settle, hide_usage)
+        payload = context.payload = await read_json(request, svc.settings.max_body_bytes)
+        try:
+            validated = schema.model_validate(payload)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from exc
+        asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
+        hide_usage = validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
+        if hide_usage:  # every stream's usage settles its quota and is logged; the client gets what it asked for
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        cost = svc.quotas.cost(asked, validated.answers(), int(request.headers.get("content-length") or 0))
+        admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
+        request.state.response_headers = admission.headers
+        svc.keys.note_use(caller.key_id)
+        context.route = await svc.router.resolve(validated.model, caller.tenant)
+        call = Call(
+            endpoint, path, payload, context.route, context.request_id, validated.stream, request.receive, context,
+            finished, hide_usage,
+        )  # fmt: skip
         return await svc.forwarder.forward(call)
-    except APIError:
-        svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back
+    except Exception as exc:
+        if not handed_over:
+            if admission is not None:
+                svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back
+            status, kind = (exc.status, exc.code or exc.type) if isinstance(exc, APIError) else (503, "server_error")
+            context.finish(status, kind)
+            svc.recorder.record(context)
         raise
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 import time
 from collections.abc import Callable
@@ -46,13 +45,16 @@ def loaded_on(port: int, tenant: str = TENANT) -> set[str]:
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """A gateway metric, summed over the samples whose labels match, read with Prometheus's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}\{{(?P<labels>[^}}]*)\}} (?P<value>\S+)$", line)
-        if match and all(f'{k}="{v}"' in match["labels"] for k, v in labels.items()):
-            total += float(match["value"])
-    return total
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def engine_states(gateway: Gateway) -> dict[str, str]:

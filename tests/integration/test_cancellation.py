@@ -3,6 +3,7 @@ request may hold an engine for minutes (the max_tokens cap)."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -11,8 +12,10 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+import redis
 
-from tests.conftest import MODEL, Gateway, create_key, start_side_gateway, stop_gateway
+from gateway import keys
+from tests.conftest import MODEL, TENANT, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway
 from tests.integration.conftest import eventually, metric
 
 pytestmark = pytest.mark.integration
@@ -48,9 +51,9 @@ def test_stream_disconnect_cancels_upstream_generation(gateway: Gateway, http: h
     assert eventually(lambda: running(gateway) == 0), "vLLM kept generating after the client disconnected"
 
 
-def test_non_stream_disconnect_aborts_the_generation(gateway: Gateway, api_key: str) -> None:
+def test_non_stream_disconnect_aborts_the_generation(gateway: Gateway, api_key: str, redis_server: RedisServer) -> None:
     """The client gives up (a read timeout) while vLLM is generating: the gateway closes its upstream
-    connection, so vLLM aborts the request, as it does when called directly."""
+    connection, so vLLM aborts the request, as it does when called directly; the log says so."""
     tokens_before = vllm_metric(gateway, "vllm:generation_tokens_total")
     gone_before = metric(gateway, "loragate_requests_total", model=MODEL, status="499")
     outcome: list[BaseException] = []
@@ -59,7 +62,7 @@ def test_non_stream_disconnect_aborts_the_generation(gateway: Gateway, api_key: 
         try:
             httpx.post(
                 f"{gateway.base_url}/chat/completions",
-                json=LONG,
+                json={**LONG, "user": "impatient"},
                 headers={"Authorization": f"Bearer {api_key}"},
                 timeout=httpx.Timeout(10, read=6),
             )
@@ -80,6 +83,15 @@ def test_non_stream_disconnect_aborts_the_generation(gateway: Gateway, api_key: 
     generated = vllm_metric(gateway, "vllm:generation_tokens_total") - tokens_before
     assert generated < LONG["max_tokens"], f"all {generated} tokens were generated: the request was not aborted"
     assert eventually(lambda: metric(gateway, "loragate_requests_total", model=MODEL, status="499") == gone_before + 1)
+    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+    def logged() -> list[tuple[str, int, bool]]:
+        records = [json.loads(fields["r"]) for _, fields in store.xrange(keys.completion_log(TENANT))]
+        return [(r["outcome"], r["status"], r["stream"]) for r in records if r["user"] == "impatient"]
+
+    assert eventually(lambda: bool(logged()), timeout=5)
+    assert logged() == [("cancelled", 499, False)], "the log says the client left"
+    store.close()
 
 
 @pytest.fixture(scope="module")

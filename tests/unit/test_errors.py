@@ -13,7 +13,7 @@ from gateway.errors import (
     sse_error_frame,
 )
 from gateway.serving import client_error_body, usage_of
-from gateway.streaming import client_error_event, usage_from_tail
+from gateway.streaming import client_error_event
 
 
 def test_envelope_shape_and_status() -> None:
@@ -82,15 +82,6 @@ def test_in_stream_engine_failures_lose_their_internals() -> None:
     refused = json.dumps({"error": {"message": "bad regex at /opt/x/y.py", "code": 400}}).encode()
     out = json.loads(client_error_event(b"data: " + refused).removeprefix(b"data: "))["error"]
     assert out["type"] == "invalid_request_error" and out["message"] == "bad regex at <internal>"
-
-
-def test_usage_is_read_from_the_stream_tail() -> None:
-    tail = (
-        b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
-        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n'
-    )
-    assert usage_from_tail(tail) == {"prompt_tokens": 3, "completion_tokens": 5}
-    assert usage_from_tail(b'data: {"choices":[]}\n\ndata: [DONE]\n\n') is None
 
 
 def test_usage_is_read_from_a_whole_answer_without_parsing_it_all() -> None:

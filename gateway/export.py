@@ -1,0 +1,293 @@
+"""Training data from a tenant's completion log and its users' feedback, as JSONL in TRL's dataset formats.
+
+Each record of the log (`keys.completion_log`) is joined with the feedback of its completion
+(`keys.feedback`); records nobody rated are left out.
+
+Judgement of one completion: each feedback gives a value in [0, 1] (thumbs up 1, down 0, a score
+`(score - score_min) / (score_max - score_min)` by the tenant's policy; a feedback with both gives
+their mean); the completion's judgement is the mean over its feedbacks (several end users may rate
+one completion), positive when >= 0.5. A feedback with only a correction does not judge. The latest
+correction (by `created`) is the completion's ideal answer.
+
+Formats (TRL's "conversational" type for chat records, "standard" text for text completions):
+
+- sft (language modeling / prompt-completion): chat `{"messages": prompt + [assistant answer]}`,
+  text `{"prompt", "completion"}`; the answer is the correction, else the completion's own text when
+  judged positive, else there is no row.
+- dpo (preference): `{"prompt", "chosen", "rejected"}`; a correction is chosen over the completion's
+  text, and among completions of the same prompt every negative one is rejected against the best
+  positive one. No pair twice.
+- kto (unpaired preference): `{"prompt", "completion", "label"}`; one row per judged completion,
+  plus one labelled true for a correction.
+
+Chat prompts keep the request's messages with only `role` and string `content` (text parts joined,
+`developer` read as `system`); messages with no content (assistant tool calls) are dropped. Records
+stored without content (the tenant's policy), with a token prompt, with no messages or a last one
+TRL cannot render (system), or with neither an answer nor a correction are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from statistics import fmean
+from typing import IO, Any, Literal
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.records import CompletionRecord, Feedback, LogPolicy
+
+log = logging.getLogger(__name__)
+
+ExportFormat = Literal["sft", "dpo", "kto"]
+FORMATS: tuple[ExportFormat, ...] = ("sft", "dpo", "kto")
+Messages = list[dict[str, str]]
+Prompt = Messages | str
+"""A chat prompt (conversational) or a text prompt (standard)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record of the log with the feedback on its completion (oldest first)."""
+
+    record: CompletionRecord
+    feedback: list[Feedback]
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    records_read: int
+    with_feedback: int
+    rows_written: int
+    skipped: int
+    """Records with feedback that give no row whatever the format: no content kept, a token prompt,
+    no messages, or neither an answer nor a correction."""
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What an example says, ready for rows."""
+
+    prompt: Prompt
+    key: str
+    """The prompt's canonical JSON: completions of the same prompt share it."""
+    text: str | None
+    judgement: float | None
+    correction: str | None
+
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def answer(self, text: str) -> Messages | str:
+        return [{"role": "assistant", "content": text}] if self.chat else text
+
+
+def feedback_value(feedback: Feedback, policy: LogPolicy) -> float | None:
+    """The feedback's judgement in [0, 1]; None for a feedback that only corrects or comments."""
+    values = []
+    if feedback.thumbs is not None:
+        values.append(1.0 if feedback.thumbs == "up" else 0.0)
+    if feedback.score is not None:
+        normalised = (feedback.score - policy.score_min) / (policy.score_max - policy.score_min)
+        values.append(min(1.0, max(0.0, normalised)))
+    return fmean(values) if values else None
+
+
+def judgement(feedback: Iterable[Feedback], policy: LogPolicy) -> float | None:
+    """The mean of the feedbacks' values; None when none of them judges."""
+    values = [v for fb in feedback if (v := feedback_value(fb, policy)) is not None]
+    return fmean(values) if values else None
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
+def _prompt(record: CompletionRecord) -> Prompt | None:
+    """The record's prompt: role/content messages for chat, the string for text; None if unusable."""
+    if record.request is None:
+        return None
+    if record.endpoint == "completions":
+        prompt = record.request.get("prompt")
+        return prompt if isinstance(prompt, str) and prompt else None
+    messages: Messages = []
+    for message in record.request.get("messages") or []:
+        content = _content(message.get("content")) if isinstance(message, dict) else ""
+        if content:
+            role = str(message.get("role") or "user")
+            messages.append({"role": "system" if role == "developer" else role, "content": content})
+    # TRL renders a prompt ending in a user or tool message (generation prompt) or an assistant one (continued).
+    return messages if messages and messages[-1]["role"] in ("user", "tool", "assistant") else None
+
+
+def _sample(example: Example, policy: LogPolicy) -> _Sample | None:
+    prompt = _prompt(example.record)
+    corrections = sorted((fb for fb in example.feedback if fb.correction), key=lambda fb: fb.created)
+    correction = corrections[-1].correction if corrections else None
+    text = example.record.text or None
+    if prompt is None or (text is None and correction is None):
+        return None
+    key = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _Sample(prompt, key, text, judgement(example.feedback, policy), correction)
+
+
+def _sft(s: _Sample) -> Iterator[dict[str, Any]]:
+    answer = s.correction or (s.text if s.judgement is not None and s.judgement >= 0.5 else None)
+    if answer is None:
+        return
+    if isinstance(s.prompt, list):
+        yield {"messages": [*s.prompt, {"role": "assistant", "content": answer}]}
+    else:
+        yield {"prompt": s.prompt, "completion": answer}
+
+
+def _kto(s: _Sample) -> Iterator[dict[str, Any]]:
+    if s.text is not None and s.judgement is not None:
+        positive = s.judgement >= 0.5
+        yield {"prompt": s.prompt, "completion": s.answer(s.text), "label": positive}
+        if positive and s.correction == s.text:
+            return
+    if s.correction is not None:
+        yield {"prompt": s.prompt, "completion": s.answer(s.correction), "label": True}
+
+
+def _dpo(samples: Iterable[_Sample]) -> Iterator[dict[str, Any]]:
+    seen: set[tuple[str, str, str]] = set()
+    groups: dict[str, list[tuple[_Sample, str, float]]] = {}
+
+    def pair(s: _Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+        if chosen != rejected and (s.key, chosen, rejected) not in seen:
+            seen.add((s.key, chosen, rejected))
+            yield {"prompt": s.prompt, "chosen": s.answer(chosen), "rejected": s.answer(rejected)}
+
+    for s in samples:
+        if s.correction is not None and s.text is not None:
+            yield from pair(s, s.correction, s.text)
+        if s.text is not None and s.judgement is not None:
+            groups.setdefault(s.key, []).append((s, s.text, s.judgement))
+    for group in groups.values():
+        positives = [(text, value) for _, text, value in group if value >= 0.5]
+        if positives:
+            best = max(positives, key=lambda p: p[1])[0]  # the first of the best: the oldest
+            for s, text, value in group:
+                if value < 0.5:
+                    yield from pair(s, best, text)
+
+
+def rows(examples: Iterable[Example], fmt: ExportFormat, policy: LogPolicy) -> Iterator[dict[str, Any]]:
+    """TRL-format rows of the examples; those with nothing to export are skipped. dpo pairs completions
+    of the same prompt across all the examples, so its rows come once they are all read."""
+    samples = (s for e in examples if (s := _sample(e, policy)) is not None)
+    if fmt == "dpo":
+        yield from _dpo(samples)
+        return
+    one = _sft if fmt == "sft" else _kto
+    for s in samples:
+        yield from one(s)
+
+
+def _record(fields: dict[str, str], entry_id: str) -> CompletionRecord | None:
+    try:
+        return CompletionRecord.model_validate_json(fields["r"])
+    except (KeyError, ValidationError) as exc:
+        log.warning("completion log entry %s unreadable, left out: %s", entry_id, exc)
+        return None
+
+
+def _feedback(stored: dict[str, str]) -> list[Feedback]:
+    feedback = []
+    for user, value in stored.items():
+        try:
+            feedback.append(Feedback.model_validate_json(value))
+        except ValidationError as exc:
+            log.warning("feedback of user %r unreadable, left out: %s", user, exc)
+    return sorted(feedback, key=lambda fb: fb.created)
+
+
+async def _pages(
+    redis: Redis, tenant: str, since: float | None, alias: str | None, page: int, endpoint: str | None = None
+) -> AsyncIterator[tuple[int, list[Example]]]:
+    """Per page of the log: the entries read, and the records among them that match and have feedback."""
+    if page < 1:
+        raise ValueError("page must be at least 1")
+    stream, start = keys.completion_log(tenant), "-" if since is None else f"{max(0, int(since * 1000))}-0"
+    while True:
+        entries: list[tuple[str, dict[str, str]]] = await redis.xrange(stream, min=start, max="+", count=page)
+        if not entries:
+            return
+        records = [r for entry_id, fields in entries if (r := _record(fields, entry_id)) is not None]
+        records = [r for r in records if alias in (None, r.alias) and endpoint in (None, r.endpoint)]
+        pipe = redis.pipeline(transaction=False)
+        for record in records:
+            pipe.hgetall(keys.feedback(tenant, record.id))
+        stored: list[dict[str, str]] = await pipe.execute() if records else []
+        examples = [Example(r, fb) for r, s in zip(records, stored, strict=True) if (fb := _feedback(s))]
+        yield len(entries), examples
+        if len(entries) < page:
+            return
+        ms, seq = entries[-1][0].split("-")
+        start = f"{ms}-{int(seq) + 1}"
+
+
+async def joined(
+    redis: Redis, tenant: str, *, since: float | None = None, alias: str | None = None, page: int = 500
+) -> AsyncIterator[Example]:
+    """Records of the tenant's log (oldest first, added from `since` (unix seconds) on, only those of
+    `alias` when given), each with its feedback; records without feedback are skipped. The log is read
+    in pages of `page` entries, and a page's feedback hashes in one pipeline."""
+    async for _, examples in _pages(redis, tenant, since, alias, page):
+        for example in examples:
+            yield example
+
+
+def _write(out: IO[str], batch: Iterable[dict[str, Any]]) -> int:
+    written = 0
+    for row in batch:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written += 1
+    return written
+
+
+async def export(
+    redis: Redis,
+    tenant: str,
+    fmt: ExportFormat,
+    out: IO[str],
+    policy: LogPolicy,
+    *,
+    since: float | None = None,
+    alias: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    page: int = 500,
+    endpoint: str | None = None,
+) -> ExportSummary:
+    """Write the rows as JSONL to `out`; `progress(records_read, rows_written)` after every page (dpo
+    writes its rows after the last page, then reports once more). `endpoint` ("chat" or "completions")
+    keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
+    read = with_feedback = written = skipped = 0
+    kept: list[Example] = []
+    async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
+        usable = [e for e in examples if _sample(e, policy) is not None]
+        read, with_feedback = read + count, with_feedback + len(examples)
+        skipped += len(examples) - len(usable)
+        if fmt == "dpo":
+            kept.extend(usable)
+        else:
+            written += _write(out, rows(usable, fmt, policy))
+        if progress is not None:
+            progress(read, written)
+    if fmt == "dpo":
+        written = _write(out, rows(kept, fmt, policy))
+        if progress is not None:
+            progress(read, written)
+    return ExportSummary(read, with_feedback, written, skipped)

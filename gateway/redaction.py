@@ -1,0 +1,171 @@
+"""Per-tenant PII redaction of prompts and responses before they reach the completion log or feedback store.
+
+Each finding is replaced by a placeholder (`[EMAIL]`, `[PHONE]`, `[CARD]`, `[IBAN]`, `[IP]`) and counted per kind.
+Regexes only find candidates; a finding is redacted only once a validator accepts it, so an order number that
+fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
+
+- email: a practical `local@domain.tld` regex; the shape is the evidence.
+- iban: country code, 2 check digits and 11-30 alphanumerics, compact or in groups of 4; `stdnum.iban.is_valid`
+  (mod-97, and the country's length and format).
+- card: 13-19 contiguous digits, or 4-4-4-4(-3) / 4-6-4(5) groups split by spaces or dashes; `stdnum.luhn`. Card
+  groupings rather than "digits with any separators", so that a card is not merged with a number beside it
+  (`4111 1111 1111 1111 2 times`) and then lost to the Luhn check.
+- ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
+- phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
+  ones, only allocated ranges). It is the slowest pass by far, so it runs only on runs of 7+ digits.
+
+Passes run in the order email, iban, card, ip, phone: an e-mail may hold digits or an IP-like domain, an IBAN's
+digit groups can look like a card, and cards and IPs must be gone before the phone matcher could eat their digits.
+A pass is skipped by a cheap pre-check (a digit count made once per text, a character it needs) when it cannot match.
+
+Names are not detected. Presidio's name recognizer needs a spaCy model that is not on PyPI (it is downloaded from
+GitHub), GLiNER downloads its model from the Hugging Face Hub at run time, and name gazetteers (names-dataset) are
+lists, not detectors: common words such as "May", "Will" or "Bill" collide with them. Tenants who need names kept
+out of the logs can turn off prompt/response logging entirely.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import phonenumbers
+from stdnum import iban, luhn
+
+PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
+
+_Spans = Iterator[tuple[int, int]]
+_DIGITS = "0123456789"
+
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b"
+)
+# Patterns open with a character class, the word-boundary check right after it, rather than with an assertion:
+# `re` then skips straight to candidate characters, about twice as fast on ordinary prose.
+_IBAN = re.compile(r"[A-Z](?<=\b[A-Z])[A-Z]\d\d(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_CARD = re.compile(r"\d(?<=\b\d)(?:\d{12,18}|\d{3}(?:[ -]\d{4}){3}(?:[ -]\d{3})?|\d{3}[ -]\d{6}[ -]\d{4,5})\b")
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\w|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)")
+_PHONE_RUN = re.compile(r"[+(]?\d(?:[\s().\-/]*\d){6,}")
+_VALID = phonenumbers.Leniency.VALID
+
+
+def _is_card(candidate: str) -> bool:
+    return bool(luhn.is_valid(candidate.replace(" ", "").replace("-", "")))
+
+
+def _is_ip(candidate: str) -> bool:
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None) -> Callable[[str, str], _Spans]:
+    """A finder yielding the spans of `pattern`'s matches that `valid` accepts (all of them without one)."""
+
+    def find(text: str, _region: str) -> _Spans:
+        return (m.span() for m in pattern.finditer(text) if valid is None or valid(m.group()))
+
+    return find
+
+
+def _phones(text: str, region: str) -> _Spans:
+    """The matcher parses every number-like candidate (tens of µs each) and text is full of short ones (times, years,
+    counts), so it sees only runs of 7+ digits, with 4 characters of context either side for its boundary checks."""
+    last = 0
+    for run in _PHONE_RUN.finditer(text):
+        lo = max(0, run.start() - 4)
+        for match in phonenumbers.PhoneNumberMatcher(text[lo : run.end() + 4], region, leniency=_VALID):
+            if lo + match.start >= last:  # keep spans disjoint where two runs' contexts overlap
+                last = lo + match.end
+                yield lo + match.start, last
+
+
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    kind: str
+    placeholder: str
+    find: Callable[[str, str], _Spans]
+    min_digits: int = 0
+    needle: str = ""
+    """A character the text must hold for the pass to run ("" is in every text)."""
+
+
+_PASSES: tuple[_Pass, ...] = (  # in the order they run
+    _Pass("email", "[EMAIL]", _regex(_EMAIL), needle="@"),
+    _Pass("iban", "[IBAN]", _regex(_IBAN, iban.is_valid), min_digits=2),
+    _Pass("card", "[CARD]", _regex(_CARD, _is_card), min_digits=13),
+    _Pass("ip", "[IP]", _regex(_IPV6, _is_ip), min_digits=1, needle=":"),  # first: IPv4-mapped ::ffff:1.2.3.4
+    _Pass("ip", "[IP]", _regex(_IPV4, _is_ip), min_digits=4, needle="."),
+    _Pass("phone", "[PHONE]", _phones, min_digits=7),
+)
+
+
+def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
+    """`text` with every span (ascending, disjoint) replaced by `placeholder`, and how many there were."""
+    parts: list[str] = []
+    pos = 0
+    for start, end in spans:
+        parts += (text[pos:start], placeholder)
+        pos = end
+    if not parts:
+        return text, 0
+    parts.append(text[pos:])
+    return "".join(parts), len(parts) // 2
+
+
+class Redactor:
+    """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record."""
+
+    def __init__(self, kinds: Iterable[str] = PII_KINDS, phone_region: str = "US") -> None:
+        wanted = frozenset(kinds)
+        unknown = wanted.difference(PII_KINDS)
+        if unknown:
+            raise ValueError(f"unknown PII kind(s) {sorted(unknown)}; valid kinds are {', '.join(PII_KINDS)}")
+        if "phone" in wanted and phone_region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown phone region {phone_region!r}; expected an ISO 3166 code such as 'US'")
+        self._kinds = wanted
+        self._region = phone_region
+        self._passes = tuple(p for p in _PASSES if p.kind in wanted)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return self._kinds
+
+    def redact(self, text: str) -> tuple[str, Counter[str]]:
+        """`text` with each finding replaced by its kind's placeholder, and the number of findings per kind."""
+        counts: Counter[str] = Counter()
+        if not self._passes or not text:
+            return text, counts
+        digits = sum(map(text.count, _DIGITS))
+        for p in self._passes:
+            if digits < p.min_digits or p.needle not in text:
+                continue
+            text, found = _splice(text, p.find(text, self._region), p.placeholder)
+            if found:
+                counts[p.kind] += found
+        return text, counts
+
+
+def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
+    """Redact every string in a JSON-like value (dicts, lists, strings), such as chat `messages` whose content is
+    a string or a list of parts. Dict keys and other scalars are left as they are."""
+    counts: Counter[str] = Counter()
+    return _walk(redactor, value, counts), counts
+
+
+def _walk(redactor: Redactor, value: object, counts: Counter[str]) -> object:
+    if isinstance(value, str):
+        text, found = redactor.redact(value)
+        counts.update(found)
+        return text
+    if isinstance(value, dict):
+        return {key: _walk(redactor, item, counts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_walk(redactor, item, counts) for item in value]
+    return value

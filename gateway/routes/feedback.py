@@ -1,0 +1,83 @@
+"""Feedback: `POST /v1/feedback` and `GET /v1/feedback?completion_id=` with a tenant's key; erasure
+and exports of a tenant's log under `/admin/tenants/{tenant}/...` (its manage key or the admin key)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from gateway.auth import Manager, TenantCaller
+from gateway.body import read_json
+from gateway.errors import InvalidRequest, from_validation_error
+from gateway.export import ExportFormat, export
+from gateway.records import FeedbackIn
+from gateway.routes import domain_errors, services
+
+router = APIRouter()
+
+MAX_FEEDBACK_BYTES = 256 * 1024
+
+
+@router.post("/v1/feedback")
+async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
+    """200: stored in Redis (on its disk). 202: stored in this gateway's fsynced spool, replayed into
+    Redis shortly (Redis down, or not fsyncing)."""
+    svc = services(request)
+    assert caller.tenant is not None
+    payload = await read_json(request, MAX_FEEDBACK_BYTES)
+    try:
+        given = FeedbackIn.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    tenant = await svc.tenants.cached(caller.tenant)
+    feedback, in_redis = await svc.feedback.submit(tenant, given)
+    body: dict[str, Any] = {**feedback.model_dump(mode="json"), "status": "stored" if in_redis else "queued"}
+    return JSONResponse(body, status_code=200 if in_redis else 202)
+
+
+@router.get("/v1/feedback")
+async def get_feedback(
+    request: Request, caller: TenantCaller, completion_id: str = Query(min_length=1, max_length=200)
+) -> dict[str, Any]:
+    svc = services(request)
+    assert caller.tenant is not None
+    found = await svc.feedback.of_completion(caller.tenant, completion_id)
+    return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
+
+
+@router.post("/admin/tenants/{tenant}/users/{user}/forget")
+async def forget_user(tenant: str, user: str, request: Request, _: Manager) -> dict[str, Any]:
+    """Delete everything stored for one end user of the tenant; says what was removed."""
+    svc = services(request)
+    with domain_errors():
+        await svc.tenants.get(tenant)
+    await svc.recorder.flush()  # what this process still holds for the user is written, then erased
+    removed = await svc.feedback.forget(tenant, user)
+    return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}
+
+
+@router.get("/admin/tenants/{tenant}/feedback/export")
+async def export_feedback(
+    tenant: str,
+    request: Request,
+    _: Manager,
+    format: Literal["sft", "dpo", "kto"] = Query(...),
+    since: float | None = Query(None, ge=0, description="Unix time: only completions from then on."),
+    alias: str | None = Query(None, max_length=200),
+    endpoint: Literal["chat", "completions"] = Query("chat", description="Chat or text-completion records."),
+) -> Response:
+    """The tenant's rated completions as JSON lines in one of TRL's formats."""
+    svc = services(request)
+    with domain_errors():
+        found = await svc.tenants.get(tenant)
+    fmt: ExportFormat = format
+    out = io.StringIO()
+    try:
+        await export(svc.records_redis, tenant, fmt, out, found.logging, since=since, alias=alias, endpoint=endpoint)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    return Response(out.getvalue(), media_type="application/x-ndjson")

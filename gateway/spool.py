@@ -1,0 +1,216 @@
+"""A local, ordered, append-only spool of JSON lines, for what cannot reach Redis yet.
+
+Each gateway process owns one folder per spool (held with an exclusive `flock`, so several
+processes on one host never share one); a folder whose owner is gone (it crashed) is adopted by the
+next process that opens the spool, and replayed. Items are written in segments of JSON lines:
+
+- `append` writes items in order; with `fsync` (feedback) it returns only once they are on disk,
+  and appends made at the same time share one fsync (group commit);
+- with `max_items` (completion records) the oldest segments are dropped when the bound is passed,
+  and the callback counts what was dropped;
+- `drain` hands every segment, oldest first, to a handler, and removes it only once the handler
+  returned: an item may be handed over twice (after a crash), never lost, so handlers are idempotent.
+
+All file work happens in a worker thread, never in the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("loragate.spool")
+
+SEGMENT_ITEMS = 1000
+ORPHAN_AGE_S = 5.0
+"""A folder this new may be one whose owner has not locked it yet: left alone."""
+
+
+class Spool:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool,
+        max_items: int | None = None,
+        on_drop: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self._root = root
+        self._fsync = fsync
+        self._max_items = max_items
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self._folder: Path | None = None
+        self._lock_fd: int | None = None
+        self._adopted: dict[Path, int] = {}
+        """Folders of stopped processes taken over, and the lock held on each."""
+        self._segments: dict[Path, int] = {}
+        """Closed segments and their item counts, oldest first."""
+        self._current: Path | None = None
+        self._current_count = 0
+        self._waiting: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- opening and adopting ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take a folder of our own (locked for as long as this process lives)."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        folder = self._root / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        self._lock_fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._folder = folder
+        with self._lock:
+            self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """Take over the segments of folders whose owner is gone (unlocked, and not just being created)."""
+        for other in sorted(self._root.iterdir()):
+            if other == self._folder or other in self._adopted or not other.is_dir():
+                continue
+            if time.time() - other.stat().st_mtime < ORPHAN_AGE_S:
+                continue
+            fd = os.open(other / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # its owner is alive
+            segments = sorted(other.glob("*.jsonl"))
+            if not segments:
+                _remove_folder(other)
+                os.close(fd)
+                continue
+            self._adopted[other] = fd
+            adopted = {segment: _count(segment) for segment in segments}
+            self._segments = {**adopted, **self._segments}  # theirs are older than ours
+            log.info("adopted %d spooled items of a stopped process", sum(adopted.values()))
+
+    def close(self) -> None:
+        for fd in [self._lock_fd, *self._adopted.values()]:
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd, self._adopted = None, {}
+
+    def pending(self) -> int:
+        return sum(self._segments.values()) + self._current_count
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def append(self, items: list[dict[str, Any]]) -> None:
+        """Write `items` after everything appended before; with fsync, return once they are on disk."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting())
+        await asyncio.shield(future)
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            lines = [json.dumps(item, separators=(",", ":")) + "\n" for items, _ in batch for item in items]
+            try:
+                await asyncio.to_thread(self._write, lines)
+            except OSError as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    def _write(self, lines: list[str]) -> None:
+        assert self._folder is not None, "Spool.open() first"
+        with self._lock:
+            if self._current is None:
+                self._current = self._folder / f"{time.time_ns():020d}.jsonl"
+                self._current_count = 0
+            with open(self._current, "a", encoding="utf-8") as out:
+                out.writelines(lines)
+                out.flush()
+                if self._fsync:
+                    os.fsync(out.fileno())
+            self._current_count += len(lines)
+            if self._current_count >= SEGMENT_ITEMS:
+                self._close_current()
+            self._enforce_bound()
+
+    def _close_current(self) -> None:
+        if self._current is not None and self._current_count:
+            self._segments[self._current] = self._current_count
+        self._current, self._current_count = None, 0
+
+    def _enforce_bound(self) -> None:
+        if self._max_items is None:
+            return
+        while self._segments and self.pending() > self._max_items:
+            oldest = next(iter(self._segments))
+            dropped = self._segments.pop(oldest)
+            oldest.unlink(missing_ok=True)
+            log.warning("spool full: dropped %d oldest items", dropped)
+            self._on_drop(dropped)
+
+    # -- replaying -----------------------------------------------------------------------------
+
+    async def drain(self, handler: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> int:
+        """Hand every spooled segment, oldest first, to `handler`; a segment is removed once handled.
+        Stops (keeping the rest) at the first handler error, which is raised. Returns the items handled."""
+        handled = 0
+        while True:
+            segment = await asyncio.to_thread(self._oldest)
+            if segment is None:
+                return handled
+            items = await asyncio.to_thread(_read, segment)
+            await handler(items)
+            await asyncio.to_thread(self._forget, segment)
+            handled += len(items)
+
+    def _oldest(self) -> Path | None:
+        with self._lock:
+            self._adopt_orphans()
+            if not self._segments:
+                self._close_current()
+            return next(iter(self._segments), None)
+
+    def _forget(self, segment: Path) -> None:
+        with self._lock:
+            self._segments.pop(segment, None)
+            segment.unlink(missing_ok=True)
+            folder = segment.parent
+            if folder in self._adopted and not any(s.parent == folder for s in self._segments):
+                _remove_folder(folder)
+                os.close(self._adopted.pop(folder))
+
+
+def _count(segment: Path) -> int:
+    with open(segment, "rb") as lines:
+        return sum(1 for _ in lines)
+
+
+def _read(segment: Path) -> list[dict[str, Any]]:
+    """The items of a segment; a last line cut short by a crash (never acknowledged) is skipped."""
+    items = []
+    with open(segment, encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                items.append(json.loads(line))
+            except ValueError:
+                log.warning("skipped a damaged spool line in %s", segment.name)
+    return items
+
+
+def _remove_folder(folder: Path) -> None:
+    for leftover in folder.iterdir():
+        leftover.unlink(missing_ok=True)
+    folder.rmdir()

@@ -1,0 +1,331 @@
+"""Exports of the completion log joined with feedback, against a real Redis; the JSONL is then loaded
+with `datasets` and passed through TRL's own format checks with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.export import Example, ExportFormat, export, feedback_value, joined, judgement, rows
+from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
+from tests.conftest import ROOT
+
+POLICY = LogPolicy()
+FIVE_STARS = LogPolicy(score_min=1.0, score_max=5.0)
+SYSTEM = {"role": "system", "content": "Be brief."}
+QUESTION = "What is the capital of France?"
+IDS = itertools.count()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def chat(
+    tenant: str = "acme", text: str | None = "Paris.", *, messages: list[dict[str, Any]] | None = None, **fields: Any
+) -> CompletionRecord:
+    messages = messages if messages is not None else [SYSTEM, {"role": "user", "content": QUESTION}]
+    n = next(IDS)
+    return CompletionRecord(
+        id=f"chatcmpl-{n}",
+        request_id=f"r{n}",
+        tenant=tenant,
+        endpoint="chat",
+        model="m",
+        request={"messages": messages, "temperature": 0},
+        choices=None if text is None else [Choice(index=0, text=text, finish_reason="stop")],
+        status=200,
+        outcome="ok",
+        created=1000.0 + n,
+        **fields,
+    )
+
+
+def text_record(
+    tenant: str = "acme", prompt: Any = "The sky is", text: str = " blue.", **fields: Any
+) -> CompletionRecord:
+    n = next(IDS)
+    return CompletionRecord(
+        id=f"cmpl-{n}",
+        request_id=f"r{n}",
+        tenant=tenant,
+        endpoint="completions",
+        model="m",
+        request={"prompt": prompt},
+        choices=[Choice(index=0, text=text)],
+        status=200,
+        outcome="ok",
+        created=1000.0 + n,
+        **fields,
+    )
+
+
+def fb(record: CompletionRecord, user: str | None = None, created: float = 0.0, **fields: Any) -> Feedback:
+    return Feedback(completion_id=record.id, user=user, created=created or record.created + 1, **fields)
+
+
+async def log(redis: aioredis.Redis, record: CompletionRecord, *feedback: Feedback, ms: int | None = None) -> None:
+    """The record into the tenant's log (at `ms` when given), and its feedback, as the gateway stores them."""
+    await redis.xadd(keys.completion_log(record.tenant), {"r": record.model_dump_json()}, id=f"{ms}-0" if ms else "*")
+    for f in feedback:
+        await redis.hset(keys.feedback(record.tenant, record.id), f.user or "", f.model_dump_json())
+
+
+def rated(record: CompletionRecord, **fields: Any) -> Example:
+    return Example(record, [fb(record, **fields)])
+
+
+def good(record: CompletionRecord) -> Example:
+    return rated(record, thumbs="up")
+
+
+def bad(record: CompletionRecord) -> Example:
+    return rated(record, thumbs="down")
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+PROMPT = [SYSTEM, {"role": "user", "content": QUESTION}]
+
+
+async def test_join_skips_unrated_records_and_filters_by_alias_and_since(redis: aioredis.Redis, tenant: str) -> None:
+    records = [chat(tenant, alias="a" if i % 2 else "b") for i in range(7)]
+    for i, record in enumerate(records):
+        await log(redis, record, *([] if i == 3 else [fb(record, thumbs="up")]), ms=(i + 1) * 1000)
+    got = [e.record.id async for e in joined(redis, tenant, page=2)]
+    assert got == [r.id for i, r in enumerate(records) if i != 3]
+    assert [e.record.id async for e in joined(redis, tenant, alias="a", page=2)] == [records[1].id, records[5].id]
+    assert [e.record.id async for e in joined(redis, tenant, since=4.5, page=3)] == [r.id for r in records[4:]]
+    assert [e.record.id async for e in joined(redis, tenant, since=5.0, alias="b")] == [records[4].id, records[6].id]
+    assert [e async for e in joined(redis, "nobody")] == []
+
+
+async def test_several_users_are_averaged_with_scores_in_the_policy_range(redis: aioredis.Redis, tenant: str) -> None:
+    record = chat(tenant)
+    feedback = [
+        fb(record, "ann", score=5.0),  # 1
+        fb(record, "bob", thumbs="down"),  # 0
+        fb(record, "cy", thumbs="up", score=3.0),  # (1 + 0.5) / 2
+        fb(record, None, correction="Paris, France.", comment="no rating"),
+    ]
+    await log(redis, record, *feedback)
+    [example] = [e async for e in joined(redis, tenant)]
+    assert sorted(f.user or "" for f in example.feedback) == ["", "ann", "bob", "cy"]
+    assert [feedback_value(f, FIVE_STARS) for f in feedback] == [1.0, 0.0, 0.75, None]
+    assert judgement(example.feedback, FIVE_STARS) == pytest.approx(1.75 / 3)
+    assert judgement(example.feedback, POLICY) == pytest.approx((1 + 0 + 1) / 3)  # scores above 1 count as 1
+    assert judgement([feedback[3]], FIVE_STARS) is None
+    assert feedback_value(fb(record, score=2.0), FIVE_STARS) == 0.25
+    [kto] = [r for r in rows([example], "kto", FIVE_STARS) if r["completion"] == assistant("Paris.")]
+    assert kto["label"] is True
+    two_users_down = Example(record, [fb(record, "a", score=2.0), fb(record, "b", score=3.0)])  # 0.25 and 0.5
+    assert [r["label"] for r in rows([two_users_down], "kto", FIVE_STARS)] == [False]
+
+
+def test_sft_rows() -> None:
+    parts: list[dict[str, Any]] = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    liked, disliked, corrected = chat(text="Yes."), chat(text="No."), chat(text="Lyon.")
+    examples = [
+        good(liked),
+        bad(disliked),
+        Example(
+            corrected,
+            [
+                fb(corrected, "a", thumbs="down", correction="Old.", created=1.0),
+                fb(corrected, "b", correction="Paris.", created=2.0),
+            ],
+        ),
+        good(chat(messages=parts, text="It is sunny.", user="end-user")),
+        good(text_record(text=" blue.")),
+        bad(text_record(prompt="Two plus two is", text=" five.")),
+    ]
+    assert list(rows(examples, "sft", POLICY)) == [
+        {"messages": [*PROMPT, *assistant("Yes.")]},
+        {"messages": [*PROMPT, *assistant("Paris.")]},  # the latest correction
+        {
+            "messages": [
+                {"role": "system", "content": "Be\nbrief."},
+                {"role": "user", "content": "Weather?"},
+                {"role": "tool", "content": "sunny"},
+                *assistant("It is sunny."),
+            ]
+        },
+        {"prompt": "The sky is", "completion": " blue."},
+    ]
+
+
+def test_dpo_rows_pair_corrections_and_completions_of_the_same_prompt() -> None:
+    reordered = [{"content": m["content"], "role": m["role"]} for m in PROMPT]  # same prompt, other key order
+    other = [{"role": "user", "content": "Hi"}]
+    corrected = chat(text="Lyon.")
+    examples = [
+        bad(chat(text="Berlin.")),
+        rated(corrected, thumbs="down", correction="Paris."),
+        rated(chat(text="Paris, I think."), score=0.75),
+        good(chat(messages=reordered, text="Paris.")),
+        bad(chat(messages=reordered, text="Berlin.")),  # the same pair again
+        rated(chat(text="Paris!"), score=0.5),  # positive, not the best
+        bad(chat(messages=other, text="Bye.")),  # no positive for this prompt
+        rated(chat(text="Same."), correction="Same."),  # the correction is the answer
+        bad(text_record(text=" green.")),
+        good(text_record(text=" blue.")),
+    ]
+    assert list(rows(examples, "dpo", POLICY)) == [
+        {"prompt": PROMPT, "chosen": assistant("Paris."), "rejected": assistant("Lyon.")},
+        {"prompt": PROMPT, "chosen": assistant("Paris."), "rejected": assistant("Berlin.")},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    ]
+
+
+def test_kto_rows_label_every_judged_completion_and_add_corrections() -> None:
+    corrected, confirmed = chat(text="Lyon."), chat(text="Paris.")
+    examples = [
+        good(chat(text="Paris.")),
+        bad(chat(text="Berlin.")),
+        rated(corrected, thumbs="down", correction="Paris."),
+        rated(confirmed, thumbs="up", correction="Paris."),  # one row, not two
+        rated(chat(text="Hm."), comment="no opinion", correction="Paris."),
+        bad(text_record(text=" green.")),
+    ]
+    assert list(rows(examples, "kto", POLICY)) == [
+        {"prompt": PROMPT, "completion": assistant("Paris."), "label": True},
+        {"prompt": PROMPT, "completion": assistant("Berlin."), "label": False},
+        {"prompt": PROMPT, "completion": assistant("Lyon."), "label": False},
+        {"prompt": PROMPT, "completion": assistant("Paris."), "label": True},
+        {"prompt": PROMPT, "completion": assistant("Paris."), "label": True},
+        {"prompt": PROMPT, "completion": assistant("Paris."), "label": True},
+        {"prompt": "The sky is", "completion": " green.", "label": False},
+    ]
+
+
+async def test_records_without_content_are_skipped_and_counted(redis: aioredis.Redis, tenant: str) -> None:
+    kept = chat(tenant, text="Paris.")
+    no_content = chat(tenant).model_copy(update={"request": None, "choices": None})
+    no_answer = chat(tenant, text=None)
+    unusable = [
+        no_content,
+        text_record(tenant, prompt=[1, 2, 3]),  # tokens
+        chat(tenant, messages=[{"role": "user", "content": ""}]),
+        chat(tenant, messages=[{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}]),
+        no_answer,
+    ]
+    for record in [kept, *unusable]:
+        await log(redis, record, fb(record, thumbs="up"))
+    await log(redis, no_answer.model_copy(update={"id": "fixed"}), fb(no_answer, correction="Paris."))
+    await log(redis, chat(tenant))  # no feedback: read, not counted as skipped
+    seen: list[tuple[int, int]] = []
+    out = io.StringIO()
+    summary = await export(redis, tenant, "sft", out, POLICY, progress=lambda *a: seen.append(a), page=3)
+    assert (summary.records_read, summary.with_feedback, summary.rows_written, summary.skipped) == (8, 7, 2, 5)
+    assert seen == [(3, 1), (6, 1), (8, 2)]
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"messages": [*PROMPT, *assistant("Paris.")]},
+        {"messages": [*PROMPT, *assistant("Paris.")]},
+    ]
+    dpo = await export(redis, tenant, "dpo", io.StringIO(), POLICY, progress=lambda *a: seen.append(a), page=3)
+    assert dpo.rows_written == 0 and seen[3:] == [(3, 0), (6, 0), (8, 0), (8, 0)]
+
+
+# TRL's checks run where TRL is installed: this interpreter with the `train` extra, else the QLoRA venv.
+TRL_CHECK = """
+import json, sys
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl.data_utils import is_conversational, maybe_apply_chat_template
+model, cache, result, *files = sys.argv[1:]
+tokenizer = AutoTokenizer.from_pretrained(model)
+checked = {}
+for name in files:
+    dataset = load_dataset("json", data_files=name, split="train", cache_dir=cache)
+    checked[name] = [
+        {"row": row, "conversational": is_conversational(row), "applied": maybe_apply_chat_template(row, tokenizer)}
+        for row in dataset
+    ]
+json.dump(checked, open(result, "w"))
+"""
+
+
+def trl_python() -> str:
+    if importlib.util.find_spec("trl") and importlib.util.find_spec("datasets"):
+        return sys.executable
+    bnb = ROOT / ".venv-bnb/bin/python"
+    if not bnb.exists():
+        pytest.skip("TRL is not installed (the `train` extra, or `make bnb-engine`)")
+    return str(bnb)
+
+
+def trl_checks(model: Path, tmp: Path, files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env["HF_HOME"] = str(tmp / "hf")
+    result = tmp / "checked.json"
+    args = [trl_python(), "-c", TRL_CHECK, str(model), str(tmp / "datasets"), str(result), *map(str, files)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    checked: dict[str, list[dict[str, Any]]] = json.loads(result.read_text())
+    return {Path(name).stem: rows for name, rows in checked.items()}
+
+
+async def test_exports_load_with_datasets_and_pass_trls_checks(
+    redis: aioredis.Redis, tenant: str, base_model_dir: Path, tmp_path: Path
+) -> None:
+    liked, disliked, corrected = (
+        chat(tenant, "Paris.", alias="c"),
+        chat(tenant, "Rome.", alias="c"),
+        chat(tenant, "Lyon.", alias="c"),
+    )
+    await log(redis, liked, fb(liked, thumbs="up"))
+    await log(redis, disliked, fb(disliked, thumbs="down"))
+    await log(redis, corrected, fb(corrected, correction="Paris, the capital."))
+    blue, green = text_record(tenant, text=" blue.", alias="t"), text_record(tenant, text=" green.", alias="t")
+    await log(redis, blue, fb(blue, score=1.0))
+    await log(redis, green, fb(green, score=0.0))
+    files = []
+    formats: list[ExportFormat] = ["sft", "dpo", "kto"]
+    for alias, fmt in itertools.product("ct", formats):
+        path = tmp_path / f"{alias}-{fmt}.jsonl"
+        with path.open("w") as out:
+            summary = await export(redis, tenant, fmt, out, POLICY, alias=alias)
+        assert summary.rows_written > 0
+        files.append(path)
+    checked = trl_checks(base_model_dir, tmp_path, files)
+
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + QUESTION + "<|im_end|>\n"
+    prompt = head + "<|im_start|>assistant\n"
+    assert all(c["conversational"] for alias in ("c-sft", "c-dpo", "c-kto") for c in checked[alias])
+    assert [c["applied"] for c in checked["c-sft"]] == [
+        {"text": f"{prompt}Paris.<|im_end|>\n"},
+        {"text": f"{prompt}Paris, the capital.<|im_end|>\n"},
+    ]
+    assert [c["applied"] for c in checked["c-dpo"]] == [
+        {"prompt": prompt, "chosen": "Paris, the capital.<|im_end|>\n", "rejected": "Lyon.<|im_end|>\n"},
+        {"prompt": prompt, "chosen": "Paris.<|im_end|>\n", "rejected": "Rome.<|im_end|>\n"},
+    ]
+    assert [c["applied"] for c in checked["c-kto"]] == [
+        {"prompt": prompt, "completion": "Paris.<|im_end|>\n", "label": True},
+        {"prompt": prompt, "completion": "Rome.<|im_end|>\n", "label": False},
+        {"prompt": prompt, "completion": "Paris, the capital.<|im_end|>\n", "label": True},
+    ]
+    # Standard (text) rows are not conversational: TRL leaves them as they are.
+    for name in ("t-sft", "t-dpo", "t-kto"):
+        assert checked[name] and all(not c["conversational"] and c["applied"] == c["row"] for c in checked[name])
+    assert [c["row"] for c in checked["t-dpo"]] == [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]

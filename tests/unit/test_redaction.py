@@ -1,0 +1,141 @@
+"""PII redaction of logged prompts and responses: what is replaced, what must survive, and chat-message walking."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.redaction import PII_KINDS, Redactor, redact_value
+
+TICKET = (
+    "Hi support, this is Jane Doe (jane.doe@example.com). Please call me back on +44 20 7946 0958, or at my "
+    "US office on (415) 555-2671 after 3pm. I was charged twice: once on my Visa 4111 1111 1111 1111 and once "
+    "on the Mastercard 5555-5555-5555-4444. Refunds can go to DE89 3704 0044 0532 0130 00 or to my UK account "
+    "GB82 WEST 1234 5698 7654 32. Our VPN gateway is 192.168.1.20 and the IPv6 host is 2001:db8::8a2e:370:7334."
+)
+TICKET_REDACTED = (
+    "Hi support, this is Jane Doe ([EMAIL]). Please call me back on [PHONE], or at my "
+    "US office on [PHONE] after 3pm. I was charged twice: once on my Visa [CARD] and once "
+    "on the Mastercard [CARD]. Refunds can go to [IBAN] or to my UK account "
+    "[IBAN]. Our VPN gateway is [IP] and the IPv6 host is [IP]."
+)
+
+
+def test_support_ticket_has_every_item_replaced_and_counted() -> None:
+    text, counts = Redactor().redact(TICKET)
+    assert text == TICKET_REDACTED
+    assert counts == Counter(email=1, phone=2, card=2, iban=2, ip=2)
+
+
+def test_invoice_email_with_compact_forms() -> None:
+    text, counts = Redactor().redact(
+        "Invoice 2026-0042 for ops+billing@sub.example.co.uk: card 4111111111111111 (exp 12/28), IBAN "
+        "GB82WEST12345698765432. Amex 3782 822463 10005 was declined. Reply from 10.0.0.7 at 09:15."
+    )
+    assert text == (
+        "Invoice 2026-0042 for [EMAIL]: card [CARD] (exp 12/28), IBAN "
+        "[IBAN]. Amex [CARD] was declined. Reply from [IP] at 09:15."
+    )
+    assert counts == Counter(email=1, card=2, iban=1, ip=1)
+
+
+NEGATIVES = [
+    "Your order 1234567812345678 has shipped.",  # 16 digits, fails Luhn
+    "Pay to DE88 3704 0044 0532 0130 00 instead.",  # the DE89 example with a broken check digit
+    "Please upgrade the client to v1.2.3 before the call.",
+    "The standup is at 12:30, the retro at 16:45:30.",
+    "999.300.1.1 is not a host, and neither is 1.2.3.4.5 or build 10.0.19045.1234.",
+    "The contract renews on 2026-11-30.",
+    "We shipped 12 items on 3 pallets, 2400 units in total, worth 1500000 USD.",
+    "Use std::vector<int> and Foo::bar() here; the MAC is 00:1A:2B:3C:4D:5E.",
+    "Call (123) 456-7890 if the fake number in the docs works.",  # area codes never start with 1
+]
+
+
+@pytest.mark.parametrize("text", NEGATIVES)
+def test_look_alikes_survive_unchanged(text: str) -> None:
+    assert Redactor().redact(text) == (text, Counter())
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("ping ::1 then [::1]:8080", "ping [IP] then [[IP]]:8080"),
+        ("mapped ::ffff:192.168.1.1 and fe80::1", "mapped [IP] and [IP]"),
+        ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "full [IP]."),
+        ("DNS is 8.8.8.8.", "DNS is [IP]."),
+    ],
+)
+def test_ip_addresses(text: str, redacted: str) -> None:
+    assert Redactor(["ip"]).redact(text)[0] == redacted
+
+
+def test_card_next_to_another_number_is_still_found() -> None:
+    assert Redactor().redact("charged 4111 1111 1111 1111 2 times")[0] == "charged [CARD] 2 times"
+
+
+def test_phone_numbers_of_the_region_and_international() -> None:
+    us = Redactor(["phone"])
+    assert us.redact("Call 650-253-0000 or +1 (212) 736-5000.")[0] == "Call [PHONE] or [PHONE]."
+    assert us.redact("UK office: 020 7946 0958") == ("UK office: 020 7946 0958", Counter())  # national, not US
+    uk = Redactor(["phone"], phone_region="GB")
+    assert uk.redact("UK office: 020 7946 0958") == ("UK office: [PHONE]", Counter(phone=1))
+
+
+def test_only_the_chosen_kinds_are_redacted() -> None:
+    redactor = Redactor(["email", "iban"])
+    assert redactor.kinds == frozenset({"email", "iban"})
+    text, counts = redactor.redact(TICKET)
+    assert "[EMAIL]" in text and "[IBAN]" in text
+    assert "+44 20 7946 0958" in text and "4111 1111 1111 1111" in text and "192.168.1.20" in text
+    assert counts == Counter(email=1, iban=2)
+
+
+def test_no_kinds_leaves_text_unchanged() -> None:
+    assert Redactor([]).redact(TICKET) == (TICKET, Counter())
+    assert Redactor().kinds == frozenset(PII_KINDS)
+
+
+def test_unknown_kind_is_refused_naming_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"'name'.*email, phone, card, iban, ip"):
+        Redactor(["email", "name"])
+    with pytest.raises(ValueError, match="phone region"):
+        Redactor(phone_region="XX")
+
+
+def test_redact_value_walks_chat_messages() -> None:
+    messages = [
+        {"role": "system", "content": "You are a helpful billing assistant."},
+        {"role": "user", "content": "My e-mail is bob@example.org and my card is 4111-1111-1111-1111."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Wire it to GB82 WEST 1234 5698 7654 32, or call +44 20 7946 0958."},
+                {"type": "image_url", "image_url": {"url": "https://cdn.example.com/receipt.png"}},
+            ],
+        },
+        {"role": "assistant", "content": None, "weight": 0.5, "n": 4111111111111111, "done": True},
+        {"alice@example.com": "a key that looks like an e-mail stays"},
+    ]
+    redacted, counts = redact_value(Redactor(), messages)
+    assert redacted == [
+        {"role": "system", "content": "You are a helpful billing assistant."},
+        {"role": "user", "content": "My e-mail is [EMAIL] and my card is [CARD]."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Wire it to [IBAN], or call [PHONE]."},
+                {"type": "image_url", "image_url": {"url": "https://cdn.example.com/receipt.png"}},
+            ],
+        },
+        {"role": "assistant", "content": None, "weight": 0.5, "n": 4111111111111111, "done": True},
+        {"alice@example.com": "a key that looks like an e-mail stays"},
+    ]
+    assert counts == Counter(email=1, card=1, iban=1, phone=1)
+    assert messages[1]["content"].startswith("My e-mail is bob@")  # the input is not modified
+
+
+def test_redact_value_on_scalars() -> None:
+    assert redact_value(Redactor(), "mail a@b.io") == ("mail [EMAIL]", Counter(email=1))
+    assert redact_value(Redactor(), 42) == (42, Counter())
