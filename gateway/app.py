@@ -104,15 +104,17 @@ async def _maintain(svc: Services) -> None:
 
 
 async def _keep_records(svc: Services) -> None:
-    """Replay spooled feedback, re-check how Redis persists it, trim old records; every second or so."""
+    """Adopt and replay spools, re-check how Redis persists feedback, trim old records; every second or so."""
     rounds = 0
     while True:
         await asyncio.sleep(1.0)
         try:
+            await svc.spools[0].adopt()
             await svc.feedback.replay()
-            if rounds % 30 == 0:
+            if rounds % 30 == 0 or svc.feedback.durability == "spool":
                 await svc.feedback.check_durability()
-                await svc.recorder.trim()
+            if rounds % 60 == 0:
+                await svc.recorder.trim({t.name: t.logging for t in await svc.tenants.all()})
         except (RedisError, OSError) as exc:
             log.debug("records upkeep: %r", exc)
         except Exception:
@@ -211,9 +213,9 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*background)
-            recording.cancel()  # it writes what is still queued before it stops
-            with contextlib.suppress(asyncio.CancelledError):
-                await recording
+            await svc.recorder.stop()  # not cancelled: it writes what is still queued, then returns
+            await recording
+            await svc.recorder.close()
             await svc.pool.stop()
             await session.close()
             for spool in svc.spools:

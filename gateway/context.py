@@ -9,10 +9,11 @@ whole answer is kept as the engine's bytes and parsed later, off the request pat
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import pydantic_core
 
 from gateway.records import Choice, Outcome
 from gateway.routing import Route
@@ -41,8 +42,16 @@ class _ChoiceParts:
                 call["function"]["arguments"] = call["function"].get("arguments", "") + function["arguments"]
 
     def choice(self, index: int) -> Choice:
-        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)] or None
-        return Choice(index=index, text="".join(self.texts), finish_reason=self.finish_reason, tool_calls=calls)
+        return Choice.model_validate(self.as_dict(index))
+
+    def as_dict(self, index: int) -> dict[str, Any]:
+        """The choice as the log keeps it (no None fields)."""
+        found: dict[str, Any] = {"index": index, "text": "".join(self.texts)}
+        if self.finish_reason is not None:
+            found["finish_reason"] = self.finish_reason
+        if self.tool_calls:
+            found["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return found
 
 
 @dataclass(slots=True)
@@ -58,32 +67,32 @@ class Answer:
     def feed(self, data: bytes) -> None:
         """One stream event's JSON (`data: ` stripped)."""
         try:
-            chunk = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(chunk, dict):
-            return
-        self.completion_id = self.completion_id or chunk.get("id")
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            self._absorb(choice, "delta")
+            chunk = pydantic_core.from_json(data)
+            if not isinstance(chunk, dict):
+                return
+            self.completion_id = self.completion_id or chunk.get("id")
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                self._absorb(choice, "delta")
+        except (ValueError, TypeError, AttributeError):
+            return  # an event of an unexpected shape is passed on all the same; the log misses it
 
     def parse_body(self) -> None:
         """Fill the answer from a whole JSON body (chat or text completion)."""
         if self.body is None:
             return
+        body, self.body = self.body, None
         try:
-            whole = json.loads(self.body)
-        except ValueError:
+            whole = pydantic_core.from_json(body)
+            if not isinstance(whole, dict):
+                return
+            self.completion_id = whole.get("id")
+            self.usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
+            for choice in whole.get("choices") or ():
+                self._absorb(choice, "message")
+        except (ValueError, TypeError, AttributeError):
             return
-        self.body = None
-        if not isinstance(whole, dict):
-            return
-        self.completion_id = whole.get("id")
-        self.usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
-        for choice in whole.get("choices") or ():
-            self._absorb(choice, "message")
 
     def _absorb(self, choice: dict[str, Any], key: str) -> None:
         """A choice of a chunk (`delta`: a piece) or of a whole answer (`message`); text completions
@@ -102,6 +111,9 @@ class Answer:
     def choices(self) -> list[Choice]:
         return [self._parts[index].choice(index) for index in sorted(self._parts)]
 
+    def choice_dicts(self) -> list[dict[str, Any]]:
+        return [self._parts[index].as_dict(index) for index in sorted(self._parts)]
+
 
 @dataclass(slots=True)
 class RequestContext:
@@ -115,6 +127,8 @@ class RequestContext:
     key_id: str | None
     payload: dict[str, Any]
     """The request as it was sent on (after the gateway's own changes, e.g. the max_tokens cap)."""
+    validated: bool = False
+    """The payload passed validation: only then is its content recorded."""
     received: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     route: Route | None = None
@@ -131,7 +145,7 @@ class RequestContext:
         for name in ("user", "safety_identifier"):
             value = self.payload.get(name)
             if isinstance(value, str) and value:
-                return value
+                return value[:256]
         return None
 
     @property

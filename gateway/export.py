@@ -28,6 +28,7 @@ TRL cannot render (system), or with neither an answer nor a correction are skipp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -204,6 +205,10 @@ def _record(fields: dict[str, str], entry_id: str) -> CompletionRecord | None:
         return None
 
 
+def _records(entries: list[tuple[str, dict[str, str]]]) -> list[CompletionRecord]:
+    return [r for entry_id, fields in entries if (r := _record(fields, entry_id)) is not None]
+
+
 def _feedback(stored: dict[str, str]) -> list[Feedback]:
     feedback = []
     for user, value in stored.items():
@@ -212,6 +217,10 @@ def _feedback(stored: dict[str, str]) -> list[Feedback]:
         except ValidationError as exc:
             log.warning("feedback of user %r unreadable, left out: %s", user, exc)
     return sorted(feedback, key=lambda fb: fb.created)
+
+
+def _examples(records: list[CompletionRecord], stored: list[dict[str, str]]) -> list[Example]:
+    return [Example(r, fb) for r, s in zip(records, stored, strict=True) if (fb := _feedback(s))]
 
 
 async def _pages(
@@ -225,13 +234,13 @@ async def _pages(
         entries: list[tuple[str, dict[str, str]]] = await redis.xrange(stream, min=start, max="+", count=page)
         if not entries:
             return
-        records = [r for entry_id, fields in entries if (r := _record(fields, entry_id)) is not None]
+        records = await asyncio.to_thread(_records, entries)
         records = [r for r in records if alias in (None, r.alias) and endpoint in (None, r.endpoint)]
         pipe = redis.pipeline(transaction=False)
         for record in records:
             pipe.hgetall(keys.feedback(tenant, record.id))
         stored: list[dict[str, str]] = await pipe.execute() if records else []
-        examples = [Example(r, fb) for r, s in zip(records, stored, strict=True) if (fb := _feedback(s))]
+        examples = await asyncio.to_thread(_examples, records, stored)
         yield len(entries), examples
         if len(entries) < page:
             return
@@ -277,17 +286,17 @@ async def export(
     read = with_feedback = written = skipped = 0
     kept: list[Example] = []
     async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
-        usable = [e for e in examples if _sample(e, policy) is not None]
+        usable = [e for e in examples if _sample(e, policy) is not None]  # cheap: the parsing was in a thread
         read, with_feedback = read + count, with_feedback + len(examples)
         skipped += len(examples) - len(usable)
         if fmt == "dpo":
             kept.extend(usable)
         else:
-            written += _write(out, rows(usable, fmt, policy))
+            written += await asyncio.to_thread(_write, out, rows(usable, fmt, policy))
         if progress is not None:
             progress(read, written)
     if fmt == "dpo":
-        written = _write(out, rows(kept, fmt, policy))
+        written = await asyncio.to_thread(_write, out, rows(kept, fmt, policy))
         if progress is not None:
             progress(read, written)
     return ExportSummary(read, with_feedback, written, skipped)

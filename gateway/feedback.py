@@ -3,21 +3,26 @@
 A 2xx from `POST /v1/feedback` means the feedback is on disk:
 - 200: written to Redis, which had it on disk before answering: the gateway checks how Redis
   persists (`durability`): `waitaof` (Redis >= 7.2 with AOF: every write is followed by
-  `WAITAOF 1 0`) or `fsync-always` (AOF with `appendfsync always`, checked with CONFIG GET);
+  `WAITAOF 1 0`) or `fsync-always` (AOF with `appendfsync always` and `no-appendfsync-on-rewrite
+  no`, checked with CONFIG GET);
 - 202: written, fsynced, to this process's local spool, because Redis is down or does not fsync
-  (`spool`); it is replayed into Redis in order, and is visible to `GET /v1/feedback` from then on.
+  (`spool`), or the completion cannot be vouched for yet; it is replayed into Redis in order, and is
+  visible to `GET /v1/feedback` from then on.
 
 Feedback is stored per completion in a hash keyed by end user (empty for anonymous feedback), so a
-second rating by the same user replaces the first. A replay never overwrites a newer rating.
+second rating by the same user replaces the first. A replay never overwrites a newer rating, nor
+writes back a rating of an end user erased since it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
+from collections import Counter
 from typing import Any, Literal
 
+import pydantic_core
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -33,21 +38,28 @@ from gateway.tenants import Tenant
 log = logging.getLogger("loragate.feedback")
 
 Durability = Literal["waitaof", "fsync-always", "spool"]
+UNVERIFIED_MAX = 10_000
+"""Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
+VERIFY_FOR_S = 600.0
+"""How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped."""
 
-# KEYS: the completion's feedback hash, the tenant's feedback index[, the end user's set].
-# ARGV: field (end user), feedback JSON, created, completion id, ttl (s). A newer rating is never replaced.
+# KEYS: the completion's feedback hash[, the end user's set, the end user's erasure].
+# ARGV: field (end user), feedback JSON, created, completion id, ttl (s), replay (1/0).
+# A replay never replaces a newer rating, nor brings back one of an end user erased since.
 _STORE = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local ok, previous = pcall(cjson.decode, old)
-  if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
+if ARGV[6] == '1' then
+  local old = redis.call('HGET', KEYS[1], ARGV[1])
+  if old then
+    local ok, previous = pcall(cjson.decode, old)
+    if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
+  end
+  if #KEYS > 1 and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-if #KEYS > 2 then
-  redis.call('SADD', KEYS[3], ARGV[4])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+if #KEYS > 1 then
+  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 return 1
 """
@@ -76,6 +88,7 @@ class FeedbackStore:
         self._metrics = metrics
         self._settle_s = settle_s
         self._script = redis.register_script(_STORE)
+        self._unverified: Counter[str] = Counter()
         self.durability: Durability = "spool"
 
     async def check_durability(self) -> Durability:
@@ -86,14 +99,16 @@ class FeedbackStore:
             version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
             if aof and version >= (7, 2):
                 self.durability = "waitaof"
-            elif aof and (await self._redis.config_get("appendfsync")).get("appendfsync") == "always":
-                self.durability = "fsync-always"
+            elif aof:
+                config = await self._redis.config_get("*fsync*")
+                always = config.get("appendfsync") == "always" and config.get("no-appendfsync-on-rewrite") == "no"
+                self.durability = "fsync-always" if always else "spool"
             else:
                 self.durability = "spool"
         except ResponseError:  # CONFIG disabled (managed Redis): cannot tell, so do not trust it
             self.durability = "spool"
         except (RedisError, OSError):
-            pass  # unreachable: the last answer stands
+            self.durability = "spool"  # until it answers again: spooled feedback is never at risk
         self._metrics.feedback_durable.set(0 if self.durability == "spool" else 1)
         return self.durability
 
@@ -104,28 +119,31 @@ class FeedbackStore:
         return found.partition(" ")[0] if found else None
 
     async def owned(self, tenant: str, completion_id: str) -> bool | None:
-        """Whether the completion is the tenant's; None when Redis is down and this process never saw it.
-        A completion answered a moment ago may not be logged yet: this process's queue is written first,
-        and other processes (which write every 50 ms) are waited for, up to `settle_s`."""
+        """Whether the completion is the tenant's; None when it cannot be told yet (Redis is down, or the
+        log is spooling, and this process did not answer it). A completion answered a moment ago may
+        not be logged yet: this process's queue is written first, and other processes (which write
+        every 50 ms) are waited for, up to `settle_s`."""
+        if self._recorder.recent.get(completion_id) == tenant:
+            return True  # answered by this process (another tenant's is looked up like any unknown id)
         try:
             owner = await self._owner(completion_id)
-            if owner is None and self._recorder.queued():
-                await self._recorder.flush()
-                owner = await self._owner(completion_id)
-            waited = 0.0
-            while owner is None and waited < self._settle_s:
+            if owner is None:
+                await self._recorder.written()
+                owner = self._recorder.recent.get(completion_id) or await self._owner(completion_id)
+            deadline = time.monotonic() + self._settle_s
+            while owner is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-                waited += 0.1
                 owner = await self._owner(completion_id)
         except (RedisError, OSError):
-            owner = self._recorder.recent.get(completion_id)
-            if owner is None:
-                return None
+            return None
+        if owner is None:
+            return None if self._recorder.degraded else False  # when spooling, its record may be in a spool
         return owner == tenant
 
     # -- writing -------------------------------------------------------------------------------
 
     def _prepared(self, tenant: Tenant, given: FeedbackIn) -> Feedback:
+        """Feedback as it is kept: validated against the tenant's policy, redacted (in a worker thread)."""
         policy = tenant.logging
         if given.score is not None and not policy.score_min <= given.score <= policy.score_max:
             raise InvalidRequest(
@@ -137,29 +155,31 @@ class FeedbackStore:
             )
         feedback = Feedback(**given.model_dump())
         redactor = Redactor(policy.redact)
-        for field in ("correction", "comment"):
-            text = getattr(feedback, field)
-            if text and redactor.kinds:
-                cleaned, counts = redactor.redact(text)
-                setattr(feedback, field, cleaned)
-                for kind, count in counts.items():
-                    feedback.redactions[kind] = feedback.redactions.get(kind, 0) + count
+        counts: Counter[str] = Counter()
+        if redactor.kinds:
+            feedback.correction = feedback.correction and redactor.redact_into(feedback.correction, counts)
+            feedback.comment = feedback.comment and redactor.redact_into(feedback.comment, counts)
+        feedback.redactions = dict(counts)
         return feedback
 
     async def submit(self, tenant: Tenant, given: FeedbackIn) -> tuple[Feedback, bool]:
         """Store feedback; True when it is in Redis (on its disk), False when it waits in the local spool."""
-        feedback = self._prepared(tenant, given)
+        feedback = await asyncio.to_thread(self._prepared, tenant, given)
         owned = await self.owned(tenant.name, given.completion_id)
         if owned is False:
             raise CompletionUnknown(given.completion_id)
-        item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s}
+        item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s, "since": time.time()}
         item["feedback"] = feedback.model_dump_json()
         if owned and self.durability != "spool":
             try:
-                await self._write([item])
+                await self._write([item], replay=False)
                 return feedback, True
             except (RedisError, OSError) as exc:
                 log.warning("feedback not written to Redis (%r): spooled", exc)
+        if owned is None:
+            if self._unverified[tenant.name] >= UNVERIFIED_MAX:
+                raise StateUnavailable("Feedback cannot be checked right now; nothing was kept. Try again shortly.")
+            self._unverified[tenant.name] += 1
         try:
             await self._spool.append([item])
         except OSError as exc:
@@ -168,71 +188,62 @@ class FeedbackStore:
         self._metrics.feedback_spooled.inc()
         return feedback, False
 
-    async def _write(self, items: list[dict[str, Any]]) -> None:
+    async def _write(self, items: list[dict[str, Any]], replay: bool) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in items:
-                feedback = json.loads(item["feedback"])
+                feedback = pydantic_core.from_json(item["feedback"])
                 tenant, completion_id, user = item["tenant"], feedback["completion_id"], feedback.get("user") or ""
-                script_keys = [keys.feedback(tenant, completion_id), keys.feedback_index(tenant)]
+                script_keys = [keys.feedback(tenant, completion_id)]
                 if user:
-                    script_keys.append(keys.end_user(tenant, user))
-                args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"]]
+                    script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)]
+                args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
                 pipe.execute_command("WAITAOF", 1, 0, 2000)
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")
+        if not replay and results[0] != 1:
+            raise NotDurable("Redis did not keep the feedback")
 
     async def replay(self) -> int:
-        """Write the spooled feedback into Redis, in order. Feedback taken while its owner could not be
-        checked is checked now; feedback on another tenant's or an unknown completion is dropped (counted)."""
+        """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
+        checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's, and
+        put back to wait when its record is not in Redis yet (it may be in some spool), for VERIFY_FOR_S."""
+        await self._spool.adopt()
         if not self._spool.pending():
             return 0
+        waiting: list[dict[str, Any]] = []
 
         async def handle(items: list[dict[str, Any]]) -> None:
             kept = []
             for item in items:
-                completion_id = json.loads(item["feedback"])["completion_id"]
-                if item["verify"] and await self._owner(completion_id) != item["tenant"]:
-                    self._metrics.feedback_dropped.inc()
-                    log.warning("spooled feedback on an unknown completion dropped")
-                    continue
+                if item["verify"]:
+                    owner = await self._owner(pydantic_core.from_json(item["feedback"])["completion_id"])
+                    if owner is None and time.time() - item.get("since", 0) < VERIFY_FOR_S:
+                        waiting.append(item)
+                        continue
+                    self._unverified[item["tenant"]] = max(self._unverified[item["tenant"]] - 1, 0)
+                    if owner != item["tenant"]:
+                        self._metrics.feedback_dropped.inc()
+                        continue
                 kept.append(item)
             if kept:
-                await self._write(kept)
+                await self._write(kept, replay=True)
 
         try:
-            return await self._spool.drain(handle)
+            done = await self._spool.drain(handle)
         except (RedisError, OSError):
             return 0
+        finally:
+            if waiting:
+                await self._spool.append(waiting)
+        return done
 
-    # -- reading and erasing -------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------------
 
     async def of_completion(self, tenant: str, completion_id: str) -> list[Feedback]:
         if not await self.owned(tenant, completion_id):
             raise CompletionUnknown(completion_id)
         stored = await self._redis.hgetall(keys.feedback(tenant, completion_id))
         return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)
-
-    async def forget(self, tenant: str, user: str) -> dict[str, int]:
-        return await forget_user(self._redis, tenant, user)
-
-
-async def forget_user(redis: aioredis.Redis, tenant: str, user: str) -> dict[str, int]:
-    """Delete every completion record of an end user and every feedback they gave. Returns the counts."""
-    ids = sorted(await redis.smembers(keys.end_user(tenant, user)))
-    removed = {"completions": 0, "feedback": 0}
-    for completion_id in ids:
-        index = await redis.get(keys.completion(completion_id))
-        owner, _, entry = (index or "").partition(" ")
-        if owner == tenant and entry:
-            found = await redis.xrange(keys.completion_log(tenant), entry, entry)
-            if found and json.loads(found[0][1]["r"]).get("user") == user:
-                removed["completions"] += await redis.xdel(keys.completion_log(tenant), entry)
-                await redis.delete(keys.completion(completion_id))
-        removed["feedback"] += await redis.hdel(keys.feedback(tenant, completion_id), user)
-        if not await redis.exists(keys.feedback(tenant, completion_id)):
-            await redis.zrem(keys.feedback_index(tenant), completion_id)
-    await redis.delete(keys.end_user(tenant, user))
-    return removed

@@ -84,11 +84,17 @@ def feedback(tenant: str, completion_id: str) -> str:
     return f"{PREFIX}:feedback:{tenant}:{completion_id}"
 
 
-def feedback_index(tenant: str) -> str:
-    """Sorted set of a tenant's completion ids that have feedback (score: time of the latest)."""
-    return f"{PREFIX}:feedback-index:{tenant}"
-
-
 def end_user(tenant: str, user: str) -> str:
     """Set of the completion ids an end user of a tenant asked for or rated (for erasure)."""
     return f"{PREFIX}:user:{tenant}:{user}"
+
+
+def forgotten(tenant: str, user: str) -> str:
+    """When an end user of a tenant was erased: records and feedback of theirs made before then, replayed
+    from a spool later, are not written back."""
+    return f"{PREFIX}:forgotten:{tenant}:{user}"
+
+
+def tenant_records_pattern(tenant: str) -> list[str]:
+    """SCAN patterns of every per-key record structure of a tenant (feedback, end users, erasures)."""
+    return [f"{PREFIX}:feedback:{tenant}:*", f"{PREFIX}:user:{tenant}:*", f"{PREFIX}:forgotten:{tenant}:*"]

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
+from gateway.lane import ScriptLane
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.tenants import Tenant
@@ -125,7 +126,7 @@ class QuotaGate:
         self._redis = redis
         self._metrics = metrics
         self._reserve_tokens = reserve_tokens
-        self._admit = redis.register_script(_ADMIT)
+        self._admit = ScriptLane(redis, _ADMIT)
         self._corrections: Counter[str] = Counter()
 
     def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
@@ -156,7 +157,7 @@ class QuotaGate:
             script_keys.append(keys.quota_tokens(scope, minute - 1))
             args += [rpm or 0, tpm or 0]
         try:
-            found = [int(value) for value in await self._admit(keys=script_keys, args=args)]
+            found = [int(value) for value in await self._admit(script_keys, args)]
         except (RedisError, OSError) as exc:
             return self._redis_down(tenant, exc)
         headers = _headers(found)
@@ -207,6 +208,9 @@ class QuotaGate:
 
     async def run(self, interval_s: float = 0.1) -> None:
         """Send the corrections every `interval_s`."""
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.flush()
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.flush()
+        finally:
+            await self._admit.close()

@@ -3,57 +3,68 @@ written off the request path.
 
 `record(context)` only queues the context. A background task takes what is queued every
 `interval_s` (sooner when a batch is full), turns it into records in a worker thread (parsing whole
-answers, applying the tenant's policy: redaction, or metadata only) and writes the batch in one
-pipelined round trip: one small Lua script per record appends it to the stream (trimmed to the
+answers, applying the tenant's policy: redaction, or metadata only) and writes them in one pipelined
+round trip: one Lua script per 100 records appends each to its tenant's stream (trimmed to the
 tenant's length), indexes its completion id (owner and entry, expiring with the tenant's age limit)
-and the end user's set (for erasure). The script skips a record already indexed, so a batch written
-twice (a replay after a crash) is kept once.
+and adds it to the end user's set (for erasure). The script skips a record already indexed (a batch
+replayed twice is kept once) and one of an end user erased since it was made. Building the next
+batch overlaps writing the last.
 
 When Redis cannot be reached, records go to a local spool (bounded: past it the oldest are dropped
 and counted in `loragate_records_dropped_total`), and every record after them too, so that when
-Redis returns the spool is replayed first and the log keeps its order.
+Redis returns the spool is replayed first and the log keeps its order. A spool left by a process
+that died is adopted and replayed the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import keys
 from gateway.context import RequestContext
+from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
-from gateway.records import LogPolicy
-from gateway.redaction import Redactor, redact_value
+from gateway.record_builder import RecordBuilder
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
 
-# KEYS: log stream, completion index[, end user's set]. ARGV: record JSON, max length, ttl (s), tenant, id.
+# Per record, KEYS: log stream, completion index, end user's set, end user's erasure ('' ''  when no user);
+# ARGV: record JSON, max length, ttl (s), tenant, completion id, created. Returns the records written.
 _RECORD = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[1])
-redis.call('SET', KEYS[2], ARGV[4] .. ' ' .. entry, 'EX', ARGV[3])
-if #KEYS > 2 then
-  redis.call('SADD', KEYS[3], ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
+local written = 0
+for i = 0, #KEYS / 4 - 1 do
+  local stream, index, user, gone = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
+  local a = 6 * i
+  local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
+  if not erased and redis.call('EXISTS', index) == 0 then
+    local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
+    redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry, 'EX', ARGV[a + 3])
+    if user ~= '' then
+      redis.call('SADD', user, ARGV[a + 5])
+      redis.call('EXPIRE', user, ARGV[a + 3])
+    end
+    written = written + 1
+  end
 end
-return 1
+return written
 """
-
-REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
-"""What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
-DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options")
+CHUNK = 100
+"""Records per script call: a call blocks Redis while it runs, so a batch is several short calls."""
 RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Recorder:
@@ -75,85 +86,113 @@ class Recorder:
         self._interval_s = interval_s
         self._max_queued = max_queued
         self._enabled = enabled
-        self._queue: deque[RequestContext] = deque()
+        self._queue: deque[tuple[int, RequestContext]] = deque()
         self._wake = asyncio.Event()
-        self._flushing = asyncio.Lock()
-        self._script = redis.register_script(_RECORD)
-        self._redactors: dict[tuple[str, ...], Redactor] = {}
+        self._stopping = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._queued_seq = 0
+        self._done_seq = 0
+        self._lane = ScriptLane(redis, _RECORD, size=2)
+        self._builder = RecordBuilder()
         self.recent: OrderedDict[str, str] = OrderedDict()
-        """Completion id -> tenant, for the last RECENT records this process wrote."""
+        """Completion id -> tenant, for the last RECENT records this process handled."""
         self.degraded = False
         """True while Redis cannot be written: records go to the spool."""
         self._retry_at = 0.0
-        self.policies: dict[str, LogPolicy] = {}
-        """The log policy of every tenant recorded by this process (for trimming by age)."""
 
     def record(self, context: RequestContext) -> None:
         """Queue a finished request's context (never blocks, never fails)."""
         if not self._enabled:
             return
-        self._queue.append(context)
-        self.policies[context.tenant.name] = context.tenant.logging
+        self._queued_seq += 1
+        self._queue.append((self._queued_seq, context))
         if len(self._queue) > self._max_queued:
             self._queue.popleft()
             self._metrics.records_dropped.labels("queue_full").inc()
         if len(self._queue) >= self._batch:
             self._wake.set()
 
-    def queued(self) -> int:
-        return len(self._queue)
+    async def written(self) -> None:
+        """Wait until everything queued before this call is written (or spooled)."""
+        target = self._queued_seq
+        self._wake.set()
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
 
     async def run(self) -> None:
-        """Write what is queued, every interval (or at once when a batch is full), until cancelled; then
-        write what is left."""
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                await self.flush()
-        finally:
-            await asyncio.shield(self.flush())
+        """Write what is queued, every interval (or at once when a batch is full), until `stop`."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self._cycle()
+        await self._cycle()
 
-    async def flush(self) -> None:
-        """Write everything queued so far (to Redis, else to the spool)."""
-        async with self._flushing:
-            if self.degraded and time.monotonic() >= self._retry_at:
+    async def stop(self) -> None:
+        """Ask `run` to write what is left and return (it is not cancelled: no batch is cut in half)."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def _cycle(self) -> None:
+        try:
+            if (self.degraded or self._spool.pending()) and time.monotonic() >= self._retry_at:
                 self._retry_at = time.monotonic() + RETRY_S
                 await self._replay()
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
-                entries = await asyncio.to_thread(self._entries, batch)
-                self._remember(entries)
-                await self._store(entries)
+            await self._drain_queue()
+        except Exception:
+            log.exception("completion log: a write cycle failed; the next one tries again")
+        async with self._progress:
+            self._progress.notify_all()
 
-    async def _store(self, entries: list[dict[str, Any]]) -> None:
-        if not self.degraded:
-            try:
-                await self._write(entries)
-                return
-            except (RedisError, OSError) as exc:
-                log.warning("completion log: Redis unreachable (%r); spooling records until it returns", exc)
-                self.degraded = True
+    async def _drain_queue(self) -> None:
+        """Build batch n+1 in a worker thread while batch n is written."""
+        writing: asyncio.Task[None] | None = None
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
+            entries = await asyncio.to_thread(self._builder.entries, [context for _, context in batch])
+            if writing is not None:
+                await writing
+            self._remember(entries)
+            writing = asyncio.create_task(self._store(entries, batch[-1][0]))
+        if writing is not None:
+            await writing
+
+    async def _store(self, entries: list[dict[str, Any]], last_seq: int) -> None:
         try:
-            await self._spool.append(entries)
-            self._metrics.records_spooled.inc(len(entries))
-        except OSError:
-            log.exception("completion log: the spool cannot be written either; %d records lost", len(entries))
-            self._metrics.records_dropped.labels("spool_error").inc(len(entries))
+            if not self.degraded:
+                try:
+                    await self._write(entries)
+                    return
+                except UNREACHABLE as exc:
+                    log.warning("completion log: Redis unreachable (%r); spooling records until it returns", exc)
+                    self.degraded = True
+            try:
+                await self._spool.append(entries)
+                self._metrics.records_spooled.inc(len(entries))
+            except OSError:
+                log.exception("completion log: the spool cannot be written either; %d records lost", len(entries))
+                self._metrics.records_dropped.labels("spool_error").inc(len(entries))
+        finally:
+            self._done_seq = max(self._done_seq, last_seq)
 
     async def _write(self, entries: list[dict[str, Any]]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                script_keys = [keys.completion_log(entry["tenant"]), keys.completion(entry["id"])]
-                if entry["user"]:
-                    script_keys.append(keys.end_user(entry["tenant"], entry["user"]))
-                args = [entry["record"], entry["max_records"], entry["ttl"], entry["tenant"], entry["id"]]
-                await self._script(keys=script_keys, args=args, client=pipe)
-            await pipe.execute()
+        """Write entries; a chunk Redis refuses (a script error, not an outage) is retried record by record,
+        and a record it still refuses is dropped and counted, so one bad record cannot stop the log."""
+        chunks = [entries[i : i + CHUNK] for i in range(0, len(entries), CHUNK)]
+        replies = await self._lane.many([_call(chunk) for chunk in chunks])
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                await self._one_by_one(chunk, reply)
         self._metrics.records_written.inc(len(entries))
+
+    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> None:
+        log.error("completion log: Redis refused a batch (%s); writing its records one by one", error)
+        for entry, reply in zip(chunk, await self._lane.many([_call([entry]) for entry in chunk]), strict=True):
+            if isinstance(reply, ResponseError):
+                log.error("completion log: record %s refused by Redis, dropped: %s", entry["id"], reply)
+                self._metrics.records_dropped.labels("refused").inc()
 
     async def _replay(self) -> None:
         """Write the spool to Redis, oldest first; stay degraded if Redis is still away."""
@@ -165,87 +204,31 @@ class Recorder:
         if replayed:
             log.info("completion log: %d spooled records replayed", replayed)
 
-    async def trim(self) -> None:
-        """Drop records older than each tenant's age limit (length is trimmed as records are added)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for tenant, policy in self.policies.items():
-                oldest_ms = int((time.time() - policy.max_age_s) * 1000)
-                pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=True)
-            await pipe.execute()
-
-    # -- turning contexts into records (in a worker thread) --------------------------------------
-
-    def _entries(self, batch: list[RequestContext]) -> list[dict[str, Any]]:
-        return [self._entry(context) for context in batch]
-
     def _remember(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
             self.recent[entry["id"]] = entry["tenant"]
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
 
-    def _redactor(self, policy: LogPolicy) -> Redactor:
-        kinds = tuple(sorted(policy.redact))
-        if kinds not in self._redactors:
-            self._redactors[kinds] = Redactor(kinds)
-        return self._redactors[kinds]
+    async def close(self) -> None:
+        await self._lane.close()
 
-    def _entry(self, context: RequestContext) -> dict[str, Any]:
-        record = record_of(context)
-        policy = context.tenant.logging
-        if policy.content:
-            counts: Counter[str] = Counter()
-            redactor = self._redactor(policy)
-            if redactor.kinds:
-                for field in ("request", "choices"):
-                    record[field], found = redact_value(redactor, record[field])
-                    counts.update(found)
-            record["redactions"] = dict(counts)
-        else:
-            record["request"] = record["choices"] = None
-        return {
-            "id": record["id"],
-            "tenant": record["tenant"],
-            "user": record["user"],
-            "record": json.dumps(record, separators=(",", ":"), ensure_ascii=False),
-            "max_records": policy.max_records,
-            "ttl": policy.max_age_s,
-        }
+    async def trim(self, policies: dict[str, Any]) -> None:
+        """Drop records older than each tenant's age limit (length is trimmed as records are added)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant, policy in policies.items():
+                oldest_ms = int((time.time() - policy.max_age_s) * 1000)
+                pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=True)
+            await pipe.execute()
 
 
-def record_of(context: RequestContext) -> dict[str, Any]:
-    """A context as a completion record (the fields of records.CompletionRecord), before the tenant's policy."""
-    answer = context.answer
-    answer.parse_body()
-    route = context.route
-    adapter = route.adapter if route is not None else None
-    payload = context.payload
-    request = {k: v for k, v in payload.items() if k in REQUEST_FIELDS}
-    request["params"] = {k: v for k, v in payload.items() if k not in REQUEST_FIELDS and k not in DROPPED_FIELDS}
-    choices = [choice.model_dump(exclude_none=True) for choice in answer.choices()]
-    return {
-        "id": answer.completion_id or f"req-{context.request_id}",
-        "request_id": context.request_id,
-        "tenant": context.tenant.name,
-        "key_id": context.key_id,
-        "user": context.user,
-        "endpoint": context.endpoint,
-        "model": route.requested if route is not None else str(payload.get("model", "")),
-        "alias": route.alias if route is not None else None,
-        "experiment": None,
-        "arm": None,
-        "adapter": route.adapter_label if route is not None else None,
-        "version": adapter.version if adapter is not None else None,
-        "served_model": route.served_model if route is not None else None,
-        "stream": context.stream,
-        "request": request,
-        "choices": choices or None,
-        "usage": {k: v for k, v in (answer.usage or {}).items() if isinstance(v, int)} or None,
-        "status": context.status,
-        "outcome": context.outcome,
-        "error_type": context.error_type,
-        "created": context.received,
-        "latency_ms": round(context.latency_s * 1000, 3) if context.latency_s is not None else None,
-        "ttft_ms": round(context.first_token_s * 1000, 3) if context.first_token_s is not None else None,
-        "redactions": {},
-    }
+def _call(chunk: list[dict[str, Any]]) -> Call:
+    """The keys and arguments of one script call writing `chunk`."""
+    script_keys: list[str] = []
+    args: list[Any] = []
+    for e in chunk:
+        tenant, user = e["tenant"], e["user"]
+        script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]
+        script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
+        args += [e["record"], e["max_records"], e["ttl"], tenant, e["id"], e["created"]]
+    return script_keys, args

@@ -45,7 +45,7 @@ class LogPolicy(BaseModel):
 
     @property
     def max_age_s(self) -> int:
-        return int(self.max_age_days * 86400)
+        return max(int(self.max_age_days * 86400), 1)
 
 
 class Choice(BaseModel):
@@ -88,6 +88,8 @@ class CompletionRecord(BaseModel):
     ttft_ms: float | None = None
     """Time to the first token of a stream."""
     redactions: dict[str, int] = Field(default_factory=dict)
+    truncated: bool = False
+    """A string of the request or answer was longer than the log keeps, and was cut."""
 
     @property
     def text(self) -> str | None:

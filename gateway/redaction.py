@@ -38,7 +38,7 @@ from stdnum import iban, luhn
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 
 _Spans = Iterator[tuple[int, int]]
-_DIGITS = "0123456789"
+_DIGIT = re.compile(r"\d")
 
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b"
@@ -140,16 +140,20 @@ class Redactor:
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with each finding replaced by its kind's placeholder, and the number of findings per kind."""
         counts: Counter[str] = Counter()
+        return self.redact_into(text, counts), counts
+
+    def redact_into(self, text: str, counts: Counter[str]) -> str:
+        """`text` redacted, its findings added to `counts` (no Counter per string: records hold many)."""
         if not self._passes or not text:
-            return text, counts
-        digits = sum(map(text.count, _DIGITS))
+            return text
+        digits = len(_DIGIT.findall(text))
         for p in self._passes:
             if digits < p.min_digits or p.needle not in text:
                 continue
             text, found = _splice(text, p.find(text, self._region), p.placeholder)
             if found:
                 counts[p.kind] += found
-        return text, counts
+        return text
 
 
 def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
@@ -161,9 +165,7 @@ def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str
 
 def _walk(redactor: Redactor, value: object, counts: Counter[str]) -> object:
     if isinstance(value, str):
-        text, found = redactor.redact(value)
-        counts.update(found)
-        return text
+        return redactor.redact_into(value, counts)
     if isinstance(value, dict):
         return {key: _walk(redactor, item, counts) for key, item in value.items()}
     if isinstance(value, list):

@@ -102,6 +102,14 @@ class Spool:
                 os.close(fd)
         self._lock_fd, self._adopted = None, {}
 
+    async def adopt(self) -> None:
+        """Look again for folders of processes that have stopped (their items become this spool's)."""
+        await asyncio.to_thread(self._adopt_locked)
+
+    def _adopt_locked(self) -> None:
+        with self._lock:
+            self._adopt_orphans()
+
     def pending(self) -> int:
         return sum(self._segments.values()) + self._current_count
 
@@ -121,7 +129,7 @@ class Spool:
             lines = [json.dumps(item, separators=(",", ":")) + "\n" for items, _ in batch for item in items]
             try:
                 await asyncio.to_thread(self._write, lines)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 (every waiter learns it was not written)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -133,14 +141,22 @@ class Spool:
     def _write(self, lines: list[str]) -> None:
         assert self._folder is not None, "Spool.open() first"
         with self._lock:
+            fresh = self._current is None
             if self._current is None:
                 self._current = self._folder / f"{time.time_ns():020d}.jsonl"
                 self._current_count = 0
             with open(self._current, "a", encoding="utf-8") as out:
-                out.writelines(lines)
-                out.flush()
-                if self._fsync:
-                    os.fsync(out.fileno())
+                size = out.tell()
+                try:
+                    out.writelines(lines)
+                    out.flush()
+                    if self._fsync:
+                        os.fsync(out.fileno())
+                except OSError:
+                    out.truncate(size)  # no torn line for the next append to be glued onto
+                    raise
+            if fresh and self._fsync:
+                _fsync_folder(self._folder)  # the new file's name is on disk too
             self._current_count += len(lines)
             if self._current_count >= SEGMENT_ITEMS:
                 self._close_current()
@@ -191,6 +207,14 @@ class Spool:
             if folder in self._adopted and not any(s.parent == folder for s in self._segments):
                 _remove_folder(folder)
                 os.close(self._adopted.pop(folder))
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _count(segment: Path) -> int:

@@ -55,7 +55,7 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     return task.result()
 
 
-def client_error_event(event: bytes) -> bytes:
+def client_error(event: bytes) -> APIError:
     """vLLM's in-stream error event, as the client may see it: a request problem keeps its (redacted)
     message, an engine failure becomes a plain server error."""
     try:
@@ -64,19 +64,21 @@ def client_error_event(event: bytes) -> bytes:
         message = str(error["message"])
     except (ValueError, KeyError, TypeError, AttributeError):
         status, message = 500, ""
-    replacement: APIError
     if 400 <= status < 500 and message:
-        replacement = InvalidRequest(redact_internals(message))
-    else:
-        replacement = UpstreamError("The engine failed in the middle of the response.")
-    return sse_error_event(replacement)
+        return InvalidRequest(redact_internals(message))
+    return UpstreamError("The engine failed in the middle of the response.")
+
+
+def client_error_event(event: bytes) -> bytes:
+    return sse_error_event(client_error(event))
 
 
 class RelayResponse(StreamingResponse):
     """A stream that always closes its upstream, whether it ends, fails or the client goes away.
 
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
-    `on_close(status)` is called once: 200 (done), 502 (the engine failed) or 499 (the client left).
+    `on_close(status)` is called once: 200 (done), 400 (vLLM refused it in the stream), 502 (the engine
+    failed) or 499 (the client left).
     """
 
     def __init__(
@@ -112,8 +114,9 @@ class RelayResponse(StreamingResponse):
         """One whole event as the client gets it: an engine error rewritten, a usage chunk it did not ask
         for dropped (the gateway asked for it, to settle the quota and log the usage)."""
         if event.startswith(ERROR_EVENT):
-            self._outcome = 502
-            return client_error_event(event)
+            error = client_error(event)
+            self._outcome = 502 if error.status >= 500 else error.status
+            return sse_error_event(error)
         if self._hide_usage and USAGE_ONLY in event:
             return b""
         return event + b"\n\n"

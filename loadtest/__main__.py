@@ -1,12 +1,14 @@
 """`python -m loadtest`: every benchmark with its defaults, one after the other (what `make bench` runs).
 
 1. `loadtest.overhead`: what the gateway itself costs, against a mock upstream (about a minute);
-2. `loadtest.adapters`: cold adapters, mixed-adapter throughput and adapter memory with a real vLLM on
+2. `loadtest.records`: what recording costs: the completion log's writer into Redis, requests/s with
+   recording on vs off, and feedback latency by durability, against a mock upstream (2-3 minutes);
+3. `loadtest.adapters`: cold adapters, mixed-adapter throughput and adapter memory with a real vLLM on
    the CPU (about 6-8 minutes on 2 cores);
-3. `loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, base and LoRA (about 5-10 minutes).
+4. `loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, base and LoRA (about 5-10 minutes).
 
 Each writes its own results to loadtest/results/. Run one alone, or with other options, with
-`python -m loadtest.overhead --help` or `python -m loadtest.adapters --help`.
+`python -m loadtest.overhead --help`, `python -m loadtest.records --help` or `python -m loadtest.adapters --help`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadtest import adapters, engine_dtype, overhead
+from loadtest import adapters, engine_dtype, overhead, records
 
 INTERRUPTED = 130
 
@@ -23,12 +25,13 @@ INTERRUPTED = 130
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
-        description="Run the overhead, adapters and engine-dtype benchmarks, one after the other, with their defaults.",
-        epilog="Options for one benchmark: python -m loadtest.overhead --help, python -m loadtest.adapters --help",
+        description="Run the overhead, records, adapters and engine-dtype benchmarks, one after the other, with their "
+        "defaults.",
+        epilog="Options for one benchmark: python -m loadtest.overhead --help (or records, adapters, engine_dtype)",
     )
     parser.parse_args(sys.argv[1:] if argv is None else argv)
     codes = []
-    for bench in (overhead, adapters, engine_dtype):
+    for bench in (overhead, records, adapters, engine_dtype):
         code = bench.main([])
         codes.append(code)
         if code == INTERRUPTED:

@@ -26,11 +26,11 @@ def forget(
     """Delete every completion record of an end user and every rating they gave; prints what was removed."""
     import json
 
-    from gateway.feedback import forget_user
+    from gateway.erasure import forget_user
     from gateway.tenants import TenantStore
 
-    with_redis(lambda redis: TenantStore(redis).get(tenant))
-    removed = with_redis(lambda redis: forget_user(redis, tenant, user), records=True)
+    keep_s = with_redis(lambda redis: TenantStore(redis).get(tenant)).logging.max_age_s
+    removed = with_redis(lambda redis: forget_user(redis, tenant, user, keep_s), records=True)
     typer.echo(json.dumps({"tenant": tenant, "user": user, "removed": removed}))
 
 

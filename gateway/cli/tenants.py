@@ -151,6 +151,7 @@ def tenants_delete(
     """Delete a tenant: its keys stop working everywhere within a second; its aliases, pins, shares and
     adapters are deleted."""
     from adapters.registry import Registry
+    from gateway.erasure import purge_tenant
     from gateway.settings import Settings
     from gateway.tenants import TenantStore, check_tenant_name
 
@@ -166,7 +167,8 @@ def tenants_delete(
 
     revoked = with_redis(delete)
     Registry(Settings().adapter_root).remove_tenant(name)
-    typer.echo(f"deleted {name} ({revoked} keys revoked)")
+    records = with_redis(lambda redis: purge_tenant(redis, name), records=True)
+    typer.echo(f"deleted {name} ({revoked} keys revoked, {records} completion records erased)")
 
 
 @keys_app.command("create")

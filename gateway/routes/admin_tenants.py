@@ -4,7 +4,7 @@ POST   /admin/tenants                                 {"name", "limits"?, "on_re
 GET    /admin/tenants                                 every tenant
 GET    /admin/tenants/{tenant}                        one tenant
 PATCH  /admin/tenants/{tenant}                        {"limits"?, "on_redis_down"?}
-DELETE /admin/tenants/{tenant}                        its keys, aliases, pins, shares and adapters
+DELETE /admin/tenants/{tenant}                        its keys, aliases, pins, shares, adapters, log and feedback
 POST   /admin/tenants/{tenant}/keys                   {"role"?, "name"?, "expires"?, "limits"?} -> 201, the key once
 GET    /admin/tenants/{tenant}/keys                   id, prefix, role, created, expiry, last use; never the key
 DELETE /admin/tenants/{tenant}/keys/{key_id}          revoke: refused by every gateway within a second
@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 
 from gateway.apikeys import KeyInfo, parse_duration
 from gateway.auth import Admin
+from gateway.erasure import purge_tenant
 from gateway.errors import NotFound
 from gateway.routes import domain_errors, services
 from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
@@ -86,7 +87,15 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     removed = await asyncio.to_thread(svc.registry.remove_tenant, tenant)
     for name in removed:
         await svc.placement.unload_everywhere(name)
-    return {"id": tenant, "object": "tenant", "deleted": True, "keys_revoked": len(revoked), "adapters": len(removed)}
+    records = await purge_tenant(svc.records_redis, tenant)
+    return {
+        "id": tenant,
+        "object": "tenant",
+        "deleted": True,
+        "keys_revoked": len(revoked),
+        "adapters": len(removed),
+        "records": records,
+    }
 
 
 @router.post("/{tenant}/keys", status_code=201)

@@ -3,15 +3,18 @@ and exports of a tenant's log under `/admin/tenants/{tenant}/...` (its manage ke
 
 from __future__ import annotations
 
-import io
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import Manager, TenantCaller
 from gateway.body import read_json
+from gateway.erasure import forget_user
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.export import ExportFormat, export
 from gateway.records import FeedbackIn
@@ -49,14 +52,14 @@ async def get_feedback(
     return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
 
 
-@router.post("/admin/tenants/{tenant}/users/{user}/forget")
-async def forget_user(tenant: str, user: str, request: Request, _: Manager) -> dict[str, Any]:
+@router.post("/admin/tenants/{tenant}/users/{user:path}/forget")
+async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) -> dict[str, Any]:
     """Delete everything stored for one end user of the tenant; says what was removed."""
     svc = services(request)
     with domain_errors():
-        await svc.tenants.get(tenant)
-    await svc.recorder.flush()  # what this process still holds for the user is written, then erased
-    removed = await svc.feedback.forget(tenant, user)
+        found = await svc.tenants.get(tenant)
+    await svc.recorder.written()  # what this process still holds for the user is written, then erased
+    removed = await forget_user(svc.records_redis, tenant, user, found.logging.max_age_s)
     return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}
 
 
@@ -75,9 +78,21 @@ async def export_feedback(
     with domain_errors():
         found = await svc.tenants.get(tenant)
     fmt: ExportFormat = format
-    out = io.StringIO()
+    out = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")  # noqa: SIM115
     try:
         await export(svc.records_redis, tenant, fmt, out, found.logging, since=since, alias=alias, endpoint=endpoint)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
-    return Response(out.getvalue(), media_type="application/x-ndjson")
+        await asyncio.to_thread(out.seek, 0)
+    except BaseException as exc:
+        out.close()
+        if isinstance(exc, ValueError):
+            raise InvalidRequest(str(exc)) from exc
+        raise
+
+    async def chunks() -> AsyncIterator[str]:
+        try:
+            while data := await asyncio.to_thread(out.read, 1 << 16):
+                yield data
+        finally:
+            out.close()
+
+    return StreamingResponse(chunks(), media_type="application/x-ndjson")

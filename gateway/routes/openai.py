@@ -80,6 +80,7 @@ async def _complete(
             validated = schema.model_validate(payload)
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
+        context.validated = True
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         hide_usage = validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
         if hide_usage:  # every stream's usage settles its quota and is logged; the client gets what it asked for

@@ -4,8 +4,11 @@ them killed and restarted)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,11 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 from gateway.context import CLIENT_CLOSED, Answer, RequestContext
+from gateway.erasure import forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.recorder import Recorder, record_of
+from gateway.record_builder import MAX_CHARS, RecordBuilder, record_of
+from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
@@ -67,32 +72,33 @@ def test_a_whole_answer_is_parsed_later() -> None:
     assert chat.choices()[0].tool_calls == calls and chat.choices()[0].text == ""
 
 
-def context(tenant: Tenant, **payload: object) -> RequestContext:
-    body = {"model": "m", "messages": [{"role": "user", "content": "mail bob@example.com"}], "user": "u1", **payload}
-    ctx = RequestContext("r1", "chat", tenant, "k1", payload=body)
+def context(tenant: Tenant, n: int = 7, user: str = "u1", **payload: object) -> RequestContext:
+    body = {"model": "m", "messages": [{"role": "user", "content": "mail bob@example.com"}], "user": user, **payload}
+    ctx = RequestContext("r1", "chat", tenant, "k1", payload=body, validated=True)
     ctx.route = Route(requested="prod", upstream_model="t.bot@2", served_model="bot@2", alias="prod")
-    ctx.answer = Answer(body=b'{"id":"chatcmpl-7","choices":[{"index":0,"message":{"content":"call 415-555-0123"}}]}')
+    answer = {"id": f"chatcmpl-{n}", "choices": [{"index": 0, "message": {"content": "call 415-555-0123"}}]}
+    ctx.answer = Answer(body=json.dumps(answer).encode())
     ctx.finish(200)
     return ctx
 
 
 def test_records_follow_the_tenant_policy() -> None:
-    recorder = Recorder(aioredis.Redis(), Spool(Path("/nonexistent"), fsync=False), Metrics())
-    entry = recorder._entry(context(Tenant(name="t")))
-    record = CompletionRecord.model_validate_json(entry["record"])
-    assert (record.id, record.user, record.alias, record.status, record.outcome) == (
-        "chatcmpl-7",
-        "u1",
-        "prod",
-        200,
-        "ok",
-    )
+    builder = RecordBuilder()
+    record = CompletionRecord.model_validate_json(builder.entry(context(Tenant(name="t")))["record"])
+    assert (record.id, record.user, record.alias, record.status) == ("chatcmpl-7", "u1", "prod", 200)
+    assert (record.outcome, record.adapter, record.served_model, record.truncated) == ("ok", None, "bot@2", False)
     assert record.request and record.request["messages"][0]["content"] == "mail [EMAIL]"
     assert record.text == "call [PHONE]" and record.redactions == {"email": 1, "phone": 1}
     assert record.request["params"] == {} and "user" not in record.request
     bare = Tenant(name="t", logging=LogPolicy(content=False))
-    record = CompletionRecord.model_validate_json(recorder._entry(context(bare))["record"])
-    assert record.request is None and record.choices is None and record.user == "u1"
+    record = CompletionRecord.model_validate_json(builder.entry(context(bare))["record"])
+    assert record.request is None and record.choices is None and record.user == "u1" and record.id == "chatcmpl-7"
+    huge = context(Tenant(name="t", logging=LogPolicy(redact=[])), messages=[{"role": "user", "content": "x" * 50_000}])
+    record = CompletionRecord.model_validate_json(builder.entry(huge)["record"])
+    assert record.truncated and record.request and len(record.request["messages"][0]["content"]) == MAX_CHARS
+    refused = context(Tenant(name="t"))
+    refused.validated = False
+    assert record_of(refused)["request"] is None, "an invalid body's content is never kept"
     cancelled = context(Tenant(name="t"))
     cancelled.latency_s = None
     cancelled.finish(CLIENT_CLOSED)
@@ -115,9 +121,11 @@ async def test_the_spool_keeps_order_bounds_and_is_adopted(tmp_path: Path) -> No
     await spool.append([{"n": 1}])
     spool.close()  # as if its process died: the next one adopts it
     heir = Spool(tmp_path, fsync=True)
+    heir.open()
+    assert heir.pending() == 0, "a folder this new may not be locked by its owner yet: left alone"
     for folder in tmp_path.iterdir():
         os.utime(folder, (0, 0))  # old enough to be an orphan
-    heir.open()
+    await heir.adopt()
     assert heir.pending() == 1
     seen.clear()
     await heir.drain(take)
@@ -125,10 +133,15 @@ async def test_the_spool_keeps_order_bounds_and_is_adopted(tmp_path: Path) -> No
 
 
 @pytest.fixture
-async def own_redis(tmp_path: Path) -> RedisServer:
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server = RedisServer(free_port(), tmp_path / "redis")
     server.start()
-    return server
+    yield server
+    server.stop()
+
+
+def stream_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
+    return [json.loads(fields["r"])["id"] for _, fields in entries]
 
 
 async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
@@ -137,43 +150,88 @@ async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, Metrics(), interval_s=0.01)
+    recorder = Recorder(redis, spool, Metrics())
     tenant = Tenant(name="t")
     try:
         for n in range(3):
-            recorder.record(_numbered(tenant, n))
-        await recorder.flush()
+            recorder.record(context(tenant, n))
+        await recorder._cycle()
         own_redis.kill()
         for n in range(3, 8):
-            recorder.record(_numbered(tenant, n))
-        await recorder.flush()
+            recorder.record(context(tenant, n))
+        await recorder._cycle()
         assert recorder.degraded and spool.pending() == 5
         own_redis.start()
         recorder._retry_at = 0
-        recorder.record(_numbered(tenant, 8))
-        await recorder.flush()
+        recorder.record(context(tenant, 8))
+        await recorder._cycle()
         assert not recorder.degraded and spool.pending() == 0
-        entries = await redis.xrange(keys.completion_log("t"))
-        assert [json.loads(fields["r"])["id"] for _, fields in entries] == [f"chatcmpl-{n}" for n in range(9)]
-        await recorder._write([recorder._entry(_numbered(tenant, 0))])  # a replayed record is kept once
+        ids = stream_ids(await redis.xrange(keys.completion_log("t")))
+        assert ids == [f"chatcmpl-{n}" for n in range(9)]
+        await recorder._write([RecordBuilder().entry(context(tenant, 0))])  # a replayed record is kept once
         assert await redis.xlen(keys.completion_log("t")) == 9
     finally:
         await redis.aclose()
-        own_redis.stop()
 
 
-def _numbered(tenant: Tenant, n: int) -> RequestContext:
-    ctx = context(tenant)
-    ctx.answer = Answer(body=json.dumps({"id": f"chatcmpl-{n}", "choices": []}).encode())
-    return ctx
+async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    tenant = Tenant(name="t")
+    dead = Spool(tmp_path, fsync=False)
+    dead.open()
+    builder = RecordBuilder()
+    await dead.append([builder.entry(context(tenant, n, user="ann" if n < 2 else "bo")) for n in range(4)])
+    dead.close()
+    for folder in tmp_path.iterdir():
+        os.utime(folder, (0, 0))
+    assert (await forget_user(redis, "t", "ann", 60)) == {"completions": 0, "feedback": 0}
+    heir = Spool(tmp_path, fsync=False)
+    heir.open()
+    recorder = Recorder(redis, heir, Metrics())
+    recorder.record(context(tenant, 9, user="cy"))
+    await recorder._cycle()
+    assert heir.pending() == 0, "the adopted spool is replayed though Redis never went away"
+    ids = set(stream_ids(await redis.xrange(keys.completion_log("t"))))
+    assert ids == {"chatcmpl-2", "chatcmpl-3", "chatcmpl-9"}, "ann's records, made before her erasure, stay erased"
 
 
-async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(redis: aioredis.Redis, tmp_path: Path) -> None:
-    spool = Spool(tmp_path, fsync=True)
+async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aioredis.Redis, tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
     spool.open()
     recorder = Recorder(redis, spool, Metrics())
+    broken = context(Tenant(name="t"), 1)
+    broken.payload = None  # type: ignore[assignment]
+    recorder.record(broken)
+    await recorder._cycle()
+    recorder.record(context(Tenant(name="t"), 2))
+    await recorder._cycle()
+    assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-2"]
+
+
+@pytest.fixture
+async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]:
+    spool = Spool(tmp_path / "records", fsync=False)
+    spool.open()
+    found = Recorder(redis, spool, Metrics())
+    task = asyncio.create_task(found.run())
+    yield found
+    await found.stop()
+    await task
+
+
+async def feedback_store(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> FeedbackStore:
+    spool = Spool(tmp_path / "feedback", fsync=True)
+    spool.open()
     store = FeedbackStore(redis, spool, recorder, Metrics(), settle_s=0.2)
     assert await store.check_durability() == "fsync-always", "the session's Redis fsyncs before answering"
+    return store
+
+
+async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    store = await feedback_store(redis, recorder, tmp_path)
     tenant, other = Tenant(name="t", logging=LogPolicy(score_min=1, score_max=5)), Tenant(name="o")
     recorder.record(context(tenant))  # chatcmpl-7, asked by u1
     first, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="down"))
@@ -189,9 +247,27 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(redis: 
     mine, unknown = theirs.value.body()["error"], never.value.body()["error"]
     assert mine["message"].replace("chatcmpl-7", "X") == unknown["message"].replace("chatcmpl-none", "X")
     assert (mine["code"], mine["param"], theirs.value.status) == (unknown["code"], unknown["param"], 404)
-    removed = await store.forget("t", "u1")
+    removed = await forget_user(redis, "t", "u1", 60)
     assert removed == {"completions": 1, "feedback": 1}
     assert await redis.xlen(keys.completion_log("t")) == 0
     assert await redis.hkeys(keys.feedback("t", "chatcmpl-7")) == ["u2"], "only u1's rating is erased"
-    with pytest.raises(CompletionUnknown):
-        await store.of_completion("t", "chatcmpl-7")  # the record was u1's: gone
+    assert [f.user for f in await store.of_completion("t", "chatcmpl-7")] == ["u2"]
+
+
+async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
+    """Feedback taken while its completion could not be vouched for: the tenant's is written, another
+    tenant's dropped, one whose record is not in Redis yet waits."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    mine, theirs = Tenant(name="t"), Tenant(name="o")  # spooled while Redis was down, say
+    recorder.record(context(mine, 1))
+    recorder.record(context(theirs, 2))
+    await recorder.written()
+    for cid, since in (("chatcmpl-1", 0.0), ("chatcmpl-2", 0.0), ("chatcmpl-404", time.time())):
+        item = {"tenant": "t", "verify": True, "ttl": 60, "since": since}
+        item["feedback"] = FeedbackIn(completion_id=cid, thumbs="up").model_dump_json()
+        item["feedback"] = item["feedback"][:-1] + ',"object":"feedback","id":"fb-' + cid + '","created":1.0}'
+        await store._spool.append([item])
+    assert await store.replay() >= 2
+    assert await redis.hkeys(keys.feedback("t", "chatcmpl-1")) == [""], "its own completion: written"
+    assert await redis.exists(keys.feedback("t", "chatcmpl-2")) == 0, "another tenant's: dropped"
+    assert store._spool.pending() == 1, "an unknown one waits for its record"

@@ -1,0 +1,149 @@
+"""Turning finished requests into completion records under each tenant's policy (in a worker thread).
+
+- content kept: the request's messages or prompt and its parameters, each choice's text, finish reason
+  and tool calls, with PII redacted (gateway.redaction); strings longer than MAX_CHARS are cut there
+  and the record says `truncated`;
+- metadata only: who, what model and version, tokens, timings, outcome; the answer is not even parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pydantic_core
+
+from gateway.context import RequestContext
+from gateway.records import LogPolicy
+from gateway.redaction import Redactor
+
+REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
+"""What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
+DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options")
+MAX_CHARS = 32_768
+"""Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
+MAX_RECORD_CHARS = 262_144
+"""Past this, a record loses the request's tool definitions and schemas."""
+_ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')
+
+
+class RecordBuilder:
+    """Builds records; keeps one Redactor per set of kinds. Used from one worker thread at a time."""
+
+    def __init__(self) -> None:
+        self._redactors: dict[tuple[str, ...], Redactor] = {}
+
+    def entries(self, contexts: list[RequestContext]) -> list[dict[str, Any]]:
+        return [self.entry(context) for context in contexts]
+
+    def entry(self, context: RequestContext) -> dict[str, Any]:
+        """What the recorder writes (and spools) for one request: the record's JSON and how to keep it."""
+        policy = context.tenant.logging
+        record = record_of(context, content=policy.content)
+        if policy.content:
+            self._clean(record, policy)
+        text = pydantic_core.to_json(record).decode()
+        if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
+            for field in ("tools", "tool_choice", "response_format"):
+                record["request"].pop(field, None)
+            record["truncated"] = True
+            text = pydantic_core.to_json(record).decode()
+        return {
+            "id": record["id"],
+            "tenant": record["tenant"],
+            "user": record["user"],
+            "record": text,
+            "max_records": policy.max_records,
+            "ttl": policy.max_age_s,
+            "created": record["created"],
+        }
+
+    def _clean(self, record: dict[str, Any], policy: LogPolicy) -> None:
+        kinds = tuple(sorted(policy.redact))
+        redactor = self._redactors.get(kinds)
+        if redactor is None:
+            redactor = self._redactors[kinds] = Redactor(kinds)
+        counts: Counter[str] = Counter()
+        for holder, slot in list(_texts(record)):
+            text = holder[slot]
+            if len(text) > MAX_CHARS:
+                holder[slot] = text = text[:MAX_CHARS]
+                record["truncated"] = True
+            if redactor.kinds and len(text) > 5:
+                holder[slot] = redactor.redact_into(text, counts)
+        record["redactions"] = dict(counts)
+
+
+def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """Where the prose of a record is (container, key): messages' content and text parts, prompts and
+    suffix, answers' text and tool-call arguments. Only these are cut and redacted."""
+    request = record["request"] or {}
+    for message in request.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            yield message, "content"
+        elif isinstance(content, list):
+            yield from (
+                (part, "text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        yield request, "prompt"
+    elif isinstance(prompt, list):
+        yield from ((prompt, i) for i, item in enumerate(prompt) if isinstance(item, str))
+    if isinstance(request.get("suffix"), str):
+        yield request, "suffix"
+    for choice in record["choices"] or ():
+        if isinstance(choice.get("text"), str):
+            yield choice, "text"
+        for call in choice.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                yield function, "arguments"
+
+
+def record_of(context: RequestContext, content: bool = True) -> dict[str, Any]:
+    """A context as a completion record (the fields of records.CompletionRecord), before redaction."""
+    answer = context.answer
+    if content:
+        answer.parse_body()
+    elif answer.body is not None and answer.completion_id is None:
+        found = _ID.search(answer.body[:512])
+        answer.completion_id = found.group(1).decode() if found else None
+    route, payload = context.route, context.payload
+    adapter = route.adapter if route is not None else None
+    request = choices = None
+    if content and context.validated:
+        request = {k: v for k, v in payload.items() if k in REQUEST_FIELDS}
+        request["params"] = {k: v for k, v in payload.items() if k not in REQUEST_FIELDS and k not in DROPPED_FIELDS}
+    if content:
+        choices = answer.choice_dicts() or None
+    return {
+        "id": answer.completion_id or f"req-{context.request_id}",
+        "request_id": context.request_id,
+        "tenant": context.tenant.name,
+        "key_id": context.key_id,
+        "user": context.user,
+        "endpoint": context.endpoint,
+        "model": route.requested if route is not None else str(payload.get("model", ""))[:200],
+        "alias": route.alias if route is not None else None,
+        "experiment": None,
+        "arm": None,
+        "adapter": route.adapter_label if route is not None else None,
+        "version": adapter.version if adapter is not None else None,
+        "served_model": route.served_model if route is not None else None,
+        "stream": context.stream,
+        "request": request,
+        "choices": choices,
+        "usage": {k: v for k, v in (answer.usage or {}).items() if isinstance(v, int)} or None,
+        "status": context.status,
+        "outcome": context.outcome,
+        "error_type": context.error_type,
+        "created": context.received,
+        "latency_ms": round(context.latency_s * 1000, 3) if context.latency_s is not None else None,
+        "ttft_ms": round(context.first_token_s * 1000, 3) if context.first_token_s is not None else None,
+        "redactions": {},
+        "truncated": False,
+    }
