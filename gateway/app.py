@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -151,7 +152,9 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         on_drop=metrics.records_dropped.labels("spool_full").inc,
     )
     feedback_spool = Spool(settings.spool_root / "feedback", fsync=True)
-    recorder = Recorder(records_redis, records_spool, metrics, enabled=settings.record_completions)
+    recorder = Recorder(
+        records_redis, records_spool, metrics, enabled=settings.record_completions, workers=settings.record_workers
+    )
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
@@ -198,6 +201,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
         for spool in svc.spools:
             await asyncio.to_thread(spool.open)
         await svc.feedback.check_durability()
+        await svc.recorder.start()
         await svc.pool.start()
         background = [
             asyncio.create_task(_maintain(svc)),
@@ -206,6 +210,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             asyncio.create_task(_keep_records(svc)),
         ]
         recording = asyncio.create_task(svc.recorder.run())
+        gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it again
         try:
             yield
         finally:

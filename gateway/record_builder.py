@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -15,8 +17,7 @@ from typing import Any
 
 import pydantic_core
 
-from gateway.context import RequestContext
-from gateway.records import LogPolicy
+from gateway.context import Answer, RequestContext
 from gateway.redaction import Redactor
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
@@ -29,51 +30,72 @@ MAX_RECORD_CHARS = 262_144
 _ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')
 
 
-class RecordBuilder:
-    """Builds records; keeps one Redactor per set of kinds. Used from one worker thread at a time."""
+def raw_record(context: RequestContext) -> dict[str, Any]:
+    """A finished request as the builder needs it, taken on the event loop: cheap (no parsing, no
+    redaction) and picklable, so that the work itself can happen in another process."""
+    policy = context.tenant.logging
+    return {
+        "record": record_of(context, content=policy.content, parse=False),
+        "body": context.answer.body if policy.content else None,
+        "redact": tuple(sorted(policy.redact)) if policy.content else (),
+        "max_records": policy.max_records,
+        "ttl": policy.max_age_s,
+    }
 
-    def __init__(self) -> None:
-        self._redactors: dict[tuple[str, ...], Redactor] = {}
 
-    def entries(self, contexts: list[RequestContext]) -> list[dict[str, Any]]:
-        return [self.entry(context) for context in contexts]
+def build_entries(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the recorder writes (and spools) for each request: the record's JSON and how to keep it. Runs
+    in a worker process (or thread): whole answers parsed, prose cut and redacted, JSON encoded."""
+    entries = []
+    for raw in raws:
+        try:
+            entries.append(_entry(raw))
+        except Exception:  # noqa: BLE001 (one record of an unexpected shape must not cost the batch)
+            logging.getLogger("loragate.recorder").exception("completion record %s not built", raw["record"]["id"])
+    return entries
 
-    def entry(self, context: RequestContext) -> dict[str, Any]:
-        """What the recorder writes (and spools) for one request: the record's JSON and how to keep it."""
-        policy = context.tenant.logging
-        record = record_of(context, content=policy.content)
-        if policy.content:
-            self._clean(record, policy)
+
+def _entry(raw: dict[str, Any]) -> dict[str, Any]:
+    record = raw["record"]
+    if raw["body"] is not None:
+        answer = Answer(body=raw["body"])
+        answer.parse_body()
+        record["id"] = answer.completion_id or record["id"]
+        record["choices"] = answer.choice_dicts() or None
+    if record["request"] is not None or record["choices"] is not None:
+        _clean(record, _redactor(raw["redact"]))
+    text = pydantic_core.to_json(record).decode()
+    if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
+        for field in ("tools", "tool_choice", "response_format"):
+            record["request"].pop(field, None)
+        record["truncated"] = True
         text = pydantic_core.to_json(record).decode()
-        if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
-            for field in ("tools", "tool_choice", "response_format"):
-                record["request"].pop(field, None)
-            record["truncated"] = True
-            text = pydantic_core.to_json(record).decode()
-        return {
-            "id": record["id"],
-            "tenant": record["tenant"],
-            "user": record["user"],
-            "record": text,
-            "max_records": policy.max_records,
-            "ttl": policy.max_age_s,
-            "created": record["created"],
-        }
+    return {
+        "id": record["id"],
+        "tenant": record["tenant"],
+        "user": record["user"],
+        "record": text,
+        "max_records": raw["max_records"],
+        "ttl": raw["ttl"],
+        "created": record["created"],
+    }
 
-    def _clean(self, record: dict[str, Any], policy: LogPolicy) -> None:
-        kinds = tuple(sorted(policy.redact))
-        redactor = self._redactors.get(kinds)
-        if redactor is None:
-            redactor = self._redactors[kinds] = Redactor(kinds)
-        counts: Counter[str] = Counter()
-        for holder, slot in list(_texts(record)):
-            text = holder[slot]
-            if len(text) > MAX_CHARS:
-                holder[slot] = text = text[:MAX_CHARS]
-                record["truncated"] = True
-            if redactor.kinds and len(text) > 5:
-                holder[slot] = redactor.redact_into(text, counts)
-        record["redactions"] = dict(counts)
+
+@functools.lru_cache(maxsize=64)
+def _redactor(kinds: tuple[str, ...]) -> Redactor:
+    return Redactor(kinds)
+
+
+def _clean(record: dict[str, Any], redactor: Redactor) -> None:
+    counts: Counter[str] = Counter()
+    for holder, slot in list(_texts(record)):
+        text = holder[slot]
+        if len(text) > MAX_CHARS:
+            holder[slot] = text = text[:MAX_CHARS]
+            record["truncated"] = True
+        if redactor.kinds and len(text) > 5:
+            holder[slot] = redactor.redact_into(text, counts)
+    record["redactions"] = dict(counts)
 
 
 def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
@@ -104,12 +126,13 @@ def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
                 yield function, "arguments"
 
 
-def record_of(context: RequestContext, content: bool = True) -> dict[str, Any]:
-    """A context as a completion record (the fields of records.CompletionRecord), before redaction."""
+def record_of(context: RequestContext, content: bool = True, parse: bool = True) -> dict[str, Any]:
+    """A context as a completion record (the fields of records.CompletionRecord), before redaction; with
+    `parse` false a whole answer is left for `build_entries` to read."""
     answer = context.answer
-    if content:
+    if content and parse:
         answer.parse_body()
-    elif answer.body is not None and answer.completion_id is None:
+    elif answer.body is not None and answer.completion_id is None and not content:
         found = _ID.search(answer.body[:512])
         answer.completion_id = found.group(1).decode() if found else None
     route, payload = context.route, context.payload

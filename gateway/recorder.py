@@ -2,8 +2,10 @@
 written off the request path.
 
 `record(context)` only queues the context. A background task takes what is queued every
-`interval_s` (sooner when a batch is full), turns it into records in a worker thread (parsing whole
-answers, applying the tenant's policy: redaction, or metadata only) and writes them in one pipelined
+`interval_s` (sooner when a batch is full), turns it into records in a worker process of its own
+(gateway.record_worker: parsing whole answers, applying the tenant's policy: redaction, or metadata
+only; a thread when `workers` is 0),
+and writes them in one pipelined
 round trip: one Lua script per 100 records appends each to its tenant's stream (trimmed to the
 tenant's length), indexes its completion id (owner and entry, expiring with the tenant's age limit)
 and adds it to the end user's set (for erasure). The script skips a record already indexed (a batch
@@ -33,7 +35,8 @@ from gateway import keys
 from gateway.context import RequestContext
 from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
-from gateway.record_builder import RecordBuilder
+from gateway.record_builder import build_entries, raw_record
+from gateway.record_worker import RecordWorker
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
@@ -78,6 +81,7 @@ class Recorder:
         interval_s: float = 0.05,
         max_queued: int = 100_000,
         enabled: bool = True,
+        workers: int = 0,
     ) -> None:
         self._redis = redis
         self._spool = spool
@@ -93,7 +97,7 @@ class Recorder:
         self._queued_seq = 0
         self._done_seq = 0
         self._lane = ScriptLane(redis, _RECORD, size=2)
-        self._builder = RecordBuilder()
+        self._worker = RecordWorker() if workers else None
         self.recent: OrderedDict[str, str] = OrderedDict()
         """Completion id -> tenant, for the last RECENT records this process handled."""
         self.degraded = False
@@ -118,6 +122,10 @@ class Recorder:
         self._wake.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
+
+    async def start(self) -> None:
+        if self._worker is not None:
+            await self._worker.start()
 
     async def run(self) -> None:
         """Write what is queued, every interval (or at once when a batch is full), until `stop`."""
@@ -151,13 +159,30 @@ class Recorder:
         writing: asyncio.Task[None] | None = None
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
-            entries = await asyncio.to_thread(self._builder.entries, [context for _, context in batch])
+            raws = [raw for _, context in batch if (raw := self._raw(context)) is not None]
+            entries = await self._build(raws)
+            if len(entries) < len(batch):
+                self._metrics.records_dropped.labels("unbuildable").inc(len(batch) - len(entries))
             if writing is not None:
                 await writing
             self._remember(entries)
             writing = asyncio.create_task(self._store(entries, batch[-1][0]))
         if writing is not None:
             await writing
+
+    def _raw(self, context: RequestContext) -> dict[str, Any] | None:
+        try:
+            return raw_record(context)
+        except Exception:
+            log.exception("completion log: request %s could not be recorded", context.request_id)
+            return None
+
+    async def _build(self, raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records built in the worker process (no thread of ours competes with the event loop for the
+        GIL), or in a thread when `workers` is 0."""
+        if self._worker is not None:
+            return await self._worker.build(raws)
+        return await asyncio.to_thread(build_entries, raws)
 
     async def _store(self, entries: list[dict[str, Any]], last_seq: int) -> None:
         try:
@@ -212,6 +237,8 @@ class Recorder:
 
     async def close(self) -> None:
         await self._lane.close()
+        if self._worker is not None:
+            await self._worker.stop()
 
     async def trim(self, policies: dict[str, Any]) -> None:
         """Drop records older than each tenant's age limit (length is trimmed as records are added)."""

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     record_completions: bool = Field(
         True, description="Write the completion log (off: nothing is recorded; feedback then finds no completion)."
     )
+    record_workers: int = Field(
+        1, ge=0, le=1, description="1: completion records are built in a process of their own; 0: in a thread."
+    )
     record_spool_max: int = Field(
         100_000, ge=1000, description="Completion records spooled locally while Redis is down (oldest dropped past it)."
     )

@@ -173,7 +173,7 @@ async def record_all(
     redis = aioredis.Redis.from_url(stack.redis_url(mode), decode_responses=True)
     spool = Spool(stack.workdir / "spool", fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, metrics, max_queued=max(n, 100_000))
+    recorder = Recorder(redis, spool, metrics, max_queued=max(n, 100_000), workers=1)  # as the gateway runs it
     done = progress.tasks[task].completed
 
     async def tick() -> None:

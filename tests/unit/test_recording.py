@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +20,7 @@ from gateway.context import CLIENT_CLOSED, Answer, RequestContext
 from gateway.erasure import forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_builder import MAX_CHARS, RecordBuilder, record_of
+from gateway.record_builder import MAX_CHARS, build_entries, raw_record, record_of
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, FeedbackIn, LogPolicy
 from gateway.routing import Route
@@ -82,19 +83,23 @@ def context(tenant: Tenant, n: int = 7, user: str = "u1", **payload: object) -> 
     return ctx
 
 
+def entry(ctx: RequestContext) -> dict[str, Any]:
+    (built,) = build_entries([raw_record(ctx)])
+    return built
+
+
 def test_records_follow_the_tenant_policy() -> None:
-    builder = RecordBuilder()
-    record = CompletionRecord.model_validate_json(builder.entry(context(Tenant(name="t")))["record"])
+    record = CompletionRecord.model_validate_json(entry(context(Tenant(name="t")))["record"])
     assert (record.id, record.user, record.alias, record.status) == ("chatcmpl-7", "u1", "prod", 200)
     assert (record.outcome, record.adapter, record.served_model, record.truncated) == ("ok", None, "bot@2", False)
     assert record.request and record.request["messages"][0]["content"] == "mail [EMAIL]"
     assert record.text == "call [PHONE]" and record.redactions == {"email": 1, "phone": 1}
     assert record.request["params"] == {} and "user" not in record.request
     bare = Tenant(name="t", logging=LogPolicy(content=False))
-    record = CompletionRecord.model_validate_json(builder.entry(context(bare))["record"])
+    record = CompletionRecord.model_validate_json(entry(context(bare))["record"])
     assert record.request is None and record.choices is None and record.user == "u1" and record.id == "chatcmpl-7"
     huge = context(Tenant(name="t", logging=LogPolicy(redact=[])), messages=[{"role": "user", "content": "x" * 50_000}])
-    record = CompletionRecord.model_validate_json(builder.entry(huge)["record"])
+    record = CompletionRecord.model_validate_json(entry(huge)["record"])
     assert record.truncated and record.request and len(record.request["messages"][0]["content"]) == MAX_CHARS
     refused = context(Tenant(name="t"))
     refused.validated = False
@@ -168,7 +173,7 @@ async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
         assert not recorder.degraded and spool.pending() == 0
         ids = stream_ids(await redis.xrange(keys.completion_log("t")))
         assert ids == [f"chatcmpl-{n}" for n in range(9)]
-        await recorder._write([RecordBuilder().entry(context(tenant, 0))])  # a replayed record is kept once
+        await recorder._write([entry(context(tenant, 0))])  # a replayed record is kept once
         assert await redis.xlen(keys.completion_log("t")) == 9
     finally:
         await redis.aclose()
@@ -180,8 +185,7 @@ async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
     tenant = Tenant(name="t")
     dead = Spool(tmp_path, fsync=False)
     dead.open()
-    builder = RecordBuilder()
-    await dead.append([builder.entry(context(tenant, n, user="ann" if n < 2 else "bo")) for n in range(4)])
+    await dead.append([entry(context(tenant, n, user="ann" if n < 2 else "bo")) for n in range(4)])
     dead.close()
     for folder in tmp_path.iterdir():
         os.utime(folder, (0, 0))
@@ -199,7 +203,7 @@ async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
 async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aioredis.Redis, tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, Metrics())
+    recorder = Recorder(redis, spool, Metrics(), workers=1)  # in a worker process, as the gateway builds them
     broken = context(Tenant(name="t"), 1)
     broken.payload = None  # type: ignore[assignment]
     recorder.record(broken)
