@@ -19,11 +19,12 @@ from redis.exceptions import RedisError
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
-from gateway import __version__
+from gateway import __version__, guard_rails
 from gateway.apikeys import KeyStore
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
+from gateway.experiments import ExperimentStore
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.placement import Placement
@@ -32,7 +33,7 @@ from gateway.quotas import QuotaGate
 from gateway.recorder import Recorder
 from gateway.request_id import RequestIdMiddleware
 from gateway.residency import Residency
-from gateway.routes import admin_adapters, admin_tenants, feedback, health, openai
+from gateway.routes import admin_adapters, admin_tenants, experiments, feedback, health, openai
 from gateway.routing import Route, Router
 from gateway.serving import Forwarder
 from gateway.settings import Settings
@@ -50,6 +51,7 @@ class Services:
     tenants: TenantStore
     keys: KeyStore
     pointers: PointerStore
+    experiments: ExperimentStore
     quotas: QuotaGate
     pool: ReplicaPool
     registry: Registry
@@ -158,6 +160,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
+    experiments = ExperimentStore(redis)
     residency = Residency(redis, session, settings.max_cpu_loras)
     placement = Placement(pool, session, registry, metrics, residency)
     return Services(
@@ -166,11 +169,12 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         tenants=TenantStore(redis),
         keys=KeyStore(redis, settings.auth_cache_s),
         pointers=pointers,
+        experiments=experiments,
         quotas=QuotaGate(redis, metrics, settings.quota_reserve_tokens),
         pool=pool,
         registry=registry,
         placement=placement,
-        router=Router(settings.served_model_name, registry, pointers),
+        router=Router(settings.served_model_name, registry, pointers, experiments),
         forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
         metrics=metrics,
         records_redis=records_redis,
@@ -196,7 +200,12 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
         watcher = StateWatcher(
             svc.redis,
             settings.state_poll_s,
-            [svc.keys.forget_cached, svc.tenants.forget_cached, svc.pointers.forget_cached],
+            [
+                svc.keys.forget_cached,
+                svc.tenants.forget_cached,
+                svc.pointers.forget_cached,
+                svc.experiments.forget_cached,
+            ],
         )
         for spool in svc.spools:
             await asyncio.to_thread(spool.open)
@@ -208,6 +217,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             asyncio.create_task(watcher.run()),
             asyncio.create_task(svc.quotas.run()),
             asyncio.create_task(_keep_records(svc)),
+            asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.experiments, settings.guard_rails_s)),
         ]
         recording = asyncio.create_task(svc.recorder.run())
         gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it again
@@ -236,5 +246,6 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
     app.include_router(admin_tenants.router)
     app.include_router(admin_adapters.router)
     app.include_router(feedback.router)
+    app.include_router(experiments.router)
     app.include_router(health.router)
     return app

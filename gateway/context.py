@@ -129,6 +129,8 @@ class RequestContext:
     """The request as it was sent on (after the gateway's own changes, e.g. the max_tokens cap)."""
     validated: bool = False
     """The payload passed validation: only then is its content recorded."""
+    header_user: str | None = None
+    """The end user named by an `x-loragate-user` header (the body's `user` wins)."""
     received: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     route: Route | None = None
@@ -141,12 +143,13 @@ class RequestContext:
 
     @property
     def user(self) -> str | None:
-        """The end user the application named: OpenAI's `user`, or its newer `safety_identifier`."""
+        """The end user the application named: OpenAI's `user`, its newer `safety_identifier`, or the
+        `x-loragate-user` header."""
         for name in ("user", "safety_identifier"):
             value = self.payload.get(name)
             if isinstance(value, str) and value:
                 return value[:256]
-        return None
+        return self.header_user[:256] if self.header_user else None
 
     @property
     def stream(self) -> bool:

@@ -32,7 +32,7 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int
 
 async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str) -> int:
     index = await redis.get(keys.completion(completion_id))
-    owner, _, entry = (index or "").partition(" ")
+    owner, entry = ((index or "").split(" ") + ["", ""])[:2]  # TENANT ENTRY[ EXPERIMENT ARM]
     if owner != tenant or not entry:
         return 0
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)

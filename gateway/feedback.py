@@ -43,21 +43,43 @@ UNVERIFIED_MAX = 10_000
 VERIFY_FOR_S = 600.0
 """How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped."""
 
-# KEYS: the completion's feedback hash[, the end user's set, the end user's erasure].
-# ARGV: field (end user), feedback JSON, created, completion id, ttl (s), replay (1/0).
-# A replay never replaces a newer rating, nor brings back one of an end user erased since.
+# KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
+# counters ('' where none). ARGV: field (end user), feedback JSON, created, completion id, ttl (s),
+# replay (1/0), score_min, score_max. A replay never replaces a newer rating, nor brings back one of an
+# end user erased since. The arm's feedback signal moves by the difference a (replaced) rating makes.
 _STORE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[6] == '1' then
-  local old = redis.call('HGET', KEYS[1], ARGV[1])
   if old then
     local ok, previous = pcall(cjson.decode, old)
     if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
   end
-  if #KEYS > 1 and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
+  if KEYS[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
+end
+local lo, hi = tonumber(ARGV[7]), tonumber(ARGV[8])
+local function signal(raw, sign)
+  local ok, f = pcall(cjson.decode, raw)
+  if not ok then return end
+  local sum, n = 0, 0
+  if f['thumbs'] == 'up' then sum, n = 1, 1 elseif f['thumbs'] == 'down' then n = 1 end
+  if type(f['score']) == 'number' then
+    sum, n = sum + math.min(math.max((f['score'] - lo) / (hi - lo), 0), 1), n + 1
+  end
+  if type(f['correction']) == 'string' then redis.call('HINCRBY', KEYS[4], 'corrected', sign) end
+  if n == 0 then return end
+  local v = sum / n
+  redis.call('HINCRBY', KEYS[4], 'rated', sign)
+  redis.call('HINCRBYFLOAT', KEYS[4], 'positive_sum', sign * v)
+  redis.call('HINCRBYFLOAT', KEYS[4], 'positive_squares', sign * v * v)
+  if v < 0.5 then redis.call('HINCRBY', KEYS[4], 'negative', sign) end
+end
+if KEYS[4] ~= '' then
+  if old then signal(old, -1) end
+  signal(ARGV[2], 1)
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-if #KEYS > 1 then
+if KEYS[2] ~= '' then
   redis.call('SADD', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
@@ -169,6 +191,7 @@ class FeedbackStore:
         if owned is False:
             raise CompletionUnknown(given.completion_id)
         item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s, "since": time.time()}
+        item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
         item["feedback"] = feedback.model_dump_json()
         if owned and self.durability != "spool":
             try:
@@ -189,14 +212,20 @@ class FeedbackStore:
         return feedback, False
 
     async def _write(self, items: list[dict[str, Any]], replay: bool) -> None:
+        parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
+        async with self._redis.pipeline(transaction=False) as pipe:  # which arm answered each completion
+            for feedback in parsed:
+                pipe.get(keys.completion(feedback["completion_id"]))
+            indexes = await pipe.execute()
         async with self._redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                feedback = pydantic_core.from_json(item["feedback"])
+            for item, feedback, index in zip(items, parsed, indexes, strict=True):
                 tenant, completion_id, user = item["tenant"], feedback["completion_id"], feedback.get("user") or ""
                 script_keys = [keys.feedback(tenant, completion_id)]
-                if user:
-                    script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)]
+                script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
+                _, _, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
+                script_keys.append(keys.arm_counters(tenant, experiment, arm) if experiment and arm else "")
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
+                args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
                 pipe.execute_command("WAITAOF", 1, 0, 2000)

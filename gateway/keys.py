@@ -44,6 +44,32 @@ def aliases(name: str) -> str:
     return f"{PREFIX}:tenant:{name}:aliases"
 
 
+def experiments(name: str) -> str:
+    """Hash experiment name -> JSON (arms, weights, allocation, status), for one tenant."""
+    return f"{PREFIX}:tenant:{name}:experiments"
+
+
+def experiment_audit(name: str, experiment: str) -> str:
+    """List of the changes made to one experiment of a tenant: who, when, what (JSON each)."""
+    return f"{PREFIX}:tenant:{name}:experiment:{experiment}:audit"
+
+
+def arm_counters(name: str, experiment: str, arm: str) -> str:
+    """Hash of one experiment arm's counters: requests, anonymous, errors, tokens, latency buckets, and
+    the feedback signal (rated, positive, score sums, corrected), updated as records and ratings land."""
+    return f"{PREFIX}:tenant:{name}:experiment:{experiment}:arm:{arm}"
+
+
+def arm_users(name: str, experiment: str, arm: str) -> str:
+    """HyperLogLog of the end users one experiment arm has served."""
+    return f"{PREFIX}:tenant:{name}:experiment:{experiment}:arm:{arm}:users"
+
+
+def guard_rails_lock() -> str:
+    """Held for one round by the gateway process that checks every experiment's guard rails."""
+    return f"{PREFIX}:experiments:guard-rails"
+
+
 def shares() -> str:
     """Hash `owner/adapter` -> JSON list of the tenants it is shared with (set by the global admin)."""
     return f"{PREFIX}:shares"
@@ -75,7 +101,8 @@ def completion_log(tenant: str) -> str:
 
 
 def completion(completion_id: str) -> str:
-    """`TENANT ENTRY-ID` of one recorded completion: who owns it and where its record is in the log."""
+    """`TENANT ENTRY-ID[ EXPERIMENT ARM]` of one recorded completion: who owns it, where its record is in
+    the log, and the experiment arm that answered it (so that its feedback counts for that arm)."""
     return f"{PREFIX}:completion:{completion_id}"
 
 
@@ -97,4 +124,9 @@ def forgotten(tenant: str, user: str) -> str:
 
 def tenant_records_pattern(tenant: str) -> list[str]:
     """SCAN patterns of every per-key record structure of a tenant (feedback, end users, erasures)."""
-    return [f"{PREFIX}:feedback:{tenant}:*", f"{PREFIX}:user:{tenant}:*", f"{PREFIX}:forgotten:{tenant}:*"]
+    return [
+        f"{PREFIX}:feedback:{tenant}:*",
+        f"{PREFIX}:user:{tenant}:*",
+        f"{PREFIX}:forgotten:{tenant}:*",
+        f"{PREFIX}:tenant:{tenant}:experiment:*",  # arms' counters and users, audit logs
+    ]

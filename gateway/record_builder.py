@@ -25,6 +25,8 @@ REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "respo
 DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options")
 MAX_CHARS = 32_768
 """Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
+LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 600_000)
+"""Latency histogram of experiment arms (p50 and p95 are read from it)."""
 MAX_RECORD_CHARS = 262_144
 """Past this, a record loses the request's tool definitions and schemas."""
 _ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')
@@ -70,6 +72,7 @@ def _entry(raw: dict[str, Any]) -> dict[str, Any]:
             record["request"].pop(field, None)
         record["truncated"] = True
         text = pydantic_core.to_json(record).decode()
+    usage = record["usage"] or {}
     return {
         "id": record["id"],
         "tenant": record["tenant"],
@@ -78,7 +81,20 @@ def _entry(raw: dict[str, Any]) -> dict[str, Any]:
         "max_records": raw["max_records"],
         "ttl": raw["ttl"],
         "created": record["created"],
+        "experiment": record["experiment"],
+        "arm": record["arm"],
+        "error": int(record["outcome"] == "error"),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "latency_bucket": latency_bucket(record["latency_ms"]),
     }
+
+
+def latency_bucket(latency_ms: float | None) -> str:
+    """The upper bound (ms) of the histogram bucket a latency falls in ('' for none)."""
+    if latency_ms is None:
+        return ""
+    return str(next((bound for bound in LATENCY_BUCKETS_MS if latency_ms <= bound), LATENCY_BUCKETS_MS[-1]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -152,8 +168,8 @@ def record_of(context: RequestContext, content: bool = True, parse: bool = True)
         "endpoint": context.endpoint,
         "model": route.requested if route is not None else str(payload.get("model", ""))[:200],
         "alias": route.alias if route is not None else None,
-        "experiment": None,
-        "arm": None,
+        "experiment": route.experiment if route is not None else None,
+        "arm": route.arm if route is not None else None,
         "adapter": route.adapter_label if route is not None else None,
         "version": adapter.version if adapter is not None else None,
         "served_model": route.served_model if route is not None else None,

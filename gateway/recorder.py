@@ -41,20 +41,36 @@ from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
 
-# Per record, KEYS: log stream, completion index, end user's set, end user's erasure ('' ''  when no user);
-# ARGV: record JSON, max length, ttl (s), tenant, completion id, created. Returns the records written.
+# Per record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's
+# counters, experiment arm's users ('' for what does not apply). ARGV: record JSON, max length, ttl (s),
+# tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens,
+# completion tokens, latency bucket. An arm's counters move only when its record is written (a replay
+# counts once). Returns the records written.
 _RECORD = """
 local written = 0
-for i = 0, #KEYS / 4 - 1 do
-  local stream, index, user, gone = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
-  local a = 6 * i
+for i = 0, #KEYS / 6 - 1 do
+  local stream, index, user, gone = KEYS[6 * i + 1], KEYS[6 * i + 2], KEYS[6 * i + 3], KEYS[6 * i + 4]
+  local arm, users = KEYS[6 * i + 5], KEYS[6 * i + 6]
+  local a = 12 * i
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if not erased and redis.call('EXISTS', index) == 0 then
     local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
-    redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry, 'EX', ARGV[a + 3])
+    redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
     if user ~= '' then
       redis.call('SADD', user, ARGV[a + 5])
       redis.call('EXPIRE', user, ARGV[a + 3])
+    end
+    if arm ~= '' then
+      redis.call('HINCRBY', arm, 'requests', 1)
+      if ARGV[a + 8] == '' then
+        redis.call('HINCRBY', arm, 'anonymous', 1)
+      else
+        redis.call('PFADD', users, ARGV[a + 8])
+      end
+      redis.call('HINCRBY', arm, 'errors', ARGV[a + 9])
+      redis.call('HINCRBY', arm, 'prompt_tokens', ARGV[a + 10])
+      redis.call('HINCRBY', arm, 'completion_tokens', ARGV[a + 11])
+      if ARGV[a + 12] ~= '' then redis.call('HINCRBY', arm, 'latency:' .. ARGV[a + 12], 1) end
     end
     written = written + 1
   end
@@ -254,8 +270,14 @@ def _call(chunk: list[dict[str, Any]]) -> Call:
     script_keys: list[str] = []
     args: list[Any] = []
     for e in chunk:
-        tenant, user = e["tenant"], e["user"]
+        tenant, user, experiment, arm = e["tenant"], e["user"], e.get("experiment"), e.get("arm")
         script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]
         script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
+        if experiment and arm:
+            script_keys += [keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm)]
+        else:
+            script_keys += ["", ""]
         args += [e["record"], e["max_records"], e["ttl"], tenant, e["id"], e["created"]]
+        args += [f" {experiment} {arm}" if experiment and arm else "", user or "", e.get("error", 0)]
+        args += [e.get("prompt_tokens", 0), e.get("completion_tokens", 0), e.get("latency_bucket", "")]
     return script_keys, args

@@ -21,7 +21,10 @@ from dataclasses import dataclass, replace
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.registry import Registry, upstream_name
 from adapters.store import AdapterNotFound
+from gateway.assignment import arm_for
 from gateway.errors import ModelNotFound
+from gateway.experiments import PREFIX as EXPERIMENT
+from gateway.experiments import ExperimentNotFound, ExperimentStore
 from gateway.pointers import PointerStore, TenantPointers
 from gateway.tenants import InvalidTenant, check_tenant_name
 
@@ -37,6 +40,9 @@ class Route:
     adapter_path: str | None = None
     """Folder vLLM loads the adapter from; None for the base model."""
     alias: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
+    """The experiment arm that served (an alias pointing at an experiment)."""
 
     @property
     def adapter_label(self) -> str | None:
@@ -52,23 +58,42 @@ class Route:
 
 
 class Router:
-    def __init__(self, base_model: str, registry: Registry, pointers: PointerStore) -> None:
+    def __init__(
+        self, base_model: str, registry: Registry, pointers: PointerStore, experiments: ExperimentStore
+    ) -> None:
         self.base_model = base_model
         self.registry = registry
         self.pointers = pointers
+        self.experiments = experiments
 
-    async def resolve(self, model: str, tenant: str) -> Route:
+    async def resolve(self, model: str, tenant: str, user: str | None = None) -> Route:
+        """The route of `model` for `tenant`; `user` (the end user) picks the arm of an experiment alias."""
         if model == self.base_model:
             return Route(requested=model, upstream_model=model, served_model=model)
         pointers = await self.pointers.of(tenant)
         target = pointers.aliases.get(model)
         if target is not None:
+            experiment, arm = None, None
             try:
+                if target.startswith(EXPERIMENT):
+                    experiment, arm, target = await self._arm(tenant, target.removeprefix(EXPERIMENT), user)
                 route = await self.target(target, tenant)
             except ModelNotFound:
                 raise ModelNotFound(model) from None
-            return replace(route, requested=model, alias=model)
+            return replace(route, requested=model, alias=model, experiment=experiment, arm=arm)
         return await self._adapter(model, tenant, pointers)
+
+    async def _arm(self, tenant: str, name: str, user: str | None) -> tuple[str, str, str]:
+        """The experiment's arm for this end user (control while it is paused): (experiment, arm, target)."""
+        try:
+            experiment = await self.experiments.get(tenant, name)
+        except ExperimentNotFound:
+            raise ModelNotFound(name) from None
+        index = experiment.control_index
+        if experiment.status == "running":
+            index = arm_for(experiment.buckets, tenant, name, user)
+        arm = experiment.arms[index]
+        return name, arm.name, arm.target
 
     async def target(self, target: str, tenant: str) -> Route:
         """What an alias target means for `tenant`: the base, or one exact adapter version."""

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     record_completions: bool = Field(
         True, description="Write the completion log (off: nothing is recorded; feedback then finds no completion)."
     )
+    guard_rails_s: float = Field(5.0, gt=0, description="How often experiments' guard rails are checked.")
     record_workers: int = Field(
         1, ge=0, le=1, description="1: completion records are built in a process of their own; 0: in a thread."
     )

@@ -172,6 +172,7 @@ class TenantStore:
         shares = await self._redis.hgetall(keys.shares())
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.tenant(name), keys.tenant_keys(name), keys.pins(name), keys.aliases(name))
+            pipe.delete(keys.experiments(name))
             for key_id in key_ids:
                 pipe.delete(keys.api_key(key_id))
             pipe.srem(keys.tenants(), name)

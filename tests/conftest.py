@@ -188,6 +188,7 @@ def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
         LORAGATE_ENGINE_REPLICAS="2",
         LORAGATE_MAX_LORAS=str(MAX_LORAS),
         LORAGATE_MAX_CPU_LORAS=str(CAPACITY),
+        LORAGATE_GUARD_RAILS_S="1",
         LORAGATE_HOT_ADAPTERS=f"{TENANT}/{HOT_ADAPTER}",
     )
     gw = start_gateway(home, env, [engine_port, engine_port + 1], ready_timeout=900)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from gateway.cli.adapters import adapters_app, aliases_app
+from gateway.cli.experiments import experiments_app
 from gateway.cli.feedback import feedback_app
 from gateway.cli.serve import model_app, serve
 from gateway.cli.tenants import keys_app, tenants_app
@@ -21,6 +22,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(aliases_app, name="aliases")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(experiments_app, name="experiments")
 
 
 def main() -> None:

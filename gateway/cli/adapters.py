@@ -171,6 +171,7 @@ def aliases_set(
     from adapters.manifest import check_name
     from adapters.registry import Registry
     from gateway.errors import ModelNotFound
+    from gateway.experiments import ExperimentStore
     from gateway.pointers import PointerStore
     from gateway.routing import Router
 
@@ -182,7 +183,7 @@ def aliases_set(
 
     async def point(redis: Any) -> str:
         pointers = PointerStore(redis)
-        router = Router(settings.served_model_name, Registry(settings.adapter_root), pointers)
+        router = Router(settings.served_model_name, Registry(settings.adapter_root), pointers, ExperimentStore(redis))
         try:
             route = await router.target(target, tenant)
         except ModelNotFound as exc:

@@ -44,11 +44,12 @@ def refusals() -> Iterator[None]:
 
     from adapters.store import AdapterNotFound
     from gateway.apikeys import KeyNotFound
+    from gateway.experiments import ExperimentNotFound
     from gateway.tenants import TenantNotFound
 
     try:
         yield
-    except (AdapterNotFound, KeyNotFound, TenantNotFound, ValueError) as exc:
+    except (AdapterNotFound, KeyNotFound, TenantNotFound, ExperimentNotFound, ValueError) as exc:
         raise fail(str(exc)) from exc
     except (RedisError, OSError) as exc:
         raise fail(f"Redis at {Settings().redis_url} cannot be reached: {exc}") from exc

@@ -89,7 +89,10 @@ async def _complete(
         admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
         request.state.response_headers = admission.headers
         svc.keys.note_use(caller.key_id)
-        context.route = await svc.router.resolve(validated.model, caller.tenant)
+        context.header_user = request.headers.get("x-loragate-user")
+        context.route = await svc.router.resolve(validated.model, caller.tenant, context.user)
+        if context.route.arm is not None:
+            request.state.response_headers = {**admission.headers, "x-loragate-arm": context.route.arm}
         call = Call(
             endpoint, path, payload, context.route, context.request_id, validated.stream, request.receive, context,
             finished, hide_usage,

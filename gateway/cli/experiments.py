@@ -1,0 +1,178 @@
+"""`loragate experiments ...`: A/B experiments behind a tenant's alias (the same as the admin API)."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated, Any
+
+import typer
+
+from gateway.cli.common import fail, with_redis
+
+experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
+Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
+
+
+def _who() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@experiments_app.command("create")
+def create(
+    name: str,
+    tenant: Tenant,
+    alias: Annotated[str, typer.Option(help="The alias clients call (its current target is remembered).")],
+    arm: Annotated[list[str], typer.Option(help="NAME=TARGET:WEIGHT, e.g. control=support-bot@1:90 (2 or more).")],
+    control: Annotated[str, typer.Option(help="The control arm's name.")] = "control",
+    auto_promote: Annotated[bool, typer.Option(help="Promote a winning arm by itself.")] = False,
+    max_error_rate: Annotated[float | None, typer.Option(help="Roll back an arm erring more (0-1).")] = None,
+    max_negative_rate: Annotated[float | None, typer.Option(help="Roll back an arm rated worse (0-1).")] = None,
+    min_samples: Annotated[int, typer.Option(help="Rated completions per arm before a verdict.")] = 100,
+) -> None:
+    """Put two or more versions (or the base) behind ALIAS, split by weight, sticky per end user."""
+    from adapters.registry import Registry
+    from gateway.errors import ModelNotFound
+    from gateway.experiments import Experiment, ExperimentStore, InvalidExperiment, parse_arm
+    from gateway.pointers import PointerStore
+    from gateway.routing import Router
+    from gateway.settings import Settings
+
+    settings = Settings()
+    try:
+        arms = [parse_arm(spec) for spec in arm]
+        rails = {"auto_promote": auto_promote, "max_error_rate": max_error_rate, "max_negative_rate": max_negative_rate}
+        experiment = Experiment(
+            name=name, tenant=tenant, alias=alias, control=control, arms=arms, min_samples=min_samples, **rails
+        )
+    except (InvalidExperiment, ValueError) as exc:
+        raise fail(str(exc)) from exc
+
+    async def run(redis: Any) -> Experiment:
+        store = ExperimentStore(redis)
+        router = Router(settings.served_model_name, Registry(settings.adapter_root), PointerStore(redis), store)
+        for each in arms:
+            try:
+                await router.target(each.target, tenant)
+            except ModelNotFound as exc:
+                raise ValueError(f"arm {each.name}: `{each.target}` is not a version tenant {tenant} can use") from exc
+        return await store.create(experiment, _who())
+
+    created = with_redis(run)
+    typer.echo(f"{created.name}: {alias} -> experiment ({', '.join(f'{a.name} {a.weight:g}' for a in created.arms)})")
+
+
+@experiments_app.command("list")
+def list_(tenant: Tenant) -> None:
+    """The tenant's experiments."""
+    from gateway.experiments import ExperimentStore
+
+    for experiment in with_redis(lambda redis: ExperimentStore(redis).all(tenant)):
+        arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
+        typer.echo(f"{experiment.name}\t{experiment.status}\t{experiment.alias}\t{arms}")
+
+
+@experiments_app.command("show")
+def show(name: str, tenant: Tenant) -> None:
+    """An experiment's arms and its audit log (who changed what, when)."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.experiment_results import results
+    from gateway.experiments import ExperimentStore
+
+    async def read(redis: Any) -> Any:
+        store = ExperimentStore(redis)
+        found = await store.get(tenant, name)
+        return found, await store.audit(tenant, name)
+
+    experiment, changes = with_redis(read)
+    shown = with_redis(lambda redis: results(redis, experiment), records=True)
+    arms = Table("arm", "target", "weight", title=f"{name} ({experiment.status}, alias {experiment.alias})")
+    for each in experiment.arms:
+        arms.add_row(
+            each.name + (" (control)" if each.name == experiment.control else ""), each.target, f"{each.weight:g}"
+        )
+    figures = Table("arm", "requests", "users", "errors", "p50 ms", "p95 ms", "rated", "positive", "corrected")
+    figures.title = f"results: {shown['verdict']}" + (f" ({shown['winner']})" if shown["winner"] else "")
+    for arm_name, arm in shown["arms"].items():
+        figures.add_row(
+            arm_name, str(arm["requests"]), str(arm["users"]), _pct(arm["error_rate"]),
+            _num(arm["latency_p50_ms"]), _num(arm["latency_p95_ms"]), str(arm["rated"]),
+            _pct(arm["positive_rate"]), _pct(arm["corrected_share"]),
+        )  # fmt: skip
+    differences = Table("arm", "positive rate vs control", "fixed 95% interval", "always-valid interval")
+    differences.caption = f"sample ratio mismatch p = {shown['sample_ratio_p']:.4f} (flagged below 0.001)"
+    for d in shown["differences"]:
+        differences.add_row(d["arm"], f"{d['diff']:+.3f}", _interval(d["fixed"]), _interval(d["always_valid"]))
+    audit = Table("when", "who", "action", "detail", title="changes")
+    for change in changes:
+        when = datetime.fromtimestamp(change.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        audit.add_row(when, change.by, change.action, change.detail)
+    Console().print(arms, figures, differences, audit)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _interval(bounds: list[float | None]) -> str:
+    low, high = bounds
+    return "(-inf, inf)" if low is None or high is None else f"[{low:+.3f}, {high:+.3f}]"
+
+
+@experiments_app.command("weights")
+def weights(
+    name: str, tenant: Tenant, weight: Annotated[list[str], typer.Option(help="ARM=WEIGHT, e.g. treatment=20.")]
+) -> None:
+    """Change the split; only the users the change needs move."""
+    from gateway.experiments import ExperimentStore
+
+    try:
+        parsed = {arm: float(value) for arm, _, value in (spec.partition("=") for spec in weight)}
+    except ValueError as exc:
+        raise fail(f"--weight must be ARM=NUMBER, not {weight}") from exc
+    changed = with_redis(lambda redis: ExperimentStore(redis).set_weights(tenant, name, parsed, _who()))
+    typer.echo(", ".join(f"{a.name} {a.weight:g}" for a in changed.arms))
+
+
+def _status(name: str, tenant: str, status: Any, arm: str | None = None) -> None:
+    from gateway.experiments import ExperimentStore
+
+    changed = with_redis(lambda redis: ExperimentStore(redis).set_status(tenant, name, status, _who(), arm))
+    typer.echo(f"{name}: {changed.status}")
+
+
+@experiments_app.command("pause")
+def pause(name: str, tenant: Tenant) -> None:
+    """Send every request to control until `resume`."""
+    _status(name, tenant, "paused")
+
+
+@experiments_app.command("resume")
+def resume(name: str, tenant: Tenant) -> None:
+    """Split again after a pause."""
+    _status(name, tenant, "running")
+
+
+@experiments_app.command("stop")
+def stop(name: str, tenant: Tenant) -> None:
+    """End the experiment: the alias serves control."""
+    _status(name, tenant, "stopped")
+
+
+@experiments_app.command("promote")
+def promote(name: str, tenant: Tenant, arm: Annotated[str, typer.Option(help="The arm that won.")]) -> None:
+    """Point the alias at ARM's version; the experiment ends."""
+    _status(name, tenant, "promoted", arm)
+
+
+@experiments_app.command("rollback")
+def rollback(name: str, tenant: Tenant) -> None:
+    """Point the alias back at what it served before the experiment; the experiment ends."""
+    _status(name, tenant, "rolled back")

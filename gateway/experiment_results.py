@@ -1,0 +1,106 @@
+"""What an experiment has shown so far, per arm and against control, read from the counters the recorder
+and the feedback store keep in Redis (gateway.recorder, gateway.feedback): no log is rescanned.
+
+Per arm: exposures (requests, distinct end users, requests without one), errors, latency p50/p95 (from
+a histogram), tokens, and the feedback signal: rated completions, positive rate (the mean judgement,
+thumbs up 1 / down 0 / a score scaled to 0..1), and the share of requests corrected. Then the sample
+ratio check of identified requests against the weights, each arm's difference in positive rate from
+control with a fixed and an always-valid interval, and the verdict (gateway.verdict).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.experiments import Experiment
+from gateway.record_builder import LATENCY_BUCKETS_MS
+from gateway.verdict import Sample, difference, sample_ratio_mismatch, verdict
+
+
+def percentile(counts: dict[int, int], q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile q."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    seen = 0
+    for bound in sorted(counts):
+        seen += counts[bound]
+        if seen >= q * total:
+            return float(bound)
+    return float(max(counts))
+
+
+def _arm(counters: dict[str, str], users: int) -> dict[str, Any]:
+    number = {k: float(v) for k, v in counters.items()}
+    requests = int(number.get("requests", 0))
+    latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
+    rated = int(number.get("rated", 0))
+    return {
+        "requests": requests,
+        "users": users,
+        "anonymous": int(number.get("anonymous", 0)),
+        "errors": int(number.get("errors", 0)),
+        "error_rate": number.get("errors", 0) / requests if requests else None,
+        "latency_p50_ms": percentile(latency, 0.5),
+        "latency_p95_ms": percentile(latency, 0.95),
+        "prompt_tokens": int(number.get("prompt_tokens", 0)),
+        "completion_tokens": int(number.get("completion_tokens", 0)),
+        "rated": rated,
+        "positive_rate": number.get("positive_sum", 0) / rated if rated else None,
+        "negative": int(number.get("negative", 0)),
+        "corrected_share": number.get("corrected", 0) / requests if requests else None,
+        "_sample": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
+    }
+
+
+def _bounds(low: float, high: float) -> list[float | None]:
+    """An interval for JSON: an unbounded end (too few samples yet) is null."""
+    return [x if math.isfinite(x) else None for x in (low, high)]
+
+
+async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, Any]:
+    tenant, name = experiment.tenant, experiment.name
+    async with redis.pipeline(transaction=False) as pipe:
+        for arm in experiment.arms:
+            pipe.hgetall(keys.arm_counters(tenant, name, arm.name))
+            pipe.pfcount(keys.arm_users(tenant, name, arm.name))
+        read = await pipe.execute()
+    arms = {arm.name: _arm(read[2 * i], read[2 * i + 1]) for i, arm in enumerate(experiment.arms)}
+    identified = [a["requests"] - a["anonymous"] for a in arms.values()]
+    srm_p = sample_ratio_mismatch(identified, [arm.weight for arm in experiment.arms])
+    control = arms[experiment.control]["_sample"]
+    live = {arm.name for arm in experiment.arms if arm.weight > 0} | {experiment.control}  # rolled-back arms aside
+    differences = [
+        difference(arm, found["_sample"], control, experiment.alpha, experiment.mixture_sd)
+        for arm, found in arms.items()
+        if arm != experiment.control and arm in live
+    ]
+    enough = all(found["_sample"].n >= experiment.min_samples for arm, found in arms.items() if arm in live)
+    found, winner = verdict(experiment.control, differences, srm_p, enough, experiment.smallest_effect)
+    for found_arm in arms.values():
+        del found_arm["_sample"]
+    return {
+        "object": "experiment.results",
+        "experiment": name,
+        "status": experiment.status,
+        "control": experiment.control,
+        "arms": arms,
+        "sample_ratio_p": srm_p,
+        "differences": [
+            {
+                "arm": d.arm,
+                "diff": d.diff,
+                "fixed": _bounds(d.fixed_low, d.fixed_high),
+                "always_valid": _bounds(d.low, d.high),
+            }
+            for d in differences
+        ],
+        "verdict": found,
+        "winner": winner,
+        "alpha": experiment.alpha,
+        "latency_buckets_ms": list(LATENCY_BUCKETS_MS),
+    }

@@ -1,0 +1,173 @@
+"""A tenant's experiments, for the admin key or that tenant's `manage` key (its own experiments only).
+
+POST   /admin/tenants/{tenant}/experiments                   {"name", "alias", "control", "arms": [...]}
+       (each arm {"name", "target", "weight"}: an adapter version or the base)
+GET    /admin/tenants/{tenant}/experiments                   every experiment
+GET    /admin/tenants/{tenant}/experiments/{name}            one, with its audit log (who changed what, when)
+GET    /admin/tenants/{tenant}/experiments/{name}/results    per arm figures, SRM, differences, the verdict
+PUT    /admin/tenants/{tenant}/experiments/{name}/weights    {"weights": {"arm": weight}}: moves only whom it must
+POST   /admin/tenants/{tenant}/experiments/{name}/pause      every request to control; /resume splits again
+POST   /admin/tenants/{tenant}/experiments/{name}/stop       ends it; the alias serves control
+POST   /admin/tenants/{tenant}/experiments/{name}/promote    {"arm"}: the alias points at that arm's version
+POST   /admin/tenants/{tenant}/experiments/{name}/rollback   the alias points at what it served before
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from adapters.manifest import check_name
+from gateway.auth import Manager
+from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
+from gateway.experiment_results import results
+from gateway.experiments import Arm, Experiment, ExperimentNotFound, InvalidExperiment, Status
+from gateway.principal import Principal
+from gateway.routes import domain_errors, services
+
+router = APIRouter(prefix="/admin/tenants/{tenant}/experiments")
+
+
+class NewExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    alias: str
+    control: str
+    arms: list[Arm]
+    alpha: float = 0.05
+    min_samples: int = 100
+    mixture_sd: float = 0.1
+    smallest_effect: float = 0.02
+    auto_promote: bool = False
+    max_error_rate: float | None = None
+    max_negative_rate: float | None = None
+    guard_min_requests: int = 20
+
+
+class Weights(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    weights: dict[str, float]
+
+
+class Promotion(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    arm: str
+
+
+def _who(caller: Principal) -> str:
+    return "admin" if caller.is_admin else f"key:{caller.key_id}"
+
+
+def _shown(experiment: Experiment) -> dict[str, Any]:
+    return {"object": "experiment", **experiment.model_dump(exclude={"allocation"})}
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    try:
+        yield
+    except ExperimentNotFound as exc:
+        raise NotFound(str(exc), param="name", code="experiment_not_found") from exc
+    except InvalidExperiment as exc:
+        raise InvalidRequest(str(exc), code="invalid_experiment") from exc
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+@router.post("", status_code=201)
+async def create_experiment(tenant: str, body: NewExperiment, request: Request, caller: Manager) -> dict[str, Any]:
+    svc = services(request)
+    with domain_errors():
+        await svc.tenants.get(tenant)
+    with domain_errors("alias"):
+        check_name(body.alias)
+    taken = await asyncio.to_thread(svc.registry.store(tenant).versions, body.alias)
+    if body.alias == svc.settings.served_model_name or taken:
+        raise Conflict(
+            f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
+        )
+    for arm in body.arms:
+        try:
+            await svc.router.target(arm.target, tenant)
+        except ModelNotFound as exc:
+            raise InvalidRequest(
+                f"Arm `{arm.name}`: `{arm.target}` is neither the base model nor a version this tenant can use.",
+                param="arms",
+                code="invalid_arm",
+            ) from exc
+    with _refusals():
+        experiment = Experiment(tenant=tenant, **body.model_dump())
+        created = await svc.experiments.create(experiment, _who(caller))
+    svc.pointers.forget_cached()  # the alias moved: this process sees it at once (others within a poll)
+    return _shown(created)
+
+
+@router.get("")
+async def list_experiments(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
+    return {"object": "list", "data": [_shown(e) for e in await services(request).experiments.all(tenant)]}
+
+
+@router.get("/{name}")
+async def show_experiment(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
+    store = services(request).experiments
+    with _refusals():
+        found = await store.get(tenant, name)
+    return {**_shown(found), "audit": [change.model_dump() for change in await store.audit(tenant, name)]}
+
+
+@router.get("/{name}/results")
+async def experiment_results(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
+    """Per arm exposures, errors, latency, tokens and feedback; SRM, differences from control, the verdict."""
+    svc = services(request)
+    with _refusals():
+        found = await svc.experiments.get(tenant, name)
+    return await results(svc.records_redis, found)
+
+
+@router.put("/{name}/weights")
+async def set_weights(tenant: str, name: str, body: Weights, request: Request, caller: Manager) -> dict[str, Any]:
+    with _refusals():
+        return _shown(await services(request).experiments.set_weights(tenant, name, body.weights, _who(caller)))
+
+
+async def _status(
+    request: Request, tenant: str, name: str, status: Status, caller: Principal, arm: str | None = None
+) -> dict[str, Any]:
+    svc = services(request)
+    with _refusals():
+        changed = await svc.experiments.set_status(tenant, name, status, _who(caller), arm)
+    svc.pointers.forget_cached()
+    return _shown(changed)
+
+
+@router.post("/{name}/pause")
+async def pause(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+    return await _status(request, tenant, name, "paused", caller)
+
+
+@router.post("/{name}/resume")
+async def resume(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+    return await _status(request, tenant, name, "running", caller)
+
+
+@router.post("/{name}/stop")
+async def stop(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+    return await _status(request, tenant, name, "stopped", caller)
+
+
+@router.post("/{name}/promote")
+async def promote(tenant: str, name: str, body: Promotion, request: Request, caller: Manager) -> dict[str, Any]:
+    return await _status(request, tenant, name, "promoted", caller, body.arm)
+
+
+@router.post("/{name}/rollback")
+async def rollback(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+    return await _status(request, tenant, name, "rolled back", caller)

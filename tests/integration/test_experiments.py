@@ -1,0 +1,175 @@
+"""Experiments behind an alias, through the OpenAI SDK, the CLI and the admin API, on real vLLM and Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from adapters.validate import BaseModelSpec
+from gateway import keys
+from tests.conftest import ADMIN_KEY, Gateway, RedisServer, create_key, loragate
+from tests.integration.conftest import add_synthetic, eventually
+
+pytestmark = pytest.mark.integration
+
+ASK = [{"role": "user", "content": "Say hi."}]
+
+
+def admin(gateway: Gateway, tenant: str, key: str = ADMIN_KEY) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{gateway.url}/admin/tenants/{tenant}", headers={"Authorization": f"Bearer {key}"}, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def keys_of(gateway: Gateway, base_spec: BaseModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    found = {"exp-a": create_key(gateway.env, "exp-a"), "exp-b": create_key(gateway.env, "exp-b")}
+    found["exp-b-manage"] = create_key(gateway.env, "exp-b", "--role", "manage")
+    tmp = tmp_path_factory.mktemp("exp")
+    with admin(gateway, "exp-a") as a:
+        assert add_synthetic(a, base_spec, tmp, "helper", seed=701) == "helper@1"
+        assert add_synthetic(a, base_spec, tmp, "helper", seed=702) == "helper@2"
+        assert a.put("/aliases/support-bot", json={"target": "helper@1"}).status_code == 200
+    return found
+
+
+def ask(client: openai.OpenAI, user: str | None, model: str = "support-bot") -> tuple[str | None, str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=2,
+        user=user or openai.NOT_GIVEN,
+    )
+    answer = raw.parse()
+    return raw.headers.get("x-loragate-arm"), answer.model, answer.id
+
+
+def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
+    gateway: Gateway, keys_of: dict[str, str], redis_server: RedisServer
+) -> None:
+    loragate(
+        gateway.env, "experiments", "create", "tone", "--tenant", "exp-a", "--alias", "support-bot",
+        "--arm", "control=helper@1:50", "--arm", "treatment=helper@2:50",
+    )  # fmt: skip
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=keys_of["exp-a"], max_retries=0)
+    seen = {f"u{n}": ask(client, f"u{n}") for n in range(24)}
+    arms = {user: arm for user, (arm, _, _) in seen.items()}
+    assert set(arms.values()) == {"control", "treatment"}, "a 50/50 split shows both arms in 24 users"
+    assert all(model == ("helper@1" if arm == "control" else "helper@2") for arm, model, _ in seen.values())
+    assert all(ask(client, user)[0] == arm for user, arm in list(arms.items())[:8]), "sticky per user"
+    by_header = client.chat.completions.with_raw_response.create(
+        model="support-bot",
+        messages=ASK,
+        max_tokens=2,
+        extra_headers={"x-loragate-user": "u3"},  # type: ignore[arg-type]
+    )
+    assert by_header.headers["x-loragate-arm"] == arms["u3"], "x-loragate-user names the end user too"
+    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    completion_id = seen["u0"][2]
+
+    def logged() -> bool:
+        records = [json.loads(f["r"]) for _, f in store.xrange(keys.completion_log("exp-a"))]
+        return any(r["id"] == completion_id and (r["experiment"], r["arm"]) == ("tone", arms["u0"]) for r in records)
+
+    assert eventually(logged, timeout=10), "the record names the experiment and the arm"
+    store.close()
+    with admin(gateway, "exp-a") as api:
+        assert (
+            api.put("/experiments/tone/weights", json={"weights": {"control": 100, "treatment": 0}}).status_code == 200
+        )
+        assert {ask(client, user)[0] for user in arms} == {"control"}, "treatment's users all moved back"
+        assert (
+            api.put("/experiments/tone/weights", json={"weights": {"control": 50, "treatment": 50}}).status_code == 200
+        )
+        assert {user: ask(client, user)[0] for user in arms} == arms, "the same users as before"
+        assert api.post("/experiments/tone/pause").json()["status"] == "paused"
+        assert {ask(client, user)[0] for user in list(arms)[:6]} == {"control"}
+        assert api.post("/experiments/tone/resume").json()["status"] == "running"
+        promoted = api.post("/experiments/tone/promote", json={"arm": "treatment"})
+        assert promoted.status_code == 200 and promoted.json()["status"] == "promoted"
+        assert eventually(lambda: ask(client, "u0")[1:2] == ("helper@2",), timeout=3)
+        assert ask(client, "u1")[0] is None, "no experiment behind the alias any more"
+        shown = api.get("/experiments/tone").json()
+        assert [c["action"] for c in shown["audit"]] == ["create", "weights", "weights", "pause", "resume", "promote"]
+        assert shown["audit"][0]["by"].startswith("cli:") and shown["audit"][1]["by"] == "admin"
+        assert api.post("/experiments/tone/pause").status_code == 400, "an ended experiment cannot be changed"
+
+
+def test_experiments_are_refused_when_wrong_and_hidden_from_other_tenants(
+    gateway: Gateway, keys_of: dict[str, str]
+) -> None:
+    with admin(gateway, "exp-a") as api:
+        arms = [{"name": "a", "target": "helper@1", "weight": 1}, {"name": "b", "target": "nope@9", "weight": 1}]
+        bad_arm = {"name": "x", "alias": "other-bot", "control": "a", "arms": arms}
+        resp = api.post("/experiments", json=bad_arm)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_arm"
+        one_arm = {**bad_arm, "arms": arms[:1]}
+        assert api.post("/experiments", json=one_arm).status_code == 400
+        assert api.get("/experiments/never").status_code == 404
+    with admin(gateway, "exp-a", keys_of["exp-b-manage"]) as theirs:
+        assert theirs.get("/experiments").status_code == 403
+        assert theirs.post("/experiments/tone/rollback").status_code == 403
+    other = openai.OpenAI(base_url=gateway.base_url, api_key=keys_of["exp-b"], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model="support-bot", messages=ASK, max_tokens=2)  # type: ignore[arg-type]
+
+
+def test_guard_rails_roll_back_a_failing_arm_and_promote_a_winner(
+    gateway: Gateway, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    key = create_key(gateway.env, "exp-g")
+    with admin(gateway, "exp-g") as api:
+        for seed in (711, 712, 713):
+            add_synthetic(api, base_spec, tmp_path, "helper", seed=seed)
+        weights = (
+            Path(gateway.env["LORAGATE_HOME"]) / "adapters" / "exp-g" / "helper" / "v3" / "adapter_model.safetensors"
+        )
+        weights.chmod(0o644)
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # v3 can never be loaded: its arm fails every request
+        weights.write_bytes(bytes(data))
+        assert api.put("/aliases/bot", json={"target": "helper@1"}).status_code == 200
+        arms = [
+            {"name": "control", "target": "helper@1", "weight": 80},
+            {"name": "better", "target": "helper@2", "weight": 10},
+            {"name": "broken", "target": "helper@3", "weight": 10},
+        ]
+        rails = {"auto_promote": True, "max_error_rate": 0.5, "guard_min_requests": 3, "min_samples": 10}
+        created = api.post(
+            "/experiments", json={"name": "rails", "alias": "bot", "control": "control", "arms": arms, **rails}
+        )
+        assert created.status_code == 201, created.text
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+        served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
+        user = 0
+        while len(served["better"]) < 12 or len(served["broken"]) < 3:
+            user += 1
+            try:
+                arm, _, completion_id = ask(client, f"g{user}", "bot")
+            except openai.InternalServerError as exc:
+                assert exc.status_code == 503
+                served["broken"].append(str(user))
+                continue
+            assert arm is not None
+            served[arm].append(completion_id)
+            assert user < 400, "the split never reached the small arms"
+        assert eventually(lambda: api.get("/experiments/rails").json()["arms"][2]["weight"] == 0, timeout=30)
+        assert all(ask(client, f"g{n}", "bot")[0] != "broken" for n in range(1, 30)), "broken's users moved"
+        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            for arm, ids in (("control", served["control"][:30]), ("better", served["better"])):
+                for completion_id in ids:
+                    thumbs = "up" if arm == "better" else "down"
+                    resp = http.post("/v1/feedback", json={"completion_id": completion_id, "thumbs": thumbs})
+                    assert resp.status_code == 200, resp.text
+        results = api.get("/experiments/rails/results").json()
+        assert results["arms"]["better"]["positive_rate"] == 1.0 and results["arms"]["control"]["positive_rate"] == 0.0
+        assert eventually(lambda: api.get("/experiments/rails").json()["status"] == "promoted", timeout=30)
+        assert eventually(lambda: ask(client, "g1", "bot")[1] == "helper@2", timeout=5), "the alias serves the winner"
+        audit = api.get("/experiments/rails").json()["audit"]
+        assert [(c["by"], c["action"]) for c in audit[1:]] == [("guard rail", "weights"), ("guard rail", "promote")]
+        assert "error rate" in audit[1]["detail"] and "better wins" in audit[2]["detail"]

@@ -1,0 +1,80 @@
+"""Per-arm counters kept as records and ratings land (real Redis), and the results read from them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.context import Answer, RequestContext
+from gateway.experiment_results import results
+from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.feedback import FeedbackStore
+from gateway.metrics import Metrics
+from gateway.record_builder import build_entries, raw_record
+from gateway.recorder import Recorder
+from gateway.records import FeedbackIn, LogPolicy
+from gateway.routing import Route
+from gateway.spool import Spool
+from gateway.tenants import Tenant
+
+TENANT = Tenant(name="t", logging=LogPolicy(score_min=1, score_max=5))
+
+
+def served(n: int, arm: str, user: str | None, status: int = 200) -> RequestContext:
+    ctx = RequestContext(f"r{n}", "chat", TENANT, "k1", payload={"model": "bot", "user": user} if user else {})
+    ctx.validated = True
+    target = "helper@1" if arm == "a" else "helper@2"
+    ctx.route = Route(requested="bot", upstream_model=target, served_model=target, alias="bot", experiment="e", arm=arm)
+    body = f'{{"id":"chatcmpl-{n}","choices":[],"usage":{{"prompt_tokens":3,"completion_tokens":5}}}}'
+    ctx.answer = Answer(body=body.encode(), usage={"prompt_tokens": 3, "completion_tokens": 5})
+    ctx.finish(status)
+    ctx.latency_s = 0.04 if arm == "a" else 0.3
+    return ctx
+
+
+@pytest.fixture
+async def stores(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[tuple[Recorder, FeedbackStore]]:
+    spools = [Spool(tmp_path / name, fsync=name == "feedback") for name in ("records", "feedback")]
+    for spool in spools:
+        spool.open()
+    recorder = Recorder(redis, spools[0], Metrics())
+    task = asyncio.create_task(recorder.run())
+    yield recorder, FeedbackStore(redis, spools[1], recorder, Metrics(), settle_s=0.1)
+    await recorder.stop()
+    await task
+
+
+async def test_counters_follow_records_and_ratings(
+    redis: aioredis.Redis, stores: tuple[Recorder, FeedbackStore]
+) -> None:
+    recorder, feedback = stores
+    await feedback.check_durability()
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    experiment = await ExperimentStore(redis).create(
+        Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test"
+    )
+    contexts = [
+        served(n, "a" if n % 2 else "b", f"u{n % 6}" if n < 18 else None, 502 if n == 3 else 200) for n in range(20)
+    ]
+    entries = build_entries([raw_record(ctx) for ctx in contexts])
+    await recorder._write(entries)
+    await recorder._write(entries[:4])  # a replay counts once
+    for n in (1, 3, 5):
+        await feedback.submit(TENANT, FeedbackIn(completion_id=f"chatcmpl-{n}", user="r", thumbs="down"))
+    await feedback.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="r", score=5))  # replaces its "down"
+    await feedback.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="r", thumbs="up", correction="Hi."))
+    found = await results(redis, experiment)
+    a, b = found["arms"]["a"], found["arms"]["b"]
+    assert (a["requests"], b["requests"], a["anonymous"], b["anonymous"]) == (10, 10, 1, 1)
+    assert (a["users"], b["users"]) == (3, 3)
+    assert (a["errors"], b["errors"], a["error_rate"]) == (1, 0, 0.1)
+    assert (a["latency_p50_ms"], b["latency_p95_ms"]) == (50.0, 500.0)
+    assert (a["prompt_tokens"], a["completion_tokens"]) == (30, 50)
+    assert (a["rated"], a["negative"], a["positive_rate"]) == (3, 2, pytest.approx(1 / 3)), "the replaced rating moved"
+    assert (b["rated"], b["positive_rate"], b["corrected_share"]) == (1, 1.0, 0.1)
+    assert found["verdict"] == "keep running" and found["sample_ratio_p"] > 0.001
+    assert found["differences"][0]["always_valid"] == [None, None], "too few ratings for any interval"
