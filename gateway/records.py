@@ -97,9 +97,6 @@ class CompletionRecord(BaseModel):
         return self.choices[0].text if self.choices else None
 
 
-Label = str
-
-
 class FeedbackIn(BaseModel):
     """`POST /v1/feedback`: a rating (thumbs and/or score) and/or a correction of one completion."""
 

@@ -65,9 +65,13 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
     if verbose:
         require_operator(request)
     svc = services(request)
+    separate = svc.records_redis is not svc.redis  # one Redis for both (the default) is asked once
     redis_ok, records_ok, *engines = await asyncio.gather(
-        _redis_ok(svc.redis), _redis_ok(svc.records_redis), *(svc.pool.check(r) for r in svc.pool.replicas)
+        _redis_ok(svc.redis),
+        _redis_ok(svc.records_redis) if separate else asyncio.sleep(0, True),
+        *(svc.pool.check(r) for r in svc.pool.replicas),
     )
+    records_ok = records_ok and (redis_ok or separate)
     spooled = sum(spool.pending() for spool in svc.spools)
     status = "not ready" if not any(engines) else "ready"
     if status == "ready" and not (redis_ok and records_ok and not svc.recorder.degraded and not spooled):
