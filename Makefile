@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup bnb-engine run test test-unit lint bench clean
+.PHONY: setup bnb-engine browser run test test-unit lint bench clean
 # setup and bnb-engine both install redis and write loragate.egg-info: never at the same time.
 .NOTPARALLEL:
 
@@ -12,10 +12,14 @@ BNB_EXTRAS ?= cpu-bnb,train
 bnb-engine:
 	@LORAGATE_VENV=.venv-bnb LORAGATE_EXTRAS="$(BNB_EXTRAS)" scripts/setup.sh
 
+# A real headless browser (Debian's chromium) for the tests that check rendered pages.
+browser:
+	@scripts/browser.sh
+
 run: setup
 	@scripts/run.sh
 
-test: setup bnb-engine
+test: setup bnb-engine browser
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-unit: setup

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway import keys
 from gateway.experiments import Experiment
 from gateway.record_builder import LATENCY_BUCKETS_MS
-from gateway.verdict import Sample, difference, sample_ratio_mismatch, verdict
+from gateway.verdict import Sample, difference, mean_interval, sample_ratio_mismatch, verdict
 
 
 def percentile(counts: dict[int, int], q: float) -> float | None:
@@ -82,7 +82,7 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
     enough = all(found["_sample"].n >= experiment.min_samples for arm, found in arms.items() if arm in live)
     found, winner = verdict(experiment.control, differences, srm_p, enough, experiment.smallest_effect)
     for found_arm in arms.values():
-        del found_arm["_sample"]
+        found_arm["positive_interval"] = _bounds(*mean_interval(found_arm.pop("_sample"), experiment.alpha))
     return {
         "object": "experiment.results",
         "experiment": name,

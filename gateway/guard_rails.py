@@ -1,7 +1,8 @@
 """Guard rails: what an experiment does by itself, when its owner asked for it.
 
 Every `interval_s`, one gateway process (whichever takes a short Redis lock) reads the results of every
-running experiment that has guard rails and acts:
+running experiment, adds them to its history (gateway.experiment_history: the page's chart) and, when
+the experiment has guard rails, acts:
 - an arm (not control) whose error rate passes `max_error_rate`, or whose share of negative ratings
   passes `max_negative_rate`, after `guard_min_requests`, is rolled back: its weight goes to 0, so its
   users move to the other arms, and the rest stay where they are;
@@ -15,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway import keys
+from gateway import experiment_history, keys
 from gateway.experiment_results import results
 from gateway.experiments import Experiment, ExperimentStore
 from gateway.tenants import TenantStore
@@ -43,9 +45,12 @@ def _breach(experiment: Experiment, arm: str, figures: dict[str, object]) -> str
     return None
 
 
-async def check(experiment: Experiment, store: ExperimentStore, records: aioredis.Redis) -> list[str]:
-    """Act on one experiment; returns what was done."""
-    found = await results(records, experiment)
+def guarded(experiment: Experiment) -> bool:
+    return bool(experiment.auto_promote or experiment.max_error_rate or experiment.max_negative_rate)
+
+
+async def check(experiment: Experiment, store: ExperimentStore, found: dict[str, Any]) -> list[str]:
+    """Act on one experiment's results (gateway.experiment_results); returns what was done."""
     done = []
     live = [arm.name for arm in experiment.arms if arm.weight > 0]
     for arm, figures in found["arms"].items():
@@ -74,10 +79,12 @@ async def run(state: aioredis.Redis, records: aioredis.Redis, store: ExperimentS
                 continue
             for tenant in await tenants.names():
                 for experiment in await store.all(tenant):
-                    guarded = experiment.auto_promote or experiment.max_error_rate or experiment.max_negative_rate
-                    if experiment.status == "running" and guarded:
-                        for action in await check(experiment, store, records):
-                            log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
+                    if experiment.status != "running":
+                        continue
+                    found = await results(records, experiment)
+                    await experiment_history.record(records, experiment, found)
+                    for action in await check(experiment, store, found) if guarded(experiment) else []:
+                        log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
         except (RedisError, OSError) as exc:
             log.warning("guard rails skipped a round: %r", exc)
         except Exception:

@@ -65,6 +65,11 @@ def arm_users(name: str, experiment: str, arm: str) -> str:
     return f"{PREFIX}:tenant:{name}:experiment:{experiment}:arm:{arm}:users"
 
 
+def experiment_history(name: str, experiment: str) -> str:
+    """List of one experiment's results over time (JSON points, oldest first), for its page."""
+    return f"{PREFIX}:tenant:{name}:experiment:{experiment}:history"
+
+
 def guard_rails_lock() -> str:
     """Held for one round by the gateway process that checks every experiment's guard rails."""
     return f"{PREFIX}:experiments:guard-rails"

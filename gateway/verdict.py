@@ -80,6 +80,14 @@ def sample_ratio_mismatch(exposures: list[int], weights: list[float]) -> float:
     return float(stats.chisquare([seen for seen, _ in live], expected).pvalue)
 
 
+def mean_interval(sample: Sample, alpha: float) -> tuple[float, float]:
+    """A fixed-horizon normal interval of one arm's mean at level 1 - alpha (unbounded below 2 samples)."""
+    if sample.n < 2:
+        return -math.inf, math.inf
+    half = float(stats.norm.ppf(1 - alpha / 2)) * math.sqrt(sample.variance / sample.n)
+    return sample.mean - half, sample.mean + half
+
+
 def difference(arm: str, sample: Sample, control: Sample, alpha: float, tau: float) -> Difference:
     """The arm's difference from control, with both intervals at level 1 - alpha; `tau` is the mixture's
     standard deviation (the size of effect the test is tuned to find)."""

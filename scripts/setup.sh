@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LORAGATE_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${LORAGATE_EXTRAS:-cpu,test}
+EXTRAS=${LORAGATE_EXTRAS:-cpu,test,train}
 stamp="$VENV/.loragate-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -111,6 +112,33 @@ def show(name: str, tenant: Tenant) -> None:
         when = datetime.fromtimestamp(change.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         audit.add_row(when, change.by, change.action, change.detail)
     Console().print(arms, figures, differences, audit)
+
+
+@experiments_app.command("page")
+def page(
+    name: str,
+    tenant: Tenant,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write it (default: NAME.html).")] = None,
+) -> None:
+    """Write the experiment's HTML page (chart over time, figures, changes): open it in a browser."""
+    from gateway import experiment_history, experiment_page
+    from gateway.experiment_results import results
+    from gateway.experiments import ExperimentStore
+
+    async def read(redis: Any) -> Any:
+        store = ExperimentStore(redis)
+        found = await store.get(tenant, name)
+        return found, await store.audit(tenant, name)
+
+    experiment, changes = with_redis(read)
+
+    async def figures(redis: Any) -> Any:
+        return await results(redis, experiment), await experiment_history.read(redis, experiment)
+
+    shown, history = with_redis(figures, records=True)
+    target = out or Path(f"{name}.html")
+    target.write_text(experiment_page.render(experiment, shown, history, changes))
+    typer.echo(f"{target} ({len(history)} points)")
 
 
 def _pct(value: float | None) -> str:

@@ -5,6 +5,7 @@ POST   /admin/tenants/{tenant}/experiments                   {"name", "alias", "
 GET    /admin/tenants/{tenant}/experiments                   every experiment
 GET    /admin/tenants/{tenant}/experiments/{name}            one, with its audit log (who changed what, when)
 GET    /admin/tenants/{tenant}/experiments/{name}/results    per arm figures, SRM, differences, the verdict
+GET    /admin/tenants/{tenant}/experiments/{name}/page       an HTML page: the chart over time, figures, changes
 PUT    /admin/tenants/{tenant}/experiments/{name}/weights    {"weights": {"arm": weight}}: moves only whom it must
 POST   /admin/tenants/{tenant}/experiments/{name}/pause      every request to control; /resume splits again
 POST   /admin/tenants/{tenant}/experiments/{name}/stop       ends it; the alias serves control
@@ -20,9 +21,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.manifest import check_name
+from gateway import experiment_history, experiment_page
 from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
 from gateway.experiment_results import results
@@ -130,6 +133,19 @@ async def experiment_results(tenant: str, name: str, request: Request, _: Manage
     with _refusals():
         found = await svc.experiments.get(tenant, name)
     return await results(svc.records_redis, found)
+
+
+@router.get("/{name}/page", response_class=HTMLResponse)
+async def experiment_page_html(tenant: str, name: str, request: Request, _: Manager) -> HTMLResponse:
+    """The experiment's page: its metric and intervals per arm over time, its figures and its changes."""
+    svc = services(request)
+    with _refusals():
+        found = await svc.experiments.get(tenant, name)
+    shown = await results(svc.records_redis, found)
+    history = await experiment_history.read(svc.records_redis, found)
+    audit = await svc.experiments.audit(tenant, name)
+    page = await asyncio.to_thread(experiment_page.render, found, shown, history, audit)
+    return HTMLResponse(page)
 
 
 @router.put("/{name}/weights")

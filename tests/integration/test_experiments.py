@@ -119,47 +119,72 @@ def test_experiments_are_refused_when_wrong_and_hidden_from_other_tenants(
         other.chat.completions.create(model="support-bot", messages=ASK, max_tokens=2)  # type: ignore[arg-type]
 
 
-def test_guard_rails_roll_back_a_failing_arm_and_promote_a_winner(
+def _break(gateway: Gateway, tenant: str, version: str) -> None:
+    """Flip a byte of a stored version's weights, so that it can never be loaded: its arm fails every request."""
+    name, number = version.split("@")
+    root = Path(gateway.env["LORAGATE_HOME"]) / "adapters" / tenant / name / f"v{number}"
+    weights = root / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidate: tuple[str, str]) -> None:
+    arms = [
+        {"name": "control", "target": control, "weight": 90},
+        {"name": candidate[0], "target": candidate[1], "weight": 10},
+    ]
+    rails = {"auto_promote": True, "max_error_rate": 0.5, "guard_min_requests": 3, "min_samples": 10}
+    body = {"name": name, "alias": alias, "control": "control", "arms": arms, **rails}
+    created = api.post("/experiments", json=body)
+    assert created.status_code == 201, created.text
+
+
+def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
+    """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken) until the small arms have
+    enough: 12 answers from better, 3 failures of broken. Returns the completion ids per arm."""
+    served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
+    user = 0
+    while len(served["better"]) < 12 or len(served["broken"]) < 3:
+        user += 1
+        arm, _, completion_id = ask(client, f"g{user}", "bot")
+        assert arm is not None
+        served[arm].append(completion_id)
+        try:
+            ask(client, f"g{user}", "bot2")
+        except openai.InternalServerError as exc:
+            assert exc.status_code == 503
+            served["broken"].append(str(user))
+        assert user < 600, "the split never reached the small arms"
+    share = len(served["better"]) / (len(served["better"]) + len(served["control"]))
+    assert 0.02 < share < 0.3, f"a 90/10 split sent {share:.0%} to the 10% arm"
+    return served
+
+
+def test_a_90_10_experiment_reaches_a_verdict_rolls_back_a_failing_arm_and_promotes_the_winner(
     gateway: Gateway, base_spec: BaseModelSpec, tmp_path: Path
 ) -> None:
     key = create_key(gateway.env, "exp-g")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
     with admin(gateway, "exp-g") as api:
         for seed in (711, 712, 713):
             add_synthetic(api, base_spec, tmp_path, "helper", seed=seed)
-        weights = (
-            Path(gateway.env["LORAGATE_HOME"]) / "adapters" / "exp-g" / "helper" / "v3" / "adapter_model.safetensors"
-        )
-        weights.chmod(0o644)
-        data = bytearray(weights.read_bytes())
-        data[-1] ^= 0xFF  # v3 can never be loaded: its arm fails every request
-        weights.write_bytes(bytes(data))
-        assert api.put("/aliases/bot", json={"target": "helper@1"}).status_code == 200
-        arms = [
-            {"name": "control", "target": "helper@1", "weight": 80},
-            {"name": "better", "target": "helper@2", "weight": 10},
-            {"name": "broken", "target": "helper@3", "weight": 10},
-        ]
-        rails = {"auto_promote": True, "max_error_rate": 0.5, "guard_min_requests": 3, "min_samples": 10}
-        created = api.post(
-            "/experiments", json={"name": "rails", "alias": "bot", "control": "control", "arms": arms, **rails}
-        )
-        assert created.status_code == 201, created.text
-        client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
-        served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
-        user = 0
-        while len(served["better"]) < 12 or len(served["broken"]) < 3:
-            user += 1
-            try:
-                arm, _, completion_id = ask(client, f"g{user}", "bot")
-            except openai.InternalServerError as exc:
-                assert exc.status_code == 503
-                served["broken"].append(str(user))
-                continue
-            assert arm is not None
-            served[arm].append(completion_id)
-            assert user < 400, "the split never reached the small arms"
-        assert eventually(lambda: api.get("/experiments/rails").json()["arms"][2]["weight"] == 0, timeout=30)
-        assert all(ask(client, f"g{n}", "bot")[0] != "broken" for n in range(1, 30)), "broken's users moved"
+        _break(gateway, "exp-g", "helper@3")
+        answers = {
+            version: client.chat.completions.create(model=version, messages=ASK, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+            .choices[0]
+            .message.content
+            for version in ("helper@1", "helper@2")
+        }
+        assert answers["helper@1"] != answers["helper@2"], "the two versions answer differently"
+        for alias in ("bot", "bot2"):
+            assert api.put(f"/aliases/{alias}", json={"target": "helper@1"}).status_code == 200
+        _experiment(api, "rails", "bot", "helper@1", ("better", "helper@2"))
+        _experiment(api, "faulty", "bot2", "helper@1", ("broken", "helper@3"))
+        served = _split_traffic(client)
+        assert eventually(lambda: api.get("/experiments/faulty").json()["arms"][1]["weight"] == 0, timeout=30)
+        assert all(ask(client, f"g{n}", "bot2")[0] == "control" for n in range(1, 30)), "broken's users moved"
         with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
             for arm, ids in (("control", served["control"][:30]), ("better", served["better"])):
                 for completion_id in ids:
@@ -170,6 +195,29 @@ def test_guard_rails_roll_back_a_failing_arm_and_promote_a_winner(
         assert results["arms"]["better"]["positive_rate"] == 1.0 and results["arms"]["control"]["positive_rate"] == 0.0
         assert eventually(lambda: api.get("/experiments/rails").json()["status"] == "promoted", timeout=30)
         assert eventually(lambda: ask(client, "g1", "bot")[1] == "helper@2", timeout=5), "the alias serves the winner"
-        audit = api.get("/experiments/rails").json()["audit"]
-        assert [(c["by"], c["action"]) for c in audit[1:]] == [("guard rail", "weights"), ("guard rail", "promote")]
-        assert "error rate" in audit[1]["detail"] and "better wins" in audit[2]["detail"]
+        for name, reason in (("faulty", "error rate"), ("rails", "better wins")):
+            audit = api.get(f"/experiments/{name}").json()["audit"]
+            assert [c["by"] for c in audit[1:]] == ["guard rail"] and reason in audit[1]["detail"], audit
+        page = api.get("/experiments/rails/page")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        _check_page(page.text, tmp_path)
+
+
+def _check_page(html: str, tmp_path: Path) -> None:
+    """The page, rendered by a real headless browser, holds a chart of both arms over time."""
+    import matplotlib.image
+
+    from tests.integration.browser import render
+
+    page = tmp_path / "rails.html"
+    page.write_text(html)
+    shown = render(page)
+    assert 'class="main-svg"' in shown.dom, "plotly drew its SVG: the script ran"
+    assert shown.dom.count('class="js-line"') >= 4, "lines for each arm's rate and the difference"
+    for text in ("Positive rate by arm", "Difference from control", "winner: better", ">control<", ">better<"):
+        assert text in shown.dom, text
+    pixels = matplotlib.image.imread(shown.screenshot)[..., :3]
+    for colour in ("#636efa", "#EF553B"):  # plotly's first two colours: control, better
+        rgb = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        close = (abs(pixels - rgb) < 0.02).all(axis=-1).sum()
+        assert close > 200, f"the chart shows {colour} ({close} pixels)"

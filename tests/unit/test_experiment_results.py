@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import experiment_history, experiment_page
 from gateway.context import Answer, RequestContext
 from gateway.experiment_results import results
-from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.experiments import Arm, Change, Experiment, ExperimentStore
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import build_entries, raw_record
@@ -78,3 +79,47 @@ async def test_counters_follow_records_and_ratings(
     assert (b["rated"], b["positive_rate"], b["corrected_share"]) == (1, 1.0, 0.1)
     assert found["verdict"] == "keep running" and found["sample_ratio_p"] > 0.001
     assert found["differences"][0]["always_valid"] == [None, None], "too few ratings for any interval"
+
+
+def _results(experiment: Experiment, requests: int, rated: int, rate: float | None) -> dict[str, object]:
+    arm = {"requests": requests, "rated": rated, "positive_rate": rate, "positive_interval": [None, None]}
+    return {
+        "arms": {a.name: dict(arm) for a in experiment.arms},
+        "differences": [{"arm": "b", "diff": 0.1, "always_valid": [-0.5, 0.7]}],
+        "verdict": "keep running",
+    }
+
+
+async def test_history_keeps_points_that_moved_and_thins_to_the_whole_span(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arms = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
+    experiment = Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms)
+    assert await experiment_history.record(redis, experiment, _results(experiment, 1, 0, None))
+    assert not await experiment_history.record(redis, experiment, _results(experiment, 1, 0, None)), "nothing moved"
+    assert await experiment_history.record(redis, experiment, _results(experiment, 2, 1, 1.0))
+    points = await experiment_history.read(redis, experiment)
+    assert [p["arms"]["b"]["requests"] for p in points] == [1, 2]
+    assert points[1]["arms"]["a"]["weight"] == 90 and points[1]["differences"]["b"]["always_valid"] == [-0.5, 0.7]
+    monkeypatch.setattr(experiment_history, "MAX_POINTS", 6)
+    for n in range(3, 8):
+        await experiment_history.record(redis, experiment, _results(experiment, n, 1, 1.0))
+    kept = [p["arms"]["a"]["requests"] for p in await experiment_history.read(redis, experiment)]
+    assert kept[0] == 1 and kept[-1] == 7 and len(kept) <= 6, kept
+
+
+def test_the_page_holds_a_chart_of_every_arm_and_the_changes() -> None:
+    arms = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
+    experiment = Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms)
+    history = [experiment_history.point(experiment, _results(experiment, n, n, 0.5), at=1e9 + n) for n in (1, 2)]
+    now = {**_results(experiment, 2, 2, 0.5), "winner": None, "sample_ratio_p": 0.5}
+    for arm in now["arms"].values():  # type: ignore[attr-defined]
+        arm.update(users=1, error_rate=0.0, corrected_share=None)
+    change = Change(at=1e9, by="cli:me<script>", action="create", detail="created")
+    page = experiment_page.render(experiment, now, history, [change])
+    assert page.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in page and "experiment-chart" in page
+    assert "cli:me&lt;script&gt;" in page and "cli:me<script>" not in page, "text from users is escaped"
+    chart = experiment_page.figure(experiment, history)
+    names = {trace.name for trace in chart.data if trace.showlegend is not False}
+    assert names == {"a", "b"}
+    assert len(chart.data) == 2 * 4 + 3, "per arm: a band (2 traces), the rate, the requests; for b the difference too"

@@ -1,0 +1,80 @@
+"""An experiment's results over time: the points its page plots (gateway.experiment_page).
+
+The guard-rail loop (gateway.guard_rails) takes one point per round of every running experiment,
+and keeps it only when something moved since the last one (a request, a rating or a weight), so an
+idle experiment adds nothing. A point holds, per arm, the cumulative exposures, the positive rate
+with its interval, and each arm's difference from control with its always-valid interval.
+
+At most MAX_POINTS are kept per experiment: past that, every other old point is dropped, so the
+history always spans the whole experiment, at a resolution that halves as it grows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.experiments import Experiment
+
+MAX_POINTS = 1000
+
+
+def point(experiment: Experiment, results: dict[str, Any], at: float | None = None) -> dict[str, Any]:
+    """The point of these results (gateway.experiment_results.results), stamped `at` (now by default)."""
+    arms = {
+        name: {
+            "requests": arm["requests"],
+            "rated": arm["rated"],
+            "positive_rate": arm["positive_rate"],
+            "interval": arm["positive_interval"],
+            "weight": experiment.arm(name).weight,
+        }
+        for name, arm in results["arms"].items()
+    }
+    differences = {d["arm"]: {"diff": d["diff"], "always_valid": d["always_valid"]} for d in results["differences"]}
+    return {
+        "at": round(time.time() if at is None else at, 3),
+        "arms": arms,
+        "differences": differences,
+        "verdict": results["verdict"],
+    }
+
+
+def _moved(last: dict[str, Any], new: dict[str, Any]) -> bool:
+    def state(p: dict[str, Any]) -> list[tuple[str, int, int, float]]:
+        return sorted((name, a["requests"], a["rated"], a["weight"]) for name, a in p["arms"].items())
+
+    return state(last) != state(new)
+
+
+async def record(redis: aioredis.Redis, experiment: Experiment, results: dict[str, Any]) -> bool:
+    """Append the point of `results` unless nothing moved since the last; True when appended."""
+    key = keys.experiment_history(experiment.tenant, experiment.name)
+    new = point(experiment, results)
+    last = await redis.lindex(key, -1)
+    if last is not None and not _moved(json.loads(last), new):
+        return False
+    length = await redis.rpush(key, json.dumps(new, separators=(",", ":")))
+    if length > MAX_POINTS:
+        await _thin(redis, key)
+    return True
+
+
+async def _thin(redis: aioredis.Redis, key: str) -> None:
+    """Drop every other point but the last: the same span at half the resolution."""
+    kept = await redis.lrange(key, 0, -1)
+    thinned = kept[:-1][::2] + kept[-1:]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.rpush(key, *thinned)
+        await pipe.execute()
+
+
+async def read(redis: aioredis.Redis, experiment: Experiment) -> list[dict[str, Any]]:
+    """Every kept point, oldest first."""
+    found = await redis.lrange(keys.experiment_history(experiment.tenant, experiment.name), 0, -1)
+    return [json.loads(raw) for raw in found]

@@ -1,0 +1,196 @@
+"""One dataclass drives a whole retraining run, in TRL's style: every field has a default and help
+text, the whole is validated up front (`__post_init__`), and it loads from YAML and from CLI flags
+(`load`, through transformers' `HfArgumentParser`, as TRL's own scripts do).
+
+The defaults suit small data (a few hundred rated completions) on the default 135M base: a rank-8
+LoRA on the attention projections, 4 epochs with early stopping on validation loss, fp32 on CPUs
+without fast bf16 (training.hardware), and a candidate published only when it beats the serving
+version by `publish_margin` on the primary metric without regressing on the regression set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Method = Literal["sft", "dpo", "kto"]
+Source = Literal["feedback", "jsonl"]
+METHODS = ("sft", "dpo", "kto")
+SOURCES = ("feedback", "jsonl")
+METRICS = ("exact_match", "json_valid", "json_schema", "format", "rouge_l", "accuracy")
+"""Eval metrics (training.evaluate): all in [0, 1], higher is better."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class RetrainConfig:
+    """Everything one retraining run needs besides the tenant and the alias it retrains."""
+
+    # --- data (training.dataset) ---
+    source: str = _help(
+        "Where examples come from: 'feedback' (the tenant's completion log) or 'jsonl'.", default="feedback"
+    )
+    jsonl_path: str | None = _help(
+        "With source=jsonl: a file of rows in TRL's formats (messages / prompt+completion / prompt+chosen+rejected "
+        "/ prompt+completion+label).",
+        default=None,
+    )
+    endpoint: str | None = _help(
+        "Only records of this endpoint ('chat' or 'completions'); all when unset.", default=None
+    )
+    min_examples: int = _help("Refuse to train on fewer usable training examples than this.", default=40)
+    near_duplicate_threshold: float = _help(
+        "Prompts whose word-shingle Jaccard similarity is at least this are near duplicates (one kept); 1.0 keeps "
+        "all but exact duplicates.",
+        default=0.9,
+    )
+    redact_pii: bool = _help("Redact e-mail, phone, card, IBAN and IP in examples before training.", default=True)
+    label_pattern: str | None = _help(
+        "For a classification task: a regex whose first group is an answer's label (e.g. 'SEVERITY: (P[1-4])'); "
+        "labels are balanced by downsampling and `accuracy` compares them.",
+        default=None,
+    )
+    split: list[float] = _help(
+        "Train / validation / test shares; no prompt is in two.", default_factory=lambda: [0.8, 0.1, 0.1]
+    )
+    regression_jsonl: str | None = _help(
+        "A JSONL set (prompt + completion) the candidate must not do worse on than the serving version.", default=None
+    )
+
+    # --- trainer (training.train) ---
+    method: str = _help(
+        "'sft' (positive answers and corrections), 'dpo' (preference pairs) or 'kto' (thumbs).", default="sft"
+    )
+    lora_r: int = _help("LoRA rank; at most the engine's --max-lora-rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=16)
+    lora_dropout: float = _help("Dropout on the LoRA input.", default=0.05)
+    target_modules: list[str] = _help(
+        "Modules the LoRA wraps (names in the base).", default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    epochs: int = _help("Training epochs (3-5 suit small data).", default=4)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    batch_size: int = _help("Examples per step (per device).", default=8)
+    max_length: int = _help("Tokens per example (longer are truncated).", default=512)
+    early_stopping_patience: int = _help(
+        "Stop after this many epochs without a lower validation loss; 0: never.", default=1
+    )
+    seed: int = _help(
+        "Seed for the split, the LoRA initialisation and the data order: one seed, one result.", default=42
+    )
+    qlora: bool | None = _help("Train on a bitsandbytes 4-bit (NF4) base; unset: on CUDA only.", default=None)
+
+    # --- eval gate (training.evaluate) ---
+    metrics: list[str] = _help(
+        f"Metrics to report, from {', '.join(METRICS)}.", default_factory=lambda: ["rouge_l", "exact_match"]
+    )
+    primary_metric: str = _help("The metric the publish rule uses (one of `metrics`).", default="rouge_l")
+    format_regex: str | None = _help("For `format`: the regex an answer must match (fullmatch, DOTALL).", default=None)
+    json_schema_path: str | None = _help("For `json_schema`: a JSON Schema file answers must satisfy.", default=None)
+    publish_margin: float = _help("Publish only if primary(candidate) >= primary(current) + this.", default=0.05)
+    max_regression: float = _help("... and primary on the regression set drops by at most this.", default=0.0)
+    max_new_tokens: int = _help("Answer length when evaluating.", default=128)
+    examples_in_report: int = _help("Example answers shown side by side in the eval report.", default=3)
+
+    # --- publish and canary (training.publish) ---
+    canary: bool = _help("Start a canary experiment on the alias after publishing.", default=True)
+    canary_weight: float = _help("The candidate arm's share of traffic, in percent.", default=10.0)
+    canary_min_samples: int = _help("Rated completions per arm before the guard rails may promote.", default=30)
+    canary_max_error_rate: float | None = _help("Roll the candidate back past this error rate.", default=0.2)
+    canary_max_negative_rate: float | None = _help(
+        "Roll the candidate back past this share of thumbs down.", default=0.6
+    )
+
+    def __post_init__(self) -> None:
+        self.split = [float(x) for x in self.split]
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid retraining config: " + "; ".join(problems))
+
+    def _problems(self) -> Iterator[str]:
+        if self.source not in SOURCES:
+            yield f"source must be one of {SOURCES}, not {self.source!r}"
+        if self.source == "jsonl" and not self.jsonl_path:
+            yield "source=jsonl needs jsonl_path"
+        if self.method not in METHODS:
+            yield f"method must be one of {METHODS}, not {self.method!r}"
+        if len(self.split) != 3 or any(x <= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            yield f"split must be three positive shares adding up to 1, not {self.split}"
+        if not 0 < self.near_duplicate_threshold <= 1:
+            yield "near_duplicate_threshold must be in (0, 1]"
+        for name in ("min_examples", "lora_r", "lora_alpha", "epochs", "batch_size", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be at least 1"
+        if not 0 <= self.lora_dropout < 1:
+            yield "lora_dropout must be in [0, 1)"
+        if not self.learning_rate > 0:
+            yield "learning_rate must be positive"
+        if not self.target_modules:
+            yield "target_modules must name at least one module"
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            yield f"unknown metrics {unknown}; known: {list(METRICS)}"
+        if self.primary_metric not in self.metrics:
+            yield f"primary_metric {self.primary_metric!r} must be one of metrics {self.metrics}"
+        if "format" in self.metrics and not self.format_regex:
+            yield "metric 'format' needs format_regex"
+        if "json_schema" in self.metrics and not self.json_schema_path:
+            yield "metric 'json_schema' needs json_schema_path"
+        if "accuracy" in self.metrics and not self.label_pattern:
+            yield "metric 'accuracy' needs label_pattern"
+        for name in ("format_regex", "label_pattern"):
+            pattern = getattr(self, name)
+            if pattern:
+                try:
+                    compiled = re.compile(pattern)
+                except re.error as exc:
+                    yield f"{name} is not a valid regex: {exc}"
+                    continue
+                if name == "label_pattern" and compiled.groups < 1:
+                    yield "label_pattern needs a group, the label"
+        for name in ("jsonl_path", "regression_jsonl", "json_schema_path"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                yield f"{name} {path!r} is not a file"
+        if not 0 < self.canary_weight < 100:
+            yield "canary_weight must be a percentage strictly between 0 and 100"
+        if self.canary_min_samples < 2:
+            yield "canary_min_samples must be at least 2"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for provenance and reports."""
+        return asdict(self)
+
+
+def load(yaml_path: str | Path | None = None, flags: Sequence[str] = ()) -> RetrainConfig:
+    """A config from defaults, then a YAML file, then CLI flags (`--learning_rate 1e-4`), each over the last.
+
+    Unknown keys in the YAML and unknown flags are errors (ValueError), not silently ignored.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(RetrainConfig)  # type: ignore[arg-type]
+    known = {f.name for f in fields(RetrainConfig)}
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: a retraining config is a mapping of field: value")
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"{yaml_path}: unknown config fields {unknown}")
+        parser.set_defaults(**loaded)
+    try:
+        config, extra = parser.parse_args_into_dataclasses(args=list(flags), return_remaining_strings=True)
+    except SystemExit as exc:  # argparse's way of reporting a bad flag value (it has printed why)
+        raise ValueError(f"invalid config flags {list(flags)}") from exc
+    if extra:
+        raise ValueError(f"unknown config flags {extra}")
+    assert isinstance(config, RetrainConfig)
+    return config
