@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup bnb-engine browser run test test-unit lint bench clean
+.PHONY: setup bnb-engine browser run demo test test-unit lint bench clean
 # setup and bnb-engine both install redis and write loragate.egg-info: never at the same time.
 .NOTPARALLEL:
 
@@ -19,6 +19,10 @@ browser:
 run: setup
 	@scripts/run.sh
 
+# The whole loop on a synthetic task: users and feedback, `loragate train run`, a canary, its promotion.
+demo: setup
+	@scripts/demo.sh
+
 test: setup bnb-engine browser
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
@@ -26,9 +30,9 @@ test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit
 
 lint: setup
-	.venv/bin/ruff check gateway adapters training tests loadtest
-	.venv/bin/ruff format --check gateway adapters training tests loadtest
-	.venv/bin/mypy gateway adapters training
+	.venv/bin/ruff check gateway adapters training tests loadtest demo
+	.venv/bin/ruff format --check gateway adapters training tests loadtest demo
+	.venv/bin/mypy gateway adapters training demo
 
 bench: setup
 	.venv/bin/python -m loadtest

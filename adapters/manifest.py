@@ -76,6 +76,14 @@ class Manifest(BaseModel):
     source: Source = Field(default_factory=Source)
     metrics: dict[str, Any] = Field(default_factory=dict)
     tenant: str | None = Field(None, description="The tenant that owns it.")
+    listed: bool = Field(
+        True,
+        description="False for a retraining candidate: no client sees or calls it (only the tenant's `training` "
+        "keys, by its exact name@V) until it is published.",
+    )
+    provenance: dict[str, Any] | None = Field(
+        None, description="Where a trained version comes from: dataset hash, config, base, parent, eval metrics."
+    )
 
     @property
     def ref(self) -> str:

@@ -54,6 +54,7 @@ class Registry:
         self._seen: set[str] = set()
         """Upstream names this process has found in the store: only those can be found deleted."""
         self._corrupt: dict[tuple[str, str, int], str] = {}
+        self._paths: dict[tuple[str, str, int], str] = {}
 
     def store(self, tenant: str) -> AdapterStore:
         """The tenant's own store (the tenant name must have been checked: it becomes a folder)."""
@@ -123,6 +124,14 @@ class Registry:
         assert manifest.tenant is not None
         return self._root / manifest.tenant / manifest.name / f"v{manifest.version}"
 
+    def path_text(self, manifest: Manifest) -> str:
+        """`path` as a string, remembered per version (routing asks for it on every request)."""
+        key = (manifest.tenant or "", manifest.name, manifest.version)
+        found = self._paths.get(key)
+        if found is None:
+            found = self._paths[key] = str(self.path(manifest))
+        return found
+
     def verify_once(self, manifest: Manifest) -> None:
         """sha256 of every file against the manifest; versions are immutable, so once per process,
         and a version that failed keeps failing without hashing it again for every request."""
@@ -141,7 +150,7 @@ class Registry:
 
     def listing(self, tenant: str, pins: dict[str, int]) -> list[tuple[str, Manifest]]:
         """Every name of the tenant's own adapters a client can use: each bare name (its default
-        version) and every name@V."""
+        version) and every published name@V (unpublished candidates are not listed)."""
         out: list[tuple[str, Manifest]] = []
         store = self.store(tenant)
         for name in store.names():
@@ -154,7 +163,8 @@ class Registry:
                     manifest = store.manifest(name, version)
                 except AdapterNotFound:
                     continue  # deleted while we listed
-                out.append((manifest.ref, manifest))
+                if manifest.listed:
+                    out.append((manifest.ref, manifest))
         return out
 
     def remove_tenant(self, tenant: str) -> list[str]:

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from adapters.manifest import (
     ADAPTER_FILES,
@@ -129,13 +130,21 @@ class AdapterStore:
             raise AdapterNotFound(f"{name}@{version}") from None
 
     def resolve(self, ref: AdapterRef, pinned: int | None = None) -> Manifest:
-        """`name@V` exactly; `name` is the `pinned` version if it still exists, else its latest."""
+        """`name@V` exactly (listed or not); `name` is the `pinned` version if it still exists, else its
+        latest, among listed versions only (an unpublished candidate is never anyone's default)."""
         if ref.version is not None:
             return self.manifest(ref.name, ref.version)
         versions = self.versions(ref.name)
-        if not versions:
-            raise AdapterNotFound(str(ref))
-        return self.manifest(ref.name, pinned if pinned in versions else versions[-1])
+        if pinned in versions:
+            versions.append(versions.pop(versions.index(pinned)))  # tried first
+        for version in reversed(versions):
+            try:
+                found = self.manifest(ref.name, version)
+            except AdapterNotFound:
+                continue  # removed while we looked
+            if found.listed:
+                return found
+        raise AdapterNotFound(str(ref))
 
     def list(self) -> list[Manifest]:
         return [self.manifest(name, v) for name in self.names() for v in self.versions(name)]
@@ -148,8 +157,19 @@ class AdapterStore:
                 raise IntegrityError(f"{manifest.ref}: {filename} does not match the sha256 in its manifest")
 
     # -- writing -----------------------------------------------------------------------------
-    def add(self, source: Path, name: str, base: BaseModelSpec, max_rank: int, origin: str | None = None) -> Manifest:
-        """Validate `source` (a PEFT folder or .tar.gz) and store it as the next version of `name`."""
+    def add(
+        self,
+        source: Path,
+        name: str,
+        base: BaseModelSpec,
+        max_rank: int,
+        origin: str | None = None,
+        *,
+        listed: bool = True,
+        provenance: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Validate `source` (a PEFT folder or .tar.gz) and store it as the next version of `name`
+        (`listed=False`: an unpublished candidate, see `publish`)."""
         check_name(name)
         if name.lower() in base.aliases:
             raise InvalidAdapter(f"Adapter name {name!r} is the base model's name.", param="name")
@@ -181,8 +201,10 @@ class AdapterStore:
                     dtype=checked.dtype,
                     size_bytes=sum((staging / f).stat().st_size for f in ADAPTER_FILES),
                     files=files,
-                    source=Source(kind="uploaded", origin=origin or str(source)),
+                    source=Source(kind="trained" if provenance else "uploaded", origin=origin or str(source)),
                     tenant=self.tenant,
+                    listed=listed,
+                    provenance=provenance,
                 )
                 (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
                 for entry in staging.iterdir():
@@ -216,6 +238,27 @@ class AdapterStore:
         except (FileNotFoundError, ValueError):
             last = 0
         return max([last, *self.versions(name)]) + 1
+
+    def publish(self, name: str, version: int, provenance: dict[str, Any]) -> Manifest:
+        """List an unpublished candidate, with its full provenance (the eval's metrics now known).
+
+        Only the manifest changes (atomically: written aside, then renamed over); the weights and their
+        sha256 are those the candidate was evaluated with. The name's folder is touched so that every
+        process's registry sees the change at its next look."""
+        with self._locked():
+            manifest = self.manifest(name, version)
+            if manifest.listed:
+                raise InvalidAdapter(f"{manifest.ref} is already published.", param="version")
+            published = manifest.model_copy(
+                update={"listed": True, "provenance": {**(manifest.provenance or {}), **provenance}}
+            )
+            folder = self.version_dir(name, version)
+            scratch = folder / f".{MANIFEST_FILE}.{os.getpid()}"
+            scratch.write_text(published.model_dump_json(indent=2))
+            scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(scratch, folder / MANIFEST_FILE)
+            os.utime(self._name_dir(name))
+        return published
 
     def remove(self, name: str, version: int) -> Manifest:
         with self._locked():

@@ -16,7 +16,7 @@ import time
 from typing import Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from gateway import keys
 from gateway.assignment import allocate, reallocate
@@ -97,9 +97,15 @@ class Experiment(BaseModel):
             self.allocation = base64.b64encode(allocate([arm.weight for arm in self.arms])).decode()
         return self
 
+    _decoded: tuple[str, bytes] | None = PrivateAttr(None)
+
     @property
     def buckets(self) -> bytes:
-        return base64.b64decode(self.allocation)
+        """The allocation, decoded once per allocation (routing reads it on every request)."""
+        decoded = self._decoded
+        if decoded is None or decoded[0] is not self.allocation:
+            decoded = self._decoded = (self.allocation, base64.b64decode(self.allocation))
+        return decoded[1]
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:

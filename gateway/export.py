@@ -70,7 +70,7 @@ class ExportSummary:
 
 
 @dataclass(frozen=True)
-class _Sample:
+class Sample:
     """What an example says, ready for rows."""
 
     prompt: Prompt
@@ -131,7 +131,9 @@ def _prompt(record: CompletionRecord) -> Prompt | None:
     return messages if messages and messages[-1]["role"] in ("user", "tool", "assistant") else None
 
 
-def _sample(example: Example, policy: LogPolicy) -> _Sample | None:
+def sample(example: Example, policy: LogPolicy) -> Sample | None:
+    """What the example says (prompt, answer, judgement, latest correction); None when it gives no row
+    whatever the format (see `ExportSummary.skipped`)."""
     prompt = _prompt(example.record)
     corrections = sorted((fb for fb in example.feedback if fb.correction), key=lambda fb: fb.created)
     correction = corrections[-1].correction if corrections else None
@@ -139,10 +141,10 @@ def _sample(example: Example, policy: LogPolicy) -> _Sample | None:
     if prompt is None or (text is None and correction is None):
         return None
     key = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _Sample(prompt, key, text, judgement(example.feedback, policy), correction)
+    return Sample(prompt, key, text, judgement(example.feedback, policy), correction)
 
 
-def _sft(s: _Sample) -> Iterator[dict[str, Any]]:
+def _sft(s: Sample) -> Iterator[dict[str, Any]]:
     answer = s.correction or (s.text if s.judgement is not None and s.judgement >= 0.5 else None)
     if answer is None:
         return
@@ -152,7 +154,7 @@ def _sft(s: _Sample) -> Iterator[dict[str, Any]]:
         yield {"prompt": s.prompt, "completion": answer}
 
 
-def _kto(s: _Sample) -> Iterator[dict[str, Any]]:
+def _kto(s: Sample) -> Iterator[dict[str, Any]]:
     if s.text is not None and s.judgement is not None:
         positive = s.judgement >= 0.5
         yield {"prompt": s.prompt, "completion": s.answer(s.text), "label": positive}
@@ -162,11 +164,11 @@ def _kto(s: _Sample) -> Iterator[dict[str, Any]]:
         yield {"prompt": s.prompt, "completion": s.answer(s.correction), "label": True}
 
 
-def _dpo(samples: Iterable[_Sample]) -> Iterator[dict[str, Any]]:
+def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
     seen: set[tuple[str, str, str]] = set()
-    groups: dict[str, list[tuple[_Sample, str, float]]] = {}
+    groups: dict[str, list[tuple[Sample, str, float]]] = {}
 
-    def pair(s: _Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+    def pair(s: Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
         if chosen != rejected and (s.key, chosen, rejected) not in seen:
             seen.add((s.key, chosen, rejected))
             yield {"prompt": s.prompt, "chosen": s.answer(chosen), "rejected": s.answer(rejected)}
@@ -188,7 +190,7 @@ def _dpo(samples: Iterable[_Sample]) -> Iterator[dict[str, Any]]:
 def rows(examples: Iterable[Example], fmt: ExportFormat, policy: LogPolicy) -> Iterator[dict[str, Any]]:
     """TRL-format rows of the examples; those with nothing to export are skipped. dpo pairs completions
     of the same prompt across all the examples, so its rows come once they are all read."""
-    samples = (s for e in examples if (s := _sample(e, policy)) is not None)
+    samples = (s for e in examples if (s := sample(e, policy)) is not None)
     if fmt == "dpo":
         yield from _dpo(samples)
         return
@@ -286,7 +288,7 @@ async def export(
     read = with_feedback = written = skipped = 0
     kept: list[Example] = []
     async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
-        usable = [e for e in examples if _sample(e, policy) is not None]  # cheap: the parsing was in a thread
+        usable = [e for e in examples if sample(e, policy) is not None]  # cheap: the parsing was in a thread
         read, with_feedback = read + count, with_feedback + len(examples)
         skipped += len(examples) - len(usable)
         if fmt == "dpo":

@@ -30,18 +30,26 @@ log = logging.getLogger("loragate.experiments")
 BY = "guard rail"
 
 
-def _breach(experiment: Experiment, arm: str, figures: dict[str, object]) -> str | None:
-    """Why an arm must be rolled back, if it must."""
+def _negative_share(figures: dict[str, Any]) -> float | None:
+    rated, negative = figures["rated"], figures["negative"]
+    return negative / rated if isinstance(rated, int) and isinstance(negative, int) and rated else None
+
+
+def _breach(experiment: Experiment, arm: str, figures: dict[str, Any], control: dict[str, Any]) -> str | None:
+    """Why an arm must be rolled back, if it must. Negative ratings count only when they are also worse
+    than control's: a canary rated better than what it would replace is not rolled back for being
+    imperfect."""
     requests = figures["requests"]
     if arm == experiment.control or not isinstance(requests, int) or requests < experiment.guard_min_requests:
         return None
-    errors, rated, negative = figures["error_rate"], figures["rated"], figures["negative"]
+    errors = figures["error_rate"]
     if experiment.max_error_rate is not None and isinstance(errors, float) and errors > experiment.max_error_rate:
         return f"error rate {errors:.1%} > {experiment.max_error_rate:.1%} after {requests} requests"
-    if experiment.max_negative_rate is not None and isinstance(rated, int) and isinstance(negative, int) and rated:
-        share = negative / rated
-        if share > experiment.max_negative_rate:
-            return f"negative ratings {share:.1%} > {experiment.max_negative_rate:.1%} of {rated}"
+    share, baseline = _negative_share(figures), _negative_share(control)
+    limit = experiment.max_negative_rate
+    if limit is not None and share is not None and share > limit and (baseline is None or share > baseline):
+        versus = "" if baseline is None else f", control {baseline:.1%}"
+        return f"negative ratings {share:.1%} > {limit:.1%} of {figures['rated']}{versus}"
     return None
 
 
@@ -54,7 +62,7 @@ async def check(experiment: Experiment, store: ExperimentStore, found: dict[str,
     done = []
     live = [arm.name for arm in experiment.arms if arm.weight > 0]
     for arm, figures in found["arms"].items():
-        reason = _breach(experiment, arm, figures)
+        reason = _breach(experiment, arm, figures, found["arms"][experiment.control])
         if reason and arm in live:
             await store.set_weights(
                 experiment.tenant, experiment.name, {arm: 0}, BY, reason=f"roll back {arm}: {reason}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["inference", "manage"]
-ROLES: tuple[Role, ...] = ("inference", "manage")
+Role = Literal["inference", "manage", "training"]
+ROLES: tuple[Role, ...] = ("inference", "manage", "training")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,11 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def sees_candidates(self) -> bool:
+        """A `training` key (the retraining job's) may also call its tenant's unpublished candidates."""
+        return self.role == "training"
 
     def can_manage(self, tenant: str) -> bool:
         """The global admin manages every tenant; a `manage` key only its own."""

@@ -66,8 +66,9 @@ class Router:
         self.pointers = pointers
         self.experiments = experiments
 
-    async def resolve(self, model: str, tenant: str, user: str | None = None) -> Route:
-        """The route of `model` for `tenant`; `user` (the end user) picks the arm of an experiment alias."""
+    async def resolve(self, model: str, tenant: str, user: str | None = None, candidates: bool = False) -> Route:
+        """The route of `model` for `tenant`; `user` (the end user) picks the arm of an experiment alias;
+        `candidates`: the caller may name an unpublished candidate (`name@V` exactly; a training key)."""
         if model == self.base_model:
             return Route(requested=model, upstream_model=model, served_model=model)
         pointers = await self.pointers.of(tenant)
@@ -81,7 +82,7 @@ class Router:
             except ModelNotFound:
                 raise ModelNotFound(model) from None
             return replace(route, requested=model, alias=model, experiment=experiment, arm=arm)
-        return await self._adapter(model, tenant, pointers)
+        return await self._adapter(model, tenant, pointers, candidates)
 
     async def _arm(self, tenant: str, name: str, user: str | None) -> tuple[str, str, str]:
         """The experiment's arm for this end user (control while it is paused): (experiment, arm, target)."""
@@ -89,9 +90,10 @@ class Router:
             experiment = await self.experiments.get(tenant, name)
         except ExperimentNotFound:
             raise ModelNotFound(name) from None
-        index = experiment.control_index
         if experiment.status == "running":
             index = arm_for(experiment.buckets, tenant, name, user)
+        else:
+            index = experiment.control_index
         arm = experiment.arms[index]
         return name, arm.name, arm.target
 
@@ -103,7 +105,7 @@ class Router:
             raise ModelNotFound(target)
         return await self._adapter(target, tenant, await self.pointers.of(tenant))
 
-    async def _adapter(self, model: str, tenant: str, pointers: TenantPointers) -> Route:
+    async def _adapter(self, model: str, tenant: str, pointers: TenantPointers, candidates: bool = False) -> Route:
         owner, slash, rest = model.partition("/")
         if not slash:
             owner, rest = tenant, model
@@ -117,10 +119,12 @@ class Router:
             manifest = await self.registry.lookup(owner, ref, pointers.pins.get(ref.name))
         except (InvalidAdapter, InvalidTenant, AdapterNotFound):
             raise ModelNotFound(model) from None
+        if not manifest.listed and not (candidates and owner == tenant):
+            raise ModelNotFound(model)
         return Route(
             requested=model,
             upstream_model=upstream_name(owner, manifest),
             served_model=manifest.ref if owner == tenant else f"{owner}/{manifest.ref}",
             adapter=manifest,
-            adapter_path=str(self.registry.path(manifest)),
+            adapter_path=self.registry.path_text(manifest),
         )

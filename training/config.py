@@ -161,8 +161,8 @@ class RetrainConfig:
                 yield f"{name} {path!r} is not a file"
         if not 0 < self.canary_weight < 100:
             yield "canary_weight must be a percentage strictly between 0 and 100"
-        if self.canary_min_samples < 2:
-            yield "canary_min_samples must be at least 2"
+        if self.canary_min_samples < 10:
+            yield "canary_min_samples must be at least 10 (an experiment's smallest sample)"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for provenance and reports."""

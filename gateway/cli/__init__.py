@@ -9,6 +9,7 @@ from gateway.cli.experiments import experiments_app
 from gateway.cli.feedback import feedback_app
 from gateway.cli.serve import model_app, serve
 from gateway.cli.tenants import keys_app, tenants_app
+from gateway.cli.train import train_app
 
 app = typer.Typer(
     help="loragate: an OpenAI-compatible gateway for many LoRA adapters on one base model.",
@@ -23,6 +24,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(aliases_app, name="aliases")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(experiments_app, name="experiments")
+app.add_typer(train_app, name="train")
 
 
 def main() -> None:

@@ -59,9 +59,9 @@ async def _existing(request: Request, tenant: str) -> None:
 
 
 def _require(store: AdapterStore, name: str, version: int | None = None) -> None:
-    """AdapterNotFound unless the adapter (or that version of it) is stored."""
-    if version is not None:
-        store.manifest(name, version)
+    """AdapterNotFound unless the adapter (or that published version of it) is stored."""
+    if version is not None and not store.manifest(name, version).listed:
+        raise AdapterNotFound(f"{name}@{version}")  # an unpublished candidate cannot be pinned
     elif not store.versions(name):
         raise AdapterNotFound(name)
 

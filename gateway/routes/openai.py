@@ -90,7 +90,9 @@ async def _complete(
         request.state.response_headers = admission.headers
         svc.keys.note_use(caller.key_id)
         context.header_user = request.headers.get("x-loragate-user")
-        context.route = await svc.router.resolve(validated.model, caller.tenant, context.user)
+        context.route = await svc.router.resolve(
+            validated.model, caller.tenant, context.user, candidates=caller.sees_candidates
+        )
         if context.route.arm is not None:
             request.state.response_headers = {**admission.headers, "x-loragate-arm": context.route.arm}
         call = Call(

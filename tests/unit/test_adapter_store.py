@@ -122,6 +122,26 @@ def test_registry_sees_writes_from_another_process_at_once(
     assert not registry.exists("other.a@1"), "another tenant's namespace"
 
 
+def test_a_candidate_is_nobodys_default_until_published(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    registry = Registry(store.root.parent)
+    store.add(good, "a", base, MAX_RANK)
+    assert registry.resolve("t", AdapterRef("a")).version == 1
+    candidate = AdapterStore(store.root, "t").add(good, "a", base, MAX_RANK, listed=False, provenance={"parent": "a@1"})
+    assert (candidate.version, candidate.listed, candidate.source.kind) == (2, False, "trained")
+    assert registry.resolve("t", AdapterRef("a")).version == 1, "the latest listed version stays the default"
+    assert store.resolve(AdapterRef("a"), pinned=2).version == 1, "nor can a pin reach it"
+    assert registry.resolve("t", AdapterRef("a", 2)).listed is False, "name@V finds it (the router decides who may)"
+    assert [ref for ref, _ in registry.listing("t", {})] == ["a", "a@1"]
+    published = AdapterStore(store.root, "t").publish("a", 2, {"metrics": {"format": 0.9}})
+    assert published.listed and published.provenance == {"parent": "a@1", "metrics": {"format": 0.9}}
+    assert published.files == candidate.files, "the weights evaluated are the weights published"
+    assert registry.resolve("t", AdapterRef("a")).version == 2, "every registry sees it at its next look"
+    assert [ref for ref, _ in registry.listing("t", {})] == ["a", "a@1", "a@2"]
+    store.verify(published)
+    with pytest.raises(InvalidAdapter, match="already published"):
+        store.publish("a", 2, {})
+
+
 def test_tenants_have_separate_namespaces(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     registry = Registry(store.root.parent)
     registry.store("t").add(good, "a", base, MAX_RANK)

@@ -123,3 +123,24 @@ def test_the_page_holds_a_chart_of_every_arm_and_the_changes() -> None:
     names = {trace.name for trace in chart.data if trace.showlegend is not False}
     assert names == {"a", "b"}
     assert len(chart.data) == 2 * 4 + 3, "per arm: a band (2 traces), the rate, the requests; for b the difference too"
+
+
+def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_worse_than_control() -> None:
+    from gateway.guard_rails import _breach
+
+    arms = [Arm(name="a", target="helper@1", weight=80), Arm(name="b", target="helper@2", weight=20)]
+    experiment = Experiment(
+        name="e", tenant="t", alias="bot", control="a", arms=arms,
+        max_error_rate=0.2, max_negative_rate=0.6, guard_min_requests=5,
+    )  # fmt: skip
+
+    def figures(requests: int, errors: float, rated: int, negative: int) -> dict[str, object]:
+        return {"requests": requests, "error_rate": errors, "rated": rated, "negative": negative}
+
+    control_bad, control_good = figures(40, 0.0, 30, 30), figures(40, 0.0, 30, 6)
+    assert _breach(experiment, "b", figures(6, 0.0, 6, 4), control_bad) is None, "better than control: kept"
+    reason = _breach(experiment, "b", figures(6, 0.0, 6, 4), control_good)
+    assert reason is not None and "negative ratings 66.7% > 60.0% of 6, control 20.0%" in reason
+    assert "error rate 50.0%" in (_breach(experiment, "b", figures(6, 0.5, 0, 0), control_bad) or "")
+    assert _breach(experiment, "b", figures(4, 0.5, 4, 4), control_good) is None, "too few requests to judge"
+    assert _breach(experiment, "a", figures(40, 0.9, 30, 30), control_bad) is None, "control is never rolled back"

@@ -77,3 +77,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "loragate.modelDir" -}}
 {{- default (printf "%s/models/SmolLM2-135M-Instruct" .Values.storage.mountPath) .Values.settings.modelDir -}}
 {{- end -}}
+
+{{/* The gateway's in-cluster URL (its ClusterIP Service), as clients inside the cluster reach it. */}}
+{{- define "loragate.gatewayUrl" -}}
+{{- printf "http://%s-gateway.%s.svc.%s:%d" (include "loragate.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.gateway.service.port) -}}
+{{- end -}}
+
+{{/*
+Name of one retraining job's CronJob and ConfigMap. Call with (dict "ctx" $ "job" $job).
+<fullname>-retrain-<job.name or tenant-alias>, lowercased, anything but [a-z0-9-] turned into "-";
+CronJob names may be 52 characters at most (the controller appends 11 to each Job), so a longer one
+keeps 43 characters plus 8 of its SHA-256 (still unique per job).
+*/}}
+{{- define "loragate.retrainName" -}}
+{{- $suffix := .job.name | default (printf "%s-%s" (toString .job.tenant) (toString .job.alias)) -}}
+{{- $raw := printf "%s-retrain-%s" (include "loragate.fullname" .ctx) $suffix -}}
+{{- $base := regexReplaceAll "[^a-z0-9-]+" (lower $raw) "-" | trimSuffix "-" -}}
+{{- if gt (len $base) 52 -}}
+{{- printf "%s-%s" ($base | trunc 43 | trimSuffix "-") ($raw | sha256sum | trunc 8) -}}
+{{- else -}}
+{{- $base -}}
+{{- end -}}
+{{- end -}}

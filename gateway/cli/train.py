@@ -1,0 +1,202 @@
+"""`loragate train ...`: retrain an alias's adapter from its users' feedback (training.retrain).
+
+`train run` does it all and prints a summary; `train dataset|fit|eval|publish` do one step each on a
+run folder (`dataset` starts one and prints its folder). The config is training.config.RetrainConfig:
+`--config FILE.yaml`, then any of its fields as flags after `--` (e.g. `-- --epochs 3 --lora_r 16`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from gateway.cli.common import console, fail
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from training.retrain import Run, Stack
+
+T = TypeVar("T")
+train_app = typer.Typer(
+    help="Retrain an alias's adapter from feedback: dataset, fit, eval gate, publish, canary.", no_args_is_help=True
+)
+FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
+Alias = Annotated[str, typer.Option("--alias", help="The alias to retrain (what its clients call).")]
+Config = Annotated[Path | None, typer.Option("--config", help="A YAML file of RetrainConfig fields.")]
+RunDir = Annotated[Path, typer.Option("--run", help="The run's folder (printed by `train dataset`).")]
+GatewayUrl = Annotated[
+    str | None,
+    typer.Option("--gateway-url", envvar="LORAGATE_URL", help="The gateway the eval asks (default: this host's)."),
+]
+
+
+def _who() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # an arbitrary uid with no passwd entry (some container platforms)
+        return "cli:retraining"
+
+
+def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) -> T:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from adapters.store import AdapterNotFound
+    from gateway.experiments import ExperimentNotFound
+    from training.dataset import NotEnoughData
+    from training.publish import RetrainRefused
+    from training.retrain import Stack
+    from training.train import TrainingError
+
+    settings = Settings()
+
+    async def run() -> T:
+        state = aioredis.from_url(settings.redis_url, decode_responses=True)
+        records = aioredis.from_url(settings.records_redis_url or settings.redis_url, decode_responses=True)
+        url = (gateway_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        task = asyncio.current_task()
+        if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels: a staged candidate is removed
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await work(Stack(settings, state, records, url))
+        finally:
+            await state.aclose()
+            await records.aclose()
+
+    try:
+        return asyncio.run(run())
+    except asyncio.CancelledError as exc:
+        raise fail("stopped by SIGTERM: an unpublished candidate was removed; run.json says how far it got") from exc
+    except (NotEnoughData, RetrainRefused, TrainingError, AdapterNotFound, ExperimentNotFound, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    except (RedisError, OSError) as exc:
+        raise fail(f"Redis or the gateway cannot be reached: {exc}") from exc
+
+
+def _config(path: Path | None, flags: list[str]) -> Any:
+    from training.config import load
+
+    try:
+        return load(path, flags)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+
+
+def _new_run(tenant: str, alias: str, config: Any) -> Run:
+    from gateway.tenants import check_tenant_name
+    from training.retrain import Run
+
+    try:
+        check_tenant_name(tenant)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    return Run.create(Settings().home / "training", tenant, alias, config)
+
+
+def _load(folder: Path) -> Run:
+    from training.retrain import Run
+
+    if not (folder / "run.json").is_file():
+        raise fail(f"{folder} is not a run folder (no run.json)")
+    return Run.load(folder)
+
+
+def _say(message: str) -> None:
+    console.log(message)
+
+
+@train_app.command("run", context_settings=FLAGS)
+def run_all(
+    ctx: typer.Context, tenant: Tenant, alias: Alias, config: Config = None, gateway_url: GatewayUrl = None
+) -> None:
+    """All of it: dataset from feedback, fit, eval gate through the gateway, publish, canary; then a summary."""
+    from training.retrain import retrain
+
+    run = _new_run(tenant, alias, _config(config, ctx.args))
+    console.log(f"run {run.state.run_id} in {run.folder}")
+    _with_stack(lambda stack: retrain(run, stack, _say, _who()), gateway_url)
+    summary(run)
+
+
+@train_app.command("dataset", context_settings=FLAGS)
+def dataset_step(ctx: typer.Context, tenant: Tenant, alias: Alias, config: Config = None) -> None:
+    """Start a run: build its dataset from the alias's feedback (or the config's JSONL); prints the run folder."""
+    from training.retrain import build_dataset
+
+    run = _new_run(tenant, alias, _config(config, ctx.args))
+    _with_stack(lambda stack: build_dataset(run, stack, _say), None)
+    typer.echo(str(run.folder))
+
+
+@train_app.command("fit")
+def fit_step(
+    run_dir: RunDir, resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint.")] = False
+) -> None:
+    """Train the run's adapter on its dataset (LoRA; QLoRA on CUDA)."""
+    from training.retrain import fit
+
+    run = _load(run_dir)
+    _with_stack(lambda stack: fit(run, stack, _say, resume), None)
+    _losses(run)
+
+
+@train_app.command("eval")
+def eval_step(run_dir: RunDir, gateway_url: GatewayUrl = None) -> None:
+    """Stage the adapter as an unlisted candidate and run the eval gate through the gateway."""
+    from training.retrain import evaluate_candidate
+
+    run = _load(run_dir)
+    _with_stack(lambda stack: evaluate_candidate(run, stack, _say), gateway_url)
+    summary(run)
+
+
+@train_app.command("publish")
+def publish_step(run_dir: RunDir) -> None:
+    """Publish a candidate that passed the gate (and start its canary), or remove one that did not."""
+    from training.retrain import publish_candidate
+
+    run = _load(run_dir)
+    _with_stack(lambda stack: publish_candidate(run, stack, _say, _who()), None)
+    summary(run)
+
+
+def _losses(run: Run) -> None:
+    from rich.table import Table
+
+    trained = run.state.train or {}
+    table = Table("epoch", "train loss", "validation loss", title=f"training ({trained.get('precision', '?')})")
+    for epoch in trained.get("epochs", []):
+        cells = [epoch.get("train_loss"), epoch.get("validation_loss")]
+        table.add_row(str(epoch["epoch"]), *("-" if v is None else f"{v:.4f}" for v in cells))
+    console.print(table)
+
+
+def summary(run: Run) -> None:
+    """What the run found: data, losses, the metric table against current and base, what was published."""
+    from rich.markdown import Markdown
+
+    state = run.state
+    card = state.data_card or {}
+    console.print(f"[bold]run {state.run_id}[/bold] — tenant {state.tenant}, alias {state.alias}")
+    if card:
+        console.print(f"data {card['dataset_hash'][:12]}: examples {card.get('examples')}, splits {card.get('splits')}")
+    if state.train:
+        _losses(run)
+    if state.eval:
+        console.print(Markdown(state.eval["table"]))
+        verdict = "[green]publish[/green]" if state.eval["publish"] else "[red]do not publish[/red]"
+        console.print(f"gate: {verdict} — " + "; ".join(state.eval["reasons"]))
+    if state.published:
+        console.print(f"published [bold]{state.published}[/bold]")
+    if state.canary:
+        console.print(f"canary [bold]{state.canary}[/bold] on alias {state.alias}: loragate experiments show "
+                      f"{state.canary} --tenant {state.tenant}")  # fmt: skip
+    if state.error:
+        console.print(f"[red]failed:[/red] {state.error}")

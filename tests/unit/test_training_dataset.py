@@ -1,0 +1,384 @@
+"""The retraining dataset builder: sources, cleaning, grouping, balance, split, rows, card and atomic writes.
+Most tests build from in-memory samples; one reads a real Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.export import Example, Prompt, Sample
+from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
+from gateway.tenants import TenantStore
+from training import dataset
+from training.config import RetrainConfig
+from training.dataset import Loaded, NotEnoughData, build, from_examples, from_feedback, from_jsonl, write
+
+IDS = itertools.count()
+SYSTEM = {"role": "system", "content": "You triage support tickets. " + " ".join(f"rule{i}" for i in range(60))}
+
+
+def config(**fields: Any) -> RetrainConfig:
+    return RetrainConfig(**{"min_examples": 1, **fields})
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def sample(
+    prompt: Prompt, text: str | None = None, judgement: float | None = 1.0, correction: str | None = None
+) -> Sample:
+    key = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return Sample(prompt, key, text, judgement, correction)
+
+
+def loaded(*samples: Sample) -> Loaded:
+    return Loaded(list(samples), {"kind": "test"}, len(samples) + 1, len(samples), {})
+
+
+def record(text: str | None = "ok", finish_reason: str = "stop", **fields: Any) -> CompletionRecord:
+    n = next(IDS)
+    fields.setdefault("request", {"messages": user(f"question {n}")})
+    return CompletionRecord(
+        id=f"chatcmpl-{n}",
+        request_id=f"r{n}",
+        tenant=fields.pop("tenant", "acme"),
+        endpoint="chat",
+        model="m",
+        choices=None if text is None else [Choice(index=0, text=text, finish_reason=finish_reason)],
+        status=200,
+        outcome="ok",
+        created=1000.0 + n,
+        **fields,
+    )
+
+
+def rated(r: CompletionRecord, **fields: Any) -> Example:
+    return Example(r, [Feedback(completion_id=r.id, created=r.created + 1, **fields)])
+
+
+def all_rows(built: dataset.BuiltDataset, kind: str) -> list[dict[str, Any]]:
+    return [row for split in dataset.SPLITS for row in built.rows[split][kind]]
+
+
+def test_exact_and_near_duplicate_prompts_form_one_group_with_their_answers_pooled() -> None:
+    long = " ".join(f"word{i}" for i in range(80))
+    samples = [
+        sample("What is the capital of France?", "Paris."),
+        sample("What is the capital of France?", "Paris!"),  # exact duplicate prompt
+        sample("what is the capital of FRANCE", "Paris", 0.0),  # near (the same words)
+        sample("What is the capital of Spain?", "Madrid."),
+        sample(long, "a"),
+        sample(long.replace("word40", "other"), "b", 0.0),  # Jaccard 75/81 over 3-shingles
+    ]
+    built = build(loaded(*samples), config())
+    assert built.card.filters["exact_duplicate_prompts"] == 1
+    assert built.card.filters["near_duplicate_prompts"] == 2
+    assert sorted(r["completion"] for r in all_rows(built, "sft")) == ["Madrid.", "Paris.", "a"]
+    assert sorted((r["chosen"], r["rejected"]) for r in all_rows(built, "dpo")) == [("Paris.", "Paris"), ("a", "b")]
+    assert len(all_rows(built, "kto")) == 6
+    assert sum(built.card.splits[split]["prompts"] for split in dataset.SPLITS) == 3
+    exact_only = build(loaded(*samples), config(near_duplicate_threshold=1.0)).card
+    assert "near_duplicate_prompts" not in exact_only.filters
+    assert sum(exact_only.splits[split]["prompts"] for split in dataset.SPLITS) == 5
+
+
+def test_a_shared_system_prompt_does_not_make_prompts_near_duplicates() -> None:
+    samples = [sample([SYSTEM, *user(f"Ticket {n}: {issue}")], "P2") for n, issue in enumerate(["VPN down", "no ink"])]
+    assert build(loaded(*samples), config()).card.filters["near_duplicate_prompts"] == 0
+
+
+def test_near_pairs_are_exactly_the_pairs_at_or_above_the_threshold() -> None:
+    rng = random.Random(7)
+    sets = [frozenset(rng.sample(range(14), rng.randint(1, 10))) for _ in range(200)]
+    shingles = [frozenset(map(str, s)) for s in sets]
+    for threshold in ("0.5", "0.7", "0.9"):
+        pairs = itertools.combinations(range(len(sets)), 2)
+        brute = {
+            (i, j) for i, j in pairs if Fraction(len(sets[i] & sets[j]), len(sets[i] | sets[j])) >= Fraction(threshold)
+        }
+        assert brute and set(dataset._near_pairs(shingles, float(threshold))) == brute
+    # J = 14/25 exactly, and 0.56 * 25 is 14.000000000000002 in floats; the pair shares none of A's 11 rarest tokens
+    common = frozenset(f"c{i}" for i in range(14))
+    assert list(dataset._near_pairs([common | {f"a{i}" for i in range(11)}, common], 0.56)) == [(0, 1)]
+
+
+def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
+    examples = [
+        rated(record("fine answer"), thumbs="up"),
+        rated(record("cut off mid", "length"), thumbs="up"),
+        rated(record("cut off too", "length"), thumbs="down", correction="the whole answer"),
+        rated(record("   "), thumbs="up"),
+        rated(record("long", truncated=True), thumbs="up"),
+        rated(record(request=None, text=None), thumbs="up"),  # the tenant keeps no content
+    ]
+    got = from_examples(examples, LogPolicy())
+    assert got.dropped == {"unusable": 1, "empty_answer": 1, "truncated_answer": 3}
+    assert [(s.text, s.correction) for s in got.samples] == [("fine answer", None), (None, "the whole answer")]
+    built = build(got, config())
+    assert sorted(r["completion"][0]["content"] for r in all_rows(built, "kto")) == ["fine answer", "the whole answer"]
+    assert all_rows(built, "dpo") == []
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 6
+
+
+def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
+    samples = [
+        sample(user("Mail jane.doe@example.com about it"), "Done, wrote jane.doe@example.com", 0.0, "Ask 10.1.2.3"),
+        sample(user("Another question"), "Answer.", 0.0, "Better."),
+        sample(user("Third question"), "Answer.", 0.0, "Better."),
+    ]
+    card = write(build(loaded(*samples), config(method="dpo")), tmp_path / "out")
+    text = "".join((tmp_path / "out" / name).read_text() for name in ("train.jsonl", "validation.jsonl", "test.jsonl"))
+    assert "jane.doe" not in text and "10.1.2.3" not in text and "[EMAIL]" in text and "[IP]" in text
+    assert card.redactions == {"email": 2, "ip": 1}
+    kept = build(loaded(*samples), config(method="dpo", redact_pii=False))
+    assert "jane.doe@example.com" in "".join(kept.files.values()) and kept.card.redactions == {}
+
+
+def severities(counts: dict[str, int]) -> list[Sample]:
+    n = itertools.count()
+    return [sample(f"ticket {next(n)}", f"SEVERITY: {label}") for label, k in counts.items() for _ in range(k)]
+
+
+def test_labels_are_balanced_by_downsampling_the_majorities_by_seed() -> None:
+    samples = [*severities({"P1": 12, "P2": 4, "P3": 6}), sample("ticket x", "no idea"), sample("ticket y", "none")]
+    built = build(loaded(*samples), config(label_pattern=r"SEVERITY: (P[1-4])"))
+    assert built.card.labels == {
+        "before": {"P1": 12, "P2": 4, "P3": 6},
+        "after": {"P1": 4, "P2": 4, "P3": 4},
+        "unlabelled": 2,
+    }
+    assert built.card.filters["label_balance"] == 10
+    answers = [r["completion"] for r in all_rows(built, "sft")]
+    assert sorted(answers.count(f"SEVERITY: {p}") for p in ("P1", "P2", "P3")) == [4, 4, 4]
+
+    def p1_prompts(seed: int) -> set[str]:
+        again = build(loaded(*samples), config(label_pattern=r"SEVERITY: (P[1-4])", seed=seed))
+        return {r["prompt"] for r in all_rows(again, "sft") if r["completion"] == "SEVERITY: P1"}
+
+    assert p1_prompts(42) == p1_prompts(42) != p1_prompts(7)
+
+
+def test_split_is_by_prompt_group_deterministic_per_seed_and_about_80_10_10() -> None:
+    rng = random.Random(1)
+    samples = []
+    for n in range(300):
+        prompt = f"ticket {n}: " + " ".join(f"w{rng.randrange(50)}" for _ in range(20))
+        samples += [sample(prompt, "a"), sample(prompt, "b", 0.0), sample(prompt.upper() + "!", "c")]
+    built = build(loaded(*samples), config(redact_pii=False))
+    tickets = {split: {r["prompt"].split()[1] for r in built.rows[split]["kto"]} for split in dataset.SPLITS}
+    assert [len(tickets[split]) for split in dataset.SPLITS] == [240, 30, 30]
+    assert not tickets["train"] & tickets["validation"] and not tickets["train"] & tickets["test"]
+    assert not tickets["validation"] & tickets["test"]
+    assert build(loaded(*samples), config(redact_pii=False)).files == built.files
+    assert build(loaded(*samples), config(redact_pii=False, seed=7)).files["test.jsonl"] != built.files["test.jsonl"]
+
+
+def preference_data(chat: bool) -> list[Sample]:
+    def p(text: str) -> Prompt:
+        return user(text) if chat else text
+
+    return [
+        sample(p("capital of France"), "Lyon", 0.0, "Paris"),
+        sample(p("capital of France"), "Paris, France", 0.9),
+        sample(p("capital of Spain"), "Madrid", 0.8),
+        sample(p("capital of Spain"), "Madrid!", 0.6),
+        sample(p("capital of Spain"), "Rome", 0.2),
+        sample(p("capital of Italy"), "Rome", None, "Rome, Italy"),
+    ]
+
+
+def test_dpo_prefers_the_reference_and_kto_labels_every_answer() -> None:
+    built = build(loaded(*preference_data(chat=False)), config())
+    assert sorted((r["prompt"], r["completion"]) for r in all_rows(built, "sft")) == [
+        ("capital of France", "Paris"),
+        ("capital of Italy", "Rome, Italy"),
+        ("capital of Spain", "Madrid"),
+    ]
+    assert sorted((r["chosen"], r["rejected"]) for r in all_rows(built, "dpo")) == [
+        ("Madrid", "Madrid!"),
+        ("Madrid", "Rome"),
+        ("Paris", "Lyon"),
+        ("Rome, Italy", "Rome"),
+    ]
+    assert sorted((r["completion"], r["label"]) for r in all_rows(built, "kto")) == [
+        ("Lyon", False),
+        ("Madrid", True),
+        ("Madrid!", True),
+        ("Paris", True),
+        ("Paris, France", True),
+        ("Rome", False),
+        ("Rome, Italy", True),
+    ]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_rows_have_the_shapes_of_trls_formats(chat: bool, tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    columns = {
+        "sft": {"prompt", "completion"},
+        "dpo": {"prompt", "chosen", "rejected"},
+        "kto": {"prompt", "completion", "label"},
+    }
+    answer: Any = list if chat else str
+    for method, wanted in columns.items():
+        built = build(loaded(*preference_data(chat)), config(method=method))
+        rows = all_rows(built, method)
+        assert rows and all(set(row) == wanted for row in rows)
+        for row in rows:
+            assert isinstance(row["prompt"], answer) and all(
+                isinstance(row[c], answer) for c in wanted - {"prompt", "label"}
+            )
+            if chat:
+                assert all(set(m) == {"role", "content"} for m in row["prompt"])
+                assert all(row[c][0]["role"] == "assistant" and len(row[c]) == 1 for c in wanted - {"prompt", "label"})
+            assert type(row.get("label", True)) is bool
+        write(built, tmp_path / method)
+        loaded_rows = datasets.Dataset.from_json(str(tmp_path / method / "train.jsonl"), cache_dir=str(tmp_path / "c"))
+        assert set(loaded_rows.column_names) == wanted and len(loaded_rows) == len(built.rows["train"][method])
+        for line in (tmp_path / method / "eval.jsonl").read_text().splitlines():
+            assert set(json.loads(line)) == {"prompt", "reference"}
+
+
+def test_card_counts_and_hash_are_stable_and_follow_the_data(tmp_path: Path) -> None:
+    samples = [sample(f"question {n}", f"answer {n}", 1.0 if n % 3 else 0.0) for n in range(40)]
+    first, second = (write(build(loaded(*samples), config()), tmp_path / name) for name in ("a", "b"))
+    assert first == second
+    assert (tmp_path / "a" / "data_card.json").read_text() == (tmp_path / "b" / "data_card.json").read_text()
+    assert (tmp_path / "a" / "data_card.md").read_text().startswith(f"# Dataset {first.dataset_hash[:12]}")
+    digest = hashlib.sha256()
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "eval.jsonl"):
+        data = (tmp_path / "a" / name).read_bytes()
+        digest.update(f"{name}\n{len(data)}\n".encode() + data)
+        assert first.files[name] == hashlib.sha256(data).hexdigest()
+    assert first.dataset_hash == digest.hexdigest()
+    assert (first.records_read, first.with_feedback) == (41, 40)
+    assert first.examples == {"sft": 26, "dpo": 0, "kto": 40}
+    assert [first.splits[s]["prompts"] for s in dataset.SPLITS] == [32, 4, 4]
+    assert sum(first.splits[s]["sft"] for s in dataset.SPLITS) == 26
+    assert first.eval_rows == sum(1 for _ in (tmp_path / "a" / "eval.jsonl").open()) == first.splits["test"]["sft"]
+    changed = [*samples[:-1], sample("question 39", "another answer")]
+    assert build(loaded(*changed), config()).card.dataset_hash != first.dataset_hash
+
+
+def test_too_little_data_is_refused_saying_how_much_and_what_was_filtered() -> None:
+    samples = [sample(f"q{n}", "yes") for n in range(9)] + [sample("q1", "again")]
+    with pytest.raises(NotEnoughData) as refused:
+        build(loaded(*samples), config(min_examples=40))
+    assert (refused.value.usable, refused.value.required) == (7, 40)
+    assert str(refused.value) == (
+        "not enough data: 7 usable sft examples in the train split, min_examples asks for 40 "
+        "(filtered out: 1 exact duplicate prompts)"
+    )
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_jsonl_rows_of_each_trl_format(chat: bool, tmp_path: Path) -> None:
+    def p(text: str) -> Any:
+        return user(text) if chat else text
+
+    def a(text: str) -> Any:
+        return assistant(text) if chat else text
+
+    rows = [
+        {"prompt": p("q2"), "completion": a("a2")},
+        {"prompt": p("q3"), "chosen": a("good"), "rejected": a("bad")},
+        {"prompt": p("q4"), "completion": a("wrong"), "label": False},
+        {"prompt": p("q5"), "completion": a("")},
+    ]
+    if chat:
+        rows.append({"messages": [SYSTEM, *user("q1"), *assistant("a1")]})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "\n")
+    got = from_jsonl(path)
+    assert (got.records_read, got.dropped, got.source["kind"]) == (len(rows), {"empty_answer": 1}, "jsonl")
+    built = build(got, config(method="kto"))
+    assert all_rows(built, "dpo") == [{"prompt": p("q3"), "chosen": a("good"), "rejected": a("bad")}]
+    sft = sorted(json.dumps(r["completion"]) for r in all_rows(built, "sft"))
+    assert sft == sorted(json.dumps(a(t)) for t in ["a2", "good", *(["a1"] if chat else [])])
+    negatives = sorted(json.dumps(r["completion"]) for r in all_rows(built, "kto") if not r["label"])
+    assert negatives == [json.dumps(a("bad")), json.dumps(a("wrong"))]
+
+
+def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "label": 1}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a TRL row"):
+        from_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: messages must be a prompt and then an assistant answer"):
+        from_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_one_kind_of_prompt_is_kept() -> None:
+    samples = [sample(user(f"q{n}"), "a") for n in range(3)] + [sample("text prompt", "a")]
+    assert build(loaded(*samples), config()).card.filters["other_endpoint"] == 1
+    only_text = build(loaded(*samples), config(endpoint="completions"))
+    assert only_text.card.filters["other_endpoint"] == 3 and all_rows(only_text, "sft")[0]["prompt"] == "text prompt"
+
+
+def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = build(loaded(*[sample(f"q{n}", "a") for n in range(5)]), config())
+    calls = itertools.count()
+    real = dataset._write_file
+
+    def failing(path: Path, text: str) -> None:
+        if next(calls) == 3:
+            raise OSError("disk full")
+        real(path, text)
+
+    monkeypatch.setattr(dataset, "_write_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write(built, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
+    write(built, tmp_path / "empty")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "data_card.json",
+        "data_card.md",
+        "eval.jsonl",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
+    with pytest.raises(FileExistsError):
+        write(built, tmp_path / "empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+async def test_from_feedback_reads_the_tenant_log_with_its_policy(redis: aioredis.Redis) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:12]}"
+    await TenantStore(redis).create(tenant, logging=LogPolicy(score_min=1.0, score_max=5.0))
+    logged: list[tuple[CompletionRecord, dict[str, Any] | None]] = [
+        (record(tenant=tenant, alias="a"), {"score": 4.0}),  # 0.75: positive
+        (record("meh", tenant=tenant, alias="a"), {"score": 2.0, "correction": "better"}),
+        (record(tenant=tenant, alias="b"), {"thumbs": "down"}),
+        (record(tenant=tenant, alias="a"), None),  # unrated
+    ]
+    for r, feedback in logged:
+        await redis.xadd(keys.completion_log(tenant), {"r": r.model_dump_json()})
+        if feedback:
+            fb = Feedback(completion_id=r.id, created=r.created + 1, **feedback)
+            await redis.hset(keys.feedback(tenant, r.id), "", fb.model_dump_json())
+    got = await from_feedback(redis, tenant, alias="a")
+    assert (got.records_read, got.with_feedback, got.source) == (
+        4,
+        2,
+        {"kind": "feedback", "tenant": tenant, "alias": "a"},
+    )
+    assert [(s.text, s.judgement, s.correction) for s in got.samples] == [("ok", 0.75, None), ("meh", 0.25, "better")]
+    assert len((await from_feedback(redis, tenant)).samples) == 3

@@ -1,0 +1,472 @@
+"""The retraining loop's data: a tenant's rated completions (or a JSONL file of TRL rows) cleaned, split by
+prompt and written in TRL's formats, with a data card naming the result by a content hash.
+
+Sources give gateway.export's `Sample`s (a prompt, an answer judged or not, and/or a correction), oldest
+first, without empty answers or answers cut short (finish_reason "length", or cut by the log). `build`
+keeps one kind of prompt (chat or text: TRL trains on one), redacts PII, groups prompts (exact, then near
+duplicates: word 3-shingle Jaccard over a chat prompt's non-system messages, as a system prompt shared by
+all would make every pair alike; a group pools its answers), balances labels by downsampling, and splits
+the groups by a hash of (seed, group), so that no prompt is in two splits. A group's reference is its
+latest correction, else its best-rated positive answer; it gives all three kinds: sft the reference, dpo
+the reference over each answer it beats, kto each judged answer with its label and each correction (true).
+
+Only `from_feedback` and `collect` are async; the rest is synchronous CPU and file work (async callers use
+asyncio.to_thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import fmean
+from types import MappingProxyType
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.export import Example, Prompt, Sample, joined, sample
+from gateway.records import LogPolicy
+from gateway.redaction import Redactor, redact_value
+from gateway.tenants import TenantStore
+from training.config import RetrainConfig
+
+Row = dict[str, Any]
+KINDS = ("sft", "dpo", "kto")
+SPLITS = ("train", "validation", "test")
+EVAL_FILE = "eval.jsonl"
+"""Test prompts with a reference, for the evaluator: {"prompt": messages or text, "reference": text}."""
+SHINGLE_WORDS = 3
+SETTINGS = ("seed", "split", "near_duplicate_threshold", "redact_pii", "label_pattern", "endpoint", "min_examples")
+"""The config fields a data card records."""
+FILTERS = MappingProxyType(
+    {
+        "unusable": "records with feedback but no usable prompt or answer (no content kept, token prompt, ...)",
+        "empty_answer": "answers (or corrections) left out as empty",
+        "truncated_answer": "answers left out as cut short (finish_reason 'length', or cut by the log)",
+        "other_endpoint": "samples of the other kind of prompt (chat vs text)",
+        "exact_duplicate_prompts": "samples whose prompt repeats an earlier one (answers pooled under it)",
+        "near_duplicate_prompts": "distinct prompts folded into a near-duplicate group (answers pooled)",
+        "label_balance": "prompt groups left out to balance the labels",
+    }
+)
+"""What each filter of the data card counts, in the order they run."""
+_WORD = re.compile(r"\w+")
+
+
+class NotEnoughData(ValueError):
+    """Fewer usable training examples than config.min_examples."""
+
+    def __init__(self, method: str, usable: int, required: int, filtered: dict[str, int]) -> None:
+        self.usable, self.required, self.filtered = usable, required, filtered
+        removed = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in filtered.items() if n) or "nothing"
+        super().__init__(
+            f"not enough data: {usable} usable {method} examples in the train split, min_examples asks for "
+            f"{required} (filtered out: {removed})"
+        )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a source gave: its samples (oldest first) and what was counted and dropped reading it."""
+
+    samples: list[Sample]
+    source: dict[str, str]
+    records_read: int
+    with_feedback: int
+    dropped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DataCard:
+    dataset_hash: str
+    """sha256 over the split files and eval.jsonl (names, lengths and bytes, in a fixed order)."""
+    method: str
+    source: dict[str, str]
+    records_read: int
+    with_feedback: int
+    examples: dict[str, int]
+    """Examples of each kind, all splits together."""
+    splits: dict[str, dict[str, int]]
+    """Per split: prompt groups and examples of each kind."""
+    eval_rows: int
+    filters: dict[str, int]
+    redactions: dict[str, int]
+    labels: dict[str, Any] | None
+    """With a label_pattern: prompt groups per label before and after balancing, and unlabelled ones."""
+    files: dict[str, str]
+    """sha256 of each data file."""
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        lines = [f"# Dataset {self.dataset_hash[:12]}", "", f"- dataset_hash: `{self.dataset_hash}`"]
+        lines += [f"- method: {self.method}; source: " + ", ".join(f"{k} {v}" for k, v in self.source.items())]
+        lines += [f"- records read: {self.records_read}; with feedback: {self.with_feedback}"]
+        lines += ["- examples: " + ", ".join(f"{kind} {n}" for kind, n in self.examples.items())]
+        lines += [
+            f"- {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items()) for name, counts in self.splits.items()
+        ]
+        lines += [f"- {EVAL_FILE}: {self.eval_rows} test prompts with a reference", "", "## Filters", ""]
+        lines += [f"- {name}: {n} {FILTERS[name]}" for name, n in self.filters.items()]
+        if self.settings.get("redact_pii"):
+            lines += ["- PII redacted: " + (", ".join(f"{k} {n}" for k, n in self.redactions.items()) or "none found")]
+        if self.labels is not None:
+            lines += ["", "## Labels (prompt groups before -> after balancing)", ""]
+            lines += [f"- {k}: {n} -> {self.labels['after'][k]}" for k, n in self.labels["before"].items()]
+            lines += [f"- (unlabelled): {self.labels['unlabelled']}"]
+        lines += ["", "## Settings", ""] + [f"- {k}: {v!r}" for k, v in self.settings.items()]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class BuiltDataset:
+    rows: dict[str, dict[str, list[Row]]]
+    """split -> kind -> TRL rows."""
+    files: dict[str, str]
+    """File name -> canonical JSONL text: the config.method rows of each split, and eval.jsonl."""
+    card: DataCard
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One prompt group, ready for rows."""
+
+    id: str
+    prompt: Prompt
+    reference: str | None
+    sft: list[Row]
+    dpo: list[Row]
+    kto: list[Row]
+
+
+def _key(prompt: Prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _kept(s: Sample, cut: bool, dropped: Counter[str]) -> Sample | None:
+    """The sample without an empty or cut-short answer (or empty correction); None when nothing is left."""
+    if s.text is not None and (cut or not s.text.strip()):
+        dropped["empty_answer" if not s.text.strip() else "truncated_answer"] += 1
+        s = replace(s, text=None, judgement=None)
+    if s.correction is not None and not s.correction.strip():
+        dropped["empty_answer"] += 1
+        s = replace(s, correction=None)
+    return s if s.text is not None or s.correction is not None else None
+
+
+def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
+    """Samples of joined log records (`policy` gives the score range); synchronous."""
+    samples, dropped = [], Counter({name: 0 for name in ("unusable", "empty_answer", "truncated_answer")})
+    for example in examples:
+        found = sample(example, policy)
+        if found is None:
+            dropped["unusable"] += 1
+            continue
+        record = example.record
+        cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
+        if (kept := _kept(found, cut, dropped)) is not None:
+            samples.append(kept)
+    return Loaded(samples, {}, len(examples), len(examples), dict(dropped))
+
+
+async def from_feedback(
+    redis: Redis, tenant: str, *, alias: str | None = None, policy: LogPolicy | None = None
+) -> Loaded:
+    """The tenant's rated completions (of `alias` only, when given). `policy` defaults to the tenant's own;
+    records_read is the length of the log when the read began."""
+    if policy is None:
+        policy = (await TenantStore(redis).get(tenant)).logging
+    records_read = int(await redis.xlen(keys.completion_log(tenant)))
+    examples = [example async for example in joined(redis, tenant, alias=alias)]
+    loaded = await asyncio.to_thread(from_examples, examples, policy)
+    source = {"kind": "feedback", "tenant": tenant} | ({"alias": alias} if alias else {})
+    return replace(loaded, source=source, records_read=max(records_read, loaded.with_feedback))
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise ValueError("messages must be a list of {role, content} with string content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    messages = _messages(value)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ValueError("a conversational answer is one assistant message")
+    return messages[0]["content"]
+
+
+def _from_row(row: Any) -> Sample:
+    if not isinstance(row, dict):
+        raise ValueError("a row is a JSON object")
+    if "messages" in row:
+        messages = _messages(row["messages"])
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError("messages must be a prompt and then an assistant answer")
+        return Sample(messages[:-1], _key(messages[:-1]), messages[-1]["content"], 1.0, None)
+    prompt = row["prompt"] if isinstance(row.get("prompt"), str) else _messages(row.get("prompt"))
+    if not prompt:
+        raise ValueError("prompt is empty")
+    if "chosen" in row and "rejected" in row:
+        return Sample(prompt, _key(prompt), _text(row["rejected"]), 0.0, _text(row["chosen"]))
+    if "completion" in row:
+        label = row.get("label", True)
+        if not isinstance(label, bool):
+            raise ValueError("label must be true or false")
+        return Sample(prompt, _key(prompt), _text(row["completion"]), float(label), None)
+    raise ValueError("not a TRL row: messages, prompt+completion(+label) or prompt+chosen+rejected expected")
+
+
+def from_jsonl(path: str | Path) -> Loaded:
+    """Samples of a JSONL file of TRL rows; ValueError naming the line of a malformed one. Synchronous."""
+    samples, dropped, read = [], Counter({"empty_answer": 0}), 0
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            read += 1
+            try:
+                found = _from_row(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
+            if (kept := _kept(found, False, dropped)) is not None:
+                samples.append(kept)
+    return Loaded(samples, {"kind": "jsonl", "path": str(path)}, read, read, dict(dropped))
+
+
+async def collect(redis: Redis, tenant: str, config: RetrainConfig, *, alias: str | None = None) -> Loaded:
+    """The run's source: config.jsonl_path (read in a thread) when config.source is jsonl, else the log."""
+    if config.source == "jsonl":
+        return await asyncio.to_thread(from_jsonl, config.jsonl_path or "")
+    return await from_feedback(redis, tenant, alias=alias)
+
+
+def _one_kind(samples: list[Sample], endpoint: str | None, filters: dict[str, int]) -> list[Sample]:
+    chat = sum(isinstance(s.prompt, list) for s in samples)
+    keep_chat = endpoint == "chat" if endpoint else chat >= len(samples) - chat
+    kept = [s for s in samples if isinstance(s.prompt, list) == keep_chat]
+    filters["other_endpoint"] = len(samples) - len(kept)
+    return kept
+
+
+def _redacted(samples: list[Sample], counts: Counter[str]) -> list[Sample]:
+    redactor = Redactor()
+
+    def clean(value: Any) -> Any:
+        cleaned, found = redact_value(redactor, value)
+        counts.update(found)
+        return cleaned
+
+    return [Sample(p := clean(s.prompt), _key(p), clean(s.text), s.judgement, clean(s.correction)) for s in samples]
+
+
+def _shingles(prompt: Prompt) -> frozenset[str]:
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt if m["role"] != "system")
+    words = _WORD.findall(text.lower())
+    spans = range(max(1, len(words) - SHINGLE_WORDS + 1))
+    return frozenset(" ".join(words[i : i + SHINGLE_WORDS]) for i in spans)
+
+
+def _near_pairs(sets: list[frozenset[str]], threshold: float) -> Iterator[tuple[int, int]]:
+    """Every pair (i, j) with Jaccard(sets[i], sets[j]) >= threshold, exactly: the all-pairs prefix filter.
+    Two such sets share a token among the rarest |s| - ceil(t|s|) + 1 of each, so each set meets as
+    candidates only the earlier sets indexed under its own prefix, of a size that could qualify."""
+    frequency = Counter(token for s in sets for token in s)
+    index: dict[str, list[int]] = {}
+    for i in sorted(range(len(sets)), key=lambda i: len(sets[i])):
+        size = len(sets[i])
+        tokens = sorted(sets[i], key=lambda token: (frequency[token], token))
+        candidates: set[int] = set()
+        for token in tokens[: size - math.ceil(threshold * size - 1e-9) + 1]:
+            candidates.update(j for j in index.get(token, ()) if len(sets[j]) >= threshold * size - 1e-9)
+            index.setdefault(token, []).append(i)
+        for j in sorted(candidates):
+            overlap = len(sets[i] & sets[j])
+            if overlap >= threshold * (size + len(sets[j]) - overlap) - 1e-9:
+                yield min(i, j), max(i, j)
+
+
+def _grouped(samples: list[Sample], threshold: float, filters: dict[str, int]) -> list[list[Sample]]:
+    """Samples by prompt group (exact, then near duplicates), each group and its samples oldest first."""
+    by_key: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_key.setdefault(s.key, []).append(i)
+    filters["exact_duplicate_prompts"] = len(samples) - len(by_key)
+    exact = list(by_key.values())
+    parent = list(range(len(exact)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+
+    if threshold < 1:
+        for i, j in _near_pairs([_shingles(samples[ids[0]].prompt) for ids in exact], threshold):
+            a, b = root(i), root(j)
+            parent[max(a, b)] = min(a, b)
+        filters["near_duplicate_prompts"] = len(exact) - len({root(i) for i in range(len(exact))})
+    merged: dict[int, list[int]] = {}
+    for i, ids in enumerate(exact):
+        merged.setdefault(root(i), []).extend(ids)
+    return [[samples[i] for i in sorted(ids)] for ids in merged.values()]
+
+
+def _prepared(group: list[Sample]) -> _Group:
+    judged: dict[str, list[float]] = {}
+    corrected: set[str] = set()
+    for s in group:
+        if s.text is not None:
+            judged.setdefault(s.text, []).extend([] if s.judgement is None else [s.judgement])
+            if s.correction is not None and s.correction != s.text:
+                corrected.add(s.text)
+    means = {text: fmean(values) for text, values in judged.items() if values}
+    corrections = [(s, s.correction) for s in group if s.correction is not None]
+    reference: str | None
+    if corrections:
+        origin, reference = corrections[-1]
+        worse = [t for t in judged if t != reference and (t in corrected or means.get(t, 1.0) < 0.5)]
+    else:
+        reference = max((t for t in means if means[t] >= 0.5), key=lambda t: means[t], default=None)
+        origin = next((s for s in group if s.text == reference), group[0])
+        worse = [t for t in means if reference is not None and means[t] < means[reference]]
+    prompt = origin.prompt
+
+    def answer(text: str) -> list[dict[str, str]] | str:
+        return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+    labels = {t: means[t] >= 0.5 for t in means} | {c: True for _, c in corrections}
+    chosen = [] if reference is None else [reference]
+    return _Group(
+        group[0].key,
+        prompt,
+        reference,
+        sft=[{"prompt": prompt, "completion": answer(c)} for c in chosen],
+        dpo=[{"prompt": prompt, "chosen": answer(c), "rejected": answer(t)} for c in chosen for t in worse],
+        kto=[{"prompt": prompt, "completion": answer(t), "label": label} for t, label in labels.items()],
+    )
+
+
+def _balanced(
+    groups: list[_Group], pattern: re.Pattern[str], seed: int, filters: dict[str, int]
+) -> tuple[list[_Group], dict[str, Any]]:
+    by_label: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        found = pattern.search(g.reference) if g.reference is not None else None
+        if found is not None and found.group(1) is not None:
+            by_label.setdefault(found.group(1), []).append(i)
+    before = {label: len(ids) for label, ids in sorted(by_label.items())}
+    minority = min(before.values(), default=0)
+    dropped: set[int] = set()
+    for label, ids in sorted(by_label.items()):
+        ranked = sorted(ids, key=lambda i: groups[i].id)
+        kept = set(random.Random(f"{seed}:{label}").sample(ranked, minority))
+        dropped.update(i for i in ids if i not in kept)
+    filters["label_balance"] = len(dropped)
+    unlabelled = len(groups) - sum(before.values())
+    labels = {"before": before, "after": {k: min(n, minority) for k, n in before.items()}, "unlabelled": unlabelled}
+    return [g for i, g in enumerate(groups) if i not in dropped], labels
+
+
+def _split(groups: list[_Group], shares: list[float], seed: int) -> dict[str, list[_Group]]:
+    ordered = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}\0{g.id}".encode()).hexdigest())
+    n = len(ordered)
+    validation, test = (max(int(n >= 3), int(n * share + 0.5)) for share in shares[1:])
+    return dict(
+        zip(SPLITS, (ordered[validation + test :], ordered[test : validation + test], ordered[:test]), strict=True)
+    )
+
+
+def _jsonl(rows: Iterable[Row]) -> str:
+    return "".join(json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows)
+
+
+def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
+    """Clean, group, balance and split the samples, and render the files and their card. Pure and
+    synchronous CPU work. NotEnoughData when the train split has fewer than config.min_examples."""
+    filters = dict(loaded.dropped)
+    samples = _one_kind(loaded.samples, config.endpoint, filters)
+    redactions: Counter[str] = Counter()
+    if config.redact_pii:
+        samples = _redacted(samples, redactions)
+    groups = [_prepared(g) for g in _grouped(samples, config.near_duplicate_threshold, filters)]
+    labels = None
+    if config.label_pattern:
+        groups, labels = _balanced(groups, re.compile(config.label_pattern), config.seed, filters)
+    filters = {name: filters[name] for name in FILTERS if name in filters}
+    splits = _split(groups, config.split, config.seed)
+    rows = {
+        name: {kind: [r for g in part for r in getattr(g, kind)] for kind in KINDS} for name, part in splits.items()
+    }
+    usable = len(rows["train"][config.method])
+    if usable < config.min_examples:
+        raise NotEnoughData(config.method, usable, config.min_examples, filters)
+    eval_rows = [{"prompt": g.prompt, "reference": g.reference} for g in splits["test"] if g.reference is not None]
+    files = {f"{name}.jsonl": _jsonl(rows[name][config.method]) for name in SPLITS} | {EVAL_FILE: _jsonl(eval_rows)}
+    digest = hashlib.sha256()
+    for name, text in files.items():
+        data = text.encode()
+        digest.update(f"{name}\n{len(data)}\n".encode() + data)
+    settings = {k: getattr(config, k) for k in SETTINGS}
+    card = DataCard(
+        dataset_hash=digest.hexdigest(),
+        method=config.method,
+        source=loaded.source,
+        records_read=loaded.records_read,
+        with_feedback=loaded.with_feedback,
+        examples={kind: sum(len(rows[name][kind]) for name in SPLITS) for kind in KINDS},
+        splits={name: {"prompts": len(splits[name])} | {k: len(rows[name][k]) for k in KINDS} for name in SPLITS},
+        eval_rows=len(eval_rows),
+        filters=filters,
+        redactions=dict(sorted(redactions.items())),
+        labels=labels,
+        files={name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()},
+        settings=settings,
+    )
+    return BuiltDataset(rows, files, card)
+
+
+def _write_file(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def write(built: BuiltDataset, folder: str | Path) -> DataCard:
+    """The files and data_card.json / data_card.md into `folder`, which must not exist yet or be empty
+    (FileExistsError). Atomic: written into a temporary folder beside it, renamed onto it once complete;
+    a failure leaves nothing. Synchronous file work."""
+    target = Path(folder)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        for name, text in built.files.items():
+            _write_file(staging / name, text)
+        _write_file(staging / "data_card.json", json.dumps(built.card.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        _write_file(staging / "data_card.md", built.card.markdown())
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return built.card

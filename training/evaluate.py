@@ -1,0 +1,411 @@
+"""The eval gate of a retraining run: the candidate adapter, the version now serving and the base each
+answer the test split through the gateway (temperature 0), the answers are scored with the configured
+metrics (training.metrics), and `decide` applies the publish rule: the candidate must beat the serving
+version (the base when the alias has none) by `publish_margin` on the primary metric and must not
+drop by more than `max_regression` on the regression set. `write_report` leaves the evidence as
+eval_report.json and eval_report.md.
+
+Failed requests are kept, not raised: a failed answer counts as wrong on every metric, is left out
+of the latency percentiles, and is counted in `Scores.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from training.config import RetrainConfig
+from training.metrics import metric_means
+
+Prompt = str | list[dict[str, Any]]
+"""A chat prompt (messages, sent to /v1/chat/completions) or a text prompt (sent to /v1/completions)."""
+Progress = Callable[[int, int], None]
+"""Called with (answered, total) after each answer."""
+EPSILON = 1e-9
+"""Slack in the publish rule's comparisons, so that 0.15 >= 0.10 + 0.05 holds in floating point."""
+CELL_CHARS = 240
+"""Longest text in a cell of the Markdown report's examples."""
+
+
+class EvalRow(BaseModel):
+    """A line of eval.jsonl ({prompt, reference}) or of the regression set ({prompt, completion})."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    reference: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_is_the_reference(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "reference" in data or "completion" not in data:
+            return data
+        completion = data["completion"]
+        if isinstance(completion, list):  # TRL's conversational form: the assistant's messages
+            completion = "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+        return {**data, "reference": completion}
+
+    @field_validator("prompt")
+    @classmethod
+    def _messages_have_roles(cls, prompt: Prompt) -> Prompt:
+        if isinstance(prompt, list) and not all("role" in message for message in prompt):
+            raise ValueError("every message of a chat prompt needs a role")
+        return prompt
+
+
+def load_rows(path: str | Path) -> list[EvalRow]:
+    """The rows of a JSONL file (blank lines skipped); ValueError naming the line of a bad one."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(EvalRow.model_validate(json.loads(line)))
+        except (ValueError, ValidationError) as exc:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path}:{number}: not an eval row ({{prompt, reference|completion}}): {exc}") from exc
+    return rows
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    latency_ms: float
+    error: str | None = None
+    """Why there is no answer ("" then stands for it); None for an answer."""
+
+
+async def answer_one(
+    client: openai.AsyncOpenAI,
+    model: str,
+    prompt: Prompt,
+    *,
+    max_tokens: int,
+    extra_headers: dict[str, str] | None = None,
+) -> Answer:
+    """One greedy (temperature 0) answer; a failed request becomes an Answer with its error."""
+    start = time.perf_counter()
+    try:
+        if isinstance(prompt, str):
+            completion = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_headers=extra_headers
+            )
+            texts = [choice.text for choice in completion.choices]
+        else:
+            chat = await client.chat.completions.create(
+                model=model,
+                messages=cast("list[ChatCompletionMessageParam]", prompt),
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_headers=extra_headers,
+            )
+            texts = [choice.message.content or "" for choice in chat.choices]
+    except openai.OpenAIError as exc:
+        error: str | None = f"{type(exc).__name__}: {exc}"
+        texts = [""]
+    else:
+        error = None if texts else "the response has no choices"
+    latency_ms = (time.perf_counter() - start) * 1000
+    return Answer(text=texts[0] if texts else "", latency_ms=latency_ms, error=error)
+
+
+async def answer_all(
+    client: openai.AsyncOpenAI,
+    model: str,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: int,
+    concurrency: int = 4,
+    extra_headers: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> list[Answer]:
+    """The model's answers to the prompts, in their order, at most `concurrency` requests at a time.
+
+    Give the client `max_retries=0` to count every failure rather than retry it into the latencies.
+    """
+    semaphore = asyncio.Semaphore(concurrency)
+    answered = [0]
+
+    async def one(prompt: Prompt) -> Answer:
+        async with semaphore:
+            answer = await answer_one(client, model, prompt, max_tokens=max_tokens, extra_headers=extra_headers)
+        answered[0] += 1
+        if progress is not None:
+            progress(answered[0], len(prompts))
+        return answer
+
+    return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+
+
+class Scores(BaseModel):
+    n: int
+    errors: int
+    metrics: dict[str, float]
+    """Each configured metric's mean over all n prompts (failed answers score 0)."""
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    """Over the answers that did not fail; None when all failed."""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated linearly between ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def score(answers: Sequence[Answer], references: Sequence[str], config: RetrainConfig) -> Scores:
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    latencies = [answer.latency_ms for answer in answers if answer.error is None]
+    return Scores(
+        n=len(answers),
+        errors=len(answers) - len(latencies),
+        metrics=metric_means([answer.text for answer in answers], references, config),
+        latency_p50_ms=percentile(latencies, 50) if latencies else None,
+        latency_p95_ms=percentile(latencies, 95) if latencies else None,
+    )
+
+
+class Decision(BaseModel):
+    publish: bool
+    reasons: list[str]
+
+
+def decide(
+    candidate: Scores,
+    current: Scores | None,
+    base: Scores,
+    regression: tuple[Scores, Scores] | None,
+    config: RetrainConfig,
+) -> Decision:
+    """The publish rule. `current` is None when the alias serves the base, which is then the bar;
+    `regression` is (candidate, serving version) scored on the regression set, None without one."""
+    primary, margin = config.primary_metric, config.publish_margin
+    if candidate.errors >= candidate.n:
+        return Decision(publish=False, reasons=[f"the candidate failed on all {candidate.n} prompts"])
+    serving, name = (current, "current") if current is not None else (base, "base")
+    ours, theirs = candidate.metrics[primary], serving.metrics[primary]
+    beats = ours + EPSILON >= theirs + margin
+    sign = ">=" if beats else "<"
+    reasons = [f"{primary} {ours:.3f} {sign} {name} {theirs:.3f} + margin {margin:.3f}"]
+    if current is not None:
+        reasons.append(f"{primary} {ours:.3f} vs base {base.metrics[primary]:.3f}")
+    holds = True
+    if regression is not None:
+        ours_r, theirs_r = regression[0].metrics[primary], regression[1].metrics[primary]
+        drop = theirs_r - ours_r
+        holds = drop <= config.max_regression + EPSILON
+        sign = "<=" if holds else ">"
+        reasons.append(
+            f"regression set: {primary} {ours_r:.3f} vs {name} {theirs_r:.3f}, "
+            f"drop {max(drop, 0.0):.3f} {sign} allowed {config.max_regression:.3f}"
+        )
+    if candidate.errors:
+        reasons.append(f"the candidate failed on {candidate.errors} of {candidate.n} prompts (scored as wrong)")
+    return Decision(publish=beats and holds, reasons=reasons)
+
+
+class RegressionScores(BaseModel):
+    candidate: Scores
+    serving: Scores
+    """The version now serving, or the base when the alias has none."""
+
+
+class Example(BaseModel):
+    prompt: Prompt
+    reference: str
+    base: str
+    current: str | None
+    candidate: str
+
+
+class EvalReport(BaseModel):
+    primary_metric: str
+    models: dict[str, str]
+    """Model names asked, by role: base, current (absent without one), candidate."""
+    candidate: Scores
+    current: Scores | None
+    base: Scores
+    regression: RegressionScores | None
+    decision: Decision
+    examples: list[Example]
+
+
+def _shown(answer: Answer) -> str:
+    return answer.text if answer.error is None else f"[error: {answer.error}]"
+
+
+def choose_examples(rows: Sequence[EvalRow], answers: dict[str, list[Answer]], count: int) -> list[Example]:
+    """`count` rows side by side, first those where the candidate answers unlike the serving version."""
+    serving = answers.get("current") or answers["base"]
+
+    def same(i: int) -> bool:
+        return answers["candidate"][i].text.strip() == serving[i].text.strip()
+
+    chosen = sorted(range(len(rows)), key=same)[:count]
+    return [
+        Example(
+            prompt=rows[i].prompt,
+            reference=rows[i].reference,
+            base=_shown(answers["base"][i]),
+            current=_shown(answers["current"][i]) if "current" in answers else None,
+            candidate=_shown(answers["candidate"][i]),
+        )
+        for i in chosen
+    ]
+
+
+async def evaluate(
+    client: openai.AsyncOpenAI,
+    rows: Sequence[EvalRow],
+    config: RetrainConfig,
+    *,
+    candidate: str,
+    base: str,
+    current: str | None = None,
+    regression_rows: Sequence[EvalRow] = (),
+    extra_headers: dict[str, str] | None = None,
+    concurrency: int = 4,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EvalReport:
+    """Asks each model (one after the other, so their latencies do not mix; the base first, which warms
+    the engine up) and decides.
+
+    `current` is the serving version's model name, None when the alias serves the base; `progress`
+    is called with (what is being asked, answered, total).
+    """
+    if not rows:
+        raise ValueError("no test rows to evaluate on")
+    models = {"base": base} | ({"current": current} if current else {}) | {"candidate": candidate}
+
+    async def ask(label: str, model: str, asked: Sequence[EvalRow]) -> list[Answer]:
+        report = functools.partial(progress, label) if progress is not None else None
+        prompts = [row.prompt for row in asked]
+        return await answer_all(
+            client,
+            model,
+            prompts,
+            max_tokens=config.max_new_tokens,
+            concurrency=concurrency,
+            extra_headers=extra_headers,
+            progress=report,
+        )
+
+    references = [row.reference for row in rows]
+    answers = {role: await ask(role, model, rows) for role, model in models.items()}
+    scores = {role: score(answers[role], references, config) for role in models}
+    regression = None
+    if regression_rows:
+        expected = [row.reference for row in regression_rows]
+        regression = RegressionScores(
+            candidate=score(await ask("regression: candidate", candidate, regression_rows), expected, config),
+            serving=score(await ask("regression: serving", current or base, regression_rows), expected, config),
+        )
+    pair = (regression.candidate, regression.serving) if regression else None
+    return EvalReport(
+        primary_metric=config.primary_metric,
+        models=models,
+        candidate=scores["candidate"],
+        current=scores.get("current"),
+        base=scores["base"],
+        regression=regression,
+        decision=decide(scores["candidate"], scores.get("current"), scores["base"], pair, config),
+        examples=choose_examples(rows, answers, config.examples_in_report),
+    )
+
+
+def _cell(text: str, limit: int = CELL_CHARS) -> str:
+    """Text for one Markdown table cell: shortened, one line, pipes escaped."""
+    short = text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    return short.replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _prompt_text(prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {_content(m.get('content'))}" for m in prompt)
+
+
+def _content(content: Any) -> str:
+    return content if isinstance(content, str) else json.dumps(content)
+
+
+def _row(label: str, cells: Sequence[str]) -> str:
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+def markdown_table(report: EvalReport) -> str:
+    """Metrics (rows) of base, current and candidate (columns), then latency, errors and the regression set."""
+    columns = (report.base, report.current, report.candidate)
+
+    def cells(value: Callable[[Scores], str]) -> list[str]:
+        return ["–" if scores is None else value(scores) for scores in columns]
+
+    lines = ["| metric | base | current | candidate |", "|---|---:|---:|---:|"]
+    for name in report.candidate.metrics:
+        label = f"**{name}** (primary)" if name == report.primary_metric else name
+        lines.append(_row(label, cells(functools.partial(_metric_cell, name))))
+    lines.append(_row("latency p50 (ms)", cells(lambda s: _number(s.latency_p50_ms, 0))))
+    lines.append(_row("latency p95 (ms)", cells(lambda s: _number(s.latency_p95_ms, 0))))
+    lines.append(_row("errors", cells(lambda s: f"{s.errors}/{s.n}")))
+    if report.regression is not None:
+        primary, regression = report.primary_metric, report.regression
+        serving = _number(regression.serving.metrics[primary])
+        before = ["–", serving] if report.current is not None else [serving, "–"]
+        candidate = _number(regression.candidate.metrics[primary])
+        lines.append(_row(f"{primary} on the regression set (n={regression.candidate.n})", [*before, candidate]))
+    return "\n".join(lines)
+
+
+def _metric_cell(name: str, scores: Scores) -> str:
+    return _number(scores.metrics.get(name))
+
+
+def markdown_report(report: EvalReport) -> str:
+    models = ", ".join(f"{role} `{name}`" for role, name in report.models.items())
+    verdict = "publish" if report.decision.publish else "do not publish"
+    lines = ["# Eval report", "", f"Models: {models}.", "", markdown_table(report), "", f"## Decision: {verdict}", ""]
+    lines += [f"- {reason}" for reason in report.decision.reasons]
+    lines += ["", "## Examples"]
+    for number, example in enumerate(report.examples, start=1):
+        answers = [example.reference, example.base, example.current or "–", example.candidate]
+        lines += [
+            "",
+            f"### {number}",
+            "",
+            f"**Prompt:** {_cell(_prompt_text(example.prompt), 2 * CELL_CHARS)}",
+            "",
+            "| reference | base | current | candidate |",
+            "|---|---|---|---|",
+            "| " + " | ".join(_cell(text) for text in answers) + " |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: EvalReport, folder: str | Path) -> tuple[Path, Path]:
+    """Writes eval_report.json and eval_report.md into the folder (made if missing); returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = folder / "eval_report.json", folder / "eval_report.md"
+    json_path.write_text(report.model_dump_json(indent=2) + "\n")
+    markdown_path.write_text(markdown_report(report))
+    return json_path, markdown_path

@@ -1,0 +1,114 @@
+"""From a trained adapter to a version clients get: staged as a candidate, published, canaried.
+
+Training writes only through the adapter registry (adapters.store):
+1. `stage`: the trained folder becomes the next version of the adapter the alias serves, **unlisted**:
+   no client sees or calls it; only the tenant's `training` keys, by its exact `name@V`, so the eval
+   gate can ask it through the real gateway and vLLM.
+2. `publish`: a candidate that passed the gate is listed, its manifest's provenance completed with
+   the eval's metrics (the weights and their sha256 are those evaluated). `discard` removes one that
+   did not; version numbers are never reused either way.
+3. `start_canary`: an experiment on the alias (gateway.experiments) between what it served (control)
+   and the new version, with the guard rails that promote it or roll it back by themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
+from adapters.store import AdapterNotFound, AdapterStore
+from adapters.validate import BaseModelSpec
+from gateway.experiments import PREFIX as EXPERIMENT
+from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.pointers import PointerStore
+from training.config import RetrainConfig
+
+
+class RetrainRefused(ValueError):
+    """The run cannot go on as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What an alias serves before the run, and the adapter name its new version takes."""
+
+    alias: str
+    target: str
+    """`name@V` of one of the tenant's versions, or the base model's name."""
+    adapter_name: str
+    parent: str | None
+    """The version the candidate improves on (None: the base)."""
+
+
+async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, alias: str) -> Serving:
+    """The alias's current target; refused when it has none or is in a running experiment."""
+    target = (await pointers.of(tenant)).aliases.get(alias)
+    if target is None:
+        raise RetrainRefused(
+            f"Tenant {tenant} has no alias `{alias}`: create it first (loragate adapters alias {alias} TARGET)."
+        )
+    if target.startswith(EXPERIMENT):
+        name = target.removeprefix(EXPERIMENT)
+        found = await experiments.get(tenant, name)
+        if found.status in ("running", "paused"):
+            raise RetrainRefused(
+                f"Alias `{alias}` is in experiment `{name}` ({found.status}): promote, roll back or stop it first."
+            )
+        target = found.arm(found.control).target
+    ref = target.partition("/")[2] if "/" in target else target
+    if "@" in ref and "/" not in target:
+        return Serving(alias, target, AdapterRef.parse(ref).name, target)
+    return Serving(alias, target, check_name(f"{alias}-tuned"), None)
+
+
+def stage(
+    store: AdapterStore, adapter_dir: Path, name: str, base: BaseModelSpec, max_rank: int, provenance: dict[str, Any]
+) -> Manifest:
+    """The trained adapter as an unlisted candidate version (validated like any upload). File work:
+    callers on an event loop run it in a thread."""
+    return store.add(adapter_dir, name, base, max_rank, origin=str(adapter_dir), listed=False, provenance=provenance)
+
+
+def publish(store: AdapterStore, candidate: Manifest, provenance: dict[str, Any]) -> Manifest:
+    """List a candidate that passed the gate, its provenance completed (file work: run in a thread)."""
+    return store.publish(candidate.name, candidate.version, provenance)
+
+
+def discard(store: AdapterStore, candidate: Manifest) -> None:
+    """Remove a candidate that failed the gate or whose run failed; gone already is fine."""
+    try:
+        if not store.manifest(candidate.name, candidate.version).listed:
+            store.remove(candidate.name, candidate.version)
+    except AdapterNotFound:
+        pass
+
+
+def canary(tenant: str, before: Serving, version: str, config: RetrainConfig, name: str) -> Experiment:
+    """The canary experiment on the alias (validated, not started): control keeps `before.target`,
+    `version` gets `config.canary_weight` percent, and the guard rails promote it when it wins or roll it
+    back when it errs or is rated down."""
+    arms = [
+        Arm(name="control", target=before.target, weight=100 - config.canary_weight),
+        Arm(name="candidate", target=version, weight=config.canary_weight),
+    ]
+    return Experiment(
+        name=name,
+        tenant=tenant,
+        alias=before.alias,
+        control="control",
+        arms=arms,
+        min_samples=config.canary_min_samples,
+        auto_promote=True,
+        max_error_rate=config.canary_max_error_rate,
+        max_negative_rate=config.canary_max_negative_rate,
+        guard_min_requests=max(5, config.canary_min_samples // 2),
+    )
+
+
+async def start_canary(experiments: ExperimentStore, experiment: Experiment, version: Manifest, by: str) -> Experiment:
+    """Start the canary of a published version (its alias then routes through the experiment)."""
+    if not version.listed:
+        raise InvalidAdapter(f"{version.ref} is not published: a canary serves clients.")
+    return await experiments.create(experiment, by)

@@ -1,0 +1,386 @@
+"""Trains one LoRA adapter on the serving base from a built dataset folder, with TRL's trainers.
+
+`train` is synchronous and holds the CPU (or GPU) for minutes: callers run it in a thread or a
+subprocess, never on an event loop. It refuses up front what the engine could not serve (a rank
+above --max-lora-rank, modules the base lacks), trains with per-epoch validation, early stopping
+and a checkpoint per epoch in RUN_DIR/checkpoints (`resume=True` continues from the last one), and
+writes RUN_DIR/adapter only after the registry's own check (adapters.validate) accepts it.
+
+Hardware: on CUDA the base is loaded in bitsandbytes 4-bit NF4 (QLoRA) unless `qlora` is False;
+on CPU it is plain LoRA in the dtype training.hardware picks (fp32 on AVX2-only CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.manifest import InvalidAdapter
+from adapters.staging import staged_folder
+from adapters.validate import BaseModelSpec, CheckedAdapter, check_adapter
+from gateway.settings import Settings
+from training.config import RetrainConfig
+from training.hardware import Precision, choose_precision
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+
+Progress = Callable[[str], None]
+
+DEFAULT_MAX_RANK: int = Settings.model_fields["max_lora_rank"].default
+"""The engine's --max-lora-rank unless the caller passes the deployment's own."""
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
+}
+"""The columns each method reads from the dataset builder's rows (TRL's formats); others are dropped."""
+
+SPLITS = ("train", "validation")
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """Training failed, or its adapter failed the registry's checks; the message says why."""
+
+
+class TrainingRefused(TrainingError):
+    """Refused before any training: the config, the data or the machine cannot make a servable adapter."""
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    epoch: int
+    train_loss: float | None
+    validation_loss: float | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    method: str
+    epochs: tuple[EpochLoss, ...]
+    """Every epoch trained so far, resumed ones included, in order."""
+    best_epoch: int | None
+    """The epoch with the lowest validation loss."""
+    adapter_epoch: int
+    """The epoch whose weights the adapter holds: the best one when early stopping is on, else the last."""
+    early_stopped: bool
+    steps: int
+    """Optimizer steps in the whole run, resumed ones included."""
+    train_examples: int
+    examples_per_s: float
+    tokens_per_s: float
+    """Training throughput of this call: examples (non-padding tokens) per second inside training epochs
+    (evaluation, checkpointing and loading excluded)."""
+    train_seconds: float
+    wall_seconds: float
+    """This call from start to end: loading, training, evaluation, checkpoints and the adapter check."""
+    device: str
+    dtype: str
+    qlora: bool
+    resumed_from: Path | None
+    adapter: CheckedAdapter
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for run records and benchmarks."""
+        result = asdict(self)
+        result["adapter_dir"] = str(self.adapter_dir)
+        result["resumed_from"] = str(self.resumed_from) if self.resumed_from else None
+        return result
+
+
+def check_limits(config: RetrainConfig, base: BaseModelSpec, max_rank: int) -> None:
+    """Refuse a LoRA the engine could not load: rank above its max, or modules the base does not have."""
+    if config.lora_r > max_rank:
+        raise TrainingRefused(f"lora_r {config.lora_r} is above the engine's max_lora_rank {max_rank}.")
+    missing = sorted(set(config.target_modules) - base.module_names)
+    if missing:
+        raise TrainingRefused(
+            f"target_modules {missing} do not exist in {base.name} (it has {sorted(base.module_names)})."
+        )
+
+
+def use_qlora(config: RetrainConfig, precision: Precision) -> bool:
+    """QLoRA when asked for, or by default on CUDA; refused without bitsandbytes."""
+    wanted = config.qlora if config.qlora is not None else precision.device == "cuda"
+    if wanted:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise TrainingRefused(
+                "qlora needs bitsandbytes, which is not installed here: install it (the cuda or cpu-bnb extra) "
+                "or set qlora to false to train plain LoRA."
+            ) from exc
+    return wanted
+
+
+def _read_rows(path: Path, method: str) -> Iterator[dict[str, Any]]:
+    columns = COLUMNS[method]
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TrainingRefused(f"{path}:{number} is not JSON: {exc}") from exc
+        missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+        if missing:
+            raise TrainingRefused(f"{path}:{number} lacks {missing}: method {method} needs rows with {list(columns)}.")
+        yield {c: row[c] for c in columns}
+
+
+def load_split(dataset_dir: Path, split: str, method: str) -> Dataset:
+    """One split of a built dataset folder, reduced to the columns `method` trains on; never empty."""
+    from datasets import Dataset
+
+    path = dataset_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise TrainingRefused(f"{path} is missing: the dataset folder needs {[s + '.jsonl' for s in SPLITS]}.")
+    rows = list(_read_rows(path, method))
+    if not rows:
+        raise TrainingRefused(f"{path} holds no examples; training needs a {split} split.")
+    return Dataset.from_list(rows)
+
+
+def load_base(base_dir: Path, precision: Precision, qlora: bool) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=precision.dtype)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=precision.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=nf4, dtype=precision.dtype, device_map=precision.device
+    )
+    for module in model.modules():
+        # bitsandbytes' AVX512-BF16 CPU path corrupts 4-bit weights once LoRA layers wrap them.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (an attribute torch's types lack)
+    return model
+
+
+def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision) -> TrainingArguments:
+    """TRL's config for `config.method`, built from the retraining config."""
+    from trl import DPOConfig, KTOConfig, SFTConfig
+
+    early_stopping = config.early_stopping_patience > 0
+    kinds: dict[str, Callable[..., TrainingArguments]] = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig}
+    flags: dict[str, Any] = precision.trainer_flags
+    return kinds[config.method](
+        output_dir=str(run_dir / CHECKPOINT_DIR),
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        save_total_limit=2,  # with load_best_model_at_end the best is kept besides the last
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
+        include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=precision.device == "cuda",  # memory is short on GPUs, time on CPUs
+        report_to=[],
+        **flags,
+    )
+
+
+class _EpochWatch:
+    """Times training epochs (throughput) and reports each epoch's losses; `_as_trainer_callback` plugs it in."""
+
+    def __init__(self, total_epochs: int, examples_per_epoch: int, progress: Progress | None) -> None:
+        self.total_epochs = total_epochs
+        self.examples_per_epoch = examples_per_epoch
+        self.progress = progress
+        self.seconds = 0.0
+        self.tokens = 0
+        self.examples = 0
+        self._started = 0.0
+        self._tokens_at_start = 0
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = time.perf_counter()
+        self._tokens_at_start = state.num_input_tokens_seen
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.tokens += state.num_input_tokens_seen - self._tokens_at_start
+        self.examples += self.examples_per_epoch
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """One line per epoch, once its checkpoint is written (so a reported epoch survives a crash)."""
+        if self.progress is None:
+            return
+        epoch = round(state.epoch)
+        losses = {e.epoch: e for e in epoch_losses(state.log_history)}.get(epoch)
+        parts = [f"{name} loss {value:.4f}" for name, value in _loss_parts(losses)]
+        self.progress(f"epoch {epoch}/{self.total_epochs}: {', '.join(parts) or 'no loss logged'}")
+
+
+def _loss_parts(losses: EpochLoss | None) -> list[tuple[str, float]]:
+    if losses is None:
+        return []
+    named = [("train", losses.train_loss), ("validation", losses.validation_loss)]
+    return [(name, value) for name, value in named if value is not None]
+
+
+def _as_trainer_callback(watch: _EpochWatch) -> TrainerCallback:
+    from transformers import TrainerCallback
+
+    class EpochWatch(TrainerCallback):
+        on_epoch_begin = staticmethod(watch.on_epoch_begin)
+        on_epoch_end = staticmethod(watch.on_epoch_end)
+        on_save = staticmethod(watch.on_save)
+
+    return EpochWatch()
+
+
+def build_trainer(
+    config: RetrainConfig, args: TrainingArguments, model: PreTrainedModel, base_dir: Path, data: dict[str, Dataset]
+) -> Trainer:
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    callbacks = []
+    if config.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    kinds: dict[str, Any] = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}
+    set_seed(config.seed)  # the trainer wraps the model in LoRA (random A matrices) before it seeds anything
+    trainer: Trainer = kinds[config.method](
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=AutoTokenizer.from_pretrained(base_dir),
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    return trainer
+
+
+def epoch_losses(log_history: list[dict[str, Any]]) -> tuple[EpochLoss, ...]:
+    """Per-epoch train loss (logged once per epoch) and validation loss, from the trainer's log history."""
+    train: dict[int, float] = {}
+    validation: dict[int, float] = {}
+    for log in log_history:
+        if "epoch" not in log:
+            continue
+        epoch = round(log["epoch"])
+        if "loss" in log:
+            train[epoch] = float(log["loss"])
+        if "eval_loss" in log:
+            validation[epoch] = float(log["eval_loss"])
+    return tuple(EpochLoss(e, train.get(e), validation.get(e)) for e in sorted(set(train) | set(validation)))
+
+
+def best_epoch(epochs: tuple[EpochLoss, ...]) -> int | None:
+    """The first epoch with the lowest validation loss, as the trainer's own best-model tracking picks it."""
+    scored = [(e.validation_loss, e.epoch) for e in epochs if e.validation_loss is not None]
+    return min(scored)[1] if scored else None
+
+
+def _dtype_name(precision: Precision) -> str:
+    return str(precision.dtype).removeprefix("torch.")
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(found) if found else None
+
+
+def save_adapter(trainer: Trainer, target: Path, base: BaseModelSpec, max_rank: int) -> CheckedAdapter:
+    """Write the trained adapter to `target` whole, only if the registry's check accepts it."""
+    with staged_folder(target) as staging:
+        model: Any = trainer.model  # the PeftModel: saves the adapter only
+        model.save_pretrained(staging, safe_serialization=True)
+        try:
+            return check_adapter(staging, base, max_rank)
+        except InvalidAdapter as exc:
+            raise TrainingError(f"the trained adapter fails the registry's checks: {exc}") from exc
+
+
+def train(
+    config: RetrainConfig,
+    dataset_dir: Path,
+    base_dir: Path,
+    run_dir: Path,
+    *,
+    max_rank: int = DEFAULT_MAX_RANK,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train `config.method` on DATASET_DIR/{train,validation}.jsonl; the adapter lands in RUN_DIR/adapter.
+
+    Blocking. `resume=True` continues from the last checkpoint in RUN_DIR/checkpoints (from scratch when
+    there is none); otherwise old checkpoints there are removed first.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda _: None)
+    base = BaseModelSpec.from_folder(base_dir, base_dir.name)
+    check_limits(config, base, max_rank)
+    precision = choose_precision()
+    qlora = use_qlora(config, precision)
+    data = {split: load_split(dataset_dir, split, config.method) for split in SPLITS}
+    resume_from = _last_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
+    if not resume:
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)  # never mistake an older run's adapter for this one's
+    report(
+        f"{config.method} on {len(data['train'])} examples ({len(data['validation'])} validation), "
+        f"{'QLoRA' if qlora else 'LoRA'} r={config.lora_r} on {precision.device} in {_dtype_name(precision)}"
+        + (f", resuming from {resume_from.name}" if resume_from else "")
+    )
+    trainer = build_trainer(
+        config, trainer_args(config, run_dir, precision), load_base(base_dir, precision, qlora), base_dir, data
+    )
+    watch = _EpochWatch(config.epochs, len(data["train"]), progress)
+    trainer.add_callback(_as_trainer_callback(watch))
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    checked = save_adapter(trainer, run_dir / ADAPTER_DIR, base, max_rank)
+
+    epochs = epoch_losses(trainer.state.log_history)
+    best = best_epoch(epochs)
+    trained_epochs = round(trainer.state.epoch or 0)
+    early_stopping = config.early_stopping_patience > 0
+    return TrainResult(
+        adapter_dir=run_dir / ADAPTER_DIR,
+        method=config.method,
+        epochs=epochs,
+        best_epoch=best,
+        adapter_epoch=best if early_stopping and best is not None else trained_epochs,
+        early_stopped=early_stopping and trained_epochs < config.epochs,
+        steps=trainer.state.global_step,
+        train_examples=len(data["train"]),
+        examples_per_s=watch.examples / max(watch.seconds, 1e-9),
+        tokens_per_s=watch.tokens / max(watch.seconds, 1e-9),
+        train_seconds=watch.seconds,
+        wall_seconds=time.perf_counter() - started,
+        device=precision.device,
+        dtype=_dtype_name(precision),
+        qlora=qlora,
+        resumed_from=resume_from,
+        adapter=checked,
+    )
