@@ -16,38 +16,32 @@ asyncio.to_thread).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
 import os
 import random
 import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
 from types import MappingProxyType
 from typing import Any
 
-from redis.asyncio import Redis
-
-from gateway import keys
-from gateway.export import Example, Prompt, Sample, joined, sample
-from gateway.records import LogPolicy
+from gateway.export import Prompt, Sample
 from gateway.redaction import Redactor, redact_value
-from gateway.tenants import TenantStore
 from training.config import RetrainConfig
+from training.near_duplicates import near_pairs, shingles
+from training.sources import Loaded, prompt_key
 
 Row = dict[str, Any]
 KINDS = ("sft", "dpo", "kto")
 SPLITS = ("train", "validation", "test")
 EVAL_FILE = "eval.jsonl"
 """Test prompts with a reference, for the evaluator: {"prompt": messages or text, "reference": text}."""
-SHINGLE_WORDS = 3
 SETTINGS = ("seed", "split", "near_duplicate_threshold", "redact_pii", "label_pattern", "endpoint", "min_examples")
 """The config fields a data card records."""
 FILTERS = MappingProxyType(
@@ -62,7 +56,6 @@ FILTERS = MappingProxyType(
     }
 )
 """What each filter of the data card counts, in the order they run."""
-_WORD = re.compile(r"\w+")
 
 
 class NotEnoughData(ValueError):
@@ -75,17 +68,6 @@ class NotEnoughData(ValueError):
             f"not enough data: {usable} usable {method} examples in the train split, min_examples asks for "
             f"{required} (filtered out: {removed})"
         )
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """What a source gave: its samples (oldest first) and what was counted and dropped reading it."""
-
-    samples: list[Sample]
-    source: dict[str, str]
-    records_read: int
-    with_feedback: int
-    dropped: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -153,112 +135,6 @@ class _Group:
     kto: list[Row]
 
 
-def _key(prompt: Prompt) -> str:
-    return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _kept(s: Sample, cut: bool, dropped: Counter[str]) -> Sample | None:
-    """The sample without an empty or cut-short answer (or empty correction); None when nothing is left."""
-    if s.text is not None and (cut or not s.text.strip()):
-        dropped["empty_answer" if not s.text.strip() else "truncated_answer"] += 1
-        s = replace(s, text=None, judgement=None)
-    if s.correction is not None and not s.correction.strip():
-        dropped["empty_answer"] += 1
-        s = replace(s, correction=None)
-    return s if s.text is not None or s.correction is not None else None
-
-
-def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
-    """Samples of joined log records (`policy` gives the score range); synchronous."""
-    samples, dropped = [], Counter({name: 0 for name in ("unusable", "empty_answer", "truncated_answer")})
-    for example in examples:
-        found = sample(example, policy)
-        if found is None:
-            dropped["unusable"] += 1
-            continue
-        record = example.record
-        cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
-        if (kept := _kept(found, cut, dropped)) is not None:
-            samples.append(kept)
-    return Loaded(samples, {}, len(examples), len(examples), dict(dropped))
-
-
-async def from_feedback(
-    redis: Redis, tenant: str, *, alias: str | None = None, policy: LogPolicy | None = None
-) -> Loaded:
-    """The tenant's rated completions (of `alias` only, when given). `policy` defaults to the tenant's own;
-    records_read is the length of the log when the read began."""
-    if policy is None:
-        policy = (await TenantStore(redis).get(tenant)).logging
-    records_read = int(await redis.xlen(keys.completion_log(tenant)))
-    examples = [example async for example in joined(redis, tenant, alias=alias)]
-    loaded = await asyncio.to_thread(from_examples, examples, policy)
-    source = {"kind": "feedback", "tenant": tenant} | ({"alias": alias} if alias else {})
-    return replace(loaded, source=source, records_read=max(records_read, loaded.with_feedback))
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        raise ValueError("messages must be a list of {role, content} with string content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    messages = _messages(value)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise ValueError("a conversational answer is one assistant message")
-    return messages[0]["content"]
-
-
-def _from_row(row: Any) -> Sample:
-    if not isinstance(row, dict):
-        raise ValueError("a row is a JSON object")
-    if "messages" in row:
-        messages = _messages(row["messages"])
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError("messages must be a prompt and then an assistant answer")
-        return Sample(messages[:-1], _key(messages[:-1]), messages[-1]["content"], 1.0, None)
-    prompt = row["prompt"] if isinstance(row.get("prompt"), str) else _messages(row.get("prompt"))
-    if not prompt:
-        raise ValueError("prompt is empty")
-    if "chosen" in row and "rejected" in row:
-        return Sample(prompt, _key(prompt), _text(row["rejected"]), 0.0, _text(row["chosen"]))
-    if "completion" in row:
-        label = row.get("label", True)
-        if not isinstance(label, bool):
-            raise ValueError("label must be true or false")
-        return Sample(prompt, _key(prompt), _text(row["completion"]), float(label), None)
-    raise ValueError("not a TRL row: messages, prompt+completion(+label) or prompt+chosen+rejected expected")
-
-
-def from_jsonl(path: str | Path) -> Loaded:
-    """Samples of a JSONL file of TRL rows; ValueError naming the line of a malformed one. Synchronous."""
-    samples, dropped, read = [], Counter({"empty_answer": 0}), 0
-    with Path(path).open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            read += 1
-            try:
-                found = _from_row(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: {exc}") from None
-            if (kept := _kept(found, False, dropped)) is not None:
-                samples.append(kept)
-    return Loaded(samples, {"kind": "jsonl", "path": str(path)}, read, read, dict(dropped))
-
-
-async def collect(redis: Redis, tenant: str, config: RetrainConfig, *, alias: str | None = None) -> Loaded:
-    """The run's source: config.jsonl_path (read in a thread) when config.source is jsonl, else the log."""
-    if config.source == "jsonl":
-        return await asyncio.to_thread(from_jsonl, config.jsonl_path or "")
-    return await from_feedback(redis, tenant, alias=alias)
-
-
 def _one_kind(samples: list[Sample], endpoint: str | None, filters: dict[str, int]) -> list[Sample]:
     chat = sum(isinstance(s.prompt, list) for s in samples)
     keep_chat = endpoint == "chat" if endpoint else chat >= len(samples) - chat
@@ -275,33 +151,9 @@ def _redacted(samples: list[Sample], counts: Counter[str]) -> list[Sample]:
         counts.update(found)
         return cleaned
 
-    return [Sample(p := clean(s.prompt), _key(p), clean(s.text), s.judgement, clean(s.correction)) for s in samples]
-
-
-def _shingles(prompt: Prompt) -> frozenset[str]:
-    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt if m["role"] != "system")
-    words = _WORD.findall(text.lower())
-    spans = range(max(1, len(words) - SHINGLE_WORDS + 1))
-    return frozenset(" ".join(words[i : i + SHINGLE_WORDS]) for i in spans)
-
-
-def _near_pairs(sets: list[frozenset[str]], threshold: float) -> Iterator[tuple[int, int]]:
-    """Every pair (i, j) with Jaccard(sets[i], sets[j]) >= threshold, exactly: the all-pairs prefix filter.
-    Two such sets share a token among the rarest |s| - ceil(t|s|) + 1 of each, so each set meets as
-    candidates only the earlier sets indexed under its own prefix, of a size that could qualify."""
-    frequency = Counter(token for s in sets for token in s)
-    index: dict[str, list[int]] = {}
-    for i in sorted(range(len(sets)), key=lambda i: len(sets[i])):
-        size = len(sets[i])
-        tokens = sorted(sets[i], key=lambda token: (frequency[token], token))
-        candidates: set[int] = set()
-        for token in tokens[: size - math.ceil(threshold * size - 1e-9) + 1]:
-            candidates.update(j for j in index.get(token, ()) if len(sets[j]) >= threshold * size - 1e-9)
-            index.setdefault(token, []).append(i)
-        for j in sorted(candidates):
-            overlap = len(sets[i] & sets[j])
-            if overlap >= threshold * (size + len(sets[j]) - overlap) - 1e-9:
-                yield min(i, j), max(i, j)
+    return [
+        Sample(p := clean(s.prompt), prompt_key(p), clean(s.text), s.judgement, clean(s.correction)) for s in samples
+    ]
 
 
 def _grouped(samples: list[Sample], threshold: float, filters: dict[str, int]) -> list[list[Sample]]:
@@ -319,7 +171,7 @@ def _grouped(samples: list[Sample], threshold: float, filters: dict[str, int]) -
         return i
 
     if threshold < 1:
-        for i, j in _near_pairs([_shingles(samples[ids[0]].prompt) for ids in exact], threshold):
+        for i, j in near_pairs([shingles(samples[ids[0]].prompt) for ids in exact], threshold):
             a, b = root(i), root(j)
             parent[max(a, b)] = min(a, b)
         filters["near_duplicate_prompts"] = len(exact) - len({root(i) for i in range(len(exact))})

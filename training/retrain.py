@@ -30,7 +30,7 @@ from gateway.apikeys import KeyStore
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.settings import Settings
-from training import dataset, evaluate, publish, train
+from training import dataset, evaluate, publish, sources, train
 from training.config import RetrainConfig
 
 STEPS = ("dataset", "fit", "eval", "publish")
@@ -130,7 +130,7 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
     state, config = run.state, run.config
     before = await publish.serving(PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias)
     progress(f"alias {state.alias} serves {before.target}; reading its feedback")
-    loaded = await dataset.collect(stack.records, state.tenant, config, alias=state.alias)
+    loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias)
     built = await asyncio.to_thread(dataset.build, loaded, config)
     card = await asyncio.to_thread(dataset.write, built, run.data)
     state.serving, state.data_card = asdict(before), card.to_dict()

@@ -21,7 +21,9 @@ from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
 from gateway.tenants import TenantStore
 from training import dataset
 from training.config import RetrainConfig
-from training.dataset import Loaded, NotEnoughData, build, from_examples, from_feedback, from_jsonl, write
+from training.dataset import NotEnoughData, build, write
+from training.near_duplicates import near_pairs
+from training.sources import Loaded, from_examples, from_feedback, from_jsonl
 
 IDS = itertools.count()
 SYSTEM = {"role": "system", "content": "You triage support tickets. " + " ".join(f"rule{i}" for i in range(60))}
@@ -111,10 +113,10 @@ def test_near_pairs_are_exactly_the_pairs_at_or_above_the_threshold() -> None:
         brute = {
             (i, j) for i, j in pairs if Fraction(len(sets[i] & sets[j]), len(sets[i] | sets[j])) >= Fraction(threshold)
         }
-        assert brute and set(dataset._near_pairs(shingles, float(threshold))) == brute
+        assert brute and set(near_pairs(shingles, float(threshold))) == brute
     # J = 14/25 exactly, and 0.56 * 25 is 14.000000000000002 in floats; the pair shares none of A's 11 rarest tokens
     common = frozenset(f"c{i}" for i in range(14))
-    assert list(dataset._near_pairs([common | {f"a{i}" for i in range(11)}, common], 0.56)) == [(0, 1)]
+    assert list(near_pairs([common | {f"a{i}" for i in range(11)}, common], 0.56)) == [(0, 1)]
 
 
 def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:

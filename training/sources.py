@@ -1,0 +1,139 @@
+"""Where a retraining run's examples come from: the tenant's completion log joined with its feedback
+(gateway.export), or a JSONL file of rows in TRL's formats. Either way, samples without a usable answer
+are counted and dropped; an answer cut short (finish_reason "length", or cut by the log) is dropped but
+its correction kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.export import Example, Prompt, Sample, joined, sample
+from gateway.records import LogPolicy
+from gateway.tenants import TenantStore
+from training.config import RetrainConfig
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a source gave: its samples (oldest first) and what was counted and dropped reading it."""
+
+    samples: list[Sample]
+    source: dict[str, str]
+    records_read: int
+    with_feedback: int
+    dropped: dict[str, int]
+
+
+def prompt_key(prompt: Prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _kept(s: Sample, cut: bool, dropped: Counter[str]) -> Sample | None:
+    """The sample without an empty or cut-short answer (or empty correction); None when nothing is left."""
+    if s.text is not None and (cut or not s.text.strip()):
+        dropped["empty_answer" if not s.text.strip() else "truncated_answer"] += 1
+        s = replace(s, text=None, judgement=None)
+    if s.correction is not None and not s.correction.strip():
+        dropped["empty_answer"] += 1
+        s = replace(s, correction=None)
+    return s if s.text is not None or s.correction is not None else None
+
+
+def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
+    """Samples of joined log records (`policy` gives the score range); synchronous."""
+    samples, dropped = [], Counter({name: 0 for name in ("unusable", "empty_answer", "truncated_answer")})
+    for example in examples:
+        found = sample(example, policy)
+        if found is None:
+            dropped["unusable"] += 1
+            continue
+        record = example.record
+        cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
+        if (kept := _kept(found, cut, dropped)) is not None:
+            samples.append(kept)
+    return Loaded(samples, {}, len(examples), len(examples), dict(dropped))
+
+
+async def from_feedback(
+    redis: Redis, tenant: str, *, alias: str | None = None, policy: LogPolicy | None = None
+) -> Loaded:
+    """The tenant's rated completions (of `alias` only, when given). `policy` defaults to the tenant's own;
+    records_read is the length of the log when the read began."""
+    if policy is None:
+        policy = (await TenantStore(redis).get(tenant)).logging
+    records_read = int(await redis.xlen(keys.completion_log(tenant)))
+    examples = [example async for example in joined(redis, tenant, alias=alias)]
+    loaded = await asyncio.to_thread(from_examples, examples, policy)
+    source = {"kind": "feedback", "tenant": tenant} | ({"alias": alias} if alias else {})
+    return replace(loaded, source=source, records_read=max(records_read, loaded.with_feedback))
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise ValueError("messages must be a list of {role, content} with string content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    messages = _messages(value)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ValueError("a conversational answer is one assistant message")
+    return messages[0]["content"]
+
+
+def _from_row(row: Any) -> Sample:
+    if not isinstance(row, dict):
+        raise ValueError("a row is a JSON object")
+    if "messages" in row:
+        messages = _messages(row["messages"])
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError("messages must be a prompt and then an assistant answer")
+        return Sample(messages[:-1], prompt_key(messages[:-1]), messages[-1]["content"], 1.0, None)
+    prompt = row["prompt"] if isinstance(row.get("prompt"), str) else _messages(row.get("prompt"))
+    if not prompt:
+        raise ValueError("prompt is empty")
+    if "chosen" in row and "rejected" in row:
+        return Sample(prompt, prompt_key(prompt), _text(row["rejected"]), 0.0, _text(row["chosen"]))
+    if "completion" in row:
+        label = row.get("label", True)
+        if not isinstance(label, bool):
+            raise ValueError("label must be true or false")
+        return Sample(prompt, prompt_key(prompt), _text(row["completion"]), float(label), None)
+    raise ValueError("not a TRL row: messages, prompt+completion(+label) or prompt+chosen+rejected expected")
+
+
+def from_jsonl(path: str | Path) -> Loaded:
+    """Samples of a JSONL file of TRL rows; ValueError naming the line of a malformed one. Synchronous."""
+    samples, dropped, read = [], Counter({"empty_answer": 0}), 0
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            read += 1
+            try:
+                found = _from_row(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
+            if (kept := _kept(found, False, dropped)) is not None:
+                samples.append(kept)
+    return Loaded(samples, {"kind": "jsonl", "path": str(path)}, read, read, dict(dropped))
+
+
+async def collect(redis: Redis, tenant: str, config: RetrainConfig, *, alias: str | None = None) -> Loaded:
+    """The run's source: config.jsonl_path (read in a thread) when config.source is jsonl, else the log."""
+    if config.source == "jsonl":
+        return await asyncio.to_thread(from_jsonl, config.jsonl_path or "")
+    return await from_feedback(redis, tenant, alias=alias)
