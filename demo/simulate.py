@@ -69,7 +69,13 @@ async def _serve_one(
     rating: dict[str, Any] = {"completion_id": answer.id, "user": user, "thumbs": "up" if good else "down"}
     if not good:
         rating["correction"] = ticket.ideal
-    (await feedback.post("/v1/feedback", json=rating)).raise_for_status()
+    for attempt in range(3):  # a rating is idempotent (one per end user): safe to send again
+        try:
+            (await feedback.post("/v1/feedback", json=rating)).raise_for_status()
+            return
+        except httpx.TransportError:
+            await asyncio.sleep(0.5 * (attempt + 1))
+    tally.errors += 1
 
 
 async def users(

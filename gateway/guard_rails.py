@@ -71,7 +71,8 @@ async def check(experiment: Experiment, store: ExperimentStore, found: dict[str,
     winner = found["winner"]
     if experiment.auto_promote and found["verdict"] == "winner" and winner and winner != experiment.control:
         diff = next(d for d in found["differences"] if d["arm"] == winner)
-        reason = f"{winner} wins: positive rate {diff['diff']:+.3f} vs control, always-valid {diff['always_valid']}"
+        low, high = (f"{x:+.3f}" if x is not None else "?" for x in diff["always_valid"])
+        reason = f"{winner} wins: positive rate {diff['diff']:+.3f} vs control, always-valid [{low}, {high}]"
         await store.set_status(experiment.tenant, experiment.name, "promoted", BY, winner, reason=reason)
         done.append(reason)
     return done
