@@ -30,6 +30,7 @@ from gateway.apikeys import KeyStore
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.settings import Settings
+from gateway.tenants import TenantStore
 from training import dataset, evaluate, publish, sources, train
 from training.config import RetrainConfig
 
@@ -130,7 +131,8 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
     state, config = run.state, run.config
     before = await publish.serving(PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias)
     progress(f"alias {state.alias} serves {before.target}; reading its feedback")
-    loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias)
+    policy = (await TenantStore(stack.state).get(state.tenant)).logging  # tenants live in the state Redis
+    loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias, policy=policy)
     built = await asyncio.to_thread(dataset.build, loaded, config)
     card = await asyncio.to_thread(dataset.write, built, run.data)
     state.serving, state.data_card = asdict(before), card.to_dict()

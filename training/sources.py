@@ -132,8 +132,10 @@ def from_jsonl(path: str | Path) -> Loaded:
     return Loaded(samples, {"kind": "jsonl", "path": str(path)}, read, read, dict(dropped))
 
 
-async def collect(redis: Redis, tenant: str, config: RetrainConfig, *, alias: str | None = None) -> Loaded:
+async def collect(
+    redis: Redis, tenant: str, config: RetrainConfig, *, alias: str | None = None, policy: LogPolicy | None = None
+) -> Loaded:
     """The run's source: config.jsonl_path (read in a thread) when config.source is jsonl, else the log."""
     if config.source == "jsonl":
         return await asyncio.to_thread(from_jsonl, config.jsonl_path or "")
-    return await from_feedback(redis, tenant, alias=alias)
+    return await from_feedback(redis, tenant, alias=alias, policy=policy)

@@ -50,6 +50,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) 
 
     from adapters.store import AdapterNotFound
     from gateway.experiments import ExperimentNotFound
+    from gateway.tenants import TenantNotFound
     from training.dataset import NotEnoughData
     from training.publish import RetrainRefused
     from training.retrain import Stack
@@ -74,7 +75,15 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) 
         return asyncio.run(run())
     except asyncio.CancelledError as exc:
         raise fail("stopped by SIGTERM: an unpublished candidate was removed; run.json says how far it got") from exc
-    except (NotEnoughData, RetrainRefused, TrainingError, AdapterNotFound, ExperimentNotFound, ValueError) as exc:
+    except (
+        NotEnoughData,
+        RetrainRefused,
+        TrainingError,
+        AdapterNotFound,
+        ExperimentNotFound,
+        TenantNotFound,
+        ValueError,
+    ) as exc:
         raise fail(str(exc)) from exc
     except (RedisError, OSError) as exc:
         raise fail(f"Redis or the gateway cannot be reached: {exc}") from exc
