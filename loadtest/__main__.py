@@ -9,7 +9,7 @@
    the CPU (about 6-8 minutes on 2 cores);
 5. `loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, base and LoRA (about 5-10 minutes);
 6. `loadtest.retraining`: training throughput (examples/s, tokens/s) and the whole retraining loop, 500
-   feedback events to a promoted canary, against its 10-minute target (about 30-40 minutes on 2 cores).
+   feedback events to a promoted canary, against its 10-minute target (about 30 minutes on 2 cores).
 
 Each writes its own results to loadtest/results/. Run one alone, or with other options, with
 `python -m loadtest.overhead --help` (or `loadtest.routing`, `loadtest.records`, `loadtest.adapters`,
