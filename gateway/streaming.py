@@ -25,6 +25,7 @@ from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_inter
 log = logging.getLogger("loragate.streaming")
 
 ERROR_EVENT = b'data: {"error"'
+DONE_EVENT = b"data: [DONE]"
 USAGE_ONLY = b'"choices":[],"usage":{'
 """How vLLM's final usage chunk reads, in a stream asked for `include_usage`."""
 T = TypeVar("T")
@@ -130,12 +131,15 @@ class RelayResponse(StreamingResponse):
                 if cut >= 2:
                     whole, pending = pending[:cut], pending[cut:]
                     self._on_first()
+                    # A client may hang up as soon as it has `[DONE]`, before vLLM's stream ends:
+                    # the answer is whole then, so it is not a cancellation.
+                    self._done = self._done or DONE_EVENT in whole
                     yield self._pass_on(whole)
             if pending:
                 yield self._pass_on(pending)
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("upstream stream broke: %s", exc)
-            self._outcome = 502
+            self._outcome, self._done = 502, True
             # Only whole events were passed on, so the error arrives as an event of its own.
             yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
         self._done = True

@@ -10,7 +10,8 @@ import pytest
 from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
 from gateway.routes.openai import cap_max_tokens
-from gateway.streaming import ClientGone, unless_disconnected
+from gateway.context import CLIENT_CLOSED, Answer
+from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -86,3 +87,49 @@ async def test_errors_of_the_work_reach_the_caller() -> None:
 
     with pytest.raises(ValueError, match="boom"):
         await unless_disconnected(fail(), Connection().receive)
+
+
+class Upstream:
+    """vLLM's side of a stream: `events`, then (if `hangs`) no end, as when its stream is slow to close."""
+
+    def __init__(self, events: list[bytes], hangs: bool) -> None:
+        self.events, self.hangs, self.closed = events, hangs, False
+        self.content = self
+
+    async def iter_any(self) -> Any:
+        for event in self.events:
+            yield event
+        if self.hangs:
+            await asyncio.sleep(30)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def relay_until_the_client_leaves(events: list[bytes], leave_after: bytes) -> tuple[list[int], Answer]:
+    """Relay `events` to a client that hangs up once it has received `leave_after`; what `on_close` got."""
+    connection, closed, answer = Connection(), [], Answer()
+    upstream = Upstream(events, hangs=True)
+
+    async def send(message: dict[str, Any]) -> None:
+        if leave_after in message.get("body", b""):
+            connection.gone.set()
+
+    relay = RelayResponse(upstream, answer, lambda: None, closed.append)  # type: ignore[arg-type]
+    await asyncio.wait_for(relay({"type": "http"}, connection.receive, send), 5)
+    assert upstream.closed, "the upstream connection is closed however the stream ends"
+    return closed, answer
+
+
+CHUNK = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+
+
+async def test_a_client_that_hangs_up_after_done_got_a_whole_answer() -> None:
+    """The OpenAI SDK may close the connection on `[DONE]` before vLLM ends its stream: that is not a cancellation."""
+    closed, answer = await relay_until_the_client_leaves([CHUNK, b"data: [DONE]\n\n"], b"[DONE]")
+    assert closed == [200] and answer.completion_id == "c1"
+
+
+async def test_a_client_that_hangs_up_before_done_cancelled() -> None:
+    closed, _ = await relay_until_the_client_leaves([CHUNK], b'"hi"')
+    assert closed == [CLIENT_CLOSED]
