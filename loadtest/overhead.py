@@ -656,12 +656,21 @@ async def measure(stack: Stack, cfg: Config, gateway_pid: int) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
+def key_value(item: str) -> str:
+    """An argparse `type` for --gateway-env: KEY=VALUE with a non-empty KEY (kept as given)."""
+    key, sep, _ = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"needs KEY=VALUE with a non-empty KEY, got {item!r}")
+    return item
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark has: where results go, extra gateway settings, keeping the logs."""
     parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
     parser.add_argument(
         "--gateway-env",
         action="append",
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
@@ -868,9 +877,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1")
     if args.warmup < 0 or args.duration <= 0:
         parser.error("--warmup must be >= 0 and --duration > 0")
-    for item in args.gateway_env:
-        if "=" not in item:
-            parser.error(f"--gateway-env needs KEY=VALUE, got {item!r}")
     return args
 
 

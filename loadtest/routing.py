@@ -388,8 +388,6 @@ def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
         )
     oh.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if any("=" not in item for item in args.gateway_env):
-        parser.error("--gateway-env needs KEY=VALUE")
     try:
         cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ValueError as exc:

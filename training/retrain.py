@@ -155,18 +155,7 @@ async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) 
 
 
 def _train_summary(result: train.TrainResult) -> dict[str, Any]:
-    return {
-        "adapter_dir": str(result.adapter_dir),
-        "epochs": [asdict(e) for e in result.epochs],
-        "best_epoch": result.best_epoch,
-        "early_stopped": result.early_stopped,
-        "steps": result.steps,
-        "train_examples": result.train_examples,
-        "examples_per_s": result.examples_per_s,
-        "tokens_per_s": result.tokens_per_s,
-        "train_seconds": result.train_seconds,
-        "precision": f"{result.device} {result.dtype}" + (" QLoRA" if result.qlora else ""),
-    }
+    return {**result.to_dict(), "precision": f"{result.device} {result.dtype}" + (" QLoRA" if result.qlora else "")}
 
 
 def _provenance(run: Run, base: str) -> dict[str, Any]:
@@ -187,7 +176,7 @@ async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
     run.require("fit")
     state, settings = run.state, stack.settings
     assert state.serving is not None and state.train is not None
-    spec = await asyncio.to_thread(BaseModelSpec.from_folder, _base_dir(settings), settings.served_model_name)
+    spec = await asyncio.to_thread(lambda: BaseModelSpec.from_folder(_base_dir(settings), settings.served_model_name))
     staged = await asyncio.to_thread(
         publish.stage, stack.registry.store(state.tenant), Path(state.train["adapter_dir"]),
         state.serving["adapter_name"], spec, settings.max_lora_rank, _provenance(run, settings.served_model_name),

@@ -94,6 +94,7 @@ class TrainResult:
         """JSON-ready, for run records and benchmarks."""
         result = asdict(self)
         result["adapter_dir"] = str(self.adapter_dir)
+        result["epochs"] = list(result["epochs"])  # asdict keeps the tuple; JSON and run records hold a list
         result["resumed_from"] = str(self.resumed_from) if self.resumed_from else None
         return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -22,6 +23,15 @@ def fail(message: str) -> typer.Exit:
 
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(1)
+
+
+def who(fallback: str) -> str:
+    """Who runs this command, for audit fields: `cli:<login>`, or `fallback` for an arbitrary uid with no
+    passwd entry (some container platforms)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return fallback
 
 
 @contextlib.contextmanager

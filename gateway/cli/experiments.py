@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import fail, with_redis
+from gateway.cli.common import fail, who, with_redis
 
 experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
-
-
-def _who() -> str:
-    return f"cli:{getpass.getuser()}"
 
 
 @experiments_app.command("create")
@@ -56,7 +51,7 @@ def create(
                 await router.target(each.target, tenant)
             except ModelNotFound as exc:
                 raise ValueError(f"arm {each.name}: `{each.target}` is not a version tenant {tenant} can use") from exc
-        return await store.create(experiment, _who())
+        return await store.create(experiment, who("cli:experiments"))
 
     created = with_redis(run)
     typer.echo(f"{created.name}: {alias} -> experiment ({', '.join(f'{a.name} {a.weight:g}' for a in created.arms)})")
@@ -165,14 +160,16 @@ def weights(
         parsed = {arm: float(value) for arm, _, value in (spec.partition("=") for spec in weight)}
     except ValueError as exc:
         raise fail(f"--weight must be ARM=NUMBER, not {weight}") from exc
-    changed = with_redis(lambda redis: ExperimentStore(redis).set_weights(tenant, name, parsed, _who()))
+    changed = with_redis(lambda redis: ExperimentStore(redis).set_weights(tenant, name, parsed, who("cli:experiments")))
     typer.echo(", ".join(f"{a.name} {a.weight:g}" for a in changed.arms))
 
 
 def _status(name: str, tenant: str, status: Any, arm: str | None = None) -> None:
     from gateway.experiments import ExperimentStore
 
-    changed = with_redis(lambda redis: ExperimentStore(redis).set_status(tenant, name, status, _who(), arm))
+    changed = with_redis(
+        lambda redis: ExperimentStore(redis).set_status(tenant, name, status, who("cli:experiments"), arm)
+    )
     typer.echo(f"{name}: {changed.status}")
 
 

@@ -8,7 +8,6 @@ run folder (`dataset` starts one and prints its folder). The config is training.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from gateway.cli.common import console, fail
+from gateway.cli.common import console, fail, who
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,13 +34,6 @@ GatewayUrl = Annotated[
     str | None,
     typer.Option("--gateway-url", envvar="LORAGATE_URL", help="The gateway the eval asks (default: this host's)."),
 ]
-
-
-def _who() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):  # an arbitrary uid with no passwd entry (some container platforms)
-        return "cli:retraining"
 
 
 def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) -> T:
@@ -130,7 +122,7 @@ def run_all(
 
     run = _new_run(tenant, alias, _config(config, ctx.args))
     console.log(f"run {run.state.run_id} in {run.folder}")
-    _with_stack(lambda stack: retrain(run, stack, _say, _who()), gateway_url)
+    _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url)
     summary(run)
 
 
@@ -172,7 +164,7 @@ def publish_step(run_dir: RunDir) -> None:
     from training.retrain import publish_candidate
 
     run = _load(run_dir)
-    _with_stack(lambda stack: publish_candidate(run, stack, _say, _who()), None)
+    _with_stack(lambda stack: publish_candidate(run, stack, _say, who("cli:retraining")), None)
     summary(run)
 
 
