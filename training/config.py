@@ -76,6 +76,11 @@ class RetrainConfig:
         "Modules the LoRA wraps (names in the base).", default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     epochs: int = _help("Training epochs (3-5 suit small data).", default=4)
+    max_examples_seen: int | None = _help(
+        "Cap on examples trained on over the run (epochs x training examples): with more data, fewer whole "
+        "epochs, at least one, as OpenAI's `n_epochs: auto` does. Unset: always `epochs`.",
+        default=None,
+    )
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
     batch_size: int = _help("Examples per step (per device).", default=8)
     max_length: int = _help("Tokens per example (longer are truncated).", default=512)
@@ -97,6 +102,10 @@ class RetrainConfig:
     publish_margin: float = _help("Publish only if primary(candidate) >= primary(current) + this.", default=0.05)
     max_regression: float = _help("... and primary on the regression set drops by at most this.", default=0.0)
     max_new_tokens: int = _help("Answer length when evaluating.", default=128)
+    eval_concurrency: int = _help(
+        "Requests in flight at once while evaluating (each model in turn, so latencies compare at one load).",
+        default=8,
+    )
     examples_in_report: int = _help("Example answers shown side by side in the eval report.", default=3)
 
     # --- publish and canary (training.publish) ---
@@ -125,9 +134,20 @@ class RetrainConfig:
             yield f"split must be three positive shares adding up to 1, not {self.split}"
         if not 0 < self.near_duplicate_threshold <= 1:
             yield "near_duplicate_threshold must be in (0, 1]"
-        for name in ("min_examples", "lora_r", "lora_alpha", "epochs", "batch_size", "max_length", "max_new_tokens"):
+        for name in (
+            "min_examples",
+            "lora_r",
+            "lora_alpha",
+            "epochs",
+            "batch_size",
+            "max_length",
+            "max_new_tokens",
+            "eval_concurrency",
+        ):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1"
+        if self.max_examples_seen is not None and self.max_examples_seen < 1:
+            yield "max_examples_seen must be at least 1 (or unset)"
         if not 0 <= self.lora_dropout < 1:
             yield "lora_dropout must be in [0, 1)"
         if not self.learning_rate > 0:
@@ -163,6 +183,12 @@ class RetrainConfig:
             yield "canary_weight must be a percentage strictly between 0 and 100"
         if self.canary_min_samples < 10:
             yield "canary_min_samples must be at least 10 (an experiment's smallest sample)"
+
+    def epochs_for(self, train_examples: int) -> int:
+        """The whole epochs a run on `train_examples` trains: `epochs`, fewer where `max_examples_seen` caps it."""
+        if self.max_examples_seen is None:
+            return self.epochs
+        return max(1, min(self.epochs, self.max_examples_seen // max(train_examples, 1)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for provenance and reports."""

@@ -205,6 +205,7 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
         async with openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=key, max_retries=2) as client:
             report = await evaluate.evaluate(
                 client, rows, config, candidate=candidate, base=base, current=current, regression_rows=regression,
+                concurrency=config.eval_concurrency,
                 progress=lambda what, done, total: progress(f"eval {what}: {done}/{total}") if done == total else None,
             )  # fmt: skip
     finally:

@@ -168,8 +168,8 @@ def load_base(base_dir: Path, precision: Precision, qlora: bool) -> PreTrainedMo
     return model
 
 
-def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision) -> TrainingArguments:
-    """TRL's config for `config.method`, built from the retraining config."""
+def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision, epochs: int) -> TrainingArguments:
+    """TRL's config for `config.method`, built from the retraining config, for `epochs` whole epochs."""
     from trl import DPOConfig, KTOConfig, SFTConfig
 
     early_stopping = config.early_stopping_patience > 0
@@ -177,7 +177,7 @@ def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision) -> 
     flags: dict[str, Any] = precision.trainer_flags
     return kinds[config.method](
         output_dir=str(run_dir / CHECKPOINT_DIR),
-        num_train_epochs=config.epochs,
+        num_train_epochs=epochs,
         learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -349,30 +349,30 @@ def train(
     if not resume:
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)  # never mistake an older run's adapter for this one's
+    epochs = config.epochs_for(len(data["train"]))
     report(
-        f"{config.method} on {len(data['train'])} examples ({len(data['validation'])} validation), "
-        f"{'QLoRA' if qlora else 'LoRA'} r={config.lora_r} on {precision.device} in {_dtype_name(precision)}"
-        + (f", resuming from {resume_from.name}" if resume_from else "")
+        f"{config.method} on {len(data['train'])} examples ({len(data['validation'])} validation) for {epochs} "
+        f"epoch{'s' if epochs > 1 else ''}, {'QLoRA' if qlora else 'LoRA'} r={config.lora_r} on {precision.device} "
+        f"in {_dtype_name(precision)}" + (f", resuming from {resume_from.name}" if resume_from else "")
     )
-    trainer = build_trainer(
-        config, trainer_args(config, run_dir, precision), load_base(base_dir, precision, qlora), base_dir, data
-    )
-    watch = _EpochWatch(config.epochs, len(data["train"]), progress)
+    args = trainer_args(config, run_dir, precision, epochs)
+    trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
+    watch = _EpochWatch(epochs, len(data["train"]), progress)
     trainer.add_callback(_as_trainer_callback(watch))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     checked = save_adapter(trainer, run_dir / ADAPTER_DIR, base, max_rank)
 
-    epochs = epoch_losses(trainer.state.log_history)
-    best = best_epoch(epochs)
+    losses = epoch_losses(trainer.state.log_history)
+    best = best_epoch(losses)
     trained_epochs = round(trainer.state.epoch or 0)
     early_stopping = config.early_stopping_patience > 0
     return TrainResult(
         adapter_dir=run_dir / ADAPTER_DIR,
         method=config.method,
-        epochs=epochs,
+        epochs=losses,
         best_epoch=best,
         adapter_epoch=best if early_stopping and best is not None else trained_epochs,
-        early_stopped=early_stopping and trained_epochs < config.epochs,
+        early_stopped=early_stopping and trained_epochs < epochs,
         steps=trainer.state.global_step,
         train_examples=len(data["train"]),
         examples_per_s=watch.examples / max(watch.seconds, 1e-9),

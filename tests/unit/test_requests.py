@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from gateway.context import CLIENT_CLOSED, Answer
 from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
 from gateway.routes.openai import cap_max_tokens
-from gateway.context import CLIENT_CLOSED, Answer
 from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -38,6 +38,7 @@ def test_yaml_then_flags_each_over_the_last(tmp_path: Path) -> None:
         ("label_pattern: 'P[1-4]'\nmetrics: [accuracy]\nprimary_metric: accuracy\n", [], "label_pattern needs a group"),
         ("format_regex: '(['\n", [], "format_regex is not a valid regex"),
         ("canary_min_samples: 5\n", [], "canary_min_samples must be at least 10"),
+        ("max_examples_seen: 0\n", [], "max_examples_seen must be at least 1"),
         ("source: jsonl\n", [], "source=jsonl needs jsonl_path"),
         ("jsonl_path: /nonexistent.jsonl\n", [], "is not a file"),
         ("- a\n- b\n", [], "a mapping of field: value"),
@@ -50,3 +51,12 @@ def test_a_bad_config_is_refused_with_what_is_wrong(
     path.write_text(yaml_text)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load(path, flags)
+
+
+@pytest.mark.parametrize(
+    ("cap", "train_examples", "epochs"),
+    [(None, 10_000, 3), (480, 96, 3), (480, 160, 3), (480, 200, 2), (480, 400, 1), (480, 5_000, 1)],
+)
+def test_more_data_trains_fewer_whole_epochs_under_the_cap(cap: int | None, train_examples: int, epochs: int) -> None:
+    config = load(None, ["--epochs", "3"] + ([] if cap is None else ["--max_examples_seen", str(cap)]))
+    assert config.epochs_for(train_examples) == epochs
