@@ -32,6 +32,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, description="Port the gateway listens on.")
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Gateway processes serving the port together (all shared state is in Redis); "
+        "default: the number of cores.",
+    )
     home: Path = Field(DEFAULT_HOME, description="State folder: logs, demo key, default adapter store.")
     model_cache: Path | None = Field(None, description="Where prepared base models live (default HOME/models).")
     model_dir: Path | None = Field(

@@ -170,6 +170,7 @@ class EngineStack(Stack):
                 "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
                 "LORAGATE_LOG_LEVEL": "warning",
                 "LORAGATE_METRICS_KEY": METRICS_KEY,
+                "LORAGATE_WORKERS": "1",  # its /metrics are one process's
             }
         )
         env.update(self.extra_gateway_env)

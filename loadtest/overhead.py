@@ -278,6 +278,7 @@ class Stack:
                 "LORAGATE_HOST": "127.0.0.1",
                 "LORAGATE_HOME": str(self.workdir / "home"),
                 "LORAGATE_SERVED_MODEL_NAME": MODEL,
+                "LORAGATE_WORKERS": "1",  # one gateway process unless --gateway-env LORAGATE_WORKERS=N
             }
         )
         env.update(self.extra_gateway_env)

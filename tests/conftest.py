@@ -110,6 +110,7 @@ def gateway_env(home: Path, redis_url: str, port: int, **extra: str) -> dict[str
         LORAGATE_ADMIN_KEY=ADMIN_KEY,
         LORAGATE_METRICS_KEY=METRICS_KEY,
         LORAGATE_HEALTH_INTERVAL_S="0.5",
+        LORAGATE_WORKERS="1",  # one process per test gateway on these 2 cores; test_workers runs several
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

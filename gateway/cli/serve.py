@@ -16,6 +16,8 @@ from gateway.cli.common import console, fail, progress
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from gateway.engine.capabilities import EngineCapabilities
     from gateway.engine.supervisor import EngineSupervisor
 
@@ -84,7 +86,7 @@ def serve(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging(settings)
     validation_model: Path | None = settings.model_dir
     supervisor: EngineSupervisor | None = None
     if not settings.engine_urls:
@@ -146,6 +148,9 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
         urls = supervisor.urls
         console.log("vLLM is healthy")
     try:
+        if settings.workers > 1:
+            await _serve_workers(settings, urls, validation_model)
+            return
         config = uvicorn.Config(
             create_app(settings, urls, validation_model),
             host=settings.host,
@@ -161,3 +166,42 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
         if supervisor is not None:
             console.log("stopping vLLM")
             await supervisor.stop()
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def worker_app() -> FastAPI:
+    """The app of one of several gateway processes (`LORAGATE_WORKERS` > 1): everything it needs is in
+    its environment, which the parent set (the vLLM URLs it started, the base model folder)."""
+    from gateway.app import create_app
+
+    settings = Settings()
+    _logging(settings)
+    return create_app(settings, settings.engine_urls, settings.model_dir)
+
+
+async def _serve_workers(settings: Settings, urls: list[str], validation_model: Path | None) -> None:
+    """Serve with `settings.workers` processes on one listening socket (uvicorn's supervisor: a worker
+    that dies or hangs is replaced). The engines stay with this process, which supervises them."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ["LORAGATE_ENGINE_URLS"] = ",".join(urls)  # the workers' environment: spawned, they inherit it
+    if validation_model is not None:
+        os.environ["LORAGATE_MODEL_DIR"] = str(validation_model)
+    config = uvicorn.Config(
+        f"{__name__}:worker_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        loop="uvloop" if _loop_factory() is not None else "asyncio",
+    )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])  # takes SIGINT/SIGTERM: both end the run
+    console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1 with {settings.workers} processes")
+    await asyncio.to_thread(supervisor.run)

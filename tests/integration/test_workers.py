@@ -1,0 +1,87 @@
+"""`LORAGATE_WORKERS=N`: N gateway processes serve one port together, in front of the session's vLLM.
+A worker that dies is replaced while the others serve on; stopping the gateway stops every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import MODEL, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def served(gateway: Gateway, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    side = start_side_gateway(
+        tmp_path_factory.mktemp("workers"), redis_server.url, gateway.engine_ports[:1], LORAGATE_WORKERS=str(WORKERS)
+    )
+    yield side
+    stop_gateway(side)
+
+
+def workers(gateway: Gateway) -> list[psutil.Process]:
+    """The gateway's worker processes (uvicorn's spawned children), not its other helpers."""
+    found = []
+    for child in psutil.Process(gateway.process.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # it ended (or became a zombie) while being looked at
+            continue
+    return found
+
+
+def until_workers(gateway: Gateway, without: set[int], timeout_s: float = 60) -> list[psutil.Process]:
+    """Wait until the gateway has WORKERS workers again, none of them in `without`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [w for w in workers(gateway) if w.pid not in without and w.is_running()]
+        if len(found) == WORKERS:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {WORKERS} fresh workers after {timeout_s} s:\n{gateway.log_tail()}")
+
+
+async def answered(gateway: Gateway, key: str, count: int) -> list[str]:
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=120) as client:
+        replies = await asyncio.gather(
+            *(client.completions.create(model=MODEL, prompt="Hi", max_tokens=1) for _ in range(count))
+        )
+    return [reply.id for reply in replies]
+
+
+def test_n_workers_serve_and_a_dead_one_is_replaced(served: Gateway) -> None:
+    key = create_key(served.env, "workers")
+    first = until_workers(served, set())
+    assert len(set(asyncio.run(answered(served, key, 12)))) == 12
+    killed: set[int] = set()
+    for worker in first:  # each original worker in turn: whichever is left (or its replacement) serves
+        os.kill(worker.pid, signal.SIGKILL)
+        killed.add(worker.pid)
+        assert len(asyncio.run(answered(served, key, 4))) == 4
+        until_workers(served, killed)
+    assert "Child process" in served.log_tail(20_000), "the supervisor noted the dead workers"
+
+
+def test_stopping_the_gateway_stops_every_worker(
+    gateway: Gateway, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    side = start_side_gateway(
+        tmp_path_factory.mktemp("stop"), redis_server.url, gateway.engine_ports[:1], LORAGATE_WORKERS=str(WORKERS)
+    )
+    processes = [psutil.Process(side.process.pid), *psutil.Process(side.process.pid).children(recursive=True)]
+    assert len(workers(side)) == WORKERS and len(processes) > WORKERS + 1, "workers and their record builders"
+    stop_gateway(side)
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"left running after the gateway stopped: {[p.pid for p in alive]}"
+    assert side.process.returncode == 0
