@@ -82,6 +82,11 @@ class Services:
             self._base_spec = await asyncio.to_thread(self._find_base_spec)
         return self._base_spec
 
+    def refresh_metrics(self) -> None:
+        """The gauges read off this process's state: every second, and before each scrape."""
+        spools = {name: spool.pending() for name, spool in zip(("records", "feedback"), self.spools, strict=True)}
+        self.metrics.refresh(self.pool.replicas, spools)
+
     async def hot_routes(self) -> list[Route]:
         """LORAGATE_HOT_ADAPTERS (`owner/name` or `owner/name@V`), as routes; those not stored yet are skipped."""
         routes = []
@@ -122,8 +127,7 @@ async def _keep_records(svc: Services) -> None:
             log.debug("records upkeep: %r", exc)
         except Exception:
             log.exception("records upkeep failed; trying again next round")
-        for spool, name in zip(svc.spools, ("records", "feedback"), strict=True):
-            svc.metrics.spool_pending.labels(name).set(spool.pending())
+        svc.refresh_metrics()
         rounds += 1
 
 
@@ -146,7 +150,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     records_redis = redis
     if settings.records_redis_url and settings.records_redis_url != settings.redis_url:
         records_redis = _redis(settings.records_redis_url, settings.redis_max_connections)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_max_tenants)
     records_spool = Spool(
         settings.spool_root / "records",
         fsync=False,

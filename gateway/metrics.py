@@ -1,74 +1,175 @@
-"""Prometheus metrics. Labels are bounded: routes, served model names, replicas, statuses, tenants."""
+"""Prometheus metrics (`/metrics`), with bounded labels.
+
+Every label takes few values: routes, statuses, error codes, replicas, and names an operator created
+(tenants, their aliases and adapters, experiment arms). Adapter versions roll up into their adapter,
+and only the first `max_tenants` tenants a process sees get a label of their own; the others share
+`other` (and so do their models, adapters and arms). Each process decides this alone, from its own
+traffic: nothing is asked of Redis, and a label once given stays for the life of the process.
+
+Several gateway processes: with PROMETHEUS_MULTIPROC_DIR set (an empty folder, before the processes
+start) every process writes its values there and `/metrics` adds them up (prometheus_client's
+multiprocess mode); without it, a scrape sees the one process that answered it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import re
+import shutil
+from collections import Counter as Tally
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.engine.pool import Replica
+    from gateway.routing import Route
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+OTHER = "other"
+"""The label of every tenant past the cap (and of its models, adapters and arms)."""
+REQUEST_LABELS = ("route", "tenant", "model", "adapter", "arm")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
+
+
+class TenantLabels:
+    """Which tenants get a label of their own: the first `cap` this process sees; the rest are `other`."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.named: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self.named:
+            return tenant
+        if len(self.named) < self.cap:
+            self.named.add(tenant)
+            return tenant
+        return OTHER
+
+    def beyond(self, tenant: str, label: str) -> bool:
+        """`tenant` got `other`: its own names are not shown either."""
+        return label == OTHER and tenant != OTHER
+
+
+class _Series:
+    """One request label set's children, each made on first use: a finished request then costs dictionary
+    lookups, not label validation."""
+
+    __slots__ = ("labels", "children")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.children: dict[tuple[MetricWrapperBase, str], Any] = {}
+
+    def of(self, metric: MetricWrapperBase, extra: str = "") -> Any:
+        child = self.children.get((metric, extra))
+        if child is None:
+            labels = (*self.labels, extra) if extra else self.labels
+            child = self.children[(metric, extra)] = metric.labels(*labels)
+        return child
 
 
 class Metrics:
     """One registry per app, so several apps (tests) in one process never collide."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tenants: int = 100) -> None:
+        disable_created_metrics()  # no `_created` twin of every counter and histogram series
+        self.tenant = TenantLabels(max_tenants)
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._resident_shown: set[tuple[str, str, str]] = set()
         self.registry = r = CollectorRegistry()
+        self._requests(r)
+        self._engines(r)
+        self._records(r)
+
+    def _requests(self, r: CollectorRegistry) -> None:
+        by = REQUEST_LABELS
         self.requests = Counter(
-            "loragate_requests",
-            "Requests answered, by route, served model (adapter name@version) and HTTP status.",
-            ["route", "model", "status"],
+            "loragate_requests", "Completion requests that ended, by status (499: the client left).", [*by, "status"],
             registry=r,
-        )
+        )  # fmt: skip
+        self.errors = Counter(
+            "loragate_request_errors", "Completion requests that failed, by error code (else type).", [*by, "type"],
+            registry=r,
+        )  # fmt: skip
         self.duration = Histogram(
-            "loragate_request_duration_seconds",
-            "Time to the full (non-stream) or first (stream) response.",
-            ["route"],
-            registry=r,
-            buckets=REQUEST_BUCKETS,
-        )
+            "loragate_request_duration_seconds", "Answered requests, from arrival to the last byte.", by,
+            registry=r, buckets=REQUEST_BUCKETS,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "loragate_time_to_first_token_seconds", "Answered streams, from arrival to the first event.", by,
+            registry=r, buckets=REQUEST_BUCKETS,
+        )  # fmt: skip
         self.tokens = Counter(
-            "loragate_tokens", "Tokens reported by the engine, by model and kind.", ["model", "kind"], registry=r
-        )
-        self.upstream_errors = Counter(
-            "loragate_upstream_errors", "Connection failures to vLLM replicas.", ["replica"], registry=r
-        )
-        self.inflight = Gauge(
-            "loragate_inflight_requests", "Requests in flight, by vLLM replica.", ["replica"], registry=r
-        )
-        self.adapter_loads = Counter(
-            "loragate_adapter_loads",
-            "Adapter loads into vLLM, by adapter and outcome.",
-            ["adapter", "outcome"],
+            "loragate_tokens", "Tokens the engine reported: prompt (in) and completion (out).", [*by, "kind"],
             registry=r,
-        )
-        self.adapter_load_seconds = Histogram(
-            "loragate_adapter_load_seconds",
-            "Time to make an adapter usable on a replica: integrity check, eviction, vLLM load.",
-            ["adapter"],
-            registry=r,
-            buckets=LOAD_BUCKETS,
-        )
-        self.adapter_evictions = Counter(
-            "loragate_adapter_evictions", "Adapters unloaded to make room (LRU), by replica.", ["replica"], registry=r
-        )
+        )  # fmt: skip
+        self.quota_refusals = Counter(
+            "loragate_quota_refusals", "Requests refused with 429, by tenant and the limit hit (requests or tokens).",
+            ["tenant", "kind"], registry=r,
+        )  # fmt: skip
         self.quota_redis_failures = Counter(
             "loragate_quota_redis_failures",
             "Requests whose quota could not be checked (Redis down), by tenant and what was done (open: admitted).",
-            ["tenant", "mode"],
-            registry=r,
+            ["tenant", "mode"], registry=r,
+        )  # fmt: skip
+        self.tenant_labels = Gauge(
+            "loragate_metrics_tenants", "Tenants with a label of their own in this process (the rest: `other`).",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+
+    def _engines(self, r: CollectorRegistry) -> None:
+        self.engine_up = Gauge(
+            "loragate_engine_up", "1 while a vLLM replica passes its health check.", ["replica"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "loragate_inflight_requests", "Requests in flight, by vLLM replica.", ["replica"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "loragate_upstream_errors", "Failed calls to vLLM replicas.", ["replica"], registry=r
         )
-        self.quota_refusals = Counter(
-            "loragate_quota_refusals",
-            "Requests refused with 429, by tenant and the limit they hit (requests or tokens).",
-            ["tenant", "kind"],
-            registry=r,
+        self.adapter_loads = Counter(
+            "loragate_adapter_loads", "Adapter loads into vLLM, by owner, adapter and outcome.",
+            ["tenant", "adapter", "outcome"], registry=r,
+        )  # fmt: skip
+        self.adapter_load_seconds = Histogram(
+            "loragate_adapter_load_seconds", "Making an adapter usable on a replica: integrity check, eviction, load.",
+            ["tenant", "adapter"], registry=r, buckets=LOAD_BUCKETS,
+        )  # fmt: skip
+        self.adapter_evictions = Counter(
+            "loragate_adapter_evictions", "Adapters unloaded to make room (LRU), by replica.", ["replica"], registry=r
         )
         self.adapter_resident = Gauge(
-            "loragate_adapter_resident",
-            "1 while an adapter is loaded on a replica.",
-            ["adapter", "replica"],
-            registry=r,
+            "loragate_adapter_resident", "Versions of an adapter loaded on a replica, by owner and adapter.",
+            ["tenant", "adapter", "replica"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+
+    def _records(self, r: CollectorRegistry) -> None:
+        self.feedback = Counter(
+            "loragate_feedback", "Feedback accepted, by tenant and where it went (redis, or spool: replayed later).",
+            ["tenant", "stored"], registry=r,
+        )  # fmt: skip
+        self.feedback_spooled = Counter(
+            "loragate_feedback_spooled", "Feedback acknowledged from the local spool (202), to be replayed.", registry=r
         )
+        self.feedback_dropped = Counter(
+            "loragate_feedback_dropped",
+            "Spooled feedback dropped on replay: its completion was unknown or another tenant's.", registry=r,
+        )  # fmt: skip
+        self.feedback_durable = Gauge(
+            "loragate_feedback_durable", "1 when Redis fsyncs feedback before answering (else it is spooled).",
+            registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
         self.records_written = Counter(
             "loragate_records_written", "Completion records written to the log in Redis.", registry=r
         )
@@ -78,22 +179,116 @@ class Metrics:
         self.records_dropped = Counter(
             "loragate_records_dropped",
             "Completion records lost: queue_full (recorder behind), spool_full (oldest dropped), spool_error.",
-            ["reason"],
-            registry=r,
-        )
-        self.feedback_spooled = Counter(
-            "loragate_feedback_spooled", "Feedback acknowledged from the local spool (202), to be replayed.", registry=r
-        )
-        self.feedback_dropped = Counter(
-            "loragate_feedback_dropped",
-            "Spooled feedback dropped on replay: its completion was unknown or another tenant's.",
-            registry=r,
-        )
-        self.feedback_durable = Gauge(
-            "loragate_feedback_durable",
-            "1 when Redis fsyncs feedback before answering (else it is spooled).",
-            registry=r,
-        )
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.spool_pending = Gauge(
-            "loragate_spool_pending", "Items waiting in the local spools, by spool.", ["spool"], registry=r
-        )
+            "loragate_spool_pending", "Items waiting in the local spools, by spool.", ["spool"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    # -- labels ----------------------------------------------------------------------------------
+
+    def request_labels(self, route_name: str, tenant: str, route: Route | None) -> tuple[str, ...]:
+        """route, tenant, model (as the tenant named it, without version), adapter (name, or owner/name
+        when shared; "" for the base), arm; "" where the request did not get that far."""
+        named = self.tenant(tenant)
+        if route is None:
+            return route_name, named, "", "", ""
+        model, adapter, arm = route.requested.partition("@")[0], route.adapter_label or "", route.arm or ""
+        if self.tenant.beyond(tenant, named):
+            model, adapter, arm = (OTHER if value else "" for value in (model, adapter, arm))
+        return route_name, named, model, adapter, arm
+
+    def adapter_labels(self, upstream: str) -> tuple[str, str]:
+        """tenant (the owner) and adapter of a version as vLLM knows it (OWNER.NAME@V)."""
+        owner, dot, rest = upstream.partition(".")
+        if not dot:
+            owner, rest = "", upstream
+        named = self.tenant(owner) if owner else ""
+        return named, OTHER if self.tenant.beyond(owner, named) else rest.rpartition("@")[0] or rest
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def request_finished(self, context: RequestContext) -> None:
+        """A completion request ended (answered, refused, failed or cancelled): counted once, here."""
+        labels = self.request_labels(context.endpoint, context.tenant.name, context.route)
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(labels)
+        series.of(self.requests, str(context.status)).inc()
+        if context.outcome == "error" and context.error_type is not None:
+            series.of(self.errors, context.error_type).inc()
+        if context.outcome == "ok" and context.latency_s is not None:
+            series.of(self.duration).observe(context.latency_s)
+            if context.first_token_s is not None:
+                series.of(self.first_token).observe(context.first_token_s)
+        usage = context.answer.usage
+        if usage:
+            for kind in ("prompt", "completion"):
+                count = usage.get(f"{kind}_tokens")
+                if isinstance(count, int) and count > 0:
+                    series.of(self.tokens, kind).inc(count)
+
+    def adapter_loaded(self, upstream: str, outcome: str, seconds: float | None = None) -> None:
+        labels = self.adapter_labels(upstream)
+        self.adapter_loads.labels(*labels, outcome).inc()
+        if seconds is not None:
+            self.adapter_load_seconds.labels(*labels).observe(seconds)
+
+    def refresh(self, replicas: Sequence[Replica], spools: Mapping[str, int]) -> None:
+        """Gauges read off this process's state: replica health and load, resident adapters, spool depth."""
+        resident: Tally[tuple[str, str, str]] = Tally()
+        for replica in replicas:
+            self.engine_up.labels(replica.url).set(1 if replica.healthy else 0)
+            self.inflight.labels(replica.url).set(replica.inflight)
+            for name in replica.resident:
+                resident[(*self.adapter_labels(name), replica.url)] += 1
+        for gone in self._resident_shown - resident.keys():
+            self.adapter_resident.labels(*gone).set(0)  # what multiprocess mode keeps of a removed series
+            self.adapter_resident.remove(*gone)
+        for labels, count in resident.items():
+            self.adapter_resident.labels(*labels).set(count)
+        self._resident_shown = set(resident)
+        for name, pending in spools.items():
+            self.spool_pending.labels(name).set(pending)
+        self.tenant_labels.set(len(self.tenant.named))
+
+    def exposition(self) -> bytes:
+        """What `/metrics` answers: this process's metrics, or every process's in multiprocess mode.
+        Blocking (files, formatting): called off the event loop."""
+        folder = os.environ.get(MULTIPROC_ENV)
+        if not folder:
+            return generate_latest(self.registry)
+        forget_dead_processes(Path(folder))
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=folder)
+        return generate_latest(merged)
+
+
+def forget_dead_processes(folder: Path) -> None:
+    """Drop the live gauges (in flight, engine health, spool depth...) of processes that are gone; their
+    counters stay, so totals never go back."""
+    for path in folder.glob("gauge_live*.db"):
+        found = _LIVE_GAUGE_FILE.fullmatch(path.name)
+        if found is None:
+            continue
+        try:
+            os.kill(int(found[1]), 0)
+        except ProcessLookupError:
+            mark_process_dead(int(found[1]), str(folder))
+        except PermissionError:
+            continue
+
+
+def fresh_multiprocess_dir(folder: Path) -> Path:
+    """An empty folder for PROMETHEUS_MULTIPROC_DIR, made by the process that starts the workers before
+    it starts them (values left by an earlier run would be added to this one's)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def sample_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry's metrics expose (histograms' _bucket, _sum, _count; counters' _total)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {family.name + end for family in registry.collect() for end in suffixes.get(family.type, ("",))}

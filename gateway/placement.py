@@ -31,11 +31,6 @@ SPREAD_MARGIN = 4
 """How many more in-flight requests a holder may have than the least busy replica before spreading."""
 
 
-def _family(route: Route) -> str:
-    """An adapter's metric label: OWNER.NAME, every version together (tenants' names never merge)."""
-    return route.upstream_model.rpartition("@")[0]
-
-
 class Placement:
     def __init__(
         self,
@@ -142,7 +137,7 @@ class Placement:
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)
         except (IntegrityError, OSError) as exc:
-            self._metrics.adapter_loads.labels(_family(route), "integrity_error").inc()
+            self._metrics.adapter_loaded(name, "integrity_error")
             log.error("refusing to load %s: %s", name, exc)
             raise AdapterUnavailable(
                 f"Adapter `{route.requested}` failed its integrity check and was not loaded."
@@ -155,14 +150,12 @@ class Placement:
                     replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(route.adapter_path)}
                 )
                 if status != 200 and "already been loaded" not in text:
-                    self._metrics.adapter_loads.labels(_family(route), "error").inc()
+                    self._metrics.adapter_loaded(name, "error")
                     log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
                     raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
                 replica.resident[name] = None
             self._residency.note_use(replica.url, name)
-        self._metrics.adapter_loads.labels(_family(route), "ok").inc()
-        self._metrics.adapter_load_seconds.labels(_family(route)).observe(time.perf_counter() - started)
-        self._metrics.adapter_resident.labels(name, replica.url).set(1)
+        self._metrics.adapter_loaded(name, "ok", time.perf_counter() - started)
 
     async def _make_room(self, replica: Replica) -> None:
         """Unload least recently used adapters; pinned ones and those of requests on their way stay.
@@ -186,15 +179,11 @@ class Placement:
         held = set(truth)
         for gone in [name for name in replica.resident if name not in held]:
             replica.resident.pop(gone)
-            self._metrics.adapter_resident.labels(gone, replica.url).set(0)
         arrived = [name for name in truth if name not in replica.resident]
         replica.resident = dict.fromkeys([*arrived, *replica.resident])
-        for name in arrived:
-            self._metrics.adapter_resident.labels(name, replica.url).set(1)
 
     async def _unload(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
-        self._metrics.adapter_resident.labels(name, replica.url).set(0)
         status, text = await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": name})
         if status != 200 and status != 404:
             log.warning("unloading %s from %s answered %s: %s", name, replica.url, status, text[:300])

@@ -162,13 +162,14 @@ class QuotaGate:
             return self._redis_down(tenant, exc)
         headers = _headers(found)
         if not found[0]:
-            self._metrics.quota_refusals.labels(tenant.name, "requests" if found[1] == 1 else "tokens").inc()
+            kind = "requests" if found[1] == 1 else "tokens"
+            self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
             raise self._refusal(found, headers, cost)
         token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
         return Admission(headers, reserved=cost, token_keys=token_keys)
 
     def _redis_down(self, tenant: Tenant, exc: Exception) -> Admission:
-        self._metrics.quota_redis_failures.labels(tenant.name, tenant.on_redis_down).inc()
+        self._metrics.quota_redis_failures.labels(self._metrics.tenant(tenant.name), tenant.on_redis_down).inc()
         log.warning("quota of %s not checked (Redis: %r); %s", tenant.name, exc, f"fail-{tenant.on_redis_down}")
         if tenant.on_redis_down == "closed":
             raise StateUnavailable("Quotas cannot be checked right now; try again shortly.") from exc

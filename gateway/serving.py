@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +104,6 @@ class Forwarder:
 
     def _track(self, replica: Replica, delta: int) -> None:
         replica.inflight += delta
-        self._metrics.inflight.labels(replica.url).inc(delta)
 
     async def _post(self, replica: Replica, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
         try:
@@ -167,7 +165,6 @@ class Forwarder:
                     log.warning("replica %s failed a request and its health check: taken out", replica.url)
                     tried.add(replica)
                     continue
-                self._metrics.requests.labels(call.route_name, route.upstream_model, "502").inc()
                 raise UpstreamError("The engine failed while processing the request.")
             if upstream.status == 404 and route.adapter_path is not None:
                 self._track(replica, -1)
@@ -183,7 +180,6 @@ class Forwarder:
     async def forward(self, call: Call) -> Response:
         """Answer the request from a replica. A non-streaming request whose client disconnects is
         cancelled, closing its upstream connection so that vLLM aborts the generation."""
-        started = time.perf_counter()
         call.payload["model"] = call.route.upstream_model
         body = pydantic_core.to_json(call.payload)
         try:
@@ -192,25 +188,15 @@ class Forwarder:
             else:
                 response = await unless_disconnected(self._open(call, body), call.receive)
         except ClientGone:
-            self._metrics.requests.labels(call.route_name, call.route.upstream_model, str(CLIENT_CLOSED)).inc()
             call.context.finish(CLIENT_CLOSED)
             call.on_finish(call.context)
             return Response(status_code=CLIENT_CLOSED)
-        self._metrics.duration.labels(call.route_name).observe(time.perf_counter() - started)
         return response
 
     def _finisher(self, call: Call, replica: Replica) -> Callable[[int], None]:
-        model = call.route.upstream_model
 
         def finish(status: int) -> None:
             self._track(replica, -1)
-            self._metrics.requests.labels(call.route_name, model, str(status)).inc()
-            usage = call.context.answer.usage
-            if usage:
-                for kind in ("prompt", "completion"):
-                    count = usage.get(f"{kind}_tokens")
-                    if isinstance(count, int):
-                        self._metrics.tokens.labels(model, kind).inc(count)
             call.context.finish(status, _error_type(status) if status >= 400 else None)
             call.on_finish(call.context)
 

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         None,
         description="Key for the operator endpoints (/metrics, /readyz?verbose=1); the admin key opens them too.",
     )
+    metrics_max_tenants: int = Field(
+        100,
+        ge=1,
+        description="Tenants with a label of their own on /metrics, the first seen by each process; the rest: `other`.",
+    )
     log_level: str = Field("info", description="Gateway log level.")
 
     @field_validator("engine_urls", "engine_extra_args", "hot_adapters", mode="before")

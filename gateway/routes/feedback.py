@@ -38,6 +38,7 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
         raise from_validation_error(exc) from exc
     tenant = await svc.tenants.cached(caller.tenant)
     feedback, in_redis = await svc.feedback.submit(tenant, given)
+    svc.metrics.feedback.labels(svc.metrics.tenant(tenant.name), "redis" if in_redis else "spool").inc()
     body: dict[str, Any] = {**feedback.model_dump(mode="json"), "status": "stored" if in_redis else "queued"}
     return JSONResponse(body, status_code=200 if in_redis else 202)
 

@@ -12,7 +12,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
@@ -89,4 +89,6 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request, _: Operator) -> Response:
-    return Response(generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    svc = services(request)
+    svc.refresh_metrics()
+    return Response(await asyncio.to_thread(svc.metrics.exposition), media_type=CONTENT_TYPE_LATEST)

@@ -72,6 +72,7 @@ async def _complete(
         handed_over = True
         if admission is not None:
             svc.quotas.settle(admission, _total_tokens(done.answer.usage))
+        svc.metrics.request_finished(done)
         svc.recorder.record(done)
 
     try:
@@ -106,6 +107,7 @@ async def _complete(
                 svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back
             status, kind = (exc.status, exc.code or exc.type) if isinstance(exc, APIError) else (503, "server_error")
             context.finish(status, kind)
+            svc.metrics.request_finished(context)
             svc.recorder.record(context)
         raise
 

@@ -46,11 +46,11 @@ def test_hot_loaded_adapter_changes_output_and_is_listed(
     assert adapter_text != base_text, "a LoRA with non-zero weights must change greedy output"
     assert greedy(client, "support-bot@1")[1] == adapter_text
     assert len(holders(gateway, "support-bot@1")) == 1
-    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.support-bot", outcome="ok") == 1
-    assert metric(gateway, "loragate_requests_total", model=f"{TENANT}.support-bot@1", status="200") == 2
-    assert metric(gateway, "loragate_tokens_total", model=f"{TENANT}.support-bot@1", kind="completion") > 0
-    assert metric(gateway, "loragate_adapter_resident", adapter=f"{TENANT}.support-bot@1") == 1
-    assert metric(gateway, "loragate_adapter_load_seconds_count", adapter=f"{TENANT}.support-bot") == 1
+    assert metric(gateway, "loragate_adapter_loads_total", tenant=TENANT, adapter="support-bot", outcome="ok") == 1
+    assert metric(gateway, "loragate_requests_total", tenant=TENANT, adapter="support-bot", status="200") == 2
+    assert metric(gateway, "loragate_tokens_total", tenant=TENANT, adapter="support-bot", kind="completion") > 0
+    assert metric(gateway, "loragate_adapter_resident", tenant=TENANT, adapter="support-bot") == 1
+    assert metric(gateway, "loragate_adapter_load_seconds_count", tenant=TENANT, adapter="support-bot") == 1
 
 
 def test_versions_latest_and_pin(
@@ -87,7 +87,7 @@ def test_single_flight_cold_load(
         return [o.model for o in outs]
 
     assert asyncio.run(hundred()) == ["burst@1"] * 100
-    loads = metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.burst", outcome="ok")
+    loads = metric(gateway, "loragate_adapter_loads_total", tenant=TENANT, adapter="burst", outcome="ok")
     # One load per replica at most: 100 concurrent first requests share the load in flight.
     assert 1 <= loads <= len(gateway.engine_ports)
     assert loads == len(holders(gateway, "burst@1"))
@@ -100,7 +100,7 @@ def test_affinity_then_spreading(
     for _ in range(4):
         greedy(client, "sticky", max_tokens=2)
     assert len(holders(gateway, "sticky@1")) == 1, "sequential requests stay on the replica that holds the adapter"
-    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.sticky", outcome="ok") == 1
+    assert metric(gateway, "loragate_adapter_loads_total", tenant=TENANT, adapter="sticky", outcome="ok") == 1
 
     async def crowd() -> None:
         async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=api_key, max_retries=0, timeout=300) as c:
@@ -167,7 +167,10 @@ def test_tampered_adapter_is_never_loaded(
         greedy(client, "tampered")
     assert info.value.status_code == 503 and info.value.code == "adapter_unavailable"
     assert holders(gateway, ref) == []
-    assert metric(gateway, "loragate_adapter_loads_total", adapter=f"{TENANT}.tampered", outcome="integrity_error") == 1
+    refused = metric(
+        gateway, "loragate_adapter_loads_total", tenant=TENANT, adapter="tampered", outcome="integrity_error"
+    )
+    assert refused == 1
 
 
 def test_admin_api_needs_the_admin_key_or_a_manage_key(gateway: Gateway, api_key: str) -> None:
