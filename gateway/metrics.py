@@ -6,16 +6,15 @@ and only the first `max_tenants` tenants a process sees get a label of their own
 `other` (and so do their models, adapters and arms). Each process decides this alone, from its own
 traffic: nothing is asked of Redis, and a label once given stays for the life of the process.
 
-Several gateway processes: with PROMETHEUS_MULTIPROC_DIR set (an empty folder, before the processes
-start) every process writes its values there and `/metrics` adds them up (prometheus_client's
-multiprocess mode); without it, a scrape sees the one process that answered it.
+Several gateway processes: with PROMETHEUS_MULTIPROC_DIR set (`loragate serve` sets it for its
+workers, see `fresh_multiprocess_dir`) every process writes its values in that folder and `/metrics`
+adds them up (prometheus_client's multiprocess mode); without it, a scrape sees the process it reached.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -281,10 +280,11 @@ def forget_dead_processes(folder: Path) -> None:
 
 
 def fresh_multiprocess_dir(folder: Path) -> Path:
-    """An empty folder for PROMETHEUS_MULTIPROC_DIR, made by the process that starts the workers before
-    it starts them (values left by an earlier run would be added to this one's)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    """A folder for PROMETHEUS_MULTIPROC_DIR with no values in it, made ready by the process that starts
+    the workers, before it starts them (values left by an earlier run would be added to this one's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for left in folder.glob("*.db"):
+        left.unlink()
     return folder
 
 

@@ -188,9 +188,14 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from gateway.metrics import MULTIPROC_ENV, fresh_multiprocess_dir
+
     os.environ["LORAGATE_ENGINE_URLS"] = ",".join(urls)  # the workers' environment: spawned, they inherit it
     if validation_model is not None:
         os.environ["LORAGATE_MODEL_DIR"] = str(validation_model)
+    # The workers write their metrics to one emptied folder, and /metrics in any of them adds all up.
+    metrics = Path(os.environ.get(MULTIPROC_ENV) or settings.home / "prometheus" / str(settings.port))
+    os.environ[MULTIPROC_ENV] = str(fresh_multiprocess_dir(metrics))
     config = uvicorn.Config(
         f"{__name__}:worker_app",
         factory=True,

@@ -197,3 +197,23 @@ def test_tenants_past_the_cap_are_other_and_processes_add_up(scene: Scene, sides
         assert past and all(labels["model"] == OTHER for labels in past), "one label each: the other tenant is other"
         assert value(found, "loragate_metrics_tenants") == 1
         assert len(found["loragate_engine_up"][1]) == len(sides[0].engine_ports), "one series a replica, not a process"
+
+
+def test_workers_of_one_gateway_answer_one_sum(
+    gateway: Gateway, redis_server: RedisServer, scene: Scene, tmp_path: Path
+) -> None:
+    """`LORAGATE_WORKERS=2` and no PROMETHEUS_MULTIPROC_DIR: `loragate serve` gives its workers one
+    folder, so whichever worker a scrape reaches, it counts every worker's requests."""
+    side = start_side_gateway(tmp_path / "workers", redis_server.url, gateway.engine_ports, LORAGATE_WORKERS="2")
+    try:
+        client = openai.OpenAI(base_url=side.base_url, api_key=scene.keys[SECOND], max_retries=0, timeout=120)
+        for _ in range(6):
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)  # type: ignore[arg-type]
+        for _ in range(4):
+            found = scrape(side.url)
+            assert value(found, "loragate_requests_total", tenant=SECOND, status="200") == 6
+            assert len(found["loragate_engine_up"][1]) == len(gateway.engine_ports)
+        folder = tmp_path / "workers" / "prometheus" / side.url.rpartition(":")[2]
+        assert len({path.stem.rpartition("_")[2] for path in folder.glob("counter_*.db")}) == 2, "two workers wrote"
+    finally:
+        stop_gateway(side)
