@@ -27,6 +27,7 @@ from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.experiments import ExperimentStore
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
+from gateway.openapi import ABOUT, DescribedAPI
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
 from gateway.quotas import QuotaGate
@@ -243,7 +244,9 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             if svc.records_redis is not svc.redis:
                 await svc.records_redis.aclose()
 
-    app = FastAPI(title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
+        title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, description=ABOUT
+    )
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(openai.router)

@@ -17,6 +17,17 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
+def _needs(field: str, when: Any, other: str, value: Any = None) -> dict[str, Any]:
+    """JSON Schema for what a model validator checks: `other` is required (non-null, or `value`) when
+    `field` is `when` (a value, or a schema). It only describes; the validators decide."""
+    condition = when if isinstance(when, dict) else {"const": when}
+    required = {"const": value} if value is not None else {"not": {"type": "null"}}
+    return {
+        "if": {"required": [field], "properties": {field: condition}},
+        "then": {"required": [other], "properties": {other: required}},
+    }
+
+
 class PassThrough(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -32,6 +43,8 @@ class JSONSchemaFormat(PassThrough):
 
 
 class ResponseFormat(PassThrough):
+    model_config = ConfigDict(json_schema_extra=_needs("type", "json_schema", "json_schema"))
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -61,6 +74,8 @@ class ChatMessage(PassThrough):
 class SamplingParams(PassThrough):
     """Parameters shared by chat and text completions."""
 
+    model_config = ConfigDict(json_schema_extra=_needs("stream_options", {"type": "object"}, "stream", True))
+
     token_limits: ClassVar[tuple[str, ...]] = ("max_tokens",)
     """The fields that bound how many tokens a request generates."""
 
@@ -73,7 +88,7 @@ class SamplingParams(PassThrough):
     top_p: Probability | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra={"maxItems": 4})
     seed: int | None = None
     user: str | None = None
 
@@ -131,3 +146,82 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# What the OpenAI surface answers. The gateway passes vLLM's answers on as they are: these models
+# describe them (for the OpenAPI schema) without closing them, so fields vLLM adds stay valid.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error, requests, tokens or server_error.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable name for the error (invalid_api_key, model_not_found, ...).")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every refusal and failure of the gateway has this body."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class Answer(BaseModel):
+    """What every completion answer, and every event of a stream, carries."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatDelta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class AssistantMessage(ChatDelta):
+    role: str
+
+
+class ChatChoice(Choice):
+    message: AssistantMessage
+
+
+class ChatCompletion(Answer):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class ChatChunkChoice(Choice):
+    delta: ChatDelta
+
+
+class ChatCompletionChunk(Answer):
+    """One event of a chat stream; the last one (with `stream_options.include_usage`) has no choices, only usage."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+class Completion(Answer):
+    """A text completion: the whole answer, or one event of its stream."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]

@@ -25,8 +25,10 @@ from starlette.responses import JSONResponse
 
 from adapters.manifest import AdapterRef, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
+from gateway import admin_protocol as answers
 from gateway.auth import Admin, Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import check_tenant_name
 
@@ -71,14 +73,18 @@ def _ref(text: str) -> AdapterRef:
         return AdapterRef.parse(text)
 
 
-@router.get("/adapters")
+@router.get(
+    "/adapters",
+    response_model=None,
+    responses=answer(answers.AdapterList, "Every version of the tenant's adapters.") | errors(400, 404),
+)
 async def list_adapters(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     manifests = await asyncio.to_thread(services(request).registry.store(tenant).list)
     return {"object": "list", "data": [m.model_dump(mode="json") for m in manifests]}
 
 
-@router.get("/adapters/{ref}")
+@router.get("/adapters/{ref}", responses=errors(400, 404))
 async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> Manifest:
     await _existing(request, tenant)
     svc = services(request)
@@ -105,7 +111,13 @@ async def _receive_archive(request: Request, into: Path, limit: int) -> int:
     return size
 
 
-@router.post("/adapters", status_code=201)
+@router.post(
+    "/adapters",
+    status_code=201,
+    response_model=None,
+    responses=answer(Manifest, "The new version's manifest.", 201) | errors(404, 409, 413),
+    openapi_extra=binary_body("application/gzip", "A .tar.gz of a PEFT LoRA folder (adapter_config.json, weights)."),
+)
 async def add_adapter(
     tenant: str, request: Request, _: Manager, name: Annotated[str, Query(min_length=1)]
 ) -> JSONResponse:
@@ -131,7 +143,11 @@ async def add_adapter(
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 
 
-@router.delete("/adapters/{ref}")
+@router.delete(
+    "/adapters/{ref}",
+    response_model=None,
+    responses=answer(answers.AdapterDeleted, "Unloaded everywhere, then deleted.") | errors(400, 404),
+)
 async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     parsed = _ref(ref)
@@ -151,7 +167,11 @@ async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) ->
     return {"id": manifest.ref, "object": "adapter", "deleted": True}
 
 
-@router.put("/adapters/{name}/pin")
+@router.put(
+    "/adapters/{name}/pin",
+    response_model=None,
+    responses=answer(answers.Pinned, "What the bare name now serves.") | errors(404),
+)
 async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
@@ -165,7 +185,11 @@ async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Ma
     return {"name": parsed.name, "pinned": body.version, "resolves_to": resolves_to.ref}
 
 
-@router.put("/adapters/{name}/share")
+@router.put(
+    "/adapters/{name}/share",
+    response_model=None,
+    responses=answer(answers.Shared, "Who may now use it.") | errors(404),
+)
 async def share_adapter(tenant: str, name: str, body: Share, request: Request, _: Admin) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
@@ -178,14 +202,22 @@ async def share_adapter(tenant: str, name: str, body: Share, request: Request, _
     return {"adapter": f"{tenant}/{parsed.name}", "shared_with": sorted(set(body.tenants) - {tenant})}
 
 
-@router.get("/aliases")
+@router.get(
+    "/aliases",
+    response_model=None,
+    responses=answer(answers.AliasList, "Every alias and its target.") | errors(400, 404),
+)
 async def list_aliases(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     aliases = (await services(request).pointers.of(tenant)).aliases
     return {"object": "list", "data": [{"alias": a, "target": t} for a, t in sorted(aliases.items())]}
 
 
-@router.put("/aliases/{alias}")
+@router.put(
+    "/aliases/{alias}",
+    response_model=None,
+    responses=answer(answers.AliasSet, "The alias, repointed.") | errors(404, 409),
+)
 async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
@@ -206,7 +238,11 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     return {"alias": alias, "target": body.target, "serves": route.served_model}
 
 
-@router.delete("/aliases/{alias}")
+@router.delete(
+    "/aliases/{alias}",
+    response_model=None,
+    responses=answer(answers.AliasDeleted, "Deleted.") | errors(400, 404),
+)
 async def delete_alias(tenant: str, alias: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     if not await services(request).pointers.delete_alias(tenant, alias):

@@ -20,10 +20,12 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
+from gateway import admin_protocol as answers
 from gateway.apikeys import KeyInfo, parse_duration
 from gateway.auth import Admin
 from gateway.erasure import purge_tenant
 from gateway.errors import NotFound
+from gateway.openapi import answer, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
 
@@ -54,31 +56,35 @@ class Rotation(BaseModel):
     grace: str | int = "1h"
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(409))
 async def create_tenant(body: NewTenant, request: Request, _: Admin) -> Tenant:
     with domain_errors("name"):
         return await services(request).tenants.create(body.name, body.limits, body.on_redis_down)
 
 
-@router.get("")
+@router.get("", response_model=None, responses=answer(answers.TenantList, "Every tenant."))
 async def list_tenants(request: Request, _: Admin) -> dict[str, Any]:
     tenants = await services(request).tenants.all()
     return {"object": "list", "data": [t.model_dump() for t in tenants]}
 
 
-@router.get("/{tenant}")
+@router.get("/{tenant}", responses=errors(400, 404))
 async def show_tenant(tenant: str, request: Request, _: Admin) -> Tenant:
     with domain_errors():
         return await services(request).tenants.get(tenant)
 
 
-@router.patch("/{tenant}")
+@router.patch("/{tenant}", responses=errors(404))
 async def update_tenant(tenant: str, body: TenantChanges, request: Request, _: Admin) -> Tenant:
     with domain_errors():
         return await services(request).tenants.update(tenant, body)
 
 
-@router.delete("/{tenant}")
+@router.delete(
+    "/{tenant}",
+    response_model=None,
+    responses=answer(answers.TenantDeleted, "Deleted, with what went with it.") | errors(400, 404),
+)
 async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, Any]:
     svc = services(request)
     with domain_errors():
@@ -98,7 +104,12 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     }
 
 
-@router.post("/{tenant}/keys", status_code=201)
+@router.post(
+    "/{tenant}/keys",
+    status_code=201,
+    response_model=None,
+    responses=answer(answers.CreatedKey, "The key, shown this once.", 201) | errors(404),
+)
 async def create_key(tenant: str, body: NewKey, request: Request, _: Admin) -> JSONResponse:
     with domain_errors("expires"):
         expires = parse_duration(body.expires) if body.expires is not None else None
@@ -106,7 +117,11 @@ async def create_key(tenant: str, body: NewKey, request: Request, _: Admin) -> J
     return JSONResponse({"key": key, **info.model_dump()}, status_code=201)
 
 
-@router.get("/{tenant}/keys")
+@router.get(
+    "/{tenant}/keys",
+    response_model=None,
+    responses=answer(answers.KeyList, "The tenant's keys, never the keys themselves.") | errors(404),
+)
 async def list_keys(tenant: str, request: Request, _: Admin) -> dict[str, Any]:
     with domain_errors():
         infos = await services(request).keys.list(tenant)
@@ -121,7 +136,11 @@ async def _own_key(request: Request, tenant: str, key_id: str) -> KeyInfo:
     return info
 
 
-@router.delete("/{tenant}/keys/{key_id}")
+@router.delete(
+    "/{tenant}/keys/{key_id}",
+    response_model=None,
+    responses=answer(answers.KeyRevoked, "Revoked.") | errors(404),
+)
 async def revoke_key(tenant: str, key_id: str, request: Request, _: Admin) -> dict[str, Any]:
     await _own_key(request, tenant, key_id)
     with domain_errors():
@@ -129,7 +148,12 @@ async def revoke_key(tenant: str, key_id: str, request: Request, _: Admin) -> di
     return {"id": info.id, "object": "api_key", "revoked": True}
 
 
-@router.post("/{tenant}/keys/{key_id}/rotate", status_code=201)
+@router.post(
+    "/{tenant}/keys/{key_id}/rotate",
+    status_code=201,
+    response_model=None,
+    responses=answer(answers.RotatedKey, "The new key, shown this once.", 201) | errors(404),
+)
 async def rotate_key(tenant: str, key_id: str, body: Rotation, request: Request, _: Admin) -> JSONResponse:
     await _own_key(request, tenant, key_id)
     with domain_errors("grace"):

@@ -25,15 +25,23 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.manifest import check_name
+from gateway import admin_protocol as answers
 from gateway import experiment_history, experiment_page
 from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Experiment, ExperimentNotFound, InvalidExperiment, Status
+from gateway.openapi import answer, errors
 from gateway.principal import Principal
 from gateway.routes import domain_errors, services
 
 router = APIRouter(prefix="/admin/tenants/{tenant}/experiments")
+
+CHANGE: dict[str, Any] = {
+    "response_model": None,
+    "responses": answer(answers.ExperimentView, "The experiment, changed.") | errors(400, 404),
+}
+"""What a change of an experiment answers, in the OpenAPI schema."""
 
 
 class NewExperiment(BaseModel):
@@ -85,7 +93,12 @@ def _refusals() -> Iterator[None]:
         raise from_validation_error(exc) from exc
 
 
-@router.post("", status_code=201)
+@router.post(
+    "",
+    status_code=201,
+    response_model=None,
+    responses=answer(answers.ExperimentView, "Running: the alias now splits its requests.", 201) | errors(404, 409),
+)
 async def create_experiment(tenant: str, body: NewExperiment, request: Request, caller: Manager) -> dict[str, Any]:
     svc = services(request)
     with domain_errors():
@@ -113,12 +126,16 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
     return _shown(created)
 
 
-@router.get("")
+@router.get("", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments."))
 async def list_experiments(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
     return {"object": "list", "data": [_shown(e) for e in await services(request).experiments.all(tenant)]}
 
 
-@router.get("/{name}")
+@router.get(
+    "/{name}",
+    response_model=None,
+    responses=answer(answers.ExperimentDetail, "The experiment and its audit log.") | errors(404),
+)
 async def show_experiment(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
     store = services(request).experiments
     with _refusals():
@@ -126,7 +143,11 @@ async def show_experiment(tenant: str, name: str, request: Request, _: Manager) 
     return {**_shown(found), "audit": [change.model_dump() for change in await store.audit(tenant, name)]}
 
 
-@router.get("/{name}/results")
+@router.get(
+    "/{name}/results",
+    response_model=None,
+    responses=answer(answers.ExperimentResults, "What it has shown so far.") | errors(404),
+)
 async def experiment_results(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
     """Per arm exposures, errors, latency, tokens and feedback; SRM, differences from control, the verdict."""
     svc = services(request)
@@ -135,7 +156,12 @@ async def experiment_results(tenant: str, name: str, request: Request, _: Manage
     return await results(svc.records_redis, found)
 
 
-@router.get("/{name}/page", response_class=HTMLResponse)
+@router.get(
+    "/{name}/page",
+    response_class=HTMLResponse,
+    response_description="An HTML page: the chart over time, figures, changes.",
+    responses=errors(404),
+)
 async def experiment_page_html(tenant: str, name: str, request: Request, _: Manager) -> HTMLResponse:
     """The experiment's page: its metric and intervals per arm over time, its figures and its changes."""
     svc = services(request)
@@ -148,7 +174,7 @@ async def experiment_page_html(tenant: str, name: str, request: Request, _: Mana
     return HTMLResponse(page)
 
 
-@router.put("/{name}/weights")
+@router.put("/{name}/weights", **CHANGE)
 async def set_weights(tenant: str, name: str, body: Weights, request: Request, caller: Manager) -> dict[str, Any]:
     with _refusals():
         return _shown(await services(request).experiments.set_weights(tenant, name, body.weights, _who(caller)))
@@ -164,26 +190,26 @@ async def _status(
     return _shown(changed)
 
 
-@router.post("/{name}/pause")
+@router.post("/{name}/pause", **CHANGE)
 async def pause(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
     return await _status(request, tenant, name, "paused", caller)
 
 
-@router.post("/{name}/resume")
+@router.post("/{name}/resume", **CHANGE)
 async def resume(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
     return await _status(request, tenant, name, "running", caller)
 
 
-@router.post("/{name}/stop")
+@router.post("/{name}/stop", **CHANGE)
 async def stop(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
     return await _status(request, tenant, name, "stopped", caller)
 
 
-@router.post("/{name}/promote")
+@router.post("/{name}/promote", **CHANGE)
 async def promote(tenant: str, name: str, body: Promotion, request: Request, caller: Manager) -> dict[str, Any]:
     return await _status(request, tenant, name, "promoted", caller, body.arm)
 
 
-@router.post("/{name}/rollback")
+@router.post("/{name}/rollback", **CHANGE)
 async def rollback(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
     return await _status(request, tenant, name, "rolled back", caller)

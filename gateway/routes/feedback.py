@@ -12,11 +12,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gateway import admin_protocol as answers
 from gateway.auth import Manager, TenantCaller
 from gateway.body import read_json
 from gateway.erasure import forget_user
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.export import ExportFormat, export
+from gateway.openapi import JSONLines, answer, errors, json_body
 from gateway.records import FeedbackIn
 from gateway.routes import domain_errors, services
 
@@ -25,7 +27,14 @@ router = APIRouter()
 MAX_FEEDBACK_BYTES = 256 * 1024
 
 
-@router.post("/v1/feedback")
+@router.post(
+    "/v1/feedback",
+    response_model=None,
+    responses=answer(answers.FeedbackStored, "Stored in Redis, on its disk.")
+    | answer(answers.FeedbackStored, "Stored in this gateway's fsynced spool; replayed into Redis shortly.", 202)
+    | errors(404, 413),
+    openapi_extra=json_body(FeedbackIn),
+)
 async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     """200: stored in Redis (on its disk). 202: stored in this gateway's fsynced spool, replayed into
     Redis shortly (Redis down, or not fsyncing)."""
@@ -43,7 +52,11 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     return JSONResponse(body, status_code=200 if in_redis else 202)
 
 
-@router.get("/v1/feedback")
+@router.get(
+    "/v1/feedback",
+    response_model=None,
+    responses=answer(answers.FeedbackList, "The feedback on that completion.") | errors(404),
+)
 async def get_feedback(
     request: Request, caller: TenantCaller, completion_id: str = Query(min_length=1, max_length=200)
 ) -> dict[str, Any]:
@@ -53,7 +66,11 @@ async def get_feedback(
     return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
 
 
-@router.post("/admin/tenants/{tenant}/users/{user:path}/forget")
+@router.post(
+    "/admin/tenants/{tenant}/users/{user:path}/forget",
+    response_model=None,
+    responses=answer(answers.Erasure, "What was removed.") | errors(400, 404),
+)
 async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) -> dict[str, Any]:
     """Delete everything stored for one end user of the tenant; says what was removed."""
     svc = services(request)
@@ -64,13 +81,18 @@ async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) 
     return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}
 
 
-@router.get("/admin/tenants/{tenant}/feedback/export")
+@router.get(
+    "/admin/tenants/{tenant}/feedback/export",
+    response_class=JSONLines,
+    response_description="One JSON object a line, in the TRL format asked for.",
+    responses=errors(404),
+)
 async def export_feedback(
     tenant: str,
     request: Request,
     _: Manager,
     format: Literal["sft", "dpo", "kto"] = Query(...),
-    since: float | None = Query(None, ge=0, description="Unix time: only completions from then on."),
+    since: float | None = Query(None, ge=0, le=1e13, description="Unix time: only completions from then on."),
     alias: str | None = Query(None, max_length=200),
     endpoint: Literal["chat", "completions"] = Query("chat", description="Chat or text-completion records."),
 ) -> Response:

@@ -15,10 +15,12 @@ from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from gateway.admin_protocol import Health, Readiness
 from gateway.auth import bearer_matches
 from gateway.errors import AuthenticationFailed
+from gateway.openapi import BEARER, answer, errors
 from gateway.routes import services
 
 router = APIRouter()
@@ -45,7 +47,7 @@ def require_operator(request: Request) -> None:
 Operator = Annotated[None, Depends(require_operator)]
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=None, responses=answer(Health, "The gateway is up."))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -57,7 +59,14 @@ async def _redis_ok(redis: Redis) -> bool:
         return False
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses=answer(Readiness, "Ready, or degraded (Redis down, records spooled): serving goes on.")
+    | answer(Readiness, "Not ready: no vLLM replica answers yet.", 503)
+    | errors(400, 401),
+    openapi_extra={"security": [{}, BEARER]},
+)
 async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
     """503 "not ready" until a vLLM replica answers. Then 200: "ready", or "degraded" while Redis is down
     or records wait in the local spool (serving goes on; quotas follow each tenant's choice).
@@ -87,7 +96,13 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
     return JSONResponse(body, status_code=503 if status == "not ready" else 200)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    response_description="The gateway's metrics, in Prometheus' text format.",
+    responses=errors(401),
+    openapi_extra={"security": [BEARER]},
+)
 async def metrics(request: Request, _: Operator) -> Response:
     svc = services(request)
     svc.refresh_metrics()

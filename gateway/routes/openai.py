@@ -10,14 +10,24 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from gateway.auth import TenantCaller
 from gateway.body import read_json
 from gateway.context import RequestContext
 from gateway.errors import APIError, AuthenticationFailed, InvalidRequest, from_validation_error
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
+from gateway.openapi import answer, errors, event_stream, json_body
+from gateway.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingParams,
+)
 from gateway.quotas import Admission
 from gateway.routes import services
 from gateway.serving import Call
@@ -112,12 +122,23 @@ async def _complete(
         raise
 
 
-@router.post("/v1/chat/completions")
+def _described(answered: type[BaseModel], chunk: type[BaseModel], body: type[SamplingParams]) -> dict[str, Any]:
+    """The OpenAPI description of a completion route: the body it reads itself, its answer (JSON, or a
+    stream of events), and what it may meet besides its key's errors: its model, the engine, its quota."""
+    return {
+        "response_model": None,
+        "responses": answer(answered, "The answer, or with `stream: true` its events.", content=event_stream(chunk))
+        | errors(400, 404, 413, 422, 429, 502, 503, 504),
+        "openapi_extra": json_body(body),
+    }
+
+
+@router.post("/v1/chat/completions", **_described(ChatCompletion, ChatCompletionChunk, ChatCompletionRequest))
 async def chat_completions(request: Request, caller: TenantCaller) -> Response:
     return await _complete(request, caller, "chat", "/v1/chat/completions", ChatCompletionRequest)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **_described(Completion, Completion, CompletionRequest))
 async def completions(request: Request, caller: TenantCaller) -> Response:
     return await _complete(request, caller, "completions", "/v1/completions", CompletionRequest)
 
@@ -150,7 +171,7 @@ async def list_models(request: Request, caller: TenantCaller) -> ModelList:
     return ModelList(data=await _cards(request, caller.tenant))
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) -> ModelCard:
     svc = services(request)
     assert caller.tenant is not None
