@@ -174,7 +174,7 @@ def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid
     loc = _field_path(first.get("loc", ()))
     members = [str(e["loc"][-1]) for e in errors if e.get("loc") and _field_path(e["loc"]) == loc]
     param = param_path(loc) or None
-    message = str(first["msg"])
+    message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     if len(members) > 1 and all(_is_type_tag(m) for m in members):
         message = f"Input has the wrong type; expected one of: {', '.join(members)}"
         if param and "input" in first:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -101,13 +101,20 @@ class SamplingParams(PassThrough):
     def prompts(self) -> int:
         return 1
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> SamplingParams:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        """Checked on the field (declared after `stream`), so the error's `param` names it."""
+        if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
             raise ValueError("stop accepts at most 4 sequences")
-        return self
+        return value
 
 
 class ChatCompletionRequest(SamplingParams):

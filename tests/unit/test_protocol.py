@@ -88,3 +88,19 @@ def test_completion_prompt_forms() -> None:
         assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompt == prompt
     assert error_of(CompletionRequest, {"model": "m"})[0] == "prompt"
     assert error_of(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 9})[0] == "logprobs"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "Invalid value for 'stop': stop accepts at most 4 sequences"),
+        (
+            {"stream_options": {"include_usage": True}},
+            "stream_options",
+            "Invalid value for 'stream_options': stream_options is only allowed when stream is true",
+        ),
+    ],
+)
+def test_rules_across_fields_name_the_field_they_refuse(extra: dict, param: str, message: str) -> None:  # type: ignore[type-arg]
+    assert error_of(ChatCompletionRequest, {"model": "m", "messages": MSG, **extra}) == (param, message)
+    assert error_of(CompletionRequest, {"model": "m", "prompt": "x", **extra}) == (param, message)
