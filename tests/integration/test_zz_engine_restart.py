@@ -1,11 +1,15 @@
-"""A vLLM engine core dies under a live API server (killed here, as a crash would): requests move
-to the other replica, loading their adapter there; with every engine dead, clients get a clean 503;
-the supervisor restarts the dead engines. Runs last: it costs vLLM start-ups."""
+"""A vLLM engine core dies under a live API server and under load (killed here, as a crash would): no
+request hangs or gets more than a clean engine error, requests move to the other replica, loading their
+adapter there; with every engine dead, clients get a clean 503; the supervisor restarts the dead
+engines. Runs last: it costs vLLM start-ups."""
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,6 +34,35 @@ def api_server(gateway: Gateway, port: int) -> psutil.Process:
     raise AssertionError(f"the gateway is not supervising a vLLM process on port {port}")
 
 
+@contextmanager
+def load(gateway: Gateway, key: str, model: str, clients: int = 4) -> Iterator[list[int | str]]:
+    """`clients` threads asking `model` back to back while the block runs: each answer's status (or the
+    error's name, for one that never answered within its timeout), once the block has ended."""
+    outcomes: list[int | str] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": model, "messages": HI, "max_tokens": 3}
+        with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    outcomes.append(http.post("/chat/completions", json=body).status_code)
+                except httpx.HTTPError as exc:
+                    outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=ask) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=150)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+
+
 def kill_engine_core(gateway: Gateway, port: int) -> psutil.Process:
     """SIGKILL vLLM's engine-core process only; its API server stays up."""
     server = api_server(gateway, port)
@@ -46,8 +79,13 @@ def test_dead_engine_cores_fail_over_then_answer_503_then_come_back(
     holder = next(port for port in gateway.engine_ports if ref in loaded_on(port))
     other = next(port for port in gateway.engine_ports if port != holder)
 
-    dead_servers = [kill_engine_core(gateway, holder)]
-    again = client.chat.completions.create(model="survivor", messages=HI, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    with load(gateway, client.api_key, "survivor") as outcomes:  # requests in flight while the engine dies
+        time.sleep(2)
+        dead_servers = [kill_engine_core(gateway, holder)]
+        again = client.chat.completions.create(model="survivor", messages=HI, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+        time.sleep(3)
+    assert set(outcomes) <= {200, 502, 503}, f"only answers or clean engine errors under load: {outcomes}"
+    assert outcomes.count(200) >= 4 and outcomes[-1] == 200, f"traffic went on on the other replica: {outcomes}"
     assert again.model == ref and again.choices[0].message.content == first.choices[0].message.content
     assert ref in loaded_on(other), "the adapter was loaded on the surviving replica"
 
