@@ -38,8 +38,9 @@ lint: setup
 	.venv/bin/ruff format --check gateway adapters training tests loadtest demo
 	.venv/bin/mypy gateway adapters training demo
 
+# Every benchmark (loadtest/README.md), the LiteLLM comparison first; BENCH="compare" runs only the ones named.
 bench: setup
-	.venv/bin/python -m loadtest
+	.venv/bin/python -m loadtest $(if $(BENCH),--only $(BENCH))
 
 clean:
 	rm -rf .venv .venv-bnb .pytest_cache

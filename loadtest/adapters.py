@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import sys
@@ -48,22 +47,10 @@ import aiohttp
 import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadtest.overhead import (
-    BenchError,
-    Service,
-    Stack,
-    add_common_arguments,
-    console,
-    event_loop_factory,
-    free_port,
-    http_status,
-    publish,
-    report_header,
-    run_and_clean_up,
-    summarise,
-    tail,
-    versions,
-)
+from loadtest.metrics import Samples, metric_sum, parse_prometheus, summarise
+from loadtest.reports import publish, report_header, versions
+from loadtest.runner import add_common_arguments, console, event_loop_factory, run_and_clean_up
+from loadtest.services import BenchError, Service, Stack, free_port, http_status, tail
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -179,9 +166,7 @@ class EngineStack(Stack):
     def start_gateway(self) -> Service:
         self.gateway_port = free_port()
         self.engine_port = free_port()
-        script = Path(sys.executable).with_name("loragate")
-        self.gateway_command = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "gateway", "serve"]
-        service = self.gateway = self._spawn("gateway", self.gateway_command, self.gateway_env())
+        service = self.gateway = self._spawn("gateway", self.loragate_command(), self.gateway_env())
         url = f"http://127.0.0.1:{self.gateway_port}/readyz"
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while time.monotonic() < deadline:
@@ -407,35 +392,13 @@ class Client:
         seconds = time.perf_counter() - started
         return int(json.loads(raw)["usage"]["completion_tokens"]), seconds
 
-    async def metrics(self) -> dict[str, Any]:
+    async def metrics(self) -> Samples:
         headers = {"Authorization": f"Bearer {METRICS_KEY}"}
         async with self.session.get(self.gateway + "/metrics", headers=headers) as resp:
-            return parse_metrics(await resp.text())
+            return parse_prometheus(await resp.text())
 
 
-# --------------------------------------------------------------------------------------------
-# Prometheus text, just enough of it
-# --------------------------------------------------------------------------------------------
-
-SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            labels = dict(LABEL.findall(match["labels"] or ""))
-            out.setdefault(match["name"], []).append((labels, float(match["value"])))
-    return out
-
-
-def metric_sum(samples: dict[str, Any], name: str, **labels: str) -> float:
-    return sum(value for lab, value in samples.get(name, []) if all(lab.get(k) == v for k, v in labels.items()))
-
-
-def load_histogram(samples: dict[str, Any]) -> dict[str, Any]:
+def load_histogram(samples: Samples) -> dict[str, Any]:
     """loragate_adapter_load_seconds summed over adapters: cumulative bucket counts, count, sum."""
     buckets: dict[str, float] = {}
     for labels, value in samples.get("loragate_adapter_load_seconds_bucket", []):
@@ -461,7 +424,7 @@ def histogram_quantile(hist: dict[str, Any], q: float) -> float | None:
     return None
 
 
-def gateway_counters(samples: dict[str, Any]) -> dict[str, float]:
+def gateway_counters(samples: Samples) -> dict[str, float]:
     return {
         "loads_ok": metric_sum(samples, "loragate_adapter_loads_total", outcome="ok"),
         "loads_failed": metric_sum(samples, "loragate_adapter_loads_total")

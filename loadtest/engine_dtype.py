@@ -31,7 +31,9 @@ import httpx
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway.engine.capabilities import probe
-from loadtest.overhead import command_line, free_port, machine, write_atomic
+from loadtest.reports import machine, write_atomic
+from loadtest.runner import command_line
+from loadtest.services import free_port
 
 MODEL = Path(os.environ.get("LORAGATE_MODEL_CACHE") or Path.home() / ".cache/loragate/models") / "SmolLM2-135M-Instruct"
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]

@@ -1,0 +1,169 @@
+"""An async load generator for OpenAI-style chat requests: sequential, closed-loop and open-loop.
+
+- `sequential`: one request at a time to several targets in rotating order, so drift in the machine's
+  load hits every target alike; the latency of each request.
+- `closed_loop`: C clients, each sending its next request when the last one is answered, for a fixed
+  time: what a target can serve (requests/s) when it is the bottleneck.
+- `open_loop`: requests sent on a fixed schedule (R per second) whether or not earlier ones are
+  answered; each latency runs from the time the request was due, not from when it was sent, so a
+  target that falls behind shows it (no coordinated omission). In-flight requests are capped; past the
+  cap a request is counted as dropped.
+
+The hot loop is aiohttp (the OpenAI SDK costs the client more CPU per request than the gateways under
+test do on these machines). Every request is read to its end and must answer 200 to count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from loadtest.metrics import summarise, tree_cpu_seconds
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    {"role": "user", "content": "Write one friendly sentence greeting a new user of our service."},
+]
+
+
+def chat_bodies(model: str, users: int) -> list[bytes]:
+    """Small non-stream chat requests naming `model`, one per end user (`user`), to send in turn."""
+    base: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": 64, "temperature": 0.7}
+    return [json.dumps({**base, "user": f"user-{i:05d}"}).encode() for i in range(max(users, 1))]
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    """The chat completions URL."""
+    headers: dict[str, str]
+    bodies: list[bytes]
+    pid: int | None = None
+    """The process (and its children) whose CPU time is charged to this target."""
+    sent: int = 0
+
+    def body(self) -> bytes:
+        self.sent += 1
+        return self.bodies[self.sent % len(self.bodies)]
+
+
+class RequestFailed(Exception):
+    """A request answered something other than 200."""
+
+
+async def call(session: aiohttp.ClientSession, target: Target) -> float:
+    """One request read to its end; its latency in seconds."""
+    started = time.perf_counter()
+    async with session.post(target.url, data=target.body(), headers=target.headers) as resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise RequestFailed(f"{target.name}: HTTP {resp.status} {raw[:200]!r}")
+    return time.perf_counter() - started
+
+
+FAILURES = (RequestFailed, aiohttp.ClientError, TimeoutError)
+
+
+@dataclass
+class LoadResult:
+    latencies_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    dropped: int = 0
+    elapsed_s: float = 0.0
+    cpu_s: float | None = None
+    first_error: str | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:300]
+
+    def summary(self) -> dict[str, Any]:
+        done = len(self.latencies_s)
+        out: dict[str, Any] = {**summarise(self.latencies_s), "errors": self.errors, "dropped": self.dropped}
+        out["requests_per_s"] = done / self.elapsed_s if self.elapsed_s else None
+        out["cpu_ms_per_request"] = self.cpu_s / done * 1000 if self.cpu_s is not None and done else None
+        if self.first_error:
+            out["first_error"] = self.first_error
+        return out
+
+
+async def metered(target: Target, run: Callable[[LoadResult], Any]) -> LoadResult:
+    """Run one phase against `target`, charging it the CPU time its process tree spent meanwhile."""
+    result = LoadResult()
+    before = tree_cpu_seconds(target.pid) if target.pid else None
+    started = time.perf_counter()
+    await run(result)
+    result.elapsed_s = time.perf_counter() - started
+    if before is not None and target.pid:
+        result.cpu_s = tree_cpu_seconds(target.pid) - before
+    return result
+
+
+async def sequential(session: aiohttp.ClientSession, targets: list[Target], rounds: int) -> dict[str, LoadResult]:
+    """`rounds` requests per target, one at a time; each round visits every target, the order rotating."""
+    results = {target.name: LoadResult() for target in targets}
+    for i in range(rounds):
+        k = i % len(targets)
+        for target in targets[k:] + targets[:k]:
+            try:
+                results[target.name].latencies_s.append(await call(session, target))
+            except FAILURES as exc:
+                results[target.name].failed(exc)
+    for result in results.values():
+        result.elapsed_s = sum(result.latencies_s)
+    return results
+
+
+async def closed_loop(
+    session: aiohttp.ClientSession, target: Target, concurrency: int, duration_s: float
+) -> LoadResult:
+    async def run(result: LoadResult) -> None:
+        deadline = time.perf_counter() + duration_s
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                try:
+                    result.latencies_s.append(await call(session, target))
+                except FAILURES as exc:
+                    result.failed(exc)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+
+    return await metered(target, run)
+
+
+async def open_loop(
+    session: aiohttp.ClientSession, target: Target, rate: float, duration_s: float, max_in_flight: int = 512
+) -> LoadResult:
+    async def run(result: LoadResult) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def one(due: float) -> None:
+            try:
+                await call(session, target)
+                result.latencies_s.append(time.perf_counter() - due)
+            except FAILURES as exc:
+                result.failed(exc)
+
+        start = time.perf_counter()
+        for i in range(round(rate * duration_s)):
+            due = start + i / rate
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            if len(in_flight) >= max_in_flight:
+                result.dropped += 1
+                continue
+            task = asyncio.create_task(one(due))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight)
+
+    return await metered(target, run)

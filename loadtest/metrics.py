@@ -1,0 +1,91 @@
+"""What the benchmarks measure with: latency statistics, CPU time of processes, Prometheus text."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+"""Prometheus samples by sample name (`x_total`, `x_bucket`, ...): (labels, value) for each series."""
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); q in [0, 1]."""
+    if not sorted_values:
+        return math.nan
+    k = (len(sorted_values) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def summarise(latencies_s: Sequence[float]) -> dict[str, float]:
+    """Latency statistics in milliseconds."""
+    values = sorted(x * 1000 for x in latencies_s)
+    return {
+        "count": len(values),
+        "mean_ms": statistics.fmean(values) if values else math.nan,
+        "min_ms": values[0] if values else math.nan,
+        "p50_ms": percentile(values, 0.50),
+        "p90_ms": percentile(values, 0.90),
+        "p99_ms": percentile(values, 0.99),
+        "max_ms": values[-1] if values else math.nan,
+    }
+
+
+def median_of(runs: list[dict[str, Any]], *path: str) -> float:
+    values = []
+    for run in runs:
+        node: Any = run
+        for key in path:
+            node = node[key]
+        values.append(node)
+    return statistics.median(values)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None where unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and every live descendant (workers, record processes)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def parse_prometheus(text: str) -> Samples:
+    """Prometheus text exposition, parsed by prometheus_client."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
+
+def metric_sum(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the series of `name` whose labels include `labels`."""
+    return sum(value for lab, value in samples.get(name, []) if all(lab.get(k) == v for k, v in labels.items()))

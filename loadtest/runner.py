@@ -1,0 +1,110 @@
+"""Running one benchmark: its common options, its event loop, and stopping everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+
+from loadtest.services import HERE, BenchError, Stack
+
+console = Console(stderr=True, highlight=False)
+
+
+def key_value(item: str) -> str:
+    """An argparse `type` for --gateway-env: KEY=VALUE with a non-empty KEY (kept as given)."""
+    key, sep, _ = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"needs KEY=VALUE with a non-empty KEY, got {item!r}")
+    return item
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark has: where results go, extra gateway settings, keeping the logs."""
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results", help="Where the results go.")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
+    )
+    parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """How to run the benchmark `module` again with the same arguments."""
+    exe = os.path.relpath(sys.executable)
+    if exe.startswith(".."):
+        exe = sys.executable
+    return shlex.join([exe, "-m", module, *argv])
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C, so the cleanup below always runs."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def run_and_clean_up(stack: Stack, workdir: Path, keep_workdir: bool, body: Callable[[], None]) -> int:
+    """Run one benchmark; whatever happens (errors, Ctrl-C, SIGTERM), stop every process it started and
+    remove its folder. Returns the exit code."""
+    code = 1
+    with terminate_as_interrupt():
+        try:
+            body()
+            code = 0
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]; stopping everything")
+            code = 130
+        except BenchError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            console.print(stack.logs())
+        except (TimeoutError, OSError, ValueError, KeyError, subprocess.SubprocessError, aiohttp.ClientError) as exc:
+            console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+            console.print(stack.logs())
+        finally:
+            # A second Ctrl-C (or SIGTERM) during cleanup must not leave processes behind.
+            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+            try:
+                with console.status("stopping every process the benchmark started"):
+                    stack.stop()
+                if keep_workdir:
+                    console.print(f"kept {workdir}")
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+    return code

@@ -1,0 +1,303 @@
+"""The processes a benchmark runs against: redis-server, the mock upstream, loragate gateways, the bare
+pass-through proxy and LiteLLM's proxy, on free loopback ports, started in order and stopped in reverse.
+
+`Stack` is shared by every benchmark in loadtest/ (overhead, routing, records, adapters, compare).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MOCK_SCRIPT = HERE / "mock_upstream.py"
+MODEL = "mock-model"
+TENANCY_ALIAS = "prod"
+START_TIMEOUT_S = 60.0
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run or got a wrong answer; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int | None = None
+    """Where it serves HTTP on 127.0.0.1, for services started with `Stack.start_http`."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Stack:
+    """The processes under test, started in order and always stopped in reverse order."""
+
+    def __init__(self, workdir: Path, gateway_env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.extra_gateway_env = gateway_env
+        self.services: list[Service] = []
+        self.redis_port: int | None = None
+        self.mock_port: int | None = None
+        self.gateway_port: int | None = None
+        self.api_key: str | None = None
+        self.tenancy_key: str | None = None
+        self.gateway_command: list[str] = []
+
+    # -- redis ------------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        port = free_port()
+        self.redis_port = port  # before starting, so a half-started server is still shut down
+        subprocess.run(
+            [
+                redis_server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(self.workdir),
+                "--pidfile",
+                str(self.workdir / "redis.pid"),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            timeout=15,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError(f"redis-server did not answer on port {port}:\n{tail(self.workdir / 'redis.log')}")
+
+    def stop_redis(self) -> None:
+        if self.redis_port is None:
+            return
+        port, self.redis_port = self.redis_port, None
+        try:
+            subprocess.run(
+                [shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), "shutdown", "nosave"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=5,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
+        # If it is still there (shutdown refused or redis-cli missing), end it by its own pid.
+        pidfile = self.workdir / "redis.pid"
+        deadline = time.monotonic() + 3
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    # -- subprocesses -----------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Service:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop them in order
+            )
+        service = Service(name, proc, log)
+        self.services.append(service)
+        return service
+
+    def _wait_http(self, service: Service, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if service.proc.poll() is not None:
+                raise BenchError(f"{service.name} exited with {service.proc.returncode}:\n{tail(service.log)}")
+            last = http_status(url)
+            if last == 200:
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{service.name} not ready after {timeout_s:.0f} s ({url} -> {last}):\n{tail(service.log)}")
+
+    def start_mock(self) -> None:
+        self.mock_port = free_port()
+        service = self._spawn("mock", [sys.executable, str(MOCK_SCRIPT), "--port", str(self.mock_port)])
+        self._wait_http(service, f"http://127.0.0.1:{self.mock_port}/health")
+
+    def gateway_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+        env.update(
+            {
+                "LORAGATE_ENGINE_URLS": f"http://127.0.0.1:{self.mock_port}",
+                "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "LORAGATE_HOST": "127.0.0.1",
+                "LORAGATE_HOME": str(self.workdir / "home"),
+                "LORAGATE_SERVED_MODEL_NAME": MODEL,
+                "LORAGATE_WORKERS": "1",  # one gateway process unless --gateway-env LORAGATE_WORKERS=N
+            }
+        )
+        if self.gateway_port is not None:
+            env["LORAGATE_PORT"] = str(self.gateway_port)
+        env.update(self.extra_gateway_env)
+        return env
+
+    def start_http(
+        self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str] | None = None
+    ) -> Service:
+        """Start a server that will listen on `port` and wait until `ready_path` answers 200."""
+        service = self._spawn(name, command, env)
+        service.port = port
+        self._wait_http(service, f"{service.url}{ready_path}", timeout_s=START_TIMEOUT_S * 3)
+        return service
+
+    def loragate_command(self) -> list[str]:
+        script = Path(sys.executable).with_name("loragate")
+        self.gateway_command = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "gateway", "serve"]
+        return self.gateway_command
+
+    def start_gateway(self) -> Service:
+        self.gateway_port = free_port()
+        service = self._spawn("gateway", self.loragate_command(), self.gateway_env())
+        self._wait_http(service, f"http://127.0.0.1:{self.gateway_port}/readyz")
+        return service
+
+    def start_named_gateway(self, name: str, env: dict[str, str]) -> Service:
+        """Another `loragate serve` on the same Redis and mock, with its own port, home and `env` on top."""
+        port = free_port()
+        full_env = {
+            **self.gateway_env(),
+            "LORAGATE_PORT": str(port),
+            "LORAGATE_HOME": str(self.workdir / f"home-{name}"),
+            **env,
+        }
+        return self.start_http(name, self.loragate_command(), port, "/readyz", full_env)
+
+    def start_passthrough(self, name: str, workers: int) -> Service:
+        """loadtest/passthrough.py under uvicorn (uvloop, httptools when installed, as the gateway runs)."""
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", "loadtest.passthrough:app", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+        env = {**os.environ, "PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{self.mock_port}"}
+        return self.start_http(name, command, port, "/health", env)
+
+    def _loragate(self, *args: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            cwd=REPO,
+            env=self.gateway_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        if result.returncode != 0 or not lines:
+            command = " ".join(args)
+            raise BenchError(f"`loragate {command}` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        return lines
+
+    def create_key(self, tenant: str = "loadtest") -> None:
+        """A key of a tenant with no limits (the serving core: no quota check) calling the base model by name."""
+        self._loragate("tenants", "create", tenant, "--exist-ok")
+        self.api_key = self._loragate("keys", "create", "--tenant", tenant, "--name", "overhead")[-1]
+
+    def create_tenancy_key(self, tenant: str = "loadtest-quotas") -> None:
+        """A key of a tenant with request and token quotas (never reached) that calls the base through an
+        alias: auth, namespace, alias and one quota check in Redis on every request."""
+        self._loragate("tenants", "create", tenant, "--rpm", "1000000000", "--tpm", "1000000000000", "--exist-ok")
+        self._loragate("aliases", "set", TENANCY_ALIAS, MODEL, "--tenant", tenant)
+        self.tenancy_key = self._loragate("keys", "create", "--tenant", tenant)[-1]
+
+    stop_timeout_s = 10.0
+    """How long a started service may take to exit after SIGTERM before it is killed."""
+
+    def stop_service(self, service: Service) -> None:
+        """SIGTERM, then SIGKILL after `stop_timeout_s`; then whatever is left of its process group (workers)."""
+        proc = service.proc
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): only what it started
+        except OSError:
+            pass
+        if service in self.services:
+            self.services.remove(service)
+
+    def stop_services(self) -> None:
+        for service in reversed(list(self.services)):
+            self.stop_service(service)
+
+    def stop(self) -> None:
+        self.stop_services()
+        self.stop_redis()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name} ({s.log}) ---\n{tail(s.log)}" for s in self.services)
