@@ -43,4 +43,4 @@ bench: setup
 	.venv/bin/python -m loadtest $(if $(BENCH),--only $(BENCH))
 
 clean:
-	rm -rf .venv .venv-bnb .pytest_cache
+	rm -rf .venv .venv-bnb .venv-litellm .pytest_cache
