@@ -4,13 +4,12 @@ written off the request path.
 `record(context)` only queues the context. A background task takes what is queued every
 `interval_s` (sooner when a batch is full), turns it into records in a worker process of its own
 (gateway.record_worker: parsing whole answers, applying the tenant's policy: redaction, or metadata
-only; a thread when `workers` is 0),
-and writes them in one pipelined
-round trip: one Lua script per 100 records appends each to its tenant's stream (trimmed to the
-tenant's length), indexes its completion id (owner and entry, expiring with the tenant's age limit)
-and adds it to the end user's set (for erasure). The script skips a record already indexed (a batch
-replayed twice is kept once) and one of an end user erased since it was made. Building the next
-batch overlaps writing the last.
+only; a thread when `workers` is 0), and writes them in one pipelined round trip: one Lua script per
+100 records appends each to its tenant's stream (trimmed to the tenant's length), indexes its
+completion id (owner and entry, expiring with the tenant's age limit) and adds it to the end user's
+set (for erasure). The script skips a record already indexed (a batch replayed twice is kept once)
+and one of an end user erased since it was made. The stages overlap: while one batch is built, the
+next is taken off the queue and the last one is written.
 
 When Redis cannot be reached, records go to a local spool (bounded: past it the oldest are dropped
 and counted in `loragate_records_dropped_total`), and every record after them too, so that when
@@ -35,8 +34,8 @@ from gateway import keys
 from gateway.context import RequestContext
 from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
-from gateway.record_builder import build_entries, raw_record
-from gateway.record_worker import RecordWorker
+from gateway.record_builder import raw_record
+from gateway.record_worker import RecordWorker, ThreadBuilder
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
@@ -113,7 +112,7 @@ class Recorder:
         self._queued_seq = 0
         self._done_seq = 0
         self._lane = ScriptLane(redis, _RECORD, size=2)
-        self._worker = RecordWorker() if workers else None
+        self._builder: RecordWorker | ThreadBuilder = RecordWorker() if workers else ThreadBuilder()
         self.recent: OrderedDict[str, str] = OrderedDict()
         """Completion id -> tenant, for the last RECENT records this process handled."""
         self.degraded = False
@@ -140,8 +139,7 @@ class Recorder:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
 
     async def start(self) -> None:
-        if self._worker is not None:
-            await self._worker.start()
+        await self._builder.start()
 
     async def run(self) -> None:
         """Write what is queued, every interval (or at once when a batch is full), until `stop`."""
@@ -171,18 +169,23 @@ class Recorder:
             self._progress.notify_all()
 
     async def _drain_queue(self) -> None:
-        """Build batch n+1 in a worker thread while batch n is written."""
+        """Three stages overlap: while the builder builds batch n, the loop takes batch n+1 off the queue
+        and hands it over, and batch n-1 is written."""
         writing: asyncio.Task[None] | None = None
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
-            raws = [raw for _, context in batch if (raw := self._raw(context)) is not None]
-            entries = await self._build(raws)
-            if len(entries) < len(batch):
-                self._metrics.records_dropped.labels("unbuildable").inc(len(batch) - len(entries))
+        while self._queue or self._builder.pending:
+            if self._queue and self._builder.pending < 2:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
+                raws = [raw for _, context in batch if (raw := self._raw(context)) is not None]
+                await self._builder.send(raws, (batch[-1][0], len(batch)))
+                if self._queue and self._builder.pending < 2:
+                    continue
+            (last_seq, count), entries = await self._builder.receive()
+            if len(entries) < count:
+                self._metrics.records_dropped.labels("unbuildable").inc(count - len(entries))
             if writing is not None:
                 await writing
             self._remember(entries)
-            writing = asyncio.create_task(self._store(entries, batch[-1][0]))
+            writing = asyncio.create_task(self._store(entries, last_seq))
         if writing is not None:
             await writing
 
@@ -192,13 +195,6 @@ class Recorder:
         except Exception:
             log.exception("completion log: request %s could not be recorded", context.request_id)
             return None
-
-    async def _build(self, raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Records built in the worker process (no thread of ours competes with the event loop for the
-        GIL), or in a thread when `workers` is 0."""
-        if self._worker is not None:
-            return await self._worker.build(raws)
-        return await asyncio.to_thread(build_entries, raws)
 
     async def _store(self, entries: list[dict[str, Any]], last_seq: int) -> None:
         try:
@@ -253,8 +249,7 @@ class Recorder:
 
     async def close(self) -> None:
         await self._lane.close()
-        if self._worker is not None:
-            await self._worker.stop()
+        await self._builder.stop()
 
     async def trim(self, policies: dict[str, Any]) -> None:
         """Drop records older than each tenant's age limit (length is trimmed as records are added)."""

@@ -21,6 +21,7 @@ from gateway.erasure import forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, record_of
+from gateway.record_worker import RecordWorker
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, FeedbackIn, LogPolicy
 from gateway.routing import Route
@@ -211,6 +212,37 @@ async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aiore
     recorder.record(context(Tenant(name="t"), 2))
     await recorder._cycle()
     assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-2"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_pipelined_batches_are_written_in_the_order_they_came(
+    redis: aioredis.Redis, tmp_path: Path, workers: int
+) -> None:
+    """Batches overlap (one built while the next is taken and the last is written): the log keeps order."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=3, workers=workers)
+    for n in range(20):
+        recorder.record(context(Tenant(name="t"), n))
+    await recorder._cycle()
+    assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(20)]
+    await recorder.close()
+
+
+async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the_same() -> None:
+    worker = RecordWorker()
+    await worker.start()
+    dying = worker._process
+    for n in range(3):
+        await worker.send([raw_record(context(Tenant(name="t"), n))], n)
+    assert dying is not None and worker.pending == 3
+    dying.kill()  # before it has built them: what it had is built in a thread instead, in order
+    got = [await worker.receive() for _ in range(3)]
+    assert [(tag, built[0]["id"]) for tag, built in got] == [(n, f"chatcmpl-{n}") for n in range(3)]
+    await worker.send([raw_record(context(Tenant(name="t"), 9))], "next")
+    assert (await worker.receive())[1][0]["id"] == "chatcmpl-9"
+    assert worker._process is not None and worker._process is not dying, "a new process builds what comes after"
+    await worker.stop()
 
 
 @pytest.fixture
