@@ -28,6 +28,8 @@ class _Entry:
     checked: float
     """time.monotonic() of the last stat that found the folder unchanged."""
     resolved: dict[int | None, Manifest] = field(default_factory=dict)
+    published: list[Manifest] | None = None
+    """Its published versions, oldest first, for `listing`: read once per change of the folder."""
 
 
 def upstream_name(tenant: str, manifest: Manifest) -> str:
@@ -150,21 +152,41 @@ class Registry:
 
     def listing(self, tenant: str, pins: dict[str, int]) -> list[tuple[str, Manifest]]:
         """Every name of the tenant's own adapters a client can use: each bare name (its default
-        version) and every published name@V (unpublished candidates are not listed)."""
+        version) and every published name@V (unpublished candidates are not listed).
+
+        One scan of the tenant's folder and one stat per name: a name's manifests are read again only when
+        its folder changed (as for `resolve`), not on every call (`GET /v1/models` asks on every request)."""
         out: list[tuple[str, Manifest]] = []
-        store = self.store(tenant)
-        for name in store.names():
+        for name in self._names(tenant):
             try:
                 out.append((name, self.resolve(tenant, AdapterRef(name), pins.get(name))))
             except AdapterNotFound:
                 continue
-            for version in store.versions(name):
-                try:
-                    manifest = store.manifest(name, version)
-                except AdapterNotFound:
-                    continue  # deleted while we listed
-                if manifest.listed:
-                    out.append((manifest.ref, manifest))
+            entry = self._cache.get((tenant, name))
+            published = entry.published if entry is not None else None
+            if published is None:
+                published = self._published(tenant, name)
+                if entry is not None:
+                    entry.published = published
+            out.extend((manifest.ref, manifest) for manifest in published)
+        return out
+
+    def _names(self, tenant: str) -> list[str]:
+        try:
+            with os.scandir(self.root / tenant) as entries:
+                return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _published(self, tenant: str, name: str) -> list[Manifest]:
+        store, out = self.store(tenant), []
+        for version in store.versions(name):
+            try:
+                manifest = store.manifest(name, version)
+            except AdapterNotFound:
+                continue  # deleted while we listed
+            if manifest.listed:
+                out.append(manifest)
         return out
 
     def remove_tenant(self, tenant: str) -> list[str]:

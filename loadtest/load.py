@@ -47,6 +47,8 @@ class Target:
     bodies: list[bytes]
     pid: int | None = None
     """The process (and its children) whose CPU time is charged to this target."""
+    method: str = "POST"
+    """GET targets (e.g. /v1/models) send no body: give them `bodies=[b""]`."""
     sent: int = 0
 
     def body(self) -> bytes:
@@ -61,7 +63,7 @@ class RequestFailed(Exception):
 async def call(session: aiohttp.ClientSession, target: Target) -> float:
     """One request read to its end; its latency in seconds."""
     started = time.perf_counter()
-    async with session.post(target.url, data=target.body(), headers=target.headers) as resp:
+    async with session.request(target.method, target.url, data=target.body() or None, headers=target.headers) as resp:
         raw = await resp.read()
         if resp.status != 200:
             raise RequestFailed(f"{target.name}: HTTP {resp.status} {raw[:200]!r}")

@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from gateway.pointers import PointerStore
 from gateway.routing import Router
 from loadtest import mock_upstream
 from loadtest import overhead as oh
+from loadtest.runner import parse_config
 
 TENANT = "routing"
 ADAPTER = "helper"
@@ -381,18 +382,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.routing", description=__doc__.splitlines()[0])
-    for f in fields(Config):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"]
-        )
-    oh.add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    except ValueError as exc:
-        parser.error(str(exc))
-    return cfg, args
+    return parse_config("python -m loadtest.routing", __doc__.splitlines()[0], Config, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

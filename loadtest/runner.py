@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shlex
 import shutil
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from rich.console import Console
@@ -21,6 +22,7 @@ from rich.console import Console
 from loadtest.services import HERE, BenchError, Stack
 
 console = Console(stderr=True, highlight=False)
+C = TypeVar("C")
 
 
 def key_value(item: str) -> str:
@@ -43,6 +45,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Extra environment for the gateway, e.g. LORAGATE_LOG_LEVEL=warning (repeatable).",
     )
     parser.add_argument("--keep-workdir", action="store_true", help="Keep the temporary folder with the logs.")
+
+
+def parse_config(prog: str, description: str, config: type[C], argv: Sequence[str]) -> tuple[C, argparse.Namespace]:
+    """A benchmark's config dataclass from its command line: an option for every field (its `metadata["help"]`;
+    a tuple field takes one or more values), and the common options. A config that refuses its values (a
+    ValueError) is a usage error."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        default: Any = f.default
+        many = isinstance(default, tuple)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(default[0] if many else default), nargs="+" if many else None,
+            default=default, help=f.metadata["help"],
+        )  # fmt: skip
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    try:
+        cfg = config(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg, args
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:

@@ -142,6 +142,29 @@ def test_a_candidate_is_nobodys_default_until_published(store: AdapterStore, goo
         store.publish("a", 2, {})
 
 
+def test_listing_reads_a_names_manifests_again_only_when_its_folder_changed(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(store.root.parent)
+    for name in ("a", "a", "b"):
+        store.add(good, name, base, MAX_RANK)
+    assert [ref for ref, _ in registry.listing("t", {"a": 1})] == ["a", "a@1", "a@2", "b", "b@1"]
+    assert registry.listing("t", {"a": 1})[0][1].version == 1, "a bare name lists its pinned version"
+    assert registry.listing("t", {})[0][1].version == 2, "else its latest"
+    reads: list[tuple[str, int]] = []
+    manifest = AdapterStore.manifest
+    monkeypatch.setattr(AdapterStore, "manifest", lambda self, n, v: reads.append((n, v)) or manifest(self, n, v))
+    assert [ref for ref, _ in registry.listing("t", {})] == ["a", "a@1", "a@2", "b", "b@1"]
+    assert reads == [], "nothing changed: no manifest read"
+    AdapterStore(store.root, "t").add(good, "a", base, MAX_RANK)  # another process's write
+    AdapterStore(store.root, "t").remove("b", 1)
+    AdapterStore(store.root, "t").add(good, "c", base, MAX_RANK, listed=False, provenance={"parent": "a@1"})
+    assert [ref for ref, _ in registry.listing("t", {})] == ["a", "a@1", "a@2", "a@3"]
+    assert {name for name, _ in reads} == {"a", "b", "c"}, "only the changed names are read again"
+    AdapterStore(store.root, "t").publish("c", 1, {})
+    assert [ref for ref, _ in registry.listing("t", {})] == ["a", "a@1", "a@2", "a@3", "c", "c@1"]
+
+
 def test_tenants_have_separate_namespaces(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     registry = Registry(store.root.parent)
     registry.store("t").add(good, "a", base, MAX_RANK)
