@@ -129,6 +129,8 @@ class RequestContext:
     """The request as it was sent on (after the gateway's own changes, e.g. the max_tokens cap)."""
     validated: bool = False
     """The payload passed validation: only then is its content recorded."""
+    sent: bytes | None = None
+    """The payload's JSON as sent to the engine: the log parses it off the request path."""
     header_user: str | None = None
     """The end user named by an `x-loragate-user` header (the body's `user` wins)."""
     received: float = field(default_factory=time.time)

@@ -38,6 +38,7 @@ def raw_record(context: RequestContext) -> dict[str, Any]:
     policy = context.tenant.logging
     return {
         "record": record_of(context, content=policy.content, parse=False),
+        "sent": context.sent if policy.content and context.validated else None,
         "body": context.answer.body if policy.content else None,
         "redact": tuple(sorted(policy.redact)) if policy.content else (),
         "max_records": policy.max_records,
@@ -59,6 +60,8 @@ def build_entries(raws: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _entry(raw: dict[str, Any]) -> dict[str, Any]:
     record = raw["record"]
+    if raw["sent"] is not None:
+        record["request"] = request_of(pydantic_core.from_json(raw["sent"]))
     if raw["body"] is not None:
         answer = Answer(body=raw["body"])
         answer.parse_body()
@@ -142,9 +145,16 @@ def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
                 yield function, "arguments"
 
 
+def request_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """A request as the log keeps it: its content fields, and every other field under `params`."""
+    request = {k: v for k, v in payload.items() if k in REQUEST_FIELDS}
+    request["params"] = {k: v for k, v in payload.items() if k not in REQUEST_FIELDS and k not in DROPPED_FIELDS}
+    return request
+
+
 def record_of(context: RequestContext, content: bool = True, parse: bool = True) -> dict[str, Any]:
     """A context as a completion record (the fields of records.CompletionRecord), before redaction; with
-    `parse` false a whole answer is left for `build_entries` to read."""
+    `parse` false a whole answer, and the request as it was sent, are left for `build_entries` to read."""
     answer = context.answer
     if content and parse:
         answer.parse_body()
@@ -154,9 +164,8 @@ def record_of(context: RequestContext, content: bool = True, parse: bool = True)
     route, payload = context.route, context.payload
     adapter = route.adapter if route is not None else None
     request = choices = None
-    if content and context.validated:
-        request = {k: v for k, v in payload.items() if k in REQUEST_FIELDS}
-        request["params"] = {k: v for k, v in payload.items() if k not in REQUEST_FIELDS and k not in DROPPED_FIELDS}
+    if content and context.validated and (parse or context.sent is None):
+        request = request_of(payload)
     if content:
         choices = answer.choice_dicts() or None
     return {

@@ -181,7 +181,7 @@ class Forwarder:
         """Answer the request from a replica. A non-streaming request whose client disconnects is
         cancelled, closing its upstream connection so that vLLM aborts the generation."""
         call.payload["model"] = call.route.upstream_model
-        body = pydantic_core.to_json(call.payload)
+        body = call.context.sent = pydantic_core.to_json(call.payload)
         try:
             if call.stream:
                 response = await self._open(call, body)

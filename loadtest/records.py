@@ -157,6 +157,7 @@ def contexts(variant: str, n: int) -> list[RequestContext]:
         request_id = f"{tenant.name}-{i:07d}"
         ctx = RequestContext(request_id, "chat", tenant, "key-bench", payload=chat_payload(i), route=route)
         ctx.validated = True
+        ctx.sent = json.dumps(ctx.payload, separators=(",", ":")).encode()  # as the gateway forwards it
         body = completion_body(request_id, oh.MODEL, 60)
         body["choices"][0]["message"]["content"] = ANSWER.format(i=i)
         ctx.answer.body = json.dumps(body, separators=(",", ":")).encode()

@@ -89,6 +89,19 @@ def entry(ctx: RequestContext) -> dict[str, Any]:
     return built
 
 
+def test_a_request_read_from_the_json_sent_is_recorded_as_from_its_payload() -> None:
+    """The gateway hands the recorder the JSON it forwarded; the builder process parses it."""
+    plain = context(Tenant(name="t"), temperature=0.5, stop=["\n"], stream_options={"include_usage": True})
+    sent = context(Tenant(name="t"), temperature=0.5, stop=["\n"], stream_options={"include_usage": True})
+    sent.sent = json.dumps({**sent.payload, "model": "t.bot@2"}).encode()
+    assert raw_record(sent)["record"]["request"] is None, "not parsed on the request path"
+    sent.received, sent.latency_s = plain.received, plain.latency_s
+    assert json.loads(entry(sent)["record"]) == json.loads(entry(plain)["record"])
+    request = json.loads(entry(sent)["record"])["request"]
+    assert request["params"] == {"temperature": 0.5, "stop": ["\n"]}
+    assert request["messages"] == [{"role": "user", "content": "mail [EMAIL]"}]
+
+
 def test_records_follow_the_tenant_policy() -> None:
     record = CompletionRecord.model_validate_json(entry(context(Tenant(name="t")))["record"])
     assert (record.id, record.user, record.alias, record.status) == ("chatcmpl-7", "u1", "prod", 200)
