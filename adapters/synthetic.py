@@ -6,7 +6,9 @@ seeded noise, so an adapter visibly changes greedy output and two seeds give two
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE
@@ -53,3 +55,12 @@ def make_adapter(
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return folder
+
+
+def tarball(folder: Path) -> bytes:
+    """An adapter folder as the .tar.gz the admin API's upload takes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for entry in sorted(folder.iterdir()):
+            tar.add(entry, arcname=entry.name)
+    return buffer.getvalue()

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from adapters.synthetic import make_adapter
+from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
 from tests.conftest import METRICS_KEY, TENANT, Gateway
-
-
-def tarball(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for entry in sorted(folder.iterdir()):
-            tar.add(entry, arcname=entry.name)
-    return buffer.getvalue()
 
 
 def upload(admin: httpx.Client, name: str, folder: Path) -> httpx.Response:
