@@ -82,7 +82,7 @@ class Soak:
         if exc is not None:
             name = error_type(exc)
             self.errors[f"{kind}: {name}"] += 1
-            if len(self.error_samples) < 50:
+            if self.errors[f"{kind}: {name}"] <= 5:  # the first five of each type
                 message = f"{type(exc).__name__}: {exc}"[:300]
                 self.error_samples.append(
                     {"t_s": round(started - self.t0, 1), "kind": kind, "what": what, "error": message}
