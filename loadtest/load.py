@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,12 +109,15 @@ async def metered(target: Target, run: Callable[[LoadResult], Any]) -> LoadResul
     return result
 
 
-async def sequential(session: aiohttp.ClientSession, targets: list[Target], rounds: int) -> dict[str, LoadResult]:
-    """`rounds` requests per target, one at a time; each round visits every target, the order rotating."""
+async def sequential(
+    session: aiohttp.ClientSession, targets: list[Target], rounds: int, shuffle: random.Random | None = None
+) -> dict[str, LoadResult]:
+    """`rounds` requests per target, one at a time; each round visits every target, the order rotating (with
+    `shuffle`: in an order of its own, so no target always follows the same one)."""
     results = {target.name: LoadResult() for target in targets}
     for i in range(rounds):
         k = i % len(targets)
-        for target in targets[k:] + targets[:k]:
+        for target in shuffle.sample(targets, len(targets)) if shuffle else targets[k:] + targets[:k]:
             try:
                 results[target.name].latencies_s.append(await call(session, target))
             except FAILURES as exc:

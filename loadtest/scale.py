@@ -5,7 +5,7 @@
    tiny rank-1 synthetic adapter as the source of every version, several processes at once), its own
    mock vLLM (loadtest/routing.py's, with runtime LoRA loading) and its own `loragate serve`, all on one
    Redis. Two tenants are measured: `scale-000` holds its even share of the versions (1, 10, 100) and
-   `scale-001` always one. Each key sends, one at a time and all gateways in rotating order, a chat
+   `scale-001` always one. Each key sends, one at a time and every target in a new random order per request slot, a chat
    completion naming one of its adapters by its bare name and `GET /v1/models`: p50 / p95 per size, and
    p50 at the largest size minus p50 at the smallest (target: at most +0.05 ms) with a paired bootstrap
    interval and the median of rounds.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ from loadtest.services import MODEL, TENANCY_ALIAS, BenchError, Service, Stack, 
 
 ROUTED = "a0"
 """The adapter every chat request names (bare: its latest version)."""
+METRICS_KEY = "scale-bench-metrics-key"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Config:
     sizes: tuple[int, ...] = field(default=(10, 1_000, 10_000), metadata={"help": "Adapter versions per store."})
     tenants: int = field(default=100, metadata={"help": "Tenants the versions are spread across."})
     per_name: int = field(default=10, metadata={"help": "Versions per adapter name."})
-    rounds: int = field(default=5, metadata={"help": "Rounds; each sends --requests to every target, rotating."})
+    rounds: int = field(default=5, metadata={"help": "Rounds; each sends --requests to every target, shuffled."})
     requests: int = field(default=200, metadata={"help": "Requests per target per round."})
     warmup: int = field(default=30, metadata={"help": "Warm-up requests per target."})
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the interval."})
@@ -211,6 +213,7 @@ async def measure_versions(targets: dict[str, Target], cfg: Config) -> tuple[dic
     """Checks, warm-up, then `rounds` rounds of sequential requests over every target: ms per round."""
     ordered = list(targets.values())
     latencies: dict[str, list[list[float]]] = {name: [] for name in targets}
+    shuffle = random.Random(cfg.seed)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         cards = await check_versions(session, targets, cfg)
@@ -218,7 +221,7 @@ async def measure_versions(targets: dict[str, Target], cfg: Config) -> tuple[dic
             await sequential(session, ordered, cfg.warmup)
         for r in range(cfg.rounds):
             with console.status(f"round {r + 1}/{cfg.rounds}: {cfg.requests} requests to each of {len(ordered)}"):
-                results = await sequential(session, ordered, cfg.requests)
+                results = await sequential(session, ordered, cfg.requests, shuffle)
             for name, result in results.items():
                 failed(name, result)
                 latencies[name].append([x * 1000 for x in result.latencies_s])
@@ -238,9 +241,6 @@ def start_process_gateways(stack: Stack, cfg: Config) -> dict[str, Service]:
     env = {"LORAGATE_LOG_LEVEL": "warning", "LORAGATE_METRICS_KEY": METRICS_KEY}
     with console.status(f"starting gateways with {', '.join(map(str, cfg.workers))} processes"):
         return {f"w{n}": stack.start_named_gateway(f"w{n}", {**env, "LORAGATE_WORKERS": str(n)}) for n in cfg.workers}
-
-
-METRICS_KEY = "scale-bench-metrics-key"
 
 
 async def gateway_metrics(session: aiohttp.ClientSession, gateway: Service) -> dict[str, float]:

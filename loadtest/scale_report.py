@@ -151,7 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Versions spread across {cfg['tenants']} tenants, {cfg['per_name']} per adapter name, registered with "
         f"`AdapterStore.add` ({cfg['jobs']} processes): {regs}. One gateway and one mock vLLM per size, one Redis.",
         f"- Sequential: {cfg['rounds']} rounds x {cfg['requests']} requests per target (after {cfg['warmup']} "
-        "warm-up), every size, tenant and endpoint in rotating order.",
+        "warm-up), every size, tenant and endpoint in a new random order for each request slot.",
         "",
         "## Routing and /v1/models by registry size",
         "",
