@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
-.PHONY: setup bnb-engine browser deploy-tools run demo test test-unit lint bench clean
+.PHONY: setup bnb-engine browser deploy-tools run demo test test-unit lint bench soak clean
 # setup and bnb-engine both install redis and write loragate.egg-info: never at the same time.
 .NOTPARALLEL:
 
@@ -41,6 +41,10 @@ lint: setup
 # Every benchmark (loadtest/README.md), the LiteLLM comparison first; BENCH="compare" runs only the ones named.
 bench: setup
 	.venv/bin/python -m loadtest $(if $(BENCH),--only $(BENCH))
+
+# Ten minutes of mixed traffic against one gateway and one real vLLM (not in CI): errors, records, memory.
+soak: setup
+	.venv/bin/python -m loadtest.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf .venv .venv-bnb .venv-litellm .pytest_cache
