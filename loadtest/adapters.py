@@ -40,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadtest.engine import (
     BASE_MODEL,
     DEFAULT_MODEL_CACHE,
     METRICS_KEY,
-    TENANT,
     EngineOptions,
     EngineStack,
     engine_versions,
@@ -59,12 +57,10 @@ from loadtest.engine import (
     vllm_servers,
     write_adapters,
 )
-from loadtest.metrics import Samples, metric_sum, parse_prometheus, summarise
+from loadtest.metrics import Samples, metric_sum, parse_prometheus, summarise, tree_rss
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, run_and_clean_up
 from loadtest.services import BenchError
-
-__all__ = ["BASE_MODEL", "DEFAULT_MODEL_CACHE", "TENANT", "Config", "EngineStack", "main", "vllm_servers"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -85,18 +81,6 @@ class Config(EngineOptions):
     zipf_s: float = 1.1
     seed: int = 0
     memory_steps: list[int] = field(default_factory=lambda: [8, 16, 32])
-
-
-def tree_rss(root: psutil.Process) -> dict[str, Any]:
-    """RSS of a process and all its descendants, in bytes, with each process's share."""
-    procs = [root, *root.children(recursive=True)]
-    per = []
-    for proc in procs:
-        try:
-            per.append({"pid": proc.pid, "name": proc.name(), "rss": proc.memory_info().rss})
-        except psutil.Error:
-            continue
-    return {"rss": sum(p["rss"] for p in per), "processes": per}
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,18 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_rss(root: psutil.Process) -> dict[str, Any]:
+    """RSS of a process and all its descendants, in bytes, with each process's share."""
+    procs = [root, *root.children(recursive=True)]
+    per = []
+    for proc in procs:
+        try:
+            per.append({"pid": proc.pid, "name": proc.name(), "rss": proc.memory_info().rss})
+        except psutil.Error:
+            continue
+    return {"rss": sum(p["rss"] for p in per), "processes": per}
+
+
 def parse_prometheus(text: str) -> Samples:
     """Prometheus text exposition, parsed by prometheus_client."""
     out: Samples = {}

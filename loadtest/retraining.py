@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtest import adapters as adapters_bench
+from loadtest import engine
 from loadtest import overhead as oh
 from loadtest.overhead import BenchError, console
 
@@ -54,7 +54,7 @@ class Config:
     seed: int = 7
     target_s: float = 600.0
     parts: list[str] = field(default_factory=lambda: list(PARTS))
-    model_cache: Path = adapters_bench.DEFAULT_MODEL_CACHE
+    model_cache: Path = engine.DEFAULT_MODEL_CACHE
     start_timeout_s: float = 600.0
     canary_timeout_s: float = 900.0
     one_redis: bool = False
@@ -146,12 +146,12 @@ def say(message: str) -> None:
 # -- 2. the loop: redis x2, the gateway and its vLLM, `python -m demo` ---------------------------
 
 
-class LoopStack(adapters_bench.EngineStack):
+class LoopStack(engine.EngineStack):
     """What `make demo` starts (scripts/demo.sh), on free ports in a temporary folder."""
 
     def __init__(self, workdir: Path, gateway_env: dict[str, str], cfg: Config) -> None:
         super().__init__(
-            workdir, gateway_env, adapters_bench.Config(start_timeout_s=cfg.start_timeout_s), cfg.model_cache
+            workdir, gateway_env, engine.EngineOptions(start_timeout_s=cfg.start_timeout_s), cfg.model_cache
         )
         self.roles = (("state", "persist"),) + ((("records", "durable"),) if not cfg.one_redis else ())
         self.admin_key = "bench-admin-" + secrets.token_hex(12)
@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_timeout_s=args.start_timeout, canary_timeout_s=args.canary_timeout, one_redis=args.one_redis,
     )  # fmt: skip
     started, load_before = time.monotonic(), os.getloadavg()
-    others = len(adapters_bench.vllm_servers())
+    others = len(engine.vllm_servers())
     workdir = Path(tempfile.mkdtemp(prefix="loragate-bench-retraining-"))
     stack = LoopStack(workdir, dict(item.split("=", 1) for item in args.gateway_env), cfg)
 

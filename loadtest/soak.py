@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.adapters import BASE_MODEL, DEFAULT_MODEL_CACHE, EngineStack, vllm_servers
-from loadtest.adapters import Config as EngineConfig
+from loadtest.engine import BASE_MODEL, DEFAULT_MODEL_CACHE, EngineOptions, EngineStack, vllm_servers
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, run_and_clean_up
 from loadtest.services import BenchError, free_port, tail
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     extra_env = dict(item.split("=", 1) for item in args.gateway_env)
     started, load_before, others = time.monotonic(), os.getloadavg(), len(vllm_servers())
     workdir = Path(tempfile.mkdtemp(prefix="loragate-soak-"))
-    engine = EngineConfig(rank=cfg.rank, start_timeout_s=cfg.start_timeout_s)
+    engine = EngineOptions(rank=cfg.rank, start_timeout_s=cfg.start_timeout_s)
     stack = EngineStack(workdir, extra_env, engine, args.model_cache)
 
     def body() -> None:

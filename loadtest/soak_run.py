@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 from openai import APIError, APIStatusError, AsyncOpenAI
 
 from gateway import keys
-from loadtest.adapters import EngineStack, tree_rss
+from loadtest.engine import EngineStack
+from loadtest.metrics import tree_rss
 from loadtest.runner import console
 from loadtest.services import BenchError
 
