@@ -32,6 +32,22 @@ class _Entry:
     """Its published versions, oldest first, for `listing`: read once per change of the folder."""
 
 
+@dataclass
+class _Listing:
+    pins: dict[str, int]
+    entries: list[tuple[str, Manifest]]
+    checked: float
+
+
+_MAX_LISTINGS = 4096
+"""Tenants whose listing is kept; past it the cache starts again (each entry is rebuilt on its next call)."""
+
+
+def _same(old: list[tuple[str, Manifest]], new: list[tuple[str, Manifest]]) -> bool:
+    """The same names resolving to the same (cached, immutable) manifests."""
+    return len(old) == len(new) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(old, new, strict=True))
+
+
 def upstream_name(tenant: str, manifest: Manifest) -> str:
     """The name vLLM knows an adapter version by: unique across tenants, immutable, path-safe."""
     return f"{tenant}.{manifest.ref}"
@@ -57,6 +73,7 @@ class Registry:
         """Upstream names this process has found in the store: only those can be found deleted."""
         self._corrupt: dict[tuple[str, str, int], str] = {}
         self._paths: dict[tuple[str, str, int], str] = {}
+        self._listings: dict[str, _Listing] = {}
 
     def store(self, tenant: str) -> AdapterStore:
         """The tenant's own store (the tenant name must have been checked: it becomes a folder)."""
@@ -106,6 +123,7 @@ class Registry:
     def invalidate(self, tenant: str, name: str) -> None:
         """This process changed an adapter (added or removed a version): look again next time."""
         self._cache.pop((tenant, name), None)
+        self._listings.pop(tenant, None)
 
     def deleted(self, upstream: str) -> bool:
         """Whether an upstream name this process found in the store is gone from it. A name it never found
@@ -170,6 +188,23 @@ class Registry:
                     entry.published = published
             out.extend((manifest.ref, manifest) for manifest in published)
         return out
+
+    async def listed(self, tenant: str, pins: dict[str, int]) -> list[tuple[str, Manifest]]:
+        """`listing` for the event loop, checked on disk at most every `recheck_s` (in a worker thread).
+        While nothing changed it returns the very same list, so callers can cache what they derive
+        from it by identity (`GET /v1/models` keeps its answer until the list changes)."""
+        cached = self._listings.get(tenant)
+        now = time.monotonic()
+        if cached is not None and cached.pins == pins and now - cached.checked < self.recheck_s:
+            return cached.entries
+        entries = await asyncio.to_thread(self.listing, tenant, pins)
+        if cached is not None and cached.pins == pins and _same(cached.entries, entries):
+            cached.checked = now
+            return cached.entries
+        if len(self._listings) >= _MAX_LISTINGS and tenant not in self._listings:
+            self._listings.clear()
+        self._listings[tenant] = _Listing(dict(pins), entries, now)
+        return entries
 
     def _names(self, tenant: str) -> list[str]:
         try:

@@ -27,6 +27,7 @@ from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.experiments import ExperimentStore
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
+from gateway.model_list import ModelLists
 from gateway.openapi import ABOUT, DescribedAPI
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
@@ -57,6 +58,7 @@ class Services:
     pool: ReplicaPool
     registry: Registry
     placement: Placement
+    model_lists: ModelLists
     router: Router
     forwarder: Forwarder
     metrics: Metrics
@@ -179,6 +181,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         pool=pool,
         registry=registry,
         placement=placement,
+        model_lists=ModelLists(settings.served_model_name, registry, pointers),
         router=Router(settings.served_model_name, registry, pointers, experiments),
         forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
         metrics=metrics,

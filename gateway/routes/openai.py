@@ -5,7 +5,6 @@ request → principal (auth) → quota → route (alias or adapter → version) 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -143,32 +142,11 @@ async def completions(request: Request, caller: TenantCaller) -> Response:
     return await _complete(request, caller, "completions", "/v1/completions", CompletionRequest)
 
 
-async def _cards(request: Request, tenant: str) -> list[ModelCard]:
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request, caller: TenantCaller) -> Response:
     """The base, the tenant's aliases and adapters, and the adapters shared with it: nothing else."""
-    svc = services(request)
-    base = svc.settings.served_model_name
-    now = int(time.time())
-    cards = [ModelCard(id=base, created=now, root=base)]
-    pointers = await svc.pointers.of(tenant)
-    for alias, target in sorted(pointers.aliases.items()):
-        cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
-    own = await asyncio.to_thread(svc.registry.listing, tenant, pointers.pins)
-    for name, manifest in own:
-        cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
-    for owner, adapter in await svc.pointers.shared_with(tenant):
-        pins = (await svc.pointers.of(owner)).pins
-        shared = await asyncio.to_thread(svc.registry.listing, owner, pins)
-        for name, manifest in shared:
-            if manifest.name == adapter:
-                card = ModelCard(id=f"{owner}/{name}", created=0, root=f"{owner}/{manifest.ref}", parent=base)
-                cards.append(card.model_copy(update={"created": int(manifest.created.timestamp())}))
-    return cards
-
-
-@router.get("/v1/models")
-async def list_models(request: Request, caller: TenantCaller) -> ModelList:
     assert caller.tenant is not None
-    return ModelList(data=await _cards(request, caller.tenant))
+    return Response(await services(request).model_lists.body(caller.tenant), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(404))

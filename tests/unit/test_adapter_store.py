@@ -21,32 +21,6 @@ from adapters.validate import BaseModelSpec
 MAX_RANK = 16
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
-    """A tiny Llama-shaped base: two layers, hidden 32, with the module names a real one has."""
-    folder = tmp_path_factory.mktemp("base")
-    hidden, inter, kv = 32, 64, 16
-    shapes = {
-        "q_proj": (hidden, hidden),
-        "k_proj": (kv, hidden),
-        "v_proj": (kv, hidden),
-        "o_proj": (hidden, hidden),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
-    tensors = {"model.embed_tokens.weight": np.zeros((100, hidden), np.float32)}
-    for layer in range(2):
-        for module, shape in shapes.items():
-            block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            tensors[f"model.layers.{layer}.{block}.{module}.weight"] = np.zeros(shape, np.float32)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(
-        json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"})
-    )
-    return BaseModelSpec.from_folder(folder, "tiny-base")
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> AdapterStore:
     """Tenant `t`'s store, in the registry root tmp_path/store."""

@@ -1,0 +1,72 @@
+"""`GET /v1/models` for a tenant: the base, its aliases, its adapters and those shared with it.
+
+The answer is the same for every call until something it shows changes, so it is built (and serialised)
+once and kept per tenant, keyed by everything it is made of: the second (the base's and aliases'
+`created` is now, as in vLLM), the tenant's pointers and the registry's listings, each of which keeps
+its identity until it changes (`PointerStore.of`, `Registry.listed`). A tenant with a hundred versions
+is then answered as fast as one with one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from adapters.manifest import Manifest
+from adapters.registry import Registry
+from gateway.pointers import PointerStore, TenantPointers
+from gateway.protocol import ModelCard, ModelList
+
+MAX_TENANTS = 4096
+"""Tenants whose answer is kept; past it the cache starts again."""
+
+
+class ModelLists:
+    def __init__(self, base: str, registry: Registry, pointers: PointerStore) -> None:
+        self._base = base
+        self._registry = registry
+        self._pointers = pointers
+        self._answers: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+
+    async def body(self, tenant: str) -> bytes:
+        """The tenant's `ModelList` as JSON."""
+        key = await self._key(tenant)
+        cached = self._answers.get(tenant)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        body = ModelList(data=self._cards(*key)).model_dump_json().encode()
+        if len(self._answers) >= MAX_TENANTS and tenant not in self._answers:
+            self._answers.clear()
+        self._answers[tenant] = (key, body)
+        return body
+
+    async def _key(self, tenant: str) -> tuple[Any, ...]:
+        pointers = await self._pointers.of(tenant)
+        own = await self._registry.listed(tenant, pointers.pins)
+        shared = []
+        for owner, adapter in await self._pointers.shared_with(tenant):
+            pins = (await self._pointers.of(owner)).pins
+            shared.append((owner, adapter, await self._registry.listed(owner, pins)))
+        return int(time.time()), pointers, own, tuple(shared)
+
+    def _cards(
+        self,
+        now: int,
+        pointers: TenantPointers,
+        own: list[tuple[str, Manifest]],
+        shared: tuple[tuple[str, str, list[tuple[str, Manifest]]], ...],
+    ) -> list[ModelCard]:
+        base = self._base
+        cards = [ModelCard(id=base, created=now, root=base)]
+        for alias, target in sorted(pointers.aliases.items()):
+            cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
+        for name, manifest in own:
+            cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
+        for owner, adapter, listing in shared:
+            for name, manifest in listing:
+                if manifest.name == adapter:
+                    created = int(manifest.created.timestamp())
+                    cards.append(
+                        ModelCard(id=f"{owner}/{name}", created=created, root=f"{owner}/{manifest.ref}", parent=base)
+                    )
+        return cards

@@ -1,0 +1,69 @@
+"""`GET /v1/models`'s answer is kept per tenant until something it shows changes, and no longer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from adapters.registry import Registry
+from adapters.store import AdapterStore
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from gateway.model_list import ModelLists
+from gateway.pointers import PointerStore
+
+
+def ids(body: bytes) -> list[str]:
+    return [card["id"] for card in json.loads(body)["data"]]
+
+
+async def test_the_answer_is_kept_until_an_alias_a_version_or_a_share_changes(
+    redis: aioredis.Redis, base: BaseModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(tmp_path / "store", recheck_s=0.0)  # look at the disk on every call
+    pointers = PointerStore(redis)
+    lists = ModelLists("tiny-base", registry, pointers)
+    monkeypatch.setattr("gateway.model_list.time.time", lambda: 1_000_000.0)
+    adapter = make_adapter(tmp_path / "a", base, seed=1, rank=4)
+    AdapterStore(tmp_path / "store" / "t", "t").add(adapter, "bot", base, 16)
+    first = await lists.body("t")
+    assert ids(first) == ["tiny-base", "bot", "bot@1"]
+    assert await lists.body("t") is first, "nothing changed: the same bytes, not built again"
+
+    await pointers.set_alias("t", "support", "bot@1")
+    pointers.forget_cached()  # what the state watcher does on every change
+    assert ids(await lists.body("t")) == ["tiny-base", "support", "bot", "bot@1"]
+    AdapterStore(tmp_path / "store" / "t", "t").add(adapter, "bot", base, 16)  # another process's write
+    with_two = await lists.body("t")
+    assert ids(with_two) == ["tiny-base", "support", "bot", "bot@1", "bot@2"]
+    assert json.loads(with_two)["data"][2]["root"] == "bot@2", "the bare name is the latest version"
+
+    AdapterStore(tmp_path / "store" / "o", "o").add(adapter, "shared", base, 16)
+    await pointers.share("o", "shared", ["t"])
+    pointers.forget_cached()
+    assert ids(await lists.body("t"))[-2:] == ["o/shared", "o/shared@1"]
+    assert ids(await lists.body("o")) == ["tiny-base", "shared", "shared@1"], "the owner's own answer"
+    kept = await lists.body("t")
+    monkeypatch.setattr("gateway.model_list.time.time", lambda: 1_000_001.0)
+    later = await lists.body("t")
+    assert later is not kept and json.loads(later)["data"][0]["created"] == 1_000_001, "created is now, as in vLLM"
+
+
+async def test_within_recheck_the_registry_answers_from_memory_and_its_own_writes_show_at_once(
+    base: BaseModelSpec, tmp_path: Path
+) -> None:
+    registry = Registry(tmp_path / "store", recheck_s=60)
+    store = registry.store("t")
+    adapter = make_adapter(tmp_path / "a", base, seed=1, rank=4)
+    store.add(adapter, "bot", base, 16)
+    listed = await registry.listed("t", {})
+    assert [ref for ref, _ in listed] == ["bot", "bot@1"]
+    AdapterStore(tmp_path / "store" / "t", "t").add(adapter, "bot", base, 16)  # another process
+    assert await registry.listed("t", {}) is listed, "within recheck_s: from memory"
+    assert [ref for ref, _ in await registry.listed("t", {"bot": 1})] == ["bot", "bot@1", "bot@2"], "other pins"
+    store.add(adapter, "bot", base, 16)
+    registry.invalidate("t", "bot")  # this process's own write
+    assert [ref for ref, _ in await registry.listed("t", {})][-1] == "bot@3"
