@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -43,10 +45,19 @@ def ask(client: openai.OpenAI, user: str | None, model: str = "support-bot") -> 
         model=model,
         messages=ASK,  # type: ignore[arg-type]
         max_tokens=2,
-        user=user or openai.NOT_GIVEN,
+        user=user or openai.omit,
     )
     answer = raw.parse()
     return raw.headers.get("x-loragate-arm"), answer.model, answer.id
+
+
+def ask_all(
+    client: openai.OpenAI, users: Iterable[str], model: str = "support-bot"
+) -> dict[str, tuple[str | None, str, str]]:
+    """`ask` for each user, 8 at a time (vLLM batches them): user -> (arm, model, completion id)."""
+    users = list(users)
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(users, pool.map(lambda user: ask(client, user, model), users), strict=True))
 
 
 def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
@@ -57,16 +68,17 @@ def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
         "--arm", "control=helper@1:50", "--arm", "treatment=helper@2:50",
     )  # fmt: skip
     client = openai.OpenAI(base_url=gateway.base_url, api_key=keys_of["exp-a"], max_retries=0)
-    seen = {f"u{n}": ask(client, f"u{n}") for n in range(24)}
+    seen = ask_all(client, (f"u{n}" for n in range(24)))
     arms = {user: arm for user, (arm, _, _) in seen.items()}
     assert set(arms.values()) == {"control", "treatment"}, "a 50/50 split shows both arms in 24 users"
     assert all(model == ("helper@1" if arm == "control" else "helper@2") for arm, model, _ in seen.values())
-    assert all(ask(client, user)[0] == arm for user, arm in list(arms.items())[:8]), "sticky per user"
+    again = ask_all(client, list(arms)[:8])
+    assert all(again[user][0] == arms[user] for user in again), "sticky per user"
     by_header = client.chat.completions.with_raw_response.create(
         model="support-bot",
-        messages=ASK,
+        messages=ASK,  # type: ignore[arg-type]
         max_tokens=2,
-        extra_headers={"x-loragate-user": "u3"},  # type: ignore[arg-type]
+        extra_headers={"x-loragate-user": "u3"},
     )
     assert by_header.headers["x-loragate-arm"] == arms["u3"], "x-loragate-user names the end user too"
     store = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -82,13 +94,13 @@ def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
         assert (
             api.put("/experiments/tone/weights", json={"weights": {"control": 100, "treatment": 0}}).status_code == 200
         )
-        assert {ask(client, user)[0] for user in arms} == {"control"}, "treatment's users all moved back"
+        assert {arm for arm, _, _ in ask_all(client, arms).values()} == {"control"}, "treatment's users all moved back"
         assert (
             api.put("/experiments/tone/weights", json={"weights": {"control": 50, "treatment": 50}}).status_code == 200
         )
-        assert {user: ask(client, user)[0] for user in arms} == arms, "the same users as before"
+        assert {user: arm for user, (arm, _, _) in ask_all(client, arms).items()} == arms, "the same users as before"
         assert api.post("/experiments/tone/pause").json()["status"] == "paused"
-        assert {ask(client, user)[0] for user in list(arms)[:6]} == {"control"}
+        assert {arm for arm, _, _ in ask_all(client, list(arms)[:6]).values()} == {"control"}
         assert api.post("/experiments/tone/resume").json()["status"] == "running"
         promoted = api.post("/experiments/tone/promote", json={"arm": "treatment"})
         assert promoted.status_code == 200 and promoted.json()["status"] == "promoted"
@@ -142,21 +154,27 @@ def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidat
 
 
 def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
-    """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken) until the small arms have
-    enough: 12 answers from better, 3 failures of broken. Returns the completion ids per arm."""
+    """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken), 16 users at a time,
+    until the small arms have enough: 12 answers from better, 3 failures of broken. Returns the
+    completion ids per arm."""
     served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
-    user = 0
-    while len(served["better"]) < 12 or len(served["broken"]) < 3:
-        user += 1
-        arm, _, completion_id = ask(client, f"g{user}", "bot")
+
+    def both(user: str) -> None:
+        arm, _, completion_id = ask(client, user, "bot")
         assert arm is not None
         served[arm].append(completion_id)
         try:
-            ask(client, f"g{user}", "bot2")
+            ask(client, user, "bot2")
         except openai.InternalServerError as exc:
             assert exc.status_code == 503
-            served["broken"].append(str(user))
-        assert user < 600, "the split never reached the small arms"
+            served["broken"].append(user)
+
+    first = 1
+    with ThreadPoolExecutor(8) as pool:
+        while len(served["better"]) < 12 or len(served["broken"]) < 3:
+            assert first < 600, "the split never reached the small arms"
+            list(pool.map(both, (f"g{n}" for n in range(first, first + 16))))
+            first += 16
     share = len(served["better"]) / (len(served["better"]) + len(served["control"]))
     assert 0.02 < share < 0.3, f"a 90/10 split sent {share:.0%} to the 10% arm"
     return served
@@ -184,7 +202,8 @@ def test_a_90_10_experiment_reaches_a_verdict_rolls_back_a_failing_arm_and_promo
         _experiment(api, "faulty", "bot2", "helper@1", ("broken", "helper@3"))
         served = _split_traffic(client)
         assert eventually(lambda: api.get("/experiments/faulty").json()["arms"][1]["weight"] == 0, timeout=30)
-        assert all(ask(client, f"g{n}", "bot2")[0] == "control" for n in range(1, 30)), "broken's users moved"
+        moved = ask_all(client, (f"g{n}" for n in range(1, 30)), "bot2")
+        assert {arm for arm, _, _ in moved.values()} == {"control"}, "broken's users moved"
         with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
             for arm, ids in (("control", served["control"][:30]), ("better", served["better"])):
                 for completion_id in ids:
