@@ -1,4 +1,5 @@
-"""What the benchmarks measure with: latency statistics, CPU time of processes, Prometheus text."""
+"""What the benchmarks measure with: latency statistics (and a paired bootstrap interval), CPU time of processes,
+Prometheus text."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,6 +40,23 @@ def summarise(latencies_s: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(values, 0.99),
         "max_ms": values[-1] if values else math.nan,
     }
+
+
+def stats(values: np.ndarray) -> dict[str, float]:
+    p50, p95, p99 = (float(x) for x in np.percentile(values, [50, 95, 99]))
+    return {"count": int(values.size), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "mean_ms": float(values.mean())}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """95% interval of p50(b) - p50(a), resampling the rounds' request slots (a[i] and b[i] were sent
+    side by side, so they are resampled together)."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for done in range(0, resamples, 100):
+        idx = rng.integers(0, a.size, size=(min(100, resamples - done), a.size))
+        diffs.append(np.median(b[idx], axis=1) - np.median(a[idx], axis=1))
+    low, high = np.percentile(np.concatenate(diffs), [2.5, 97.5])
+    return [float(low), float(high)]
 
 
 def median_of(runs: list[dict[str, Any]], *path: str) -> float:

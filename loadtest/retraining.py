@@ -32,16 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import engine
-from loadtest import overhead as oh
-from loadtest.overhead import BenchError, console
+from loadtest.reports import machine
+from loadtest.retraining_report import STEPS, earlier, publish_report
+from loadtest.runner import add_common_arguments, command_line, console, run_and_clean_up
+from loadtest.services import REPO, BenchError, Service, free_port, redis_sh
 
-DEMO_CONFIG = oh.REPO / "demo" / "config.yaml"
-REDIS_SH = oh.REPO / "scripts" / "redis.sh"
+DEMO_CONFIG = REPO / "demo" / "config.yaml"
 TENANT = "acme"
 """The demo's tenant (its --tenant default): its run folders are HOME/training/acme/RUN."""
 PARTS = ("throughput", "loop")
-STEPS = ("users", "train CLI", "dataset", "fit", "eval", "publish", "canary")
-"""The loop's steps in order; "train CLI" is `loragate train run` besides its four steps (imports, summary)."""
 
 
 @dataclass
@@ -71,7 +70,7 @@ def cpu() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         text = ""
     fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
-    flags, here = fields.get("Flags", "").split(), oh.machine()
+    flags, here = fields.get("Flags", "").split(), machine()
     return {
         "model": fields.get("Model name") or here["cpu_model"],
         "cores": here["cores"],
@@ -79,11 +78,6 @@ def cpu() -> dict[str, Any]:
         "avx512": sorted(f for f in flags if f.startswith("avx512")),
         "amx": sorted(f for f in flags if f.startswith("amx")),
     }
-
-
-def cpu_line(info: dict[str, Any]) -> str:
-    vectors = f"AVX-512 ({', '.join(info['avx512'])})" if info["avx512"] else "AVX2 only" if info["avx2"] else "no AVX2"
-    return f"{info['model']}, {info['cores']} cores, {vectors}" + (", AMX" if info["amx"] else "")
 
 
 # -- 1. training throughput ---------------------------------------------------------------------
@@ -156,22 +150,17 @@ class LoopStack(engine.EngineStack):
         self.roles = (("state", "persist"),) + ((("records", "durable"),) if not cfg.one_redis else ())
         self.admin_key = "bench-admin-" + secrets.token_hex(12)
         self.redis_ports: dict[str, int] = {}
-        self.demo: oh.Service | None = None
-
-    def redis_sh(self, *args: str) -> None:
-        subprocess.run(
-            ["bash", str(REDIS_SH), *args], check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
-        )
+        self.demo: Service | None = None
 
     def start_redis(self) -> None:
         for role, mode in self.roles:
-            port = self.redis_ports[role] = oh.free_port()
-            self.redis_sh("start", str(port), str(self.workdir / f"redis-{role}"), mode)
+            port = self.redis_ports[role] = free_port()
+            redis_sh("start", str(port), str(self.workdir / f"redis-{role}"), mode)
         self.redis_port = self.redis_ports["state"]
 
     def stop_redis(self) -> None:
         for port in reversed(self.redis_ports.values()):
-            self.redis_sh("stop", str(port))
+            redis_sh("stop", str(port))
         self.redis_ports.clear()
 
     def gateway_env(self) -> dict[str, str]:
@@ -263,127 +252,6 @@ def measure_loop(stack: LoopStack, cfg: Config) -> dict[str, Any]:
     }
 
 
-# -- report -------------------------------------------------------------------------------------
-
-
-def throughput_lines(part: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Training throughput (1 epoch)" + (f" (measured {part['measured']})" if "measured" in part else ""),
-        "",
-        f"{part['examples']} demo tickets with their ideal answers (TRL prompt/completion) through training.dataset "
-        f"and training.train, precision **{part['precision']}** (training.hardware). Inside the epoch only "
-        "(loading, evaluation and checkpoints excluded).",
-        "",
-        "| Config | Examples | Examples/s | Tokens/s | Tokens/ex. | lr, batch, max_length, r | Epoch s | Wall s |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for name, r in part["configs"].items():
-        c = r["config"]
-        lines.append(
-            f"| {name} | {r['train_examples']} | **{r['examples_per_s']:.2f}** | **{r['tokens_per_s']:.0f}** | "
-            f"{r['tokens_per_example']:.0f} | {c['learning_rate']:g}, {c['batch_size']}, {c['max_length']}, "
-            f"{c['lora_r']} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |"
-        )
-    return [*lines, ""]
-
-
-def loop_lines(part: dict[str, Any], target_s: float) -> list[str]:
-    steps, demo, run, n = part["steps_s"], part["demo"], part["run"], part["demo"].get("tickets")
-    train, card, loop_s = run.get("train") or {}, run.get("data_card") or {}, max(part["loop_s"], 1e-9)
-    splits = ", ".join(f"{k} {v.get(card.get('method'))}" for k, v in (card.get("splits") or {}).items())
-    lines = [
-        f"## The loop: {n} feedback events to a promoted canary"
-        + (f" (measured {part['measured']})" if "measured" in part else ""),
-        "",
-        f"`python -m demo --tickets {n}` against {part['redis_servers']} redis-server(s) and `loragate serve` with "
-        f"its vLLM (ready in {part['startup_s']:.0f} s, not counted). Canary {demo.get('canary')}: "
-        f"**{demo.get('status', 'undecided')}** after {len(demo.get('canary_rounds', []))} rounds of "
-        f"{part['canary_round']} tickets.",
-        "",
-        "| Step | Seconds | Share of the loop |",
-        "|---|---:|---:|",
-        *(f"| {k} | {v:.1f} | {'' if k == 'users' else f'{v / loop_s:.0%}'} |" for k, v in steps.items()),
-        f"| **from {n} events to promoted** | **{part['loop_s']:.0f}** | |",
-        f"| with the users phase | {part['with_users_s']:.0f} | |",
-        "",
-        f"**{part['verdict']}** (target {target_s / 60:.0f} min): {part['loop_s'] / 60:.1f} min from {n} feedback "
-        f"events to a promoted canary; {part['with_users_s'] / 60:.1f} min with the simulated users sending them.",
-        "",
-        f"Users before retraining: {demo.get('before')}. Dataset (examples): {splits}. Fit: "
-        f"{train.get('train_examples')} examples x {len(train.get('epochs') or [])} epochs, "
-        f"{train.get('examples_per_s', 0):.2f} examples/s, {train.get('tokens_per_s', 0):.0f} tokens/s "
-        f"({train.get('precision')}). Eval: {card.get('eval_rows')} test prompts through the gateway.",
-    ]
-    if part["demo_exit_code"]:
-        lines += ["", f"**The demo failed** (exit code {part['demo_exit_code']}); its output is in the console log."]
-    return [*lines, "", (run.get("eval") or {}).get("table", ""), ""]
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# Retraining on this CPU",
-        "",
-        f"{report['date']} · `{report['command']}` · {cpu_line(report['cpu'])} · load average "
-        f"{report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after · "
-        f"other vLLM servers running: {report['other_vllm_servers']}",
-        "",
-    ]
-    if "throughput" in report:
-        lines += throughput_lines(report["throughput"])
-    if "loop" in report:
-        lines += loop_lines(report["loop"], report["config"]["target_s"])
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """The loop's steps as stacked bars (from the events; with the users phase) against the target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loop, target_s = report["loop"], report["config"]["target_s"]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    rows = [("from events", [s for s in STEPS if s != "users"]), ("with users", list(STEPS))]
-    for y, (_, steps) in enumerate(rows):
-        left = 0.0
-        for step in steps:
-            width = loop["steps_s"][step]
-            ax.barh(y, width, left=left, color=f"C{STEPS.index(step)}", label=step if y else None)
-            if width > 15:
-                ax.text(left + width / 2, y, f"{width:.0f}", ha="center", va="center", fontsize=8)
-            left += width
-    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
-    ax.axvline(target_s, color="red", linestyle="--", label=f"target {target_s:.0f} s")
-    ax.set_xlabel("seconds")
-    ax.set_title(f"{loop['demo'].get('tickets')} feedback events to a promoted canary: {loop['verdict']} · "
-                 f"{cpu_line(report['cpu'])}", fontsize=9)  # fmt: skip
-    ax.legend(ncol=8, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def earlier(output_dir: Path, skipped: list[str]) -> dict[str, Any]:
-    """The parts this run skips, from the last report (each with the date it was measured), if there is one."""
-    try:
-        old = json.loads((output_dir / "retraining.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {part: old[part] | {"measured": old[part].get("measured", old["date"])} for part in skipped if part in old}
-
-
-def publish_report(output_dir: Path, report: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    oh.write_atomic(output_dir / "retraining.json", json.dumps(report, indent=2, default=str) + "\n")
-    text = markdown(report)
-    oh.write_atomic(output_dir / "retraining.md", text)
-    if "loop" in report:
-        plot(report, output_dir / "retraining.png")
-    print(text)
-    console.print(f"wrote {os.path.relpath(output_dir)}/retraining.{{md,json,png}} in {report['wall_s']:.0f} s")
-
-
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -400,7 +268,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=d.start_timeout_s, help="Seconds for vLLM to start.")
     parser.add_argument("--canary-timeout", type=float, default=d.canary_timeout_s, help="Seconds for the canary.")
     parser.add_argument("--one-redis", action="store_true", help="Records in the state redis-server, not their own.")
-    oh.add_common_arguments(parser)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("examples", "tickets", "canary_round"):
         if getattr(args, name) < 1:
@@ -424,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         report: dict[str, Any] = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": oh.command_line("loadtest.retraining", argv),
-            "machine": oh.machine(),
+            "command": command_line("loadtest.retraining", argv),
+            "machine": machine(),
             "cpu": cpu(),
             "config": asdict(cfg) | {"model_cache": str(cfg.model_cache)},
             "load_average_before": list(load_before),
@@ -441,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report.get("loop", {}).get("demo_exit_code"):
             raise BenchError(f"python -m demo exited with {report['loop']['demo_exit_code']} (see demo.log below)")
 
-    return oh.run_and_clean_up(stack, workdir, args.keep_workdir, body)
+    return run_and_clean_up(stack, workdir, args.keep_workdir, body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Running one benchmark: its common options, its event loop, and stopping everything it started."""
+"""Running one benchmark: its common options, its event loop, its progress bars, and stopping everything it
+started."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from loadtest.services import HERE, BenchError, Stack
 
@@ -90,6 +92,29 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def progress_bar(width: int = 34, refresh_per_second: float = 4) -> Progress:
+    """Progress bars on the console: a description padded to `width`, the bar, done / total, time elapsed."""
+    columns = (TextColumn(f"{{task.description:<{width}}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, refresh_per_second=refresh_per_second)
+
+
+class Ticker:
+    """Advances a progress bar in batches, so drawing costs the client next to nothing."""
+
+    def __init__(self, progress: Progress, task: TaskID, every: int = 50) -> None:
+        self.progress, self.task, self.every, self.pending = progress, task, every, 0
+
+    def tick(self) -> None:
+        self.pending += 1
+        if self.pending >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.progress.advance(self.task, self.pending)
+            self.pending = 0
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

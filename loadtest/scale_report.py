@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.routing import paired_bootstrap, stats
+from loadtest.metrics import paired_bootstrap, stats
 from loadtest.runner import console
 
 SHARE, FIXED = "scale-000", "scale-001"

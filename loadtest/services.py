@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MOCK_SCRIPT = HERE / "mock_upstream.py"
+REDIS_SH = REPO / "scripts" / "redis.sh"
 MODEL = "mock-model"
 TENANCY_ALIAS = "prod"
 START_TIMEOUT_S = 60.0
@@ -51,6 +52,12 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         return int(exc.code)
     except (OSError, ValueError):
         return None
+
+
+def redis_sh(*args: str) -> None:
+    """scripts/redis.sh (`start PORT DIR [persist|durable]`, `stop PORT`): a redis-server as `make run` starts it."""
+    command = ["bash", str(REDIS_SH), *args]
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""The records benchmark's report (loadtest.records): its targets (met / not met), the Markdown tables, the plot
+and a summary line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest.records_run import BASELINE, POLICIES, TARGET_DROP, TARGET_EVENTS_S, TARGET_LOGGED
+from loadtest.runner import console
+
+FEEDBACK_LABELS = {
+    "durable": "POST /v1/feedback, records Redis fsyncs (`appendfsync always`): 200",
+    "on": "POST /v1/feedback, records Redis does not fsync (fsynced local spool): 202",
+    "healthz": "GET /healthz, same gateway (floor)",
+}
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def rows(items: list[list[Any]]) -> str:
+    return "\n".join(f"| {' | '.join(map(str, item))} |" for item in items)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, cfg, rec, t, log, fb = (report[k] for k in ("machine", "config", "recorder", "throughput", "logged", "feedback"))
+    rec_rows = [
+        [mode, v, f"{r['events_per_s']:,.0f}", f"{r['ratio_to_baseline']:.2f}", f"{r['cpu_us_per_event']:.0f}"]
+        + [met(r["target_met"])]
+        for mode in ("plain", "durable")
+        for v, r in rec[mode].items()
+    ]
+    tput_rows = [
+        [f"recording {n}", f"{t[n]['requests_per_s']:.0f}", f"{t[n]['p50_ms']:.2f}", f"{t[n]['p99_ms']:.2f}"]
+        + [t[n]["errors"], f"{t[n]['cpu_us_per_request']:.0f}"]
+        for n in ("off", "on")
+    ]
+    fb_rows = [
+        [label, c, f"{fb[p][n]['p50_ms']:.2f}", f"{fb[p][n]['p99_ms']:.2f}"]
+        + [", ".join(f"{s}: {k}" for s, k in sorted(fb[p][n]["statuses"].items()))]
+        for p, c in (("sequential", 1), ("concurrent", fb["concurrency"]))
+        for n, label in FEEDBACK_LABELS.items()
+    ]
+    return f"""# What recording costs
+
+- Date: {report["date"]}; command: `{report["command"]}`
+- Machine: {m["cores"]} cores ({m["cpu_model"]}), {m["platform"]}, Python {m["python"]}, redis-server \
+{report["versions"].get("redis-server", "?")} on {report["filesystem"]}; load average \
+{report["load_average_before"][0]:.2f} before, {report["load_average_after"][0]:.2f} after
+
+## 1. Recorder throughput, one process (target >= {TARGET_EVENTS_S:,} events/s)
+
+{cfg["events"]:,} chat records per row (system + user message, a vLLM `chat.completion` answer; one in ten with \
+an e-mail and a phone number): `record()` of all, then wait until written; the stream length is checked. Baseline: \
+{BASELINE[0]} Redis, {BASELINE[1]}. CPU: this process's, per event.
+
+| Redis | Policy | events/s | / baseline | CPU us/event | target |
+|---|---|---:|---:|---:|---|
+{rows(rec_rows)}
+
+## 2. Gateway requests/s, recording off vs on (target: at most {TARGET_DROP:.0%} lower)
+
+{t["concurrency"]} concurrent non-stream chat requests, {t["seconds_per_target"]:g} s per gateway in \
+{len(t["order"])} alternating segments; same mock upstream, same Redis.
+
+| Gateway | requests/s | p50 ms | p99 ms | errors | gateway CPU us/request |
+|---|---:|---:|---:|---:|---:|
+{rows(tput_rows)}
+
+Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {log["records"]:,} records for \
+{log["answered"]:,} answered requests ({log["ratio"]:.2%}; target >= {TARGET_LOGGED:.0%}: {met(log["target_met"])}).
+
+## 3. Feedback latency, by durability
+
+{fb["requests_per_target"]} requests per row, one at a time (the three taking turns), then with \
+{fb["concurrency"]} concurrent clients. Durable feedback all 200: {met(fb["durable_all_200"])}.
+
+| Request | clients | p50 ms | p99 ms | statuses |
+|---|---:|---:|---:|---|
+{rows(fb_rows)}
+"""
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [3, 1.3, 2.5]})
+    for k, mode in enumerate(("plain", "durable")):
+        values = [report["recorder"][mode][v]["events_per_s"] for v in POLICIES]
+        a.bar([x + (k - 0.5) * 0.4 for x in range(len(POLICIES))], values, 0.4, label=f"{mode} Redis")
+    a.axhline(TARGET_EVENTS_S, color="red", linestyle="--", label="target")
+    a.set(xticks=range(len(POLICIES)), xticklabels=list(POLICIES), ylabel="events/s", title="1. Recorder")
+    t, fb = report["throughput"], report["feedback"]
+    b.bar(["off", "on"], [t["off"]["requests_per_s"], t["on"]["requests_per_s"]], color=["grey", "C0"])
+    b.set(ylabel="requests/s", title=f"2. Recording off/on ({-t['drop']:+.1%})")
+    for k, phase in enumerate(("sequential", "concurrent")):
+        p50 = [fb[phase][n]["p50_ms"] for n in FEEDBACK_LABELS]
+        up = [fb[phase][n]["p99_ms"] - fb[phase][n]["p50_ms"] for n in FEEDBACK_LABELS]
+        x = [i + (k - 0.5) * 0.4 for i in range(3)]
+        c.bar(x, p50, 0.4, yerr=[[0] * 3, up], capsize=3, label=f"{phase}: p50 (bar) to p99")
+    c.set(xticks=range(3), xticklabels=["fsync: 200", "spool: 202", "healthz"], ylabel="ms", title="3. Feedback")
+    a.legend(fontsize=8)
+    c.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"loragate recording: {report['machine']['cores']} cores, {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    rec, t, log, fb = (report[k] for k in ("recorder", "throughput", "logged", "feedback"))
+    slowest = min(r["events_per_s"] for mode in ("plain", "durable") for r in rec[mode].values())
+    verdicts = [f"recorder >= {TARGET_EVENTS_S:,}/s everywhere: {slowest >= TARGET_EVENTS_S}"]
+    verdicts += [f"drop <= {TARGET_DROP:.0%}: {t['target_met']}", f"logged: {log['target_met']}"]
+    console.print("; ".join(verdicts + [f"durable feedback all 200: {fb['durable_all_200']}"]))

@@ -1,0 +1,301 @@
+"""The records benchmark's run (loadtest.records): (1) the `Recorder` in this process, (2) requests/s through a
+gateway with recording off vs on, (3) feedback latency by durability; its targets and the gateways it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+from rich.progress import Progress, TaskID
+
+from gateway import keys
+from gateway.context import RequestContext
+from gateway.metrics import Metrics
+from gateway.recorder import Recorder
+from gateway.records import LogPolicy
+from gateway.redaction import Redactor
+from gateway.routing import Route
+from gateway.spool import Spool
+from gateway.tenants import Tenant
+from loadtest.metrics import cpu_seconds, summarise
+from loadtest.mock_upstream import completion_body
+from loadtest.overhead_client import Target, load_segment
+from loadtest.services import MODEL, BenchError, Service
+
+if TYPE_CHECKING:
+    from loadtest.records import Config, RecordsStack
+
+TENANT = "loadtest"
+METRICS_KEY = "records-bench-metrics-key"
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
+TARGET_EVENTS_S, TARGET_DROP, TARGET_LOGGED = 20_000, 0.05, 0.99
+POLICIES = {
+    "redaction on": LogPolicy(max_records=10_000_000),
+    "redaction off": LogPolicy(redact=[], max_records=10_000_000),
+    "content off": LogPolicy(content=False, max_records=10_000_000),
+}
+BASELINE = ("plain", "redaction off")
+"""The recorder run the others are divided by."""
+Call = Callable[[aiohttp.ClientSession, int], Awaitable[tuple[float, int]]]
+
+
+# -- 1. the recorder, in this process ----------------------------------------------------------
+
+SYSTEM = "You are the support assistant of Acme Cloud. Answer politely and briefly; never invent prices."
+ANSWER = (
+    "Thanks for reaching out! I can see order {i} in our system. It was shipped on March 3rd and should "
+    "arrive within five business days. If the tracking page still shows no update tomorrow, reply to this "
+    "message and we will open an investigation with the carrier. Is there anything else I can help with?"
+)
+
+
+def chat_payload(i: int) -> dict[str, Any]:
+    """A chat request (about 200 characters of messages); one in ten carries an e-mail and a phone number."""
+    text = f"Hi, my order {i} from last week has not arrived yet and the tracking page shows nothing. "
+    if i % 10 == 0:
+        text += f"Please reach me at jane.doe{i}@example.com or +44 20 7946 0{i % 1000:03d}."
+    else:
+        text += "Could you check what happened and tell me when it will be delivered?"
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    return {"model": MODEL, "messages": messages, "max_tokens": 256, "temperature": 0.7, "user": f"user-{i % 500}"}
+
+
+def contexts(variant: str, n: int) -> list[RequestContext]:
+    """N finished chat requests with vLLM-shaped whole answers (about 300 characters), as the gateway has them."""
+    tenant = Tenant(name=f"bench-{variant.replace(' ', '-')}", logging=POLICIES[variant])
+    route = Route(requested=MODEL, upstream_model=MODEL, served_model=MODEL)
+    out = []
+    for i in range(n):
+        request_id = f"{tenant.name}-{i:07d}"
+        ctx = RequestContext(request_id, "chat", tenant, "key-bench", payload=chat_payload(i), route=route)
+        ctx.validated = True
+        ctx.sent = json.dumps(ctx.payload, separators=(",", ":")).encode()  # as the gateway forwards it
+        body = completion_body(request_id, MODEL, 60)
+        body["choices"][0]["message"]["content"] = ANSWER.format(i=i)
+        ctx.answer.body = json.dumps(body, separators=(",", ":")).encode()
+        ctx.finish(200)
+        out.append(ctx)
+    return out
+
+
+async def record_all(
+    stack: RecordsStack, mode: str, variant: str, n: int, progress: Progress, task: TaskID
+) -> dict[str, Any]:
+    """Time record() of N contexts + waiting until written; check that all N are in the stream."""
+    batch, metrics = contexts(variant, n), Metrics()
+    redis = aioredis.Redis.from_url(stack.redis_url(mode), decode_responses=True)
+    spool = Spool(stack.workdir / "spool", fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, metrics, max_queued=max(n, 100_000), workers=1)  # as the gateway runs it
+    done = progress.tasks[task].completed
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            written = metrics.registry.get_sample_value("loragate_records_written_total") or 0
+            progress.update(task, completed=done + written)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        cpu, redis_cpu, started = time.process_time(), cpu_seconds(stack.redis_pid(mode)) or 0, time.perf_counter()
+        running = asyncio.create_task(recorder.run())
+        for ctx in batch:
+            recorder.record(ctx)
+        await recorder.written()
+        await recorder.stop()
+        await running
+        seconds = time.perf_counter() - started
+        cpu, redis_cpu = time.process_time() - cpu, (cpu_seconds(stack.redis_pid(mode)) or 0) - redis_cpu
+        stream = keys.completion_log(batch[0].tenant.name)
+        written = await redis.xlen(stream)
+        first = json.loads((await redis.xrange(stream, count=1))[0][1]["r"]) if written else {}
+    finally:
+        ticker.cancel()
+        await redis.flushall()
+        await redis.aclose()
+        spool.close()
+    if recorder.degraded or written != n:
+        raise BenchError(f"{mode} Redis, {variant}: {written} records in {stream}, expected {n}")
+    if variant == "redaction on" and first["redactions"] != {"email": 1, "phone": 1}:
+        raise BenchError(f"request 0's e-mail and phone number were not redacted: {first['redactions']}")
+    progress.update(task, completed=done + n)
+    return {"events": n, "seconds": seconds, "events_per_s": n / seconds, "cpu_us_per_event": cpu / n * 1e6} | {
+        "redis_cpu_us_per_event": redis_cpu / n * 1e6
+    }
+
+
+async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
+    Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
+    runs = [(mode, variant) for variant in POLICIES for mode in ("plain", "durable")]
+    task = progress.add_task("1. recorder (events)", total=cfg.events * len(runs))
+    results: dict[str, dict[str, Any]] = {"plain": {}, "durable": {}}
+    for mode, variant in runs:
+        results[mode][variant] = await record_all(stack, mode, variant, cfg.events, progress, task)
+    base = results[BASELINE[0]][BASELINE[1]]["events_per_s"]
+    for run in (run for by_variant in results.values() for run in by_variant.values()):
+        run["ratio_to_baseline"] = run["events_per_s"] / base
+        run["target_met"] = run["events_per_s"] >= TARGET_EVENTS_S
+    return {"baseline": list(BASELINE), "target_events_per_s": TARGET_EVENTS_S, **results}
+
+
+# -- 2. gateway requests/s, recording off vs on
+async def throughput(
+    session: aiohttp.ClientSession, targets: dict[str, Target], pids: dict[str, int], cfg: Config, progress: Progress
+) -> dict[str, Any]:
+    """C clients in a closed loop, the gateways taking turns (ABBA...); CPU of each over the whole phase."""
+    body = json.dumps(chat_payload(1)).encode()
+    for target in targets.values():  # open the connections (client -> gateway -> upstream)
+        await load_segment(session, target, body, cfg.concurrency, None, 5)
+    order = [list(targets)[0 if i % 4 in (0, 3) else 1] for i in range(cfg.segments * 2)]
+    task = progress.add_task(f"2. C={cfg.concurrency}, off/on (segments)", total=len(order))
+    cpu = {name: cpu_seconds(pid) or 0 for name, pid in pids.items()}
+    runs: dict[str, list[tuple[list[float], int, float]]] = {name: [] for name in targets}
+    for name in order:
+        runs[name].append(
+            await load_segment(session, targets[name], body, cfg.concurrency, cfg.duration_s / cfg.segments)
+        )
+        progress.advance(task)
+    result: dict[str, Any] = {"concurrency": cfg.concurrency, "seconds_per_target": cfg.duration_s, "order": order}
+    for name, segments in runs.items():
+        latencies = [x for lat, _, _ in segments for x in lat]
+        cpu_us = ((cpu_seconds(pids[name]) or 0) - cpu[name]) / max(len(latencies), 1) * 1e6
+        result[name] = {**summarise(latencies), "errors": sum(seg[1] for seg in segments)}
+        result[name] |= {
+            "requests_per_s": len(latencies) / sum(seg[2] for seg in segments),
+            "cpu_us_per_request": cpu_us,
+        }
+    result["drop"] = 1 - result["on"]["requests_per_s"] / result["off"]["requests_per_s"]
+    return {**result, "target_drop": TARGET_DROP, "target_met": result["drop"] <= TARGET_DROP}
+
+
+async def logged(session: aiohttp.ClientSession, url: str, redis_url: str) -> dict[str, Any]:
+    """Requests the "on" gateway answered (its /metrics) and records in the tenant's log, once written."""
+    async with session.get(f"{url}/metrics", headers=METRICS_AUTH) as resp:
+        families = text_string_to_metric_families(await resp.text())
+    samples = [s for f in families if f.name == "loragate_requests" for s in f.samples]
+    answered = int(sum(s.value for s in samples if s.name.endswith("_total")))
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 10
+        while (count := await redis.xlen(keys.completion_log(TENANT))) < answered and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    finally:
+        await redis.aclose()
+    ratio = count / max(answered, 1)
+    return {"answered": answered, "records": count, "ratio": ratio, "target_met": ratio >= TARGET_LOGGED}
+
+
+# -- 3. feedback latency, by durability
+async def timed(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[float, int]:
+    started = time.perf_counter()
+    async with session.request(method, url, **kwargs) as resp:
+        await resp.read()
+    return time.perf_counter() - started, resp.status
+
+
+async def completion_ids(session: aiohttp.ClientSession, base: str, headers: dict[str, str], n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        async with session.post(f"{base}/v1/chat/completions", json=chat_payload(i), headers=headers) as resp:
+            if resp.status != 200:
+                raise BenchError(f"{base} answered HTTP {resp.status}: {(await resp.text())[:300]}")
+            ids.append((await resp.json())["id"])
+    return ids
+
+
+def feedback_call(base: str, api_key: str, ids: list[str]) -> Call:
+    """The i-th feedback POST through one gateway: a rating by end user i of one of `ids`."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    def call(session: aiohttp.ClientSession, i: int) -> Awaitable[tuple[float, int]]:
+        body: dict[str, Any] = {"completion_id": ids[i % len(ids)], "user": f"rater-{i}", "score": 0.8}
+        body |= {"thumbs": "up" if i % 3 else "down", "comment": "Clear and correct, it solved my problem. Thanks!"}
+        return timed(session, "POST", f"{base}/v1/feedback", json=body, headers=headers)
+
+    return call
+
+
+async def feedback_bench(
+    session: aiohttp.ClientSession, calls: dict[str, Call], cfg: Config, progress: Progress
+) -> dict[str, Any]:
+    """N calls per target one at a time (the targets taking turns), then N with C clients (ABCCBA halves)."""
+    names, half = list(calls), cfg.feedback // 2
+    samples: dict[str, dict[str, tuple[list[float], Counter[int]]]] = {
+        phase: {name: ([], Counter()) for name in names} for phase in ("sequential", "concurrent")
+    }
+    task = progress.add_task("3. feedback (requests)", total=(cfg.feedback + half * 2) * len(names))
+
+    async def run(phase: str, name: str, i: int) -> None:
+        latency, status = await calls[name](session, i)
+        samples[phase][name][0].append(latency)
+        samples[phase][name][1][status] += 1
+        progress.advance(task)
+
+    for i in range(cfg.feedback):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            await run("sequential", name, i)
+    for k, name in enumerate(names + names[::-1]):
+        indices = iter(range(cfg.feedback + half * (k >= len(names)), cfg.feedback + half * (1 + (k >= len(names)))))
+
+        async def client(name: str = name, indices: Iterator[int] = indices) -> None:
+            for i in indices:  # shared by the clients: each takes the next one
+                await run("concurrent", name, i)
+
+        await asyncio.gather(*(client() for _ in range(cfg.feedback_concurrency)))
+    out: dict[str, Any] = {"requests_per_target": cfg.feedback, "concurrency": cfg.feedback_concurrency}
+    for phase, by_name in samples.items():
+        out[phase] = {name: {**summarise(lat), "statuses": dict(st)} for name, (lat, st) in by_name.items()}
+    out["durable_all_200"] = all(set(out[phase]["durable"]["statuses"]) == {200} for phase in samples)
+    return out
+
+
+# -- the run
+def start_gateways(stack: RecordsStack, extra_env: dict[str, str]) -> dict[str, tuple[Service, int]]:
+    """Three gateways on one mock and one Redis: recording off; on (records in the plain Redis, so feedback
+    goes through the fsynced spool: 202); durable (records and feedback in the durable Redis: 200)."""
+    stack.start_mock()
+    envs = {
+        "off": {"LORAGATE_RECORD_COMPLETIONS": "false"},
+        "on": {},
+        "durable": {"LORAGATE_RECORDS_REDIS_URL": stack.redis_url("durable")},
+    }
+    started = {name: stack.spawn_gateway(name, {**env, **extra_env}) for name, env in envs.items()}
+    stack._loragate("tenants", "create", TENANT, "--exist-ok")  # while they start
+    stack._loragate("tenants", "logging", TENANT, "--max-records", "10000000")  # default policy otherwise
+    stack.api_key = stack._loragate("keys", "create", "--tenant", TENANT, "--name", "records")[-1]
+    for service, port in started.values():
+        stack._wait_http(service, f"http://127.0.0.1:{port}/readyz")
+    return started
+
+
+async def gateway_benches(
+    stack: RecordsStack, gateways: dict[str, tuple[Service, int]], cfg: Config, progress: Progress
+) -> dict[str, Any]:
+    urls = {name: f"http://127.0.0.1:{port}" for name, (_, port) in gateways.items()}
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        found = {}
+        for name in ("on", "durable"):
+            async with session.get(f"{urls[name]}/readyz?verbose=1", headers=METRICS_AUTH) as resp:
+                found[name] = (await resp.json())["records"]["feedback_durability"]
+        if found != {"on": "spool", "durable": "fsync-always"}:
+            raise BenchError(f"feedback durability is {found}, expected spool (on) and fsync-always (durable)")
+        json_headers = {**headers, "Content-Type": "application/json"}
+        targets = {name: Target(name, f"{urls[name]}/v1/chat/completions", json_headers) for name in ("off", "on")}
+        pids = {name: gateways[name][0].proc.pid for name in targets}
+        result: dict[str, Any] = {"feedback_durability": found}
+        result["throughput"] = await throughput(session, targets, pids, cfg, progress)
+        result["logged"] = await logged(session, urls["on"], stack.redis_url("plain"))
+        ids = {name: await completion_ids(session, urls[name], headers, 50) for name in ("durable", "on")}
+        calls: dict[str, Call] = {name: feedback_call(urls[name], stack.api_key or "", ids[name]) for name in ids}
+        calls["healthz"] = lambda session, _i: timed(session, "GET", f"{urls['durable']}/healthz")
+        result["feedback"] = await feedback_bench(session, calls, cfg, progress)
+    return result
