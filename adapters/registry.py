@@ -69,8 +69,9 @@ class Registry:
         self._stores: dict[str, AdapterStore] = {}
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._verified: set[tuple[str, str, int]] = set()
-        self._seen: set[str] = set()
-        """Upstream names this process has found in the store: only those can be found deleted."""
+        self._newest: dict[tuple[str, str], int] = {}
+        """The newest version of each (tenant, adapter name) this process has found in the store: a version
+        up to it that is gone was deleted (numbers are never reused); one past it may be another store's."""
         self._corrupt: dict[tuple[str, str, int], str] = {}
         self._paths: dict[tuple[str, str, int], str] = {}
         self._listings: dict[str, _Listing] = {}
@@ -108,7 +109,8 @@ class Registry:
         if manifest is None:
             manifest = self.store(tenant).resolve(AdapterRef(ref.name, ref.version), pinned)
             entry.resolved[version if version == manifest.version else None] = manifest
-            self._seen.add(upstream_name(tenant, manifest))
+            if manifest.version > self._newest.get((tenant, ref.name), 0):
+                self._newest[(tenant, ref.name)] = manifest.version
         return manifest
 
     async def lookup(self, tenant: str, ref: AdapterRef, pinned: int | None = None) -> Manifest:
@@ -125,10 +127,28 @@ class Registry:
         self._cache.pop((tenant, name), None)
         self._listings.pop(tenant, None)
 
+    def forget(self, upstream: str) -> None:
+        """A version deleted from the store (`TENANT.NAME@V`): drop what this process kept about it, so
+        that uploading and deleting versions all day costs no memory. `deleted` still knows it."""
+        try:
+            tenant, ref = parse_upstream_name(upstream)
+        except InvalidAdapter:
+            return
+        key = (tenant, ref.name, ref.version or 0)
+        self._verified.discard(key)
+        self._corrupt.pop(key, None)
+        self._paths.pop(key, None)
+
     def deleted(self, upstream: str) -> bool:
-        """Whether an upstream name this process found in the store is gone from it. A name it never found
-        is not taken for deleted: another gateway with a store this one cannot see (yet) may serve it."""
-        return upstream in self._seen and not self.exists(upstream)
+        """Whether an upstream name this process found in the store is gone from it. A version newer than
+        any this process found is not taken for deleted: another gateway with a store this one cannot see
+        (yet) may serve it."""
+        try:
+            tenant, ref = parse_upstream_name(upstream)
+        except InvalidAdapter:
+            return False
+        newest = self._newest.get((tenant, ref.name), 0)
+        return ref.version is not None and ref.version <= newest and not self.exists(upstream)
 
     def exists(self, upstream: str) -> bool:
         """Whether an upstream name (`TENANT.NAME@V`) is still in the store."""
@@ -235,6 +255,7 @@ class Registry:
         for manifest in store.list():
             store.remove(manifest.name, manifest.version)
             removed.append(upstream_name(tenant, manifest))
+            self.forget(removed[-1])
         for key in [key for key in list(self._cache) if key[0] == tenant]:
             self._cache.pop(key, None)
         return removed

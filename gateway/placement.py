@@ -184,6 +184,7 @@ class Placement:
 
     async def _unload(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
+        self._residency.forget(replica.url, name)
         status, text = await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": name})
         if status != 200 and status != 404:
             log.warning("unloading %s from %s answered %s: %s", name, replica.url, status, text[:300])
@@ -202,6 +203,7 @@ class Placement:
             await self._refresh(replica)
             for name in await asyncio.to_thread(self._deleted, list(replica.resident)):
                 await self._unload(replica, name)
+                self._registry.forget(name)
             for route in hot:
                 try:
                     await self._ensure_loaded(replica, route)
@@ -221,3 +223,5 @@ class Placement:
                     if name in replica.resident:
                         await self._unload(replica, name)
             replica.resident.pop(name, None)
+        await self._residency.forget_everywhere([replica.url for replica in self._pool.replicas], name)
+        self._registry.forget(name)

@@ -108,6 +108,23 @@ class Residency:
         self._used[replica][name] = now
         self._unshared[replica][name] = now
 
+    def forget(self, replica: str, name: str) -> None:
+        """The adapter left the replica: this process's record of its uses goes (a new load notes it again)."""
+        self._used.get(replica, {}).pop(name, None)
+        self._unshared.get(replica, {}).pop(name, None)
+
+    async def forget_everywhere(self, replicas: list[str], name: str) -> None:
+        """A deleted version: its uses go from this process and from Redis, for every replica."""
+        for replica in replicas:
+            self.forget(replica, name)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for replica in replicas:
+                    pipe.zrem(keys.replica_usage(replica), name)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("could not drop the uses of %s: %s", name, exc)
+
     async def flush_uses(self) -> None:
         """Share this process's adapter uses (a later time never goes back: ZADD GT)."""
         used, self._unshared = self._unshared, defaultdict(dict)

@@ -96,6 +96,24 @@ def test_registry_sees_writes_from_another_process_at_once(
     assert not registry.exists("other.a@1"), "another tenant's namespace"
 
 
+def test_a_deleted_and_forgotten_version_leaves_nothing_behind_but_is_still_known_deleted(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
+    registry = Registry(store.root.parent)
+    sizes = []
+    for _ in range(6):
+        manifest = store.add(good, "a", base, MAX_RANK)
+        found = registry.resolve("t", AdapterRef("a"))
+        registry.verify_once(found)
+        registry.path_text(found)
+        store.remove("a", manifest.version)
+        registry.forget(f"t.{manifest.ref}")
+        assert registry.deleted(f"t.{manifest.ref}"), "forgotten, yet known for deleted (vLLM may hold it)"
+        sizes.append(sum(len(kept) for kept in (registry._verified, registry._paths, registry._corrupt)))  # noqa: SLF001
+    assert sizes == [0] * 6, "nothing kept per deleted version"
+    assert not registry.deleted("t.a@7"), "newer than any found: perhaps another store's"
+
+
 def test_a_candidate_is_nobodys_default_until_published(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     registry = Registry(store.root.parent)
     store.add(good, "a", base, MAX_RANK)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from adapters.manifest import Manifest
 from adapters.registry import Registry
+from gateway import keys
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
@@ -257,3 +258,22 @@ async def test_an_adapter_another_process_uses_is_never_evicted(
     finally:
         await session_a.close()
         await session_b.close()
+
+
+async def test_a_deleted_version_leaves_no_use_behind(setup, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """Uploading and deleting versions all day costs no memory: here or in Redis."""
+    import redis.asyncio as aioredis
+
+    placement, pool, fakes = setup
+    for version in range(5):
+        r = route(f"churn{version}")
+        replica = await use(placement, r)
+        await placement.maintain([])  # shares the uses through Redis
+        await placement.unload_everywhere(r.upstream_model)
+        assert r.upstream_model not in replica.resident
+    residency = placement._residency  # noqa: SLF001
+    assert not any(residency._used.values()) and not any(residency._unshared.values())  # noqa: SLF001
+    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    for replica in pool.replicas:
+        assert await redis.zcard(keys.replica_usage(replica.url)) == 0
+    await redis.aclose()
