@@ -17,8 +17,8 @@ from adapters.registry import Registry
 from gateway.pointers import PointerStore, TenantPointers
 from gateway.protocol import ModelCard, ModelList
 
-MAX_TENANTS = 4096
-"""Tenants whose answer is kept; past it the cache starts again."""
+MAX_TENANTS = 1024
+"""Tenants whose answer is kept (at most about 15 MB for tenants of 100 versions); past it the cache starts again."""
 
 
 class ModelLists:
