@@ -31,6 +31,7 @@ from gateway.model_list import ModelLists
 from gateway.openapi import ABOUT, DescribedAPI
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
+from gateway.quota_leases import LeaseBook
 from gateway.quotas import QuotaGate
 from gateway.recorder import Recorder
 from gateway.request_id import RequestIdMiddleware
@@ -177,7 +178,9 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         keys=KeyStore(redis, settings.auth_cache_s),
         pointers=pointers,
         experiments=experiments,
-        quotas=QuotaGate(redis, metrics, settings.quota_reserve_tokens),
+        quotas=QuotaGate(
+            redis, metrics, settings.quota_reserve_tokens, LeaseBook(max_requests=settings.quota_lease_requests)
+        ),
         pool=pool,
         registry=registry,
         placement=placement,

@@ -9,6 +9,9 @@ pass, so N gateway processes sharing one Redis admit no more than the limit betw
   much of it is still inside the window). A request reserves its `max_tokens` (or a configured
   default) plus an estimate of its prompt before it is forwarded; `settle` corrects the reservation
   by the real usage afterwards (corrections are batched and sent every 0.1 s, off the request path).
+- Leases (gateway/quota_leases.py): where a window has room to spare, an admission also takes room for a
+  few more like it, so most requests of a busy tenant are admitted in-process; near a limit every request
+  is checked in Redis. What a lease holds counts as used from the start, so the limits still hold.
 - Over a limit: 429 `rate_limit_exceeded` with Retry-After. OpenAI's `x-ratelimit-*` headers describe
   the tighter scope on every response of a tenant (or key) that has limits.
 - Redis down: the tenant's `on_redis_down` decides: admit (`open`, the default) or refuse with 503
@@ -29,33 +32,37 @@ from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
-from gateway.lane import ScriptLane
+from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
 from gateway.principal import Principal
+from gateway.quota_leases import LeaseBook, Scopes
 from gateway.tenants import Tenant
 
 log = logging.getLogger("loragate.quotas")
 
 WINDOW_S = 60
 
-# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: member, cost, then per
+# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: member, cost, how many
+# more such requests to lease (see gateway/quota_leases.py), the share of the room a lease may take, then per
 # scope rpm, tpm (0: none). Time is Redis's own (TIME), so gateways on hosts whose clocks differ agree.
 # Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens), then for requests and for tokens the
-# tightest limit, remaining and milliseconds to reset (-1 where no scope has that limit).
+# tightest limit, remaining and milliseconds to reset (-1 where no scope has that limit), then how many
+# requests were leased (members MEMBER:1..n in each requests log, n * cost in each tokens counter).
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local member, cost = ARGV[1], tonumber(ARGV[2])
+local lease, share = tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = 60
 local into = (now % window) / window
-local out = {1, 0, -1, -1, -1, -1, -1, -1}
+local out = {1, 0, -1, -1, -1, -1, -1, -1, 0}
 local function tighter(at, limit, remaining, reset)
   if out[at] == -1 or remaining < out[at + 1] then
     out[at], out[at + 1], out[at + 2] = limit, remaining, reset
   end
 end
 for i = 0, #KEYS / 3 - 1 do
-  local rpm, tpm = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local rpm, tpm = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   if rpm > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[3 * i + 1], '-inf', now - window)
     local count = redis.call('ZCARD', KEYS[3 * i + 1])
@@ -66,27 +73,44 @@ for i = 0, #KEYS / 3 - 1 do
     end
     if count >= rpm and out[1] == 1 then out[1], out[2] = 0, 1 end
     tighter(3, rpm, math.max(rpm - count - 1, 0), reset)
+    lease = math.min(lease, math.floor((rpm - count - 1) / share))
   end
   if tpm > 0 then
     local used = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
                + tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0') * (1 - into)
     if used + cost > tpm and out[1] == 1 then out[1], out[2] = 0, 2 end
     tighter(6, tpm, math.max(math.floor(tpm - used - cost), 0), math.ceil((1 - into) * window * 1000))
+    lease = math.min(lease, math.floor((tpm - used - cost) / share / math.max(cost, 1)))
   end
 end
 if out[1] == 1 then
+  lease = math.max(lease, 0)
+  out[9] = lease
   for i = 0, #KEYS / 3 - 1 do
-    if tonumber(ARGV[3 + 2 * i]) > 0 then
+    if tonumber(ARGV[5 + 2 * i]) > 0 then
       redis.call('ZADD', KEYS[3 * i + 1], now, member)
+      for j = 1, lease do redis.call('ZADD', KEYS[3 * i + 1], now, member .. ':' .. j) end
       redis.call('EXPIRE', KEYS[3 * i + 1], window + 1)
     end
-    if tonumber(ARGV[4 + 2 * i]) > 0 then
-      redis.call('INCRBY', KEYS[3 * i + 2], cost)
+    if tonumber(ARGV[6 + 2 * i]) > 0 then
+      redis.call('INCRBY', KEYS[3 * i + 2], cost * (1 + lease))
       redis.call('EXPIRE', KEYS[3 * i + 2], 2 * window + 1)
     end
   end
 end
 return out
+"""
+
+# KEYS: a requests log. ARGV: how many members follow to re-time to now (taken from a lease), then those,
+# then members to remove (what a lease gives back).
+_RETIME = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local taken = tonumber(ARGV[1])
+for i = 2, taken + 1 do redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i]) end
+for i = taken + 2, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+if taken > 0 then redis.call('EXPIRE', KEYS[1], 61) end
+return 0
 """
 
 
@@ -121,12 +145,35 @@ def _headers(limits: list[int]) -> dict[str, str]:
     return headers
 
 
+def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
+    """The scopes with limits that a request counts in: its tenant's, and its key's where the key has its own."""
+    scopes = [(f"tenant:{tenant.name}", tenant.limits.rpm, tenant.limits.tpm)]
+    if principal.rpm is not None or principal.tpm is not None:
+        scopes.append((f"key:{principal.key_id}", principal.rpm, principal.tpm))
+    return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
+
+
+def _check_cost(scopes: Scopes, cost: int) -> None:
+    for _, _, tpm in scopes:
+        if tpm is not None and cost > tpm:
+            raise InvalidRequest(
+                f"This request may use up to {cost} tokens, more than this key's tokens-per-minute limit "
+                f"({tpm}) allows at once: ask for fewer (max_tokens, n) or a higher limit.",
+                param="max_tokens",
+                code="tokens_over_limit",
+            )
+
+
 class QuotaGate:
-    def __init__(self, redis: aioredis.Redis, metrics: Metrics, reserve_tokens: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, metrics: Metrics, reserve_tokens: int, leases: LeaseBook | None = None
+    ) -> None:
         self._redis = redis
         self._metrics = metrics
         self._reserve_tokens = reserve_tokens
         self._admit = ScriptLane(redis, _ADMIT)
+        self._retime = ScriptLane(redis, _RETIME, size=1)
+        self._leases = leases or LeaseBook()
         self._corrections: Counter[str] = Counter()
 
     def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
@@ -135,38 +182,38 @@ class QuotaGate:
         return (max_tokens or self._reserve_tokens) * answers + prompt_chars // 4 + 1
 
     async def admit(self, principal: Principal, tenant: Tenant, request_id: str, cost: int) -> Admission:
-        scopes = [(f"tenant:{tenant.name}", tenant.limits.rpm, tenant.limits.tpm)]
-        if principal.rpm is not None or principal.tpm is not None:
-            scopes.append((f"key:{principal.key_id}", principal.rpm, principal.tpm))
-        scopes = [scope for scope in scopes if scope[1] is not None or scope[2] is not None]
+        scopes = _scopes(principal, tenant)
         if not scopes:
             return Admission.unlimited()
-        for _, _, tpm in scopes:
-            if tpm is not None and cost > tpm:
-                raise InvalidRequest(
-                    f"This request may use up to {cost} tokens, more than this key's tokens-per-minute limit "
-                    f"({tpm}) allows at once: ask for fewer (max_tokens, n) or a higher limit.",
-                    param="max_tokens",
-                    code="tokens_over_limit",
-                )
+        _check_cost(scopes, cost)
+        taken = self._leases.take(scopes, cost)
+        if taken is not None:
+            return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
         minute = int(time.time() // WINDOW_S)
+        request_keys = tuple(keys.quota_requests(scope) for scope, rpm, _ in scopes if rpm)
+        token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
         script_keys: list[str] = []
-        args: list[object] = [request_id, cost]
+        asked = self._leases.ask(scopes)
+        args: list[object] = [request_id, cost, asked, self._leases.share]
         for scope, rpm, tpm in scopes:
             script_keys += [keys.quota_requests(scope), keys.quota_tokens(scope, minute)]
             script_keys.append(keys.quota_tokens(scope, minute - 1))
             args += [rpm or 0, tpm or 0]
+        found: list[int] | None = None
         try:
             found = [int(value) for value in await self._admit(script_keys, args)]
         except (RedisError, OSError) as exc:
             return self._redis_down(tenant, exc)
-        headers = _headers(found)
+        finally:
+            self._leases.answer(scopes, asked, found, request_id, cost, (request_keys, token_keys))
         if not found[0]:
+            taken = await self._leases.after_refusal(scopes, cost)
+            if taken is not None:
+                return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
             kind = "requests" if found[1] == 1 else "tokens"
             self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
-            raise self._refusal(found, headers, cost)
-        token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
-        return Admission(headers, reserved=cost, token_keys=token_keys)
+            raise self._refusal(found, _headers(found), cost)
+        return Admission(_headers(found), reserved=cost, token_keys=token_keys)
 
     def _redis_down(self, tenant: Tenant, exc: Exception) -> Admission:
         self._metrics.quota_redis_failures.labels(self._metrics.tenant(tenant.name), tenant.on_redis_down).inc()
@@ -195,17 +242,26 @@ class QuotaGate:
                 self._corrections[key] += used_tokens - admission.reserved
 
     async def flush(self) -> None:
+        """Send the token corrections, and what leases give back (see gateway/quota_leases.py)."""
+        returns = self._leases.due()
+        self._corrections.update(returns.tokens)
         corrections, self._corrections = self._corrections, Counter()
-        if not corrections:
-            return
+        logs = returns.retime.keys() | returns.remove.keys()
+        calls: list[Call] = [
+            ([key], [len(returns.retime.get(key, [])), *returns.retime.get(key, []), *returns.remove.get(key, [])])
+            for key in logs
+        ]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, delta in corrections.items():
-                    pipe.incrby(key, delta)
-                    pipe.expire(key, 2 * WINDOW_S + 1)
-                await pipe.execute()
+            if calls:
+                await self._retime.many(calls)
+            if corrections:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, delta in corrections.items():
+                        pipe.incrby(key, delta)
+                        pipe.expire(key, 2 * WINDOW_S + 1)
+                    await pipe.execute()
         except (RedisError, OSError):
-            pass  # the window moves on; a lost correction only lasts a minute
+            pass  # the window moves on; what was not sent only counts against the tenant for a minute
 
     async def run(self, interval_s: float = 0.1) -> None:
         """Send the corrections every `interval_s`."""
@@ -215,3 +271,4 @@ class QuotaGate:
                 await self.flush()
         finally:
             await self._admit.close()
+            await self._retime.close()

@@ -1,0 +1,97 @@
+"""Quota leases against a real Redis: a busy tenant's requests are admitted in-process, what a lease holds
+counts as used at once (other processes never get more), what is left goes back, and near a limit every
+request is checked in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.errors import RateLimited
+from gateway.metrics import Metrics
+from gateway.principal import Principal
+from gateway.quota_leases import LeaseBook
+from gateway.quotas import WINDOW_S, Admission, QuotaGate
+from gateway.tenants import Limits, Tenant
+
+KEY = Principal(tenant="acme", key_id="k1", role="inference")
+BUSY = Tenant(name="acme", limits=Limits(rpm=10_000, tpm=10_000_000))
+
+
+async def admit_many(gate: QuotaGate, tenant: Tenant, count: int, prefix: str, cost: int = 10) -> list[Admission]:
+    return [await gate.admit(KEY, tenant, f"{prefix}-{i}", cost) for i in range(count)]
+
+
+async def tokens_used(redis: aioredis.Redis, scope: str) -> int:
+    return int(await redis.get(keys.quota_tokens(scope, int(time.time() // WINDOW_S))) or 0)
+
+
+async def test_a_busy_tenant_is_admitted_from_leases_and_the_rest_goes_back(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.2, max_requests=16))
+    requests_log = keys.quota_requests("tenant:acme")
+    first = await gate.admit(KEY, BUSY, "first", 10)
+    assert await redis.zcard(requests_log) == 17, "one admitted and room for 16 more taken at once"
+    assert await tokens_used(redis, "tenant:acme") == 170, "and their tokens"
+    rest = await admit_many(gate, BUSY, 5, "next")
+    assert await redis.zcard(requests_log) == 17, "five more came out of the lease, with no Redis call"
+    remaining = [int(a.headers["x-ratelimit-remaining-requests"]) for a in [first, *rest]]
+    assert remaining == list(range(9_999, 9_993, -1)), "the headers count down as Redis would have"
+    assert [int(a.headers["x-ratelimit-remaining-tokens"]) for a in rest][-1] == 10_000_000 - 60
+    await asyncio.sleep(0.25)
+    await gate.flush()
+    assert await redis.zcard(requests_log) == 6, "the 11 unused went back"
+    assert await tokens_used(redis, "tenant:acme") == 60
+
+
+async def test_requests_from_a_lease_are_timed_when_admitted(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=5))
+    await gate.admit(KEY, BUSY, "first", 10)
+    (granted_at,) = [
+        score for _, score in await redis.zrange(keys.quota_requests("tenant:acme"), 0, 0, withscores=True)
+    ]
+    await asyncio.sleep(0.3)
+    await gate.admit(KEY, BUSY, "later", 10)
+    await gate.flush()
+    scores = dict(await redis.zrange(keys.quota_requests("tenant:acme"), 0, -1, withscores=True))
+    assert scores["first:1"] >= granted_at + 0.3, "the member taken is re-timed to its admission"
+    assert scores["first:16"] == granted_at, "the ones not taken yet keep the grant's time"
+
+
+async def test_another_process_sees_a_lease_as_used(redis: aioredis.Redis) -> None:
+    """A lease never lets N processes admit more than the limit: what one holds is gone for the others,
+    even if it dies holding it (the window then moves past it)."""
+    tenant = Tenant(name="acme", limits=Limits(rpm=200))
+    holder = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=60, max_requests=16))
+    other = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
+    await holder.admit(KEY, tenant, "holder", 10)  # leases floor(199 / 8) = 16 more
+    outcomes = []
+    for i in range(200):
+        try:
+            outcomes.append(await other.admit(KEY, tenant, f"other-{i}", 10))
+        except RateLimited as refused:
+            outcomes.append(refused)
+    assert sum(isinstance(o, Admission) for o in outcomes) == 200 - 17
+    assert len(await admit_many(holder, tenant, 16, "holder-more")) == 16, "the holder still has its 16"
+
+
+async def test_near_a_limit_every_request_is_checked_in_redis(redis: aioredis.Redis) -> None:
+    tenant = Tenant(name="acme", limits=Limits(rpm=8, tpm=100_000))
+    gate = QuotaGate(redis, Metrics(), 256)
+    await admit_many(gate, tenant, 3, "small")
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 3, "floor(7 / 8) = 0: nothing leased"
+    roomy = Tenant(name="roomy", limits=Limits(tpm=1000))
+    await gate.admit(KEY, roomy, "big", 400)
+    assert await tokens_used(redis, "tenant:roomy") == 400, "an eighth of the 600 left does not cover another 400"
+
+
+async def test_a_refused_request_waits_for_the_lease_in_flight(redis: aioredis.Redis) -> None:
+    """Within one process, the last requests under a limit are admitted from a lease that was granted while
+    they were on their way, not refused while its room sits unused."""
+    tenant = Tenant(name="acme", limits=Limits(rpm=40))
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=60))
+    outcomes = await asyncio.gather(*(gate.admit(KEY, tenant, f"r-{i}", 10) for i in range(60)), return_exceptions=True)
+    assert sum(isinstance(o, Admission) for o in outcomes) == 40
+    assert all(isinstance(o, RateLimited) for o in outcomes if not isinstance(o, Admission))
