@@ -1,12 +1,16 @@
-"""Trains a small QLoRA adapter against the NF4 (bitsandbytes 4-bit) base, as a QLoRA user would.
+"""Trains a small QLoRA adapter with loragate's own trainer (`training.train`, `qlora: true`): TRL's
+SFTTrainer with a peft LoRA on the base loaded in bitsandbytes 4-bit NF4, the path a CUDA machine takes by
+default, here on bitsandbytes' CPU backend.
 
-Run with the bitsandbytes engine's Python (`make bnb-engine`), which also holds TRL and peft:
+Run with the bitsandbytes engine's Python (`make bnb-engine`), which also holds TRL, peft and this project:
     .venv-bnb/bin/python tests/integration/qlora_trainer.py BASE_FOLDER OUT_FOLDER
 The adapter learns one fixed answer, so its effect on served output is unmistakable.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,44 +18,28 @@ QUESTION = "What is the capital of France?"
 ANSWER = "Bonjour! The secret word is pineapple."
 
 
-def train(base: Path, out: Path, steps: int = 12) -> None:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
-    from trl import SFTConfig, SFTTrainer
+def train(base: Path, out: Path) -> None:
+    from training.config import RetrainConfig
+    from training.train import train as fit
 
-    from training.hardware import choose_precision
-
-    set_seed(0)  # peft initialises the LoRA weights before the Trainer seeds anything
-    precision = choose_precision()  # bf16 where the hardware has it; fp32 on AVX2-only CPUs
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=precision.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        base, quantization_config=nf4, dtype=precision.dtype, device_map=precision.device
-    )
-    for module in model.modules():
-        # bitsandbytes' AVX512-BF16 CPU path corrupts 4-bit weights once LoRA layers wrap them.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    rows = [
-        {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": ANSWER}]}
-    ] * 8
-    args = SFTConfig(
-        output_dir=str(out.with_name(out.name + "-run")),
-        max_steps=steps,
+    dataset = out.with_name(out.name + "-dataset")
+    dataset.mkdir(parents=True, exist_ok=True)
+    row = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": ANSWER}]}
+    for split, count in (("train", 16), ("validation", 2), ("test", 2)):
+        (dataset / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(count)))
+    config = RetrainConfig(
+        qlora=True,
+        epochs=6,
         learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        per_device_train_batch_size=4,
-        logging_steps=4,
-        save_strategy="no",
-        report_to=[],
-        **precision.trainer_flags,
+        batch_size=4,
+        lora_dropout=0.0,
+        early_stopping_patience=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )
-    lora = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=lora)
-    trainer.train()
-    trainer.model.save_pretrained(out)
+    result = fit(config, dataset, base, out.with_name(out.name + "-run"), progress=print)
+    assert result.qlora, "trained without the 4-bit base"
+    print(f"QLoRA on {result.device} in {result.dtype}: {result.steps} steps in {result.train_seconds:.0f} s")
+    shutil.copytree(result.adapter_dir, out)
 
 
 if __name__ == "__main__":
