@@ -16,7 +16,12 @@ request is checked in Redis one at a time, exactly as without leases.
   that dies holding a lease leaves it counted until the window moves past it: fewer admitted, never more.
 - A process asks for one lease per scope at a time. A request Redis refuses while that ask is in flight
   waits for its answer and uses the lease if one came (replies on different connections can come back
-  in either order), so the last few requests under a limit are not refused while room sits in a lease.
+  in either order), or a lease past its lifetime whose room is still counted, so the last few requests
+  under a limit are not refused while room sits in a lease.
+- Only a request counted in one scope (its tenant's) takes a lease: a key with limits of its own would
+  hold its tenant's room away from the tenant's other keys.
+- An ask whose answer never came (timeout, dropped connection) has whatever it was granted removed at the
+  next flush; what a failed flush could not send goes with the next one.
 - The headers of a request admitted from a lease report what Redis said when it was granted, less what
   this process has taken from it since; other processes' use shows from the next grant.
 """
@@ -49,13 +54,16 @@ class Lease:
     until: float
     granted_at: float
     taken: int = 0
+    tokens_taken: int = 0
     tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = self.left * self.cost if self.token_keys else 0
 
-    def covers(self, cost: int, now: float) -> bool:
-        return now < self.until and self.left > 0 and (not self.token_keys or cost <= self.tokens)
+    def covers(self, cost: int, now: float | None) -> bool:
+        """Room for one more request of `cost` tokens (`now` None: even if the lease has run out, as long as
+        its room has not been given back yet)."""
+        return (now is None or now < self.until) and self.left > 0 and (not self.token_keys or cost <= self.tokens)
 
     def headers_found(self, tokens_taken: int, now: float) -> list[int]:
         """The reply's header fields as they stand now: remaining less what was taken, resets less the time gone."""
@@ -77,12 +85,36 @@ class Taken:
 
 
 @dataclass
-class Returns:
-    """What a flush sends back: members to re-time or remove per requests log, tokens to give back per counter."""
+class LostAsk:
+    """An ask whose answer never came (timeout, dropped connection): Redis may have granted up to `asked`
+    requests' room, members REQUEST_ID:1..asked, which a flush removes along with their tokens."""
 
-    retime: dict[str, list[str]]
-    remove: dict[str, list[str]]
-    tokens: dict[str, int]
+    request_keys: tuple[str, ...]
+    token_keys: tuple[str, ...]
+    request_id: str
+    asked: int
+    cost: int
+
+
+@dataclass
+class Returns:
+    """What a flush sends back: members to re-time or remove per requests log, tokens to give back per counter,
+    and asks whose answer was lost."""
+
+    retime: dict[str, list[str]] = field(default_factory=dict)
+    remove: dict[str, list[str]] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    lost: list[LostAsk] = field(default_factory=list)
+
+    def merge(self, later: Returns) -> Returns:
+        """This (older, unsent) and `later` in one, older first."""
+        merged = Returns({k: list(v) for k, v in self.retime.items()}, {k: list(v) for k, v in self.remove.items()})
+        for into, more in ((merged.retime, later.retime), (merged.remove, later.remove)):
+            for key, members in more.items():
+                into.setdefault(key, []).extend(members)
+        merged.tokens = {k: self.tokens.get(k, 0) + later.tokens.get(k, 0) for k in self.tokens.keys() | later.tokens}
+        merged.lost = self.lost + later.lost
+        return merged
 
 
 class LeaseBook:
@@ -96,25 +128,30 @@ class LeaseBook:
         self._asking: dict[Scopes, asyncio.Future[None]] = {}
         self._retime: defaultdict[str, list[str]] = defaultdict(list)
         self._spent: list[Lease] = []
+        self._lost: list[LostAsk] = []
+        self._unsent = Returns()
 
-    def take(self, scopes: Scopes, cost: int) -> Taken | None:
-        """Admit a request from the scopes' lease, if it has room for it."""
+    def take(self, scopes: Scopes, cost: int, *, ran_out_ok: bool = False) -> Taken | None:
+        """Admit a request from the scopes' lease, if it has room for it (`ran_out_ok`: also from a lease past its
+        lifetime whose room the next flush has not given back yet)."""
         lease, now = self._leases.get(scopes), time.monotonic()
-        if lease is None or not lease.covers(cost, now):
+        if lease is None or not lease.covers(cost, None if ran_out_ok else now):
             return None
         lease.left -= 1
         lease.taken += 1
         if lease.token_keys:
             lease.tokens -= cost
+            lease.tokens_taken += cost
         if lease.request_keys:
             member = lease.members.pop()
             for key in lease.request_keys:
                 self._retime[key].append(member)
-        return Taken(lease.headers_found(lease.taken * cost if lease.token_keys else 0, now), lease.token_keys)
+        return Taken(lease.headers_found(lease.tokens_taken, now), lease.token_keys)
 
     def ask(self, scopes: Scopes) -> int:
-        """How many requests' room to ask for along with this admission: none while an ask is in flight."""
-        if scopes in self._asking or not self.max_requests:
+        """How many requests' room to ask for along with this admission: none while an ask is in flight, and none
+        for a key with limits of its own (its lease would hold the tenant's room away from the tenant's other keys)."""
+        if scopes in self._asking or not self.max_requests or len(scopes) > 1:
             return 0
         self._asking[scopes] = asyncio.get_running_loop().create_future()
         return self.max_requests
@@ -129,10 +166,13 @@ class LeaseBook:
         waiting = self._asking.pop(scopes, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
-        granted = found[8] if found is not None and len(found) > 8 else 0
-        if found is None or not granted:
-            return
         request_keys, token_keys = keys
+        if found is None:
+            self._lost.append(LostAsk(request_keys, token_keys, request_id, asked, cost))
+            return
+        granted = found[8] if len(found) > 8 else 0
+        if not granted:
+            return
         now = time.monotonic()
         old = self._leases.get(scopes)
         if old is not None:
@@ -147,7 +187,7 @@ class LeaseBook:
         waiting = self._asking.get(scopes)
         if waiting is not None:
             await asyncio.shield(waiting)
-        return self.take(scopes, cost)
+        return self.take(scopes, cost, ran_out_ok=True)
 
     def due(self) -> Returns:
         """Take out what a flush must send: members taken since the last one, and the rest of expired leases."""
@@ -156,6 +196,7 @@ class LeaseBook:
             if now >= lease.until:
                 self._spent.append(self._leases.pop(scopes))
         spent, self._spent = self._spent, []
+        lost, self._lost = self._lost, []
         retime, self._retime = dict(self._retime), defaultdict(list)
         remove: defaultdict[str, list[str]] = defaultdict(list)
         tokens: Counter[str] = Counter()
@@ -164,8 +205,15 @@ class LeaseBook:
                 remove[key] += lease.members
             for key in lease.token_keys:
                 tokens[key] -= lease.tokens
-        return Returns(
+        fresh = Returns(
             retime,
             {key: members for key, members in remove.items() if members},
             {key: n for key, n in tokens.items() if n},
+            lost,
         )
+        unsent, self._unsent = self._unsent, Returns()
+        return unsent.merge(fresh)
+
+    def unsent(self, returns: Returns) -> None:
+        """A flush that failed: send `returns` with the next one (re-timing to a later time is always safe)."""
+        self._unsent = returns.merge(self._unsent)

@@ -113,6 +113,23 @@ if taken > 0 then redis.call('EXPIRE', KEYS[1], 61) end
 return 0
 """
 
+# KEYS: the requests logs, then the token counters of an ask whose answer was lost. ARGV: how many logs, the
+# admitted member, how many requests' room was asked, their cost. Removes MEMBER:1..asked (what was granted, if
+# anything) and gives back their tokens; a tokens-only scope has no members to tell what was granted.
+_UNLEASE = """
+local logs, member, asked, cost = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local removed = 0
+for i = 1, logs do
+  local here = 0
+  for j = 1, asked do here = here + redis.call('ZREM', KEYS[i], member .. ':' .. j) end
+  removed = math.max(removed, here)
+end
+if removed > 0 then
+  for i = logs + 1, #KEYS do redis.call('DECRBY', KEYS[i], removed * cost) end
+end
+return removed
+"""
+
 
 def duration(ms: int) -> str:
     """OpenAI's reset format: 1m30s, 6s, 250ms."""
@@ -173,6 +190,7 @@ class QuotaGate:
         self._reserve_tokens = reserve_tokens
         self._admit = ScriptLane(redis, _ADMIT)
         self._retime = ScriptLane(redis, _RETIME, size=1)
+        self._unlease = ScriptLane(redis, _UNLEASE, size=1)
         self._leases = leases or LeaseBook()
         self._corrections: Counter[str] = Counter()
 
@@ -242,33 +260,46 @@ class QuotaGate:
                 self._corrections[key] += used_tokens - admission.reserved
 
     async def flush(self) -> None:
-        """Send the token corrections, and what leases give back (see gateway/quota_leases.py)."""
+        """Send the token corrections, and what leases give back (see gateway/quota_leases.py); what fails to go
+        is kept for the next flush."""
         returns = self._leases.due()
-        self._corrections.update(returns.tokens)
         corrections, self._corrections = self._corrections, Counter()
+        counters = Counter(corrections)  # what goes out: the corrections plus the tokens leases give back
+        counters.update(returns.tokens)
         logs = returns.retime.keys() | returns.remove.keys()
         calls: list[Call] = [
             ([key], [len(returns.retime.get(key, [])), *returns.retime.get(key, []), *returns.remove.get(key, [])])
             for key in logs
         ]
+        lost: list[Call] = [
+            ([*ask.request_keys, *ask.token_keys], [len(ask.request_keys), ask.request_id, ask.asked, ask.cost])
+            for ask in returns.lost
+        ]
         try:
             if calls:
                 await self._retime.many(calls)
-            if corrections:
+            if lost:
+                await self._unlease.many(lost)
+            if counters:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, delta in corrections.items():
+                    for key, delta in counters.items():
                         pipe.incrby(key, delta)
                         pipe.expire(key, 2 * WINDOW_S + 1)
                     await pipe.execute()
         except (RedisError, OSError):
-            pass  # the window moves on; what was not sent only counts against the tenant for a minute
+            self._leases.unsent(returns)  # re-timing, removing and ZREM of lost asks are safe to send twice
+            self._corrections.update(corrections)
 
     async def run(self, interval_s: float = 0.1) -> None:
         """Send the corrections every `interval_s`."""
         try:
             while True:
                 await asyncio.sleep(interval_s)
-                await self.flush()
+                try:
+                    await self.flush()
+                except Exception:  # a bug here must not stop every later correction
+                    log.exception("quota flush failed")
         finally:
             await self._admit.close()
             await self._retime.close()
+            await self._unlease.close()

@@ -95,3 +95,70 @@ async def test_a_refused_request_waits_for_the_lease_in_flight(redis: aioredis.R
     outcomes = await asyncio.gather(*(gate.admit(KEY, tenant, f"r-{i}", 10) for i in range(60)), return_exceptions=True)
     assert sum(isinstance(o, Admission) for o in outcomes) == 40
     assert all(isinstance(o, RateLimited) for o in outcomes if not isinstance(o, Admission))
+
+
+async def test_room_asked_for_in_a_call_whose_answer_was_lost_goes_back(redis: aioredis.Redis) -> None:
+    """Redis ran the check but its answer never came (a timeout, a dropped connection): whatever it granted is
+    removed at the next flush, not left counted for the rest of the minute."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    real = gate._admit  # noqa: SLF001
+
+    async def answer_lost(keys: list[str], args: list[object]) -> object:
+        await real(keys, args)
+        raise ConnectionError("the connection dropped before the answer came")
+
+    gate._admit = answer_lost  # type: ignore[assignment,method-assign] # noqa: SLF001
+    assert (await gate.admit(KEY, BUSY, "lost", 10)).headers == {}, "fail-open, as for any Redis error"
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 17
+    await gate.flush()
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 1, "only the request itself stays counted"
+    assert await tokens_used(redis, "tenant:acme") == 10
+
+
+async def test_what_a_failed_flush_could_not_send_goes_with_the_next(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.05))
+    await admit_many(gate, BUSY, 3, "r")
+    await asyncio.sleep(0.1)
+    real = gate._retime  # noqa: SLF001
+
+    class Down:
+        async def many(self, calls: object) -> None:
+            raise ConnectionError("Redis is away")
+
+    gate._retime = Down()  # type: ignore[assignment] # noqa: SLF001
+    await gate.flush()
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 17, "nothing given back yet"
+    gate._retime = real  # noqa: SLF001
+    await gate.flush()
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 3
+    assert await tokens_used(redis, "tenant:acme") == 30
+
+
+async def test_a_key_with_limits_of_its_own_takes_no_lease(redis: aioredis.Redis) -> None:
+    """Such a lease would hold its tenant's room away from the tenant's other keys."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    limited = Principal(tenant="acme", key_id="k2", role="inference", rpm=1000)
+    await gate.admit(limited, BUSY, "keyed", 10)
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 1
+    assert await redis.zcard(keys.quota_requests("key:k2")) == 1
+
+
+async def test_token_headers_count_what_each_request_reserved(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256)
+    first = await gate.admit(KEY, BUSY, "first", 1000)
+    small = await gate.admit(KEY, BUSY, "small", 10)
+    big = await gate.admit(KEY, BUSY, "big", 500)
+    remaining = [int(a.headers["x-ratelimit-remaining-tokens"]) for a in (first, small, big)]
+    assert remaining == [10_000_000 - 1000, 10_000_000 - 1010, 10_000_000 - 1510]
+
+
+async def test_a_refused_request_uses_a_lease_past_its_lifetime_not_yet_given_back(redis: aioredis.Redis) -> None:
+    """Its room is still counted in Redis until the next flush, so it is this process's to use."""
+    tenant = Tenant(name="acme", limits=Limits(rpm=20))
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.05))
+    other = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
+    await gate.admit(KEY, tenant, "holder", 10)  # leases floor(19 / 8) = 2 more
+    for i in range(17):
+        await other.admit(KEY, tenant, f"other-{i}", 10)
+    await asyncio.sleep(0.1)
+    assert isinstance(await gate.admit(KEY, tenant, "late", 10), Admission)
