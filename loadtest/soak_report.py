@@ -102,7 +102,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{cfg['minutes']:g} minutes at {cfg['rate']:g} completion requests/s (open loop, at most "
         f"{cfg['max_in_flight']} in flight: {report['skipped']} due requests skipped), {cfg['tenants']} tenants with "
-        f"{cfg['adapters_per_tenant']} rank-{cfg['rank']} adapters each, an alias running a 50/50 experiment, "
+        f"{cfg['adapters_per_tenant']} rank-{cfg['rank']} adapters each (soak-0 with request and token quotas it "
+        "never reaches), an alias running a 50/50 experiment, "
         f"max_tokens={cfg['max_tokens']}, {cfg['stream_share']:.0%} streamed, {cfg['completion_share']:.0%} text "
         f"completions, feedback on {cfg['feedback_share']:.0%} of the answers, a new adapter version uploaded "
         f"every {cfg['churn_every_s']:g} s and an older one deleted half a cycle later. OpenAI SDK, no retries.",
