@@ -17,7 +17,8 @@ request is checked in Redis one at a time, exactly as without leases.
 - A process asks for one lease per scope at a time. A request Redis refuses while that ask is in flight
   waits for its answer and uses the lease if one came (replies on different connections can come back
   in either order), or a lease past its lifetime whose room is still counted, so the last few requests
-  under a limit are not refused while room sits in a lease.
+  under a limit are not refused while room sits in a lease. A request refused just as its process gave a
+  lease's room back is checked once more.
 - Only a request counted in one scope (its tenant's) takes a lease: a key with limits of its own would
   hold its tenant's room away from the tenant's other keys.
 - An ask whose answer never came (timeout, dropped connection) has whatever it was granted removed at the
@@ -130,6 +131,7 @@ class LeaseBook:
         self._spent: list[Lease] = []
         self._lost: list[LostAsk] = []
         self._unsent = Returns()
+        self._gave_back: dict[Scopes, float] = {}
 
     def take(self, scopes: Scopes, cost: int, *, ran_out_ok: bool = False) -> Taken | None:
         """Admit a request from the scopes' lease, if it has room for it (`ran_out_ok`: also from a lease past its
@@ -177,6 +179,7 @@ class LeaseBook:
         old = self._leases.get(scopes)
         if old is not None:
             self._spent.append(old)
+            self._gave_back[scopes] = now
         members = [f"{request_id}:{i}" for i in range(granted, 0, -1)] if request_keys else []
         self._leases[scopes] = Lease(
             found, members, granted, cost, request_keys, token_keys, until=now + self.lifetime_s, granted_at=now
@@ -195,6 +198,8 @@ class LeaseBook:
         for scopes, lease in list(self._leases.items()):
             if now >= lease.until:
                 self._spent.append(self._leases.pop(scopes))
+                self._gave_back[scopes] = now
+        self._gave_back = {scopes: at for scopes, at in self._gave_back.items() if now - at < 5.0}
         spent, self._spent = self._spent, []
         lost, self._lost = self._lost, []
         retime, self._retime = dict(self._retime), defaultdict(list)
@@ -213,6 +218,10 @@ class LeaseBook:
         )
         unsent, self._unsent = self._unsent, Returns()
         return unsent.merge(fresh)
+
+    def gave_back_since(self, scopes: Scopes, since: float) -> bool:
+        """Whether a lease of `scopes` was given back (or its rest queued to go back) at `since` or later."""
+        return self._gave_back.get(scopes, -1.0) >= since
 
     def unsent(self, returns: Returns) -> None:
         """A flush that failed: send `returns` with the next one (re-timing to a later time is always safe)."""

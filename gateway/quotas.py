@@ -41,6 +41,8 @@ from gateway.tenants import Tenant
 log = logging.getLogger("loragate.quotas")
 
 WINDOW_S = 60
+GIVE_BACK_RACE_S = 0.5
+"""A request refused within this long of its process giving a lease's room back is checked once more."""
 
 # KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: member, cost, how many
 # more such requests to lease (see gateway/quota_leases.py), the share of the room a lease may take, then per
@@ -204,9 +206,31 @@ class QuotaGate:
         if not scopes:
             return Admission.unlimited()
         _check_cost(scopes, cost)
-        taken = self._leases.take(scopes, cost)
-        if taken is not None:
-            return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
+        for attempt in range(2):
+            taken = self._leases.take(scopes, cost)
+            if taken is not None:
+                return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
+            sent_at = time.monotonic()
+            checked = await self._check(scopes, tenant, request_id, cost)
+            if isinstance(checked, Admission):
+                return checked
+            found, token_keys = checked
+            if found[0]:
+                return Admission(_headers(found), reserved=cost, token_keys=token_keys)
+            taken = await self._leases.after_refusal(scopes, cost)
+            if taken is not None:
+                return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
+            # Refused while this process was giving a lease's room back: that room may be free now.
+            if attempt or not self._leases.gave_back_since(scopes, sent_at - GIVE_BACK_RACE_S):
+                break
+        kind = "requests" if found[1] == 1 else "tokens"
+        self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
+        raise self._refusal(found, _headers(found), cost)
+
+    async def _check(
+        self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int
+    ) -> tuple[list[int], tuple[str, ...]] | Admission:
+        """One Lua check in Redis: its reply and this minute's token counters, or the Redis-down admission."""
         minute = int(time.time() // WINDOW_S)
         request_keys = tuple(keys.quota_requests(scope) for scope, rpm, _ in scopes if rpm)
         token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
@@ -224,14 +248,7 @@ class QuotaGate:
             return self._redis_down(tenant, exc)
         finally:
             self._leases.answer(scopes, asked, found, request_id, cost, (request_keys, token_keys))
-        if not found[0]:
-            taken = await self._leases.after_refusal(scopes, cost)
-            if taken is not None:
-                return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
-            kind = "requests" if found[1] == 1 else "tokens"
-            self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
-            raise self._refusal(found, _headers(found), cost)
-        return Admission(_headers(found), reserved=cost, token_keys=token_keys)
+        return found, token_keys
 
     def _redis_down(self, tenant: Tenant, exc: Exception) -> Admission:
         self._metrics.quota_redis_failures.labels(self._metrics.tenant(tenant.name), tenant.on_redis_down).inc()

@@ -152,8 +152,9 @@ async def test_token_headers_count_what_each_request_reserved(redis: aioredis.Re
     assert remaining == [10_000_000 - 1000, 10_000_000 - 1010, 10_000_000 - 1510]
 
 
-async def test_a_refused_request_uses_a_lease_past_its_lifetime_not_yet_given_back(redis: aioredis.Redis) -> None:
-    """Its room is still counted in Redis until the next flush, so it is this process's to use."""
+async def full_but_for_a_run_out_lease(redis: aioredis.Redis) -> tuple[QuotaGate, Tenant]:
+    """20 requests a minute, all taken: 1 by a gate and 2 in its lease, which has run out (its room still
+    counted: no flush yet), and 17 by another process."""
     tenant = Tenant(name="acme", limits=Limits(rpm=20))
     gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.05))
     other = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
@@ -161,4 +162,26 @@ async def test_a_refused_request_uses_a_lease_past_its_lifetime_not_yet_given_ba
     for i in range(17):
         await other.admit(KEY, tenant, f"other-{i}", 10)
     await asyncio.sleep(0.1)
+    return gate, tenant
+
+
+async def test_a_refused_request_uses_a_lease_past_its_lifetime_not_yet_given_back(redis: aioredis.Redis) -> None:
+    """Its room is still counted in Redis until the next flush, so it is this process's to use."""
+    gate, tenant = await full_but_for_a_run_out_lease(redis)
     assert isinstance(await gate.admit(KEY, tenant, "late", 10), Admission)
+
+
+async def test_a_request_refused_as_its_process_gives_room_back_is_checked_again(redis: aioredis.Redis) -> None:
+    """Redis refused it while a run-out lease's room was still counted, and the flush gave that room back before
+    the answer was read: the request is checked once more rather than refused with room free."""
+    gate, tenant = await full_but_for_a_run_out_lease(redis)
+    real = gate._admit  # noqa: SLF001
+
+    async def flush_lands_meanwhile(keys: list[str], args: list[object]) -> object:
+        reply = await real(keys, args)
+        await gate.flush()
+        return reply
+
+    gate._admit = flush_lands_meanwhile  # type: ignore[assignment,method-assign] # noqa: SLF001
+    assert isinstance(await gate.admit(KEY, tenant, "late", 10), Admission)
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 19, "holder, 17 others and late"
