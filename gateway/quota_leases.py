@@ -43,12 +43,14 @@ Keys = tuple[tuple[str, ...], tuple[str, ...]]
 
 @dataclass
 class Lease:
-    """Room for `left` more requests of up to `cost` tokens each, taken from every scope of one key."""
+    """Room for `granted` more requests of `cost` tokens each (their tokens pooled), taken from every scope of
+    one key."""
 
     found: list[int]
     """The admission reply that granted it: limits, remaining and resets as Redis saw them."""
     members: list[str]
-    left: int
+    """The members not taken yet (in the requests logs; none where no scope limits requests)."""
+    granted: int
     cost: int
     request_keys: tuple[str, ...]
     token_keys: tuple[str, ...]
@@ -56,24 +58,29 @@ class Lease:
     granted_at: float
     taken: int = 0
     tokens_taken: int = 0
-    tokens: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.tokens = self.left * self.cost if self.token_keys else 0
+    @property
+    def left(self) -> int:
+        return self.granted - self.taken
+
+    @property
+    def tokens(self) -> int:
+        """Tokens not taken yet (0 where no scope limits tokens)."""
+        return self.granted * self.cost - self.tokens_taken if self.token_keys else 0
 
     def covers(self, cost: int, now: float | None) -> bool:
         """Room for one more request of `cost` tokens (`now` None: even if the lease has run out, as long as
         its room has not been given back yet)."""
         return (now is None or now < self.until) and self.left > 0 and (not self.token_keys or cost <= self.tokens)
 
-    def headers_found(self, tokens_taken: int, now: float) -> list[int]:
+    def headers_found(self, now: float) -> list[int]:
         """The reply's header fields as they stand now: remaining less what was taken, resets less the time gone."""
         found = list(self.found)
         elapsed_ms = int((now - self.granted_at) * 1000)
         if found[2] != -1:
             found[3], found[4] = max(found[3] - self.taken, 0), max(found[4] - elapsed_ms, 0)
         if found[5] != -1:
-            found[6], found[7] = max(found[6] - tokens_taken, 0), max(found[7] - elapsed_ms, 0)
+            found[6], found[7] = max(found[6] - self.tokens_taken, 0), max(found[7] - elapsed_ms, 0)
         return found
 
 
@@ -139,16 +146,14 @@ class LeaseBook:
         lease, now = self._leases.get(scopes), time.monotonic()
         if lease is None or not lease.covers(cost, None if ran_out_ok else now):
             return None
-        lease.left -= 1
         lease.taken += 1
         if lease.token_keys:
-            lease.tokens -= cost
             lease.tokens_taken += cost
         if lease.request_keys:
             member = lease.members.pop()
             for key in lease.request_keys:
                 self._retime[key].append(member)
-        return Taken(lease.headers_found(lease.tokens_taken, now), lease.token_keys)
+        return Taken(lease.headers_found(now), lease.token_keys)
 
     def ask(self, scopes: Scopes) -> int:
         """How many requests' room to ask for along with this admission: none while an ask is in flight, and none
