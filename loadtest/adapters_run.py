@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from loadtest.adapters_client import Client, load_histogram
 from loadtest.engine import BASE_MODEL, EngineStack, gateway_counters, messages, nonce, write_adapters
 from loadtest.metrics import summarise, tree_rss
 from loadtest.runner import console, progress_bar
+from loadtest.scenarios import zipf_sequence
 from loadtest.services import BenchError
 
 if TYPE_CHECKING:
@@ -49,11 +49,6 @@ def make_adapters(stack: EngineStack, cfg: Config) -> AdapterSet:
     names = {"cold": [f"cold-{i:02d}" for i in range(cfg.cold)], "mixed": [f"mix-{i:02d}" for i in range(cfg.adapters)]}
     written = write_adapters(stack, names["cold"] + names["mixed"], cfg.rank, TARGETS)
     return AdapterSet(names["cold"], names["mixed"], written.paths, written.file_bytes, written.seconds)
-
-
-def zipf_sequence(count: int, adapters: int, s: float, seed: int) -> list[int]:
-    weights = [1 / (k**s) for k in range(1, adapters + 1)]
-    return random.Random(seed).choices(range(adapters), weights=weights, k=count)
 
 
 # --------------------------------------------------------------------------------------------

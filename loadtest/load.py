@@ -9,8 +9,10 @@
   target that falls behind shows it (no coordinated omission). In-flight requests are capped; past the
   cap a request is counted as dropped.
 
-The hot loop is aiohttp (the OpenAI SDK costs the client more CPU per request than the gateways under
-test do on these machines). Every request is read to its end and must answer 200 to count.
+`run_closed` and `run_open` drive any request: the targets here (aiohttp: the OpenAI SDK costs the client
+more CPU per request than the gateways under test do on these machines, so the overhead and comparison
+benchmarks measure with it), and the OpenAI SDK's mixed scenarios of loadtest.scenarios (the soak).
+Every request is read to its end and must answer 200 to count.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,20 +129,60 @@ async def sequential(
     return results
 
 
+Due = Callable[[float], Coroutine[Any, Any, None]]
+"""One request of a load, given when it was due (perf_counter seconds); it records its own outcome."""
+
+
+async def run_closed(request: Due, concurrency: int, duration_s: float) -> None:
+    """`concurrency` clients, each sending its next request when the last one is answered, until the time is up."""
+    deadline = time.perf_counter() + duration_s
+
+    async def client() -> None:
+        while (due := time.perf_counter()) < deadline:
+            await request(due)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def run_open(request: Due, rate: float, duration_s: float, max_in_flight: int = 512) -> int:
+    """Requests on a fixed schedule (`rate` per second) whether or not earlier ones are answered; past
+    `max_in_flight` a due request is not sent. Returns how many were not sent."""
+    in_flight: set[asyncio.Task[None]] = set()
+    dropped = 0
+    start = time.perf_counter()
+    for i in range(round(rate * duration_s)):
+        due = start + i / rate
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= max_in_flight:
+            dropped += 1
+            continue
+        task = asyncio.create_task(request(due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.wait(in_flight)
+    return dropped
+
+
+def recording(session: aiohttp.ClientSession, target: Target, result: LoadResult) -> Due:
+    """A request to `target` whose latency (from when it was due) or failure goes into `result`."""
+
+    async def request(due: float) -> None:
+        try:
+            await call(session, target)
+            result.latencies_s.append(time.perf_counter() - due)
+        except FAILURES as exc:
+            result.failed(exc)
+
+    return request
+
+
 async def closed_loop(
     session: aiohttp.ClientSession, target: Target, concurrency: int, duration_s: float
 ) -> LoadResult:
     async def run(result: LoadResult) -> None:
-        deadline = time.perf_counter() + duration_s
-
-        async def client() -> None:
-            while time.perf_counter() < deadline:
-                try:
-                    result.latencies_s.append(await call(session, target))
-                except FAILURES as exc:
-                    result.failed(exc)
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await run_closed(recording(session, target, result), concurrency, duration_s)
 
     return await metered(target, run)
 
@@ -149,27 +191,6 @@ async def open_loop(
     session: aiohttp.ClientSession, target: Target, rate: float, duration_s: float, max_in_flight: int = 512
 ) -> LoadResult:
     async def run(result: LoadResult) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
-
-        async def one(due: float) -> None:
-            try:
-                await call(session, target)
-                result.latencies_s.append(time.perf_counter() - due)
-            except FAILURES as exc:
-                result.failed(exc)
-
-        start = time.perf_counter()
-        for i in range(round(rate * duration_s)):
-            due = start + i / rate
-            if (delay := due - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            if len(in_flight) >= max_in_flight:
-                result.dropped += 1
-                continue
-            task = asyncio.create_task(one(due))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        if in_flight:
-            await asyncio.wait(in_flight)
+        result.dropped = await run_open(recording(session, target, result), rate, duration_s, max_in_flight)
 
     return await metered(target, run)

@@ -37,6 +37,7 @@ def summarise(latencies_s: Sequence[float]) -> dict[str, float]:
         "min_ms": values[0] if values else math.nan,
         "p50_ms": percentile(values, 0.50),
         "p90_ms": percentile(values, 0.90),
+        "p95_ms": percentile(values, 0.95),
         "p99_ms": percentile(values, 0.99),
         "max_ms": values[-1] if values else math.nan,
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -30,12 +29,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest.metrics import cpu_seconds
 from loadtest.records_report import markdown, plot, print_summary
 from loadtest.records_run import METRICS_KEY, gateway_benches, recorder_bench, start_gateways
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, progress_bar, run_and_clean_up
-from loadtest.services import BenchError, Service, Stack, free_port, redis_sh
+from loadtest.services import BenchError, RedisServer, Service, Stack, free_port
 
 
 @dataclass
@@ -54,20 +52,19 @@ class RecordsStack(Stack):
 
     def __init__(self, workdir: Path, gateway_env: dict[str, str]) -> None:
         super().__init__(workdir, gateway_env)
-        self.redis_ports: dict[str, int] = {}
-        """"plain" (no persistence; keys, tenants, quotas) and "durable" (AOF, appendfsync always) -> port."""
+        self.redis_servers: dict[str, RedisServer] = {}
+        """"plain" (no persistence; keys, tenants, quotas) and "durable" (AOF, appendfsync always)."""
 
     def redis_url(self, mode: str) -> str:
-        return f"redis://127.0.0.1:{self.redis_ports[mode]}/0"
+        return self.redis_servers[mode].url
 
     def redis_pid(self, mode: str) -> int:
-        pidfile = self.workdir / f"redis-{mode}" / "redis.pid"
-        return int(pidfile.read_text().strip() or 0) if pidfile.exists() else 0
+        return self.redis_servers[mode].pid or 0
 
     def start_redis_server(self, mode: str) -> None:
-        port = self.redis_ports[mode] = free_port()
-        redis_sh("start", str(port), str(self.workdir / f"redis-{mode}"), *(["durable"] * (mode == "durable")))
-        self.redis_port = self.redis_ports["plain"] if mode == "plain" else self.redis_port  # for gateway_env()
+        server = self.redis_servers[mode] = RedisServer(free_port(), self.workdir / f"redis-{mode}")
+        server.start(mode)
+        self.redis_port = self.redis_servers["plain"].port if mode == "plain" else self.redis_port  # gateway_env()
 
     def spawn_gateway(self, name: str, env: dict[str, str]) -> tuple[Service, int]:
         self.gateway_port = port = free_port()
@@ -78,13 +75,8 @@ class RecordsStack(Stack):
 
     def stop(self) -> None:
         self.stop_services()
-        for mode, port in reversed(self.redis_ports.items()):
-            pid, deadline = self.redis_pid(mode), time.monotonic() + 5
-            redis_sh("stop", str(port))
-            while pid and cpu_seconds(pid) is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid and cpu_seconds(pid) is not None and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)  # still there: ended by its own pid
+        for server in reversed(self.redis_servers.values()):
+            server.stop()
 
 
 def filesystem(path: Path) -> str:

@@ -35,7 +35,7 @@ from loadtest import engine
 from loadtest.reports import machine
 from loadtest.retraining_report import STEPS, earlier, publish_report
 from loadtest.runner import add_common_arguments, command_line, console, run_and_clean_up
-from loadtest.services import REPO, BenchError, Service, free_port, redis_sh
+from loadtest.services import REPO, BenchError, RedisServer, Service, free_port
 
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
 TENANT = "acme"
@@ -149,31 +149,31 @@ class LoopStack(engine.EngineStack):
         )
         self.roles = (("state", "persist"),) + ((("records", "durable"),) if not cfg.one_redis else ())
         self.admin_key = "bench-admin-" + secrets.token_hex(12)
-        self.redis_ports: dict[str, int] = {}
+        self.redis_servers: dict[str, RedisServer] = {}
         self.demo: Service | None = None
 
     def start_redis(self) -> None:
         for role, mode in self.roles:
-            port = self.redis_ports[role] = free_port()
-            redis_sh("start", str(port), str(self.workdir / f"redis-{role}"), mode)
-        self.redis_port = self.redis_ports["state"]
+            server = self.redis_servers[role] = RedisServer(free_port(), self.workdir / f"redis-{role}")
+            server.start(mode)
+        self.redis_port = self.redis_servers["state"].port
 
     def stop_redis(self) -> None:
-        for port in reversed(self.redis_ports.values()):
-            redis_sh("stop", str(port))
-        self.redis_ports.clear()
+        for server in reversed(self.redis_servers.values()):
+            server.stop()
+        self.redis_servers.clear()
 
     def gateway_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")} | {
-            "LORAGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_ports['state']}/0",
+            "LORAGATE_REDIS_URL": self.redis_servers["state"].url,
             "LORAGATE_HOST": "127.0.0.1", "LORAGATE_PORT": str(self.gateway_port),
             "LORAGATE_ENGINE_PORT": str(self.engine_port), "LORAGATE_HOME": str(self.home),
             "LORAGATE_MODEL_CACHE": str(self.model_cache), "LORAGATE_ADMIN_KEY": self.admin_key,
             "LORAGATE_GUARD_RAILS_S": "2", "LORAGATE_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         }  # fmt: skip
-        if "records" in self.redis_ports:
-            env["LORAGATE_RECORDS_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_ports['records']}/0"
+        if "records" in self.redis_servers:
+            env["LORAGATE_RECORDS_REDIS_URL"] = self.redis_servers["records"].url
         return env | self.extra_gateway_env
 
     def stop(self) -> None:
@@ -239,7 +239,7 @@ def measure_loop(stack: LoopStack, cfg: Config) -> dict[str, Any]:
     promoted = demo.get("status") == "promoted"
     return {
         "startup_s": round(startup_s, 1),
-        "redis_servers": len(stack.redis_ports),
+        "redis_servers": len(stack.redis_servers),
         "demo_exit_code": code,
         "demo": demo,
         "steps_s": steps,

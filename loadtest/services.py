@@ -1,13 +1,14 @@
-"""The processes a benchmark runs against: redis-server, the mock upstream, loragate gateways, the bare
-pass-through proxy and LiteLLM's proxy, on free loopback ports, started in order and stopped in reverse.
+"""The processes a benchmark or a test runs against: redis-server, the mock upstream, loragate gateways, the
+bare pass-through proxy and LiteLLM's proxy, on free loopback ports, started in order and stopped in reverse.
 
-`Stack` is shared by every benchmark in loadtest/ (overhead, routing, records, adapters, compare).
+`Stack` is shared by every benchmark in loadtest/ (overhead, routing, records, adapters, compare);
+`RedisServer`, `free_port`, `free_port_pair` and `wait_ready` are also what the test fixtures
+(tests/conftest.py) start their Redis servers and gateways with.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A port p such that p and p+1 are both free (two supervised vLLM replicas count up)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise BenchError("no two consecutive free ports")
+
+
 def tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -61,6 +75,65 @@ def redis_sh(*args: str) -> None:
 
 
 @dataclass
+class RedisServer:
+    """A real redis-server on a loopback port, started by scripts/redis.sh as `make run` starts it."""
+
+    port: int
+    folder: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.folder / "redis.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def start(self, mode: str = "durable") -> None:
+        """Start (again) and wait until it answers. `durable`: AOF fsynced before every answer (records);
+        `persist`: AOF and snapshots; `plain`: nothing on disk."""
+        redis_sh("start", str(self.port), str(self.folder), *([mode] * (mode != "plain")))
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, no save."""
+        if (pid := self.pid) is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE; a server still there after 5 s is ended by its own pid."""
+        pid = self.pid
+        try:
+            redis_sh("stop", str(self.port))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        deadline = time.monotonic() + 5
+        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            if pid is not None and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str, timeout_s: float) -> None:
+    """Wait until `url` answers 200; a process that exits first, or a timeout, raises with its log's tail."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
+        last = http_status(url)
+        if last == 200:
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{name} not ready after {timeout_s:.0f} s ({url} -> {last}):\n{tail(log)}")
+
+
+@dataclass
 class Service:
     name: str
     proc: subprocess.Popen[bytes]
@@ -80,6 +153,7 @@ class Stack:
         self.workdir = workdir
         self.extra_gateway_env = gateway_env
         self.services: list[Service] = []
+        self.redis: RedisServer | None = None
         self.redis_port: int | None = None
         self.mock_port: int | None = None
         self.gateway_port: int | None = None
@@ -90,74 +164,14 @@ class Stack:
     # -- redis ------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        port = free_port()
-        self.redis_port = port  # before starting, so a half-started server is still shut down
-        subprocess.run(
-            [
-                redis_server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-                "--dir",
-                str(self.workdir),
-                "--pidfile",
-                str(self.workdir / "redis.pid"),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            timeout=15,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"redis-server did not answer on port {port}:\n{tail(self.workdir / 'redis.log')}")
+        self.redis = RedisServer(free_port(), self.workdir / "redis")
+        self.redis_port = self.redis.port  # before starting, so a half-started server is still shut down
+        self.redis.start("plain")
 
     def stop_redis(self) -> None:
-        if self.redis_port is None:
-            return
-        port, self.redis_port = self.redis_port, None
-        try:
-            subprocess.run(
-                [shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), "shutdown", "nosave"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=5,
-            )
-        except (OSError, subprocess.SubprocessError):
-            pass
-        # If it is still there (shutdown refused or redis-cli missing), end it by its own pid.
-        pidfile = self.workdir / "redis.pid"
-        deadline = time.monotonic() + 3
-        while pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return
-        try:
-            if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        if self.redis is not None:
+            self.redis.stop()
+        self.redis, self.redis_port = None, None
 
     # -- subprocesses -----------------------------------------------------------------------
 
@@ -178,16 +192,7 @@ class Stack:
         return service
 
     def _wait_http(self, service: Service, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        last = None
-        while time.monotonic() < deadline:
-            if service.proc.poll() is not None:
-                raise BenchError(f"{service.name} exited with {service.proc.returncode}:\n{tail(service.log)}")
-            last = http_status(url)
-            if last == 200:
-                return
-            time.sleep(0.1)
-        raise BenchError(f"{service.name} not ready after {timeout_s:.0f} s ({url} -> {last}):\n{tail(service.log)}")
+        wait_ready(service.name, service.proc, service.log, url, timeout_s)
 
     def start_mock(self) -> None:
         self.mock_port = free_port()

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 from loadtest.engine import BASE_MODEL, DEFAULT_MODEL_CACHE, EngineOptions, EngineStack, vllm_servers
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, run_and_clean_up
+from loadtest.scenarios import Scenario, summary
 from loadtest.services import BenchError, free_port, tail
 from loadtest.soak_report import markdown, memory_verdict, plot, print_summary, summarise_requests
 from loadtest.soak_run import TARGETS, Soak
@@ -65,6 +67,15 @@ class SoakConfig:
     users: int = 200
     seed: int = 0
     start_timeout_s: float = 600.0
+    zipf_s: float = 0.0
+    """Popularity of each tenant's models (base, adapters, alias, churn) in its traffic; 0: uniform."""
+
+    def scenario(self) -> Scenario:
+        return Scenario(
+            stream_share=self.stream_share, completion_share=self.completion_share,
+            feedback_share=self.feedback_share, zipf_s=self.zipf_s, max_tokens=self.max_tokens, users=self.users,
+            seed=self.seed, timeout_s=self.timeout_s,
+        )  # fmt: skip
 
 
 QUICK = {"minutes": 1.5, "churn_every_s": 15.0}
@@ -120,15 +131,18 @@ async def soak(stack: EngineStack, cfg: SoakConfig, tenants: list[Tenant], base:
         checks = await run.losses()
     finally:
         await run.close()
+    timeline = run.timeline()
+    errors = run.errors + Counter(f"{s.kind}: {s.error}" for s in run.load.samples if s.error)
     return {
-        "requests": summarise_requests(run.samples, run.cfg.minutes * 60),
+        "requests": summarise_requests(timeline, run.cfg.minutes * 60),
+        "streams": summary(run.load.samples, run.cfg.minutes * 60),
         "skipped": run.skipped,
-        "errors": dict(run.errors.most_common()),
-        "error_samples": run.error_samples,
+        "errors": dict(errors.most_common()),
+        "error_samples": run.error_samples + run.load.error_samples,
         "checks": checks,
         "memory": memory_verdict(run.rss, cfg.flat_mib_per_h),
         "rss_samples": run.rss,
-        "timeline": [list(s) for s in run.samples],
+        "timeline": [list(s) for s in timeline],
         "models": {t.name: t.models for t in tenants},
     }
 
@@ -147,6 +161,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--churn-every", type=float, default=d.churn_every_s, help="Seconds per upload/delete cycle.")
     parser.add_argument("--flat-mib-per-h", type=float, default=d.flat_mib_per_h, help="Flatness threshold.")
     parser.add_argument("--seed", type=int, default=d.seed, help="Seed of the traffic.")
+    parser.add_argument(
+        "--zipf-s", type=float, default=d.zipf_s, help="Popularity of each tenant's models (0: uniform)."
+    )
     parser.add_argument(
         "--model-cache", type=Path, default=DEFAULT_MODEL_CACHE, help="The prepared base model's folder."
     )
@@ -174,6 +191,7 @@ def config(args: argparse.Namespace) -> SoakConfig:
         churn_every_s=args.churn_every,
         flat_mib_per_h=args.flat_mib_per_h,
         seed=args.seed,
+        zipf_s=args.zipf_s,
     )
 
 

@@ -115,6 +115,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {kind} | {k['requests']} | {k['answered']} | {k['failed']} | {k['p50_ms']:.0f} | {k['p99_ms']:.0f} |"
         )
+    lines += _stream_rows(report.get("streams") or {})
     errors = report["errors"]
     lines += ["", "Errors by type: " + (", ".join(f"{n} x {e}" for e, n in errors.items()) if errors else "none.")]
     lines += [
@@ -136,6 +137,19 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stream_rows(streams: dict[str, Any]) -> list[str]:
+    """Time to first token and inter-token latency of the streamed kinds (loadtest.scenarios.summary)."""
+    rows = [(kind, row) for kind, row in streams.items() if "ttft" in row]
+    if not rows:
+        return []
+    lines = ["", "| Stream | TTFT p50 / p95 / p99 ms | inter-token p50 / p95 / p99 ms |", "|---|---:|---:|"]
+    for kind, row in rows:
+        ttft, gap = row["ttft"], row["inter_token"]
+        cells = [f"{d['p50_ms']:.0f} / {d['p95_ms']:.0f} / {d['p99_ms']:.0f}" for d in (ttft, gap)]
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def _statuses(checks: dict[str, Any]) -> str:

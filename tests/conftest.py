@@ -1,13 +1,11 @@
-"""Session-wide real parts: one redis-server, one gateway supervising one real vLLM, per test run."""
+"""Session-wide real parts: one redis-server, one gateway supervising one real vLLM, per test run. Redis servers
+and gateway processes are started with loadtest.services, as the benchmarks start theirs."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import httpx
 import pytest
 
 from gateway.settings import DEFAULT_HOME
+from loadtest.services import BenchError, RedisServer, free_port, free_port_pair, wait_ready
 
 if TYPE_CHECKING:
     from adapters.validate import BaseModelSpec
@@ -31,48 +30,6 @@ CAPACITY = 3
 TENANT = "tests"
 """The tenant of the session's keys and adapters."""
 HOT_ADAPTER = "hot"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free (two supervised vLLM replicas count up)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
-@dataclass
-class RedisServer:
-    port: int
-    folder: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, mode: str = "durable") -> None:
-        """Start (again) a real redis-server; `durable`: AOF fsynced before every answer (records)."""
-        assert self.folder is not None
-        subprocess.run([str(ROOT / "scripts/redis.sh"), "start", str(self.port), str(self.folder), mode], check=True)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash: no shutdown, no save."""
-        assert self.folder is not None
-        os.kill(int((self.folder / "redis.pid").read_text()), signal.SIGKILL)
-
-    def stop(self) -> None:
-        subprocess.run([str(ROOT / "scripts/redis.sh"), "stop", str(self.port)], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -126,18 +83,12 @@ def start_gateway(home: Path, env: dict[str, str], engine_ports: list[int], read
             [sys.executable, "-m", "gateway", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
         )
     gateway = Gateway(f"http://127.0.0.1:{env['LORAGATE_PORT']}", env, process, log, engine_ports)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
-        try:
-            if httpx.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
-                return gateway
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_gateway(gateway)
-    raise RuntimeError(f"gateway not up after {ready_timeout} s:\n{gateway.log_tail()}")
+    try:
+        wait_ready("gateway", process, log, f"{gateway.url}/healthz", ready_timeout)
+    except BenchError:
+        stop_gateway(gateway)
+        raise
+    return gateway
 
 
 def start_one_engine_gateway(home: Path, redis_url: str, **settings: str) -> Gateway:
