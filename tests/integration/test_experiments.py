@@ -155,14 +155,16 @@ def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidat
 
 def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
     """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken), 16 users at a time,
-    until the small arms have enough: 12 answers from better, 3 failures of broken. Returns the
-    completion ids per arm."""
+    until the small arms have enough: 12 answers from better, 3 failures of broken (after which `bot2` is
+    left alone: the guard rail has what it needs). Returns the completion ids per arm."""
     served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
 
     def both(user: str) -> None:
         arm, _, completion_id = ask(client, user, "bot")
         assert arm is not None
         served[arm].append(completion_id)
+        if len(served["broken"]) >= 3:
+            return
         try:
             ask(client, user, "bot2")
         except openai.InternalServerError as exc:
