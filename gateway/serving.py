@@ -55,6 +55,10 @@ def client_error_body(status: int, raw: bytes) -> bytes:
     return json.dumps(body).encode()
 
 
+_DECODER = json.JSONDecoder()
+"""Stateless: one for every answer (building one costs more than decoding a usage object)."""
+
+
 def usage_of(raw: bytes) -> dict[str, Any] | None:
     """The usage object of a whole (non-stream) answer, decoded from where it starts: an answer of many
     choices can be megabytes, which are not parsed in the event loop just for this."""
@@ -62,7 +66,7 @@ def usage_of(raw: bytes) -> dict[str, Any] | None:
     if at < 0:
         return None
     try:
-        usage, _ = json.JSONDecoder().raw_decode(raw[at + 8 :].decode().lstrip())
+        usage, _ = _DECODER.raw_decode(raw[at + 8 :].decode().lstrip())
     except (ValueError, UnicodeDecodeError):
         return None
     return usage if isinstance(usage, dict) else None
