@@ -146,9 +146,18 @@ async def run_closed(request: Due, concurrency: int, duration_s: float) -> None:
 
 async def run_open(request: Due, rate: float, duration_s: float, max_in_flight: int = 512) -> int:
     """Requests on a fixed schedule (`rate` per second) whether or not earlier ones are answered; past
-    `max_in_flight` a due request is not sent. Returns how many were not sent."""
+    `max_in_flight` a due request is not sent. Returns how many were not sent. Each request is given when
+    it was due (`recording` measures latency from then); one that raises, rather than record its failure,
+    is a bug: the first such exception is raised at the end."""
     in_flight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
     dropped = 0
+
+    def done(task: asyncio.Task[None]) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            failures.append(exc)  # a request that did not record its own failure: a bug, raised below
+
     start = time.perf_counter()
     for i in range(round(rate * duration_s)):
         due = start + i / rate
@@ -159,9 +168,11 @@ async def run_open(request: Due, rate: float, duration_s: float, max_in_flight: 
             continue
         task = asyncio.create_task(request(due))
         in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
+        task.add_done_callback(done)
     if in_flight:
         await asyncio.wait(in_flight)
+    if failures:
+        raise failures[0]
     return dropped
 
 

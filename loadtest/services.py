@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MOCK_SCRIPT = HERE / "mock_upstream.py"
@@ -95,7 +97,13 @@ class RedisServer:
     def start(self, mode: str = "durable") -> None:
         """Start (again) and wait until it answers. `durable`: AOF fsynced before every answer (records);
         `persist`: AOF and snapshots; `plain`: nothing on disk."""
-        redis_sh("start", str(self.port), str(self.folder), *([mode] * (mode != "plain")))
+        try:
+            redis_sh("start", str(self.port), str(self.folder), *([mode] * (mode != "plain")))
+        except subprocess.CalledProcessError as exc:
+            why = (exc.stderr or b"").decode(errors="replace").strip()
+            raise BenchError(
+                f"redis-server did not start on port {self.port} ({why}):\n{tail(self.folder / 'redis.log')}"
+            ) from exc
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no shutdown, no save."""
@@ -110,13 +118,21 @@ class RedisServer:
         except (OSError, subprocess.SubprocessError):
             pass
         deadline = time.monotonic() + 5
-        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while pid is not None and _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         try:
-            if pid is not None and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if pid is not None and _alive(pid) and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (a daemonised server's exit waits for PID 1 to reap it)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def wait_ready(name: str, proc: subprocess.Popen[bytes], log: Path, url: str, timeout_s: float) -> None:

@@ -159,7 +159,7 @@ class Soak:
 
     async def run(self) -> None:
         duration_s = self.cfg.minutes * 60
-        self.t0 = time.perf_counter()
+        self.t0 = self.load.t0 = time.perf_counter()  # one clock for the traffic's samples and the churn's
         with console.status(f"soaking for {self.cfg.minutes:g} minutes"):
             await asyncio.gather(self.sampler(duration_s), self.traffic(duration_s), self.churn(duration_s))
 

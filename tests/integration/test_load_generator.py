@@ -12,6 +12,7 @@ import httpx
 from loadtest.load import run_closed
 from loadtest.scenarios import KINDS, Scenario, ScenarioClient, summary
 from tests.conftest import MODEL, Gateway, create_key, loragate
+from tests.integration.conftest import eventually
 
 TENANT = "load-generator"
 
@@ -49,5 +50,9 @@ def test_a_mixed_scenario_runs_through_the_sdk_and_everything_it_was_told_is_kep
     assert load.acked, "some answers were rated"
     for tenant, completion_id, user, status in load.acked:
         assert tenant == TENANT and status in (200, 202)
-        found = httpx.get(f"{gateway.url}/v1/feedback", params={"completion_id": completion_id}, headers=headers)
-        assert found.status_code == 200 and any(r["user"] == user for r in found.json()["data"]), found.text
+
+        def stored(completion_id: str = completion_id, user: str = user) -> bool:  # 202: spooled, replayed soon
+            found = httpx.get(f"{gateway.url}/v1/feedback", params={"completion_id": completion_id}, headers=headers)
+            return found.status_code == 200 and any(r["user"] == user for r in found.json()["data"])
+
+        assert eventually(stored, timeout=10), (completion_id, user)
