@@ -208,16 +208,15 @@ class QuotaGate:
         _check_cost(scopes, cost)
         for attempt in range(2):
             taken = self._leases.take(scopes, cost)
-            if taken is not None:
-                return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
-            sent_at = time.monotonic()
-            checked = await self._check(scopes, tenant, request_id, cost)
-            if isinstance(checked, Admission):
-                return checked
-            found, token_keys = checked
-            if found[0]:
-                return Admission(_headers(found), reserved=cost, token_keys=token_keys)
-            taken = await self._leases.after_refusal(scopes, cost)
+            if taken is None:
+                sent_at = time.monotonic()
+                checked = await self._check(scopes, tenant, request_id, cost)
+                if isinstance(checked, Admission):
+                    return checked
+                found, token_keys = checked
+                if found[0]:
+                    return Admission(_headers(found), reserved=cost, token_keys=token_keys)
+                taken = await self._leases.after_refusal(scopes, cost)
             if taken is not None:
                 return Admission(_headers(taken.found), reserved=cost, token_keys=taken.token_keys)
             # Refused while this process was giving a lease's room back: that room may be free now.

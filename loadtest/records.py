@@ -64,7 +64,8 @@ class RecordsStack(Stack):
     def start_redis_server(self, mode: str) -> None:
         server = self.redis_servers[mode] = RedisServer(free_port(), self.workdir / f"redis-{mode}")
         server.start(mode)
-        self.redis_port = self.redis_servers["plain"].port if mode == "plain" else self.redis_port  # gateway_env()
+        if mode == "plain":
+            self.redis = server  # the gateways' state (gateway_env)
 
     def spawn_gateway(self, name: str, env: dict[str, str]) -> tuple[Service, int]:
         self.gateway_port = port = free_port()

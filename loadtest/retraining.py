@@ -156,12 +156,13 @@ class LoopStack(engine.EngineStack):
         for role, mode in self.roles:
             server = self.redis_servers[role] = RedisServer(free_port(), self.workdir / f"redis-{role}")
             server.start(mode)
-        self.redis_port = self.redis_servers["state"].port
+        self.redis = self.redis_servers["state"]
 
     def stop_redis(self) -> None:
         for server in reversed(self.redis_servers.values()):
             server.stop()
         self.redis_servers.clear()
+        self.redis = None
 
     def gateway_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")} | {

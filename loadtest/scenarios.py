@@ -109,6 +109,7 @@ class ScenarioClient:
         self.t0 = time.perf_counter()
         self.samples: list[Sample] = []
         self.errors: Counter[str] = Counter()
+        """Failed requests by "kind: error type"."""
         self.error_samples: list[dict[str, Any]] = []
         self.answered: dict[str, str] = {}
         """Completion id -> tenant, for every answered completion request."""
@@ -194,8 +195,9 @@ class ScenarioClient:
 
     def failed(self, sample: Sample, exc: BaseException) -> None:
         sample.error = error_type(exc)
-        self.errors[sample.error] += 1
-        if self.errors[sample.error] <= 5:  # the first five of each type
+        kind = f"{sample.kind}: {sample.error}"
+        self.errors[kind] += 1
+        if self.errors[kind] <= 5:  # the first five of each kind of request and type of error
             what = f"{sample.tenant} {sample.model}".strip()
             self.error_samples.append({"t_s": round(sample.started_s, 2), "kind": sample.kind, "what": what} | {
                 "error": f"{type(exc).__name__}: {exc}"[:300]

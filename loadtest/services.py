@@ -170,7 +170,7 @@ class Stack:
         self.extra_gateway_env = gateway_env
         self.services: list[Service] = []
         self.redis: RedisServer | None = None
-        self.redis_port: int | None = None
+        """The Redis the gateways keep their state in (`redis_port`, `gateway_env`)."""
         self.mock_port: int | None = None
         self.gateway_port: int | None = None
         self.api_key: str | None = None
@@ -180,14 +180,17 @@ class Stack:
     # -- redis ------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        self.redis = RedisServer(free_port(), self.workdir / "redis")
-        self.redis_port = self.redis.port  # before starting, so a half-started server is still shut down
+        self.redis = RedisServer(free_port(), self.workdir / "redis")  # before starting: a half-started one is stopped
         self.redis.start("plain")
 
     def stop_redis(self) -> None:
         if self.redis is not None:
             self.redis.stop()
-        self.redis, self.redis_port = None, None
+        self.redis = None
+
+    @property
+    def redis_port(self) -> int | None:
+        return self.redis.port if self.redis is not None else None
 
     # -- subprocesses -----------------------------------------------------------------------
 

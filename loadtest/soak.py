@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,7 +131,7 @@ async def soak(stack: EngineStack, cfg: SoakConfig, tenants: list[Tenant], base:
     finally:
         await run.close()
     timeline = run.timeline()
-    errors = run.errors + Counter(f"{s.kind}: {s.error}" for s in run.load.samples if s.error)
+    errors = run.errors + run.load.errors
     return {
         "requests": summarise_requests(timeline, run.cfg.minutes * 60),
         "streams": summary(run.load.samples, run.cfg.minutes * 60),

@@ -110,8 +110,7 @@ class Soak:
 
     def timeline(self) -> list[tuple[float, str, float, bool]]:
         """Every request (completions, ratings, uploads, deletes): (start, kind, latency, answered)."""
-        offset = self.load.t0 - self.t0
-        traffic = [(s.started_s + offset, s.kind, s.latency_s, s.error is None) for s in self.load.samples]
+        traffic = [(s.started_s, s.kind, s.latency_s, s.error is None) for s in self.load.samples]  # same clock
         return sorted(traffic + self.samples)
 
     async def churn(self, duration_s: float) -> None:
@@ -168,15 +167,14 @@ class Soak:
         """Answered completions without a record, and acknowledged ratings not stored, once written."""
         redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{self.stack.redis_port}/0", decode_responses=True)
         try:
-            deadline = time.monotonic() + wait_s
+            deadline, answered, acked = time.monotonic() + wait_s, self.load.answered, self.load.acked
             while True:
                 async with redis.pipeline(transaction=False) as pipe:
-                    for completion_id in self.load.answered:
+                    for completion_id in answered:
                         pipe.exists(keys.completion(completion_id))
-                    for tenant, completion_id, user, _ in self.load.acked:
+                    for tenant, completion_id, user, _ in acked:
                         pipe.hexists(keys.feedback(tenant, completion_id), user)
                     found = await pipe.execute()
-                answered, acked = self.load.answered, self.load.acked
                 records, stored = sum(found[: len(answered)]), sum(found[len(answered) :])
                 if (records, stored) == (len(answered), len(acked)) or time.monotonic() > deadline:
                     break
@@ -184,13 +182,13 @@ class Soak:
             in_log = sum([await redis.xlen(keys.completion_log(t.name)) for t in self.tenants])
         finally:
             await redis.aclose()
-        statuses = Counter(str(status) for *_, status in self.load.acked)
+        statuses = Counter(str(status) for *_, status in acked)
         return {
             "completion_requests": sum(1 for s in self.load.samples if s.kind in KINDS),
-            "answered": len(self.load.answered),
+            "answered": len(answered),
             "answered_with_record": records,
             "log_records": in_log,
-            "feedback_acknowledged": len(self.load.acked),
+            "feedback_acknowledged": len(acked),
             "feedback_acknowledged_by_status": dict(statuses),
             "feedback_stored": stored,
         }
