@@ -255,6 +255,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
     )
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+    app.include_router(openai.completion_router)
     app.include_router(openai.router)
     app.include_router(admin_tenants.router)
     app.include_router(admin_adapters.router)

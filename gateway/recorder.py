@@ -44,35 +44,48 @@ log = logging.getLogger("loragate.recorder")
 # counters, experiment arm's users ('' for what does not apply). ARGV: record JSON, max length, ttl (s),
 # tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens,
 # completion tokens, latency bucket. An arm's counters move only when its record is written (a replay
-# counts once). Returns the records written.
+# counts once). What many records of a call share is summed in the script and written once at its end:
+# each end user's set gets one SADD and one EXPIRE, each arm one HINCRBY per counter and one PFADD.
+# Returns the records written.
 _RECORD = """
-local written = 0
+local written, sets, arms = 0, {}, {}
+local function bump(counts, field, by)
+  if by ~= 0 then counts[field] = (counts[field] or 0) + by end
+end
 for i = 0, #KEYS / 6 - 1 do
   local stream, index, user, gone = KEYS[6 * i + 1], KEYS[6 * i + 2], KEYS[6 * i + 3], KEYS[6 * i + 4]
-  local arm, users = KEYS[6 * i + 5], KEYS[6 * i + 6]
+  local arm = KEYS[6 * i + 5]
   local a = 12 * i
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if not erased and redis.call('EXISTS', index) == 0 then
     local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
     redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
     if user ~= '' then
-      redis.call('SADD', user, ARGV[a + 5])
-      redis.call('EXPIRE', user, ARGV[a + 3])
+      local set = sets[user]
+      if set == nil then set = {ttl = ARGV[a + 3], ids = {}}; sets[user] = set end
+      set.ids[#set.ids + 1] = ARGV[a + 5]
     end
     if arm ~= '' then
-      redis.call('HINCRBY', arm, 'requests', 1)
-      if ARGV[a + 8] == '' then
-        redis.call('HINCRBY', arm, 'anonymous', 1)
-      else
-        redis.call('PFADD', users, ARGV[a + 8])
-      end
-      redis.call('HINCRBY', arm, 'errors', ARGV[a + 9])
-      redis.call('HINCRBY', arm, 'prompt_tokens', ARGV[a + 10])
-      redis.call('HINCRBY', arm, 'completion_tokens', ARGV[a + 11])
-      if ARGV[a + 12] ~= '' then redis.call('HINCRBY', arm, 'latency:' .. ARGV[a + 12], 1) end
+      local found = arms[arm]
+      if found == nil then found = {users = KEYS[6 * i + 6], counts = {}, who = {}}; arms[arm] = found end
+      local counts = found.counts
+      bump(counts, 'requests', 1)
+      if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
+      bump(counts, 'errors', tonumber(ARGV[a + 9]))
+      bump(counts, 'prompt_tokens', tonumber(ARGV[a + 10]))
+      bump(counts, 'completion_tokens', tonumber(ARGV[a + 11]))
+      if ARGV[a + 12] ~= '' then bump(counts, 'latency:' .. ARGV[a + 12], 1) end
     end
     written = written + 1
   end
+end
+for key, set in pairs(sets) do
+  redis.call('SADD', key, unpack(set.ids))
+  redis.call('EXPIRE', key, set.ttl)
+end
+for key, found in pairs(arms) do
+  for field, by in pairs(found.counts) do redis.call('HINCRBY', key, field, by) end
+  if #found.who > 0 then redis.call('PFADD', found.users, unpack(found.who)) end
 end
 return written
 """

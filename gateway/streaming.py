@@ -35,25 +35,32 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready; the work for it was cancelled."""
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
-    """Await `work`, cancelling it (which closes its upstream connection, so vLLM aborts the generation)
-    if the client disconnects first. Only for requests whose body has been read in full."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    """Await `work` in this task, cancelling it (which closes its upstream connection, so vLLM aborts the
+    generation) if the client disconnects first. Only for requests whose body has been read in full.
+
+    One watcher task waits for the disconnect and cancels this one; the cancellation can only land in
+    `work`, at one of its awaits, as the watcher runs only while this task waits there."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone and current.uncancel() == 0:
+            raise ClientGone() from None
+        raise
     finally:
-        for pending in (watcher, task):
-            pending.cancel()
-        await asyncio.gather(watcher, task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
+        watcher.cancel()
 
 
 def client_error(event: bytes) -> APIError:

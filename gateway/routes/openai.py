@@ -29,10 +29,13 @@ from gateway.protocol import (
 )
 from gateway.quotas import Admission
 from gateway.routes import services
+from gateway.routes.direct import TenantRoute
 from gateway.serving import Call
 from gateway.tenants import TenantNotFound
 
 router = APIRouter()
+completion_router = APIRouter(route_class=TenantRoute)
+"""The completion routes: the hot path, served by `TenantRoute`."""
 
 
 def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> int | None:
@@ -132,12 +135,14 @@ def _described(answered: type[BaseModel], chunk: type[BaseModel], body: type[Sam
     }
 
 
-@router.post("/v1/chat/completions", **_described(ChatCompletion, ChatCompletionChunk, ChatCompletionRequest))
+@completion_router.post(
+    "/v1/chat/completions", **_described(ChatCompletion, ChatCompletionChunk, ChatCompletionRequest)
+)
 async def chat_completions(request: Request, caller: TenantCaller) -> Response:
     return await _complete(request, caller, "chat", "/v1/chat/completions", ChatCompletionRequest)
 
 
-@router.post("/v1/completions", **_described(Completion, Completion, CompletionRequest))
+@completion_router.post("/v1/completions", **_described(Completion, Completion, CompletionRequest))
 async def completions(request: Request, caller: TenantCaller) -> Response:
     return await _complete(request, caller, "completions", "/v1/completions", CompletionRequest)
 
