@@ -207,7 +207,7 @@ class QuotaGate:
             return Admission.unlimited()
         _check_cost(scopes, cost)
         for attempt in range(2):
-            taken = self._leases.take(scopes, cost)
+            taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
             if taken is None:
                 sent_at = time.monotonic()
                 checked = await self._check(scopes, tenant, request_id, cost)

@@ -29,6 +29,11 @@ async def tokens_used(redis: aioredis.Redis, scope: str) -> int:
     return int(await redis.get(keys.quota_tokens(scope, int(time.time() // WINDOW_S))) or 0)
 
 
+async def script_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+
 async def test_a_busy_tenant_is_admitted_from_leases_and_the_rest_goes_back(redis: aioredis.Redis) -> None:
     gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.2, max_requests=16))
     requests_log = keys.quota_requests("tenant:acme")
@@ -95,6 +100,20 @@ async def test_a_refused_request_waits_for_the_lease_in_flight(redis: aioredis.R
     outcomes = await asyncio.gather(*(gate.admit(KEY, tenant, f"r-{i}", 10) for i in range(60)), return_exceptions=True)
     assert sum(isinstance(o, Admission) for o in outcomes) == 40
     assert all(isinstance(o, RateLimited) for o in outcomes if not isinstance(o, Admission))
+
+
+async def test_requests_that_come_while_a_lease_is_asked_for_wait_for_it(redis: aioredis.Redis) -> None:
+    """16 requests at once, none leased yet: the first asks Redis for a lease, the other 15 wait for its answer
+    and are admitted from it, so the burst costs one round trip, not 16."""
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=60, max_requests=16))
+    await gate.admit(KEY, Tenant(name="other", limits=BUSY.limits), "script-loaded", 10)
+    before = await script_calls(redis)
+    admitted = await asyncio.gather(*(gate.admit(KEY, BUSY, f"burst-{i}", 10) for i in range(16)))
+    calls = await script_calls(redis) - before
+    assert len(admitted) == 16 and calls == 1, f"{calls} quota checks in Redis for the burst"
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 17, "one admitted, 16 leased (15 taken)"
+    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted)
+    assert remaining == list(range(9_984, 10_000)), "each request's headers count one more taken"
 
 
 async def test_room_asked_for_in_a_call_whose_answer_was_lost_goes_back(redis: aioredis.Redis) -> None:
