@@ -132,6 +132,12 @@ def test_a_manage_key_manages_only_its_own_tenant(gateway: Gateway, world: dict[
     assert inference.status_code == 403
     admin_on_v1 = httpx.get(f"{gateway.base_url}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert admin_on_v1.status_code == 403, "the admin key belongs to no tenant"
+    admin_chat = httpx.post(  # the completion routes resolve their caller themselves (routes/direct.py): the same rule
+        f"{gateway.base_url}/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert admin_chat.status_code == 403 and admin_chat.json()["error"]["code"] == "permission_denied"
 
 
 def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:

@@ -81,6 +81,19 @@ async def test_work_is_cancelled_when_the_client_leaves() -> None:
     assert cancelled.is_set()
 
 
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    """The request's task cancelled by someone else (the server shutting down) while the client is still there:
+    not a client that left, and the disconnect watcher does not outlive the request."""
+    before = asyncio.all_tasks()
+    request = asyncio.ensure_future(unless_disconnected(asyncio.sleep(30), Connection().receive))
+    await asyncio.sleep(0.05)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set(), "the watcher is gone with the request"
+
+
 async def test_errors_of_the_work_reach_the_caller() -> None:
     async def fail() -> None:
         raise ValueError("boom")
