@@ -45,47 +45,64 @@ log = logging.getLogger("loragate.recorder")
 # tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens,
 # completion tokens, latency bucket. An arm's counters move only when its record is written (a replay
 # counts once). What many records of a call share is summed in the script and written once at its end:
-# each end user's set gets one SADD and one EXPIRE, each arm one HINCRBY per counter and one PFADD.
+# each end user's set gets one SADD and one EXPIRE (the longest ttl), each arm one HINCRBY per counter and
+# one PFADD. A record that fails stops the loop, but what the records before it share is still written
+# before the error is returned: the recorder then retries record by record, and the index skips those.
 # Returns the records written.
 _RECORD = """
 local written, sets, arms = 0, {}, {}
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
-for i = 0, #KEYS / 6 - 1 do
+local function one(i)
   local stream, index, user, gone = KEYS[6 * i + 1], KEYS[6 * i + 2], KEYS[6 * i + 3], KEYS[6 * i + 4]
   local arm = KEYS[6 * i + 5]
   local a = 12 * i
+  local errors, prompt, completion = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
+  if errors == nil or prompt == nil or completion == nil then error('record ' .. ARGV[a + 5] .. ': bad counts') end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
-  if not erased and redis.call('EXISTS', index) == 0 then
-    local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
-    redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
-    if user ~= '' then
-      local set = sets[user]
-      if set == nil then set = {ttl = ARGV[a + 3], ids = {}}; sets[user] = set end
-      set.ids[#set.ids + 1] = ARGV[a + 5]
-    end
-    if arm ~= '' then
-      local found = arms[arm]
-      if found == nil then found = {users = KEYS[6 * i + 6], counts = {}, who = {}}; arms[arm] = found end
-      local counts = found.counts
-      bump(counts, 'requests', 1)
-      if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
-      bump(counts, 'errors', tonumber(ARGV[a + 9]))
-      bump(counts, 'prompt_tokens', tonumber(ARGV[a + 10]))
-      bump(counts, 'completion_tokens', tonumber(ARGV[a + 11]))
-      if ARGV[a + 12] ~= '' then bump(counts, 'latency:' .. ARGV[a + 12], 1) end
-    end
-    written = written + 1
+  if erased or redis.call('EXISTS', index) == 1 then return end
+  local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
+  redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
+  written = written + 1
+  if user ~= '' then
+    local set = sets[user]
+    if set == nil then set = {ttl = 0, ids = {}}; sets[user] = set end
+    set.ids[#set.ids + 1] = ARGV[a + 5]
+    set.ttl = math.max(set.ttl, tonumber(ARGV[a + 3]))
+  end
+  if arm ~= '' then
+    local found = arms[arm]
+    if found == nil then found = {users = KEYS[6 * i + 6], counts = {}, who = {}}; arms[arm] = found end
+    local counts = found.counts
+    bump(counts, 'requests', 1)
+    if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
+    bump(counts, 'errors', errors)
+    bump(counts, 'prompt_tokens', prompt)
+    bump(counts, 'completion_tokens', completion)
+    if ARGV[a + 12] ~= '' then bump(counts, 'latency:' .. ARGV[a + 12], 1) end
   end
 end
+local failed = nil
+for i = 0, #KEYS / 6 - 1 do
+  local ok, err = pcall(one, i)
+  if not ok then failed = err; break end
+end
+local function shared(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err and failed == nil then failed = reply end
+end
 for key, set in pairs(sets) do
-  redis.call('SADD', key, unpack(set.ids))
-  redis.call('EXPIRE', key, set.ttl)
+  shared('SADD', key, unpack(set.ids))
+  shared('EXPIRE', key, set.ttl)
 end
 for key, found in pairs(arms) do
-  for field, by in pairs(found.counts) do redis.call('HINCRBY', key, field, by) end
-  if #found.who > 0 then redis.call('PFADD', found.users, unpack(found.who)) end
+  for field, by in pairs(found.counts) do shared('HINCRBY', key, field, by) end
+  if #found.who > 0 then shared('PFADD', found.users, unpack(found.who)) end
+end
+if failed ~= nil then
+  if type(failed) == 'table' then return failed end
+  return redis.error_reply(tostring(failed))
 end
 return written
 """

@@ -43,7 +43,7 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     `work`, at one of its awaits, as the watcher runs only while this task waits there."""
     current = asyncio.current_task()
     assert current is not None
-    gone = False
+    gone, cancelling = False, current.cancelling()
 
     async def watch() -> None:
         nonlocal gone
@@ -56,7 +56,7 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and current.uncancel() == 0:
+        if gone and current.uncancel() == cancelling:
             raise ClientGone() from None
         raise
     finally:

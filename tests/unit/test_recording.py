@@ -227,6 +227,26 @@ async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aiore
     assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-2"]
 
 
+async def test_a_record_redis_refuses_costs_only_itself(redis: aioredis.Redis, tmp_path: Path) -> None:
+    """One call writes 100 records and sums what they share (end users' sets, an arm's counters) at its end.
+    A record in the middle that the script refuses: the others all land, with their sets and counters, once."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics())
+    contexts = [context(Tenant(name="t"), n, user=f"u{n % 3}") for n in range(100)]
+    for ctx in contexts:
+        ctx.route = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    entries = build_entries([raw_record(ctx) for ctx in contexts])
+    entries[50]["prompt_tokens"] = "many"  # the script refuses it
+    await recorder._write(entries)
+    assert len(await redis.xrange(keys.completion_log("t"))) == 99
+    members = [await redis.smembers(keys.end_user("t", f"u{n}")) for n in range(3)]
+    assert sum(map(len, members)) == 99 and "chatcmpl-50" not in set().union(*members)
+    counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
+    assert int(counters["requests"]) == 99, counters
+    assert await redis.pfcount(keys.arm_users("t", "e", "a")) == 3
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 async def test_pipelined_batches_are_written_in_the_order_they_came(
     redis: aioredis.Redis, tmp_path: Path, workers: int
