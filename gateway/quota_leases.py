@@ -194,20 +194,22 @@ class LeaseBook:
             found, members, granted, cost, request_keys, token_keys, until=now + self.lifetime_s, granted_at=now
         )
 
+    async def _answered(self, scopes: Scopes) -> bool:
+        """Wait for the scopes' ask in flight, if there is one; whether there was."""
+        waiting = self._asking.get(scopes)
+        if waiting is None:
+            return False
+        await asyncio.shield(waiting)
+        return True
+
     async def after_ask(self, scopes: Scopes, cost: int) -> Taken | None:
         """A request its scopes' lease has no room for, while an ask is in flight: wait for that answer and admit
         the request from the new lease if there is room (None at once when nothing is being asked)."""
-        waiting = self._asking.get(scopes)
-        if waiting is None:
-            return None
-        await asyncio.shield(waiting)
-        return self.take(scopes, cost)
+        return self.take(scopes, cost) if await self._answered(scopes) else None
 
     async def after_refusal(self, scopes: Scopes, cost: int) -> Taken | None:
         """A request Redis refused: wait for an ask in flight, then admit it from the lease if there is room."""
-        waiting = self._asking.get(scopes)
-        if waiting is not None:
-            await asyncio.shield(waiting)
+        await self._answered(scopes)
         return self.take(scopes, cost, ran_out_ok=True)
 
     def due(self) -> Returns:
