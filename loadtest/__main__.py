@@ -15,13 +15,16 @@
 7. `loadtest.throughput`: real-model tokens/s through loragate vs straight to vLLM, and by adapter count (8,
    32, 128), with a real vLLM on the CPU (about 15 minutes on 2 cores);
 8. `loadtest.engine_dtype`: vLLM on this CPU in bf16 and in float32, base and LoRA (about 5-10 minutes);
-9. `loadtest.retraining`: training throughput (examples/s, tokens/s) and the whole retraining loop, 500
+9. `loadtest.engine_cores`: two vLLM replicas with vLLM's auto CPU binding vs a share of cores each, as
+   the engine supervisor starts them (about 5 minutes);
+10. `loadtest.retraining`: training throughput (examples/s, tokens/s) and the whole retraining loop, 500
    feedback events to a promoted canary, against its 10-minute target (about 30 minutes on 2 cores).
 
 Each writes its own results to loadtest/results/. `--only compare overhead` runs those alone (`make
 bench BENCH="compare overhead"`); for other options run one alone, e.g. `python -m loadtest.compare
 --help` (or `loadtest.overhead`, `loadtest.routing`, `loadtest.records`, `loadtest.adapters`,
-`loadtest.scale`, `loadtest.throughput`, `loadtest.engine_dtype`, `loadtest.retraining`).
+`loadtest.scale`, `loadtest.throughput`, `loadtest.engine_dtype`, `loadtest.engine_cores`,
+`loadtest.retraining`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadtest import adapters, compare, engine_dtype, overhead, records, retraining, routing, scale, throughput
+from loadtest import (
+    adapters,
+    compare,
+    engine_cores,
+    engine_dtype,
+    overhead,
+    records,
+    retraining,
+    routing,
+    scale,
+    throughput,
+)
 
 INTERRUPTED = 130
 BENCHMARKS = {
@@ -42,6 +56,7 @@ BENCHMARKS = {
     "adapters": adapters,
     "throughput": throughput,
     "engine_dtype": engine_dtype,
+    "engine_cores": engine_cores,
     "retraining": retraining,
 }
 
@@ -49,11 +64,11 @@ BENCHMARKS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
-        description="Run the compare, overhead, routing, scale, records, adapters, throughput, engine-dtype and "
-        "retraining benchmarks, "
+        description="Run the compare, overhead, routing, scale, records, adapters, throughput, engine-dtype, "
+        "engine-cores and retraining benchmarks, "
         "one after the other, with their defaults.",
         epilog="Options for one benchmark: python -m loadtest.compare --help "
-        "(or overhead, routing, scale, records, adapters, throughput, engine_dtype, retraining)",
+        "(or overhead, routing, scale, records, adapters, throughput, engine_dtype, engine_cores, retraining)",
     )
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="Run only these, in this order.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

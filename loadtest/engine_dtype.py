@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ MODEL = Path(os.environ.get("LORAGATE_MODEL_CACHE") or Path.home() / ".cache/lor
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 SHAPES = {"throughput": (16, 32), "burst": (100, 1), "single": (1, 64)}
 """name: (concurrent requests, tokens each)."""
+DTYPES = {"bfloat16": "bf16", "float32": "float32"}
+TITLE = "vLLM on this CPU: bf16 vs float32"
 
 
 def start_vllm(dtype: str, adapter: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, float]:
@@ -78,12 +80,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-async def measure(url: str, model: str, concurrent: int, tokens: int) -> dict[str, float]:
+async def measure(urls: list[str], model: str, concurrent: int, tokens: int) -> dict[str, float]:
+    """`concurrent` requests of exactly `tokens` tokens at once, taking turns over `urls`."""
     body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=900) as client:
         started = time.perf_counter()
         answers = await asyncio.gather(
-            *(client.post(f"{url}/v1/chat/completions", json=body) for _ in range(concurrent))
+            *(client.post(f"{urls[i % len(urls)]}/v1/chat/completions", json=body) for i in range(concurrent))
         )
         seconds = time.perf_counter() - started
     for answer in answers:
@@ -92,16 +95,21 @@ async def measure(url: str, model: str, concurrent: int, tokens: int) -> dict[st
     return {"seconds": round(seconds, 2), "tokens": generated, "tokens_per_s": round(generated / seconds, 1)}
 
 
+async def measure_shapes(label: str, urls: list[str]) -> dict[str, Any]:
+    """Every shape of SHAPES, base model and adapter `lora`, after a warm-up."""
+    await measure(urls, "base", 4, 4)
+    result: dict[str, Any] = {}
+    for model in ("base", "lora"):
+        for shape, (concurrent, tokens) in SHAPES.items():
+            result[f"{model}_{shape}"] = await measure(urls, model, concurrent, tokens)
+            print(label, model, shape, result[f"{model}_{shape}"], flush=True)
+    return result
+
+
 def bench_dtype(dtype: str, adapter: Path, workdir: Path) -> dict[str, Any]:
     proc, url, startup = start_vllm(dtype, adapter, workdir / f"vllm-{dtype}.log")
     try:
-        result: dict[str, Any] = {"startup_s": round(startup, 1)}
-        asyncio.run(measure(url, "base", 4, 4))  # warm-up
-        for model in ("base", "lora"):
-            for shape, (concurrent, tokens) in SHAPES.items():
-                result[f"{model}_{shape}"] = asyncio.run(measure(url, model, concurrent, tokens))
-                print(dtype, model, shape, result[f"{model}_{shape}"], flush=True)
-        return result
+        return {"startup_s": round(startup, 1), **asyncio.run(measure_shapes(dtype, [url]))}
     finally:
         stop_vllm(proc)
 
@@ -110,26 +118,23 @@ def machine_line(report: dict[str, Any]) -> str:
     return f"{report['machine']['cpu_model']}, {report['machine']['cores']} cores, {report['cpu_kind']}"
 
 
-def render(report: dict[str, Any]) -> str:
-    bf16, fp32 = report["results"]["bfloat16"], report["results"]["float32"]
-    lines = [
-        "# vLLM on this CPU: bf16 vs float32",
-        "",
-        f"{report['date']} · `{report['command']}` · {machine_line(report)}",
-        "",
-        "| measure | bf16 | float32 | float32 / bf16 |",
-        "|---|---:|---:|---:|",
-    ]
+def render(report: dict[str, Any], title: str, variants: dict[str, str], notes: Sequence[str] = ()) -> str:
+    """Tokens/s of the two `variants` (result key: column) for every shape, and the second / the first."""
+    (first, a_label), (second, b_label) = variants.items()
+    a_results, b_results = report["results"][first], report["results"][second]
+    lines = [f"# {title}", "", f"{report['date']} · `{report['command']}` · {machine_line(report)}", ""]
+    lines += [*(f"{note}\n" for note in notes)]
+    lines += [f"| measure | {a_label} | {b_label} | {b_label} / {a_label} |", "|---|---:|---:|---:|"]
     for model in ("base", "lora"):
         for shape, (concurrent, tokens) in SHAPES.items():
-            a, b = bf16[f"{model}_{shape}"]["tokens_per_s"], fp32[f"{model}_{shape}"]["tokens_per_s"]
+            a, b = a_results[f"{model}_{shape}"]["tokens_per_s"], b_results[f"{model}_{shape}"]["tokens_per_s"]
             label = f"{model}, {concurrent} x {tokens} tokens, tokens/s"
             lines.append(f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}x** |")
-    lines.append(f"| start-up, s | {bf16['startup_s']} | {fp32['startup_s']} | |")
+    lines.append(f"| start-up, s | {a_results['startup_s']} | {b_results['startup_s']} | |")
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path, title: str, variants: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,15 +144,39 @@ def plot(report: dict[str, Any], path: Path) -> None:
     keys = [f"{m}_{s}" for m in ("base", "lora") for s in SHAPES]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.4
-    for i, dtype in enumerate(("bfloat16", "float32")):
-        values = [report["results"][dtype][k]["tokens_per_s"] for k in keys]
-        ax.bar([x + (i - 0.5) * width for x in range(len(keys))], values, width, label=dtype)
+    for i, (variant, label) in enumerate(variants.items()):
+        values = [report["results"][variant][k]["tokens_per_s"] for k in keys]
+        ax.bar([x + (i - 0.5) * width for x in range(len(keys))], values, width, label=label)
     ax.set_xticks(range(len(keys)), labels, rotation=20)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"vLLM by dtype: {machine_line(report)}", fontsize=9)
+    ax.set_title(f"{title}: {machine_line(report)}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def publish(
+    name: str,
+    argv: Sequence[str],
+    results: dict[str, Any],
+    started: float,
+    output_dir: Path,
+    render_md: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """The report of `loadtest.NAME`: output_dir/NAME.{json,md,png}; printed too."""
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command_line(f"loadtest.{name}", argv),
+        "machine": machine(),
+        "cpu_kind": probe().cpu_kind,
+        "results": results,
+        "wall_s": round(time.monotonic() - started),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_dir / f"{name}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(output_dir / f"{name}.md", render_md(report))
+    print(render_md(report))
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,20 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(scratch)
         base = BaseModelSpec.from_folder(MODEL, "base")
         adapter = make_adapter(workdir / "adapter", base, seed=7, rank=16)
-        results = {dtype: bench_dtype(dtype, adapter, workdir) for dtype in ("bfloat16", "float32")}
-    report = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": command_line("loadtest.engine_dtype", argv),
-        "machine": machine(),
-        "cpu_kind": probe().cpu_kind,
-        "results": results,
-        "wall_s": round(time.monotonic() - started),
-    }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.output_dir / "engine_dtype.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.output_dir / "engine_dtype.md", render(report))
-    plot(report, args.output_dir / "engine_dtype.png")
-    print(render(report))
+        results = {dtype: bench_dtype(dtype, adapter, workdir) for dtype in DTYPES}
+    report = publish("engine_dtype", argv, results, started, args.output_dir, lambda r: render(r, TITLE, DTYPES))
+    plot(report, args.output_dir / "engine_dtype.png", "vLLM by dtype", DTYPES)
     return 0
 
 

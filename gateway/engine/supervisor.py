@@ -67,7 +67,8 @@ def engine_command(settings: Settings, model_dir: Path, port: int, dtype: str | 
     ]
 
 
-def engine_env(settings: Settings) -> dict[str, str]:
+def engine_env(settings: Settings, cores: str | None = None) -> dict[str, str]:
+    """vLLM's environment; `cores` (VLLM_CPU_OMP_THREADS_BIND) are the CPUs its OpenMP threads run on."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -77,7 +78,23 @@ def engine_env(settings: Settings) -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
     )
+    if cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     return env
+
+
+def cpu_shares(replicas: int, cpus: list[int]) -> list[str | None]:
+    """The CPUs each of `replicas` vLLM servers on this host binds its OpenMP threads to (CPU vLLM only; GPU
+    builds ignore it). Left to vLLM (None) for one replica: its `auto` binds a NUMA node's cores but the
+    last, kept for its other processes. Several replicas would each pick those same cores, so they get
+    disjoint shares instead, each but its last core, as `auto` does (a share of one core is used whole;
+    more replicas than cores share them in turn)."""
+    if replicas < 2 or not cpus:
+        return [None] * replicas
+    size = len(cpus) // replicas
+    if size <= 1:
+        return [str(cpus[i % len(cpus)]) for i in range(replicas)]
+    return [",".join(map(str, cpus[i * size : (i + 1) * size - 1])) for i in range(replicas)]
 
 
 async def wait_healthy(url: str, timeout_s: float, alive: asyncio.subprocess.Process | None = None) -> None:
@@ -244,15 +261,17 @@ class EngineSupervisor:
             raise ValueError(f"vLLM must listen on loopback or a private address, not {settings.engine_host!r}")
         log_dir = settings.home / "logs"
         ports = [settings.engine_port + i for i in range(settings.engine_replicas)]
+        chosen = "VLLM_CPU_OMP_THREADS_BIND" in os.environ  # the operator's binding is kept as it is
+        shares = [None] * len(ports) if chosen else cpu_shares(len(ports), sorted(os.sched_getaffinity(0)))
         self.engines = [
             EngineProcess(
                 engine_command(settings, model_dir, port, dtype),
-                engine_env(settings),
+                engine_env(settings, cores),
                 f"http://{settings.engine_host}:{port}",
                 log_dir / f"vllm-{port}.log",
                 settings,
             )
-            for port in ports
+            for port, cores in zip(ports, shares, strict=True)
         ]
         self._watchers: list[asyncio.Task[None]] = []
 

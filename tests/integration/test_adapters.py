@@ -4,6 +4,8 @@ flight, LRU eviction with pinned hot adapters, unload on delete, affinity and sp
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,6 +112,19 @@ def test_affinity_then_spreading(
 
     asyncio.run(crowd())
     assert len(holders(gateway, "sticky@1")) == 2, "a busy holder spreads the adapter to the idle replica"
+
+
+def test_replicas_on_one_host_compute_on_their_own_cores(gateway: Gateway) -> None:
+    """vLLM's automatic binding would put both replicas' threads on the same cores; each has its own."""
+    bound = []
+    for port in gateway.engine_ports:
+        said = (Path(gateway.env["LORAGATE_HOME"]) / "logs" / f"vllm-{port}.log").read_text()
+        found = re.search(r"core ids=\[([0-9, ]+)\]", said)
+        assert found, said[-3000:]
+        bound.append({int(core) for core in found.group(1).split(",")})
+    cpus = os.sched_getaffinity(0)
+    assert len(bound) == 2 and bound[0] and bound[1] and bound[0] | bound[1] <= cpus, bound
+    assert not bound[0] & bound[1] or len(cpus) == 1, f"two replicas on the same cores: {bound}"
 
 
 def test_hot_adapter_is_preloaded_everywhere_and_never_evicted(

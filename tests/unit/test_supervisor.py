@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.engine.supervisor import EngineProcess
+from gateway.engine.supervisor import EngineProcess, cpu_shares, engine_env
 from gateway.settings import Settings
 from tests.conftest import free_port
 
@@ -124,3 +124,15 @@ async def test_a_start_that_is_cancelled_leaves_nothing_running(tmp_path: Path) 
     starting.cancel()
     await asyncio.gather(starting, return_exceptions=True)
     assert not psutil.pid_exists(guard) or psutil.Process(guard).status() == psutil.STATUS_ZOMBIE
+
+
+def test_replicas_get_disjoint_cores_and_one_replica_is_left_to_vllm() -> None:
+    assert cpu_shares(1, [0, 1]) == [None], "one replica: vLLM's own auto binding"
+    assert cpu_shares(2, [0, 1]) == ["0", "1"], "a core each, used whole"
+    assert cpu_shares(3, [0, 1]) == ["0", "1", "0"], "more replicas than cores take turns"
+    assert cpu_shares(2, [0, 1, 2, 3]) == ["0", "2"], "each share's last core is left for the server's other processes"
+    assert cpu_shares(2, list(range(16))) == ["0,1,2,3,4,5,6", "8,9,10,11,12,13,14"]
+    assert cpu_shares(2, [4, 5, 6, 7]) == ["4", "6"], "the CPUs this process may use, not 0..n"
+    settings = Settings()
+    assert engine_env(settings, "1")["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(settings, None) or "VLLM_CPU_OMP_THREADS_BIND" in os.environ
