@@ -17,6 +17,7 @@ from tests.conftest import (
     ROOT,
     TENANT,
     Gateway,
+    RedisServer,
     create_key,
     free_port,
     gateway_env,
@@ -39,18 +40,40 @@ def bnb_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def qlora_adapter(bnb_python: Path, base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def qlora_training(
+    bnb_python: Path, base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """The QLoRA trainer, started before the NF4 engine so that the two overlap (each waits on its own work
+    part of the time); `qlora_adapter` waits for it."""
     out = tmp_path_factory.mktemp("qlora") / "adapter"
     trainer = ROOT / "tests/integration/qlora_trainer.py"
-    done = subprocess.run(
-        [str(bnb_python), str(trainer), str(base_model_dir), str(out)], capture_output=True, text=True, timeout=600
+    log = out.with_name("trainer.log").open("w+")
+    job = subprocess.Popen(
+        [str(bnb_python), str(trainer), str(base_model_dir), str(out)], stdout=log, stderr=subprocess.STDOUT, text=True
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    yield job, out
+    if job.poll() is None:
+        job.kill()
+    job.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(qlora_training: tuple[subprocess.Popen[str], Path]) -> Path:
+    job, out = qlora_training
+    returncode = job.wait(timeout=600)
+    assert returncode == 0, out.with_name("trainer.log").read_text()[-4000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def bnb_gateway(redis_server, bnb_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+def bnb_gateway(
+    redis_server: RedisServer,
+    bnb_python: Path,
+    qlora_training: tuple[subprocess.Popen[str], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    """The gateway with an NF4 engine, started while the trainer runs."""
     gw = start_one_engine_gateway(
         tmp_path_factory.mktemp("bnb"),
         redis_server.url,
