@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="The base model's name.")
     parser.add_argument("--tickets", type=int, default=200, help="Tickets before retraining.")
     parser.add_argument("--canary-round", type=int, default=40, help="Tickets per round while the canary runs.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Users waiting for an answer at once.")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--config", type=Path, default=CONFIG, help="The retraining config (YAML).")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds the canary may take to be decided.")
@@ -91,7 +92,9 @@ async def _loop(options: argparse.Namespace, phases: Phases) -> int:
         key = await simulate.open_tenant(admin, options.tenant, options.alias, options.model)
         print(f"tenant {options.tenant}: alias {options.alias} -> {options.model}", flush=True)
         phases.lap("setup")
-        before = await simulate.users(options.url, key, options.alias, tickets(options.tickets, options.seed))
+        before = await simulate.users(
+            options.url, key, options.alias, tickets(options.tickets, options.seed), options.concurrency
+        )
         print(f"before retraining, users accepted {before.line()}", flush=True)
         phases.lap("users")
         phases.outcome.update(tickets=options.tickets, before=before.line(), errors=before.errors)
@@ -108,7 +111,7 @@ async def _loop(options: argparse.Namespace, phases: Phases) -> int:
 
         async def traffic(round_: int) -> None:
             batch = tickets(options.canary_round, options.seed + 1 + round_)
-            seen = await simulate.users(options.url, key, options.alias, batch, prefix=f"c{round_}")
+            seen = await simulate.users(options.url, key, options.alias, batch, options.concurrency, f"c{round_}")
             print(f"canary round {round_ + 1}: users accepted {seen.line()}", flush=True)
             phases.outcome["canary_rounds"].append(seen.line())
 

@@ -155,8 +155,9 @@ def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidat
 
 def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
     """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken), 16 users at a time,
-    until the small arms have enough: 12 answers from better, 3 failures of broken (after which `bot2` is
-    left alone: the guard rail has what it needs). Returns the completion ids per arm."""
+    until the small arms have enough: 10 answers from better (the guard rails' min_samples), 3 failures
+    of broken (after which `bot2` is left alone: the guard rail has what it needs). Returns the
+    completion ids per arm."""
     served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
 
     def both(user: str) -> None:
@@ -172,8 +173,8 @@ def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
             served["broken"].append(user)
 
     first = 1
-    with ThreadPoolExecutor(8) as pool:
-        while len(served["better"]) < 12 or len(served["broken"]) < 3:
+    with ThreadPoolExecutor(16) as pool:
+        while len(served["better"]) < 10 or len(served["broken"]) < 3:
             assert first < 600, "the split never reached the small arms"
             list(pool.map(both, (f"g{n}" for n in range(first, first + 16))))
             first += 16

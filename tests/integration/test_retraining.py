@@ -56,16 +56,23 @@ def test_an_unpublished_candidate_is_called_only_with_a_training_key(
     assert store.resolve(AdapterRef("bot")).provenance == {"run": "t", "metrics": {}}
 
 
-def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: Gateway) -> None:
+def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: Gateway, tmp_path: Path) -> None:
+    """`make demo`'s loop with its config, but for a 50% canary (decided in fewer rounds) and 16 users at once."""
+    config = tmp_path / "config.yaml"
+    demo_config = (ROOT / "demo/config.yaml").read_text()
+    assert "\ncanary_weight: 20\n" in demo_config
+    config.write_text(demo_config.replace("\ncanary_weight: 20\n", "\ncanary_weight: 50\n"))
     started = time.monotonic()
     demo = subprocess.run(
         [sys.executable, "-m", "demo", "--url", gateway.url, "--admin-key", ADMIN_KEY, "--tenant", TENANT,
-         "--tickets", "120", "--canary-round", "24", "--timeout", "300"],
+         "--tickets", "120", "--canary-round", "24", "--concurrency", "16", "--config", str(config),
+         "--timeout", "300", "--report", str(tmp_path / "phases.json")],
         env=gateway.env, cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     output = demo.stdout + demo.stderr
     assert demo.returncode == 0, output[-6000:]
-    print(f"\nthe loop took {time.monotonic() - started:.0f} s\n{demo.stdout[-3000:]}")
+    phases = json.loads((tmp_path / "phases.json").read_text())["seconds"]
+    print(f"\nthe loop took {time.monotonic() - started:.0f} s ({phases})\n{demo.stdout[-3000:]}")
     runs = sorted((Path(gateway.env["LORAGATE_HOME"]) / "training" / TENANT).iterdir())
     state = json.loads((runs[-1] / "run.json").read_text())
     assert state["done"] == ["dataset", "fit", "eval", "publish"] and state["error"] is None
