@@ -33,7 +33,7 @@ from loadtest.records_report import markdown, plot, print_summary
 from loadtest.records_run import METRICS_KEY, gateway_benches, recorder_bench, start_gateways
 from loadtest.reports import publish, report_header, versions
 from loadtest.runner import add_common_arguments, console, event_loop_factory, progress_bar, run_and_clean_up
-from loadtest.services import BenchError, RedisServer, Service, Stack, free_port
+from loadtest.services import BenchError, Service, Stack, free_port
 
 
 @dataclass
@@ -50,22 +50,17 @@ class Config:
 class RecordsStack(Stack):
     """services.Stack with a plain and a durable redis-server (scripts/redis.sh) and several named gateways."""
 
-    def __init__(self, workdir: Path, gateway_env: dict[str, str]) -> None:
-        super().__init__(workdir, gateway_env)
-        self.redis_servers: dict[str, RedisServer] = {}
-        """"plain" (no persistence; keys, tenants, quotas) and "durable" (AOF, appendfsync always)."""
-
     def redis_url(self, mode: str) -> str:
         return self.redis_servers[mode].url
 
     def redis_pid(self, mode: str) -> int:
         return self.redis_servers[mode].pid or 0
 
-    def start_redis_server(self, mode: str) -> None:
-        server = self.redis_servers[mode] = RedisServer(free_port(), self.workdir / f"redis-{mode}")
-        server.start(mode)
-        if mode == "plain":
-            self.redis = server  # the gateways' state (gateway_env)
+    def start_redis_servers(self) -> None:
+        """The gateways' state in `plain` (no persistence: keys, tenants, quotas), and a `durable` one (AOF,
+        appendfsync always)."""
+        self.redis = self.start_redis_server("plain", "plain")
+        self.start_redis_server("durable", "durable")
 
     def spawn_gateway(self, name: str, env: dict[str, str]) -> tuple[Service, int]:
         self.gateway_port = port = free_port()
@@ -73,11 +68,6 @@ class RecordsStack(Stack):
         home = str(self.workdir / f"home-{name}")
         full_env = {**self.gateway_env(), "LORAGATE_HOME": home, "LORAGATE_METRICS_KEY": METRICS_KEY, **env}
         return self._spawn(name, command, full_env), port
-
-    def stop(self) -> None:
-        self.stop_services()
-        for server in reversed(self.redis_servers.values()):
-            server.stop()
 
 
 def filesystem(path: Path) -> str:
@@ -116,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         with console.status("starting redis-servers (plain, durable)"):
-            stack.start_redis_server("plain")
-            stack.start_redis_server("durable")
+            stack.start_redis_servers()
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             with progress_bar() as progress:
                 recorder = runner.run(recorder_bench(stack, cfg, progress))

@@ -35,7 +35,7 @@ from loadtest import engine
 from loadtest.reports import machine
 from loadtest.retraining_report import STEPS, earlier, publish_report
 from loadtest.runner import add_common_arguments, command_line, console, run_and_clean_up
-from loadtest.services import REPO, BenchError, RedisServer, Service, free_port
+from loadtest.services import REPO, BenchError, Service
 
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
 TENANT = "acme"
@@ -149,20 +149,12 @@ class LoopStack(engine.EngineStack):
         )
         self.roles = (("state", "persist"),) + ((("records", "durable"),) if not cfg.one_redis else ())
         self.admin_key = "bench-admin-" + secrets.token_hex(12)
-        self.redis_servers: dict[str, RedisServer] = {}
         self.demo: Service | None = None
 
     def start_redis(self) -> None:
         for role, mode in self.roles:
-            server = self.redis_servers[role] = RedisServer(free_port(), self.workdir / f"redis-{role}")
-            server.start(mode)
+            self.start_redis_server(role, mode)
         self.redis = self.redis_servers["state"]
-
-    def stop_redis(self) -> None:
-        for server in reversed(self.redis_servers.values()):
-            server.stop()
-        self.redis_servers.clear()
-        self.redis = None
 
     def gateway_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")} | {

@@ -171,6 +171,8 @@ class Stack:
         self.services: list[Service] = []
         self.redis: RedisServer | None = None
         """The Redis the gateways keep their state in (`redis_port`, `gateway_env`)."""
+        self.redis_servers: dict[str, RedisServer] = {}
+        """Every redis-server started, by name (the state one is "state")."""
         self.mock_port: int | None = None
         self.gateway_port: int | None = None
         self.api_key: str | None = None
@@ -180,12 +182,19 @@ class Stack:
     # -- redis ------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        self.redis = RedisServer(free_port(), self.workdir / "redis")  # before starting: a half-started one is stopped
-        self.redis.start("plain")
+        self.redis = self.start_redis_server("state", "plain")
+
+    def start_redis_server(self, name: str, mode: str) -> RedisServer:
+        """Another redis-server (scripts/redis.sh `mode`), known by `name` in `redis_servers`."""
+        server = self.redis_servers[name] = RedisServer(free_port(), self.workdir / f"redis-{name}")
+        server.start(mode)  # listed before starting: a half-started one is stopped too
+        return server
 
     def stop_redis(self) -> None:
-        if self.redis is not None:
-            self.redis.stop()
+        """Stop every redis-server started, the last first."""
+        for server in reversed(self.redis_servers.values()):
+            server.stop()
+        self.redis_servers.clear()
         self.redis = None
 
     @property
