@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 from adapters.manifest import AdapterRef
 from adapters.store import AdapterStore
@@ -57,11 +58,12 @@ def test_an_unpublished_candidate_is_called_only_with_a_training_key(
 
 
 def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: Gateway, tmp_path: Path) -> None:
-    """`make demo`'s loop with its config, but for a 50% canary (decided in fewer rounds) and 16 users at once."""
+    """`make demo`'s loop with its config, but for a 50% canary (decided in fewer rounds) and 16 users (and eval
+    requests) at once."""
     config = tmp_path / "config.yaml"
-    demo_config = (ROOT / "demo/config.yaml").read_text()
-    assert "\ncanary_weight: 20\n" in demo_config
-    config.write_text(demo_config.replace("\ncanary_weight: 20\n", "\ncanary_weight: 50\n"))
+    settings = yaml.safe_load((ROOT / "demo/config.yaml").read_text())
+    settings.update(canary_weight=50, eval_concurrency=16)
+    config.write_text(yaml.safe_dump(settings))
     started = time.monotonic()
     demo = subprocess.run(
         [sys.executable, "-m", "demo", "--url", gateway.url, "--admin-key", ADMIN_KEY, "--tenant", TENANT,
