@@ -97,6 +97,13 @@ def cpu_shares(replicas: int, cpus: list[int]) -> list[str | None]:
     return [",".join(map(str, cpus[i * size : (i + 1) * size - 1])) for i in range(replicas)]
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 async def wait_healthy(url: str, timeout_s: float, alive: asyncio.subprocess.Process | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
@@ -262,7 +269,7 @@ class EngineSupervisor:
         log_dir = settings.home / "logs"
         ports = [settings.engine_port + i for i in range(settings.engine_replicas)]
         chosen = "VLLM_CPU_OMP_THREADS_BIND" in os.environ  # the operator's binding is kept as it is
-        shares = [None] * len(ports) if chosen else cpu_shares(len(ports), sorted(os.sched_getaffinity(0)))
+        shares = [None] * len(ports) if chosen else cpu_shares(len(ports), usable_cpus())
         self.engines = [
             EngineProcess(
                 engine_command(settings, model_dir, port, dtype),

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.engine.supervisor import EngineProcess, cpu_shares, engine_env
+from gateway.engine.supervisor import EngineProcess, EngineSupervisor, cpu_shares, engine_env, usable_cpus
 from gateway.settings import Settings
 from tests.conftest import free_port
 
@@ -136,3 +136,15 @@ def test_replicas_get_disjoint_cores_and_one_replica_is_left_to_vllm() -> None:
     settings = Settings()
     assert engine_env(settings, "1")["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_env(settings, None) or "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+
+
+def test_the_supervisor_binds_replicas_unless_the_operator_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    two = EngineSupervisor(Settings(engine_replicas=2), Path("/model"))
+    expected = cpu_shares(2, usable_cpus())
+    assert [engine.env.get("VLLM_CPU_OMP_THREADS_BIND") for engine in two.engines] == expected
+    one = EngineSupervisor(Settings(engine_replicas=1), Path("/model"))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in one.engines[0].env, "one replica: vLLM's auto"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    kept = EngineSupervisor(Settings(engine_replicas=2), Path("/model"))
+    assert [engine.env["VLLM_CPU_OMP_THREADS_BIND"] for engine in kept.engines] == ["nobind", "nobind"]
