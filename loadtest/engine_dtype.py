@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -31,7 +30,8 @@ import httpx
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway.engine.capabilities import probe
-from loadtest.reports import machine, write_atomic
+from loadtest import reports
+from loadtest.reports import machine
 from loadtest.runner import command_line
 from loadtest.services import free_port
 
@@ -163,7 +163,7 @@ def publish(
     output_dir: Path,
     render_md: Callable[[dict[str, Any]], str],
 ) -> dict[str, Any]:
-    """The report of `loadtest.NAME`: output_dir/NAME.{json,md,png}; printed too."""
+    """The report of `loadtest.NAME`, written to output_dir/NAME.{json,md} and printed (the plot is the caller's)."""
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": command_line(f"loadtest.{name}", argv),
@@ -172,10 +172,7 @@ def publish(
         "results": results,
         "wall_s": round(time.monotonic() - started),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(output_dir / f"{name}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(output_dir / f"{name}.md", render_md(report))
-    print(render_md(report))
+    reports.publish(output_dir, name, report, render_md, lambda _: None)
     return report
 
 
