@@ -68,6 +68,8 @@ class Services:
     feedback: FeedbackStore
     spools: tuple[Spool, Spool]
     model_dir: Path | None
+    session: aiohttp.ClientSession
+    """The engines' HTTP client (closed at shutdown)."""
     _base_spec: BaseModelSpec | None = None
 
     def _find_base_spec(self) -> BaseModelSpec:
@@ -193,7 +195,55 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         feedback=FeedbackStore(records_redis, feedback_spool, recorder, metrics),
         spools=(records_spool, feedback_spool),
         model_dir=model_dir or settings.model_dir,
+        session=session,
     )
+
+
+async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: Path | None) -> list[asyncio.Task[None]]:
+    """Build the services, open the spools, check feedback's durability, start the engines' pool and the
+    background work; returns the background tasks (the recorder's own loop last)."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+        auto_decompress=False,
+    )
+    svc = app.state.services = _services(settings, urls, model_dir, session)
+    watcher = StateWatcher(
+        svc.redis,
+        settings.state_poll_s,
+        [svc.keys.forget_cached, svc.tenants.forget_cached, svc.pointers.forget_cached, svc.experiments.forget_cached],
+    )
+    for spool in svc.spools:
+        await asyncio.to_thread(spool.open)
+    await svc.feedback.check_durability()
+    await svc.recorder.start()
+    await svc.pool.start()
+    return [
+        asyncio.create_task(_maintain(svc)),
+        asyncio.create_task(watcher.run()),
+        asyncio.create_task(svc.quotas.run()),
+        asyncio.create_task(_keep_records(svc)),
+        asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.experiments, settings.guard_rails_s)),
+        asyncio.create_task(svc.recorder.run()),
+    ]
+
+
+async def _stop(svc: Services, tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the background work, let the recorder write what is still queued, close everything."""
+    *background, recording = tasks
+    for task in background:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*background)
+    await svc.recorder.stop()  # not cancelled: it writes what is still queued, then returns
+    await recording
+    await svc.recorder.close()
+    await svc.pool.stop()
+    await svc.session.close()
+    for spool in svc.spools:
+        spool.close()
+    await svc.redis.aclose()
+    if svc.records_redis is not svc.redis:
+        await svc.records_redis.aclose()
 
 
 def create_app(settings: Settings, engine_urls: list[str] | None = None, model_dir: Path | None = None) -> FastAPI:
@@ -203,63 +253,20 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
-            auto_decompress=False,
-        )
-        svc = app.state.services = _services(settings, urls, model_dir, session)
-        watcher = StateWatcher(
-            svc.redis,
-            settings.state_poll_s,
-            [
-                svc.keys.forget_cached,
-                svc.tenants.forget_cached,
-                svc.pointers.forget_cached,
-                svc.experiments.forget_cached,
-            ],
-        )
-        for spool in svc.spools:
-            await asyncio.to_thread(spool.open)
-        await svc.feedback.check_durability()
-        await svc.recorder.start()
-        await svc.pool.start()
-        background = [
-            asyncio.create_task(_maintain(svc)),
-            asyncio.create_task(watcher.run()),
-            asyncio.create_task(svc.quotas.run()),
-            asyncio.create_task(_keep_records(svc)),
-            asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.experiments, settings.guard_rails_s)),
-        ]
-        recording = asyncio.create_task(svc.recorder.run())
+        tasks = await _start(app, settings, urls, model_dir)
         gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it again
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*background)
-            await svc.recorder.stop()  # not cancelled: it writes what is still queued, then returns
-            await recording
-            await svc.recorder.close()
-            await svc.pool.stop()
-            await session.close()
-            for spool in svc.spools:
-                spool.close()
-            await svc.redis.aclose()
-            if svc.records_redis is not svc.redis:
-                await svc.records_redis.aclose()
+            await _stop(app.state.services, tasks)
 
     app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
         title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, description=ABOUT
     )
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(openai.completion_router)
-    app.include_router(openai.router)
-    app.include_router(admin_tenants.router)
-    app.include_router(admin_adapters.router)
-    app.include_router(feedback.router)
-    app.include_router(experiments.router)
-    app.include_router(health.router)
+    for router in (openai.completion_router, openai.router, admin_tenants.router, admin_adapters.router):
+        app.include_router(router)
+    for router in (feedback.router, experiments.router, health.router):
+        app.include_router(router)
     return app

@@ -82,12 +82,8 @@ SMOKE = {
 }
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    d = Config()
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.adapters",
-        description="Measure cold-adapter latency, mixed-adapter throughput and adapter memory with a real vLLM.",
-    )
+def add_workload_arguments(parser: argparse.ArgumentParser, d: Config) -> None:
+    """What is measured: the cold adapters, the mixed traffic and the memory steps."""
     parser.add_argument("--cold", type=int, default=d.cold, help="Fresh adapters for the cold-start TTFT.")
     parser.add_argument("--adapters", type=int, default=d.adapters, help="Adapters in the mixed traffic.")
     parser.add_argument("-n", "--requests", type=int, default=d.requests, help="Requests per mixed-traffic run.")
@@ -103,6 +99,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=",".join(map(str, d.memory_steps)),
         help="Adapter counts at which RSS is measured, comma-separated.",
     )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, d: Config) -> None:
+    """The vLLM it runs against: adapter capacity, the base model's folder, the start-up timeout."""
     parser.add_argument("--max-loras", type=int, default=d.max_loras, help="vLLM --max-loras.")
     parser.add_argument("--max-cpu-loras", type=int, default=d.max_cpu_loras, help="vLLM --max-cpu-loras.")
     parser.add_argument(
@@ -117,27 +117,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=d.start_timeout_s,
         help="Seconds the gateway and its vLLM may take to start.",
     )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; flags given as well win.",
-    )
-    add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
-        flags = {
-            "cold": ["--cold"],
-            "adapters": ["--adapters"],
-            "requests": ["-n", "--requests"],
-            "concurrency": ["-c", "--concurrency"],
-            "max_tokens": ["--max-tokens"],
-            "repeats": ["--repeats"],
-            "memory_steps": ["--memory-steps"],
-        }
-        for key, value in SMOKE.items():
-            if not given & set(flags[key]):
-                setattr(args, key, value)
+
+
+def apply_smoke(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """--smoke: the SMOKE settings, except for those whose flags were given as well."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    flags = {
+        "cold": ["--cold"],
+        "adapters": ["--adapters"],
+        "requests": ["-n", "--requests"],
+        "concurrency": ["-c", "--concurrency"],
+        "max_tokens": ["--max-tokens"],
+        "repeats": ["--repeats"],
+        "memory_steps": ["--memory-steps"],
+    }
+    for key, value in SMOKE.items():
+        if not given & set(flags[key]):
+            setattr(args, key, value)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parse --memory-steps into sorted counts, and stop with a usage error on values that cannot work."""
     try:
         args.memory_steps = sorted({int(x) for x in str(args.memory_steps).split(",") if x.strip()})
     except ValueError:
@@ -149,6 +149,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--memory-steps needs positive counts")
     if args.memory_steps[-1] > min(args.adapters, args.max_cpu_loras):
         parser.error("--memory-steps cannot exceed --adapters or --max-cpu-loras")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    d = Config()
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.adapters",
+        description="Measure cold-adapter latency, mixed-adapter throughput and adapter memory with a real vLLM.",
+    )
+    add_workload_arguments(parser, d)
+    add_engine_arguments(parser, d)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="A tiny run (2 cold, 4 adapters, 8 requests, 1 round) to check that it works; flags given as well win.",
+    )
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        apply_smoke(args, argv)
+    check_args(parser, args)
     return args
 
 

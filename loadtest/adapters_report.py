@@ -31,13 +31,11 @@ def traffic_row(label: str, t: dict[str, Any]) -> str:
     return f"| {label} | {t['tokens_per_s']:.1f} | {each} | {t['p50_ms']:.0f} | {t['p99_ms']:.0f} | {t['errors']} |"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    cfg, m, mem, cold, mixed = (report["config"], report["machine"], report["memory"], report["cold"], report["mixed"])
+def header(report: dict[str, Any]) -> list[str]:
+    """The title and the run's facts: when, on what machine, with which command, engine and adapters."""
+    cfg, m, mem = report["config"], report["machine"], report["memory"]
     load, load_after = report["load_average_before"], report["load_average_after"]
-    med = cold["median"]
-    hist = report["gateway_metrics"]["load_histogram"]
-    cold_hist = cold["load_histogram"]
-    lines = [
+    return [
         "# Many adapters on one vLLM",
         "",
         f"- Date: {report['date']}; wall time {report['wall_s']:.0f} s (vLLM start-up {report['startup_s']:.0f} s)",
@@ -54,6 +52,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(TARGETS)}, float32, {mem['adapter_file_mb']:.1f} MiB each on disk",
         "- Every prompt starts with a unique nonce, so no request hits vLLM's prefix cache.",
         "",
+    ]
+
+
+def cold_section(report: dict[str, Any]) -> list[str]:
+    """The cold-adapter penalty: first against second request, through loragate and straight to vLLM."""
+    cold = report["cold"]
+    med = cold["median"]
+    return [
         "## Cold-adapter penalty (time to first token, streaming, max_tokens=1)",
         "",
         f"{cold['adapters']} fresh adapters; for each, in this order: a base-model request (gateway and "
@@ -75,6 +81,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{med['direct_load_ms']:.1f} ms. The gateway checks each adapter's sha256 before its first load "
         f"(once per process): {cold['sha256_ms']:.0f} ms for one adapter's weights on this machine.",
         "",
+    ]
+
+
+def load_histogram_table(report: dict[str, Any]) -> list[str]:
+    """The gateway's own adapter-load histogram, after the cold phase and at the end, bucket by bucket."""
+    hist = report["gateway_metrics"]["load_histogram"]
+    lines = [
         "Gateway's adapter-load histogram (`loragate_adapter_load_seconds`, from the decision to load until "
         "vLLM answered: the first load's sha256 check, the wait for the replica's load slot and the load call), "
         "all adapters:",
@@ -84,14 +97,19 @@ def markdown(report: dict[str, Any]) -> str:
         + " |",
         "|---|---:|---:|---:|" + "---:|" * len(hist["buckets"]),
     ]
-    for label, h in (("after the cold phase", cold_hist), ("at the end", hist)):
+    for label, h in (("after the cold phase", report["cold"]["load_histogram"]), ("at the end", hist)):
         lines.append(
             f"| {h['count']} ({label}) | {f1(h['mean_ms'])} ms | {f1(histogram_quantile(h, 0.5))} ms | "
             f"{f1(histogram_quantile(h, 0.9))} ms | " + " | ".join(str(b["count"]) for b in h["buckets"]) + " |"
         )
-    g, d, s = mixed["gateway"], mixed["direct"], mixed["single"]
-    lines += [
-        "",
+    lines.append("")
+    return lines
+
+
+def mixed_section(report: dict[str, Any]) -> list[str]:
+    """Mixed traffic: tokens/s of (a), (b) and (c), their ratios, and what the gateway did meanwhile."""
+    cfg, mixed = report["config"], report["mixed"]
+    return [
         "## Mixed traffic: output tokens/s",
         "",
         f"{cfg['requests']} requests per run, Zipf-distributed (s={cfg['zipf_s']}, seed {cfg['seed']}) over "
@@ -102,9 +120,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| Traffic | Tokens/s (median) | Each run | Request p50 ms | Request p99 ms | Errors |",
         "|---|---:|---|---:|---:|---:|",
-        traffic_row("(a) mixed, through loragate", g),
-        traffic_row("(b) mixed, straight to vLLM (runtime loading)", d),
-        traffic_row("(c) one adapter, through loragate", s),
+        traffic_row("(a) mixed, through loragate", mixed["gateway"]),
+        traffic_row("(b) mixed, straight to vLLM (runtime loading)", mixed["direct"]),
+        traffic_row("(c) one adapter, through loragate", mixed["single"]),
         "",
         "| Ratio | Median of runs | Per round (paired) | Target |",
         "|---|---:|---|---|",
@@ -114,11 +132,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in mixed['ratio_gateway_single_each'])} | ≥ 0.90 |",
         "",
         noise_line(mixed),
+        mixed_gateway_note(report),
+        "",
+    ]
+
+
+def mixed_gateway_note(report: dict[str, Any]) -> str:
+    """The gateway's adapter loads and evictions during the mixed runs, and why (a) and (b) pay against (c)."""
+    cfg, runs, metrics = report["config"], report["mixed"]["runs"], report["gateway_metrics"]
+    return (
         f"Gateway during the mixed runs: adapter loads per run "
-        f"{', '.join(str(int(r['gateway_loads'])) for r in mixed['runs']['gateway'])} (a), evictions per run "
-        f"{', '.join(str(int(r['gateway_evictions'])) for r in mixed['runs']['gateway'])} (a); over the whole "
-        f"benchmark {report['gateway_metrics']['loads_ok']:.0f} loads, {report['gateway_metrics']['evictions']:.0f} "
-        f"evictions, {report['gateway_metrics']['loads_failed']:.0f} failed loads. The direct client loaded each "
+        f"{', '.join(str(int(r['gateway_loads'])) for r in runs['gateway'])} (a), evictions per run "
+        f"{', '.join(str(int(r['gateway_evictions'])) for r in runs['gateway'])} (a); over the whole "
+        f"benchmark {metrics['loads_ok']:.0f} loads, {metrics['evictions']:.0f} "
+        f"evictions, {metrics['loads_failed']:.0f} failed loads. The direct client loaded each "
         "adapter once, on its first request (the first (b) run pays for that). With "
         f"`--max-loras {cfg['max_loras']}` vLLM batches requests for at most {cfg['max_loras']} different adapters "
         "per step, which is what (a) and (b) pay against (c). (a) and (b) use different vLLM adapter names for "
@@ -128,8 +155,14 @@ def markdown(report: dict[str, Any]) -> str:
             "; each run reloads evicted ones from disk inside vLLM, alike for both."
             if cfg["adapters"] * 2 > cfg["max_cpu_loras"]
             else ": all stay loaded."
-        ),
-        "",
+        )
+    )
+
+
+def memory_section(report: dict[str, Any]) -> list[str]:
+    """RSS of the vLLM tree by adapters loaded, and the marginal cost of one more resident adapter."""
+    mem = report["memory"]
+    lines = [
         "## Memory per resident adapter",
         "",
         "RSS of the vLLM process tree (the API server, the engine core, its worker and helper processes, "
@@ -157,10 +190,20 @@ def markdown(report: dict[str, Any]) -> str:
             "fit in memory the allocator already holds (freed after start-up), so the added RSS divided "
             "by the count understates the cost at small counts; the slope is the figure to plan with.",
         ]
-    if report.get("vllm_restarts"):
-        lines += ["", f"**vLLM restarted {report['vllm_restarts']} time(s) during the run**; the figures are suspect."]
     lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def restarts_note(report: dict[str, Any]) -> list[str]:
+    """A warning when vLLM restarted during the run, since its figures are then suspect."""
+    if not report.get("vllm_restarts"):
+        return []
+    return [f"**vLLM restarted {report['vllm_restarts']} time(s) during the run**; the figures are suspect.", ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sections = (header, cold_section, load_histogram_table, mixed_section, memory_section, restarts_note)
+    return "\n".join(line for section in sections for line in section(report))
 
 
 def print_summary(report: dict[str, Any]) -> None:

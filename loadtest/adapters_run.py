@@ -221,6 +221,7 @@ async def mixed_run(
 async def measure_mixed(
     client: Client, cfg: Config, adapters: AdapterSet, progress: Progress, others: Callable[[], int]
 ) -> dict[str, Any]:
+    """(a), (b) and (c) over the same Zipf sequence, `repeats` rounds, the order reversed every other round."""
     sequence = zipf_sequence(cfg.requests, cfg.adapters, cfg.zipf_s, cfg.seed)
     popular = adapters.mixed[0]  # Zipf rank 1
     models = {
@@ -260,6 +261,13 @@ async def measure_mixed(
                 f"{run['errors']} err, {run['gateway_loads']:.0f} loads, {run['gateway_evictions']:.0f} evictions, "
                 f"{run['other_vllm_servers']} other vLLM)"
             )
+    return summarise_mixed(cfg, sequence, order, runs)
+
+
+def summarise_mixed(
+    cfg: Config, sequence: list[int], order: list[str], runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The mixed runs' result: the sequence's spread, each traffic's medians, and (a)'s ratios to (b) and (c)."""
     counts = [0] * cfg.adapters
     for i in sequence:
         counts[i] += 1
@@ -270,7 +278,7 @@ async def measure_mixed(
         "top_adapter_share": max(counts) / len(sequence),
         "runs": runs,
     }
-    for name in models:
+    for name in runs:
         result[name] = {
             "tokens_per_s": median([r["tokens_per_s"] for r in runs[name]]),
             "tokens_per_s_each": [r["tokens_per_s"] for r in runs[name]],

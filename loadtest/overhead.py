@@ -67,7 +67,6 @@ async def sequential(
     """N requests per target, one at a time, alternating targets (ABBA order), `repeats` times. The first
     target is the baseline: `added` is the second's latency minus the first's."""
     bodies = {target.name: request_body(stream, target.model) for target in targets}
-    base, other = (target.name for target in targets)
     task = progress.add_task(label, total=(cfg.warmup + cfg.requests * cfg.repeats) * 2)
     ticker = Ticker(progress, task)
     for _ in range(cfg.warmup):
@@ -76,29 +75,49 @@ async def sequential(
             ticker.tick()
     runs = []
     for _ in range(cfg.repeats):
-        first: dict[str, list[float]] = {t.name: [] for t in targets}
-        last: dict[str, list[float]] = {t.name: [] for t in targets}
-        cpu_before = cpu_seconds(gateway_pid)
-        for i in range(cfg.requests):
-            for target in targets if i % 2 == 0 else targets[::-1]:
-                ttfb, total = await call(session, target, bodies[target.name], stream)
-                first[target.name].append(ttfb)
-                last[target.name].append(total)
-                ticker.tick()
-        cpu_after = cpu_seconds(gateway_pid)
-        run: dict[str, Any] = {}
-        for target in targets:
-            run[target.name] = summarise(last[target.name])
-            run[target.name]["requests_per_s"] = len(last[target.name]) / sum(last[target.name])
-            if stream:
-                run[target.name]["first_byte"] = summarise(first[target.name])
-        paired = [g - d for d, g in zip(last[base], last[other], strict=True)]
-        run["paired_added_p50_ms"] = statistics.median(paired) * 1000
-        if cpu_before is not None and cpu_after is not None:
-            run["gateway_cpu_us_per_request"] = (cpu_after - cpu_before) / cfg.requests * 1e6
-        runs.append(run)
+        runs.append(await sequential_run(session, targets, bodies, stream, cfg, ticker, gateway_pid))
     ticker.flush()
+    return summarise_sequential(runs, targets, stream)
 
+
+async def sequential_run(
+    session: aiohttp.ClientSession,
+    targets: tuple[Target, Target],
+    bodies: dict[str, bytes],
+    stream: bool,
+    cfg: Config,
+    ticker: Ticker,
+    gateway_pid: int,
+) -> dict[str, Any]:
+    """One run: `requests` per target in ABBA order; each target's latency (and time to first byte when
+    streaming), the paired added p50 and the gateway's CPU time per request."""
+    base, other = (target.name for target in targets)
+    first: dict[str, list[float]] = {t.name: [] for t in targets}
+    last: dict[str, list[float]] = {t.name: [] for t in targets}
+    cpu_before = cpu_seconds(gateway_pid)
+    for i in range(cfg.requests):
+        for target in targets if i % 2 == 0 else targets[::-1]:
+            ttfb, total = await call(session, target, bodies[target.name], stream)
+            first[target.name].append(ttfb)
+            last[target.name].append(total)
+            ticker.tick()
+    cpu_after = cpu_seconds(gateway_pid)
+    run: dict[str, Any] = {}
+    for target in targets:
+        run[target.name] = summarise(last[target.name])
+        run[target.name]["requests_per_s"] = len(last[target.name]) / sum(last[target.name])
+        if stream:
+            run[target.name]["first_byte"] = summarise(first[target.name])
+    paired = [g - d for d, g in zip(last[base], last[other], strict=True)]
+    run["paired_added_p50_ms"] = statistics.median(paired) * 1000
+    if cpu_before is not None and cpu_after is not None:
+        run["gateway_cpu_us_per_request"] = (cpu_after - cpu_before) / cfg.requests * 1e6
+    return run
+
+
+def summarise_sequential(runs: list[dict[str, Any]], targets: tuple[Target, Target], stream: bool) -> dict[str, Any]:
+    """Each target's medians over the runs, and what the second target adds to the first (the baseline)."""
+    base, other = (target.name for target in targets)
     result: dict[str, Any] = {"runs": runs}
     for name in (base, other):
         result[name] = {

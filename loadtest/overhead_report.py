@@ -8,12 +8,11 @@ from loadtest.reports import ms
 from loadtest.runner import console
 
 
-def markdown(report: dict[str, Any]) -> str:
-    cfg = report["config"]
-    m = report["machine"]
-    seq, stream, conc = report["sequential_nonstream"], report["sequential_stream"], report["concurrent"]
+def header(report: dict[str, Any]) -> list[str]:
+    """The title and the run's facts: when, on what machine, with which command, gateway and settings."""
+    cfg, m, conc = report["config"], report["machine"], report["concurrent"]
     load = report["load_average_before"]
-    lines = [
+    return [
         "# Gateway overhead",
         "",
         f"- Date: {report['date']}",
@@ -29,71 +28,97 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Concurrent: {cfg['concurrency']} clients, {cfg['duration_s']:g} s per target in "
         f"{cfg['segments'] * 2} alternating segments ({', '.join(conc['segments'])}).",
         "",
+    ]
+
+
+def latency_row(name: str, direct: dict[str, float], gateway: dict[str, float]) -> str:
+    """A latency row whose added figures are the difference of the two medians shown."""
+    return (
+        f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | "
+        f"{ms(gateway['p50_ms'] - direct['p50_ms'], True)} | {ms(direct['p99_ms'])} | "
+        f"{ms(gateway['p99_ms'])} | {ms(gateway['p99_ms'] - direct['p99_ms'], True)} |"
+    )
+
+
+def added_latency_row(name: str, section: dict[str, Any], direct: dict[str, float], gateway: dict[str, float]) -> str:
+    """A latency row whose added figures are the section's own `added`."""
+    # sequential: the median over runs of (gateway - direct), which can differ slightly from
+    # the difference of the medians shown next to it
+    added = section["added"]
+    return (
+        f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | {ms(added['p50_ms'], True)} | "
+        f"{ms(direct['p99_ms'])} | {ms(gateway['p99_ms'])} | {ms(added['p99_ms'], True)} |"
+    )
+
+
+def latency_section(report: dict[str, Any]) -> list[str]:
+    """Direct against gateway latency: sequential non-stream and stream, and concurrent."""
+    seq, stream, conc = report["sequential_nonstream"], report["sequential_stream"], report["concurrent"]
+    return [
         "## Latency (ms)",
         "",
         "| Scenario | Direct p50 | Gateway p50 | Added p50 | Direct p99 | Gateway p99 | Added p99 |",
         "|---|---:|---:|---:|---:|---:|---:|",
+        added_latency_row("Sequential, non-stream", seq, seq["direct"], seq["gateway"]),
+        latency_row("Sequential, stream: first byte", stream["direct"]["first_byte"], stream["gateway"]["first_byte"]),
+        added_latency_row("Sequential, stream: last byte", stream, stream["direct"], stream["gateway"]),
+        latency_row(f"Concurrent (C={conc['concurrency']}), non-stream", conc["direct"], conc["gateway"]),
+        "",
     ]
 
-    def row(name: str, direct: dict[str, float], gateway: dict[str, float]) -> str:
-        return (
-            f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | "
-            f"{ms(gateway['p50_ms'] - direct['p50_ms'], True)} | {ms(direct['p99_ms'])} | "
-            f"{ms(gateway['p99_ms'])} | {ms(gateway['p99_ms'] - direct['p99_ms'], True)} |"
-        )
 
-    def added_row(name: str, section: dict[str, Any], direct: dict[str, float], gateway: dict[str, float]) -> str:
-        # sequential: the median over runs of (gateway - direct), which can differ slightly from
-        # the difference of the medians shown next to it
-        added = section["added"]
-        return (
-            f"| {name} | {ms(direct['p50_ms'])} | {ms(gateway['p50_ms'])} | {ms(added['p50_ms'], True)} | "
-            f"{ms(direct['p99_ms'])} | {ms(gateway['p99_ms'])} | {ms(added['p99_ms'], True)} |"
-        )
-
-    lines.append(added_row("Sequential, non-stream", seq, seq["direct"], seq["gateway"]))
-    lines.append(row("Sequential, stream: first byte", stream["direct"]["first_byte"], stream["gateway"]["first_byte"]))
-    lines.append(added_row("Sequential, stream: last byte", stream, stream["direct"], stream["gateway"]))
-    lines.append(row(f"Concurrent (C={conc['concurrency']}), non-stream", conc["direct"], conc["gateway"]))
+def tenancy_section(report: dict[str, Any]) -> list[str]:
+    """What tenancy and quotas add to the serving core, when the report has that measurement."""
     tenancy = report.get("tenancy_nonstream")
-    if tenancy:
-        lines += [
-            "",
-            "## Tenancy and quotas (ms)",
-            "",
-            "The same gateway, two keys, alternating request by request: a tenant without limits calling the base "
-            "model by name (the serving core: auth from the cache, no Redis call), and a tenant with request and "
-            "token quotas calling it through an alias (auth, namespace, alias, and the quota: one Lua script per "
-            "check, most requests admitted from a lease in-process; LORAGATE_QUOTA_LEASE_REQUESTS=0 checks each "
-            "one in Redis).",
-            "",
-            "| Scenario | Core p50 | Tenancy + quotas p50 | Added p50 | Core p99 | Tenancy + quotas p99 | Added p99 |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            added_row("Sequential, non-stream", tenancy, tenancy["gateway"], tenancy["tenancy"]),
-        ]
-    lines += [
+    if not tenancy:
+        return []
+    return [
+        "## Tenancy and quotas (ms)",
         "",
+        "The same gateway, two keys, alternating request by request: a tenant without limits calling the base "
+        "model by name (the serving core: auth from the cache, no Redis call), and a tenant with request and "
+        "token quotas calling it through an alias (auth, namespace, alias, and the quota: one Lua script per "
+        "check, most requests admitted from a lease in-process; LORAGATE_QUOTA_LEASE_REQUESTS=0 checks each "
+        "one in Redis).",
+        "",
+        "| Scenario | Core p50 | Tenancy + quotas p50 | Added p50 | Core p99 | Tenancy + quotas p99 | Added p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        added_latency_row("Sequential, non-stream", tenancy, tenancy["gateway"], tenancy["tenancy"]),
+        "",
+    ]
+
+
+def throughput_row(name: str, section: dict[str, Any]) -> str:
+    """Requests/s direct and through the gateway, their ratio, and the gateway's CPU time per request."""
+    cpu = section.get("gateway_cpu_us_per_request")
+    cpu_text = f"{cpu / 1000:.2f} ms" if cpu is not None else "n/a"
+    return (
+        f"| {name} | {section['direct']['requests_per_s']:.0f} | {section['gateway']['requests_per_s']:.0f} "
+        f"| {section['ratio_requests_per_s']:.2f} | {cpu_text} |"
+    )
+
+
+def throughput_section(report: dict[str, Any]) -> list[str]:
+    """Requests/s of each scenario, direct against gateway."""
+    seq, stream, conc = report["sequential_nonstream"], report["sequential_stream"], report["concurrent"]
+    return [
         "## Throughput (requests/s)",
         "",
         "| Scenario | Direct | Gateway | Gateway / direct | Gateway CPU per request |",
         "|---|---:|---:|---:|---:|",
+        throughput_row("Sequential, non-stream", seq),
+        throughput_row("Sequential, stream", stream),
+        throughput_row(f"Concurrent (C={conc['concurrency']}), non-stream", conc),
+        "",
     ]
 
-    def tput(name: str, section: dict[str, Any]) -> str:
-        cpu = section.get("gateway_cpu_us_per_request")
-        cpu_text = f"{cpu / 1000:.2f} ms" if cpu is not None else "n/a"
-        return (
-            f"| {name} | {section['direct']['requests_per_s']:.0f} | {section['gateway']['requests_per_s']:.0f} "
-            f"| {section['ratio_requests_per_s']:.2f} | {cpu_text} |"
-        )
 
-    lines.append(tput("Sequential, non-stream", seq))
-    lines.append(tput("Sequential, stream", stream))
-    lines.append(tput(f"Concurrent (C={conc['concurrency']}), non-stream", conc))
+def notes(report: dict[str, Any]) -> list[str]:
+    """The added latency run by run, the concurrent errors, and how the figures are computed."""
+    seq, stream, conc = report["sequential_nonstream"], report["sequential_stream"], report["concurrent"]
     per_run = ", ".join(ms(x, True) for x in seq["added"]["p50_ms_per_run"])
     per_run_stream = ", ".join(ms(x, True) for x in stream["added"]["p50_ms_per_run"])
-    lines += [
-        "",
+    return [
         f"Added p50 in each run: non-stream {per_run} ms; stream {per_run_stream} ms. "
         f"Median of paired differences (same request index): non-stream "
         f"{ms(seq['added']['paired_p50_ms'], True)} ms, stream {ms(stream['added']['paired_p50_ms'], True)} ms.",
@@ -104,7 +129,11 @@ def markdown(report: dict[str, Any]) -> str:
         "divided by the requests it served.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sections = (header, latency_section, tenancy_section, throughput_section, notes)
+    return "\n".join(line for section in sections for line in section(report))
 
 
 def print_summary(report: dict[str, Any]) -> None:

@@ -2,8 +2,8 @@
 answer the test split through the gateway (temperature 0), the answers are scored with the configured
 metrics (training.metrics), and `decide` applies the publish rule: the candidate must beat the serving
 version (the base when the alias has none) by `publish_margin` on the primary metric and must not
-drop by more than `max_regression` on the regression set. `write_report` leaves the evidence as
-eval_report.json and eval_report.md.
+drop by more than `max_regression` on the regression set. `training.eval_report` writes the evidence
+(eval_report.json and eval_report.md).
 
 Failed requests are kept, not raised: a failed answer counts as wrong on every metric, is left out
 of the latency percentiles, and is counted in `Scores.errors`.
@@ -33,8 +33,6 @@ Progress = Callable[[int, int], None]
 """Called with (answered, total) after each answer."""
 EPSILON = 1e-9
 """Slack in the publish rule's comparisons, so that 0.15 >= 0.10 + 0.05 holds in floating point."""
-CELL_CHARS = 240
-"""Longest text in a cell of the Markdown report's examples."""
 
 
 class EvalRow(BaseModel):
@@ -327,85 +325,3 @@ async def evaluate(
         decision=decide(scores["candidate"], scores.get("current"), scores["base"], pair, config),
         examples=choose_examples(rows, answers, config.examples_in_report),
     )
-
-
-def _cell(text: str, limit: int = CELL_CHARS) -> str:
-    """Text for one Markdown table cell: shortened, one line, pipes escaped."""
-    short = text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-    return short.replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
-
-
-def _number(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _prompt_text(prompt: Prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {_content(m.get('content'))}" for m in prompt)
-
-
-def _content(content: Any) -> str:
-    return content if isinstance(content, str) else json.dumps(content)
-
-
-def _row(label: str, cells: Sequence[str]) -> str:
-    return "| " + " | ".join([label, *cells]) + " |"
-
-
-def markdown_table(report: EvalReport) -> str:
-    """Metrics (rows) of base, current and candidate (columns), then latency, errors and the regression set."""
-    columns = (report.base, report.current, report.candidate)
-
-    def cells(value: Callable[[Scores], str]) -> list[str]:
-        return ["–" if scores is None else value(scores) for scores in columns]
-
-    lines = ["| metric | base | current | candidate |", "|---|---:|---:|---:|"]
-    for name in report.candidate.metrics:
-        label = f"**{name}** (primary)" if name == report.primary_metric else name
-        lines.append(_row(label, cells(functools.partial(_metric_cell, name))))
-    lines.append(_row("latency p50 (ms)", cells(lambda s: _number(s.latency_p50_ms, 0))))
-    lines.append(_row("latency p95 (ms)", cells(lambda s: _number(s.latency_p95_ms, 0))))
-    lines.append(_row("errors", cells(lambda s: f"{s.errors}/{s.n}")))
-    if report.regression is not None:
-        primary, regression = report.primary_metric, report.regression
-        serving = _number(regression.serving.metrics[primary])
-        before = ["–", serving] if report.current is not None else [serving, "–"]
-        candidate = _number(regression.candidate.metrics[primary])
-        lines.append(_row(f"{primary} on the regression set (n={regression.candidate.n})", [*before, candidate]))
-    return "\n".join(lines)
-
-
-def _metric_cell(name: str, scores: Scores) -> str:
-    return _number(scores.metrics.get(name))
-
-
-def markdown_report(report: EvalReport) -> str:
-    models = ", ".join(f"{role} `{name}`" for role, name in report.models.items())
-    verdict = "publish" if report.decision.publish else "do not publish"
-    lines = ["# Eval report", "", f"Models: {models}.", "", markdown_table(report), "", f"## Decision: {verdict}", ""]
-    lines += [f"- {reason}" for reason in report.decision.reasons]
-    lines += ["", "## Examples"]
-    for number, example in enumerate(report.examples, start=1):
-        answers = [example.reference, example.base, example.current or "–", example.candidate]
-        lines += [
-            "",
-            f"### {number}",
-            "",
-            f"**Prompt:** {_cell(_prompt_text(example.prompt), 2 * CELL_CHARS)}",
-            "",
-            "| reference | base | current | candidate |",
-            "|---|---|---|---|",
-            "| " + " | ".join(_cell(text) for text in answers) + " |",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: EvalReport, folder: str | Path) -> tuple[Path, Path]:
-    """Writes eval_report.json and eval_report.md into the folder (made if missing); returns their paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = folder / "eval_report.json", folder / "eval_report.md"
-    json_path.write_text(report.model_dump_json(indent=2) + "\n")
-    markdown_path.write_text(markdown_report(report))
-    return json_path, markdown_path

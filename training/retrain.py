@@ -31,7 +31,7 @@ from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
-from training import dataset, evaluate, publish, sources, train
+from training import dataset, eval_report, evaluate, publish, sources, train
 from training.config import RetrainConfig
 
 STEPS = ("dataset", "fit", "eval", "publish")
@@ -210,9 +210,9 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
             )  # fmt: skip
     finally:
         await apikeys.revoke(info.id)
-    await asyncio.to_thread(evaluate.write_report, report, run.eval_dir)
+    await asyncio.to_thread(eval_report.write_report, report, run.eval_dir)
     state.eval = {"publish": report.decision.publish, "reasons": report.decision.reasons}
-    state.eval["table"] = evaluate.markdown_table(report)
+    state.eval["table"] = eval_report.markdown_table(report)
     state.eval["scores"] = json.loads(report.model_dump_json(include={"candidate", "current", "base", "regression"}))
     _done(run, "eval", started)
     return report

@@ -25,11 +25,12 @@ from adapters.staging import staged_folder
 from adapters.validate import BaseModelSpec, CheckedAdapter, check_adapter
 from gateway.settings import Settings
 from training.config import RetrainConfig
+from training.epochs import EpochLoss, EpochWatch, as_trainer_callback, best_epoch, epoch_losses
 from training.hardware import Precision, choose_precision
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 Progress = Callable[[str], None]
 
@@ -54,13 +55,6 @@ class TrainingError(RuntimeError):
 
 class TrainingRefused(TrainingError):
     """Refused before any training: the config, the data or the machine cannot make a servable adapter."""
-
-
-@dataclass(frozen=True)
-class EpochLoss:
-    epoch: int
-    train_loss: float | None
-    validation_loss: float | None
 
 
 @dataclass(frozen=True)
@@ -198,56 +192,6 @@ def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision, epo
     )
 
 
-class _EpochWatch:
-    """Times training epochs (throughput) and reports each epoch's losses; `_as_trainer_callback` plugs it in."""
-
-    def __init__(self, total_epochs: int, examples_per_epoch: int, progress: Progress | None) -> None:
-        self.total_epochs = total_epochs
-        self.examples_per_epoch = examples_per_epoch
-        self.progress = progress
-        self.seconds = 0.0
-        self.tokens = 0
-        self.examples = 0
-        self._started = 0.0
-        self._tokens_at_start = 0
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._started = time.perf_counter()
-        self._tokens_at_start = state.num_input_tokens_seen
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds += time.perf_counter() - self._started
-        self.tokens += state.num_input_tokens_seen - self._tokens_at_start
-        self.examples += self.examples_per_epoch
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """One line per epoch, once its checkpoint is written (so a reported epoch survives a crash)."""
-        if self.progress is None:
-            return
-        epoch = round(state.epoch)
-        losses = {e.epoch: e for e in epoch_losses(state.log_history)}.get(epoch)
-        parts = [f"{name} loss {value:.4f}" for name, value in _loss_parts(losses)]
-        self.progress(f"epoch {epoch}/{self.total_epochs}: {', '.join(parts) or 'no loss logged'}")
-
-
-def _loss_parts(losses: EpochLoss | None) -> list[tuple[str, float]]:
-    if losses is None:
-        return []
-    named = [("train", losses.train_loss), ("validation", losses.validation_loss)]
-    return [(name, value) for name, value in named if value is not None]
-
-
-def _as_trainer_callback(watch: _EpochWatch) -> TrainerCallback:
-    from transformers import TrainerCallback
-
-    class EpochWatch(TrainerCallback):
-        on_epoch_begin = staticmethod(watch.on_epoch_begin)
-        on_epoch_end = staticmethod(watch.on_epoch_end)
-        on_save = staticmethod(watch.on_save)
-
-    return EpochWatch()
-
-
 def build_trainer(
     config: RetrainConfig, args: TrainingArguments, model: PreTrainedModel, base_dir: Path, data: dict[str, Dataset]
 ) -> Trainer:
@@ -278,27 +222,6 @@ def build_trainer(
         callbacks=callbacks,
     )
     return trainer
-
-
-def epoch_losses(log_history: list[dict[str, Any]]) -> tuple[EpochLoss, ...]:
-    """Per-epoch train loss (logged once per epoch) and validation loss, from the trainer's log history."""
-    train: dict[int, float] = {}
-    validation: dict[int, float] = {}
-    for log in log_history:
-        if "epoch" not in log:
-            continue
-        epoch = round(log["epoch"])
-        if "loss" in log:
-            train[epoch] = float(log["loss"])
-        if "eval_loss" in log:
-            validation[epoch] = float(log["eval_loss"])
-    return tuple(EpochLoss(e, train.get(e), validation.get(e)) for e in sorted(set(train) | set(validation)))
-
-
-def best_epoch(epochs: tuple[EpochLoss, ...]) -> int | None:
-    """The first epoch with the lowest validation loss, as the trainer's own best-model tracking picks it."""
-    scored = [(e.validation_loss, e.epoch) for e in epochs if e.validation_loss is not None]
-    return min(scored)[1] if scored else None
 
 
 def _dtype_name(precision: Precision) -> str:
@@ -345,10 +268,7 @@ def train(
     precision = choose_precision()
     qlora = use_qlora(config, precision)
     data = {split: load_split(dataset_dir, split, config.method) for split in SPLITS}
-    resume_from = _last_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
-    if not resume:
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-    shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)  # never mistake an older run's adapter for this one's
+    resume_from = _prepare_run_dir(run_dir, resume)
     epochs = config.epochs_for(len(data["train"]))
     report(
         f"{config.method} on {len(data['train'])} examples ({len(data['validation'])} validation) for {epochs} "
@@ -357,11 +277,36 @@ def train(
     )
     args = trainer_args(config, run_dir, precision, epochs)
     trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
-    watch = _EpochWatch(epochs, len(data["train"]), progress)
-    trainer.add_callback(_as_trainer_callback(watch))
+    watch = EpochWatch(epochs, len(data["train"]), progress)
+    trainer.add_callback(as_trainer_callback(watch))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     checked = save_adapter(trainer, run_dir / ADAPTER_DIR, base, max_rank)
 
+    return _result(config, trainer, watch, run_dir, checked, resume_from, qlora, precision, started)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: from scratch, older checkpoints removed); an older run's adapter
+    is removed either way, so that it is never mistaken for this one's."""
+    resume_from = _last_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
+    if not resume:
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
+    return resume_from
+
+
+def _result(
+    config: RetrainConfig,
+    trainer: Trainer,
+    watch: EpochWatch,
+    run_dir: Path,
+    checked: CheckedAdapter,
+    resume_from: Path | None,
+    qlora: bool,
+    precision: Precision,
+    started: float,
+) -> TrainResult:
+    """What a finished run reports: its epochs' losses, the epoch whose weights were kept, its speed."""
     losses = epoch_losses(trainer.state.log_history)
     best = best_epoch(losses)
     trained_epochs = round(trainer.state.epoch or 0)
@@ -372,9 +317,9 @@ def train(
         epochs=losses,
         best_epoch=best,
         adapter_epoch=best if early_stopping and best is not None else trained_epochs,
-        early_stopped=early_stopping and trained_epochs < epochs,
+        early_stopped=early_stopping and trained_epochs < watch.total_epochs,
         steps=trainer.state.global_step,
-        train_examples=len(data["train"]),
+        train_examples=watch.examples_per_epoch,
         examples_per_s=watch.examples / max(watch.seconds, 1e-9),
         tokens_per_s=watch.tokens / max(watch.seconds, 1e-9),
         train_seconds=watch.seconds,

@@ -17,6 +17,7 @@ except ImportError:  # openai 1 and 2: on httpx
     import httpx  # type: ignore[no-redef]
 
 from training.config import METRICS, RetrainConfig
+from training.eval_report import markdown_table, write_report
 from training.evaluate import (
     Answer,
     Decision,
@@ -29,10 +30,8 @@ from training.evaluate import (
     decide,
     evaluate,
     load_rows,
-    markdown_table,
     percentile,
     score,
-    write_report,
 )
 from training.metrics import (
     METRIC_FUNCTIONS,

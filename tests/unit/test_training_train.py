@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 
 from adapters.validate import BaseModelSpec, check_adapter
 from training.config import RetrainConfig
+from training.epochs import EpochLoss, best_epoch, epoch_losses
 from training.hardware import choose_precision
-from training.train import EpochLoss, TrainingRefused, TrainResult, best_epoch, epoch_losses, train
+from training.train import TrainingRefused, TrainResult, train
 
 SERVICES = ("nginx", "postgres", "redis", "kafka", "api", "worker", "cron", "auth", "billing", "search", "mail", "dns")
 SYSTEM = "Triage the alert."
