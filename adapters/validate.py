@@ -8,14 +8,22 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter
 from adapters.safetensors_header import read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PATTERN_SECONDS = 0.25
+"""What matching a `target_modules` pattern against the base's modules may take, all modules together:
+the pattern is the uploader's, so it is matched with a time limit (and without holding the GIL)."""
+MAX_PATTERN_CHARS = 1000
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)(?:\.default)?\.weight$")
 
 
@@ -96,11 +104,31 @@ def _check_base(config: dict[str, Any], base: BaseModelSpec) -> None:
         )
 
 
+def _pattern_matches(targets: str, paths: Iterable[str]) -> list[bool]:
+    """Whether PEFT's `re.fullmatch(target_modules, path)` holds for each path: an invalid, over-long or
+    too costly pattern (catastrophic backtracking) is refused as the adapter's fault."""
+    if len(targets) > MAX_PATTERN_CHARS:
+        raise InvalidAdapter(f"target_modules pattern is longer than {MAX_PATTERN_CHARS} characters.")
+    try:
+        pattern = regex.compile(targets, flags=regex.VERSION0)  # VERSION0: the `re` module's syntax
+    except regex.error as exc:
+        raise InvalidAdapter(f"target_modules pattern {targets!r} is not a valid regular expression: {exc}.") from None
+    deadline = time.monotonic() + PATTERN_SECONDS
+    try:
+        return [
+            pattern.fullmatch(path, timeout=max(deadline - time.monotonic(), 1e-3), concurrent=True) is not None
+            for path in paths
+        ]
+    except TimeoutError:
+        raise InvalidAdapter(
+            f"target_modules pattern {targets!r} takes too long to match this base's module names; simplify it."
+        ) from None
+
+
 def _check_targets(config: dict[str, Any], base: BaseModelSpec) -> list[str]:
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        pattern = re.compile(targets)
-        if not any(pattern.fullmatch(path) for path in base.linear_shapes):
+        if not any(_pattern_matches(targets, base.linear_shapes)):
             raise InvalidAdapter(f"target_modules pattern {targets!r} matches no module of {base.name}.")
         return [targets]
     if not isinstance(targets, list) or not targets:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -89,19 +90,26 @@ class KeyInfo(BaseModel):
         )
 
 
+MAX_DURATION_S = 100 * 365 * 86400.0
+"""Longest duration a key may be given (expiry, rotation grace): a century."""
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
 def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
     """Seconds, from a number of seconds or a duration like `30s`, `15m`, `1h`, `7d`, `1h30m`."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        found = _DURATION.fullmatch(str(text).strip())
-        if not str(text).strip() or found is None:
-            raise InvalidKeyRequest(f"Invalid duration {text!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m.")
-        days, hours, minutes, secs = (int(part or 0) for part in found.groups())
-        seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    try:
+        if isinstance(text, int | float) and not isinstance(text, bool):
+            seconds = float(text)
+        else:
+            found = _DURATION.fullmatch(str(text).strip())
+            if not str(text).strip() or found is None:
+                raise InvalidKeyRequest(f"Invalid duration {text!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m.")
+            days, hours, minutes, secs = (int(part or 0) for part in found.groups())
+            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    except OverflowError:
+        seconds = math.inf
+    if not seconds <= MAX_DURATION_S:
+        raise InvalidKeyRequest(f"Invalid duration {str(text)[:40]!r}: at most {MAX_DURATION_S // 86400:.0f} days.")
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise InvalidKeyRequest(f"Invalid duration {text!r}: it must be longer than zero.")
     return seconds

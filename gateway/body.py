@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 import pydantic_core
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import ClientClosed, InvalidRequest, PayloadTooLarge
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -17,11 +17,14 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {max_bytes} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection before its request body was read.") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")

@@ -3,6 +3,12 @@
 Erasing an end user leaves a tombstone (`keys.forgotten`) for as long as the tenant keeps records:
 records and ratings of theirs made before the erasure that are still in some gateway's spool (Redis
 was down, or a process died) are not written back when the spool is replayed.
+
+Deleting a tenant leaves one too (`keys.tenant_deleted`): the deletion time, and the records Redis's
+own clock then. Records and ratings carry when their tenant was created (`tenant_created`: which tenant
+of that name they belong to); those of a tenant created at or before the deletion, still queued in some
+gateway or in a spool, are refused by the scripts that write them, and a completion index written by
+Redis before the deletion does not vouch for a tenant re-created later with the same name.
 """
 
 from __future__ import annotations
@@ -15,6 +21,17 @@ import redis.asyncio as aioredis
 from gateway import keys
 
 PAGE = 500
+MAX_KEEP_S = 3650 * 86400
+"""How long a tenant's tombstone stays when its record age limit is not known: the longest a policy allows."""
+
+# KEYS: the tenant's tombstone. ARGV: deletion time (Unix), seconds to keep it. Returns Redis's time (ms), kept
+# beside the deletion time: stream entries (and so completion indexes) written up to then are the old tenant's.
+_TOMBSTONE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ms, 'EX', ARGV[2])
+return ms
+"""
 
 
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int) -> dict[str, int]:
@@ -42,8 +59,33 @@ async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completi
     return int(await redis.xdel(keys.completion_log(tenant), entry))
 
 
-async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
-    """Delete a tenant's whole log and feedback (when the tenant is deleted). Returns the records deleted."""
+async def tenant_deleted(redis: aioredis.Redis, tenant: str) -> tuple[float, int] | None:
+    """When the tenant of that name was last deleted (Unix time), and the records Redis's clock then (ms)."""
+    found = await redis.get(keys.tenant_deleted(tenant))
+    return parse_tombstone(found) if found else None
+
+
+def parse_tombstone(found: str) -> tuple[float, int]:
+    at, _, ms = found.partition(" ")
+    return float(at), int(ms or 0)
+
+
+async def mark_tenant_deleted(
+    redis: aioredis.Redis, tenant: str, created: float = 0.0, keep_s: int | None = None
+) -> None:
+    """Leave a deleted tenant's tombstone: from now on no record or rating of a tenant of that name created at
+    or before now (`created`: when the deleted one was; `keep_s`: its record age limit, how long the tombstone
+    stays, MAX_KEEP_S when not known) is written, whichever gateway's queue or spool it comes from."""
+    at = max(time.time(), created)
+    script = redis.register_script(_TOMBSTONE)
+    await script(keys=[keys.tenant_deleted(tenant)], args=[repr(at), max(keep_s or MAX_KEEP_S, 1)])
+
+
+async def purge_tenant(redis: aioredis.Redis, tenant: str, *, tombstone: bool = True) -> int:
+    """Delete a tenant's whole log and feedback (when the tenant is deleted). Returns the records deleted.
+    `tombstone`: leave the tenant's tombstone first (False: the caller left it, as soon as it deleted the tenant)."""
+    if tombstone:
+        await mark_tenant_deleted(redis, tenant)
     stream, start, deleted = keys.completion_log(tenant), "-", 0
     while entries := await redis.xrange(stream, min=start, max="+", count=PAGE):
         ids = [json.loads(fields["r"]).get("id") for _, fields in entries]

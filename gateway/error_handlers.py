@@ -9,10 +9,18 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
-from gateway.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, StateUnavailable, from_errors
+from gateway.errors import (
+    APIError,
+    ClientClosed,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    StateUnavailable,
+    from_errors,
+)
 
 log = logging.getLogger("loragate.errors")
 
@@ -31,17 +39,32 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return _respond(from_errors(exc.errors(), code=None))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no route for the path, a method the route does not take), worded as
+    OpenAI words them; a 405 keeps its `Allow` header."""
     assert isinstance(exc, HTTPException)
-    kinds: dict[int, type[APIError]] = {404: NotFound, 405: InvalidRequest, 413: PayloadTooLarge}
-    error = kinds.get(exc.status_code, InvalidRequest)(str(exc.detail))
+    asked = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        error: APIError = NotFound(f"Invalid URL ({asked})")
+        error.code = None  # as OpenAI answers an unknown URL
+    elif exc.status_code == 405:
+        error = InvalidRequest(f"Invalid method for URL ({asked})")
+    else:
+        error = (PayloadTooLarge if exc.status_code == 413 else InvalidRequest)(str(exc.detail))
     error.status = exc.status_code
+    error.headers = dict(exc.headers or {})
     return _respond(error)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error", exc_info=exc)
     return _respond(APIError("The server had an error while processing your request."))
+
+
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    """The client left while its request was being read: nobody to answer, nothing to log but a line."""
+    log.debug("client closed the connection mid-request: %r", exc)
+    return Response(status_code=ClientClosed.status)
 
 
 async def _state_error(_: Request, exc: Exception) -> JSONResponse:
@@ -52,6 +75,7 @@ async def _state_error(_: Request, exc: Exception) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RedisError, _state_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -102,6 +102,15 @@ class AdapterUnavailable(APIError):
     code = "adapter_unavailable"
 
 
+class ClientClosed(APIError):
+    """The client closed its connection before its request was read whole: nobody is left to answer. The
+    status is nginx's 499 (`gateway.context.CLIENT_CLOSED`), for the log and the metrics only."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed"
+
+
 class StateUnavailable(APIError):
     status = 503
     type = "server_error"
@@ -171,6 +180,11 @@ def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid
     if not errors:
         return InvalidRequest("invalid request")
     first = errors[0]
+    if first.get("type") == "json_invalid":  # FastAPI's body parsing: its `loc` is a character offset
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return InvalidRequest(
+            f"We could not parse the JSON body of your request ({reason}). The OpenAI API expects a JSON payload."
+        )
     loc = _field_path(first.get("loc", ()))
     members = [str(e["loc"][-1]) for e in errors if e.get("loc") and _field_path(e["loc"]) == loc]
     param = param_path(loc) or None

@@ -21,6 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from gateway import keys
 from gateway.assignment import allocate, reallocate
 
+# KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version. ARGV:
+# name, experiment JSON, change JSON, alias target ('' for none), alias, 1 when the experiment must exist
+# already (a change, not a creation: one made as its tenant is deleted does not bring its keys back).
+_SAVE = """
+if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[4]) end
+redis.call('INCR', KEYS[4])
+return 1
+"""
+
 PREFIX = "experiment:"
 """An alias target that names an experiment."""
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -123,6 +135,7 @@ class ExperimentStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
+        self._save_script = redis.register_script(_SAVE)
         self._cache: dict[tuple[str, str], Experiment] = {}
         self._generation = 0
 
@@ -163,9 +176,8 @@ class ExperimentStore:
             running = experiment.previous_target.removeprefix(PREFIX)
             raise InvalidExperiment(f"Alias `{experiment.alias}` already runs experiment `{running}`; end it first.")
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
-        await self._save(
-            experiment, Change(at=time.time(), by=by, action="create", detail=arms), alias=PREFIX + experiment.name
-        )
+        change = Change(at=time.time(), by=by, action="create", detail=arms)
+        await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)
         return experiment
 
     async def set_weights(
@@ -213,15 +225,17 @@ class ExperimentStore:
             raise InvalidExperiment(f"Experiment `{name}` has ended ({experiment.status}).")
         return experiment
 
-    async def _save(self, experiment: Experiment, change: Change, alias: str | None = None) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.experiments(experiment.tenant), experiment.name, experiment.model_dump_json())
-            pipe.rpush(keys.experiment_audit(experiment.tenant, experiment.name), change.model_dump_json())
-            if alias is not None:
-                pipe.hset(keys.aliases(experiment.tenant), experiment.alias, alias)
-            pipe.incr(keys.state_version())
-            await pipe.execute()
+    async def _save(self, experiment: Experiment, change: Change, alias: str | None = None, new: bool = False) -> None:
+        """Write the experiment, its change to the audit log and its alias at once. A change of an experiment
+        that is gone meanwhile (its tenant deleted) is refused: ExperimentNotFound."""
+        tenant, name = experiment.tenant, experiment.name
+        script_keys = [keys.experiments(tenant), keys.experiment_audit(tenant, name), keys.aliases(tenant)]
+        script_keys.append(keys.state_version())
+        args = [name, experiment.model_dump_json(), change.model_dump_json(), alias or "", experiment.alias]
+        saved = await self._save_script(keys=script_keys, args=[*args, "0" if new else "1"])
         self.forget_cached()
+        if not saved:
+            raise ExperimentNotFound(name)
 
 
 def parse_arm(spec: str) -> Arm:

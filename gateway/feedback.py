@@ -11,7 +11,11 @@ A 2xx from `POST /v1/feedback` means the feedback is on disk:
 
 Feedback is stored per completion in a hash keyed by end user (empty for anonymous feedback), so a
 second rating by the same user replaces the first. A replay never overwrites a newer rating, nor
-writes back a rating of an end user erased since it was given.
+writes back a rating of an end user erased since it was given; no write keeps a rating given to a tenant
+deleted since (each carries when its tenant was created: a tenant re-created with the same name is another).
+
+Whether a completion is the caller's is told apart only from "not found": an id of another tenant is
+looked for exactly as an unknown one is, waits included, so neither the answer nor its time says which.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
+from gateway.erasure import parse_tombstone
 from gateway.errors import InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
@@ -44,10 +49,13 @@ VERIFY_FOR_S = 600.0
 """How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped."""
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
-# counters ('' where none). ARGV: field (end user), feedback JSON, created, completion id, ttl (s),
-# replay (1/0), score_min, score_max. A replay never replaces a newer rating, nor brings back one of an
+# counters ('' where none), the tenant's deletion. ARGV: field (end user), feedback JSON, created, completion
+# id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created. Feedback of a tenant created at
+# or before its deletion is refused (-1). A replay never replaces a newer rating, nor brings back one of an
 # end user erased since. The arm's feedback signal moves by the difference a (replaced) rating makes.
 _STORE = """
+local deleted = redis.call('GET', KEYS[5])
+if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[6] == '1' then
   if old then
@@ -136,31 +144,47 @@ class FeedbackStore:
 
     # -- whose completion ----------------------------------------------------------------------
 
-    async def _owner(self, completion_id: str) -> str | None:
-        found = await self._redis.get(keys.completion(completion_id))
-        return found.partition(" ")[0] if found else None
+    async def _owner(self, completion_id: str, tenant: str) -> str | None:
+        """The tenant whose completion it is, by its index in Redis; None when not indexed. An index Redis
+        wrote before `tenant` was last deleted is the deleted tenant's: None too (for a re-created `tenant`)."""
+        index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
+        if not index:
+            return None
+        owner, _, entry = index.partition(" ")  # TENANT ENTRY-ID[ EXPERIMENT ARM]
+        if owner == tenant and deleted and _entry_ms(entry) <= parse_tombstone(deleted)[1]:
+            return None
+        return str(owner)
 
-    async def owned(self, tenant: str, completion_id: str) -> bool | None:
+    def _answered_here(self, tenant: Tenant, completion_id: str) -> bool:
+        """Whether this process answered the completion for this tenant (not for a deleted one of that name)."""
+        return self._recorder.recent.get(completion_id) == (tenant.name, tenant.created)
+
+    async def owned(self, tenant: Tenant, completion_id: str) -> bool | None:
         """Whether the completion is the tenant's; None when it cannot be told yet (Redis is down, or the
-        log is spooling, and this process did not answer it). A completion answered a moment ago may
-        not be logged yet: this process's queue is written first, and other processes (which write
-        every 50 ms) are waited for, up to `settle_s`."""
-        if self._recorder.recent.get(completion_id) == tenant:
-            return True  # answered by this process (another tenant's is looked up like any unknown id)
+        log is spooling). A completion answered a moment ago may not be logged yet: this process's queue
+        is written first, and other processes (which write every 50 ms) are waited for, up to `settle_s`.
+        Another tenant's completion takes the very path of an unknown id (the same waits and Redis calls,
+        and the same answer), so that neither tells whether the id exists."""
+        if self._answered_here(tenant, completion_id):
+            return True
+
+        async def indexed() -> bool:
+            return await self._owner(completion_id, tenant.name) == tenant.name
+
         try:
-            owner = await self._owner(completion_id)
-            if owner is None:
-                await self._recorder.written()
-                owner = self._recorder.recent.get(completion_id) or await self._owner(completion_id)
+            if await indexed():
+                return True
+            await self._recorder.written()
+            if self._answered_here(tenant, completion_id) or await indexed():
+                return True
             deadline = time.monotonic() + self._settle_s
-            while owner is None and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-                owner = await self._owner(completion_id)
+                if await indexed():
+                    return True
         except (RedisError, OSError):
             return None
-        if owner is None:
-            return None if self._recorder.degraded else False  # when spooling, its record may be in a spool
-        return owner == tenant
+        return None if self._recorder.degraded else False  # when spooling, its record may be in a spool
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -187,10 +211,11 @@ class FeedbackStore:
     async def submit(self, tenant: Tenant, given: FeedbackIn) -> tuple[Feedback, bool]:
         """Store feedback; True when it is in Redis (on its disk), False when it waits in the local spool."""
         feedback = await asyncio.to_thread(self._prepared, tenant, given)
-        owned = await self.owned(tenant.name, given.completion_id)
+        owned = await self.owned(tenant, given.completion_id)
         if owned is False:
             raise CompletionUnknown(given.completion_id)
         item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s, "since": time.time()}
+        item["tenant_created"] = tenant.created
         item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
         item["feedback"] = feedback.model_dump_json()
         if owned and self.durability != "spool":
@@ -224,14 +249,18 @@ class FeedbackStore:
                 script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
                 _, _, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
                 script_keys.append(keys.arm_counters(tenant, experiment, arm) if experiment and arm else "")
+                script_keys.append(keys.tenant_deleted(tenant))
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
+                args.append(item.get("tenant_created") or feedback["created"])
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
                 pipe.execute_command("WAITAOF", 1, 0, 2000)
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")
+        if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created) meanwhile
+            raise CompletionUnknown(parsed[0]["completion_id"])
         if not replay and results[0] != 1:
             raise NotDurable("Redis did not keep the feedback")
 
@@ -248,7 +277,8 @@ class FeedbackStore:
             kept = []
             for item in items:
                 if item["verify"]:
-                    owner = await self._owner(pydantic_core.from_json(item["feedback"])["completion_id"])
+                    completion_id = pydantic_core.from_json(item["feedback"])["completion_id"]
+                    owner = await self._owner(completion_id, item["tenant"])
                     if owner is None and time.time() - item.get("since", 0) < VERIFY_FOR_S:
                         waiting.append(item)
                         continue
@@ -271,8 +301,19 @@ class FeedbackStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def of_completion(self, tenant: str, completion_id: str) -> list[Feedback]:
-        if not await self.owned(tenant, completion_id):
+    async def of_completion(self, tenant: Tenant, completion_id: str) -> list[Feedback]:
+        """The feedback on one of the tenant's completions. 503 when that cannot be told (Redis is down, or
+        the log is spooling and the completion is not found): a 404 would say it does not exist."""
+        owned = await self.owned(tenant, completion_id)
+        if owned is None:
+            raise StateUnavailable("Feedback cannot be read right now: the completion log is unavailable. Try again.")
+        if not owned:
             raise CompletionUnknown(completion_id)
-        stored = await self._redis.hgetall(keys.feedback(tenant, completion_id))
+        stored = await self._redis.hgetall(keys.feedback(tenant.name, completion_id))
         return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)
+
+
+def _entry_ms(entry: str) -> int:
+    """The time (ms, Redis's clock) in a stream entry id `MS-SEQ` followed by anything; 0 when not one."""
+    ms = entry.partition("-")[0]
+    return int(ms) if ms.isdigit() else 0

@@ -127,6 +127,20 @@ def forgotten(tenant: str, user: str) -> str:
     return f"{PREFIX}:forgotten:{tenant}:{user}"
 
 
+def tenant_deleted(tenant: str) -> str:
+    """`THRESHOLD REDIS-MS` of a deleted tenant: records and feedback of the tenant as it was when deleted
+    (created at or before THRESHOLD, a Unix time), replayed from a queue or a spool later, are not written;
+    completion indexes written by that Redis at or before REDIS-MS (its own clock, as stream ids) belong to it,
+    not to a tenant re-created with the same name. Kept as long as the deleted tenant kept records."""
+    return f"{PREFIX}:tenant-deleted:{tenant}"
+
+
+def tenant_state_pattern(tenant: str) -> str:
+    """SCAN pattern of every per-tenant key in the state Redis (keys, pins, aliases, experiments and their
+    audit logs)."""
+    return f"{PREFIX}:tenant:{tenant}:*"
+
+
 def tenant_records_pattern(tenant: str) -> list[str]:
     """SCAN patterns of every per-key record structure of a tenant (feedback, end users, erasures)."""
     return [

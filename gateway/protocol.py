@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+MAX_MESSAGES = 2048
+"""Most messages in one chat request (far more than any context holds): a body of hundreds of thousands
+would otherwise take the event loop seconds to validate, for every tenant of the process."""
+MAX_TOOLS = 128
+"""Most tools in one chat request, as OpenAI allows."""
 
 
 def _needs(field: str, when: Any, other: str, value: Any = None) -> dict[str, Any]:
@@ -78,11 +91,13 @@ class SamplingParams(PassThrough):
 
     token_limits: ClassVar[tuple[str, ...]] = ("max_tokens",)
     """The fields that bound how many tokens a request generates."""
+    default_max_tokens: ClassVar[int | None] = None
+    """The limit when the request names none (None: as many as the context holds, capped by the gateway)."""
 
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int | None = Field(1, ge=1, le=128)
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
@@ -95,7 +110,7 @@ class SamplingParams(PassThrough):
     def answers(self) -> int:
         """How many completions the request generates: n (or vLLM's best_of), times its prompts."""
         best_of = (self.model_extra or {}).get("best_of")
-        per_prompt = max(self.n, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 0)
+        per_prompt = max(self.n or 1, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 0)
         return per_prompt * self.prompts()
 
     def prompts(self) -> int:
@@ -120,19 +135,35 @@ class SamplingParams(PassThrough):
 class ChatCompletionRequest(SamplingParams):
     token_limits: ClassVar[tuple[str, ...]] = ("max_completion_tokens", "max_tokens")
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
 
 
 class CompletionRequest(SamplingParams):
+    default_max_tokens: ClassVar[int | None] = 16
+    """OpenAI's (and vLLM's) default for text completions."""
+
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
     suffix: str | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _zero_only_with_echo(self) -> CompletionRequest:
+        """0 generates nothing: vLLM allows it with `echo` (the prompt's logprobs, scoring without generating).
+        `echo` is declared after `max_tokens`, so this is checked on the whole request, naming the field."""
+        if self.max_tokens == 0 and not self.echo:
+            problem = ValueError(
+                "max_tokens must be at least 1, or 0 with echo true (the prompt scored, nothing generated)"
+            )
+            details = {"type": "value_error", "loc": ("max_tokens",), "input": 0, "ctx": {"error": problem}}
+            raise ValidationError.from_exception_data(type(self).__name__, [details])  # type: ignore[list-item]
+        return self
 
     def prompts(self) -> int:
         """A batch (a list of strings or of token lists) is one prompt each; one token list is one prompt."""

@@ -22,7 +22,8 @@ from gateway.redaction import Redactor
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
 """What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
-DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options")
+DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options", "cache_salt")
+"""Not kept as parameters: named elsewhere in the record, or the gateway's own (the per-tenant cache salt)."""
 MAX_CHARS = 32_768
 """Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 600_000)
@@ -43,6 +44,7 @@ def raw_record(context: RequestContext) -> dict[str, Any]:
         "redact": tuple(sorted(policy.redact)) if policy.content else (),
         "max_records": policy.max_records,
         "ttl": policy.max_age_s,
+        "tenant_created": context.tenant.created,
     }
 
 
@@ -90,6 +92,7 @@ def _entry(raw: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
         "latency_bucket": latency_bucket(record["latency_ms"]),
+        "tenant_created": raw.get("tenant_created"),
     }
 
 

@@ -7,9 +7,10 @@ written off the request path.
 only; a thread when `workers` is 0), and writes them in one pipelined round trip: one Lua script per
 100 records appends each to its tenant's stream (trimmed to the tenant's length), indexes its
 completion id (owner and entry, expiring with the tenant's age limit) and adds it to the end user's
-set (for erasure). The script skips a record already indexed (a batch replayed twice is kept once)
-and one of an end user erased since it was made. The stages overlap: while one batch is built, the
-next is taken off the queue and the last one is written.
+set (for erasure). The script skips a record already indexed (a batch replayed twice is kept once),
+one of an end user erased since it was made, and one of a tenant deleted since (each record carries
+when its tenant was created, `tenant_created`: a tenant re-created with the same name is another).
+The stages overlap: while one batch is built, the next is taken off the queue and the last one is written.
 
 When Redis cannot be reached, records go to a local spool (bounded: past it the oldest are dropped
 and counted in `loragate_records_dropped_total`), and every record after them too, so that when
@@ -41,25 +42,40 @@ from gateway.spool import Spool
 log = logging.getLogger("loragate.recorder")
 
 # Per record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's
-# counters, experiment arm's users ('' for what does not apply). ARGV: record JSON, max length, ttl (s),
-# tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens,
-# completion tokens, latency bucket. An arm's counters move only when its record is written (a replay
-# counts once). What many records of a call share is summed in the script and written once at its end:
-# each end user's set gets one SADD and one EXPIRE (the longest ttl), each arm one HINCRBY per counter and
-# one PFADD. A record that fails stops the loop, but what the records before it share is still written
-# before the error is returned: the recorder then retries record by record, and the index skips those.
+# counters, experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON,
+# max length, ttl (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0),
+# prompt tokens, completion tokens, latency bucket, when its tenant was created. A record of a tenant created
+# at or before its deletion is skipped (each tenant's deletion is read once per call). An arm's counters move
+# only when its record is written (a replay counts once). What many records of a call share is summed in the
+# script and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl), each
+# arm one HINCRBY per counter and one PFADD. A record that fails stops the loop, but what the records before it
+# share is still written before the error is returned: the recorder then retries record by record, and the index
+# skips those.
 # Returns the records written.
 _RECORD = """
-local written, sets, arms = 0, {}, {}
+local written, sets, arms, deleted = 0, {}, {}, {}
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
+local function deletion(key)
+  local at = deleted[key]
+  if at == nil then
+    local found = redis.call('GET', key)
+    at = found and tonumber(string.match(found, '^%S+')) or -1
+    deleted[key] = at
+  end
+  return at
+end
 local function one(i)
-  local stream, index, user, gone = KEYS[6 * i + 1], KEYS[6 * i + 2], KEYS[6 * i + 3], KEYS[6 * i + 4]
-  local arm = KEYS[6 * i + 5]
-  local a = 12 * i
+  local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
+  local arm = KEYS[7 * i + 5]
+  local a = 13 * i
   local errors, prompt, completion = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
-  if errors == nil or prompt == nil or completion == nil then error('record ' .. ARGV[a + 5] .. ': bad counts') end
+  local incarnation = tonumber(ARGV[a + 13])
+  if errors == nil or prompt == nil or completion == nil or incarnation == nil then
+    error('record ' .. ARGV[a + 5] .. ': bad counts')
+  end
+  if deletion(KEYS[7 * i + 7]) >= incarnation then return end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if erased or redis.call('EXISTS', index) == 1 then return end
   local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
@@ -73,7 +89,7 @@ local function one(i)
   end
   if arm ~= '' then
     local found = arms[arm]
-    if found == nil then found = {users = KEYS[6 * i + 6], counts = {}, who = {}}; arms[arm] = found end
+    if found == nil then found = {users = KEYS[7 * i + 6], counts = {}, who = {}}; arms[arm] = found end
     local counts = found.counts
     bump(counts, 'requests', 1)
     if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
@@ -84,7 +100,7 @@ local function one(i)
   end
 end
 local failed = nil
-for i = 0, #KEYS / 6 - 1 do
+for i = 0, #KEYS / 7 - 1 do
   local ok, err = pcall(one, i)
   if not ok then failed = err; break end
 end
@@ -112,6 +128,8 @@ RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
+Recent = tuple[str, float | None]
+"""Who answered a completion: the tenant's name and when that tenant was created (None: not known)."""
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -143,8 +161,8 @@ class Recorder:
         self._done_seq = 0
         self._lane = ScriptLane(redis, _RECORD, size=2)
         self._builder: RecordWorker | ThreadBuilder = RecordWorker() if workers else ThreadBuilder()
-        self.recent: OrderedDict[str, str] = OrderedDict()
-        """Completion id -> tenant, for the last RECENT records this process handled."""
+        self.recent: OrderedDict[str, Recent] = OrderedDict()
+        """Completion id -> tenant and its creation, for the last RECENT records this process handled."""
         self.degraded = False
         """True while Redis cannot be written: records go to the spool."""
         self._retry_at = 0.0
@@ -273,9 +291,14 @@ class Recorder:
 
     def _remember(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
-            self.recent[entry["id"]] = entry["tenant"]
+            self.recent[entry["id"]] = (entry["tenant"], entry.get("tenant_created"))
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Forget the completions this process answered for a tenant (it was deleted)."""
+        for completion_id in [cid for cid, (owner, _) in self.recent.items() if owner == tenant]:
+            del self.recent[completion_id]
 
     async def close(self) -> None:
         await self._lane.close()
@@ -302,7 +325,9 @@ def _call(chunk: list[dict[str, Any]]) -> Call:
             script_keys += [keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm)]
         else:
             script_keys += ["", ""]
+        script_keys.append(keys.tenant_deleted(tenant))
         args += [e["record"], e["max_records"], e["ttl"], tenant, e["id"], e["created"]]
         args += [f" {experiment} {arm}" if experiment and arm else "", user or "", e.get("error", 0)]
         args += [e.get("prompt_tokens", 0), e.get("completion_tokens", 0), e.get("latency_bucket", "")]
+        args.append(e.get("tenant_created") or e["created"])
     return script_keys, args

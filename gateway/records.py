@@ -121,7 +121,10 @@ class FeedbackIn(BaseModel):
     @classmethod
     def _number(cls, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)  # JSON has one number type: 1 is as good a score as 1.0
+            try:
+                return float(value)  # JSON has one number type: 1 is as good a score as 1.0
+            except OverflowError:
+                raise ValueError("score must be a finite number") from None
         return value
 
     @model_validator(mode="after")

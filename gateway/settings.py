@@ -107,8 +107,13 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(
         2048,
         ge=1,
-        description="Most tokens one request may generate: a request naming no max_tokens gets this, "
-        "one asking for more is lowered to it, so no request holds an engine for minutes.",
+        description="Most tokens one request may generate: a chat request naming no max_tokens gets this (a "
+        "text completion 16), one asking for more is lowered to it, so no request holds an engine for minutes.",
+    )
+    isolate_prefix_cache: bool = Field(
+        True,
+        description="Each tenant's requests reuse only its own prefix-cache blocks in vLLM (a per-tenant "
+        "cache_salt), so no tenant can time another's prompts; false lets tenants share common prefixes.",
     )
     upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")

@@ -122,10 +122,18 @@ class TenantStore:
         return tenant
 
     async def create(
-        self, name: str, limits: Limits | None = None, on_redis_down: str = "open", logging: LogPolicy | None = None
+        self,
+        name: str,
+        limits: Limits | None = None,
+        on_redis_down: str = "open",
+        logging: LogPolicy | None = None,
+        not_before: float = 0.0,
     ) -> Tenant:
+        """`not_before`: when a tenant of that name was last deleted; the new one is created after it (its
+        `created` tells its records from those of the deleted one, gateway.erasure), whatever this host's clock."""
         settings = {"limits": limits or Limits(), "on_redis_down": on_redis_down, "logging": logging or LogPolicy()}
-        tenant = Tenant.model_validate({"name": check_tenant_name(name), **settings})
+        created = max(time.time(), not_before + 0.001)
+        tenant = Tenant.model_validate({"name": check_tenant_name(name), "created": created, **settings})
         if not await self._redis.set(keys.tenant(name), tenant.model_dump_json(), nx=True):
             raise TenantExists(name)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -165,8 +173,9 @@ class TenantStore:
         return updated
 
     async def delete(self, name: str) -> list[str]:
-        """Delete the tenant, its keys, pins and aliases, and its shares (both ways). Returns the ids of the
-        keys it revoked. Its adapter files are the registry's to remove."""
+        """Delete the tenant, its keys, pins and aliases, its experiments and their audit logs (every key
+        under `loragate:tenant:NAME:`), and its shares (both ways). Returns the ids of the keys it revoked.
+        Its adapter files are the registry's to remove; its log and feedback, gateway.erasure's."""
         await self.get(name)
         key_ids = sorted(await self._redis.smembers(keys.tenant_keys(name)))
         shares = await self._redis.hgetall(keys.shares())
@@ -183,4 +192,6 @@ class TenantStore:
                     pipe.hset(keys.shares(), adapter, json.dumps([t for t in consumers if t != name]))
             pipe.incr(keys.state_version())
             await pipe.execute()
+        async for key in self._redis.scan_iter(match=keys.tenant_state_pattern(name), count=500):
+            await self._redis.delete(key)
         return key_ids

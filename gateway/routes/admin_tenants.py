@@ -14,22 +14,25 @@ POST   /admin/tenants/{tenant}/keys/{key_id}/rotate   {"grace"}: a new key; the 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from gateway import admin_protocol as answers
 from gateway.apikeys import KeyInfo, parse_duration
 from gateway.auth import Admin
-from gateway.erasure import purge_tenant
+from gateway.erasure import mark_tenant_deleted, purge_tenant, tenant_deleted
 from gateway.errors import NotFound
 from gateway.openapi import answer, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
 
 router = APIRouter(prefix="/admin/tenants")
+log = logging.getLogger("loragate.admin")
 
 
 class NewTenant(BaseModel):
@@ -58,8 +61,17 @@ class Rotation(BaseModel):
 
 @router.post("", status_code=201, responses=errors(409))
 async def create_tenant(body: NewTenant, request: Request, _: Admin) -> Tenant:
+    svc = services(request)
     with domain_errors("name"):
-        return await services(request).tenants.create(body.name, body.limits, body.on_redis_down)
+        name = check_tenant_name(body.name)
+        try:  # a tenant deleted under this name: the new one is created after it, whatever the clocks say
+            deleted = await tenant_deleted(svc.records_redis, name)
+        except (RedisError, OSError) as exc:
+            log.warning("tenant %s: its last deletion could not be read (%r); created by this host's clock", name, exc)
+            deleted = None
+        return await svc.tenants.create(
+            name, body.limits, body.on_redis_down, not_before=deleted[0] if deleted else 0.0
+        )
 
 
 @router.get("", response_model=None, responses=answer(answers.TenantList, "Every tenant."))
@@ -88,12 +100,19 @@ async def update_tenant(tenant: str, body: TenantChanges, request: Request, _: A
 async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, Any]:
     svc = services(request)
     with domain_errors():
-        revoked = await svc.tenants.delete(check_tenant_name(tenant))
+        found = await svc.tenants.get(check_tenant_name(tenant))
+        revoked = await svc.tenants.delete(tenant)
     svc.keys.forget_cached()
+    svc.tenants.forget_cached()
+    # The tombstone first: what any gateway still has queued or spooled of this tenant (records, ratings) is
+    # refused when it comes. Then this process's queue is written (and refused), and the log purged.
+    await mark_tenant_deleted(svc.records_redis, tenant, found.created, found.logging.max_age_s)
+    await svc.recorder.written()
+    svc.recorder.forget_tenant(tenant)
     removed = await asyncio.to_thread(svc.registry.remove_tenant, tenant)
     for name in removed:
         await svc.placement.unload_everywhere(name)
-    records = await purge_tenant(svc.records_redis, tenant)
+    records = await purge_tenant(svc.records_redis, tenant, tombstone=False)
     return {
         "id": tenant,
         "object": "tenant",

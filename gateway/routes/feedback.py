@@ -55,14 +55,17 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
 @router.get(
     "/v1/feedback",
     response_model=None,
-    responses=answer(answers.FeedbackList, "The feedback on that completion.") | errors(404),
+    responses=answer(answers.FeedbackList, "The feedback on that completion.") | errors(404, 503),
 )
 async def get_feedback(
     request: Request, caller: TenantCaller, completion_id: str = Query(min_length=1, max_length=200)
 ) -> dict[str, Any]:
+    """404 for a completion that is not the caller's (unknown or another tenant's, alike); 503 while that
+    cannot be told (Redis down, or the completion log spooling)."""
     svc = services(request)
     assert caller.tenant is not None
-    found = await svc.feedback.of_completion(caller.tenant, completion_id)
+    tenant = await svc.tenants.cached(caller.tenant)
+    found = await svc.feedback.of_completion(tenant, completion_id)
     return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
 
 

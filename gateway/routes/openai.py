@@ -5,11 +5,13 @@ request → principal (auth) → quota → route (alias or adapter → version) 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from gateway.auth import TenantCaller
@@ -39,10 +41,10 @@ completion_router = APIRouter(route_class=TenantRoute)
 
 
 def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> int | None:
-    """No request generates more than `cap` tokens: one that names no limit gets `cap`, one that asks
-    for more is lowered to it (its answer then ends with finish_reason "length"). vLLM's `min_tokens`
-    above the cap could never be met: refused here, naming the cap. Returns the limit the client named
-    (capped), or None."""
+    """No request generates more than `cap` tokens: one that names no limit gets its endpoint's default
+    (OpenAI's 16 for text completions) or else `cap`; one that asks for more is lowered to it (its answer
+    then ends with finish_reason "length"). vLLM's `min_tokens` above the cap could never be met: refused
+    here, naming the cap. Returns the request's limit (capped), or None when it is only the cap."""
     least = payload.get("min_tokens")
     if isinstance(least, int) and not isinstance(least, bool) and least > cap:
         raise InvalidRequest(
@@ -51,10 +53,33 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
         )
     named = [field for field in request.token_limits if getattr(request, field) is not None]
     if not named:
-        payload["max_tokens"] = cap
+        payload["max_tokens"] = min(request.default_max_tokens or cap, cap)
+        return payload["max_tokens"] if request.default_max_tokens else None
     for field in named:
         payload[field] = min(getattr(request, field), cap)
-    return min(getattr(request, field) for field in named) if named else None
+    return min(getattr(request, field) for field in named)
+
+
+def salt_prefix_cache(payload: dict[str, Any], tenant: str) -> None:
+    """vLLM's prefix cache is shared by every request of a base (or of one shared adapter): a cached prompt
+    answers faster, so one tenant could time another's prompts. A per-tenant `cache_salt` keeps each
+    tenant's blocks its own. A client's own salt (per end user, say) is mixed in, never used alone: no
+    client can name another tenant's salt. vLLM takes at most 128 characters, without '@', '/' or '\\'."""
+    given = payload.get("cache_salt")
+    if given is not None and (not isinstance(given, str) or not given):
+        raise InvalidRequest("cache_salt must be a non-empty string.", param="cache_salt")
+    mixed = tenant if given is None else f"{tenant}\x00{given}"
+    payload["cache_salt"] = hashlib.sha256(mixed.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _failure(exc: Exception) -> tuple[int, str]:
+    """The status and error type a request that failed before forwarding is recorded with: the ones its
+    answer has (gateway.error_handlers answers a Redis failure 503, anything unexpected 500)."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.code or exc.type
+    if isinstance(exc, RedisError):
+        return 503, "state_unavailable"
+    return 500, "server_error"
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:
@@ -95,7 +120,11 @@ async def _complete(
             raise from_validation_error(exc) from exc
         context.validated = True
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
-        hide_usage = validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
+        if svc.settings.isolate_prefix_cache:
+            salt_prefix_cache(payload, tenant.name)
+        hide_usage = bool(
+            validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
+        )
         if hide_usage:  # every stream's usage settles its quota and is logged; the client gets what it asked for
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         cost = svc.quotas.cost(asked, validated.answers(), int(request.headers.get("content-length") or 0))
@@ -109,15 +138,15 @@ async def _complete(
         if context.route.arm is not None:
             request.state.response_headers = {**admission.headers, "x-loragate-arm": context.route.arm}
         call = Call(
-            endpoint, path, payload, context.route, context.request_id, validated.stream, request.receive, context,
-            finished, hide_usage,
+            endpoint, path, payload, context.route, context.request_id, validated.stream is True, request.receive,
+            context, finished, hide_usage,
         )  # fmt: skip
         return await svc.forwarder.forward(call)
     except Exception as exc:
         if not handed_over:
             if admission is not None:
                 svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back
-            status, kind = (exc.status, exc.code or exc.type) if isinstance(exc, APIError) else (503, "server_error")
+            status, kind = _failure(exc)
             context.finish(status, kind)
             svc.metrics.request_finished(context)
             svc.recorder.record(context)

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -114,3 +116,20 @@ def test_max_tokens_cap_applies_when_none_or_too_many_are_asked(capped_gateway: 
     assert under.usage is not None and under.usage.completion_tokens == 3
     text = client.completions.create(model=MODEL, prompt="Once upon a time", extra_body={"ignore_eos": True})
     assert text.usage is not None and text.usage.completion_tokens == 5
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_a_cancellation(gateway: Gateway, api_key: str) -> None:
+    """Headers announce 1,000 bytes, 20 arrive, the connection closes: a 499 in the metrics, like a client
+    that leaves while its answer is generated, and no traceback in the gateway's log."""
+    gone_before = metric(gateway, "loragate_requests_total", status="499")
+    port = int(gateway.url.rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    log_before = len(gateway.log_tail(10**9))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"model": "x", "mes')
+        time.sleep(0.3)
+    assert eventually(lambda: metric(gateway, "loragate_requests_total", status="499") == gone_before + 1)
+    assert "Traceback" not in gateway.log_tail(10**9)[log_before:]

@@ -4,6 +4,8 @@ CLI, on the real gateway, real vLLM and real Redis (with AOF fsynced before ever
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,3 +268,63 @@ def test_rated_completions_export_in_trl_formats(
         sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
         assert all(row["messages"][-1]["role"] == "assistant" for row in sft) and len(sft) == 2
         assert api.get("/feedback/export", params={"format": "csv"}).status_code == 400
+
+
+def test_a_deleted_tenants_log_does_not_pass_to_a_new_tenant_of_its_name(gateway: Gateway, store: redis.Redis) -> None:
+    """Requests stream in while the tenant is deleted; what was still queued is not written after the
+    deletion, and the tenant created again under that name finds none of it, nor its experiments' audit."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=120) as api:
+        assert api.post("/admin/tenants", json={"name": "log-gone"}).status_code == 201
+        old = Team("log-gone", api.post("/admin/tenants/log-gone/keys", json={}).json()["key"], gateway)
+        arms = [{"name": "a", "target": MODEL, "weight": 50}, {"name": "b", "target": MODEL, "weight": 50}]
+        tone = {"name": "tone", "alias": "bot", "control": "a", "arms": arms}
+        assert api.post("/admin/tenants/log-gone/experiments", json=tone).status_code == 201
+        first = old.client().chat.completions.create(model="bot", messages=ASK, user="vic", max_tokens=2)  # type: ignore[arg-type]
+        with old.http() as http:
+            assert http.post("/v1/feedback", json={"completion_id": first.id, "user": "vic", "thumbs": "up"}).is_success
+        answered: list[str] = []
+        stop = threading.Event()
+
+        def stream_in() -> None:
+            with old.http() as http:
+                while not stop.is_set():
+                    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2})
+                    if resp.status_code != 200:
+                        return
+                    answered.append(resp.json()["id"])
+
+        spammers = [threading.Thread(target=stream_in) for _ in range(4)]
+        for spammer in spammers:
+            spammer.start()
+        time.sleep(1.0)
+        deleted = api.delete("/admin/tenants/log-gone")
+        stop.set()
+        for spammer in spammers:
+            spammer.join()
+        assert deleted.status_code == 200, deleted.text
+        assert answered, "requests were streaming in"
+        time.sleep(1.0)  # what any queue still held has been written (or refused) by now
+        assert store.xlen(keys.completion_log("log-gone")) == 0
+        assert store.keys("loragate:tenant:log-gone:*") == [], "its experiment and its audit log went too"
+        assert api.post("/admin/tenants", json={"name": "log-gone"}).status_code == 201
+        new = Team("log-gone", api.post("/admin/tenants/log-gone/keys", json={}).json()["key"], gateway)
+        with new.http() as http:
+            for completion_id in [first.id, *answered[-3:]]:
+                assert http.get("/v1/feedback", params={"completion_id": completion_id}).status_code == 404
+                rated = http.post("/v1/feedback", json={"completion_id": completion_id, "thumbs": "down"})
+                assert rated.status_code == 404, rated.text
+        assert api.get("/admin/tenants/log-gone/experiments").json()["data"] == []
+        assert api.get("/admin/tenants/log-gone/feedback/export", params={"format": "kto"}).text == ""
+        assert api.post("/admin/tenants/log-gone/users/vic/forget").json()["removed"] == {
+            "completions": 0,
+            "feedback": 0,
+        }
+        fresh = new.client().chat.completions.create(model=MODEL, messages=ASK, user="vic", max_tokens=2)  # type: ignore[arg-type]
+        with new.http() as http:
+            assert http.post("/v1/feedback", json={"completion_id": fresh.id, "thumbs": "up"}).status_code == 200
+            assert [
+                f["thumbs"] for f in http.get("/v1/feedback", params={"completion_id": fresh.id}).json()["data"]
+            ] == ["up"]
+        assert [json.loads(f["r"])["id"] for _, f in store.xrange(keys.completion_log("log-gone"))] == [fresh.id]
+        assert api.delete("/admin/tenants/log-gone").status_code == 200

@@ -141,7 +141,21 @@ def test_oversized_body_is_413(http: httpx.Client) -> None:
 
 
 def test_unknown_route_is_404_envelope(http: httpx.Client) -> None:
-    assert_envelope(http.get("/v1/nothing-here"), 404)
+    error = assert_envelope(http.get("/v1/nothing-here"), 404)
+    assert (error["message"], error["code"]) == ("Invalid URL (GET /v1/nothing-here)", None), "as OpenAI words it"
+
+
+def test_a_method_a_route_does_not_take_is_405_with_allow(http: httpx.Client) -> None:
+    resp = http.get("/v1/chat/completions")
+    error = assert_envelope(resp, 405)
+    assert error["message"] == "Invalid method for URL (GET /v1/chat/completions)"
+    assert "POST" in resp.headers["allow"]
+
+
+def test_malformed_json_to_the_admin_api_names_no_param(gateway: Gateway, admin: httpx.Client) -> None:
+    json_header = {"content-type": "application/json"}
+    error = assert_envelope(admin.post(f"{gateway.url}/admin/tenants", content=b'{"name": ', headers=json_header), 400)
+    assert error["param"] is None and "could not parse the JSON body" in error["message"]
 
 
 @pytest.fixture(scope="module")

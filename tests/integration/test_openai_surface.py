@@ -36,6 +36,28 @@ def test_text_completion(client: openai.OpenAI) -> None:
     assert completion.usage is not None and completion.usage.prompt_tokens > 0
 
 
+def test_null_n_and_stream_are_the_defaults(client: openai.OpenAI) -> None:
+    """The SDK sends a parameter set to None as null: OpenAI and vLLM read it as the default."""
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], n=None, stream=None, max_tokens=3
+    )
+    assert len(answer.choices) == 1 and answer.choices[0].message.content is not None
+
+
+def test_text_completion_defaults_to_16_tokens_and_echo_with_0_scores_the_prompt(client: openai.OpenAI) -> None:
+    """OpenAI's default for text completions is 16 tokens (chat has none); `max_tokens: 0` with `echo` is
+    vLLM's way to score a prompt (its logprobs) without generating."""
+    default = client.completions.create(model=MODEL, prompt="Once upon a time", extra_body={"ignore_eos": True})
+    assert default.usage is not None and default.usage.completion_tokens == 16
+    prompt = "The capital of France is"
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == prompt, "the prompt echoed, nothing generated after it"
+    assert scored.choices[0].logprobs is not None and len(scored.choices[0].logprobs.tokens or []) >= 4
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+    assert info.value.param == "max_tokens"
+
+
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=10, stream=True, stream_options={"include_usage": True}

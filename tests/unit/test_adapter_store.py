@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,28 @@ def test_nonsense_rank_or_alpha_is_refused(
 def test_missing_target_modules_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     edit_config(good, target_modules=["c_attn", "q_proj"])
     refused(store, good, base, r"c_attn.*do not exist")
+
+
+def test_a_target_modules_pattern_is_matched_as_peft_matches_it(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
+    edit_config(good, target_modules=r".*\.c_attn")
+    refused(store, good, base, "matches no module")
+    edit_config(good, target_modules=r".*\.(q_proj|v_proj)")
+    assert store.add(good, "a", base, MAX_RANK).target_modules == [r".*\.(q_proj|v_proj)"]
+
+
+def test_an_invalid_or_costly_target_modules_pattern_is_the_adapters_fault(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
+    """The pattern is the uploader's: a broken one is refused, not a server error, and one that backtracks
+    catastrophically is refused once its time is up instead of holding the gateway's process."""
+    edit_config(good, target_modules="(")
+    refused(store, good, base, "not a valid regular expression")
+    edit_config(good, target_modules=r"((?:.|.)*)*[0-9]")
+    started = time.monotonic()
+    refused(store, good, base, "takes too long")
+    assert time.monotonic() - started < 5
 
 
 def test_tensor_for_a_missing_module_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:

@@ -1,17 +1,22 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from pydantic import ValidationError
 
+from gateway.apikeys import InvalidKeyRequest, parse_duration
 from gateway.errors import (
     APIError,
     EngineUnavailable,
     ModelNotFound,
     PayloadTooLarge,
+    from_validation_error,
     redact_internals,
     sse_error_frame,
 )
+from gateway.records import FeedbackIn
 from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event
 
@@ -90,3 +95,14 @@ def test_usage_is_read_from_a_whole_answer_without_parsing_it_all() -> None:
     assert usage_of(json.dumps(answer).encode()) == usage
     assert usage_of(json.dumps({"usage": None}).encode()) is None
     assert usage_of(b'{"choices": []}') is None
+
+
+def test_numbers_too_large_for_a_float_are_the_callers_error() -> None:
+    """JSON integers have no size limit: one past a float's range is a 400 naming its field, not a 500."""
+    with pytest.raises(ValidationError) as info:
+        FeedbackIn.model_validate({"completion_id": "chatcmpl-1", "score": 10**400})
+    assert from_validation_error(info.value).param == "score"
+    for duration in (10**400, "9" * 400 + "d", math.inf, math.nan, 200 * 365 * 86400):
+        with pytest.raises(InvalidKeyRequest):
+            parse_duration(duration)
+    assert parse_duration("7d") == 7 * 86400

@@ -5,6 +5,7 @@ them killed and restarted)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -14,19 +15,22 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.context import CLIENT_CLOSED, Answer, RequestContext
-from gateway.erasure import forget_user
+from gateway.erasure import forget_user, mark_tenant_deleted, purge_tenant, tenant_deleted
+from gateway.errors import StateUnavailable
+from gateway.export import export
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, record_of
 from gateway.record_worker import RecordWorker
 from gateway.recorder import Recorder
-from gateway.records import CompletionRecord, FeedbackIn, LogPolicy
+from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
-from gateway.tenants import Tenant
+from gateway.tenants import Tenant, TenantStore
 from tests.conftest import RedisServer, free_port
 
 
@@ -307,7 +311,7 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     assert stored, "the queued record was written first, then the feedback"
     await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", score=4.5))
     await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u2", thumbs="up"))
-    found = await store.of_completion("t", "chatcmpl-7")
+    found = await store.of_completion(tenant, "chatcmpl-7")
     assert [(f.user, f.thumbs, f.score) for f in found] == [("u1", None, 4.5), ("u2", "up", None)]
     with pytest.raises(CompletionUnknown) as theirs:
         await store.submit(other, FeedbackIn(completion_id="chatcmpl-7", thumbs="up"))
@@ -320,7 +324,7 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     assert removed == {"completions": 1, "feedback": 1}
     assert await redis.xlen(keys.completion_log("t")) == 0
     assert await redis.hkeys(keys.feedback("t", "chatcmpl-7")) == ["u2"], "only u1's rating is erased"
-    assert [f.user for f in await store.of_completion("t", "chatcmpl-7")] == ["u2"]
+    assert [f.user for f in await store.of_completion(tenant, "chatcmpl-7")] == ["u2"]
 
 
 async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
@@ -340,3 +344,134 @@ async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, reco
     assert await redis.hkeys(keys.feedback("t", "chatcmpl-1")) == [""], "its own completion: written"
     assert await redis.exists(keys.feedback("t", "chatcmpl-2")) == 0, "another tenant's: dropped"
     assert store._spool.pending() == 1, "an unknown one waits for its record"
+
+
+def spooled_rating(tenant: Tenant, completion_id: str) -> dict[str, Any]:
+    """A rating as `FeedbackStore.submit` spools it (its completion vouched for when it was given)."""
+    feedback = Feedback(**FeedbackIn(completion_id=completion_id, user="u1", thumbs="up").model_dump())
+    item = {"tenant": tenant.name, "verify": False, "ttl": 60, "since": time.time(), "tenant_created": tenant.created}
+    return item | {"feedback": feedback.model_dump_json()}
+
+
+async def test_a_deleted_tenants_queued_and_spooled_records_stay_out_of_its_namesakes_log(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Tenant `t` is deleted while records and ratings of it wait in this process's queue, in another
+    process's queue, `recent` map and rating spool, and in a dead process's spool. None of them is written
+    afterwards, and `t` created again sees nothing of the old `t`; its own completions and ratings work."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    old = await TenantStore(redis).create("t")
+    recorder.record(context(old, 1))
+    await store.submit(old, FeedbackIn(completion_id="chatcmpl-1", user="u1", thumbs="up"))
+    await redis.set(keys.completion("chatcmpl-0"), "t 1-0", ex=60)  # a record trimmed from the log: its index stays
+    elsewhere = Recorder(redis, Spool(tmp_path / "elsewhere", fsync=False), Metrics())  # another process
+    elsewhere._spool.open()
+    elsewhere.record(context(old, 2))
+    await elsewhere._cycle()  # written, and remembered there, before the deletion
+    elsewhere.record(context(old, 3))  # still queued there
+    ratings = Spool(tmp_path / "ratings", fsync=True)
+    ratings.open()
+    await ratings.append([spooled_rating(old, "chatcmpl-2")])  # spooled there (Redis did not fsync, say)
+    dead = Spool(tmp_path / "dead", fsync=False)
+    dead.open()
+    await dead.append([entry(context(old, 4))])
+    recorder.record(context(old, 5))  # still queued here
+
+    await TenantStore(redis).delete("t")  # as DELETE /admin/tenants/t does
+    await mark_tenant_deleted(redis, "t", old.created, old.logging.max_age_s)
+    await recorder.written()
+    recorder.forget_tenant("t")
+    assert await purge_tenant(redis, "t", tombstone=False) >= 2, "chatcmpl-1 and -2 (and -5, if written in time)"
+
+    await elsewhere._cycle()
+    await Recorder(redis, dead, Metrics())._replay()
+    assert dead.pending() == 0
+    late = FeedbackStore(redis, ratings, elsewhere, Metrics(), settle_s=0)
+    assert await late.check_durability() == "fsync-always"
+    await late.replay()
+    assert ratings.pending() == 0, "replayed, and refused"
+    assert await redis.xlen(keys.completion_log("t")) == 0, "nothing of the old tenant was written after it"
+    assert await redis.keys("loragate:feedback:t:*") == [] and await redis.keys("loragate:user:t:*") == []
+    with pytest.raises(CompletionUnknown):  # a gateway that still has the old tenant cached is refused in Redis
+        await late.submit(old, FeedbackIn(completion_id="chatcmpl-2", thumbs="up"))
+    assert await redis.keys("loragate:feedback:t:*") == []
+
+    deleted = await tenant_deleted(redis, "t")
+    assert deleted is not None and deleted[0] >= old.created
+    new = await TenantStore(redis).create("t", not_before=deleted[0])
+    store._settle_s = 0
+    for completion_id in [f"chatcmpl-{n}" for n in range(6)]:
+        for gateway in (store, late):
+            assert await gateway.owned(new, completion_id) is False, (completion_id, gateway)
+            with pytest.raises(CompletionUnknown):
+                await gateway.of_completion(new, completion_id)
+            with pytest.raises(CompletionUnknown):
+                await gateway.submit(new, FeedbackIn(completion_id=completion_id, thumbs="down"))
+    assert await forget_user(redis, "t", "u1", 60) == {"completions": 0, "feedback": 0}
+    buffer = io.StringIO()
+    await export(redis, "t", "kto", buffer, new.logging)
+    assert buffer.getvalue() == ""
+
+    recorder.record(context(new, 7))
+    _, stored = await store.submit(new, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="up"))
+    assert stored and [f.thumbs for f in await store.of_completion(new, "chatcmpl-7")] == ["up"]
+    elsewhere.record(context(new, 8))
+    await elsewhere._cycle()
+    assert await late.owned(new, "chatcmpl-8") is True and await store.owned(new, "chatcmpl-8") is True
+    assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-7", "chatcmpl-8"]
+
+
+async def test_another_tenants_completion_takes_the_path_and_time_of_an_unknown_one(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Neither the answer nor how long it takes tells a caller that an id exists at another tenant: both
+    wait for the recorder and the settle loop, with the same Redis calls; while the log is spooling, both
+    are "cannot tell yet"."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    mine, theirs = Tenant(name="t"), Tenant(name="o")
+    recorder.record(context(theirs, 1))
+    await recorder.written()
+    assert await store.owned(theirs, "chatcmpl-1") is True, "answered here, for the other tenant"
+    looked: list[str] = []
+    owner = store._owner
+
+    async def counted(completion_id: str, *tenant: str) -> str | None:
+        looked.append(completion_id)
+        return await owner(completion_id, *tenant)
+
+    store._owner = counted  # type: ignore[method-assign]
+    took = {}
+    for completion_id in ("chatcmpl-1", "chatcmpl-unknown"):
+        started = time.monotonic()
+        assert await store.owned(mine, completion_id) is False
+        took[completion_id] = time.monotonic() - started
+    assert looked.count("chatcmpl-1") >= 3 and looked.count("chatcmpl-unknown") >= 3, looked  # the settle loop
+    assert min(took.values()) >= 0.2, took  # settle_s: both waited for other processes' records
+    recorder.degraded, recorder._retry_at = True, time.monotonic() + 60  # spooling, and not retrying yet
+    try:
+        assert await store.owned(mine, "chatcmpl-1") is None and await store.owned(mine, "chatcmpl-unknown") is None
+    finally:
+        recorder.degraded = False
+
+
+async def test_reading_feedback_while_redis_is_down_is_a_503_not_a_404(own_redis: RedisServer, tmp_path: Path) -> None:
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    spool = Spool(tmp_path / "records", fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics())
+    store = FeedbackStore(redis, Spool(tmp_path / "feedback", fsync=False), recorder, Metrics(), settle_s=0.1)
+    tenant = Tenant(name="t")
+    try:
+        recorder.record(context(tenant, 1))
+        await recorder._cycle()
+        with pytest.raises(CompletionUnknown):
+            await store.of_completion(tenant, "chatcmpl-unknown")
+        own_redis.kill()
+        for completion_id in ("chatcmpl-1", "chatcmpl-unknown"):
+            with pytest.raises((StateUnavailable, RedisError)) as refused:
+                await store.of_completion(tenant, completion_id)
+            if isinstance(refused.value, StateUnavailable):
+                assert (refused.value.status, refused.value.code) == (503, "state_unavailable")
+    finally:
+        own_redis.start()
+        await redis.aclose()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.context import CLIENT_CLOSED, Answer
-from gateway.errors import InvalidRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingParams
-from gateway.routes.openai import cap_max_tokens
+from gateway.errors import InvalidRequest, from_validation_error
+from gateway.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest, SamplingParams
+from gateway.routes.openai import cap_max_tokens, salt_prefix_cache
 from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -22,9 +24,42 @@ def capped(schema: type[SamplingParams], cap: int, **fields: Any) -> dict[str, A
     return payload
 
 
-def test_a_request_without_a_limit_gets_the_cap() -> None:
+def test_a_request_without_a_limit_gets_its_default_under_the_cap() -> None:
+    """Chat has no default (as many as the context holds): the cap; text completions default to 16, as at
+    OpenAI and in vLLM, and then reserve 16 tokens of quota."""
     assert capped(ChatCompletionRequest, 64, messages=MSG)["max_tokens"] == 64
-    assert capped(CompletionRequest, 64, prompt="x")["max_tokens"] == 64
+    assert capped(CompletionRequest, 64, prompt="x")["max_tokens"] == 16
+    assert capped(CompletionRequest, 8, prompt="x")["max_tokens"] == 8
+    payload = {"model": "m", "prompt": "x"}
+    assert cap_max_tokens(payload, CompletionRequest.model_validate(payload), 64) == 16
+    payload = {"model": "m", "messages": MSG}
+    assert cap_max_tokens(payload, ChatCompletionRequest.model_validate(payload), 64) is None
+
+
+def test_null_n_and_stream_are_their_defaults_as_the_sdk_sends_them() -> None:
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "n": None, "stream": None})
+    assert request.answers() == 1 and not request.stream
+
+
+def test_max_tokens_zero_scores_a_prompt_only_with_echo() -> None:
+    """vLLM's `echo` with `max_tokens: 0`: the prompt's logprobs, nothing generated; 0 alone generates nothing."""
+    scored = {"model": "m", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0}
+    assert capped(CompletionRequest, 64, **{k: v for k, v in scored.items() if k != "model"})["max_tokens"] == 0
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": 0})
+    assert from_validation_error(info.value).param == "max_tokens"
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "max_tokens": 0})
+
+
+def test_more_messages_than_any_context_holds_are_refused_at_once() -> None:
+    payload = {"model": "m", "messages": [{"role": "user"}] * 200_000}
+    started = time.perf_counter()
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(payload)
+    assert time.perf_counter() - started < 1.0, "refused by its length, not after 200,000 messages' errors"
+    error = from_validation_error(info.value)
+    assert error.param == "messages" and f"at most {MAX_MESSAGES}" in error.message
 
 
 def test_a_request_over_the_cap_is_lowered_and_one_under_it_kept() -> None:
@@ -38,7 +73,7 @@ def test_a_request_over_the_cap_is_lowered_and_one_under_it_kept() -> None:
 def test_an_unvalidated_extra_named_like_a_limit_is_left_to_the_engine() -> None:
     """Completions have no max_completion_tokens: an extra of that name is not compared (it may be anything)."""
     payload = capped(CompletionRequest, 64, prompt="x", max_completion_tokens="lots")
-    assert payload["max_completion_tokens"] == "lots" and payload["max_tokens"] == 64
+    assert payload["max_completion_tokens"] == "lots" and payload["max_tokens"] == 16
 
 
 def test_min_tokens_above_the_cap_is_refused_naming_it() -> None:
@@ -146,3 +181,20 @@ async def test_a_client_that_hangs_up_after_done_got_a_whole_answer() -> None:
 async def test_a_client_that_hangs_up_before_done_cancelled() -> None:
     closed, _ = await relay_until_the_client_leaves([CHUNK], b'"hi"')
     assert closed == [CLIENT_CLOSED]
+
+
+def test_each_tenant_gets_its_own_prefix_cache_salt_and_a_clients_salt_is_mixed_in() -> None:
+    def salt(tenant: str, **fields: Any) -> str:
+        payload = dict(fields)
+        salt_prefix_cache(payload, tenant)
+        return str(payload["cache_salt"])
+
+    acme, globex = salt("acme"), salt("globex")
+    assert acme != globex and acme == salt("acme"), "one salt per tenant, the same on every request"
+    assert salt("acme", cache_salt="user-1") not in {acme, salt("acme", cache_salt="user-2")}
+    assert salt("globex", cache_salt=acme) != acme, "a client cannot name another tenant's salt"
+    assert all(len(s) <= 128 and not set("@/\\\x00") & set(s) for s in (acme, globex)), "vLLM's rules for a salt"
+    for bad in ("", 5):
+        with pytest.raises(InvalidRequest) as info:
+            salt("acme", cache_salt=bad)
+        assert info.value.param == "cache_salt"

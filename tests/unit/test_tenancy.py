@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 
 from gateway.apikeys import InvalidKeyRequest, KeyStore, parse_duration
 from gateway.errors import AuthenticationFailed
+from gateway.experiments import Arm, Change, Experiment, ExperimentNotFound, ExperimentStore
+from gateway.keys import experiment_audit
 from gateway.pointers import PointerStore
 from gateway.state import StateWatcher
 from gateway.tenants import InvalidTenant, Limits, TenantExists, TenantNotFound, TenantStore, check_tenant_name
@@ -152,3 +154,35 @@ async def test_while_redis_is_down_known_keys_keep_working_and_unknown_ones_get_
     with pytest.raises(StateUnavailable):
         await TenantStore(dead).cached("acme")
     await dead.aclose()
+
+
+async def test_deleting_a_tenant_removes_its_experiments_audit_logs_and_a_late_change_brings_none_back(
+    redis: aioredis.Redis,
+) -> None:
+    """The state Redis may be another instance than the records Redis: the tenant's keys there go with it."""
+    tenants, experiments = TenantStore(redis), ExperimentStore(redis)
+    await tenants.create("acme")
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    await experiments.create(Experiment(name="tone", tenant="acme", alias="bot", control="a", arms=arms), by="t")
+    await experiments.set_weights("acme", "tone", {"b": 10}, by="t")
+    assert await redis.llen(experiment_audit("acme", "tone")) == 2
+    late = await experiments._live("acme", "tone")  # a guard rail read it just before the deletion
+    await tenants.delete("acme")
+    assert await redis.keys("loragate:tenant:acme*") == [], "the audit log went with the tenant"
+    with pytest.raises(ExperimentNotFound):
+        await experiments._save(late, Change(at=time.time(), by="guard-rails", action="rollback"))
+    assert await redis.keys("loragate:tenant:acme*") == [], "nothing came back"
+    await tenants.create("acme")
+    assert await experiments.all("acme") == [] and await experiments.audit("acme", "tone") == []
+
+
+async def test_a_tenant_recreated_after_a_deletion_is_created_after_it_whatever_the_clock(
+    redis: aioredis.Redis,
+) -> None:
+    tenants = TenantStore(redis)
+    first = await tenants.create("acme")
+    await tenants.delete("acme")
+    ahead = time.time() + 30  # the deleting gateway's clock ran 30 s ahead of this one
+    second = await tenants.create("acme", not_before=ahead)
+    assert second.created > ahead > first.created
+    assert (await tenants.get("acme")).created == second.created
