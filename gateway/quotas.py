@@ -127,7 +127,9 @@ for i = 1, logs do
   removed = math.max(removed, here)
 end
 if removed > 0 then
-  for i = logs + 1, #KEYS do redis.call('DECRBY', KEYS[i], removed * cost) end
+  for i = logs + 1, #KEYS do  -- a window that expired meanwhile is not re-created (negative, without a TTL)
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], removed * cost) end
+  end
 end
 return removed
 """

@@ -36,14 +36,20 @@ def tenants_create(
     exist_ok: Annotated[bool, typer.Option("--exist-ok", help="Succeed if the tenant already exists.")] = False,
 ) -> None:
     """Create a tenant."""
+    from gateway.erasure import tenant_deleted
     from gateway.tenants import Limits, TenantExists, TenantStore
 
     if on_redis_down not in ("open", "closed"):
         raise fail(f"--on-redis-down must be open or closed, not {on_redis_down!r}")
 
+    deleted = with_redis(lambda redis: tenant_deleted(redis, name), records=True)
+
     async def create(redis: Any) -> str:
-        try:
-            return (await TenantStore(redis).create(name, Limits(rpm=rpm, tpm=tpm), on_redis_down)).name
+        try:  # created after the last deletion of a tenant of that name, whatever this host's clock says
+            limits = Limits(rpm=rpm, tpm=tpm)
+            return (
+                await TenantStore(redis).create(name, limits, on_redis_down, not_before=deleted[0] if deleted else 0.0)
+            ).name
         except TenantExists:
             if not exist_ok:
                 raise
@@ -151,9 +157,9 @@ def tenants_delete(
     """Delete a tenant: its keys stop working everywhere within a second; its aliases, pins, shares and
     adapters are deleted."""
     from adapters.registry import Registry
-    from gateway.erasure import purge_tenant
+    from gateway.erasure import mark_tenant_deleted, purge_tenant
     from gateway.settings import Settings
-    from gateway.tenants import TenantStore, check_tenant_name
+    from gateway.tenants import Tenant, TenantStore, check_tenant_name
 
     try:
         check_tenant_name(name)
@@ -162,12 +168,18 @@ def tenants_delete(
     if not yes:
         typer.confirm(f"Delete tenant {name}, its keys and every adapter it owns?", abort=True)
 
-    async def delete(redis: Any) -> int:
-        return len(await TenantStore(redis).delete(name))
+    async def delete(redis: Any) -> tuple[Tenant, int]:
+        store = TenantStore(redis)
+        found = await store.get(name)
+        return found, len(await store.delete(name))
 
-    revoked = with_redis(delete)
+    async def purge(redis: Any) -> int:  # the tombstone first: records still queued somewhere are refused
+        await mark_tenant_deleted(redis, name, tenant.created, tenant.logging.max_age_s)
+        return await purge_tenant(redis, name, tombstone=False)
+
+    tenant, revoked = with_redis(delete)
+    records = with_redis(purge, records=True)
     Registry(Settings().adapter_root).remove_tenant(name)
-    records = with_redis(lambda redis: purge_tenant(redis, name), records=True)
     typer.echo(f"deleted {name} ({revoked} keys revoked, {records} completion records erased)")
 
 

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
-from gateway.quotas import Admission, QuotaGate, duration
+from gateway.quotas import _UNLEASE, Admission, QuotaGate, duration
 from gateway.tenants import Limits, Tenant
 from tests.conftest import RedisServer, free_port
 
@@ -101,3 +101,15 @@ def test_reset_durations_read_like_openai() -> None:
         "1m0s",
         "1m31s",
     ]
+
+
+async def test_a_lost_lease_given_back_after_its_token_window_expired_leaves_no_counter(redis: aioredis.Redis) -> None:
+    """A lease lost by its process is taken back from the request log and the token windows; a window that
+    has expired meanwhile must not be re-created as a negative counter without a TTL (extra room forever)."""
+    log_key, live, expired = "q:log", "q:tokens:live", "q:tokens:gone"
+    await redis.zadd(log_key, {"req-1:1": 1.0, "req-1:2": 2.0})
+    await redis.set(live, 100, ex=60)
+    removed = await redis.eval(_UNLEASE, 3, log_key, live, expired, 1, "req-1", 2, 10)
+    assert removed == 2 and await redis.zcard(log_key) == 0
+    assert int(await redis.get(live)) == 80 and await redis.ttl(live) > 0
+    assert not await redis.exists(expired), "an expired window is not brought back below zero"
