@@ -10,6 +10,7 @@ end user are assigned at random by the weights (and counted apart by the caller)
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Sequence
 
@@ -22,14 +23,21 @@ def bucket_of(tenant: str, experiment: str, user: str) -> int:
 
 
 def shares(weights: Sequence[float]) -> list[int]:
-    """Buckets per arm, proportional to the weights, summing to BUCKETS (largest remainders first)."""
-    total = sum(weights)
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError("weights must be non-negative, and not all zero")
-    exact = [w / total * BUCKETS for w in weights]
-    counts = [int(x) for x in exact]
-    for i in sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)[: BUCKETS - sum(counts)]:
-        counts[i] += 1
+    """Buckets per arm, proportional to the weights, summing to BUCKETS (largest remainders first). The
+    weights are scaled by the largest first, so that huge ones (whose sum would overflow) split as well."""
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
+        raise ValueError("weights must be finite and non-negative, and not all zero")
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    total = sum(scaled)  # at most len(weights): finite
+    exact = [w / total * BUCKETS for w in scaled]
+    counts = [min(int(x), BUCKETS) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - counts[i], reverse=True)
+    while sum(counts) < BUCKETS:  # one round in practice; a loop, so that no rounding can leave a bucket out
+        for i in order[: BUCKETS - sum(counts)]:
+            counts[i] += 1
+    while sum(counts) > BUCKETS:
+        counts[counts.index(max(counts))] -= 1
     return counts
 
 

@@ -12,6 +12,11 @@ from gateway.errors import ClientClosed, InvalidRequest, PayloadTooLarge
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    return (await read_json_sized(request, max_bytes))[0]
+
+
+async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The body's JSON object and its size in bytes (as read: a chunked body declares no length)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {max_bytes} bytes.")
@@ -38,7 +43,7 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequest("The request body must be a JSON object.")
     if not _finite(payload):
         raise InvalidRequest("The request body holds a number too large to represent; JSON numbers must be finite.")
-    return payload
+    return payload, size
 
 
 def _finite(value: object) -> bool:

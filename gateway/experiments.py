@@ -16,16 +16,36 @@ import time
 from typing import Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway import keys
-from gateway.assignment import allocate, reallocate
+from gateway.assignment import BUCKETS, allocate, reallocate
 
 # KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version. ARGV:
-# name, experiment JSON, change JSON, alias target ('' for none), alias, 1 when the experiment must exist
-# already (a change, not a creation: one made as its tenant is deleted does not bring its keys back).
+# name, experiment JSON, change JSON, alias target ('' for none), alias, mode, revision, alias before.
+# mode `change`: the experiment must exist (one changed as its tenant is deleted does not bring its keys
+# back: 0) at the revision the change was made from (else -1: another change came first). mode `create`:
+# the name must be free (-2), and the alias must still point where it did when the caller looked (-3 if
+# it runs an experiment now, -1 if it moved otherwise). Compare-and-set: two processes cannot both win.
 _SAVE = """
-if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[6] == 'create' then
+  if raw then return -2 end
+  local now = redis.call('HGET', KEYS[3], ARGV[5]) or ''
+  if string.sub(now, 1, 11) == 'experiment:' then return -3 end
+  if now ~= ARGV[8] then return -1 end
+else
+  if not raw then return 0 end
+  if (cjson.decode(raw)['revision'] or 0) ~= tonumber(ARGV[7]) then return -1 end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[4]) end
@@ -33,10 +53,30 @@ redis.call('INCR', KEYS[4])
 return 1
 """
 
+# KEYS: the tenant's aliases, the state version, the tenant's experiments. ARGV: alias, target ('' deletes).
+# Refused (the alias's target returned) while the alias runs an experiment that exists; else 1, or 0 for
+# the deletion of an alias that is not there.
+_SET_ALIAS = """
+local now = redis.call('HGET', KEYS[1], ARGV[1])
+if now and string.sub(now, 1, 11) == 'experiment:' and redis.call('HEXISTS', KEYS[3], string.sub(now, 12)) == 1 then
+  return now
+end
+if ARGV[2] == '' then
+  if not now then return 0 end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
 PREFIX = "experiment:"
 """An alias target that names an experiment."""
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 Status = Literal["running", "paused", "stopped", "promoted", "rolled back"]
+MAX_WEIGHT = 1e6
+"""Weights are relative: up to a million is plenty (and their sum stays finite)."""
 
 
 class ExperimentNotFound(LookupError):
@@ -48,12 +88,17 @@ class InvalidExperiment(ValueError):
     """An experiment or a change of it is refused; the message says why."""
 
 
+class ExperimentConflict(InvalidExperiment):
+    """Refused for what is there now: the name or the alias is taken, or another change of the experiment
+    came first (read it again and retry)."""
+
+
 class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=NAME.pattern)
     target: str = Field(min_length=1, description="An adapter version (name@V, owner/name@V) or the base model.")
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")
 
 
 class Change(BaseModel):
@@ -74,6 +119,7 @@ class Experiment(BaseModel):
     arms: list[Arm]
     control: str
     status: Status = "running"
+    revision: int = Field(0, ge=0, description="Bumped by every change; a change made from an older one is refused.")
     created: float = Field(default_factory=time.time)
     allocation: str = ""
     """Base64 of the bucket -> arm index map (gateway.assignment)."""
@@ -105,7 +151,7 @@ class Experiment(BaseModel):
     def _control(self) -> Experiment:
         if self.control not in {arm.name for arm in self.arms}:
             raise ValueError(f"control `{self.control}` is not one of the arms")
-        if not self.allocation:
+        if not self.allocation or len(base64.b64decode(self.allocation)) != BUCKETS:  # none yet, or a broken one
             self.allocation = base64.b64encode(allocate([arm.weight for arm in self.arms])).decode()
         return self
 
@@ -136,6 +182,7 @@ class ExperimentStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._save_script = redis.register_script(_SAVE)
+        self._alias_script = redis.register_script(_SET_ALIAS)
         self._cache: dict[tuple[str, str], Experiment] = {}
         self._generation = 0
 
@@ -166,76 +213,125 @@ class ExperimentStore:
         ]
 
     async def create(self, experiment: Experiment, by: str) -> Experiment:
+        """Start it: its alias then points at it. ExperimentConflict when the name is taken or the alias
+        already runs an experiment (also when another process got there first)."""
         if not NAME.fullmatch(experiment.name):
             raise InvalidExperiment(f"Invalid experiment name {experiment.name!r}: a-z 0-9 . _ -, up to 63.")
-        if await self._redis.hexists(keys.experiments(experiment.tenant), experiment.name):
-            raise InvalidExperiment(f"Experiment `{experiment.name}` already exists.")
-        aliases = keys.aliases(experiment.tenant)
-        experiment.previous_target = await self._redis.hget(aliases, experiment.alias)
-        if experiment.previous_target and experiment.previous_target.startswith(PREFIX):
-            running = experiment.previous_target.removeprefix(PREFIX)
-            raise InvalidExperiment(f"Alias `{experiment.alias}` already runs experiment `{running}`; end it first.")
+        experiment.previous_target = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
         change = Change(at=time.time(), by=by, action="create", detail=arms)
-        await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)
-        return experiment
+        return await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)
 
     async def set_weights(
-        self, tenant: str, name: str, weights: dict[str, float], by: str, reason: str = ""
+        self,
+        tenant: str,
+        name: str,
+        weights: dict[str, float],
+        by: str,
+        reason: str = "",
+        revision: int | None = None,
     ) -> Experiment:
-        experiment = await self._live(tenant, name)
+        """New weights (0 to MAX_WEIGHT, one above 0 at least): only the buckets the change needs move.
+        `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
+        experiment = await self._live(tenant, name, revision)
         unknown = set(weights) - {arm.name for arm in experiment.arms}
         if unknown:
             raise InvalidExperiment(f"No arm named {', '.join(sorted(unknown))} in `{name}`.")
-        arms = [arm.model_copy(update={"weight": weights.get(arm.name, arm.weight)}) for arm in experiment.arms]
+        try:
+            arms = [
+                Arm.model_validate({**arm.model_dump(), "weight": weights.get(arm.name, arm.weight)})
+                for arm in experiment.arms
+            ]
+        except ValidationError as exc:
+            raise InvalidExperiment(f"A weight is a number from 0 to {MAX_WEIGHT:g}: {weights}") from exc
         if not any(arm.weight > 0 for arm in arms):
             raise InvalidExperiment("At least one arm needs a weight above 0.")
         buckets = reallocate(experiment.buckets, [arm.weight for arm in arms])
         changed = experiment.model_copy(update={"arms": arms, "allocation": base64.b64encode(buckets).decode()})
         detail = ", ".join(f"{a.name}={a.weight:g}" for a in arms) + (f" ({reason})" if reason else "")
-        await self._save(changed, Change(at=time.time(), by=by, action="weights", detail=detail))
-        return changed
+        return await self._save(changed, Change(at=time.time(), by=by, action="weights", detail=detail))
 
     async def set_status(
-        self, tenant: str, name: str, status: Status, by: str, arm: str | None = None, reason: str = ""
+        self,
+        tenant: str,
+        name: str,
+        status: Status,
+        by: str,
+        arm: str | None = None,
+        reason: str = "",
+        revision: int | None = None,
     ) -> Experiment:
-        """pause / resume (running) / stop (the alias then serves control) / promote ARM / roll back."""
-        experiment = await self._live(tenant, name)
-        alias: str | None = None
-        if status == "promoted":
-            alias = experiment.arm(arm or "").target
-        elif status == "rolled back":
-            alias = experiment.previous_target or experiment.arm(experiment.control).target
-        elif status == "stopped":
-            alias = experiment.arm(experiment.control).target
+        """pause / resume (running) / stop (the alias then serves control) / promote ARM / roll back.
+        `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
+        experiment = await self._live(tenant, name, revision)
+        alias = alias_target(experiment, status, arm)
         changed = experiment.model_copy(update={"status": status})
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
             status, "rollback"
         )
         detail = reason or arm or ""
-        await self._save(changed, Change(at=time.time(), by=by, action=action, detail=detail), alias=alias)
-        return changed
+        return await self._save(changed, Change(at=time.time(), by=by, action=action, detail=detail), alias=alias)
 
-    async def _live(self, tenant: str, name: str) -> Experiment:
+    async def set_alias(self, tenant: str, alias: str, target: str | None) -> bool:
+        """Point `alias` at `target` (None: delete it), unless it runs an experiment (ExperimentConflict:
+        promote, roll back or stop it first). False: there was no such alias to delete."""
+        script_keys = [keys.aliases(tenant), keys.state_version(), keys.experiments(tenant)]
+        done = await self._alias_script(keys=script_keys, args=[alias, target or ""])
+        if isinstance(done, str):
+            running = done.removeprefix(PREFIX)
+            raise ExperimentConflict(
+                f"Alias `{alias}` runs experiment `{running}`: promote, roll back or stop it first."
+            )
+        return bool(done)
+
+    async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:
         raw = await self._redis.hget(keys.experiments(tenant), name)
         if raw is None:
             raise ExperimentNotFound(name)
         experiment = Experiment.model_validate_json(raw)
+        if revision is not None and experiment.revision != revision:
+            raise ExperimentConflict(f"Experiment `{name}` changed meanwhile (revision {experiment.revision}).")
         if experiment.status not in ("running", "paused"):
             raise InvalidExperiment(f"Experiment `{name}` has ended ({experiment.status}).")
         return experiment
 
-    async def _save(self, experiment: Experiment, change: Change, alias: str | None = None, new: bool = False) -> None:
-        """Write the experiment, its change to the audit log and its alias at once. A change of an experiment
-        that is gone meanwhile (its tenant deleted) is refused: ExperimentNotFound."""
+    async def _save(
+        self, experiment: Experiment, change: Change, alias: str | None = None, new: bool = False
+    ) -> Experiment:
+        """Write the experiment (its revision bumped), its change to the audit log and its alias at once,
+        if nobody changed it since it was read at `experiment.revision` (else ExperimentConflict). A change
+        of an experiment that is gone meanwhile (its tenant deleted) is refused: ExperimentNotFound."""
         tenant, name = experiment.tenant, experiment.name
+        saved = experiment.model_copy(update={"revision": 0 if new else experiment.revision + 1})
         script_keys = [keys.experiments(tenant), keys.experiment_audit(tenant, name), keys.aliases(tenant)]
         script_keys.append(keys.state_version())
-        args = [name, experiment.model_dump_json(), change.model_dump_json(), alias or "", experiment.alias]
-        saved = await self._save_script(keys=script_keys, args=[*args, "0" if new else "1"])
+        args = [name, saved.model_dump_json(), change.model_dump_json(), alias or "", experiment.alias]
+        mode = "create" if new else "change"
+        args += [mode, str(experiment.revision), experiment.previous_target or ""]
+        done = await self._save_script(keys=script_keys, args=args)
         self.forget_cached()
-        if not saved:
+        if done == 0:
             raise ExperimentNotFound(name)
+        if done == -2:
+            raise ExperimentConflict(f"Experiment `{name}` already exists.")
+        if done == -3:
+            running = (await self._redis.hget(keys.aliases(tenant), experiment.alias) or "").removeprefix(PREFIX)
+            raise ExperimentConflict(f"Alias `{experiment.alias}` already runs experiment `{running}`; end it first.")
+        if done == -1:
+            what = "its alias moved" if new else "another change came first"
+            raise ExperimentConflict(f"Experiment `{name}` was not saved: {what}. Read it again and retry.")
+        return saved
+
+
+def alias_target(experiment: Experiment, status: Status, arm: str | None = None) -> str | None:
+    """Where the alias points once the experiment takes `status` (None: it keeps pointing at it)."""
+    if status == "promoted":
+        return experiment.arm(arm or "").target
+    if status == "rolled back":
+        return experiment.previous_target or experiment.arm(experiment.control).target
+    if status == "stopped":
+        return experiment.arm(experiment.control).target
+    return None
 
 
 def parse_arm(spec: str) -> Arm:

@@ -7,7 +7,11 @@ the experiment has guard rails, acts:
   passes `max_negative_rate`, after `guard_min_requests`, is rolled back: its weight goes to 0, so its
   users move to the other arms, and the rest stay where they are;
 - with `auto_promote`, an arm that wins (always-valid interval, after `min_samples`) is promoted: the
-  alias points at its version and the experiment ends.
+  alias points at its version and the experiment ends; never in the round that rolled an arm back;
+- when a roll-back would leave no arm with a weight (control has none), the experiment is paused instead:
+  every request goes to control, and an operator decides what comes next.
+Each experiment is checked on its own: one that fails (or that another change overtook: the next round
+decides again) does not hold the others up.
 Each action is in the experiment's audit log, by "guard rail", with its reason.
 """
 
@@ -19,11 +23,12 @@ import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from gateway import experiment_history, keys
 from gateway.experiment_results import results
-from gateway.experiments import Experiment, ExperimentStore
+from gateway.experiments import Experiment, ExperimentNotFound, ExperimentStore, InvalidExperiment
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate.experiments")
@@ -58,24 +63,70 @@ def guarded(experiment: Experiment) -> bool:
 
 
 async def check(experiment: Experiment, store: ExperimentStore, found: dict[str, Any]) -> list[str]:
-    """Act on one experiment's results (gateway.experiment_results); returns what was done."""
-    done = []
-    live = [arm.name for arm in experiment.arms if arm.weight > 0]
-    for arm, figures in found["arms"].items():
-        reason = _breach(experiment, arm, figures, found["arms"][experiment.control])
-        if reason and arm in live:
-            await store.set_weights(
-                experiment.tenant, experiment.name, {arm: 0}, BY, reason=f"roll back {arm}: {reason}"
-            )
-            done.append(f"rolled back {arm}: {reason}")
+    """Act on one experiment's results (gateway.experiment_results); returns what was done. Every change is
+    made from the revision the results were read at (another change first: ExperimentConflict, and the
+    next round decides again). A round that rolls back an arm promotes nothing: the next round reads
+    results without it."""
+    control = found["arms"][experiment.control]
+    live = {arm.name for arm in experiment.arms if arm.weight > 0}
+    breaches = {
+        arm: reason
+        for arm, figures in found["arms"].items()
+        if arm in live and (reason := _breach(experiment, arm, figures, control))
+    }
+    if breaches:
+        return await _roll_back(experiment, store, breaches, live)
     winner = found["winner"]
-    if experiment.auto_promote and found["verdict"] == "winner" and winner and winner != experiment.control:
-        diff = next(d for d in found["differences"] if d["arm"] == winner)
-        low, high = (f"{x:+.3f}" if x is not None else "?" for x in diff["always_valid"])
-        reason = f"{winner} wins: positive rate {diff['diff']:+.3f} vs control, always-valid [{low}, {high}]"
-        await store.set_status(experiment.tenant, experiment.name, "promoted", BY, winner, reason=reason)
-        done.append(reason)
-    return done
+    if not (experiment.auto_promote and found["verdict"] == "winner" and winner in live - {experiment.control}):
+        return []
+    diff = next(d for d in found["differences"] if d["arm"] == winner)
+    low, high = (f"{x:+.3f}" if x is not None else "?" for x in diff["always_valid"])
+    reason = f"{winner} wins: positive rate {diff['diff']:+.3f} vs control, always-valid [{low}, {high}]"
+    tenant, name, revision = experiment.tenant, experiment.name, experiment.revision
+    await store.set_status(tenant, name, "promoted", BY, winner, reason=reason, revision=revision)
+    return [reason]
+
+
+async def _roll_back(
+    experiment: Experiment, store: ExperimentStore, breaches: dict[str, str], live: set[str]
+) -> list[str]:
+    """Weight 0 for the arms that breach. When no arm would keep a weight (control has none, and the
+    arms that had one all breach), the experiment is paused instead: every request goes to control,
+    which is what the roll-back means, and an operator decides what next (resume, weights, stop)."""
+    tenant, name, revision = experiment.tenant, experiment.name, experiment.revision
+    why = "; ".join(f"roll back {arm}: {reason}" for arm, reason in breaches.items())
+    if live - set(breaches):
+        zero = dict.fromkeys(breaches, 0.0)
+        await store.set_weights(tenant, name, zero, BY, reason=why, revision=revision)
+        return [f"rolled back {arm}: {reason}" for arm, reason in breaches.items()]
+    why += f"; no other arm has a weight, so the experiment is paused (every request to {experiment.control})"
+    await store.set_status(tenant, name, "paused", BY, reason=why, revision=revision)
+    return [f"paused: {why}"]
+
+
+async def check_all(records: aioredis.Redis, store: ExperimentStore, tenants: list[str]) -> None:
+    """One round: every running experiment of `tenants`, each on its own (one that fails is logged, and
+    the others are checked all the same)."""
+    for tenant in tenants:
+        try:
+            experiments = await store.all(tenant)
+        except ValidationError:
+            log.exception("guard rails: tenant %s has an experiment that cannot be read; skipped", tenant)
+            continue
+        for experiment in experiments:
+            if experiment.status != "running":
+                continue
+            try:
+                found = await results(records, experiment)
+                await experiment_history.record(records, experiment, found)
+                for action in await check(experiment, store, found) if guarded(experiment) else []:
+                    log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
+            except (RedisError, OSError):
+                raise  # Redis is down: the whole round waits for the next one
+            except (InvalidExperiment, ExperimentNotFound) as exc:  # changed, ended or gone meanwhile
+                log.info("guard rails: %s/%s: %s (next round decides again)", tenant, experiment.name, exc)
+            except Exception:
+                log.exception("guard rails: experiment %s/%s failed; the others go on", tenant, experiment.name)
 
 
 async def run(state: aioredis.Redis, records: aioredis.Redis, store: ExperimentStore, interval_s: float) -> None:
@@ -86,14 +137,7 @@ async def run(state: aioredis.Redis, records: aioredis.Redis, store: ExperimentS
         try:
             if not await state.set(keys.guard_rails_lock(), secrets.token_hex(8), nx=True, px=int(interval_s * 900)):
                 continue
-            for tenant in await tenants.names():
-                for experiment in await store.all(tenant):
-                    if experiment.status != "running":
-                        continue
-                    found = await results(records, experiment)
-                    await experiment_history.record(records, experiment, found)
-                    for action in await check(experiment, store, found) if guarded(experiment) else []:
-                        log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
+            await check_all(records, store, await tenants.names())
         except (RedisError, OSError) as exc:
             log.warning("guard rails skipped a round: %r", exc)
         except Exception:

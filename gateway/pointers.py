@@ -89,13 +89,9 @@ class PointerStore:
             await self._write(("hset", (keys.pins(tenant), adapter, version)))
 
     async def set_alias(self, tenant: str, alias: str, target: str) -> None:
-        """Point `alias` at `target` (one HSET: a repoint is atomic)."""
+        """Point `alias` at `target` (one HSET: a repoint is atomic), whatever it pointed at: the admin API
+        and the CLI go through `ExperimentStore.set_alias`, which refuses an alias running an experiment."""
         await self._write(("hset", (keys.aliases(tenant), alias, target)))
-
-    async def delete_alias(self, tenant: str, alias: str) -> bool:
-        existed = alias in (await self.of(tenant)).aliases
-        await self._write(("hdel", (keys.aliases(tenant), alias)))
-        return existed
 
     async def share(self, owner: str, adapter: str, tenants: list[str]) -> None:
         """Share `owner`'s adapter (every version) with exactly `tenants` (empty: share with no one)."""

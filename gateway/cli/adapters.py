@@ -182,13 +182,13 @@ def aliases_set(
             raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
 
     async def point(redis: Any) -> str:
-        pointers = PointerStore(redis)
-        router = Router(settings.served_model_name, Registry(settings.adapter_root), pointers, ExperimentStore(redis))
+        experiments = ExperimentStore(redis)
+        router = Router(settings.served_model_name, Registry(settings.adapter_root), PointerStore(redis), experiments)
         try:
             route = await router.target(target, tenant)
         except ModelNotFound as exc:
             raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
-        await pointers.set_alias(tenant, alias, target)
+        await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
         return route.served_model
 
     typer.echo(f"{alias} -> {with_redis(point)}")
@@ -208,11 +208,11 @@ def aliases_list(tenant: Tenant) -> None:
 
 @aliases_app.command("rm")
 def aliases_rm(alias: str, tenant: Tenant) -> None:
-    """Delete an alias (requests for it then get 404)."""
-    from gateway.pointers import PointerStore
+    """Delete an alias (requests for it then get 404); refused while it runs an experiment."""
+    from gateway.experiments import ExperimentStore
 
     async def delete(redis: Any) -> bool:
-        return await PointerStore(redis).delete_alias(tenant, alias)
+        return await ExperimentStore(redis).set_alias(tenant, alias, None)
 
     if not with_redis(delete):
         raise ValueError(f"alias {alias} does not exist")

@@ -17,8 +17,8 @@ from gateway.cli.common import fail, with_redis
 tenants_app = typer.Typer(help="Tenants: the teams sharing this loragate.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants (stored as sha256 hashes only).", no_args_is_help=True)
 
-Rpm = Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute (default: no limit).")]
-Tpm = Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute (default: no limit).")]
+Rpm = Annotated[int | None, typer.Option("--rpm", min=0, help="Requests per minute (0 or none: no limit).")]
+Tpm = Annotated[int | None, typer.Option("--tpm", min=0, help="Tokens per minute (0 or none: no limit).")]
 
 
 def _when(stamp: float | None) -> str:
@@ -46,7 +46,7 @@ def tenants_create(
 
     async def create(redis: Any) -> str:
         try:  # created after the last deletion of a tenant of that name, whatever this host's clock says
-            limits = Limits(rpm=rpm, tpm=tpm)
+            limits = Limits(rpm=rpm or None, tpm=tpm or None)
             return (
                 await TenantStore(redis).create(name, limits, on_redis_down, not_before=deleted[0] if deleted else 0.0)
             ).name
@@ -200,7 +200,7 @@ def keys_create(
 
     async def create(redis: Any) -> str:
         lifetime = parse_duration(expires) if expires is not None else None
-        key, info = await KeyStore(redis).create(tenant, role, name, lifetime, Limits(rpm=rpm, tpm=tpm))
+        key, info = await KeyStore(redis).create(tenant, role, name, lifetime, Limits(rpm=rpm or None, tpm=tpm or None))
         typer.echo(f"id {info.id}, role {info.role}, expires {_when(info.expires_at)}", err=True)
         return key
 

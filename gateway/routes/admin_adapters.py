@@ -14,10 +14,13 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
@@ -26,11 +29,16 @@ from starlette.responses import JSONResponse
 from adapters.manifest import AdapterRef, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
+from gateway import keys
 from gateway.auth import Admin, Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import check_tenant_name
+
+if TYPE_CHECKING:
+    from gateway.app import Services
 
 router = APIRouter(prefix="/admin/tenants/{tenant}")
 
@@ -66,6 +74,15 @@ def _require(store: AdapterStore, name: str, version: int | None = None) -> None
         raise AdapterNotFound(f"{name}@{version}")  # an unpublished candidate cannot be pinned
     elif not store.versions(name):
         raise AdapterNotFound(name)
+
+
+@contextmanager
+def _in_experiment() -> Iterator[None]:
+    """An alias that runs an experiment moves only with it: 409."""
+    try:
+        yield
+    except ExperimentConflict as exc:
+        raise Conflict(str(exc), param="alias", code="alias_in_experiment") from exc
 
 
 def _ref(text: str) -> AdapterRef:
@@ -143,10 +160,30 @@ async def add_adapter(
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 
 
+async def _users(svc: Services, owner: str, ref: str) -> list[str]:
+    """What serves `owner`'s version `ref` (name@V): the aliases and the live experiments (an arm, or what
+    a roll-back would point the alias at) of `owner` and of the tenants it is shared with. Read from Redis,
+    not from this process's caches."""
+    shared = await svc.redis.hget(keys.shares(), f"{owner}/{ref.partition('@')[0]}")
+    found = []
+    for tenant in [owner, *sorted(set(json.loads(shared or "[]")) - {owner})]:
+        names = {f"{owner}/{ref}", ref} if tenant == owner else {f"{owner}/{ref}"}
+        of = "" if tenant == owner else f" of tenant {tenant}"
+        aliases = await svc.redis.hgetall(keys.aliases(tenant))
+        found += [f"alias `{alias}`{of}" for alias, target in sorted(aliases.items()) if target in names]
+        for experiment in await svc.experiments.all(tenant):
+            arms = [arm.name for arm in experiment.arms if arm.target in names]
+            if experiment.status not in ("running", "paused") or not (arms or experiment.previous_target in names):
+                continue
+            why = f"arm {', '.join(arms)}" if arms else "what a roll-back would point its alias at"
+            found.append(f"experiment `{experiment.name}`{of} ({why})")
+    return found
+
+
 @router.delete(
     "/adapters/{ref}",
     response_model=None,
-    responses=answer(answers.AdapterDeleted, "Unloaded everywhere, then deleted.") | errors(400, 404),
+    responses=answer(answers.AdapterDeleted, "Unloaded everywhere, then deleted.") | errors(400, 404, 409),
 )
 async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
@@ -158,6 +195,15 @@ async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) ->
     try:
         with domain_errors():
             manifest = await asyncio.to_thread(store.manifest, parsed.name, parsed.version)
+        users = await _users(svc, tenant, manifest.ref)
+        if users:
+            raise Conflict(
+                f"`{manifest.ref}` is in use by {'; '.join(users)}: repoint the alias, or promote, roll back or "
+                "stop the experiment first.",
+                param="ref",
+                code="version_in_use",
+            )
+        with domain_errors():
             await svc.placement.unload_everywhere(f"{tenant}.{manifest.ref}")
             await asyncio.to_thread(store.remove, parsed.name, parsed.version)
     finally:
@@ -234,17 +280,23 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
             param="target",
             code="invalid_alias_target",
         ) from exc
-    await svc.pointers.set_alias(tenant, alias, body.target)
+    with _in_experiment():
+        await svc.experiments.set_alias(tenant, alias, body.target)
+    svc.pointers.forget_cached()
     return {"alias": alias, "target": body.target, "serves": route.served_model}
 
 
 @router.delete(
     "/aliases/{alias}",
     response_model=None,
-    responses=answer(answers.AliasDeleted, "Deleted.") | errors(400, 404),
+    responses=answer(answers.AliasDeleted, "Deleted.") | errors(400, 404, 409),
 )
 async def delete_alias(tenant: str, alias: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
-    if not await services(request).pointers.delete_alias(tenant, alias):
+    svc = services(request)
+    with _in_experiment():
+        existed = await svc.experiments.set_alias(tenant, alias, None)
+    svc.pointers.forget_cached()
+    if not existed:
         raise NotFound(f"Alias `{alias}` does not exist.", param="alias", code="alias_not_found")
     return {"alias": alias, "object": "alias", "deleted": True}

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.manifest import check_name
 from gateway import admin_protocol as answers
@@ -30,7 +30,16 @@ from gateway import experiment_history, experiment_page
 from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
 from gateway.experiment_results import results
-from gateway.experiments import Arm, Experiment, ExperimentNotFound, InvalidExperiment, Status
+from gateway.experiments import (
+    MAX_WEIGHT,
+    Arm,
+    Experiment,
+    ExperimentConflict,
+    ExperimentNotFound,
+    InvalidExperiment,
+    Status,
+    alias_target,
+)
 from gateway.openapi import answer, errors
 from gateway.principal import Principal
 from gateway.routes import domain_errors, services
@@ -39,7 +48,7 @@ router = APIRouter(prefix="/admin/tenants/{tenant}/experiments")
 
 CHANGE: dict[str, Any] = {
     "response_model": None,
-    "responses": answer(answers.ExperimentView, "The experiment, changed.") | errors(400, 404),
+    "responses": answer(answers.ExperimentView, "The experiment, changed.") | errors(400, 404, 409),
 }
 """What a change of an experiment answers, in the OpenAPI schema."""
 
@@ -64,7 +73,7 @@ class NewExperiment(BaseModel):
 class Weights(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    weights: dict[str, float]
+    weights: dict[str, Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]]
 
 
 class Promotion(BaseModel):
@@ -87,6 +96,8 @@ def _refusals() -> Iterator[None]:
         yield
     except ExperimentNotFound as exc:
         raise NotFound(str(exc), param="name", code="experiment_not_found") from exc
+    except ExperimentConflict as exc:
+        raise Conflict(str(exc), code="experiment_conflict") from exc
     except InvalidExperiment as exc:
         raise InvalidRequest(str(exc), code="invalid_experiment") from exc
     except ValidationError as exc:
@@ -184,6 +195,18 @@ async def _status(
     request: Request, tenant: str, name: str, status: Status, caller: Principal, arm: str | None = None
 ) -> dict[str, Any]:
     svc = services(request)
+    with _refusals():
+        target = alias_target(await svc.experiments.get(tenant, name), status, arm)
+    if target is not None and status != "stopped":  # stop stays possible: the way out whatever is gone
+        try:
+            await svc.router.target(target, tenant)  # the alias moves there: it must serve
+        except ModelNotFound as exc:
+            raise Conflict(
+                f"`{target}` does not exist any more, so the alias cannot point at it: promote an arm whose "
+                "version exists, or stop the experiment (the alias then serves control).",
+                param="arm" if status == "promoted" else None,
+                code="target_missing",
+            ) from exc
     with _refusals():
         changed = await svc.experiments.set_status(tenant, name, status, _who(caller), arm)
     svc.pointers.forget_cached()

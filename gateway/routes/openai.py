@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from gateway.auth import TenantCaller
-from gateway.body import read_json
+from gateway.body import read_json_sized
 from gateway.context import RequestContext
 from gateway.errors import APIError, AuthenticationFailed, InvalidRequest, from_validation_error
 from gateway.openapi import answer, errors, event_stream, json_body
@@ -57,7 +57,7 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
         return payload["max_tokens"] if request.default_max_tokens else None
     for field in named:
         payload[field] = min(getattr(request, field), cap)
-    return min(getattr(request, field) for field in named)
+    return int(payload[named[0]])  # what vLLM applies: max_completion_tokens over max_tokens when both are named
 
 
 def salt_prefix_cache(payload: dict[str, Any], tenant: str) -> None:
@@ -82,11 +82,14 @@ def _failure(exc: Exception) -> tuple[int, str]:
     return 500, "server_error"
 
 
-def _total_tokens(usage: dict[str, Any] | None) -> int | None:
-    if not usage:
-        return None
-    total = usage.get("total_tokens")
-    return total if isinstance(total, int) else None
+def _tokens_used(done: RequestContext) -> int | None:
+    """What a request used, to settle its reservation: the engine's usage; 0 for one that failed before any
+    token came (vLLM refused it, or the engine failed): its reservation is given back; None (the reservation
+    stands) when it is not known, e.g. a stream whose client left."""
+    total = (done.answer.usage or {}).get("total_tokens")
+    if isinstance(total, int):
+        return total
+    return 0 if done.outcome == "error" and done.first_token_s is None else None
 
 
 async def _complete(
@@ -108,12 +111,13 @@ async def _complete(
         nonlocal handed_over
         handed_over = True
         if admission is not None:
-            svc.quotas.settle(admission, _total_tokens(done.answer.usage))
+            svc.quotas.settle(admission, _tokens_used(done))
         svc.metrics.request_finished(done)
         svc.recorder.record(done)
 
     try:
-        payload = context.payload = await read_json(request, svc.settings.max_body_bytes)
+        payload, size = await read_json_sized(request, svc.settings.max_body_bytes)
+        context.payload = payload
         try:
             validated = schema.model_validate(payload)
         except ValidationError as exc:
@@ -127,7 +131,7 @@ async def _complete(
         )
         if hide_usage:  # every stream's usage settles its quota and is logged; the client gets what it asked for
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        cost = svc.quotas.cost(asked, validated.answers(), int(request.headers.get("content-length") or 0))
+        cost = svc.quotas.cost(asked, validated.answers(), size)  # the bytes read: a chunked body has no length
         admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
         request.state.response_headers = admission.headers
         svc.keys.note_use(caller.key_id)

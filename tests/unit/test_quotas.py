@@ -4,13 +4,21 @@ and what happens when Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import keys, quotas
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
+from gateway.quota_leases import LeaseBook
 from gateway.quotas import _UNLEASE, Admission, QuotaGate, duration
 from gateway.tenants import Limits, Tenant
 from tests.conftest import RedisServer, free_port
@@ -113,3 +121,55 @@ async def test_a_lost_lease_given_back_after_its_token_window_expired_leaves_no_
     assert removed == 2 and await redis.zcard(log_key) == 0
     assert int(await redis.get(live)) == 80 and await redis.ttl(live) > 0
     assert not await redis.exists(expired), "an expired window is not brought back below zero"
+
+
+def test_rpm_and_tpm_0_mean_no_limit_on_the_command_line(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+    env |= {"LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_HOME": str(tmp_path)}
+
+    def cli(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "gateway", *args], env=env, check=True, capture_output=True, text=True)
+
+    cli("tenants", "create", "zero", "--rpm", "0", "--tpm", "500")
+    cli("tenants", "update", "zero", "--rpm", "60", "--tpm", "0")
+    stored = json.loads(asyncio.run(_get(redis_server.url, keys.tenant("zero"))))
+    assert stored["limits"] == {"rpm": 60, "tpm": None}
+
+
+async def _get(url: str, key: str) -> str:
+    client = aioredis.from_url(url, decode_responses=True)
+    try:
+        return str(await client.get(key))
+    finally:
+        await client.aclose()
+
+
+class _Clock:
+    """gateway.quotas's view of `time`, off by `offset_s` (a host whose clock is wrong)."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_gateways_whose_clocks_differ_count_tokens_in_the_same_minute(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token windows are named by Redis's minute: a gateway whose clock runs a minute ahead adds to the same
+    counter as one whose clock is right, so the two together admit the limit, not twice it."""
+    tenant = Tenant(name="skew", limits=Limits(tpm=1000))
+    admitted = 0
+    for offset_s in (60.0, 0.0):
+        monkeypatch.setattr(quotas, "time", _Clock(offset_s))
+        gate = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
+        await gate.sync_clock()
+        for i in range(int(offset_s), int(offset_s) + 20):
+            admitted += isinstance(await attempt(gate, tenant, i, Principal("skew", "k1", "inference"), 100), Admission)
+    assert admitted * 100 <= 1000

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from starlette.requests import Request
 
-from gateway.context import CLIENT_CLOSED, Answer
+from gateway.body import read_json_sized
+from gateway.context import CLIENT_CLOSED, Answer, RequestContext
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest, SamplingParams
-from gateway.routes.openai import cap_max_tokens, salt_prefix_cache
+from gateway.routes.openai import _tokens_used, cap_max_tokens, salt_prefix_cache
 from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
+from gateway.tenants import Tenant
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -198,3 +202,41 @@ def test_each_tenant_gets_its_own_prefix_cache_salt_and_a_clients_salt_is_mixed_
         with pytest.raises(InvalidRequest) as info:
             salt("acme", cache_salt=bad)
         assert info.value.param == "cache_salt"
+
+
+def test_the_limit_a_request_reserves_is_the_one_vllm_applies_capped() -> None:
+    """vLLM generates up to max_completion_tokens when both are named; a limit over the cap is the cap."""
+    both = {"model": "m", "messages": MSG, "max_completion_tokens": 2000, "max_tokens": 1}
+    assert cap_max_tokens(both, ChatCompletionRequest.model_validate(both), 64) == 64
+    over = {"model": "m", "prompt": "x", "max_tokens": 5000}
+    assert cap_max_tokens(over, CompletionRequest.model_validate(over), 2048) == 2048
+
+
+def test_a_failed_request_gives_its_reservation_back_unless_tokens_may_have_come() -> None:
+    def ended(status: int, usage: dict[str, int] | None = None, first_token: bool = False) -> int | None:
+        context = RequestContext("r", "chat", Tenant(name="t"), "k", payload={})
+        context.answer.usage = usage
+        if first_token:
+            context.first_token()
+        context.finish(status)
+        return _tokens_used(context)
+
+    assert ended(200, {"total_tokens": 42}) == 42
+    assert ended(400) == 0, "vLLM refused it: nothing was generated"
+    assert ended(502) == 0
+    assert ended(502, first_token=True) is None, "a stream that broke after tokens came keeps its reservation"
+    assert ended(CLIENT_CLOSED) is None
+
+
+async def test_a_chunked_body_is_measured_as_read() -> None:
+    """The prompt's share of a reservation comes from the bytes read: a chunked body declares no length."""
+    body = json.dumps({"model": "m", "prompt": "x" * 5000}).encode()
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
+    payload, size = await read_json_sized(request, 1 << 20)
+    assert payload["prompt"] == "x" * 5000 and size == len(body)

@@ -1,0 +1,324 @@
+"""Changes of experiments that must not break an alias: weights at the edges, guard rails that act once and
+on their own, versions and aliases in use, and changes that race (real Redis; the admin API in process,
+with no engine behind it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+import redis.asyncio as aioredis
+from pydantic import SecretStr, ValidationError
+from starlette.testclient import TestClient
+
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from gateway import guard_rails, keys
+from gateway.app import create_app
+from gateway.assignment import BUCKETS, allocate, arm_for, reallocate, shares
+from gateway.experiments import (
+    PREFIX,
+    Arm,
+    Change,
+    Experiment,
+    ExperimentConflict,
+    ExperimentStore,
+    InvalidExperiment,
+)
+from gateway.settings import Settings
+from gateway.tenants import TenantStore
+from tests.conftest import RedisServer
+
+ADMIN = {"Authorization": "Bearer admin-secret-0123456789"}
+BASE = "base-model"
+
+
+def _experiment(tenant: str, name: str, alias: str, weights: tuple[float, float], **rails: Any) -> Experiment:
+    arms = [Arm(name="control", target=BASE, weight=weights[0]), Arm(name="treat", target="bot@2", weight=weights[1])]
+    return Experiment(name=name, tenant=tenant, alias=alias, control="control", arms=arms, **rails)
+
+
+async def _counters(redis: aioredis.Redis, tenant: str, name: str, arm: str, **figures: int) -> None:
+    requests, errors, rated, positive = (figures.get(k, 0) for k in ("requests", "errors", "rated", "positive"))
+    counters = {"requests": requests, "errors": errors, "rated": rated, "negative": rated - positive}
+    await redis.hset(
+        keys.arm_counters(tenant, name, arm),
+        mapping={**counters, "positive_sum": positive, "positive_squares": positive},
+    )
+
+
+# 1, 2: weights
+
+
+def test_huge_weights_still_split_every_bucket_and_bad_ones_are_refused() -> None:
+    for weights in ([1e308, 1e308], [1e308, 1.0], [5e-324, 0.0], [0.1] * 255):
+        counts = shares(weights)
+        assert sum(counts) == BUCKETS and min(counts) >= 0, weights
+    allocation = allocate([1e308, 1e308])
+    assert len(allocation) == BUCKETS and allocation.count(1) == BUCKETS // 2
+    assert arm_for(allocation, "t", "e", "someone") in (0, 1)
+    for bad in ([-1.0, 2.0], [math.nan, 1.0], [math.inf, 1.0], [0.0, 0.0], []):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            reallocate(allocation, bad)
+    for weight in (1e308, 1e6 + 1, -5.0, math.nan, math.inf):
+        with pytest.raises(ValidationError):
+            Arm(name="a", target=BASE, weight=weight)
+    assert Arm(name="a", target=BASE, weight=1e6).weight == 1e6 and Arm(name="a", target=BASE, weight=0).weight == 0
+
+
+async def test_new_weights_out_of_bounds_are_refused_and_change_nothing(redis: aioredis.Redis) -> None:
+    store = ExperimentStore(redis)
+    created = await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    for weight in (-5.0, math.nan, math.inf, 1e308, 2e6):
+        with pytest.raises(InvalidExperiment, match="from 0 to 1e"):
+            await store.set_weights("t", "tone", {"treat": weight}, by="test")
+    with pytest.raises(InvalidExperiment, match="above 0"):
+        await store.set_weights("t", "tone", {"control": 0, "treat": 0}, by="test")
+    changed = await store.set_weights("t", "tone", {"control": 1e6, "treat": 1e6}, by="test")
+    assert changed.buckets == created.buckets, "1e6/1e6 is 50/50: nobody moves"
+    assert [c.action for c in await store.audit("t", "tone")] == ["create", "weights"]
+
+
+# 3, 4: guard rails
+
+
+async def test_an_arm_rolled_back_is_not_promoted_in_the_same_round(redis: aioredis.Redis) -> None:
+    """Its users rate it far better, but it errs: roll back, and no promotion (then or later)."""
+    await TenantStore(redis).create("zz")
+    store = ExperimentStore(redis)
+    rails = {"auto_promote": True, "max_error_rate": 0.1, "min_samples": 10}
+    await store.create(_experiment("zz", "canary", "bot", (50, 50), **rails), by="test")
+    await _counters(redis, "zz", "canary", "control", requests=500, rated=300, positive=90)
+    await _counters(redis, "zz", "canary", "treat", requests=500, errors=200, rated=300, positive=280)
+    for _ in range(2):  # two rounds
+        experiment = await ExperimentStore(redis).get("zz", "canary")
+        if experiment.status == "running":
+            await guard_rails.check(experiment, store, await guard_rails.results(redis, experiment))
+    found = await store.get("zz", "canary")
+    assert found.status == "running" and [a.weight for a in found.arms] == [50, 0]
+    assert await redis.hget(keys.aliases("zz"), "bot") == PREFIX + "canary", "the alias did not move"
+    audit = await store.audit("zz", "canary")
+    assert [c.action for c in audit] == ["create", "weights"] and "error rate 40.0%" in audit[1].detail
+
+
+async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_up_the_others(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenants, store = TenantStore(redis), ExperimentStore(redis)
+    for tenant in ("aa", "mm", "zz"):
+        await tenants.create(tenant)
+    await store.create(_experiment("aa", "rollout", "bot", (0, 100), max_error_rate=0.1), by="test")
+    await _counters(redis, "aa", "rollout", "treat", requests=100, errors=50)
+    await store.create(_experiment("mm", "broken", "bot", (50, 50), max_error_rate=0.1), by="test")
+    await store.create(_experiment("zz", "other", "bot", (50, 50), max_error_rate=0.1), by="test")
+    await _counters(redis, "zz", "other", "treat", requests=100, errors=50)
+    real_results = guard_rails.results
+
+    async def results(records: aioredis.Redis, experiment: Experiment) -> dict[str, Any]:
+        if experiment.name == "broken":
+            raise RuntimeError("a bug in one experiment")
+        return await real_results(records, experiment)
+
+    monkeypatch.setattr(guard_rails, "results", results)
+    with caplog.at_level(logging.INFO, "loragate.experiments"):
+        rounds = asyncio.create_task(guard_rails.run(redis, redis, store, 0.05))
+        await asyncio.sleep(0.4)
+        rounds.cancel()
+    paused = await store.get("aa", "rollout")
+    assert paused.status == "paused" and [a.weight for a in paused.arms] == [0, 100], "paused: all to control"
+    change = (await store.audit("aa", "rollout"))[-1]
+    assert (change.by, change.action) == ("guard rail", "pause") and "no other arm has a weight" in change.detail
+    other = await store.get("zz", "other")
+    assert [a.weight for a in other.arms] == [50, 0], "checked after the ones that could not go on"
+    assert await experiment_history_points(redis, "zz", "other") >= 1
+    assert "mm/broken failed; the others go on" in caplog.text
+
+
+async def experiment_history_points(redis: aioredis.Redis, tenant: str, name: str) -> int:
+    from gateway import experiment_history
+
+    return len(await experiment_history.read(redis, await ExperimentStore(redis).get(tenant, name)))
+
+
+async def test_a_guard_rail_overtaken_by_an_operator_changes_nothing_and_decides_next_round(
+    redis: aioredis.Redis,
+) -> None:
+    await TenantStore(redis).create("t")
+    store = ExperimentStore(redis)
+    await store.create(_experiment("t", "tone", "bot", (50, 50), max_error_rate=0.1), by="test")
+    await _counters(redis, "t", "tone", "treat", requests=100, errors=50)
+    seen = await store.get("t", "tone")
+    found = await guard_rails.results(redis, seen)
+    await ExperimentStore(redis).set_weights("t", "tone", {"control": 90, "treat": 10}, by="admin")
+    with pytest.raises(ExperimentConflict):
+        await guard_rails.check(seen, store, found)
+    store.forget_cached()  # as the state watch does, in a gateway
+    assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 10]
+    await guard_rails.check_all(redis, store, ["t"])  # the next round reads it again
+    assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 0]
+
+
+# 7: changes that race
+
+
+async def test_a_change_from_a_stale_read_is_refused_whole(redis: aioredis.Redis) -> None:
+    """A promotion read before another process changed the weights: its save is refused, alias and all."""
+    store, other = ExperimentStore(redis), ExperimentStore(redis)
+    await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    stale = await store._live("t", "tone")
+    await other.set_weights("t", "tone", {"treat": 20}, by="other")
+    promoted = stale.model_copy(update={"status": "promoted"})
+    with pytest.raises(ExperimentConflict, match="another change came first"):
+        await store._save(promoted, Change(at=time.time(), by="test", action="promote"), alias="bot@2")
+    now = await store.get("t", "tone")
+    assert (now.status, now.revision, [a.weight for a in now.arms]) == ("running", 1, [50, 20])
+    assert await redis.hget(keys.aliases("t"), "bot") == PREFIX + "tone"
+    with pytest.raises(ExperimentConflict):
+        await store.set_status("t", "tone", "promoted", by="test", arm="treat", revision=0)
+
+
+async def test_racing_changes_leave_one_winner(redis_server: RedisServer, redis: aioredis.Redis) -> None:
+    """Two processes (two clients) at once: creates of one name, creates on one alias, promote + weights."""
+    clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(2)]
+    one, two = (ExperimentStore(client) for client in clients)
+    try:
+        for trial in range(10):
+            same_name = await asyncio.gather(
+                one.create(_experiment("t", f"n{trial}", f"a{trial}", (50, 50)), by="one"),
+                two.create(_experiment("t", f"n{trial}", f"b{trial}", (50, 50)), by="two"),
+                return_exceptions=True,
+            )
+            same_alias = await asyncio.gather(
+                one.create(_experiment("t", f"x{trial}", f"c{trial}", (50, 50)), by="one"),
+                two.create(_experiment("t", f"y{trial}", f"c{trial}", (50, 50)), by="two"),
+                return_exceptions=True,
+            )
+            for pair in (same_name, same_alias):
+                assert sorted(type(x).__name__ for x in pair) == ["Experiment", "ExperimentConflict"], pair
+            changes = await asyncio.gather(
+                one.set_status("t", f"n{trial}", "promoted", by="one", arm="treat"),
+                two.set_weights("t", f"n{trial}", {"treat": 20}, by="two"),
+                return_exceptions=True,
+            )
+            assert sum(isinstance(x, Experiment) for x in changes) >= 1, changes
+            found, alias = await one.get("t", f"n{trial}"), await redis.hget(keys.aliases("t"), found_alias(same_name))
+            assert (found.status == "running") == (alias == PREFIX + f"n{trial}"), (found.status, alias)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def found_alias(created: list[Any]) -> str:
+    return next(x.alias for x in created if isinstance(x, Experiment))
+
+
+async def test_an_alias_running_an_experiment_is_neither_repointed_nor_deleted(redis: aioredis.Redis) -> None:
+    store = ExperimentStore(redis)
+    assert await store.set_alias("t", "bot", "bot@1") and not await store.set_alias("t", "gone", None)
+    await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    for target in ("bot@2", None):
+        with pytest.raises(ExperimentConflict, match="runs experiment `tone`"):
+            await store.set_alias("t", "bot", target)
+    await store.set_status("t", "tone", "paused", by="test")
+    with pytest.raises(ExperimentConflict):
+        await store.set_alias("t", "bot", None)
+    await store.set_status("t", "tone", "rolled back", by="test")
+    assert await redis.hget(keys.aliases("t"), "bot") == "bot@1"
+    assert await store.set_alias("t", "bot", "bot@2") and await store.set_alias("t", "bot", None)
+
+
+# 2, 5, 6: through the admin API
+
+
+@pytest.fixture
+def api(redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec) -> Iterator[TestClient]:
+    sync_redis.Redis.from_url(redis_server.url).flushdb()
+    settings = Settings(
+        home=tmp_path,
+        redis_url=redis_server.url,
+        served_model_name=BASE,
+        admin_key=SecretStr(ADMIN["Authorization"].removeprefix("Bearer ")),
+    )
+    with TestClient(create_app(settings, engine_urls=["http://127.0.0.1:9"]), headers=ADMIN) as client:
+        assert client.post("/admin/tenants", json={"name": "acme"}).status_code == 201
+        svc = client.app.state.services  # type: ignore[attr-defined]
+        for seed in (1, 2, 3):
+            folder = make_adapter(tmp_path / f"adapter{seed}", base, seed=seed)
+            svc.registry.store("acme").add(folder, "bot", base, 16)
+        svc.registry.invalidate("acme", "bot")
+        yield client
+
+
+def _create(api: TestClient, name: str, alias: str, control: str, treat: str) -> None:
+    arms = [{"name": "control", "target": control, "weight": 50}, {"name": "treat", "target": treat, "weight": 50}]
+    created = api.post(
+        "/admin/tenants/acme/experiments", json={"name": name, "alias": alias, "control": "control", "arms": arms}
+    )
+    assert created.status_code == 201, created.text
+
+
+def _error(response: Any, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error", error
+    return str(error["message"])
+
+
+def test_bad_weights_answer_400_in_the_envelope(api: TestClient) -> None:
+    _create(api, "tone", "prod", BASE, "bot@1")
+    url = "/admin/tenants/acme/experiments/tone/weights"
+    for raw in ("-5", "NaN", "Infinity", "1e400", "1e308"):
+        response = api.put(
+            url, content=f'{{"weights": {{"treat": {raw}}}}}', headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", raw
+    arms = [{"name": "a", "target": BASE, "weight": 1e308}, {"name": "b", "target": "bot@1", "weight": 1e308}]
+    huge = api.post(
+        "/admin/tenants/acme/experiments", json={"name": "huge", "alias": "big", "control": "a", "arms": arms}
+    )
+    assert huge.status_code == 400, huge.text
+    assert api.put(url, json={"weights": {"treat": 10}}).json()["arms"][1]["weight"] == 10
+
+
+def test_versions_in_use_are_not_deleted_and_nothing_points_an_alias_at_a_missing_one(api: TestClient) -> None:
+    tenant = "/admin/tenants/acme"
+    assert api.put(f"{tenant}/aliases/prod", json={"target": "bot@1"}).status_code == 200
+    _create(api, "tone", "prod", "bot@2", "bot@3")
+    for version, user in (("bot@2", "arm control"), ("bot@3", "arm treat"), ("bot@1", "what a roll-back")):
+        message = _error(api.delete(f"{tenant}/adapters/{version}"), 409, "version_in_use")
+        assert "experiment `tone`" in message and user in message, message
+    assert api.put(f"{tenant}/aliases/other", json={"target": BASE}).status_code == 200
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    svc.registry.store("acme").remove("bot", 3)  # gone all the same (by hand, or a share withdrawn)
+    svc.registry.invalidate("acme", "bot")
+    message = _error(api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}), 409, "target_missing")
+    assert "bot@3" in message
+    svc.registry.store("acme").remove("bot", 1)
+    svc.registry.invalidate("acme", "bot")
+    _error(api.post(f"{tenant}/experiments/tone/rollback"), 409, "target_missing")
+    assert api.get(f"{tenant}/experiments/tone").json()["status"] == "running"
+    assert api.post(f"{tenant}/experiments/tone/stop").json()["status"] == "stopped", "stop stays possible"
+    message = _error(api.delete(f"{tenant}/adapters/bot@2"), 409, "version_in_use")
+    assert "alias `prod`" in message, "the alias serves control now"
+
+
+def test_an_alias_in_an_experiment_moves_only_with_it(api: TestClient) -> None:
+    tenant = "/admin/tenants/acme"
+    assert api.put(f"{tenant}/aliases/prod", json={"target": BASE}).status_code == 200
+    _create(api, "tone", "prod", BASE, "bot@1")
+    message = _error(api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}), 409, "alias_in_experiment")
+    assert "experiment `tone`" in message
+    _error(api.delete(f"{tenant}/aliases/prod"), 409, "alias_in_experiment")
+    arms = [{"name": "control", "target": BASE, "weight": 1}, {"name": "treat", "target": "bot@2", "weight": 1}]
+    again = {"name": "tone2", "alias": "prod", "control": "control", "arms": arms}
+    _error(api.post(f"{tenant}/experiments", json=again), 409, "experiment_conflict")
+    assert api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}).status_code == 200
+    assert api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}).status_code == 200
+    assert api.delete(f"{tenant}/aliases/prod").status_code == 200
