@@ -21,8 +21,6 @@ import redis.asyncio as aioredis
 from gateway import keys
 
 PAGE = 500
-MAX_KEEP_S = 3650 * 86400
-"""How long a tenant's tombstone stays when its record age limit is not known: the longest a policy allows."""
 
 # KEYS: the tenant's tombstone. ARGV: deletion time (Unix), seconds to keep it. Returns Redis's time (ms), kept
 # beside the deletion time: stream entries (and so completion indexes) written up to then are the old tenant's.
@@ -70,22 +68,18 @@ def parse_tombstone(found: str) -> tuple[float, int]:
     return float(at), int(ms or 0)
 
 
-async def mark_tenant_deleted(
-    redis: aioredis.Redis, tenant: str, created: float = 0.0, keep_s: int | None = None
-) -> None:
+async def mark_tenant_deleted(redis: aioredis.Redis, tenant: str, created: float, keep_s: int) -> None:
     """Leave a deleted tenant's tombstone: from now on no record or rating of a tenant of that name created at
     or before now (`created`: when the deleted one was; `keep_s`: its record age limit, how long the tombstone
-    stays, MAX_KEEP_S when not known) is written, whichever gateway's queue or spool it comes from."""
+    stays) is written, whichever gateway's queue or spool it comes from. Left before `purge_tenant`."""
     at = max(time.time(), created)
     script = redis.register_script(_TOMBSTONE)
-    await script(keys=[keys.tenant_deleted(tenant)], args=[repr(at), max(keep_s or MAX_KEEP_S, 1)])
+    await script(keys=[keys.tenant_deleted(tenant)], args=[repr(at), max(keep_s, 1)])
 
 
-async def purge_tenant(redis: aioredis.Redis, tenant: str, *, tombstone: bool = True) -> int:
-    """Delete a tenant's whole log and feedback (when the tenant is deleted). Returns the records deleted.
-    `tombstone`: leave the tenant's tombstone first (False: the caller left it, as soon as it deleted the tenant)."""
-    if tombstone:
-        await mark_tenant_deleted(redis, tenant)
+async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
+    """Delete a tenant's whole log and feedback (when the tenant is deleted, after `mark_tenant_deleted`).
+    Returns the records deleted."""
     stream, start, deleted = keys.completion_log(tenant), "-", 0
     while entries := await redis.xrange(stream, min=start, max="+", count=PAGE):
         ids = [json.loads(fields["r"]).get("id") for _, fields in entries]

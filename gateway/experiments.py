@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import redis.asyncio as aioredis
 from pydantic import (
@@ -77,6 +77,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 Status = Literal["running", "paused", "stopped", "promoted", "rolled back"]
 MAX_WEIGHT = 1e6
 """Weights are relative: up to a million is plenty (and their sum stays finite)."""
+Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")]
 
 
 class ExperimentNotFound(LookupError):
@@ -98,7 +99,7 @@ class Arm(BaseModel):
 
     name: str = Field(pattern=NAME.pattern)
     target: str = Field(min_length=1, description="An adapter version (name@V, owner/name@V) or the base model.")
-    weight: float = Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")
+    weight: Weight
 
 
 class Change(BaseModel):

@@ -295,11 +295,6 @@ class Recorder:
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
 
-    def forget_tenant(self, tenant: str) -> None:
-        """Forget the completions this process answered for a tenant (it was deleted)."""
-        for completion_id in [cid for cid, (owner, _) in self.recent.items() if owner == tenant]:
-            del self.recent[completion_id]
-
     async def close(self) -> None:
         await self._lane.close()
         await self._builder.stop()

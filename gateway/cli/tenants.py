@@ -175,7 +175,7 @@ def tenants_delete(
 
     async def purge(redis: Any) -> int:  # the tombstone first: records still queued somewhere are refused
         await mark_tenant_deleted(redis, name, tenant.created, tenant.logging.max_age_s)
-        return await purge_tenant(redis, name, tombstone=False)
+        return await purge_tenant(redis, name)
 
     tenant, revoked = with_redis(delete)
     records = with_redis(purge, records=True)

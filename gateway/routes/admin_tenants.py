@@ -108,11 +108,10 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     # refused when it comes. Then this process's queue is written (and refused), and the log purged.
     await mark_tenant_deleted(svc.records_redis, tenant, found.created, found.logging.max_age_s)
     await svc.recorder.written()
-    svc.recorder.forget_tenant(tenant)
     removed = await asyncio.to_thread(svc.registry.remove_tenant, tenant)
     for name in removed:
         await svc.placement.unload_everywhere(name)
-    records = await purge_tenant(svc.records_redis, tenant, tombstone=False)
+    records = await purge_tenant(svc.records_redis, tenant)
     return {
         "id": tenant,
         "object": "tenant",

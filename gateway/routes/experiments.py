@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.manifest import check_name
 from gateway import admin_protocol as answers
@@ -31,13 +31,13 @@ from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
 from gateway.experiment_results import results
 from gateway.experiments import (
-    MAX_WEIGHT,
     Arm,
     Experiment,
     ExperimentConflict,
     ExperimentNotFound,
     InvalidExperiment,
     Status,
+    Weight,
     alias_target,
 )
 from gateway.openapi import answer, errors
@@ -73,7 +73,7 @@ class NewExperiment(BaseModel):
 class Weights(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    weights: dict[str, Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]]
+    weights: dict[str, Weight]
 
 
 class Promotion(BaseModel):
