@@ -165,7 +165,12 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     )
     feedback_spool = Spool(settings.spool_root / "feedback", fsync=True)
     recorder = Recorder(
-        records_redis, records_spool, metrics, enabled=settings.record_completions, workers=settings.record_workers
+        records_redis,
+        records_spool,
+        metrics,
+        enabled=settings.record_completions,
+        workers=settings.record_workers,
+        redis_url=settings.records_redis_url or settings.redis_url,
     )
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)

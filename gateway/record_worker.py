@@ -1,10 +1,19 @@
-"""The process that builds completion records for one gateway process (`python -m gateway.record_worker`).
+"""The process that builds and writes completion records for one gateway process (`python -m
+gateway.record_worker`).
 
-Record building is CPU work (parsing answers, redaction, JSON). In a thread of the gateway it would
-share the GIL with the event loop, and every socket call of the loop would then wait for the thread's
-switch interval (the GIL convoy): measured here, that cost the gateway more than the building itself.
-So the gateway sends each batch to this process over a pipe, as a length-prefixed pickle, and reads
-the built entries back the same way; no thread of the gateway does Python work meanwhile.
+Record building is CPU work (parsing answers, redaction, JSON), and so is writing (packing a Redis call of
+1,300 arguments per 100 records, reading its replies). In a thread of the gateway it would share the GIL
+with the event loop, and every socket call of the loop would then wait for the thread's switch interval
+(the GIL convoy): measured here, that cost the gateway more than the work itself. So the gateway sends
+each batch of raw records to this process over a pipe, as a length-prefixed pickle; the process builds
+the records and writes them to the records Redis itself, and answers with what it did (`Built`): the
+records written (their completion ids, for the gateway's memory of who answered what) or, when it was
+told not to write or could not reach Redis, the built records, for the gateway to spool in order.
+
+The process writes a batch only while the gateway says the log is healthy (each batch carries the
+gateway's `epoch`, None while it spools). Once a write finds Redis unreachable, every later batch of
+that epoch comes back unwritten too, so the spool keeps the log's order; the gateway replays the spool
+and starts a new epoch.
 """
 
 from __future__ import annotations
@@ -14,64 +23,154 @@ import logging
 import pickle
 import sys
 from collections import deque
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
-from gateway.record_builder import build_entries
+import redis.asyncio as aioredis
+
+from gateway.record_builder import RawRecord, build_entries
+from gateway.record_store import UNREACHABLE, RecordStore
 
 log = logging.getLogger("loragate.recorder")
 HEADER = 8
+Recent = tuple[str, str, float | None]
+"""A written record's completion id, tenant, and when that tenant was created."""
+
+
+@dataclass
+class Built:
+    """What became of one batch of raw records."""
+
+    entries: list[dict[str, Any]]
+    """Built and not written: the gateway writes or spools them."""
+    unbuildable: int = 0
+    written: list[Recent] = field(default_factory=list)
+    """Written by the record process (sent to the script: it skips what was already written or erased)."""
+    refused: int = 0
+    """Refused by Redis (a script error), dropped."""
+    unreachable: str | None = None
+    """Why a write found Redis unreachable (the entries are then all here, unwritten)."""
+
+
+def build(raws: list[RawRecord]) -> Built:
+    entries = build_entries(raws)
+    return Built(entries, unbuildable=len(raws) - len(entries))
+
+
+class _Writer:
+    """This process's side: writes a built batch to Redis unless told not to, or past a failed write."""
+
+    def __init__(self, url: str | None) -> None:
+        self._redis: aioredis.Redis | None = None
+        self._store: RecordStore | None = None
+        if url:
+            self._redis = aioredis.Redis.from_url(
+                url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
+            )
+            self._store = RecordStore(self._redis)
+        self._failed_epoch = -1
+
+    async def write(self, built: Built, epoch: int | None) -> Built:
+        if self._store is None or epoch is None or epoch <= self._failed_epoch or not built.entries:
+            return built
+        try:
+            stored = await self._store.write(built.entries)
+        except UNREACHABLE as exc:
+            self._failed_epoch = epoch
+            built.unreachable = repr(exc)
+            return built
+        built.written = [(e["id"], e["tenant"], e.get("tenant_created")) for e in built.entries]
+        built.refused, built.entries = stored.refused, []
+        return built
+
+    async def close(self) -> None:
+        if self._store is not None and self._redis is not None:
+            await self._store.close()
+            await self._redis.aclose()
+
+
+async def _message(reader: asyncio.StreamReader) -> Any:
+    """The next message from the gateway, or None when it closed the pipe."""
+    try:
+        size = int.from_bytes(await reader.readexactly(HEADER), "big")
+        return pickle.loads(await reader.readexactly(size))  # noqa: S301 (our own gateway, a pipe)
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def _answer(sink: BinaryIO, built: Built) -> None:
+    data = pickle.dumps(built, protocol=pickle.HIGHEST_PROTOCOL)
+    sink.write(len(data).to_bytes(HEADER, "big") + data)
+    sink.flush()
+
+
+async def serve(source: BinaryIO, sink: BinaryIO) -> None:
+    """Answer batches until the gateway closes the pipe. The first message is the records Redis's URL (None:
+    build only). A batch is built while the last one is being written, and answered once written."""
+    reader = asyncio.StreamReader(limit=2**31)
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), source)
+    writer = _Writer(await _message(reader))
+
+    async def write(built: Built, epoch: int | None) -> None:
+        _answer(sink, await writer.write(built, epoch))
+
+    writing: asyncio.Task[None] | None = None
+    while (message := await _message(reader)) is not None:
+        raws, epoch = message
+        built = build(raws)  # meanwhile Redis runs the last batch's script
+        if writing is not None:
+            await writing
+        writing = asyncio.create_task(write(built, epoch))
+        await asyncio.sleep(0)  # let it send its calls before the next batch is built
+    if writing is not None:
+        await writing
+    await writer.close()
 
 
 def main() -> None:
-    """Answer batches until the gateway closes the pipe."""
-    source, sink = sys.stdin.buffer, sys.stdout.buffer
-    while header := source.read(HEADER):
-        raws = pickle.loads(source.read(int.from_bytes(header, "big")))  # noqa: S301 (our own gateway, a pipe)
-        built = pickle.dumps(build_entries(raws), protocol=pickle.HIGHEST_PROTOCOL)
-        sink.write(len(built).to_bytes(HEADER, "big") + built)
-        sink.flush()
+    asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
 
 
 class RecordWorker:
-    """The gateway's end of the pipe: one worker process, started on first use, started again if it dies
-    (the batches it was building are then built in a thread). Batches are pipelined: `send` hands one
-    over and returns at once, `receive` gives back the oldest one's entries, so the gateway can prepare
-    the next batch while this one is built."""
+    """The gateway's end of the pipe: one record process, started on first use, started again if it dies
+    (the batches it was handling are then built in a thread, and written by the gateway). Batches are
+    pipelined: `send` hands one over and returns at once, `receive` gives back the oldest one's `Built`, so
+    the gateway can prepare the next batch while this one is built and written."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis_url: str | None = None) -> None:
+        self._redis_url = redis_url
         self._process: asyncio.subprocess.Process | None = None
-        self._in_flight: deque[tuple[asyncio.subprocess.Process | None, list[dict[str, Any]], Any]] = deque()
+        self._in_flight: deque[tuple[asyncio.subprocess.Process | None, list[RawRecord], Any]] = deque()
 
     @property
     def pending(self) -> int:
         """Batches sent and not yet received."""
         return len(self._in_flight)
 
-    async def send(self, raws: list[dict[str, Any]], tag: Any) -> None:
-        """Hand a batch over; `receive` returns its entries with `tag`, in the order batches were sent. The
-        bytes are not drained here: the worker may be writing the previous batch's entries meanwhile."""
+    async def send(self, raws: list[RawRecord], tag: Any, epoch: int | None = None) -> None:
+        """Hand a batch over, to be written too when `epoch` is not None; `receive` returns what became of it
+        with `tag`, in the order batches were sent. The bytes are not drained here: the process may be
+        answering the previous batch meanwhile."""
         try:
             process = await self._started()
-            assert process.stdin is not None
-            sent = pickle.dumps(raws, protocol=pickle.HIGHEST_PROTOCOL)
-            process.stdin.write(len(sent).to_bytes(HEADER, "big") + sent)
+            self._write(process, (raws, epoch))
             self._in_flight.append((process, raws, tag))
         except (OSError, pickle.PickleError) as exc:
-            log.error("completion log: the record builder process failed (%r); starting another", exc)
+            log.error("completion log: the record process failed (%r); starting another", exc)
             await self.stop()
             self._in_flight.append((None, raws, tag))
 
-    async def receive(self) -> tuple[Any, list[dict[str, Any]]]:
-        """The oldest batch sent: its tag and its entries (built in a thread if the process died)."""
+    async def receive(self) -> tuple[Any, Built]:
+        """The oldest batch sent: its tag and what became of it (built in a thread if the process died)."""
         process, raws, tag = self._in_flight.popleft()
         if process is not None and process is self._process and process.stdout is not None:
             try:
                 size = int.from_bytes(await process.stdout.readexactly(HEADER), "big")
-                return tag, pickle.loads(await process.stdout.readexactly(size))  # noqa: S301 (our own worker)
+                return tag, pickle.loads(await process.stdout.readexactly(size))  # noqa: S301 (our own process)
             except (OSError, EOFError, asyncio.IncompleteReadError, pickle.PickleError) as exc:
-                log.error("completion log: the record builder process failed (%r); starting another", exc)
+                log.error("completion log: the record process failed (%r); starting another", exc)
                 await self.stop()
-        return tag, await asyncio.to_thread(build_entries, raws)
+        return tag, await asyncio.to_thread(build, raws)
 
     async def start(self) -> None:
         """Start the process now (at the gateway's start), not on the first batch, mid-traffic."""
@@ -83,7 +182,14 @@ class RecordWorker:
                 sys.executable, "-m", "gateway.record_worker", stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
+            self._write(self._process, self._redis_url)  # over the pipe: a password is not in its command line
         return self._process
+
+    @staticmethod
+    def _write(process: asyncio.subprocess.Process, message: Any) -> None:
+        assert process.stdin is not None
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        process.stdin.write(len(data).to_bytes(HEADER, "big") + data)
 
     async def stop(self) -> None:
         process, self._process = self._process, None
@@ -99,19 +205,20 @@ class RecordWorker:
 
 
 class ThreadBuilder:
-    """The same pipeline with each batch built in a thread (`workers` 0: tests, tools)."""
+    """The same pipeline with each batch built in a thread and written by the gateway (`workers` 0: tests,
+    tools)."""
 
     def __init__(self) -> None:
-        self._in_flight: deque[tuple[asyncio.Task[list[dict[str, Any]]], Any]] = deque()
+        self._in_flight: deque[tuple[asyncio.Task[Built], Any]] = deque()
 
     @property
     def pending(self) -> int:
         return len(self._in_flight)
 
-    async def send(self, raws: list[dict[str, Any]], tag: Any) -> None:
-        self._in_flight.append((asyncio.create_task(asyncio.to_thread(build_entries, raws)), tag))
+    async def send(self, raws: list[RawRecord], tag: Any, epoch: int | None = None) -> None:
+        self._in_flight.append((asyncio.create_task(asyncio.to_thread(build, raws)), tag))
 
-    async def receive(self) -> tuple[Any, list[dict[str, Any]]]:
+    async def receive(self) -> tuple[Any, Built]:
         task, tag = self._in_flight.popleft()
         return tag, await task
 
@@ -123,4 +230,6 @@ class ThreadBuilder:
 
 
 if __name__ == "__main__":
-    main()
+    from gateway import record_worker  # this module by its name: what it pickles (Built) the gateway can load
+
+    record_worker.main()

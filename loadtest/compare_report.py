@@ -99,7 +99,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Versions: loragate {v.get('loragate', '?')}, LiteLLM {v.get('litellm', '?')}, "
         f"uvicorn {v.get('uvicorn', '?')}, starlette {v.get('starlette', '?')}, aiohttp {v.get('aiohttp', '?')}",
         "- Upstream: `loadtest/mock_upstream.py` (answers at once). Client, targets, mock and Redis share the "
-        "machine; the client is one aiohttp process.",
+        "machine; the client is one process: aiohttp (sequential, open loop), `loadtest/wire.py` (saturation).",
         f"- Sequential: {cfg['rounds']} rounds (after {cfg['warmup']}), one request to each target per round in "
         f"rotating order; open loop: {cfg['rate']:g} requests/s for {cfg['open_s']:g} s per target, latency "
         f"from when each request was due; saturation: {cfg['concurrency']} clients for {cfg['saturation_s']:g} s "

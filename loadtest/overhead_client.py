@@ -1,17 +1,17 @@
 """The overhead benchmark's client (loadtest.overhead): request bodies, one request timed to its first and last
-byte, the checks before timing, and a closed-loop segment of C clients (loadtest.records uses it too)."""
+byte, the checks before timing (aiohttp), and a closed-loop segment of C clients (loadtest.wire: a raw
+asyncio protocol, for the client's CPU per request; loadtest.records uses it too)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from loadtest import wire
 from loadtest.load import MESSAGES
 from loadtest.services import MODEL, BenchError
 
@@ -96,21 +96,9 @@ async def load_segment(
     duration_s: float | None,
     count: int | None = None,
 ) -> tuple[list[float], int, float]:
-    """`concurrency` clients in a loop until the time is up (or `count` requests each)."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + duration_s if duration_s else math.inf
-
-    async def client() -> None:
-        nonlocal errors
-        done = 0
-        while time.perf_counter() < deadline and (count is None or done < count):
-            done += 1
-            try:
-                latencies.append((await call(session, target, body, False))[1])
-            except (TimeoutError, BenchError, aiohttp.ClientError):
-                errors += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - started
+    """`concurrency` connections of loadtest.wire in a closed loop until the time is up (or `count` requests
+    each); `session` is not used. Returns the latencies of the 200s, the errors and the seconds from the
+    first request sent (the connections open) to the last answer."""
+    address, requests = wire.build("POST", target.url, target.headers, [body])
+    result = await wire.closed_loop(address, requests, concurrency, duration_s or None, count)
+    return result.latencies_s, result.errors, result.elapsed_s

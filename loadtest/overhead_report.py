@@ -21,8 +21,9 @@ def header(report: dict[str, Any]) -> list[str]:
         f"- Command: `{report['command']}`",
         f"- Gateway: `{' '.join(report['gateway_command'])}` (LORAGATE_ENGINE_URLS = the mock), "
         f"uvicorn {report['versions'].get('uvicorn', '?')}, fastapi {report['versions'].get('fastapi', '?')}",
-        "- Upstream: `loadtest/mock_upstream.py` (aiohttp, answers at once). Client: one aiohttp session, "
-        "keep-alive. Client, gateway, mock and redis share the same machine.",
+        "- Upstream: `loadtest/mock_upstream.py` (a raw asyncio protocol, answers at once). Client: one aiohttp "
+        "session, keep-alive (sequential); `loadtest/wire.py` (a raw asyncio protocol, keep-alive) for the "
+        "concurrent load. Client, gateway, mock and redis share the same machine.",
         f"- Sequential: {cfg['repeats']} runs x {cfg['requests']} requests per target (after {cfg['warmup']} "
         "warm-up), direct and gateway alternating; each figure is the median of the runs.",
         f"- Concurrent: {cfg['concurrency']} clients, {cfg['duration_s']:g} s per target in "

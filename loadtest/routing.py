@@ -33,7 +33,6 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiohttp import web
 from rich.progress import Progress
 
 from adapters.registry import Registry
@@ -72,37 +71,37 @@ class Config:
 # -- the mock vLLM, with runtime LoRA loading ---------------------------------------------------
 
 
-def mock_app() -> web.Application:
+def mock_routes() -> mock_upstream.Routes:
     """The overhead benchmark's mock, plus what the gateway asks of vLLM to serve adapters: runtime loads
     and unloads, and /v1/models listing what is loaded (with `parent`, like vLLM)."""
     loaded: dict[str, str] = {}
 
-    async def load(request: web.Request) -> web.Response:
-        body = await request.json()
+    def load(request: mock_upstream.Request) -> list[bytes]:
+        body = json.loads(request.body)
         loaded[str(body["lora_name"])] = str(body["lora_path"])
-        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+        text = f"Success: LoRA adapter '{body['lora_name']}' added successfully."
+        return mock_upstream.response(200, text.encode(), mock_upstream.TEXT_TYPE)
 
-    async def unload(request: web.Request) -> web.Response:
-        name = str((await request.json())["lora_name"])
-        return web.Response(text="Success") if loaded.pop(name, None) else web.Response(status=404)
+    def unload(request: mock_upstream.Request) -> list[bytes]:
+        name = str(json.loads(request.body)["lora_name"])
+        found = loaded.pop(name, None) is not None
+        return mock_upstream.response(200, b"Success", mock_upstream.TEXT_TYPE) if found else mock_upstream.NOT_FOUND
 
-    async def models(_: web.Request) -> web.Response:
+    def models(_: mock_upstream.Request) -> list[bytes]:
         cards = [{"id": MODEL, "object": "model", "root": MODEL, "parent": None}]
         cards += [{"id": name, "object": "model", "root": path, "parent": MODEL} for name, path in loaded.items()]
-        return web.json_response({"object": "list", "data": cards})
+        return mock_upstream.json_response({"object": "list", "data": cards})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", mock_upstream.chat_completions)
-    app.router.add_get("/health", mock_upstream.health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/load_lora_adapter", load)
-    app.router.add_post("/v1/unload_lora_adapter", unload)
-    return app
+    return {
+        **mock_upstream.ROUTES,
+        (b"GET", b"/v1/models"): models,
+        (b"POST", b"/v1/load_lora_adapter"): load,
+        (b"POST", b"/v1/unload_lora_adapter"): unload,
+    }
 
 
 def serve_mock(port: int) -> None:
-    loop = (event_loop_factory() or asyncio.new_event_loop)()
-    web.run_app(mock_app(), host="127.0.0.1", port=port, access_log=None, print=None, loop=loop)
+    mock_upstream.serve("127.0.0.1", port, mock_routes())
 
 
 # -- set-up: processes, tenant, adapters, aliases, experiment ---------------------------------

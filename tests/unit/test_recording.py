@@ -98,7 +98,8 @@ def test_a_request_read_from_the_json_sent_is_recorded_as_from_its_payload() -> 
     plain = context(Tenant(name="t"), temperature=0.5, stop=["\n"], stream_options={"include_usage": True})
     sent = context(Tenant(name="t"), temperature=0.5, stop=["\n"], stream_options={"include_usage": True})
     sent.sent = json.dumps({**sent.payload, "model": "t.bot@2"}).encode()
-    assert raw_record(sent)["record"]["request"] is None, "not parsed on the request path"
+    raw = raw_record(sent)
+    assert raw.request is None and raw.sent == sent.sent, "not parsed on the request path"
     sent.received, sent.latency_s = plain.received, plain.latency_s
     assert json.loads(entry(sent)["record"]) == json.loads(entry(plain)["record"])
     request = json.loads(entry(sent)["record"])["request"]
@@ -121,11 +122,12 @@ def test_records_follow_the_tenant_policy() -> None:
     assert record.truncated and record.request and len(record.request["messages"][0]["content"]) == MAX_CHARS
     refused = context(Tenant(name="t"))
     refused.validated = False
-    assert record_of(refused)["request"] is None, "an invalid body's content is never kept"
+    assert raw_record(refused).sent is None
+    assert json.loads(entry(refused)["record"])["request"] is None, "an invalid body's content is never kept"
     cancelled = context(Tenant(name="t"))
     cancelled.latency_s = None
     cancelled.finish(CLIENT_CLOSED)
-    assert record_of(cancelled)["outcome"] == "cancelled"
+    assert record_of(raw_record(cancelled))["outcome"] == "cancelled"
 
 
 async def test_the_spool_keeps_order_bounds_and_is_adopted(tmp_path: Path) -> None:
@@ -167,13 +169,15 @@ def stream_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
     return [json.loads(fields["r"])["id"] for _, fields in entries]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path, workers: int
 ) -> None:
+    """Built and written in a thread and by the gateway (0), or by the record process (1)."""
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, Metrics())
+    recorder = Recorder(redis, spool, Metrics(), workers=workers, redis_url=own_redis.url)
     tenant = Tenant(name="t")
     try:
         for n in range(3):
@@ -193,7 +197,39 @@ async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
         assert ids == [f"chatcmpl-{n}" for n in range(9)]
         await recorder._write([entry(context(tenant, 0))])  # a replayed record is kept once
         assert await redis.xlen(keys.completion_log("t")) == 9
+        assert list(recorder.recent) == [f"chatcmpl-{n}" for n in range(9)], "who answered each is remembered"
     finally:
+        await recorder.close()
+        await redis.aclose()
+
+
+async def test_the_record_process_writes_nothing_after_a_failed_write_until_a_new_epoch(
+    own_redis: RedisServer,
+) -> None:
+    """Once a write found Redis away, the batches already sent come back unwritten even if Redis is back,
+    so that the gateway spools them after the failed one and the log keeps its order."""
+    worker = RecordWorker(own_redis.url)
+    tenant = Tenant(name="t")
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await worker.send([raw_record(context(tenant, 0))], "first", 0)
+        assert (await worker.receive())[1].written == [("chatcmpl-0", "t", tenant.created)]
+        own_redis.kill()
+        await worker.send([raw_record(context(tenant, 1))], "failed", 0)
+        _, failed = await worker.receive()
+        assert failed.unreachable and [e["id"] for e in failed.entries] == ["chatcmpl-1"] and not failed.written
+        own_redis.start()
+        await worker.send([raw_record(context(tenant, 2))], "same epoch", 0)
+        await worker.send([raw_record(context(tenant, 3))], "spooling", None)
+        for tag in ("same epoch", "spooling"):
+            got, built = await worker.receive()
+            assert got == tag and len(built.entries) == 1 and not built.written and not built.unreachable
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0"], "nothing after the failure"
+        await worker.send([raw_record(context(tenant, 4))], "next epoch", 1)
+        assert (await worker.receive())[1].written == [("chatcmpl-4", "t", tenant.created)]
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0", "chatcmpl-4"]
+    finally:
+        await worker.stop()
         await redis.aclose()
 
 
@@ -218,10 +254,12 @@ async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
     assert ids == {"chatcmpl-2", "chatcmpl-3", "chatcmpl-9"}, "ann's records, made before her erasure, stay erased"
 
 
-async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aioredis.Redis, tmp_path: Path) -> None:
+async def test_a_write_cycle_survives_a_record_that_cannot_be_built(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
     spool = Spool(tmp_path, fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, Metrics(), workers=1)  # in a worker process, as the gateway builds them
+    recorder = Recorder(redis, spool, Metrics(), workers=1, redis_url=redis_server.url)  # as the gateway runs it
     broken = context(Tenant(name="t"), 1)
     broken.payload = None  # type: ignore[assignment]
     recorder.record(broken)
@@ -229,6 +267,7 @@ async def test_a_write_cycle_survives_a_record_that_cannot_be_built(redis: aiore
     recorder.record(context(Tenant(name="t"), 2))
     await recorder._cycle()
     assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-2"]
+    await recorder.close()
 
 
 async def test_a_record_redis_refuses_costs_only_itself(redis: aioredis.Redis, tmp_path: Path) -> None:
@@ -253,16 +292,19 @@ async def test_a_record_redis_refuses_costs_only_itself(redis: aioredis.Redis, t
 
 @pytest.mark.parametrize("workers", [0, 1])
 async def test_pipelined_batches_are_written_in_the_order_they_came(
-    redis: aioredis.Redis, tmp_path: Path, workers: int
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, workers: int
 ) -> None:
     """Batches overlap (one built while the next is taken and the last is written): the log keeps order."""
     spool = Spool(tmp_path, fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, Metrics(), batch=3, workers=workers)
+    metrics = Metrics()
+    recorder = Recorder(redis, spool, metrics, batch=3, workers=workers, redis_url=redis_server.url)
     for n in range(20):
         recorder.record(context(Tenant(name="t"), n))
     await recorder._cycle()
     assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(20)]
+    assert metrics.registry.get_sample_value("loragate_records_written_total") == 20
+    assert list(recorder.recent) == [f"chatcmpl-{n}" for n in range(20)]
     await recorder.close()
 
 
@@ -275,9 +317,9 @@ async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the
     assert dying is not None and worker.pending == 3
     dying.kill()  # before it has built them: what it had is built in a thread instead, in order
     got = [await worker.receive() for _ in range(3)]
-    assert [(tag, built[0]["id"]) for tag, built in got] == [(n, f"chatcmpl-{n}") for n in range(3)]
+    assert [(tag, built.entries[0]["id"]) for tag, built in got] == [(n, f"chatcmpl-{n}") for n in range(3)]
     await worker.send([raw_record(context(Tenant(name="t"), 9))], "next")
-    assert (await worker.receive())[1][0]["id"] == "chatcmpl-9"
+    assert (await worker.receive())[1].entries[0]["id"] == "chatcmpl-9"
     assert worker._process is not None and worker._process is not dying, "a new process builds what comes after"
     await worker.stop()
 

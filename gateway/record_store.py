@@ -1,0 +1,168 @@
+"""Writing built completion records to Redis: the script that appends each to its tenant's stream, indexes
+it and counts it, and the calls that send records to it, 100 at a time, in one round trip.
+
+Both the gateway process (records built in a thread, and the spool's replay) and its record process
+(gateway.record_worker, which writes what it builds) write through a `RecordStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway import keys
+from gateway.lane import Call, ScriptLane
+
+log = logging.getLogger("loragate.recorder")
+
+# Per record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's
+# counters, experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON,
+# max length, ttl (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0),
+# prompt tokens, completion tokens, latency bucket, when its tenant was created. A record of a tenant created
+# at or before its deletion is skipped (each tenant's deletion is read once per call). An arm's counters move
+# only when its record is written (a replay counts once). What many records of a call share is summed in the
+# script and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl), each
+# arm one HINCRBY per counter and one PFADD. A record that fails stops the loop, but what the records before it
+# share is still written before the error is returned: the recorder then retries record by record, and the index
+# skips those.
+# Returns the records written.
+_RECORD = """
+local written, sets, arms, deleted = 0, {}, {}, {}
+local function bump(counts, field, by)
+  if by ~= 0 then counts[field] = (counts[field] or 0) + by end
+end
+local function deletion(key)
+  local at = deleted[key]
+  if at == nil then
+    local found = redis.call('GET', key)
+    at = found and tonumber(string.match(found, '^%S+')) or -1
+    deleted[key] = at
+  end
+  return at
+end
+local function one(i)
+  local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
+  local arm = KEYS[7 * i + 5]
+  local a = 13 * i
+  local errors, prompt, completion = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
+  local incarnation = tonumber(ARGV[a + 13])
+  if errors == nil or prompt == nil or completion == nil or incarnation == nil then
+    error('record ' .. ARGV[a + 5] .. ': bad counts')
+  end
+  if deletion(KEYS[7 * i + 7]) >= incarnation then return end
+  local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
+  if erased or redis.call('EXISTS', index) == 1 then return end
+  local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
+  redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
+  written = written + 1
+  if user ~= '' then
+    local set = sets[user]
+    if set == nil then set = {ttl = 0, ids = {}}; sets[user] = set end
+    set.ids[#set.ids + 1] = ARGV[a + 5]
+    set.ttl = math.max(set.ttl, tonumber(ARGV[a + 3]))
+  end
+  if arm ~= '' then
+    local found = arms[arm]
+    if found == nil then found = {users = KEYS[7 * i + 6], counts = {}, who = {}}; arms[arm] = found end
+    local counts = found.counts
+    bump(counts, 'requests', 1)
+    if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
+    bump(counts, 'errors', errors)
+    bump(counts, 'prompt_tokens', prompt)
+    bump(counts, 'completion_tokens', completion)
+    if ARGV[a + 12] ~= '' then bump(counts, 'latency:' .. ARGV[a + 12], 1) end
+  end
+end
+local failed = nil
+for i = 0, #KEYS / 7 - 1 do
+  local ok, err = pcall(one, i)
+  if not ok then failed = err; break end
+end
+local function shared(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err and failed == nil then failed = reply end
+end
+for key, set in pairs(sets) do
+  shared('SADD', key, unpack(set.ids))
+  shared('EXPIRE', key, set.ttl)
+end
+for key, found in pairs(arms) do
+  for field, by in pairs(found.counts) do shared('HINCRBY', key, field, by) end
+  if #found.who > 0 then shared('PFADD', found.users, unpack(found.who)) end
+end
+if failed ~= nil then
+  if type(failed) == 'table' then return failed end
+  return redis.error_reply(tostring(failed))
+end
+return written
+"""
+CHUNK = 100
+"""Records per script call: a call blocks Redis while it runs, so a batch is several short calls."""
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What an unreachable Redis raises (the records then go to the spool)."""
+
+
+@dataclass
+class Stored:
+    """What a write did: records sent to the script (it skips those already written, erased or of a deleted
+    tenant), and records Redis refused (dropped)."""
+
+    sent: int = 0
+    refused: int = 0
+
+
+class RecordStore:
+    """The records Redis, for writing built records (entries of gateway.record_builder.build_entries)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._lane = ScriptLane(redis, _RECORD, size=2)
+
+    async def write(self, entries: list[dict[str, Any]]) -> Stored:
+        """Write entries; a chunk Redis refuses (a script error, not an outage) is retried record by record,
+        and a record it still refuses is dropped and counted, so one bad record cannot stop the log. An
+        unreachable Redis raises (UNREACHABLE)."""
+        chunks = [entries[i : i + CHUNK] for i in range(0, len(entries), CHUNK)]
+        replies = await self._lane.many([_call(chunk) for chunk in chunks])
+        refused = 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                refused += await self._one_by_one(chunk, reply)
+        return Stored(sent=len(entries) - refused, refused=refused)
+
+    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> int:
+        log.error("completion log: Redis refused a batch (%s); writing its records one by one", error)
+        refused = 0
+        for entry, reply in zip(chunk, await self._lane.many([_call([entry]) for entry in chunk]), strict=True):
+            if isinstance(reply, ResponseError):
+                log.error("completion log: record %s refused by Redis, dropped: %s", entry["id"], reply)
+                refused += 1
+        return refused
+
+    async def close(self) -> None:
+        await self._lane.close()
+
+
+def _call(chunk: list[dict[str, Any]]) -> Call:
+    """The keys and arguments of one script call writing `chunk`."""
+    script_keys: list[str] = []
+    args: list[Any] = []
+    for e in chunk:
+        tenant, user, experiment, arm = e["tenant"], e["user"], e.get("experiment"), e.get("arm")
+        script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]
+        script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
+        if experiment and arm:
+            script_keys += [keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm)]
+        else:
+            script_keys += ["", ""]
+        script_keys.append(keys.tenant_deleted(tenant))
+        args += [e["record"], e["max_records"], e["ttl"], tenant, e["id"], e["created"]]
+        args += [f" {experiment} {arm}" if experiment and arm else "", user or "", e.get("error", 0)]
+        args += [e.get("prompt_tokens", 0), e.get("completion_tokens", 0), e.get("latency_bucket", "")]
+        args.append(e.get("tenant_created") or e["created"])
+    return script_keys, args
