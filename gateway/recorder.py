@@ -1,15 +1,16 @@
 """The completion log: every request's context becomes one record in its tenant's Redis Stream,
 written off the request path.
 
-`record(context)` only queues the context. A background task takes what is queued every
-`interval_s` (sooner when a batch is full) and hands it, as raw records, to a process of its own
-(gateway.record_worker), which builds the records (parsing whole answers, applying the tenant's
-policy: redaction, or metadata only) and writes them (gateway.record_store: one Lua script per 100
-records, in one pipelined round trip, appends each to its tenant's stream, trimmed to the tenant's
-length, indexes its completion id and adds it to the end user's set). All this gateway process does
-per record is take it off the queue, pickle its raw form and count what came back: the building and
-the writing (about as much CPU again as the request itself) happen beside it. With `workers` 0, and
-whenever that process is gone, records are built in a thread and written from here.
+`record(context)` takes the context's raw record (plain values, nothing parsed) and queues it. A
+background task takes what is queued every `interval_s` (sooner when a batch is full) and hands it to a
+process of its own (gateway.record_worker), which builds the records (parsing whole answers, applying
+the tenant's policy: redaction, or metadata only) and writes them (gateway.record_store: one Lua script
+per 100 records, in one pipelined round trip, appends each to its tenant's stream, trimmed to the
+tenant's length, indexes its completion id and adds it to the end user's set). All this gateway process
+does per record is take it, pickle it and count what came back: the building and the writing happen
+beside it. While a backlog builds, this process writes the batches that follow itself, so that building
+and writing overlap; with `workers` 0, and whenever that process is gone, records are built in a thread
+and written from here.
 
 The script skips a record already indexed (a batch replayed twice is kept once), one of an end user
 erased since it was made, and one of a tenant deleted since (each record carries when its tenant was
@@ -91,7 +92,7 @@ class Recorder:
         self._retry_at = 0.0
 
     def record(self, context: RequestContext) -> None:
-        """Queue a finished request's context (never blocks, never fails)."""
+        """Queue a finished request's raw record (never blocks, never fails)."""
         if not self._enabled:
             return
         raw = self._raw(context)  # a few plain values: the context's objects are not kept alive (nor scanned by the GC)

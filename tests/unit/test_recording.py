@@ -308,6 +308,40 @@ async def test_pipelined_batches_are_written_in_the_order_they_came(
     await recorder.close()
 
 
+async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps_with_a_backlog(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=3, workers=1, redis_url=redis_server.url)
+    written_here: list[str] = []
+    store_write = recorder._records.write
+
+    async def spy(entries: list[dict[str, Any]]) -> Any:
+        written_here.extend(e["id"] for e in entries)
+        return await store_write(entries)
+
+    recorder._records.write = spy  # type: ignore[method-assign]
+    try:
+        for n in range(3):
+            recorder.record(context(Tenant(name="t"), n))
+        await recorder._cycle()
+        assert written_here == [], "a batch the record process keeps up with is written there"
+        for n in range(3, 13):
+            recorder.record(context(Tenant(name="t"), n))
+        await recorder._cycle()
+        assert written_here and set(written_here) <= {f"chatcmpl-{n}" for n in range(3, 13)}, "a backlog: both write"
+        for n in range(13, 15):
+            recorder.record(context(Tenant(name="t"), n))
+        written_here.clear()
+        await recorder._cycle()
+        assert written_here == [], "once the backlog is gone, the record process writes alone again"
+        ids = stream_ids(await redis.xrange(keys.completion_log("t")))
+        assert ids == [f"chatcmpl-{n}" for n in range(15)], "in order, whoever wrote them"
+    finally:
+        await recorder.close()
+
+
 async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the_same() -> None:
     worker = RecordWorker()
     await worker.start()
