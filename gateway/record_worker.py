@@ -33,7 +33,7 @@ from gateway.record_store import UNREACHABLE, RecordStore
 
 log = logging.getLogger("loragate.recorder")
 HEADER = 8
-Recent = tuple[str, str, float | None]
+Written = tuple[str, str, float | None]
 """A written record's completion id, tenant, and when that tenant was created."""
 
 
@@ -44,7 +44,7 @@ class Built:
     entries: list[dict[str, Any]]
     """Built and not written: the gateway writes or spools them."""
     unbuildable: int = 0
-    written: list[Recent] = field(default_factory=list)
+    written: list[Written] = field(default_factory=list)
     """Written by the record process (sent to the script: it skips what was already written or erased)."""
     refused: int = 0
     """Refused by Redis (a script error), dropped."""

@@ -41,7 +41,7 @@ from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.record_builder import RawRecord, raw_record
 from gateway.record_store import UNREACHABLE, RecordStore
-from gateway.record_worker import Built, RecordWorker, ThreadBuilder
+from gateway.record_worker import Built, RecordWorker, ThreadBuilder, Written
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
@@ -230,7 +230,7 @@ class Recorder:
         if replayed:
             log.info("completion log: %d spooled records replayed", replayed)
 
-    def _remember(self, written: Iterable[tuple[str, str, float | None]]) -> None:
+    def _remember(self, written: Iterable[Written]) -> None:
         for completion_id, tenant, created in written:
             self.recent[completion_id] = (tenant, created)
         while len(self.recent) > RECENT:
