@@ -8,7 +8,6 @@ Both the gateway process (records built in a thread, and the spool's replay) and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -108,40 +107,32 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """What an unreachable Redis raises (the records then go to the spool)."""
 
 
-@dataclass
-class Stored:
-    """What a write did: records sent to the script (it skips those already written, erased or of a deleted
-    tenant), and records Redis refused (dropped)."""
-
-    sent: int = 0
-    refused: int = 0
-
-
 class RecordStore:
     """The records Redis, for writing built records (entries of gateway.record_builder.build_entries)."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._lane = ScriptLane(redis, _RECORD, size=2)
 
-    async def write(self, entries: list[dict[str, Any]]) -> Stored:
-        """Write entries; a chunk Redis refuses (a script error, not an outage) is retried record by record,
-        and a record it still refuses is dropped and counted, so one bad record cannot stop the log. An
-        unreachable Redis raises (UNREACHABLE)."""
+    async def write(self, entries: list[dict[str, Any]]) -> set[str]:
+        """Write entries; the completion ids Redis refused (dropped). A chunk Redis refuses (a script error, not
+        an outage) is retried record by record, so one bad record cannot stop the log; the others are sent to
+        the script, which skips those already written, erased or of a deleted tenant. An unreachable Redis
+        raises (UNREACHABLE)."""
         chunks = [entries[i : i + CHUNK] for i in range(0, len(entries), CHUNK)]
         replies = await self._lane.many([_call(chunk) for chunk in chunks])
-        refused = 0
+        refused: set[str] = set()
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, ResponseError):
-                refused += await self._one_by_one(chunk, reply)
-        return Stored(sent=len(entries) - refused, refused=refused)
+                refused |= await self._one_by_one(chunk, reply)
+        return refused
 
-    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> int:
+    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> set[str]:
         log.error("completion log: Redis refused a batch (%s); writing its records one by one", error)
-        refused = 0
+        refused = set()
         for entry, reply in zip(chunk, await self._lane.many([_call([entry]) for entry in chunk]), strict=True):
             if isinstance(reply, ResponseError):
                 log.error("completion log: record %s refused by Redis, dropped: %s", entry["id"], reply)
-                refused += 1
+                refused.add(entry["id"])
         return refused
 
     async def close(self) -> None:

@@ -74,13 +74,15 @@ class _Writer:
         if self._store is None or epoch is None or epoch <= self._failed_epoch or not built.entries:
             return built
         try:
-            stored = await self._store.write(built.entries)
+            refused = await self._store.write(built.entries)
         except UNREACHABLE as exc:
             self._failed_epoch = epoch
             built.unreachable = repr(exc)
             return built
-        built.written = [(e["id"], e["tenant"], e.get("tenant_created")) for e in built.entries]
-        built.refused, built.entries = stored.refused, []
+        built.written = [
+            (e["id"], e["tenant"], e.get("tenant_created")) for e in built.entries if e["id"] not in refused
+        ]
+        built.refused, built.entries = len(refused), []
         return built
 
     async def close(self) -> None:

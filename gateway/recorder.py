@@ -214,10 +214,10 @@ class Recorder:
 
     async def _write(self, entries: list[dict[str, Any]]) -> None:
         """Write entries here (built in a thread, or replayed from the spool); what Redis refuses is dropped."""
-        stored = await self._records.write(entries)
-        self._metrics.records_written.inc(stored.sent)
-        if stored.refused:
-            self._metrics.records_dropped.labels("refused").inc(stored.refused)
+        refused = await self._records.write(entries)
+        self._metrics.records_written.inc(len(entries) - len(refused))
+        if refused:
+            self._metrics.records_dropped.labels("refused").inc(len(refused))
 
     async def _replay(self) -> None:
         """Write the spool to Redis, oldest first; stay degraded if Redis is still away."""

@@ -342,6 +342,26 @@ async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps
         await recorder.close()
 
 
+async def test_a_record_refused_in_the_record_process_is_counted_dropped_not_written(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    await redis.set(keys.completion_log("blocked"), "not a stream")  # XADD: WRONGTYPE, that record is refused
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    metrics = Metrics()
+    recorder = Recorder(redis, spool, metrics, workers=1, redis_url=redis_server.url)
+    try:
+        for n, tenant in enumerate(("t", "blocked", "t")):
+            recorder.record(context(Tenant(name=tenant), n))
+        await recorder._cycle()
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0", "chatcmpl-2"]
+        assert metrics.registry.get_sample_value("loragate_records_written_total") == 2
+        assert metrics.registry.get_sample_value("loragate_records_dropped_total", {"reason": "refused"}) == 1
+        assert list(recorder.recent) == ["chatcmpl-0", "chatcmpl-2"]
+    finally:
+        await recorder.close()
+
+
 async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the_same() -> None:
     worker = RecordWorker()
     await worker.start()
