@@ -165,7 +165,6 @@ class Recorder:
             last_seq, built = await self._builder.receive()
             if writing is not None:
                 await writing
-                writing = None
             writing = self._received(built, last_seq)
         if writing is not None:
             await writing
