@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     )
     guard_rails_s: float = Field(5.0, gt=0, description="How often experiments' guard rails are checked.")
     record_workers: int = Field(
-        1, ge=0, le=1, description="1: completion records are built in a process of their own; 0: in a thread."
+        1, ge=0, le=1, description="1: records are built and written in a process of their own; 0: built in a thread."
     )
     record_spool_max: int = Field(
         100_000, ge=1000, description="Completion records spooled locally while Redis is down (oldest dropped past it)."
