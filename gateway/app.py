@@ -26,6 +26,7 @@ from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.experiments import ExperimentStore
 from gateway.feedback import FeedbackStore
+from gateway.head_requests import HeadAsGetMiddleware
 from gateway.metrics import Metrics
 from gateway.model_list import ModelLists
 from gateway.openapi import ABOUT, DescribedAPI
@@ -270,6 +271,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
     )
     install_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HeadAsGetMiddleware)
     for router in (openai.completion_router, openai.router, admin_tenants.router, admin_adapters.router):
         app.include_router(router)
     for router in (feedback.router, experiments.router, health.router):

@@ -224,7 +224,7 @@ _INTERNALS = re.compile(
     r"""[a-z][a-z0-9+.-]*://[^\s'"`]+"""  # URLs
     r"|\[[0-9a-f:.]+\](?::\d+)?"  # IPv6 addresses, bracketed, with a port
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
-    r"|\b(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b"  # host:port (aiohttp's "Cannot connect to host")
+    r"|\b[a-z][a-z0-9-]*(?:\.[a-z0-9-]+)*:\d{2,5}\b"  # host:port, dotted or not (aiohttp's "Cannot connect to host")
     r"""|(?<![\w/.:])/[\w.-]+(?:/[^\s/'"`]+)*/?""",  # absolute paths
     re.IGNORECASE,
 )

@@ -152,6 +152,15 @@ def test_a_method_a_route_does_not_take_is_405_with_allow(http: httpx.Client) ->
     assert "POST" in resp.headers["allow"]
 
 
+def test_head_answers_as_get_without_a_body(http: httpx.Client) -> None:
+    for path in ("/healthz", "/v1/models"):
+        got, head = http.get(path), http.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"] and "x-request-id" in head.headers
+    post_only = http.head("/v1/chat/completions")
+    assert (post_only.status_code, post_only.content) == (405, b"") and "POST" in post_only.headers["allow"]
+
+
 def test_malformed_json_to_the_admin_api_names_no_param(gateway: Gateway, admin: httpx.Client) -> None:
     json_header = {"content-type": "application/json"}
     error = assert_envelope(admin.post(f"{gateway.url}/admin/tenants", content=b'{"name": ', headers=json_header), 400)

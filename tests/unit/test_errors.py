@@ -56,12 +56,14 @@ def test_engine_html_or_garbage_never_leaks() -> None:
         "connect to localhost:8100 refused",
         "Cannot connect to host vllm-0.vllm.svc:8100 ssl:default",
         "Cannot connect to host [::1]:8100",
+        "Cannot connect to host vllm-0:8100 ssl:default",
+        "Error -2 connecting to redis-primary:8100. Name or service not known.",
         "no such file: /data",
     ],
 )
 def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
     out = redact_internals(message)
-    for secret in ("127.0.0.1", "8100", "/var/lib", "vllm-0", "localhost", "::1", "/data"):
+    for secret in ("127.0.0.1", "8100", "/var/lib", "vllm-0", "localhost", "::1", "/data", "redis-primary"):
         assert secret not in out
     assert "<internal>" in out
 
@@ -72,6 +74,7 @@ def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
         "This model's maximum context length is 8192 tokens; you asked for 9000 (prompt/answer).",
         "min_tokens must be less than or equal to max_tokens=5, got 50.",
         "at 12.5 tokens/s, 1/2 of the time; see name@version, e.g. support-bot@3; at 10:30",
+        "Expected a string at messages.0.content: 42; max_tokens=16, n: 2",
     ],
 )
 def test_ordinary_messages_are_kept(message: str) -> None:

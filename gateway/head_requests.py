@@ -1,0 +1,19 @@
+"""HEAD answers as GET does, without the body, on every route that takes GET (`/healthz`, `/v1/models`, ...),
+as HTTP asks of servers and as load balancers' probes expect. FastAPI routes declare GET only, so the
+request is passed on as a GET; uvicorn knows the request was a HEAD and sends the headers alone."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class HeadAsGetMiddleware:
+    """Pure ASGI: a HEAD request goes on as a GET; anything else passes untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
