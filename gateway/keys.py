@@ -75,6 +75,12 @@ def guard_rails_lock() -> str:
     return f"{PREFIX}:experiments:guard-rails"
 
 
+def adapter_lock(owner: str, adapter: str) -> str:
+    """Held by whoever deletes a version of the adapter, or points an alias or an experiment at one
+    (gateway.version_guard), from its check to its write."""
+    return f"{PREFIX}:tenant:{owner}:adapter:{adapter}:lock"
+
+
 def shares() -> str:
     """Hash `owner/adapter` -> JSON list of the tenants it is shared with (set by the global admin)."""
     return f"{PREFIX}:shares"

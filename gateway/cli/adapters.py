@@ -4,6 +4,7 @@ running gateway sees them within LORAGATE_STATE_POLL_S."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -100,22 +101,31 @@ def adapters_show(
 
 @adapters_app.command("rm")
 def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete")], tenant: Tenant) -> None:
-    """Delete one version; running gateways unload it within a health interval."""
+    """Delete one version, unless an alias or a live experiment serves it; running gateways unload it within
+    a health interval."""
+    from gateway import version_guard
+    from gateway.experiments import ExperimentStore
     from gateway.pointers import PointerStore
 
     store = _store(tenant)
     with refusals():
         parsed = AdapterRef.parse(ref)
-        if parsed.version is None:
+        version = parsed.version
+        if version is None:
             raise ValueError("give the version to delete: name@version")
-        removed = store.remove(parsed.name, parsed.version)
-    if not store.versions(parsed.name):  # its last version: its pin and shares go too
 
-        async def forget(redis: Any) -> None:
+    async def remove(redis: Any) -> str:
+        async with version_guard.holding(redis, [(tenant, parsed.name)], tenant):
+            manifest = await asyncio.to_thread(store.manifest, parsed.name, version)
+            users = await version_guard.users(redis, ExperimentStore(redis), tenant, manifest.ref)
+            if users:
+                raise ValueError(version_guard.in_use(manifest.ref, users))
+            await asyncio.to_thread(store.remove, parsed.name, manifest.version)
+        if not await asyncio.to_thread(store.versions, parsed.name):  # its last version: its pin and shares go too
             await PointerStore(redis).forget_adapter(tenant, parsed.name)
+        return manifest.ref
 
-        with_redis(forget)
-    typer.echo(f"deleted {removed.ref}")
+    typer.echo(f"deleted {with_redis(remove)}")
 
 
 @adapters_app.command("pin")
@@ -170,6 +180,7 @@ def aliases_set(
     """Point ALIAS at TARGET (an atomic repoint when it exists); requests for ALIAS get TARGET."""
     from adapters.manifest import check_name
     from adapters.registry import Registry
+    from gateway import version_guard
     from gateway.errors import ModelNotFound
     from gateway.experiments import ExperimentStore
     from gateway.pointers import PointerStore
@@ -182,13 +193,14 @@ def aliases_set(
             raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
 
     async def point(redis: Any) -> str:
-        experiments = ExperimentStore(redis)
-        router = Router(settings.served_model_name, Registry(settings.adapter_root), PointerStore(redis), experiments)
-        try:
-            route = await router.target(target, tenant)
-        except ModelNotFound as exc:
-            raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
-        await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
+        experiments, registry = ExperimentStore(redis), Registry(settings.adapter_root)
+        router = Router(settings.served_model_name, registry, PointerStore(redis), experiments)
+        async with version_guard.pointing_at(redis, registry, [target], tenant):
+            try:
+                route = await router.target(target, tenant)
+            except ModelNotFound as exc:
+                raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
+            await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
         return route.served_model
 
     typer.echo(f"{alias} -> {with_redis(point)}")

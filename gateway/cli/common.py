@@ -56,10 +56,11 @@ def refusals() -> Iterator[None]:
     from gateway.apikeys import KeyNotFound
     from gateway.experiments import ExperimentNotFound
     from gateway.tenants import TenantNotFound
+    from gateway.version_guard import AdapterBusy
 
     try:
         yield
-    except (AdapterNotFound, KeyNotFound, TenantNotFound, ExperimentNotFound, ValueError) as exc:
+    except (AdapterNotFound, KeyNotFound, TenantNotFound, ExperimentNotFound, AdapterBusy, ValueError) as exc:
         raise fail(str(exc)) from exc
     except (RedisError, OSError) as exc:
         raise fail(f"Redis at {Settings().redis_url} cannot be reached: {exc}") from exc

@@ -27,6 +27,7 @@ def create(
 ) -> None:
     """Put two or more versions (or the base) behind ALIAS, split by weight, sticky per end user."""
     from adapters.registry import Registry
+    from gateway import version_guard
     from gateway.errors import ModelNotFound
     from gateway.experiments import Experiment, ExperimentStore, InvalidExperiment, parse_arm
     from gateway.pointers import PointerStore
@@ -44,14 +45,15 @@ def create(
         raise fail(str(exc)) from exc
 
     async def run(redis: Any) -> Experiment:
-        store = ExperimentStore(redis)
-        router = Router(settings.served_model_name, Registry(settings.adapter_root), PointerStore(redis), store)
-        for each in arms:
-            try:
-                await router.target(each.target, tenant)
-            except ModelNotFound as exc:
-                raise ValueError(f"arm {each.name}: `{each.target}` is not a version tenant {tenant} can use") from exc
-        return await store.create(experiment, who("cli:experiments"))
+        store, registry = ExperimentStore(redis), Registry(settings.adapter_root)
+        router = Router(settings.served_model_name, registry, PointerStore(redis), store)
+        async with version_guard.pointing_at(redis, registry, [each.target for each in arms], tenant):
+            for each in arms:
+                try:
+                    await router.target(each.target, tenant)
+                except ModelNotFound as exc:
+                    raise ValueError(f"arm {each.name}: `{each.target}` is not a version {tenant} can use") from exc
+            return await store.create(experiment, who("cli:experiments"))
 
     created = with_redis(run)
     typer.echo(f"{created.name}: {alias} -> experiment ({', '.join(f'{a.name} {a.weight:g}' for a in created.arms)})")

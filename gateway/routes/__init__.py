@@ -13,6 +13,7 @@ from adapters.store import AdapterNotFound
 from gateway.apikeys import InvalidKeyRequest, KeyNotFound
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.tenants import InvalidTenant, TenantExists, TenantNotFound
+from gateway.version_guard import AdapterBusy
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -42,3 +43,5 @@ def domain_errors(param: str | None = None) -> Iterator[None]:
         raise NotFound(str(exc), param="key_id", code="key_not_found") from exc
     except AdapterNotFound as exc:
         raise NotFound(str(exc), param=param or "ref", code="adapter_not_found") from exc
+    except AdapterBusy as exc:
+        raise Conflict(str(exc), param=param, code="adapter_busy") from exc

@@ -14,13 +14,12 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
@@ -29,16 +28,13 @@ from starlette.responses import JSONResponse
 from adapters.manifest import AdapterRef, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
-from gateway import keys
+from gateway import version_guard
 from gateway.auth import Admin, Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import check_tenant_name
-
-if TYPE_CHECKING:
-    from gateway.app import Services
 
 router = APIRouter(prefix="/admin/tenants/{tenant}")
 
@@ -160,26 +156,6 @@ async def add_adapter(
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 
 
-async def _users(svc: Services, owner: str, ref: str) -> list[str]:
-    """What serves `owner`'s version `ref` (name@V): the aliases and the live experiments (an arm, or what
-    a roll-back would point the alias at) of `owner` and of the tenants it is shared with. Read from Redis,
-    not from this process's caches."""
-    shared = await svc.redis.hget(keys.shares(), f"{owner}/{ref.partition('@')[0]}")
-    found = []
-    for tenant in [owner, *sorted(set(json.loads(shared or "[]")) - {owner})]:
-        names = {f"{owner}/{ref}", ref} if tenant == owner else {f"{owner}/{ref}"}
-        of = "" if tenant == owner else f" of tenant {tenant}"
-        aliases = await svc.redis.hgetall(keys.aliases(tenant))
-        found += [f"alias `{alias}`{of}" for alias, target in sorted(aliases.items()) if target in names]
-        for experiment in await svc.experiments.all(tenant):
-            arms = [arm.name for arm in experiment.arms if arm.target in names]
-            if experiment.status not in ("running", "paused") or not (arms or experiment.previous_target in names):
-                continue
-            why = f"arm {', '.join(arms)}" if arms else "what a roll-back would point its alias at"
-            found.append(f"experiment `{experiment.name}`{of} ({why})")
-    return found
-
-
 @router.delete(
     "/adapters/{ref}",
     response_model=None,
@@ -194,18 +170,13 @@ async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) ->
     store = svc.registry.store(tenant)
     try:
         with domain_errors():
-            manifest = await asyncio.to_thread(store.manifest, parsed.name, parsed.version)
-        users = await _users(svc, tenant, manifest.ref)
-        if users:
-            raise Conflict(
-                f"`{manifest.ref}` is in use by {'; '.join(users)}: repoint the alias, or promote, roll back or "
-                "stop the experiment first.",
-                param="ref",
-                code="version_in_use",
-            )
-        with domain_errors():
-            await svc.placement.unload_everywhere(f"{tenant}.{manifest.ref}")
-            await asyncio.to_thread(store.remove, parsed.name, parsed.version)
+            async with version_guard.holding(svc.redis, [(tenant, parsed.name)], tenant):
+                manifest = await asyncio.to_thread(store.manifest, parsed.name, parsed.version)
+                users = await version_guard.users(svc.redis, svc.experiments, tenant, manifest.ref)
+                if users:
+                    raise Conflict(version_guard.in_use(manifest.ref, users), param="ref", code="version_in_use")
+                await svc.placement.unload_everywhere(f"{tenant}.{manifest.ref}")
+                await asyncio.to_thread(store.remove, parsed.name, parsed.version)
     finally:
         svc.registry.invalidate(tenant, parsed.name)
     if not await asyncio.to_thread(store.versions, parsed.name):
@@ -272,16 +243,19 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     taken = await asyncio.to_thread(svc.registry.store(tenant).versions, alias)
     if alias == svc.settings.served_model_name or taken:
         raise Conflict(f"`{alias}` is already the name of a model of this tenant.", param="alias", code="name_taken")
-    try:
-        route = await svc.router.target(body.target, tenant)
-    except ModelNotFound as exc:
-        raise InvalidRequest(
-            f"An alias points at the base model or at one adapter version (name@V); `{body.target}` is neither.",
-            param="target",
-            code="invalid_alias_target",
-        ) from exc
-    with _in_experiment():
-        await svc.experiments.set_alias(tenant, alias, body.target)
+    with domain_errors("target"):
+        async with version_guard.pointing_at(svc.redis, svc.registry, [body.target], tenant):
+            try:
+                route = await svc.router.target(body.target, tenant)
+            except ModelNotFound as exc:
+                raise InvalidRequest(
+                    "An alias points at the base model or at one adapter version (name@V); "
+                    f"`{body.target}` is neither.",
+                    param="target",
+                    code="invalid_alias_target",
+                ) from exc
+            with _in_experiment():
+                await svc.experiments.set_alias(tenant, alias, body.target)
     svc.pointers.forget_cached()
     return {"alias": alias, "target": body.target, "serves": route.served_model}
 

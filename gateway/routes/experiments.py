@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.manifest import check_name
 from gateway import admin_protocol as answers
-from gateway import experiment_history, experiment_page
+from gateway import experiment_history, experiment_page, version_guard
 from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
 from gateway.experiment_results import results
@@ -121,18 +121,21 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
         raise Conflict(
             f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
         )
-    for arm in body.arms:
-        try:
-            await svc.router.target(arm.target, tenant)
-        except ModelNotFound as exc:
-            raise InvalidRequest(
-                f"Arm `{arm.name}`: `{arm.target}` is neither the base model nor a version this tenant can use.",
-                param="arms",
-                code="invalid_arm",
-            ) from exc
-    with _refusals():
-        experiment = Experiment(tenant=tenant, **body.model_dump())
-        created = await svc.experiments.create(experiment, _who(caller))
+    with domain_errors("arms"):
+        async with version_guard.pointing_at(svc.redis, svc.registry, [arm.target for arm in body.arms], tenant):
+            for arm in body.arms:
+                try:
+                    await svc.router.target(arm.target, tenant)
+                except ModelNotFound as exc:
+                    raise InvalidRequest(
+                        f"Arm `{arm.name}`: `{arm.target}` is neither the base model nor a version this tenant "
+                        "can use.",
+                        param="arms",
+                        code="invalid_arm",
+                    ) from exc
+            with _refusals():
+                experiment = Experiment(tenant=tenant, **body.model_dump())
+                created = await svc.experiments.create(experiment, _who(caller))
     svc.pointers.forget_cached()  # the alias moved: this process sees it at once (others within a poll)
     return _shown(created)
 

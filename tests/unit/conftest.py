@@ -1,18 +1,29 @@
 """Unit tests that need Redis use the session's real redis-server, flushed for each test; adapter tests
-share a tiny Llama-shaped base."""
+share a tiny Llama-shaped base; `api` is the admin API in process, with no engine behind it."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 from safetensors.numpy import save_file
+from starlette.testclient import TestClient
 
+from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.conftest import RedisServer
+
+ADMIN = {"Authorization": "Bearer admin-secret-0123456789"}
+BASE = "base-model"
 
 
 @pytest.fixture
@@ -47,3 +58,31 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
         json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"})
     )
     return BaseModelSpec.from_folder(folder, "tiny-base")
+
+
+@pytest.fixture
+def api(redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec) -> Iterator[TestClient]:
+    """The admin API of a gateway in this process, on a flushed Redis: tenant `acme` with `bot@1..3`."""
+    sync_redis.Redis.from_url(redis_server.url).flushdb()
+    settings = Settings(
+        home=tmp_path,
+        redis_url=redis_server.url,
+        served_model_name=BASE,
+        admin_key=SecretStr(ADMIN["Authorization"].removeprefix("Bearer ")),
+    )
+    with TestClient(create_app(settings, engine_urls=["http://127.0.0.1:9"]), headers=ADMIN) as client:
+        assert client.post("/admin/tenants", json={"name": "acme"}).status_code == 201
+        svc = client.app.state.services  # type: ignore[attr-defined]
+        for seed in (1, 2, 3):
+            folder = make_adapter(tmp_path / f"adapter{seed}", base, seed=seed)
+            svc.registry.store("acme").add(folder, "bot", base, 16)
+        svc.registry.invalidate("acme", "bot")
+        yield client
+
+
+def refused(response: Any, status: int, code: str) -> str:
+    """The message of an OpenAI-style refusal with this status and code."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error", error
+    return str(error["message"])

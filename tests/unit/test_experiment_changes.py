@@ -8,20 +8,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-from adapters.synthetic import make_adapter
-from adapters.validate import BaseModelSpec
 from gateway import guard_rails, keys
-from gateway.app import create_app
 from gateway.assignment import BUCKETS, allocate, arm_for, reallocate, shares
 from gateway.experiments import (
     PREFIX,
@@ -32,12 +26,9 @@ from gateway.experiments import (
     ExperimentStore,
     InvalidExperiment,
 )
-from gateway.settings import Settings
 from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
-
-ADMIN = {"Authorization": "Bearer admin-secret-0123456789"}
-BASE = "base-model"
+from tests.unit.conftest import BASE, refused
 
 
 def _experiment(tenant: str, name: str, alias: str, weights: tuple[float, float], **rails: Any) -> Experiment:
@@ -237,38 +228,12 @@ async def test_an_alias_running_an_experiment_is_neither_repointed_nor_deleted(r
 # 2, 5, 6: through the admin API
 
 
-@pytest.fixture
-def api(redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec) -> Iterator[TestClient]:
-    sync_redis.Redis.from_url(redis_server.url).flushdb()
-    settings = Settings(
-        home=tmp_path,
-        redis_url=redis_server.url,
-        served_model_name=BASE,
-        admin_key=SecretStr(ADMIN["Authorization"].removeprefix("Bearer ")),
-    )
-    with TestClient(create_app(settings, engine_urls=["http://127.0.0.1:9"]), headers=ADMIN) as client:
-        assert client.post("/admin/tenants", json={"name": "acme"}).status_code == 201
-        svc = client.app.state.services  # type: ignore[attr-defined]
-        for seed in (1, 2, 3):
-            folder = make_adapter(tmp_path / f"adapter{seed}", base, seed=seed)
-            svc.registry.store("acme").add(folder, "bot", base, 16)
-        svc.registry.invalidate("acme", "bot")
-        yield client
-
-
 def _create(api: TestClient, name: str, alias: str, control: str, treat: str) -> None:
     arms = [{"name": "control", "target": control, "weight": 50}, {"name": "treat", "target": treat, "weight": 50}]
     created = api.post(
         "/admin/tenants/acme/experiments", json={"name": name, "alias": alias, "control": "control", "arms": arms}
     )
     assert created.status_code == 201, created.text
-
-
-def _error(response: Any, status: int, code: str) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code and error["type"] == "invalid_request_error", error
-    return str(error["message"])
 
 
 def test_bad_weights_answer_400_in_the_envelope(api: TestClient) -> None:
@@ -292,20 +257,20 @@ def test_versions_in_use_are_not_deleted_and_nothing_points_an_alias_at_a_missin
     assert api.put(f"{tenant}/aliases/prod", json={"target": "bot@1"}).status_code == 200
     _create(api, "tone", "prod", "bot@2", "bot@3")
     for version, user in (("bot@2", "arm control"), ("bot@3", "arm treat"), ("bot@1", "what a roll-back")):
-        message = _error(api.delete(f"{tenant}/adapters/{version}"), 409, "version_in_use")
+        message = refused(api.delete(f"{tenant}/adapters/{version}"), 409, "version_in_use")
         assert "experiment `tone`" in message and user in message, message
     assert api.put(f"{tenant}/aliases/other", json={"target": BASE}).status_code == 200
     svc = api.app.state.services  # type: ignore[attr-defined]
     svc.registry.store("acme").remove("bot", 3)  # gone all the same (by hand, or a share withdrawn)
     svc.registry.invalidate("acme", "bot")
-    message = _error(api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}), 409, "target_missing")
+    message = refused(api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}), 409, "target_missing")
     assert "bot@3" in message
     svc.registry.store("acme").remove("bot", 1)
     svc.registry.invalidate("acme", "bot")
-    _error(api.post(f"{tenant}/experiments/tone/rollback"), 409, "target_missing")
+    refused(api.post(f"{tenant}/experiments/tone/rollback"), 409, "target_missing")
     assert api.get(f"{tenant}/experiments/tone").json()["status"] == "running"
     assert api.post(f"{tenant}/experiments/tone/stop").json()["status"] == "stopped", "stop stays possible"
-    message = _error(api.delete(f"{tenant}/adapters/bot@2"), 409, "version_in_use")
+    message = refused(api.delete(f"{tenant}/adapters/bot@2"), 409, "version_in_use")
     assert "alias `prod`" in message, "the alias serves control now"
 
 
@@ -313,12 +278,12 @@ def test_an_alias_in_an_experiment_moves_only_with_it(api: TestClient) -> None:
     tenant = "/admin/tenants/acme"
     assert api.put(f"{tenant}/aliases/prod", json={"target": BASE}).status_code == 200
     _create(api, "tone", "prod", BASE, "bot@1")
-    message = _error(api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}), 409, "alias_in_experiment")
+    message = refused(api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}), 409, "alias_in_experiment")
     assert "experiment `tone`" in message
-    _error(api.delete(f"{tenant}/aliases/prod"), 409, "alias_in_experiment")
+    refused(api.delete(f"{tenant}/aliases/prod"), 409, "alias_in_experiment")
     arms = [{"name": "control", "target": BASE, "weight": 1}, {"name": "treat", "target": "bot@2", "weight": 1}]
     again = {"name": "tone2", "alias": "prod", "control": "control", "arms": arms}
-    _error(api.post(f"{tenant}/experiments", json=again), 409, "experiment_conflict")
+    refused(api.post(f"{tenant}/experiments", json=again), 409, "experiment_conflict")
     assert api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}).status_code == 200
     assert api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}).status_code == 200
     assert api.delete(f"{tenant}/aliases/prod").status_code == 200

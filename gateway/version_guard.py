@@ -1,0 +1,117 @@
+"""A version is deleted only while nothing points at it, and nothing is pointed at a version being deleted.
+
+Deleting `name@V` checks that no alias and no live experiment points at it (of its owner, or of a tenant it
+is shared with), then unloads and removes it. Pointing an alias or an experiment's arm at `name@V` checks
+that it exists, then writes the pointer. Run side by side, in two gateway processes or in a gateway and
+the CLI, each check could pass before the other's write, leaving an alias on a removed version. So both
+hold the adapter's lock (one Redis lock per owner and adapter name, redis-py's `Lock`) from their check
+to their write: whichever comes second sees what the first did. A pointer's check reads the adapter's
+folder afresh, not this process's registry cache, which may not have seen another process's delete yet.
+
+A lock is held for the time of one check and write (an unload from every replica, for a delete); a
+process that dies holding it frees it after `HOLD_S`. A change that waits longer than `WAIT_S` for it is
+refused (`AdapterBusy`: 409 `adapter_busy`), to be tried again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+
+import redis.asyncio as aioredis
+from redis.exceptions import LockError
+
+from adapters.manifest import check_name
+from adapters.registry import Registry
+from gateway import keys
+from gateway.experiments import ExperimentStore
+from gateway.tenants import check_tenant_name
+
+HOLD_S = 60.0
+WAIT_S = 10.0
+
+Adapter = tuple[str, str]
+"""(owner tenant, adapter name)."""
+
+
+class AdapterBusy(Exception):
+    def __init__(self, adapter: Adapter, tenant: str) -> None:
+        owner, name = adapter
+        shown = name if owner == tenant else f"{owner}/{name}"
+        super().__init__(f"Another change to `{shown}` is in progress; try again in a moment.")
+
+
+def adapter_of(target: str, tenant: str) -> Adapter | None:
+    """The adapter an alias target (`name@V`, `owner/name@V`) names, as `tenant` calls it; None for the base
+    model and for targets that name no adapter at all (the check then refuses them, with no lock held)."""
+    if "@" not in target:
+        return None
+    owner, slash, rest = target.partition("/")
+    if not slash:
+        owner, rest = tenant, target
+    name = rest.partition("@")[0]
+    try:
+        check_tenant_name(owner)
+        check_name(name)
+    except ValueError:
+        return None
+    return owner, name
+
+
+@asynccontextmanager
+async def holding(redis: aioredis.Redis, adapters: Iterable[Adapter], tenant: str) -> AsyncIterator[None]:
+    """Hold the locks of `adapters`, taken in one order everywhere (no two changes wait on each other)."""
+    async with AsyncExitStack() as stack:
+        for adapter in sorted(set(adapters)):
+            lock = redis.lock(keys.adapter_lock(*adapter), timeout=HOLD_S, blocking_timeout=WAIT_S)
+            if not await lock.acquire():
+                raise AdapterBusy(adapter, tenant)
+            stack.push_async_callback(_release, lock)
+        yield
+
+
+async def _release(lock: aioredis.lock.Lock) -> None:
+    with suppress(LockError):  # held past HOLD_S: it has expired, and may be another's by now
+        await lock.release()
+
+
+@asynccontextmanager
+async def pointing_at(
+    redis: aioredis.Redis, registry: Registry, targets: Iterable[str], tenant: str
+) -> AsyncIterator[None]:
+    """Hold the locks of the adapters `targets` name, with the registry's cache of them dropped, so that a
+    check made inside sees every delete that has finished."""
+    adapters = {adapter for target in targets if (adapter := adapter_of(target, tenant)) is not None}
+    async with holding(redis, adapters, tenant):
+        for owner, name in adapters:
+            registry.invalidate(owner, name)
+        yield
+
+
+async def users(redis: aioredis.Redis, experiments: ExperimentStore, owner: str, ref: str) -> list[str]:
+    """What serves `owner`'s version `ref` (name@V): the aliases and the live experiments (an arm, or what
+    a roll-back would point the alias at) of `owner` and of the tenants it is shared with. Read from Redis,
+    not from this process's caches."""
+    shared = await redis.hget(keys.shares(), f"{owner}/{ref.partition('@')[0]}")
+    found = []
+    for tenant in [owner, *sorted(set(json.loads(shared or "[]")) - {owner})]:
+        names = {f"{owner}/{ref}", ref} if tenant == owner else {f"{owner}/{ref}"}
+        of = "" if tenant == owner else f" of tenant {tenant}"
+        aliases = await redis.hgetall(keys.aliases(tenant))
+        found += [f"alias `{alias}`{of}" for alias, target in sorted(aliases.items()) if target in names]
+        for experiment in await experiments.all(tenant):
+            arms = [arm.name for arm in experiment.arms if arm.target in names]
+            if experiment.status not in ("running", "paused") or not (arms or experiment.previous_target in names):
+                continue
+            why = f"arm {', '.join(arms)}" if arms else "what a roll-back would point its alias at"
+            found.append(f"experiment `{experiment.name}`{of} ({why})")
+    return found
+
+
+def in_use(ref: str, found: list[str]) -> str:
+    """The refusal of a delete of `ref` while `found` (users) serve it."""
+    return (
+        f"`{ref}` is in use by {'; '.join(found)}: repoint the alias, or promote, roll back or stop the "
+        "experiment first."
+    )

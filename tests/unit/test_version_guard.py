@@ -1,0 +1,92 @@
+"""A version is never deleted while something points at it: a delete and an alias or experiment pointed at the
+same version wait for each other (gateway.version_guard), through the admin API and the CLI (real Redis)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from starlette.testclient import TestClient
+
+from gateway import keys, version_guard
+from tests.conftest import RedisServer
+from tests.unit.conftest import BASE, refused
+
+
+def test_a_delete_and_a_pointer_at_the_same_version_wait_for_each_other(
+    api: TestClient, redis_server: RedisServer
+) -> None:
+    """Whichever of the two comes second sees what the first did (a delete in flight holds the adapter's lock,
+    as does an alias or experiment being pointed at it, here held by hand)."""
+    tenant = "/admin/tenants/acme"
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    held = state.lock(keys.adapter_lock("acme", "bot"), timeout=30)
+    with ThreadPoolExecutor(2) as pool:
+        assert held.acquire(blocking=False)  # a delete of bot@3 in flight
+        pointing = pool.submit(api.put, f"{tenant}/aliases/prod", json={"target": "bot@3"})
+        arm = [{"name": "control", "target": BASE, "weight": 1}, {"name": "treat", "target": "bot@3", "weight": 1}]
+        new = {"name": "tone", "alias": "beta", "control": "control", "arms": arm}
+        testing = pool.submit(api.post, f"{tenant}/experiments", json=new)
+        time.sleep(0.6)
+        assert not pointing.done() and not testing.done(), "both wait for the delete"
+        svc.registry.store("acme").remove("bot", 3)
+        held.release()
+        refused(pointing.result(timeout=10), 400, "invalid_alias_target")
+        refused(testing.result(timeout=10), 400, "invalid_arm")
+
+        assert held.acquire(blocking=False)  # an alias being pointed at bot@2
+        deleting = pool.submit(api.delete, f"{tenant}/adapters/bot@2")
+        time.sleep(0.6)
+        assert not deleting.done(), "the delete waits for the pointer"
+        state.hset(keys.aliases("acme"), "prod", "bot@2")
+        held.release()
+        assert "alias `prod`" in refused(deleting.result(timeout=10), 409, "version_in_use")
+    assert svc.registry.store("acme").versions("bot") == [1, 2]
+
+
+def test_a_change_that_waits_too_long_for_the_adapter_is_refused_as_busy(
+    api: TestClient, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(version_guard, "WAIT_S", 0.3)
+    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
+    assert held.acquire(blocking=False)
+    try:
+        message = refused(api.delete("/admin/tenants/acme/adapters/bot@1"), 409, "adapter_busy")
+        assert "`bot`" in message and "try again" in message
+        refused(api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@1"}), 409, "adapter_busy")
+    finally:
+        held.release()
+    assert api.delete("/admin/tenants/acme/adapters/bot@1").status_code == 200, "free again"
+
+
+def test_the_cli_deletes_no_version_in_use(api: TestClient, redis_server: RedisServer, tmp_path: Path) -> None:
+    assert api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@2"}).status_code == 200
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    command = [sys.executable, "-m", "gateway", "adapters", "rm", "bot@2", "--tenant", "acme"]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "alias `prod`" in refused.stdout + refused.stderr
+    assert api.put("/admin/tenants/acme/aliases/prod", json={"target": BASE}).status_code == 200
+    deleted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert deleted.returncode == 0 and "deleted bot@2" in deleted.stdout, deleted.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "adapter"),
+    [
+        ("bot@2", ("acme", "bot")),
+        ("other/bot@2", ("other", "bot")),
+        ("base-model", None),
+        ("bot", None),
+        ("Bad:Owner/bot@1", None),
+        ("bot..x@1", None),
+    ],
+)
+def test_the_adapter_a_target_names(target: str, adapter: tuple[str, str] | None) -> None:
+    assert version_guard.adapter_of(target, "acme") == adapter
