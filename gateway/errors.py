@@ -174,6 +174,22 @@ def json_type(value: object) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _inside_union(first: Mapping[str, Any], errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Where the first error is a union member refusing the value's JSON type, a member that took the type and
+    refused something inside it is the one to name: `stop: [1]` is `stop[0]` not being a string (its
+    `list[str]` member), not `stop` not being a string (its `str` member)."""
+    raw = tuple(first.get("loc", ()))
+    if not raw or not _is_type_tag(raw[-1]):
+        return first
+    loc = _field_path(raw)
+    deepest, depth = first, len(loc)
+    for error in errors:
+        path = _field_path(error.get("loc", ()))
+        if len(path) > depth and path[: len(loc)] == loc:
+            deepest, depth = error, len(path)
+    return deepest
+
+
 def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid_value") -> InvalidRequest:
     """The first problem pydantic found, named the way OpenAI names params (`messages[0].role`); a value
     of the wrong JSON type is told as OpenAI tells it (code `invalid_type`)."""
@@ -185,6 +201,7 @@ def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid
         return InvalidRequest(
             f"We could not parse the JSON body of your request ({reason}). The OpenAI API expects a JSON payload."
         )
+    first = _inside_union(first, errors)
     loc = _field_path(first.get("loc", ()))
     members = [str(e["loc"][-1]) for e in errors if e.get("loc") and _field_path(e["loc"]) == loc]
     param = param_path(loc) or None

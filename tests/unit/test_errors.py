@@ -16,6 +16,7 @@ from gateway.errors import (
     redact_internals,
     sse_error_frame,
 )
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.records import FeedbackIn
 from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event
@@ -109,3 +110,30 @@ def test_numbers_too_large_for_a_float_are_the_callers_error() -> None:
         with pytest.raises(InvalidKeyRequest):
             parse_duration(duration)
     assert parse_duration("7d") == 7 * 86400
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("request_class", "fields", "param", "expected"),
+    [
+        (ChatCompletionRequest, {"stop": 5}, "stop", "expected one of: str, list[str], but got an integer"),
+        (ChatCompletionRequest, {"stop": [1]}, "stop[0]", "expected a string, but got an integer"),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [1]}]}, "messages[0].content[0]", "object"),
+        (CompletionRequest, {"prompt": 5}, "prompt", "expected one of: str, list[str], list[int], list[list[int]]"),
+        (CompletionRequest, {"prompt": ["a", 2]}, "prompt[1]", "expected a string, but got an integer"),
+        (CompletionRequest, {"prompt": [[1, "a"]]}, "prompt[0][1]", "expected an integer, but got a string"),
+    ],
+)
+def test_a_union_names_the_member_the_value_fits(
+    request_class: type[CompletionRequest | ChatCompletionRequest], fields: dict, param: str, expected: str
+) -> None:
+    """A value of none of a union's JSON types lists them all; one of the right type with a wrong part
+    inside names that part, as the member it fits says (not another member's type)."""
+    body = {"model": "m", **({"messages": HI} if request_class is ChatCompletionRequest else {}), **fields}
+    with pytest.raises(ValidationError) as info:
+        request_class.model_validate(body)
+    error = from_validation_error(info.value)
+    assert (error.param, error.code) == (param, "invalid_type")
+    assert f"Invalid type for '{param}'" in error.message and expected in error.message
