@@ -241,7 +241,8 @@ _INTERNALS = re.compile(
     r"""[a-z][a-z0-9+.-]*://[^\s'"`]+"""  # URLs
     r"|\[[0-9a-f:.]+\](?::\d+)?"  # IPv6 addresses, bracketed, with a port
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
-    r"|\b[a-z][a-z0-9-]*(?:\.[a-z0-9-]+)*:\d{2,5}\b"  # host:port, dotted or not (aiohttp's "Cannot connect to host")
+    r"|\b(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b"  # dotted host:port (aiohttp's "Cannot connect to host")
+    r"|(?:(?<=host )|(?<=to )|(?<=from ))[a-z][a-z0-9-]*:\d{2,5}\b"  # a dotless one where a host is named
     r"""|(?<![\w/.:])/[\w.-]+(?:/[^\s/'"`]+)*/?""",  # absolute paths
     re.IGNORECASE,
 )

@@ -8,13 +8,16 @@ hold the adapter's lock (one Redis lock per owner and adapter name, redis-py's `
 to their write: whichever comes second sees what the first did. A pointer's check reads the adapter's
 folder afresh, not this process's registry cache, which may not have seen another process's delete yet.
 
-A lock is held for the time of one check and write (an unload from every replica, for a delete); a
-process that dies holding it frees it after `HOLD_S`. A change that waits longer than `WAIT_S` for it is
-refused (`AdapterBusy`: 409 `adapter_busy`), to be tried again.
+A lock is held for the time of one check and write (a delete unloads the version from the replicas after
+letting go); a process that dies holding it frees it after `HOLD_S`. A change that waits longer than
+`WAIT_S` for it is refused (`AdapterBusy`: 409 `adapter_busy`), to be tried again. Targets are compared as
+versions, not as text (`bot@02` is `bot@2`). A tenant refused a delete learns how many aliases and
+experiments of the tenants it shares the adapter with use it, not their names; the operator sees them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
@@ -22,10 +25,12 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
-from adapters.manifest import check_name
+from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
 from adapters.registry import Registry
+from adapters.store import AdapterStore
 from gateway import keys
 from gateway.experiments import ExperimentStore
+from gateway.pointers import PointerStore
 from gateway.tenants import check_tenant_name
 
 HOLD_S = 60.0
@@ -33,6 +38,10 @@ WAIT_S = 10.0
 
 Adapter = tuple[str, str]
 """(owner tenant, adapter name)."""
+
+
+class VersionInUse(Exception):
+    """A version something serves: its message names what (or counts it, for other tenants)."""
 
 
 class AdapterBusy(Exception):
@@ -89,29 +98,76 @@ async def pointing_at(
         yield
 
 
-async def users(redis: aioredis.Redis, experiments: ExperimentStore, owner: str, ref: str) -> list[str]:
+def _names(target: str | None, tenant: str, owner: str, ref: AdapterRef) -> bool:
+    """Whether `target`, as `tenant` wrote it, names `owner`'s version `ref` (`bot@02` names `bot@2`)."""
+    if target is None or adapter_of(target, tenant) != (owner, ref.name):
+        return False
+    try:
+        return AdapterRef.parse(target.rpartition("/")[2]).version == ref.version
+    except InvalidAdapter:
+        return False
+
+
+async def users(
+    redis: aioredis.Redis, experiments: ExperimentStore, owner: str, ref: str, *, name_others: bool = True
+) -> list[str]:
     """What serves `owner`'s version `ref` (name@V): the aliases and the live experiments (an arm, or what
-    a roll-back would point the alias at) of `owner` and of the tenants it is shared with. Read from Redis,
-    not from this process's caches."""
-    shared = await redis.hget(keys.shares(), f"{owner}/{ref.partition('@')[0]}")
-    found = []
+    a roll-back would point the alias at) of `owner` and of the tenants it is shared with, read from Redis,
+    not from this process's caches. Without `name_others` (a tenant's own key asks, not the operator),
+    other tenants' aliases and experiments are counted, not named."""
+    wanted = AdapterRef.parse(ref)
+    shared = await redis.hget(keys.shares(), f"{owner}/{wanted.name}")
+    found, elsewhere = [], 0
     for tenant in [owner, *sorted(set(json.loads(shared or "[]")) - {owner})]:
-        names = {f"{owner}/{ref}", ref} if tenant == owner else {f"{owner}/{ref}"}
-        of = "" if tenant == owner else f" of tenant {tenant}"
-        aliases = await redis.hgetall(keys.aliases(tenant))
-        found += [f"alias `{alias}`{of}" for alias, target in sorted(aliases.items()) if target in names]
+        aliases = sorted((await redis.hgetall(keys.aliases(tenant))).items())
+        here = [f"alias `{alias}`" for alias, target in aliases if _names(target, tenant, owner, wanted)]
         for experiment in await experiments.all(tenant):
-            arms = [arm.name for arm in experiment.arms if arm.target in names]
-            if experiment.status not in ("running", "paused") or not (arms or experiment.previous_target in names):
+            if experiment.status not in ("running", "paused"):
                 continue
-            why = f"arm {', '.join(arms)}" if arms else "what a roll-back would point its alias at"
-            found.append(f"experiment `{experiment.name}`{of} ({why})")
+            arms = [arm.name for arm in experiment.arms if _names(arm.target, tenant, owner, wanted)]
+            if arms or _names(experiment.previous_target, tenant, owner, wanted):
+                why = f"arm {', '.join(arms)}" if arms else "what a roll-back would point its alias at"
+                here.append(f"experiment `{experiment.name}` ({why})")
+        if tenant == owner:
+            found += here
+        elif name_others:
+            found += [f"{user} of tenant {tenant}" for user in here]
+        else:
+            elsewhere += len(here)
+    if elsewhere:
+        found.append(f"{elsewhere} alias(es) or experiment(s) of tenants it is shared with")
     return found
 
 
-def in_use(ref: str, found: list[str]) -> str:
+def _in_use(ref: str, found: list[str]) -> str:
     """The refusal of a delete of `ref` while `found` (users) serve it."""
     return (
         f"`{ref}` is in use by {'; '.join(found)}: repoint the alias, or promote, roll back or stop the "
         "experiment first."
     )
+
+
+async def delete_version(
+    redis: aioredis.Redis,
+    experiments: ExperimentStore,
+    store: AdapterStore,
+    tenant: str,
+    ref: AdapterRef,
+    *,
+    name_others: bool,
+) -> Manifest:
+    """Delete `tenant`'s version `ref` (name@V) from its `store` unless something serves it (VersionInUse);
+    its pin and shares go with its adapter's last version. Unloading it from the replicas is the caller's,
+    after: the lock is held for moments, not for as long as replicas take."""
+    if ref.version is None:
+        raise InvalidAdapter("Delete one version at a time: name@version.", param="ref")
+    version = ref.version
+    async with holding(redis, [(tenant, ref.name)], tenant):
+        manifest = await asyncio.to_thread(store.manifest, ref.name, version)
+        found = await users(redis, experiments, tenant, manifest.ref, name_others=name_others)
+        if found:
+            raise VersionInUse(_in_use(manifest.ref, found))
+        await asyncio.to_thread(store.remove, ref.name, manifest.version)
+        if not await asyncio.to_thread(store.versions, ref.name):
+            await PointerStore(redis).forget_adapter(tenant, ref.name)
+    return manifest

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from adapters.validate import BaseModelSpec
+from gateway import version_guard
+from gateway.errors import ModelNotFound
 from gateway.experiments import PREFIX as EXPERIMENT
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.pointers import PointerStore
+from gateway.routing import Router
 from training.config import RetrainConfig
 
 
@@ -107,8 +112,18 @@ def canary(tenant: str, before: Serving, version: str, config: RetrainConfig, na
     )
 
 
-async def start_canary(experiments: ExperimentStore, experiment: Experiment, version: Manifest, by: str) -> Experiment:
-    """Start the canary of a published version (its alias then routes through the experiment)."""
+async def start_canary(
+    redis: aioredis.Redis, router: Router, experiment: Experiment, version: Manifest, by: str
+) -> Experiment:
+    """Start the canary of a published version (its alias then routes through the experiment), holding its
+    arms' adapters (gateway.version_guard) while it checks that both still exist, as the admin API does."""
     if not version.listed:
         raise InvalidAdapter(f"{version.ref} is not published: a canary serves clients.")
-    return await experiments.create(experiment, by)
+    targets = [arm.target for arm in experiment.arms]
+    async with version_guard.pointing_at(redis, router.registry, targets, experiment.tenant):
+        for target in targets:
+            try:
+                await router.target(target, experiment.tenant)
+            except ModelNotFound as exc:
+                raise InvalidAdapter(f"The canary cannot start: `{target}` does not exist any more.") from exc
+        return await router.experiments.create(experiment, by)

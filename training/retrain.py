@@ -29,6 +29,7 @@ from adapters.validate import BaseModelSpec
 from gateway.apikeys import KeyStore
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
+from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
 from training import dataset, eval_report, evaluate, publish, sources, train
@@ -241,7 +242,9 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
     run.save()
     progress(f"published {published.ref}")
     if experiment is not None:
-        await publish.start_canary(ExperimentStore(stack.state), experiment, published, by)
+        experiments = ExperimentStore(stack.state)
+        router = Router(stack.settings.served_model_name, stack.registry, PointerStore(stack.state), experiments)
+        await publish.start_canary(stack.state, router, experiment, published, by)
         state.canary = canary_name
         progress(f"canary {canary_name}: {before.target} {100 - config.canary_weight:g} / {published.ref} "
                  f"{config.canary_weight:g} on alias {state.alias}")  # fmt: skip

@@ -4,7 +4,6 @@ running gateway sees them within LORAGATE_STATE_POLL_S."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -105,7 +104,6 @@ def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete"
     a health interval."""
     from gateway import version_guard
     from gateway.experiments import ExperimentStore
-    from gateway.pointers import PointerStore
 
     store = _store(tenant)
     with refusals():
@@ -115,15 +113,13 @@ def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete"
             raise ValueError("give the version to delete: name@version")
 
     async def remove(redis: Any) -> str:
-        async with version_guard.holding(redis, [(tenant, parsed.name)], tenant):
-            manifest = await asyncio.to_thread(store.manifest, parsed.name, version)
-            users = await version_guard.users(redis, ExperimentStore(redis), tenant, manifest.ref)
-            if users:
-                raise ValueError(version_guard.in_use(manifest.ref, users))
-            await asyncio.to_thread(store.remove, parsed.name, manifest.version)
-        if not await asyncio.to_thread(store.versions, parsed.name):  # its last version: its pin and shares go too
-            await PointerStore(redis).forget_adapter(tenant, parsed.name)
-        return manifest.ref
+        try:
+            deleted = await version_guard.delete_version(
+                redis, ExperimentStore(redis), store, tenant, AdapterRef(parsed.name, version), name_others=True
+            )
+        except version_guard.VersionInUse as exc:
+            raise ValueError(str(exc)) from exc
+        return deleted.ref
 
     typer.echo(f"deleted {with_redis(remove)}")
 

@@ -3,7 +3,7 @@
 POST   /admin/tenants/{tenant}/adapters?name=N        body: a .tar.gz of a PEFT folder -> 201 manifest
 GET    /admin/tenants/{tenant}/adapters               every version of the tenant's adapters
 GET    /admin/tenants/{tenant}/adapters/{ref}         `name` (default version) or `name@V`
-DELETE /admin/tenants/{tenant}/adapters/{name@V}      unloads it from every replica, then deletes it
+DELETE /admin/tenants/{tenant}/adapters/{name@V}      deletes it (409 while in use), then unloads it everywhere
 PUT    /admin/tenants/{tenant}/adapters/{name}/pin    {"version": V | null}: what the bare name resolves to
 PUT    /admin/tenants/{tenant}/adapters/{name}/share  {"tenants": [...]}: admin key only
 GET    /admin/tenants/{tenant}/aliases                every alias and its target
@@ -14,6 +14,7 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,11 +31,13 @@ from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
 from gateway import version_guard
 from gateway.auth import Admin, Manager
-from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.errors import APIError, Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
 from gateway.tenants import check_tenant_name
+
+log = logging.getLogger("loragate")
 
 router = APIRouter(prefix="/admin/tenants/{tenant}")
 
@@ -159,9 +162,9 @@ async def add_adapter(
 @router.delete(
     "/adapters/{ref}",
     response_model=None,
-    responses=answer(answers.AdapterDeleted, "Unloaded everywhere, then deleted.") | errors(400, 404, 409),
+    responses=answer(answers.AdapterDeleted, "Deleted, then unloaded everywhere.") | errors(400, 404, 409),
 )
-async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) -> dict[str, Any]:
+async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     parsed = _ref(ref)
     if parsed.version is None:
@@ -169,18 +172,19 @@ async def delete_adapter(tenant: str, ref: str, request: Request, _: Manager) ->
     svc = services(request)
     store = svc.registry.store(tenant)
     try:
-        with domain_errors():
-            async with version_guard.holding(svc.redis, [(tenant, parsed.name)], tenant):
-                manifest = await asyncio.to_thread(store.manifest, parsed.name, parsed.version)
-                users = await version_guard.users(svc.redis, svc.experiments, tenant, manifest.ref)
-                if users:
-                    raise Conflict(version_guard.in_use(manifest.ref, users), param="ref", code="version_in_use")
-                await svc.placement.unload_everywhere(f"{tenant}.{manifest.ref}")
-                await asyncio.to_thread(store.remove, parsed.name, parsed.version)
+        with domain_errors("ref"):
+            manifest = await version_guard.delete_version(
+                svc.redis, svc.experiments, store, tenant, parsed, name_others=caller.role == "admin"
+            )
+    except version_guard.VersionInUse as exc:
+        raise Conflict(str(exc), param="ref", code="version_in_use") from exc
     finally:
         svc.registry.invalidate(tenant, parsed.name)
-    if not await asyncio.to_thread(store.versions, parsed.name):
-        await svc.pointers.forget_adapter(tenant, parsed.name)
+    upstream = f"{tenant}.{manifest.ref}"
+    try:
+        await svc.placement.unload_everywhere(upstream)
+    except APIError as exc:  # deleted all the same: each gateway unloads deleted versions every health interval
+        log.warning("%s deleted, but not unloaded everywhere yet: %s", upstream, exc.message)
     return {"id": manifest.ref, "object": "adapter", "deleted": True}
 
 

@@ -5,6 +5,7 @@ up; and the Grafana dashboard's queries checked against the series the gateway a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.validate import BaseModelSpec
@@ -210,11 +212,11 @@ def test_workers_of_one_gateway_answer_one_sum(
         sent = 0
         # A kept-alive connection stays with one worker, and the kernel need not spread new ones
         # evenly, so each request opens its own connection until both workers have answered.
-        while sent < 6 or (len(_writers(folder)) < 2 and sent < 60):
+        while sent < 6 or (len(_answered_by(folder)) < 2 and sent < 60):
             with openai.OpenAI(base_url=side.base_url, api_key=scene.keys[SECOND], max_retries=0) as client:
                 client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)  # type: ignore[arg-type]
             sent += 1
-        assert len(_writers(folder)) == 2, "two workers wrote"
+        assert len(_answered_by(folder)) == 2, "both workers answered"
         for _ in range(4):
             found = scrape(side.url)
             assert value(found, "loragate_requests_total", tenant=SECOND, status="200") == sent
@@ -223,6 +225,12 @@ def test_workers_of_one_gateway_answer_one_sum(
         stop_gateway(side)
 
 
-def _writers(folder: Path) -> set[str]:
-    """The process ids that wrote a counter into the multiprocess folder."""
-    return {path.stem.rpartition("_")[2] for path in folder.glob("counter_*.db")}
+def _answered_by(folder: Path) -> dict[str, float]:
+    """Requests each worker counted (by process id), read from its own file in the multiprocess folder."""
+    answered: dict[str, float] = {}
+    for path in folder.glob("counter_*.db"):
+        for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[1] == "loragate_requests_total" and count > 0:
+                pid = path.stem.rpartition("_")[2]
+                answered[pid] = answered.get(pid, 0.0) + count
+    return answered

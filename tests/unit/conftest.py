@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +20,7 @@ from adapters.validate import BaseModelSpec
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import RedisServer
-
-ADMIN = {"Authorization": "Bearer admin-secret-0123456789"}
-BASE = "base-model"
+from tests.unit.admin_api import ADMIN, BASE
 
 
 @pytest.fixture
@@ -78,11 +75,3 @@ def api(redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec) -> Itera
             svc.registry.store("acme").add(folder, "bot", base, 16)
         svc.registry.invalidate("acme", "bot")
         yield client
-
-
-def refused(response: Any, status: int, code: str) -> str:
-    """The message of an OpenAI-style refusal with this status and code."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code and error["type"] == "invalid_request_error", error
-    return str(error["message"])

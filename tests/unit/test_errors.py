@@ -76,6 +76,7 @@ def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
         "min_tokens must be less than or equal to max_tokens=5, got 50.",
         "at 12.5 tokens/s, 1/2 of the time; see name@version, e.g. support-bot@3; at 10:30",
         "Expected a string at messages.0.content: 42; max_tokens=16, n: 2",
+        "line 1 column:12, error code:400, maximum context length:8192, max-lora-rank:64, n:16, status:500",
     ],
 )
 def test_ordinary_messages_are_kept(message: str) -> None:

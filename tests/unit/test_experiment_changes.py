@@ -28,7 +28,7 @@ from gateway.experiments import (
 )
 from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
-from tests.unit.conftest import BASE, refused
+from tests.unit.admin_api import BASE, refused
 
 
 def _experiment(tenant: str, name: str, alias: str, weights: tuple[float, float], **rails: Any) -> Experiment:

@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from gateway import keys, version_guard
 from tests.conftest import RedisServer
-from tests.unit.conftest import BASE, refused
+from tests.unit.admin_api import BASE, refused
 
 
 def test_a_delete_and_a_pointer_at_the_same_version_wait_for_each_other(
@@ -67,14 +67,29 @@ def test_a_change_that_waits_too_long_for_the_adapter_is_refused_as_busy(
 
 
 def test_the_cli_deletes_no_version_in_use(api: TestClient, redis_server: RedisServer, tmp_path: Path) -> None:
-    assert api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@2"}).status_code == 200
+    assert api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@02"}).status_code == 200
     env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
     command = [sys.executable, "-m", "gateway", "adapters", "rm", "bot@2", "--tenant", "acme"]
-    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0 and "alias `prod`" in refused.stdout + refused.stderr
+    in_use = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    said = in_use.stdout + in_use.stderr
+    assert in_use.returncode == 1 and "Traceback" not in said, said
+    assert "`bot@2` is in use by alias `prod`" in said, "bot@02 is bot@2"
     assert api.put("/admin/tenants/acme/aliases/prod", json={"target": BASE}).status_code == 200
     deleted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert deleted.returncode == 0 and "deleted bot@2" in deleted.stdout, deleted.stderr
+
+
+def test_a_tenant_refused_a_delete_learns_how_many_other_tenants_use_it_not_who(api: TestClient) -> None:
+    assert api.post("/admin/tenants", json={"name": "globex"}).status_code == 201
+    assert api.put("/admin/tenants/acme/adapters/bot/share", json={"tenants": ["globex"]}).status_code == 200
+    assert api.put("/admin/tenants/globex/aliases/theirs", json={"target": "acme/bot@1"}).status_code == 200
+    key = api.post("/admin/tenants/acme/keys", json={"role": "manage"}).json()["key"]
+    as_acme = api.delete("/admin/tenants/acme/adapters/bot@1", headers={"Authorization": f"Bearer {key}"})
+    message = refused(as_acme, 409, "version_in_use")
+    assert "1 alias(es) or experiment(s) of tenants it is shared with" in message
+    assert "globex" not in as_acme.text and "theirs" not in as_acme.text
+    as_operator = refused(api.delete("/admin/tenants/acme/adapters/bot@1"), 409, "version_in_use")
+    assert "alias `theirs` of tenant globex" in as_operator
 
 
 @pytest.mark.parametrize(
