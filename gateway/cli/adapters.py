@@ -108,14 +108,11 @@ def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete"
     store = _store(tenant)
     with refusals():
         parsed = AdapterRef.parse(ref)
-        version = parsed.version
-        if version is None:
-            raise ValueError("give the version to delete: name@version")
 
     async def remove(redis: Any) -> str:
         try:
             deleted = await version_guard.delete_version(
-                redis, ExperimentStore(redis), store, tenant, AdapterRef(parsed.name, version), name_others=True
+                redis, ExperimentStore(redis), store, tenant, parsed, name_others=True
             )
         except version_guard.VersionInUse as exc:
             raise ValueError(str(exc)) from exc

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from adapters.manifest import AdapterRef, Manifest, check_name
@@ -167,12 +168,10 @@ async def add_adapter(
 async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     parsed = _ref(ref)
-    if parsed.version is None:
-        raise InvalidRequest("Delete one version at a time: name@version.", param="ref", code="invalid_adapter")
     svc = services(request)
     store = svc.registry.store(tenant)
     try:
-        with domain_errors("ref"):
+        with domain_errors("ref"):  # a name without a version is refused too: one version at a time
             manifest = await version_guard.delete_version(
                 svc.redis, svc.experiments, store, tenant, parsed, name_others=caller.role == "admin"
             )
@@ -183,8 +182,8 @@ async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manage
     upstream = f"{tenant}.{manifest.ref}"
     try:
         await svc.placement.unload_everywhere(upstream)
-    except APIError as exc:  # deleted all the same: each gateway unloads deleted versions every health interval
-        log.warning("%s deleted, but not unloaded everywhere yet: %s", upstream, exc.message)
+    except (APIError, RedisError) as exc:  # deleted all the same: gateways unload deleted versions in time
+        log.warning("%s deleted, but not unloaded everywhere yet: %r", upstream, exc)
     return {"id": manifest.ref, "object": "adapter", "deleted": True}
 
 

@@ -49,6 +49,7 @@ def test_a_delete_and_a_pointer_at_the_same_version_wait_for_each_other(
         held.release()
         assert "alias `prod`" in refused(deleting.result(timeout=10), 409, "version_in_use")
     assert svc.registry.store("acme").versions("bot") == [1, 2]
+    assert "one version at a time" in refused(api.delete(f"{tenant}/adapters/bot"), 400, "invalid_adapter")
 
 
 def test_a_change_that_waits_too_long_for_the_adapter_is_refused_as_busy(
