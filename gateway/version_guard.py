@@ -1,7 +1,7 @@
 """A version is deleted only while nothing points at it, and nothing is pointed at a version being deleted.
 
 Deleting `name@V` checks that no alias and no live experiment points at it (of its owner, or of a tenant it
-is shared with), then unloads and removes it. Pointing an alias or an experiment's arm at `name@V` checks
+is shared with), then removes it (the caller unloads it from the replicas after). Pointing an alias or an experiment's arm at `name@V` checks
 that it exists, then writes the pointer. Run side by side, in two gateway processes or in a gateway and
 the CLI, each check could pass before the other's write, leaving an alias on a removed version. So both
 hold the adapter's lock (one Redis lock per owner and adapter name, redis-py's `Lock`) from their check
