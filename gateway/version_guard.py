@@ -1,12 +1,13 @@
 """A version is deleted only while nothing points at it, and nothing is pointed at a version being deleted.
 
 Deleting `name@V` checks that no alias and no live experiment points at it (of its owner, or of a tenant it
-is shared with), then removes it (the caller unloads it from the replicas after). Pointing an alias or an experiment's arm at `name@V` checks
-that it exists, then writes the pointer. Run side by side, in two gateway processes or in a gateway and
-the CLI, each check could pass before the other's write, leaving an alias on a removed version. So both
-hold the adapter's lock (one Redis lock per owner and adapter name, redis-py's `Lock`) from their check
-to their write: whichever comes second sees what the first did. A pointer's check reads the adapter's
-folder afresh, not this process's registry cache, which may not have seen another process's delete yet.
+is shared with), then removes it (the caller unloads it from the replicas after). Pointing an alias or an
+experiment's arm at `name@V` checks that it exists, then writes the pointer. Run side by side, in two
+gateway processes or in a gateway and the CLI, each check could pass before the other's write, leaving an
+alias on a removed version. So both hold the adapter's lock (one Redis lock per owner and adapter name,
+redis-py's `Lock`) from their check to their write: whichever comes second sees what the first did. The
+pointer's check (`pointing_at`) reads the adapter's folder afresh, not this process's registry cache, which
+may not have seen another process's delete yet.
 
 A lock is held for the time of one check and write (a delete unloads the version from the replicas after
 letting go); a process that dies holding it frees it after `HOLD_S`. A change that waits longer than
@@ -19,18 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
-from adapters.registry import Registry
 from adapters.store import AdapterStore
 from gateway import keys
+from gateway.errors import ModelNotFound
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
+from gateway.routing import Route, Router
 from gateway.tenants import check_tenant_name
 
 HOLD_S = 60.0
@@ -85,17 +87,32 @@ async def _release(lock: aioredis.lock.Lock) -> None:
         await lock.release()
 
 
+class TargetMissing(Exception):
+    """`targets[index]` is neither the base model nor a version the tenant can use (any more)."""
+
+    def __init__(self, index: int, target: str) -> None:
+        super().__init__(target)
+        self.index, self.target = index, target
+
+
 @asynccontextmanager
 async def pointing_at(
-    redis: aioredis.Redis, registry: Registry, targets: Iterable[str], tenant: str
-) -> AsyncIterator[None]:
-    """Hold the locks of the adapters `targets` name, with the registry's cache of them dropped, so that a
-    check made inside sees every delete that has finished."""
+    redis: aioredis.Redis, router: Router, targets: Sequence[str], tenant: str
+) -> AsyncIterator[list[Route]]:
+    """Hold the locks of the adapters `targets` name and check that each still serves for `tenant` (reading
+    their folders afresh, past the registry's cache, so every delete that has finished is seen): their
+    routes, for the pointer to be written inside; TargetMissing for the first that does not."""
     adapters = {adapter for target in targets if (adapter := adapter_of(target, tenant)) is not None}
     async with holding(redis, adapters, tenant):
         for owner, name in adapters:
-            registry.invalidate(owner, name)
-        yield
+            router.registry.invalidate(owner, name)
+        routes = []
+        for index, target in enumerate(targets):
+            try:
+                routes.append(await router.target(target, tenant))
+            except ModelNotFound as exc:
+                raise TargetMissing(index, target) from exc
+        yield routes
 
 
 def _names(target: str | None, tenant: str, owner: str, ref: AdapterRef) -> bool:

@@ -23,7 +23,6 @@ from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
-from gateway.errors import ModelNotFound
 from gateway.experiments import PREFIX as EXPERIMENT
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.pointers import PointerStore
@@ -119,11 +118,8 @@ async def start_canary(
     arms' adapters (gateway.version_guard) while it checks that both still exist, as the admin API does."""
     if not version.listed:
         raise InvalidAdapter(f"{version.ref} is not published: a canary serves clients.")
-    targets = [arm.target for arm in experiment.arms]
-    async with version_guard.pointing_at(redis, router.registry, targets, experiment.tenant):
-        for target in targets:
-            try:
-                await router.target(target, experiment.tenant)
-            except ModelNotFound as exc:
-                raise InvalidAdapter(f"The canary cannot start: `{target}` does not exist any more.") from exc
-        return await router.experiments.create(experiment, by)
+    try:
+        async with version_guard.pointing_at(redis, router, [a.target for a in experiment.arms], experiment.tenant):
+            return await router.experiments.create(experiment, by)
+    except version_guard.TargetMissing as exc:
+        raise InvalidAdapter(f"The canary cannot start: `{exc.target}` does not exist any more.") from exc

@@ -174,7 +174,6 @@ def aliases_set(
     from adapters.manifest import check_name
     from adapters.registry import Registry
     from gateway import version_guard
-    from gateway.errors import ModelNotFound
     from gateway.experiments import ExperimentStore
     from gateway.pointers import PointerStore
     from gateway.routing import Router
@@ -188,12 +187,11 @@ def aliases_set(
     async def point(redis: Any) -> str:
         experiments, registry = ExperimentStore(redis), Registry(settings.adapter_root)
         router = Router(settings.served_model_name, registry, PointerStore(redis), experiments)
-        async with version_guard.pointing_at(redis, registry, [target], tenant):
-            try:
-                route = await router.target(target, tenant)
-            except ModelNotFound as exc:
-                raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
-            await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
+        try:
+            async with version_guard.pointing_at(redis, router, [target], tenant) as (route,):
+                await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
+        except version_guard.TargetMissing as exc:
+            raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
         return route.served_model
 
     typer.echo(f"{alias} -> {with_redis(point)}")

@@ -28,7 +28,6 @@ def create(
     """Put two or more versions (or the base) behind ALIAS, split by weight, sticky per end user."""
     from adapters.registry import Registry
     from gateway import version_guard
-    from gateway.errors import ModelNotFound
     from gateway.experiments import Experiment, ExperimentStore, InvalidExperiment, parse_arm
     from gateway.pointers import PointerStore
     from gateway.routing import Router
@@ -47,13 +46,12 @@ def create(
     async def run(redis: Any) -> Experiment:
         store, registry = ExperimentStore(redis), Registry(settings.adapter_root)
         router = Router(settings.served_model_name, registry, PointerStore(redis), store)
-        async with version_guard.pointing_at(redis, registry, [each.target for each in arms], tenant):
-            for each in arms:
-                try:
-                    await router.target(each.target, tenant)
-                except ModelNotFound as exc:
-                    raise ValueError(f"arm {each.name}: `{each.target}` is not a version {tenant} can use") from exc
-            return await store.create(experiment, who("cli:experiments"))
+        try:
+            async with version_guard.pointing_at(redis, router, [each.target for each in arms], tenant):
+                return await store.create(experiment, who("cli:experiments"))
+        except version_guard.TargetMissing as exc:
+            each = arms[exc.index]
+            raise ValueError(f"arm {each.name}: `{each.target}` is not a version {tenant} can use") from exc
 
     created = with_redis(run)
     typer.echo(f"{created.name}: {alias} -> experiment ({', '.join(f'{a.name} {a.weight:g}' for a in created.arms)})")

@@ -32,7 +32,7 @@ from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
 from gateway import version_guard
 from gateway.auth import Admin, Manager
-from gateway.errors import APIError, Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.errors import APIError, Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
@@ -246,19 +246,17 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     taken = await asyncio.to_thread(svc.registry.store(tenant).versions, alias)
     if alias == svc.settings.served_model_name or taken:
         raise Conflict(f"`{alias}` is already the name of a model of this tenant.", param="alias", code="name_taken")
-    with domain_errors("target"):
-        async with version_guard.pointing_at(svc.redis, svc.registry, [body.target], tenant):
-            try:
-                route = await svc.router.target(body.target, tenant)
-            except ModelNotFound as exc:
-                raise InvalidRequest(
-                    "An alias points at the base model or at one adapter version (name@V); "
-                    f"`{body.target}` is neither.",
-                    param="target",
-                    code="invalid_alias_target",
-                ) from exc
-            with _in_experiment():
-                await svc.experiments.set_alias(tenant, alias, body.target)
+    try:
+        with domain_errors("target"):
+            async with version_guard.pointing_at(svc.redis, svc.router, [body.target], tenant) as (route,):
+                with _in_experiment():
+                    await svc.experiments.set_alias(tenant, alias, body.target)
+    except version_guard.TargetMissing as exc:
+        raise InvalidRequest(
+            f"An alias points at the base model or at one adapter version (name@V); `{body.target}` is neither.",
+            param="target",
+            code="invalid_alias_target",
+        ) from exc
     svc.pointers.forget_cached()
     return {"alias": alias, "target": body.target, "serves": route.served_model}
 

@@ -121,21 +121,19 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
         raise Conflict(
             f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
         )
-    with domain_errors("arms"):
-        async with version_guard.pointing_at(svc.redis, svc.registry, [arm.target for arm in body.arms], tenant):
-            for arm in body.arms:
-                try:
-                    await svc.router.target(arm.target, tenant)
-                except ModelNotFound as exc:
-                    raise InvalidRequest(
-                        f"Arm `{arm.name}`: `{arm.target}` is neither the base model nor a version this tenant "
-                        "can use.",
-                        param="arms",
-                        code="invalid_arm",
-                    ) from exc
-            with _refusals():
-                experiment = Experiment(tenant=tenant, **body.model_dump())
-                created = await svc.experiments.create(experiment, _who(caller))
+    try:
+        with domain_errors("arms"):
+            async with version_guard.pointing_at(svc.redis, svc.router, [a.target for a in body.arms], tenant):
+                with _refusals():
+                    experiment = Experiment(tenant=tenant, **body.model_dump())
+                    created = await svc.experiments.create(experiment, _who(caller))
+    except version_guard.TargetMissing as exc:
+        arm = body.arms[exc.index]
+        raise InvalidRequest(
+            f"Arm `{arm.name}`: `{arm.target}` is neither the base model nor a version this tenant can use.",
+            param="arms",
+            code="invalid_arm",
+        ) from exc
     svc.pointers.forget_cached()  # the alias moved: this process sees it at once (others within a poll)
     return _shown(created)
 
