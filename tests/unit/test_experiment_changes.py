@@ -118,10 +118,17 @@ async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_
         return await real_results(records, experiment)
 
     monkeypatch.setattr(guard_rails, "results", results)
-    with caplog.at_level(logging.INFO, "loragate.experiments"):
-        rounds = asyncio.create_task(guard_rails.run(redis, redis, store, 0.05))
-        await asyncio.sleep(0.4)
-        rounds.cancel()
+    # Earlier tests in this process (the integration suite runs first) may leave the logger's propagation or
+    # `disabled` flag changed, so the capture hangs on the logger itself.
+    monkeypatch.setattr(guard_rails.log, "disabled", False)
+    guard_rails.log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, "loragate.experiments"):
+            rounds = asyncio.create_task(guard_rails.run(redis, redis, store, 0.05))
+            await asyncio.sleep(0.4)
+            rounds.cancel()
+    finally:
+        guard_rails.log.removeHandler(caplog.handler)
     paused = await store.get("aa", "rollout")
     assert paused.status == "paused" and [a.weight for a in paused.arms] == [0, 100], "paused: all to control"
     change = (await store.audit("aa", "rollout"))[-1]
