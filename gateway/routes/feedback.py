@@ -103,6 +103,8 @@ async def export_feedback(
     svc = services(request)
     with domain_errors():
         found = await svc.tenants.get(tenant)
+    if getattr(request.state, "head", False):  # HEAD: the headers GET would send, without running the export
+        return StreamingResponse(iter(()), media_type="application/x-ndjson")
     fmt: ExportFormat = format
     out = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")  # noqa: SIM115
     try:
