@@ -18,7 +18,7 @@ Passes run in the order email, iban, card, ip, phone: an e-mail may hold digits 
 digit groups can look like a card, and cards and IPs must be gone before the phone matcher could eat their digits.
 A pass is skipped by a cheap pre-check when it cannot match: a digit count made once per text, a character it needs,
 and in ASCII text a shape it needs (an IBAN starts with 2 capitals and 2 digits, a card holds 4 digits in a row,
-an IPv4 address a digit, a dot and a digit), read off one `str.translate` of the text.
+an IPv4 address a digit, a dot and a digit), read off one `bytes.translate` of its encoding.
 
 Names are not detected. Presidio's name recognizer needs a spaCy model that is not on PyPI (it is downloaded from
 GitHub), GLiNER downloads its model from the Hugging Face Hub at run time, and name gazetteers (names-dataset) are
@@ -54,8 +54,9 @@ _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)")
 _PHONE_RUN = re.compile(r"[+(]?\d(?:[\s().\-/]*\d){6,}")
 _VALID = phonenumbers.Leniency.VALID
-_SHAPES = str.maketrans({**dict.fromkeys(string.digits, "9"), **dict.fromkeys(string.ascii_uppercase, "A")})
-"""An ASCII text's shape: digits as 9, capitals as A, the rest as they are (one C pass; cheaper than a regex scan)."""
+_SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_uppercase.encode(), b"9" * 10 + b"A" * 26)
+"""An ASCII text's shape: digits as 9, capitals as A, the rest as they are. One table lookup per byte of its
+encoding: about a sixth of `str.translate`'s cost, which goes through a dict per character."""
 
 
 def _is_card(candidate: str) -> bool:
@@ -99,16 +100,16 @@ class _Pass:
     min_digits: int = 0
     needle: str = ""
     """A character the text must hold for the pass to run ("" is in every text)."""
-    shape: str = ""
+    shape: bytes = b""
     """What an ASCII text's shape (`_SHAPES`) must hold for the pass to run: every match of the pass holds it."""
 
 
 _PASSES: tuple[_Pass, ...] = (  # in the order they run
     _Pass("email", "[EMAIL]", _regex(_EMAIL), needle="@"),
-    _Pass("iban", "[IBAN]", _regex(_IBAN, iban.is_valid), min_digits=2, shape="AA99"),
-    _Pass("card", "[CARD]", _regex(_CARD, _is_card), min_digits=13, shape="9999"),
+    _Pass("iban", "[IBAN]", _regex(_IBAN, iban.is_valid), min_digits=2, shape=b"AA99"),
+    _Pass("card", "[CARD]", _regex(_CARD, _is_card), min_digits=13, shape=b"9999"),
     _Pass("ip", "[IP]", _regex(_IPV6, _is_ip), min_digits=1, needle=":"),  # first: IPv4-mapped ::ffff:1.2.3.4
-    _Pass("ip", "[IP]", _regex(_IPV4, _is_ip), min_digits=4, needle=".", shape="9.9"),
+    _Pass("ip", "[IP]", _regex(_IPV4, _is_ip), min_digits=4, needle=".", shape=b"9.9"),
     _Pass("phone", "[PHONE]", _phones, min_digits=7),
 )
 
@@ -153,8 +154,8 @@ class Redactor:
         """`text` redacted, its findings added to `counts` (no Counter per string: records hold many)."""
         if not self._passes or not text:
             return text
-        shape = text.translate(_SHAPES) if text.isascii() else ""  # other texts: every pass its regex
-        digits = shape.count("9") if shape else len(_DIGIT.findall(text))
+        shape = text.encode().translate(_SHAPES) if text.isascii() else b""  # other texts: every pass its regex
+        digits = shape.count(b"9") if shape else len(_DIGIT.findall(text))
         for p in self._passes:
             if digits < p.min_digits or p.needle not in text or (shape and p.shape not in shape):
                 continue
