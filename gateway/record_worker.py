@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import sys
 from collections import deque
@@ -130,7 +131,13 @@ async def serve(source: BinaryIO, sink: BinaryIO) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(sys.stdin.buffer, sys.stdout.buffer))
+    """Answers go out on this process's stdout, taken over: through a buffered writer of its own, whose `write`
+    sends all of a message (under PYTHONUNBUFFERED, which the gateway's image sets, `sys.stdout.buffer` is a raw
+    file, and its `write` into a full pipe that a stop signal interrupts takes only part of one), and with fd 1
+    then pointing at stderr, so that nothing a library prints can land in the middle of a message."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    asyncio.run(serve(sys.stdin.buffer, answers))
 
 
 class RecordWorker:
@@ -169,7 +176,7 @@ class RecordWorker:
             try:
                 size = int.from_bytes(await process.stdout.readexactly(HEADER), "big")
                 return tag, pickle.loads(await process.stdout.readexactly(size))  # noqa: S301 (our own process)
-            except (OSError, EOFError, asyncio.IncompleteReadError, pickle.PickleError) as exc:
+            except Exception as exc:  # noqa: BLE001 (pickle raises many kinds on bytes out of step: trust none after)
                 log.error("completion log: the record process failed (%r); starting another", exc)
                 await self.stop()
         return tag, await asyncio.to_thread(build, raws)

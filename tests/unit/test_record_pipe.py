@@ -1,0 +1,78 @@
+"""The pipe between the gateway and its record process: every answer arrives whole, and one that does not
+unpickle costs a restart, never a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+
+from gateway.context import Answer, RequestContext
+from gateway.record_builder import RawRecord, raw_record
+from gateway.record_worker import HEADER, RecordWorker
+from gateway.routing import Route
+from gateway.tenants import Tenant
+
+BATCH = 400
+
+
+def raws(batch: int) -> list[RawRecord]:
+    """A batch of chat records whose built entries (about 1.5 kB each) make an answer many times a pipe's buffer."""
+    out = []
+    for n in range(BATCH):
+        text = f"Order {batch}-{n} has not arrived; the tracking page shows nothing at all. " * 8
+        body = {"model": "m", "messages": [{"role": "user", "content": text}], "user": f"u{n % 7}"}
+        ctx = RequestContext(f"r{batch}-{n}", "chat", Tenant(name="t"), "k1", payload=body, validated=True)
+        ctx.sent = json.dumps(body).encode()
+        ctx.route = Route(requested="m", upstream_model="m", served_model="m")
+        answer = {"id": f"chatcmpl-{batch}-{n}", "choices": [{"index": 0, "message": {"content": text}}]}
+        ctx.answer = Answer(body=json.dumps(answer).encode())
+        ctx.finish(200)
+        out.append(raw_record(ctx))
+    return out
+
+
+async def test_answers_arrive_whole_when_the_record_process_is_stopped_mid_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under PYTHONUNBUFFERED (the gateway's image sets it) `sys.stdout.buffer` is a raw file: a write into a
+    full pipe that a stop signal interrupts (SIGSTOP, a debugger, a profiler) takes only part of a message, and
+    the rest was lost, which cost that batch and every answer after it."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    worker = RecordWorker()  # build only: every answer carries its built entries
+    await worker.start()
+    process = worker._process
+    assert process is not None
+    for batch in range(3):
+        await worker.send(raws(batch), batch)
+    for _ in range(60):  # nobody reads yet: the process blocks writing its first answer into a full pipe
+        await asyncio.sleep(0.05)
+        os.kill(process.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGCONT)
+    got = [await worker.receive() for _ in range(3)]
+    assert [(tag, len(built.entries)) for tag, built in got] == [(batch, BATCH) for batch in range(3)]
+    assert [built.entries[-1]["id"] for _, built in got] == [f"chatcmpl-{batch}-{BATCH - 1}" for batch in range(3)]
+    assert worker._process is process, "the same process answered every batch"
+    await worker.stop()
+
+
+async def test_an_answer_that_does_not_unpickle_costs_a_restart_not_its_batch() -> None:
+    worker = RecordWorker()
+    await worker.start()
+    garbled = worker._process
+    assert garbled is not None
+    await worker.send(raws(0)[:5], "first")
+    out_of_step = asyncio.StreamReader()  # what the pipe holds when a message lost its tail: the next one's bytes
+    garbage = b"\x80\x05\x8c\x02\xff\xfe\x94."  # a string of 2 bytes that are not UTF-8: UnicodeDecodeError
+    out_of_step.feed_data(len(garbage).to_bytes(HEADER, "big") + garbage)
+    garbled.stdout = out_of_step
+    tag, built = await worker.receive()
+    assert (tag, [e["id"] for e in built.entries]) == ("first", [f"chatcmpl-0-{n}" for n in range(5)])
+    await worker.send(raws(1)[:1], "next")
+    assert (await worker.receive())[1].entries[0]["id"] == "chatcmpl-1-0"
+    assert worker._process is not None and worker._process is not garbled, "a new process builds what comes after"
+    assert garbled.returncode is not None, "the one out of step was stopped"
+    await worker.stop()
