@@ -177,7 +177,8 @@ class Metrics:
         )
         self.records_dropped = Counter(
             "loragate_records_dropped",
-            "Completion records lost: queue_full (recorder behind), spool_full (oldest dropped), spool_error.",
+            "Completion records lost: queue_full (recorder behind), spool_full (oldest dropped), spool_error, "
+            "refused (a record the script rejected), unbuildable.",
             ["reason"], registry=r,
         )  # fmt: skip
         self.spool_pending = Gauge(

@@ -103,8 +103,17 @@ return written
 """
 CHUNK = 100
 """Records per script call: a call blocks Redis while it runs, so a batch is several short calls."""
+BUSY_NOW = ("OOM", "READONLY", "LOADING", "BUSY", "MISCONF", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
+"""Error replies that say Redis cannot write now (full, demoted by a failover, loading, a script running, its
+disk failing), not that a record is bad."""
+
+
+class WritesRefused(RedisConnectionError):
+    """Redis answered, but refuses writes for now (BUSY_NOW): the records wait in the spool as for an outage."""
+
+
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What an unreachable Redis raises (the records then go to the spool)."""
+"""What an unreachable Redis raises, or one refusing writes for now (the records then go to the spool)."""
 
 
 class RecordStore:
@@ -119,7 +128,7 @@ class RecordStore:
         the script, which skips those already written, erased or of a deleted tenant. An unreachable Redis
         raises (UNREACHABLE)."""
         chunks = [entries[i : i + CHUNK] for i in range(0, len(entries), CHUNK)]
-        replies = await self._lane.many([_call(chunk) for chunk in chunks])
+        replies = _unless_busy(await self._lane.many([_call(chunk) for chunk in chunks]))
         refused: set[str] = set()
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, ResponseError):
@@ -129,7 +138,8 @@ class RecordStore:
     async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> set[str]:
         log.error("completion log: Redis refused a batch (%s); writing its records one by one", error)
         refused = set()
-        for entry, reply in zip(chunk, await self._lane.many([_call([entry]) for entry in chunk]), strict=True):
+        replies = _unless_busy(await self._lane.many([_call([entry]) for entry in chunk]))
+        for entry, reply in zip(chunk, replies, strict=True):
             if isinstance(reply, ResponseError):
                 log.error("completion log: record %s refused by Redis, dropped: %s", entry["id"], reply)
                 refused.add(entry["id"])
@@ -137,6 +147,15 @@ class RecordStore:
 
     async def close(self) -> None:
         await self._lane.close()
+
+
+def _unless_busy(replies: list[Any]) -> list[Any]:
+    """The replies, unless one says Redis refuses writes for now (WritesRefused): then no record of the call is
+    dropped as bad; all of them go to the spool, and the script skips, on replay, those written already."""
+    for reply in replies:
+        if isinstance(reply, ResponseError) and str(reply).split(" ", 1)[0] in BUSY_NOW:
+            raise WritesRefused(str(reply))
+    return replies
 
 
 def _call(chunk: list[dict[str, Any]]) -> Call:

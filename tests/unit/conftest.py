@@ -19,8 +19,17 @@ from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 from tests.unit.admin_api import ADMIN, BASE
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop it or change its settings."""
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant, TenantStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 
 
 def events(*chunks: dict[str, object]) -> list[bytes]:
@@ -155,14 +155,6 @@ async def test_the_spool_keeps_order_bounds_and_is_adopted(tmp_path: Path) -> No
     seen.clear()
     await heir.drain(take)
     assert seen == [1] and len(list(tmp_path.iterdir())) == 1
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def stream_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
