@@ -126,8 +126,8 @@ class Spool:
     async def _write_waiting(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
-            lines = [json.dumps(item, separators=(",", ":")) + "\n" for items, _ in batch for item in items]
             try:
+                lines = [json.dumps(item, separators=(",", ":")) + "\n" for items, _ in batch for item in items]
                 await asyncio.to_thread(self._write, lines)
             except Exception as exc:  # noqa: BLE001 (every waiter learns it was not written)
                 for _, future in batch:
@@ -145,22 +145,36 @@ class Spool:
             if self._current is None:
                 self._current = self._folder / f"{time.time_ns():020d}.jsonl"
                 self._current_count = 0
-            with open(self._current, "a", encoding="utf-8") as out:
-                size = out.tell()
+            fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
                 try:
-                    out.writelines(lines)
-                    out.flush()
+                    _write_all(fd, "".join(lines).encode())
                     if self._fsync:
-                        os.fsync(out.fileno())
+                        os.fsync(fd)
                 except OSError:
-                    out.truncate(size)  # no torn line for the next append to be glued onto
+                    self._set_aside(fd, size)
                     raise
+            finally:
+                os.close(fd)
             if fresh and self._fsync:
                 _fsync_folder(self._folder)  # the new file's name is on disk too
             self._current_count += len(lines)
             if self._current_count >= SEGMENT_ITEMS:
                 self._close_current()
             self._enforce_bound()
+
+    def _set_aside(self, fd: int, size: int) -> None:
+        """After a failed append (a full disk): its partial line cut off, where the file system lets us, and the
+        segment closed, so that no later append, acknowledged, is glued onto a line that could not be cut (a
+        damaged line is skipped when read)."""
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            log.warning("a failed spool append could not be cut off %s; its segment is closed", self._current)
+        if self._current is not None and not self._current_count:
+            self._current.unlink(missing_ok=True)
+        self._close_current()
 
     def _close_current(self) -> None:
         if self._current is not None and self._current_count:
@@ -207,6 +221,13 @@ class Spool:
             if folder in self._adopted and not any(s.parent == folder for s in self._segments):
                 _remove_folder(folder)
                 os.close(self._adopted.pop(folder))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_folder(folder: Path) -> None:
