@@ -271,10 +271,11 @@ class FeedbackStore:
         await self._spool.adopt()
         if not self._spool.pending():
             return 0
-        waiting: list[dict[str, Any]] = []
 
         async def handle(items: list[dict[str, Any]]) -> None:
-            kept = []
+            """One segment: written, and what waits put back (fsynced) before the segment is removed, so that
+            a crash or a failed write in between loses nothing and copies nothing."""
+            kept, waiting = [], []
             for item in items:
                 if item["verify"]:
                     completion_id = pydantic_core.from_json(item["feedback"])["completion_id"]
@@ -289,15 +290,13 @@ class FeedbackStore:
                 kept.append(item)
             if kept:
                 await self._write(kept, replay=True)
-
-        try:
-            done = await self._spool.drain(handle)
-        except (RedisError, OSError):
-            return 0
-        finally:
             if waiting:
                 await self._spool.append(waiting)
-        return done
+
+        try:
+            return await self._spool.drain(handle)
+        except (RedisError, OSError):
+            return 0
 
     # -- reading -------------------------------------------------------------------------------
 

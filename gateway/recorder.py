@@ -220,8 +220,10 @@ class Recorder:
 
     async def _replay(self) -> None:
         """Write the spool to Redis, oldest first; stay degraded if Redis is still away."""
+        replayed = 0
         try:
-            replayed = await self._spool.drain(self._write)
+            while self._spool.pending():  # what was spooled during a pass, too, before the log goes on
+                replayed += await self._spool.drain(self._write)
         except (RedisError, OSError):
             return
         self.degraded = False

@@ -194,24 +194,26 @@ class Spool:
     # -- replaying -----------------------------------------------------------------------------
 
     async def drain(self, handler: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> int:
-        """Hand every spooled segment, oldest first, to `handler`; a segment is removed once handled.
-        Stops (keeping the rest) at the first handler error, which is raised. Returns the items handled."""
+        """Hand every segment spooled before this call, oldest first, to `handler`; a segment is removed once
+        handled. What is appended meanwhile, by the handler too (feedback put back to wait), is left for the
+        next drain. Stops (keeping the rest) at the first handler error, which is raised. Returns the items
+        handled."""
         handled = 0
-        while True:
-            segment = await asyncio.to_thread(self._oldest)
-            if segment is None:
-                return handled
+        for segment in await asyncio.to_thread(self._sealed):
+            if segment not in self._segments:  # dropped meanwhile, past the bound
+                continue
             items = await asyncio.to_thread(_read, segment)
             await handler(items)
             await asyncio.to_thread(self._forget, segment)
             handled += len(items)
+        return handled
 
-    def _oldest(self) -> Path | None:
+    def _sealed(self) -> list[Path]:
+        """Every segment there is now, oldest first, the one being written closed: what a drain hands over."""
         with self._lock:
             self._adopt_orphans()
-            if not self._segments:
-                self._close_current()
-            return next(iter(self._segments), None)
+            self._close_current()
+            return list(self._segments)
 
     def _forget(self, segment: Path) -> None:
         with self._lock:

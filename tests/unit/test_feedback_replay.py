@@ -1,0 +1,71 @@
+"""Replaying spooled feedback: a rating that must wait for its completion's record is put back on disk before
+the segment that held it goes, so neither a crash nor a failed pass loses it, and no pass copies it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway import spool as spool_module
+from gateway.feedback import FeedbackStore
+from gateway.metrics import Metrics
+from gateway.spool import Spool
+from gateway.tenants import Tenant
+from tests.unit.test_recording import spooled_rating
+
+WAITS, KNOWN = "chatcmpl-waits", "chatcmpl-known"
+
+
+def on_disk(root: Path) -> list[str]:
+    lines = [line for segment in sorted(root.glob("*/*.jsonl")) for line in segment.read_text().splitlines()]
+    return sorted(json.loads(json.loads(line)["feedback"])["completion_id"] for line in lines)
+
+
+async def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: bool) -> FeedbackStore:
+    """Two spooled ratings, in one segment or in two: one whose completion's record is not in Redis yet (it
+    waits), then one vouched for when it was given."""
+    monkeypatch.setattr(spool_module, "SEGMENT_ITEMS", 1)
+    spool = Spool(tmp_path, fsync=True)
+    spool.open()
+    feedback = FeedbackStore(aioredis.from_url("redis://127.0.0.1:1"), spool, None, Metrics())  # type: ignore[arg-type]
+
+    async def not_in_redis_yet(completion_id: str, tenant: str) -> None:
+        return None
+
+    monkeypatch.setattr(feedback, "_owner", not_in_redis_yet)
+    ratings = [spooled_rating(Tenant(name="t"), WAITS) | {"verify": True}, spooled_rating(Tenant(name="t"), KNOWN)]
+    for batch in [ratings] if together else [[rating] for rating in ratings]:
+        await spool.append(batch)
+    return feedback
+
+
+async def test_a_waiting_rating_is_on_disk_while_the_next_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await spooled(tmp_path, monkeypatch, together=False)
+    seen: list[list[str]] = []
+
+    async def write(items: list[dict[str, Any]], replay: bool) -> None:
+        seen.append(on_disk(tmp_path))  # a crash here must not have lost the waiting one
+
+    monkeypatch.setattr(store, "_write", write)
+    assert await store.replay() == 2
+    assert seen == [[KNOWN, WAITS]], "while the known one was written, the waiting one was on disk again"
+    assert on_disk(tmp_path) == [WAITS] and store._spool.pending() == 1
+
+
+async def test_failed_passes_copy_no_waiting_rating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await spooled(tmp_path, monkeypatch, together=True)
+
+    async def redis_down(items: list[dict[str, Any]], replay: bool) -> None:
+        raise RedisConnectionError("flapping")
+
+    monkeypatch.setattr(store, "_write", redis_down)
+    for _ in range(4):
+        assert await store.replay() == 0
+    assert on_disk(tmp_path) == [KNOWN, WAITS]
