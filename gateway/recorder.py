@@ -242,9 +242,11 @@ class Recorder:
         await self._builder.stop()
 
     async def trim(self, policies: dict[str, Any]) -> None:
-        """Drop records older than each tenant's age limit (length is trimmed as records are added)."""
+        """Drop records older than each tenant's age limit (length is trimmed as records are added). Exactly, not
+        by whole stream nodes (`~`), which keep a record as long as a younger one shares its node: past its age
+        its completion index is gone, and with it the way erasure finds it by id."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for tenant, policy in policies.items():
                 oldest_ms = int((time.time() - policy.max_age_s) * 1000)
-                pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=True)
+                pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=False)
             await pipe.execute()
