@@ -231,6 +231,8 @@ class FeedbackStore:
         try:
             await self._spool.append([item])
         except OSError as exc:
+            if owned is None:
+                self._unverified[tenant.name] -= 1  # it was not kept: nothing waits
             log.exception("feedback spool cannot be written")
             raise StateUnavailable("Feedback cannot be stored right now; nothing was kept. Try again.") from exc
         self._metrics.feedback_spooled.inc()

@@ -67,6 +67,8 @@ class Spool:
         self._root.mkdir(parents=True, exist_ok=True)
         folder = self._root / uuid.uuid4().hex[:12]
         folder.mkdir()
+        if self._fsync:
+            _fsync_folder(self._root)  # the folder's name is on disk before anything acknowledged is in it
         self._lock_fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._folder = folder

@@ -1,5 +1,6 @@
-"""Replaying spooled feedback: a rating that must wait for its completion's record is put back on disk before
-the segment that held it goes, so neither a crash nor a failed pass loses it, and no pass copies it."""
+"""Spooled feedback that must wait for its completion's record: put back on disk before the segment that held
+it goes, so that neither a crash nor a failed replay loses it, and no pass copies it; and counted against the
+tenant's cap on waiting ratings only once the spool has it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway import feedback as feedback_module
 from gateway import spool as spool_module
+from gateway.errors import StateUnavailable
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
+from gateway.records import FeedbackIn
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 from tests.unit.test_recording import spooled_rating
@@ -69,3 +73,29 @@ async def test_failed_passes_copy_no_waiting_rating(tmp_path: Path, monkeypatch:
     for _ in range(4):
         assert await store.replay() == 0
     assert on_disk(tmp_path) == [KNOWN, WAITS]
+
+
+async def test_ratings_the_spool_refused_do_not_count_as_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unvouched-for ratings are capped per tenant (UNVERIFIED_MAX); one the spool could not take (a full disk,
+    503) was counted all the same, so enough failures refused every later one until the process restarted."""
+    store = await spooled(tmp_path, monkeypatch, together=True)
+
+    async def cannot_tell(tenant: Tenant, completion_id: str) -> None:
+        return None
+
+    monkeypatch.setattr(feedback_module, "UNVERIFIED_MAX", 3)
+    monkeypatch.setattr(store, "owned", cannot_tell)
+    real_append = store._spool.append
+
+    async def disk_full(items: list[dict[str, Any]]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store._spool, "append", disk_full)
+    for _ in range(3):
+        with pytest.raises(StateUnavailable):
+            await store.submit(Tenant(name="t"), FeedbackIn(completion_id="chatcmpl-1", thumbs="up"))
+    monkeypatch.setattr(store._spool, "append", real_append)
+    _, in_redis = await store.submit(Tenant(name="t"), FeedbackIn(completion_id="chatcmpl-1", thumbs="up"))
+    assert in_redis is False, "spooled (202), not refused"
