@@ -196,9 +196,10 @@ class Spool:
     # -- replaying -----------------------------------------------------------------------------
 
     async def drain(self, handler: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> int:
-        """Hand every segment spooled before this call, oldest first, to `handler`; a segment is removed once
-        handled. What is appended meanwhile, by the handler too (feedback put back to wait), is left for the
-        next drain. Stops (keeping the rest) at the first handler error, which is raised. Returns the items
+        """Hand the segments spooled before this call, oldest first, to `handler`; a segment is removed once
+        handled. What is appended meanwhile, by the handler too (feedback put back to wait), and what is being
+        written when closed segments wait, are left for the next drain: drain until `pending()` is 0 to empty
+        the spool. Stops (keeping the rest) at the first handler error, which is raised. Returns the items
         handled."""
         handled = 0
         for segment in await asyncio.to_thread(self._sealed):
@@ -211,10 +212,12 @@ class Spool:
         return handled
 
     def _sealed(self) -> list[Path]:
-        """Every segment there is now, oldest first, the one being written closed: what a drain hands over."""
+        """What a drain hands over, oldest first: the closed segments, or when there are none the one being
+        written, closed (not at every drain: while Redis is away that would make a file per retry)."""
         with self._lock:
             self._adopt_orphans()
-            self._close_current()
+            if not self._segments:
+                self._close_current()
             return list(self._segments)
 
     def _forget(self, segment: Path) -> None:

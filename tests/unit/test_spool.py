@@ -34,6 +34,7 @@ async def test_an_append_after_a_failed_one_is_kept_whole(tmp_path: Path) -> Non
     async def take(items: list[dict[str, Any]]) -> None:
         replayed.extend(items)
 
-    assert await spool.drain(take) == 2
+    while spool.pending():
+        await spool.drain(take)
     assert replayed == [{"n": "A"}, {"n": "C"}]
     spool.close()
