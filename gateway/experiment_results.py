@@ -70,7 +70,8 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
             pipe.pfcount(keys.arm_users(tenant, name, arm.name))
         read = await pipe.execute()
     arms = {arm.name: _arm(read[2 * i], read[2 * i + 1]) for i, arm in enumerate(experiment.arms)}
-    identified = [a["requests"] - a["anonymous"] for a in arms.values()]
+    since = experiment.exposed_before  # the split the weights describe began then
+    identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
     srm_p = sample_ratio_mismatch(identified, [arm.weight for arm in experiment.arms])
     control = arms[experiment.control]["_sample"]
     live = {arm.name for arm in experiment.arms if arm.weight > 0} | {experiment.control}  # rolled-back arms aside

@@ -136,6 +136,11 @@ class Experiment(BaseModel):
         None, gt=0, le=1, description="Roll back (weight 0) an arm whose share of negative ratings is higher."
     )
     guard_min_requests: int = Field(20, ge=1, description="Requests an arm serves before a guard rail judges it.")
+    exposed_before: dict[str, int] = Field(
+        default_factory=dict,
+        description="Identified requests per arm when the split last changed (weights, pause, resume): the sample"
+        " ratio test counts those since, against the weights now.",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -248,7 +253,13 @@ class ExperimentStore:
         if not any(arm.weight > 0 for arm in arms):
             raise InvalidExperiment("At least one arm needs a weight above 0.")
         buckets = reallocate(experiment.buckets, [arm.weight for arm in arms])
-        changed = experiment.model_copy(update={"arms": arms, "allocation": base64.b64encode(buckets).decode()})
+        changed = experiment.model_copy(
+            update={
+                "arms": arms,
+                "allocation": base64.b64encode(buckets).decode(),
+                "exposed_before": await self._exposed(experiment),
+            }
+        )
         detail = ", ".join(f"{a.name}={a.weight:g}" for a in arms) + (f" ({reason})" if reason else "")
         return await self._save(changed, Change(at=time.time(), by=by, action="weights", detail=detail))
 
@@ -266,7 +277,7 @@ class ExperimentStore:
         `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
         experiment = await self._live(tenant, name, revision)
         alias = alias_target(experiment, status, arm)
-        changed = experiment.model_copy(update={"status": status})
+        changed = experiment.model_copy(update={"status": status, "exposed_before": await self._exposed(experiment)})
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
             status, "rollback"
         )
@@ -284,6 +295,17 @@ class ExperimentStore:
                 f"Alias `{alias}` runs experiment `{running}`: promote, roll back or stop it first."
             )
         return bool(done)
+
+    async def _exposed(self, experiment: Experiment) -> dict[str, int]:
+        """Each arm's identified requests so far (requests less anonymous ones, as the results count them)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for arm in experiment.arms:
+                pipe.hmget(keys.arm_counters(experiment.tenant, experiment.name, arm.name), "requests", "anonymous")
+            counts = await pipe.execute()
+        return {
+            arm.name: int(requests or 0) - int(anonymous or 0)
+            for arm, (requests, anonymous) in zip(experiment.arms, counts, strict=True)
+        }
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:
         raw = await self._redis.hget(keys.experiments(tenant), name)

@@ -84,17 +84,17 @@ class Router:
             return replace(route, requested=model, alias=model, experiment=experiment, arm=arm)
         return await self._adapter(model, tenant, pointers, candidates)
 
-    async def _arm(self, tenant: str, name: str, user: str | None) -> tuple[str, str, str]:
-        """The experiment's arm for this end user (control while it is paused): (experiment, arm, target)."""
+    async def _arm(self, tenant: str, name: str, user: str | None) -> tuple[str | None, str, str]:
+        """The experiment's arm for this end user: (experiment, arm, target). While it is paused, control serves
+        everyone and the experiment is None: such requests are not a random sample, and are not counted in it."""
         try:
             experiment = await self.experiments.get(tenant, name)
         except ExperimentNotFound:
             raise ModelNotFound(name) from None
-        if experiment.status == "running":
-            index = arm_for(experiment.buckets, tenant, name, user)
-        else:
-            index = experiment.control_index
-        arm = experiment.arms[index]
+        if experiment.status != "running":
+            control = experiment.arms[experiment.control_index]
+            return None, control.name, control.target
+        arm = experiment.arms[arm_for(experiment.buckets, tenant, name, user)]
         return name, arm.name, arm.target
 
     async def target(self, target: str, tenant: str) -> Route:

@@ -1,0 +1,45 @@
+"""An experiment's split changes (weights, pause, resume) without ruining its results: requests served while it
+is paused are not counted in it, and the sample ratio test counts what came since the last change (real Redis)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.experiment_results import results
+from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.routing import Router
+
+ARMS = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
+
+
+async def served(redis: aioredis.Redis, arm: str, requests: int, rated: int = 0, positive: int = 0) -> None:
+    counters = keys.arm_counters("t", "e", arm)
+    await redis.hincrby(counters, "requests", requests)
+    for field, count in (("rated", rated), ("positive_sum", positive), ("positive_squares", positive)):
+        await redis.hincrbyfloat(counters, field, count)
+
+
+async def test_a_new_split_is_tested_from_when_it_began(redis: aioredis.Redis) -> None:
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=ARMS), by="test")
+    await served(redis, "a", 900, 300, 100)  # exactly 90/10 ...
+    await served(redis, "b", 100, 100, 60)
+    halves = await store.set_weights("t", "e", {"a": 50, "b": 50}, "test")
+    await served(redis, "a", 100)  # ... then exactly 50/50
+    await served(redis, "b", 100)
+    found = await results(redis, halves)
+    assert found["sample_ratio_p"] == 1.0 and found["verdict"] != "sample ratio mismatch"
+    await served(redis, "a", 300)  # 400 / 100 under 50/50: a real mismatch is still found
+    assert (await results(redis, halves))["verdict"] == "sample ratio mismatch"
+
+
+async def test_requests_served_while_paused_count_for_no_arm(redis: aioredis.Redis) -> None:
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=ARMS), by="test")
+    router = Router("base", None, None, store)  # type: ignore[arg-type]
+    await store.set_status("t", "e", "paused", "test")
+    assert await router._arm("t", "e", "someone") == (None, "a", "helper@1"), "control serves, uncounted"
+    await store.set_status("t", "e", "running", "test")
+    experiment, arm, _ = await router._arm("t", "e", "someone")
+    assert experiment == "e" and arm in ("a", "b")
