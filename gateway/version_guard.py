@@ -101,8 +101,15 @@ async def pointing_at(
 ) -> AsyncIterator[list[Route]]:
     """Hold the locks of the adapters `targets` name and check that each still serves for `tenant` (reading
     their folders afresh, past the registry's cache, so every delete that has finished is seen): their
-    routes, for the pointer to be written inside; TargetMissing for the first that does not."""
+    routes, for the pointer to be written inside; TargetMissing for the first that does not. Another tenant's
+    adapter that is not shared with `tenant` is refused before any lock is taken, as a name that does not
+    exist is: its lock would say that it exists, and when its owner is changing it."""
     adapters = {adapter for target in targets if (adapter := adapter_of(target, tenant)) is not None}
+    shares = await router.pointers.shares()
+    for index, target in enumerate(targets):
+        adapter = adapter_of(target, tenant)
+        if adapter is not None and adapter[0] != tenant and tenant not in shares.get("/".join(adapter), ()):
+            raise TargetMissing(index, target)
     async with holding(redis, adapters, tenant):
         for owner, name in adapters:
             router.registry.invalidate(owner, name)

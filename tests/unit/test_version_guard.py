@@ -93,6 +93,30 @@ def test_a_tenant_refused_a_delete_learns_how_many_other_tenants_use_it_not_who(
     assert "alias `theirs` of tenant globex" in as_operator
 
 
+def test_another_tenants_adapter_not_shared_is_refused_before_its_lock(
+    api: TestClient, redis_server: RedisServer
+) -> None:
+    """Its lock would tell another tenant that the adapter exists, and when its owner is changing it; taking it
+    from another tenant would make the owner's own changes wait."""
+    assert api.post("/admin/tenants", json={"name": "globex"}).status_code == 201
+    key = api.post("/admin/tenants/globex/keys", json={"role": "manage"}).json()["key"]
+    as_globex = {"Authorization": f"Bearer {key}"}
+    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
+    assert held.acquire(blocking=False)  # acme is changing bot
+    try:
+        answers = []
+        for target in ("acme/bot@1", "acme/nothing@1", "ghost/bot@1"):
+            started = time.monotonic()
+            answer = api.put("/admin/tenants/globex/aliases/x", json={"target": target}, headers=as_globex)
+            answers.append(
+                (refused(answer, 400, "invalid_alias_target").replace(target, "T"), time.monotonic() - started)
+            )
+        assert len({message for message, _ in answers}) == 1, "the same answer as for names that do not exist"
+        assert max(seconds for _, seconds in answers) < 0.5, "at once: nobody waited for acme's lock"
+    finally:
+        held.release()
+
+
 @pytest.mark.parametrize(
     ("target", "adapter"),
     [
