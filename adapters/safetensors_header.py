@@ -20,7 +20,10 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         (length,) = struct.unpack("<Q", prefix)
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise ValueError("header length is out of range: not a safetensors file")
-        header = json.loads(handle.read(length))
+        try:
+            header = json.loads(handle.read(length))
+        except RecursionError as exc:  # nested deeper than any real header
+            raise ValueError("header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -28,7 +31,15 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise ValueError(f"tensor {name!r} has a malformed header entry")
-        start, stop = info["data_offsets"]
+        offsets, shape = info["data_offsets"], info["shape"]
+        if not _ints(offsets) or len(offsets) != 2 or not _ints(shape):
+            raise ValueError(f"tensor {name!r} has malformed offsets or shape: lists of whole numbers are expected")
+        start, stop = offsets
         if not 0 <= start <= stop or end + stop > size:
             raise ValueError(f"tensor {name!r} points outside the file")
     return header
+
+
+def _ints(value: Any) -> bool:
+    """A list of non-negative whole numbers (a shape, or offsets)."""
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)

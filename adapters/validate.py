@@ -160,7 +160,7 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
             raise InvalidAdapter(f"Tensor {tensor!r} targets {module!r}, which {base.name} does not have.")
         out_features, in_features = base.linear_shapes[module]
         shape = tuple(info["shape"])
-        tensor_rank = shape[0] if part == "A" else (shape[1] if len(shape) == 2 else -1)
+        tensor_rank = (shape[0] if part == "A" else shape[1]) if len(shape) == 2 else -1
         expected = (tensor_rank, in_features) if part == "A" else (out_features, tensor_rank)
         if len(shape) != 2 or shape != expected:
             raise InvalidAdapter(
@@ -186,7 +186,12 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
     alpha = config.get("lora_alpha", rank)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r}.")
-    ranks = [rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))]
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise InvalidAdapter(
+            f"adapter_config.json has an invalid rank_pattern (a mapping is expected): {pattern!r:.80}."
+        )
+    ranks = [rank, *(v for v in pattern.values() if isinstance(v, int))]
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")
     targets = _check_targets(config, base)

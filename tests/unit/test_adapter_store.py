@@ -349,3 +349,33 @@ def test_archive_bombs_are_refused(store: AdapterStore, good: Path, tmp_path: Pa
 def test_odd_versions_are_invalid_not_crashes(text: str) -> None:
     with pytest.raises(InvalidAdapter):
         AdapterRef.parse(text)
+
+
+LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"dtype": "F32", "shape": [4, 32], "data_offsets": 5}, "malformed offsets or shape"),
+        ({"dtype": "F32", "shape": [4, 32], "data_offsets": ["a", "b"]}, "malformed offsets or shape"),
+        ({"dtype": "F32", "shape": 4, "data_offsets": [0, 0]}, "malformed offsets or shape"),
+        ({"dtype": "F32", "shape": [], "data_offsets": [0, 0]}, r"has shape \[\]"),
+        (None, "nested too deeply"),
+    ],
+)
+def test_a_malformed_safetensors_header_is_the_adapters_fault(
+    store: AdapterStore, good: Path, base: BaseModelSpec, entry: dict[str, object] | None, why: str
+) -> None:
+    """Crafted headers of the right JSON with the wrong types inside were server errors (500)."""
+    raw = json.dumps({LORA_A: entry}).encode() if entry is not None else b"[" * 100_000 + b"]" * 100_000
+    (good / "adapter_model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+    refused(store, good, base, why)
+
+
+@pytest.mark.parametrize("pattern", [[4], "q_proj=4"])
+def test_a_rank_pattern_that_is_not_a_mapping_is_refused(
+    store: AdapterStore, good: Path, base: BaseModelSpec, pattern: object
+) -> None:
+    edit_config(good, rank_pattern=pattern)
+    refused(store, good, base, "invalid rank_pattern")
