@@ -127,7 +127,7 @@ class Experiment(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="False-positive rate of a verdict, at any number of looks.")
     min_samples: int = Field(100, ge=10, description="Rated completions per arm before any verdict.")
     mixture_sd: float = Field(
-        0.1, gt=0, description="The effect size (in positive rate) the sequential test is tuned to."
+        0.1, ge=1e-3, le=1, description="The effect size (in positive rate) the sequential test is tuned to."
     )
     smallest_effect: float = Field(0.02, gt=0, description="Differences smaller than this do not matter.")
     auto_promote: bool = Field(False, description="Promote an arm that wins (always-valid, after min_samples).")

@@ -3,12 +3,15 @@ is paused are not counted in it, and the sample ratio test counts what came sinc
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
+from starlette.testclient import TestClient
 
 from gateway import keys
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.routing import Router
+from tests.unit.admin_api import BASE
 
 ARMS = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
 
@@ -43,3 +46,12 @@ async def test_requests_served_while_paused_count_for_no_arm(redis: aioredis.Red
     await store.set_status("t", "e", "running", "test")
     experiment, arm, _ = await router._arm("t", "e", "someone")
     assert experiment == "e" and arm in ("a", "b")
+
+
+@pytest.mark.parametrize("mixture_sd", [1e-200, 0.0, 5.0])
+def test_a_mixture_sd_its_results_could_not_use_is_refused(api: TestClient, mixture_sd: float) -> None:
+    """1e-200 squared is 0: the results (and the page, and the guard rails) divided by it."""
+    arms = [{"name": "control", "target": BASE, "weight": 1}, {"name": "treat", "target": "bot@2", "weight": 1}]
+    new = {"name": "tone", "alias": "beta", "control": "control", "arms": arms, "mixture_sd": mixture_sd}
+    answer = api.post("/admin/tenants/acme/experiments", json=new)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "mixture_sd", answer.text
