@@ -64,25 +64,48 @@ local function tighter(at, limit, remaining, reset)
     out[at], out[at + 1], out[at + 2] = limit, remaining, reset
   end
 end
+-- A scope that refuses is the one reported (of several, the one whose room comes back last).
+local function refused(kind, at, limit, reset)
+  if out[1] == 1 or (out[2] == kind and reset > out[at + 2]) then
+    out[1], out[2] = 0, kind
+    out[at], out[at + 1], out[at + 2] = limit, 0, reset
+  else
+    tighter(at, limit, 0, reset)
+  end
+end
 for i = 0, #KEYS / 3 - 1 do
   local rpm, tpm = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   if rpm > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[3 * i + 1], '-inf', now - window)
     local count = redis.call('ZCARD', KEYS[3 * i + 1])
     local reset = window * 1000
-    if count > 0 then
-      local oldest = redis.call('ZRANGE', KEYS[3 * i + 1], 0, 0, 'WITHSCORES')
-      reset = math.ceil((tonumber(oldest[2]) + window - now) * 1000)
+    if count > 0 then  -- when one more fits: once the oldest count - rpm + 1 have left the window
+      local rank = math.max(count - rpm, 0)
+      local frees = redis.call('ZRANGE', KEYS[3 * i + 1], rank, rank, 'WITHSCORES')
+      reset = math.ceil((tonumber(frees[2]) + window - now) * 1000)
     end
-    if count >= rpm and out[1] == 1 then out[1], out[2] = 0, 1 end
-    tighter(3, rpm, math.max(rpm - count - 1, 0), reset)
+    if count >= rpm then refused(1, 3, rpm, reset) else tighter(3, rpm, rpm - count - 1, reset) end
     lease = math.min(lease, math.floor((rpm - count - 1) / share))
   end
   if tpm > 0 then
-    local used = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
-               + tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0') * (1 - into)
-    if used + cost > tpm and out[1] == 1 then out[1], out[2] = 0, 2 end
-    tighter(6, tpm, math.max(math.floor(tpm - used - cost), 0), math.ceil((1 - into) * window * 1000))
+    local current = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
+    local last = tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0')
+    local used = current + last * (1 - into)
+    if used + cost > tpm then
+      -- when it fits: within this minute as the last one's weight falls, or else into the next one, where
+      -- this minute's tokens weigh less and less
+      local wait = window - (now % window)
+      if current + cost <= tpm then
+        wait = ((1 - (tpm - cost - current) / last) - into) * window
+      elseif cost <= tpm then
+        wait = wait + (1 - (tpm - cost) / current) * window
+      else
+        wait = wait + window
+      end
+      refused(2, 6, tpm, math.ceil(wait * 1000))
+    else
+      tighter(6, tpm, math.floor(tpm - used - cost), math.ceil((1 - into) * window * 1000))
+    end
     lease = math.min(lease, math.floor((tpm - used - cost) / share / math.max(cost, 1)))
   end
 end
