@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from adapters.manifest import AdapterRef
-from gateway.cli.common import refusals, with_redis
+from gateway.cli.common import alias_must_be_free, refusals, tenant_must_exist, with_redis
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,15 +27,6 @@ def _store(tenant: str) -> AdapterStore:
 
     with refusals():
         return Registry(Settings().adapter_root).store(check_tenant_name(tenant))
-
-
-def _tenant_must_exist(tenant: str) -> None:
-    from gateway.tenants import TenantStore
-
-    async def get(redis: Any) -> None:
-        await TenantStore(redis).get(tenant)
-
-    with_redis(get)
 
 
 def _pins(tenant: str) -> dict[str, int]:
@@ -58,7 +49,7 @@ def adapters_add(
     from gateway.cli.serve import base_folder
 
     settings = Settings()
-    _tenant_must_exist(tenant)
+    tenant_must_exist(tenant)
     base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
     with refusals():
         manifest = _store(tenant).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
@@ -171,7 +162,6 @@ def aliases_set(
     tenant: Tenant,
 ) -> None:
     """Point ALIAS at TARGET (an atomic repoint when it exists); requests for ALIAS get TARGET."""
-    from adapters.manifest import check_name
     from adapters.registry import Registry
     from gateway import version_guard
     from gateway.experiments import ExperimentStore
@@ -179,10 +169,8 @@ def aliases_set(
     from gateway.routing import Router
 
     settings = Settings()
-    with refusals():
-        check_name(alias)
-        if alias == settings.served_model_name or _store(tenant).versions(alias):
-            raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
+    tenant_must_exist(tenant)
+    alias_must_be_free(tenant, alias)
 
     async def point(redis: Any) -> str:
         experiments, registry = ExperimentStore(redis), Registry(settings.adapter_root)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import getpass
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -83,3 +83,25 @@ def with_redis(work: Callable[..., Awaitable[T]], records: bool = False) -> T:
 
     with refusals():
         return asyncio.run(run())
+
+
+def tenant_must_exist(tenant: str) -> None:
+    """End the command unless the tenant exists."""
+    from gateway.tenants import TenantStore
+
+    async def get(redis: Any) -> None:
+        await TenantStore(redis).get(tenant)
+
+    with_redis(get)
+
+
+def alias_must_be_free(tenant: str, alias: str) -> None:
+    """End the command unless ALIAS is a valid name that no model of the tenant has (as the admin API checks)."""
+    from adapters.manifest import check_name
+    from adapters.registry import Registry
+
+    settings = Settings()
+    with refusals():
+        check_name(alias)
+        if alias == settings.served_model_name or Registry(settings.adapter_root).store(tenant).versions(alias):
+            raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import fail, who, with_redis
+from gateway.cli.common import alias_must_be_free, fail, tenant_must_exist, who, with_redis
 
 experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
@@ -34,6 +34,8 @@ def create(
     from gateway.settings import Settings
 
     settings = Settings()
+    tenant_must_exist(tenant)
+    alias_must_be_free(tenant, alias)
     try:
         arms = [parse_arm(spec) for spec in arm]
         rails = {"auto_promote": auto_promote, "max_error_rate": max_error_rate, "max_negative_rate": max_negative_rate}
