@@ -60,7 +60,7 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
     return int(payload[named[0]])  # what vLLM applies: max_completion_tokens over max_tokens when both are named
 
 
-def salt_prefix_cache(payload: dict[str, Any], tenant: str) -> None:
+def salt_prefix_cache(payload: dict[str, Any], tenant: str, created: float | None = None) -> None:
     """vLLM's prefix cache is shared by every request of a base (or of one shared adapter): a cached prompt
     answers faster, so one tenant could time another's prompts. A per-tenant `cache_salt` keeps each
     tenant's blocks its own. A client's own salt (per end user, say) is mixed in, never used alone: no
@@ -68,6 +68,8 @@ def salt_prefix_cache(payload: dict[str, Any], tenant: str) -> None:
     given = payload.get("cache_salt")
     if given is not None and (not isinstance(given, str) or not given):
         raise InvalidRequest("cache_salt must be a non-empty string.", param="cache_salt")
+    if created is not None:  # a tenant deleted and created again under its name is another: not its cache
+        tenant = f"{tenant}\x00{created!r}"
     mixed = tenant if given is None else f"{tenant}\x00{given}"
     payload["cache_salt"] = hashlib.sha256(mixed.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -125,7 +127,7 @@ async def _complete(
         context.validated = True
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
-            salt_prefix_cache(payload, tenant.name)
+            salt_prefix_cache(payload, tenant.name, tenant.created)
         hide_usage = bool(
             validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
         )

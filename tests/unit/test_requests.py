@@ -195,6 +195,9 @@ def test_each_tenant_gets_its_own_prefix_cache_salt_and_a_clients_salt_is_mixed_
 
     acme, globex = salt("acme"), salt("globex")
     assert acme != globex and acme == salt("acme"), "one salt per tenant, the same on every request"
+    again: dict[str, Any] = {}
+    salt_prefix_cache(again, "acme", created=1.5)
+    assert again["cache_salt"] not in {acme, salt("acme")}, "acme deleted and created again: another salt"
     assert salt("acme", cache_salt="user-1") not in {acme, salt("acme", cache_salt="user-2")}
     assert salt("globex", cache_salt=acme) != acme, "a client cannot name another tenant's salt"
     assert all(len(s) <= 128 and not set("@/\\\x00") & set(s) for s in (acme, globex)), "vLLM's rules for a salt"
