@@ -21,6 +21,7 @@ from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
 from gateway import __version__, guard_rails
 from gateway.apikeys import KeyStore
+from gateway.body_limit import BodyLimitMiddleware
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
@@ -270,6 +271,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
         title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, description=ABOUT
     )
     install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HeadAsGetMiddleware)
     for router in (openai.completion_router, openai.router, admin_tenants.router, admin_adapters.router):
