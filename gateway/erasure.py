@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from gateway import keys
 
 PAGE = 500
-SKEW_S = 300
-"""Margin for clocks and for the trim's pace: records this much younger than the age limit are searched too."""
+MARGIN_S = 2
+"""Records this much younger than the age limit are searched too (their index may be expiring meanwhile)."""
 
 # KEYS: the tenant's tombstone. ARGV: deletion time (Unix), seconds to keep it. Returns Redis's time (ms), kept
 # beside the deletion time: stream entries (and so completion indexes) written up to then are the old tenant's.
@@ -50,9 +50,11 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int
 
 async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_age_s: int) -> int:
     """The user's records past the age limit: their index and the user's set have expired, and the trim (once a
-    minute, while Redis is up) has not reached them yet. Only the head of the log is read, up to that age."""
+    minute, while Redis is up) has not reached them yet. Only the head of the log is read, up to that age by
+    Redis's clock (which dates the entries and expires the indexes)."""
     log, removed, start = keys.completion_log(tenant), 0, "-"
-    last = str(int((time.time() - max_age_s + SKEW_S) * 1000))
+    seconds, micros = await redis.time()
+    last = str(int((seconds + micros / 1e6 - max_age_s + MARGIN_S) * 1000))
     while page := await redis.xrange(log, start, last, count=PAGE):
         theirs = [entry for entry, fields in page if json.loads(fields["r"]).get("user") == user]
         if theirs:
