@@ -104,12 +104,12 @@ async def pointing_at(
     routes, for the pointer to be written inside; TargetMissing for the first that does not. Another tenant's
     adapter that is not shared with `tenant` is refused before any lock is taken, as a name that does not
     exist is: its lock would say that it exists, and when its owner is changing it."""
-    adapters = {adapter for target in targets if (adapter := adapter_of(target, tenant)) is not None}
+    named = [adapter_of(target, tenant) for target in targets]
     shares = await router.pointers.shares()
-    for index, target in enumerate(targets):
-        adapter = adapter_of(target, tenant)
+    for index, adapter in enumerate(named):
         if adapter is not None and adapter[0] != tenant and tenant not in shares.get("/".join(adapter), ()):
-            raise TargetMissing(index, target)
+            raise TargetMissing(index, targets[index])
+    adapters = {adapter for adapter in named if adapter is not None}
     async with holding(redis, adapters, tenant):
         for owner, name in adapters:
             router.registry.invalidate(owner, name)
