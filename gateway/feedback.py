@@ -36,7 +36,7 @@ from gateway.errors import InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn
-from gateway.redaction import Redactor
+from gateway.redaction import Findings, Redactor
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 
@@ -201,7 +201,7 @@ class FeedbackStore:
             )
         feedback = Feedback(**given.model_dump())
         redactor = Redactor(policy.redact)
-        counts: Counter[str] = Counter()
+        counts = Findings()
         if redactor.kinds:
             feedback.correction = feedback.correction and redactor.redact_into(feedback.correction, counts)
             feedback.comment = feedback.comment and redactor.redact_into(feedback.comment, counts)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pydantic_core
 
 from gateway.context import Answer, RequestContext
-from gateway.redaction import Redactor
+from gateway.redaction import Findings, Redactor
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
 """What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
@@ -159,7 +158,7 @@ def _redactor(kinds: tuple[str, ...]) -> Redactor:
 
 
 def _clean(record: dict[str, Any], redactor: Redactor) -> None:
-    counts: Counter[str] = Counter()
+    counts = Findings()
     for holder, slot in list(_texts(record)):
         text = holder[slot]
         if len(text) > MAX_CHARS:

@@ -12,7 +12,11 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
   (`4111 1111 1111 1111 2 times`) and then lost to the Luhn check.
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
 - phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
-  ones, only allocated ranges). It is the slowest pass by far, so it runs only on runs of 7+ digits.
+  ones, only allocated ranges). It is the slowest pass by far (50-150 µs a candidate), so it sees only runs of 7+
+  digits joined by the punctuation the matcher itself allows inside a number (dashes of every width, spaces, dots,
+  slashes, brackets, the zero-width ones: never a line break or a tab), and a record validates at most
+  MAX_PHONE_CHECKS of them: past that its remaining runs are redacted as phones unvalidated, so that a prompt full
+  of numbers (a CSV, a log) costs a bounded time in the record process that every tenant's records share.
 
 Passes run in the order email, iban, card, ip, phone: an e-mail may hold digits or an IP-like domain, an IBAN's
 digit groups can look like a card, and cards and IPs must be gone before the phone matcher could eat their digits.
@@ -52,7 +56,14 @@ _IBAN = re.compile(r"[A-Z](?<=\b[A-Z])[A-Z]\d\d(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-
 _CARD = re.compile(r"\d(?<=\b\d)(?:\d{12,18}|\d{3}(?:[ -]\d{4}){3}(?:[ -]\d{3})?|\d{3}[ -]\d{6}[ -]\d{4,5})\b")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)")
-_PHONE_RUN = re.compile(r"[+(]?\d(?:[\s().\-/]*\d){6,}")
+_PHONE_PUNCTUATION = (
+    " \u00a0\u00ad\u200b\u2060\u3000().\\-/\u2010-\u2015\u2212\u30fc\uff0d-\uff0f\uff08\uff09\uff3b\uff3d\\[\\]~"
+    "\u2053\u223c\uff5e"
+)
+"""What `phonenumbers` accepts between the digits of a number (its `_VALID_PUNCTUATION`, but the `x` of extensions)."""
+_PHONE_RUN = re.compile(rf"[+\uff0b(\uff08\[\uff3b]?\d(?:[{_PHONE_PUNCTUATION}]*\d){{6,}}")
+MAX_PHONE_CHECKS = 64
+"""Phone candidates validated per record (or per feedback); the rest are redacted unvalidated."""
 _VALID = phonenumbers.Leniency.VALID
 _SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_uppercase.encode(), b"9" * 10 + b"A" * 26)
 """An ASCII text's shape: digits as 9, capitals as A, the rest as they are. One table lookup per byte of its
@@ -71,32 +82,50 @@ def _is_ip(candidate: str) -> bool:
     return True
 
 
-def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None) -> Callable[[str, str], _Spans]:
+class Findings(Counter[str]):
+    """Findings per kind for one record (or one feedback), and how many phone candidates it may still validate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phone_checks_left = MAX_PHONE_CHECKS
+
+
+_Finder = Callable[[str, str, Findings], _Spans]
+
+
+def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None) -> _Finder:
     """A finder yielding the spans of `pattern`'s matches that `valid` accepts (all of them without one)."""
 
-    def find(text: str, _region: str) -> _Spans:
+    def find(text: str, _region: str, _findings: Findings) -> _Spans:
         return (m.span() for m in pattern.finditer(text) if valid is None or valid(m.group()))
 
     return find
 
 
-def _phones(text: str, region: str) -> _Spans:
+def _phones(text: str, region: str, findings: Findings) -> _Spans:
     """The matcher parses every number-like candidate (tens of µs each) and text is full of short ones (times, years,
-    counts), so it sees only runs of 7+ digits, with 4 characters of context either side for its boundary checks."""
+    counts), so it sees only runs of 7+ digits, with 4 characters of context either side for its boundary checks;
+    past the record's MAX_PHONE_CHECKS a run is taken whole, unvalidated."""
     last = 0
     for run in _PHONE_RUN.finditer(text):
-        lo = max(0, run.start() - 4)
-        for match in phonenumbers.PhoneNumberMatcher(text[lo : run.end() + 4], region, leniency=_VALID):
-            if lo + match.start >= last:  # keep spans disjoint where two runs' contexts overlap
-                last = lo + match.end
-                yield lo + match.start, last
+        if findings.phone_checks_left <= 0:
+            spans: Iterable[tuple[int, int]] = (run.span(),)
+        else:
+            findings.phone_checks_left -= 1
+            lo = max(0, run.start() - 4)
+            matches = phonenumbers.PhoneNumberMatcher(text[lo : run.end() + 4], region, leniency=_VALID)
+            spans = [(lo + match.start, lo + match.end) for match in matches]
+        for start, end in spans:
+            if start >= last:  # keep spans disjoint where two runs' contexts overlap
+                last = end
+                yield start, end
 
 
 @dataclass(frozen=True, slots=True)
 class _Pass:
     kind: str
     placeholder: str
-    find: Callable[[str, str], _Spans]
+    find: _Finder
     min_digits: int = 0
     needle: str = ""
     """A character the text must hold for the pass to run ("" is in every text)."""
@@ -147,11 +176,11 @@ class Redactor:
 
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with each finding replaced by its kind's placeholder, and the number of findings per kind."""
-        counts: Counter[str] = Counter()
+        counts = Findings()
         return self.redact_into(text, counts), counts
 
-    def redact_into(self, text: str, counts: Counter[str]) -> str:
-        """`text` redacted, its findings added to `counts` (no Counter per string: records hold many)."""
+    def redact_into(self, text: str, counts: Findings) -> str:
+        """`text` redacted, its findings added to `counts` (one per record: records hold many strings)."""
         if not self._passes or not text:
             return text
         shape = text.encode().translate(_SHAPES) if text.isascii() else b""  # other texts: every pass its regex
@@ -159,7 +188,7 @@ class Redactor:
         for p in self._passes:
             if digits < p.min_digits or p.needle not in text or (shape and p.shape not in shape):
                 continue
-            text, found = _splice(text, p.find(text, self._region), p.placeholder)
+            text, found = _splice(text, p.find(text, self._region, counts), p.placeholder)
             if found:
                 counts[p.kind] += found
         return text
@@ -168,11 +197,11 @@ class Redactor:
 def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
     """Redact every string in a JSON-like value (dicts, lists, strings), such as chat `messages` whose content is
     a string or a list of parts. Dict keys and other scalars are left as they are."""
-    counts: Counter[str] = Counter()
+    counts = Findings()
     return _walk(redactor, value, counts), counts
 
 
-def _walk(redactor: Redactor, value: object, counts: Counter[str]) -> object:
+def _walk(redactor: Redactor, value: object, counts: Findings) -> object:
     if isinstance(value, str):
         return redactor.redact_into(value, counts)
     if isinstance(value, dict):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import phonenumbers
 import pytest
 
-from gateway.redaction import PII_KINDS, Redactor, redact_value
+from gateway import redaction
+from gateway.redaction import MAX_PHONE_CHECKS, PII_KINDS, Findings, Redactor, redact_value
 
 TICKET = (
     "Hi support, this is Jane Doe (jane.doe@example.com). Please call me back on +44 20 7946 0958, or at my "
@@ -88,6 +90,47 @@ def test_phone_numbers_of_the_region_and_international() -> None:
     assert us.redact("UK office: 020 7946 0958") == ("UK office: 020 7946 0958", Counter())  # national, not US
     uk = Redactor(["phone"], phone_region="GB")
     assert uk.redact("UK office: 020 7946 0958") == ("UK office: [PHONE]", Counter(phone=1))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Call 415\u2013555\u20130132 now",  # en dashes, as word processors write them
+        "Call 415\u200b555\u200b0132 now",  # zero-width spaces
+        "Call \uff08415\uff09555-0132 now",  # full-width brackets
+        "Call 415[555]0132 now",
+        "Call 415/555.0132 now",
+    ],
+)
+def test_phone_numbers_in_any_punctuation_the_matcher_knows(text: str) -> None:
+    assert Redactor(["phone"]).redact(text) == ("Call [PHONE] now", Counter(phone=1))
+
+
+def test_a_text_full_of_numbers_costs_a_bounded_number_of_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line of a CSV is a run of its own (the matcher never joins lines), and past MAX_PHONE_CHECKS candidates
+    in one record the rest are redacted unvalidated: a prompt of numbers cannot stall the record process."""
+    checked: list[str] = []
+    real = phonenumbers.PhoneNumberMatcher
+
+    def matcher(text: str, region: str, leniency: phonenumbers.Leniency) -> phonenumbers.PhoneNumberMatcher:
+        checked.append(text)
+        return real(text, region, leniency=leniency)
+
+    monkeypatch.setattr(redaction.phonenumbers, "PhoneNumberMatcher", matcher)
+    rows = [f"{1_700_000_000_000 + 7919 * i},12.5" for i in range(MAX_PHONE_CHECKS + 10)]
+    csv = "call 415-555-0132\n" + "\n".join(rows)
+    text, counts = Redactor(["phone"]).redact(csv)
+    lines = text.split("\n")
+    assert lines[0] == "call [PHONE]", "found while there are checks left"
+    assert lines[1:MAX_PHONE_CHECKS] == rows[: MAX_PHONE_CHECKS - 1], "validated, and not phones: kept"
+    assert all(line == "[PHONE],12.5" for line in lines[MAX_PHONE_CHECKS:]), "past the checks: redacted, unchecked"
+    assert len(checked) == MAX_PHONE_CHECKS
+    assert [m.group() for m in redaction._PHONE_RUN.finditer("12.5\n1700000000000\t12.5")] == ["1700000000000"]
+    assert counts == Counter(phone=1 + 11)
+    record_counts = Findings()
+    Redactor(["phone"]).redact_into(csv, record_counts)
+    assert Redactor(["phone"]).redact_into("call 415-555-0132", record_counts) == "call [PHONE]", "the same record"
+    assert record_counts["phone"] == 13
 
 
 def test_only_the_chosen_kinds_are_redacted() -> None:
