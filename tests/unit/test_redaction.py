@@ -106,6 +106,12 @@ def test_phone_numbers_in_any_punctuation_the_matcher_knows(text: str) -> None:
     assert Redactor(["phone"]).redact(text) == ("Call [PHONE] now", Counter(phone=1))
 
 
+def test_cards_and_ibans_in_the_spaces_and_dashes_of_word_processors() -> None:
+    text = "Visa 4111\u20131111\u20131111\u20131111, IBAN DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000."
+    assert Redactor().redact(text) == ("Visa [CARD], IBAN [IBAN].", Counter(card=1, iban=1))
+    assert Redactor().redact("Visa 4111\u20131111\u20131111\u20131112")[1] == Counter(), "still Luhn-checked"
+
+
 def test_a_text_full_of_numbers_costs_a_bounded_number_of_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each line of a CSV is a run of its own (the matcher never joins lines), and past MAX_PHONE_CHECKS candidates
     in one record the rest are redacted unvalidated: a prompt of numbers cannot stall the record process."""
