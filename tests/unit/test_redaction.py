@@ -106,6 +106,13 @@ def test_phone_numbers_in_any_punctuation_the_matcher_knows(text: str) -> None:
     assert Redactor(["phone"]).redact(text) == ("Call [PHONE] now", Counter(phone=1))
 
 
+@pytest.mark.parametrize(
+    "text", ["write to jane.müller@example.de", "write to josé@correo.es", "write to иван@почта.рф"]
+)
+def test_addresses_in_any_script_are_redacted_whole(text: str) -> None:
+    assert Redactor(["email"]).redact(text + " today") == ("write to [EMAIL] today", Counter(email=1))
+
+
 def test_cards_and_ibans_in_the_spaces_and_dashes_of_word_processors() -> None:
     text = "Visa 4111\u20131111\u20131111\u20131111, IBAN DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000."
     assert Redactor().redact(text) == ("Visa [CARD], IBAN [IBAN].", Counter(card=1, iban=1))
