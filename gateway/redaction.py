@@ -8,9 +8,9 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
   shape is the evidence.
 - iban: country code, 2 check digits and 11-30 alphanumerics, compact or in groups of 4; `stdnum.iban.is_valid`
   (mod-97, and the country's length and format).
-- card: 13-19 contiguous digits, or 4-4-4-4(-3) / 4-6-4(5) groups split by spaces or dashes; `stdnum.luhn`. Card
-  groupings rather than "digits with any separators", so that a card is not merged with a number beside it
-  (`4111 1111 1111 1111 2 times`) and then lost to the Luhn check.
+- card: 13-19 contiguous digits, or 4-4-4-4(-3) / 4-6-4(5) groups split by spaces or dashes (of any width);
+  `stdnum.luhn`. Card groupings rather than "digits with any separators", so that a card is not merged with a number
+  beside it (`4111 1111 1111 1111 2 times`) and then lost to the Luhn check.
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
 - phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
   ones, only allocated ranges). It is the slowest pass by far (50-150 µs a candidate), so it sees only runs of 7+
