@@ -23,6 +23,10 @@ CLIENT_CLOSED = 499
 """Status recorded (nginx's convention) for a request whose client left before its answer was done."""
 
 
+MAX_USER_CHARS = 256
+"""End user names are cut to this (in records, and in erasures, which must find them)."""
+
+
 @dataclass(slots=True)
 class _ChoiceParts:
     texts: list[str] = field(default_factory=list)
@@ -150,8 +154,8 @@ class RequestContext:
         for name in ("user", "safety_identifier"):
             value = self.payload.get(name)
             if isinstance(value, str) and value:
-                return value[:256]
-        return self.header_user[:256] if self.header_user else None
+                return value[:MAX_USER_CHARS]
+        return self.header_user[:MAX_USER_CHARS] if self.header_user else None
 
     @property
     def stream(self) -> bool:

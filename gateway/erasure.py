@@ -19,6 +19,7 @@ import time
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.context import MAX_USER_CHARS
 
 PAGE = 500
 MARGIN_S = 2
@@ -35,14 +36,23 @@ return ms
 
 
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int) -> dict[str, int]:
-    """Delete every completion record of an end user and every rating they gave. Returns the counts.
-    `keep_s`: how long the tombstone stays (the tenant's record age limit)."""
-    await redis.set(keys.forgotten(tenant, user), repr(time.time()), ex=max(keep_s, 1))
+    """Delete every completion record of an end user, every rating they gave, and every rating of their completions
+    (others' corrections quote their conversation). Returns the counts. `keep_s`: how long the tombstone stays (the
+    tenant's record age limit). The tombstone is dated by Redis's clock plus MARGIN_S (records are dated by their
+    gateways' clocks): what the user sends in the next seconds is not kept either."""
+    user = user[:MAX_USER_CHARS]  # as records name them
+    seconds, micros = await redis.time()
+    await redis.set(keys.forgotten(tenant, user), repr(seconds + micros / 1e6 + MARGIN_S), ex=max(keep_s, 1))
     removed = {"completions": 0, "feedback": 0}
     while ids := await redis.srandmember(keys.end_user(tenant, user), PAGE):
         for completion_id in ids:
-            removed["completions"] += await _delete_record(redis, tenant, user, completion_id)
-            removed["feedback"] += await redis.hdel(keys.feedback(tenant, completion_id), user)
+            ratings = keys.feedback(tenant, completion_id)
+            if await _delete_record(redis, tenant, user, completion_id):
+                removed["completions"] += 1
+                removed["feedback"] += int(await redis.hlen(ratings))
+                await redis.delete(ratings)
+            else:
+                removed["feedback"] += await redis.hdel(ratings, user)
         await redis.srem(keys.end_user(tenant, user), *ids)  # only what was done: ids added meanwhile stay
     removed["completions"] += await _forget_past_age(redis, tenant, user, keep_s)
     return removed
@@ -64,13 +74,18 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
 
 
 async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str) -> int:
+    """1 when the completion was the user's own and its record is deleted now; 0 for one they only rated (its
+    record is someone else's). An index whose record the length limit has trimmed goes too, with its ratings."""
     index = await redis.get(keys.completion(completion_id))
     owner, entry = ((index or "").split(" ") + ["", ""])[:2]  # TENANT ENTRY[ EXPERIMENT ARM]
     if owner != tenant or not entry:
         return 0
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)
-    if not found or json.loads(found[0][1]["r"]).get("user") != user:
-        return 0  # a completion the user only rated: its record is someone else's
+    if not found:
+        await redis.delete(keys.completion(completion_id), keys.feedback(tenant, completion_id))
+        return 0
+    if json.loads(found[0][1]["r"]).get("user") != user:
+        return 0
     await redis.delete(keys.completion(completion_id))
     return int(await redis.xdel(keys.completion_log(tenant), entry))
 

@@ -49,20 +49,25 @@ VERIFY_FOR_S = 600.0
 """How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped."""
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
-# counters ('' where none), the tenant's deletion. ARGV: field (end user), feedback JSON, created, completion
-# id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created. Feedback of a tenant created at
-# or before its deletion is refused (-1). A replay never replaces a newer rating, nor brings back one of an
-# end user erased since. The arm's feedback signal moves by the difference a (replaced) rating makes.
+# counters ('' where none), the tenant's deletion, the completion's index. ARGV: field (end user), feedback JSON,
+# created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created. Feedback of a
+# tenant created at or before its deletion is refused (-1); one made before its end user's erasure, or (replayed)
+# past the tenant's age limit, is dropped (0). A replay never replaces a newer rating. The hash lives as long as
+# the completion's index (a later rating does not extend it) and the end user's set at least as long (it is never
+# shortened): erasure finds every rating through the set. The arm's feedback signal moves by the difference a
+# (replaced) rating makes.
 _STORE = """
 local deleted = redis.call('GET', KEYS[5])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
+if KEYS[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[5])
 if ARGV[6] == '1' then
+  if tonumber(redis.call('TIME')[1]) > tonumber(ARGV[3]) + ttl then return 0 end
   if old then
     local ok, previous = pcall(cjson.decode, old)
     if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
   end
-  if KEYS[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
 end
 local lo, hi = tonumber(ARGV[7]), tonumber(ARGV[8])
 local function signal(raw, sign)
@@ -85,11 +90,14 @@ if KEYS[4] ~= '' then
   if old then signal(old, -1) end
   signal(ARGV[2], 1)
 end
+local keep = redis.call('TTL', KEYS[6])
+if keep <= 0 then keep = ttl end  -- not indexed yet (its record is still queued): the tenant's age limit
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[1], keep)
 if KEYS[2] ~= '' then
   redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  keep = math.max(keep, ttl)
+  if redis.call('TTL', KEYS[2]) < keep then redis.call('EXPIRE', KEYS[2], keep) end
 end
 return 1
 """
@@ -146,12 +154,17 @@ class FeedbackStore:
 
     async def _owner(self, completion_id: str, tenant: str) -> str | None:
         """The tenant whose completion it is, by its index in Redis; None when not indexed. An index Redis
-        wrote before `tenant` was last deleted is the deleted tenant's: None too (for a re-created `tenant`)."""
+        wrote before `tenant` was last deleted is the deleted tenant's: None too (for a re-created `tenant`).
+        So is one whose record is no longer in `tenant`'s log (trimmed by its length limit, or by an age limit
+        lowered since): its ratings go with it."""
         index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
         if not index:
             return None
-        owner, _, entry = index.partition(" ")  # TENANT ENTRY-ID[ EXPERIMENT ARM]
+        owner, _, rest = index.partition(" ")  # TENANT ENTRY-ID[ EXPERIMENT ARM]
+        entry = rest.partition(" ")[0]
         if owner == tenant and deleted and _entry_ms(entry) <= parse_tombstone(deleted)[1]:
+            return None
+        if owner == tenant and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
             return None
         return str(owner)
 
@@ -251,7 +264,7 @@ class FeedbackStore:
                 script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
                 _, _, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
                 script_keys.append(keys.arm_counters(tenant, experiment, arm) if experiment and arm else "")
-                script_keys.append(keys.tenant_deleted(tenant))
+                script_keys += [keys.tenant_deleted(tenant), keys.completion(completion_id)]
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 args.append(item.get("tenant_created") or feedback["created"])

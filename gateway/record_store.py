@@ -24,15 +24,17 @@ log = logging.getLogger("loragate.recorder")
 # counters, experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON,
 # max length, ttl (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0),
 # prompt tokens, completion tokens, latency bucket, when its tenant was created. A record of a tenant created
-# at or before its deletion is skipped (each tenant's deletion is read once per call). An arm's counters move
-# only when its record is written (a replay counts once). What many records of a call share is summed in the
-# script and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl), each
+# at or before its deletion is skipped (each tenant's deletion is read once per call), and so is one past its
+# tenant's age limit (a spool replayed late). An arm's counters move only when its record is written (a replay
+# counts once). What many records of a call share is summed in the script and written once at its end: each end
+# user's set gets one SADD and one EXPIRE (the longest ttl; never shortened: it also finds the user's ratings), each
 # arm one HINCRBY per counter and one PFADD. A record that fails stops the loop, but what the records before it
 # share is still written before the error is returned: the recorder then retries record by record, and the index
 # skips those.
 # Returns the records written.
 _RECORD = """
 local written, sets, arms, deleted = 0, {}, {}, {}
+local now = tonumber(redis.call('TIME')[1])
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
@@ -54,7 +56,7 @@ local function one(i)
   if errors == nil or prompt == nil or completion == nil or incarnation == nil then
     error('record ' .. ARGV[a + 5] .. ': bad counts')
   end
-  if deletion(KEYS[7 * i + 7]) >= incarnation then return end
+  if deletion(KEYS[7 * i + 7]) >= incarnation or tonumber(ARGV[a + 6]) + tonumber(ARGV[a + 3]) < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if erased or redis.call('EXISTS', index) == 1 then return end
   local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
@@ -89,7 +91,7 @@ local function shared(...)
 end
 for key, set in pairs(sets) do
   shared('SADD', key, unpack(set.ids))
-  shared('EXPIRE', key, set.ttl)
+  if redis.call('TTL', key) < set.ttl then shared('EXPIRE', key, set.ttl) end
 end
 for key, found in pairs(arms) do
   for field, by in pairs(found.counts) do shared('HINCRBY', key, field, by) end

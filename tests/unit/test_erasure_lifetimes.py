@@ -1,0 +1,132 @@
+"""How long what is kept of an end user lives, and that erasure reaches all of it: ratings never outlive the set that
+erasure follows, nothing older than the age limit or made before an erasure is written back, and the ratings of an
+erased user's own completions go with them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.erasure import forget_user
+from gateway.feedback import CompletionUnknown, FeedbackStore
+from gateway.metrics import Metrics
+from gateway.record_store import RecordStore
+from gateway.recorder import Recorder
+from gateway.records import Feedback, FeedbackIn, LogPolicy
+from gateway.spool import Spool
+from gateway.tenants import Tenant
+from tests.unit.test_recording import context, entry
+
+pytestmark = pytest.mark.asyncio
+TENANT = Tenant(name="t", logging=LogPolicy(max_age_days=60 / 86400))  # records kept 60 s
+
+
+@pytest.fixture
+async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]:
+    spool = Spool(tmp_path / "records", fsync=False)
+    spool.open()
+    found = Recorder(redis, spool, Metrics())
+    task = asyncio.create_task(found.run())
+    yield found
+    await found.stop()
+    await task
+    await found.close()
+
+
+@pytest.fixture
+async def store(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> FeedbackStore:
+    spool = Spool(tmp_path / "feedback", fsync=True)
+    spool.open()
+    found = FeedbackStore(redis, spool, recorder, Metrics(), settle_s=0)
+    await found.check_durability()
+    return found
+
+
+async def test_a_later_rating_does_not_outlive_the_raters_set(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """ann rates v's completion; 50 s later (its index has 10 s left) bo rates it. The ratings live no longer than
+    the completion, and ann's set (which erasure follows) at least as long as them."""
+    recorder.record(context(TENANT, 1, user="v"))
+    await recorder.written()
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down", correction="fix"))
+    await redis.expire(keys.completion("chatcmpl-1"), 10)
+    await redis.expire(keys.end_user("t", "ann"), 10)
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="bo", thumbs="up"))
+    assert 0 < await redis.ttl(keys.feedback("t", "chatcmpl-1")) <= 10, "not extended past its completion"
+    assert await redis.ttl(keys.end_user("t", "ann")) >= await redis.ttl(keys.feedback("t", "chatcmpl-1"))
+    short = Tenant(name="t", logging=LogPolicy(max_age_days=5 / 86400))  # the age limit lowered since
+    await store.submit(short, FeedbackIn(completion_id="chatcmpl-1", user="bo", thumbs="down"))
+    assert await redis.ttl(keys.end_user("t", "bo")) > 5, "a set is never shortened: it finds older ratings"
+    recorder.record(context(short, 2, user="bo"))
+    await recorder.written()
+    assert await redis.ttl(keys.end_user("t", "bo")) > 5
+
+
+async def test_a_rating_made_before_its_users_erasure_is_not_kept(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """The rating was checked before the erasure and reaches Redis after it (the request raced the erasure)."""
+    recorder.record(context(TENANT, 1, user="v"))
+    await recorder.written()
+    made_before = Feedback(**FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down").model_dump())
+    await forget_user(redis, "t", "ann", TENANT.logging.max_age_s)
+    item = {"tenant": "t", "verify": False, "ttl": 60, "since": time.time(), "feedback": made_before.model_dump_json()}
+    with pytest.raises(Exception, match="did not keep"):
+        await store._write([item], replay=False)
+    assert await redis.hget(keys.feedback("t", "chatcmpl-1"), "ann") is None
+    assert await redis.exists(keys.end_user("t", "ann")) == 0
+
+
+async def test_what_is_replayed_past_its_age_limit_is_not_written(redis: aioredis.Redis, store: FeedbackStore) -> None:
+    """A spool replayed late (a stopped gateway's folder adopted days later) writes nothing older than the age
+    limit: its user's erasure tombstone may be gone by then."""
+    old, young = entry(context(TENANT, 1)), entry(context(TENANT, 2))
+    old["created"] = young["created"] - 61
+    refused = await RecordStore(redis).write([old, young])
+    assert refused == set() and [f["r"] for _, f in await redis.xrange(keys.completion_log("t"))] == [young["record"]]
+    assert await redis.exists(keys.completion("chatcmpl-1")) == 0 and await redis.exists(keys.completion("chatcmpl-2"))
+    rating = Feedback(**FeedbackIn(completion_id="chatcmpl-2", user="ann", thumbs="up").model_dump())
+    rating.created -= 61
+    item = {"tenant": "t", "verify": False, "ttl": 60, "since": rating.created, "feedback": rating.model_dump_json()}
+    await store._write([item], replay=True)
+    assert await redis.exists(keys.feedback("t", "chatcmpl-2")) == 0
+
+
+async def test_erasing_a_user_takes_every_rating_of_their_completions(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    long_name = "u" * 300  # cut to 256 in records: the erasure finds it by the same cut
+    recorder.record(context(TENANT, 1, user=long_name))
+    recorder.record(context(TENANT, 2, user="v"))
+    await recorder.written()
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="agent", correction="Ann's account: ..."))
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="agent", thumbs="up"))
+    removed = await forget_user(redis, "t", long_name, TENANT.logging.max_age_s)
+    assert removed == {"completions": 1, "feedback": 1}
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
+    assert await redis.hkeys(keys.feedback("t", "chatcmpl-2")) == ["agent"], "another user's completion: kept"
+    tombstone = float(await redis.get(keys.forgotten("t", long_name[:256])) or 0)
+    seconds, _ = await redis.time()
+    assert tombstone >= seconds + 1, "dated by Redis's clock, with a margin for gateways' clocks"
+
+
+async def test_a_completion_trimmed_from_the_log_takes_its_ratings_with_it(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """Past the tenant's length limit the record is trimmed; its index and ratings no longer vouch for it."""
+    recorder.record(context(TENANT, 1, user="v"))
+    await recorder.written()
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="up"))
+    await redis.xtrim(keys.completion_log("t"), maxlen=0)
+    recorder.recent.clear()  # as in another process, or after RECENT newer answers
+    with pytest.raises(CompletionUnknown):
+        await store.of_completion(TENANT, "chatcmpl-1")
+    assert await forget_user(redis, "t", "v", TENANT.logging.max_age_s) == {"completions": 0, "feedback": 0}
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
