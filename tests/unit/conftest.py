@@ -3,6 +3,7 @@ share a tiny Llama-shaped base; `api` is the admin API in process, with no engin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,10 @@ from starlette.testclient import TestClient
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway.app import create_app
+from gateway.metrics import Metrics
+from gateway.recorder import Recorder
 from gateway.settings import Settings
+from gateway.spool import Spool
 from tests.conftest import RedisServer, free_port
 from tests.unit.admin_api import ADMIN, BASE
 
@@ -30,6 +34,19 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]:
+    """A completion log recorder running on the session's Redis (records built in a thread), its spool in tmp_path."""
+    spool = Spool(tmp_path / "records", fsync=False)
+    spool.open()
+    found = Recorder(redis, spool, Metrics())
+    task = asyncio.create_task(found.run())
+    yield found
+    await found.stop()
+    await task
+    await found.close()
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ erased user's own completions go with them."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,18 +23,6 @@ from tests.unit.test_recording import context, entry
 
 pytestmark = pytest.mark.asyncio
 TENANT = Tenant(name="t", logging=LogPolicy(max_age_days=60 / 86400))  # records kept 60 s
-
-
-@pytest.fixture
-async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]:
-    spool = Spool(tmp_path / "records", fsync=False)
-    spool.open()
-    found = Recorder(redis, spool, Metrics())
-    task = asyncio.create_task(found.run())
-    yield found
-    await found.stop()
-    await task
-    await found.close()
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ them killed and restarted)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -368,17 +366,6 @@ async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the
     assert (await worker.receive())[1].entries[0]["id"] == "chatcmpl-9"
     assert worker._process is not None and worker._process is not dying, "a new process builds what comes after"
     await worker.stop()
-
-
-@pytest.fixture
-async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]:
-    spool = Spool(tmp_path / "records", fsync=False)
-    spool.open()
-    found = Recorder(redis, spool, Metrics())
-    task = asyncio.create_task(found.run())
-    yield found
-    await found.stop()
-    await task
 
 
 async def feedback_store(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> FeedbackStore:
