@@ -268,7 +268,13 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             await _stop(app.state.services, tasks)
 
     app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
-        title="loragate", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, description=ABOUT
+        title="loragate",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description=ABOUT,
+        redirect_slashes=False,  # `/v1/chat/completions/` is OpenAI's 404 envelope, not an empty 307
     )
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,11 @@ def usage_of(raw: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+_OVER_CONTEXT = re.compile(rb"maximum context length|max_model_len")
+"""How vLLM refuses a `max_tokens` the context cannot hold (0.27: "This model's maximum context length is ...
+you requested 2048 output tokens"; 0.32: "max_tokens=2048 cannot be greater than max_model_len=1024")."""
+
+
 @dataclass
 class Call:
     """One request on its way to a replica, and what to do when it is answered."""
@@ -89,6 +95,8 @@ class Call:
     """Called once, when the request has ended (its context then says how)."""
     hide_usage: bool = False
     """The stream's usage chunk was asked of vLLM by the gateway, not the client: it is not passed on."""
+    capped_by_default: bool = False
+    """`max_tokens` is the gateway's cap, sent for a chat request that named no limit (see `Forwarder._sent`)."""
 
 
 class Forwarder:
@@ -114,7 +122,8 @@ class Forwarder:
             return await self._session.post(
                 replica.url + path,
                 data=body,
-                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+                # identity: answers are relayed as they come, so a compressing proxy before the engine must not
+                headers={"Content-Type": "application/json", "X-Request-Id": request_id, "Accept-Encoding": "identity"},
                 timeout=self._timeout,
             )
         except aiohttp.SocketTimeoutError as exc:
@@ -206,8 +215,29 @@ class Forwarder:
 
         return finish
 
-    async def _open(self, call: Call, body: bytes) -> Response:
+    async def _sent(self, call: Call, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+        """`_send`, and once more without `max_tokens` when it was the gateway's cap (the client named no limit) and
+        the engine refuses it for the context: vLLM counts a named limit against the prompt's room (prompt plus
+        `max_tokens` must fit), where without one it generates what the context has left. That is below the cap
+        whenever the cap did not fit, so the cap still holds, and the client gets what vLLM alone would give."""
         replica, upstream = await self._send(call, body)
+        if upstream.status != 400 or not call.capped_by_default:
+            return replica, upstream
+        try:
+            raw = await upstream.read()  # kept by aiohttp: read again where it is passed on
+        except (TimeoutError, aiohttp.ClientError):
+            return replica, upstream
+        if not _OVER_CONTEXT.search(raw):
+            return replica, upstream
+        upstream.release()
+        self._track(replica, -1)
+        call.payload.pop("max_tokens", None)
+        call.capped_by_default = False
+        body = call.context.sent = pydantic_core.to_json(call.payload)
+        return await self._send(call, body)
+
+    async def _open(self, call: Call, body: bytes) -> Response:
+        replica, upstream = await self._sent(call, body)
         finish = self._finisher(call, replica)
         context = call.context
         if upstream.status == 200 and upstream.content_type == "text/event-stream":

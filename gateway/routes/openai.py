@@ -44,7 +44,8 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
     """No request generates more than `cap` tokens: one that names no limit gets its endpoint's default
     (OpenAI's 16 for text completions) or else `cap`; one that asks for more is lowered to it (its answer
     then ends with finish_reason "length"). vLLM's `min_tokens` above the cap could never be met: refused
-    here, naming the cap. Returns the request's limit (capped), or None when it is only the cap."""
+    here, naming the cap. Returns the request's limit (capped), or None when it is only the cap (sent again
+    without it if the context cannot hold it: `Forwarder._sent`)."""
     least = payload.get("min_tokens")
     if isinstance(least, int) and not isinstance(least, bool) and least > cap:
         raise InvalidRequest(
@@ -58,6 +59,17 @@ def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -
     for field in named:
         payload[field] = min(getattr(request, field), cap)
     return int(payload[named[0]])  # what vLLM applies: max_completion_tokens over max_tokens when both are named
+
+
+def ask_for_usage(payload: dict[str, Any], request: SamplingParams) -> bool:
+    """Every stream's usage settles its quota and is logged, so a stream whose client did not ask for it asks vLLM
+    for it (True: the usage chunk is then not passed on). Without continuous usage either: vLLM sends that only with
+    `include_usage`, so a client that asked for it alone gets none."""
+    if not request.stream or (request.stream_options and request.stream_options.include_usage):
+        return False
+    options = {"include_usage": True, "continuous_usage_stats": False}
+    payload["stream_options"] = {**(payload.get("stream_options") or {}), **options}
+    return True
 
 
 def salt_prefix_cache(payload: dict[str, Any], tenant: str, created: float | None = None) -> None:
@@ -128,11 +140,7 @@ async def _complete(
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)
-        hide_usage = bool(
-            validated.stream and not (validated.stream_options and validated.stream_options.include_usage)
-        )
-        if hide_usage:  # every stream's usage settles its quota and is logged; the client gets what it asked for
-            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        hide_usage = ask_for_usage(payload, validated)
         cost = svc.quotas.cost(asked, validated.answers(), size)  # the bytes read: a chunked body has no length
         admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
         request.state.response_headers = admission.headers
@@ -145,7 +153,7 @@ async def _complete(
             request.state.response_headers = {**admission.headers, "x-loragate-arm": context.route.arm}
         call = Call(
             endpoint, path, payload, context.route, context.request_id, validated.stream is True, request.receive,
-            context, finished, hide_usage,
+            context, finished, hide_usage, capped_by_default=asked is None,
         )  # fmt: skip
         return await svc.forwarder.forward(call)
     except Exception as exc:

@@ -143,6 +143,8 @@ def test_oversized_body_is_413(http: httpx.Client) -> None:
 def test_unknown_route_is_404_envelope(http: httpx.Client) -> None:
     error = assert_envelope(http.get("/v1/nothing-here"), 404)
     assert (error["message"], error["code"]) == ("Invalid URL (GET /v1/nothing-here)", None), "as OpenAI words it"
+    for method, path in (("POST", "/v1/chat/completions/"), ("GET", "/v1/models/")):
+        assert_envelope(http.request(method, path), 404)  # not a redirect with an empty body
 
 
 def test_a_method_a_route_does_not_take_is_405_with_allow(http: httpx.Client) -> None:

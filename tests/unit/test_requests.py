@@ -15,7 +15,7 @@ from gateway.body import read_json_sized
 from gateway.context import CLIENT_CLOSED, Answer, RequestContext
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest, SamplingParams
-from gateway.routes.openai import _tokens_used, cap_max_tokens, salt_prefix_cache
+from gateway.routes.openai import _tokens_used, ask_for_usage, cap_max_tokens, salt_prefix_cache
 from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
 from gateway.tenants import Tenant
 
@@ -243,3 +243,23 @@ async def test_a_chunked_body_is_measured_as_read() -> None:
     request = Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
     payload, size = await read_json_sized(request, 1 << 20)
     assert payload["prompt"] == "x" * 5000 and size == len(body)
+
+
+@pytest.mark.parametrize(
+    ("options", "hidden"),
+    [
+        (None, True),
+        ({"include_usage": False}, True),
+        ({"continuous_usage_stats": True}, True),
+        ({"include_usage": False, "continuous_usage_stats": True}, True),
+        ({"include_usage": True, "continuous_usage_stats": True}, False),
+    ],
+)
+def test_a_stream_always_asks_for_usage_and_continuous_usage_only_when_the_client_does(
+    options: dict[str, bool] | None, hidden: bool
+) -> None:
+    payload: dict[str, Any] = {"model": "m", "messages": MSG, "stream": True, "stream_options": options}
+    assert ask_for_usage(payload, ChatCompletionRequest.model_validate(payload)) is hidden
+    sent = payload["stream_options"]
+    assert sent["include_usage"] is True
+    assert sent["continuous_usage_stats"] is (not hidden), "vLLM sends it only with include_usage: so do we"

@@ -1,0 +1,115 @@
+"""The gateway's `max_tokens` cap on a chat request that names no limit: vLLM counts a named limit against the
+prompt's room, so where the context cannot hold the cap the request is sent again without it (and gets what the
+context has left, which is then below the cap), as vLLM alone would answer it. A stand-in engine refuses as vLLM
+0.27 and 0.32 do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest
+from gateway.routes.openai import cap_max_tokens
+from gateway.routing import Route
+from gateway.serving import Call, Forwarder
+from gateway.tenants import Tenant
+from tests.conftest import RedisServer
+from tests.unit.test_placement import gateway_process
+
+CONTEXT, PROMPT = 1024, 900
+REFUSALS = {
+    "0.27": "This model's maximum context length is {ctx} tokens. However, you requested {asked} output tokens and "
+    "your prompt contains at least {prompt} input tokens, for a total of at least {total} tokens.",
+    "0.32": "max_tokens={asked} cannot be greater than max_model_len={ctx}.",
+}
+
+
+class Engine:
+    """Answers a chat request unless its `max_tokens` and the prompt overflow the context; records what it got."""
+
+    def __init__(self, wording: str) -> None:
+        self.wording = wording
+        self.bodies: list[dict[str, Any]] = []
+        self.encodings: list[str | None] = []
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        self.encodings.append(request.headers.get("Accept-Encoding"))
+        asked = body.get("max_tokens")
+        if asked is not None and asked + PROMPT > CONTEXT:
+            message = REFUSALS[self.wording].format(ctx=CONTEXT, asked=asked, prompt=PROMPT, total=asked + PROMPT)
+            error = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+            return web.json_response({"error": error} if self.wording == "0.32" else error, status=400)
+        finish = {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "base", "choices": [finish]}
+        return web.json_response(answer | {"usage": {"prompt_tokens": PROMPT, "completion_tokens": 1}})
+
+
+@pytest.fixture(params=list(REFUSALS))
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, str]]:
+    fake = Engine(request.param)
+    app = web.Application()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "base"}]})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield fake, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def ask(engine_url: str, redis_server: RedisServer, tmp_path: Path, payload: dict[str, Any]) -> int:
+    placement, pool, session = await gateway_process([engine_url], redis_server.url, tmp_path)
+    try:
+        asked = cap_max_tokens(payload, ChatCompletionRequest.model_validate(payload), 2048)
+        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+        context.route = Route(requested="base", upstream_model="base", served_model="base")
+
+        async def receive() -> dict[str, Any]:  # the client stays
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, receive, context)
+        call.capped_by_default = asked is None
+        response = await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+        assert json.loads(context.sent or b"{}") == call.payload, "the record holds what was sent last"
+        return response.status_code
+    finally:
+        await session.close()
+
+
+async def test_a_cap_the_context_cannot_hold_is_dropped_for_what_it_has_left(
+    engine: tuple[Engine, str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake, url = engine
+    payload = {"model": "base", "messages": [{"role": "user", "content": "a long prompt"}]}
+    assert await ask(url, redis_server, tmp_path, payload) == 200
+    assert [body.get("max_tokens") for body in fake.bodies] == [2048, None], "sent with the cap, then without"
+    assert fake.encodings == ["identity", "identity"], "relayed as it comes: a proxy before the engine must not gzip"
+
+
+async def test_a_limit_the_client_named_is_never_dropped(
+    engine: tuple[Engine, str], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fake, url = engine
+    payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}
+    assert await ask(url, redis_server, tmp_path, payload) == 400, "vLLM's own answer to what the client asked"
+    assert [body.get("max_tokens") for body in fake.bodies] == [500]
