@@ -14,8 +14,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from adapters.registry import Registry
 from adapters.store import IntegrityError
@@ -213,6 +215,15 @@ class Placement:
 
     def _deleted(self, names: list[str]) -> list[str]:
         return [name for name in names if self._registry.deleted(name)]
+
+    async def unload_deleted(self, names: Iterable[str]) -> None:
+        """`unload_everywhere` for versions already deleted; one that cannot be unloaded now (a replica failing, Redis
+        away) is left to the gateways' maintenance, which unloads deleted versions in time."""
+        for name in names:
+            try:
+                await self.unload_everywhere(name)
+            except (APIError, RedisError) as exc:
+                log.warning("%s deleted, but not unloaded everywhere yet: %r", name, exc)
 
     async def unload_everywhere(self, name: str) -> None:
         """Used when an adapter version is deleted: no replica may keep serving it."""

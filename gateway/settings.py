@@ -189,3 +189,8 @@ class Settings(BaseSettings):
     @cached_property
     def adapter_root(self) -> Path:
         return self.adapter_store or self.home / "adapters"
+
+    @cached_property
+    def training_root(self) -> Path:
+        """Retraining runs, a folder per tenant (their datasets are copies of the tenant's completion log)."""
+        return self.home / "training"

@@ -7,6 +7,7 @@ LORAGATE_STATE_POLL_S (a revoked key fails everywhere within a second).
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -159,7 +160,7 @@ def tenants_delete(
     from adapters.registry import Registry
     from gateway.erasure import mark_tenant_deleted, purge_tenant
     from gateway.settings import Settings
-    from gateway.tenants import Tenant, TenantStore, check_tenant_name
+    from gateway.tenants import TenantStore, check_tenant_name
 
     try:
         check_tenant_name(name)
@@ -168,18 +169,20 @@ def tenants_delete(
     if not yes:
         typer.confirm(f"Delete tenant {name}, its keys and every adapter it owns?", abort=True)
 
-    async def delete(redis: Any) -> tuple[Tenant, int]:
-        store = TenantStore(redis)
-        found = await store.get(name)
-        return found, len(await store.delete(name))
-
     async def purge(redis: Any) -> int:  # the tombstone first: records still queued somewhere are refused
         await mark_tenant_deleted(redis, name, tenant.created, tenant.logging.max_age_s)
         return await purge_tenant(redis, name)
 
-    tenant, revoked = with_redis(delete)
+    async def delete(redis: Any) -> int:
+        return len(await TenantStore(redis).delete(name))
+
+    # The log is purged before the tenant goes, so that a failure on the way leaves a deletion to ask again.
+    tenant = with_redis(lambda redis: TenantStore(redis).get(name))
     records = with_redis(purge, records=True)
-    Registry(Settings().adapter_root).remove_tenant(name)
+    revoked = with_redis(delete)
+    settings = Settings()
+    Registry(settings.adapter_root).remove_tenant(name)
+    shutil.rmtree(settings.training_root / name, ignore_errors=True)  # retraining runs copy its log
     typer.echo(f"deleted {name} ({revoked} keys revoked, {records} completion records erased)")
 
 

@@ -98,7 +98,7 @@ def _new_run(tenant: str, alias: str, config: Any) -> Run:
         check_tenant_name(tenant)
     except ValueError as exc:
         raise fail(str(exc)) from exc
-    return Run.create(Settings().home / "training", tenant, alias, config)
+    return Run.create(Settings().training_root, tenant, alias, config)
 
 
 def _load(folder: Path) -> Run:

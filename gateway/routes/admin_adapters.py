@@ -24,7 +24,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
-from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from adapters.manifest import AdapterRef, Manifest, check_name
@@ -32,7 +31,7 @@ from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
 from gateway import version_guard
 from gateway.auth import Admin, Manager
-from gateway.errors import APIError, Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
@@ -180,10 +179,7 @@ async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manage
     finally:
         svc.registry.invalidate(tenant, parsed.name)
     upstream = f"{tenant}.{manifest.ref}"
-    try:
-        await svc.placement.unload_everywhere(upstream)
-    except (APIError, RedisError) as exc:  # deleted all the same: gateways unload deleted versions in time
-        log.warning("%s deleted, but not unloaded everywhere yet: %r", upstream, exc)
+    await svc.placement.unload_deleted([upstream])
     return {"id": manifest.ref, "object": "adapter", "deleted": True}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -101,17 +102,19 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     svc = services(request)
     with domain_errors():
         found = await svc.tenants.get(check_tenant_name(tenant))
+    # The tombstone first: what any gateway still has queued or spooled of this tenant (records, ratings) is
+    # refused when it comes. Then this process's queue is written (and refused), and the log purged; only then is
+    # the tenant deleted, so that a failure on the way (Redis) leaves a tenant whose deletion can be asked again.
+    await mark_tenant_deleted(svc.records_redis, tenant, found.created, found.logging.max_age_s)
+    await svc.recorder.written()
+    records = await purge_tenant(svc.records_redis, tenant)
+    with domain_errors():
         revoked = await svc.tenants.delete(tenant)
     svc.keys.forget_cached()
     svc.tenants.forget_cached()
-    # The tombstone first: what any gateway still has queued or spooled of this tenant (records, ratings) is
-    # refused when it comes. Then this process's queue is written (and refused), and the log purged.
-    await mark_tenant_deleted(svc.records_redis, tenant, found.created, found.logging.max_age_s)
-    await svc.recorder.written()
     removed = await asyncio.to_thread(svc.registry.remove_tenant, tenant)
-    for name in removed:
-        await svc.placement.unload_everywhere(name)
-    records = await purge_tenant(svc.records_redis, tenant)
+    await asyncio.to_thread(shutil.rmtree, svc.settings.training_root / tenant, True)  # runs copy its log
+    await svc.placement.unload_deleted(removed)
     return {
         "id": tenant,
         "object": "tenant",

@@ -1,0 +1,79 @@
+"""Deleting a tenant through the admin API: its log is purged before the tenant goes (a failure on the way leaves a
+deletion that can be asked again), a replica that fails to unload its adapters does not stop it, and its retraining
+runs (copies of its log) go too."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from gateway import keys
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import RedisServer
+from tests.unit.admin_api import ADMIN, BASE
+
+
+class DroppingUnloads(BaseHTTPRequestHandler):
+    """A replica that is healthy and serves `acme.bot@1`, but drops the connection of every POST (an unload)."""
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        models = {"object": "list", "data": [{"id": BASE, "parent": None}, {"id": "acme.bot@1", "parent": BASE}]}
+        body = json.dumps(models).encode() if self.path == "/v1/models" else b""
+        self.send_response(200 if self.path in ("/health", "/v1/models") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def replica() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DroppingUnloads)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_failing_unload_neither_fails_the_deletion_nor_keeps_the_log(
+    redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec, replica: str
+) -> None:
+    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state.flushdb()
+    admin_key = SecretStr(ADMIN["Authorization"].removeprefix("Bearer "))
+    settings = Settings(home=tmp_path, redis_url=redis_server.url, served_model_name=BASE, admin_key=admin_key)
+    with TestClient(create_app(settings, engine_urls=[replica]), headers=ADMIN) as api:
+        assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201
+        svc = api.app.state.services  # type: ignore[attr-defined]
+        svc.registry.store("acme").add(make_adapter(tmp_path / "a", base, seed=1), "bot", base, 16)
+        state.xadd(keys.completion_log("acme"), {"r": json.dumps({"id": "chatcmpl-1", "tenant": "acme"})})
+        run = settings.training_root / "acme" / "retrain-1"
+        run.mkdir(parents=True)
+        (run / "train.jsonl").write_text('{"messages": []}\n')
+        deadline = time.monotonic() + 10
+        while not all(r.healthy for r in svc.pool.replicas):
+            assert time.monotonic() < deadline, "the stand-in replica never turned healthy"
+            time.sleep(0.1)
+        deleted = api.delete("/admin/tenants/acme")
+        assert deleted.status_code == 200, deleted.text
+        assert (deleted.json()["records"], deleted.json()["adapters"]) == (1, 1)
+        assert state.exists(keys.completion_log("acme"), keys.tenant("acme")) == 0
+        assert not (settings.training_root / "acme").exists(), "retraining runs hold copies of its log"
+        assert api.delete("/admin/tenants/acme").status_code == 404
