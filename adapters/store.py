@@ -9,13 +9,16 @@ means (a pin) is a mutable pointer, kept in Redis by the gateway, not here.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,9 +57,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_stream(archive: Path) -> None:
+    """A gzip stream read to its end, where its CRC is checked: tarfile stops at the archive's end marker, so damaged
+    weights (whose safetensors header validation cannot see) would otherwise be unpacked and kept."""
+    with archive.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(archive) as stream:
+        while stream.read(1 << 20):
+            pass
+
+
 def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack a .tar.gz refusing links, devices, absolute paths, `..` and archives that unpack to more
-    than `max_bytes`; return the adapter folder."""
+    """Unpack a .tar.gz (whole and undamaged) refusing links, devices, absolute paths, `..` and archives that
+    unpack to more than `max_bytes`; return the adapter folder."""
+    try:
+        _check_stream(archive)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise InvalidAdapter(f"The archive is damaged or cut short ({exc}).") from exc
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -69,7 +87,7 @@ def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES
                 if not (member.isfile() or member.isdir()):
                     raise InvalidAdapter(f"Archive member {name!r} is a link or device; only files are accepted.")
             tar.extractall(into, filter="data")
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise InvalidAdapter(f"Not a readable tar archive: {exc}") from exc
     candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
     if len(candidates) != 1:

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from adapters.manifest import AdapterRef, InvalidAdapter
 from adapters.registry import Registry
 from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
-from adapters.synthetic import make_adapter
+from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
 
 MAX_RANK = 16
@@ -332,6 +332,20 @@ def test_good_archive_is_accepted(store: AdapterStore, good: Path, base: BaseMod
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(good, arcname="my-adapter")
     assert store.add(archive, "a", base, MAX_RANK).ref == "a@1"
+
+
+def test_archives_cut_short_or_damaged_are_refused(
+    store: AdapterStore, good: Path, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """A damaged deflate stream inside the weights passes the safetensors header check; gzip's CRC does not."""
+    whole = tarball(good)
+    (tmp_path / "cut.tar.gz").write_bytes(whole[: len(whole) // 2])
+    refused(store, tmp_path / "cut.tar.gz", base, "damaged or cut short")
+    damaged = bytearray(whole)
+    for i in range(len(damaged) // 3, len(damaged) // 3 + 20):
+        damaged[i] ^= 0xFF
+    (tmp_path / "damaged.tar.gz").write_bytes(bytes(damaged))
+    refused(store, tmp_path / "damaged.tar.gz", base, "damaged or cut short")
 
 
 def test_archive_bombs_are_refused(store: AdapterStore, good: Path, tmp_path: Path) -> None:
