@@ -14,6 +14,7 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
-from gateway.tenants import check_tenant_name
+from gateway.tenants import Tenant, TenantNotFound, check_tenant_name
 
 log = logging.getLogger("loragate")
 
@@ -62,9 +63,9 @@ class AliasTarget(BaseModel):
     target: str
 
 
-async def _existing(request: Request, tenant: str) -> None:
+async def _existing(request: Request, tenant: str) -> Tenant:
     with domain_errors():
-        await services(request).tenants.get(check_tenant_name(tenant))
+        return await services(request).tenants.get(check_tenant_name(tenant))
 
 
 def _require(store: AdapterStore, name: str, version: int | None = None) -> None:
@@ -137,7 +138,7 @@ async def _receive_archive(request: Request, into: Path, limit: int) -> int:
 async def add_adapter(
     tenant: str, request: Request, _: Manager, name: Annotated[str, Query(min_length=1)]
 ) -> JSONResponse:
-    await _existing(request, tenant)
+    owner = await _existing(request, tenant)
     svc = services(request)
     with domain_errors("name"):
         check_name(name)
@@ -156,7 +157,25 @@ async def add_adapter(
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
     svc.registry.invalidate(tenant, manifest.name)
+    await _still_owned(request, owner, manifest)
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
+
+
+async def _still_owned(request: Request, owner: Tenant, manifest: Manifest) -> None:
+    """An upload takes a while (streaming, unpacking, hashing): if its tenant was deleted meanwhile (and perhaps
+    created again), the version is removed, not left for a later tenant of that name; a deletion after this check
+    removes it itself (it removes the tenant's adapters once the tenant is gone)."""
+    svc = services(request)
+    try:
+        current = await svc.tenants.get(owner.name)
+    except TenantNotFound:
+        current = None
+    if current is None or current.created != owner.created:
+        with contextlib.suppress(AdapterNotFound):  # the deletion's own sweep may have come first
+            await asyncio.to_thread(svc.registry.store(owner.name).remove, manifest.name, manifest.version)
+        svc.registry.invalidate(owner.name, manifest.name)
+        with domain_errors():
+            raise TenantNotFound(owner.name)
 
 
 @router.delete(

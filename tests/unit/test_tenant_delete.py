@@ -9,21 +9,26 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from adapters.synthetic import make_adapter
+import adapters.store
+from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
 from gateway import keys
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
+
+GZIP = "application/gzip"
 
 
 class DroppingUnloads(BaseHTTPRequestHandler):
@@ -77,3 +82,30 @@ def test_a_failing_unload_neither_fails_the_deletion_nor_keeps_the_log(
         assert state.exists(keys.completion_log("acme"), keys.tenant("acme")) == 0
         assert not (settings.training_root / "acme").exists(), "retraining runs hold copies of its log"
         assert api.delete("/admin/tenants/acme").status_code == 404
+
+
+def test_an_upload_that_outlasts_its_tenants_deletion_is_not_inherited(
+    api: TestClient, base: BaseModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's own time (streaming, unpacking, hashing) is stood in for by a pause in its validation."""
+    real = adapters.store.check_adapter
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.store, "check_adapter", slow)
+    api.app.state.services._base_spec = base  # type: ignore[attr-defined]
+    body = tarball(make_adapter(tmp_path / "old", base, seed=42))
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(
+            api.post, "/admin/tenants/acme/adapters?name=secret", content=body, headers={"Content-Type": GZIP}
+        )
+        time.sleep(0.3)
+        assert api.delete("/admin/tenants/acme").status_code == 200
+        uploaded = upload.result(timeout=30)
+    assert uploaded.status_code == 404 and uploaded.json()["error"]["code"] == "tenant_not_found"
+    assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201  # another acme
+    key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
+    models = api.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert "secret" not in {m["id"] for m in models} and api.get("/admin/tenants/acme/adapters").json()["data"] == []
