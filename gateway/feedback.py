@@ -218,6 +218,7 @@ class FeedbackStore:
         if redactor.kinds:
             feedback.correction = feedback.correction and redactor.redact_into(feedback.correction, counts)
             feedback.comment = feedback.comment and redactor.redact_into(feedback.comment, counts)
+            feedback.labels = feedback.labels and [redactor.redact_into(label, counts) for label in feedback.labels]
         feedback.redactions = dict(counts)
         return feedback
 

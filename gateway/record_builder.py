@@ -28,6 +28,10 @@ MAX_CHARS = 32_768
 """Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 600_000)
 """Latency histogram of experiment arms (p50 and p95 are read from it)."""
+LABELS = frozenset({"role", "type", "tool_call_id"})
+"""Keys whose string values are the API's own labels, never what a user wrote: not cut or redacted."""
+LONGEST_FINDING = 256
+"""Past a cut, this much more of a string is redacted before it is cut (an e-mail address has at most 254)."""
 MAX_RECORD_CHARS = 262_144
 """Past this, a record loses the request's tool definitions and schemas."""
 _ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')
@@ -158,36 +162,50 @@ def _redactor(kinds: tuple[str, ...]) -> Redactor:
 
 
 def _clean(record: dict[str, Any], redactor: Redactor) -> None:
+    """Cut and redact a record's strings; what straddles a cut is redacted whole before it is cut."""
     counts = Findings()
     for holder, slot in list(_texts(record)):
         text = holder[slot]
-        if len(text) > MAX_CHARS:
-            holder[slot] = text = text[:MAX_CHARS]
-            record["truncated"] = True
+        cut = len(text) > MAX_CHARS
+        if cut:
+            text = text[: MAX_CHARS + LONGEST_FINDING]
         if redactor.kinds and len(text) > 5:
-            holder[slot] = redactor.redact_into(text, counts)
+            text = redactor.redact_into(text, counts)
+        if cut:
+            text = text[:MAX_CHARS]
+            record["truncated"] = True
+        holder[slot] = text
     record["redactions"] = dict(counts)
 
 
+def _strings(value: Any) -> Iterator[tuple[Any, Any]]:
+    """Every string in a JSON value, as (container, key), but the values of LABELS."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str):
+                if key not in LABELS:
+                    yield value, key
+            elif isinstance(item, dict | list):
+                yield from _strings(item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                yield value, index
+            elif isinstance(item, dict | list):
+                yield from _strings(item)
+
+
 def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
-    """Where the prose of a record is (container, key): messages' content and text parts, prompts and
-    suffix, answers' text and tool-call arguments. Only these are cut and redacted."""
+    """Where the words of a record are (container, key): every string of the request's messages (content and its
+    parts, names, the tool calls of earlier turns), prompts, suffix and parameters (`metadata`, `stop`), and the
+    answers' text and tool-call arguments. Only these are cut and redacted; tool definitions and schemas, the
+    application's own, are kept as they are."""
     request = record["request"] or {}
-    for message in request.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            yield message, "content"
-        elif isinstance(content, list):
-            yield from (
-                (part, "text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-            )
-    prompt = request.get("prompt")
-    if isinstance(prompt, str):
-        yield request, "prompt"
-    elif isinstance(prompt, list):
-        yield from ((prompt, i) for i, item in enumerate(prompt) if isinstance(item, str))
-    if isinstance(request.get("suffix"), str):
-        yield request, "suffix"
+    for field in ("messages", "prompt", "suffix", "params"):
+        if isinstance(request.get(field), str):
+            yield request, field
+        else:
+            yield from _strings(request.get(field))
     for choice in record["choices"] or ():
         if isinstance(choice.get("text"), str):
             yield choice, "text"

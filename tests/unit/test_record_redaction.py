@@ -1,0 +1,64 @@
+"""Redaction reaches every string of a record a tenant's users wrote, and what straddles a cut is redacted before
+it is cut (the tenant redacts all five kinds, the default)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+from gateway.feedback import FeedbackStore
+from gateway.metrics import Metrics
+from gateway.record_builder import MAX_CHARS, build_entries, raw_record
+from gateway.recorder import Recorder
+from gateway.records import FeedbackIn
+from gateway.spool import Spool
+from gateway.tenants import Tenant
+from tests.unit.test_recording import context
+
+TENANT = Tenant(name="t")
+EMAIL, CARD = "ann.smith@example.com", "4111 1111 1111 1111"
+
+
+def stored(**payload: Any) -> dict[str, Any]:
+    (entry,) = build_entries([raw_record(context(TENANT, 1, **payload))])
+    return dict(json.loads(entry["record"]))
+
+
+def test_earlier_tool_calls_names_and_parameters_are_redacted() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "book", "arguments": json.dumps({"email": EMAIL})}}
+    messages = [
+        {"role": "user", "name": EMAIL, "content": "book it"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": f"charged {CARD}"},
+    ]
+    record = stored(messages=messages, metadata={"customer": EMAIL}, stop=[f"pay {CARD}"])
+    text = json.dumps(record["request"])
+    assert EMAIL not in text and CARD not in text and "4111" not in text
+    assert record["request"]["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"email": "[EMAIL]"}'
+    assert record["request"]["params"]["metadata"] == {"customer": "[EMAIL]"}
+    assert record["redactions"] == {"email": 3, "card": 2, "phone": 1}, "(the answer holds a phone number)"
+
+
+def test_what_straddles_the_cut_is_redacted_whole() -> None:
+    for tail, kind in ((f" card {CARD} ok", "card"), (f" {EMAIL}", "email")):
+        record = stored(messages=[{"role": "user", "content": "x" * (MAX_CHARS - 12) + tail}])
+        kept = record["request"]["messages"][0]["content"]
+        assert len(kept) <= MAX_CHARS and record["truncated"] and record["redactions"] == {kind: 1, "phone": 1}
+        assert not any(part in kept for part in ("4111", "ann.smith")), kept[-20:]
+
+
+async def test_feedback_labels_are_redacted(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "feedback", fsync=True)
+    spool.open()
+    store = FeedbackStore(redis, spool, recorder, Metrics(), settle_s=0)
+    await store.check_durability()
+    recorder.record(context(TENANT, 9))
+    await recorder.written()
+    rating = FeedbackIn(completion_id="chatcmpl-9", user="u1", thumbs="down", labels=[f"contact:{EMAIL}"])
+    kept, _ = await store.submit(TENANT, rating)
+    assert kept.labels == ["contact:[EMAIL]"] and kept.redactions == {"email": 1}
+    assert EMAIL not in (await redis.hget(keys.feedback("t", "chatcmpl-9"), "u1") or "")
