@@ -58,8 +58,10 @@ class ModelLists:
     ) -> list[ModelCard]:
         base = self._base
         cards = [ModelCard(id=base, created=now, root=base)]
+        reachable = {f"{owner}/{name}" for owner, _, listing in shared for name, _ in listing}
         for alias, target in sorted(pointers.aliases.items()):
-            cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
+            if "/" not in target or target in reachable:  # not one whose share was withdrawn, or whose owner left
+                cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
         for name, manifest in own:
             cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
         for owner, adapter, listing in shared:

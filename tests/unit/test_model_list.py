@@ -46,6 +46,14 @@ async def test_the_answer_is_kept_until_an_alias_a_version_or_a_share_changes(
     pointers.forget_cached()
     assert ids(await lists.body("t"))[-2:] == ["o/shared", "o/shared@1"]
     assert ids(await lists.body("o")) == ["tiny-base", "shared", "shared@1"], "the owner's own answer"
+    await pointers.set_alias("t", "borrowed", "o/shared@1")
+    pointers.forget_cached()
+    assert "borrowed" in ids(await lists.body("t"))
+    await pointers.share("o", "shared", [])  # withdrawn: the alias is left, and cannot be used
+    pointers.forget_cached()
+    assert "borrowed" not in ids(await lists.body("t")) and "support" in ids(await lists.body("t"))
+    await pointers.share("o", "shared", ["t"])
+    pointers.forget_cached()
     kept = await lists.body("t")
     monkeypatch.setattr("gateway.model_list.time.time", lambda: 1_000_001.0)
     later = await lists.body("t")
