@@ -27,7 +27,9 @@ class _Entry:
     mtime_ns: int
     checked: float
     """time.monotonic() of the last stat that found the folder unchanged."""
-    resolved: dict[int | None, Manifest] = field(default_factory=dict)
+    resolved: dict[tuple[int | None, int | None], Manifest] = field(default_factory=dict)
+    """By (exact version, pinned version): `name@4` and `name` pinned to 4 are kept apart (a pin may name a version
+    the bare name cannot serve, and resolve to another)."""
     published: list[Manifest] | None = None
     """Its published versions, oldest first, for `listing`: read once per change of the folder."""
 
@@ -104,11 +106,11 @@ class Registry:
     def resolve(self, tenant: str, ref: AdapterRef, pinned: int | None = None) -> Manifest:
         """`name@V` exactly; `name` is its `pinned` version (if it still exists), else its latest."""
         entry = self._entry(tenant, ref.name)
-        version = ref.version or pinned
-        manifest = entry.resolved.get(version)
+        key = _key(ref, pinned)
+        manifest = entry.resolved.get(key)
         if manifest is None:
             manifest = self.store(tenant).resolve(AdapterRef(ref.name, ref.version), pinned)
-            entry.resolved[version if version == manifest.version else None] = manifest
+            entry.resolved[key] = manifest
             if manifest.version > self._newest.get((tenant, ref.name), 0):
                 self._newest[(tenant, ref.name)] = manifest.version
         return manifest
@@ -117,7 +119,7 @@ class Registry:
         """`resolve` for the event loop: from memory when checked lately, else in a worker thread."""
         entry = self._cache.get((tenant, ref.name))
         if entry is not None and time.monotonic() - entry.checked < self.recheck_s:
-            manifest = entry.resolved.get(ref.version or pinned)
+            manifest = entry.resolved.get(_key(ref, pinned))
             if manifest is not None:
                 return manifest
         return await asyncio.to_thread(self.resolve, tenant, ref, pinned)
@@ -259,3 +261,7 @@ class Registry:
         for key in [key for key in list(self._cache) if key[0] == tenant]:
             self._cache.pop(key, None)
         return removed
+
+
+def _key(ref: AdapterRef, pinned: int | None) -> tuple[int | None, int | None]:
+    return (ref.version, None) if ref.version else (None, pinned)

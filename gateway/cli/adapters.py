@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from adapters.manifest import AdapterRef
+from adapters.store import AdapterNotFound
 from gateway.cli.common import alias_must_be_free, refusals, tenant_must_exist, with_redis
 from gateway.settings import Settings
 
@@ -124,6 +125,8 @@ def adapters_pin(
     with refusals():
         parsed = AdapterRef.parse(ref)
         resolved = store.resolve(parsed)
+        if not resolved.listed:  # as the admin API: a candidate is nobody's default until published
+            raise AdapterNotFound(resolved.ref)
 
     async def pin(redis: Any) -> None:
         await PointerStore(redis).pin(tenant, parsed.name, parsed.version)

@@ -135,6 +135,17 @@ def test_a_candidate_is_nobodys_default_until_published(store: AdapterStore, goo
         store.publish("a", 2, {})
 
 
+def test_an_exact_version_and_a_pin_to_it_are_resolved_apart(good: Path, base: BaseModelSpec, tmp_path: Path) -> None:
+    """A pin to a candidate (an old CLI allowed it) leaves the bare name on the latest published version; resolving
+    the candidate exactly (a training key's eval) must not turn the bare name into it for everyone."""
+    registry = Registry(tmp_path / "store")
+    store = registry.store("t")
+    store.add(good, "bot", base, MAX_RANK)
+    store.add(good, "bot", base, MAX_RANK, listed=False)
+    assert registry.resolve("t", AdapterRef("bot", 2)).ref == "bot@2"
+    assert registry.resolve("t", AdapterRef("bot"), pinned=2).ref == "bot@1"
+
+
 def test_listing_reads_a_names_manifests_again_only_when_its_folder_changed(
     store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
