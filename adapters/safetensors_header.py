@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""The dtypes a LoRA's weights may have, and their sizes (safetensors' own names)."""
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -37,6 +40,10 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         start, stop = offsets
         if not 0 <= start <= stop or end + stop > size:
             raise ValueError(f"tensor {name!r} points outside the file")
+        if info["dtype"] not in DTYPE_BYTES:
+            raise ValueError(f"tensor {name!r} has dtype {str(info['dtype'])[:20]!r}; one of {', '.join(DTYPE_BYTES)}")
+        if stop - start != math.prod(shape) * DTYPE_BYTES[info["dtype"]]:
+            raise ValueError(f"tensor {name!r} has {stop - start} bytes of data, not what its dtype and shape need")
     return header
 
 

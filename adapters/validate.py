@@ -5,11 +5,12 @@ Every check reads headers and JSON only: weights are never deserialised, pickles
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def _check_targets(config: dict[str, Any], base: BaseModelSpec) -> list[str]:
     return [str(t) for t in targets]
 
 
-def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
+def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_ranks: Callable[[str], int]) -> str:
     try:
         header = read_header(folder / WEIGHTS_FILE)
     except (ValueError, OSError) as exc:
@@ -149,6 +150,7 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
     if not header:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors.")
     dtypes: set[str] = set()
+    ranks: dict[str, dict[str, int]] = {}
     for tensor, info in header.items():
         match = LORA_KEY.match(tensor)
         if match is None:
@@ -172,7 +174,31 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int) -> str:
                 f"Tensor {tensor!r} has rank {tensor_rank}, above the engine's max_lora_rank {max_rank}."
             )
         dtypes.add(str(info["dtype"]))
+        ranks.setdefault(module, {})[part] = tensor_rank
+    _check_pairs(ranks, config_ranks)
     return ",".join(sorted(dtypes))
+
+
+def _check_pairs(ranks: dict[str, dict[str, int]], config_ranks: Callable[[str], int]) -> None:
+    """Each module has its lora_A and its lora_B, of one rank, the one its config gives it (vLLM fails on
+    anything else, on every request that asks for the adapter)."""
+    for module, parts in sorted(ranks.items()):
+        if parts.keys() != {"A", "B"}:
+            missing = "B" if "A" in parts else "A"
+            raise InvalidAdapter(f"Module {module!r} has no lora_{missing} weight; each needs lora_A and lora_B.")
+        if parts["A"] != parts["B"] or parts["A"] != config_ranks(module):
+            raise InvalidAdapter(
+                f"Module {module!r} has lora_A of rank {parts['A']} and lora_B of rank {parts['B']}; "
+                f"adapter_config.json gives it rank {config_ranks(module)}."
+            )
+
+
+def _rank_of(rank: int, pattern: dict[str, Any], module: str) -> int:
+    """A module's rank as PEFT reads `rank_pattern`: the first key that the module's name ends with (as a regex)."""
+    for key, value in pattern.items():
+        if isinstance(value, int) and _pattern_matches(rf"(?:.*\.)?(?:{key})", [module])[0]:
+            return value
+    return rank
 
 
 def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAdapter:
@@ -195,5 +221,5 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")
     targets = _check_targets(config, base)
-    dtype = _check_tensors(folder, base, max_rank)
+    dtype = _check_tensors(folder, base, max_rank, functools.partial(_rank_of, rank, pattern))
     return CheckedAdapter(rank=rank, alpha=float(alpha), target_modules=targets, dtype=dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from adapters.manifest import AdapterRef, InvalidAdapter
 from adapters.registry import Registry
@@ -385,7 +385,9 @@ LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         ({"dtype": "F32", "shape": [4, 32], "data_offsets": 5}, "malformed offsets or shape"),
         ({"dtype": "F32", "shape": [4, 32], "data_offsets": ["a", "b"]}, "malformed offsets or shape"),
         ({"dtype": "F32", "shape": 4, "data_offsets": [0, 0]}, "malformed offsets or shape"),
-        ({"dtype": "F32", "shape": [], "data_offsets": [0, 0]}, r"has shape \[\]"),
+        ({"dtype": "F32", "shape": [], "data_offsets": [0, 4]}, r"has shape \[\]"),
+        ({"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 64]}, "64 bytes of data, not what"),
+        ({"dtype": "F7", "shape": [4, 32], "data_offsets": [0, 64]}, "has dtype 'F7'"),
         (None, "nested too deeply"),
     ],
 )
@@ -396,6 +398,35 @@ def test_a_malformed_safetensors_header_is_the_adapters_fault(
     raw = json.dumps({LORA_A: entry}).encode() if entry is not None else b"[" * 100_000 + b"]" * 100_000
     (good / "adapter_model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
     refused(store, good, base, why)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("drop B", "has no lora_B"),
+        ("halve B", "lora_A of rank 4 and lora_B of rank 2"),
+        ("config r=2", "gives it rank 2"),
+    ],
+)
+def test_lora_pairs_of_one_rank_as_configured(
+    store: AdapterStore, good: Path, base: BaseModelSpec, change: str, why: str
+) -> None:
+    """What vLLM would fail on at every request for the adapter (a TypeError, a shape error), refused at upload."""
+    tensors = load_file(good / "adapter_model.safetensors")
+    b_key = next(k for k in sorted(tensors) if ".lora_B." in k)
+    if change == "drop B":
+        del tensors[b_key]
+    elif change == "halve B":
+        tensors[b_key] = np.ascontiguousarray(tensors[b_key][:, :2])
+    else:
+        edit_config(good, r=2)
+    save_file(tensors, good / "adapter_model.safetensors")
+    refused(store, good, base, why)
+
+
+def test_a_rank_pattern_gives_its_modules_their_rank(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    edit_config(good, r=2, rank_pattern={"q_proj": 4, "v_proj": 4})
+    assert store.add(good, "a", base, MAX_RANK).rank == 2
 
 
 @pytest.mark.parametrize("pattern", [[4], "q_proj=4"])
