@@ -142,14 +142,14 @@ class Registry:
         self._paths.pop(key, None)
 
     def deleted(self, upstream: str) -> bool:
-        """Whether an upstream name this process found in the store is gone from it. A version newer than
-        any this process found is not taken for deleted: another gateway with a store this one cannot see
-        (yet) may serve it."""
+        """Whether an upstream name is gone from the store: a version this process found, or one the store has
+        numbered (its counter outlives deletions; read from disk: call it off the event loop). A version newer
+        than both is not taken for deleted: another gateway with a store this one cannot see (yet) may serve it."""
         try:
             tenant, ref = parse_upstream_name(upstream)
-        except InvalidAdapter:
+            newest = max(self._newest.get((tenant, ref.name), 0), self.store(tenant).last_version(ref.name))
+        except (InvalidAdapter, OSError):
             return False
-        newest = self._newest.get((tenant, ref.name), 0)
         return ref.version is not None and ref.version <= newest and not self.exists(upstream)
 
     def exists(self, upstream: str) -> bool:

@@ -249,6 +249,10 @@ class AdapterStore:
             if filename in claimed and claimed[filename] != digest:
                 raise InvalidAdapter(f"{filename} does not match the sha256 in the shipped manifest.")
 
+    def last_version(self, name: str) -> int:
+        """The newest version ever given to `name` here (0: none), deleted or not: numbers are never reused."""
+        return self._next_version(name) - 1
+
     def _next_version(self, name: str) -> int:
         counter = self._name_dir(name) / COUNTER_FILE
         try:

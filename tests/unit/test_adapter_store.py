@@ -146,6 +146,20 @@ def test_an_exact_version_and_a_pin_to_it_are_resolved_apart(good: Path, base: B
     assert registry.resolve("t", AdapterRef("bot"), pinned=2).ref == "bot@1"
 
 
+def test_a_process_that_never_resolved_a_version_still_knows_it_deleted(
+    good: Path, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """A gateway (re)started while a version is still loaded on vLLM, deleted by the CLI: its maintenance unloads
+    it (the store's counter says the number was given; its folder is gone)."""
+    cli = Registry(tmp_path / "store").store("acme")
+    cli.add(good, "bot", base, MAX_RANK)
+    cli.add(good, "bot", base, MAX_RANK)
+    gateway = Registry(tmp_path / "store")
+    cli.remove("bot", 1)
+    assert gateway.deleted("acme.bot@1") and not gateway.deleted("acme.bot@2")
+    assert not gateway.deleted("acme.bot@3"), "a number the store never gave: maybe another store's"
+
+
 def test_listing_reads_a_names_manifests_again_only_when_its_folder_changed(
     store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
