@@ -63,14 +63,17 @@ def _check_stream(archive: Path) -> None:
     with archive.open("rb") as raw:
         if raw.read(2) != b"\x1f\x8b":
             return
+    read = 0
     with gzip.open(archive) as stream:
-        while stream.read(1 << 20):
-            pass
+        while chunk := stream.read(1 << 20):
+            read += len(chunk)
+            if read > MAX_UNPACKED_BYTES + (1 << 20):  # the tar's own blocks beside its members
+                raise InvalidAdapter(f"Archive unpacks to more than {MAX_UNPACKED_BYTES} bytes.")
 
 
 def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack a .tar.gz (whole and undamaged) refusing links, devices, absolute paths, `..` and archives that
-    unpack to more than `max_bytes`; return the adapter folder."""
+    """Unpack the adapter's files of a .tar.gz (whole and undamaged; nothing else of it is written), refusing
+    links, devices, absolute paths, `..`, and adapter files of more than `max_bytes`; return the adapter folder."""
     try:
         _check_stream(archive)
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
@@ -78,21 +81,30 @@ def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
-            if sum(m.size for m in members) > max_bytes:
-                raise InvalidAdapter(f"Archive unpacks to more than {max_bytes} bytes.")
+            if sum(m.size for m in members if Path(m.name).name in ADAPTER_FILES) > max_bytes:
+                raise InvalidAdapter(
+                    f"The adapter's files hold more than {max_bytes} bytes: more than this base allows."
+                )
             for member in members:
                 name = member.name
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise InvalidAdapter(f"Archive member {name!r} tries to escape the adapter folder.")
                 if not (member.isfile() or member.isdir()):
                     raise InvalidAdapter(f"Archive member {name!r} is a link or device; only files are accepted.")
-            tar.extractall(into, filter="data")
+            kept = [m for m in members if m.isfile() and Path(m.name).name in (*ADAPTER_FILES, MANIFEST_FILE)]
+            tar.extractall(into, members=kept, filter="data")  # nothing else is written (READMEs, checkpoints)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise InvalidAdapter(f"Not a readable tar archive: {exc}") from exc
     candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
     if len(candidates) != 1:
         raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
     return candidates.pop()
+
+
+def largest_adapter(base: BaseModelSpec, max_rank: int) -> int:
+    """The most bytes a valid adapter's files can hold: every linear module at the largest rank, in 8-byte floats,
+    and a megabyte for the safetensors header and the config."""
+    return max_rank * sum(out + in_ for out, in_ in base.linear_shapes.values()) * 8 + (1 << 20)
 
 
 class AdapterStore:
@@ -196,7 +208,7 @@ class AdapterStore:
         with tempfile.TemporaryDirectory(prefix=".incoming-", dir=self._ensure_root()) as scratch:
             folder = source
             if source.is_file():
-                folder = _safe_extract(source, Path(scratch) / "unpacked")
+                folder = _safe_extract(source, Path(scratch) / "unpacked", largest_adapter(base, max_rank))
             elif not source.is_dir():
                 raise InvalidAdapter(f"{source} is neither an adapter folder nor a .tar.gz archive.")
             checked = check_adapter(folder, base, max_rank)

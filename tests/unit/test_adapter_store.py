@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from adapters.manifest import AdapterRef, InvalidAdapter
 from adapters.registry import Registry
-from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
+from adapters.store import AdapterNotFound, AdapterStore, IntegrityError, _safe_extract, largest_adapter
 from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
 
@@ -374,14 +374,32 @@ def test_archives_cut_short_or_damaged_are_refused(
 
 
 def test_archive_bombs_are_refused(store: AdapterStore, good: Path, tmp_path: Path) -> None:
-    from adapters.store import _safe_extract
-
     archive = tmp_path / "big.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(good, arcname="a")
     with pytest.raises(InvalidAdapter, match="more than"):
         _safe_extract(archive, tmp_path / "out", max_bytes=1000)
     assert not (tmp_path / "out").exists()
+
+
+def test_only_the_adapters_files_are_unpacked_and_only_as_large_as_the_base_allows(
+    store: AdapterStore, good: Path, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """A small upload must not write gigabytes of padding, or anything but the adapter, into the store's volume."""
+    (good / "README.md").write_text("notes")
+    (good / "padding.bin").write_bytes(bytes(1 << 20))  # zeros: a few KB compressed
+    archive = tmp_path / "folder.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(good, arcname="run")
+    unpacked = _safe_extract(archive, tmp_path / "out", largest_adapter(base, MAX_RANK))
+    assert sorted(p.name for p in unpacked.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert store.add(archive, "a", base, MAX_RANK).ref == "a@1"
+    save_file({LORA_A: np.zeros((1 << 15, 32), dtype=np.float32)}, good / "adapter_model.safetensors")  # 4 MiB
+    with tarfile.open(tmp_path / "huge.tar.gz", "w:gz") as tar:
+        tar.add(good, arcname="run")
+    with pytest.raises(InvalidAdapter, match="more than this base allows"):
+        store.add(tmp_path / "huge.tar.gz", "b", base, MAX_RANK)
+    assert [m.ref for m in store.list()] == ["a@1"]
 
 
 @pytest.mark.parametrize("text", ["a@0", "a@-1", "a@\u00b2", "a@1.5", "a@" + "9" * 5000, "a@"])
