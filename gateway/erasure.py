@@ -59,16 +59,30 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int
 
 
 async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_age_s: int) -> int:
-    """The user's records past the age limit: their index and the user's set have expired, and the trim (once a
-    minute, while Redis is up) has not reached them yet. Only the head of the log is read, up to that age by
-    Redis's clock (which dates the entries and expires the indexes)."""
+    """The user's records that have lost their index (and so their place in the user's set): those past the age
+    limit, which the trim (once a minute, while Redis is up) has not reached yet, and those written while a shorter
+    limit held (their index expired at it; the limit was raised since). Only the head of the log is read: up to
+    that age by Redis's clock (which dates the entries and expires the indexes), then on while entries have no
+    index."""
     log, removed, start = keys.completion_log(tenant), 0, "-"
     seconds, micros = await redis.time()
-    last = str(int((seconds + micros / 1e6 - max_age_s + MARGIN_S) * 1000))
-    while page := await redis.xrange(log, start, last, count=PAGE):
-        theirs = [entry for entry, fields in page if json.loads(fields["r"]).get("user") == user]
+    aged = int((seconds + micros / 1e6 - max_age_s + MARGIN_S) * 1000)
+    while page := await redis.xrange(log, start, "+", count=PAGE):
+        records = [(entry, json.loads(fields["r"])) for entry, fields in page]
+        async with redis.pipeline(transaction=False) as pipe:
+            for _, record in records:
+                pipe.exists(keys.completion(str(record.get("id"))))
+            indexed = await pipe.execute()
+        unindexed = {entry for (entry, _), has in zip(records, indexed, strict=True) if not has}
+        theirs = [
+            entry
+            for entry, record in records
+            if record.get("user") == user and (entry in unindexed or entry_ms(entry) <= aged)
+        ]
         if theirs:
             removed += int(await redis.xdel(log, *theirs))
+        if entry_ms(page[-1][0]) > aged and not unindexed:
+            break
         start = "(" + page[-1][0]
     return removed
 
@@ -125,3 +139,9 @@ async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
         async for key in redis.scan_iter(match=pattern, count=PAGE):
             await redis.delete(key)
     return deleted
+
+
+def entry_ms(entry: str) -> int:
+    """The time (ms, Redis's clock) in a stream entry id `MS-SEQ` followed by anything; 0 when not one."""
+    ms = entry.partition("-")[0]
+    return int(ms) if ms.isdigit() else 0

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
-from gateway.erasure import parse_tombstone
+from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
@@ -162,7 +162,7 @@ class FeedbackStore:
             return None
         owner, _, rest = index.partition(" ")  # TENANT ENTRY-ID[ EXPERIMENT ARM]
         entry = rest.partition(" ")[0]
-        if owner == tenant and deleted and _entry_ms(entry) <= parse_tombstone(deleted)[1]:
+        if owner == tenant and deleted and entry_ms(entry) <= parse_tombstone(deleted)[1]:
             return None
         if owner == tenant and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
             return None
@@ -326,9 +326,3 @@ class FeedbackStore:
             raise CompletionUnknown(completion_id)
         stored = await self._redis.hgetall(keys.feedback(tenant.name, completion_id))
         return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)
-
-
-def _entry_ms(entry: str) -> int:
-    """The time (ms, Redis's clock) in a stream entry id `MS-SEQ` followed by anything; 0 when not one."""
-    ms = entry.partition("-")[0]
-    return int(ms) if ms.isdigit() else 0

@@ -4,6 +4,7 @@ erased user's own completions go with them."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -116,3 +117,18 @@ async def test_a_completion_trimmed_from_the_log_takes_its_ratings_with_it(
         await store.of_completion(TENANT, "chatcmpl-1")
     assert await forget_user(redis, "t", "v", TENANT.logging.max_age_s) == {"completions": 0, "feedback": 0}
     assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
+
+
+async def test_records_written_under_a_shorter_age_limit_are_still_erased(
+    redis: aioredis.Redis, recorder: Recorder
+) -> None:
+    """The limit was raised since: the trim keeps the records, while their indexes and the user's set expired at
+    the old limit. Erasure reads on from the head of the log while entries have no index."""
+    for n in (1, 2):
+        recorder.record(context(TENANT, n, user="ann"))
+    recorder.record(context(TENANT, 3, user="bo"))
+    await recorder.written()
+    await redis.delete(keys.completion("chatcmpl-1"), keys.completion("chatcmpl-2"), keys.end_user("t", "ann"))
+    raised = LogPolicy(max_age_days=30)  # the entries are seconds old: far younger than the limit now
+    assert await forget_user(redis, "t", "ann", raised.max_age_s) == {"completions": 2, "feedback": 0}
+    assert [json.loads(f["r"])["user"] for _, f in await redis.xrange(keys.completion_log("t"))] == ["bo"]
