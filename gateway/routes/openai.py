@@ -117,6 +117,8 @@ async def _complete(
         tenant = await svc.tenants.cached(caller.tenant)
     except TenantNotFound as exc:
         raise AuthenticationFailed("This API key's tenant no longer exists.") from exc
+    if caller.sees_candidates and tenant.logging.content:  # a retraining job's eval: prompts copied from the log
+        tenant = tenant.model_copy(update={"logging": tenant.logging.model_copy(update={"content": False})})
     context = RequestContext(request.state.request_id, endpoint, tenant, caller.key_id, payload={})
     admission: Admission | None = None
     handed_over = False

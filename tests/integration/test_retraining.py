@@ -13,16 +13,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 import yaml
 
 from adapters.manifest import AdapterRef
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
+from gateway import keys
 from tests.conftest import ADMIN_KEY, ROOT, Gateway, create_key
 
 pytestmark = pytest.mark.integration
@@ -48,6 +51,8 @@ def test_an_unpublished_candidate_is_called_only_with_a_training_key(
     assert users.chat.completions.create(model="bot", messages=ASK, max_tokens=2).model == "bot@1"  # type: ignore[arg-type]
     answer = job.chat.completions.create(model=staged.ref, messages=ASK, max_tokens=2)  # type: ignore[arg-type]
     assert answer.model == "bot@2", "the training key reaches the candidate by its exact name"
+    logged = _record(gateway, "cand-t", answer.id)
+    assert logged["request"] is None and logged["choices"] is None, "an eval's prompts (copied from the log): not kept"
     assert job.chat.completions.create(model="bot", messages=ASK, max_tokens=2).model == "bot@1", "never a default"  # type: ignore[arg-type]
     store.publish("bot", 2, {"metrics": {}})
     deadline = time.monotonic() + 5
@@ -95,3 +100,16 @@ def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: 
         aliases = {a["alias"]: a["target"] for a in api.get("/aliases").json()["data"]}
         assert aliases["support-bot"] == state["published"], "the alias serves the promoted version"
         assert all(k["role"] != "training" for k in api.get("/keys").json()["data"]), "the eval's key was revoked"
+
+
+def _record(gateway: Gateway, tenant: str, completion_id: str) -> dict[str, Any]:
+    """A completion's record in the tenant's log, once the gateway has written it."""
+    log = redis.Redis.from_url(gateway.env["LORAGATE_REDIS_URL"], decode_responses=True)
+    deadline = time.monotonic() + 5
+    while True:
+        found = [json.loads(f["r"]) for _, f in log.xrange(keys.completion_log(tenant))]
+        mine = [record for record in found if record["id"] == completion_id]
+        if mine:
+            return dict(mine[0])
+        assert time.monotonic() < deadline, f"{completion_id} was not recorded"
+        time.sleep(0.1)
