@@ -30,6 +30,9 @@ from gateway.routing import Route
 log = logging.getLogger("loragate.placement")
 
 SPREAD_MARGIN = 4
+REFUSED_S = 30.0
+"""How long an adapter vLLM refused to load (4xx) is not asked for again by this process: each try would take the
+replica's lock and make room for it first, evicting another tenant's adapter."""
 """How many more in-flight requests a holder may have than the least busy replica before spreading."""
 
 
@@ -53,6 +56,8 @@ class Placement:
         self._loading: dict[tuple[Replica, int, str], asyncio.Future[None]] = {}
         self._slots: defaultdict[Replica, asyncio.Lock] = defaultdict(asyncio.Lock)
         """One load at a time per replica, so making room and loading never overshoot capacity."""
+        self._refused: dict[str, float] = {}
+        """Upstream name -> until when a load vLLM refused is not tried again."""
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
         """A replica ready to serve `route`; the adapter stays protected from eviction until `release`.
@@ -136,6 +141,8 @@ class Placement:
         name = route.upstream_model
         assert route.adapter is not None
         started = time.perf_counter()
+        if self._refused.get(name, 0.0) > time.monotonic():  # neither asked again nor room made for it
+            raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)
         except (IntegrityError, OSError) as exc:
@@ -154,6 +161,8 @@ class Placement:
                 if status != 200 and "already been loaded" not in text:
                     self._metrics.adapter_loaded(name, "error")
                     log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
+                    if 400 <= status < 500:  # the adapter's fault: every replica would refuse it
+                        self._refused[name] = time.monotonic() + REFUSED_S
                     raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
                 replica.resident[name] = None
             self._residency.note_use(replica.url, name)

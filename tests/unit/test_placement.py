@@ -28,6 +28,8 @@ class FakeVLLM:
         self.loads: Counter[str] = Counter()
         self.loaded: set[str] = set()
         self.broken = False
+        self.refuse: set[str] = set()
+        """Names it answers 400 for, as vLLM does for an adapter it cannot load."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -48,6 +50,9 @@ class FakeVLLM:
         body = await request.json()
         if self.broken:
             return web.Response(status=500, text="Internal Server Error")
+        if body["lora_name"] in self.refuse:
+            self.loads[body["lora_name"]] += 1
+            return web.Response(status=400, text="Loading lora failed: bad adapter")
         await asyncio.sleep(0.05)
         self.loads[body["lora_name"]] += 1
         self.loaded.add(body["lora_name"])
@@ -147,6 +152,20 @@ async def test_lru_eviction_respects_capacity_and_pins(setup) -> None:  # type: 
     await use(placement, route("c"))
     await use(placement, route("e"))
     assert list(pool.replicas[0].resident) == ["hot@1", "c@1", "e@1"], "d was least recently used"
+
+
+async def test_an_adapter_vllm_refuses_is_not_tried_again_at_every_request(setup) -> None:  # type: ignore[no-untyped-def]
+    """Each try would take the replica's lock and make room first: another tenant's adapter would be evicted."""
+    placement, pool, fakes = setup
+    for fake in fakes:
+        fake.refuse = {"bad@1"}
+    for name in ("a", "b", "c"):
+        await use(placement, route(name))
+    for _ in range(5):
+        with pytest.raises(UpstreamError):
+            await use(placement, route("bad"))
+    assert sum(fake.loads["bad@1"] for fake in fakes) == 1, "refused once: not asked again for a while"
+    assert {"b@1", "c@1"} <= set().union(*(fake.loaded for fake in fakes)), "one eviction for it (a), no more"
 
 
 async def test_busy_holder_spreads_to_idle_replica(setup) -> None:  # type: ignore[no-untyped-def]
