@@ -165,6 +165,7 @@ class Placement:
                         self._refused[name] = time.monotonic() + REFUSED_S
                     raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
                 replica.resident[name] = None
+                await self._residency.loaded_now(replica.url, name)
             self._residency.note_use(replica.url, name)
         self._metrics.adapter_loaded(name, "ok", time.perf_counter() - started)
 

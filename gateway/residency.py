@@ -125,6 +125,15 @@ class Residency:
         except (RedisError, OSError) as exc:
             log.debug("could not drop the uses of %s: %s", name, exc)
 
+    async def loaded_now(self, replica: str, name: str) -> None:
+        """A load this process just made: its use is shared at once, not at the next flush, so that another process
+        making room there meanwhile does not take it for the least recently used (it never was used, to it)."""
+        self.note_use(replica, name)
+        try:
+            await self._redis.zadd(keys.replica_usage(replica), {name: self._used[replica][name]}, gt=True)
+        except (RedisError, OSError) as exc:
+            log.debug("could not share the load of %s: %s", name, exc)
+
     async def flush_uses(self) -> None:
         """Share this process's adapter uses (a later time never goes back: ZADD GT)."""
         used, self._unshared = self._unshared, defaultdict(dict)

@@ -296,3 +296,21 @@ async def test_a_deleted_version_leaves_no_use_behind(setup, redis_server: Redis
     for replica in pool.replicas:
         assert await redis.zcard(keys.replica_usage(replica.url)) == 0
     await redis.aclose()
+
+
+async def test_a_fresh_load_of_another_process_is_not_the_first_to_go(fakes, redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Process A loads x for a request on its way to vLLM; B, whose uses are shared, then needs room there. A's
+    load is shared at once: x is the most recently used, not an adapter no process ever used."""
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    try:
+        await use(b, route("p"))
+        await use(b, route("q"))
+        await b.maintain([])  # B's uses shared; A has had no maintenance round yet
+        await a.acquire(route("x"))
+        await use(b, route("r"))  # capacity 3: {p, q, x} -> one goes
+        assert fake.loaded == {"q@1", "r@1", "x@1"}, "p, the least recently used, went"
+    finally:
+        await session_a.close()
+        await session_b.close()
