@@ -59,7 +59,8 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        shown = model if len(model) <= 256 else model[:256] + "..."  # a 100 KB name is not echoed whole
+        super().__init__(f"The model `{shown}` does not exist or you do not have access to it.")  # param: null
 
 
 class Conflict(APIError):

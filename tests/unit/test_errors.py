@@ -27,7 +27,8 @@ def test_envelope_shape_and_status() -> None:
         body = exc.body()
         assert set(body["error"]) == {"message", "type", "param", "code"}
         assert exc.status == status
-    assert ModelNotFound("x").body()["error"]["param"] == "model"
+    assert ModelNotFound("x").body()["error"]["param"] is None, "as OpenAI answers it"
+    assert len(ModelNotFound("m" * 100_000).body()["error"]["message"]) < 400, "a huge name is not echoed whole"
 
 
 def test_sse_error_frame_ends_the_stream() -> None:
