@@ -147,7 +147,7 @@ def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidat
         {"name": "control", "target": control, "weight": 90},
         {"name": candidate[0], "target": candidate[1], "weight": 10},
     ]
-    rails = {"auto_promote": True, "max_error_rate": 0.5, "guard_min_requests": 3, "min_samples": 6}
+    rails = {"auto_promote": True, "max_error_rate": 0.5, "guard_min_requests": 3, "min_samples": 10}
     body = {"name": name, "alias": alias, "control": "control", "arms": arms, **rails}
     created = api.post("/experiments", json=body)
     assert created.status_code == 201, created.text
@@ -155,7 +155,7 @@ def _experiment(api: httpx.Client, name: str, alias: str, control: str, candidat
 
 def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
     """Users call `bot` (90/10 control/better) and `bot2` (90/10 control/broken), 16 users at a time,
-    until the small arms have enough: 6 answers from better (the guard rails' min_samples), 3 failures
+    until the small arms have enough: 10 answers from better (the guard rails' min_samples), 3 failures
     of broken (after which `bot2` is left alone: the guard rail has what it needs). Returns the
     completion ids per arm."""
     served: dict[str, list[str]] = {"control": [], "better": [], "broken": []}
@@ -174,7 +174,7 @@ def _split_traffic(client: openai.OpenAI) -> dict[str, list[str]]:
 
     first = 1
     with ThreadPoolExecutor(16) as pool:
-        while len(served["better"]) < 6 or len(served["broken"]) < 3:
+        while len(served["better"]) < 10 or len(served["broken"]) < 3:
             assert first < 600, "the split never reached the small arms"
             list(pool.map(both, (f"g{n}" for n in range(first, first + 16))))
             first += 16
