@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 from gateway.context import MAX_USER_CHARS
+from gateway.record_store import parse_index
 
 PAGE = 500
 MARGIN_S = 2
@@ -90,8 +91,7 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
 async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str) -> int:
     """1 when the completion was the user's own and its record is deleted now; 0 for one they only rated (its
     record is someone else's). An index whose record the length limit has trimmed goes too, with its ratings."""
-    index = await redis.get(keys.completion(completion_id))
-    owner, entry = ((index or "").split(" ") + ["", ""])[:2]  # TENANT ENTRY[ EXPERIMENT ARM]
+    owner, entry, _, _ = parse_index(await redis.get(keys.completion(completion_id)))
     if owner != tenant or not entry:
         return 0
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)

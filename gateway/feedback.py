@@ -34,6 +34,7 @@ from gateway import keys
 from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
+from gateway.record_store import parse_index
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn
 from gateway.redaction import Findings, Redactor
@@ -160,8 +161,7 @@ class FeedbackStore:
         index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
         if not index:
             return None
-        owner, _, rest = index.partition(" ")  # TENANT ENTRY-ID[ EXPERIMENT ARM]
-        entry = rest.partition(" ")[0]
+        owner, entry, _, _ = parse_index(index)
         if owner == tenant and deleted and entry_ms(entry) <= parse_tombstone(deleted)[1]:
             return None
         if owner == tenant and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
@@ -263,7 +263,7 @@ class FeedbackStore:
                 tenant, completion_id, user = item["tenant"], feedback["completion_id"], feedback.get("user") or ""
                 script_keys = [keys.feedback(tenant, completion_id)]
                 script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
-                _, _, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
+                _, _, experiment, arm = parse_index(index)
                 script_keys.append(keys.arm_counters(tenant, experiment, arm) if experiment and arm else "")
                 script_keys += [keys.tenant_deleted(tenant), keys.completion(completion_id)]
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]

@@ -30,10 +30,10 @@ from gateway.routing import Route
 log = logging.getLogger("loragate.placement")
 
 SPREAD_MARGIN = 4
+"""How many more in-flight requests a holder may have than the least busy replica before spreading."""
 REFUSED_S = 30.0
 """How long an adapter vLLM refused to load (4xx) is not asked for again by this process: each try would take the
 replica's lock and make room for it first, evicting another tenant's adapter."""
-"""How many more in-flight requests a holder may have than the least busy replica before spreading."""
 
 
 class Placement:
@@ -141,7 +141,9 @@ class Placement:
         name = route.upstream_model
         assert route.adapter is not None
         started = time.perf_counter()
-        if self._refused.get(name, 0.0) > time.monotonic():  # neither asked again nor room made for it
+        refused_until = self._refused.pop(name, 0.0)
+        if refused_until > time.monotonic():  # neither asked again nor room made for it
+            self._refused[name] = refused_until
             raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)

@@ -110,6 +110,13 @@ BUSY_NOW = ("OOM", "READONLY", "LOADING", "BUSY", "MISCONF", "MASTERDOWN", "TRYA
 disk failing), not that a record is bad."""
 
 
+def parse_index(index: str | None) -> tuple[str, str, str, str]:
+    """A completion index's value as the script writes it (`TENANT ENTRY[ EXPERIMENT ARM]`): tenant, stream entry,
+    experiment and arm ('' for what it does not hold)."""
+    owner, entry, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
+    return owner, entry, experiment, arm
+
+
 class WritesRefused(RedisConnectionError):
     """Redis answered, but refuses writes for now (BUSY_NOW): the records wait in the spool as for an outage."""
 
