@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pydantic_core
 
 from gateway.context import Answer, RequestContext
-from gateway.redaction import Findings, Redactor
+from gateway.redaction import Findings, Redactor, map_strings
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
 """What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
@@ -28,8 +27,6 @@ MAX_CHARS = 32_768
 """Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 600_000)
 """Latency histogram of experiment arms (p50 and p95 are read from it)."""
-LABELS = frozenset({"role", "type", "tool_call_id"})
-"""Keys whose string values are the API's own labels, never what a user wrote: not cut or redacted."""
 LONGEST_FINDING = 256
 """Past a cut, this much more of a string is redacted before it is cut (an e-mail address has at most 254)."""
 MAX_RECORD_CHARS = 262_144
@@ -162,57 +159,30 @@ def _redactor(kinds: tuple[str, ...]) -> Redactor:
 
 
 def _clean(record: dict[str, Any], redactor: Redactor) -> None:
-    """Cut and redact a record's strings; what straddles a cut is redacted whole before it is cut."""
+    """Cut and redact the words of a record: every string of the request's messages (content and its parts, names,
+    the tool calls of earlier turns), prompts, suffix and parameters (`metadata`, `stop`), and the answers' text and
+    tool-call arguments. Tool definitions and schemas, the application's own, are kept as they are. What straddles
+    a cut is redacted whole before it is cut."""
     counts = Findings()
-    for holder, slot in list(_texts(record)):
-        text = holder[slot]
-        cut = len(text) > MAX_CHARS
-        if cut:
-            text = text[: MAX_CHARS + LONGEST_FINDING]
-        if redactor.kinds and len(text) > 5:
-            text = redactor.redact_into(text, counts)
-        if cut:
-            text = text[:MAX_CHARS]
+
+    def clean(text: str) -> str:
+        if len(text) > MAX_CHARS:
             record["truncated"] = True
-        holder[slot] = text
-    record["redactions"] = dict(counts)
+            return redactor.redact_into(text[: MAX_CHARS + LONGEST_FINDING], counts)[:MAX_CHARS]
+        return redactor.redact_into(text, counts) if len(text) > 5 else text
 
-
-def _strings(value: Any) -> Iterator[tuple[Any, Any]]:
-    """Every string in a JSON value, as (container, key), but the values of LABELS."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, str):
-                if key not in LABELS:
-                    yield value, key
-            elif isinstance(item, dict | list):
-                yield from _strings(item)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if isinstance(item, str):
-                yield value, index
-            elif isinstance(item, dict | list):
-                yield from _strings(item)
-
-
-def _texts(record: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
-    """Where the words of a record are (container, key): every string of the request's messages (content and its
-    parts, names, the tool calls of earlier turns), prompts, suffix and parameters (`metadata`, `stop`), and the
-    answers' text and tool-call arguments. Only these are cut and redacted; tool definitions and schemas, the
-    application's own, are kept as they are."""
-    request = record["request"] or {}
-    for field in ("messages", "prompt", "suffix", "params"):
-        if isinstance(request.get(field), str):
-            yield request, field
-        else:
-            yield from _strings(request.get(field))
+    request = record["request"]
+    for field in ("messages", "prompt", "suffix", "params") if request else ():
+        if field in request:
+            request[field] = map_strings(request[field], clean)
     for choice in record["choices"] or ():
         if isinstance(choice.get("text"), str):
-            yield choice, "text"
+            choice["text"] = clean(choice["text"])
         for call in choice.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                yield function, "arguments"
+                function["arguments"] = clean(function["arguments"])
+    record["redactions"] = dict(counts)
 
 
 def request_of(payload: dict[str, Any]) -> dict[str, Any]:

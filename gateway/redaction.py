@@ -39,6 +39,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import phonenumbers
 from stdnum import iban, luhn
@@ -204,18 +205,27 @@ class Redactor:
         return text
 
 
+LABELS = frozenset({"role", "type", "tool_call_id"})
+"""Keys whose string values are the API's own labels, never what a user wrote: `map_strings` leaves them."""
+
+
 def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
     """Redact every string in a JSON-like value (dicts, lists, strings), such as chat `messages` whose content is
-    a string or a list of parts. Dict keys and other scalars are left as they are."""
+    a string or a list of parts. Dict keys, LABELS and other scalars are left as they are."""
     counts = Findings()
-    return _walk(redactor, value, counts), counts
+    return map_strings(value, lambda text: redactor.redact_into(text, counts)), counts
 
 
-def _walk(redactor: Redactor, value: object, counts: Findings) -> object:
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a JSON-like value with `change` applied to each of its strings but the values of LABELS (the
+    value itself is not modified)."""
     if isinstance(value, str):
-        return redactor.redact_into(value, counts)
+        return change(value)
     if isinstance(value, dict):
-        return {key: _walk(redactor, item, counts) for key, item in value.items()}
+        return {
+            key: change(item) if type(item) is str and key not in LABELS else map_strings(item, change)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [_walk(redactor, item, counts) for item in value]
+        return [change(item) if type(item) is str else map_strings(item, change) for item in value]
     return value

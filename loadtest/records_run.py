@@ -94,7 +94,9 @@ async def record_all(
     redis = aioredis.Redis.from_url(stack.redis_url(mode), decode_responses=True)
     spool = Spool(stack.workdir / "spool", fsync=False)
     spool.open()
-    recorder = Recorder(redis, spool, metrics, max_queued=max(n, 100_000), workers=1)  # as the gateway runs it
+    recorder = Recorder(  # as the gateway runs it: its record process writes too
+        redis, spool, metrics, max_queued=max(n, 100_000), workers=1, redis_url=stack.redis_url(mode)
+    )
     done = progress.tasks[task].completed
 
     async def tick() -> None:

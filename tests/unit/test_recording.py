@@ -359,7 +359,7 @@ async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the
     for n in range(3):
         await worker.send([raw_record(context(Tenant(name="t"), n))], n)
     assert dying is not None and worker.pending == 3
-    dying.kill()  # before it has built them: what it had is built in a thread instead, in order
+    dying.process.kill()  # before it has built them: what it had is built in a thread instead, in order
     got = [await worker.receive() for _ in range(3)]
     assert [(tag, built.entries[0]["id"]) for tag, built in got] == [(n, f"chatcmpl-{n}") for n in range(3)]
     await worker.send([raw_record(context(Tenant(name="t"), 9))], "next")
