@@ -68,19 +68,20 @@ class Answer:
     """A whole (non-stream) answer, parsed by `parse_body` off the request path."""
     _parts: dict[int, _ChoiceParts] = field(default_factory=dict)
 
-    def feed(self, data: bytes) -> None:
-        """One stream event's JSON (`data: ` stripped)."""
+    def feed(self, data: bytes) -> dict[str, Any] | None:
+        """One stream event's JSON (`data: ` stripped); the chunk, parsed (None if it is not a JSON object)."""
         try:
             chunk = pydantic_core.from_json(data)
             if not isinstance(chunk, dict):
-                return
+                return None
             self.completion_id = self.completion_id or chunk.get("id")
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
                 self._absorb(choice, "delta")
         except (ValueError, TypeError, AttributeError):
-            return  # an event of an unexpected shape is passed on all the same; the log misses it
+            return None  # an event of an unexpected shape is passed on all the same; the log misses it
+        return chunk
 
     def parse_body(self) -> None:
         """Fill the answer from a whole JSON body (chat or text completion)."""

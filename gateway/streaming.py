@@ -2,7 +2,10 @@
 
 Events are passed on whole, as vLLM wrote them, but for three rewrites: the `"model"` of an adapter
 becomes the name the tenant knows it by, an error event loses vLLM's own text (which names engine
-internals), and the usage chunk the gateway asked for (not the client) is dropped. As events pass,
+internals), and the usage chunk the gateway asked for (not the client) is dropped. vLLM puts its
+`system_fingerprint` on the chunks that end choices, or on the usage chunk alone when it is asked for
+usage: so a stream whose usage is dropped holds its chunks from the first that ends a choice until the
+usage chunk, and passes them on with its fingerprint, as vLLM would have sent them to this client. As events pass,
 the answer is assembled into the request's context (text, finish reasons, usage), and how the
 stream ended is noted: done, failed upstream, or cancelled by a client that left.
 """
@@ -13,7 +16,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from starlette.responses import StreamingResponse
@@ -81,6 +84,13 @@ def client_error_event(event: bytes) -> bytes:
     return sse_error_event(client_error(event))
 
 
+def _ends_a_choice(chunk: dict[str, Any] | None) -> bool:
+    """Whether a stream chunk ends a choice (a finish reason) and bears no fingerprint of its own."""
+    if chunk is None or "system_fingerprint" in chunk or not isinstance(chunk.get("choices"), list):
+        return False
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in chunk["choices"])
+
+
 class RelayResponse(StreamingResponse):
     """A stream that always closes its upstream, whether it ends, fails or the client goes away.
 
@@ -106,28 +116,45 @@ class RelayResponse(StreamingResponse):
         self._hide_usage = hide_usage
         self._outcome = 200
         self._done = False
+        self._held: list[tuple[bytes, bool]] = []
+        """Events held back, from the first that ended a choice to the usage chunk (with `hide_usage`)."""
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     def _pass_on(self, events: bytes) -> bytes:
         if self._rename is not None:
             events = events.replace(*self._rename)
-        for event in events.split(b"\n\n"):
-            if event.startswith(b"data: {"):
-                self._answer.feed(event[6:])
-        if ERROR_EVENT in events or (self._hide_usage and USAGE_ONLY in events):
-            events = b"".join(self._client_event(e) for e in events.split(b"\n\n") if e)
-        return events
+        if not self._hide_usage and ERROR_EVENT not in events:
+            for event in events.split(b"\n\n"):
+                if event.startswith(b"data: {"):
+                    self._answer.feed(event[6:])
+            return events
+        return b"".join(self._client_event(e) for e in events.split(b"\n\n") if e)
 
     def _client_event(self, event: bytes) -> bytes:
-        """One whole event as the client gets it: an engine error rewritten, a usage chunk it did not ask
-        for dropped (the gateway asked for it, to settle the quota and log the usage)."""
+        """One whole event as the client gets it: an engine error rewritten; a usage chunk it did not ask for
+        dropped (the gateway asked for it, to settle the quota and log the usage), its `system_fingerprint` moved
+        onto the chunks that end choices, held back until then (`_held`)."""
+        chunk = self._answer.feed(event[6:]) if event.startswith(b"data: {") else None
         if event.startswith(ERROR_EVENT):
             error = client_error(event)
             self._outcome = 502 if error.status >= 500 else error.status
-            return sse_error_event(error)
-        if self._hide_usage and USAGE_ONLY in event:
+            event = sse_error_event(error).removesuffix(b"\n\n")
+        elif self._hide_usage and chunk is not None and USAGE_ONLY in event:
+            return self._release(chunk.get("system_fingerprint"))
+        ends = self._hide_usage and _ends_a_choice(chunk)
+        if self._held or ends:
+            self._held.append((event, ends))
             return b""
         return event + b"\n\n"
+
+    def _release(self, fingerprint: object) -> bytes:
+        """The events held since the first chunk that ended a choice, those that ended one stamped with
+        `fingerprint` (vLLM's, from the usage chunk; as vLLM stamps them when it is not asked for usage)."""
+        held, self._held = self._held, []
+        stamp = b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}" if fingerprint else b""
+        return b"".join(
+            (event[:-1] + stamp if stamp and ends and event.endswith(b"}") else event) + b"\n\n" for event, ends in held
+        )
 
     async def _relay(self) -> AsyncIterator[bytes]:
         pending = b""
@@ -148,7 +175,11 @@ class RelayResponse(StreamingResponse):
             log.warning("upstream stream broke: %s", exc)
             self._outcome, self._done = 502, True
             # Only whole events were passed on, so the error arrives as an event of its own.
-            yield sse_error_frame(UpstreamError("The engine stopped in the middle of the response."))
+            yield self._release(None) + sse_error_frame(
+                UpstreamError("The engine stopped in the middle of the response.")
+            )
+        if self._held:  # the stream ended without its usage chunk
+            yield self._release(None)
         self._done = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -70,6 +70,17 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_stream_without_usage_has_vllms_fingerprint_on_its_last_chunk(client: openai.OpenAI) -> None:
+    """vLLM stamps `system_fingerprint` on the chunk that ends a choice unless asked for usage; the gateway
+    always asks (and drops the usage chunk): the client still gets it, where vLLM would have put it."""
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+    assert whole.system_fingerprint, "vLLM names its build on whole answers"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, stream=True))
+    assert all(c.usage is None and c.choices for c in chunks)
+    assert chunks[-1].choices[0].finish_reason is not None
+    assert [c.system_fingerprint for c in chunks] == [None] * (len(chunks) - 1) + [whole.system_fingerprint]
+
+
 def test_completion_stream(client: openai.OpenAI) -> None:
     chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True))
     assert len(chunks) >= 2

@@ -187,6 +187,54 @@ async def test_a_client_that_hangs_up_before_done_cancelled() -> None:
     assert closed == [CLIENT_CLOSED]
 
 
+def chunk(**fields: Any) -> bytes:
+    """A stream event as vLLM writes it (compact JSON)."""
+    data = json.dumps({"id": "c1", "object": "chat.completion.chunk", **fields}, separators=(",", ":"))
+    return b"data: " + data.encode() + b"\n\n"
+
+
+async def relay_whole(events: list[bytes], hide_usage: bool) -> list[dict[str, Any] | str]:
+    """What a client gets of `events` (vLLM's, asked for usage), each event parsed ("[DONE]" as it is)."""
+    body, closed = b"", []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal body
+        body += message.get("body", b"")
+
+    upstream = Upstream(events, hangs=False)
+    relay = RelayResponse(upstream, Answer(), lambda: None, closed.append, hide_usage=hide_usage)  # type: ignore[arg-type]
+    await asyncio.wait_for(relay({"type": "http"}, Connection().receive, send), 5)
+    events_out = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
+    return [json.loads(e) if e.startswith(b"{") else e.decode() for e in events_out]
+
+
+async def test_a_stream_whose_usage_is_dropped_keeps_vllms_fingerprint_on_its_ending_chunks() -> None:
+    """vLLM stamps `system_fingerprint` on the chunks that end choices, or, asked for usage (as the gateway
+    always asks), on the usage chunk alone: dropping that chunk lost the fingerprint."""
+    fingerprint = "vllm-0.32.0-1a2b3c4d"
+    events = [
+        chunk(choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]),
+        chunk(choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}]),
+        chunk(choices=[{"index": 1, "delta": {"content": "Yo"}, "finish_reason": None}]),
+        chunk(choices=[{"index": 1, "delta": {}, "finish_reason": "length"}]),
+        chunk(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4}, system_fingerprint=fingerprint),
+        b"data: [DONE]\n\n",
+    ]
+    got = await relay_whole(events[:2] + [events[2] + events[3] + events[4]] + events[5:], hide_usage=True)
+    assert got[-1] == "[DONE]" and len(got) == 5, "the usage chunk dropped, every other event in order"
+    chunks = [c for c in got if isinstance(c, dict)]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["Hi", "!", "Yo", None]
+    assert [c.get("system_fingerprint") for c in chunks] == [None, fingerprint, None, fingerprint]
+    shown = await relay_whole(events, hide_usage=False)
+    assert shown[-2] == json.loads(events[4][6:]), "a client that asked for usage gets vLLM's chunk as it is"
+
+
+async def test_held_chunks_are_passed_on_when_a_stream_ends_without_its_usage_chunk() -> None:
+    ending = chunk(choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}])
+    got = await relay_whole([ending, b"data: [DONE]\n\n"], hide_usage=True)
+    assert got == [json.loads(ending[6:]), "[DONE]"]
+
+
 def test_each_tenant_gets_its_own_prefix_cache_salt_and_a_clients_salt_is_mixed_in() -> None:
     def salt(tenant: str, **fields: Any) -> str:
         payload = dict(fields)
