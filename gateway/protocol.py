@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -143,11 +144,20 @@ class ChatCompletionRequest(SamplingParams):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
 
 
+PromptValue = str | list[str] | list[int] | list[list[int]]
+
+
+def _not_empty(prompt: PromptValue) -> PromptValue:
+    if not prompt:
+        raise ValueError("the prompt is empty: send at least one character or token")
+    return prompt
+
+
 class CompletionRequest(SamplingParams):
     default_max_tokens: ClassVar[int | None] = 16
     """OpenAI's (and vLLM's) default for text completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: Annotated[PromptValue, AfterValidator(_not_empty), Field(json_schema_extra={"minLength": 1, "minItems": 1})]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
     suffix: str | None = None

@@ -40,6 +40,19 @@ def test_a_request_without_a_limit_gets_its_default_under_the_cap() -> None:
     assert cap_max_tokens(payload, ChatCompletionRequest.model_validate(payload), 64) is None
 
 
+@pytest.mark.parametrize("prompt", ["", []])
+def test_an_empty_prompt_is_refused_in_words_that_fit_a_string_and_a_list(prompt: Any) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    error = from_validation_error(info.value)
+    assert (error.param, error.code) == ("prompt", "invalid_value")
+    assert error.message == "Invalid value for 'prompt': the prompt is empty: send at least one character or token"
+    assert (
+        CompletionRequest.model_json_schema()["properties"]["prompt"] | {"minLength": 1, "minItems": 1}
+        == (CompletionRequest.model_json_schema()["properties"]["prompt"])
+    ), "the published schema says so too"
+
+
 def test_null_n_and_stream_are_their_defaults_as_the_sdk_sends_them() -> None:
     request = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "n": None, "stream": None})
     assert request.answers() == 1 and not request.stream
