@@ -155,26 +155,29 @@ class _Process:
     process: asyncio.subprocess.Process
     batches: asyncio.StreamWriter
     answers: asyncio.StreamReader
-    answers_transport: asyncio.StreamWriter
+    answers_writer: asyncio.StreamWriter
+    """Unused but to close the answers' socket."""
 
     @classmethod
     async def start(cls) -> _Process:
         """Start one, its stdin and stdout a socket each (`_sockets`)."""
         (batches, its_batches), (answers, its_answers) = _sockets(), _sockets()
+        process = None
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.record_worker", stdin=its_batches.fileno(), stdout=its_answers.fileno()
             )
-        except BaseException:
-            batches.close()
-            answers.close()
-            raise
-        finally:
             its_batches.close()  # the process has its own copies
             its_answers.close()
-        _, writer = await asyncio.open_unix_connection(sock=batches)
-        reader, answers_transport = await asyncio.open_unix_connection(sock=answers, limit=BUFFER_BYTES)
-        return cls(process, writer, reader, answers_transport)
+            _, writer = await asyncio.open_unix_connection(sock=batches)
+            reader, answers_writer = await asyncio.open_unix_connection(sock=answers, limit=BUFFER_BYTES)
+        except BaseException:
+            for end in (batches, its_batches, answers, its_answers):
+                end.close()
+            if process is not None and process.returncode is None:
+                process.kill()
+            raise
+        return cls(process, writer, reader, answers_writer)
 
     def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -186,19 +189,26 @@ class _Process:
         return built
 
     async def stop(self) -> None:
-        self.batches.close()  # the process ends when it reads to the end
+        """Close its batches' socket (the process ends when it reads to the end) and wait for it, 5 s at most; its
+        sockets are closed however this ends (cancelled too: the process is then killed)."""
+        self.batches.close()
         try:
             await asyncio.wait_for(self.process.wait(), 5)
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
-        self.answers_transport.close()
+        except BaseException:
+            self.process.kill()
+            raise
+        finally:
+            self.answers_writer.close()
 
 
 def _sockets() -> tuple[socket.socket, socket.socket]:
     """A Unix socket pair with BUFFER_BYTES of buffer each way (as far as `net.core.wmem_max` allows). One pair
-    per direction: the record process reads its stdin without blocking and writes its stdout blocking, and the
-    two ends of one pair would share that setting."""
+    per direction: the record process reads its stdin without blocking and writes its stdout blocking (whole
+    answers, see `main`); were both one end of one pair, they would be one open file, and making its stdin
+    non-blocking would make its answers' writes non-blocking too."""
     pair = socket.socketpair()
     for end in pair:
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
@@ -251,7 +261,9 @@ class RecordWorker:
         await self._started()
 
     async def _started(self) -> _Process:
-        if self._process is None or self._process.process.returncode is not None:
+        if self._process is not None and self._process.process.returncode is not None:
+            await self.stop()  # it died: its sockets are closed before another starts
+        if self._process is None:
             self._process = await _Process.start()
             self._process.send(self._redis_url)  # over the socket: a password is not in its command line
         return self._process

@@ -223,9 +223,9 @@ def map_strings(value: Any, change: Callable[[str], str]) -> Any:
         return change(value)
     if isinstance(value, dict):
         return {
-            key: change(item) if type(item) is str and key not in LABELS else map_strings(item, change)
+            key: (item if key in LABELS else change(item)) if isinstance(item, str) else map_strings(item, change)
             for key, item in value.items()
         }
     if isinstance(value, list):
-        return [change(item) if type(item) is str else map_strings(item, change) for item in value]
+        return [change(item) if isinstance(item, str) else map_strings(item, change) for item in value]
     return value

@@ -4,8 +4,9 @@ Events are passed on whole, as vLLM wrote them, but for three rewrites: the `"mo
 becomes the name the tenant knows it by, an error event loses vLLM's own text (which names engine
 internals), and the usage chunk the gateway asked for (not the client) is dropped. vLLM puts its
 `system_fingerprint` on the chunks that end choices, or on the usage chunk alone when it is asked for
-usage: so a stream whose usage is dropped holds its chunks from the first that ends a choice until the
-usage chunk, and passes them on with its fingerprint, as vLLM would have sent them to this client. As events pass,
+usage: so a stream whose usage is dropped holds each chunk that ends a choice (its last) until the usage
+chunk, which vLLM sends once every choice has ended, and passes them on with its fingerprint, as vLLM
+would have sent them to this client (with `n` > 1, a choice's last chunk waits for the other choices). As events pass,
 the answer is assembled into the request's context (text, finish reasons, usage), and how the
 stream ended is noted: done, failed upstream, or cancelled by a client that left.
 """
@@ -116,8 +117,8 @@ class RelayResponse(StreamingResponse):
         self._hide_usage = hide_usage
         self._outcome = 200
         self._done = False
-        self._held: list[tuple[bytes, bool]] = []
-        """Events held back, from the first that ended a choice to the usage chunk (with `hide_usage`)."""
+        self._held: list[bytes] = []
+        """Chunks that ended a choice, held back until the usage chunk (with `hide_usage`)."""
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     def _pass_on(self, events: bytes) -> bytes:
@@ -132,29 +133,28 @@ class RelayResponse(StreamingResponse):
 
     def _client_event(self, event: bytes) -> bytes:
         """One whole event as the client gets it: an engine error rewritten; a usage chunk it did not ask for
-        dropped (the gateway asked for it, to settle the quota and log the usage), its `system_fingerprint` moved
-        onto the chunks that end choices, held back until then (`_held`)."""
+        dropped (the gateway asked for it, to settle the quota and log the usage), its `system_fingerprint` put on
+        the chunks that ended choices, each held back until then (`_held`)."""
         chunk = self._answer.feed(event[6:]) if event.startswith(b"data: {") else None
         if event.startswith(ERROR_EVENT):
             error = client_error(event)
             self._outcome = 502 if error.status >= 500 else error.status
-            event = sse_error_event(error).removesuffix(b"\n\n")
-        elif self._hide_usage and chunk is not None and USAGE_ONLY in event:
-            return self._release(chunk.get("system_fingerprint"))
-        ends = self._hide_usage and _ends_a_choice(chunk)
-        if self._held or ends:
-            self._held.append((event, ends))
+            return self._release(None) + sse_error_event(error)
+        if self._hide_usage and USAGE_ONLY in event:
+            return self._release(chunk.get("system_fingerprint") if chunk is not None else None)
+        if self._hide_usage and _ends_a_choice(chunk):
+            self._held.append(event)
             return b""
-        return event + b"\n\n"
+        return self._release(None) + event + b"\n\n" if event.startswith(DONE_EVENT) else event + b"\n\n"
 
     def _release(self, fingerprint: object) -> bytes:
-        """The events held since the first chunk that ended a choice, those that ended one stamped with
-        `fingerprint` (vLLM's, from the usage chunk; as vLLM stamps them when it is not asked for usage)."""
+        """The chunks held since they ended their choices, stamped with `fingerprint` (vLLM's, from the usage
+        chunk; as vLLM stamps them when it is not asked for usage)."""
+        if not self._held:
+            return b""
         held, self._held = self._held, []
         stamp = b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}" if fingerprint else b""
-        return b"".join(
-            (event[:-1] + stamp if stamp and ends and event.endswith(b"}") else event) + b"\n\n" for event, ends in held
-        )
+        return b"".join((event[:-1] + stamp if stamp and event.endswith(b"}") else event) + b"\n\n" for event in held)
 
     async def _relay(self) -> AsyncIterator[bytes]:
         pending = b""

@@ -90,10 +90,24 @@ async def test_batches_and_answers_cross_in_large_buffers() -> None:
     tag, built = await worker.receive()
     assert (tag, len(built.entries)) == (0, BATCH)
     assert worker._process is not None
-    ends = [worker._process.batches, worker._process.answers_transport]
+    ends = [worker._process.batches, worker._process.answers_writer]
     allowed = min(BUFFER_BYTES, int(Path("/proc/sys/net/core/wmem_max").read_text()))
     for end in ends:
         sock = end.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= allowed
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= allowed
+    await worker.stop()
+
+
+async def test_a_record_process_that_died_idle_has_its_sockets_closed_when_another_starts() -> None:
+    worker = RecordWorker()
+    await worker.start()
+    dead = worker._process
+    assert dead is not None
+    dead.process.kill()
+    await dead.process.wait()
+    await worker.send(raws(0)[:2], "next")  # another process starts for it
+    assert (await worker.receive())[1].entries[-1]["id"] == "chatcmpl-0-1"
+    assert worker._process is not None and worker._process is not dead
+    assert dead.batches.is_closing() and dead.answers_writer.is_closing(), "the dead one's sockets are closed"
     await worker.stop()

@@ -43,6 +43,19 @@ def test_earlier_tool_calls_names_and_parameters_are_redacted() -> None:
     assert record["redactions"] == {"email": 3, "card": 2, "phone": 1}, "(the answer holds a phone number)"
 
 
+def test_the_apis_own_labels_are_kept_as_they_are() -> None:
+    """`role`, `type` and `tool_call_id` are the API's labels, never a user's words: not redacted, not counted."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": f"mail {EMAIL}"}]},
+        {"role": "tool", "tool_call_id": "call_" + EMAIL, "content": "done"},
+    ]
+    record = stored(messages=messages, metadata={"role": EMAIL})
+    assert record["request"]["messages"][0]["content"] == [{"type": "text", "text": "mail [EMAIL]"}]
+    assert record["request"]["messages"][1]["tool_call_id"] == "call_" + EMAIL
+    assert record["request"]["params"]["metadata"] == {"role": EMAIL}
+    assert record["redactions"]["email"] == 1, "the e-mail of the text part alone"
+
+
 def test_what_straddles_the_cut_is_redacted_whole() -> None:
     for tail, kind in ((f" card {CARD} ok", "card"), (f" {EMAIL}", "email")):
         record = stored(messages=[{"role": "user", "content": "x" * (MAX_CHARS - 12) + tail}])

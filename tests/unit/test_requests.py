@@ -206,46 +206,61 @@ def chunk(**fields: Any) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-async def relay_whole(events: list[bytes], hide_usage: bool) -> list[dict[str, Any] | str]:
-    """What a client gets of `events` (vLLM's, asked for usage), each event parsed ("[DONE]" as it is)."""
-    body, closed = b"", []
+async def relay_whole(events: list[bytes], hide_usage: bool) -> list[list[dict[str, Any] | str]]:
+    """What a client gets of `events` (vLLM's reads, asked for usage): per body message sent, its events parsed
+    ("[DONE]" as it is)."""
+    sent: list[list[dict[str, Any] | str]] = []
 
     async def send(message: dict[str, Any]) -> None:
-        nonlocal body
-        body += message.get("body", b"")
+        events_out = [e.removeprefix(b"data: ") for e in message.get("body", b"").split(b"\n\n") if e]
+        if events_out:
+            sent.append([json.loads(e) if e.startswith(b"{") else e.decode() for e in events_out])
 
     upstream = Upstream(events, hangs=False)
-    relay = RelayResponse(upstream, Answer(), lambda: None, closed.append, hide_usage=hide_usage)  # type: ignore[arg-type]
+    relay = RelayResponse(upstream, Answer(), lambda: None, [].append, hide_usage=hide_usage)  # type: ignore[arg-type]
     await asyncio.wait_for(relay({"type": "http"}, Connection().receive, send), 5)
-    events_out = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e]
-    return [json.loads(e) if e.startswith(b"{") else e.decode() for e in events_out]
+    return sent
+
+
+FINGERPRINT = "vllm-0.32.0-1a2b3c4d"
+USAGE = chunk(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4}, system_fingerprint=FINGERPRINT)
+DONE = b"data: [DONE]\n\n"
 
 
 async def test_a_stream_whose_usage_is_dropped_keeps_vllms_fingerprint_on_its_ending_chunks() -> None:
     """vLLM stamps `system_fingerprint` on the chunks that end choices, or, asked for usage (as the gateway
-    always asks), on the usage chunk alone: dropping that chunk lost the fingerprint."""
-    fingerprint = "vllm-0.32.0-1a2b3c4d"
+    always asks), on the usage chunk alone: dropping that chunk lost the fingerprint. Only the chunks that end a
+    choice wait for it: another choice's tokens pass at once."""
     events = [
         chunk(choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]),
         chunk(choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}]),
         chunk(choices=[{"index": 1, "delta": {"content": "Yo"}, "finish_reason": None}]),
-        chunk(choices=[{"index": 1, "delta": {}, "finish_reason": "length"}]),
-        chunk(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4}, system_fingerprint=fingerprint),
-        b"data: [DONE]\n\n",
+        chunk(choices=[{"index": 1, "delta": {}, "finish_reason": "length"}]) + USAGE + DONE,
     ]
-    got = await relay_whole(events[:2] + [events[2] + events[3] + events[4]] + events[5:], hide_usage=True)
-    assert got[-1] == "[DONE]" and len(got) == 5, "the usage chunk dropped, every other event in order"
+    sent = await relay_whole(events, hide_usage=True)
+    got = [event for message in sent for event in message]
+    assert got[-1] == "[DONE]" and len(got) == 5, "the usage chunk dropped"
     chunks = [c for c in got if isinstance(c, dict)]
-    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["Hi", "!", "Yo", None]
-    assert [c.get("system_fingerprint") for c in chunks] == [None, fingerprint, None, fingerprint]
-    shown = await relay_whole(events, hide_usage=False)
-    assert shown[-2] == json.loads(events[4][6:]), "a client that asked for usage gets vLLM's chunk as it is"
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content")) for c in chunks] == [
+        (0, "Hi"), (1, "Yo"), (0, "!"), (1, None)
+    ]  # fmt: skip
+    assert [c.get("system_fingerprint") for c in chunks] == [None, None, FINGERPRINT, FINGERPRINT]
+    assert [len(message) for message in sent] == [1, 1, 3], "choice 1's token was not held with choice 0's end"
+    shown = [event for message in await relay_whole(events, hide_usage=False) for event in message]
+    assert shown[-2] == json.loads(USAGE[6:-2]), "a client that asked for usage gets vLLM's chunk as it is"
 
 
-async def test_held_chunks_are_passed_on_when_a_stream_ends_without_its_usage_chunk() -> None:
+async def test_held_chunks_are_passed_on_before_done_an_error_or_the_end_without_a_usage_chunk() -> None:
     ending = chunk(choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}])
-    got = await relay_whole([ending, b"data: [DONE]\n\n"], hide_usage=True)
-    assert got == [json.loads(ending[6:]), "[DONE]"]
+    ended = json.loads(ending[6:-2])
+    assert [e for m in await relay_whole([ending, DONE], hide_usage=True) for e in m] == [ended, "[DONE]"]
+    assert [e for m in await relay_whole([ending], hide_usage=True) for e in m] == [ended]
+    failed = b'data: {"error":{"message":"engine at http://10.0.0.7 died","code":500}}\n\n'
+    got = [e for m in await relay_whole([ending, failed, DONE], hide_usage=True) for e in m]
+    assert got[0] == ended and isinstance(got[1], dict) and got[1]["error"]["type"] == "server_error"
+    garbled = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,\n\n'
+    got = [e for m in await relay_whole([ending, garbled, DONE], hide_usage=True) for e in m]
+    assert got == [ended, "[DONE]"], "a usage chunk that does not parse is dropped all the same"
 
 
 def test_each_tenant_gets_its_own_prefix_cache_salt_and_a_clients_salt_is_mixed_in() -> None:
