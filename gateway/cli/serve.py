@@ -158,6 +158,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
             log_level=settings.log_level,
             access_log=False,
             lifespan="on",
+            proxy_headers=False,  # no client address or scheme is read: one ASGI layer less per request (~10 µs)
         )
         server = _Server(config)
         console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1")
@@ -205,6 +206,7 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
+        proxy_headers=False,  # as above
         loop="uvloop" if _loop_factory() is not None else "asyncio",
     )
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])  # takes SIGINT/SIGTERM: both end the run
