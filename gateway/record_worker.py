@@ -5,11 +5,11 @@ Record building is CPU work (parsing answers, redaction, JSON), and so is writin
 1,300 arguments per 100 records, reading its replies). In a thread of the gateway it would share the GIL
 with the event loop, and every socket call of the loop would then wait for the thread's switch interval
 (the GIL convoy): measured here, that cost the gateway more than the work itself. So the gateway sends
-each batch of raw records to this process over a Unix socket (its stdin; answers come back on another,
-its stdout), as a length-prefixed pickle; the process builds
-the records and writes them to the records Redis itself, and answers with what it did (`Built`): the
-records written (their completion ids, for the gateway's memory of who answered what) or, when it was
-told not to write or could not reach Redis, the built records, for the gateway to spool in order.
+each batch of raw records to this process over a Unix socket (its stdin; answers come back on another, its
+stdout), as a length-prefixed pickle; the process builds the records and writes them to the records Redis
+itself, and answers with what it did (`Built`): the records written (their completion ids, for the gateway's
+memory of who answered what) or, when it was told not to write or could not reach Redis, the built records,
+for the gateway to spool in order.
 
 The process writes a batch only while the gateway says the log is healthy (each batch carries the
 gateway's `epoch`, None while it spools). Once a write finds Redis unreachable, every later batch of
@@ -20,6 +20,7 @@ and starts a new epoch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -198,7 +199,8 @@ class _Process:
             self.process.kill()
             await self.process.wait()
         except BaseException:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                self.process.kill()
             raise
         finally:
             self.answers_writer.close()

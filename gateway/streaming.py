@@ -6,8 +6,8 @@ internals), and the usage chunk the gateway asked for (not the client) is droppe
 `system_fingerprint` on the chunks that end choices, or on the usage chunk alone when it is asked for
 usage: so a stream whose usage is dropped holds each chunk that ends a choice (its last) until the usage
 chunk, which vLLM sends once every choice has ended, and passes them on with its fingerprint, as vLLM
-would have sent them to this client (with `n` > 1, a choice's last chunk waits for the other choices). As events pass,
-the answer is assembled into the request's context (text, finish reasons, usage), and how the
+would have sent them to this client (with `n` > 1, a choice's last chunk waits for the other choices).
+As events pass, the answer is assembled into the request's context (text, finish reasons, usage), and how the
 stream ended is noted: done, failed upstream, or cancelled by a client that left.
 """
 
