@@ -86,7 +86,12 @@ def test_dead_engine_cores_fail_over_then_answer_503_then_come_back(
         time.sleep(3)
     assert set(outcomes) <= {200, 502, 503}, f"only answers or clean engine errors under load: {outcomes}"
     assert outcomes.count(200) >= 4 and outcomes[-1] == 200, f"traffic went on on the other replica: {outcomes}"
-    assert again.model == ref and again.choices[0].message.content == first.choices[0].message.content
+    assert again.model == ref and again.choices[0].finish_reason in {"stop", "length"}
+    # Its text is not compared: it was generated in a batch with the load's requests, and on CPU a batch's
+    # shape changes the float sums enough to flip a greedy token of this random-weight adapter ('' alone,
+    # 'iraqs' in a batch, on an Intel AVX-512 machine). Alone again, the same adapter gives the same answer.
+    alone = client.chat.completions.create(model="survivor", messages=HI, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    assert alone.model == ref and alone.choices[0].message.content == first.choices[0].message.content
     assert ref in loaded_on(other), "the adapter was loaded on the surviving replica"
 
     dead_servers.append(kill_engine_core(gateway, other))
