@@ -219,10 +219,16 @@ def test_base_answers_stay_base_when_batched_with_adapters(
             answer((ref, 0))
         return any(len(loaded_on(port) & set(refs)) >= 2 for port in gateway.engine_ports)
 
+    adapted = {(ref, n): answer((ref, n)) for ref in refs for n in range(len(base))}  # each alone too
     assert eventually(two_on_one_replica, timeout=60), "a replica holds two, so its last slot is taken"
     asks = base + [(ref, n) for ref in refs for n in range(4)]
     with ThreadPoolExecutor(len(asks)) as pool:
         for _ in range(2):
             mixed = dict(zip(asks, pool.map(answer, asks), strict=True))
             changed = [n for model, n in base if mixed[(model, n)] != alone[(model, n)]]
-            assert not changed, f"base answers {changed} changed when batched with adapter requests"
+            # On CPU a batch's shape changes the float sums, which can flip a greedy token of a base answer
+            # (one of eight, seen on an Intel AVX-512 machine); an adapter given to base rows changes them
+            # all into that adapter's answers.
+            assert len(changed) <= 1, f"base answers {changed} changed when batched with adapter requests"
+            took = [n for n in changed if mixed[(MODEL, n)] in {adapted[(ref, n)] for ref in refs}]
+            assert not took, f"base answers {took} are an adapter's answers when batched with adapter requests"
