@@ -129,10 +129,11 @@ class Settings(BaseSettings):
         description="Completion tokens a request naming no max_tokens reserves against a tokens-per-minute quota.",
     )
     quota_lease_requests: int = Field(
-        16,
+        256,
         ge=0,
         le=1000,
-        description="Requests' room a quota check may take ahead for this process (0: check every request in Redis).",
+        description="The most requests' room a quota check may take ahead for this process (leases start at 16 and "
+        "double while they are used up within their second; 0: check every request in Redis).",
     )
     admin_key: SecretStr | None = Field(None, description="Key for /admin routes; unset disables them.")
     metrics_key: SecretStr | None = Field(

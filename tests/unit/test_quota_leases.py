@@ -86,6 +86,28 @@ async def test_another_process_sees_a_lease_as_used(redis: aioredis.Redis) -> No
     assert len(await admit_many(holder, tenant, 16, "holder-more")) == 16, "the holder still has its 16"
 
 
+async def test_a_lease_used_up_within_its_lifetime_doubles_the_next_and_one_left_unused_halves_it(
+    redis: aioredis.Redis,
+) -> None:
+    """Busy: 16, then 32, then 64 (the most, here); quiet: a lease that runs out of time mostly unused makes the
+    next ask half as large."""
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.3, max_requests=64))
+    requests_log = keys.quota_requests("tenant:acme")
+    await gate.admit(KEY, BUSY, "first", 10)
+    counted, lease = 1 + 16, 16
+    for step, grant in enumerate((32, 64, 64)):
+        await admit_many(gate, BUSY, lease, f"from-{step}")  # all from the lease: nothing more counted
+        assert await redis.zcard(requests_log) == counted
+        await gate.admit(KEY, BUSY, f"ask-{step}", 10)  # the lease is used up: this one asks for the next
+        counted, lease = counted + 1 + grant, grant
+        assert await redis.zcard(requests_log) == counted, f"a lease of {grant} taken at once"
+    await asyncio.sleep(0.35)
+    await gate.flush()  # the last lease ran out with all 64 unused: they go back, and the next ask is for 32
+    assert await redis.zcard(requests_log) == counted - 64
+    await gate.admit(KEY, BUSY, "quiet", 10)
+    assert await redis.zcard(requests_log) == counted - 64 + 1 + 32
+
+
 async def test_near_a_limit_every_request_is_checked_in_redis(redis: aioredis.Redis) -> None:
     tenant = Tenant(name="acme", limits=Limits(rpm=8, tpm=100_000))
     gate = QuotaGate(redis, Metrics(), 256)
