@@ -13,8 +13,8 @@ used up before its lifetime ends makes the next ask twice as large, up to `max_r
 runs out of time with more than half its room unused makes the next half as large, down to the first size.
 A tenant sending 3,000 requests a second to one process then makes about ten round trips a second for its
 quota rather than two hundred (`loadtest.compare`'s everything-on gateway, 64 concurrent requests, one
-worker: 2,000-2,300 requests/s at 0.48-0.56 ms of CPU each with fixed leases of 16, 2,750-3,000 at
-0.38-0.40 ms with these), and a quiet one holds little room away from the other processes.
+worker: 1,970-2,340 requests/s at 0.48-0.56 ms of CPU each with fixed leases of 16, 2,430-2,750 at
+0.40-0.45 ms with these), and a quiet one holds little room away from the other processes.
 
 - What a lease holds counts as used from the moment it is granted: other processes see less room, never
   more, so N processes never admit more than the limit.
