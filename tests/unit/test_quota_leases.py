@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
-from gateway import keys
+from gateway import keys, quota_leases
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
 from gateway.principal import Principal
@@ -106,6 +107,20 @@ async def test_a_lease_used_up_within_its_lifetime_doubles_the_next_and_one_left
     assert await redis.zcard(requests_log) == counted - 64
     await gate.admit(KEY, BUSY, "quiet", 10)
     assert await redis.zcard(requests_log) == counted - 64 + 1 + 32
+
+
+async def test_after_a_quiet_while_leases_start_small_again(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quota_leases, "QUIET_S", 0.3)
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.2, max_requests=64))
+    requests_log = keys.quota_requests("tenant:acme")
+    await admit_many(gate, BUSY, 1 + 16 + 1, "busy")  # the first lease used up at once: the next is 32
+    await admit_many(gate, BUSY, 32, "all-of-it")  # and all of it taken: nothing to shrink it
+    assert await redis.zcard(requests_log) == 1 + 16 + 1 + 32
+    await asyncio.sleep(0.35)
+    await gate.admit(KEY, BUSY, "after", 10)
+    assert await redis.zcard(requests_log) == 1 + 16 + 1 + 32 + 1 + 16, "quiet for a while: 16 again, not 32"
 
 
 async def test_near_a_limit_every_request_is_checked_in_redis(redis: aioredis.Redis) -> None:
