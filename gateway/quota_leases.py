@@ -10,8 +10,10 @@ every request is checked in Redis one at a time, exactly as without leases.
 
 A lease's size follows the scope's traffic in this process: the first asks for `first_requests` (16); one
 used up before its lifetime ends makes the next ask twice as large, up to `max_requests` (256); one that
-runs out of time with more than half its room unused makes the next half as large, down to the first size,
-and after QUIET_S (5 s) without an ask the next starts from the first size again.
+runs out of time with more than half its room unused makes the next half as large, down to the first size
+(each lease counts once, whether a flush or the next ask finds it run out); and after QUIET_S (5 s) without
+an ask the next starts from the first size again. A request too large for a lease that still has room says
+nothing of the traffic and changes nothing.
 A tenant sending 3,000 requests a second to one process then makes about ten round trips a second for its
 quota rather than two hundred (`loadtest.compare`'s everything-on gateway, 64 concurrent requests, one
 worker: 1,970-2,340 requests/s at 0.48-0.56 ms of CPU each with fixed leases of 16, 2,430-2,750 at
@@ -35,7 +37,8 @@ worker: 1,970-2,340 requests/s at 0.48-0.56 ms of CPU each with fixed leases of 
 - Only a request counted in one scope (its tenant's) takes a lease: a key with limits of its own would
   hold its tenant's room away from the tenant's other keys.
 - An ask whose answer never came (timeout, dropped connection) has whatever it was granted removed at the
-  next flush; what a failed flush could not send goes with the next one.
+  next flush; what a failed flush could not send goes with the next one. Its scopes ask for no lease until a
+  check of theirs is answered again, so an outage leaves one such ask to undo, not one per request.
 - The headers of a request admitted from a lease report what Redis said when it was granted, less what
   this process has taken from it since; other processes' use shows from the next grant.
 """
@@ -48,8 +51,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 QUIET_S = 5.0
-"""Scopes that asked for no lease this long start again from the first size (and a lease given back this long
-ago no longer counts as just given back)."""
+"""Scopes that asked for no lease this long start again from the first size."""
 
 Scopes = tuple[tuple[str, int | None, int | None], ...]
 """The scopes a request is counted in (tenant, and key where it has limits of its own), with their rpm and tpm."""
@@ -75,10 +77,17 @@ class Lease:
     granted_at: float
     taken: int = 0
     tokens_taken: int = 0
+    sized: bool = False
+    """Whether this lease has already set the size of its scopes' next one (each lease does so once at most)."""
 
     @property
     def left(self) -> int:
         return self.granted - self.taken
+
+    @property
+    def used_up(self) -> bool:
+        """No room left for one more request like the one it was granted for."""
+        return self.left == 0 or (bool(self.token_keys) and self.tokens < self.cost)
 
     @property
     def tokens(self) -> int:
@@ -156,6 +165,9 @@ class LeaseBook:
         self._sizes: dict[Scopes, tuple[int, float]] = {}
         """The next ask's size per scopes, where it is not `first_requests`, and when the last ask was made."""
         self._asking: dict[Scopes, asyncio.Future[None]] = {}
+        self._failing: set[Scopes] = set()
+        """Scopes whose last ask's answer was lost: no lease is asked for until a check is answered (during an
+        outage, one lost ask to give back, not one per request)."""
         self._retime: defaultdict[str, list[str]] = defaultdict(list)
         self._spent: list[Lease] = []
         self._lost: list[LostAsk] = []
@@ -180,27 +192,46 @@ class LeaseBook:
     def ask(self, scopes: Scopes) -> int:
         """How many requests' room to ask for along with this admission: none while an ask is in flight, and none
         for a key with limits of its own (its lease would hold the tenant's room away from the tenant's other keys)."""
-        if scopes in self._asking or not self.max_requests or len(scopes) > 1:
+        if scopes in self._asking or scopes in self._failing or not self.max_requests or len(scopes) > 1:
             return 0
         self._asking[scopes] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        size, asked_at = self._sizes.get(scopes, (self.first_requests, now))
-        if now - asked_at >= QUIET_S:
-            size = self.first_requests
         lease = self._leases.get(scopes)
-        if lease is not None and now < lease.until:  # used up within its lifetime: ask for more
-            size = min(size * 2, self.max_requests)
+        if lease is not None:
+            self._resize(scopes, lease, now)
+        size = self._size(scopes, now)
+        self._set_size(scopes, size, now)  # asked now: not quiet
+        return size
+
+    def _size(self, scopes: Scopes, now: float) -> int:
+        size, at = self._sizes.get(scopes, (self.first_requests, now))
+        return size if now - at < QUIET_S else self.first_requests
+
+    def _set_size(self, scopes: Scopes, size: int, now: float) -> None:
         if size > self.first_requests:
             self._sizes[scopes] = (size, now)
         else:
             self._sizes.pop(scopes, None)
-        return size
+
+    def _resize(self, scopes: Scopes, lease: Lease, now: float) -> None:
+        """Once per lease: used up within its lifetime, its scopes' next lease is twice as large; run out of time
+        with more than half of it unused, half as large. (A request too large for a lease with room left says
+        nothing of the traffic.)"""
+        if lease.sized or (now < lease.until and not lease.used_up):
+            return
+        lease.sized = True
+        if now < lease.until:
+            self._set_size(scopes, min(self._size(scopes, now) * 2, self.max_requests), now)
+        elif lease.left * 2 > lease.granted:
+            self._set_size(scopes, self._size(scopes, now) // 2, now)
 
     def answer(
         self, scopes: Scopes, asked: int, found: list[int] | None, request_id: str, cost: int, keys: Keys
     ) -> None:
         """Record what Redis granted for an ask (`found` None: the call failed) and wake who waits on it.
         `keys`: the scopes' requests logs and token counters the grant was added to."""
+        if found is not None:
+            self._failing.discard(scopes)
         if not asked:
             return
         waiting = self._asking.pop(scopes, None)
@@ -209,6 +240,7 @@ class LeaseBook:
         request_keys, token_keys = keys
         if found is None:
             self._lost.append(LostAsk(request_keys, token_keys, request_id, asked, cost))
+            self._failing.add(scopes)
             return
         granted = found[8] if len(found) > 8 else 0
         if not granted:
@@ -248,9 +280,8 @@ class LeaseBook:
             if now >= lease.until:
                 self._spent.append(self._leases.pop(scopes))
                 self._gave_back[scopes] = now
-                if lease.left * 2 > lease.granted:  # mostly unused: ask for less
-                    self._shrink(scopes)
-        self._gave_back = {scopes: at for scopes, at in self._gave_back.items() if now - at < QUIET_S}
+                self._resize(scopes, lease, now)
+        self._gave_back = {scopes: at for scopes, at in self._gave_back.items() if now - at < 5.0}
         self._sizes = {scopes: sized for scopes, sized in self._sizes.items() if now - sized[1] < QUIET_S}
         spent, self._spent = self._spent, []
         lost, self._lost = self._lost, []
@@ -270,11 +301,6 @@ class LeaseBook:
         )
         unsent, self._unsent = self._unsent, Returns()
         return unsent.merge(fresh)
-
-    def _shrink(self, scopes: Scopes) -> None:
-        size, asked_at = self._sizes.pop(scopes, (self.first_requests, 0.0))
-        if size // 2 > self.first_requests:
-            self._sizes[scopes] = (size // 2, asked_at)
 
     def gave_back_since(self, scopes: Scopes, since: float) -> bool:
         """Whether a lease of `scopes` was given back (or its rest queued to go back) at `since` or later."""

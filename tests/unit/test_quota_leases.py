@@ -92,7 +92,7 @@ async def test_a_lease_used_up_within_its_lifetime_doubles_the_next_and_one_left
 ) -> None:
     """Busy: 16, then 32, then 64 (the most, here); quiet: a lease that runs out of time mostly unused makes the
     next ask half as large."""
-    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.3, max_requests=64))
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=1.0, max_requests=64))
     requests_log = keys.quota_requests("tenant:acme")
     await gate.admit(KEY, BUSY, "first", 10)
     counted, lease = 1 + 16, 16
@@ -102,11 +102,49 @@ async def test_a_lease_used_up_within_its_lifetime_doubles_the_next_and_one_left
         await gate.admit(KEY, BUSY, f"ask-{step}", 10)  # the lease is used up: this one asks for the next
         counted, lease = counted + 1 + grant, grant
         assert await redis.zcard(requests_log) == counted, f"a lease of {grant} taken at once"
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     await gate.flush()  # the last lease ran out with all 64 unused: they go back, and the next ask is for 32
     assert await redis.zcard(requests_log) == counted - 64
     await gate.admit(KEY, BUSY, "quiet", 10)
     assert await redis.zcard(requests_log) == counted - 64 + 1 + 32
+
+
+async def test_a_request_too_large_for_a_lease_with_room_does_not_grow_the_next(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=60, max_requests=64))
+    await gate.admit(KEY, BUSY, "first", 10)  # a lease of 16 requests, 160 tokens
+    await gate.admit(KEY, BUSY, "large", 500)  # checked in Redis: the lease had room, just not for this one
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 17 + 1 + 16, "the next lease is 16, not 32"
+
+
+async def test_a_lease_the_next_ask_finds_run_out_mostly_unused_halves_it(redis: aioredis.Redis) -> None:
+    """No flush came between the lease running out and the next ask: the ask shrinks it all the same."""
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=0.3, max_requests=64))
+    requests_log = keys.quota_requests("tenant:acme")
+    await admit_many(gate, BUSY, 1 + 16 + 1, "busy")  # the first lease used up at once: the next is 32
+    assert await redis.zcard(requests_log) == 1 + 16 + 1 + 32
+    await asyncio.sleep(0.35)  # and it runs out unused
+    await gate.admit(KEY, BUSY, "after", 10)
+    assert await redis.zcard(requests_log) == 1 + 16 + 1 + 32 + 1 + 16
+
+
+async def test_an_outage_leaves_one_lost_ask_to_undo_not_one_per_request(redis: aioredis.Redis) -> None:
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(lifetime_s=60, max_requests=64))
+    await gate.admit(KEY, Tenant(name="other", limits=BUSY.limits), "script-loaded", 10)
+    real = gate._admit  # noqa: SLF001
+
+    async def down(keys: list[str], args: list[object]) -> object:
+        raise ConnectionError("Redis is away")
+
+    gate._admit = down  # type: ignore[assignment,method-assign] # noqa: SLF001
+    for i in range(5):
+        assert (await gate.admit(KEY, BUSY, f"during-{i}", 10)).headers == {}, "fail-open"
+    gate._admit = real  # type: ignore[method-assign] # noqa: SLF001
+    await redis.config_resetstat()
+    await gate.flush()
+    undone = int((await redis.info("commandstats")).get("cmdstat_zrem", {}).get("calls", 0))
+    assert undone == 16, f"{undone} members removed: one lost ask of 16, not five"
+    await admit_many(gate, BUSY, 2, "back")
+    assert await redis.zcard(keys.quota_requests("tenant:acme")) == 1 + 1 + 16, "answered again: then a lease"
 
 
 async def test_after_a_quiet_while_leases_start_small_again(
