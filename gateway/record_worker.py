@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 import redis.asyncio as aioredis
 
+from gateway import heap
 from gateway.record_builder import RawRecord, build_entries
 from gateway.record_store import UNREACHABLE, RecordStore
 
@@ -144,6 +145,7 @@ def main() -> None:
     sends all of a message (under PYTHONUNBUFFERED, which the gateway's image sets, `sys.stdout.buffer` is a raw
     file, and its `write` into a full socket that a stop signal interrupts takes only part of one), and with fd 1
     then pointing at stderr, so that nothing a library prints can land in the middle of a message."""
+    heap.steady()
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     asyncio.run(serve(sys.stdin.buffer, answers))

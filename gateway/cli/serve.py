@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from gateway import heap
 from gateway.cli.common import console, fail, progress
 from gateway.settings import Settings
 
@@ -84,6 +85,7 @@ def serve(
 ) -> None:
     """Run the gateway; without LORAGATE_ENGINE_URLS, also start and supervise vLLM."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    heap.steady()
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
     _logging(settings)
@@ -178,6 +180,7 @@ def worker_app() -> FastAPI:
     its environment, which the parent set (the vLLM URLs it started, the base model folder)."""
     from gateway.app import create_app
 
+    heap.steady()
     settings = Settings()
     _logging(settings)
     return create_app(settings, settings.engine_urls, settings.model_dir)
