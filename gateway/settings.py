@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     hot_adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Adapters kept loaded on every replica, never evicted (comma-separated)."
     )
-    max_adapter_upload_bytes: int = Field(1 << 30, description="Largest adapter archive /admin/adapters accepts.")
+    max_adapter_upload_bytes: int = Field(
+        1 << 30, description="Largest adapter archive POST /admin/tenants/T/adapters accepts."
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_tokens_cap: int = Field(
         2048,
