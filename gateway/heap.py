@@ -12,25 +12,31 @@ from mmap and go back when freed; the heap is trimmed once more than TRIM_THRESH
 also caps the heaps at ARENAS: by default each thread that allocates (those behind `asyncio.to_thread`,
 which receive, unpack and verify uploads) may get a heap of its own, each keeping what was freed in it.
 The cost is an mmap and a munmap per large block (a record batch, an upload's buffer): microseconds, not
-on the path of a small request. Where the C library is not glibc (musl, macOS) nothing changes.
+on the path of a small request. Where the C library is not glibc (musl, macOS) nothing changes, and a
+setting an operator gave glibc in the environment (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TRIM_THRESHOLD_`, or its tunable in `GLIBC_TUNABLES`) is left as they gave it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-"""mallopt's parameters (glibc's malloc.h)."""
 MMAP_THRESHOLD = 256 * 1024
 TRIM_THRESHOLD = 512 * 1024
 ARENAS = 2
 """The main heap and one for all threads: most allocations happen under the GIL, so threads seldom contend."""
+SETTINGS = (  # mallopt's parameter (glibc's malloc.h), its value here, how an operator sets it in the environment
+    (-3, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    (-1, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    (-8, ARENAS, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
+)
 
 
 def steady() -> bool:
-    """Fix glibc's mmap and trim thresholds and cap its heaps, for this process (call it before threads start);
-    False where that is not possible (not glibc)."""
+    """Fix glibc's mmap and trim thresholds and cap its heaps, for this process (call it before threads start),
+    except what the environment sets; False where that is not possible (not glibc)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -38,5 +44,10 @@ def steady() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_ARENA_MAX, ARENAS))
-    return all([bool(mallopt(param, value)) for param, value in settings])
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    done = [
+        bool(mallopt(param, value))
+        for param, value, variable, tunable in SETTINGS
+        if variable not in os.environ and tunable not in tunables
+    ]
+    return all(done)

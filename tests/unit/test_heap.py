@@ -5,6 +5,7 @@ the whole process's)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -53,8 +54,12 @@ print(json.dumps({"steadied": steadied, "mapped": held.hblks - before.hblks, "he
 """
 
 
-def probe(mode: str) -> dict[str, int]:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60, check=True)
+def probe(mode: str, **env: str) -> dict[str, int]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60, check=True,
+        env={**environment, **env},
+    )  # fmt: skip
     return dict(json.loads(done.stdout))
 
 
@@ -72,3 +77,9 @@ def test_after_steady_large_blocks_are_mapped_and_given_back() -> None:
     assert found["mapped"] == 1 and found["heap_grew"] == 0, found
     assert found["kept_after"] < 512 * 1024, found
     assert found["heaps"] <= 2, found
+
+
+def test_what_an_operator_set_in_the_environment_is_left_alone() -> None:
+    assert probe("steady", MALLOC_ARENA_MAX="4")["heaps"] == 4, "their cap, not ours"
+    assert probe("steady", GLIBC_TUNABLES="glibc.malloc.arena_max=3")["heaps"] == 3
+    assert probe("steady", MALLOC_ARENA_MAX="4")["mapped"] == 1, "the thresholds they did not set are still fixed"
