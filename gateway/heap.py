@@ -1,16 +1,18 @@
 """How a long-running gateway process's C heap gives memory back: large blocks, once freed, at once.
 
 glibc's malloc serves blocks over its mmap threshold (128 KiB) with mmap, and gives each back when it is
-freed. But the first time such a block is freed, glibc raises the threshold to its size (up to 32 MiB)
-and its heap-trim threshold to twice that: from then on blocks of that size come from the heap, and the
-heap keeps up to twice their size unused at its top. An adapter upload (its 1 MiB write buffer, its
-weights read back to validate them) is enough: measured on a soak, the gateway's RSS then rose and fell by
-2.1-2.3 MiB with each upload, heap memory held for the next one, which over minutes looks like growth.
+freed. But each time a mapped block larger than the threshold is freed, glibc raises the threshold to its
+size (up to 32 MiB on 64-bit) and its heap-trim threshold to twice that: from then on blocks of that size
+come from the heap, and the heap keeps up to twice their size unused at its top. An adapter upload (its
+1 MiB write buffer, its weights read back to validate them) is enough: measured on a soak, the gateway's
+RSS then rose and fell by 2.1-2.3 MiB with each upload, heap memory held for the next one, which over
+minutes looks like growth.
 
-`steady()` fixes both thresholds, which turns that adjustment off: blocks over MMAP_THRESHOLD always come
-from mmap and go back when freed; the heap is trimmed once more than TRIM_THRESHOLD is free at its top. It
-also caps the heaps at ARENAS: by default each thread that allocates (those behind `asyncio.to_thread`,
-which receive, unpack and verify uploads) may get a heap of its own, each keeping what was freed in it.
+`steady()` fixes both thresholds, which turns that adjustment off: blocks over MMAP_THRESHOLD come from
+mmap (unless a free chunk of the heap already fits one) and go back when freed; the heap is trimmed once
+more than TRIM_THRESHOLD is free at its top. It also caps the heaps (arenas) at ARENAS: by default each
+thread that allocates (those behind `asyncio.to_thread`, which receive, unpack and verify uploads) may get
+a heap of its own, each keeping what was freed in it.
 The cost is an mmap and a munmap per large block (a record batch, an upload's buffer): microseconds, not
 on the path of a small request. Where the C library is not glibc (musl, macOS) nothing changes, and a
 setting an operator gave glibc in the environment (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`,
@@ -26,7 +28,8 @@ import platform
 MMAP_THRESHOLD = 256 * 1024
 TRIM_THRESHOLD = 512 * 1024
 ARENAS = 2
-"""The main heap and one for all threads: most allocations happen under the GIL, so threads seldom contend."""
+"""Two heaps shared by all threads (the main one included): most allocations happen under the GIL, so threads
+seldom contend for them."""
 SETTINGS = (  # mallopt's parameter (glibc's malloc.h), its value here, how an operator sets it in the environment
     (-3, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
     (-1, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
@@ -44,7 +47,7 @@ def steady() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    tunables = {item.split("=", 1)[0] for item in os.environ.get("GLIBC_TUNABLES", "").split(":")}
     done = [
         bool(mallopt(param, value))
         for param, value, variable, tunable in SETTINGS
