@@ -12,6 +12,9 @@ from loadtest.runner import console
 WINDOW_S = 10.0
 """Width of the windows of the timeline (request rate and latency over time)."""
 MIB = 2**20
+MIN_VERDICT_S = 300.0
+"""A shorter run gives no verdict on memory: over a half of under 2.5 minutes, one allocator step of 1 MiB is
+a slope of 24 MiB/h (the `--quick` smoke run's 1.5 minutes judge nothing)."""
 
 
 def summarise_requests(samples: Sequence[tuple[float, str, float, bool]], duration_s: float) -> dict[str, Any]:
@@ -63,7 +66,8 @@ def memory_verdict(samples: Sequence[dict[str, Any]], flat_mib_per_h: float) -> 
             "second_half": slope_mib_per_h([s["t_s"] for s in second], [s[part] for s in second]),
         }
     half = out["gateway"]["second_half"]
-    out["flat"] = None if half is None else half["slope"] < flat_mib_per_h
+    long_enough = samples[-1]["t_s"] - samples[0]["t_s"] >= MIN_VERDICT_S
+    out["flat"] = None if half is None or not long_enough else half["slope"] < flat_mib_per_h
     return out
 
 
@@ -85,7 +89,7 @@ def _memory_rows(mem: dict[str, Any]) -> list[str]:
 
 def _verdict(mem: dict[str, Any]) -> str:
     if mem.get("flat") is None:
-        return "not enough samples for a verdict"
+        return f"no verdict (a run of at least {MIN_VERDICT_S / 60:g} minutes gives one)"
     return "**flat**" if mem["flat"] else "**growing**"
 
 

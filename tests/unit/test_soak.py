@@ -48,6 +48,15 @@ def test_a_shrinking_gateway_is_flat_and_too_few_samples_give_no_verdict() -> No
     assert memory_verdict([], flat_mib_per_h=10)["flat"] is None
 
 
+def test_a_smoke_run_too_short_to_judge_gets_no_verdict_but_its_slopes() -> None:
+    quick = [s for s in samples(60.0) if s["t_s"] <= 90]  # `--quick`: 1.5 minutes
+    verdict = memory_verdict(quick, flat_mib_per_h=10)
+    assert verdict["flat"] is None, "a minute and a half judges nothing"
+    assert verdict["gateway"]["second_half"]["slope"] == pytest.approx(60, abs=1e-6)
+    five = [s for s in samples(60.0) if s["t_s"] <= 300]
+    assert memory_verdict(five, flat_mib_per_h=10)["flat"] is False
+
+
 def test_requests_by_kind_count_failures_apart_from_the_latency_of_answers() -> None:
     runs = [
         (1.0, "chat", 0.2, True),
