@@ -262,9 +262,12 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks = await _start(app, settings, urls, model_dir)
         gc.freeze()  # what start-up built lives as long as the process: no collection needs to scan it again
+        thresholds = gc.get_threshold()
+        gc.set_threshold(settings.gc_threshold)  # the youngest generation's; the older ones' stay Python's
         try:
             yield
         finally:
+            gc.set_threshold(*thresholds)
             await _stop(app.state.services, tasks)
 
     app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
