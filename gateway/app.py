@@ -267,8 +267,10 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
         try:
             yield
         finally:
-            gc.set_threshold(*thresholds)
-            await _stop(app.state.services, tasks)
+            try:
+                await _stop(app.state.services, tasks)
+            finally:
+                gc.set_threshold(*thresholds)
 
     app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
         title="loragate",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import pickle
@@ -36,7 +35,6 @@ import redis.asyncio as aioredis
 from gateway import heap
 from gateway.record_builder import RawRecord, build_entries
 from gateway.record_store import UNREACHABLE, RecordStore
-from gateway.settings import Settings
 
 log = logging.getLogger("loragate.recorder")
 HEADER = 8
@@ -148,7 +146,6 @@ def main() -> None:
     file, and its `write` into a full socket that a stop signal interrupts takes only part of one), and with fd 1
     then pointing at stderr, so that nothing a library prints can land in the middle of a message."""
     heap.steady()
-    gc.set_threshold(Settings().gc_threshold)  # a batch's records are thousands of young objects, most freed with it
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     asyncio.run(serve(sys.stdin.buffer, answers))

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         20_000,
         ge=700,
         description="Objects a gateway process allocates, net of those freed, before Python's collector scans its "
-        "youngest ones (Python's default: 700, at which a gateway under load spent a fifth of its CPU collecting).",
+        "youngest ones (Python's default: 700; 20,000 used 5-19% less CPU per request at full load).",
     )
     record_workers: int = Field(
         1, ge=0, le=1, description="1: records are built and written in a process of their own; 0: built in a thread."
