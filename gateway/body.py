@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pydantic_core
 from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ClientClosed, InvalidRequest, PayloadTooLarge
+
+_MAYBE_HUGE = re.compile(rb"[eE]\+?0*[1-9][0-9]{2}|[0-9]{200}")
+"""What a body must hold somewhere for a number in it to parse to an infinite float: an exponent of 3 digits or
+more, or 200 digits in a row (below both, a number is under 10^299, and floats reach 1.8 x 10^308). Most bodies hold
+neither, and skip the walk over every value; one that does (a prompt saying "e100" too) is walked."""
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -41,7 +47,7 @@ async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, A
         ) from exc
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if not _finite(payload):
+    if _MAYBE_HUGE.search(raw) and not _finite(payload):
         raise InvalidRequest("The request body holds a number too large to represent; JSON numbers must be finite.")
     return payload, size
 
