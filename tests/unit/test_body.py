@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
-from gateway.body import read_json_sized
+from gateway.body import _maybe_huge, read_json_sized
 from gateway.errors import InvalidRequest
 
 
@@ -38,3 +38,13 @@ def test_an_ordinary_body_is_read_whole() -> None:
         "temperature": 0.7,
         "max_tokens": 16,
     }
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"1E+0400", b"2.5E+309", b"1e0000100", b"7" * 200])
+def test_the_cheap_check_finds_every_shape_that_could_overflow(number: bytes) -> None:
+    assert _maybe_huge(b'{"n": %s}' % number)
+
+
+def test_an_ordinary_chat_request_skips_the_walk() -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "3 jokes, e.g. 100"}], "temperature": 1e-5}'
+    assert not _maybe_huge(body)

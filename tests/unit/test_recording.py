@@ -4,6 +4,7 @@ them killed and restarted)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -295,6 +296,41 @@ async def test_pipelined_batches_are_written_in_the_order_they_came(
     assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(20)]
     assert metrics.registry.get_sample_value("loragate_records_written_total") == 20
     assert list(recorder.recent) == [f"chatcmpl-{n}" for n in range(20)]
+    await recorder.close()
+
+
+async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_fill_a_batch(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Under load a cycle does not hand over the few records that came in while it ran (batches would shrink to a
+    handful, each costing a script run): they wait for the next cycle, or for `written`, which flushes them."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=4, interval_s=30)
+    arrivals = iter([range(3, 5), range(5, 10), range(0)])
+    send = recorder._builder.send
+
+    async def arriving(*args: Any) -> None:
+        for n in next(arrivals, range(0)):
+            recorder.record(context(Tenant(name="t"), n))
+        await send(*args)
+
+    recorder._builder.send = arriving  # type: ignore[method-assign]
+    for n in range(3):
+        recorder.record(context(Tenant(name="t"), n))
+
+    async def logged() -> list[str]:
+        return stream_ids(await redis.xrange(keys.completion_log("t")))
+
+    await recorder._cycle()
+    assert await logged() == [f"chatcmpl-{n}" for n in range(3)] and len(recorder._queue) == 2
+    await recorder._cycle()  # 3 and 4 were queued before it began; 5-8 fill a batch during it; 9 waits
+    assert await logged() == [f"chatcmpl-{n}" for n in range(9)] and len(recorder._queue) == 1
+    running = asyncio.create_task(recorder.run())
+    await asyncio.wait_for(recorder.written(), 5)  # long before the 30 s interval
+    assert await logged() == [f"chatcmpl-{n}" for n in range(10)]
+    await recorder.stop()
+    await running
     await recorder.close()
 
 
