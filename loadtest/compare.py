@@ -66,14 +66,18 @@ class Config:
     """Closed-loop clients for saturation."""
     saturation_s: float = 6.0
     """Seconds of closed-loop load per target."""
+    phase_rounds: int = 3
+    """The open-loop and closed-loop phases are cut into this many segments per target, run in turns (the order
+    rotating): a machine whose speed drifts during the run then slows every target alike, not the one measured
+    at that moment. Each phase's figures pool its segments."""
     users: int = 1000
     """Distinct end users (`user`) the requests cycle through (the experiment assigns each)."""
 
     def __post_init__(self) -> None:
         if not self.workers or min(self.workers) < 1:
             raise ValueError("workers must be one or more counts >= 1")
-        if min(self.rounds, self.concurrency, self.users) < 1 or self.warmup < 0:
-            raise ValueError("rounds, concurrency and users must be >= 1, warmup >= 0")
+        if min(self.rounds, self.concurrency, self.users, self.phase_rounds) < 1 or self.warmup < 0:
+            raise ValueError("rounds, phase_rounds, concurrency and users must be >= 1, warmup >= 0")
         if min(self.rate, self.open_s, self.saturation_s) <= 0:
             raise ValueError("rate, open_s and saturation_s must be > 0")
 
@@ -156,6 +160,27 @@ async def full_metrics(session: aiohttp.ClientSession, full: Target) -> dict[str
     }
 
 
+async def loaded_phases(
+    session: aiohttp.ClientSession, ordered: list[Target], cfg: Config
+) -> tuple[dict[str, LoadResult], dict[str, LoadResult]]:
+    """The open-loop phase, then the closed-loop one, each in `cfg.phase_rounds` turns over the targets."""
+    fixed: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
+    saturated: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
+    open_s, closed_s = cfg.open_s / cfg.phase_rounds, cfg.saturation_s / cfg.phase_rounds
+    for turn in range(cfg.phase_rounds):
+        for target in ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]:
+            with console.status(f"open loop, {cfg.rate:g} requests/s, turn {turn + 1}: {target.name}"):
+                fixed[target.name].append(await open_loop(session, target, cfg.rate, open_s))
+                await asyncio.sleep(1)  # let a target that fell behind finish before the next one
+    for turn in range(cfg.phase_rounds):
+        for target in ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]:
+            with console.status(f"closed loop, {cfg.concurrency} clients, turn {turn + 1}: {target.name}"):
+                saturated[target.name].append(await closed_loop(session, target, cfg.concurrency, closed_s))
+                await asyncio.sleep(1)
+    pooled = LoadResult.combined
+    return {n: pooled(parts) for n, parts in fixed.items()}, {n: pooled(parts) for n, parts in saturated.items()}
+
+
 def summaries(results: dict[str, LoadResult]) -> dict[str, dict[str, Any]]:
     return {name: result.summary() for name, result in results.items()}
 
@@ -173,16 +198,7 @@ async def measure(targets: dict[str, Target], cfg: Config) -> dict[str, Any]:
                 await closed_loop(session, target, max(cfg.concurrency // 4, 1), 0.5)
         with console.status(f"sequential: {cfg.rounds} rounds over {len(ordered)} targets"):
             seq = summaries(await sequential(session, ordered, cfg.rounds))
-        fixed: dict[str, LoadResult] = {}
-        saturated: dict[str, LoadResult] = {}
-        for target in ordered:
-            with console.status(f"open loop, {cfg.rate:g} requests/s for {cfg.open_s:g} s: {target.name}"):
-                fixed[target.name] = await open_loop(session, target, cfg.rate, cfg.open_s)
-                await asyncio.sleep(1)  # let a target that fell behind finish before the next one
-        for target in ordered:
-            with console.status(f"closed loop, {cfg.concurrency} clients for {cfg.saturation_s:g} s: {target.name}"):
-                saturated[target.name] = await closed_loop(session, target, cfg.concurrency, cfg.saturation_s)
-                await asyncio.sleep(1)
+        fixed, saturated = await loaded_phases(session, ordered, cfg)
         checks["full_metrics"] = await full_metrics(session, targets["full"])
     opened, closed = summaries(fixed), summaries(saturated)
     per_target = {
@@ -235,6 +251,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--open-s", type=float, default=defaults.open_s, help="Open-loop seconds per target.")
     parser.add_argument("-c", "--concurrency", type=int, default=defaults.concurrency, help="Closed-loop clients.")
     parser.add_argument("--saturation-s", type=float, default=defaults.saturation_s, help="Closed-loop seconds.")
+    parser.add_argument(
+        "--phase-rounds", type=int, default=defaults.phase_rounds, help="Turns the open and closed loops are cut into."
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -245,6 +264,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
             open_s=args.open_s,
             concurrency=args.concurrency,
             saturation_s=args.saturation_s,
+            phase_rounds=args.phase_rounds,
         )
     except ValueError as exc:
         parser.error(str(exc))

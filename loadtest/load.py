@@ -92,6 +92,19 @@ class LoadResult:
         self.errors += 1
         self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:300]
 
+    @classmethod
+    def combined(cls, parts: list[LoadResult]) -> LoadResult:
+        """One phase's result from its segments (run in turns with other targets'): latencies pooled, counts, time
+        and CPU summed."""
+        whole = cls()
+        for part in parts:
+            whole.latencies_s += part.latencies_s
+            whole.errors, whole.dropped = whole.errors + part.errors, whole.dropped + part.dropped
+            whole.elapsed_s += part.elapsed_s
+            whole.cpu_s = None if part.cpu_s is None else (whole.cpu_s or 0.0) + part.cpu_s
+            whole.first_error = whole.first_error or part.first_error
+        return whole
+
     def summary(self) -> dict[str, Any]:
         done = len(self.latencies_s)
         out: dict[str, Any] = {**summarise(self.latencies_s), "errors": self.errors, "dropped": self.dropped}
