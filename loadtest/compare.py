@@ -67,9 +67,9 @@ class Config:
     saturation_s: float = 6.0
     """Seconds of closed-loop load per target."""
     phase_rounds: int = 3
-    """The open-loop and closed-loop phases are cut into this many segments per target, run in turns (the order
-    rotating): a machine whose speed drifts during the run then slows every target alike, not the one measured
-    at that moment. Each phase's figures pool its segments."""
+    """The open-loop and closed-loop phases are cut into this many segments per target, run in turns (always in
+    the same order): a machine whose speed drifts during the run then slows every target alike, not the one
+    measured at that moment. Each phase's figures pool its segments."""
     users: int = 1000
     """Distinct end users (`user`) the requests cycle through (the experiment assigns each)."""
 
@@ -163,17 +163,19 @@ async def full_metrics(session: aiohttp.ClientSession, full: Target) -> dict[str
 async def loaded_phases(
     session: aiohttp.ClientSession, ordered: list[Target], cfg: Config
 ) -> tuple[dict[str, LoadResult], dict[str, LoadResult]]:
-    """The open-loop phase, then the closed-loop one, each in `cfg.phase_rounds` turns over the targets."""
+    """The open-loop phase, then the closed-loop one, each in `cfg.phase_rounds` turns over the targets, in the same
+    order every turn: LiteLLM, which cannot keep up with the open loop's rate, last, so that whatever it still
+    works through after its segment falls on the next turn's mock (direct), not on a gateway under test."""
     fixed: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
     saturated: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
     open_s, closed_s = cfg.open_s / cfg.phase_rounds, cfg.saturation_s / cfg.phase_rounds
     for turn in range(cfg.phase_rounds):
-        for target in ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]:
+        for target in ordered:
             with console.status(f"open loop, {cfg.rate:g} requests/s, turn {turn + 1}: {target.name}"):
                 fixed[target.name].append(await open_loop(session, target, cfg.rate, open_s))
                 await asyncio.sleep(1)  # let a target that fell behind finish before the next one
     for turn in range(cfg.phase_rounds):
-        for target in ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]:
+        for target in ordered:
             with console.status(f"closed loop, {cfg.concurrency} clients, turn {turn + 1}: {target.name}"):
                 saturated[target.name].append(await closed_loop(session, target, cfg.concurrency, closed_s))
                 await asyncio.sleep(1)

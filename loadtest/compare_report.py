@@ -103,7 +103,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Sequential: {cfg['rounds']} rounds (after {cfg['warmup']}), one request to each target per round in "
         f"rotating order; open loop: {cfg['rate']:g} requests/s for {cfg['open_s']:g} s per target, latency "
         f"from when each request was due; saturation: {cfg['concurrency']} clients for {cfg['saturation_s']:g} s "
-        f"per target; both loops in {cfg.get('phase_rounds', 1)} turn(s) over the targets (rotating order), "
+        f"per target; both loops in {cfg.get('phase_rounds', 1)} turn(s) over the targets (LiteLLM last), "
         "pooled; CPU per request: the target's process tree (workers, record process) during saturation.",
         "",
         "## Targets (everything on)",
