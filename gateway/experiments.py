@@ -11,6 +11,7 @@ state version that all gateway processes watch, so a change reaches every proces
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import time
 from typing import Annotated, Literal
@@ -20,7 +21,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -161,15 +161,10 @@ class Experiment(BaseModel):
             self.allocation = base64.b64encode(allocate([arm.weight for arm in self.arms])).decode()
         return self
 
-    _decoded: tuple[str, bytes] | None = PrivateAttr(None)
-
     @property
     def buckets(self) -> bytes:
         """The allocation, decoded once per allocation (routing reads it on every request)."""
-        decoded = self._decoded
-        if decoded is None or decoded[0] is not self.allocation:
-            decoded = self._decoded = (self.allocation, base64.b64decode(self.allocation))
-        return decoded[1]
+        return _decoded(self.allocation)
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -180,6 +175,13 @@ class Experiment(BaseModel):
     @property
     def control_index(self) -> int:
         return [arm.name for arm in self.arms].index(self.control)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(allocation: str) -> bytes:
+    """An allocation's buckets. Cached by its text, whose hash Python keeps on the string: a cached experiment's
+    lookup is one dict probe (a private attribute of the pydantic model went through its `__getattr__`)."""
+    return base64.b64decode(allocation)
 
 
 class ExperimentStore:

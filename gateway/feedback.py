@@ -175,7 +175,7 @@ class FeedbackStore:
     async def owned(self, tenant: Tenant, completion_id: str) -> bool | None:
         """Whether the completion is the tenant's; None when it cannot be told yet (Redis is down, or the
         log is spooling). A completion answered a moment ago may not be logged yet: this process's queue
-        is written first, and other processes (which write every 50 ms) are waited for, up to `settle_s`.
+        is written first, and other processes (which write within tens of ms) are waited for, up to `settle_s`.
         Another tenant's completion takes the very path of an unknown id (the same waits and Redis calls,
         and the same answer), so that neither tells whether the id exists."""
         if self._answered_here(tenant, completion_id):

@@ -164,8 +164,10 @@ async def loaded_phases(
     session: aiohttp.ClientSession, ordered: list[Target], cfg: Config
 ) -> tuple[dict[str, LoadResult], dict[str, LoadResult]]:
     """The open-loop phase, then the closed-loop one, each in `cfg.phase_rounds` turns over the targets, in the same
-    order every turn: LiteLLM, which cannot keep up with the open loop's rate, last, so that whatever it still
-    works through after its segment falls on the next turn's mock (direct), not on a gateway under test."""
+    order every turn: LiteLLM last. It cannot keep up with the open loop's rate; a request the client gives up on
+    (15 s) it still works through, and so does its background work, after its segment: that falls on the next
+    turn's mock (direct: its own figures are no target's), not on a gateway under test. Each closed-loop segment
+    is charged the CPU of the second after it too (a gateway's record process writing its last records)."""
     fixed: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
     saturated: dict[str, list[LoadResult]] = {target.name: [] for target in ordered}
     open_s, closed_s = cfg.open_s / cfg.phase_rounds, cfg.saturation_s / cfg.phase_rounds
@@ -177,8 +179,7 @@ async def loaded_phases(
     for turn in range(cfg.phase_rounds):
         for target in ordered:
             with console.status(f"closed loop, {cfg.concurrency} clients, turn {turn + 1}: {target.name}"):
-                saturated[target.name].append(await closed_loop(session, target, cfg.concurrency, closed_s))
-                await asyncio.sleep(1)
+                saturated[target.name].append(await closed_loop(session, target, cfg.concurrency, closed_s, 1.0))
     pooled = LoadResult.combined
     return {n: pooled(parts) for n, parts in fixed.items()}, {n: pooled(parts) for n, parts in saturated.items()}
 

@@ -96,13 +96,14 @@ class LoadResult:
     def combined(cls, parts: list[LoadResult]) -> LoadResult:
         """One phase's result from its segments (run in turns with other targets'): latencies pooled, counts, time
         and CPU summed."""
-        whole = cls()
+        whole = cls(cpu_s=0.0)
         for part in parts:
             whole.latencies_s += part.latencies_s
             whole.errors, whole.dropped = whole.errors + part.errors, whole.dropped + part.dropped
             whole.elapsed_s += part.elapsed_s
-            whole.cpu_s = None if part.cpu_s is None else (whole.cpu_s or 0.0) + part.cpu_s
             whole.first_error = whole.first_error or part.first_error
+        cpu = [part.cpu_s for part in parts]
+        whole.cpu_s = sum(c for c in cpu if c is not None) if parts and None not in cpu else None
         return whole
 
     def summary(self) -> dict[str, Any]:
@@ -115,13 +116,15 @@ class LoadResult:
         return out
 
 
-async def metered(target: Target, run: Callable[[LoadResult], Any]) -> LoadResult:
-    """Run one phase against `target`, charging it the CPU time its process tree spent meanwhile."""
+async def metered(target: Target, run: Callable[[LoadResult], Any], settle_s: float = 0.0) -> LoadResult:
+    """Run one phase against `target`, charging it the CPU time its process tree spent meanwhile and for `settle_s`
+    after (what it still does for the phase once the load stops: its record process writing the last records)."""
     result = LoadResult()
     before = tree_cpu_seconds(target.pid) if target.pid else None
     started = time.perf_counter()
     await run(result)
     result.elapsed_s = time.perf_counter() - started
+    await asyncio.sleep(settle_s)
     if before is not None and target.pid:
         result.cpu_s = tree_cpu_seconds(target.pid) - before
     return result
@@ -206,11 +209,11 @@ def recording(session: aiohttp.ClientSession, target: Target, result: LoadResult
 
 
 async def closed_loop(
-    session: aiohttp.ClientSession, target: Target, concurrency: int, duration_s: float
+    session: aiohttp.ClientSession, target: Target, concurrency: int, duration_s: float, settle_s: float = 0.0
 ) -> LoadResult:
     """`concurrency` connections of loadtest.wire in a closed loop for `duration_s` (`session` is not used);
     the bodies rotate on from where `target.body()` left them. `elapsed_s` runs from the first request
-    sent (the connections open) to the last answer; the CPU charged covers the whole phase."""
+    sent (the connections open) to the last answer; the CPU charged covers the whole phase and `settle_s` after."""
     address, requests = wire.build(target.method, target.url, target.headers, target.bodies)
     first = (target.sent + 1) % len(requests)
     outcome = wire.WireResult()
@@ -221,7 +224,7 @@ async def closed_loop(
         result.latencies_s, result.errors = outcome.latencies_s, outcome.errors
         result.first_error = f"{target.name}: {outcome.first_error}" if outcome.first_error else None
 
-    result = await metered(target, run)
+    result = await metered(target, run, settle_s)
     result.elapsed_s = outcome.elapsed_s
     target.sent += len(result.latencies_s) + result.errors
     return result

@@ -20,7 +20,8 @@ def test_segments_pool_latencies_counts_time_and_cpu() -> None:
 
 def test_cpu_is_unknown_when_a_segment_could_not_measure_it() -> None:
     parts = [LoadResult([0.001], elapsed_s=1.0, cpu_s=0.1), LoadResult([0.001], elapsed_s=1.0)]
-    assert LoadResult.combined(parts).summary()["cpu_ms_per_request"] is None
+    for order in (parts, parts[::-1]):
+        assert LoadResult.combined(order).summary()["cpu_ms_per_request"] is None
 
 
 def test_phase_rounds_must_be_positive() -> None:

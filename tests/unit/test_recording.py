@@ -303,16 +303,21 @@ async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     """Under load a cycle does not hand over the few records that came in while it ran (batches would shrink to a
-    handful, each costing a script run): they wait for the next cycle, or for `written`, which flushes them."""
+    handful, each costing a script run): they wait for the next cycle, unless they fill a batch or `written` waits
+    for them."""
     spool = Spool(tmp_path, fsync=False)
     spool.open()
     recorder = Recorder(redis, spool, Metrics(), batch=4, interval_s=30)
-    arrivals = iter([range(3, 5), range(5, 10), range(0)])
+    arrivals = [range(3, 5), range(5, 10), range(0), range(10, 12)]  # during each batch handed over
+    waiting: list[asyncio.Task[None]] = []
     send = recorder._builder.send
 
     async def arriving(*args: Any) -> None:
-        for n in next(arrivals, range(0)):
+        for n in arrivals.pop(0) if arrivals else ():
             recorder.record(context(Tenant(name="t"), n))
+        if not arrivals and not waiting:  # the third cycle: 10 and 11 came in, and someone waits for them
+            waiting.append(asyncio.create_task(recorder.written()))
+            await asyncio.sleep(0)
         await send(*args)
 
     recorder._builder.send = arriving  # type: ignore[method-assign]
@@ -326,11 +331,9 @@ async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_
     assert await logged() == [f"chatcmpl-{n}" for n in range(3)] and len(recorder._queue) == 2
     await recorder._cycle()  # 3 and 4 were queued before it began; 5-8 fill a batch during it; 9 waits
     assert await logged() == [f"chatcmpl-{n}" for n in range(9)] and len(recorder._queue) == 1
-    running = asyncio.create_task(recorder.run())
-    await asyncio.wait_for(recorder.written(), 5)  # long before the 30 s interval
-    assert await logged() == [f"chatcmpl-{n}" for n in range(10)]
-    await recorder.stop()
-    await running
+    await recorder._cycle()  # 9 was queued before it began; 10 and 11 are waited for: they go in this cycle too
+    assert await logged() == [f"chatcmpl-{n}" for n in range(12)] and not recorder._queue
+    await asyncio.wait_for(waiting[0], 5)
     await recorder.close()
 
 
