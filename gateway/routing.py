@@ -30,7 +30,7 @@ from gateway.tenants import InvalidTenant, check_tenant_name
 
 
 class Route(NamedTuple):
-    """Immutable and built on every request: a named tuple builds in a tenth of a frozen dataclass's time."""
+    """Immutable and built on every request: a named tuple builds in a fifth of a frozen dataclass's time."""
 
     requested: str
     upstream_model: str
