@@ -96,7 +96,7 @@ class LoadResult:
     def combined(cls, parts: list[LoadResult]) -> LoadResult:
         """One phase's result from its segments (run in turns with other targets'): latencies pooled, counts, time
         and CPU summed."""
-        whole = cls(cpu_s=0.0)
+        whole = cls()
         for part in parts:
             whole.latencies_s += part.latencies_s
             whole.errors, whole.dropped = whole.errors + part.errors, whole.dropped + part.dropped
