@@ -9,6 +9,12 @@ redis-py's `Lock`) from their check to their write: whichever comes second sees 
 pointer's check (`pointing_at`) reads the adapter's folder afresh, not this process's registry cache, which
 may not have seen another process's delete yet.
 
+A version added while its tenant is deleted (an upload, `loragate adapters add`, a retraining run's candidate:
+each takes seconds to minutes) must not outlive the tenant, nor pass to a tenant created again under its name:
+`keep_if_still_owned`, called once the version is stored, removes it unless the same tenant (same `created`) still
+exists. A deletion that comes after that check removes the version itself: it deletes the tenant in Redis before it
+sweeps the tenant's adapter folders.
+
 A lock is held for the time of one check and write (a delete unloads the version from the replicas after
 letting go); a process that dies holding it frees it after `HOLD_S`. A change that waits longer than
 `WAIT_S` for it is refused (`AdapterBusy`: 409 `adapter_busy`), to be tried again. Targets are compared as
@@ -27,13 +33,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import LockError
 
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
-from adapters.store import AdapterStore
+from adapters.store import AdapterNotFound, AdapterStore
 from gateway import keys
 from gateway.errors import ModelNotFound
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Route, Router
-from gateway.tenants import check_tenant_name
+from gateway.tenants import Tenant, TenantNotFound, TenantStore, check_tenant_name
 
 HOLD_S = 60.0
 WAIT_S = 10.0
@@ -195,3 +201,17 @@ async def delete_version(
         if not await asyncio.to_thread(store.versions, ref.name):
             await PointerStore(redis).forget_adapter(tenant, ref.name)
     return manifest
+
+
+async def keep_if_still_owned(tenants: TenantStore, store: AdapterStore, owner: Tenant, manifest: Manifest) -> None:
+    """Keep `manifest`, just stored in `owner`'s `store`, only if `owner` still exists (the same tenant, not one
+    created again under its name); otherwise remove it and raise TenantNotFound."""
+    try:
+        current = await tenants.get(owner.name)
+    except TenantNotFound:
+        current = None
+    if current is not None and current.created == owner.created:
+        return
+    with suppress(AdapterNotFound):  # the deletion's own sweep may have come first
+        await asyncio.to_thread(store.remove, manifest.name, manifest.version)
+    raise TenantNotFound(owner.name)

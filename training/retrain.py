@@ -26,12 +26,13 @@ from pydantic import BaseModel, Field
 
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
+from gateway import version_guard
 from gateway.apikeys import KeyStore
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
-from gateway.tenants import TenantStore
+from gateway.tenants import Tenant, TenantNotFound, TenantStore
 from training import dataset, eval_report, evaluate, publish, sources, train
 from training.config import RetrainConfig
 
@@ -48,6 +49,9 @@ class RunState(BaseModel):
     alias: str
     config: dict[str, Any]
     created: float = Field(default_factory=time.time)
+    tenant_created: float | None = None
+    """When the tenant was created, as its first step found it: a tenant deleted and created again under its name
+    is another, and gets nothing of this run (None: a run.json from before this field)."""
     done: list[str] = Field(default_factory=list)
     serving: dict[str, Any] | None = None
     data_card: dict[str, Any] | None = None
@@ -132,7 +136,8 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
     state, config = run.state, run.config
     before = await publish.serving(PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias)
     progress(f"alias {state.alias} serves {before.target}; reading its feedback")
-    policy = (await TenantStore(stack.state).get(state.tenant)).logging  # tenants live in the state Redis
+    tenant = await TenantStore(stack.state).get(state.tenant)  # tenants live in the state Redis
+    policy, state.tenant_created = tenant.logging, state.tenant_created or tenant.created
     loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias, policy=policy)
     built = await asyncio.to_thread(dataset.build, loaded, config)
     card = await asyncio.to_thread(dataset.write, built, run.data)
@@ -172,16 +177,37 @@ def _provenance(run: Run, base: str) -> dict[str, Any]:
     }
 
 
+async def _owner(run: Run, stack: Stack) -> Tenant:
+    """The run's tenant, refused if it was deleted since the run began (or created again: another tenant)."""
+    state, tenants = run.state, TenantStore(stack.state)
+    try:
+        tenant = await tenants.get(state.tenant)
+    except TenantNotFound:
+        tenant = None
+    if tenant is None or tenant.created != (state.tenant_created or tenant.created):
+        raise _tenant_gone(state)
+    return tenant
+
+
+def _tenant_gone(state: RunState) -> publish.RetrainRefused:
+    return publish.RetrainRefused(f"Tenant {state.tenant} was deleted after run {state.run_id} began.")
+
+
 async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
     """The trained adapter as an unlisted version of the adapter the alias serves."""
     run.require("fit")
     state, settings = run.state, stack.settings
     assert state.serving is not None and state.train is not None
+    owner, store = await _owner(run, stack), stack.registry.store(state.tenant)
     spec = await asyncio.to_thread(lambda: BaseModelSpec.from_folder(_base_dir(settings), settings.served_model_name))
     staged = await asyncio.to_thread(
-        publish.stage, stack.registry.store(state.tenant), Path(state.train["adapter_dir"]),
+        publish.stage, store, Path(state.train["adapter_dir"]),
         state.serving["adapter_name"], spec, settings.max_lora_rank, _provenance(run, settings.served_model_name),
     )  # fmt: skip
+    try:
+        await version_guard.keep_if_still_owned(TenantStore(stack.state), store, owner, staged)
+    except TenantNotFound as exc:
+        raise _tenant_gone(state) from exc
     state.candidate = staged.ref
     run.save()
     progress(f"candidate {staged.ref} staged (unlisted)")
@@ -194,6 +220,7 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
     import openai
 
     state, config = run.state, run.config
+    await _owner(run, stack)  # its training key must not go to a tenant created again under its name
     candidate = state.candidate or await stage_candidate(run, stack, progress)
     assert state.serving is not None
     base = stack.settings.served_model_name
@@ -225,6 +252,7 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
     run.require("eval")
     state, config = run.state, run.config
     assert state.eval is not None and state.candidate is not None and state.serving is not None
+    await _owner(run, stack)
     store = stack.registry.store(state.tenant)
     name, version = state.candidate.split("@")
     candidate = await asyncio.to_thread(store.manifest, name, int(version))

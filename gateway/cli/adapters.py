@@ -47,13 +47,18 @@ def adapters_add(
 ) -> None:
     """Validate an adapter against the base model and store it as the tenant's next version of NAME."""
     from adapters.validate import BaseModelSpec
+    from gateway import version_guard
     from gateway.cli.serve import base_folder
+    from gateway.tenants import TenantStore
 
     settings = Settings()
-    tenant_must_exist(tenant)
+    owner = tenant_must_exist(tenant)
     base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
+    store = _store(tenant)
     with refusals():
-        manifest = _store(tenant).add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
+        manifest = store.add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
+    # deleted meanwhile (perhaps created again): the version goes, not to a later tenant of that name
+    with_redis(lambda redis: version_guard.keep_if_still_owned(TenantStore(redis), store, owner, manifest))
     typer.echo(manifest.ref)
 
 

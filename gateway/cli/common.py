@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import getpass
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.tenants import Tenant
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -85,14 +88,14 @@ def with_redis(work: Callable[..., Awaitable[T]], records: bool = False) -> T:
         return asyncio.run(run())
 
 
-def tenant_must_exist(tenant: str) -> None:
-    """End the command unless the tenant exists."""
+def tenant_must_exist(tenant: str) -> Tenant:
+    """The tenant; the command ends unless it exists."""
     from gateway.tenants import TenantStore
 
-    async def get(redis: Any) -> None:
-        await TenantStore(redis).get(tenant)
+    async def get(redis: Any) -> Tenant:
+        return await TenantStore(redis).get(tenant)
 
-    with_redis(get)
+    return with_redis(get)
 
 
 def alias_must_be_free(tenant: str, alias: str) -> None:

@@ -14,7 +14,6 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import tempfile
@@ -36,7 +35,7 @@ from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
-from gateway.tenants import Tenant, TenantNotFound, check_tenant_name
+from gateway.tenants import Tenant, check_tenant_name
 
 log = logging.getLogger("loragate")
 
@@ -162,20 +161,14 @@ async def add_adapter(
 
 
 async def _still_owned(request: Request, owner: Tenant, manifest: Manifest) -> None:
-    """An upload takes a while (streaming, unpacking, hashing): if its tenant was deleted meanwhile (and perhaps
-    created again), the version is removed, not left for a later tenant of that name; a deletion after this check
-    removes it itself (it removes the tenant's adapters once the tenant is gone)."""
+    """An upload takes a while (streaming, unpacking, hashing): a version whose tenant was deleted meanwhile is
+    removed (gateway.version_guard.keep_if_still_owned), and the upload answered 404."""
     svc = services(request)
     try:
-        current = await svc.tenants.get(owner.name)
-    except TenantNotFound:
-        current = None
-    if current is None or current.created != owner.created:
-        with contextlib.suppress(AdapterNotFound):  # the deletion's own sweep may have come first
-            await asyncio.to_thread(svc.registry.store(owner.name).remove, manifest.name, manifest.version)
-        svc.registry.invalidate(owner.name, manifest.name)
         with domain_errors():
-            raise TenantNotFound(owner.name)
+            await version_guard.keep_if_still_owned(svc.tenants, svc.registry.store(owner.name), owner, manifest)
+    finally:
+        svc.registry.invalidate(owner.name, manifest.name)
 
 
 @router.delete(

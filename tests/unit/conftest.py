@@ -58,7 +58,12 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
+def base(tiny_base_dir: Path) -> BaseModelSpec:
+    return BaseModelSpec.from_folder(tiny_base_dir, "tiny-base")
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-shaped base: two layers, hidden 32, with the module names a real one has."""
     folder = tmp_path_factory.mktemp("base")
     hidden, inter, kv = 32, 64, 16
@@ -80,7 +85,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> BaseModelSpec:
     (folder / "config.json").write_text(
         json.dumps({"architectures": ["LlamaForCausalLM"], "_name_or_path": "Tiny-Llama"})
     )
-    return BaseModelSpec.from_folder(folder, "tiny-base")
+    return folder
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Deleting a tenant through the admin API: its log is purged before the tenant goes (a failure on the way leaves a
 deletion that can be asked again), a replica that fails to unload its adapters does not stop it, and its retraining
-runs (copies of its log) go too."""
+runs (copies of its log) go too; a version being added when it goes (an upload, `loragate adapters add`, a
+retraining run's candidate) is removed, not inherited by a tenant created again under its name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -16,17 +18,25 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 from starlette.testclient import TestClient
+from typer.testing import CliRunner
 
 import adapters.store
+from adapters.registry import Registry
 from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
 from gateway import keys
 from gateway.app import create_app
+from gateway.cli import app as cli
 from gateway.settings import Settings
+from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
+from training.config import RetrainConfig
+from training.publish import RetrainRefused
+from training.retrain import Run, Stack, stage_candidate
 
 GZIP = "application/gzip"
 
@@ -109,3 +119,63 @@ def test_an_upload_that_outlasts_its_tenants_deletion_is_not_inherited(
     key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
     models = api.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert "secret" not in {m["id"] for m in models} and api.get("/admin/tenants/acme/adapters").json()["data"] == []
+
+
+def test_a_cli_add_that_outlasts_its_tenants_deletion_is_not_inherited(
+    api: TestClient,
+    redis_server: RedisServer,
+    base: BaseModelSpec,
+    tiny_base_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`loragate adapters add` (in this process): acme is deleted and created again while the adapter is validated."""
+    real = adapters.store.check_adapter
+
+    def deleted_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        assert api.delete("/admin/tenants/acme").status_code == 200
+        assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201  # another acme
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.store, "check_adapter", deleted_meanwhile)
+    env = {
+        "LORAGATE_HOME": str(tmp_path),
+        "LORAGATE_REDIS_URL": redis_server.url,
+        "LORAGATE_MODEL_DIR": str(tiny_base_dir),
+        "LORAGATE_SERVED_MODEL_NAME": base.name,
+    }
+    folder = make_adapter(tmp_path / "new", base, seed=7)
+    done = CliRunner().invoke(cli, ["adapters", "add", str(folder), "--name", "secret", "--tenant", "acme"], env=env)
+    assert done.exit_code == 1 and "Tenant `acme` does not exist" in done.output, done.output
+    assert api.get("/admin/tenants/acme/adapters").json()["data"] == []
+    assert not adapters.store.AdapterStore(tmp_path / "adapters" / "acme").versions("secret")
+
+
+async def test_a_retraining_run_gives_a_tenant_created_again_nothing(
+    redis: aioredis.Redis, tmp_path: Path, base: BaseModelSpec, tiny_base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose tenant was deleted (and created again) before its candidate is staged, or while it is."""
+    tenants = TenantStore(redis)
+    settings = Settings(home=tmp_path, redis_url="redis://unused", served_model_name=base.name, model_dir=tiny_base_dir)
+    stack = Stack(settings, redis, redis, "http://127.0.0.1:9")
+    run = Run.create(settings.training_root, "acme", "bot", RetrainConfig())
+    run.state.done, run.state.data_card = ["dataset", "fit"], {"dataset_hash": "0" * 64}
+    run.state.serving = {"alias": "bot", "target": base.name, "adapter_name": "bot-tuned", "parent": None}
+    run.state.train = {"adapter_dir": str(make_adapter(tmp_path / "fit", base, seed=3))}
+    run.state.tenant_created = (await tenants.create("acme")).created
+    await tenants.delete("acme")
+    again = await tenants.create("acme")
+    with pytest.raises(RetrainRefused, match="deleted after run"):
+        await stage_candidate(run, stack, lambda _: None)
+    run.state.tenant_created = again.created  # a run of this acme; it goes too while the candidate is validated
+    real = adapters.store.check_adapter
+
+    def deleted_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        asyncio.run_coroutine_threadsafe(tenants.delete("acme"), loop).result(10)
+        return real(*args, **kwargs)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(adapters.store, "check_adapter", deleted_meanwhile)
+    with pytest.raises(RetrainRefused, match="deleted after run"):
+        await stage_candidate(run, stack, lambda _: None)
+    assert not Registry(settings.adapter_root).store("acme").versions("bot-tuned"), "no version of either acme stays"
