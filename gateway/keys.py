@@ -107,7 +107,8 @@ def replica_usage(replica: str) -> str:
 
 
 def completion_log(tenant: str) -> str:
-    """Stream of a tenant's completion records (field `r`: the record's JSON), trimmed by length and age."""
+    """Stream of a tenant's completion records (fields `r`: the record's JSON, `c`: its completion id, `u`: its end
+    user, '' for none), trimmed by length and age."""
     return f"{PREFIX}:log:{tenant}"
 
 

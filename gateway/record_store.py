@@ -20,21 +20,36 @@ from gateway.lane import Call, ScriptLane
 
 log = logging.getLogger("loragate.recorder")
 
-# Per record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's
-# counters, experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON,
-# max length, ttl (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0),
-# prompt tokens, completion tokens, latency bucket, when its tenant was created. A record of a tenant created
-# at or before its deletion is skipped (each tenant's deletion is read once per call), and so is one past its
-# tenant's age limit (a spool replayed late). An arm's counters move only when its record is written (a replay
-# counts once). What many records of a call share is summed in the script and written once at its end: each end
-# user's set gets one SADD and one EXPIRE (the longest ttl; never shortened: it also finds the user's ratings), each
-# arm one HINCRBY per counter and one PFADD. A record that fails stops the loop, but what the records before it
-# share is still written before the error is returned: the recorder then retries record by record, and the index
-# skips those.
+TRIM_SLACK = 100
+"""A log is trimmed once it holds this many records over its length (as `XADD MAXLEN ~` trims whole nodes of 100)."""
+TRIM_MOST = 200
+"""Records trimmed per call at most (each is read into the script: a length limit lowered a lot is reached over
+several calls, not in one that blocks Redis)."""
+
+# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, the completion index prefix, how many tenants the
+# call writes for, and for each its log stream, its ratings prefix and its end users' prefix. Then per record, KEYS:
+# log stream, completion index, end user's set, end user's erasure, experiment arm's counters, experiment arm's
+# users ('' for what does not apply), the tenant's deletion. ARGV: record JSON, max length, ttl (s), tenant,
+# completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens, completion tokens,
+# latency bucket, when its tenant was created. A record of a tenant created at or before its deletion is skipped
+# (each tenant's deletion is read once per call), and so is one past its tenant's age limit (a spool replayed late).
+# An arm's counters move only when its record is written (a replay counts once). What many records of a call share
+# is summed in the script and written once at its end: each end user's set gets one SADD and one EXPIRE (the
+# longest ttl; never shortened: it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD.
+# A record that fails stops the loop, but what the records before it share is still written before the error is
+# returned: the recorder then retries record by record, and the index skips those.
+# Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). A log TRIM_SLACK entries over its
+# length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from each record trimmed goes
+# with it: its completion index, its ratings, its place in its end user's set.
 # Returns the records written.
 _RECORD = """
-local written, sets, arms, deleted = 0, {}, {}, {}
+local TRIM_SLACK, TRIM_MOST = tonumber(ARGV[1]), tonumber(ARGV[2])
+local written, sets, arms, deleted, logs = 0, {}, {}, {}, {}
 local now = tonumber(redis.call('TIME')[1])
+local indexes, tenants = ARGV[3], tonumber(ARGV[4])
+local prefixes = {}
+for t = 0, tenants - 1 do prefixes[ARGV[5 + 3 * t]] = {ratings = ARGV[6 + 3 * t], users = ARGV[7 + 3 * t]} end
+local head = 4 + 3 * tenants
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
@@ -50,7 +65,7 @@ end
 local function one(i)
   local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
   local arm = KEYS[7 * i + 5]
-  local a = 13 * i
+  local a = head + 13 * i
   local errors, prompt, completion = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
   local incarnation = tonumber(ARGV[a + 13])
   if errors == nil or prompt == nil or completion == nil or incarnation == nil then
@@ -59,7 +74,8 @@ local function one(i)
   if deletion(KEYS[7 * i + 7]) >= incarnation or tonumber(ARGV[a + 6]) + tonumber(ARGV[a + 3]) < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if erased or redis.call('EXISTS', index) == 1 then return end
-  local entry = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[a + 2], '*', 'r', ARGV[a + 1])
+  local entry = redis.call('XADD', stream, '*', 'r', ARGV[a + 1], 'c', ARGV[a + 5], 'u', ARGV[a + 8])
+  logs[stream] = tonumber(ARGV[a + 2])
   redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
   written = written + 1
   if user ~= '' then
@@ -88,6 +104,29 @@ end
 local function shared(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply.err and failed == nil then failed = reply end
+end
+local function trim(stream, limit)
+  local over = redis.call('XLEN', stream) - limit
+  if over < TRIM_SLACK then return end
+  local old, last = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(over, TRIM_MOST)), nil
+  local found = prefixes[stream]
+  for _, entry in ipairs(old) do
+    local fields, id, user = entry[2], nil, ''
+    for f = 1, #fields, 2 do
+      if fields[f] == 'c' then id = fields[f + 1] elseif fields[f] == 'u' then user = fields[f + 1] end
+    end
+    if id then
+      redis.call('DEL', indexes .. id, found.ratings .. id)
+      if user ~= '' then redis.call('SREM', found.users .. user, id) end
+    end
+    last = entry[1]
+  end
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+end
+for stream, limit in pairs(logs) do
+  local ok, err = pcall(trim, stream, limit)
+  if not ok and failed == nil then failed = err end
 end
 for key, set in pairs(sets) do
   shared('SADD', key, unpack(set.ids))
@@ -170,7 +209,10 @@ def _unless_busy(replies: list[Any]) -> list[Any]:
 def _call(chunk: list[dict[str, Any]]) -> Call:
     """The keys and arguments of one script call writing `chunk`."""
     script_keys: list[str] = []
-    args: list[Any] = []
+    tenants = dict.fromkeys(e["tenant"] for e in chunk)
+    args: list[Any] = [TRIM_SLACK, TRIM_MOST, keys.completion(""), len(tenants)]
+    for tenant in tenants:
+        args += [keys.completion_log(tenant), keys.feedback(tenant, ""), keys.end_user(tenant, "")]
     for e in chunk:
         tenant, user, experiment, arm = e["tenant"], e["user"], e.get("experiment"), e.get("arm")
         script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]

@@ -15,7 +15,7 @@ from gateway import keys
 from gateway.erasure import forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_store import RecordStore
+from gateway.record_store import CHUNK, RecordStore
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
 from gateway.spool import Spool
@@ -117,6 +117,30 @@ async def test_a_completion_trimmed_from_the_log_takes_its_ratings_with_it(
         await store.of_completion(TENANT, "chatcmpl-1")
     assert await forget_user(redis, "t", "v", TENANT.logging.max_age_s) == {"completions": 0, "feedback": 0}
     assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
+
+
+async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
+    redis: aioredis.Redis, store: FeedbackStore
+) -> None:
+    """An entry as older versions wrote it, then 250 records of a tenant that keeps 100, in three script calls (100,
+    100, 50): the second call takes the log TRIM_SLACK over its length, and the old entry and the first 100 records
+    go, with their indexes, ratings and place in their end users' sets; the others keep theirs."""
+    short = Tenant(name="t", logging=LogPolicy(max_records=100))
+    await redis.xadd(keys.completion_log("t"), {"r": "{}"})  # an entry as older versions wrote them
+    entries = [entry(context(short, n, user=f"user-{n % 3}")) for n in range(1, 251)]
+    assert await RecordStore(redis).write(entries[:CHUNK]) == set()
+    for n in (1, 2):
+        await store.submit(short, FeedbackIn(completion_id=f"chatcmpl-{n}", user="ann", thumbs="up"))
+    assert await RecordStore(redis).write(entries[CHUNK:]) == set()
+    await store.submit(short, FeedbackIn(completion_id="chatcmpl-150", user="ann", thumbs="up"))
+    kept = [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))]
+    assert kept == [f"chatcmpl-{n}" for n in range(101, 251)], "the old entry and records 1-100 are over the length"
+    for n in (1, 2, 100):
+        assert await redis.exists(keys.completion(f"chatcmpl-{n}"), keys.feedback("t", f"chatcmpl-{n}")) == 0
+        assert not await redis.sismember(keys.end_user("t", f"user-{n % 3}"), f"chatcmpl-{n}")
+    assert await redis.exists(keys.completion("chatcmpl-101"), keys.feedback("t", "chatcmpl-150")) == 2
+    assert await redis.sismember(keys.end_user("t", "user-0"), "chatcmpl-150")
+    assert [r.user for r in await store.of_completion(short, "chatcmpl-150")] == ["ann"]
 
 
 async def test_records_written_under_a_shorter_age_limit_are_still_erased(
