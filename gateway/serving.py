@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pydantic_core
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica, ReplicaPool
@@ -259,7 +259,30 @@ class Forwarder:
             finish(status)
             return Response(client_error_body(status, raw), status_code=status, media_type="application/json")
         context.answer.body, context.answer.usage = raw, usage_of(raw)
-        finish(status)
         if call.route.model_rename is not None:
             raw = raw.replace(*call.route.model_rename, 1)
-        return Response(raw, status_code=status, media_type="application/json")
+        return AnswerResponse(raw, status, finish)
+
+
+class AnswerResponse(Response):
+    """A whole answer, whose request is finished (quota settled, metrics, the completion log) once it is sent: the
+    client does not wait for that. Finished all the same if sending fails or is cancelled, or if the response is
+    dropped unsent (when it is freed), and only once."""
+
+    def __init__(self, content: bytes, status: int, finish: Callable[[int], None]) -> None:
+        super().__init__(content, status_code=status, media_type="application/json")
+        self._finish: Callable[[int], None] | None = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(self.status_code)
+
+    def __del__(self) -> None:
+        self._finished()
