@@ -115,17 +115,30 @@ def completion_log(tenant: str) -> str:
 def completion(completion_id: str) -> str:
     """`TENANT ENTRY-ID[ EXPERIMENT ARM]` of one recorded completion: who owns it, where its record is in
     the log, and the experiment arm that answered it (so that its feedback counts for that arm)."""
-    return f"{PREFIX}:completion:{completion_id}"
+    return completion_prefix() + completion_id
+
+
+def completion_prefix() -> str:
+    """What every `completion` key starts with (the id follows): for the trim in the record script."""
+    return f"{PREFIX}:completion:"
 
 
 def feedback(tenant: str, completion_id: str) -> str:
     """Hash end user (empty: anonymous) -> feedback JSON, for one completion of one tenant."""
-    return f"{PREFIX}:feedback:{tenant}:{completion_id}"
+    return feedback_prefix(tenant) + completion_id
+
+
+def feedback_prefix(tenant: str) -> str:
+    return f"{PREFIX}:feedback:{tenant}:"
 
 
 def end_user(tenant: str, user: str) -> str:
     """Set of the completion ids an end user of a tenant asked for or rated (for erasure)."""
-    return f"{PREFIX}:user:{tenant}:{user}"
+    return end_user_prefix(tenant) + user
+
+
+def end_user_prefix(tenant: str) -> str:
+    return f"{PREFIX}:user:{tenant}:"
 
 
 def forgotten(tenant: str, user: str) -> str:
@@ -151,8 +164,8 @@ def tenant_state_pattern(tenant: str) -> str:
 def tenant_records_pattern(tenant: str) -> list[str]:
     """SCAN patterns of every per-key record structure of a tenant (feedback, end users, erasures)."""
     return [
-        f"{PREFIX}:feedback:{tenant}:*",
-        f"{PREFIX}:user:{tenant}:*",
+        feedback_prefix(tenant) + "*",
+        end_user_prefix(tenant) + "*",
         f"{PREFIX}:forgotten:{tenant}:*",
         f"{PREFIX}:tenant:{tenant}:experiment:*",  # arms' counters and users, audit logs
     ]

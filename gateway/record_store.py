@@ -25,31 +25,38 @@ TRIM_SLACK = 100
 TRIM_MOST = 200
 """Records trimmed per call at most (each is read into the script: a length limit lowered a lot is reached over
 several calls, not in one that blocks Redis)."""
+REPLAY_MARGIN_S = 2
+"""A record made this much before the oldest entry of a full log is not written (see the script's comment)."""
 
-# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, the completion index prefix, how many tenants the
-# call writes for, and for each its log stream, its ratings prefix and its end users' prefix. Then per record, KEYS:
-# log stream, completion index, end user's set, end user's erasure, experiment arm's counters, experiment arm's
-# users ('' for what does not apply), the tenant's deletion. ARGV: record JSON, max length, ttl (s), tenant,
-# completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens, completion tokens,
-# latency bucket, when its tenant was created. A record of a tenant created at or before its deletion is skipped
-# (each tenant's deletion is read once per call), and so is one past its tenant's age limit (a spool replayed late).
-# An arm's counters move only when its record is written (a replay counts once). What many records of a call share
-# is summed in the script and written once at its end: each end user's set gets one SADD and one EXPIRE (the
-# longest ttl; never shortened: it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD.
-# A record that fails stops the loop, but what the records before it share is still written before the error is
-# returned: the recorder then retries record by record, and the index skips those.
-# Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). A log TRIM_SLACK entries over its
-# length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from each record trimmed goes
-# with it: its completion index, its ratings, its place in its end user's set.
+# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, REPLAY_MARGIN_S, the completion index prefix, how many
+# tenants the call writes for, and for each its log stream, its ratings prefix and its end users' prefix. Then per
+# record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's counters,
+# experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON, max length, ttl
+# (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens, completion
+# tokens, latency bucket, when its tenant was created. A record of a tenant created at or before its deletion is
+# skipped (each tenant's deletion is read once per call), and so is one past its tenant's age limit (a spool
+# replayed late). An arm's counters move only when its record is written (a replay counts once). What many records
+# of a call share is summed in the script and written once at its end: each end user's set gets one SADD and one
+# EXPIRE (the longest ttl; never shortened: it also finds the user's ratings), each arm one HINCRBY per counter and
+# one PFADD. A record that fails stops the loop, but what the records before it share is still written before the
+# error is returned: the recorder then retries record by record, and the index skips those.
+# Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). Once the records are written, a log
+# TRIM_SLACK entries over its length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from
+# each record trimmed goes with it, if its index still names that entry: the index, the ratings, and the completion's
+# place in the set of its end user and of each user who rated it. These keys are not declared (they are found in the
+# entries): the script needs one Redis, not a cluster. A trim that fails is logged by Redis, and fails no record.
+# A record replayed after its own was trimmed has no index to skip it by: a record made more than REPLAY_MARGIN_S
+# before the oldest entry of a full log is not written (it is older than all the log keeps: it would be the first
+# to go), so that a replay cannot push newer records out.
 # Returns the records written.
 _RECORD = """
-local TRIM_SLACK, TRIM_MOST = tonumber(ARGV[1]), tonumber(ARGV[2])
-local written, sets, arms, deleted, logs = 0, {}, {}, {}, {}
+local TRIM_SLACK, TRIM_MOST, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local written, sets, arms, deleted, logs, firsts = 0, {}, {}, {}, {}, {}
 local now = tonumber(redis.call('TIME')[1])
-local indexes, tenants = ARGV[3], tonumber(ARGV[4])
+local indexes, tenants = ARGV[4], tonumber(ARGV[5])
 local prefixes = {}
-for t = 0, tenants - 1 do prefixes[ARGV[5 + 3 * t]] = {ratings = ARGV[6 + 3 * t], users = ARGV[7 + 3 * t]} end
-local head = 4 + 3 * tenants
+for t = 0, tenants - 1 do prefixes[ARGV[6 + 3 * t]] = {ratings = ARGV[7 + 3 * t], users = ARGV[8 + 3 * t]} end
+local head = 5 + 3 * tenants
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
@@ -61,6 +68,17 @@ local function deletion(key)
     deleted[key] = at
   end
   return at
+end
+local function oldest(stream, limit)
+  local ms = firsts[stream]
+  if ms == nil then
+    ms = -1
+    if redis.call('XLEN', stream) >= limit then
+      ms = tonumber(string.match(redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1], '^%d+'))
+    end
+    firsts[stream] = ms
+  end
+  return ms
 end
 local function one(i)
   local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
@@ -74,8 +92,10 @@ local function one(i)
   if deletion(KEYS[7 * i + 7]) >= incarnation or tonumber(ARGV[a + 6]) + tonumber(ARGV[a + 3]) < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if erased or redis.call('EXISTS', index) == 1 then return end
+  local limit = tonumber(ARGV[a + 2])
+  if (tonumber(ARGV[a + 6]) + margin) * 1000 < oldest(stream, limit) then return end
   local entry = redis.call('XADD', stream, '*', 'r', ARGV[a + 1], 'c', ARGV[a + 5], 'u', ARGV[a + 8])
-  logs[stream] = tonumber(ARGV[a + 2])
+  logs[stream] = limit
   redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
   written = written + 1
   if user ~= '' then
@@ -105,29 +125,6 @@ local function shared(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply.err and failed == nil then failed = reply end
 end
-local function trim(stream, limit)
-  local over = redis.call('XLEN', stream) - limit
-  if over < TRIM_SLACK then return end
-  local old, last = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(over, TRIM_MOST)), nil
-  local found = prefixes[stream]
-  for _, entry in ipairs(old) do
-    local fields, id, user = entry[2], nil, ''
-    for f = 1, #fields, 2 do
-      if fields[f] == 'c' then id = fields[f + 1] elseif fields[f] == 'u' then user = fields[f + 1] end
-    end
-    if id then
-      redis.call('DEL', indexes .. id, found.ratings .. id)
-      if user ~= '' then redis.call('SREM', found.users .. user, id) end
-    end
-    last = entry[1]
-  end
-  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
-  redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
-end
-for stream, limit in pairs(logs) do
-  local ok, err = pcall(trim, stream, limit)
-  if not ok and failed == nil then failed = err end
-end
 for key, set in pairs(sets) do
   shared('SADD', key, unpack(set.ids))
   if redis.call('TTL', key) < set.ttl then shared('EXPIRE', key, set.ttl) end
@@ -135,6 +132,31 @@ end
 for key, found in pairs(arms) do
   for field, by in pairs(found.counts) do shared('HINCRBY', key, field, by) end
   if #found.who > 0 then shared('PFADD', found.users, unpack(found.who)) end
+end
+local function forget(found, entry)
+  local fields, id, user = entry[2], nil, ''
+  for f = 1, #fields, 2 do
+    if fields[f] == 'c' then id = fields[f + 1] elseif fields[f] == 'u' then user = fields[f + 1] end
+  end
+  local index = id and redis.call('GET', indexes .. id)
+  if not index or string.match(index, '^%S+ (%S+)') ~= entry[1] then return end
+  local ratings = found.ratings .. id
+  for _, rater in ipairs(redis.call('HKEYS', ratings)) do
+    if rater ~= '' then redis.call('SREM', found.users .. rater, id) end
+  end
+  if user ~= '' then redis.call('SREM', found.users .. user, id) end
+  redis.call('DEL', indexes .. id, ratings)
+end
+local function trim(stream, limit)
+  local length = redis.call('XLEN', stream)
+  if length - limit < TRIM_SLACK then return end
+  local old = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(length - limit, TRIM_MOST))
+  redis.call('XTRIM', stream, 'MAXLEN', length - #old)
+  for _, entry in ipairs(old) do forget(prefixes[stream], entry) end
+end
+for stream, limit in pairs(logs) do
+  local ok, err = pcall(trim, stream, limit)
+  if not ok then redis.log(redis.LOG_WARNING, 'loragate: trimming ' .. stream .. ' failed: ' .. tostring(err)) end
 end
 if failed ~= nil then
   if type(failed) == 'table' then return failed end
@@ -210,9 +232,9 @@ def _call(chunk: list[dict[str, Any]]) -> Call:
     """The keys and arguments of one script call writing `chunk`."""
     script_keys: list[str] = []
     tenants = dict.fromkeys(e["tenant"] for e in chunk)
-    args: list[Any] = [TRIM_SLACK, TRIM_MOST, keys.completion(""), len(tenants)]
+    args: list[Any] = [TRIM_SLACK, TRIM_MOST, REPLAY_MARGIN_S, keys.completion_prefix(), len(tenants)]
     for tenant in tenants:
-        args += [keys.completion_log(tenant), keys.feedback(tenant, ""), keys.end_user(tenant, "")]
+        args += [keys.completion_log(tenant), keys.feedback_prefix(tenant), keys.end_user_prefix(tenant)]
     for e in chunk:
         tenant, user, experiment, arm = e["tenant"], e["user"], e.get("experiment"), e.get("arm")
         script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]

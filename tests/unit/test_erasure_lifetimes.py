@@ -124,10 +124,13 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
 ) -> None:
     """An entry as older versions wrote it, then 250 records of a tenant that keeps 100, in three script calls (100,
     100, 50): the second call takes the log TRIM_SLACK over its length, and the old entry and the first 100 records
-    go, with their indexes, ratings and place in their end users' sets; the others keep theirs."""
+    go, with their indexes, ratings and place in their end users' and raters' sets; the others keep theirs. Those
+    records written again (a replay) are older than all the full log holds: not written."""
     short = Tenant(name="t", logging=LogPolicy(max_records=100))
     await redis.xadd(keys.completion_log("t"), {"r": "{}"})  # an entry as older versions wrote them
     entries = [entry(context(short, n, user=f"user-{n % 3}")) for n in range(1, 251)]
+    for early in entries[:CHUNK]:
+        early["created"] -= 10  # made 10 s before the others
     assert await RecordStore(redis).write(entries[:CHUNK]) == set()
     for n in (1, 2):
         await store.submit(short, FeedbackIn(completion_id=f"chatcmpl-{n}", user="ann", thumbs="up"))
@@ -140,6 +143,10 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
         assert not await redis.sismember(keys.end_user("t", f"user-{n % 3}"), f"chatcmpl-{n}")
     assert await redis.exists(keys.completion("chatcmpl-101"), keys.feedback("t", "chatcmpl-150")) == 2
     assert await redis.sismember(keys.end_user("t", "user-0"), "chatcmpl-150")
+    assert await redis.smembers(keys.end_user("t", "ann")) == {"chatcmpl-150"}, "nor in its raters' sets"
+    assert await RecordStore(redis).write(entries[:CHUNK]) == set()  # replayed (the answer was lost, say)
+    again = [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))]
+    assert again == kept, "a replay of trimmed records brings none back, nor pushes newer ones out"
     assert [r.user for r in await store.of_completion(short, "chatcmpl-150")] == ["ann"]
 
 
