@@ -283,9 +283,8 @@ class AdapterStore:
             manifest = self.manifest(name, version)
             if manifest.listed:
                 raise InvalidAdapter(f"{manifest.ref} is already published.", param="version")
-            published = manifest.model_copy(
-                update={"listed": True, "provenance": {**(manifest.provenance or {}), **provenance}}
-            )
+            merged = {**(manifest.provenance or {}), **provenance} if provenance else manifest.provenance
+            published = manifest.model_copy(update={"listed": True, "provenance": merged})
             folder = self.version_dir(name, version)
             scratch = folder / f".{MANIFEST_FILE}.{os.getpid()}"
             scratch.write_text(published.model_dump_json(indent=2))

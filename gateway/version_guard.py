@@ -11,8 +11,8 @@ may not have seen another process's delete yet.
 
 A version added while its tenant is deleted (an upload, `loragate adapters add`, a retraining run's candidate:
 each takes seconds to minutes) must not outlive the tenant, nor pass to a tenant created again under its name:
-`keep_if_still_owned`, called once the version is stored, removes it unless the same tenant (same `created`) still
-exists. A deletion that comes after that check removes the version itself: it deletes the tenant in Redis before it
+it is stored unlisted, and `keep_if_still_owned` removes it unless the same tenant (same `created`) still exists,
+or lists it. A deletion that comes after that check removes the version itself: it deletes the tenant in Redis before it
 sweeps the tenant's adapter folders.
 
 A lock is held for the time of one check and write (a delete unloads the version from the replicas after
@@ -203,15 +203,24 @@ async def delete_version(
     return manifest
 
 
-async def keep_if_still_owned(tenants: TenantStore, store: AdapterStore, owner: Tenant, manifest: Manifest) -> None:
-    """Keep `manifest`, just stored in `owner`'s `store`, only if `owner` still exists (the same tenant, not one
-    created again under its name); otherwise remove it and raise TenantNotFound."""
+async def same_tenant(tenants: TenantStore, name: str, created: float | None) -> Tenant | None:
+    """Tenant `name` if it exists and is the one created at `created` (None: whichever); None otherwise (deleted,
+    or deleted and created again: another tenant)."""
     try:
-        current = await tenants.get(owner.name)
+        current = await tenants.get(name)
     except TenantNotFound:
-        current = None
-    if current is not None and current.created == owner.created:
-        return
+        return None
+    return current if created is None or current.created == created else None
+
+
+async def keep_if_still_owned(
+    tenants: TenantStore, store: AdapterStore, owner: Tenant, manifest: Manifest, *, publish: bool = False
+) -> Manifest:
+    """Keep `manifest`, just stored in `owner`'s `store`, only if `owner` still exists (the same tenant, not one
+    created again under its name); otherwise remove it and raise TenantNotFound. With `publish`, a version stored
+    unlisted (so that no tenant could call it before this check) is listed once kept; the manifest kept."""
+    if await same_tenant(tenants, owner.name, owner.created) is not None:
+        return await asyncio.to_thread(store.publish, manifest.name, manifest.version, {}) if publish else manifest
     with suppress(AdapterNotFound):  # the deletion's own sweep may have come first
         await asyncio.to_thread(store.remove, manifest.name, manifest.version)
     raise TenantNotFound(owner.name)

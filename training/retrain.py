@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,8 +51,8 @@ class RunState(BaseModel):
     config: dict[str, Any]
     created: float = Field(default_factory=time.time)
     tenant_created: float | None = None
-    """When the tenant was created, as its first step found it: a tenant deleted and created again under its name
-    is another, and gets nothing of this run (None: a run.json from before this field)."""
+    """When the tenant was created, as the run's creation (or else its dataset step) found it: a tenant deleted and
+    created again under its name is another, and gets nothing of this run (None: a run.json from before this field)."""
     done: list[str] = Field(default_factory=list)
     serving: dict[str, Any] | None = None
     data_card: dict[str, Any] | None = None
@@ -86,11 +87,16 @@ class Run:
         self.state = state
 
     @classmethod
-    def create(cls, root: Path, tenant: str, alias: str, config: RetrainConfig) -> Run:
+    def create(
+        cls, root: Path, tenant: str, alias: str, config: RetrainConfig, tenant_created: float | None = None
+    ) -> Run:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         folder = root / tenant / run_id
         folder.mkdir(parents=True)
-        run = cls(folder, RunState(run_id=run_id, tenant=tenant, alias=alias, config=config.to_dict()))
+        state = RunState(
+            run_id=run_id, tenant=tenant, alias=alias, config=config.to_dict(), tenant_created=tenant_created
+        )
+        run = cls(folder, state)
         run.save()
         return run
 
@@ -136,8 +142,8 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
     state, config = run.state, run.config
     before = await publish.serving(PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias)
     progress(f"alias {state.alias} serves {before.target}; reading its feedback")
-    tenant = await TenantStore(stack.state).get(state.tenant)  # tenants live in the state Redis
-    policy, state.tenant_created = tenant.logging, state.tenant_created or tenant.created
+    tenant = await _owner(run, stack)  # tenants live in the state Redis
+    policy, state.tenant_created = tenant.logging, tenant.created
     loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias, policy=policy)
     built = await asyncio.to_thread(dataset.build, loaded, config)
     card = await asyncio.to_thread(dataset.write, built, run.data)
@@ -150,11 +156,13 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
 async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) -> train.TrainResult:
     started = time.monotonic()
     run.require("dataset")
+    await _owner(run, stack)
     base_dir = await asyncio.to_thread(_base_dir, stack.settings)
     result = await asyncio.to_thread(
         train.train, run.config, run.data, base_dir, run.fit_dir,
         max_rank=stack.settings.max_lora_rank, resume=resume, progress=progress,
     )  # fmt: skip
+    await _owner(run, stack)  # deleted while it trained: the weights go too
     run.state.train = _train_summary(result)
     _done(run, "fit", started)
     return result
@@ -178,19 +186,20 @@ def _provenance(run: Run, base: str) -> dict[str, Any]:
 
 
 async def _owner(run: Run, stack: Stack) -> Tenant:
-    """The run's tenant, refused if it was deleted since the run began (or created again: another tenant)."""
-    state, tenants = run.state, TenantStore(stack.state)
-    try:
-        tenant = await tenants.get(state.tenant)
-    except TenantNotFound:
-        tenant = None
-    if tenant is None or tenant.created != (state.tenant_created or tenant.created):
-        raise _tenant_gone(state)
+    """The run's tenant, refused (TenantGone) if it was deleted since the run began, or created again: another."""
+    tenant = await version_guard.same_tenant(TenantStore(stack.state), run.state.tenant, run.state.tenant_created)
+    if tenant is None:
+        await asyncio.to_thread(shutil.rmtree, run.folder, True)  # a step may have written into it again
+        raise _tenant_gone(run.state)
     return tenant
 
 
-def _tenant_gone(state: RunState) -> publish.RetrainRefused:
-    return publish.RetrainRefused(f"Tenant {state.tenant} was deleted after run {state.run_id} began.")
+class TenantGone(publish.RetrainRefused):
+    """The run's tenant was deleted after the run began: the run ends, its folder removed (`_owner`)."""
+
+
+def _tenant_gone(state: RunState) -> TenantGone:
+    return TenantGone(f"Tenant {state.tenant} was deleted after run {state.run_id} began.")
 
 
 async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
@@ -300,13 +309,25 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
         if "publish" not in run.state.done:
             await publish_candidate(run, stack, progress, by)
     except BaseException as exc:
-        await asyncio.shield(_abandon(run, stack, exc))
+        gone = await asyncio.shield(_abandon(run, stack, exc))
+        if gone is not None and gone is not exc:
+            raise gone from exc  # e.g. a file error of a step whose folder the tenant's deletion removed
         raise
     return run.state
 
 
-async def _abandon(run: Run, stack: Stack, exc: BaseException) -> None:
+async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | None:
+    """Remove a staged candidate and keep the error in run.json; when the tenant is gone, the refusal that says
+    so (the run's folder is gone with it: nothing is saved)."""
     state = run.state
+    if isinstance(exc, TenantGone):
+        return exc
+    try:
+        await _owner(run, stack)
+    except TenantGone as gone:
+        return gone
+    except Exception:  # noqa: BLE001 - Redis away: the original error matters more
+        pass
     if state.candidate and not state.published:
         name, version = state.candidate.split("@")
         store = stack.registry.store(state.tenant)
@@ -318,3 +339,4 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> None:
         state.candidate = None
     state.error = f"{type(exc).__name__}: {exc}"
     run.save()
+    return None

@@ -56,9 +56,11 @@ def adapters_add(
     base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
     store = _store(tenant)
     with refusals():
-        manifest = store.add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()))
-    # deleted meanwhile (perhaps created again): the version goes, not to a later tenant of that name
-    with_redis(lambda redis: version_guard.keep_if_still_owned(TenantStore(redis), store, owner, manifest))
+        stored = store.add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()), listed=False)
+    # listed unless its tenant was deleted meanwhile (perhaps created again): then it goes, not to a later namesake
+    manifest = with_redis(
+        lambda redis: version_guard.keep_if_still_owned(TenantStore(redis), store, owner, stored, publish=True)
+    )
     typer.echo(manifest.ref)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from gateway.cli.common import console, fail, who
+from gateway.cli.common import console, fail, tenant_must_exist, who
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -91,14 +91,10 @@ def _config(path: Path | None, flags: list[str]) -> Any:
 
 
 def _new_run(tenant: str, alias: str, config: Any) -> Run:
-    from gateway.tenants import check_tenant_name
     from training.retrain import Run
 
-    try:
-        check_tenant_name(tenant)
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
-    return Run.create(Settings().training_root, tenant, alias, config)
+    created = tenant_must_exist(tenant).created  # a tenant created again under its name later is another
+    return Run.create(Settings().training_root, tenant, alias, config, tenant_created=created)
 
 
 def _load(folder: Path) -> Run:

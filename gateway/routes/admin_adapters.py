@@ -150,25 +150,25 @@ async def add_adapter(
         if await _receive_archive(request, archive, svc.settings.max_adapter_upload_bytes) == 0:
             raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
         with domain_errors("name"):
-            manifest = await asyncio.to_thread(
-                svc.registry.store(tenant).add, archive, name, base, svc.settings.max_lora_rank, "upload"
+            stored = await asyncio.to_thread(
+                svc.registry.store(tenant).add, archive, name, base, svc.settings.max_lora_rank, "upload", listed=False
             )
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
-    svc.registry.invalidate(tenant, manifest.name)
-    await _still_owned(request, owner, manifest)
+    manifest = await _still_owned(request, owner, stored)
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 
 
-async def _still_owned(request: Request, owner: Tenant, manifest: Manifest) -> None:
+async def _still_owned(request: Request, owner: Tenant, stored: Manifest) -> Manifest:
     """An upload takes a while (streaming, unpacking, hashing): a version whose tenant was deleted meanwhile is
-    removed (gateway.version_guard.keep_if_still_owned), and the upload answered 404."""
+    removed (gateway.version_guard.keep_if_still_owned), and the upload answered 404; otherwise it is listed."""
     svc = services(request)
+    store = svc.registry.store(owner.name)
     try:
         with domain_errors():
-            await version_guard.keep_if_still_owned(svc.tenants, svc.registry.store(owner.name), owner, manifest)
+            return await version_guard.keep_if_still_owned(svc.tenants, store, owner, stored, publish=True)
     finally:
-        svc.registry.invalidate(owner.name, manifest.name)
+        svc.registry.invalidate(owner.name, stored.name)
 
 
 @router.delete(

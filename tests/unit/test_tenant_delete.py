@@ -5,7 +5,6 @@ retraining run's candidate) is removed, not inherited by a tenant created again 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -34,9 +33,9 @@ from gateway.settings import Settings
 from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
+from training import train as training_module
 from training.config import RetrainConfig
-from training.publish import RetrainRefused
-from training.retrain import Run, Stack, stage_candidate
+from training.retrain import Run, Stack, TenantGone, fit, retrain
 
 GZIP = "application/gzip"
 
@@ -151,31 +150,61 @@ def test_a_cli_add_that_outlasts_its_tenants_deletion_is_not_inherited(
     assert not adapters.store.AdapterStore(tmp_path / "adapters" / "acme").versions("secret")
 
 
-async def test_a_retraining_run_gives_a_tenant_created_again_nothing(
-    redis: aioredis.Redis, tmp_path: Path, base: BaseModelSpec, tiny_base_dir: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_retraining_run_gives_a_deleted_tenant_and_its_namesake_nothing(
+    api: TestClient,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    base: BaseModelSpec,
+    tiny_base_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A run whose tenant was deleted (and created again) before its candidate is staged, or while it is."""
-    tenants = TenantStore(redis)
-    settings = Settings(home=tmp_path, redis_url="redis://unused", served_model_name=base.name, model_dir=tiny_base_dir)
+    """acme is deleted through the admin API (which also removes its run folders) and created again: while a run's
+    fit step trains, while a run stages its candidate, or before its eval. Each ends with the refusal that says so,
+    and leaves no folder (no data, no weights) and no version to the new acme."""
+    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    settings = Settings(home=tmp_path, redis_url=redis_server.url, served_model_name=base.name, model_dir=tiny_base_dir)
     stack = Stack(settings, redis, redis, "http://127.0.0.1:9")
-    run = Run.create(settings.training_root, "acme", "bot", RetrainConfig())
-    run.state.done, run.state.data_card = ["dataset", "fit"], {"dataset_hash": "0" * 64}
-    run.state.serving = {"alias": "bot", "target": base.name, "adapter_name": "bot-tuned", "parent": None}
-    run.state.train = {"adapter_dir": str(make_adapter(tmp_path / "fit", base, seed=3))}
-    run.state.tenant_created = (await tenants.create("acme")).created
-    await tenants.delete("acme")
-    again = await tenants.create("acme")
-    with pytest.raises(RetrainRefused, match="deleted after run"):
-        await stage_candidate(run, stack, lambda _: None)
-    run.state.tenant_created = again.created  # a run of this acme; it goes too while the candidate is validated
+    fitted = str(make_adapter(tmp_path / "fitted", base, seed=3))
+
+    async def run_of_acme(*done: str) -> Run:
+        created = (await TenantStore(redis).get("acme")).created
+        run = Run.create(settings.training_root, "acme", "bot", RetrainConfig(), tenant_created=created)
+        run.state.done, run.state.data_card = list(done), {"dataset_hash": "0" * 64}
+        run.state.serving = {"alias": "bot", "target": base.name, "adapter_name": "bot-tuned", "parent": None}
+        run.state.train = {"adapter_dir": fitted}
+        return run
+
+    def deleted_and_created_again() -> None:
+        assert api.delete("/admin/tenants/acme").status_code == 200
+        assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201
+
+    def training(run: Run) -> Any:
+        def train(*args: Any, **kwargs: Any) -> Any:
+            deleted_and_created_again()
+            (run.fit_dir / "adapter").mkdir(parents=True)  # the trainer writes on into the removed folder
+            return None
+
+        return train
+
     real = adapters.store.check_adapter
 
-    def deleted_meanwhile(*args: Any, **kwargs: Any) -> Any:
-        asyncio.run_coroutine_threadsafe(tenants.delete("acme"), loop).result(10)
+    def staging(*args: Any, **kwargs: Any) -> Any:
+        deleted_and_created_again()
         return real(*args, **kwargs)
 
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(adapters.store, "check_adapter", deleted_meanwhile)
-    with pytest.raises(RetrainRefused, match="deleted after run"):
-        await stage_candidate(run, stack, lambda _: None)
-    assert not Registry(settings.adapter_root).store("acme").versions("bot-tuned"), "no version of either acme stays"
+    try:
+        for done, patch in (
+            (["dataset"], lambda run: monkeypatch.setattr(training_module, "train", training(run))),
+            (["dataset", "fit"], lambda run: monkeypatch.setattr(adapters.store, "check_adapter", staging)),
+            (["dataset", "fit"], lambda run: deleted_and_created_again()),
+        ):
+            run = await run_of_acme(*done)
+            patch(run)
+            step = fit if done == ["dataset"] else retrain  # `loragate train fit` runs that step alone
+            with pytest.raises(TenantGone, match="deleted after run"):
+                await step(run, stack, lambda _: None)
+            monkeypatch.undo()
+            assert not run.folder.exists(), done
+            assert not Registry(settings.adapter_root).store("acme").versions("bot-tuned"), done
+    finally:
+        await redis.aclose()
