@@ -78,8 +78,8 @@ class Manifest(BaseModel):
     tenant: str | None = Field(None, description="The tenant that owns it.")
     listed: bool = Field(
         True,
-        description="False for a retraining candidate: no client sees or calls it (only the tenant's `training` "
-        "keys, by its exact name@V) until it is published.",
+        description="False for a retraining candidate (and an upload, for the moment its tenant is checked): no "
+        "client sees or calls it (only the tenant's `training` keys, by its exact name@V) until it is published.",
     )
     provenance: dict[str, Any] | None = Field(
         None, description="Where a trained version comes from: dataset hash, config, base, parent, eval metrics."

@@ -18,6 +18,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -290,7 +291,7 @@ class AdapterStore:
             scratch.write_text(published.model_dump_json(indent=2))
             scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             os.replace(scratch, folder / MANIFEST_FILE)
-            os.utime(self._name_dir(name))
+            _touch(self._name_dir(name))
         return published
 
     def remove(self, name: str, version: int) -> Manifest:
@@ -301,3 +302,10 @@ class AdapterStore:
             folder.rename(trash)
             shutil.rmtree(trash)
         return manifest
+
+
+def _touch(folder: Path) -> None:
+    """Move a folder's mtime on, by at least a second: registries see a change by it, also where the filesystem
+    keeps coarse times and the folder changed a moment before (a version stored, then listed)."""
+    before = folder.stat()
+    os.utime(folder, ns=(before.st_atime_ns, max(time.time_ns(), before.st_mtime_ns + 1_000_000_000)))

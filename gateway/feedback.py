@@ -34,7 +34,7 @@ from gateway import keys
 from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
-from gateway.record_store import parse_index
+from gateway.record_store import TRIMMED, parse_index
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn
 from gateway.redaction import Findings, Redactor
@@ -156,10 +156,10 @@ class FeedbackStore:
     async def _owner(self, completion_id: str, tenant: str) -> str | None:
         """The tenant whose completion it is, by its index in Redis; None when not indexed. An index Redis
         wrote before `tenant` was last deleted is the deleted tenant's: None too (for a re-created `tenant`).
-        So is one whose record is no longer in `tenant`'s log (trimmed by its length limit, or by an age limit
-        lowered since): its ratings go with it."""
+        So is one whose record is no longer in `tenant`'s log (trimmed by its length limit: TRIMMED, or by an age
+        limit lowered since): its ratings go with it."""
         index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
-        if not index:
+        if not index or index == TRIMMED:
             return None
         owner, entry, _, _ = parse_index(index)
         if owner == tenant and deleted and entry_ms(entry) <= parse_tombstone(deleted)[1]:

@@ -25,10 +25,13 @@ TRIM_SLACK = 100
 TRIM_MOST = 200
 """Records trimmed per call at most (each is read into the script: a length limit lowered a lot is reached over
 several calls, not in one that blocks Redis)."""
-REPLAY_MARGIN_S = 2
-"""A record made this much before the oldest entry of a full log is not written (see the script's comment)."""
+TRIMMED_KEEP_S = 3600
+"""How long a trimmed record's completion index stays, as TRIMMED: long enough for any replay of the record (a lost
+answer, a spool adopted from a process that died) to be skipped by it, and short next to the age limit."""
+TRIMMED = "-"
+"""A trimmed record's completion index: names no tenant and no entry (feedback and erasure take it as unknown)."""
 
-# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, REPLAY_MARGIN_S, the completion index prefix, how many
+# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, the index prefix, how many
 # tenants the call writes for, and for each its log stream, its ratings prefix and its end users' prefix. Then per
 # record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's counters,
 # experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON, max length, ttl
@@ -42,21 +45,20 @@ REPLAY_MARGIN_S = 2
 # error is returned: the recorder then retries record by record, and the index skips those.
 # Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). Once the records are written, a log
 # TRIM_SLACK entries over its length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from
-# each record trimmed goes with it, if its index still names that entry: the index, the ratings, and the completion's
-# place in the set of its end user and of each user who rated it. These keys are not declared (they are found in the
-# entries): the script needs one Redis, not a cluster. A trim that fails is logged by Redis, and fails no record.
-# A record replayed after its own was trimmed has no index to skip it by: a record made more than REPLAY_MARGIN_S
-# before the oldest entry of a full log is not written (it is older than all the log keeps: it would be the first
-# to go), so that a replay cannot push newer records out.
+# each record trimmed goes with it, if its index still names that entry: the ratings and the completion's place in
+# the set of its end user and of each user who rated it. Its index stays TRIMMED_KEEP_S, as TRIMMED (no tenant, no
+# entry), so that a replay of the record is still skipped: written again, it would be the newest entry and push
+# newer records out. These keys are not declared (they are found in the entries): the script needs one Redis, not
+# a cluster. What fails in a trim is logged by Redis and fails no record; the entries are trimmed all the same.
 # Returns the records written.
 _RECORD = """
-local TRIM_SLACK, TRIM_MOST, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local written, sets, arms, deleted, logs, firsts = 0, {}, {}, {}, {}, {}
+local TRIM_SLACK, TRIM_MOST, KEEP, TRIMMED = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local written, sets, arms, deleted, logs = 0, {}, {}, {}, {}
 local now = tonumber(redis.call('TIME')[1])
-local indexes, tenants = ARGV[4], tonumber(ARGV[5])
+local indexes, tenants = ARGV[5], tonumber(ARGV[6])
 local prefixes = {}
-for t = 0, tenants - 1 do prefixes[ARGV[6 + 3 * t]] = {ratings = ARGV[7 + 3 * t], users = ARGV[8 + 3 * t]} end
-local head = 5 + 3 * tenants
+for t = 0, tenants - 1 do prefixes[ARGV[7 + 3 * t]] = {ratings = ARGV[8 + 3 * t], users = ARGV[9 + 3 * t]} end
+local head = 6 + 3 * tenants
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
@@ -68,17 +70,6 @@ local function deletion(key)
     deleted[key] = at
   end
   return at
-end
-local function oldest(stream, limit)
-  local ms = firsts[stream]
-  if ms == nil then
-    ms = -1
-    if redis.call('XLEN', stream) >= limit then
-      ms = tonumber(string.match(redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1], '^%d+'))
-    end
-    firsts[stream] = ms
-  end
-  return ms
 end
 local function one(i)
   local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
@@ -92,10 +83,8 @@ local function one(i)
   if deletion(KEYS[7 * i + 7]) >= incarnation or tonumber(ARGV[a + 6]) + tonumber(ARGV[a + 3]) < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
   if erased or redis.call('EXISTS', index) == 1 then return end
-  local limit = tonumber(ARGV[a + 2])
-  if (tonumber(ARGV[a + 6]) + margin) * 1000 < oldest(stream, limit) then return end
   local entry = redis.call('XADD', stream, '*', 'r', ARGV[a + 1], 'c', ARGV[a + 5], 'u', ARGV[a + 8])
-  logs[stream] = limit
+  logs[stream] = tonumber(ARGV[a + 2])
   redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
   written = written + 1
   if user ~= '' then
@@ -145,18 +134,26 @@ local function forget(found, entry)
     if rater ~= '' then redis.call('SREM', found.users .. rater, id) end
   end
   if user ~= '' then redis.call('SREM', found.users .. user, id) end
-  redis.call('DEL', indexes .. id, ratings)
+  redis.call('DEL', ratings)
+  redis.call('SET', indexes .. id, TRIMMED, 'EX', KEEP)
+end
+local function warn(stream, err)
+  local text = type(err) == 'table' and (err.err or '?') or tostring(err)
+  redis.log(redis.LOG_WARNING, 'loragate: trimming ' .. stream .. ': ' .. text)
 end
 local function trim(stream, limit)
   local length = redis.call('XLEN', stream)
   if length - limit < TRIM_SLACK then return end
   local old = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(length - limit, TRIM_MOST))
+  for _, entry in ipairs(old) do
+    local ok, err = pcall(forget, prefixes[stream], entry)
+    if not ok then warn(stream, err) end
+  end
   redis.call('XTRIM', stream, 'MAXLEN', length - #old)
-  for _, entry in ipairs(old) do forget(prefixes[stream], entry) end
 end
 for stream, limit in pairs(logs) do
   local ok, err = pcall(trim, stream, limit)
-  if not ok then redis.log(redis.LOG_WARNING, 'loragate: trimming ' .. stream .. ' failed: ' .. tostring(err)) end
+  if not ok then warn(stream, err) end
 end
 if failed ~= nil then
   if type(failed) == 'table' then return failed end
@@ -232,7 +229,7 @@ def _call(chunk: list[dict[str, Any]]) -> Call:
     """The keys and arguments of one script call writing `chunk`."""
     script_keys: list[str] = []
     tenants = dict.fromkeys(e["tenant"] for e in chunk)
-    args: list[Any] = [TRIM_SLACK, TRIM_MOST, REPLAY_MARGIN_S, keys.completion_prefix(), len(tenants)]
+    args: list[Any] = [TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, keys.completion_prefix(), len(tenants)]
     for tenant in tenants:
         args += [keys.completion_log(tenant), keys.feedback_prefix(tenant), keys.end_user_prefix(tenant)]
     for e in chunk:

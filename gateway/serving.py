@@ -270,8 +270,8 @@ class AnswerResponse(Response):
     dropped unsent (when it is freed), and only once."""
 
     def __init__(self, content: bytes, status: int, finish: Callable[[int], None]) -> None:
-        super().__init__(content, status_code=status, media_type="application/json")
         self._finish: Callable[[int], None] | None = finish
+        super().__init__(content, status_code=status, media_type="application/json")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -281,8 +281,11 @@ class AnswerResponse(Response):
 
     def _finished(self) -> None:
         finish, self._finish = self._finish, None
-        if finish is not None:
-            finish(self.status_code)
+        try:
+            if finish is not None:
+                finish(self.status_code)
+        except Exception:  # the answer is sent (or its sending failed: that error is the one to raise)
+            log.exception("finishing an answered request failed")
 
     def __del__(self) -> None:
         self._finished()

@@ -219,8 +219,15 @@ async def keep_if_still_owned(
     """Keep `manifest`, just stored in `owner`'s `store`, only if `owner` still exists (the same tenant, not one
     created again under its name); otherwise remove it and raise TenantNotFound. With `publish`, a version stored
     unlisted (so that no tenant could call it before this check) is listed once kept; the manifest kept."""
-    if await same_tenant(tenants, owner.name, owner.created) is not None:
-        return await asyncio.to_thread(store.publish, manifest.name, manifest.version, {}) if publish else manifest
+    try:
+        if await same_tenant(tenants, owner.name, owner.created) is not None:
+            return await asyncio.to_thread(store.publish, manifest.name, manifest.version, {}) if publish else manifest
+    except AdapterNotFound as exc:  # a deletion's sweep came between the check and the listing
+        raise TenantNotFound(owner.name) from exc
+    except BaseException:  # Redis, the disk: nothing is left half-added (unlisted, for no one)
+        with suppress(AdapterNotFound, OSError):
+            await asyncio.to_thread(store.remove, manifest.name, manifest.version)
+        raise
     with suppress(AdapterNotFound):  # the deletion's own sweep may have come first
         await asyncio.to_thread(store.remove, manifest.name, manifest.version)
     raise TenantNotFound(owner.name)

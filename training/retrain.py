@@ -39,6 +39,8 @@ from training.config import RetrainConfig
 
 STEPS = ("dataset", "fit", "eval", "publish")
 KEY_LIFETIME_S = 2 * 3600.0
+OWNER_CHECK_S = 3.0
+"""How long a failing run waits for Redis to say whether its tenant is still there."""
 Progress = Callable[[str], None]
 
 
@@ -147,6 +149,7 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
     loaded = await sources.collect(stack.records, state.tenant, config, alias=state.alias, policy=policy)
     built = await asyncio.to_thread(dataset.build, loaded, config)
     card = await asyncio.to_thread(dataset.write, built, run.data)
+    await _owner(run, stack)  # deleted meanwhile: the copy of its log goes too
     state.serving, state.data_card = asdict(before), card.to_dict()
     _done(run, "dataset", started)
     progress(f"dataset {card.dataset_hash[:12]}: {card.splits}")
@@ -310,7 +313,7 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
             await publish_candidate(run, stack, progress, by)
     except BaseException as exc:
         gone = await asyncio.shield(_abandon(run, stack, exc))
-        if gone is not None and gone is not exc:
+        if gone is not None and gone is not exc and isinstance(exc, Exception):
             raise gone from exc  # e.g. a file error of a step whose folder the tenant's deletion removed
         raise
     return run.state
@@ -318,16 +321,9 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
 
 async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | None:
     """Remove a staged candidate and keep the error in run.json; when the tenant is gone, the refusal that says
-    so (the run's folder is gone with it: nothing is saved)."""
+    so (its folder is gone with it: `_owner` removed it). The candidate goes first: a SIGTERM's grace is short,
+    and the check asks Redis (for OWNER_CHECK_S at most)."""
     state = run.state
-    if isinstance(exc, TenantGone):
-        return exc
-    try:
-        await _owner(run, stack)
-    except TenantGone as gone:
-        return gone
-    except Exception:  # noqa: BLE001 - Redis away: the original error matters more
-        pass
     if state.candidate and not state.published:
         name, version = state.candidate.split("@")
         store = stack.registry.store(state.tenant)
@@ -337,6 +333,14 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
         except Exception:  # noqa: BLE001 - already failing; the original error matters more
             pass
         state.candidate = None
+    if isinstance(exc, TenantGone):
+        return exc
+    try:
+        await asyncio.wait_for(_owner(run, stack), OWNER_CHECK_S)
+    except TenantGone as gone:
+        return gone
+    except Exception:  # noqa: BLE001 - Redis away or slow: the original error matters more
+        pass
     state.error = f"{type(exc).__name__}: {exc}"
     run.save()
     return None

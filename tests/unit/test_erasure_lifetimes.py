@@ -15,7 +15,7 @@ from gateway import keys
 from gateway.erasure import forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_store import CHUNK, RecordStore
+from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
 from gateway.spool import Spool
@@ -124,13 +124,11 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
 ) -> None:
     """An entry as older versions wrote it, then 250 records of a tenant that keeps 100, in three script calls (100,
     100, 50): the second call takes the log TRIM_SLACK over its length, and the old entry and the first 100 records
-    go, with their indexes, ratings and place in their end users' and raters' sets; the others keep theirs. Those
-    records written again (a replay) are older than all the full log holds: not written."""
+    go, with their ratings and place in their end users' and raters' sets, their indexes kept a while as TRIMMED; the
+    others keep theirs. Those records written again (a replay) are skipped by those indexes."""
     short = Tenant(name="t", logging=LogPolicy(max_records=100))
     await redis.xadd(keys.completion_log("t"), {"r": "{}"})  # an entry as older versions wrote them
     entries = [entry(context(short, n, user=f"user-{n % 3}")) for n in range(1, 251)]
-    for early in entries[:CHUNK]:
-        early["created"] -= 10  # made 10 s before the others
     assert await RecordStore(redis).write(entries[:CHUNK]) == set()
     for n in (1, 2):
         await store.submit(short, FeedbackIn(completion_id=f"chatcmpl-{n}", user="ann", thumbs="up"))
@@ -139,7 +137,11 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
     kept = [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))]
     assert kept == [f"chatcmpl-{n}" for n in range(101, 251)], "the old entry and records 1-100 are over the length"
     for n in (1, 2, 100):
-        assert await redis.exists(keys.completion(f"chatcmpl-{n}"), keys.feedback("t", f"chatcmpl-{n}")) == 0
+        assert await redis.get(keys.completion(f"chatcmpl-{n}")) == TRIMMED, "kept a while, naming no tenant"
+        assert 0 < await redis.ttl(keys.completion(f"chatcmpl-{n}")) <= TRIMMED_KEEP_S
+        assert await redis.exists(keys.feedback("t", f"chatcmpl-{n}")) == 0
+        with pytest.raises(CompletionUnknown):
+            await store.of_completion(short, f"chatcmpl-{n}")
         assert not await redis.sismember(keys.end_user("t", f"user-{n % 3}"), f"chatcmpl-{n}")
     assert await redis.exists(keys.completion("chatcmpl-101"), keys.feedback("t", "chatcmpl-150")) == 2
     assert await redis.sismember(keys.end_user("t", "user-0"), "chatcmpl-150")
