@@ -91,8 +91,9 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
 async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str) -> int:
     """1 when the completion was the user's own and its record is deleted now; 0 for one they only rated (its
     record is someone else's). An index whose record is gone goes too, with its ratings: the length limit's trim
-    deletes both itself, but not for records written before entries named their completion (`keys.completion_log`),
-    nor for those trimmed by an age limit lowered since."""
+    deletes the ratings itself (and leaves the index as TRIMMED, which names no tenant), but not for records
+    written before entries named their completion (`keys.completion_log`), nor for those trimmed by an age limit
+    lowered since."""
     owner, entry, _, _ = parse_index(await redis.get(keys.completion(completion_id)))
     if owner != tenant or not entry:
         return 0

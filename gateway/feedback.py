@@ -51,8 +51,9 @@ VERIFY_FOR_S = 600.0
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
 # counters ('' where none), the tenant's deletion, the completion's index. ARGV: field (end user), feedback JSON,
-# created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created. Feedback of a
-# tenant created at or before its deletion is refused (-1); one made before its end user's erasure, or (replayed)
+# created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created, TRIMMED.
+# Feedback of a tenant created at or before its deletion, or of a completion the length limit trimmed, is refused
+# (-1); one made before its end user's erasure, or (replayed)
 # past the tenant's age limit, is dropped (0). A replay never replaces a newer rating. The hash lives as long as
 # the completion's index (a later rating does not extend it) and the end user's set at least as long (it is never
 # shortened): erasure finds every rating through the set. The arm's feedback signal moves by the difference a
@@ -60,6 +61,7 @@ VERIFY_FOR_S = 600.0
 _STORE = """
 local deleted = redis.call('GET', KEYS[5])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
+if redis.call('GET', KEYS[6]) == ARGV[10] then return -1 end
 if KEYS[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local ttl = tonumber(ARGV[5])
@@ -268,14 +270,14 @@ class FeedbackStore:
                 script_keys += [keys.tenant_deleted(tenant), keys.completion(completion_id)]
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
-                args.append(item.get("tenant_created") or feedback["created"])
+                args += [item.get("tenant_created") or feedback["created"], TRIMMED]
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
                 pipe.execute_command("WAITAOF", 1, 0, 2000)
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")
-        if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created) meanwhile
+        if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created), or it trimmed, meanwhile
             raise CompletionUnknown(parsed[0]["completion_id"])
         if not replay and results[0] != 1:
             raise NotDurable("Redis did not keep the feedback")

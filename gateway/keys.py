@@ -114,7 +114,8 @@ def completion_log(tenant: str) -> str:
 
 def completion(completion_id: str) -> str:
     """`TENANT ENTRY-ID[ EXPERIMENT ARM]` of one recorded completion: who owns it, where its record is in
-    the log, and the experiment arm that answered it (so that its feedback counts for that arm)."""
+    the log, and the experiment arm that answered it (so that its feedback counts for that arm); for an hour after
+    the length limit trimmed its record, `record_store.TRIMMED`."""
     return completion_prefix() + completion_id
 
 

@@ -170,7 +170,9 @@ disk failing), not that a record is bad."""
 
 def parse_index(index: str | None) -> tuple[str, str, str, str]:
     """A completion index's value as the script writes it (`TENANT ENTRY[ EXPERIMENT ARM]`): tenant, stream entry,
-    experiment and arm ('' for what it does not hold)."""
+    experiment and arm ('' for what it does not hold; all '' for TRIMMED)."""
+    if index == TRIMMED:
+        return "", "", "", ""
     owner, entry, experiment, arm = ((index or "").split(" ") + ["", "", "", ""])[:4]
     return owner, entry, experiment, arm
 

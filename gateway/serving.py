@@ -283,7 +283,7 @@ class AnswerResponse(Response):
         finish, self._finish = self._finish, None
         try:
             if finish is not None:
-                finish(self.status_code)
+                finish(getattr(self, "status_code", 500))  # 500: dropped half-built
         except Exception:  # the answer is sent (or its sending failed: that error is the one to raise)
             log.exception("finishing an answered request failed")
 

@@ -222,10 +222,12 @@ async def keep_if_still_owned(
     try:
         if await same_tenant(tenants, owner.name, owner.created) is not None:
             return await asyncio.to_thread(store.publish, manifest.name, manifest.version, {}) if publish else manifest
-    except AdapterNotFound as exc:  # a deletion's sweep came between the check and the listing
-        raise TenantNotFound(owner.name) from exc
+    except AdapterNotFound as exc:  # removed between the check and the listing: by a deletion's sweep?
+        if await same_tenant(tenants, owner.name, owner.created) is None:
+            raise TenantNotFound(owner.name) from exc
+        raise
     except BaseException:  # Redis, the disk: nothing is left half-added (unlisted, for no one)
-        with suppress(AdapterNotFound, OSError):
+        with suppress(Exception):
             await asyncio.to_thread(store.remove, manifest.name, manifest.version)
         raise
     with suppress(AdapterNotFound):  # the deletion's own sweep may have come first

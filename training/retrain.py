@@ -13,6 +13,7 @@ gateway with a short-lived `training` key of the tenant, revoked when the eval e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
@@ -190,11 +191,21 @@ def _provenance(run: Run, base: str) -> dict[str, Any]:
 
 async def _owner(run: Run, stack: Stack) -> Tenant:
     """The run's tenant, refused (TenantGone) if it was deleted since the run began, or created again: another."""
-    tenant = await version_guard.same_tenant(TenantStore(stack.state), run.state.tenant, run.state.tenant_created)
+    tenant = await _current(run, stack)
     if tenant is None:
-        await asyncio.to_thread(shutil.rmtree, run.folder, True)  # a step may have written into it again
-        raise _tenant_gone(run.state)
+        raise await _gone(run)
     return tenant
+
+
+async def _current(run: Run, stack: Stack) -> Tenant | None:
+    return await version_guard.same_tenant(TenantStore(stack.state), run.state.tenant, run.state.tenant_created)
+
+
+async def _gone(run: Run) -> TenantGone:
+    """The refusal of a run whose tenant is gone, once its folder is removed (a step may have written into it
+    again since the deletion removed it): shielded, so that a cancellation does not leave it half removed."""
+    await asyncio.shield(asyncio.to_thread(shutil.rmtree, run.folder, True))
+    return _tenant_gone(run.state)
 
 
 class TenantGone(publish.RetrainRefused):
@@ -336,11 +347,12 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
     if isinstance(exc, TenantGone):
         return exc
     try:
-        await asyncio.wait_for(_owner(run, stack), OWNER_CHECK_S)
-    except TenantGone as gone:
-        return gone
+        if await asyncio.wait_for(_current(run, stack), OWNER_CHECK_S) is None:
+            return await _gone(run)
     except Exception:  # noqa: BLE001 - Redis away or slow: the original error matters more
         pass
     state.error = f"{type(exc).__name__}: {exc}"
-    run.save()
+    if run.folder.is_dir():
+        with contextlib.suppress(OSError):  # removed meanwhile (its tenant deleted): the original error stands
+            run.save()
     return None

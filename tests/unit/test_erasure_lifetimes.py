@@ -143,6 +143,10 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
         with pytest.raises(CompletionUnknown):
             await store.of_completion(short, f"chatcmpl-{n}")
         assert not await redis.sismember(keys.end_user("t", f"user-{n % 3}"), f"chatcmpl-{n}")
+    store._recorder.recent["chatcmpl-1"] = ("t", short.created)  # answered here a while ago, as this process recalls
+    with pytest.raises(CompletionUnknown):
+        await store.submit(short, FeedbackIn(completion_id="chatcmpl-1", user="bo", thumbs="up"))
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0, "no rating kept for a trimmed completion"
     assert await redis.exists(keys.completion("chatcmpl-101"), keys.feedback("t", "chatcmpl-150")) == 2
     assert await redis.sismember(keys.end_user("t", "user-0"), "chatcmpl-150")
     assert await redis.smembers(keys.end_user("t", "ann")) == {"chatcmpl-150"}, "nor in its raters' sets"

@@ -19,6 +19,7 @@ import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -26,11 +27,11 @@ import adapters.store
 from adapters.registry import Registry
 from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
-from gateway import keys
+from gateway import keys, version_guard
 from gateway.app import create_app
 from gateway.cli import app as cli
 from gateway.settings import Settings
-from gateway.tenants import TenantStore
+from gateway.tenants import Tenant, TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
 from training import train as training_module
@@ -208,3 +209,20 @@ async def test_a_retraining_run_gives_a_deleted_tenant_and_its_namesake_nothing(
             assert not Registry(settings.adapter_root).store("acme").versions("bot-tuned"), done
     finally:
         await redis.aclose()
+
+
+async def test_a_version_whose_tenant_cannot_be_checked_is_not_left_half_added(
+    tmp_path: Path, base: BaseModelSpec
+) -> None:
+    """Redis is away when an upload or `adapters add` checks its tenant: the unlisted version goes, the error stays."""
+
+    class Unreachable:
+        async def get(self, name: str) -> Any:
+            raise RedisConnectionError("Redis is away")
+
+    store = adapters.store.AdapterStore(tmp_path / "adapters" / "acme")
+    stored = store.add(make_adapter(tmp_path / "a", base, seed=5), "bot", base, 16, listed=False)
+    owner = Tenant(name="acme")
+    with pytest.raises(RedisConnectionError):
+        await version_guard.keep_if_still_owned(Unreachable(), store, owner, stored, publish=True)  # type: ignore[arg-type]
+    assert store.versions("bot") == []
