@@ -47,6 +47,11 @@ from gateway.state import StateWatcher
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate")
+UPSTREAM_KEEPALIVE_S = 4.0
+"""How long an idle connection to an engine is kept: shorter than vLLM's own keep-alive (uvicorn's, 5 s by default:
+VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the gateway closes it first. Kept longer, a request could be sent on a
+connection the engine was closing just then: "Server disconnected", and the engine taken for down until its
+next health check (a burst after a few idle seconds got 503s from every replica at once)."""
 
 
 @dataclass
@@ -210,7 +215,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
     """Build the services, open the spools, check feedback's durability, start the engines' pool and the
     background work; returns the background tasks (the recorder's own loop last)."""
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300),
         auto_decompress=False,
     )
     svc = app.state.services = _services(settings, urls, model_dir, session)

@@ -314,3 +314,13 @@ async def test_a_fresh_load_of_another_process_is_not_the_first_to_go(fakes, red
     finally:
         await session_a.close()
         await session_b.close()
+
+
+def test_the_gateway_lets_go_of_an_idle_engine_connection_before_the_engine_does() -> None:
+    """Else a request can go out on a connection vLLM is closing ("Server disconnected"), and the engine is taken
+    for down: after a few idle seconds, a burst of requests got 503s from every replica at once."""
+    import vllm.envs
+
+    from gateway.app import UPSTREAM_KEEPALIVE_S
+
+    assert 0 < UPSTREAM_KEEPALIVE_S < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
