@@ -22,6 +22,7 @@ from adapters.validate import BaseModelSpec
 from gateway import __version__, guard_rails
 from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
+from gateway.clock import SYNC_EVERY_S, RedisClock
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
@@ -125,10 +126,18 @@ async def _maintain(svc: Services) -> None:
 
 
 async def _keep_records(svc: Services) -> None:
-    """Adopt and replay spools, re-check how Redis persists feedback, trim old records; every second or so."""
+    """Adopt and replay spools, re-check how Redis persists feedback, trim old records, measure the records Redis's
+    clock; every second or so."""
     rounds = 0
     while True:
         await asyncio.sleep(1.0)
+        if rounds % int(SYNC_EVERY_S) == 0 or not svc.recorder.clock.measured:
+            try:
+                await svc.recorder.clock.sync()
+            except (RedisError, OSError) as exc:
+                log.debug("records Redis's clock not measured: %r", exc)
+            except Exception:
+                log.exception("records Redis's clock not measured")
         try:
             await svc.spools[0].adopt()
             await svc.feedback.replay()
@@ -183,7 +192,8 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
     experiments = ExperimentStore(redis)
-    residency = Residency(redis, session, settings.max_cpu_loras)
+    clock = RedisClock(redis)  # the state Redis's: quota windows and adapter uses are dated by it
+    residency = Residency(redis, session, settings.max_cpu_loras, clock=clock)
     placement = Placement(pool, session, registry, metrics, residency)
     return Services(
         settings=settings,
@@ -193,7 +203,11 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         pointers=pointers,
         experiments=experiments,
         quotas=QuotaGate(
-            redis, metrics, settings.quota_reserve_tokens, LeaseBook(max_requests=settings.quota_lease_requests)
+            redis,
+            metrics,
+            settings.quota_reserve_tokens,
+            LeaseBook(max_requests=settings.quota_lease_requests),
+            clock=clock,
         ),
         pool=pool,
         registry=registry,

@@ -39,8 +39,9 @@ return ms
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int) -> dict[str, int]:
     """Delete every completion record of an end user, every rating they gave, and every rating of their completions
     (others' corrections quote their conversation). Returns the counts. `keep_s`: how long the tombstone stays (the
-    tenant's record age limit). The tombstone is dated by Redis's clock plus MARGIN_S (records are dated by their
-    gateways' clocks): what the user sends in the next seconds is not kept either."""
+    tenant's record age limit). The tombstone is dated by Redis's clock plus MARGIN_S (records and ratings are dated
+    by Redis's clock as each gateway last measured it, gateway.clock; the margin covers what a measurement can be off
+    by): what the user sends in the next seconds is not kept either."""
     user = user[:MAX_USER_CHARS]  # as records name them
     seconds, micros = await redis.time()
     await redis.set(keys.forgotten(tenant, user), repr(seconds + micros / 1e6 + MARGIN_S), ex=max(keep_s, 1))

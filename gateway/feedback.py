@@ -214,7 +214,7 @@ class FeedbackStore:
             raise InvalidRequest(
                 "This tenant keeps no prompts or responses, so a correction cannot be stored.", param="correction"
             )
-        feedback = Feedback(**given.model_dump())
+        feedback = Feedback(**given.model_dump(), created=self._recorder.clock.now())  # by the records Redis's clock
         redactor = Redactor(policy.redact)
         counts = Findings()
         if redactor.kinds:

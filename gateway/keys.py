@@ -106,6 +106,12 @@ def replica_usage(replica: str) -> str:
     return f"{PREFIX}:replica:{replica}:usage"
 
 
+def replica_recent_uses(replica: str) -> str:
+    """Sorted set `adapter` NUL `process` -> that gateway process's last request to it on one replica, kept for the
+    last minutes only: which adapters other processes used lately, even where this one used them since."""
+    return f"{PREFIX}:replica:{replica}:recent"
+
+
 def completion_log(tenant: str) -> str:
     """Stream of a tenant's completion records (fields `r`: the record's JSON, `c`: its completion id, `u`: its end
     user, '' for none), trimmed by length and age."""

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.clock import RedisClock
 from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
 from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
@@ -211,7 +212,12 @@ def _check_cost(scopes: Scopes, cost: int) -> None:
 
 class QuotaGate:
     def __init__(
-        self, redis: aioredis.Redis, metrics: Metrics, reserve_tokens: int, leases: LeaseBook | None = None
+        self,
+        redis: aioredis.Redis,
+        metrics: Metrics,
+        reserve_tokens: int,
+        leases: LeaseBook | None = None,
+        clock: RedisClock | None = None,
     ) -> None:
         self._redis = redis
         self._metrics = metrics
@@ -221,8 +227,8 @@ class QuotaGate:
         self._unlease = ScriptLane(redis, _UNLEASE, size=1)
         self._leases = leases or LeaseBook()
         self._corrections: Counter[str] = Counter()
-        self._clock_offset_s = 0.0
-        """Redis's clock minus this host's: token counters are named by Redis's minute, whatever this clock says."""
+        self.clock = clock or RedisClock(redis)
+        """Token counters are named by Redis's minute, whatever this host's clock says (measured by `run`)."""
 
     def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
         """Tokens reserved before forwarding: the request's max_tokens (else the configured default) for each
@@ -258,7 +264,7 @@ class QuotaGate:
         self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int
     ) -> tuple[list[int], tuple[str, ...]] | Admission:
         """One Lua check in Redis: its reply and this minute's token counters, or the Redis-down admission."""
-        minute = int((time.time() + self._clock_offset_s) // WINDOW_S)  # Redis's minute, as the script counts
+        minute = int(self.clock.now() // WINDOW_S)  # Redis's minute, as the script counts
         request_keys = tuple(keys.quota_requests(scope) for scope, rpm, _ in scopes if rpm)
         token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
         script_keys: list[str] = []
@@ -334,20 +340,14 @@ class QuotaGate:
             self._leases.unsent(returns)  # re-timing, removing and ZREM of lost asks are safe to send twice
             self._corrections.update(corrections)
 
-    async def sync_clock(self) -> None:
-        """Measure Redis's clock against this host's (TIME, halfway through the round trip)."""
-        sent = time.time()
-        seconds, micros = await self._redis.time()
-        self._clock_offset_s = seconds + micros / 1e6 - (sent + time.time()) / 2
-
     async def run(self, interval_s: float = 0.1, clock_every: int = 100) -> None:
         """Send the corrections every `interval_s`; compare clocks with Redis every `clock_every` rounds."""
         rounds = 0
         try:
             while True:
-                if rounds % clock_every == 0:
+                if rounds % clock_every == 0 or (not self.clock.measured and rounds % 10 == 0):
                     with contextlib.suppress(RedisError, OSError):
-                        await self.sync_clock()
+                        await self.clock.sync()
                 rounds += 1
                 await asyncio.sleep(interval_s)
                 try:

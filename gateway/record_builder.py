@@ -74,7 +74,8 @@ class RawRecord(NamedTuple):
     ttl: int
 
 
-def raw_record(context: RequestContext) -> RawRecord:
+def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecord:
+    """`clock_offset_s`: the records Redis's clock minus this host's (a record is dated by Redis's clock)."""
     policy, route, answer = context.tenant.logging, context.route, context.answer
     content = policy.content
     completion_id = answer.completion_id
@@ -90,7 +91,7 @@ def raw_record(context: RequestContext) -> RawRecord:
         route.adapter.version if route is not None and route.adapter is not None else None,
         route.served_model if route is not None else None,
         answer.usage, completion_id, (answer.choice_dicts() or None) if content else None,
-        context.status, context.outcome, context.error_type, context.received, context.latency_s,
+        context.status, context.outcome, context.error_type, context.received + clock_offset_s, context.latency_s,
         context.first_token_s,
         request_of(context.payload) if valid and context.sent is None else None,
         context.sent if valid else None, answer.body if content else None,

@@ -27,6 +27,7 @@ replayed the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -37,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.clock import RedisClock
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.record_builder import RawRecord, raw_record
@@ -48,6 +50,8 @@ log = logging.getLogger("loragate.recorder")
 
 RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded."""
+CLOCK_START_S = 2.0
+"""How long starting waits for the records Redis's clock (an unreachable one is measured later)."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
 Recent = tuple[str, float | None]
@@ -84,6 +88,8 @@ class Recorder:
         self._flush_seq = 0
         """Records queued up to here are waited for (`written`): they go at once."""
         self._records = RecordStore(redis)
+        self.clock = RedisClock(redis)
+        """Records are dated by the records Redis's clock (its scripts compare them with tombstones and ages)."""
         self._builder: RecordWorker | ThreadBuilder = RecordWorker(redis_url) if workers else ThreadBuilder()
         self._epoch = 0
         """Batches the record process may write itself; a new epoch begins each time the spool is replayed."""
@@ -118,6 +124,8 @@ class Recorder:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
 
     async def start(self) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # measured again by the upkeep loop
+            await asyncio.wait_for(self.clock.sync(), CLOCK_START_S)
         await self._builder.start()
 
     async def run(self) -> None:
@@ -205,7 +213,7 @@ class Recorder:
 
     def _raw(self, context: RequestContext) -> RawRecord | None:
         try:
-            return raw_record(context)
+            return raw_record(context, self.clock.offset_s)
         except Exception:
             log.exception("completion log: request %s could not be recorded", context.request_id)
             return None
@@ -264,6 +272,6 @@ class Recorder:
         its completion index is gone, and with it the way erasure finds it by id."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for tenant, policy in policies.items():
-                oldest_ms = int((time.time() - policy.max_age_s) * 1000)
+                oldest_ms = int((self.clock.now() - policy.max_age_s) * 1000)
                 pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=False)
             await pipe.execute()

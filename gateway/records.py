@@ -9,7 +9,6 @@ alias and the version that served, and room for the experiment and arm that chos
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from typing import Any, Literal
 
@@ -143,5 +142,5 @@ class Feedback(FeedbackIn):
 
     object: Literal["feedback"] = "feedback"
     id: str = Field(default_factory=lambda: f"fb-{uuid.uuid4().hex}")
-    created: float = Field(default_factory=time.time)
+    created: float = Field(description="When it was given (Unix time, by the records Redis's clock).")
     redactions: dict[str, int] = Field(default_factory=dict)

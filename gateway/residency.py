@@ -6,9 +6,11 @@
   make room and load there, so processes never overshoot a replica's capacity together.
 - Least-recently-used is shared: every gateway adds the times it sent each adapter a request to a
   Redis sorted set per replica (batched, off the request path). An adapter that another gateway used
-  more recently than this one, within `protect_s`, is never evicted by this one (it cannot know
-  whether that gateway's requests are still on their way), so gateways neither evict what another
-  is using nor thrash; its own uses it knows exactly (LRU, and in-flight requests are never evicted).
+  within `protect_s` is never evicted by this one, even where this one used it since (it cannot know
+  whether that gateway's requests are still on their way): each process also shares its own last uses
+  under its own name (`replica_recent_uses`, trimmed to the last minutes). So gateways neither evict
+  what another is using nor thrash; their own uses they know exactly (LRU, and in-flight requests are
+  never evicted).
   When nothing can go, vLLM's own `--max-cpu-loras` LRU keeps its memory bounded.
 """
 
@@ -24,9 +26,11 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.clock import RedisClock
 from gateway.errors import EngineUnavailable
 
 log = logging.getLogger("loragate.residency")
@@ -39,12 +43,25 @@ return redis.call('DEL', KEYS[1])
 """The owner's lock: renewed for ARGV[2] ms, or released when that is 0; another owner's is left alone."""
 
 
+RECENT_KEEP_S = 300.0
+"""Each process's own recent uses are shared for this long (at least `protect_s`)."""
+
+
 class Residency:
     LOCK_TTL_MS = 30_000
     """A lock outlives a crashed owner by at most this long."""
 
-    def __init__(self, redis: aioredis.Redis, session: aiohttp.ClientSession, capacity: int, protect_s: float = 10.0):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        session: aiohttp.ClientSession,
+        capacity: int,
+        protect_s: float = 10.0,
+        clock: RedisClock | None = None,
+    ) -> None:
         self._redis = redis
+        self._clock = clock or RedisClock(redis)
+        """Uses are dated by Redis's clock (shared with the quota gate, which measures it): hosts' clocks may differ."""
         self._session = session
         self.capacity = capacity
         self.protect_s = protect_s
@@ -52,6 +69,8 @@ class Residency:
         self._used: defaultdict[str, dict[str, float]] = defaultdict(dict)
         """This process's last use of each adapter, by replica."""
         self._unshared: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        self._process = secrets.token_hex(8)
+        """This process's name among those sharing the replicas' recent uses."""
 
     @asynccontextmanager
     async def exclusive(self, replica: str) -> AsyncIterator[None]:
@@ -104,7 +123,7 @@ class Residency:
         return [m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)]
 
     def note_use(self, replica: str, name: str) -> None:
-        now = time.time()
+        now = self._clock.now()
         self._used[replica][name] = now
         self._unshared[replica][name] = now
 
@@ -121,6 +140,7 @@ class Residency:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for replica in replicas:
                     pipe.zrem(keys.replica_usage(replica), name)
+                    pipe.zrem(keys.replica_recent_uses(replica), f"{name}\0{self._process}")
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("could not drop the uses of %s: %s", name, exc)
@@ -130,23 +150,39 @@ class Residency:
         making room there meanwhile does not take it for the least recently used (it never was used, to it)."""
         self.note_use(replica, name)
         try:
-            await self._redis.zadd(keys.replica_usage(replica), {name: self._used[replica][name]}, gt=True)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                self._share(pipe, replica, {name: self._used[replica][name]})
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("could not share the load of %s: %s", name, exc)
 
     async def flush_uses(self) -> None:
         """Share this process's adapter uses (a later time never goes back: ZADD GT)."""
-        used, self._unshared = self._unshared, defaultdict(dict)
+        unshared, self._unshared = self._unshared, defaultdict(dict)
+        used = {replica: names for replica, names in unshared.items() if names}  # `forget` may have emptied one
         if not used:
             return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for replica, names in used.items():
-                    pipe.zadd(keys.replica_usage(replica), names, gt=True)
-                    pipe.expire(keys.replica_usage(replica), 86400)
+                    self._share(pipe, replica, names)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("could not share adapter uses: %s", exc)
+            for replica, names in used.items():  # shared at the next flush, unless used again (later) or forgotten
+                for name, at in names.items():
+                    if name in self._used.get(replica, {}):
+                        self._unshared[replica].setdefault(name, at)
+
+    def _share(self, pipe: Pipeline, replica: str, names: dict[str, float]) -> None:
+        """Queue on `pipe`: the last uses of `names` by any process (a later time never goes back: ZADD GT), and by
+        this one, under its name (uses older than RECENT_KEEP_S leave that set)."""
+        recent = keys.replica_recent_uses(replica)
+        pipe.zadd(keys.replica_usage(replica), names, gt=True)
+        pipe.expire(keys.replica_usage(replica), 86400)
+        pipe.zadd(recent, {f"{name}\0{self._process}": at for name, at in names.items()}, gt=True)
+        pipe.zremrangebyscore(recent, "-inf", self._clock.now() - max(self.protect_s, RECENT_KEEP_S))
+        pipe.expire(recent, int(max(self.protect_s, RECENT_KEEP_S)) + 60)
 
     async def evictable(self, replica: str, resident: list[str], keep: set[str]) -> list[str]:
         """Adapters that may be unloaded to make room, least recently used (by any gateway) first."""
@@ -154,13 +190,18 @@ class Residency:
         if not candidates:
             return []
         local = self._used.get(replica, {})
+        now = self._clock.now()
+        shared, recent = [None] * len(candidates), []
         try:
-            shared = await self._redis.zmscore(keys.replica_usage(replica), candidates)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zmscore(keys.replica_usage(replica), candidates)
+                pipe.zrange(keys.replica_recent_uses(replica), now - self.protect_s, "+inf", byscore=True)
+                shared, recent = await pipe.execute()
         except (RedisError, OSError):
-            shared = [None] * len(candidates)
+            pass
         last = {name: max(local.get(name, 0.0), score or 0.0) for name, score in zip(candidates, shared, strict=True)}
-        now = time.time()
-        by_others = {
+        by_others = {name for name, _, process in (m.partition("\0") for m in recent) if process != self._process}
+        by_others |= {
             name for name in candidates if last[name] > local.get(name, 0.0) and now - last[name] < self.protect_s
         }
         return sorted((name for name in candidates if name not in by_others), key=lambda name: last[name])

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import keys
-from gateway.erasure import forget_user
+from gateway import clock, keys
+from gateway import feedback as feedback_module
+from gateway.erasure import MARGIN_S, forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore
@@ -20,6 +21,7 @@ from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
 from gateway.spool import Spool
 from gateway.tenants import Tenant
+from tests.unit.test_quotas import SkewedTime
 from tests.unit.test_recording import context, entry
 
 pytestmark = pytest.mark.asyncio
@@ -62,7 +64,9 @@ async def test_a_rating_made_before_its_users_erasure_is_not_kept(
     """The rating was checked before the erasure and reaches Redis after it (the request raced the erasure)."""
     recorder.record(context(TENANT, 1, user="v"))
     await recorder.written()
-    made_before = Feedback(**FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down").model_dump())
+    made_before = Feedback(
+        **FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down").model_dump(), created=time.time()
+    )
     await forget_user(redis, "t", "ann", TENANT.logging.max_age_s)
     item = {"tenant": "t", "verify": False, "ttl": 60, "since": time.time(), "feedback": made_before.model_dump_json()}
     with pytest.raises(Exception, match="did not keep"):
@@ -79,7 +83,9 @@ async def test_what_is_replayed_past_its_age_limit_is_not_written(redis: aioredi
     refused = await RecordStore(redis).write([old, young])
     assert refused == set() and [f["r"] for _, f in await redis.xrange(keys.completion_log("t"))] == [young["record"]]
     assert await redis.exists(keys.completion("chatcmpl-1")) == 0 and await redis.exists(keys.completion("chatcmpl-2"))
-    rating = Feedback(**FeedbackIn(completion_id="chatcmpl-2", user="ann", thumbs="up").model_dump())
+    rating = Feedback(
+        **FeedbackIn(completion_id="chatcmpl-2", user="ann", thumbs="up").model_dump(), created=time.time()
+    )
     rating.created -= 61
     item = {"tenant": "t", "verify": False, "ttl": 60, "since": rating.created, "feedback": rating.model_dump_json()}
     await store._write([item], replay=True)
@@ -169,3 +175,39 @@ async def test_records_written_under_a_shorter_age_limit_are_still_erased(
     raised = LogPolicy(max_age_days=30)  # the entries are seconds old: far younger than the limit now
     assert await forget_user(redis, "t", "ann", raised.max_age_s) == {"completions": 2, "feedback": 0}
     assert [json.loads(f["r"])["user"] for _, f in await redis.xrange(keys.completion_log("t"))] == ["bo"]
+
+
+@pytest.mark.parametrize("host_ahead_s", [100.0, -100.0])
+async def test_records_and_ratings_are_dated_by_the_records_redis_clock(
+    redis: aioredis.Redis,
+    recorder: Recorder,
+    store: FeedbackStore,
+    monkeypatch: pytest.MonkeyPatch,
+    host_ahead_s: float,
+) -> None:
+    """A gateway host whose clock runs 100 s ahead (or behind) of the records Redis's: a record it made before an
+    erasure, queued until after it, is still not kept; one made after the erasure's margin is; records and ratings
+    carry Redis's time (the scripts compare them with tombstones and the age limit)."""
+    for module in (clock, feedback_module):
+        monkeypatch.setattr(module, "time", SkewedTime(host_ahead_s))
+    await recorder.clock.sync()
+    host_now = time.time() + host_ahead_s
+    before = context(TENANT, 1, user="v")
+    before.received = host_now  # made now, by the host's clock
+    await forget_user(redis, "t", "v", TENANT.logging.max_age_s)
+    after = context(TENANT, 2, user="v")
+    after.received = host_now + MARGIN_S + 1  # a request a few seconds after the erasure
+    other = context(TENANT, 3, user="w")
+    other.received = host_now
+    for ctx in (before, after, other):
+        recorder.record(ctx)
+    await recorder.written()
+    kept = {f["c"]: json.loads(f["r"])["created"] for _, f in await redis.xrange(keys.completion_log("t"))}
+    assert set(kept) == {"chatcmpl-2", "chatcmpl-3"}, "made before the erasure by Redis's clock: not kept"
+    seconds, micros = await redis.time()
+    redis_now = seconds + micros / 1e6
+    assert abs(kept["chatcmpl-2"] - (redis_now + MARGIN_S + 1)) < 1.5
+    feedback, stored = await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-3", user="w", thumbs="up"))
+    assert stored and abs(feedback.created - redis_now) < 1.5, "a rating is dated by Redis's clock too"
+    (read,) = await store.of_completion(TENANT, "chatcmpl-3")
+    assert abs(read.created - redis_now) < 1.5

@@ -17,6 +17,7 @@ from gateway import spool as spool_module
 from gateway.errors import StateUnavailable
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
+from gateway.recorder import Recorder
 from gateway.records import FeedbackIn
 from gateway.spool import Spool
 from gateway.tenants import Tenant
@@ -36,7 +37,9 @@ async def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: boo
     monkeypatch.setattr(spool_module, "SEGMENT_ITEMS", 1)
     spool = Spool(tmp_path, fsync=True)
     spool.open()
-    feedback = FeedbackStore(aioredis.from_url("redis://127.0.0.1:1"), spool, None, Metrics())  # type: ignore[arg-type]
+    unreachable = aioredis.from_url("redis://127.0.0.1:1")
+    recorder = Recorder(unreachable, Spool(tmp_path / "records", fsync=False), Metrics())
+    feedback = FeedbackStore(unreachable, spool, recorder, Metrics())
 
     async def not_in_redis_yet(completion_id: str, tenant: str) -> None:
         return None

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from adapters.manifest import Manifest
 from adapters.registry import Registry
-from gateway import keys
+from gateway import clock, keys, residency
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
@@ -21,6 +21,7 @@ from gateway.placement import SPREAD_MARGIN, Placement
 from gateway.residency import Residency
 from gateway.routing import Route
 from tests.conftest import RedisServer
+from tests.unit.test_quotas import SkewedTime
 
 
 class FakeVLLM:
@@ -277,6 +278,73 @@ async def test_an_adapter_another_process_uses_is_never_evicted(
     finally:
         await session_a.close()
         await session_b.close()
+
+
+async def test_an_adapter_another_process_used_lately_is_not_evicted_after_this_ones_own_use(
+    fakes, redis_server: RedisServer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A uses x (its request may still be on its way); B uses x after it, then y and z, and needs room for w: x is
+    B's least recently used, but A's use protects it. y goes instead."""
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    try:
+        await use(a, route("x"))
+        await a.maintain([])  # A's use shared
+        for name in ("x", "y", "z"):
+            await use(b, route(name))
+        await use(b, route("w"))
+        assert fake.loaded == {"x@1", "z@1", "w@1"}, "x: used by A lately; y: the least recently used of the rest"
+    finally:
+        await session_a.close()
+        await session_b.close()
+
+
+async def test_uses_are_dated_by_redis_clock_whatever_the_hosts(
+    fakes, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A's host clock runs 60 s behind: its use of x, just now, still protects x from B (uses are dated by Redis's
+    clock, which each process measures)."""
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    try:
+        with monkeypatch.context() as host_a:
+            for module in (clock, residency):
+                host_a.setattr(module, "time", SkewedTime(-60.0))
+            await a._residency._clock.sync()  # noqa: SLF001
+            await use(a, route("x"))
+            await a.maintain([])
+        for name in ("y", "z", "w"):
+            await use(b, route(name))
+        assert "x@1" in fake.loaded and len(fake.loaded) == 3, fake.loaded
+    finally:
+        await session_a.close()
+        await session_b.close()
+
+
+async def test_a_use_forgotten_before_the_flush_costs_no_other_replicas_uses(redis_server: RedisServer) -> None:
+    """x used on one replica and forgotten (evicted) before the flush, y used on another: y's use is still shared
+    (an emptied replica once made the whole flush fail), and a flush Redis refuses is tried again at the next one."""
+    import redis.asyncio as aioredis
+
+    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await redis.flushdb()
+        uses = Residency(redis, None, capacity=3)  # type: ignore[arg-type]
+        uses.note_use("r1", "x@1")
+        uses.note_use("r2", "y@1")
+        uses.forget("r1", "x@1")
+        await uses.flush_uses()
+        assert await redis.zrange(keys.replica_usage("r2"), 0, -1) == ["y@1"]
+        uses.note_use("r2", "z@1")
+        uses._redis = aioredis.from_url("redis://127.0.0.1:1", decode_responses=True)  # noqa: SLF001
+        await uses.flush_uses()
+        uses._redis = redis  # noqa: SLF001
+        await uses.flush_uses()
+        assert await redis.zrange(keys.replica_usage("r2"), 0, -1) == ["y@1", "z@1"], "shared once Redis is back"
+    finally:
+        await redis.aclose()
 
 
 async def test_a_deleted_version_leaves_no_use_behind(setup, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]

@@ -59,7 +59,7 @@ async def test_tokens_come_back_when_the_last_minutes_weight_has_fallen_enough(r
     now = await redis_now(redis)
     await redis.set(keys.quota_tokens("tenant:acme", int(now // WINDOW_S)), 950)
     gate = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
-    await gate.sync_clock()
+    await gate.clock.sync()
     refused = await refusal(gate, ANY_KEY, Tenant(name="acme", limits=Limits(tpm=1000)), cost=100)
     expected = WINDOW_S - now % WINDOW_S + (1 - 900 / 950) * WINDOW_S
     assert abs(int(refused.headers["retry-after"]) - expected) <= 1.5, (refused.headers, expected)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import keys, quotas
+from gateway import clock, keys
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
@@ -146,8 +146,8 @@ async def _get(url: str, key: str) -> str:
         await client.aclose()
 
 
-class _Clock:
-    """gateway.quotas's view of `time`, off by `offset_s` (a host whose clock is wrong)."""
+class SkewedTime:
+    """The `time` module as a host whose clock is off by `offset_s` sees it."""
 
     def __init__(self, offset_s: float) -> None:
         self.offset_s = offset_s
@@ -167,9 +167,9 @@ async def test_gateways_whose_clocks_differ_count_tokens_in_the_same_minute(
     tenant = Tenant(name="skew", limits=Limits(tpm=1000))
     admitted = 0
     for offset_s in (60.0, 0.0):
-        monkeypatch.setattr(quotas, "time", _Clock(offset_s))
+        monkeypatch.setattr(clock, "time", SkewedTime(offset_s))
         gate = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
-        await gate.sync_clock()
+        await gate.clock.sync()
         for i in range(int(offset_s), int(offset_s) + 20):
             admitted += isinstance(await attempt(gate, tenant, i, Principal("skew", "k1", "inference"), 100), Admission)
     assert admitted * 100 <= 1000

@@ -463,7 +463,9 @@ async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, reco
 
 def spooled_rating(tenant: Tenant, completion_id: str) -> dict[str, Any]:
     """A rating as `FeedbackStore.submit` spools it (its completion vouched for when it was given)."""
-    feedback = Feedback(**FeedbackIn(completion_id=completion_id, user="u1", thumbs="up").model_dump())
+    feedback = Feedback(
+        **FeedbackIn(completion_id=completion_id, user="u1", thumbs="up").model_dump(), created=time.time()
+    )
     item = {"tenant": tenant.name, "verify": False, "ttl": 60, "since": time.time(), "tenant_created": tenant.created}
     return item | {"feedback": feedback.model_dump_json()}
 

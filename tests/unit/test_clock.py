@@ -1,0 +1,69 @@
+"""gateway.clock: a Redis's clock measured from this host, robust to a slow round trip and to the host's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import clock
+from gateway.clock import MAX_ROUND_TRIP_S, RedisClock
+from tests.conftest import RedisServer
+from tests.unit.test_quotas import SkewedTime
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_waiting_for_a_pooled_connection_does_not_skew_the_measurement(redis_server: RedisServer) -> None:
+    """The pool's one connection is busy for 0.5 s when the measurement starts: the Redis server runs on this host,
+    so the offset is about 0, not half the wait."""
+    pool = aioredis.BlockingConnectionPool.from_url(redis_server.url, max_connections=1, timeout=5)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        busy = asyncio.create_task(client.blpop(["nothing-comes"], timeout=0.5))
+        await asyncio.sleep(0.05)
+        found = RedisClock(client)
+        assert await found.sync() and found.measured
+        await busy
+        assert abs(found.offset_s) < 0.05, found.offset_s
+    finally:
+        await client.aclose()
+
+
+class _FakeTime:
+    """A Redis whose `TIME` is 1,000 s ahead of this host, answering after `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    async def time(self) -> tuple[int, int]:
+        await asyncio.sleep(self.delay_s)
+        now = time.time() + 1000
+        return int(now), int(now % 1 * 1e6)
+
+
+async def test_a_measurement_of_slow_round_trips_only_is_not_kept() -> None:
+    fake = _FakeTime(MAX_ROUND_TRIP_S + 0.05)
+    found = RedisClock(fake)  # type: ignore[arg-type]
+    assert not await found.sync() and not found.measured
+    assert abs(found.offset_s) < 0.05, "still this host's clock"
+    fake.delay_s = 0
+    assert await found.sync() and found.measured
+    assert abs(found.offset_s - 1000) < 0.05
+
+
+async def test_a_step_of_the_hosts_wall_clock_after_a_measurement_changes_nothing(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = aioredis.from_url(redis_server.url)
+    try:
+        found = RedisClock(client)
+        await found.sync()
+        before = found.now()
+        monkeypatch.setattr(clock, "time", SkewedTime(30.0))  # NTP stepped this host's clock 30 s forward
+        assert abs(found.now() - before) < 0.05
+        assert abs(found.offset_s + 30) < 0.05, "a record dated by this host's clock moves back by as much"
+    finally:
+        await client.aclose()
