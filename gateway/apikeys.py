@@ -10,6 +10,7 @@ it verified within the last minute keep working; unknown keys get 503.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.clock import RedisClock
 from gateway.errors import AuthenticationFailed, StateUnavailable
 from gateway.principal import ROLES, Principal, Role
 from gateway.tenants import Limits, TenantNotFound, check_tenant_name
@@ -132,8 +134,10 @@ def check_role(role: str) -> Role:
 class KeyStore:
     """API keys in Redis (a client with decode_responses=True)."""
 
-    def __init__(self, redis: aioredis.Redis, cache_seconds: float = 5.0) -> None:
+    def __init__(self, redis: aioredis.Redis, cache_seconds: float = 5.0, clock: RedisClock | None = None) -> None:
         self._redis = redis
+        self._clock = clock or RedisClock(redis)
+        """Expiries are set and checked by Redis's clock: a key made on one host expires when it says on every other."""
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._used: dict[str, float] = {}
@@ -144,10 +148,17 @@ class KeyStore:
             "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end"
         )
 
+    async def _now(self) -> float:
+        """Now by Redis's clock, measured first if it was not yet (a CLI's store; the gateway's is measured for it)."""
+        if not self._clock.measured:
+            with contextlib.suppress(RedisError, OSError):
+                await self._clock.sync()
+        return self._clock.now()
+
     def note_use(self, key_id: str | None) -> None:
         """Remember that a key was used now; `flush_uses` writes it to Redis later, off the request path."""
         if key_id is not None:
-            self._used[key_id] = time.time()
+            self._used[key_id] = self._clock.now()
 
     async def flush_uses(self) -> None:
         """Write the keys' last-use times (only to keys that still exist: a revoked key stays gone)."""
@@ -180,6 +191,7 @@ class KeyStore:
         if expires_in_s is not None and expires_in_s <= 0:
             raise InvalidKeyRequest("A key's expiry must be in the future.")
         limits = limits or Limits()
+        now = await self._now()
         while True:
             key_id = secrets.token_hex(6)
             api_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
@@ -188,8 +200,8 @@ class KeyStore:
                 "role": role,
                 "name": name,
                 "sha256": hash_key(api_key),
-                "created": time.time(),
-                "expires_at": time.time() + expires_in_s if expires_in_s is not None else "",
+                "created": now,
+                "expires_at": now + expires_in_s if expires_in_s is not None else "",
                 "rpm": limits.rpm or "",
                 "tpm": limits.tpm or "",
             }
@@ -234,11 +246,11 @@ class KeyStore:
         if grace_s < 0:
             raise InvalidKeyRequest("The grace period cannot be negative.")
         old = await self.get(key_id)
-        lifetime = old.expires_at - time.time() if old.expires_at is not None else None
+        lifetime = old.expires_at - await self._now() if old.expires_at is not None else None
         if lifetime is not None and lifetime <= 0:
             raise InvalidKeyRequest(f"API key `{key_id}` has expired: create a new key instead.", param="key_id")
         api_key, new = await self.create(old.tenant, old.role, old.name, lifetime, old.limits)
-        ends = time.time() + grace_s
+        ends = self._clock.now() + grace_s
         if old.expires_at is None or ends < old.expires_at:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.api_key(key_id), "expires_at", ends)
@@ -263,7 +275,7 @@ class KeyStore:
             if self._cache_seconds > 0 and generation == self._generation:
                 self._cache[digest] = cached
         principal = cached[0]
-        if principal.expires_at is not None and time.time() >= principal.expires_at:
+        if principal.expires_at is not None and self._clock.now() >= principal.expires_at:
             raise AuthenticationFailed(f"The API key {redacted(token)} has expired.")
         return principal
 

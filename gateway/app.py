@@ -192,14 +192,14 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
     experiments = ExperimentStore(redis)
-    clock = RedisClock(redis)  # the state Redis's: quota windows and adapter uses are dated by it
+    clock = RedisClock(redis)  # the state Redis's: quota windows, key expiries and adapter uses are dated by it
     residency = Residency(redis, session, settings.max_cpu_loras, clock=clock)
     placement = Placement(pool, session, registry, metrics, residency)
     return Services(
         settings=settings,
         redis=redis,
         tenants=TenantStore(redis),
-        keys=KeyStore(redis, settings.auth_cache_s),
+        keys=KeyStore(redis, settings.auth_cache_s, clock=clock),
         pointers=pointers,
         experiments=experiments,
         quotas=QuotaGate(

@@ -8,6 +8,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import apikeys, clock
 from gateway.apikeys import InvalidKeyRequest, KeyStore, parse_duration
 from gateway.errors import AuthenticationFailed
 from gateway.experiments import Arm, Change, Experiment, ExperimentNotFound, ExperimentStore
@@ -16,6 +17,7 @@ from gateway.pointers import PointerStore
 from gateway.state import StateWatcher
 from gateway.tenants import InvalidTenant, Limits, TenantExists, TenantNotFound, TenantStore, check_tenant_name
 from tests.conftest import RedisServer
+from tests.unit.test_quotas import SkewedTime
 
 
 @pytest.mark.parametrize("name", ["", "Acme", "a:b", "a/b", "a.b", "-a", "a b", "x" * 64, "é"])
@@ -81,6 +83,23 @@ async def test_expiry_and_rotation_with_grace(redis: aioredis.Redis) -> None:
     with pytest.raises(AuthenticationFailed):
         await keys.verify(old)
     await keys.verify(new)
+
+
+async def test_a_key_made_on_a_host_whose_clock_is_behind_expires_when_it_says_everywhere(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's host runs 100 s behind Redis (and the gateways): a key it makes for 60 s works at once on a
+    gateway whose clock is right, and its expiry is 60 s from now by Redis's clock."""
+    await TenantStore(redis).create("acme")
+    with monkeypatch.context() as cli_host:
+        for module in (clock, apikeys):
+            cli_host.setattr(module, "time", SkewedTime(-100.0))
+        key, info = await KeyStore(redis, 0).create("acme", expires_in_s=60)
+    gateway_keys = KeyStore(redis, 0)
+    await gateway_keys._clock.sync()  # noqa: SLF001 (the gateway's quota loop measures it)
+    assert (await gateway_keys.verify(key)).key_id == info.id
+    seconds, micros = await redis.time()
+    assert info.expires_at is not None and abs(info.expires_at - (seconds + micros / 1e6 + 60)) < 1.5
 
 
 def test_durations() -> None:
