@@ -10,7 +10,6 @@ it verified within the last minute keep working; unknown keys get 503.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import math
@@ -36,11 +35,29 @@ process (a revocation made meanwhile through another process takes effect once i
 KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{20,}")
 # KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, then the record's fields.
 # The tenant must still exist and the id must be new, checked and written in one step.
+# KEYS: the tenant, the key, the tenant's key set. ARGV: key id, seconds it lives ('' for ever), then its other fields.
+# Dated by Redis's clock (`created`, `expires_at`), whatever the clock of the host that asks; returns `created`.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local expires = ''
+if ARGV[2] ~= '' then expires = string.format('%.6f', now + tonumber(ARGV[2])) end
+redis.call('HSET', KEYS[2], 'created', string.format('%.6f', now), 'expires_at', expires, unpack(ARGV, 3))
 redis.call('SADD', KEYS[3], ARGV[1])
+return string.format('%.6f', now)
+"""
+# KEYS: the key, the state version. ARGV: seconds it works from now (by Redis's clock), unless it expires sooner.
+_GRACE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local clock = redis.call('TIME')
+local ends = tonumber(clock[1]) + tonumber(clock[2]) / 1000000 + tonumber(ARGV[1])
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
+if expires == nil or ends < expires then
+  redis.call('HSET', KEYS[1], 'expires_at', string.format('%.6f', ends))
+  redis.call('INCR', KEYS[2])
+end
 return 1
 """
 
@@ -144,16 +161,15 @@ class KeyStore:
         self._generation = 0
         """Bumped by every forget: a lookup begun before it is not cached after it."""
         self._create = redis.register_script(_CREATE)
+        self._grace = redis.register_script(_GRACE)
         self._touch = redis.register_script(
             "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end"
         )
 
-    async def _now(self) -> float:
-        """Now by Redis's clock, measured first if it was not yet (a CLI's store; the gateway's is measured for it)."""
+    async def measure_clock(self) -> None:
+        """Measure Redis's clock if it was not yet (a CLI's store; the gateway's is measured by the quota gate)."""
         if not self._clock.measured:
-            with contextlib.suppress(RedisError, OSError):
-                await self._clock.sync()
-        return self._clock.now()
+            await self._clock.try_sync()
 
     def note_use(self, key_id: str | None) -> None:
         """Remember that a key was used now; `flush_uses` writes it to Redis later, off the request path."""
@@ -191,7 +207,6 @@ class KeyStore:
         if expires_in_s is not None and expires_in_s <= 0:
             raise InvalidKeyRequest("A key's expiry must be in the future.")
         limits = limits or Limits()
-        now = await self._now()
         while True:
             key_id = secrets.token_hex(6)
             api_key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
@@ -200,18 +215,20 @@ class KeyStore:
                 "role": role,
                 "name": name,
                 "sha256": hash_key(api_key),
-                "created": now,
-                "expires_at": now + expires_in_s if expires_in_s is not None else "",
                 "rpm": limits.rpm or "",
                 "tpm": limits.tpm or "",
             }
             fields = [str(part) for pair in record.items() for part in pair]
+            lifetime = "" if expires_in_s is None else repr(float(expires_in_s))
             created = await self._create(
-                keys=[keys.tenant(tenant), keys.api_key(key_id), keys.tenant_keys(tenant)], args=[key_id, *fields]
+                keys=[keys.tenant(tenant), keys.api_key(key_id), keys.tenant_keys(tenant)],
+                args=[key_id, lifetime, *fields],
             )
             if created == -1:
                 raise TenantNotFound(tenant)
-            if created == 1:
+            if created != 0:
+                now = float(created)
+                record |= {"created": now, "expires_at": now + expires_in_s if expires_in_s is not None else ""}
                 return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
 
     async def list(self, tenant: str) -> list[KeyInfo]:
@@ -246,16 +263,12 @@ class KeyStore:
         if grace_s < 0:
             raise InvalidKeyRequest("The grace period cannot be negative.")
         old = await self.get(key_id)
-        lifetime = old.expires_at - await self._now() if old.expires_at is not None else None
+        await self.measure_clock()
+        lifetime = old.expires_at - self._clock.now() if old.expires_at is not None else None
         if lifetime is not None and lifetime <= 0:
             raise InvalidKeyRequest(f"API key `{key_id}` has expired: create a new key instead.", param="key_id")
         api_key, new = await self.create(old.tenant, old.role, old.name, lifetime, old.limits)
-        ends = self._clock.now() + grace_s
-        if old.expires_at is None or ends < old.expires_at:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.api_key(key_id), "expires_at", ends)
-                pipe.incr(keys.state_version())
-                await pipe.execute()
+        await self._grace(keys=[keys.api_key(key_id), keys.state_version()], args=[repr(float(grace_s))])
         self.forget_cached()
         return api_key, new
 

@@ -132,12 +132,7 @@ async def _keep_records(svc: Services) -> None:
     while True:
         await asyncio.sleep(1.0)
         if rounds % int(SYNC_EVERY_S) == 0 or not svc.recorder.clock.measured:
-            try:
-                await svc.recorder.clock.sync()
-            except (RedisError, OSError) as exc:
-                log.debug("records Redis's clock not measured: %r", exc)
-            except Exception:
-                log.exception("records Redis's clock not measured")
+            await svc.recorder.clock.try_sync()
         try:
             await svc.spools[0].adopt()
             await svc.feedback.replay()

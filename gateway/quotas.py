@@ -21,7 +21,6 @@ pass, so N gateway processes sharing one Redis admit no more than the limit betw
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -346,8 +345,7 @@ class QuotaGate:
         try:
             while True:
                 if rounds % clock_every == 0 or (not self.clock.measured and rounds % 10 == 0):
-                    with contextlib.suppress(RedisError, OSError):
-                        await self.clock.sync()
+                    await self.clock.try_sync()
                 rounds += 1
                 await asyncio.sleep(interval_s)
                 try:

@@ -27,7 +27,6 @@ replayed the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -50,8 +49,6 @@ log = logging.getLogger("loragate.recorder")
 
 RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded."""
-CLOCK_START_S = 2.0
-"""How long starting waits for the records Redis's clock (an unreachable one is measured later)."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
 Recent = tuple[str, float | None]
@@ -124,8 +121,7 @@ class Recorder:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
 
     async def start(self) -> None:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):  # measured again by the upkeep loop
-            await asyncio.wait_for(self.clock.sync(), CLOCK_START_S)
+        await self.clock.try_sync()  # measured again by the upkeep loop
         await self._builder.start()
 
     async def run(self) -> None:

@@ -48,6 +48,8 @@ RECENT_KEEP_S = 300.0
 
 
 class Residency:
+    """Residency on the replicas, shared through Redis (a client with decode_responses=True)."""
+
     LOCK_TTL_MS = 30_000
     """A lock outlives a crashed owner by at most this long."""
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import clock, keys
-from gateway import feedback as feedback_module
+from gateway import keys
 from gateway.erasure import MARGIN_S, forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
@@ -21,7 +20,6 @@ from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
 from gateway.spool import Spool
 from gateway.tenants import Tenant
-from tests.unit.test_quotas import SkewedTime
 from tests.unit.test_recording import context, entry
 
 pytestmark = pytest.mark.asyncio
@@ -188,10 +186,10 @@ async def test_records_and_ratings_are_dated_by_the_records_redis_clock(
     """A gateway host whose clock runs 100 s ahead (or behind) of the records Redis's: a record it made before an
     erasure, queued until after it, is still not kept; one made after the erasure's margin is; records and ratings
     carry Redis's time (the scripts compare them with tombstones and the age limit)."""
-    for module in (clock, feedback_module):
-        monkeypatch.setattr(module, "time", SkewedTime(host_ahead_s))
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + host_ahead_s)  # this host's clock, for everything
     await recorder.clock.sync()
-    host_now = time.time() + host_ahead_s
+    host_now = time.time()
     before = context(TENANT, 1, user="v")
     before.received = host_now  # made now, by the host's clock
     await forget_user(redis, "t", "v", TENANT.logging.max_age_s)

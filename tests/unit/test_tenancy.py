@@ -8,16 +8,14 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import apikeys, clock
 from gateway.apikeys import InvalidKeyRequest, KeyStore, parse_duration
 from gateway.errors import AuthenticationFailed
 from gateway.experiments import Arm, Change, Experiment, ExperimentNotFound, ExperimentStore
-from gateway.keys import experiment_audit
+from gateway.keys import api_key, experiment_audit
 from gateway.pointers import PointerStore
 from gateway.state import StateWatcher
 from gateway.tenants import InvalidTenant, Limits, TenantExists, TenantNotFound, TenantStore, check_tenant_name
 from tests.conftest import RedisServer
-from tests.unit.test_quotas import SkewedTime
 
 
 @pytest.mark.parametrize("name", ["", "Acme", "a:b", "a/b", "a.b", "-a", "a b", "x" * 64, "é"])
@@ -85,21 +83,39 @@ async def test_expiry_and_rotation_with_grace(redis: aioredis.Redis) -> None:
     await keys.verify(new)
 
 
-async def test_a_key_made_on_a_host_whose_clock_is_behind_expires_when_it_says_everywhere(
+async def test_key_expiries_hold_by_redis_clock_whatever_the_hosts(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CLI's host runs 100 s behind Redis (and the gateways): a key it makes for 60 s works at once on a
-    gateway whose clock is right, and its expiry is 60 s from now by Redis's clock."""
+    """The CLI's host runs 100 s behind Redis: a key it makes for 60 s expires 60 s from now by Redis's clock, and a
+    rotation there gives the old key its 30 s of grace by that clock too. A gateway whose host runs 100 s ahead
+    (its clock measured) still takes the key, and only refuses it once Redis's clock says so."""
+
+    def host(monkeypatch: pytest.MonkeyPatch, ahead_s: float) -> None:
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + ahead_s)
+
+    async def redis_now() -> float:
+        seconds, micros = await redis.time()
+        return seconds + micros / 1e6
+
     await TenantStore(redis).create("acme")
     with monkeypatch.context() as cli_host:
-        for module in (clock, apikeys):
-            cli_host.setattr(module, "time", SkewedTime(-100.0))
-        key, info = await KeyStore(redis, 0).create("acme", expires_in_s=60)
-    gateway_keys = KeyStore(redis, 0)
-    await gateway_keys._clock.sync()  # noqa: SLF001 (the gateway's quota loop measures it)
-    assert (await gateway_keys.verify(key)).key_id == info.id
-    seconds, micros = await redis.time()
-    assert info.expires_at is not None and abs(info.expires_at - (seconds + micros / 1e6 + 60)) < 1.5
+        host(cli_host, -100.0)
+        cli = KeyStore(redis, 0)
+        key, info = await cli.create("acme", expires_in_s=60)
+        old, old_info = await cli.create("acme")
+        await cli.rotate(old_info.id, grace_s=30)
+    assert info.expires_at is not None and abs(info.expires_at - (await redis_now() + 60)) < 1.5
+    grace_ends = float(await redis.hget(api_key(old_info.id), "expires_at") or 0)
+    assert abs(grace_ends - (await redis_now() + 30)) < 1.5
+    with monkeypatch.context() as gateway_host:
+        host(gateway_host, 100.0)
+        gateway_keys = KeyStore(redis, 0)
+        await gateway_keys.measure_clock()  # (a gateway's quota loop measures it)
+        assert (await gateway_keys.verify(key)).key_id == info.id and await gateway_keys.verify(old)
+        await redis.hset(api_key(info.id), "expires_at", repr(await redis_now() - 1))
+        with pytest.raises(AuthenticationFailed, match="expired"):
+            await gateway_keys.verify(key)
 
 
 def test_durations() -> None:
