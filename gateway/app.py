@@ -48,6 +48,8 @@ from gateway.state import StateWatcher
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate")
+UNMEASURED_WARN_ROUNDS = 60
+"""Rounds of the records upkeep (about a second each) after which a clock still unmeasured is logged."""
 UPSTREAM_KEEPALIVE_S = 4.0
 """How long an idle connection to an engine is kept: shorter than vLLM's own keep-alive (uvicorn's, 5 s by default:
 VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the gateway closes it first. Kept longer, a request could be sent on a
@@ -133,6 +135,8 @@ async def _keep_records(svc: Services) -> None:
         await asyncio.sleep(1.0)
         if rounds % int(SYNC_EVERY_S) == 0 or not svc.recorder.clock.measured:
             await svc.recorder.clock.try_sync()
+            if rounds == UNMEASURED_WARN_ROUNDS and not svc.recorder.clock.measured:
+                log.warning("the records Redis's clock is not measured after a minute: records are dated by this host")
         try:
             await svc.spools[0].adopt()
             await svc.feedback.replay()
