@@ -33,10 +33,9 @@ STALE_S = 60.0
 """How long past its cache time a verified key keeps working while Redis cannot be reached from this
 process (a revocation made meanwhile through another process takes effect once it is reached again)."""
 KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{20,}")
-# KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, then the record's fields.
-# The tenant must still exist and the id must be new, checked and written in one step.
-# KEYS: the tenant, the key, the tenant's key set. ARGV: key id, seconds it lives ('' for ever), then its other fields.
-# Dated by Redis's clock (`created`, `expires_at`), whatever the clock of the host that asks; returns `created`.
+# KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, the seconds it lives ('' for ever),
+# then the record's other fields. The tenant must still exist and the id must be new, checked and written in one step;
+# dated by Redis's clock (`created`, `expires_at`), whatever the clock of the host that asks. Returns `created`.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
