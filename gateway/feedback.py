@@ -41,6 +41,8 @@ from gateway.redaction import Findings, Redactor
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 
+GONE = ""
+"""`_owner` of a completion known to be no one's now (trimmed from its log, or of a tenant deleted since)."""
 log = logging.getLogger("loragate.feedback")
 
 Durability = Literal["waitaof", "fsync-always", "spool"]
@@ -156,18 +158,21 @@ class FeedbackStore:
     # -- whose completion ----------------------------------------------------------------------
 
     async def _owner(self, completion_id: str, tenant: str) -> str | None:
-        """The tenant whose completion it is, by its index in Redis; None when not indexed. An index Redis
-        wrote before `tenant` was last deleted is the deleted tenant's: None too (for a re-created `tenant`).
-        So is one whose record is no longer in `tenant`'s log (trimmed by its length limit: TRIMMED, or by an age
-        limit lowered since): its ratings go with it."""
+        """The tenant whose completion it is, by its index in Redis; None when not indexed (its record may still
+        be on its way). GONE when it is known to be no one's now: an index Redis wrote before `tenant` was last
+        deleted is the deleted tenant's (not a re-created `tenant`'s), and one whose record is no longer in
+        `tenant`'s log (trimmed by its length limit: TRIMMED, or by an age limit lowered since): its ratings go
+        with it."""
         index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
-        if not index or index == TRIMMED:
+        if not index:
             return None
+        if index == TRIMMED:
+            return GONE
         owner, entry, _, _ = parse_index(index)
         if owner == tenant and deleted and entry_ms(entry) <= parse_tombstone(deleted)[1]:
-            return None
+            return GONE
         if owner == tenant and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
-            return None
+            return GONE
         return str(owner)
 
     def _answered_here(self, tenant: Tenant, completion_id: str) -> bool:
@@ -298,7 +303,7 @@ class FeedbackStore:
                 if item["verify"]:
                     completion_id = pydantic_core.from_json(item["feedback"])["completion_id"]
                     owner = await self._owner(completion_id, item["tenant"])
-                    if owner is None and time.time() - item.get("since", 0) < VERIFY_FOR_S:
+                    if owner is None and time.time() - item.get("since", 0) < VERIFY_FOR_S:  # not GONE: it may come
                         waiting.append(item)
                         continue
                     self._unverified[item["tenant"]] = max(self._unverified[item["tenant"]] - 1, 0)

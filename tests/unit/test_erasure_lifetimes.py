@@ -20,7 +20,7 @@ from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
 from gateway.spool import Spool
 from gateway.tenants import Tenant
-from tests.unit.test_recording import context, entry
+from tests.unit.test_recording import context, entry, spooled_rating
 
 pytestmark = pytest.mark.asyncio
 TENANT = Tenant(name="t", logging=LogPolicy(max_age_days=60 / 86400))  # records kept 60 s
@@ -209,3 +209,17 @@ async def test_records_and_ratings_are_dated_by_the_records_redis_clock(
     assert stored and abs(feedback.created - redis_now) < 1.5, "a rating is dated by Redis's clock too"
     (read,) = await store.of_completion(TENANT, "chatcmpl-3")
     assert abs(read.created - redis_now) < 1.5
+
+
+async def test_a_spooled_rating_of_a_completion_known_gone_is_dropped_at_once(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """A rating spooled while its completion could not be checked; meanwhile the length limit trimmed the record.
+    The replay drops it at once: it does not wait VERIFY_FOR_S for a record that is known to be gone."""
+    recorder.record(context(TENANT, 1, user="v"))
+    await recorder.written()
+    await redis.set(keys.completion("chatcmpl-1"), TRIMMED)
+    await store._spool.append([spooled_rating(TENANT, "chatcmpl-1") | {"verify": True}])  # noqa: SLF001
+    await store.replay()
+    assert not store._spool.pending(), "not kept waiting"  # noqa: SLF001
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
