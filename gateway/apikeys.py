@@ -33,19 +33,27 @@ STALE_S = 60.0
 """How long past its cache time a verified key keeps working while Redis cannot be reached from this
 process (a revocation made meanwhile through another process takes effect once it is reached again)."""
 KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{20,}")
-# KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, the seconds it lives ('' for ever),
-# then the record's other fields. The tenant must still exist and the id must be new, checked and written in one step;
-# dated by Redis's clock (`created`, `expires_at`), whatever the clock of the host that asks. Returns `created`.
+# KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, its expiry ('' for none, seconds
+# from now, or '@' and a Unix time), then the record's other fields. The tenant must still exist and the id must be
+# new, checked and written in one step; dated by Redis's clock (`created`, `expires_at`), whatever the clock of the
+# host that asks. Returns [created, expires_at], or -1 (no tenant), 0 (the id is taken), -2 (that time has passed).
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local expires = ''
-if ARGV[2] ~= '' then expires = string.format('%.6f', now + tonumber(ARGV[2])) end
-redis.call('HSET', KEYS[2], 'created', string.format('%.6f', now), 'expires_at', expires, unpack(ARGV, 3))
+if string.sub(ARGV[2], 1, 1) == '@' then
+  local at = tonumber(string.sub(ARGV[2], 2))
+  if at <= now then return -2 end
+  expires = string.format('%.6f', at)
+elseif ARGV[2] ~= '' then
+  expires = string.format('%.6f', now + tonumber(ARGV[2]))
+end
+local created = string.format('%.6f', now)
+redis.call('HSET', KEYS[2], 'created', created, 'expires_at', expires, unpack(ARGV, 3))
 redis.call('SADD', KEYS[3], ARGV[1])
-return string.format('%.6f', now)
+return {created, expires}
 """
 # KEYS: the key, the state version. ARGV: seconds it works from now (by Redis's clock), unless it expires sooner.
 _GRACE = """
@@ -203,8 +211,14 @@ class KeyStore:
         """A new key for an existing tenant: (the key, shown once; what may be shown of it later)."""
         check_role(role)
         check_tenant_name(tenant)
-        if expires_in_s is not None and expires_in_s <= 0:
+        if expires_in_s is not None and not 0 < expires_in_s < math.inf:
             raise InvalidKeyRequest("A key's expiry must be in the future.")
+        return await self._store(tenant, role, name, "" if expires_in_s is None else repr(float(expires_in_s)), limits)
+
+    async def _store(
+        self, tenant: str, role: str, name: str, expiry: str, limits: Limits | None
+    ) -> tuple[str, KeyInfo]:
+        """Store a new key (`expiry` as _CREATE takes it); raises InvalidKeyRequest when its expiry has passed."""
         limits = limits or Limits()
         while True:
             key_id = secrets.token_hex(6)
@@ -218,16 +232,16 @@ class KeyStore:
                 "tpm": limits.tpm or "",
             }
             fields = [str(part) for pair in record.items() for part in pair]
-            lifetime = "" if expires_in_s is None else repr(float(expires_in_s))
-            created = await self._create(
+            stored = await self._create(
                 keys=[keys.tenant(tenant), keys.api_key(key_id), keys.tenant_keys(tenant)],
-                args=[key_id, lifetime, *fields],
+                args=[key_id, expiry, *fields],
             )
-            if created == -1:
+            if stored == -1:
                 raise TenantNotFound(tenant)
-            if created != 0:
-                now = float(created)
-                record |= {"created": now, "expires_at": now + expires_in_s if expires_in_s is not None else ""}
+            if stored == -2:
+                raise InvalidKeyRequest("That key has expired: create a new key instead.", param="key_id")
+            if stored != 0:
+                record |= {"created": stored[0], "expires_at": stored[1]}
                 return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
 
     async def list(self, tenant: str) -> list[KeyInfo]:
@@ -259,14 +273,16 @@ class KeyStore:
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyInfo]:
         """A new key like `key_id` (tenant, role, name, limits, expiry); the old one works `grace_s` more seconds."""
-        if grace_s < 0:
+        if not 0 <= grace_s < math.inf:
             raise InvalidKeyRequest("The grace period cannot be negative.")
         old = await self.get(key_id)
-        await self.measure_clock()
-        lifetime = old.expires_at - self._clock.now() if old.expires_at is not None else None
-        if lifetime is not None and lifetime <= 0:
-            raise InvalidKeyRequest(f"API key `{key_id}` has expired: create a new key instead.", param="key_id")
-        api_key, new = await self.create(old.tenant, old.role, old.name, lifetime, old.limits)
+        expiry = "" if old.expires_at is None else f"@{old.expires_at!r}"  # the same moment, by Redis's clock
+        try:
+            api_key, new = await self._store(old.tenant, old.role, old.name, expiry, old.limits)
+        except InvalidKeyRequest as exc:
+            raise InvalidKeyRequest(
+                f"API key `{key_id}` has expired: create a new key instead.", param="key_id"
+            ) from exc
         await self._grace(keys=[keys.api_key(key_id), keys.state_version()], args=[repr(float(grace_s))])
         self.forget_cached()
         return api_key, new

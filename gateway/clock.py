@@ -22,14 +22,17 @@ log = logging.getLogger("loragate.clock")
 
 SYNC_EVERY_S = 10.0
 """How often the processes' upkeep loops measure the offset again."""
-SYNC_TIMEOUT_S = 1.0
-"""`try_sync` gives up after this long (a loop that measures between other work is not held up)."""
+SAMPLE_TIMEOUT_S = 1.0
+"""A `TIME` that takes longer ends the measurement with the samples taken so far (a loop that measures between
+other work is held up this long at most)."""
 SAMPLES = 3
 """`TIME` asked this many times per measurement; the quickest round trip is kept."""
 MAX_ROUND_TRIP_S = 0.1
 """A measurement whose quickest round trip took longer than this, and than twice the kept one's (it waited
 for a pooled connection, or for a busy Redis or event loop), is not kept: its error could be half that. The
-first is always kept (a far Redis is measured too, to within half its round trip)."""
+first is always kept (a far Redis is measured too, to within half its round trip), and so is the one after
+REJECTED_MOST in a row (a failover to a farther Redis)."""
+REJECTED_MOST = 3
 
 
 class RedisClock:
@@ -41,6 +44,8 @@ class RedisClock:
         """The kept measurement's round trip."""
         self.measured = False
         """Whether a measurement was kept yet: until then `now()` is this host's wall clock."""
+        self._rejected = 0
+        """Measurements not kept since the last one kept."""
 
     async def sync(self) -> bool:
         """Measure Redis's clock: `TIME` taken halfway through the round trip, the quickest of SAMPLES. Returns
@@ -48,23 +53,32 @@ class RedisClock:
         best: tuple[float, float] | None = None
         for _ in range(SAMPLES):
             sent = time.monotonic()
-            seconds, micros = await self._redis.time()
+            try:
+                seconds, micros = await asyncio.wait_for(self._redis.time(), SAMPLE_TIMEOUT_S)
+            except TimeoutError:
+                if best is None:
+                    raise
+                break
             back = time.monotonic()
             if best is None or back - sent < best[0]:
                 best = (back - sent, seconds + micros / 1e6 - (sent + back) / 2)
         assert best is not None
-        if self.measured and best[0] > max(MAX_ROUND_TRIP_S, 2 * self._round_trip_s):
+        slow = best[0] > max(MAX_ROUND_TRIP_S, 2 * self._round_trip_s)
+        if self.measured and slow and self._rejected < REJECTED_MOST:
+            self._rejected += 1
             return False
-        self._round_trip_s, self._base, self.measured = best[0], best[1], True
+        self._round_trip_s, self._base, self.measured, self._rejected = best[0], best[1], True, 0
         return True
 
     async def try_sync(self) -> bool:
-        """`sync`, within SYNC_TIMEOUT_S; False when Redis cannot be reached or is slower than that."""
+        """`sync`; False when Redis cannot be reached or answers no `TIME` within SAMPLE_TIMEOUT_S (logged)."""
         try:
-            return await asyncio.wait_for(self.sync(), SYNC_TIMEOUT_S)
+            return await self.sync()
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("Redis's clock not measured: %r", exc)
-            return False
+        except Exception:  # a loop that measures between other work must go on
+            log.exception("Redis's clock not measured")
+        return False
 
     def now(self) -> float:
         """Now by Redis's clock (Unix seconds); this host's until measured."""

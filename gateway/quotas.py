@@ -346,6 +346,8 @@ class QuotaGate:
             while True:
                 if rounds % clock_every == 0 or (not self.clock.measured and rounds % 10 == 0):
                     await self.clock.try_sync()
+                    if rounds == 6 * clock_every and not self.clock.measured:
+                        log.warning("the state Redis's clock is not measured after a minute: this host's dates quotas")
                 rounds += 1
                 await asyncio.sleep(interval_s)
                 try:

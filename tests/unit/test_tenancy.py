@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -105,9 +106,14 @@ async def test_key_expiries_hold_by_redis_clock_whatever_the_hosts(
         key, info = await cli.create("acme", expires_in_s=60)
         old, old_info = await cli.create("acme")
         await cli.rotate(old_info.id, grace_s=30)
+        _, rotated = await cli.rotate(info.id, grace_s=3600)
+    assert rotated.expires_at == info.expires_at, "a rotated key expires when the one it replaces did"
     assert info.expires_at is not None and abs(info.expires_at - (await redis_now() + 60)) < 1.5
     grace_ends = float(await redis.hget(api_key(old_info.id), "expires_at") or 0)
     assert abs(grace_ends - (await redis_now() + 30)) < 1.5
+    for never in (math.nan, math.inf, 0.0):
+        with pytest.raises(InvalidKeyRequest):
+            await cli.create("acme", expires_in_s=never)
     with monkeypatch.context() as gateway_host:
         host(gateway_host, 100.0)
         gateway_keys = KeyStore(redis, 0)
@@ -116,6 +122,8 @@ async def test_key_expiries_hold_by_redis_clock_whatever_the_hosts(
         await redis.hset(api_key(info.id), "expires_at", repr(await redis_now() - 1))
         with pytest.raises(AuthenticationFailed, match="expired"):
             await gateway_keys.verify(key)
+    with pytest.raises(InvalidKeyRequest, match="has expired"):
+        await cli.rotate(info.id, grace_s=0)
 
 
 def test_durations() -> None:
