@@ -5,8 +5,9 @@ seconds): quota windows are named by the state Redis's minute and adapter uses o
 by its clock (one `RedisClock`, measured by the quota gate's loop), and completion records and ratings
 carry the records Redis's time, which its scripts compare with erasure tombstones (dated by `TIME`) and
 with the age limit (measured by the records upkeep loop). Each process measures the offset now and then
-(`sync`) and dates by `now()`, which runs on this host's monotonic clock in between (a step of the host's
-wall clock changes nothing).
+(`sync`) and dates by `now()`: the host's wall clock where it agrees with Redis's within AGREES_WITHIN_S
+(so every process on one host dates alike), else the host's monotonic clock plus the offset (a step of the
+host's wall clock between measurements changes nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ for a pooled connection, or for a busy Redis or event loop), is not kept: its er
 first is always kept (a far Redis is measured too, to within half its round trip), and so is the one after
 REJECTED_MOST in a row (a failover to a farther Redis)."""
 REJECTED_MOST = 3
+AGREES_WITHIN_S = 0.05
+"""A host whose wall clock agrees with Redis's within this (beyond half the round trip) dates by its own: every
+process on it then dates alike (their measurements differ by their errors), which keeps the order of what
+they date one after the other (a rating that replaces an earlier one is dated after it)."""
 
 
 class RedisClock:
@@ -46,28 +51,33 @@ class RedisClock:
         """Whether a measurement was kept yet: until then `now()` is this host's wall clock."""
         self._rejected = 0
         """Measurements not kept since the last one kept."""
+        self._agrees = True
+        """This host's wall clock agrees with Redis's (AGREES_WITHIN_S): `now()` is the wall clock."""
 
     async def sync(self) -> bool:
         """Measure Redis's clock: `TIME` taken halfway through the round trip, the quickest of SAMPLES. Returns
         whether the measurement was kept (see MAX_ROUND_TRIP_S)."""
-        best: tuple[float, float] | None = None
+        best: tuple[float, float, float] | None = None
         for _ in range(SAMPLES):
-            sent = time.monotonic()
+            sent, wall_sent = time.monotonic(), time.time()
             try:
                 seconds, micros = await asyncio.wait_for(self._redis.time(), SAMPLE_TIMEOUT_S)
             except TimeoutError:
                 if best is None:
                     raise
                 break
-            back = time.monotonic()
+            back, wall_back = time.monotonic(), time.time()
+            redis_now = seconds + micros / 1e6
             if best is None or back - sent < best[0]:
-                best = (back - sent, seconds + micros / 1e6 - (sent + back) / 2)
+                best = (back - sent, redis_now - (sent + back) / 2, redis_now - (wall_sent + wall_back) / 2)
         assert best is not None
-        slow = best[0] > max(MAX_ROUND_TRIP_S, 2 * self._round_trip_s)
+        round_trip_s, base, wall_offset_s = best
+        slow = round_trip_s > max(MAX_ROUND_TRIP_S, 2 * self._round_trip_s)
         if self.measured and slow and self._rejected < REJECTED_MOST:
             self._rejected += 1
             return False
-        self._round_trip_s, self._base, self.measured, self._rejected = best[0], best[1], True, 0
+        self._round_trip_s, self._base, self.measured, self._rejected = round_trip_s, base, True, 0
+        self._agrees = abs(wall_offset_s) <= round_trip_s / 2 + AGREES_WITHIN_S
         return True
 
     async def try_sync(self) -> bool:
@@ -81,8 +91,9 @@ class RedisClock:
         return False
 
     def now(self) -> float:
-        """Now by Redis's clock (Unix seconds); this host's until measured."""
-        return time.monotonic() + self._base if self.measured else time.time()
+        """Now by Redis's clock (Unix seconds): this host's wall clock where it agrees (or until measured), else
+        this host's monotonic clock plus the measured offset (a later step of its wall clock changes nothing)."""
+        return time.time() if self._agrees else time.monotonic() + self._base
 
     @property
     def offset_s(self) -> float:
