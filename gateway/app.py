@@ -22,7 +22,7 @@ from adapters.validate import BaseModelSpec
 from gateway import __version__, guard_rails
 from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
-from gateway.clock import SYNC_EVERY_S, RedisClock
+from gateway.clock import RedisClock
 from gateway.engine.pool import ReplicaPool
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
@@ -48,8 +48,6 @@ from gateway.state import StateWatcher
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate")
-UNMEASURED_WARN_ROUNDS = 60
-"""Rounds of the records upkeep (about a second each) after which a clock still unmeasured is logged."""
 UPSTREAM_KEEPALIVE_S = 4.0
 """How long an idle connection to an engine is kept: shorter than vLLM's own keep-alive (uvicorn's, 5 s by default:
 VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the gateway closes it first. Kept longer, a request could be sent on a
@@ -133,10 +131,7 @@ async def _keep_records(svc: Services) -> None:
     rounds = 0
     while True:
         await asyncio.sleep(1.0)
-        if rounds % int(SYNC_EVERY_S) == 0 or not svc.recorder.clock.measured:
-            await svc.recorder.clock.try_sync()
-            if rounds == UNMEASURED_WARN_ROUNDS and not svc.recorder.clock.measured:
-                log.warning("the records Redis's clock is not measured after a minute: records are dated by this host")
+        await svc.recorder.clock.upkeep()
         try:
             await svc.spools[0].adopt()
             await svc.feedback.replay()
@@ -191,7 +186,8 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
     experiments = ExperimentStore(redis)
-    clock = RedisClock(redis)  # the state Redis's: quota windows, key expiries and adapter uses are dated by it
+    # quota windows, key expiries and adapter uses are dated by the state Redis's clock
+    clock = RedisClock(redis, "the state Redis")
     residency = Residency(redis, session, settings.max_cpu_loras, clock=clock)
     placement = Placement(pool, session, registry, metrics, residency)
     return Services(

@@ -22,7 +22,11 @@ from redis.exceptions import RedisError
 log = logging.getLogger("loragate.clock")
 
 SYNC_EVERY_S = 10.0
-"""How often the processes' upkeep loops measure the offset again."""
+"""How often `upkeep` measures the offset again."""
+UNMEASURED_EVERY_S = 1.0
+"""How often `upkeep` tries again while nothing was measured yet."""
+UNMEASURED_WARN_S = 60.0
+"""`upkeep` warns once when nothing was measured this long after its first call."""
 SAMPLE_TIMEOUT_S = 1.0
 """A `TIME` that takes longer ends the measurement with the samples taken so far (a loop that measures between
 other work is held up this long at most)."""
@@ -41,8 +45,14 @@ they date one after the other (a rating that replaces an earlier one is dated af
 
 
 class RedisClock:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, name: str = "Redis") -> None:
         self._redis = redis
+        self._name = name
+        """What the warning calls this Redis (e.g. "the records Redis")."""
+        self._upkeep_started: float | None = None
+        self._next_sync = 0.0
+        """Monotonic time from which `upkeep` measures again."""
+        self._warned = False
         self._base = 0.0
         """Redis's time minus this host's monotonic clock."""
         self._round_trip_s = 0.0
@@ -89,6 +99,20 @@ class RedisClock:
         except Exception:  # a loop that measures between other work must go on
             log.exception("Redis's clock not measured")
         return False
+
+    async def upkeep(self) -> None:
+        """Measure when due, for a loop that calls this often (every second or faster): every SYNC_EVERY_S, or every
+        UNMEASURED_EVERY_S until measured; warn once when nothing is measured after UNMEASURED_WARN_S. Never raises."""
+        now = time.monotonic()
+        if self._upkeep_started is None:
+            self._upkeep_started = now
+        if now < self._next_sync:
+            return
+        await self.try_sync()
+        self._next_sync = time.monotonic() + (SYNC_EVERY_S if self.measured else UNMEASURED_EVERY_S)
+        if not self.measured and not self._warned and now - self._upkeep_started >= UNMEASURED_WARN_S:
+            self._warned = True
+            log.warning("%s's clock is not measured after a minute: this host's clock dates for it", self._name)
 
     def now(self) -> float:
         """Now by Redis's clock (Unix seconds): this host's wall clock where it agrees (or until measured), else

@@ -339,16 +339,11 @@ class QuotaGate:
             self._leases.unsent(returns)  # re-timing, removing and ZREM of lost asks are safe to send twice
             self._corrections.update(corrections)
 
-    async def run(self, interval_s: float = 0.1, clock_every: int = 100) -> None:
-        """Send the corrections every `interval_s`; compare clocks with Redis every `clock_every` rounds."""
-        rounds = 0
+    async def run(self, interval_s: float = 0.1) -> None:
+        """Send the corrections every `interval_s`; measure the state Redis's clock when due."""
         try:
             while True:
-                if rounds % clock_every == 0 or (not self.clock.measured and rounds % 10 == 0):
-                    await self.clock.try_sync()
-                    if rounds == 6 * clock_every and not self.clock.measured:
-                        log.warning("the state Redis's clock is not measured after a minute: this host's dates quotas")
-                rounds += 1
+                await self.clock.upkeep()
                 await asyncio.sleep(interval_s)
                 try:
                     await self.flush()

@@ -85,7 +85,7 @@ class Recorder:
         self._flush_seq = 0
         """Records queued up to here are waited for (`written`): they go at once."""
         self._records = RecordStore(redis)
-        self.clock = RedisClock(redis)
+        self.clock = RedisClock(redis, "the records Redis")
         """Records are dated by the records Redis's clock (its scripts compare them with tombstones and ages)."""
         self._builder: RecordWorker | ThreadBuilder = RecordWorker(redis_url) if workers else ThreadBuilder()
         self._epoch = 0

@@ -86,3 +86,44 @@ async def test_a_host_that_agrees_dates_by_its_own_clock_one_that_does_not_by_re
             assert found.now() <= time.time() <= found.now() + 0.01, "agrees: this host's wall clock itself"
     finally:
         await client.aclose()
+
+
+class _Unreachable:
+    """A Redis that never answers `TIME`; counts the tries."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    async def time(self) -> tuple[int, int]:
+        self.tries += 1
+        raise ConnectionError("unreachable")
+
+
+async def test_upkeep_measures_when_due_and_warns_once_when_never_measured(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Called every round of a loop: tries every second while unmeasured and warns once after a minute; measured,
+    only every SYNC_EVERY_S. Time is the host's monotonic clock, moved by hand."""
+    moments = [1000.0]
+    monkeypatch.setattr(clock.time, "monotonic", lambda: moments[0])
+    fake = _Unreachable()
+    found = RedisClock(fake, "the records Redis")  # type: ignore[arg-type]
+    for _ in range(8 * 70):  # 70 s of a loop that runs every 0.125 s (exact in binary)
+        await found.upkeep()
+        moments[0] += 0.125
+    assert fake.tries == 70, "once a second while unmeasured"
+    warned = [r.getMessage() for r in caplog.records if "not measured" in r.getMessage()]
+    assert warned == ["the records Redis's clock is not measured after a minute: this host's clock dates for it"]
+    reachable = _FakeTime(0, 5.0)
+    found._redis = reachable  # type: ignore[assignment]
+    moments[0] += 1
+    await found.upkeep()
+    assert found.measured
+    measured_at = moments[0]
+    fake.tries = 0
+    found._redis = fake  # type: ignore[assignment]  # counts the tries from here on
+    while fake.tries == 0:
+        moments[0] += 0.125
+        await found.upkeep()
+    assert moments[0] - measured_at == clock.SYNC_EVERY_S, "measured: again only after SYNC_EVERY_S"
+    assert found.measured, "a failed try keeps the last measurement"
