@@ -53,10 +53,8 @@ _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,
 # Patterns open with a character class, the word-boundary check right after it, rather than with an assertion:
 # `re` then skips straight to candidate characters, about twice as fast on ordinary prose.
 _GAP = "[ \u00a0\u202f\u2009\\-\u2010-\u2015\u2212]"
-"""Between a card's digit groups: a space (no-break and thin ones too) or a dash of any width."""
-_IBAN = re.compile(
-    r"[A-Z](?<=\b[A-Z])[A-Z]\d\d(?:[ \u00a0\u202f]?[A-Z0-9]{4}){2,7}(?:[ \u00a0\u202f]?[A-Z0-9]{1,3})?\b"
-)
+"""Between a card's or an IBAN's groups: a space (no-break and thin ones too) or a dash of any width."""
+_IBAN = re.compile(rf"[A-Z](?<=\b[A-Z])[A-Z]\d\d(?:{_GAP}?[A-Z0-9]{{4}}){{2,7}}(?:{_GAP}?[A-Z0-9]{{1,3}})?\b")
 _CARD = re.compile(
     rf"\d(?<=\b\d)(?:\d{{12,18}}|\d{{3}}(?:{_GAP}\d{{4}}){{3}}(?:{_GAP}\d{{3}})?|\d{{3}}{_GAP}\d{{6}}{_GAP}\d{{4,5}})\b"
 )

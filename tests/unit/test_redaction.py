@@ -116,6 +116,9 @@ def test_addresses_in_any_script_are_redacted_whole(text: str) -> None:
 def test_cards_and_ibans_in_the_spaces_and_dashes_of_word_processors() -> None:
     text = "Visa 4111\u20131111\u20131111\u20131111, IBAN DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000."
     assert Redactor().redact(text) == ("Visa [CARD], IBAN [IBAN].", Counter(card=1, iban=1))
+    for gap in ("-", "\u2009", "\u2013"):  # dashes and thin spaces, as between a card's groups
+        text = f"IBAN DE89{gap}3704{gap}0044{gap}0532{gap}0130{gap}00, thanks."
+        assert Redactor().redact(text) == ("IBAN [IBAN], thanks.", Counter(iban=1)), repr(gap)
     assert Redactor().redact("Visa 4111\u20131111\u20131111\u20131112")[1] == Counter(), "still Luhn-checked"
 
 
