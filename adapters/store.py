@@ -8,6 +8,7 @@ means (a pin) is a mutable pointer, kept in Redis by the gateway, not here.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -38,6 +39,10 @@ from adapters.validate import BaseModelSpec, check_adapter
 
 MAX_UNPACKED_BYTES = 8 << 30
 COUNTER_FILE = ".last_version"
+SERVER_FAULTS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+)
+"""OSErrors of this machine (its disk, its limits), not of an archive: unpacking is not refused for them."""
 
 
 class AdapterNotFound(LookupError):
@@ -93,13 +98,29 @@ def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES
                 if not (member.isfile() or member.isdir()):
                     raise InvalidAdapter(f"Archive member {name!r} is a link or device; only files are accepted.")
             kept = [m for m in members if m.isfile() and Path(m.name).name in (*ADAPTER_FILES, MANIFEST_FILE)]
-            tar.extractall(into, members=kept, filter="data")  # nothing else is written (READMEs, checkpoints)
+            _extract(tar, into, kept)  # nothing else is written (READMEs, checkpoints)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise InvalidAdapter(f"Not a readable tar archive: {exc}") from exc
     candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
     if len(candidates) != 1:
         raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
     return candidates.pop()
+
+
+def _extract(tar: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo]) -> None:
+    """Write `members` under `into`. Members that clash on disk (a file `x` and a file `x/y`) or whose names this
+    filesystem cannot hold fail with an OSError naming a path of this server: that archive is refused instead, in
+    words naming none. A fault of this machine's own (a full disk) is not the archive's, and stays what it is."""
+    try:
+        tar.extractall(into, members=members, filter="data")
+    except OSError as exc:
+        if exc.errno in SERVER_FAULTS:
+            raise
+        reason = exc.strerror or type(exc).__name__  # never str(exc): it names the path
+        raise InvalidAdapter(
+            f"The archive's files cannot be unpacked ({reason}): no member's path may run through another "
+            "member's file, and names must fit the filesystem."
+        ) from exc
 
 
 def largest_adapter(base: BaseModelSpec, max_rank: int) -> int:
@@ -154,10 +175,15 @@ class AdapterStore:
         )
 
     def manifest(self, name: str, version: int) -> Manifest:
+        """Not found is any failure to read a manifest that is not there: not only ENOENT, but a version whose
+        folder name is too long to exist (ENAMETOOLONG) and the like. One that is there but unreadable (EACCES,
+        EIO) is the server's fault and raised as it is."""
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
             return Manifest.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
+        except OSError:
+            if os.path.isfile(path):  # False, not raised, for a path that cannot be looked up
+                raise
             raise AdapterNotFound(f"{name}@{version}") from None
 
     def resolve(self, ref: AdapterRef, pinned: int | None = None) -> Manifest:

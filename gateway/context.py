@@ -15,6 +15,7 @@ from typing import Any
 
 import pydantic_core
 
+from gateway.errors import InvalidRequest
 from gateway.records import Choice, Outcome
 from gateway.routing import Route
 from gateway.tenants import Tenant
@@ -25,6 +26,22 @@ CLIENT_CLOSED = 499
 
 MAX_USER_CHARS = 256
 """End user names are cut to this (in records, and in erasures, which must find them)."""
+
+USER_HEADER = "x-loragate-user"
+"""The header that names a request's end user where its body does not."""
+
+
+def user_from_header(value: str | None) -> str | None:
+    """The end user an `x-loragate-user` header names (None for none). Starlette reads header values as latin-1,
+    but clients (the OpenAI SDK's `extra_headers`, httpx) send UTF-8: its bytes are read again as UTF-8, so that
+    `José` is recorded, erased and linked to feedback as `José`, as the body's `user` would be. Bytes that are not
+    UTF-8 are refused (400) rather than guessed at. Cut to MAX_USER_CHARS as the body's is (`RequestContext.user`)."""
+    if not value:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 (a str Starlette did not make may not even be latin-1)
+        raise InvalidRequest(f"The {USER_HEADER} header must be UTF-8 text.", param=USER_HEADER) from None
 
 
 @dataclass(slots=True)
@@ -137,7 +154,7 @@ class RequestContext:
     sent: bytes | None = None
     """The payload's JSON as sent to the engine: the log parses it off the request path."""
     header_user: str | None = None
-    """The end user named by an `x-loragate-user` header (the body's `user` wins)."""
+    """The end user named by an `x-loragate-user` header, decoded (`user_from_header`); the body's `user` wins."""
     received: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     route: Route | None = None

@@ -49,7 +49,8 @@ Durability = Literal["waitaof", "fsync-always", "spool"]
 UNVERIFIED_MAX = 10_000
 """Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
 VERIFY_FOR_S = 600.0
-"""How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped."""
+"""How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped, from when
+Redis could first be asked (an outage, however long, does not count)."""
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
 # counters ('' where none), the tenant's deletion, the completion's index. ARGV: field (end user), feedback JSON,
@@ -290,7 +291,8 @@ class FeedbackStore:
     async def replay(self) -> int:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
         checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's, and
-        put back to wait when its record is not in Redis yet (it may be in some spool), for VERIFY_FOR_S."""
+        put back to wait when its record is not in Redis yet (it may be in some spool), for VERIFY_FOR_S from the
+        first time Redis was asked."""
         await self._spool.adopt()
         if not self._spool.pending():
             return 0
@@ -303,9 +305,11 @@ class FeedbackStore:
                 if item["verify"]:
                     completion_id = pydantic_core.from_json(item["feedback"])["completion_id"]
                     owner = await self._owner(completion_id, item["tenant"])
-                    if owner is None and time.time() - item.get("since", 0) < VERIFY_FOR_S:  # not GONE: it may come
-                        waiting.append(item)
-                        continue
+                    if owner is None:  # Redis answered, and has no record of it yet (not GONE): it may come
+                        missing_since = item.setdefault("missing_since", time.time())  # not while Redis was down
+                        if time.time() - missing_since < VERIFY_FOR_S:
+                            waiting.append(item)
+                            continue
                     self._unverified[item["tenant"]] = max(self._unverified[item["tenant"]] - 1, 0)
                     if owner != item["tenant"]:
                         self._metrics.feedback_dropped.inc()

@@ -136,9 +136,19 @@ class FeedbackIn(BaseModel):
 
 
 class Feedback(FeedbackIn):
-    """Feedback as stored and returned."""
+    """Feedback as stored and returned. The lengths FeedbackIn allows are checked on what was sent: redaction can
+    lengthen a string a little (`a@b.cc` becomes `[EMAIL]`), so what is stored is read back without them."""
 
     model_config = ConfigDict(extra="forbid")
+
+    correction: str | None = Field(None, min_length=1, description="The ideal answer.")
+    comment: str | None = None
+    labels: list[str] = Field(default_factory=list)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str]) -> list[str]:  # FeedbackIn's, not checked again
+        return labels
 
     object: Literal["feedback"] = "feedback"
     id: str = Field(default_factory=lambda: f"fb-{uuid.uuid4().hex}")

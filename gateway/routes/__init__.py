@@ -11,8 +11,9 @@ from starlette.requests import Request
 from adapters.manifest import InvalidAdapter
 from adapters.store import AdapterNotFound
 from gateway.apikeys import InvalidKeyRequest, KeyNotFound
-from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.tenants import InvalidTenant, TenantExists, TenantNotFound
+from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from gateway.principal import Principal
+from gateway.tenants import InvalidTenant, Tenant, TenantExists, TenantNotFound
 from gateway.version_guard import AdapterBusy
 
 if TYPE_CHECKING:
@@ -22,6 +23,16 @@ if TYPE_CHECKING:
 def services(request: Request) -> Services:
     """The app's services, built in its lifespan."""
     return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def callers_tenant(svc: Services, caller: Principal) -> Tenant:
+    """A tenant key's tenant. 401 where it was deleted after the key was verified (a verified key is cached for up
+    to a state poll): the key is as good as revoked."""
+    assert caller.tenant is not None
+    try:
+        return await svc.tenants.cached(caller.tenant)
+    except TenantNotFound as exc:
+        raise AuthenticationFailed("This API key's tenant no longer exists.") from exc
 
 
 @contextmanager

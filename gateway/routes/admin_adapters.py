@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from adapters.manifest import AdapterRef, Manifest, check_name
@@ -35,19 +35,24 @@ from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
+from gateway.routes.strict_json import StrictJSONRoute
 from gateway.tenants import Tenant, check_tenant_name
 
 log = logging.getLogger("loragate")
 
-router = APIRouter(prefix="/admin/tenants/{tenant}")
+router = APIRouter(prefix="/admin/tenants/{tenant}", route_class=StrictJSONRoute)
 
 UPLOAD_WRITE_BYTES = 1 << 20
+MAX_VERSION = 999_999_999
+"""The largest N of `name@N`: AdapterRef.parse takes at most nine digits."""
 
 
 class Pin(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    version: int | None
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION)] | None
+    """null unpins. Bounded as `name@N` is (AdapterRef.parse): a number past it names no version that can be
+    stored, and its folder name may be too long to look up."""
 
 
 class Share(BaseModel):

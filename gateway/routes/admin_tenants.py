@@ -30,9 +30,10 @@ from gateway.erasure import mark_tenant_deleted, purge_tenant, tenant_deleted
 from gateway.errors import NotFound
 from gateway.openapi import answer, errors
 from gateway.routes import domain_errors, services
+from gateway.routes.strict_json import StrictJSONRoute
 from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
 
-router = APIRouter(prefix="/admin/tenants")
+router = APIRouter(prefix="/admin/tenants", route_class=StrictJSONRoute)
 log = logging.getLogger("loragate.admin")
 
 

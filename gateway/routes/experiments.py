@@ -43,8 +43,9 @@ from gateway.experiments import (
 from gateway.openapi import answer, errors
 from gateway.principal import Principal
 from gateway.routes import domain_errors, services
+from gateway.routes.strict_json import StrictJSONRoute
 
-router = APIRouter(prefix="/admin/tenants/{tenant}/experiments")
+router = APIRouter(prefix="/admin/tenants/{tenant}/experiments", route_class=StrictJSONRoute)
 
 CHANGE: dict[str, Any] = {
     "response_model": None,
@@ -54,7 +55,7 @@ CHANGE: dict[str, Any] = {
 
 
 class NewExperiment(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str
     alias: str

@@ -20,9 +20,10 @@ from gateway.errors import InvalidRequest, from_validation_error
 from gateway.export import ExportFormat, export
 from gateway.openapi import JSONLines, answer, errors, json_body
 from gateway.records import FeedbackIn
-from gateway.routes import domain_errors, services
+from gateway.routes import callers_tenant, domain_errors, services
+from gateway.routes.strict_json import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 MAX_FEEDBACK_BYTES = 256 * 1024
 
@@ -39,13 +40,12 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     """200: stored in Redis (on its disk). 202: stored in this gateway's fsynced spool, replayed into
     Redis shortly (Redis down, or not fsyncing)."""
     svc = services(request)
-    assert caller.tenant is not None
     payload = await read_json(request, MAX_FEEDBACK_BYTES)
     try:
         given = FeedbackIn.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    tenant = await svc.tenants.cached(caller.tenant)
+    tenant = await callers_tenant(svc, caller)
     feedback, in_redis = await svc.feedback.submit(tenant, given)
     svc.metrics.feedback.labels(svc.metrics.tenant(tenant.name), "redis" if in_redis else "spool").inc()
     body: dict[str, Any] = {**feedback.model_dump(mode="json"), "status": "stored" if in_redis else "queued"}
@@ -63,8 +63,7 @@ async def get_feedback(
     """404 for a completion that is not the caller's (unknown or another tenant's, alike); 503 while that
     cannot be told (Redis down, or the completion log spooling)."""
     svc = services(request)
-    assert caller.tenant is not None
-    tenant = await svc.tenants.cached(caller.tenant)
+    tenant = await callers_tenant(svc, caller)
     found = await svc.feedback.of_completion(tenant, completion_id)
     return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
 

@@ -16,8 +16,8 @@ from starlette.responses import Response
 
 from gateway.auth import TenantCaller
 from gateway.body import read_json_sized
-from gateway.context import RequestContext
-from gateway.errors import APIError, AuthenticationFailed, InvalidRequest, from_validation_error
+from gateway.context import USER_HEADER, RequestContext, user_from_header
+from gateway.errors import APIError, InvalidRequest, from_validation_error
 from gateway.openapi import answer, errors, event_stream, json_body
 from gateway.protocol import (
     ChatCompletion,
@@ -30,10 +30,9 @@ from gateway.protocol import (
     SamplingParams,
 )
 from gateway.quotas import Admission
-from gateway.routes import services
+from gateway.routes import callers_tenant, services
 from gateway.routes.direct import TenantRoute
 from gateway.serving import Call
-from gateway.tenants import TenantNotFound
 
 router = APIRouter()
 completion_router = APIRouter(route_class=TenantRoute)
@@ -112,11 +111,7 @@ async def _complete(
     """One completion request, from its caller to its recorded outcome: every request that has a tenant
     reaches the recorder, answered, refused (4xx before forwarding), failed or cancelled."""
     svc = services(request)
-    assert caller.tenant is not None
-    try:
-        tenant = await svc.tenants.cached(caller.tenant)
-    except TenantNotFound as exc:
-        raise AuthenticationFailed("This API key's tenant no longer exists.") from exc
+    tenant = await callers_tenant(svc, caller)
     if caller.sees_candidates and tenant.logging.content:  # a retraining job's eval: prompts copied from the log
         tenant = tenant.model_copy(update={"logging": tenant.logging.model_copy(update={"content": False})})
     context = RequestContext(request.state.request_id, endpoint, tenant, caller.key_id, payload={})
@@ -139,6 +134,7 @@ async def _complete(
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
         context.validated = True
+        context.header_user = user_from_header(request.headers.get(USER_HEADER))  # 400 if not UTF-8
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)
@@ -147,9 +143,8 @@ async def _complete(
         admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
         request.state.response_headers = admission.headers
         svc.keys.note_use(caller.key_id)
-        context.header_user = request.headers.get("x-loragate-user")
         context.route = await svc.router.resolve(
-            validated.model, caller.tenant, context.user, candidates=caller.sees_candidates
+            validated.model, tenant.name, context.user, candidates=caller.sees_candidates
         )
         if context.route.arm is not None:
             request.state.response_headers = {**admission.headers, "x-loragate-arm": context.route.arm}

@@ -5,6 +5,7 @@ with no engine behind it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -260,6 +261,27 @@ def test_bad_weights_answer_400_in_the_envelope(api: TestClient) -> None:
     )
     assert huge.status_code == 400, huge.text
     assert api.put(url, json={"weights": {"treat": 10}}).json()["arms"][1]["weight"] == 10
+
+
+def test_settings_that_are_not_finite_numbers_are_refused_and_nothing_is_stored(api: TestClient) -> None:
+    """An infinite setting would be stored as null (JSON has no inf) and break the alias for good."""
+    arms = json.dumps([{"name": "a", "target": BASE, "weight": 1}, {"name": "b", "target": "bot@1", "weight": 1}])
+    for field, raw in (
+        ("smallest_effect", "1e400"),
+        ("smallest_effect", "Infinity"),
+        ("smallest_effect", "2"),
+        ("mixture_sd", "NaN"),
+        ("alpha", "-Infinity"),
+    ):
+        body = f'{{"name": "inf", "alias": "odd", "control": "a", "arms": {arms}, "{field}": {raw}}}'
+        response = api.post(
+            "/admin/tenants/acme/experiments", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", raw
+    assert api.get("/admin/tenants/acme/experiments").json()["data"] == []
+    assert api.get("/admin/tenants/acme/aliases").status_code == 200
+    with pytest.raises(ValidationError):
+        Experiment(name="x", tenant="acme", alias="y", control="a", arms=[], smallest_effect=math.inf)
 
 
 def test_versions_in_use_are_not_deleted_and_nothing_points_an_alias_at_a_missing_one(api: TestClient) -> None:

@@ -102,3 +102,25 @@ async def test_ratings_the_spool_refused_do_not_count_as_waiting(
     monkeypatch.setattr(store._spool, "append", real_append)
     _, in_redis = await store.submit(Tenant(name="t"), FeedbackIn(completion_id="chatcmpl-1", thumbs="up"))
     assert in_redis is False, "spooled (202), not refused"
+
+
+async def test_a_long_outage_does_not_use_up_a_ratings_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given (and spooled) an hour ago, while Redis was down: the wait for its completion's record starts when
+    Redis can first be asked, so the rating still waits now, and is dropped only VERIFY_FOR_S later."""
+    store = await spooled(tmp_path, monkeypatch, together=True)
+    written: list[str] = []
+
+    async def write(items: list[dict[str, Any]], replay: bool) -> None:
+        written.extend(json.loads(item["feedback"])["completion_id"] for item in items)
+
+    monkeypatch.setattr(store, "_write", write)
+    clock = [feedback_module.time.time() + 3600]  # an hour after they were spooled
+    monkeypatch.setattr(feedback_module.time, "time", lambda: clock[0])
+    assert await store.replay() == 2
+    assert written == [KNOWN] and on_disk(tmp_path) == [WAITS], "still waits: Redis was first asked just now"
+    clock[0] += feedback_module.VERIFY_FOR_S - 1
+    await store.replay()
+    assert on_disk(tmp_path) == [WAITS]
+    clock[0] += 2
+    await store.replay()
+    assert on_disk(tmp_path) == [] and written == [KNOWN], "dropped once it waited VERIFY_FOR_S with Redis up"

@@ -64,14 +64,34 @@ def test_what_straddles_the_cut_is_redacted_whole() -> None:
         assert not any(part in kept for part in ("4111", "ann.smith")), kept[-20:]
 
 
-async def test_feedback_labels_are_redacted(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
+async def _answered(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, seq: int) -> FeedbackStore:
+    """A feedback store, and completion `chatcmpl-{seq}` of TENANT in the log."""
     spool = Spool(tmp_path / "feedback", fsync=True)
     spool.open()
     store = FeedbackStore(redis, spool, recorder, Metrics(), settle_s=0)
     await store.check_durability()
-    recorder.record(context(TENANT, 9))
+    recorder.record(context(TENANT, seq))
     await recorder.written()
+    return store
+
+
+async def test_feedback_labels_are_redacted(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
+    store = await _answered(redis, recorder, tmp_path, 9)
     rating = FeedbackIn(completion_id="chatcmpl-9", user="u1", thumbs="down", labels=[f"contact:{EMAIL}"])
     kept, _ = await store.submit(TENANT, rating)
     assert kept.labels == ["contact:[EMAIL]"] and kept.redactions == {"email": 1}
     assert EMAIL not in (await redis.hget(keys.feedback("t", "chatcmpl-9"), "u1") or "")
+
+
+async def test_feedback_that_redaction_lengthens_past_its_limits_is_still_read_back(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A 64-character label (the most allowed) holding `a@b.cc` is 65 once redacted: kept, and read back."""
+    store = await _answered(redis, recorder, tmp_path, 10)
+    label = "x" * 57 + " a@b.cc"
+    rating = FeedbackIn(
+        completion_id="chatcmpl-10", user="u1", thumbs="up", labels=[label], comment="y" * 9_996 + " ::1"
+    )
+    await store.submit(TENANT, rating)
+    (read,) = await store.of_completion(TENANT, "chatcmpl-10")
+    assert read.labels == ["x" * 57 + " [EMAIL]"] and len(read.comment or "") == 10_001
