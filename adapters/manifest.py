@@ -34,6 +34,10 @@ def check_name(name: str) -> str:
     return name
 
 
+MAX_VERSION = 999_999_999
+"""The largest N of `name@N` (nine digits)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterRef:
     """`name` (its pinned or latest version) or `name@version`."""
@@ -47,7 +51,7 @@ class AdapterRef:
         check_name(name)
         if not sep:
             return cls(name)
-        if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
+        if not (version.isascii() and version.isdigit() and len(version) <= 9) or not 1 <= int(version) <= MAX_VERSION:
             raise InvalidAdapter(f"Invalid adapter version in {text!r}: expected name@N with N >= 1.", param="version")
         return cls(name, int(version))
 

@@ -39,10 +39,11 @@ from adapters.validate import BaseModelSpec, check_adapter
 
 MAX_UNPACKED_BYTES = 8 << 30
 COUNTER_FILE = ".last_version"
-SERVER_FAULTS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-)
-"""OSErrors of this machine (its disk, its limits), not of an archive: unpacking is not refused for them."""
+ARCHIVE_FAULTS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EILSEQ, errno.ENAMETOOLONG})
+"""OSErrors unpacking an archive that are the archive's fault (members that clash on disk, names the filesystem
+cannot hold): the upload is refused as invalid. Any other (a full disk, permissions) is the server's own."""
+MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG})
+"""OSErrors reading a version's manifest that mean it is not there (a version too long to be a folder's name)."""
 
 
 class AdapterNotFound(LookupError):
@@ -114,7 +115,7 @@ def _extract(tar: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo]) -
     try:
         tar.extractall(into, members=members, filter="data")
     except OSError as exc:
-        if exc.errno in SERVER_FAULTS:
+        if exc.errno not in ARCHIVE_FAULTS:
             raise
         reason = exc.strerror or type(exc).__name__  # never str(exc): it names the path
         raise InvalidAdapter(
@@ -175,14 +176,13 @@ class AdapterStore:
         )
 
     def manifest(self, name: str, version: int) -> Manifest:
-        """Not found is any failure to read a manifest that is not there: not only ENOENT, but a version whose
-        folder name is too long to exist (ENAMETOOLONG) and the like. One that is there but unreadable (EACCES,
-        EIO) is the server's fault and raised as it is."""
+        """AdapterNotFound for a version that is not there (MISSING); any other failure to read (EACCES, EIO) is the
+        server's own and raised as it is."""
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
             return Manifest.model_validate_json(path.read_bytes())
-        except OSError:
-            if os.path.isfile(path):  # False, not raised, for a path that cannot be looked up
+        except OSError as exc:
+            if exc.errno not in MISSING:
                 raise
             raise AdapterNotFound(f"{name}@{version}") from None
 

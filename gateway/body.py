@@ -46,17 +46,25 @@ async def read_json_sized(request: Request, max_bytes: int) -> tuple[dict[str, A
     raw = b"".join(chunks)
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
+    payload = parse_json(raw)
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return payload, size
+
+
+def parse_json(raw: bytes) -> Any:
+    """A body's JSON, as every route reads it (gateway.routes.strict_json too): by pydantic's parser, which refuses
+    what could be neither stored nor answered (a lone surrogate), and with finite numbers only (no NaN, Infinity or
+    1e400). InvalidRequest, in OpenAI's words, for anything else."""
     try:
         payload = pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload."
         ) from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
     if _maybe_huge(raw) and not _finite(payload):
         raise InvalidRequest("The request body holds a number too large to represent; JSON numbers must be finite.")
-    return payload, size
+    return payload
 
 
 def _finite(value: object) -> bool:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pydantic_core
 
-from gateway.errors import InvalidRequest
 from gateway.records import Choice, Outcome
 from gateway.routing import Route
 from gateway.tenants import Tenant
@@ -33,15 +32,15 @@ USER_HEADER = "x-loragate-user"
 
 def user_from_header(value: str | None) -> str | None:
     """The end user an `x-loragate-user` header names (None for none). Starlette reads header values as latin-1,
-    but clients (the OpenAI SDK's `extra_headers`, httpx) send UTF-8: its bytes are read again as UTF-8, so that
-    `José` is recorded, erased and linked to feedback as `José`, as the body's `user` would be. Bytes that are not
-    UTF-8 are refused (400) rather than guessed at. Cut to MAX_USER_CHARS as the body's is (`RequestContext.user`)."""
+    which is what `requests`, `http.client` and browsers send for `José`; clients that send UTF-8 bytes (httpx given
+    bytes, curl, most servers) would be recorded as `JosÃ©` and not erased as `José`. So the bytes are read as
+    UTF-8 where they are UTF-8 (a latin-1 name almost never is), else as latin-1."""
     if not value:
         return None
     try:
         return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:  # not UTF-8 (a str Starlette did not make may not even be latin-1)
-        raise InvalidRequest(f"The {USER_HEADER} header must be UTF-8 text.", param=USER_HEADER) from None
+    except UnicodeError:  # not UTF-8: the latin-1 reading stands (a str Starlette did not make may not be latin-1)
+        return value
 
 
 @dataclass(slots=True)

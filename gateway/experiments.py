@@ -130,7 +130,7 @@ class Experiment(BaseModel):
         0.1, ge=1e-3, le=1, description="The effect size (in positive rate) the sequential test is tuned to."
     )
     smallest_effect: float = Field(
-        0.02, gt=0, le=1, description="Differences (in positive rate) smaller than this do not matter."
+        0.02, gt=0, description="Differences (in positive rate) smaller than this do not matter."
     )
     auto_promote: bool = Field(False, description="Promote an arm that wins (always-valid, after min_samples).")
     max_error_rate: float | None = Field(None, gt=0, le=1, description="Roll back (weight 0) an arm erring more.")

@@ -236,7 +236,8 @@ class FeedbackStore:
         owned = await self.owned(tenant, given.completion_id)
         if owned is False:
             raise CompletionUnknown(given.completion_id)
-        item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s, "since": time.time()}
+        item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s}
+        item["since"] = time.time()  # what versions before `missing_since` time the wait from (a rolling upgrade)
         item["tenant_created"] = tenant.created
         item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
         item["feedback"] = feedback.model_dump_json()

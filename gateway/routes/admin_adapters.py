@@ -26,7 +26,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from adapters.manifest import AdapterRef, Manifest, check_name
+from adapters.manifest import MAX_VERSION, AdapterRef, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
 from gateway import version_guard
@@ -43,8 +43,6 @@ log = logging.getLogger("loragate")
 router = APIRouter(prefix="/admin/tenants/{tenant}", route_class=StrictJSONRoute)
 
 UPLOAD_WRITE_BYTES = 1 << 20
-MAX_VERSION = 999_999_999
-"""The largest N of `name@N`: AdapterRef.parse takes at most nine digits."""
 
 
 class Pin(BaseModel):

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.manifest import check_name
 from gateway import admin_protocol as answers
@@ -64,7 +64,7 @@ class NewExperiment(BaseModel):
     alpha: float = 0.05
     min_samples: int = 100
     mixture_sd: float = 0.1
-    smallest_effect: float = 0.02
+    smallest_effect: float = Field(0.02, le=1)  # a rate's difference; not on Experiment: those stored stay readable
     auto_promote: bool = False
     max_error_rate: float | None = None
     max_negative_rate: float | None = None

@@ -134,7 +134,7 @@ async def _complete(
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
         context.validated = True
-        context.header_user = user_from_header(request.headers.get(USER_HEADER))  # 400 if not UTF-8
+        context.header_user = user_from_header(request.headers.get(USER_HEADER))
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)
@@ -190,15 +190,16 @@ async def completions(request: Request, caller: TenantCaller) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request, caller: TenantCaller) -> Response:
     """The base, the tenant's aliases and adapters, and the adapters shared with it: nothing else."""
-    assert caller.tenant is not None
-    return Response(await services(request).model_lists.body(caller.tenant), media_type="application/json")
+    svc = services(request)
+    tenant = await callers_tenant(svc, caller)
+    return Response(await svc.model_lists.body(tenant.name), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) -> ModelCard:
     svc = services(request)
-    assert caller.tenant is not None
-    route = await svc.router.resolve(model_id, caller.tenant)
+    tenant = await callers_tenant(svc, caller)
+    route = await svc.router.resolve(model_id, tenant.name)
     base = svc.settings.served_model_name
     if route.adapter is None and route.alias is None:
         return ModelCard(id=base, created=int(time.time()), root=base)

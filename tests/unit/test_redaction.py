@@ -116,6 +116,14 @@ def test_addresses_in_any_script_are_redacted_whole(text: str) -> None:
 def test_cards_and_ibans_in_the_spaces_and_dashes_of_word_processors() -> None:
     text = "Visa 4111\u20131111\u20131111\u20131111, IBAN DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000."
     assert Redactor().redact(text) == ("Visa [CARD], IBAN [IBAN].", Counter(card=1, iban=1))
+    for text, kept in (  # an IBAN runs on into what follows it: the IBAN is redacted, the rest kept
+        ("Pay ES91 2100 0418 4502 0005 1332-EUR now", "Pay [IBAN]-EUR now"),
+        ("ES9121000418450200051332-EUR", "[IBAN]-EUR"),
+        ("BE71 0961 2345 6769-2026", "[IBAN]-2026"),
+        ("ES91 2100 0418 4502 0005 1332 EUR", "[IBAN] EUR"),
+    ):
+        assert Redactor().redact(text) == (kept, Counter(iban=1)), text
+    assert Redactor().redact("order AB12-3456-7890 of 2026-05-01")[0] == "order AB12-3456-7890 of 2026-05-01"
     for gap in ("-", "\u2009", "\u2013"):  # dashes and thin spaces, as between a card's groups
         text = f"IBAN DE89{gap}3704{gap}0044{gap}0532{gap}0130{gap}00, thanks."
         assert Redactor().redact(text) == ("IBAN [IBAN], thanks.", Counter(iban=1)), repr(gap)

@@ -4,14 +4,9 @@ key whose tenant is gone is a 401."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from starlette.testclient import TestClient
 
-from gateway.errors import AuthenticationFailed
-from gateway.principal import Principal
-from gateway.routes import callers_tenant
 from gateway.tenants import TenantNotFound
 from tests.unit.admin_api import BASE
 
@@ -43,15 +38,27 @@ def test_lone_surrogates_in_bodies_are_refused_in_the_envelope(api: TestClient) 
     assert api.get("/admin/tenants/acme/experiments").json()["data"] == []
 
 
-async def test_a_key_whose_tenant_was_deleted_since_it_was_verified_gets_401_not_500() -> None:
-    """A verified key is cached for up to a state poll: its tenant may be gone meanwhile (feedback's routes and
-    the completion routes alike)."""
+def test_a_key_whose_tenant_is_gone_since_it_was_verified_gets_401_on_every_v1_route(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verified key is cached for up to a state poll: its tenant may be gone meanwhile. Every /v1 route answers
+    as the completion routes do (401), not 500 (feedback's routes) or 200 (the model list)."""
+    key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
+    auth = {"authorization": f"Bearer {key}"}
+    assert api.get("/v1/models", headers=auth).status_code == 200  # verified, and cached
 
-    class Gone:
-        async def cached(self, name: str) -> None:
-            raise TenantNotFound(name)
+    async def gone(name: str) -> None:
+        raise TenantNotFound(name)
 
-    svc = SimpleNamespace(tenants=Gone())
-    caller = Principal(key_id="0123456789ab", tenant="acme", role="inference")
-    with pytest.raises(AuthenticationFailed, match="tenant no longer exists"):
-        await callers_tenant(svc, caller)  # type: ignore[arg-type]
+    monkeypatch.setattr(api.app.state.services.tenants, "cached", gone)  # type: ignore[attr-defined]
+    rating = {"completion_id": "chatcmpl-0123456789abcdef0123456789abcdef", "thumbs": "up"}
+    for method, path, body in (
+        ("GET", "/v1/models", None),
+        ("GET", f"/v1/models/{BASE}", None),
+        ("GET", "/v1/feedback?completion_id=chatcmpl-1", None),
+        ("POST", "/v1/feedback", rating),
+        ("POST", "/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        answer = api.request(method, path, json=body, headers=auth)
+        assert answer.status_code == 401, (path, answer.status_code, answer.text)
+        assert "tenant no longer exists" in answer.json()["error"]["message"]
