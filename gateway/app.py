@@ -29,9 +29,10 @@ from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.experiments import ExperimentStore
 from gateway.feedback import FeedbackStore
 from gateway.head_requests import HeadAsGetMiddleware
+from gateway.hot_paths import HotPathsAPI
 from gateway.metrics import Metrics
 from gateway.model_list import ModelLists
-from gateway.openapi import ABOUT, DescribedAPI
+from gateway.openapi import ABOUT
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
 from gateway.quota_leases import LeaseBook
@@ -286,7 +287,7 @@ def create_app(settings: Settings, engine_urls: list[str] | None = None, model_d
             finally:
                 gc.set_threshold(*thresholds)
 
-    app = DescribedAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
+    app = HotPathsAPI(  # /openapi.json, open to all (it names no tenant); no HTML docs pages
         title="loragate",
         version=__version__,
         lifespan=lifespan,

@@ -29,6 +29,11 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
+    @staticmethod
+    def passes(method: str, path: str) -> bool:
+        """Whether a request is handed on untouched (gateway.hot_paths)."""
+        return not _capped({"method": method, "path": path})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _capped(scope):
             await self.app(scope, receive, send)

@@ -14,6 +14,11 @@ class HeadAsGetMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
+    @staticmethod
+    def passes(method: str, path: str) -> bool:
+        """Whether a request is handed on untouched (gateway.hot_paths)."""
+        return method != "HEAD"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "HEAD":
             scope = {**scope, "method": "GET", "state": {**scope.get("state", {}), "head": True}}

@@ -26,6 +26,9 @@ Endpoint = Callable[[Request, Principal], Awaitable[Response]]
 class TenantRoute(APIRoute):
     """For endpoints `async def (request: Request, caller: TenantCaller) -> Response` only."""
 
+    hot = True
+    """Served through a lane of its own (gateway.hot_paths)."""
+
     def __init__(self, path: str, endpoint: Endpoint, **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
 
