@@ -104,7 +104,7 @@ class Metrics:
             registry=r, buckets=REQUEST_BUCKETS,
         )  # fmt: skip
         self.first_token = Histogram(
-            "loragate_time_to_first_token_seconds", "Answered streams, from arrival to the first event.", by,
+            "loragate_time_to_first_token_seconds", "Answered streams, from arrival to the first token.", by,
             registry=r, buckets=REQUEST_BUCKETS,
         )  # fmt: skip
         self.tokens = Counter(

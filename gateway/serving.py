@@ -145,6 +145,12 @@ class Forwarder:
             upstream.close()
             self._track(replica, -1)
 
+    def _abandon(self, replica: Replica, upstream: aiohttp.ClientResponse) -> None:
+        """An answer left unread, as its reading failed or was cancelled (the client left): its connection closed,
+        so that vLLM aborts the request, and the request untracked, or its replica would look busier for good."""
+        upstream.close()
+        self._track(replica, -1)
+
     async def _send(self, call: Call, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
         """Post to a replica, moving to another one when a replica cannot be reached, has lost the
         adapter, or fails because its engine died (vLLM then answers 5xx and fails its health check).
@@ -226,7 +232,10 @@ class Forwarder:
         try:
             raw = await upstream.read()  # kept by aiohttp: read again where it is passed on
         except (TimeoutError, aiohttp.ClientError):
-            return replica, upstream
+            return replica, upstream  # `_open` reads it again, fails alike and finishes the request (502)
+        except BaseException:  # cancelled (the client left) or unexpected: nothing after this untracks it
+            self._abandon(replica, upstream)
+            raise
         if not _OVER_CONTEXT.search(raw):
             return replica, upstream
         upstream.release()
@@ -250,8 +259,7 @@ class Forwarder:
             finish(502)
             raise UpstreamError("The engine stopped in the middle of the response.") from exc
         except BaseException:  # cancelled: the client left (`forward` counts it)
-            upstream.close()
-            self._track(replica, -1)
+            self._abandon(replica, upstream)
             raise
         upstream.release()
         status = upstream.status

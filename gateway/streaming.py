@@ -96,6 +96,7 @@ class RelayResponse(StreamingResponse):
     """A stream that always closes its upstream, whether it ends, fails or the client goes away.
 
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
+    `on_first()` is called when the first event that carries a choice passes (see `_feed`).
     `on_close(status)` is called once: 200 (done), 400 (vLLM refused it in the stream), 502 (the engine
     failed) or 499 (the client left).
     """
@@ -119,7 +120,20 @@ class RelayResponse(StreamingResponse):
         self._done = False
         self._held: list[bytes] = []
         """Chunks that ended a choice, held back until the usage chunk (with `hide_usage`)."""
+        self._before_first = True
+        """No event with a choice has passed yet (`_feed`)."""
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
+
+    def _feed(self, event: bytes) -> dict[str, Any] | None:
+        """One `data: {...}` event into the answer; the chunk, parsed. The first chunk with a choice is the first
+        token: not just any event, as vLLM may send an error event in place of any token (a `json_schema` it cannot
+        compile). Such a stream must end as one without a first token, so that its quota reservation is given back
+        (as without streaming) and it has no time to first token, in the log or the metrics."""
+        chunk = self._answer.feed(event[6:])
+        if self._before_first and chunk is not None and chunk.get("choices"):
+            self._before_first = False
+            self._on_first()
+        return chunk
 
     def _pass_on(self, events: bytes) -> bytes:
         if self._rename is not None:
@@ -127,7 +141,7 @@ class RelayResponse(StreamingResponse):
         if not self._hide_usage and ERROR_EVENT not in events:
             for event in events.split(b"\n\n"):
                 if event.startswith(b"data: {"):
-                    self._answer.feed(event[6:])
+                    self._feed(event)
             return events
         return b"".join(self._client_event(e) for e in events.split(b"\n\n") if e)
 
@@ -135,7 +149,7 @@ class RelayResponse(StreamingResponse):
         """One whole event as the client gets it: an engine error rewritten; a usage chunk it did not ask for
         dropped (the gateway asked for it, to settle the quota and log the usage), its `system_fingerprint` put on
         the chunks that ended choices, each held back until then (`_held`)."""
-        chunk = self._answer.feed(event[6:]) if event.startswith(b"data: {") else None
+        chunk = self._feed(event) if event.startswith(b"data: {") else None
         if event.startswith(ERROR_EVENT):
             error = client_error(event)
             self._outcome = 502 if error.status >= 500 else error.status
@@ -164,7 +178,6 @@ class RelayResponse(StreamingResponse):
                 cut = pending.rfind(b"\n\n") + 2
                 if cut >= 2:
                     whole, pending = pending[:cut], pending[cut:]
-                    self._on_first()
                     # A client may hang up as soon as it has `[DONE]`, before vLLM's stream ends:
                     # the answer is whole then, so it is not a cancellation.
                     self._done = self._done or DONE_EVENT in whole

@@ -1,0 +1,184 @@
+"""What a forwarded request leaves behind, however it ends: a stream refused before any token gives its quota
+reservation back (as the same request without streaming does), and a request whose answer is being read when its
+client leaves (or the read fails) closes its upstream and no longer counts as in flight on its replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
+
+import pytest
+
+from gateway.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.pool import Replica
+from gateway.metrics import Metrics
+from gateway.routes.openai import _tokens_used
+from gateway.routing import Route
+from gateway.serving import Call, Forwarder
+from gateway.streaming import RelayResponse
+from gateway.tenants import Tenant
+
+ROUTE = Route(requested="base", upstream_model="base", served_model="base")
+TOKEN = b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+USAGE = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":0,"total_tokens":3}}\n\n'
+REFUSED = (
+    b'data: {"error":{"object":"error","message":"The provided JSON schema contains features not supported by '
+    b'xgrammar.","type":"BadRequestError","param":null,"code":400}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def new_context(stream: bool = True) -> RequestContext:
+    context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload={"stream": stream}, validated=True)
+    context.route = ROUTE
+    return context
+
+
+async def stays() -> dict[str, Any]:
+    """An ASGI receive whose client never leaves."""
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+class Stream:
+    """vLLM's side of a stream: its events, one read each."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events, self.closed = events, False
+        self.content = self
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield event
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def relay(events: list[bytes], hide_usage: bool) -> tuple[RequestContext, list[float | None]]:
+    """Relay `events` for a new request; its context, and its first-token time as each body message was sent."""
+    context, seen = new_context(), []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body"):
+            seen.append(context.first_token_s)
+
+    response = RelayResponse(Stream(events), context.answer, context.first_token, context.finish, None, hide_usage)  # type: ignore[arg-type]
+    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
+    return context, seen
+
+
+@pytest.mark.parametrize("hide_usage", [False, True])
+async def test_a_stream_refused_before_any_token_gives_its_reservation_back(hide_usage: bool) -> None:
+    """vLLM answers 200 and then an error event, e.g. for a `json_schema` it cannot compile: no token came."""
+    context, _ = await relay([REFUSED, DONE], hide_usage)
+    assert context.status == 400 and context.outcome == "error"
+    assert context.first_token_s is None, "no time to first token is logged: there was none"
+    assert _tokens_used(context) == 0, "its reservation is given back, as without streaming"
+
+
+@pytest.mark.parametrize("hide_usage", [False, True])
+async def test_the_first_token_is_timed_when_it_passes_and_kept_if_the_stream_fails_after(hide_usage: bool) -> None:
+    context, seen = await relay([TOKEN, REFUSED, DONE], hide_usage)
+    assert seen[0] is not None, "timed by the time its event is sent, as before"
+    assert context.first_token_s == seen[0] and context.status == 400
+    assert _tokens_used(context) is None, "tokens may have been generated: the reservation stands"
+    context, seen = await relay([TOKEN + USAGE + DONE], hide_usage)
+    assert context.status == 200 and seen[0] is not None and _tokens_used(context) == 3
+
+
+class Answer:
+    """vLLM's answer to a request: `status`, its body read as `reading` says (waits for ever when None)."""
+
+    def __init__(self, status: int, reading: BaseException | bytes | None) -> None:
+        self.status, self.content_type = status, "application/json"
+        self.reading, self.started = reading, asyncio.Event()
+        self.closed = self.released = False
+
+    async def read(self) -> bytes:
+        self.started.set()
+        if self.reading is None:
+            await asyncio.Event().wait()
+        if isinstance(self.reading, BaseException):
+            raise self.reading
+        assert self.reading is not None
+        return self.reading
+
+    def close(self) -> None:
+        self.closed = True
+
+    def release(self) -> None:
+        self.released = True
+
+
+class Session:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+    async def post(self, url: str, **_: Any) -> Answer:
+        return self.answer
+
+
+class Placement:
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
+        return self.replica
+
+    def release(self, replica: Replica, route: Route) -> None:
+        pass
+
+
+def forwarding(answer: Answer, stream: bool, receive: Any = stays) -> tuple[Forwarder, Call, Replica]:
+    """A forwarder to one replica that answers `answer`, and a chat request that named no limit (the gateway's cap
+    was sent: a 400 is read to see whether the cap is what vLLM refused)."""
+    replica = Replica("http://engine", healthy=True)
+    forwarder = Forwarder(Session(answer), None, Placement(replica), Metrics(), 30)  # type: ignore[arg-type]
+    payload = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048}
+    call = Call("chat", "/v1/chat/completions", payload, ROUTE, "r1", stream, receive, new_context(stream))
+    call.capped_by_default = True
+    return forwarder, call, replica
+
+
+@pytest.mark.parametrize("status", [400, 200], ids=["refused, read for the cap", "answered"])
+async def test_a_client_that_leaves_while_the_answer_is_read_leaves_no_request_in_flight(status: int) -> None:
+    answer = Answer(status, None)
+
+    async def leaves() -> dict[str, Any]:
+        await answer.started.wait()
+        return {"type": "http.disconnect"}
+
+    forwarder, call, replica = forwarding(answer, stream=False, receive=leaves)
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert response.status_code == CLIENT_CLOSED and call.context.outcome == "cancelled"
+    assert replica.inflight == 0, "the replica does not look busier for good"
+    assert answer.closed, "the upstream connection is closed: vLLM aborts the request"
+
+
+async def test_a_stream_request_cancelled_while_its_refusal_is_read_leaves_no_request_in_flight() -> None:
+    answer = Answer(400, None)
+    forwarder, call, replica = forwarding(answer, stream=True)
+    request = asyncio.ensure_future(forwarder.forward(call))
+    await asyncio.wait_for(answer.started.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert replica.inflight == 0 and answer.closed
+
+
+async def test_an_unexpected_failure_reading_a_refusal_leaves_no_request_in_flight() -> None:
+    answer = Answer(400, RuntimeError("boom"))
+    forwarder, call, replica = forwarding(answer, stream=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(forwarder.forward(call), 5)
+    assert replica.inflight == 0 and answer.closed
+
+
+async def test_a_refusal_read_for_the_cap_is_answered_and_untracked_once() -> None:
+    answer = Answer(400, b'{"error":{"message":"The schema is not valid.","code":400}}')
+    forwarder, call, replica = forwarding(answer, stream=False)
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert response.status_code == 400 and call.context.status == 400
+    assert replica.inflight == 0 and not answer.closed and answer.released
