@@ -5,10 +5,11 @@ Sources give gateway.export's `Sample`s (a prompt, an answer judged or not, and/
 first, without empty answers or answers cut short (finish_reason "length", or cut by the log). `build`
 keeps one kind of prompt (chat or text: TRL trains on one), redacts PII, groups prompts (exact, then near
 duplicates: word 3-shingle Jaccard over a chat prompt's non-system messages, as a system prompt shared by
-all would make every pair alike; a group pools its answers), balances labels by downsampling, and splits
-the groups by a hash of (seed, group), so that no prompt is in two splits. A group's reference is its
-latest correction, else its best-rated positive answer; it gives all three kinds: sft the reference, dpo
-the reference over each answer it beats, kto each judged answer with its label and each correction (true).
+all would make every pair alike, and only under alike system prompts; a group pools its answers), balances
+labels by downsampling, and splits the groups by a hash of (seed, group), so that no prompt is in two splits.
+A group's reference is its latest correction, else its best-rated positive answer; it gives all three kinds:
+sft the reference, dpo the reference over each answer it beats, kto each judged answer with its label and
+each correction (true). The test split's references are the eval gate's: a dataset without one is refused.
 
 Only `from_feedback` and `collect` are async; the rest is synchronous CPU and file work (async callers use
 asyncio.to_thread).
@@ -34,7 +35,7 @@ from typing import Any
 from gateway.export import Prompt, Sample
 from gateway.redaction import Redactor, redact_value
 from training.config import RetrainConfig
-from training.near_duplicates import near_pairs, shingles
+from training.near_duplicates import near_pairs, same_system, shingles, system_shingles
 from training.sources import Loaded, prompt_key
 
 Row = dict[str, Any]
@@ -59,15 +60,28 @@ FILTERS = MappingProxyType(
 
 
 class NotEnoughData(ValueError):
-    """Fewer usable training examples than config.min_examples."""
+    """Fewer usable training examples than config.min_examples, or (`reason`) no test prompt the eval gate
+    could score: refused before the fit, which would otherwise be spent on a run that cannot end."""
 
-    def __init__(self, method: str, usable: int, required: int, filtered: dict[str, int]) -> None:
+    def __init__(
+        self, method: str, usable: int, required: int, filtered: dict[str, int], reason: str | None = None
+    ) -> None:
         self.usable, self.required, self.filtered = usable, required, filtered
         removed = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in filtered.items() if n) or "nothing"
-        super().__init__(
-            f"not enough data: {usable} usable {method} examples in the train split, min_examples asks for "
-            f"{required} (filtered out: {removed})"
-        )
+        reason = reason or f"{usable} usable {method} examples in the train split, min_examples asks for {required}"
+        super().__init__(f"not enough data: {reason} (filtered out: {removed})")
+
+
+def _no_references(test_prompts: int) -> str:
+    """Why a dataset whose test split has no reference is refused (with KTO, thumbs-down alone train, but the
+    gate scores answers against references: corrections or positively rated answers)."""
+    if not test_prompts:
+        return "the test split has no prompts, so the eval gate would have nothing to score the candidate on"
+    return (
+        f"none of the {test_prompts} prompts of the test split has a reference (a correction or a positively "
+        "rated answer), so the eval gate would have nothing to score the candidate on; collect corrections or "
+        "positive ratings"
+    )
 
 
 @dataclass(frozen=True)
@@ -171,7 +185,11 @@ def _grouped(samples: list[Sample], threshold: float, filters: dict[str, int]) -
         return i
 
     if threshold < 1:
-        for i, j in near_pairs([shingles(samples[ids[0]].prompt) for ids in exact], threshold):
+        prompts = [samples[ids[0]].prompt for ids in exact]
+        systems = [system_shingles(prompt) for prompt in prompts]
+        for i, j in near_pairs([shingles(prompt) for prompt in prompts], threshold):
+            if not same_system(systems[i], systems[j], threshold):
+                continue  # one user message under two instructions: answers that are not interchangeable
             a, b = root(i), root(j)
             parent[max(a, b)] = min(a, b)
         filters["near_duplicate_prompts"] = len(exact) - len({root(i) for i in range(len(exact))})
@@ -252,7 +270,8 @@ def _jsonl(rows: Iterable[Row]) -> str:
 
 def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
     """Clean, group, balance and split the samples, and render the files and their card. Pure and
-    synchronous CPU work. NotEnoughData when the train split has fewer than config.min_examples."""
+    synchronous CPU work. NotEnoughData when the train split has fewer than config.min_examples, or when no
+    test prompt has a reference for the eval gate."""
     filters = dict(loaded.dropped)
     samples = _one_kind(loaded.samples, config.endpoint, filters)
     redactions: Counter[str] = Counter()
@@ -271,6 +290,9 @@ def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
     if usable < config.min_examples:
         raise NotEnoughData(config.method, usable, config.min_examples, filters)
     eval_rows = [{"prompt": g.prompt, "reference": g.reference} for g in splits["test"] if g.reference is not None]
+    if not eval_rows:
+        reason = _no_references(len(splits["test"]))
+        raise NotEnoughData(config.method, usable, config.min_examples, filters, reason=reason)
     files = {f"{name}.jsonl": _jsonl(rows[name][config.method]) for name in SPLITS} | {EVAL_FILE: _jsonl(eval_rows)}
     digest = hashlib.sha256()
     for name, text in files.items():

@@ -69,7 +69,8 @@ def _metric_cell(name: str, scores: Scores) -> str:
 
 def markdown_report(report: EvalReport) -> str:
     models = ", ".join(f"{role} `{name}`" for role, name in report.models.items())
-    verdict = "publish" if report.decision.publish else "do not publish"
+    decision = report.decision
+    verdict = "publish" if decision.publish else "none (ask again)" if decision.unjudged else "do not publish"
     lines = ["# Eval report", "", f"Models: {models}.", "", markdown_table(report), "", f"## Decision: {verdict}", ""]
     lines += [f"- {reason}" for reason in report.decision.reasons]
     lines += ["", "## Examples"]

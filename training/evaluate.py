@@ -6,7 +6,8 @@ drop by more than `max_regression` on the regression set. `training.eval_report`
 (eval_report.json and eval_report.md).
 
 Failed requests are kept, not raised: a failed answer counts as wrong on every metric, is left out
-of the latency percentiles, and is counted in `Scores.errors`.
+of the latency percentiles, and is counted in `Scores.errors`. That is fair to the candidate's own failures,
+not to the bar's: when the model the candidate is compared with fails on any prompt, there is no verdict.
 """
 
 from __future__ import annotations
@@ -182,6 +183,26 @@ def score(answers: Sequence[Answer], references: Sequence[str], config: RetrainC
 class Decision(BaseModel):
     publish: bool
     reasons: list[str]
+    unjudged: bool = False
+    """No verdict: the model the candidate is measured against failed on some prompts (`comparison_failures`).
+    Not a rejection of the candidate: the run refuses to go on, and its eval can be asked again."""
+
+
+def comparison_failures(serving: Scores, name: str, regression: tuple[Scores, Scores] | None) -> list[str]:
+    """Why the candidate cannot be judged: the model it is compared with failed on some prompts, on the test
+    split or the regression set. A failed answer scores 0, so the candidate would "win" against answers that
+    never came (a version that is down, a replica that errs). No threshold above zero: on a test split of a few
+    dozen prompts one failure moves the mean by as much as `publish_margin`, and asking again costs one eval."""
+    who = "the version now serving" if name == "current" else "the base"
+    failures = [(who, "the test split", serving)]
+    if regression is not None:
+        failures.append((who, "the regression set", regression[1]))
+    return [
+        f"{who} failed on {scores.errors} of {scores.n} prompts of {where}: the candidate is not judged against "
+        "answers that never came"
+        for who, where, scores in failures
+        if scores.errors
+    ]
 
 
 def decide(
@@ -192,11 +213,15 @@ def decide(
     config: RetrainConfig,
 ) -> Decision:
     """The publish rule. `current` is None when the alias serves the base, which is then the bar;
-    `regression` is (candidate, serving version) scored on the regression set, None without one."""
+    `regression` is (candidate, serving version) scored on the regression set, None without one. No verdict
+    (`unjudged`) when the bar failed on any prompt; the candidate's own failures count as wrong answers."""
     primary, margin = config.primary_metric, config.publish_margin
+    serving, name = (current, "current") if current is not None else (base, "base")
+    unjudged = comparison_failures(serving, name, regression)
+    if unjudged:
+        return Decision(publish=False, reasons=unjudged, unjudged=True)
     if candidate.errors >= candidate.n:
         return Decision(publish=False, reasons=[f"the candidate failed on all {candidate.n} prompts"])
-    serving, name = (current, "current") if current is not None else (base, "base")
     ours, theirs = candidate.metrics[primary], serving.metrics[primary]
     beats = ours + EPSILON >= theirs + margin
     sign = ">=" if beats else "<"

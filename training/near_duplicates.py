@@ -16,8 +16,39 @@ _WORD = re.compile(r"\w+")
 
 
 def shingles(prompt: Prompt) -> frozenset[str]:
-    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt if m["role"] != "system")
+    """The word 3-shingles of a prompt's non-system messages (a system prompt shared by all would make every
+    pair alike: `same_system` compares those apart)."""
+    return _text_shingles(_joined(prompt, system=False))
+
+
+def system_shingles(prompt: Prompt) -> frozenset[str]:
+    """The word 3-shingles of a chat prompt's system messages (empty for a text prompt or none)."""
+    return _text_shingles(_joined(prompt, system=True)) if isinstance(prompt, list) else frozenset()
+
+
+def same_system(a: frozenset[str], b: frozenset[str], threshold: float) -> bool:
+    """Whether two prompts' system messages (`system_shingles`) are alike enough for their prompts to be one group.
+    Answers to one user message under two different system prompts ("answer in French", "answer in JSON") are
+    not interchangeable: pooled, a DPO pair would prefer one instruction's answer over the other's. System prompts
+    that are near duplicates themselves (a date that changes in a long one) still group."""
+    if not a and not b:
+        return True
+    return len(a & b) >= threshold * len(a | b) - 1e-9
+
+
+def _joined(prompt: Prompt, *, system: bool) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if (m["role"] == "system") == system)
+
+
+def _text_shingles(text: str) -> frozenset[str]:
+    """Word 3-shingles; a text with no word characters ("🙂", "???") is its own one shingle (its characters,
+    case and runs of white space aside): as the empty shingle, every such text would be a duplicate of every
+    other, and their answers pooled. Word shingles hold a word character, so the two kinds never meet."""
     words = _WORD.findall(text.lower())
+    if not words:
+        return frozenset({" ".join(text.lower().split())})
     spans = range(max(1, len(words) - SHINGLE_WORDS + 1))
     return frozenset(" ".join(words[i : i + SHINGLE_WORDS]) for i in spans)
 

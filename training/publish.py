@@ -6,13 +6,17 @@ Training writes only through the adapter registry (adapters.store):
    gate can ask it through the real gateway and vLLM.
 2. `publish`: a candidate that passed the gate is listed, its manifest's provenance completed with
    the eval's metrics (the weights and their sha256 are those evaluated). `discard` removes one that
-   did not; version numbers are never reused either way.
+   did not; version numbers are never reused either way. Before it, `still_serving` checks that the
+   alias serves what the run measured the candidate against, and `hold_bare_name` pins the bare
+   adapter name to what it serves now: listed, the candidate is its latest version, which unpinned
+   callers of the name would otherwise get at once.
 3. `start_canary`: an experiment on the alias (gateway.experiments) between what it served (control)
    and the new version, with the guard rails that promote it or roll it back by themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from adapters.store import AdapterNotFound, AdapterStore
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.experiments import PREFIX as EXPERIMENT
-from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.experiments import Arm, Experiment, ExperimentNotFound, ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from training.config import RetrainConfig
@@ -65,6 +69,45 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     if "@" in ref and "/" not in target:
         return Serving(alias, target, AdapterRef.parse(ref).name, target)
     return Serving(alias, target, check_name(f"{alias}-tuned"), None)
+
+
+async def still_serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, before: Serving) -> None:
+    """Refuse (RetrainRefused, nothing changed) when the alias no longer serves what the run found when it built
+    its dataset: the canary's control arm would send the alias's traffic back to `before.target`, undoing whoever
+    repointed it, and the eval measured the candidate against `before.target`, not against what it serves now."""
+    now = await serving(pointers, experiments, tenant, before.alias)
+    if now.target != before.target:
+        raise RetrainRefused(
+            f"Alias `{before.alias}` serves {now.target} now, not {before.target} as when the run built its dataset: "
+            f"its canary would send the alias's traffic back to {before.target}, and its eval did not measure the "
+            f"candidate against {now.target}. Nothing was published. Point the alias at {before.target} again and "
+            "publish the run again, or start a new run."
+        )
+
+
+async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: str, name: str) -> Manifest | None:
+    """Pin the bare adapter `name` to the version it serves now, unless a pin already holds it there; returns that
+    version (None: nothing to hold). Listed, a candidate is the name's latest version, which every unpinned caller
+    of `name` (and every tenant it is shared with: they resolve it with its owner's pins) would get at once and at
+    100%, whatever the canary's split. A name with no listed version serves no one yet, and is not pinned."""
+    pinned = (await pointers.of(tenant)).pins.get(name)
+    try:
+        now = await asyncio.to_thread(store.resolve, AdapterRef(name), pinned)
+    except AdapterNotFound:
+        return None
+    if now.version == pinned:
+        return None
+    await pointers.pin(tenant, name, now.version)
+    return now
+
+
+async def canary_started(experiments: ExperimentStore, tenant: str, name: str) -> bool:
+    """Whether the run's canary exists already (an earlier try started it, then failed before saying so)."""
+    try:
+        await experiments.get(tenant, name)
+    except ExperimentNotFound:
+        return False
+    return True
 
 
 def stage(

@@ -1,9 +1,7 @@
 """One retraining run: dataset → fit → eval → publish (and canary), all at once or one step at a time.
 
-A run lives in a folder (`HOME/training/TENANT/RUN`): its state (`run.json`: the config, what each
-step found), the dataset (`data/`), the training run and adapter (`fit/`), the eval report (`eval/`).
-Each step reads what the previous ones wrote, so `loragate train dataset|fit|eval|publish` can run
-them apart, resume a run, or redo a step; `retrain` runs the steps not done yet.
+Each step reads what the previous ones wrote in the run's folder (training.run), so `loragate train
+dataset|fit|eval|publish` can run them apart, resume a run, or redo a step; `retrain` runs the steps not done yet.
 
 Nothing is half-published: the candidate is an unlisted version until the gate passes, and a run that
 fails after staging it removes it (training.publish). The eval asks the candidate through the real
@@ -14,19 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
-
-from adapters.registry import Registry
+from adapters.manifest import Manifest
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.apikeys import KeyStore
@@ -36,102 +32,14 @@ from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.tenants import Tenant, TenantNotFound, TenantStore
 from training import dataset, eval_report, evaluate, publish, sources, train
-from training.config import RetrainConfig
+from training.run import Run, RunState, Stack  # Run and Stack: callers import them from here too
 
 STEPS = ("dataset", "fit", "eval", "publish")
 KEY_LIFETIME_S = 2 * 3600.0
 OWNER_CHECK_S = 3.0
 """How long a failing run waits for Redis to say whether its tenant is still there."""
 Progress = Callable[[str], None]
-
-
-class RunState(BaseModel):
-    """What a run was asked and what each of its steps found (run.json)."""
-
-    run_id: str
-    tenant: str
-    alias: str
-    config: dict[str, Any]
-    created: float = Field(default_factory=time.time)
-    tenant_created: float | None = None
-    """When the tenant was created, as the run's creation (or else its dataset step) found it: a tenant deleted and
-    created again under its name is another, and gets nothing of this run (None: a run.json from before this field)."""
-    done: list[str] = Field(default_factory=list)
-    serving: dict[str, Any] | None = None
-    data_card: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    candidate: str | None = None
-    """The staged version (`name@V`), unlisted until published."""
-    eval: dict[str, Any] | None = None
-    published: str | None = None
-    canary: str | None = None
-    error: str | None = None
-    seconds: dict[str, float] = Field(default_factory=dict)
-    """Wall time of each step done."""
-
-
-@dataclass(frozen=True)
-class Stack:
-    """Where a run reads and writes: the gateway's settings, its Redis servers and its URL."""
-
-    settings: Settings
-    state: aioredis.Redis
-    records: aioredis.Redis
-    gateway_url: str
-
-    @property
-    def registry(self) -> Registry:
-        return Registry(self.settings.adapter_root)
-
-
-class Run:
-    def __init__(self, folder: Path, state: RunState) -> None:
-        self.folder = folder
-        self.state = state
-
-    @classmethod
-    def create(
-        cls, root: Path, tenant: str, alias: str, config: RetrainConfig, tenant_created: float | None = None
-    ) -> Run:
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        folder = root / tenant / run_id
-        folder.mkdir(parents=True)
-        state = RunState(
-            run_id=run_id, tenant=tenant, alias=alias, config=config.to_dict(), tenant_created=tenant_created
-        )
-        run = cls(folder, state)
-        run.save()
-        return run
-
-    @classmethod
-    def load(cls, folder: Path) -> Run:
-        return cls(folder, RunState.model_validate_json((folder / "run.json").read_text()))
-
-    @property
-    def config(self) -> RetrainConfig:
-        return RetrainConfig(**self.state.config)
-
-    @property
-    def data(self) -> Path:
-        return self.folder / "data"
-
-    @property
-    def fit_dir(self) -> Path:
-        return self.folder / "fit"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.folder / "eval"
-
-    def save(self) -> None:
-        scratch = self.folder / ".run.json.tmp"
-        scratch.write_text(self.state.model_dump_json(indent=2))
-        scratch.replace(self.folder / "run.json")
-
-    def require(self, *steps: str) -> None:
-        missing = [s for s in steps if s not in self.state.done]
-        if missing:
-            raise publish.RetrainRefused(f"Run {self.state.run_id} has not done {', '.join(missing)} yet.")
+T = TypeVar("T")
 
 
 def _base_dir(settings: Settings) -> Path:
@@ -162,14 +70,34 @@ async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) 
     run.require("dataset")
     await _owner(run, stack)
     base_dir = await asyncio.to_thread(_base_dir, stack.settings)
-    result = await asyncio.to_thread(
+    stop = threading.Event()
+    result = await _in_thread(functools.partial(
         train.train, run.config, run.data, base_dir, run.fit_dir,
-        max_rank=stack.settings.max_lora_rank, resume=resume, progress=progress,
-    )  # fmt: skip
+        max_rank=stack.settings.max_lora_rank, resume=resume, progress=progress, stop=stop,
+    ), stop=stop)  # fmt: skip
     await _owner(run, stack)  # deleted while it trained: the weights go too
     run.state.train = _train_summary(result)
     _done(run, "fit", started)
     return result
+
+
+async def _in_thread(
+    call: Callable[[], T], stop: threading.Event | None = None, undo: Callable[[T], None] | None = None
+) -> T:
+    """`call()` in a worker thread, which a cancellation (SIGTERM, Ctrl-C) cannot stop: cancelled, this sets `stop`
+    (training checks it at each step's end), waits for the thread to end, undoes what it made (`undo`: a version
+    it staged), and only then lets the cancellation through. Without the wait the thread would go on after the step
+    said it stopped, and asyncio.run would wait for it at exit, past a SIGTERM's grace."""
+    work = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop.set()
+        await asyncio.wait([work])
+        if undo is not None and not work.cancelled() and work.exception() is None:
+            await asyncio.to_thread(undo, work.result())
+        raise
 
 
 def _train_summary(result: train.TrainResult) -> dict[str, Any]:
@@ -223,10 +151,10 @@ async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
     assert state.serving is not None and state.train is not None
     owner, store = await _owner(run, stack), stack.registry.store(state.tenant)
     spec = await asyncio.to_thread(lambda: BaseModelSpec.from_folder(_base_dir(settings), settings.served_model_name))
-    staged = await asyncio.to_thread(
+    staged = await _in_thread(functools.partial(
         publish.stage, store, Path(state.train["adapter_dir"]),
         state.serving["adapter_name"], spec, settings.max_lora_rank, _provenance(run, settings.served_model_name),
-    )  # fmt: skip
+    ), undo=functools.partial(publish.discard, store))  # fmt: skip
     try:
         await version_guard.keep_if_still_owned(TenantStore(stack.state), store, owner, staged)
     except TenantNotFound as exc:
@@ -262,18 +190,27 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
     finally:
         await apikeys.revoke(info.id)
     await asyncio.to_thread(eval_report.write_report, report, run.eval_dir)
-    state.eval = {"publish": report.decision.publish, "reasons": report.decision.reasons}
+    decision = report.decision
+    state.eval = {"publish": decision.publish, "reasons": decision.reasons, "unjudged": decision.unjudged}
     state.eval["table"] = eval_report.markdown_table(report)
     state.eval["scores"] = json.loads(report.model_dump_json(include={"candidate", "current", "base", "regression"}))
+    if decision.unjudged:  # not done: the candidate was neither passed nor failed
+        run.save()
+        raise publish.RetrainRefused(
+            f"No verdict on {candidate}: " + "; ".join(decision.reasons) + f". Nothing was published; once "
+            f"{current or base} answers, `loragate train eval --run {run.folder}` asks again."
+        )
     _done(run, "eval", started)
     return report
 
 
 async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str) -> str | None:
-    """Publish a candidate that passed (and start its canary), or remove one that did not."""
+    """Publish a candidate that passed (and start its canary), or remove one that did not. Asked again after a
+    failure, it goes on from where that stopped: a version listed already is not listed again."""
     started = time.monotonic()
     run.require("eval")
     state, config = run.state, run.config
+    _can_publish(run)
     assert state.eval is not None and state.candidate is not None and state.serving is not None
     await _owner(run, stack)
     store = stack.registry.store(state.tenant)
@@ -284,23 +221,73 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
         progress(f"{state.candidate} not published: " + "; ".join(state.eval["reasons"]))
         _done(run, "publish", started)
         return None
-    before = publish.Serving(**state.serving)
+    pointers, experiments = PointerStore(stack.state), ExperimentStore(stack.state)
     canary_name = f"retrain-{state.run_id}"
-    experiment = publish.canary(state.tenant, before, candidate.ref, config, canary_name) if config.canary else None
-    provenance = {"metrics": state.eval["scores"], "decision": state.eval["reasons"]}
-    published = await asyncio.to_thread(publish.publish, store, candidate, provenance)
-    state.published = published.ref
-    run.save()
-    progress(f"published {published.ref}")
-    if experiment is not None:
-        experiments = ExperimentStore(stack.state)
-        router = Router(stack.settings.served_model_name, stack.registry, PointerStore(stack.state), experiments)
-        await publish.start_canary(stack.state, router, experiment, published, by)
-        state.canary = canary_name
-        progress(f"canary {canary_name}: {before.target} {100 - config.canary_weight:g} / {published.ref} "
-                 f"{config.canary_weight:g} on alias {state.alias}")  # fmt: skip
+    if config.canary and candidate.listed and await publish.canary_started(experiments, state.tenant, canary_name):
+        state.published, state.canary = candidate.ref, canary_name  # started by a try that failed before saying so
+    else:
+        await publish.still_serving(pointers, experiments, state.tenant, publish.Serving(**state.serving))
+        published = await _listed(run, stack, pointers, candidate, progress)
+        if config.canary:
+            await _start_canary(run, stack, pointers, experiments, published, by, progress)
     _done(run, "publish", started)
-    return published.ref
+    return state.published
+
+
+def _can_publish(run: Run) -> None:
+    """Refuse a publish step that has nothing (more) to do, saying what was done."""
+    state = run.state
+    if "publish" in state.done:
+        what = f"published {state.published}" if state.published else "its candidate was not published"
+        raise publish.RetrainRefused(f"Run {state.run_id} has done its publish step already: {what}.")
+    if state.candidate is None:
+        raise publish.RetrainRefused(
+            f"Run {state.run_id} has no candidate any more (a failure removed it): `loragate train eval --run "
+            f"{run.folder}` stages and evaluates it again."
+        )
+
+
+async def _listed(run: Run, stack: Stack, pointers: PointerStore, candidate: Manifest, progress: Progress) -> Manifest:
+    """The candidate listed, its bare name first pinned to what it serves now (publish.hold_bare_name). Listed
+    already by an earlier try (which pinned the name before listing it, and whose canary did not start), it is
+    not listed again."""
+    state, store = run.state, stack.registry.store(run.state.tenant)
+    if not candidate.listed:
+        held = await publish.hold_bare_name(pointers, store, state.tenant, candidate.name)
+        if held is not None:
+            state.pinned = held.ref
+            run.save()
+            progress(f"`{candidate.name}` pinned to {held.ref}: its callers keep it (`loragate adapters pin` moves it)")
+            # Gateways see a pin at their next state poll, a listing at their next look in the store: wait.
+            await asyncio.sleep(2 * stack.settings.state_poll_s)
+        assert state.eval is not None
+        provenance = {"metrics": state.eval["scores"], "decision": state.eval["reasons"]}
+        candidate = await asyncio.to_thread(publish.publish, store, candidate, provenance)
+    state.published = candidate.ref
+    run.save()
+    progress(f"published {candidate.ref}")
+    return candidate
+
+
+async def _start_canary(
+    run: Run,
+    stack: Stack,
+    pointers: PointerStore,
+    experiments: ExperimentStore,
+    published: Manifest,
+    by: str,
+    progress: Progress,
+) -> None:
+    state, config = run.state, run.config
+    assert state.serving is not None
+    before, name = publish.Serving(**state.serving), f"retrain-{state.run_id}"
+    experiment = publish.canary(state.tenant, before, published.ref, config, name)
+    router = Router(stack.settings.served_model_name, stack.registry, pointers, experiments)
+    await publish.start_canary(stack.state, router, experiment, published, by)
+    state.canary = name
+    run.save()
+    progress(f"canary {name}: {before.target} {100 - config.canary_weight:g} / {published.ref} "
+             f"{config.canary_weight:g} on alias {state.alias}")  # fmt: skip
 
 
 def _done(run: Run, step: str, started: float) -> None:
@@ -351,7 +338,8 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
             return await _gone(run)
     except Exception:  # noqa: BLE001 - Redis away or slow: the original error matters more
         pass
-    state.error = f"{type(exc).__name__}: {exc}"
+    stopped = isinstance(exc, asyncio.CancelledError)
+    state.error = "stopped (SIGTERM or Ctrl-C)" if stopped else f"{type(exc).__name__}: {exc}"
     if run.folder.is_dir():
         with contextlib.suppress(OSError):  # removed meanwhile (its tenant deleted): the original error stands
             run.save()

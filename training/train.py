@@ -1,8 +1,9 @@
 """Trains one LoRA adapter on the serving base from a built dataset folder, with TRL's trainers.
 
 `train` is synchronous and holds the CPU (or GPU) for minutes: callers run it in a thread or a
-subprocess, never on an event loop. It refuses up front what the engine could not serve (a rank
-above --max-lora-rank, modules the base lacks), trains with per-epoch validation, early stopping
+subprocess, never on an event loop, and stop it early through a `threading.Event` (a thread cannot be
+cancelled; the trainer checks it at each step's end). It refuses up front what the engine could not
+serve (a rank above --max-lora-rank, modules the base lacks), trains with per-epoch validation, early stopping
 and a checkpoint per epoch in RUN_DIR/checkpoints (`resume=True` continues from the last one), and
 writes RUN_DIR/adapter only after the registry's own check (adapters.validate) accepts it.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +32,7 @@ from training.hardware import Precision, choose_precision
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, Trainer, TrainingArguments
+    from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 Progress = Callable[[str], None]
 
@@ -55,6 +57,10 @@ class TrainingError(RuntimeError):
 
 class TrainingRefused(TrainingError):
     """Refused before any training: the config, the data or the machine cannot make a servable adapter."""
+
+
+class TrainingStopped(TrainingError):
+    """Stopped on request (`stop` set) at a step's end: no adapter written; the checkpoints of the epochs done stay."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,24 @@ def build_trainer(
     return trainer
 
 
+def stopping(stop: threading.Event) -> TrainerCallback:
+    """A trainer callback that ends training at the first step's end after `stop` is set, with no evaluation or
+    checkpoint of the epoch it cuts: the last checkpoint stays that of the last whole epoch, which `resume` goes on
+    from. (Added after the trainer's own flow callback, it clears what that one asks for at the epoch's end.)"""
+    from transformers import TrainerCallback
+
+    class Stopping(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if stop.is_set():
+                control.should_training_stop = True
+                control.should_evaluate = control.should_save = False
+            return control
+
+        on_epoch_end = on_step_end
+
+    return Stopping()
+
+
 def _dtype_name(precision: Precision) -> str:
     return str(precision.dtype).removeprefix("torch.")
 
@@ -255,11 +279,13 @@ def train(
     max_rank: int = DEFAULT_MAX_RANK,
     resume: bool = False,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train `config.method` on DATASET_DIR/{train,validation}.jsonl; the adapter lands in RUN_DIR/adapter.
 
     Blocking. `resume=True` continues from the last checkpoint in RUN_DIR/checkpoints (from scratch when
-    there is none); otherwise old checkpoints there are removed first.
+    there is none); otherwise old checkpoints there are removed first. `stop` set (from another thread):
+    training ends at its next step's end, and TrainingStopped is raised instead of an adapter written.
     """
     started = time.perf_counter()
     report = progress or (lambda _: None)
@@ -279,7 +305,15 @@ def train(
     trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
     watch = EpochWatch(epochs, len(data["train"]), progress)
     trainer.add_callback(as_trainer_callback(watch))
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop is not None:
+        trainer.add_callback(stopping(stop))
+    if stop is None or not stop.is_set():  # set while the base loaded: no step at all
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop is not None and stop.is_set():
+        raise TrainingStopped(
+            f"training stopped at step {trainer.state.global_step}, no adapter written; the checkpoints of the "
+            f"epochs done are in {run_dir / CHECKPOINT_DIR}"
+        )
     checked = save_adapter(trainer, run_dir / ADAPTER_DIR, base, max_rank)
 
     return _result(config, trainer, watch, run_dir, checked, resume_from, qlora, precision, started)

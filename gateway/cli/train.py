@@ -36,7 +36,9 @@ GatewayUrl = Annotated[
 ]
 
 
-def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) -> T:
+def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, stopped: str) -> T:
+    """Run a step (or all) on the gateway's Redis servers; `stopped` says what a SIGTERM (or Ctrl-C) left: each
+    step cleans up what it can before the cancellation gets through (training.retrain)."""
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
@@ -55,7 +57,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) 
         records = aioredis.from_url(settings.records_redis_url or settings.redis_url, decode_responses=True)
         url = (gateway_url or f"http://{settings.host}:{settings.port}").rstrip("/")
         task = asyncio.current_task()
-        if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels: a staged candidate is removed
+        if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels, as asyncio.run makes Ctrl-C do
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             return await work(Stack(settings, state, records, url))
@@ -66,7 +68,9 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None) 
     try:
         return asyncio.run(run())
     except asyncio.CancelledError as exc:
-        raise fail("stopped by SIGTERM: an unpublished candidate was removed; run.json says how far it got") from exc
+        raise fail(f"stopped by SIGTERM: {stopped}") from exc
+    except KeyboardInterrupt as exc:
+        raise fail(f"stopped by Ctrl-C: {stopped}") from exc
     except (
         NotEnoughData,
         RetrainRefused,
@@ -118,7 +122,11 @@ def run_all(
 
     run = _new_run(tenant, alias, _config(config, ctx.args))
     console.log(f"run {run.state.run_id} in {run.folder}")
-    _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url)
+    stopped = (
+        f"training (if under way) stopped at a step's end, any unlisted candidate was removed, and {run.folder}/"
+        "run.json says how far the run got"
+    )
+    _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url, stopped)
     summary(run)
 
 
@@ -128,7 +136,11 @@ def dataset_step(ctx: typer.Context, tenant: Tenant, alias: Alias, config: Confi
     from training.retrain import build_dataset
 
     run = _new_run(tenant, alias, _config(config, ctx.args))
-    _with_stack(lambda stack: build_dataset(run, stack, _say), None)
+    _with_stack(
+        lambda stack: build_dataset(run, stack, _say),
+        None,
+        f"the dataset step of {run.folder} did not finish; start another run",
+    )
     typer.echo(str(run.folder))
 
 
@@ -140,7 +152,11 @@ def fit_step(
     from training.retrain import fit
 
     run = _load(run_dir)
-    _with_stack(lambda stack: fit(run, stack, _say, resume), None)
+    stopped = (
+        f"training stopped at a step's end, the fit step not done; `loragate train fit --run {run.folder} --resume` "
+        "goes on from the last whole epoch's checkpoint"
+    )
+    _with_stack(lambda stack: fit(run, stack, _say, resume), None, stopped)
     _losses(run)
 
 
@@ -150,7 +166,11 @@ def eval_step(run_dir: RunDir, gateway_url: GatewayUrl = None) -> None:
     from training.retrain import evaluate_candidate
 
     run = _load(run_dir)
-    _with_stack(lambda stack: evaluate_candidate(run, stack, _say), gateway_url)
+    stopped = (
+        "the eval did not finish (its training key is revoked, or expires within 2 hours), a staged candidate stays "
+        f"unlisted; `loragate train eval --run {run.folder}` asks again"
+    )
+    _with_stack(lambda stack: evaluate_candidate(run, stack, _say), gateway_url, stopped)
     summary(run)
 
 
@@ -160,7 +180,8 @@ def publish_step(run_dir: RunDir) -> None:
     from training.retrain import publish_candidate
 
     run = _load(run_dir)
-    _with_stack(lambda stack: publish_candidate(run, stack, _say, who("cli:retraining")), None)
+    stopped = f"{run.folder}/run.json says what was published; `loragate train publish --run {run.folder}` goes on"
+    _with_stack(lambda stack: publish_candidate(run, stack, _say, who("cli:retraining")), None, stopped)
     summary(run)
 
 
@@ -189,6 +210,8 @@ def summary(run: Run) -> None:
     if state.eval:
         console.print(Markdown(state.eval["table"]))
         verdict = "[green]publish[/green]" if state.eval["publish"] else "[red]do not publish[/red]"
+        if state.eval.get("unjudged"):
+            verdict = "[yellow]no verdict[/yellow] (`train eval` asks again)"
         console.print(f"gate: {verdict} — " + "; ".join(state.eval["reasons"]))
     if state.published:
         console.print(f"published [bold]{state.published}[/bold]")

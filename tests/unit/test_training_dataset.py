@@ -22,7 +22,7 @@ from gateway.tenants import TenantStore
 from training import dataset
 from training.config import RetrainConfig
 from training.dataset import NotEnoughData, build, write
-from training.near_duplicates import near_pairs
+from training.near_duplicates import near_pairs, shingles
 from training.sources import Loaded, from_examples, from_feedback, from_jsonl
 
 IDS = itertools.count()
@@ -46,6 +46,10 @@ def sample(
 ) -> Sample:
     key = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return Sample(prompt, key, text, judgement, correction)
+
+
+PADDING = [sample(user(f"padding question {n}"), f"padding answer {n}") for n in range(3)]
+"""Three more prompt groups with a reference, so that a small dataset has a test split for the eval gate."""
 
 
 def loaded(*samples: Sample) -> Loaded:
@@ -100,8 +104,41 @@ def test_exact_and_near_duplicate_prompts_form_one_group_with_their_answers_pool
 
 
 def test_a_shared_system_prompt_does_not_make_prompts_near_duplicates() -> None:
-    samples = [sample([SYSTEM, *user(f"Ticket {n}: {issue}")], "P2") for n, issue in enumerate(["VPN down", "no ink"])]
+    issues = ["VPN down", "no ink", "disk full"]
+    samples = [sample([SYSTEM, *user(f"Ticket {n}: {issue}")], "P2") for n, issue in enumerate(issues)]
     assert build(loaded(*samples), config()).card.filters["near_duplicate_prompts"] == 0
+
+
+def test_prompts_without_words_are_not_near_duplicates_of_each_other() -> None:
+    """Prompts such as "🙂" and "???" have no word to shingle: each is its own shingle, not the empty one that made
+    them all alike (and paired one prompt's answer against another's in DPO)."""
+    prompts = ["🙂", "???", "!!!", "🙂 🙂"]
+    assert len({shingles(user(p)) for p in prompts}) == 4 and shingles("??? ") == shingles(" ???")
+    samples = [sample(user(p), f"answer {n}", 0.0 if n % 2 else 1.0) for n, p in enumerate(prompts)]
+    built = build(loaded(*samples, *PADDING), config())
+    assert built.card.filters["near_duplicate_prompts"] == 0
+    assert [r for r in all_rows(built, "dpo") if r["prompt"][0]["content"] in prompts] == []
+    twice = build(loaded(sample(user("?? ?"), "a"), sample(user("?? ?"), "b"), *PADDING), config())
+    assert twice.card.filters["exact_duplicate_prompts"] == 1, "the same prompt twice is still one group"
+
+
+def test_one_user_message_under_other_instructions_is_another_group() -> None:
+    """Near duplicates are judged on the user's messages (a shared system prompt would make everything alike), but
+    only under alike system prompts: an answer in French is no rejected version of an answer in JSON."""
+    ticket = user("Ticket: the VPN is down again since this morning")
+
+    def under(system: str, answer: str, judgement: float) -> Sample:
+        return sample([{"role": "system", "content": system}, *ticket], answer, judgement)
+
+    apart = [under("Answer in French.", "Le VPN", 1.0), under("Answer in JSON.", '{"vpn": "down"}', 0.0)]
+    built = build(loaded(*apart, *PADDING), config())
+    assert built.card.filters["near_duplicate_prompts"] == 0 and all_rows(built, "dpo") == []
+    dated = [under(SYSTEM["content"] + f" Today is 2026-12-0{day}.", f"P{day}", 1.0 - day / 4) for day in (1, 3)]
+    together = build(loaded(*dated, *PADDING), config())
+    assert together.card.filters["near_duplicate_prompts"] == 1, "a long system prompt whose date changed: alike"
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in all_rows(together, "dpo")] == [
+        ("P1", "P3")
+    ]
 
 
 def test_near_pairs_are_exactly_the_pairs_at_or_above_the_threshold() -> None:
@@ -131,8 +168,10 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
     got = from_examples(examples, LogPolicy())
     assert got.dropped == {"unusable": 1, "empty_answer": 1, "truncated_answer": 3}
     assert [(s.text, s.correction) for s in got.samples] == [("fine answer", None), (None, "the whole answer")]
-    built = build(got, config())
-    assert sorted(r["completion"][0]["content"] for r in all_rows(built, "kto")) == ["fine answer", "the whole answer"]
+    padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
+    built = build(padded, config())
+    kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
+    assert sorted(a for a in kto if not a.startswith("padding")) == ["fine answer", "the whole answer"]
     assert all_rows(built, "dpo") == []
     assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 6
 
@@ -288,6 +327,19 @@ def test_too_little_data_is_refused_saying_how_much_and_what_was_filtered() -> N
     )
 
 
+def test_a_dataset_the_eval_gate_could_not_score_is_refused_before_the_fit() -> None:
+    """KTO trains on thumbs-down alone, but the gate scores answers against references (corrections, answers rated
+    up): with none in the test split the fit would be wasted, the eval failing after it."""
+    downs = [sample(f"question {n}", f"wrong answer {n}", 0.0) for n in range(40)]
+    with pytest.raises(NotEnoughData, match="none of the 4 prompts of the test split has a reference") as refused:
+        build(loaded(*downs), config(method="kto"))
+    assert refused.value.usable == 32
+    with pytest.raises(NotEnoughData, match="the test split has no prompts"):
+        build(loaded(sample("q1", "a"), sample("q2", "b")), config())
+    mixed = [sample(f"question {n}", f"answer {n}", float(n % 2)) for n in range(40)]
+    assert build(loaded(*mixed), config(method="kto")).card.eval_rows, "some thumbs up: references to score on"
+
+
 @pytest.mark.parametrize("chat", [True, False])
 def test_jsonl_rows_of_each_trl_format(chat: bool, tmp_path: Path) -> None:
     def p(text: str) -> Any:
@@ -326,10 +378,11 @@ def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> No
 
 
 def test_one_kind_of_prompt_is_kept() -> None:
-    samples = [sample(user(f"q{n}"), "a") for n in range(3)] + [sample("text prompt", "a")]
-    assert build(loaded(*samples), config()).card.filters["other_endpoint"] == 1
+    samples = [sample(user(f"q{n}"), "a") for n in range(4)] + [sample(f"text prompt {n}", "a") for n in range(3)]
+    assert build(loaded(*samples), config()).card.filters["other_endpoint"] == 3
     only_text = build(loaded(*samples), config(endpoint="completions"))
-    assert only_text.card.filters["other_endpoint"] == 3 and all_rows(only_text, "sft")[0]["prompt"] == "text prompt"
+    assert only_text.card.filters["other_endpoint"] == 4
+    assert all(row["prompt"].startswith("text prompt") for row in all_rows(only_text, "sft"))
 
 
 def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

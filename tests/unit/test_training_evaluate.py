@@ -254,6 +254,25 @@ def test_a_candidate_that_always_failed_never_publishes(config: RetrainConfig) -
     assert some.publish and "the candidate failed on 2 of 20 prompts (scored as wrong)" in some.reasons
 
 
+def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
+    """A failed answer scores 0: against a version that is down, or erring on some prompts, any candidate "wins"."""
+    broken = decide(scores_of(0.95), scores_of(0.10, errors=3), scores_of(0.0), None, config)
+    assert not broken.publish and broken.unjudged
+    assert broken.reasons == [
+        "the version now serving failed on 3 of 20 prompts of the test split: the candidate is not judged against "
+        "answers that never came"
+    ]
+    from_base = decide(scores_of(0.95), None, scores_of(0.0, errors=1), None, config)
+    assert from_base.unjudged and from_base.reasons[0].startswith("the base failed on 1 of 20 prompts of the test")
+    regression = (scores_of(0.9), scores_of(0.9, errors=1))
+    on_regression = decide(scores_of(0.95), scores_of(0.10), scores_of(0.0), regression, config)
+    assert on_regression.unjudged and "of the regression set" in on_regression.reasons[0]
+    both_down = decide(scores_of(0.0, errors=20), scores_of(0.0, errors=20), scores_of(0.0), None, config)
+    assert both_down.unjudged, "nothing answered: ask again rather than reject the candidate"
+    base_down = decide(scores_of(0.95), scores_of(0.10), scores_of(0.0, errors=20), None, config)
+    assert base_down.publish and not base_down.unjudged, "the base is no bar when a version serves the alias"
+
+
 def test_load_rows_reads_both_files(tmp_path: Path) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     path = tmp_path / "rows.jsonl"
@@ -287,10 +306,11 @@ def test_load_rows_names_a_bad_line(tmp_path: Path, bad: str) -> None:
 
 
 class FakeGateway:
-    """Answers chat and text completions with canned texts per model; "fail" gets a 400."""
+    """Answers chat and text completions with canned texts per model; "fail" gets a 400, a model `down` a 503."""
 
-    def __init__(self, answers: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, answers: dict[str, dict[str, str]] | None = None, down: frozenset[str] = frozenset()) -> None:
         self.answers = answers or {}
+        self.down = down
         self.requests: list[httpx.Request] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -304,9 +324,9 @@ class FakeGateway:
         body = json.loads(request.content)
         chat = request.url.path == "/v1/chat/completions"
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
-        if prompt == "fail":
+        if prompt == "fail" or body["model"] in self.down:
             error = {"message": "no", "type": "invalid_request_error", "param": None, "code": None}
-            return httpx.Response(400, json={"error": error})
+            return httpx.Response(503 if body["model"] in self.down else 400, json={"error": error})
         text = self.answers.get(body["model"], {}).get(prompt, f"{body['model']}: {prompt}")
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
@@ -383,6 +403,17 @@ async def test_evaluate_asks_every_model_and_decides(config: RetrainConfig, tmp_
     assert "## Decision: publish" in markdown_path.read_text()
 
 
+async def test_a_current_version_that_is_down_gives_no_verdict(config: RetrainConfig, tmp_path: Path) -> None:
+    rows = [EvalRow(prompt=chat(f"incident {i}"), reference=f"SEVERITY: P{i}\nreason {i}") for i in (1, 2)]
+    right = {f"incident {i}": f"SEVERITY: P{i}\nreason {i}" for i in (1, 2)}
+    async with FakeGateway({"cand": right}, down=frozenset({"cur"})).client() as client:
+        report = await evaluate(client, rows, config, candidate="cand", base="base", current="cur")
+    assert report.current is not None and report.current.errors == 2 and report.candidate.metrics["format"] == 1.0
+    assert not report.decision.publish and report.decision.unjudged
+    _, markdown = write_report(report, tmp_path)
+    assert "## Decision: none (ask again)" in markdown.read_text()
+
+
 async def test_evaluate_without_a_current_version_compares_with_the_base(config: RetrainConfig) -> None:
     rows = [EvalRow(prompt="p", reference="SEVERITY: P1\nx")]
     gateway = FakeGateway({"cand": {"p": "SEVERITY: P1\nx"}})
@@ -442,7 +473,9 @@ def test_write_report_writes_json_and_markdown(tmp_path: Path) -> None:
     json_path, markdown_path = write_report(report, tmp_path / "eval")
     assert (json_path.name, markdown_path.name) == ("eval_report.json", "eval_report.md")
     saved = json.loads(json_path.read_text())
-    assert saved["decision"] == {"publish": True, "reasons": ["format 0.900 >= current 0.500 + margin 0.050"]}
+    assert saved["decision"] == {
+        "publish": True, "reasons": ["format 0.900 >= current 0.500 + margin 0.050"], "unjudged": False
+    }  # fmt: skip
     assert saved["examples"][0]["candidate"] == "word | " * 100  # the JSON keeps whole texts
     markdown = markdown_path.read_text()
     assert markdown_table(report) in markdown

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from adapters.validate import BaseModelSpec, check_adapter
 from training.config import RetrainConfig
 from training.epochs import EpochLoss, best_epoch, epoch_losses
 from training.hardware import choose_precision
-from training.train import TrainingRefused, TrainResult, train
+from training.train import TrainingRefused, TrainingStopped, TrainResult, stopping, train
 
 SERVICES = ("nginx", "postgres", "redis", "kafka", "api", "worker", "cron", "auth", "billing", "search", "mail", "dns")
 SYSTEM = "Triage the alert."
@@ -161,6 +162,35 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(
     resumed, uninterrupted = tensors(result), tensors(sft_run.result)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
+def test_a_stop_ends_training_at_a_steps_end_with_no_adapter(
+    base_model_dir: Path, sft_data: Path, tmp_path: Path
+) -> None:
+    """SIGTERM or Ctrl-C reach the training thread through `stop` (training.retrain sets it): set once epoch 1's
+    checkpoint is written, training ends one step into epoch 2, with no adapter and no checkpoint of the epoch it
+    cut, so that `resume` goes on from epoch 1's."""
+    stop = threading.Event()
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            stop.set()
+
+    with pytest.raises(TrainingStopped, match="training stopped at step 3, no adapter written"):
+        train(tiny(), sft_data, base_model_dir, tmp_path, progress=stop_after_first_epoch, stop=stop)
+    assert not (tmp_path / "adapter").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_the_stopping_callback_overrides_the_epochs_evaluation_and_checkpoint() -> None:
+    from transformers import TrainerControl
+
+    stop = threading.Event()
+    callback, control = stopping(stop), TrainerControl(should_evaluate=True, should_save=True)
+    assert not callback.on_step_end(None, None, control).should_training_stop
+    stop.set()
+    stopped = callback.on_epoch_end(None, None, control)
+    assert stopped.should_training_stop and not (stopped.should_evaluate or stopped.should_save)
 
 
 def test_early_stopping_keeps_the_best_epoch(base_model_dir: Path, tmp_path: Path) -> None:

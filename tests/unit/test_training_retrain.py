@@ -1,0 +1,248 @@
+"""A retraining run's eval and publish steps against real Redis and a real adapter store (no gateway, no vLLM): what
+publishing changes for whom, what it refuses, and how it goes on after a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from adapters.registry import Registry
+from adapters.store import AdapterStore
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
+from gateway.experiments import ExperimentStore
+from gateway.pointers import PointerStore
+from gateway.routing import Router
+from gateway.settings import Settings
+from gateway.tenants import TenantStore
+from tests.conftest import RedisServer
+from training import evaluate, publish
+from training import train as training_module
+from training.config import RetrainConfig
+from training.publish import RetrainRefused
+from training.retrain import Run, Stack, evaluate_candidate, fit, publish_candidate, stage_candidate
+from training.train import TrainingStopped
+
+TENANT = "acme"
+
+
+@dataclass
+class World:
+    redis: aioredis.Redis
+    stack: Stack
+    store: AdapterStore
+    folder: Path
+    base: BaseModelSpec
+
+    async def served(self, model: str, tenant: str = TENANT) -> str:
+        """What a request for `model` by `tenant` gets now, as a gateway process with empty caches routes it."""
+        pointers, experiments = PointerStore(self.redis), ExperimentStore(self.redis)
+        router = Router(self.base.name, Registry(self.stack.settings.adapter_root), pointers, experiments)
+        return (await router.resolve(model, tenant, user="u1")).served_model
+
+    async def run(self, alias: str = "bot", **config: Any) -> Run:
+        """A run whose eval passed, its candidate staged as the next version of what `alias` serves."""
+        created = (await TenantStore(self.redis).get(TENANT)).created
+        run = Run.create(self.stack.settings.training_root, TENANT, alias, RetrainConfig(**config), created)
+        before = await publish.serving(PointerStore(self.redis), ExperimentStore(self.redis), TENANT, alias)
+        staged = self.store.add(
+            self.folder, before.adapter_name, self.base, 16, listed=False, provenance={"run": run.state.run_id}
+        )
+        run.state.done, run.state.serving, run.state.candidate = ["dataset", "fit", "eval"], asdict(before), staged.ref
+        run.state.eval = {"publish": True, "reasons": ["format 0.9 >= current 0.1 + margin 0.05"], "scores": {}}
+        run.save()
+        return run
+
+
+@pytest.fixture
+async def world(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec, tiny_base_dir: Path
+) -> AsyncIterator[World]:
+    """acme's alias `bot` serves helper@1 (listed; `helper` unpinned, and shared with tenant `friend`)."""
+    settings = Settings(
+        home=tmp_path,
+        redis_url=redis_server.url,
+        served_model_name=base.name,
+        model_dir=tiny_base_dir,
+        state_poll_s=0.01,
+    )
+    await TenantStore(redis).create(TENANT)
+    await TenantStore(redis).create("friend")
+    folder = make_adapter(tmp_path / "adapter", base, seed=5)
+    store = Registry(settings.adapter_root).store(TENANT)
+    store.add(folder, "helper", base, 16)
+    await PointerStore(redis).set_alias(TENANT, "bot", "helper@1")
+    await PointerStore(redis).share(TENANT, "helper", ["friend"])
+    yield World(redis, Stack(settings, redis, redis, "http://127.0.0.1:9"), store, folder, base)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+async def test_publishing_changes_nothing_for_callers_of_the_bare_name(world: World) -> None:
+    """Listed, the candidate is helper's latest version: unpinned callers of `helper` (and the tenants it is shared
+    with) would get it at once, at 100%, whatever the canary's split. The run pins `helper` to what it served."""
+    run = await world.run(canary_weight=50)
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2"
+    assert (await PointerStore(world.redis).of(TENANT)).pins == {"helper": 1}
+    assert run.state.pinned == "helper@1" and run.state.canary == f"retrain-{run.state.run_id}"
+    assert await world.served("helper") == "helper@1" and await world.served("acme/helper", "friend") == "acme/helper@1"
+    assert await world.served("helper@2") == "helper@2", "published: callable by its exact name"
+    canary = await ExperimentStore(world.redis).get(TENANT, run.state.canary)
+    assert [(arm.target, arm.weight) for arm in canary.arms] == [("helper@1", 50), ("helper@2", 50)]
+    await ExperimentStore(world.redis).set_status(TENANT, canary.name, "rolled back", "test")
+    assert await world.served("helper") == "helper@1" and await world.served("bot") == "helper@1"
+    pins = (await PointerStore(world.redis).of(TENANT)).pins
+    assert pins == {"helper": 1}, "a roll-back leaves the pin on the parent"
+
+
+async def test_a_pin_that_holds_is_kept_and_a_new_name_needs_none(world: World) -> None:
+    world.store.add(world.folder, "helper", world.base, 16)  # helper@2, listed: the bare name's latest
+    await PointerStore(world.redis).pin(TENANT, "helper", 1)
+    run = await world.run(canary=False)
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@3"
+    assert (await PointerStore(world.redis).of(TENANT)).pins == {"helper": 1} and run.state.pinned is None
+    await PointerStore(world.redis).set_alias(TENANT, "plain", world.base.name)
+    fresh = await world.run(alias="plain", canary=False)
+    assert await publish_candidate(fresh, world.stack, quiet, "test") == "plain-tuned@1"
+    assert "plain-tuned" not in (await PointerStore(world.redis).of(TENANT)).pins, "no version served before it"
+
+
+async def test_an_unpinned_name_stays_on_its_latest_not_on_the_aliass_version(world: World) -> None:
+    world.store.add(world.folder, "helper", world.base, 16)  # helper@2: bare `helper` serves it; the alias, helper@1
+    run = await world.run(canary=False)
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@3"
+    assert run.state.pinned == "helper@2" and await world.served("helper") == "helper@2"
+
+
+async def test_an_alias_repointed_since_the_dataset_is_not_sent_back(world: World) -> None:
+    """The canary's control arm is what the alias served when the run began: had the operator moved it since, the
+    canary would move 100 - canary_weight percent of its traffic back. Refused, nothing changed; and the run goes
+    on once the alias serves that again."""
+    run = await world.run()
+    world.store.add(world.folder, "helper", world.base, 16)  # helper@3, which the operator points the alias at
+    await PointerStore(world.redis).pin(TENANT, "helper", 3)
+    await ExperimentStore(world.redis).set_alias(TENANT, "bot", "helper@3")
+    with pytest.raises(RetrainRefused, match="`bot` serves helper@3 now, not helper@1 as when the run built its data"):
+        await publish_candidate(run, world.stack, quiet, "test")
+    assert not world.store.manifest("helper", 2).listed and "publish" not in run.state.done
+    assert await ExperimentStore(world.redis).all(TENANT) == [] and await world.served("helper") == "helper@3"
+    await ExperimentStore(world.redis).set_alias(TENANT, "bot", "helper@1")
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2" and run.state.canary
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-it-started", "after-it-started"])
+async def test_a_publish_step_asked_again_after_its_canary_failed_goes_on(
+    world: World, monkeypatch: pytest.MonkeyPatch, started: bool
+) -> None:
+    """Starting the canary failed before it started (Redis went away) or after (the reply was lost): asked again,
+    the step neither lists the version again ('already published') nor starts a second canary."""
+    run = await world.run()
+    real = publish.start_canary
+
+    async def fails(*args: Any, **kwargs: Any) -> Any:
+        if started:
+            await real(*args, **kwargs)
+        raise ConnectionError("the reply was lost" if started else "Redis went away")
+
+    monkeypatch.setattr(publish, "start_canary", fails)
+    with pytest.raises(ConnectionError):
+        await publish_candidate(run, world.stack, quiet, "test")
+    assert world.store.manifest("helper", 2).listed and run.state.published == "helper@2" and run.state.canary is None
+    monkeypatch.undo()
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2", "not 'already published'"
+    assert run.state.canary == f"retrain-{run.state.run_id}" and "publish" in run.state.done
+    assert (await ExperimentStore(world.redis).get(TENANT, run.state.canary)).status == "running"
+    assert (await PointerStore(world.redis).of(TENANT)).pins == {"helper": 1}
+    with pytest.raises(RetrainRefused, match="has done its publish step already: published helper@2"):
+        await publish_candidate(run, world.stack, quiet, "test")
+
+
+async def test_an_eval_whose_bar_failed_is_not_done_and_publishes_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = await world.run()
+    run.state.done, run.state.eval = ["dataset", "fit"], None
+    (run.data).mkdir()
+    (run.data / "eval.jsonl").write_text('{"prompt": "hi", "reference": "hello"}\n')
+    scores = evaluate.Scores(n=1, errors=0, metrics={"rouge_l": 1.0}, latency_p50_ms=1.0, latency_p95_ms=1.0)
+    down = scores.model_copy(update={"errors": 1, "metrics": {"rouge_l": 0.0}})
+
+    async def evaluated(*args: Any, **kwargs: Any) -> evaluate.EvalReport:
+        config, current = args[2], kwargs["current"]
+        decision = evaluate.decide(scores, down, scores, None, config)
+        models = {"base": "b", "current": current, "candidate": kwargs["candidate"]}
+        return evaluate.EvalReport(
+            primary_metric="rouge_l", models=models, candidate=scores, current=down, base=scores, regression=None,
+            decision=decision, examples=[],
+        )  # fmt: skip
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluated)
+    with pytest.raises(RetrainRefused, match="No verdict on helper@2: the version now serving failed on 1 of 1"):
+        await evaluate_candidate(run, world.stack, quiet)
+    assert "eval" not in run.state.done and run.state.eval is not None and run.state.eval["unjudged"]
+    with pytest.raises(RetrainRefused, match="has not done eval yet"):
+        await publish_candidate(run, world.stack, quiet, "test")
+    assert not world.store.manifest("helper", 2).listed
+
+
+async def _cancelled_once_started(step: Coroutine[Any, Any, Any], started: threading.Event) -> None:
+    """Run `step`, and cancel it (SIGTERM, Ctrl-C) once its thread has `started`: the cancellation gets through."""
+    task = asyncio.create_task(step)
+    assert await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_stopped_fit_ends_its_training_thread_first(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio cannot cancel a thread: SIGTERM or Ctrl-C used to end the step while training went on (and
+    asyncio.run then waited for it at exit). The step sets the trainer's `stop` and waits for its thread."""
+    run = await world.run()
+    run.state.done = ["dataset"]
+    started, ended = threading.Event(), threading.Event()
+
+    def training(*args: Any, stop: threading.Event | None = None, **kwargs: Any) -> Any:
+        started.set()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            time.sleep(0.01)  # a training step
+        ended.set()
+        raise TrainingStopped("stopped")
+
+    monkeypatch.setattr(training_module, "train", training)
+    await _cancelled_once_started(fit(run, world.stack, quiet), started)
+    assert ended.is_set(), "the training thread ended before the cancellation got through"
+    assert "fit" not in run.state.done
+
+
+async def test_a_version_staged_as_the_step_is_stopped_is_removed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = await world.run()
+    world.store.remove("helper", 2)
+    run.state.done, run.state.candidate = ["dataset", "fit"], None
+    run.state.train, run.state.data_card = {"adapter_dir": str(world.folder)}, {"dataset_hash": "0" * 64}
+    real, started, staged = publish.stage, threading.Event(), threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        time.sleep(0.2)  # still copying when the cancellation comes
+        try:
+            return real(*args, **kwargs)
+        finally:
+            staged.set()
+
+    monkeypatch.setattr(publish, "stage", slow)
+    await _cancelled_once_started(stage_candidate(run, world.stack, quiet), started)
+    assert await asyncio.to_thread(staged.wait, 5) and world.store.versions("helper") == [1]
+    assert run.state.candidate is None
