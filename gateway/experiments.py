@@ -222,12 +222,15 @@ class ExperimentStore:
             for raw in await self._redis.lrange(keys.experiment_audit(tenant, name), 0, -1)
         ]
 
-    async def create(self, experiment: Experiment, by: str) -> Experiment:
+    async def create(self, experiment: Experiment, by: str, expect_alias: str | None = None) -> Experiment:
         """Start it: its alias then points at it. ExperimentConflict when the name is taken or the alias
-        already runs an experiment (also when another process got there first)."""
+        already runs an experiment (also when another process got there first), or, given `expect_alias` (what
+        the caller decided on, e.g. a canary's control), when the alias points elsewhere now."""
         if not NAME.fullmatch(experiment.name):
             raise InvalidExperiment(f"Invalid experiment name {experiment.name!r}: a-z 0-9 . _ -, up to 63.")
-        experiment.previous_target = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
+        experiment.previous_target = expect_alias or await self._redis.hget(
+            keys.aliases(experiment.tenant), experiment.alias
+        )  # the script refuses (-1) unless the alias still points there
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
         change = Change(at=time.time(), by=by, action="create", detail=arms)
         return await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)

@@ -58,8 +58,18 @@ class _Routed:
         await self._route.handle(scope, receive, send)
 
 
-def lanes(app: FastAPI, routes: list[APIRoute]) -> Lanes:
-    """A lane for each method of each of `routes` (paths without parameters), through the app's own handlers and
+def hot_routes(app: FastAPI) -> dict[tuple[str, str], APIRoute]:
+    """The routes whose class says `hot = True`, by method and path: those the router would pick for that method
+    and path (the first route that takes it), so that a lane never shadows an earlier route."""
+    first: dict[tuple[str, str], Any] = {}
+    for route in app.routes:
+        for method in getattr(route, "methods", None) or ():
+            first.setdefault((method, getattr(route, "path", "")), route)
+    return {key: route for key, route in first.items() if isinstance(route, APIRoute) and getattr(route, "hot", False)}
+
+
+def lanes(app: FastAPI, routes: dict[tuple[str, str], APIRoute]) -> Lanes:
+    """A lane for each method and path of `routes` (paths without parameters), through the app's own handlers and
     middlewares (those that do not pass that method and path on untouched)."""
     error_handler: Any = None
     handlers: dict[Any, Any] = {}
@@ -69,16 +79,15 @@ def lanes(app: FastAPI, routes: list[APIRoute]) -> Lanes:
         else:
             handlers[key] = value
     built: Lanes = {}
-    for route in routes:
+    for (method, path), route in routes.items():
         if route.param_convertors:
-            raise ValueError(f"a hot route's path takes no parameters: {route.path}")
-        for method in route.methods:
-            lane: ASGIApp = ExceptionMiddleware(_Routed(app, route), handlers=handlers, debug=app.debug)
-            for middleware in reversed(app.user_middleware):
-                passes = getattr(middleware.cls, "passes", None)
-                if passes is None or not passes(method, route.path):
-                    lane = middleware.cls(lane, *middleware.args, **middleware.kwargs)
-            built[(method, route.path)] = ServerErrorMiddleware(lane, handler=error_handler, debug=app.debug)
+            raise ValueError(f"a hot route's path takes no parameters: {path}")
+        lane: ASGIApp = ExceptionMiddleware(_Routed(app, route), handlers=handlers, debug=app.debug)
+        for middleware in reversed(app.user_middleware):
+            passes = getattr(middleware.cls, "passes", None)
+            if passes is None or not passes(method, path):
+                lane = middleware.cls(lane, *middleware.args, **middleware.kwargs)
+        built[(method, path)] = ServerErrorMiddleware(lane, handler=error_handler, debug=app.debug)
     return built
 
 
@@ -87,5 +96,4 @@ class HotPathsAPI(DescribedAPI):
     must not need FastAPI's exit stack (`fastapi_middleware_astack`, for form files): `TenantRoute`'s does not."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        hot = [route for route in self.routes if isinstance(route, APIRoute) and getattr(route, "hot", False)]
-        return HotPaths(super().build_middleware_stack(), lanes(self, hot))
+        return HotPaths(super().build_middleware_stack(), lanes(self, hot_routes(self)))

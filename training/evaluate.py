@@ -149,6 +149,8 @@ async def answer_all(
 class Scores(BaseModel):
     n: int
     errors: int
+    failed: list[int] = Field(default_factory=list)
+    """Which prompts' answers failed (their indices)."""
     metrics: dict[str, float]
     """Each configured metric's mean over all n prompts (failed answers score 0)."""
     latency_p50_ms: float | None
@@ -174,6 +176,7 @@ def score(answers: Sequence[Answer], references: Sequence[str], config: RetrainC
     return Scores(
         n=len(answers),
         errors=len(answers) - len(latencies),
+        failed=[i for i, answer in enumerate(answers) if answer.error is not None],
         metrics=metric_means([answer.text for answer in answers], references, config),
         latency_p50_ms=percentile(latencies, 50) if latencies else None,
         latency_p95_ms=percentile(latencies, 95) if latencies else None,
@@ -188,21 +191,30 @@ class Decision(BaseModel):
     Not a rejection of the candidate: the run refuses to go on, and its eval can be asked again."""
 
 
-def comparison_failures(serving: Scores, name: str, regression: tuple[Scores, Scores] | None) -> list[str]:
-    """Why the candidate cannot be judged: the model it is compared with failed on some prompts, on the test
-    split or the regression set. A failed answer scores 0, so the candidate would "win" against answers that
-    never came (a version that is down, a replica that errs). No threshold above zero: on a test split of a few
+def comparison_failures(
+    candidate: Scores, serving: Scores, name: str, regression: tuple[Scores, Scores] | None
+) -> list[str]:
+    """Why the candidate cannot be judged: the model it is compared with failed on prompts the candidate answered,
+    on the test split or the regression set (a failed answer scores 0, so the candidate would "win" against answers
+    that never came: a version that is down, a replica that errs), or both failed on every prompt (nothing to
+    judge: an outage). A prompt both fail on (one over the context, say) scores 0 for both and is no reason: it
+    would fail the same way whenever the eval were asked again. No threshold above zero: on a test split of a few
     dozen prompts one failure moves the mean by as much as `publish_margin`, and asking again costs one eval."""
     who = "the version now serving" if name == "current" else "the base"
-    failures = [(who, "the test split", serving)]
+    pairs = [("the test split", candidate, serving)]
     if regression is not None:
-        failures.append((who, "the regression set", regression[1]))
-    return [
-        f"{who} failed on {scores.errors} of {scores.n} prompts of {where}: the candidate is not judged against "
-        "answers that never came"
-        for who, where, scores in failures
-        if scores.errors
-    ]
+        pairs.append(("the regression set", *regression))
+    reasons = []
+    for where, ours, theirs in pairs:
+        only_theirs = set(theirs.failed) - set(ours.failed)
+        if only_theirs:
+            reasons.append(
+                f"{who} failed on {len(only_theirs)} of {theirs.n} prompts of {where} that the candidate answered: "
+                "the candidate is not judged against answers that never came"
+            )
+        elif theirs.n and len(theirs.failed) == len(ours.failed) == theirs.n:
+            reasons.append(f"both failed on all {theirs.n} prompts of {where}: nothing to judge")
+    return reasons
 
 
 def decide(
@@ -214,10 +226,11 @@ def decide(
 ) -> Decision:
     """The publish rule. `current` is None when the alias serves the base, which is then the bar;
     `regression` is (candidate, serving version) scored on the regression set, None without one. No verdict
-    (`unjudged`) when the bar failed on any prompt; the candidate's own failures count as wrong answers."""
+    (`unjudged`) when the bar failed where the candidate answered (`comparison_failures`); the candidate's own
+    failures count as wrong answers."""
     primary, margin = config.primary_metric, config.publish_margin
     serving, name = (current, "current") if current is not None else (base, "base")
-    unjudged = comparison_failures(serving, name, regression)
+    unjudged = comparison_failures(candidate, serving, name, regression)
     if unjudged:
         return Decision(publish=False, reasons=unjudged, unjudged=True)
     if candidate.errors >= candidate.n:

@@ -22,7 +22,8 @@ def shingles(prompt: Prompt) -> frozenset[str]:
 
 
 def system_shingles(prompt: Prompt) -> frozenset[str]:
-    """The word 3-shingles of a chat prompt's system messages (empty for a text prompt or none)."""
+    """The word 3-shingles of a chat prompt's system messages (empty for a text prompt; `{""}` for a chat prompt
+    without one, as for any text without words: prompts without a system message are alike among themselves)."""
     return _text_shingles(_joined(prompt, system=True)) if isinstance(prompt, list) else frozenset()
 
 

@@ -71,18 +71,23 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     return Serving(alias, target, check_name(f"{alias}-tuned"), None)
 
 
-async def still_serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, before: Serving) -> None:
+async def still_serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, before: Serving) -> str:
     """Refuse (RetrainRefused, nothing changed) when the alias no longer serves what the run found when it built
     its dataset: the canary's control arm would send the alias's traffic back to `before.target`, undoing whoever
-    repointed it, and the eval measured the candidate against `before.target`, not against what it serves now."""
+    repointed it, and the eval measured the candidate against `before.target`, not against what it serves now.
+    Returns the alias's target as stored: the canary starts only if the alias still points there then."""
     now = await serving(pointers, experiments, tenant, before.alias)
     if now.target != before.target:
         raise RetrainRefused(
             f"Alias `{before.alias}` serves {now.target} now, not {before.target} as when the run built its dataset: "
             f"its canary would send the alias's traffic back to {before.target}, and its eval did not measure the "
             f"candidate against {now.target}. Nothing was published. Point the alias at {before.target} again and "
-            "publish the run again, or start a new run."
+            "ask again (after `train run`, which removed its candidate, `train eval --run` stages it again), or "
+            "start a new run."
         )
+    stored = (await pointers.of(tenant)).aliases.get(before.alias)
+    assert stored is not None  # `serving` found it
+    return stored
 
 
 async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: str, name: str) -> Manifest | None:
@@ -155,14 +160,15 @@ def canary(tenant: str, before: Serving, version: str, config: RetrainConfig, na
 
 
 async def start_canary(
-    redis: aioredis.Redis, router: Router, experiment: Experiment, version: Manifest, by: str
+    redis: aioredis.Redis, router: Router, experiment: Experiment, version: Manifest, by: str, expect_alias: str
 ) -> Experiment:
     """Start the canary of a published version (its alias then routes through the experiment), holding its
-    arms' adapters (gateway.version_guard) while it checks that both still exist, as the admin API does."""
+    arms' adapters (gateway.version_guard) while it checks that both still exist, as the admin API does; only
+    while the alias still points at `expect_alias` (`still_serving`), or ExperimentConflict."""
     if not version.listed:
         raise InvalidAdapter(f"{version.ref} is not published: a canary serves clients.")
     try:
         async with version_guard.pointing_at(redis, router, [a.target for a in experiment.arms], experiment.tenant):
-            return await router.experiments.create(experiment, by)
+            return await router.experiments.create(experiment, by, expect_alias=expect_alias)
     except version_guard.TargetMissing as exc:
         raise InvalidAdapter(f"The canary cannot start: `{exc.target}` does not exist any more.") from exc

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapters.manifest import Manifest
+from adapters.store import AdapterNotFound
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.apikeys import KeyStore
@@ -226,10 +227,10 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
     if config.canary and candidate.listed and await publish.canary_started(experiments, state.tenant, canary_name):
         state.published, state.canary = candidate.ref, canary_name  # started by a try that failed before saying so
     else:
-        await publish.still_serving(pointers, experiments, state.tenant, publish.Serving(**state.serving))
+        alias_now = await publish.still_serving(pointers, experiments, state.tenant, publish.Serving(**state.serving))
         published = await _listed(run, stack, pointers, candidate, progress)
         if config.canary:
-            await _start_canary(run, stack, pointers, experiments, published, by, progress)
+            await _start_canary(run, stack, (pointers, experiments), published, by, progress, alias_now)
     _done(run, "publish", started)
     return state.published
 
@@ -262,7 +263,7 @@ async def _listed(run: Run, stack: Stack, pointers: PointerStore, candidate: Man
             await asyncio.sleep(2 * stack.settings.state_poll_s)
         assert state.eval is not None
         provenance = {"metrics": state.eval["scores"], "decision": state.eval["reasons"]}
-        candidate = await asyncio.to_thread(publish.publish, store, candidate, provenance)
+        candidate = await _in_thread(functools.partial(publish.publish, store, candidate, provenance))
     state.published = candidate.ref
     run.save()
     progress(f"published {candidate.ref}")
@@ -272,18 +273,19 @@ async def _listed(run: Run, stack: Stack, pointers: PointerStore, candidate: Man
 async def _start_canary(
     run: Run,
     stack: Stack,
-    pointers: PointerStore,
-    experiments: ExperimentStore,
+    stores: tuple[PointerStore, ExperimentStore],
     published: Manifest,
     by: str,
     progress: Progress,
+    alias_now: str,
 ) -> None:
+    """The canary, started only while the alias still points at `alias_now` (what `still_serving` found)."""
     state, config = run.state, run.config
     assert state.serving is not None
     before, name = publish.Serving(**state.serving), f"retrain-{state.run_id}"
     experiment = publish.canary(state.tenant, before, published.ref, config, name)
-    router = Router(stack.settings.served_model_name, stack.registry, pointers, experiments)
-    await publish.start_canary(stack.state, router, experiment, published, by)
+    router = Router(stack.settings.served_model_name, stack.registry, *stores)
+    await publish.start_canary(stack.state, router, experiment, published, by, alias_now)
     state.canary = name
     run.save()
     progress(f"canary {name}: {before.target} {100 - config.canary_weight:g} / {published.ref} "
@@ -327,10 +329,15 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
         store = stack.registry.store(state.tenant)
         try:
             candidate = await asyncio.to_thread(store.manifest, name, int(version))
-            await asyncio.to_thread(publish.discard, store, candidate)
+            if candidate.listed:  # listed as its step was stopped: `train publish --run` goes on to the canary
+                state.published = candidate.ref
+            else:
+                await asyncio.to_thread(publish.discard, store, candidate)
+                state.candidate = None
+        except AdapterNotFound:  # removed already
+            state.candidate = None
         except Exception:  # noqa: BLE001 - already failing; the original error matters more
             pass
-        state.candidate = None
     if isinstance(exc, TenantGone):
         return exc
     try:

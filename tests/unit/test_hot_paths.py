@@ -3,20 +3,27 @@ answered exactly as through the whole stack: errors, unexpected failures and eve
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import request_response
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.app import create_app
+from gateway.body_limit import BodyLimitMiddleware
 from gateway.error_handlers import install_handlers
 from gateway.errors import InvalidRequest
-from gateway.hot_paths import HotPathsAPI
+from gateway.head_requests import HeadAsGetMiddleware
+from gateway.hot_paths import HotPathsAPI, hot_routes, lanes
 from gateway.request_id import RequestIdMiddleware
+from gateway.settings import Settings
 
 
 class _Counting:
@@ -91,3 +98,35 @@ def test_a_hot_request_skips_what_passes_it_and_is_answered_as_through_the_stack
             other = client.request(method, path)
             assert other.status_code in (404, 405) and "error" in other.json() and other.headers["x-request-id"]
         assert seen == ["always", "passes-posts"] * 2
+
+
+def test_an_earlier_route_for_the_same_method_and_path_keeps_it() -> None:
+    """The router takes the first route that matches: a lane must not take a request from an earlier route."""
+    app = HotPathsAPI()
+    app.add_api_route("/v1/hot", lambda: {"cold": True}, methods=["POST"])
+    hot = APIRouter(route_class=_Hot)
+    hot.add_api_route("/v1/hot", _answer, methods=["POST"])
+    hot.add_api_route("/v1/other", _answer, methods=["POST"])
+    app.include_router(hot)
+    assert set(hot_routes(app)) == {("POST", "/v1/other")}
+    with TestClient(app) as client:
+        assert client.post("/v1/hot").json() == {"cold": True}
+
+
+def _layers(app: object) -> list[type]:
+    layers = []
+    while app is not None:
+        layers.append(type(app))
+        app = getattr(app, "app", None)
+    return layers
+
+
+def test_the_gateways_completion_lanes_keep_its_handlers_and_request_id(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, served_model_name="base-model")
+    app = create_app(settings, engine_urls=["http://127.0.0.1:9"])
+    routes = hot_routes(app)
+    assert set(routes) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
+    for lane in lanes(app, routes).values():
+        layers = _layers(lane)
+        assert layers[0] is ServerErrorMiddleware and ExceptionMiddleware in layers and RequestIdMiddleware in layers
+        assert BodyLimitMiddleware not in layers and HeadAsGetMiddleware not in layers, "they pass a POST untouched"

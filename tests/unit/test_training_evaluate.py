@@ -210,8 +210,12 @@ def test_score_counts_errors_as_wrong_and_leaves_them_out_of_latency(config: Ret
         score(answers[:1], ["a", "b"], config)
 
 
-def scores_of(value: float, *, errors: int = 0, n: int = 20) -> Scores:
-    return Scores(n=n, errors=errors, metrics={"format": value}, latency_p50_ms=100.0, latency_p95_ms=200.0)
+def scores_of(value: float, *, errors: int = 0, n: int = 20, failed: list[int] | None = None) -> Scores:
+    """Scores whose `errors` failures are the first prompts (or those `failed` names)."""
+    failed = list(range(errors)) if failed is None else failed
+    return Scores(
+        n=n, errors=len(failed), failed=failed, metrics={"format": value}, latency_p50_ms=100.0, latency_p95_ms=200.0
+    )
 
 
 def test_publishes_when_the_candidate_beats_the_current_version_by_the_margin(config: RetrainConfig) -> None:
@@ -259,8 +263,8 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     broken = decide(scores_of(0.95), scores_of(0.10, errors=3), scores_of(0.0), None, config)
     assert not broken.publish and broken.unjudged
     assert broken.reasons == [
-        "the version now serving failed on 3 of 20 prompts of the test split: the candidate is not judged against "
-        "answers that never came"
+        "the version now serving failed on 3 of 20 prompts of the test split that the candidate answered: the "
+        "candidate is not judged against answers that never came"
     ]
     from_base = decide(scores_of(0.95), None, scores_of(0.0, errors=1), None, config)
     assert from_base.unjudged and from_base.reasons[0].startswith("the base failed on 1 of 20 prompts of the test")
@@ -269,6 +273,11 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     assert on_regression.unjudged and "of the regression set" in on_regression.reasons[0]
     both_down = decide(scores_of(0.0, errors=20), scores_of(0.0, errors=20), scores_of(0.0), None, config)
     assert both_down.unjudged, "nothing answered: ask again rather than reject the candidate"
+    assert both_down.reasons == ["both failed on all 20 prompts of the test split: nothing to judge"]
+    same_prompt = decide(scores_of(0.95, failed=[7]), scores_of(0.10, failed=[7]), scores_of(0.0), None, config)
+    assert same_prompt.publish and not same_prompt.unjudged, "one prompt both fail on (over the context): judged"
+    other_prompt = decide(scores_of(0.95, failed=[7]), scores_of(0.10, failed=[8]), scores_of(0.0), None, config)
+    assert other_prompt.unjudged, "the bar failed where the candidate answered"
     base_down = decide(scores_of(0.95), scores_of(0.10), scores_of(0.0, errors=20), None, config)
     assert base_down.publish and not base_down.unjudged, "the base is no bar when a version serves the alias"
 

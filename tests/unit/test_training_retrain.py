@@ -18,7 +18,7 @@ from adapters.registry import Registry
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
-from gateway.experiments import ExperimentStore
+from gateway.experiments import ExperimentConflict, ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -28,7 +28,7 @@ from training import evaluate, publish
 from training import train as training_module
 from training.config import RetrainConfig
 from training.publish import RetrainRefused
-from training.retrain import Run, Stack, evaluate_candidate, fit, publish_candidate, stage_candidate
+from training.retrain import Run, Stack, evaluate_candidate, fit, publish_candidate, retrain, stage_candidate
 from training.train import TrainingStopped
 
 TENANT = "acme"
@@ -140,6 +140,46 @@ async def test_an_alias_repointed_since_the_dataset_is_not_sent_back(world: Worl
     assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2" and run.state.canary
 
 
+async def test_an_alias_repointed_while_the_version_is_listed_gets_no_canary(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator repoints the alias after the check, while the version is being listed: the canary is not
+    started on top of that (its control would move the traffic back): refused, the alias left where they put it."""
+    run = await world.run()
+    checked = publish.still_serving
+
+    async def then_repointed(*args: Any) -> str:
+        found = await checked(*args)
+        await ExperimentStore(world.redis).set_alias(TENANT, "bot", world.base.name)
+        return found
+
+    monkeypatch.setattr(publish, "still_serving", then_repointed)
+    with pytest.raises(ExperimentConflict):
+        await publish_candidate(run, world.stack, quiet, "test")
+    assert await ExperimentStore(world.redis).all(TENANT) == [] and await world.served("bot") == world.base.name
+
+
+async def test_a_listing_stopped_as_it_finished_is_published_and_goes_on(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the version is being listed: the listing ends (its thread cannot be stopped), and the run says
+    it is published, not that its candidate is gone; asked again, the step starts the canary."""
+    run = await world.run()
+    real, started = publish.publish, threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "publish", slow)
+    await _cancelled_once_started(retrain(run, world.stack, quiet), started)
+    assert world.store.manifest("helper", 2).listed
+    assert run.state.published == "helper@2" and run.state.candidate == "helper@2" and run.state.canary is None
+    monkeypatch.undo()
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2" and run.state.canary
+
+
 @pytest.mark.parametrize("started", [False, True], ids=["before-it-started", "after-it-started"])
 async def test_a_publish_step_asked_again_after_its_canary_failed_goes_on(
     world: World, monkeypatch: pytest.MonkeyPatch, started: bool
@@ -175,7 +215,7 @@ async def test_an_eval_whose_bar_failed_is_not_done_and_publishes_nothing(
     (run.data).mkdir()
     (run.data / "eval.jsonl").write_text('{"prompt": "hi", "reference": "hello"}\n')
     scores = evaluate.Scores(n=1, errors=0, metrics={"rouge_l": 1.0}, latency_p50_ms=1.0, latency_p95_ms=1.0)
-    down = scores.model_copy(update={"errors": 1, "metrics": {"rouge_l": 0.0}})
+    down = scores.model_copy(update={"errors": 1, "failed": [0], "metrics": {"rouge_l": 0.0}})
 
     async def evaluated(*args: Any, **kwargs: Any) -> evaluate.EvalReport:
         config, current = args[2], kwargs["current"]
@@ -209,12 +249,15 @@ async def test_a_stopped_fit_ends_its_training_thread_first(world: World, monkey
     asyncio.run then waited for it at exit). The step sets the trainer's `stop` and waits for its thread."""
     run = await world.run()
     run.state.done = ["dataset"]
-    started, ended = threading.Event(), threading.Event()
+    started, ended, stopped = threading.Event(), threading.Event(), threading.Event()
 
     def training(*args: Any, stop: threading.Event | None = None, **kwargs: Any) -> Any:
         started.set()
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                stopped.set()
+                break
             time.sleep(0.01)  # a training step
         ended.set()
         raise TrainingStopped("stopped")
@@ -222,6 +265,7 @@ async def test_a_stopped_fit_ends_its_training_thread_first(world: World, monkey
     monkeypatch.setattr(training_module, "train", training)
     await _cancelled_once_started(fit(run, world.stack, quiet), started)
     assert ended.is_set(), "the training thread ended before the cancellation got through"
+    assert stopped.is_set(), "it ended because it was told to stop, not at its own end"
     assert "fit" not in run.state.done
 
 
