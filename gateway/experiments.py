@@ -228,9 +228,9 @@ class ExperimentStore:
         the caller decided on, e.g. a canary's control), when the alias points elsewhere now."""
         if not NAME.fullmatch(experiment.name):
             raise InvalidExperiment(f"Invalid experiment name {experiment.name!r}: a-z 0-9 . _ -, up to 63.")
-        experiment.previous_target = expect_alias or await self._redis.hget(
-            keys.aliases(experiment.tenant), experiment.alias
-        )  # the script refuses (-1) unless the alias still points there
+        if expect_alias is None:
+            expect_alias = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
+        experiment.previous_target = expect_alias  # the script refuses (-1) unless the alias still points there
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
         change = Change(at=time.time(), by=by, action="create", detail=arms)
         return await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)

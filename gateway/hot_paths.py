@@ -59,8 +59,9 @@ class _Routed:
 
 
 def hot_routes(app: FastAPI) -> dict[tuple[str, str], APIRoute]:
-    """The routes whose class says `hot = True`, by method and path: those the router would pick for that method
-    and path (the first route that takes it), so that a lane never shadows an earlier route."""
+    """The routes whose class says `hot = True`, by method and path, where no earlier route names the same method
+    and path (the router takes the first). Only literal paths are compared: an earlier parametrised route or a
+    mount that would take the same requests must not be put before a hot route."""
     first: dict[tuple[str, str], Any] = {}
     for route in app.routes:
         for method in getattr(route, "methods", None) or ():

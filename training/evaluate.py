@@ -196,10 +196,11 @@ def comparison_failures(
 ) -> list[str]:
     """Why the candidate cannot be judged: the model it is compared with failed on prompts the candidate answered,
     on the test split or the regression set (a failed answer scores 0, so the candidate would "win" against answers
-    that never came: a version that is down, a replica that errs), or both failed on every prompt (nothing to
-    judge: an outage). A prompt both fail on (one over the context, say) scores 0 for both and is no reason: it
-    would fail the same way whenever the eval were asked again. No threshold above zero: on a test split of a few
-    dozen prompts one failure moves the mean by as much as `publish_margin`, and asking again costs one eval."""
+    that never came: a version that is down, a replica that errs), or the candidate failed on every prompt and the
+    other model on some (an outage while they were asked one after the other). A prompt both fail on (one over the
+    context, say) scores 0 for both and is no reason: it would fail the same way whenever the eval were asked again.
+    No threshold above zero: on a test split of a few dozen prompts one failure moves the mean by as much as
+    `publish_margin`, and asking again costs one eval."""
     who = "the version now serving" if name == "current" else "the base"
     pairs = [("the test split", candidate, serving)]
     if regression is not None:
@@ -212,8 +213,11 @@ def comparison_failures(
                 f"{who} failed on {len(only_theirs)} of {theirs.n} prompts of {where} that the candidate answered: "
                 "the candidate is not judged against answers that never came"
             )
-        elif theirs.n and len(theirs.failed) == len(ours.failed) == theirs.n:
-            reasons.append(f"both failed on all {theirs.n} prompts of {where}: nothing to judge")
+        elif ours.n and len(ours.failed) == ours.n and theirs.failed:  # e.g. vLLM went down while they were asked
+            reasons.append(
+                f"the candidate failed on all {ours.n} prompts of {where} and {who} on {len(theirs.failed)}: an "
+                "outage, not a verdict"
+            )
     return reasons
 
 

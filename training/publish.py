@@ -71,19 +71,27 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     return Serving(alias, target, check_name(f"{alias}-tuned"), None)
 
 
-async def still_serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, before: Serving) -> str:
+async def still_serving(
+    pointers: PointerStore, experiments: ExperimentStore, tenant: str, before: Serving, listed: str | None = None
+) -> str:
     """Refuse (RetrainRefused, nothing changed) when the alias no longer serves what the run found when it built
     its dataset: the canary's control arm would send the alias's traffic back to `before.target`, undoing whoever
     repointed it, and the eval measured the candidate against `before.target`, not against what it serves now.
-    Returns the alias's target as stored: the canary starts only if the alias still points there then."""
+    Returns the alias's target as stored: the canary starts only if the alias still points there then. `listed`:
+    the candidate's version, listed by an earlier try whose canary did not start."""
     now = await serving(pointers, experiments, tenant, before.alias)
     if now.target != before.target:
         raise RetrainRefused(
             f"Alias `{before.alias}` serves {now.target} now, not {before.target} as when the run built its dataset: "
             f"its canary would send the alias's traffic back to {before.target}, and its eval did not measure the "
-            f"candidate against {now.target}. Nothing was published. Point the alias at {before.target} again and "
-            "ask again (after `train run`, which removed its candidate, `train eval --run` stages it again), or "
-            "start a new run."
+            f"candidate against {now.target}. "
+            + (
+                f"{listed} is listed (its bare name pinned to what it served) but has no canary: point the alias "
+                f"at {before.target} again and `train publish --run` starts it."
+                if listed
+                else f"Nothing was published. Point the alias at {before.target} again and ask again (after `train "
+                "run`, which removed its candidate, `train eval --run` stages it again), or start a new run."
+            )
         )
     stored = (await pointers.of(tenant)).aliases.get(before.alias)
     assert stored is not None  # `serving` found it

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapters.manifest import Manifest
-from adapters.store import AdapterNotFound
+from adapters.store import AdapterNotFound, AdapterStore
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.apikeys import KeyStore
-from gateway.experiments import ExperimentStore
+from gateway.experiments import ExperimentConflict, ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -227,7 +227,8 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
     if config.canary and candidate.listed and await publish.canary_started(experiments, state.tenant, canary_name):
         state.published, state.canary = candidate.ref, canary_name  # started by a try that failed before saying so
     else:
-        alias_now = await publish.still_serving(pointers, experiments, state.tenant, publish.Serving(**state.serving))
+        before, listed = publish.Serving(**state.serving), candidate.ref if candidate.listed else None
+        alias_now = await publish.still_serving(pointers, experiments, state.tenant, before, listed)
         published = await _listed(run, stack, pointers, candidate, progress)
         if config.canary:
             await _start_canary(run, stack, (pointers, experiments), published, by, progress, alias_now)
@@ -285,7 +286,13 @@ async def _start_canary(
     before, name = publish.Serving(**state.serving), f"retrain-{state.run_id}"
     experiment = publish.canary(state.tenant, before, published.ref, config, name)
     router = Router(stack.settings.served_model_name, stack.registry, *stores)
-    await publish.start_canary(stack.state, router, experiment, published, by, alias_now)
+    try:
+        await publish.start_canary(stack.state, router, experiment, published, by, alias_now)
+    except ExperimentConflict as exc:  # the alias moved since `still_serving`: it stays where it was moved
+        raise publish.RetrainRefused(
+            f"{published.ref} is listed (its bare name pinned to what it served) but its canary did not start: "
+            f"{exc} Point alias `{state.alias}` at {before.target} again and `train publish --run` starts it."
+        ) from exc
     state.canary = name
     run.save()
     progress(f"canary {name}: {before.target} {100 - config.canary_weight:g} / {published.ref} "
@@ -319,6 +326,16 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
     return run.state
 
 
+def _exists(store: AdapterStore, name: str, version: int) -> bool:
+    try:
+        store.manifest(name, version)
+    except AdapterNotFound:
+        return False
+    except OSError:  # unreadable: it is there
+        pass
+    return True
+
+
 async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | None:
     """Remove a staged candidate and keep the error in run.json; when the tenant is gone, the refusal that says
     so (its folder is gone with it: `_owner` removed it). The candidate goes first: a SIGTERM's grace is short,
@@ -333,11 +350,10 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
                 state.published = candidate.ref
             else:
                 await asyncio.to_thread(publish.discard, store, candidate)
-                state.candidate = None
-        except AdapterNotFound:  # removed already
-            state.candidate = None
         except Exception:  # noqa: BLE001 - already failing; the original error matters more
             pass
+        if not state.published and not await asyncio.to_thread(_exists, store, name, int(version)):
+            state.candidate = None  # forgotten only once gone (a removal that failed half-way is gone too)
     if isinstance(exc, TenantGone):
         return exc
     try:

@@ -273,7 +273,14 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     assert on_regression.unjudged and "of the regression set" in on_regression.reasons[0]
     both_down = decide(scores_of(0.0, errors=20), scores_of(0.0, errors=20), scores_of(0.0), None, config)
     assert both_down.unjudged, "nothing answered: ask again rather than reject the candidate"
-    assert both_down.reasons == ["both failed on all 20 prompts of the test split: nothing to judge"]
+    assert both_down.reasons == [
+        "the candidate failed on all 20 prompts of the test split and the version now serving on 20: an outage, not "
+        "a verdict"
+    ]
+    went_down = decide(
+        scores_of(0.0, errors=20), scores_of(0.1, failed=list(range(5, 20))), scores_of(0.5), None, config
+    )
+    assert went_down.unjudged, "vLLM went down while the current version was asked, and stayed down"
     same_prompt = decide(scores_of(0.95, failed=[7]), scores_of(0.10, failed=[7]), scores_of(0.0), None, config)
     assert same_prompt.publish and not same_prompt.unjudged, "one prompt both fail on (over the context): judged"
     other_prompt = decide(scores_of(0.95, failed=[7]), scores_of(0.10, failed=[8]), scores_of(0.0), None, config)

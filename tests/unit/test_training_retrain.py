@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from adapters import store as store_module
 from adapters.registry import Registry
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
-from gateway.experiments import ExperimentConflict, ExperimentStore
+from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -154,9 +155,15 @@ async def test_an_alias_repointed_while_the_version_is_listed_gets_no_canary(
         return found
 
     monkeypatch.setattr(publish, "still_serving", then_repointed)
-    with pytest.raises(ExperimentConflict):
+    with pytest.raises(RetrainRefused, match="helper@2 is listed .* but its canary did not start"):
         await publish_candidate(run, world.stack, quiet, "test")
     assert await ExperimentStore(world.redis).all(TENANT) == [] and await world.served("bot") == world.base.name
+    assert run.state.published == "helper@2" and run.state.canary is None
+    monkeypatch.undo()
+    with pytest.raises(RetrainRefused, match="helper@2 is listed .* has no canary: point the alias at helper@1"):
+        await publish_candidate(run, world.stack, quiet, "test")
+    await ExperimentStore(world.redis).set_alias(TENANT, "bot", "helper@1")
+    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@2" and run.state.canary
 
 
 async def test_a_listing_stopped_as_it_finished_is_published_and_goes_on(
@@ -290,3 +297,26 @@ async def test_a_version_staged_as_the_step_is_stopped_is_removed(
     await _cancelled_once_started(stage_candidate(run, world.stack, quiet), started)
     assert await asyncio.to_thread(staged.wait, 5) and world.store.versions("helper") == [1]
     assert run.state.candidate is None
+
+
+async def test_a_candidate_whose_removal_failed_half_way_is_forgotten(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run fails; removing its candidate moves the version aside, then fails to delete the files (NFS, say):
+    the version is gone all the same, and the run forgets it, so that `train eval --run` stages it again."""
+    run = await world.run()
+    run.state.done = ["dataset", "fit"]
+    run.data.mkdir()
+    (run.data / "eval.jsonl").write_text('{"prompt": "hi", "reference": "hello"}\n')
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the eval failed")
+
+    def half_way(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError("Device or resource busy")
+
+    monkeypatch.setattr(evaluate, "evaluate", failing)
+    monkeypatch.setattr(store_module.shutil, "rmtree", half_way)
+    with pytest.raises(RuntimeError, match="the eval failed"):
+        await retrain(run, world.stack, quiet)
+    assert world.store.versions("helper") == [1] and run.state.candidate is None
