@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapters.manifest import Manifest
-from adapters.store import AdapterNotFound, AdapterStore
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.apikeys import KeyStore
@@ -223,9 +222,8 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
         _done(run, "publish", started)
         return None
     pointers, experiments = PointerStore(stack.state), ExperimentStore(stack.state)
-    canary_name = f"retrain-{state.run_id}"
-    if config.canary and candidate.listed and await publish.canary_started(experiments, state.tenant, canary_name):
-        state.published, state.canary = candidate.ref, canary_name  # started by a try that failed before saying so
+    if config.canary and candidate.listed and await publish.canary_started(experiments, state.tenant, run.canary_name):
+        state.published, state.canary = candidate.ref, run.canary_name  # started by a try that failed before saying so
     else:
         before, listed = publish.Serving(**state.serving), candidate.ref if candidate.listed else None
         alias_now = await publish.still_serving(pointers, experiments, state.tenant, before, listed)
@@ -283,7 +281,7 @@ async def _start_canary(
     """The canary, started only while the alias still points at `alias_now` (what `still_serving` found)."""
     state, config = run.state, run.config
     assert state.serving is not None
-    before, name = publish.Serving(**state.serving), f"retrain-{state.run_id}"
+    before, name = publish.Serving(**state.serving), run.canary_name
     experiment = publish.canary(state.tenant, before, published.ref, config, name)
     router = Router(stack.settings.served_model_name, stack.registry, *stores)
     try:
@@ -326,16 +324,6 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
     return run.state
 
 
-def _exists(store: AdapterStore, name: str, version: int) -> bool:
-    try:
-        store.manifest(name, version)
-    except AdapterNotFound:
-        return False
-    except OSError:  # unreadable: it is there
-        pass
-    return True
-
-
 async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | None:
     """Remove a staged candidate and keep the error in run.json; when the tenant is gone, the refusal that says
     so (its folder is gone with it: `_owner` removed it). The candidate goes first: a SIGTERM's grace is short,
@@ -352,7 +340,7 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
                 await asyncio.to_thread(publish.discard, store, candidate)
         except Exception:  # noqa: BLE001 - already failing; the original error matters more
             pass
-        if not state.published and not await asyncio.to_thread(_exists, store, name, int(version)):
+        if not state.published and int(version) not in await asyncio.to_thread(store.versions, name):
             state.candidate = None  # forgotten only once gone (a removal that failed half-way is gone too)
     if isinstance(exc, TenantGone):
         return exc

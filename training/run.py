@@ -96,6 +96,11 @@ class Run:
         return self.folder / "data"
 
     @property
+    def canary_name(self) -> str:
+        """The name of the experiment its publish step starts on the alias."""
+        return f"retrain-{self.state.run_id}"
+
+    @property
     def fit_dir(self) -> Path:
         return self.folder / "fit"
 
