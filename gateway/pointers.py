@@ -19,6 +19,16 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 
+# KEYS: the tenant's pins, the state version. ARGV: adapter, the version it must be pinned to now ('': unpinned),
+# the version to pin ('': unpin). 1: changed; 0: it was pinned otherwise, nothing written.
+_PIN_IF = """
+local now = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if now ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class TenantPointers:
@@ -31,6 +41,7 @@ class PointerStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
+        self._pin_if = redis.register_script(_PIN_IF)
         self._tenants: dict[str, TenantPointers] = {}
         self._shares: dict[str, frozenset[str]] | None = None
         self._generation = 0
@@ -87,6 +98,14 @@ class PointerStore:
             await self._write(("hdel", (keys.pins(tenant), adapter)))
         else:
             await self._write(("hset", (keys.pins(tenant), adapter, version)))
+
+    async def pin_if(self, tenant: str, adapter: str, expected: int | None, version: int | None) -> bool:
+        """Pin `adapter` to `version` (None: unpin) only while it is pinned to `expected` (None: unpinned):
+        False, nothing written, when someone moved the pin since the caller read it."""
+        args = [adapter, "" if expected is None else str(expected), "" if version is None else str(version)]
+        changed = await self._pin_if(keys=[keys.pins(tenant), keys.state_version()], args=args)
+        self.forget_cached()
+        return bool(changed)
 
     async def set_alias(self, tenant: str, alias: str, target: str) -> None:
         """Point `alias` at `target` (one HSET: a repoint is atomic), whatever it pointed at: the admin API

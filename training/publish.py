@@ -33,6 +33,9 @@ from gateway.pointers import PointerStore
 from gateway.routing import Router
 from training.config import RetrainConfig
 
+PIN_TRIES = 3
+"""How often `hold_bare_name` reads the pin again when someone moved it between its read and its write."""
+
 
 class RetrainRefused(ValueError):
     """The run cannot go on as asked; the message says why and what to do."""
@@ -102,16 +105,26 @@ async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: st
     """Pin the bare adapter `name` to the version it serves now, unless a pin already holds it there; returns that
     version (None: nothing to hold). Listed, a candidate is the name's latest version, which every unpinned caller
     of `name` (and every tenant it is shared with: they resolve it with its owner's pins) would get at once and at
-    100%, whatever the canary's split. A name with no listed version serves no one yet, and is not pinned."""
-    pinned = (await pointers.of(tenant)).pins.get(name)
-    try:
-        now = await asyncio.to_thread(store.resolve, AdapterRef(name), pinned)
-    except AdapterNotFound:
-        return None
-    if now.version == pinned:
-        return None
-    await pointers.pin(tenant, name, now.version)
-    return now
+    100%, whatever the canary's split. A name with no listed version serves no one yet, and is not pinned. The pin
+    is written only while the name is pinned as it was read (an operator's pin meanwhile is read again)."""
+    for _ in range(PIN_TRIES):
+        pinned = (await pointers.of(tenant)).pins.get(name)
+        try:
+            now = await asyncio.to_thread(store.resolve, AdapterRef(name), pinned)
+        except AdapterNotFound:
+            return None
+        if now.version == pinned:
+            return None
+        if await pointers.pin_if(tenant, name, pinned, now.version):
+            return now
+    raise RetrainRefused(f"The pin of `{name}` kept moving while the run tried to hold it: ask again.")
+
+
+async def release_bare_name(pointers: PointerStore, tenant: str, held: str) -> bool:
+    """Undo `hold_bare_name` for a candidate that was not listed: unpin the name, only if it is still pinned where
+    the run pinned it (`held`, `name@V`); an operator's pin since stays."""
+    ref = AdapterRef.parse(held)
+    return await pointers.pin_if(tenant, ref.name, ref.version, None)
 
 
 async def canary_started(experiments: ExperimentStore, tenant: str, name: str) -> bool:

@@ -325,9 +325,9 @@ async def retrain(run: Run, stack: Stack, progress: Progress, by: str = "retrain
 
 
 async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | None:
-    """Remove a staged candidate and keep the error in run.json; when the tenant is gone, the refusal that says
-    so (its folder is gone with it: `_owner` removed it). The candidate goes first: a SIGTERM's grace is short,
-    and the check asks Redis (for OWNER_CHECK_S at most)."""
+    """Remove a staged candidate (and the pin held for it) and keep the error in run.json; when the tenant is gone,
+    the refusal that says so (its folder is gone with it: `_owner` removed it). The candidate goes first: a
+    SIGTERM's grace is short, and the checks ask Redis (for OWNER_CHECK_S at most each)."""
     state = run.state
     if state.candidate and not state.published:
         name, version = state.candidate.split("@")
@@ -349,6 +349,11 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
             return await _gone(run)
     except Exception:  # noqa: BLE001 - Redis away or slow: the original error matters more
         pass
+    if state.pinned and not state.published:  # its pin held a name for a candidate that was not listed
+        with contextlib.suppress(Exception):  # Redis away: the pin stays (a name pinned where it served)
+            await asyncio.wait_for(publish.release_bare_name(PointerStore(stack.state), state.tenant, state.pinned),
+                                   OWNER_CHECK_S)  # fmt: skip
+            state.pinned = None
     stopped = isinstance(exc, asyncio.CancelledError)
     state.error = "stopped (SIGTERM or Ctrl-C)" if stopped else f"{type(exc).__name__}: {exc}"
     if run.folder.is_dir():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 
 from adapters import store as store_module
@@ -19,6 +20,7 @@ from adapters.registry import Registry
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
+from gateway import keys
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
@@ -123,6 +125,46 @@ async def test_an_unpinned_name_stays_on_its_latest_not_on_the_aliass_version(wo
     run = await world.run(canary=False)
     assert await publish_candidate(run, world.stack, quiet, "test") == "helper@3"
     assert run.state.pinned == "helper@2" and await world.served("helper") == "helper@2"
+
+
+async def test_a_pin_an_operator_sets_while_the_run_reads_it_is_kept(
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    """The operator pins `helper` between the run's read of its pin and the run's write: theirs holds (read again,
+    it holds the name already), and the run records no pin of its own."""
+    world.store.add(world.folder, "helper", world.base, 16)  # helper@2: the bare name's latest
+    real = world.store.resolve
+
+    def operator_pins_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        with sync_redis.Redis.from_url(redis_server.url) as client:
+            client.hset(keys.pins(TENANT), "helper", 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(world.store, "resolve", operator_pins_meanwhile)
+    assert await publish.hold_bare_name(PointerStore(world.redis), world.store, TENANT, "helper") is None
+    assert await world.redis.hget(keys.pins(TENANT), "helper") == "1", "not overwritten with helper@2"
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["still-the-runs", "moved-by-an-operator"])
+async def test_a_run_failing_before_its_candidate_is_listed_releases_its_pin(
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, moved: bool
+) -> None:
+    """The run pins `helper` to what it serves (helper@2), then listing fails: the candidate is removed, and so is
+    the pin, which held the name for a version no caller gets; a pin an operator moved meanwhile stays theirs."""
+    world.store.add(world.folder, "helper", world.base, 16)  # helper@2, listed; the candidate is helper@3
+    run = await world.run()
+
+    def listing_fails(*args: Any, **kwargs: Any) -> Any:
+        if moved:
+            with sync_redis.Redis.from_url(redis_server.url) as client:
+                client.hset(keys.pins(TENANT), "helper", 1)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(publish, "publish", listing_fails)
+    with pytest.raises(OSError, match="No space left"):
+        await retrain(run, world.stack, quiet)
+    assert run.state.pinned is None and run.state.candidate is None and world.store.versions("helper") == [1, 2]
+    assert await world.redis.hget(keys.pins(TENANT), "helper") == ("1" if moved else None)
 
 
 async def test_an_alias_repointed_since_the_dataset_is_not_sent_back(world: World) -> None:
