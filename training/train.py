@@ -233,7 +233,8 @@ def build_trainer(
 def stopping(stop: threading.Event) -> TrainerCallback:
     """A trainer callback that ends training at the first step's end after `stop` is set, with no evaluation or
     checkpoint of the epoch it cuts: the last checkpoint stays that of the last whole epoch, which `resume` goes on
-    from. (Added after the trainer's own flow callback, it clears what that one asks for at the epoch's end.)"""
+    from. (Added after the trainer's own flow callback, it clears what that one asks for at the epoch's end.) Set
+    during an epoch's evaluation, it ends that at its next batch (TrainingStopped), before the epoch's checkpoint."""
     from transformers import TrainerCallback
 
     class Stopping(TrainerCallback):
@@ -244,6 +245,13 @@ def stopping(stop: threading.Event) -> TrainerCallback:
             return control
 
         on_epoch_end = on_step_end
+
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if stop.is_set():  # an epoch's evaluation takes as long as a step: cut it, no checkpoint of that epoch
+                raise TrainingStopped(
+                    f"training stopped during the evaluation after step {state.global_step}, no adapter written"
+                )
+            return control
 
     return Stopping()
 

@@ -13,6 +13,7 @@ import math
 import re
 import sys
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import training.train as train_module
 from adapters.validate import BaseModelSpec, check_adapter
 from training.config import RetrainConfig
 from training.epochs import EpochLoss, best_epoch, epoch_losses
@@ -182,15 +184,42 @@ def test_a_stop_ends_training_at_a_steps_end_with_no_adapter(
     assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
 
 
+def test_a_stop_during_an_epochs_evaluation_ends_it_with_no_checkpoint_of_that_epoch(
+    base_model_dir: Path, sft_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while epoch 1 is evaluated (as long as a step or more on a large validation split): the evaluation
+    ends at its next batch, and nothing of epoch 1 is kept (no checkpoint, no adapter)."""
+    stop, real = threading.Event(), train_module.stopping
+
+    def sigterm_in_the_evaluation(event: threading.Event) -> Any:
+        callback = real(event)
+        stops = callback.on_prediction_step
+
+        def on_prediction_step(*args: Any, **kwargs: Any) -> Any:
+            event.set()
+            return stops(*args, **kwargs)
+
+        callback.on_prediction_step = on_prediction_step  # type: ignore[method-assign]
+        return callback
+
+    monkeypatch.setattr(train_module, "stopping", sigterm_in_the_evaluation)
+    with pytest.raises(TrainingStopped, match="stopped during the evaluation after step 2, no adapter written"):
+        train(tiny(), sft_data, base_model_dir, tmp_path, stop=stop)
+    assert not (tmp_path / "adapter").exists() and not list((tmp_path / "checkpoints").glob("checkpoint-*"))
+
+
 def test_the_stopping_callback_overrides_the_epochs_evaluation_and_checkpoint() -> None:
     from transformers import TrainerControl
 
     stop = threading.Event()
     callback, control = stopping(stop), TrainerControl(should_evaluate=True, should_save=True)
     assert not callback.on_step_end(None, None, control).should_training_stop
+    assert callback.on_prediction_step(None, None, control) is control, "an evaluation goes on until then"
     stop.set()
     stopped = callback.on_epoch_end(None, None, control)
     assert stopped.should_training_stop and not (stopped.should_evaluate or stopped.should_save)
+    with pytest.raises(TrainingStopped, match="during the evaluation"):
+        callback.on_prediction_step(None, types.SimpleNamespace(global_step=4), control)
 
 
 def test_early_stopping_keeps_the_best_epoch(base_model_dir: Path, tmp_path: Path) -> None:
