@@ -120,11 +120,16 @@ async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: st
     raise RetrainRefused(f"The pin of `{name}` kept moving while the run tried to hold it: ask again.")
 
 
-async def release_bare_name(pointers: PointerStore, tenant: str, held: str) -> bool:
-    """Undo `hold_bare_name` for a candidate that was not listed: unpin the name, only if it is still pinned where
-    the run pinned it (`held`, `name@V`); an operator's pin since stays."""
+async def release_bare_name(pointers: PointerStore, store: AdapterStore, tenant: str, held: str) -> bool:
+    """Undo `hold_bare_name` for a candidate that was not listed: unpin the name, only where that changes nothing
+    (the name's latest listed version is still `held`, `name@V`: another run's listed candidate, or this one's, keeps
+    its pin) and only if it is still pinned where the run pinned it (an operator's pin since stays)."""
     ref = AdapterRef.parse(held)
-    return await pointers.pin_if(tenant, ref.name, ref.version, None)
+    try:
+        latest = await asyncio.to_thread(store.resolve, AdapterRef(ref.name), None)
+    except AdapterNotFound:
+        return False
+    return latest.version == ref.version and await pointers.pin_if(tenant, ref.name, ref.version, None)
 
 
 async def canary_started(experiments: ExperimentStore, tenant: str, name: str) -> bool:

@@ -17,7 +17,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,15 +88,28 @@ async def _in_thread(
     (training checks it at each step's end), waits for the thread to end, undoes what it made (`undo`: a version
     it staged), and only then lets the cancellation through. Without the wait the thread would go on after the step
     said it stopped, and asyncio.run would wait for it at exit, past a SIGTERM's grace."""
-    work = asyncio.ensure_future(asyncio.to_thread(call))
+
+    async def undone(result: T) -> None:
+        if undo is not None:
+            await asyncio.to_thread(undo, result)
+
+    return await _to_the_end(asyncio.to_thread(call), stop, undone)
+
+
+async def _to_the_end(
+    work: Awaitable[T], stop: threading.Event | None = None, cancelled: Callable[[T], Awaitable[Any]] | None = None
+) -> T:
+    """`work` awaited to its end even when the step is cancelled meanwhile: then `stop` is set, and once the work is
+    done, `cancelled(result)` deals with what it made before the cancellation goes on."""
+    task = asyncio.ensure_future(work)
     try:
-        return await asyncio.shield(work)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         if stop is not None:
             stop.set()
-        await asyncio.wait([work])
-        if undo is not None and not work.cancelled() and work.exception() is None:
-            await asyncio.to_thread(undo, work.result())
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None and cancelled is not None:  # retrieves its error too
+            await cancelled(task.result())
         raise
 
 
@@ -253,10 +266,15 @@ async def _listed(run: Run, stack: Stack, pointers: PointerStore, candidate: Man
     not listed again."""
     state, store = run.state, stack.registry.store(run.state.tenant)
     if not candidate.listed:
-        held = await publish.hold_bare_name(pointers, store, state.tenant, candidate.name)
+
+        async def keep(held: Manifest | None) -> None:  # also when the step is stopped as the pin is written
+            if held is not None:
+                state.pinned = held.ref
+                run.save()
+
+        held = await _to_the_end(publish.hold_bare_name(pointers, store, state.tenant, candidate.name), None, keep)
+        await keep(held)
         if held is not None:
-            state.pinned = held.ref
-            run.save()
             progress(f"`{candidate.name}` pinned to {held.ref}: its callers keep it (`loragate adapters pin` moves it)")
             # Gateways see a pin at their next state poll, a listing at their next look in the store: wait.
             await asyncio.sleep(2 * stack.settings.state_poll_s)
@@ -340,8 +358,9 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
                 await asyncio.to_thread(publish.discard, store, candidate)
         except Exception:  # noqa: BLE001 - already failing; the original error matters more
             pass
-        if not state.published and int(version) not in await asyncio.to_thread(store.versions, name):
-            state.candidate = None  # forgotten only once gone (a removal that failed half-way is gone too)
+        with contextlib.suppress(Exception):  # the store unreadable: the original error matters more
+            if not state.published and int(version) not in await asyncio.to_thread(store.versions, name):
+                state.candidate = None  # forgotten only once gone (a removal that failed half-way is gone too)
     if isinstance(exc, TenantGone):
         return exc
     try:
@@ -351,8 +370,9 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
         pass
     if state.pinned and not state.published:  # its pin held a name for a candidate that was not listed
         with contextlib.suppress(Exception):  # Redis away: the pin stays (a name pinned where it served)
-            await asyncio.wait_for(publish.release_bare_name(PointerStore(stack.state), state.tenant, state.pinned),
-                                   OWNER_CHECK_S)  # fmt: skip
+            pointers, store = PointerStore(stack.state), stack.registry.store(state.tenant)
+            released = publish.release_bare_name(pointers, store, state.tenant, state.pinned)
+            await asyncio.wait_for(released, OWNER_CHECK_S)
             state.pinned = None
     stopped = isinstance(exc, asyncio.CancelledError)
     state.error = "stopped (SIGTERM or Ctrl-C)" if stopped else f"{type(exc).__name__}: {exc}"

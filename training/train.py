@@ -2,9 +2,9 @@
 
 `train` is synchronous and holds the CPU (or GPU) for minutes: callers run it in a thread or a
 subprocess, never on an event loop, and stop it early through a `threading.Event` (a thread cannot be
-cancelled; the trainer checks it at each step's end). It refuses up front what the engine could not
-serve (a rank above --max-lora-rank, modules the base lacks), trains with per-epoch validation, early stopping
-and a checkpoint per epoch in RUN_DIR/checkpoints (`resume=True` continues from the last one), and
+cancelled; the trainer checks it at each step's end and each evaluation batch). It refuses up front what the
+engine could not serve (a rank above --max-lora-rank, modules the base lacks), trains with per-epoch validation,
+early stopping and a checkpoint per epoch in RUN_DIR/checkpoints (`resume=True` continues from the last one), and
 writes RUN_DIR/adapter only after the registry's own check (adapters.validate) accepts it.
 
 Hardware: on CUDA the base is loaded in bitsandbytes 4-bit NF4 (QLoRA) unless `qlora` is False;
@@ -60,7 +60,8 @@ class TrainingRefused(TrainingError):
 
 
 class TrainingStopped(TrainingError):
-    """Stopped on request (`stop` set) at a step's end: no adapter written; the checkpoints of the epochs done stay."""
+    """Stopped on request (`stop` set) at a step's end (or an evaluation batch's): no adapter written; the checkpoints
+    of the epochs done stay."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def train(
 
     Blocking. `resume=True` continues from the last checkpoint in RUN_DIR/checkpoints (from scratch when
     there is none); otherwise old checkpoints there are removed first. `stop` set (from another thread):
-    training ends at its next step's end, and TrainingStopped is raised instead of an adapter written.
+    training ends at its next step's (or evaluation batch's) end, and TrainingStopped is raised instead of an
+    adapter written.
     """
     started = time.perf_counter()
     report = progress or (lambda _: None)

@@ -123,8 +123,8 @@ def run_all(
     run = _new_run(tenant, alias, _config(config, ctx.args))
     console.log(f"run {run.state.run_id} in {run.folder}")
     stopped = (
-        f"training (if under way) stopped at a step's end, any unlisted candidate was removed, and {run.folder}/"
-        "run.json says how far the run got"
+        "training (if under way) stopped at a step's (or an evaluation batch's) end, any unlisted candidate was "
+        f"removed, and {run.folder}/run.json says how far the run got"
     )
     _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url, stopped)
     summary(run)
@@ -153,8 +153,8 @@ def fit_step(
 
     run = _load(run_dir)
     stopped = (
-        f"training stopped at a step's end, the fit step not done; `loragate train fit --run {run.folder} --resume` "
-        "goes on from the last whole epoch's checkpoint"
+        "training stopped at a step's (or an evaluation batch's) end, the fit step not done; `loragate train fit "
+        f"--run {run.folder} --resume` goes on from the last whole epoch's checkpoint"
     )
     _with_stack(lambda stack: fit(run, stack, _say, resume), None, stopped)
     _losses(run)

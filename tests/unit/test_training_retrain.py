@@ -167,6 +167,44 @@ async def test_a_run_failing_before_its_candidate_is_listed_releases_its_pin(
     assert await world.redis.hget(keys.pins(TENANT), "helper") == ("1" if moved else None)
 
 
+async def test_a_failing_run_keeps_the_pin_that_holds_another_runs_candidate_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on `helper`: this one pinned it to helper@1, the other lists its own candidate (helper@3) behind that
+    pin; this one then fails before listing. Unpinning would give every caller of `helper` the other candidate at
+    100%: the pin stays."""
+    run = await world.run()
+
+    def another_run_lists_then_this_listing_fails(*args: Any, **kwargs: Any) -> Any:
+        world.store.add(world.folder, "helper", world.base, 16)  # helper@3, listed
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(publish, "publish", another_run_lists_then_this_listing_fails)
+    with pytest.raises(OSError, match="No space left"):
+        await retrain(run, world.stack, quiet)
+    assert world.store.versions("helper") == [1, 3] and await world.served("helper") == "helper@1"
+
+
+async def test_a_pin_written_as_the_step_is_stopped_is_released_with_its_candidate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the pin is being written: the write ends, the run records it, and removing the candidate
+    removes the pin too (before, the pin stayed and the run did not know it was its own)."""
+    run = await world.run()
+    real, started = PointerStore.pin_if, threading.Event()
+
+    async def slow(self: PointerStore, *args: Any) -> bool:
+        written = await real(self, *args)
+        started.set()
+        await asyncio.sleep(0.2)  # its reply on its way
+        return written
+
+    monkeypatch.setattr(PointerStore, "pin_if", slow)
+    await _cancelled_once_started(retrain(run, world.stack, quiet), started)
+    assert run.state.pinned is None and run.state.candidate is None and world.store.versions("helper") == [1]
+    assert await world.redis.hget(keys.pins(TENANT), "helper") is None
+
+
 async def test_an_alias_repointed_since_the_dataset_is_not_sent_back(world: World) -> None:
     """The canary's control arm is what the alias served when the run began: had the operator moved it since, the
     canary would move 100 - canary_weight percent of its traffic back. Refused, nothing changed; and the run goes
