@@ -96,6 +96,11 @@ def quota_tokens(scope: str, minute: int) -> str:
     return f"{PREFIX}:quota:{scope}:tokens:{minute}"
 
 
+def quota_settled(batch: str) -> str:
+    """Marks a batch of token corrections as applied (a batch sent again after a lost reply is not applied twice)."""
+    return f"{PREFIX}:quota:settled:{batch}"
+
+
 def replica_lock(replica: str) -> str:
     """Short lock held by the gateway process that loads or evicts adapters on one vLLM replica."""
     return f"{PREFIX}:replica:{replica}:lock"

@@ -8,7 +8,8 @@ pass, so N gateway processes sharing one Redis admit no more than the limit betw
 - Tokens: a sliding-window counter (this minute's tokens plus the previous minute's, weighted by how
   much of it is still inside the window). A request reserves its `max_tokens` (or a configured
   default) plus an estimate of its prompt before it is forwarded; `settle` corrects the reservation
-  by the real usage afterwards (corrections are batched and sent every 0.1 s, off the request path).
+  by the real usage afterwards (corrections are batched and sent every 0.1 s, off the request path; a batch
+  is applied once).
 - Leases (gateway/quota_leases.py): where a window has room to spare, an admission also takes room for a
   few more like it, so most requests of a busy tenant are admitted in-process; near a limit every request
   is checked in Redis. What a lease holds counts as used from the start, so the limits still hold.
@@ -21,9 +22,11 @@ pass, so N gateway processes sharing one Redis admit no more than the limit betw
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -209,6 +212,20 @@ def _check_cost(scopes: Scopes, cost: int) -> None:
             )
 
 
+# KEYS: the batch's mark, then token counters. ARGV: each counter's correction. A batch is applied once (sent again
+# after a lost reply, it is skipped), and only to windows that still exist: a correction does not re-create a window
+# that expired or that Redis lost (a restart without it), and none takes a counter below zero, which would give room.
+_SETTLE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 180) then return 0 end
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('INCRBY', KEYS[i], ARGV[i - 1]) < 0 then
+    redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+  end
+end
+return 1
+"""
+
+
 class QuotaGate:
     def __init__(
         self,
@@ -224,8 +241,13 @@ class QuotaGate:
         self._admit = ScriptLane(redis, _ADMIT)
         self._retime = ScriptLane(redis, _RETIME, size=1)
         self._unlease = ScriptLane(redis, _UNLEASE, size=1)
+        self._settle = ScriptLane(redis, _SETTLE, size=1)
         self._leases = leases or LeaseBook()
         self._corrections: Counter[str] = Counter()
+        self._settling: tuple[str, Counter[str]] | None = None
+        """A batch of corrections sent, its reply not seen: sent again as it is (its mark makes that safe)."""
+        self._batches = itertools.count()
+        self._process = uuid.uuid4().hex
         self.clock = clock or RedisClock(redis)
         """Token counters are named by Redis's minute, whatever this host's clock says (measured by `run`)."""
 
@@ -293,6 +315,8 @@ class QuotaGate:
     def _refusal(found: list[int], headers: dict[str, str], cost: int) -> RateLimited:
         by_requests = found[1] == 1
         limit, reset = (found[2], found[4]) if by_requests else (found[5], found[7])
+        # Over both limits, the request fits once both have room: the later of their resets.
+        reset = max(reset, *(at for kind, left, at in (found[2:5], found[5:8]) if kind != -1 and left <= 0))
         what = "requests per minute" if by_requests else f"tokens per minute (this request needs {cost})"
         error = RateLimited(
             f"Rate limit reached for {what}: limit {limit}. Please try again in {duration(reset)}.",
@@ -310,11 +334,14 @@ class QuotaGate:
 
     async def flush(self) -> None:
         """Send the token corrections, and what leases give back (see gateway/quota_leases.py); what fails to go
-        is kept for the next flush."""
+        is kept for the next flush. A batch of corrections whose reply was lost is sent again as it was, and is
+        applied once."""
         returns = self._leases.due()
-        corrections, self._corrections = self._corrections, Counter()
-        counters = Counter(corrections)  # what goes out: the corrections plus the tokens leases give back
-        counters.update(returns.tokens)
+        self._corrections.update(returns.tokens)  # the tokens leases give back go with the corrections
+        returns.tokens = {}
+        if self._settling is None and self._corrections:
+            self._settling = (f"{self._process}:{next(self._batches)}", self._corrections)
+            self._corrections = Counter()
         logs = returns.retime.keys() | returns.remove.keys()
         calls: list[Call] = [
             ([key], [len(returns.retime.get(key, [])), *returns.retime.get(key, []), *returns.remove.get(key, [])])
@@ -329,15 +356,12 @@ class QuotaGate:
                 await self._retime.many(calls)
             if lost:
                 await self._unlease.many(lost)
-            if counters:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, delta in counters.items():
-                        pipe.incrby(key, delta)
-                        pipe.expire(key, 2 * WINDOW_S + 1)
-                    await pipe.execute()
+            if self._settling is not None:
+                batch, counters = self._settling
+                await self._settle([keys.quota_settled(batch), *counters], list(counters.values()))
+                self._settling = None
         except (RedisError, OSError):
             self._leases.unsent(returns)  # re-timing, removing and ZREM of lost asks are safe to send twice
-            self._corrections.update(corrections)
 
     async def run(self, interval_s: float = 0.1) -> None:
         """Send the corrections every `interval_s`; measure the state Redis's clock when due."""
@@ -353,3 +377,4 @@ class QuotaGate:
             await self._admit.close()
             await self._retime.close()
             await self._unlease.close()
+            await self._settle.close()

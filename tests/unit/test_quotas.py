@@ -74,6 +74,61 @@ async def test_tokens_are_reserved_then_settled_by_real_usage(redis: aioredis.Re
     assert admitted.headers["x-ratelimit-limit-tokens"] == "1000"
 
 
+async def test_a_correction_whose_reply_was_lost_is_applied_once(redis: aioredis.Redis) -> None:
+    """Redis applied the batch, then the connection dropped before its reply: sent again, it is not applied twice
+    (twice, a negative correction would leave the window with room it does not have, for every process)."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="acme", limits=Limits(tpm=1000))
+    first = await gate.admit(KEY, tenant, "a", 400)
+    (counter,) = first.token_keys
+    real = gate._settle  # noqa: SLF001
+
+    async def reply_lost(keys: list[str], args: list[object]) -> object:
+        await real(keys, args)
+        raise ConnectionError("the connection dropped before the reply came")
+
+    gate._settle = reply_lost  # type: ignore[assignment,method-assign] # noqa: SLF001
+    gate.settle(first, used_tokens=50)
+    await gate.flush()
+    assert await redis.get(counter) == "50"
+    gate._settle = real  # noqa: SLF001
+    await gate.flush()
+    assert await redis.get(counter) == "50", "not 400 - 350 - 350"
+    second = await gate.admit(KEY, tenant, "b", 100)
+    admitted = int(await redis.get(counter))  # 50, its 100 and the room of any lease it took
+    gate.settle(second, used_tokens=10)
+    await gate.flush()
+    assert int(await redis.get(counter)) == admitted - 90, "the batches after it go on"
+
+
+async def test_a_correction_neither_recreates_a_lost_window_nor_goes_below_zero(redis: aioredis.Redis) -> None:
+    """Redis lost the window (a restart without it, an eviction) while requests were under way: their corrections,
+    negative, do not re-create it below zero, which would give the tenant room it never had."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="acme", limits=Limits(tpm=1000))
+    first, second = await gate.admit(KEY, tenant, "a", 400), await gate.admit(KEY, tenant, "b", 400)
+    (counter,) = first.token_keys
+    await redis.delete(counter)
+    gate.settle(first, used_tokens=50)
+    await gate.flush()
+    assert await redis.exists(counter) == 0
+    await redis.set(counter, 100, ex=120)  # what was admitted since, in the new window
+    gate.settle(second, used_tokens=50)
+    await gate.flush()
+    assert await redis.get(counter) == "0" and 0 < await redis.ttl(counter) <= 120
+
+
+async def test_over_both_limits_retry_after_waits_for_the_later(redis: aioredis.Redis) -> None:
+    """Over requests and tokens at once: Retry-After is when both have room, not when the requests' log does (a
+    client that follows it would be refused again)."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="acme", limits=Limits(rpm=1, tpm=100))
+    await gate.admit(KEY, tenant, "a", 100)
+    refused = await attempt(gate, tenant, 2, cost=100)
+    assert isinstance(refused, RateLimited) and refused.type == "requests"
+    assert int(refused.headers["retry-after"]) > 60, "the tokens' window: this minute's rest and the next"
+
+
 async def test_a_key_limit_applies_on_top_of_its_tenant(redis: aioredis.Redis) -> None:
     gate = QuotaGate(redis, Metrics(), 256)
     tenant = Tenant(name="acme", limits=Limits(rpm=100))
