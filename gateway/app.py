@@ -54,6 +54,8 @@ UPSTREAM_KEEPALIVE_S = 4.0
 VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the gateway closes it first. Kept longer, a request could be sent on a
 connection the engine was closing just then: "Server disconnected", and the engine taken for down until its
 next health check (a burst after a few idle seconds got 503s from every replica at once)."""
+SHARE_USES_S = 1.0
+"""How often each process shares its adapter uses (well within a use's protection, `Residency.protect_s`)."""
 
 
 @dataclass
@@ -115,8 +117,9 @@ class Services:
 
 
 async def _maintain(svc: Services) -> None:
+    """A maintenance round at once (hot adapters are pinned from the start: none is made room for), then one every
+    health interval."""
     while True:
-        await asyncio.sleep(svc.settings.health_interval_s)
         try:
             await svc.placement.maintain(await svc.hot_routes())
             await svc.keys.flush_uses()
@@ -124,6 +127,19 @@ async def _maintain(svc: Services) -> None:
             log.warning("adapter maintenance: %s", exc.message)
         except Exception:
             log.exception("maintenance failed; trying again next round")
+        await asyncio.sleep(svc.settings.health_interval_s)
+
+
+async def _share_uses(svc: Services, interval_s: float = SHARE_USES_S) -> None:
+    """This process's adapter uses, shared every second whatever a maintenance round waits for (a replica's lock, a
+    hot adapter's load, a slow replica): a process making room on a replica must see them, or it unloads an adapter
+    in use here."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await svc.placement.share_uses()
+        except Exception:
+            log.exception("sharing adapter uses failed; trying again")
 
 
 async def _keep_records(svc: Services) -> None:
@@ -241,6 +257,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
     await svc.pool.start()
     return [
         asyncio.create_task(_maintain(svc)),
+        asyncio.create_task(_share_uses(svc)),
         asyncio.create_task(watcher.run()),
         asyncio.create_task(svc.quotas.run()),
         asyncio.create_task(_keep_records(svc)),

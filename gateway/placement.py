@@ -225,6 +225,10 @@ class Placement:
                     log.warning("keeping %s loaded on %s: %s", route.upstream_model, replica.url, exc.message)
         await self._residency.flush_uses()
 
+    async def share_uses(self) -> None:
+        """Share this process's adapter uses now (also done at the end of each maintenance round)."""
+        await self._residency.flush_uses()
+
     def _deleted(self, names: list[str]) -> list[str]:
         return [name for name in names if self._registry.deleted(name)]
 

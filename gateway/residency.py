@@ -105,13 +105,14 @@ class Residency:
         return True
 
     async def _renew(self, replica: str, token: str) -> None:
-        """Keep the lock while its owner works (a load can wait long behind generation steps)."""
+        """Keep the lock while its owner works (a load can wait long behind generation steps); a renewal Redis did
+        not answer is tried again at the next (the lock lasts three of them), until the lock is given back."""
         while True:
             await asyncio.sleep(self.LOCK_TTL_MS / 3000)
             try:
                 await self._release(keys=[keys.replica_lock(replica)], args=[token, self.LOCK_TTL_MS])
-            except (RedisError, OSError):
-                return
+            except (RedisError, OSError) as exc:
+                log.debug("residency lock of %s not renewed this time: %r", replica, exc)
 
     async def loaded(self, replica: str) -> list[str] | None:
         """The adapters vLLM says the replica holds, or None when it cannot be asked."""

@@ -4,15 +4,18 @@ affinity, and residency shared by two gateway processes."""
 from __future__ import annotations
 
 import asyncio
+import types
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.manifest import Manifest
 from adapters.registry import Registry
+from gateway import app as app_module
 from gateway import clock, keys, residency
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import UpstreamError
@@ -278,6 +281,53 @@ async def test_an_adapter_another_process_uses_is_never_evicted(
     finally:
         await session_a.close()
         await session_b.close()
+
+
+async def test_uses_are_shared_every_second_without_a_maintenance_round(
+    fakes, redis_server: RedisServer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A's maintenance round can wait long (a replica's lock, a hot adapter's load): its uses are shared by a loop
+    of their own, so B, making room, still leaves what A uses alone."""
+    (fake, _), urls = fakes[0], fakes[1][:1]
+    a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
+    sharing = asyncio.create_task(app_module._share_uses(types.SimpleNamespace(placement=a), 0.01))  # noqa: SLF001
+    try:
+        for name in ("x", "y", "z"):
+            await use(a, route(name))
+        await asyncio.sleep(0.2)  # A never runs `maintain`
+        await use(b, route("w"))
+        assert {"x@1", "y@1", "z@1", "w@1"} <= fake.loaded, "all in use by A within protect_s: nothing evicted"
+    finally:
+        sharing.cancel()
+        await session_a.close()
+        await session_b.close()
+
+
+async def test_a_renewal_redis_did_not_answer_is_tried_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One renewal lost (Redis slow for a moment): the lock is renewed at the next, not left to expire under a load
+    that goes on (another process would then make room on the replica at the same time)."""
+    import redis.asyncio as aioredis
+
+    monkeypatch.setattr(Residency, "LOCK_TTL_MS", 300)  # renewed every 0.1 s
+    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    async with aiohttp.ClientSession() as session:
+        held = Residency(redis, session, capacity=3)
+        real, failures = held._release, [RedisTimeoutError("Timeout reading from socket")]  # noqa: SLF001
+
+        async def once_unanswered(**kwargs: object) -> object:
+            if failures and kwargs["args"][1]:  # type: ignore[index]
+                raise failures.pop()
+            return await real(**kwargs)
+
+        held._release = once_unanswered  # type: ignore[method-assign] # noqa: SLF001
+        async with held.exclusive("http://replica"):
+            await asyncio.sleep(0.6)  # twice the lock's life: held only if renewed after the failure
+            assert not failures and await redis.pttl(keys.replica_lock("http://replica")) > 0
+        assert await redis.exists(keys.replica_lock("http://replica")) == 0, "given back"
+    await redis.aclose()
 
 
 async def test_an_adapter_another_process_used_lately_is_not_evicted_after_this_ones_own_use(
