@@ -172,9 +172,19 @@ async def users(
 def _in_use(ref: str, found: list[str]) -> str:
     """The refusal of a delete of `ref` while `found` (users) serve it."""
     return (
-        f"`{ref}` is in use by {'; '.join(found)}: repoint the alias, or promote, roll back or stop the "
+        f"`{ref}` is in use by {'; '.join(found)}: repoint the alias or the pin, or promote, roll back or stop the "
         "experiment first."
     )
+
+
+def _other_listed(store: AdapterStore, name: str, version: int) -> bool:
+    """Whether `name` has a listed version besides `version` (deleting a pinned `version` would move the bare name's
+    callers there, at once and at 100%: a retraining run's candidate, say, in the middle of its canary)."""
+    for other in store.versions(name):
+        with suppress(AdapterNotFound):
+            if other != version and store.manifest(name, other).listed:
+                return True
+    return False
 
 
 async def delete_version(
@@ -195,6 +205,9 @@ async def delete_version(
     async with holding(redis, [(tenant, ref.name)], tenant):
         manifest = await asyncio.to_thread(store.manifest, ref.name, version)
         found = await users(redis, experiments, tenant, manifest.ref, name_others=name_others)
+        if await redis.hget(keys.pins(tenant), ref.name) == str(version):
+            if await asyncio.to_thread(_other_listed, store, ref.name, version):
+                found.append(f"the pin of `{ref.name}` (its callers would move to another version)")
         if found:
             raise VersionInUse(_in_use(manifest.ref, found))
         await asyncio.to_thread(store.remove, ref.name, manifest.version)

@@ -80,6 +80,21 @@ def test_the_cli_deletes_no_version_in_use(api: TestClient, redis_server: RedisS
     assert deleted.returncode == 0 and "deleted bot@2" in deleted.stdout, deleted.stderr
 
 
+def test_a_pinned_version_is_not_deleted_while_its_name_has_another(api: TestClient) -> None:
+    """Deleted, a pinned version would move every caller of the bare name to its latest version at once (a
+    retraining run's candidate in the middle of its canary, say): refused until the pin moves. Its name's last
+    version goes with its pin, as an unpinned one does."""
+    tenant = "/admin/tenants/acme/adapters"
+    assert api.put(f"{tenant}/bot/pin", json={"version": 1}).status_code == 200
+    message = refused(api.delete(f"{tenant}/bot@1"), 409, "version_in_use")
+    assert "the pin of `bot`" in message and "repoint the alias or the pin" in message
+    assert api.delete(f"{tenant}/bot@2").status_code == 200, "not the pinned one"
+    assert api.put(f"{tenant}/bot/pin", json={"version": 3}).status_code == 200
+    assert api.delete(f"{tenant}/bot@1").status_code == 200
+    assert api.delete(f"{tenant}/bot@3").status_code == 200, "the last one: no caller moves anywhere"
+    assert api.get(f"{tenant}/bot").status_code == 404
+
+
 def test_a_tenant_refused_a_delete_learns_how_many_other_tenants_use_it_not_who(api: TestClient) -> None:
     assert api.post("/admin/tenants", json={"name": "globex"}).status_code == 201
     assert api.put("/admin/tenants/acme/adapters/bot/share", json={"tenants": ["globex"]}).status_code == 200
