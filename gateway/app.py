@@ -118,7 +118,8 @@ class Services:
 
 async def _maintain(svc: Services) -> None:
     """A maintenance round at once (hot adapters are pinned from the start: none is made room for), then one every
-    health interval."""
+    health interval. Uses are dated by Redis's clock: it is measured first."""
+    await svc.quotas.clock.try_sync()
     while True:
         try:
             await svc.placement.maintain(await svc.hot_routes())

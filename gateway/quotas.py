@@ -45,6 +45,9 @@ from gateway.tenants import Tenant
 log = logging.getLogger("loragate.quotas")
 
 WINDOW_S = 60
+MAX_USED_TOKENS = 2**40
+"""A usage past this (an engine's bug) is taken as this: a correction out of INCRBY's range would fail its batch's
+script half-way, and the batch is not sent again (its mark is set first)."""
 GIVE_BACK_RACE_S = 0.5
 """A request refused within this long of its process giving a lease's room back is checked once more."""
 
@@ -53,7 +56,8 @@ GIVE_BACK_RACE_S = 0.5
 # scope rpm, tpm (0: none). Time is Redis's own (TIME), so gateways on hosts whose clocks differ agree.
 # Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens), then for requests and for tokens the
 # tightest limit, remaining and milliseconds to reset (-1 where no scope has that limit), then how many
-# requests were leased (members MEMBER:1..n in each requests log, n * cost in each tokens counter).
+# requests were leased (members MEMBER:1..n in each requests log, n * cost in each tokens counter), then the
+# kinds of limit that refused (1 requests, 2 tokens, 3 both).
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -61,7 +65,7 @@ local member, cost = ARGV[1], tonumber(ARGV[2])
 local lease, share = tonumber(ARGV[3]), tonumber(ARGV[4])
 local window = 60
 local into = (now % window) / window
-local out = {1, 0, -1, -1, -1, -1, -1, -1, 0}
+local out = {1, 0, -1, -1, -1, -1, -1, -1, 0, 0}
 local function tighter(at, limit, remaining, reset)
   if out[at] == -1 or remaining < out[at + 1] then
     out[at], out[at + 1], out[at + 2] = limit, remaining, reset
@@ -69,6 +73,7 @@ local function tighter(at, limit, remaining, reset)
 end
 -- A scope that refuses is the one reported (of several, the one whose room comes back last).
 local function refused(kind, at, limit, reset)
+  if out[10] % (2 * kind) < kind then out[10] = out[10] + kind end  -- the kinds that refused: 1 requests, 2 tokens
   if out[1] == 1 or (out[2] == kind and reset > out[at + 2]) then
     out[1], out[2] = 0, kind
     out[at], out[at + 1], out[at + 2] = limit, 0, reset
@@ -315,8 +320,8 @@ class QuotaGate:
     def _refusal(found: list[int], headers: dict[str, str], cost: int) -> RateLimited:
         by_requests = found[1] == 1
         limit, reset = (found[2], found[4]) if by_requests else (found[5], found[7])
-        # Over both limits, the request fits once both have room: the later of their resets.
-        reset = max(reset, *(at for kind, left, at in (found[2:5], found[5:8]) if kind != -1 and left <= 0))
+        if found[9] == 3:  # over both limits: the request fits once both have room, the later of their resets
+            reset = max(found[4], found[7])
         what = "requests per minute" if by_requests else f"tokens per minute (this request needs {cost})"
         error = RateLimited(
             f"Rate limit reached for {what}: limit {limit}. Please try again in {duration(reset)}.",
@@ -329,6 +334,7 @@ class QuotaGate:
         """Replace a request's token reservation by what it really used (when the engine said). Corrections
         are batched: `flush` sends them, off the request path."""
         if admission.token_keys and used_tokens is not None and used_tokens != admission.reserved:
+            used_tokens = min(max(int(used_tokens), 0), MAX_USED_TOKENS)  # INCRBY's range: one bad usage, one batch
             for key in admission.token_keys:
                 self._corrections[key] += used_tokens - admission.reserved
 

@@ -17,6 +17,7 @@ Training writes only through the adapter registry (adapters.store):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,19 @@ async def still_serving(
     return stored
 
 
-async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: str, name: str) -> Manifest | None:
+async def hold_bare_name(
+    pointers: PointerStore,
+    store: AdapterStore,
+    tenant: str,
+    name: str,
+    intend: Callable[[Manifest], None] | None = None,
+) -> Manifest | None:
     """Pin the bare adapter `name` to the version it serves now, unless a pin already holds it there; returns that
     version (None: nothing to hold). Listed, a candidate is the name's latest version, which every unpinned caller
     of `name` (and every tenant it is shared with: they resolve it with its owner's pins) would get at once and at
     100%, whatever the canary's split. A name with no listed version serves no one yet, and is not pinned. The pin
-    is written only while the name is pinned as it was read (an operator's pin meanwhile is read again)."""
+    is written only while the name is pinned as it was read (an operator's pin meanwhile is read again); `intend` is
+    told the version before each write (a write whose reply is lost may have happened)."""
     for _ in range(PIN_TRIES):
         pinned = (await pointers.of(tenant)).pins.get(name)
         try:
@@ -115,6 +123,8 @@ async def hold_bare_name(pointers: PointerStore, store: AdapterStore, tenant: st
             return None
         if now.version == pinned:
             return None
+        if intend is not None:
+            intend(now)
         if await pointers.pin_if(tenant, name, pinned, now.version):
             return now
     raise RetrainRefused(f"The pin of `{name}` kept moving while the run tried to hold it: ask again.")

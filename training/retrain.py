@@ -267,13 +267,15 @@ async def _listed(run: Run, stack: Stack, pointers: PointerStore, candidate: Man
     state, store = run.state, stack.registry.store(run.state.tenant)
     if not candidate.listed:
 
-        async def keep(held: Manifest | None) -> None:  # also when the step is stopped as the pin is written
-            if held is not None:
-                state.pinned = held.ref
-                run.save()
+        def intend(now: Manifest) -> None:  # recorded before the write: a pin whose reply is lost is the run's too
+            state.pinned = now.ref
+            run.save()
 
-        held = await _to_the_end(publish.hold_bare_name(pointers, store, state.tenant, candidate.name), None, keep)
-        await keep(held)
+        earlier = state.pinned
+        held = await publish.hold_bare_name(pointers, store, state.tenant, candidate.name, intend)
+        if held is None and state.pinned != earlier:  # an operator's pin came first
+            state.pinned = earlier
+            run.save()
         if held is not None:
             progress(f"`{candidate.name}` pinned to {held.ref}: its callers keep it (`loragate adapters pin` moves it)")
             # Gateways see a pin at their next state poll, a listing at their next look in the store: wait.

@@ -19,7 +19,7 @@ from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.quota_leases import LeaseBook
-from gateway.quotas import _UNLEASE, Admission, QuotaGate, duration
+from gateway.quotas import _UNLEASE, MAX_USED_TOKENS, Admission, QuotaGate, _scopes, duration
 from gateway.tenants import Limits, Tenant
 from tests.conftest import RedisServer, free_port
 
@@ -118,6 +118,19 @@ async def test_a_correction_neither_recreates_a_lost_window_nor_goes_below_zero(
     assert await redis.get(counter) == "0" and 0 < await redis.ttl(counter) <= 120
 
 
+async def test_an_absurd_usage_does_not_cost_the_corrections_batched_with_it(redis: aioredis.Redis) -> None:
+    """An engine reporting 10**30 tokens: out of INCRBY's range, its correction would fail the batch's script half-way
+    (the other corrections of the batch lost with it). It is taken as MAX_USED_TOKENS."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant, other = Tenant(name="acme", limits=Limits(tpm=1000)), Tenant(name="beta", limits=Limits(tpm=1000))
+    absurd, fine = await gate.admit(KEY, tenant, "a", 400), await gate.admit(KEY, other, "b", 400)
+    gate.settle(absurd, used_tokens=10**30)
+    gate.settle(fine, used_tokens=50)
+    await gate.flush()
+    assert await redis.get(absurd.token_keys[0]) == str(MAX_USED_TOKENS)
+    assert await redis.get(fine.token_keys[0]) == "50"
+
+
 async def test_over_both_limits_retry_after_waits_for_the_later(redis: aioredis.Redis) -> None:
     """Over requests and tokens at once: Retry-After is when both have room, not when the requests' log does (a
     client that follows it would be refused again)."""
@@ -127,6 +140,23 @@ async def test_over_both_limits_retry_after_waits_for_the_later(redis: aioredis.
     refused = await attempt(gate, tenant, 2, cost=100)
     assert isinstance(refused, RateLimited) and refused.type == "requests"
     assert int(refused.headers["retry-after"]) > 60, "the tokens' window: this minute's rest and the next"
+
+
+async def test_retry_after_ignores_a_limit_that_did_not_refuse(redis: aioredis.Redis) -> None:
+    """Refused for tokens while this request would have taken the requests' last slot (0 remaining, not refused):
+    Retry-After is the tokens' wait, not the requests' window (up to a minute of needless back-off)."""
+    gate = QuotaGate(redis, Metrics(), 256, LeaseBook(max_requests=0))
+    tenant = Tenant(name="acme", limits=Limits(rpm=10, tpm=100))
+    for i in range(9):
+        await gate.admit(KEY, tenant, f"r{i}", 10)
+    checked = await gate._check(_scopes(KEY, tenant), tenant, "r9", 20)  # noqa: SLF001
+    assert not isinstance(checked, Admission)
+    found, _ = checked
+    assert found[:2] == [0, 2] and found[3] == 0 and found[9] == 2, "tokens refused; the requests' slot was free"
+    tokens_only = QuotaGate._refusal([0, 2, 10, 0, 40_000, 100, 0, 3_000, 0, 2], {}, 20)  # noqa: SLF001
+    assert tokens_only.headers["retry-after"] == "3"
+    both = QuotaGate._refusal([0, 1, 10, 0, 2_000, 100, 0, 40_000, 0, 3], {}, 20)  # noqa: SLF001
+    assert both.headers["retry-after"] == "40"
 
 
 async def test_a_key_limit_applies_on_top_of_its_tenant(redis: aioredis.Redis) -> None:

@@ -205,6 +205,27 @@ async def test_a_pin_written_as_the_step_is_stopped_is_released_with_its_candida
     assert await world.redis.hget(keys.pins(TENANT), "helper") is None
 
 
+async def test_a_pin_whose_reply_was_lost_is_released_with_its_candidate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis wrote the pin, then the connection dropped before its reply: the run failed, and the pin (which the run
+    recorded before writing it) goes with its candidate."""
+    run = await world.run()
+    real, lost = PointerStore.pin_if, [ConnectionError("the connection dropped before the reply came")]
+
+    async def reply_lost(self: PointerStore, *args: Any) -> bool:
+        written = await real(self, *args)
+        if lost:
+            raise lost.pop()
+        return written
+
+    monkeypatch.setattr(PointerStore, "pin_if", reply_lost)
+    with pytest.raises(ConnectionError):
+        await retrain(run, world.stack, quiet)
+    assert run.state.pinned is None and run.state.candidate is None
+    assert await world.redis.hget(keys.pins(TENANT), "helper") is None
+
+
 async def test_an_alias_repointed_since_the_dataset_is_not_sent_back(world: World) -> None:
     """The canary's control arm is what the alias served when the run began: had the operator moved it since, the
     canary would move 100 - canary_weight percent of its traffic back. Refused, nothing changed; and the run goes
