@@ -232,10 +232,10 @@ class FeedbackStore:
 
     async def submit(self, tenant: Tenant, given: FeedbackIn) -> tuple[Feedback, bool]:
         """Store feedback; True when it is in Redis (on its disk), False when it waits in the local spool."""
-        feedback = await asyncio.to_thread(self._prepared, tenant, given)
-        owned = await self.owned(tenant, given.completion_id)
+        owned = await self.owned(tenant, given.completion_id)  # first: no redaction's CPU for an id not the tenant's
         if owned is False:
             raise CompletionUnknown(given.completion_id)
+        feedback = await asyncio.to_thread(self._prepared, tenant, given)
         item = {"tenant": tenant.name, "verify": owned is None, "ttl": tenant.logging.max_age_s}
         item["since"] = time.time()  # what versions before `missing_since` time the wait from (a rolling upgrade)
         item["tenant_created"] = tenant.created

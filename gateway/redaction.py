@@ -69,6 +69,9 @@ _PHONE_PUNCTUATION = (
 _PHONE_RUN = re.compile(rf"[+\uff0b(\uff08\[\uff3b]?\d(?:[{_PHONE_PUNCTUATION}]*\d){{6,}}")
 MAX_PHONE_CHECKS = 64
 """Phone candidates validated per record (or per feedback); the rest are redacted unvalidated."""
+MAX_PHONE_RUN_CHARS = 64
+"""A longer run of digits and separators is no one phone number (a list, a table row): redacted whole, unvalidated;
+the matcher takes seconds over a run of 100,000 characters."""
 _VALID = phonenumbers.Leniency.VALID
 _SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_uppercase.encode(), b"9" * 10 + b"A" * 26)
 """An ASCII text's shape: digits as 9, capitals as A, the rest as they are. One table lookup per byte of its
@@ -132,10 +135,10 @@ def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None)
 def _phones(text: str, region: str, findings: Findings) -> _Spans:
     """The matcher parses every number-like candidate (tens of µs each) and text is full of short ones (times, years,
     counts), so it sees only runs of 7+ digits, with 4 characters of context either side for its boundary checks;
-    past the record's MAX_PHONE_CHECKS a run is taken whole, unvalidated."""
+    past the record's MAX_PHONE_CHECKS, or past MAX_PHONE_RUN_CHARS, a run is taken whole, unvalidated."""
     last = 0
     for run in _PHONE_RUN.finditer(text):
-        if findings.phone_checks_left <= 0:
+        if findings.phone_checks_left <= 0 or run.end() - run.start() > MAX_PHONE_RUN_CHARS:
             spans: Iterable[tuple[int, int]] = (run.span(),)
         else:
             findings.phone_checks_left -= 1
