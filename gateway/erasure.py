@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 from gateway.context import MAX_USER_CHARS
-from gateway.record_store import parse_index
+from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, parse_index
 
 PAGE = 500
 MARGIN_S = 2
@@ -49,7 +49,7 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int
     while ids := await redis.srandmember(keys.end_user(tenant, user), PAGE):
         for completion_id in ids:
             ratings = keys.feedback(tenant, completion_id)
-            if await _delete_record(redis, tenant, user, completion_id):
+            if await _delete_record(redis, tenant, user, completion_id, keep_s):
                 removed["completions"] += 1
                 removed["feedback"] += int(await redis.hlen(ratings))
                 await redis.delete(ratings)
@@ -89,22 +89,25 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
     return removed
 
 
-async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str) -> int:
+async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str, keep_s: int) -> int:
     """1 when the completion was the user's own and its record is deleted now; 0 for one they only rated (its
     record is someone else's). An index whose record is gone goes too, with its ratings: the length limit's trim
     deletes the ratings itself (and leaves the index as TRIMMED, which names no tenant), but not for records
     written before entries named their completion (`keys.completion_log`), nor for those trimmed by an age limit
-    lowered since."""
-    owner, entry, _, _ = parse_index(await redis.get(keys.completion(completion_id)))
+    lowered since. The index becomes TRIMMED (for `keep_s`, an hour at least), which refuses every later rating of
+    the completion: others' ratings still in a spool, or sent to a process that answered it, quote the erased
+    conversation and would bring its ratings back."""
+    index = keys.completion(completion_id)
+    owner, entry, _, _ = parse_index(await redis.get(index))
     if owner != tenant or not entry:
         return 0
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)
+    if found and json.loads(found[0][1]["r"]).get("user") != user:
+        return 0
+    await redis.set(index, TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S))
     if not found:
-        await redis.delete(keys.completion(completion_id), keys.feedback(tenant, completion_id))
+        await redis.delete(keys.feedback(tenant, completion_id))
         return 0
-    if json.loads(found[0][1]["r"]).get("user") != user:
-        return 0
-    await redis.delete(keys.completion(completion_id))
     return int(await redis.xdel(keys.completion_log(tenant), entry))
 
 

@@ -101,8 +101,12 @@ async def test_erasing_a_user_takes_every_rating_of_their_completions(
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="agent", thumbs="up"))
     removed = await forget_user(redis, "t", long_name, TENANT.logging.max_age_s)
     assert removed == {"completions": 1, "feedback": 1}
-    assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
+    assert await redis.get(keys.completion("chatcmpl-1")) == TRIMMED, "an index that names no one"
     assert await redis.hkeys(keys.feedback("t", "chatcmpl-2")) == ["agent"], "another user's completion: kept"
+    with pytest.raises(CompletionUnknown):  # this process answered it (`recent`): refused all the same
+        await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="bob", correction="Ann's account"))
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0, "the erased conversation's ratings stay gone"
     tombstone = float(await redis.get(keys.forgotten("t", long_name[:256])) or 0)
     seconds, _ = await redis.time()
     assert tombstone >= seconds + 1, "dated by Redis's clock, with a margin for gateways' clocks"
@@ -120,7 +124,8 @@ async def test_a_completion_trimmed_from_the_log_takes_its_ratings_with_it(
     with pytest.raises(CompletionUnknown):
         await store.of_completion(TENANT, "chatcmpl-1")
     assert await forget_user(redis, "t", "v", TENANT.logging.max_age_s) == {"completions": 0, "feedback": 0}
-    assert await redis.exists(keys.feedback("t", "chatcmpl-1"), keys.completion("chatcmpl-1")) == 0
+    assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
+    assert await redis.get(keys.completion("chatcmpl-1")) in (None, TRIMMED)
 
 
 async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
