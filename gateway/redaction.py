@@ -54,12 +54,14 @@ _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,
 # `re` then skips straight to candidate characters, about twice as fast on ordinary prose.
 _GAP = "[ \u00a0\u202f\u2009\\-\u2010-\u2015\u2212]"
 """Between a card's or an IBAN's groups: a space (no-break and thin ones too) or a dash of any width."""
-_IBAN = re.compile(rf"[A-Z](?<=\b[A-Z])[A-Z]\d\d(?:{_GAP}?[A-Z0-9]{{4}}){{2,7}}(?:{_GAP}?[A-Z0-9]{{1,3}})?\b")
+_IBAN = re.compile(
+    rf"[A-Za-z](?<=\b[A-Za-z])[A-Za-z]\d\d(?:{_GAP}?[A-Za-z0-9]{{4}}){{2,7}}(?:{_GAP}?[A-Za-z0-9]{{1,3}})?\b"
+)  # any case: people type IBANs in lower case too (the checksum is of the upper-cased letters)
 _CARD = re.compile(
-    rf"\d(?<=\b\d)(?:\d{{12,18}}|\d{{3}}(?:{_GAP}\d{{4}}){{3}}(?:{_GAP}\d{{3}})?|\d{{3}}{_GAP}\d{{6}}{_GAP}\d{{4,5}})\b"
+    rf"\d(?<![\d.,]\d)(?:\d{{12,18}}|\d{{3}}(?:{_GAP}\d{{4}}){{3}}(?:{_GAP}\d{{3}})?|\d{{3}}{_GAP}\d{{6}}{_GAP}\d{{4,5}})(?!\d)"
 )
 _NOT_ALNUM = re.compile(r"[^0-9A-Za-z]")
-_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\w|\.\d)")
+_IPV4 = re.compile(r"\d(?<![\d.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\d|\.\d)")  # `srv_10.0.0.1`, `10.0.0.1ms`
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)")
 _PHONE_PUNCTUATION = (
     " \u00a0\u00ad\u200b\u2060\u3000().\\-/\u2010-\u2015\u2212\u30fc\uff0d-\uff0f\uff08\uff09\uff3b\uff3d\\[\\]~"
@@ -73,7 +75,7 @@ MAX_PHONE_RUN_CHARS = 64
 """A longer run of digits and separators is no one phone number (a list, a table row): redacted whole, unvalidated;
 the matcher takes seconds over a run of 100,000 characters."""
 _VALID = phonenumbers.Leniency.VALID
-_SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_uppercase.encode(), b"9" * 10 + b"A" * 26)
+_SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_letters.encode(), b"9" * 10 + b"A" * 52)
 """An ASCII text's shape: digits as 9, capitals as A, the rest as they are. One table lookup per byte of its
 encoding: about a sixth of `str.translate`'s cost, which goes through a dict per character."""
 
@@ -86,7 +88,7 @@ def _is_iban(candidate: str) -> bool:
     return bool(iban.is_valid(_NOT_ALNUM.sub("", candidate)))
 
 
-_LAST_CHARACTER = re.compile(rf"{_GAP}*[A-Z0-9]$")
+_LAST_CHARACTER = re.compile(rf"{_GAP}*[A-Za-z0-9]$")
 _IBAN_MIN_CHARS = 15
 """The shortest IBAN (Norway's)."""
 

@@ -224,3 +224,20 @@ def test_a_long_run_of_numbers_is_redacted_whole_in_bounded_time() -> None:
     redacted, found = Redactor(frozenset({"phone"})).redact(text)
     assert time.perf_counter() - started < 1.0
     assert redacted == "call [PHONE] thanks" and found == {"phone": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("pay to de89 3704 0044 0532 0130 00 please", "pay to [IBAN] please"),
+        ("iban: gb82 West 1234 5698 7654 32.", "iban: [IBAN]."),
+        ("card4111111111111111", "card[CARD]"),
+        ("4111111111111111exp 12/29", "[CARD]exp 12/29"),
+        ("srv_192.168.1.10 is down", "srv_[IP] is down"),
+        ("ping 10.0.0.1ms", "ping [IP]ms"),
+        ("v1.2.3 costs 1,234,567.89 for order 1234567890123", "v1.2.3 costs 1,234,567.89 for order 1234567890123"),
+    ],
+)
+def test_lower_case_ibans_and_numbers_glued_to_words(text: str, redacted: str) -> None:
+    """Typed as people type them: an IBAN in lower case, a card or an address run into a word or a unit."""
+    assert Redactor(frozenset(PII_KINDS)).redact(text)[0] == redacted
