@@ -81,7 +81,7 @@ local function signal(raw, sign)
   if not ok then return end
   local sum, n = 0, 0
   if f['thumbs'] == 'up' then sum, n = 1, 1 elseif f['thumbs'] == 'down' then n = 1 end
-  if type(f['score']) == 'number' then
+  if type(f['score']) == 'number' and hi - lo < math.huge then  -- a range of +-1e308 is wider than a float holds
     sum, n = sum + math.min(math.max((f['score'] - lo) / (hi - lo), 0), 1), n + 1
   end
   if type(f['correction']) == 'string' then redis.call('HINCRBY', KEYS[4], 'corrected', sign) end

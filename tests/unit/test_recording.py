@@ -437,7 +437,25 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     removed = await forget_user(redis, "t", "u1", 60)
     assert removed == {"completions": 1, "feedback": 2}, "u1's completion, with every rating of it (u2's quotes it)"
     assert await redis.xlen(keys.completion_log("t")) == 0
-    assert await redis.exists(keys.feedback("t", "chatcmpl-7"), keys.completion("chatcmpl-7")) == 0
+    assert await redis.exists(keys.feedback("t", "chatcmpl-7")) == 0 and await redis.get(keys.completion("chatcmpl-7")) == "-"
+
+
+async def test_a_score_range_wider_than_a_float_holds_does_not_stop_feedback(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """score_min -1e308 and score_max 1e308 are both finite, their distance is not: the arm's share of positive
+    ratings was NaN, which Redis refused half-way through the script (and, spooled, every later rating behind it).
+    The score is kept; the arm counts the rating by its thumbs only."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t", logging=LogPolicy(score_min=-1e308, score_max=1e308))
+    ctx = context(tenant)
+    ctx.route = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    recorder.record(ctx)
+    await recorder.written()
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="up", score=5.0))
+    assert stored and [f.score for f in await store.of_completion(tenant, "chatcmpl-7")] == [5.0]
+    counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
+    assert (counters["rated"], float(counters["positive_sum"])) == ("1", 1.0), counters
 
 
 async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
