@@ -437,7 +437,8 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     removed = await forget_user(redis, "t", "u1", 60)
     assert removed == {"completions": 1, "feedback": 2}, "u1's completion, with every rating of it (u2's quotes it)"
     assert await redis.xlen(keys.completion_log("t")) == 0
-    assert await redis.exists(keys.feedback("t", "chatcmpl-7")) == 0 and await redis.get(keys.completion("chatcmpl-7")) == "-"
+    assert await redis.exists(keys.feedback("t", "chatcmpl-7")) == 0
+    assert await redis.get(keys.completion("chatcmpl-7")) == "-", "its index: a marker that names no one"
 
 
 async def test_a_score_range_wider_than_a_float_holds_does_not_stop_feedback(
