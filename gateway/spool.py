@@ -80,9 +80,12 @@ class Spool:
         for other in sorted(self._root.iterdir()):
             if other == self._folder or other in self._adopted or not other.is_dir():
                 continue
-            if time.time() - other.stat().st_mtime < ORPHAN_AGE_S:
-                continue
-            fd = os.open(other / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                if time.time() - other.stat().st_mtime < ORPHAN_AGE_S:
+                    continue
+                fd = os.open(other / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            except FileNotFoundError:
+                continue  # removed meanwhile, by the process that adopted and replayed it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

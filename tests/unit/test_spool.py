@@ -3,6 +3,7 @@ acknowledged, is lost to the line the failed one left behind."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 from pathlib import Path
@@ -37,4 +38,26 @@ async def test_an_append_after_a_failed_one_is_kept_whole(tmp_path: Path) -> Non
     while spool.pending():
         await spool.drain(take)
     assert replayed == [{"n": "A"}, {"n": "C"}]
+    spool.close()
+
+
+def test_a_folder_removed_while_it_is_looked_at_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process adopted a stopped one's folder, replayed it and removes it just as this one starts and looks
+    at it: the folder is skipped (before, FileNotFoundError ended the gateway's start)."""
+    orphan = tmp_path / "0123456789ab"
+    orphan.mkdir()
+    os.utime(orphan, (0, 0))  # long stopped
+    real = os.open
+
+    def removed_meanwhile(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path).parent == orphan:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", removed_meanwhile)
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    assert not spool.pending()
     spool.close()
