@@ -4,6 +4,7 @@ running gateway sees them within LORAGATE_STATE_POLL_S."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -136,9 +137,16 @@ def adapters_pin(
             raise AdapterNotFound(resolved.ref)
 
     async def pin(redis: Any) -> None:
-        await PointerStore(redis).pin(tenant, parsed.name, parsed.version)
+        from gateway import version_guard
 
-    with_redis(pin)
+        async with version_guard.holding(redis, [(tenant, parsed.name)], tenant):  # no delete in between
+            versions = await asyncio.to_thread(store.versions, parsed.name)
+            if parsed.version is not None and parsed.version not in versions:
+                raise AdapterNotFound(resolved.ref)
+            await PointerStore(redis).pin(tenant, parsed.name, parsed.version)
+
+    with refusals():
+        with_redis(pin)
     typer.echo(f"{parsed.name} -> {resolved.ref}")
 
 

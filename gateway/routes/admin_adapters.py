@@ -208,9 +208,10 @@ async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Ma
     svc = services(request)
     parsed = _ref(name)
     store = svc.registry.store(tenant)
-    with domain_errors("version"):
-        await asyncio.to_thread(_require, store, parsed.name, body.version)
-    await svc.pointers.pin(tenant, parsed.name, body.version)
+    with domain_errors("version"):  # under the adapter's lock: a delete of the version cannot come in between
+        async with version_guard.holding(svc.redis, [(tenant, parsed.name)], tenant):
+            await asyncio.to_thread(_require, store, parsed.name, body.version)
+            await svc.pointers.pin(tenant, parsed.name, body.version)
     with domain_errors():
         resolves_to = await asyncio.to_thread(store.resolve, AdapterRef(parsed.name), body.version)
     return {"name": parsed.name, "pinned": body.version, "resolves_to": resolves_to.ref}

@@ -62,6 +62,7 @@ def test_a_change_that_waits_too_long_for_the_adapter_is_refused_as_busy(
         message = refused(api.delete("/admin/tenants/acme/adapters/bot@1"), 409, "adapter_busy")
         assert "`bot`" in message and "try again" in message
         refused(api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@1"}), 409, "adapter_busy")
+        refused(api.put("/admin/tenants/acme/adapters/bot/pin", json={"version": 1}), 409, "adapter_busy")
     finally:
         held.release()
     assert api.delete("/admin/tenants/acme/adapters/bot@1").status_code == 200, "free again"
