@@ -17,7 +17,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,28 +88,15 @@ async def _in_thread(
     (training checks it at each step's end), waits for the thread to end, undoes what it made (`undo`: a version
     it staged), and only then lets the cancellation through. Without the wait the thread would go on after the step
     said it stopped, and asyncio.run would wait for it at exit, past a SIGTERM's grace."""
-
-    async def undone(result: T) -> None:
-        if undo is not None:
-            await asyncio.to_thread(undo, result)
-
-    return await _to_the_end(asyncio.to_thread(call), stop, undone)
-
-
-async def _to_the_end(
-    work: Awaitable[T], stop: threading.Event | None = None, cancelled: Callable[[T], Awaitable[Any]] | None = None
-) -> T:
-    """`work` awaited to its end even when the step is cancelled meanwhile: then `stop` is set, and once the work is
-    done, `cancelled(result)` deals with what it made before the cancellation goes on."""
-    task = asyncio.ensure_future(work)
+    work = asyncio.ensure_future(asyncio.to_thread(call))
     try:
-        return await asyncio.shield(task)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         if stop is not None:
             stop.set()
-        await asyncio.wait([task])
-        if not task.cancelled() and task.exception() is None and cancelled is not None:  # retrieves its error too
-            await cancelled(task.result())
+        await asyncio.wait([work])
+        if not work.cancelled() and work.exception() is None and undo is not None:  # retrieves its error too
+            await asyncio.to_thread(undo, work.result())
         raise
 
 
