@@ -95,6 +95,12 @@ class Placement:
     def _holds(self, replica: Replica, name: str) -> bool:
         return name in replica.resident or (replica, replica.generation, name) in self._loading
 
+    def _refuse(self, name: str) -> None:
+        """Not asked for again for REFUSED_S; refusals past theirs leave the map (a name never asked for again too)."""
+        now = time.monotonic()
+        self._refused = {other: until for other, until in self._refused.items() if until > now}
+        self._refused[name] = now + REFUSED_S
+
     def _choose(self, name: str, exclude: frozenset[Replica]) -> Replica:
         healthy = self._pool.healthy(exclude)
         if not healthy:
@@ -164,7 +170,7 @@ class Placement:
                     self._metrics.adapter_loaded(name, "error")
                     log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
                     if 400 <= status < 500:  # the adapter's fault: every replica would refuse it
-                        self._refused[name] = time.monotonic() + REFUSED_S
+                        self._refuse(name)
                     raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
                 replica.resident[name] = None
                 await self._residency.loaded_now(replica.url, name)
@@ -193,6 +199,7 @@ class Placement:
         held = set(truth)
         for gone in [name for name in replica.resident if name not in held]:
             replica.resident.pop(gone)
+            self._residency.forget(replica.url, gone)  # this process's uses of it go too: nothing grows unbounded
         arrived = [name for name in truth if name not in replica.resident]
         replica.resident = dict.fromkeys([*arrived, *replica.resident])
 
@@ -205,6 +212,7 @@ class Placement:
 
     def forget(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
+        self._residency.forget(replica.url, name)
 
     async def maintain(self, hot: list[Route]) -> None:
         """Unload versions deleted from the store (by any process); keep hot adapters loaded and pinned.

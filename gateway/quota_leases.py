@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 
 QUIET_S = 5.0
 """Scopes that asked for no lease this long start again from the first size."""
+FAILING_KEEP_S = 60.0
+"""After a lost ask, no lease is asked for the scopes until a check is answered, or for this long at most."""
 
 Scopes = tuple[tuple[str, int | None, int | None], ...]
 """The scopes a request is counted in (tenant, and key where it has limits of its own), with their rpm and tpm."""
@@ -165,9 +167,10 @@ class LeaseBook:
         self._sizes: dict[Scopes, tuple[int, float]] = {}
         """The next ask's size per scopes, where it is not `first_requests`, and when the last ask was made."""
         self._asking: dict[Scopes, asyncio.Future[None]] = {}
-        self._failing: set[Scopes] = set()
-        """Scopes whose last ask's answer was lost: no lease is asked for until a check is answered (during an
-        outage, one lost ask to give back, not one per request)."""
+        self._failing: dict[Scopes, float] = {}
+        """Scopes whose last ask's answer was lost, and when: no lease is asked for until a check is answered (during
+        an outage, one lost ask to give back, not one per request), or FAILING_KEEP_S has passed (scopes never seen
+        again, e.g. a revoked key's, leave the map)."""
         self._retime: defaultdict[str, list[str]] = defaultdict(list)
         self._spent: list[Lease] = []
         self._lost: list[LostAsk] = []
@@ -231,7 +234,7 @@ class LeaseBook:
         """Record what Redis granted for an ask (`found` None: the call failed) and wake who waits on it.
         `keys`: the scopes' requests logs and token counters the grant was added to."""
         if found is not None:
-            self._failing.discard(scopes)
+            self._failing.pop(scopes, None)
         if not asked:
             return
         waiting = self._asking.pop(scopes, None)
@@ -240,7 +243,7 @@ class LeaseBook:
         request_keys, token_keys = keys
         if found is None:
             self._lost.append(LostAsk(request_keys, token_keys, request_id, asked, cost))
-            self._failing.add(scopes)
+            self._failing[scopes] = time.monotonic()
             return
         granted = found[8] if len(found) > 8 else 0
         if not granted:
@@ -283,6 +286,7 @@ class LeaseBook:
                 self._resize(scopes, lease, now)
         self._gave_back = {scopes: at for scopes, at in self._gave_back.items() if now - at < 5.0}
         self._sizes = {scopes: sized for scopes, sized in self._sizes.items() if now - sized[1] < QUIET_S}
+        self._failing = {scopes: at for scopes, at in self._failing.items() if now - at < FAILING_KEEP_S}
         spent, self._spent = self._spent, []
         lost, self._lost = self._lost, []
         retime, self._retime = dict(self._retime), defaultdict(list)

@@ -17,6 +17,7 @@ from adapters.manifest import Manifest
 from adapters.registry import Registry
 from gateway import app as app_module
 from gateway import clock, keys, residency
+from gateway import placement as placement_module
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
@@ -170,6 +171,30 @@ async def test_an_adapter_vllm_refuses_is_not_tried_again_at_every_request(setup
             await use(placement, route("bad"))
     assert sum(fake.loads["bad@1"] for fake in fakes) == 1, "refused once: not asked again for a while"
     assert {"b@1", "c@1"} <= set().union(*(fake.loaded for fake in fakes)), "one eviction for it (a), no more"
+
+
+async def test_refusals_past_their_time_leave_the_map(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Adapters refused once and never asked for again are not kept for the process's life."""
+    placement, pool, fakes = setup
+    for fake in fakes:
+        fake.refuse = {"bad@1", "worse@1"}
+    monkeypatch.setattr(placement_module, "REFUSED_S", 0.0)
+    for name in ("bad", "worse"):
+        with pytest.raises(UpstreamError):
+            await use(placement, route(name))
+    assert list(placement._refused) == ["worse@1"], "bad's refusal, past its time, left when worse's came"  # noqa: SLF001
+
+
+async def test_uses_of_adapters_gone_from_the_replica_are_forgotten(setup) -> None:  # type: ignore[no-untyped-def]
+    """Another process evicted it: this process's record of its uses goes at the next look at vLLM's list."""
+    placement, pool, fakes = setup
+    replica = await use(placement, route("a"))
+    holder = fakes[pool.replicas.index(replica)]
+    assert "a@1" in placement._residency._used[replica.url]  # noqa: SLF001
+    holder.loaded.discard("a@1")
+    await placement.maintain([])
+    assert "a@1" not in placement._residency._used[replica.url]  # noqa: SLF001
+    assert "a@1" not in replica.resident
 
 
 async def test_busy_holder_spreads_to_idle_replica(setup) -> None:  # type: ignore[no-untyped-def]

@@ -283,3 +283,19 @@ async def test_a_request_refused_as_its_process_gives_room_back_is_checked_again
     gate._admit = flush_lands_meanwhile  # type: ignore[assignment,method-assign] # noqa: SLF001
     assert isinstance(await gate.admit(KEY, tenant, "late", 10), Admission)
     assert await redis.zcard(keys.quota_requests("tenant:acme")) == 19, "holder, 17 others and late"
+
+
+async def test_scopes_whose_ask_was_lost_leave_the_book_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revoked key's scopes, failing when last seen, are not kept for the process's life."""
+    book = LeaseBook(max_requests=64)
+    gone, kept = (("key:gone", None, None),), (("key:kept", None, None),)
+    for scopes in (gone, kept):
+        assert book.ask(scopes) == 16
+        book.answer(scopes, 16, None, f"{scopes[0][0]}-1", 10, ([], []))
+        assert book.ask(scopes) == 0, "failing: no lease asked for until a check is answered"
+    book.due()
+    assert book.ask(gone) == 0, "still failing a moment later"
+    monkeypatch.setattr(quota_leases, "FAILING_KEEP_S", 0.0)
+    book.due()
+    assert not book._failing, "both left the map"  # noqa: SLF001
+    assert book.ask(kept) == 16, "asked for again after FAILING_KEEP_S"
