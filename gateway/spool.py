@@ -32,7 +32,10 @@ log = logging.getLogger("loragate.spool")
 
 SEGMENT_ITEMS = 1000
 ORPHAN_AGE_S = 5.0
-"""A folder this new may be one whose owner has not locked it yet: left alone."""
+"""A folder being made (NEW_PREFIX) this new may be one whose owner has not locked it yet: left alone."""
+NEW_PREFIX = ".new-"
+"""A folder's name until its owner holds its lock."""
+OPEN_TRIES = 3
 
 
 class Spool:
@@ -64,33 +67,42 @@ class Spool:
 
     def open(self) -> None:
         """Take a folder of our own (locked for as long as this process lives)."""
-        self._root.mkdir(parents=True, exist_ok=True)
-        folder = self._root / uuid.uuid4().hex[:12]
-        folder.mkdir()
-        if self._fsync:
-            _fsync_folder(self._root)  # the folder's name is on disk before anything acknowledged is in it
-        self._lock_fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._folder = folder
+        _make_folders(self._root, durable=self._fsync)
+        for attempt in range(OPEN_TRIES):
+            try:
+                self._folder, self._lock_fd = self._new_folder()
+                break
+            except (FileNotFoundError, BlockingIOError):  # taken for an orphan's while it waited over ORPHAN_AGE_S
+                if attempt == OPEN_TRIES - 1:
+                    raise
         with self._lock:
             self._adopt_orphans()
 
+    def _new_folder(self) -> tuple[Path, int]:
+        """A folder that gets its name only once locked (an adopter never sees it unlocked), the name on disk
+        (with fsync) before anything acknowledged is in it."""
+        name = uuid.uuid4().hex[:12]
+        fresh = self._root / f"{NEW_PREFIX}{name}"
+        fresh.mkdir()
+        fd = os.open(fresh / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, self._root / name)
+            if self._fsync:
+                _fsync_folder(self._root)
+        except OSError:
+            os.close(fd)
+            raise
+        return self._root / name, fd
+
     def _adopt_orphans(self) -> None:
-        """Take over the segments of folders whose owner is gone (unlocked, and not just being created)."""
+        """Take over the segments of folders whose owner is gone."""
         for other in sorted(self._root.iterdir()):
             if other == self._folder or other in self._adopted or not other.is_dir():
                 continue
-            try:
-                if time.time() - other.stat().st_mtime < ORPHAN_AGE_S:
-                    continue
-                fd = os.open(other / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-            except FileNotFoundError:
-                continue  # removed meanwhile, by the process that adopted and replayed it
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # its owner is alive
+            fd = _lock_orphan(other)
+            if fd is None:
+                continue
             segments = sorted(other.glob("*.jsonl"))
             if not segments:
                 _remove_folder(other)
@@ -146,11 +158,9 @@ class Spool:
     def _write(self, lines: list[str]) -> None:
         assert self._folder is not None, "Spool.open() first"
         with self._lock:
-            fresh = self._current is None
             if self._current is None:
-                self._current = self._folder / f"{time.time_ns():020d}.jsonl"
-                self._current_count = 0
-            fd = os.open(self._current, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._current, self._current_count = self._new_segment(self._folder), 0
+            fd = os.open(self._current, os.O_WRONLY | os.O_APPEND)
             try:
                 size = os.fstat(fd).st_size
                 try:
@@ -162,12 +172,23 @@ class Spool:
                     raise
             finally:
                 os.close(fd)
-            if fresh and self._fsync:
-                _fsync_folder(self._folder)  # the new file's name is on disk too
             self._current_count += len(lines)
             if self._current_count >= SEGMENT_ITEMS:
                 self._close_current()
             self._enforce_bound()
+
+    def _new_segment(self, folder: Path) -> Path:
+        """An empty segment whose name is on disk (with fsync) before anything is written to it; none when the
+        folder's fsync fails (the next append tries again with a new one)."""
+        segment = folder / f"{time.time_ns():020d}.jsonl"
+        os.close(os.open(segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if self._fsync:
+            try:
+                _fsync_folder(folder)
+            except OSError:
+                segment.unlink(missing_ok=True)
+                raise
+        return segment
 
     def _set_aside(self, fd: int, size: int) -> None:
         """After a failed append (a full disk): its partial line cut off, where the file system lets us, and the
@@ -240,6 +261,36 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _make_folders(root: Path, *, durable: bool) -> None:
+    """`root` and its missing parents; with `durable`, each new one's name is on disk (its parent fsynced)."""
+    missing = [folder for folder in (root, *root.parents) if not folder.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    if durable:
+        for folder in reversed(missing):  # from the top
+            _fsync_folder(folder.parent)
+
+
+def _lock_orphan(folder: Path) -> int | None:
+    """A lock on `folder` when its owner is gone; None while its owner lives, while it is being made or removed."""
+    try:
+        being_made = folder.name.startswith(NEW_PREFIX)
+        if being_made and time.time() - folder.stat().st_mtime < ORPHAN_AGE_S:
+            return None  # its owner may not have locked it yet
+        # A named folder always has its lock: it is not re-created in one another process removes (all replayed),
+        # only where spooled items would be left without one.
+        create = os.O_CREAT if being_made or any(folder.glob("*.jsonl")) else 0
+        fd = os.open(folder / "lock", create | os.O_RDWR, 0o600)
+    except FileNotFoundError:
+        _remove_folder(folder)  # being removed by the process that replayed it, or left empty by a crash
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None  # its owner is alive
+    return fd
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -266,6 +317,15 @@ def _read(segment: Path) -> list[dict[str, Any]]:
 
 
 def _remove_folder(folder: Path) -> None:
-    for leftover in folder.iterdir():
-        leftover.unlink(missing_ok=True)
-    folder.rmdir()
+    """Remove the folder and what is left in it; one another process removes too, or that is not empty (spooled
+    items whose lock was lost), stays."""
+    try:
+        if any(folder.glob("*.jsonl")):
+            return
+        for leftover in folder.iterdir():
+            leftover.unlink(missing_ok=True)
+        folder.rmdir()
+    except FileNotFoundError:
+        pass  # removed by another process meanwhile
+    except OSError as exc:
+        log.warning("spool folder %s not removed: %s", folder.name, exc)

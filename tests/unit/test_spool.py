@@ -3,6 +3,7 @@ acknowledged, is lost to the line the failed one left behind."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gateway import spool as spool_module
 from gateway.spool import Spool
 
 
@@ -61,3 +63,99 @@ def test_a_folder_removed_while_it_is_looked_at_does_not_stop_the_start(
     spool.open()
     assert not spool.pending()
     spool.close()
+
+
+def test_a_new_spool_folder_and_its_parents_are_on_disk_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "_fsync_folder", synced.append)
+    spool = Spool(tmp_path / "data" / "feedback", fsync=True)
+    spool.open()
+    assert synced == [tmp_path, tmp_path / "data", tmp_path / "data" / "feedback"]
+    assert [folder.name for folder in (tmp_path / "data" / "feedback").iterdir()] == [spool._folder.name]  # type: ignore[union-attr]
+    spool.close()
+
+
+async def test_a_folder_fsync_that_fails_leaves_no_segment_and_the_next_append_syncs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, fsync=True)
+    spool.open()
+    synced: list[Path] = []
+
+    def fails_once(folder: Path) -> None:
+        synced.append(folder)
+        if len(synced) == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_folder", fails_once)
+    with pytest.raises(OSError):  # not acknowledged
+        await spool.append([{"n": "A"}])
+    await spool.append([{"n": "B"}])
+    assert len(synced) == 2, "the new segment's name was synced, not taken for on disk"
+    replayed: list[dict[str, Any]] = []
+
+    async def take(items: list[dict[str, Any]]) -> None:
+        replayed.extend(items)
+
+    while spool.pending():
+        await spool.drain(take)
+    assert replayed == [{"n": "B"}]
+    spool.close()
+
+
+async def test_a_folder_is_locked_before_an_adopter_can_take_it_for_an_orphans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner is held up between making its folder and locking it for over ORPHAN_AGE_S, and another process
+    looks then: the owner still ends with a folder of its own that takes appends."""
+    monkeypatch.setattr(spool_module, "ORPHAN_AGE_S", -1.0)
+    adopter = Spool(tmp_path, fsync=False)
+    real = fcntl.flock
+    held_up = []
+
+    def slow(fd: int, operation: int) -> None:
+        if not held_up:
+            held_up.append(fd)
+            adopter._adopt_orphans()
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", slow)
+    owner = Spool(tmp_path, fsync=False)
+    owner.open()
+    await owner.append([{"n": "A"}])
+    replayed: list[dict[str, Any]] = []
+
+    async def take(items: list[dict[str, Any]]) -> None:
+        replayed.extend(items)
+
+    while owner.pending():
+        await owner.drain(take)
+    assert replayed == [{"n": "A"}]
+    owner.close()
+    adopter.close()
+
+
+def test_no_lock_is_made_again_in_a_folder_another_process_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process looks at a replayed folder while its adopter removes it: neither fails, the folder goes."""
+    monkeypatch.setattr(spool_module, "ORPHAN_AGE_S", -1.0)  # however long the removal takes
+    replayed = tmp_path / "0123456789ab"
+    replayed.mkdir()
+    (replayed / "lock").touch()
+    other = Spool(tmp_path, fsync=False)
+    real = os.rmdir
+    looked = []
+
+    def looks_first(path: Any, *args: Any, **kwargs: Any) -> None:
+        if not looked:
+            looked.append(path)
+            other._adopt_orphans()
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", looks_first)
+    spool_module._remove_folder(replayed)
+    assert looked and not replayed.exists()
+    other.close()
