@@ -16,6 +16,18 @@ from gateway import spool as spool_module
 from gateway.spool import Spool
 
 
+async def drained(spool: Spool) -> list[dict[str, Any]]:
+    """Everything the spool holds, replayed until it is empty."""
+    replayed: list[dict[str, Any]] = []
+
+    async def take(items: list[dict[str, Any]]) -> None:
+        replayed.extend(items)
+
+    while spool.pending():
+        await spool.drain(take)
+    return replayed
+
+
 async def test_an_append_after_a_failed_one_is_kept_whole(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=True)  # as the feedback spool
     spool.open()
@@ -32,13 +44,7 @@ async def test_an_append_after_a_failed_one_is_kept_whole(tmp_path: Path) -> Non
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, ignored)
     await spool.append([{"n": "C"}])  # room again: acknowledged
-    replayed: list[dict[str, Any]] = []
-
-    async def take(items: list[dict[str, Any]]) -> None:
-        replayed.extend(items)
-
-    while spool.pending():
-        await spool.drain(take)
+    replayed = await drained(spool)
     assert replayed == [{"n": "A"}, {"n": "C"}]
     spool.close()
 
@@ -94,13 +100,7 @@ async def test_a_folder_fsync_that_fails_leaves_no_segment_and_the_next_append_s
         await spool.append([{"n": "A"}])
     await spool.append([{"n": "B"}])
     assert len(synced) == 2, "the new segment's name was synced, not taken for on disk"
-    replayed: list[dict[str, Any]] = []
-
-    async def take(items: list[dict[str, Any]]) -> None:
-        replayed.extend(items)
-
-    while spool.pending():
-        await spool.drain(take)
+    replayed = await drained(spool)
     assert replayed == [{"n": "B"}]
     spool.close()
 
@@ -125,13 +125,7 @@ async def test_a_folder_is_locked_before_an_adopter_can_take_it_for_an_orphans(
     owner = Spool(tmp_path, fsync=False)
     owner.open()
     await owner.append([{"n": "A"}])
-    replayed: list[dict[str, Any]] = []
-
-    async def take(items: list[dict[str, Any]]) -> None:
-        replayed.extend(items)
-
-    while owner.pending():
-        await owner.drain(take)
+    replayed = await drained(owner)
     assert replayed == [{"n": "A"}]
     owner.close()
     adopter.close()
