@@ -203,7 +203,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     pool = ReplicaPool(urls, session, settings.health_interval_s)
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
-    experiments = ExperimentStore(redis)
+    experiments = ExperimentStore(redis, records_redis)
     # quota windows, key expiries and adapter uses are dated by the state Redis's clock
     clock = RedisClock(redis, "the state Redis")
     residency = Residency(redis, session, settings.max_cpu_loras, clock=clock)

@@ -189,8 +189,10 @@ def _decoded(allocation: str) -> bytes:
 class ExperimentStore:
     """Experiments in Redis (decode_responses=True), cached per process until the state version moves."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, counters: aioredis.Redis | None = None) -> None:
+        """`counters`: the Redis of the completion log, where the arms' counters are (the state Redis by default)."""
         self._redis = redis
+        self._counters = counters or redis
         self._save_script = redis.register_script(_SAVE)
         self._alias_script = redis.register_script(_SET_ALIAS)
         self._cache: dict[tuple[str, str], Experiment] = {}
@@ -213,7 +215,11 @@ class ExperimentStore:
         return found
 
     async def all(self, tenant: str) -> list[Experiment]:
-        raw = await self._redis.hgetall(keys.experiments(tenant))
+        return self.parsed(await self._redis.hgetall(keys.experiments(tenant)))
+
+    @staticmethod
+    def parsed(raw: dict[str, str]) -> list[Experiment]:
+        """The experiments of a tenant's hash (keys.experiments), oldest first."""
         return sorted((Experiment.model_validate_json(v) for v in raw.values()), key=lambda e: e.created)
 
     async def audit(self, tenant: str, name: str) -> list[Change]:
@@ -305,7 +311,7 @@ class ExperimentStore:
 
     async def _exposed(self, experiment: Experiment) -> dict[str, int]:
         """Each arm's identified requests so far (requests less anonymous ones, as the results count them)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._counters.pipeline(transaction=False) as pipe:
             for arm in experiment.arms:
                 pipe.hmget(keys.arm_counters(experiment.tenant, experiment.name, arm.name), "requests", "anonymous")
             counts = await pipe.execute()

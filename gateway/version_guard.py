@@ -149,9 +149,13 @@ async def users(
     shared = await redis.hget(keys.shares(), f"{owner}/{wanted.name}")
     found, elsewhere = [], 0
     for tenant in [owner, *sorted(set(json.loads(shared or "[]")) - {owner})]:
-        aliases = sorted((await redis.hgetall(keys.aliases(tenant))).items())
+        async with redis.pipeline(transaction=True) as pipe:  # one moment: a promote or roll-back moves a use
+            pipe.hgetall(keys.aliases(tenant))  # from an experiment to its alias at once, never between two reads
+            pipe.hgetall(keys.experiments(tenant))
+            raw_aliases, raw_experiments = await pipe.execute()
+        aliases = sorted(raw_aliases.items())
         here = [f"alias `{alias}`" for alias, target in aliases if _names(target, tenant, owner, wanted)]
-        for experiment in await experiments.all(tenant):
+        for experiment in experiments.parsed(raw_experiments):
             if experiment.status not in ("running", "paused"):
                 continue
             arms = [arm.name for arm in experiment.arms if _names(arm.target, tenant, owner, wanted)]

@@ -72,17 +72,29 @@ def refusals() -> Iterator[None]:
 def with_redis(work: Callable[..., Awaitable[T]], records: bool = False) -> T:
     """Run `work(redis)` with a Redis client of the settings' LORAGATE_REDIS_URL (with `records`: of
     LORAGATE_RECORDS_REDIS_URL, where the completion log and feedback live, if it is set)."""
-    import redis.asyncio as aioredis
-
     settings = Settings()
     url = (settings.records_redis_url or settings.redis_url) if records else settings.redis_url
+    return with_redis_urls(work, [url])
+
+
+def with_state_and_records(work: Callable[..., Awaitable[T]]) -> T:
+    """Run `work(state, records)` with clients of LORAGATE_REDIS_URL and LORAGATE_RECORDS_REDIS_URL (the first
+    again when the second is not set)."""
+    settings = Settings()
+    return with_redis_urls(work, [settings.redis_url, settings.records_redis_url or settings.redis_url])
+
+
+def with_redis_urls(work: Callable[..., Awaitable[T]], urls: list[str]) -> T:
+    """Run `work(*clients)`, one Redis client per URL, closed after."""
+    import redis.asyncio as aioredis
 
     async def run() -> T:
-        redis = aioredis.from_url(url, decode_responses=True)
+        clients = [aioredis.from_url(url, decode_responses=True) for url in urls]
         try:
-            return await work(redis)
+            return await work(*clients)
         finally:
-            await redis.aclose()
+            for client in clients:
+                await client.aclose()
 
     with refusals():
         return asyncio.run(run())

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import alias_must_be_free, fail, tenant_must_exist, who, with_redis
+from gateway.cli.common import alias_must_be_free, fail, tenant_must_exist, who, with_redis, with_state_and_records
 
 experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
@@ -162,15 +162,19 @@ def weights(
         parsed = {arm: float(value) for arm, _, value in (spec.partition("=") for spec in weight)}
     except ValueError as exc:
         raise fail(f"--weight must be ARM=NUMBER, not {weight}") from exc
-    changed = with_redis(lambda redis: ExperimentStore(redis).set_weights(tenant, name, parsed, who("cli:experiments")))
+    changed = with_state_and_records(
+        lambda state, records: ExperimentStore(state, records).set_weights(tenant, name, parsed, who("cli:experiments"))
+    )
     typer.echo(", ".join(f"{a.name} {a.weight:g}" for a in changed.arms))
 
 
 def _status(name: str, tenant: str, status: Any, arm: str | None = None) -> None:
     from gateway.experiments import ExperimentStore
 
-    changed = with_redis(
-        lambda redis: ExperimentStore(redis).set_status(tenant, name, status, who("cli:experiments"), arm)
+    changed = with_state_and_records(
+        lambda state, records: ExperimentStore(state, records).set_status(
+            tenant, name, status, who("cli:experiments"), arm
+        )
     )
     typer.echo(f"{name}: {changed.status}")
 

@@ -11,6 +11,7 @@ from gateway import keys
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.routing import Router
+from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE
 
 ARMS = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
@@ -55,3 +56,20 @@ def test_a_mixture_sd_its_results_could_not_use_is_refused(api: TestClient, mixt
     new = {"name": "tone", "alias": "beta", "control": "control", "arms": arms, "mixture_sd": mixture_sd}
     answer = api.post("/admin/tenants/acme/experiments", json=new)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "mixture_sd", answer.text
+
+
+async def test_the_split_change_counts_arms_in_the_records_redis(redis: aioredis.Redis, own_redis: RedisServer) -> None:
+    """With the completion log in a Redis of its own (LORAGATE_RECORDS_REDIS_URL), the arms' counters are read
+    there when the split changes: before, they were read from the state Redis as 0 and every request from before
+    the change counted against the new split (a sample ratio mismatch for good)."""
+    records = aioredis.from_url(own_redis.url, decode_responses=True)
+    store = ExperimentStore(redis, records)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=ARMS), by="test")
+    await served(records, "a", 900, 300, 100)
+    await served(records, "b", 100, 100, 60)
+    halves = await store.set_weights("t", "e", {"a": 50, "b": 50}, "test")
+    assert halves.exposed_before == {"a": 900, "b": 100}
+    await served(records, "a", 100)
+    await served(records, "b", 100)
+    assert (await results(records, halves))["verdict"] != "sample ratio mismatch"
+    await records.aclose()

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis as sync_redis
+import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
 from gateway import keys, version_guard
+from gateway.experiments import Arm, Experiment, ExperimentStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE, refused
 
@@ -146,3 +148,25 @@ def test_another_tenants_adapter_not_shared_is_refused_before_its_lock(
 )
 def test_the_adapter_a_target_names(target: str, adapter: tuple[str, str] | None) -> None:
     assert version_guard.adapter_of(target, "acme") == adapter
+
+
+async def test_a_promote_between_reads_does_not_hide_the_version_from_a_delete(redis: aioredis.Redis) -> None:
+    """The aliases and the experiments are read at one moment: before, a promote landing between the two reads
+    was seen as neither (the alias still pointing at the experiment, the experiment already promoted)."""
+    store = ExperimentStore(redis)
+    arms = [Arm(name="control", target="bot@1", weight=1), Arm(name="treat", target="bot@2", weight=1)]
+    await store.create(Experiment(name="tone", tenant="acme", alias="prod", control="control", arms=arms), by="test")
+    real = redis.hgetall
+
+    async def promoted_meanwhile(name: str) -> dict[str, str]:
+        found = await real(name)
+        if name == keys.aliases("acme"):
+            await store.set_status("acme", "tone", "promoted", "test", "treat")
+        return found
+
+    redis.hgetall = promoted_meanwhile  # type: ignore[method-assign]
+    try:
+        found = await version_guard.users(redis, store, "acme", "bot@2")
+    finally:
+        redis.hgetall = real  # type: ignore[method-assign]
+    assert found, "in use, whichever moment it was read at"
