@@ -137,7 +137,11 @@ class Experiment(BaseModel):
     max_negative_rate: float | None = Field(
         None, gt=0, le=1, description="Roll back (weight 0) an arm whose share of negative ratings is higher."
     )
-    guard_min_requests: int = Field(20, ge=1, description="Requests an arm serves before a guard rail judges it.")
+    guard_min_requests: int = Field(
+        20,
+        ge=1,
+        description="Requests an arm serves (and ratings, for max_negative_rate) before a guard rail judges it.",
+    )
     exposed_before: dict[str, int] = Field(
         default_factory=dict,
         description="Identified requests per arm when the split last changed (weights, pause, resume): the sample"

@@ -51,8 +51,9 @@ def _breach(experiment: Experiment, arm: str, figures: dict[str, Any], control: 
     if experiment.max_error_rate is not None and isinstance(errors, float) and errors > experiment.max_error_rate:
         return f"error rate {errors:.1%} > {experiment.max_error_rate:.1%} after {requests} requests"
     share, baseline = _negative_share(figures), _negative_share(control)
-    limit = experiment.max_negative_rate
-    if limit is not None and share is not None and share > limit and (baseline is None or share > baseline):
+    limit, rated = experiment.max_negative_rate, figures["rated"]
+    enough = isinstance(rated, int) and rated >= experiment.guard_min_requests  # not one thumbs-down of one rating
+    if limit is not None and enough and share is not None and share > limit and (baseline is None or share > baseline):
         versus = "" if baseline is None else f", control {baseline:.1%}"
         return f"negative ratings {share:.1%} > {limit:.1%} of {figures['rated']}{versus}"
     return None

@@ -143,4 +143,5 @@ def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_wors
     assert reason is not None and "negative ratings 66.7% > 60.0% of 6, control 20.0%" in reason
     assert "error rate 50.0%" in (_breach(experiment, "b", figures(6, 0.5, 0, 0), control_bad) or "")
     assert _breach(experiment, "b", figures(4, 0.5, 4, 4), control_good) is None, "too few requests to judge"
+    assert _breach(experiment, "b", figures(40, 0.0, 4, 4), control_good) is None, "too few ratings to judge them"
     assert _breach(experiment, "a", figures(40, 0.9, 30, 30), control_bad) is None, "control is never rolled back"
