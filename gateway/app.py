@@ -262,7 +262,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
         asyncio.create_task(watcher.run()),
         asyncio.create_task(svc.quotas.run()),
         asyncio.create_task(_keep_records(svc)),
-        asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.experiments, settings.guard_rails_s)),
+        asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.router, settings.guard_rails_s)),
         asyncio.create_task(svc.recorder.run()),
     ]
 

@@ -26,9 +26,10 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway import experiment_history, keys
+from gateway import experiment_history, keys, version_guard
 from gateway.experiment_results import results
 from gateway.experiments import Experiment, ExperimentNotFound, ExperimentStore, InvalidExperiment
+from gateway.routing import Router
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate.experiments")
@@ -63,7 +64,7 @@ def guarded(experiment: Experiment) -> bool:
     return bool(experiment.auto_promote or experiment.max_error_rate or experiment.max_negative_rate)
 
 
-async def check(experiment: Experiment, store: ExperimentStore, found: dict[str, Any]) -> list[str]:
+async def check(experiment: Experiment, router: Router, found: dict[str, Any]) -> list[str]:
     """Act on one experiment's results (gateway.experiment_results); returns what was done. Every change is
     made from the revision the results were read at (another change first: ExperimentConflict, and the
     next round decides again). A round that rolls back an arm promotes nothing: the next round reads
@@ -76,7 +77,7 @@ async def check(experiment: Experiment, store: ExperimentStore, found: dict[str,
         if arm in live and (reason := _breach(experiment, arm, figures, control))
     }
     if breaches:
-        return await _roll_back(experiment, store, breaches, live)
+        return await _roll_back(experiment, router.experiments, breaches, live)
     winner = found["winner"]
     if not (experiment.auto_promote and found["verdict"] == "winner" and winner in live - {experiment.control}):
         return []
@@ -84,7 +85,10 @@ async def check(experiment: Experiment, store: ExperimentStore, found: dict[str,
     low, high = (f"{x:+.3f}" if x is not None else "?" for x in diff["always_valid"])
     reason = f"{winner} wins: positive rate {diff['diff']:+.3f} vs control, always-valid [{low}, {high}]"
     tenant, name, revision = experiment.tenant, experiment.name, experiment.revision
-    await store.set_status(tenant, name, "promoted", BY, winner, reason=reason, revision=revision)
+    try:
+        await version_guard.set_status(router, tenant, name, "promoted", BY, winner, reason=reason, revision=revision)
+    except version_guard.TargetMissing as exc:
+        return [f"{winner} not promoted: `{exc.target}` does not serve the tenant any more"]
     return [reason]
 
 
@@ -105,12 +109,12 @@ async def _roll_back(
     return [f"paused: {why}"]
 
 
-async def check_all(records: aioredis.Redis, store: ExperimentStore, tenants: list[str]) -> None:
+async def check_all(records: aioredis.Redis, router: Router, tenants: list[str]) -> None:
     """One round: every running experiment of `tenants`, each on its own (one that fails is logged, and
     the others are checked all the same)."""
     for tenant in tenants:
         try:
-            experiments = await store.all(tenant)
+            experiments = await router.experiments.all(tenant)
         except ValidationError:
             log.exception("guard rails: tenant %s has an experiment that cannot be read; skipped", tenant)
             continue
@@ -120,7 +124,7 @@ async def check_all(records: aioredis.Redis, store: ExperimentStore, tenants: li
             try:
                 found = await results(records, experiment)
                 await experiment_history.record(records, experiment, found)
-                for action in await check(experiment, store, found) if guarded(experiment) else []:
+                for action in await check(experiment, router, found) if guarded(experiment) else []:
                     log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
             except (RedisError, OSError):
                 raise  # Redis is down: the whole round waits for the next one
@@ -130,7 +134,7 @@ async def check_all(records: aioredis.Redis, store: ExperimentStore, tenants: li
                 log.exception("guard rails: experiment %s/%s failed; the others go on", tenant, experiment.name)
 
 
-async def run(state: aioredis.Redis, records: aioredis.Redis, store: ExperimentStore, interval_s: float) -> None:
+async def run(state: aioredis.Redis, records: aioredis.Redis, router: Router, interval_s: float) -> None:
     """Check every running experiment with guard rails, every `interval_s`, in one process at a time."""
     tenants = TenantStore(state)
     while True:
@@ -138,7 +142,7 @@ async def run(state: aioredis.Redis, records: aioredis.Redis, store: ExperimentS
         try:
             if not await state.set(keys.guard_rails_lock(), secrets.token_hex(8), nx=True, px=int(interval_s * 900)):
                 continue
-            await check_all(records, store, await tenants.names())
+            await check_all(records, router, await tenants.names())
         except (RedisError, OSError) as exc:
             log.warning("guard rails skipped a round: %r", exc)
         except Exception:

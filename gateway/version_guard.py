@@ -36,7 +36,7 @@ from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from gateway import keys
 from gateway.errors import ModelNotFound
-from gateway.experiments import ExperimentStore
+from gateway.experiments import Experiment, ExperimentStore, Status, alias_target
 from gateway.pointers import PointerStore
 from gateway.routing import Route, Router
 from gateway.tenants import Tenant, TenantNotFound, TenantStore, check_tenant_name
@@ -218,6 +218,28 @@ async def delete_version(
         if not await asyncio.to_thread(store.versions, ref.name):
             await PointerStore(redis).forget_adapter(tenant, ref.name)
     return manifest
+
+
+async def set_status(
+    router: Router,
+    tenant: str,
+    name: str,
+    status: Status,
+    by: str,
+    arm: str | None = None,
+    reason: str = "",
+    revision: int | None = None,
+) -> Experiment:
+    """ExperimentStore.set_status, unless it would point the alias at a version that no longer serves `tenant`
+    (TargetMissing: its owner stopped sharing it, say). A stop is never refused: the way out whatever is gone.
+    No lock is needed: a version an experiment's arm or roll-back names is never deleted while it runs (`users`)."""
+    target = alias_target(await router.experiments.get(tenant, name), status, arm)
+    if target is not None and status != "stopped":
+        try:
+            await router.target(target, tenant)
+        except ModelNotFound as exc:
+            raise TargetMissing(0, target) from exc
+    return await router.experiments.set_status(tenant, name, status, by, arm, reason=reason, revision=revision)
 
 
 async def same_tenant(tenants: TenantStore, name: str, created: float | None) -> Tenant | None:

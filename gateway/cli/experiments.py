@@ -169,13 +169,27 @@ def weights(
 
 
 def _status(name: str, tenant: str, status: Any, arm: str | None = None) -> None:
+    from adapters.registry import Registry
+    from gateway import version_guard
     from gateway.experiments import ExperimentStore
+    from gateway.pointers import PointerStore
+    from gateway.routing import Router
+    from gateway.settings import Settings
 
-    changed = with_state_and_records(
-        lambda state, records: ExperimentStore(state, records).set_status(
-            tenant, name, status, who("cli:experiments"), arm
-        )
-    )
+    settings = Settings()
+
+    async def change(state: Any, records: Any) -> Any:
+        experiments, registry = ExperimentStore(state, records), Registry(settings.adapter_root)
+        router = Router(settings.served_model_name, registry, PointerStore(state), experiments)
+        try:
+            return await version_guard.set_status(router, tenant, name, status, who("cli:experiments"), arm)
+        except version_guard.TargetMissing as exc:
+            raise ValueError(
+                f"`{exc.target}` does not exist any more, so the alias cannot point at it: promote an arm whose "
+                "version exists, or stop the experiment (the alias then serves control)"
+            ) from exc
+
+    changed = with_state_and_records(change)
     typer.echo(f"{name}: {changed.status}")
 
 

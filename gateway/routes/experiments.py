@@ -28,7 +28,7 @@ from adapters.manifest import check_name
 from gateway import admin_protocol as answers
 from gateway import experiment_history, experiment_page, version_guard
 from gateway.auth import Manager
-from gateway.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, from_validation_error
+from gateway.errors import Conflict, InvalidRequest, NotFound, from_validation_error
 from gateway.experiment_results import results
 from gateway.experiments import (
     Arm,
@@ -38,7 +38,6 @@ from gateway.experiments import (
     InvalidExperiment,
     Status,
     Weight,
-    alias_target,
 )
 from gateway.openapi import answer, errors
 from gateway.principal import Principal
@@ -197,20 +196,16 @@ async def _status(
     request: Request, tenant: str, name: str, status: Status, caller: Principal, arm: str | None = None
 ) -> dict[str, Any]:
     svc = services(request)
-    with _refusals():
-        target = alias_target(await svc.experiments.get(tenant, name), status, arm)
-    if target is not None and status != "stopped":  # stop stays possible: the way out whatever is gone
-        try:
-            await svc.router.target(target, tenant)  # the alias moves there: it must serve
-        except ModelNotFound as exc:
-            raise Conflict(
-                f"`{target}` does not exist any more, so the alias cannot point at it: promote an arm whose "
-                "version exists, or stop the experiment (the alias then serves control).",
-                param="arm" if status == "promoted" else None,
-                code="target_missing",
-            ) from exc
-    with _refusals():
-        changed = await svc.experiments.set_status(tenant, name, status, _who(caller), arm)
+    try:
+        with _refusals():
+            changed = await version_guard.set_status(svc.router, tenant, name, status, _who(caller), arm)
+    except version_guard.TargetMissing as exc:
+        raise Conflict(
+            f"`{exc.target}` does not exist any more, so the alias cannot point at it: promote an arm whose "
+            "version exists, or stop the experiment (the alias then serves control).",
+            param="arm" if status == "promoted" else None,
+            code="target_missing",
+        ) from exc
     svc.pointers.forget_cached()
     return _shown(changed)
 

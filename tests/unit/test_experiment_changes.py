@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
+from adapters.registry import Registry
 from gateway import guard_rails, keys
 from gateway.assignment import BUCKETS, allocate, arm_for, reallocate, shares
 from gateway.experiments import (
@@ -27,6 +29,8 @@ from gateway.experiments import (
     ExperimentStore,
     InvalidExperiment,
 )
+from gateway.pointers import PointerStore
+from gateway.routing import Router
 from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE, refused
@@ -81,6 +85,11 @@ async def test_new_weights_out_of_bounds_are_refused_and_change_nothing(redis: a
 # 3, 4: guard rails
 
 
+def rails_router(store: ExperimentStore) -> Router:
+    """What the guard rails need of a router here: its experiments (nothing they do in these tests is promoted)."""
+    return Router(BASE, None, None, store)  # type: ignore[arg-type]
+
+
 async def test_an_arm_rolled_back_is_not_promoted_in_the_same_round(redis: aioredis.Redis) -> None:
     """Its users rate it far better, but it errs: roll back, and no promotion (then or later)."""
     await TenantStore(redis).create("zz")
@@ -92,7 +101,7 @@ async def test_an_arm_rolled_back_is_not_promoted_in_the_same_round(redis: aiore
     for _ in range(2):  # two rounds
         experiment = await ExperimentStore(redis).get("zz", "canary")
         if experiment.status == "running":
-            await guard_rails.check(experiment, store, await guard_rails.results(redis, experiment))
+            await guard_rails.check(experiment, rails_router(store), await guard_rails.results(redis, experiment))
     found = await store.get("zz", "canary")
     assert found.status == "running" and [a.weight for a in found.arms] == [50, 0]
     assert await redis.hget(keys.aliases("zz"), "bot") == PREFIX + "canary", "the alias did not move"
@@ -125,7 +134,7 @@ async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_
     guard_rails.log.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, "loragate.experiments"):
-            rounds = asyncio.create_task(guard_rails.run(redis, redis, store, 0.05))
+            rounds = asyncio.create_task(guard_rails.run(redis, redis, rails_router(store), 0.05))
             for _ in range(200):  # a round or two; more on a loaded machine (10 s at most)
                 await asyncio.sleep(0.05)
                 if (await store.get("zz", "other")).arms[1].weight == 0 and "mm/broken failed" in caplog.text:
@@ -160,10 +169,10 @@ async def test_a_guard_rail_overtaken_by_an_operator_changes_nothing_and_decides
     found = await guard_rails.results(redis, seen)
     await ExperimentStore(redis).set_weights("t", "tone", {"control": 90, "treat": 10}, by="admin")
     with pytest.raises(ExperimentConflict):
-        await guard_rails.check(seen, store, found)
+        await guard_rails.check(seen, rails_router(store), found)
     store.forget_cached()  # as the state watch does, in a gateway
     assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 10]
-    await guard_rails.check_all(redis, store, ["t"])  # the next round reads it again
+    await guard_rails.check_all(redis, rails_router(store), ["t"])  # the next round reads it again
     assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 0]
 
 
@@ -319,3 +328,24 @@ def test_an_alias_in_an_experiment_moves_only_with_it(api: TestClient) -> None:
     assert api.post(f"{tenant}/experiments/tone/promote", json={"arm": "treat"}).status_code == 200
     assert api.put(f"{tenant}/aliases/prod", json={"target": "bot@2"}).status_code == 200
     assert api.delete(f"{tenant}/aliases/prod").status_code == 200
+
+
+async def test_the_guard_rail_promotes_no_arm_whose_version_no_longer_serves(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """As the admin API refuses with target_missing: the winner's version is gone (a share withdrawn, say), so
+    the alias is not pointed at it, and the experiment goes on."""
+    await TenantStore(redis).create("zz")
+    store = ExperimentStore(redis)
+    await store.create(_experiment("zz", "canary", "bot", (50, 50), auto_promote=True, min_samples=10), by="test")
+    await _counters(redis, "zz", "canary", "control", requests=500, rated=300, positive=90)
+    await _counters(redis, "zz", "canary", "treat", requests=500, rated=300, positive=280)
+    router = Router(BASE, Registry(tmp_path), PointerStore(redis), store)  # bot@2 is in no folder
+    experiment = await store.get("zz", "canary")
+    found = await guard_rails.results(redis, experiment)
+    assert (found["verdict"], found["winner"]) == ("winner", "treat")
+    assert await guard_rails.check(experiment, router, found) == [
+        "treat not promoted: `bot@2` does not serve the tenant any more"
+    ]
+    assert (await store.get("zz", "canary")).status == "running"
+    assert await redis.hget(keys.aliases("zz"), "bot") == PREFIX + "canary"
