@@ -23,8 +23,9 @@ def bucket_of(tenant: str, experiment: str, user: str) -> int:
 
 
 def shares(weights: Sequence[float]) -> list[int]:
-    """Buckets per arm, proportional to the weights, summing to BUCKETS (largest remainders first). The
-    weights are scaled by the largest first, so that huge ones (whose sum would overflow) split as well."""
+    """Buckets per arm, proportional to the weights, summing to BUCKETS (largest remainders first), at least one
+    for an arm with a weight. The weights are scaled by the largest first, so that huge ones (whose sum would
+    overflow) split as well."""
     if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
         raise ValueError("weights must be finite and non-negative, and not all zero")
     top = max(weights)
@@ -36,6 +37,9 @@ def shares(weights: Sequence[float]) -> list[int]:
     while sum(counts) < BUCKETS:  # one round in practice; a loop, so that no rounding can leave a bucket out
         for i in order[: BUCKETS - sum(counts)]:
             counts[i] += 1
+    for i, weight in enumerate(weights):  # an arm with a weight gets users, however small (else no verdict comes)
+        if weight > 0 and not counts[i]:
+            counts[i] = 1
     while sum(counts) > BUCKETS:
         counts[counts.index(max(counts))] -= 1
     return counts

@@ -75,11 +75,9 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
     srm_p = sample_ratio_mismatch(identified, [arm.weight for arm in experiment.arms])
     control = arms[experiment.control]["_sample"]
     live = {arm.name for arm in experiment.arms if arm.weight > 0} | {experiment.control}  # rolled-back arms aside
-    differences = [
-        difference(arm, found["_sample"], control, experiment.alpha, experiment.mixture_sd)
-        for arm, found in arms.items()
-        if arm != experiment.control and arm in live
-    ]
+    compared = [arm for arm in arms if arm != experiment.control and arm in live]
+    alpha = experiment.alpha / max(len(compared), 1)  # Bonferroni: a false winner among k arms stays within alpha
+    differences = [difference(arm, arms[arm]["_sample"], control, alpha, experiment.mixture_sd) for arm in compared]
     enough = all(found["_sample"].n >= experiment.min_samples for arm, found in arms.items() if arm in live)
     found, winner = verdict(experiment.control, differences, srm_p, enough, experiment.smallest_effect)
     for found_arm in arms.values():

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
 from gateway import keys
+from gateway.assignment import BUCKETS, shares
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.routing import Router
@@ -73,3 +74,24 @@ async def test_the_split_change_counts_arms_in_the_records_redis(redis: aioredis
     await served(records, "b", 100)
     assert (await results(records, halves))["verdict"] != "sample ratio mismatch"
     await records.aclose()
+
+
+async def test_with_more_arms_each_comparison_is_stricter(redis: aioredis.Redis) -> None:
+    """Each arm compared with control at alpha / (arms compared) (Bonferroni): with k arms, a false winner for
+    auto-promotion to act on stays within alpha, not k * alpha."""
+    widths = []
+    for name, arms in (("two", ARMS), ("three", [*ARMS, Arm(name="c", target="helper@3", weight=10)])):
+        experiment = Experiment(name=name, tenant="t", alias=name, control="a", arms=arms)
+        for arm, positive in (("a", 100), ("b", 60), ("c", 50)):
+            counters = keys.arm_counters("t", name, arm)
+            await redis.hset(counters, mapping={"requests": 300, "rated": 200})
+            await redis.hset(counters, mapping={"positive_sum": positive, "positive_squares": positive})
+        found = await results(redis, experiment)
+        low, high = next(d["always_valid"] for d in found["differences"] if d["arm"] == "b")
+        widths.append(high - low)
+    assert widths[1] > widths[0] * 1.02, widths
+
+
+def test_an_arm_with_a_weight_gets_users_however_small() -> None:
+    assert shares([1e6, 1]) == [BUCKETS - 1, 1]
+    assert shares([1e6, 0]) == [BUCKETS, 0]
