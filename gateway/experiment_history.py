@@ -51,6 +51,23 @@ def _moved(last: dict[str, Any], new: dict[str, Any]) -> bool:
     return state(last) != state(new)
 
 
+_THIN = """
+local kept = redis.call('LRANGE', KEYS[1], 0, -1)
+if #kept <= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+local batch = {}
+for i = 1, #kept - 1, 2 do
+  batch[#batch + 1] = kept[i]
+  if #batch == 500 then redis.call('RPUSH', KEYS[1], unpack(batch)); batch = {} end
+end
+batch[#batch + 1] = kept[#kept]
+redis.call('RPUSH', KEYS[1], unpack(batch))
+return 1
+"""
+"""Drop every other point but the last (the same span at half the resolution), in one step: a point another
+process appends meanwhile is neither lost nor copied."""
+
+
 async def record(redis: aioredis.Redis, experiment: Experiment, results: dict[str, Any]) -> bool:
     """Append the point of `results` unless nothing moved since the last; True when appended."""
     key = keys.experiment_history(experiment.tenant, experiment.name)
@@ -60,18 +77,8 @@ async def record(redis: aioredis.Redis, experiment: Experiment, results: dict[st
         return False
     length = await redis.rpush(key, json.dumps(new, separators=(",", ":")))
     if length > MAX_POINTS:
-        await _thin(redis, key)
+        await redis.eval(_THIN, 1, key, MAX_POINTS)
     return True
-
-
-async def _thin(redis: aioredis.Redis, key: str) -> None:
-    """Drop every other point but the last: the same span at half the resolution."""
-    kept = await redis.lrange(key, 0, -1)
-    thinned = kept[:-1][::2] + kept[-1:]
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        pipe.rpush(key, *thinned)
-        await pipe.execute()
 
 
 async def read(redis: aioredis.Redis, experiment: Experiment) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import experiment_history, experiment_page
+from gateway import experiment_history, experiment_page, keys
 from gateway.context import Answer, RequestContext
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Change, Experiment, ExperimentStore
@@ -145,3 +145,13 @@ def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_wors
     assert _breach(experiment, "b", figures(4, 0.5, 4, 4), control_good) is None, "too few requests to judge"
     assert _breach(experiment, "b", figures(40, 0.0, 4, 4), control_good) is None, "too few ratings to judge them"
     assert _breach(experiment, "a", figures(40, 0.9, 30, 30), control_bad) is None, "control is never rolled back"
+
+
+async def test_history_thins_in_one_step_whatever_its_length(redis: aioredis.Redis) -> None:
+    """Read, cut and written back in one script: a point another process appends meanwhile cannot fall between
+    the read and the write (before: LRANGE, then DEL + RPUSH of what was read)."""
+    key = keys.experiment_history("t", "long")
+    await redis.rpush(key, *[str(n) for n in range(2401)])
+    assert await redis.eval(experiment_history._THIN, 1, key, 2400) == 1  # noqa: SLF001
+    assert await redis.lrange(key, 0, -1) == [str(n) for n in range(0, 2400, 2)] + ["2400"]
+    assert await redis.eval(experiment_history._THIN, 1, key, 2400) == 0, "short enough: left as it is"  # noqa: SLF001
