@@ -1,6 +1,6 @@
 """Erasing what the completion log and feedback hold: one end user of a tenant, or a whole tenant.
 
-Erasing an end user leaves a tombstone (`keys.forgotten`) for as long as the tenant keeps records:
+Erasing an end user leaves a tombstone (`keys.forgotten`) for the longest age limit a record can carry:
 records and ratings of theirs made before the erasure that are still in some gateway's spool (Redis
 was down, or a process died) are not written back when the spool is replayed.
 
@@ -24,6 +24,9 @@ from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, parse_index
 
 PAGE = 500
 MARGIN_S = 2
+LONGEST_AGE_S = 3650 * 86400
+"""The longest age limit a record or rating can carry (LogPolicy.max_age_days' bound). Tombstones stay this long
+at least: a spooled item carries the limit its tenant had when it was made, which may be longer than today's."""
 """Records this much younger than the age limit are searched too (their index may be expiring meanwhile)."""
 
 # KEYS: the tenant's tombstone. ARGV: deletion time (Unix), seconds to keep it. Returns Redis's time (ms), kept
@@ -38,13 +41,14 @@ return ms
 
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int) -> dict[str, int]:
     """Delete every completion record of an end user, every rating they gave, and every rating of their completions
-    (others' corrections quote their conversation). Returns the counts. `keep_s`: how long the tombstone stays (the
-    tenant's record age limit). The tombstone is dated by Redis's clock plus MARGIN_S (records and ratings are dated
-    by Redis's clock as each gateway last measured it, gateway.clock; the margin covers what a measurement can be off
-    by): what the user sends in the next seconds is not kept either."""
+    (others' corrections quote their conversation). Returns the counts. `keep_s`: the tenant's record age limit
+    (the tombstone stays LONGEST_AGE_S at least). The tombstone is dated by Redis's clock plus MARGIN_S (records and
+    ratings are dated by Redis's clock as each gateway last measured it, gateway.clock; the margin covers what a
+    measurement can be off by): what the user sends in the next seconds is not kept either."""
     user = user[:MAX_USER_CHARS]  # as records name them
     seconds, micros = await redis.time()
-    await redis.set(keys.forgotten(tenant, user), repr(seconds + micros / 1e6 + MARGIN_S), ex=max(keep_s, 1))
+    tombstone = repr(seconds + micros / 1e6 + MARGIN_S)
+    await redis.set(keys.forgotten(tenant, user), tombstone, ex=max(keep_s, LONGEST_AGE_S))
     removed = {"completions": 0, "feedback": 0}
     while ids := await redis.srandmember(keys.end_user(tenant, user), PAGE):
         for completion_id in ids:
@@ -124,11 +128,12 @@ def parse_tombstone(found: str) -> tuple[float, int]:
 
 async def mark_tenant_deleted(redis: aioredis.Redis, tenant: str, created: float, keep_s: int) -> None:
     """Leave a deleted tenant's tombstone: from now on no record or rating of a tenant of that name created at
-    or before now (`created`: when the deleted one was; `keep_s`: its record age limit, how long the tombstone
-    stays) is written, whichever gateway's queue or spool it comes from. Left before `purge_tenant`."""
+    or before now (`created`: when the deleted one was; `keep_s`: its record age limit; the tombstone stays
+    LONGEST_AGE_S at least) is written, whichever gateway's queue or spool it comes from. Left before
+    `purge_tenant`."""
     at = max(time.time(), created)
     script = redis.register_script(_TOMBSTONE)
-    await script(keys=[keys.tenant_deleted(tenant)], args=[repr(at), max(keep_s, 1)])
+    await script(keys=[keys.tenant_deleted(tenant)], args=[repr(at), max(keep_s, LONGEST_AGE_S)])
 
 
 async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:

@@ -228,3 +228,16 @@ async def test_a_spooled_rating_of_a_completion_known_gone_is_dropped_at_once(
     await store.replay()
     assert not store._spool.pending(), "not kept waiting"  # noqa: SLF001
     assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
+
+
+async def test_tombstones_outlast_the_longest_age_limit_a_spooled_item_can_carry(redis: aioredis.Redis) -> None:
+    """The tenant's limit was 30 days when a record was spooled and is 1 day at the erasure: the record, replayed
+    days later, carries its 30 days; the tombstone must still be there to refuse it."""
+    from gateway.erasure import LONGEST_AGE_S, mark_tenant_deleted
+    from gateway.records import LogPolicy
+
+    assert LONGEST_AGE_S == int(LogPolicy.model_json_schema()["properties"]["max_age_days"]["maximum"] * 86400)
+    await forget_user(redis, "t", "ann", 86400)
+    await mark_tenant_deleted(redis, "gone", 0.0, 86400)
+    for key in (keys.forgotten("t", "ann"), keys.tenant_deleted("gone")):
+        assert await redis.ttl(key) > LONGEST_AGE_S - 60, key
