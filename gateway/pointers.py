@@ -47,6 +47,11 @@ class PointerStore:
         self._generation = 0
         """Bumped by every forget: a read begun before it is not cached after it."""
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The state Redis the pointers are in (its adapter locks guard them: gateway.version_guard)."""
+        return self._redis
+
     def forget_cached(self) -> None:
         self._generation += 1
         self._tenants.clear()

@@ -114,19 +114,21 @@ async def hold_bare_name(
     of `name` (and every tenant it is shared with: they resolve it with its owner's pins) would get at once and at
     100%, whatever the canary's split. A name with no listed version serves no one yet, and is not pinned. The pin
     is written only while the name is pinned as it was read (an operator's pin meanwhile is read again); `intend` is
-    told the version before each write (a write whose reply is lost may have happened)."""
-    for _ in range(PIN_TRIES):
-        pinned = (await pointers.of(tenant)).pins.get(name)
-        try:
-            now = await asyncio.to_thread(store.resolve, AdapterRef(name), pinned)
-        except AdapterNotFound:
-            return None
-        if now.version == pinned:
-            return None
-        if intend is not None:
-            intend(now)
-        if await pointers.pin_if(tenant, name, pinned, now.version):
-            return now
+    told the version before each write (a write whose reply is lost may have happened). Done under the adapter's
+    lock, as every pin is (gateway.version_guard): a delete of the version cannot come between its read and the pin."""
+    async with version_guard.holding(pointers.redis, [(tenant, name)], tenant):
+        for _ in range(PIN_TRIES):
+            pinned = (await pointers.of(tenant)).pins.get(name)
+            try:
+                now = await asyncio.to_thread(store.resolve, AdapterRef(name), pinned)
+            except AdapterNotFound:
+                return None
+            if now.version == pinned:
+                return None
+            if intend is not None:
+                intend(now)
+            if await pointers.pin_if(tenant, name, pinned, now.version):
+                return now
     raise RetrainRefused(f"The pin of `{name}` kept moving while the run tried to hold it: ask again.")
 
 
@@ -135,11 +137,12 @@ async def release_bare_name(pointers: PointerStore, store: AdapterStore, tenant:
     (the name's latest listed version is still `held`, `name@V`: another run's listed candidate, or this one's, keeps
     its pin) and only if it is still pinned where the run pinned it (an operator's pin since stays)."""
     ref = AdapterRef.parse(held)
-    try:
-        latest = await asyncio.to_thread(store.resolve, AdapterRef(ref.name), None)
-    except AdapterNotFound:
-        return False
-    return latest.version == ref.version and await pointers.pin_if(tenant, ref.name, ref.version, None)
+    async with version_guard.holding(pointers.redis, [(tenant, ref.name)], tenant):
+        try:
+            latest = await asyncio.to_thread(store.resolve, AdapterRef(ref.name), None)
+        except AdapterNotFound:
+            return False
+        return latest.version == ref.version and await pointers.pin_if(tenant, ref.name, ref.version, None)
 
 
 async def canary_started(experiments: ExperimentStore, tenant: str, name: str) -> bool:

@@ -20,7 +20,7 @@ from adapters.registry import Registry
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
-from gateway import keys
+from gateway import keys, version_guard
 from gateway.experiments import ExperimentStore
 from gateway.pointers import PointerStore
 from gateway.routing import Router
@@ -143,6 +143,23 @@ async def test_a_pin_an_operator_sets_while_the_run_reads_it_is_kept(
     monkeypatch.setattr(world.store, "resolve", operator_pins_meanwhile)
     assert await publish.hold_bare_name(PointerStore(world.redis), world.store, TENANT, "helper") is None
     assert await world.redis.hget(keys.pins(TENANT), "helper") == "1", "not overwritten with helper@2"
+
+
+async def test_the_run_pins_under_the_adapters_lock(
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    """As the admin API and the CLI do: a delete of the version it pins (holding the lock) cannot come between the
+    run's read and its pin. The lock held elsewhere past WAIT_S: refused, nothing pinned."""
+    monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
+    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=30)
+    assert held.acquire(blocking=False)  # a delete of helper@1 in flight
+    try:
+        with pytest.raises(version_guard.AdapterBusy):
+            await publish.hold_bare_name(PointerStore(world.redis), world.store, TENANT, "helper")
+    finally:
+        held.release()
+    assert await world.redis.hget(keys.pins(TENANT), "helper") is None
+    assert (await publish.hold_bare_name(PointerStore(world.redis), world.store, TENANT, "helper")).version == 1
 
 
 @pytest.mark.parametrize("moved", [False, True], ids=["still-the-runs", "moved-by-an-operator"])
