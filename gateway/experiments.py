@@ -75,6 +75,7 @@ PREFIX = "experiment:"
 """An alias target that names an experiment."""
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 Status = Literal["running", "paused", "stopped", "promoted", "rolled back"]
+LIVE = ("running", "paused")
 MAX_WEIGHT = 1e6
 """Weights are relative: up to a million is plenty (and their sum stays finite)."""
 Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")]
@@ -163,6 +164,8 @@ class Experiment(BaseModel):
     def _control(self) -> Experiment:
         if self.control not in {arm.name for arm in self.arms}:
             raise ValueError(f"control `{self.control}` is not one of the arms")
+        if self.status not in LIVE:
+            return self  # ended: no allocation kept (each took 13 KB, read by every guard-rail round and delete)
         if not self.allocation or len(base64.b64decode(self.allocation)) != BUCKETS:  # none yet, or a broken one
             self.allocation = base64.b64encode(allocate([arm.weight for arm in self.arms])).decode()
         return self
@@ -294,7 +297,9 @@ class ExperimentStore:
         `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
         experiment = await self._live(tenant, name, revision)
         alias = alias_target(experiment, status, arm)
-        changed = experiment.model_copy(update={"status": status, "exposed_before": await self._exposed(experiment)})
+        ended = {} if status in LIVE else {"allocation": ""}
+        update = {"status": status, "exposed_before": await self._exposed(experiment), **ended}
+        changed = experiment.model_copy(update=update)
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
             status, "rollback"
         )
@@ -331,7 +336,7 @@ class ExperimentStore:
         experiment = Experiment.model_validate_json(raw)
         if revision is not None and experiment.revision != revision:
             raise ExperimentConflict(f"Experiment `{name}` changed meanwhile (revision {experiment.revision}).")
-        if experiment.status not in ("running", "paused"):
+        if experiment.status not in LIVE:
             raise InvalidExperiment(f"Experiment `{name}` has ended ({experiment.status}).")
         return experiment
 

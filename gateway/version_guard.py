@@ -36,7 +36,7 @@ from adapters.manifest import AdapterRef, InvalidAdapter, Manifest, check_name
 from adapters.store import AdapterNotFound, AdapterStore
 from gateway import keys
 from gateway.errors import ModelNotFound
-from gateway.experiments import Experiment, ExperimentStore, Status, alias_target
+from gateway.experiments import LIVE, Experiment, ExperimentStore, Status, alias_target
 from gateway.pointers import PointerStore
 from gateway.routing import Route, Router
 from gateway.tenants import Tenant, TenantNotFound, TenantStore, check_tenant_name
@@ -156,7 +156,7 @@ async def users(
         aliases = sorted(raw_aliases.items())
         here = [f"alias `{alias}`" for alias, target in aliases if _names(target, tenant, owner, wanted)]
         for experiment in experiments.parsed(raw_experiments):
-            if experiment.status not in ("running", "paused"):
+            if experiment.status not in LIVE:
                 continue
             arms = [arm.name for arm in experiment.arms if _names(arm.target, tenant, owner, wanted)]
             if arms or _names(experiment.previous_target, tenant, owner, wanted):

@@ -95,3 +95,16 @@ async def test_with_more_arms_each_comparison_is_stricter(redis: aioredis.Redis)
 def test_an_arm_with_a_weight_gets_users_however_small() -> None:
     assert shares([1e6, 1]) == [BUCKETS - 1, 1]
     assert shares([1e6, 0]) == [BUCKETS, 0]
+
+
+async def test_an_ended_experiment_keeps_no_allocation(redis: aioredis.Redis) -> None:
+    """Ended experiments are kept (audit, results) and read by every guard-rail round and version delete: without
+    their 10,000-bucket allocation (13 KB of JSON each)."""
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=ARMS), by="test")
+    assert len(await redis.hget(keys.experiments("t"), "e") or "") > 13_000
+    await store.set_status("t", "e", "stopped", "test")
+    assert len(await redis.hget(keys.experiments("t"), "e") or "") < 2_000
+    store.forget_cached()
+    stopped = await store.get("t", "e")
+    assert stopped.status == "stopped" and [a.weight for a in stopped.arms] == [90, 10]
