@@ -34,11 +34,18 @@ STALE_S = 60.0
 process (a revocation made meanwhile through another process takes effect once it is reached again)."""
 KEY_FORMAT = re.compile(r"sk-lg-(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{20,}")
 # KEYS: the tenant, the new key's record, the tenant's key set. ARGV: the key id, its expiry ('' for none, seconds
-# from now, or '@' and a Unix time), then the record's other fields. The tenant must still exist and the id must be
-# new, checked and written in one step; dated by Redis's clock (`created`, `expires_at`), whatever the clock of the
-# host that asks. Returns [created, expires_at], or -1 (no tenant), 0 (the id is taken), -2 (that time has passed).
+# from now, or '@' and a Unix time), the `created` the tenant must have ('' for any; a rotation: the replaced key's
+# `tenant_created`), then the record's other fields. The tenant must still exist and the id must be new, checked and
+# written in one step; dated by Redis's clock (`created`, `expires_at`), whatever the clock of the host that asks.
+# The key keeps when its tenant was created (`tenant_created`, exact to the bit: '%.17g'), so that it works for that
+# tenant only, never for one created again under the name (_LOOKUP).
+# Returns [created, expires_at], or -1 (no tenant), 0 (the id is taken), -2 (that time has passed), -3 (the tenant
+# is not the one it must be).
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local tenant = redis.call('GET', KEYS[1])
+if not tenant then return -1 end
+local tenant_created = cjson.decode(tenant)['created']
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= tenant_created then return -3 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -51,21 +58,39 @@ elseif ARGV[2] ~= '' then
   expires = string.format('%.6f', now + tonumber(ARGV[2]))
 end
 local created = string.format('%.6f', now)
-redis.call('HSET', KEYS[2], 'created', created, 'expires_at', expires, unpack(ARGV, 3))
+local stamp = string.format('%.17g', tenant_created)
+redis.call('HSET', KEYS[2], 'created', created, 'expires_at', expires, 'tenant_created', stamp, unpack(ARGV, 4))
 redis.call('SADD', KEYS[3], ARGV[1])
 return {created, expires}
 """
 # KEYS: the key, the state version. ARGV: seconds it works from now (by Redis's clock), unless it expires sooner.
+# The expiry it had before its first grace is kept (`expires_before_grace`, '' for never): what its successors get.
 _GRACE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local clock = redis.call('TIME')
 local ends = tonumber(clock[1]) + tonumber(clock[2]) / 1000000 + tonumber(ARGV[1])
-local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
+local before = redis.call('HGET', KEYS[1], 'expires_at') or ''
+local expires = tonumber(before)
 if expires == nil or ends < expires then
+  if redis.call('HEXISTS', KEYS[1], 'expires_before_grace') == 0 then
+    redis.call('HSET', KEYS[1], 'expires_before_grace', before)
+  end
   redis.call('HSET', KEYS[1], 'expires_at', string.format('%.6f', ends))
   redis.call('INCR', KEYS[2])
 end
 return 1
+"""
+# KEYS: the key's record. ARGV: what a tenant's key starts with (keys.tenant('')). The record, flat; none when the key
+# was made for another tenant of its name (one deleted since): its `tenant_created` is not the tenant's `created`.
+# A key stored before keys carried `tenant_created` is not checked.
+_LOOKUP = """
+local record = redis.call('HGETALL', KEYS[1])
+local fields = {}
+for i = 1, #record, 2 do fields[record[i]] = record[i + 1] end
+if fields['tenant_created'] == nil or fields['tenant'] == nil then return record end
+local tenant = redis.call('GET', ARGV[1] .. fields['tenant'])
+if not tenant or tonumber(fields['tenant_created']) ~= tonumber(cjson.decode(tenant)['created']) then return {} end
+return record
 """
 
 
@@ -118,7 +143,8 @@ class KeyInfo(BaseModel):
 
 MAX_DURATION_S = 100 * 365 * 86400.0
 """Longest duration a key may be given (expiry, rotation grace): a century."""
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?")
+"""At most 12 digits a part (longer is past MAX_DURATION_S anyway): a 5000-digit one is refused, not parsed."""
 
 
 def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
@@ -129,7 +155,9 @@ def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
         else:
             found = _DURATION.fullmatch(str(text).strip())
             if not str(text).strip() or found is None:
-                raise InvalidKeyRequest(f"Invalid duration {text!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m.")
+                raise InvalidKeyRequest(
+                    f"Invalid duration {str(text)[:40]!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m."
+                )
             days, hours, minutes, secs = (int(part or 0) for part in found.groups())
             seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
     except OverflowError:
@@ -137,7 +165,7 @@ def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
     if not seconds <= MAX_DURATION_S:
         raise InvalidKeyRequest(f"Invalid duration {str(text)[:40]!r}: at most {MAX_DURATION_S // 86400:.0f} days.")
     if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise InvalidKeyRequest(f"Invalid duration {text!r}: it must be longer than zero.")
+        raise InvalidKeyRequest(f"Invalid duration {str(text)[:40]!r}: it must be longer than zero.")
     return seconds
 
 
@@ -169,6 +197,7 @@ class KeyStore:
         """Bumped by every forget: a lookup begun before it is not cached after it."""
         self._create = redis.register_script(_CREATE)
         self._grace = redis.register_script(_GRACE)
+        self._lookup_record = redis.register_script(_LOOKUP)
         self._touch = redis.register_script(
             "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end"
         )
@@ -216,9 +245,17 @@ class KeyStore:
         return await self._store(tenant, role, name, "" if expires_in_s is None else repr(float(expires_in_s)), limits)
 
     async def _store(
-        self, tenant: str, role: str, name: str, expiry: str, limits: Limits | None
+        self,
+        tenant: str,
+        role: str,
+        name: str,
+        expiry: str,
+        limits: Limits | None,
+        replaces: tuple[str, dict[str, str]] | None = None,
     ) -> tuple[str, KeyInfo]:
-        """Store a new key (`expiry` as _CREATE takes it); raises InvalidKeyRequest when its expiry has passed."""
+        """Store a new key (`expiry` as _CREATE takes it); raises InvalidKeyRequest when its expiry has passed.
+        `replaces`: the id and record of the key it replaces, whose tenant it must be (not one re-created since)."""
+        must_be = replaces[1].get("tenant_created", "") if replaces else ""
         limits = limits or Limits()
         while True:
             key_id = secrets.token_hex(6)
@@ -234,10 +271,12 @@ class KeyStore:
             fields = [str(part) for pair in record.items() for part in pair]
             stored = await self._create(
                 keys=[keys.tenant(tenant), keys.api_key(key_id), keys.tenant_keys(tenant)],
-                args=[key_id, expiry, *fields],
+                args=[key_id, expiry, must_be, *fields],
             )
             if stored == -1:
                 raise TenantNotFound(tenant)
+            if stored == -3 and replaces:  # a key of a tenant deleted since: none of the tenant of that name now
+                raise KeyNotFound(replaces[0])
             if stored == -2:
                 raise InvalidKeyRequest("That key has expired: create a new key instead.", param="key_id")
             if stored != 0:
@@ -272,13 +311,17 @@ class KeyStore:
         return info
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyInfo]:
-        """A new key like `key_id` (tenant, role, name, limits, expiry); the old one works `grace_s` more seconds."""
+        """A new key like `key_id` (tenant, role, name, limits, expiry); the old one works `grace_s` more seconds.
+        The new key expires when the old one did before any grace (rotating a key again while in its grace does
+        not hand the grace's end on); a key put in grace before `expires_before_grace` was kept hands on its grace's."""
         if not 0 <= grace_s < math.inf:
             raise InvalidKeyRequest("The grace period cannot be negative.")
-        old = await self.get(key_id)
-        expiry = "" if old.expires_at is None else f"@{old.expires_at!r}"  # the same moment, by Redis's clock
+        record = await self._record(key_id)
+        old = KeyInfo.from_record(key_id, record)
+        ends = record.get("expires_before_grace", record.get("expires_at", ""))
+        expiry = f"@{float(ends)!r}" if ends else ""  # the same moment, by Redis's clock
         try:
-            api_key, new = await self._store(old.tenant, old.role, old.name, expiry, old.limits)
+            api_key, new = await self._store(old.tenant, old.role, old.name, expiry, old.limits, (key_id, record))
         except InvalidKeyRequest as exc:
             raise InvalidKeyRequest(
                 f"API key `{key_id}` has expired: create a new key instead.", param="key_id"
@@ -311,10 +354,13 @@ class KeyStore:
         found = KEY_FORMAT.fullmatch(token)
         if found is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {redacted(token)}.")
-        try:
-            record = await self._redis.hgetall(keys.api_key(found["id"]))
+        try:  # one call, as one HGETALL was: the key's record, checked against its tenant's
+            flat = await self._lookup_record(
+                keys=[keys.api_key(found["id"])], args=[keys.tenant("")], client=self._redis
+            )
         except RedisError as exc:
             raise StateUnavailable(f"The key store is unavailable: {type(exc).__name__}.") from exc
+        record = dict(zip(flat[::2], flat[1::2], strict=True))
         if not record or not hmac.compare_digest(record.get("sha256", ""), digest):
             raise AuthenticationFailed(f"Incorrect API key provided: {redacted(token)}.")
         info = KeyInfo.from_record(found["id"], record)

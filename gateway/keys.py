@@ -30,7 +30,9 @@ def tenant_keys(name: str) -> str:
 
 
 def api_key(key_id: str) -> str:
-    """Hash of one API key: tenant, role, name, sha256 of the key (never the key), created, expiry, last use."""
+    """Hash of one API key: tenant, role, name, sha256 of the key (never the key), created, expiry, last use, when
+    its tenant was created (`tenant_created`: it works for that tenant only) and, once in a rotation's grace, the
+    expiry it had before (`expires_before_grace`: what its successor gets)."""
     return f"{PREFIX}:key:{key_id}"
 
 

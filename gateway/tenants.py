@@ -13,13 +13,19 @@ import time
 from typing import Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis.exceptions import RedisError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, WatchError
 
 from gateway import keys
 from gateway.errors import StateUnavailable
 from gateway.records import LogPolicy
 
+# KEYS: a tenant, one of the keys under its name. Deletes the key unless the tenant exists (again): -1 then.
+_DELETE_IF_GONE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+return redis.call('DEL', KEYS[2])
+"""
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
@@ -74,6 +80,15 @@ class Tenant(BaseModel):
     logging: LogPolicy = Field(default_factory=LogPolicy, description="What the completion log keeps, how long.")
 
 
+class LogPolicyChanges(LogPolicy):
+    """A partial logging policy: only the fields sent change. Its score range is checked once merged with the
+    tenant's current policy (`{"score_min": 2}` is fine for a 1..5 tenant, though 2 is above the default max)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> LogPolicyChanges:  # LogPolicy's, checked on the merged policy instead
+        return self
+
+
 class TenantChanges(BaseModel):
     """What an update may change; fields left out stay as they are."""
 
@@ -81,7 +96,7 @@ class TenantChanges(BaseModel):
 
     limits: Limits | None = None
     on_redis_down: Literal["open", "closed"] | None = None
-    logging: LogPolicy | None = None
+    logging: LogPolicyChanges | None = None
 
 
 class TenantStore:
@@ -94,6 +109,7 @@ class TenantStore:
         self._loading: dict[str, asyncio.Future[Tenant]] = {}
         self._generation = 0
         """Bumped by every forget: a read begun before it is not cached after it."""
+        self._delete_if_gone = redis.register_script(_DELETE_IF_GONE)
 
     def forget_cached(self) -> None:
         self._generation += 1
@@ -175,23 +191,42 @@ class TenantStore:
     async def delete(self, name: str) -> list[str]:
         """Delete the tenant, its keys, pins and aliases, its experiments and their audit logs (every key
         under `loragate:tenant:NAME:`), and its shares (both ways). Returns the ids of the keys it revoked.
-        Its adapter files are the registry's to remove; its log and feedback, gateway.erasure's."""
-        await self.get(name)
-        key_ids = sorted(await self._redis.smembers(keys.tenant_keys(name)))
-        shares = await self._redis.hgetall(keys.shares())
+        Its adapter files are the registry's to remove; its log and feedback, gateway.erasure's.
+
+        Its key set and the shares are read and the deletion written in one transaction (WATCH): a key created
+        or rotated meanwhile is revoked with the others, not left behind to work for a tenant re-created under
+        the name (a key also names the tenant it was made for: gateway.apikeys)."""
+        check_tenant_name(name)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.tenant(name), keys.tenant_keys(name), keys.pins(name), keys.aliases(name))
-            pipe.delete(keys.experiments(name))
-            for key_id in key_ids:
-                pipe.delete(keys.api_key(key_id))
-            pipe.srem(keys.tenants(), name)
-            for adapter, raw in shares.items():
-                if adapter.startswith(f"{name}/"):
-                    pipe.hdel(keys.shares(), adapter)
-                elif name in (consumers := json.loads(raw)):
-                    pipe.hset(keys.shares(), adapter, json.dumps([t for t in consumers if t != name]))
-            pipe.incr(keys.state_version())
-            await pipe.execute()
+            while True:
+                try:
+                    key_ids = await self._delete_watched(pipe, name)
+                    break
+                except WatchError:
+                    continue
         async for key in self._redis.scan_iter(match=keys.tenant_state_pattern(name), count=500):
-            await self._redis.delete(key)
+            if await self._delete_if_gone(keys=[keys.tenant(name), key], client=self._redis) == -1:
+                break  # created again meanwhile: what is under its name now is the new tenant's
+        return key_ids
+
+    async def _delete_watched(self, pipe: Pipeline, name: str) -> list[str]:
+        """One try of the deletion's transaction; WatchError when the tenant, its keys or the shares changed."""
+        await pipe.watch(keys.tenant(name), keys.tenant_keys(name), keys.shares())
+        if not await pipe.exists(keys.tenant(name)):
+            raise TenantNotFound(name)
+        key_ids = sorted(await pipe.smembers(keys.tenant_keys(name)))
+        shares = await pipe.hgetall(keys.shares())
+        pipe.multi()
+        pipe.delete(keys.tenant(name), keys.tenant_keys(name), keys.pins(name), keys.aliases(name))
+        pipe.delete(keys.experiments(name))
+        for key_id in key_ids:
+            pipe.delete(keys.api_key(key_id))
+        pipe.srem(keys.tenants(), name)
+        for adapter, raw in shares.items():
+            if adapter.startswith(f"{name}/"):
+                pipe.hdel(keys.shares(), adapter)
+            elif name in (consumers := json.loads(raw)):
+                pipe.hset(keys.shares(), adapter, json.dumps([t for t in consumers if t != name]))
+        pipe.incr(keys.state_version())
+        await pipe.execute()
         return key_ids

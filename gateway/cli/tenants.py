@@ -125,7 +125,7 @@ def tenants_logging(
     from pydantic import ValidationError
 
     from gateway.records import LogPolicy
-    from gateway.tenants import TenantChanges, TenantStore
+    from gateway.tenants import LogPolicyChanges, TenantChanges, TenantStore
 
     changes: dict[str, Any] = {"content": content, "max_records": max_records, "max_age_days": max_age_days}
     if redact is not None:
@@ -145,7 +145,7 @@ def tenants_logging(
         raise fail(f"invalid logging policy: {exc.errors()[0]['msg']}") from exc
 
     async def update(redis: Any) -> str:
-        tenant = await TenantStore(redis).update(name, TenantChanges(logging=policy))
+        tenant = await TenantStore(redis).update(name, TenantChanges(logging=LogPolicyChanges(**policy.model_dump())))
         return tenant.logging.model_dump_json(indent=2)
 
     typer.echo(with_redis(update))

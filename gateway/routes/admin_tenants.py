@@ -27,7 +27,7 @@ from gateway import admin_protocol as answers
 from gateway.apikeys import KeyInfo, parse_duration
 from gateway.auth import Admin
 from gateway.erasure import mark_tenant_deleted, purge_tenant, tenant_deleted
-from gateway.errors import NotFound
+from gateway.errors import NotFound, StateUnavailable
 from gateway.openapi import answer, errors
 from gateway.routes import domain_errors, services
 from gateway.routes.strict_json import StrictJSONRoute
@@ -61,16 +61,19 @@ class Rotation(BaseModel):
     grace: str | int = "1h"
 
 
-@router.post("", status_code=201, responses=errors(409))
+@router.post("", status_code=201, responses=errors(409, 503))
 async def create_tenant(body: NewTenant, request: Request, _: Admin) -> Tenant:
     svc = services(request)
     with domain_errors("name"):
         name = check_tenant_name(body.name)
         try:  # a tenant deleted under this name: the new one is created after it, whatever the clocks say
             deleted = await tenant_deleted(svc.records_redis, name)
-        except (RedisError, OSError) as exc:
-            log.warning("tenant %s: its last deletion could not be read (%r); created by this host's clock", name, exc)
-            deleted = None
+        except (RedisError, OSError) as exc:  # not created by this host's clock alone: the deleted one's records
+            log.warning("tenant %s not created: its last deletion could not be read (%r)", name, exc)
+            raise StateUnavailable(
+                f"Tenant `{name}` cannot be created right now: the records Redis, which keeps when a tenant of that "
+                "name was last deleted, cannot be reached. Try again."
+            ) from exc
         return await svc.tenants.create(
             name, body.limits, body.on_redis_down, not_before=deleted[0] if deleted else 0.0
         )

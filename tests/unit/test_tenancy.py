@@ -5,17 +5,29 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
-from gateway.apikeys import InvalidKeyRequest, KeyStore, parse_duration
+from gateway.apikeys import InvalidKeyRequest, KeyNotFound, KeyStore, parse_duration
 from gateway.errors import AuthenticationFailed
 from gateway.experiments import Arm, Change, Experiment, ExperimentNotFound, ExperimentStore
-from gateway.keys import api_key, experiment_audit
+from gateway.keys import api_key, experiment_audit, tenant_keys
 from gateway.pointers import PointerStore
+from gateway.records import LogPolicy
 from gateway.state import StateWatcher
-from gateway.tenants import InvalidTenant, Limits, TenantExists, TenantNotFound, TenantStore, check_tenant_name
+from gateway.tenants import (
+    InvalidTenant,
+    Limits,
+    TenantChanges,
+    TenantExists,
+    TenantNotFound,
+    TenantStore,
+    check_tenant_name,
+)
 from tests.conftest import RedisServer
 
 
@@ -229,3 +241,105 @@ async def test_a_tenant_recreated_after_a_deletion_is_created_after_it_whatever_
     second = await tenants.create("acme", not_before=ahead)
     assert second.created > ahead > first.created
     assert (await tenants.get("acme")).created == second.created
+
+
+async def test_a_key_created_while_its_tenant_is_deleted_goes_with_it(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key is created between the deletion's read of the tenant's keys and its write: it is revoked all the same,
+    not left to work for a tenant created again under the name."""
+    tenants, keys = TenantStore(redis), KeyStore(redis, 0)
+    await tenants.create("acme")
+    real = aioredis.Redis.smembers
+    made: list[str] = []
+
+    async def then_a_key(self: aioredis.Redis, name: str) -> Any:
+        found = await real(self, name)  # type: ignore[misc]
+        if name == tenant_keys("acme") and not made:
+            made.append((await keys.create("acme"))[1].id)
+        return found
+
+    monkeypatch.setattr(aioredis.Redis, "smembers", then_a_key)
+    assert await tenants.delete("acme") == made
+    assert await redis.exists(api_key(made[0])) == 0
+
+
+async def test_a_key_that_outlived_its_tenant_does_not_work_for_its_namesake(redis: aioredis.Redis) -> None:
+    """A key left behind by a deletion (as a key created during one could be) names the tenant it was made for:
+    it is refused as an unknown key, and cannot be rotated into one, once a tenant of that name is created again.
+    Keys stored before keys named their tenant's creation are not checked."""
+    tenants, keys = TenantStore(redis), KeyStore(redis, 0)
+    await tenants.create("acme")
+    key, info = await keys.create("acme")
+    await redis.srem(tenant_keys("acme"), info.id)  # not in the tenant's set: the deletion misses it
+    await tenants.delete("acme")
+    assert await redis.exists(api_key(info.id)) == 1
+    await tenants.create("acme")
+    with pytest.raises(AuthenticationFailed, match="Incorrect API key"):
+        await keys.verify(key)
+    with pytest.raises(KeyNotFound):
+        await keys.rotate(info.id, grace_s=0)
+    fresh, fresh_info = await keys.create("acme")
+    assert (await keys.verify(fresh)).tenant == "acme"
+    assert (await keys.rotate(fresh_info.id, grace_s=0))[1].tenant == "acme"
+    legacy, legacy_info = await keys.create("acme")
+    await redis.hdel(api_key(legacy_info.id), "tenant_created")
+    assert (await keys.verify(legacy)).key_id == legacy_info.id
+
+
+async def test_a_tenant_created_again_during_a_deletion_keeps_what_is_its_own(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deletion sweeps the keys under the tenant's name after its transaction; a tenant created under the name
+    before the sweep keeps its key set."""
+    tenants, keys = TenantStore(redis), KeyStore(redis, 0)
+    await tenants.create("acme")
+    real = aioredis.Redis.scan_iter
+    made: list[str] = []
+
+    async def created_again_first(self: aioredis.Redis, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        if not made:
+            await tenants.create("acme")
+            made.append((await keys.create("acme"))[1].id)
+        async for found in real(self, *args, **kwargs):
+            yield found
+
+    monkeypatch.setattr(aioredis.Redis, "scan_iter", created_again_first)
+    await tenants.delete("acme")
+    assert [info.id for info in await keys.list("acme")] == made
+
+
+async def test_a_key_rotated_again_in_its_grace_hands_on_its_own_expiry(redis: aioredis.Redis) -> None:
+    """The README's promise: a rotated key's successor expires when it did, also when it is rotated a second time
+    while the first rotation's grace runs (the grace's end is not handed on)."""
+    await TenantStore(redis).create("acme")
+    keys = KeyStore(redis, 0)
+    _, info = await keys.create("acme", expires_in_s=30 * 86400)
+    _, first = await keys.rotate(info.id, grace_s=60)
+    _, second = await keys.rotate(info.id, grace_s=60)
+    assert first.expires_at == second.expires_at == info.expires_at
+    grace_ends = (await keys.get(info.id)).expires_at
+    assert grace_ends is not None and info.expires_at is not None and grace_ends < info.expires_at
+    _, never = await keys.create("acme")
+    await keys.rotate(never.id, grace_s=60)
+    assert (await keys.rotate(never.id, grace_s=60))[1].expires_at is None
+
+
+def test_a_duration_of_thousands_of_digits_is_refused_saying_why() -> None:
+    for huge in ("9" * 5000 + "s", "9" * 5000 + "d", "1" * 13 + "m", "1d" + "9" * 5000 + "h"):
+        with pytest.raises(InvalidKeyRequest, match="Invalid duration") as refused:
+            parse_duration(huge)
+        assert len(str(refused.value)) < 200, "the duration is not echoed whole"
+
+
+async def test_a_partial_logging_policy_is_checked_once_merged(redis: aioredis.Redis) -> None:
+    """`{"score_min": 2}` on a tenant scoring 1..5: 2 is above the default score_max (1), not above the tenant's."""
+    tenants = TenantStore(redis)
+    await tenants.create("acme", logging=LogPolicy(score_min=1.0, score_max=5.0))
+    updated = await tenants.update("acme", TenantChanges.model_validate({"logging": {"score_min": 2}}))
+    assert (updated.logging.score_min, updated.logging.score_max) == (2.0, 5.0)
+    with pytest.raises(InvalidTenant, match="score_min must be below score_max"):
+        await tenants.update("acme", TenantChanges.model_validate({"logging": {"score_min": 6}}))
+    with pytest.raises(ValidationError):
+        TenantChanges.model_validate({"logging": {"max_records": 5}})
+    assert (await tenants.get("acme")).logging.score_min == 2.0

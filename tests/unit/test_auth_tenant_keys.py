@@ -1,0 +1,73 @@
+"""Tenants and their keys through the admin API: a key left behind by a deletion is no key of the tenant created
+again under the name, durations of thousands of digits and partial logging policies are answered as the API answers
+every refusal (400), and a tenant whose last deletion cannot be read is not created (503)."""
+
+from __future__ import annotations
+
+import pytest
+import redis as sync_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from starlette.testclient import TestClient
+
+from gateway import keys
+from gateway.routes import admin_tenants
+from tests.conftest import RedisServer
+from tests.unit.admin_api import refused
+
+
+def test_a_key_left_behind_by_a_deletion_is_refused_for_the_tenant_created_again(
+    api: TestClient, redis_server: RedisServer
+) -> None:
+    """Left behind as a key created while its tenant was deleted could be, before the deletion watched for one."""
+    made = api.post("/admin/tenants/acme/keys", json={"role": "manage"}).json()
+    auth = {"Authorization": f"Bearer {made['key']}"}
+    assert api.get("/v1/models", headers=auth).status_code == 200
+    with sync_redis.Redis.from_url(redis_server.url) as state:
+        state.srem(keys.tenant_keys("acme"), made["id"])
+    assert api.delete("/admin/tenants/acme").status_code == 200
+    assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201
+    for method, path in (("GET", "/v1/models"), ("GET", "/admin/tenants/acme/adapters")):
+        assert "Incorrect API key" in refused(api.request(method, path, headers=auth), 401, "invalid_api_key")
+    rotated = api.post(f"/admin/tenants/acme/keys/{made['id']}/rotate", json={"grace": "0s"})
+    refused(rotated, 404, "key_not_found")
+
+
+@pytest.mark.parametrize("body", ['{"expires": "%ss"}' % ("9" * 5000), '{"expires": %s}' % ("9" * 5000)])
+def test_a_duration_of_thousands_of_digits_is_a_400(api: TestClient, body: str) -> None:
+    answer = api.post("/admin/tenants/acme/keys", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["error"]["type"] == "invalid_request_error" and len(answer.text) < 1000
+    key_id = api.post("/admin/tenants/acme/keys", json={}).json()["id"]
+    grace = body.replace("expires", "grace")
+    rotated = api.post(
+        f"/admin/tenants/acme/keys/{key_id}/rotate", content=grace, headers={"Content-Type": "application/json"}
+    )
+    assert rotated.status_code == 400 and rotated.json()["error"]["type"] == "invalid_request_error", rotated.text
+
+
+def test_a_partial_logging_policy_is_checked_against_the_tenants(api: TestClient) -> None:
+    assert api.patch("/admin/tenants/acme", json={"logging": {"score_min": 1, "score_max": 5}}).status_code == 200
+    moved = api.patch("/admin/tenants/acme", json={"logging": {"score_min": 2}})
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["logging"]["score_min"], moved.json()["logging"]["score_max"]) == (2, 5)
+    assert "score_min must be below score_max" in refused(
+        api.patch("/admin/tenants/acme", json={"logging": {"score_min": 5}}), 400, "invalid_tenant"
+    )
+    assert api.patch("/admin/tenants/acme", json={"logging": {"max_records": 5}}).status_code == 400
+    assert api.get("/admin/tenants/acme").json()["logging"]["score_min"] == 2
+
+
+def test_a_tenant_whose_last_deletion_cannot_be_read_is_not_created(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Created by this host's clock alone, it could date itself before the deleted tenant's records."""
+
+    async def away(*_: object) -> None:
+        raise RedisConnectionError("the records Redis is away")
+
+    monkeypatch.setattr(admin_tenants, "tenant_deleted", away)
+    answer = api.post("/admin/tenants", json={"name": "beta"})
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "state_unavailable") and "Try again" in error["message"]
+    assert api.get("/admin/tenants/beta").status_code == 404
