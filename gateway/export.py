@@ -24,6 +24,14 @@ Chat prompts keep the request's messages with only `role` and string `content` (
 `developer` read as `system`); messages with no content (assistant tool calls) are dropped. Records
 stored without content (the tenant's policy), with a token prompt, with no messages or a last one
 TRL cannot render (system), or with neither an answer nor a correction are skipped and counted.
+
+A completion's own text is an answer only when it is whole: its request ended `ok` (not an error, not a stream
+the client cancelled), the log did not cut it (`truncated`) and the model was not stopped by its token limit
+(finish_reason `length`), as retraining reads it (training.sources). Otherwise its ratings judge nothing that
+can be trained on: only a correction of it is exported, and a record without one is skipped and counted.
+
+An export reads the log as it was when it began (up to its last entry then): a tenant writing fast
+does not keep it reading.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import fmean
 from typing import IO, Any, Literal
 
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 
 ExportFormat = Literal["sft", "dpo", "kto"]
 FORMATS: tuple[ExportFormat, ...] = ("sft", "dpo", "kto")
+MAX_SINCE = 1e13
+"""Largest `since` (Unix seconds) an export takes: far past any record, and still a stream id in milliseconds."""
 Messages = list[dict[str, str]]
 Prompt = Messages | str
 """A chat prompt (conversational) or a text prompt (standard)."""
@@ -66,7 +76,7 @@ class ExportSummary:
     rows_written: int
     skipped: int
     """Records with feedback that give no row whatever the format: no content kept, a token prompt,
-    no messages, or neither an answer nor a correction."""
+    no messages, or neither a whole answer (`whole_answer`) nor a correction."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,22 @@ def sample(example: Example, policy: LogPolicy) -> Sample | None:
     return Sample(prompt, key, text, judgement(example.feedback, policy), correction)
 
 
+def whole_answer(record: CompletionRecord) -> bool:
+    """Whether the record's own text is a whole answer: not of a failed or cancelled request, not cut by the
+    log, not stopped by the token limit."""
+    cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
+    return record.outcome == "ok" and not cut
+
+
+def exportable(example: Example, policy: LogPolicy) -> Sample | None:
+    """The example's sample with the completion's text (and its judgement) only when it is a whole answer;
+    None when nothing is left to export."""
+    found = sample(example, policy)
+    if found is None or found.text is None or whole_answer(example.record):
+        return found
+    return replace(found, text=None, judgement=None) if found.correction is not None else None
+
+
 def _sft(s: Sample) -> Iterator[dict[str, Any]]:
     answer = s.correction or (s.text if s.judgement is not None and s.judgement >= 0.5 else None)
     if answer is None:
@@ -190,7 +216,10 @@ def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
 def rows(examples: Iterable[Example], fmt: ExportFormat, policy: LogPolicy) -> Iterator[dict[str, Any]]:
     """TRL-format rows of the examples; those with nothing to export are skipped. dpo pairs completions
     of the same prompt across all the examples, so its rows come once they are all read."""
-    samples = (s for e in examples if (s := sample(e, policy)) is not None)
+    return _rows((s for e in examples if (s := exportable(e, policy)) is not None), fmt)
+
+
+def _rows(samples: Iterable[Sample], fmt: ExportFormat) -> Iterator[dict[str, Any]]:
     if fmt == "dpo":
         yield from _dpo(samples)
         return
@@ -228,12 +257,18 @@ def _examples(records: list[CompletionRecord], stored: list[dict[str, str]]) -> 
 async def _pages(
     redis: Redis, tenant: str, since: float | None, alias: str | None, page: int, endpoint: str | None = None
 ) -> AsyncIterator[tuple[int, list[Example]]]:
-    """Per page of the log: the entries read, and the records among them that match and have feedback."""
+    """Per page of the log: the entries read, and the records among them that match and have feedback. The log
+    is read up to its last entry when the read began: entries added meanwhile are left to the next export."""
     if page < 1:
         raise ValueError("page must be at least 1")
+    check_since(since)
     stream, start = keys.completion_log(tenant), "-" if since is None else f"{max(0, int(since * 1000))}-0"
+    last: list[tuple[str, dict[str, str]]] = await redis.xrevrange(stream, max="+", min="-", count=1)
+    if not last:
+        return
+    end = last[0][0]
     while True:
-        entries: list[tuple[str, dict[str, str]]] = await redis.xrange(stream, min=start, max="+", count=page)
+        entries: list[tuple[str, dict[str, str]]] = await redis.xrange(stream, min=start, max=end, count=page)
         if not entries:
             return
         records = await asyncio.to_thread(_records, entries)
@@ -244,10 +279,16 @@ async def _pages(
         stored: list[dict[str, str]] = await pipe.execute() if records else []
         examples = await asyncio.to_thread(_examples, records, stored)
         yield len(entries), examples
-        if len(entries) < page:
+        if len(entries) < page or entries[-1][0] == end:
             return
         ms, seq = entries[-1][0].split("-")
         start = f"{ms}-{int(seq) + 1}"
+
+
+def check_since(since: float | None) -> None:
+    """`since` must be a Unix time an export can start from: a finite number of seconds, 0 to MAX_SINCE."""
+    if since is not None and not 0 <= since <= MAX_SINCE:  # NaN too
+        raise ValueError(f"since must be a Unix time in seconds, from 0 to {MAX_SINCE:.0e}, not {since!r}")
 
 
 async def joined(
@@ -286,19 +327,19 @@ async def export(
     writes its rows after the last page, then reports once more). `endpoint` ("chat" or "completions")
     keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
     read = with_feedback = written = skipped = 0
-    kept: list[Example] = []
+    kept: list[Sample] = []  # dpo's: what its pairs need (prompt, text, judgement, correction), not whole records
     async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
-        usable = [e for e in examples if sample(e, policy) is not None]  # cheap: the parsing was in a thread
+        usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
         read, with_feedback = read + count, with_feedback + len(examples)
         skipped += len(examples) - len(usable)
         if fmt == "dpo":
             kept.extend(usable)
         else:
-            written += await asyncio.to_thread(_write, out, rows(usable, fmt, policy))
+            written += await asyncio.to_thread(_write, out, _rows(usable, fmt))
         if progress is not None:
             progress(read, written)
     if fmt == "dpo":
-        written = await asyncio.to_thread(_write, out, rows(kept, fmt, policy))
+        written = await asyncio.to_thread(_write, out, _rows(kept, fmt))
         if progress is not None:
             progress(read, written)
     return ExportSummary(read, with_feedback, written, skipped)

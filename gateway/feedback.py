@@ -10,9 +10,12 @@ A 2xx from `POST /v1/feedback` means the feedback is on disk:
   visible to `GET /v1/feedback` from then on.
 
 Feedback is stored per completion in a hash keyed by end user (empty for anonymous feedback), so a
-second rating by the same user replaces the first. A replay never overwrites a newer rating, nor
-writes back a rating of an end user erased since it was given; no write keeps a rating given to a tenant
-deleted since (each carries when its tenant was created: a tenant re-created with the same name is another).
+second rating by the same user replaces the first. A completion keeps the ratings of at most MAX_RATERS end
+users (each up to ~110 KB, read whole by `GET /v1/feedback` and exports): a new one past that gets 409
+(`too_many_ratings`), or, replayed from a spool, is dropped and counted (`loragate_feedback_dropped`).
+A replay never overwrites a newer rating, nor writes back a rating of an end user erased since it was given;
+no write keeps a rating given to a tenant deleted since (each carries when its tenant was created: a tenant
+re-created with the same name is another).
 
 Whether a completion is the caller's is told apart only from "not found": an id of another tenant is
 looked for exactly as an unknown one is, waits included, so neither the answer nor its time says which.
@@ -32,7 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 from gateway.erasure import entry_ms, parse_tombstone
-from gateway.errors import InvalidRequest, NotFound, StateUnavailable
+from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.record_store import TRIMMED, parse_index
 from gateway.recorder import Recorder
@@ -48,16 +51,18 @@ log = logging.getLogger("loragate.feedback")
 Durability = Literal["waitaof", "fsync-always", "spool"]
 UNVERIFIED_MAX = 10_000
 """Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
+MAX_RATERS = 100
+"""Distinct end users (anonymous is one) whose ratings one completion keeps; a rater already in may change theirs."""
 VERIFY_FOR_S = 600.0
 """How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped, from when
 Redis could first be asked (an outage, however long, does not count)."""
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
 # counters ('' where none), the tenant's deletion, the completion's index. ARGV: field (end user), feedback JSON,
-# created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created, TRIMMED.
-# Feedback of a tenant created at or before its deletion, or of a completion the length limit trimmed, is refused
-# (-1); one made before its end user's erasure, or (replayed)
-# past the tenant's age limit, is dropped (0). A replay never replaces a newer rating. The hash lives as long as
+# created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created, TRIMMED,
+# MAX_RATERS. Feedback of a tenant created at or before its deletion, or of a completion the length limit trimmed, is
+# refused (-1); one made before its end user's erasure, or (replayed) past the tenant's age limit, is dropped (0); a
+# new end user's past MAX_RATERS is refused (-3). A replay never replaces a newer rating. The hash lives as long as
 # the completion's index (a later rating does not extend it) and the end user's set at least as long (it is never
 # shortened): erasure finds every rating through the set. The arm's feedback signal moves by the difference a
 # (replaced) rating makes.
@@ -75,6 +80,7 @@ if ARGV[6] == '1' then
     if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
   end
 end
+if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[11]) then return -3 end
 local lo, hi = tonumber(ARGV[7]), tonumber(ARGV[8])
 local function signal(raw, sign)
   local ok, f = pcall(cjson.decode, raw)
@@ -116,6 +122,19 @@ class CompletionUnknown(NotFound):
 
     def __init__(self, completion_id: str) -> None:
         super().__init__(f"No completion `{completion_id}` was found.", param="completion_id")
+
+
+class TooManyRatings(Conflict):
+    """A new end user's rating of a completion that has MAX_RATERS already."""
+
+    code = "too_many_ratings"
+
+    def __init__(self, completion_id: str) -> None:
+        super().__init__(
+            f"Completion `{completion_id}` already has the ratings of {MAX_RATERS} end users, the most one completion "
+            "keeps; an end user who rated it can still change their rating.",
+            param="user",
+        )
 
 
 class NotDurable(RedisError):
@@ -241,6 +260,8 @@ class FeedbackStore:
         item["tenant_created"] = tenant.created
         item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
         item["feedback"] = feedback.model_dump_json()
+        if owned and self.durability == "spool" and await self._full(tenant.name, given):
+            raise TooManyRatings(given.completion_id)  # known now: not acknowledged (202) to be dropped on replay
         if owned and self.durability != "spool":
             try:
                 await self._write([item], replay=False)
@@ -277,17 +298,34 @@ class FeedbackStore:
                 script_keys += [keys.tenant_deleted(tenant), keys.completion(completion_id)]
                 args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
-                args += [item.get("tenant_created") or feedback["created"], TRIMMED]
+                args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
                 pipe.execute_command("WAITAOF", 1, 0, 2000)
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")
+        if replay and (over := sum(1 for result in results[: len(items)] if result == -3)):
+            self._metrics.feedback_dropped.inc(over)  # past MAX_RATERS: dropped, as ratings of unknown completions
         if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created), or it trimmed, meanwhile
             raise CompletionUnknown(parsed[0]["completion_id"])
+        if not replay and results[0] == -3:
+            raise TooManyRatings(parsed[0]["completion_id"])
         if not replay and results[0] != 1:
             raise NotDurable("Redis did not keep the feedback")
+
+    async def _full(self, tenant: str, given: FeedbackIn) -> bool:
+        """Whether a rating to be spooled would be refused on replay for MAX_RATERS (a new end user, that many
+        already), as far as Redis says now; False when it cannot say (the replay checks again, atomically)."""
+        feedback_key = keys.feedback(tenant, given.completion_id)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hexists(feedback_key, given.user or "")
+                pipe.hlen(feedback_key)
+                rated, count = await pipe.execute()
+        except (RedisError, OSError):
+            return False
+        return not rated and int(count) >= MAX_RATERS
 
     async def replay(self) -> int:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be

@@ -163,7 +163,8 @@ class Metrics:
         )
         self.feedback_dropped = Counter(
             "loragate_feedback_dropped",
-            "Spooled feedback dropped on replay: its completion was unknown or another tenant's.", registry=r,
+            "Spooled feedback dropped on replay: its completion unknown or another tenant's, or full of raters.",
+            registry=r,
         )  # fmt: skip
         self.feedback_durable = Gauge(
             "loragate_feedback_durable", "1 when Redis fsyncs feedback before answering (else it is spooled).",

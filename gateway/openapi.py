@@ -41,7 +41,7 @@ ERRORS: dict[int, str] = {
     401: "No API key, or one that is unknown, revoked or expired.",
     403: "The key may not do this: the admin key on /v1, a tenant's key on admin routes or on another tenant.",
     404: "Not found: the tenant, model, adapter, alias, key, experiment or completion named.",
-    409: "The name is taken.",
+    409: "A conflict: the name is taken, the thing changed meanwhile or is in use, or a limit is reached.",
     413: "The body is larger than this gateway accepts.",
     422: "The engine could not process this well-formed request.",
     429: "Over the tenant's or the key's requests or tokens per minute; Retry-After says when to retry.",

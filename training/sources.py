@@ -1,7 +1,7 @@
 """Where a retraining run's examples come from: the tenant's completion log joined with its feedback
 (gateway.export), or a JSONL file of rows in TRL's formats. Either way, samples without a usable answer
-are counted and dropped; an answer cut short (finish_reason "length", or cut by the log) is dropped but
-its correction kept."""
+are counted and dropped; an answer cut short (finish_reason "length", or cut by the log) or unfinished (an
+error, a stream its client cancelled) is dropped but its correction kept, as exports do (gateway.export)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.export import Example, Prompt, Sample, joined, sample
+from gateway.export import Example, Prompt, Sample, joined, sample, whole_answer
 from gateway.records import LogPolicy
 from gateway.tenants import TenantStore
 from training.config import RetrainConfig
@@ -37,10 +37,11 @@ def prompt_key(prompt: Prompt) -> str:
     return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _kept(s: Sample, cut: bool, dropped: Counter[str]) -> Sample | None:
-    """The sample without an empty or cut-short answer (or empty correction); None when nothing is left."""
-    if s.text is not None and (cut or not s.text.strip()):
-        dropped["empty_answer" if not s.text.strip() else "truncated_answer"] += 1
+def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | None:
+    """The sample without an empty answer, or one `left_out` (why: cut short, unfinished), or an empty correction;
+    None when nothing is left."""
+    if s.text is not None and (left_out or not s.text.strip()):
+        dropped["empty_answer" if not s.text.strip() else left_out or "empty_answer"] += 1
         s = replace(s, text=None, judgement=None)
     if s.correction is not None and not s.correction.strip():
         dropped["empty_answer"] += 1
@@ -50,15 +51,17 @@ def _kept(s: Sample, cut: bool, dropped: Counter[str]) -> Sample | None:
 
 def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
     """Samples of joined log records (`policy` gives the score range); synchronous."""
-    samples, dropped = [], Counter({name: 0 for name in ("unusable", "empty_answer", "truncated_answer")})
+    names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer")
+    samples, dropped = [], Counter(dict.fromkeys(names, 0))
     for example in examples:
         found = sample(example, policy)
         if found is None:
             dropped["unusable"] += 1
             continue
         record = example.record
-        cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
-        if (kept := _kept(found, cut, dropped)) is not None:
+        unfinished = record.outcome != "ok"  # an error, or a stream its client cancelled: a part of an answer
+        left_out = "unfinished_answer" if unfinished else None if whole_answer(record) else "truncated_answer"
+        if (kept := _kept(found, left_out, dropped)) is not None:
             samples.append(kept)
     return Loaded(samples, {}, len(examples), len(examples), dict(dropped))
 
@@ -127,7 +130,7 @@ def from_jsonl(path: str | Path) -> Loaded:
                 found = _from_row(json.loads(line))
             except ValueError as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from None
-            if (kept := _kept(found, False, dropped)) is not None:
+            if (kept := _kept(found, None, dropped)) is not None:
                 samples.append(kept)
     return Loaded(samples, {"kind": "jsonl", "path": str(path)}, read, read, dict(dropped))
 

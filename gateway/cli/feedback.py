@@ -90,16 +90,24 @@ def export_cmd(
 
 
 def _since(value: str | None) -> float | None:
+    """The Unix time `--since` says; a clear refusal for one no export can start from (inf, nan, 1e300, before 1970),
+    rather than an OverflowError's traceback or Redis's complaint about a stream id."""
     from datetime import UTC, datetime
+
+    from gateway.export import check_since
 
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise fail(f"--since must be an ISO date/time or a unix time, not {value!r}") from exc
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
     try:
-        moment = datetime.fromisoformat(value)
+        check_since(seconds)
     except ValueError as exc:
-        raise fail(f"--since must be an ISO date/time or a unix time, not {value!r}") from exc
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        raise fail(f"--since {value[:40]!r}: {exc}") from exc
+    return seconds

@@ -17,7 +17,7 @@ from gateway.auth import Manager, TenantCaller
 from gateway.body import read_json
 from gateway.erasure import forget_user
 from gateway.errors import InvalidRequest, from_validation_error
-from gateway.export import ExportFormat, export
+from gateway.export import MAX_SINCE, ExportFormat, export
 from gateway.openapi import JSONLines, answer, errors, json_body
 from gateway.records import FeedbackIn
 from gateway.routes import callers_tenant, domain_errors, services
@@ -33,12 +33,13 @@ MAX_FEEDBACK_BYTES = 256 * 1024
     response_model=None,
     responses=answer(answers.FeedbackStored, "Stored in Redis, on its disk.")
     | answer(answers.FeedbackStored, "Stored in this gateway's fsynced spool; replayed into Redis shortly.", 202)
-    | errors(404, 413),
+    | errors(404, 409, 413),
     openapi_extra=json_body(FeedbackIn),
 )
 async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     """200: stored in Redis (on its disk). 202: stored in this gateway's fsynced spool, replayed into
-    Redis shortly (Redis down, or not fsyncing)."""
+    Redis shortly (Redis down, or not fsyncing). 409: a new end user's rating of a completion rated by
+    gateway.feedback.MAX_RATERS end users already."""
     svc = services(request)
     payload = await read_json(request, MAX_FEEDBACK_BYTES)
     try:
@@ -94,7 +95,7 @@ async def export_feedback(
     request: Request,
     _: Manager,
     format: Literal["sft", "dpo", "kto"] = Query(...),
-    since: float | None = Query(None, ge=0, le=1e13, description="Unix time: only completions from then on."),
+    since: float | None = Query(None, ge=0, le=MAX_SINCE, description="Unix time: only completions from then on."),
     alias: str | None = Query(None, max_length=200),
     endpoint: Literal["chat", "completions"] = Query("chat", description="Chat or text-completion records."),
 ) -> Response:

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,12 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
 from gateway import keys
-from gateway.export import Example, ExportFormat, export, feedback_value, joined, judgement, rows
+from gateway.cli import app as cli
+from gateway.export import (
+    FORMATS,
+    MAX_SINCE,
+    Example,
+    ExportFormat,
+    export,
+    feedback_value,
+    joined,
+    judgement,
+    rows,
+)
 from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
-from tests.conftest import ROOT
+from gateway.tenants import Tenant
+from tests.conftest import ROOT, RedisServer
 
 POLICY = LogPolicy()
 FIVE_STARS = LogPolicy(score_min=1.0, score_max=5.0)
@@ -329,3 +344,89 @@ async def test_exports_load_with_datasets_and_pass_trls_checks(
     for name in ("t-sft", "t-dpo", "t-kto"):
         assert checked[name] and all(not c["conversational"] and c["applied"] == c["row"] for c in checked[name])
     assert [c["row"] for c in checked["t-dpo"]] == [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
+
+
+async def test_answers_of_failed_cancelled_or_cut_requests_are_not_exported(redis: aioredis.Redis, tenant: str) -> None:
+    """Only a whole answer is one: a cancelled stream's half answer, an error's, one cut by the log or stopped by the
+    token limit give no SFT answer, DPO side or KTO completion (their corrections still count); records left with
+    nothing are skipped and counted."""
+    fine, berlin = chat(tenant, "Paris."), chat(tenant, "Berlin.")
+    cancelled = {"outcome": "cancelled", "status": 499}
+    partial = [
+        chat(tenant, "Par").model_copy(update=cancelled),
+        chat(tenant, "Pa").model_copy(update={"outcome": "error", "status": 502, "error_type": "upstream_error"}),
+        chat(tenant, "Paris!!!", truncated=True),
+        chat(tenant, "Paris is").model_copy(
+            update={"choices": [Choice(index=0, text="Paris is", finish_reason="length")]}
+        ),
+    ]
+    corrected = chat(tenant, "Lyo").model_copy(update=cancelled)
+    await log(redis, fine, fb(fine, thumbs="up"))
+    await log(redis, berlin, fb(berlin, thumbs="down"))
+    for record in partial:
+        await log(redis, record, fb(record, thumbs="up"))
+    await log(redis, corrected, fb(corrected, thumbs="down", correction="Paris, France."))
+    got: dict[str, list[dict[str, Any]]] = {}
+    for fmt in FORMATS:
+        out = io.StringIO()
+        summary = await export(redis, tenant, fmt, out, POLICY)
+        assert (summary.records_read, summary.with_feedback, summary.skipped) == (7, 7, 4), fmt
+        got[fmt] = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert got["sft"] == [{"messages": [*PROMPT, *assistant(answer)]} for answer in ("Paris.", "Paris, France.")]
+    assert got["dpo"] == [{"prompt": PROMPT, "chosen": assistant("Paris."), "rejected": assistant("Berlin.")}]
+    assert [(row["completion"][0]["content"], row["label"]) for row in got["kto"]] == [
+        ("Paris.", True),
+        ("Berlin.", False),
+        ("Paris, France.", True),
+    ]
+    assert list(rows([good(partial[0]), bad(partial[1])], "dpo", POLICY)) == []
+
+
+async def test_an_export_reads_the_log_as_it_was_when_it_began(
+    redis: aioredis.Redis, redis_server: RedisServer, tenant: str
+) -> None:
+    """A tenant writing rated completions faster than the export reads them does not keep it reading: it ends at
+    the entry that was last when it began."""
+    for _ in range(4):
+        record = chat(tenant)
+        await log(redis, record, fb(record, thumbs="up"))
+    writer = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    pages: list[int] = []
+
+    def more_meanwhile(read: int, written: int) -> None:  # two new entries per page of two read
+        pages.append(read)
+        assert len(pages) < 10, "the export follows the writes"
+        for _ in range(2):
+            writer.xadd(keys.completion_log(tenant), {"r": chat(tenant).model_dump_json()})
+
+    try:
+        for fmt in FORMATS:
+            pages.clear()
+            logged = await redis.xlen(keys.completion_log(tenant))
+            summary = await export(redis, tenant, fmt, io.StringIO(), POLICY, page=2, progress=more_meanwhile)
+            assert summary.records_read == logged and summary.with_feedback == 4, fmt
+    finally:
+        writer.close()
+
+
+async def test_a_since_no_log_starts_from_is_refused(redis: aioredis.Redis, tenant: str) -> None:
+    for since in (math.inf, -math.inf, math.nan, 1e300, MAX_SINCE * 10, -1.0):
+        with pytest.raises(ValueError, match="since must be a Unix time"):
+            await export(redis, tenant, "sft", io.StringIO(), POLICY, since=since)
+    assert (await export(redis, tenant, "sft", io.StringIO(), POLICY, since=MAX_SINCE)).records_read == 0
+
+
+def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`feedback export --since inf` printed an OverflowError's traceback, `--since 1e300` Redis's complaint."""
+    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state.flushdb()
+    state.set(keys.tenant("acme"), Tenant(name="acme").model_dump_json())
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_RECORDS_REDIS_URL": ""}
+    command = ["feedback", "export", "--tenant", "acme", "--format", "sft", "--output", str(tmp_path / "out.jsonl")]
+    for since in ("inf", "-inf", "nan", "1e300", "1e14", "1900-01-01"):
+        done = CliRunner().invoke(cli, [*command, "--since", since], env=env)
+        assert done.exit_code == 1 and isinstance(done.exception, SystemExit), (since, done.output, done.exception)
+        assert "error:" in done.output and "since must be a Unix time" in done.output, done.output
+    done = CliRunner().invoke(cli, [*command, "--since", "2024-01-01"], env=env)
+    assert done.exit_code == 0, done.output
+    state.close()

@@ -1,6 +1,6 @@
 """Spooled feedback that must wait for its completion's record: put back on disk before the segment that held
 it goes, so that neither a crash nor a failed replay loses it, and no pass copies it; and counted against the
-tenant's cap on waiting ratings only once the spool has it."""
+tenant's cap on waiting ratings only once the spool has it. Ratings of one completion are capped by end users."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway import feedback as feedback_module
 from gateway import spool as spool_module
 from gateway.errors import StateUnavailable
-from gateway.feedback import FeedbackStore
+from gateway.feedback import FeedbackStore, TooManyRatings
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
 from gateway.records import FeedbackIn
 from gateway.spool import Spool
 from gateway.tenants import Tenant
-from tests.unit.test_recording import spooled_rating
+from tests.unit.test_recording import context, feedback_store, spooled_rating
 
 WAITS, KNOWN = "chatcmpl-waits", "chatcmpl-known"
 
@@ -124,3 +124,37 @@ async def test_a_long_outage_does_not_use_up_a_ratings_wait(tmp_path: Path, monk
     clock[0] += 2
     await store.replay()
     assert on_disk(tmp_path) == [] and written == [KNOWN], "dropped once it waited VERIFY_FOR_S with Redis up"
+
+
+async def test_ratings_of_a_completion_are_capped_at_max_raters(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new end user past MAX_RATERS gets 409 (written to Redis, or about to be spooled while Redis answers); one
+    already in may still change their rating. Replayed from a spool, a new one past the cap is dropped and counted."""
+    monkeypatch.setattr(feedback_module, "MAX_RATERS", 3)
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t")
+    recorder.record(context(tenant))  # chatcmpl-7
+    for user in ("u0", "u1", None):  # anonymous ratings count as one rater
+        await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user=user, thumbs="up"))
+    with pytest.raises(TooManyRatings) as refused:
+        await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u3", thumbs="up"))
+    error = refused.value.body()["error"]
+    assert (refused.value.status, error["type"], error["code"]) == (409, "invalid_request_error", "too_many_ratings")
+    assert "3 end users" in error["message"]
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="down"))
+    assert stored, "a rater already in changes their rating"
+    store.durability = "spool"  # Redis does not fsync: ratings are spooled (202), and replayed
+    with pytest.raises(TooManyRatings):
+        await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u3", thumbs="up"))
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u0", thumbs="down"))
+    assert not stored
+    late = [spooled_rating(tenant, "chatcmpl-7") for _ in range(2)]  # spooled before the cap was reached, say
+    for n, item in enumerate(late):
+        item["feedback"] = item["feedback"].replace('"user":"u1"', f'"user":"late{n}"')
+    await store._spool.append(late)
+    dropped = store._metrics.feedback_dropped._value.get()
+    await store.replay()
+    assert store._metrics.feedback_dropped._value.get() == dropped + 2
+    found = await store.of_completion(tenant, "chatcmpl-7")
+    assert sorted((f.user or "", f.thumbs) for f in found) == [("", "up"), ("u0", "down"), ("u1", "down")]

@@ -67,7 +67,7 @@ def record(text: str | None = "ok", finish_reason: str = "stop", **fields: Any) 
         model="m",
         choices=None if text is None else [Choice(index=0, text=text, finish_reason=finish_reason)],
         status=200,
-        outcome="ok",
+        outcome=fields.pop("outcome", "ok"),
         created=1000.0 + n,
         **fields,
     )
@@ -164,16 +164,17 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         rated(record("   "), thumbs="up"),
         rated(record("long", truncated=True), thumbs="up"),
         rated(record(request=None, text=None), thumbs="up"),  # the tenant keeps no content
+        rated(record("half an answ", outcome="cancelled"), thumbs="up"),  # its client went away mid-stream
     ]
     got = from_examples(examples, LogPolicy())
-    assert got.dropped == {"unusable": 1, "empty_answer": 1, "truncated_answer": 3}
+    assert got.dropped == {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1}
     assert [(s.text, s.correction) for s in got.samples] == [("fine answer", None), (None, "the whole answer")]
     padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
     built = build(padded, config())
     kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
     assert sorted(a for a in kto if not a.startswith("padding")) == ["fine answer", "the whole answer"]
     assert all_rows(built, "dpo") == []
-    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 6
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 7
 
 
 def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
