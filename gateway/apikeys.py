@@ -143,12 +143,13 @@ class KeyInfo(BaseModel):
 
 MAX_DURATION_S = 100 * 365 * 86400.0
 """Longest duration a key may be given (expiry, rotation grace): a century."""
-_DURATION = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?")
+_DURATION = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?|(\d{1,12})")
 """At most 12 digits a part (longer is past MAX_DURATION_S anyway): a 5000-digit one is refused, not parsed."""
 
 
 def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
-    """Seconds, from a number of seconds or a duration like `30s`, `15m`, `1h`, `7d`, `1h30m`."""
+    """Seconds, from a number of seconds (`3600`, also as text: the CLI's `--expires 3600`) or a duration like `30s`,
+    `15m`, `1h`, `7d`, `1h30m`."""
     try:
         if isinstance(text, int | float) and not isinstance(text, bool):
             seconds = float(text)
@@ -158,8 +159,8 @@ def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
                 raise InvalidKeyRequest(
                     f"Invalid duration {str(text)[:40]!r}: use seconds or e.g. 30s, 15m, 1h, 7d, 1h30m."
                 )
-            days, hours, minutes, secs = (int(part or 0) for part in found.groups())
-            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+            days, hours, minutes, secs, bare = (int(part or 0) for part in found.groups())
+            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs + bare)
     except OverflowError:
         seconds = math.inf
     if not seconds <= MAX_DURATION_S:

@@ -343,3 +343,10 @@ async def test_a_partial_logging_policy_is_checked_once_merged(redis: aioredis.R
     with pytest.raises(ValidationError):
         TenantChanges.model_validate({"logging": {"max_records": 5}})
     assert (await tenants.get("acme")).logging.score_min == 2.0
+
+
+def test_a_duration_in_bare_seconds_is_taken_as_text_too() -> None:
+    """`loragate keys create --expires 3600` passes text: seconds, as the docstring and the CLI's help say."""
+    assert parse_duration("3600") == parse_duration(3600) == parse_duration("1h") == 3600.0
+    with pytest.raises(InvalidKeyRequest):
+        parse_duration("1h30")  # 1h and 30 what? refused, not read as seconds
