@@ -250,12 +250,17 @@ def test_rated_completions_export_in_trl_formats(
 ) -> None:
     team = teams["log-b"]
     client = team.client()
-    good = client.chat.completions.create(model=MODEL, messages=ASK, user="kim", max_tokens=4)  # type: ignore[arg-type]
-    bad = client.chat.completions.create(model=MODEL, messages=ASK, user="kim", max_tokens=4)  # type: ignore[arg-type]
+    # Whole answers (finish_reason "stop", at the first space): one cut by max_tokens is not exported as an answer.
+    good, bad, cut = (
+        client.chat.completions.create(model=MODEL, messages=ASK, user="kim", max_tokens=tokens, stop=stop)  # type: ignore[arg-type]
+        for tokens, stop in ((16, [" "]), (16, [" "]), (1, None))
+    )
+    assert (good.choices[0].finish_reason, cut.choices[0].finish_reason) == ("stop", "length")
     with team.http() as http:
         assert http.post("/v1/feedback", json={"completion_id": good.id, "thumbs": "up"}).status_code == 200
         rated = {"completion_id": bad.id, "thumbs": "down", "correction": "Green."}
         assert http.post("/v1/feedback", json=rated).status_code == 200
+        assert http.post("/v1/feedback", json={"completion_id": cut.id, "thumbs": "up"}).status_code == 200
     out = tmp_path / "dpo.jsonl"
     loragate(gateway.env, "feedback", "export", "--tenant", "log-b", "--format", "dpo", "--output", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -265,7 +270,7 @@ def test_rated_completions_export_in_trl_formats(
         kto = api.get("/feedback/export", params={"format": "kto"})
         assert kto.status_code == 200
         labelled = [json.loads(line) for line in kto.text.splitlines()]
-        assert {row["label"] for row in labelled} == {True, False}
+        assert {row["label"] for row in labelled} == {True, False} and len(labelled) == 3, "not the cut answer"
         sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
         assert all(row["messages"][-1]["role"] == "assistant" for row in sft) and len(sft) == 2
         assert api.get("/feedback/export", params={"format": "csv"}).status_code == 400
