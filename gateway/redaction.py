@@ -7,10 +7,11 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
 - email: a practical `local@domain.tld` regex, letters of any script (internationalised addresses, RFC 6531); the
   shape is the evidence.
 - iban: country code, 2 check digits and 11-30 alphanumerics, compact or in groups of 4; `stdnum.iban.is_valid`
-  (mod-97, and the country's length and format).
-- card: 13-19 contiguous digits, or 4-4-4-4(-3) / 4-6-4(5) groups split by spaces or dashes (of any width);
-  `stdnum.luhn`. Card groupings rather than "digits with any separators", so that a card is not merged with a number
-  beside it (`4111 1111 1111 1111 2 times`) and then lost to the Luhn check.
+  (mod-97, and the country's format) of its first characters at the country's length, once.
+- card: 13-19 contiguous digits (of any script), or 4-4-4-4(-3) / 4-6-4(5) groups split by spaces, dashes (of any
+  width), dots, underscores or zero-width spaces; `stdnum.luhn`. Card groupings rather than "digits with any
+  separators", so that a card is not merged with a number beside it (`4111 1111 1111 1111 2 times`) and then lost
+  to the Luhn check.
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
 - phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
   ones, only allocated ranges). It is the slowest pass by far (50-150 µs a candidate), so it sees only runs of 7+
@@ -33,16 +34,18 @@ out of the logs can turn off prompt/response logging entirely.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import phonenumbers
-from stdnum import iban, luhn
+from stdnum import iban, luhn, numdb
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 
@@ -52,8 +55,9 @@ _DIGIT = re.compile(r"\d")
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,63})*\.[^\W\d_]{2,24}\b")
 # Patterns open with a character class, the word-boundary check right after it, rather than with an assertion:
 # `re` then skips straight to candidate characters, about twice as fast on ordinary prose.
-_GAP = "[ \u00a0\u202f\u2009\\-\u2010-\u2015\u2212]"
-"""Between a card's or an IBAN's groups: a space (no-break and thin ones too) or a dash of any width."""
+_GAP = "[ \u00a0\u202f\u2009\\-\u2010-\u2015\u2212._\u200b\u2060]"
+"""Between a card's or an IBAN's groups: a space (no-break and thin ones too), a dash of any width, a dot, an
+underscore or a zero-width space or joiner."""
 _IBAN = re.compile(
     rf"[A-Za-z](?<=\b[A-Za-z])[A-Za-z]\d\d(?:{_GAP}?[A-Za-z0-9]{{4}}){{2,7}}(?:{_GAP}?[A-Za-z0-9]{{1,3}})?\b"
 )  # any case: people type IBANs in lower case too (the checksum is of the upper-cased letters)
@@ -81,29 +85,37 @@ encoding: about a sixth of `str.translate`'s cost, which goes through a dict per
 
 
 def _is_card(candidate: str) -> bool:
-    return bool(luhn.is_valid(_NOT_ALNUM.sub("", candidate)))
+    """Luhn, over the digits of any script (`\\d` found them: full-width `４１１１…` is a card too)."""
+    return bool(luhn.is_valid("".join(str(unicodedata.decimal(c)) for c in candidate if c.isdecimal())))
 
 
 def _is_iban(candidate: str) -> bool:
     return bool(iban.is_valid(_NOT_ALNUM.sub("", candidate)))
 
 
-_LAST_CHARACTER = re.compile(rf"{_GAP}*[A-Za-z0-9]$")
-_IBAN_MIN_CHARS = 15
-"""The shortest IBAN (Norway's)."""
+_ALNUM_AT = re.compile(r"[0-9A-Za-z]")
+
+
+@functools.cache
+def _iban_length(country: str) -> int | None:
+    """The length of `country`'s IBANs (from python-stdnum's registry), None for a country without them."""
+    found = dict(numdb.get("iban").info(country + "00")[0][1]).get("bban")
+    return 4 + sum(int(n) for n in re.findall(r"\d+", found)) if isinstance(found, str) else None
 
 
 def _ibans(text: str, _region: str, _findings: Findings) -> _Spans:
-    """Each IBAN's span. A match that fails the checksum may have run on into what follows a dash or a space
-    (`ES91 2100 0418 4502 0005 1332-EUR`): its longest prefix that is an IBAN is taken instead. A prefix passes
-    only at its country's exact length, so a random code rarely does (and that over-redacts, never leaks)."""
+    """Each IBAN's span. A match may have run on into what follows a dash or a space
+    (`ES91 2100 0418 4502 0005 1332-EUR`): only its prefix of its country's exact length is checked, once (so a
+    random code rarely passes, and that over-redacts, never leaks; and a text of IBAN-shaped codes costs one
+    checksum each, not one per character dropped)."""
     for match in _IBAN.finditer(text):
         candidate = match.group()
-        while len(_NOT_ALNUM.sub("", candidate)) >= _IBAN_MIN_CHARS:
-            if _is_iban(candidate):
-                yield match.start(), match.start() + len(candidate)
-                break
-            candidate = _LAST_CHARACTER.sub("", candidate)
+        length = _iban_length(candidate[:2].upper())
+        if length is None:
+            continue
+        ends = [m.end() for m in _ALNUM_AT.finditer(candidate)]
+        if len(ends) >= length and _is_iban(candidate[: ends[length - 1]]):
+            yield match.start(), match.start() + ends[length - 1]
 
 
 def _is_ip(candidate: str) -> bool:
