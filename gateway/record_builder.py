@@ -169,7 +169,10 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
     def clean(text: str) -> str:
         if len(text) > MAX_CHARS:
             record["truncated"] = True
-            return redactor.redact_into(text[: MAX_CHARS + LONGEST_FINDING], counts)[:MAX_CHARS]
+            redacted = redactor.redact_into(text[: MAX_CHARS + LONGEST_FINDING], counts)
+            # The last LONGEST_FINDING characters may hold a finding the slice cut in two (so not found): never kept,
+            # wherever redaction before it (placeholders are shorter) has moved them.
+            return redacted[: min(MAX_CHARS, len(redacted) - LONGEST_FINDING)]
         return redactor.redact_into(text, counts) if len(text) > 5 else text
 
     request = record["request"]

@@ -238,25 +238,40 @@ class Redactor:
         return text
 
 
-LABELS = frozenset({"role", "type", "tool_call_id"})
-"""Keys whose string values are the API's own labels, never what a user wrote: `map_strings` leaves them."""
+LABELS: dict[str, re.Pattern[str]] = {
+    "role": re.compile(r"system|developer|user|assistant|tool|function"),
+    "type": re.compile(r"[a-z_]{1,32}"),  # text, image_url, input_audio, file, function, json_schema, ...
+    "tool_call_id": re.compile(r"[A-Za-z]{1,16}[_-][A-Za-z0-9]{1,64}"),  # call_8f3c2a1b...: a card-like run is an id
+}
+"""Keys whose string values are the API's own labels, never what a user wrote, when they have a label's shape:
+`map_strings` leaves those as they are (an id's digits are not a phone number). Any other value is redacted (a
+`metadata` field named `role` holds what the application put there)."""
+_PLAIN_KEY = re.compile(r"[A-Za-z_]{1,64}")
+"""A dict key that holds nothing to redact (no digit, no `@`): left as it is, the rest are redacted like values."""
 
 
 def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
     """Redact every string in a JSON-like value (dicts, lists, strings), such as chat `messages` whose content is
-    a string or a list of parts. Dict keys, LABELS and other scalars are left as they are."""
+    a string or a list of parts. Plain dict keys, LABELS and other scalars are left as they are."""
     counts = Findings()
     return map_strings(value, lambda text: redactor.redact_into(text, counts)), counts
 
 
+def _label_or(key: str, text: str, change: Callable[[str], str]) -> str:
+    label = LABELS.get(key)
+    return text if label is not None and label.fullmatch(text) else change(text)
+
+
 def map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """A copy of a JSON-like value with `change` applied to each of its strings but the values of LABELS (the
-    value itself is not modified)."""
+    """A copy of a JSON-like value with `change` applied to each of its strings and dict keys but the values of
+    LABELS of a label's shape and plain keys (the value itself is not modified)."""
     if isinstance(value, str):
         return change(value)
     if isinstance(value, dict):
         return {
-            key: (item if key in LABELS else change(item)) if isinstance(item, str) else map_strings(item, change)
+            (key if _PLAIN_KEY.fullmatch(key) else change(key)): _label_or(key, item, change)
+            if isinstance(item, str)
+            else map_strings(item, change)
             for key, item in value.items()
         }
     if isinstance(value, list):

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from gateway import keys
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_builder import MAX_CHARS, build_entries, raw_record
+from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, build_entries, raw_record
 from gateway.recorder import Recorder
 from gateway.records import FeedbackIn
 from gateway.spool import Spool
@@ -43,17 +43,33 @@ def test_earlier_tool_calls_names_and_parameters_are_redacted() -> None:
     assert record["redactions"] == {"email": 3, "card": 2, "phone": 1}, "(the answer holds a phone number)"
 
 
-def test_the_apis_own_labels_are_kept_as_they_are() -> None:
-    """`role`, `type` and `tool_call_id` are the API's labels, never a user's words: not redacted, not counted."""
+def test_the_apis_own_labels_are_kept_and_what_only_sits_where_a_label_would_is_redacted() -> None:
+    """`role`, `type` and `tool_call_id` of a label's shape are the API's labels: not redacted, not counted (an id's
+    digits are no phone number). The same keys holding something else (a `metadata` field named `role`, an id made
+    of an e-mail) and dict keys holding PII are redacted, as any value."""
     messages = [
         {"role": "user", "content": [{"type": "text", "text": f"mail {EMAIL}"}]},
+        {"role": "tool", "tool_call_id": "call_41111111111111112025", "content": "done"},
         {"role": "tool", "tool_call_id": "call_" + EMAIL, "content": "done"},
     ]
-    record = stored(messages=messages, metadata={"role": EMAIL})
+    record = stored(messages=messages, metadata={"role": EMAIL, "type": CARD, EMAIL: "vip"})
     assert record["request"]["messages"][0]["content"] == [{"type": "text", "text": "mail [EMAIL]"}]
-    assert record["request"]["messages"][1]["tool_call_id"] == "call_" + EMAIL
-    assert record["request"]["params"]["metadata"] == {"role": EMAIL}
-    assert record["redactions"]["email"] == 1, "the e-mail of the text part alone"
+    assert record["request"]["messages"][1]["tool_call_id"] == "call_41111111111111112025"
+    assert record["request"]["messages"][2]["tool_call_id"] == "[EMAIL]"
+    assert record["request"]["params"]["metadata"] == {"role": "[EMAIL]", "type": "[CARD]", "[EMAIL]": "vip"}
+    assert record["redactions"]["email"] == 4 and record["redactions"]["card"] == 1
+
+
+def test_a_cut_after_redaction_shortened_the_text_keeps_no_part_of_a_finding() -> None:
+    """Redaction shortens what comes before the cut (long e-mails become `[EMAIL]`): the kept text ended inside
+    the first slice, in an e-mail that slice had cut in two and so was not found (`...john.smith@e`)."""
+    long_email = "a" * 60 + "@" + "b" * 60 + "." + "c" * 60 + ".com"
+    head = " ".join([long_email] * 20) + " "
+    text = head + "x" * (MAX_CHARS + LONGEST_FINDING - 12 - len(head)) + " john.smith@example.com " + "y" * 1000
+    record = stored(messages=[{"role": "user", "content": text}])
+    kept = record["request"]["messages"][0]["content"]
+    assert record["truncated"] and len(kept) <= MAX_CHARS
+    assert "john" not in kept and "@e" not in kept, kept[-40:]
 
 
 def test_what_straddles_the_cut_is_redacted_whole() -> None:

@@ -191,7 +191,7 @@ def test_redact_value_walks_chat_messages() -> None:
             ],
         },
         {"role": "assistant", "content": None, "weight": 0.5, "n": 4111111111111111, "done": True},
-        {"alice@example.com": "a key that looks like an e-mail stays"},
+        {"alice@example.com": "a key holding an e-mail is redacted too"},
     ]
     redacted, counts = redact_value(Redactor(), messages)
     assert redacted == [
@@ -205,9 +205,9 @@ def test_redact_value_walks_chat_messages() -> None:
             ],
         },
         {"role": "assistant", "content": None, "weight": 0.5, "n": 4111111111111111, "done": True},
-        {"alice@example.com": "a key that looks like an e-mail stays"},
+        {"[EMAIL]": "a key holding an e-mail is redacted too"},
     ]
-    assert counts == Counter(email=1, card=1, iban=1, phone=1)
+    assert counts == Counter(email=2, card=1, iban=1, phone=1)
     assert messages[1]["content"].startswith("My e-mail is bob@")  # the input is not modified
 
 
