@@ -239,7 +239,7 @@ def sse_error_frame(exc: APIError) -> bytes:
 
 
 _INTERNALS = re.compile(
-    r"""[a-z][a-z0-9+.-]*://[^\s'"`]+"""  # URLs
+    r"""\b[a-z][a-z0-9+.-]{0,31}://[^\s'"`]+"""  # URLs (a bounded scheme: tried at every letter, in linear time)
     r"|\[[0-9a-f:.]+\](?::\d+)?"  # IPv6 addresses, bracketed, with a port
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
     r"|\b(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b"  # dotted host:port (aiohttp's "Cannot connect to host")
@@ -249,6 +249,14 @@ _INTERNALS = re.compile(
 )
 
 
+MAX_ENGINE_MESSAGE_CHARS = 2000
+"""An engine's message passed on is cut to this first (it may echo a client's text: the redaction of a long one
+took seconds on the event loop)."""
+
+
 def redact_internals(message: str) -> str:
     """An engine's message with addresses and file paths taken out, for messages passed on to clients."""
+    if len(message) > MAX_ENGINE_MESSAGE_CHARS:  # at a space: an address cut in two would not be found
+        cut = message.rfind(" ", 0, MAX_ENGINE_MESSAGE_CHARS)
+        message = message[: cut if cut > 0 else MAX_ENGINE_MESSAGE_CHARS] + " (cut)"
     return _INTERNALS.sub("<internal>", message)

@@ -35,6 +35,12 @@ USAGE_ONLY = b'"choices":[],"usage":{'
 T = TypeVar("T")
 
 
+def _ends(events: bytes) -> bool:
+    """Whether whole SSE `events` hold the `[DONE]` terminator as an event of its own (not inside a token's text,
+    where a JSON string holds it quoted: `"content":"data: [DONE]"`)."""
+    return events.startswith(DONE_EVENT) or b"\n\n" + DONE_EVENT in events
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; the work for it was cancelled."""
 
@@ -180,17 +186,20 @@ class RelayResponse(StreamingResponse):
                     whole, pending = pending[:cut], pending[cut:]
                     # A client may hang up as soon as it has `[DONE]`, before vLLM's stream ends:
                     # the answer is whole then, so it is not a cancellation.
-                    self._done = self._done or DONE_EVENT in whole
+                    self._done = self._done or _ends(whole)
                     yield self._pass_on(whole)
             if pending:
                 yield self._pass_on(pending)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("upstream stream broke: %s", exc)
-            self._outcome, self._done = 502, True
-            # Only whole events were passed on, so the error arrives as an event of its own.
-            yield self._release(None) + sse_error_frame(
-                UpstreamError("The engine stopped in the middle of the response.")
-            )
+            if self._done:  # it broke after `[DONE]`: the answer is whole, and the client has its terminator
+                log.info("upstream stream closed uncleanly after its end: %s", exc)
+            else:
+                log.warning("upstream stream broke: %s", exc)
+                self._outcome, self._done = 502, True
+                # Only whole events were passed on, so the error arrives as an event of its own.
+                yield self._release(None) + sse_error_frame(
+                    UpstreamError("The engine stopped in the middle of the response.")
+                )
         if self._held:  # the stream ended without its usage chunk
             yield self._release(None)
         self._done = True

@@ -139,3 +139,21 @@ def test_a_union_names_the_member_the_value_fits(
     error = from_validation_error(info.value)
     assert (error.param, error.code) == (param, "invalid_type")
     assert f"Invalid type for '{param}'" in error.message and expected in error.message
+
+
+def test_a_long_engine_message_is_cut_at_a_space_before_its_redaction() -> None:
+    """It may echo a client's text; the redaction of 20 KB of `a.a.a...` took seconds on the event loop."""
+    from gateway.errors import MAX_ENGINE_MESSAGE_CHARS
+
+    out = redact_internals("a." * 50_000)
+    assert len(out) <= MAX_ENGINE_MESSAGE_CHARS + 10 and out.endswith(" (cut)")
+    cut = redact_internals("x " * (MAX_ENGINE_MESSAGE_CHARS // 2 - 4) + "from 10.20.30.40:8000 on")
+    assert "10.20" not in cut and "10.20.30" not in cut, "an address across the cut is left out whole"
+
+
+def test_the_end_of_a_stream_is_its_own_event_not_a_tokens_text() -> None:
+    from gateway.streaming import _ends
+
+    token = b'data: {"choices":[{"delta":{"content":"data: [DONE]"}}]}\n\n'
+    assert not _ends(token), "a model writing about SSE"
+    assert _ends(b"data: [DONE]\n\n") and _ends(token + b"data: [DONE]\n\n")

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.context import CLIENT_CLOSED, RequestContext
@@ -182,3 +183,28 @@ async def test_a_refusal_read_for_the_cap_is_answered_and_untracked_once() -> No
     response = await asyncio.wait_for(forwarder.forward(call), 5)
     assert response.status_code == 400 and call.context.status == 400
     assert replica.inflight == 0 and not answer.closed and answer.released
+
+
+class BreaksAfter(Stream):
+    """A stream whose connection fails after its events."""
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield event
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+
+async def test_a_connection_failing_after_the_end_of_the_stream_leaves_the_answer_whole() -> None:
+    """The replica killed just after `[DONE]`: before, the client got an error event and a second `[DONE]`, and the
+    finished answer was recorded as a 502."""
+    context, body = new_context(), []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        body.append(message.get("body", b""))
+
+    upstream = BreaksAfter([TOKEN + USAGE + DONE])
+    response = RelayResponse(upstream, context.answer, context.first_token, context.finish, None, False)  # type: ignore[arg-type]
+    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
+    sent = b"".join(body)
+    assert sent.count(b"[DONE]") == 1 and b'"error"' not in sent
+    assert context.status == 200 and context.outcome == "ok"
