@@ -29,6 +29,26 @@ MAX_MESSAGES = 2048
 would otherwise take the event loop seconds to validate, for every tenant of the process."""
 MAX_TOOLS = 128
 """Most tools in one chat request, as OpenAI allows."""
+MAX_CONTENT_PARTS = 4096
+"""Most content parts in one chat request's messages, all together; MAX_PROMPT_ITEMS likewise for a text completion's
+prompts (strings, or token ids all together: more than any context holds). Counted before the items are validated:
+a body of millions of wrong-typed items took the event loop seconds to validate and tens of seconds to report, for
+every tenant of the process."""
+MAX_PROMPT_ITEMS = 262_144
+
+
+def _count_parts(messages: Any) -> int:
+    """Content parts in a chat request's `messages`, as sent (before validation)."""
+    if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+        return 0  # not a list, or refused for its length without looking at its items
+    return sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+
+
+def _count_prompt_items(prompt: Any) -> int:
+    """A text completion's prompts, or its token ids all together, as sent (before validation)."""
+    if not isinstance(prompt, list) or len(prompt) > MAX_PROMPT_ITEMS:
+        return len(prompt) if isinstance(prompt, list) else 0
+    return len(prompt) + sum(len(item) for item in prompt if isinstance(item, list))
 
 
 def _needs(field: str, when: Any, other: str, value: Any = None) -> dict[str, Any]:
@@ -125,9 +145,10 @@ class SamplingParams(PassThrough):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+    def _at_most_four_stops(cls, value: Any) -> Any:
+        """Before its items are validated (a list of a million is refused at once)."""
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("stop accepts at most 4 sequences")
         return value
@@ -142,6 +163,13 @@ class ChatCompletionRequest(SamplingParams):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded_parts(cls, messages: Any) -> Any:
+        if _count_parts(messages) > MAX_CONTENT_PARTS:
+            raise ValueError(f"the messages hold more than {MAX_CONTENT_PARTS} content parts")
+        return messages
 
 
 PromptValue = str | list[str] | list[int] | list[list[int]]
@@ -174,6 +202,13 @@ class CompletionRequest(SamplingParams):
             details = {"type": "value_error", "loc": ("max_tokens",), "input": 0, "ctx": {"error": problem}}
             raise ValidationError.from_exception_data(type(self).__name__, [details])  # type: ignore[list-item]
         return self
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _bounded_prompt(cls, value: Any) -> Any:
+        if _count_prompt_items(value) > MAX_PROMPT_ITEMS:
+            raise ValueError(f"the prompt holds more than {MAX_PROMPT_ITEMS} prompts and tokens")
+        return value
 
     def prompts(self) -> int:
         """A batch (a list of strings or of token lists) is one prompt each; one token list is one prompt."""
