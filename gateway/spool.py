@@ -143,9 +143,8 @@ class Spool:
     async def _write_waiting(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
-            try:
-                lines = [json.dumps(item, separators=(",", ":")) + "\n" for items, _ in batch for item in items]
-                await asyncio.to_thread(self._write, lines)
+            try:  # encoded in the thread too: a batch of large records took the event loop 0.2 s
+                await asyncio.to_thread(self._write_items, [item for items, _ in batch for item in items])
             except Exception as exc:  # noqa: BLE001 (every waiter learns it was not written)
                 for _, future in batch:
                     if not future.done():
@@ -154,6 +153,9 @@ class Spool:
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
+
+    def _write_items(self, items: list[dict[str, Any]]) -> None:
+        self._write([json.dumps(item, separators=(",", ":")) + "\n" for item in items])
 
     def _write(self, lines: list[str]) -> None:
         assert self._folder is not None, "Spool.open() first"

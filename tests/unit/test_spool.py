@@ -4,9 +4,11 @@ acknowledged, is lost to the line the failed one left behind."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import resource
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,20 @@ def test_no_lock_is_made_again_in_a_folder_another_process_removes(
     spool_module._remove_folder(replayed)
     assert looked and not replayed.exists()
     other.close()
+
+
+async def test_items_are_encoded_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """During an outage every batch of records is spooled: 500 large ones took the event loop 0.2 s to encode."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    threads = []
+    real = json.dumps
+
+    def dumps(*args: Any, **kwargs: Any) -> str:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module.json, "dumps", dumps)
+    await spool.append([{"n": 1}, {"n": 2}])
+    assert len(threads) == 2 and threading.main_thread() not in threads
+    spool.close()
