@@ -223,6 +223,8 @@ class Recorder:
                 except UNREACHABLE as exc:
                     log.warning("completion log: Redis unreachable (%r); spooling records until it returns", exc)
                     self.degraded = True
+                except Exception:  # noqa: BLE001 - unforeseen (a script Redis would not load): kept, in the spool
+                    log.exception("completion log: %d records could not be written; spooled", len(entries))
             try:
                 await self._spool.append(entries)
                 self._metrics.records_spooled.inc(len(entries))

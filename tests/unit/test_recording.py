@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 from gateway.context import CLIENT_CLOSED, Answer, RequestContext
@@ -606,3 +606,25 @@ async def test_reading_feedback_while_redis_is_down_is_a_503_not_a_404(own_redis
     finally:
         own_redis.start()
         await redis.aclose()
+
+
+async def test_a_batch_an_unforeseen_error_stops_is_spooled_not_lost(
+    redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis refusal that is no outage (a script it would not load, a protocol error): before, the batch was
+    neither written nor spooled, and the write cycle failed with it."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics())
+
+    async def refuses(entries: list[dict[str, Any]]) -> list[str]:
+        raise ResponseError("NOSCRIPT No matching script")
+
+    monkeypatch.setattr(recorder._records, "write", refuses)
+    try:
+        for n in range(3):
+            recorder.record(context(Tenant(name="t"), n))
+        await recorder._cycle()
+        assert spool.pending() == 3 and not recorder.degraded
+    finally:
+        await recorder.close()
