@@ -58,7 +58,12 @@ class ModelLists:
     ) -> list[ModelCard]:
         base = self._base
         cards = [ModelCard(id=base, created=now, root=base)]
-        reachable = {f"{owner}/{name}" for owner, _, listing in shared for name, _ in listing}
+        reachable = {  # only the shared adapter's versions: `listing` is all of its owner's
+            f"{owner}/{name}"
+            for owner, adapter, listing in shared
+            for name, manifest in listing
+            if manifest.name == adapter
+        }
         for alias, target in sorted(pointers.aliases.items()):
             if "/" not in target or target in reachable:  # not one whose share was withdrawn, or whose owner left
                 cards.append(ModelCard(id=alias, created=now, root=target, parent=base))

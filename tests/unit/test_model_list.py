@@ -75,3 +75,22 @@ async def test_within_recheck_the_registry_answers_from_memory_and_its_own_write
     store.add(adapter, "bot", base, 16)
     registry.invalidate("t", "bot")  # this process's own write
     assert [ref for ref, _ in await registry.listed("t", {})][-1] == "bot@3"
+
+
+async def test_an_alias_on_an_adapter_no_longer_shared_is_not_listed_while_another_of_its_owner_is(
+    redis: aioredis.Redis, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """`o` shares `foo` and `bar` with `t`, then withdraws `bar`: `t`'s alias on `o/bar@1` answers 404, and was
+    still listed because `o/foo` stayed shared."""
+    registry, pointers = Registry(tmp_path / "store", recheck_s=0.0), PointerStore(redis)
+    lists = ModelLists("tiny-base", registry, pointers)
+    adapter = make_adapter(tmp_path / "a", base, seed=1, rank=4)
+    for name in ("foo", "bar"):
+        AdapterStore(tmp_path / "store" / "o", "o").add(adapter, name, base, 16)
+        await pointers.share("o", name, ["t"])
+    await pointers.set_alias("t", "borrowed", "o/bar@1")
+    pointers.forget_cached()
+    assert "borrowed" in ids(await lists.body("t"))
+    await pointers.share("o", "bar", [])
+    pointers.forget_cached()
+    assert "borrowed" not in ids(await lists.body("t")) and "o/foo" in ids(await lists.body("t"))
