@@ -78,6 +78,11 @@ _OVER_CONTEXT = re.compile(rb"maximum context length|max_model_len")
 you requested 2048 output tokens"; 0.32: "max_tokens=2048 cannot be greater than max_model_len=1024")."""
 
 
+def _may_have_run(exc: BaseException) -> bool:
+    """Whether a failed post may have reached its replica (not a refused or timed-out connection)."""
+    return not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
 @dataclass
 class Call:
     """One request on its way to a replica, and what to do when it is answered."""
@@ -161,6 +166,9 @@ class Forwarder:
         route = call.route
         tried: set[Replica] = set()
         reloaded = False
+        lost = 0
+        """Failures after the request may have reached a replica: it is sent to one more replica, no more (a request
+        that makes engines fail must not take every replica down in turn)."""
         while True:
             replica = await self._placement.acquire(route, exclude=frozenset(tried))
             self._track(replica, +1)
@@ -172,6 +180,9 @@ class Forwarder:
                 self._metrics.upstream_errors.labels(replica.url).inc()
                 replica.mark_down()
                 tried.add(replica)
+                lost += _may_have_run(exc)
+                if lost > 1:
+                    raise UpstreamError("The engine failed while processing the request.") from exc
                 continue
             except BaseException:
                 self._track(replica, -1)
@@ -180,7 +191,7 @@ class Forwarder:
                 self._placement.release(replica, route)
             if upstream.status >= 500:
                 await self._discard(replica, upstream)
-                if not await self._pool.check(replica):
+                if not await self._pool.check(replica) and (lost := lost + 1) < 2:
                     log.warning("replica %s failed a request and its health check: taken out", replica.url)
                     tried.add(replica)
                     continue

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest
 from gateway.routes.openai import cap_max_tokens
@@ -113,3 +114,52 @@ async def test_a_limit_the_client_named_is_never_dropped(
     payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}
     assert await ask(url, redis_server, tmp_path, payload) == 400, "vLLM's own answer to what the client asked"
     assert [body.get("max_tokens") for body in fake.bodies] == [500]
+
+
+async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on_all(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each replica drops the connection once it has the request (as an engine the request crashes): it goes to
+    a second replica (a replica killed under load moves its requests), then the client gets a 502, and the third
+    replica is never sent it."""
+    got: list[int] = []
+    runners, urls = [], []
+    for n in range(3):
+
+        async def crash(request: web.Request, n: int = n) -> web.Response:
+            got.append(n)
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(1)
+            return web.Response()
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_post("/v1/chat/completions", crash)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
+    placement, pool, session = await gateway_process(urls, redis_server.url, tmp_path)
+    try:
+        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+        context.route = Route(requested="base", upstream_model="base", served_model="base")
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, receive, context)
+        with pytest.raises(UpstreamError):
+            await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+        assert len(got) == 2 and len(set(got)) == 2, got
+    finally:
+        await session.close()
+        for runner in runners:
+            await runner.cleanup()
