@@ -65,6 +65,7 @@ class Recorder:
         batch: int = 500,
         interval_s: float = 0.05,
         max_queued: int = 100_000,
+        max_queued_bytes: int = 256 << 20,
         enabled: bool = True,
         workers: int = 0,
         redis_url: str | None = None,
@@ -75,6 +76,9 @@ class Recorder:
         self._batch = batch
         self._interval_s = interval_s
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        """What the queued records' request and answer bodies hold: the queue is bounded by it too (each may be MBs)."""
         self._enabled = enabled
         self._queue: deque[tuple[int, RawRecord]] = deque()
         self._wake = asyncio.Event()
@@ -106,11 +110,18 @@ class Recorder:
             return
         self._queued_seq += 1
         self._queue.append((self._queued_seq, raw))
-        if len(self._queue) > self._max_queued:
-            self._queue.popleft()
+        self._queued_bytes += _size(raw)
+        while len(self._queue) > self._max_queued or self._queued_bytes > self._max_queued_bytes:
+            self._take()
             self._metrics.records_dropped.labels("queue_full").inc()
         if len(self._queue) >= self._batch:
             self._wake.set()
+
+    def _take(self) -> tuple[int, RawRecord]:
+        """The oldest queued record, out of the queue."""
+        taken = self._queue.popleft()
+        self._queued_bytes -= _size(taken[1])
+        return taken
 
     async def written(self) -> None:
         """Wait until everything queued before this call is written (or spooled)."""
@@ -170,7 +181,7 @@ class Recorder:
         while True:
             if self._queue and self._builder.pending < 2 and self._due(began):
                 sharing = sharing or len(self._queue) > self._batch
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch))]
+                batch = [self._take() for _ in range(min(len(self._queue), self._batch))]
                 epoch = None if sharing or self.degraded or self._spool.pending() else self._epoch
                 await self._builder.send([raw for _, raw in batch], batch[-1][0], epoch)
                 if self._queue and self._builder.pending < 2 and self._due(began):
@@ -273,3 +284,9 @@ class Recorder:
                 oldest_ms = int((self.clock.now() - policy.max_age_s) * 1000)
                 pipe.xtrim(keys.completion_log(tenant), minid=str(oldest_ms), approximate=False)
             await pipe.execute()
+
+
+def _size(raw: RawRecord) -> int:
+    """What a record holds, as far as it is known without work: the request sent on and the answer (the bulk of
+    it; a request refused before it was sent on, kept as parsed, is not counted)."""
+    return len(raw.sent or b"") + len(raw.body or b"")

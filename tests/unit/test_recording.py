@@ -628,3 +628,18 @@ async def test_a_batch_an_unforeseen_error_stops_is_spooled_not_lost(
         assert spool.pending() == 3 and not recorder.degraded
     finally:
         await recorder.close()
+
+
+async def test_the_queue_is_bounded_by_what_its_records_hold_too(redis: aioredis.Redis, tmp_path: Path) -> None:
+    """A record holds its request and answer (MBs each, at most): 100,000 queued while Redis is slow could be many
+    GB. Past `max_queued_bytes` the oldest go, counted as queue_full."""
+    metrics = Metrics()
+    recorder = Recorder(redis, Spool(tmp_path, fsync=False), metrics, max_queued_bytes=10_000)
+    big = "x" * 3000
+    for n in range(5):
+        forwarded = context(Tenant(name="t"), n, note=big)
+        forwarded.sent = json.dumps(forwarded.payload).encode()
+        recorder.record(forwarded)
+    assert 0 < recorder._queued_bytes <= 10_000 and len(recorder._queue) == 3
+    assert metrics.records_dropped.labels("queue_full")._value.get() == 2
+    assert [seq for seq, _ in recorder._queue] == [3, 4, 5], "the oldest went"
