@@ -179,6 +179,9 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
     for field in ("messages", "prompt", "suffix", "params") if request else ():
         if field in request:
             request[field] = map_strings(request[field], clean)
+    if request and redactor.kinds and (tokens := _token_ids(request.get("prompt"))):
+        request["prompt"] = []  # they read back as the text they encode, PII and all, with the model's tokenizer
+        counts["token_ids"] += tokens
     for choice in record["choices"] or ():
         if isinstance(choice.get("text"), str):
             choice["text"] = clean(choice["text"])
@@ -187,6 +190,15 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                 function["arguments"] = clean(function["arguments"])
     record["redactions"] = dict(counts)
+
+
+def _token_ids(prompt: object) -> int:
+    """How many token ids a text completion's prompt holds (one list of them, or a batch of such lists)."""
+    if not isinstance(prompt, list):
+        return 0
+    return sum(1 for item in prompt if isinstance(item, int)) + sum(
+        sum(1 for token in item if isinstance(token, int)) for item in prompt if isinstance(item, list)
+    )
 
 
 def request_of(payload: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, build_entries, raw_record
 from gateway.recorder import Recorder
-from gateway.records import FeedbackIn
+from gateway.records import FeedbackIn, LogPolicy
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context
@@ -111,3 +111,13 @@ async def test_feedback_that_redaction_lengthens_past_its_limits_is_still_read_b
     await store.submit(TENANT, rating)
     (read,) = await store.of_completion(TENANT, "chatcmpl-10")
     assert read.labels == ["x" * 57 + " [EMAIL]"] and len(read.comment or "") == 10_001
+
+
+def test_token_id_prompts_are_not_kept_where_redaction_is_on() -> None:
+    """Token ids read back as the text they encode (PII and all) with the model's tokenizer: not redactable, so not
+    kept (only counted) where the tenant redacts; kept where it does not."""
+    record = stored(prompt=[[101, 102], [103]])
+    assert record["request"]["prompt"] == [] and record["redactions"]["token_ids"] == 3
+    plain = Tenant(name="t", logging=LogPolicy(redact=[]))
+    (entry,) = build_entries([raw_record(context(plain, 1, prompt=[[101, 102], [103]]))])
+    assert json.loads(entry["record"])["request"]["prompt"] == [[101, 102], [103]]
