@@ -208,15 +208,12 @@ class Forwarder:
             return replica, upstream
 
     async def forward(self, call: Call) -> Response:
-        """Answer the request from a replica. A non-streaming request whose client disconnects is
-        cancelled, closing its upstream connection so that vLLM aborts the generation."""
+        """Answer the request from a replica. A request whose client disconnects before its answer (a stream's:
+        before its first event) is cancelled, closing its upstream connection so that vLLM aborts the generation."""
         call.payload["model"] = call.route.upstream_model
         body = call.context.sent = pydantic_core.to_json(call.payload)
-        try:
-            if call.stream:
-                response = await self._open(call, body)
-            else:
-                response = await unless_disconnected(self._open(call, body), call.receive)
+        try:  # a stream too, until its answer starts: a client gone while its adapter loads is not sent on
+            response = await unless_disconnected(self._open(call, body), call.receive)
         except ClientGone:
             call.context.finish(CLIENT_CLOSED)
             call.on_finish(call.context)

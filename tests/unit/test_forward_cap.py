@@ -163,3 +163,46 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
         await session.close()
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The client of a stream hangs up while its request waits (an adapter loading, a slow engine): the request is
+    given up at once (499), not sent on and answered to no one."""
+    started = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(2)
+        return web.Response(text="data: [DONE]\n\n", content_type="text/event-stream")
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/chat/completions", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    placement, pool, session = await gateway_process([url], redis_server.url, tmp_path)
+    try:
+        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+        context.route = Route(requested="base", upstream_model="base", served_model="base")
+
+        async def leaves() -> dict[str, Any]:
+            await started.wait()
+            return {"type": "http.disconnect"}
+
+        finished: list[RequestContext] = []
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", True, leaves, context)
+        call.on_finish = finished.append
+        response = await asyncio.wait_for(Forwarder(session, pool, placement, Metrics(), 30).forward(call), 1.5)
+        assert response.status_code == 499 and context.status == 499 and finished == [context]
+    finally:
+        await session.close()
+        await runner.cleanup()
