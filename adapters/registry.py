@@ -258,6 +258,9 @@ class Registry:
             store.remove(manifest.name, manifest.version)
             removed.append(upstream_name(tenant, manifest))
             self.forget(removed[-1])
+        for ref in store.discard_unreadable():  # a damaged manifest: its weights go too (vLLM may hold them)
+            removed.append(f"{tenant}.{ref}")
+            self.forget(removed[-1])
         for key in [key for key in list(self._cache) if key[0] == tenant]:
             self._cache.pop(key, None)
         return removed

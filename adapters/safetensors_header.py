@@ -14,7 +14,10 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape", "data_offsets"}; raises ValueError if it is not safetensors."""
+    """Tensor name -> {"dtype", "shape", "data_offsets"}; raises ValueError if it is not safetensors, or not a file
+    that `safetensors.safe_open` (what vLLM loads it with) would open: a header of strict UTF-8 JSON, a
+    `__metadata__` of strings to strings, and tensors' data laid end to end from the data section's start to the
+    file's end (no overlap, no gap, no trailing bytes)."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
@@ -24,27 +27,56 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise ValueError("header length is out of range: not a safetensors file")
         try:
-            header = json.loads(handle.read(length))
+            header = json.loads(handle.read(length).decode("utf-8"), parse_constant=_no_constant)
         except RecursionError as exc:  # nested deeper than any real header
             raise ValueError("header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
+    _check_metadata(header.pop("__metadata__", None))
     end = 8 + length
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise ValueError(f"tensor {name!r} has a malformed header entry")
-        offsets, shape = info["data_offsets"], info["shape"]
+        offsets, shape, dtype = info["data_offsets"], info["shape"], info["dtype"]
         if not _ints(offsets) or len(offsets) != 2 or not _ints(shape):
             raise ValueError(f"tensor {name!r} has malformed offsets or shape: lists of whole numbers are expected")
         start, stop = offsets
         if not 0 <= start <= stop or end + stop > size:
             raise ValueError(f"tensor {name!r} points outside the file")
-        if info["dtype"] not in DTYPE_BYTES:
-            raise ValueError(f"tensor {name!r} has dtype {str(info['dtype'])[:20]!r}; one of {', '.join(DTYPE_BYTES)}")
-        if stop - start != math.prod(shape) * DTYPE_BYTES[info["dtype"]]:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise ValueError(f"tensor {name!r} has dtype {str(dtype)[:20]!r}; one of {', '.join(DTYPE_BYTES)}")
+        if stop - start != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise ValueError(f"tensor {name!r} has {stop - start} bytes of data, not what its dtype and shape need")
+    _check_layout(header, size - end)
     return header
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's json takes them; safetensors' parser does not)."""
+    raise ValueError(f"header holds {name}, which is not JSON")
+
+
+def _check_metadata(metadata: Any) -> None:
+    """`__metadata__`, where present and not null, maps strings to strings (safetensors refuses anything else)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ must map strings to strings")
+
+
+def _check_layout(header: dict[str, dict[str, Any]], data_bytes: int) -> None:
+    """Taken in order of their offsets, each tensor's data starts where the one before ends, the first at 0, and
+    the last ends at the end of the file: safetensors refuses overlaps, gaps and trailing bytes."""
+    expected = 0
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, stop = info["data_offsets"]
+        if start != expected:
+            raise ValueError(
+                f"tensor {name!r} starts at byte {start} of the data, not {expected}: tensors overlap or leave a gap"
+            )
+        expected = stop
+    if expected != data_bytes:
+        raise ValueError(f"the tensors' data ends at byte {expected}, but the file holds {data_bytes} bytes of data")
 
 
 def _ints(value: Any) -> bool:

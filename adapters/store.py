@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gzip
 import hashlib
 import json
-import lzma
+import logging
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from adapters.archive import MAX_MANIFEST_BYTES, safe_extract
 from adapters.manifest import (
     ADAPTER_FILES,
     MANIFEST_FILE,
@@ -37,11 +37,9 @@ from adapters.manifest import (
 )
 from adapters.validate import BaseModelSpec, check_adapter
 
-MAX_UNPACKED_BYTES = 8 << 30
+log = logging.getLogger("loragate")
+
 COUNTER_FILE = ".last_version"
-ARCHIVE_FAULTS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EILSEQ, errno.ENAMETOOLONG})
-"""OSErrors unpacking an archive that are the archive's fault (members that clash on disk, names the filesystem
-cannot hold): the upload is refused as invalid. Any other (a full disk, permissions) is the server's own."""
 MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG})
 """OSErrors reading a version's manifest that mean it is not there (a version too long to be a folder's name)."""
 
@@ -62,66 +60,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_stream(archive: Path) -> None:
-    """A gzip stream read to its end, where its CRC is checked: tarfile stops at the archive's end marker, so damaged
-    weights (whose safetensors header validation cannot see) would otherwise be unpacked and kept."""
-    with archive.open("rb") as raw:
-        if raw.read(2) != b"\x1f\x8b":
-            return
-    read = 0
-    with gzip.open(archive) as stream:
-        while chunk := stream.read(1 << 20):
-            read += len(chunk)
-            if read > MAX_UNPACKED_BYTES + (1 << 20):  # the tar's own blocks beside its members
-                raise InvalidAdapter(f"Archive unpacks to more than {MAX_UNPACKED_BYTES} bytes.")
-
-
-def _safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack the adapter's files of a .tar.gz (whole and undamaged; nothing else of it is written), refusing
-    links, devices, absolute paths, `..`, and adapter files of more than `max_bytes`; return the adapter folder."""
-    try:
-        _check_stream(archive)
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise InvalidAdapter(f"The archive is damaged or cut short ({exc}).") from exc
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            if sum(m.size for m in members if Path(m.name).name in ADAPTER_FILES) > max_bytes:
-                raise InvalidAdapter(
-                    f"The adapter's files hold more than {max_bytes} bytes: more than this base allows."
-                )
-            for member in members:
-                name = member.name
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise InvalidAdapter(f"Archive member {name!r} tries to escape the adapter folder.")
-                if not (member.isfile() or member.isdir()):
-                    raise InvalidAdapter(f"Archive member {name!r} is a link or device; only files are accepted.")
-            kept = [m for m in members if m.isfile() and Path(m.name).name in (*ADAPTER_FILES, MANIFEST_FILE)]
-            _extract(tar, into, kept)  # nothing else is written (READMEs, checkpoints)
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
-        raise InvalidAdapter(f"Not a readable tar archive: {exc}") from exc
-    candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
-    if len(candidates) != 1:
-        raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
-    return candidates.pop()
-
-
-def _extract(tar: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo]) -> None:
-    """Write `members` under `into`. Members that clash on disk (a file `x` and a file `x/y`) or whose names this
-    filesystem cannot hold fail with an OSError naming a path of this server: that archive is refused instead, in
-    words naming none. A fault of this machine's own (a full disk) is not the archive's, and stays what it is."""
-    try:
-        tar.extractall(into, members=members, filter="data")
-    except OSError as exc:
-        if exc.errno not in ARCHIVE_FAULTS:
-            raise
-        reason = exc.strerror or type(exc).__name__  # never str(exc): it names the path
-        raise InvalidAdapter(
-            f"The archive's files cannot be unpacked ({reason}): no member's path may run through another "
-            "member's file, and names must fit the filesystem."
-        ) from exc
 
 
 def largest_adapter(base: BaseModelSpec, max_rank: int) -> int:
@@ -176,14 +114,18 @@ class AdapterStore:
         )
 
     def manifest(self, name: str, version: int) -> Manifest:
-        """AdapterNotFound for a version that is not there (MISSING); any other failure to read (EACCES, EIO) is the
-        server's own and raised as it is."""
+        """AdapterNotFound for a version that is not there (MISSING), or whose manifest is empty or corrupt (logged:
+        a half-written or damaged file must not make its tenant's whole listing fail); any other failure to read
+        (EACCES, EIO) is the server's own and raised as it is."""
         path = self.version_dir(name, version) / MANIFEST_FILE
         try:
             return Manifest.model_validate_json(path.read_bytes())
         except OSError as exc:
             if exc.errno not in MISSING:
                 raise
+            raise AdapterNotFound(f"{name}@{version}") from None
+        except ValidationError as exc:
+            log.warning("adapter %s/%s@%s has an unreadable manifest, skipped: %s", self.tenant, name, version, exc)
             raise AdapterNotFound(f"{name}@{version}") from None
 
     def resolve(self, ref: AdapterRef, pinned: int | None = None) -> Manifest:
@@ -204,7 +146,16 @@ class AdapterStore:
         raise AdapterNotFound(str(ref))
 
     def list(self) -> list[Manifest]:
-        return [self.manifest(name, v) for name in self.names() for v in self.versions(name)]
+        """Every version whose manifest can be read: one deleted while we list, or with a corrupt manifest, is
+        left out (not a failure of the whole listing)."""
+        found = []
+        for name in self.names():
+            for version in self.versions(name):
+                try:
+                    found.append(self.manifest(name, version))
+                except AdapterNotFound:
+                    continue
+        return found
 
     def verify(self, manifest: Manifest) -> None:
         folder = self.version_dir(manifest.name, manifest.version)
@@ -235,7 +186,7 @@ class AdapterStore:
         with tempfile.TemporaryDirectory(prefix=".incoming-", dir=self._ensure_root()) as scratch:
             folder = source
             if source.is_file():
-                folder = _safe_extract(source, Path(scratch) / "unpacked", largest_adapter(base, max_rank))
+                folder = safe_extract(source, Path(scratch) / "unpacked", largest_adapter(base, max_rank))
             elif not source.is_dir():
                 raise InvalidAdapter(f"{source} is neither an adapter folder nor a .tar.gz archive.")
             checked = check_adapter(folder, base, max_rank)
@@ -277,13 +228,19 @@ class AdapterStore:
         return self.root
 
     def _check_shipped_manifest(self, folder: Path, files: dict[str, str]) -> None:
+        """A manifest shipped beside the adapter (a copy of a stored version's) must list the same sha256s."""
         shipped = folder / MANIFEST_FILE
         if not shipped.is_file():
             return
+        if shipped.stat().st_size > MAX_MANIFEST_BYTES:
+            raise InvalidAdapter(f"The shipped {MANIFEST_FILE} holds more than {MAX_MANIFEST_BYTES} bytes.")
         try:
-            claimed = json.loads(shipped.read_text()).get("files", {})
-        except (ValueError, AttributeError) as exc:
+            document = json.loads(shipped.read_text())
+        except ValueError as exc:  # UnicodeDecodeError too
             raise InvalidAdapter(f"The shipped {MANIFEST_FILE} is not valid JSON.") from exc
+        claimed = document.get("files", {}) if isinstance(document, dict) else None
+        if not isinstance(claimed, dict):
+            raise InvalidAdapter(f"The shipped {MANIFEST_FILE} must be a JSON object whose `files` is an object.")
         for filename, digest in files.items():
             if filename in claimed and claimed[filename] != digest:
                 raise InvalidAdapter(f"{filename} does not match the sha256 in the shipped manifest.")
@@ -323,11 +280,31 @@ class AdapterStore:
     def remove(self, name: str, version: int) -> Manifest:
         with self._locked():
             manifest = self.manifest(name, version)
-            folder = self.version_dir(name, version)
-            trash = folder.with_name(f".trash-v{version}-{os.getpid()}")
-            folder.rename(trash)
-            shutil.rmtree(trash)
+            self._delete(name, version)
         return manifest
+
+    def discard_unreadable(self) -> tuple[str, ...]:  # (`list` here is the method)
+        """Delete every version whose manifest cannot be read (`list` and `remove` skip them: not found), returning
+        their refs: a deleted tenant's weights must not stay behind because their manifest was damaged."""
+        discarded: tuple[str, ...] = ()
+        with self._locked():
+            for name in self.names():
+                for version in self.versions(name):
+                    try:
+                        self.manifest(name, version)
+                    except AdapterNotFound:
+                        self._delete(name, version)
+                        discarded += (f"{name}@{version}",)
+        return discarded
+
+    def _delete(self, name: str, version: int) -> None:
+        folder = self.version_dir(name, version)
+        trash = folder.with_name(f".trash-v{version}-{os.getpid()}")
+        try:
+            folder.rename(trash)
+        except FileNotFoundError:
+            return  # deleted meanwhile (by a process not holding the lock: an operator)
+        shutil.rmtree(trash)
 
 
 def _touch(folder: Path) -> None:

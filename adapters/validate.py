@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import regex
 
@@ -25,7 +25,20 @@ PATTERN_SECONDS = 0.25
 """What matching a `target_modules` pattern against the base's modules may take, all modules together:
 the pattern is the uploader's, so it is matched with a time limit (and without holding the GIL)."""
 MAX_PATTERN_CHARS = 1000
-LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)(?:\.default)?\.weight$")
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
+"""A LoRA weight as vLLM's `parse_fine_tuned_lora_name` reads it: `lora_A.default.weight` (PEFT's in-memory name,
+which save_pretrained strips) is refused there, at every request for the adapter."""
+UNSUPPORTED_FEATURES = {
+    "lora_bias": "LoRA bias",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "layer_replication": "layer replication",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "use_qalora": "QALoRA",
+}
+"""Config fields that vLLM's PEFTHelper.validate_legal refuses when set (truthy), and what they are."""
+SUPPORTED_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+"""The `init_lora_weights` strings vLLM loads (they set only the initial weights); any other string (pissa, olora,
+corda, loftq...) changes the base's weights when PEFT loads the adapter, and vLLM refuses it. true/false are fine."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,25 @@ def _load_config(folder: Path) -> dict[str, Any]:
         raise InvalidAdapter("DoRA adapters are not supported by vLLM.")
     if config.get("modules_to_save"):
         raise InvalidAdapter("Adapters with modules_to_save are not supported by vLLM.")
+    _check_features(config)
     return config
+
+
+def _check_features(config: dict[str, Any]) -> None:
+    """What vLLM's PEFTHelper.validate_legal refuses at load (and so at every request for the adapter), as it tests
+    it: a field set to anything truthy, `bias` anything but "none", `init_lora_weights` a string it does not know."""
+    for field, feature in UNSUPPORTED_FEATURES.items():
+        if config.get(field):
+            raise InvalidAdapter(f"adapter_config.json sets {field} ({feature}), which vLLM does not support.")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise InvalidAdapter(f'adapter_config.json has bias={str(bias)[:40]!r}; vLLM supports only "none".')
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in SUPPORTED_INITS:
+        raise InvalidAdapter(
+            f"adapter_config.json has init_lora_weights={init[:40]!r}, which vLLM does not support: such inits "
+            "(PiSSA, OLoRA, CorDA, LoftQ) change the base model's weights; convert it to a plain LoRA adapter."
+        )
 
 
 def _check_base(config: dict[str, Any], base: BaseModelSpec) -> None:
@@ -105,15 +136,20 @@ def _check_base(config: dict[str, Any], base: BaseModelSpec) -> None:
         )
 
 
+def _compile(text: str, what: str) -> regex.Pattern[str]:
+    """An uploader's regular expression, compiled as `re` would (VERSION0); invalid or over-long ones refused."""
+    if len(text) > MAX_PATTERN_CHARS:
+        raise InvalidAdapter(f"{what} is longer than {MAX_PATTERN_CHARS} characters.")
+    try:
+        return regex.compile(text, flags=regex.VERSION0)  # VERSION0: the `re` module's syntax
+    except regex.error as exc:
+        raise InvalidAdapter(f"{what} is not a valid regular expression: {exc}.") from None
+
+
 def _pattern_matches(targets: str, paths: Iterable[str]) -> list[bool]:
     """Whether PEFT's `re.fullmatch(target_modules, path)` holds for each path: an invalid, over-long or
     too costly pattern (catastrophic backtracking) is refused as the adapter's fault."""
-    if len(targets) > MAX_PATTERN_CHARS:
-        raise InvalidAdapter(f"target_modules pattern is longer than {MAX_PATTERN_CHARS} characters.")
-    try:
-        pattern = regex.compile(targets, flags=regex.VERSION0)  # VERSION0: the `re` module's syntax
-    except regex.error as exc:
-        raise InvalidAdapter(f"target_modules pattern {targets!r} is not a valid regular expression: {exc}.") from None
+    pattern = _compile(targets, f"target_modules pattern {targets[:80]!r}")
     deadline = time.monotonic() + PATTERN_SECONDS
     try:
         return [
@@ -155,7 +191,8 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_rank
         match = LORA_KEY.match(tensor)
         if match is None:
             raise InvalidAdapter(
-                f"Unexpected tensor {tensor!r}: only lora_A/lora_B weights of linear modules are served."
+                f"Unexpected tensor {tensor!r}: only lora_A/lora_B weights of linear modules are served, named "
+                "base_model.model.MODULE.lora_A.weight (or lora_B) as PEFT's save_pretrained writes them."
             )
         module, part = match["module"], match["part"]
         if module not in base.linear_shapes:
@@ -193,12 +230,67 @@ def _check_pairs(ranks: dict[str, dict[str, int]], config_ranks: Callable[[str],
             )
 
 
-def _rank_of(rank: int, pattern: dict[str, Any], module: str) -> int:
-    """A module's rank as PEFT reads `rank_pattern`: the first key that the module's name ends with (as a regex)."""
+def _positive_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _pattern_field(config: dict[str, Any], field: str, valid: Callable[[Any], bool], what: str) -> dict[str, Any]:
+    """`rank_pattern` or `alpha_pattern`: absent, null or a mapping of module patterns to valid values (vLLM refuses
+    a rank that is not a positive integer; an alpha that is not a positive number would scale by nonsense)."""
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict):
+        raise InvalidAdapter(f"adapter_config.json has an invalid {field} (a mapping is expected): {pattern!r:.80}.")
     for key, value in pattern.items():
-        if isinstance(value, int) and _pattern_matches(rf"(?:.*\.)?(?:{key})", [module])[0]:
-            return value
-    return rank
+        if not valid(value):
+            raise InvalidAdapter(f"adapter_config.json's {field} gives {key[:80]!r} {value!r:.40}; {what} is expected.")
+    return pattern
+
+
+def _module_ranks(rank: int, rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any]) -> Callable[[str], int]:
+    """A module's rank as vLLM's PEFTHelper reads `rank_pattern`: the value of the first key for which
+    `regex.match(rf"(.*\\.)?({key})$", module)` holds, else `r`. `alpha_pattern` is matched the same way by vLLM
+    for every module: its keys are matched here too, so that one that is invalid or too costly (vLLM matches with
+    no time limit, at every load) is refused. All matches share one time limit."""
+    compiled = {
+        field: [(_compile(rf"(.*\.)?({key})$", f"{field} key {key[:80]!r}"), value) for key, value in pattern.items()]
+        for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern))
+    }
+    deadline: list[float] = []
+
+    def first(field: str, module: str) -> Any:
+        if not deadline:
+            deadline.append(time.monotonic() + PATTERN_SECONDS)
+        for pattern, value in compiled[field]:
+            try:
+                if pattern.match(module, timeout=max(deadline[0] - time.monotonic(), 1e-3), concurrent=True):
+                    return value
+            except TimeoutError:
+                raise InvalidAdapter(
+                    f"A {field} key ({pattern.pattern[:80]!r}) takes too long to match this adapter's module names."
+                ) from None
+        return None
+
+    @functools.cache
+    def rank_of(module: str) -> int:
+        first("alpha_pattern", module)
+        found = first("rank_pattern", module)
+        return rank if found is None else int(found)
+
+    return rank_of
+
+
+def _check_alpha(config: dict[str, Any]) -> float:
+    """vLLM requires `lora_alpha` (PEFTHelper has no default for it); it scales every module's update."""
+    if "lora_alpha" not in config:
+        raise InvalidAdapter("adapter_config.json has no lora_alpha; vLLM requires it.")
+    alpha = config["lora_alpha"]
+    if not _positive_number(alpha):
+        raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r:.40}.")
+    return float(alpha)
 
 
 def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAdapter:
@@ -207,19 +299,14 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
     config = _load_config(folder)
     _check_base(config, base)
     rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidAdapter(f"adapter_config.json has an invalid rank r={rank!r}.")
-    alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r}.")
-    pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict):
-        raise InvalidAdapter(
-            f"adapter_config.json has an invalid rank_pattern (a mapping is expected): {pattern!r:.80}."
-        )
-    ranks = [rank, *(v for v in pattern.values() if isinstance(v, int))]
+    if not _positive_int(rank):
+        raise InvalidAdapter(f"adapter_config.json has an invalid rank r={rank!r:.40}.")
+    alpha = _check_alpha(config)
+    rank_pattern = _pattern_field(config, "rank_pattern", _positive_int, "a positive whole number")
+    alpha_pattern = _pattern_field(config, "alpha_pattern", _positive_number, "a finite number above 0")
+    ranks = [rank, *rank_pattern.values()]
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")
     targets = _check_targets(config, base)
-    dtype = _check_tensors(folder, base, max_rank, functools.partial(_rank_of, rank, pattern))
-    return CheckedAdapter(rank=rank, alpha=float(alpha), target_modules=targets, dtype=dtype)
+    dtype = _check_tensors(folder, base, max_rank, _module_ranks(rank, rank_pattern, alpha_pattern))
+    return CheckedAdapter(rank=rank, alpha=alpha, target_modules=targets, dtype=dtype)

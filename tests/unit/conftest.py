@@ -106,3 +106,16 @@ def api(redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec) -> Itera
             svc.registry.store("acme").add(folder, "bot", base, 16)
         svc.registry.invalidate("acme", "bot")
         yield client
+
+
+@pytest.fixture
+def good(tmp_path: Path, base: BaseModelSpec) -> Path:
+    """A valid adapter of the tiny base (rank 4)."""
+    return make_adapter(tmp_path / "good", base, seed=1, rank=4)
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    """Change fields of the adapter's `adapter_config.json`."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))

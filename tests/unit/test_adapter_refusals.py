@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from adapters.archive import safe_extract
 from adapters.manifest import InvalidAdapter
-from adapters.store import AdapterNotFound, AdapterStore, _safe_extract
+from adapters.store import AdapterNotFound, AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from tests.unit.admin_api import refused
@@ -65,7 +66,7 @@ def test_an_archive_whose_members_clash_on_disk_is_invalid(
     archive = tmp_path / "clash.tar.gz"
     archive.write_bytes(clashing_tarball(make_adapter(tmp_path / "a", base, seed=1), folder_first))
     with pytest.raises(InvalidAdapter, match="cannot be unpacked") as refusal:
-        _safe_extract(archive, tmp_path / "unpacked")
+        safe_extract(archive, tmp_path / "unpacked")
     assert str(tmp_path) not in str(refusal.value) and "/" not in str(refusal.value)
 
 
