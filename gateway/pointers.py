@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.tenants import TenantNotFound
 
 # KEYS: the tenant's pins, the state version. ARGV: adapter, the version it must be pinned to now ('': unpinned),
 # the version to pin ('': unpin). 1: changed; 0: it was pinned otherwise, nothing written.
@@ -27,6 +28,20 @@ if now ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
 redis.call('INCR', KEYS[2])
 return 1
+"""
+
+
+# KEYS: the shares hash, the state version, then the owner's and each consumer's tenant key. ARGV: owner/adapter,
+# the consumers' JSON list ('' to share with no one). Written only while every one of those tenants exists: a
+# tenant deleted meanwhile (its deletion removes its shares) gets none back. Returns the index (1-based, among the
+# tenant keys) of a tenant that does not exist, or 0 once written.
+_SHARE = """
+for i = 3, ARGV[2] == '' and 0 or #KEYS do  -- an unshare needs no one to exist
+  if redis.call('EXISTS', KEYS[i]) == 0 then return i - 2 end
+end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('INCR', KEYS[2])
+return 0
 """
 
 
@@ -42,6 +57,7 @@ class PointerStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._pin_if = redis.register_script(_PIN_IF)
+        self._share = redis.register_script(_SHARE)
         self._tenants: dict[str, TenantPointers] = {}
         self._shares: dict[str, frozenset[str]] | None = None
         self._generation = 0
@@ -118,12 +134,15 @@ class PointerStore:
         await self._write(("hset", (keys.aliases(tenant), alias, target)))
 
     async def share(self, owner: str, adapter: str, tenants: list[str]) -> None:
-        """Share `owner`'s adapter (every version) with exactly `tenants` (empty: share with no one)."""
-        qualified = f"{owner}/{adapter}"
-        if tenants:
-            await self._write(("hset", (keys.shares(), qualified, json.dumps(sorted(set(tenants))))))
-        else:
-            await self._write(("hdel", (keys.shares(), qualified)))
+        """Share `owner`'s adapter (every version) with exactly `tenants` (empty: share with no one); TenantNotFound,
+        nothing written, when one of them (or the owner) does not exist, checked and written in one step."""
+        everyone = [owner, *sorted(set(tenants))]
+        script_keys = [keys.shares(), keys.state_version(), *(keys.tenant(t) for t in everyone)]
+        consumers = json.dumps(everyone[1:]) if tenants else ""
+        missing = await self._share(keys=script_keys, args=[f"{owner}/{adapter}", consumers])
+        self.forget_cached()
+        if missing:
+            raise TenantNotFound(everyone[int(missing) - 1])
 
     async def forget_adapter(self, tenant: str, adapter: str) -> None:
         """The adapter's last version is gone: drop its pin and shares (aliases name versions; they stay

@@ -14,6 +14,7 @@ from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway.model_list import ModelLists
 from gateway.pointers import PointerStore
+from gateway.tenants import TenantStore
 
 
 def ids(body: bytes) -> list[str]:
@@ -42,6 +43,8 @@ async def test_the_answer_is_kept_until_an_alias_a_version_or_a_share_changes(
     assert json.loads(with_two)["data"][2]["root"] == "bot@2", "the bare name is the latest version"
 
     AdapterStore(tmp_path / "store" / "o", "o").add(adapter, "shared", base, 16)
+    for name in ("o", "t"):
+        await TenantStore(redis).create(name)
     await pointers.share("o", "shared", ["t"])
     pointers.forget_cached()
     assert ids(await lists.body("t"))[-2:] == ["o/shared", "o/shared@1"]
@@ -85,6 +88,8 @@ async def test_an_alias_on_an_adapter_no_longer_shared_is_not_listed_while_anoth
     registry, pointers = Registry(tmp_path / "store", recheck_s=0.0), PointerStore(redis)
     lists = ModelLists("tiny-base", registry, pointers)
     adapter = make_adapter(tmp_path / "a", base, seed=1, rank=4)
+    for tenant in ("o", "t"):
+        await TenantStore(redis).create(tenant)
     for name in ("foo", "bar"):
         AdapterStore(tmp_path / "store" / "o", "o").add(adapter, name, base, 16)
         await pointers.share("o", name, ["t"])

@@ -183,6 +183,8 @@ async def test_pointers_are_read_once_and_forgotten_on_change(redis: aioredis.Re
     assert "sneaky" not in (await pointers.of("acme")).aliases, "cached until the state version moves"
     pointers.forget_cached()
     assert (await pointers.of("acme")).aliases == {"prod": "bot@1", "sneaky": "x@1"}
+    for name in ("acme", "beta", "gamma"):  # a share names tenants that exist
+        await TenantStore(redis).create(name)
     await pointers.share("acme", "bot", ["beta", "gamma"])
     assert await pointers.shared_with("beta") == [("acme", "bot")]
     assert await pointers.shared_with("acme") == []

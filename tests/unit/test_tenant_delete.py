@@ -30,8 +30,9 @@ from adapters.validate import BaseModelSpec
 from gateway import keys, version_guard
 from gateway.app import create_app
 from gateway.cli import app as cli
+from gateway.pointers import PointerStore
 from gateway.settings import Settings
-from gateway.tenants import Tenant, TenantStore
+from gateway.tenants import Tenant, TenantNotFound, TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
 from training import train as training_module
@@ -226,3 +227,18 @@ async def test_a_version_whose_tenant_cannot_be_checked_is_not_left_half_added(
     with pytest.raises(RedisConnectionError):
         await version_guard.keep_if_still_owned(Unreachable(), store, owner, stored, publish=True)  # type: ignore[arg-type]
     assert store.versions("bot") == []
+
+
+async def test_a_share_written_as_its_tenant_is_deleted_is_not_left_behind(redis: aioredis.Redis) -> None:
+    """The share's check that its tenants exist and its write are one step: a tenant deleted in between (its
+    deletion clears its shares) is not given its share back, to pass to a tenant created again under its name."""
+    tenants, pointers = TenantStore(redis), PointerStore(redis)
+    for name in ("owner", "user"):
+        await tenants.create(name)
+    await tenants.delete("user")
+    with pytest.raises(TenantNotFound, match="`user`"):
+        await pointers.share("owner", "bot", ["user"])
+    assert await redis.hget(keys.shares(), "owner/bot") is None
+    await tenants.create("user")
+    await pointers.share("owner", "bot", ["user"])
+    assert await redis.hget(keys.shares(), "owner/bot") == '["user"]'
