@@ -89,7 +89,11 @@ local fields = {}
 for i = 1, #record, 2 do fields[record[i]] = record[i + 1] end
 if fields['tenant_created'] == nil or fields['tenant'] == nil then return record end
 local tenant = redis.call('GET', ARGV[1] .. fields['tenant'])
-if not tenant or tonumber(fields['tenant_created']) ~= tonumber(cjson.decode(tenant)['created']) then return {} end
+if not tenant then return {} end
+local ok, parsed = pcall(cjson.decode, tenant)  -- a tenant record it cannot read: the key is checked as before
+if ok and type(parsed) == 'table' and tonumber(fields['tenant_created']) ~= tonumber(parsed['created']) then
+  return {}
+end
 return record
 """
 

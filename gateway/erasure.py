@@ -24,10 +24,10 @@ from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, parse_index
 
 PAGE = 500
 MARGIN_S = 2
+"""Records this much younger than the age limit are searched too (their index may be expiring meanwhile)."""
 LONGEST_AGE_S = 3650 * 86400
 """The longest age limit a record or rating can carry (LogPolicy.max_age_days' bound). Tombstones stay this long
 at least: a spooled item carries the limit its tenant had when it was made, which may be longer than today's."""
-"""Records this much younger than the age limit are searched too (their index may be expiring meanwhile)."""
 
 # KEYS: the tenant's tombstone. ARGV: deletion time (Unix), seconds to keep it. Returns Redis's time (ms), kept
 # beside the deletion time: stream entries (and so completion indexes) written up to then are the old tenant's.

@@ -30,11 +30,12 @@ would otherwise take the event loop seconds to validate, for every tenant of the
 MAX_TOOLS = 128
 """Most tools in one chat request, as OpenAI allows."""
 MAX_CONTENT_PARTS = 4096
-"""Most content parts in one chat request's messages, all together; MAX_PROMPT_ITEMS likewise for a text completion's
-prompts (strings, or token ids all together: more than any context holds). Counted before the items are validated:
-a body of millions of wrong-typed items took the event loop seconds to validate and tens of seconds to report, for
-every tenant of the process."""
-MAX_PROMPT_ITEMS = 262_144
+"""Most content parts in one chat request's messages, all together; MAX_PROMPTS and MAX_PROMPT_TOKENS likewise for a
+text completion: prompts in a batch, and token ids in one prompt (more than any context holds). Counted before the
+items are validated: a body of millions of wrong-typed items took the event loop seconds to validate and tens of
+seconds to report, for every tenant of the process."""
+MAX_PROMPTS = 2048
+MAX_PROMPT_TOKENS = 262_144
 
 
 def _count_parts(messages: Any) -> int:
@@ -44,11 +45,17 @@ def _count_parts(messages: Any) -> int:
     return sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
 
 
-def _count_prompt_items(prompt: Any) -> int:
-    """A text completion's prompts, or its token ids all together, as sent (before validation)."""
-    if not isinstance(prompt, list) or len(prompt) > MAX_PROMPT_ITEMS:
-        return len(prompt) if isinstance(prompt, list) else 0
-    return len(prompt) + sum(len(item) for item in prompt if isinstance(item, list))
+def _prompt_too_large(prompt: Any) -> str | None:
+    """Why a text completion's prompt, as sent (before validation), is too large to be validated; None if it is not."""
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if isinstance(prompt[0], int):  # one prompt of token ids
+        return f"a prompt holds more than {MAX_PROMPT_TOKENS} tokens" if len(prompt) > MAX_PROMPT_TOKENS else None
+    if len(prompt) > MAX_PROMPTS:
+        return f"a batch holds more than {MAX_PROMPTS} prompts"
+    if any(isinstance(item, list) and len(item) > MAX_PROMPT_TOKENS for item in prompt):
+        return f"a prompt holds more than {MAX_PROMPT_TOKENS} tokens"
+    return None
 
 
 def _needs(field: str, when: Any, other: str, value: Any = None) -> dict[str, Any]:
@@ -206,8 +213,8 @@ class CompletionRequest(SamplingParams):
     @field_validator("prompt", mode="before")
     @classmethod
     def _bounded_prompt(cls, value: Any) -> Any:
-        if _count_prompt_items(value) > MAX_PROMPT_ITEMS:
-            raise ValueError(f"the prompt holds more than {MAX_PROMPT_ITEMS} prompts and tokens")
+        if (why := _prompt_too_large(value)) is not None:
+            raise ValueError(why)
         return value
 
     def prompts(self) -> int:

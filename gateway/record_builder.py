@@ -170,6 +170,8 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
         if len(text) > MAX_CHARS:
             record["truncated"] = True
             redacted = redactor.redact_into(text[: MAX_CHARS + LONGEST_FINDING], counts)
+            if len(text) <= MAX_CHARS + LONGEST_FINDING:  # the slice held it all: nothing was cut in two
+                return redacted[:MAX_CHARS]
             # The last LONGEST_FINDING characters may hold a finding the slice cut in two (so not found): never kept,
             # wherever redaction before it (placeholders are shorter) has moved them.
             return redacted[: min(MAX_CHARS, len(redacted) - LONGEST_FINDING)]

@@ -241,7 +241,7 @@ class Redactor:
 LABELS: dict[str, re.Pattern[str]] = {
     "role": re.compile(r"system|developer|user|assistant|tool|function"),
     "type": re.compile(r"[a-z_]{1,32}"),  # text, image_url, input_audio, file, function, json_schema, ...
-    "tool_call_id": re.compile(r"[A-Za-z]{1,16}[_-][A-Za-z0-9]{1,64}"),  # call_8f3c2a1b...: a card-like run is an id
+    "tool_call_id": re.compile(r"[A-Za-z0-9]{1,64}(?:[-_.:][A-Za-z0-9]{1,64}){0,4}"),  # call_8f3c, chatcmpl-tool-9a1
 }
 """Keys whose string values are the API's own labels, never what a user wrote, when they have a label's shape:
 `map_strings` leaves those as they are (an id's digits are not a phone number). Any other value is redacted (a

@@ -230,7 +230,7 @@ async def share_adapter(tenant: str, name: str, body: Share, request: Request, _
         await asyncio.to_thread(_require, svc.registry.store(tenant), parsed.name)
         for other in body.tenants:
             await svc.tenants.get(other)
-    await svc.pointers.share(tenant, parsed.name, [t for t in body.tenants if t != tenant])
+        await svc.pointers.share(tenant, parsed.name, [t for t in body.tenants if t != tenant])  # one gone: 404
     return {"adapter": f"{tenant}/{parsed.name}", "shared_with": sorted(set(body.tenants) - {tenant})}
 
 

@@ -115,7 +115,9 @@ def test_rules_across_fields_name_the_field_they_refuse(extra: dict, param: str,
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": [1] * 300_000}]}, "messages"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": [1] * 1000}] * 2048}, "messages"),
         (CompletionRequest, {"prompt": [[1]] * 300_000 + [["x"]]}, "prompt"),
-        (CompletionRequest, {"prompt": [list(range(200_000))] * 20}, "prompt"),
+        (CompletionRequest, {"prompt": list(range(300_000))}, "prompt"),
+        (CompletionRequest, {"prompt": [[1]] * 2000 + [list(range(300_000))]}, "prompt"),
+        (CompletionRequest, {"prompt": ["x"] * 3000}, "prompt"),
     ],
 )
 def test_huge_lists_are_refused_before_their_items_are_validated(
@@ -127,3 +129,9 @@ def test_huge_lists_are_refused_before_their_items_are_validated(
         schema.model_validate({"model": "m", **payload})
     assert refused.value.error_count() == 1
     assert from_validation_error(refused.value).param == param
+
+
+def test_a_batch_of_prompts_each_within_the_bound_is_taken() -> None:
+    """Each prompt is bounded on its own: eight of 40,000 tokens fit a 128k context each."""
+    prompt = [list(range(40_000))] * 8
+    assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompts() == 8

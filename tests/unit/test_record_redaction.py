@@ -121,3 +121,15 @@ def test_token_id_prompts_are_not_kept_where_redaction_is_on() -> None:
     plain = Tenant(name="t", logging=LogPolicy(redact=[]))
     (entry,) = build_entries([raw_record(context(plain, 1, prompt=[[101, 102], [103]]))])
     assert json.loads(entry["record"])["request"]["prompt"] == [[101, 102], [103]]
+
+
+def test_engine_tool_call_ids_are_labels_and_a_text_just_over_the_limit_loses_nothing_more() -> None:
+    messages = [
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-9a1b2c3d4e5f60718293a4b5c6d7e8f9", "content": "done"},
+        {"role": "tool", "tool_call_id": "A1b2C3d4E", "content": "done"},
+        {"role": "user", "content": "z" * (MAX_CHARS + 100)},
+    ]
+    record = stored(messages=messages)
+    kept = record["request"]["messages"]
+    assert [m["tool_call_id"] for m in kept[:2]] == [m["tool_call_id"] for m in messages[:2]]
+    assert len(kept[2]["content"]) == MAX_CHARS, "the slice held it all: nothing was cut in two"

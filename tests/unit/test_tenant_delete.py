@@ -242,3 +242,20 @@ async def test_a_share_written_as_its_tenant_is_deleted_is_not_left_behind(redis
     await tenants.create("user")
     await pointers.share("owner", "bot", ["user"])
     assert await redis.hget(keys.shares(), "owner/bot") == '["user"]'
+
+
+def test_a_share_whose_tenant_goes_while_it_is_written_is_a_404(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route checked the tenants, then one was deleted before the write: 404 naming it, not a 500."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    assert api.post("/admin/tenants", json={"name": "beta"}).status_code == 201
+    real = svc.pointers.share
+
+    async def deleted_meanwhile(owner: str, adapter: str, tenants: list[str]) -> None:
+        await svc.tenants.delete("beta")
+        await real(owner, adapter, tenants)
+
+    monkeypatch.setattr(svc.pointers, "share", deleted_meanwhile)
+    answer = api.put("/admin/tenants/acme/adapters/bot/share", json={"tenants": ["beta"]})
+    assert answer.status_code == 404 and "`beta`" in answer.json()["error"]["message"], answer.text
