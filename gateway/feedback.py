@@ -10,9 +10,10 @@ A 2xx from `POST /v1/feedback` means the feedback is on disk:
   visible to `GET /v1/feedback` from then on.
 
 Feedback is stored per completion in a hash keyed by end user (empty for anonymous feedback), so a
-second rating by the same user replaces the first. A completion keeps the ratings of at most MAX_RATERS end
-users (each up to ~110 KB, read whole by `GET /v1/feedback` and exports): a new one past that gets 409
-(`too_many_ratings`), or, replayed from a spool, is dropped and counted (`loragate_feedback_dropped`).
+second rating by the same user replaces the first. A completion takes the ratings of MAX_RATERS end users (each
+up to ~110 KB, read whole by `GET /v1/feedback` and exports): a new one past that gets 409 (`too_many_ratings`)
+when it is checked before its answer. One acknowledged from the spool (202: Redis could not say) is written when
+replayed, past the cap too: an acknowledgement is never taken back.
 A replay never overwrites a newer rating, nor writes back a rating of an end user erased since it was given;
 no write keeps a rating given to a tenant deleted since (each carries when its tenant was created: a tenant
 re-created with the same name is another).
@@ -62,10 +63,10 @@ Redis could first be asked (an outage, however long, does not count)."""
 # created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created, TRIMMED,
 # MAX_RATERS. Feedback of a tenant created at or before its deletion, or of a completion the length limit trimmed, is
 # refused (-1); one made before its end user's erasure, or (replayed) past the tenant's age limit, is dropped (0); a
-# new end user's past MAX_RATERS is refused (-3). A replay never replaces a newer rating. The hash lives as long as
-# the completion's index (a later rating does not extend it) and the end user's set at least as long (it is never
-# shortened): erasure finds every rating through the set. The arm's feedback signal moves by the difference a
-# (replaced) rating makes.
+# new end user's past MAX_RATERS is refused (-3) unless replayed (acknowledged already). A replay never replaces a
+# newer rating. The hash lives as long as the completion's index (a later rating does not extend it) and the end
+# user's set at least as long (it is never shortened): erasure finds every rating through the set. The arm's
+# feedback signal moves by the difference a (replaced) rating makes.
 _STORE = """
 local deleted = redis.call('GET', KEYS[5])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
@@ -80,7 +81,7 @@ if ARGV[6] == '1' then
     if ok and tonumber(previous['created']) and tonumber(previous['created']) > tonumber(ARGV[3]) then return 0 end
   end
 end
-if not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[11]) then return -3 end
+if ARGV[6] ~= '1' and not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[11]) then return -3 end
 local lo, hi = tonumber(ARGV[7]), tonumber(ARGV[8])
 local function signal(raw, sign)
   local ok, f = pcall(cjson.decode, raw)
@@ -305,8 +306,6 @@ class FeedbackStore:
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")
-        if replay and (over := sum(1 for result in results[: len(items)] if result == -3)):
-            self._metrics.feedback_dropped.inc(over)  # past MAX_RATERS: dropped, as ratings of unknown completions
         if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created), or it trimmed, meanwhile
             raise CompletionUnknown(parsed[0]["completion_id"])
         if not replay and results[0] == -3:
@@ -315,8 +314,8 @@ class FeedbackStore:
             raise NotDurable("Redis did not keep the feedback")
 
     async def _full(self, tenant: str, given: FeedbackIn) -> bool:
-        """Whether a rating to be spooled would be refused on replay for MAX_RATERS (a new end user, that many
-        already), as far as Redis says now; False when it cannot say (the replay checks again, atomically)."""
+        """Whether a rating to be spooled is past MAX_RATERS (a new end user, that many already), as far as Redis
+        says now; False when it cannot say (it is then acknowledged, and written past the cap when replayed)."""
         feedback_key = keys.feedback(tenant, given.completion_id)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:

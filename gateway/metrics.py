@@ -163,7 +163,7 @@ class Metrics:
         )
         self.feedback_dropped = Counter(
             "loragate_feedback_dropped",
-            "Spooled feedback dropped on replay: its completion unknown or another tenant's, or full of raters.",
+            "Spooled feedback dropped on replay: its completion was unknown or another tenant's.",
             registry=r,
         )  # fmt: skip
         self.feedback_durable = Gauge(
