@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,8 @@ class Engine:
         return web.json_response(answer | {"usage": {"prompt_tokens": PROMPT, "completion_tokens": 1}})
 
 
-@pytest.fixture(params=list(REFUSALS))
-async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, str]]:
-    fake = Engine(request.param)
-    app = web.Application()
+async def serve_engine(chat: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, str]:
+    """A stand-in engine answering chat requests with `chat` (healthy, serving `base`); its runner and URL."""
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -66,14 +64,22 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "base"}]})
 
+    app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", fake.chat)
+    app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    yield fake, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+@pytest.fixture(params=list(REFUSALS))
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, str]]:
+    fake = Engine(request.param)
+    runner, url = await serve_engine(fake.chat)
+    yield fake, url
     await runner.cleanup()
 
 
@@ -133,18 +139,9 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
             await asyncio.sleep(1)
             return web.Response()
 
-        async def health(_: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_post("/v1/chat/completions", crash)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, url = await serve_engine(crash)
         runners.append(runner)
-        urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
+        urls.append(url)
     placement, pool, session = await gateway_process(urls, redis_server.url, tmp_path)
     try:
         payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
@@ -177,17 +174,7 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
         await asyncio.sleep(2)
         return web.Response(text="data: [DONE]\n\n", content_type="text/event-stream")
 
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_post("/v1/chat/completions", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await serve_engine(slow)
     placement, pool, session = await gateway_process([url], redis_server.url, tmp_path)
     try:
         payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}
