@@ -56,9 +56,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return _respond(error)
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error", exc_info=exc)
-    return _respond(APIError("The server had an error while processing your request."))
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette calls this from its outermost middleware, outside gateway.request_id's: the id that
+    middleware gave the request (it shares the scope) is added here, so the 500 names it as well."""
+    request_id = request.scope.get("state", {}).get("request_id")
+    log.exception("unexpected error (request %s)", request_id, exc_info=exc)
+    error = APIError("The server had an error while processing your request.")
+    if request_id:
+        error.headers = {"x-request-id": request_id}
+    return _respond(error)
 
 
 async def _client_gone(_: Request, exc: Exception) -> Response:

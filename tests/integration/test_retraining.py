@@ -77,8 +77,12 @@ def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: 
         env=gateway.env, cwd=ROOT, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     output = demo.stdout + demo.stderr
-    assert demo.returncode == 0, output[-6000:]
-    phases = json.loads((tmp_path / "phases.json").read_text())["seconds"]
+    report = tmp_path / "phases.json"
+    outcome = report.read_text() if report.exists() else "(no report)"
+    assert demo.returncode == 0, (
+        f"{outcome}\nstdout:\n{demo.stdout[-4000:]}\nstderr:\n{demo.stderr[-2000:]}\ngateway:\n{gateway.log_tail(3000)}"
+    )
+    phases = json.loads(report.read_text())["seconds"]
     print(f"\nthe loop took {time.monotonic() - started:.0f} s ({phases})\n{demo.stdout[-3000:]}")
     runs = sorted((Path(gateway.env["LORAGATE_HOME"]) / "training" / TENANT).iterdir())
     state = json.loads((runs[-1] / "run.json").read_text())

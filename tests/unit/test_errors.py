@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from starlette.testclient import TestClient
 
 from gateway.apikeys import InvalidKeyRequest, parse_duration
 from gateway.errors import (
@@ -20,6 +22,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.records import FeedbackIn
 from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event
+from tests.unit.admin_api import ADMIN
 
 
 def test_envelope_shape_and_status() -> None:
@@ -157,3 +160,18 @@ def test_the_end_of_a_stream_is_its_own_event_not_a_tokens_text() -> None:
     token = b'data: {"choices":[{"delta":{"content":"data: [DONE]"}}]}\n\n'
     assert not _ends(token), "a model writing about SSE"
     assert _ends(b"data: [DONE]\n\n") and _ends(token + b"data: [DONE]\n\n")
+
+
+def test_an_unexpected_500_names_its_request(api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette answers an unexpected exception from its outermost middleware, outside the request-id
+    one: the 500 still carries the id the log line names, and nothing of the exception."""
+
+    async def broken() -> None:
+        raise RuntimeError("internal detail at 10.0.0.7")
+
+    monkeypatch.setattr(api.app.state.services.tenants, "all", broken)
+    client = TestClient(api.app, headers=ADMIN, raise_server_exceptions=False)  # no `with`: one lifespan is running
+    response = client.get("/admin/tenants")
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "10.0.0.7" not in response.text
+    assert len(response.headers["x-request-id"]) == 32
