@@ -52,7 +52,7 @@ PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 _Spans = Iterator[tuple[int, int]]
 _DIGIT = re.compile(r"\d")
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,63})*\.[^\W\d_]{2,24}\b")
+_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-][\w.%+'-]{0,63}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,63})*\.[^\W\d_]{2,24}\b")
 # Patterns open with a character class, the word-boundary check right after it, rather than with an assertion:
 # `re` then skips straight to candidate characters, about twice as fast on ordinary prose.
 _GAP = "[ \u00a0\u202f\u2009\\-\u2010-\u2015\u2212._\u200b\u2060]"
@@ -66,7 +66,13 @@ _CARD = re.compile(
 )
 _NOT_ALNUM = re.compile(r"[^0-9A-Za-z]")
 _IPV4 = re.compile(r"\d(?<![\d.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\d|\.\d)")  # `srv_10.0.0.1`, `10.0.0.1ms`
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)")
+_IPV6_BODY = r"(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)"
+_IPV6 = re.compile(rf"(?<![\w:.]){_IPV6_BODY}")
+_IPV6_LABELLED = re.compile(rf":(?<=\w:)(?=[0-9A-Fa-f:])({_IPV6_BODY})")
+"""An address after a word and a colon (`addr:2001:db8::1`, `IPv6:fe80::1`), which _IPV6 does not start at: the
+colon would join them into something that reads as neither. Opens with the colon, so `re` skips to colons."""
+_LABEL_END = re.compile(r"[^\W0-9A-Fa-f][0-9A-Fa-f]{0,4}\Z")
+"""How a label ends that is not itself a group of the address (`cafe:2001:db8::1` is one address, _IPV6's)."""
 _PHONE_PUNCTUATION = (
     " \u00a0\u00ad\u200b\u2060\u3000().\\-/\u2010-\u2015\u2212\u30fc\uff0d-\uff0f\uff08\uff09\uff3b\uff3d\\[\\]~"
     "\u2053\u223c\uff5e"
@@ -116,6 +122,19 @@ def _ibans(text: str, _region: str, _findings: Findings) -> _Spans:
         ends = [m.end() for m in _ALNUM_AT.finditer(candidate)]
         if len(ends) >= length and _is_iban(candidate[: ends[length - 1]]):
             yield match.start(), match.start() + ends[length - 1]
+
+
+def _ipv6s(text: str, _region: str, _findings: Findings) -> _Spans:
+    """Each IPv6 address's span, labelled ones (`host:fe80::1`: the address alone) among them, in order."""
+    spans = [m.span() for m in _IPV6.finditer(text) if _is_ip(m.group())]
+    for m in _IPV6_LABELLED.finditer(text):
+        if _is_ip(m.group(1)) and _LABEL_END.search(text, max(0, m.start() - 5), m.start()):
+            spans.append(m.span(1))
+    last = 0
+    for start, end in sorted(spans):
+        if start >= last:  # disjoint (they are, by construction; kept so whatever the patterns become)
+            last = end
+            yield start, end
 
 
 def _is_ip(candidate: str) -> bool:
@@ -181,7 +200,7 @@ _PASSES: tuple[_Pass, ...] = (  # in the order they run
     _Pass("email", "[EMAIL]", _regex(_EMAIL), needle="@"),
     _Pass("iban", "[IBAN]", _ibans, min_digits=2, shape=b"AA99"),
     _Pass("card", "[CARD]", _regex(_CARD, _is_card), min_digits=13, shape=b"9999"),
-    _Pass("ip", "[IP]", _regex(_IPV6, _is_ip), min_digits=1, needle=":"),  # first: IPv4-mapped ::ffff:1.2.3.4
+    _Pass("ip", "[IP]", _ipv6s, min_digits=1, needle=":"),  # first: IPv4-mapped ::ffff:1.2.3.4
     _Pass("ip", "[IP]", _regex(_IPV4, _is_ip), min_digits=4, needle=".", shape=b"9.9"),
     _Pass("phone", "[PHONE]", _phones, min_digits=7),
 )

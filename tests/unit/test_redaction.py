@@ -75,6 +75,9 @@ def test_look_alikes_survive_unchanged(text: str) -> None:
         ("mapped ::ffff:192.168.1.1 and fe80::1", "mapped [IP] and [IP]"),
         ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "full [IP]."),
         ("DNS is 8.8.8.8.", "DNS is [IP]."),
+        ("addr:2001:db8::1 and IPv6:fe80::2, host=fe80::3", "addr:[IP] and IPv6:[IP], host=[IP]"),
+        ("x6a:2001:db8::1 and cafe:2001:db8::1", "x6a:[IP] and [IP]"),  # `cafe` is a group of the address
+        ("time:12:30:45, std::vector and Foo::bar", "time:12:30:45, std::vector and Foo::bar"),
     ],
 )
 def test_ip_addresses(text: str, redacted: str) -> None:
@@ -268,3 +271,14 @@ def test_cards_in_other_scripts_digits_and_separators() -> None:
     ):
         assert Redactor(["card"]).redact(f"card {card} ok") == ("card [CARD] ok", Counter(card=1)), card
     assert Redactor().redact("pi 3.1415 9265 3589 7932")[1] == Counter(), "fails Luhn: kept"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("write to o'brien@example.com today", "write to [EMAIL] today"),
+        ("quoted 'john@example.com' here", "quoted '[EMAIL]' here"),
+    ],
+)
+def test_an_apostrophe_in_an_address_keeps_nothing_of_it(text: str, redacted: str) -> None:
+    assert Redactor(["email"]).redact(text)[0] == redacted
