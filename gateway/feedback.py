@@ -241,7 +241,7 @@ class FeedbackStore:
                 "This tenant keeps no prompts or responses, so a correction cannot be stored.", param="correction"
             )
         feedback = Feedback(**given.model_dump(), created=self._recorder.clock.now())  # by the records Redis's clock
-        redactor = Redactor(policy.redact)
+        redactor = Redactor(policy.redact, policy.phone_region)
         counts = Findings()
         if redactor.kinds:
             feedback.correction = feedback.correction and redactor.redact_into(feedback.correction, counts)

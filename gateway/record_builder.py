@@ -72,6 +72,7 @@ class RawRecord(NamedTuple):
     redact: tuple[str, ...]
     max_records: int
     ttl: int
+    phone_region: str = "US"
 
 
 def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecord:
@@ -96,6 +97,7 @@ def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecor
         request_of(context.payload) if valid and context.sent is None else None,
         context.sent if valid else None, answer.body if content else None,
         content, tuple(sorted(policy.redact)) if content else (), policy.max_records, policy.max_age_s,
+        policy.phone_region,
     )  # fmt: skip
 
 
@@ -121,7 +123,7 @@ def _entry(raw: RawRecord) -> dict[str, Any]:
         record["id"] = answer.completion_id or record["id"]
         record["choices"] = answer.choice_dicts() or None
     if record["request"] is not None or record["choices"] is not None:
-        _clean(record, _redactor(raw.redact))
+        _clean(record, _redactor(raw.redact, raw.phone_region))
     text = pydantic_core.to_json(record).decode()
     if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
         for field in ("tools", "tool_choice", "response_format"):
@@ -155,8 +157,8 @@ def latency_bucket(latency_ms: float | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _redactor(kinds: tuple[str, ...]) -> Redactor:
-    return Redactor(kinds)
+def _redactor(kinds: tuple[str, ...], phone_region: str) -> Redactor:
+    return Redactor(kinds, phone_region)
 
 
 def _clean(record: dict[str, Any], redactor: Redactor) -> None:

@@ -12,6 +12,7 @@ import math
 import uuid
 from typing import Any, Literal
 
+import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PIIKind = Literal["email", "phone", "card", "iban", "ip"]
@@ -31,10 +32,22 @@ class LogPolicy(BaseModel):
         default_factory=lambda: list(ALL_PII),
         description="PII replaced by a placeholder before anything is stored: email, phone, card, iban, ip.",
     )
+    phone_region: str = Field(
+        "US",
+        description="Where phone numbers written without a country code are from (ISO 3166, e.g. GB): "
+        "`020 7946 0958` is a number in GB, not in the US. Numbers with a +country code are found in any region.",
+    )
     max_records: int = Field(100_000, ge=100, description="Completion records kept (the oldest are trimmed).")
     max_age_days: float = Field(30.0, gt=0, le=3650, description="Completion records older than this are trimmed.")
     score_min: float = Field(0.0, description="Lowest feedback score accepted.")
     score_max: float = Field(1.0, description="Highest feedback score accepted.")
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, region: str) -> str:
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"phone_region must be a region code such as US or GB, not {region[:8]!r}")
+        return region
 
     @model_validator(mode="after")
     def _range(self) -> LogPolicy:

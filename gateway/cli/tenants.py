@@ -117,6 +117,9 @@ def tenants_logging(
         bool | None, typer.Option("--content/--no-content", help="Keep prompts and responses, or metadata only.")
     ] = None,
     redact: Annotated[str | None, typer.Option(help="PII to redact: email,phone,card,iban,ip (or none).")] = None,
+    phone_region: Annotated[
+        str | None, typer.Option(help="Region of phone numbers written without +country code (ISO 3166, e.g. GB).")
+    ] = None,
     max_records: Annotated[int | None, typer.Option(min=100, help="Completion records kept.")] = None,
     max_age_days: Annotated[float | None, typer.Option(help="Completion records kept this long.")] = None,
     score_range: Annotated[str | None, typer.Option(help="Feedback scores accepted, as MIN,MAX (e.g. 1,5).")] = None,
@@ -127,7 +130,12 @@ def tenants_logging(
     from gateway.records import LogPolicy
     from gateway.tenants import LogPolicyChanges, TenantChanges, TenantStore
 
-    changes: dict[str, Any] = {"content": content, "max_records": max_records, "max_age_days": max_age_days}
+    changes: dict[str, Any] = {
+        "content": content,
+        "phone_region": phone_region,
+        "max_records": max_records,
+        "max_age_days": max_age_days,
+    }
     if redact is not None:
         changes["redact"] = [] if redact == "none" else [kind.strip() for kind in redact.split(",") if kind.strip()]
     if score_range is not None:

@@ -4,6 +4,11 @@ every refusal (400), and a tenant whose last deletion cannot be read is not crea
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import redis as sync_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,7 +16,7 @@ from starlette.testclient import TestClient
 
 from gateway import keys
 from gateway.routes import admin_tenants
-from tests.conftest import RedisServer
+from tests.conftest import ROOT, RedisServer, gateway_env, loragate
 from tests.unit.admin_api import refused
 
 
@@ -57,6 +62,16 @@ def test_a_partial_logging_policy_is_checked_against_the_tenants(api: TestClient
     assert api.get("/admin/tenants/acme").json()["logging"]["score_min"] == 2
 
 
+def test_a_tenants_phone_region_is_a_region_phone_numbers_know(api: TestClient) -> None:
+    assert api.get("/admin/tenants/acme").json()["logging"]["phone_region"] == "US"
+    moved = api.patch("/admin/tenants/acme", json={"logging": {"phone_region": "GB"}})
+    assert moved.status_code == 200 and moved.json()["logging"]["phone_region"] == "GB", moved.text
+    wrong = api.patch("/admin/tenants/acme", json={"logging": {"phone_region": "XX"}})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "logging.phone_region"
+    assert "region code such as US or GB" in wrong.json()["error"]["message"]
+    assert api.get("/admin/tenants/acme").json()["logging"]["phone_region"] == "GB"
+
+
 def test_a_tenant_whose_last_deletion_cannot_be_read_is_not_created(
     api: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,3 +86,14 @@ def test_a_tenant_whose_last_deletion_cannot_be_read_is_not_created(
     error = answer.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "state_unavailable") and "Try again" in error["message"]
     assert api.get("/admin/tenants/beta").status_code == 404
+
+
+def test_the_cli_sets_a_tenants_phone_region(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = gateway_env(tmp_path, redis_server.url, 0)
+    loragate(env, "tenants", "create", "cli-region", "--exist-ok")
+    assert json.loads(loragate(env, "tenants", "logging", "cli-region", "--phone-region", "DE"))["phone_region"] == "DE"
+    wrong = subprocess.run(
+        [sys.executable, "-m", "gateway", "tenants", "logging", "cli-region", "--phone-region", "ZZ"],
+        env=env, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert wrong.returncode != 0 and "region code such as US or GB" in wrong.stderr

@@ -99,6 +99,16 @@ async def test_feedback_labels_are_redacted(redis: aioredis.Redis, recorder: Rec
     assert EMAIL not in (await redis.hget(keys.feedback("t", "chatcmpl-9"), "u1") or "")
 
 
+async def test_feedback_reads_phone_numbers_in_the_tenants_region(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    store = await _answered(redis, recorder, tmp_path, 10)
+    british = TENANT.model_copy(update={"logging": LogPolicy(phone_region="GB")})
+    rating = FeedbackIn(completion_id="chatcmpl-10", user="u1", thumbs="down", comment="ring 020 7946 0958")
+    kept, _ = await store.submit(british, rating)
+    assert kept.comment == "ring [PHONE]" and kept.redactions == {"phone": 1}
+
+
 async def test_feedback_that_redaction_lengthens_past_its_limits_is_still_read_back(
     redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
 ) -> None:
@@ -133,3 +143,13 @@ def test_engine_tool_call_ids_are_labels_and_a_text_just_over_the_limit_loses_no
     kept = record["request"]["messages"]
     assert [m["tool_call_id"] for m in kept[:2]] == [m["tool_call_id"] for m in messages[:2]]
     assert len(kept[2]["content"]) == MAX_CHARS, "the slice held it all: nothing was cut in two"
+
+
+def test_phone_numbers_without_a_country_code_are_read_in_the_tenants_region() -> None:
+    """`020 7946 0958` is a London number, and no US one: found where the tenant says its users are in GB."""
+    ask = [{"role": "user", "content": "ring me on 020 7946 0958 or +1 415-555-0123"}]
+    british = Tenant(name="t", logging=LogPolicy(phone_region="GB"))
+    kept = build_entries([raw_record(context(TENANT, 1, messages=ask))])[0]
+    found = build_entries([raw_record(context(british, 1, messages=ask))])[0]
+    assert json.loads(kept["record"])["request"]["messages"][0]["content"] == "ring me on 020 7946 0958 or [PHONE]"
+    assert json.loads(found["record"])["request"]["messages"][0]["content"] == "ring me on [PHONE] or [PHONE]"
