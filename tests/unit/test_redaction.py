@@ -76,7 +76,7 @@ def test_look_alikes_survive_unchanged(text: str) -> None:
         ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "full [IP]."),
         ("DNS is 8.8.8.8.", "DNS is [IP]."),
         ("addr:2001:db8::1 and IPv6:fe80::2, host=fe80::3", "addr:[IP] and IPv6:[IP], host=[IP]"),
-        ("x6a:2001:db8::1 and cafe:2001:db8::1", "x6a:[IP] and [IP]"),  # `cafe` is a group of the address
+        ("x6a:2001:db8::1, cafebabe:2001:db8::1, cafe:2001:db8::1", "x6a:[IP], cafebabe:[IP], [IP]"),  # `cafe`: a group
         ("time:12:30:45, std::vector and Foo::bar", "time:12:30:45, std::vector and Foo::bar"),
     ],
 )
