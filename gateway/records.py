@@ -45,6 +45,7 @@ class LogPolicy(BaseModel):
     @field_validator("phone_region")
     @classmethod
     def _region(cls, region: str) -> str:
+        region = region.upper()  # `gb` is GB
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"phone_region must be a region code such as US or GB, not {region[:8]!r}")
         return region

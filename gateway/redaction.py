@@ -71,8 +71,6 @@ _IPV6 = re.compile(rf"(?<![\w:.]){_IPV6_BODY}")
 _IPV6_LABELLED = re.compile(rf":(?<=\w:)(?=[0-9A-Fa-f:])({_IPV6_BODY})")
 """An address after a word and a colon (`addr:2001:db8::1`, `IPv6:fe80::1`), which _IPV6 does not start at: the
 colon would join them into something that reads as neither. Opens with the colon, so `re` skips to colons."""
-_GROUP_END = re.compile(r"(?<!\w)[0-9A-Fa-f]{1,4}\Z")
-"""A label that is a group of the address itself (`cafe:2001:db8::1` is one address: _IPV6's)."""
 _PHONE_PUNCTUATION = (
     " \u00a0\u00ad\u200b\u2060\u3000().\\-/\u2010-\u2015\u2212\u30fc\uff0d-\uff0f\uff08\uff09\uff3b\uff3d\\[\\]~"
     "\u2053\u223c\uff5e"
@@ -125,16 +123,18 @@ def _ibans(text: str, _region: str, _findings: Findings) -> _Spans:
 
 
 def _ipv6s(text: str, _region: str, _findings: Findings) -> _Spans:
-    """Each IPv6 address's span, labelled ones (`host:fe80::1`: the address alone) among them, in order."""
+    """Each IPv6 address's span, labelled ones (`host:fe80::1`: the address alone) among them, in order. Where a
+    labelled address and an unlabelled one overlap (`cafe:2001:db8::1` reads as both), their union is redacted:
+    never less than either."""
     spans = [m.span() for m in _IPV6.finditer(text) if _is_ip(m.group())]
-    for m in _IPV6_LABELLED.finditer(text):
-        if _is_ip(m.group(1)) and not _GROUP_END.search(text, max(0, m.start() - 4), m.start()):
-            spans.append(m.span(1))
-    last = 0
+    spans += [m.span(1) for m in _IPV6_LABELLED.finditer(text) if _is_ip(m.group(1))]
+    merged: list[list[int]] = []
     for start, end in sorted(spans):
-        if start >= last:  # disjoint (they are, by construction; kept so whatever the patterns become)
-            last = end
-            yield start, end
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return ((start, end) for start, end in merged)
 
 
 def _is_ip(candidate: str) -> bool:

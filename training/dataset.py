@@ -158,8 +158,8 @@ def _one_kind(samples: list[Sample], endpoint: str | None, filters: dict[str, in
     return kept
 
 
-def _redacted(samples: list[Sample], counts: Counter[str]) -> list[Sample]:
-    redactor = Redactor()
+def _redacted(samples: list[Sample], counts: Counter[str], phone_region: str) -> list[Sample]:
+    redactor = Redactor(phone_region=phone_region)
 
     def clean(value: Any) -> Any:
         cleaned, found = redact_value(redactor, value)
@@ -277,7 +277,7 @@ def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
     samples = _one_kind(loaded.samples, config.endpoint, filters)
     redactions: Counter[str] = Counter()
     if config.redact_pii:
-        samples = _redacted(samples, redactions)
+        samples = _redacted(samples, redactions, loaded.phone_region)
     groups = [_prepared(g) for g in _grouped(samples, config.near_duplicate_threshold, filters)]
     labels = None
     if config.label_pattern:

@@ -31,6 +31,8 @@ class Loaded:
     records_read: int
     with_feedback: int
     dropped: dict[str, int]
+    phone_region: str = "US"
+    """Where the samples' phone numbers without +country code are from (the tenant's, for its feedback)."""
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -77,7 +79,9 @@ async def from_feedback(
     examples = [example async for example in joined(redis, tenant, alias=alias)]
     loaded = await asyncio.to_thread(from_examples, examples, policy)
     source = {"kind": "feedback", "tenant": tenant} | ({"alias": alias} if alias else {})
-    return replace(loaded, source=source, records_read=max(records_read, loaded.with_feedback))
+    return replace(
+        loaded, source=source, records_read=max(records_read, loaded.with_feedback), phone_region=policy.phone_region
+    )
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

@@ -77,6 +77,7 @@ def test_look_alikes_survive_unchanged(text: str) -> None:
         ("DNS is 8.8.8.8.", "DNS is [IP]."),
         ("addr:2001:db8::1 and IPv6:fe80::2, host=fe80::3", "addr:[IP] and IPv6:[IP], host=[IP]"),
         ("x6a:2001:db8::1, cafebabe:2001:db8::1, cafe:2001:db8::1", "x6a:[IP], cafebabe:[IP], [IP]"),  # `cafe`: a group
+        ("host.de:fe80::1, Dec:2001:db8:1:2:3:4:5:6, fe:::1", "host.de:[IP], Dec:[IP], fe:[IP]"),
         ("time:12:30:45, std::vector and Foo::bar", "time:12:30:45, std::vector and Foo::bar"),
     ],
 )

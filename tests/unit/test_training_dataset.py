@@ -438,3 +438,19 @@ async def test_from_feedback_reads_the_tenant_log_with_its_policy(redis: aioredi
     )
     assert [(s.text, s.judgement, s.correction) for s in got.samples] == [("ok", 0.75, None), ("meh", 0.25, "better")]
     assert len((await from_feedback(redis, tenant)).samples) == 3
+    assert got.phone_region == "US"
+
+
+async def test_a_dataset_reads_phone_numbers_in_its_tenants_region(redis: aioredis.Redis) -> None:
+    """Records kept before the tenant set its region, read again: `020 7946 0958` is a GB number."""
+    tenant = f"t-{uuid.uuid4().hex[:12]}"
+    await TenantStore(redis).create(tenant, logging=LogPolicy(phone_region="gb"))
+    for n in range(4):
+        r = record(f"Call 020 7946 0958 about {n}.", tenant=tenant)
+        await redis.xadd(keys.completion_log(tenant), {"r": r.model_dump_json()})
+        fb = Feedback(completion_id=r.id, created=r.created + 1, thumbs="up")
+        await redis.hset(keys.feedback(tenant, r.id), "", fb.model_dump_json())
+    got = await from_feedback(redis, tenant)
+    assert got.phone_region == "GB"
+    built = build(got, config())
+    assert "7946" not in "".join(built.files.values()) and built.card.redactions == {"phone": 4}
