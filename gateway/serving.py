@@ -165,7 +165,7 @@ class Forwarder:
         """
         route = call.route
         tried: set[Replica] = set()
-        reloaded = False
+        reloaded = resent = False
         lost = 0
         """Failures after the request may have reached a replica: it is sent to one more replica, no more (a request
         that makes engines fail must not take every replica down in turn)."""
@@ -176,8 +176,14 @@ class Forwarder:
                 upstream = await self._post(replica, call.path, body, call.request_id)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
-                log.warning("replica %s unreachable: %s", replica.url, exc)
                 self._metrics.upstream_errors.labels(replica.url).inc()
+                if not resent and isinstance(exc, aiohttp.ServerDisconnectedError) and await self._pool.check(replica):
+                    # Closed by the replica (or a proxy before it) as it was sent, e.g. a pooled connection closed
+                    # for idling, while the replica is up: not a failure of the replica; sent again, once.
+                    log.info("replica %s closed the connection of request %s; sent again", replica.url, call.request_id)
+                    resent = True
+                    continue
+                log.warning("replica %s unreachable: %s", replica.url, exc)
                 replica.mark_down()
                 tried.add(replica)
                 lost += _may_have_run(exc)

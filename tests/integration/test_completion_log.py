@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletion
 
 from adapters.validate import BaseModelSpec
 from gateway import keys
@@ -250,11 +251,25 @@ def test_rated_completions_export_in_trl_formats(
 ) -> None:
     team = teams["log-b"]
     client = team.client()
-    # Whole answers (finish_reason "stop", at the first space): one cut by max_tokens is not exported as an answer.
-    good, bad, cut = (
-        client.chat.completions.create(model=MODEL, messages=ASK, user="kim", max_tokens=tokens, stop=stop)  # type: ignore[arg-type]
-        for tokens, stop in ((16, [" "]), (16, [" "]), (1, None))
-    )
+
+    # Whole answers (finish_reason "stop"), greedy so that no run samples 16 tokens without a stop: the first word,
+    # and (to be a different answer) what comes before that word's last character. One cut by max_tokens is not
+    # exported as an answer.
+    def ask(max_tokens: int, stop: list[str] | None) -> ChatCompletion:
+        return client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            user="kim",
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=0,
+        )
+
+    good = ask(16, [" ", "\n"])
+    word = good.choices[0].message.content or ""
+    assert word, "a first word"
+    bad, cut = ask(16, [word[-1]]), ask(1, None)
+    assert bad.choices[0].finish_reason == "stop" and bad.choices[0].message.content != word
     assert (good.choices[0].finish_reason, cut.choices[0].finish_reason) == ("stop", "length")
     with team.http() as http:
         assert http.post("/v1/feedback", json={"completion_id": good.id, "thumbs": "up"}).status_code == 200

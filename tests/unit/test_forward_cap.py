@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.context import RequestContext
-from gateway.errors import UpstreamError
+from gateway.errors import EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest
 from gateway.routes.openai import cap_max_tokens
@@ -55,11 +55,20 @@ class Engine:
         return web.json_response(answer | {"usage": {"prompt_tokens": PROMPT, "completion_tokens": 1}})
 
 
-async def serve_engine(chat: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, str]:
-    """A stand-in engine answering chat requests with `chat` (healthy, serving `base`); its runner and URL."""
+async def stays() -> dict[str, Any]:
+    """An ASGI receive whose client never leaves."""
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+async def serve_engine(
+    chat: Callable[[web.Request], Awaitable[web.Response]], healthy: Callable[[], bool] = lambda: True
+) -> tuple[web.AppRunner, str]:
+    """A stand-in engine answering chat requests with `chat` (serving `base`, healthy while `healthy()`); its
+    runner and URL."""
 
     async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.Response(text="ok") if healthy() else web.Response(status=503)
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "base"}]})
@@ -90,11 +99,7 @@ async def ask(engine_url: str, redis_server: RedisServer, tmp_path: Path, payloa
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
         context.route = Route(requested="base", upstream_model="base", served_model="base")
 
-        async def receive() -> dict[str, Any]:  # the client stays
-            await asyncio.Event().wait()
-            return {"type": "http.disconnect"}
-
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, receive, context)
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
         call.capped_by_default = asked is None
         response = await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
         assert json.loads(context.sent or b"{}") == call.payload, "the record holds what was sent last"
@@ -125,9 +130,9 @@ async def test_a_limit_the_client_named_is_never_dropped(
 async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on_all(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """Each replica drops the connection once it has the request (as an engine the request crashes): it goes to
-    a second replica (a replica killed under load moves its requests), then the client gets a 502, and the third
-    replica is never sent it."""
+    """Each replica drops the connection once it has the request and fails its health check (as an engine the
+    request crashes): it goes to a second replica (a replica killed under load moves its requests), then the
+    client gets a 502, and the third replica is never sent it."""
     got: list[int] = []
     runners, urls = [], []
     for n in range(3):
@@ -139,7 +144,7 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
             await asyncio.sleep(1)
             return web.Response()
 
-        runner, url = await serve_engine(crash)
+        runner, url = await serve_engine(crash, healthy=lambda n=n: n not in got)  # type: ignore[misc]
         runners.append(runner)
         urls.append(url)
     placement, pool, session = await gateway_process(urls, redis_server.url, tmp_path)
@@ -148,11 +153,7 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
         context.route = Route(requested="base", upstream_model="base", served_model="base")
 
-        async def receive() -> dict[str, Any]:
-            await asyncio.Event().wait()
-            return {"type": "http.disconnect"}
-
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, receive, context)
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
         with pytest.raises(UpstreamError):
             await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
         assert len(got) == 2 and len(set(got)) == 2, got
@@ -160,6 +161,41 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
         await session.close()
         for runner in runners:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("closes", [1, 2], ids=["once: answered", "every time: given up"])
+async def test_a_connection_closed_by_a_healthy_replica_is_sent_again_once(
+    closes: int, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A replica (or a proxy before it) closes the connection as the request is sent, as with a pooled connection
+    closed for idling, and is healthy: the request is sent again, once, and the replica is not taken out."""
+    got: list[bytes] = []
+
+    async def closing(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        if len(got) <= closes:
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(1)
+        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "model": "base", "choices": []})
+
+    runner, url = await serve_engine(closing)
+    placement, pool, session = await gateway_process([url], redis_server.url, tmp_path)
+    try:
+        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+        context.route = Route(requested="base", upstream_model="base", served_model="base")
+        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
+        forwarding = Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+        if closes == 1:
+            assert (await forwarding).status_code == 200 and pool.replicas[0].healthy
+        else:
+            with pytest.raises(EngineUnavailable):
+                await forwarding
+        assert len(got) == closes + (closes == 1) and len(set(got)) == 1, "the same request, sent at most twice"
+    finally:
+        await session.close()
+        await runner.cleanup()
 
 
 async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
