@@ -1,8 +1,10 @@
 """One tenant's adapters: immutable versions under `ROOT/TENANT/NAME/vN/`, each with its PEFT files
 and a manifest. (The registry holds one store per tenant.)
 
-A folder on disk (shared by the gateway, vLLM and training); writes are atomic (stage, then rename)
-and serialised by a lock file, so several processes can use one store. Which version a bare name
+A folder on disk (shared by the gateway, vLLM and training); writes are atomic (stage, then rename),
+durable before they are acknowledged (each file and each folder they change is fsynced: a version that was
+answered 201 survives a crash of the machine whole, never torn), and serialised by a lock file, so several
+processes can use one store. Which version a bare name
 means (a pin) is a mutable pointer, kept in Redis by the gateway, not here.
 """
 
@@ -196,6 +198,7 @@ class AdapterStore:
             staging.mkdir()
             for filename in ADAPTER_FILES:
                 shutil.copyfile(folder / filename, staging / filename)
+                _fsync(staging / filename)
             with self._locked():
                 version = self._next_version(name)
                 manifest = Manifest(
@@ -214,13 +217,16 @@ class AdapterStore:
                     listed=listed,
                     provenance=provenance,
                 )
-                (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+                _write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
                 for entry in staging.iterdir():
                     entry.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                _fsync(staging)
                 target = self.version_dir(name, version)
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.parent.is_dir():
+                    target.parent.mkdir(parents=True)
+                    _fsync(target.parent.parent)
                 staging.rename(target)
-                (target.parent / COUNTER_FILE).write_text(str(version))
+                _replace_durably(target.parent / COUNTER_FILE, str(version))  # fsyncs the name's folder: the rename too
         return manifest
 
     def _ensure_root(self) -> Path:
@@ -269,11 +275,7 @@ class AdapterStore:
                 raise InvalidAdapter(f"{manifest.ref} is already published.", param="version")
             merged = {**(manifest.provenance or {}), **provenance} if provenance else manifest.provenance
             published = manifest.model_copy(update={"listed": True, "provenance": merged})
-            folder = self.version_dir(name, version)
-            scratch = folder / f".{MANIFEST_FILE}.{os.getpid()}"
-            scratch.write_text(published.model_dump_json(indent=2))
-            scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(scratch, folder / MANIFEST_FILE)
+            _replace_durably(self.version_dir(name, version) / MANIFEST_FILE, published.model_dump_json(indent=2))
             _touch(self._name_dir(name))
         return published
 
@@ -305,6 +307,30 @@ class AdapterStore:
         except FileNotFoundError:
             return  # deleted meanwhile (by a process not holding the lock: an operator)
         shutil.rmtree(trash)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a file created, renamed or removed in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    path.write_text(text)
+    _fsync(path)
+
+
+def _replace_durably(path: Path, text: str) -> None:
+    """Replace a (read-only) file's content atomically and durably: written aside, fsynced, renamed over it, and the
+    rename fsynced. A crash leaves the old content or the new, never a torn or empty file."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    _write_durably(scratch, text)
+    scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    os.replace(scratch, path)
+    _fsync(path.parent)
 
 
 def _touch(folder: Path) -> None:

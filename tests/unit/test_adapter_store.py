@@ -59,6 +59,39 @@ def test_versions_are_never_reused_after_delete(store: AdapterStore, good: Path,
         store.manifest("a", 2)
 
 
+def test_a_stored_version_is_on_disk_before_it_is_acknowledged(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file of a version, its folder, the folder it is renamed into and the version counter are fsynced before
+    `add` returns (a 201 survives the machine's crash); the counter and a published manifest are replaced, not
+    rewritten in place (a crash mid-write would leave them torn: a torn counter reuses a deleted version's number)."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    store.add(good, "a", base, MAX_RANK, listed=False)
+    folder = store.root.resolve() / "a"
+    staged = [Path(path) for path in synced if "/staging" in path]
+    assert {p.name for p in staged} == {"adapter_config.json", "adapter_model.safetensors", "manifest.json", "staging"}
+    assert synced.index(str(folder)) > synced.index(str(staged[-1])), "the rename into the name's folder, after"
+    assert str(store.root.resolve()) in synced, "the name's new folder"
+    counter = folder / ".last_version"
+    inode = counter.stat().st_ino
+    synced.clear()
+    store.add(good, "a", base, MAX_RANK)
+    assert counter.read_text() == "2" and counter.stat().st_ino != inode, "replaced, not written over"
+    manifest = folder / "v1" / "manifest.json"
+    inode = manifest.stat().st_ino
+    synced.clear()
+    store.publish("a", 1, {"eval": {}})
+    assert manifest.stat().st_ino != inode and synced[-1] == str(folder / "v1"), "the published manifest, replaced"
+    assert sorted(p.name for p in folder.iterdir()) == [".last_version", "v1", "v2"], "no scratch file left"
+
+
 def test_pinned_version_or_latest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     """Which version a bare name means is the caller's pin (kept in Redis by the gateway), else the latest."""
     for _ in range(3):
