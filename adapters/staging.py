@@ -1,8 +1,11 @@
-"""Writing a folder so that it appears whole or not at all: build beside it, then one rename."""
+"""Writing files and folders so that they appear whole or not at all (build beside, then one rename), and, where
+said, stay after a crash of the machine (fsynced, with the folder that names them)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,3 +26,27 @@ def staged_folder(target: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a file created, renamed or removed in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    path.write_text(text)
+    fsync_path(path)
+
+
+def replace_durably(path: Path, text: str) -> None:
+    """Replace a (read-only) file's content atomically and durably: written aside, fsynced, renamed over it, and the
+    rename fsynced. A crash leaves the old content or the new, never a torn or empty file."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    write_durably(scratch, text)
+    scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    os.replace(scratch, path)
+    fsync_path(path.parent)

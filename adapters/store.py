@@ -37,6 +37,7 @@ from adapters.manifest import (
     Source,
     check_name,
 )
+from adapters.staging import fsync_path, replace_durably, write_durably
 from adapters.validate import BaseModelSpec, check_adapter
 
 log = logging.getLogger("loragate")
@@ -198,7 +199,7 @@ class AdapterStore:
             staging.mkdir()
             for filename in ADAPTER_FILES:
                 shutil.copyfile(folder / filename, staging / filename)
-                _fsync(staging / filename)
+                fsync_path(staging / filename)
             with self._locked():
                 version = self._next_version(name)
                 manifest = Manifest(
@@ -217,16 +218,16 @@ class AdapterStore:
                     listed=listed,
                     provenance=provenance,
                 )
-                _write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
+                write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
                 for entry in staging.iterdir():
                     entry.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-                _fsync(staging)
+                fsync_path(staging)
                 target = self.version_dir(name, version)
                 if not target.parent.is_dir():
                     target.parent.mkdir(parents=True)
-                    _fsync(target.parent.parent)
+                    fsync_path(target.parent.parent)
                 staging.rename(target)
-                _replace_durably(target.parent / COUNTER_FILE, str(version))  # fsyncs the name's folder: the rename too
+                replace_durably(target.parent / COUNTER_FILE, str(version))  # fsyncs the name's folder: the rename too
         return manifest
 
     def _ensure_root(self) -> Path:
@@ -275,7 +276,7 @@ class AdapterStore:
                 raise InvalidAdapter(f"{manifest.ref} is already published.", param="version")
             merged = {**(manifest.provenance or {}), **provenance} if provenance else manifest.provenance
             published = manifest.model_copy(update={"listed": True, "provenance": merged})
-            _replace_durably(self.version_dir(name, version) / MANIFEST_FILE, published.model_dump_json(indent=2))
+            replace_durably(self.version_dir(name, version) / MANIFEST_FILE, published.model_dump_json(indent=2))
             _touch(self._name_dir(name))
         return published
 
@@ -307,30 +308,6 @@ class AdapterStore:
         except FileNotFoundError:
             return  # deleted meanwhile (by a process not holding the lock: an operator)
         shutil.rmtree(trash)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (a file created, renamed or removed in it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    path.write_text(text)
-    _fsync(path)
-
-
-def _replace_durably(path: Path, text: str) -> None:
-    """Replace a (read-only) file's content atomically and durably: written aside, fsynced, renamed over it, and the
-    rename fsynced. A crash leaves the old content or the new, never a torn or empty file."""
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    _write_durably(scratch, text)
-    scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    os.replace(scratch, path)
-    _fsync(path.parent)
 
 
 def _touch(folder: Path) -> None:

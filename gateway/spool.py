@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from adapters.staging import fsync_path
+
 log = logging.getLogger("loragate.spool")
 
 SEGMENT_ITEMS = 1000
@@ -89,7 +91,7 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(fresh, self._root / name)
             if self._fsync:
-                _fsync_folder(self._root)
+                fsync_path(self._root)
         except OSError:
             os.close(fd)
             raise
@@ -186,7 +188,7 @@ class Spool:
         os.close(os.open(segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         if self._fsync:
             try:
-                _fsync_folder(folder)
+                fsync_path(folder)
             except OSError:
                 segment.unlink(missing_ok=True)
                 raise
@@ -269,7 +271,7 @@ def _make_folders(root: Path, *, durable: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if durable:
         for folder in reversed(missing):  # from the top
-            _fsync_folder(folder.parent)
+            fsync_path(folder.parent)
 
 
 def _lock_orphan(folder: Path) -> int | None:
@@ -291,14 +293,6 @@ def _lock_orphan(folder: Path) -> int | None:
         os.close(fd)
         return None  # its owner is alive
     return fd
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _count(segment: Path) -> int:

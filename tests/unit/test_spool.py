@@ -77,7 +77,7 @@ def test_a_new_spool_folder_and_its_parents_are_on_disk_before_it_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[Path] = []
-    monkeypatch.setattr(spool_module, "_fsync_folder", synced.append)
+    monkeypatch.setattr(spool_module, "fsync_path", synced.append)
     spool = Spool(tmp_path / "data" / "feedback", fsync=True)
     spool.open()
     assert synced == [tmp_path, tmp_path / "data", tmp_path / "data" / "feedback"]
@@ -97,7 +97,7 @@ async def test_a_folder_fsync_that_fails_leaves_no_segment_and_the_next_append_s
         if len(synced) == 1:
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(spool_module, "_fsync_folder", fails_once)
+    monkeypatch.setattr(spool_module, "fsync_path", fails_once)
     with pytest.raises(OSError):  # not acknowledged
         await spool.append([{"n": "A"}])
     await spool.append([{"n": "B"}])
