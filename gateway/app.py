@@ -8,7 +8,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -82,6 +82,11 @@ class Services:
     session: aiohttp.ClientSession
     """The engines' HTTP client (closed at shutdown)."""
     _base_spec: BaseModelSpec | None = None
+    uploads: asyncio.Semaphore = field(init=False)
+    """Turns for adapter uploads (`upload_concurrency`), taken for the whole upload."""
+
+    def __post_init__(self) -> None:
+        self.uploads = asyncio.Semaphore(self.settings.upload_concurrency)
 
     def _find_base_spec(self) -> BaseModelSpec:
         folder = self.model_dir or prepared_dir(self.settings.models_root)

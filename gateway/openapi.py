@@ -42,9 +42,11 @@ ERRORS: dict[int, str] = {
     403: "The key may not do this: the admin key on /v1, a tenant's key on admin routes or on another tenant.",
     404: "Not found: the tenant, model, adapter, alias, key, experiment or completion named.",
     409: "A conflict: the name is taken, the thing changed meanwhile or is in use, or a limit is reached.",
+    408: "The body took longer to arrive than this gateway waits for it.",
     413: "The body is larger than this gateway accepts.",
     422: "The engine could not process this well-formed request.",
-    429: "Over the tenant's or the key's requests or tokens per minute; Retry-After says when to retry.",
+    429: "Over the tenant's or the key's requests or tokens per minute, or (uploads) the gateway's adapter uploads at "
+    "once; Retry-After says when to retry.",
     502: "The engine failed while processing the request.",
     503: "An engine replica, the adapter or the state store (Redis) is unavailable right now; retry shortly.",
     504: "The engine was silent for too long.",

@@ -17,6 +17,8 @@ from pydantic_settings import (
 )
 
 DEFAULT_HOME = Path(os.path.expanduser("~/.cache/loragate"))
+UPLOAD_WAIT_S = 10.0
+"""How long an adapter upload waits for one of its gateway process's turns (`upload_concurrency`) before a 429."""
 
 
 def _split_list(value: Any) -> Any:
@@ -110,6 +112,15 @@ class Settings(BaseSettings):
     )
     max_adapter_upload_bytes: int = Field(
         1 << 30, description="Largest adapter archive POST /admin/tenants/T/adapters accepts."
+    )
+    upload_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Adapter uploads one gateway process receives and stores at once (unpacking, validating and "
+        f"hashing take worker threads serving needs too); one more waits {UPLOAD_WAIT_S:g} s for a turn, then 429.",
+    )
+    upload_timeout_s: float = Field(
+        600.0, gt=0, description="Longest an adapter upload's body may take to arrive (408 after): none holds a turn."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_tokens_cap: int = Field(

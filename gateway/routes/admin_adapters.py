@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,11 +32,12 @@ from adapters.store import AdapterNotFound, AdapterStore
 from gateway import admin_protocol as answers
 from gateway import version_guard
 from gateway.auth import Admin, Manager
-from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, RequestTimeout
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
 from gateway.routes import domain_errors, services
 from gateway.routes.strict_json import StrictJSONRoute
+from gateway.settings import UPLOAD_WAIT_S, Settings
 from gateway.tenants import Tenant, check_tenant_name
 
 log = logging.getLogger("loragate")
@@ -113,8 +115,35 @@ async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> M
         return await asyncio.to_thread(svc.registry.store(tenant).resolve, parsed, pinned)
 
 
-async def _receive_archive(request: Request, into: Path, limit: int) -> int:
-    """Stream the body to `into`, writing in worker threads a buffer of about 1 MiB at a time."""
+@asynccontextmanager
+async def _upload_turn(request: Request) -> AsyncIterator[None]:
+    """One of this process's turns for an upload (`upload_concurrency`): waited for `UPLOAD_WAIT_S` at most, else
+    429. Held for the whole upload (its scratch copy on disk, the worker threads that unpack, check and hash it)."""
+    uploads = services(request).uploads
+    try:
+        await asyncio.wait_for(uploads.acquire(), UPLOAD_WAIT_S)
+    except TimeoutError:
+        busy = RateLimited("This gateway is storing other adapter uploads; try again shortly.", kind="requests")
+        busy.code = "too_many_uploads"
+        busy.headers = {"retry-after": str(math.ceil(UPLOAD_WAIT_S))}
+        raise busy from None
+    try:
+        yield
+    finally:
+        uploads.release()
+
+
+async def _receive_archive(request: Request, into: Path, settings: Settings) -> int:
+    """Stream the body to `into` within `upload_timeout_s` (else 408), writing in worker threads a buffer of about
+    1 MiB at a time."""
+    try:
+        async with asyncio.timeout(settings.upload_timeout_s):
+            return await _write_body(request, into, settings.max_adapter_upload_bytes)
+    except TimeoutError:
+        raise RequestTimeout(f"The adapter archive did not arrive within {settings.upload_timeout_s:g} s.") from None
+
+
+async def _write_body(request: Request, into: Path, limit: int) -> int:
     size = 0
     buffer = bytearray()
     with await asyncio.to_thread(into.open, "wb") as out:
@@ -134,7 +163,7 @@ async def _receive_archive(request: Request, into: Path, limit: int) -> int:
     "/adapters",
     status_code=201,
     response_model=None,
-    responses=answer(Manifest, "The new version's manifest.", 201) | errors(404, 409, 413),
+    responses=answer(Manifest, "The new version's manifest.", 201) | errors(404, 408, 409, 413, 429),
     openapi_extra=binary_body("application/gzip", "A .tar.gz of a PEFT LoRA folder (adapter_config.json, weights)."),
 )
 async def add_adapter(
@@ -147,17 +176,18 @@ async def add_adapter(
     if name in (await svc.pointers.of(tenant)).aliases:
         raise Conflict(f"`{name}` is already an alias of this tenant.", param="name", code="name_taken")
     base = await svc.base_spec()
-    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
-    try:
-        archive = scratch / "adapter.tar.gz"
-        if await _receive_archive(request, archive, svc.settings.max_adapter_upload_bytes) == 0:
-            raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
-        with domain_errors("name"):
-            stored = await asyncio.to_thread(
-                svc.registry.store(tenant).add, archive, name, base, svc.settings.max_lora_rank, "upload", listed=False
-            )
-    finally:
-        await asyncio.to_thread(shutil.rmtree, scratch, True)
+    async with _upload_turn(request):
+        scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
+        try:
+            archive, settings = scratch / "adapter.tar.gz", svc.settings
+            if await _receive_archive(request, archive, settings) == 0:
+                raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
+            with domain_errors("name"):
+                stored = await asyncio.to_thread(
+                    svc.registry.store(tenant).add, archive, name, base, settings.max_lora_rank, "upload", listed=False
+                )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
     manifest = await _still_owned(request, owner, stored)
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 

@@ -9,9 +9,9 @@ BASE = "base-model"
 """The base model's served name in those tests."""
 
 
-def refused(response: Any, status: int, code: str) -> str:
-    """The message of an OpenAI-style refusal with this status and code."""
+def refused(response: Any, status: int, code: str, kind: str = "invalid_request_error") -> str:
+    """The message of an OpenAI-style refusal with this status, code and type."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["code"] == code and error["type"] == "invalid_request_error", error
+    assert error["code"] == code and error["type"] == kind, error
     return str(error["message"])

@@ -1,11 +1,18 @@
 """Adapter requests the filesystem cannot serve (a version number too long for a folder name, an archive whose
-members clash on disk) are refused as OpenAI-style 4xx errors naming no server path, never answered 500."""
+members clash on disk) are refused as OpenAI-style 4xx errors naming no server path, never answered 500; uploads
+take turns, and one whose body does not arrive is given up."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import tarfile
+import time
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -13,9 +20,12 @@ from starlette.testclient import TestClient
 from adapters.archive import safe_extract
 from adapters.manifest import InvalidAdapter
 from adapters.store import AdapterNotFound, AdapterStore
-from adapters.synthetic import make_adapter
+from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
-from tests.unit.admin_api import refused
+from gateway.routes import admin_adapters
+from tests.unit.admin_api import ADMIN, refused
+
+GZIP = "application/gzip"
 
 HUGE_VERSION = 10**300
 """Its folder name, `v1000…0`, is longer than any filesystem allows (ENAMETOOLONG, not ENOENT)."""
@@ -82,3 +92,52 @@ def test_an_upload_whose_members_clash_on_disk_is_a_400(api: TestClient, tmp_pat
     message = refused(response, 400, "invalid_adapter")
     assert "cannot be unpacked" in message and "/" not in message, message
     assert api.get("/admin/tenants/acme/adapters/clash").status_code == 404, "nothing was stored"
+
+
+def test_uploads_take_turns_and_one_whose_body_does_not_arrive_lets_its_turn_go(
+    api: TestClient, tmp_path: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one turn per process: an upload whose body stalls holds it until `upload_timeout_s` (408); one sent
+    meanwhile waits `UPLOAD_WAIT_S` and is refused with a 429 and Retry-After; the next one after the 408 is stored."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    svc._base_spec, svc.settings.upload_timeout_s, svc.uploads = base, 1.0, asyncio.Semaphore(1)
+    monkeypatch.setattr(admin_adapters, "UPLOAD_WAIT_S", 0.2)
+    body = tarball(make_adapter(tmp_path / "a", base, seed=5))
+
+    async def stalled_upload() -> list[dict[str, Any]]:
+        """An upload sent straight to the app, whose body stops after its first bytes."""
+        sent: list[dict[str, Any]] = []
+        parts = iter([{"type": "http.request", "body": body[:100], "more_body": True}])
+
+        async def receive() -> dict[str, Any]:
+            for part in parts:
+                return part
+            await asyncio.Event().wait()
+            raise AssertionError
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        headers = [(b"host", b"testserver"), (b"content-type", b"application/gzip")]
+        headers.append((b"authorization", ADMIN["Authorization"].encode()))
+        path = "/admin/tenants/acme/adapters"
+        scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
+                 "path": path, "raw_path": path.encode(), "query_string": b"name=stalled", "headers": headers,
+                 "client": ("127.0.0.1", 1), "state": {}}  # fmt: skip
+        await api.app(scope, receive, send)  # type: ignore[arg-type]
+        return sent
+
+    def upload(name: str) -> Any:
+        return api.post(f"/admin/tenants/acme/adapters?name={name}", content=body, headers={"Content-Type": GZIP})
+
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(api.portal.call, stalled_upload)  # type: ignore[union-attr]
+        time.sleep(0.3)
+        busy = upload("busy")
+        assert "other adapter uploads" in refused(busy, 429, "too_many_uploads", kind="requests")
+        assert busy.headers["retry-after"] == "1"
+        answer = stalled.result(timeout=10)
+    assert answer[0]["status"] == 408 and json.loads(answer[1]["body"])["error"]["code"] == "request_timeout"
+    assert upload("after").status_code == 201, "the stalled upload let its turn go"
+    names = {m["name"] for m in api.get("/admin/tenants/acme/adapters").json()["data"]}
+    assert names == {"bot", "after"}, "neither refused upload stored anything"
