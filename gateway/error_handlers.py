@@ -58,12 +58,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """Starlette calls this from its outermost middleware, outside gateway.request_id's: the id that
-    middleware gave the request (it shares the scope) is added here, so the 500 names it as well."""
-    request_id = request.scope.get("state", {}).get("request_id")
+    middleware gave the request (it shares the scope) is added here, so the 500 names it as well, with the
+    rate-limit headers of a request that was admitted (its quota counted it)."""
+    state = request.scope.get("state", {})
+    request_id = state.get("request_id")
     log.exception("unexpected error (request %s)", request_id, exc_info=exc)
     error = APIError("The server had an error while processing your request.")
+    error.headers = dict(state.get("response_headers") or {})
     if request_id:
-        error.headers = {"x-request-id": request_id}
+        error.headers["x-request-id"] = request_id
     return _respond(error)
 
 

@@ -22,7 +22,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.records import FeedbackIn
 from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event
-from tests.unit.admin_api import ADMIN
+from tests.unit.admin_api import ADMIN, BASE
 
 
 def test_envelope_shape_and_status() -> None:
@@ -175,3 +175,23 @@ def test_an_unexpected_500_names_its_request(api: Any, monkeypatch: pytest.Monke
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error" and "10.0.0.7" not in response.text
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_an_unexpected_500_of_an_admitted_request_keeps_its_rate_limit_headers(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request was counted against its tenant's limits before it failed: the client still learns where those
+    stand, as on any other answer."""
+    assert api.patch("/admin/tenants/acme", json={"limits": {"rpm": 60}}).status_code == 200
+    key = api.post("/admin/tenants/acme/keys", json={}).json()["key"]
+
+    async def broken(_: Any) -> None:
+        raise RuntimeError("internal detail at 10.0.0.7")
+
+    monkeypatch.setattr(api.app.state.services.forwarder, "forward", broken)
+    monkeypatch.setattr(api._transport, "raise_server_exceptions", False)  # the lifespan's loop holds Redis's pool
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}
+    response = api.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 500 and "10.0.0.7" not in response.text
+    assert response.headers["x-ratelimit-limit-requests"] == "60"
+    assert response.headers["x-ratelimit-remaining-requests"] == "59" and len(response.headers["x-request-id"]) == 32
