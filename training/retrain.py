@@ -17,7 +17,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -227,11 +227,26 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
     else:
         before, listed = publish.Serving(**state.serving), candidate.ref if candidate.listed else None
         alias_now = await publish.still_serving(pointers, experiments, state.tenant, before, listed)
-        published = await _listed(run, stack, pointers, candidate, progress)
+        published = await _when_free(lambda: _listed(run, stack, pointers, candidate, progress), progress)
         if config.canary:
-            await _start_canary(run, stack, (pointers, experiments), published, by, progress, alias_now)
+            stores = (pointers, experiments)
+            await _when_free(lambda: _start_canary(run, stack, stores, published, by, progress, alias_now), progress)
     _done(run, "publish", started)
     return state.published
+
+
+async def _when_free(step: Callable[[], Awaitable[T]], progress: Progress) -> T:
+    """A step that takes an adapter's lock (gateway.version_guard), tried again while another change holds it:
+    held past WAIT_S, it is held by a process that died (a lock frees itself after HOLD_S). A run's training is
+    not given up for that."""
+    deadline = time.monotonic() + version_guard.HOLD_S + version_guard.WAIT_S
+    while True:
+        try:
+            return await step()
+        except version_guard.AdapterBusy as exc:
+            if time.monotonic() >= deadline:
+                raise
+            progress(f"{exc} Waiting for it.")
 
 
 def _can_publish(run: Run) -> None:

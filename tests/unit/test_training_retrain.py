@@ -162,6 +162,21 @@ async def test_the_run_pins_under_the_adapters_lock(
     assert (await publish.hold_bare_name(PointerStore(world.redis), world.store, TENANT, "helper")).version == 1
 
 
+async def test_a_publish_step_waits_out_a_lock_held_past_wait_s(
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    """The adapter's lock held past WAIT_S (by a process that died holding it, until it frees itself): the step
+    says so and tries again, rather than throwing its run's training away; its candidate is published."""
+    monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
+    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=1)
+    assert held.acquire(blocking=False)  # expires after 1 s, as HOLD_S does
+    said: list[str] = []
+    run = await world.run(canary_weight=50)
+    assert await publish_candidate(run, world.stack, said.append, "test") == "helper@2"
+    assert any("Another change to `helper` is in progress" in line for line in said), said
+    assert run.state.canary == f"retrain-{run.state.run_id}" and run.state.pinned == "helper@1"
+
+
 @pytest.mark.parametrize("moved", [False, True], ids=["still-the-runs", "moved-by-an-operator"])
 async def test_a_run_failing_before_its_candidate_is_listed_releases_its_pin(
     world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, moved: bool
