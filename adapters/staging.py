@@ -43,10 +43,19 @@ def write_durably(path: Path, text: str) -> None:
 
 
 def replace_durably(path: Path, text: str) -> None:
-    """Replace a (read-only) file's content atomically and durably: written aside, fsynced, renamed over it, and the
-    rename fsynced. A crash leaves the old content or the new, never a torn or empty file."""
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    write_durably(scratch, text)
-    scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    os.replace(scratch, path)
+    """Replace a (read-only) file's content atomically and durably: written aside (under a fresh name, removed if
+    this fails), fsynced, renamed over it, and the rename fsynced. A crash leaves the old content or the new, never
+    a torn or empty file."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    scratch = Path(name)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        scratch.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ def client_error_body(status: int, raw: bytes) -> bytes:
 
 
 _DECODER = json.JSONDecoder()
+RESEND_WITHIN_S = 1.0
+"""A post that fails this soon after it was sent, on a connection closed under it, is sent again (`_closed_as_sent`)."""
 """Stateless: one for every answer (building one costs more than decoding a usage object)."""
 
 
@@ -172,17 +175,16 @@ class Forwarder:
         while True:
             replica = await self._placement.acquire(route, exclude=frozenset(tried))
             self._track(replica, +1)
+            sent_at = time.monotonic()
             try:
                 upstream = await self._post(replica, call.path, body, call.request_id)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
-                self._metrics.upstream_errors.labels(replica.url).inc()
-                if not resent and isinstance(exc, aiohttp.ServerDisconnectedError) and await self._pool.check(replica):
-                    # Closed by the replica (or a proxy before it) as it was sent, e.g. a pooled connection closed
-                    # for idling, while the replica is up: not a failure of the replica; sent again, once.
+                if not resent and await self._closed_as_sent(replica, exc, sent_at):
                     log.info("replica %s closed the connection of request %s; sent again", replica.url, call.request_id)
                     resent = True
                     continue
+                self._metrics.upstream_errors.labels(replica.url).inc()
                 log.warning("replica %s unreachable: %s", replica.url, exc)
                 replica.mark_down()
                 tried.add(replica)
@@ -212,6 +214,16 @@ class Forwarder:
                 reloaded = True
                 continue
             return replica, upstream
+
+    async def _closed_as_sent(self, replica: Replica, exc: BaseException, sent_at: float) -> bool:
+        """Whether a failed post met a connection closed as it was sent (a pooled one the replica, or a proxy before
+        it, closed for idling: "Server disconnected", or a reset) by a replica that is up: not a failure of the
+        replica, and the request is sent again, once. One that fails later may have run (a generation cut by a
+        proxy's time limit): it is not run again on the same replica."""
+        stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+        if not stale or isinstance(exc, aiohttp.ClientConnectorError) or time.monotonic() - sent_at > RESEND_WITHIN_S:
+            return False
+        return await self._pool.check(replica)
 
     async def forward(self, call: Call) -> Response:
         """Answer the request from a replica. A request whose client disconnects before its answer (a stream's:

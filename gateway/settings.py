@@ -17,8 +17,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_HOME = Path(os.path.expanduser("~/.cache/loragate"))
-UPLOAD_WAIT_S = 10.0
-"""How long an adapter upload waits for one of its gateway process's turns (`upload_concurrency`) before a 429."""
+UPLOAD_WAIT_S = 60.0
+"""How long an adapter upload, its body in, waits for one of its gateway process's turns (`upload_concurrency`)
+before a 429: long, since the body was sent already."""
 
 
 def _split_list(value: Any) -> Any:
@@ -34,6 +35,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, description="Port the gateway listens on.")
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="How long an idle client connection stays open: longer than clients' and load balancers' own "
+        "idle timeouts (httpx, under the OpenAI SDK: 5 s; AWS's ALB: 60 s), so that they close it first and never "
+        "send a request on a connection the gateway is closing (a connection error the SDK retries, or not).",
+    )
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
@@ -116,11 +124,11 @@ class Settings(BaseSettings):
     upload_concurrency: int = Field(
         2,
         ge=1,
-        description="Adapter uploads one gateway process receives and stores at once (unpacking, validating and "
+        description="Adapter uploads one gateway process stores at once, once received (unpacking, validating and "
         f"hashing take worker threads serving needs too); one more waits {UPLOAD_WAIT_S:g} s for a turn, then 429.",
     )
-    upload_timeout_s: float = Field(
-        600.0, gt=0, description="Longest an adapter upload's body may take to arrive (408 after): none holds a turn."
+    upload_idle_timeout_s: float = Field(
+        60.0, gt=0, description="Longest an adapter upload's body may pause (408 after): its scratch copy is removed."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_tokens_cap: int = Field(

@@ -161,6 +161,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
             access_log=False,
             lifespan="on",
             proxy_headers=False,  # no client address or scheme is read: one ASGI layer less per request (~10 µs)
+            timeout_keep_alive=settings.keep_alive_s,
         )
         server = _Server(config)
         console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1")
@@ -210,6 +211,7 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
         access_log=False,
         lifespan="on",
         proxy_headers=False,  # as above
+        timeout_keep_alive=settings.keep_alive_s,
         loop="uvloop" if _loop_factory() is not None else "asyncio",
     )
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])  # takes SIGINT/SIGTERM: both end the run

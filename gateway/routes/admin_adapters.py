@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -117,8 +117,9 @@ async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> M
 
 @asynccontextmanager
 async def _upload_turn(request: Request) -> AsyncIterator[None]:
-    """One of this process's turns for an upload (`upload_concurrency`): waited for `UPLOAD_WAIT_S` at most, else
-    429. Held for the whole upload (its scratch copy on disk, the worker threads that unpack, check and hash it)."""
+    """One of this process's turns to store an upload (`upload_concurrency`): waited for `UPLOAD_WAIT_S` at most,
+    else 429. Taken once the body is in, for the worker threads that unpack, check and hash it: a client sending
+    slowly holds none."""
     uploads = services(request).uploads
     try:
         await asyncio.wait_for(uploads.acquire(), UPLOAD_WAIT_S)
@@ -134,20 +135,23 @@ async def _upload_turn(request: Request) -> AsyncIterator[None]:
 
 
 async def _receive_archive(request: Request, into: Path, settings: Settings) -> int:
-    """Stream the body to `into` within `upload_timeout_s` (else 408), writing in worker threads a buffer of about
-    1 MiB at a time."""
+    """Stream the body to `into`, writing in worker threads a buffer of about 1 MiB at a time; a body that pauses
+    longer than `upload_idle_timeout_s` is given up (408), its scratch copy removed."""
+    idle = settings.upload_idle_timeout_s
     try:
-        async with asyncio.timeout(settings.upload_timeout_s):
-            return await _write_body(request, into, settings.max_adapter_upload_bytes)
+        async with asyncio.timeout(idle) as deadline:
+            return await _write_body(request, into, settings.max_adapter_upload_bytes, lambda: deadline.reschedule(
+                asyncio.get_running_loop().time() + idle))  # fmt: skip
     except TimeoutError:
-        raise RequestTimeout(f"The adapter archive did not arrive within {settings.upload_timeout_s:g} s.") from None
+        raise RequestTimeout(f"The adapter archive stopped arriving for {idle:g} s; it was given up.") from None
 
 
-async def _write_body(request: Request, into: Path, limit: int) -> int:
+async def _write_body(request: Request, into: Path, limit: int, arrived: Callable[[], None]) -> int:
     size = 0
     buffer = bytearray()
     with await asyncio.to_thread(into.open, "wb") as out:
         async for chunk in request.stream():
+            arrived()
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"Adapter archive exceeds the limit of {limit} bytes.")
@@ -176,18 +180,18 @@ async def add_adapter(
     if name in (await svc.pointers.of(tenant)).aliases:
         raise Conflict(f"`{name}` is already an alias of this tenant.", param="name", code="name_taken")
     base = await svc.base_spec()
-    async with _upload_turn(request):
-        scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
-        try:
-            archive, settings = scratch / "adapter.tar.gz", svc.settings
-            if await _receive_archive(request, archive, settings) == 0:
-                raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
-            with domain_errors("name"):
+    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
+    try:
+        archive, settings = scratch / "adapter.tar.gz", svc.settings
+        if await _receive_archive(request, archive, settings) == 0:
+            raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
+        with domain_errors("name"):
+            async with _upload_turn(request):
                 stored = await asyncio.to_thread(
                     svc.registry.store(tenant).add, archive, name, base, settings.max_lora_rank, "upload", listed=False
                 )
-        finally:
-            await asyncio.to_thread(shutil.rmtree, scratch, True)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
     manifest = await _still_owned(request, owner, stored)
     return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -26,6 +29,21 @@ def test_chat_completion_has_id_request_id_and_usage(client: openai.OpenAI) -> N
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content
     assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
+
+
+def test_an_idle_connection_outlives_the_sdks_own_keep_alive(gateway: Gateway, client: openai.OpenAI) -> None:
+    """The SDK (httpx) keeps an idle connection 5 s; the gateway keeps one longer (LORAGATE_KEEP_ALIVE_S), so that
+    a request sent on it as those 5 s end is never met by the gateway closing it (uvicorn's default, 5 s, raced
+    the SDK's: "Server disconnected without sending a response", a failure without retries)."""
+    address = urllib.parse.urlsplit(gateway.url)
+    connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    for pause in (0, 6):
+        time.sleep(pause)
+        connection.request("GET", "/v1/models", headers=headers)
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["object"] == "list"
+    connection.close()
 
 
 def test_text_completion(client: openai.OpenAI) -> None:

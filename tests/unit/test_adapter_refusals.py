@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+import adapters.store
 from adapters.archive import safe_extract
 from adapters.manifest import InvalidAdapter
 from adapters.store import AdapterNotFound, AdapterStore
@@ -94,14 +95,13 @@ def test_an_upload_whose_members_clash_on_disk_is_a_400(api: TestClient, tmp_pat
     assert api.get("/admin/tenants/acme/adapters/clash").status_code == 404, "nothing was stored"
 
 
-def test_uploads_take_turns_and_one_whose_body_does_not_arrive_lets_its_turn_go(
-    api: TestClient, tmp_path: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
+    api: TestClient, tmp_path: Path, base: BaseModelSpec
 ) -> None:
-    """With one turn per process: an upload whose body stalls holds it until `upload_timeout_s` (408); one sent
-    meanwhile waits `UPLOAD_WAIT_S` and is refused with a 429 and Retry-After; the next one after the 408 is stored."""
+    """With one turn per process: an upload whose body stalls is a 408 after `upload_idle_timeout_s` without
+    bytes, and meanwhile another upload is stored (the turn is taken only once a body is in)."""
     svc = api.app.state.services  # type: ignore[attr-defined]
-    svc._base_spec, svc.settings.upload_timeout_s, svc.uploads = base, 1.0, asyncio.Semaphore(1)
-    monkeypatch.setattr(admin_adapters, "UPLOAD_WAIT_S", 0.2)
+    svc._base_spec, svc.settings.upload_idle_timeout_s, svc.uploads = base, 1.5, asyncio.Semaphore(1)
     body = tarball(make_adapter(tmp_path / "a", base, seed=5))
 
     async def stalled_upload() -> list[dict[str, Any]]:
@@ -127,17 +127,44 @@ def test_uploads_take_turns_and_one_whose_body_does_not_arrive_lets_its_turn_go(
         await api.app(scope, receive, send)  # type: ignore[arg-type]
         return sent
 
-    def upload(name: str) -> Any:
-        return api.post(f"/admin/tenants/acme/adapters?name={name}", content=body, headers={"Content-Type": GZIP})
-
     with ThreadPoolExecutor(1) as pool:
         stalled = pool.submit(api.portal.call, stalled_upload)  # type: ignore[union-attr]
         time.sleep(0.3)
-        busy = upload("busy")
-        assert "other adapter uploads" in refused(busy, 429, "too_many_uploads", kind="requests")
-        assert busy.headers["retry-after"] == "1"
+        assert upload(api, "meanwhile", body).status_code == 201, "the stalled upload holds no turn"
+        assert not stalled.done()
         answer = stalled.result(timeout=10)
     assert answer[0]["status"] == 408 and json.loads(answer[1]["body"])["error"]["code"] == "request_timeout"
-    assert upload("after").status_code == 201, "the stalled upload let its turn go"
     names = {m["name"] for m in api.get("/admin/tenants/acme/adapters").json()["data"]}
-    assert names == {"bot", "after"}, "neither refused upload stored anything"
+    assert names == {"bot", "meanwhile"}, "the stalled upload stored nothing"
+
+
+def test_uploads_take_turns_to_be_stored(
+    api: TestClient, tmp_path: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one turn per process: while one upload is being stored, one more waits `UPLOAD_WAIT_S` for the turn,
+    then is refused with a 429 and Retry-After; stored, the first lets the turn go."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    svc._base_spec, svc.uploads = base, asyncio.Semaphore(1)
+    monkeypatch.setattr(admin_adapters, "UPLOAD_WAIT_S", 0.3)
+    real = adapters.store.check_adapter
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # the time of a large adapter's unpacking, checks and hashes
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.store, "check_adapter", slow)
+    body = tarball(make_adapter(tmp_path / "a", base, seed=5))
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(upload, api, "first", body)
+        time.sleep(0.5)
+        busy = upload(api, "busy", body)
+        assert "other adapter uploads" in refused(busy, 429, "too_many_uploads", kind="requests")
+        assert busy.headers["retry-after"] == "1"
+        assert first.result(timeout=10).status_code == 201
+    assert upload(api, "after", body).status_code == 201, "the turn was let go"
+    names = {m["name"] for m in api.get("/admin/tenants/acme/adapters").json()["data"]}
+    assert names == {"bot", "first", "after"}
+
+
+def upload(api: TestClient, name: str, body: bytes) -> Any:
+    return api.post(f"/admin/tenants/acme/adapters?name={name}", content=body, headers={"Content-Type": GZIP})

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from adapters.archive import safe_extract
 from adapters.manifest import AdapterRef, InvalidAdapter
 from adapters.registry import Registry
+from adapters.staging import replace_durably
 from adapters.store import AdapterNotFound, AdapterStore, IntegrityError, largest_adapter
 from adapters.synthetic import make_adapter, tarball
 from adapters.validate import BaseModelSpec
@@ -90,6 +91,17 @@ def test_a_stored_version_is_on_disk_before_it_is_acknowledged(
     store.publish("a", 1, {"eval": {}})
     assert manifest.stat().st_ino != inode and synced[-1] == str(folder / "v1"), "the published manifest, replaced"
     assert sorted(p.name for p in folder.iterdir()) == [".last_version", "v1", "v2"], "no scratch file left"
+
+
+def test_a_durable_replace_that_fails_leaves_the_old_file_and_no_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / ".last_version"
+    replace_durably(target, "1")
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        replace_durably(target, "2")
+    assert target.read_text() == "1" and [p.name for p in tmp_path.iterdir()] == [".last_version"]
 
 
 def test_pinned_version_or_latest(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -163,18 +165,28 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
             await runner.cleanup()
 
 
-@pytest.mark.parametrize("closes", [1, 2], ids=["once: answered", "every time: given up"])
-async def test_a_connection_closed_by_a_healthy_replica_is_sent_again_once(
-    closes: int, redis_server: RedisServer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("closes", "after_s", "reset", "posts"),
+    [(1, 0, False, 2), (1, 0, True, 2), (2, 0, False, 2), (1, 1.2, False, 1)],
+    ids=["once: answered", "reset once: answered", "every time: sent twice", "late, as if cut mid-answer: not again"],
+)
+async def test_a_connection_closed_by_a_healthy_replica_as_it_is_sent_is_sent_again_once(
+    closes: int, after_s: float, reset: bool, posts: int, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """A replica (or a proxy before it) closes the connection as the request is sent, as with a pooled connection
-    closed for idling, and is healthy: the request is sent again, once, and the replica is not taken out."""
+    """A replica (or a proxy before it) closes the connection, or resets it, as the request is sent (a pooled
+    connection closed for idling) and is healthy: the request is sent again, once, and the replica stays in. One
+    closed later (`after_s`: the request may have run, e.g. a proxy's time limit cut its generation) is not."""
     got: list[bytes] = []
 
     async def closing(request: web.Request) -> web.Response:
         got.append(await request.read())
         if len(got) <= closes:
+            await asyncio.sleep(after_s)
             assert request.transport is not None
+            if reset:  # RST, not FIN: the client's read fails with ECONNRESET (ClientOSError)
+                request.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             request.transport.close()
             await asyncio.sleep(1)
         return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "model": "base", "choices": []})
@@ -187,12 +199,12 @@ async def test_a_connection_closed_by_a_healthy_replica_is_sent_again_once(
         context.route = Route(requested="base", upstream_model="base", served_model="base")
         call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
         forwarding = Forwarder(session, pool, placement, Metrics(), 30).forward(call)
-        if closes == 1:
+        if posts > closes:
             assert (await forwarding).status_code == 200 and pool.replicas[0].healthy
         else:
             with pytest.raises(EngineUnavailable):
                 await forwarding
-        assert len(got) == closes + (closes == 1) and len(set(got)) == 1, "the same request, sent at most twice"
+        assert len(got) == posts and len(set(got)) == 1, "the same request, sent at most twice"
     finally:
         await session.close()
         await runner.cleanup()
