@@ -72,11 +72,14 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
     arms = {arm.name: _arm(read[2 * i], read[2 * i + 1]) for i, arm in enumerate(experiment.arms)}
     since = experiment.exposed_before  # the split the weights describe began then
     identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
-    srm_p = sample_ratio_mismatch(identified, [arm.weight for arm in experiment.arms])
+    allocated = experiment.buckets  # each arm's share as assigned: the weights rounded to whole buckets, one at least
+    srm_p = sample_ratio_mismatch(identified, [allocated.count(i) for i in range(len(experiment.arms))])
     control = arms[experiment.control]["_sample"]
     live = {arm.name for arm in experiment.arms if arm.weight > 0} | {experiment.control}  # rolled-back arms aside
     compared = [arm for arm in arms if arm != experiment.control and arm in live]
-    alpha = experiment.alpha / max(len(compared), 1)  # Bonferroni: a false winner among k arms stays within alpha
+    # Bonferroni over every arm the experiment compares or compared (one rolled back since took its looks at this
+    # level): a false winner among them stays within alpha.
+    alpha = experiment.alpha / max(len(experiment.arms) - 1, 1)
     differences = [difference(arm, arms[arm]["_sample"], control, alpha, experiment.mixture_sd) for arm in compared]
     enough = all(found["_sample"].n >= experiment.min_samples for arm, found in arms.items() if arm in live)
     found, winner = verdict(experiment.control, differences, srm_p, enough, experiment.smallest_effect)

@@ -283,12 +283,19 @@ class FeedbackStore:
         self._metrics.feedback_spooled.inc()
         return feedback, False
 
-    async def _write(self, items: list[dict[str, Any]], replay: bool) -> None:
-        parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
-        async with self._redis.pipeline(transaction=False) as pipe:  # which arm answered each completion
+    async def _indexes(self, parsed: list[dict[str, Any]]) -> list[str | None]:
+        """The completions' indexes: which arm answered each (its rating counts for that arm)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
             for feedback in parsed:
                 pipe.get(keys.completion(feedback["completion_id"]))
-            indexes = await pipe.execute()
+            return list(await pipe.execute())
+
+    async def _write(self, items: list[dict[str, Any]], replay: bool) -> None:
+        parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
+        indexes = await self._indexes(parsed)
+        if not replay and indexes[0] is None:  # answered here a moment ago, its record on its way: Redis has it first,
+            await self._recorder.written()  # or the rating would not count for the arm that answered
+            indexes = await self._indexes(parsed)
         async with self._redis.pipeline(transaction=False) as pipe:
             for item, feedback, index in zip(items, parsed, indexes, strict=True):
                 tenant, completion_id, user = item["tenant"], feedback["completion_id"], feedback.get("user") or ""
@@ -326,11 +333,16 @@ class FeedbackStore:
             return False
         return not rated and int(count) >= MAX_RATERS
 
+    async def _deleted_since(self, item: dict[str, Any], feedback: dict[str, Any]) -> bool:
+        """Whether the rating's tenant was deleted since it was given (the script refuses it: it waits for nothing)."""
+        found = await self._redis.get(keys.tenant_deleted(item["tenant"]))
+        return found is not None and parse_tombstone(found)[0] >= (item.get("tenant_created") or feedback["created"])
+
     async def replay(self) -> int:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
-        checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's, and
-        put back to wait when its record is not in Redis yet (it may be in some spool), for VERIFY_FOR_S from the
-        first time Redis was asked."""
+        checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's. Any whose
+        record is not in Redis yet (it may be in some spool) is put back to wait, for VERIFY_FOR_S from the first
+        time Redis was asked: a rating counts for the arm its completion's index names."""
         await self._spool.adopt()
         if not self._spool.pending():
             return 0
@@ -340,14 +352,16 @@ class FeedbackStore:
             a crash or a failed write in between loses nothing and copies nothing."""
             kept, waiting = [], []
             for item in items:
+                feedback = pydantic_core.from_json(item["feedback"])
+                owner = await self._owner(feedback["completion_id"], item["tenant"])
+                if owner is None and not await self._deleted_since(item, feedback):
+                    # Redis answered, and has no record of it yet (not GONE): it may come (from a spool; one vouched
+                    # for waits too, so that it counts for the arm that answered, which its index names)
+                    missing_since = item.setdefault("missing_since", time.time())  # not while Redis was down
+                    if time.time() - missing_since < VERIFY_FOR_S:
+                        waiting.append(item)
+                        continue
                 if item["verify"]:
-                    completion_id = pydantic_core.from_json(item["feedback"])["completion_id"]
-                    owner = await self._owner(completion_id, item["tenant"])
-                    if owner is None:  # Redis answered, and has no record of it yet (not GONE): it may come
-                        missing_since = item.setdefault("missing_since", time.time())  # not while Redis was down
-                        if time.time() - missing_since < VERIFY_FOR_S:
-                            waiting.append(item)
-                            continue
                     self._unverified[item["tenant"]] = max(self._unverified[item["tenant"]] - 1, 0)
                     if owner != item["tenant"]:
                         self._metrics.feedback_dropped.inc()

@@ -21,6 +21,7 @@ from gateway.records import FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant
+from tests.unit.test_recording import spooled_rating
 
 TENANT = Tenant(name="t", logging=LogPolicy(score_min=1, score_max=5))
 
@@ -88,6 +89,48 @@ def _results(experiment: Experiment, requests: int, rated: int, rate: float | No
         "differences": [{"arm": "b", "diff": 0.1, "always_valid": [-0.5, 0.7]}],
         "verdict": "keep running",
     }
+
+
+async def test_a_rating_counts_for_its_arm_however_soon_it_comes_and_after_an_outage(
+    redis: aioredis.Redis, stores: tuple[Recorder, FeedbackStore]
+) -> None:
+    """A rating of a completion this process answered, given while its record is still being written (the index
+    that names its arm not in Redis yet), and one spooled in an outage whose replay comes before its record's:
+    each counts for the arm that answered, once its record is in, rather than for no arm (a later change of it
+    then took away what was never added)."""
+    recorder, feedback = stores
+    await feedback.check_durability()
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    experiment = await ExperimentStore(redis).create(
+        Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test"
+    )
+    fast = served(1, "b", "u1")
+    recorder.recent["chatcmpl-1"] = ("t", TENANT.created)  # built, its write still in flight
+    recorder.record(fast)
+    await feedback.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="r", thumbs="up"))
+    item = spooled_rating(TENANT, "chatcmpl-2")  # vouched for (answered here), spooled while Redis was away
+    await feedback._spool.append([item])
+    await feedback.replay()
+    assert feedback._spool.pending() == 1, "it waits for its completion's record"
+    await recorder._write(build_entries([raw_record(served(2, "b", "u2"))]))
+    await feedback.replay()
+    assert feedback._spool.pending() == 0
+    await feedback.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="u1", thumbs="down"))  # changed
+    b = (await results(redis, experiment))["arms"]["b"]
+    assert (b["rated"], b["negative"], b["positive_rate"]) == (2, 1, 0.5)
+
+
+async def test_the_sample_ratio_is_checked_against_the_buckets_users_are_assigned_by(redis: aioredis.Redis) -> None:
+    """A weight of 1 against 1,000,000 gets one bucket in 10,000 (not none): requests split 9,999 to 1 match what
+    was assigned, though not the weights (against which the check flagged every such experiment for good)."""
+    arms = [Arm(name="a", target="helper@1", weight=1_000_000), Arm(name="b", target="helper@2", weight=1)]
+    experiment = await ExperimentStore(redis).create(
+        Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test"
+    )
+    for arm, requests in (("a", 199_980), ("b", 20)):
+        await redis.hset(keys.arm_counters("t", "e", arm), "requests", requests)
+    found = await results(redis, experiment)
+    assert found["sample_ratio_p"] > 0.5 and found["verdict"] != "sample ratio mismatch"
 
 
 async def test_history_keeps_points_that_moved_and_thins_to_the_whole_span(

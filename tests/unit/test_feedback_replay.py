@@ -41,10 +41,14 @@ async def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: boo
     recorder = Recorder(unreachable, Spool(tmp_path / "records", fsync=False), Metrics())
     feedback = FeedbackStore(unreachable, spool, recorder, Metrics())
 
-    async def not_in_redis_yet(completion_id: str, tenant: str) -> None:
-        return None
+    async def not_in_redis_yet(completion_id: str, tenant: str) -> str | None:
+        return tenant if completion_id == KNOWN else None
+
+    async def not_deleted(item: dict[str, Any], rating: dict[str, Any]) -> bool:
+        return False
 
     monkeypatch.setattr(feedback, "_owner", not_in_redis_yet)
+    monkeypatch.setattr(feedback, "_deleted_since", not_deleted)
     ratings = [spooled_rating(Tenant(name="t"), WAITS) | {"verify": True}, spooled_rating(Tenant(name="t"), KNOWN)]
     for batch in [ratings] if together else [[rating] for rating in ratings]:
         await spool.append(batch)
