@@ -34,7 +34,9 @@ def percentile(counts: dict[int, int], q: float) -> float | None:
     return float(max(counts))
 
 
-def _arm(counters: dict[str, str], users: int) -> dict[str, Any]:
+def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float]) -> dict[str, Any]:
+    """One arm's figures; `_sample`, its ratings since the split last changed (`before`: those until then), which
+    the comparisons read."""
     number = {k: float(v) for k, v in counters.items()}
     requests = int(number.get("requests", 0))
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
@@ -53,7 +55,12 @@ def _arm(counters: dict[str, str], users: int) -> dict[str, Any]:
         "positive_rate": number.get("positive_sum", 0) / rated if rated else None,
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
-        "_sample": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
+        "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
+        "_sample": Sample(
+            max(rated - before[0], 0),
+            number.get("positive_sum", 0.0) - before[1],
+            number.get("positive_squares", 0.0) - before[2],
+        ),
     }
 
 
@@ -69,7 +76,11 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
             pipe.hgetall(keys.arm_counters(tenant, name, arm.name))
             pipe.pfcount(keys.arm_users(tenant, name, arm.name))
         read = await pipe.execute()
-    arms = {arm.name: _arm(read[2 * i], read[2 * i + 1]) for i, arm in enumerate(experiment.arms)}
+    before = experiment.rated_before  # arms are compared on the ratings since the split last changed
+    arms = {
+        arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name, (0, 0.0, 0.0)))
+        for i, arm in enumerate(experiment.arms)
+    }
     since = experiment.exposed_before  # the split the weights describe began then
     identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
     allocated = experiment.buckets  # each arm's share as assigned: the weights rounded to whole buckets, one at least
@@ -84,7 +95,8 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
     enough = all(found["_sample"].n >= experiment.min_samples for arm, found in arms.items() if arm in live)
     found, winner = verdict(experiment.control, differences, srm_p, enough, experiment.smallest_effect)
     for found_arm in arms.values():
-        found_arm["positive_interval"] = _bounds(*mean_interval(found_arm.pop("_sample"), experiment.alpha))
+        found_arm["rated_since_change"] = found_arm.pop("_sample").n
+        found_arm["positive_interval"] = _bounds(*mean_interval(found_arm.pop("_all"), experiment.alpha))
     return {
         "object": "experiment.results",
         "experiment": name,

@@ -14,7 +14,7 @@ import base64
 import functools
 import re
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import (
@@ -148,6 +148,12 @@ class Experiment(BaseModel):
         description="Identified requests per arm when the split last changed (weights, pause, resume): the sample"
         " ratio test counts those since, against the weights now.",
     )
+    rated_before: dict[str, tuple[int, float, float]] = Field(
+        default_factory=dict,
+        description="Each arm's ratings (count, sum, sum of squares) when the split last changed: arms are compared "
+        "on the ratings since, so that a drift over time does not read as a difference between arms that sampled "
+        "different times in different proportions.",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -277,7 +283,7 @@ class ExperimentStore:
             update={
                 "arms": arms,
                 "allocation": base64.b64encode(buckets).decode(),
-                "exposed_before": await self._exposed(experiment),
+                **await self._split_changed(experiment),
             }
         )
         detail = ", ".join(f"{a.name}={a.weight:g}" for a in arms) + (f" ({reason})" if reason else "")
@@ -298,7 +304,7 @@ class ExperimentStore:
         experiment = await self._live(tenant, name, revision)
         alias = alias_target(experiment, status, arm)
         ended = {} if status in LIVE else {"allocation": ""}
-        update = {"status": status, "exposed_before": await self._exposed(experiment), **ended}
+        update = {"status": status, **await self._split_changed(experiment), **ended}
         changed = experiment.model_copy(update=update)
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
             status, "rollback"
@@ -318,16 +324,20 @@ class ExperimentStore:
             )
         return bool(done)
 
-    async def _exposed(self, experiment: Experiment) -> dict[str, int]:
-        """Each arm's identified requests so far (requests less anonymous ones, as the results count them)."""
+    async def _split_changed(self, experiment: Experiment) -> dict[str, Any]:
+        """`exposed_before` and `rated_before` as of now: each arm's identified requests so far (requests less
+        anonymous ones, as the results count them), and its ratings."""
+        fields = ("requests", "anonymous", "rated", "positive_sum", "positive_squares")
         async with self._counters.pipeline(transaction=False) as pipe:
             for arm in experiment.arms:
-                pipe.hmget(keys.arm_counters(experiment.tenant, experiment.name, arm.name), "requests", "anonymous")
+                pipe.hmget(keys.arm_counters(experiment.tenant, experiment.name, arm.name), *fields)
             counts = await pipe.execute()
-        return {
-            arm.name: int(requests or 0) - int(anonymous or 0)
-            for arm, (requests, anonymous) in zip(experiment.arms, counts, strict=True)
-        }
+        exposed, rated = {}, {}
+        for arm, found in zip(experiment.arms, counts, strict=True):
+            requests, anonymous, n, total, squares = (float(value or 0) for value in found)
+            exposed[arm.name] = int(requests - anonymous)
+            rated[arm.name] = (int(n), total, squares)
+        return {"exposed_before": exposed, "rated_before": rated}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:
         raw = await self._redis.hget(keys.experiments(tenant), name)

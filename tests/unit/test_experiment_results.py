@@ -133,6 +133,33 @@ async def test_the_sample_ratio_is_checked_against_the_buckets_users_are_assigne
     assert found["sample_ratio_p"] > 0.5 and found["verdict"] != "sample ratio mismatch"
 
 
+async def test_arms_are_compared_on_the_ratings_since_the_split_last_changed(redis: aioredis.Redis) -> None:
+    """90/10, then 50/50, while every arm's positive rate drifts from 0.5 to 0.7: control's ratings come mostly
+    from the early half and the treatment's from the late one, so the cumulative rates differ (0.57 vs 0.67)
+    though the arms do not. Compared since the change they are the same, and no winner is declared."""
+    arms = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test")
+
+    async def rate(arm: str, n: int, rate: float) -> None:
+        counters = keys.arm_counters("t", "e", arm)
+        await redis.hincrby(counters, "requests", n)
+        await redis.hincrby(counters, "rated", n)
+        for field in ("positive_sum", "positive_squares"):  # thumbs: v * v = v
+            await redis.hincrbyfloat(counters, field, n * rate)
+
+    await rate("a", 9000, 0.5)
+    await rate("b", 1000, 0.5)
+    halves = await store.set_weights("t", "e", {"a": 50, "b": 50}, by="test")
+    await rate("a", 5000, 0.7)
+    await rate("b", 5000, 0.7)
+    found = await results(redis, halves)
+    assert found["arms"]["b"]["positive_rate"] - found["arms"]["a"]["positive_rate"] > 0.09, "cumulative: apart"
+    assert found["arms"]["b"]["rated_since_change"] == 5000
+    assert abs(found["differences"][0]["diff"]) < 1e-9 and found["winner"] is None
+    assert found["verdict"] != "winner"
+
+
 async def test_history_keeps_points_that_moved_and_thins_to_the_whole_span(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
