@@ -3,9 +3,10 @@
 Every `interval_s`, one gateway process (whichever takes a short Redis lock) reads the results of every
 running experiment, adds them to its history (gateway.experiment_history: the page's chart) and, when
 the experiment has guard rails, acts:
-- an arm (not control) whose error rate passes `max_error_rate`, or whose share of negative ratings
-  passes `max_negative_rate`, after `guard_min_requests`, is rolled back: its weight goes to 0, so its
-  users move to the other arms, and the rest stay where they are;
+- an arm (not control) whose error rate passes `max_error_rate`, or whose share of negative ratings is
+  shown to pass `max_negative_rate` (its always-valid lower bound does, at the experiment's alpha, however
+  many rounds look) and control's share, after `guard_min_requests`, is rolled back: its weight goes to 0, so
+  its users move to the other arms, and the rest stay where they are;
 - with `auto_promote`, an arm that wins (always-valid interval, after `min_samples`) is promoted: the
   alias points at its version and the experiment ends; never in the round that rolled an arm back;
 - when a roll-back would leave no arm with a weight (control has none), the experiment is paused instead:
@@ -31,6 +32,7 @@ from gateway.experiment_results import results
 from gateway.experiments import Experiment, ExperimentNotFound, ExperimentStore, InvalidExperiment
 from gateway.routing import Router
 from gateway.tenants import TenantStore
+from gateway.verdict import share_lower_bound
 
 log = logging.getLogger("loragate.experiments")
 BY = "guard rail"
@@ -54,10 +56,13 @@ def _breach(experiment: Experiment, arm: str, figures: dict[str, Any], control: 
     share, baseline = _negative_share(figures), _negative_share(control)
     limit, rated = experiment.max_negative_rate, figures["rated"]
     enough = isinstance(rated, int) and rated >= experiment.guard_min_requests  # not one thumbs-down of one rating
-    if limit is not None and enough and share is not None and share > limit and (baseline is None or share > baseline):
-        versus = "" if baseline is None else f", control {baseline:.1%}"
-        return f"negative ratings {share:.1%} > {limit:.1%} of {figures['rated']}{versus}"
-    return None
+    if limit is None or not enough or share is None or (baseline is not None and share <= baseline):
+        return None
+    low = share_lower_bound(figures["negative"], rated, experiment.alpha, experiment.mixture_sd)
+    if low <= limit:  # above the limit by chance, maybe: an arm as good as control would be rolled back often
+        return None
+    versus = "" if baseline is None else f", control {baseline:.1%}"
+    return f"negative ratings {share:.1%} (at least {low:.1%}) > {limit:.1%} of {rated}{versus}"
 
 
 def guarded(experiment: Experiment) -> bool:

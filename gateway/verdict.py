@@ -97,9 +97,22 @@ def difference(arm: str, sample: Sample, control: Sample, alpha: float, tau: flo
     v = sample.variance / sample.n + control.variance / control.n
     z = float(stats.norm.ppf(1 - alpha / 2))
     fixed = z * math.sqrt(v)
-    tau2 = tau * tau
-    always = math.sqrt(v * (v + tau2) / tau2 * (2 * math.log(1 / alpha) + math.log((v + tau2) / v)))
+    always = _always_valid_half_width(v, alpha, tau)
     return Difference(arm, diff, diff - fixed, diff + fixed, diff - always, diff + always)
+
+
+def _always_valid_half_width(v: float, alpha: float, tau: float) -> float:
+    """Half the width of the normal-mixture mSPRT's always-valid interval of an estimate of variance `v`."""
+    tau2 = tau * tau
+    return math.sqrt(v * (v + tau2) / tau2 * (2 * math.log(1 / alpha) + math.log((v + tau2) / v)))
+
+
+def share_lower_bound(count: int, n: int, alpha: float, tau: float) -> float:
+    """An always-valid lower bound of a share (count of n), at 1 - alpha however often it is looked at: the
+    mSPRT's interval, with a share's largest variance (1/4), so that 20 of 20 is not certainty."""
+    if n < 1:
+        return -math.inf
+    return count / n - _always_valid_half_width(0.25 / n, alpha, tau)
 
 
 def verdict(

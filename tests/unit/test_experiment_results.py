@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -207,14 +208,45 @@ def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_wors
     def figures(requests: int, errors: float, rated: int, negative: int) -> dict[str, object]:
         return {"requests": requests, "error_rate": errors, "rated": rated, "negative": negative}
 
-    control_bad, control_good = figures(40, 0.0, 30, 30), figures(40, 0.0, 30, 6)
-    assert _breach(experiment, "b", figures(6, 0.0, 6, 4), control_bad) is None, "better than control: kept"
-    reason = _breach(experiment, "b", figures(6, 0.0, 6, 4), control_good)
-    assert reason is not None and "negative ratings 66.7% > 60.0% of 6, control 20.0%" in reason
+    control_bad, control_good = figures(100, 0.0, 100, 100), figures(40, 0.0, 30, 6)
+    assert _breach(experiment, "b", figures(60, 0.0, 60, 55), control_bad) is None, "better than control: kept"
+    reason = _breach(experiment, "b", figures(60, 0.0, 60, 55), control_good)
+    assert (
+        reason is not None
+        and "negative ratings 91.7% (at least 7" in reason
+        and "> 60.0% of 60, control 20.0%" in reason
+    )
+    assert _breach(experiment, "b", figures(30, 0.0, 30, 20), control_good) is None, "66.7% of 30: maybe by chance"
     assert "error rate 50.0%" in (_breach(experiment, "b", figures(6, 0.5, 0, 0), control_bad) or "")
     assert _breach(experiment, "b", figures(4, 0.5, 4, 4), control_good) is None, "too few requests to judge"
     assert _breach(experiment, "b", figures(40, 0.0, 4, 4), control_good) is None, "too few ratings to judge them"
     assert _breach(experiment, "a", figures(40, 0.9, 30, 30), control_bad) is None, "control is never rolled back"
+
+
+def test_an_arm_rated_as_control_is_seldom_rolled_back_for_its_negative_share_however_often_it_is_looked_at() -> None:
+    """Every round looks again: a point estimate over the limit rolled back about a third of canaries as good as
+    control (true share 0.5, limit 0.6, a look after each rating); the always-valid bound keeps that under alpha,
+    and still rolls back a canary rated down throughout within a few dozen ratings."""
+    from gateway.guard_rails import _breach
+
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    experiment = Experiment(
+        name="e", tenant="t", alias="bot", control="a", arms=arms, max_negative_rate=0.6, guard_min_requests=20
+    )
+    rng = random.Random(7)
+    rolled_back = 0
+    for _ in range(200):
+        negative = 0
+        for n in range(1, 601):
+            negative += rng.random() < 0.5
+            arm = {"requests": n, "error_rate": 0.0, "rated": n, "negative": negative}
+            if _breach(experiment, "b", arm, {"rated": 0, "negative": 0}):
+                rolled_back += 1
+                break
+    assert rolled_back <= 0.05 * 200, rolled_back
+    bad = [{"requests": n, "error_rate": 0.0, "rated": n, "negative": n} for n in range(20, 100)]
+    first = next(arm["rated"] for arm in bad if _breach(experiment, "b", arm, {"rated": 0, "negative": 0}))
+    assert first <= 30, first
 
 
 async def test_history_thins_in_one_step_whatever_its_length(redis: aioredis.Redis) -> None:
