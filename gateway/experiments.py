@@ -145,14 +145,16 @@ class Experiment(BaseModel):
     )
     exposed_before: dict[str, int] = Field(
         default_factory=dict,
-        description="Identified requests per arm when the split last changed (weights, pause, resume): the sample"
-        " ratio test counts those since, against the weights now.",
+        description="Identified requests per arm when the split last changed (weights that moved buckets): the"
+        " sample ratio test counts those since, against the weights now. A pause changes nothing here: requests"
+        " served while paused count for no arm.",
     )
     rated_before: dict[str, tuple[int, float, float]] = Field(
         default_factory=dict,
         description="Each arm's ratings (count, sum, sum of squares) when the split last changed: arms are compared "
         "on the ratings since, so that a drift over time does not read as a difference between arms that sampled "
-        "different times in different proportions.",
+        "different times in different proportions. Omitted from the stored JSON while empty (a gateway of an "
+        "earlier release reads that record).",
     )
 
     @field_validator("arms")
@@ -279,13 +281,10 @@ class ExperimentStore:
         if not any(arm.weight > 0 for arm in arms):
             raise InvalidExperiment("At least one arm needs a weight above 0.")
         buckets = reallocate(experiment.buckets, [arm.weight for arm in arms])
-        changed = experiment.model_copy(
-            update={
-                "arms": arms,
-                "allocation": base64.b64encode(buckets).decode(),
-                **await self._split_changed(experiment),
-            }
-        )
+        update: dict[str, Any] = {"arms": arms, "allocation": base64.b64encode(buckets).decode()}
+        if buckets != experiment.buckets:  # a new split: its sample ratio and comparisons begin now
+            update.update(await self._split_changed(experiment))
+        changed = experiment.model_copy(update=update)
         detail = ", ".join(f"{a.name}={a.weight:g}" for a in arms) + (f" ({reason})" if reason else "")
         return await self._save(changed, Change(at=time.time(), by=by, action="weights", detail=detail))
 
@@ -303,9 +302,10 @@ class ExperimentStore:
         `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
         experiment = await self._live(tenant, name, revision)
         alias = alias_target(experiment, status, arm)
+        # The split stays as it was: paused requests count for no arm, and an ended experiment keeps the
+        # results (and the comparison period) it ended with.
         ended = {} if status in LIVE else {"allocation": ""}
-        update = {"status": status, **await self._split_changed(experiment), **ended}
-        changed = experiment.model_copy(update=update)
+        changed = experiment.model_copy(update={"status": status, **ended})
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
             status, "rollback"
         )
@@ -360,7 +360,8 @@ class ExperimentStore:
         saved = experiment.model_copy(update={"revision": 0 if new else experiment.revision + 1})
         script_keys = [keys.experiments(tenant), keys.experiment_audit(tenant, name), keys.aliases(tenant)]
         script_keys.append(keys.state_version())
-        args = [name, saved.model_dump_json(), change.model_dump_json(), alias or "", experiment.alias]
+        stored = saved.model_dump_json(exclude=None if saved.rated_before else {"rated_before"})
+        args = [name, stored, change.model_dump_json(), alias or "", experiment.alias]
         mode = "create" if new else "change"
         args += [mode, str(experiment.revision), experiment.previous_target or ""]
         done = await self._save_script(keys=script_keys, args=args)

@@ -161,6 +161,27 @@ async def test_arms_are_compared_on_the_ratings_since_the_split_last_changed(red
     assert found["verdict"] != "winner"
 
 
+async def test_only_a_new_split_starts_a_new_comparison(redis: aioredis.Redis) -> None:
+    """Pause, resume, weights that move no bucket and the end of the experiment leave the comparison period as
+    it was: a promoted experiment keeps the verdict it was promoted on (each of them began a new, empty period:
+    its results read 0 ratings since). The record an earlier release reads has no rated_before until one."""
+    arms = [Arm(name="a", target="helper@1", weight=1), Arm(name="b", target="helper@2", weight=1)]
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test")
+    for arm, positive in (("a", 50), ("b", 90)):
+        counters = keys.arm_counters("t", "e", arm)
+        await redis.hset(counters, mapping={"requests": 100, "rated": 100})
+        await redis.hset(counters, mapping={"positive_sum": positive, "positive_squares": positive})
+    await store.set_status("t", "e", "paused", by="test")
+    await store.set_status("t", "e", "running", by="test")
+    await store.set_weights("t", "e", {"a": 2, "b": 2}, by="test")  # the same buckets
+    assert "rated_before" not in (await redis.hget(keys.experiments("t"), "e") or ""), "an older gateway reads it"
+    promoted = await store.set_status("t", "e", "promoted", by="test", arm="b")
+    found = await results(redis, promoted)
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [100, 100]
+    assert found["differences"][0]["diff"] > 0.3
+
+
 async def test_history_keeps_points_that_moved_and_thins_to_the_whole_span(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
