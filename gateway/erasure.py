@@ -19,8 +19,10 @@ import time
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.arm_signal import ERASE
 from gateway.context import MAX_USER_CHARS
 from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, parse_index
+from gateway.records import LogPolicy
 
 PAGE = 500
 MARGIN_S = 2
@@ -39,26 +41,31 @@ return ms
 """
 
 
-async def forget_user(redis: aioredis.Redis, tenant: str, user: str, keep_s: int) -> dict[str, int]:
+async def forget_user(redis: aioredis.Redis, tenant: str, user: str, policy: LogPolicy) -> dict[str, int]:
     """Delete every completion record of an end user, every rating they gave, and every rating of their completions
-    (others' corrections quote their conversation). Returns the counts. `keep_s`: the tenant's record age limit
-    (the tombstone stays LONGEST_AGE_S at least). The tombstone is dated by Redis's clock plus MARGIN_S (records and
-    ratings are dated by Redis's clock as each gateway last measured it, gateway.clock; the margin covers what a
-    measurement can be off by): what the user sends in the next seconds is not kept either."""
-    user = user[:MAX_USER_CHARS]  # as records name them
+    (others' corrections quote their conversation), and take what those ratings added out of their experiment arms'
+    counters (a user who rates a completion again after their erasure counts once). Returns the counts. `policy`:
+    the tenant's (its age limit: the tombstone stays LONGEST_AGE_S at least; its score range). The tombstone is
+    dated by Redis's clock plus MARGIN_S (records and ratings are dated by Redis's clock as each gateway last
+    measured it, gateway.clock; the margin covers what a measurement can be off by): what the user sends in the
+    next seconds is not kept either."""
+    user, keep_s = user[:MAX_USER_CHARS], policy.max_age_s  # as records name them
     seconds, micros = await redis.time()
     tombstone = repr(seconds + micros / 1e6 + MARGIN_S)
     await redis.set(keys.forgotten(tenant, user), tombstone, ex=max(keep_s, LONGEST_AGE_S))
+    erase = redis.register_script(ERASE)
     removed = {"completions": 0, "feedback": 0}
     while ids := await redis.srandmember(keys.end_user(tenant, user), PAGE):
         for completion_id in ids:
-            ratings = keys.feedback(tenant, completion_id)
-            if await _delete_record(redis, tenant, user, completion_id, keep_s):
-                removed["completions"] += 1
-                removed["feedback"] += int(await redis.hlen(ratings))
-                await redis.delete(ratings)
-            else:
-                removed["feedback"] += await redis.hdel(ratings, user)
+            owner, entry, experiment, arm = parse_index(await redis.get(keys.completion(completion_id)))
+            counters = keys.arm_counters(tenant, experiment, arm) if owner == tenant and experiment and arm else ""
+            own = 0
+            if owner == tenant and entry:
+                own = await _delete_record(redis, tenant, user, completion_id, entry, keep_s)
+            script_keys = [keys.feedback(tenant, completion_id), counters]
+            args = ["" if own else user, policy.score_min, policy.score_max]
+            removed["feedback"] += int(await erase(keys=script_keys, args=args))
+            removed["completions"] += own == 1
         await redis.srem(keys.end_user(tenant, user), *ids)  # only what was done: ids added meanwhile stay
     removed["completions"] += await _forget_past_age(redis, tenant, user, keep_s)
     return removed
@@ -93,26 +100,24 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
     return removed
 
 
-async def _delete_record(redis: aioredis.Redis, tenant: str, user: str, completion_id: str, keep_s: int) -> int:
-    """1 when the completion was the user's own and its record is deleted now; 0 for one they only rated (its
-    record is someone else's). An index whose record is gone goes too, with its ratings: the length limit's trim
-    deletes the ratings itself (and leaves the index as TRIMMED, which names no tenant), but not for records
-    written before entries named their completion (`keys.completion_log`), nor for those trimmed by an age limit
-    lowered since. The index becomes TRIMMED (for `keep_s`, an hour at least), which refuses every later rating of
-    the completion: others' ratings still in a spool, or sent to a process that answered it, quote the erased
+async def _delete_record(
+    redis: aioredis.Redis, tenant: str, user: str, completion_id: str, entry: str, keep_s: int
+) -> int:
+    """1 when the completion (the tenant's, at stream `entry`) was the user's own and its record is deleted now;
+    -1 when its record is gone already (its ratings go all the same); 0 for one they only rated (its record is
+    someone else's). An index whose record is gone goes too, with its ratings: the length limit's trim deletes the
+    ratings itself (and leaves the index as TRIMMED, which names no tenant), but not for records written before
+    entries named their completion (`keys.completion_log`), nor for those trimmed by an age limit lowered since.
+    The index becomes TRIMMED (for `keep_s`, an hour at least), which refuses every later rating of the
+    completion: others' ratings still in a spool, or sent to a process that answered it, quote the erased
     conversation and would bring its ratings back."""
-    index = keys.completion(completion_id)
-    owner, entry, _, _ = parse_index(await redis.get(index))
-    if owner != tenant or not entry:
-        return 0
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)
     if found and json.loads(found[0][1]["r"]).get("user") != user:
         return 0
-    await redis.set(index, TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S))
+    await redis.set(keys.completion(completion_id), TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S))
     if not found:
-        await redis.delete(keys.feedback(tenant, completion_id))
-        return 0
-    return int(await redis.xdel(keys.completion_log(tenant), entry))
+        return -1
+    return int(await redis.xdel(keys.completion_log(tenant), entry)) or -1
 
 
 async def tenant_deleted(redis: aioredis.Redis, tenant: str) -> tuple[float, int] | None:

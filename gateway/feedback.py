@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
+from gateway.arm_signal import SIGNAL
 from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
@@ -66,8 +67,10 @@ Redis could first be asked (an outage, however long, does not count)."""
 # new end user's past MAX_RATERS is refused (-3) unless replayed (acknowledged already). A replay never replaces a
 # newer rating. The hash lives as long as the completion's index (a later rating does not extend it) and the end
 # user's set at least as long (it is never shortened): erasure finds every rating through the set. The arm's
-# feedback signal moves by the difference a (replaced) rating makes.
-_STORE = """
+# feedback signal moves by the difference a (replaced) rating makes (gateway.arm_signal).
+_STORE = (
+    SIGNAL
+    + """
 local deleted = redis.call('GET', KEYS[5])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
 if redis.call('GET', KEYS[6]) == ARGV[10] then return -1 end
@@ -83,25 +86,9 @@ if ARGV[6] == '1' then
 end
 if ARGV[6] ~= '1' and not old and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[11]) then return -3 end
 local lo, hi = tonumber(ARGV[7]), tonumber(ARGV[8])
-local function signal(raw, sign)
-  local ok, f = pcall(cjson.decode, raw)
-  if not ok then return end
-  local sum, n = 0, 0
-  if f['thumbs'] == 'up' then sum, n = 1, 1 elseif f['thumbs'] == 'down' then n = 1 end
-  if type(f['score']) == 'number' and hi - lo < math.huge then  -- a range of +-1e308 is wider than a float holds
-    sum, n = sum + math.min(math.max((f['score'] - lo) / (hi - lo), 0), 1), n + 1
-  end
-  if type(f['correction']) == 'string' then redis.call('HINCRBY', KEYS[4], 'corrected', sign) end
-  if n == 0 then return end
-  local v = sum / n
-  redis.call('HINCRBY', KEYS[4], 'rated', sign)
-  redis.call('HINCRBYFLOAT', KEYS[4], 'positive_sum', sign * v)
-  redis.call('HINCRBYFLOAT', KEYS[4], 'positive_squares', sign * v * v)
-  if v < 0.5 then redis.call('HINCRBY', KEYS[4], 'negative', sign) end
-end
 if KEYS[4] ~= '' then
-  if old then signal(old, -1) end
-  signal(ARGV[2], 1)
+  if old then signal(KEYS[4], old, -1, lo, hi) end
+  signal(KEYS[4], ARGV[2], 1, lo, hi)
 end
 local keep = redis.call('TTL', KEYS[6])
 if keep <= 0 then keep = ttl end  -- not indexed yet (its record is still queued): the tenant's age limit
@@ -114,6 +101,7 @@ if KEYS[2] ~= '' then
 end
 return 1
 """
+)
 
 
 class CompletionUnknown(NotFound):

@@ -29,8 +29,8 @@ def forget(
     from gateway.erasure import forget_user
     from gateway.tenants import TenantStore
 
-    keep_s = with_redis(lambda redis: TenantStore(redis).get(tenant)).logging.max_age_s
-    removed = with_redis(lambda redis: forget_user(redis, tenant, user, keep_s), records=True)
+    policy = with_redis(lambda redis: TenantStore(redis).get(tenant)).logging
+    removed = with_redis(lambda redis: forget_user(redis, tenant, user, policy), records=True)
     typer.echo(json.dumps({"tenant": tenant, "user": user, "removed": removed}))
 
 

@@ -80,7 +80,7 @@ async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) 
     with domain_errors():
         found = await svc.tenants.get(tenant)
     await svc.recorder.written()  # what this process still holds for the user is written, then erased
-    removed = await forget_user(svc.records_redis, tenant, user, found.logging.max_age_s)
+    removed = await forget_user(svc.records_redis, tenant, user, found.logging)
     return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}
 
 

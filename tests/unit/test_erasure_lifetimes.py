@@ -4,6 +4,7 @@ erased user's own completions go with them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.metrics import Metrics
 from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore
 from gateway.recorder import Recorder
 from gateway.records import Feedback, FeedbackIn, LogPolicy
+from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context, entry, spooled_rating
@@ -65,7 +67,7 @@ async def test_a_rating_made_before_its_users_erasure_is_not_kept(
     made_before = Feedback(
         **FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down").model_dump(), created=time.time()
     )
-    await forget_user(redis, "t", "ann", TENANT.logging.max_age_s)
+    await forget_user(redis, "t", "ann", TENANT.logging)
     item = {"tenant": "t", "verify": False, "ttl": 60, "since": time.time(), "feedback": made_before.model_dump_json()}
     with pytest.raises(Exception, match="did not keep"):
         await store._write([item], replay=False)
@@ -99,7 +101,7 @@ async def test_erasing_a_user_takes_every_rating_of_their_completions(
     await recorder.written()
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="agent", correction="Ann's account: ..."))
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="agent", thumbs="up"))
-    removed = await forget_user(redis, "t", long_name, TENANT.logging.max_age_s)
+    removed = await forget_user(redis, "t", long_name, TENANT.logging)
     assert removed == {"completions": 1, "feedback": 1}
     assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
     assert await redis.get(keys.completion("chatcmpl-1")) == TRIMMED, "an index that names no one"
@@ -123,7 +125,8 @@ async def test_a_completion_trimmed_from_the_log_takes_its_ratings_with_it(
     recorder.recent.clear()  # as in another process, or after RECENT newer answers
     with pytest.raises(CompletionUnknown):
         await store.of_completion(TENANT, "chatcmpl-1")
-    assert await forget_user(redis, "t", "v", TENANT.logging.max_age_s) == {"completions": 0, "feedback": 0}
+    removed = await forget_user(redis, "t", "v", TENANT.logging)
+    assert removed == {"completions": 0, "feedback": 1}, "ann's rating of it went, and is counted"
     assert await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
     assert await redis.get(keys.completion("chatcmpl-1")) in (None, TRIMMED)
 
@@ -176,7 +179,7 @@ async def test_records_written_under_a_shorter_age_limit_are_still_erased(
     await recorder.written()
     await redis.delete(keys.completion("chatcmpl-1"), keys.completion("chatcmpl-2"), keys.end_user("t", "ann"))
     raised = LogPolicy(max_age_days=30)  # the entries are seconds old: far younger than the limit now
-    assert await forget_user(redis, "t", "ann", raised.max_age_s) == {"completions": 2, "feedback": 0}
+    assert await forget_user(redis, "t", "ann", raised) == {"completions": 2, "feedback": 0}
     assert [json.loads(f["r"])["user"] for _, f in await redis.xrange(keys.completion_log("t"))] == ["bo"]
 
 
@@ -197,7 +200,7 @@ async def test_records_and_ratings_are_dated_by_the_records_redis_clock(
     host_now = time.time()
     before = context(TENANT, 1, user="v")
     before.received = host_now  # made now, by the host's clock
-    await forget_user(redis, "t", "v", TENANT.logging.max_age_s)
+    await forget_user(redis, "t", "v", TENANT.logging)
     after = context(TENANT, 2, user="v")
     after.received = host_now + MARGIN_S + 1  # a request a few seconds after the erasure
     other = context(TENANT, 3, user="w")
@@ -237,7 +240,32 @@ async def test_tombstones_outlast_the_longest_age_limit_a_spooled_item_can_carry
     from gateway.records import LogPolicy
 
     assert LONGEST_AGE_S == int(LogPolicy.model_json_schema()["properties"]["max_age_days"]["maximum"] * 86400)
-    await forget_user(redis, "t", "ann", 86400)
+    await forget_user(redis, "t", "ann", LogPolicy(max_age_days=1))
     await mark_tenant_deleted(redis, "gone", 0.0, 86400)
     for key in (keys.forgotten("t", "ann"), keys.tenant_deleted("gone")):
         assert await redis.ttl(key) > LONGEST_AGE_S - 60, key
+
+
+async def test_erased_ratings_leave_their_experiment_arms_counters(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """ann rates bo's answer (arm a of experiment e) down and her own answer up; both ratings count for the arm.
+    Erased, she counts no more: her own answer's ratings go with it, and her rating of bo's answer leaves the arm's
+    counters, so rating it again after the erasure counts once (it counted twice)."""
+    for n, user in ((1, "bo"), (2, "ann")):
+        ctx = context(TENANT, n, user=user)
+        ctx.route = Route(requested="bot", upstream_model="m", served_model="m", alias="bot", experiment="e", arm="a")
+        recorder.record(ctx)
+    await recorder.written()
+    counters = keys.arm_counters("t", "e", "a")
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down", correction="x"))
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="ann", score=0.8))
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="bo", thumbs="up"))
+    assert await redis.hmget(counters, "rated", "negative", "corrected") == ["3", "1", "1"]
+    removed = await forget_user(redis, "t", "ann", TENANT.logging)
+    assert removed == {"completions": 1, "feedback": 3}
+    assert await redis.hmget(counters, "rated", "negative", "corrected") == ["0", "0", "0"]
+    assert abs(float(await redis.hget(counters, "positive_sum") or "nan")) < 1e-9
+    await asyncio.sleep(MARGIN_S)  # past the tombstone: what she sends now is kept
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down"))
+    assert await redis.hmget(counters, "rated", "negative") == ["1", "1"]

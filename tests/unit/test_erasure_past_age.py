@@ -47,7 +47,7 @@ async def users_in_log(redis: aioredis.Redis) -> list[str]:
 
 
 async def test_erasure_finds_records_whose_index_has_expired(redis: aioredis.Redis, aged: Recorder) -> None:
-    removed = await forget_user(redis, "t", "ann", TENANT.logging.max_age_s)
+    removed = await forget_user(redis, "t", "ann", TENANT.logging)
     assert removed == {"completions": 3, "feedback": 0}
     assert await users_in_log(redis) == ["bo", "bo"]
 

@@ -32,6 +32,8 @@ from gateway.spool import Spool
 from gateway.tenants import Tenant, TenantStore
 from tests.conftest import RedisServer
 
+MINUTE = LogPolicy(max_age_days=60 / 86400)  # records kept 60 s
+
 
 def events(*chunks: dict[str, object]) -> list[bytes]:
     return [json.dumps(chunk).encode() for chunk in chunks]
@@ -230,7 +232,7 @@ async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
     dead.close()
     for folder in tmp_path.iterdir():
         os.utime(folder, (0, 0))
-    assert (await forget_user(redis, "t", "ann", 60)) == {"completions": 0, "feedback": 0}
+    assert (await forget_user(redis, "t", "ann", MINUTE)) == {"completions": 0, "feedback": 0}
     heir = Spool(tmp_path, fsync=False)
     heir.open()
     recorder = Recorder(redis, heir, Metrics())
@@ -430,7 +432,7 @@ async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     mine, unknown = theirs.value.body()["error"], never.value.body()["error"]
     assert mine["message"].replace("chatcmpl-7", "X") == unknown["message"].replace("chatcmpl-none", "X")
     assert (mine["code"], mine["param"], theirs.value.status) == (unknown["code"], unknown["param"], 404)
-    removed = await forget_user(redis, "t", "u1", 60)
+    removed = await forget_user(redis, "t", "u1", MINUTE)
     assert removed == {"completions": 1, "feedback": 2}, "u1's completion, with every rating of it (u2's quotes it)"
     assert await redis.xlen(keys.completion_log("t")) == 0
     assert await redis.exists(keys.feedback("t", "chatcmpl-7")) == 0
@@ -538,7 +540,7 @@ async def test_a_deleted_tenants_queued_and_spooled_records_stay_out_of_its_name
                 await gateway.of_completion(new, completion_id)
             with pytest.raises(CompletionUnknown):
                 await gateway.submit(new, FeedbackIn(completion_id=completion_id, thumbs="down"))
-    assert await forget_user(redis, "t", "u1", 60) == {"completions": 0, "feedback": 0}
+    assert await forget_user(redis, "t", "u1", MINUTE) == {"completions": 0, "feedback": 0}
     buffer = io.StringIO()
     await export(redis, "t", "kto", buffer, new.logging)
     assert buffer.getvalue() == ""
