@@ -190,18 +190,20 @@ class Placement:
             self._metrics.adapter_evictions.labels(replica.url).inc()
             await self._unload(replica, victims[0])
 
-    async def _refresh(self, replica: Replica) -> None:
+    async def _refresh(self, replica: Replica) -> bool:
         """Bring this process's view of the replica in line with what vLLM says it holds (other gateway
-        processes load and evict too), keeping the local LRU order of what is still there."""
+        processes load and evict too), keeping the local LRU order of what is still there. False when vLLM
+        could not say: the view is this process's alone."""
         truth = await self._residency.loaded(replica.url)
         if truth is None:
-            return
+            return False
         held = set(truth)
         for gone in [name for name in replica.resident if name not in held]:
             replica.resident.pop(gone)
             self._residency.forget(replica.url, gone)  # this process's uses of it go too: nothing grows unbounded
         arrived = [name for name in truth if name not in replica.resident]
         replica.resident = dict.fromkeys([*arrived, *replica.resident])
+        return True
 
     async def _unload(self, replica: Replica, name: str) -> None:
         replica.resident.pop(name, None)
@@ -254,8 +256,9 @@ class Placement:
         for replica in self._pool.replicas:
             if replica.healthy:
                 async with self._residency.exclusive(replica.url):
-                    await self._refresh(replica)
-                    if name in replica.resident:
+                    # Not known to be there when vLLM cannot list what it holds: another process may have loaded
+                    # it, so the unload is asked all the same (an adapter it does not hold answers 404).
+                    if not await self._refresh(replica) or name in replica.resident:
                         await self._unload(replica, name)
             replica.resident.pop(name, None)
         await self._residency.forget_everywhere([replica.url for replica in self._pool.replicas], name)

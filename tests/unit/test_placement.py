@@ -35,6 +35,7 @@ class FakeVLLM:
         self.broken = False
         self.refuse: set[str] = set()
         """Names it answers 400 for, as vLLM does for an adapter it cannot load."""
+        self.listing_broken = False
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -48,6 +49,8 @@ class FakeVLLM:
         return web.Response(text="ok")
 
     async def models(self, _: web.Request) -> web.Response:
+        if self.listing_broken:
+            return web.Response(status=500, text="Internal Server Error")
         data = [{"id": "base", "parent": None}] + [{"id": n, "parent": "base"} for n in sorted(self.loaded)]
         return web.json_response({"object": "list", "data": data})
 
@@ -261,6 +264,18 @@ async def test_unload_everywhere(setup) -> None:  # type: ignore[no-untyped-def]
     await placement.unload_everywhere("a@1")
     assert not any("a@1" in f.loaded for f in fakes)
     assert all("a@1" not in r.resident for r in pool.replicas)
+
+
+async def test_unload_everywhere_when_a_replica_cannot_list_its_adapters(setup) -> None:  # type: ignore[no-untyped-def]
+    """A version deleted while a replica's /v1/models fails, loaded there by another gateway process (so not in
+    this process's view): it is unloaded all the same, not left serving until a later maintenance round."""
+    placement, pool, fakes = setup
+    for fake in fakes:
+        fake.loaded.add("other@1")
+        fake.listing_broken = True
+    assert all("other@1" not in r.resident for r in pool.replicas)
+    await placement.unload_everywhere("other@1")
+    assert not any("other@1" in f.loaded for f in fakes)
 
 
 async def test_concurrent_loads_of_different_adapters_never_overshoot(setup) -> None:  # type: ignore[no-untyped-def]
