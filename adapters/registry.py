@@ -70,11 +70,12 @@ class Registry:
         self._root = root.absolute()
         self._stores: dict[str, AdapterStore] = {}
         self._cache: dict[tuple[str, str], _Entry] = {}
-        self._verified: set[tuple[str, str, int]] = set()
+        self._verified: dict[tuple[str, str, int], _Stamp] = {}
+        """Versions whose files matched their sha256, with what their files looked like then."""
         self._newest: dict[tuple[str, str], int] = {}
         """The newest version of each (tenant, adapter name) this process has found in the store: a version
         up to it that is gone was deleted (numbers are never reused); one past it may be another store's."""
-        self._corrupt: dict[tuple[str, str, int], str] = {}
+        self._corrupt: dict[tuple[str, str, int], tuple[_Stamp, str]] = {}
         self._paths: dict[tuple[str, str, int], str] = {}
         self._listings: dict[str, _Listing] = {}
 
@@ -137,7 +138,7 @@ class Registry:
         except InvalidAdapter:
             return
         key = (tenant, ref.name, ref.version or 0)
-        self._verified.discard(key)
+        self._verified.pop(key, None)
         self._corrupt.pop(key, None)
         self._paths.pop(key, None)
 
@@ -175,20 +176,25 @@ class Registry:
         return found
 
     def verify_once(self, manifest: Manifest) -> None:
-        """sha256 of every file against the manifest; versions are immutable, so once per process,
-        and a version that failed keeps failing without hashing it again for every request."""
+        """sha256 of every file against the manifest (blocking: call it off the event loop). Versions are
+        immutable, so a version is hashed again only when one of its files changed on disk since (size, time
+        or inode: replaced or written to), and one that failed keeps failing, without hashing, until then."""
         assert manifest.tenant is not None
         key = (manifest.tenant, manifest.name, manifest.version)
-        if key in self._verified:
+        stamp = _stamp(self.path(manifest), manifest)
+        if self._verified.get(key) == stamp:
             return
-        if key in self._corrupt:
-            raise IntegrityError(self._corrupt[key])
+        corrupt = self._corrupt.get(key)
+        if corrupt is not None and corrupt[0] == stamp:
+            raise IntegrityError(corrupt[1])
+        self._verified.pop(key, None)
         try:
             self.store(manifest.tenant).verify(manifest)
         except IntegrityError as exc:
-            self._corrupt[key] = str(exc)
+            self._corrupt[key] = (stamp, str(exc))
             raise
-        self._verified.add(key)
+        self._corrupt.pop(key, None)
+        self._verified[key] = stamp
 
     def listing(self, tenant: str, pins: dict[str, int]) -> list[tuple[str, Manifest]]:
         """Every name of the tenant's own adapters a client can use: each bare name (its default
@@ -264,6 +270,22 @@ class Registry:
         for key in [key for key in list(self._cache) if key[0] == tenant]:
             self._cache.pop(key, None)
         return removed
+
+
+_Stamp = tuple[tuple[str, int, int, int], ...]
+"""Each file of a version as (name, size, mtime_ns, inode); a missing file as (name, -1, 0, 0)."""
+
+
+def _stamp(folder: Path, manifest: Manifest) -> _Stamp:
+    stamps = []
+    for filename in sorted(manifest.files):
+        try:
+            info = (folder / filename).stat()
+        except OSError:
+            stamps.append((filename, -1, 0, 0))
+            continue
+        stamps.append((filename, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamps)
 
 
 def _key(ref: AdapterRef, pinned: int | None) -> tuple[int | None, int | None]:

@@ -269,6 +269,29 @@ def test_a_corrupt_version_is_hashed_once_and_keeps_failing(
     assert len(hashes) == 1
 
 
+def test_a_verified_version_is_hashed_again_once_its_files_change(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified once, a version is not hashed for every load; weights changed on disk since (a write, a
+    replaced file) are hashed again and refused before vLLM loads them."""
+    manifest = store.add(good, "a", base, MAX_RANK)
+    registry = Registry(store.root.parent)
+    hashes = []
+    target = registry.store("t")
+    monkeypatch.setattr(target, "verify", lambda m: hashes.append(m) or AdapterStore.verify(target, m))
+    registry.verify_once(manifest)
+    registry.verify_once(manifest)
+    assert len(hashes) == 1
+    weights = store.version_dir("a", 1) / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    before = weights.stat()
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # a coarse clock may not tick
+    with pytest.raises(IntegrityError):
+        registry.verify_once(manifest)
+    assert len(hashes) == 2
+
+
 def test_other_base_model_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     edit_config(good, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
     refused(store, good, base, "made for base model")
