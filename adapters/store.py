@@ -286,6 +286,19 @@ class AdapterStore:
             self._delete(name, version)
         return manifest
 
+    def remove_unreadable(self, name: str, version: int) -> bool:
+        """Delete a version whose manifest cannot be read (`remove` finds no such version); False when it has none
+        or its manifest reads (then `remove` is the way)."""
+        with self._locked():
+            if not self.version_dir(name, version).is_dir():
+                return False
+            try:
+                self.manifest(name, version)
+            except AdapterNotFound:
+                self._delete(name, version)
+                return True
+            return False
+
     def discard_unreadable(self) -> tuple[str, ...]:  # (`list` here is the method)
         """Delete every version whose manifest cannot be read (`list` and `remove` skip them: not found), returning
         their refs: a deleted tenant's weights must not stay behind because their manifest was damaged."""

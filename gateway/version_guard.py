@@ -199,25 +199,39 @@ async def delete_version(
     ref: AdapterRef,
     *,
     name_others: bool,
-) -> Manifest:
-    """Delete `tenant`'s version `ref` (name@V) from its `store` unless something serves it (VersionInUse);
-    its pin and shares go with its adapter's last version. Unloading it from the replicas is the caller's,
-    after: the lock is held for moments, not for as long as replicas take."""
+) -> str:
+    """Delete `tenant`'s version `ref` (name@V) from its `store` unless something serves it (VersionInUse), one
+    whose manifest is damaged too (its weights must not stay behind); its pin and shares go with its adapter's
+    last version. Returns the deleted name@V. Unloading it from the replicas is the caller's, after: the lock is
+    held for moments, not for as long as replicas take."""
     if ref.version is None:
         raise InvalidAdapter("Delete one version at a time: name@version.", param="ref")
-    version = ref.version
+    version, deleted = ref.version, f"{ref.name}@{ref.version}"
     async with holding(redis, [(tenant, ref.name)], tenant):
-        manifest = await asyncio.to_thread(store.manifest, ref.name, version)
-        found = await users(redis, experiments, tenant, manifest.ref, name_others=name_others)
+        readable = await asyncio.to_thread(_readable, store, ref.name, version)
+        found = await users(redis, experiments, tenant, deleted, name_others=name_others)
         if await redis.hget(keys.pins(tenant), ref.name) == str(version):
             if await asyncio.to_thread(_other_listed, store, ref.name, version):
                 found.append(f"the pin of `{ref.name}` (its callers would move to another version)")
         if found:
-            raise VersionInUse(_in_use(manifest.ref, found))
-        await asyncio.to_thread(store.remove, ref.name, manifest.version)
+            raise VersionInUse(_in_use(deleted, found))
+        remove = store.remove if readable else store.remove_unreadable
+        await asyncio.to_thread(remove, ref.name, version)
         if not await asyncio.to_thread(store.versions, ref.name):
             await PointerStore(redis).forget_adapter(tenant, ref.name)
-    return manifest
+    return deleted
+
+
+def _readable(store: AdapterStore, name: str, version: int) -> bool:
+    """Whether the version's manifest reads; False for a version whose manifest is damaged, AdapterNotFound for
+    one that is not there."""
+    try:
+        store.manifest(name, version)
+    except AdapterNotFound:
+        if store.version_dir(name, version).is_dir():
+            return False
+        raise
+    return True
 
 
 async def set_status(

@@ -116,7 +116,7 @@ def adapters_rm(ref: Annotated[str, typer.Argument(help="name@version to delete"
             )
         except version_guard.VersionInUse as exc:
             raise ValueError(str(exc)) from exc
-        return deleted.ref
+        return deleted
 
     typer.echo(f"deleted {with_redis(remove)}")
 

@@ -220,16 +220,15 @@ async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manage
     store = svc.registry.store(tenant)
     try:
         with domain_errors("ref"):  # a name without a version is refused too: one version at a time
-            manifest = await version_guard.delete_version(
+            deleted = await version_guard.delete_version(
                 svc.redis, svc.experiments, store, tenant, parsed, name_others=caller.role == "admin"
             )
     except version_guard.VersionInUse as exc:
         raise Conflict(str(exc), param="ref", code="version_in_use") from exc
     finally:
         svc.registry.invalidate(tenant, parsed.name)
-    upstream = f"{tenant}.{manifest.ref}"
-    await svc.placement.unload_deleted([upstream])
-    return {"id": manifest.ref, "object": "adapter", "deleted": True}
+    await svc.placement.unload_deleted([f"{tenant}.{deleted}"])
+    return {"id": deleted, "object": "adapter", "deleted": True}
 
 
 @router.put(

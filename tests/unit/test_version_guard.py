@@ -98,6 +98,23 @@ def test_a_pinned_version_is_not_deleted_while_its_name_has_another(api: TestCli
     assert api.get(f"{tenant}/bot").status_code == 404
 
 
+def test_a_version_whose_manifest_is_damaged_can_be_deleted(api: TestClient) -> None:
+    """A damaged manifest hides its version from listings and routing, but its weights stay on the volume (and
+    maybe in a replica): the operator deletes it like any other version, and only a version that is there."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    store = svc.registry.store("acme")
+    manifest = store.version_dir("bot", 2) / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text("{")
+    tenant = "/admin/tenants/acme/adapters"
+    assert api.get(f"{tenant}/bot@2").status_code == 404
+    deleted = api.delete(f"{tenant}/bot@2")
+    assert deleted.status_code == 200 and deleted.json() == {"id": "bot@2", "object": "adapter", "deleted": True}
+    assert not store.version_dir("bot", 2).exists()
+    assert store.versions("bot") == [1, 3]
+    refused(api.delete(f"{tenant}/bot@2"), 404, "adapter_not_found")
+
+
 def test_a_tenant_refused_a_delete_learns_how_many_other_tenants_use_it_not_who(api: TestClient) -> None:
     assert api.post("/admin/tenants", json={"name": "globex"}).status_code == 201
     assert api.put("/admin/tenants/acme/adapters/bot/share", json={"tenants": ["globex"]}).status_code == 200
