@@ -188,12 +188,13 @@ def worker_app() -> FastAPI:
 
 
 async def _serve_workers(settings: Settings, urls: list[str], validation_model: Path | None) -> None:
-    """Serve with `settings.workers` processes on one listening socket (uvicorn's supervisor: a worker
-    that dies or hangs is replaced). The engines stay with this process, which supervises them."""
+    """Serve with `settings.workers` processes on one port, each on a listening socket of its own (uvicorn's
+    supervisor: a worker that dies or hangs is replaced). The engines stay with this process, which supervises
+    them."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from gateway.metrics import MULTIPROC_ENV, fresh_multiprocess_dir
+    from gateway.workers import Workers, reuseport_sockets
 
     os.environ["LORAGATE_ENGINE_URLS"] = ",".join(urls)  # the workers' environment: spawned, they inherit it
     if validation_model is not None:
@@ -214,6 +215,11 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
         timeout_keep_alive=settings.keep_alive_s,
         loop="uvloop" if _loop_factory() is not None else "asyncio",
     )
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])  # takes SIGINT/SIGTERM: both end the run
+    # One listening socket per worker (SO_REUSEPORT): the kernel spreads connections evenly (gateway.workers).
+    try:
+        sockets = reuseport_sockets(settings.host, settings.port, settings.workers)
+    except OSError as exc:
+        raise fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
+    supervisor = Workers(config, sockets)  # takes SIGINT/SIGTERM: both end the run
     console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1 with {settings.workers} processes")
     await asyncio.to_thread(supervisor.run)

@@ -1,5 +1,6 @@
 """`LORAGATE_WORKERS=N`: N gateway processes serve one port together, in front of the session's vLLM.
-A worker that dies is replaced while the others serve on; stopping the gateway stops every worker."""
+Connections opened at once are spread over the workers; a worker that dies is replaced while the others serve
+on; stopping the gateway stops every worker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import openai
 import psutil
@@ -58,6 +60,46 @@ async def answered(gateway: Gateway, key: str, count: int) -> list[str]:
             *(client.completions.create(model=MODEL, prompt="Hi", max_tokens=1) for _ in range(count))
         )
     return [reply.id for reply in replies]
+
+
+async def held_connections(url: str, count: int, paused: psutil.Process) -> list[asyncio.StreamWriter]:
+    """`count` keep-alive connections opened at once (as a client's pool under load opens them) while the worker
+    `paused` is stopped (busy, say), then each answered once (so accepted by a worker) and held open."""
+    parts = urlsplit(url)
+    paused.suspend()
+    try:
+        opened = await asyncio.gather(*(asyncio.open_connection(parts.hostname, parts.port) for _ in range(count)))
+        await asyncio.sleep(0.3)  # the other worker's turn to accept all it can
+    finally:
+        paused.resume()
+    for _, writer in opened:
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+    for reader, _ in opened:
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    return [writer for _, writer in opened]
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(served: Gateway) -> None:
+    """Each worker accepts on a socket of its own (SO_REUSEPORT), so a burst of connections that arrives while
+    one worker is busy is not all taken by another (as with one shared socket, whose first worker awake takes
+    every connection waiting), leaving the busy one idle for as long as the connections live."""
+    port = urlsplit(served.url).port
+    count = 32
+
+    async def spread() -> list[int]:
+        found = until_workers(served, set())
+        writers = await held_connections(served.url, count, paused=found[0])
+        try:
+            return [
+                sum(1 for c in worker.net_connections("tcp") if c.laddr.port == port and c.status == "ESTABLISHED")
+                for worker in found
+            ]
+        finally:
+            for writer in writers:
+                writer.close()
+
+    held = asyncio.run(spread())
+    assert sum(held) == count and min(held) >= count // 8, f"connections per worker: {held}"
 
 
 def test_n_workers_serve_and_a_dead_one_is_replaced(served: Gateway) -> None:
