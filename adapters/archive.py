@@ -2,19 +2,22 @@
 adapter does not need, so that a small upload can neither fill the store's volume nor the gateway's memory.
 
 Only gzip is decompressed (tarfile would also open xz and bzip2, whose streams can unpack a few kilobytes into
-gigabytes, and whose CPU cost per byte sent is far higher): any other compression is refused by name. The gzip
-stream is read to its end, bounded, before tarfile sees it; members are walked one at a time (never all headers
-at once), at most MAX_MEMBERS of them; every member kept counts against the caller's byte bound.
+gigabytes, and whose CPU cost per byte sent is far higher): any other compression is refused by name. The archive
+is read once, in order (tarfile's stream mode, which cannot seek back): the gzip stream is decompressed a single
+time, bounded, as members are walked one at a time (never all headers at once), at most MAX_MEMBERS of them, each
+kept one written as it comes and counted against the caller's byte bound; then the stream is read to its end, where
+gzip checks its CRC. Any refusal (a damaged stream found only there included) removes everything unpacked.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import shutil
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from adapters.manifest import ADAPTER_FILES, MANIFEST_FILE, InvalidAdapter
 
@@ -60,15 +63,34 @@ def _bounded_info() -> type[tarfile.TarInfo]:
     return BoundedInfo
 
 
-def _check_stream(archive: Path) -> None:
-    """A gzip stream read to its end, where its CRC is checked: tarfile stops at the archive's end marker, so damaged
-    weights (whose safetensors header validation cannot see) would otherwise be unpacked and kept."""
-    read = 0
-    with gzip.open(archive) as stream:
-        while chunk := stream.read(1 << 20):
-            read += len(chunk)
-            if read > MAX_UNPACKED_BYTES + (1 << 20):  # the tar's own blocks beside its members
-                raise InvalidAdapter(f"Archive unpacks to more than {MAX_UNPACKED_BYTES} bytes.")
+class _Inflated(gzip.GzipFile):
+    """A gzip archive's tar, decompressed once as tarfile reads it: at most MAX_UNPACKED_BYTES of it (the tar's own
+    blocks beside its members too), and a damaged or cut-short stream refused as such (its OSError would otherwise be
+    taken for the server's own by tarfile's extraction). A refusal raised here is raised again by any later read."""
+
+    unpacked: int = 0
+    refusal: InvalidAdapter | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.refusal is not None:
+            raise self.refusal
+        try:
+            chunk = super().read(size)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            self.refusal = InvalidAdapter(f"The archive is damaged or cut short ({exc}).")
+            raise self.refusal from exc
+        self.unpacked += len(chunk)
+        if self.unpacked > MAX_UNPACKED_BYTES + (1 << 20):  # the tar's own blocks beside its members
+            self.refusal = InvalidAdapter(f"Archive unpacks to more than {MAX_UNPACKED_BYTES} bytes.")
+            raise self.refusal
+        return chunk
+
+    def read_to_end(self) -> None:
+        """The rest of the stream (the tar's padding, anything after its end marker) read to its end, where its CRC
+        is checked: tarfile stops at the end marker, so damaged weights (whose safetensors header validation cannot
+        see) would otherwise be kept."""
+        while self.read(1 << 20):
+            pass
 
 
 def _compression(magic: bytes) -> str | None:
@@ -79,20 +101,14 @@ def _compression(magic: bytes) -> str | None:
     return next((kind for prefix, kind in REFUSED_COMPRESSIONS.items() if magic.startswith(prefix)), None)
 
 
-def _open(archive: Path) -> tarfile.TarFile:
-    """The archive as a tar read through gzip (checked whole first) or as it is; any other compression refused."""
-    with archive.open("rb") as raw:
-        magic = raw.read(10)
+def _stream(raw: IO[bytes]) -> _Inflated | IO[bytes]:
+    """The tar in `raw`: read through gzip, or as it is; any other compression refused."""
+    magic = raw.read(10)
+    raw.seek(0)
     kind = _compression(magic)
     if kind is not None:
         raise InvalidAdapter(f"The archive is compressed with {kind}; send a .tar.gz (or an uncompressed .tar).")
-    if not magic.startswith(GZIP_MAGIC):
-        return tarfile.open(archive, "r:", tarinfo=_bounded_info())
-    try:
-        _check_stream(archive)
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise InvalidAdapter(f"The archive is damaged or cut short ({exc}).") from exc
-    return tarfile.open(archive, "r:gz", tarinfo=_bounded_info())
+    return _Inflated(fileobj=raw, mode="rb") if magic.startswith(GZIP_MAGIC) else raw
 
 
 def _kept(member: tarfile.TarInfo) -> bool:
@@ -110,45 +126,71 @@ def _check_member(member: tarfile.TarInfo) -> None:
         raise InvalidAdapter(f"The shipped {MANIFEST_FILE} holds more than {MAX_MANIFEST_BYTES} bytes.")
 
 
-def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Every member, checked, read one header at a time (getmembers() would load millions of them first)."""
-    members: list[tarfile.TarInfo] = []
+def _unpack(tar: tarfile.TarFile, into: Path, max_bytes: int) -> None:
+    """Check every member, read one header at a time (getmembers() would load millions of them first), and write
+    the adapter's files (nothing else: READMEs, checkpoints) as they come, `max_bytes` of them at most."""
+    seen = kept = 0
     while (member := tar.next()) is not None:
-        if len(members) == MAX_MEMBERS:
+        if seen == MAX_MEMBERS:
             raise InvalidAdapter(f"The archive has more than {MAX_MEMBERS} members; pack only the adapter's folder.")
+        seen += 1
         _check_member(member)
-        members.append(member)
-    return members
-
-
-def safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
-    """Unpack the adapter's files of a .tar.gz or .tar (whole and undamaged; nothing else of it is written),
-    refusing links, devices, absolute paths, `..`, and kept files of more than `max_bytes` in all (a sparse
-    member counts at its full size); return the adapter folder."""
-    try:
-        with _open(archive) as tar:
-            kept = [m for m in _members(tar) if _kept(m)]
-            if sum(m.size for m in kept) > max_bytes:
+        if _kept(member):
+            kept += member.size
+            if kept > max_bytes:
                 raise InvalidAdapter(
                     f"The adapter's files hold more than {max_bytes} bytes: more than this base allows."
                 )
-            _extract(tar, into, kept)  # nothing else is written (READMEs, checkpoints)
-    except tarfile.FilterError as exc:  # its text names this server's paths
-        raise InvalidAdapter(f"Archive member {exc.tarinfo.name!r} cannot be unpacked safely.") from exc
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise InvalidAdapter(f"Not a readable tar archive ({exc}); send a .tar.gz or an uncompressed .tar.") from exc
-    candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
-    if len(candidates) != 1:
-        raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
+            _extract(tar, into, member)
+
+
+def _read_once(raw: IO[bytes], into: Path, max_bytes: int) -> None:
+    """Unpack the archive in `raw` in one pass, then read a gzip stream to its end (its CRC checked), also when the
+    archive was refused first: a damaged stream is refused as damaged, whatever its garbage looked like to tarfile."""
+    stream = _stream(raw)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_bounded_info()) as tar:
+            _unpack(tar, into, max_bytes)
+    except (InvalidAdapter, tarfile.TarError):
+        if isinstance(stream, _Inflated):
+            stream.read_to_end()  # raises the stream's own refusal again, when it was the stream's
+        raise
+    if isinstance(stream, _Inflated):
+        stream.read_to_end()
+
+
+def safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack the adapter's files of a .tar.gz or .tar (whole and undamaged; nothing else of it is written) into
+    `into`, which must not exist yet: it is made here, and removed whole if the archive is refused (or unpacking
+    fails). Links, devices, absolute paths, `..` are refused, and kept files of more than `max_bytes` in all (a
+    sparse member counts at its full size); return the adapter folder."""
+    into.mkdir(parents=True)
+    try:
+        try:
+            with archive.open("rb") as raw:
+                _read_once(raw, into, max_bytes)
+        except tarfile.FilterError as exc:  # its text names this server's paths
+            raise InvalidAdapter(f"Archive member {exc.tarinfo.name!r} cannot be unpacked safely.") from exc
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise InvalidAdapter(
+                f"Not a readable tar archive ({exc}); send a .tar.gz or an uncompressed .tar."
+            ) from exc
+        candidates = {p.parent for p in into.rglob(ADAPTER_FILES[0])}
+        if len(candidates) != 1:
+            raise InvalidAdapter(f"Archive must contain exactly one {ADAPTER_FILES[0]}; found {len(candidates)}.")
+    except BaseException:
+        shutil.rmtree(into, ignore_errors=True)  # nothing of a refused archive is kept
+        raise
     return candidates.pop()
 
 
-def _extract(tar: tarfile.TarFile, into: Path, members: list[tarfile.TarInfo]) -> None:
-    """Write `members` under `into`. Members that clash on disk (a file `x` and a file `x/y`) or whose names this
-    filesystem cannot hold fail with an OSError naming a path of this server: that archive is refused instead, in
-    words naming none. A fault of this machine's own (a full disk) is not the archive's, and stays what it is."""
+def _extract(tar: tarfile.TarFile, into: Path, member: tarfile.TarInfo) -> None:
+    """Write `member` (the one whose header tarfile has just read) under `into`. Members that clash on disk (a file
+    `x` and a file `x/y`) or whose names this filesystem cannot hold fail with an OSError naming a path of this
+    server: that archive is refused instead, in words naming none. A fault of this machine's own (a full disk) is
+    not the archive's, and stays what it is."""
     try:
-        tar.extractall(into, members=members, filter="data")
+        tar.extract(member, into, filter="data")
     except OSError as exc:
         if exc.errno not in ARCHIVE_FAULTS:
             raise

@@ -8,12 +8,15 @@ import gzip
 import io
 import lzma
 import tarfile
+import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from adapters import archive as archive_module
 from adapters.archive import MAX_MANIFEST_BYTES, MAX_MEMBERS, safe_extract
-from adapters.manifest import InvalidAdapter
+from adapters.manifest import ADAPTER_FILES, InvalidAdapter
 from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
@@ -145,3 +148,116 @@ def test_a_long_path_in_a_pax_header_is_accepted(adapter: Path, tmp_path: Path, 
         tar.add(adapter, arcname="/".join(["run-" + "x" * 60] * 8))
     store = AdapterStore(tmp_path / "store" / "t", "t")
     assert store.add(archive, "a", base, MAX_RANK).ref == "a@1"
+
+
+class _CountingDecompressor:
+    """A zlib decompressor that adds what it inflates to `inflated`."""
+
+    def __init__(self, inner: Any, inflated: list[int]) -> None:
+        self._inner, self._inflated = inner, inflated
+
+    def decompress(self, *args: Any) -> bytes:
+        out: bytes = self._inner.decompress(*args)
+        self._inflated.append(len(out))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_gzip_archive_is_decompressed_once(adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream was inflated to its end for its CRC, then again (and again on seeking back) by tarfile: thrice
+    the CPU of an upload. Every byte of the tar is inflated once, the tail past its end marker included."""
+    plain = _plain_tar(adapter, [_member("README.md", b"notes " * 4000)])
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(gzip.compress(plain))
+    inflated: list[int] = []
+    for factory in ("decompressobj", "_ZlibDecompressor"):  # what gzip inflates with (the latter from 3.12 on)
+        if real := getattr(zlib, factory, None):
+            monkeypatch.setattr(
+                zlib, factory, lambda *a, real=real, **k: _CountingDecompressor(real(*a, **k), inflated)
+            )
+    assert safe_extract(archive, tmp_path / "out").name == "out"
+    assert sum(inflated) == len(plain), f"{sum(inflated)} bytes inflated for a tar of {len(plain)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.tar.gz", "out"], "no scratch left"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(ADAPTER_FILES)
+
+
+def _stored(plain: bytes) -> bytearray:
+    """`plain` gzipped in stored (uncompressed) deflate blocks: a byte flipped in them inflates without a zlib
+    error, into damaged data that only the stream's CRC, at its very end, tells."""
+    return bytearray(gzip.compress(plain, compresslevel=0))
+
+
+def test_weights_damaged_where_only_the_crc_tells_are_refused_and_nothing_is_kept(
+    adapter: Path, tmp_path: Path
+) -> None:
+    """The tar is whole and every member reads; the weights written while reading it are removed again."""
+    weights = (adapter / ADAPTER_FILES[1]).read_bytes()
+    data = _stored(_plain_tar(adapter))
+    at = data.find(weights[-64:])
+    assert at > 0
+    data[at + 10] ^= 0x01  # in the tensors' data, past the safetensors header
+    archive = tmp_path / "damaged.tar.gz"
+    archive.write_bytes(bytes(data))
+    _refused(archive, tmp_path / "out", "damaged or cut short")
+    assert not (tmp_path / "out").exists(), "what was unpacked before the CRC was read is removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "damaged.tar.gz"]
+
+
+@pytest.mark.parametrize("at", [-8, -5, -1, -12])
+def test_a_byte_flipped_near_the_end_of_the_stream_is_refused(adapter: Path, tmp_path: Path, at: int) -> None:
+    """In the CRC, in the stream's length, or in the last deflate block (the tar's end padding)."""
+    data = bytearray(gzip.compress(_plain_tar(adapter)))
+    data[at] ^= 0x10
+    archive = tmp_path / "flipped.tar.gz"
+    archive.write_bytes(bytes(data))
+    _refused(archive, tmp_path / "out", "damaged or cut short")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cut", [4, 9, 300])
+def test_an_archive_cut_short_is_refused_and_nothing_is_kept(adapter: Path, tmp_path: Path, cut: int) -> None:
+    data = gzip.compress(_plain_tar(adapter))
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(data[:-cut])
+    _refused(archive, tmp_path / "out", "damaged or cut short")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_stream_is_refused_as_damaged_whatever_else_is_wrong_with_it(adapter: Path, tmp_path: Path) -> None:
+    """An archive refused for its members is still read to its end: a damaged one is named damaged, as when its CRC
+    was checked before any member."""
+    many = [_member(f"notes/{i}.txt", b"") for i in range(MAX_MEMBERS * 2)]
+    data = _stored(_plain_tar(adapter, many))
+    data[-8] ^= 0x01
+    archive = tmp_path / "many.tar.gz"
+    archive.write_bytes(bytes(data))
+    _refused(archive, tmp_path / "out", "damaged or cut short")
+    data[-8] ^= 0x01
+    archive.write_bytes(bytes(data))
+    _refused(archive, tmp_path / "out", f"more than {MAX_MEMBERS} members")
+
+
+def test_a_stream_unpacking_past_the_bound_is_refused_and_nothing_is_kept(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound counts what the gzip stream inflates to (skipped members and the tar's blocks too), checked as it
+    is read: the adapter's files, already written, are removed again."""
+    monkeypatch.setattr(archive_module, "MAX_UNPACKED_BYTES", 1000)
+    archive = tmp_path / "big.tar.gz"
+    archive.write_bytes(gzip.compress(_plain_tar(adapter, [_member("checkpoint.bin", bytes(3 << 20))])))
+    _refused(archive, tmp_path / "out", "unpacks to more than 1000 bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "big.tar.gz"], "nothing kept"
+
+
+def test_an_existing_folder_is_never_unpacked_into_nor_removed(adapter: Path, tmp_path: Path) -> None:
+    """`into` is made by safe_extract, which removes it whole on a refusal: a folder of the caller's stays as it is."""
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(gzip.compress(_plain_tar(adapter)))
+    into = tmp_path / "mine"
+    into.mkdir()
+    (into / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        safe_extract(archive, into)
+    assert [p.name for p in into.iterdir()] == ["keep.txt"]
