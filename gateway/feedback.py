@@ -130,6 +130,24 @@ class NotDurable(RedisError):
     """Redis took the write but could not confirm it reached its disk."""
 
 
+def whose(index: str | None, tombstone: str | None, tenant: str) -> tuple[str | None, str | None]:
+    """`FeedbackStore._owner` as far as a completion's index and `tenant`'s tombstone tell, and the log entry
+    whose absence from `tenant`'s log makes it GONE (None: nothing to look for)."""
+    if not index:
+        return None, None
+    if index == TRIMMED:
+        return GONE, None
+    owner, entry, _, _ = parse_index(index)
+    if owner == tenant and tombstone and entry_ms(entry) <= parse_tombstone(tombstone)[1]:
+        return GONE, None
+    return owner, entry if owner == tenant else None
+
+
+def deleted_since(found: str | None, item: dict[str, Any], feedback: dict[str, Any]) -> bool:
+    """Whether the rating's tenant was deleted since it was given (the script refuses it: it waits for nothing)."""
+    return found is not None and parse_tombstone(found)[0] >= (item.get("tenant_created") or feedback["created"])
+
+
 class FeedbackStore:
     def __init__(
         self, redis: aioredis.Redis, spool: Spool, recorder: Recorder, metrics: Metrics, settle_s: float = 0.5
@@ -172,17 +190,32 @@ class FeedbackStore:
         deleted is the deleted tenant's (not a re-created `tenant`'s), and one whose record is no longer in
         `tenant`'s log (trimmed by its length limit: TRIMMED, or by an age limit lowered since): its ratings go
         with it."""
-        index, deleted = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
-        if not index:
-            return None
-        if index == TRIMMED:
+        index, tombstone = await self._redis.mget([keys.completion(completion_id), keys.tenant_deleted(tenant)])
+        owner, entry = whose(index, tombstone, tenant)
+        if entry is not None and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
             return GONE
-        owner, entry, _, _ = parse_index(index)
-        if owner == tenant and deleted and entry_ms(entry) <= parse_tombstone(deleted)[1]:
-            return GONE
-        if owner == tenant and not await self._redis.xrange(keys.completion_log(tenant), entry, entry):
-            return GONE
-        return str(owner)
+        return owner
+
+    async def _owners(self, items: list[dict[str, Any]], parsed: list[dict[str, Any]]) -> list[tuple[str | None, bool]]:
+        """Spooled ratings' `_owner`, and for one not indexed whether its tenant was deleted since it was given
+        (`deleted_since`): for a whole segment in two round trips, an MGET and a pipeline of the XRANGEs needed."""
+        indexes = [keys.completion(feedback["completion_id"]) for feedback in parsed]
+        tombs = [keys.tenant_deleted(item["tenant"]) for item in items]
+        wanted = list(dict.fromkeys(indexes + tombs))
+        found = dict(zip(wanted, await self._redis.mget(wanted), strict=True)) if wanted else {}
+        verdicts = [whose(found[i], found[t], item["tenant"]) for i, t, item in zip(indexes, tombs, items, strict=True)]
+        looked = {(item["tenant"], e) for item, (_, e) in zip(items, verdicts, strict=True) if e is not None}
+        logged: dict[tuple[str, str], Any] = {}
+        if looked:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant, in_log in looked:
+                    pipe.xrange(keys.completion_log(tenant), in_log, in_log)
+                logged = dict(zip(looked, await pipe.execute(), strict=True))
+        owned = []
+        for item, feedback, (owner, entry), tomb in zip(items, parsed, verdicts, tombs, strict=True):
+            owner = GONE if entry is not None and not logged[item["tenant"], entry] else owner
+            owned.append((owner, owner is None and deleted_since(found[tomb], item, feedback)))
+        return owned
 
     def _answered_here(self, tenant: Tenant, completion_id: str) -> bool:
         """Whether this process answered the completion for this tenant (not for a deleted one of that name)."""
@@ -321,11 +354,6 @@ class FeedbackStore:
             return False
         return not rated and int(count) >= MAX_RATERS
 
-    async def _deleted_since(self, item: dict[str, Any], feedback: dict[str, Any]) -> bool:
-        """Whether the rating's tenant was deleted since it was given (the script refuses it: it waits for nothing)."""
-        found = await self._redis.get(keys.tenant_deleted(item["tenant"]))
-        return found is not None and parse_tombstone(found)[0] >= (item.get("tenant_created") or feedback["created"])
-
     async def replay(self) -> int:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
         checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's. Any whose
@@ -339,10 +367,9 @@ class FeedbackStore:
             """One segment: written, and what waits put back (fsynced) before the segment is removed, so that
             a crash or a failed write in between loses nothing and copies nothing."""
             kept, waiting = [], []
-            for item in items:
-                feedback = pydantic_core.from_json(item["feedback"])
-                owner = await self._owner(feedback["completion_id"], item["tenant"])
-                if owner is None and not await self._deleted_since(item, feedback):
+            parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
+            for item, (owner, deleted) in zip(items, await self._owners(items, parsed), strict=True):
+                if owner is None and not deleted:
                     # Redis answered, and has no record of it yet (not GONE): it may come (from a spool; one vouched
                     # for waits too, so that it counts for the arm that answered, which its index names)
                     missing_since = item.setdefault("missing_since", time.time())  # not while Redis was down

@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import feedback as feedback_module
+from gateway import keys
 from gateway import spool as spool_module
 from gateway.errors import StateUnavailable
 from gateway.feedback import FeedbackStore, TooManyRatings
 from gateway.metrics import Metrics
+from gateway.record_store import TRIMMED
 from gateway.recorder import Recorder
 from gateway.records import FeedbackIn
 from gateway.spool import Spool
@@ -41,14 +44,16 @@ async def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: boo
     recorder = Recorder(unreachable, Spool(tmp_path / "records", fsync=False), Metrics())
     feedback = FeedbackStore(unreachable, spool, recorder, Metrics())
 
-    async def not_in_redis_yet(completion_id: str, tenant: str) -> str | None:
-        return tenant if completion_id == KNOWN else None
+    async def not_in_redis_yet(
+        items: list[dict[str, Any]], parsed: list[dict[str, Any]]
+    ) -> list[tuple[str | None, bool]]:
+        """Each rating's owner (None: not indexed yet), and whether its tenant was deleted since (never here)."""
+        return [
+            (item["tenant"] if rating["completion_id"] == KNOWN else None, False)
+            for item, rating in zip(items, parsed, strict=True)
+        ]
 
-    async def not_deleted(item: dict[str, Any], rating: dict[str, Any]) -> bool:
-        return False
-
-    monkeypatch.setattr(feedback, "_owner", not_in_redis_yet)
-    monkeypatch.setattr(feedback, "_deleted_since", not_deleted)
+    monkeypatch.setattr(feedback, "_owners", not_in_redis_yet)
     ratings = [spooled_rating(Tenant(name="t"), WAITS) | {"verify": True}, spooled_rating(Tenant(name="t"), KNOWN)]
     for batch in [ratings] if together else [[rating] for rating in ratings]:
         await spool.append(batch)
@@ -164,3 +169,51 @@ async def test_ratings_of_a_completion_are_capped_at_max_raters(
     found = await store.of_completion(tenant, "chatcmpl-7")
     users = [("", "up"), ("late0", "up"), ("late1", "up"), ("u0", "down"), ("u1", "down")]
     assert sorted((f.user or "", f.thumbs) for f in found) == users
+
+
+async def test_a_segment_is_checked_in_a_few_round_trips_however_many_ratings_it_holds(
+    redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage thousands of ratings may be spooled: each one's completion index, tenant tombstone and log
+    entry used to be looked up on its own (two or three round trips a rating); a segment is now looked up whole, in
+    a number of round trips that does not grow with its size, and each rating is decided as before."""
+    recorder = Recorder(redis, Spool(tmp_path / "records", fsync=False), Metrics())  # not running: Redis is all ours
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant, n = Tenant(name="t"), 50
+    for i in range(n):
+        entry = await redis.xadd(keys.completion_log("t"), {"c": f"chatcmpl-{i}"})
+        await redis.set(keys.completion(f"chatcmpl-{i}"), f"t {entry}", ex=60)
+    await redis.set(keys.completion("chatcmpl-theirs"), "o 1-0", ex=60)  # another tenant's
+    await redis.set(keys.completion("chatcmpl-gone"), "t 1-0", ex=60)  # no longer in the log
+    ratings = [spooled_rating(tenant, f"chatcmpl-{i}") for i in range(n)]
+    ratings += [spooled_rating(tenant, c) | {"verify": True} for c in ("chatcmpl-theirs", "chatcmpl-gone")]
+    await redis.set(keys.completion("chatcmpl-trimmed"), TRIMMED, ex=60)
+    ratings.append(spooled_rating(tenant, "chatcmpl-trimmed"))  # vouched for: written, and refused by the script
+    ratings.append(spooled_rating(tenant, "chatcmpl-later"))  # not indexed yet: waits
+    deleted = Tenant(name="d")
+    await redis.set(keys.tenant_deleted("d"), f"{deleted.created + 1!r} 0")
+    ratings.append(spooled_rating(deleted, "chatcmpl-later"))  # its tenant deleted since: waits for nothing
+    await store._spool.append(ratings)
+    round_trips = 0
+    send = Connection.send_packed_command
+
+    async def counted(self: Connection, command: Any, check_health: bool = True) -> None:
+        nonlocal round_trips
+        round_trips += 1
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    dropped = store._metrics.feedback_dropped._value.get()
+    assert await store.replay() == n + 5
+    monkeypatch.undo()
+    assert round_trips <= 8, f"{round_trips} round trips for a segment of {n + 5} ratings"
+    assert store._metrics.feedback_dropped._value.get() == dropped + 2, "another's, and one trimmed: dropped"
+    assert store._spool.pending() == 1 and on_disk(tmp_path / "feedback") == ["chatcmpl-later"]
+    rated = [await redis.hlen(keys.feedback("t", f"chatcmpl-{i}")) for i in range(n)]
+    assert rated == [1] * n, "each of the tenant's own, written"
+    refused = [
+        keys.feedback("t", "chatcmpl-gone"),
+        keys.feedback("t", "chatcmpl-trimmed"),
+        keys.feedback("d", "chatcmpl-later"),
+    ]
+    assert not await redis.exists(*refused)
