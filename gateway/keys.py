@@ -83,6 +83,11 @@ def adapter_lock(owner: str, adapter: str) -> str:
     return f"{PREFIX}:tenant:{owner}:adapter:{adapter}:lock"
 
 
+def retrain_lease(tenant: str, alias: str) -> str:
+    """Held, with the run's id, by the retraining run working on the tenant's alias (training.lease)."""
+    return f"{PREFIX}:tenant:{tenant}:alias:{alias}:retraining"
+
+
 def shares() -> str:
     """Hash `owner/adapter` -> JSON list of the tenants it is shared with (set by the global admin)."""
     return f"{PREFIX}:shares"

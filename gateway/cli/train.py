@@ -36,9 +36,10 @@ GatewayUrl = Annotated[
 ]
 
 
-def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, stopped: str) -> T:
-    """Run a step (or all) on the gateway's Redis servers; `stopped` says what a SIGTERM (or Ctrl-C) left: each
-    step cleans up what it can before the cancellation gets through (training.retrain)."""
+def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, stopped: str, job: Run) -> T:
+    """Run a step (or all) of run `job` on the gateway's Redis servers, holding its alias (training.lease);
+    `stopped` says what a SIGTERM (or Ctrl-C) left: each step cleans up what it can before the cancellation gets
+    through (training.retrain)."""
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
@@ -46,6 +47,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     from gateway.experiments import ExperimentNotFound
     from gateway.tenants import TenantNotFound
     from training.dataset import NotEnoughData
+    from training.lease import alias_lease
     from training.publish import RetrainRefused
     from training.retrain import Stack
     from training.train import TrainingError
@@ -60,7 +62,8 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
         if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels, as asyncio.run makes Ctrl-C do
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            return await work(Stack(settings, state, records, url))
+            async with alias_lease(state, job.state.tenant, job.state.alias, job.state.run_id):  # one run per alias
+                return await work(Stack(settings, state, records, url))
         finally:
             await state.aclose()
             await records.aclose()
@@ -126,7 +129,7 @@ def run_all(
         "training (if under way) stopped at a step's (or an evaluation batch's) end, any unlisted candidate was "
         f"removed, and {run.folder}/run.json says how far the run got"
     )
-    _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url, stopped)
+    _with_stack(lambda stack: retrain(run, stack, _say, who("cli:retraining")), gateway_url, stopped, run)
     summary(run)
 
 
@@ -140,6 +143,7 @@ def dataset_step(ctx: typer.Context, tenant: Tenant, alias: Alias, config: Confi
         lambda stack: build_dataset(run, stack, _say),
         None,
         f"the dataset step of {run.folder} did not finish; start another run",
+        run,
     )
     typer.echo(str(run.folder))
 
@@ -156,7 +160,7 @@ def fit_step(
         "training stopped at a step's (or an evaluation batch's) end, the fit step not done; `loragate train fit "
         f"--run {run.folder} --resume` goes on from the last whole epoch's checkpoint"
     )
-    _with_stack(lambda stack: fit(run, stack, _say, resume), None, stopped)
+    _with_stack(lambda stack: fit(run, stack, _say, resume), None, stopped, run)
     _losses(run)
 
 
@@ -170,7 +174,7 @@ def eval_step(run_dir: RunDir, gateway_url: GatewayUrl = None) -> None:
         "the eval did not finish (its training key is revoked, or expires within 2 hours), a staged candidate stays "
         f"unlisted; `loragate train eval --run {run.folder}` asks again"
     )
-    _with_stack(lambda stack: evaluate_candidate(run, stack, _say), gateway_url, stopped)
+    _with_stack(lambda stack: evaluate_candidate(run, stack, _say), gateway_url, stopped, run)
     summary(run)
 
 
@@ -181,7 +185,7 @@ def publish_step(run_dir: RunDir) -> None:
 
     run = _load(run_dir)
     stopped = f"{run.folder}/run.json says what was published; `loragate train publish --run {run.folder}` goes on"
-    _with_stack(lambda stack: publish_candidate(run, stack, _say, who("cli:retraining")), None, stopped)
+    _with_stack(lambda stack: publish_candidate(run, stack, _say, who("cli:retraining")), None, stopped, run)
     summary(run)
 
 

@@ -1,0 +1,73 @@
+"""One retraining run at a time per alias (training.lease), on a real Redis, and through `loragate train run`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from starlette.testclient import TestClient
+
+from gateway import keys
+from tests.conftest import RedisServer
+from training import lease
+from training.publish import RetrainRefused
+
+
+async def test_a_second_run_on_the_alias_is_refused_until_the_first_ends(redis: aioredis.Redis) -> None:
+    async with lease.alias_lease(redis, "acme", "support", "run-1"):
+        with pytest.raises(RetrainRefused, match="being retrained by run run-1"):
+            async with lease.alias_lease(redis, "acme", "support", "run-2"):
+                pytest.fail("two runs held one alias")
+        async with lease.alias_lease(redis, "acme", "sales", "run-2"):  # another alias: its own lease
+            assert await redis.get(keys.retrain_lease("acme", "sales")) == "run-2"
+        async with lease.alias_lease(redis, "other", "support", "run-3"):  # another tenant's alias of that name
+            pass
+    assert await redis.get(keys.retrain_lease("acme", "support")) is None, "released at the end"
+    async with lease.alias_lease(redis, "acme", "support", "run-2"):
+        assert await redis.get(keys.retrain_lease("acme", "support")) == "run-2"
+
+
+async def test_the_lease_is_renewed_while_the_run_works(redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lease, "LEASE_S", 0.6)
+    async with lease.alias_lease(redis, "acme", "support", "run-1"):
+        await asyncio.sleep(1.5)  # past two lifetimes: only renewals keep it
+        assert await redis.get(keys.retrain_lease("acme", "support")) == "run-1"
+        with pytest.raises(RetrainRefused):
+            async with lease.alias_lease(redis, "acme", "support", "run-2"):
+                pass
+
+
+async def test_a_dead_runs_lease_frees_itself_and_a_runs_own_is_taken_over(redis: aioredis.Redis) -> None:
+    name = keys.retrain_lease("acme", "support")
+    await redis.set(name, "run-dead", px=300)  # a process killed while it held the alias: nobody renews it
+    with pytest.raises(RetrainRefused, match="run-dead"):
+        async with lease.alias_lease(redis, "acme", "support", "run-2"):
+            pass
+    await asyncio.sleep(0.4)
+    async with lease.alias_lease(redis, "acme", "support", "run-2"):
+        assert await redis.get(name) == "run-2"
+    await redis.set(name, "run-2", px=60_000)  # a step of run-2 killed: the next step of run-2 goes on
+    async with lease.alias_lease(redis, "acme", "support", "run-2"):
+        assert 50_000 < await redis.pttl(name) <= 60_000
+    assert await redis.get(name) is None
+
+
+def test_train_run_is_refused_while_another_run_retrains_the_alias(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    import redis as sync_redis
+
+    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state.set(keys.retrain_lease("acme", "support"), "20261204-120000-abcdef", px=60_000)
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    command = [sys.executable, "-m", "gateway", "train", "run", "--tenant", "acme", "--alias", "support"]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in said, said
+    assert "being retrained by run 20261204-120000-abcdef" in " ".join(said.split()), said
+    assert state.get(keys.retrain_lease("acme", "support")) == "20261204-120000-abcdef", "the holder's lease stays"

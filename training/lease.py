@@ -1,0 +1,54 @@
+"""One retraining run at a time per alias.
+
+Two runs on one alias (a scheduled job and a person's, say) would train on the same feedback, both publish a
+candidate, and the second's canary would find the first's experiment on the alias and not start, leaving its
+version listed for nothing. So each `loragate train` command that works on a run holds the alias's lease in the
+state Redis while it works: a second run's command is refused, naming the run that holds it. The lease expires
+LEASE_S after its holder's last renewal (every LEASE_S / 3 while it works), so a run whose process died frees the
+alias within a minute; only the holder (its run id is the lease's value) renews or releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.exceptions import LockError, RedisError
+
+from gateway import keys
+from training.publish import RetrainRefused
+
+LEASE_S = 60.0
+
+
+@contextlib.asynccontextmanager
+async def alias_lease(redis: aioredis.Redis, tenant: str, alias: str, run_id: str) -> AsyncIterator[None]:
+    """Hold `tenant`'s `alias` for run `run_id` while the block runs; RetrainRefused if another run holds it."""
+    name = keys.retrain_lease(tenant, alias)
+    lease = redis.lock(name, timeout=LEASE_S, blocking=False, thread_local=False)
+    if not await lease.acquire(token=run_id):
+        holder = await redis.get(name)
+        if holder == run_id:  # this run's own, left by a step of it that was killed: taken over
+            lease.local.token = run_id.encode()
+            await lease.reacquire()
+        elif holder is not None or not await lease.acquire(token=run_id):
+            raise RetrainRefused(
+                f"Alias `{alias}` is being retrained by run {holder or 'that just ended'}: one run at a time per "
+                f"alias. Try again when it ends (a run whose process died frees it within {LEASE_S:g} s)."
+            )
+    renewing = asyncio.create_task(_renew(lease))
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(LockError, RedisError, OSError):  # expired or Redis away: it frees itself
+            await asyncio.shield(lease.release())
+
+
+async def _renew(lease: aioredis.lock.Lock) -> None:
+    while True:
+        await asyncio.sleep(LEASE_S / 3)
+        with contextlib.suppress(RedisError, OSError):  # Redis away a moment: the next renewal may do
+            await lease.reacquire()
