@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 from collections import deque
@@ -144,7 +145,10 @@ def main() -> None:
     """Answers go out on this process's stdout, taken over: through a buffered writer of its own, whose `write`
     sends all of a message (under PYTHONUNBUFFERED, which the gateway's image sets, `sys.stdout.buffer` is a raw
     file, and its `write` into a full socket that a stop signal interrupts takes only part of one), and with fd 1
-    then pointing at stderr, so that nothing a library prints can land in the middle of a message."""
+    then pointing at stderr, so that nothing a library prints can land in the middle of a message. Ctrl-C (SIGINT
+    to the terminal's whole process group) is left to the gateway, which ends this process once it has handed
+    over its last records (it closes the batches' socket): the records queued at that moment are still written."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     heap.steady()
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -62,6 +62,27 @@ async def test_answers_arrive_whole_when_the_record_process_is_stopped_mid_write
     await worker.stop()
 
 
+async def test_ctrl_c_leaves_the_record_process_to_the_gateway() -> None:
+    """Ctrl-C on `make run` sends SIGINT to the terminal's whole process group, the record processes too: they
+    went on to build what their gateway hands over while it stops (and printed no traceback), and end when it
+    closes their batches' socket."""
+    worker = RecordWorker()
+    await worker.start()
+    assert worker._process is not None
+    process = worker._process.process
+    await worker.send(raws(0), "before")  # answered: the process runs (and SIGINT meets its own handling)
+    assert (await worker.receive())[0] == "before"
+    os.kill(process.pid, signal.SIGINT)
+    await asyncio.sleep(0.3)
+    assert process.returncode is None, "ended by SIGINT"
+    await worker.send(raws(0), "after ctrl-c")
+    tag, built = await worker.receive()
+    assert tag == "after ctrl-c" and len(built.entries) == BATCH
+    assert worker._process is not None and worker._process.process is process, "built by the same process"
+    await worker.stop()
+    assert process.returncode == 0
+
+
 async def test_an_answer_that_does_not_unpickle_costs_a_restart_not_its_batch() -> None:
     worker = RecordWorker()
     await worker.start()
