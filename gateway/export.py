@@ -190,27 +190,43 @@ def _kto(s: Sample) -> Iterator[dict[str, Any]]:
         yield {"prompt": s.prompt, "completion": s.answer(s.correction), "label": True}
 
 
-def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
-    seen: set[tuple[str, str, str]] = set()
-    groups: dict[str, list[tuple[Sample, str, float]]] = {}
+class _Pairs:
+    """DPO's pairs, made as the samples come: a correction is chosen over its completion's answer at once; rated
+    answers wait for the best-rated answer of their prompt, grouped by prompt (each prompt kept once, whatever
+    the number of its answers: a long system prompt is not held once per record), and pair once all are read."""
 
-    def pair(s: Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
-        if chosen != rejected and (s.key, chosen, rejected) not in seen:
-            seen.add((s.key, chosen, rejected))
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str, str]] = set()
+        self._groups: dict[str, tuple[Sample, list[tuple[str, float]]]] = {}
+
+    def _pair(self, s: Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+        if chosen != rejected and (s.key, chosen, rejected) not in self._seen:
+            self._seen.add((s.key, chosen, rejected))
             yield {"prompt": s.prompt, "chosen": s.answer(chosen), "rejected": s.answer(rejected)}
 
-    for s in samples:
-        if s.correction is not None and s.text is not None:
-            yield from pair(s, s.correction, s.text)
-        if s.text is not None and s.judgement is not None:
-            groups.setdefault(s.key, []).append((s, s.text, s.judgement))
-    for group in groups.values():
-        positives = [(text, value) for _, text, value in group if value >= 0.5]
-        if positives:
-            best = max(positives, key=lambda p: p[1])[0]  # the first of the best: the oldest
-            for s, text, value in group:
-                if value < 0.5:
-                    yield from pair(s, best, text)
+    def add(self, samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
+        """The correction pairs of `samples`; their rated answers are kept for `rest`."""
+        for s in samples:
+            if s.correction is not None and s.text is not None:
+                yield from self._pair(s, s.correction, s.text)
+            if s.text is not None and s.judgement is not None:
+                self._groups.setdefault(s.key, (s, []))[1].append((s.text, s.judgement))
+
+    def rest(self) -> Iterator[dict[str, Any]]:
+        """Each prompt's best-rated answer (the first of the best: the oldest) over each of its negative ones."""
+        for s, group in self._groups.values():
+            positives = [(text, value) for text, value in group if value >= 0.5]
+            if positives:
+                best = max(positives, key=lambda p: p[1])[0]
+                for text, value in group:
+                    if value < 0.5:
+                        yield from self._pair(s, best, text)
+
+
+def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
+    pairs = _Pairs()
+    yield from pairs.add(samples)
+    yield from pairs.rest()
 
 
 def rows(examples: Iterable[Example], fmt: ExportFormat, policy: LogPolicy) -> Iterator[dict[str, Any]]:
@@ -323,23 +339,21 @@ async def export(
     page: int = 500,
     endpoint: str | None = None,
 ) -> ExportSummary:
-    """Write the rows as JSONL to `out`; `progress(records_read, rows_written)` after every page (dpo
-    writes its rows after the last page, then reports once more). `endpoint` ("chat" or "completions")
-    keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
+    """Write the rows as JSONL to `out`; `progress(records_read, rows_written)` after every page (dpo writes
+    the pairs of rated answers after the last page, then reports once more). `endpoint` ("chat" or
+    "completions") keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
     read = with_feedback = written = skipped = 0
-    kept: list[Sample] = []  # dpo's: what its pairs need (prompt, text, judgement, correction), not whole records
+    pairs = _Pairs() if fmt == "dpo" else None
     async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
         usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
         read, with_feedback = read + count, with_feedback + len(examples)
         skipped += len(examples) - len(usable)
-        if fmt == "dpo":
-            kept.extend(usable)
-        else:
-            written += await asyncio.to_thread(_write, out, _rows(usable, fmt))
+        made = pairs.add(usable) if pairs is not None else _rows(usable, fmt)
+        written += await asyncio.to_thread(_write, out, made)
         if progress is not None:
             progress(read, written)
-    if fmt == "dpo":
-        written = await asyncio.to_thread(_write, out, _rows(kept, fmt))
+    if pairs is not None:
+        written += await asyncio.to_thread(_write, out, pairs.rest())
         if progress is not None:
             progress(read, written)
     return ExportSummary(read, with_feedback, written, skipped)

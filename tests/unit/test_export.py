@@ -233,6 +233,36 @@ def test_kto_rows_label_every_judged_completion_and_add_corrections() -> None:
     ]
 
 
+async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
+    redis: aioredis.Redis, tenant: str, tmp_path: Path
+) -> None:
+    """DPO pairs a prompt's answers once all are read; what waits until then is each prompt once and its answers'
+    texts, not every record's whole prompt: 2,000 rated records sharing a 20 kB system prompt (40 MB of prompts)
+    are exported within a few pages' worth of memory."""
+    import tracemalloc
+
+    system = {"role": "system", "content": "Follow the support policy. " * 800}
+    messages = [system, {"role": "user", "content": QUESTION}]
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(2000):
+            record = chat(tenant, text=f"Answer {i}.", messages=messages)
+            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
+            rating = fb(record, thumbs="down" if i % 10 else "up")
+            pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
+        await pipe.execute()
+    tracemalloc.start()
+    try:
+        with (tmp_path / "dpo.jsonl").open("w") as out:  # the rows (36 MB) go to disk as they are made
+            summary = await export(redis, tenant, "dpo", out, POLICY, page=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary.records_read == 2000 and summary.rows_written == 1800
+    with (tmp_path / "dpo.jsonl").open() as written:
+        assert json.loads(next(written))["chosen"] == assistant("Answer 0.")
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
 async def test_records_without_content_are_skipped_and_counted(redis: aioredis.Redis, tenant: str) -> None:
     kept = chat(tenant, text="Paris.")
     no_content = chat(tenant).model_copy(update={"request": None, "choices": None})
