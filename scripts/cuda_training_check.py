@@ -86,27 +86,28 @@ def preference_runs(base: Path) -> None:
 
 
 def generations(base: Path, adapter: Path) -> None:
-    import torch
+    """Greedy answers with and without the adapter, on the base as training loads it (`training.train.load_base`):
+    bf16, and NF4 as QLoRA trains on it."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
     from tests.integration.qlora_trainer import ANSWER, QUESTION
+    from training.hardware import choose_precision
+    from training.train import load_base
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )
     inputs = tokenizer(str(text), return_tensors="pt").to("cuda")
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    loads: dict[str, dict[str, Any]] = {
-        "bf16": {"dtype": torch.bfloat16},
-        "nf4": {"quantization_config": nf4, "dtype": torch.bfloat16},
-    }
-    for name, kwargs in loads.items():
-        model = AutoModelForCausalLM.from_pretrained(base, device_map="cuda", **kwargs)
+    precision = choose_precision()
+    for name, qlora in (("bf16", False), ("nf4", True)):
+        model: Any = load_base(base, precision, qlora)  # NF4: already on the GPU (device_map)
+        if not qlora:
+            model = model.to("cuda")
 
-        def answer(m: object) -> str:
-            out = m.generate(**inputs, max_new_tokens=24, do_sample=False)  # type: ignore[attr-defined]
+        def answer(m: Any) -> str:
+            out = m.generate(**inputs, max_new_tokens=24, do_sample=False)
             return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
         plain = answer(model)
