@@ -233,7 +233,7 @@ class RecordWorker:
     def __init__(self, redis_url: str | None = None) -> None:
         self._redis_url = redis_url
         self._process: _Process | None = None
-        self._in_flight: deque[tuple[_Process | None, list[RawRecord], Any]] = deque()
+        self._in_flight: deque[tuple[_Process | None, list[RawRecord], Any, int | None]] = deque()
 
     @property
     def pending(self) -> int:
@@ -243,19 +243,25 @@ class RecordWorker:
     async def send(self, raws: list[RawRecord], tag: Any, epoch: int | None = None) -> None:
         """Hand a batch over, to be written too when `epoch` is not None; `receive` returns what became of it
         with `tag`, in the order batches were sent. The bytes are not drained here: the process may be
-        answering the previous batch meanwhile."""
+        answering the previous batch meanwhile.
+
+        A batch is not written here while one sent before it will come back unwritten, for the gateway to write:
+        one sent without an epoch, or to a process that has died since (a new one would otherwise write this
+        batch before the gateway writes those, out of order)."""
         try:
             process = await self._started()
+            if any(sent_to is not process or its_epoch is None for sent_to, _, _, its_epoch in self._in_flight):
+                epoch = None
             process.send(([tuple(raw) for raw in raws], epoch))  # plain tuples pickle in half the time
-            self._in_flight.append((process, raws, tag))
+            self._in_flight.append((process, raws, tag, epoch))
         except (OSError, pickle.PickleError) as exc:
             log.error("completion log: the record process failed (%r); starting another", exc)
             await self.stop()
-            self._in_flight.append((None, raws, tag))
+            self._in_flight.append((None, raws, tag, None))
 
     async def receive(self) -> tuple[Any, Built]:
         """The oldest batch sent: its tag and what became of it (built in a thread if the process died)."""
-        process, raws, tag = self._in_flight.popleft()
+        process, raws, tag, _ = self._in_flight.popleft()
         if process is not None and process is self._process:
             try:
                 return tag, await process.answer()

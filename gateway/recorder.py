@@ -174,7 +174,8 @@ class Recorder:
         The record process writes what it builds while it keeps up. Once more than a batch is waiting (records
         come faster than one process builds and writes them), this process writes the batches that follow, so
         that building and writing run side by side, until the queue is empty (a batch it writes is written
-        after those before it: they come back in order)."""
+        after those before it: they come back in order). So does it, for the rest of the cycle, once a batch comes
+        back for it to write (its record process died, say): the batches after it are then written after it."""
         writing: asyncio.Task[None] | None = None
         sharing = False
         began = self._queued_seq
@@ -192,6 +193,7 @@ class Recorder:
             if writing is not None:
                 await writing
             writing = self._received(built, last_seq)
+            sharing = sharing or writing is not None  # what this process writes goes before what follows it
         if writing is not None:
             await writing
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,68 @@ async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the
     assert (await worker.receive())[1].entries[0]["id"] == "chatcmpl-9"
     assert worker._process is not None and worker._process is not dying, "a new process builds what comes after"
     await worker.stop()
+
+
+async def test_a_batch_sent_after_its_record_process_died_is_left_to_the_gateway_behind_the_ones_before_it(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A batch in flight to a process that died comes back unwritten (built in a thread) for the gateway to write: a
+    batch sent after it, to the new process, must not be written there first."""
+    worker = RecordWorker(redis_server.url)
+    await worker.start()
+    dying = worker._process
+    assert dying is not None
+    os.kill(dying.process.pid, signal.SIGSTOP)  # it cannot read batch 0 before it dies
+    await worker.send([raw_record(context(Tenant(name="t"), 0))], 0, epoch=0)
+    dying.process.kill()
+    await dying.process.wait()
+    await worker.send([raw_record(context(Tenant(name="t"), 1))], 1, epoch=0)  # to a new process
+    await worker.send([raw_record(context(Tenant(name="t"), 2))], 2, epoch=0)
+    got = [await worker.receive() for _ in range(3)]
+    assert [(tag, [e["id"] for e in built.entries], built.written) for tag, built in got] == [
+        (n, [f"chatcmpl-{n}"], []) for n in range(3)
+    ], "all three come back to be written by the gateway, in order"
+    assert await redis.xlen(keys.completion_log("t")) == 0
+    await worker.send([raw_record(context(Tenant(name="t"), 3))], 3, epoch=0)
+    assert [w[0] for w in (await worker.receive())[1].written] == ["chatcmpl-3"], "once they are back, it writes again"
+    await worker.stop()
+
+
+async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=1, workers=1, redis_url=redis_server.url)
+    await recorder.start()
+    builder = recorder._builder
+    assert isinstance(builder, RecordWorker)
+    send, store_write, sent = builder.send, recorder._records.write, []
+
+    async def dying_after_the_first(*args: Any) -> None:
+        process = builder._process
+        if not sent and process is not None:
+            os.kill(process.process.pid, signal.SIGSTOP)
+        await send(*args)
+        if not sent and process is not None:
+            process.process.kill()
+            await process.process.wait()
+        sent.append(args[2])
+        if len(sent) < 4:  # one at a time: never a backlog, so the record process would write each itself
+            recorder.record(context(Tenant(name="t"), len(sent)))
+
+    async def slow_write(entries: list[dict[str, Any]]) -> Any:
+        await asyncio.sleep(1.5)  # time enough for a new record process to start and write what it was sent
+        return await store_write(entries)
+
+    builder.send = dying_after_the_first  # type: ignore[method-assign]
+    recorder._records.write = slow_write  # type: ignore[method-assign]
+    try:
+        recorder.record(context(Tenant(name="t"), 0))
+        await recorder._cycle()
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(4)]
+    finally:
+        await recorder.close()
 
 
 async def feedback_store(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> FeedbackStore:
