@@ -58,9 +58,9 @@ def client_error_body(status: int, raw: bytes) -> bytes:
 
 
 _DECODER = json.JSONDecoder()
+"""Stateless: one for every answer (building one costs more than decoding a usage object)."""
 RESEND_WITHIN_S = 1.0
 """A post that fails this soon after it was sent, on a connection closed under it, is sent again (`_closed_as_sent`)."""
-"""Stateless: one for every answer (building one costs more than decoding a usage object)."""
 
 
 def usage_of(raw: bytes) -> dict[str, Any] | None:
