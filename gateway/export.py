@@ -48,6 +48,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gateway import keys
+from gateway.dpo_pairs import POSITIVE, Messages, PreferencePairs, Prompt, answer
 from gateway.records import CompletionRecord, Feedback, LogPolicy
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,6 @@ ExportFormat = Literal["sft", "dpo", "kto"]
 FORMATS: tuple[ExportFormat, ...] = ("sft", "dpo", "kto")
 MAX_SINCE = 1e13
 """Largest `since` (Unix seconds) an export takes: far past any record, and still a stream id in milliseconds."""
-Messages = list[dict[str, str]]
-Prompt = Messages | str
-"""A chat prompt (conversational) or a text prompt (standard)."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +88,8 @@ class Sample:
     judgement: float | None
     correction: str | None
 
-    @property
-    def chat(self) -> bool:
-        return isinstance(self.prompt, list)
-
     def answer(self, text: str) -> Messages | str:
-        return [{"role": "assistant", "content": text}] if self.chat else text
+        return answer(self.prompt, text)
 
 
 def feedback_value(feedback: Feedback, policy: LogPolicy) -> float | None:
@@ -171,7 +165,7 @@ def exportable(example: Example, policy: LogPolicy) -> Sample | None:
 
 
 def _sft(s: Sample) -> Iterator[dict[str, Any]]:
-    answer = s.correction or (s.text if s.judgement is not None and s.judgement >= 0.5 else None)
+    answer = s.correction or (s.text if s.judgement is not None and s.judgement >= POSITIVE else None)
     if answer is None:
         return
     if isinstance(s.prompt, list):
@@ -182,7 +176,7 @@ def _sft(s: Sample) -> Iterator[dict[str, Any]]:
 
 def _kto(s: Sample) -> Iterator[dict[str, Any]]:
     if s.text is not None and s.judgement is not None:
-        positive = s.judgement >= 0.5
+        positive = s.judgement >= POSITIVE
         yield {"prompt": s.prompt, "completion": s.answer(s.text), "label": positive}
         if positive and s.correction == s.text:
             return
@@ -190,43 +184,19 @@ def _kto(s: Sample) -> Iterator[dict[str, Any]]:
         yield {"prompt": s.prompt, "completion": s.answer(s.correction), "label": True}
 
 
-class _Pairs:
-    """DPO's pairs, made as the samples come: a correction is chosen over its completion's answer at once; rated
-    answers wait for the best-rated answer of their prompt, grouped by prompt (each prompt kept once, whatever
-    the number of its answers: a long system prompt is not held once per record), and pair once all are read."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str, str]] = set()
-        self._groups: dict[str, tuple[Sample, list[tuple[str, float]]]] = {}
-
-    def _pair(self, s: Sample, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
-        if chosen != rejected and (s.key, chosen, rejected) not in self._seen:
-            self._seen.add((s.key, chosen, rejected))
-            yield {"prompt": s.prompt, "chosen": s.answer(chosen), "rejected": s.answer(rejected)}
-
-    def add(self, samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
-        """The correction pairs of `samples`; their rated answers are kept for `rest`."""
-        for s in samples:
-            if s.correction is not None and s.text is not None:
-                yield from self._pair(s, s.correction, s.text)
-            if s.text is not None and s.judgement is not None:
-                self._groups.setdefault(s.key, (s, []))[1].append((s.text, s.judgement))
-
-    def rest(self) -> Iterator[dict[str, Any]]:
-        """Each prompt's best-rated answer (the first of the best: the oldest) over each of its negative ones."""
-        for s, group in self._groups.values():
-            positives = [(text, value) for text, value in group if value >= 0.5]
-            if positives:
-                best = max(positives, key=lambda p: p[1])[0]
-                for text, value in group:
-                    if value < 0.5:
-                        yield from self._pair(s, best, text)
+def _pairs(pairs: PreferencePairs, samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
+    """The correction pairs of `samples`; their rated answers are kept for `pairs.rest()`."""
+    for s in samples:
+        if s.correction is not None and s.text is not None:
+            yield from pairs.correction(s.prompt, s.key, s.correction, s.text)
+        if s.text is not None and s.judgement is not None:
+            pairs.rated(s.prompt, s.key, s.text, s.judgement)
 
 
 def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
-    pairs = _Pairs()
-    yield from pairs.add(samples)
-    yield from pairs.rest()
+    with PreferencePairs() as pairs:
+        yield from _pairs(pairs, samples)
+        yield from pairs.rest()
 
 
 def rows(examples: Iterable[Example], fmt: ExportFormat, policy: LogPolicy) -> Iterator[dict[str, Any]]:
@@ -343,17 +313,21 @@ async def export(
     the pairs of rated answers after the last page, then reports once more). `endpoint` ("chat" or
     "completions") keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
     read = with_feedback = written = skipped = 0
-    pairs = _Pairs() if fmt == "dpo" else None
-    async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
-        usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
-        read, with_feedback = read + count, with_feedback + len(examples)
-        skipped += len(examples) - len(usable)
-        made = pairs.add(usable) if pairs is not None else _rows(usable, fmt)
-        written += await asyncio.to_thread(_write, out, made)
-        if progress is not None:
-            progress(read, written)
-    if pairs is not None:
-        written += await asyncio.to_thread(_write, out, pairs.rest())
-        if progress is not None:
-            progress(read, written)
+    pairs = PreferencePairs() if fmt == "dpo" else None
+    try:
+        async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
+            usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
+            read, with_feedback = read + count, with_feedback + len(examples)
+            skipped += len(examples) - len(usable)
+            made = _pairs(pairs, usable) if pairs is not None else _rows(usable, fmt)
+            written += await asyncio.to_thread(_write, out, made)
+            if progress is not None:
+                progress(read, written)
+        if pairs is not None:
+            written += await asyncio.to_thread(_write, out, pairs.rest())
+            if progress is not None:
+                progress(read, written)
+    finally:
+        if pairs is not None:
+            pairs.close()
     return ExportSummary(read, with_feedback, written, skipped)

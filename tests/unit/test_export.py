@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.export import (
     MAX_SINCE,
     Example,
     ExportFormat,
+    ExportSummary,
     export,
     feedback_value,
     joined,
@@ -233,14 +235,23 @@ def test_kto_rows_label_every_judged_completion_and_add_corrections() -> None:
     ]
 
 
+async def dpo_export_peak(redis: aioredis.Redis, tenant: str, path: Path, page: int) -> tuple[ExportSummary, int]:
+    """A DPO export to `path`, and the peak of the memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        with path.open("w") as out:
+            summary = await export(redis, tenant, "dpo", out, POLICY, page=page)
+        return summary, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
     redis: aioredis.Redis, tenant: str, tmp_path: Path
 ) -> None:
     """DPO pairs a prompt's answers once all are read; what waits until then is each prompt once and its answers'
     texts, not every record's whole prompt: 2,000 rated records sharing a 20 kB system prompt (40 MB of prompts)
     are exported within a few pages' worth of memory."""
-    import tracemalloc
-
     system = {"role": "system", "content": "Follow the support policy. " * 800}
     messages = [system, {"role": "user", "content": QUESTION}]
     async with redis.pipeline(transaction=False) as pipe:
@@ -250,16 +261,33 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
             rating = fb(record, thumbs="down" if i % 10 else "up")
             pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
         await pipe.execute()
-    tracemalloc.start()
-    try:
-        with (tmp_path / "dpo.jsonl").open("w") as out:  # the rows (36 MB) go to disk as they are made
-            summary = await export(redis, tenant, "dpo", out, POLICY, page=100)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    summary, peak = await dpo_export_peak(redis, tenant, tmp_path / "dpo.jsonl", page=100)  # rows: 36 MB on disk
     assert summary.records_read == 2000 and summary.rows_written == 1800
     with (tmp_path / "dpo.jsonl").open() as written:
         assert json.loads(next(written))["chosen"] == assistant("Answer 0.")
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
+    redis: aioredis.Redis, tenant: str, tmp_path: Path
+) -> None:
+    """The rated answers wait for the whole log to be read (a prompt's best answer may come last), on disk rather
+    than in memory: 1,000 rated answers of 40 kB (40 MB) of 100 prompts, exported within a few pages' worth."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(1000):
+            question = [{"role": "user", "content": f"Question {i % 100}?"}]
+            record = chat(tenant, text=f"Answer {i}. " + "x" * 40_000, messages=question)
+            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
+            rating = fb(record, thumbs="up" if i >= 900 else "down")  # each prompt's best answer comes last
+            pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
+        await pipe.execute()
+    summary, peak = await dpo_export_peak(redis, tenant, tmp_path / "dpo.jsonl", page=50)
+    assert summary.records_read == 1000 and summary.rows_written == 900
+    with (tmp_path / "dpo.jsonl").open() as written:
+        first = json.loads(next(written))
+    assert first["prompt"] == [{"role": "user", "content": "Question 0?"}]
+    assert first["chosen"][0]["content"].startswith("Answer 900. ")
+    assert first["rejected"][0]["content"].startswith("Answer 0. ")
     assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 

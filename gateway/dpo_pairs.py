@@ -1,0 +1,100 @@
+"""DPO's preference pairs of one export (gateway.export), made as the log is read, in bounded memory.
+
+A correction is chosen over its completion's own answer at once. Rated answers wait until the whole log is
+read: then, per prompt, the best-rated answer (the oldest of the best) is chosen over each negative one (judged
+below 0.5). What waits is kept in a private temporary SQLite database (SQLite writes it to a temporary file
+past a page cache of CACHE_KIB, and deletes it when the pairs are closed): each prompt once, each rated
+answer's text and judgement, and a digest of each pair made, so that no pair is written twice. The export's
+memory is then that of a page of the log, whatever the log holds: 100,000 rated answers of 2 kB are 200 MB
+on disk, not in memory.
+
+Texts are stored as JSON strings (ASCII), so that any string a record holds (a lone surrogate too) round-trips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+Messages = list[dict[str, str]]
+Prompt = Messages | str
+"""A chat prompt (conversational) or a text prompt (standard)."""
+CACHE_KIB = 4096
+"""SQLite's page cache for the pairs' database; what exceeds it is on disk."""
+POSITIVE = 0.5
+"""A judgement at or above this is positive (gateway.export)."""
+
+_SCHEMA = """
+PRAGMA journal_mode = OFF;
+PRAGMA synchronous = OFF;
+CREATE TABLE prompts (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, prompt TEXT NOT NULL);
+CREATE TABLE answers (id INTEGER PRIMARY KEY, prompt INTEGER NOT NULL, text TEXT NOT NULL, value REAL NOT NULL);
+CREATE INDEX answers_by_prompt ON answers (prompt, value);
+CREATE TABLE made (digest BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
+_NEGATIVES = """
+SELECT p.digest, p.prompt, a.text, (
+    SELECT b.text FROM answers b WHERE b.prompt = a.prompt AND b.value >= :positive ORDER BY b.value DESC, b.id LIMIT 1
+)
+FROM answers a JOIN prompts p ON p.id = a.prompt
+WHERE a.value < :positive
+ORDER BY p.id, a.id
+"""
+
+
+def answer(prompt: Prompt, text: str) -> Messages | str:
+    """An answer as a row holds it: an assistant message for a chat prompt, the text for a text prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+class PreferencePairs:
+    """One export's pairs; `close` (or `with`) deletes what waited. Used from one thread at a time (the export's
+    worker threads take turns)."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("", check_same_thread=False)  # "": private, temporary, on disk past its cache
+        self._db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self._db.executescript(_SCHEMA)
+
+    def __enter__(self) -> PreferencePairs:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def correction(self, prompt: Prompt, key: str, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+        """The pair of a correction (`chosen`) over its completion's answer, unless made already."""
+        return self._pair(_digest(key), prompt, chosen, rejected)
+
+    def rated(self, prompt: Prompt, key: str, text: str, judgement: float) -> None:
+        """Keep a rated answer of the prompt whose canonical JSON is `key`, for `rest`."""
+        digest = _digest(key)
+        self._db.execute("INSERT OR IGNORE INTO prompts (digest, prompt) VALUES (?, ?)", (digest, json.dumps(prompt)))
+        self._db.execute(
+            "INSERT INTO answers (prompt, text, value) SELECT id, ?, ? FROM prompts WHERE digest = ?",
+            (json.dumps(text), judgement, digest),
+        )
+
+    def rest(self) -> Iterator[dict[str, Any]]:
+        """Each prompt's best-rated answer over each of its negative ones, prompts in the order they came, and
+        each prompt's negative answers in the order they came."""
+        for digest, prompt, rejected, chosen in self._db.execute(_NEGATIVES, {"positive": POSITIVE}):
+            if chosen is not None:
+                yield from self._pair(digest, json.loads(prompt), json.loads(chosen), json.loads(rejected))
+
+    def _pair(self, prompt_digest: bytes, prompt: Prompt, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+        if chosen == rejected:
+            return
+        made = hashlib.sha256(prompt_digest + json.dumps([chosen, rejected]).encode()).digest()
+        if self._db.execute("INSERT OR IGNORE INTO made (digest) VALUES (?)", (made,)).rowcount:
+            yield {"prompt": prompt, "chosen": answer(prompt, chosen), "rejected": answer(prompt, rejected)}
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
