@@ -167,7 +167,7 @@ class FeedbackStore:
             server = await self._redis.info("server")
             aof = (await self._redis.info("persistence")).get("aof_enabled") == 1
             version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
-            if aof and version >= (7, 2):
+            if aof and version >= (7, 2) and await self._waitaof_works():
                 self.durability = "waitaof"
             elif aof:
                 config = await self._redis.config_get("*fsync*")
@@ -181,6 +181,15 @@ class FeedbackStore:
             self.durability = "spool"  # until it answers again: spooled feedback is never at risk
         self._metrics.feedback_durable.set(0 if self.durability == "spool" else 1)
         return self.durability
+
+    async def _waitaof_works(self) -> bool:
+        """Whether WAITAOF confirms a local fsync: a server that names itself Redis 7.2 or later may still lack it (a
+        fork, a proxy) or refuse it; then every acknowledgement would fail, and every rating wait in the spool."""
+        try:
+            reply = await self._redis.execute_command("WAITAOF", 1, 0, 1000)
+            return int(reply[0]) >= 1
+        except (ResponseError, TypeError, ValueError, IndexError):
+            return False
 
     # -- whose completion ----------------------------------------------------------------------
 

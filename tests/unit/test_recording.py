@@ -476,6 +476,32 @@ async def feedback_store(redis: aioredis.Redis, recorder: Recorder, tmp_path: Pa
     return store
 
 
+async def test_a_server_naming_itself_7_2_is_trusted_with_waitaof_only_once_it_confirms_one(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that says it is Redis 7.2 but refuses WAITAOF (a fork, a proxy; here Debian's 7.0, told to say 7.2)
+    is not trusted with it: it fsyncs every write (`appendfsync always`), so feedback is still acknowledged as
+    stored, where trusting the version spooled every rating (each WAITAOF failed)."""
+    real = tuple(int(part) for part in str((await redis.info("server"))["redis_version"]).split(".")[:2])
+    info = redis.info
+
+    async def newer(section: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        found = await info(section, *args, **kwargs)
+        if section == "server":
+            found["redis_version"] = "7.2.4"
+        return found
+
+    monkeypatch.setattr(redis, "info", newer)
+    spool = Spool(tmp_path / "feedback", fsync=True)
+    spool.open()
+    store = FeedbackStore(redis, spool, recorder, Metrics(), settle_s=0.2)
+    assert await store.check_durability() == ("waitaof" if real >= (7, 2) else "fsync-always")
+    tenant = Tenant(name="t")
+    recorder.record(context(tenant))
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="up"))
+    assert stored, "in Redis, on its disk: not left in the spool"
+
+
 async def test_feedback_is_tenant_scoped_replaced_per_user_and_forgotten(
     redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
 ) -> None:
