@@ -8,7 +8,8 @@ answer's text and judgement, and a digest of each pair made, so that no pair is 
 memory is then that of a page of the log, whatever the log holds: 100,000 rated answers of 2 kB are 200 MB
 on disk, not in memory.
 
-Texts are stored as JSON strings (ASCII), so that any string a record holds (a lone surrogate too) round-trips.
+Texts are stored as their UTF-8 (a lone surrogate, which a record may hold, passed through as its bytes): on disk they
+take what they take in the log.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ POSITIVE = 0.5
 _SCHEMA = """
 PRAGMA journal_mode = OFF;
 PRAGMA synchronous = OFF;
-CREATE TABLE prompts (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, prompt TEXT NOT NULL);
-CREATE TABLE answers (id INTEGER PRIMARY KEY, prompt INTEGER NOT NULL, text TEXT NOT NULL, value REAL NOT NULL);
-CREATE INDEX answers_by_prompt ON answers (prompt, value);
+CREATE TABLE prompts (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, prompt BLOB NOT NULL);
+CREATE TABLE answers (id INTEGER PRIMARY KEY, prompt INTEGER NOT NULL, text BLOB NOT NULL, value REAL NOT NULL);
+CREATE INDEX answers_by_prompt ON answers (prompt, value DESC, id);
 CREATE TABLE made (digest BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 _NEGATIVES = """
@@ -51,8 +52,10 @@ def answer(prompt: Prompt, text: str) -> Messages | str:
 
 
 class PreferencePairs:
-    """One export's pairs; `close` (or `with`) deletes what waited. Used from one thread at a time (the export's
-    worker threads take turns)."""
+    """One export's pairs; `close` (or `with`) deletes what waited. Used from one thread at a time, `close` too: never
+    while another thread is in a call (SQLite would crash the process; gateway.export runs them all in one thread).
+    A prompt's best answer is found through an index in the order it is chosen by (judgement, then age): one lookup
+    per negative answer, not a sort of the prompt's positive ones (every thumbs-up ties at 1.0)."""
 
     def __init__(self) -> None:
         self._db = sqlite3.connect("", check_same_thread=False)  # "": private, temporary, on disk past its cache
@@ -75,10 +78,11 @@ class PreferencePairs:
     def rated(self, prompt: Prompt, key: str, text: str, judgement: float) -> None:
         """Keep a rated answer of the prompt whose canonical JSON is `key`, for `rest`."""
         digest = _digest(key)
-        self._db.execute("INSERT OR IGNORE INTO prompts (digest, prompt) VALUES (?, ?)", (digest, json.dumps(prompt)))
+        stored = _utf8(json.dumps(prompt, ensure_ascii=False))
+        self._db.execute("INSERT OR IGNORE INTO prompts (digest, prompt) VALUES (?, ?)", (digest, stored))
         self._db.execute(
             "INSERT INTO answers (prompt, text, value) SELECT id, ?, ? FROM prompts WHERE digest = ?",
-            (json.dumps(text), judgement, digest),
+            (_utf8(text), judgement, digest),
         )
 
     def rest(self) -> Iterator[dict[str, Any]]:
@@ -86,7 +90,7 @@ class PreferencePairs:
         each prompt's negative answers in the order they came."""
         for digest, prompt, rejected, chosen in self._db.execute(_NEGATIVES, {"positive": POSITIVE}):
             if chosen is not None:
-                yield from self._pair(digest, json.loads(prompt), json.loads(chosen), json.loads(rejected))
+                yield from self._pair(digest, json.loads(_text(prompt)), _text(chosen), _text(rejected))
 
     def _pair(self, prompt_digest: bytes, prompt: Prompt, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
         if chosen == rejected:
@@ -97,4 +101,12 @@ class PreferencePairs:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return hashlib.sha256(_utf8(key)).digest()
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(stored: bytes) -> str:
+    return stored.decode("utf-8", "surrogatepass")
