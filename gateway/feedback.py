@@ -51,6 +51,8 @@ GONE = ""
 log = logging.getLogger("loragate.feedback")
 
 Durability = Literal["waitaof", "fsync-always", "spool"]
+WAITAOF_TIMEOUT_MS = 2000
+"""How long a write waits for Redis to confirm it fsynced it (`waitaof`), before its feedback goes to the spool."""
 UNVERIFIED_MAX = 10_000
 """Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
 MAX_RATERS = 100
@@ -183,12 +185,17 @@ class FeedbackStore:
         return self.durability
 
     async def _waitaof_works(self) -> bool:
-        """Whether WAITAOF confirms a local fsync: a server that names itself Redis 7.2 or later may still lack it (a
-        fork, a proxy) or refuse it; then every acknowledgement would fail, and every rating wait in the spool."""
+        """Whether WAITAOF confirms the local fsync of a write made just before it on its connection (WAITAOF waits for
+        that connection's own writes: on one that wrote nothing it answers at once, whatever the server's fsync
+        policy). A server that names itself Redis 7.2 or later may still lack it (a fork, a proxy), or not fsync
+        (`appendfsync no`): then every acknowledgement would fail, and every rating wait in the spool."""
         try:
-            reply = await self._redis.execute_command("WAITAOF", 1, 0, 1000)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.durability_probe(), "1", ex=60)
+                pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+                _, reply = await pipe.execute()
             return int(reply[0]) >= 1
-        except (ResponseError, TypeError, ValueError, IndexError):
+        except (RedisError, TypeError, ValueError, IndexError):
             return False
 
     # -- whose completion ----------------------------------------------------------------------
@@ -339,7 +346,7 @@ class FeedbackStore:
                 args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]
                 await self._script(keys=script_keys, args=args, client=pipe)
             if self.durability == "waitaof":
-                pipe.execute_command("WAITAOF", 1, 0, 2000)
+                pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
             results = await pipe.execute()
         if self.durability == "waitaof" and int(results[-1][0]) < 1:
             raise NotDurable("Redis did not confirm that the feedback reached its disk")

@@ -142,6 +142,11 @@ def completion_prefix() -> str:
     return f"{PREFIX}:completion:"
 
 
+def durability_probe() -> str:
+    """A key written (with a short TTL) before a WAITAOF that checks the records Redis fsyncs its writes."""
+    return f"{PREFIX}:durability-probe"
+
+
 def feedback(tenant: str, completion_id: str) -> str:
     """Hash end user (empty: anonymous) -> feedback JSON, for one completion of one tenant."""
     return feedback_prefix(tenant) + completion_id
