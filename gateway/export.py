@@ -39,7 +39,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from statistics import fmean
 from typing import IO, Any, Literal
@@ -288,9 +290,11 @@ async def joined(
             yield example
 
 
-def _write(out: IO[str], batch: Iterable[dict[str, Any]]) -> int:
+def _write(out: IO[str], batch: Iterable[dict[str, Any]], stop: threading.Event) -> int:
     written = 0
     for row in batch:
+        if stop.is_set():  # the export was cancelled: its thread ends at the next row, not at the end of the batch
+            break
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
         written += 1
     return written
@@ -314,20 +318,26 @@ async def export(
     "completions") keeps one kind of record: TRL cannot train on a file mixing conversational and text rows."""
     read = with_feedback = written = skipped = 0
     pairs = PreferencePairs() if fmt == "dpo" else None
+    # One thread writes the rows and makes the pairs, and closes them after its last call: an export cancelled while
+    # that thread works (a client gone, a shutdown) must not close their database under it.
+    thread, stop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export"), threading.Event()
+    loop = asyncio.get_running_loop()
     try:
         async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
             usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
             read, with_feedback = read + count, with_feedback + len(examples)
             skipped += len(examples) - len(usable)
             made = _pairs(pairs, usable) if pairs is not None else _rows(usable, fmt)
-            written += await asyncio.to_thread(_write, out, made)
+            written += await loop.run_in_executor(thread, _write, out, made, stop)
             if progress is not None:
                 progress(read, written)
         if pairs is not None:
-            written += await asyncio.to_thread(_write, out, pairs.rest())
+            written += await loop.run_in_executor(thread, _write, out, pairs.rest(), stop)
             if progress is not None:
                 progress(read, written)
     finally:
+        stop.set()
         if pairs is not None:
-            pairs.close()
+            thread.submit(pairs.close)
+        thread.shutdown(wait=False)
     return ExportSummary(read, with_feedback, written, skipped)

@@ -3,6 +3,7 @@ with `datasets` and passed through TRL's own format checks with the real SmolLM2
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import io
 import itertools
@@ -11,6 +12,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -23,6 +26,7 @@ from typer.testing import CliRunner
 
 from gateway import keys
 from gateway.cli import app as cli
+from gateway.dpo_pairs import PreferencePairs
 from gateway.export import (
     FORMATS,
     MAX_SINCE,
@@ -268,27 +272,98 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
     assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 
+_EXPORT_PEAK = """
+import asyncio, json, sys
+import redis.asyncio as aioredis
+from gateway.export import export
+from gateway.records import LogPolicy
+
+def kib(field):  # this process's own (VmHWM: the peak, since its exec), not ru_maxrss (kept across exec)
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+async def main():
+    redis = aioredis.Redis.from_url(sys.argv[1], decode_responses=True)
+    before = kib("VmRSS")
+    with open(sys.argv[3], "w") as out:
+        summary = await export(redis, sys.argv[2], "dpo", out, LogPolicy(), page=20)
+    await redis.aclose()
+    grew = (kib("VmHWM") - before) << 10
+    print(json.dumps({"grew": grew, "read": summary.records_read, "rows": summary.rows_written}))
+
+asyncio.run(main())
+"""
+
+
 async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
-    redis: aioredis.Redis, tenant: str, tmp_path: Path
+    redis: aioredis.Redis, redis_server: RedisServer, tenant: str, tmp_path: Path
 ) -> None:
     """The rated answers wait for the whole log to be read (a prompt's best answer may come last), on disk rather
-    than in memory: 1,000 rated answers of 40 kB (40 MB) of 100 prompts, exported within a few pages' worth."""
+    than in memory: 1,000 rated answers of 80 kB (80 MB) of 100 prompts are exported by a process whose memory grows
+    by a few pages' worth (its peak resident memory, SQLite's included: 16 MiB here, 86 MiB when they waited in
+    memory)."""
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(1000):
             question = [{"role": "user", "content": f"Question {i % 100}?"}]
-            record = chat(tenant, text=f"Answer {i}. " + "x" * 40_000, messages=question)
+            record = chat(tenant, text=f"Answer {i}. " + "x" * 80_000, messages=question)
             pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
             rating = fb(record, thumbs="up" if i >= 900 else "down")  # each prompt's best answer comes last
             pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
         await pipe.execute()
-    summary, peak = await dpo_export_peak(redis, tenant, tmp_path / "dpo.jsonl", page=50)
-    assert summary.records_read == 1000 and summary.rows_written == 900
-    with (tmp_path / "dpo.jsonl").open() as written:
+    path = tmp_path / "dpo.jsonl"
+    run = [sys.executable, "-c", _EXPORT_PEAK, redis_server.url, tenant, str(path)]
+    done = await asyncio.to_thread(subprocess.run, run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    assert measured["read"] == 1000 and measured["rows"] == 900
+    with path.open() as written:
         first = json.loads(next(written))
     assert first["prompt"] == [{"role": "user", "content": "Question 0?"}]
     assert first["chosen"][0]["content"].startswith("Answer 900. ")
     assert first["rejected"][0]["content"].startswith("Answer 0. ")
-    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert measured["grew"] < 40 << 20, f"grew by {measured['grew'] / 2**20:.1f} MiB"
+
+
+async def test_a_dpo_export_cancelled_midway_ends_its_thread_before_its_pairs_are_closed(
+    redis: aioredis.Redis, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are written, and the pairs made, in a thread: cancelled meanwhile (a client gone, a shutdown), the
+    export stops that thread at its next row, and the pairs' database is closed by that thread once it is done
+    with it. Closed from the event loop while the thread was in a call, SQLite crashed the process."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(40):  # one prompt: its first answer liked, the 39 others not, so 39 pairs wait for the log
+            record = chat(tenant, text=f"Answer {i}.")
+            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
+            pipe.hset(keys.feedback(tenant, record.id), "", fb(record, thumbs="down" if i else "up").model_dump_json())
+        await pipe.execute()
+    rows: list[int] = []
+
+    class SlowFile(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0.02)
+            rows.append(threading.get_ident())
+            return super().write(text)
+
+    closed: list[int] = []
+    close = PreferencePairs.close
+
+    def closing(pairs: PreferencePairs) -> None:
+        closed.append(threading.get_ident())
+        close(pairs)
+
+    monkeypatch.setattr(PreferencePairs, "close", closing)
+    exporting = asyncio.create_task(export(redis, tenant, "dpo", SlowFile(), POLICY))
+    while len(rows) < 3:
+        await asyncio.sleep(0.01)
+    exporting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await exporting
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.01)
+    assert closed == [rows[0]], "closed by the thread that made the pairs, after its last row"
+    assert len(rows) < 10 and set(rows) == {rows[0]}, "the thread stopped at its next row, not after all 39"
 
 
 async def test_records_without_content_are_skipped_and_counted(redis: aioredis.Redis, tenant: str) -> None:
