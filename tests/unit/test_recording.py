@@ -5,6 +5,7 @@ them killed and restarted)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from gateway.export import export
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, record_of
-from gateway.record_worker import RecordWorker
+from gateway.record_worker import Built, RecordWorker
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
@@ -431,21 +432,50 @@ async def test_a_batch_sent_after_its_record_process_died_is_left_to_the_gateway
     await worker.stop()
 
 
+def first_gateway_write_waits_for_the_next_answer(recorder: Recorder) -> None:
+    """The gateway's first write (of a batch that came back for it to write) waits until the builder has answered the
+    batch after it: were that batch's process allowed to write it, it would be in Redis first (deterministically)."""
+    builder, store_write = recorder._builder, recorder._records.write
+    receive, answers, answered = builder.receive, [], asyncio.Event()
+
+    async def receiving() -> tuple[Any, Built]:
+        got = await receive()
+        answers.append(got[0])
+        if len(answers) >= 2:
+            answered.set()
+        return got
+
+    async def writing(entries: list[dict[str, Any]]) -> Any:
+        if not answered.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), 10)
+        return await store_write(entries)
+
+    builder.receive = receiving  # type: ignore[method-assign]
+    recorder._records.write = writing  # type: ignore[method-assign]
+
+
+def stop_then_kill(process: Any) -> None:
+    """Its record process stopped before it can read what is sent next, to be killed once that is sent."""
+    os.kill(process.process.pid, signal.SIGSTOP)
+
+
 async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """The death is found when the next batch is sent (a new process gets it): that batch is left to the gateway."""
     spool = Spool(tmp_path, fsync=False)
     spool.open()
     recorder = Recorder(redis, spool, Metrics(), batch=1, workers=1, redis_url=redis_server.url)
     await recorder.start()
     builder = recorder._builder
     assert isinstance(builder, RecordWorker)
-    send, store_write, sent = builder.send, recorder._records.write, []
+    send, sent = builder.send, []
 
     async def dying_after_the_first(*args: Any) -> None:
         process = builder._process
         if not sent and process is not None:
-            os.kill(process.process.pid, signal.SIGSTOP)
+            stop_then_kill(process)
         await send(*args)
         if not sent and process is not None:
             process.process.kill()
@@ -454,16 +484,46 @@ async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
         if len(sent) < 4:  # one at a time: never a backlog, so the record process would write each itself
             recorder.record(context(Tenant(name="t"), len(sent)))
 
-    async def slow_write(entries: list[dict[str, Any]]) -> Any:
-        await asyncio.sleep(1.5)  # time enough for a new record process to start and write what it was sent
-        return await store_write(entries)
-
     builder.send = dying_after_the_first  # type: ignore[method-assign]
-    recorder._records.write = slow_write  # type: ignore[method-assign]
+    first_gateway_write_waits_for_the_next_answer(recorder)
     try:
         recorder.record(context(Tenant(name="t"), 0))
         await recorder._cycle()
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(4)]
+    finally:
+        await recorder.close()
+
+
+async def test_the_log_keeps_its_order_when_the_record_process_is_found_dead_at_its_answer(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The death is found reading the only batch in flight, which the gateway then writes itself: the next batch,
+    handed to a new process with nothing in flight, is left to the gateway too, written after it."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=1, workers=1, redis_url=redis_server.url)
+    await recorder.start()
+    builder = recorder._builder
+    assert isinstance(builder, RecordWorker) and builder._process is not None
+    dying = builder._process
+    stop_then_kill(dying)
+    first_gateway_write_waits_for_the_next_answer(recorder)
+    receive = builder.receive
+
+    async def then_one_more(*args: Any) -> Any:
+        if dying.process.returncode is None:  # it dies with the first batch sent to it, unread
+            dying.process.kill()
+        got = await receive(*args)
+        if got[0] == 1:  # the first batch's tag: its last record's sequence number
+            recorder.record(context(Tenant(name="t"), 1))
+        return got
+
+    builder.receive = then_one_more  # type: ignore[method-assign]
+    try:
+        recorder.record(context(Tenant(name="t"), 0))
+        await recorder._cycle()
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0", "chatcmpl-1"]
+        assert builder._process is not dying
     finally:
         await recorder.close()
 
