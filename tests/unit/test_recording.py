@@ -470,7 +470,7 @@ async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
     await recorder.start()
     builder = recorder._builder
     assert isinstance(builder, RecordWorker)
-    send, sent = builder.send, []
+    send, sent = builder.send, list[Any]()
 
     async def dying_after_the_first(*args: Any) -> None:
         process = builder._process
