@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,10 +86,13 @@ class PreferencePairs:
             (_utf8(text), judgement, digest),
         )
 
-    def rest(self) -> Iterator[dict[str, Any]]:
+    def rest(self, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
         """Each prompt's best-rated answer over each of its negative ones, prompts in the order they came, and
-        each prompt's negative answers in the order they came."""
+        each prompt's negative answers in the order they came; none past `stop` (checked at every answer read, not
+        only at every pair made: millions of negative answers may make none)."""
         for digest, prompt, rejected, chosen in self._db.execute(_NEGATIVES, {"positive": POSITIVE}):
+            if stop is not None and stop.is_set():
+                return
             if chosen is not None:
                 yield from self._pair(digest, json.loads(_text(prompt)), _text(chosen), _text(rejected))
 

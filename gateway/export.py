@@ -290,13 +290,20 @@ async def joined(
             yield example
 
 
-def _write(out: IO[str], batch: Iterable[dict[str, Any]], stop: threading.Event) -> int:
+def _write(out: IO[str], batch: Iterator[dict[str, Any]], stop: threading.Event) -> int:
+    """Write the rows; stop at the next one once `stop` is set (the export was cancelled). The rows' generator is closed
+    here whatever happens (a pairs' cursor is then released in this thread, not where the error is handled)."""
     written = 0
-    for row in batch:
-        if stop.is_set():  # the export was cancelled: its thread ends at the next row, not at the end of the batch
-            break
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        written += 1
+    try:
+        for row in batch:
+            if stop.is_set():
+                break
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            written += 1
+    finally:
+        close = getattr(batch, "close", None)
+        if close is not None:
+            close()
     return written
 
 
@@ -319,9 +326,15 @@ async def export(
     read = with_feedback = written = skipped = 0
     pairs = PreferencePairs() if fmt == "dpo" else None
     # One thread writes the rows and makes the pairs, and closes them after its last call: an export cancelled while
-    # that thread works (a client gone, a shutdown) must not close their database under it.
+    # that thread works (a client gone, a shutdown) must not close their database under it, and returns once that
+    # thread is done (its current row): nothing touches `out` after `export` returns, which the caller then closes.
     thread, stop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export"), threading.Event()
     loop = asyncio.get_running_loop()
+
+    def finish() -> None:
+        if pairs is not None:
+            pairs.close()
+
     try:
         async for count, examples in _pages(redis, tenant, since, alias, page, endpoint):
             usable = [s for e in examples if (s := exportable(e, policy)) is not None]  # cheap: parsed in a thread
@@ -332,12 +345,12 @@ async def export(
             if progress is not None:
                 progress(read, written)
         if pairs is not None:
-            written += await loop.run_in_executor(thread, _write, out, pairs.rest(), stop)
+            written += await loop.run_in_executor(thread, _write, out, pairs.rest(stop), stop)
             if progress is not None:
                 progress(read, written)
     finally:
         stop.set()
-        if pairs is not None:
-            thread.submit(pairs.close)
+        finished = loop.run_in_executor(thread, finish)
         thread.shutdown(wait=False)
+        await asyncio.shield(finished)
     return ExportSummary(read, with_feedback, written, skipped)

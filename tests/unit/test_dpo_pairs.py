@@ -3,6 +3,8 @@ an index, each pair once; texts of any script (a lone surrogate too) round-trip.
 
 from __future__ import annotations
 
+import threading
+
 from gateway import dpo_pairs
 from gateway.dpo_pairs import PreferencePairs
 
@@ -62,3 +64,28 @@ def test_the_best_answer_is_looked_up_through_the_index_not_sorted_per_negative(
     steps = [row[-1] for row in plan if row[1] == lookup]
     assert any("USING INDEX answers_by_prompt" in step for step in steps), plan
     assert not any("TEMP B-TREE" in step for step in steps), plan  # a sort per negative answer
+
+
+def test_a_prompt_is_kept_once_however_many_answers_it_has() -> None:
+    system = {"role": "system", "content": "Follow the support policy. " * 800}  # 20 kB
+    prompt = [system, *ASK]
+    with PreferencePairs() as pairs:
+        for n in range(50):
+            pairs.rated(prompt, "long", f"Answer {n}.", float(n == 0))
+        (prompts,) = pairs._db.execute("SELECT count(*) FROM prompts").fetchone()
+        (answers,) = pairs._db.execute("SELECT count(*) FROM answers").fetchone()
+        rows = list(pairs.rest())
+    assert (prompts, answers, len(rows)) == (1, 50, 49)
+
+
+def test_pairing_stops_at_the_next_answer_read_once_told_to() -> None:
+    stop = threading.Event()
+    with PreferencePairs() as pairs:
+        for n in range(1000):  # negative answers of prompts without a positive one: they make no pair
+            pairs.rated(f"Prompt {n}", f"p{n}", "No.", 0.0)
+        pairs.rated("Last", "last", "Yes.", 1.0)
+        pairs.rated("Last", "last", "No.", 0.0)
+        made = pairs.rest(stop)
+        stop.set()
+        assert list(made) == [], "stopped before the last prompt's pair, however many answers come before it"
+        assert list(pairs.rest()) == [{"prompt": "Last", "chosen": "Yes.", "rejected": "No."}]

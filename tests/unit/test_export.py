@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -328,8 +327,9 @@ async def test_a_dpo_export_cancelled_midway_ends_its_thread_before_its_pairs_ar
     redis: aioredis.Redis, tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rows are written, and the pairs made, in a thread: cancelled meanwhile (a client gone, a shutdown), the
-    export stops that thread at its next row, and the pairs' database is closed by that thread once it is done
-    with it. Closed from the event loop while the thread was in a call, SQLite crashed the process."""
+    export stops that thread at its next row, the pairs' database is closed by that thread once it is done with it,
+    and the export returns only then (its caller closes the file next). Closed from the event loop while the thread
+    was in a call, SQLite crashed the process."""
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(40):  # one prompt: its first answer liked, the 39 others not, so 39 pairs wait for the log
             record = chat(tenant, text=f"Answer {i}.")
@@ -337,11 +337,14 @@ async def test_a_dpo_export_cancelled_midway_ends_its_thread_before_its_pairs_ar
             pipe.hset(keys.feedback(tenant, record.id), "", fb(record, thumbs="down" if i else "up").model_dump_json())
         await pipe.execute()
     rows: list[int] = []
+    third, go_on = threading.Event(), threading.Event()
 
-    class SlowFile(io.StringIO):
+    class HeldFile(io.StringIO):
         def write(self, text: str) -> int:
-            time.sleep(0.02)
             rows.append(threading.get_ident())
+            if len(rows) == 3:  # the thread is held in its third row until the export has been cancelled
+                third.set()
+                go_on.wait(10)
             return super().write(text)
 
     closed: list[int] = []
@@ -352,18 +355,16 @@ async def test_a_dpo_export_cancelled_midway_ends_its_thread_before_its_pairs_ar
         close(pairs)
 
     monkeypatch.setattr(PreferencePairs, "close", closing)
-    exporting = asyncio.create_task(export(redis, tenant, "dpo", SlowFile(), POLICY))
-    while len(rows) < 3:
-        await asyncio.sleep(0.01)
+    exporting = asyncio.create_task(export(redis, tenant, "dpo", HeldFile(), POLICY))
+    assert await asyncio.to_thread(third.wait, 10), "the export wrote its third row"
     exporting.cancel()
+    done, _ = await asyncio.wait([exporting], timeout=0.5)
+    assert not done and not closed, "the export waits for its thread, held in its third row, and nothing was closed"
+    go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await exporting
-    for _ in range(100):
-        if closed:
-            break
-        await asyncio.sleep(0.01)
-    assert closed == [rows[0]], "closed by the thread that made the pairs, after its last row"
-    assert len(rows) < 10 and set(rows) == {rows[0]}, "the thread stopped at its next row, not after all 39"
+    assert closed == [rows[0]], "closed by the thread that made the pairs, after its last row, before export returned"
+    assert len(rows) == 3, "the thread stopped at its next row, not after all 39"
 
 
 async def test_records_without_content_are_skipped_and_counted(redis: aioredis.Redis, tenant: str) -> None:
