@@ -164,25 +164,33 @@ class FeedbackStore:
         self.durability: Durability = "spool"
 
     async def check_durability(self) -> Durability:
-        """How Redis persists what it is told; `spool` when it does not fsync before answering (or cannot say)."""
+        """How Redis persists what it is told; `spool` when it does not fsync before answering (or cannot say). WAITAOF
+        is probed only where it could confirm anything: not under `appendfsync no` (it would wait out its timeout at
+        every check, every second while feedback spools)."""
         try:
             server = await self._redis.info("server")
             aof = (await self._redis.info("persistence")).get("aof_enabled") == 1
             version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
-            if aof and version >= (7, 2) and await self._waitaof_works():
+            config = await self._fsync_config() if aof else None
+            fsyncs = config is None or config.get("appendfsync") != "no"  # None: CONFIG refused, WAITAOF may tell
+            if aof and version >= (7, 2) and fsyncs and await self._waitaof_works():
                 self.durability = "waitaof"
-            elif aof:
-                config = await self._redis.config_get("*fsync*")
-                always = config.get("appendfsync") == "always" and config.get("no-appendfsync-on-rewrite") == "no"
-                self.durability = "fsync-always" if always else "spool"
+            elif config is not None and config.get("appendfsync") == "always":
+                self.durability = "fsync-always" if config.get("no-appendfsync-on-rewrite") == "no" else "spool"
             else:
                 self.durability = "spool"
-        except ResponseError:  # CONFIG disabled (managed Redis): cannot tell, so do not trust it
-            self.durability = "spool"
         except (RedisError, OSError):
             self.durability = "spool"  # until it answers again: spooled feedback is never at risk
         self._metrics.feedback_durable.set(0 if self.durability == "spool" else 1)
         return self.durability
+
+    async def _fsync_config(self) -> dict[str, str] | None:
+        """Redis's fsync settings; None where CONFIG is refused (a managed Redis)."""
+        try:
+            config: dict[str, str] = await self._redis.config_get("*fsync*")
+        except ResponseError:
+            return None
+        return config
 
     async def _waitaof_works(self) -> bool:
         """Whether WAITAOF confirms the local fsync of a write made just before it on its connection (WAITAOF waits for
