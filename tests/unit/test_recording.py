@@ -155,6 +155,15 @@ async def test_the_spool_keeps_order_bounds_and_is_adopted(tmp_path: Path) -> No
     assert seen == [1] and len(list(tmp_path.iterdir())) == 1
 
 
+def process_recorder(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, batch: int = 500, metrics: Metrics | None = None
+) -> Recorder:
+    """A recorder as the gateway runs it: its record process builds and writes; its spool in `tmp_path`."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    return Recorder(redis, spool, metrics or Metrics(), batch=batch, workers=1, redis_url=redis_server.url)
+
+
 def stream_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
     return [json.loads(fields["r"])["id"] for _, fields in entries]
 
@@ -247,9 +256,7 @@ async def test_a_dead_processs_spool_is_replayed_by_the_next_and_erasures_hold(
 async def test_a_write_cycle_survives_a_record_that_cannot_be_built(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    spool.open()
-    recorder = Recorder(redis, spool, Metrics(), workers=1, redis_url=redis_server.url)  # as the gateway runs it
+    recorder = process_recorder(redis, redis_server, tmp_path)
     broken = context(Tenant(name="t"), 1)
     broken.payload = None  # type: ignore[assignment]
     recorder.record(broken)
@@ -339,9 +346,7 @@ async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_
 async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps_with_a_backlog(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    spool = Spool(tmp_path, fsync=False)
-    spool.open()
-    recorder = Recorder(redis, spool, Metrics(), batch=3, workers=1, redis_url=redis_server.url)
+    recorder = process_recorder(redis, redis_server, tmp_path, batch=3)
     written_here: list[str] = []
     store_write = recorder._records.write
 
@@ -374,10 +379,8 @@ async def test_a_record_refused_in_the_record_process_is_counted_dropped_not_wri
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     await redis.set(keys.completion_log("blocked"), "not a stream")  # XADD: WRONGTYPE, that record is refused
-    spool = Spool(tmp_path, fsync=False)
-    spool.open()
     metrics = Metrics()
-    recorder = Recorder(redis, spool, metrics, workers=1, redis_url=redis_server.url)
+    recorder = process_recorder(redis, redis_server, tmp_path, metrics=metrics)
     try:
         for n, tenant in enumerate(("t", "blocked", "t")):
             recorder.record(context(Tenant(name=tenant), n))
@@ -452,18 +455,11 @@ def first_gateway_write_waits_for_the_next_answer(recorder: Recorder) -> None:
     recorder._records.write = writing  # type: ignore[method-assign]
 
 
-def stop_then_kill(process: Any) -> None:
-    """Its record process stopped before it can read what is sent next, to be killed once that is sent."""
-    os.kill(process.process.pid, signal.SIGSTOP)
-
-
 async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The death is found when the next batch is sent (a new process gets it): that batch is left to the gateway."""
-    spool = Spool(tmp_path, fsync=False)
-    spool.open()
-    recorder = Recorder(redis, spool, Metrics(), batch=1, workers=1, redis_url=redis_server.url)
+    recorder = process_recorder(redis, redis_server, tmp_path, batch=1)
     await recorder.start()
     builder = recorder._builder
     assert isinstance(builder, RecordWorker)
@@ -472,7 +468,7 @@ async def test_the_log_keeps_its_order_when_the_record_process_dies_mid_cycle(
     async def dying_after_the_first(*args: Any) -> None:
         process = builder._process
         if not sent and process is not None:
-            stop_then_kill(process)
+            os.kill(process.process.pid, signal.SIGSTOP)  # it cannot read what is sent next: killed after
         await send(*args)
         if not sent and process is not None:
             process.process.kill()
@@ -496,14 +492,12 @@ async def test_the_log_keeps_its_order_when_the_record_process_is_found_dead_at_
 ) -> None:
     """The death is found reading the only batch in flight, which the gateway then writes itself: the next batch,
     handed to a new process with nothing in flight, is left to the gateway too, written after it."""
-    spool = Spool(tmp_path, fsync=False)
-    spool.open()
-    recorder = Recorder(redis, spool, Metrics(), batch=1, workers=1, redis_url=redis_server.url)
+    recorder = process_recorder(redis, redis_server, tmp_path, batch=1)
     await recorder.start()
     builder = recorder._builder
     assert isinstance(builder, RecordWorker) and builder._process is not None
     dying = builder._process
-    stop_then_kill(dying)
+    os.kill(dying.process.pid, signal.SIGSTOP)  # it cannot read the first batch: killed when it is awaited
     first_gateway_write_waits_for_the_next_answer(recorder)
     receive = builder.receive
 
