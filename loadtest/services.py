@@ -9,6 +9,7 @@ bare pass-through proxy and LiteLLM's proxy, on free loopback ports, started in 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,7 +35,25 @@ class BenchError(RuntimeError):
     """The benchmark could not run or got a wrong answer; the message says why."""
 
 
+LISTEN_PORTS = (20000, 32768)
+"""Where `free_port` draws from: below Linux's ephemeral range (`ip_local_port_range`, 32768-60999 by default), from
+which the kernel takes the local port of every outgoing connection and of every bind to port 0. A port the kernel
+picked was free when picked, and could be taken by any connection before its service bound it: the session's
+gateway binds its port only once its vLLM replicas are up, a minute or more later, while the unit tests run
+beside it (`make test` runs two pytest-xdist workers)."""
+PORT_SHARES = 4
+"""The range is cut in this many shares, one per pytest-xdist worker (`gw0`, `gw1`, ...; a run without workers
+uses the first): two workers never draw the same port."""
+
+
 def free_port() -> int:
+    """A loopback port free now, for a service to bind soon: drawn at random from this worker's share of
+    LISTEN_PORTS, or picked by the kernel where that range is taken by the ephemeral one."""
+    low, high = _port_share()
+    for _ in range(100 if high > low else 0):
+        port = random.randrange(low, high - 1)  # free_port_pair may need the next one too
+        if _bindable(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -44,13 +63,33 @@ def free_port_pair() -> int:
     """A port p such that p and p+1 are both free (two supervised vLLM replicas count up)."""
     for _ in range(50):
         port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+        if _bindable(port + 1):
+            return port
     raise BenchError("no two consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_share() -> tuple[int, int]:
+    """This process's share of LISTEN_PORTS, as far as it lies below the kernel's ephemeral ports ((0, 0): none)."""
+    low, high = LISTEN_PORTS
+    try:
+        high = min(high, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    share = (high - low) // PORT_SHARES
+    if share < 100:
+        return 0, 0
+    start = low + share * (int(worker) % PORT_SHARES if worker.isdigit() else 0)
+    return start, start + share
 
 
 def tail(path: Path, lines: int = 25) -> str:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -30,6 +30,23 @@ CAPACITY = 3
 TENANT = "tests"
 """The tenant of the session's keys and adapters."""
 HOT_ADAPTER = "hot"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (`make test` runs `-n 2`) every integration test goes to one worker, in the order
+    collected: they share the session's vLLM replicas (started once, not once per worker), and the last of them
+    kills those replicas (test_zz_engine_restart). The unit tests fill the other worker: the integration tests
+    leave a core idle much of the time (most wait on one vLLM replica at a time), and the unit tests on their
+    own use one. (`--dist loadgroup` with an `xdist_group` mark would say the same, but pytest 9.2 broke it:
+    pytest-xdist issue 1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "integration" if nodeid.startswith("tests/integration/") else nodeid
+
+    return IntegrationTogether(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,63 @@
+"""Ports for test and benchmark services (loadtest.services.free_port): drawn below the kernel's ephemeral range,
+a share of it per pytest-xdist worker, free when drawn."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from loadtest import services
+
+
+def ephemeral_low() -> int:
+    return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+
+
+def test_ports_come_from_below_the_ephemeral_range_in_this_workers_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    shares = []
+    for worker in ("gw0", "gw1", "gw2", "gw3"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        low, high = services._port_share()
+        shares.append(range(low, high))
+        ports = {services.free_port() for _ in range(20)}
+        assert all(low <= port < high <= ephemeral_low() for port in ports), (worker, ports)
+        pair = services.free_port_pair()
+        assert low <= pair < pair + 1 < high
+    for first, second in zip(shares, shares[1:], strict=False):
+        assert first.stop <= second.start, "two workers never draw the same port"
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert services._port_share() == (shares[0].start, shares[0].stop), "a run without workers: the first share"
+
+
+def test_a_port_in_use_is_never_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(services, "LISTEN_PORTS", (20000, 20000 + 4 * 100))  # shares of 100: a few draws cover them
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    taken = []
+    try:
+        for port in range(20000, 20099):  # all of gw0's share that free_port may draw, but one
+            if port == 20050:
+                continue
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue  # already someone's: still not free
+            sock.listen()
+            taken.append(sock)
+        drawn = {services.free_port() for _ in range(5)}
+        assert drawn <= {20050} | set(range(32768, 65536)), f"the free one, or the kernel's past 100 draws: {drawn}"
+    finally:
+        for sock in taken:
+            sock.close()
+
+
+def test_without_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(services, "LISTEN_PORTS", (20000, 20100))  # shares under 100 ports: not used
+    assert services._port_share() == (0, 0)
+    port = services.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # free, and it came from the kernel
+    assert port >= ephemeral_low()
