@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from gateway.export import (
     MAX_SINCE,
     Example,
     ExportFormat,
-    ExportSummary,
     export,
     feedback_value,
     joined,
@@ -238,19 +236,18 @@ def test_kto_rows_label_every_judged_completion_and_add_corrections() -> None:
     ]
 
 
-async def dpo_export_peak(redis: aioredis.Redis, tenant: str, path: Path, page: int) -> tuple[ExportSummary, int]:
-    """A DPO export to `path`, and the peak of the memory Python allocated meanwhile."""
-    tracemalloc.start()
-    try:
-        with path.open("w") as out:
-            summary = await export(redis, tenant, "dpo", out, POLICY, page=page)
-        return summary, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+async def export_in_a_process(redis_server: RedisServer, tenant: str, path: Path, page: int, traced: bool) -> Any:
+    """A DPO export to `path` by a process of its own (a clean interpreter: nothing an earlier test left running in
+    this one, a thread or a pytest-xdist worker's own, is counted): what it read and wrote, how much its resident
+    memory grew (its peak), and with `traced` the peak of what Python allocated (tracemalloc)."""
+    run = [sys.executable, "-c", _EXPORT_PEAK, redis_server.url, tenant, str(path), str(page), str(traced)]
+    done = await asyncio.to_thread(subprocess.run, run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
-    redis: aioredis.Redis, tenant: str, tmp_path: Path
+    redis: aioredis.Redis, redis_server: RedisServer, tenant: str, tmp_path: Path
 ) -> None:
     """DPO pairs a prompt's answers once all are read; what waits until then is each prompt once and its answers'
     texts, not every record's whole prompt: 2,000 rated records sharing a 20 kB system prompt (40 MB of prompts)
@@ -264,15 +261,15 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
             rating = fb(record, thumbs="down" if i % 10 else "up")
             pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
         await pipe.execute()
-    summary, peak = await dpo_export_peak(redis, tenant, tmp_path / "dpo.jsonl", page=100)  # rows: 36 MB on disk
-    assert summary.records_read == 2000 and summary.rows_written == 1800
+    measured = await export_in_a_process(redis_server, tenant, tmp_path / "dpo.jsonl", 100, traced=True)  # rows: 36 MB
+    assert measured["read"] == 2000 and measured["rows"] == 1800
     with (tmp_path / "dpo.jsonl").open() as written:
         assert json.loads(next(written))["chosen"] == assistant("Answer 0.")
-    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert measured["traced"] < 16 << 20, f"peak {measured['traced'] / 2**20:.1f} MiB"
 
 
 _EXPORT_PEAK = """
-import asyncio, json, sys
+import asyncio, json, sys, tracemalloc
 import redis.asyncio as aioredis
 from gateway.export import export
 from gateway.records import LogPolicy
@@ -282,13 +279,17 @@ def kib(field):  # this process's own (VmHWM: the peak, since its exec), not ru_
     return int(line.split()[1])
 
 async def main():
-    redis = aioredis.Redis.from_url(sys.argv[1], decode_responses=True)
+    url, tenant, path, page, traced = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "True"
+    redis = aioredis.Redis.from_url(url, decode_responses=True)
     before = kib("VmRSS")
-    with open(sys.argv[3], "w") as out:
-        summary = await export(redis, sys.argv[2], "dpo", out, LogPolicy(), page=20)
+    if traced:  # its own traces cost memory: only where asked for
+        tracemalloc.start()
+    with open(path, "w") as out:
+        summary = await export(redis, tenant, "dpo", out, LogPolicy(), page=page)
+    peak = tracemalloc.get_traced_memory()[1] if traced else None
     await redis.aclose()
     grew = (kib("VmHWM") - before) << 10
-    print(json.dumps({"grew": grew, "read": summary.records_read, "rows": summary.rows_written}))
+    print(json.dumps({"grew": grew, "traced": peak, "read": summary.records_read, "rows": summary.rows_written}))
 
 asyncio.run(main())
 """
@@ -310,10 +311,7 @@ async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
             pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
         await pipe.execute()
     path = tmp_path / "dpo.jsonl"
-    run = [sys.executable, "-c", _EXPORT_PEAK, redis_server.url, tenant, str(path)]
-    done = await asyncio.to_thread(subprocess.run, run, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    measured = json.loads(done.stdout)
+    measured = await export_in_a_process(redis_server, tenant, path, 20, traced=False)
     assert measured["read"] == 1000 and measured["rows"] == 900
     with path.open() as written:
         first = json.loads(next(written))
