@@ -48,7 +48,7 @@ uses the first): two workers never draw the same port."""
 
 def free_port() -> int:
     """A loopback port free now, for a service to bind soon: drawn at random from this worker's share of
-    LISTEN_PORTS, or picked by the kernel where that range is taken by the ephemeral one."""
+    LISTEN_PORTS; picked by the kernel where the ephemeral range leaves no such share, or no draw of 100 was free."""
     low, high = _port_share()
     for _ in range(100 if high > low else 0):
         port = random.randrange(low, high - 1)  # free_port_pair may need the next one too
