@@ -2,7 +2,7 @@
 
 A 2xx from `POST /v1/feedback` means the feedback is on disk:
 - 200: written to Redis, which had it on disk before answering: the gateway checks how Redis
-  persists (`durability`): `waitaof` (Redis >= 7.2 with AOF: every write is followed by
+  persists (gateway.durability): `waitaof` (Redis >= 7.2 with AOF: every write is followed by
   `WAITAOF 1 0`) or `fsync-always` (AOF with `appendfsync always` and `no-appendfsync-on-rewrite
   no`, checked with CONFIG GET);
 - 202: written, fsynced, to this process's local spool, because Redis is down or does not fsync
@@ -28,14 +28,15 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any, Literal
+from typing import Any
 
 import pydantic_core
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from gateway import keys
+from gateway import durability, keys
 from gateway.arm_signal import SIGNAL
+from gateway.durability import Durability, NotDurable
 from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
@@ -50,9 +51,6 @@ GONE = ""
 """`_owner` of a completion known to be no one's now (trimmed from its log, or of a tenant deleted since)."""
 log = logging.getLogger("loragate.feedback")
 
-Durability = Literal["waitaof", "fsync-always", "spool"]
-WAITAOF_TIMEOUT_MS = 2000
-"""How long a write waits for Redis to confirm it fsynced it (`waitaof`), before its feedback goes to the spool."""
 UNVERIFIED_MAX = 10_000
 """Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
 MAX_RATERS = 100
@@ -128,10 +126,6 @@ class TooManyRatings(Conflict):
         )
 
 
-class NotDurable(RedisError):
-    """Redis took the write but could not confirm it reached its disk."""
-
-
 def whose(index: str | None, tombstone: str | None, tenant: str) -> tuple[str | None, str | None]:
     """`FeedbackStore._owner` as far as a completion's index and `tenant`'s tombstone tell, and the log entry
     whose absence from `tenant`'s log makes it GONE (None: nothing to look for)."""
@@ -164,47 +158,10 @@ class FeedbackStore:
         self.durability: Durability = "spool"
 
     async def check_durability(self) -> Durability:
-        """How Redis persists what it is told; `spool` when it does not fsync before answering (or cannot say). WAITAOF
-        is probed only where it could confirm anything: not under `appendfsync no` (it would wait out its timeout at
-        every check, every second while feedback spools)."""
-        try:
-            server = await self._redis.info("server")
-            aof = (await self._redis.info("persistence")).get("aof_enabled") == 1
-            version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
-            config = await self._fsync_config() if aof else None
-            fsyncs = config is None or config.get("appendfsync") != "no"  # None: CONFIG refused, WAITAOF may tell
-            if aof and version >= (7, 2) and fsyncs and await self._waitaof_works():
-                self.durability = "waitaof"
-            elif config is not None and config.get("appendfsync") == "always":
-                self.durability = "fsync-always" if config.get("no-appendfsync-on-rewrite") == "no" else "spool"
-            else:
-                self.durability = "spool"
-        except (RedisError, OSError):
-            self.durability = "spool"  # until it answers again: spooled feedback is never at risk
+        """How Redis persists what it is told (gateway.durability), kept for the writes and the metric."""
+        self.durability = await durability.probe(self._redis)
         self._metrics.feedback_durable.set(0 if self.durability == "spool" else 1)
         return self.durability
-
-    async def _fsync_config(self) -> dict[str, str] | None:
-        """Redis's fsync settings; None where CONFIG is refused (a managed Redis)."""
-        try:
-            config: dict[str, str] = await self._redis.config_get("*fsync*")
-        except ResponseError:
-            return None
-        return config
-
-    async def _waitaof_works(self) -> bool:
-        """Whether WAITAOF confirms the local fsync of a write made just before it on its connection (WAITAOF waits for
-        that connection's own writes: on one that wrote nothing it answers at once, whatever the server's fsync
-        policy). A server that names itself Redis 7.2 or later may still lack it (a fork, a proxy), or not fsync
-        (`appendfsync no`): then every acknowledgement would fail, and every rating wait in the spool."""
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.durability_probe(), "1", ex=60)
-                pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-                _, reply = await pipe.execute()
-            return int(reply[0]) >= 1
-        except (RedisError, TypeError, ValueError, IndexError):
-            return False
 
     # -- whose completion ----------------------------------------------------------------------
 
@@ -353,11 +310,8 @@ class FeedbackStore:
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]
                 await self._script(keys=script_keys, args=args, client=pipe)
-            if self.durability == "waitaof":
-                pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
-            results = await pipe.execute()
-        if self.durability == "waitaof" and int(results[-1][0]) < 1:
-            raise NotDurable("Redis did not confirm that the feedback reached its disk")
+            durability.confirm(pipe, self.durability)
+            results = durability.confirmed(await pipe.execute(), self.durability)
         if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created), or it trimmed, meanwhile
             raise CompletionUnknown(parsed[0]["completion_id"])
         if not replay and results[0] == -3:

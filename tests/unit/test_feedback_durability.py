@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
+from gateway import durability
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 
@@ -84,3 +85,25 @@ async def test_waitaof_is_trusted_once_it_confirms_a_write_of_its_own_connection
     store = FeedbackStore(redis, None, None, Metrics())  # type: ignore[arg-type]
     assert await store.check_durability() == durability
     assert (redis.probes > 0) == probed
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self.commands.append(args)
+
+
+@pytest.mark.parametrize("mode", ["waitaof", "fsync-always", "spool"])
+def test_a_write_waits_for_its_fsync_only_under_waitaof(mode: durability.Durability) -> None:
+    pipe = Pipe()
+    durability.confirm(pipe, mode)
+    assert pipe.commands == ([("WAITAOF", 1, 0, durability.WAITAOF_TIMEOUT_MS)] if mode == "waitaof" else [])
+    results = [1, 1] + ([[1, 0]] if mode == "waitaof" else [])
+    assert durability.confirmed(results, mode) == [1, 1], "the scripts' own results, without WAITAOF's answer"
+
+
+def test_a_write_redis_did_not_confirm_on_disk_is_not_acknowledged() -> None:
+    with pytest.raises(durability.NotDurable):
+        durability.confirmed([1, [0, 0]], "waitaof")  # no local fsync within the timeout: the rating is spooled
