@@ -97,6 +97,12 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (every core: all but idle and I/O wait), from /proc/stat."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def tree_rss(root: psutil.Process) -> dict[str, Any]:
     """RSS of a process and all its descendants, in bytes, with each process's share."""
     procs = [root, *root.children(recursive=True)]

@@ -35,6 +35,7 @@ def markdown(report: dict[str, Any]) -> str:
     tput_rows = [
         [f"recording {n}", f"{t[n]['requests_per_s']:.0f}", f"{t[n]['p50_ms']:.2f}", f"{t[n]['p99_ms']:.2f}"]
         + [t[n]["errors"], f"{t[n]['cpu_us_per_request']:.0f}", f"{t[n].get('tree_cpu_us_per_request', 0):.0f}"]
+        + [f"{t[n].get('redis_cpu_us_per_request', 0):.0f}", f"{t[n].get('machine_cpu_us_per_request', 0):.0f}"]
         for n in ("off", "on")
     ]
     fb_rows = [
@@ -65,9 +66,11 @@ an e-mail and a phone number): `record()` of all, then wait until written; the s
 {t["concurrency"]} concurrent non-stream chat requests, {t["seconds_per_target"]:g} s per gateway in \
 {len(t["order"])} alternating segments; same mock upstream, same Redis.
 
-| Gateway | requests/s | p50 ms | p99 ms | errors | gateway CPU us/request | with its record process |
-|---|---:|---:|---:|---:|---:|---:|
+| Gateway | requests/s | p50 ms | p99 ms | errors | CPU us/request: gateway | with record process | Redis | machine |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows(tput_rows)}
+
+{where_the_drop_goes(t)}
 
 Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {log["records"]:,} records for \
 {log["answered"]:,} answered requests ({log["ratio"]:.2%}; target >= {TARGET_LOGGED:.0%}: {met(log["target_met"])}).
@@ -81,6 +84,34 @@ Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {
 |---|---:|---:|---:|---|
 {rows(fb_rows)}
 """
+
+
+def where_the_drop_goes(t: dict[str, Any]) -> str:
+    """What recording adds to each process's CPU per request, which resource was the limit (the gateway process, one
+    core at most, or the whole machine), and the drop that resource's CPU per request alone would predict."""
+    off, on = t["off"], t["on"]
+    if not off.get("machine_cpu_us_per_request") or not on.get("machine_cpu_us_per_request"):
+        return ""  # a report from before the machine's CPU was counted
+    gateway = on["cpu_us_per_request"] - off["cpu_us_per_request"]
+    record = (on["tree_cpu_us_per_request"] - on["cpu_us_per_request"]) - (
+        off["tree_cpu_us_per_request"] - off["cpu_us_per_request"]
+    )
+    redis = on["redis_cpu_us_per_request"] - off["redis_cpu_us_per_request"]
+    machine = on["machine_cpu_us_per_request"] - off["machine_cpu_us_per_request"]
+    busy = {n: side["cpu_us_per_request"] * side["requests_per_s"] / 1e6 for n, side in (("off", off), ("on", on))}
+    if min(busy.values()) >= 0.9:  # one event loop, one core: it is the limit
+        limit, key = f"the gateway process ({busy['off']:.0%} / {busy['on']:.0%} of a core)", "cpu_us_per_request"
+    else:
+        key = "machine_cpu_us_per_request"
+        limit = f"the machine ({off['machine_busy']:.0%} / {on['machine_busy']:.0%} busy)"
+    return (
+        f"Where the drop goes: recording on adds **{machine:+.0f} µs** of the whole machine's CPU per request "
+        f"({off['machine_cpu_us_per_request']:.0f} → {on['machine_cpu_us_per_request']:.0f}; the machine "
+        f"{off['machine_busy']:.0%} / {on['machine_busy']:.0%} busy): **{gateway:+.0f} in the gateway process**, "
+        f"{record:+.0f} in its record process, {redis:+.0f} in Redis, {machine - gateway - record - redis:+.0f} "
+        f"elsewhere (the client, the mock upstream, the kernel). The limit was {limit}: its CPU per request alone "
+        f"predicts a drop of {1 - off[key] / on[key]:.1%} (measured: {t['drop']:.1%})."
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -25,7 +25,7 @@ from gateway.redaction import Redactor
 from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant
-from loadtest.metrics import cpu_seconds, summarise, tree_cpu_seconds
+from loadtest.metrics import cpu_seconds, machine_busy_seconds, summarise, tree_cpu_seconds
 from loadtest.mock_upstream import completion_body
 from loadtest.overhead_client import Target, load_segment
 from loadtest.services import MODEL, BenchError, Service
@@ -157,9 +157,15 @@ async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -
 
 # -- 2. gateway requests/s, recording off vs on
 async def throughput(
-    session: aiohttp.ClientSession, targets: dict[str, Target], pids: dict[str, int], cfg: Config, progress: Progress
+    session: aiohttp.ClientSession,
+    targets: dict[str, Target],
+    pids: dict[str, int],
+    redis_pids: list[int],
+    cfg: Config,
+    progress: Progress,
 ) -> dict[str, Any]:
-    """C clients in a closed loop, the gateways taking turns (ABBA...); CPU of each over the whole phase."""
+    """C clients in a closed loop, the gateways taking turns (ABBA...). CPU per request of each: its own process, with
+    its record process, the Redis servers' and the whole machine's (the last two counted in its segments only)."""
     body = json.dumps(chat_payload(1)).encode()
     for target in targets.values():  # open the connections (client -> gateway -> upstream)
         await load_segment(session, target, body, cfg.concurrency, None, 5)
@@ -167,22 +173,28 @@ async def throughput(
     task = progress.add_task(f"2. C={cfg.concurrency}, off/on (segments)", total=len(order))
     cpu = {name: cpu_seconds(pid) or 0 for name, pid in pids.items()}
     tree_cpu = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    shared = {name: [0.0, 0.0] for name in targets}  # the Redis servers' and the machine's CPU in its segments
     runs: dict[str, list[tuple[list[float], int, float]]] = {name: [] for name in targets}
     for name in order:
+        redis_before, machine_before = sum(cpu_seconds(pid) or 0 for pid in redis_pids), machine_busy_seconds()
         runs[name].append(
             await load_segment(session, targets[name], body, cfg.concurrency, cfg.duration_s / cfg.segments)
         )
+        shared[name][0] += sum(cpu_seconds(pid) or 0 for pid in redis_pids) - redis_before
+        shared[name][1] += machine_busy_seconds() - machine_before
         progress.advance(task)
     result: dict[str, Any] = {"concurrency": cfg.concurrency, "seconds_per_target": cfg.duration_s, "order": order}
     for name, segments in runs.items():
         latencies = [x for lat, _, _ in segments for x in lat]
-        cpu_us = ((cpu_seconds(pids[name]) or 0) - cpu[name]) / max(len(latencies), 1) * 1e6
-        tree_us = (tree_cpu_seconds(pids[name]) - tree_cpu[name]) / max(len(latencies), 1) * 1e6
+        per_request = 1e6 / max(len(latencies), 1)
         result[name] = {**summarise(latencies), "errors": sum(seg[1] for seg in segments)}
         result[name] |= {
             "requests_per_s": len(latencies) / sum(seg[2] for seg in segments),
-            "cpu_us_per_request": cpu_us,
-            "tree_cpu_us_per_request": tree_us,
+            "cpu_us_per_request": ((cpu_seconds(pids[name]) or 0) - cpu[name]) * per_request,
+            "tree_cpu_us_per_request": (tree_cpu_seconds(pids[name]) - tree_cpu[name]) * per_request,
+            "redis_cpu_us_per_request": shared[name][0] * per_request,
+            "machine_cpu_us_per_request": shared[name][1] * per_request,
+            "machine_busy": shared[name][1] / (sum(seg[2] for seg in segments) * (os.cpu_count() or 1)),
         }
     result["drop"] = 1 - result["on"]["requests_per_s"] / result["off"]["requests_per_s"]
     return {**result, "target_drop": TARGET_DROP, "target_met": result["drop"] <= TARGET_DROP}
@@ -305,7 +317,8 @@ async def gateway_benches(
         targets = {name: Target(name, f"{urls[name]}/v1/chat/completions", json_headers) for name in ("off", "on")}
         pids = {name: gateways[name][0].proc.pid for name in targets}
         result: dict[str, Any] = {"feedback_durability": found}
-        result["throughput"] = await throughput(session, targets, pids, cfg, progress)
+        redis_pids = [server.pid or 0 for server in stack.redis_servers.values()]
+        result["throughput"] = await throughput(session, targets, pids, redis_pids, cfg, progress)
         result["logged"] = await logged(session, urls["on"], stack.redis_url("plain"))
         ids = {name: await completion_ids(session, urls[name], headers, 50) for name in ("durable", "on")}
         calls: dict[str, Call] = {name: feedback_call(urls[name], stack.api_key or "", ids[name]) for name in ids}
