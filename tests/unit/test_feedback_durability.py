@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from gateway import durability
+from gateway.durability import WAITAOF_TIMEOUT_MS, Durability, NotDurable, confirm, confirmed
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 
@@ -96,14 +96,14 @@ class Pipe:
 
 
 @pytest.mark.parametrize("mode", ["waitaof", "fsync-always", "spool"])
-def test_a_write_waits_for_its_fsync_only_under_waitaof(mode: durability.Durability) -> None:
+def test_a_write_waits_for_its_fsync_only_under_waitaof(mode: Durability) -> None:
     pipe = Pipe()
-    durability.confirm(pipe, mode)
-    assert pipe.commands == ([("WAITAOF", 1, 0, durability.WAITAOF_TIMEOUT_MS)] if mode == "waitaof" else [])
+    confirm(pipe, mode)
+    assert pipe.commands == ([("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)] if mode == "waitaof" else [])
     results = [1, 1] + ([[1, 0]] if mode == "waitaof" else [])
-    assert durability.confirmed(results, mode) == [1, 1], "the scripts' own results, without WAITAOF's answer"
+    assert confirmed(results, mode) == [1, 1], "the scripts' own results, without WAITAOF's answer"
 
 
 def test_a_write_redis_did_not_confirm_on_disk_is_not_acknowledged() -> None:
-    with pytest.raises(durability.NotDurable):
-        durability.confirmed([1, [0, 0]], "waitaof")  # no local fsync within the timeout: the rating is spooled
+    with pytest.raises(NotDurable):
+        confirmed([1, [0, 0]], "waitaof")  # no local fsync within the timeout: the rating is spooled
