@@ -98,9 +98,10 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU time the whole machine spent busy (every core: all but idle and I/O wait), from /proc/stat."""
+    """CPU time the whole machine spent working (every core), from /proc/stat: user (a guest's time is counted in it
+    already), nice, system, interrupts; not idle, I/O wait, or steal (the hypervisor running something else)."""
     times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
 
 
 def tree_rss(root: psutil.Process) -> dict[str, Any]:

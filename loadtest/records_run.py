@@ -186,15 +186,15 @@ async def throughput(
     result: dict[str, Any] = {"concurrency": cfg.concurrency, "seconds_per_target": cfg.duration_s, "order": order}
     for name, segments in runs.items():
         latencies = [x for lat, _, _ in segments for x in lat]
-        per_request = 1e6 / max(len(latencies), 1)
+        per_request, elapsed_s = 1e6 / max(len(latencies), 1), sum(seg[2] for seg in segments)
         result[name] = {**summarise(latencies), "errors": sum(seg[1] for seg in segments)}
         result[name] |= {
-            "requests_per_s": len(latencies) / sum(seg[2] for seg in segments),
+            "requests_per_s": len(latencies) / elapsed_s,
             "cpu_us_per_request": ((cpu_seconds(pids[name]) or 0) - cpu[name]) * per_request,
             "tree_cpu_us_per_request": (tree_cpu_seconds(pids[name]) - tree_cpu[name]) * per_request,
             "redis_cpu_us_per_request": shared[name][0] * per_request,
             "machine_cpu_us_per_request": shared[name][1] * per_request,
-            "machine_busy": shared[name][1] / (sum(seg[2] for seg in segments) * (os.cpu_count() or 1)),
+            "machine_busy": shared[name][1] / (elapsed_s * (os.cpu_count() or 1)),
         }
     result["drop"] = 1 - result["on"]["requests_per_s"] / result["off"]["requests_per_s"]
     return {**result, "target_drop": TARGET_DROP, "target_met": result["drop"] <= TARGET_DROP}
