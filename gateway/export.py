@@ -271,6 +271,7 @@ async def _pages(
             return
         ms, seq = entries[-1][0].split("-")
         start = f"{ms}-{int(seq) + 1}"
+        del entries, records, stored, examples  # this page's, released before the next one is read
 
 
 def check_since(since: float | None) -> None:
@@ -344,6 +345,7 @@ async def export(
             written += await loop.run_in_executor(thread, _write, out, made, stop)
             if progress is not None:
                 progress(read, written)
+            del examples, usable, made  # this page's, released before the next one is read
         if pairs is not None:
             written += await loop.run_in_executor(thread, _write, out, pairs.rest(stop), stop)
             if progress is not None:
