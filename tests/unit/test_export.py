@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,21 @@ async def log(redis: aioredis.Redis, record: CompletionRecord, *feedback: Feedba
     await redis.xadd(keys.completion_log(record.tenant), {"r": record.model_dump_json()}, id=f"{ms}-0" if ms else "*")
     for f in feedback:
         await redis.hset(keys.feedback(record.tenant, record.id), f.user or "", f.model_dump_json())
+
+
+async def log_many(redis: aioredis.Redis, rated: Iterable[tuple[CompletionRecord, Feedback]], mb: int = 4) -> None:
+    """Rated records into their log, in pipelines of about `mb` MB each: one pipeline of 80 MB outlasted the
+    client's 5 s write timeout on a loaded machine (the session's Redis fsyncs every write)."""
+    pipe, size = redis.pipeline(transaction=False), 0
+    for record, rating in rated:
+        raw = record.model_dump_json()
+        pipe.xadd(keys.completion_log(record.tenant), {"r": raw})
+        pipe.hset(keys.feedback(record.tenant, record.id), rating.user or "", rating.model_dump_json())
+        size += len(raw)
+        if size >= mb << 20:
+            await pipe.execute()
+            size = 0
+    await pipe.execute()
 
 
 def rated(record: CompletionRecord, **fields: Any) -> Example:
@@ -254,13 +270,8 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
     are exported within a few pages' worth of memory."""
     system = {"role": "system", "content": "Follow the support policy. " * 800}
     messages = [system, {"role": "user", "content": QUESTION}]
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(2000):
-            record = chat(tenant, text=f"Answer {i}.", messages=messages)
-            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
-            rating = fb(record, thumbs="down" if i % 10 else "up")
-            pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
-        await pipe.execute()
+    records = (chat(tenant, text=f"Answer {i}.", messages=messages) for i in range(2000))
+    await log_many(redis, ((r, fb(r, thumbs="down" if i % 10 else "up")) for i, r in enumerate(records)))
     measured = await export_in_a_process(redis_server, tenant, tmp_path / "dpo.jsonl", 100, traced=True)  # rows: 36 MB
     assert measured["read"] == 2000 and measured["rows"] == 1800
     with (tmp_path / "dpo.jsonl").open() as written:
@@ -302,14 +313,13 @@ async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
     than in memory: 1,000 rated answers of 80 kB (80 MB) of 100 prompts are exported by a process whose memory grows
     by a few pages' worth (its peak resident memory, SQLite's included: 16 MiB here, 86 MiB when they waited in
     memory)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(1000):
-            question = [{"role": "user", "content": f"Question {i % 100}?"}]
-            record = chat(tenant, text=f"Answer {i}. " + "x" * 80_000, messages=question)
-            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
-            rating = fb(record, thumbs="up" if i >= 900 else "down")  # each prompt's best answer comes last
-            pipe.hset(keys.feedback(tenant, record.id), "", rating.model_dump_json())
-        await pipe.execute()
+    records = (
+        chat(
+            tenant, text=f"Answer {i}. " + "x" * 80_000, messages=[{"role": "user", "content": f"Question {i % 100}?"}]
+        )
+        for i in range(1000)
+    )  # each prompt's best answer comes last
+    await log_many(redis, ((r, fb(r, thumbs="up" if i >= 900 else "down")) for i, r in enumerate(records)))
     path = tmp_path / "dpo.jsonl"
     measured = await export_in_a_process(redis_server, tenant, path, 20, traced=False)
     assert measured["read"] == 1000 and measured["rows"] == 900
