@@ -9,6 +9,7 @@ a `RawRecord`, built in the record process (gateway.record_worker) or a thread.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import re
@@ -153,7 +154,7 @@ def latency_bucket(latency_ms: float | None) -> str:
     """The upper bound (ms) of the histogram bucket a latency falls in ('' for none)."""
     if latency_ms is None:
         return ""
-    return str(next((bound for bound in LATENCY_BUCKETS_MS if latency_ms <= bound), LATENCY_BUCKETS_MS[-1]))
+    return str(LATENCY_BUCKETS_MS[min(bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms), len(LATENCY_BUCKETS_MS) - 1)])
 
 
 @functools.lru_cache(maxsize=64)
