@@ -14,7 +14,7 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
   to the Luhn check.
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
 - phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
-  ones, only allocated ranges). It is the slowest pass by far (50-150 µs a candidate), so it sees only runs of 7+
+  ones, only allocated ranges). It is the slowest pass by far (35-100 µs a candidate), so it sees only runs of 7+
   digits joined by the punctuation the matcher itself allows inside a number (dashes of every width, spaces, dots,
   slashes, brackets, the zero-width ones: never a line break or a tab), and a record validates at most
   MAX_PHONE_CHECKS of them: past that its remaining runs are redacted as phones unvalidated, so that a prompt full
