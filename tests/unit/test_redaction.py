@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
 
@@ -283,3 +284,15 @@ def test_cards_in_other_scripts_digits_and_separators() -> None:
 )
 def test_an_apostrophe_in_an_address_keeps_nothing_of_it(text: str, redacted: str) -> None:
     assert Redactor(["email"]).redact(text)[0] == redacted
+
+
+def test_findings_start_empty_and_copy_and_pickle_as_a_counter() -> None:
+    """Each record's findings start without Counter's own (costly) update; made from counts (copy, pickle), they
+    take them as a Counter does, and each starts with the whole budget of phone checks."""
+    found = Findings()
+    assert found == Counter() and found.phone_checks_left == MAX_PHONE_CHECKS
+    found["email"] += 2
+    found.phone_checks_left -= 1
+    for made in (found.copy(), pickle.loads(pickle.dumps(found)), Findings(email=2)):
+        assert type(made) is Findings and made == Counter(email=2) and made.phone_checks_left == MAX_PHONE_CHECKS
+    assert Findings().phone_checks_left == MAX_PHONE_CHECKS, "one record's checks are not another's"
