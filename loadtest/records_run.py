@@ -174,13 +174,17 @@ async def throughput(
     cpu = {name: cpu_seconds(pid) or 0 for name, pid in pids.items()}
     tree_cpu = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     shared = {name: [0.0, 0.0] for name in targets}  # the Redis servers' and the machine's CPU in its segments
+
+    def redis_cpu() -> float:
+        return sum(cpu_seconds(pid) or 0 for pid in redis_pids)
+
     runs: dict[str, list[tuple[list[float], int, float]]] = {name: [] for name in targets}
     for name in order:
-        redis_before, machine_before = sum(cpu_seconds(pid) or 0 for pid in redis_pids), machine_busy_seconds()
+        redis_before, machine_before = redis_cpu(), machine_busy_seconds()
         runs[name].append(
             await load_segment(session, targets[name], body, cfg.concurrency, cfg.duration_s / cfg.segments)
         )
-        shared[name][0] += sum(cpu_seconds(pid) or 0 for pid in redis_pids) - redis_before
+        shared[name][0] += redis_cpu() - redis_before
         shared[name][1] += machine_busy_seconds() - machine_before
         progress.advance(task)
     result: dict[str, Any] = {"concurrency": cfg.concurrency, "seconds_per_target": cfg.duration_s, "order": order}

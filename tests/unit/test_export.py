@@ -338,12 +338,9 @@ async def test_a_dpo_export_cancelled_midway_ends_its_thread_before_its_pairs_ar
     export stops that thread at its next row, the pairs' database is closed by that thread once it is done with it,
     and the export returns only then (its caller closes the file next). Closed from the event loop while the thread
     was in a call, SQLite crashed the process."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(40):  # one prompt: its first answer liked, the 39 others not, so 39 pairs wait for the log
-            record = chat(tenant, text=f"Answer {i}.")
-            pipe.xadd(keys.completion_log(tenant), {"r": record.model_dump_json()})
-            pipe.hset(keys.feedback(tenant, record.id), "", fb(record, thumbs="down" if i else "up").model_dump_json())
-        await pipe.execute()
+    # one prompt: its first answer liked, the 39 others not, so 39 pairs wait for the log
+    records = (chat(tenant, text=f"Answer {i}.") for i in range(40))
+    await log_many(redis, ((r, fb(r, thumbs="down" if i else "up")) for i, r in enumerate(records)))
     rows: list[int] = []
     third, go_on = threading.Event(), threading.Event()
 
