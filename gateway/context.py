@@ -133,6 +133,8 @@ class Answer:
         return [self._parts[index].choice(index) for index in sorted(self._parts)]
 
     def choice_dicts(self) -> list[dict[str, Any]]:
+        if not self._parts:  # a whole answer not parsed yet, or no answer: taken for every request's record
+            return []
         return [self._parts[index].as_dict(index) for index in sorted(self._parts)]
 
 

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import pydantic_core
 
 from gateway.context import Answer, RequestContext
+from gateway.records import age_seconds
 from gateway.redaction import Findings, Redactor, map_strings
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
@@ -70,13 +71,24 @@ class RawRecord(NamedTuple):
     body: bytes | None
     """A whole answer (content kept)."""
     content: bool
-    redact: tuple[str, ...]
+    redact: list[str]
+    """The tenant's policy's list as it is (sorted, and hashable, in the record process: `_redactor`)."""
     max_records: int
-    ttl: int
+    max_age_days: float
     phone_region: str = "US"
 
 
+RawRow = tuple[Any, ...]
+"""A `RawRecord`'s values as a plain tuple: what the gateway takes per request (a plain tuple is made and pickled
+in a fraction of a named one's time; the record process reads it as a `RawRecord`)."""
+
+
 def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecord:
+    """A finished request's raw record (`raw_row`, named)."""
+    return RawRecord._make(raw_row(context, clock_offset_s))
+
+
+def raw_row(context: RequestContext, clock_offset_s: float = 0.0) -> RawRow:
     """`clock_offset_s`: the records Redis's clock minus this host's (a record is dated by Redis's clock)."""
     policy, route, answer = context.tenant.logging, context.route, context.answer
     content = policy.content
@@ -85,7 +97,7 @@ def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecor
         found = _ID.search(answer.body[:512])
         completion_id = found.group(1).decode() if found else None
     valid = content and context.validated
-    return RawRecord(
+    return (
         context.request_id, context.tenant.name, context.tenant.created, context.key_id, context.user,
         context.endpoint, context.stream,
         route.requested if route is not None else str(context.payload.get("model", ""))[:200],
@@ -97,9 +109,17 @@ def raw_record(context: RequestContext, clock_offset_s: float = 0.0) -> RawRecor
         context.first_token_s,
         request_of(context.payload) if valid and context.sent is None else None,
         context.sent if valid else None, answer.body if content else None,
-        content, tuple(sorted(policy.redact)) if content else (), policy.max_records, policy.max_age_s,
-        policy.phone_region,
+        content, policy.redact if content else [], policy.max_records, policy.max_age_days, policy.phone_region,
     )  # fmt: skip
+
+
+_SENT, _BODY = RawRecord._fields.index("sent"), RawRecord._fields.index("body")
+
+
+def row_size(row: RawRow) -> int:
+    """What a raw record holds, as far as it is known without work: the request sent on and the answer (the bulk of
+    it; a request refused before it was sent on, kept as parsed, is not counted)."""
+    return len(row[_SENT] or b"") + len(row[_BODY] or b"")
 
 
 def build_entries(raws: list[RawRecord]) -> list[dict[str, Any]]:
@@ -124,7 +144,7 @@ def _entry(raw: RawRecord) -> dict[str, Any]:
         record["id"] = answer.completion_id or record["id"]
         record["choices"] = answer.choice_dicts() or None
     if record["request"] is not None or record["choices"] is not None:
-        _clean(record, _redactor(raw.redact, raw.phone_region))
+        _clean(record, _redactor(tuple(sorted(raw.redact)), raw.phone_region))
     text = pydantic_core.to_json(record).decode()
     if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
         for field in ("tools", "tool_choice", "response_format"):
@@ -138,7 +158,7 @@ def _entry(raw: RawRecord) -> dict[str, Any]:
         "user": raw.user,
         "record": text,
         "max_records": raw.max_records,
-        "ttl": raw.ttl,
+        "ttl": age_seconds(raw.max_age_days),
         "created": raw.received,
         "experiment": raw.experiment,
         "arm": raw.arm,

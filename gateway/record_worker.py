@@ -28,13 +28,14 @@ import signal
 import socket
 import sys
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import redis.asyncio as aioredis
 
 from gateway import heap
-from gateway.record_builder import RawRecord, build_entries
+from gateway.record_builder import RawRecord, RawRow, build_entries
 from gateway.record_store import UNREACHABLE, RecordStore
 
 log = logging.getLogger("loragate.recorder")
@@ -45,8 +46,8 @@ through 64 KiB pipes (Linux's default) it crossed in ten writes, each waking the
 on the gateway rather than building. Measured with `loadtest.records` on 2 cores, redaction on: 16,000 records/s
 through pipes, 21,000 through these sockets, whether the gateway runs asyncio's loop or uvloop (1 MiB pipes helped
 asyncio's loop only)."""
-Written = tuple[str, str, float | None]
-"""A written record's completion id, tenant, and when that tenant was created."""
+Owner = tuple[str, float | None]
+"""Who answered a completion: the tenant's name and when that tenant was created (None: not known)."""
 
 
 @dataclass
@@ -56,17 +57,18 @@ class Built:
     entries: list[dict[str, Any]]
     """Built and not written: the gateway writes or spools them."""
     unbuildable: int = 0
-    written: list[Written] = field(default_factory=list)
-    """Written by the record process (sent to the script: it skips what was already written or erased)."""
+    written: dict[str, Owner] = field(default_factory=dict)
+    """Written by the record process (sent to the script: it skips what was already written or erased): completion
+    id -> owner, the owners shared (one tuple per tenant: pickled once)."""
     refused: int = 0
     """Refused by Redis (a script error), dropped."""
     unreachable: str | None = None
     """Why a write found Redis unreachable (the entries are then all here, unwritten)."""
 
 
-def build(raws: list[RawRecord]) -> Built:
-    entries = build_entries(raws)
-    return Built(entries, unbuildable=len(raws) - len(entries))
+def build(rows: list[RawRow]) -> Built:
+    entries = build_entries([RawRecord._make(row) for row in rows])
+    return Built(entries, unbuildable=len(rows) - len(entries))
 
 
 class _Writer:
@@ -91,9 +93,7 @@ class _Writer:
             self._failed_epoch = epoch
             built.unreachable = repr(exc)
             return built
-        built.written = [
-            (e["id"], e["tenant"], e.get("tenant_created")) for e in built.entries if e["id"] not in refused
-        ]
+        built.written = owners(e for e in built.entries if e["id"] not in refused)
         built.refused, built.entries = len(refused), []
         return built
 
@@ -101,6 +101,16 @@ class _Writer:
         if self._store is not None and self._redis is not None:
             await self._store.close()
             await self._redis.aclose()
+
+
+def owners(entries: Iterable[dict[str, Any]]) -> dict[str, Owner]:
+    """Completion id -> owner of built entries."""
+    shared: dict[Owner, Owner] = {}
+    written = {}
+    for entry in entries:
+        owner = (entry["tenant"], entry.get("tenant_created"))
+        written[entry["id"]] = shared.setdefault(owner, owner)
+    return written
 
 
 async def _message(reader: asyncio.StreamReader) -> Any:
@@ -131,7 +141,7 @@ async def serve(source: BinaryIO, sink: BinaryIO) -> None:
     writing: asyncio.Task[None] | None = None
     while (message := await _message(reader)) is not None:
         rows, epoch = message
-        built = build([RawRecord._make(row) for row in rows])  # meanwhile Redis runs the last batch's script
+        built = build(rows)  # meanwhile Redis runs the last batch's script
         if writing is not None:
             await writing
         writing = asyncio.create_task(write(built, epoch))
@@ -233,14 +243,14 @@ class RecordWorker:
     def __init__(self, redis_url: str | None = None) -> None:
         self._redis_url = redis_url
         self._process: _Process | None = None
-        self._in_flight: deque[tuple[_Process | None, list[RawRecord], Any, int | None]] = deque()
+        self._in_flight: deque[tuple[_Process | None, list[RawRow], Any, int | None]] = deque()
 
     @property
     def pending(self) -> int:
         """Batches sent and not yet received."""
         return len(self._in_flight)
 
-    async def send(self, raws: list[RawRecord], tag: Any, epoch: int | None = None) -> None:
+    async def send(self, raws: list[RawRow], tag: Any, epoch: int | None = None) -> None:
         """Hand a batch over, to be written too when `epoch` is not None; `receive` returns what became of it
         with `tag`, in the order batches were sent. The bytes are not drained here: the process may be
         answering the previous batch meanwhile.
@@ -252,7 +262,7 @@ class RecordWorker:
             process = await self._started()
             if any(sent_to is not process or its_epoch is None for sent_to, _, _, its_epoch in self._in_flight):
                 epoch = None
-            process.send(([tuple(raw) for raw in raws], epoch))  # plain tuples pickle in half the time
+            process.send((raws, epoch))
             self._in_flight.append((process, raws, tag, epoch))
         except (OSError, pickle.PickleError) as exc:
             log.error("completion log: the record process failed (%r); starting another", exc)
@@ -299,7 +309,7 @@ class ThreadBuilder:
     def pending(self) -> int:
         return len(self._in_flight)
 
-    async def send(self, raws: list[RawRecord], tag: Any, epoch: int | None = None) -> None:
+    async def send(self, raws: list[RawRow], tag: Any, epoch: int | None = None) -> None:
         self._in_flight.append((asyncio.create_task(asyncio.to_thread(build, raws)), tag))
 
     async def receive(self) -> tuple[Any, Built]:

@@ -1,16 +1,19 @@
 """The completion log: every request's context becomes one record in its tenant's Redis Stream,
 written off the request path.
 
-`record(context)` takes the context's raw record (plain values, nothing parsed) and queues it. A
-background task takes what is queued every `interval_s` (sooner when a batch is full) and hands it to a
-process of its own (gateway.record_worker), which builds the records (parsing whole answers, applying
-the tenant's policy: redaction, or metadata only) and writes them (gateway.record_store: one Lua script
-per 100 records, in one pipelined round trip, appends each to its tenant's stream, trimmed to the
-tenant's length, indexes its completion id and adds it to the end user's set). All this gateway process
-does per record is take it, pickle it and count what came back: the building and the writing happen
-beside it. While a backlog builds, this process writes the batches that follow itself, so that building
-and writing overlap; with `workers` 0, and whenever that process is gone, records are built in a thread
-and written from here.
+`record(context)` takes the context's raw record (a plain tuple of plain values, nothing parsed) and queues
+it. A background task takes what is queued `interval_s` after the first record comes into an empty queue (at
+once when a batch is full; it sleeps while nothing comes) and hands it to a process of its own
+(gateway.record_worker), which builds the records (parsing whole answers, applying the tenant's policy:
+redaction, or metadata only) and writes them (gateway.record_store: one Lua script per 100 records, in one
+pipelined round trip, appends each to its tenant's stream, trimmed to the tenant's length, indexes its
+completion id and adds it to the end user's set). All this gateway process does per record is take it and
+pickle it, and per batch remember what came back (`RecentCompletions`): the building and the writing happen
+beside it. Records are handed over young (20 ms): kept longer, they cost the gateway more per request than
+taking and pickling them (its working set out of the CPU's caches: recording cost the gateway process 2-6 µs
+per request handed over within 2-20 ms, 12 at 50 ms, 22 at 200 ms, in one run). While a backlog builds, this
+process writes the batches that follow itself, so that building and writing overlap; with `workers` 0, and
+whenever that process is gone, records are built in a thread and written from here.
 
 The script skips a record already indexed (a batch replayed twice is kept once), one of an end user
 erased since it was made, and one of a tenant deleted since (each record carries when its tenant was
@@ -27,10 +30,11 @@ replayed the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,9 +44,9 @@ from gateway import keys
 from gateway.clock import RedisClock
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
-from gateway.record_builder import RawRecord, raw_record
+from gateway.record_builder import RawRow, raw_row, row_size
 from gateway.record_store import UNREACHABLE, RecordStore
-from gateway.record_worker import Built, RecordWorker, ThreadBuilder, Written
+from gateway.record_worker import Built, Owner, RecordWorker, ThreadBuilder, owners
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
@@ -51,8 +55,52 @@ RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
-Recent = tuple[str, float | None]
-"""Who answered a completion: the tenant's name and when that tenant was created (None: not known)."""
+MERGED = 512
+"""Batches of remembered completions smaller than this are merged (a lookup walks the batches)."""
+
+
+class RecentCompletions:
+    """Who answered the last RECENT (at least) completions this process handled, for feedback that arrives while
+    Redis is down. Kept a batch at a time, as the record process sends them (a dict each, small ones merged):
+    remembering costs no work per record; a lookup walks the batches, newest first (about 130 of them when full)."""
+
+    def __init__(self, limit: int = RECENT) -> None:
+        self._batches: deque[dict[str, Owner]] = deque()
+        self._count = 0
+        self._limit = limit
+
+    def add(self, batch: dict[str, Owner]) -> None:
+        if not batch:
+            return
+        if self._batches and len(self._batches[-1]) < MERGED:
+            self._count -= len(self._batches[-1])
+            self._batches[-1].update(batch)
+        else:
+            self._batches.append(batch)
+        self._count += len(self._batches[-1])
+        while self._count - len(self._batches[0]) >= self._limit:
+            self._count -= len(self._batches.popleft())
+
+    def get(self, completion_id: str) -> Owner | None:
+        for batch in reversed(self._batches):
+            if (owner := batch.get(completion_id)) is not None:
+                return owner
+        return None
+
+    def __setitem__(self, completion_id: str, owner: Owner) -> None:
+        self.add({completion_id: owner})
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        """The ids remembered, oldest first (one remembered twice, twice)."""
+        for batch in self._batches:
+            yield from batch
+
+    def clear(self) -> None:
+        self._batches.clear()
+        self._count = 0
 
 
 class Recorder:
@@ -63,7 +111,7 @@ class Recorder:
         metrics: Metrics,
         *,
         batch: int = 500,
-        interval_s: float = 0.05,
+        interval_s: float = 0.02,
         max_queued: int = 100_000,
         max_queued_bytes: int = 256 << 20,
         enabled: bool = True,
@@ -80,8 +128,12 @@ class Recorder:
         self._queued_bytes = 0
         """What the queued records' request and answer bodies hold: the queue is bounded by it too (each may be MBs)."""
         self._enabled = enabled
-        self._queue: deque[tuple[int, RawRecord]] = deque()
-        self._wake = asyncio.Event()
+        self._queue: deque[tuple[int, RawRow, int]] = deque()
+        """Sequence number, raw record, and its size (`row_size`)."""
+        self._queued = asyncio.Event()
+        """Set by the first record into an empty queue: the loop sleeps until then (an idle gateway does not wake)."""
+        self._go_now = asyncio.Event()
+        """Set when what is queued goes at once: a batch is full, `written` waits, the recorder stops."""
         self._stopping = asyncio.Event()
         self._progress = asyncio.Condition()
         self._queued_seq = 0
@@ -94,7 +146,7 @@ class Recorder:
         self._builder: RecordWorker | ThreadBuilder = RecordWorker(redis_url) if workers else ThreadBuilder()
         self._epoch = 0
         """Batches the record process may write itself; a new epoch begins each time the spool is replayed."""
-        self.recent: OrderedDict[str, Recent] = OrderedDict()
+        self.recent = RecentCompletions()
         """Completion id -> tenant and its creation, for the last RECENT records this process handled."""
         self.degraded = False
         """True while Redis cannot be written: records go to the spool."""
@@ -108,26 +160,30 @@ class Recorder:
         if raw is None:
             self._metrics.records_dropped.labels("unbuildable").inc()
             return
+        if not self._queue:
+            self._queued.set()
         self._queued_seq += 1
-        self._queue.append((self._queued_seq, raw))
-        self._queued_bytes += _size(raw)
+        size = row_size(raw)
+        self._queue.append((self._queued_seq, raw, size))
+        self._queued_bytes += size
         while len(self._queue) > self._max_queued or self._queued_bytes > self._max_queued_bytes:
             self._take()
             self._metrics.records_dropped.labels("queue_full").inc()
         if len(self._queue) >= self._batch:
-            self._wake.set()
+            self._go_now.set()
 
-    def _take(self) -> tuple[int, RawRecord]:
+    def _take(self) -> tuple[int, RawRow, int]:
         """The oldest queued record, out of the queue."""
         taken = self._queue.popleft()
-        self._queued_bytes -= _size(taken[1])
+        self._queued_bytes -= taken[2]
         return taken
 
     async def written(self) -> None:
         """Wait until everything queued before this call is written (or spooled)."""
         target = self._queued_seq
         self._flush_seq = max(self._flush_seq, target)
-        self._wake.set()
+        self._go_now.set()
+        self._queued.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._done_seq >= target or self._stopping.is_set())
 
@@ -136,20 +192,23 @@ class Recorder:
         await self._builder.start()
 
     async def run(self) -> None:
-        """Write what is queued, every interval (or at once when a batch is full), until `stop`."""
+        """Write what is queued until `stop`: `interval_s` after a record comes into an empty queue (at once when
+        a batch is full or `written` waits), and every RETRY_S while nothing comes (the spool's replay)."""
         while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            if not self._queue:
+                await _until(self._queued, RETRY_S)
+            if not self._go_now.is_set():
+                await _until(self._go_now, self._interval_s)
+            self._queued.clear()
+            self._go_now.clear()
             await self._cycle()
         await self._cycle()
 
     async def stop(self) -> None:
         """Ask `run` to write what is left and return (it is not cancelled: no batch is cut in half)."""
         self._stopping.set()
-        self._wake.set()
+        self._go_now.set()
+        self._queued.set()
 
     async def _cycle(self) -> None:
         try:
@@ -184,7 +243,7 @@ class Recorder:
                 sharing = sharing or len(self._queue) > self._batch
                 batch = [self._take() for _ in range(min(len(self._queue), self._batch))]
                 epoch = None if sharing or self.degraded or self._spool.pending() else self._epoch
-                await self._builder.send([raw for _, raw in batch], batch[-1][0], epoch)
+                await self._builder.send([raw for _, raw, _ in batch], batch[-1][0], epoch)
                 if self._queue and self._builder.pending < 2 and self._due(began):
                     continue
             if not self._builder.pending:
@@ -212,17 +271,17 @@ class Recorder:
         if built.unreachable and not self.degraded:
             log.warning("completion log: Redis unreachable (%s); spooling records until it returns", built.unreachable)
             self.degraded = True
-        self._remember(built.written)
+        self.recent.add(built.written)
         self._metrics.records_written.inc(len(built.written))
         if not built.entries:
             self._done_seq = max(self._done_seq, last_seq)
             return None
-        self._remember((e["id"], e["tenant"], e.get("tenant_created")) for e in built.entries)
+        self.recent.add(owners(built.entries))
         return asyncio.create_task(self._write_or_spool(built.entries, last_seq))
 
-    def _raw(self, context: RequestContext) -> RawRecord | None:
+    def _raw(self, context: RequestContext) -> RawRow | None:
         try:
-            return raw_record(context, self.clock.offset_s)
+            return raw_row(context, self.clock.offset_s)
         except Exception:
             log.exception("completion log: request %s could not be recorded", context.request_id)
             return None
@@ -267,12 +326,6 @@ class Recorder:
         if replayed:
             log.info("completion log: %d spooled records replayed", replayed)
 
-    def _remember(self, written: Iterable[Written]) -> None:
-        for completion_id, tenant, created in written:
-            self.recent[completion_id] = (tenant, created)
-        while len(self.recent) > RECENT:
-            self.recent.popitem(last=False)
-
     async def close(self) -> None:
         await self._records.close()
         await self._builder.stop()
@@ -288,7 +341,7 @@ class Recorder:
             await pipe.execute()
 
 
-def _size(raw: RawRecord) -> int:
-    """What a record holds, as far as it is known without work: the request sent on and the answer (the bulk of
-    it; a request refused before it was sent on, kept as parsed, is not counted)."""
-    return len(raw.sent or b"") + len(raw.body or b"")
+async def _until(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until `event` is set, `timeout_s` at most."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout_s)

@@ -58,7 +58,12 @@ class LogPolicy(BaseModel):
 
     @property
     def max_age_s(self) -> int:
-        return max(int(self.max_age_days * 86400), 1)
+        return age_seconds(self.max_age_days)
+
+
+def age_seconds(days: float) -> int:
+    """A policy's `max_age_days` in whole seconds (one at least)."""
+    return max(int(days * 86400), 1)
 
 
 class Choice(BaseModel):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.context import Answer, RequestContext
-from gateway.record_builder import RawRecord, raw_record
+from gateway.record_builder import RawRow, raw_row
 from gateway.record_worker import BUFFER_BYTES, HEADER, RecordWorker
 from gateway.routing import Route
 from gateway.tenants import Tenant
@@ -21,7 +21,7 @@ from gateway.tenants import Tenant
 BATCH = 400
 
 
-def raws(batch: int) -> list[RawRecord]:
+def raws(batch: int) -> list[RawRow]:
     """A batch of chat records whose built entries (about 7 kB each) make an answer larger than the socket's
     buffers (BUFFER_BYTES each way)."""
     out = []
@@ -34,7 +34,7 @@ def raws(batch: int) -> list[RawRecord]:
         answer = {"id": f"chatcmpl-{batch}-{n}", "choices": [{"index": 0, "message": {"content": text}}]}
         ctx.answer = Answer(body=json.dumps(answer).encode())
         ctx.finish(200)
-        out.append(raw_record(ctx))
+        out.append(raw_row(ctx))
     return out
 
 

@@ -24,7 +24,7 @@ from gateway.errors import StateUnavailable
 from gateway.export import export
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_builder import MAX_CHARS, build_entries, raw_record, record_of
+from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_of
 from gateway.record_worker import Built, RecordWorker
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
@@ -211,21 +211,21 @@ async def test_the_record_process_writes_nothing_after_a_failed_write_until_a_ne
     tenant = Tenant(name="t")
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
-        await worker.send([raw_record(context(tenant, 0))], "first", 0)
-        assert (await worker.receive())[1].written == [("chatcmpl-0", "t", tenant.created)]
+        await worker.send([raw_row(context(tenant, 0))], "first", 0)
+        assert (await worker.receive())[1].written == {"chatcmpl-0": ("t", tenant.created)}
         own_redis.kill()
-        await worker.send([raw_record(context(tenant, 1))], "failed", 0)
+        await worker.send([raw_row(context(tenant, 1))], "failed", 0)
         _, failed = await worker.receive()
         assert failed.unreachable and [e["id"] for e in failed.entries] == ["chatcmpl-1"] and not failed.written
         own_redis.start()
-        await worker.send([raw_record(context(tenant, 2))], "same epoch", 0)
-        await worker.send([raw_record(context(tenant, 3))], "spooling", None)
+        await worker.send([raw_row(context(tenant, 2))], "same epoch", 0)
+        await worker.send([raw_row(context(tenant, 3))], "spooling", None)
         for tag in ("same epoch", "spooling"):
             got, built = await worker.receive()
             assert got == tag and len(built.entries) == 1 and not built.written and not built.unreachable
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0"], "nothing after the failure"
-        await worker.send([raw_record(context(tenant, 4))], "next epoch", 1)
-        assert (await worker.receive())[1].written == [("chatcmpl-4", "t", tenant.created)]
+        await worker.send([raw_row(context(tenant, 4))], "next epoch", 1)
+        assert (await worker.receive())[1].written == {"chatcmpl-4": ("t", tenant.created)}
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0", "chatcmpl-4"]
     finally:
         await worker.stop()
@@ -398,12 +398,12 @@ async def test_batches_in_flight_when_the_builder_process_dies_are_built_all_the
     await worker.start()
     dying = worker._process
     for n in range(3):
-        await worker.send([raw_record(context(Tenant(name="t"), n))], n)
+        await worker.send([raw_row(context(Tenant(name="t"), n))], n)
     assert dying is not None and worker.pending == 3
     dying.process.kill()  # before it has built them: what it had is built in a thread instead, in order
     got = [await worker.receive() for _ in range(3)]
     assert [(tag, built.entries[0]["id"]) for tag, built in got] == [(n, f"chatcmpl-{n}") for n in range(3)]
-    await worker.send([raw_record(context(Tenant(name="t"), 9))], "next")
+    await worker.send([raw_row(context(Tenant(name="t"), 9))], "next")
     assert (await worker.receive())[1].entries[0]["id"] == "chatcmpl-9"
     assert worker._process is not None and worker._process is not dying, "a new process builds what comes after"
     await worker.stop()
@@ -419,18 +419,18 @@ async def test_a_batch_sent_after_its_record_process_died_is_left_to_the_gateway
     dying = worker._process
     assert dying is not None
     os.kill(dying.process.pid, signal.SIGSTOP)  # it cannot read batch 0 before it dies
-    await worker.send([raw_record(context(Tenant(name="t"), 0))], 0, epoch=0)
+    await worker.send([raw_row(context(Tenant(name="t"), 0))], 0, epoch=0)
     dying.process.kill()
     await dying.process.wait()
-    await worker.send([raw_record(context(Tenant(name="t"), 1))], 1, epoch=0)  # to a new process
-    await worker.send([raw_record(context(Tenant(name="t"), 2))], 2, epoch=0)
+    await worker.send([raw_row(context(Tenant(name="t"), 1))], 1, epoch=0)  # to a new process
+    await worker.send([raw_row(context(Tenant(name="t"), 2))], 2, epoch=0)
     got = [await worker.receive() for _ in range(3)]
     assert [(tag, [e["id"] for e in built.entries], built.written) for tag, built in got] == [
-        (n, [f"chatcmpl-{n}"], []) for n in range(3)
+        (n, [f"chatcmpl-{n}"], {}) for n in range(3)
     ], "all three come back to be written by the gateway, in order"
     assert await redis.xlen(keys.completion_log("t")) == 0
-    await worker.send([raw_record(context(Tenant(name="t"), 3))], 3, epoch=0)
-    assert [w[0] for w in (await worker.receive())[1].written] == ["chatcmpl-3"], "once they are back, it writes again"
+    await worker.send([raw_row(context(Tenant(name="t"), 3))], 3, epoch=0)
+    assert list((await worker.receive())[1].written) == ["chatcmpl-3"], "once they are back, it writes again"
     await worker.stop()
 
 
@@ -784,4 +784,4 @@ async def test_the_queue_is_bounded_by_what_its_records_hold_too(redis: aioredis
         recorder.record(forwarded)
     assert 0 < recorder._queued_bytes <= 10_000 and len(recorder._queue) == 3
     assert metrics.records_dropped.labels("queue_full")._value.get() == 2
-    assert [seq for seq, _ in recorder._queue] == [3, 4, 5], "the oldest went"
+    assert [seq for seq, _, _ in recorder._queue] == [3, 4, 5], "the oldest went"

@@ -1,0 +1,47 @@
+"""The recorder's memory of who answered the completions its process handled (feedback while Redis is down)."""
+
+from __future__ import annotations
+
+from gateway.record_worker import owners
+from gateway.recorder import MERGED, RECENT, RecentCompletions
+
+
+def batch(start: int, size: int, tenant: str = "t") -> dict[str, tuple[str, float | None]]:
+    return {f"chatcmpl-{n}": (tenant, 1.0) for n in range(start, start + size)}
+
+
+def test_the_last_limit_completions_are_remembered_and_older_ones_forgotten() -> None:
+    recent = RecentCompletions(limit=2000)
+    for start in range(0, 10_000, 500):
+        recent.add(batch(start, 500))
+    assert recent.get("chatcmpl-9999") == ("t", 1.0) and recent.get("chatcmpl-8000") == ("t", 1.0)
+    assert recent.get("chatcmpl-7499") is None, "more than the limit (and a batch) ago"
+    assert 2000 <= len(recent) < 2000 + 2 * MERGED and len(list(recent)) == len(recent)
+
+
+def test_small_batches_are_merged_so_a_lookup_walks_few_dicts() -> None:
+    recent = RecentCompletions()
+    for n in range(RECENT * 2):  # a quiet gateway: one record per write cycle
+        recent[f"chatcmpl-{n}"] = ("t", None)
+    assert len(recent._batches) <= RECENT // MERGED + 2
+    assert recent.get(f"chatcmpl-{RECENT * 2 - 1}") == ("t", None) and recent.get("chatcmpl-0") is None
+    assert list(recent)[-1] == f"chatcmpl-{RECENT * 2 - 1}", "oldest first"
+
+
+def test_a_later_answer_for_an_id_wins() -> None:
+    """A tenant deleted and created again with the same name, answering an id this process remembers: the newest
+    owner is the one a rating is checked against."""
+    recent = RecentCompletions(limit=10)
+    recent.add({**batch(0, MERGED), "chatcmpl-x": ("t", 1.0)})
+    recent.add({"chatcmpl-x": ("t", 2.0)})
+    assert recent.get("chatcmpl-x") == ("t", 2.0)
+    recent.clear()
+    assert recent.get("chatcmpl-x") is None and len(recent) == 0 and list(recent) == []
+
+
+def test_owners_are_shared_per_tenant() -> None:
+    """What the record process sends back: one owner tuple per tenant (pickled once per batch)."""
+    entries = [{"id": f"c{n}", "tenant": "ab"[n % 2], "tenant_created": 5.0} for n in range(6)]
+    found = owners(entries)
+    assert found == {f"c{n}": ("ab"[n % 2], 5.0) for n in range(6)}
+    assert found["c0"] is found["c2"] and found["c1"] is found["c3"] and found["c0"] is not found["c1"]
