@@ -1,9 +1,19 @@
-"""The recorder's memory of who answered the completions its process handled (feedback while Redis is down)."""
+"""What the gateway and its record process do per batch: the memory of who answered the completions the process
+handled (feedback while Redis is down), and the record process's pauses."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from gateway import record_worker
+from gateway.context import Answer, RequestContext
+from gateway.record_builder import raw_row
 from gateway.record_worker import owners
 from gateway.recorder import MERGED, RECENT, RecentCompletions
+from gateway.routing import Route
+from gateway.tenants import Tenant
 
 
 def batch(start: int, size: int, tenant: str = "t") -> dict[str, tuple[str, float | None]]:
@@ -45,3 +55,26 @@ def test_owners_are_shared_per_tenant() -> None:
     found = owners(entries)
     assert found == {f"c{n}": ("ab"[n % 2], 5.0) for n in range(6)}
     assert found["c0"] is found["c2"] and found["c1"] is found["c3"] and found["c0"] is not found["c1"]
+
+
+def test_the_record_process_pauses_every_few_records_and_builds_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built in one go, a batch held a core for milliseconds while the processes sharing it waited: the record
+    process gives the CPU away (`sched_yield`) every few records, and builds exactly what it built without."""
+    rows = [raw_row(chat(n)) for n in range(7)]
+    pauses: list[None] = []
+    whole = record_worker.build(rows)
+    monkeypatch.setattr(record_worker.os, "sched_yield", lambda: pauses.append(None))
+    paused = record_worker.build(rows, pause_every=3)
+    assert paused.entries == whole.entries and len(whole.entries) == 7 and paused.unbuildable == 0
+    assert len(pauses) == 3, "after records 3, 6 and 7"
+    assert record_worker.build([], pause_every=3).entries == [] and len(pauses) == 3
+
+
+def chat(n: int) -> RequestContext:
+    body = {"model": "m", "messages": [{"role": "user", "content": f"mail me at user{n}@example.com"}]}
+    ctx = RequestContext(f"r{n}", "chat", Tenant(name="t"), "k1", payload=body, validated=True)
+    ctx.sent = json.dumps(body).encode()
+    ctx.route = Route(requested="m", upstream_model="m", served_model="m")
+    ctx.answer = Answer(body=json.dumps({"id": f"chatcmpl-{n}", "choices": [{"index": 0, "message": {}}]}).encode())
+    ctx.finish(200)
+    return ctx
