@@ -46,14 +46,16 @@ through 64 KiB pipes (Linux's default) it crossed in ten writes, each waking the
 on the gateway rather than building. Measured with `loadtest.records` on 2 cores, redaction on: 16,000 records/s
 through pipes, 21,000 through these sockets, whether the gateway runs asyncio's loop or uvloop (1 MiB pipes helped
 asyncio's loop only)."""
-PAUSE_EVERY = 5
-"""The record process gives up the CPU (`sched_yield`) after building this many records (about 0.2 ms). Built in one
-go, a batch held a core for several ms: Linux (EEVDF, 250 Hz tick) let the process run on while the processes it
-shares the core with (on 2 cores, the clients' and the upstream's side of the gateway's traffic) waited, 1-5 ms at a
-time, and the gateway ran out of requests to serve; neither `nice` 10 nor the idle scheduling class changed that.
-Measured with 16 clients on 2 cores, as in loadtest.records' second part: the gateway 94% busy with recording on, 98%
-with pauses every 5-25 records; its requests/s 7.5-9.2% lower with recording than without before, 2.6-4.7% with
-them (every 5: 2.6%)."""
+PAUSE_EVERY = 8
+"""The record process gives up the CPU (`sched_yield`) after building this many records (about 0.3 ms with redaction).
+Built in one go, a batch held a core for several ms: Linux (EEVDF, 250 Hz tick) let the process run on while the
+processes it shares the core with (on 2 cores, the clients' and the upstream's side of the gateway's traffic) waited,
+1-5 ms at a time (`perf sched`), and the gateway ran out of requests to serve; neither `nice` 10 nor the idle
+scheduling class changed that. Measured with 16 clients on 2 cores, as in loadtest.records' second part: the gateway
+94% busy with recording on, 98% with pauses every 5-25 records; its requests/s 7.5-9.2% lower with recording than
+without before, 2.6% / 3.3% / 4.7% with pauses every 5 / 10 / 25 records (one run). Each pause that gives the CPU
+away costs the record process a little: every 5 records, 3% of its records/s into an fsyncing Redis; every 20, none
+measured (four runs each)."""
 Owner = tuple[str, float | None]
 """Who answered a completion: the tenant's name and when that tenant was created (None: not known)."""
 
