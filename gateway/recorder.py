@@ -52,17 +52,17 @@ from gateway.spool import Spool
 log = logging.getLogger("loragate.recorder")
 
 RETRY_S = 1.0
-"""How often Redis is tried again while the log is degraded."""
+"""How often Redis is tried again while the log is degraded (and how often an idle recorder looks at its spool)."""
 RECENT = 65536
 """Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
-MERGED = 512
-"""Batches of remembered completions smaller than this are merged (a lookup walks the batches)."""
+MERGED = 256
+"""Remembered batches smaller than this are merged (a lookup walks the batches); full ones (500) are kept as sent."""
 
 
 class RecentCompletions:
     """Who answered the last RECENT (at least) completions this process handled, for feedback that arrives while
-    Redis is down. Kept a batch at a time, as the record process sends them (a dict each, small ones merged):
-    remembering costs no work per record; a lookup walks the batches, newest first (about 130 of them when full)."""
+    Redis is down. Kept a batch at a time, as the record process sends them (a dict each; small ones merged, at C
+    speed): no Python work per record; a lookup walks the batches, newest first (at most about 260 when full)."""
 
     def __init__(self, limit: int = RECENT) -> None:
         self._batches: deque[dict[str, Owner]] = deque()
@@ -131,7 +131,8 @@ class Recorder:
         self._queue: deque[tuple[int, RawRow, int]] = deque()
         """Sequence number, raw record, and its size (`row_size`)."""
         self._queued = asyncio.Event()
-        """Set by the first record into an empty queue: the loop sleeps until then (an idle gateway does not wake)."""
+        """Set by the first record into an empty queue (and by `written`, `stop`): the loop sleeps until then, or
+        RETRY_S (an idle gateway does not wake for each interval)."""
         self._go_now = asyncio.Event()
         """Set when what is queued goes at once: a batch is full, `written` waits, the recorder stops."""
         self._stopping = asyncio.Event()
@@ -147,7 +148,7 @@ class Recorder:
         self._epoch = 0
         """Batches the record process may write itself; a new epoch begins each time the spool is replayed."""
         self.recent = RecentCompletions()
-        """Completion id -> tenant and its creation, for the last RECENT records this process handled."""
+        """Completion id -> tenant and its creation, for the last RECENT (at least) records this process handled."""
         self.degraded = False
         """True while Redis cannot be written: records go to the spool."""
         self._retry_at = 0.0
@@ -195,7 +196,7 @@ class Recorder:
         """Write what is queued until `stop`: `interval_s` after a record comes into an empty queue (at once when
         a batch is full or `written` waits), and every RETRY_S while nothing comes (the spool's replay)."""
         while not self._stopping.is_set():
-            if not self._queue:
+            if not self._queue and not self._builder.pending:  # (batches pending: a cycle that failed midway)
                 await _until(self._queued, RETRY_S)
             if not self._go_now.is_set():
                 await _until(self._go_now, self._interval_s)
