@@ -32,18 +32,33 @@ TENANT = "tests"
 HOT_ADAPTER = "hot"
 
 
+LAST = "tests/integration/test_bnb_base.py"
+"""The NF4 tests: an engine of their own and a QLoRA training run, none of the session's replicas. They run last,
+on the unit tests' worker once its tests are done: among the session's tests they were on the critical path (the
+AVX2 kind: 21 minutes, the trainer alone 5 of them), and that worker is done minutes before the other."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.startswith(LAST))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist (`make test` runs `-n 2`) every integration test goes to one worker, in the order
     collected: they share the session's vLLM replicas (started once, not once per worker), and the last of them
     kills those replicas (test_zz_engine_restart). The unit tests fill the other worker: the integration tests
     leave a core idle much of the time (most wait on one vLLM replica at a time), and the unit tests on their
-    own use one. (`--dist loadgroup` with an `xdist_group` mark would say the same, but pytest 9.2 broke it:
-    pytest-xdist issue 1386.)"""
+    own use one; then the NF4 tests (`LAST`), kept in collection order rather than sorted by size, as xdist
+    would sort them before the unit tests. (`--dist loadgroup` with an `xdist_group` mark would say the same,
+    but pytest 9.2 broke it: pytest-xdist issue 1386.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class IntegrationTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(LAST):
+                return LAST
             return "integration" if nodeid.startswith("tests/integration/") else nodeid
 
     return IntegrationTogether(config, log)
@@ -75,7 +90,9 @@ class Gateway:
 
 
 def gateway_env(home: Path, redis_url: str, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+    # Not VLLM_LOGGING_LEVEL either: importing TRL (the unit tests do) sets it to ERROR in this process
+    # (trl/_compat.py), and tests read the engines' INFO lines.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_") and k != "VLLM_LOGGING_LEVEL"}
     env.update(
         LORAGATE_HOME=str(home),
         LORAGATE_MODEL_CACHE=os.environ.get("LORAGATE_MODEL_CACHE", str(DEFAULT_HOME / "models")),

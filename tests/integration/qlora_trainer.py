@@ -29,7 +29,7 @@ def train(base: Path, out: Path) -> None:
         (dataset / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(count)))
     config = RetrainConfig(
         qlora=True,
-        epochs=6,
+        epochs=3,  # validation loss 0.0017 after 3 (0.0007 after 6): 3 halve the AVX2 kind's 5 minutes
         learning_rate=3e-3,
         batch_size=4,
         lora_dropout=0.0,
