@@ -44,6 +44,8 @@ cat <<MSG
   base URL : http://127.0.0.1:$LORAGATE_PORT/v1
   API key  : $(cat "$keyfile")
   model    : SmolLM2-135M-Instruct
+  CLI      : export LORAGATE_HOME=$LORAGATE_HOME LORAGATE_REDIS_URL=$LORAGATE_REDIS_URL LORAGATE_RECORDS_REDIS_URL=$LORAGATE_RECORDS_REDIS_URL
+             (in another shell, before \`loragate feedback export\` and the like: they read the same stores)
   Ctrl-C stops the gateway, vLLM and Redis.
 
 MSG
