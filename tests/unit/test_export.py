@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from gateway.export import (
 )
 from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
 from gateway.tenants import Tenant
-from tests.conftest import ROOT, RedisServer
+from tests.conftest import ROOT, RedisServer, free_port
 
 POLICY = LogPolicy()
 FIVE_STARS = LogPolicy(score_min=1.0, score_max=5.0)
@@ -51,6 +51,25 @@ IDS = itertools.count()
 @pytest.fixture
 def tenant() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server that keeps nothing on disk, for the exports of logs of 40-80 MB, which measure an export's
+    memory, not a disk. Written to the session's Redis (AOF fsynced before every answer), such a log set off an AOF
+    rewrite, and in CI, its disk busy, an XRANGE of it then went unanswered for a minute (11 tries of 5 s)."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("plain-redis"))
+    server.start("plain")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def plain(plain_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(plain_server.url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()
 
 
 def chat(
@@ -105,7 +124,7 @@ async def log(redis: aioredis.Redis, record: CompletionRecord, *feedback: Feedba
 
 async def log_many(redis: aioredis.Redis, rated: Iterable[tuple[CompletionRecord, Feedback]], mb: int = 4) -> None:
     """Rated records into their log, in pipelines of about `mb` MB each: one pipeline of 80 MB outlasted the
-    client's 5 s write timeout on a loaded machine (the session's Redis fsyncs every write)."""
+    client's 5 s write timeout on a loaded machine (written to the session's Redis, which fsyncs every write)."""
     pipe, size = redis.pipeline(transaction=False), 0
     for record, rating in rated:
         raw = record.model_dump_json()
@@ -263,7 +282,7 @@ async def export_in_a_process(redis_server: RedisServer, tenant: str, path: Path
 
 
 async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
-    redis: aioredis.Redis, redis_server: RedisServer, tenant: str, tmp_path: Path
+    plain: aioredis.Redis, plain_server: RedisServer, tenant: str, tmp_path: Path
 ) -> None:
     """DPO pairs a prompt's answers once all are read; what waits until then is each prompt once and its answers'
     texts, not every record's whole prompt: 2,000 rated records sharing a 20 kB system prompt (40 MB of prompts)
@@ -271,8 +290,8 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
     system = {"role": "system", "content": "Follow the support policy. " * 800}
     messages = [system, {"role": "user", "content": QUESTION}]
     records = (chat(tenant, text=f"Answer {i}.", messages=messages) for i in range(2000))
-    await log_many(redis, ((r, fb(r, thumbs="down" if i % 10 else "up")) for i, r in enumerate(records)))
-    measured = await export_in_a_process(redis_server, tenant, tmp_path / "dpo.jsonl", 100, traced=True)  # rows: 36 MB
+    await log_many(plain, ((r, fb(r, thumbs="down" if i % 10 else "up")) for i, r in enumerate(records)))
+    measured = await export_in_a_process(plain_server, tenant, tmp_path / "dpo.jsonl", 100, traced=True)  # rows: 36 MB
     assert measured["read"] == 2000 and measured["rows"] == 1800
     with (tmp_path / "dpo.jsonl").open() as written:
         assert json.loads(next(written))["chosen"] == assistant("Answer 0.")
@@ -307,7 +326,7 @@ asyncio.run(main())
 
 
 async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
-    redis: aioredis.Redis, redis_server: RedisServer, tenant: str, tmp_path: Path
+    plain: aioredis.Redis, plain_server: RedisServer, tenant: str, tmp_path: Path
 ) -> None:
     """The rated answers wait for the whole log to be read (a prompt's best answer may come last), on disk rather
     than in memory: 1,000 rated answers of 80 kB (80 MB) of 100 prompts are exported by a process whose memory grows
@@ -319,9 +338,9 @@ async def test_a_dpo_export_keeps_rated_answers_out_of_memory_until_they_pair(
         )
         for i in range(1000)
     )  # each prompt's best answer comes last
-    await log_many(redis, ((r, fb(r, thumbs="up" if i >= 900 else "down")) for i, r in enumerate(records)))
+    await log_many(plain, ((r, fb(r, thumbs="up" if i >= 900 else "down")) for i, r in enumerate(records)))
     path = tmp_path / "dpo.jsonl"
-    measured = await export_in_a_process(redis_server, tenant, path, 20, traced=False)
+    measured = await export_in_a_process(plain_server, tenant, path, 20, traced=False)
     assert measured["read"] == 1000 and measured["rows"] == 900
     with path.open() as written:
         first = json.loads(next(written))
