@@ -25,13 +25,15 @@ def train(base: Path, out: Path) -> None:
     dataset = out.with_name(out.name + "-dataset")
     dataset.mkdir(parents=True, exist_ok=True)
     row = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": ANSWER}]}
-    for split, count in (("train", 16), ("validation", 2), ("test", 2)):
+    # Every row is the same, so a batch of one gives the gradient a batch of four does, in a quarter of the
+    # tokens: 12 steps of one row trained in 10 s, of four in 24 s, to the same losses (AVX2 kind, alone).
+    for split, count in (("train", 4), ("validation", 2), ("test", 2)):
         (dataset / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(count)))
     config = RetrainConfig(
         qlora=True,
         epochs=3,  # validation loss 0.0017 after 3 (0.0007 after 6): 3 halve the AVX2 kind's 5 minutes
         learning_rate=3e-3,
-        batch_size=4,
+        batch_size=1,
         lora_dropout=0.0,
         early_stopping_patience=0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
