@@ -32,10 +32,12 @@ TENANT = "tests"
 HOT_ADAPTER = "hot"
 
 
-LAST = "tests/integration/test_bnb_base.py"
-"""The NF4 tests: an engine of their own and a QLoRA training run, none of the session's replicas. They run last,
-on the unit tests' worker once its tests are done: among the session's tests they were on the critical path (the
-AVX2 kind: 21 minutes, the trainer alone 5 of them), and that worker is done minutes before the other."""
+LAST = ("tests/integration/test_bnb_base.py", "tests/integration/test_quantized_base.py")
+"""The modules that use none of the session's replicas: the NF4 tests (an engine of their own and a QLoRA training
+run) and the W4A16 test (an engine of its own where the kernel exists, else probes and refusals: 42 s on the AVX2
+kind). They run last, on the unit tests' worker once its tests are done: among the session's tests they were on
+the critical path (the AVX2 kind: 21 minutes, the NF4 trainer alone 5 of them), and that worker is done minutes
+before the other."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -48,7 +50,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     collected: they share the session's vLLM replicas (started once, not once per worker), and the last of them
     kills those replicas (test_zz_engine_restart). The unit tests fill the other worker: the integration tests
     leave a core idle much of the time (most wait on one vLLM replica at a time), and the unit tests on their
-    own use one; then the NF4 tests (`LAST`), kept in collection order rather than sorted by size, as xdist
+    own use one; then the modules of `LAST`, kept in collection order rather than sorted by size, as xdist
     would sort them before the unit tests. (`--dist loadgroup` with an `xdist_group` mark would say the same,
     but pytest 9.2 broke it: pytest-xdist issue 1386.)"""
     from xdist.scheduler import LoadScopeScheduling
@@ -58,7 +60,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class IntegrationTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(LAST):
-                return LAST
+                return "last"
             return "integration" if nodeid.startswith("tests/integration/") else nodeid
 
     return IntegrationTogether(config, log)
