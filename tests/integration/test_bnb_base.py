@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,8 +49,14 @@ def qlora_training(
     out = tmp_path_factory.mktemp("qlora") / "adapter"
     trainer = ROOT / "tests/integration/qlora_trainer.py"
     log = out.with_name("trainer.log").open("w+")
+    # One thread: the NF4 engine, started meanwhile, binds its OpenMP threads to a core and spins there, and a
+    # 2-thread trainer's parallel regions wait on its thread on that core (`one_thread_beside_vllm` in the unit tests).
     job = subprocess.Popen(
-        [str(bnb_python), str(trainer), str(base_model_dir), str(out)], stdout=log, stderr=subprocess.STDOUT, text=True
+        [str(bnb_python), str(trainer), str(base_model_dir), str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     yield job, out
     if job.poll() is None:

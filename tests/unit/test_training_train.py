@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,19 @@ def tensors(result: TrainResult) -> dict[str, torch.Tensor]:
 class Run:
     result: TrainResult
     lines: list[str]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_beside_vllm() -> Iterator[None]:
+    """Under pytest-xdist (`make test`) torch trains on one thread here: the other worker's vLLM replicas bind
+    their OpenMP threads to the cores and spin between requests, and a 2-thread trainer's parallel regions wait on
+    whichever of its threads shares a core with them. Measured on the AVX2 kind: the sft run, 16 s alone, had not
+    ended after 180 s beside one replica answering requests one after another; on one thread it took 39 s."""
+    before = torch.get_num_threads()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
