@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,21 @@ async def recorder(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recor
     await found.close()
 
 
+@asynccontextmanager
+async def emptied(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of `server`'s database, emptied first, closed after."""
+    client = aioredis.from_url(server.url, decode_responses=True)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_server.url, decode_responses=True)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+    async with emptied(redis_server) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

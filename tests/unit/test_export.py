@@ -40,6 +40,7 @@ from gateway.export import (
 from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
 from gateway.tenants import Tenant
 from tests.conftest import ROOT, RedisServer, free_port
+from tests.unit.conftest import emptied
 
 POLICY = LogPolicy()
 FIVE_STARS = LogPolicy(score_min=1.0, score_max=5.0)
@@ -66,10 +67,8 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 async def plain(plain_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(plain_server.url, decode_responses=True)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+    async with emptied(plain_server) as client:
+        yield client
 
 
 def chat(
