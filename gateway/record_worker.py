@@ -256,6 +256,9 @@ class RecordWorker:
     pipelined: `send` hands one over and returns at once, `receive` gives back the oldest one's `Built`, so
     the gateway can prepare the next batch while this one is built and written."""
 
+    depth = 2
+    """Batches in flight at most: one built while the next is handed over."""
+
     def __init__(self, redis_url: str | None = None) -> None:
         self._redis_url = redis_url
         self._process: _Process | None = None
@@ -314,9 +317,47 @@ class RecordWorker:
             await process.stop()
 
 
+class RecordWorkers:
+    """Several record processes for one gateway process (`LORAGATE_RECORD_WORKERS` above 1), for a log that one
+    process cannot keep up with: each batch goes to the process with the fewest in flight, and `receive` gives them
+    back in the order they were sent. A process writes a batch itself only while no other holds one (two writing at
+    once could put a later batch in the log first); past that, during a backlog (when the recorder leaves every
+    batch to the gateway to write anyway), they build side by side and the gateway writes what comes back, in order."""
+
+    def __init__(self, count: int, redis_url: str | None = None) -> None:
+        self._workers = [RecordWorker(redis_url) for _ in range(count)]
+        self._order: deque[RecordWorker] = deque()
+
+    @property
+    def depth(self) -> int:
+        return RecordWorker.depth * len(self._workers)
+
+    @property
+    def pending(self) -> int:
+        return len(self._order)
+
+    async def send(self, raws: list[RawRow], tag: Any, epoch: int | None = None) -> None:
+        worker = min(self._workers, key=lambda w: w.pending)
+        if any(other.pending for other in self._workers if other is not worker):
+            epoch = None
+        await worker.send(raws, tag, epoch)
+        self._order.append(worker)
+
+    async def receive(self) -> tuple[Any, Built]:
+        return await self._order.popleft().receive()
+
+    async def start(self) -> None:
+        await asyncio.gather(*(worker.start() for worker in self._workers))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(worker.stop() for worker in self._workers))
+
+
 class ThreadBuilder:
     """The same pipeline with each batch built in a thread and written by the gateway (`workers` 0: tests,
     tools)."""
+
+    depth = 2
 
     def __init__(self) -> None:
         self._in_flight: deque[tuple[asyncio.Task[Built], Any]] = deque()

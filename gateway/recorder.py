@@ -1,19 +1,19 @@
 """The completion log: every request's context becomes one record in its tenant's Redis Stream,
 written off the request path.
 
-`record(context)` takes the context's raw record (a plain tuple of plain values, nothing parsed) and queues
-it. A background task takes what is queued `interval_s` after the first record comes into an empty queue (at
-once when a batch is full; it sleeps while nothing comes) and hands it to a process of its own
-(gateway.record_worker), which builds the records (parsing whole answers, applying the tenant's policy:
-redaction, or metadata only) and writes them (gateway.record_store: one Lua script per 100 records, in one
-pipelined round trip, appends each to its tenant's stream, trimmed to the tenant's length, indexes its
-completion id and adds it to the end user's set). All this gateway process does per record is take it and
-pickle it, and per batch remember what came back (`RecentCompletions`): the building and the writing happen
-beside it. Records are handed over young (20 ms): kept longer, they cost the gateway more per request than
-taking and pickling them (its working set out of the CPU's caches: recording cost the gateway process 2-6 µs
-per request handed over within 2-20 ms, 12 at 50 ms, 22 at 200 ms, in one run). While a backlog builds, this
-process writes the batches that follow itself, so that building and writing overlap; with `workers` 0, and
-whenever that process is gone, records are built in a thread and written from here.
+`record(context)` takes the context's raw record (a plain tuple of plain values, nothing parsed) and queues it. A
+background task takes what is queued `interval_s` after the first record comes into an empty queue (at once when a
+batch is full; it sleeps while nothing comes) and hands it to a process of its own (gateway.record_worker; several
+with `workers` above 1, sharing a backlog), which builds the records (parsing whole answers, applying the tenant's
+policy: redaction, or metadata only) and writes them (gateway.record_store: one Lua script per 100 records, in one
+pipelined round trip, appends each to its tenant's stream, trimmed to the tenant's length, indexes its completion
+id and adds it to the end user's set). All this gateway process does per record is take it and pickle it, and per
+batch remember what came back (`RecentCompletions`): the building and the writing happen beside it. Records are
+handed over young (20 ms): kept longer, they cost the gateway more per request than taking and pickling them (its
+working set out of the CPU's caches: recording cost the gateway process 2-6 µs per request handed over within 2-20
+ms, 12 at 50 ms, 22 at 200 ms, in one run). While a backlog builds, this process writes the batches that follow
+itself, so that building and writing overlap; with `workers` 0, and whenever that process is gone, records are
+built in a thread and written from here.
 
 The script skips a record already indexed (a batch replayed twice is kept once), one of an end user
 erased since it was made, and one of a tenant deleted since (each record carries when its tenant was
@@ -46,7 +46,7 @@ from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.record_builder import RawRow, raw_row, row_size
 from gateway.record_store import UNREACHABLE, RecordStore
-from gateway.record_worker import Built, Owner, RecordWorker, ThreadBuilder, owners
+from gateway.record_worker import Built, Owner, RecordWorker, RecordWorkers, ThreadBuilder, owners
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
@@ -144,7 +144,9 @@ class Recorder:
         self._records = RecordStore(redis)
         self.clock = RedisClock(redis, "the records Redis")
         """Records are dated by the records Redis's clock (its scripts compare them with tombstones and ages)."""
-        self._builder: RecordWorker | ThreadBuilder = RecordWorker(redis_url) if workers else ThreadBuilder()
+        self._builder: RecordWorker | RecordWorkers | ThreadBuilder = ThreadBuilder()
+        if workers:
+            self._builder = RecordWorkers(workers, redis_url) if workers > 1 else RecordWorker(redis_url)
         self._epoch = 0
         """Batches the record process may write itself; a new epoch begins each time the spool is replayed."""
         self.recent = RecentCompletions()
@@ -240,12 +242,12 @@ class Recorder:
         sharing = False
         began = self._queued_seq
         while True:
-            if self._queue and self._builder.pending < 2 and self._due(began):
+            if self._queue and self._builder.pending < self._builder.depth and self._due(began):
                 sharing = sharing or len(self._queue) > self._batch
                 batch = [self._take() for _ in range(min(len(self._queue), self._batch))]
                 epoch = None if sharing or self.degraded or self._spool.pending() else self._epoch
                 await self._builder.send([raw for _, raw, _ in batch], batch[-1][0], epoch)
-                if self._queue and self._builder.pending < 2 and self._due(began):
+                if self._queue and self._builder.pending < self._builder.depth and self._due(began):
                     continue
             if not self._builder.pending:
                 break

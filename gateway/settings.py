@@ -75,7 +75,11 @@ class Settings(BaseSettings):
         "youngest ones (Python's default: 700; 20,000 used 5-19% less CPU per request at full load).",
     )
     record_workers: int = Field(
-        1, ge=0, le=1, description="1: records are built and written in a process of their own; 0: built in a thread."
+        1,
+        ge=0,
+        le=8,
+        description="Processes that build and write a gateway process's completion records (more than 1 for a log "
+        "one cannot keep up with: they share a backlog); 0: built in a thread.",
     )
     record_spool_max: int = Field(
         100_000, ge=1000, description="Completion records spooled locally while Redis is down (oldest dropped past it)."

@@ -5,7 +5,8 @@ runs) with scripts/redis.sh, the mock upstream and three `loragate serve`, and m
 against a baseline taken in the same run:
 
 1. the `Recorder`, in this process: N realistic chat records into each Redis, with the tenant's
-   redaction on (all PII kinds), off, and content off: events/s (target >= 20,000);
+   redaction on (all PII kinds), off, and content off, each built and written by one record process, and
+   redaction on again with `--record-workers` of them (2): events/s (target >= 20,000);
 2. C concurrent non-stream requests through a gateway with `LORAGATE_RECORD_COMPLETIONS=false` and
    one with it on (same mock, same Redis), ABBA segments: requests/s (target: at most 5% lower);
 3. `POST /v1/feedback` latency where the records Redis fsyncs (200) and where it does not (the local
@@ -44,6 +45,7 @@ class Config:
     concurrency: int
     feedback: int
     feedback_concurrency: int
+    record_workers: int = 2
 
 
 # -- processes: redis-servers from scripts/redis.sh, several gateways
@@ -86,9 +88,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("-c", "--concurrency", type=int, default=16, help="Concurrent clients (requests/s).")
     parser.add_argument("-f", "--feedback", type=int, default=500, help="Feedback requests per target and phase.")
     parser.add_argument("--feedback-concurrency", type=int, default=8, help="Concurrent feedback clients.")
+    parser.add_argument(
+        "--record-workers", type=int, default=2, help="Record processes of the recorder's extra run (1: none)."
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if min(args.events, args.segments, args.concurrency, args.feedback_concurrency) < 1 or args.feedback < 2:
+    counts = (args.events, args.segments, args.concurrency, args.feedback_concurrency, args.record_workers)
+    if min(counts) < 1 or args.feedback < 2:
         parser.error("counts must be at least 1 (--feedback at least 2)")
     if args.duration <= 0 or any("=" not in item for item in args.gateway_env):
         parser.error("--duration must be > 0, and --gateway-env KEY=VALUE")
@@ -98,7 +104,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cfg = Config(args.events, args.duration, args.segments, args.concurrency, args.feedback, args.feedback_concurrency)
+    cfg = Config(
+        args.events, args.duration, args.segments, args.concurrency, args.feedback, args.feedback_concurrency,
+        args.record_workers,
+    )  # fmt: skip
     extra_env = dict(item.split("=", 1) for item in args.gateway_env)
     started, load_before = time.monotonic(), os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="loragate-records-"))

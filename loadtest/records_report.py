@@ -51,11 +51,12 @@ def markdown(report: dict[str, Any]) -> str:
 {report["versions"].get("redis-server", "?")} on {report["filesystem"]}; load average \
 {report["load_average_before"][0]:.2f} before, {report["load_average_after"][0]:.2f} after
 
-## 1. Recorder throughput, one process (target >= {TARGET_EVENTS_S:,} events/s)
+## 1. Recorder throughput, one gateway process (target >= {TARGET_EVENTS_S:,} events/s)
 
 {cfg["events"]:,} chat records per row (system + user message, a vLLM `chat.completion` answer; one in ten with \
-an e-mail and a phone number): `record()` of all, then wait until written; the stream length is checked. Baseline: \
-{BASELINE[0]} Redis, {BASELINE[1]}. CPU per event: this process's and its record process's, and the Redis server's.
+an e-mail and a phone number): `record()` of all, then wait until written; the stream length is checked. Built and \
+written by one record process, but where the row says more (`LORAGATE_RECORD_WORKERS`). Baseline: \
+{BASELINE[0]} Redis, {BASELINE[1]}. CPU per event: this process's and its record processes', and the Redis server's.
 
 | Redis | Policy | events/s | / baseline | CPU us/event | Redis CPU us/event | target |
 |---|---|---:|---:|---:|---:|---|

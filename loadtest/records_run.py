@@ -87,15 +87,16 @@ def contexts(variant: str, n: int) -> list[RequestContext]:
 
 
 async def record_all(
-    stack: RecordsStack, mode: str, variant: str, n: int, progress: Progress, task: TaskID
+    stack: RecordsStack, mode: str, variant: str, n: int, workers: int, progress: Progress, task: TaskID
 ) -> dict[str, Any]:
-    """Time record() of N contexts + waiting until written; check that all N are in the stream."""
+    """Time record() of N contexts + waiting until written (by `workers` record processes, as
+    `LORAGATE_RECORD_WORKERS`); check that all N are in the stream."""
     batch, metrics = contexts(variant, n), Metrics()
     redis = aioredis.Redis.from_url(stack.redis_url(mode), decode_responses=True)
     spool = Spool(stack.workdir / "spool", fsync=False)
     spool.open()
     recorder = Recorder(  # as the gateway runs it: its record process writes too
-        redis, spool, metrics, max_queued=max(n, 100_000), workers=1, redis_url=stack.redis_url(mode)
+        redis, spool, metrics, max_queued=max(n, 100_000), workers=workers, redis_url=stack.redis_url(mode)
     )
     done = progress.tasks[task].completed
 
@@ -143,11 +144,14 @@ async def record_all(
 
 async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
     Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
-    runs = [(mode, variant) for variant in POLICIES for mode in ("plain", "durable")]
+    runs = [(mode, variant, 1) for variant in POLICIES for mode in ("plain", "durable")]
+    if cfg.record_workers > 1:  # the default policy again, its gateway process with several record processes
+        runs += [(mode, "redaction on", cfg.record_workers) for mode in ("plain", "durable")]
     task = progress.add_task("1. recorder (events)", total=cfg.events * len(runs))
     results: dict[str, dict[str, Any]] = {"plain": {}, "durable": {}}
-    for mode, variant in runs:
-        results[mode][variant] = await record_all(stack, mode, variant, cfg.events, progress, task)
+    for mode, variant, workers in runs:
+        name = variant if workers == 1 else f"{variant}, {workers} record processes"
+        results[mode][name] = await record_all(stack, mode, variant, cfg.events, workers, progress, task)
     base = results[BASELINE[0]][BASELINE[1]]["events_per_s"]
     for run in (run for by_variant in results.values() for run in by_variant.values()):
         run["ratio_to_baseline"] = run["events_per_s"] / base

@@ -25,7 +25,7 @@ from gateway.export import export
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_of
-from gateway.record_worker import Built, RecordWorker
+from gateway.record_worker import Built, RecordWorker, RecordWorkers
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
@@ -287,7 +287,7 @@ async def test_a_record_redis_refuses_costs_only_itself(redis: aioredis.Redis, t
     assert await redis.pfcount(keys.arm_users("t", "e", "a")) == 3
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 async def test_pipelined_batches_are_written_in_the_order_they_came(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, workers: int
 ) -> None:
@@ -341,6 +341,32 @@ async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_
     assert await logged() == [f"chatcmpl-{n}" for n in range(12)] and not recorder._queue
     await asyncio.wait_for(waiting[0], 5)
     await recorder.close()
+
+
+async def test_record_processes_share_batches_and_write_one_only_while_no_other_holds_one(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """`LORAGATE_RECORD_WORKERS=2`: each batch goes to the process holding fewer, answers come back in the order the
+    batches were sent, and a process writes a batch itself only while the other holds none (two writing at once could
+    log a later batch first): the rest come back built, for the gateway to write in order."""
+    pool, tenant = RecordWorkers(2, redis_server.url), Tenant(name="t")
+    await pool.start()
+    try:
+        for n in range(3):
+            await pool.send([raw_row(context(tenant, n))], n, epoch=0)
+        assert [worker.pending for worker in pool._workers] == [2, 1] and pool.pending == 3
+        got = [await pool.receive() for _ in range(3)]
+        assert [tag for tag, _ in got] == [0, 1, 2]
+        assert list(got[0][1].written) == ["chatcmpl-0"] and not got[0][1].entries, "alone in flight: written there"
+        assert [[e["id"] for e in built.entries] for _, built in got[1:]] == [["chatcmpl-1"], ["chatcmpl-2"]]
+        assert not any(built.written for _, built in got[1:]), "sent while another was in flight: built only"
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0"]
+        await pool.send([raw_row(context(tenant, 3))], 3, epoch=0)
+        assert list((await pool.receive())[1].written) == ["chatcmpl-3"], "nothing else in flight: written there"
+        processes = [worker._process for worker in pool._workers]
+        assert all(processes) and len({p.process.pid for p in processes if p}) == 2, "two processes"
+    finally:
+        await pool.stop()
 
 
 async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps_with_a_backlog(
