@@ -369,6 +369,37 @@ async def test_record_processes_share_batches_and_write_one_only_while_no_other_
         await pool.stop()
 
 
+async def test_when_one_of_two_record_processes_dies_its_batches_come_back_in_order_for_the_gateway(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A batch in flight to a process that died is built in a thread and comes back in its turn; the recorder writes
+    it and those after it in order, and the next batch goes to a new process."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), batch=2, workers=2, redis_url=redis_server.url)
+    await recorder.start()
+    builder = recorder._builder
+    assert isinstance(builder, RecordWorkers)
+    dying = builder._workers[0]._process
+    assert dying is not None
+    os.kill(dying.process.pid, signal.SIGSTOP)  # it cannot read the batches it is sent before it dies
+    try:
+        for n in range(12):
+            recorder.record(context(Tenant(name="t"), n))
+        kill = asyncio.get_running_loop().call_later(0.2, dying.process.kill)
+        await recorder._cycle()
+        kill.cancel()
+        assert dying.process.returncode is not None
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(12)]
+        for n in range(12, 14):
+            recorder.record(context(Tenant(name="t"), n))
+        await recorder._cycle()
+        assert stream_ids(await redis.xrange(keys.completion_log("t")))[12:] == ["chatcmpl-12", "chatcmpl-13"]
+        assert builder._workers[0]._process is not None and builder._workers[0]._process is not dying
+    finally:
+        await recorder.close()
+
+
 async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps_with_a_backlog(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
