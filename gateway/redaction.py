@@ -38,8 +38,9 @@ import functools
 import ipaddress
 import re
 import string
+import threading
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -223,9 +224,16 @@ def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
 
 
 class Redactor:
-    """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record."""
+    """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record.
 
-    def __init__(self, kinds: Iterable[str] = PII_KINDS, phone_region: str = "US") -> None:
+    With `remember_chars`, it remembers the redactions of the texts it saw last that held a candidate for some
+    pass (that many characters of them, the least recently seen forgotten first): a chat request carries the
+    whole conversation so far, so each turn's record holds the earlier turns' messages again, and the
+    application's system prompt, and a phone number in the first turn would be validated again in every record
+    after it (tens of µs each). A text whose redaction ran out of the record's phone checks (`Findings`) is not
+    remembered: its unvalidated findings are that record's, not the text's."""
+
+    def __init__(self, kinds: Iterable[str] = PII_KINDS, phone_region: str = "US", remember_chars: int = 0) -> None:
         wanted = frozenset(kinds)
         unknown = wanted.difference(PII_KINDS)
         if unknown:
@@ -237,6 +245,12 @@ class Redactor:
         self._kinds = wanted
         self._region = phone_region
         self._passes = tuple(p for p in _PASSES if p.kind in wanted)
+        self._remember = remember_chars
+        self._known: OrderedDict[str, tuple[str, tuple[tuple[str, int], ...]]] = OrderedDict()
+        """Text -> its redaction and its findings, least recently seen first."""
+        self._known_chars = 0
+        self._lock = threading.Lock()
+        """Records are built in a thread where there is no record process: two batches' threads may share this."""
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -254,12 +268,48 @@ class Redactor:
         shape = text.encode().translate(_SHAPES) if text.isascii() else b""  # other texts: every pass its regex
         digits = shape.count(b"9") if shape else len(_DIGIT.findall(text))
         for p in self._passes:
+            if digits >= p.min_digits and p.needle in text and (not shape or p.shape in shape):
+                break
+        else:  # nothing it holds could be a finding (most texts): known without looking anything up
+            return text
+        remember = len(text) <= self._remember
+        if remember and (known := self._recall(text)) is not None:
+            redacted, found = known
+        else:
+            redacted, found = self._redact(text, shape, digits, counts)
+            if remember and counts.phone_checks_left > 0:
+                self._keep(text, redacted, found)
+        for kind, n in found:
+            counts[kind] += n
+        return redacted
+
+    def _redact(
+        self, text: str, shape: bytes, digits: int, counts: Findings
+    ) -> tuple[str, tuple[tuple[str, int], ...]]:
+        found: list[tuple[str, int]] = []
+        for p in self._passes:
             if digits < p.min_digits or p.needle not in text or (shape and p.shape not in shape):
                 continue
-            text, found = _splice(text, p.find(text, self._region, counts), p.placeholder)
-            if found:
-                counts[p.kind] += found
-        return text
+            text, n = _splice(text, p.find(text, self._region, counts), p.placeholder)
+            if n:
+                found.append((p.kind, n))
+        return text, tuple(found)
+
+    def _recall(self, text: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
+        with self._lock:
+            known = self._known.get(text)
+            if known is not None:
+                self._known.move_to_end(text)
+            return known
+
+    def _keep(self, text: str, redacted: str, found: tuple[tuple[str, int], ...]) -> None:
+        with self._lock:
+            if text in self._known:
+                return
+            self._known[text] = (redacted, found)
+            self._known_chars += len(text)
+            while self._known_chars > self._remember:
+                self._known_chars -= len(self._known.popitem(last=False)[0])
 
 
 LABELS: dict[str, re.Pattern[str]] = {

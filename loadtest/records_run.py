@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,10 +38,13 @@ TENANT = "loadtest"
 METRICS_KEY = "records-bench-metrics-key"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
 TARGET_EVENTS_S, TARGET_DROP, TARGET_LOGGED = 20_000, 0.05, 0.99
+TURNS = 8
+"""Turns of the conversations of the `redaction on, 8-turn chats` run."""
 POLICIES = {
     "redaction on": LogPolicy(max_records=10_000_000),
     "redaction off": LogPolicy(redact=[], max_records=10_000_000),
     "content off": LogPolicy(content=False, max_records=10_000_000),
+    f"redaction on, {TURNS}-turn chats": LogPolicy(max_records=10_000_000),
 }
 BASELINE = ("plain", "redaction off")
 """The recorder run the others are divided by."""
@@ -57,29 +61,45 @@ ANSWER = (
 )
 
 
-def chat_payload(i: int) -> dict[str, Any]:
-    """A chat request (about 200 characters of messages); one in ten carries an e-mail and a phone number."""
-    text = f"Hi, my order {i} from last week has not arrived yet and the tracking page shows nothing. "
-    if i % 10 == 0:
-        text += f"Please reach me at jane.doe{i}@example.com or +44 20 7946 0{i % 1000:03d}."
-    else:
-        text += "Could you check what happened and tell me when it will be delivered?"
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-    return {"model": MODEL, "messages": messages, "max_tokens": 256, "temperature": 0.7, "user": f"user-{i % 500}"}
+def user_text(conversation: int, turn: int) -> str:
+    """A customer's message; the first of one conversation in ten carries an e-mail address and a phone number."""
+    if turn:
+        return f"Thanks. It is day {turn + 5} now and order {conversation} is still not here. What else can I do?"
+    c = conversation
+    text = f"Hi, my order {c} from last week has not arrived yet and the tracking page shows nothing. "
+    if c % 10 == 0:
+        return text + f"Please reach me at jane.doe{c}@example.com or +44 20 7946 0{c % 1000:03d}."
+    return text + "Could you check what happened and tell me when it will be delivered?"
+
+
+def chat_payload(i: int, turns: int = 1) -> dict[str, Any]:
+    """A chat request (about 200 characters of messages; one in ten with an e-mail and a phone number). With `turns`,
+    request i is turn i % turns of conversation i // turns, carrying the turns before it, as chat applications send
+    a conversation: the system prompt, each earlier message and answer, the new message."""
+    conversation, turn = divmod(i, turns)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for t in range(turn + 1):
+        messages.append({"role": "user", "content": user_text(conversation, t)})
+        if t < turn:
+            messages.append({"role": "assistant", "content": ANSWER.format(i=conversation)})
+    user = f"user-{conversation % 500}"
+    return {"model": MODEL, "messages": messages, "max_tokens": 256, "temperature": 0.7, "user": user}
 
 
 def contexts(variant: str, n: int) -> list[RequestContext]:
     """N finished chat requests with vLLM-shaped whole answers (about 300 characters), as the gateway has them."""
-    tenant = Tenant(name=f"bench-{variant.replace(' ', '-')}", logging=POLICIES[variant])
+    tenant = Tenant(name="-".join(["bench", *re.findall(r"[a-z0-9]+", variant)]), logging=POLICIES[variant])
     route = Route(requested=MODEL, upstream_model=MODEL, served_model=MODEL)
+    turns = TURNS if "turn" in variant else 1
     out = []
     for i in range(n):
         request_id = f"{tenant.name}-{i:07d}"
-        ctx = RequestContext(request_id, "chat", tenant, "key-bench", payload=chat_payload(i), route=route)
+        payload = chat_payload(i, turns)
+        ctx = RequestContext(request_id, "chat", tenant, "key-bench", payload=payload, route=route)
         ctx.validated = True
         ctx.sent = json.dumps(ctx.payload, separators=(",", ":")).encode()  # as the gateway forwards it
         body = completion_body(request_id, MODEL, 60)
-        body["choices"][0]["message"]["content"] = ANSWER.format(i=i)
+        body["choices"][0]["message"]["content"] = ANSWER.format(i=i // turns)
         ctx.answer.body = json.dumps(body, separators=(",", ":")).encode()
         ctx.finish(200)
         out.append(ctx)
@@ -134,7 +154,7 @@ async def record_all(
         spool.close()
     if recorder.degraded or written != n:
         raise BenchError(f"{mode} Redis, {variant}: {written} records in {stream}, expected {n}")
-    if variant == "redaction on" and first["redactions"] != {"email": 1, "phone": 1}:
+    if variant.startswith("redaction on") and first["redactions"] != {"email": 1, "phone": 1}:
         raise BenchError(f"request 0's e-mail and phone number were not redacted: {first['redactions']}")
     progress.update(task, completed=done + n)
     return {"events": n, "seconds": seconds, "events_per_s": n / seconds, "cpu_us_per_event": cpu / n * 1e6} | {

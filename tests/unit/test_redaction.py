@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections import Counter
+from typing import Any
 
 import phonenumbers
 import pytest
@@ -296,3 +297,52 @@ def test_findings_start_empty_and_copy_and_pickle_as_a_counter() -> None:
     for made in (found.copy(), pickle.loads(pickle.dumps(found)), Findings(email=2)):
         assert type(made) is Findings and made == Counter(email=2) and made.phone_checks_left == MAX_PHONE_CHECKS
     assert Findings().phone_checks_left == MAX_PHONE_CHECKS, "one record's checks are not another's"
+
+
+def test_a_remembering_redactor_redacts_and_counts_a_text_seen_again_as_the_first_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The conversation so far comes again in every turn's request: its texts' redactions are remembered, the same
+    text and the same counts each time, and the phone matcher is not run for them again."""
+    remembering, plain = Redactor(remember_chars=1 << 20), Redactor()
+    texts = [TICKET, "no candidate in this one at all", "order 1234567 and mail me at bob@example.org"]
+    for text in texts:  # first seen: as a redactor that remembers nothing makes it
+        counts, expected = Findings(), Findings()
+        assert remembering.redact_into(text, counts) == plain.redact_into(text, expected)
+        assert counts == expected and counts.phone_checks_left == expected.phone_checks_left
+    calls: list[str] = []
+    matcher = phonenumbers.PhoneNumberMatcher
+
+    def counting(text: str, *args: Any, **kwargs: Any) -> phonenumbers.PhoneNumberMatcher:
+        calls.append(text)
+        return matcher(text, *args, **kwargs)
+
+    monkeypatch.setattr(redaction.phonenumbers, "PhoneNumberMatcher", counting)
+    counts = Findings()
+    assert remembering.redact_into(TICKET, counts) == TICKET_REDACTED and not calls, "remembered: not matched again"
+    assert counts == Counter(email=1, phone=2, card=2, iban=2, ip=2)
+    assert counts.phone_checks_left == MAX_PHONE_CHECKS, "a remembered text costs the record no checks"
+    assert plain.redact_into(TICKET, Findings()) == TICKET_REDACTED and len(calls) == 2, "(the matcher is counted)"
+
+
+def test_a_text_redacted_past_the_records_phone_checks_is_not_remembered() -> None:
+    """Past the record's checks a run is redacted unvalidated: that is the record's budget, not the text's redaction."""
+    redactor, text = Redactor(remember_chars=1 << 20), "ids 1234567 and 7654321 in the batch"
+    short = Findings()
+    short.phone_checks_left = 1
+    assert redactor.redact_into(text, short) == "ids 1234567 and [PHONE] in the batch", "the second unvalidated"
+    assert redactor.redact_into(text, Findings()) == text, "validated with a record's whole budget: not phones"
+    assert redactor.redact_into(text, short) == text, "and that redaction, made in full, is the one remembered"
+
+
+def test_a_remembering_redactor_forgets_the_least_recently_seen_past_its_characters() -> None:
+    texts = [f"write to user{n}@example.com today, please do it now" for n in range(3)]
+    size = len(texts[0])
+    redactor = Redactor(remember_chars=2 * size + 10)
+    for text in texts[:2]:
+        redactor.redact_into(text, Findings())
+    redactor.redact_into(texts[0], Findings())  # seen again: the most recent
+    redactor.redact_into(texts[2], Findings())
+    assert list(redactor._known) == [texts[0], texts[2]] and redactor._known_chars == 2 * size
+    assert redactor.redact_into("x" * 3 * size + " a@b.co", Findings()).endswith("[EMAIL]")
+    assert list(redactor._known) == [texts[0], texts[2]], "a text longer than all it may remember is not kept"
