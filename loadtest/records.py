@@ -5,8 +5,9 @@ runs) with scripts/redis.sh, the mock upstream and three `loragate serve`, and m
 against a baseline taken in the same run:
 
 1. the `Recorder`, in this process: N realistic chat records into each Redis, with the tenant's
-   redaction on (all PII kinds), off, and content off, each built and written by one record process, and
-   redaction on again with `--record-workers` of them (2): events/s (target >= 20,000);
+   redaction on (all PII kinds), off, and content off, and redaction on for 8-turn conversations (each
+   request carrying the turns before it), each built and written by one record process, and redaction on
+   again with `--record-workers` of them (2): events/s (target >= 20,000);
 2. C concurrent non-stream requests through a gateway with `LORAGATE_RECORD_COMPLETIONS=false` and
    one with it on (same mock, same Redis), ABBA segments: requests/s (target: at most 5% lower);
 3. `POST /v1/feedback` latency where the records Redis fsyncs (200) and where it does not (the local
