@@ -223,11 +223,20 @@ def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
     return "".join(parts), len(parts) // 2
 
 
+ENTRY_CHARS = 100
+"""What a remembered text costs besides its characters and its redaction's (the entry, the tuples), in characters."""
+
+
+def _entry_chars(text: str, redacted: str) -> int:
+    return len(text) + (len(redacted) if redacted is not text else 0) + ENTRY_CHARS
+
+
 class Redactor:
     """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record.
 
     With `remember_chars`, it remembers the redactions of the texts it saw last that held a candidate for some
-    pass (that many characters of them, the least recently seen forgotten first): a chat request carries the
+    pass (that many characters of them and their redactions, ENTRY_CHARS more each, the least recently seen
+    forgotten first): a chat request carries the
     whole conversation so far, so each turn's record holds the earlier turns' messages again, and the
     application's system prompt, and a phone number in the first turn would be validated again in every record
     after it (tens of µs each). A text whose redaction ran out of the record's phone checks (`Findings`) is not
@@ -272,7 +281,7 @@ class Redactor:
                 break
         else:  # nothing it holds could be a finding (most texts): known without looking anything up
             return text
-        remember = len(text) <= self._remember
+        remember = 2 * len(text) + ENTRY_CHARS <= self._remember
         if remember and (known := self._recall(text)) is not None:
             redacted, found = known
         else:
@@ -307,9 +316,10 @@ class Redactor:
             if text in self._known:
                 return
             self._known[text] = (redacted, found)
-            self._known_chars += len(text)
+            self._known_chars += _entry_chars(text, redacted)
             while self._known_chars > self._remember:
-                self._known_chars -= len(self._known.popitem(last=False)[0])
+                old, (old_redacted, _) = self._known.popitem(last=False)
+                self._known_chars -= _entry_chars(old, old_redacted)
 
 
 LABELS: dict[str, re.Pattern[str]] = {
