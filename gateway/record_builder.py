@@ -32,8 +32,8 @@ LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 6
 LONGEST_FINDING = 256
 """Past a cut, this much more of a string is redacted before it is cut (an e-mail address has at most 254)."""
 REMEMBERED_CHARS = 1 << 19
-"""Characters of texts and their redactions that each policy's redactor remembers (the conversation so far and the
-system prompt come again in every turn's request): at most 64 redactors, 32 M characters, in the record process."""
+"""Characters of redacted text each policy's redactor remembers (the conversation so far and the system prompt come
+again in every turn's request): at most 64 redactors, 32 M characters, in each record process."""
 MAX_RECORD_CHARS = 262_144
 """Past this, a record loses the request's tool definitions and schemas."""
 _ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')

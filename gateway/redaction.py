@@ -35,6 +35,7 @@ out of the logs can turn off prompt/response logging entirely.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import re
 import string
@@ -224,23 +225,58 @@ def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
 
 
 ENTRY_CHARS = 100
-"""What a remembered text costs besides its characters and its redaction's (the entry, the tuples), in characters."""
+"""What a remembered redaction costs besides its redacted text (the entry, the digest, the tuples), in characters."""
+_Known = tuple[str | None, tuple[tuple[str, int], ...], int]
+"""A remembered redaction: the redacted text (None: the text itself, nothing found in it), the findings per kind, and
+the phone checks it took."""
 
 
-def _entry_chars(text: str, redacted: str) -> int:
-    return len(text) + (len(redacted) if redacted is not text else 0) + ENTRY_CHARS
+class _Memory:
+    """Redactions by the digest of their text (the text itself, PII and all, is not kept), the least recently seen
+    forgotten first once the redacted texts kept pass `chars` characters (ENTRY_CHARS more each). Locked: records
+    are built in threads where there is no record process, and two batches' threads may share one."""
+
+    def __init__(self, chars: int) -> None:
+        self.chars = chars
+        self._known: OrderedDict[bytes, _Known] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def recall(self, key: bytes) -> _Known | None:
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None:
+                self._known.move_to_end(key)
+            return known
+
+    def keep(self, key: bytes, known: _Known) -> None:
+        size = _size(known)
+        with self._lock:
+            if size > self.chars or key in self._known:
+                return
+            self._known[key] = known
+            self._used += size
+            while self._used > self.chars:
+                self._used -= _size(self._known.popitem(last=False)[1])
+
+
+def _size(known: _Known) -> int:
+    return len(known[0] or "") + ENTRY_CHARS
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class Redactor:
     """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record.
 
-    With `remember_chars`, it remembers the redactions of the texts it saw last that held a candidate for some
-    pass (that many characters of them and their redactions, ENTRY_CHARS more each, the least recently seen
-    forgotten first): a chat request carries the
-    whole conversation so far, so each turn's record holds the earlier turns' messages again, and the
-    application's system prompt, and a phone number in the first turn would be validated again in every record
-    after it (tens of µs each). A text whose redaction ran out of the record's phone checks (`Findings`) is not
-    remembered: its unvalidated findings are that record's, not the text's."""
+    With `remember_chars`, it remembers the redactions of the texts it saw last that held a candidate for some pass
+    (`_Memory`): a chat request carries the whole conversation so far, so each turn's record holds the earlier turns'
+    messages again, and the application's system prompt, and a phone number in the first turn would be validated
+    again in every record after it (tens of µs each). A remembered redaction is what redacting afresh would make:
+    it is used only while the record has the phone checks it took (`Findings`), which it takes from the record, and
+    a text whose redaction ran out of them is not remembered (its unvalidated findings are that record's)."""
 
     def __init__(self, kinds: Iterable[str] = PII_KINDS, phone_region: str = "US", remember_chars: int = 0) -> None:
         wanted = frozenset(kinds)
@@ -254,12 +290,7 @@ class Redactor:
         self._kinds = wanted
         self._region = phone_region
         self._passes = tuple(p for p in _PASSES if p.kind in wanted)
-        self._remember = remember_chars
-        self._known: OrderedDict[str, tuple[str, tuple[tuple[str, int], ...]]] = OrderedDict()
-        """Text -> its redaction and its findings, least recently seen first."""
-        self._known_chars = 0
-        self._lock = threading.Lock()
-        """Records are built in a thread where there is no record process: two batches' threads may share this."""
+        self._memory = _Memory(remember_chars)
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -281,13 +312,17 @@ class Redactor:
                 break
         else:  # nothing it holds could be a finding (most texts): known without looking anything up
             return text
-        remember = 2 * len(text) + ENTRY_CHARS <= self._remember
-        if remember and (known := self._recall(text)) is not None:
-            redacted, found = known
+        key = _digest(text) if ENTRY_CHARS < self._memory.chars else None
+        known = self._memory.recall(key) if key is not None else None
+        if known is not None and counts.phone_checks_left >= known[2]:
+            redacted, found, checks = text if known[0] is None else known[0], known[1], known[2]
+            if checks:
+                counts.phone_checks_left -= checks
         else:
+            left = counts.phone_checks_left
             redacted, found = self._redact(text, shape, digits, counts)
-            if remember and counts.phone_checks_left > 0:
-                self._keep(text, redacted, found)
+            if key is not None and counts.phone_checks_left > 0:
+                self._memory.keep(key, (None if redacted is text else redacted, found, left - counts.phone_checks_left))
         for kind, n in found:
             counts[kind] += n
         return redacted
@@ -303,23 +338,6 @@ class Redactor:
             if n:
                 found.append((p.kind, n))
         return text, tuple(found)
-
-    def _recall(self, text: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
-        with self._lock:
-            known = self._known.get(text)
-            if known is not None:
-                self._known.move_to_end(text)
-            return known
-
-    def _keep(self, text: str, redacted: str, found: tuple[tuple[str, int], ...]) -> None:
-        with self._lock:
-            if text in self._known:
-                return
-            self._known[text] = (redacted, found)
-            self._known_chars += _entry_chars(text, redacted)
-            while self._known_chars > self._remember:
-                old, (old_redacted, _) = self._known.popitem(last=False)
-                self._known_chars -= _entry_chars(old, old_redacted)
 
 
 LABELS: dict[str, re.Pattern[str]] = {

@@ -168,11 +168,11 @@ def stream_ids(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
     return [json.loads(fields["r"])["id"] for _, fields in entries]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 async def test_the_recorder_spools_while_redis_is_down_and_replays_in_order(
     own_redis: RedisServer, tmp_path: Path, workers: int
 ) -> None:
-    """Built and written in a thread and by the gateway (0), or by the record process (1)."""
+    """Built and written in a thread and by the gateway (0), by the record process (1), or by either of two (2)."""
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.open()

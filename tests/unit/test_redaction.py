@@ -303,7 +303,7 @@ def test_a_remembering_redactor_redacts_and_counts_a_text_seen_again_as_the_firs
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The conversation so far comes again in every turn's request: its texts' redactions are remembered, the same
-    text and the same counts each time, and the phone matcher is not run for them again."""
+    text, the same counts and the same phone checks taken from the record each time, without the matcher."""
     remembering, plain = Redactor(remember_chars=1 << 20), Redactor()
     texts = [TICKET, "no candidate in this one at all", "order 1234567 and mail me at bob@example.org"]
     for text in texts:  # first seen: as a redactor that remembers nothing makes it
@@ -321,28 +321,42 @@ def test_a_remembering_redactor_redacts_and_counts_a_text_seen_again_as_the_firs
     counts = Findings()
     assert remembering.redact_into(TICKET, counts) == TICKET_REDACTED and not calls, "remembered: not matched again"
     assert counts == Counter(email=1, phone=2, card=2, iban=2, ip=2)
-    assert counts.phone_checks_left == MAX_PHONE_CHECKS, "a remembered text costs the record no checks"
+    assert counts.phone_checks_left == MAX_PHONE_CHECKS - 2, "the checks it took, taken from the record all the same"
     assert plain.redact_into(TICKET, Findings()) == TICKET_REDACTED and len(calls) == 2, "(the matcher is counted)"
 
 
-def test_a_text_redacted_past_the_records_phone_checks_is_not_remembered() -> None:
-    """Past the record's checks a run is redacted unvalidated: that is the record's budget, not the text's redaction."""
-    redactor, text = Redactor(remember_chars=1 << 20), "ids 1234567 and 7654321 in the batch"
-    short = Findings()
-    short.phone_checks_left = 1
-    assert redactor.redact_into(text, short) == "ids 1234567 and [PHONE] in the batch", "the second unvalidated"
-    assert redactor.redact_into(text, Findings()) == text, "validated with a record's whole budget: not phones"
-    assert redactor.redact_into(text, short) == text, "and that redaction, made in full, is the one remembered"
+def test_a_remembered_redaction_is_used_only_where_a_fresh_one_would_make_it() -> None:
+    """Past the record's checks a run is redacted unvalidated. Such a redaction is that record's, not the text's: it
+    is not remembered; and a remembered one, validated in full, is used only while the record has the checks it took,
+    so that what a record holds never depends on what other records (another tenant's) held."""
+    remembering, plain, text = Redactor(remember_chars=1 << 20), Redactor(), "ids 1234567 and 7654321 in the batch"
+
+    def both(left: int) -> tuple[str, int]:
+        counts, expected = Findings(), Findings()
+        counts.phone_checks_left = expected.phone_checks_left = left
+        made = remembering.redact_into(text, counts)
+        assert made == plain.redact_into(text, expected) and counts == expected
+        assert counts.phone_checks_left == expected.phone_checks_left
+        return made, counts.phone_checks_left
+
+    assert both(1) == ("ids 1234567 and [PHONE] in the batch", 0), "the second unvalidated: not remembered"
+    assert both(MAX_PHONE_CHECKS) == (text, MAX_PHONE_CHECKS - 2), "validated in full: not phones; remembered"
+    assert both(1) == ("ids 1234567 and [PHONE] in the batch", 0), "a record with one check left: as fresh"
+    assert both(0) == ("ids [PHONE] and [PHONE] in the batch", 0), "a record with none left: as fresh"
+    assert both(2) == (text, 0), "one with the two it takes: remembered, and they are taken"
 
 
 def test_a_remembering_redactor_forgets_the_least_recently_seen_past_its_characters() -> None:
     texts = [f"write to user{n}@example.com today, please do it now" for n in range(3)]
-    size = len(texts[0]) + len("write to [EMAIL] today, please do it now") + redaction.ENTRY_CHARS  # text, redaction
+    size = len("write to [EMAIL] today, please do it now") + redaction.ENTRY_CHARS  # the redacted text, the entry
     redactor = Redactor(remember_chars=2 * size + 10)
     for text in texts[:2]:
         redactor.redact_into(text, Findings())
     redactor.redact_into(texts[0], Findings())  # seen again: the most recent
     redactor.redact_into(texts[2], Findings())
-    assert list(redactor._known) == [texts[0], texts[2]] and redactor._known_chars == 2 * size
-    assert redactor.redact_into("x" * size + " a@b.co", Findings()).endswith("[EMAIL]")
-    assert list(redactor._known) == [texts[0], texts[2]], "a text longer than all it may remember is not kept"
+    memory, kept = redactor._memory, [redaction._digest(texts[0]), redaction._digest(texts[2])]
+    assert list(memory._known) == kept and memory._used == 2 * size
+    assert all(text.encode() not in repr(memory._known).encode() for text in texts), "digests, not the texts"
+    longer = "::1 " * (size // 3)  # its redaction, [IP] for each ::1, is longer than all it may remember
+    assert redactor.redact_into(longer, Findings()) == "[IP] " * (size // 3)
+    assert list(memory._known) == kept, "not kept, and nothing forgotten for it"
