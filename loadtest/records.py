@@ -46,7 +46,7 @@ class Config:
     concurrency: int
     feedback: int
     feedback_concurrency: int
-    record_workers: int = 2
+    record_workers: int
 
 
 # -- processes: redis-servers from scripts/redis.sh, several gateways

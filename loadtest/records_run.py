@@ -39,12 +39,13 @@ METRICS_KEY = "records-bench-metrics-key"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
 TARGET_EVENTS_S, TARGET_DROP, TARGET_LOGGED = 20_000, 0.05, 0.99
 TURNS = 8
-"""Turns of the conversations of the `redaction on, 8-turn chats` run."""
+CONVERSATIONS = f"redaction on, {TURNS}-turn chats"
+"""The recorder run whose requests are turns of conversations, each carrying the turns before it."""
 POLICIES = {
     "redaction on": LogPolicy(max_records=10_000_000),
     "redaction off": LogPolicy(redact=[], max_records=10_000_000),
     "content off": LogPolicy(content=False, max_records=10_000_000),
-    f"redaction on, {TURNS}-turn chats": LogPolicy(max_records=10_000_000),
+    CONVERSATIONS: LogPolicy(max_records=10_000_000),
 }
 BASELINE = ("plain", "redaction off")
 """The recorder run the others are divided by."""
@@ -90,7 +91,7 @@ def contexts(variant: str, n: int) -> list[RequestContext]:
     """N finished chat requests with vLLM-shaped whole answers (about 300 characters), as the gateway has them."""
     tenant = Tenant(name="-".join(["bench", *re.findall(r"[a-z0-9]+", variant)]), logging=POLICIES[variant])
     route = Route(requested=MODEL, upstream_model=MODEL, served_model=MODEL)
-    turns = TURNS if "turn" in variant else 1
+    turns = TURNS if variant == CONVERSATIONS else 1
     out = []
     for i in range(n):
         request_id = f"{tenant.name}-{i:07d}"
