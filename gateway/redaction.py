@@ -44,7 +44,7 @@ import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import phonenumbers
 from stdnum import iban, luhn, numdb
@@ -226,9 +226,17 @@ def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
 
 ENTRY_CHARS = 100
 """What a remembered redaction costs besides its redacted text (the entry, the digest, the tuples), in characters."""
-_Known = tuple[str | None, tuple[tuple[str, int], ...], int]
-"""A remembered redaction: the redacted text (None: the text itself, nothing found in it), the findings per kind, and
-the phone checks it took."""
+
+
+class _Known(NamedTuple):
+    """A remembered redaction."""
+
+    redacted: str | None
+    """None: the text itself, nothing found in it."""
+    found: tuple[tuple[str, int], ...]
+    """The findings per kind."""
+    phone_checks: int
+    """The phone checks it took."""
 
 
 class _Memory:
@@ -261,7 +269,7 @@ class _Memory:
 
 
 def _size(known: _Known) -> int:
-    return len(known[0] or "") + ENTRY_CHARS
+    return len(known.redacted or "") + ENTRY_CHARS
 
 
 def _digest(text: str) -> bytes:
@@ -314,15 +322,15 @@ class Redactor:
             return text
         key = _digest(text) if ENTRY_CHARS < self._memory.chars else None
         known = self._memory.recall(key) if key is not None else None
-        if known is not None and counts.phone_checks_left >= known[2]:
-            redacted, found, checks = text if known[0] is None else known[0], known[1], known[2]
-            if checks:
-                counts.phone_checks_left -= checks
+        if known is not None and counts.phone_checks_left >= known.phone_checks:
+            redacted, found = text if known.redacted is None else known.redacted, known.found
+            counts.phone_checks_left -= known.phone_checks
         else:
             left = counts.phone_checks_left
             redacted, found = self._redact(text, shape, digits, counts)
             if key is not None and counts.phone_checks_left > 0:
-                self._memory.keep(key, (None if redacted is text else redacted, found, left - counts.phone_checks_left))
+                checks = left - counts.phone_checks_left
+                self._memory.keep(key, _Known(None if redacted is text else redacted, found, checks))
         for kind, n in found:
             counts[kind] += n
         return redacted
