@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
-from gateway import __version__, guard_rails
+from gateway import __version__, guard_rails, native
 from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.clock import RedisClock
@@ -260,6 +260,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
         await asyncio.to_thread(spool.open)
     await svc.feedback.check_durability()
     await svc.recorder.start()
+    log.info("completion records: built %s", "compiled (gateway.native)" if native.active() else "as Python")
     await svc.pool.start()
     return [
         asyncio.create_task(_maintain(svc)),

@@ -42,7 +42,7 @@ import string
 import threading
 import unicodedata
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -51,7 +51,7 @@ from stdnum import iban, luhn, numdb
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 
-_Spans = Iterator[tuple[int, int]]
+_Spans = Iterable[tuple[int, int]]
 _DIGIT = re.compile(r"\d")
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-][\w.%+'-]{0,63}@[^\W_][\w-]{0,62}(?:\.[\w-]{1,63})*\.[^\W\d_]{2,24}\b")
@@ -136,7 +136,7 @@ def _ipv6s(text: str, _region: str, _findings: Findings) -> _Spans:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    return ((start, end) for start, end in merged)
+    return [(start, end) for start, end in merged]
 
 
 def _is_ip(candidate: str) -> bool:
@@ -150,10 +150,8 @@ def _is_ip(candidate: str) -> bool:
 class Findings(Counter[str]):
     """Findings per kind for one record (or one feedback), and how many phone candidates it may still validate."""
 
-    phone_checks_left = MAX_PHONE_CHECKS
-    """The class's until a check is made, then the instance's own."""
-
     def __init__(self, *counts: Any, **kinds: int) -> None:
+        self.phone_checks_left = MAX_PHONE_CHECKS
         if counts or kinds:  # copy(), pickle: as a Counter is made; empty (each record's), without Counter's
             super().__init__(*counts, **kinds)  # own update of nothing (0.5 µs a record)
 
@@ -162,10 +160,10 @@ _Finder = Callable[[str, str, Findings], _Spans]
 
 
 def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None) -> _Finder:
-    """A finder yielding the spans of `pattern`'s matches that `valid` accepts (all of them without one)."""
+    """A finder listing the spans of `pattern`'s matches that `valid` accepts (all of them without one)."""
 
     def find(text: str, _region: str, _findings: Findings) -> _Spans:
-        return (m.span() for m in pattern.finditer(text) if valid is None or valid(m.group()))
+        return [m.span() for m in pattern.finditer(text) if valid is None or valid(m.group())]
 
     return find
 

@@ -55,8 +55,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 {cfg["events"]:,} chat records per row (system + user message, a vLLM `chat.completion` answer; one in ten with \
 an e-mail and a phone number): `record()` of all, then wait until written; the stream length is checked. Built and \
-written by one record process, but where the row says more (`LORAGATE_RECORD_WORKERS`). Baseline: \
-{BASELINE[0]} Redis, {BASELINE[1]}. CPU per event: this process's and its record processes', and the Redis server's.
+written by one record process, but where the row says more (`LORAGATE_RECORD_WORKERS`). The record path \
+(redaction, building) {compiled_text(rec)}. Baseline: {BASELINE[0]} Redis, {BASELINE[1]}. CPU per event: this \
+process's and its record processes', and the Redis server's.
 
 | Redis | Policy | events/s | / baseline | CPU us/event | Redis CPU us/event | target |
 |---|---|---:|---:|---:|---:|---|
@@ -85,6 +86,15 @@ Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {
 |---|---:|---:|---:|---|
 {rows(fb_rows)}
 """
+
+
+def compiled_text(rec: dict[str, Any]) -> str:
+    if not rec.get("compiled"):
+        return "ran as Python (not compiled: `gateway.native`)"
+    return (
+        "ran compiled (mypyc, `gateway.native`); the rows marked Python ran the same record process with "
+        "`LORAGATE_NATIVE=0`: the modules the compiled ones are built from, in the same run"
+    )
 
 
 def where_the_drop_goes(t: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ gateway with recording off vs on, (3) feedback latency by durability; its target
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from rich.progress import Progress, TaskID
 
-from gateway import keys
+from gateway import keys, native
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
@@ -163,21 +164,45 @@ async def record_all(
     }
 
 
+PYTHON_ROW = f", record process as Python ({native.OFF}=0)"
+
+
+@contextlib.contextmanager
+def python_record_path(python: bool) -> Iterator[None]:
+    """With `python`, record processes started meanwhile run the Python modules, not the compiled record path."""
+    if not python:
+        yield
+        return
+    before = os.environ.get(native.OFF)
+    os.environ[native.OFF] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native.OFF]
+        else:
+            os.environ[native.OFF] = before
+
+
 async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
     Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
-    runs = [(mode, variant, 1) for variant in POLICIES for mode in ("plain", "durable")]
+    runs = [(mode, variant, 1, True) for variant in POLICIES for mode in ("plain", "durable")]
     if cfg.record_workers > 1:  # the default policy again, its gateway process with several record processes
-        runs += [(mode, "redaction on", cfg.record_workers) for mode in ("plain", "durable")]
+        runs += [(mode, "redaction on", cfg.record_workers, True) for mode in ("plain", "durable")]
+    if native.active():  # and with its record process running the Python modules the compiled ones are built from
+        runs += [(mode, "redaction on", 1, False) for mode in ("plain", "durable")]
     task = progress.add_task("1. recorder (events)", total=cfg.events * len(runs))
     results: dict[str, dict[str, Any]] = {"plain": {}, "durable": {}}
-    for mode, variant, workers in runs:
+    for mode, variant, workers, compiled in runs:
         name = variant if workers == 1 else f"{variant}, {workers} record processes"
-        results[mode][name] = await record_all(stack, mode, variant, cfg.events, workers, progress, task)
+        name += "" if compiled else PYTHON_ROW
+        with python_record_path(not compiled):
+            results[mode][name] = await record_all(stack, mode, variant, cfg.events, workers, progress, task)
     base = results[BASELINE[0]][BASELINE[1]]["events_per_s"]
     for run in (run for by_variant in results.values() for run in by_variant.values()):
         run["ratio_to_baseline"] = run["events_per_s"] / base
         run["target_met"] = run["events_per_s"] >= TARGET_EVENTS_S
-    return {"baseline": list(BASELINE), "target_events_per_s": TARGET_EVENTS_S, **results}
+    return {"baseline": list(BASELINE), "target_events_per_s": TARGET_EVENTS_S, "compiled": native.active(), **results}
 
 
 # -- 2. gateway requests/s, recording off vs on

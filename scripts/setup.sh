@@ -29,4 +29,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+# The record path compiled with mypyc (gateway/native.py), where this venv has it (the test extra): an
+# accelerator only, so a failed build leaves the Python modules in use.
+if "$VENV/bin/python" -c "import mypyc" 2>/dev/null; then
+  "$VENV/bin/python" -m gateway.native_build || echo "==> warning: the record path was not compiled; it runs as Python"
+fi
 scripts/redis.sh install
