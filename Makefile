@@ -52,4 +52,4 @@ soak: setup
 	.venv/bin/python -m loadtest.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf .venv .venv-bnb .venv-litellm .pytest_cache .native
+	rm -rf .venv .venv-bnb .venv-litellm .pytest_cache .native .native-* .native.lock

@@ -74,6 +74,12 @@ class _ChoiceParts:
         return found
 
 
+def _id(answer: dict[str, Any]) -> str | None:
+    """An answer's (or chunk's) `id`, where it is a string as the API's are (another is not taken for one)."""
+    found = answer.get("id")
+    return found if isinstance(found, str) else None
+
+
 @dataclass(slots=True)
 class Answer:
     """What the engine answered: assembled from stream events as they pass, or a whole body parsed later."""
@@ -90,7 +96,7 @@ class Answer:
             chunk = pydantic_core.from_json(data)
             if not isinstance(chunk, dict):
                 return None
-            self.completion_id = self.completion_id or chunk.get("id")
+            self.completion_id = self.completion_id or _id(chunk)
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
@@ -108,7 +114,7 @@ class Answer:
             whole = pydantic_core.from_json(body)
             if not isinstance(whole, dict):
                 return
-            self.completion_id = whole.get("id")
+            self.completion_id = _id(whole)
             self.usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
             for choice in whole.get("choices") or ():
                 self._absorb(choice, "message")

@@ -1,14 +1,14 @@
 """The record path compiled: `gateway.redaction` and `gateway.record_builder` built with mypyc into `.native/`.
 
 The record process spends its time in these two modules (walking a record, redacting each string, encoding it).
-mypyc compiles them, as they are, to C extensions: the same code and the same results, about 15-20% less CPU a
-record. `make setup` builds them (`python -m gateway.native_build`: half a minute with gcc and Python's headers), into
-`.native/gateway/`, with a manifest of the sources they were built from. The `gateway` package puts that folder
-first on its search path only while the manifest still matches its sources (every module: the compiled ones were
-compiled against the others' types) and this Python, so an edited module is never shadowed by a build of its older
-self: after an edit the record path runs as Python until the next build. `LORAGATE_NATIVE=0` turns
-the compiled modules off (a process started with it runs the Python ones); without a build, or where it failed,
-everything runs as Python.
+mypyc compiles them, as they are, to C extensions: the same code and the same records, in about a fifth less time
+(building them in one process). `make setup` builds them (`python -m gateway.native_build`: half a minute with gcc
+and Python's headers) into `.native/gateway/`, with a manifest of what they were built from. The `gateway` package
+puts that folder first on its search path only while the build is whole and its manifest matches this Python and the
+sources (every module of `gateway` and `adapters`: the compiled ones were compiled against the others' types), so an
+edited module is never shadowed by a build of older code: after an edit the record path runs as Python until the
+next build. `LORAGATE_NATIVE=0` turns the compiled modules off (a process started with it runs the Python ones);
+without a build, or where it failed, everything runs as Python.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 MODULES = ("gateway.redaction", "gateway.record_builder")
@@ -27,36 +28,43 @@ ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ".native"
 MANIFEST = "manifest.json"
 OFF = "LORAGATE_NATIVE"
+PACKAGES = ("gateway", "adapters")
+"""Whose sources a build was compiled against (mypy follows the compiled modules' imports into both)."""
 
 
 def fingerprint(root: Path = ROOT) -> dict[str, str]:
-    """What a build is valid for: this Python's ABI and one digest of every module of the package (the compiled
-    ones, and the others, whose types they were compiled against), about 3 ms."""
+    """What a build is valid for: this Python's ABI and one digest of every module of PACKAGES (about 3 ms)."""
     digest = hashlib.sha256()
-    for path in sorted((root / "gateway").rglob("*.py")):
+    for path in sorted(path for package in PACKAGES for path in (root / package).rglob("*.py")):
         digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
-    return {"python": sys.implementation.cache_tag, "gateway": digest.hexdigest()}
+    return {"python": sys.implementation.cache_tag, "sources": digest.hexdigest()}
+
+
+def usable(root: Path = ROOT) -> bool:
+    """Whether `root`'s build is whole (each extension there) and was built from the sources as they are now."""
+    compiled = root / NATIVE / "gateway"
+    names = [module.rsplit(".", 1)[1] for module in MODULES] + [GROUP.rsplit(".", 1)[1] + "__mypyc"]
+    if not all((compiled / f"{name}{EXTENSION_SUFFIXES[0]}").is_file() for name in names):
+        return False
+    try:
+        return bool(json.loads((compiled / MANIFEST).read_text()) == fingerprint(root))
+    except (OSError, ValueError):
+        return False
 
 
 def package_path(path: Sequence[str], root: Path = ROOT, env: Mapping[str, str] = os.environ) -> list[str]:
-    """The `gateway` package's search path: the compiled modules' folder first when they were built from the
-    sources as they are now (and not turned off), otherwise the path as it was."""
-    compiled = root / NATIVE / "gateway"
-    if env.get(OFF) == "0":
-        return list(path)
-    try:
-        built = json.loads((compiled / MANIFEST).read_text())
-        current = fingerprint(root)
-    except (OSError, ValueError):
-        return list(path)
-    return [str(compiled), *path] if built == current else list(path)
+    """The `gateway` package's search path: the compiled modules' folder first when their build is `usable` (and
+    not turned off), otherwise the path as it was."""
+    if env.get(OFF) != "0" and usable(root):
+        return [str(root / NATIVE / "gateway"), *path]
+    return list(path)
 
 
 def active() -> bool:
-    """Whether this process runs the compiled modules."""
+    """Whether this process runs the compiled modules (both loaded from extensions)."""
     from gateway import record_builder, redaction  # here: once the package has chosen its path
 
-    return all(not (module.__file__ or "").endswith(".py") for module in (redaction, record_builder))
+    return all((module.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES)) for module in (redaction, record_builder))
 
 
 def source(module: str) -> str:

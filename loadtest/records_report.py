@@ -93,7 +93,8 @@ def compiled_text(rec: dict[str, Any]) -> str:
         return "ran as Python (not compiled: `gateway.native`)"
     return (
         "ran compiled (mypyc, `gateway.native`); the rows marked Python ran the same record process with "
-        "`LORAGATE_NATIVE=0`: the modules the compiled ones are built from, in the same run"
+        "`LORAGATE_NATIVE=0` (the modules the compiled ones are built from), each beside its compiled row, which "
+        "of the two first taking turns"
     )
 
 

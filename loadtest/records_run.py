@@ -186,11 +186,15 @@ def python_record_path(python: bool) -> Iterator[None]:
 
 async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
     Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
-    runs = [(mode, variant, 1, True) for variant in POLICIES for mode in ("plain", "durable")]
-    if cfg.record_workers > 1:  # the default policy again, its gateway process with several record processes
-        runs += [(mode, "redaction on", cfg.record_workers, True) for mode in ("plain", "durable")]
-    if native.active():  # and with its record process running the Python modules the compiled ones are built from
-        runs += [(mode, "redaction on", 1, False) for mode in ("plain", "durable")]
+    runs: list[tuple[str, str, int, bool]] = []
+    for turn, mode in enumerate(("plain", "durable")):
+        # The default policy with the record process compiled and, where it is, running the Python modules the
+        # compiled ones are built from: side by side, the first of the two taking turns.
+        pair = [(mode, "redaction on", 1, compiled) for compiled in (True, False)[: 1 + native.active()]]
+        runs += pair[::-1] if turn % 2 else pair
+        runs += [(mode, variant, 1, True) for variant in POLICIES if variant != "redaction on"]
+        if cfg.record_workers > 1:  # the default policy again, its gateway process with several record processes
+            runs.append((mode, "redaction on", cfg.record_workers, True))
     task = progress.add_task("1. recorder (events)", total=cfg.events * len(runs))
     results: dict[str, dict[str, Any]] = {"plain": {}, "durable": {}}
     for mode, variant, workers, compiled in runs:

@@ -9,14 +9,15 @@ import pickle
 import random
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
 from gateway import native
 from gateway.context import RequestContext
-from gateway.record_builder import RawRecord, build_entries, raw_row
+from gateway.record_builder import MAX_CHARS, RawRecord, build_entries, raw_row
 from gateway.records import LogPolicy
-from gateway.redaction import PII_KINDS, Redactor
+from gateway.redaction import MAX_PHONE_CHECKS, PII_KINDS, Redactor
 from gateway.routing import Route
 from gateway.tenants import Tenant
 
@@ -36,19 +37,25 @@ PII = [
 ]
 
 
-def _built(root: Path, sources: dict[str, str]) -> None:
+def _built(root: Path, sources: dict[str, str]) -> Path:
+    """A build in `root` as `python -m gateway.native_build` leaves one (its extensions stand-ins) for `sources`."""
     for module, text in sources.items():
         path = root / native.source(module)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    manifest = root / native.NATIVE / "gateway" / native.MANIFEST
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps(native.fingerprint(root)))
+    compiled = root / native.NATIVE / "gateway"
+    compiled.mkdir(parents=True)
+    for name in ("redaction", "record_builder", "native_records__mypyc"):
+        (compiled / f"{name}{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    (compiled / native.MANIFEST).write_text(json.dumps(native.fingerprint(root)))
+    return compiled
+
+
+SOURCES = {module: f"# {module}\n" for module in (*native.MODULES, "gateway.context", "adapters.manifest")}
 
 
 def test_a_build_is_first_on_the_path_only_while_it_matches_the_sources(tmp_path: Path) -> None:
-    _built(tmp_path, {module: f"# {module}\n" for module in (*native.MODULES, "gateway.context")})
-    compiled = str(tmp_path / native.NATIVE / "gateway")
+    compiled = str(_built(tmp_path, SOURCES))
     assert native.package_path(["src"], tmp_path, {}) == [compiled, "src"]
     assert native.package_path(["src"], tmp_path, {native.OFF: "0"}) == ["src"], "turned off"
     (tmp_path / native.source(native.MODULES[1])).write_text("# edited since the build\n")
@@ -56,32 +63,44 @@ def test_a_build_is_first_on_the_path_only_while_it_matches_the_sources(tmp_path
 
 
 def test_an_edit_to_a_module_the_build_was_compiled_against_makes_it_stale(tmp_path: Path) -> None:
-    """The compiled modules call into the others with the types they had at the build: any edit in the package (or
-    a module added) stops the build being used."""
-    _built(tmp_path, {module: f"# {module}\n" for module in (*native.MODULES, "gateway.context")})
+    """The compiled modules call into the others (and into `adapters`) with the types they had at the build: any
+    edit there, or a module added, stops the build being used."""
+    _built(tmp_path, SOURCES)
     assert len(native.package_path(["src"], tmp_path, {})) == 2
+    (tmp_path / native.source("adapters.manifest")).write_text("version: int = 2\n")
+    assert native.package_path(["src"], tmp_path, {}) == ["src"]
+    (tmp_path / native.source("adapters.manifest")).write_text("# adapters.manifest\n")
+    assert len(native.package_path(["src"], tmp_path, {})) == 2, "as built again"
     (tmp_path / "gateway" / "routes").mkdir()
     (tmp_path / "gateway" / "routes" / "new.py").write_text("x = 1\n")
     assert native.package_path(["src"], tmp_path, {}) == ["src"]
 
 
-def test_a_build_for_another_python_or_a_broken_manifest_is_not_used(tmp_path: Path) -> None:
+def test_a_partial_build_another_python_s_or_a_broken_manifest_is_not_used(tmp_path: Path) -> None:
     assert native.package_path(["src"], tmp_path, {}) == ["src"], "nothing built"
-    _built(tmp_path, {module: "x = 1\n" for module in native.MODULES})
-    manifest = tmp_path / native.NATIVE / "gateway" / native.MANIFEST
+    compiled = _built(tmp_path, SOURCES)
+    (compiled / f"native_records__mypyc{EXTENSION_SUFFIXES[0]}").unlink()
+    assert native.package_path(["src"], tmp_path, {}) == ["src"], "an extension missing: it would not import"
+    (compiled / f"native_records__mypyc{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    manifest = compiled / native.MANIFEST
     manifest.write_text(json.dumps({**native.fingerprint(tmp_path), "python": "cpython-399"}))
     assert native.package_path(["src"], tmp_path, {}) == ["src"]
     manifest.write_text("{not json")
     assert native.package_path(["src"], tmp_path, {}) == ["src"]
 
 
-def test_this_process_runs_the_build_that_make_setup_made() -> None:
-    """`make setup` compiles the record path; the suite then runs it (the Python modules where it did not)."""
-    expected = len(native.package_path([])) == 1
-    assert native.active() is expected
+def test_the_suite_runs_the_build_that_make_setup_made() -> None:
+    """`make setup` compiles the record path and the suite runs it; with LORAGATE_NATIVE=0 it runs the Python
+    modules. A missing or stale build fails here, not silently: run `make setup` (or `python -m
+    gateway.native_build`) after editing `gateway/` or `adapters/`."""
     from gateway import redaction
 
-    assert (redaction.__file__ or "").endswith(".py") is not expected
+    if os.environ.get(native.OFF) == "0":
+        assert not native.active() and (redaction.__file__ or "").endswith(".py")
+        return
+    assert native.usable(), "no compiled build of the sources as they are: run `make setup`"
+    assert native.active()
+    assert (redaction.__file__ or "").startswith(str(native.ROOT / native.NATIVE / "gateway"))
 
 
 def _text(rng: random.Random) -> str:
@@ -104,55 +123,86 @@ def _payload(rng: random.Random, endpoint: str) -> dict[str, Any]:
     return payload | {"messages": messages}
 
 
-def _contexts(n: int) -> list[RequestContext]:
+def _answer(context: RequestContext, rng: random.Random, i: int) -> None:
+    """A whole answer, or a stream's events; some with an `id` that is not a string (taken for none)."""
+    answer_id: object = f"cmpl-{i}" if i % 7 else i
+    if context.stream:  # assembled as it passed
+        for piece in (_text(rng), _text(rng)):
+            event = {"id": answer_id, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            context.answer.feed(json.dumps(event).encode())
+        return
+    message = {"role": "assistant", "content": _text(rng)}
+    choice = {"index": 0, "finish_reason": "stop"} | (
+        {"message": message} if context.endpoint == "chat" else {"text": ""}
+    )
+    context.answer.body = json.dumps({"id": answer_id, "choices": [choice]}).encode()
+
+
+def corpus(n: int) -> list[RequestContext]:
+    """N finished requests, the same in any process: chat and text completions, streams, every PII kind, five
+    policies, statuses; one text cut at MAX_CHARS with PII across the cut, one past a record's phone checks."""
     rng = random.Random(7)
     policies = [LogPolicy(), LogPolicy(redact=[]), LogPolicy(content=False), LogPolicy(redact=["email", "ip"])]
     out = []
     for i in range(n):
         endpoint = rng.choice(["chat", "completions"])
-        tenant = Tenant(name=f"t{i % 3}", logging=rng.choice([*policies, LogPolicy(phone_region="GB")]))
+        policy = rng.choice([*policies, LogPolicy(phone_region="GB")])
+        tenant = Tenant(name=f"t{i % 3}", logging=policy, created=1_780_000_000.0)
         route = Route(requested="m", upstream_model="m", served_model="m")
-        context = RequestContext(f"r{i}", endpoint, tenant, "k", payload=_payload(rng, endpoint), route=route)
+        payload = _payload(rng, endpoint)
+        if i == 1:
+            payload["metadata"] = {"long": "x" * (MAX_CHARS - 10) + " jane.doe@example.com and more"}
+        if i == 2:
+            payload["metadata"] = {"calls": " ".join(f"+44 20 7946 0{k:03d}" for k in range(MAX_PHONE_CHECKS + 5))}
+        payload["stream"] = i % 4 == 0
+        context = RequestContext(f"r{i}", endpoint, tenant, "k", payload=payload, route=route)
         context.validated = True
         context.sent = json.dumps(context.payload).encode()
-        message = {"role": "assistant", "content": _text(rng)}
-        choice = {"index": 0, "finish_reason": "stop"} | ({"message": message} if endpoint == "chat" else {"text": ""})
-        context.answer.body = json.dumps({"id": f"cmpl-{i}", "choices": [choice]}).encode()
+        context.received, context.started = 1_790_000_000.0 + i, 0.0
+        _answer(context, rng, i)
         context.finish(rng.choice([200, 200, 499, 500]))
+        context.latency_s = context.first_token_s = 0.1 + i / 1000
         out.append(context)
     return out
 
 
 _AS_PYTHON = """
-import json, pickle, sys
+import pickle, sys
 from gateway import native
-from gateway.record_builder import RawRecord, build_entries
+from gateway.record_builder import RawRecord, build_entries, raw_row
 from gateway.redaction import PII_KINDS, Redactor
-rows, texts = pickle.load(sys.stdin.buffer)
+from tests.unit.test_native import corpus
+n, texts = pickle.load(sys.stdin.buffer)
+rows = pickle.dumps([raw_row(context) for context in corpus(n)])  # as taken: building changes a stream's choices
 redactor = Redactor(PII_KINDS)
-entries = build_entries([RawRecord._make(row) for row in rows])
-json.dump({"active": native.active(), "entries": entries, "texts": [redactor.redact(t) for t in texts]}, sys.stdout)
+entries = build_entries([RawRecord._make(row) for row in pickle.loads(rows)])
+pickle.dump((native.active(), pickle.loads(rows), entries, [redactor.redact(t) for t in texts]), sys.stdout.buffer)
 """
 
 
-def test_compiled_and_python_modules_build_the_same_records(tmp_path: Path) -> None:
-    """Every record of a varied corpus (chat and text completions, every PII kind, policies, statuses), built here
-    (compiled, once built) and in a process running the Python modules, is the same JSON."""
-    rows = [raw_row(context) for context in _contexts(300)]
+def test_compiled_and_python_modules_build_the_same_records() -> None:
+    """A varied corpus (`corpus`), each request's raw record taken and built here (compiled) and in a process
+    running the Python modules: the same raw records, the same records, the same redactions."""
     texts = [_text(random.Random(i)) for i in range(200)]
     python = subprocess.run(
         [sys.executable, "-c", _AS_PYTHON],
-        input=pickle.dumps((rows, texts)),
+        input=pickle.dumps((300, texts)),
         capture_output=True,
+        cwd=native.ROOT,
         env={**os.environ, native.OFF: "0"},
         check=True,
         timeout=120,
     )
-    theirs = json.loads(python.stdout)
-    assert theirs["active"] is False
+    active, their_rows, their_entries, their_texts = pickle.loads(python.stdout)  # noqa: S301 (our own process)
+    assert active is False
+    rows = [raw_row(context) for context in corpus(300)]
+    assert rows == their_rows
     ours = build_entries([RawRecord._make(row) for row in rows])
-    assert len(ours) == len(rows)
-    assert json.loads(json.dumps(ours)) == theirs["entries"]
+    assert len(ours) == len(rows) and ours == their_entries
     redactor = Redactor(PII_KINDS)
-    assert json.loads(json.dumps([redactor.redact(t) for t in texts])) == theirs["texts"]
-    assert sum(json.loads(entry["record"])["redactions"].get("card", 0) for entry in ours) > 0
+    assert [redactor.redact(t) for t in texts] == their_texts
+    records = [json.loads(entry["record"]) for entry in ours]
+    assert sum(record["redactions"].get("card", 0) for record in records) > 0
+    assert records[1]["truncated"] and "jane" not in json.dumps(records[1]["request"])
+    assert records[2]["redactions"]["phone"] >= MAX_PHONE_CHECKS + 5, "past its checks, redacted unchecked"
+    assert any(record["stream"] for record in records) and records[7]["id"] == "req-r7", "an id that is no string"
