@@ -4,7 +4,6 @@ gateway with recording off vs on, (3) feedback latency by durability; its target
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -167,23 +167,6 @@ async def record_all(
 PYTHON_ROW = f", record process as Python ({native.OFF}=0)"
 
 
-@contextlib.contextmanager
-def python_record_path(python: bool) -> Iterator[None]:
-    """With `python`, record processes started meanwhile run the Python modules, not the compiled record path."""
-    if not python:
-        yield
-        return
-    before = os.environ.get(native.OFF)
-    os.environ[native.OFF] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[native.OFF]
-        else:
-            os.environ[native.OFF] = before
-
-
 async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
     Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
     runs: list[tuple[str, str, int, bool]] = []
@@ -200,7 +183,7 @@ async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -
     for mode, variant, workers, compiled in runs:
         name = variant if workers == 1 else f"{variant}, {workers} record processes"
         name += "" if compiled else PYTHON_ROW
-        with python_record_path(not compiled):
+        with mock.patch.dict(os.environ, {} if compiled else {native.OFF: "0"}):  # for the record process it starts
             results[mode][name] = await record_all(stack, mode, variant, cfg.events, workers, progress, task)
     base = results[BASELINE[0]][BASELINE[1]]["events_per_s"]
     for run in (run for by_variant in results.values() for run in by_variant.values()):
