@@ -1,14 +1,16 @@
-"""The record path compiled: `gateway.redaction` and `gateway.record_builder` built with mypyc into `.native/`.
+"""The record path compiled: `gateway.answer`, `gateway.redaction` and `gateway.record_builder` built with mypyc into
+`.native/`.
 
-The record process spends its time in these two modules (walking a record, redacting each string, encoding it).
-mypyc compiles them, as they are, to C extensions: the same code and the same records, in about a fifth less time
-(building them in one process). `make setup` builds them (`python -m gateway.native_build`: half a minute with gcc
-and Python's headers) into `.native/gateway/`, with a manifest of what they were built from. The `gateway` package
-puts that folder first on its search path only while the build is whole and its manifest matches this Python and the
-sources (every module of `gateway` and `adapters`: the compiled ones were compiled against the others' types), so an
-edited module is never shadowed by a build of older code: after an edit the record path runs as Python until the
-next build. `LORAGATE_NATIVE=0` turns the compiled modules off (a process started with it runs the Python ones);
-without a build, or where it failed, everything runs as Python.
+The record process spends its time in these modules (parsing an answer, walking a record, redacting each string,
+encoding it); a gateway process absorbs each stream event with `gateway.answer`. mypyc compiles them, as they are, to
+C extensions: the same code and the same records, in about a fifth less time (building them in one process). `make
+setup` builds them (`python -m gateway.native_build`: half a minute with gcc and Python's headers) into
+`.native/gateway/`, with a manifest of what they were built from. The `gateway` package puts that folder first on its
+search path only while the build is whole and its manifest matches this Python and the sources (every module of
+`gateway` and `adapters`: the compiled ones were compiled against the others' types), so an edited module is never
+shadowed by a build of older code: after an edit the record path runs as Python until the next build.
+`LORAGATE_NATIVE=0` turns the compiled modules off (a process started with it runs the Python ones); without a build,
+or where it failed, everything runs as Python.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-MODULES = ("gateway.redaction", "gateway.record_builder")
+MODULES = ("gateway.answer", "gateway.redaction", "gateway.record_builder")
 """Compiled, in one extension group (calls between them stay native)."""
 GROUP = "gateway.native_records"
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,10 +63,11 @@ def package_path(path: Sequence[str], root: Path = ROOT, env: Mapping[str, str] 
 
 
 def active() -> bool:
-    """Whether this process runs the compiled modules (both loaded from extensions)."""
-    from gateway import record_builder, redaction  # here: once the package has chosen its path
+    """Whether this process runs the compiled modules (each loaded from its extension)."""
+    from gateway import answer, record_builder, redaction  # here: once the package has chosen its path
 
-    return all((module.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES)) for module in (redaction, record_builder))
+    compiled = tuple(EXTENSION_SUFFIXES)
+    return all((module.__file__ or "").endswith(compiled) for module in (answer, redaction, record_builder))
 
 
 def source(module: str) -> str:

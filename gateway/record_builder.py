@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 
-from gateway.context import Answer, RequestContext
+from gateway.answer import Answer
+from gateway.context import RequestContext
 from gateway.records import age_seconds
 from gateway.redaction import Findings, Redactor, map_strings
 

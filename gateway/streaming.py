@@ -23,7 +23,8 @@ import aiohttp
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.context import CLIENT_CLOSED, Answer
+from gateway.answer import Answer
+from gateway.context import CLIENT_CLOSED
 from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
 
 log = logging.getLogger("loragate.streaming")

@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import experiment_history, experiment_page, keys
-from gateway.context import Answer, RequestContext
+from gateway.answer import Answer
+from gateway.context import RequestContext
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Change, Experiment, ExperimentStore
 from gateway.feedback import FeedbackStore

@@ -45,7 +45,7 @@ def _built(root: Path, sources: dict[str, str]) -> Path:
         path.write_text(text)
     compiled = root / native.NATIVE / "gateway"
     compiled.mkdir(parents=True)
-    for name in ("redaction", "record_builder", "native_records__mypyc"):
+    for name in (*(module.rsplit(".", 1)[1] for module in native.MODULES), f"{native.GROUP.rsplit('.', 1)[1]}__mypyc"):
         (compiled / f"{name}{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
     (compiled / native.MANIFEST).write_text(json.dumps(native.fingerprint(root)))
     return compiled
@@ -123,19 +123,39 @@ def _payload(rng: random.Random, endpoint: str) -> dict[str, Any]:
     return payload | {"messages": messages}
 
 
+ODD = [  # what an upstream might send where the API has another type: taken as absent, compiled or not
+    {"finish_reason": 1},
+    {"finish_reason": {"type": "stop"}},
+    {"index": "1"},
+    {"tool_calls": "f(x)"},
+    {"tool_calls": [{"id": 7, "function": {"name": "f", "arguments": "{}"}}]},
+    {"usage": [1, 2]},
+]
+
+
 def _answer(context: RequestContext, rng: random.Random, i: int) -> None:
-    """A whole answer, or a stream's events; some with an `id` that is not a string (taken for none)."""
+    """A whole answer, or a stream's events; some with an `id` that is not a string (taken for none), with tool
+    calls (whole, or in pieces), or with a field of an odd type (`ODD`)."""
     answer_id: object = f"cmpl-{i}" if i % 7 else i
+    odd = ODD[i % len(ODD)] if i % 5 == 1 else {}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"to": _text(rng)})}}
     if context.stream:  # assembled as it passed
         for piece in (_text(rng), _text(rng)):
-            event = {"id": answer_id, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-            context.answer.feed(json.dumps(event).encode())
+            delta: dict[str, Any] = {"content": piece}
+            if i % 3 == 0:
+                delta["tool_calls"] = [{"index": 0, "function": {"arguments": piece}}]
+            choice = {"index": 0, "delta": delta, "finish_reason": None} | odd
+            context.answer.feed(json.dumps({"id": answer_id, "choices": [choice]} | odd).encode())
+        context.answer.feed(b"[1, 2]")  # not an object: passed on, not recorded
+        context.answer.feed(json.dumps({"id": answer_id, "choices": [], "usage": {"prompt_tokens": 3}}).encode())
         return
-    message = {"role": "assistant", "content": _text(rng)}
+    message: dict[str, Any] = {"role": "assistant", "content": _text(rng)}
+    if i % 3 == 0:
+        message["tool_calls"] = [call]
     choice = {"index": 0, "finish_reason": "stop"} | (
         {"message": message} if context.endpoint == "chat" else {"text": ""}
     )
-    context.answer.body = json.dumps({"id": answer_id, "choices": [choice]}).encode()
+    context.answer.body = json.dumps({"id": answer_id, "choices": [choice | odd]} | odd).encode()
 
 
 def corpus(n: int) -> list[RequestContext]:
@@ -206,3 +226,7 @@ def test_compiled_and_python_modules_build_the_same_records() -> None:
     assert records[1]["truncated"] and "jane" not in json.dumps(records[1]["request"])
     assert records[2]["redactions"]["phone"] >= MAX_PHONE_CHECKS + 5, "past its checks, redacted unchecked"
     assert any(record["stream"] for record in records) and records[7]["id"] == "req-r7", "an id that is no string"
+    finishes = {str(choice.get("finish_reason")) for record in records for choice in record["choices"] or ()}
+    assert finishes == {"stop", "None"}, "a finish_reason that is not a string is taken as none"
+    calls = [c for record in records for choice in record["choices"] or () for c in choice.get("tool_calls") or ()]
+    assert any(c["function"].get("arguments") for c in calls), "tool calls, whole and assembled from pieces"

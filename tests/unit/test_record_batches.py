@@ -8,7 +8,8 @@ import json
 import pytest
 
 from gateway import record_worker
-from gateway.context import Answer, RequestContext
+from gateway.answer import Answer
+from gateway.context import RequestContext
 from gateway.record_builder import raw_row
 from gateway.record_worker import owners
 from gateway.recorder import MERGED, RECENT, RecentCompletions

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.context import Answer, RequestContext
+from gateway.answer import Answer
+from gateway.context import RequestContext
 from gateway.record_builder import RawRow, raw_row
 from gateway.record_worker import BUFFER_BYTES, HEADER, RecordWorker
 from gateway.routing import Route

@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
-from gateway.context import CLIENT_CLOSED, Answer, RequestContext
+from gateway.answer import Answer
+from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.erasure import forget_user, mark_tenant_deleted, purge_tenant, tenant_deleted
 from gateway.errors import StateUnavailable
 from gateway.export import export

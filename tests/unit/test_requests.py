@@ -11,8 +11,9 @@ import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from gateway.answer import Answer
 from gateway.body import read_json_sized
-from gateway.context import CLIENT_CLOSED, Answer, RequestContext
+from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest, SamplingParams
 from gateway.routes.openai import _tokens_used, ask_for_usage, cap_max_tokens, salt_prefix_cache
