@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -25,7 +26,7 @@ from gateway.errors import StateUnavailable
 from gateway.export import export
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_of
+from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_json, record_of
 from gateway.record_worker import Built, RecordWorker, RecordWorkers
 from gateway.recorder import Recorder
 from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
@@ -108,6 +109,16 @@ def test_a_request_read_from_the_json_sent_is_recorded_as_from_its_payload() -> 
     request = json.loads(entry(sent)["record"])["request"]
     assert request["params"] == {"temperature": 0.5, "stop": ["\n"]}
     assert request["messages"] == [{"role": "user", "content": "mail [EMAIL]"}]
+
+
+def test_a_record_holding_an_integer_past_64_bits_is_encoded_all_the_same() -> None:
+    """A record's JSON is orjson's, and pydantic_core's for what orjson refuses: a request's seed of 2**70 is kept."""
+    ctx = context(Tenant(name="t"), seed=2**70, temperature=0.25)
+    ctx.sent = json.dumps(ctx.payload).encode()
+    record = json.loads(entry(ctx)["record"])
+    assert record["request"]["params"] == {"seed": 2**70, "temperature": 0.25}
+    plain = json.loads(entry(context(Tenant(name="t"), seed=7))["record"])
+    assert record_json(plain) == pydantic_core.to_json(plain).decode(), "the same text either way"
 
 
 def test_records_follow_the_tenant_policy() -> None:
