@@ -2,9 +2,11 @@
 a whole body off the request path, in the record process.
 
 Compiled with the record path (gateway.native): the record process parses every whole answer with it, and a gateway
-process absorbs every stream event with it. A value of another type than the API's where a field is typed (a number
-as `finish_reason`, say) is taken as absent, as it is where an `id` is not a string, so that the compiled module,
-which checks typed values at run time, and the Python one keep the same answer."""
+process absorbs every stream event with it. What the log keeps of an answer is taken only where it has the API's type:
+an `id`, a `finish_reason`, a tool call's id, name and arguments that are not strings are taken as absent (a number
+there, or a NaN, which pydantic_core reads from an upstream's JSON, would be kept as Python takes it and refused by the
+compiled module, which checks typed values at run time), so that both keep the same answer and the record is JSON.
+An event or a body of an unexpected shape is passed on all the same; the log misses what it could not read."""
 
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from typing import Any
 import pydantic_core
 
 from gateway.records import Choice
+
+_UNREADABLE = (ValueError, TypeError, AttributeError, OverflowError)
+"""What reading an event or a body of an unexpected shape raises (OverflowError: an `index` of 1e400, read as inf)."""
 
 
 @dataclass(slots=True)
@@ -26,13 +31,13 @@ class _ChoiceParts:
         """Streamed tool calls arrive in pieces: the id and name first, the arguments in fragments."""
         for delta in deltas:
             call = self.tool_calls.setdefault(int(delta.get("index", 0)), {"type": "function", "function": {}})
-            if delta.get("id"):
-                call["id"] = delta["id"]
+            if (call_id := _text(delta.get("id"))) is not None:
+                call["id"] = call_id
             function = delta.get("function") or {}
-            if function.get("name"):
-                call["function"]["name"] = function["name"]
-            if function.get("arguments"):
-                call["function"]["arguments"] = call["function"].get("arguments", "") + function["arguments"]
+            if (name := _text(function.get("name"))) is not None:
+                call["function"]["name"] = name
+            if (arguments := _text(function.get("arguments"))) is not None:
+                call["function"]["arguments"] = call["function"].get("arguments", "") + arguments
 
     def choice(self, index: int) -> Choice:
         return Choice.model_validate(self.as_dict(index))
@@ -51,6 +56,11 @@ def _id(answer: dict[str, Any]) -> str | None:
     """An answer's (or chunk's) `id`, where it is a string as the API's are (another is not taken for one)."""
     found = answer.get("id")
     return found if isinstance(found, str) else None
+
+
+def _text(value: object) -> str | None:
+    """A string the API sends (an id, a name, a fragment of arguments), where it is one and not empty."""
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass(slots=True)
@@ -74,7 +84,7 @@ class Answer:
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
                 self._absorb(choice, "delta")
-        except (ValueError, TypeError, AttributeError):
+        except _UNREADABLE:
             return None  # an event of an unexpected shape is passed on all the same; the log misses it
         return chunk
 
@@ -91,7 +101,7 @@ class Answer:
             self.usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
             for choice in whole.get("choices") or ():
                 self._absorb(choice, "message")
-        except (ValueError, TypeError, AttributeError):
+        except _UNREADABLE:
             return
 
     def _absorb(self, choice: dict[str, Any], key: str) -> None:
@@ -104,9 +114,8 @@ class Answer:
             parts.texts.append(text)
         calls = inner.get("tool_calls") if isinstance(inner, dict) else None
         if calls:  # a whole answer's calls are complete and unnumbered; a stream's come in numbered pieces
-            parts.add_tool_calls(calls if key == "delta" else [{"index": i, **c} for i, c in enumerate(calls)])
-        finish_reason = choice.get("finish_reason")
-        if finish_reason and isinstance(finish_reason, str):
+            parts.add_tool_calls(calls if key == "delta" else [{**c, "index": i} for i, c in enumerate(calls)])
+        if (finish_reason := _text(choice.get("finish_reason"))) is not None:
             parts.finish_reason = finish_reason
 
     def choices(self) -> list[Choice]:

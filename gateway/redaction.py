@@ -79,10 +79,10 @@ _PHONE_PUNCTUATION = (
 )
 """What `phonenumbers` accepts between the digits of a number (its `_VALID_PUNCTUATION`, but the `x` of extensions)."""
 _PHONE_RUN = re.compile(rf"[+\uff0b(\uff08\[\uff3b\d](?:(?<=\d)|\d)(?:[{_PHONE_PUNCTUATION}]*\d){{6,}}")
-"""A run of 7+ digits joined by that punctuation, a plus or an opening bracket before it: `[+(\\[]?\\d(?:[P]*\\d){6,}`
-written to open with a character class (the opener or the first digit; then, after an opener, a digit), so that `re`
-skips straight to the characters that can start one, as the patterns above do: 1.4-1.7x faster over prose with
-numbers in it."""
+"""A run of 7+ digits joined by that punctuation, a plus or an opening bracket (of either width) before it
+(`[+＋(（[［]?\\d(?:[P]*\\d){6,}`), written to open with a character class (the opener or the first digit; then, after
+an opener, a digit), so that `re` skips straight to the characters that can start one, as the patterns above do:
+1.4-1.7x faster over prose with numbers in it, the same runs."""
 MAX_PHONE_CHECKS = 64
 """Phone candidates validated per record (or per feedback); the rest are redacted unvalidated."""
 MAX_PHONE_RUN_CHARS = 64

@@ -13,6 +13,8 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from gateway import native
 from gateway.context import RequestContext
 from gateway.record_builder import MAX_CHARS, RawRecord, build_entries, raw_row
@@ -58,7 +60,7 @@ def test_a_build_is_first_on_the_path_only_while_it_matches_the_sources(tmp_path
     compiled = str(_built(tmp_path, SOURCES))
     assert native.package_path(["src"], tmp_path, {}) == [compiled, "src"]
     assert native.package_path(["src"], tmp_path, {native.OFF: "0"}) == ["src"], "turned off"
-    (tmp_path / native.source(native.MODULES[1])).write_text("# edited since the build\n")
+    (tmp_path / native.source("gateway.redaction")).write_text("# edited since the build\n")
     assert native.package_path(["src"], tmp_path, {}) == ["src"], "a stale build would shadow the edit"
 
 
@@ -123,35 +125,52 @@ def _payload(rng: random.Random, endpoint: str) -> dict[str, Any]:
     return payload | {"messages": messages}
 
 
-ODD = [  # what an upstream might send where the API has another type: taken as absent, compiled or not
+ODD_FIELDS: list[dict[str, Any]] = [  # what an upstream might send where the API has another type
     {"finish_reason": 1},
     {"finish_reason": {"type": "stop"}},
+    {"finish_reason": float("nan")},
     {"index": "1"},
-    {"tool_calls": "f(x)"},
-    {"tool_calls": [{"id": 7, "function": {"name": "f", "arguments": "{}"}}]},
+    {"index": 1.0},
+    {"index": True},
+    {"index": None},
+    {"index": float("inf")},
     {"usage": [1, 2]},
 ]
+"""Merged into a choice and into its event or body."""
+ODD_CALLS: list[object] = [
+    "f(x)",
+    ["f(x)"],
+    [{"id": 7, "function": {"name": float("nan"), "arguments": {"a": 1}}}],
+    [{"id": float("inf"), "function": {"name": "f", "arguments": 3}}],
+    [{"id": "c1", "function": "f"}],
+    [{"index": 0, "id": "c1", "function": {"name": "f"}}, {"index": 0, "id": "c2", "function": {"name": "g"}}],
+]
+"""A message's or a delta's `tool_calls`; the last: two whole calls both numbered 0 (two calls, in a whole answer)."""
 
 
 def _answer(context: RequestContext, rng: random.Random, i: int) -> None:
     """A whole answer, or a stream's events; some with an `id` that is not a string (taken for none), with tool
-    calls (whole, or in pieces), or with a field of an odd type (`ODD`)."""
+    calls (whole, or in pieces), with a field or tool calls of an odd type (`ODD_FIELDS`, `ODD_CALLS`: taken as
+    absent, compiled or not), or with a message that is not an object."""
     answer_id: object = f"cmpl-{i}" if i % 7 else i
-    odd = ODD[i % len(ODD)] if i % 5 == 1 else {}
+    odd = ODD_FIELDS[i // 5 % len(ODD_FIELDS)] if i % 5 == 1 else {}
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"to": _text(rng)})}}
+    calls: object = ODD_CALLS[i // 5 % len(ODD_CALLS)] if i % 5 == 2 else [call]
     if context.stream:  # assembled as it passed
         for piece in (_text(rng), _text(rng)):
-            delta: dict[str, Any] = {"content": piece}
-            if i % 3 == 0:
+            delta: object = {"content": piece} if i % 11 != 3 else piece
+            if isinstance(delta, dict) and i % 5 == 2:
+                delta["tool_calls"] = calls
+            elif isinstance(delta, dict) and i % 3 == 0:
                 delta["tool_calls"] = [{"index": 0, "function": {"arguments": piece}}]
             choice = {"index": 0, "delta": delta, "finish_reason": None} | odd
             context.answer.feed(json.dumps({"id": answer_id, "choices": [choice]} | odd).encode())
         context.answer.feed(b"[1, 2]")  # not an object: passed on, not recorded
         context.answer.feed(json.dumps({"id": answer_id, "choices": [], "usage": {"prompt_tokens": 3}}).encode())
         return
-    message: dict[str, Any] = {"role": "assistant", "content": _text(rng)}
-    if i % 3 == 0:
-        message["tool_calls"] = [call]
+    message: object = {"role": "assistant", "content": _text(rng)} if i % 11 != 3 else "hi"
+    if isinstance(message, dict) and (i % 3 == 0 or i % 5 == 2):
+        message["tool_calls"] = calls
     choice = {"index": 0, "finish_reason": "stop"} | (
         {"message": message} if context.endpoint == "chat" else {"text": ""}
     )
@@ -230,3 +249,8 @@ def test_compiled_and_python_modules_build_the_same_records() -> None:
     assert finishes == {"stop", "None"}, "a finish_reason that is not a string is taken as none"
     calls = [c for record in records for choice in record["choices"] or () for c in choice.get("tool_calls") or ()]
     assert any(c["function"].get("arguments") for c in calls), "tool calls, whole and assembled from pieces"
+    assert {c.get("id") for c in calls} >= {"c1", "c2", "call_1"} and None in {c.get("id") for c in calls}
+    texts = [c.get("id") for c in calls] + [v for c in calls for v in c["function"].values()]
+    assert all(isinstance(text, str) for text in texts if text is not None), "an id, name or arguments not a string"
+    for entry in ours:  # JSON, not NaN or Infinity: what is not a string where the API has one is not kept
+        pydantic_core.from_json(entry["record"], allow_inf_nan=False)

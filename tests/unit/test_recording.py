@@ -36,6 +36,7 @@ from gateway.tenants import Tenant, TenantStore
 from tests.conftest import RedisServer
 
 MINUTE = LogPolicy(max_age_days=60 / 86400)  # records kept 60 s
+NAN = float("nan")
 
 
 def events(*chunks: dict[str, object]) -> list[bytes]:
@@ -80,6 +81,26 @@ def test_a_whole_answer_is_parsed_later() -> None:
     chat = Answer(body=json.dumps({"id": "x", "choices": [{"index": 0, "message": message}]}).encode())
     chat.parse_body()
     assert chat.choices()[0].tool_calls == calls and chat.choices()[0].text == ""
+
+
+def test_an_answer_of_an_odd_shape_is_read_as_far_as_it_has_the_api_s_types() -> None:
+    """An event whose `index` reads as inf is passed on unread (it raised past the stream before); two whole tool
+    calls numbered alike are two; ids, names and finish reasons that are not strings are not kept."""
+    answer = Answer()
+    assert answer.feed(b'{"id":"c-1","choices":[{"index":1e400,"delta":{"content":"lost"}}]}') is None
+    assert answer.feed(b'{"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":NaN}]}') is not None
+    (only,) = answer.choices()
+    assert (only.text, only.finish_reason) == ("ok", None)
+    calls = [{"index": 0, "id": n, "function": {"name": n, "arguments": "{}"}} for n in ("c1", "c2", NAN)]
+    body = {"id": "x", "choices": [{"index": 0, "message": {"tool_calls": calls}, "finish_reason": 7}]}
+    whole = Answer(body=json.dumps(body).encode())
+    whole.parse_body()
+    assert whole.choice_dicts()[0]["tool_calls"] == [
+        {"type": "function", "id": "c1", "function": {"name": "c1", "arguments": "{}"}},
+        {"type": "function", "id": "c2", "function": {"name": "c2", "arguments": "{}"}},
+        {"type": "function", "function": {"arguments": "{}"}},
+    ]
+    assert "finish_reason" not in whole.choice_dicts()[0]
 
 
 def context(tenant: Tenant, n: int = 7, user: str = "u1", **payload: object) -> RequestContext:
