@@ -3,7 +3,7 @@
 
 The record process spends its time in these modules (parsing an answer, walking a record, redacting each string,
 encoding it); a gateway process absorbs each stream event with `gateway.answer`. mypyc compiles them, as they are, to
-C extensions: the same code and the same records, in about a fifth less time (building them in one process). `make
+C extensions: the same code and the same records, in about a quarter less time (building them in one process). `make
 setup` builds them (`python -m gateway.native_build`: half a minute with gcc and Python's headers) into
 `.native/gateway/`, with a manifest of what they were built from. The `gateway` package puts that folder first on its
 search path only while the build is whole and its manifest matches this Python and the sources (every module of
