@@ -6,12 +6,13 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.native import GROUP, MANIFEST, MODULES, NATIVE, OFF, ROOT, fingerprint, source, usable
+from gateway.native import GROUP, MANIFEST, MODULES, NATIVE, OFF, PACKAGES, ROOT, fingerprint, source, usable
 
 LOCK = ".native.lock"
 
@@ -26,8 +27,9 @@ def build(root: Path = ROOT, config: Path | None = None) -> Path:
     options = ["--config-file", str(config)] if config is not None else []
     with tempfile.TemporaryDirectory(dir=root, prefix=".native-") as scratch:
         work = Path(scratch)
+        _copy_sources(root, work / "src")
         cwd = Path.cwd()
-        os.chdir(root)  # mypyc names modules by their paths from here
+        os.chdir(work / "src")  # mypyc names modules by their paths from here
         try:
             paths = [*options, *(source(m) for m in MODULES)]
             extensions = mypycify(paths, group_name=GROUP, target_dir=str(work / "c"))
@@ -42,6 +44,17 @@ def build(root: Path = ROOT, config: Path | None = None) -> Path:
             target.rename(work / "old")
         (work / "lib").rename(target)
     return target
+
+
+def _copy_sources(root: Path, into: Path) -> None:
+    """The modules of PACKAGES, copied apart for mypy: where they are installed (site-packages, in the gateway image),
+    mypy would take each top-level module beside them (`typing_extensions.py`, `mypy_extensions.py`) for one of the
+    build's own, and refuse it for shadowing the library it is."""
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            target = into / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pydantic_core
 
-from gateway import native
+from gateway import native, native_build
 from gateway.context import RequestContext
 from gateway.record_builder import MAX_CHARS, RawRecord, build_entries, raw_row
 from gateway.records import LogPolicy
@@ -89,6 +89,21 @@ def test_a_partial_build_another_python_s_or_a_broken_manifest_is_not_used(tmp_p
     assert native.package_path(["src"], tmp_path, {}) == ["src"]
     manifest.write_text("{not json")
     assert native.package_path(["src"], tmp_path, {}) == ["src"]
+
+
+def test_the_build_reads_copies_of_the_packages_alone(tmp_path: Path) -> None:
+    """Installed (site-packages, in the gateway image), the packages sit beside every other top-level module: mypy,
+    run there, took `typing_extensions.py` for one of the build's own and refused it. It runs on copies of the
+    packages' modules alone."""
+    root = tmp_path / "site-packages"
+    for name in ("gateway/__init__.py", "gateway/routes/openai.py", "adapters/manifest.py", "typing_extensions.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    (root / "gateway" / "page.html").write_text("<p>")
+    native_build._copy_sources(root, tmp_path / "src")
+    copied = sorted(str(path.relative_to(tmp_path / "src")) for path in (tmp_path / "src").rglob("*") if path.is_file())
+    assert copied == ["adapters/manifest.py", "gateway/__init__.py", "gateway/routes/openai.py"]
+    assert (tmp_path / "src" / "gateway" / "routes" / "openai.py").read_text() == "# gateway/routes/openai.py\n"
 
 
 def test_the_suite_runs_the_build_that_make_setup_made() -> None:
