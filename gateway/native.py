@@ -16,6 +16,7 @@ or where it failed, everything runs as Python.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -34,10 +35,15 @@ PACKAGES = ("gateway", "adapters")
 """Whose sources a build was compiled against (mypy follows the compiled modules' imports into both)."""
 
 
+def package_sources(root: Path = ROOT) -> list[Path]:
+    """Every module of PACKAGES under `root`, in one order: what a build is compiled against."""
+    return sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
+
+
 def fingerprint(root: Path = ROOT) -> dict[str, str]:
     """What a build is valid for: this Python's ABI and one digest of every module of PACKAGES (about 3 ms)."""
     digest = hashlib.sha256()
-    for path in sorted(path for package in PACKAGES for path in (root / package).rglob("*.py")):
+    for path in package_sources(root):
         digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
     return {"python": sys.implementation.cache_tag, "sources": digest.hexdigest()}
 
@@ -64,10 +70,8 @@ def package_path(path: Sequence[str], root: Path = ROOT, env: Mapping[str, str] 
 
 def active() -> bool:
     """Whether this process runs the compiled modules (each loaded from its extension)."""
-    from gateway import answer, record_builder, redaction  # here: once the package has chosen its path
-
-    compiled = tuple(EXTENSION_SUFFIXES)
-    return all((module.__file__ or "").endswith(compiled) for module in (answer, redaction, record_builder))
+    compiled = tuple(EXTENSION_SUFFIXES)  # imported here: once the package has chosen its path
+    return all((importlib.import_module(module).__file__ or "").endswith(compiled) for module in MODULES)
 
 
 def source(module: str) -> str:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.native import GROUP, MANIFEST, MODULES, NATIVE, OFF, PACKAGES, ROOT, fingerprint, source, usable
+from gateway.native import GROUP, MANIFEST, MODULES, NATIVE, OFF, ROOT, fingerprint, package_sources, source, usable
 
 LOCK = ".native.lock"
 
@@ -47,14 +47,13 @@ def build(root: Path = ROOT, config: Path | None = None) -> Path:
 
 
 def _copy_sources(root: Path, into: Path) -> None:
-    """The modules of PACKAGES, copied apart for mypy: where they are installed (site-packages, in the gateway image),
-    mypy would take each top-level module beside them (`typing_extensions.py`, `mypy_extensions.py`) for one of the
-    build's own, and refuse it for shadowing the library it is."""
-    for package in PACKAGES:
-        for path in (root / package).rglob("*.py"):
-            target = into / path.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+    """The modules the build is compiled against (`package_sources`), copied apart for mypy: where they are installed
+    (site-packages, in the gateway image), mypy would take each top-level module beside them (`typing_extensions.py`,
+    `mypy_extensions.py`) for one of the build's own, and refuse it for shadowing the library it is."""
+    for path in package_sources(root):
+        target = into / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
