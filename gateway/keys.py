@@ -168,7 +168,11 @@ def end_user_prefix(tenant: str) -> str:
 def forgotten(tenant: str, user: str) -> str:
     """When an end user of a tenant was erased: records and feedback of theirs made before then, replayed
     from a spool later, are not written back."""
-    return f"{PREFIX}:forgotten:{tenant}:{user}"
+    return forgotten_prefix(tenant) + user
+
+
+def forgotten_prefix(tenant: str) -> str:
+    return f"{PREFIX}:forgotten:{tenant}:"
 
 
 def tenant_deleted(tenant: str) -> str:
@@ -190,6 +194,6 @@ def tenant_records_pattern(tenant: str) -> list[str]:
     return [
         feedback_prefix(tenant) + "*",
         end_user_prefix(tenant) + "*",
-        f"{PREFIX}:forgotten:{tenant}:*",
+        forgotten_prefix(tenant) + "*",
         f"{PREFIX}:tenant:{tenant}:experiment:*",  # arms' counters and users, audit logs
     ]

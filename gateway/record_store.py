@@ -31,34 +31,45 @@ answer, a spool adopted from a process that died) to be skipped by it, and short
 TRIMMED = "-"
 """A trimmed record's completion index: names no tenant and no entry (feedback and erasure take it as unknown)."""
 
-# ARGV opens with what trimming needs: TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, the index prefix, how many
-# tenants the call writes for, and for each its log stream, its ratings prefix and its end users' prefix. Then per
-# record, KEYS: log stream, completion index, end user's set, end user's erasure, experiment arm's counters,
-# experiment arm's users ('' for what does not apply), the tenant's deletion. ARGV: record JSON, max length, ttl
-# (s), tenant, completion id, created, ' EXPERIMENT ARM' (or ''), end user, error (1/0), prompt tokens, completion
-# tokens, latency bucket, when its tenant was created. A record of a tenant created at or before its deletion is
-# skipped (each tenant's deletion is read once per call), and so is one past its tenant's age limit (a spool
-# replayed late). An arm's counters move only when its record is written (a replay counts once). What many records
-# of a call share is summed in the script and written once at its end: each end user's set gets one SADD and one
-# EXPIRE (the longest ttl; never shortened: it also finds the user's ratings), each arm one HINCRBY per counter and
-# one PFADD. A record that fails stops the loop, but what the records before it share is still written before the
-# error is returned: the recorder then retries record by record, and the index skips those.
+# Every argument is in ARGV (no KEYS: the keys are the tenants' and arms' listed in the call, and the script needs
+# one Redis, not a cluster; it finds more in the entries it trims). ARGV opens with what trimming needs: TRIM_SLACK,
+# TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, the index prefix; then how many tenants and how many experiment arms the call
+# writes for. Per tenant: its name, its log stream, its ratings prefix, its end users' prefix, its
+# erasures' prefix and its deletion key. Per arm: its counters, its users and ' EXPERIMENT ARM' for the
+# index. Then per record: its JSON, its completion id, its end user ('' for none) and its numbers,
+# space-separated (`_numbers`, read with META): its tenant's place in the list (from 1), its arm's (0: none), created,
+# when its tenant was created, max length, ttl (s), error (1/0), prompt tokens, completion tokens, latency bucket (or
+# nothing). Four arguments a record rather than twenty: packing and passing each argument costs both sides more than
+# what most of them hold. A record of a tenant created at or before its deletion is skipped (each tenant's deletion
+# is read once per call), and so is one past its tenant's age limit (a spool replayed late). An arm's counters move
+# only when its record is written (a replay counts once). What many records of a call share is summed in the script
+# and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl; never shortened:
+# it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD. A record that fails stops the
+# loop, but what the records before it share is still written before the error is returned: the recorder then
+# retries record by record, and the index skips those.
 # Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). Once the records are written, a log
 # TRIM_SLACK entries over its length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from
 # each record trimmed goes with it, if its index still names that entry: the ratings and the completion's place in
 # the set of its end user and of each user who rated it. Its index stays TRIMMED_KEEP_S, as TRIMMED (no tenant, no
 # entry), so that a replay of the record is still skipped: written again, it would be the newest entry and push
-# newer records out. These keys are not declared (they are found in the entries): the script needs one Redis, not
-# a cluster. What fails in a trim is logged by Redis and fails no record; the entries are trimmed all the same.
+# newer records out. What fails in a trim is logged by Redis and fails no record; the entries are trimmed all the same.
 # Returns the records written.
 _RECORD = """
 local TRIM_SLACK, TRIM_MOST, KEEP, TRIMMED = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local written, sets, arms, deleted, logs = 0, {}, {}, {}, {}
+local META = '^(%d+) (%d+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S*)$'
+local written, sets, counted, deleted, logs = 0, {}, {}, {}, {}
 local now = tonumber(redis.call('TIME')[1])
-local indexes, tenants = ARGV[5], tonumber(ARGV[6])
-local prefixes = {}
-for t = 0, tenants - 1 do prefixes[ARGV[7 + 3 * t]] = {ratings = ARGV[8 + 3 * t], users = ARGV[9 + 3 * t]} end
-local head = 6 + 3 * tenants
+local indexes, tenant_count, arm_count = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local tenants, arms, prefixes, a = {}, {}, {}, 8
+for t = 1, tenant_count do
+  local tenant = {name = ARGV[a], log = ARGV[a + 1], ratings = ARGV[a + 2], users = ARGV[a + 3]}
+  tenant.forgotten, tenant.deleted = ARGV[a + 4], ARGV[a + 5]
+  tenants[t], prefixes[tenant.log], a = tenant, tenant, a + 6
+end
+for r = 1, arm_count do
+  arms[r], a = {counters = ARGV[a], users = ARGV[a + 1], label = ARGV[a + 2]}, a + 3
+end
+local head = a
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
@@ -72,41 +83,45 @@ local function deletion(key)
   return at
 end
 local function one(i)
-  local stream, index, user, gone = KEYS[7 * i + 1], KEYS[7 * i + 2], KEYS[7 * i + 3], KEYS[7 * i + 4]
-  local arm = KEYS[7 * i + 5]
-  local a = head + 13 * i
-  local errors, prompt, completion = tonumber(ARGV[a + 9]), tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
-  local incarnation = tonumber(ARGV[a + 13])
-  if errors == nil or prompt == nil or completion == nil or incarnation == nil then
-    error('record ' .. ARGV[a + 5] .. ': bad counts')
+  local a = head + 4 * i
+  local id, user = ARGV[a + 1], ARGV[a + 2]
+  local t, r, created, incarnation, limit, ttl, errors, prompt, completion, bucket = string.match(ARGV[a + 3], META)
+  local tenant, arm = tenants[tonumber(t)], arms[tonumber(r)]
+  created, incarnation, limit, errors = tonumber(created), tonumber(incarnation), tonumber(limit), tonumber(errors)
+  prompt, completion = tonumber(prompt), tonumber(completion)
+  if tenant == nil or (r ~= '0' and arm == nil) or created == nil or incarnation == nil or limit == nil
+    or tonumber(ttl) == nil or errors == nil or prompt == nil or completion == nil then
+    error('record ' .. id .. ': bad counts')
   end
-  if deletion(KEYS[7 * i + 7]) >= incarnation or tonumber(ARGV[a + 6]) + tonumber(ARGV[a + 3]) < now then return end
-  local erased = user ~= '' and tonumber(redis.call('GET', gone) or '-1') >= tonumber(ARGV[a + 6])
+  if deletion(tenant.deleted) >= incarnation or created + tonumber(ttl) < now then return end
+  local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. user) or '-1') >= created
+  local index = indexes .. id
   if erased or redis.call('EXISTS', index) == 1 then return end
-  local entry = redis.call('XADD', stream, '*', 'r', ARGV[a + 1], 'c', ARGV[a + 5], 'u', ARGV[a + 8])
-  logs[stream] = tonumber(ARGV[a + 2])
-  redis.call('SET', index, ARGV[a + 4] .. ' ' .. entry .. ARGV[a + 7], 'EX', ARGV[a + 3])
+  local entry = redis.call('XADD', tenant.log, '*', 'r', ARGV[a], 'c', id, 'u', user)
+  logs[tenant.log] = limit
+  redis.call('SET', index, tenant.name .. ' ' .. entry .. (arm and arm.label or ''), 'EX', ttl)
   written = written + 1
   if user ~= '' then
-    local set = sets[user]
-    if set == nil then set = {ttl = 0, ids = {}}; sets[user] = set end
-    set.ids[#set.ids + 1] = ARGV[a + 5]
-    set.ttl = math.max(set.ttl, tonumber(ARGV[a + 3]))
+    local key = tenant.users .. user
+    local set = sets[key]
+    if set == nil then set = {ttl = 0, ids = {}}; sets[key] = set end
+    set.ids[#set.ids + 1] = id
+    set.ttl = math.max(set.ttl, tonumber(ttl))
   end
-  if arm ~= '' then
-    local found = arms[arm]
-    if found == nil then found = {users = KEYS[7 * i + 6], counts = {}, who = {}}; arms[arm] = found end
+  if arm ~= nil then
+    local found = counted[arm]
+    if found == nil then found = {counts = {}, who = {}}; counted[arm] = found end
     local counts = found.counts
     bump(counts, 'requests', 1)
-    if ARGV[a + 8] == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = ARGV[a + 8] end
+    if user == '' then bump(counts, 'anonymous', 1) else found.who[#found.who + 1] = user end
     bump(counts, 'errors', errors)
     bump(counts, 'prompt_tokens', prompt)
     bump(counts, 'completion_tokens', completion)
-    if ARGV[a + 12] ~= '' then bump(counts, 'latency:' .. ARGV[a + 12], 1) end
+    if bucket ~= '' then bump(counts, 'latency:' .. bucket, 1) end
   end
 end
 local failed = nil
-for i = 0, #KEYS / 7 - 1 do
+for i = 0, (#ARGV - head + 1) / 4 - 1 do
   local ok, err = pcall(one, i)
   if not ok then failed = err; break end
 end
@@ -118,9 +133,9 @@ for key, set in pairs(sets) do
   shared('SADD', key, unpack(set.ids))
   if redis.call('TTL', key) < set.ttl then shared('EXPIRE', key, set.ttl) end
 end
-for key, found in pairs(arms) do
-  for field, by in pairs(found.counts) do shared('HINCRBY', key, field, by) end
-  if #found.who > 0 then shared('PFADD', found.users, unpack(found.who)) end
+for arm, found in pairs(counted) do
+  for field, by in pairs(found.counts) do shared('HINCRBY', arm.counters, field, by) end
+  if #found.who > 0 then shared('PFADD', arm.users, unpack(found.who)) end
 end
 local function forget(found, entry)
   local fields, id, user = entry[2], nil, ''
@@ -228,23 +243,30 @@ def _unless_busy(replies: list[Any]) -> list[Any]:
 
 
 def _call(chunk: list[dict[str, Any]]) -> Call:
-    """The keys and arguments of one script call writing `chunk`."""
-    script_keys: list[str] = []
-    tenants = dict.fromkeys(e["tenant"] for e in chunk)
-    args: list[Any] = [TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, keys.completion_prefix(), len(tenants)]
-    for tenant in tenants:
-        args += [keys.completion_log(tenant), keys.feedback_prefix(tenant), keys.end_user_prefix(tenant)]
+    """The arguments of one script call writing `chunk` (no keys: see _RECORD)."""
+    tenants: dict[str, int] = {}
+    arms: dict[tuple[str, str, str], int] = {}
+    records: list[Any] = []
     for e in chunk:
-        tenant, user, experiment, arm = e["tenant"], e["user"], e.get("experiment"), e.get("arm")
-        script_keys += [keys.completion_log(tenant), keys.completion(e["id"])]
-        script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
-        if experiment and arm:
-            script_keys += [keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm)]
-        else:
-            script_keys += ["", ""]
-        script_keys.append(keys.tenant_deleted(tenant))
-        args += [e["record"], e["max_records"], e["ttl"], tenant, e["id"], e["created"]]
-        args += [f" {experiment} {arm}" if experiment and arm else "", user or "", e.get("error", 0)]
-        args += [e.get("prompt_tokens", 0), e.get("completion_tokens", 0), e.get("latency_bucket", "")]
-        args.append(e.get("tenant_created") or e["created"])
-    return script_keys, args
+        tenant, user, experiment, arm = e["tenant"], e["user"] or "", e.get("experiment"), e.get("arm")
+        t = tenants.setdefault(tenant, len(tenants) + 1)
+        r = arms.setdefault((tenant, experiment, arm), len(arms) + 1) if experiment and arm else 0
+        records += (e["record"], e["id"], user, _numbers(e, t, r))
+    args: list[Any] = [TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, keys.completion_prefix()]
+    args += (len(tenants), len(arms))
+    for tenant in tenants:
+        args += (tenant, keys.completion_log(tenant), keys.feedback_prefix(tenant), keys.end_user_prefix(tenant))
+        args += (keys.forgotten_prefix(tenant), keys.tenant_deleted(tenant))
+    for tenant, experiment, arm in arms:
+        args += (keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm))
+        args.append(f" {experiment} {arm}")
+    return [], args + records
+
+
+def _numbers(e: dict[str, Any], tenant: int, arm: int) -> str:
+    """A record's numbers, one argument (see _RECORD's META)."""
+    created = e["created"]
+    return (
+        f"{tenant} {arm} {created!r} {e.get('tenant_created') or created!r} {e['max_records']} {e['ttl']} "
+        f"{e.get('error', 0)} {e.get('prompt_tokens', 0)} {e.get('completion_tokens', 0)} {e.get('latency_bucket', '')}"
+    )
