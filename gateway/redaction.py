@@ -13,8 +13,9 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
   separators", so that a card is not merged with a number beside it (`4111 1111 1111 1111 2 times`) and then lost
   to the Luhn check.
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
-- phone: `phonenumbers.PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's national
-  ones, only allocated ranges). It is the slowest pass by far (35-100 µs a candidate), so it sees only runs of 7+
+- phone: libphonenumber's `PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's
+  national ones, only allocated ranges; rphonenumbers or phonenumbers: gateway.phones). It is the slowest pass by far
+  (5-15 µs a candidate with rphonenumbers, 35-100 with phonenumbers), so it sees only runs of 7+
   digits joined by the punctuation the matcher itself allows inside a number (dashes of every width, spaces, dots,
   slashes, brackets, the zero-width ones: never a line break or a tab), and a record validates at most
   MAX_PHONE_CHECKS of them: past that its remaining runs are redacted as phones unvalidated, so that a prompt full
@@ -44,10 +45,12 @@ import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, NamedTuple
 
-import phonenumbers
 from stdnum import iban, luhn, numdb
+
+from gateway.phones import MAX_PHONE_CHECKS, MAX_PHONE_RUN_CHARS, PHONE_RUN, phone_library
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 
@@ -73,22 +76,6 @@ _IPV6 = re.compile(rf"(?<![\w:.]){_IPV6_BODY}")
 _IPV6_LABELLED = re.compile(rf":(?<=\w:)(?=[0-9A-Fa-f:])({_IPV6_BODY})")
 """An address after a word and a colon (`addr:2001:db8::1`, `IPv6:fe80::1`), which _IPV6 does not start at: the
 colon would join them into something that reads as neither. Opens with the colon, so `re` skips to colons."""
-_PHONE_PUNCTUATION = (
-    " \u00a0\u00ad\u200b\u2060\u3000().\\-/\u2010-\u2015\u2212\u30fc\uff0d-\uff0f\uff08\uff09\uff3b\uff3d\\[\\]~"
-    "\u2053\u223c\uff5e"
-)
-"""What `phonenumbers` accepts between the digits of a number (its `_VALID_PUNCTUATION`, but the `x` of extensions)."""
-_PHONE_RUN = re.compile(rf"[+\uff0b(\uff08\[\uff3b\d](?:(?<=\d)|\d)(?:[{_PHONE_PUNCTUATION}]*\d){{6,}}")
-"""A run of 7+ digits joined by that punctuation, a plus or an opening bracket (of either width) before it
-(`[+＋(（[［]?\\d(?:[P]*\\d){6,}`), written to open with a character class (the opener or the first digit; then, after
-an opener, a digit), so that `re` skips straight to the characters that can start one, as the patterns above do:
-1.4-1.7x faster over prose with numbers in it, the same runs."""
-MAX_PHONE_CHECKS = 64
-"""Phone candidates validated per record (or per feedback); the rest are redacted unvalidated."""
-MAX_PHONE_RUN_CHARS = 64
-"""A longer run of digits and separators is no one phone number (a list, a table row): redacted whole, unvalidated;
-the matcher takes seconds over a run of 100,000 characters."""
-_VALID = phonenumbers.Leniency.VALID
 _SHAPES = bytes.maketrans(string.digits.encode() + string.ascii_letters.encode(), b"9" * 10 + b"A" * 52)
 """An ASCII text's shape: digits as 9, capitals as A, the rest as they are. One table lookup per byte of its
 encoding: about a sixth of `str.translate`'s cost, which goes through a dict per character."""
@@ -113,7 +100,7 @@ def _iban_length(country: str) -> int | None:
     return 4 + sum(int(n) for n in re.findall(r"\d+", found)) if isinstance(found, str) else None
 
 
-def _ibans(text: str, _region: str, _findings: Findings) -> _Spans:
+def _ibans(text: str, _phones: Phones, _findings: Findings) -> _Spans:
     """Each IBAN's span. A match may have run on into what follows a dash or a space
     (`ES91 2100 0418 4502 0005 1332-EUR`): only its prefix of its country's exact length is checked, once (so a
     random code rarely passes, and that over-redacts, never leaks; and a text of IBAN-shaped codes costs one
@@ -128,7 +115,7 @@ def _ibans(text: str, _region: str, _findings: Findings) -> _Spans:
             yield match.start(), match.start() + ends[length - 1]
 
 
-def _ipv6s(text: str, _region: str, _findings: Findings) -> _Spans:
+def _ipv6s(text: str, _phones: Phones, _findings: Findings) -> _Spans:
     """Each IPv6 address's span, labelled ones (`host:fe80::1`: the address alone) among them, in order. Where a
     labelled address and an unlabelled one overlap (`cafe:2001:db8::1` reads as both), their union is redacted:
     never less than either."""
@@ -160,30 +147,38 @@ class Findings(Counter[str]):
             super().__init__(*counts, **kinds)  # own update of nothing (0.5 µs a record)
 
 
-_Finder = Callable[[str, str, Findings], _Spans]
+class Phones(NamedTuple):
+    """Where a redactor finds phone numbers: the libphonenumber implementation, and the region of national numbers."""
+
+    library: ModuleType
+    region: str
+
+
+_Finder = Callable[[str, Phones, Findings], _Spans]
 
 
 def _regex(pattern: re.Pattern[str], valid: Callable[[str], bool] | None = None) -> _Finder:
     """A finder listing the spans of `pattern`'s matches that `valid` accepts (all of them without one)."""
 
-    def find(text: str, _region: str, _findings: Findings) -> _Spans:
+    def find(text: str, _phones: Phones, _findings: Findings) -> _Spans:
         return [m.span() for m in pattern.finditer(text) if valid is None or valid(m.group())]
 
     return find
 
 
-def _phones(text: str, region: str, findings: Findings) -> _Spans:
+def _phones(text: str, phones: Phones, findings: Findings) -> _Spans:
     """The matcher parses every number-like candidate (tens of µs each) and text is full of short ones (times, years,
     counts), so it sees only runs of 7+ digits, with 4 characters of context either side for its boundary checks;
     past the record's MAX_PHONE_CHECKS, or past MAX_PHONE_RUN_CHARS, a run is taken whole, unvalidated."""
     last = 0
-    for run in _PHONE_RUN.finditer(text):
+    for run in PHONE_RUN.finditer(text):
         if findings.phone_checks_left <= 0 or run.end() - run.start() > MAX_PHONE_RUN_CHARS:
             spans: Iterable[tuple[int, int]] = (run.span(),)
         else:
             findings.phone_checks_left -= 1
             lo = max(0, run.start() - 4)
-            matches = phonenumbers.PhoneNumberMatcher(text[lo : run.end() + 4], region, leniency=_VALID)
+            library = phones.library
+            matches = library.PhoneNumberMatcher(text[lo : run.end() + 4], phones.region, library.Leniency.VALID)
             spans = [(lo + match.start, lo + match.end) for match in matches]
         for start, end in spans:
             if start >= last:  # keep spans disjoint where two runs' contexts overlap
@@ -288,17 +283,22 @@ class Redactor:
     it is used only while the record has the phone checks it took (`Findings`), which it takes from the record, and
     a text whose redaction ran out of them is not remembered (its unvalidated findings are that record's)."""
 
-    def __init__(self, kinds: Iterable[str] = PII_KINDS, phone_region: str = "US", remember_chars: int = 0) -> None:
+    def __init__(
+        self,
+        kinds: Iterable[str] = PII_KINDS,
+        phone_region: str = "US",
+        remember_chars: int = 0,
+        phone_library_name: str | None = None,
+    ) -> None:
         wanted = frozenset(kinds)
         unknown = wanted.difference(PII_KINDS)
         if unknown:
             raise ValueError(f"unknown PII kind(s) {sorted(unknown)}; valid kinds are {', '.join(PII_KINDS)}")
-        if "phone" in wanted and phone_region not in phonenumbers.SUPPORTED_REGIONS:
+        library = phone_library(phone_library_name)
+        if "phone" in wanted and phone_region not in library.SUPPORTED_REGIONS:
             raise ValueError(f"unknown phone region {phone_region!r}; expected an ISO 3166 code such as 'US'")
-        if "phone" in wanted:  # the matcher's metadata regexes kept compiled, not looked up in `re`'s cache each
-            phonenumbers.enable_pattern_cache()  # time (or recompiled once evicted): 15-35% less per candidate
         self._kinds = wanted
-        self._region = phone_region
+        self._phones = Phones(library, phone_region)
         self._passes = tuple(p for p in _PASSES if p.kind in wanted)
         self._memory = _Memory(remember_chars)
 
@@ -344,7 +344,7 @@ class Redactor:
         for p in self._passes:
             if digits < p.min_digits or p.needle not in text or (shape and p.shape not in shape):
                 continue
-            text, n = _splice(text, p.find(text, self._region, counts), p.placeholder)
+            text, n = _splice(text, p.find(text, self._phones, counts), p.placeholder)
             if n:
                 found.append((p.kind, n))
         return text, tuple(found)

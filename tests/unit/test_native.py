@@ -17,9 +17,10 @@ import pydantic_core
 
 from gateway import native, native_build
 from gateway.context import RequestContext
+from gateway.phones import MAX_PHONE_CHECKS
 from gateway.record_builder import MAX_CHARS, RawRecord, build_entries, raw_row
 from gateway.records import LogPolicy
-from gateway.redaction import MAX_PHONE_CHECKS, PII_KINDS, Redactor
+from gateway.redaction import PII_KINDS, Redactor
 from gateway.routing import Route
 from gateway.tenants import Tenant
 

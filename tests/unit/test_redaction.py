@@ -9,11 +9,11 @@ import time
 from collections import Counter
 from typing import Any
 
-import phonenumbers
 import pytest
 
-from gateway import redaction
-from gateway.redaction import MAX_PHONE_CHECKS, PII_KINDS, Findings, Redactor, redact_value
+from gateway import phones, redaction
+from gateway.phones import MAX_PHONE_CHECKS, phone_library
+from gateway.redaction import PII_KINDS, Findings, Redactor, redact_value
 
 TICKET = (
     "Hi support, this is Jane Doe (jane.doe@example.com). Please call me back on +44 20 7946 0958, or at my "
@@ -143,13 +143,14 @@ def test_a_text_full_of_numbers_costs_a_bounded_number_of_checks(monkeypatch: py
     """Each line of a CSV is a run of its own (the matcher never joins lines), and past MAX_PHONE_CHECKS candidates
     in one record the rest are redacted unvalidated: a prompt of numbers cannot stall the record process."""
     checked: list[str] = []
-    real = phonenumbers.PhoneNumberMatcher
+    library = phone_library()
+    real = library.PhoneNumberMatcher
 
-    def matcher(text: str, region: str, leniency: phonenumbers.Leniency) -> phonenumbers.PhoneNumberMatcher:
+    def matcher(text: str, region: str, leniency: Any) -> Any:
         checked.append(text)
-        return real(text, region, leniency=leniency)
+        return real(text, region, leniency)
 
-    monkeypatch.setattr(redaction.phonenumbers, "PhoneNumberMatcher", matcher)
+    monkeypatch.setattr(library, "PhoneNumberMatcher", matcher)
     rows = [f"{1_700_000_000_000 + 7919 * i},12.5" for i in range(MAX_PHONE_CHECKS + 10)]
     csv = "call 415-555-0132\n" + "\n".join(rows)
     text, counts = Redactor(["phone"]).redact(csv)
@@ -158,7 +159,7 @@ def test_a_text_full_of_numbers_costs_a_bounded_number_of_checks(monkeypatch: py
     assert lines[1:MAX_PHONE_CHECKS] == rows[: MAX_PHONE_CHECKS - 1], "validated, and not phones: kept"
     assert all(line == "[PHONE],12.5" for line in lines[MAX_PHONE_CHECKS:]), "past the checks: redacted, unchecked"
     assert len(checked) == MAX_PHONE_CHECKS
-    assert [m.group() for m in redaction._PHONE_RUN.finditer("12.5\n1700000000000\t12.5")] == ["1700000000000"]
+    assert [m.group() for m in phones.PHONE_RUN.finditer("12.5\n1700000000000\t12.5")] == ["1700000000000"]
     assert counts == Counter(phone=1 + 11)
     record_counts = Findings()
     Redactor(["phone"]).redact_into(csv, record_counts)
@@ -167,14 +168,14 @@ def test_a_text_full_of_numbers_costs_a_bounded_number_of_checks(monkeypatch: py
 
 
 def test_phone_runs_are_the_runs_of_the_plain_pattern() -> None:
-    """_PHONE_RUN opens with a character class (for speed); it finds what its plain form finds, in any text."""
-    plain = re.compile(rf"[+\uff0b(\uff08\[\uff3b]?\d(?:[{redaction._PHONE_PUNCTUATION}]*\d){{6,}}")
+    """PHONE_RUN opens with a character class (for speed); it finds what its plain form finds, in any text."""
+    plain = re.compile(rf"[+\uff0b(\uff08\[\uff3b]?\d(?:[{phones.PHONE_PUNCTUATION}]*\d){{6,}}")
     rng = random.Random(3)
     alphabet = "0123456789" * 3 + "+(([ )]-./ \u00a0\uff0b\uff08\uff3bx\n\t" + "٣４"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     texts += ["call +1 (415) 555-0100 or (020) 7946 0958, [030] 1234567", "a(1234567)b ++12345678 [[1234567 +(1) 2"]
     for text in texts:
-        assert [m.span() for m in redaction._PHONE_RUN.finditer(text)] == [m.span() for m in plain.finditer(text)], text
+        assert [m.span() for m in phones.PHONE_RUN.finditer(text)] == [m.span() for m in plain.finditer(text)], text
     assert sum(1 for text in texts if plain.search(text)) > 1000
 
 
@@ -325,13 +326,14 @@ def test_a_remembering_redactor_redacts_and_counts_a_text_seen_again_as_the_firs
         assert remembering.redact_into(text, counts) == plain.redact_into(text, expected)
         assert counts == expected and counts.phone_checks_left == expected.phone_checks_left
     calls: list[str] = []
-    matcher = phonenumbers.PhoneNumberMatcher
+    library = phone_library()
+    matcher = library.PhoneNumberMatcher
 
-    def counting(text: str, *args: Any, **kwargs: Any) -> phonenumbers.PhoneNumberMatcher:
+    def counting(text: str, *args: Any, **kwargs: Any) -> Any:
         calls.append(text)
         return matcher(text, *args, **kwargs)
 
-    monkeypatch.setattr(redaction.phonenumbers, "PhoneNumberMatcher", counting)
+    monkeypatch.setattr(library, "PhoneNumberMatcher", counting)
     counts = Findings()
     assert remembering.redact_into(TICKET, counts) == TICKET_REDACTED and not calls, "remembered: not matched again"
     assert counts == Counter(email=1, phone=2, card=2, iban=2, ip=2)
