@@ -83,3 +83,11 @@ def test_each_library_redacts_valid_numbers_and_keeps_the_rest(name: str) -> Non
         "Ring [PHONE] or [PHONE]; order 1234567 shipped; the 07:30-09:00 slot.",
         {"phone": 2},
     )
+
+
+def test_every_region_a_tenant_may_set_is_one_both_libraries_read() -> None:
+    """A tenant's `phone_region` is checked against phonenumbers' regions (gateway.records); a redactor refuses a
+    region its library does not know, and a record it cannot build is dropped: the two lists must be the same."""
+    assert {name: phone_library(name).SUPPORTED_REGIONS for name in LIBRARIES} == dict.fromkeys(
+        LIBRARIES, phonenumbers.SUPPORTED_REGIONS
+    )
