@@ -33,6 +33,7 @@ from gateway.hot_paths import HotPathsAPI
 from gateway.metrics import Metrics
 from gateway.model_list import ModelLists
 from gateway.openapi import ABOUT
+from gateway.phones import phone_library
 from gateway.placement import Placement
 from gateway.pointers import PointerStore
 from gateway.quota_leases import LeaseBook
@@ -246,6 +247,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
 async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: Path | None) -> list[asyncio.Task[None]]:
     """Build the services, open the spools, check feedback's durability, start the engines' pool and the
     background work; returns the background tasks (the recorder's own loop last)."""
+    phones = phone_library()  # a LORAGATE_PHONE_MATCHER it cannot use stops the start, not each record's redaction
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300),
         auto_decompress=False,
@@ -260,7 +262,8 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
         await asyncio.to_thread(spool.open)
     await svc.feedback.check_durability()
     await svc.recorder.start()
-    log.info("completion records: built %s", "compiled (gateway.native)" if native.active() else "as Python")
+    built = "compiled (gateway.native)" if native.active() else "as Python"
+    log.info("completion records: built %s; phone numbers checked with %s", built, phones.__name__)
     await svc.pool.start()
     return [
         asyncio.create_task(_maintain(svc)),

@@ -12,8 +12,9 @@ import math
 import uuid
 from typing import Any, Literal
 
-import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.phones import supported_regions
 
 PIIKind = Literal["email", "phone", "card", "iban", "ip"]
 ALL_PII: list[PIIKind] = ["email", "phone", "card", "iban", "ip"]
@@ -46,7 +47,7 @@ class LogPolicy(BaseModel):
     @classmethod
     def _region(cls, region: str) -> str:
         region = region.upper()  # `gb` is GB
-        if region not in phonenumbers.SUPPORTED_REGIONS:
+        if region not in supported_regions():
             raise ValueError(f"phone_region must be a region code such as US or GB, not {region[:8]!r}")
         return region
 

@@ -15,7 +15,7 @@ fails Luhn, an IBAN with a broken mod-97 check or `999.300.1.1` survive:
 - ip: IPv4 (4 octets: not `v1.2.3`) and IPv6 (2+ colons and a decimal digit: not `12:30`, `::`); `ipaddress`.
 - phone: libphonenumber's `PhoneNumberMatcher` at `Leniency.VALID` (international numbers, the tenant region's
   national ones, only allocated ranges; rphonenumbers or phonenumbers: gateway.phones). It is the slowest pass by far
-  (5-15 µs a candidate with rphonenumbers, 35-100 with phonenumbers), so it sees only runs of 7+
+  (7-16 µs a candidate with rphonenumbers, 60-75 with phonenumbers), so it sees only runs of 7+
   digits joined by the punctuation the matcher itself allows inside a number (dashes of every width, spaces, dots,
   slashes, brackets, the zero-width ones: never a line break or a tab), and a record validates at most
   MAX_PHONE_CHECKS of them: past that its remaining runs are redacted as phones unvalidated, so that a prompt full
@@ -150,7 +150,8 @@ class Findings(Counter[str]):
 class Phones(NamedTuple):
     """Where a redactor finds phone numbers: the libphonenumber implementation, and the region of national numbers."""
 
-    library: ModuleType
+    library: ModuleType | None
+    """None where the redactor does not look for phone numbers (the setting is not read then)."""
     region: str
 
 
@@ -178,6 +179,7 @@ def _phones(text: str, phones: Phones, findings: Findings) -> _Spans:
             findings.phone_checks_left -= 1
             lo = max(0, run.start() - 4)
             library = phones.library
+            assert library is not None  # the phone pass runs only where the redactor was made with one
             matches = library.PhoneNumberMatcher(text[lo : run.end() + 4], phones.region, library.Leniency.VALID)
             spans = [(lo + match.start, lo + match.end) for match in matches]
         for start, end in spans:
@@ -294,8 +296,8 @@ class Redactor:
         unknown = wanted.difference(PII_KINDS)
         if unknown:
             raise ValueError(f"unknown PII kind(s) {sorted(unknown)}; valid kinds are {', '.join(PII_KINDS)}")
-        library = phone_library(phone_library_name)
-        if "phone" in wanted and phone_region not in library.SUPPORTED_REGIONS:
+        library = phone_library(phone_library_name) if "phone" in wanted else None
+        if library is not None and phone_region not in library.SUPPORTED_REGIONS:
             raise ValueError(f"unknown phone region {phone_region!r}; expected an ISO 3166 code such as 'US'")
         self._kinds = wanted
         self._phones = Phones(library, phone_region)

@@ -168,7 +168,7 @@ PYTHON_ROW = f", record process as Python ({native.OFF}=0)"
 
 
 async def recorder_bench(stack: RecordsStack, cfg: Config, progress: Progress) -> dict[str, Any]:
-    Redactor().redact("+44 20 7946 0958")  # phonenumbers loads its metadata on first use: not in the timing
+    Redactor().redact("+44 20 7946 0958")  # the phone library loads its metadata on first use: not in the timing
     runs: list[tuple[str, str, int, bool]] = []
     for turn, mode in enumerate(("plain", "durable")):
         # The default policy with the record process compiled and, where it is, running the Python modules the

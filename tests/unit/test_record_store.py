@@ -27,16 +27,17 @@ def record(tenant: Tenant, n: int, user: str, **fields: Any) -> dict[str, Any]:
 async def test_a_call_of_many_tenants_arms_and_odd_names_lands_as_meant(redis: aioredis.Redis) -> None:
     acme, beta = Tenant(name="acme"), Tenant(name="beta")
     entries = [
-        record(acme, 1, ODD_USERS[0], experiment="exp", arm="a", prompt_tokens=3, completion_tokens=5),
+        record(acme, 1, ODD_USERS[0], experiment="exp", arm="a", prompt_tokens=3, latency_bucket="25"),
         record(beta, 2, ODD_USERS[1], experiment="exp", arm="b", error=1),
         record(acme, 3, ODD_USERS[2], experiment="exp", arm="a", latency_bucket="250"),
         record(acme, 4, ODD_USERS[3], experiment="other", arm="a"),
         record(beta, 5, ODD_USERS[1], id="chatcmpl 5 with spaces"),
+        record(beta, 6, ODD_USERS[3], experiment="exp", arm="a"),  # the same names as acme's arm: another arm
     ]
     assert await RecordStore(redis).write(entries) == set()
     logs = {t: await redis.xrange(keys.completion_log(t)) for t in ("acme", "beta")}
     assert [f["c"] for _, f in logs["acme"]] == ["chatcmpl-1", "chatcmpl-3", "chatcmpl-4"]
-    assert [f["c"] for _, f in logs["beta"]] == ["chatcmpl-2", "chatcmpl 5 with spaces"]
+    assert [f["c"] for _, f in logs["beta"]] == ["chatcmpl-2", "chatcmpl 5 with spaces", "chatcmpl-6"]
     assert [f["u"] for _, f in logs["acme"]] == ["ann smith", "100% [x] ^$", ""]
     assert [f["r"] for _, f in logs["acme"]] == [entries[0]["record"], entries[2]["record"], entries[3]["record"]]
     entry_ids = {f["c"]: entry_id for t in logs for entry_id, f in logs[t]}
@@ -52,6 +53,13 @@ async def test_a_call_of_many_tenants_arms_and_odd_names_lands_as_meant(redis: a
     assert (await redis.hgetall(keys.arm_counters("beta", "exp", "b")))["errors"] == "1"
     assert (await redis.hgetall(keys.arm_counters("acme", "other", "a")))["anonymous"] == "1"
     assert await redis.pfcount(keys.arm_users("acme", "exp", "a")) == 2
+    assert (await redis.hgetall(keys.arm_counters("beta", "exp", "a")))["requests"] == "1"
+    where = redis.connection_pool.connection_kwargs
+    raw = aioredis.Redis(host=where["host"], port=where["port"], db=where.get("db", 0))  # DUMP's bytes as they are
+    before = {key: await raw.dump(key) for key in await raw.keys("*")}
+    assert await RecordStore(redis).write(entries) == set()  # a replay (the answer was lost, say)
+    assert {key: await raw.dump(key) for key in await raw.keys("*")} == before, "nothing written twice"
+    await raw.aclose()
 
 
 async def test_an_erased_user_and_a_deleted_tenants_records_are_skipped_in_the_same_call(
