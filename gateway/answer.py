@@ -52,14 +52,9 @@ class _ChoiceParts:
         return found
 
 
-def _id(answer: dict[str, Any]) -> str | None:
-    """An answer's (or chunk's) `id`, where it is a string as the API's are (another is not taken for one)."""
-    found = answer.get("id")
-    return found if isinstance(found, str) else None
-
-
 def _text(value: object) -> str | None:
-    """A string the API sends (an id, a name, a fragment of arguments), where it is one and not empty."""
+    """A string the API sends (an answer's or a tool call's id, a name, a fragment of arguments), where it is one
+    and not empty (another is not taken for one)."""
     return value if isinstance(value, str) and value else None
 
 
@@ -79,7 +74,7 @@ class Answer:
             chunk = pydantic_core.from_json(data)
             if not isinstance(chunk, dict):
                 return None
-            self.completion_id = self.completion_id or _id(chunk)
+            self.completion_id = self.completion_id or _text(chunk.get("id"))
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
@@ -97,7 +92,7 @@ class Answer:
             whole = pydantic_core.from_json(body)
             if not isinstance(whole, dict):
                 return
-            self.completion_id = _id(whole)
+            self.completion_id = _text(whole.get("id"))
             self.usage = whole.get("usage") if isinstance(whole.get("usage"), dict) else None
             for choice in whole.get("choices") or ():
                 self._absorb(choice, "message")
