@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from redis.exceptions import RedisError
@@ -24,6 +23,7 @@ from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.clock import RedisClock
 from gateway.engine.pool import ReplicaPool
+from gateway.engine.sessions import EngineSessions
 from gateway.error_handlers import install_handlers
 from gateway.errors import APIError, ModelNotFound, StateUnavailable
 from gateway.experiments import ExperimentStore
@@ -50,11 +50,9 @@ from gateway.state import StateWatcher
 from gateway.tenants import TenantStore
 
 log = logging.getLogger("loragate")
-UPSTREAM_KEEPALIVE_S = 4.0
-"""How long an idle connection to an engine is kept: shorter than vLLM's own keep-alive (uvicorn's, 5 s by default:
-VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the gateway closes it first. Kept longer, a request could be sent on a
-connection the engine was closing just then: "Server disconnected", and the engine taken for down until its
-next health check (a burst after a few idle seconds got 503s from every replica at once)."""
+UPSTREAM_KEEPALIVE_S = 2.0
+"""How long an idle connection to an engine is kept: well under vLLM's own keep-alive (5 s), as the gateway's clock
+of idling lags the engine's under load (at 4 s, a CI burst after a lull met closed ones: `gateway.engine.sessions`)."""
 SHARE_USES_S = 1.0
 """How often each process shares its adapter uses (well within a use's protection, `Residency.protect_s`)."""
 
@@ -80,7 +78,7 @@ class Services:
     feedback: FeedbackStore
     spools: tuple[Spool, Spool]
     model_dir: Path | None
-    session: aiohttp.ClientSession
+    sessions: EngineSessions
     """The engines' HTTP client (closed at shutdown)."""
     _base_spec: BaseModelSpec | None = None
     uploads: asyncio.Semaphore = field(init=False)
@@ -185,7 +183,7 @@ def _redis(url: str, max_connections: int) -> aioredis.Redis:
     )
 
 
-def _services(settings: Settings, urls: list[str], model_dir: Path | None, session: aiohttp.ClientSession) -> Services:
+def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessions: EngineSessions) -> Services:
     redis = _redis(settings.redis_url, settings.redis_max_connections)
     records_redis = redis
     if settings.records_redis_url and settings.records_redis_url != settings.redis_url:
@@ -206,14 +204,14 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         workers=settings.record_workers,
         redis_url=settings.records_redis_url or settings.redis_url,
     )
-    pool = ReplicaPool(urls, session, settings.health_interval_s)
+    pool = ReplicaPool(urls, sessions.fresh, settings.health_interval_s)
     registry = Registry(settings.adapter_root)
     pointers = PointerStore(redis)
     experiments = ExperimentStore(redis, records_redis)
     # quota windows, key expiries and adapter uses are dated by the state Redis's clock
     clock = RedisClock(redis, "the state Redis")
-    residency = Residency(redis, session, settings.max_cpu_loras, clock=clock)
-    placement = Placement(pool, session, registry, metrics, residency)
+    residency = Residency(redis, sessions.pooled, settings.max_cpu_loras, clock=clock)
+    placement = Placement(pool, sessions, registry, metrics, residency)
     return Services(
         settings=settings,
         redis=redis,
@@ -233,14 +231,14 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         placement=placement,
         model_lists=ModelLists(settings.served_model_name, registry, pointers),
         router=Router(settings.served_model_name, registry, pointers, experiments),
-        forwarder=Forwarder(session, pool, placement, metrics, settings.upstream_timeout_s),
+        forwarder=Forwarder(sessions, pool, placement, metrics, settings.upstream_timeout_s),
         metrics=metrics,
         records_redis=records_redis,
         recorder=recorder,
         feedback=FeedbackStore(records_redis, feedback_spool, recorder, metrics),
         spools=(records_spool, feedback_spool),
         model_dir=model_dir or settings.model_dir,
-        session=session,
+        sessions=sessions,
     )
 
 
@@ -248,11 +246,8 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
     """Build the services, open the spools, check feedback's durability, start the engines' pool and the
     background work; returns the background tasks (the recorder's own loop last)."""
     phones = phone_library()  # a LORAGATE_PHONE_MATCHER it cannot use stops the start, not each record's redaction
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300),
-        auto_decompress=False,
-    )
-    svc = app.state.services = _services(settings, urls, model_dir, session)
+    sessions = EngineSessions(UPSTREAM_KEEPALIVE_S)
+    svc = app.state.services = _services(settings, urls, model_dir, sessions)
     watcher = StateWatcher(
         svc.redis,
         settings.state_poll_s,
@@ -287,7 +282,7 @@ async def _stop(svc: Services, tasks: list[asyncio.Task[None]]) -> None:
     await recording
     await svc.recorder.close()
     await svc.pool.stop()
-    await svc.session.close()
+    await svc.sessions.close()
     for spool in svc.spools:
         spool.close()
     await svc.redis.aclose()

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from adapters.registry import Registry
 from adapters.store import IntegrityError
 from gateway.engine.pool import Replica, ReplicaPool
+from gateway.engine.sessions import EngineSessions, stale
 from gateway.errors import AdapterUnavailable, APIError, EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
 from gateway.residency import Residency
@@ -40,7 +41,7 @@ class Placement:
     def __init__(
         self,
         pool: ReplicaPool,
-        session: aiohttp.ClientSession,
+        sessions: EngineSessions,
         registry: Registry,
         metrics: Metrics,
         residency: Residency,
@@ -48,7 +49,7 @@ class Placement:
     ) -> None:
         self._pool = pool
         self._registry = registry
-        self._session = session
+        self._sessions = sessions
         self._metrics = metrics
         self._residency = residency
         self.capacity = residency.capacity
@@ -129,11 +130,16 @@ class Placement:
         await asyncio.shield(future)
 
     async def _post(self, replica: Replica, path: str, payload: dict[str, str]) -> tuple[int, str]:
+        """A load or an unload. One that met a pooled connection closed under it (a load after a lull) is sent again,
+        once, on a new connection (`gateway.engine.sessions`; a load of an adapter vLLM holds is taken as done)."""
         try:
-            async with self._session.post(
-                replica.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=120, sock_connect=5)
-            ) as resp:
-                return resp.status, await resp.text()
+            try:
+                return await self._send(self._sessions.pooled, replica.url + path, payload)
+            except aiohttp.ClientError as exc:
+                if not stale(exc):
+                    raise
+                log.info("%s on %s met a closed connection (%s); sent again", path, replica.url, exc)
+            return await self._send(self._sessions.fresh, replica.url + path, payload)
         except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
             # Slow, not gone (a load waits for generation steps); the health check decides about "down".
             log.warning("%s on %s took too long: %r", path, replica.url, exc)
@@ -142,6 +148,11 @@ class Placement:
             log.warning("%s on %s failed: %s", path, replica.url, exc)
             replica.mark_down()
             raise EngineUnavailable("The engine could not be reached to load or unload an adapter.") from exc
+
+    @staticmethod
+    async def _send(session: aiohttp.ClientSession, url: str, payload: dict[str, str]) -> tuple[int, str]:
+        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=120, sock_connect=5)) as resp:
+            return resp.status, await resp.text()
 
     async def _load(self, replica: Replica, route: Route) -> None:
         name = route.upstream_model

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica, ReplicaPool
+from gateway.engine.sessions import EngineSessions, stale
 from gateway.errors import (
     AdapterUnavailable,
     InvalidRequest,
@@ -59,8 +60,9 @@ def client_error_body(status: int, raw: bytes) -> bytes:
 
 _DECODER = json.JSONDecoder()
 """Stateless: one for every answer (building one costs more than decoding a usage object)."""
-RESEND_WITHIN_S = 1.0
-"""A post that fails this soon after it was sent, on a connection closed under it, is sent again (`_closed_as_sent`)."""
+RESEND_WITHIN_S = 3.0
+"""A post that fails this soon after it was sent, on a connection closed under it, is sent again (`_closed_as_sent`):
+seconds, as a gateway whose event loop lags under load notices a closed connection late."""
 
 
 def usage_of(raw: bytes) -> dict[str, Any] | None:
@@ -110,13 +112,13 @@ class Call:
 class Forwarder:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        sessions: EngineSessions,
         pool: ReplicaPool,
         placement: Placement,
         metrics: Metrics,
         timeout_s: float,
     ) -> None:
-        self._session = session
+        self._sessions = sessions
         self._pool = pool
         self._placement = placement
         self._metrics = metrics
@@ -125,9 +127,11 @@ class Forwarder:
     def _track(self, replica: Replica, delta: int) -> None:
         replica.inflight += delta
 
-    async def _post(self, replica: Replica, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def _post(
+        self, replica: Replica, path: str, body: bytes, request_id: str, fresh: bool = False
+    ) -> aiohttp.ClientResponse:
         try:
-            return await self._session.post(
+            return await self._sessions.pick(fresh).post(
                 replica.url + path,
                 data=body,
                 # identity: answers are relayed as they come, so a compressing proxy before the engine must not
@@ -177,7 +181,7 @@ class Forwarder:
             self._track(replica, +1)
             sent_at = time.monotonic()
             try:
-                upstream = await self._post(replica, call.path, body, call.request_id)
+                upstream = await self._post(replica, call.path, body, call.request_id, fresh=resent)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._track(replica, -1)
                 if not resent and await self._closed_as_sent(replica, exc, sent_at):
@@ -218,10 +222,9 @@ class Forwarder:
     async def _closed_as_sent(self, replica: Replica, exc: BaseException, sent_at: float) -> bool:
         """Whether a failed post met a connection closed as it was sent (a pooled one the replica, or a proxy before
         it, closed for idling: "Server disconnected", or a reset) by a replica that is up: not a failure of the
-        replica, and the request is sent again, once. One that fails later may have run (a generation cut by a
-        proxy's time limit): it is not run again on the same replica."""
-        stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
-        if not stale or isinstance(exc, aiohttp.ClientConnectorError) or time.monotonic() - sent_at > RESEND_WITHIN_S:
+        replica, and the request is sent again, once, on a new connection. One that fails later may have run (a
+        generation cut by a proxy's time limit): it is not run again on the same replica."""
+        if not stale(exc) or time.monotonic() - sent_at > RESEND_WITHIN_S:
             return False
         return await self._pool.check(replica)
 

@@ -120,6 +120,9 @@ class Session:
     async def post(self, url: str, **_: Any) -> Answer:
         return self.answer
 
+    def pick(self, fresh: bool) -> Session:
+        return self
+
 
 class Placement:
     def __init__(self, replica: Replica) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway import serving
 from gateway.context import RequestContext
 from gateway.errors import EngineUnavailable, UpstreamError
 from gateway.metrics import Metrics
@@ -95,7 +96,7 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, 
 
 
 async def ask(engine_url: str, redis_server: RedisServer, tmp_path: Path, payload: dict[str, Any]) -> int:
-    placement, pool, session = await gateway_process([engine_url], redis_server.url, tmp_path)
+    placement, pool, sessions = await gateway_process([engine_url], redis_server.url, tmp_path)
     try:
         asked = cap_max_tokens(payload, ChatCompletionRequest.model_validate(payload), 2048)
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
@@ -103,11 +104,11 @@ async def ask(engine_url: str, redis_server: RedisServer, tmp_path: Path, payloa
 
         call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
         call.capped_by_default = asked is None
-        response = await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+        response = await Forwarder(sessions, pool, placement, Metrics(), 30).forward(call)
         assert json.loads(context.sent or b"{}") == call.payload, "the record holds what was sent last"
         return response.status_code
     finally:
-        await session.close()
+        await sessions.close()
 
 
 async def test_a_cap_the_context_cannot_hold_is_dropped_for_what_it_has_left(
@@ -149,7 +150,7 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
         runner, url = await serve_engine(crash, healthy=lambda n=n: n not in got)  # type: ignore[misc]
         runners.append(runner)
         urls.append(url)
-    placement, pool, session = await gateway_process(urls, redis_server.url, tmp_path)
+    placement, pool, sessions = await gateway_process(urls, redis_server.url, tmp_path)
     try:
         payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
@@ -157,25 +158,33 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
 
         call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
         with pytest.raises(UpstreamError):
-            await Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+            await Forwarder(sessions, pool, placement, Metrics(), 30).forward(call)
         assert len(got) == 2 and len(set(got)) == 2, got
     finally:
-        await session.close()
+        await sessions.close()
         for runner in runners:
             await runner.cleanup()
 
 
 @pytest.mark.parametrize(
     ("closes", "after_s", "reset", "posts"),
-    [(1, 0, False, 2), (1, 0, True, 2), (2, 0, False, 2), (1, 1.2, False, 1)],
+    [(1, 0, False, 2), (1, 0, True, 2), (2, 0, False, 2), (1, 0.6, False, 1)],
     ids=["once: answered", "reset once: answered", "every time: sent twice", "late, as if cut mid-answer: not again"],
 )
 async def test_a_connection_closed_by_a_healthy_replica_as_it_is_sent_is_sent_again_once(
-    closes: int, after_s: float, reset: bool, posts: int, redis_server: RedisServer, tmp_path: Path
+    closes: int,
+    after_s: float,
+    reset: bool,
+    posts: int,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A replica (or a proxy before it) closes the connection, or resets it, as the request is sent (a pooled
     connection closed for idling) and is healthy: the request is sent again, once, and the replica stays in. One
-    closed later (`after_s`: the request may have run, e.g. a proxy's time limit cut its generation) is not."""
+    closed later (`after_s`, past the window: the request may have run, e.g. a proxy's time limit cut its
+    generation) is not."""
+    monkeypatch.setattr(serving, "RESEND_WITHIN_S", 0.4)
     got: list[bytes] = []
 
     async def closing(request: web.Request) -> web.Response:
@@ -192,21 +201,63 @@ async def test_a_connection_closed_by_a_healthy_replica_as_it_is_sent_is_sent_ag
         return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "model": "base", "choices": []})
 
     runner, url = await serve_engine(closing)
-    placement, pool, session = await gateway_process([url], redis_server.url, tmp_path)
+    placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
     try:
         payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
         context.route = Route(requested="base", upstream_model="base", served_model="base")
         call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
-        forwarding = Forwarder(session, pool, placement, Metrics(), 30).forward(call)
+        forwarder = Forwarder(sessions, pool, placement, Metrics(), 30)
         if posts > closes:
-            assert (await forwarding).status_code == 200 and pool.replicas[0].healthy
+            assert (await forwarder.forward(call)).status_code == 200 and pool.replicas[0].healthy
         else:
             with pytest.raises(EngineUnavailable):
-                await forwarding
+                await forwarder.forward(call)
         assert len(got) == posts and len(set(got)) == 1, "the same request, sent at most twice"
     finally:
-        await session.close()
+        await sessions.close()
+        await runner.cleanup()
+
+
+async def test_a_request_sent_again_goes_on_a_new_connection_not_on_another_stale_one(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """After a lull, every pooled connection to a replica may be one it closed (a CI run's burst met that on both
+    replicas at once). The replica here closes every connection at its second request, as it is sent: a request
+    that met one is sent again on a new connection and answered, never on another pooled one, and the replica
+    stays in."""
+    seen: set[int] = set()
+    reused: list[int] = []
+
+    async def closes_reused(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        if id(request.transport) in seen:
+            reused.append(id(request.transport))
+            request.transport.close()
+            await asyncio.sleep(1)
+        seen.add(id(request.transport))
+        await asyncio.sleep(0.05)  # the first three are in flight together: three connections, then pooled
+        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "model": "base", "choices": []})
+
+    runner, url = await serve_engine(closes_reused)
+    placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
+    forwarder = Forwarder(sessions, pool, placement, Metrics(), 30)
+
+    def call(n: int) -> Call:
+        payload = {"model": "base", "messages": [{"role": "user", "content": str(n)}], "max_tokens": 5}
+        context = RequestContext(f"r{n}", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+        context.route = Route(requested="base", upstream_model="base", served_model="base")
+        return Call("chat", "/v1/chat/completions", payload, context.route, f"r{n}", False, stays, context)
+
+    try:
+        first = await asyncio.gather(*(forwarder.forward(call(n)) for n in range(3)))
+        assert [r.status_code for r in first] == [200] * 3 and not reused
+        for n in range(3, 6):
+            assert (await forwarder.forward(call(n))).status_code == 200 and pool.replicas[0].healthy
+        assert len(reused) == 3, "each request met a pooled connection, and only one"
+    finally:
+        await sessions.close()
         await runner.cleanup()
 
 
@@ -223,7 +274,7 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
         return web.Response(text="data: [DONE]\n\n", content_type="text/event-stream")
 
     runner, url = await serve_engine(slow)
-    placement, pool, session = await gateway_process([url], redis_server.url, tmp_path)
+    placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
     try:
         payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}
         context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
@@ -236,8 +287,8 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
         finished: list[RequestContext] = []
         call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", True, leaves, context)
         call.on_finish = finished.append
-        response = await asyncio.wait_for(Forwarder(session, pool, placement, Metrics(), 30).forward(call), 1.5)
+        response = await asyncio.wait_for(Forwarder(sessions, pool, placement, Metrics(), 30).forward(call), 1.5)
         assert response.status_code == 499 and context.status == 499 and finished == [context]
     finally:
-        await session.close()
+        await sessions.close()
         await runner.cleanup()

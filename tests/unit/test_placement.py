@@ -18,7 +18,9 @@ from adapters.registry import Registry
 from gateway import app as app_module
 from gateway import clock, keys, residency
 from gateway import placement as placement_module
+from gateway.app import UPSTREAM_KEEPALIVE_S
 from gateway.engine.pool import Replica, ReplicaPool
+from gateway.engine.sessions import EngineSessions
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.placement import SPREAD_MARGIN, Placement
@@ -36,6 +38,10 @@ class FakeVLLM:
         self.refuse: set[str] = set()
         """Names it answers 400 for, as vLLM does for an adapter it cannot load."""
         self.listing_broken = False
+        self.drop_reused = False
+        """Close a connection at a load sent on it after an earlier request, as vLLM one idle past its keep-alive."""
+        self.dropped = 0
+        self.connections: set[int] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -45,10 +51,12 @@ class FakeVLLM:
         app.router.add_post("/v1/unload_lora_adapter", self.unload)
         return app
 
-    async def health(self, _: web.Request) -> web.Response:
+    async def health(self, request: web.Request) -> web.Response:
+        self.connections.add(id(request.transport))
         return web.Response(text="ok")
 
-    async def models(self, _: web.Request) -> web.Response:
+    async def models(self, request: web.Request) -> web.Response:
+        self.connections.add(id(request.transport))
         if self.listing_broken:
             return web.Response(status=500, text="Internal Server Error")
         data = [{"id": "base", "parent": None}] + [{"id": n, "parent": "base"} for n in sorted(self.loaded)]
@@ -56,6 +64,12 @@ class FakeVLLM:
 
     async def load(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.drop_reused and id(request.transport) in self.connections:
+            self.dropped += 1
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(1)
+        self.connections.add(id(request.transport))
         if self.broken:
             return web.Response(status=500, text="Internal Server Error")
         if body["lora_name"] in self.refuse:
@@ -95,19 +109,20 @@ def route(name: str) -> Route:
 
 async def gateway_process(
     urls: list[str], redis_url: str, tmp_path: Path, protect_s: float = 0.0
-) -> tuple[Placement, ReplicaPool, aiohttp.ClientSession]:
-    """What one gateway process holds: its own pool and view of the replicas, a shared Redis."""
+) -> tuple[Placement, ReplicaPool, EngineSessions]:
+    """What one gateway process holds: its own pool and view of the replicas, its sessions to them (closed by the
+    caller), a shared Redis."""
     import redis.asyncio as aioredis
 
-    session = aiohttp.ClientSession()
-    pool = ReplicaPool(urls, session, interval_s=60)
+    sessions = EngineSessions(UPSTREAM_KEEPALIVE_S)
+    pool = ReplicaPool(urls, sessions.fresh, interval_s=60)
     await pool.check_all()
     registry = Registry(tmp_path)
     registry.verify_once = lambda manifest: None  # type: ignore[method-assign]
     registry.deleted = lambda name: False  # type: ignore[method-assign]
     redis = aioredis.from_url(redis_url, decode_responses=True)
-    residency = Residency(redis, session, capacity=3, protect_s=protect_s)
-    return Placement(pool, session, registry, Metrics(), residency), pool, session
+    residency = Residency(redis, sessions.pooled, capacity=3, protect_s=protect_s)
+    return Placement(pool, sessions, registry, Metrics(), residency), pool, sessions
 
 
 @pytest.fixture
@@ -130,9 +145,9 @@ async def fakes():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 async def setup(fakes, redis_server: RedisServer, tmp_path: Path):  # type: ignore[no-untyped-def]
-    placement, pool, session = await gateway_process(fakes[1], redis_server.url, tmp_path)
+    placement, pool, sessions = await gateway_process(fakes[1], redis_server.url, tmp_path)
     yield placement, pool, fakes[0]
-    await session.close()
+    await sessions.close()
 
 
 async def use(placement: Placement, r: Route) -> Replica:
@@ -147,6 +162,17 @@ async def test_concurrent_cold_requests_share_one_load(setup) -> None:  # type: 
     replicas = await asyncio.gather(*(placement.acquire(route("a")) for _ in range(100)))
     assert len(set(replicas)) == 1
     assert sum(f.loads["a@1"] for f in fakes) == 1
+
+
+async def test_a_load_that_meets_a_closed_pooled_connection_is_sent_again_on_a_new_one(setup) -> None:  # type: ignore[no-untyped-def]
+    """vLLM closes a connection idle past its keep-alive: a load (the first request for a new version, after a lull)
+    sent on one the gateway had kept is sent again on a new connection, and the replica stays in."""
+    placement, pool, fakes = setup
+    for fake in fakes:
+        fake.drop_reused = True
+    replica = await use(placement, route("a"))
+    assert sum(f.dropped for f in fakes) == 1 and sum(f.loads["a@1"] for f in fakes) == 1
+    assert replica.healthy and "a@1" in replica.resident
 
 
 async def test_lru_eviction_respects_capacity_and_pins(setup) -> None:  # type: ignore[no-untyped-def]
