@@ -41,7 +41,8 @@ class FakeVLLM:
         self.drop_reused = False
         """Close a connection at a load sent on it after an earlier request, as vLLM one idle past its keep-alive."""
         self.dropped = 0
-        self.connections: set[int] = set()
+        self.connections: list[object] = []
+        """The connections it has answered on (held, so that a new one never takes a closed one's id)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -52,11 +53,11 @@ class FakeVLLM:
         return app
 
     async def health(self, request: web.Request) -> web.Response:
-        self.connections.add(id(request.transport))
+        self.connections.append(request.transport)
         return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
-        self.connections.add(id(request.transport))
+        self.connections.append(request.transport)
         if self.listing_broken:
             return web.Response(status=500, text="Internal Server Error")
         data = [{"id": "base", "parent": None}] + [{"id": n, "parent": "base"} for n in sorted(self.loaded)]
@@ -64,12 +65,12 @@ class FakeVLLM:
 
     async def load(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if self.drop_reused and id(request.transport) in self.connections:
+        if self.drop_reused and any(request.transport is known for known in self.connections):
             self.dropped += 1
             assert request.transport is not None
             request.transport.close()
             await asyncio.sleep(1)
-        self.connections.add(id(request.transport))
+        self.connections.append(request.transport)
         if self.broken:
             return web.Response(status=500, text="Internal Server Error")
         if body["lora_name"] in self.refuse:
@@ -377,21 +378,29 @@ async def test_a_renewal_redis_did_not_answer_is_tried_again(
     that goes on (another process would then make room on the replica at the same time)."""
     import redis.asyncio as aioredis
 
-    monkeypatch.setattr(Residency, "LOCK_TTL_MS", 300)  # renewed every 0.1 s
+    # renewed every 0.5 s: the first renewal fails, the second (at 1 s) must come before the lock's end (1.5 s),
+    # which leaves a busy machine half a second of lag (at 0.1 s of 0.3, a make test run lost the lock)
+    monkeypatch.setattr(Residency, "LOCK_TTL_MS", 1500)
     redis = aioredis.from_url(redis_server.url, decode_responses=True)
     async with aiohttp.ClientSession() as session:
         held = Residency(redis, session, capacity=3)
         real, failures = held._release, [RedisTimeoutError("Timeout reading from socket")]  # noqa: SLF001
+        renewed = asyncio.Event()
 
         async def once_unanswered(**kwargs: object) -> object:
-            if failures and kwargs["args"][1]:  # type: ignore[index]
+            renewal = bool(kwargs["args"][1])  # type: ignore[index]
+            if renewal and failures:
                 raise failures.pop()
-            return await real(**kwargs)
+            answer = await real(**kwargs)
+            if renewal:
+                renewed.set()
+            return answer
 
         held._release = once_unanswered  # type: ignore[method-assign] # noqa: SLF001
         async with held.exclusive("http://replica"):
-            await asyncio.sleep(0.6)  # twice the lock's life: held only if renewed after the failure
-            assert not failures and await redis.pttl(keys.replica_lock("http://replica")) > 0
+            await asyncio.wait_for(renewed.wait(), 10)
+            # a second of life or more: renewed (the first lease has half a second left by then, at most)
+            assert await redis.pttl(keys.replica_lock("http://replica")) > 1000
         assert await redis.exists(keys.replica_lock("http://replica")) == 0, "given back"
     await redis.aclose()
 
