@@ -137,6 +137,12 @@ class Metrics:
         self.upstream_errors = Counter(
             "loragate_upstream_errors", "Failed calls to vLLM replicas.", ["replica"], registry=r
         )
+        self.upstream_resent = Counter(
+            "loragate_upstream_resent",
+            "Calls to vLLM replicas sent again on a new connection, the pooled one closed under them.",
+            ["replica"],
+            registry=r,
+        )
         self.adapter_loads = Counter(
             "loragate_adapter_loads", "Adapter loads into vLLM, by owner, adapter and outcome.",
             ["tenant", "adapter", "outcome"], registry=r,

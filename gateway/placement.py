@@ -139,6 +139,7 @@ class Placement:
                 if not stale(exc):
                     raise
                 log.info("%s on %s met a closed connection (%s); sent again", path, replica.url, exc)
+                self._metrics.upstream_resent.labels(replica.url).inc()
             return await self._send(self._sessions.fresh, replica.url + path, payload)
         except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
             # Slow, not gone (a load waits for generation steps); the health check decides about "down".

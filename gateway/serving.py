@@ -186,6 +186,7 @@ class Forwarder:
                 self._track(replica, -1)
                 if not resent and await self._closed_as_sent(replica, exc, sent_at):
                     log.info("replica %s closed the connection of request %s; sent again", replica.url, call.request_id)
+                    self._metrics.upstream_resent.labels(replica.url).inc()
                     resent = True
                     continue
                 self._metrics.upstream_errors.labels(replica.url).inc()

@@ -247,7 +247,8 @@ async def test_a_request_sent_again_goes_on_a_new_connection_not_on_another_stal
 
     runner, url = await serve_engine(closes_reused)
     placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
-    forwarder = Forwarder(sessions, pool, placement, Metrics(), 30)
+    metrics = Metrics()
+    forwarder = Forwarder(sessions, pool, placement, metrics, 30)
 
     def call(n: int) -> Call:
         payload = {"model": "base", "messages": [{"role": "user", "content": str(n)}], "max_tokens": 5}
@@ -261,6 +262,7 @@ async def test_a_request_sent_again_goes_on_a_new_connection_not_on_another_stal
         for n in range(3, 6):
             assert (await forwarder.forward(call(n))).status_code == 200 and pool.replicas[0].healthy
         assert len(reused) == 3, "each request met a pooled connection, and only one"
+        assert metrics.registry.get_sample_value("loragate_upstream_resent_total", {"replica": url}) == 3
     finally:
         await sessions.close()
         await runner.cleanup()

@@ -174,6 +174,8 @@ async def test_a_load_that_meets_a_closed_pooled_connection_is_sent_again_on_a_n
     replica = await use(placement, route("a"))
     assert sum(f.dropped for f in fakes) == 1 and sum(f.loads["a@1"] for f in fakes) == 1
     assert replica.healthy and "a@1" in replica.resident
+    resent = placement._metrics.registry.get_sample_value("loragate_upstream_resent_total", {"replica": replica.url})  # noqa: SLF001
+    assert resent == 1
 
 
 async def test_lru_eviction_respects_capacity_and_pins(setup) -> None:  # type: ignore[no-untyped-def]
