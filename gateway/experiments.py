@@ -134,7 +134,9 @@ class Experiment(BaseModel):
         0.02, gt=0, description="Differences (in positive rate) smaller than this do not matter."
     )
     auto_promote: bool = Field(False, description="Promote an arm that wins (always-valid, after min_samples).")
-    max_error_rate: float | None = Field(None, gt=0, le=1, description="Roll back (weight 0) an arm erring more.")
+    max_error_rate: float | None = Field(
+        None, gt=0, le=1, description="Roll back (weight 0) an arm whose error rate passes control's by more."
+    )
     max_negative_rate: float | None = Field(
         None, gt=0, le=1, description="Roll back (weight 0) an arm whose share of negative ratings is higher."
     )

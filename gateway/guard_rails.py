@@ -3,7 +3,7 @@
 Every `interval_s`, one gateway process (whichever takes a short Redis lock) reads the results of every
 running experiment, adds them to its history (gateway.experiment_history: the page's chart) and, when
 the experiment has guard rails, acts:
-- an arm (not control) whose error rate passes `max_error_rate`, or whose share of negative ratings is
+- an arm (not control) whose error rate passes control's by `max_error_rate`, or whose share of negative ratings is
   shown to pass `max_negative_rate` (its always-valid lower bound does, at the experiment's alpha, however
   many rounds look) and control's share, after `guard_min_requests`, is rolled back: its weight goes to 0, so
   its users move to the other arms, and the rest stay where they are;
@@ -44,15 +44,18 @@ def _negative_share(figures: dict[str, Any]) -> float | None:
 
 
 def _breach(experiment: Experiment, arm: str, figures: dict[str, Any], control: dict[str, Any]) -> str | None:
-    """Why an arm must be rolled back, if it must. Negative ratings count only when they are also worse
-    than control's: a canary rated better than what it would replace is not rolled back for being
+    """Why an arm must be rolled back, if it must. Errors count beyond control's error rate: an outage that fails
+    every arm alike (the engines unreachable for a moment) is not the arm's. Negative ratings count only when they
+    are also worse than control's: a canary rated better than what it would replace is not rolled back for being
     imperfect."""
     requests = figures["requests"]
     if arm == experiment.control or not isinstance(requests, int) or requests < experiment.guard_min_requests:
         return None
-    errors = figures["error_rate"]
-    if experiment.max_error_rate is not None and isinstance(errors, float) and errors > experiment.max_error_rate:
-        return f"error rate {errors:.1%} > {experiment.max_error_rate:.1%} after {requests} requests"
+    errors, limit = figures["error_rate"], experiment.max_error_rate
+    common = control["error_rate"] if isinstance(control.get("error_rate"), float) else 0.0
+    if limit is not None and isinstance(errors, float) and errors - common > limit:
+        beyond = f" beyond control's {common:.1%}" if common else ""
+        return f"error rate {errors:.1%} > {limit:.1%}{beyond} after {requests} requests"
     share, baseline = _negative_share(figures), _negative_share(control)
     limit, rated = experiment.max_negative_rate, figures["rated"]
     enough = isinstance(rated, int) and rated >= experiment.guard_min_requests  # not one thumbs-down of one rating

@@ -112,7 +112,9 @@ class RetrainConfig:
     canary: bool = _help("Start a canary experiment on the alias after publishing.", default=True)
     canary_weight: float = _help("The candidate arm's share of traffic, in percent.", default=10.0)
     canary_min_samples: int = _help("Rated completions per arm before the guard rails may promote.", default=30)
-    canary_max_error_rate: float | None = _help("Roll the candidate back past this error rate.", default=0.2)
+    canary_max_error_rate: float | None = _help(
+        "Roll the candidate back past the current version's error rate by this much.", default=0.2
+    )
     canary_max_negative_rate: float | None = _help(
         "Roll the candidate back past this share of thumbs down.", default=0.6
     )

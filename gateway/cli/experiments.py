@@ -21,7 +21,7 @@ def create(
     arm: Annotated[list[str], typer.Option(help="NAME=TARGET:WEIGHT, e.g. control=support-bot@1:90 (2 or more).")],
     control: Annotated[str, typer.Option(help="The control arm's name.")] = "control",
     auto_promote: Annotated[bool, typer.Option(help="Promote a winning arm by itself.")] = False,
-    max_error_rate: Annotated[float | None, typer.Option(help="Roll back an arm erring more (0-1).")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="Roll back past control's error rate by this.")] = None,
     max_negative_rate: Annotated[float | None, typer.Option(help="Roll back an arm rated worse (0-1).")] = None,
     min_samples: Annotated[int, typer.Option(help="Rated completions per arm before a verdict.")] = 100,
 ) -> None:

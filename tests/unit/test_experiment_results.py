@@ -218,7 +218,7 @@ def test_the_page_holds_a_chart_of_every_arm_and_the_changes() -> None:
     assert len(chart.data) == 2 * 4 + 3, "per arm: a band (2 traces), the rate, the requests; for b the difference too"
 
 
-def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_worse_than_control() -> None:
+def test_guard_rails_roll_back_errors_beyond_controls_and_negative_ratings_only_when_worse_than_control() -> None:
     from gateway.guard_rails import _breach
 
     arms = [Arm(name="a", target="helper@1", weight=80), Arm(name="b", target="helper@2", weight=20)]
@@ -240,6 +240,11 @@ def test_guard_rails_roll_back_errors_always_and_negative_ratings_only_when_wors
     )
     assert _breach(experiment, "b", figures(30, 0.0, 30, 20), control_good) is None, "66.7% of 30: maybe by chance"
     assert "error rate 50.0%" in (_breach(experiment, "b", figures(6, 0.5, 0, 0), control_bad) or "")
+    outage = figures(20, 0.5, 0, 0)  # the engines unreachable for a moment: every arm fails alike
+    assert _breach(experiment, "b", figures(8, 0.625, 0, 0), outage) is None, "no worse than control: an outage"
+    reason = _breach(experiment, "b", figures(8, 0.75, 0, 0), outage) or ""
+    assert reason == "error rate 75.0% > 20.0% beyond control's 50.0% after 8 requests", reason
+    assert _breach(experiment, "b", figures(8, 0.25, 0, 0), figures(0, None, 0, 0)) is not None, "control unasked"  # type: ignore[arg-type]
     assert _breach(experiment, "b", figures(4, 0.5, 4, 4), control_good) is None, "too few requests to judge"
     assert _breach(experiment, "b", figures(40, 0.0, 4, 4), control_good) is None, "too few ratings to judge them"
     assert _breach(experiment, "a", figures(40, 0.9, 30, 30), control_bad) is None, "control is never rolled back"
