@@ -2,11 +2,12 @@
 for each request, for a request sent again after it met a pooled connection closed under it.
 
 vLLM (uvicorn) closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). The gateway keeps one idle for
-less (`keepalive_s`), but dates its idling from when its event loop got to the end of the answer, which lags the
-engine's clock under load: a request after a lull can meet a connection the engine has just closed ("Server
-disconnected", or a body it could not write). Other pooled connections idled as long may have gone too (a CI run's
-burst met that on both replicas at once), so a request is sent again on a new connection, never on another pooled
-one, and a healthy engine is not taken out for it.
+less (`keepalive_s`), which makes a clash rarer but cannot rule it out: the gateway dates a connection's idling from
+when it got to the end of the answer, the engine from when it wrote it, and the two part under load (or behind a slow
+stream's client). A request after a lull can then meet a connection the engine has just closed ("Server
+disconnected", or a body it could not write), which the engine never ran. Other pooled connections idled as long may
+have gone too (a CI run's burst met that on both replicas at once), so a request is sent again on a new connection,
+never on another pooled one, and a healthy engine is not taken out for it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import aiohttp
 
 
 def stale(exc: BaseException) -> bool:
-    """Whether a failed request met a connection closed or reset under it (not a refused or timed-out connect:
-    an engine that is down)."""
-    closed = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+    """Whether a failed request met a connection closed or reset under it before any answer: not a refused or
+    timed-out connect (an engine that is down), nor a disconnect after part of an answer (the request ran)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # else the part of an answer it had read
+    closed = isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError)
     return closed and not isinstance(exc, aiohttp.ClientConnectorError)
 
 
@@ -35,5 +38,7 @@ class EngineSessions:
         return self.fresh if fresh else self.pooled
 
     async def close(self) -> None:
-        await self.pooled.close()
-        await self.fresh.close()
+        try:
+            await self.pooled.close()
+        finally:
+            await self.fresh.close()
