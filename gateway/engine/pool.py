@@ -50,8 +50,20 @@ class ReplicaPool:
         self._session = session
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._checking: dict[Replica, asyncio.Future[bool]] = {}
+        """The check of a replica under way, which checks asked meanwhile share."""
 
     async def check(self, replica: Replica) -> bool:
+        """Ask the replica's /health (on a connection of its own, in the gateway) and mark it up or down. Checks
+        asked while one is under way share its answer: a burst of requests that met closed connections, or of
+        readiness probes, sends the engine one request, not one each."""
+        running = self._checking.get(replica)
+        if running is None:
+            running = self._checking[replica] = asyncio.ensure_future(self._check(replica))
+            running.add_done_callback(lambda _: self._checking.pop(replica, None))
+        return await asyncio.shield(running)
+
+    async def _check(self, replica: Replica) -> bool:
         try:
             async with self._session.get(f"{replica.url}/health", timeout=aiohttp.ClientTimeout(total=3)) as resp:
                 ok = resp.status == 200

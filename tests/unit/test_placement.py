@@ -41,6 +41,7 @@ class FakeVLLM:
         self.drop_reused = False
         """Close a connection at a load sent on it after an earlier request, as vLLM one idle past its keep-alive."""
         self.dropped = 0
+        self.health_checks = 0
         self.connections: list[object] = []
         """The connections it has answered on (held, so that a new one never takes a closed one's id)."""
 
@@ -54,6 +55,8 @@ class FakeVLLM:
 
     async def health(self, request: web.Request) -> web.Response:
         self.connections.append(request.transport)
+        self.health_checks += 1
+        await asyncio.sleep(0.05)
         return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
@@ -183,6 +186,20 @@ async def test_a_load_that_meets_a_closed_pooled_connection_is_sent_again_on_a_n
     assert replica.healthy and "a@1" in replica.resident
     resent = placement._metrics.registry.get_sample_value("loragate_upstream_resent_total", {"replica": url})  # noqa: SLF001
     assert resent == 1
+
+
+async def test_checks_of_a_replica_asked_together_share_one_request(fakes: tuple[list[FakeVLLM], list[str]]) -> None:
+    """A burst of requests that met closed connections (or of readiness probes) asks the engine once, and every
+    caller gets its answer; one asked afterwards asks again."""
+    fake, url = fakes[0][0], fakes[1][0]
+    sessions = EngineSessions(UPSTREAM_KEEPALIVE_S)
+    try:
+        pool = ReplicaPool([url], sessions.fresh, interval_s=60)
+        assert await asyncio.gather(*(pool.check(pool.replicas[0]) for _ in range(20))) == [True] * 20
+        assert fake.health_checks == 1 and pool.replicas[0].healthy
+        assert await pool.check(pool.replicas[0]) and fake.health_checks == 2
+    finally:
+        await sessions.close()
 
 
 async def test_lru_eviction_respects_capacity_and_pins(setup) -> None:  # type: ignore[no-untyped-def]
