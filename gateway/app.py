@@ -79,7 +79,7 @@ class Services:
     spools: tuple[Spool, Spool]
     model_dir: Path | None
     sessions: EngineSessions
-    """The engines' HTTP client (closed at shutdown)."""
+    """The engines' HTTP sessions (closed at shutdown)."""
     _base_spec: BaseModelSpec | None = None
     uploads: asyncio.Semaphore = field(init=False)
     """Turns for adapter uploads (`upload_concurrency`), taken for the whole upload."""

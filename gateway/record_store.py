@@ -87,13 +87,13 @@ local function one(i)
   local id, user = ARGV[a + 1], ARGV[a + 2]
   local t, r, created, incarnation, limit, ttl, errors, prompt, completion, bucket = string.match(ARGV[a + 3], META)
   local tenant, arm = tenants[tonumber(t)], arms[tonumber(r)]
-  created, incarnation, limit, errors = tonumber(created), tonumber(incarnation), tonumber(limit), tonumber(errors)
-  prompt, completion = tonumber(prompt), tonumber(completion)
+  created, incarnation, limit, ttl = tonumber(created), tonumber(incarnation), tonumber(limit), tonumber(ttl)
+  errors, prompt, completion = tonumber(errors), tonumber(prompt), tonumber(completion)
   if tenant == nil or (r ~= '0' and arm == nil) or created == nil or incarnation == nil or limit == nil
-    or tonumber(ttl) == nil or errors == nil or prompt == nil or completion == nil then
+    or ttl == nil or errors == nil or prompt == nil or completion == nil then
     error('record ' .. id .. ': bad counts')
   end
-  if deletion(tenant.deleted) >= incarnation or created + tonumber(ttl) < now then return end
+  if deletion(tenant.deleted) >= incarnation or created + ttl < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. user) or '-1') >= created
   local index = indexes .. id
   if erased or redis.call('EXISTS', index) == 1 then return end
@@ -106,7 +106,7 @@ local function one(i)
     local set = sets[key]
     if set == nil then set = {ttl = 0, ids = {}}; sets[key] = set end
     set.ids[#set.ids + 1] = id
-    set.ttl = math.max(set.ttl, tonumber(ttl))
+    set.ttl = math.max(set.ttl, ttl)
   end
   if arm ~= nil then
     local found = counted[arm]

@@ -95,17 +95,22 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Engine, 
     await runner.cleanup()
 
 
+def chat_call(payload: dict[str, Any], receive: Any = stays, request_id: str = "r1") -> Call:
+    """A chat request to `base`, validated and routed, as the forwarder takes it."""
+    context = RequestContext(request_id, "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
+    context.route = Route(requested="base", upstream_model="base", served_model="base")
+    stream = payload.get("stream") is True
+    return Call("chat", "/v1/chat/completions", payload, context.route, request_id, stream, receive, context)
+
+
 async def ask(engine_url: str, redis_server: RedisServer, tmp_path: Path, payload: dict[str, Any]) -> int:
     placement, pool, sessions = await gateway_process([engine_url], redis_server.url, tmp_path)
     try:
         asked = cap_max_tokens(payload, ChatCompletionRequest.model_validate(payload), 2048)
-        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
-        context.route = Route(requested="base", upstream_model="base", served_model="base")
-
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
+        call = chat_call(payload)
         call.capped_by_default = asked is None
         response = await Forwarder(sessions, pool, placement, Metrics(), 30).forward(call)
-        assert json.loads(context.sent or b"{}") == call.payload, "the record holds what was sent last"
+        assert json.loads(call.context.sent or b"{}") == call.payload, "the record holds what was sent last"
         return response.status_code
     finally:
         await sessions.close()
@@ -152,11 +157,7 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
         urls.append(url)
     placement, pool, sessions = await gateway_process(urls, redis_server.url, tmp_path)
     try:
-        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
-        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
-        context.route = Route(requested="base", upstream_model="base", served_model="base")
-
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
+        call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5})
         with pytest.raises(UpstreamError):
             await Forwarder(sessions, pool, placement, Metrics(), 30).forward(call)
         assert len(got) == 2 and len(set(got)) == 2, got
@@ -205,10 +206,7 @@ async def test_a_connection_closed_by_a_healthy_replica_as_it_is_sent_is_sent_ag
     runner, url = await serve_engine(closing)
     placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
     try:
-        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
-        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
-        context.route = Route(requested="base", upstream_model="base", served_model="base")
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", False, stays, context)
+        call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5})
         forwarder = Forwarder(sessions, pool, placement, Metrics(), 30)
         if posts > closes:
             assert (await forwarder.forward(call)).status_code == 200 and pool.replicas[0].healthy
@@ -252,10 +250,8 @@ async def test_a_request_sent_again_goes_on_a_new_connection_not_on_another_stal
     forwarder = Forwarder(sessions, pool, placement, metrics, 30)
 
     def call(n: int) -> Call:
-        payload = {"model": "base", "messages": [{"role": "user", "content": str(n)}], "max_tokens": 5}
-        context = RequestContext(f"r{n}", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
-        context.route = Route(requested="base", upstream_model="base", served_model="base")
-        return Call("chat", "/v1/chat/completions", payload, context.route, f"r{n}", False, stays, context)
+        ask = {"model": "base", "messages": [{"role": "user", "content": str(n)}], "max_tokens": 5}
+        return chat_call(ask, request_id=f"r{n}")
 
     try:
         first = await asyncio.gather(*(forwarder.forward(call(n)) for n in range(3)))
@@ -284,16 +280,14 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
     runner, url = await serve_engine(slow)
     placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
     try:
-        payload = {"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}
-        context = RequestContext("r1", "chat", Tenant(name="t"), "k1", payload=payload, validated=True)
-        context.route = Route(requested="base", upstream_model="base", served_model="base")
 
         async def leaves() -> dict[str, Any]:
             await started.wait()
             return {"type": "http.disconnect"}
 
         finished: list[RequestContext] = []
-        call = Call("chat", "/v1/chat/completions", payload, context.route, "r1", True, leaves, context)
+        call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}, leaves)
+        context = call.context
         call.on_finish = finished.append
         response = await asyncio.wait_for(Forwarder(sessions, pool, placement, Metrics(), 30).forward(call), 1.5)
         assert response.status_code == 499 and context.status == 499 and finished == [context]
