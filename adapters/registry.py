@@ -13,6 +13,7 @@ In vLLM an adapter version is loaded as `TENANT.NAME@V` (`upstream_name`): tenan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -261,8 +262,9 @@ class Registry:
         store = self.store(tenant)
         removed = []
         for manifest in store.list():
-            store.remove(manifest.name, manifest.version)
-            removed.append(upstream_name(tenant, manifest))
+            with contextlib.suppress(AdapterNotFound):  # removed meanwhile (an upload undone as its tenant went)
+                store.remove(manifest.name, manifest.version)
+            removed.append(upstream_name(tenant, manifest))  # unloaded all the same: vLLM may hold it
             self.forget(removed[-1])
         for ref in store.discard_unreadable():  # a damaged manifest: its weights go too (vLLM may hold them)
             removed.append(f"{tenant}.{ref}")

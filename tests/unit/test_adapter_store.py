@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from adapters.archive import safe_extract
-from adapters.manifest import AdapterRef, InvalidAdapter
+from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.registry import Registry
 from adapters.staging import replace_durably
 from adapters.store import AdapterNotFound, AdapterStore, IntegrityError, largest_adapter
@@ -230,6 +230,27 @@ def test_tenants_have_separate_namespaces(store: AdapterStore, good: Path, base:
     assert registry.remove_tenant("u") == ["u.a@1", "u.a@2"]
     assert not registry.exists("u.a@1") and registry.exists("t.a@1")
     assert registry.store("u").add(good, "a", base, MAX_RANK).version == 3, "an upstream name is never reused"
+
+
+def test_a_tenants_deletion_passes_over_a_version_removed_as_it_lists(
+    store: AdapterStore, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload undone as its tenant is deleted (it finds the tenant gone) removes its version between the deletion's
+    listing and its removals: the deletion goes on, and still names it to unload (a make test run answered 500)."""
+    registry = Registry(store.root.parent)
+    tenant = registry.store("u")
+    tenant.add(good, "a", base, MAX_RANK)
+    tenant.add(good, "b", base, MAX_RANK)
+    listed = AdapterStore.list
+
+    def listing_then_undone(self: AdapterStore) -> list[Manifest]:
+        found = listed(self)
+        AdapterStore(self.root, "u").remove("a", 1)
+        return found
+
+    monkeypatch.setattr(AdapterStore, "list", listing_then_undone)
+    assert registry.remove_tenant("u") == ["u.a@1", "u.b@1"]
+    assert not registry.exists("u.a@1") and not registry.exists("u.b@1")
 
 
 async def test_lookup_answers_from_memory_only_while_fresh(
