@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.http1 import ConnectFailed, EngineResponse
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.engine.sessions import EngineSessions, stale
 from gateway.errors import (
@@ -85,7 +86,7 @@ you requested 2048 output tokens"; 0.32: "max_tokens=2048 cannot be greater than
 
 def _may_have_run(exc: BaseException) -> bool:
     """Whether a failed post may have reached its replica (not a refused or timed-out connection)."""
-    return not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return not isinstance(exc, ConnectFailed)
 
 
 @dataclass
@@ -122,30 +123,27 @@ class Forwarder:
         self._pool = pool
         self._placement = placement
         self._metrics = metrics
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
+        self._read_timeout_s = timeout_s
+        """How long the engine may send nothing (before its answer's head, or in its body)."""
 
     def _track(self, replica: Replica, delta: int) -> None:
         replica.inflight += delta
 
     async def _post(
         self, replica: Replica, path: str, body: bytes, request_id: str, fresh: bool = False
-    ) -> aiohttp.ClientResponse:
+    ) -> EngineResponse:
         try:
-            return await self._sessions.pick(fresh).post(
-                replica.url + path,
-                data=body,
-                # identity: answers are relayed as they come, so a compressing proxy before the engine must not
-                headers={"Content-Type": "application/json", "X-Request-Id": request_id, "Accept-Encoding": "identity"},
-                timeout=self._timeout,
-            )
+            # identity (in every request's head): answers are relayed as they come, so a compressing proxy before the
+            # engine must not compress them
+            return await self._sessions.engine.post(replica.url + path, body, request_id, self._read_timeout_s, fresh)
         except aiohttp.SocketTimeoutError as exc:
             # The replica is alive but silent (a long generation): replaying it elsewhere would not help.
             self._metrics.upstream_errors.labels(replica.url).inc()
             raise UpstreamTimeout(
-                f"The engine sent nothing for {self._timeout.sock_read:.0f} s; the request was abandoned."
+                f"The engine sent nothing for {self._read_timeout_s:.0f} s; the request was abandoned."
             ) from exc
 
-    async def _discard(self, replica: Replica, upstream: aiohttp.ClientResponse) -> None:
+    async def _discard(self, replica: Replica, upstream: EngineResponse) -> None:
         """A failed answer: logged (never shown to the client), its connection closed, its request untracked."""
         self._metrics.upstream_errors.labels(replica.url).inc()
         try:
@@ -157,13 +155,13 @@ class Forwarder:
             upstream.close()
             self._track(replica, -1)
 
-    def _abandon(self, replica: Replica, upstream: aiohttp.ClientResponse) -> None:
+    def _abandon(self, replica: Replica, upstream: EngineResponse) -> None:
         """An answer left unread, as its reading failed or was cancelled (the client left): its connection closed,
         so that vLLM aborts the request, and the request untracked, or its replica would look busier for good."""
         upstream.close()
         self._track(replica, -1)
 
-    async def _send(self, call: Call, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+    async def _send(self, call: Call, body: bytes) -> tuple[Replica, EngineResponse]:
         """Post to a replica, moving to another one when a replica cannot be reached, has lost the
         adapter, or fails because its engine died (vLLM then answers 5xx and fails its health check).
 
@@ -251,7 +249,7 @@ class Forwarder:
 
         return finish
 
-    async def _sent(self, call: Call, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+    async def _sent(self, call: Call, body: bytes) -> tuple[Replica, EngineResponse]:
         """`_send`, and once more without `max_tokens` when it was the gateway's cap (the client named no limit) and
         the engine refuses it for the context: vLLM counts a named limit against the prompt's room (prompt plus
         `max_tokens` must fit), where without one it generates what the context has left. That is below the cap
@@ -260,7 +258,7 @@ class Forwarder:
         if upstream.status != 400 or not call.capped_by_default:
             return replica, upstream
         try:
-            raw = await upstream.read()  # kept by aiohttp: read again where it is passed on
+            raw = await upstream.read()  # kept: read again where it is passed on
         except (TimeoutError, aiohttp.ClientError):
             return replica, upstream  # `_open` reads it again, fails alike and finishes the request (502)
         except BaseException:  # cancelled (the client left) or unexpected: nothing after this untracks it

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.answer import Answer
 from gateway.context import CLIENT_CLOSED
+from gateway.engine.http1 import EngineResponse
 from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
 
 log = logging.getLogger("loragate.streaming")
@@ -110,7 +111,7 @@ class RelayResponse(StreamingResponse):
 
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
         answer: Answer,
         on_first: Callable[[], None],
         on_close: Callable[[int], None],

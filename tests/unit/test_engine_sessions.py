@@ -42,7 +42,6 @@ def test_only_a_connection_closed_under_a_request_before_its_answer_is_stale(
 
 async def test_the_fresh_session_opens_a_connection_for_each_request_and_both_close() -> None:
     sessions = EngineSessions(2.0)
-    assert sessions.pick(True) is sessions.fresh and sessions.pick(False) is sessions.pooled
     assert sessions.fresh.connector is not None and sessions.fresh.connector.force_close
     assert sessions.pooled.connector is not None and not sessions.pooled.connector.force_close
     await sessions.close()

@@ -114,14 +114,14 @@ class Answer:
 
 
 class Session:
+    """The engine client (`EngineSessions.engine`): every post is answered `answer`."""
+
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
+        self.engine = self
 
-    async def post(self, url: str, **_: Any) -> Answer:
+    async def post(self, url: str, *_: Any) -> Answer:
         return self.answer
-
-    def pick(self, fresh: bool) -> Session:
-        return self
 
 
 class Placement:
