@@ -69,6 +69,8 @@ class EngineResponse:
         its end."""
         if n < 0:
             if self._body is None:
+                if self._error is not None:
+                    raise self._error
                 parts = [self._take()]  # taken as they come: reading is not paused under a whole read
                 while not self._complete:
                     await self._more()
@@ -154,7 +156,7 @@ class _Connection(asyncio.Protocol):
             self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        ours, self.closed = self.closed, True  # closed here (a timeout, an unreadable answer) or by the engine
         response = self._response
         if response is None or response._complete:
             return
@@ -163,7 +165,7 @@ class _Connection(asyncio.Protocol):
                 self._fail(AnswerCut("The engine closed the connection in the middle of an answer's head."))
             else:  # closed or reset before any answer (an idle connection the engine closed): see `stale`
                 self._fail(aiohttp.ServerDisconnectedError())
-        elif self._until_close and exc is None:
+        elif self._until_close and exc is None and not ours:  # the engine closed it: the answer's end
             response._complete = True
             self._wake()
         else:
@@ -259,7 +261,7 @@ class _Connection(asyncio.Protocol):
             self._close()
 
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if waiter is self._waiter:
+        if waiter is self._waiter and not waiter.done():  # not if data came in the same turn of the loop
             self._fail(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
             self._close()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -320,5 +322,61 @@ async def test_a_large_answer_read_slowly_comes_whole(engine_with, monkeypatch: 
         await post(client, engine)
         assert await post(client, engine) == body
         assert engine.connections == 1, "read to its end: kept"
+    finally:
+        await client.close()
+
+
+async def test_data_that_comes_in_time_is_not_a_timeout_when_the_loop_lags_past_the_deadline() -> None:
+    """The engine's next chunk comes within the read timeout, but the gateway's loop is busy across the deadline:
+    the data and the expired timer are handled in the same turn of the loop. The stream goes on."""
+    ready = threading.Event()
+
+    def engine(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n")
+            connection.sendall(b"\r\n5\r\nfirst\r\n")
+            ready.wait(5)
+            time.sleep(0.1)
+            connection.sendall(b"6\r\nsecond\r\n")
+            time.sleep(0.6)  # past the loop's lag: the stream is still open if the client did not give up
+            connection.sendall(b"0\r\n\r\n")
+            time.sleep(1)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=engine, args=(listener,), daemon=True).start()
+        client = EngineClient(keepalive_s=30)
+        response = await client.post(f"http://127.0.0.1:{listener.getsockname()[1]}/v1/x", b"{}", "r", 0.3)
+        chunks = response.content.iter_any()
+        assert await anext(chunks) == b"first"
+        ready.set()
+        asyncio.get_running_loop().call_later(0.05, time.sleep, 0.5)  # busy from before the data to past the deadline
+        assert [chunk async for chunk in chunks] == [b"second"]
+        response.close()
+        await client.close()
+
+
+async def test_an_unframed_answer_that_timed_out_is_never_read_as_whole_after(engine_with) -> None:  # type: ignore[no-untyped-def]
+    """An answer that ends with its connection (no length, not chunked) stalls: the read times out and the client
+    closes the connection. A second read (the forwarder reads a refusal again to pass it on) fails the same way, not
+    with the part that came as if it were all."""
+
+    async def stalls(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\r\n{"error":{"mess')
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    engine = await engine_with(stalls)
+    client = EngineClient(keepalive_s=30)
+    try:
+        response = await client.post(engine.url, b"{}", "r", 0.3)
+        for _ in range(2):
+            with pytest.raises(aiohttp.SocketTimeoutError):
+                await response.read()
+            await asyncio.sleep(0.05)  # the connection's end is seen meanwhile
+        response.close()
     finally:
         await client.close()
