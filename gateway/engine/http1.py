@@ -130,8 +130,10 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._last = False
+        """The request under way said `Connection: close`."""
         self.reusable = False
-        """The last answer came whole, and the engine did not say it closes the connection after it."""
+        """The last answer came whole, and neither side said the connection closes after it."""
         self.idle_since = 0.0
         self.read_timeout_s = read_timeout_s
         self._response: EngineResponse | None = None
@@ -157,6 +159,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         ours, self.closed = self.closed, True  # closed here (a timeout, an unreadable answer) or by the engine
+        del self._parser  # it refers back to this protocol: the two go now, not at the next full collection
         response = self._response
         if response is None or response._complete:
             return
@@ -206,16 +209,18 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is not None:
             response._complete = True
-            self.reusable = self._parser.should_keep_alive()
+            self.reusable = self._parser.should_keep_alive() and not self._last
         self._wake()
 
     # -- the request's side -----------------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> EngineResponse:
+    def send(self, data: bytes, last: bool = False) -> EngineResponse:
+        """Write a request (`last`: it says `Connection: close`, and the connection is not kept after it)."""
         assert self.transport is not None
         self._response = response = EngineResponse(self)
         self._headers, self._head_in, self._until_close, self._bytes_in = [], False, False, False
         self.reusable = False
+        self._last = last
         if self.closed or self.transport.is_closing():
             self.closed = True
             raise aiohttp.ServerDisconnectedError()
@@ -305,7 +310,7 @@ class EngineClient:
         try:
             ending = b"\r\nConnection: close\r\n\r\n" if fresh else b"\r\n\r\n"
             lines = head + request_id.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + ending
-            response = connection.send(lines + body)
+            response = connection.send(lines + body, last=fresh)
             await connection.head()
         except BaseException:
             connection.done(reuse=False)
