@@ -236,7 +236,8 @@ class _Connection(asyncio.Protocol):
                 raise response._error
 
     async def wait(self) -> None:
-        """Until something comes (or the connection ends); SocketTimeoutError past the read timeout."""
+        """Until something comes or the connection ends; past the read timeout, the answer fails with
+        SocketTimeoutError (raised by the caller, as every failure of the answer)."""
         response = self._response
         if response is None or response._complete or response._error is not None:
             return
