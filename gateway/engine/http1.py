@@ -96,7 +96,7 @@ class EngineResponse:
     def release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.done(reuse=self._complete and self._error is None)
+            connection.done(reuse=True)  # if its answer came whole: `_Connection.reusable`
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -123,7 +123,7 @@ class EngineResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an engine, carrying one request at a time."""
 
-    def __init__(self, client: EngineClient, key: tuple[str, int, bool], read_timeout_s: float | None) -> None:
+    def __init__(self, client: EngineClient, key: tuple[str, int, bool]) -> None:
         self._client = client
         self._key = key
         self._loop = asyncio.get_running_loop()
@@ -135,7 +135,8 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         """The last answer came whole, and neither side said the connection closes after it."""
         self.idle_since = 0.0
-        self.read_timeout_s = read_timeout_s
+        self.read_timeout_s: float | None = None
+        """The request under way's (`EngineClient.post`)."""
         self._response: EngineResponse | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_in = False
@@ -306,7 +307,7 @@ class EngineClient:
         key = (host, port, tls)
         connection = None if fresh else self._pooled(key)
         if connection is None:
-            connection = await self._connect(key, read_timeout_s)
+            connection = await self._connect(key)
         connection.read_timeout_s = read_timeout_s
         try:
             ending = b"\r\nConnection: close\r\n\r\n" if fresh else b"\r\n\r\n"
@@ -345,7 +346,7 @@ class EngineClient:
             connection.done(reuse=False)
         return None
 
-    async def _connect(self, key: tuple[str, int, bool], read_timeout_s: float | None) -> _Connection:
+    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
         host, port, tls = key
         loop = asyncio.get_running_loop()
         context = None
@@ -353,9 +354,7 @@ class EngineClient:
             context = self._ssl = self._ssl or ssl.create_default_context()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self, key, read_timeout_s), host, port, ssl=context
-                )
+                _, protocol = await loop.create_connection(lambda: _Connection(self, key), host, port, ssl=context)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"Cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
         return protocol
