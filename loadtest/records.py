@@ -1,15 +1,16 @@
 """What recording costs: the completion log's writer, a gateway with recording on vs off, and feedback.
 
 One run starts a plain and a `durable` redis-server (AOF, `appendfsync always`, as the records Redis
-runs) with scripts/redis.sh, the mock upstream and three `loragate serve`, and measures, each figure
+runs) with scripts/redis.sh, the mock upstream and five `loragate serve`, and measures, each figure
 against a baseline taken in the same run:
 
 1. the `Recorder`, in this process: N realistic chat records into each Redis, with the tenant's
    redaction on (all PII kinds), off, and content off, and redaction on for 8-turn conversations (each
    request carrying the turns before it), each built and written by one record process, and redaction on
    again with `--record-workers` of them (2): events/s (target >= 20,000);
-2. C concurrent non-stream requests through a gateway with `LORAGATE_RECORD_COMPLETIONS=false` and
-   one with it on (same mock, same Redis), ABBA segments: requests/s (target: at most 5% lower);
+2. C concurrent non-stream requests through gateways with `LORAGATE_RECORD_COMPLETIONS=false` and
+   with it on (two processes each, same mock, same Redis), ABBA segments, at 16 and 64 clients: requests/s
+   (target: at most 5% lower, at 64: the gateway's capacity);
 3. `POST /v1/feedback` latency where the records Redis fsyncs (200) and where it does not (the local
    fsynced spool, 202), sequential and concurrent, with `GET /healthz` as the floor.
 
@@ -43,7 +44,7 @@ class Config:
     events: int
     duration_s: float
     segments: int
-    concurrency: int
+    concurrency: tuple[int, ...]
     feedback: int
     feedback_concurrency: int
     record_workers: int
@@ -86,7 +87,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("-n", "--events", type=int, default=30_000, help="Recorder events per Redis and policy.")
     parser.add_argument("-d", "--duration", type=float, default=15.0, help="Seconds of load per gateway.")
     parser.add_argument("--segments", type=int, default=3, help="Load segments per gateway, alternating.")
-    parser.add_argument("-c", "--concurrency", type=int, default=16, help="Concurrent clients (requests/s).")
+    parser.add_argument(
+        "-c", "--concurrency", type=int, nargs="+", default=[16, 64],
+        help="Concurrent clients of the requests/s part, one run each (the drop is judged at the highest).",
+    )  # fmt: skip
     parser.add_argument("-f", "--feedback", type=int, default=500, help="Feedback requests per target and phase.")
     parser.add_argument("--feedback-concurrency", type=int, default=8, help="Concurrent feedback clients.")
     parser.add_argument(
@@ -94,7 +98,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    counts = (args.events, args.segments, args.concurrency, args.feedback_concurrency, args.record_workers)
+    counts = (args.events, args.segments, *args.concurrency, args.feedback_concurrency, args.record_workers)
     if min(counts) < 1 or args.feedback < 2:
         parser.error("counts must be at least 1 (--feedback at least 2)")
     if args.duration <= 0 or any("=" not in item for item in args.gateway_env):
@@ -106,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = Config(
-        args.events, args.duration, args.segments, args.concurrency, args.feedback, args.feedback_concurrency,
+        args.events, args.duration, args.segments, tuple(args.concurrency), args.feedback, args.feedback_concurrency,
         args.record_workers,
     )  # fmt: skip
     extra_env = dict(item.split("=", 1) for item in args.gateway_env)
@@ -120,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             with progress_bar() as progress:
                 recorder = runner.run(recorder_bench(stack, cfg, progress))
-            with console.status("starting the mock upstream and three gateways"):
+            with console.status("starting the mock upstream and five gateways"):
                 gateways = start_gateways(stack, extra_env)
             with progress_bar() as progress:
                 results = runner.run(gateway_benches(stack, gateways, cfg, progress))

@@ -16,6 +16,12 @@ FEEDBACK_LABELS = {
 }
 
 
+TPUT_HEAD = (
+    "| clients | Gateway | requests/s | per process | drop | p50 ms | p99 ms | errors | CPU us/request: gateway "
+    "| with record process | Redis | machine |\n|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
 def met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -31,12 +37,6 @@ def markdown(report: dict[str, Any]) -> str:
         + [f"{r.get('redis_cpu_us_per_event', 0):.0f}", met(r["target_met"])]
         for mode in ("plain", "durable")
         for v, r in rec[mode].items()
-    ]
-    tput_rows = [
-        [f"recording {n}", f"{t[n]['requests_per_s']:.0f}", f"{t[n]['p50_ms']:.2f}", f"{t[n]['p99_ms']:.2f}"]
-        + [t[n]["errors"], f"{t[n]['cpu_us_per_request']:.0f}", f"{t[n].get('tree_cpu_us_per_request', 0):.0f}"]
-        + [f"{t[n].get('redis_cpu_us_per_request', 0):.0f}", f"{t[n].get('machine_cpu_us_per_request', 0):.0f}"]
-        for n in ("off", "on")
     ]
     fb_rows = [
         [label, c, f"{fb[p][n]['p50_ms']:.2f}", f"{fb[p][n]['p99_ms']:.2f}"]
@@ -65,16 +65,20 @@ process's and its record processes', and the Redis server's.
 
 ## 2. Gateway requests/s, recording off vs on (target: at most {TARGET_DROP:.0%} lower)
 
-{t["concurrency"]} concurrent non-stream chat requests, {t["seconds_per_target"]:g} s per gateway in \
-{len(t["order"])} alternating segments; same mock upstream, same Redis.
+Non-stream chat requests from {" and then ".join(str(run["concurrency"]) for run in t.get("by_concurrency", [t]))} \
+concurrent clients, {t["seconds_per_target"]:g} s per side and concurrency: each side is two gateway processes, \
+which take turns with the other side's in {len(t["order"])} segments (two processes of one build can differ by 3-4%); \
+same mock upstream, same Redis. The drop is judged at {t["concurrency"]} clients, where the gateway process is busy \
+all the time: the gateway's capacity. CPU per request: the side's gateway processes (and their record processes), \
+Redis's and the whole machine's in its segments.
 
-| Gateway | requests/s | p50 ms | p99 ms | errors | CPU us/request: gateway | with record process | Redis | machine |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|
-{rows(tput_rows)}
+{TPUT_HEAD}
+{rows(throughput_rows(t))}
 
 {where_the_drop_goes(t)}
 
-Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {log["records"]:,} records for \
+Drop at {t["concurrency"]} clients: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateways' log: \
+{log["records"]:,} records for \
 {log["answered"]:,} answered requests ({log["ratio"]:.2%}; target >= {TARGET_LOGGED:.0%}: {met(log["target_met"])}).
 
 ## 3. Feedback latency, by durability
@@ -86,6 +90,26 @@ Drop: **{t["drop"]:+.1%}**: {met(t["target_met"])}. In the "on" gateway's log: {
 |---|---:|---:|---:|---|
 {rows(fb_rows)}
 """
+
+
+def throughput_rows(t: dict[str, Any]) -> list[list[Any]]:
+    """Section 2's rows: each concurrency's two sides (a report from before `by_concurrency`: its one)."""
+    return [
+        [run["concurrency"], f"recording {n}", f"{r['requests_per_s']:.0f}", processes(r), drop_text(run, n)]
+        + [f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["errors"], f"{r['cpu_us_per_request']:.0f}"]
+        + [f"{r.get('tree_cpu_us_per_request', 0):.0f}", f"{r.get('redis_cpu_us_per_request', 0):.0f}"]
+        + [f"{r.get('machine_cpu_us_per_request', 0):.0f}"]
+        for run in t.get("by_concurrency", [t])
+        for n, r in ((n, run[n]) for n in ("off", "on"))
+    ]
+
+
+def processes(side: dict[str, Any]) -> str:
+    return " / ".join(f"{rate:,.0f}" for rate in side.get("per_process_requests_per_s", []))
+
+
+def drop_text(run: dict[str, Any], side: str) -> str:
+    return f"{run['drop']:+.1%}" if side == "on" else ""
 
 
 def compiled_text(rec: dict[str, Any]) -> str:
@@ -139,8 +163,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     a.axhline(TARGET_EVENTS_S, color="red", linestyle="--", label="target")
     a.set(xticks=range(len(POLICIES)), xticklabels=list(POLICIES), ylabel="events/s", title="1. Recorder")
     t, fb = report["throughput"], report["feedback"]
-    b.bar(["off", "on"], [t["off"]["requests_per_s"], t["on"]["requests_per_s"]], color=["grey", "C0"])
-    b.set(ylabel="requests/s", title=f"2. Recording off/on ({-t['drop']:+.1%})")
+    for k, run in enumerate(t.get("by_concurrency", [t])):
+        x = [k * 2.5, k * 2.5 + 1]
+        b.bar(x, [run["off"]["requests_per_s"], run["on"]["requests_per_s"]], color=["grey", "C0"])
+        b.text(x[1], run["on"]["requests_per_s"], f"{-run['drop']:+.1%}", ha="center", va="bottom", fontsize=8)
+    labels = [f"{run['concurrency']}: {n}" for run in t.get("by_concurrency", [t]) for n in ("off", "on")]
+    ticks = [k * 2.5 + j for k in range(len(labels) // 2) for j in (0, 1)]
+    b.set_xticks(ticks, labels, fontsize=7)
+    b.set(ylabel="requests/s", title="2. Recording off/on (clients: side)")
     for k, phase in enumerate(("sequential", "concurrent")):
         p50 = [fb[phase][n]["p50_ms"] for n in FEEDBACK_LABELS]
         up = [fb[phase][n]["p99_ms"] - fb[phase][n]["p50_ms"] for n in FEEDBACK_LABELS]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loadtest.metrics import machine_busy_seconds
-from loadtest.records_report import where_the_drop_goes
+from loadtest.records_report import throughput_rows, where_the_drop_goes
 
 
 def side(own: float, tree: float, redis: float, machine: float, rate: float = 3500) -> dict[str, float]:
@@ -42,3 +42,23 @@ def test_the_machine_busy_time_grows_with_work() -> None:
     before = machine_busy_seconds()
     total = sum(i * i for i in range(3_000_000))  # about 0.2 s of one core
     assert total > 0 and machine_busy_seconds() > before
+
+
+def test_each_concurrency_shows_both_sides_their_processes_and_the_drop() -> None:
+    def run(clients: int, off_rates: list[float], on_rates: list[float], drop: float) -> dict[str, object]:
+        sides = {"off": side(170, 171, 1, 230), "on": side(184, 210, 19, 300)}
+        for (name, rates), latency in zip((("off", off_rates), ("on", on_rates)), (2.7, 3.0), strict=True):
+            sides[name] |= {"per_process_requests_per_s": rates, "p50_ms": latency, "p99_ms": latency * 2, "errors": 0}
+        return {"concurrency": clients, **sides, "drop": drop}
+
+    low, high = run(16, [5700, 5800], [5100, 5200], 0.11), run(64, [5850, 5900], [5500, 5560], 0.06)
+    table = throughput_rows({**high, "by_concurrency": [low, high]})
+    assert [row[:2] for row in table] == [
+        [16, "recording off"],
+        [16, "recording on"],
+        [64, "recording off"],
+        [64, "recording on"],
+    ]
+    assert table[3][3] == "5,500 / 5,560" and table[3][4] == "+6.0%" and table[2][4] == ""
+    assert table[1][4] == "+11.0%" and table[1][8] == "184"
+    assert throughput_rows(high)[1][4] == "+6.0%"  # a report with one concurrency only
