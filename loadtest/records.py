@@ -85,8 +85,8 @@ def filesystem(path: Path) -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.records", description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--events", type=int, default=30_000, help="Recorder events per Redis and policy.")
-    parser.add_argument("-d", "--duration", type=float, default=15.0, help="Seconds of load per gateway.")
-    parser.add_argument("--segments", type=int, default=3, help="Load segments per gateway, alternating.")
+    parser.add_argument("-d", "--duration", type=float, default=15.0, help="Seconds of load per side and concurrency.")
+    parser.add_argument("--segments", type=int, default=3, help="Load segments per gateway process, alternating.")
     parser.add_argument(
         "-c", "--concurrency", type=int, nargs="+", default=[16, 64],
         help="Concurrent clients of the requests/s part, one run each (the drop is judged at the highest).",

@@ -200,7 +200,7 @@ requests/s between them (where each lands in memory; measured in runs taking tur
 
 
 def side(name: str) -> str:
-    """ "off" or "on": which side a gateway process is of."""
+    """Which side a gateway process is of: "off" or "on"."""
     return name.split("-", 1)[0]
 
 
