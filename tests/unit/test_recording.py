@@ -28,7 +28,7 @@ from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_json, record_of
 from gateway.record_worker import Built, RecordWorker, RecordWorkers
-from gateway.recorder import Recorder
+from gateway.recorder import SHARE_AFTER, Recorder
 from gateway.records import CompletionRecord, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
@@ -450,17 +450,24 @@ async def test_the_record_process_writes_while_it_keeps_up_and_the_gateway_helps
             recorder.record(context(Tenant(name="t"), n))
         await recorder._cycle()
         assert written_here == [], "a batch the record process keeps up with is written there"
-        for n in range(3, 13):
+        waiting = 3 * SHARE_AFTER  # SHARE_AFTER batches waiting: the record process is left to catch up alone
+        for n in range(3, 3 + waiting):
             recorder.record(context(Tenant(name="t"), n))
         await recorder._cycle()
-        assert written_here and set(written_here) <= {f"chatcmpl-{n}" for n in range(3, 13)}, "a backlog: both write"
-        for n in range(13, 15):
+        assert written_here == [], "a short lag: the record process writes it all"
+        end = 3 + waiting + 3 * SHARE_AFTER + 4
+        for n in range(3 + waiting, end):
+            recorder.record(context(Tenant(name="t"), n))
+        await recorder._cycle()
+        backlog = {f"chatcmpl-{n}" for n in range(3 + waiting, end)}
+        assert written_here and set(written_here) <= backlog, "past SHARE_AFTER batches: both write"
+        for n in range(end, end + 2):
             recorder.record(context(Tenant(name="t"), n))
         written_here.clear()
         await recorder._cycle()
         assert written_here == [], "once the backlog is gone, the record process writes alone again"
         ids = stream_ids(await redis.xrange(keys.completion_log("t")))
-        assert ids == [f"chatcmpl-{n}" for n in range(15)], "in order, whoever wrote them"
+        assert ids == [f"chatcmpl-{n}" for n in range(end + 2)], "in order, whoever wrote them"
     finally:
         await recorder.close()
 
