@@ -65,7 +65,7 @@ process's and its record processes', and the Redis server's.
 
 ## 2. Gateway requests/s, recording off vs on (target: at most {TARGET_DROP:.0%} lower)
 
-Non-stream chat requests from {" and then ".join(str(run["concurrency"]) for run in t.get("by_concurrency", [t]))} \
+Non-stream chat requests from {" and then ".join(str(run["concurrency"]) for run in concurrency_runs(t))} \
 concurrent clients, {t["seconds_per_target"]:g} s per side and concurrency: each side is two gateway processes, \
 which take turns with the other side's in {len(t["order"])} segments (two processes of one build can differ by 3-4%); \
 same mock upstream, same Redis. The drop is judged at {t["concurrency"]} clients, where the gateway process is busy \
@@ -92,14 +92,20 @@ Drop at {t["concurrency"]} clients: **{t["drop"]:+.1%}**: {met(t["target_met"])}
 """
 
 
+def concurrency_runs(t: dict[str, Any]) -> list[dict[str, Any]]:
+    """Section 2's runs, one per concurrency (a report from before `by_concurrency`: its one)."""
+    runs: list[dict[str, Any]] = t.get("by_concurrency", [t])
+    return runs
+
+
 def throughput_rows(t: dict[str, Any]) -> list[list[Any]]:
-    """Section 2's rows: each concurrency's two sides (a report from before `by_concurrency`: its one)."""
+    """Section 2's rows: each concurrency's two sides."""
     return [
         [run["concurrency"], f"recording {n}", f"{r['requests_per_s']:.0f}", processes(r), drop_text(run, n)]
         + [f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["errors"], f"{r['cpu_us_per_request']:.0f}"]
         + [f"{r.get('tree_cpu_us_per_request', 0):.0f}", f"{r.get('redis_cpu_us_per_request', 0):.0f}"]
         + [f"{r.get('machine_cpu_us_per_request', 0):.0f}"]
-        for run in t.get("by_concurrency", [t])
+        for run in concurrency_runs(t)
         for n, r in ((n, run[n]) for n in ("off", "on"))
     ]
 
@@ -163,11 +169,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     a.axhline(TARGET_EVENTS_S, color="red", linestyle="--", label="target")
     a.set(xticks=range(len(POLICIES)), xticklabels=list(POLICIES), ylabel="events/s", title="1. Recorder")
     t, fb = report["throughput"], report["feedback"]
-    for k, run in enumerate(t.get("by_concurrency", [t])):
+    for k, run in enumerate(concurrency_runs(t)):
         x = [k * 2.5, k * 2.5 + 1]
         b.bar(x, [run["off"]["requests_per_s"], run["on"]["requests_per_s"]], color=["grey", "C0"])
         b.text(x[1], run["on"]["requests_per_s"], f"{-run['drop']:+.1%}", ha="center", va="bottom", fontsize=8)
-    labels = [f"{run['concurrency']}: {n}" for run in t.get("by_concurrency", [t]) for n in ("off", "on")]
+    labels = [f"{run['concurrency']}: {n}" for run in concurrency_runs(t) for n in ("off", "on")]
     ticks = [k * 2.5 + j for k in range(len(labels) // 2) for j in (0, 1)]
     b.set_xticks(ticks, labels, fontsize=7)
     b.set(ylabel="requests/s", title="2. Recording off/on (clients: side)")
