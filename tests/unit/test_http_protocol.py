@@ -1,0 +1,146 @@
+"""gateway.http_protocol: a response's head goes out with its body in one write, on a real uvicorn server, and
+never waits for a body that comes later (a stream's chunks), nor is lost to a close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.http_protocol import HeadFirst, HttpProtocol
+
+
+class Transport:
+    """What reaches the socket: one entry per write (writelines: one, all its parts joined)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, parts: Any) -> None:
+        self.writes.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def test_the_head_waits_for_the_body_of_the_same_step() -> None:
+    transport = Transport()
+    head_first = HeadFirst(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    head_first.write(b"HEAD")
+    assert transport.writes == []
+    head_first.write(b"BODY")
+    head_first.write(b"MORE")
+    await asyncio.sleep(0)  # the flush at the step's end finds nothing held
+    assert transport.writes == [b"HEADBODY", b"MORE"]
+
+
+async def test_a_head_alone_goes_at_the_end_of_the_step_or_at_close() -> None:
+    transport = Transport()
+    alone = HeadFirst(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    alone.write(b"HEAD")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HEAD"]
+    closing = HeadFirst(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    closing.write(b"HEAD2")
+    closing.close()
+    assert transport.writes == [b"HEAD", b"HEAD2"] and transport.closed and closing.is_closing()
+    assert closing.get_extra_info("peername", "none") == "none"  # the rest is the transport's
+
+
+class Counted(HttpProtocol):
+    """The protocol, its writes to the socket counted (per connection, in order)."""
+
+    seen: list[Transport] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        real = transport
+
+        class Spy(Transport):
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                real.write(data)  # type: ignore[attr-defined]
+
+            def writelines(self, parts: Any) -> None:
+                super().writelines(parts)
+                real.writelines(parts)  # type: ignore[attr-defined]
+
+            def close(self) -> None:
+                super().close()
+                real.close()
+
+            def is_closing(self) -> bool:
+                return real.is_closing()  # type: ignore[attr-defined]
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        spy = Spy()
+        Counted.seen.append(spy)
+        super().connection_made(spy)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    go_on = asyncio.Event()
+
+    async def answer(request: Request) -> Response:
+        return Response(b'{"ok":true}', media_type="application/json")
+
+    async def stream(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            await go_on.wait()  # the client has the head (and the first chunk) before this
+            yield b"data: 2\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/answer", answer, methods=["GET", "HEAD"]), Route("/stream", stream)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=Counted, log_level="warning", lifespan="off", access_log=False)
+    uv_server = uvicorn.Server(config)
+    Counted.seen.clear()
+    task = asyncio.create_task(uv_server.serve(sockets=[sock]))
+    while not uv_server.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", go_on
+    uv_server.should_exit = True
+    await task
+
+
+async def test_a_whole_answer_is_one_write_and_a_stream_is_not_held(server: tuple[str, asyncio.Event]) -> None:
+    url, go_on = server
+    async with httpx.AsyncClient(base_url=url) as client:
+        answered = await client.get("/answer")
+        head = await client.head("/answer")
+        async with client.stream("GET", "/stream") as streamed:
+            assert streamed.status_code == 200  # the head came while the stream waits for its second chunk
+            go_on.set()
+            body = await streamed.aread()
+    assert answered.status_code == 200 and answered.json() == {"ok": True}
+    assert head.status_code == 200 and head.headers["content-length"] == "11" and head.content == b""
+    assert body == b"data: 1\n\ndata: 2\n\n"
+    writes = [w for spy in Counted.seen for w in spy.writes]
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b'\r\n\r\n{"ok":true}')
+    assert writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and writes[1].endswith(b"\r\n\r\n")  # HEAD: its head alone
+    assert writes[2].startswith(b"HTTP/1.1 200 OK\r\n")  # the stream's head, at once (with its first chunk or not)
+    assert b"".join(writes[2:]).endswith(b"data: 2\n\n\r\n0\r\n\r\n")
