@@ -101,7 +101,8 @@ def markdown(report: dict[str, Any]) -> str:
         "- Upstream: `loadtest/mock_upstream.py` (answers at once). Client, targets, mock and Redis share the "
         "machine; the client is one process: aiohttp (sequential, open loop), `loadtest/wire.py` (saturation).",
         f"- Sequential: {cfg['rounds']} rounds (after {cfg['warmup']}), one request to each target per round in "
-        f"rotating order; open loop: {cfg['rate']:g} requests/s for {cfg['open_s']:g} s per target, latency "
+        f"{'a new random' if 'seed' in cfg else 'rotating'} order; open loop: {cfg['rate']:g} requests/s for "
+        f"{cfg['open_s']:g} s per target, latency "
         f"from when each request was due; saturation: {cfg['concurrency']} clients for {cfg['saturation_s']:g} s "
         f"per target; both loops in {cfg.get('phase_rounds', 1)} turn(s) over the targets (LiteLLM last), "
         "pooled; CPU per request: the target's process tree (workers, record process) during saturation.",

@@ -1,7 +1,7 @@
 """An async load generator for OpenAI-style chat requests: sequential, closed-loop and open-loop.
 
-- `sequential`: one request at a time to several targets in rotating order, so drift in the machine's
-  load hits every target alike; the latency of each request.
+- `sequential`: one request at a time to several targets in rotating (or, given a seeded random, shuffled)
+  order, so drift in the machine's load hits every target alike; the latency of each request.
 - `closed_loop`: C keep-alive connections, each sending its next request when the last one is answered,
   for a fixed time: what a target can serve (requests/s) when it is the bottleneck. It runs on
   loadtest.wire (a raw asyncio protocol: through a gateway about 45 µs of client CPU per request where
