@@ -40,9 +40,9 @@ class HeadFirst:
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Send the head if it still waits."""
+        """Send the head if it still waits (and the connection is still open: a client that reset it since is gone)."""
         held, self._held = self._held, None
-        if held:
+        if held and not self._transport.is_closing():
             self._transport.write(held)
 
     def close(self) -> None:

@@ -66,6 +66,15 @@ async def test_a_head_alone_goes_at_the_end_of_the_step_or_at_close() -> None:
     assert closing.get_extra_info("peername", "none") == "none"  # the rest is the transport's
 
 
+async def test_a_head_held_when_the_client_resets_the_connection_is_dropped_quietly() -> None:
+    transport = Transport()
+    head_first = HeadFirst(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    head_first.write(b"HEAD")
+    transport.closed = True  # reset by the client before the step's end: writing now would raise (uvloop)
+    await asyncio.sleep(0)
+    assert transport.writes == []
+
+
 class Counted(HttpProtocol):
     """The protocol, its writes to the socket counted (per connection, in order)."""
 
