@@ -122,7 +122,16 @@ async def server() -> AsyncIterator[tuple[str, asyncio.Event]]:
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
-    app = Starlette(routes=[Route("/answer", answer, methods=["GET", "HEAD"]), Route("/stream", stream)])
+    async def echo(request: Request) -> Response:
+        return Response(await request.body(), media_type="application/json")
+
+    app = Starlette(
+        routes=[
+            Route("/answer", answer, methods=["GET", "HEAD"]),
+            Route("/stream", stream),
+            Route("/echo", echo, methods=["POST"]),
+        ]
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, http=Counted, log_level="warning", lifespan="off", access_log=False)
@@ -153,3 +162,19 @@ async def test_a_whole_answer_is_one_write_and_a_stream_is_not_held(server: tupl
     assert writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and writes[1].endswith(b"\r\n\r\n")  # HEAD: its head alone
     assert writes[2].startswith(b"HTTP/1.1 200 OK\r\n")  # the stream's head, at once (with its first chunk or not)
     assert b"".join(writes[2:]).endswith(b"data: 2\n\n\r\n0\r\n\r\n")
+
+
+async def test_a_100_continue_goes_before_the_body_is_sent(server: tuple[str, asyncio.Event]) -> None:
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # held until the body came: a timeout
+    writer.write(b"{}")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    body = await asyncio.wait_for(reader.readexactly(2), 5)
+    writer.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"{}"
