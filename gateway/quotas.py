@@ -188,13 +188,20 @@ class Admission:
         return cls({})
 
 
+_HEADER_NAMES = tuple(
+    (at, f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for at, kind in ((2, "requests"), (5, "tokens"))
+)
+"""Where each kind's limit, remaining and reset are in an admission reply, and their headers' names."""
+
+
 def _headers(limits: list[int]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    for kind, (limit, remaining, reset) in (("requests", limits[2:5]), ("tokens", limits[5:8])):
-        if limit != -1:
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-            headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+    for at, limit_name, remaining_name, reset_name in _HEADER_NAMES:
+        if limits[at] != -1:
+            headers[limit_name] = str(limits[at])
+            headers[remaining_name] = str(limits[at + 1])
+            headers[reset_name] = duration(limits[at + 2])
     return headers
 
 
