@@ -289,7 +289,7 @@ class KeyStore:
                 return api_key, KeyInfo.from_record(key_id, {k: str(v) for k, v in record.items()})
 
     async def list(self, tenant: str) -> list[KeyInfo]:
-        if not await self._redis.exists(keys.tenant(tenant)):
+        if not await self._redis.exists(keys.tenant(check_tenant_name(tenant))):
             raise TenantNotFound(tenant)
         infos = []
         ids = sorted(await self._redis.smembers(keys.tenant_keys(tenant)))

@@ -41,6 +41,13 @@ return ms
 """
 
 
+class NoUserNamed(ValueError):
+    """An erasure of the empty end user: requests without one are nobody's, and there is nothing to erase."""
+
+    def __init__(self) -> None:
+        super().__init__("The end user to forget must be named: requests without one belong to no end user.")
+
+
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, policy: LogPolicy) -> dict[str, int]:
     """Delete every completion record of an end user, every rating they gave, and every rating of their completions
     (others' corrections quote their conversation), and take what those ratings added out of their experiment arms'
@@ -49,6 +56,8 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, policy: Log
     dated by Redis's clock plus MARGIN_S (records and ratings are dated by Redis's clock as each gateway last
     measured it, gateway.clock; the margin covers what a measurement can be off by): what the user sends in the
     next seconds is not kept either."""
+    if not user:
+        raise NoUserNamed
     user, keep_s = user[:MAX_USER_CHARS], policy.max_age_s  # as records name them
     seconds, micros = await redis.time()
     tombstone = repr(seconds + micros / 1e6 + MARGIN_S)

@@ -12,7 +12,7 @@ import typer
 
 from adapters.manifest import AdapterRef
 from adapters.store import AdapterNotFound
-from gateway.cli.common import alias_must_be_free, refusals, tenant_must_exist, with_redis
+from gateway.cli.common import alias_must_be_free, fail, refusals, tenant_must_exist, with_redis
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -208,6 +208,8 @@ def aliases_list(tenant: Tenant) -> None:
     """The tenant's aliases and what they point at."""
     from gateway.pointers import PointerStore
 
+    tenant_must_exist(tenant)
+
     async def aliases(redis: Any) -> dict[str, str]:
         return (await PointerStore(redis).of(tenant)).aliases
 
@@ -220,9 +222,11 @@ def aliases_rm(alias: str, tenant: Tenant) -> None:
     """Delete an alias (requests for it then get 404); refused while it runs an experiment."""
     from gateway.experiments import ExperimentStore
 
+    tenant_must_exist(tenant)
+
     async def delete(redis: Any) -> bool:
         return await ExperimentStore(redis).set_alias(tenant, alias, None)
 
     if not with_redis(delete):
-        raise ValueError(f"alias {alias} does not exist")
+        raise fail(f"alias {alias} does not exist")
     typer.echo(f"deleted {alias}")

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import getpass
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +27,15 @@ def fail(message: str) -> typer.Exit:
 
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(1)
+
+
+def output_file(path: Path) -> TextIO:
+    """PATH opened for writing (text); the command ends with the reason where it cannot be (a folder, a folder that
+    does not exist, no permission), rather than with a traceback."""
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def who(fallback: str) -> str:

@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import alias_must_be_free, fail, tenant_must_exist, who, with_redis, with_state_and_records
+from gateway.cli.common import (
+    alias_must_be_free,
+    fail,
+    output_file,
+    tenant_must_exist,
+    who,
+    with_redis,
+    with_state_and_records,
+)
 
 experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
@@ -64,6 +72,7 @@ def list_(tenant: Tenant) -> None:
     """The tenant's experiments."""
     from gateway.experiments import ExperimentStore
 
+    tenant_must_exist(tenant)
     for experiment in with_redis(lambda redis: ExperimentStore(redis).all(tenant)):
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
         typer.echo(f"{experiment.name}\t{experiment.status}\t{experiment.alias}\t{arms}")
@@ -134,7 +143,8 @@ def page(
 
     shown, history = with_redis(figures, records=True)
     target = out or Path(f"{name}.html")
-    target.write_text(experiment_page.render(experiment, shown, history, changes))
+    with output_file(target) as page_file:
+        page_file.write(experiment_page.render(experiment, shown, history, changes))
     typer.echo(f"{target} ({len(history)} points)")
 
 

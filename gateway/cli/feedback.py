@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import console, fail, with_redis
+from gateway.cli.common import console, fail, output_file, with_redis
 
 feedback_app = typer.Typer(help="The completion log and its feedback.", no_args_is_help=True)
 
@@ -26,9 +26,11 @@ def forget(
     """Delete every completion record of an end user and every rating they gave; prints what was removed."""
     import json
 
-    from gateway.erasure import forget_user
+    from gateway.erasure import NoUserNamed, forget_user
     from gateway.tenants import TenantStore
 
+    if not user:
+        raise fail(str(NoUserNamed()))
     policy = with_redis(lambda redis: TenantStore(redis).get(tenant)).logging
     removed = with_redis(lambda redis: forget_user(redis, tenant, user, policy), records=True)
     typer.echo(json.dumps({"tenant": tenant, "user": user, "removed": removed}))
@@ -59,7 +61,7 @@ def export_cmd(
         raise fail(f"--endpoint must be chat or completions, not {endpoint!r}")
     start = _since(since)
     policy = with_redis(lambda redis: TenantStore(redis).get(tenant)).logging
-    out = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115 (closed below)
+    out = output_file(output) if output else sys.stdout
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

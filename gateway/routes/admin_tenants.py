@@ -136,6 +136,8 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
     responses=answer(answers.CreatedKey, "The key, shown this once.", 201) | errors(404),
 )
 async def create_key(tenant: str, body: NewKey, request: Request, _: Admin) -> JSONResponse:
+    with domain_errors():
+        check_tenant_name(tenant)  # a bad name in the path is the tenant's fault, not `expires`'
     with domain_errors("expires"):
         expires = parse_duration(body.expires) if body.expires is not None else None
         key, info = await services(request).keys.create(tenant, body.role, body.name, expires, body.limits)

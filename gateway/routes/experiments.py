@@ -138,9 +138,14 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
     return _shown(created)
 
 
-@router.get("", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments."))
+@router.get(
+    "", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments.") | errors(404)
+)
 async def list_experiments(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
-    return {"object": "list", "data": [_shown(e) for e in await services(request).experiments.all(tenant)]}
+    svc = services(request)
+    with domain_errors():
+        await svc.tenants.get(tenant)  # an unknown tenant is a 404, not an empty list
+    return {"object": "list", "data": [_shown(e) for e in await svc.experiments.all(tenant)]}
 
 
 @router.get(

@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway import admin_protocol as answers
 from gateway.auth import Manager, TenantCaller
 from gateway.body import read_json
-from gateway.erasure import forget_user
+from gateway.context import MAX_USER_CHARS, USER_HEADER, user_from_header
+from gateway.erasure import NoUserNamed, forget_user
 from gateway.errors import InvalidRequest, from_validation_error
 from gateway.export import MAX_SINCE, ExportFormat, export
 from gateway.openapi import JSONLines, answer, errors, json_body
@@ -25,7 +26,10 @@ from gateway.routes.strict_json import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)
 
-MAX_FEEDBACK_BYTES = 256 * 1024
+MAX_FEEDBACK_BYTES = 2 * 1024 * 1024
+"""Room for every field of a rating at its longest (`FeedbackIn`: a correction of 100,000 characters, a comment of
+10,000, 32 labels of 64) in JSON's longest spelling of a character, an escaped surrogate pair (12 bytes): 1.35 MB.
+At 256 KiB, a correction of 100,000 "é" as `json.dumps` sends them (600 KB) was refused."""
 
 
 @router.post(
@@ -46,6 +50,8 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
         given = FeedbackIn.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
+    if given.user is None and (header_user := user_from_header(request.headers.get(USER_HEADER))):
+        given.user = header_user[:MAX_USER_CHARS]  # as a completion names its end user where its body does not
     tenant = await callers_tenant(svc, caller)
     feedback, in_redis = await svc.feedback.submit(tenant, given)
     svc.metrics.feedback.labels(svc.metrics.tenant(tenant.name), "redis" if in_redis else "spool").inc()
@@ -79,6 +85,8 @@ async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) 
     svc = services(request)
     with domain_errors():
         found = await svc.tenants.get(tenant)
+    if not user:
+        raise InvalidRequest(str(NoUserNamed()), param="user", code="invalid_user")
     await svc.recorder.written()  # what this process still holds for the user is written, then erased
     removed = await forget_user(svc.records_redis, tenant, user, found.logging)
     return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 from starlette.testclient import TestClient
+from typer.testing import CliRunner
 
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway import keys
+from gateway.cli import app as cli
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE
 
@@ -60,3 +62,35 @@ def test_the_cli_pins_no_candidate(
     assert done.returncode == 1 and "bot@4" in done.stdout + done.stderr, done.stdout + done.stderr
     assert api.put("/admin/tenants/acme/adapters/bot/pin", json={"version": 4}).status_code == 404
     assert sync_redis.Redis.from_url(redis_server.url).hgetall(keys.pins("acme")) == {}, "nothing was pinned"
+
+
+def test_the_cli_ends_with_an_error_line_not_a_traceback(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A missing alias, an unknown or malformed tenant, an output path that cannot be written and an empty end user
+    end the command with `error: ...` and exit 1 (each printed a traceback, or listed nothing with exit 0)."""
+    arms = [{"name": "a", "target": BASE, "weight": 1}, {"name": "b", "target": "bot@1", "weight": 1}]
+    body = {"name": "e", "alias": "x", "control": "a", "arms": arms}
+    assert api.post("/admin/tenants/acme/experiments", json=body).status_code == 201
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_RECORDS_REDIS_URL": ""}
+    env["LORAGATE_SERVED_MODEL_NAME"] = BASE
+    export = ["feedback", "export", "--tenant", "acme", "--format", "sft", "--output"]
+    page = ["experiments", "page", "e", "--tenant", "acme", "--out"]
+    for command, said in (
+        (["aliases", "rm", "nosuch", "--tenant", "acme"], "alias nosuch does not exist"),
+        (["aliases", "rm", "x", "--tenant", "ghost"], "ghost"),
+        (["aliases", "list", "--tenant", "BAD:NAME"], "Invalid tenant name"),
+        (["experiments", "list", "--tenant", "BAD:NAME"], "Invalid tenant name"),
+        (["experiments", "list", "--tenant", "ghost"], "ghost"),
+        ([*export, str(tmp_path)], f"cannot write {tmp_path}"),
+        ([*export, str(tmp_path / "no-dir" / "x.jsonl")], "cannot write"),
+        ([*page, str(tmp_path / "no-dir" / "e.html")], "cannot write"),
+        (["feedback", "forget", "--tenant", "acme", "--user", ""], "must be named"),
+    ):
+        done = CliRunner().invoke(cli, command, env=env)
+        assert done.exit_code == 1 and isinstance(done.exception, SystemExit), (command, done.output, done.exception)
+        assert "error:" in done.output and said in done.output, (command, done.output)
+    assert not (tmp_path / "no-dir").exists()
+    assert api.get("/admin/tenants/acme/experiments").json()["data"][0]["name"] == "e", "nothing was removed"
+    done = CliRunner().invoke(cli, [*page, str(tmp_path / "e.html")], env=env)
+    assert done.exit_code == 0 and "<html" in (tmp_path / "e.html").read_text(encoding="utf-8").lower(), done.output

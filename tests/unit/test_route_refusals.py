@@ -62,3 +62,22 @@ def test_a_key_whose_tenant_is_gone_since_it_was_verified_gets_401_on_every_v1_r
         answer = api.request(method, path, json=body, headers=auth)
         assert answer.status_code == 401, (path, answer.status_code, answer.text)
         assert "tenant no longer exists" in answer.json()["error"]["message"]
+
+
+def test_the_tenant_in_the_path_is_checked_before_anything_else(api: TestClient) -> None:
+    """A malformed tenant is a 400 naming `tenant` (not `expires`), an unknown one a 404 (not an empty list), and an
+    empty end user's erasure a 400 (it answered 200 and left a tombstone for nobody)."""
+    for method, url, body in (
+        ("POST", "/admin/tenants/ZZ/keys", {"role": "inference"}),
+        ("GET", "/admin/tenants/ZZ/keys", None),
+        ("GET", "/admin/tenants/a:b/experiments", None),
+    ):
+        answer = api.request(method, url, json=body)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and (error["code"], error["param"]) == ("invalid_tenant", "tenant"), url
+    answer = api.get("/admin/tenants/no-such/experiments")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "tenant_not_found", answer.text
+    answer = api.post("/admin/tenants/acme/users//forget")
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and (error["param"], error["code"]) == ("user", "invalid_user"), answer.text
+    assert api.post("/admin/tenants/acme/users/u1/forget").status_code == 200, "a named user still is"
