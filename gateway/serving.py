@@ -53,7 +53,10 @@ def client_error_body(status: int, raw: bytes) -> bytes:
         error = None
     if not isinstance(error, dict) or not error.get("message"):
         error = {"message": f"The engine refused the request (HTTP {status})."}
-    body = InvalidRequest(redact_internals(str(error["message"])), param=error.get("param")).body()
+    param = error.get("param")  # a string or null in OpenAI's envelope, whatever the engine sent
+    body = InvalidRequest(
+        redact_internals(str(error["message"])), param=param if isinstance(param, str) else None
+    ).body()
     body["error"]["type"] = _error_type(status)
     body["error"]["code"] = error.get("code") if isinstance(error.get("code"), str) else None
     return json.dumps(body).encode()

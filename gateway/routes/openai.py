@@ -201,7 +201,9 @@ async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) 
     tenant = await callers_tenant(svc, caller)
     route = await svc.router.resolve(model_id, tenant.name)
     base = svc.settings.served_model_name
-    if route.adapter is None and route.alias is None:
+    if route.alias is not None:  # as the list shows it: what it points at (not the arm this call happened to draw)
+        target = (await svc.pointers.of(tenant.name)).aliases.get(route.alias, route.served_model)
+        return ModelCard(id=model_id, created=int(time.time()), root=target, parent=base)
+    if route.adapter is None:
         return ModelCard(id=base, created=int(time.time()), root=base)
-    created = int(route.adapter.created.timestamp()) if route.adapter else int(time.time())
-    return ModelCard(id=model_id, created=created, root=route.served_model, parent=base)
+    return ModelCard(id=model_id, created=int(route.adapter.created.timestamp()), root=route.served_model, parent=base)

@@ -47,6 +47,14 @@ def test_engine_refusals_get_openai_types() -> None:
     assert out == {"message": "too long", "type": "invalid_request_error", "param": None, "code": None}
 
 
+@pytest.mark.parametrize("param", [{"x": 1}, 5, ["messages"], True])
+def test_an_engine_param_that_is_not_a_string_is_not_passed_on(param: object) -> None:
+    """OpenAI's envelope has a string or null there: anything else an engine sent would break the client's parsing."""
+    vllm = json.dumps({"error": {"message": "bad", "param": param, "code": "bad_thing"}})
+    out = json.loads(client_error_body(400, vllm.encode()))["error"]
+    assert out == {"message": "bad", "type": "invalid_request_error", "param": None, "code": "bad_thing"}
+
+
 def test_engine_html_or_garbage_never_leaks() -> None:
     out = json.loads(client_error_body(400, b"<html>Traceback (most recent call last)...</html>"))["error"]
     assert "Traceback" not in out["message"] and out["type"] == "invalid_request_error"

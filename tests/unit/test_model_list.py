@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from starlette.testclient import TestClient
 
 from adapters.registry import Registry
 from adapters.store import AdapterStore
@@ -15,6 +16,7 @@ from adapters.validate import BaseModelSpec
 from gateway.model_list import ModelLists
 from gateway.pointers import PointerStore
 from gateway.tenants import TenantStore
+from tests.unit.admin_api import BASE
 
 
 def ids(body: bytes) -> list[str]:
@@ -99,3 +101,25 @@ async def test_an_alias_on_an_adapter_no_longer_shared_is_not_listed_while_anoth
     await pointers.share("o", "bar", [])
     pointers.forget_cached()
     assert "borrowed" not in ids(await lists.body("t")) and "o/foo" in ids(await lists.body("t"))
+
+
+def test_an_alias_is_the_same_card_listed_and_retrieved(api: TestClient) -> None:
+    """`GET /v1/models/{alias}` answers as the list shows the alias: its target (for one running an experiment, the
+    experiment), not the version of whichever arm the call happened to draw (it drew one at random each time)."""
+    assert api.put("/admin/tenants/acme/aliases/prod", json={"target": "bot@2"}).status_code == 200
+    arms = [{"name": "a", "target": "bot@1", "weight": 1}, {"name": "b", "target": "bot@3", "weight": 1}]
+    assert (
+        api.post(
+            "/admin/tenants/acme/experiments", json={"name": "e", "alias": "x", "control": "a", "arms": arms}
+        ).status_code
+        == 201
+    )
+    auth = {"authorization": f"Bearer {api.post('/admin/tenants/acme/keys', json={'role': 'inference'}).json()['key']}"}
+    listed = {card["id"]: card for card in api.get("/v1/models", headers=auth).json()["data"]}
+    for alias in ("prod", "x"):
+        retrieved = [api.get(f"/v1/models/{alias}", headers=auth).json() for _ in range(12)]
+        roots = {card["root"] for card in retrieved}
+        assert roots == {listed[alias]["root"]}, (alias, roots, listed[alias])
+        assert {card["parent"] for card in retrieved} == {listed[alias]["parent"]} == {BASE}
+    assert listed["prod"]["root"] == "bot@2"
+    assert api.get("/v1/models/bot@1", headers=auth).json()["root"] == "bot@1", "a version is still its own card"
