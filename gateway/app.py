@@ -130,6 +130,8 @@ async def _maintain(svc: Services) -> None:
             await svc.keys.flush_uses()
         except APIError as exc:
             log.warning("adapter maintenance: %s", exc.message)
+        except RedisError as exc:  # an outage: readyz says so; a traceback every round would say nothing more
+            log.warning("adapter maintenance: Redis unreachable (%r); trying again next round", exc)
         except Exception:
             log.exception("maintenance failed; trying again next round")
         await asyncio.sleep(svc.settings.health_interval_s)
@@ -143,6 +145,8 @@ async def _share_uses(svc: Services, interval_s: float = SHARE_USES_S) -> None:
         await asyncio.sleep(interval_s)
         try:
             await svc.placement.share_uses()
+        except RedisError as exc:
+            log.warning("sharing adapter uses: Redis unreachable (%r); trying again", exc)
         except Exception:
             log.exception("sharing adapter uses failed; trying again")
 

@@ -137,7 +137,7 @@ async def delete_tenant(tenant: str, request: Request, _: Admin) -> dict[str, An
 )
 async def create_key(tenant: str, body: NewKey, request: Request, _: Admin) -> JSONResponse:
     with domain_errors():
-        check_tenant_name(tenant)  # a bad name in the path is the tenant's fault, not `expires`'
+        check_tenant_name(tenant)  # a malformed name in the path is refused as the tenant (param), not as `expires`
     with domain_errors("expires"):
         expires = parse_duration(body.expires) if body.expires is not None else None
         key, info = await services(request).keys.create(tenant, body.role, body.name, expires, body.limits)

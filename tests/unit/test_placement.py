@@ -4,6 +4,7 @@ affinity, and residency shared by two gateway processes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from collections import Counter
 from pathlib import Path
@@ -543,3 +544,35 @@ def test_the_gateway_lets_go_of_an_idle_engine_connection_before_the_engine_does
     from gateway.app import UPSTREAM_KEEPALIVE_S
 
     assert 0 < UPSTREAM_KEEPALIVE_S < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+
+
+async def test_an_outage_is_one_warning_a_round_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Maintenance and the sharing of uses go on through a Redis outage: each round says so in one line (`/readyz`
+    reports the outage), without the traceback it logged every round."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def down(*_: object) -> None:
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    async def nothing(*_: object) -> list[object]:
+        return []
+
+    placement = types.SimpleNamespace(maintain=down, share_uses=down)
+    svc = types.SimpleNamespace(
+        placement=placement,
+        quotas=types.SimpleNamespace(clock=types.SimpleNamespace(try_sync=nothing)),
+        hot_routes=nothing,
+        keys=types.SimpleNamespace(flush_uses=nothing),
+        settings=types.SimpleNamespace(health_interval_s=0.01),
+    )
+    with caplog.at_level(logging.WARNING, logger="loragate"):
+        loops = [
+            asyncio.create_task(app_module._maintain(svc)),  # noqa: SLF001
+            asyncio.create_task(app_module._share_uses(svc, 0.01)),  # noqa: SLF001
+        ]
+        await asyncio.sleep(0.1)
+        for loop in loops:
+            loop.cancel()
+    said = [record for record in caplog.records if "Redis unreachable" in record.getMessage()]
+    assert {"adapter maintenance", "sharing adapter uses"} <= {r.getMessage().split(":")[0] for r in said}, said
+    assert all(record.exc_info is None and record.levelno == logging.WARNING for record in caplog.records)
