@@ -5,9 +5,26 @@ what it added.
 A rating's signal is its positive share: thumbs up 1, down 0, a score scaled to 0..1 by the tenant's range, their
 mean when it has both. The arm's hash (`keys.arm_counters`) counts `rated`, `positive_sum`, `positive_squares`,
 `negative` (a signal under 0.5) and `corrected`.
+
+Arms are compared on the ratings given since the split last changed (gateway.experiment_results), which the hash
+counts apart: `since:rated`, `since:positive_sum` and `since:positive_squares` hold the ratings dated (`created`) at
+or after `since:at`, which `begin_period` sets when the split changes (before any change, every rating counts). A
+rating replaced or erased takes away from them only if it was counted in them: its own date decides both ways, so
+the figures since are always those of ratings really given since. (Before, a snapshot of the totals was taken at the
+change and subtracted: a rating given before it and replaced or erased after it then took from the ratings since
+what it had never added to them, and the comparison could name a winner that no rating supported.)
 """
 
 from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from gateway import keys
+
+SINCE_MARGIN_S = 2
+"""A new period begins this long after the change, by the records Redis's clock. Ratings are dated by each gateway's
+reading of that clock, off by less than this: a rating written before the change is never dated after its start
+(counted then in the ratings since, it would be taken from them when replaced, though the change had cleared it)."""
 
 SIGNAL = """
 local function signal(counters, raw, sign, lo, hi)
@@ -25,6 +42,11 @@ local function signal(counters, raw, sign, lo, hi)
   redis.call('HINCRBYFLOAT', counters, 'positive_sum', sign * v)
   redis.call('HINCRBYFLOAT', counters, 'positive_squares', sign * v * v)
   if v < 0.5 then redis.call('HINCRBY', counters, 'negative', sign) end
+  if (tonumber(f['created']) or 0) >= (tonumber(redis.call('HGET', counters, 'since:at') or '0') or 0) then
+    redis.call('HINCRBY', counters, 'since:rated', sign)
+    redis.call('HINCRBYFLOAT', counters, 'since:positive_sum', sign * v)
+    redis.call('HINCRBYFLOAT', counters, 'since:positive_squares', sign * v * v)
+  end
 end
 """
 
@@ -51,3 +73,25 @@ end
 return #gone
 """
 )
+
+# KEYS: the arms' counters. ARGV: SINCE_MARGIN_S. Each arm's ratings since start again from none, from now plus the
+# margin; returns each arm's identified requests so far (requests less anonymous ones), in KEYS' order.
+_BEGIN_PERIOD = """
+local now = redis.call('TIME')
+local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
+local exposed = {}
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, 'since:at', at, 'since:rated', 0, 'since:positive_sum', 0, 'since:positive_squares', 0)
+  local found = redis.call('HMGET', key, 'requests', 'anonymous')
+  exposed[i] = (tonumber(found[1]) or 0) - (tonumber(found[2]) or 0)
+end
+return exposed
+"""
+
+
+async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, arms: list[str]) -> dict[str, int]:
+    """A new comparison period for the experiment's arms (its split changed): their ratings since count from none.
+    Returns each arm's identified requests so far, which the sample ratio test counts from."""
+    counters = [keys.arm_counters(tenant, experiment, arm) for arm in arms]
+    exposed = await redis.eval(_BEGIN_PERIOD, len(counters), *counters, SINCE_MARGIN_S)
+    return {arm: int(count) for arm, count in zip(arms, exposed, strict=True)}

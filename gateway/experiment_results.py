@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.assignment import shares
 from gateway.experiments import Experiment
 from gateway.record_builder import LATENCY_BUCKETS_MS
 from gateway.verdict import Sample, difference, mean_interval, sample_ratio_mismatch, verdict
@@ -34,9 +35,22 @@ def percentile(counts: dict[int, int], q: float) -> float | None:
     return float(max(counts))
 
 
+def _since(number: dict[str, float], before: tuple[int, float, float]) -> Sample:
+    """An arm's ratings since the split last changed, as its counters keep them (gateway.arm_signal); for counters an
+    earlier release kept, which have no period of their own, its totals less `before` (its snapshot at the change)."""
+    if "since:at" in number:
+        return Sample(
+            int(number.get("since:rated", 0)),
+            number.get("since:positive_sum", 0.0),
+            number.get("since:positive_squares", 0.0),
+        )
+    rated = int(number.get("rated", 0))
+    total, squares = number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)
+    return Sample(max(rated - before[0], 0), total - before[1], squares - before[2])
+
+
 def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float]) -> dict[str, Any]:
-    """One arm's figures; `_sample`, its ratings since the split last changed (`before`: those until then), which
-    the comparisons read."""
+    """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read."""
     number = {k: float(v) for k, v in counters.items()}
     requests = int(number.get("requests", 0))
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
@@ -56,11 +70,7 @@ def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float])
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
         "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
-        "_sample": Sample(
-            max(rated - before[0], 0),
-            number.get("positive_sum", 0.0) - before[1],
-            number.get("positive_squares", 0.0) - before[2],
-        ),
+        "_sample": _since(number, before),
     }
 
 
@@ -83,8 +93,9 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
     }
     since = experiment.exposed_before  # the split the weights describe began then
     identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
-    allocated = experiment.buckets  # each arm's share as assigned: the weights rounded to whole buckets, one at least
-    srm_p = sample_ratio_mismatch(identified, [allocated.count(i) for i in range(len(experiment.arms))])
+    # each arm's buckets, as its allocation holds them (the weights rounded to whole buckets, one at least): from the
+    # weights, which an ended experiment keeps (not its allocation: its results are those it ended with)
+    srm_p = sample_ratio_mismatch(identified, shares([arm.weight for arm in experiment.arms]))
     control = arms[experiment.control]["_sample"]
     live = {arm.name for arm in experiment.arms if arm.weight > 0} | {experiment.control}  # rolled-back arms aside
     compared = [arm for arm in arms if arm != experiment.control and arm in live]

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from gateway import keys
+from gateway.arm_signal import begin_period
 from gateway.assignment import BUCKETS, allocate, reallocate
 
 # KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version. ARGV:
@@ -153,10 +154,10 @@ class Experiment(BaseModel):
     )
     rated_before: dict[str, tuple[int, float, float]] = Field(
         default_factory=dict,
-        description="Each arm's ratings (count, sum, sum of squares) when the split last changed: arms are compared "
-        "on the ratings since, so that a drift over time does not read as a difference between arms that sampled "
-        "different times in different proportions. Omitted from the stored JSON while empty (a gateway of an "
-        "earlier release reads that record).",
+        description="Each arm's ratings (count, sum, sum of squares) when the split last changed, as an earlier "
+        "release kept them; read only for arms whose counters have no comparison period of their own "
+        "(gateway.arm_signal). Omitted from the stored JSON while empty (a gateway of an earlier release reads "
+        "that record).",
     )
 
     @field_validator("arms")
@@ -327,19 +328,12 @@ class ExperimentStore:
         return bool(done)
 
     async def _split_changed(self, experiment: Experiment) -> dict[str, Any]:
-        """`exposed_before` and `rated_before` as of now: each arm's identified requests so far (requests less
-        anonymous ones, as the results count them), and its ratings."""
-        fields = ("requests", "anonymous", "rated", "positive_sum", "positive_squares")
-        async with self._counters.pipeline(transaction=False) as pipe:
-            for arm in experiment.arms:
-                pipe.hmget(keys.arm_counters(experiment.tenant, experiment.name, arm.name), *fields)
-            counts = await pipe.execute()
-        exposed, rated = {}, {}
-        for arm, found in zip(experiment.arms, counts, strict=True):
-            requests, anonymous, n, total, squares = (float(value or 0) for value in found)
-            exposed[arm.name] = int(requests - anonymous)
-            rated[arm.name] = (int(n), total, squares)
-        return {"exposed_before": exposed, "rated_before": rated}
+        """A new comparison period, begun in the arms' counters before the change is saved (a change refused then
+        by a conflict has only restarted the period: fewer ratings compared, none wrong); `exposed_before`: each
+        arm's identified requests so far (requests less anonymous ones, as the results count them)."""
+        arms = [arm.name for arm in experiment.arms]
+        exposed = await begin_period(self._counters, experiment.tenant, experiment.name, arms)
+        return {"exposed_before": exposed, "rated_before": {}}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:
         raw = await self._redis.hget(keys.experiments(tenant), name)

@@ -22,6 +22,7 @@ control, and may anyone act on it yet.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,7 +70,7 @@ class Difference:
         return self.low > 0 or self.high < 0
 
 
-def sample_ratio_mismatch(exposures: list[int], weights: list[float]) -> float:
+def sample_ratio_mismatch(exposures: Sequence[int], weights: Sequence[float]) -> float:
     """The chi-squared p-value of the exposures against the weights (1.0 when there is nothing to test)."""
     live = [(seen, weight) for seen, weight in zip(exposures, weights, strict=True) if weight > 0]
     total = sum(seen for seen, _ in live)

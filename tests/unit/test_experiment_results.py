@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import experiment_history, experiment_page, keys
+from gateway import arm_signal, experiment_history, experiment_page, keys
 from gateway.answer import Answer
 from gateway.context import RequestContext
+from gateway.erasure import forget_user
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Change, Experiment, ExperimentStore
 from gateway.feedback import FeedbackStore
@@ -143,12 +144,13 @@ async def test_arms_are_compared_on_the_ratings_since_the_split_last_changed(red
     store = ExperimentStore(redis)
     await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test")
 
-    async def rate(arm: str, n: int, rate: float) -> None:
+    async def rate(arm: str, n: int, rate: float) -> None:  # as n thumbs given now move the counters (arm_signal)
         counters = keys.arm_counters("t", "e", arm)
         await redis.hincrby(counters, "requests", n)
-        await redis.hincrby(counters, "rated", n)
-        for field in ("positive_sum", "positive_squares"):  # thumbs: v * v = v
-            await redis.hincrbyfloat(counters, field, n * rate)
+        for prefix in ("", "since:"):
+            await redis.hincrby(counters, f"{prefix}rated", n)
+            for field in ("positive_sum", "positive_squares"):  # thumbs: v * v = v
+                await redis.hincrbyfloat(counters, prefix + field, n * rate)
 
     await rate("a", 9000, 0.5)
     await rate("b", 1000, 0.5)
@@ -160,6 +162,75 @@ async def test_arms_are_compared_on_the_ratings_since_the_split_last_changed(red
     assert found["arms"]["b"]["rated_since_change"] == 5000
     assert abs(found["differences"][0]["diff"]) < 1e-9 and found["winner"] is None
     assert found["verdict"] != "winner"
+
+
+async def _rated_across_a_change(
+    redis: aioredis.Redis, stores: tuple[Recorder, FeedbackStore], monkeypatch: pytest.MonkeyPatch
+) -> tuple[ExperimentStore, FeedbackStore]:
+    """50/50 (at least 10 ratings an arm for a verdict); ten ratings up of control's completions, then the split
+    changes (60/40), then 20 ratings an arm, half of them up: since the change the arms are alike."""
+    recorder, feedback = stores
+    await feedback.check_durability()
+    monkeypatch.setattr(arm_signal, "SINCE_MARGIN_S", 0)  # ratings given at once after the change count since
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms, min_samples=10), "test")
+    await recorder._write(build_entries([raw_record(served(n, "ab"[n >= 50], f"u{n}")) for n in range(100)]))
+    for n in range(10):
+        await feedback.submit(TENANT, FeedbackIn(completion_id=f"chatcmpl-{n}", user=f"old{n}", thumbs="up"))
+    await store.set_weights("t", "e", {"a": 60, "b": 40}, by="test")
+    for n in [*range(10, 30), *range(50, 70)]:
+        thumbs = "up" if n % 2 else "down"
+        await feedback.submit(TENANT, FeedbackIn(completion_id=f"chatcmpl-{n}", user=f"new{n}", thumbs=thumbs))
+    found = await results(redis, await store.get("t", "e"))
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [20, 20]
+    assert found["differences"][0]["diff"] == pytest.approx(0.0) and found["winner"] is None
+    return store, feedback
+
+
+async def test_a_rating_given_before_the_change_and_replaced_after_it_counts_as_given_since(
+    redis: aioredis.Redis, stores: tuple[Recorder, FeedbackStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ten early ratings, replaced by thumbs down: ten more ratings since for control (10 up of 30), not ten taken
+    from its ratings since that were never in them (control at 0 of 20, with no variance, read as a sure loser: the
+    guard rail promoted the treatment)."""
+    store, feedback = await _rated_across_a_change(redis, stores, monkeypatch)
+    for n in range(10):
+        await feedback.submit(TENANT, FeedbackIn(completion_id=f"chatcmpl-{n}", user=f"old{n}", thumbs="down"))
+    found = await results(redis, await store.get("t", "e"))
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [30, 20]
+    assert found["differences"][0]["diff"] == pytest.approx(0.5 - 10 / 30)
+    assert found["winner"] is None and found["verdict"] != "winner"
+    assert (found["arms"]["a"]["rated"], found["arms"]["a"]["positive_rate"]) == (30, pytest.approx(10 / 30))
+
+
+async def test_erasing_ratings_given_before_the_change_leaves_those_since(
+    redis: aioredis.Redis, stores: tuple[Recorder, FeedbackStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Erasure takes the early raters' ratings out of the totals, and nothing out of the ratings since, which never
+    held them (it took them from those: control at 0 of 10)."""
+    store, _ = await _rated_across_a_change(redis, stores, monkeypatch)
+    for n in range(10):
+        removed = await forget_user(redis, "t", f"old{n}", TENANT.logging)
+        assert removed["feedback"] == 1
+    found = await results(redis, await store.get("t", "e"))
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [20, 20]
+    assert found["differences"][0]["diff"] == pytest.approx(0.0) and found["winner"] is None
+    assert found["arms"]["a"]["rated"] == 20
+
+
+async def test_an_ended_experiment_keeps_its_sample_ratio_check(redis: aioredis.Redis) -> None:
+    """Stopped (or promoted, rolled back), an experiment keeps no allocation: the check counted each arm's share from
+    it, found none, and an experiment that ended flagged read as clean (p = 1)."""
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test")
+    for arm, requests in (("a", 64), ("b", 6)):
+        await redis.hset(keys.arm_counters("t", "e", arm), "requests", requests)
+    running = await results(redis, await store.get("t", "e"))
+    assert running["sample_ratio_p"] < 1e-6 and running["verdict"] == "sample ratio mismatch"
+    stopped = await results(redis, await store.set_status("t", "e", "stopped", by="test"))
+    assert stopped["sample_ratio_p"] == running["sample_ratio_p"] and stopped["verdict"] == running["verdict"]
 
 
 async def test_only_a_new_split_starts_a_new_comparison(redis: aioredis.Redis) -> None:
