@@ -127,6 +127,7 @@ async def _complete(
         svc.recorder.record(done)
 
     try:
+        context.header_user = user_from_header(request.headers.get(USER_HEADER))  # a refused body has its user too
         payload, size = await read_json_sized(request, svc.settings.max_body_bytes)
         context.payload = payload
         try:
@@ -134,7 +135,6 @@ async def _complete(
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
         context.validated = True
-        context.header_user = user_from_header(request.headers.get(USER_HEADER))
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)

@@ -112,3 +112,11 @@ def test_a_header_that_is_not_utf8_is_read_as_latin1(
     status, answer = ask(api, raw)
     assert status == 503, answer  # refused by no one: it reached the (absent) engine
     assert [record["user"] for record in logged(api, redis_server)] == [name]
+
+
+def test_a_request_refused_for_its_body_keeps_the_headers_user(api: TestClient, redis_server: RedisServer) -> None:
+    """Refused before forwarding (400), it is recorded, under its end user as the body's `user` would be (the header
+    was read only once the body had passed)."""
+    status, answer = ask(api, b"ana", {"model": BASE, "messages": []})
+    assert status == 400, answer
+    assert [(record["user"], record["status"]) for record in logged(api, redis_server)] == [("ana", 400)]
