@@ -21,6 +21,15 @@ _UNREADABLE = (ValueError, TypeError, AttributeError, OverflowError)
 """What reading an event or a body of an unexpected shape raises (OverflowError: an `index` of 1e400, read as inf)."""
 
 
+def parse_chunk(data: bytes) -> dict[str, Any] | None:
+    """One stream event's JSON (`data: ` stripped), parsed; None if it is not a JSON object."""
+    try:
+        chunk = pydantic_core.from_json(data)
+    except _UNREADABLE:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
 @dataclass(slots=True)
 class _ChoiceParts:
     texts: list[str] = field(default_factory=list)
@@ -69,19 +78,22 @@ class Answer:
     _parts: dict[int, _ChoiceParts] = field(default_factory=dict)
 
     def feed(self, data: bytes) -> dict[str, Any] | None:
-        """One stream event's JSON (`data: ` stripped); the chunk, parsed (None if it is not a JSON object)."""
+        """One stream event's JSON (`data: ` stripped) into the answer; the chunk, parsed (None if it is not a JSON
+        object, or not one of a chunk's shape)."""
+        chunk = parse_chunk(data)
+        return chunk if chunk is not None and self.take(chunk) else None
+
+    def take(self, chunk: dict[str, Any]) -> bool:
+        """A parsed stream chunk into the answer (False: not of a chunk's shape; the log misses what it holds)."""
         try:
-            chunk = pydantic_core.from_json(data)
-            if not isinstance(chunk, dict):
-                return None
             self.completion_id = self.completion_id or _text(chunk.get("id"))
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
                 self._absorb(choice, "delta")
         except _UNREADABLE:
-            return None  # an event of an unexpected shape is passed on all the same; the log misses it
-        return chunk
+            return False  # an event of an unexpected shape is passed on all the same
+        return True
 
     def parse_body(self) -> None:
         """Fill the answer from a whole JSON body (chat or text completion)."""

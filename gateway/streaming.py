@@ -23,7 +23,7 @@ import aiohttp
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.answer import Answer
+from gateway.answer import Answer, parse_chunk
 from gateway.context import CLIENT_CLOSED
 from gateway.engine.http1 import EngineResponse
 from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
@@ -126,22 +126,33 @@ class RelayResponse(StreamingResponse):
         self._hide_usage = hide_usage
         self._outcome = 200
         self._done = False
-        self._held: list[bytes] = []
-        """Chunks that ended a choice, held back until the usage chunk (with `hide_usage`)."""
+        self._held: list[tuple[bytes, dict[str, Any]]] = []
+        """Chunks that ended a choice (each event and its chunk), held back until the usage chunk (with
+        `hide_usage`): taken into the answer only when passed on, so that a client that leaves meanwhile is
+        recorded with what it got."""
         self._before_first = True
         """No event with a choice has passed yet (`_feed`)."""
         super().__init__(self._relay(), status_code=200, media_type="text/event-stream")
 
     def _feed(self, event: bytes) -> dict[str, Any] | None:
-        """One `data: {...}` event into the answer; the chunk, parsed. The first chunk with a choice is the first
-        token: not just any event, as vLLM may send an error event in place of any token (a `json_schema` it cannot
-        compile). Such a stream must end as one without a first token, so that its quota reservation is given back
-        (as without streaming) and it has no time to first token, in the log or the metrics."""
+        """One `data: {...}` event into the answer, as it is passed on; the chunk, parsed."""
         chunk = self._answer.feed(event[6:])
+        self._passed(chunk)
+        return chunk
+
+    def _passed(self, chunk: dict[str, Any] | None) -> None:
+        """The first chunk with a choice passed on is the first token: not just any event, as vLLM may send an error
+        event in place of any token (a `json_schema` it cannot compile). Such a stream must end as one without a
+        first token, so that its quota reservation is given back (as without streaming) and it has no time to first
+        token, in the log or the metrics."""
         if self._before_first and chunk is not None and chunk.get("choices"):
             self._before_first = False
             self._on_first()
-        return chunk
+
+    def _take(self, chunk: dict[str, Any] | None) -> None:
+        """A chunk parsed apart (`_client_event`) into the answer, as it is passed on."""
+        if chunk is not None and self._answer.take(chunk):
+            self._passed(chunk)
 
     def _pass_on(self, events: bytes) -> bytes:
         if self._rename is not None:
@@ -157,26 +168,31 @@ class RelayResponse(StreamingResponse):
         """One whole event as the client gets it: an engine error rewritten; a usage chunk it did not ask for
         dropped (the gateway asked for it, to settle the quota and log the usage), its `system_fingerprint` put on
         the chunks that ended choices, each held back until then (`_held`)."""
-        chunk = self._feed(event) if event.startswith(b"data: {") else None
+        chunk = parse_chunk(event[6:]) if event.startswith(b"data: {") else None
+        if self._hide_usage and chunk is not None and _ends_a_choice(chunk):
+            self._held.append((event, chunk))
+            return b""
+        self._take(chunk)
         if event.startswith(ERROR_EVENT):
             error = client_error(event)
             self._outcome = 502 if error.status >= 500 else error.status
             return self._release(None) + sse_error_event(error)
         if self._hide_usage and USAGE_ONLY in event:
             return self._release(chunk.get("system_fingerprint") if chunk is not None else None)
-        if self._hide_usage and _ends_a_choice(chunk):
-            self._held.append(event)
-            return b""
         return self._release(None) + event + b"\n\n" if event.startswith(DONE_EVENT) else event + b"\n\n"
 
     def _release(self, fingerprint: object) -> bytes:
         """The chunks held since they ended their choices, stamped with `fingerprint` (vLLM's, from the usage
-        chunk; as vLLM stamps them when it is not asked for usage)."""
+        chunk; as vLLM stamps them when it is not asked for usage), and taken into the answer as they go."""
         if not self._held:
             return b""
         held, self._held = self._held, []
         stamp = b',"system_fingerprint":' + json.dumps(fingerprint).encode() + b"}" if fingerprint else b""
-        return b"".join((event[:-1] + stamp if stamp and event.endswith(b"}") else event) + b"\n\n" for event in held)
+        for _, chunk in held:
+            self._take(chunk)
+        return b"".join(
+            (event[:-1] + stamp if stamp and event.endswith(b"}") else event) + b"\n\n" for event, _ in held
+        )
 
     async def _relay(self) -> AsyncIterator[bytes]:
         pending = b""

@@ -340,3 +340,34 @@ def test_a_stream_always_asks_for_usage_and_continuous_usage_only_when_the_clien
     sent = payload["stream_options"]
     assert sent["include_usage"] is True
     assert sent["continuous_usage_stats"] is (not hidden), "vLLM sends it only with include_usage: so do we"
+
+
+async def test_a_held_ending_is_recorded_only_once_the_client_has_it() -> None:
+    """With the usage chunk hidden, the chunk that ends a choice waits for it; a client that leaves meanwhile never
+    got that chunk, and its record keeps what it got: no "!" and no finish reason for choice 0 (they were taken into
+    the record as the chunk was held)."""
+    events = [
+        chunk(choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]),
+        chunk(choices=[{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}]),
+        chunk(choices=[{"index": 1, "delta": {"content": "Yo"}, "finish_reason": None}]),
+    ]
+    connection, closed, answer = Connection(), [], Answer()
+    upstream = Upstream(events, hangs=True)
+
+    async def send(message: dict[str, Any]) -> None:
+        if b'"Yo"' in message.get("body", b""):
+            connection.gone.set()
+
+    relay = RelayResponse(upstream, answer, lambda: None, closed.append, hide_usage=True)  # type: ignore[arg-type]
+    await asyncio.wait_for(relay({"type": "http"}, connection.receive, send), 5)
+    assert closed == [CLIENT_CLOSED]
+    assert [(c["text"], c.get("finish_reason")) for c in answer.choice_dicts()] == [("Hi", None), ("Yo", None)]
+    whole = Answer()
+    await asyncio.wait_for(
+        RelayResponse(Upstream([*events, USAGE, DONE], hangs=False), whole, lambda: None, [].append, hide_usage=True)(  # type: ignore[arg-type]
+            {"type": "http"}, Connection().receive, send
+        ),
+        5,
+    )
+    assert [(c["text"], c.get("finish_reason")) for c in whole.choice_dicts()] == [("Hi!", "stop"), ("Yo", None)]
+    assert whole.usage == {"prompt_tokens": 3, "completion_tokens": 4}
