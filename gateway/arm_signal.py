@@ -74,24 +74,32 @@ return #gone
 """
 )
 
-# KEYS: the arms' counters. ARGV: SINCE_MARGIN_S. Each arm's ratings since start again from none, from now plus the
-# margin; returns each arm's identified requests so far (requests less anonymous ones), in KEYS' order.
+# KEYS: the tenant's deletion tombstone (keys.tenant_deleted), then the arms' counters. ARGV: SINCE_MARGIN_S, when
+# the experiment was created. Each arm's ratings since start again from none, from now plus the margin; returns each
+# arm's identified requests so far (requests less anonymous ones), in KEYS' order. Nothing is written for an
+# experiment whose tenant was deleted since (its counters were purged: the change is refused as it is saved).
 _BEGIN_PERIOD = """
+local deleted = redis.call('GET', KEYS[1])
+if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return {} end
 local now = redis.call('TIME')
 local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
 local exposed = {}
-for i, key in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local key = KEYS[i]
   redis.call('HSET', key, 'since:at', at, 'since:rated', 0, 'since:positive_sum', 0, 'since:positive_squares', 0)
   local found = redis.call('HMGET', key, 'requests', 'anonymous')
-  exposed[i] = (tonumber(found[1]) or 0) - (tonumber(found[2]) or 0)
+  exposed[i - 1] = (tonumber(found[1]) or 0) - (tonumber(found[2]) or 0)
 end
 return exposed
 """
 
 
-async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, arms: list[str]) -> dict[str, int]:
-    """A new comparison period for the experiment's arms (its split changed): their ratings since count from none.
-    Returns each arm's identified requests so far, which the sample ratio test counts from."""
-    counters = [keys.arm_counters(tenant, experiment, arm) for arm in arms]
-    exposed = await redis.eval(_BEGIN_PERIOD, len(counters), *counters, SINCE_MARGIN_S)
-    return {arm: int(count) for arm, count in zip(arms, exposed, strict=True)}
+async def begin_period(
+    redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]
+) -> dict[str, int]:
+    """A new comparison period for the arms of the experiment (created at `created`) whose split changed: their
+    ratings since count from none. Returns each arm's identified requests so far, which the sample ratio test counts
+    from (none for an experiment whose tenant was deleted since)."""
+    script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
+    exposed = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
+    return {arm: int(count) for arm, count in zip(arms, exposed, strict=False)}

@@ -68,6 +68,16 @@ return 1
 process appends meanwhile is neither lost nor copied."""
 
 
+# KEYS: the history, its tenant's deletion tombstone (keys.tenant_deleted). ARGV: the point, when the experiment was
+# created. Appended unless the experiment's tenant was deleted since (a guard-rail round that read the experiment
+# just before: its point would bring the purged history back); returns the length, 0 if not appended.
+_APPEND = """
+local deleted = redis.call('GET', KEYS[2])
+if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return 0 end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
+
+
 async def record(redis: aioredis.Redis, experiment: Experiment, results: dict[str, Any]) -> bool:
     """Append the point of `results` unless nothing moved since the last; True when appended."""
     key = keys.experiment_history(experiment.tenant, experiment.name)
@@ -75,7 +85,12 @@ async def record(redis: aioredis.Redis, experiment: Experiment, results: dict[st
     last = await redis.lindex(key, -1)
     if last is not None and not _moved(json.loads(last), new):
         return False
-    length = await redis.rpush(key, json.dumps(new, separators=(",", ":")))
+    script_keys = [key, keys.tenant_deleted(experiment.tenant)]
+    length = await redis.eval(
+        _APPEND, 2, *script_keys, json.dumps(new, separators=(",", ":")), repr(experiment.created)
+    )
+    if not length:
+        return False
     if length > MAX_POINTS:
         await redis.eval(_THIN, 1, key, MAX_POINTS)
     return True

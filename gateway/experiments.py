@@ -332,7 +332,7 @@ class ExperimentStore:
         by a conflict has only restarted the period: fewer ratings compared, none wrong); `exposed_before`: each
         arm's identified requests so far (requests less anonymous ones, as the results count them)."""
         arms = [arm.name for arm in experiment.arms]
-        exposed = await begin_period(self._counters, experiment.tenant, experiment.name, arms)
+        exposed = await begin_period(self._counters, experiment.tenant, experiment.name, experiment.created, arms)
         return {"exposed_before": exposed, "rated_before": {}}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:

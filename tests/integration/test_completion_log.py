@@ -199,19 +199,27 @@ def test_the_user_header_names_the_rater_as_it_names_the_requester(teams: dict[s
     """`x-loragate-user` names a rating's end user where its body does not, as it does a completion's: two users'
     ratings are two (the second replaced the first, both stored as nobody's), and erasing one finds theirs."""
     team = teams["log-a"]
-    ask = {"model": MODEL, "messages": ASK, "max_tokens": 2, "extra_headers": {"x-loragate-user": "alice"}}
+    ask = {"model": MODEL, "messages": ASK, "max_tokens": 2, "extra_headers": {"x-loragate-user": "hdr-alice"}}
     answer = team.client().chat.completions.create(**ask)  # type: ignore[call-overload]
     with team.http() as http:
-        for user, body in (("alice", {"thumbs": "up"}), ("bob", {"thumbs": "down"}), ("bob", {"user": "carl"})):
+        for user, body in (
+            ("hdr-alice", {"thumbs": "up"}),
+            ("hdr-bob", {"thumbs": "down"}),
+            ("hdr-bob", {"user": "hdr-carl"}),
+        ):
             rating = {"completion_id": answer.id, "score": 0.5, **body}
             posted = http.post("/v1/feedback", json=rating, headers={"x-loragate-user": user})
             assert posted.status_code == 200 and posted.json()["user"] == body.get("user", user), posted.text
         read = http.get("/v1/feedback", params={"completion_id": answer.id}).json()["data"]
-        assert sorted((f["user"], f["thumbs"]) for f in read) == [("alice", "up"), ("bob", "down"), ("carl", None)]
+        assert sorted((f["user"], f["thumbs"]) for f in read) == [
+            ("hdr-alice", "up"),
+            ("hdr-bob", "down"),
+            ("hdr-carl", None),
+        ]
         with admin(gateway, "log-a") as api:
-            assert api.post("/users/bob/forget").json()["removed"] == {"completions": 0, "feedback": 1}
+            assert api.post("/users/hdr-bob/forget").json()["removed"] == {"completions": 0, "feedback": 1}
         read = http.get("/v1/feedback", params={"completion_id": answer.id}).json()["data"]
-        assert sorted(f["user"] for f in read) == ["alice", "carl"]
+        assert sorted(f["user"] for f in read) == ["hdr-alice", "hdr-carl"]
 
 
 def test_feedback_on_another_tenants_completion_is_the_unknown_404(teams: dict[str, Team]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import redis.asyncio as aioredis
 from gateway import arm_signal, experiment_history, experiment_page, keys
 from gateway.answer import Answer
 from gateway.context import RequestContext
-from gateway.erasure import forget_user
+from gateway.erasure import forget_user, mark_tenant_deleted
 from gateway.experiment_results import results
 from gateway.experiments import Arm, Change, Experiment, ExperimentStore
 from gateway.feedback import FeedbackStore
@@ -355,3 +356,23 @@ async def test_history_thins_in_one_step_whatever_its_length(redis: aioredis.Red
     assert await redis.eval(experiment_history._THIN, 1, key, 2400) == 1  # noqa: SLF001
     assert await redis.lrange(key, 0, -1) == [str(n) for n in range(0, 2400, 2)] + ["2400"]
     assert await redis.eval(experiment_history._THIN, 1, key, 2400) == 0, "short enough: left as it is"  # noqa: SLF001
+
+
+async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_deleted(redis: aioredis.Redis) -> None:
+    """A guard-rail round that read the experiment just before its tenant was deleted neither brings its purged
+    history back (a make test run found its key after the deletion) nor its arms' counters (a roll-back's new
+    comparison period); the experiment of a tenant created again under the name is written as ever."""
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    old = await ExperimentStore(redis).create(
+        Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), "x"
+    )
+    found = await results(redis, old)
+    await mark_tenant_deleted(redis, "t", TENANT.created, 3600)
+    assert not await experiment_history.record(redis, old, found)
+    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"]) == {}
+    written = [keys.experiment_history("t", "e"), keys.arm_counters("t", "e", "a"), keys.arm_counters("t", "e", "b")]
+    assert await redis.exists(*written) == 0
+    await asyncio.sleep(0.01)
+    new = old.model_copy(update={"created": time.time()})
+    assert await experiment_history.record(redis, new, found)
+    assert await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"]) == {"a": 0, "b": 0}
