@@ -144,6 +144,11 @@ class SamplingParams(PassThrough):
     def prompts(self) -> int:
         return 1
 
+    def asks_prompt_logprobs(self) -> str | None:
+        """The field that makes vLLM compute the prompt's logprobs (None: nothing does): `prompt_logprobs` itself,
+        on either endpoint, or `echo` (vLLM then takes the prompt's from the completion's logprobs settings)."""
+        return "prompt_logprobs" if (self.model_extra or {}).get("prompt_logprobs") is not None else None
+
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -171,6 +176,10 @@ class ChatCompletionRequest(SamplingParams):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
 
+    def asks_prompt_logprobs(self) -> str | None:
+        """On chat, `echo` alone does: vLLM takes `top_logprobs` (0 when absent) as the prompt's."""
+        return super().asks_prompt_logprobs() or ("echo" if (self.model_extra or {}).get("echo") is True else None)
+
     @field_validator("messages", mode="before")
     @classmethod
     def _bounded_parts(cls, messages: Any) -> Any:
@@ -197,6 +206,10 @@ class CompletionRequest(SamplingParams):
     echo: bool | None = None
     suffix: str | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = None
+
+    def asks_prompt_logprobs(self) -> str | None:
+        """On text completions, `echo` with `logprobs` (any number, 0 too) does."""
+        return super().asks_prompt_logprobs() or ("echo" if self.echo and self.logprobs is not None else None)
 
     @model_validator(mode="after")
     def _zero_only_with_echo(self) -> CompletionRequest:

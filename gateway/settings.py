@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         description="Each tenant's requests reuse only its own prefix-cache blocks in vLLM (a per-tenant "
         "cache_salt), so no tenant can time another's prompts; false lets tenants share common prefixes.",
     )
+    allow_prompt_logprobs: bool = Field(
+        False,
+        description="Serve requests that make vLLM compute prompt logprobs (`prompt_logprobs`, `echo` on chat, "
+        "`echo` with `logprobs` on text completions). Off: refused (400): with LoRA on, vLLM 0.32's engine stops "
+        "when it computes them in a batch with a request of n > 1 (vLLM issue 16668), whoever sent either. Turn on "
+        "only for engines known to be free of that.",
+    )
     upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
     health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
     auth_cache_s: float = Field(

@@ -39,6 +39,13 @@ completion_router = APIRouter(route_class=TenantRoute)
 """The completion routes: the hot path, served by `TenantRoute`."""
 
 
+PROMPT_LOGPROBS_REFUSED = (
+    "Prompt logprobs (`prompt_logprobs`; `echo` on chat; `echo` with `logprobs` on text completions) are not served "
+    "here: with LoRA adapters on, the engine stops when it computes them beside a request for several completions "
+    "(vLLM issue 16668), for every caller of this gateway. Send the request without them."
+)
+
+
 def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> int | None:
     """No request generates more than `cap` tokens: one that names no limit gets its endpoint's default
     (OpenAI's 16 for text completions) or else `cap`; one that asks for more is lowered to it (its answer
@@ -135,6 +142,8 @@ async def _complete(
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
         context.validated = True
+        if not svc.settings.allow_prompt_logprobs and (field := validated.asks_prompt_logprobs()):
+            raise InvalidRequest(PROMPT_LOGPROBS_REFUSED, param=field, code="unsupported_parameter")
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)

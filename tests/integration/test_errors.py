@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Iterator
 
@@ -132,6 +133,29 @@ def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI, http: httpx.
     assert "min_tokens" in info.value.message
     refused = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 5, "min_tokens": 50})
     assert_envelope(refused, 400)
+
+
+def test_a_request_that_would_stop_the_engine_for_everyone_is_refused(http: httpx.Client) -> None:
+    """Prompt logprobs computed beside a request of n > 1 stop vLLM 0.32's engine with LoRA on (measured straight
+    against it: chat `echo` with a chat request of n = 2 at the same time, five times out of five; vLLM issue
+    16668), and with it every tenant's requests for half a minute. Each way to ask for them is refused with a 400
+    naming the field; the engine stays up for the request beside them."""
+    story = [{"role": "user", "content": "Tell me a story about a dragon who lives in a castle by the sea."}]
+    asks = [
+        ("/v1/chat/completions", {"messages": story, "echo": True}, "echo"),
+        ("/v1/chat/completions", {"messages": story, "prompt_logprobs": 0}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": "hi there", "echo": True, "logprobs": 0, "n": 2}, "echo"),
+        ("/v1/completions", {"prompt": "hi there", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for path, body, field in asks:
+            two = {"model": MODEL, "messages": HELLO, "n": 2, "max_tokens": 3}
+            beside = pool.submit(http.post, "/v1/chat/completions", json=two)
+            asked = http.post(path, json={"model": MODEL, "max_tokens": 3, **body})
+            assert_envelope(asked, 400, code="unsupported_parameter", param=field)
+            assert "vLLM issue 16668" in asked.json()["error"]["message"]
+            assert beside.result().status_code == 200, beside.result().text
+    assert http.get("/readyz").status_code == 200
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:

@@ -59,6 +59,30 @@ def test_null_n_and_stream_are_their_defaults_as_the_sdk_sends_them() -> None:
     assert request.answers() == 1 and not request.stream
 
 
+@pytest.mark.parametrize(
+    ("schema", "fields", "asks"),
+    [
+        (ChatCompletionRequest, {"echo": True}, "echo"),
+        (ChatCompletionRequest, {"echo": True, "prompt_logprobs": None}, "echo"),
+        (ChatCompletionRequest, {"prompt_logprobs": 0}, "prompt_logprobs"),
+        (ChatCompletionRequest, {"echo": False, "logprobs": True, "top_logprobs": 2}, None),
+        (ChatCompletionRequest, {"prompt_logprobs": None}, None),
+        (CompletionRequest, {"echo": True, "logprobs": 0}, "echo"),
+        (CompletionRequest, {"prompt_logprobs": 1}, "prompt_logprobs"),
+        (CompletionRequest, {"echo": True}, None),
+        (CompletionRequest, {"logprobs": 2}, None),
+    ],
+)
+def test_what_makes_vllm_compute_a_prompts_logprobs(
+    schema: type[SamplingParams], fields: dict[str, Any], asks: str | None
+) -> None:
+    """vLLM computes them for `prompt_logprobs`, for chat's `echo` (taking `top_logprobs`, 0 when absent) and for a
+    text completion's `echo` with `logprobs`: the requests refused unless LORAGATE_ALLOW_PROMPT_LOGPROBS is on."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]} if schema is ChatCompletionRequest else {}
+    body = base or {"model": "m", "prompt": "x"}
+    assert schema.model_validate({**body, **fields}).asks_prompt_logprobs() == asks
+
+
 def test_max_tokens_zero_scores_a_prompt_only_with_echo() -> None:
     """vLLM's `echo` with `max_tokens: 0`: the prompt's logprobs, nothing generated; 0 alone generates nothing."""
     scored = {"model": "m", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0}
