@@ -17,6 +17,9 @@ what it had never added to them, and the comparison could name a winner that no 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import redis.asyncio as aioredis
 
 from gateway import keys
@@ -75,31 +78,62 @@ return #gone
 )
 
 # KEYS: the tenant's deletion tombstone (keys.tenant_deleted), then the arms' counters. ARGV: SINCE_MARGIN_S, when
-# the experiment was created. Each arm's ratings since start again from none, from now plus the margin; returns each
-# arm's identified requests so far (requests less anonymous ones), in KEYS' order. Nothing is written for an
-# experiment whose tenant was deleted since (its counters were purged: the change is refused as it is saved).
+# the experiment was created. Each arm's ratings since start again from none, from now plus the margin, and the period
+# notes the arm's totals it began at (`since:base`: the experiment's `rated_before` must match it, below); returns per
+# arm its identified requests so far (requests less anonymous ones) and that base, in KEYS' order. Nothing is written
+# for an experiment whose tenant was deleted since (its counters were purged: the change is refused as it is saved).
 _BEGIN_PERIOD = """
 local deleted = redis.call('GET', KEYS[1])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return {} end
 local now = redis.call('TIME')
 local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
-local exposed = {}
+local found = {}
 for i = 2, #KEYS do
   local key = KEYS[i]
-  redis.call('HSET', key, 'since:at', at, 'since:rated', 0, 'since:positive_sum', 0, 'since:positive_squares', 0)
-  local found = redis.call('HMGET', key, 'requests', 'anonymous')
-  exposed[i - 1] = (tonumber(found[1]) or 0) - (tonumber(found[2]) or 0)
+  local n = redis.call('HMGET', key, 'requests', 'anonymous', 'rated', 'positive_sum', 'positive_squares')
+  local base = (n[3] or '0') .. ' ' .. (n[4] or '0') .. ' ' .. (n[5] or '0')
+  redis.call('HSET', key, 'since:at', at, 'since:base', base, 'since:rated', 0, 'since:positive_sum', 0,
+    'since:positive_squares', 0)
+  found[i - 1] = {(tonumber(n[1]) or 0) - (tonumber(n[2]) or 0), base}
 end
-return exposed
+return found
 """
 
 
-async def begin_period(
-    redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]
-) -> dict[str, int]:
+@dataclass(frozen=True)
+class Period:
+    """What a new comparison period began at, per arm: its identified requests and its rating totals."""
+
+    exposed: dict[str, int]
+    rated: dict[str, tuple[int, float, float]]
+
+
+async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]) -> Period:
     """A new comparison period for the arms of the experiment (created at `created`) whose split changed: their
-    ratings since count from none. Returns each arm's identified requests so far, which the sample ratio test counts
-    from (none for an experiment whose tenant was deleted since)."""
+    ratings since count from none. Returns what each arm had until then (nothing for an experiment whose tenant was
+    deleted since): the sample ratio test counts requests from there; the totals are the experiment's `rated_before`,
+    which gateways of the release before compare from (and which tells this one whether they changed the split
+    since: `counted_since`)."""
     script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
-    exposed = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
-    return {arm: int(count) for arm, count in zip(arms, exposed, strict=False)}
+    found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
+    period = Period({}, {})
+    for arm, (exposed, base) in zip(arms, found, strict=False):
+        period.exposed[arm], period.rated[arm] = int(exposed), _base(base)
+    return period
+
+
+def _base(text: str | bytes) -> tuple[int, float, float]:
+    rated, total, squares = (text.decode() if isinstance(text, bytes) else text).split()
+    return int(float(rated)), float(total), float(squares)
+
+
+def counted_since(counters: dict[str, str], before: tuple[int, float, float] | None) -> bool:
+    """Whether the arm's counters hold its ratings since the split last changed: a period begun by this release
+    (`since:at`) whose base is the experiment's `rated_before` (a gateway of the release before that changed the
+    split later took a new snapshot, which the period's base then no longer matches)."""
+    if "since:at" not in counters or "since:base" not in counters or before is None:
+        return False
+    base = _base(counters["since:base"])
+    return base[0] == before[0] and all(
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(base[1:], before[1:], strict=True)
+    )

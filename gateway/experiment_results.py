@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.arm_signal import counted_since
 from gateway.assignment import shares
 from gateway.experiments import Experiment
 from gateway.record_builder import LATENCY_BUCKETS_MS
@@ -35,10 +36,11 @@ def percentile(counts: dict[int, int], q: float) -> float | None:
     return float(max(counts))
 
 
-def _since(number: dict[str, float], before: tuple[int, float, float]) -> Sample:
-    """An arm's ratings since the split last changed, as its counters keep them (gateway.arm_signal); for counters an
-    earlier release kept, which have no period of their own, its totals less `before` (its snapshot at the change)."""
-    if "since:at" in number:
+def _since(counters: dict[str, str], number: dict[str, float], before: tuple[int, float, float] | None) -> Sample:
+    """An arm's ratings since the split last changed, as its counters keep them (gateway.arm_signal); where they
+    keep no period of their own (an earlier release's counters, or a split that release changed since), its totals
+    less `before` (the experiment's snapshot at the change)."""
+    if counted_since(counters, before):
         return Sample(
             int(number.get("since:rated", 0)),
             number.get("since:positive_sum", 0.0),
@@ -46,12 +48,13 @@ def _since(number: dict[str, float], before: tuple[int, float, float]) -> Sample
         )
     rated = int(number.get("rated", 0))
     total, squares = number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)
+    before = before or (0, 0.0, 0.0)
     return Sample(max(rated - before[0], 0), total - before[1], squares - before[2])
 
 
-def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float]) -> dict[str, Any]:
+def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] | None) -> dict[str, Any]:
     """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read."""
-    number = {k: float(v) for k, v in counters.items()}
+    number = {k: float(v) for k, v in counters.items() if k != "since:base"}
     requests = int(number.get("requests", 0))
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
     rated = int(number.get("rated", 0))
@@ -70,7 +73,7 @@ def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float])
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
         "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
-        "_sample": _since(number, before),
+        "_sample": _since(counters, number, before),
     }
 
 
@@ -87,10 +90,7 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
             pipe.pfcount(keys.arm_users(tenant, name, arm.name))
         read = await pipe.execute()
     before = experiment.rated_before  # arms are compared on the ratings since the split last changed
-    arms = {
-        arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name, (0, 0.0, 0.0)))
-        for i, arm in enumerate(experiment.arms)
-    }
+    arms = {arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name)) for i, arm in enumerate(experiment.arms)}
     since = experiment.exposed_before  # the split the weights describe began then
     identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
     # each arm's buckets, as its allocation holds them (the weights rounded to whole buckets, one at least): from the

@@ -154,10 +154,10 @@ class Experiment(BaseModel):
     )
     rated_before: dict[str, tuple[int, float, float]] = Field(
         default_factory=dict,
-        description="Each arm's ratings (count, sum, sum of squares) when the split last changed, as an earlier "
-        "release kept them; read only for arms whose counters have no comparison period of their own "
-        "(gateway.arm_signal). Omitted from the stored JSON while empty (a gateway of an earlier release reads "
-        "that record).",
+        description="Each arm's ratings (count, sum, sum of squares) when the split last changed. Gateways of the "
+        "release before compare on the totals less these; this one on the period its counters keep "
+        "(gateway.arm_signal) while that period began at these (else as the release before did). Omitted from "
+        "the stored JSON while empty (a gateway of an earlier release reads that record).",
     )
 
     @field_validator("arms")
@@ -332,8 +332,8 @@ class ExperimentStore:
         by a conflict has only restarted the period: fewer ratings compared, none wrong); `exposed_before`: each
         arm's identified requests so far (requests less anonymous ones, as the results count them)."""
         arms = [arm.name for arm in experiment.arms]
-        exposed = await begin_period(self._counters, experiment.tenant, experiment.name, experiment.created, arms)
-        return {"exposed_before": exposed, "rated_before": {}}
+        period = await begin_period(self._counters, experiment.tenant, experiment.name, experiment.created, arms)
+        return {"exposed_before": period.exposed, "rated_before": period.rated}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:
         raw = await self._redis.hget(keys.experiments(tenant), name)

@@ -173,12 +173,15 @@ class ChatCompletionRequest(SamplingParams):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    """vLLM's: the last message repeated before the answer. Declared (strict) so that only `true` is read as true,
+    as vLLM would also read `1` or `"yes"`, and computes the prompt's logprobs then (`asks_prompt_logprobs`)."""
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
 
     def asks_prompt_logprobs(self) -> str | None:
         """On chat, `echo` alone does: vLLM takes `top_logprobs` (0 when absent) as the prompt's."""
-        return super().asks_prompt_logprobs() or ("echo" if (self.model_extra or {}).get("echo") is True else None)
+        return super().asks_prompt_logprobs() or ("echo" if self.echo else None)
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -50,7 +50,7 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
         given = FeedbackIn.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    if given.user is None and (header_user := user_from_header(request.headers.get(USER_HEADER))):
+    if not given.user and (header_user := user_from_header(request.headers.get(USER_HEADER))):  # "" names no one
         given.user = header_user[:MAX_USER_CHARS]  # as a completion names its end user where its body does not
     tenant = await callers_tenant(svc, caller)
     feedback, in_redis = await svc.feedback.submit(tenant, given)

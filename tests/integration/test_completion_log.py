@@ -206,20 +206,22 @@ def test_the_user_header_names_the_rater_as_it_names_the_requester(teams: dict[s
             ("hdr-alice", {"thumbs": "up"}),
             ("hdr-bob", {"thumbs": "down"}),
             ("hdr-bob", {"user": "hdr-carl"}),
+            ("hdr-dave", {"user": ""}),  # an empty user names no one, as in a completion: the header does
         ):
             rating = {"completion_id": answer.id, "score": 0.5, **body}
             posted = http.post("/v1/feedback", json=rating, headers={"x-loragate-user": user})
-            assert posted.status_code == 200 and posted.json()["user"] == body.get("user", user), posted.text
+            assert posted.status_code == 200 and posted.json()["user"] == (body.get("user") or user), posted.text
         read = http.get("/v1/feedback", params={"completion_id": answer.id}).json()["data"]
         assert sorted((f["user"], f["thumbs"]) for f in read) == [
             ("hdr-alice", "up"),
             ("hdr-bob", "down"),
             ("hdr-carl", None),
+            ("hdr-dave", None),
         ]
         with admin(gateway, "log-a") as api:
             assert api.post("/users/hdr-bob/forget").json()["removed"] == {"completions": 0, "feedback": 1}
         read = http.get("/v1/feedback", params={"completion_id": answer.id}).json()["data"]
-        assert sorted(f["user"] for f in read) == ["hdr-alice", "hdr-carl"]
+        assert sorted(f["user"] for f in read) == ["hdr-alice", "hdr-carl", "hdr-dave"]
 
 
 def test_feedback_on_another_tenants_completion_is_the_unknown_404(teams: dict[str, Team]) -> None:

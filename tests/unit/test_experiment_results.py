@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -369,10 +370,35 @@ async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_delet
     found = await results(redis, old)
     await mark_tenant_deleted(redis, "t", TENANT.created, 3600)
     assert not await experiment_history.record(redis, old, found)
-    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"]) == {}
+    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"]) == arm_signal.Period({}, {})
     written = [keys.experiment_history("t", "e"), keys.arm_counters("t", "e", "a"), keys.arm_counters("t", "e", "b")]
     assert await redis.exists(*written) == 0
     await asyncio.sleep(0.01)
     new = old.model_copy(update={"created": time.time()})
     assert await experiment_history.record(redis, new, found)
-    assert await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"]) == {"a": 0, "b": 0}
+    assert (await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"])).exposed == {"a": 0, "b": 0}
+
+
+async def test_a_split_change_keeps_the_snapshot_the_release_before_compares_from(redis: aioredis.Redis) -> None:
+    """During a rolling upgrade both releases read and change experiments. This one stores `rated_before` (the totals
+    at the change) as the release before did, so that release compares from it; and when that release changes the
+    split later (a new snapshot, no new period in the counters), this one compares as it does, not on a period that
+    began at an earlier change."""
+    arms = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
+    store = ExperimentStore(redis)
+    await store.create(Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), by="test")
+    for arm in "ab":
+        await redis.hset(
+            keys.arm_counters("t", "e", arm), mapping={"rated": 10, "positive_sum": 4, "positive_squares": 4}
+        )
+    changed = await store.set_weights("t", "e", {"a": 50, "b": 50}, by="test")
+    assert changed.rated_before == {"a": (10, 4.0, 4.0), "b": (10, 4.0, 4.0)}
+    assert json.loads(await redis.hget(keys.experiments("t"), "e") or "{}")["rated_before"]["a"] == [10, 4.0, 4.0]
+    for arm in "ab":  # two thumbs up each since, as arm_signal counts them
+        for field in ("rated", "positive_sum", "positive_squares", "since:rated", "since:positive_sum"):
+            await redis.hincrbyfloat(keys.arm_counters("t", "e", arm), field, 2)
+    found = await results(redis, changed)
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [2, 2]
+    by_the_release_before = changed.model_copy(update={"rated_before": {"a": (12, 6.0, 6.0), "b": (12, 6.0, 6.0)}})
+    found = await results(redis, by_the_release_before)
+    assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [0, 0], "its snapshot, not the period"

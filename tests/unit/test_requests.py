@@ -83,6 +83,16 @@ def test_what_makes_vllm_compute_a_prompts_logprobs(
     assert schema.model_validate({**body, **fields}).asks_prompt_logprobs() == asks
 
 
+@pytest.mark.parametrize("value", [1, 1.0, "true", "yes", "1"])
+def test_chats_echo_is_a_strict_boolean(value: object) -> None:
+    """vLLM reads `1` or `"yes"` as true and computes the prompt's logprobs then: only a boolean is taken (a 400
+    otherwise), so that no spelling of true passes the refusal of prompt logprobs."""
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": value}
+        )
+
+
 def test_max_tokens_zero_scores_a_prompt_only_with_echo() -> None:
     """vLLM's `echo` with `max_tokens: 0`: the prompt's logprobs, nothing generated; 0 alone generates nothing."""
     scored = {"model": "m", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0}
