@@ -85,10 +85,11 @@ async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) 
     svc = services(request)
     with domain_errors():
         found = await svc.tenants.get(tenant)
-    if not user:
-        raise InvalidRequest(str(NoUserNamed()), param="user", code="invalid_user")
     await svc.recorder.written()  # what this process still holds for the user is written, then erased
-    removed = await forget_user(svc.records_redis, tenant, user, found.logging)
+    try:
+        removed = await forget_user(svc.records_redis, tenant, user, found.logging)
+    except NoUserNamed as exc:
+        raise InvalidRequest(str(exc), param="user", code="invalid_user") from exc
     return {"object": "erasure", "tenant": tenant, "user": user, "removed": removed}
 
 
