@@ -13,6 +13,14 @@ against 222 µs on a bare asyncio protocol). The connection is still opened by r
 password, database and TLS hold. The script is loaded once when Redis says NOSCRIPT, e.g. after a
 restart. Past `size` concurrent calls a call takes the client's own
 pooled path, so a burst queues there as before rather than opening more connections.
+
+An idle connection that Redis closed meanwhile (a restart, a failover, its `timeout` setting) fails on its next
+call before any reply: that call is sent again at once on a new connection, and the other idle ones are dropped,
+as redis-py's pool does for its own commands. (Without this, each of a process's idle connections failed one
+call after Redis came back: a quota check not made, so a request admitted unchecked or refused with 503.) A call
+is sent again only when nothing at all came back on the old connection: a Redis that ran the script and then lost
+the connection before its reply left would count it twice, which for a quota is a stricter count, never a
+looser one, and which the log's script skips, as it skips any batch written twice.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class _Wire:
         encoder = connection.encoder
         encoding = encoder.encoding if encoder.decode_responses else None
         self._reader = hiredis.Reader(replyError=ResponseError, encoding=encoding, errors=encoder.encoding_errors)
+        self.heard = False
+        """Whether anything came back on this connection since the lane last cleared it (at each call)."""
 
     async def open(self) -> None:
         if not self.connection.is_connected:
@@ -61,6 +71,7 @@ class _Wire:
                     data = await stream_in.read(65536)
                     if not data:
                         raise RedisConnectionError("Redis closed the connection")
+                    self.heard = True
                     self._reader.feed(data)
                     continue
                 if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
@@ -99,8 +110,30 @@ class ScriptLane:
     async def many(self, calls: list[Call]) -> list[Any]:
         """Several calls in one round trip: each one's reply, or the ResponseError Redis answered it with.
         An unreachable Redis raises (ConnectionError, TimeoutError, OSError)."""
-        wire = self._idle.pop() if self._idle else self._wire()
         self._busy += 1
+        try:
+            if not self._idle:
+                return await self._exchange(self._wire(), calls)
+            wire = self._idle.pop()
+            try:
+                return await self._exchange(wire, calls)
+            except (RedisConnectionError, ConnectionError) as lost:
+                if wire.heard:
+                    raise
+                stale, self._idle = self._idle, []
+                for old in stale:
+                    await old.close()
+                try:
+                    return await self._exchange(self._wire(), calls)
+                except BaseException as error:
+                    raise error from lost
+        finally:
+            self._busy -= 1
+
+    async def _exchange(self, wire: _Wire, calls: list[Call]) -> list[Any]:
+        """The calls on this connection (loading the script if Redis lacks it), which goes back to the idle
+        ones after; closed if anything failed."""
+        wire.heard = False
         try:
             await wire.open()
             replies = await wire.exchange(self._packed(calls))
@@ -116,8 +149,6 @@ class ScriptLane:
         except BaseException:
             await wire.close()
             raise
-        finally:
-            self._busy -= 1
         self._idle.append(wire)
         return replies
 

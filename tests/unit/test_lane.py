@@ -3,6 +3,7 @@ the script reloaded after Redis forgets it, and a lost connection raised, then r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.lane import ScriptLane
+from tests.conftest import free_port
 
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('ERR asked to fail') end return {KEYS[1], ARGV[1], 7}"
 
@@ -46,14 +48,27 @@ async def test_the_script_is_loaded_again_after_redis_forgets_it(redis: aioredis
     assert await lane.many([(["k"], ["2"]), (["j"], ["3"])]) == [["k", "2", 7], ["j", "3", 7]]
 
 
-async def test_a_lost_connection_raises_and_the_next_call_opens_another(
+async def test_connections_redis_closed_while_idle_are_replaced_within_the_call(
     redis: aioredis.Redis, lane: ScriptLane
 ) -> None:
-    assert await lane(["k"], ["1"]) == ["k", "1", 7]
+    """After Redis dropped the lane's idle connections (a restart, its idle `timeout`), the next calls are
+    answered at once: none fails (a quota check failing here admitted its request unchecked)."""
+    await asyncio.gather(*(lane([f"k{i}"], ["1"]) for i in range(4)))  # several idle connections
     await redis.client_kill_filter(_type="normal", skipme=True)
+    for i in range(4):
+        assert await lane(["k"], [str(i)]) == ["k", str(i), 7]
+    assert len(await redis.client_list(_type="normal")) <= 2, "the dead connections were dropped, not kept"
+
+
+async def test_an_unreachable_redis_still_raises(redis: aioredis.Redis, lane: ScriptLane) -> None:
+    """A call is sent again once, on a new connection: when that one cannot be opened either, it raises."""
+    assert await lane(["k"], ["1"]) == ["k", "1", 7]
+    address = redis.connection_pool.connection_kwargs
+    gone = aioredis.Redis(host=address.get("host", "127.0.0.1"), port=free_port())
+    dead = ScriptLane(gone, ECHO)
     with pytest.raises((RedisConnectionError, ConnectionError, OSError)):
-        await lane(["k"], ["2"])
-    assert await lane(["k"], ["3"]) == ["k", "3", 7]
+        await dead(["k"], ["2"])
+    await gone.aclose()
 
 
 async def test_bytes_when_the_client_does_not_decode(redis: aioredis.Redis) -> None:
