@@ -147,8 +147,9 @@ class KeyInfo(BaseModel):
 
 MAX_DURATION_S = 100 * 365 * 86400.0
 """Longest duration a key may be given (expiry, rotation grace): a century."""
-_DURATION = re.compile(r"(?:(\d{1,12})d)?(?:(\d{1,12})h)?(?:(\d{1,12})m)?(?:(\d{1,12})s)?|(\d{1,12})")
-"""At most 12 digits a part (longer is past MAX_DURATION_S anyway): a 5000-digit one is refused, not parsed."""
+_DURATION = re.compile(r"(?:([0-9]{1,12})d)?(?:([0-9]{1,12})h)?(?:([0-9]{1,12})m)?(?:([0-9]{1,12})s)?|([0-9]{1,12})")
+"""At most 12 digits a part (longer is past MAX_DURATION_S anyway): a 5000-digit one is refused, not parsed. ASCII
+digits only (a Unicode digit class took Arabic-Indic ones: "٣٠d" was 30 days)."""
 
 
 def parse_duration(text: str | float | int, allow_zero: bool = False) -> float:
@@ -323,6 +324,9 @@ class KeyStore:
             raise InvalidKeyRequest("The grace period cannot be negative.")
         record = await self._record(key_id)
         old = KeyInfo.from_record(key_id, record)
+        await self.measure_clock()
+        if (ends_at := record.get("expires_at")) and self._clock.now() >= float(ends_at):  # its grace too, if rotated
+            raise InvalidKeyRequest(f"API key `{key_id}` has expired: create a new key instead.", param="key_id")
         ends = record.get("expires_before_grace", record.get("expires_at", ""))
         expiry = f"@{float(ends)!r}" if ends else ""  # the same moment, by Redis's clock
         try:

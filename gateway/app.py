@@ -226,7 +226,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
         quotas=QuotaGate(
             redis,
             metrics,
-            settings.quota_reserve_tokens,
+            settings.quota_reserve_tokens or settings.max_tokens_cap,
             LeaseBook(max_requests=settings.quota_lease_requests),
             clock=clock,
         ),

@@ -6,8 +6,9 @@ pass, so N gateway processes sharing one Redis admit no more than the limit betw
 - Requests: a sliding log (a sorted set of the last minute's admissions): exact, at most `rpm` in
   any 60 s.
 - Tokens: a sliding-window counter (this minute's tokens plus the previous minute's, weighted by how
-  much of it is still inside the window). A request reserves its `max_tokens` (or a configured
-  default) plus an estimate of its prompt before it is forwarded; `settle` corrects the reservation
+  much of it is still inside the window). A request reserves its `max_tokens` (naming none, the most
+  it may generate: the cap, or a configured default) plus an estimate of its prompt before it is
+  forwarded, as OpenAI counts `max_tokens` against its limits; `settle` corrects the reservation
   by the real usage afterwards (corrections are batched and sent every 0.1 s, off the request path; a batch
   is applied once).
 - Leases (gateway/quota_leases.py): where a window has room to spare, an admission also takes room for a
@@ -167,6 +168,10 @@ return removed
 """
 
 
+DOWN_WARN_EVERY_S = 10.0
+"""The most often a tenant's quotas not checked (Redis down) are logged."""
+
+
 def duration(ms: int) -> str:
     """OpenAI's reset format: 1m30s, 6s, 250ms."""
     if ms < 1000:
@@ -213,12 +218,14 @@ def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
     return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
 
 
-def _check_cost(scopes: Scopes, cost: int) -> None:
-    for _, _, tpm in scopes:
+def _check_cost(scopes: Scopes, cost: int, reserve_tokens: int) -> None:
+    for scope, _, tpm in scopes:
         if tpm is not None and cost > tpm:
+            whose = "this key's" if scope.startswith("key:") else "the tenant's"
             raise InvalidRequest(
-                f"This request may use up to {cost} tokens, more than this key's tokens-per-minute limit "
-                f"({tpm}) allows at once: ask for fewer (max_tokens, n) or a higher limit.",
+                f"This request may use up to {cost} tokens, more than {whose} tokens-per-minute limit ({tpm}) "
+                f"allows at once: name a lower max_tokens (a chat request naming none may generate up to "
+                f"{reserve_tokens}), ask for fewer answers (n), or for a higher limit.",
                 param="max_tokens",
                 code="tokens_over_limit",
             )
@@ -259,20 +266,22 @@ class QuotaGate:
         self._settling: tuple[str, Counter[str]] | None = None
         """A batch of corrections sent, its reply not seen: sent again as it is (its mark makes that safe)."""
         self._batches = itertools.count()
+        self._down_said: dict[str, tuple[float, int]] = {}
+        """Per tenant, when a quota not checked for Redis being down was last logged, and how many since."""
         self._process = uuid.uuid4().hex
         self.clock = clock or RedisClock(redis)
         """Token counters are named by Redis's minute, whatever this host's clock says (measured by `run`)."""
 
     def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
-        """Tokens reserved before forwarding: the request's max_tokens (else the configured default) for each
-        answer it asks for (n, times the prompts of a batch), plus its prompt at about four characters a token."""
+        """Tokens reserved before forwarding: the request's max_tokens (else the cap, or the configured default) for
+        each answer it asks for (n, times the prompts of a batch), plus its prompt at about four characters a token."""
         return (max_tokens or self._reserve_tokens) * answers + prompt_chars // 4 + 1
 
     async def admit(self, principal: Principal, tenant: Tenant, request_id: str, cost: int) -> Admission:
         scopes = _scopes(principal, tenant)
         if not scopes:
             return Admission.unlimited()
-        _check_cost(scopes, cost)
+        _check_cost(scopes, cost, self._reserve_tokens)
         for attempt in range(2):
             taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
             if taken is None:
@@ -317,8 +326,17 @@ class QuotaGate:
         return found, token_keys
 
     def _redis_down(self, tenant: Tenant, exc: Exception) -> Admission:
+        """Counted every time; said in the log at most every DOWN_WARN_EVERY_S a tenant, with how many were not
+        (a line per request flooded the log at the request rate while Redis was down)."""
         self._metrics.quota_redis_failures.labels(self._metrics.tenant(tenant.name), tenant.on_redis_down).inc()
-        log.warning("quota of %s not checked (Redis: %r); %s", tenant.name, exc, f"fail-{tenant.on_redis_down}")
+        now = time.monotonic()
+        said_at, unsaid = self._down_said.get(tenant.name, (-math.inf, 0))
+        if now - said_at >= DOWN_WARN_EVERY_S:
+            more = f" ({unsaid} more since the last such line)" if unsaid else ""
+            log.warning("quota of %s not checked (Redis: %r); fail-%s%s", tenant.name, exc, tenant.on_redis_down, more)
+            self._down_said[tenant.name] = (now, 0)
+        else:
+            self._down_said[tenant.name] = (said_at, unsaid + 1)
         if tenant.on_redis_down == "closed":
             raise StateUnavailable("Quotas cannot be checked right now; try again shortly.") from exc
         return Admission.unlimited()

@@ -20,6 +20,8 @@ DEFAULT_HOME = Path(os.path.expanduser("~/.cache/loragate"))
 UPLOAD_WAIT_S = 60.0
 """How long an adapter upload, its body in, waits for one of its gateway process's turns (`upload_concurrency`)
 before a 429: long, since the body was sent already."""
+MIN_OPERATOR_KEY = 16
+"""The shortest admin or metrics key accepted."""
 
 
 def _split_list(value: Any) -> Any:
@@ -161,10 +163,12 @@ class Settings(BaseSettings):
     state_poll_s: float = Field(
         0.25, gt=0, description="How often each gateway checks Redis for changed tenants, keys, pins and aliases."
     )
-    quota_reserve_tokens: int = Field(
-        256,
+    quota_reserve_tokens: int | None = Field(
+        None,
         ge=1,
-        description="Completion tokens a request naming no max_tokens reserves against a tokens-per-minute quota.",
+        description="Completion tokens a chat request naming no max_tokens reserves against a tokens-per-minute "
+        "quota (default: the cap, LORAGATE_MAX_TOKENS_CAP, the most it may generate; fewer lets more of them start at "
+        "once, and a burst of them then use more than the limit until their usage is settled).",
     )
     quota_lease_requests: int = Field(
         256,
@@ -189,6 +193,24 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("admin_key", "metrics_key", mode="before")
+    @classmethod
+    def _operator_key(cls, value: Any) -> Any:
+        """Without the spaces around it (a secret read from a file ends with a newline, which no header can
+        carry: the operator was locked out, with nothing said); empty is unset. One that cannot be sent as a
+        Bearer token, or is short enough to guess, is refused at start."""
+        key = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(key, str):
+            return value
+        key = key.strip()
+        if not key:
+            return None
+        if not (key.isascii() and key.isprintable()) or any(char.isspace() for char in key):
+            raise ValueError("must be printable ASCII without spaces: it is sent as a Bearer token")
+        if len(key) < MIN_OPERATOR_KEY:
+            raise ValueError(f"has {len(key)} characters; use at least {MIN_OPERATOR_KEY} (`openssl rand -hex 24`)")
+        return key
 
     @field_validator("engine_python")
     @classmethod

@@ -47,11 +47,17 @@ def check_tenant_name(name: str) -> str:
     """1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit: no ':', '/' or '.',
     so a tenant can never be spelled into another tenant's Redis keys, folders or vLLM adapter names."""
     if not TENANT_NAME.fullmatch(name):
+        shown = name if len(name) <= 70 else f"{name[:64]}..."  # not all of a name of thousands of characters
         raise InvalidTenant(
-            f"Invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '_' or '-', "
+            f"Invalid tenant name {shown!r}: use 1-63 lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit (no ':', '/', '.' or spaces)."
         )
     return name
+
+
+MOST_PER_MINUTE = 10**15
+"""The largest limit: the quota script counts in Lua's doubles, exact to 2^53 (a limit of 2^63 came back in
+the rate-limit headers as -9223372036854775808)."""
 
 
 class Limits(BaseModel):
@@ -59,8 +65,8 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + completion).")
+    rpm: int | None = Field(None, ge=1, le=MOST_PER_MINUTE, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, le=MOST_PER_MINUTE, description="Tokens per minute (prompt + completion).")
 
     @property
     def any(self) -> bool:
@@ -175,9 +181,10 @@ class TenantStore:
     async def update(self, name: str, changes: TenantChanges) -> Tenant:
         tenant = await self.get(name)
         merged = tenant.model_dump()
-        merged.update(changes.model_dump(exclude_none=True, exclude={"logging"}))
-        if changes.logging is not None:  # a partial policy changes only the fields it names
-            merged["logging"].update(changes.logging.model_dump(exclude_unset=True))
+        merged.update(changes.model_dump(exclude_none=True, exclude={"logging", "limits"}))
+        for part in ("limits", "logging"):  # a partial one changes only the fields it names (null: no limit)
+            if (changed := getattr(changes, part)) is not None:
+                merged[part].update(changed.model_dump(exclude_unset=True))
         try:
             updated = Tenant.model_validate(merged)
         except ValidationError as exc:

@@ -28,4 +28,16 @@ app.add_typer(train_app, name="train")
 
 
 def main() -> None:
-    app()
+    from pydantic import ValidationError
+
+    from gateway.cli.common import fail
+
+    try:
+        app()
+    except ValidationError as exc:  # a setting (LORAGATE_*) the gateway cannot run with: said, not a traceback
+        if exc.title != "Settings":
+            raise
+        for error in exc.errors():
+            setting = "LORAGATE_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+            fail(f"{setting}: {error['msg'].removeprefix('Value error, ')}")
+        raise SystemExit(1) from None

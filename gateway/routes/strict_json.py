@@ -4,7 +4,8 @@ parsed as the completion routes parse theirs (`gateway.body.parse_json`), not by
 `json.loads` takes a lone surrogate (`"\\ud800"`) into a string that can be neither stored (Redis, JSON) nor
 echoed in an answer: an error message naming it, or a comment holding it, failed as a 500. It also takes NaN,
 Infinity and 1e400, which every float field would then have to refuse on its own. The body of a JSON request
-is parsed before FastAPI's handler runs, so a refusal is worded as the completion routes word it.
+is parsed before FastAPI's handler runs, so a refusal is worded as the completion routes word it; it is read as
+JSON whatever its Content-Type, as the completion routes read theirs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from gateway.body import parse_json
 
@@ -32,14 +34,25 @@ def _is_json(content_type: str | None) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
+def _as_json(scope: Scope) -> Scope:
+    """The request, its body typed as JSON: a route that takes a JSON body reads it whatever its Content-Type says,
+    as the completion routes do (`curl -d` sends `application/x-www-form-urlencoded`: FastAPI then refused the
+    body as "not a valid dictionary", with nothing said of the type)."""
+    headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 class StrictJSONRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
         takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            strict_request = _StrictJSONRequest(request.scope, request.receive)
-            if takes_body and _is_json(request.headers.get("content-type")) and await strict_request.body():
+            scope = request.scope
+            if takes_body and not _is_json(request.headers.get("content-type")):
+                scope = _as_json(scope)
+            strict_request = _StrictJSONRequest(scope, request.receive)
+            if takes_body and await strict_request.body():
                 await strict_request.json()  # refused here, in OpenAI's words, rather than as FastAPI words it
             return await handle(strict_request)
 

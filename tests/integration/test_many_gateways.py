@@ -134,6 +134,26 @@ def test_tokens_per_minute_are_settled_against_real_usage(gateway: Gateway, side
     assert abs(last - (5000 - 3 * used - reservation)) <= 3, "a stream is settled by its real usage too"
 
 
+def test_a_chat_request_naming_no_max_tokens_reserves_the_most_it_may_generate(gateway: Gateway) -> None:
+    """It may generate up to the cap (2048 here), and reserves that: with a smaller reservation (256 before), a
+    burst of 30 such requests (`ignore_eos`) had 10 admitted against a limit of 3,000 tokens a minute, which used
+    20,580. A limit below the cap refuses it, saying why, and still serves one that names a max_tokens."""
+    within_one_minute(10)
+    loragate(gateway.env, "tenants", "create", "reserve", "--tpm", "5000")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=create_key(gateway.env, "reserve"), max_retries=0)
+    hi = [{"role": "user", "content": "Say hi."}]
+    answer = client.chat.completions.with_raw_response.create(model=MODEL, messages=hi)  # type: ignore[arg-type]
+    assert 5000 - int(answer.headers["x-ratelimit-remaining-tokens"]) > 2048, "the cap, reserved"
+    loragate(gateway.env, "tenants", "create", "reserve-small", "--tpm", "1000")
+    small = openai.OpenAI(base_url=gateway.base_url, api_key=create_key(gateway.env, "reserve-small"), max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        small.chat.completions.create(model=MODEL, messages=hi)  # type: ignore[arg-type]
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "tokens_over_limit" and error["param"] == "max_tokens"
+    assert "naming none may generate up to 2048" in error["message"] and "reserve-small" not in error["message"]
+    assert small.chat.completions.create(model=MODEL, messages=hi, max_tokens=20).choices  # type: ignore[arg-type]
+
+
 def test_a_repointed_alias_reaches_another_process_within_a_second(
     gateway: Gateway, sides: list[Gateway], base_spec: BaseModelSpec, tmp_path: Path
 ) -> None:

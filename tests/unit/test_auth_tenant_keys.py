@@ -62,6 +62,52 @@ def test_a_partial_logging_policy_is_checked_against_the_tenants(api: TestClient
     assert api.get("/admin/tenants/acme").json()["logging"]["score_min"] == 2
 
 
+def test_a_partial_limits_object_changes_only_the_limits_it_names(api: TestClient) -> None:
+    """`{"limits": {"rpm": 20}}` took the tenant's tpm away with it; null removes a limit."""
+    assert api.patch("/admin/tenants/acme", json={"limits": {"rpm": 10, "tpm": 100_000}}).status_code == 200
+    moved = api.patch("/admin/tenants/acme", json={"limits": {"rpm": 20}})
+    assert moved.status_code == 200 and moved.json()["limits"] == {"rpm": 20, "tpm": 100_000}, moved.text
+    unlimited = api.patch("/admin/tenants/acme", json={"limits": {"rpm": None}})
+    assert unlimited.json()["limits"] == {"rpm": None, "tpm": 100_000}
+
+
+def test_limits_past_what_redis_counts_exactly_are_refused(api: TestClient) -> None:
+    """A limit of 2^63 came back in the rate-limit headers as -9223372036854775808."""
+    for limit in (2**63, 10**30, 10**15 + 1):
+        answer = api.patch("/admin/tenants/acme", json={"limits": {"rpm": limit}})
+        assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error", answer.text
+    assert api.patch("/admin/tenants/acme", json={"limits": {"tpm": 10**15}}).status_code == 200
+
+
+def test_a_json_body_is_read_whatever_its_content_type(api: TestClient) -> None:
+    """As the completion routes read theirs: the README's `curl -d` examples send a form's Content-Type."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    made = api.post("/admin/tenants", content='{"name": "formed", "limits": {"rpm": 600}}', headers=form)
+    assert made.status_code == 201 and made.json()["limits"]["rpm"] == 600, made.text
+    not_json = api.post("/admin/tenants", content="name=x", headers=form)
+    assert not_json.status_code == 400 and "could not parse the JSON body" in not_json.json()["error"]["message"]
+
+
+def test_a_key_whose_rotation_grace_ended_cannot_be_rotated(api: TestClient) -> None:
+    """Each rotation of it made a key that never expires, from a key that no longer works."""
+    key_id = api.post("/admin/tenants/acme/keys", json={}).json()["id"]
+    assert api.post(f"/admin/tenants/acme/keys/{key_id}/rotate", json={"grace": 0}).status_code == 201
+    again = api.post(f"/admin/tenants/acme/keys/{key_id}/rotate", json={"grace": 0})
+    assert "has expired" in refused(again, 400, "invalid_key_request")
+
+
+@pytest.mark.parametrize("expires", ["\u0663\u0660d", "\uff13\uff10d"])  # 30d in Arabic-Indic, full-width digits
+def test_durations_take_ascii_digits_only(api: TestClient, expires: str) -> None:
+    answer = api.post("/admin/tenants/acme/keys", json={"expires": expires})
+    assert "Invalid duration" in refused(answer, 400, "invalid_key_request")
+
+
+def test_a_long_tenant_name_is_not_echoed_whole(api: TestClient) -> None:
+    name = "x" * 5000
+    message = refused(api.get(f"/admin/tenants/{name}"), 400, "invalid_tenant")
+    assert "Invalid tenant name" in message and len(message) < 300
+
+
 def test_a_tenants_phone_region_is_a_region_phone_numbers_know(api: TestClient) -> None:
     assert api.get("/admin/tenants/acme").json()["logging"]["phone_region"] == "US"
     moved = api.patch("/admin/tenants/acme", json={"logging": {"phone_region": "GB"}})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import clock, keys
+from gateway import clock, keys, quotas
 from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
@@ -186,6 +186,23 @@ async def test_redis_down_follows_the_tenant_setting_and_is_counted() -> None:
         await gate.admit(KEY, Tenant(name="strict", limits=Limits(rpm=1), on_redis_down="closed"), "y", 10)
     assert metrics.quota_redis_failures.labels("acme", "open")._value.get() == 1
     assert metrics.quota_redis_failures.labels("strict", "closed")._value.get() == 1
+
+
+async def test_quotas_not_checked_are_each_counted_and_logged_once_in_a_while(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line per request flooded the log at the request rate while Redis was down."""
+    metrics = Metrics()
+    gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1), metrics, 256)
+    tenant = Tenant(name="acme", limits=Limits(rpm=1))
+    with caplog.at_level("WARNING", logger="loragate.quotas"):
+        for n in range(5):
+            await gate.admit(KEY, tenant, f"r{n}", 10)
+        monkeypatch.setattr(quotas, "DOWN_WARN_EVERY_S", 0.0)
+        await gate.admit(KEY, tenant, "later", 10)
+    said = [r.getMessage() for r in caplog.records if "not checked" in r.getMessage()]
+    assert len(said) == 2 and "(4 more since the last such line)" in said[1], said
+    assert metrics.quota_redis_failures.labels("acme", "open")._value.get() == 6
 
 
 def test_reset_durations_read_like_openai() -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from gateway.auth import bearer_matches, bearer_token
 from gateway.engine.supervisor import engine_command, is_internal_address
 from gateway.errors import AuthenticationFailed
 from gateway.settings import Settings
+from tests.conftest import ROOT, gateway_env
 
 
 def test_env_and_yaml_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,3 +82,34 @@ def test_admin_key_is_separate() -> None:
     assert not bearer_matches("Bearer root-key", None)
     assert not bearer_matches("Bearer other", "root-key")
     assert hash_key("a") != hash_key("b") and len(hash_key("a")) == 64
+
+
+def test_operator_keys_lose_the_spaces_around_them_and_weak_ones_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key read from a file ends with a newline, which no Authorization header can carry: the operator was locked
+    out, with nothing said. One too short to be safe, or that no header can carry, stops the gateway at start."""
+    monkeypatch.setenv("LORAGATE_ADMIN_KEY", " admin-secret-0123456789\n")
+    monkeypatch.setenv("LORAGATE_METRICS_KEY", "")
+    settings = Settings()
+    assert settings.admin_key is not None and settings.admin_key.get_secret_value() == "admin-secret-0123456789"
+    assert settings.metrics_key is None, "empty is unset"
+    for weak, says in (
+        ("x", "at least 16"),
+        ("admin secret 0123456789", "without spaces"),
+        ("clé-0123456789abc", "ASCII"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            Settings(admin_key=weak)
+
+
+def test_the_cli_names_a_bad_setting_without_a_traceback(tmp_path: Path) -> None:
+    env = {**gateway_env(tmp_path, "redis://127.0.0.1:1/0", 1), "LORAGATE_ADMIN_KEY": "short"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "tenants", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "LORAGATE_ADMIN_KEY: has 5 characters; use at least 16" in done.stderr
