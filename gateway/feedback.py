@@ -155,6 +155,8 @@ class FeedbackStore:
         self._settle_s = settle_s
         self._script = redis.register_script(_STORE)
         self._unverified: Counter[str] = Counter()
+        self._spooled_raters: dict[str, set[str]] = {}
+        """Per completion's feedback key, the end users whose ratings wait in this process's spool (MAX_RATERS)."""
         self.durability: Durability = "spool"
 
     async def check_durability(self) -> Durability:
@@ -277,6 +279,10 @@ class FeedbackStore:
             self._unverified[tenant.name] += 1
         try:
             await self._spool.append([item])
+            if owned:
+                self._spooled_raters.setdefault(keys.feedback(tenant.name, given.completion_id), set()).add(
+                    given.user or ""
+                )
         except OSError as exc:
             if owned is None:
                 self._unverified[tenant.name] -= 1  # it was not kept: nothing waits
@@ -320,17 +326,36 @@ class FeedbackStore:
             raise NotDurable("Redis did not keep the feedback")
 
     async def _full(self, tenant: str, given: FeedbackIn) -> bool:
-        """Whether a rating to be spooled is past MAX_RATERS (a new end user, that many already), as far as Redis
-        says now; False when it cannot say (it is then acknowledged, and written past the cap when replayed)."""
+        """Whether a rating to be spooled is past MAX_RATERS (a new end user, that many already), counting those in
+        Redis and those waiting in this process's spool (without them, 105 end users rating at once were all taken);
+        False when Redis cannot say (it is then acknowledged, and written past the cap when replayed). Ratings other
+        processes spooled and have not replayed yet are not counted."""
         feedback_key = keys.feedback(tenant, given.completion_id)
+        user = given.user or ""
+        waiting = sorted(self._spooled_raters.get(feedback_key, set()))
+        if user in waiting:
+            return False
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hexists(feedback_key, given.user or "")
+                pipe.hexists(feedback_key, user)
                 pipe.hlen(feedback_key)
-                rated, count = await pipe.execute()
+                if waiting:
+                    pipe.hmget(feedback_key, waiting)
+                rated, count, *stored = await pipe.execute()
         except (RedisError, OSError):
             return False
-        return not rated and int(count) >= MAX_RATERS
+        only_spooled = sum(value is None for value in stored[0]) if stored else 0
+        return not rated and int(count) + only_spooled >= MAX_RATERS
+
+    def _replayed(self, items: list[dict[str, Any]]) -> None:
+        """These spooled ratings are in Redis now: no longer counted as waiting."""
+        for item in items:
+            feedback = pydantic_core.from_json(item["feedback"])
+            feedback_key = keys.feedback(item["tenant"], feedback["completion_id"])
+            if (waiting := self._spooled_raters.get(feedback_key)) is not None:
+                waiting.discard(feedback.get("user") or "")
+                if not waiting:
+                    del self._spooled_raters[feedback_key]
 
     async def replay(self) -> int:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
@@ -362,6 +387,7 @@ class FeedbackStore:
                 kept.append(item)
             if kept:
                 await self._write(kept, replay=True)
+                self._replayed(kept)
             if waiting:
                 await self._spool.append(waiting)
 

@@ -171,6 +171,33 @@ async def test_ratings_of_a_completion_are_capped_at_max_raters(
     assert sorted((f.user or "", f.thumbs) for f in found) == users
 
 
+async def test_ratings_waiting_in_the_spool_count_towards_max_raters(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Redis not fsyncing, ratings are spooled and replayed later: those waiting count too (before, 105 end
+    users rating one completion before the replay were all taken, past a cap of 100). Once replayed, they are
+    counted from Redis, once; a rater waiting in the spool may still change their rating."""
+    monkeypatch.setattr(feedback_module, "MAX_RATERS", 3)
+    store = await feedback_store(redis, recorder, tmp_path)
+    store.durability = "spool"
+    tenant = Tenant(name="t")
+    recorder.record(context(tenant))  # chatcmpl-7
+    await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u0", thumbs="up"))
+    await store.replay()  # u0 in Redis
+    for user in ("u1", "u2"):  # waiting in the spool
+        _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user=user, thumbs="up"))
+        assert not stored
+    with pytest.raises(TooManyRatings):
+        await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u3", thumbs="up"))
+    await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u2", thumbs="down"))
+    await store.replay()
+    with pytest.raises(TooManyRatings):
+        await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u3", thumbs="up"))
+    found = await store.of_completion(tenant, "chatcmpl-7")
+    assert sorted((f.user, f.thumbs) for f in found) == [("u0", "up"), ("u1", "up"), ("u2", "down")]
+    assert not store._spooled_raters, "nothing counted as waiting once replayed"
+
+
 async def test_a_segment_is_checked_in_a_few_round_trips_however_many_ratings_it_holds(
     redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
