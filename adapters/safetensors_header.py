@@ -1,4 +1,5 @@
-"""Reading a safetensors file's header (names, dtypes, shapes) without loading any tensor."""
+"""Reading a safetensors file's header (names, dtypes, shapes) without loading any tensor, and finding tensors
+that hold a NaN or an infinity without loading them as floats."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 """The dtypes a LoRA's weights may have, and their sizes (safetensors' own names)."""
+_EXPONENT = {
+    "F64": ("<u8", 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+}
+"""Each float dtype's exponent bits, in an unsigned integer of its width: all of them set is an infinity or a NaN."""
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -82,3 +92,22 @@ def _check_layout(header: dict[str, dict[str, Any]], data_bytes: int) -> None:
 def _ints(value: Any) -> bool:
     """A list of non-negative whole numbers (a shape, or offsets)."""
     return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+
+
+def non_finite(path: Path, header: dict[str, dict[str, Any]]) -> list[str]:
+    """The float tensors of a file `read_header` accepted that hold a NaN or an infinity, read a tensor at a time
+    as unsigned integers (bfloat16 is no numpy type) and checked by their exponent bits."""
+    data_bytes = max((info["data_offsets"][1] for info in header.values()), default=0)
+    data_start = path.stat().st_size - data_bytes
+    found = []
+    with path.open("rb") as handle:
+        for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+            if info["dtype"] not in _EXPONENT:
+                continue
+            unsigned, exponent = _EXPONENT[info["dtype"]]
+            start, stop = info["data_offsets"]
+            handle.seek(data_start + start)
+            words = numpy.frombuffer(handle.read(stop - start), dtype=unsigned)
+            if numpy.any((words & exponent) == exponent):
+                found.append(name)
+    return found

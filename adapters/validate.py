@@ -18,7 +18,7 @@ from typing import Any, TypeGuard
 import regex
 
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter
-from adapters.safetensors_header import read_header
+from adapters.safetensors_header import non_finite, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PATTERN_SECONDS = 0.25
@@ -213,6 +213,11 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_rank
         dtypes.add(str(info["dtype"]))
         ranks.setdefault(module, {})[part] = tensor_rank
     _check_pairs(ranks, config_ranks)
+    if bad := non_finite(folder / WEIGHTS_FILE, header):
+        raise InvalidAdapter(
+            f"Tensor {bad[0]!r} holds NaN or infinite values ({len(bad)} tensor(s) do): an adapter's weights must "
+            "be finite (batched with other requests, they would make theirs NaN too)."
+        )
     return ",".join(sorted(dtypes))
 
 

@@ -34,7 +34,7 @@ class ModelLists:
         cached = self._answers.get(tenant)
         if cached is not None and cached[0] == key:
             return cached[1]
-        body = ModelList(data=self._cards(*key)).model_dump_json().encode()
+        body = ModelList(data=self._cards(tenant, *key)).model_dump_json().encode()
         if len(self._answers) >= MAX_TENANTS and tenant not in self._answers:
             self._answers.clear()
         self._answers[tenant] = (key, body)
@@ -51,6 +51,7 @@ class ModelLists:
 
     def _cards(
         self,
+        tenant: str,
         now: int,
         pointers: TenantPointers,
         own: list[tuple[str, Manifest]],
@@ -65,7 +66,8 @@ class ModelLists:
             if manifest.name == adapter
         }
         for alias, target in sorted(pointers.aliases.items()):
-            if "/" not in target or target in reachable:  # not one whose share was withdrawn, or whose owner left
+            canonical = _canonical(target, tenant)
+            if "/" not in canonical or canonical in reachable:  # not one whose share was withdrawn, or owner left
                 cards.append(ModelCard(id=alias, created=now, root=target, parent=base))
         for name, manifest in own:
             cards.append(ModelCard(id=name, created=int(manifest.created.timestamp()), root=manifest.ref, parent=base))
@@ -77,3 +79,13 @@ class ModelLists:
                         ModelCard(id=f"{owner}/{name}", created=created, root=f"{owner}/{manifest.ref}", parent=base)
                     )
         return cards
+
+
+def _canonical(target: str, tenant: str) -> str:
+    """An alias's target as the listing names it: `bot@1` for `bot@01`, and for the tenant's own adapter written as
+    `tenant/bot@1`, which the router serves alike (both were left out of the list)."""
+    owner, slash, rest = target.rpartition("/")
+    name, at, version = rest.partition("@")
+    if at and version.isascii() and version.isdigit():
+        rest = f"{name}@{int(version)}"
+    return f"{owner}/{rest}" if slash and owner != tenant else rest

@@ -101,22 +101,33 @@ class TargetMissing(Exception):
         self.index, self.target = index, target
 
 
+class NameTaken(Exception):
+    """The alias to be written is the name of a model of its tenant: an adapter (a version of it stored, listed or
+    not yet) or the base model; or an adapter being published is the name of an alias of its tenant."""
+
+
 @asynccontextmanager
 async def pointing_at(
-    redis: aioredis.Redis, router: Router, targets: Sequence[str], tenant: str
+    redis: aioredis.Redis, router: Router, targets: Sequence[str], tenant: str, alias: str | None = None
 ) -> AsyncIterator[list[Route]]:
     """Hold the locks of the adapters `targets` name and check that each still serves for `tenant` (reading
     their folders afresh, past the registry's cache, so every delete that has finished is seen): their
     routes, for the pointer to be written inside; TargetMissing for the first that does not. Another tenant's
     adapter that is not shared with `tenant` is refused before any lock is taken, as a name that does not
-    exist is: its lock would say that it exists, and when its owner is changing it."""
+    exist is: its lock would say that it exists, and when its owner is changing it.
+
+    With `alias`, the pointer to be written is that alias: the lock of the adapter of that name is held too, and
+    NameTaken raised if the tenant has a model of that name, so that an upload of an adapter of the name cannot
+    be published beside it (`publish_unaliased` holds the same lock)."""
     named = [adapter_of(target, tenant) for target in targets]
     shares = await router.pointers.shares()
     for index, adapter in enumerate(named):
         if adapter is not None and adapter[0] != tenant and tenant not in shares.get("/".join(adapter), ()):
             raise TargetMissing(index, targets[index])
     adapters = {adapter for adapter in named if adapter is not None}
-    async with holding(redis, adapters, tenant):
+    async with holding(redis, adapters | ({(tenant, alias)} if alias else set()), tenant):
+        if alias and (alias.lower() == router.base_model.lower() or await _has_versions(router, tenant, alias)):
+            raise NameTaken(alias)
         for owner, name in adapters:
             router.registry.invalidate(owner, name)
         routes = []
@@ -126,6 +137,11 @@ async def pointing_at(
             except ModelNotFound as exc:
                 raise TargetMissing(index, target) from exc
         yield routes
+
+
+async def _has_versions(router: Router, tenant: str, name: str) -> bool:
+    """Whether the tenant has a version of adapter `name` on disk (listed or not yet), read afresh."""
+    return bool(await asyncio.to_thread(router.registry.store(tenant).versions, name))
 
 
 def _names(target: str | None, tenant: str, owner: str, ref: AdapterRef) -> bool:
@@ -264,6 +280,21 @@ async def same_tenant(tenants: TenantStore, name: str, created: float | None) ->
     except TenantNotFound:
         return None
     return current if created is None or current.created == created else None
+
+
+async def publish_unaliased(
+    redis: aioredis.Redis, tenants: TenantStore, store: AdapterStore, owner: Tenant, manifest: Manifest
+) -> Manifest:
+    """`keep_if_still_owned(publish=True)` of a version just stored unlisted, unless its name became an alias of
+    its tenant while it was uploaded (an alias set then checked for versions before there was one): the version is
+    removed and NameTaken raised. Holds the name's lock, as `pointing_at` does to write an alias, so that one of the
+    two always sees the other."""
+    async with holding(redis, [(owner.name, manifest.name)], owner.name):
+        if await redis.hexists(keys.aliases(owner.name), manifest.name):
+            with suppress(AdapterNotFound):
+                await asyncio.to_thread(store.remove, manifest.name, manifest.version)
+            raise NameTaken(manifest.name)
+        return await keep_if_still_owned(tenants, store, owner, manifest, publish=True)
 
 
 async def keep_if_still_owned(

@@ -10,9 +10,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from adapters.manifest import AdapterRef
+from adapters.manifest import AdapterRef, Manifest
 from adapters.store import AdapterNotFound
-from gateway.cli.common import alias_must_be_free, fail, refusals, tenant_must_exist, with_redis
+from gateway.cli.common import (
+    alias_must_be_free,
+    fail,
+    name_must_not_be_an_alias,
+    refusals,
+    tenant_must_exist,
+    with_redis,
+)
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -54,14 +61,22 @@ def adapters_add(
 
     settings = Settings()
     owner = tenant_must_exist(tenant)
+    name_must_not_be_an_alias(tenant, name)
     base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
     store = _store(tenant)
     with refusals():
         stored = store.add(path, name, base, settings.max_lora_rank, origin=str(path.resolve()), listed=False)
-    # listed unless its tenant was deleted meanwhile (perhaps created again): then it goes, not to a later namesake
-    manifest = with_redis(
-        lambda redis: version_guard.keep_if_still_owned(TenantStore(redis), store, owner, stored, publish=True)
-    )
+
+    async def publish(redis: Any) -> Manifest:
+        """Listed unless its tenant was deleted meanwhile (perhaps created again: it goes, not to a later namesake),
+        or its name became an alias meanwhile (it goes too)."""
+        try:
+            return await version_guard.publish_unaliased(redis, TenantStore(redis), store, owner, stored)
+        except version_guard.NameTaken as exc:
+            raise ValueError(f"`{name}` is already an alias of tenant {tenant}") from exc
+
+    with refusals():
+        manifest = with_redis(publish)
     typer.echo(manifest.ref)
 
 
@@ -194,8 +209,10 @@ def aliases_set(
         experiments, registry = ExperimentStore(redis), Registry(settings.adapter_root)
         router = Router(settings.served_model_name, registry, PointerStore(redis), experiments)
         try:
-            async with version_guard.pointing_at(redis, router, [target], tenant) as (route,):
+            async with version_guard.pointing_at(redis, router, [target], tenant, alias) as (route,):
                 await experiments.set_alias(tenant, alias, target)  # refused while the alias runs an experiment
+        except version_guard.NameTaken as exc:
+            raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}") from exc
         except version_guard.TargetMissing as exc:
             raise ValueError(f"`{target}` is neither the base model nor a version this tenant can use") from exc
         return route.served_model

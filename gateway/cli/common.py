@@ -130,3 +130,16 @@ def alias_must_be_free(tenant: str, alias: str) -> None:
         check_name(alias)
         if alias == settings.served_model_name or Registry(settings.adapter_root).store(tenant).versions(alias):
             raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
+
+
+def name_must_not_be_an_alias(tenant: str, name: str) -> None:
+    """End the command if NAME is an alias of the tenant (an adapter of that name would be hidden behind it), as
+    the admin API checks before an upload; `version_guard.publish_unaliased` checks again when it is listed."""
+    from gateway.pointers import PointerStore
+
+    async def aliases(redis: Any) -> dict[str, str]:
+        return (await PointerStore(redis).of(tenant)).aliases
+
+    with refusals():
+        if name in with_redis(aliases):
+            raise ValueError(f"`{name}` is already an alias of tenant {tenant}")

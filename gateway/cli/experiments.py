@@ -57,8 +57,10 @@ def create(
         store, registry = ExperimentStore(redis), Registry(settings.adapter_root)
         router = Router(settings.served_model_name, registry, PointerStore(redis), store)
         try:
-            async with version_guard.pointing_at(redis, router, [each.target for each in arms], tenant):
+            async with version_guard.pointing_at(redis, router, [each.target for each in arms], tenant, alias):
                 return await store.create(experiment, who("cli:experiments"))
+        except version_guard.NameTaken as exc:
+            raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}") from exc
         except version_guard.TargetMissing as exc:
             each = arms[exc.index]
             raise ValueError(f"arm {each.name}: `{each.target}` is not a version {tenant} can use") from exc

@@ -10,9 +10,14 @@ served as the base (`tests/integration/test_adapters.py`, `tests/unit/test_cpu_l
 
 The shrink step (x @ A, into the LoRA buffer) is the only place A is applied, and every later step
 multiplies that buffer by B: zeroing the buffer's rows whose index is -1 removes the adapter from
-those rows whatever B is picked. vLLM loads `vllm.general_plugins` entry points in every process it
-starts (API server, engine core, workers); `register` patches the shrink op where the CPU wrapper and
-the segmented variant look it up. It is idempotent, imports nothing of loragate's, and does nothing on
+those rows, as long as B is finite. It was not always: an uploaded adapter whose B held NaN, in the
+last slot, made 0 x NaN of every base row batched with it, in every tenant's requests, and the NaN
+kept in their prefix cache broke their answers until the engine restarted, the adapter deleted long
+before. So the expand steps (buffer @ B, added to the layer's output) give rows without an adapter
+nothing either, whatever the slot holds (uploads are also refused unless every weight is finite:
+adapters/validate.py). vLLM loads `vllm.general_plugins` entry points in every process it starts
+(API server, engine core, workers); `register` patches the ops where the CPU wrapper and the
+segmented variants look them up. It is idempotent, imports nothing of loragate's, and does nothing on
 a vLLM without these modules.
 """
 
@@ -21,6 +26,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 _PATCHED = "_loragate_masks_rows_without_lora"
 _MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
@@ -40,6 +47,49 @@ def masked_shrink(shrink: Callable[..., None]) -> Callable[..., None]:
     return bgmv_shrink
 
 
+def _expanded(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any) -> Any:
+    """Each row's buffer @ its slot's B (vLLM's einsum), nothing for a row without an adapter."""
+    selected = lora_b_weights[lora_indices_tensor].to(dtype=output_tensor.dtype)
+    if len(selected.shape) == 4:
+        selected = selected.squeeze(dim=1)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    return outputs.masked_fill_((lora_indices_tensor < 0).unsqueeze(-1), 0)
+
+
+def bgmv_expand(
+    inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, add_inputs: bool = True
+) -> None:
+    """vLLM's `bgmv_expand` (torch_ops), rows without an adapter given nothing."""
+    outputs = _expanded(inputs, lora_b_weights, output_tensor, lora_indices_tensor)
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common_len = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(
+    inputs: Any,
+    lora_b_weights: Any,
+    output_tensor: Any,
+    lora_indices_tensor: Any,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+) -> None:
+    """vLLM's `bgmv_expand_slice` (torch_ops), rows without an adapter given nothing."""
+    outputs = _expanded(inputs, lora_b_weights, output_tensor, lora_indices_tensor)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
+
+
+setattr(bgmv_expand, _PATCHED, True)
+setattr(bgmv_expand_slice, _PATCHED, True)
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point: patch the CPU shrink op wherever it is looked up."""
     try:
@@ -49,11 +99,12 @@ def register() -> None:
     original = ops.bgmv_shrink
     if getattr(original, _PATCHED, False):
         return
-    fixed = masked_shrink(original)
+    fixed = {"bgmv_shrink": masked_shrink(original), "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if hasattr(module, "bgmv_shrink"):
-            module.bgmv_shrink = fixed  # type: ignore[attr-defined]
+        for op, replacement in fixed.items():
+            if hasattr(module, op):
+                setattr(module, op, replacement)

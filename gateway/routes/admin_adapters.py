@@ -94,6 +94,17 @@ def _ref(text: str) -> AdapterRef:
         return AdapterRef.parse(text)
 
 
+def _name(text: str) -> str:
+    """An adapter's name, where a route acts on the adapter, not on one version (a version was ignored: pinning
+    `bot@5` to version 1 pinned `bot`)."""
+    parsed = _ref(text)
+    if parsed.version is not None:
+        raise InvalidRequest(
+            f"`{text}` names a version; this takes the adapter's name (`{parsed.name}`).", param="name"
+        )
+    return parsed.name
+
+
 @router.get(
     "/adapters",
     response_model=None,
@@ -178,14 +189,14 @@ async def add_adapter(
     with domain_errors("name"):
         check_name(name)
     if name in (await svc.pointers.of(tenant)).aliases:
-        raise Conflict(f"`{name}` is already an alias of this tenant.", param="name", code="name_taken")
+        raise _alias_named(name)
     base = await svc.base_spec()
     scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
     try:
         archive, settings = scratch / "adapter.tar.gz", svc.settings
         if await _receive_archive(request, archive, settings) == 0:
             raise InvalidRequest("Send the adapter as a .tar.gz request body.", code="invalid_adapter")
-        with domain_errors("name"):
+        with domain_errors():  # what is wrong is in the archive (a name the base has says `name` itself)
             async with _upload_turn(request):
                 stored = await asyncio.to_thread(
                     svc.registry.store(tenant).add, archive, name, base, settings.max_lora_rank, "upload", listed=False
@@ -198,14 +209,25 @@ async def add_adapter(
 
 async def _still_owned(request: Request, owner: Tenant, stored: Manifest) -> Manifest:
     """An upload takes a while (streaming, unpacking, hashing): a version whose tenant was deleted meanwhile is
-    removed (gateway.version_guard.keep_if_still_owned), and the upload answered 404; otherwise it is listed."""
+    removed (gateway.version_guard.keep_if_still_owned), and the upload answered 404; one whose name became an
+    alias meanwhile is removed too (409); otherwise it is listed."""
     svc = services(request)
     store = svc.registry.store(owner.name)
     try:
         with domain_errors():
-            return await version_guard.keep_if_still_owned(svc.tenants, store, owner, stored, publish=True)
+            return await version_guard.publish_unaliased(svc.redis, svc.tenants, store, owner, stored)
+    except version_guard.NameTaken as exc:
+        raise _alias_named(stored.name) from exc
     finally:
         svc.registry.invalidate(owner.name, stored.name)
+
+
+def _alias_named(name: str) -> Conflict:
+    return Conflict(f"`{name}` is already an alias of this tenant.", param="name", code="name_taken")
+
+
+def _model_named(alias: str) -> Conflict:
+    return Conflict(f"`{alias}` is already the name of a model of this tenant.", param="alias", code="name_taken")
 
 
 @router.delete(
@@ -239,15 +261,15 @@ async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manage
 async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
-    parsed = _ref(name)
+    adapter = _name(name)
     store = svc.registry.store(tenant)
     with domain_errors("version"):  # under the adapter's lock: a delete of the version cannot come in between
-        async with version_guard.holding(svc.redis, [(tenant, parsed.name)], tenant):
-            await asyncio.to_thread(_require, store, parsed.name, body.version)
-            await svc.pointers.pin(tenant, parsed.name, body.version)
+        async with version_guard.holding(svc.redis, [(tenant, adapter)], tenant):
+            await asyncio.to_thread(_require, store, adapter, body.version)
+            await svc.pointers.pin(tenant, adapter, body.version)
     with domain_errors():
-        resolves_to = await asyncio.to_thread(store.resolve, AdapterRef(parsed.name), body.version)
-    return {"name": parsed.name, "pinned": body.version, "resolves_to": resolves_to.ref}
+        resolves_to = await asyncio.to_thread(store.resolve, AdapterRef(adapter), body.version)
+    return {"name": adapter, "pinned": body.version, "resolves_to": resolves_to.ref}
 
 
 @router.put(
@@ -258,13 +280,13 @@ async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Ma
 async def share_adapter(tenant: str, name: str, body: Share, request: Request, _: Admin) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
-    parsed = _ref(name)
+    adapter = _name(name)
     with domain_errors("tenants"):
-        await asyncio.to_thread(_require, svc.registry.store(tenant), parsed.name)
+        await asyncio.to_thread(_require, svc.registry.store(tenant), adapter)
         for other in body.tenants:
             await svc.tenants.get(other)
-        await svc.pointers.share(tenant, parsed.name, [t for t in body.tenants if t != tenant])  # one gone: 404
-    return {"adapter": f"{tenant}/{parsed.name}", "shared_with": sorted(set(body.tenants) - {tenant})}
+        await svc.pointers.share(tenant, adapter, [t for t in body.tenants if t != tenant])  # one gone: 404
+    return {"adapter": f"{tenant}/{adapter}", "shared_with": sorted(set(body.tenants) - {tenant})}
 
 
 @router.get(
@@ -289,13 +311,15 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     with domain_errors("alias"):
         check_name(alias)
     taken = await asyncio.to_thread(svc.registry.store(tenant).versions, alias)
-    if alias == svc.settings.served_model_name or taken:
-        raise Conflict(f"`{alias}` is already the name of a model of this tenant.", param="alias", code="name_taken")
+    if alias.lower() == svc.settings.served_model_name.lower() or taken:
+        raise _model_named(alias)
     try:
         with domain_errors("target"):
-            async with version_guard.pointing_at(svc.redis, svc.router, [body.target], tenant) as (route,):
+            async with version_guard.pointing_at(svc.redis, svc.router, [body.target], tenant, alias) as (route,):
                 with _in_experiment():
                     await svc.experiments.set_alias(tenant, alias, body.target)
+    except version_guard.NameTaken as exc:  # an upload of that name came first, its body in while we checked
+        raise _model_named(alias) from exc
     except version_guard.TargetMissing as exc:
         raise InvalidRequest(
             f"An alias points at the base model or at one adapter version (name@V); `{body.target}` is neither.",

@@ -117,16 +117,20 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
     with domain_errors("alias"):
         check_name(body.alias)
     taken = await asyncio.to_thread(svc.registry.store(tenant).versions, body.alias)
-    if body.alias == svc.settings.served_model_name or taken:
-        raise Conflict(
-            f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
-        )
+    name_taken = Conflict(
+        f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
+    )
+    if body.alias.lower() == svc.settings.served_model_name.lower() or taken:
+        raise name_taken
+    targets = [a.target for a in body.arms]
     try:
         with domain_errors("arms"):
-            async with version_guard.pointing_at(svc.redis, svc.router, [a.target for a in body.arms], tenant):
+            async with version_guard.pointing_at(svc.redis, svc.router, targets, tenant, body.alias):
                 with _refusals():
                     experiment = Experiment(tenant=tenant, **body.model_dump())
                     created = await svc.experiments.create(experiment, _who(caller))
+    except version_guard.NameTaken as exc:  # an upload of that name came first
+        raise name_taken from exc
     except version_guard.TargetMissing as exc:
         arm = body.arms[exc.index]
         raise InvalidRequest(

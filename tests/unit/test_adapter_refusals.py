@@ -70,6 +70,21 @@ def test_a_pin_to_a_version_out_of_range_is_a_400_naming_version(api: TestClient
     assert api.put("/admin/tenants/acme/adapters/bot/pin", json={"version": None}).json()["pinned"] is None
 
 
+def test_a_route_on_the_adapter_refuses_a_version_in_its_path(api: TestClient) -> None:
+    """Pinning `bot@5` to version 1 pinned `bot`, the `@5` ignored; sharing `bot@2` shared every version."""
+    for path, body in (("bot@5/pin", {"version": 1}), ("bot@2/share", {"tenants": []})):
+        message = refused(api.put(f"/admin/tenants/acme/adapters/{path}", json=body), 400, None)  # type: ignore[arg-type]
+        assert "names a version" in message and "`bot`" in message
+    assert api.get("/admin/tenants/acme/adapters/bot").json()["version"] == 3, "nothing was pinned"
+
+
+def test_a_refusal_of_what_an_archive_holds_names_no_parameter(api: TestClient, base: BaseModelSpec) -> None:
+    """It is the body that is wrong, not `name` (refusals said `param: "name"`)."""
+    api.app.state.services._base_spec = base  # type: ignore[attr-defined]
+    error = api.post("/admin/tenants/acme/adapters?name=x", content=b"not a tarball", headers={"Content-Type": GZIP})
+    assert error.status_code == 400 and error.json()["error"]["param"] is None, error.text
+
+
 @pytest.mark.parametrize("folder_first", [False, True])
 def test_an_archive_whose_members_clash_on_disk_is_invalid(
     tmp_path: Path, base: BaseModelSpec, folder_first: bool
@@ -168,3 +183,42 @@ def test_uploads_take_turns_to_be_stored(
 
 def upload(api: TestClient, name: str, body: bytes) -> Any:
     return api.post(f"/admin/tenants/acme/adapters?name={name}", content=body, headers={"Content-Type": GZIP})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path: Path, base: BaseModelSpec, dtype: str, value: float) -> None:
+    """An adapter whose lora_B held NaN passed, and once served, every tenant's base answers batched with it came
+    back empty, and stayed so (their prefix cache kept the NaN) after it was deleted."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adapters.validate import check_adapter
+
+    folder = make_adapter(tmp_path / "a", base, seed=5)
+    weights = folder / "adapter_model.safetensors"
+    tensors = {name: tensor.to(getattr(torch, dtype)) for name, tensor in load_file(weights).items()}
+    save_file(tensors, weights)
+    assert check_adapter(folder, base, 16).dtype == {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
+    name = sorted(n for n in tensors if n.endswith("lora_B.weight"))[-1]
+    tensors[name][3, 1] = value
+    save_file(tensors, weights)
+    with pytest.raises(InvalidAdapter, match="NaN or infinite") as refusal:
+        check_adapter(folder, base, 16)
+    assert name in str(refusal.value)
+
+
+def test_an_upload_holding_nan_is_a_400(api: TestClient, tmp_path: Path, base: BaseModelSpec) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    api.app.state.services._base_spec = base  # type: ignore[attr-defined]
+    folder = make_adapter(tmp_path / "a", base, seed=6)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for name in tensors:
+        if name.endswith("lora_B.weight"):
+            tensors[name][:] = float("nan")
+    save_file(tensors, weights)
+    message = refused(upload(api, "nan", tarball(folder)), 400, "invalid_adapter")
+    assert "NaN or infinite" in message
+    assert api.get("/admin/tenants/acme/adapters/nan").status_code == 404, "nothing was stored"

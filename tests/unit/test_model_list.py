@@ -103,6 +103,27 @@ async def test_an_alias_on_an_adapter_no_longer_shared_is_not_listed_while_anoth
     assert "borrowed" not in ids(await lists.body("t")) and "o/foo" in ids(await lists.body("t"))
 
 
+async def test_an_alias_is_listed_however_its_target_spells_a_version_it_serves(
+    redis: aioredis.Redis, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """`t/bot@1` (the tenant's own adapter, owner named) and `o/shared@01` (a shared one, the version padded) are
+    served as `bot@1` and `o/shared@1` are: both were left out of the list."""
+    registry, pointers = Registry(tmp_path / "store", recheck_s=0.0), PointerStore(redis)
+    lists = ModelLists("tiny-base", registry, pointers)
+    adapter = make_adapter(tmp_path / "a", base, seed=1, rank=4)
+    for tenant in ("o", "t"):
+        await TenantStore(redis).create(tenant)
+    AdapterStore(tmp_path / "store" / "t", "t").add(adapter, "bot", base, 16)
+    AdapterStore(tmp_path / "store" / "o", "o").add(adapter, "shared", base, 16)
+    await pointers.share("o", "shared", ["t"])
+    for alias, target in (("own", "t/bot@1"), ("padded", "o/shared@01"), ("gone", "o/shared@2"), ("x", "u/bot@1")):
+        await pointers.set_alias("t", alias, target)
+    pointers.forget_cached()
+    listed = ids(await lists.body("t"))
+    assert "own" in listed and "padded" in listed
+    assert "gone" not in listed and "x" not in listed, "what it cannot use is still left out"
+
+
 def test_an_alias_is_the_same_card_listed_and_retrieved(api: TestClient) -> None:
     """`GET /v1/models/{alias}` answers as the list shows the alias: its target (for one running an experiment, the
     experiment), not the version of whichever arm the call happened to draw (it drew one at random each time)."""

@@ -3,6 +3,7 @@ same version wait for each other (gateway.version_guard), through the admin API 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,8 +16,12 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
+from adapters.manifest import Manifest
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
 from gateway import keys, version_guard
 from gateway.experiments import Arm, Experiment, ExperimentStore
+from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE, refused
 
@@ -187,3 +192,34 @@ async def test_a_promote_between_reads_does_not_hide_the_version_from_a_delete(r
     finally:
         redis.hgetall = real  # type: ignore[method-assign]
     assert found, "in use, whichever moment it was read at"
+
+
+def test_an_alias_and_an_upload_of_the_same_name_never_both_stand(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec
+) -> None:
+    """An upload checks for an alias of its name before its body comes, an alias for versions of its name: an
+    alias set while the body came was served in the adapter's place, both listed. Now an alias is refused while
+    a version of its name is stored (listed or not yet), and a version is not listed once its name is an alias
+    (removed: 409), the name's lock held by both; the CLI refuses an adapter named as an alias."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    store = svc.registry.store("acme")
+    uploading = store.add(make_adapter(tmp_path / "a", base, seed=7), "racey", base, 16, listed=False)
+    assert "already the name of a model" in refused(
+        api.put("/admin/tenants/acme/aliases/racey", json={"target": "bot@1"}), 409, "name_taken"
+    )
+    assert api.put("/admin/tenants/acme/aliases/late", json={"target": "bot@1"}).status_code == 200  # body coming
+    late = store.add(make_adapter(tmp_path / "b", base, seed=8), "late", base, 16, listed=False)
+
+    async def publish(manifest: Manifest) -> Manifest:
+        async with aioredis.from_url(redis_server.url, decode_responses=True) as redis:
+            owner = await TenantStore(redis).get("acme")
+            return await version_guard.publish_unaliased(redis, TenantStore(redis), store, owner, manifest)
+
+    with pytest.raises(version_guard.NameTaken):
+        asyncio.run(publish(late))
+    assert store.versions("late") == [], "removed, not left unlisted"
+    assert asyncio.run(publish(uploading)).listed
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    command = [sys.executable, "-m", "gateway", "adapters", "add", str(tmp_path / "b"), "--name", "late"]
+    refusal = subprocess.run([*command, "--tenant", "acme"], env=env, capture_output=True, text=True, timeout=60)
+    assert refusal.returncode == 1 and "`late` is already an alias of tenant acme" in refusal.stderr, refusal.stderr
