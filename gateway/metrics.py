@@ -158,6 +158,10 @@ class Metrics:
             "loragate_adapter_resident", "Versions of an adapter loaded on a replica, by owner and adapter.",
             ["tenant", "adapter", "replica"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.replica_adapters = Gauge(  # the same in every gateway: `max by (replica)`, where the above sums twice
+            "loragate_replica_adapters", "Adapter versions loaded on a vLLM replica, as it lists them.",
+            ["replica"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
 
     def _records(self, r: CollectorRegistry) -> None:
         self.feedback = Counter(
@@ -248,6 +252,7 @@ class Metrics:
         for replica in replicas:
             self.engine_up.labels(replica.url).set(1 if replica.healthy else 0)
             self.inflight.labels(replica.url).set(replica.inflight)
+            self.replica_adapters.labels(replica.url).set(len(replica.resident))
             for name in replica.resident:
                 resident[(*self.adapter_labels(name), replica.url)] += 1
         for gone in self._resident_shown - resident.keys():

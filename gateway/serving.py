@@ -247,7 +247,11 @@ class Forwarder:
 
         def finish(status: int) -> None:
             self._track(replica, -1)
-            call.context.finish(status, _error_type(status) if status >= 400 else None)
+            if status == 502:  # the engine failed in the middle of its answer (cut, silent, or its error event)
+                self._metrics.upstream_errors.labels(replica.url).inc()
+                call.context.finish(status, UpstreamError.code)
+            else:
+                call.context.finish(status, _error_type(status) if status >= 400 else None)
             call.on_finish(call.context)
 
         return finish

@@ -9,6 +9,7 @@ addresses, so it needs the metrics key (LORAGATE_METRICS_KEY) or the admin key a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -52,6 +53,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+READY_WAIT_S = 2.0
+"""The longest `/readyz` waits on Redis or on an engine; past it, that one is unreachable. A Redis that hung (not
+down: stopped) held every answer 5 s, its client's timeout, past the 3 s of the Helm chart's readiness probe, which
+then took every gateway out of service while serving went on."""
+
+
+async def _within(check: Awaitable[bool]) -> bool:
+    try:
+        async with asyncio.timeout(READY_WAIT_S):
+            return await check
+    except TimeoutError:
+        return False
+
+
 async def _redis_ok(redis: Redis) -> bool:
     try:
         return bool(await redis.ping())
@@ -76,9 +91,9 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
     svc = services(request)
     separate = svc.records_redis is not svc.redis  # one Redis for both (the default) is asked once
     redis_ok, records_ok, *engines = await asyncio.gather(
-        _redis_ok(svc.redis),
-        _redis_ok(svc.records_redis) if separate else asyncio.sleep(0, True),
-        *(svc.pool.check(r) for r in svc.pool.replicas),
+        _within(_redis_ok(svc.redis)),
+        _within(_redis_ok(svc.records_redis)) if separate else asyncio.sleep(0, True),
+        *(_within(svc.pool.check(r)) for r in svc.pool.replicas),
     )
     records_ok = records_ok and (redis_ok or separate)
     spooled = sum(spool.pending() for spool in svc.spools)

@@ -139,6 +139,7 @@ def test_engines_adapters_feedback_and_spools_are_on_metrics(gateway: Gateway, s
     assert value(found, "loragate_adapter_loads_total", tenant=OURS, adapter="mbot", outcome="ok") >= 1
     assert value(found, "loragate_adapter_load_seconds_count", tenant=OURS, adapter="mbot") >= 1
     assert value(found, "loragate_adapter_resident", tenant=OURS, adapter="mbot") >= 1
+    assert value(found, "loragate_replica_adapters") >= 1, "what the replicas list"
     assert value(found, "loragate_feedback_total", tenant=OURS) == 1
     assert {labels["spool"] for _, labels, _ in found["loragate_spool_pending"][1]} == {"records", "feedback"}
     assert found["loragate_inflight_requests"][0] == "gauge"

@@ -126,3 +126,7 @@ def _split_sources(stream: str) -> dict[str, str]:
         if source:
             out[source] = out.get(source, "") + "\n---\n" + doc
     return out
+
+
+DROPS_ADAPTER_NAMES = {"source_labels": ["__name__"], "regex": "vllm:lora_requests_info", "action": "drop"}
+"""vLLM's one metric whose labels name adapters (`tenant.adapter@V`), unbounded."""

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway.settings import Settings
-from tests.unit.deploy_tools import DEPLOY, REPO, compose, compose_config
+from tests.unit.deploy_tools import DEPLOY, DROPS_ADAPTER_NAMES, REPO, compose, compose_config
 
 KEY = {"LORAGATE_METRICS_KEY": "test-metrics-key"}
 STACK = {"volume-init", "redis", "vllm-0", "vllm-1", "gateway", "prometheus", "grafana"}
@@ -129,6 +129,7 @@ def test_prometheus_scrapes_the_gateway_with_its_key_and_every_vllm(stack: dict[
     assert targets["loragate-gateway"] == {f"gateway:{env['LORAGATE_PORT']}"}
     engines = {urlsplit(url).netloc for url in env["LORAGATE_ENGINE_URLS"].split(",")}
     assert targets["vllm"] == engines
+    assert DROPS_ADAPTER_NAMES in jobs["vllm"]["metric_relabel_configs"], "vLLM's labels of adapter names: dropped"
     for name in ("gateway", "vllm-0", "vllm-1"):
         assert _shared_networks(prometheus, stack[name]), name
     # The gateway's /metrics needs the metrics key: Prometheus reads it from the Compose secret.

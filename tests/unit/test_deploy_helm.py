@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.unit.deploy_tools import DEPLOY, Manifest, find, helm_lint, helm_render, manifests
+from tests.unit.deploy_tools import DEPLOY, DROPS_ADAPTER_NAMES, Manifest, find, helm_lint, helm_render, manifests
 from training.config import load as load_retrain_config
 
 FULL = "lg-loragate"
@@ -214,6 +214,8 @@ def test_kubernetes_scrape_config_finds_both_gateway_pods_and_every_vllm(default
                         kept[job].append(f"{obj['metadata']['name']}-{replica}:{meta['port']}")
     assert kept["loragate-gateway"] == [f"{FULL}-gateway-0:8080", f"{FULL}-gateway-1:8080"]
     assert kept["kubernetes-pods"] == [f"{FULL}-engine-0:8000", f"{FULL}-engine-1:8000"]
+    pods = next(job for job in scrape["scrape_configs"] if job["job_name"] == "kubernetes-pods")
+    assert DROPS_ADAPTER_NAMES in pods["metric_relabel_configs"], "vLLM's labels of adapter names: dropped"
 
 
 def _pod_template(obj: Manifest) -> dict[str, Any]:

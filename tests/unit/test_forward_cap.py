@@ -294,3 +294,40 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
     finally:
         await sessions.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+async def test_an_engine_that_fails_in_the_middle_of_its_answer_is_an_upstream_error_of_its_replica(
+    stream: bool, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Its answer cut after the head (a body shorter than its length, a stream without its end): the request ends as
+    an `upstream_error` and counts in `loragate_upstream_errors_total` of its replica, as a failure before the head
+    does (it was a `server_error`, not counted for the replica)."""
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        kind = "text/event-stream" if stream else "application/json"
+        answer = web.StreamResponse(headers={"Content-Type": kind} | ({} if stream else {"Content-Length": "1000"}))
+        await answer.prepare(request)
+        await answer.write(b'data: {"id":"c1","choices":[]}\n\n' if stream else b'{"id": "chatcmpl-1",')
+        assert request.transport is not None
+        request.transport.close()
+        return answer
+
+    runner, url = await serve_engine(cut)  # type: ignore[arg-type]
+    placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
+    metrics = Metrics()
+    try:
+        call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": stream})
+        forwarder = Forwarder(sessions, pool, placement, metrics, 30)
+        if stream:
+            relay = await forwarder.forward(call)
+            await relay({"type": "http"}, stays, lambda message: asyncio.sleep(0))
+        else:
+            with pytest.raises(UpstreamError):
+                await forwarder.forward(call)
+        assert (call.context.status, call.context.error_type) == (502, "upstream_error")
+        assert metrics.upstream_errors.labels(url)._value.get() == 1
+    finally:
+        await sessions.close()
+        await runner.cleanup()

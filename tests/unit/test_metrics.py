@@ -109,6 +109,10 @@ def test_gauges_follow_the_replicas_and_resident_versions_roll_up() -> None:
     }
     assert samples(metrics, "loragate_engine_up") == [({"replica": "http://e0"}, 1.0), ({"replica": "http://e1"}, 0.0)]
     assert samples(metrics, "loragate_inflight_requests")[0] == ({"replica": "http://e0"}, 3.0)
+    assert samples(metrics, "loragate_replica_adapters") == [
+        ({"replica": "http://e0"}, 3.0),
+        ({"replica": "http://e1"}, 1.0),
+    ]
     assert samples(metrics, "loragate_spool_pending") == [({"spool": "records"}, 4.0), ({"spool": "feedback"}, 0.0)]
     assert samples(metrics, "loragate_metrics_tenants") == [({}, 1.0)]
     up.resident, down.resident = {}, {}
