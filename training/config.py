@@ -10,8 +10,11 @@ version by `publish_margin` on the primary metric without regressing on the regr
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
-from collections.abc import Iterator, Sequence
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +31,44 @@ METRICS = ("exact_match", "json_valid", "json_schema", "format", "rouge_l", "acc
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", _number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[float]": ("a list of numbers", lambda v: isinstance(v, list) and all(_number(x) for x in v)),
+}
+"""What each field's annotation takes (`X | None` takes None too). A YAML value of another type passed before and
+failed far later (`lora_r: 8.5` inside peft, once the base had loaded), or was taken apart (`metrics: rouge_l`
+as seven metric names 'r', 'o', ...)."""
+
+
+def _kind(hint: Any) -> tuple[str, bool]:
+    """A field's type as `_TYPES` names it, and whether it takes None."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    return (hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)), optional
+
+
+def type_problems(values: Mapping[str, Any]) -> list[str]:
+    """Each of `values` (field: value) whose type its field does not take, said."""
+    kinds = {name: _kind(hint) for name, hint in typing.get_type_hints(RetrainConfig).items()}
+    problems = []
+    for name, value in values.items():
+        kind, optional = kinds[name]
+        what, takes = _TYPES[kind]
+        if not (takes(value) or (value is None and optional)):
+            problems.append(f"{name} must be {what}, not {value!r:.40}")
+    return problems
 
 
 @dataclass
@@ -120,6 +161,9 @@ class RetrainConfig:
     )
 
     def __post_init__(self) -> None:
+        problems = type_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:
+            raise ValueError("invalid retraining config: " + "; ".join(problems))
         self.split = [float(x) for x in self.split]
         problems = list(self._problems())
         if problems:
@@ -154,6 +198,11 @@ class RetrainConfig:
             yield "lora_dropout must be in [0, 1)"
         if not self.learning_rate > 0:
             yield "learning_rate must be positive"
+        for name in ("publish_margin", "max_regression", "canary_max_error_rate"):
+            if (value := getattr(self, name)) is not None and value < 0:
+                yield f"{name} must be at least 0 (below it, a worse candidate would pass)"
+        if self.canary_max_negative_rate is not None and not 0 <= self.canary_max_negative_rate <= 1:
+            yield "canary_max_negative_rate must be a share, from 0 to 1"
         if not self.target_modules:
             yield "target_modules must name at least one module"
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -205,15 +254,8 @@ def load(yaml_path: str | Path | None = None, flags: Sequence[str] = ()) -> Retr
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(RetrainConfig)  # type: ignore[arg-type]
-    known = {f.name for f in fields(RetrainConfig)}
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: a retraining config is a mapping of field: value")
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise ValueError(f"{yaml_path}: unknown config fields {unknown}")
-        parser.set_defaults(**loaded)
+        parser.set_defaults(**_yaml_fields(Path(yaml_path)))
     try:
         config, extra = parser.parse_args_into_dataclasses(args=list(flags), return_remaining_strings=True)
     except SystemExit as exc:  # argparse's way of reporting a bad flag value (it has printed why)
@@ -222,3 +264,26 @@ def load(yaml_path: str | Path | None = None, flags: Sequence[str] = ()) -> Retr
         raise ValueError(f"unknown config flags {extra}")
     assert isinstance(config, RetrainConfig)
     return config
+
+
+def _yaml_fields(path: Path) -> dict[str, Any]:
+    """The fields a YAML config sets, each of the type its field takes (checked here, not left to argparse, which
+    converted a string such as `epochs: abc` and then blamed the command's flags)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a retraining config is a mapping of field: value")
+    known = {f.name for f in fields(RetrainConfig)}
+    unknown = sorted(str(key) for key in loaded if key not in known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config fields {unknown}")
+    for name, hint in typing.get_type_hints(RetrainConfig).items():
+        if _kind(hint)[0] == "float" and isinstance(loaded.get(name), str):  # YAML 1.1 reads `1e-4` as a string
+            with contextlib.suppress(ValueError):
+                loaded[name] = float(loaded[name])
+    problems = type_problems(loaded)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return loaded

@@ -59,7 +59,8 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     target = (await pointers.of(tenant)).aliases.get(alias)
     if target is None:
         raise RetrainRefused(
-            f"Tenant {tenant} has no alias `{alias}`: create it first (loragate adapters alias {alias} TARGET)."
+            f"Tenant {tenant} has no alias `{alias}`: create it first "
+            f"(loragate aliases set {alias} TARGET --tenant {tenant})."
         )
     if target.startswith(EXPERIMENT):
         name = target.removeprefix(EXPERIMENT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class Run:
 
     @property
     def config(self) -> RetrainConfig:
+        """The run's config; ValueError naming what this version does not know (a run of another version)."""
+        known = {f.name for f in fields(RetrainConfig)}
+        if unknown := sorted(set(self.state.config) - known):
+            raise ValueError(f"its config has fields this version does not know: {unknown}")
         return RetrainConfig(**self.state.config)
 
     @property

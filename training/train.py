@@ -313,6 +313,7 @@ def train(
     )
     args = trainer_args(config, run_dir, precision, epochs)
     trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
+    _check_kept(trainer, len(data["train"]), config.max_length, report)
     watch = EpochWatch(epochs, len(data["train"]), progress)
     trainer.add_callback(as_trainer_callback(watch))
     if stop is not None:
@@ -327,6 +328,20 @@ def train(
     checked = save_adapter(trainer, run_dir / ADAPTER_DIR, base, max_rank)
 
     return _result(config, trainer, watch, run_dir, checked, resume_from, qlora, precision, started)
+
+
+def _check_kept(trainer: Trainer, given: int, max_length: int, report: Progress) -> None:
+    """The trainer drops examples whose answer `max_length` cuts away entirely (TRL: "fully masked"): said when it
+    drops some, refused when it drops them all (torch then failed with `num_samples=0`, and the data card still
+    counted every example)."""
+    kept = len(trainer.train_dataset) if trainer.train_dataset is not None else given  # type: ignore[arg-type]
+    if kept == 0:
+        raise TrainingRefused(
+            f"all {given} training examples are longer than max_length={max_length} tokens before their answer "
+            "begins (the chat template, its default system prompt included, and the prompt count): raise max_length"
+        )
+    if kept < given:
+        report(f"{given - kept} of {given} training examples dropped: no answer left within max_length={max_length}")
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:

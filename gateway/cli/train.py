@@ -8,6 +8,7 @@ run folder (`dataset` starts one and prints its folder). The config is training.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -53,6 +54,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     from training.train import TrainingError
 
     settings = Settings()
+    said = job.state.error  # what run.json said before this step: the step may write its own
 
     async def run() -> T:
         state = aioredis.from_url(settings.redis_url, decode_responses=True)
@@ -71,9 +73,9 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     try:
         return asyncio.run(run())
     except asyncio.CancelledError as exc:
-        raise fail(f"stopped by SIGTERM: {stopped}") from exc
+        raise _failed(job, said, f"stopped by SIGTERM: {stopped}") from exc
     except KeyboardInterrupt as exc:
-        raise fail(f"stopped by Ctrl-C: {stopped}") from exc
+        raise _failed(job, said, f"stopped by Ctrl-C: {stopped}") from exc
     except (
         NotEnoughData,
         RetrainRefused,
@@ -83,9 +85,19 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
         TenantNotFound,
         ValueError,
     ) as exc:
-        raise fail(str(exc)) from exc
+        raise _failed(job, said, str(exc)) from exc
     except (RedisError, OSError) as exc:
-        raise fail(f"Redis or the gateway cannot be reached: {exc}") from exc
+        raise _failed(job, said, f"Redis or the gateway cannot be reached: {exc}") from exc
+
+
+def _failed(job: Run, said: str | None, message: str) -> typer.Exit:
+    """Say why a step failed, and write it in the run's run.json unless the step wrote its own (`said`: what it
+    held before; a step refused, or out of data, left a run.json that said nothing of it)."""
+    if job.state.error == said and job.folder.is_dir():
+        job.state.error = message
+        with contextlib.suppress(OSError):
+            job.save()
+    return fail(message)
 
 
 def _config(path: Path | None, flags: list[str]) -> Any:
@@ -109,7 +121,12 @@ def _load(folder: Path) -> Run:
 
     if not (folder / "run.json").is_file():
         raise fail(f"{folder} is not a run folder (no run.json)")
-    return Run.load(folder)
+    try:
+        run = Run.load(folder)
+        run.config  # noqa: B018 - a config this version cannot read is said now, not in the middle of a step
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise fail(f"{folder / 'run.json'} cannot be read by this version of loragate: {exc}") from exc
+    return run
 
 
 def _say(message: str) -> None:

@@ -10,15 +10,16 @@ served as the base (`tests/integration/test_adapters.py`, `tests/unit/test_cpu_l
 
 The shrink step (x @ A, into the LoRA buffer) is the only place A is applied, and every later step
 multiplies that buffer by B: zeroing the buffer's rows whose index is -1 removes the adapter from
-those rows, as long as B is finite. It was not always: an uploaded adapter whose B held NaN, in the
-last slot, made 0 x NaN of every base row batched with it, in every tenant's requests, and the NaN
-kept in their prefix cache broke their answers until the engine restarted, the adapter deleted long
-before. So the expand steps (buffer @ B, added to the layer's output) give rows without an adapter
-nothing either, whatever the slot holds (uploads are also refused unless every weight is finite:
-adapters/validate.py). vLLM loads `vllm.general_plugins` entry points in every process it starts
-(API server, engine core, workers); `register` patches the ops where the CPU wrapper and the
-segmented variants look them up. It is idempotent, imports nothing of loragate's, and does nothing on
-a vLLM without these modules.
+those rows, as long as B is finite (0 x NaN is NaN). The expand steps (buffer @ B, added to the
+layer's output) give rows without an adapter nothing either, whatever the slot holds. That alone does
+not keep an adapter that makes NaN from harming others: measured, the base's chat answers came back
+empty after such an adapter had answered, with prefix caching off and once it was unloaded (the NaN
+reaches later requests some other way, probably through the KV-cache blocks they reuse), so uploads
+are refused unless every weight is finite and in range (adapters/validate.py).
+
+vLLM loads `vllm.general_plugins` entry points in every process it starts (API server, engine core,
+workers); `register` patches the ops where the CPU wrapper and the segmented variants look them up.
+It is idempotent, imports nothing of loragate's, and does nothing on a vLLM without these modules.
 """
 
 from __future__ import annotations

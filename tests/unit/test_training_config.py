@@ -42,6 +42,21 @@ def test_yaml_then_flags_each_over_the_last(tmp_path: Path) -> None:
         ("source: jsonl\n", [], "source=jsonl needs jsonl_path"),
         ("jsonl_path: /nonexistent.jsonl\n", [], "is not a file"),
         ("- a\n- b\n", [], "a mapping of field: value"),
+        ("foo: [1\n", [], "not valid YAML"),
+        ("{1: 2, a: 3}\n", [], "unknown config fields ['1', 'a']"),
+        ("split: 0.5\n", [], "split must be a list of numbers, not 0.5"),
+        ("source: jsonl\njsonl_path: 5\n", [], "jsonl_path must be a string, not 5"),
+        ("lora_r: 8.5\n", [], "lora_r must be a whole number, not 8.5"),
+        ("epochs: 2.5\n", [], "epochs must be a whole number"),
+        ("epochs: abc\n", [], "epochs must be a whole number, not 'abc'"),
+        ("metrics: rouge_l\n", [], "metrics must be a list of strings, not 'rouge_l'"),
+        ("target_modules: q_proj\n", [], "target_modules must be a list of strings"),
+        ("learning_rate: .inf\n", [], "learning_rate must be a finite number"),
+        ("", ["--learning_rate", "inf"], "learning_rate must be a finite number"),
+        ("publish_margin: -10\n", [], "publish_margin must be at least 0"),
+        ("", ["--canary_max_error_rate", "-5"], "canary_max_error_rate must be at least 0"),
+        ("max_regression: .nan\n", [], "max_regression must be a finite number"),
+        ("canary_max_negative_rate: 2\n", [], "canary_max_negative_rate must be a share"),
     ],
 )
 def test_a_bad_config_is_refused_with_what_is_wrong(
@@ -51,6 +66,13 @@ def test_a_bad_config_is_refused_with_what_is_wrong(
     path.write_text(yaml_text)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load(path, flags)
+
+
+def test_yaml_reads_a_learning_rate_written_without_a_dot(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string: taken as the number it spells."""
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-4\n")
+    assert load(path).learning_rate == 1e-4
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,28 @@ def test_train_run_is_refused_while_another_run_retrains_the_alias(
     assert refused.returncode == 1 and "Traceback" not in said, said
     assert "being retrained by run 20261204-120000-abcdef" in " ".join(said.split()), said
     assert state.get(keys.retrain_lease("acme", "support")) == "20261204-120000-abcdef", "the holder's lease stays"
+    (run,) = (tmp_path / "training" / "acme").iterdir()
+    assert "being retrained by run" in json.loads((run / "run.json").read_text())["error"], "run.json says why"
+
+
+def test_the_train_commands_name_a_bad_config_or_run_folder_without_a_traceback(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    config, run = tmp_path / "c.yaml", tmp_path / "run"
+    run.mkdir()
+    for text, says in (("foo: [1\n", "not valid YAML"), ("lora_r: 8.5\n", "lora_r must be a whole number")):
+        config.write_text(text)
+        command = ["train", "run", "--tenant", "acme", "--alias", "support", "--config", str(config)]
+        done = subprocess.run([sys.executable, "-m", "gateway", *command], env=env, capture_output=True, text=True)
+        assert done.returncode == 1 and "Traceback" not in done.stderr and says in done.stderr, done.stderr
+    for text, says in (("{not json", "cannot be read by this version"), (RUN_JSON, "does not know: ['bogus']")):
+        (run / "run.json").write_text(text)
+        command = ["train", "fit", "--run", str(run)]
+        done = subprocess.run([sys.executable, "-m", "gateway", *command], env=env, capture_output=True, text=True)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "Traceback" not in said and says in said, said
+
+
+RUN_JSON = json.dumps({"run_id": "r", "tenant": "acme", "alias": "support", "config": {"bogus": 1}})
+"""A run.json of a loragate version whose config has a field this one does not know."""

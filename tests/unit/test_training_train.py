@@ -355,3 +355,12 @@ def test_epoch_losses_pair_each_epochs_train_and_validation_loss() -> None:
     assert best_epoch(epochs) == 2
     assert best_epoch((EpochLoss(1, 2.0, 0.5), EpochLoss(2, 1.0, 0.5), EpochLoss(3, 0.5, 0.7))) == 1  # ties: first
     assert best_epoch((EpochLoss(1, 2.0, None),)) is None
+
+
+def test_a_max_length_that_leaves_no_answer_is_refused_before_training(
+    small_base_dir: Path, sft_data: Path, tmp_path: Path
+) -> None:
+    """TRL drops examples whose answer `max_length` cuts away entirely: all of them at 16 tokens here (the chat
+    template's default system prompt alone is longer), where torch failed with `num_samples=0`."""
+    with pytest.raises(TrainingRefused, match="all 8 training examples are longer than max_length=16"):
+        train(tiny(max_length=16), sft_data, small_base_dir, tmp_path / "run")
