@@ -1,0 +1,64 @@
+"""`/readyz` answers within the Helm chart's 3 s probe timeout when Redis hangs (stopped, not down): a Redis that
+hung held every answer 5 s (its client's timeout), and the probe took every gateway out of service while serving
+went on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import RedisServer
+from tests.unit.admin_api import ADMIN, BASE
+
+
+class _Engine(BaseHTTPRequestHandler):
+    """A vLLM that is up: /health 200, no models."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = b'{"object": "list", "data": []}' if self.path == "/v1/models" else b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def engine() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_readyz_answers_within_two_seconds_while_redis_hangs(
+    own_redis: RedisServer, engine: str, tmp_path: Path
+) -> None:
+    admin_key = SecretStr(ADMIN["Authorization"].removeprefix("Bearer "))
+    settings = Settings(home=tmp_path, redis_url=own_redis.url, served_model_name=BASE, admin_key=admin_key)
+    with TestClient(create_app(settings, engine_urls=[engine])) as client:
+        assert client.get("/readyz").json() == {"status": "ready"}
+        pid = own_redis.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            ready = client.get("/readyz", params={"verbose": 1}, headers=ADMIN)
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+    assert ready.json()["redis"] == "unreachable" and took < 2.9, took
