@@ -5,18 +5,20 @@ at `http.response.body`: two writes, so two `send` system calls and two TCP segm
 client that wakes twice to read them. Here the head is held until the next write of the same request (the body,
 which the app sends in the same step of its task: joined, one `send`), the end of that step (a stream's first
 chunk may come much later: its head goes at once), or the connection's close, whichever comes first; and before
-the protocol itself closes the connection (the server stopping) or answers a malformed request with a 400. A HEAD
-answer, which has no body to join, is written as uvicorn writes it. Nothing else changes: the bytes on the wire are
-the same, in the same order (a review compared them with uvicorn's own protocol in 17 cases: pipelining, HTTP/1.0,
+the protocol itself closes the connection (the server stopping) or answers a malformed request with a 400 (in
+OpenAI's error envelope, where uvicorn answers in plain text). A HEAD
+answer, which has no body to join, is written as uvicorn writes it. Nothing else changes: but for that 400's body,
+the bytes on the wire are the same, in the same order (a review compared them with uvicorn's own protocol in 17 cases: pipelining, HTTP/1.0,
 `Connection: close`, 500s, 204, 100-continue, malformed requests, WebSocket, chunked uploads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 
 class HeadFirst:
@@ -77,8 +79,20 @@ class HttpProtocol(HttpToolsProtocol):
             transport.flush()
 
     def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refuses (a NUL in a header, a malformed request line) gets OpenAI's error
+        envelope, as every other refusal does, where uvicorn answers in plain text; the connection is closed."""
         self._flush()
-        super().send_400_response(msg)
+        error = {"message": f"{msg.rstrip('.')}: the request is not valid HTTP/1.1.", "type": "invalid_request_error"}
+        body = json.dumps({"error": error | {"param": None, "code": None}}).encode()
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content += [
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join([*content, body]))
+        self.transport.close()
 
     def shutdown(self) -> None:
         """The server stops: an answered request's connection is closed at once, its head sent first."""

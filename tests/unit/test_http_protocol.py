@@ -4,6 +4,7 @@ never waits for a body that comes later (a stream's chunks), nor is lost to a cl
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -231,3 +232,18 @@ async def test_the_protocol_sends_a_held_head_before_it_closes_or_answers_400_it
         protocol.shutdown() if act == "shutdown" else protocol.send_400_response("Invalid HTTP request received.")
         assert transport.writes[0] == b"HEAD" and transport.closed, act
         assert act == "shutdown" or transport.writes[1].startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+async def test_a_request_the_parser_refuses_gets_openais_error_envelope(server: tuple[str, asyncio.Event]) -> None:
+    """A NUL in a header (in an API key, say) was answered `Invalid HTTP request received.` in plain text."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /answer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-\x00x\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)  # then the connection is closed
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"content-type: application/json" in head
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None and error["code"] is None
+    assert error["message"].startswith("Invalid HTTP request received")
