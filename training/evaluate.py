@@ -151,6 +151,8 @@ class Scores(BaseModel):
     errors: int
     failed: list[int] = Field(default_factory=list)
     """Which prompts' answers failed (their indices)."""
+    first_error: str | None = None
+    """The first failed answer's error, as the client said it (an outage named rather than counted only)."""
     metrics: dict[str, float]
     """Each configured metric's mean over all n prompts (failed answers score 0)."""
     latency_p50_ms: float | None
@@ -177,6 +179,7 @@ def score(answers: Sequence[Answer], references: Sequence[str], config: RetrainC
         n=len(answers),
         errors=len(answers) - len(latencies),
         failed=[i for i, answer in enumerate(answers) if answer.error is not None],
+        first_error=next((answer.error[:300] for answer in answers if answer.error is not None), None),
         metrics=metric_means([answer.text for answer in answers], references, config),
         latency_p50_ms=percentile(latencies, 50) if latencies else None,
         latency_p95_ms=percentile(latencies, 95) if latencies else None,
@@ -210,13 +213,13 @@ def comparison_failures(
         only_theirs = set(theirs.failed) - set(ours.failed)
         if only_theirs:
             reasons.append(
-                f"{who} failed on {len(only_theirs)} of {theirs.n} prompts of {where} that the candidate answered: "
-                "the candidate is not judged against answers that never came"
+                f"{who} failed on {len(only_theirs)} of {theirs.n} prompts of {where} that the candidate answered "
+                f"({theirs.first_error}): the candidate is not judged against answers that never came"
             )
         elif ours.n and len(ours.failed) == ours.n and theirs.failed:  # e.g. vLLM went down while they were asked
             reasons.append(
                 f"the candidate failed on all {ours.n} prompts of {where} and {who} on {len(theirs.failed)}: an "
-                "outage, not a verdict"
+                f"outage, not a verdict ({ours.first_error})"
             )
     return reasons
 

@@ -42,6 +42,10 @@ class RetrainRefused(ValueError):
     """The run cannot go on as asked; the message says why and what to do."""
 
 
+CANARY_PREFIX = "retrain-"
+"""A run's canary experiment is named this and its run id (`Run.canary_name`)."""
+
+
 @dataclass(frozen=True)
 class Serving:
     """What an alias serves before the run, and the adapter name its new version takes."""
@@ -54,8 +58,13 @@ class Serving:
     """The version the candidate improves on (None: the base)."""
 
 
-async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: str, alias: str) -> Serving:
-    """The alias's current target; refused when it has none or is in a running experiment."""
+async def serving(
+    pointers: PointerStore, experiments: ExperimentStore, tenant: str, alias: str, by: str = "retraining"
+) -> Serving:
+    """The alias's current target; refused when it has none or is in a running experiment, but for an earlier
+    run's canary whose guard rails rolled its candidate back (weight 0, the experiment left running): that one is
+    rolled back (the alias then serves what it served before the canary, as every request did already), or a
+    retraining job on a schedule was refused until somebody ended it by hand."""
     target = (await pointers.of(tenant)).aliases.get(alias)
     if target is None:
         raise RetrainRefused(
@@ -65,6 +74,11 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     if target.startswith(EXPERIMENT):
         name = target.removeprefix(EXPERIMENT)
         found = await experiments.get(tenant, name)
+        if _rolled_back_canary(found):
+            reason = "its candidate was rolled back by the guard rails; a new retraining run starts"
+            found = await experiments.set_status(
+                tenant, name, "rolled back", by, reason=reason, revision=found.revision
+            )
         if found.status in ("running", "paused"):
             raise RetrainRefused(
                 f"Alias `{alias}` is in experiment `{name}` ({found.status}): promote, roll back or stop it first."
@@ -74,6 +88,13 @@ async def serving(pointers: PointerStore, experiments: ExperimentStore, tenant: 
     if "@" in ref and "/" not in target:
         return Serving(alias, target, AdapterRef.parse(ref).name, target)
     return Serving(alias, target, check_name(f"{alias}-tuned"), None)
+
+
+def _rolled_back_canary(experiment: Experiment) -> bool:
+    """A retraining run's canary, running with every arm but control at weight 0 (rolled back)."""
+    others = [arm for arm in experiment.arms if arm.name != experiment.control]
+    canary = experiment.name.startswith(CANARY_PREFIX) and experiment.status == "running"
+    return canary and bool(others) and all(arm.weight == 0 for arm in others)
 
 
 async def still_serving(

@@ -51,7 +51,10 @@ def _base_dir(settings: Settings) -> Path:
 async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.DataCard:
     started = time.monotonic()
     state, config = run.state, run.config
-    before = await publish.serving(PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias)
+    by = f"retraining run {state.run_id}"
+    before = await publish.serving(
+        PointerStore(stack.state), ExperimentStore(stack.state), state.tenant, state.alias, by
+    )
     progress(f"alias {state.alias} serves {before.target}; reading its feedback")
     tenant = await _owner(run, stack)  # tenants live in the state Redis
     policy, state.tenant_created = tenant.logging, tenant.created
@@ -68,6 +71,7 @@ async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.D
 async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) -> train.TrainResult:
     started = time.monotonic()
     run.require("dataset")
+    _not_published(run, "fit")
     await _owner(run, stack)
     base_dir = await asyncio.to_thread(_base_dir, stack.settings)
     stop = threading.Event()
@@ -171,6 +175,7 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
     import openai
 
     state, config = run.state, run.config
+    _not_published(run, "eval")
     await _owner(run, stack)  # its training key must not go to a tenant created again under its name
     candidate = state.candidate or await stage_candidate(run, stack, progress)
     assert state.serving is not None
@@ -189,6 +194,9 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
             )  # fmt: skip
     finally:
         await apikeys.revoke(info.id)
+    for what, scores in (("candidate", report.candidate), ("current", report.current), ("base", report.base)):
+        if scores is not None and scores.errors:
+            progress(f"eval {what}: {scores.errors} of {scores.n} answers failed (first: {scores.first_error})")
     await asyncio.to_thread(eval_report.write_report, report, run.eval_dir)
     decision = report.decision
     state.eval = {"publish": decision.publish, "reasons": decision.reasons, "unjudged": decision.unjudged}
@@ -247,6 +255,16 @@ async def _when_free(step: Callable[[], Awaitable[T]], progress: Progress) -> T:
             if time.monotonic() >= deadline:
                 raise
             progress(f"{exc} Waiting for it.")
+
+
+def _not_published(run: Run, step: str) -> None:
+    """A step before publish, asked again on a run that published (or decided not to): refused, not run again (a fit
+    overwrote the adapter and the training summary a published version's provenance points at)."""
+    if "publish" in run.state.done:
+        raise publish.RetrainRefused(
+            f"Run {run.state.run_id} has done its publish step already; its {step} step is not run again: start "
+            "another run."
+        )
 
 
 def _can_publish(run: Run) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from adapters.registry import Registry
 from gateway.settings import Settings
 from training.config import RetrainConfig
-from training.publish import RetrainRefused
+from training.publish import CANARY_PREFIX, RetrainRefused
 
 
 class RunState(BaseModel):
@@ -102,7 +102,7 @@ class Run:
     @property
     def canary_name(self) -> str:
         """The name of the experiment its publish step starts on the alias."""
-        return f"retrain-{self.state.run_id}"
+        return f"{CANARY_PREFIX}{self.state.run_id}"
 
     @property
     def fit_dir(self) -> Path:

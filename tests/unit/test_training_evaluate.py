@@ -199,7 +199,7 @@ def test_score_counts_errors_as_wrong_and_leaves_them_out_of_latency(config: Ret
     answers = [Answer(text="SEVERITY: P1\nx", latency_ms=ms) for ms in (10.0, 20.0, 30.0, 40.0)]
     answers.append(Answer(text="", latency_ms=1.0, error="APIConnectionError: refused"))
     scores = score(answers, ["SEVERITY: P1\nx"] * 5, config)
-    assert (scores.n, scores.errors) == (5, 1)
+    assert (scores.n, scores.errors, scores.first_error) == (5, 1, "APIConnectionError: refused"), "the outage named"
     assert scores.metrics["exact_match"] == pytest.approx(0.8)
     assert scores.metrics["format"] == pytest.approx(0.8)
     assert scores.latency_p50_ms == pytest.approx(25.0)
@@ -213,8 +213,15 @@ def test_score_counts_errors_as_wrong_and_leaves_them_out_of_latency(config: Ret
 def scores_of(value: float, *, errors: int = 0, n: int = 20, failed: list[int] | None = None) -> Scores:
     """Scores whose `errors` failures are the first prompts (or those `failed` names)."""
     failed = list(range(errors)) if failed is None else failed
+    first_error = "APIConnectionError: Connection error." if failed else None
     return Scores(
-        n=n, errors=len(failed), failed=failed, metrics={"format": value}, latency_p50_ms=100.0, latency_p95_ms=200.0
+        n=n,
+        errors=len(failed),
+        failed=failed,
+        first_error=first_error,
+        metrics={"format": value},
+        latency_p50_ms=100.0,
+        latency_p95_ms=200.0,
     )
 
 
@@ -263,8 +270,8 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     broken = decide(scores_of(0.95), scores_of(0.10, errors=3), scores_of(0.0), None, config)
     assert not broken.publish and broken.unjudged
     assert broken.reasons == [
-        "the version now serving failed on 3 of 20 prompts of the test split that the candidate answered: the "
-        "candidate is not judged against answers that never came"
+        "the version now serving failed on 3 of 20 prompts of the test split that the candidate answered "
+        "(APIConnectionError: Connection error.): the candidate is not judged against answers that never came"
     ]
     from_base = decide(scores_of(0.95), None, scores_of(0.0, errors=1), None, config)
     assert from_base.unjudged and from_base.reasons[0].startswith("the base failed on 1 of 20 prompts of the test")
@@ -275,7 +282,7 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     assert both_down.unjudged, "nothing answered: ask again rather than reject the candidate"
     assert both_down.reasons == [
         "the candidate failed on all 20 prompts of the test split and the version now serving on 20: an outage, not "
-        "a verdict"
+        "a verdict (APIConnectionError: Connection error.)"
     ]
     went_down = decide(
         scores_of(0.0, errors=20), scores_of(0.1, failed=list(range(5, 20))), scores_of(0.5), None, config

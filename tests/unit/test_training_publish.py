@@ -41,3 +41,30 @@ async def test_the_canary_is_a_guarded_split_of_the_config(redis: aioredis.Redis
         ("control", "helper@2", 80), ("candidate", "helper@3", 20)
     ]  # fmt: skip
     assert experiment.auto_promote and experiment.min_samples == 30 and experiment.max_error_rate == 0.1
+
+
+async def test_an_earlier_runs_canary_rolled_back_by_its_guard_rails_is_ended_not_a_refusal(
+    redis: aioredis.Redis,
+) -> None:
+    """The guard rails roll a candidate back by its weight (0) and leave the experiment running: every later run on
+    the alias was refused until somebody ended it by hand. A canary still weighing its candidate, and any other
+    experiment, still refuse."""
+    pointers, experiments = PointerStore(redis), ExperimentStore(redis)
+    await pointers.set_alias("t", "bot", "helper@2")
+    before = await serving(pointers, experiments, "t", "bot")
+    for name, weight in (("retrain-old", 0.0), ("retrain-live", 10.0)):
+        await pointers.set_alias("t", "bot", "helper@2")
+        rolled = canary("t", before, "helper@3", RetrainConfig(), name)
+        rolled.arms[1] = Arm(name="candidate", target="helper@3", weight=weight)
+        await experiments.create(rolled, by="test")
+        pointers.forget_cached()
+        if weight:
+            with pytest.raises(RetrainRefused, match="in experiment `retrain-live` \\(running\\)"):
+                await serving(pointers, experiments, "t", "bot")
+            continue
+        found = await serving(pointers, experiments, "t", "bot", by="retraining run new")
+        assert (found.target, found.parent) == ("helper@2", "helper@2")
+        ended = await experiments.get("t", name)
+        assert ended.status == "rolled back" and (await experiments.audit("t", name))[-1].by == "retraining run new"
+        pointers.forget_cached()
+        assert (await pointers.of("t")).aliases["bot"] == "helper@2", "the alias serves what it served before"

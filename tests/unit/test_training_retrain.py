@@ -345,6 +345,9 @@ async def test_a_publish_step_asked_again_after_its_canary_failed_goes_on(
     assert (await PointerStore(world.redis).of(TENANT)).pins == {"helper": 1}
     with pytest.raises(RetrainRefused, match="has done its publish step already: published helper@2"):
         await publish_candidate(run, world.stack, quiet, "test")
+    for step in (fit, evaluate_candidate):  # a fit overwrote the adapter a published version's provenance names
+        with pytest.raises(RetrainRefused, match="its (fit|eval) step is not run again"):
+            await step(run, world.stack, quiet)
 
 
 async def test_an_eval_whose_bar_failed_is_not_done_and_publishes_nothing(
