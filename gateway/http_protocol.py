@@ -6,9 +6,9 @@ client that wakes twice to read them. Here the head is held until the next write
 which the app sends in the same step of its task: joined, one `send`), the end of that step (a stream's first
 chunk may come much later: its head goes at once), or the connection's close, whichever comes first; and before
 the protocol itself closes the connection (the server stopping) or answers a malformed request with a 400 (in
-OpenAI's error envelope, where uvicorn answers in plain text). A HEAD
-answer, which has no body to join, is written as uvicorn writes it. Nothing else changes: but for that 400's body,
-the bytes on the wire are the same, in the same order (a review compared them with uvicorn's own protocol in 17 cases: pipelining, HTTP/1.0,
+OpenAI's error envelope, where uvicorn answers in plain text). A HEAD answer, which has no body to join, is written
+as uvicorn writes it. Nothing else changes: but for that 400's body, the bytes on the wire are the same, in the same
+order (a review compared them with uvicorn's own protocol in 17 cases: pipelining, HTTP/1.0,
 `Connection: close`, 500s, 204, 100-continue, malformed requests, WebSocket, chunked uploads).
 """
 

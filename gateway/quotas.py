@@ -224,8 +224,8 @@ def _check_cost(scopes: Scopes, cost: int, reserve_tokens: int) -> None:
             whose = "this key's" if scope.startswith("key:") else "the tenant's"
             raise InvalidRequest(
                 f"This request may use up to {cost} tokens, more than {whose} tokens-per-minute limit ({tpm}) "
-                f"allows at once: name a lower max_tokens (a chat request naming none may generate up to "
-                f"{reserve_tokens}), ask for fewer answers (n), or for a higher limit.",
+                f"allows at once: name a lower max_tokens (a chat request naming none counts {reserve_tokens} for "
+                "each answer), ask for fewer answers (n), or for a higher limit.",
                 param="max_tokens",
                 code="tokens_over_limit",
             )

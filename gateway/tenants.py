@@ -10,10 +10,10 @@ import asyncio
 import json
 import re
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
@@ -60,6 +60,10 @@ MOST_PER_MINUTE = 10**15
 the rate-limit headers as -9223372036854775808)."""
 
 
+STORED = {"stored": True}
+"""The validation context of what is read back from Redis (`Limits._stored`)."""
+
+
 class Limits(BaseModel):
     """Requests and tokens per minute; None is unlimited."""
 
@@ -67,6 +71,14 @@ class Limits(BaseModel):
 
     rpm: int | None = Field(None, ge=1, le=MOST_PER_MINUTE, description="Requests per minute.")
     tpm: int | None = Field(None, ge=1, le=MOST_PER_MINUTE, description="Tokens per minute (prompt + completion).")
+
+    @field_validator("rpm", "tpm", mode="before")
+    @classmethod
+    def _stored(cls, value: Any, info: ValidationInfo) -> Any:
+        """A limit read back from Redis (`STORED`) that a release before the bound wrote above it is read as the
+        bound: refused, it failed every request of its tenant (or key) and the log's upkeep of every tenant."""
+        stored = isinstance(info.context, dict) and info.context.get("stored")
+        return MOST_PER_MINUTE if stored and isinstance(value, int) and value > MOST_PER_MINUTE else value
 
     @property
     def any(self) -> bool:
@@ -103,6 +115,18 @@ class TenantChanges(BaseModel):
     limits: Limits | None = None
     on_redis_down: Literal["open", "closed"] | None = None
     logging: LogPolicyChanges | None = None
+
+
+def _changed(tenant: Tenant, changes: TenantChanges) -> Tenant:
+    merged = tenant.model_dump()
+    merged.update(changes.model_dump(exclude_none=True, exclude={"logging", "limits"}))
+    for part in ("limits", "logging"):  # a partial one changes only the fields it names (null: no limit)
+        if (changed := getattr(changes, part)) is not None:
+            merged[part].update(changed.model_dump(exclude_unset=True))
+    try:
+        return Tenant.model_validate(merged, context=STORED)  # the changes were checked as they came
+    except ValidationError as exc:
+        raise InvalidTenant(f"Invalid tenant settings: {exc.errors()[0]['msg']}") from exc
 
 
 class TenantStore:
@@ -168,7 +192,7 @@ class TenantStore:
         raw = await self._redis.get(keys.tenant(check_tenant_name(name)))
         if raw is None:
             raise TenantNotFound(name)
-        return Tenant.model_validate_json(raw)
+        return Tenant.model_validate_json(raw, context=STORED)
 
     async def names(self) -> list[str]:
         return sorted(await self._redis.smembers(keys.tenants()))
@@ -176,24 +200,28 @@ class TenantStore:
     async def all(self) -> list[Tenant]:
         names = await self.names()
         raws = await self._redis.mget([keys.tenant(n) for n in names]) if names else []
-        return [Tenant.model_validate_json(raw) for raw in raws if raw is not None]
+        return [Tenant.model_validate_json(raw, context=STORED) for raw in raws if raw is not None]
 
     async def update(self, name: str, changes: TenantChanges) -> Tenant:
-        tenant = await self.get(name)
-        merged = tenant.model_dump()
-        merged.update(changes.model_dump(exclude_none=True, exclude={"logging", "limits"}))
-        for part in ("limits", "logging"):  # a partial one changes only the fields it names (null: no limit)
-            if (changed := getattr(changes, part)) is not None:
-                merged[part].update(changed.model_dump(exclude_unset=True))
-        try:
-            updated = Tenant.model_validate(merged)
-        except ValidationError as exc:
-            raise InvalidTenant(f"Invalid tenant settings: {exc.errors()[0]['msg']}") from exc
+        """Apply `changes` (partial: what they leave out stays) to the tenant as stored, read and written in one
+        transaction (WATCH): two partial changes at once, `{"rpm": ...}` and `{"tpm": ...}` from two gateways,
+        both hold, where the later one's write took the other's away."""
+        key = keys.tenant(check_tenant_name(name))
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.tenant(name), updated.model_dump_json(), xx=True)
-            pipe.incr(keys.state_version())
-            await pipe.execute()
-        return updated
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise TenantNotFound(name)
+                    updated = _changed(Tenant.model_validate_json(raw, context=STORED), changes)
+                    pipe.multi()
+                    pipe.set(key, updated.model_dump_json(), xx=True)
+                    pipe.incr(keys.state_version())
+                    await pipe.execute()
+                    return updated
+                except WatchError:
+                    continue
 
     async def delete(self, name: str) -> list[str]:
         """Delete the tenant, its keys, pins and aliases, its experiments and their audit logs (every key

@@ -289,12 +289,15 @@ async def publish_unaliased(
     its tenant while it was uploaded (an alias set then checked for versions before there was one): the version is
     removed and NameTaken raised. Holds the name's lock, as `pointing_at` does to write an alias, so that one of the
     two always sees the other."""
-    async with holding(redis, [(owner.name, manifest.name)], owner.name):
-        if await redis.hexists(keys.aliases(owner.name), manifest.name):
-            with suppress(AdapterNotFound):
-                await asyncio.to_thread(store.remove, manifest.name, manifest.version)
-            raise NameTaken(manifest.name)
-        return await keep_if_still_owned(tenants, store, owner, manifest, publish=True)
+    try:
+        async with holding(redis, [(owner.name, manifest.name)], owner.name):
+            if await redis.hexists(keys.aliases(owner.name), manifest.name):
+                raise NameTaken(manifest.name)
+            return await keep_if_still_owned(tenants, store, owner, manifest, publish=True)
+    except BaseException:  # the lock not had (AdapterBusy), Redis away, the name taken: nothing left unlisted
+        with suppress(Exception):  # removed already (keep_if_still_owned's own failures), or the disk fails too
+            await asyncio.to_thread(store.remove, manifest.name, manifest.version)
+        raise
 
 
 async def keep_if_still_owned(

@@ -54,17 +54,19 @@ async def healthz() -> dict[str, str]:
 
 
 READY_WAIT_S = 2.0
-"""The longest `/readyz` waits on Redis or on an engine; past it, that one is unreachable. A Redis that hung (not
-down: stopped) held every answer 5 s, its client's timeout, past the 3 s of the Helm chart's readiness probe, which
-then took every gateway out of service while serving went on."""
+"""The longest `/readyz` waits on Redis or on an engine; past it, Redis is unreachable and an engine is what its
+last health check (every LORAGATE_HEALTH_INTERVAL_S, 3 s at most) said. A Redis that hung (not down: stopped) held
+every answer 5 s, its client's timeout, past the 3 s of the Helm chart's readiness probe, which then took every
+gateway out of service while serving went on."""
 
 
-async def _within(check: Awaitable[bool]) -> bool:
+async def _within(check: Awaitable[bool], otherwise: bool = False) -> bool:
+    """`check`'s answer, or `otherwise` when it takes longer than READY_WAIT_S."""
     try:
         async with asyncio.timeout(READY_WAIT_S):
             return await check
     except TimeoutError:
-        return False
+        return otherwise
 
 
 async def _redis_ok(redis: Redis) -> bool:
@@ -93,7 +95,7 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
     redis_ok, records_ok, *engines = await asyncio.gather(
         _within(_redis_ok(svc.redis)),
         _within(_redis_ok(svc.records_redis)) if separate else asyncio.sleep(0, True),
-        *(_within(svc.pool.check(r)) for r in svc.pool.replicas),
+        *(_within(svc.pool.check(r), r.healthy) for r in svc.pool.replicas),  # slow: as its last check said
     )
     records_ok = records_ok and (redis_ok or separate)
     spooled = sum(spool.pending() for spool in svc.spools)

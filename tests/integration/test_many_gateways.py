@@ -150,7 +150,7 @@ def test_a_chat_request_naming_no_max_tokens_reserves_the_most_it_may_generate(g
         small.chat.completions.create(model=MODEL, messages=hi)  # type: ignore[arg-type]
     error = refused.value.body
     assert isinstance(error, dict) and error["code"] == "tokens_over_limit" and error["param"] == "max_tokens"
-    assert "naming none may generate up to 2048" in error["message"] and "reserve-small" not in error["message"]
+    assert "naming none counts 2048 for each answer" in error["message"] and "reserve-small" not in error["message"]
     assert small.chat.completions.create(model=MODEL, messages=hi, max_tokens=20).choices  # type: ignore[arg-type]
 
 

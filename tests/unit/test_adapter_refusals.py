@@ -240,3 +240,21 @@ def test_an_upload_holding_nan_is_a_400(api: TestClient, tmp_path: Path, base: B
     message = refused(upload(api, "nan", tarball(folder)), 400, "invalid_adapter")
     assert "NaN or infinite values" in message
     assert api.get("/admin/tenants/acme/adapters/nan").status_code == 404, "nothing was stored"
+
+
+def test_weights_of_an_integer_dtype_are_refused(tmp_path: Path, base: BaseModelSpec) -> None:
+    """vLLM casts them to its dtype: an I64 lora_B of 10^6 passed the range check (floats only) and is infinite in
+    float16."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from adapters.validate import check_adapter
+
+    folder = make_adapter(tmp_path / "a", base, seed=5)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(n for n in tensors if n.endswith("lora_B.weight"))[0]
+    tensors[name] = np.full(tensors[name].shape, 10**6, dtype=np.int64)
+    save_file(tensors, weights)
+    with pytest.raises(InvalidAdapter, match="has dtype I64; LoRA weights are F32, F16, BF16, F64"):
+        check_adapter(folder, base, 16)

@@ -79,6 +79,28 @@ def test_limits_past_what_redis_counts_exactly_are_refused(api: TestClient) -> N
     assert api.patch("/admin/tenants/acme", json={"limits": {"tpm": 10**15}}).status_code == 200
 
 
+def test_limits_stored_past_the_bound_by_an_earlier_release_are_read_as_the_bound(
+    api: TestClient, redis_server: RedisServer
+) -> None:
+    """The release before the bound took any limit: read back, one above it failed every request of its tenant (or
+    key), the tenant list, and the completion log's upkeep of every tenant."""
+    key = api.post("/admin/tenants/acme/keys", json={"limits": {"rpm": 5}}).json()
+    with sync_redis.Redis.from_url(redis_server.url, decode_responses=True) as state:
+        stored = json.loads(state.get(keys.tenant("acme")))
+        stored["limits"] = {"rpm": None, "tpm": 10**16}
+        state.set(keys.tenant("acme"), json.dumps(stored))
+        state.hset(keys.api_key(key["id"]), "rpm", str(2**63))
+        state.incr(keys.state_version())
+    assert api.get("/admin/tenants").status_code == 200
+    assert api.get("/admin/tenants/acme").json()["limits"]["tpm"] == 10**15
+    listed = {k["id"]: k for k in api.get("/admin/tenants/acme/keys").json()["data"]}
+    assert listed[key["id"]]["limits"]["rpm"] == 10**15
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    assert api.get("/v1/models", headers=auth).status_code == 200
+    changed = api.patch("/admin/tenants/acme", json={"on_redis_down": "closed"})
+    assert changed.status_code == 200 and changed.json()["limits"]["tpm"] == 10**15
+
+
 def test_a_json_body_is_read_whatever_its_content_type(api: TestClient) -> None:
     """As the completion routes read theirs: the README's `curl -d` examples send a form's Content-Type."""
     form = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -5,6 +5,7 @@ retraining run's candidate) is removed, not inherited by a tenant created again 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -33,7 +34,7 @@ from gateway.app import create_app
 from gateway.cli import app as cli
 from gateway.pointers import PointerStore
 from gateway.settings import Settings
-from gateway.tenants import Tenant, TenantNotFound, TenantStore
+from gateway.tenants import Limits, Tenant, TenantChanges, TenantNotFound, TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
 from training import train as training_module
@@ -261,3 +262,16 @@ def test_a_share_whose_tenant_goes_while_it_is_written_is_a_404(
     monkeypatch.setattr(svc.pointers, "share", deleted_meanwhile)
     answer = api.put("/admin/tenants/acme/adapters/bot/share", json={"tenants": ["beta"]})
     assert answer.status_code == 404 and "`beta`" in answer.json()["error"]["message"], answer.text
+
+
+async def test_partial_changes_at_once_both_hold(redis: aioredis.Redis) -> None:
+    """Read and written in one transaction: two PATCHes at once, one of the rpm and one of the tpm (from two
+    gateways), both hold, where the later write took the other's change away."""
+    store = TenantStore(redis)
+    await store.create("both")
+    for n in range(1, 11):
+        await asyncio.gather(
+            store.update("both", TenantChanges.model_validate({"limits": {"rpm": n}})),
+            store.update("both", TenantChanges.model_validate({"limits": {"tpm": 1000 + n}})),
+        )
+        assert (await store.get("both")).limits == Limits(rpm=n, tpm=1000 + n)

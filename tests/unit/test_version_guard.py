@@ -223,3 +223,29 @@ def test_an_alias_and_an_upload_of_the_same_name_never_both_stand(
     command = [sys.executable, "-m", "gateway", "adapters", "add", str(tmp_path / "b"), "--name", "late"]
     refusal = subprocess.run([*command, "--tenant", "acme"], env=env, capture_output=True, text=True, timeout=60)
     assert refusal.returncode == 1 and "`late` is already an alias of tenant acme" in refusal.stderr, refusal.stderr
+
+
+def test_an_upload_that_cannot_take_its_names_lock_leaves_no_version_behind(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused busy (409 `adapter_busy`), its unlisted version stayed on disk for good, and the name could never be
+    an alias (409 `name_taken`)."""
+    monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
+    store = api.app.state.services.registry.store("acme")  # type: ignore[attr-defined]
+    stored = store.add(make_adapter(tmp_path / "a", base, seed=9), "newbot", base, 16, listed=False)
+    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    held = state.lock(keys.adapter_lock("acme", "newbot"), timeout=30)
+    assert held.acquire(blocking=False)
+
+    async def publish() -> Manifest:
+        async with aioredis.from_url(redis_server.url, decode_responses=True) as redis:
+            owner = await TenantStore(redis).get("acme")
+            return await version_guard.publish_unaliased(redis, TenantStore(redis), store, owner, stored)
+
+    try:
+        with pytest.raises(version_guard.AdapterBusy):
+            asyncio.run(publish())
+    finally:
+        held.release()
+    assert store.versions("newbot") == []
+    assert api.put("/admin/tenants/acme/aliases/newbot", json={"target": "bot@1"}).status_code == 200
