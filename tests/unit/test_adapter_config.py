@@ -132,7 +132,7 @@ def test_a_pattern_key_that_is_invalid_or_too_costly_is_refused(
     configure(good, **{field: {r"((?:.|.)*)*[0-9]": 4}})
     started = time.monotonic()
     refused(store, good, base, f"{field} key .* takes too long")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20, "given up after PATTERN_SECONDS, not matched for ever (slack: a busy CI)"
 
 
 def test_tensor_names_vllm_cannot_parse_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
