@@ -42,7 +42,7 @@ def register() -> None:
         return
     if not platforms.current_platform.is_cpu() or getattr(interface.KVCacheConfig, _PATCHED, False):
         return
-    if not hasattr(runner.CPUModelRunner, "_zero_block_ids"):  # a vLLM whose CPU runner cannot zero: left alone
+    if "_zero_block_ids" not in vars(runner.CPUModelRunner):  # its own, not the GPU runner's (Triton): none, left alone
         return
     interface.KVCacheConfig.needs_kv_cache_zeroing = property(lambda self: True)
     runner.CPUModelRunner._init_kv_zero_meta = _no_triton_meta
