@@ -347,10 +347,9 @@ class FeedbackStore:
         only_spooled = sum(value is None for value in stored[0]) if stored else 0
         return not rated and int(count) + only_spooled >= MAX_RATERS
 
-    def _replayed(self, items: list[dict[str, Any]]) -> None:
-        """These spooled ratings are in Redis now: no longer counted as waiting."""
-        for item in items:
-            feedback = pydantic_core.from_json(item["feedback"])
+    def _replayed(self, items: list[dict[str, Any]], ratings: list[dict[str, Any]]) -> None:
+        """These spooled ratings (each item's feedback, parsed) are in Redis now: no longer counted as waiting."""
+        for item, feedback in zip(items, ratings, strict=True):
             feedback_key = keys.feedback(item["tenant"], feedback["completion_id"])
             if (waiting := self._spooled_raters.get(feedback_key)) is not None:
                 waiting.discard(feedback.get("user") or "")
@@ -369,9 +368,10 @@ class FeedbackStore:
         async def handle(items: list[dict[str, Any]]) -> None:
             """One segment: written, and what waits put back (fsynced) before the segment is removed, so that
             a crash or a failed write in between loses nothing and copies nothing."""
-            kept, waiting = [], []
+            kept, kept_ratings, waiting = [], [], []
             parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
-            for item, (owner, deleted) in zip(items, await self._owners(items, parsed), strict=True):
+            owners = await self._owners(items, parsed)
+            for item, rating, (owner, deleted) in zip(items, parsed, owners, strict=True):
                 if owner is None and not deleted:
                     # Redis answered, and has no record of it yet (not GONE): it may come (from a spool; one vouched
                     # for waits too, so that it counts for the arm that answered, which its index names)
@@ -385,9 +385,10 @@ class FeedbackStore:
                         self._metrics.feedback_dropped.inc()
                         continue
                 kept.append(item)
+                kept_ratings.append(rating)
             if kept:
                 await self._write(kept, replay=True)
-                self._replayed(kept)
+                self._replayed(kept, kept_ratings)
             if waiting:
                 await self._spool.append(waiting)
 

@@ -9,10 +9,11 @@ is then answered as fast as one with one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
-from adapters.manifest import Manifest
+from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.registry import Registry
 from gateway.pointers import PointerStore, TenantPointers
 from gateway.protocol import ModelCard, ModelList
@@ -85,7 +86,6 @@ def _canonical(target: str, tenant: str) -> str:
     """An alias's target as the listing names it: `bot@1` for `bot@01`, and for the tenant's own adapter written as
     `tenant/bot@1`, which the router serves alike (both were left out of the list)."""
     owner, slash, rest = target.rpartition("/")
-    name, at, version = rest.partition("@")
-    if at and version.isascii() and version.isdigit():
-        rest = f"{name}@{int(version)}"
+    with contextlib.suppress(InvalidAdapter):  # a target no adapter can have is left as it is (and not listed)
+        rest = str(AdapterRef.parse(rest))
     return f"{owner}/{rest}" if slash and owner != tenant else rest

@@ -126,8 +126,12 @@ async def pointing_at(
             raise TargetMissing(index, targets[index])
     adapters = {adapter for adapter in named if adapter is not None}
     async with holding(redis, adapters | ({(tenant, alias)} if alias else set()), tenant):
-        if alias and (alias.lower() == router.base_model.lower() or await _has_versions(router, tenant, alias)):
-            raise NameTaken(alias)
+        if alias is not None:
+            taken: bool = await asyncio.to_thread(
+                names_a_model, router.registry.store(tenant), router.base_model, alias
+            )
+            if taken:
+                raise NameTaken(alias)
         for owner, name in adapters:
             router.registry.invalidate(owner, name)
         routes = []
@@ -139,9 +143,10 @@ async def pointing_at(
         yield routes
 
 
-async def _has_versions(router: Router, tenant: str, name: str) -> bool:
-    """Whether the tenant has a version of adapter `name` on disk (listed or not yet), read afresh."""
-    return bool(await asyncio.to_thread(router.registry.store(tenant).versions, name))
+def names_a_model(store: AdapterStore, base_model: str, name: str) -> bool:
+    """Whether `name` is the name of one of the store's tenant's models, which an alias may not take: the base model
+    (in any case) or an adapter with a version on disk (listed or not yet), read afresh. Blocking (the disk)."""
+    return name.lower() == base_model.lower() or bool(store.versions(name))
 
 
 def _names(target: str | None, tenant: str, owner: str, ref: AdapterRef) -> bool:

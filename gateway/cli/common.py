@@ -124,11 +124,12 @@ def alias_must_be_free(tenant: str, alias: str) -> None:
     """End the command unless ALIAS is a valid name that no model of the tenant has (as the admin API checks)."""
     from adapters.manifest import check_name
     from adapters.registry import Registry
+    from gateway.version_guard import names_a_model
 
     settings = Settings()
     with refusals():
         check_name(alias)
-        if alias == settings.served_model_name or Registry(settings.adapter_root).store(tenant).versions(alias):
+        if names_a_model(Registry(settings.adapter_root).store(tenant), settings.served_model_name, alias):
             raise ValueError(f"`{alias}` is already the name of a model of tenant {tenant}")
 
 

@@ -310,8 +310,8 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     svc = services(request)
     with domain_errors("alias"):
         check_name(alias)
-    taken = await asyncio.to_thread(svc.registry.store(tenant).versions, alias)
-    if alias.lower() == svc.settings.served_model_name.lower() or taken:
+    store, base = svc.registry.store(tenant), svc.settings.served_model_name
+    if await asyncio.to_thread(version_guard.names_a_model, store, base, alias):
         raise _model_named(alias)
     try:
         with domain_errors("target"):

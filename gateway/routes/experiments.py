@@ -116,11 +116,11 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
         await svc.tenants.get(tenant)
     with domain_errors("alias"):
         check_name(body.alias)
-    taken = await asyncio.to_thread(svc.registry.store(tenant).versions, body.alias)
+    store, base = svc.registry.store(tenant), svc.settings.served_model_name
     name_taken = Conflict(
         f"`{body.alias}` is already the name of a model of this tenant.", param="alias", code="name_taken"
     )
-    if body.alias.lower() == svc.settings.served_model_name.lower() or taken:
+    if await asyncio.to_thread(version_guard.names_a_model, store, base, body.alias):
         raise name_taken
     targets = [a.target for a in body.arms]
     try:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,28 +18,13 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
-
-
-class _Engine(BaseHTTPRequestHandler):
-    """A vLLM that is up: /health 200, no models."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        body = b'{"object": "list", "data": []}' if self.path == "/v1/models" else b"ok"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: object) -> None:
-        pass
+from tests.unit.stand_in_engine import StandInEngine, serving
 
 
 @pytest.fixture
 def engine() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(StandInEngine) as url:
+        yield url
 
 
 def test_readyz_answers_within_two_seconds_while_redis_hangs(

@@ -6,14 +6,11 @@ retraining run's candidate) is removed, not inherited by a tenant created again 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from gateway.settings import Settings
 from gateway.tenants import Limits, Tenant, TenantChanges, TenantNotFound, TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import ADMIN, BASE
+from tests.unit.stand_in_engine import StandInEngine, serving
 from training import train as training_module
 from training.config import RetrainConfig
 from training.retrain import Run, Stack, TenantGone, fit, retrain
@@ -44,20 +42,10 @@ from training.retrain import Run, Stack, TenantGone, fit, retrain
 GZIP = "application/gzip"
 
 
-class DroppingUnloads(BaseHTTPRequestHandler):
+class DroppingUnloads(StandInEngine):
     """A replica that is healthy and serves `acme.bot@1`, but drops the connection of every POST (an unload)."""
 
-    def log_message(self, *_: object) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        models = {"object": "list", "data": [{"id": BASE, "parent": None}, {"id": "acme.bot@1", "parent": BASE}]}
-        body = json.dumps(models).encode() if self.path == "/v1/models" else b""
-        self.send_response(200 if self.path in ("/health", "/v1/models") else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(ConnectionError):  # a client hanging up first (a gateway stopping) is no fault here
-            self.wfile.write(body)
+    MODELS = ({"id": BASE, "parent": None}, {"id": "acme.bot@1", "parent": BASE})
 
     def do_POST(self) -> None:  # noqa: N802
         self.connection.shutdown(socket.SHUT_RDWR)
@@ -65,10 +53,8 @@ class DroppingUnloads(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def replica() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), DroppingUnloads)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(DroppingUnloads) as url:
+        yield url
 
 
 def test_a_failing_unload_neither_fails_the_deletion_nor_keeps_the_log(
