@@ -36,17 +36,24 @@ def main(argv: list[str]) -> int:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         return 1
-    child = subprocess.Popen(argv, start_new_session=True)
     stop_requested: list[float] = []
+    started: list[subprocess.Popen[bytes]] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # Only signal here: waiting on the child inside a handler can deadlock Popen's wait lock.
         if not stop_requested:
             stop_requested.append(time.monotonic())
-        _kill_group(child.pid, signal.SIGTERM)
+        if started:
+            _kill_group(started[0].pid, signal.SIGTERM)
 
+    # Handlers first: a stop that comes while the child is being started must not kill this
+    # process by default and leave the child (its own session) running.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    child = subprocess.Popen(argv, start_new_session=True)
+    started.append(child)
+    if stop_requested:
+        _kill_group(child.pid, signal.SIGTERM)
     while True:
         try:
             code = child.wait(timeout=0.2)

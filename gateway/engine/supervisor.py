@@ -184,7 +184,13 @@ class EngineProcess:
     async def start(self) -> None:
         """Spawn and wait until healthy; a process that cannot get there is killed and RuntimeError raised
         with its log's tail. Supervision (`run`) is not affected: it tries again."""
-        self._proc = await self._spawn()
+        spawning = asyncio.ensure_future(self._spawn())
+        try:
+            self._proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:  # the process may exist already: wait for it, then end it
+            self._proc = await spawning
+            await self._terminate()
+            raise
         log.info("started vLLM pid %s on %s (log %s)", self._proc.pid, self.url, self.log_path)
         try:
             if self._stopping:  # stop() came while this process was being spawned

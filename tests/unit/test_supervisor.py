@@ -113,17 +113,63 @@ async def test_supervision_survives_failed_restarts(engine: EngineProcess, tmp_p
     await until(lambda: engine.pid != restarted and starts(engine) >= 5)  # still supervising after the failures
 
 
+def left_running(tmp_path: Path) -> list[psutil.Process]:
+    """The live guard and engine processes of the stand-in engine in tmp_path."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(tmp_path) in " ".join(proc.info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+def kill_left(tmp_path: Path) -> list[psutil.Process]:
+    left = left_running(tmp_path)
+    for proc in left:
+        proc.kill()
+    return left
+
+
 async def test_a_start_that_is_cancelled_leaves_nothing_running(tmp_path: Path) -> None:
     """The gateway stops while an engine is still starting: the half-started engine goes too."""
     (tmp_path / "sick").touch()  # it answers /health 503, so start() keeps waiting
     engine = fake_engine(tmp_path)
     starting = asyncio.create_task(engine.start())
-    await until(lambda: (tmp_path / "starts").exists())
-    guard = engine.pid
-    assert guard is not None and psutil.pid_exists(guard)
+    try:
+        await until(lambda: (tmp_path / "starts").exists())
+        guard = engine.pid
+        assert guard is not None and psutil.pid_exists(guard)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await until(lambda: not left_running(tmp_path), timeout=15)
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        assert not kill_left(tmp_path)
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.005, 0.02, 0.05, 0.1])
+async def test_a_start_cancelled_at_any_moment_leaves_nothing_running(tmp_path: Path, after_s: float) -> None:
+    """Cancelled while the guard process is being spawned or is starting its child: nothing stays."""
+    (tmp_path / "sick").touch()
+    engine = fake_engine(tmp_path)
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(after_s)
     starting.cancel()
     await asyncio.gather(starting, return_exceptions=True)
-    assert not psutil.pid_exists(guard) or psutil.Process(guard).status() == psutil.STATUS_ZOMBIE
+    await asyncio.sleep(1.0)  # a child the guard started late would be up by now
+    assert not kill_left(tmp_path)
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.01, 0.03, 0.06, 0.1])
+def test_the_guard_stopped_while_starting_its_child_leaves_nothing(tmp_path: Path, after_s: float) -> None:
+    marker = tmp_path / "child.pid"
+    child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    guard = psutil.Popen([sys.executable, "-m", "gateway.engine.guard", sys.executable, "-c", child, str(tmp_path)])
+    time.sleep(after_s)
+    guard.send_signal(signal.SIGTERM)
+    guard.wait(timeout=20)
+    time.sleep(1.0)
+    assert not kill_left(tmp_path)
 
 
 def test_replicas_get_disjoint_cores_and_one_replica_is_left_to_vllm() -> None:
