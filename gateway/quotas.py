@@ -282,6 +282,19 @@ class QuotaGate:
         if not scopes:
             return Admission.unlimited()
         _check_cost(scopes, cost, self._reserve_tokens)
+        return await self._admit_in(scopes, tenant, request_id, cost)
+
+    async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str) -> Admission:
+        """A request that generates nothing (a rating): it counts toward the requests-per-minute limits only."""
+        scopes = tuple((scope, rpm, None) for scope, rpm, _ in _scopes(principal, tenant) if rpm is not None)
+        if not scopes:
+            return Admission.unlimited()
+        try:
+            return await self._admit_in(scopes, tenant, request_id, 0)
+        except StateUnavailable:  # Redis down: a rating goes to the spool whatever `on_redis_down` says of answers
+            return Admission.unlimited()
+
+    async def _admit_in(self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int) -> Admission:
         for attempt in range(2):
             taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
             if taken is None:

@@ -37,13 +37,14 @@ At 256 KiB, a correction of 100,000 "é" as `json.dumps` sends them (600 KB) was
     response_model=None,
     responses=answer(answers.FeedbackStored, "Stored in Redis, on its disk.")
     | answer(answers.FeedbackStored, "Stored in this gateway's fsynced spool; replayed into Redis shortly.", 202)
-    | errors(404, 409, 413),
+    | errors(404, 409, 413, 429),
     openapi_extra=json_body(FeedbackIn),
 )
 async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     """200: stored in Redis (on its disk). 202: stored in this gateway's fsynced spool, replayed into
     Redis shortly (Redis down, or not fsyncing). 409: a new end user's rating of a completion rated by
-    gateway.feedback.MAX_RATERS end users already."""
+    gateway.feedback.MAX_RATERS end users already. 429: the tenant's (or key's) requests per minute are used
+    up: a rating counts as one request, with no tokens."""
     svc = services(request)
     payload = await read_json(request, MAX_FEEDBACK_BYTES)
     try:
@@ -53,6 +54,8 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     if not given.user and (header_user := user_from_header(request.headers.get(USER_HEADER))):  # "" names no one
         given.user = header_user[:MAX_USER_CHARS]  # as a completion names its end user where its body does not
     tenant = await callers_tenant(svc, caller)
+    admission = await svc.quotas.admit_request(caller, tenant, request.state.request_id)  # rpm: one request
+    request.state.response_headers = admission.headers
     feedback, in_redis = await svc.feedback.submit(tenant, given)
     svc.metrics.feedback.labels(svc.metrics.tenant(tenant.name), "redis" if in_redis else "spool").inc()
     body: dict[str, Any] = {**feedback.model_dump(mode="json"), "status": "stored" if in_redis else "queued"}

@@ -105,6 +105,33 @@ def test_quota_admits_exactly_the_limit_across_processes(gateway: Gateway, sides
             assert 1 <= int(answer.headers["retry-after"]) <= 60
 
 
+def test_ratings_count_toward_requests_per_minute_on_every_process(gateway: Gateway, sides: list[Gateway]) -> None:
+    """A rating is a request of the minute (a tenant could fill the shared Redis with ratings otherwise), with
+    no tokens; past the limit `/v1/feedback` is refused like a completion, on whichever process it reaches."""
+    loragate(gateway.env, "tenants", "create", "rater3", "--rpm", "3")
+    key = create_key(gateway.env, "rater3")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    answer = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    rated = []
+    for process in (sides[0], sides[1], gateway):
+        rated.append(
+            httpx.post(
+                f"{process.base_url}/feedback",
+                json={"completion_id": answer.id, "thumbs": "up", "user": f"u{len(rated)}"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+        )
+    assert [r.status_code for r in rated] == [200, 200, 429], [r.text for r in rated]
+    assert rated[1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-limit-tokens" not in rated[1].headers, "a rating costs no tokens"
+    error = rated[2].json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests" and error["param"] is None
+    assert 1 <= int(rated[2].headers["retry-after"]) <= 60
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+
+
 def within_one_minute(needed_s: float) -> None:
     """Wait, if need be, for a minute with `needed_s` left: token counts are per minute, and the last minute's
     count weighs less every second of the next, so an exact count holds only within one minute."""

@@ -172,6 +172,35 @@ async def test_a_key_limit_applies_on_top_of_its_tenant(redis: aioredis.Redis) -
     assert isinstance(await attempt(gate, tenant, 9), Admission), "other keys of the tenant go on"
 
 
+async def test_a_rating_counts_toward_requests_per_minute_and_costs_no_tokens(redis: aioredis.Redis) -> None:
+    """`POST /v1/feedback` takes one request of the minute's rpm (a tenant could flood the shared Redis with
+    ratings otherwise), none of its tokens: a tenant whose tokens are used up can still rate its answers."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="rater", limits=Limits(rpm=3, tpm=100))
+    assert isinstance(await attempt(gate, tenant, 0, cost=100), Admission), "the minute's tokens, all of them"
+    rating = await gate.admit_request(KEY, tenant, "fb-1")
+    assert rating.reserved == 0 and not rating.token_keys
+    assert rating.headers["x-ratelimit-remaining-requests"] == "1"
+    assert "x-ratelimit-limit-tokens" not in rating.headers
+    await gate.admit_request(KEY, tenant, "fb-2")
+    with pytest.raises(RateLimited) as refused:
+        await gate.admit_request(KEY, tenant, "fb-3")
+    assert refused.value.type == "requests" and refused.value.headers["retry-after"]
+    refused_answer = await attempt(gate, tenant, 9, cost=1)
+    assert isinstance(refused_answer, RateLimited) and refused_answer.type == "requests", "ratings took the rpm"
+    tokens_only = Tenant(name="tokens-only", limits=Limits(tpm=10))
+    assert (await gate.admit_request(KEY, tokens_only, "fb-4")).headers == {}, "no rpm: nothing to count"
+
+
+async def test_a_rating_is_admitted_while_redis_is_down_whatever_the_tenant_chose() -> None:
+    """Ratings go to the fsynced spool while Redis is down; a fail-closed tenant's answers are refused then."""
+    gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1), Metrics(), 256)
+    strict = Tenant(name="strict", limits=Limits(rpm=1), on_redis_down="closed")
+    assert (await gate.admit_request(KEY, strict, "fb")).headers == {}
+    with pytest.raises(StateUnavailable):
+        await gate.admit(KEY, strict, "answer", 10)
+
+
 async def test_no_limits_costs_no_redis_call(redis: aioredis.Redis) -> None:
     gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0"), Metrics(), 256)
     assert (await gate.admit(KEY, Tenant(name="free"), "x", 10)).headers == {}
