@@ -99,7 +99,9 @@ class ExperimentConflict(InvalidExperiment):
 class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(pattern=NAME.pattern)
+    name: str = Field(min_length=1, description="a-z 0-9 . _ -, up to 63, starting with a letter or digit.")
+    """Checked in full when an experiment is created (`ExperimentStore.create`), not when one is read back: an
+    earlier release took any name with one such character in it (pydantic's `pattern` searches)."""
     target: str = Field(min_length=1, description="An adapter version (name@V, owner/name@V) or the base model.")
     weight: Weight
 
@@ -252,6 +254,9 @@ class ExperimentStore:
         the caller decided on, e.g. a canary's control), when the alias points elsewhere now."""
         if not NAME.fullmatch(experiment.name):
             raise InvalidExperiment(f"Invalid experiment name {experiment.name!r}: a-z 0-9 . _ -, up to 63.")
+        for arm in experiment.arms:  # they are parts of Redis keys, of the completion index and of a header
+            if not NAME.fullmatch(arm.name):
+                raise InvalidExperiment(f"Invalid arm name {arm.name[:64]!r}: a-z 0-9 . _ -, up to 63.")
         if expect_alias is None:
             expect_alias = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
         experiment.previous_target = expect_alias  # the script refuses (-1) unless the alias still points there
@@ -283,6 +288,8 @@ class ExperimentStore:
             raise InvalidExperiment(f"A weight is a number from 0 to {MAX_WEIGHT:g}: {weights}") from exc
         if not any(arm.weight > 0 for arm in arms):
             raise InvalidExperiment("At least one arm needs a weight above 0.")
+        if [arm.weight for arm in arms] == [arm.weight for arm in experiment.arms]:
+            return experiment  # nothing changes: no revision, no audit entry
         buckets = reallocate(experiment.buckets, [arm.weight for arm in arms])
         update: dict[str, Any] = {"arms": arms, "allocation": base64.b64encode(buckets).decode()}
         if buckets != experiment.buckets:  # a new split: its sample ratio and comparisons begin now
@@ -304,6 +311,8 @@ class ExperimentStore:
         """pause / resume (running) / stop (the alias then serves control) / promote ARM / roll back.
         `revision`: refuse (ExperimentConflict) unless the experiment is still at that revision."""
         experiment = await self._live(tenant, name, revision)
+        if status == experiment.status:  # pause while paused, resume while running: nothing changes
+            return experiment
         alias = alias_target(experiment, status, arm)
         # The split stays as it was: paused requests count for no arm, and an ended experiment keeps the
         # results (and the comparison period) it ended with.

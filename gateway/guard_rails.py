@@ -25,7 +25,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import experiment_history, keys, version_guard
 from gateway.experiment_results import results
@@ -134,8 +136,9 @@ async def check_all(records: aioredis.Redis, router: Router, tenants: list[str])
                 await experiment_history.record(records, experiment, found)
                 for action in await check(experiment, router, found) if guarded(experiment) else []:
                     log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
-            except (RedisError, OSError):
+            except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise  # Redis is down: the whole round waits for the next one
+            # Any other Redis error is this experiment's (a key of another type under its name): the others go on.
             except (InvalidExperiment, ExperimentNotFound) as exc:  # changed, ended or gone meanwhile
                 log.info("guard rails: %s/%s: %s (next round decides again)", tenant, experiment.name, exc)
             except Exception:

@@ -152,6 +152,45 @@ async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_
     assert "mm/broken failed; the others go on" in caplog.text
 
 
+async def test_a_redis_error_of_one_experiment_holds_up_no_other(redis: aioredis.Redis) -> None:
+    """A key of another type under one experiment's name (WRONGTYPE) failed every round for every tenant after
+    it: only an unreachable Redis stops a round."""
+    tenants, store = TenantStore(redis), ExperimentStore(redis)
+    for tenant in ("mm", "zz"):
+        await tenants.create(tenant)
+    await store.create(_experiment("mm", "odd", "bot", (50, 50), max_error_rate=0.1), by="test")
+    await redis.set(keys.arm_counters("mm", "odd", "treat"), "not a hash")
+    await store.create(_experiment("zz", "other", "bot", (50, 50), max_error_rate=0.1), by="test")
+    await _counters(redis, "zz", "other", "treat", requests=100, errors=50)
+    await guard_rails.check_all(redis, rails_router(store), ["mm", "zz"])
+    assert [a.weight for a in (await store.get("zz", "other")).arms] == [50, 0]
+
+
+@pytest.mark.parametrize(
+    "name", ["Ctl", "bad arm", "x:users", "evil\r\nSet-Cookie: a=b", "arm✓", "a[/b]", "-a", "a" * 64]
+)
+async def test_arm_names_are_checked_whole(redis: aioredis.Redis, name: str) -> None:
+    """pydantic's `pattern` searches: any name with one of a-z 0-9 in it passed, and `x:users` shared a Redis key
+    with arm `x`'s users, `bad arm` lost its ratings (the completion index is space-separated) and a CR LF broke
+    the `x-loragate-arm` header."""
+    store = ExperimentStore(redis)
+    arms = [Arm(name="control", target=BASE, weight=50), Arm(name=name, target="bot@2", weight=50)]
+    bad = Experiment(name="tone", tenant="t", alias="bot", control="control", arms=arms)
+    with pytest.raises(InvalidExperiment, match="Invalid arm name"):
+        await store.create(bad, by="test")
+    assert await redis.hget(keys.aliases("t"), "bot") is None, "nothing was written"
+
+
+async def test_an_arm_named_by_an_earlier_release_is_still_read(redis: aioredis.Redis) -> None:
+    store = ExperimentStore(redis)
+    created = await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    stored = json.loads(created.model_dump_json())
+    stored["arms"][1]["name"] = "Treat B"
+    await redis.hset(keys.experiments("t"), "tone", json.dumps(stored))
+    store.forget_cached()
+    assert [a.name for a in (await store.get("t", "tone")).arms] == ["control", "Treat B"]
+
+
 async def experiment_history_points(redis: aioredis.Redis, tenant: str, name: str) -> int:
     from gateway import experiment_history
 
@@ -349,3 +388,16 @@ async def test_the_guard_rail_promotes_no_arm_whose_version_no_longer_serves(
     ]
     assert (await store.get("zz", "canary")).status == "running"
     assert await redis.hget(keys.aliases("zz"), "bot") == PREFIX + "canary"
+
+
+async def test_a_change_that_changes_nothing_is_not_recorded(redis: aioredis.Redis) -> None:
+    """Weights as they are, a pause while paused, a resume while running: each bumped the revision (refusing other
+    changes made from the read before) and added an audit entry."""
+    store = ExperimentStore(redis)
+    created = await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    assert (await store.set_weights("t", "tone", {}, by="test")).revision == created.revision
+    assert (await store.set_weights("t", "tone", {"treat": 50}, by="test")).revision == created.revision
+    assert (await store.set_status("t", "tone", "running", by="test")).revision == created.revision
+    paused = await store.set_status("t", "tone", "paused", by="test")
+    assert (await store.set_status("t", "tone", "paused", by="test")).revision == paused.revision
+    assert [c.action for c in await store.audit("t", "tone")] == ["create", "pause"]
