@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAGATE_", extra="ignore")
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
-    port: int = Field(8080, description="Port the gateway listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on (0: any free one).")
     keep_alive_s: int = Field(
         75,
         ge=1,
@@ -99,7 +99,9 @@ class Settings(BaseSettings):
         description="Python that runs vLLM (default: the gateway's own); e.g. .venv-bnb/bin/python for bitsandbytes.",
     )
     engine_host: str = Field("127.0.0.1", description="Address started vLLM servers bind (loopback/private only).")
-    engine_port: int = Field(8100, description="Port of the first started vLLM server; replicas count up.")
+    engine_port: int = Field(
+        8100, ge=1, le=65535, description="Port of the first started vLLM server; replicas count up."
+    )
     engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="vLLM's compute dtype (--dtype); auto: float32 on CPUs without native bf16 (AVX2-only), "

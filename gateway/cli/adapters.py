@@ -16,7 +16,9 @@ from gateway.cli.common import (
     alias_must_be_free,
     fail,
     name_must_not_be_an_alias,
+    plain_table,
     refusals,
+    stdout_console,
     tenant_must_exist,
     with_redis,
 )
@@ -31,11 +33,13 @@ Tenant = Annotated[str, typer.Option("--tenant", help="The tenant that owns them
 
 
 def _store(tenant: str) -> AdapterStore:
+    """The tenant's adapters; the command ends unless the tenant exists (a tenant never created listed no
+    adapters, and `rm bot@1` of it said the adapter did not exist)."""
     from adapters.registry import Registry
-    from gateway.tenants import check_tenant_name
 
+    tenant_must_exist(tenant)
     with refusals():
-        return Registry(Settings().adapter_root).store(check_tenant_name(tenant))
+        return Registry(Settings().adapter_root).store(tenant)
 
 
 def _pins(tenant: str) -> dict[str, int]:
@@ -62,6 +66,8 @@ def adapters_add(
     settings = Settings()
     owner = tenant_must_exist(tenant)
     name_must_not_be_an_alias(tenant, name)
+    if not path.exists():  # said before the base model is converted (seconds)
+        raise fail(f"{path} does not exist")
     base = BaseModelSpec.from_folder(base_folder(settings), settings.served_model_name)
     store = _store(tenant)
     with refusals():
@@ -83,11 +89,9 @@ def adapters_add(
 @adapters_app.command("list")
 def adapters_list(tenant: Tenant) -> None:
     """Every version of the tenant's adapters."""
-    from rich.console import Console
-    from rich.table import Table
 
     store, pins = _store(tenant), _pins(tenant)
-    table = Table("adapter", "rank", "alpha", "targets", "size", "sha256 (weights)", "created", "default")
+    table = plain_table("adapter", "rank", "alpha", "targets", "size", "sha256 (weights)", "created", "default")
     for m in store.list():
         default = "yes" if store.resolve(AdapterRef(m.name), pins.get(m.name)).version == m.version else ""
         table.add_row(
@@ -100,7 +104,7 @@ def adapters_list(tenant: Tenant) -> None:
             m.created.strftime("%Y-%m-%d %H:%M"),
             default,
         )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @adapters_app.command("show")

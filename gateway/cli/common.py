@@ -8,6 +8,7 @@ import getpass
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -15,6 +16,8 @@ from rich.console import Console
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from gateway.tenants import Tenant
 
 console = Console(stderr=True)
@@ -27,6 +30,31 @@ def fail(message: str) -> typer.Exit:
 
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(1)
+
+
+def stdout_console() -> Console:
+    """Standard output; piped, wide enough for the tables (at rich's default 80 columns they cut names short)."""
+    found = Console()
+    return found if found.is_terminal else Console(width=240)
+
+
+def plain_table(*headers: str, title: str | None = None, caption: str | None = None) -> Table:
+    """A table whose cells are shown as given, never read as rich markup (an arm or key named `a[/b]` failed the
+    command, `[red]x` showed as `x`), and whose long values fold rather than end in `…` (piped, at 80 columns,
+    `treatment-a` and `treatment-b` both read `treat…`)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    class PlainTable(Table):
+        def add_row(self, *cells: Any, **options: Any) -> None:
+            super().add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells), **options)
+
+    table = PlainTable(
+        *headers, title=None if title is None else Text(title), caption=None if caption is None else Text(caption)
+    )
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
 
 
 def output_file(path: Path) -> TextIO:
@@ -74,9 +102,41 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except (AdapterNotFound, KeyNotFound, TenantNotFound, ExperimentNotFound, AdapterBusy, ValueError) as exc:
-        raise fail(str(exc)) from exc
+        raise fail(said(exc)) from exc
     except (RedisError, OSError) as exc:
-        raise fail(f"Redis at {Settings().redis_url} cannot be reached: {exc}") from exc
+        raise fail(f"Redis cannot be reached ({exc}); this command uses {redis_servers(Settings())}") from exc
+
+
+def said(exc: Exception) -> str:
+    """An exception's message; a pydantic ValidationError's in one line a field each, without its links to
+    pydantic's site (`--max-error-rate 2` printed pydantic's whole report)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where.replace('_', '-')}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def redis_servers(settings: Settings) -> str:
+    """The Redis servers the settings name, without their credentials: which one failed is in Redis's error."""
+
+    def shown(url: str) -> str:
+        parts = urlsplit(url)
+        if not parts.netloc:  # unix:///path
+            return url
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        return parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc).geturl()
+
+    named = f"LORAGATE_REDIS_URL={shown(settings.redis_url)}"
+    if settings.records_redis_url and settings.records_redis_url != settings.redis_url:
+        named += f", LORAGATE_RECORDS_REDIS_URL={shown(settings.records_redis_url)}"
+    return named
 
 
 def with_redis(work: Callable[..., Awaitable[T]], records: bool = False) -> T:

@@ -11,6 +11,9 @@ from gateway.cli.common import (
     alias_must_be_free,
     fail,
     output_file,
+    plain_table,
+    said,
+    stdout_console,
     tenant_must_exist,
     who,
     with_redis,
@@ -32,6 +35,14 @@ def create(
     max_error_rate: Annotated[float | None, typer.Option(help="Roll back past control's error rate by this.")] = None,
     max_negative_rate: Annotated[float | None, typer.Option(help="Roll back an arm rated worse (0-1).")] = None,
     min_samples: Annotated[int, typer.Option(help="Rated completions per arm before a verdict.")] = 100,
+    alpha: Annotated[float, typer.Option(help="False-positive rate of a verdict, at any number of looks.")] = 0.05,
+    smallest_effect: Annotated[
+        float, typer.Option(help="Differences in positive rate smaller than this do not matter.")
+    ] = 0.02,
+    mixture_sd: Annotated[
+        float, typer.Option(help="The effect (in positive rate) the sequential test is tuned to.")
+    ] = 0.1,
+    guard_min_requests: Annotated[int, typer.Option(help="Requests an arm serves before a guard rail judges it.")] = 20,
 ) -> None:
     """Put two or more versions (or the base) behind ALIAS, split by weight, sticky per end user."""
     from adapters.registry import Registry
@@ -47,11 +58,13 @@ def create(
     try:
         arms = [parse_arm(spec) for spec in arm]
         rails = {"auto_promote": auto_promote, "max_error_rate": max_error_rate, "max_negative_rate": max_negative_rate}
+        statistics = {"alpha": alpha, "smallest_effect": smallest_effect, "mixture_sd": mixture_sd}
         experiment = Experiment(
-            name=name, tenant=tenant, alias=alias, control=control, arms=arms, min_samples=min_samples, **rails
-        )
+            name=name, tenant=tenant, alias=alias, control=control, arms=arms, min_samples=min_samples,
+            guard_min_requests=guard_min_requests, **rails, **statistics,
+        )  # fmt: skip
     except (InvalidExperiment, ValueError) as exc:
-        raise fail(str(exc)) from exc
+        raise fail(said(exc)) from exc
 
     async def run(redis: Any) -> Experiment:
         store, registry = ExperimentStore(redis), Registry(settings.adapter_root)
@@ -85,9 +98,6 @@ def show(name: str, tenant: Tenant) -> None:
     """An experiment's arms and its audit log (who changed what, when)."""
     from datetime import UTC, datetime
 
-    from rich.console import Console
-    from rich.table import Table
-
     from gateway.experiment_results import results
     from gateway.experiments import ExperimentStore
 
@@ -98,28 +108,32 @@ def show(name: str, tenant: Tenant) -> None:
 
     experiment, changes = with_redis(read)
     shown = with_redis(lambda redis: results(redis, experiment), records=True)
-    arms = Table("arm", "target", "weight", title=f"{name} ({experiment.status}, alias {experiment.alias})")
+    arms = plain_table("arm", "target", "weight", title=f"{name} ({experiment.status}, alias {experiment.alias})")
     for each in experiment.arms:
         arms.add_row(
             each.name + (" (control)" if each.name == experiment.control else ""), each.target, f"{each.weight:g}"
         )
-    figures = Table("arm", "requests", "users", "errors", "p50 ms", "p95 ms", "rated", "positive", "corrected")
-    figures.title = f"results: {shown['verdict']}" + (f" ({shown['winner']})" if shown["winner"] else "")
+    verdict = f"results: {shown['verdict']}" + (f" ({shown['winner']})" if shown["winner"] else "")
+    figures = plain_table(
+        "arm", "requests", "users", "errors", "p50 ms", "p95 ms", "rated", "positive", "corrected", title=verdict
+    )
     for arm_name, arm in shown["arms"].items():
         figures.add_row(
             arm_name, str(arm["requests"]), str(arm["users"]), _pct(arm["error_rate"]),
             _num(arm["latency_p50_ms"]), _num(arm["latency_p95_ms"]), str(arm["rated"]),
             _pct(arm["positive_rate"]), _pct(arm["corrected_share"]),
         )  # fmt: skip
-    differences = Table("arm", "positive rate vs control", "fixed 95% interval", "always-valid interval")
-    differences.caption = f"sample ratio mismatch p = {shown['sample_ratio_p']:.4f} (flagged below 0.001)"
+    ratio = f"sample ratio mismatch p = {shown['sample_ratio_p']:.4f} (flagged below 0.001)"
+    differences = plain_table(
+        "arm", "positive rate vs control", "fixed 95% interval", "always-valid interval", caption=ratio
+    )
     for d in shown["differences"]:
         differences.add_row(d["arm"], f"{d['diff']:+.3f}", _interval(d["fixed"]), _interval(d["always_valid"]))
-    audit = Table("when", "who", "action", "detail", title="changes")
+    audit = plain_table("when", "who", "action", "detail", title="changes")
     for change in changes:
         when = datetime.fromtimestamp(change.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         audit.add_row(when, change.by, change.action, change.detail)
-    Console().print(arms, figures, differences, audit)
+    stdout_console().print(arms, figures, differences, audit)
 
 
 @experiments_app.command("page")

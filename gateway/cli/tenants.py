@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import fail, with_redis
+from gateway.cli.common import fail, plain_table, stdout_console, with_redis
 
 tenants_app = typer.Typer(help="Tenants: the teams sharing this loragate.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants (stored as sha256 hashes only).", no_args_is_help=True)
@@ -62,8 +62,6 @@ def tenants_create(
 @tenants_app.command("list")
 def tenants_list() -> None:
     """Every tenant, with its limits and key count."""
-    from rich.console import Console
-    from rich.table import Table
 
     from gateway import keys
     from gateway.tenants import TenantStore
@@ -76,10 +74,10 @@ def tenants_list() -> None:
             out.append((tenant.name, str(limits.rpm or "-"), str(limits.tpm or "-"), tenant.on_redis_down, str(count)))
         return out
 
-    table = Table("tenant", "rpm", "tpm", "on Redis down", "keys")
+    table = plain_table("tenant", "rpm", "tpm", "on Redis down", "keys")
     for row in with_redis(rows):
         table.add_row(*row)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @tenants_app.command("show")
@@ -221,15 +219,13 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str, typer.Option(help="Whose keys.")]) -> None:
     """A tenant's keys: id, prefix, role, created, expiry, last use (never the key)."""
-    from rich.console import Console
-    from rich.table import Table
 
     from gateway.apikeys import KeyInfo, KeyStore
 
     async def infos(redis: Any) -> list[KeyInfo]:
         return await KeyStore(redis).list(tenant)
 
-    table = Table("id", "prefix", "role", "name", "created", "expires", "last used", "rpm", "tpm")
+    table = plain_table("id", "prefix", "role", "name", "created", "expires", "last used", "rpm", "tpm")
     for info in with_redis(infos):
         limits = info.limits
         table.add_row(
@@ -243,7 +239,7 @@ def keys_list(tenant: Annotated[str, typer.Option(help="Whose keys.")]) -> None:
             str(limits.rpm or "-"),
             str(limits.tpm or "-"),
         )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @keys_app.command("revoke")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from gateway.cli.common import console, fail, tenant_must_exist, who
+from gateway.cli.common import console, fail, plain_table, tenant_must_exist, who
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -207,10 +207,8 @@ def publish_step(run_dir: RunDir) -> None:
 
 
 def _losses(run: Run) -> None:
-    from rich.table import Table
-
     trained = run.state.train or {}
-    table = Table("epoch", "train loss", "validation loss", title=f"training ({trained.get('precision', '?')})")
+    table = plain_table("epoch", "train loss", "validation loss", title=f"training ({trained.get('precision', '?')})")
     for epoch in trained.get("epochs", []):
         cells = [epoch.get("train_loss"), epoch.get("validation_loss")]
         table.add_row(str(epoch["epoch"]), *("-" if v is None else f"{v:.4f}" for v in cells))
@@ -220,6 +218,7 @@ def _losses(run: Run) -> None:
 def summary(run: Run) -> None:
     """What the run found: data, losses, the metric table against current and base, what was published."""
     from rich.markdown import Markdown
+    from rich.markup import escape
 
     state = run.state
     card = state.data_card or {}
@@ -233,11 +232,11 @@ def summary(run: Run) -> None:
         verdict = "[green]publish[/green]" if state.eval["publish"] else "[red]do not publish[/red]"
         if state.eval.get("unjudged"):
             verdict = "[yellow]no verdict[/yellow] (`train eval` asks again)"
-        console.print(f"gate: {verdict} — " + "; ".join(state.eval["reasons"]))
+        console.print(f"gate: {verdict} — " + escape("; ".join(state.eval["reasons"])))
     if state.published:
         console.print(f"published [bold]{state.published}[/bold]")
     if state.canary:
         console.print(f"canary [bold]{state.canary}[/bold] on alias {state.alias}: loragate experiments show "
                       f"{state.canary} --tenant {state.tenant}")  # fmt: skip
     if state.error:
-        console.print(f"[red]failed:[/red] {state.error}")
+        console.print(f"[red]failed:[/red] {escape(state.error)}")

@@ -76,6 +76,19 @@ def test_the_cli_ends_with_an_error_line_not_a_traceback(
     env["LORAGATE_SERVED_MODEL_NAME"] = BASE
     export = ["feedback", "export", "--tenant", "acme", "--format", "sft", "--output"]
     page = ["experiments", "page", "e", "--tenant", "acme", "--out"]
+    create = [
+        "experiments",
+        "create",
+        "f",
+        "--tenant",
+        "acme",
+        "--alias",
+        "y",
+        "--control",
+        "a",
+        "--arm",
+        f"a={BASE}:1",
+    ]
     for command, said in (
         (["aliases", "rm", "nosuch", "--tenant", "acme"], "alias nosuch does not exist"),
         (["aliases", "rm", "x", "--tenant", "ghost"], "ghost"),
@@ -86,11 +99,62 @@ def test_the_cli_ends_with_an_error_line_not_a_traceback(
         ([*export, str(tmp_path / "no-dir" / "x.jsonl")], "cannot write"),
         ([*page, str(tmp_path / "no-dir" / "e.html")], "cannot write"),
         (["feedback", "forget", "--tenant", "acme", "--user", ""], "must be named"),
+        (["adapters", "list", "--tenant", "ghost"], "Tenant `ghost` does not exist"),
+        (["adapters", "rm", "bot@1", "--tenant", "ghost"], "Tenant `ghost` does not exist"),
+        ([*create, "--arm", f"Bad Arm={BASE}:1"], "Invalid arm name 'Bad Arm'"),
+        ([*create, "--arm", f"c:users={BASE}:1"], "Invalid arm name 'c:users'"),
+        (create, "arms: an experiment needs at least two arms"),
+        ([*create, "--arm", f"b={BASE}:1", "--max-error-rate", "2"], "max-error-rate: Input should be less than"),
     ):
         done = CliRunner().invoke(cli, command, env=env)
         assert done.exit_code == 1 and isinstance(done.exception, SystemExit), (command, done.output, done.exception)
         assert "error:" in done.output and said in done.output, (command, done.output)
+        assert "pydantic.dev" not in done.output and "For further information" not in done.output, done.output
     assert not (tmp_path / "no-dir").exists()
     assert api.get("/admin/tenants/acme/experiments").json()["data"][0]["name"] == "e", "nothing was removed"
     done = CliRunner().invoke(cli, [*page, str(tmp_path / "e.html")], env=env)
     assert done.exit_code == 0 and "<html" in (tmp_path / "e.html").read_text(encoding="utf-8").lower(), done.output
+
+
+def test_names_in_cli_tables_are_shown_as_given(api: TestClient, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Rich read names as markup: a key named `a[/b]` failed `keys list` with a traceback, `[red]x[/red]` showed
+    as `x`; piped (80 columns), `experiments show` cut `treatment-a` and `treatment-b` both to `treat…`."""
+    for name in ("a[/b]", "[red]hidden[/red]"):
+        assert api.post("/admin/tenants/acme/keys", json={"name": name}).status_code == 201
+    arms = [{"name": f"treatment-{x}", "target": BASE if x == "a" else "bot@1", "weight": 1} for x in "ab"]
+    body = {"name": "wide", "alias": "w", "control": "treatment-a", "arms": arms}
+    assert api.post("/admin/tenants/acme/experiments", json=body).status_code == 201
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_RECORDS_REDIS_URL": ""}
+    listed = CliRunner().invoke(cli, ["keys", "list", "--tenant", "acme"], env=env)
+    assert listed.exit_code == 0 and "a[/b]" in listed.output and "[red]hidden[/red]" in listed.output, listed.output
+    shown = CliRunner().invoke(cli, ["experiments", "show", "wide", "--tenant", "acme"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "treatment-a (control)" in shown.output and "treatment-b" in shown.output and "…" not in shown.output
+
+
+def test_a_redis_the_cli_cannot_reach_is_named_without_its_password(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The records Redis down: the error named the state Redis (healthy), and printed URLs with their passwords."""
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    env["LORAGATE_RECORDS_REDIS_URL"] = "redis://:s3cret@127.0.0.1:1/0"
+    done = CliRunner().invoke(cli, ["feedback", "forget", "--tenant", "acme", "--user", "u"], env=env)
+    assert done.exit_code == 1 and "cannot be reached" in done.output, done.output
+    assert "LORAGATE_RECORDS_REDIS_URL=redis://127.0.0.1:1/0" in done.output and "s3cret" not in done.output
+
+
+def test_the_cli_creates_experiments_with_every_setting_the_api_takes(
+    api: TestClient, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_SERVED_MODEL_NAME": BASE}
+    arms = ["--arm", f"a={BASE}:1", "--arm", f"b={BASE}:1", "--control", "a"]
+    settings = ["--alpha", "0.01", "--smallest-effect", "0.05", "--mixture-sd", "0.2", "--guard-min-requests", "50"]
+    done = CliRunner().invoke(
+        cli, ["experiments", "create", "stats", "--tenant", "acme", "--alias", "s", *arms, *settings], env=env
+    )
+    assert done.exit_code == 0, done.output
+    made = api.get("/admin/tenants/acme/experiments/stats").json()
+    assert (made["alpha"], made["smallest_effect"], made["mixture_sd"], made["guard_min_requests"]) == (
+        0.01,
+        0.05,
+        0.2,
+        50,
+    )
