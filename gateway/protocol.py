@@ -136,10 +136,13 @@ class SamplingParams(PassThrough):
     user: str | None = None
 
     def answers(self) -> int:
-        """How many completions the request generates: n (or vLLM's best_of), times its prompts."""
-        best_of = (self.model_extra or {}).get("best_of")
-        per_prompt = max(self.n or 1, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 0)
-        return per_prompt * self.prompts()
+        """How many completions the request generates: n, times its prompts."""
+        return (self.n or 1) * self.prompts()
+
+    def asks_best_of(self) -> bool:
+        """Whether it asks for the best of several completions (`best_of` above 1), which vLLM's V1 engine does not
+        do (it ignores the field): refused, rather than answered with one completion as if it had been done."""
+        return False
 
     def prompts(self) -> int:
         return 1
@@ -209,10 +212,14 @@ class CompletionRequest(SamplingParams):
     echo: bool | None = None
     suffix: str | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = None
+    best_of: int | None = Field(None, ge=1, le=20, description="Only 1: vLLM's engine does not pick the best of many.")
 
     def asks_prompt_logprobs(self) -> str | None:
         """On text completions, `echo` with `logprobs` (any number, 0 too) does."""
         return super().asks_prompt_logprobs() or ("echo" if self.echo and self.logprobs is not None else None)
+
+    def asks_best_of(self) -> bool:
+        return (self.best_of or 1) > 1
 
     @model_validator(mode="after")
     def _zero_only_with_echo(self) -> CompletionRequest:

@@ -34,7 +34,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
-from gateway.streaming import ClientGone, RelayResponse, unless_disconnected
+from gateway.streaming import ClientGone, RelayResponse, refused_at_start, unless_disconnected
 
 log = logging.getLogger("loragate.serving")
 
@@ -285,6 +285,15 @@ class Forwarder:
         finish = self._finisher(call, replica)
         context = call.context
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
+            try:
+                refused = await refused_at_start(upstream)
+            except BaseException:  # cancelled: the client left (`forward` counts it)
+                self._abandon(replica, upstream)
+                raise
+            if refused is not None:
+                upstream.close()
+                finish(refused.status)
+                raise refused
             rename = call.route.model_rename
             return RelayResponse(upstream, context.answer, context.first_token, finish, rename, call.hide_usage)
         try:

@@ -85,8 +85,24 @@ def client_error(event: bytes) -> APIError:
     except (ValueError, KeyError, TypeError, AttributeError):
         status, message = 500, ""
     if 400 <= status < 500 and message:
-        return InvalidRequest(redact_internals(message))
+        param = error.get("param")  # kept, as for a refusal that is not streamed (serving.client_error_body)
+        return InvalidRequest(redact_internals(message), param=param if isinstance(param, str) else None)
     return UpstreamError("The engine failed in the middle of the response.")
+
+
+async def refused_at_start(upstream: EngineResponse) -> APIError | None:
+    """vLLM answers a stream it cannot start (a `json_schema` that does not compile, a `stop_token_ids` past the
+    vocabulary) with 200 and an error event before any token. Its first event is read (then put back) so that such
+    a refusal is answered as without streaming, and as OpenAI does: 400 (or 502), not an event of a stream.
+    A read that fails is left to the relay to find."""
+    seen = b""
+    try:
+        while b"\n\n" not in seen and (data := await upstream.content.read(1 << 16)):
+            seen += data
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    upstream.unread(seen)
+    return client_error(seen.partition(b"\n\n")[0]) if seen.startswith(ERROR_EVENT) else None
 
 
 def client_error_event(event: bytes) -> bytes:

@@ -93,6 +93,13 @@ class EngineResponse:
                 return
             yield self._take()
 
+    def unread(self, data: bytes) -> None:
+        """Put `data`, read last, back in front of what comes next (a stream's first event, looked at before it
+        is relayed)."""
+        if data:
+            self._chunks.insert(0, data)
+            self._buffered += len(data)
+
     def release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:

@@ -44,6 +44,10 @@ PROMPT_LOGPROBS_REFUSED = (
     "here: with LoRA adapters on, the engine stops when it computes them beside a request for several completions "
     "(vLLM issue 16668), for every caller of this gateway. Send the request without them."
 )
+BEST_OF_REFUSED = (
+    "best_of above 1 is not served here: the engine (vLLM's V1) does not generate several completions to return "
+    "the best, and would answer with one as if it had. Ask for `n` completions and choose among them."
+)
 
 
 def cap_max_tokens(payload: dict[str, Any], request: SamplingParams, cap: int) -> int | None:
@@ -144,6 +148,8 @@ async def _complete(
         context.validated = True
         if not svc.settings.allow_prompt_logprobs and (field := validated.asks_prompt_logprobs()):
             raise InvalidRequest(PROMPT_LOGPROBS_REFUSED, param=field, code="unsupported_parameter")
+        if validated.asks_best_of():
+            raise InvalidRequest(BEST_OF_REFUSED, param="best_of", code="unsupported_parameter")
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)

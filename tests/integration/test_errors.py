@@ -135,6 +135,38 @@ def test_engine_rejection_keeps_the_envelope(client: openai.OpenAI, http: httpx.
     assert_envelope(refused, 400)
 
 
+def test_a_stream_vllm_cannot_start_is_refused_like_the_same_request_unstreamed(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    """vLLM answers such a stream 200 and an error event: the SDK raised a bare APIError with no status. OpenAI
+    refuses a bad request before streaming: 400, naming the param as the unstreamed refusal does."""
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    for extra in ({"response_format": bad_schema}, {"extra_body": {"stop_token_ids": [99999999]}}):
+        refusals = []
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                answer = client.chat.completions.create(
+                    model=MODEL, messages=HELLO, max_tokens=5, stream=stream, **extra
+                )  # type: ignore[call-overload]
+                list(answer) if stream else None
+            refusals.append((info.value.status_code, info.value.param, info.value.message))
+        assert refusals[0] == refusals[1], refusals
+    streamed = http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "stream": True, "stop_token_ids": [99999999]},
+    )
+    assert streamed.headers["content-type"].startswith("application/json")
+    assert_envelope(streamed, 400)
+
+
+def test_best_of_above_one_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    """vLLM's V1 engine ignores it: one completion came back as if it were the best of several."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, best_of=3)
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "best_of")
+    assert len(client.completions.create(model=MODEL, prompt="hi", max_tokens=2, best_of=1).choices) == 1
+
+
 def test_a_request_that_would_stop_the_engine_for_everyone_is_refused(http: httpx.Client) -> None:
     """Prompt logprobs computed beside a request of n > 1 stop vLLM 0.32's engine with LoRA on (measured straight
     against it: chat `echo` with a chat request of n = 2 at the same time, five times out of five; vLLM issue

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica
+from gateway.errors import InvalidRequest, UpstreamError
 from gateway.metrics import Metrics
 from gateway.routes.openai import _tokens_used
 from gateway.routing import Route
@@ -211,3 +212,74 @@ async def test_a_connection_failing_after_the_end_of_the_stream_leaves_the_answe
     sent = b"".join(body)
     assert sent.count(b"[DONE]") == 1 and b'"error"' not in sent
     assert context.status == 200 and context.outcome == "ok"
+
+
+class StreamAnswer:
+    """vLLM's 200 to a stream request: its events, read a piece at a time (`content.read(n)`), as the engine
+    client reads them."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.status, self.content_type = 200, "text/event-stream"
+        self.pieces, self.content = list(events), self
+        self.closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self.pieces.insert(0, data)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while self.pieces:
+            yield self.pieces.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def release(self) -> None:
+        pass
+
+
+STOP_REFUSED = (
+    b'data: {"error":{"object":"error","message":"stop_token_ids [99999999] are out of the vocabulary",'
+    b'"type":"BadRequestError","param":"stop_token_ids","code":400}}\n\n'
+)
+
+
+@pytest.mark.parametrize("pieces", [[STOP_REFUSED + DONE], [STOP_REFUSED[:20], STOP_REFUSED[20:], DONE]])
+async def test_a_stream_refused_before_its_first_event_is_a_400_as_without_streaming(pieces: list[bytes]) -> None:
+    """vLLM answered 200 and an error event; the client got a 200 stream ending in that event (the SDK raised a bare
+    APIError with no status) where the same request without streaming is a 400: OpenAI refuses before streaming."""
+    answer = StreamAnswer(pieces)
+    forwarder, call, replica = forwarding(answer, stream=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest) as refused:
+        await asyncio.wait_for(forwarder.forward(call), 5)
+    assert refused.value.status == 400 and refused.value.param == "stop_token_ids"
+    assert "out of the vocabulary" in refused.value.message
+    assert call.context.status == 400 and call.context.first_token_s is None
+    assert replica.inflight == 0 and answer.closed
+
+
+async def test_an_engine_failing_before_a_streams_first_event_is_a_502() -> None:
+    failed = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n'
+    forwarder, call, replica = forwarding(StreamAnswer([failed, DONE]), stream=True)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamError):
+        await asyncio.wait_for(forwarder.forward(call), 5)
+    assert call.context.status == 502 and replica.inflight == 0
+
+
+async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
+    """Its first event, read to choose the status, is put back: the client gets every byte once."""
+    answer = StreamAnswer([TOKEN[:30], TOKEN[30:] + USAGE[:10], USAGE[10:] + DONE])
+    forwarder, call, replica = forwarding(answer, stream=True)  # type: ignore[arg-type]
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert isinstance(response, RelayResponse)
+    body: list[bytes] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        body.append(message.get("body", b""))
+
+    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
+    assert b"".join(body) == TOKEN + USAGE + DONE
+    assert call.context.status == 200 and call.context.first_token_s is not None and replica.inflight == 0

@@ -135,3 +135,15 @@ def test_a_batch_of_prompts_each_within_the_bound_is_taken() -> None:
     """Each prompt is bounded on its own: eight of 40,000 tokens fit a 128k context each."""
     prompt = [list(range(40_000))] * 8
     assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompts() == 8
+
+
+def test_best_of_is_typed_and_only_one_is_served() -> None:
+    """vLLM's V1 engine ignores `best_of`: `best_of=3` came back as one completion, as if the best of three had been
+    chosen, and reserved three answers' tokens of the quota."""
+    base = {"model": "m", "prompt": "hi"}
+    asked = CompletionRequest.model_validate({**base, "best_of": 3, "n": 1})
+    assert asked.asks_best_of() and asked.answers() == 1
+    assert not CompletionRequest.model_validate({**base, "best_of": 1}).asks_best_of()
+    assert not CompletionRequest.model_validate(base).asks_best_of()
+    for bad in ("x", 0, 21, 2.5):
+        assert error_of(CompletionRequest, {**base, "best_of": bad})[0] == "best_of"
