@@ -43,10 +43,26 @@ ARGS=(
     --max-lora-rank "${LORAGATE_MAX_LORA_RANK:-16}"
     --host 0.0.0.0
     --port "${VLLM_PORT:-8000}"
+    --disable-uvicorn-access-log
 )
+# As the gateway's own supervisor starts vLLM (gateway/engine/supervisor.py engine_command): tools and tool_choice
+# need a tool-call parser (vLLM refuses them without one); LORAGATE_ENGINE_TOOL_PARSER="" turns tools off.
+TOOL_PARSER="${LORAGATE_ENGINE_TOOL_PARSER-hermes}"
+if [ -n "${TOOL_PARSER}" ]; then
+    ARGS+=(--enable-auto-tool-choice --tool-call-parser "${TOOL_PARSER}")
+fi
 if [ "${LORAGATE_QUANTIZATION}" = "bitsandbytes" ]; then
     # NF4 (QLoRA) base: vLLM quantises the bf16 folder while loading; needs vLLM <= 0.27.1 (0.28 removed bitsandbytes).
     ARGS+=(--quantization bitsandbytes --load-format bitsandbytes)
+fi
+
+# LORAGATE_ENGINE_EXTRA_ARGS: more vLLM arguments, comma-separated (as the gateway's setting reads them).
+if [ -n "${LORAGATE_ENGINE_EXTRA_ARGS:-}" ]; then
+    IFS=',' read -ra EXTRA <<< "${LORAGATE_ENGINE_EXTRA_ARGS}"
+    for arg in "${EXTRA[@]}"; do
+        arg="$(echo "${arg}" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')"
+        if [ -n "${arg}" ]; then ARGS+=("${arg}"); fi
+    done
 fi
 
 echo "engine-entrypoint: serving ${MODEL_DIR} as ${SERVED_NAME}" >&2

@@ -21,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
+from gateway.engine.supervisor import engine_command
 from gateway.settings import Settings
 from tests.unit.deploy_tools import DEPLOY, DROPS_ADAPTER_NAMES, REPO, compose, compose_config
 
@@ -245,6 +246,46 @@ def test_engine_entrypoint_runs_vllm_with_lora_and_the_compose_arguments(
     assert flags["--max-lora-rank"] == env["LORAGATE_MAX_LORA_RANK"]
     assert "--enable-lora" in argv and argv[-2:] == vllm["command"]
     assert ("--quantization" in argv) == (quantization == "bitsandbytes")
+
+
+@pytest.mark.parametrize(
+    ("parser", "extra"), [(None, None), ("", None), ("llama3_json", " --enforce-eager , --seed=3,")]
+)
+def test_engine_entrypoint_starts_vllm_as_the_gateways_supervisor_does(
+    tmp_path: Path, parser: str | None, extra: str | None
+) -> None:
+    """Without `--enable-auto-tool-choice --tool-call-parser`, vLLM refuses every request with tools: the image's
+    vLLM took them on no stack the deploy files start, while the gateway's own supervisor passes them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    _stub(tmp_path, "python3")
+    env = {"LORAGATE_MODEL_DIR": str(model)}
+    settings: dict[str, Any] = {}
+    if parser is not None:
+        env["LORAGATE_ENGINE_TOOL_PARSER"] = settings["engine_tool_parser"] = parser
+    if extra is not None:
+        env["LORAGATE_ENGINE_EXTRA_ARGS"] = settings["engine_extra_args"] = extra
+    done = _run("engine-entrypoint.sh", [], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    argv, _ = _argv_and_env(done.stdout)
+    expected = engine_command(Settings(**settings), model, 8000)
+    assert _without_address(argv[3:]) == _without_address(expected[3:])
+    if parser == "":
+        assert "--tool-call-parser" not in argv
+    if extra is not None:
+        assert argv[-2:] == ["--enforce-eager", "--seed=3"]
+
+
+def _without_address(argv: list[str]) -> list[str]:
+    """vLLM's arguments less where it listens and the model folder it was given (the image's own choices)."""
+    kept: list[str] = []
+    for arg in argv:
+        if kept and kept[-1] in ("--host", "--port", "--model"):
+            kept.pop()
+        else:
+            kept.append(arg)
+    return kept
 
 
 def _default_command(dockerfile: Path) -> list[str]:

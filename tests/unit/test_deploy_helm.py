@@ -40,7 +40,7 @@ OVERRIDES = {
     "networkPolicy": {"enabled": False},
     "engine": {"replicas": 3, "extraArgs": ["--max-model-len", "4096"]},
     "adminKey": {"existingSecret": "my-admin"},
-    "metricsKey": {"value": "my-metrics-key"},
+    "metricsKey": {"value": "my-metrics-key-0123"},
     "storage": {"existingClaim": "shared-nfs"},
     "retraining": {**RETRAIN["retraining"], "gpu": True, "timeZone": "Europe/Berlin", "ttlSecondsAfterFinished": 600},
 }
@@ -97,9 +97,47 @@ def test_keys_given_or_brought_are_used(default: list[Manifest]) -> None:
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     name = OVERRIDES["fullnameOverride"][:40]
     assert set(secrets) == {f"{name}-metrics"}  # the admin key's Secret is the user's own
-    assert base64.b64decode(secrets[f"{name}-metrics"]["data"]["metrics-key"]) == b"my-metrics-key"
+    assert base64.b64decode(secrets[f"{name}-metrics"]["data"]["metrics-key"]) == b"my-metrics-key-0123"
     env = {e["name"]: e for e in _container(find(objects, "Deployment", f"{name}-gateway"))["env"]}
     assert env["LORAGATE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "my-admin"
+
+
+@pytest.mark.parametrize("which", ["adminKey", "metricsKey"])
+def test_a_key_the_gateway_would_refuse_is_refused_by_the_chart(which: str) -> None:
+    """The gateway refuses operator keys under 16 characters or with spaces: the chart installed them, and every
+    gateway pod went into CrashLoopBackOff."""
+    for bad in ("short", "sixteen chars ok"):
+        with pytest.raises(AssertionError, match=f"{which}.value must be at least 16 characters"):
+            helm_render({which: {"value": bad}})
+
+
+def test_what_the_gateway_keeps_outlives_its_pod_and_its_metrics_do_not_mix(retrain: list[Manifest]) -> None:
+    """The spools (ratings acknowledged 202 while Redis was down) were on the pod's emptyDir, lost with the pod; the
+    gateway's home was not the jobs', so deleting a tenant left its retraining runs (its log's copies) behind."""
+    gateway = _container(find(retrain, "Deployment", f"{FULL}-gateway"))
+    job = _container(find(retrain, "CronJob", f"{FULL}-retrain-acme-support-bot"))
+    home = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert home["LORAGATE_HOME"] == {e["name"]: e.get("value") for e in job["env"]}["LORAGATE_HOME"]
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    assert mounts[home["LORAGATE_HOME"]] == "data", "on the shared volume"
+    metrics = home["PROMETHEUS_MULTIPROC_DIR"]
+    assert metrics.startswith("/tmp/") and mounts["/tmp"] == "tmp", "each pod's own (a pod clears it as it starts)"
+
+
+def test_redis_is_bounded_by_its_own_maxmemory_below_its_memory_limit(default: list[Manifest]) -> None:
+    """Without maxmemory, Redis past its container's limit was killed (keys and quotas with it) and killed again
+    as it reloaded; with noeviction it refuses writes, and the gateway spools."""
+    redis = _container(find(default, "Deployment", f"{FULL}-redis"))
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    bound = args[args.index("--maxmemory") + 1]
+    assert bound.endswith("mb") and int(bound[:-2]) * 2**20 <= 0.8 * _bytes(redis["resources"]["limits"]["memory"])
+    assert args[args.index("--save") + 1] == "", "AOF only: no snapshot forks"
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]]
 
 
 def test_every_container_requests_cpu_and_memory(retrain: list[Manifest]) -> None:
