@@ -58,6 +58,16 @@ class Route(NamedTuple):
         return b'"model":"%s"' % self.upstream_model.encode(), b'"model":"%s"' % self.served_model.encode()
 
 
+class ArmUnavailable(ModelNotFound):
+    """An experiment arm whose target the tenant can no longer use (an adapter its owner stopped sharing): a 404
+    like any model the caller may not use, recorded with its `route`'s experiment and arm, so that it counts as
+    that arm's error (its guard rails can roll it back)."""
+
+    def __init__(self, model: str, route: Route) -> None:
+        super().__init__(model)
+        self.route = route
+
+
 class Router:
     def __init__(
         self, base_model: str, registry: Registry, pointers: PointerStore, experiments: ExperimentStore
@@ -81,6 +91,9 @@ class Router:
                     experiment, arm, target = await self._arm(tenant, target.removeprefix(EXPERIMENT), user)
                 route = await self.target(target, tenant)
             except ModelNotFound:
+                if arm is not None:  # the arm's target went (its owner stopped sharing it): that arm's error
+                    assigned = Route(requested=model, upstream_model="", served_model="", alias=model)
+                    raise ArmUnavailable(model, assigned._replace(experiment=experiment, arm=arm)) from None
                 raise ModelNotFound(model) from None
             return route._replace(requested=model, alias=model, experiment=experiment, arm=arm)
         return await self._adapter(model, tenant, pointers, candidates)

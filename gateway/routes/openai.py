@@ -32,6 +32,7 @@ from gateway.protocol import (
 from gateway.quotas import Admission
 from gateway.routes import callers_tenant, services
 from gateway.routes.direct import TenantRoute
+from gateway.routing import ArmUnavailable
 from gateway.serving import Call
 
 router = APIRouter()
@@ -169,6 +170,8 @@ async def _complete(
         )  # fmt: skip
         return await svc.forwarder.forward(call)
     except Exception as exc:
+        if isinstance(exc, ArmUnavailable):
+            context.route = exc.route  # assigned to an arm that cannot serve: recorded as that arm's error
         if not handed_over:
             if admission is not None:
                 svc.quotas.settle(admission, 0)  # nothing was generated: the reservation is given back

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from starlette.testclient import TestClient
 
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
 from gateway import arm_signal, experiment_history, experiment_page, keys
 from gateway.answer import Answer
 from gateway.context import RequestContext
@@ -402,3 +405,30 @@ async def test_a_split_change_keeps_the_snapshot_the_release_before_compares_fro
     by_the_release_before = changed.model_copy(update={"rated_before": {"a": (12, 6.0, 6.0), "b": (12, 6.0, 6.0)}})
     found = await results(redis, by_the_release_before)
     assert [found["arms"][arm]["rated_since_change"] for arm in "ab"] == [0, 0], "its snapshot, not the period"
+
+
+def test_an_arm_whose_shared_adapter_was_unshared_counts_its_404s_as_its_errors(
+    api: TestClient, tmp_path: Path, base: BaseModelSpec
+) -> None:
+    """The owner of an arm's adapter stops sharing it: that arm's users get the 404 any model they may not use gets
+    (naming neither the owner nor the adapter), and each counts as an error of the arm, so that its guard rail
+    (max_error_rate) rolls it back; before, none counted and the arm stayed, serving nothing, for good."""
+    assert api.post("/admin/tenants", json={"name": "beta"}).status_code == 201
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    svc.registry.store("beta").add(make_adapter(tmp_path / "tool", base, seed=7), "tool", base, 16)
+    svc.registry.invalidate("beta", "tool")
+    assert api.put("/admin/tenants/beta/adapters/tool/share", json={"tenants": ["acme"]}).status_code == 200
+    arms = [{"name": "control", "target": "bot@1", "weight": 0}, {"name": "lent", "target": "beta/tool@1", "weight": 1}]
+    body = {"name": "borrow", "alias": "helper", "control": "control", "arms": arms}
+    assert api.post("/admin/tenants/acme/experiments", json=body).status_code == 201
+    assert api.put("/admin/tenants/beta/adapters/tool/share", json={"tenants": []}).status_code == 200
+    key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
+    chat = {"model": "helper", "messages": [{"role": "user", "content": "hi"}], "user": "u1"}
+    refused = api.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    assert "beta" not in refused.text and "tool" not in refused.text
+    deadline = time.monotonic() + 10
+    while (arm := api.get("/admin/tenants/acme/experiments/borrow/results").json()["arms"]["lent"])["errors"] < 1:
+        assert time.monotonic() < deadline, arm
+        time.sleep(0.1)
+    assert arm["requests"] == 1
