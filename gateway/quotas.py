@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway import quota_scripts as scripts
 from gateway.clock import RedisClock
 from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
 from gateway.lane import Call, ScriptLane
@@ -51,122 +52,6 @@ MAX_USED_TOKENS = 2**40
 script half-way, and the batch is not sent again (its mark is set first)."""
 GIVE_BACK_RACE_S = 0.5
 """A request refused within this long of its process giving a lease's room back is checked once more."""
-
-# KEYS: per scope (requests zset, tokens this minute, tokens last minute). ARGV: member, cost, how many
-# more such requests to lease (see gateway/quota_leases.py), the share of the room a lease may take, then per
-# scope rpm, tpm (0: none). Time is Redis's own (TIME), so gateways on hosts whose clocks differ agree.
-# Returns: admitted (1/0), refused by (0, 1 requests, 2 tokens), then for requests and for tokens the
-# tightest limit, remaining and milliseconds to reset (-1 where no scope has that limit), then how many
-# requests were leased (members MEMBER:1..n in each requests log, n * cost in each tokens counter), then the
-# kinds of limit that refused (1 requests, 2 tokens, 3 both).
-_ADMIT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local member, cost = ARGV[1], tonumber(ARGV[2])
-local lease, share = tonumber(ARGV[3]), tonumber(ARGV[4])
-local window = 60
-local into = (now % window) / window
-local out = {1, 0, -1, -1, -1, -1, -1, -1, 0, 0}
-local function tighter(at, limit, remaining, reset)
-  if out[at] == -1 or remaining < out[at + 1] then
-    out[at], out[at + 1], out[at + 2] = limit, remaining, reset
-  end
-end
--- A scope that refuses is the one reported (of several, the one whose room comes back last).
-local function refused(kind, at, limit, reset)
-  if out[10] % (2 * kind) < kind then out[10] = out[10] + kind end  -- the kinds that refused: 1 requests, 2 tokens
-  if out[1] == 1 or (out[2] == kind and reset > out[at + 2]) then
-    out[1], out[2] = 0, kind
-    out[at], out[at + 1], out[at + 2] = limit, 0, reset
-  else
-    tighter(at, limit, 0, reset)
-  end
-end
-for i = 0, #KEYS / 3 - 1 do
-  local rpm, tpm = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-  if rpm > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i + 1], '-inf', now - window)
-    local count = redis.call('ZCARD', KEYS[3 * i + 1])
-    local reset = window * 1000
-    if count > 0 then  -- when one more fits: once the oldest count - rpm + 1 have left the window
-      local rank = math.max(count - rpm, 0)
-      local frees = redis.call('ZRANGE', KEYS[3 * i + 1], rank, rank, 'WITHSCORES')
-      reset = math.ceil((tonumber(frees[2]) + window - now) * 1000)
-    end
-    if count >= rpm then refused(1, 3, rpm, reset) else tighter(3, rpm, rpm - count - 1, reset) end
-    lease = math.min(lease, math.floor((rpm - count - 1) / share))
-  end
-  if tpm > 0 then
-    local current = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
-    local last = tonumber(redis.call('GET', KEYS[3 * i + 3]) or '0')
-    local used = current + last * (1 - into)
-    if used + cost > tpm then
-      -- when it fits: within this minute as the last one's weight falls, or else into the next one, where
-      -- this minute's tokens weigh less and less
-      local wait = window - (now % window)
-      if current + cost <= tpm then
-        wait = ((1 - (tpm - cost - current) / last) - into) * window
-      elseif cost <= tpm then
-        wait = wait + (1 - (tpm - cost) / current) * window
-      else
-        wait = wait + window
-      end
-      refused(2, 6, tpm, math.ceil(wait * 1000))
-    else
-      tighter(6, tpm, math.floor(tpm - used - cost), math.ceil((1 - into) * window * 1000))
-    end
-    lease = math.min(lease, math.floor((tpm - used - cost) / share / math.max(cost, 1)))
-  end
-end
-if out[1] == 1 then
-  lease = math.max(lease, 0)
-  out[9] = lease
-  for i = 0, #KEYS / 3 - 1 do
-    if tonumber(ARGV[5 + 2 * i]) > 0 then
-      redis.call('ZADD', KEYS[3 * i + 1], now, member)
-      for j = 1, lease do redis.call('ZADD', KEYS[3 * i + 1], now, member .. ':' .. j) end
-      redis.call('EXPIRE', KEYS[3 * i + 1], window + 1)
-    end
-    if tonumber(ARGV[6 + 2 * i]) > 0 then
-      redis.call('INCRBY', KEYS[3 * i + 2], cost * (1 + lease))
-      redis.call('EXPIRE', KEYS[3 * i + 2], 2 * window + 1)
-    end
-  end
-end
-return out
-"""
-
-# KEYS: a requests log. ARGV: how many members follow to re-time to now (taken from a lease), then those,
-# then members to remove (what a lease gives back).
-_RETIME = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local taken = tonumber(ARGV[1])
-for i = 2, taken + 1 do redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i]) end
-for i = taken + 2, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-if taken > 0 then redis.call('EXPIRE', KEYS[1], 61) end
-return 0
-"""
-
-# KEYS: the requests logs, then the token counters of an ask whose answer was lost. ARGV: how many logs, the
-# admitted member, how many requests' room was asked, their cost. Removes MEMBER:1..asked (what was granted, if
-# anything) and gives back their tokens; a tokens-only scope has no members to tell what was granted.
-_UNLEASE = """
-local logs, member, asked, cost = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local removed = 0
-for i = 1, logs do
-  local here = 0
-  for j = 1, asked do here = here + redis.call('ZREM', KEYS[i], member .. ':' .. j) end
-  removed = math.max(removed, here)
-end
-if removed > 0 then
-  for i = logs + 1, #KEYS do  -- a window that expired meanwhile is not re-created (negative, without a TTL)
-    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], removed * cost) end
-  end
-end
-return removed
-"""
-
 
 DOWN_WARN_EVERY_S = 10.0
 """The most often a tenant's quotas not checked (Redis down) are logged."""
@@ -200,9 +85,9 @@ _HEADER_NAMES = tuple(
 """Where each kind's limit, remaining and reset are in an admission reply, and their headers' names."""
 
 
-def _headers(limits: list[int]) -> dict[str, str]:
+def _headers(limits: list[int], tokens: bool = True) -> dict[str, str]:
     headers: dict[str, str] = {}
-    for at, limit_name, remaining_name, reset_name in _HEADER_NAMES:
+    for at, limit_name, remaining_name, reset_name in _HEADER_NAMES[: 2 if tokens else 1]:
         if limits[at] != -1:
             headers[limit_name] = str(limits[at])
             headers[remaining_name] = str(limits[at + 1])
@@ -231,20 +116,6 @@ def _check_cost(scopes: Scopes, cost: int, reserve_tokens: int) -> None:
             )
 
 
-# KEYS: the batch's mark, then token counters. ARGV: each counter's correction. A batch is applied once (sent again
-# after a lost reply, it is skipped), and only to windows that still exist: a correction does not re-create a window
-# that expired or that Redis lost (a restart without it), and none takes a counter below zero, which would give room.
-_SETTLE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 180) then return 0 end
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('INCRBY', KEYS[i], ARGV[i - 1]) < 0 then
-    redis.call('SET', KEYS[i], 0, 'KEEPTTL')
-  end
-end
-return 1
-"""
-
-
 class QuotaGate:
     def __init__(
         self,
@@ -257,10 +128,10 @@ class QuotaGate:
         self._redis = redis
         self._metrics = metrics
         self._reserve_tokens = reserve_tokens
-        self._admit = ScriptLane(redis, _ADMIT)
-        self._retime = ScriptLane(redis, _RETIME, size=1)
-        self._unlease = ScriptLane(redis, _UNLEASE, size=1)
-        self._settle = ScriptLane(redis, _SETTLE, size=1)
+        self._admit = ScriptLane(redis, scripts.ADMIT)
+        self._retime = ScriptLane(redis, scripts.RETIME, size=1)
+        self._unlease = ScriptLane(redis, scripts.UNLEASE, size=1)
+        self._settle = ScriptLane(redis, scripts.SETTLE, size=1)
         self._leases = leases or LeaseBook()
         self._corrections: Counter[str] = Counter()
         self._settling: tuple[str, Counter[str]] | None = None
@@ -282,19 +153,6 @@ class QuotaGate:
         if not scopes:
             return Admission.unlimited()
         _check_cost(scopes, cost, self._reserve_tokens)
-        return await self._admit_in(scopes, tenant, request_id, cost)
-
-    async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str) -> Admission:
-        """A request that generates nothing (a rating): it counts toward the requests-per-minute limits only."""
-        scopes = tuple((scope, rpm, None) for scope, rpm, _ in _scopes(principal, tenant) if rpm is not None)
-        if not scopes:
-            return Admission.unlimited()
-        try:
-            return await self._admit_in(scopes, tenant, request_id, 0)
-        except StateUnavailable:  # Redis down: a rating goes to the spool whatever `on_redis_down` says of answers
-            return Admission.unlimited()
-
-    async def _admit_in(self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int) -> Admission:
         for attempt in range(2):
             taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
             if taken is None:
@@ -315,15 +173,38 @@ class QuotaGate:
         self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
         raise self._refusal(found, _headers(found), cost)
 
+    async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str) -> Admission:
+        """A request that generates nothing (a rating): one request of the requests-per-minute limits, no tokens.
+        Taken from the lease this process holds for the tenant's completions where it has room (that room is the
+        tenant's), else checked in Redis asking for no lease (one of its own would hold room completions cannot
+        see). Redis down: admitted whatever `on_redis_down` says of answers (the rating goes to the spool)."""
+        scopes = _scopes(principal, tenant)
+        counted = tuple((scope, rpm, None) for scope, rpm, _ in scopes if rpm is not None)
+        if not counted:
+            return Admission.unlimited()
+        if (taken := self._leases.take(scopes, 0)) is not None:
+            return Admission(_headers(taken.found, tokens=False))
+        try:
+            checked = await self._check(counted, tenant, request_id, 0, lease=False)
+        except StateUnavailable:
+            return Admission.unlimited()
+        if isinstance(checked, Admission):
+            return checked
+        found = checked[0]
+        if not found[0]:
+            self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), "requests").inc()
+            raise self._refusal(found, _headers(found), 0)
+        return Admission(_headers(found))
+
     async def _check(
-        self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int
+        self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int, lease: bool = True
     ) -> tuple[list[int], tuple[str, ...]] | Admission:
         """One Lua check in Redis: its reply and this minute's token counters, or the Redis-down admission."""
         minute = int(self.clock.now() // WINDOW_S)  # Redis's minute, as the script counts
         request_keys = tuple(keys.quota_requests(scope) for scope, rpm, _ in scopes if rpm)
         token_keys = tuple(keys.quota_tokens(scope, minute) for scope, _, tpm in scopes if tpm)
         script_keys: list[str] = []
-        asked = self._leases.ask(scopes)
+        asked = self._leases.ask(scopes) if lease else 0
         args: list[object] = [request_id, cost, asked, self._leases.share]
         for scope, rpm, tpm in scopes:
             script_keys += [keys.quota_requests(scope), keys.quota_tokens(scope, minute)]

@@ -19,7 +19,8 @@ from gateway.errors import RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.quota_leases import LeaseBook
-from gateway.quotas import _UNLEASE, MAX_USED_TOKENS, Admission, QuotaGate, _scopes, duration
+from gateway.quota_scripts import UNLEASE
+from gateway.quotas import MAX_USED_TOKENS, Admission, QuotaGate, _scopes, duration
 from gateway.tenants import Limits, Tenant
 from tests.conftest import RedisServer, free_port
 
@@ -192,6 +193,27 @@ async def test_a_rating_counts_toward_requests_per_minute_and_costs_no_tokens(re
     assert (await gate.admit_request(KEY, tokens_only, "fb-4")).headers == {}, "no rpm: nothing to count"
 
 
+async def test_ratings_and_answers_share_the_room_leases_hold(redis: aioredis.Redis) -> None:
+    """A rating asked Redis for a lease of its own (its scopes differ from the answers' when the tenant has a tpm):
+    the answers could not see its room, and were refused while 12 requests' room sat in it."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="both", limits=Limits(rpm=100, tpm=10**9))
+    log = keys.quota_requests("tenant:both")
+    assert isinstance(await attempt(gate, tenant, 0), Admission)
+    leased = await redis.zcard(log)
+    assert leased > 1, "the answer's check took a lease"
+    rating = await gate.admit_request(KEY, tenant, "fb-1")
+    assert await redis.zcard(log) == leased, "the rating took its room from the lease"
+    assert "x-ratelimit-limit-tokens" not in rating.headers
+    answers = [await attempt(gate, tenant, i) for i in range(1, 120)]
+    admitted = sum(isinstance(a, Admission) for a in answers)
+    assert admitted == 98, "100 a minute: one answer and one rating before, 98 answers now"
+    other = Tenant(name="rater-first", limits=Limits(rpm=50, tpm=10**9))
+    await gate.admit_request(KEY, other, "fb-2")
+    assert await redis.zcard(keys.quota_requests("tenant:rater-first")) == 1, "no lease of its own"
+    assert sum([isinstance(await attempt(gate, other, i), Admission) for i in range(60)]) == 49
+
+
 async def test_a_rating_is_admitted_while_redis_is_down_whatever_the_tenant_chose() -> None:
     """Ratings go to the fsynced spool while Redis is down; a fail-closed tenant's answers are refused then."""
     gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1), Metrics(), 256)
@@ -251,7 +273,7 @@ async def test_a_lost_lease_given_back_after_its_token_window_expired_leaves_no_
     log_key, live, expired = "q:log", "q:tokens:live", "q:tokens:gone"
     await redis.zadd(log_key, {"req-1:1": 1.0, "req-1:2": 2.0})
     await redis.set(live, 100, ex=60)
-    removed = await redis.eval(_UNLEASE, 3, log_key, live, expired, 1, "req-1", 2, 10)
+    removed = await redis.eval(UNLEASE, 3, log_key, live, expired, 1, "req-1", 2, 10)
     assert removed == 2 and await redis.zcard(log_key) == 0
     assert int(await redis.get(live)) == 80 and await redis.ttl(live) > 0
     assert not await redis.exists(expired), "an expired window is not brought back below zero"
