@@ -246,7 +246,7 @@ def sse_error_frame(exc: APIError) -> bytes:
 
 _INTERNALS = re.compile(
     r"""\b[a-z][a-z0-9+.-]{0,31}://[^\s'"`]+"""  # URLs (a bounded scheme: tried at every letter, in linear time)
-    r"|\[[0-9a-f.]*:[0-9a-f:.]*\](?::\d+)?"  # IPv6 addresses, bracketed (a colon in: `[99999999]` is a list), a port
+    r"|\[[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*\](?::\d+)?"  # IPv6, bracketed (two colons: not `[99999999]`, `[0:5]`)
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"  # IPv4 addresses, with a port
     r"|\b(?:localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b"  # dotted host:port (aiohttp's "Cannot connect to host")
     r"|(?:(?<=host )|(?<=to )|(?<=from ))[a-z][a-z0-9-]*:\d{2,5}\b"  # a dotless one where a host is named

@@ -286,12 +286,14 @@ class Forwarder:
         context = call.context
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
             try:
-                refused = await refused_at_start(upstream)
+                refused = await refused_at_start(upstream, self._read_timeout_s)
             except BaseException:  # cancelled: the client left (`forward` counts it)
                 self._abandon(replica, upstream)
                 raise
             if refused is not None:
                 upstream.close()
+                if refused.status == 504:  # as a post that times out (`_post`); a 502 is counted by `finish`
+                    self._metrics.upstream_errors.labels(replica.url).inc()
                 finish(refused.status)
                 raise refused
             rename = call.route.model_rename

@@ -26,7 +26,15 @@ from starlette.types import Receive, Scope, Send
 from gateway.answer import Answer, parse_chunk
 from gateway.context import CLIENT_CLOSED
 from gateway.engine.http1 import EngineResponse
-from gateway.errors import APIError, InvalidRequest, UpstreamError, redact_internals, sse_error_event, sse_error_frame
+from gateway.errors import (
+    APIError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamTimeout,
+    redact_internals,
+    sse_error_event,
+    sse_error_frame,
+)
 
 log = logging.getLogger("loragate.streaming")
 
@@ -90,19 +98,29 @@ def client_error(event: bytes) -> APIError:
     return UpstreamError("The engine failed in the middle of the response.")
 
 
-async def refused_at_start(upstream: EngineResponse) -> APIError | None:
+FIRST_EVENT_BYTES = 1 << 20
+"""Read this much at most looking for a stream's first event (a body that is not one is left to the relay)."""
+
+
+async def refused_at_start(upstream: EngineResponse, timeout_s: float) -> APIError | None:
     """vLLM answers a stream it cannot start (a `json_schema` that does not compile, a `stop_token_ids` past the
     vocabulary) with 200 and an error event before any token. Its first event is read (then put back) so that such
-    a refusal is answered as without streaming, and as OpenAI does: 400 (or 502), not an event of a stream.
-    A read that fails is left to the relay to find."""
+    a refusal is answered as without streaming, and as OpenAI does: 400 (502 for an engine failure), not an event of
+    a stream; an engine silent until the read timeout, 504. Any other failure to read is left to the relay."""
     seen = b""
     try:
-        while b"\n\n" not in seen and (data := await upstream.content.read(1 << 16)):
+        while b"\n\n" not in seen and len(seen) < FIRST_EVENT_BYTES and (data := await upstream.content.read(1 << 16)):
             seen += data
-    except (TimeoutError, aiohttp.ClientError):
+    except TimeoutError:  # aiohttp's socket timeout is one
+        if not seen:
+            return UpstreamTimeout(f"The engine sent nothing for {timeout_s:.0f} s; the request was abandoned.")
+    except aiohttp.ClientError:
         pass
     upstream.unread(seen)
-    return client_error(seen.partition(b"\n\n")[0]) if seen.startswith(ERROR_EVENT) else None
+    if not seen.startswith(ERROR_EVENT):
+        return None
+    refused = client_error(seen.partition(b"\n\n")[0])
+    return refused if isinstance(refused, InvalidRequest) else UpstreamError("The engine failed to start the answer.")
 
 
 def client_error_event(event: bytes) -> bytes:

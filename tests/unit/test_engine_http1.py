@@ -19,6 +19,8 @@ import pytest
 from gateway.engine import http1
 from gateway.engine.http1 import AnswerCut, ConnectFailed, EngineClient
 from gateway.engine.sessions import stale
+from gateway.errors import UpstreamTimeout
+from gateway.streaming import refused_at_start
 
 Answer = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[None]]
 """What the engine does with the n-th request (from 0) it read, given its bytes."""
@@ -143,7 +145,10 @@ async def test_a_stream_comes_as_it_is_written_and_its_connection_is_kept(engine
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n")
         writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
-        writer.write(b'f\r\ndata: {"a":1}\n\n\r\n')
+        writer.write(b'8\r\ndata: {"\r\n')  # the first event in two pieces
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b'7\r\na":1}\n\n\r\n')
         await writer.drain()
         await release.wait()
         writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
@@ -153,6 +158,7 @@ async def test_a_stream_comes_as_it_is_written_and_its_connection_is_kept(engine
     try:
         response = await client.post(engine.url, b"{}", "r", 5)
         assert response.status == 200 and response.content_type == "text/event-stream"
+        assert await refused_at_start(response, 5) is None, "its first event read whole, and put back"
         events = response.content.iter_any()
         assert await anext(events) == b'data: {"a":1}\n\n', "the first event, before the rest is written"
         release.set()
@@ -361,13 +367,21 @@ async def test_data_that_comes_in_time_is_not_a_timeout_when_the_loop_lags_past_
         await client.close()
 
 
-async def test_an_unframed_answer_that_timed_out_is_never_read_as_whole_after(engine_with) -> None:  # type: ignore[no-untyped-def]
+STALLS_AFTER = {
+    "unframed": b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\r\n{"error":{"mess',
+    "stream": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("head", STALLS_AFTER)
+async def test_an_answer_that_stalls_after_its_head_times_out_on_every_read(engine_with, head: str) -> None:  # type: ignore[no-untyped-def]
     """An answer that ends with its connection (no length, not chunked) stalls: the read times out and the client
     closes the connection. A second read (the forwarder reads a refusal again to pass it on) fails the same way, not
-    with the part that came as if it were all."""
+    with the part that came as if it were all. A stream silent after its head is a 504 before any event is relayed
+    (`refused_at_start`), and its reads time out after."""
 
     async def stalls(_: int, __: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\r\n{"error":{"mess')
+        writer.write(STALLS_AFTER[head])
         await writer.drain()
         await asyncio.sleep(2)
 
@@ -375,6 +389,9 @@ async def test_an_unframed_answer_that_timed_out_is_never_read_as_whole_after(en
     client = EngineClient(keepalive_s=30)
     try:
         response = await client.post(engine.url, b"{}", "r", 0.3)
+        if head == "stream":
+            refused = await asyncio.wait_for(refused_at_start(response, 0.3), 5)
+            assert isinstance(refused, UpstreamTimeout) and refused.status == 504
         for _ in range(2):
             with pytest.raises(aiohttp.SocketTimeoutError):
                 await response.read()

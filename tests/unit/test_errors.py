@@ -89,7 +89,7 @@ def test_internal_addresses_and_paths_are_redacted(message: str) -> None:
         "at 12.5 tokens/s, 1/2 of the time; see name@version, e.g. support-bot@3; at 10:30",
         "Expected a string at messages.0.content: 42; max_tokens=16, n: 2",
         "line 1 column:12, error code:400, maximum context length:8192, max-lora-rank:64, n:16, status:500",
-        "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids; value=[0.5], stop=[ab], [deadbeef]",
+        "token_id(s) [99999999] in logit_bias are out of vocab; value=[0.5], stop=[ab], [deadbeef], [0:5]",
     ],
 )
 def test_ordinary_messages_are_kept(message: str) -> None:
