@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(32, ge=1, description="Adapters held by each vLLM replica (--max-cpu-loras).")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank vLLM accepts (--max-lora-rank).")
     adapter_store: Path | None = Field(None, description="Adapter store folder (default HOME/adapters).")
+    spool_dir: Path | None = Field(
+        None,
+        description="Where records and feedback wait while Redis is down (default HOME/spool): a disk that outlives"
+        " the process; several processes may share it where `flock` holds between them.",
+    )
     hot_adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Adapters kept loaded on every replica, never evicted (comma-separated)."
     )
@@ -247,7 +252,7 @@ class Settings(BaseSettings):
     @cached_property
     def spool_root(self) -> Path:
         """Local spools of records and feedback waiting for Redis: keep it on a disk that outlives the process."""
-        return self.home / "spool"
+        return self.spool_dir or self.home / "spool"
 
     @cached_property
     def adapter_root(self) -> Path:

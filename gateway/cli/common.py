@@ -125,13 +125,13 @@ def said(exc: Exception) -> str:
 def redis_servers(settings: Settings) -> str:
     """The Redis servers the settings name, without their credentials: which one failed is in Redis's error."""
 
-    def shown(url: str) -> str:
+    def shown(url: str) -> str:  # no user, password or query (`?password=` is one way to give it)
         parts = urlsplit(url)
         if not parts.netloc:  # unix:///path
-            return url
+            return url.partition("?")[0]
         host = parts.hostname or ""
         netloc = f"[{host}]" if ":" in host else host
-        return parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc).geturl()
+        return parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc, query="").geturl()
 
     named = f"LORAGATE_REDIS_URL={shown(settings.redis_url)}"
     if settings.records_redis_url and settings.records_redis_url != settings.redis_url:

@@ -111,15 +111,16 @@ def test_a_key_the_gateway_would_refuse_is_refused_by_the_chart(which: str) -> N
             helm_render({which: {"value": bad}})
 
 
-def test_what_the_gateway_keeps_outlives_its_pod_and_its_metrics_do_not_mix(retrain: list[Manifest]) -> None:
-    """The spools (ratings acknowledged 202 while Redis was down) were on the pod's emptyDir, lost with the pod; the
-    gateway's home was not the jobs', so deleting a tenant left its retraining runs (its log's copies) behind."""
+def test_the_gateway_shares_its_home_with_the_jobs_and_keeps_its_metrics_to_itself(retrain: list[Manifest]) -> None:
+    """The gateway's home was not the jobs', so deleting a tenant left its retraining runs (its log's copies) behind;
+    each pod's metrics files are its own."""
     gateway = _container(find(retrain, "Deployment", f"{FULL}-gateway"))
     job = _container(find(retrain, "CronJob", f"{FULL}-retrain-acme-support-bot"))
     home = {e["name"]: e.get("value") for e in gateway["env"]}
     assert home["LORAGATE_HOME"] == {e["name"]: e.get("value") for e in job["env"]}["LORAGATE_HOME"]
     mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
     assert mounts[home["LORAGATE_HOME"]] == "data", "on the shared volume"
+    assert home["LORAGATE_SPOOL_DIR"].startswith("/tmp/"), "the pod's own unless the operator trusts flock (values)"
     metrics = home["PROMETHEUS_MULTIPROC_DIR"]
     assert metrics.startswith("/tmp/") and mounts["/tmp"] == "tmp", "each pod's own (a pod clears it as it starts)"
 

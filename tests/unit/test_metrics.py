@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,7 +20,7 @@ from gateway.engine.pool import Replica
 from gateway.metrics import OTHER, Metrics, TenantLabels, fresh_multiprocess_dir, sample_names
 from gateway.routing import Route
 from gateway.tenants import Tenant
-from tests.conftest import ROOT
+from tests.conftest import METRICS_KEY, ROOT, RedisServer, free_port, start_side_gateway, stop_gateway
 from tests.unit.test_placement import route as placement_route
 
 DASHBOARD = ROOT / "deploy/grafana/dashboards/loragate.json"
@@ -153,6 +154,21 @@ def test_several_processes_are_added_up_and_a_gone_one_keeps_only_its_counters(t
         staying.wait()
     assert found["loragate_requests_total"] == 5, "both processes' counters, the gone one's too"
     assert found["loragate_inflight_requests"] == 2, "only the live process's gauge"
+
+
+def test_one_process_serves_with_a_metrics_folder_it_was_given_that_does_not_exist_yet(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The chart sets PROMETHEUS_MULTIPROC_DIR on the pod's empty /tmp; `serve` with one worker made the folder only
+    for several workers, and the gateway failed to start (prometheus_client opens its files there)."""
+    folder = tmp_path / "not" / "yet"
+    side = start_side_gateway(tmp_path / "home", redis_server.url, [free_port()], PROMETHEUS_MULTIPROC_DIR=str(folder))
+    try:
+        answer = httpx.get(f"{side.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10)
+    finally:
+        stop_gateway(side)
+    assert answer.status_code == 200 and "loragate_feedback_durable" in answer.text
+    assert list(folder.glob("*.db")), "its values are in the folder it was given"
 
 
 def _expressions(board: dict[str, object]) -> list[str]:
