@@ -393,15 +393,3 @@ def alias_target(experiment: Experiment, status: Status, arm: str | None = None)
     if status == "stopped":
         return experiment.arm(experiment.control).target
     return None
-
-
-def parse_arm(spec: str) -> Arm:
-    """`name=target:weight` (the CLI's --arm)."""
-    name, _, rest = spec.partition("=")
-    target, _, weight = rest.rpartition(":")
-    try:
-        return Arm(name=name, target=target, weight=float(weight))
-    except ValueError as exc:
-        raise InvalidExperiment(
-            f"--arm must be NAME=TARGET:WEIGHT (e.g. treatment=support-bot@2:10), not {spec!r}"
-        ) from exc

@@ -125,8 +125,10 @@ async def check_all(records: aioredis.Redis, router: Router, tenants: list[str])
     for tenant in tenants:
         try:
             experiments = await router.experiments.all(tenant)
-        except ValidationError:
-            log.exception("guard rails: tenant %s has an experiment that cannot be read; skipped", tenant)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise  # Redis is down: the whole round waits for the next one
+        except (ValidationError, RedisError) as exc:  # one tenant's (a key of another type): the others go on
+            log.warning("guard rails: the experiments of %s cannot be read (%r); skipped", tenant, exc)
             continue
         for experiment in experiments:
             if experiment.status != "running":
@@ -138,7 +140,8 @@ async def check_all(records: aioredis.Redis, router: Router, tenants: list[str])
                     log.warning("experiment %s/%s: %s", tenant, experiment.name, action)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise  # Redis is down: the whole round waits for the next one
-            # Any other Redis error is this experiment's (a key of another type under its name): the others go on.
+            except RedisError as exc:  # this experiment's (a key of another type; Redis full): the others go on
+                log.warning("guard rails: %s/%s: Redis refused: %r", tenant, experiment.name, exc)
             except (InvalidExperiment, ExperimentNotFound) as exc:  # changed, ended or gone meanwhile
                 log.info("guard rails: %s/%s: %s (next round decides again)", tenant, experiment.name, exc)
             except Exception:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from gateway.cli.common import (
     with_redis,
     with_state_and_records,
 )
+
+if TYPE_CHECKING:
+    from gateway.experiments import Arm
 
 experiments_app = typer.Typer(help="A/B experiments between adapter versions, behind an alias.", no_args_is_help=True)
 Tenant = Annotated[str, typer.Option("--tenant", help="The tenant.")]
@@ -47,7 +50,7 @@ def create(
     """Put two or more versions (or the base) behind ALIAS, split by weight, sticky per end user."""
     from adapters.registry import Registry
     from gateway import version_guard
-    from gateway.experiments import Experiment, ExperimentStore, InvalidExperiment, parse_arm
+    from gateway.experiments import Experiment, ExperimentStore, InvalidExperiment
     from gateway.pointers import PointerStore
     from gateway.routing import Router
     from gateway.settings import Settings
@@ -247,3 +250,17 @@ def promote(name: str, tenant: Tenant, arm: Annotated[str, typer.Option(help="Th
 def rollback(name: str, tenant: Tenant) -> None:
     """Point the alias back at what it served before the experiment; the experiment ends."""
     _status(name, tenant, "rolled back")
+
+
+def parse_arm(spec: str) -> Arm:
+    """`name=target:weight` (--arm)."""
+    from gateway.experiments import Arm, InvalidExperiment
+
+    name, _, rest = spec.partition("=")
+    target, _, weight = rest.rpartition(":")
+    try:
+        return Arm(name=name, target=target, weight=float(weight))
+    except ValueError as exc:
+        raise InvalidExperiment(
+            f"--arm must be NAME=TARGET:WEIGHT (e.g. treatment=support-bot@2:10), not {spec!r}"
+        ) from exc

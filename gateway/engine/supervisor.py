@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -187,9 +188,13 @@ class EngineProcess:
         spawning = asyncio.ensure_future(self._spawn())
         try:
             self._proc = await asyncio.shield(spawning)
-        except asyncio.CancelledError:  # the process may exist already: wait for it, then end it
-            self._proc = await spawning
-            await self._terminate()
+        except asyncio.CancelledError:  # the process may exist already: wait for it (cancelled again too), end it
+            while not spawning.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(spawning)
+            if not spawning.cancelled() and spawning.exception() is None:
+                self._proc = spawning.result()
+                await self._terminate()
             raise
         log.info("started vLLM pid %s on %s (log %s)", self._proc.pid, self.url, self.log_path)
         try:

@@ -162,7 +162,8 @@ async def test_a_redis_error_of_one_experiment_holds_up_no_other(redis: aioredis
     await redis.set(keys.arm_counters("mm", "odd", "treat"), "not a hash")
     await store.create(_experiment("zz", "other", "bot", (50, 50), max_error_rate=0.1), by="test")
     await _counters(redis, "zz", "other", "treat", requests=100, errors=50)
-    await guard_rails.check_all(redis, rails_router(store), ["mm", "zz"])
+    await redis.set(keys.experiments("ll"), "not a hash either")  # a tenant whose experiments cannot be read
+    await guard_rails.check_all(redis, rails_router(store), ["ll", "mm", "zz"])
     assert [a.weight for a in (await store.get("zz", "other")).arms] == [50, 0]
 
 
