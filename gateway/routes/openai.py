@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from gateway.auth import TenantCaller
@@ -215,6 +216,8 @@ async def list_models(request: Request, caller: TenantCaller) -> Response:
 
 @router.get("/v1/models/{model_id:path}", responses=errors(404))
 async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) -> ModelCard:
+    if not model_id or model_id.endswith("/"):  # `/v1/models/`, `/v1/models/x/`: an unknown URL, as elsewhere
+        raise HTTPException(404)
     svc = services(request)
     tenant = await callers_tenant(svc, caller)
     route = await svc.router.resolve(model_id, tenant.name)

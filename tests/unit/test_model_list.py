@@ -144,3 +144,19 @@ def test_an_alias_is_the_same_card_listed_and_retrieved(api: TestClient) -> None
         assert {card["parent"] for card in retrieved} == {listed[alias]["parent"]} == {BASE}
     assert listed["prod"]["root"] == "bot@2"
     assert api.get("/v1/models/bot@1", headers=auth).json()["root"] == "bot@1", "a version is still its own card"
+
+
+def test_a_model_path_ending_in_a_slash_is_an_unknown_url(api: TestClient) -> None:
+    """`/v1/models/` answered 404 `model_not_found` for the model "" (and `/v1/models/bot@1/` for `bot@1/`), where
+    every other route answers an unknown URL, a trailing slash too, as OpenAI does."""
+    auth = {"authorization": f"Bearer {api.post('/admin/tenants/acme/keys', json={'role': 'inference'}).json()['key']}"}
+    for path in ("/v1/models/", "/v1/models/bot@1/"):
+        answer = api.get(path, headers=auth)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"] == {
+            "message": f"Invalid URL (GET {path})",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    assert api.get("/v1/models/bot@1", headers=auth).status_code == 200
