@@ -182,7 +182,7 @@ class QuotaGate:
         counted = tuple((scope, rpm, None) for scope, rpm, _ in scopes if rpm is not None)
         if not counted:
             return Admission.unlimited()
-        if (taken := self._leases.take(scopes, 0)) is not None:
+        if (taken := self._leases.take(scopes, 0) or await self._leases.after_ask(scopes, 0)) is not None:
             return Admission(_headers(taken.found, tokens=False))
         try:
             checked = await self._check(counted, tenant, request_id, 0, lease=False)
@@ -191,10 +191,12 @@ class QuotaGate:
         if isinstance(checked, Admission):
             return checked
         found = checked[0]
-        if not found[0]:
-            self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), "requests").inc()
-            raise self._refusal(found, _headers(found), 0)
-        return Admission(_headers(found))
+        if found[0]:
+            return Admission(_headers(found))
+        if (taken := await self._leases.after_refusal(scopes, 0)) is not None:  # room the answers' lease holds
+            return Admission(_headers(taken.found, tokens=False))
+        self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), "requests").inc()
+        raise self._refusal(found, _headers(found), 0)
 
     async def _check(
         self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int, lease: bool = True

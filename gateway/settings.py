@@ -201,6 +201,12 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: Any) -> Any:
+        """`LORAGATE_SPOOL_DIR=` is unset (the default), not the working directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("admin_key", "metrics_key", mode="before")
     @classmethod
     def _operator_key(cls, value: Any) -> Any:

@@ -113,7 +113,7 @@ async def refused_at_start(upstream: EngineResponse, timeout_s: float) -> APIErr
             seen += data
     except TimeoutError:  # aiohttp's socket timeout is one
         if not seen:
-            return UpstreamTimeout(f"The engine sent nothing for {timeout_s:.0f} s; the request was abandoned.")
+            return UpstreamTimeout(f"The engine sent nothing for {timeout_s:g} s; the request was abandoned.")
     except aiohttp.ClientError:
         pass
     upstream.unread(seen)

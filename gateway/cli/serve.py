@@ -143,7 +143,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
                     loop.remove_signal_handler(sig)
 
     from gateway.app import create_app
-    from gateway.metrics import MULTIPROC_ENV, fresh_multiprocess_dir
+    from gateway.metrics import MULTIPROC_ENV
 
     urls = settings.engine_urls
     if supervisor is not None:
@@ -158,8 +158,8 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
         if settings.workers > 1:
             await _serve_workers(settings, urls, validation_model)
             return
-        if metrics := os.environ.get(MULTIPROC_ENV):  # set by the operator (the chart): made, and emptied, here too
-            fresh_multiprocess_dir(Path(metrics))
+        if metrics := os.environ.get(MULTIPROC_ENV):  # the operator's (the chart's): made, never emptied, as other
+            Path(metrics).mkdir(parents=True, exist_ok=True)  # processes may be writing to it already
         config = uvicorn.Config(
             create_app(settings, urls, validation_model),
             host=settings.host,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -154,6 +153,7 @@ class EngineProcess:
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
+        self._ending: set[asyncio.Future[None]] = set()
 
     @property
     def pid(self) -> int | None:
@@ -188,13 +188,8 @@ class EngineProcess:
         spawning = asyncio.ensure_future(self._spawn())
         try:
             self._proc = await asyncio.shield(spawning)
-        except asyncio.CancelledError:  # the process may exist already: wait for it (cancelled again too), end it
-            while not spawning.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(spawning)
-            if not spawning.cancelled() and spawning.exception() is None:
-                self._proc = spawning.result()
-                await self._terminate()
+        except asyncio.CancelledError:  # the process may exist already, or soon: it is ended once it does
+            spawning.add_done_callback(self._end_spawned)
             raise
         log.info("started vLLM pid %s on %s (log %s)", self._proc.pid, self.url, self.log_path)
         try:
@@ -205,9 +200,21 @@ class EngineProcess:
             tail = await asyncio.to_thread(self._log_tail)
             await self._terminate()
             raise RuntimeError(f"{exc}\n--- last lines of {self.log_path} ---\n{tail}") from exc
-        except BaseException:  # cancelled: leave nothing running
-            await self._terminate()
+        except BaseException:  # cancelled: leave nothing running (ended in a task a further cancel cannot reach)
+            await asyncio.shield(self._end_in_background())
             raise
+
+    def _end_spawned(self, spawning: asyncio.Future[asyncio.subprocess.Process]) -> None:
+        """A start cancelled while its process was being spawned: that process, once there, is ended."""
+        if not spawning.cancelled() and spawning.exception() is None:
+            self._proc = spawning.result()
+            self._end_in_background()
+
+    def _end_in_background(self) -> asyncio.Future[None]:
+        ending = asyncio.ensure_future(self._terminate())
+        self._ending.add(ending)  # held until done: a task nothing refers to may be collected midway
+        ending.add_done_callback(self._ending.discard)
+        return ending
 
     async def _until_unfit(self) -> str:
         """Wait until the process exits, or its health checks say dead (or nothing) often enough in a row."""

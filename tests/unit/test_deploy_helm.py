@@ -109,6 +109,10 @@ def test_a_key_the_gateway_would_refuse_is_refused_by_the_chart(which: str) -> N
     for bad in ("short", "sixteen chars ok"):
         with pytest.raises(AssertionError, match=f"{which}.value must be at least 16 characters"):
             helm_render({which: {"value": bad}})
+    name = f"{FULL}-{'admin' if which == 'adminKey' else 'metrics'}"
+    for unset in (None, "  "):  # `value:` left empty in a values file is null: a key is generated, as for ""
+        secret = find(manifests(helm_render({which: {"value": unset}})), "Secret", name)
+        assert len(base64.b64decode(next(iter(secret["data"].values())))) == 40
 
 
 def test_the_gateway_shares_its_home_with_the_jobs_and_keeps_its_metrics_to_itself(retrain: list[Manifest]) -> None:
@@ -121,6 +125,8 @@ def test_the_gateway_shares_its_home_with_the_jobs_and_keeps_its_metrics_to_itse
     mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
     assert mounts[home["LORAGATE_HOME"]] == "data", "on the shared volume"
     assert home["LORAGATE_SPOOL_DIR"].startswith("/tmp/"), "the pod's own unless the operator trusts flock (values)"
+    unset = _container(find(manifests(helm_render({"gateway": {"spoolDir": ""}})), "Deployment", f"{FULL}-gateway"))
+    assert "LORAGATE_SPOOL_DIR" not in {e["name"] for e in unset["env"]}, "empty: the gateway's default"
     metrics = home["PROMETHEUS_MULTIPROC_DIR"]
     assert metrics.startswith("/tmp/") and mounts["/tmp"] == "tmp", "each pod's own (a pod clears it as it starts)"
 

@@ -113,3 +113,8 @@ def test_the_cli_names_a_bad_setting_without_a_traceback(tmp_path: Path) -> None
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "LORAGATE_ADMIN_KEY: has 5 characters; use at least 16" in done.stderr
+
+
+def test_an_empty_spool_dir_is_the_default_not_the_working_directory(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path, spool_dir="").spool_root == tmp_path / "spool"
+    assert Settings(home=tmp_path, spool_dir=str(tmp_path / "s")).spool_root == tmp_path / "s"

@@ -160,6 +160,33 @@ async def test_a_start_cancelled_at_any_moment_leaves_nothing_running(tmp_path: 
     assert not kill_left(tmp_path)
 
 
+async def test_a_start_cancelled_again_and_again_while_its_spawn_is_slow_returns_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each cancel was absorbed until the spawn was done (a spawn that hangs would hang the gateway's shutdown);
+    now the start returns at once and the process, once spawned, is ended."""
+    (tmp_path / "sick").touch()
+    engine = fake_engine(tmp_path)
+    spawn = engine._spawn  # noqa: SLF001
+
+    async def slow_spawn() -> asyncio.subprocess.Process:
+        await asyncio.sleep(0.5)
+        return await spawn()
+
+    monkeypatch.setattr(engine, "_spawn", slow_spawn)
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        starting.cancel()
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(starting, return_exceptions=True), 0.3)
+    assert starting.cancelled()
+    await until(lambda: engine.pid is not None, timeout=15)  # spawned after all: it is to be ended
+    await until(lambda: not left_running(tmp_path), timeout=15)
+    await asyncio.sleep(1.0)  # a child its guard started late would be up by now
+    assert not kill_left(tmp_path)
+
+
 @pytest.mark.parametrize("after_s", [0.0, 0.01, 0.03, 0.06, 0.1])
 def test_the_guard_stopped_while_starting_its_child_leaves_nothing(tmp_path: Path, after_s: float) -> None:
     marker = tmp_path / "child.pid"
