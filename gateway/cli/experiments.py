@@ -117,6 +117,8 @@ def show(name: str, tenant: Tenant) -> None:
             each.name + (" (control)" if each.name == experiment.control else ""), each.target, f"{each.weight:g}"
         )
     verdict = f"results: {shown['verdict']}" + (f" ({shown['winner']})" if shown["winner"] else "")
+    if experiment.status not in ("running", "paused"):  # "keep running" read as advice for an ended one
+        verdict = f"results when it ended ({experiment.status}); the verdict then: " + verdict.removeprefix("results: ")
     figures = plain_table(
         "arm", "requests", "users", "errors", "p50 ms", "p95 ms", "rated", "positive", "corrected", title=verdict
     )

@@ -130,6 +130,9 @@ def test_names_in_cli_tables_are_shown_as_given(api: TestClient, redis_server: R
     shown = CliRunner().invoke(cli, ["experiments", "show", "wide", "--tenant", "acme"], env=env)
     assert shown.exit_code == 0, shown.output
     assert "treatment-a (control)" in shown.output and "treatment-b" in shown.output and "…" not in shown.output
+    assert api.post("/admin/tenants/acme/experiments/wide/stop", json={}).status_code == 200
+    ended = CliRunner().invoke(cli, ["experiments", "show", "wide", "--tenant", "acme"], env=env)
+    assert "results when it ended (stopped); the verdict then: keep running" in ended.output, ended.output
 
 
 def test_a_redis_the_cli_cannot_reach_is_named_without_its_password(redis_server: RedisServer, tmp_path: Path) -> None:
