@@ -247,9 +247,9 @@ class Forwarder:
 
         def finish(status: int) -> None:
             self._track(replica, -1)
-            if status == 502:  # the engine failed in the middle of its answer (cut, silent, or its error event)
+            if status in (502, 504):  # the engine failed (cut, its error event) or was silent: the replica's error
                 self._metrics.upstream_errors.labels(replica.url).inc()
-                call.context.finish(status, UpstreamError.code)
+                call.context.finish(status, UpstreamError.code if status == 502 else UpstreamTimeout.code)
             else:
                 call.context.finish(status, _error_type(status) if status >= 400 else None)
             call.on_finish(call.context)
@@ -292,8 +292,6 @@ class Forwarder:
                 raise
             if refused is not None:
                 upstream.close()
-                if refused.status == 504:  # as a post that times out (`_post`); a 502 is counted by `finish`
-                    self._metrics.upstream_errors.labels(replica.url).inc()
                 finish(refused.status)
                 raise refused
             rename = call.route.model_rename

@@ -106,7 +106,8 @@ async def refused_at_start(upstream: EngineResponse, timeout_s: float) -> APIErr
     """vLLM answers a stream it cannot start (a `json_schema` that does not compile, a `stop_token_ids` past the
     vocabulary) with 200 and an error event before any token. Its first event is read (then put back) so that such
     a refusal is answered as without streaming, and as OpenAI does: 400 (502 for an engine failure), not an event of
-    a stream; an engine silent until the read timeout, 504. Any other failure to read is left to the relay."""
+    a stream; an engine silent until the read timeout, 504; one gone before its first event, 502. A failure after
+    part of the first event came is left to the relay (its error event ends what was sent)."""
     seen = b""
     try:
         while b"\n\n" not in seen and len(seen) < FIRST_EVENT_BYTES and (data := await upstream.content.read(1 << 16)):
@@ -115,7 +116,8 @@ async def refused_at_start(upstream: EngineResponse, timeout_s: float) -> APIErr
         if not seen:
             return UpstreamTimeout(f"The engine sent nothing for {timeout_s:g} s; the request was abandoned.")
     except aiohttp.ClientError:
-        pass
+        if not seen:
+            return UpstreamError("The engine stopped before the response started.")
     upstream.unread(seen)
     if not seen.startswith(ERROR_EVENT):
         return None

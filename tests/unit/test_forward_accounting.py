@@ -13,7 +13,7 @@ import pytest
 
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica
-from gateway.errors import InvalidRequest, UpstreamError
+from gateway.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.metrics import Metrics
 from gateway.routes.openai import _tokens_used
 from gateway.routing import Route
@@ -218,13 +218,16 @@ class StreamAnswer:
     """vLLM's 200 to a stream request: its events, read a piece at a time (`content.read(n)`), as the engine
     client reads them."""
 
-    def __init__(self, events: list[bytes]) -> None:
+    def __init__(self, events: list[bytes | BaseException]) -> None:
         self.status, self.content_type = 200, "text/event-stream"
         self.pieces, self.content = list(events), self
         self.closed = False
 
     async def read(self, n: int = -1) -> bytes:
-        return self.pieces.pop(0) if self.pieces else b""
+        piece = self.pieces.pop(0) if self.pieces else b""
+        if isinstance(piece, BaseException):
+            raise piece
+        return piece
 
     def unread(self, data: bytes) -> None:
         if data:
@@ -261,12 +264,30 @@ async def test_a_stream_refused_before_its_first_event_is_a_400_as_without_strea
     assert replica.inflight == 0 and answer.closed
 
 
-async def test_an_engine_failing_before_a_streams_first_event_is_a_502() -> None:
-    failed = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n'
-    forwarder, call, replica = forwarding(StreamAnswer([failed, DONE]), stream=True)  # type: ignore[arg-type]
-    with pytest.raises(UpstreamError):
+@pytest.mark.parametrize(
+    ("first", "refusal", "code"),
+    [
+        (
+            b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n',
+            UpstreamError,
+            "upstream_error",
+        ),
+        (aiohttp.ClientPayloadError("cut"), UpstreamError, "upstream_error"),
+        (aiohttp.SocketTimeoutError("silent"), UpstreamTimeout, "upstream_timeout"),
+    ],
+    ids=["error event", "connection lost", "silent"],
+)
+async def test_an_engine_failing_before_a_streams_first_event_is_answered_as_unstreamed(
+    first: bytes | BaseException, refusal: type[Exception], code: str
+) -> None:
+    """Failed, gone or silent before its first event: a JSON 502 or 504 (was a 200 stream ending in an error event),
+    counted for its replica and recorded with the code the client got (a 504 was logged as `server_error`)."""
+    forwarder, call, replica = forwarding(StreamAnswer([first, DONE]), stream=True)  # type: ignore[arg-type]
+    with pytest.raises(refusal) as refused:
         await asyncio.wait_for(forwarder.forward(call), 5)
-    assert call.context.status == 502 and replica.inflight == 0
+    assert call.context.status == refused.value.status == (504 if code == "upstream_timeout" else 502)  # type: ignore[attr-defined]
+    assert call.context.error_type == code and replica.inflight == 0
+    assert forwarder._metrics.upstream_errors.labels(replica.url)._value.get() == 1  # noqa: SLF001
 
 
 async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
