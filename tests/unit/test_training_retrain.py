@@ -168,10 +168,10 @@ async def test_a_publish_step_waits_out_a_lock_held_past_wait_s(
     """The adapter's lock held past WAIT_S (by a process that died holding it, until it frees itself): the step
     says so and tries again, rather than throwing its run's training away; its candidate is published."""
     monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
-    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=1)
-    assert held.acquire(blocking=False)  # expires after 1 s, as HOLD_S does
     said: list[str] = []
-    run = await world.run(canary_weight=50)
+    run = await world.run(canary_weight=50)  # first: under load it took longer than the lock below lives
+    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=3)
+    assert held.acquire(blocking=False)  # expires by itself, as HOLD_S does: 3 s, past WAIT_S however slow the step
     assert await publish_candidate(run, world.stack, said.append, "test") == "helper@2"
     assert any("Another change to `helper` is in progress" in line for line in said), said
     assert run.state.canary == f"retrain-{run.state.run_id}" and run.state.pinned == "helper@1"
