@@ -255,6 +255,12 @@ _INTERNALS = re.compile(
 )
 
 
+def engine_refusal(message: str, param: object) -> InvalidRequest:
+    """A request the engine refused (4xx), as the client gets it: its message with internals redacted, and its
+    `param` where the engine named one (a string or null in OpenAI's envelope, whatever the engine sent)."""
+    return InvalidRequest(redact_internals(message), param=param if isinstance(param, str) else None)
+
+
 MAX_ENGINE_MESSAGE_CHARS = 2000
 """An engine's message passed on is cut to this first (it may echo a client's text: the redaction of a long one
 took seconds on the event loop)."""

@@ -169,9 +169,7 @@ class QuotaGate:
             # Refused while this process was giving a lease's room back: that room may be free now.
             if attempt or not self._leases.gave_back_since(scopes, sent_at - GIVE_BACK_RACE_S):
                 break
-        kind = "requests" if found[1] == 1 else "tokens"
-        self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
-        raise self._refusal(found, _headers(found), cost)
+        raise self._refused(tenant, found, cost)
 
     async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str) -> Admission:
         """A request that generates nothing (a rating): one request of the requests-per-minute limits, no tokens.
@@ -195,8 +193,7 @@ class QuotaGate:
             return Admission(_headers(found))
         if (taken := await self._leases.after_refusal(scopes, 0)) is not None:  # room the answers' lease holds
             return Admission(_headers(taken.found, tokens=False))
-        self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), "requests").inc()
-        raise self._refusal(found, _headers(found), 0)
+        raise self._refused(tenant, found, 0)
 
     async def _check(
         self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int, lease: bool = True
@@ -236,6 +233,12 @@ class QuotaGate:
         if tenant.on_redis_down == "closed":
             raise StateUnavailable("Quotas cannot be checked right now; try again shortly.") from exc
         return Admission.unlimited()
+
+    def _refused(self, tenant: Tenant, found: list[int], cost: int) -> RateLimited:
+        """The 429 of a check Redis refused, counted by the kind of limit that refused it."""
+        kind = "requests" if found[1] == 1 else "tokens"
+        self._metrics.quota_refusals.labels(self._metrics.tenant(tenant.name), kind).inc()
+        return self._refusal(found, _headers(found), cost)
 
     @staticmethod
     def _refusal(found: list[int], headers: dict[str, str], cost: int) -> RateLimited:

@@ -92,8 +92,8 @@ class Router:
                 route = await self.target(target, tenant)
             except ModelNotFound:
                 if arm is not None:  # the arm's target went (its owner stopped sharing it): that arm's error
-                    assigned = Route(requested=model, upstream_model="", served_model="", alias=model)
-                    raise ArmUnavailable(model, assigned._replace(experiment=experiment, arm=arm)) from None
+                    assigned = Route(model, "", "", alias=model, experiment=experiment, arm=arm)
+                    raise ArmUnavailable(model, assigned) from None
                 raise ModelNotFound(model) from None
             return route._replace(requested=model, alias=model, experiment=experiment, arm=arm)
         return await self._adapter(model, tenant, pointers, candidates)

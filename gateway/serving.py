@@ -24,13 +24,7 @@ from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.http1 import ConnectFailed, EngineResponse
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.engine.sessions import EngineSessions, stale
-from gateway.errors import (
-    AdapterUnavailable,
-    InvalidRequest,
-    UpstreamError,
-    UpstreamTimeout,
-    redact_internals,
-)
+from gateway.errors import AdapterUnavailable, UpstreamError, UpstreamTimeout, engine_refusal
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
@@ -53,10 +47,7 @@ def client_error_body(status: int, raw: bytes) -> bytes:
         error = None
     if not isinstance(error, dict) or not error.get("message"):
         error = {"message": f"The engine refused the request (HTTP {status})."}
-    param = error.get("param")  # a string or null in OpenAI's envelope, whatever the engine sent
-    body = InvalidRequest(
-        redact_internals(str(error["message"])), param=param if isinstance(param, str) else None
-    ).body()
+    body = engine_refusal(str(error["message"]), error.get("param")).body()
     body["error"]["type"] = _error_type(status)
     body["error"]["code"] = error.get("code") if isinstance(error.get("code"), str) else None
     return json.dumps(body).encode()

@@ -31,7 +31,7 @@ from gateway.errors import (
     InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
-    redact_internals,
+    engine_refusal,
     sse_error_event,
     sse_error_frame,
 )
@@ -93,8 +93,7 @@ def client_error(event: bytes) -> APIError:
     except (ValueError, KeyError, TypeError, AttributeError):
         status, message = 500, ""
     if 400 <= status < 500 and message:
-        param = error.get("param")  # kept, as for a refusal that is not streamed (serving.client_error_body)
-        return InvalidRequest(redact_internals(message), param=param if isinstance(param, str) else None)
+        return engine_refusal(message, error.get("param"))  # as a refusal that is not streamed
     return UpstreamError("The engine failed in the middle of the response.")
 
 
