@@ -1,6 +1,11 @@
 """Records past their tenant's age limit have lost their completion index and their end user's set (both expire
 at that age) before the trim, once a minute, reaches them: erasure finds them all the same, and the trim drops
-them exactly, not only once a whole stream node is old."""
+them exactly, not only once a whole stream node is old.
+
+The limit is two seconds: a record is dropped as it is written once it is past its limit, and the trim drops those
+past it, so each step has that long to run on a busy machine (with one second, a second's stall between `record`
+and the write lost bo's last record). The record within the limit is made under a longer one (the limit raised
+since): it cannot age out before the checks, however slow the machine."""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from gateway.spool import Spool
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context
 
-TENANT = Tenant(name="t", logging=LogPolicy(max_age_days=1 / 86400))  # records kept for a second
+TENANT = Tenant(name="t", logging=LogPolicy(max_age_days=2 / 86400))  # records kept for two seconds
+RAISED = Tenant(name="t", logging=LogPolicy(max_age_days=3600 / 86400))  # the same tenant, its limit raised since
 
 
 @pytest.fixture
@@ -33,9 +39,9 @@ async def aged(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Recorder]
     for n, user in enumerate(["ann", "bo", "ann", "ann"]):
         recorder.record(context(TENANT, n, user=user))
     await recorder._cycle()
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(2.3)
     assert await redis.exists(keys.completion("chatcmpl-0"), keys.end_user("t", "ann")) == 0, "expired"
-    recorder.record(context(TENANT, 9, user="bo"))
+    recorder.record(context(RAISED, 9, user="bo"))
     await recorder._cycle()
     yield recorder
     await recorder.close()
