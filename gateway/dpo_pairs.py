@@ -2,11 +2,12 @@
 
 A correction is chosen over its completion's own answer at once. Rated answers wait until the whole log is
 read: then, per prompt, the best-rated answer (the oldest of the best) is chosen over each negative one (judged
-below 0.5). What waits is kept in a private temporary SQLite database (SQLite writes it to a temporary file
-past a page cache of CACHE_KIB, and deletes it when the pairs are closed): each prompt once, each rated
-answer's text and judgement, and a digest of each pair made, so that no pair is written twice. The export's
-memory is then that of a page of the log, whatever the log holds: 100,000 rated answers of 2 kB are 200 MB
-on disk, not in memory.
+below 0.5). Answers are as rows hold them (`answer`: an assistant message, with its tool calls, for a chat prompt;
+the text for a text prompt). What waits is kept in a private temporary SQLite database (SQLite writes it to a
+temporary file past a page cache of CACHE_KIB, and deletes it when the pairs are closed): each prompt once (with
+its tools), each rated answer and its judgement, and a digest of each pair made, so that no pair is written twice.
+The export's memory is then that of a page of the log, whatever the log holds: 100,000 rated answers of 2 kB are
+200 MB on disk, not in memory.
 
 Texts are stored as their UTF-8 (a lone surrogate, which a record may hold, passed through as its bytes): on disk they
 take what they take in the log.
@@ -21,9 +22,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 Prompt = Messages | str
 """A chat prompt (conversational) or a text prompt (standard)."""
+Calls = list[dict[str, Any]]
+"""An assistant's tool calls, as OpenAI writes them."""
+Answer = Messages | str
+"""An answer as a row holds it (`answer`)."""
 CACHE_KIB = 4096
 """SQLite's page cache for the pairs' database; what exceeds it is on disk."""
 POSITIVE = 0.5
@@ -47,9 +52,14 @@ ORDER BY p.id, a.id
 """
 
 
-def answer(prompt: Prompt, text: str) -> Messages | str:
-    """An answer as a row holds it: an assistant message for a chat prompt, the text for a text prompt."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+def answer(prompt: Prompt, text: str, calls: Calls | None = None) -> Answer:
+    """An answer as a row holds it: an assistant message (with the tools it called) for a chat prompt, the text for
+    a text prompt."""
+    if not isinstance(prompt, list):
+        return text
+    return [
+        {"role": "assistant", "content": text, "tool_calls": calls} if calls else {"role": "assistant", "content": text}
+    ]
 
 
 class PreferencePairs:
@@ -72,18 +82,20 @@ class PreferencePairs:
     def close(self) -> None:
         self._db.close()
 
-    def correction(self, prompt: Prompt, key: str, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+    def correction(
+        self, prompt: Prompt, key: str, chosen: Answer, rejected: Answer, tools: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The pair of a correction (`chosen`) over its completion's answer, unless made already."""
-        return self._pair(_digest(key), prompt, chosen, rejected)
+        return self._pair(_digest(key), _head(prompt, tools), _json(chosen), _json(rejected))
 
-    def rated(self, prompt: Prompt, key: str, text: str, judgement: float) -> None:
-        """Keep a rated answer of the prompt whose canonical JSON is `key`, for `rest`."""
+    def rated(self, prompt: Prompt, key: str, given: Answer, judgement: float, tools: str | None = None) -> None:
+        """Keep a rated answer of the prompt whose canonical JSON (with its tools) is `key`, for `rest`."""
         digest = _digest(key)
-        stored = _utf8(json.dumps(prompt, ensure_ascii=False))
+        stored = _utf8(json.dumps(_head(prompt, tools), ensure_ascii=False))
         self._db.execute("INSERT OR IGNORE INTO prompts (digest, prompt) VALUES (?, ?)", (digest, stored))
         self._db.execute(
             "INSERT INTO answers (prompt, text, value) SELECT id, ?, ? FROM prompts WHERE digest = ?",
-            (_utf8(text), judgement, digest),
+            (_utf8(_json(given)), judgement, digest),
         )
 
     def rest(self, stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
@@ -96,12 +108,23 @@ class PreferencePairs:
             if chosen is not None:
                 yield from self._pair(digest, json.loads(_text(prompt)), _text(chosen), _text(rejected))
 
-    def _pair(self, prompt_digest: bytes, prompt: Prompt, chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+    def _pair(self, prompt_digest: bytes, head: dict[str, Any], chosen: str, rejected: str) -> Iterator[dict[str, Any]]:
+        """The pair of two answers (as JSON) after the row's `head` (its prompt, and tools), unless made already."""
         if chosen == rejected:
             return
-        made = hashlib.sha256(prompt_digest + json.dumps([chosen, rejected]).encode()).digest()
+        made = hashlib.sha256(prompt_digest + _utf8(json.dumps([chosen, rejected]))).digest()
         if self._db.execute("INSERT OR IGNORE INTO made (digest) VALUES (?)", (made,)).rowcount:
-            yield {"prompt": prompt, "chosen": answer(prompt, chosen), "rejected": answer(prompt, rejected)}
+            yield {**head, "chosen": json.loads(chosen), "rejected": json.loads(rejected)}
+
+
+def _head(prompt: Prompt, tools: str | None) -> dict[str, Any]:
+    """What a prompt's rows open with: the prompt, and its tools when it had any."""
+    return {"prompt": prompt} if tools is None else {"prompt": prompt, "tools": tools}
+
+
+def _json(given: Answer) -> str:
+    """An answer's JSON: equal answers, equal text."""
+    return json.dumps(given, sort_keys=True, ensure_ascii=False)
 
 
 def _digest(key: str) -> bytes:

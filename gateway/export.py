@@ -20,10 +20,11 @@ Formats (TRL's "conversational" type for chat records, "standard" text for text 
 - kto (unpaired preference): `{"prompt", "completion", "label"}`; one row per judged completion,
   plus one labelled true for a correction.
 
-Chat prompts keep the request's messages with only `role` and string `content` (text parts joined,
-`developer` read as `system`); messages with no content (assistant tool calls) are dropped. Records
-stored without content (the tenant's policy), with a token prompt, with no messages or a last one
-TRL cannot render (system), or with neither an answer nor a correction are skipped and counted.
+Prompts are as gateway.conversation keeps them (chat messages with their tool calls and results, or a text). A
+completion that called tools answers with its calls (and its text, "" for none), and the rows of a request that
+declared tools carry them as `tools` (JSON). Records stored without content (the tenant's policy), with a token
+prompt, with no messages or a last one TRL cannot render (system), or with neither an answer nor a correction are
+skipped and counted.
 
 A completion's own text is an answer only when it is whole: its request ended `ok` (not an error, not a stream
 the client cancelled), the log did not cut it (`truncated`) and the model was not stopped by its token limit
@@ -50,13 +51,16 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.dpo_pairs import POSITIVE, Messages, PreferencePairs, Prompt, answer
+from gateway.conversation import prompt_of, tool_calls, tools_of
+from gateway.dpo_pairs import POSITIVE, Calls, Messages, PreferencePairs, Prompt, answer
 from gateway.records import CompletionRecord, Feedback, LogPolicy
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["sft", "dpo", "kto"]
 FORMATS: tuple[ExportFormat, ...] = ("sft", "dpo", "kto")
+CANONICAL: dict[str, Any] = {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False}
+"""How a prompt's key is written (`Sample.key`)."""
 MAX_SINCE = 1e13
 """Largest `since` (Unix seconds) an export takes: far past any record, and still a stream id in milliseconds."""
 
@@ -85,13 +89,25 @@ class Sample:
 
     prompt: Prompt
     key: str
-    """The prompt's canonical JSON: completions of the same prompt share it."""
+    """The prompt's canonical JSON (with its tools): completions of the same prompt share it."""
     text: str | None
+    """The completion's own answer ("" for one that only called tools); None for none."""
     judgement: float | None
     correction: str | None
+    calls: Calls | None = None
+    """The tools the completion called (its answer with `text`)."""
+    tools: str | None = None
+    """The request's tool definitions, as JSON."""
 
-    def answer(self, text: str) -> Messages | str:
-        return answer(self.prompt, text)
+    def own_answer(self) -> Messages | str:
+        return answer(self.prompt, self.text or "", self.calls)
+
+    def corrected(self) -> Messages | str:
+        return answer(self.prompt, self.correction or "")
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        """A row of this sample: `fields`, and its tools when the request had any."""
+        return fields | {"tools": self.tools} if self.tools is not None else fields
 
 
 def feedback_value(feedback: Feedback, policy: LogPolicy) -> float | None:
@@ -111,43 +127,20 @@ def judgement(feedback: Iterable[Feedback], policy: LogPolicy) -> float | None:
     return fmean(values) if values else None
 
 
-def _content(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        return "\n".join(p for p in parts if isinstance(p, str))
-    return ""
-
-
-def _prompt(record: CompletionRecord) -> Prompt | None:
-    """The record's prompt: role/content messages for chat, the string for text; None if unusable."""
-    if record.request is None:
-        return None
-    if record.endpoint == "completions":
-        prompt = record.request.get("prompt")
-        return prompt if isinstance(prompt, str) and prompt else None
-    messages: Messages = []
-    for message in record.request.get("messages") or []:
-        content = _content(message.get("content")) if isinstance(message, dict) else ""
-        if content:
-            role = str(message.get("role") or "user")
-            messages.append({"role": "system" if role == "developer" else role, "content": content})
-    # TRL renders a prompt ending in a user or tool message (generation prompt) or an assistant one (continued).
-    return messages if messages and messages[-1]["role"] in ("user", "tool", "assistant") else None
-
-
 def sample(example: Example, policy: LogPolicy) -> Sample | None:
     """What the example says (prompt, answer, judgement, latest correction); None when it gives no row
     whatever the format (see `ExportSummary.skipped`)."""
-    prompt = _prompt(example.record)
+    record = example.record
+    prompt = prompt_of(record)
     corrections = sorted((fb for fb in example.feedback if fb.correction), key=lambda fb: fb.created)
     correction = corrections[-1].correction if corrections else None
-    text = example.record.text or None
+    calls = tool_calls(record.choices[0].tool_calls) if record.choices and isinstance(prompt, list) else None
+    text = record.text or ("" if calls else None)
     if prompt is None or (text is None and correction is None):
         return None
-    key = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return Sample(prompt, key, text, judgement(example.feedback, policy), correction)
+    tools = tools_of(record)
+    key = json.dumps(prompt if tools is None else {"prompt": prompt, "tools": tools}, **CANONICAL)
+    return Sample(prompt, key, text, judgement(example.feedback, policy), correction, calls, tools)
 
 
 def whole_answer(record: CompletionRecord) -> bool:
@@ -167,32 +160,35 @@ def exportable(example: Example, policy: LogPolicy) -> Sample | None:
 
 
 def _sft(s: Sample) -> Iterator[dict[str, Any]]:
-    answer = s.correction or (s.text if s.judgement is not None and s.judgement >= POSITIVE else None)
-    if answer is None:
-        return
-    if isinstance(s.prompt, list):
-        yield {"messages": [*s.prompt, {"role": "assistant", "content": answer}]}
+    if s.correction is not None:
+        answer = s.corrected()
+    elif s.text is not None and s.judgement is not None and s.judgement >= POSITIVE:
+        answer = s.own_answer()
     else:
-        yield {"prompt": s.prompt, "completion": answer}
+        return
+    if isinstance(s.prompt, list) and isinstance(answer, list):
+        yield s.row(messages=[*s.prompt, *answer])
+    else:
+        yield s.row(prompt=s.prompt, completion=answer)
 
 
 def _kto(s: Sample) -> Iterator[dict[str, Any]]:
     if s.text is not None and s.judgement is not None:
         positive = s.judgement >= POSITIVE
-        yield {"prompt": s.prompt, "completion": s.answer(s.text), "label": positive}
-        if positive and s.correction == s.text:
+        yield s.row(prompt=s.prompt, completion=s.own_answer(), label=positive)
+        if positive and s.correction == s.text and not s.calls:
             return
     if s.correction is not None:
-        yield {"prompt": s.prompt, "completion": s.answer(s.correction), "label": True}
+        yield s.row(prompt=s.prompt, completion=s.corrected(), label=True)
 
 
 def _pairs(pairs: PreferencePairs, samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
     """The correction pairs of `samples`; their rated answers are kept for `pairs.rest()`."""
     for s in samples:
         if s.correction is not None and s.text is not None:
-            yield from pairs.correction(s.prompt, s.key, s.correction, s.text)
+            yield from pairs.correction(s.prompt, s.key, s.corrected(), s.own_answer(), s.tools)
         if s.text is not None and s.judgement is not None:
-            pairs.rated(s.prompt, s.key, s.text, s.judgement)
+            pairs.rated(s.prompt, s.key, s.own_answer(), s.judgement, s.tools)
 
 
 def _dpo(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:

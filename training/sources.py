@@ -53,13 +53,16 @@ def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | No
 
 def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
     """Samples of joined log records (`policy` gives the score range); synchronous."""
-    names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer")
+    names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer", "tool_call_answer")
     samples, dropped = [], Counter(dict.fromkeys(names, 0))
     for example in examples:
         found = sample(example, policy)
         if found is None:
             dropped["unusable"] += 1
             continue
+        if found.calls:  # the eval scores an answer's text; a correction of it (text) is kept
+            dropped["tool_call_answer"] += 1
+            found = replace(found, text=None, judgement=None, calls=None)
         record = example.record
         unfinished = record.outcome != "ok"  # an error, or a stream its client cancelled: a part of an answer
         left_out = "unfinished_answer" if unfinished else None if whole_answer(record) else "truncated_answer"

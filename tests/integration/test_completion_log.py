@@ -320,6 +320,67 @@ def test_rated_completions_export_in_trl_formats(
         assert api.get("/feedback/export", params={"format": "csv"}).status_code == 400
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> None:
+    """vLLM calls the tool (streamed: the log assembles the call from its deltas); the answer after the tool's result
+    is corrected. The export keeps the call as the first answer, and the call and its result in the second's prompt,
+    each row with the request's tools."""
+    team = Team("log-tools", create_key(gateway.env, "log-tools"), gateway)
+    client, ask = team.client(), [{"role": "user", "content": "What is the weather in Paris?"}]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ask,  # type: ignore[arg-type]
+            tools=[WEATHER_TOOL],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=100,
+            temperature=0,
+            stream=True,
+        )
+    )
+    deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    call = {"id": deltas[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    assert json.loads(arguments) and call["id"], "one call of the tool, streamed"
+    after = [
+        *ask,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 C"},
+    ]
+    answered = client.chat.completions.create(
+        model=MODEL,
+        messages=after,
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type, list-item]
+    )
+    with team.http() as http:
+        assert http.post("/v1/feedback", json={"completion_id": chunks[0].id, "thumbs": "up"}).status_code == 200
+        corrected = {"completion_id": answered.id, "thumbs": "down", "correction": "It is 18 C in Paris."}
+        assert http.post("/v1/feedback", json=corrected).status_code == 200
+    with admin(gateway, "log-tools") as api:
+        sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
+    calling = {"role": "assistant", "content": "", "tool_calls": [call]}
+    result = {"role": "tool", "content": "18 C", "tool_call_id": call["id"]}
+    assert sft == [
+        {"messages": [*ask, calling], "tools": json.dumps([WEATHER_TOOL])},
+        {
+            "messages": [*ask, calling, result, {"role": "assistant", "content": "It is 18 C in Paris."}],
+            "tools": json.dumps([WEATHER_TOOL]),
+        },
+    ]
+
+
 def test_a_deleted_tenants_log_does_not_pass_to_a_new_tenant_of_its_name(gateway: Gateway, store: redis.Redis) -> None:
     """Requests stream in while the tenant is deleted; what was still queued is not written after the
     deletion, and the tenant created again under that name finds none of it, nor its experiments' audit."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from gateway import dpo_pairs
-from gateway.dpo_pairs import PreferencePairs
+from gateway.dpo_pairs import PreferencePairs, answer
 
 ASK = [{"role": "user", "content": "Capital of France?"}]
 
@@ -18,7 +18,7 @@ def assistant(text: str) -> list[dict[str, str]]:
 def test_the_best_answer_is_the_highest_rated_and_the_oldest_of_a_tie() -> None:
     with PreferencePairs() as pairs:
         for text, value in [("Lyon.", 0.0), ("Paris.", 1.0), ("Paris!", 1.0), ("Nice.", 0.25), ("Pariss.", 0.75)]:
-            pairs.rated(ASK, "ask", text, value)
+            pairs.rated(ASK, "ask", answer(ASK, text), value)
         pairs.rated("The sky is", "sky", " green.", 0.0)  # no positive answer: no pair
         rows = list(pairs.rest())
     assert rows == [
@@ -29,13 +29,13 @@ def test_the_best_answer_is_the_highest_rated_and_the_oldest_of_a_tie() -> None:
 
 def test_a_pair_is_made_once_whether_a_correction_or_ratings_made_it_first() -> None:
     with PreferencePairs() as pairs:
-        first = list(pairs.correction(ASK, "ask", "Paris.", "Lyon."))
-        again = list(pairs.correction(ASK, "ask", "Paris.", "Lyon."))
-        pairs.rated(ASK, "ask", "Paris.", 1.0)
-        pairs.rated(ASK, "ask", "Lyon.", 0.0)
-        pairs.rated(ASK, "ask", "Marseille.", 0.0)
+        first = list(pairs.correction(ASK, "ask", answer(ASK, "Paris."), answer(ASK, "Lyon.")))
+        again = list(pairs.correction(ASK, "ask", answer(ASK, "Paris."), answer(ASK, "Lyon.")))
+        pairs.rated(ASK, "ask", answer(ASK, "Paris."), 1.0)
+        pairs.rated(ASK, "ask", answer(ASK, "Lyon."), 0.0)
+        pairs.rated(ASK, "ask", answer(ASK, "Marseille."), 0.0)
         rest = list(pairs.rest())
-        same = list(pairs.correction(ASK, "ask", "Paris.", "Paris."))
+        same = list(pairs.correction(ASK, "ask", answer(ASK, "Paris."), answer(ASK, "Paris.")))
     assert first == [{"prompt": ASK, "chosen": assistant("Paris."), "rejected": assistant("Lyon.")}] and not again
     assert rest == [{"prompt": ASK, "chosen": assistant("Paris."), "rejected": assistant("Marseille.")}]
     assert same == [], "an answer is never preferred over itself"
@@ -44,8 +44,8 @@ def test_a_pair_is_made_once_whether_a_correction_or_ratings_made_it_first() -> 
 def test_texts_of_any_script_round_trip_and_text_prompts_get_text_answers() -> None:
     prompt = [{"role": "user", "content": "首都は\ud800?"}]
     with PreferencePairs() as pairs:
-        pairs.rated(prompt, "jp", "東京\udc00", 1.0)
-        pairs.rated(prompt, "jp", "大阪", 0.0)
+        pairs.rated(prompt, "jp", answer(prompt, "東京\udc00"), 1.0)
+        pairs.rated(prompt, "jp", answer(prompt, "大阪"), 0.0)
         pairs.rated("The sky is", "sky", " blue.", 1.0)
         pairs.rated("The sky is", "sky", " green.", 0.0)
         rows = list(pairs.rest())
@@ -71,7 +71,7 @@ def test_a_prompt_is_kept_once_however_many_answers_it_has() -> None:
     prompt = [system, *ASK]
     with PreferencePairs() as pairs:
         for n in range(50):
-            pairs.rated(prompt, "long", f"Answer {n}.", float(n == 0))
+            pairs.rated(prompt, "long", answer(prompt, f"Answer {n}."), float(n == 0))
         (prompts,) = pairs._db.execute("SELECT count(*) FROM prompts").fetchone()
         (answers,) = pairs._db.execute("SELECT count(*) FROM answers").fetchone()
         rows = list(pairs.rest())
@@ -89,3 +89,21 @@ def test_pairing_stops_at_the_next_answer_read_once_told_to() -> None:
         stop.set()
         assert list(made) == [], "stopped before the last prompt's pair, however many answers come before it"
         assert list(pairs.rest()) == [{"prompt": "Last", "chosen": "Yes.", "rejected": "No."}]
+
+
+def test_an_answer_that_called_tools_is_not_its_text_and_a_prompts_tools_open_its_rows() -> None:
+    """An answer is compared whole: a call of a tool with the same (empty) text as another answer is another answer."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
+    tools = '[{"type": "function", "function": {"name": "weather"}}]'
+    with PreferencePairs() as pairs:
+        pairs.rated(ASK, "tools", answer(ASK, "", call), 1.0, tools)
+        pairs.rated(ASK, "tools", answer(ASK, ""), 0.0, tools)
+        rows = list(pairs.rest())
+    assert rows == [
+        {
+            "prompt": ASK,
+            "tools": tools,
+            "chosen": [{"role": "assistant", "content": "", "tool_calls": call}],
+            "rejected": assistant(""),
+        }
+    ]

@@ -47,6 +47,8 @@ FIVE_STARS = LogPolicy(score_min=1.0, score_max=5.0)
 SYSTEM = {"role": "system", "content": "Be brief."}
 QUESTION = "What is the capital of France?"
 IDS = itertools.count()
+WEATHER = {"name": "weather", "arguments": '{"city": "Paris"}'}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 
 
 @pytest.fixture
@@ -193,8 +195,9 @@ def test_sft_rows() -> None:
     parts: list[dict[str, Any]] = [
         {"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": WEATHER}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c2", "type": "function"}]},  # no function: none
     ]
     liked, disliked, corrected = chat(text="Yes."), chat(text="No."), chat(text="Lyon.")
     examples = [
@@ -218,7 +221,12 @@ def test_sft_rows() -> None:
             "messages": [
                 {"role": "system", "content": "Be\nbrief."},
                 {"role": "user", "content": "Weather?"},
-                {"role": "tool", "content": "sunny"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": WEATHER}],
+                },
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
                 *assistant("It is sunny."),
             ]
         },
@@ -420,17 +428,23 @@ async def test_records_without_content_are_skipped_and_counted(redis: aioredis.R
 
 # TRL's checks run where TRL is installed: this interpreter with the `train` extra, else the QLoRA venv.
 TRL_CHECK = """
-import json, sys
+import json, os, sys
 from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 model, cache, result, *files = sys.argv[1:]
 tokenizer = AutoTokenizer.from_pretrained(model)
+template = {"chat_template": os.environ["TEMPLATE"]} if os.environ.get("TEMPLATE") else {}
 checked = {}
 for name in files:
     dataset = load_dataset("json", data_files=name, split="train", cache_dir=cache)
     checked[name] = [
-        {"row": row, "conversational": is_conversational(row), "applied": maybe_apply_chat_template(row, tokenizer)}
+        {
+            "row": row,
+            "conversational": is_conversational(row),
+            # as TRL's trainers read a row's tools: a JSON string, passed to the template
+            "applied": maybe_apply_chat_template(row, tokenizer, json.loads(row.get("tools") or "null"), **template),
+        }
         for row in dataset
     ]
 json.dump(checked, open(result, "w"))
@@ -446,8 +460,11 @@ def trl_python() -> str:
     return str(bnb)
 
 
-def trl_checks(model: Path, tmp: Path, files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+def trl_checks(model: Path, tmp: Path, files: list[Path], template: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Each file loaded with `datasets`, and each row through TRL's checks (with `template` for the model's when
+    given)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env["TEMPLATE"] = template
     env["HF_HOME"] = str(tmp / "hf")
     result = tmp / "checked.json"
     args = [trl_python(), "-c", TRL_CHECK, str(model), str(tmp / "datasets"), str(result), *map(str, files)]
@@ -587,3 +604,72 @@ def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, t
     done = CliRunner().invoke(cli, [*command, "--since", "2024-01-01"], env=env)
     assert done.exit_code == 0, done.output
     state.close()
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments }}</tool_call>"
+    "{% endfor %}"
+    "{% if m.tool_call_id %}<for {{ m.tool_call_id }}>{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A chat template that renders tools, tool calls and their results (SmolLM2's renders only role and content)."""
+
+
+async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
+    redis: aioredis.Redis, tenant: str, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """A completion that called a tool answers with its call; the conversation after it keeps the call and its result,
+    and each row carries its request's tools, which TRL passes to the chat template."""
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    call = [{"id": "call-1", "type": "function", "function": WEATHER}]
+    after = [
+        *ask,
+        {"role": "assistant", "tool_calls": call},
+        {"role": "tool", "tool_call_id": "call-1", "content": "18 C"},
+    ]
+
+    def with_tools(messages: list[dict[str, Any]], text: str | None, calls: Any = None) -> CompletionRecord:
+        record = chat(tenant, text, messages=messages)
+        request = {"messages": messages, "tools": TOOLS}
+        answer = [Choice(index=0, tool_calls=calls, finish_reason="tool_calls")] if calls else record.choices
+        return record.model_copy(update={"request": request, "choices": answer})
+
+    called, unsure, answered = (
+        with_tools(ask, None, call),
+        with_tools(ask, "I cannot tell."),
+        with_tools(after, "Cold."),
+    )
+    await log(redis, called, fb(called, thumbs="up"))
+    await log(redis, unsure, fb(unsure, thumbs="down"))
+    await log(redis, answered, fb(answered, thumbs="down", correction="18 C in Paris."))
+    files = []
+    for fmt in FORMATS:
+        with (tmp_path / f"{fmt}.jsonl").open("w") as out:
+            await export(redis, tenant, fmt, out, POLICY)
+        files.append(tmp_path / f"{fmt}.jsonl")
+    checked = trl_checks(base_model_dir, tmp_path, files, TOOL_TEMPLATE)
+
+    tools, calling = json.dumps(TOOLS), [{"role": "assistant", "content": "", "tool_calls": call}]
+    prompt_after = [*ask, *calling, {"role": "tool", "content": "18 C", "tool_call_id": "call-1"}]
+    assert [c["row"] for c in checked["sft"]] == [
+        {"messages": [*ask, *calling], "tools": tools},
+        {"messages": [*prompt_after, *assistant("18 C in Paris.")], "tools": tools},
+    ]
+    assert [c["row"] for c in checked["dpo"]] == [
+        {"prompt": prompt_after, "tools": tools, "chosen": assistant("18 C in Paris."), "rejected": assistant("Cold.")},
+        {"prompt": ask, "tools": tools, "chosen": calling, "rejected": assistant("I cannot tell.")},
+    ]
+    assert [(c["row"]["completion"], c["row"]["label"]) for c in checked["kto"]] == [
+        (calling, True),
+        (assistant("I cannot tell."), False),
+        (assistant("Cold."), False),
+        (assistant("18 C in Paris."), True),
+    ]
+    head = f"<|im_start|>system\nTools: {tools}<|im_end|>\n"
+    call_text = '<tool_call>weather {"city": "Paris"}</tool_call>'
+    first, second = (c["applied"]["text"] for c in checked["sft"])
+    assert first.startswith(head) and first.endswith(f"<|im_start|>assistant\n{call_text}<|im_end|>\n")
+    assert f"{call_text}<|im_end|>\n<|im_start|>tool\n18 C<for call-1><|im_end|>\n" in second
+    assert all(c["applied"]["prompt"].startswith(head) for c in checked["dpo"] + checked["kto"])

@@ -73,6 +73,12 @@ def record(text: str | None = "ok", finish_reason: str = "stop", **fields: Any) 
     )
 
 
+def called() -> CompletionRecord:
+    """A completion that called a tool."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    return record(None).model_copy(update={"choices": [Choice(index=0, tool_calls=[call], finish_reason="tool_calls")]})
+
+
 def rated(r: CompletionRecord, **fields: Any) -> Example:
     return Example(r, [Feedback(completion_id=r.id, created=r.created + 1, **fields)])
 
@@ -165,16 +171,23 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         rated(record("long", truncated=True), thumbs="up"),
         rated(record(request=None, text=None), thumbs="up"),  # the tenant keeps no content
         rated(record("half an answ", outcome="cancelled"), thumbs="up"),  # its client went away mid-stream
+        rated(called(), thumbs="up"),  # an answer that calls a tool: the eval scores text
+        rated(called(), thumbs="down", correction="It is sunny."),
     ]
     got = from_examples(examples, LogPolicy())
-    assert got.dropped == {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1}
-    assert [(s.text, s.correction) for s in got.samples] == [("fine answer", None), (None, "the whole answer")]
+    dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 2}
+    assert got.dropped == dropped
+    assert [(s.text, s.correction) for s in got.samples] == [
+        ("fine answer", None),
+        (None, "the whole answer"),
+        (None, "It is sunny."),
+    ]
     padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
     built = build(padded, config())
     kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
-    assert sorted(a for a in kto if not a.startswith("padding")) == ["fine answer", "the whole answer"]
+    assert sorted(a for a in kto if not a.startswith("padding")) == ["It is sunny.", "fine answer", "the whole answer"]
     assert all_rows(built, "dpo") == []
-    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 7
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 9
 
 
 def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
