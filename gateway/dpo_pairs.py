@@ -2,9 +2,9 @@
 
 A correction is chosen over its completion's own answer at once. Rated answers wait until the whole log is
 read: then, per prompt, the best-rated answer (the oldest of the best) is chosen over each negative one (judged
-below 0.5). Answers are as rows hold them (`answer`: an assistant message, with its tool calls, for a chat prompt;
-the text for a text prompt). What waits is kept in a private temporary SQLite database (SQLite writes it to a
-temporary file past a page cache of CACHE_KIB, and deletes it when the pairs are closed): each prompt once (with
+below 0.5). Answers are as rows hold them (`conversation.answer`: an assistant message, with its tool calls, for a
+chat prompt; the text for a text prompt). What waits is kept in a private temporary SQLite database (SQLite writes
+it to a temporary file past a page cache of CACHE_KIB, and deletes it when the pairs are closed): each prompt once (with
 its tools), each rated answer and its judgement, and a digest of each pair made, so that no pair is written twice.
 The export's memory is then that of a page of the log, whatever the log holds: 100,000 rated answers of 2 kB are
 200 MB on disk, not in memory.
@@ -22,13 +22,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-Messages = list[dict[str, Any]]
-Prompt = Messages | str
-"""A chat prompt (conversational) or a text prompt (standard)."""
-Calls = list[dict[str, Any]]
-"""An assistant's tool calls, as OpenAI writes them."""
-Answer = Messages | str
-"""An answer as a row holds it (`answer`)."""
+from gateway.conversation import Answer, Prompt
+
 CACHE_KIB = 4096
 """SQLite's page cache for the pairs' database; what exceeds it is on disk."""
 POSITIVE = 0.5
@@ -50,16 +45,6 @@ FROM answers a JOIN prompts p ON p.id = a.prompt
 WHERE a.value < :positive
 ORDER BY p.id, a.id
 """
-
-
-def answer(prompt: Prompt, text: str, calls: Calls | None = None) -> Answer:
-    """An answer as a row holds it: an assistant message (with the tools it called) for a chat prompt, the text for
-    a text prompt."""
-    if not isinstance(prompt, list):
-        return text
-    return [
-        {"role": "assistant", "content": text, "tool_calls": calls} if calls else {"role": "assistant", "content": text}
-    ]
 
 
 class PreferencePairs:

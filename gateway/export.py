@@ -51,16 +51,14 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.conversation import prompt_of, tool_calls, tools_of
-from gateway.dpo_pairs import POSITIVE, Calls, Messages, PreferencePairs, Prompt, answer
+from gateway.conversation import Answer, Calls, Prompt, answer, prompt_key, prompt_of, tool_calls, tools_of
+from gateway.dpo_pairs import POSITIVE, PreferencePairs
 from gateway.records import CompletionRecord, Feedback, LogPolicy
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["sft", "dpo", "kto"]
 FORMATS: tuple[ExportFormat, ...] = ("sft", "dpo", "kto")
-CANONICAL: dict[str, Any] = {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False}
-"""How a prompt's key is written (`Sample.key`)."""
 MAX_SINCE = 1e13
 """Largest `since` (Unix seconds) an export takes: far past any record, and still a stream id in milliseconds."""
 
@@ -99,10 +97,10 @@ class Sample:
     tools: str | None = None
     """The request's tool definitions, as JSON."""
 
-    def own_answer(self) -> Messages | str:
+    def own_answer(self) -> Answer:
         return answer(self.prompt, self.text or "", self.calls)
 
-    def corrected(self) -> Messages | str:
+    def corrected(self) -> Answer:
         return answer(self.prompt, self.correction or "")
 
     def row(self, **fields: Any) -> dict[str, Any]:
@@ -138,9 +136,8 @@ def sample(example: Example, policy: LogPolicy) -> Sample | None:
     text = record.text or ("" if calls else None)
     if prompt is None or (text is None and correction is None):
         return None
-    tools = tools_of(record)
-    key = json.dumps(prompt if tools is None else {"prompt": prompt, "tools": tools}, **CANONICAL)
-    return Sample(prompt, key, text, judgement(example.feedback, policy), correction, calls, tools)
+    tools, judged = tools_of(record), judgement(example.feedback, policy)
+    return Sample(prompt, prompt_key(prompt, tools), text, judged, correction, calls, tools)
 
 
 def whole_answer(record: CompletionRecord) -> bool:

@@ -32,11 +32,12 @@ from statistics import fmean
 from types import MappingProxyType
 from typing import Any
 
-from gateway.export import Prompt, Sample
+from gateway.conversation import Prompt, answer, prompt_key
+from gateway.export import Sample
 from gateway.redaction import Redactor, redact_value
 from training.config import RetrainConfig
 from training.near_duplicates import near_pairs, same_system, shingles, system_shingles
-from training.sources import Loaded, prompt_key
+from training.sources import Loaded
 
 Row = dict[str, Any]
 KINDS = ("sft", "dpo", "kto")
@@ -168,7 +169,10 @@ def _redacted(samples: list[Sample], counts: Counter[str], phone_region: str) ->
         return cleaned
 
     return [
-        Sample(p := clean(s.prompt), prompt_key(p), clean(s.text), s.judgement, clean(s.correction)) for s in samples
+        Sample(
+            p := clean(s.prompt), prompt_key(p, s.tools), clean(s.text), s.judgement, clean(s.correction), None, s.tools
+        )
+        for s in samples
     ]
 
 
@@ -220,19 +224,16 @@ def _prepared(group: list[Sample]) -> _Group:
         origin = next((s for s in group if s.text == reference), group[0])
         worse = [t for t in means if reference is not None and means[t] < means[reference]]
     prompt = origin.prompt
-
-    def answer(text: str) -> list[dict[str, str]] | str:
-        return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
+    head = {"prompt": prompt} | ({"tools": origin.tools} if origin.tools else {})
     labels = {t: means[t] >= 0.5 for t in means} | {c: True for _, c in corrections}
     chosen = [] if reference is None else [reference]
     return _Group(
         group[0].key,
         prompt,
         reference,
-        sft=[{"prompt": prompt, "completion": answer(c)} for c in chosen],
-        dpo=[{"prompt": prompt, "chosen": answer(c), "rejected": answer(t)} for c in chosen for t in worse],
-        kto=[{"prompt": prompt, "completion": answer(t), "label": label} for t, label in labels.items()],
+        sft=[head | {"completion": answer(prompt, c)} for c in chosen],
+        dpo=[head | {"chosen": answer(prompt, c), "rejected": answer(prompt, t)} for c in chosen for t in worse],
+        kto=[head | {"completion": answer(prompt, t), "label": label} for t, label in labels.items()],
     )
 
 

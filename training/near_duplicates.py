@@ -4,12 +4,14 @@ Search", WWW 2007), so each prompt is compared only with the few that could qual
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
-from gateway.export import Prompt
+from gateway.conversation import Prompt
 
 SHINGLE_WORDS = 3
 _WORD = re.compile(r"\w+")
@@ -40,7 +42,13 @@ def same_system(a: frozenset[str], b: frozenset[str], threshold: float) -> bool:
 def _joined(prompt: Prompt, *, system: bool) -> str:
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(m["content"] for m in prompt if (m["role"] == "system") == system)
+    return "\n".join(_said(m) for m in prompt if (m["role"] == "system") == system)
+
+
+def _said(message: dict[str, Any]) -> str:
+    """A message's content, and the tools it called with their arguments."""
+    calls = [f"{c['function']['name']} {json.dumps(c['function']['arguments'])}" for c in message.get("tool_calls", ())]
+    return "\n".join([message["content"], *calls])
 
 
 def _text_shingles(text: str) -> frozenset[str]:

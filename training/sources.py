@@ -16,7 +16,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.export import Example, Prompt, Sample, joined, sample, whole_answer
+from gateway.conversation import Calls, Messages, message_of, prompt_key
+from gateway.export import Example, Sample, joined, sample, whole_answer
 from gateway.records import LogPolicy
 from gateway.tenants import TenantStore
 from training.config import RetrainConfig
@@ -35,13 +36,12 @@ class Loaded:
     """Where the samples' phone numbers without +country code are from (the tenant's, for its feedback)."""
 
 
-def prompt_key(prompt: Prompt) -> str:
-    return json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | None:
-    """The sample without an empty answer, or one `left_out` (why: cut short, unfinished), or an empty correction;
-    None when nothing is left."""
+    """The sample without an answer that calls tools (the eval scores text), an empty answer, or one `left_out`
+    (why: cut short, unfinished), or an empty correction; None when nothing is left."""
+    if s.calls:
+        dropped["tool_call_answer"] += 1
+        s = replace(s, text=None, judgement=None, calls=None)
     if s.text is not None and (left_out or not s.text.strip()):
         dropped["empty_answer" if not s.text.strip() else left_out or "empty_answer"] += 1
         s = replace(s, text=None, judgement=None)
@@ -60,9 +60,6 @@ def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
         if found is None:
             dropped["unusable"] += 1
             continue
-        if found.calls:  # the eval scores an answer's text; a correction of it (text) is kept
-            dropped["tool_call_answer"] += 1
-            found = replace(found, text=None, judgement=None, calls=None)
         record = example.record
         unfinished = record.outcome != "ok"  # an error, or a stream its client cancelled: a part of an answer
         left_out = "unfinished_answer" if unfinished else None if whole_answer(record) else "truncated_answer"
@@ -87,47 +84,63 @@ async def from_feedback(
     )
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> Messages:
+    """A row's messages as exports keep them (gateway.conversation: with their tool calls and results)."""
     if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str | None)
+        for m in value
     ):
         raise ValueError("messages must be a list of {role, content} with string content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [kept if (kept := message_of(m)) else {"role": m["role"], "content": ""} for m in value]
 
 
-def _text(value: Any) -> str:
+def _answer(value: Any) -> tuple[str, Calls | None]:
+    """An answer's text and the tools it called."""
     if isinstance(value, str):
-        return value
+        return value, None
     messages = _messages(value)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise ValueError("a conversational answer is one assistant message")
-    return messages[0]["content"]
+    return messages[0]["content"], messages[0].get("tool_calls")
+
+
+def _tools(row: dict[str, Any]) -> str | None:
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return json.dumps(tools, sort_keys=True, ensure_ascii=False) if isinstance(tools, list) and tools else None
 
 
 def _from_row(row: Any) -> Sample:
     if not isinstance(row, dict):
         raise ValueError("a row is a JSON object")
+    tools = _tools(row)
     if "messages" in row:
         messages = _messages(row["messages"])
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise ValueError("messages must be a prompt and then an assistant answer")
-        return Sample(messages[:-1], prompt_key(messages[:-1]), messages[-1]["content"], 1.0, None)
+        text, calls = _answer(messages[-1:])
+        return Sample(messages[:-1], prompt_key(messages[:-1], tools), text, 1.0, None, calls, tools)
     prompt = row["prompt"] if isinstance(row.get("prompt"), str) else _messages(row.get("prompt"))
     if not prompt:
         raise ValueError("prompt is empty")
     if "chosen" in row and "rejected" in row:
-        return Sample(prompt, prompt_key(prompt), _text(row["rejected"]), 0.0, _text(row["chosen"]))
+        (rejected, calls), (chosen, chosen_calls) = _answer(row["rejected"]), _answer(row["chosen"])
+        if chosen_calls:
+            raise ValueError("a chosen answer that calls tools: retraining trains on text answers")
+        return Sample(prompt, prompt_key(prompt, tools), rejected, 0.0, chosen, calls, tools)
     if "completion" in row:
         label = row.get("label", True)
         if not isinstance(label, bool):
             raise ValueError("label must be true or false")
-        return Sample(prompt, prompt_key(prompt), _text(row["completion"]), float(label), None)
+        text, calls = _answer(row["completion"])
+        return Sample(prompt, prompt_key(prompt, tools), text, float(label), None, calls, tools)
     raise ValueError("not a TRL row: messages, prompt+completion(+label) or prompt+chosen+rejected expected")
 
 
 def from_jsonl(path: str | Path) -> Loaded:
     """Samples of a JSONL file of TRL rows; ValueError naming the line of a malformed one. Synchronous."""
-    samples, dropped, read = [], Counter({"empty_answer": 0}), 0
+    samples, dropped, read = [], Counter({"empty_answer": 0, "tool_call_answer": 0}), 0
     with Path(path).open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():

@@ -370,14 +370,18 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
         assert http.post("/v1/feedback", json=corrected).status_code == 200
     with admin(gateway, "log-tools") as api:
         sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
-    calling = {"role": "assistant", "content": "", "tool_calls": [call]}
+    held = json.loads(arguments)  # an object, as rows keep arguments; this vLLM streams '"Paris"' for a named tool
+    parsed = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": held if isinstance(held, dict) else arguments},
+    }
+    calling = {"role": "assistant", "content": "", "tool_calls": [parsed]}  # an answer's call: no id refers to it
+    called = {"role": "assistant", "content": "", "tool_calls": [{"id": call["id"], **parsed}]}
     result = {"role": "tool", "content": "18 C", "tool_call_id": call["id"]}
+    tools = json.dumps([WEATHER_TOOL], sort_keys=True)
     assert sft == [
-        {"messages": [*ask, calling], "tools": json.dumps([WEATHER_TOOL])},
-        {
-            "messages": [*ask, calling, result, {"role": "assistant", "content": "It is 18 C in Paris."}],
-            "tools": json.dumps([WEATHER_TOOL]),
-        },
+        {"messages": [*ask, calling], "tools": tools},
+        {"messages": [*ask, called, result, {"role": "assistant", "content": "It is 18 C in Paris."}], "tools": tools},
     ]
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 
 from gateway import dpo_pairs
-from gateway.dpo_pairs import PreferencePairs, answer
+from gateway.conversation import answer
+from gateway.dpo_pairs import PreferencePairs
 
 ASK = [{"role": "user", "content": "Capital of France?"}]
 
@@ -92,18 +93,20 @@ def test_pairing_stops_at_the_next_answer_read_once_told_to() -> None:
 
 
 def test_an_answer_that_called_tools_is_not_its_text_and_a_prompts_tools_open_its_rows() -> None:
-    """An answer is compared whole: a call of a tool with the same (empty) text as another answer is another answer."""
-    call = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
+    """An answer is compared whole, without its calls' ids (nothing in a row refers to them): a call of a tool with the
+    same (empty) text as another answer is another answer, the same call under another id the same one."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
     tools = '[{"type": "function", "function": {"name": "weather"}}]'
     with PreferencePairs() as pairs:
-        pairs.rated(ASK, "tools", answer(ASK, "", call), 1.0, tools)
+        pairs.rated(ASK, "tools", answer(ASK, "", [{"id": "c1", **call}]), 1.0, tools)
+        pairs.rated(ASK, "tools", answer(ASK, "", [{"id": "c2", **call}]), 0.0, tools)
         pairs.rated(ASK, "tools", answer(ASK, ""), 0.0, tools)
         rows = list(pairs.rest())
     assert rows == [
         {
             "prompt": ASK,
             "tools": tools,
-            "chosen": [{"role": "assistant", "content": "", "tool_calls": call}],
+            "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
             "rejected": assistant(""),
         }
     ]

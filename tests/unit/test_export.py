@@ -48,6 +48,8 @@ SYSTEM = {"role": "system", "content": "Be brief."}
 QUESTION = "What is the capital of France?"
 IDS = itertools.count()
 WEATHER = {"name": "weather", "arguments": '{"city": "Paris"}'}
+PARSED = {"name": "weather", "arguments": {"city": "Paris"}}
+"""WEATHER as rows hold it: its arguments an object, as chat templates read them."""
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 
 
@@ -224,7 +226,7 @@ def test_sft_rows() -> None:
                 {
                     "role": "assistant",
                     "content": "",
-                    "tool_calls": [{"id": "c1", "type": "function", "function": WEATHER}],
+                    "tool_calls": [{"id": "c1", "type": "function", "function": PARSED}],
                 },
                 {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
                 *assistant("It is sunny."),
@@ -609,7 +611,7 @@ def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, t
 TOOL_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments }}</tool_call>"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>"
     "{% endfor %}"
     "{% if m.tool_call_id %}<for {{ m.tool_call_id }}>{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -651,8 +653,14 @@ async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
         files.append(tmp_path / f"{fmt}.jsonl")
     checked = trl_checks(base_model_dir, tmp_path, files, TOOL_TEMPLATE)
 
-    tools, calling = json.dumps(TOOLS), [{"role": "assistant", "content": "", "tool_calls": call}]
-    prompt_after = [*ask, *calling, {"role": "tool", "content": "18 C", "tool_call_id": "call-1"}]
+    tools = json.dumps(TOOLS, sort_keys=True)
+    parsed = [{"id": "call-1", "type": "function", "function": PARSED}]
+    calling = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": PARSED}]}]
+    prompt_after = [
+        *ask,
+        {"role": "assistant", "content": "", "tool_calls": parsed},
+        {"role": "tool", "content": "18 C", "tool_call_id": "call-1"},
+    ]
     assert [c["row"] for c in checked["sft"]] == [
         {"messages": [*ask, *calling], "tools": tools},
         {"messages": [*prompt_after, *assistant("18 C in Paris.")], "tools": tools},

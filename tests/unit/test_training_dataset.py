@@ -73,6 +73,9 @@ def record(text: str | None = "ok", finish_reason: str = "stop", **fields: Any) 
     )
 
 
+JSONL_DROPPED = {"empty_answer": 1, "tool_call_answer": 0}
+
+
 def called() -> CompletionRecord:
     """A completion that called a tool."""
     call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
@@ -373,7 +376,7 @@ def test_jsonl_rows_of_each_trl_format(chat: bool, tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "\n")
     got = from_jsonl(path)
-    assert (got.records_read, got.dropped, got.source["kind"]) == (len(rows), {"empty_answer": 1}, "jsonl")
+    assert (got.records_read, got.dropped, got.source["kind"]) == (len(rows), JSONL_DROPPED, "jsonl")
     built = build(got, config(method="kto"))
     assert all_rows(built, "dpo") == [{"prompt": p("q3"), "chosen": a("good"), "rejected": a("bad")}]
     sft = sorted(json.dumps(r["completion"]) for r in all_rows(built, "sft"))
@@ -467,3 +470,56 @@ async def test_a_dataset_reads_phone_numbers_in_its_tenants_region(redis: aiored
     assert got.phone_region == "GB"
     built = build(got, config())
     assert "7946" not in "".join(built.files.values()) and built.card.redactions == {"phone": 4}
+
+
+def test_an_exported_tool_conversation_trains_as_exported(tmp_path: Path) -> None:
+    """A JSONL export's tool calls and results stay in the prompt and its tools in the rows; an answer that calls a
+    tool is left out (the eval scores text). The same question without tools is another prompt, PII redacted or not."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    tools = json.dumps([{"type": "function", "function": {"name": "weather"}}])
+    asked = [*user("Weather in Paris?"), {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **call}]}]
+    after = [*asked, {"role": "tool", "content": "18 C", "tool_call_id": "c1"}]
+    rows = [
+        {
+            "messages": [*user("Weather in Paris?"), {"role": "assistant", "content": "", "tool_calls": [call]}],
+            "tools": tools,
+        },
+        {"messages": [*after, *assistant("It is 18 C.")], "tools": tools},
+        {"prompt": after, "completion": assistant("It is cold."), "label": False, "tools": tools},
+        {"prompt": after, "completion": assistant("I cannot tell."), "label": False},  # without the tools
+    ]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    got = from_jsonl(path)
+    assert got.dropped == {"empty_answer": 0, "tool_call_answer": 1}
+    assert [(s.prompt, s.text, s.tools) for s in got.samples[:1]] == [
+        (after, "It is 18 C.", json.dumps(json.loads(tools), sort_keys=True))
+    ]
+    for redact in (False, True):
+        built = build(
+            Loaded([*got.samples, *PADDING], got.source, 4, 4, got.dropped),
+            config(redact_pii=redact, near_duplicate_threshold=1.0),
+        )
+        assert built.card.filters["exact_duplicate_prompts"] == 1, (
+            "the two rows after the call; not the one without tools"
+        )
+        (pair,) = all_rows(built, "dpo")
+        assert pair == {
+            "prompt": after,
+            "tools": got.samples[0].tools,
+            "chosen": assistant("It is 18 C."),
+            "rejected": assistant("It is cold."),
+        }
+
+
+def test_the_tools_a_prompt_called_are_words_of_it_for_near_duplicates() -> None:
+    """Two conversations alike but for the tool they called are not near duplicates (their answers are not
+    interchangeable)."""
+
+    def called(name: str) -> list[dict[str, Any]]:
+        call = {"type": "function", "function": {"name": name, "arguments": {"order": 1}}}
+        said = {"role": "assistant", "content": "", "tool_calls": [call]}
+        return [*user("Please help with my order 1"), said, {"role": "tool", "content": "done", "tool_call_id": "c"}]
+
+    cancel, refund = shingles(called("cancel_order")), shingles(called("refund_order"))
+    assert cancel != refund and list(near_pairs([cancel, refund], 0.9)) == []
