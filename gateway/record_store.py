@@ -41,7 +41,9 @@ TRIMMED = "-"
 # when its tenant was created, max length, ttl (s), error (1/0), prompt tokens, completion tokens, latency bucket (or
 # nothing). Four arguments a record rather than twenty: packing and passing each argument costs both sides more than
 # what most of them hold. A record of a tenant created at or before its deletion is skipped (each tenant's deletion
-# is read once per call), and so is one past its tenant's age limit (a spool replayed late). An arm's counters move
+# is read once per call), and so is one past its tenant's age limit (a spool replayed late). A record of an end user
+# erased since it was made is skipped too, and its index set to TRIMMED (unless one is there): a rating of it,
+# spooled or sent to the process that answered it (which vouches for it), is then refused. An arm's counters move
 # only when its record is written (a replay counts once). What many records of a call share is summed in the script
 # and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl; never shortened:
 # it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD. A record that fails stops the
@@ -96,7 +98,11 @@ local function one(i)
   if deletion(tenant.deleted) >= incarnation or created + ttl < now then return end
   local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. user) or '-1') >= created
   local index = indexes .. id
-  if erased or redis.call('EXISTS', index) == 1 then return end
+  if erased then  -- TRIMMED refuses the ratings others give of it (spooled, or sent to the process that answered)
+    redis.call('SET', index, TRIMMED, 'EX', math.max(ttl, tonumber(KEEP)), 'NX')
+    return
+  end
+  if redis.call('EXISTS', index) == 1 then return end
   local entry = redis.call('XADD', tenant.log, '*', 'r', ARGV[a], 'c', id, 'u', user)
   logs[tenant.log] = limit
   redis.call('SET', index, tenant.name .. ' ' .. entry .. (arm and arm.label or ''), 'EX', ttl)

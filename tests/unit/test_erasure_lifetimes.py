@@ -269,3 +269,24 @@ async def test_erased_ratings_leave_their_experiment_arms_counters(
     await asyncio.sleep(MARGIN_S)  # past the tombstone: what she sends now is kept
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down"))
     assert await redis.hmget(counters, "rated", "negative") == ["1", "1"]
+
+
+async def test_others_ratings_of_a_completion_erased_before_its_record_was_written_are_refused(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """v is forgotten while (or just before) a completion of theirs is on its way to the log: the record is not
+    written, and the process that answered it, which vouches for it, no longer takes others' ratings of it (a
+    correction quotes v's conversation): neither given now, nor spooled before and replayed (by a process that
+    took over a dead one's spool, say)."""
+    await forget_user(redis, "t", "v", TENANT.logging)
+    recorder.record(context(TENANT, 1, user="v"))  # made within the erasure's margin: v's too
+    await recorder.written()
+    assert await redis.xlen(keys.completion_log("t")) == 0 and recorder.recent.get("chatcmpl-1") is not None
+    with pytest.raises(CompletionUnknown):
+        await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", correction="v said: BLUEBIRD"))
+    with pytest.raises(CompletionUnknown):
+        await store.of_completion(TENANT, "chatcmpl-1")  # as every other process answers
+    spooled = spooled_rating(TENANT, "chatcmpl-1")  # vouched for when given, in a spool since
+    await store._spool.append([spooled])
+    await store.replay()
+    assert store._spool.pending() == 0 and await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0

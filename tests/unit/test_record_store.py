@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.record_store import RecordStore
+from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, RecordStore
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context, entry
 
@@ -73,6 +73,8 @@ async def test_an_erased_user_and_a_deleted_tenants_records_are_skipped_in_the_s
     assert await RecordStore(redis).write(entries) == set()
     assert await redis.xlen(keys.completion_log("gone")) == 0
     assert [f["c"] for _, f in await redis.xrange(keys.completion_log("kept"))] == ["chatcmpl-3"]
+    assert await redis.get(keys.completion("chatcmpl-2")) == TRIMMED, "an erased user's: refuses its ratings"
+    assert await redis.ttl(keys.completion("chatcmpl-2")) > TRIMMED_KEEP_S - 5
 
 
 @pytest.mark.parametrize(
