@@ -94,6 +94,21 @@ def tool_calls(value: Any) -> Calls | None:
     return calls or None
 
 
+def as_sent(prompt: Messages) -> Messages:
+    """A row's messages as the OpenAI API takes them: each call's arguments a JSON string (rows hold objects)."""
+    return [_sent(message) if message.get("tool_calls") else message for message in prompt]
+
+
+def _sent(message: dict[str, Any]) -> dict[str, Any]:
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
 def _arguments(function: dict[str, Any]) -> Any:
     """A call's arguments: the object its JSON string holds (the string itself when it holds none)."""
     arguments = function.get("arguments")

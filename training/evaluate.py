@@ -25,6 +25,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.conversation import as_sent
 from training.config import RetrainConfig
 from training.metrics import metric_means
 
@@ -103,7 +104,7 @@ async def answer_one(
         else:
             chat = await client.chat.completions.create(
                 model=model,
-                messages=cast("list[ChatCompletionMessageParam]", prompt),
+                messages=cast("list[ChatCompletionMessageParam]", as_sent(prompt)),
                 max_tokens=max_tokens,
                 temperature=0,
                 extra_headers=extra_headers,

@@ -3,6 +3,7 @@ CLI, on the real gateway, real vLLM and real Redis (with AOF fsynced before ever
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from adapters.validate import BaseModelSpec
 from gateway import keys
 from tests.conftest import ADMIN_KEY, MODEL, Gateway, RedisServer, create_key, loragate
 from tests.integration.conftest import add_synthetic, eventually
+from training.evaluate import answer_one
 
 pytestmark = pytest.mark.integration
 
@@ -349,8 +351,10 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
     )
     deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
-    call = {"id": deltas[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
-    assert json.loads(arguments) and call["id"], "one call of the tool, streamed"
+    assert json.loads(arguments) and deltas[0].id, "one call of the tool, streamed"
+    # The history the application sends back: the call (its arguments an object's JSON), then its result.
+    sent = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    call = {"id": deltas[0].id, "type": "function", "function": sent}
     after = [
         *ask,
         {"role": "assistant", "tool_calls": [call]},
@@ -371,14 +375,15 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
     with admin(gateway, "log-tools") as api:
         sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
     held = json.loads(arguments)  # an object, as rows keep arguments; this vLLM streams '"Paris"' for a named tool
-    parsed = {
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": held if isinstance(held, dict) else arguments},
-    }
-    calling = {"role": "assistant", "content": "", "tool_calls": [parsed]}  # an answer's call: no id refers to it
+    streamed = {"name": "get_weather", "arguments": held if isinstance(held, dict) else arguments}
+    calling = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": streamed}]}
+    parsed = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     called = {"role": "assistant", "content": "", "tool_calls": [{"id": call["id"], **parsed}]}
     result = {"role": "tool", "content": "18 C", "tool_call_id": call["id"]}
     tools = json.dumps([WEATHER_TOOL], sort_keys=True)
+    eval_client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=team.key, max_retries=0)
+    asked_again = asyncio.run(answer_one(eval_client, MODEL, sft[1]["messages"][:-1], max_tokens=4))
+    assert asked_again.error is None, "the retraining eval sends such a prompt as the API takes it"
     assert sft == [
         {"messages": [*ask, calling], "tools": tools},
         {"messages": [*ask, called, result, {"role": "assistant", "content": "It is 18 C in Paris."}], "tools": tools},
