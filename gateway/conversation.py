@@ -123,5 +123,16 @@ def _arguments(function: dict[str, Any]) -> Any:
 
 def tools_of(record: CompletionRecord) -> str | None:
     """The request's tool definitions as JSON (None for none, and for a text completion)."""
-    tools = record.request.get("tools") if record.request is not None and record.endpoint != "completions" else None
+    return tools_json(record.request.get("tools")) if record.request and record.endpoint != "completions" else None
+
+
+def tools_json(tools: Any) -> str | None:
+    """Tool definitions (a list, or its JSON) as rows carry them: canonical JSON; None for none."""
+    if isinstance(tools, str):
+        tools = json.loads(tools)
     return json.dumps(tools, sort_keys=True, ensure_ascii=False) if isinstance(tools, list) and tools else None
+
+
+def tools_field(tools: str | None) -> dict[str, str]:
+    """A row's `tools` column: present only where the request declared tools."""
+    return {} if tools is None else {"tools": tools}

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from gateway.conversation import Answer, Prompt
+from gateway.conversation import Answer, Prompt, tools_field
 
 CACHE_KIB = 4096
 """SQLite's page cache for the pairs' database; what exceeds it is on disk."""
@@ -104,7 +104,7 @@ class PreferencePairs:
 
 def _head(prompt: Prompt, tools: str | None) -> dict[str, Any]:
     """What a prompt's rows open with: the prompt, and its tools when it had any."""
-    return {"prompt": prompt} if tools is None else {"prompt": prompt, "tools": tools}
+    return {"prompt": prompt, **tools_field(tools)}
 
 
 def _json(given: Answer) -> str:

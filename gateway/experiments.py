@@ -29,16 +29,20 @@ from pydantic import (
 from gateway import keys
 from gateway.arm_signal import begin_period
 from gateway.assignment import BUCKETS, allocate, reallocate
+from gateway.tenants import TenantNotFound
 
-# KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version. ARGV:
-# name, experiment JSON, change JSON, alias target ('' for none), alias, mode, revision, alias before.
-# mode `change`: the experiment must exist (one changed as its tenant is deleted does not bring its keys
-# back: 0) at the revision the change was made from (else -1: another change came first). mode `create`:
-# the name must be free (-2), and the alias must still point where it did when the caller looked (-3 if
-# it runs an experiment now, -1 if it moved otherwise). Compare-and-set: two processes cannot both win.
+# KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version, the
+# tenant. ARGV: name, experiment JSON, change JSON, alias target ('' for none), alias, mode, revision, alias
+# before. mode `change`: the experiment must exist (one changed as its tenant is deleted does not bring its keys
+# back: 0) at the revision the change was made from (else -1: another change came first). mode `create`: the
+# tenant must exist (-4: deleted since the caller looked, its keys not brought back for a tenant re-created
+# under its name), the name must be free (-2), and the alias must still point where it did when the caller
+# looked (-3 if it runs an experiment now, -1 if it moved otherwise). Compare-and-set: two processes cannot
+# both win.
 _SAVE = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[6] == 'create' then
+  if redis.call('EXISTS', KEYS[5]) == 0 then return -4 end
   if raw then return -2 end
   local now = redis.call('HGET', KEYS[3], ARGV[5]) or ''
   if string.sub(now, 1, 11) == 'experiment:' then return -3 end
@@ -54,10 +58,12 @@ redis.call('INCR', KEYS[4])
 return 1
 """
 
-# KEYS: the tenant's aliases, the state version, the tenant's experiments. ARGV: alias, target ('' deletes).
-# Refused (the alias's target returned) while the alias runs an experiment that exists; else 1, or 0 for
-# the deletion of an alias that is not there.
+# KEYS: the tenant's aliases, the state version, the tenant's experiments, the tenant. ARGV: alias, target (''
+# deletes). Refused (the alias's target returned) while the alias runs an experiment that exists, or (-1) when
+# the tenant does not exist (deleted since the caller looked); else 1, or 0 for the deletion of an alias that is
+# not there.
 _SET_ALIAS = """
+if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
 local now = redis.call('HGET', KEYS[1], ARGV[1])
 if now and string.sub(now, 1, 11) == 'experiment:' and redis.call('HEXISTS', KEYS[3], string.sub(now, 12)) == 1 then
   return now
@@ -327,8 +333,10 @@ class ExperimentStore:
     async def set_alias(self, tenant: str, alias: str, target: str | None) -> bool:
         """Point `alias` at `target` (None: delete it), unless it runs an experiment (ExperimentConflict:
         promote, roll back or stop it first). False: there was no such alias to delete."""
-        script_keys = [keys.aliases(tenant), keys.state_version(), keys.experiments(tenant)]
+        script_keys = [keys.aliases(tenant), keys.state_version(), keys.experiments(tenant), keys.tenant(tenant)]
         done = await self._alias_script(keys=script_keys, args=[alias, target or ""])
+        if done == -1:
+            raise TenantNotFound(tenant)
         if isinstance(done, str):
             running = done.removeprefix(PREFIX)
             raise ExperimentConflict(
@@ -351,8 +359,8 @@ class ExperimentStore:
         experiment = Experiment.model_validate_json(raw)
         if revision is not None and experiment.revision != revision:
             raise ExperimentConflict(f"Experiment `{name}` changed meanwhile (revision {experiment.revision}).")
-        if experiment.status not in LIVE:
-            raise InvalidExperiment(f"Experiment `{name}` has ended ({experiment.status}).")
+        if experiment.status not in LIVE:  # a 409, as for the loser of two changes made at once (one ended it)
+            raise ExperimentConflict(f"Experiment `{name}` has ended ({experiment.status}): it takes no other change.")
         return experiment
 
     async def _save(
@@ -364,7 +372,7 @@ class ExperimentStore:
         tenant, name = experiment.tenant, experiment.name
         saved = experiment.model_copy(update={"revision": 0 if new else experiment.revision + 1})
         script_keys = [keys.experiments(tenant), keys.experiment_audit(tenant, name), keys.aliases(tenant)]
-        script_keys.append(keys.state_version())
+        script_keys += [keys.state_version(), keys.tenant(tenant)]
         stored = saved.model_dump_json(exclude=None if saved.rated_before else {"rated_before"})
         args = [name, stored, change.model_dump_json(), alias or "", experiment.alias]
         mode = "create" if new else "change"
@@ -373,6 +381,8 @@ class ExperimentStore:
         self.forget_cached()
         if done == 0:
             raise ExperimentNotFound(name)
+        if done == -4:
+            raise TenantNotFound(tenant)
         if done == -2:
             raise ExperimentConflict(f"Experiment `{name}` already exists.")
         if done == -3:

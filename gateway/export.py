@@ -51,7 +51,17 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.conversation import Answer, Calls, Prompt, answer, prompt_key, prompt_of, tool_calls, tools_of
+from gateway.conversation import (
+    Answer,
+    Calls,
+    Prompt,
+    answer,
+    prompt_key,
+    prompt_of,
+    tool_calls,
+    tools_field,
+    tools_of,
+)
 from gateway.dpo_pairs import POSITIVE, PreferencePairs
 from gateway.records import CompletionRecord, Feedback, LogPolicy
 
@@ -105,7 +115,7 @@ class Sample:
 
     def row(self, **fields: Any) -> dict[str, Any]:
         """A row of this sample: `fields`, and its tools when the request had any."""
-        return fields | {"tools": self.tools} if self.tools is not None else fields
+        return fields | tools_field(self.tools)
 
 
 def feedback_value(feedback: Feedback, policy: LogPolicy) -> float | None:

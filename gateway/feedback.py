@@ -405,7 +405,8 @@ class FeedbackStore:
         owned = await self.owned(tenant, completion_id)
         if owned is None:
             raise StateUnavailable("Feedback cannot be read right now: the completion log is unavailable. Try again.")
-        if not owned or await self._owner(completion_id, tenant.name) == GONE:  # GONE: erased though answered here
+        gone = self._answered_here(tenant, completion_id) and await self._owner(completion_id, tenant.name) == GONE
+        if not owned or gone:  # gone: erased (or trimmed) though this process answered it, as other processes say
             raise CompletionUnknown(completion_id)
         stored = await self._redis.hgetall(keys.feedback(tenant.name, completion_id))
         return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)

@@ -32,7 +32,7 @@ from statistics import fmean
 from types import MappingProxyType
 from typing import Any
 
-from gateway.conversation import Prompt, answer, prompt_key
+from gateway.conversation import Prompt, answer, prompt_key, tools_field
 from gateway.export import Sample
 from gateway.redaction import Redactor, redact_value
 from training.config import RetrainConfig
@@ -193,9 +193,10 @@ def _grouped(samples: list[Sample], threshold: float, filters: dict[str, int]) -
     if threshold < 1:
         prompts = [samples[ids[0]].prompt for ids in exact]
         systems = [system_shingles(prompt) for prompt in prompts]
+        tools = [samples[ids[0]].tools for ids in exact]
         for i, j in near_pairs([shingles(prompt) for prompt in prompts], threshold):
-            if not same_system(systems[i], systems[j], threshold):
-                continue  # one user message under two instructions: answers that are not interchangeable
+            if not same_system(systems[i], systems[j], threshold) or tools[i] != tools[j]:
+                continue  # one user message under two instructions, or tools: answers that are not interchangeable
             a, b = root(i), root(j)
             parent[max(a, b)] = min(a, b)
         filters["near_duplicate_prompts"] = len(exact) - len({root(i) for i in range(len(exact))})
@@ -224,7 +225,7 @@ def _prepared(group: list[Sample]) -> _Group:
         origin = next((s for s in group if s.text == reference), group[0])
         worse = [t for t in means if reference is not None and means[t] < means[reference]]
     prompt = origin.prompt
-    head = {"prompt": prompt} | ({"tools": origin.tools} if origin.tools else {})
+    head = {"prompt": prompt, **tools_field(origin.tools)}
     labels = {t: means[t] >= 0.5 for t in means} | {c: True for _, c in corrections}
     chosen = [] if reference is None else [reference]
     return _Group(

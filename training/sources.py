@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gateway import keys
-from gateway.conversation import Calls, Messages, message_of, prompt_key
+from gateway.conversation import Calls, Messages, message_of, prompt_key, tools_json
 from gateway.export import Example, Sample, joined, sample, whole_answer
 from gateway.records import LogPolicy
 from gateway.tenants import TenantStore
@@ -104,17 +104,11 @@ def _answer(value: Any) -> tuple[str, Calls | None]:
     return messages[0]["content"], messages[0].get("tool_calls")
 
 
-def _tools(row: dict[str, Any]) -> str | None:
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        tools = json.loads(tools)
-    return json.dumps(tools, sort_keys=True, ensure_ascii=False) if isinstance(tools, list) and tools else None
-
-
-def _from_row(row: Any) -> Sample:
+def _from_row(row: Any, dropped: Counter[str]) -> Sample:
+    """The row's sample; a chosen answer that calls tools is left out (counted), its row kept as a rated answer."""
     if not isinstance(row, dict):
         raise ValueError("a row is a JSON object")
-    tools = _tools(row)
+    tools = tools_json(row.get("tools"))
     if "messages" in row:
         messages = _messages(row["messages"])
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
@@ -127,8 +121,9 @@ def _from_row(row: Any) -> Sample:
     if "chosen" in row and "rejected" in row:
         (rejected, calls), (chosen, chosen_calls) = _answer(row["rejected"]), _answer(row["chosen"])
         if chosen_calls:
-            raise ValueError("a chosen answer that calls tools: retraining trains on text answers")
-        return Sample(prompt, prompt_key(prompt, tools), rejected, 0.0, chosen, calls, tools)
+            dropped["tool_call_answer"] += 1
+        correction = None if chosen_calls else chosen
+        return Sample(prompt, prompt_key(prompt, tools), rejected, 0.0, correction, calls, tools)
     if "completion" in row:
         label = row.get("label", True)
         if not isinstance(label, bool):
@@ -147,7 +142,7 @@ def from_jsonl(path: str | Path) -> Loaded:
                 continue
             read += 1
             try:
-                found = _from_row(json.loads(line))
+                found = _from_row(json.loads(line), dropped)
             except ValueError as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from None
             if (kept := _kept(found, None, dropped)) is not None:

@@ -43,6 +43,7 @@ from gateway.openapi import answer, errors
 from gateway.principal import Principal
 from gateway.routes import domain_errors, services
 from gateway.routes.strict_json import StrictJSONRoute
+from gateway.tenants import TenantNotFound
 
 router = APIRouter(prefix="/admin/tenants/{tenant}/experiments", route_class=StrictJSONRoute)
 
@@ -96,6 +97,8 @@ def _refusals() -> Iterator[None]:
         yield
     except ExperimentNotFound as exc:
         raise NotFound(str(exc), param="name", code="experiment_not_found") from exc
+    except TenantNotFound as exc:  # deleted while the change was made
+        raise NotFound(str(exc), param="tenant", code="tenant_not_found") from exc
     except ExperimentConflict as exc:
         raise Conflict(str(exc), code="experiment_conflict") from exc
     except InvalidExperiment as exc:

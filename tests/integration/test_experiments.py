@@ -109,7 +109,9 @@ def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
         shown = api.get("/experiments/tone").json()
         assert [c["action"] for c in shown["audit"]] == ["create", "weights", "weights", "pause", "resume", "promote"]
         assert shown["audit"][0]["by"].startswith("cli:") and shown["audit"][1]["by"] == "admin"
-        assert api.post("/experiments/tone/pause").status_code == 400, "an ended experiment cannot be changed"
+        ended = api.post("/experiments/tone/pause")
+        assert ended.status_code == 409, "an ended experiment cannot be changed: as for the loser of two changes"
+        assert ended.json()["error"]["code"] == "experiment_conflict"
 
 
 def test_experiments_are_refused_when_wrong_and_hidden_from_other_tenants(

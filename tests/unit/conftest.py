@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.spool import Spool
+from gateway.tenants import TenantStore
 from tests.conftest import RedisServer, free_port
 from tests.unit.admin_api import ADMIN, BASE
 
@@ -65,6 +66,13 @@ async def emptied(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     async with emptied(redis_server) as client:
         yield client
+
+
+@pytest.fixture
+async def experiment_tenants(redis: aioredis.Redis) -> None:
+    """Tenants `t` and `acme`, whose experiments unit tests make (one is created only for a tenant that exists)."""
+    for name in ("t", "acme"):
+        await TenantStore(redis).create(name)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ them exactly, not only once a whole stream node is old.
 The limit is two seconds: a record is dropped as it is written once it is past its limit, and the trim drops those
 past it, so each step has that long to run on a busy machine (with one second, a second's stall between `record`
 and the write lost bo's last record). The record within the limit is made under a longer one (the limit raised
-since): it cannot age out before the checks, however slow the machine."""
+since): its write cannot come too late; the trim, with the two-second limit, drops it only past a stall of two
+seconds between them."""
 
 from __future__ import annotations
 

@@ -31,9 +31,11 @@ from gateway.experiments import (
 )
 from gateway.pointers import PointerStore
 from gateway.routing import Router
-from gateway.tenants import TenantStore
+from gateway.tenants import TenantNotFound, TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE, refused
+
+pytestmark = pytest.mark.usefixtures("experiment_tenants")
 
 
 def _experiment(tenant: str, name: str, alias: str, weights: tuple[float, float], **rails: Any) -> Experiment:
@@ -201,7 +203,6 @@ async def experiment_history_points(redis: aioredis.Redis, tenant: str, name: st
 async def test_a_guard_rail_overtaken_by_an_operator_changes_nothing_and_decides_next_round(
     redis: aioredis.Redis,
 ) -> None:
-    await TenantStore(redis).create("t")
     store = ExperimentStore(redis)
     await store.create(_experiment("t", "tone", "bot", (50, 50), max_error_rate=0.1), by="test")
     await _counters(redis, "t", "tone", "treat", requests=100, errors=50)
@@ -402,3 +403,29 @@ async def test_a_change_that_changes_nothing_is_not_recorded(redis: aioredis.Red
     paused = await store.set_status("t", "tone", "paused", by="test")
     assert (await store.set_status("t", "tone", "paused", by="test")).revision == paused.revision
     assert [c.action for c in await store.audit("t", "tone")] == ["create", "pause"]
+
+
+async def test_a_tenant_deleted_while_its_experiment_or_alias_is_made_gets_neither(redis: aioredis.Redis) -> None:
+    """The tenant is deleted after the caller checked it (another process deleted it): the experiment and the alias
+    are refused, and nothing of them is left for a tenant created again under the name."""
+    tenants, store = TenantStore(redis), ExperimentStore(redis)
+    await tenants.create("late")
+    experiment = _experiment("late", "tone", "bot", (50, 50))
+    await tenants.delete("late")
+    with pytest.raises(TenantNotFound):
+        await store.create(experiment, by="test")
+    with pytest.raises(TenantNotFound):
+        await store.set_alias("late", "prod", "m")
+    left = [keys.experiments("late"), keys.aliases("late"), keys.experiment_audit("late", "tone")]
+    assert await redis.exists(*left) == 0
+
+
+async def test_a_change_of_an_ended_experiment_is_a_conflict(redis: aioredis.Redis) -> None:
+    """As for the loser of two changes made at once when the winner ended it: read it again."""
+    store = ExperimentStore(redis)
+    await store.create(_experiment("t", "tone", "bot", (50, 50)), by="test")
+    await store.set_status("t", "tone", "promoted", by="test", arm="treat")
+    with pytest.raises(ExperimentConflict, match="has ended"):
+        await store.set_status("t", "tone", "paused", by="test")
+    with pytest.raises(ExperimentConflict, match="has ended"):
+        await store.set_weights("t", "tone", {"control": 1}, by="test")

@@ -17,6 +17,8 @@ from tests.unit.admin_api import BASE
 
 ARMS = [Arm(name="a", target="helper@1", weight=90), Arm(name="b", target="helper@2", weight=10)]
 
+pytestmark = pytest.mark.usefixtures("experiment_tenants")
+
 
 async def served(redis: aioredis.Redis, arm: str, requests: int, rated: int = 0, positive: int = 0) -> None:
     counters = keys.arm_counters("t", "e", arm)

@@ -33,6 +33,8 @@ from tests.unit.test_recording import spooled_rating
 
 TENANT = Tenant(name="t", logging=LogPolicy(score_min=1, score_max=5))
 
+pytestmark = pytest.mark.usefixtures("experiment_tenants")
+
 
 def served(n: int, arm: str, user: str | None, status: int = 200) -> RequestContext:
     ctx = RequestContext(f"r{n}", "chat", TENANT, "k1", payload={"model": "bot", "user": user} if user else {})

@@ -474,33 +474,38 @@ async def test_a_dataset_reads_phone_numbers_in_its_tenants_region(redis: aiored
 
 def test_an_exported_tool_conversation_trains_as_exported(tmp_path: Path) -> None:
     """A JSONL export's tool calls and results stay in the prompt and its tools in the rows; an answer that calls a
-    tool is left out (the eval scores text). The same question without tools is another prompt, PII redacted or not."""
+    tool is left out (the eval scores text). The same question without tools is another prompt, PII redacted or not,
+    and no near duplicate of it either."""
     call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
     tools = json.dumps([{"type": "function", "function": {"name": "weather"}}])
     asked = [*user("Weather in Paris?"), {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **call}]}]
     after = [*asked, {"role": "tool", "content": "18 C", "tool_call_id": "c1"}]
+    calling = [{"role": "assistant", "content": "", "tool_calls": [call]}]
     rows = [
         {
-            "messages": [*user("Weather in Paris?"), {"role": "assistant", "content": "", "tool_calls": [call]}],
+            "messages": [*user("Weather in Paris?"), *calling],
             "tools": tools,
         },
         {"messages": [*after, *assistant("It is 18 C.")], "tools": tools},
         {"prompt": after, "completion": assistant("It is cold."), "label": False, "tools": tools},
         {"prompt": after, "completion": assistant("I cannot tell."), "label": False},  # without the tools
+        {"prompt": user("Oslo?"), "chosen": calling, "rejected": assistant("No idea."), "tools": tools},
     ]
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     got = from_jsonl(path)
-    assert got.dropped == {"empty_answer": 0, "tool_call_answer": 1}
+    assert got.dropped == {"empty_answer": 0, "tool_call_answer": 2}, "a chosen call: its row's rejected answer stays"
+    assert (got.samples[-1].text, got.samples[-1].judgement, got.samples[-1].correction) == ("No idea.", 0.0, None)
     assert [(s.prompt, s.text, s.tools) for s in got.samples[:1]] == [
         (after, "It is 18 C.", json.dumps(json.loads(tools), sort_keys=True))
     ]
     for redact in (False, True):
         built = build(
             Loaded([*got.samples, *PADDING], got.source, 4, 4, got.dropped),
-            config(redact_pii=redact, near_duplicate_threshold=1.0),
+            config(redact_pii=redact),
         )
-        assert built.card.filters["exact_duplicate_prompts"] == 1, (
+        filters = built.card.filters
+        assert (filters["exact_duplicate_prompts"], filters["near_duplicate_prompts"]) == (1, 0), (
             "the two rows after the call; not the one without tools"
         )
         (pair,) = all_rows(built, "dpo")

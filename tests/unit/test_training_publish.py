@@ -10,6 +10,8 @@ from gateway.pointers import PointerStore
 from training.config import RetrainConfig
 from training.publish import RetrainRefused, canary, serving
 
+pytestmark = pytest.mark.usefixtures("experiment_tenants")
+
 
 async def test_the_alias_target_names_the_parent_and_the_new_versions_name(redis: aioredis.Redis) -> None:
     pointers, experiments = PointerStore(redis), ExperimentStore(redis)

@@ -25,6 +25,8 @@ from gateway.tenants import TenantStore
 from tests.conftest import RedisServer
 from tests.unit.admin_api import BASE, refused
 
+pytestmark = pytest.mark.usefixtures("experiment_tenants")
+
 
 def test_a_delete_and_a_pointer_at_the_same_version_wait_for_each_other(
     api: TestClient, redis_server: RedisServer
