@@ -345,9 +345,11 @@ class ExperimentStore:
         return bool(done)
 
     async def _split_changed(self, experiment: Experiment) -> dict[str, Any]:
-        """A new comparison period, begun in the arms' counters before the change is saved (a change refused then
-        by a conflict has only restarted the period: fewer ratings compared, none wrong); `exposed_before`: each
-        arm's identified requests so far (requests less anonymous ones, as the results count them)."""
+        """A new comparison period, begun in the arms' counters before the change is saved (they may be in another
+        Redis). A change then refused by a conflict has restarted the period all the same, and its base is no
+        longer the saved experiment's `rated_before`: its results are read the old way (arm_signal.counted_since)
+        until the split next changes. `exposed_before`: each arm's identified requests so far (requests less
+        anonymous ones, as the results count them)."""
         arms = [arm.name for arm in experiment.arms]
         period = await begin_period(self._counters, experiment.tenant, experiment.name, experiment.created, arms)
         return {"exposed_before": period.exposed, "rated_before": period.rated}
