@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     record_completions: bool = Field(
         True, description="Write the completion log (off: nothing is recorded; feedback then finds no completion)."
     )
-    guard_rails_s: float = Field(5.0, gt=0, description="How often experiments' guard rails are checked.")
+    guard_rails_s: float = Field(
+        5.0, ge=0.01, description="How often experiments' guard rails are checked (one process a round: a lock of 90%)."
+    )
     gc_threshold: int = Field(
         20_000,
         ge=700,

@@ -118,3 +118,11 @@ def test_the_cli_names_a_bad_setting_without_a_traceback(tmp_path: Path) -> None
 def test_an_empty_spool_dir_is_the_default_not_the_working_directory(tmp_path: Path) -> None:
     assert Settings(home=tmp_path, spool_dir="").spool_root == tmp_path / "spool"
     assert Settings(home=tmp_path, spool_dir=str(tmp_path / "s")).spool_root == tmp_path / "s"
+
+
+def test_guard_rails_run_no_more_often_than_their_round_lock_can_say() -> None:
+    """A round takes a lock of 90% of the interval in whole milliseconds: one of a millisecond would be 0 ms, which
+    Redis refuses, and no round would ever run."""
+    assert Settings(guard_rails_s=0.01).guard_rails_s == 0.01
+    with pytest.raises(ValueError, match="guard_rails_s"):
+        Settings(guard_rails_s=0.001)
