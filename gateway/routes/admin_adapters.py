@@ -338,7 +338,7 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
 async def delete_alias(tenant: str, alias: str, request: Request, _: Manager) -> dict[str, Any]:
     await _existing(request, tenant)
     svc = services(request)
-    with _in_experiment():
+    with domain_errors(), _in_experiment():  # its tenant deleted meanwhile (by another process): 404
         existed = await svc.experiments.set_alias(tenant, alias, None)
     svc.pointers.forget_cached()
     if not existed:

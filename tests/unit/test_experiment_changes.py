@@ -371,6 +371,21 @@ def test_an_alias_in_an_experiment_moves_only_with_it(api: TestClient) -> None:
     assert api.delete(f"{tenant}/aliases/prod").status_code == 200
 
 
+@pytest.mark.parametrize("verb", ["put", "delete"])
+def test_an_alias_set_as_its_tenant_is_deleted_is_a_404(api: TestClient, verb: str, monkeypatch: Any) -> None:
+    """Another process deletes the tenant after the route found it: refused, not a 500."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    set_alias = svc.experiments.set_alias
+
+    async def deleted_first(tenant: str, alias: str, target: str | None) -> bool:
+        await svc.redis.delete(keys.tenant(tenant))
+        return bool(await set_alias(tenant, alias, target))
+
+    monkeypatch.setattr(svc.experiments, "set_alias", deleted_first)
+    sent = api.put("/admin/tenants/acme/aliases/prod", json={"target": BASE}) if verb == "put" else None
+    refused(sent or api.delete("/admin/tenants/acme/aliases/prod"), 404, "tenant_not_found")
+
+
 async def test_the_guard_rail_promotes_no_arm_whose_version_no_longer_serves(
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
