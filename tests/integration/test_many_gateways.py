@@ -202,8 +202,15 @@ def test_a_repointed_alias_reaches_another_process_within_a_second(
         assert ask(sides[1], key, "prod").json()["model"] == first
         assert admin.put("/aliases/prod", json={"target": second}).status_code == 200
     moved_at = time.monotonic()
-    while ask(sides[1], key, "prod").json()["model"] != second:
+    while alias_target(sides[1], key, "prod") != second:
         assert time.monotonic() - moved_at < 1.0, "the other process still serves the old target after a second"
+    assert ask(sides[1], key, "prod").json()["model"] == second, "and completions are served by the new target"
+
+
+def alias_target(gateway: Gateway, key: str, alias: str) -> str:
+    """What `alias` points at in `gateway`, by its model card (no vLLM in the way, as in `list_models`)."""
+    card = httpx.get(f"{gateway.base_url}/models/{alias}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return str(card.json()["root"])
 
 
 async def _mixed(processes: list[Gateway], key: str, names: list[str], count: int) -> list[httpx.Response]:
