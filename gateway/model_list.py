@@ -41,6 +41,14 @@ class ModelLists:
         self._answers[tenant] = (key, body)
         return body
 
+    async def alias_card(self, tenant: str, alias: str) -> ModelCard | None:
+        """The card of the tenant's alias as its list shows it; None where the list leaves it out (its target's share
+        withdrawn) or it is no alias. Read without routing: an experiment's alias draws no arm for its card."""
+        key = await self._key(tenant)
+        if alias not in key[1].aliases:
+            return None
+        return next((card for card in self._cards(tenant, *key) if card.id == alias), None)
+
     async def _key(self, tenant: str) -> tuple[Any, ...]:
         pointers = await self._pointers.of(tenant)
         own = await self._registry.listed(tenant, pointers.pins)

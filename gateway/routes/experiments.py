@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +46,17 @@ from gateway.routes.strict_json import StrictJSONRoute
 from gateway.tenants import TenantNotFound
 
 router = APIRouter(prefix="/admin/tenants/{tenant}/experiments", route_class=StrictJSONRoute)
+
+
+async def _tenants_manager(tenant: str, request: Request, caller: Manager) -> Principal:
+    """The caller, who may manage `tenant`, which exists: checked in that order (a 401 or 403 before a 404), so that
+    every route of an unknown tenant is its 404 and an invalid name its 400, as on the other admin routes."""
+    with domain_errors():
+        await services(request).tenants.get(tenant)
+    return caller
+
+
+TenantsManager = Annotated[Principal, Depends(_tenants_manager)]
 
 CHANGE: dict[str, Any] = {
     "response_model": None,
@@ -113,10 +124,10 @@ def _refusals() -> Iterator[None]:
     response_model=None,
     responses=answer(answers.ExperimentView, "Running: the alias now splits its requests.", 201) | errors(404, 409),
 )
-async def create_experiment(tenant: str, body: NewExperiment, request: Request, caller: Manager) -> dict[str, Any]:
+async def create_experiment(
+    tenant: str, body: NewExperiment, request: Request, caller: TenantsManager
+) -> dict[str, Any]:
     svc = services(request)
-    with domain_errors():
-        await svc.tenants.get(tenant)
     with domain_errors("alias"):
         check_name(body.alias)
     store, base = svc.registry.store(tenant), svc.settings.served_model_name
@@ -148,11 +159,8 @@ async def create_experiment(tenant: str, body: NewExperiment, request: Request, 
 @router.get(
     "", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments.") | errors(404)
 )
-async def list_experiments(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
-    svc = services(request)
-    with domain_errors():
-        await svc.tenants.get(tenant)  # an unknown tenant is a 404, not an empty list
-    return {"object": "list", "data": [_shown(e) for e in await svc.experiments.all(tenant)]}
+async def list_experiments(tenant: str, request: Request, _: TenantsManager) -> dict[str, Any]:
+    return {"object": "list", "data": [_shown(e) for e in await services(request).experiments.all(tenant)]}
 
 
 @router.get(
@@ -160,7 +168,7 @@ async def list_experiments(tenant: str, request: Request, _: Manager) -> dict[st
     response_model=None,
     responses=answer(answers.ExperimentDetail, "The experiment and its audit log.") | errors(404),
 )
-async def show_experiment(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
+async def show_experiment(tenant: str, name: str, request: Request, _: TenantsManager) -> dict[str, Any]:
     store = services(request).experiments
     with _refusals():
         found = await store.get(tenant, name)
@@ -172,7 +180,7 @@ async def show_experiment(tenant: str, name: str, request: Request, _: Manager) 
     response_model=None,
     responses=answer(answers.ExperimentResults, "What it has shown so far.") | errors(404),
 )
-async def experiment_results(tenant: str, name: str, request: Request, _: Manager) -> dict[str, Any]:
+async def experiment_results(tenant: str, name: str, request: Request, _: TenantsManager) -> dict[str, Any]:
     """Per arm exposures, errors, latency, tokens and feedback; SRM, differences from control, the verdict."""
     svc = services(request)
     with _refusals():
@@ -186,7 +194,7 @@ async def experiment_results(tenant: str, name: str, request: Request, _: Manage
     response_description="An HTML page: the chart over time, figures, changes.",
     responses=errors(404),
 )
-async def experiment_page_html(tenant: str, name: str, request: Request, _: Manager) -> HTMLResponse:
+async def experiment_page_html(tenant: str, name: str, request: Request, _: TenantsManager) -> HTMLResponse:
     """The experiment's page: its metric and intervals per arm over time, its figures and its changes."""
     svc = services(request)
     with _refusals():
@@ -199,7 +207,9 @@ async def experiment_page_html(tenant: str, name: str, request: Request, _: Mana
 
 
 @router.put("/{name}/weights", **CHANGE)
-async def set_weights(tenant: str, name: str, body: Weights, request: Request, caller: Manager) -> dict[str, Any]:
+async def set_weights(
+    tenant: str, name: str, body: Weights, request: Request, caller: TenantsManager
+) -> dict[str, Any]:
     with _refusals():
         return _shown(await services(request).experiments.set_weights(tenant, name, body.weights, _who(caller)))
 
@@ -223,25 +233,25 @@ async def _status(
 
 
 @router.post("/{name}/pause", **CHANGE)
-async def pause(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+async def pause(tenant: str, name: str, request: Request, caller: TenantsManager) -> dict[str, Any]:
     return await _status(request, tenant, name, "paused", caller)
 
 
 @router.post("/{name}/resume", **CHANGE)
-async def resume(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+async def resume(tenant: str, name: str, request: Request, caller: TenantsManager) -> dict[str, Any]:
     return await _status(request, tenant, name, "running", caller)
 
 
 @router.post("/{name}/stop", **CHANGE)
-async def stop(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+async def stop(tenant: str, name: str, request: Request, caller: TenantsManager) -> dict[str, Any]:
     return await _status(request, tenant, name, "stopped", caller)
 
 
 @router.post("/{name}/promote", **CHANGE)
-async def promote(tenant: str, name: str, body: Promotion, request: Request, caller: Manager) -> dict[str, Any]:
+async def promote(tenant: str, name: str, body: Promotion, request: Request, caller: TenantsManager) -> dict[str, Any]:
     return await _status(request, tenant, name, "promoted", caller, body.arm)
 
 
 @router.post("/{name}/rollback", **CHANGE)
-async def rollback(tenant: str, name: str, request: Request, caller: Manager) -> dict[str, Any]:
+async def rollback(tenant: str, name: str, request: Request, caller: TenantsManager) -> dict[str, Any]:
     return await _status(request, tenant, name, "rolled back", caller)

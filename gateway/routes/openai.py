@@ -220,9 +220,12 @@ async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) 
         raise HTTPException(404)
     svc = services(request)
     tenant = await callers_tenant(svc, caller)
+    listed = await svc.model_lists.alias_card(tenant.name, model_id)
+    if listed is not None:  # as the list shows it: what it points at, an experiment's alias drawing no arm
+        return listed
     route = await svc.router.resolve(model_id, tenant.name)
     base = svc.settings.served_model_name
-    if route.alias is not None:  # as the list shows it: what it points at (not the arm this call happened to draw)
+    if route.alias is not None:  # an alias the list leaves out (its target's share withdrawn) that still routes
         target = (await svc.pointers.of(tenant.name)).aliases.get(route.alias, route.served_model)
         return ModelCard(id=model_id, created=int(time.time()), root=target, parent=base)
     if route.adapter is None:

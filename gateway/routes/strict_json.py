@@ -4,8 +4,9 @@ parsed as the completion routes parse theirs (`gateway.body.parse_json`), not by
 `json.loads` takes a lone surrogate (`"\\ud800"`) into a string that can be neither stored (Redis, JSON) nor
 echoed in an answer: an error message naming it, or a comment holding it, failed as a 500. It also takes NaN,
 Infinity and 1e400, which every float field would then have to refuse on its own. The body of a JSON request
-is parsed before FastAPI's handler runs, so a refusal is worded as the completion routes word it; it is read as
-JSON whatever its Content-Type, as the completion routes read theirs.
+is parsed before FastAPI's handler runs, so a refusal is worded as the completion routes word it, once the route's
+dependencies have checked the key (a request without one is a 401 whatever its body, as the completion routes
+answer); it is read as JSON whatever its Content-Type, as the completion routes read theirs.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.body import parse_json
+from gateway.errors import InvalidRequest
+
+_UNPARSED = object()
+"""A body that did not parse, as FastAPI is handed it: no model takes it, so the route's dependencies (its key's
+check first) run and its body then fails, and that failure is answered with why it did not parse."""
 
 
 class _StrictJSONRequest(Request):
@@ -52,8 +59,17 @@ class StrictJSONRoute(APIRoute):
             if takes_body and not _is_json(request.headers.get("content-type")):
                 scope = _as_json(scope)
             strict_request = _StrictJSONRequest(scope, request.receive)
+            unparsed: InvalidRequest | None = None
             if takes_body and await strict_request.body():
-                await strict_request.json()  # refused here, in OpenAI's words, rather than as FastAPI words it
-            return await handle(strict_request)
+                try:
+                    await strict_request.json()
+                except InvalidRequest as exc:  # said once the key is checked: the dependencies run after the body
+                    unparsed, strict_request._json = exc, _UNPARSED
+            try:
+                return await handle(strict_request)
+            except RequestValidationError:
+                if unparsed is not None:  # refused in OpenAI's words, rather than as FastAPI words it
+                    raise unparsed from None
+                raise
 
         return strict

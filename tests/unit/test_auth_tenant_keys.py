@@ -110,6 +110,27 @@ def test_a_json_body_is_read_whatever_its_content_type(api: TestClient) -> None:
     assert not_json.status_code == 400 and "could not parse the JSON body" in not_json.json()["error"]["message"]
 
 
+def test_the_key_is_checked_before_the_body_is_parsed(api: TestClient) -> None:
+    """A body that does not parse is a 401 without a key and a 403 with one that cannot manage the tenant, as a body
+    that does: the gateway is not made to read a stranger's body, and OpenAI checks the key first too."""
+    api.post("/admin/tenants", json={"name": "other"})
+    other = api.post("/admin/tenants/other/keys", json={"role": "manage"}).json()["key"]
+    for body in ("{bad", '{"name": 1e400}'):
+        assert refused(api.post("/admin/tenants", content=body, headers={"Authorization": ""}), 401, "invalid_api_key")
+        weights = "/admin/tenants/acme/experiments/ab/weights"
+        assert api.put(weights, content=body, headers={"Authorization": f"Bearer {other}"}).status_code == 403
+        assert (
+            api.put(
+                "/admin/tenants/acme/aliases/a", content=body, headers={"Authorization": "Bearer sk-lg-x"}
+            ).status_code
+            == 401
+        )
+        parsed = api.post("/admin/tenants", content=body)
+        assert parsed.status_code == 400 and "JSON" in parsed.json()["error"]["message"], "the admin key: why it failed"
+    unknown_field = api.post("/admin/tenants", json={"name": "x", "colour": 1})
+    assert unknown_field.status_code == 400 and "colour" in unknown_field.text, "a body that parses: refused as before"
+
+
 def test_a_key_whose_rotation_grace_ended_cannot_be_rotated(api: TestClient) -> None:
     """Each rotation of it made a key that never expires, from a key that no longer works."""
     key_id = api.post("/admin/tenants/acme/keys", json={}).json()["id"]

@@ -297,6 +297,22 @@ def _create(api: TestClient, name: str, alias: str, control: str, treat: str) ->
     assert created.status_code == 201, created.text
 
 
+def test_every_route_of_an_unknown_tenant_is_its_404_and_of_a_bad_name_its_400(api: TestClient) -> None:
+    """As on the other admin routes (an experiment's routes had answered `experiment_not_found` for any tenant)."""
+    _create(api, "tone", "prod", BASE, "bot@1")
+    routes = [("get", ""), ("get", "/tone"), ("get", "/tone/results"), ("get", "/tone/page"), ("post", "/tone/pause")]
+    routes += [("post", "/tone/resume"), ("post", "/tone/stop"), ("post", "/tone/rollback")]
+    bodies = [("put", "/tone/weights", {"weights": {"treat": 1}}), ("post", "/tone/promote", {"arm": "treat"})]
+    bodies += [("post", "", {"name": "x", "alias": "y", "control": "a", "arms": []})]
+    for method, path, *body in [*routes, *bodies]:
+        for tenant, status, code in (("nosuch", 404, "tenant_not_found"), ("BAD!", 400, "invalid_tenant")):
+            sent = getattr(api, method)(
+                f"/admin/tenants/{tenant}/experiments{path}", **({"json": body[0]} if body else {})
+            )
+            refused(sent, status, code)
+    assert api.get("/admin/tenants/acme/experiments/tone").json()["status"] == "running", "acme's: untouched"
+
+
 def test_bad_weights_answer_400_in_the_envelope(api: TestClient) -> None:
     _create(api, "tone", "prod", BASE, "bot@1")
     url = "/admin/tenants/acme/experiments/tone/weights"

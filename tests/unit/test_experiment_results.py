@@ -13,7 +13,6 @@ import pytest
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
-from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway import arm_signal, experiment_history, experiment_page, keys
 from gateway.answer import Answer
@@ -29,6 +28,7 @@ from gateway.records import FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant
+from tests.unit.admin_api import experiment_on_a_withdrawn_share
 from tests.unit.test_recording import spooled_rating
 
 TENANT = Tenant(name="t", logging=LogPolicy(score_min=1, score_max=5))
@@ -415,15 +415,7 @@ def test_an_arm_whose_shared_adapter_was_unshared_counts_its_404s_as_its_errors(
     """The owner of an arm's adapter stops sharing it: that arm's users get the 404 any model they may not use gets
     (naming neither the owner nor the adapter), and each counts as an error of the arm, so that its guard rail
     (max_error_rate) rolls it back; before, none counted and the arm stayed, serving nothing, for good."""
-    assert api.post("/admin/tenants", json={"name": "beta"}).status_code == 201
-    svc = api.app.state.services  # type: ignore[attr-defined]
-    svc.registry.store("beta").add(make_adapter(tmp_path / "tool", base, seed=7), "tool", base, 16)
-    svc.registry.invalidate("beta", "tool")
-    assert api.put("/admin/tenants/beta/adapters/tool/share", json={"tenants": ["acme"]}).status_code == 200
-    arms = [{"name": "control", "target": "bot@1", "weight": 0}, {"name": "lent", "target": "beta/tool@1", "weight": 1}]
-    body = {"name": "borrow", "alias": "helper", "control": "control", "arms": arms}
-    assert api.post("/admin/tenants/acme/experiments", json=body).status_code == 201
-    assert api.put("/admin/tenants/beta/adapters/tool/share", json={"tenants": []}).status_code == 200
+    experiment_on_a_withdrawn_share(api, tmp_path, base, control_weight=0)
     key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
     chat = {"model": "helper", "messages": [{"role": "user", "content": "hi"}], "user": "u1"}
     refused = api.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})

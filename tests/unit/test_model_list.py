@@ -16,7 +16,7 @@ from adapters.validate import BaseModelSpec
 from gateway.model_list import ModelLists
 from gateway.pointers import PointerStore
 from gateway.tenants import TenantStore
-from tests.unit.admin_api import BASE
+from tests.unit.admin_api import BASE, experiment_on_a_withdrawn_share
 
 
 def ids(body: bytes) -> list[str]:
@@ -144,6 +144,19 @@ def test_an_alias_is_the_same_card_listed_and_retrieved(api: TestClient) -> None
         assert {card["parent"] for card in retrieved} == {listed[alias]["parent"]} == {BASE}
     assert listed["prod"]["root"] == "bot@2"
     assert api.get("/v1/models/bot@1", headers=auth).json()["root"] == "bot@1", "a version is still its own card"
+
+
+def test_an_experiments_alias_keeps_its_card_when_an_arms_share_is_withdrawn(
+    api: TestClient, tmp_path: Path, base: BaseModelSpec
+) -> None:
+    """The list shows the alias (its target is the experiment); its card answered 200 or 404 at random, as each call
+    drew an arm and the withdrawn one was not found."""
+    experiment_on_a_withdrawn_share(api, tmp_path, base, control_weight=1)
+    auth = {"authorization": f"Bearer {api.post('/admin/tenants/acme/keys', json={'role': 'inference'}).json()['key']}"}
+    listed = {card["id"]: card for card in api.get("/v1/models", headers=auth).json()["data"]}
+    retrieved = [api.get("/v1/models/helper", headers=auth) for _ in range(16)]
+    assert {answer.status_code for answer in retrieved} == {200}
+    assert all(answer.json() == {**listed["helper"], "created": answer.json()["created"]} for answer in retrieved)
 
 
 def test_a_model_path_ending_in_a_slash_is_an_unknown_url(api: TestClient) -> None:
