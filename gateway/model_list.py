@@ -44,9 +44,9 @@ class ModelLists:
     async def alias_card(self, tenant: str, alias: str) -> ModelCard | None:
         """The card of the tenant's alias as its list shows it; None where the list leaves it out (its target's share
         withdrawn) or it is no alias. Read without routing: an experiment's alias draws no arm for its card."""
-        key = await self._key(tenant)
-        if alias not in key[1].aliases:
+        if alias not in (await self._pointers.of(tenant)).aliases:  # the common case (a version, the base): no listing
             return None
+        key = await self._key(tenant)
         return next((card for card in self._cards(tenant, *key) if card.id == alias), None)
 
     async def _key(self, tenant: str) -> tuple[Any, ...]:

@@ -157,7 +157,7 @@ async def create_experiment(
 
 
 @router.get(
-    "", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments.") | errors(404)
+    "", response_model=None, responses=answer(answers.ExperimentList, "The tenant's experiments.") | errors(400, 404)
 )
 async def list_experiments(tenant: str, request: Request, _: TenantsManager) -> dict[str, Any]:
     return {"object": "list", "data": [_shown(e) for e in await services(request).experiments.all(tenant)]}
@@ -166,7 +166,7 @@ async def list_experiments(tenant: str, request: Request, _: TenantsManager) -> 
 @router.get(
     "/{name}",
     response_model=None,
-    responses=answer(answers.ExperimentDetail, "The experiment and its audit log.") | errors(404),
+    responses=answer(answers.ExperimentDetail, "The experiment and its audit log.") | errors(400, 404),
 )
 async def show_experiment(tenant: str, name: str, request: Request, _: TenantsManager) -> dict[str, Any]:
     store = services(request).experiments
@@ -178,7 +178,7 @@ async def show_experiment(tenant: str, name: str, request: Request, _: TenantsMa
 @router.get(
     "/{name}/results",
     response_model=None,
-    responses=answer(answers.ExperimentResults, "What it has shown so far.") | errors(404),
+    responses=answer(answers.ExperimentResults, "What it has shown so far.") | errors(400, 404),
 )
 async def experiment_results(tenant: str, name: str, request: Request, _: TenantsManager) -> dict[str, Any]:
     """Per arm exposures, errors, latency, tokens and feedback; SRM, differences from control, the verdict."""
@@ -192,7 +192,7 @@ async def experiment_results(tenant: str, name: str, request: Request, _: Tenant
     "/{name}/page",
     response_class=HTMLResponse,
     response_description="An HTML page: the chart over time, figures, changes.",
-    responses=errors(404),
+    responses=errors(400, 404),
 )
 async def experiment_page_html(tenant: str, name: str, request: Request, _: TenantsManager) -> HTMLResponse:
     """The experiment's page: its metric and intervals per arm over time, its figures and its changes."""

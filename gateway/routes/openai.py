@@ -223,11 +223,8 @@ async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) 
     listed = await svc.model_lists.alias_card(tenant.name, model_id)
     if listed is not None:  # as the list shows it: what it points at, an experiment's alias drawing no arm
         return listed
-    route = await svc.router.resolve(model_id, tenant.name)
+    route = await svc.router.resolve(model_id, tenant.name)  # an alias the list leaves out: its 404
     base = svc.settings.served_model_name
-    if route.alias is not None:  # an alias the list leaves out (its target's share withdrawn) that still routes
-        target = (await svc.pointers.of(tenant.name)).aliases.get(route.alias, route.served_model)
-        return ModelCard(id=model_id, created=int(time.time()), root=target, parent=base)
     if route.adapter is None:
         return ModelCard(id=base, created=int(time.time()), root=base)
     return ModelCard(id=model_id, created=int(route.adapter.created.timestamp()), root=route.served_model, parent=base)

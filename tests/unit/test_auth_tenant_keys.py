@@ -127,6 +127,12 @@ def test_the_key_is_checked_before_the_body_is_parsed(api: TestClient) -> None:
         )
         parsed = api.post("/admin/tenants", content=body)
         assert parsed.status_code == 400 and "JSON" in parsed.json()["error"]["message"], "the admin key: why it failed"
+    key_id = api.post("/admin/tenants/acme/keys", json={}).json()["id"]
+    keys_before = api.get("/admin/tenants/acme/keys").json()["data"]
+    for method, path in (("post", "/keys"), ("post", f"/keys/{key_id}/rotate"), ("patch", "")):  # every field defaults
+        sent = api.request(method.upper(), f"/admin/tenants/acme{path}", content="{bad")
+        assert sent.status_code == 400 and "JSON" in sent.json()["error"]["message"], (path, sent.text)
+    assert api.get("/admin/tenants/acme/keys").json()["data"] == keys_before, "no key made or rotated by a bad body"
     unknown_field = api.post("/admin/tenants", json={"name": "x", "colour": 1})
     assert unknown_field.status_code == 400 and "colour" in unknown_field.text, "a body that parses: refused as before"
 
