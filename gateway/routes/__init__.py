@@ -56,3 +56,9 @@ def domain_errors(param: str | None = None) -> Iterator[None]:
         raise NotFound(str(exc), param=param or "ref", code="adapter_not_found") from exc
     except AdapterBusy as exc:
         raise Conflict(str(exc), param=param, code="adapter_busy") from exc
+
+
+async def existing_tenant(request: Request, tenant: str) -> Tenant:
+    """The tenant an admin route names: 400 `invalid_tenant` for a name no tenant can have, 404 `tenant_not_found`."""
+    with domain_errors():
+        return await services(request).tenants.get(tenant)

@@ -35,10 +35,10 @@ from gateway.auth import Admin, Manager
 from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, RateLimited, RequestTimeout
 from gateway.experiments import ExperimentConflict
 from gateway.openapi import answer, binary_body, errors
-from gateway.routes import domain_errors, services
+from gateway.routes import domain_errors, existing_tenant, services
 from gateway.routes.strict_json import StrictJSONRoute
 from gateway.settings import UPLOAD_WAIT_S, Settings
-from gateway.tenants import Tenant, check_tenant_name
+from gateway.tenants import Tenant
 
 log = logging.getLogger("loragate")
 
@@ -65,11 +65,6 @@ class AliasTarget(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     target: str
-
-
-async def _existing(request: Request, tenant: str) -> Tenant:
-    with domain_errors():
-        return await services(request).tenants.get(check_tenant_name(tenant))
 
 
 def _require(store: AdapterStore, name: str, version: int | None = None) -> None:
@@ -111,14 +106,14 @@ def _name(text: str) -> str:
     responses=answer(answers.AdapterList, "Every version of the tenant's adapters.") | errors(400, 404),
 )
 async def list_adapters(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     manifests = await asyncio.to_thread(services(request).registry.store(tenant).list)
     return {"object": "list", "data": [m.model_dump(mode="json") for m in manifests]}
 
 
 @router.get("/adapters/{ref}", responses=errors(400, 404))
 async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> Manifest:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     svc = services(request)
     parsed = _ref(ref)
     pinned = (await svc.pointers.of(tenant)).pins.get(parsed.name)
@@ -184,7 +179,7 @@ async def _write_body(request: Request, into: Path, limit: int, arrived: Callabl
 async def add_adapter(
     tenant: str, request: Request, _: Manager, name: Annotated[str, Query(min_length=1)]
 ) -> JSONResponse:
-    owner = await _existing(request, tenant)
+    owner = await existing_tenant(request, tenant)
     svc = services(request)
     with domain_errors("name"):
         check_name(name)
@@ -236,7 +231,7 @@ def _model_named(alias: str) -> Conflict:
     responses=answer(answers.AdapterDeleted, "Deleted, then unloaded everywhere.") | errors(400, 404, 409),
 )
 async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     parsed = _ref(ref)
     svc = services(request)
     store = svc.registry.store(tenant)
@@ -259,7 +254,7 @@ async def delete_adapter(tenant: str, ref: str, request: Request, caller: Manage
     responses=answer(answers.Pinned, "What the bare name now serves.") | errors(404),
 )
 async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     svc = services(request)
     adapter = _name(name)
     store = svc.registry.store(tenant)
@@ -278,7 +273,7 @@ async def pin_adapter(tenant: str, name: str, body: Pin, request: Request, _: Ma
     responses=answer(answers.Shared, "Who may now use it.") | errors(404),
 )
 async def share_adapter(tenant: str, name: str, body: Share, request: Request, _: Admin) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     svc = services(request)
     adapter = _name(name)
     with domain_errors("tenants"):
@@ -295,7 +290,7 @@ async def share_adapter(tenant: str, name: str, body: Share, request: Request, _
     responses=answer(answers.AliasList, "Every alias and its target.") | errors(400, 404),
 )
 async def list_aliases(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     aliases = (await services(request).pointers.of(tenant)).aliases
     return {"object": "list", "data": [{"alias": a, "target": t} for a, t in sorted(aliases.items())]}
 
@@ -306,7 +301,7 @@ async def list_aliases(tenant: str, request: Request, _: Manager) -> dict[str, A
     responses=answer(answers.AliasSet, "The alias, repointed.") | errors(404, 409),
 )
 async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request, _: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     svc = services(request)
     with domain_errors("alias"):
         check_name(alias)
@@ -336,7 +331,7 @@ async def set_alias(tenant: str, alias: str, body: AliasTarget, request: Request
     responses=answer(answers.AliasDeleted, "Deleted.") | errors(400, 404, 409),
 )
 async def delete_alias(tenant: str, alias: str, request: Request, _: Manager) -> dict[str, Any]:
-    await _existing(request, tenant)
+    await existing_tenant(request, tenant)
     svc = services(request)
     with domain_errors(), _in_experiment():  # its tenant deleted meanwhile (by another process): 404
         existed = await svc.experiments.set_alias(tenant, alias, None)

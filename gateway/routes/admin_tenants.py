@@ -29,7 +29,7 @@ from gateway.auth import Admin
 from gateway.erasure import mark_tenant_deleted, purge_tenant, tenant_deleted
 from gateway.errors import NotFound, StateUnavailable
 from gateway.openapi import answer, errors
-from gateway.routes import domain_errors, services
+from gateway.routes import domain_errors, existing_tenant, services
 from gateway.routes.strict_json import StrictJSONRoute
 from gateway.tenants import Limits, Tenant, TenantChanges, check_tenant_name
 
@@ -87,8 +87,7 @@ async def list_tenants(request: Request, _: Admin) -> dict[str, Any]:
 
 @router.get("/{tenant}", responses=errors(400, 404))
 async def show_tenant(tenant: str, request: Request, _: Admin) -> Tenant:
-    with domain_errors():
-        return await services(request).tenants.get(tenant)
+    return await existing_tenant(request, tenant)
 
 
 @router.patch("/{tenant}", responses=errors(404))

@@ -41,7 +41,7 @@ from gateway.experiments import (
 )
 from gateway.openapi import answer, errors
 from gateway.principal import Principal
-from gateway.routes import domain_errors, services
+from gateway.routes import domain_errors, existing_tenant, services
 from gateway.routes.strict_json import StrictJSONRoute
 from gateway.tenants import TenantNotFound
 
@@ -51,8 +51,7 @@ router = APIRouter(prefix="/admin/tenants/{tenant}/experiments", route_class=Str
 async def _tenants_manager(tenant: str, request: Request, caller: Manager) -> Principal:
     """The caller, who may manage `tenant`, which exists: checked in that order (a 401 or 403 before a 404), so that
     every route of an unknown tenant is its 404 and an invalid name its 400, as on the other admin routes."""
-    with domain_errors():
-        await services(request).tenants.get(tenant)
+    await existing_tenant(request, tenant)
     return caller
 
 

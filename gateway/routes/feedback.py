@@ -21,7 +21,7 @@ from gateway.errors import InvalidRequest, from_validation_error
 from gateway.export import MAX_SINCE, ExportFormat, export
 from gateway.openapi import JSONLines, answer, errors, json_body
 from gateway.records import FeedbackIn
-from gateway.routes import callers_tenant, domain_errors, services
+from gateway.routes import callers_tenant, existing_tenant, services
 from gateway.routes.strict_json import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)
@@ -86,8 +86,7 @@ async def get_feedback(
 async def forget_end_user(tenant: str, user: str, request: Request, _: Manager) -> dict[str, Any]:
     """Delete everything stored for one end user of the tenant; says what was removed."""
     svc = services(request)
-    with domain_errors():
-        found = await svc.tenants.get(tenant)
+    found = await existing_tenant(request, tenant)
     await svc.recorder.written()  # what this process still holds for the user is written, then erased
     try:
         removed = await forget_user(svc.records_redis, tenant, user, found.logging)
@@ -113,8 +112,7 @@ async def export_feedback(
 ) -> Response:
     """The tenant's rated completions as JSON lines in one of TRL's formats."""
     svc = services(request)
-    with domain_errors():
-        found = await svc.tenants.get(tenant)
+    found = await existing_tenant(request, tenant)
     if getattr(request.state, "head", False):  # HEAD: the headers GET would send, without running the export
         return StreamingResponse(iter(()), media_type="application/x-ndjson")
     fmt: ExportFormat = format
