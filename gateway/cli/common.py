@@ -16,6 +16,7 @@ from rich.console import Console
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from rich.table import Table
 
     from gateway.tenants import Tenant
@@ -154,12 +155,23 @@ def with_state_and_records(work: Callable[..., Awaitable[T]]) -> T:
     return with_redis_urls(work, [settings.redis_url, settings.records_redis_url or settings.redis_url])
 
 
-def with_redis_urls(work: Callable[..., Awaitable[T]], urls: list[str]) -> T:
-    """Run `work(*clients)`, one Redis client per URL, closed after."""
+JOB_REDIS_TIMEOUT_S = 30.0
+"""How long a command waits for a Redis reply: an export's page from a Redis fsyncing on a busy disk may take
+seconds (the gateway's own clients give up after 5 s, and so did redis-py 8's default)."""
+
+
+def job_redis(url: str) -> aioredis.Redis:
+    """A command's client of one Redis."""
     import redis.asyncio as aioredis
 
+    return aioredis.from_url(url, decode_responses=True, socket_timeout=JOB_REDIS_TIMEOUT_S, socket_connect_timeout=5)
+
+
+def with_redis_urls(work: Callable[..., Awaitable[T]], urls: list[str]) -> T:
+    """Run `work(*clients)`, one Redis client per URL, closed after."""
+
     async def run() -> T:
-        clients = [aioredis.from_url(url, decode_responses=True) for url in urls]
+        clients = [job_redis(url) for url in urls]
         try:
             return await work(*clients)
         finally:

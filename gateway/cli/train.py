@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from gateway.cli.common import console, fail, plain_table, tenant_must_exist, who
+from gateway.cli.common import console, fail, job_redis, plain_table, tenant_must_exist, who
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     """Run a step (or all) of run `job` on the gateway's Redis servers, holding its alias (training.lease);
     `stopped` says what a SIGTERM (or Ctrl-C) left: each step cleans up what it can before the cancellation gets
     through (training.retrain)."""
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from adapters.store import AdapterNotFound
@@ -57,8 +56,8 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     said = job.state.error  # what run.json said before this step: the step may write its own
 
     async def run() -> T:
-        state = aioredis.from_url(settings.redis_url, decode_responses=True)
-        records = aioredis.from_url(settings.records_redis_url or settings.redis_url, decode_responses=True)
+        state = job_redis(settings.redis_url)
+        records = job_redis(settings.records_redis_url or settings.redis_url)
         url = (gateway_url or f"http://{settings.host}:{settings.port}").rstrip("/")
         task = asyncio.current_task()
         if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels, as asyncio.run makes Ctrl-C do

@@ -3,13 +3,15 @@ a valid name and not already one of the tenant's models (real Redis; the CLI in 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -17,7 +19,9 @@ from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway import keys
 from gateway.cli import app as cli
-from tests.conftest import RedisServer
+from gateway.cli import common
+from gateway.tenants import TenantStore
+from tests.conftest import RedisServer, redis_client, sync_redis_client
 from tests.unit.admin_api import BASE
 
 
@@ -61,7 +65,7 @@ def test_the_cli_pins_no_candidate(
     done = subprocess.run(pin, env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "bot@4" in done.stdout + done.stderr, done.stdout + done.stderr
     assert api.put("/admin/tenants/acme/adapters/bot/pin", json={"version": 4}).status_code == 404
-    assert sync_redis.Redis.from_url(redis_server.url).hgetall(keys.pins("acme")) == {}, "nothing was pinned"
+    assert sync_redis_client(redis_server.url).hgetall(keys.pins("acme")) == {}, "nothing was pinned"
 
 
 def test_the_cli_ends_with_an_error_line_not_a_traceback(
@@ -161,3 +165,30 @@ def test_the_cli_creates_experiments_with_every_setting_the_api_takes(
         0.2,
         50,
     )
+
+
+async def test_a_command_waits_out_a_redis_that_answers_late_and_ends_cleanly_when_it_never_does(
+    own_redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six seconds without replies (CLIENT PAUSE; a Redis fsyncing on a busy disk looks alike to its clients): the
+    command waits them out, where redis-py 8's default gave up after 5 s. A Redis that never answers (stopped) ends
+    it, once its wait is over, with the message that names the server, not a traceback."""
+    env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": own_redis.url, "LORAGATE_RECORDS_REDIS_URL": ""}
+    admin = redis_client(own_redis.url)
+    await TenantStore(admin).create("acme")
+    await admin.client_pause(6000)
+    started = time.monotonic()
+    listed = await asyncio.to_thread(CliRunner().invoke, cli, ["tenants", "list"], env=env)
+    assert listed.exit_code == 0 and "acme" in listed.output, listed.output
+    assert time.monotonic() - started > 5, "the pause was waited out"
+    await admin.aclose()
+    monkeypatch.setattr(common, "JOB_REDIS_TIMEOUT_S", 1.0)
+    pid = own_redis.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stuck = await asyncio.to_thread(CliRunner().invoke, cli, ["tenants", "list"], env=env)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stuck.exit_code == 1 and "Redis cannot be reached" in stuck.output, stuck.output
+    assert "Traceback" not in stuck.output and own_redis.url.removesuffix("/0") in stuck.output
