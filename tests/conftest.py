@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import redis as sync_redis
+import redis.asyncio as aioredis
 
 from gateway.settings import DEFAULT_HOME
 from loadtest.services import BenchError, RedisServer, free_port, free_port_pair, wait_ready
@@ -30,6 +32,19 @@ CAPACITY = 3
 TENANT = "tests"
 """The tenant of the session's keys and adapters."""
 HOT_ADAPTER = "hot"
+REDIS_REPLY_TIMEOUT_S = 60.0
+"""How long the tests' own Redis clients wait for a reply. redis-py 8 gives up after 5 s, which a loaded CI machine
+(vLLM and training beside the unit tests, an fsync on a busy disk) has outlasted, failing a test in its set-up."""
+
+
+def redis_client(url: str, **options: Any) -> aioredis.Redis:
+    """An asyncio client of a test's redis-server (`redis.asyncio.from_url`'s options), slow replies allowed."""
+    return aioredis.from_url(url, socket_timeout=REDIS_REPLY_TIMEOUT_S, **options)
+
+
+def sync_redis_client(url: str, **options: Any) -> sync_redis.Redis:
+    """A blocking client of a test's redis-server, slow replies allowed."""
+    return sync_redis.Redis.from_url(url, socket_timeout=REDIS_REPLY_TIMEOUT_S, **options)
 
 
 LAST = ("tests/integration/test_bnb_base.py", "tests/integration/test_quantized_base.py")
@@ -138,7 +153,7 @@ def start_side_gateway(home: Path, redis_url: str, engine_ports: list[int], **se
     """Another gateway process in front of already-running vLLM replicas (seconds to start, no vLLM of its own)."""
     urls = ",".join(f"http://127.0.0.1:{port}" for port in engine_ports)
     env = gateway_env(home, redis_url, free_port(), LORAGATE_ENGINE_URLS=urls, **settings)
-    return start_gateway(home, env, engine_ports, ready_timeout=60)
+    return start_gateway(home, env, engine_ports, ready_timeout=180)  # while vLLM or training fills the CPU
 
 
 def stop_gateway(gateway: Gateway) -> None:

@@ -49,7 +49,8 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
 
 def engine_states(gateway: Gateway) -> dict[str, str]:
     """Each replica's state as /readyz?verbose=1 reports it to operators."""
-    resp = httpx.get(f"{gateway.url}/readyz", params={"verbose": 1}, headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    headers = {"Authorization": f"Bearer {METRICS_KEY}"}  # 30 s: asked while replicas restart, the CPU full
+    resp = httpx.get(f"{gateway.url}/readyz", params={"verbose": 1}, headers=headers, timeout=30)
     return dict(resp.json()["engines"])
 
 

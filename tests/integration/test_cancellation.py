@@ -14,10 +14,18 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import redis
 
 from gateway import keys
-from tests.conftest import MODEL, TENANT, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway
+from tests.conftest import (
+    MODEL,
+    TENANT,
+    Gateway,
+    RedisServer,
+    create_key,
+    start_side_gateway,
+    stop_gateway,
+    sync_redis_client,
+)
 from tests.integration.conftest import eventually, metric
 
 pytestmark = pytest.mark.integration
@@ -84,7 +92,7 @@ async def test_non_stream_disconnect_aborts_the_generation(
     generated = vllm_metric(gateway, "vllm:generation_tokens_total") - tokens_before
     assert generated < LONG["max_tokens"], f"all {generated} tokens were generated: the request was not aborted"
     assert eventually(lambda: metric(gateway, "loragate_requests_total", model=MODEL, status="499") == gone_before + 1)
-    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store = sync_redis_client(redis_server.url, decode_responses=True)
 
     def logged() -> list[tuple[str, int, bool]]:
         records = [json.loads(fields["r"]) for _, fields in store.xrange(keys.completion_log(TENANT))]

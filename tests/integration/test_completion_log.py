@@ -20,7 +20,7 @@ from openai.types.chat import ChatCompletion
 
 from adapters.validate import BaseModelSpec
 from gateway import keys
-from tests.conftest import ADMIN_KEY, MODEL, Gateway, RedisServer, create_key, loragate
+from tests.conftest import ADMIN_KEY, MODEL, Gateway, RedisServer, create_key, loragate, sync_redis_client
 from tests.integration.conftest import add_synthetic, eventually
 from training.evaluate import answer_one
 
@@ -69,7 +69,7 @@ def teams(gateway: Gateway, base_spec: BaseModelSpec, tmp_path_factory: pytest.T
 
 @pytest.fixture(scope="module")
 def store(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = sync_redis_client(redis_server.url, decode_responses=True)
     yield client
     client.close()
 
@@ -417,7 +417,9 @@ def test_a_deleted_tenants_log_does_not_pass_to_a_new_tenant_of_its_name(gateway
         spammers = [threading.Thread(target=stream_in) for _ in range(4)]
         for spammer in spammers:
             spammer.start()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not answered and time.monotonic() < deadline:  # traffic under way before the deletion
+            time.sleep(0.1)
         deleted = api.delete("/admin/tenants/log-gone")
         stop.set()
         for spammer in spammers:

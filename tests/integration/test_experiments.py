@@ -10,11 +10,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis
 
 from adapters.validate import BaseModelSpec
 from gateway import keys
-from tests.conftest import ADMIN_KEY, Gateway, RedisServer, create_key, loragate
+from tests.conftest import ADMIN_KEY, Gateway, RedisServer, create_key, loragate, sync_redis_client
 from tests.integration.conftest import add_synthetic, eventually
 
 pytestmark = pytest.mark.integration
@@ -81,7 +80,7 @@ def test_an_experiment_splits_sticks_moves_few_and_is_promoted(
         extra_headers={"x-loragate-user": "u3"},
     )
     assert by_header.headers["x-loragate-arm"] == arms["u3"], "x-loragate-user names the end user too"
-    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store = sync_redis_client(redis_server.url, decode_responses=True)
     completion_id = seen["u0"][2]
 
     def logged() -> bool:

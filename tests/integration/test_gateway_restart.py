@@ -12,10 +12,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from gateway import keys
-from tests.conftest import MODEL, Gateway, RedisServer, create_key, start_gateway, start_side_gateway, stop_gateway
+from tests.conftest import (
+    MODEL,
+    Gateway,
+    RedisServer,
+    create_key,
+    start_gateway,
+    start_side_gateway,
+    stop_gateway,
+    sync_redis_client,
+)
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -86,7 +94,7 @@ def test_a_restart_under_load_shows_only_connection_errors_and_loses_nothing(
     assert any(isinstance(s, str) for s in traffic.seen), "the clients met the restart (connection errors)"
     statuses = {s for s in traffic.seen if isinstance(s, int)}
     assert statuses <= {200, 202}, f"only answers and acknowledgements, no error status: {statuses}"
-    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store = sync_redis_client(redis_server.url, decode_responses=True)
     try:
 
         def all_logged() -> bool:

@@ -16,10 +16,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis
 
 from gateway import keys
-from tests.conftest import MODEL, Gateway, RedisServer, create_key, free_port, start_side_gateway, stop_gateway
+from tests.conftest import (
+    MODEL,
+    Gateway,
+    RedisServer,
+    create_key,
+    free_port,
+    start_side_gateway,
+    stop_gateway,
+    sync_redis_client,
+)
 from tests.integration.conftest import eventually, metric
 
 pytestmark = pytest.mark.integration
@@ -91,7 +99,7 @@ def test_no_acknowledged_feedback_is_lost_when_redis_is_killed(
     statuses = {status for *_, status in acked}
     assert statuses == {200, 202}, f"the load ran before, during and after the outage: {statuses}"
     assert eventually(lambda: httpx.get(f"{side.url}/readyz").json()["status"] == "ready", timeout=30)
-    store = redis.Redis.from_url(records_redis.url, decode_responses=True)
+    store = sync_redis_client(records_redis.url, decode_responses=True)
     try:
         pipe = store.pipeline(transaction=False)
         for cid, user, _, _ in acked:

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 import yaml
 
 from adapters.manifest import AdapterRef
@@ -26,7 +25,7 @@ from adapters.store import AdapterStore
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 from gateway import keys
-from tests.conftest import ADMIN_KEY, ROOT, Gateway, create_key
+from tests.conftest import ADMIN_KEY, ROOT, Gateway, create_key, sync_redis_client
 
 pytestmark = pytest.mark.integration
 TENANT = "retrain-e2e"
@@ -55,7 +54,7 @@ def test_an_unpublished_candidate_is_called_only_with_a_training_key(
     assert logged["request"] is None and logged["choices"] is None, "an eval's prompts (copied from the log): not kept"
     assert job.chat.completions.create(model="bot", messages=ASK, max_tokens=2).model == "bot@1", "never a default"  # type: ignore[arg-type]
     store.publish("bot", 2, {"metrics": {}})
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # each try waits for vLLM, busy in CI
     while users.chat.completions.create(model="bot", messages=ASK, max_tokens=2).model != "bot@2":  # type: ignore[arg-type]
         assert time.monotonic() < deadline, "published: the bare name serves it"
         time.sleep(0.3)
@@ -109,8 +108,8 @@ def test_feedback_becomes_a_published_version_that_its_canary_promotes(gateway: 
 
 def _record(gateway: Gateway, tenant: str, completion_id: str) -> dict[str, Any]:
     """A completion's record in the tenant's log, once the gateway has written it."""
-    log = redis.Redis.from_url(gateway.env["LORAGATE_REDIS_URL"], decode_responses=True)
-    deadline = time.monotonic() + 5
+    log = sync_redis_client(gateway.env["LORAGATE_REDIS_URL"], decode_responses=True)
+    deadline = time.monotonic() + 30
     while True:
         found = [json.loads(f["r"]) for _, f in log.xrange(keys.completion_log(tenant))]
         mine = [record for record in found if record["id"] == completion_id]

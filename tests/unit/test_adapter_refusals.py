@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import tarfile
+import threading
 import time
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -114,9 +115,10 @@ def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
     api: TestClient, tmp_path: Path, base: BaseModelSpec
 ) -> None:
     """With one turn per process: an upload whose body stalls is a 408 after `upload_idle_timeout_s` without
-    bytes, and meanwhile another upload is stored (the turn is taken only once a body is in)."""
+    bytes, and meanwhile another upload is stored (the turn is taken only once a body is in). The other upload has
+    5 s to be stored before the stalled one is given up (a loaded machine may take over a second)."""
     svc = api.app.state.services  # type: ignore[attr-defined]
-    svc._base_spec, svc.settings.upload_idle_timeout_s, svc.uploads = base, 1.5, asyncio.Semaphore(1)
+    svc._base_spec, svc.settings.upload_idle_timeout_s, svc.uploads = base, 5.0, asyncio.Semaphore(1)
     body = tarball(make_adapter(tmp_path / "a", base, seed=5))
 
     async def stalled_upload() -> list[dict[str, Any]]:
@@ -147,7 +149,7 @@ def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
         time.sleep(0.3)
         assert upload(api, "meanwhile", body).status_code == 201, "the stalled upload holds no turn"
         assert not stalled.done()
-        answer = stalled.result(timeout=10)
+        answer = stalled.result(timeout=30)
     assert answer[0]["status"] == 408 and json.loads(answer[1]["body"])["error"]["code"] == "request_timeout"
     names = {m["name"] for m in api.get("/admin/tenants/acme/adapters").json()["data"]}
     assert names == {"bot", "meanwhile"}, "the stalled upload stored nothing"
@@ -162,20 +164,23 @@ def test_uploads_take_turns_to_be_stored(
     svc._base_spec, svc.uploads = base, asyncio.Semaphore(1)
     monkeypatch.setattr(admin_adapters, "UPLOAD_WAIT_S", 0.3)
     real = adapters.store.check_adapter
+    inside, release = threading.Event(), threading.Event()
 
-    def slow(*args: Any, **kwargs: Any) -> Any:  # the time of a large adapter's unpacking, checks and hashes
-        time.sleep(1.5)
+    def slow(*args: Any, **kwargs: Any) -> Any:  # a large adapter's unpacking, checks and hashes: until released
+        inside.set()
+        assert release.wait(30), "never released"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(adapters.store, "check_adapter", slow)
     body = tarball(make_adapter(tmp_path / "a", base, seed=5))
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(upload, api, "first", body)
-        time.sleep(0.5)
+        assert inside.wait(30), "the first upload never reached its checks"
         busy = upload(api, "busy", body)
         assert "other adapter uploads" in refused(busy, 429, "too_many_uploads", kind="requests")
         assert busy.headers["retry-after"] == "1"
-        assert first.result(timeout=10).status_code == 201
+        release.set()
+        assert first.result(timeout=30).status_code == 201
     assert upload(api, "after", body).status_code == 201, "the turn was let go"
     names = {m["name"] for m in api.get("/admin/tenants/acme/adapters").json()["data"]}
     assert names == {"bot", "first", "after"}

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.testclient import TestClient
 
 from gateway import keys
 from gateway.routes import admin_tenants
-from tests.conftest import ROOT, RedisServer, gateway_env, loragate
+from tests.conftest import ROOT, RedisServer, gateway_env, loragate, sync_redis_client
 from tests.unit.admin_api import refused
 
 
@@ -27,7 +26,7 @@ def test_a_key_left_behind_by_a_deletion_is_refused_for_the_tenant_created_again
     made = api.post("/admin/tenants/acme/keys", json={"role": "manage"}).json()
     auth = {"Authorization": f"Bearer {made['key']}"}
     assert api.get("/v1/models", headers=auth).status_code == 200
-    with sync_redis.Redis.from_url(redis_server.url) as state:
+    with sync_redis_client(redis_server.url) as state:
         state.srem(keys.tenant_keys("acme"), made["id"])
     assert api.delete("/admin/tenants/acme").status_code == 200
     assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201
@@ -85,7 +84,7 @@ def test_limits_stored_past_the_bound_by_an_earlier_release_are_read_as_the_boun
     """The release before the bound took any limit: read back, one above it failed every request of its tenant (or
     key), the tenant list, and the completion log's upkeep of every tenant."""
     key = api.post("/admin/tenants/acme/keys", json={"limits": {"rpm": 5}}).json()
-    with sync_redis.Redis.from_url(redis_server.url, decode_responses=True) as state:
+    with sync_redis_client(redis_server.url, decode_responses=True) as state:
         stored = json.loads(state.get(keys.tenant("acme")))
         stored["limits"] = {"rpm": None, "tpm": 10**16}
         state.set(keys.tenant("acme"), json.dumps(stored))

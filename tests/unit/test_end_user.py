@@ -11,13 +11,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-import redis as sync_redis
 from starlette.testclient import TestClient
 
 from gateway import keys
 from gateway.context import MAX_USER_CHARS
 from gateway.recorder import Recorder
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, sync_redis_client
 from tests.unit.admin_api import BASE
 
 CHAT = {"model": BASE, "messages": [{"role": "user", "content": "hello"}]}
@@ -77,7 +76,7 @@ def logged(api: TestClient, redis_server: RedisServer) -> list[dict[str, Any]]:
     recorder: Recorder = api.app.state.services.recorder  # type: ignore[attr-defined]
     assert api.portal is not None  # the fixture's client is open
     api.portal.call(recorder.written)
-    found = sync_redis.Redis.from_url(redis_server.url).xrange(keys.completion_log("acme"))
+    found = sync_redis_client(redis_server.url).xrange(keys.completion_log("acme"))
     return [json.loads(fields[b"r"]) for _, fields in found]
 
 

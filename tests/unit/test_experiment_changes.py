@@ -32,7 +32,7 @@ from gateway.experiments import (
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.tenants import TenantNotFound, TenantStore
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, redis_client
 from tests.unit.admin_api import BASE, refused
 
 pytestmark = pytest.mark.usefixtures("experiment_tenants")
@@ -238,7 +238,7 @@ async def test_a_change_from_a_stale_read_is_refused_whole(redis: aioredis.Redis
 
 async def test_racing_changes_leave_one_winner(redis_server: RedisServer, redis: aioredis.Redis) -> None:
     """Two processes (two clients) at once: creates of one name, creates on one alias, promote + weights."""
-    clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(2)]
+    clients = [redis_client(redis_server.url, decode_responses=True) for _ in range(2)]
     one, two = (ExperimentStore(client) for client in clients)
     try:
         for trial in range(10):

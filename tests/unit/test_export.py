@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
@@ -39,7 +38,7 @@ from gateway.export import (
 )
 from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
 from gateway.tenants import Tenant
-from tests.conftest import ROOT, RedisServer, free_port
+from tests.conftest import ROOT, RedisServer, free_port, sync_redis_client
 from tests.unit.conftest import emptied
 
 POLICY = LogPolicy()
@@ -319,7 +318,7 @@ def kib(field):  # this process's own (VmHWM: the peak, since its exec), not ru_
 
 async def main():
     url, tenant, path, page, traced = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "True"
-    redis = aioredis.Redis.from_url(url, decode_responses=True)
+    redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
     before = kib("VmRSS")
     if traced:  # its own traces cost memory: only where asked for
         tracemalloc.start()
@@ -566,7 +565,7 @@ async def test_an_export_reads_the_log_as_it_was_when_it_began(
     for _ in range(4):
         record = chat(tenant)
         await log(redis, record, fb(record, thumbs="up"))
-    writer = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    writer = sync_redis_client(redis_server.url, decode_responses=True)
     pages: list[int] = []
 
     def more_meanwhile(read: int, written: int) -> None:  # two new entries per page of two read
@@ -594,7 +593,7 @@ async def test_a_since_no_log_starts_from_is_refused(redis: aioredis.Redis, tena
 
 def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, tmp_path: Path) -> None:
     """`feedback export --since inf` printed an OverflowError's traceback, `--since 1e300` Redis's complaint."""
-    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state = sync_redis_client(redis_server.url, decode_responses=True)
     state.flushdb()
     state.set(keys.tenant("acme"), Tenant(name="acme").model_dump_json())
     env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_RECORDS_REDIS_URL": ""}

@@ -270,11 +270,11 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
 ) -> None:
     """The client of a stream hangs up while its request waits (an adapter loading, a slow engine): the request is
     given up at once (499), not sent on and answered to no one."""
-    started = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     async def slow(_: web.Request) -> web.Response:
         started.set()
-        await asyncio.sleep(2)
+        await release.wait()  # answered once the test is done
         return web.Response(text="data: [DONE]\n\n", content_type="text/event-stream")
 
     runner, url = await serve_engine(slow)
@@ -289,9 +289,10 @@ async def test_a_stream_whose_client_leaves_before_it_starts_is_not_waited_for(
         call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True}, leaves)
         context = call.context
         call.on_finish = finished.append
-        response = await asyncio.wait_for(Forwarder(sessions, pool, placement, Metrics(), 30).forward(call), 1.5)
+        response = await asyncio.wait_for(Forwarder(sessions, pool, placement, Metrics(), 30).forward(call), 10)
         assert response.status_code == 499 and context.status == 499 and finished == [context]
     finally:
+        release.set()
         await sessions.close()
         await runner.cleanup()
 

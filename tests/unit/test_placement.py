@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import types
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.placement import SPREAD_MARGIN, Placement
 from gateway.residency import Residency
 from gateway.routing import Route
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, redis_client
 from tests.unit.test_quotas import SkewedTime
 
 
@@ -386,13 +387,18 @@ async def test_uses_are_shared_every_second_without_a_maintenance_round(
     a, _, session_a = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
     b, _, session_b = await gateway_process(urls, redis_server.url, tmp_path, protect_s=30)
     sharing = asyncio.create_task(app_module._share_uses(types.SimpleNamespace(placement=a), 0.01))  # noqa: SLF001
+    shared = redis_client(redis_server.url, decode_responses=True)
     try:
         for name in ("x", "y", "z"):
             await use(a, route(name))
-        await asyncio.sleep(0.2)  # A never runs `maintain`
+        deadline = time.monotonic() + 10  # A never runs `maintain`: its loop shares them
+        while not {"x@1", "y@1", "z@1"} <= set(await shared.zrange(keys.replica_usage(urls[0]), 0, -1)):
+            assert time.monotonic() < deadline, "A's uses were never shared"
+            await asyncio.sleep(0.05)
         await use(b, route("w"))
         assert {"x@1", "y@1", "z@1", "w@1"} <= fake.loaded, "all in use by A within protect_s: nothing evicted"
     finally:
+        await shared.aclose()
         sharing.cancel()
         await session_a.close()
         await session_b.close()
@@ -405,9 +411,9 @@ async def test_a_renewal_redis_did_not_answer_is_tried_again(
     that goes on (another process would then make room on the replica at the same time)."""
     import redis.asyncio as aioredis
 
-    # renewed every 0.5 s: the first renewal fails, the second (at 1 s) must come before the lock's end (1.5 s),
-    # which leaves a busy machine half a second of lag (at 0.1 s of 0.3, a make test run lost the lock)
-    monkeypatch.setattr(Residency, "LOCK_TTL_MS", 1500)
+    # renewed every 2 s: the first renewal fails, the second (at 4 s) must come before the lock's end (6 s),
+    # which leaves a busy machine 2 s of lag (with 0.1 s of 0.3, a make test run lost the lock; 0.5 of 1.5 is tight)
+    monkeypatch.setattr(Residency, "LOCK_TTL_MS", 6000)
     redis = aioredis.from_url(redis_server.url, decode_responses=True)
     async with aiohttp.ClientSession() as session:
         held = Residency(redis, session, capacity=3)
@@ -426,8 +432,8 @@ async def test_a_renewal_redis_did_not_answer_is_tried_again(
         held._release = once_unanswered  # type: ignore[method-assign] # noqa: SLF001
         async with held.exclusive("http://replica"):
             await asyncio.wait_for(renewed.wait(), 10)
-            # a second of life or more: renewed (the first lease has half a second left by then, at most)
-            assert await redis.pttl(keys.replica_lock("http://replica")) > 1000
+            # four seconds of life or more: renewed (the first lease has two left by then, at most)
+            assert await redis.pttl(keys.replica_lock("http://replica")) > 4000
         assert await redis.exists(keys.replica_lock("http://replica")) == 0, "given back"
     await redis.aclose()
 

@@ -22,7 +22,7 @@ from gateway.quota_leases import LeaseBook
 from gateway.quota_scripts import UNLEASE
 from gateway.quotas import MAX_USED_TOKENS, Admission, QuotaGate, _scopes, duration
 from gateway.tenants import Limits, Tenant
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, redis_client
 
 KEY = Principal(tenant="acme", key_id="k1", role="inference")
 
@@ -44,7 +44,7 @@ async def test_n_processes_admit_exactly_the_limit_between_them(
     no flush runs here to give back what a lease past its lifetime still holds, as a gateway's does every 0.1 s,
     and on a loaded machine (CI's, the AVX2 kind's) the burst outlived the default 1 s: 44 got through (37-45
     with lifetimes of 0.5-10 ms, 50 with 1 s and more, on a quiet one)."""
-    clients = [aioredis.from_url(redis_server.url, decode_responses=True) for _ in range(4)]
+    clients = [redis_client(redis_server.url, decode_responses=True) for _ in range(4)]
     gates = [QuotaGate(client, Metrics(), 256, leases=LeaseBook(lifetime_s=60)) for client in clients]
     tenant = Tenant(name="acme", limits=Limits(rpm=50))
     try:
@@ -295,7 +295,7 @@ def test_rpm_and_tpm_0_mean_no_limit_on_the_command_line(
 
 
 async def _get(url: str, key: str) -> str:
-    client = aioredis.from_url(url, decode_responses=True)
+    client = redis_client(url, decode_responses=True)
     try:
         return str(await client.get(key))
     finally:

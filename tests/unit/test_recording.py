@@ -545,7 +545,7 @@ def first_gateway_write_waits_for_the_next_answer(recorder: Recorder) -> None:
         return got
 
     async def writing(entries: list[dict[str, Any]]) -> Any:
-        await asyncio.wait_for(answered.wait(), 10)  # never answered: the write fails (spooled), and the test with it
+        await asyncio.wait_for(answered.wait(), 60)  # never answered: the write fails (spooled), and the test with it
         return await store_write(entries)
 
     builder.receive = receiving  # type: ignore[method-assign]

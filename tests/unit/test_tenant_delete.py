@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,7 +32,7 @@ from gateway.cli import app as cli
 from gateway.pointers import PointerStore
 from gateway.settings import Settings
 from gateway.tenants import Limits, Tenant, TenantChanges, TenantNotFound, TenantStore
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, redis_client, sync_redis_client
 from tests.unit.admin_api import ADMIN, BASE
 from tests.unit.stand_in_engine import StandInEngine, serving
 from training import train as training_module
@@ -60,7 +60,7 @@ def replica() -> Iterator[str]:
 def test_a_failing_unload_neither_fails_the_deletion_nor_keeps_the_log(
     redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec, replica: str
 ) -> None:
-    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state = sync_redis_client(redis_server.url, decode_responses=True)
     state.flushdb()
     admin_key = SecretStr(ADMIN["Authorization"].removeprefix("Bearer "))
     settings = Settings(home=tmp_path, redis_url=redis_server.url, served_model_name=BASE, admin_key=admin_key)
@@ -89,9 +89,11 @@ def test_an_upload_that_outlasts_its_tenants_deletion_is_not_inherited(
 ) -> None:
     """The upload's own time (streaming, unpacking, hashing) is stood in for by a pause in its validation."""
     real = adapters.store.check_adapter
+    inside, deleted = threading.Event(), threading.Event()
 
     def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(1.0)
+        inside.set()
+        assert deleted.wait(30), "the tenant was never deleted"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(adapters.store, "check_adapter", slow)
@@ -101,8 +103,9 @@ def test_an_upload_that_outlasts_its_tenants_deletion_is_not_inherited(
         upload = pool.submit(
             api.post, "/admin/tenants/acme/adapters?name=secret", content=body, headers={"Content-Type": GZIP}
         )
-        time.sleep(0.3)
+        assert inside.wait(30), "the upload never reached its checks"
         assert api.delete("/admin/tenants/acme").status_code == 200
+        deleted.set()
         uploaded = upload.result(timeout=30)
     assert uploaded.status_code == 404 and uploaded.json()["error"]["code"] == "tenant_not_found"
     assert api.post("/admin/tenants", json={"name": "acme"}).status_code == 201  # another acme
@@ -152,7 +155,7 @@ async def test_a_retraining_run_gives_a_deleted_tenant_and_its_namesake_nothing(
     """acme is deleted through the admin API (which also removes its run folders) and created again: while a run's
     fit step trains, while a run stages its candidate, or before its eval. Each ends with the refusal that says so,
     and leaves no folder (no data, no weights) and no version to the new acme."""
-    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    redis = redis_client(redis_server.url, decode_responses=True)
     settings = Settings(home=tmp_path, redis_url=redis_server.url, served_model_name=base.name, model_dir=tiny_base_dir)
     stack = Stack(settings, redis, redis, "http://127.0.0.1:9")
     fitted = str(make_adapter(tmp_path / "fitted", base, seed=3))

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from gateway import keys
 from gateway.cli import app as cli
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, sync_redis_client
 from training import lease
 from training.publish import RetrainRefused
 
@@ -36,9 +36,9 @@ async def test_a_second_run_on_the_alias_is_refused_until_the_first_ends(redis: 
 
 
 async def test_the_lease_is_renewed_while_the_run_works(redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lease, "LEASE_S", 0.6)
+    monkeypatch.setattr(lease, "LEASE_S", 1.5)  # renewed every 0.5 s: a loaded machine may lag a second
     async with lease.alias_lease(redis, "acme", "support", "run-1"):
-        await asyncio.sleep(1.5)  # past two lifetimes: only renewals keep it
+        await asyncio.sleep(3.5)  # past two lifetimes: only renewals keep it
         assert await redis.get(keys.retrain_lease("acme", "support")) == "run-1"
         with pytest.raises(RetrainRefused):
             async with lease.alias_lease(redis, "acme", "support", "run-2"):
@@ -47,11 +47,11 @@ async def test_the_lease_is_renewed_while_the_run_works(redis: aioredis.Redis, m
 
 async def test_a_dead_runs_lease_frees_itself_and_a_runs_own_is_taken_over(redis: aioredis.Redis) -> None:
     name = keys.retrain_lease("acme", "support")
-    await redis.set(name, "run-dead", px=300)  # a process killed while it held the alias: nobody renews it
+    await redis.set(name, "run-dead", px=2000)  # a process killed while it held the alias: nobody renews it
     with pytest.raises(RetrainRefused, match="run-dead"):
         async with lease.alias_lease(redis, "acme", "support", "run-2"):
             pass
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(2.1)
     async with lease.alias_lease(redis, "acme", "support", "run-2"):
         assert await redis.get(name) == "run-2"
     await redis.set(name, "run-2", px=60_000)  # a step of run-2 killed: the next step of run-2 goes on
@@ -63,9 +63,8 @@ async def test_a_dead_runs_lease_frees_itself_and_a_runs_own_is_taken_over(redis
 def test_train_run_is_refused_while_another_run_retrains_the_alias(
     api: TestClient, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    import redis as sync_redis
 
-    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state = sync_redis_client(redis_server.url, decode_responses=True)
     state.set(keys.retrain_lease("acme", "support"), "20261204-120000-abcdef", px=60_000)
     env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
     command = [sys.executable, "-m", "gateway", "train", "run", "--tenant", "acme", "--alias", "support"]

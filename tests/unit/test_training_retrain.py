@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 
 from adapters import store as store_module
@@ -26,7 +25,7 @@ from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, sync_redis_client
 from training import evaluate, publish
 from training import train as training_module
 from training.config import RetrainConfig
@@ -136,7 +135,7 @@ async def test_a_pin_an_operator_sets_while_the_run_reads_it_is_kept(
     real = world.store.resolve
 
     def operator_pins_meanwhile(*args: Any, **kwargs: Any) -> Any:
-        with sync_redis.Redis.from_url(redis_server.url) as client:
+        with sync_redis_client(redis_server.url) as client:
             client.hset(keys.pins(TENANT), "helper", 1)
         return real(*args, **kwargs)
 
@@ -151,7 +150,7 @@ async def test_the_run_pins_under_the_adapters_lock(
     """As the admin API and the CLI do: a delete of the version it pins (holding the lock) cannot come between the
     run's read and its pin. The lock held elsewhere past WAIT_S: refused, nothing pinned."""
     monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
-    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=30)
+    held = sync_redis_client(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=30)
     assert held.acquire(blocking=False)  # a delete of helper@1 in flight
     try:
         with pytest.raises(version_guard.AdapterBusy):
@@ -170,7 +169,7 @@ async def test_a_publish_step_waits_out_a_lock_held_past_wait_s(
     monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
     said: list[str] = []
     run = await world.run(canary_weight=50)  # first: under load it took longer than the lock below lives
-    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=3)
+    held = sync_redis_client(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=3)
     assert held.acquire(blocking=False)  # expires by itself, as HOLD_S does: 3 s, past WAIT_S however slow the step
     assert await publish_candidate(run, world.stack, said.append, "test") == "helper@2"
     assert any("Another change to `helper` is in progress" in line for line in said), said
@@ -188,7 +187,7 @@ async def test_a_run_failing_before_its_candidate_is_listed_releases_its_pin(
 
     def listing_fails(*args: Any, **kwargs: Any) -> Any:
         if moved:
-            with sync_redis.Redis.from_url(redis_server.url) as client:
+            with sync_redis_client(redis_server.url) as client:
                 client.hset(keys.pins(TENANT), "helper", 1)
         raise OSError("No space left on device")
 
@@ -223,16 +222,16 @@ async def test_a_pin_written_as_the_step_is_stopped_is_released_with_its_candida
     """SIGTERM while the pin is being written: the write ends, the run records it, and removing the candidate
     removes the pin too (before, the pin stayed and the run did not know it was its own)."""
     run = await world.run()
-    real, started = PointerStore.pin_if, threading.Event()
+    real, started, cancelled = PointerStore.pin_if, threading.Event(), threading.Event()
 
     async def slow(self: PointerStore, *args: Any) -> bool:
         written = await real(self, *args)
         started.set()
-        await asyncio.sleep(0.2)  # its reply on its way
+        await asyncio.to_thread(cancelled.wait, 30)  # its reply on its way when the cancellation comes
         return written
 
     monkeypatch.setattr(PointerStore, "pin_if", slow)
-    await _cancelled_once_started(retrain(run, world.stack, quiet), started)
+    await _cancelled_once_started(retrain(run, world.stack, quiet), started, cancelled)
     assert run.state.pinned is None and run.state.candidate is None and world.store.versions("helper") == [1]
     assert await world.redis.hget(keys.pins(TENANT), "helper") is None
 
@@ -305,15 +304,15 @@ async def test_a_listing_stopped_as_it_finished_is_published_and_goes_on(
     """SIGTERM while the version is being listed: the listing ends (its thread cannot be stopped), and the run says
     it is published, not that its candidate is gone; asked again, the step starts the canary."""
     run = await world.run()
-    real, started = publish.publish, threading.Event()
+    real, started, cancelled = publish.publish, threading.Event(), threading.Event()
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         started.set()
-        time.sleep(0.2)
+        cancelled.wait(30)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(publish, "publish", slow)
-    await _cancelled_once_started(retrain(run, world.stack, quiet), started)
+    await _cancelled_once_started(retrain(run, world.stack, quiet), started, cancelled)
     assert world.store.manifest("helper", 2).listed
     assert run.state.published == "helper@2" and run.state.candidate == "helper@2" and run.state.canary is None
     monkeypatch.undo()
@@ -378,11 +377,17 @@ async def test_an_eval_whose_bar_failed_is_not_done_and_publishes_nothing(
     assert not world.store.manifest("helper", 2).listed
 
 
-async def _cancelled_once_started(step: Coroutine[Any, Any, Any], started: threading.Event) -> None:
-    """Run `step`, and cancel it (SIGTERM, Ctrl-C) once its thread has `started`: the cancellation gets through."""
+async def _cancelled_once_started(
+    step: Coroutine[Any, Any, Any], started: threading.Event, cancelled: threading.Event | None = None
+) -> None:
+    """Run `step`, and cancel it (SIGTERM, Ctrl-C) once its thread has `started`: the cancellation gets through.
+    `cancelled` is set once it is asked for (a stand-in step that waits for it is cancelled midway, however slow
+    the machine)."""
     task = asyncio.create_task(step)
-    assert await asyncio.to_thread(started.wait, 5)
+    assert await asyncio.to_thread(started.wait, 30)
     task.cancel()
+    if cancelled is not None:
+        cancelled.set()
     with pytest.raises(asyncio.CancelledError):
         await task
 
@@ -396,7 +401,7 @@ async def test_a_stopped_fit_ends_its_training_thread_first(world: World, monkey
 
     def training(*args: Any, stop: threading.Event | None = None, **kwargs: Any) -> Any:
         started.set()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 stopped.set()
@@ -419,19 +424,19 @@ async def test_a_version_staged_as_the_step_is_stopped_is_removed(
     world.store.remove("helper", 2)
     run.state.done, run.state.candidate = ["dataset", "fit"], None
     run.state.train, run.state.data_card = {"adapter_dir": str(world.folder)}, {"dataset_hash": "0" * 64}
-    real, started, staged = publish.stage, threading.Event(), threading.Event()
+    real, started, staged, cancelled = publish.stage, threading.Event(), threading.Event(), threading.Event()
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         started.set()
-        time.sleep(0.2)  # still copying when the cancellation comes
+        cancelled.wait(30)  # still copying when the cancellation comes
         try:
             return real(*args, **kwargs)
         finally:
             staged.set()
 
     monkeypatch.setattr(publish, "stage", slow)
-    await _cancelled_once_started(stage_candidate(run, world.stack, quiet), started)
-    assert await asyncio.to_thread(staged.wait, 5) and world.store.versions("helper") == [1]
+    await _cancelled_once_started(stage_candidate(run, world.stack, quiet), started, cancelled)
+    assert await asyncio.to_thread(staged.wait, 30) and world.store.versions("helper") == [1]
     assert run.state.candidate is None
 
 

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
@@ -22,7 +21,7 @@ from adapters.validate import BaseModelSpec
 from gateway import keys, version_guard
 from gateway.experiments import Arm, Experiment, ExperimentStore
 from gateway.tenants import TenantStore
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, redis_client, sync_redis_client
 from tests.unit.admin_api import BASE, refused
 
 pytestmark = pytest.mark.usefixtures("experiment_tenants")
@@ -35,7 +34,7 @@ def test_a_delete_and_a_pointer_at_the_same_version_wait_for_each_other(
     as does an alias or experiment being pointed at it, here held by hand)."""
     tenant = "/admin/tenants/acme"
     svc = api.app.state.services  # type: ignore[attr-defined]
-    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state = sync_redis_client(redis_server.url, decode_responses=True)
     held = state.lock(keys.adapter_lock("acme", "bot"), timeout=30)
     with ThreadPoolExecutor(2) as pool:
         assert held.acquire(blocking=False)  # a delete of bot@3 in flight
@@ -65,7 +64,7 @@ def test_a_change_that_waits_too_long_for_the_adapter_is_refused_as_busy(
     api: TestClient, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(version_guard, "WAIT_S", 0.3)
-    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
+    held = sync_redis_client(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
     assert held.acquire(blocking=False)
     try:
         message = refused(api.delete("/admin/tenants/acme/adapters/bot@1"), 409, "adapter_busy")
@@ -143,7 +142,7 @@ def test_another_tenants_adapter_not_shared_is_refused_before_its_lock(
     assert api.post("/admin/tenants", json={"name": "globex"}).status_code == 201
     key = api.post("/admin/tenants/globex/keys", json={"role": "manage"}).json()["key"]
     as_globex = {"Authorization": f"Bearer {key}"}
-    held = sync_redis.Redis.from_url(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
+    held = sync_redis_client(redis_server.url).lock(keys.adapter_lock("acme", "bot"), timeout=30)
     assert held.acquire(blocking=False)  # acme is changing bot
     try:
         answers = []
@@ -154,7 +153,7 @@ def test_another_tenants_adapter_not_shared_is_refused_before_its_lock(
                 (refused(answer, 400, "invalid_alias_target").replace(target, "T"), time.monotonic() - started)
             )
         assert len({message for message, _ in answers}) == 1, "the same answer as for names that do not exist"
-        assert max(seconds for _, seconds in answers) < 0.5, "at once: nobody waited for acme's lock"
+        assert max(seconds for _, seconds in answers) < 5, "at once: nobody waited for acme's lock (10 s)"
     finally:
         held.release()
 
@@ -213,7 +212,7 @@ def test_an_alias_and_an_upload_of_the_same_name_never_both_stand(
     late = store.add(make_adapter(tmp_path / "b", base, seed=8), "late", base, 16, listed=False)
 
     async def publish(manifest: Manifest) -> Manifest:
-        async with aioredis.from_url(redis_server.url, decode_responses=True) as redis:
+        async with redis_client(redis_server.url, decode_responses=True) as redis:
             owner = await TenantStore(redis).get("acme")
             return await version_guard.publish_unaliased(redis, TenantStore(redis), store, owner, manifest)
 
@@ -235,12 +234,12 @@ def test_an_upload_that_cannot_take_its_names_lock_leaves_no_version_behind(
     monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
     store = api.app.state.services.registry.store("acme")  # type: ignore[attr-defined]
     stored = store.add(make_adapter(tmp_path / "a", base, seed=9), "newbot", base, 16, listed=False)
-    state = sync_redis.Redis.from_url(redis_server.url, decode_responses=True)
+    state = sync_redis_client(redis_server.url, decode_responses=True)
     held = state.lock(keys.adapter_lock("acme", "newbot"), timeout=30)
     assert held.acquire(blocking=False)
 
     async def publish() -> Manifest:
-        async with aioredis.from_url(redis_server.url, decode_responses=True) as redis:
+        async with redis_client(redis_server.url, decode_responses=True) as redis:
             owner = await TenantStore(redis).get("acme")
             return await version_guard.publish_unaliased(redis, TenantStore(redis), store, owner, stored)
 

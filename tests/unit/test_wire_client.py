@@ -31,7 +31,7 @@ def mock() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(MOCK_SCRIPT), "--port", str(port)])
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # an interpreter's start, beside vLLM and training in CI
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -57,7 +57,7 @@ async def test_non_stream_requests_in_a_closed_loop(mock: str) -> None:
     result = await wire.closed_loop(address, requests, 4, 0.3)
     assert result.errors == 0 and result.first_error is None
     assert len(result.latencies_s) > 0 and result.statuses == {200: len(result.latencies_s)}
-    assert 0.3 <= result.elapsed_s < 2
+    assert 0.3 <= result.elapsed_s < 10  # stopped once its time is up (the last answers awaited)
     counted = await wire.closed_loop(address, requests, 3, None, count=7)
     assert counted.statuses == {200: 21}
 
@@ -116,7 +116,7 @@ async def test_a_server_that_closes_mid_response_counts_errors_and_does_not_hang
     server, port = await _server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly a part")
     try:
         _, requests = wire.build("GET", f"http://127.0.0.1:{port}/", {}, [b""])
-        result = await asyncio.wait_for(wire.closed_loop(("127.0.0.1", port), requests, 2, 0.3), 5)
+        result = await asyncio.wait_for(wire.closed_loop(("127.0.0.1", port), requests, 2, 1.0), 15)
     finally:
         server.close()
     assert result.errors > 2 and result.latencies_s == []  # each client reconnected after its first loss
@@ -128,11 +128,11 @@ async def test_a_server_that_never_answers_times_out() -> None:
     try:
         _, requests = wire.build("GET", f"http://127.0.0.1:{port}/", {}, [b""])
         started = time.perf_counter()
-        result = await asyncio.wait_for(wire.closed_loop(("127.0.0.1", port), requests, 2, 0.1, timeout_s=0.4), 5)
+        result = await asyncio.wait_for(wire.closed_loop(("127.0.0.1", port), requests, 2, 0.1, timeout_s=0.4), 15)
     finally:
         server.close()
     assert result.errors == 2 and "no response in 0.4 s" in (result.first_error or "")
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 10  # given up after 0.4 s, not hung
 
 
 async def test_a_server_that_closes_after_each_complete_response_is_reconnected_to() -> None:
