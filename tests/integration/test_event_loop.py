@@ -71,8 +71,9 @@ def test_requests_keep_flowing_during_a_large_upload(
     assert upload[0].json()["rank"] == 16 and upload[0].json()["size_bytes"] < PADDING_BYTES
     assert took > 1.0, "the uploads were too quick to show anything"
     assert len(probes) >= 20, f"only {len(probes)} probes answered in {took:.1f} s"
-    # A loop blocked by an upload's reading, unpacking or hashing holds the probes for most of each upload; a loaded
-    # machine (vLLM and training beside this test) may delay a single probe by a second: not a stall of the loop.
+    # A loop blocked by an upload's reading, unpacking or hashing holds a probe for that long, upload after upload; a
+    # loaded machine (vLLM and training beside this test) may delay a single probe by a second or so.
     stalled = sum(p for p in probes if p > 0.1)
-    assert stalled < took / 3, f"probes waited {stalled:.2f} s of a {took:.1f} s upload (longest {max(probes):.2f} s)"
+    assert max(probes) < 2.0, f"the event loop stalled for {max(probes):.2f} s of a {took:.1f} s upload"
+    assert stalled < took / 3, f"probes waited {stalled:.2f} s of a {took:.1f} s upload in all"
     assert answers >= 1

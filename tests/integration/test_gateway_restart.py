@@ -64,6 +64,15 @@ class Traffic:
             self.rated.append((answer.json()["id"], user, rating.json()["id"]))
 
 
+def answering(traffic: Traffic, past: int) -> None:
+    """Wait until the clients have had more than `past` answers, and a second more (on a busy vLLM, 60 s at most)."""
+    deadline = time.monotonic() + 60
+    while len(traffic.answered) <= past:
+        assert time.monotonic() < deadline, f"no answer past the {past} before in 60 s"
+        time.sleep(0.1)
+    time.sleep(1)
+
+
 @pytest.fixture
 def side(gateway: Gateway, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     started = start_side_gateway(tmp_path_factory.mktemp("restart"), redis_server.url, gateway.engine_ports[:1])
@@ -79,13 +88,13 @@ def test_a_restart_under_load_shows_only_connection_errors_and_loses_nothing(
     clients = [threading.Thread(target=traffic.client, args=(side, key, w)) for w in range(3)]
     for thread in clients:
         thread.start()
-    time.sleep(3)
+    answering(traffic, 0)
     before = len(traffic.answered)
     stop_gateway(side)
     home = Path(side.env["LORAGATE_HOME"])
-    restarted = start_gateway(home, side.env, side.engine_ports, ready_timeout=60)
+    restarted = start_gateway(home, side.env, side.engine_ports, ready_timeout=180)
     side.process = restarted.process  # the fixture stops the new process
-    time.sleep(4)
+    answering(traffic, before)
     traffic.stop.set()
     for thread in clients:
         thread.join(timeout=90)

@@ -54,6 +54,14 @@ def until_workers(gateway: Gateway, without: set[int], timeout_s: float = 60) ->
     raise AssertionError(f"no {WORKERS} fresh workers after {timeout_s} s:\n{gateway.log_tail()}")
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie not yet reaped: its sockets are closed either way."""
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
 async def answered(gateway: Gateway, key: str, count: int) -> list[str]:
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=120) as client:
         replies = await asyncio.gather(
@@ -110,6 +118,10 @@ def test_n_workers_serve_and_a_dead_one_is_replaced(served: Gateway) -> None:
     for worker in first:  # each original worker in turn: whichever is left (or its replacement) serves
         os.kill(worker.pid, signal.SIGKILL)
         killed.add(worker.pid)
+        deadline = time.monotonic() + 30  # until its sockets are closed: a connection it had queued would be reset
+        while not exited(worker.pid):
+            assert time.monotonic() < deadline, f"worker {worker.pid} still running after SIGKILL"
+            time.sleep(0.05)
         assert len(asyncio.run(answered(served, key, 4))) == 4
         until_workers(served, killed)
     assert "Child process" in served.log_tail(20_000), "the supervisor noted the dead workers"

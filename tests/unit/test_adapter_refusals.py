@@ -9,7 +9,6 @@ import io
 import json
 import tarfile
 import threading
-import time
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,6 +119,7 @@ def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
     svc = api.app.state.services  # type: ignore[attr-defined]
     svc._base_spec, svc.settings.upload_idle_timeout_s, svc.uploads = base, 5.0, asyncio.Semaphore(1)
     body = tarball(make_adapter(tmp_path / "a", base, seed=5))
+    stalling = threading.Event()
 
     async def stalled_upload() -> list[dict[str, Any]]:
         """An upload sent straight to the app, whose body stops after its first bytes."""
@@ -129,6 +129,7 @@ def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
         async def receive() -> dict[str, Any]:
             for part in parts:
                 return part
+            stalling.set()  # its first bytes read, the rest never comes
             await asyncio.Event().wait()
             raise AssertionError
 
@@ -146,7 +147,7 @@ def test_a_body_that_stops_arriving_is_given_up_and_holds_no_turn(
 
     with ThreadPoolExecutor(1) as pool:
         stalled = pool.submit(api.portal.call, stalled_upload)  # type: ignore[union-attr]
-        time.sleep(0.3)
+        assert stalling.wait(30), "the stalled upload never began"
         assert upload(api, "meanwhile", body).status_code == 201, "the stalled upload holds no turn"
         assert not stalled.done()
         answer = stalled.result(timeout=30)

@@ -594,7 +594,7 @@ async def test_a_since_no_log_starts_from_is_refused(redis: aioredis.Redis, tena
 def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, tmp_path: Path) -> None:
     """`feedback export --since inf` printed an OverflowError's traceback, `--since 1e300` Redis's complaint."""
     state = sync_redis_client(redis_server.url, decode_responses=True)
-    state.flushdb()
+    state.flushdb(asynchronous=True)
     state.set(keys.tenant("acme"), Tenant(name="acme").model_dump_json())
     env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url, "LORAGATE_RECORDS_REDIS_URL": ""}
     command = ["feedback", "export", "--tenant", "acme", "--format", "sft", "--output", str(tmp_path / "out.jsonl")]

@@ -391,7 +391,11 @@ async def test_uses_are_shared_every_second_without_a_maintenance_round(
     try:
         for name in ("x", "y", "z"):
             await use(a, route(name))
-        deadline = time.monotonic() + 10  # A never runs `maintain`: its loop shares them
+        # a load shares its use at once: forgotten here, the uses that follow (no load) are shared by the loop only
+        await shared.delete(keys.replica_usage(urls[0]), keys.replica_recent_uses(urls[0]))
+        for name in ("x", "y", "z"):
+            await use(a, route(name))
+        deadline = time.monotonic() + 10  # A never runs `maintain`
         while not {"x@1", "y@1", "z@1"} <= set(await shared.zrange(keys.replica_usage(urls[0]), 0, -1)):
             assert time.monotonic() < deadline, "A's uses were never shared"
             await asyncio.sleep(0.05)
@@ -486,9 +490,9 @@ async def test_a_use_forgotten_before_the_flush_costs_no_other_replicas_uses(red
     (an emptied replica once made the whole flush fail), and a flush Redis refuses is tried again at the next one."""
     import redis.asyncio as aioredis
 
-    redis = aioredis.from_url(redis_server.url, decode_responses=True)
+    redis = redis_client(redis_server.url, decode_responses=True)
     try:
-        await redis.flushdb()
+        await redis.flushdb(asynchronous=True)
         uses = Residency(redis, None, capacity=3)  # type: ignore[arg-type]
         uses.note_use("r1", "x@1")
         uses.note_use("r2", "y@1")

@@ -151,7 +151,7 @@ async def test_a_revocation_reaches_another_process_through_the_state_watch(redi
     here = redis_client(redis_server.url, decode_responses=True)
     there = redis_client(redis_server.url, decode_responses=True)
     try:
-        await here.flushdb()
+        await here.flushdb(asynchronous=True)
         await TenantStore(here).create("acme")
         mine, theirs = KeyStore(here, 3600), KeyStore(there, 3600)
         watcher = StateWatcher(there, 0.05, [theirs.forget_cached])

@@ -61,7 +61,7 @@ def test_a_failing_unload_neither_fails_the_deletion_nor_keeps_the_log(
     redis_server: RedisServer, tmp_path: Path, base: BaseModelSpec, replica: str
 ) -> None:
     state = sync_redis_client(redis_server.url, decode_responses=True)
-    state.flushdb()
+    state.flushdb(asynchronous=True)
     admin_key = SecretStr(ADMIN["Authorization"].removeprefix("Bearer "))
     settings = Settings(home=tmp_path, redis_url=redis_server.url, served_model_name=BASE, admin_key=admin_key)
     with TestClient(create_app(settings, engine_urls=[replica]), headers=ADMIN) as api:
