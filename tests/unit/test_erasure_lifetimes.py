@@ -212,11 +212,12 @@ async def test_records_and_ratings_are_dated_by_the_records_redis_clock(
     assert set(kept) == {"chatcmpl-2", "chatcmpl-3"}, "made before the erasure by Redis's clock: not kept"
     seconds, micros = await redis.time()
     redis_now = seconds + micros / 1e6
-    assert abs(kept["chatcmpl-2"] - (redis_now + MARGIN_S + 1)) < 1.5
+    # within 10 s: the host's clock is 100 s off, and a loaded machine may take seconds to write the records
+    assert abs(kept["chatcmpl-2"] - (redis_now + MARGIN_S + 1)) < 10
     feedback, stored = await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-3", user="w", thumbs="up"))
-    assert stored and abs(feedback.created - redis_now) < 1.5, "a rating is dated by Redis's clock too"
+    assert stored and abs(feedback.created - redis_now) < 10, "a rating is dated by Redis's clock too"
     (read,) = await store.of_completion(TENANT, "chatcmpl-3")
-    assert abs(read.created - redis_now) < 1.5
+    assert abs(read.created - redis_now) < 10
 
 
 async def test_a_spooled_rating_of_a_completion_known_gone_is_dropped_at_once(

@@ -120,9 +120,10 @@ async def test_key_expiries_hold_by_redis_clock_whatever_the_hosts(
         await cli.rotate(old_info.id, grace_s=30)
         _, rotated = await cli.rotate(info.id, grace_s=3600)
     assert rotated.expires_at == info.expires_at, "a rotated key expires when the one it replaces did"
-    assert info.expires_at is not None and abs(info.expires_at - (await redis_now() + 60)) < 1.5
+    # within 10 s: the host's clock is 100 s off, and a loaded machine may take seconds over the writes above
+    assert info.expires_at is not None and abs(info.expires_at - (await redis_now() + 60)) < 10
     grace_ends = float(await redis.hget(api_key(old_info.id), "expires_at") or 0)
-    assert abs(grace_ends - (await redis_now() + 30)) < 1.5
+    assert abs(grace_ends - (await redis_now() + 30)) < 10
     for never in (math.nan, math.inf, 0.0):
         with pytest.raises(InvalidKeyRequest):
             await cli.create("acme", expires_in_s=never)
