@@ -157,16 +157,16 @@ class RedisServer:
         except (OSError, subprocess.SubprocessError):
             pass
         deadline = time.monotonic() + 5
-        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        while pid is not None and alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         try:
-            if pid is not None and _alive(pid) and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if pid is not None and alive(pid) and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running: not gone, and not a zombie (a daemonised server's exit waits for PID 1 to reap it)."""
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)

@@ -66,10 +66,7 @@ class Traffic:
 
 def answering(traffic: Traffic, past: int) -> None:
     """Wait until the clients have had more than `past` answers, and a second more (on a busy vLLM, 60 s at most)."""
-    deadline = time.monotonic() + 60
-    while len(traffic.answered) <= past:
-        assert time.monotonic() < deadline, f"no answer past the {past} before in 60 s"
-        time.sleep(0.1)
+    assert eventually(lambda: len(traffic.answered) > past, timeout=60), f"no answer past the {past} before in 60 s"
     time.sleep(1)
 
 

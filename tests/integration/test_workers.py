@@ -15,7 +15,9 @@ import openai
 import psutil
 import pytest
 
+from loadtest.services import alive
 from tests.conftest import MODEL, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway
+from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +54,6 @@ def until_workers(gateway: Gateway, without: set[int], timeout_s: float = 60) ->
             return found
         time.sleep(0.2)
     raise AssertionError(f"no {WORKERS} fresh workers after {timeout_s} s:\n{gateway.log_tail()}")
-
-
-def exited(pid: int) -> bool:
-    """Gone, or a zombie not yet reaped: its sockets are closed either way."""
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def answered(gateway: Gateway, key: str, count: int) -> list[str]:
@@ -118,10 +112,8 @@ def test_n_workers_serve_and_a_dead_one_is_replaced(served: Gateway) -> None:
     for worker in first:  # each original worker in turn: whichever is left (or its replacement) serves
         os.kill(worker.pid, signal.SIGKILL)
         killed.add(worker.pid)
-        deadline = time.monotonic() + 30  # until its sockets are closed: a connection it had queued would be reset
-        while not exited(worker.pid):
-            assert time.monotonic() < deadline, f"worker {worker.pid} still running after SIGKILL"
-            time.sleep(0.05)
+        # until its sockets are closed (gone, or a zombie): a connection it had queued would be reset
+        assert eventually(lambda pid=worker.pid: not alive(pid), timeout=30), f"worker {worker.pid} still running"
         assert len(asyncio.run(answered(served, key, 4))) == 4
         until_workers(served, killed)
     assert "Child process" in served.log_tail(20_000), "the supervisor noted the dead workers"
@@ -136,6 +128,6 @@ def test_stopping_the_gateway_stops_every_worker(
     processes = [psutil.Process(side.process.pid), *psutil.Process(side.process.pid).children(recursive=True)]
     assert len(workers(side)) == WORKERS and len(processes) > WORKERS + 1, "workers and their record builders"
     stop_gateway(side)
-    gone, alive = psutil.wait_procs(processes, timeout=30)
-    assert not alive, f"left running after the gateway stopped: {[p.pid for p in alive]}"
+    _, running = psutil.wait_procs(processes, timeout=30)
+    assert not running, f"left running after the gateway stopped: {[p.pid for p in running]}"
     assert side.process.returncode == 0

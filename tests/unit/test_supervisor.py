@@ -17,6 +17,7 @@ import pytest
 
 from gateway.engine.supervisor import EngineProcess, EngineSupervisor, cpu_shares, engine_env, usable_cpus
 from gateway.settings import Settings
+from loadtest.services import alive
 from tests.conftest import free_port
 
 FAKE_ENGINE = """
@@ -41,13 +42,6 @@ async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.1)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def engine_child(engine: EngineProcess) -> psutil.Process:
@@ -97,7 +91,7 @@ async def test_an_engine_alive_but_unhealthy_is_replaced(engine: EngineProcess, 
     first = engine.pid
     (tmp_path / "sick").touch()
     await until(lambda: engine.restarts == 1)
-    await until(lambda: gone(first))  # restarts counts the restart before the old process is stopped
+    await until(lambda: not alive(first))  # restarts counts the restart before the old process is stopped
     (tmp_path / "sick").unlink()
     await until(lambda: engine.pid != first and starts(engine) >= 2)
 
