@@ -360,6 +360,10 @@ LABELS: dict[str, re.Pattern[str]] = {
 """Keys whose string values are the API's own labels, never what a user wrote, when they have a label's shape:
 `map_strings` leaves those as they are (an id's digits are not a phone number). Any other value is redacted (a
 `metadata` field named `role` holds what the application put there)."""
+CALL_LABELS: dict[str, re.Pattern[str]] = {**LABELS, "id": LABELS["tool_call_id"]}
+"""LABELS in a tool call (a dict whose `function` is one): its `id` is the label a tool message's `tool_call_id` names,
+kept or redacted as that is, so that the two still match in a record (`call_4155552671`, not `call_[PHONE]` beside
+the tool message's `call_4155552671`)."""
 _PLAIN_KEY = re.compile(r"[A-Za-z_]{1,64}")
 """A dict key that holds nothing to redact (no digit, no `@`): left as it is, the rest are redacted like values."""
 
@@ -371,8 +375,8 @@ def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str
     return map_strings(value, lambda text: redactor.redact_into(text, counts)), counts
 
 
-def _label_or(key: str, text: str, change: Callable[[str], str]) -> str:
-    label = LABELS.get(key)
+def _label_or(key: str, text: str, change: Callable[[str], str], labels: dict[str, re.Pattern[str]]) -> str:
+    label = labels.get(key)
     return text if label is not None and label.fullmatch(text) else change(text)
 
 
@@ -384,12 +388,15 @@ _API_KEYS = frozenset({"role", "content", "name", "type", "text", "tool_calls", 
 
 def map_strings(value: Any, change: Callable[[str], str]) -> Any:
     """A copy of a JSON-like value with `change` applied to each of its strings and dict keys but the values of
-    LABELS of a label's shape and plain keys (the value itself is not modified)."""
+    LABELS (CALL_LABELS in a tool call) of a label's shape and plain keys (the value itself is not modified)."""
     if isinstance(value, str):
         return change(value)
     if isinstance(value, dict):
+        labels = CALL_LABELS if isinstance(value.get("function"), dict) else LABELS
         return {
-            (key if key in _API_KEYS or _PLAIN_KEY.fullmatch(key) else change(key)): _label_or(key, item, change)
+            (key if key in _API_KEYS or _PLAIN_KEY.fullmatch(key) else change(key)): (
+                _label_or(key, item, change, labels)
+            )
             if isinstance(item, str)
             else item
             if type(item) in _SCALARS

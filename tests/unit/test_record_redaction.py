@@ -60,6 +60,27 @@ def test_the_apis_own_labels_are_kept_and_what_only_sits_where_a_label_would_is_
     assert record["redactions"]["email"] == 4 and record["redactions"]["card"] == 1
 
 
+def test_a_tool_calls_id_is_kept_or_redacted_as_the_tool_call_id_naming_it() -> None:
+    """An assistant's tool call and the tool message answering it name one id: both kept where it has a label's
+    shape (the digits of `call_4155552671` are no phone number in either place), both redacted where it does not, so
+    the two still match in the record and in its exports. An `id` outside a tool call is redacted as any value."""
+    ids = ["call_4155552671", "chatcmpl-tool-192.168.1.20", "call_" + EMAIL]
+
+    def call(i: str) -> dict[str, Any]:
+        return {"id": i, "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+
+    messages = [
+        {"role": "user", "content": "where is my order?"},
+        {"role": "assistant", "content": None, "tool_calls": [call(i) for i in ids]},
+        *({"role": "tool", "tool_call_id": i, "content": "shipped"} for i in ids),
+    ]
+    record = stored(messages=messages, metadata={"id": "4155552671"})
+    kept = record["request"]["messages"]
+    calls, answers = [c["id"] for c in kept[1]["tool_calls"]], [m["tool_call_id"] for m in kept[2:]]
+    assert calls == answers == ["call_4155552671", "chatcmpl-tool-[IP]", "[EMAIL]"]
+    assert record["request"]["params"]["metadata"] == {"id": "[PHONE]"}
+
+
 def test_a_cut_after_redaction_shortened_the_text_keeps_no_part_of_a_finding() -> None:
     """Redaction shortens what comes before the cut (long e-mails become `[EMAIL]`): the kept text ended inside
     the first slice, in an e-mail that slice had cut in two and so was not found (`...john.smith@e`)."""
