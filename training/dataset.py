@@ -43,7 +43,8 @@ Row = dict[str, Any]
 KINDS = ("sft", "dpo", "kto")
 SPLITS = ("train", "validation", "test")
 EVAL_FILE = "eval.jsonl"
-"""Test prompts with a reference, for the evaluator: {"prompt": messages or text, "reference": text}."""
+"""Test prompts with a reference, for the evaluator: {"prompt": messages or text, "reference": text}, and the request's
+`tools` where it declared some (asked with them)."""
 SETTINGS = ("seed", "split", "near_duplicate_threshold", "redact_pii", "label_pattern", "endpoint", "min_examples")
 """The config fields a data card records."""
 FILTERS = MappingProxyType(
@@ -146,6 +147,8 @@ class _Group:
 
     id: str
     prompt: Prompt
+    tools: str | None
+    """The request's tool definitions (canonical JSON), which the eval gate asks with."""
     reference: str | None
     sft: list[Row]
     dpo: list[Row]
@@ -231,6 +234,7 @@ def _prepared(group: list[Sample]) -> _Group:
     return _Group(
         group[0].key,
         prompt,
+        origin.tools,
         reference,
         sft=[head | {"completion": answer(prompt, c)} for c in chosen],
         dpo=[head | {"chosen": answer(prompt, c), "rejected": answer(prompt, t)} for c in chosen for t in worse],
@@ -293,7 +297,11 @@ def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
     usable = len(rows["train"][config.method])
     if usable < config.min_examples:
         raise NotEnoughData(config.method, usable, config.min_examples, filters)
-    eval_rows = [{"prompt": g.prompt, "reference": g.reference} for g in splits["test"] if g.reference is not None]
+    eval_rows = [
+        {"prompt": g.prompt, **tools_field(g.tools), "reference": g.reference}
+        for g in splits["test"]
+        if g.reference is not None
+    ]
     if not eval_rows:
         reason = _no_references(len(splits["test"]))
         raise NotEnoughData(config.method, usable, config.min_examples, filters, reason=reason)

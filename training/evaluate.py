@@ -44,6 +44,14 @@ class EvalRow(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[dict[str, Any]], Field(min_length=1)]
     reference: str
+    tools: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
+    """The tool definitions a chat prompt is asked with (as the request that made it declared them: a list, or its JSON
+    as dataset rows carry it)."""
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools_of_a_row(cls, tools: Any) -> Any:
+        return json.loads(tools) if isinstance(tools, str) else tools
 
     @model_validator(mode="before")
     @classmethod
@@ -61,6 +69,12 @@ class EvalRow(BaseModel):
         if isinstance(prompt, list) and not all("role" in message for message in prompt):
             raise ValueError("every message of a chat prompt needs a role")
         return prompt
+
+    @model_validator(mode="after")
+    def _tools_only_with_messages(self) -> EvalRow:
+        if self.tools is not None and isinstance(self.prompt, str):
+            raise ValueError("tools go with a chat prompt (messages), not a text prompt")
+        return self
 
 
 def load_rows(path: str | Path) -> list[EvalRow]:
@@ -91,9 +105,11 @@ async def answer_one(
     prompt: Prompt,
     *,
     max_tokens: int,
+    tools: list[dict[str, Any]] | None = None,
     extra_headers: dict[str, str] | None = None,
 ) -> Answer:
-    """One greedy (temperature 0) answer; a failed request becomes an Answer with its error."""
+    """One greedy (temperature 0) answer, a chat prompt asked with its `tools` (an answer that calls one has no text);
+    a failed request becomes an Answer with its error."""
     start = time.perf_counter()
     try:
         if isinstance(prompt, str):
@@ -102,12 +118,14 @@ async def answer_one(
             )
             texts = [choice.text for choice in completion.choices]
         else:
+            declared: dict[str, Any] = {"tools": tools} if tools else {}  # none: left out (openai 1.x has no `omit`)
             chat = await client.chat.completions.create(
                 model=model,
                 messages=cast("list[ChatCompletionMessageParam]", as_sent(prompt)),
                 max_tokens=max_tokens,
                 temperature=0,
                 extra_headers=extra_headers,
+                **declared,
             )
             texts = [choice.message.content or "" for choice in chat.choices]
     except openai.OpenAIError as exc:
@@ -122,29 +140,32 @@ async def answer_one(
 async def answer_all(
     client: openai.AsyncOpenAI,
     model: str,
-    prompts: Sequence[Prompt],
+    rows: Sequence[EvalRow],
     *,
     max_tokens: int,
     concurrency: int = 4,
     extra_headers: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> list[Answer]:
-    """The model's answers to the prompts, in their order, at most `concurrency` requests at a time.
+    """The model's answers to the rows' prompts (each with its tools), in their order, at most `concurrency`
+    requests at a time.
 
     Give the client `max_retries=0` to count every failure rather than retry it into the latencies.
     """
     semaphore = asyncio.Semaphore(concurrency)
     answered = [0]
 
-    async def one(prompt: Prompt) -> Answer:
+    async def one(row: EvalRow) -> Answer:
         async with semaphore:
-            answer = await answer_one(client, model, prompt, max_tokens=max_tokens, extra_headers=extra_headers)
+            answer = await answer_one(
+                client, model, row.prompt, max_tokens=max_tokens, tools=row.tools, extra_headers=extra_headers
+            )
         answered[0] += 1
         if progress is not None:
-            progress(answered[0], len(prompts))
+            progress(answered[0], len(rows))
         return answer
 
-    return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+    return list(await asyncio.gather(*(one(row) for row in rows)))
 
 
 class Scores(BaseModel):
@@ -339,11 +360,10 @@ async def evaluate(
 
     async def ask(label: str, model: str, asked: Sequence[EvalRow]) -> list[Answer]:
         report = functools.partial(progress, label) if progress is not None else None
-        prompts = [row.prompt for row in asked]
         return await answer_all(
             client,
             model,
-            prompts,
+            asked,
             max_tokens=config.max_new_tokens,
             concurrency=concurrency,
             extra_headers=extra_headers,

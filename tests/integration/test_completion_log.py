@@ -22,7 +22,7 @@ from adapters.validate import BaseModelSpec
 from gateway import keys
 from tests.conftest import ADMIN_KEY, MODEL, Gateway, RedisServer, create_key, loragate, sync_redis_client
 from tests.integration.conftest import add_synthetic, eventually
-from training.evaluate import answer_one
+from training.evaluate import EvalRow, answer_one
 
 pytestmark = pytest.mark.integration
 
@@ -382,8 +382,9 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
     result = {"role": "tool", "content": "18 C", "tool_call_id": call["id"]}
     tools = json.dumps([WEATHER_TOOL], sort_keys=True)
     eval_client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=team.key, max_retries=0)
-    asked_again = asyncio.run(answer_one(eval_client, MODEL, sft[1]["messages"][:-1], max_tokens=4))
-    assert asked_again.error is None, "the retraining eval sends such a prompt as the API takes it"
+    row = EvalRow(prompt=sft[1]["messages"][:-1], reference="It is 18 C in Paris.", tools=sft[1]["tools"])
+    asked_again = asyncio.run(answer_one(eval_client, MODEL, row.prompt, max_tokens=4, tools=row.tools))
+    assert asked_again.error is None, "the retraining eval sends such a prompt, with its tools, as the API takes it"
     assert sft == [
         {"messages": [*ask, calling], "tools": tools},
         {"messages": [*ask, called, result, {"role": "assistant", "content": "It is 18 C in Paris."}], "tools": tools},

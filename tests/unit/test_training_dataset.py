@@ -517,6 +517,23 @@ def test_an_exported_tool_conversation_trains_as_exported(tmp_path: Path) -> Non
         }
 
 
+def test_the_eval_rows_carry_the_tools_their_prompts_were_asked_with() -> None:
+    """The eval gate asks each test prompt as its request was made: with the tools it declared (the answer it scores
+    may differ when the model can call one), and a prompt that declared none without."""
+    tools = json.dumps([{"type": "function", "function": {"name": "weather"}}], sort_keys=True)
+    samples = [
+        Sample(p, f"{tools if n % 2 else ''}{p}", f"Sunny in city {n}.", 1.0, None, None, tools if n % 2 else None)
+        for n in range(40)
+        for p in [user(f"What is the weather in city {n} today? " + " ".join(f"w{n}x{i}" for i in range(12)))]
+    ]
+    built = build(loaded(*samples), config())
+    rows = [json.loads(line) for line in built.files[dataset.EVAL_FILE].splitlines()]
+    asked = {row["prompt"][0]["content"]: row.get("tools") for row in rows}
+    declared = {s.prompt[0]["content"]: s.tools for s in samples}
+    assert rows and {text: declared[text] for text in asked} == asked
+    assert {tools, None} <= set(asked.values()), "some of the test prompts declared tools, some did not"
+
+
 def test_the_tools_a_prompt_called_are_words_of_it_for_near_duplicates() -> None:
     """Two conversations alike but for the tool they called are not near duplicates (their answers are not
     interchangeable)."""

@@ -312,6 +312,14 @@ def test_load_rows_reads_both_files(tmp_path: Path) -> None:
     ]
 
 
+def test_load_rows_reads_the_tools_a_prompt_is_asked_with_as_rows_carry_them(tmp_path: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "weather"}}]
+    path = tmp_path / "eval.jsonl"
+    lines = [{"prompt": chat("Paris?"), "reference": "Sunny.", "tools": json.dumps(tools)}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in [*lines, {**lines[0], "tools": tools}]))
+    assert [row.tools for row in load_rows(path)] == [tools, tools]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -319,6 +327,9 @@ def test_load_rows_reads_both_files(tmp_path: Path) -> None:
         '{"prompt": "x"}',
         '{"prompt": "", "reference": "x"}',
         '{"prompt": [{"content": "x"}], "reference": ""}',
+        '{"prompt": "x", "reference": "y", "tools": [{"type": "function"}]}',
+        '{"prompt": [{"role": "user", "content": "x"}], "reference": "y", "tools": []}',
+        '{"prompt": [{"role": "user", "content": "x"}], "reference": "y", "tools": "[{"}',
     ],
 )
 def test_load_rows_names_a_bad_line(tmp_path: Path, bad: str) -> None:
@@ -370,12 +381,14 @@ def chat(text: str) -> list[dict[str, Any]]:
 async def test_answer_all_sends_greedy_requests_and_keeps_failures() -> None:
     gateway = FakeGateway()
     prompts: list[str | list[dict[str, Any]]] = [chat("a"), "b", chat("fail"), chat("d"), "e", "f"]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    rows = [EvalRow(prompt=p, reference="", tools=tools if p == chat("d") else None) for p in prompts]
     progress: list[tuple[int, int]] = []
     async with gateway.client() as client:
         answers = await answer_all(
             client,
             "acme/triage@v3",
-            prompts,
+            rows,
             max_tokens=16,
             concurrency=2,
             extra_headers={"x-eval": "1"},
@@ -392,6 +405,8 @@ async def test_answer_all_sends_greedy_requests_and_keeps_failures() -> None:
     bodies = [json.loads(r.content) for r in gateway.requests]
     assert all(b["temperature"] == 0 and b["model"] == "acme/triage@v3" and b["max_tokens"] == 16 for b in bodies)
     assert all(r.headers["x-eval"] == "1" for r in gateway.requests)
+    assert [b.get("tools") for b in bodies if b.get("messages") == chat("d")] == [tools], "asked with its tools"
+    assert sum("tools" in b for b in bodies) == 1, "the others without"
     paths = sorted(r.url.path for r in gateway.requests)
     assert paths == ["/v1/chat/completions"] * 3 + ["/v1/completions"] * 3
     assert gateway.most_in_flight == 2
