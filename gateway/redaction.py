@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 from stdnum import iban, luhn, numdb
 
+from gateway.json_placeholders import json_kept
 from gateway.phones import MAX_PHONE_CHECKS, MAX_PHONE_RUN_CHARS, PHONE_RUN, phone_library
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
@@ -210,6 +211,9 @@ _PASSES: tuple[_Pass, ...] = (  # in the order they run
 )
 
 
+_PLACEHOLDERS = frozenset(p.placeholder for p in _PASSES)
+
+
 def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
     """`text` with every span (ascending, disjoint) replaced by `placeholder`, and how many there were."""
     parts: list[str] = []
@@ -343,13 +347,14 @@ class Redactor:
         self, text: str, shape: bytes, digits: int, counts: Findings
     ) -> tuple[str, tuple[tuple[str, int], ...]]:
         found: list[tuple[str, int]] = []
+        redacted = text
         for p in self._passes:
-            if digits < p.min_digits or p.needle not in text or (shape and p.shape not in shape):
+            if digits < p.min_digits or p.needle not in redacted or (shape and p.shape not in shape):
                 continue
-            text, n = _splice(text, p.find(text, self._phones, counts), p.placeholder)
+            redacted, n = _splice(redacted, p.find(redacted, self._phones, counts), p.placeholder)
             if n:
                 found.append((p.kind, n))
-        return text, tuple(found)
+        return (json_kept(text, redacted, _PLACEHOLDERS) if found else redacted), tuple(found)
 
 
 LABELS: dict[str, re.Pattern[str]] = {

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway import keys
+from gateway.answer import Answer
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, build_entries, raw_record
@@ -79,6 +80,23 @@ def test_a_tool_calls_id_is_kept_or_redacted_as_the_tool_call_id_naming_it() -> 
     calls, answers = [c["id"] for c in kept[1]["tool_calls"]], [m["tool_call_id"] for m in kept[2:]]
     assert calls == answers == ["call_4155552671", "chatcmpl-tool-[IP]", "[EMAIL]"]
     assert record["request"]["params"]["metadata"] == {"id": "[PHONE]"}
+
+
+def test_tool_call_arguments_stay_json_where_a_number_was_redacted() -> None:
+    """A phone or card number written as a JSON number leaves a placeholder outside any string: quoted, so that the
+    arguments (of an earlier turn's call and of the answer's) still parse, as exports and chat templates read them."""
+    arguments = json.dumps({"to": EMAIL, "phone": 2025550143, "card": 4111111111111111, "note": "ring 2025550143"})
+    call = {"id": "call_1", "type": "function", "function": {"name": "notify", "arguments": arguments}}
+    ctx = context(TENANT, 1, messages=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    ctx.answer = Answer(body=json.dumps({"id": "c1", "choices": [{"index": 0, "message": message}]}).encode())
+    (entry,) = build_entries([raw_record(ctx)])
+    record = json.loads(entry["record"])
+    sent = record["request"]["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    answered = record["choices"][0]["tool_calls"][0]["function"]["arguments"]
+    expected = {"to": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "note": "ring [PHONE]"}
+    assert json.loads(sent) == json.loads(answered) == expected
+    assert record["redactions"] == {"email": 2, "phone": 4, "card": 2}
 
 
 def test_a_cut_after_redaction_shortened_the_text_keeps_no_part_of_a_finding() -> None:

@@ -232,6 +232,22 @@ def test_redact_value_walks_chat_messages() -> None:
     assert messages[1]["content"].startswith("My e-mail is bob@")  # the input is not modified
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"phone": 2025550143}', '{"phone": "[PHONE]"}'),
+        ('[4111111111111111, "a@b.io", "x [PHONE] y"]', '["[CARD]", "[EMAIL]", "x [PHONE] y"]'),
+        ('{"ip": 10.1.2.3 }', '{"ip": [IP] }'),  # not JSON before: left as redaction made it
+        ('{"n": "ring \\" 2025550143"}', '{"n": "ring \\" [PHONE]"}'),  # inside a string (an escaped quote before)
+        ("call 2025550143 [1]", "call [PHONE] [1]"),
+        ("2025550143", "[PHONE]"),  # one number: no object or array to keep
+    ],
+)
+def test_json_stays_json_where_a_bare_number_was_redacted(text: str, expected: str) -> None:
+    redacted, _ = Redactor().redact(text)
+    assert redacted == expected
+
+
 def test_redact_value_on_scalars() -> None:
     assert redact_value(Redactor(), "mail a@b.io") == ("mail [EMAIL]", Counter(email=1))
     assert redact_value(Redactor(), 42) == (42, Counter())
