@@ -90,16 +90,14 @@ async def _forget_past_age(redis: aioredis.Redis, tenant: str, user: str, max_ag
     seconds, micros = await redis.time()
     aged = int((seconds + micros / 1e6 - max_age_s + MARGIN_S) * 1000)
     while page := await redis.xrange(log, start, "+", count=PAGE):
-        records = [(entry, json.loads(fields["r"])) for entry, fields in page]
+        records = [(entry, *id_and_user(fields)) for entry, fields in page]
         async with redis.pipeline(transaction=False) as pipe:
-            for _, record in records:
-                pipe.exists(keys.completion(str(record.get("id"))))
+            for _, completion_id, _ in records:
+                pipe.exists(keys.completion(str(completion_id)))
             indexed = await pipe.execute()
-        unindexed = {entry for (entry, _), has in zip(records, indexed, strict=True) if not has}
+        unindexed = {entry for (entry, _, _), has in zip(records, indexed, strict=True) if not has}
         theirs = [
-            entry
-            for entry, record in records
-            if record.get("user") == user and (entry in unindexed or entry_ms(entry) <= aged)
+            entry for entry, _, owner in records if owner == user and (entry in unindexed or entry_ms(entry) <= aged)
         ]
         if theirs:
             removed += int(await redis.xdel(log, *theirs))
@@ -121,7 +119,7 @@ async def _delete_record(
     completion: others' ratings still in a spool, or sent to a process that answered it, quote the erased
     conversation and would bring its ratings back."""
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)
-    if found and json.loads(found[0][1]["r"]).get("user") != user:
+    if found and id_and_user(found[0][1])[1] != user:
         return 0
     await redis.set(keys.completion(completion_id), TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S))
     if not found:
@@ -155,7 +153,7 @@ async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
     Returns the records deleted."""
     stream, start, deleted = keys.completion_log(tenant), "-", 0
     while entries := await redis.xrange(stream, min=start, max="+", count=PAGE):
-        ids = [json.loads(fields["r"]).get("id") for _, fields in entries]
+        ids = [id_and_user(fields)[0] for _, fields in entries]
         await redis.delete(*(keys.completion(i) for i in ids if i))
         deleted += len(entries)
         ms, seq = entries[-1][0].split("-")
@@ -165,6 +163,15 @@ async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
         async for key in redis.scan_iter(match=pattern, count=PAGE):
             await redis.delete(key)
     return deleted
+
+
+def id_and_user(fields: dict[str, str]) -> tuple[str | None, str | None]:
+    """A log entry's completion id and end user (None for none), from its fields `c` and `u`: its record is parsed
+    (up to 256 K characters of JSON, on the event loop) only for an entry written before it had them."""
+    if "c" in fields:
+        return fields["c"] or None, fields.get("u") or None
+    record = json.loads(fields["r"])
+    return record.get("id"), record.get("user")
 
 
 def entry_ms(entry: str) -> int:

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.erasure import forget_user
+from gateway.erasure import forget_user, id_and_user
 from gateway.metrics import Metrics
 from gateway.recorder import Recorder
 from gateway.records import LogPolicy
@@ -62,3 +62,15 @@ async def test_erasure_finds_records_whose_index_has_expired(redis: aioredis.Red
 async def test_the_trim_drops_every_record_past_the_age_limit(redis: aioredis.Redis, aged: Recorder) -> None:
     await aged.trim({"t": TENANT.logging})
     assert await users_in_log(redis) == ["bo"], "only the record within the age limit, though it shares a node"
+
+
+async def test_erasure_finds_entries_as_older_versions_wrote_them(redis: aioredis.Redis, aged: Recorder) -> None:
+    """Entries written before they named their completion and end user (`c`, `u`) hold only the record: erasure
+    reads those two from it (newer entries are not parsed: a record is up to 256 K characters)."""
+    for n, user in ((20, "ann"), (21, "bo")):
+        record = {"id": f"chatcmpl-{n}", "tenant": "t", "user": user}
+        await redis.xadd(keys.completion_log("t"), {"r": json.dumps(record)})  # no index: as if past its age
+    assert id_and_user({"r": "{}"}) == (None, None) and id_and_user({"r": "{}", "c": "x", "u": ""}) == ("x", None)
+    removed = await forget_user(redis, "t", "ann", TENANT.logging)
+    assert removed == {"completions": 4, "feedback": 0}
+    assert await users_in_log(redis) == ["bo", "bo", "bo"]
