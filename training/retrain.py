@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adapters import base_model
 from adapters.manifest import Manifest
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
@@ -42,10 +43,10 @@ Progress = Callable[[str], None]
 T = TypeVar("T")
 
 
-def _base_dir(settings: Settings) -> Path:
-    from gateway.cli.serve import base_folder
-
-    return base_folder(settings)
+def _base_dir(settings: Settings, progress: Progress) -> Path:
+    """The unquantised base the candidate is trained on and validated against (the default model prepared on first
+    use, as the gateway prepares it)."""
+    return settings.model_dir if settings.model_dir is not None else base_model.prepare(settings.models_root, progress)
 
 
 async def build_dataset(run: Run, stack: Stack, progress: Progress) -> dataset.DataCard:
@@ -73,7 +74,7 @@ async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) 
     run.require("dataset")
     _not_published(run, "fit")
     await _owner(run, stack)
-    base_dir = await asyncio.to_thread(_base_dir, stack.settings)
+    base_dir = await asyncio.to_thread(_base_dir, stack.settings, progress)
     stop = threading.Event()
     result = await _in_thread(functools.partial(
         train.train, run.config, run.data, base_dir, run.fit_dir,
@@ -154,7 +155,8 @@ async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
     state, settings = run.state, stack.settings
     assert state.serving is not None and state.train is not None
     owner, store = await _owner(run, stack), stack.registry.store(state.tenant)
-    spec = await asyncio.to_thread(lambda: BaseModelSpec.from_folder(_base_dir(settings), settings.served_model_name))
+    base_dir = await asyncio.to_thread(_base_dir, settings, progress)
+    spec = await asyncio.to_thread(BaseModelSpec.from_folder, base_dir, settings.served_model_name)
     staged = await _in_thread(functools.partial(
         publish.stage, store, Path(state.train["adapter_dir"]),
         state.serving["adapter_name"], spec, settings.max_lora_rank, _provenance(run, settings.served_model_name),
