@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.clock import RedisClock
+from gateway.engine.pool import loaded_adapters
 from gateway.errors import EngineUnavailable
 
 log = logging.getLogger("loragate.residency")
@@ -116,14 +117,7 @@ class Residency:
 
     async def loaded(self, replica: str) -> list[str] | None:
         """The adapters vLLM says the replica holds, or None when it cannot be asked."""
-        try:
-            async with self._session.get(f"{replica}/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                models = (await resp.json()).get("data", []) if resp.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return None
-        if models is None:
-            return None
-        return [m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)]
+        return await loaded_adapters(self._session, replica, timeout_s=5)
 
     def note_use(self, replica: str, name: str) -> None:
         now = self._clock.now()

@@ -4,7 +4,6 @@ started."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import shlex
@@ -21,6 +20,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from gateway.cli.serve import event_loop_factory as event_loop_factory  # the gateway's own loop, for the clients
 from loadtest.services import HERE, BenchError, Stack
 
 console = Console(stderr=True, highlight=False)
@@ -115,14 +115,6 @@ class Ticker:
         if self.pending:
             self.progress.advance(self.task, self.pending)
             self.pending = 0
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 def run_and_clean_up(stack: Stack, workdir: Path, keep_workdir: bool, body: Callable[[], None]) -> int:

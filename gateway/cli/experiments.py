@@ -102,14 +102,8 @@ def show(name: str, tenant: Tenant) -> None:
     from datetime import UTC, datetime
 
     from gateway.experiment_results import results
-    from gateway.experiments import ExperimentStore
 
-    async def read(redis: Any) -> Any:
-        store = ExperimentStore(redis)
-        found = await store.get(tenant, name)
-        return found, await store.audit(tenant, name)
-
-    experiment, changes = with_redis(read)
+    experiment, changes = with_redis(lambda redis: _with_audit(redis, tenant, name))
     shown = with_redis(lambda redis: results(redis, experiment), records=True)
     arms = plain_table("arm", "target", "weight", title=f"{name} ({experiment.status}, alias {experiment.alias})")
     for each in experiment.arms:
@@ -150,14 +144,8 @@ def page(
     """Write the experiment's HTML page (chart over time, figures, changes): open it in a browser."""
     from gateway import experiment_history, experiment_page
     from gateway.experiment_results import results
-    from gateway.experiments import ExperimentStore
 
-    async def read(redis: Any) -> Any:
-        store = ExperimentStore(redis)
-        found = await store.get(tenant, name)
-        return found, await store.audit(tenant, name)
-
-    experiment, changes = with_redis(read)
+    experiment, changes = with_redis(lambda redis: _with_audit(redis, tenant, name))
 
     async def figures(redis: Any) -> Any:
         return await results(redis, experiment), await experiment_history.read(redis, experiment)
@@ -167,6 +155,14 @@ def page(
     with output_file(target) as page_file:
         page_file.write(experiment_page.render(experiment, shown, history, changes))
     typer.echo(f"{target} ({len(history)} points)")
+
+
+async def _with_audit(redis: Any, tenant: str, name: str) -> Any:
+    """An experiment and its audit log."""
+    from gateway.experiments import ExperimentStore
+
+    store = ExperimentStore(redis)
+    return await store.get(tenant, name), await store.audit(tenant, name)
 
 
 def _pct(value: float | None) -> str:

@@ -14,6 +14,20 @@ from gateway.errors import EngineUnavailable
 log = logging.getLogger("loragate.engine")
 
 
+async def loaded_adapters(session: aiohttp.ClientSession, url: str, timeout_s: float) -> list[str] | None:
+    """The LoRA adapters the vLLM server at `url` says it holds (`GET /v1/models`: the models with a parent), or None
+    when it cannot be asked."""
+    try:
+        async with session.get(f"{url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            listed = await resp.json() if resp.status == 200 else None
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+        return None
+    models = listed.get("data") if isinstance(listed, dict) else None
+    if not isinstance(models, list):
+        return None
+    return [m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)]
+
+
 @dataclass(eq=False)
 class Replica:
     url: str
@@ -77,12 +91,7 @@ class ReplicaPool:
 
     async def _loaded_adapters(self, replica: Replica) -> list[str]:
         """The LoRA adapters vLLM has registered: a replica marked down for a blip has lost nothing."""
-        try:
-            async with self._session.get(f"{replica.url}/v1/models", timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                models = (await resp.json()).get("data", []) if resp.status == 200 else []
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return []
-        return [m["id"] for m in models if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)]
+        return await loaded_adapters(self._session, replica.url, timeout_s=3) or []
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(replica) for replica in self.replicas))
