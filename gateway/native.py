@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-MODULES = ("gateway.answer", "gateway.redaction", "gateway.record_builder")
+MODULES = ("gateway.answer", "gateway.redaction", "gateway.redaction_memory", "gateway.record_builder")
 """Compiled, in one extension group (calls between them stay native)."""
 GROUP = "gateway.native_records"
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,13 +36,11 @@ out of the logs can turn off prompt/response logging entirely.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import re
 import string
-import threading
 import unicodedata
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -52,6 +50,7 @@ from stdnum import iban, luhn, numdb
 
 from gateway.json_placeholders import json_kept
 from gateway.phones import MAX_PHONE_CHECKS, MAX_PHONE_RUN_CHARS, PHONE_RUN, phone_library
+from gateway.redaction_memory import ENTRY_CHARS, Known, Memory, digest
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ip")
 
@@ -227,63 +226,11 @@ def _splice(text: str, spans: _Spans, placeholder: str) -> tuple[str, int]:
     return "".join(parts), len(parts) // 2
 
 
-ENTRY_CHARS = 100
-"""What a remembered redaction costs besides its redacted text (the entry, the digest, the tuples), in characters."""
-
-
-class _Known(NamedTuple):
-    """A remembered redaction."""
-
-    redacted: str | None
-    """None: the text itself, nothing found in it."""
-    found: tuple[tuple[str, int], ...]
-    """The findings per kind."""
-    phone_checks: int
-    """The phone checks it took."""
-
-
-class _Memory:
-    """Redactions by the digest of their text (the text itself, PII and all, is not kept), the least recently seen
-    forgotten first once the redacted texts kept pass `chars` characters (ENTRY_CHARS more each). Locked: records
-    are built in threads where there is no record process, and two batches' threads may share one."""
-
-    def __init__(self, chars: int) -> None:
-        self.chars = chars
-        self._known: OrderedDict[bytes, _Known] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
-
-    def recall(self, key: bytes) -> _Known | None:
-        with self._lock:
-            known = self._known.get(key)
-            if known is not None:
-                self._known.move_to_end(key)
-            return known
-
-    def keep(self, key: bytes, known: _Known) -> None:
-        size = _size(known)
-        with self._lock:
-            if size > self.chars or key in self._known:
-                return
-            self._known[key] = known
-            self._used += size
-            while self._used > self.chars:
-                self._used -= _size(self._known.popitem(last=False)[1])
-
-
-def _size(known: _Known) -> int:
-    return len(known.redacted or "") + ENTRY_CHARS
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
 class Redactor:
     """Replaces the PII kinds it was built for with placeholders; one per tenant, reused for every record.
 
     With `remember_chars`, it remembers the redactions of the texts it saw last that held a candidate for some pass
-    (`_Memory`): a chat request carries the whole conversation so far, so each turn's record holds the earlier turns'
+    (`Memory`): a chat request carries the whole conversation so far, so each turn's record holds the earlier turns'
     messages again, and the application's system prompt, and a phone number in the first turn would be validated
     again in every record after it (tens of µs each). A remembered redaction is what redacting afresh would make:
     it is used only while the record has the phone checks it took (`Findings`), which it takes from the record, and
@@ -306,7 +253,7 @@ class Redactor:
         self._kinds = wanted
         self._phones = Phones(library, phone_region)
         self._passes = tuple(p for p in _PASSES if p.kind in wanted)
-        self._memory = _Memory(remember_chars)
+        self._memory = Memory(remember_chars)
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -328,7 +275,7 @@ class Redactor:
                 break
         else:  # nothing it holds could be a finding (most texts): known without looking anything up
             return text
-        key = _digest(text) if ENTRY_CHARS < self._memory.chars else None
+        key = digest(text) if ENTRY_CHARS < self._memory.chars else None
         known = self._memory.recall(key) if key is not None else None
         if known is not None and counts.phone_checks_left >= known.phone_checks:
             redacted, found = text if known.redacted is None else known.redacted, known.found
@@ -338,7 +285,7 @@ class Redactor:
             redacted, found = self._redact(text, shape, digits, counts)
             if key is not None and counts.phone_checks_left > 0:
                 checks = left - counts.phone_checks_left
-                self._memory.keep(key, _Known(None if redacted is text else redacted, found, checks))
+                self._memory.keep(key, Known(None if redacted is text else redacted, found, checks))
         for kind, n in found:
             counts[kind] += n
         return redacted

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway import phones, redaction
+from gateway import phones, redaction_memory
 from gateway.phones import MAX_PHONE_CHECKS, phone_library
 from gateway.redaction import PII_KINDS, Findings, Redactor, redact_value
 
@@ -380,13 +380,13 @@ def test_a_remembered_redaction_is_used_only_where_a_fresh_one_would_make_it() -
 
 def test_a_remembering_redactor_forgets_the_least_recently_seen_past_its_characters() -> None:
     texts = [f"write to user{n}@example.com today, please do it now" for n in range(3)]
-    size = len("write to [EMAIL] today, please do it now") + redaction.ENTRY_CHARS  # the redacted text, the entry
+    size = len("write to [EMAIL] today, please do it now") + redaction_memory.ENTRY_CHARS  # redacted text, entry
     redactor = Redactor(remember_chars=2 * size + 10)
     for text in texts[:2]:
         redactor.redact_into(text, Findings())
     redactor.redact_into(texts[0], Findings())  # seen again: the most recent
     redactor.redact_into(texts[2], Findings())
-    memory, kept = redactor._memory, [redaction._digest(texts[0]), redaction._digest(texts[2])]
+    memory, kept = redactor._memory, [redaction_memory.digest(texts[0]), redaction_memory.digest(texts[2])]
     assert list(memory._known) == kept and memory._used == 2 * size
     assert all(text.encode() not in repr(memory._known).encode() for text in texts), "digests, not the texts"
     longer = "::1 " * (size // 3)  # its redaction, [IP] for each ::1, is longer than all it may remember
