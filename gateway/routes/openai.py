@@ -147,11 +147,8 @@ async def _complete(
             validated = schema.model_validate(payload)
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
-        context.validated = True
-        if not svc.settings.allow_prompt_logprobs and (field := validated.asks_prompt_logprobs()):
-            raise InvalidRequest(PROMPT_LOGPROBS_REFUSED, param=field, code="unsupported_parameter")
-        if validated.asks_best_of():
-            raise InvalidRequest(BEST_OF_REFUSED, param="best_of", code="unsupported_parameter")
+        context.validated = True  # recorded with its request from here on, refused or not
+        _refuse_unserved(validated, svc.settings.allow_prompt_logprobs)
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
             salt_prefix_cache(payload, tenant.name, tenant.created)
@@ -181,6 +178,14 @@ async def _complete(
             svc.metrics.request_finished(context)
             svc.recorder.record(context)
         raise
+
+
+def _refuse_unserved(validated: SamplingParams, allow_prompt_logprobs: bool) -> None:
+    """400 for what a valid body may ask that this gateway does not serve."""
+    if not allow_prompt_logprobs and (field := validated.asks_prompt_logprobs()):
+        raise InvalidRequest(PROMPT_LOGPROBS_REFUSED, param=field, code="unsupported_parameter")
+    if validated.asks_best_of():
+        raise InvalidRequest(BEST_OF_REFUSED, param="best_of", code="unsupported_parameter")
 
 
 def _described(answered: type[BaseModel], chunk: type[BaseModel], body: type[SamplingParams]) -> dict[str, Any]:
