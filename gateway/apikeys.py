@@ -365,7 +365,7 @@ class KeyStore:
             raise AuthenticationFailed(f"Incorrect API key provided: {redacted(token)}.")
         try:  # one call, as one HGETALL was: the key's record, checked against its tenant's
             flat = await self._lookup_record(
-                keys=[keys.api_key(found["id"])], args=[keys.tenant("")], client=self._redis
+                keys=[keys.api_key(found["id"])], args=[keys.tenant_prefix()], client=self._redis
             )
         except RedisError as exc:
             raise StateUnavailable(f"The key store is unavailable: {type(exc).__name__}.") from exc

@@ -24,6 +24,11 @@ def tenant(name: str) -> str:
     return f"{PREFIX}:tenant:{name}"
 
 
+def tenant_prefix() -> str:
+    """What every `tenant` key is, but the name (a Lua script that finds a tenant by name appends it)."""
+    return tenant("")
+
+
 def tenant_keys(name: str) -> str:
     """Set of the ids of a tenant's API keys."""
     return f"{PREFIX}:tenant:{name}:keys"
@@ -91,6 +96,16 @@ def retrain_lease(tenant: str, alias: str) -> str:
 def shares() -> str:
     """Hash `owner/adapter` -> JSON list of the tenants it is shared with (set by the global admin)."""
     return f"{PREFIX}:shares"
+
+
+def tenant_scope(tenant: str) -> str:
+    """A tenant's quota scope (in `quota_requests` and `quota_tokens`)."""
+    return f"tenant:{tenant}"
+
+
+def key_scope(key_id: str) -> str:
+    """An API key's quota scope, where the key has limits of its own."""
+    return f"key:{key_id}"
 
 
 def quota_requests(scope: str) -> str:

@@ -97,16 +97,16 @@ def _headers(limits: list[int], tokens: bool = True) -> dict[str, str]:
 
 def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
     """The scopes with limits that a request counts in: its tenant's, and its key's where the key has its own."""
-    scopes = [(f"tenant:{tenant.name}", tenant.limits.rpm, tenant.limits.tpm)]
+    scopes = [(keys.tenant_scope(tenant.name), tenant.limits.rpm, tenant.limits.tpm)]
     if principal.rpm is not None or principal.tpm is not None:
-        scopes.append((f"key:{principal.key_id}", principal.rpm, principal.tpm))
+        scopes.append((keys.key_scope(principal.key_id), principal.rpm, principal.tpm))
     return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
 
 
 def _check_cost(scopes: Scopes, cost: int, reserve_tokens: int) -> None:
     for scope, _, tpm in scopes:
         if tpm is not None and cost > tpm:
-            whose = "this key's" if scope.startswith("key:") else "the tenant's"
+            whose = "this key's" if scope.startswith(keys.key_scope("")) else "the tenant's"
             raise InvalidRequest(
                 f"This request may use up to {cost} tokens, more than {whose} tokens-per-minute limit ({tpm}) "
                 f"allows at once: name a lower max_tokens (a chat request naming none counts {reserve_tokens} for "
