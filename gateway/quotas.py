@@ -98,7 +98,7 @@ def _headers(limits: list[int], tokens: bool = True) -> dict[str, str]:
 def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
     """The scopes with limits that a request counts in: its tenant's, and its key's where the key has its own."""
     scopes = [(keys.tenant_scope(tenant.name), tenant.limits.rpm, tenant.limits.tpm)]
-    if principal.rpm is not None or principal.tpm is not None:
+    if principal.key_id is not None and (principal.rpm is not None or principal.tpm is not None):
         scopes.append((keys.key_scope(principal.key_id), principal.rpm, principal.tpm))
     return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
 
