@@ -24,13 +24,14 @@ def json_kept(original: str, redacted: str, placeholders: Collection[str]) -> st
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except ValueError:  # json.JSONDecodeError is one
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError; nesting too deep to read is no JSON
         return False
     return True
 
 
 def _quoted(text: str, placeholders: Collection[str]) -> str:
-    """`text` with each placeholder that stands outside a JSON string put in quotes."""
+    """`text` with each placeholder that stands outside a JSON string put in quotes (each placeholder opens with `[`,
+    as gateway.redaction's do)."""
     parts: list[str] = []
     last, i, inside, escaped = 0, 0, False, False
     while i < len(text):

@@ -180,12 +180,31 @@ def _phones(text: str, phones: Phones, findings: Findings) -> _Spans:
             lo = max(0, run.start() - 4)
             library = phones.library
             assert library is not None  # the phone pass runs only where the redactor was made with one
-            matches = library.PhoneNumberMatcher(text[lo : run.end() + 4], phones.region, library.Leniency.VALID)
+            window = text[lo : run.end() + 4].translate(_SQUARE_AS_SPACE)
+            matches = library.PhoneNumberMatcher(window, phones.region, library.Leniency.VALID)
             spans = [(lo + match.start, lo + match.end) for match in matches]
-        for start, end in spans:
+        for start, end in (_own_brackets(text, *span) for span in spans):
             if start >= last:  # keep spans disjoint where two runs' contexts overlap
                 last = end
                 yield start, end
+
+
+_SQUARE_AS_SPACE = str.maketrans("[]\uff3b\uff3d", "    ")
+"""What the matcher reads square brackets as: JSON's arrays (`[[2025550143]]` it did not find at all, and it took the
+`[` of `[2025550143]` into the number, leaving `[PHONE]]`)."""
+
+
+_OPENERS, _CLOSERS = "([\uff08\uff3b", ")]\uff09\uff3d"
+
+
+def _own_brackets(text: str, start: int, end: int) -> tuple[int, int]:
+    """A phone span with the brackets that belong to it: not an opening one it does not close (`(2025550143` of
+    `(2025550143)`), and the one before it that it does close (`[415] 555-2671`)."""
+    if end - start > 1 and text[start] in _OPENERS and not any(c in _CLOSERS for c in text[start:end]):
+        return start + 1, end
+    if start > 0 and text[start - 1] in _OPENERS and any(c in _CLOSERS for c in text[start:end]):
+        return start - 1, end
+    return start, end
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,15 +326,16 @@ class Redactor:
 LABELS: dict[str, re.Pattern[str]] = {
     "role": re.compile(r"system|developer|user|assistant|tool|function"),
     "type": re.compile(r"[a-z_]{1,32}"),  # text, image_url, input_audio, file, function, json_schema, ...
-    "tool_call_id": re.compile(r"[A-Za-z0-9]{1,64}(?:[-_.:][A-Za-z0-9]{1,64}){0,4}"),  # call_8f3c, chatcmpl-tool-9a1
+    # call_8f3c, chatcmpl-tool-9a1; at least one letter: a bare phone number, IP address or card is no label
+    "tool_call_id": re.compile(r"(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9]{1,64}(?:[-_.:][A-Za-z0-9]{1,64}){0,4}"),
 }
 """Keys whose string values are the API's own labels, never what a user wrote, when they have a label's shape:
 `map_strings` leaves those as they are (an id's digits are not a phone number). Any other value is redacted (a
 `metadata` field named `role` holds what the application put there)."""
 CALL_LABELS: dict[str, re.Pattern[str]] = {**LABELS, "id": LABELS["tool_call_id"]}
-"""LABELS in a tool call (a dict whose `function` is one): its `id` is the label a tool message's `tool_call_id` names,
-kept or redacted as that is, so that the two still match in a record (`call_4155552671`, not `call_[PHONE]` beside
-the tool message's `call_4155552671`)."""
+"""LABELS in a tool call (a dict of `type` function whose `function` is a dict): its `id` is the label a tool message's
+`tool_call_id` names, kept or redacted as that is, so that the two still match in a record (`call_4155552671`, not
+`call_[PHONE]` beside the tool message's `call_4155552671`)."""
 _PLAIN_KEY = re.compile(r"[A-Za-z_]{1,64}")
 """A dict key that holds nothing to redact (no digit, no `@`): left as it is, the rest are redacted like values."""
 
@@ -344,7 +364,7 @@ def map_strings(value: Any, change: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return change(value)
     if isinstance(value, dict):
-        labels = CALL_LABELS if isinstance(value.get("function"), dict) else LABELS
+        labels = CALL_LABELS if value.get("type") == "function" and isinstance(value.get("function"), dict) else LABELS
         return {
             (key if key in _API_KEYS or _PLAIN_KEY.fullmatch(key) else change(key)): (
                 _label_or(key, item, change, labels)

@@ -20,7 +20,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from gateway.cli.serve import event_loop_factory as event_loop_factory  # the gateway's own loop, for the clients
+from gateway.event_loop import event_loop_factory as event_loop_factory  # the gateway's own loop, for the clients
 from loadtest.services import HERE, BenchError, Stack
 
 console = Console(stderr=True, highlight=False)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +14,7 @@ import typer
 
 from gateway import heap
 from gateway.cli.common import console, fail, progress
+from gateway.event_loop import event_loop_factory
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -111,16 +112,6 @@ def serve(
 
 HTTP_PROTOCOL = "gateway.http_protocol:HttpProtocol"
 """uvicorn's httptools protocol, each response's head and body in one write (gateway.http_protocol)."""
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (uvicorn[standard] brings it): measured, about 14% more requests/s per process. The
-    benchmarks' clients run on it too (loadtest.runner)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 async def _serve(settings: Settings, supervisor: EngineSupervisor | None, validation_model: Path | None) -> None:

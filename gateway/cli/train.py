@@ -43,6 +43,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     through (training.retrain)."""
     from redis.exceptions import RedisError
 
+    from adapters.base_model import PrepareError
     from adapters.store import AdapterNotFound
     from gateway.experiments import ExperimentNotFound
     from gateway.tenants import TenantNotFound
@@ -79,6 +80,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
         NotEnoughData,
         RetrainRefused,
         TrainingError,
+        PrepareError,
         AdapterNotFound,
         ExperimentNotFound,
         TenantNotFound,

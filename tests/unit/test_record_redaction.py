@@ -65,7 +65,7 @@ def test_a_tool_calls_id_is_kept_or_redacted_as_the_tool_call_id_naming_it() -> 
     """An assistant's tool call and the tool message answering it name one id: both kept where it has a label's
     shape (the digits of `call_4155552671` are no phone number in either place), both redacted where it does not, so
     the two still match in the record and in its exports. An `id` outside a tool call is redacted as any value."""
-    ids = ["call_4155552671", "chatcmpl-tool-192.168.1.20", "call_" + EMAIL]
+    ids = ["call_4155552671", "chatcmpl-tool-192.168.1.20", "call_" + EMAIL, "4155552671"]
 
     def call(i: str) -> dict[str, Any]:
         return {"id": i, "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
@@ -75,11 +75,11 @@ def test_a_tool_calls_id_is_kept_or_redacted_as_the_tool_call_id_naming_it() -> 
         {"role": "assistant", "content": None, "tool_calls": [call(i) for i in ids]},
         *({"role": "tool", "tool_call_id": i, "content": "shipped"} for i in ids),
     ]
-    record = stored(messages=messages, metadata={"id": "4155552671"})
+    record = stored(messages=messages, metadata={"id": "4155552671", "call": {"function": {}, "id": "4155552672"}})
     kept = record["request"]["messages"]
     calls, answers = [c["id"] for c in kept[1]["tool_calls"]], [m["tool_call_id"] for m in kept[2:]]
-    assert calls == answers == ["call_4155552671", "chatcmpl-tool-[IP]", "[EMAIL]"]
-    assert record["request"]["params"]["metadata"] == {"id": "[PHONE]"}
+    assert calls == answers == ["call_4155552671", "chatcmpl-tool-[IP]", "[EMAIL]", "[PHONE]"], "a label has a letter"
+    assert record["request"]["params"]["metadata"] == {"id": "[PHONE]", "call": {"function": {}, "id": "[PHONE]"}}
 
 
 def test_tool_call_arguments_stay_json_where_a_number_was_redacted() -> None:

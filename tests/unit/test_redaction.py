@@ -241,11 +241,19 @@ def test_redact_value_walks_chat_messages() -> None:
         ('{"n": "ring \\" 2025550143"}', '{"n": "ring \\" [PHONE]"}'),  # inside a string (an escaped quote before)
         ("call 2025550143 [1]", "call [PHONE] [1]"),
         ("2025550143", "[PHONE]"),  # one number: no object or array to keep
+        ('{"to": [2025550143], "cc": 4155552671}', '{"to": ["[PHONE]"], "cc": "[PHONE]"}'),  # `[` not the number's
+        ("[[2025550143]]", '[["[PHONE]"]]'),  # the matcher found nothing between square brackets
+        ("call (2025550143) now or [415] 555-2671", "call ([PHONE]) now or [PHONE]"),  # brackets a number closes
     ],
 )
 def test_json_stays_json_where_a_bare_number_was_redacted(text: str, expected: str) -> None:
     redacted, _ = Redactor().redact(text)
     assert redacted == expected
+
+
+def test_json_nested_too_deep_to_read_is_redacted_as_text() -> None:
+    text = "[" * 3000 + '"ann@example.com", 2025550143' + "]" * 3000  # past what json.loads recurses into
+    assert Redactor().redact(text)[0] == "[" * 3000 + '"[EMAIL]", [PHONE]' + "]" * 3000
 
 
 def test_redact_value_on_scalars() -> None:
