@@ -32,7 +32,7 @@ from statistics import fmean
 from types import MappingProxyType
 from typing import Any
 
-from gateway.conversation import Prompt, answer, prompt_key, tools_field
+from gateway.conversation import Prompt, answer, as_sent, message_of, prompt_key, tools_field
 from gateway.export import Sample
 from gateway.redaction import Redactor, redact_value
 from training.config import RetrainConfig
@@ -171,10 +171,23 @@ def _redacted(samples: list[Sample], counts: Counter[str], phone_region: str) ->
         counts.update(found)
         return cleaned
 
+    def clean_prompt(prompt: Prompt) -> Prompt:
+        """Messages redacted with their calls' arguments as the JSON text they were sent as (a number in them is found
+        too: an object's numbers are not strings to redact), then read back as rows hold them."""
+        if isinstance(prompt, str):
+            return str(clean(prompt))
+        return [kept for message in clean(as_sent(prompt)) if (kept := message_of(message))]
+
     return [
         Sample(
-            p := clean(s.prompt), prompt_key(p, s.tools), clean(s.text), s.judgement, clean(s.correction), None, s.tools
-        )
+            p := clean_prompt(s.prompt),
+            prompt_key(p, s.tools),
+            clean(s.text),
+            s.judgement,
+            clean(s.correction),
+            None,
+            s.tools,
+        )  # fmt: skip
         for s in samples
     ]
 

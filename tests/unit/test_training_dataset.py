@@ -534,6 +534,21 @@ def test_the_eval_rows_carry_the_tools_their_prompts_were_asked_with() -> None:
     assert {tools, None} <= set(asked.values()), "some of the test prompts declared tools, some did not"
 
 
+def test_numbers_in_a_prompts_tool_call_arguments_are_redacted_too(tmp_path: Path) -> None:
+    """Rows hold a call's arguments as an object, whose numbers are no strings: a phone number written as one is
+    found all the same (redacted in the JSON text the call was sent as), and the arguments stay an object."""
+    call = {"type": "function", "function": {"name": "notify", "arguments": {"phone": 2025550143, "n": 3}}}
+    asked = [*user("Tell ann"), {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", **call}]}]
+    after = [*asked, {"role": "tool", "content": "sent", "tool_call_id": "c1"}]
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"messages": [*after, *assistant("Ann is told.")]}) + "\n")
+    got = from_jsonl(path)
+    built = build(Loaded([*got.samples, *PADDING], got.source, 4, 4, got.dropped), config(redact_pii=True))
+    (row,) = [r for r in all_rows(built, "sft") if r["prompt"][0]["content"] == "Tell ann"]
+    assert row["prompt"][1]["tool_calls"][0]["function"]["arguments"] == {"phone": "[PHONE]", "n": 3}
+    assert "2025550143" not in "".join(built.files.values()) and built.card.redactions == {"phone": 1}
+
+
 def test_the_tools_a_prompt_called_are_words_of_it_for_near_duplicates() -> None:
     """Two conversations alike but for the tool they called are not near duplicates (their answers are not
     interchangeable)."""
