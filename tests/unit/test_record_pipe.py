@@ -133,3 +133,35 @@ async def test_a_record_process_that_died_idle_has_its_sockets_closed_when_anoth
     assert worker._process is not None and worker._process is not dead
     assert dead.batches.is_closing() and dead.answers_writer.is_closing(), "the dead one's sockets are closed"
     await worker.stop()
+
+
+async def test_a_record_process_that_ends_as_the_stop_stops_waiting_is_no_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a loaded machine the process may end just as the wait for it runs out: killing it then finds no process
+    (ProcessLookupError), which stopping the gateway must not raise (a CI run's teardown failed on it)."""
+
+    class EndedLate:
+        """A process whose end is seen only after the wait ran out, and that is gone when it is killed."""
+
+        returncode, waits = 0, 0
+
+        async def wait(self) -> int:
+            self.waits += 1
+            if self.waits == 1:  # the first wait outlasts its limit, however long
+                await asyncio.Event().wait()
+            return 0
+
+        def kill(self) -> None:
+            raise ProcessLookupError
+
+    worker = RecordWorker()
+    await worker.start()
+    process = worker._process
+    assert process is not None
+    real, process.process = process.process, EndedLate()  # type: ignore[assignment]
+    monkeypatch.setattr("gateway.record_worker.STOP_WAIT_S", 0.05)
+    await process.stop()  # no ProcessLookupError
+    assert process.answers_writer.is_closing()
+    real.kill()
+    await real.wait()
