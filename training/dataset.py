@@ -187,7 +187,7 @@ def _redacted(samples: list[Sample], counts: Counter[str], phone_region: str) ->
             clean(s.correction),
             None,
             s.tools,
-        )  # fmt: skip
+        )
         for s in samples
     ]
 

@@ -85,13 +85,9 @@ class ReplicaPool:
             ok = False
         if not ok:
             replica.mark_down()
-        elif not replica.healthy:
-            replica.mark_up(await self._loaded_adapters(replica))
+        elif not replica.healthy:  # what vLLM has registered: a replica marked down for a blip has lost nothing
+            replica.mark_up(await loaded_adapters(self._session, replica.url, timeout_s=3) or [])
         return ok
-
-    async def _loaded_adapters(self, replica: Replica) -> list[str]:
-        """The LoRA adapters vLLM has registered: a replica marked down for a blip has lost nothing."""
-        return await loaded_adapters(self._session, replica.url, timeout_s=3) or []
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(replica) for replica in self.replicas))
