@@ -3,7 +3,8 @@
 Redaction replaces what it finds in place, and a number it finds outside any JSON string (`{"phone": 2025550143}`)
 would leave a bare placeholder (`{"phone": [PHONE]}`): no longer JSON, so exports could not read the arguments as an
 object and a model trained on them would learn to write such JSON. Each placeholder outside a string is quoted
-(`{"phone": "[PHONE]"}`). Text that was not JSON, or that redaction left valid, is kept as it is.
+(`{"phone": "[PHONE]"}`, and so is `-2025550143`'s, its sign dropped). Text that was not JSON, or that redaction left
+valid, is kept as it is.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def _is_json(text: str) -> bool:
 
 
 def _quoted(text: str, placeholders: Collection[str]) -> str:
-    """`text` with each placeholder that stands outside a JSON string put in quotes (each placeholder opens with `[`,
-    as gateway.redaction's do)."""
+    """`text` with each placeholder that stands outside a JSON string put in quotes, and the minus sign before it
+    dropped (each placeholder opens with `[`, as gateway.redaction's do)."""
     parts: list[str] = []
     last, i, inside, escaped = 0, 0, False, False
     while i < len(text):
@@ -41,7 +42,8 @@ def _quoted(text: str, placeholders: Collection[str]) -> str:
         elif char == '"':
             inside = True
         elif char == "[" and (found := next((p for p in placeholders if text.startswith(p, i)), None)):
-            parts += [text[last:i], f'"{found}"']
+            sign = text[last:i].endswith("-")  # a negative number's sign: its number redacted, it goes too
+            parts += [text[last : i - sign], f'"{found}"']
             last = i = i + len(found)
             continue
         i += 1

@@ -236,6 +236,7 @@ def test_redact_value_walks_chat_messages() -> None:
     ("text", "expected"),
     [
         ('{"phone": 2025550143}', '{"phone": "[PHONE]"}'),
+        ('{"phone": -2025550143, "n": [-1, -4155552671]}', '{"phone": "[PHONE]", "n": [-1, "[PHONE]"]}'),  # signs
         ('[4111111111111111, "a@b.io", "x [PHONE] y"]', '["[CARD]", "[EMAIL]", "x [PHONE] y"]'),
         ('{"ip": 10.1.2.3 }', '{"ip": [IP] }'),  # not JSON before: left as redaction made it
         ('{"n": "ring \\" 2025550143"}', '{"n": "ring \\" [PHONE]"}'),  # inside a string (an escaped quote before)
