@@ -219,16 +219,20 @@ class AdapterStore:
                     provenance=provenance,
                 )
                 write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
-                for entry in staging.iterdir():
-                    entry.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-                fsync_path(staging)
-                target = self.version_dir(name, version)
-                if not target.parent.is_dir():
-                    target.parent.mkdir(parents=True)
-                    fsync_path(target.parent.parent)
-                staging.rename(target)
-                replace_durably(target.parent / COUNTER_FILE, str(version))  # fsyncs the name's folder: the rename too
+                self._install(staging, name, version)
         return manifest
+
+    def _install(self, staging: Path, name: str, version: int) -> None:
+        """Move a staged version into place as `name`'s `version`, its files read-only, durably (under the lock)."""
+        for entry in staging.iterdir():
+            entry.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        fsync_path(staging)
+        target = self.version_dir(name, version)
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True)
+            fsync_path(target.parent.parent)
+        staging.rename(target)
+        replace_durably(target.parent / COUNTER_FILE, str(version))  # fsyncs the name's folder: the rename too
 
     def _ensure_root(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -180,16 +180,8 @@ class RetrainConfig:
             yield f"split must be three positive shares adding up to 1, not {self.split}"
         if not 0 < self.near_duplicate_threshold <= 1:
             yield "near_duplicate_threshold must be in (0, 1]"
-        for name in (
-            "min_examples",
-            "lora_r",
-            "lora_alpha",
-            "epochs",
-            "batch_size",
-            "max_length",
-            "max_new_tokens",
-            "eval_concurrency",
-        ):
+        counts = ("min_examples", "lora_r", "lora_alpha", "epochs", "batch_size", "max_length", "max_new_tokens")
+        for name in (*counts, "eval_concurrency"):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1"
         if self.max_examples_seen is not None and self.max_examples_seen < 1:
@@ -205,6 +197,14 @@ class RetrainConfig:
             yield "canary_max_negative_rate must be a share, from 0 to 1"
         if not self.target_modules:
             yield "target_modules must name at least one module"
+        yield from self._eval_problems()
+        if not 0 < self.canary_weight < 100:
+            yield "canary_weight must be a percentage strictly between 0 and 100"
+        if self.canary_min_samples < 10:
+            yield "canary_min_samples must be at least 10 (an experiment's smallest sample)"
+
+    def _eval_problems(self) -> Iterator[str]:
+        """What the eval gate's metrics need (known metrics, their patterns), and the files the config names."""
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             yield f"unknown metrics {unknown}; known: {list(METRICS)}"
@@ -230,10 +230,6 @@ class RetrainConfig:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 yield f"{name} {path!r} is not a file"
-        if not 0 < self.canary_weight < 100:
-            yield "canary_weight must be a percentage strictly between 0 and 100"
-        if self.canary_min_samples < 10:
-            yield "canary_min_samples must be at least 10 (an experiment's smallest sample)"
 
     def epochs_for(self, train_examples: int) -> int:
         """The whole epochs a run on `train_examples` trains: `epochs`, fewer where `max_examples_seen` caps it."""
