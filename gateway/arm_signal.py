@@ -38,7 +38,8 @@ local function signal(counters, raw, sign, lo, hi)
   if type(f['score']) == 'number' and hi - lo < math.huge then  -- a range of +-1e308 is wider than a float holds
     sum, n = sum + math.min(math.max((f['score'] - lo) / (hi - lo), 0), 1), n + 1
   end
-  if type(f['correction']) == 'string' then redis.call('HINCRBY', counters, 'corrected', sign) end
+  local correction = type(f['correction'])  -- a string, or a message that calls tools (a table)
+  if correction == 'string' or correction == 'table' then redis.call('HINCRBY', counters, 'corrected', sign) end
   if n == 0 then return end
   local v = sum / n
   redis.call('HINCRBY', counters, 'rated', sign)

@@ -63,7 +63,7 @@ from gateway.conversation import (
     tools_of,
 )
 from gateway.dpo_pairs import POSITIVE, PreferencePairs
-from gateway.records import CompletionRecord, Feedback, LogPolicy
+from gateway.records import CompletionRecord, CorrectionMessage, Feedback, LogPolicy
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,14 @@ class Sample:
     """The tools the completion called (its answer with `text`)."""
     tools: str | None = None
     """The request's tool definitions, as JSON."""
+    correction_calls: Calls | None = None
+    """The tools the correction calls (a correction message's `tool_calls`; its text is `correction`)."""
 
     def own_answer(self) -> Answer:
         return answer(self.prompt, self.text or "", self.calls)
 
     def corrected(self) -> Answer:
-        return answer(self.prompt, self.correction or "")
+        return answer(self.prompt, self.correction or "", self.correction_calls)
 
     def row(self, **fields: Any) -> dict[str, Any]:
         """A row of this sample: `fields`, and its tools when the request had any."""
@@ -141,13 +143,24 @@ def sample(example: Example, policy: LogPolicy) -> Sample | None:
     record = example.record
     prompt = prompt_of(record)
     corrections = sorted((fb for fb in example.feedback if fb.correction), key=lambda fb: fb.created)
-    correction = corrections[-1].correction if corrections else None
-    calls = tool_calls(record.choices[0].tool_calls) if record.choices and isinstance(prompt, list) else None
+    chat = isinstance(prompt, list)
+    correction, correction_calls = corrected(corrections[-1].correction, chat) if corrections else (None, None)
+    calls = tool_calls(record.choices[0].tool_calls) if record.choices and chat else None
     text = record.text or ("" if calls else None)
     if prompt is None or (text is None and correction is None):
         return None
     tools, judged = tools_of(record), judgement(example.feedback, policy)
-    return Sample(prompt, prompt_key(prompt, tools), text, judged, correction, calls, tools)
+    return Sample(prompt, prompt_key(prompt, tools), text, judged, correction, calls, tools, correction_calls)
+
+
+def corrected(correction: str | CorrectionMessage | None, chat: bool) -> tuple[str | None, Calls | None]:
+    """A correction's text and the tools it calls (as rows keep them). A text completion's correction is its text
+    alone: a message's calls are no text (and a message of calls alone corrects nothing there)."""
+    if not isinstance(correction, CorrectionMessage):
+        return correction, None
+    calls = tool_calls([call.model_dump() for call in correction.tool_calls]) if chat else None
+    text = correction.content or ""
+    return (text, calls) if text or calls else (None, None)
 
 
 def whole_answer(record: CompletionRecord) -> bool:
@@ -183,7 +196,7 @@ def _kto(s: Sample) -> Iterator[dict[str, Any]]:
     if s.text is not None and s.judgement is not None:
         positive = s.judgement >= POSITIVE
         yield s.row(prompt=s.prompt, completion=s.own_answer(), label=positive)
-        if positive and s.correction == s.text and not s.calls:
+        if positive and s.correction is not None and s.corrected() == s.own_answer():
             return
     if s.correction is not None:
         yield s.row(prompt=s.prompt, completion=s.corrected(), label=True)

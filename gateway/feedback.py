@@ -41,8 +41,8 @@ from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.record_store import TRIMMED, parse_index
 from gateway.recorder import Recorder
-from gateway.records import Feedback, FeedbackIn
-from gateway.redaction import Findings, Redactor
+from gateway.records import CorrectionMessage, Feedback, FeedbackIn
+from gateway.redaction import Findings, Redactor, map_strings
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 
@@ -203,7 +203,7 @@ class FeedbackStore:
         redactor = Redactor(policy.redact, policy.phone_region)
         counts = Findings()
         if redactor.kinds:
-            feedback.correction = feedback.correction and redactor.redact_into(feedback.correction, counts)
+            feedback.correction = _redacted_correction(redactor, feedback.correction, counts)
             feedback.comment = feedback.comment and redactor.redact_into(feedback.comment, counts)
             feedback.labels = feedback.labels and [redactor.redact_into(label, counts) for label in feedback.labels]
         feedback.redactions = dict(counts)
@@ -365,3 +365,14 @@ class FeedbackStore:
             raise CompletionUnknown(completion_id)
         stored = await self._redis.hgetall(keys.feedback(tenant.name, completion_id))
         return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)
+
+
+def _redacted_correction(
+    redactor: Redactor, correction: str | CorrectionMessage | None, counts: Findings
+) -> str | CorrectionMessage | None:
+    """A correction redacted as a completion's answer is: its text, and a message's content and calls (their
+    arguments as the JSON text they are, ids by the rule of the log's: gateway.redaction.CALL_LABELS)."""
+    if not isinstance(correction, CorrectionMessage):
+        return correction and redactor.redact_into(correction, counts)
+    message = map_strings(correction.model_dump(), lambda text: redactor.redact_into(text, counts))
+    return CorrectionMessage.model_validate(message)

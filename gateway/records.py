@@ -116,6 +116,47 @@ class CompletionRecord(BaseModel):
         return self.choices[0].text if self.choices else None
 
 
+MAX_CORRECTION_CHARS = 100_000
+"""A correction's characters at most: a string, or a message's content and its calls together (`chars`)."""
+
+
+class CorrectionFunction(BaseModel):
+    """The function a corrected answer calls, as OpenAI's API spells a tool call's: `arguments` is JSON text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class CorrectionCall(BaseModel):
+    """A tool call of a corrected answer (`id` optional: exports keep no answer's call ids)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CorrectionFunction
+
+
+class CorrectionMessage(BaseModel):
+    """A correction that calls tools: the ideal answer as an assistant message, as a chat completion's `message`
+    holds one (its text in `content`, none or "" for calls alone). Stored redacted, as a string correction is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[CorrectionCall] = Field(default_factory=list, max_length=32)
+
+    def chars(self) -> int:
+        """Its characters: content, and each call's id, name and arguments (MAX_CORRECTION_CHARS)."""
+        calls = (
+            len(call.id or "") + len(call.function.name) + len(call.function.arguments) for call in self.tool_calls
+        )
+        return len(self.content or "") + sum(calls)
+
+
 class FeedbackIn(BaseModel):
     """`POST /v1/feedback`: a rating (thumbs and/or score) and/or a correction of one completion."""
 
@@ -125,7 +166,12 @@ class FeedbackIn(BaseModel):
     user: str | None = Field(None, max_length=256, description="The end user rating; one rating per user.")
     thumbs: Literal["up", "down"] | None = None
     score: float | None = Field(None, description="A number in the tenant's declared range (default 0 to 1).")
-    correction: str | None = Field(None, min_length=1, max_length=100_000, description="The ideal answer.")
+    correction: str | CorrectionMessage | None = Field(
+        None,
+        description="The ideal answer: its text, or an assistant message with `tool_calls` (and `content`) where the "
+        f"ideal answer calls tools. {MAX_CORRECTION_CHARS:,} characters at most (a message's content and calls "
+        "together).",
+    )
     comment: str | None = Field(None, max_length=10_000)
     labels: list[str] = Field(default_factory=list, max_length=32)
 
@@ -135,6 +181,19 @@ class FeedbackIn(BaseModel):
         if any(not 1 <= len(label) <= 64 for label in labels):
             raise ValueError("each label must be 1 to 64 characters")
         return labels
+
+    @field_validator("correction")
+    @classmethod
+    def _correction(cls, correction: str | CorrectionMessage | None) -> str | CorrectionMessage | None:
+        if isinstance(correction, CorrectionMessage):
+            if not correction.content and not correction.tool_calls:
+                raise ValueError("a correction message needs content or tool_calls")
+            chars = correction.chars()
+        else:
+            chars = len(correction) if correction is not None else 1
+        if not 1 <= chars <= MAX_CORRECTION_CHARS:
+            raise ValueError(f"a correction must be 1 to {MAX_CORRECTION_CHARS:,} characters")
+        return correction
 
     @field_validator("score", mode="before")
     @classmethod
@@ -150,6 +209,7 @@ class FeedbackIn(BaseModel):
     def _something(self) -> FeedbackIn:
         if self.thumbs is None and self.score is None and self.correction is None:
             raise ValueError("feedback needs at least one of thumbs, score or correction")
+
         if self.score is not None and not math.isfinite(self.score):
             raise ValueError("score must be a finite number")
         return self
@@ -161,7 +221,7 @@ class Feedback(FeedbackIn):
 
     model_config = ConfigDict(extra="forbid")
 
-    correction: str | None = Field(None, min_length=1, description="The ideal answer.")
+    correction: str | CorrectionMessage | None = Field(None, description="The ideal answer.")
     comment: str | None = None
     labels: list[str] = Field(default_factory=list)
 
@@ -169,6 +229,11 @@ class Feedback(FeedbackIn):
     @classmethod
     def _labels(cls, labels: list[str]) -> list[str]:  # FeedbackIn's, not checked again
         return labels
+
+    @field_validator("correction")
+    @classmethod
+    def _correction(cls, correction: str | CorrectionMessage | None) -> str | CorrectionMessage | None:  # FeedbackIn's
+        return correction
 
     object: Literal["feedback"] = "feedback"
     id: str = Field(default_factory=lambda: f"fb-{uuid.uuid4().hex}")

@@ -53,7 +53,7 @@ FILTERS = MappingProxyType(
         "empty_answer": "answers (or corrections) left out as empty",
         "truncated_answer": "answers left out as cut short (finish_reason 'length', or cut by the log)",
         "unfinished_answer": "answers left out as unfinished (the request failed, or its client cancelled the stream)",
-        "tool_call_answer": "answers left out as calls of tools (the eval scores text; corrections of them are kept)",
+        "tool_call_answer": "answers and corrections left out as calls of tools (the eval scores text)",
         "other_endpoint": "samples of the other kind of prompt (chat vs text)",
         "exact_duplicate_prompts": "samples whose prompt repeats an earlier one (answers pooled under it)",
         "near_duplicate_prompts": "distinct prompts folded into a near-duplicate group (answers pooled)",

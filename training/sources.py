@@ -37,11 +37,14 @@ class Loaded:
 
 
 def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | None:
-    """The sample without an answer that calls tools (the eval scores text), an empty answer, or one `left_out`
-    (why: cut short, unfinished), or an empty correction; None when nothing is left."""
+    """The sample without an answer or a correction that calls tools (the eval scores text), an empty answer, or one
+    `left_out` (why: cut short, unfinished), or an empty correction; None when nothing is left."""
     if s.calls:
         dropped["tool_call_answer"] += 1
         s = replace(s, text=None, judgement=None, calls=None)
+    if s.correction_calls:
+        dropped["tool_call_answer"] += 1
+        s = replace(s, correction=None, correction_calls=None)
     if s.text is not None and (left_out or not s.text.strip()):
         dropped["empty_answer" if not s.text.strip() else left_out or "empty_answer"] += 1
         s = replace(s, text=None, judgement=None)

@@ -28,7 +28,8 @@ router = APIRouter(route_class=StrictJSONRoute)
 
 MAX_FEEDBACK_BYTES = 2 * 1024 * 1024
 """Room for every field of a rating at its longest (`FeedbackIn`: a correction of 100,000 characters, a comment of
-10,000, 32 labels of 64) in JSON's longest spelling of a character, an escaped surrogate pair (12 bytes): 1.35 MB.
+10,000, 32 labels of 64) in JSON's longest spelling of a character, an escaped surrogate pair (12 bytes): 1.35 MB
+(a correction message's 32 calls add about 3 kB of their own keys).
 At 256 KiB, a correction of 100,000 "é" as `json.dumps` sends them (600 KB) was refused."""
 
 

@@ -335,7 +335,7 @@ WEATHER_TOOL = {
 def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> None:
     """vLLM calls the tool (streamed: the log assembles the call from its deltas); the answer after the tool's result
     is corrected. The export keeps the call as the first answer, and the call and its result in the second's prompt,
-    each row with the request's tools."""
+    each row with the request's tools. A third answer should have called the tool: its correction calls it."""
     team = Team("log-tools", create_key(gateway.env, "log-tools"), gateway)
     client, ask = team.client(), [{"role": "user", "content": "What is the weather in Paris?"}]
     chunks = list(
@@ -368,10 +368,22 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
         max_tokens=8,
         temperature=0,  # type: ignore[arg-type, list-item]
     )
+    guessed = client.chat.completions.create(
+        model=MODEL,
+        messages=ask,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
     with team.http() as http:
         assert http.post("/v1/feedback", json={"completion_id": chunks[0].id, "thumbs": "up"}).status_code == 200
         corrected = {"completion_id": answered.id, "thumbs": "down", "correction": "It is 18 C in Paris."}
         assert http.post("/v1/feedback", json=corrected).status_code == 200
+        should_call = {"role": "assistant", "content": None, "tool_calls": [{**call, "id": "call_1"}]}
+        assert http.post("/v1/feedback", json={"completion_id": guessed.id, "correction": should_call}).is_success
+        (read,) = http.get("/v1/feedback", params={"completion_id": guessed.id}).json()["data"]
+        assert read["correction"] == should_call, "a correction that calls the tool, read back as it was sent"
     with admin(gateway, "log-tools") as api:
         sft = [json.loads(line) for line in api.get("/feedback/export", params={"format": "sft"}).text.splitlines()]
     held = json.loads(arguments)  # an object, as rows keep arguments; this vLLM streams '"Paris"' for a named tool
@@ -388,6 +400,7 @@ def test_a_conversation_with_tool_calls_is_exported_whole(gateway: Gateway) -> N
     assert sft == [
         {"messages": [*ask, calling], "tools": tools},
         {"messages": [*ask, called, result, {"role": "assistant", "content": "It is 18 C in Paris."}], "tools": tools},
+        {"messages": [*ask, {"role": "assistant", "content": "", "tool_calls": [parsed]}], "tools": tools},
     ]
 
 

@@ -18,7 +18,7 @@ from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore
 from gateway.recorder import Recorder
-from gateway.records import Feedback, FeedbackIn, LogPolicy
+from gateway.records import CorrectionCall, CorrectionFunction, CorrectionMessage, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
 from gateway.spool import Spool
 from gateway.tenants import Tenant
@@ -262,9 +262,10 @@ async def test_erased_ratings_leave_their_experiment_arms_counters(
     await recorder.written()
     counters = keys.arm_counters("t", "e", "a")
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user="ann", thumbs="down", correction="x"))
-    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="ann", score=0.8))
+    calls = CorrectionMessage(tool_calls=[CorrectionCall(function=CorrectionFunction(name="f", arguments="{}"))])
+    await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="ann", score=0.8, correction=calls))
     await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-2", user="bo", thumbs="up"))
-    assert await redis.hmget(counters, "rated", "negative", "corrected") == ["3", "1", "1"]
+    assert await redis.hmget(counters, "rated", "negative", "corrected") == ["3", "1", "2"], "a message corrects too"
     removed = await forget_user(redis, "t", "ann", TENANT.logging)
     assert removed == {"completions": 1, "feedback": 3}
     assert await redis.hmget(counters, "rated", "negative", "corrected") == ["0", "0", "0"]

@@ -36,7 +36,7 @@ from gateway.export import (
     judgement,
     rows,
 )
-from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
+from gateway.records import Choice, CompletionRecord, CorrectionMessage, Feedback, LogPolicy
 from gateway.tenants import Tenant
 from tests.conftest import ROOT, RedisServer, free_port, sync_redis_client
 from tests.unit.conftest import emptied
@@ -618,6 +618,18 @@ TOOL_TEMPLATE = (
 """A chat template that renders tools, tool calls and their results (SmolLM2's renders only role and content)."""
 
 
+async def checked_exports(
+    redis: aioredis.Redis, tenant: str, base_model_dir: Path, tmp_path: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """The tenant's exports in each format, through TRL's checks with TOOL_TEMPLATE."""
+    files = []
+    for fmt in FORMATS:
+        with (tmp_path / f"{fmt}.jsonl").open("w") as out:
+            await export(redis, tenant, fmt, out, POLICY)
+        files.append(tmp_path / f"{fmt}.jsonl")
+    return trl_checks(base_model_dir, tmp_path, files, TOOL_TEMPLATE)
+
+
 async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
     redis: aioredis.Redis, tenant: str, base_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -645,12 +657,7 @@ async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
     await log(redis, called, fb(called, thumbs="up"))
     await log(redis, unsure, fb(unsure, thumbs="down"))
     await log(redis, answered, fb(answered, thumbs="down", correction="18 C in Paris."))
-    files = []
-    for fmt in FORMATS:
-        with (tmp_path / f"{fmt}.jsonl").open("w") as out:
-            await export(redis, tenant, fmt, out, POLICY)
-        files.append(tmp_path / f"{fmt}.jsonl")
-    checked = trl_checks(base_model_dir, tmp_path, files, TOOL_TEMPLATE)
+    checked = await checked_exports(redis, tenant, base_model_dir, tmp_path)
 
     tools = json.dumps(TOOLS, sort_keys=True)
     parsed = [{"id": "call-1", "type": "function", "function": PARSED}]
@@ -680,3 +687,41 @@ async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
     assert first.startswith(head) and first.endswith(f"<|im_start|>assistant\n{call_text}<|im_end|>\n")
     assert f"{call_text}<|im_end|>\n<|im_start|>tool\n18 C<for call-1><|im_end|>\n" in second
     assert all(c["applied"]["prompt"].startswith(head) for c in checked["dpo"] + checked["kto"])
+
+
+async def test_a_correction_that_calls_a_tool_is_the_answer_that_calls_it(
+    redis: aioredis.Redis, tenant: str, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """The ideal answer called the tool: a correction message with `tool_calls` is chosen, labelled and learnt as that
+    call (without its id, its arguments an object). On a text completion only a message's content corrects."""
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    record = chat(tenant, "I cannot tell.", messages=ask).model_copy(
+        update={"request": {"messages": ask, "tools": TOOLS}}
+    )
+    ideal = CorrectionMessage(content="Checking.", tool_calls=[{"id": "call_7", "function": WEATHER}])  # type: ignore[list-item]
+    await log(redis, record, fb(record, thumbs="down", correction=ideal))
+    checked = await checked_exports(redis, tenant, base_model_dir, tmp_path)
+    tools = json.dumps(TOOLS, sort_keys=True)
+    calling = [{"role": "assistant", "content": "Checking.", "tool_calls": [{"type": "function", "function": PARSED}]}]
+    assert [c["row"] for c in checked["sft"]] == [{"messages": [*ask, *calling], "tools": tools}]
+    assert [c["row"] for c in checked["dpo"]] == [
+        {"prompt": ask, "tools": tools, "chosen": calling, "rejected": assistant("I cannot tell.")}
+    ]
+    assert [(c["row"]["completion"], c["row"]["label"]) for c in checked["kto"]] == [
+        (assistant("I cannot tell."), False),
+        (calling, True),
+    ]
+    sft_text = checked["sft"][0]["applied"]["text"]
+    assert sft_text.endswith(
+        '<|im_start|>assistant\nChecking.<tool_call>weather {"city": "Paris"}</tool_call><|im_end|>\n'
+    )
+
+    text, calls_only = text_record(f"{tenant}-text"), text_record(f"{tenant}-text")
+    await log(redis, text, fb(text, thumbs="down", correction=CorrectionMessage(content=" grey.")))
+    await log(redis, calls_only, fb(calls_only, correction=ideal.model_copy(update={"content": None})))
+    out = io.StringIO()
+    summary = await export(redis, f"{tenant}-text", "sft", out, POLICY)
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"prompt": "The sky is", "completion": " grey."}
+    ]
+    assert summary.rows_written == 1, "calls alone correct no text completion (and its own answer was not rated)"

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from gateway import keys
 from gateway.answer import Answer
@@ -15,7 +17,7 @@ from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, build_entries, raw_record
 from gateway.recorder import Recorder
-from gateway.records import FeedbackIn, LogPolicy
+from gateway.records import MAX_CORRECTION_CHARS, FeedbackIn, LogPolicy
 from gateway.spool import Spool
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context
@@ -160,6 +162,42 @@ async def test_feedback_that_redaction_lengthens_past_its_limits_is_still_read_b
     await store.submit(TENANT, rating)
     (read,) = await store.of_completion(TENANT, "chatcmpl-10")
     assert read.labels == ["x" * 57 + " [EMAIL]"] and len(read.comment or "") == 10_001
+
+
+async def test_a_correction_that_calls_tools_is_redacted_as_an_answers_calls_are(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Its content and arguments (JSON kept: the number's placeholder quoted), a bare number as a call's id; an id
+    with a letter is a label. Stored as a message, and read back as one, 100,000 characters lengthened past."""
+    store = await _answered(redis, recorder, tmp_path, 11)
+    others = len("a@b.cc" + "4155552671" + "notify" + "call_4155552671" + "notify" + "{}")  # all but arguments
+    held = {"phone": 2025550143, "to": EMAIL, "note": ""}
+    held["note"] = "x" * (MAX_CORRECTION_CHARS - others - len(json.dumps(held)))
+    arguments = json.dumps(held)
+    calls = [
+        {"id": "4155552671", "type": "function", "function": {"name": "notify", "arguments": arguments}},
+        {"id": "call_4155552671", "function": {"name": "notify", "arguments": "{}"}},
+    ]
+
+    def rating(calls: list[dict[str, Any]]) -> FeedbackIn:
+        message = {"role": "assistant", "content": "a@b.cc", "tool_calls": calls}
+        return FeedbackIn.model_validate({"completion_id": "chatcmpl-11", "correction": message})
+
+    with pytest.raises(ValidationError, match="1 to 100,000 characters"):  # one more: too long
+        rating([calls[0], {**calls[1], "function": {"name": "notify", "arguments": "{} "}}])
+    given = rating(calls)
+    kept, _ = await store.submit(TENANT, given)
+    (read,) = await store.of_completion(TENANT, "chatcmpl-11")
+    assert read == kept and read.redactions == {"email": 2, "phone": 2}
+    correction = read.model_dump(mode="json")["correction"]
+    assert correction["content"] == "[EMAIL]" and [c["id"] for c in correction["tool_calls"]] == [
+        "[PHONE]",
+        "call_4155552671",
+    ]
+    held = json.loads(correction["tool_calls"][0]["function"]["arguments"])
+    assert (held["phone"], held["to"]) == ("[PHONE]", "[EMAIL]")
+    (counted,) = await redis.hmget(keys.feedback("t", "chatcmpl-11"), [""])
+    assert counted is not None and EMAIL not in counted and "2025550143" not in counted
 
 
 def test_token_id_prompts_are_not_kept_where_redaction_is_on() -> None:

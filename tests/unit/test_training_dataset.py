@@ -17,7 +17,15 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 from gateway.export import Example, Prompt, Sample
-from gateway.records import Choice, CompletionRecord, Feedback, LogPolicy
+from gateway.records import (
+    Choice,
+    CompletionRecord,
+    CorrectionCall,
+    CorrectionFunction,
+    CorrectionMessage,
+    Feedback,
+    LogPolicy,
+)
 from gateway.tenants import TenantStore
 from training import dataset
 from training.config import RetrainConfig
@@ -74,6 +82,9 @@ def record(text: str | None = "ok", finish_reason: str = "stop", **fields: Any) 
 
 
 JSONL_DROPPED = {"empty_answer": 1, "tool_call_answer": 0}
+
+
+WEATHER_CALL = CorrectionCall(function=CorrectionFunction(name="weather", arguments="{}"))
 
 
 def called() -> CompletionRecord:
@@ -176,21 +187,24 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         rated(record("half an answ", outcome="cancelled"), thumbs="up"),  # its client went away mid-stream
         rated(called(), thumbs="up"),  # an answer that calls a tool: the eval scores text
         rated(called(), thumbs="down", correction="It is sunny."),
+        rated(record("Sunny?"), thumbs="down", correction=CorrectionMessage(content="", tool_calls=[WEATHER_CALL])),
     ]
     got = from_examples(examples, LogPolicy())
-    dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 2}
-    assert got.dropped == dropped
+    dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 3}
+    assert got.dropped == dropped, "a correction that calls a tool, too: its rated answer stays"
     assert [(s.text, s.correction) for s in got.samples] == [
         ("fine answer", None),
         (None, "the whole answer"),
         (None, "It is sunny."),
+        ("Sunny?", None),
     ]
     padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
     built = build(padded, config())
     kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
-    assert sorted(a for a in kto if not a.startswith("padding")) == ["It is sunny.", "fine answer", "the whole answer"]
+    kept = ["It is sunny.", "Sunny?", "fine answer", "the whole answer"]
+    assert sorted(a for a in kto if not a.startswith("padding")) == kept
     assert all_rows(built, "dpo") == []
-    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 9
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 10
 
 
 def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
