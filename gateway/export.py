@@ -137,14 +137,13 @@ def judgement(feedback: Iterable[Feedback], policy: LogPolicy) -> float | None:
     return fmean(values) if values else None
 
 
-def sample(example: Example, policy: LogPolicy) -> Sample | None:
-    """What the example says (prompt, answer, judgement, latest correction); None when it gives no row
-    whatever the format (see `ExportSummary.skipped`)."""
+def sample(example: Example, policy: LogPolicy, calls_corrected: bool = True) -> Sample | None:
+    """What the example says (prompt, answer, judgement, latest correction: `latest_correction`); None when it gives
+    no row whatever the format (see `ExportSummary.skipped`)."""
     record = example.record
     prompt = prompt_of(record)
-    corrections = sorted((fb for fb in example.feedback if fb.correction), key=lambda fb: fb.created)
     chat = isinstance(prompt, list)
-    correction, correction_calls = corrected(corrections[-1].correction, chat) if corrections else (None, None)
+    correction, correction_calls = latest_correction(example.feedback, chat, calls_corrected)
     calls = tool_calls(record.choices[0].tool_calls) if record.choices and chat else None
     text = record.text or ("" if calls else None)
     if prompt is None or (text is None and correction is None):
@@ -153,14 +152,18 @@ def sample(example: Example, policy: LogPolicy) -> Sample | None:
     return Sample(prompt, prompt_key(prompt, tools), text, judged, correction, calls, tools, correction_calls)
 
 
-def corrected(correction: str | CorrectionMessage | None, chat: bool) -> tuple[str | None, Calls | None]:
-    """A correction's text and the tools it calls (as rows keep them). A text completion's correction is its text
-    alone: a message's calls are no text (and a message of calls alone corrects nothing there)."""
-    if not isinstance(correction, CorrectionMessage):
-        return correction, None
-    calls = tool_calls([call.model_dump() for call in correction.tool_calls]) if chat else None
-    text = correction.content or ""
-    return (text, calls) if text or calls else (None, None)
+def latest_correction(feedback: Iterable[Feedback], chat: bool, calls: bool = True) -> tuple[str | None, Calls | None]:
+    """The latest correction that gives an answer: its text, and the tools it calls (as rows keep them). On a text
+    completion a message's content is its text and its calls are left out (a message of calls alone gives none, and an
+    earlier correction is taken); with `calls` False, none that calls tools is taken (retraining scores text)."""
+    for given in reversed(sorted((fb for fb in feedback if fb.correction), key=lambda fb: fb.created)):
+        if not isinstance(given.correction, CorrectionMessage):
+            return given.correction, None
+        called = tool_calls([call.model_dump() for call in given.correction.tool_calls]) if chat else None
+        text = given.correction.content or ""
+        if (text or called) and (calls or not called):
+            return text, called
+    return None, None
 
 
 def whole_answer(record: CompletionRecord) -> bool:

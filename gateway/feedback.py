@@ -371,8 +371,17 @@ def _redacted_correction(
     redactor: Redactor, correction: str | CorrectionMessage | None, counts: Findings
 ) -> str | CorrectionMessage | None:
     """A correction redacted as a completion's answer is: its text, and a message's content and calls (their
-    arguments as the JSON text they are, ids by the rule of the log's: gateway.redaction.CALL_LABELS)."""
+    arguments as the JSON text they are). A call's id too, whatever its shape: the log keeps an id that looks like a
+    label (gateway.redaction.CALL_LABELS) for the `tool_call_id` naming it, but nothing refers to a correction's."""
+
+    def redact(text: str) -> str:
+        return redactor.redact_into(text, counts)
+
     if not isinstance(correction, CorrectionMessage):
-        return correction and redactor.redact_into(correction, counts)
-    message = map_strings(correction.model_dump(), lambda text: redactor.redact_into(text, counts))
+        return correction and redact(correction)
+    message = correction.model_dump()
+    ids = [call.pop("id") for call in message["tool_calls"]]
+    message = map_strings(message, redact)
+    for call, given in zip(message["tool_calls"], ids, strict=True):
+        call["id"] = given and redact(given)
     return CorrectionMessage.model_validate(message)

@@ -8,7 +8,9 @@ alias and the version that served, and room for the experiment and arm that chos
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import uuid
 from typing import Any, Literal
 
@@ -129,8 +131,14 @@ class CorrectionFunction(BaseModel):
     arguments: str
 
 
+RESPONSE_ONLY = ("refusal", "annotations", "audio", "function_call", "reasoning_content", "reasoning")
+"""Fields of a chat completion's message that a correction copied from an answer carries empty: dropped (a filled one
+is refused, as any field a correction does not keep)."""
+
+
 class CorrectionCall(BaseModel):
-    """A tool call of a corrected answer (`id` optional: exports keep no answer's call ids)."""
+    """A tool call of a corrected answer (`id` optional: exports keep no answer's call ids; a streamed call's `index`
+    is its place, dropped)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -138,16 +146,34 @@ class CorrectionCall(BaseModel):
     type: Literal["function"] = "function"
     function: CorrectionFunction
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_streamed(cls, value: Any) -> Any:
+        return {k: v for k, v in value.items() if k != "index"} if isinstance(value, dict) else value
+
 
 class CorrectionMessage(BaseModel):
     """A correction that calls tools: the ideal answer as an assistant message, as a chat completion's `message`
-    holds one (its text in `content`, none or "" for calls alone). Stored redacted, as a string correction is."""
+    holds one (its text in `content`, none or "" for calls alone). Stored redacted, as a string correction is.
+    Gateways of a release before it read a stored one as no feedback they know (a rolling upgrade: README)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[CorrectionCall] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_answered(cls, value: Any) -> Any:
+        """A message as a chat completion holds it (the SDK's `message.model_dump()`): its empty response-only fields
+        dropped, `tool_calls: null` read as none."""
+        if not isinstance(value, dict):
+            return value
+        kept = {k: v for k, v in value.items() if not (k in RESPONSE_ONLY and v in (None, []))}
+        if "tool_calls" in kept and kept["tool_calls"] is None:
+            del kept["tool_calls"]
+        return kept
 
     def chars(self) -> int:
         """Its characters: content, and each call's id, name and arguments (MAX_CORRECTION_CHARS)."""
@@ -188,6 +214,8 @@ class FeedbackIn(BaseModel):
         if isinstance(correction, CorrectionMessage):
             if not correction.content and not correction.tool_calls:
                 raise ValueError("a correction message needs content or tool_calls")
+            for i, call in enumerate(correction.tool_calls):
+                _check_call(i, call)
             chars = correction.chars()
         else:
             chars = len(correction) if correction is not None else 1
@@ -213,6 +241,23 @@ class FeedbackIn(BaseModel):
         if self.score is not None and not math.isfinite(self.score):
             raise ValueError("score must be a finite number")
         return self
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""A function's name as OpenAI's API takes it."""
+
+
+def _check_call(i: int, call: CorrectionCall) -> None:
+    """A correction's call as the ideal answer should make it: a function name the API takes, arguments that are a
+    JSON object (as a function's parameters are). Checked on what was sent (redaction may change both)."""
+    if not _FUNCTION_NAME.fullmatch(call.function.name):
+        raise ValueError(f"tool_calls[{i}].function.name must be 1 to 64 letters, digits, underscores or dashes")
+    try:
+        arguments = json.loads(call.function.arguments)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool_calls[{i}].function.arguments must be a JSON object (as text), such as '{{}}'")
 
 
 class Feedback(FeedbackIn):

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway import keys
 from gateway.conversation import Calls, Messages, message_of, prompt_key, tools_json
 from gateway.export import Example, Sample, joined, sample, whole_answer
-from gateway.records import LogPolicy
+from gateway.records import CorrectionMessage, LogPolicy
 from gateway.tenants import TenantStore
 from training.config import RetrainConfig
 
@@ -37,14 +37,11 @@ class Loaded:
 
 
 def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | None:
-    """The sample without an answer or a correction that calls tools (the eval scores text), an empty answer, or one
-    `left_out` (why: cut short, unfinished), or an empty correction; None when nothing is left."""
+    """The sample without an answer that calls tools (the eval scores text), an empty answer, or one `left_out` (why:
+    cut short, unfinished), or an empty correction; None when nothing is left."""
     if s.calls:
         dropped["tool_call_answer"] += 1
         s = replace(s, text=None, judgement=None, calls=None)
-    if s.correction_calls:
-        dropped["tool_call_answer"] += 1
-        s = replace(s, correction=None, correction_calls=None)
     if s.text is not None and (left_out or not s.text.strip()):
         dropped["empty_answer" if not s.text.strip() else left_out or "empty_answer"] += 1
         s = replace(s, text=None, judgement=None)
@@ -54,14 +51,20 @@ def _kept(s: Sample, left_out: str | None, dropped: Counter[str]) -> Sample | No
     return s if s.text is not None or s.correction is not None else None
 
 
+def _calls(correction: str | CorrectionMessage | None) -> bool:
+    return isinstance(correction, CorrectionMessage) and bool(correction.tool_calls)
+
+
 def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
     """Samples of joined log records (`policy` gives the score range); synchronous."""
     names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer", "tool_call_answer")
     samples, dropped = [], Counter(dict.fromkeys(names, 0))
     for example in examples:
-        found = sample(example, policy)
+        found = sample(example, policy, calls_corrected=False)  # the latest correction without calls of tools
+        calling = example.record.endpoint == "chat" and any(_calls(fb.correction) for fb in example.feedback)
+        dropped["tool_call_answer"] += calling
         if found is None:
-            dropped["unusable"] += 1
+            dropped["unusable"] += not calling
             continue
         record = example.record
         unfinished = record.outcome != "ok"  # an error, or a stream its client cancelled: a part of an answer

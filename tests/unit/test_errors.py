@@ -5,6 +5,7 @@ import math
 from typing import Any
 
 import pytest
+from openai.types.chat import ChatCompletionMessage
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
@@ -19,7 +20,7 @@ from gateway.errors import (
     sse_error_frame,
 )
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.records import FeedbackIn
+from gateway.records import CorrectionMessage, FeedbackIn
 from gateway.serving import client_error_body, usage_of
 from gateway.streaming import client_error_event
 from tests.unit.admin_api import ADMIN, BASE
@@ -124,6 +125,36 @@ def test_numbers_too_large_for_a_float_are_the_callers_error() -> None:
         with pytest.raises(InvalidKeyRequest):
             parse_duration(duration)
     assert parse_duration("7d") == 7 * 86400
+
+
+WEATHER_CALL = {"name": "weather", "arguments": '{"city": "Paris"}'}
+
+
+def test_a_correction_is_a_text_or_an_answers_message_that_calls_tools_as_the_api_takes_them() -> None:
+    """The SDK's `message.model_dump()` of an answer that called a tool is taken as it is (its empty response-only
+    fields dropped); a filled one, a call's name the API refuses, or arguments that are no JSON object are 400s."""
+    answered = ChatCompletionMessage.model_validate(
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": WEATHER_CALL}]}
+    )
+    taken = FeedbackIn.model_validate({"completion_id": "chatcmpl-1", "correction": answered.model_dump()})
+    assert isinstance(taken.correction, CorrectionMessage) and taken.correction.tool_calls[0].function.name == "weather"
+    text_only = ChatCompletionMessage(role="assistant", content="Sunny.").model_dump()  # `tool_calls: null`
+    assert FeedbackIn.model_validate({"completion_id": "c", "correction": text_only}).correction == CorrectionMessage(
+        content="Sunny."
+    )
+    refused = {
+        "refusal": {"content": "x", "refusal": "no"},
+        "empty": {"content": "", "tool_calls": []},
+        "name": {"tool_calls": [{"function": {"name": "get weather", "arguments": "{}"}}]},
+        "arguments": {"tool_calls": [{"function": {"name": "weather", "arguments": "[1]"}}]},
+        "deep": {"tool_calls": [{"function": {"name": "weather", "arguments": "[" * 90_000}}]},
+        "type": 5,
+    }
+    for why, correction in refused.items():
+        with pytest.raises(ValidationError) as info:
+            FeedbackIn.model_validate({"completion_id": "c", "correction": correction})
+        error = from_validation_error(info.value)
+        assert error.param and error.param.startswith("correction"), (why, error.body())
 
 
 HI = [{"role": "user", "content": "hi"}]

@@ -716,12 +716,16 @@ async def test_a_correction_that_calls_a_tool_is_the_answer_that_calls_it(
         '<|im_start|>assistant\nChecking.<tool_call>weather {"city": "Paris"}</tool_call><|im_end|>\n'
     )
 
-    text, calls_only = text_record(f"{tenant}-text"), text_record(f"{tenant}-text")
+    text, calls_only, later = (text_record(f"{tenant}-text") for _ in range(3))
+    calls = ideal.model_copy(update={"content": None})
     await log(redis, text, fb(text, thumbs="down", correction=CorrectionMessage(content=" grey.")))
-    await log(redis, calls_only, fb(calls_only, correction=ideal.model_copy(update={"content": None})))
+    await log(redis, calls_only, fb(calls_only, correction=calls))
+    before = fb(later, "ann", correction=" sunny.")
+    await log(redis, later, before, fb(later, "bob", created=before.created + 1, correction=calls))
     out = io.StringIO()
     summary = await export(redis, f"{tenant}-text", "sft", out, POLICY)
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
-        {"prompt": "The sky is", "completion": " grey."}
+        {"prompt": "The sky is", "completion": " grey."},
+        {"prompt": "The sky is", "completion": " sunny."},  # the calls after it correct no text: the text stands
     ]
-    assert summary.rows_written == 1, "calls alone correct no text completion (and its own answer was not rated)"
+    assert summary.rows_written == 2, "calls alone correct no text completion (and its own answer was not rated)"

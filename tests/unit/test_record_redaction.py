@@ -167,8 +167,8 @@ async def test_feedback_that_redaction_lengthens_past_its_limits_is_still_read_b
 async def test_a_correction_that_calls_tools_is_redacted_as_an_answers_calls_are(
     redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
 ) -> None:
-    """Its content and arguments (JSON kept: the number's placeholder quoted), a bare number as a call's id; an id
-    with a letter is a label. Stored as a message, and read back as one, 100,000 characters lengthened past."""
+    """Its content and arguments (JSON kept: the number's placeholder quoted), and its calls' ids whatever their
+    shape (nothing refers to them). Stored as a message, and read back as one, 100,000 characters lengthened past."""
     store = await _answered(redis, recorder, tmp_path, 11)
     others = len("a@b.cc" + "4155552671" + "notify" + "call_4155552671" + "notify" + "{}")  # all but arguments
     held = {"phone": 2025550143, "to": EMAIL, "note": ""}
@@ -188,11 +188,11 @@ async def test_a_correction_that_calls_tools_is_redacted_as_an_answers_calls_are
     given = rating(calls)
     kept, _ = await store.submit(TENANT, given)
     (read,) = await store.of_completion(TENANT, "chatcmpl-11")
-    assert read == kept and read.redactions == {"email": 2, "phone": 2}
+    assert read == kept and read.redactions == {"email": 2, "phone": 3}
     correction = read.model_dump(mode="json")["correction"]
     assert correction["content"] == "[EMAIL]" and [c["id"] for c in correction["tool_calls"]] == [
         "[PHONE]",
-        "call_4155552671",
+        "call_[PHONE]",
     ]
     held = json.loads(correction["tool_calls"][0]["function"]["arguments"])
     assert (held["phone"], held["to"]) == ("[PHONE]", "[EMAIL]")

@@ -97,6 +97,13 @@ def rated(r: CompletionRecord, **fields: Any) -> Example:
     return Example(r, [Feedback(completion_id=r.id, created=r.created + 1, **fields)])
 
 
+def later_calls(r: CompletionRecord) -> Example:
+    """Rated down and corrected in words, then corrected again with a call of a tool by another user."""
+    first = Feedback(completion_id=r.id, user="a", created=r.created + 1, thumbs="down", correction="It rains.")
+    calls = CorrectionMessage(tool_calls=[WEATHER_CALL])
+    return Example(r, [first, Feedback(completion_id=r.id, user="b", created=r.created + 2, correction=calls)])
+
+
 def all_rows(built: dataset.BuiltDataset, kind: str) -> list[dict[str, Any]]:
     return [row for split in dataset.SPLITS for row in built.rows[split][kind]]
 
@@ -188,23 +195,26 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         rated(called(), thumbs="up"),  # an answer that calls a tool: the eval scores text
         rated(called(), thumbs="down", correction="It is sunny."),
         rated(record("Sunny?"), thumbs="down", correction=CorrectionMessage(content="", tool_calls=[WEATHER_CALL])),
+        later_calls(record("Rain?")),
     ]
     got = from_examples(examples, LogPolicy())
-    dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 3}
+    dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 4}
     assert got.dropped == dropped, "a correction that calls a tool, too: its rated answer stays"
     assert [(s.text, s.correction) for s in got.samples] == [
         ("fine answer", None),
         (None, "the whole answer"),
         (None, "It is sunny."),
         ("Sunny?", None),
+        ("Rain?", "It rains."),  # a text correction before one that calls a tool: taken
     ]
     padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
     built = build(padded, config())
     kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
-    kept = ["It is sunny.", "Sunny?", "fine answer", "the whole answer"]
+    kept = ["It is sunny.", "It rains.", "Rain?", "Sunny?", "fine answer", "the whole answer"]
     assert sorted(a for a in kto if not a.startswith("padding")) == kept
-    assert all_rows(built, "dpo") == []
-    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 10
+    dpo = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in all_rows(built, "dpo")]
+    assert dpo == [("It rains.", "Rain?")]
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 11
 
 
 def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
