@@ -131,11 +131,6 @@ class CorrectionFunction(BaseModel):
     arguments: str
 
 
-RESPONSE_ONLY = ("refusal", "annotations", "audio", "function_call", "reasoning_content", "reasoning")
-"""Fields of a chat completion's message that a correction copied from an answer carries empty: dropped (a filled one
-is refused, as any field a correction does not keep)."""
-
-
 class CorrectionCall(BaseModel):
     """A tool call of a corrected answer (`id` optional: exports keep no answer's call ids; a streamed call's `index`
     is its place, dropped)."""
@@ -150,6 +145,11 @@ class CorrectionCall(BaseModel):
     @classmethod
     def _as_streamed(cls, value: Any) -> Any:
         return {k: v for k, v in value.items() if k != "index"} if isinstance(value, dict) else value
+
+
+RESPONSE_ONLY = ("refusal", "annotations", "audio", "function_call", "reasoning_content", "reasoning")
+"""Fields of a chat completion's message that a correction copied from an answer carries empty: dropped (a filled one
+is refused, as any field a correction does not keep)."""
 
 
 class CorrectionMessage(BaseModel):
@@ -237,7 +237,6 @@ class FeedbackIn(BaseModel):
     def _something(self) -> FeedbackIn:
         if self.thumbs is None and self.score is None and self.correction is None:
             raise ValueError("feedback needs at least one of thumbs, score or correction")
-
         if self.score is not None and not math.isfinite(self.score):
             raise ValueError("score must be a finite number")
         return self
