@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
-from gateway import __version__, guard_rails, native
+from gateway import __version__, durability, guard_rails, native
 from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.clock import RedisClock
@@ -152,25 +152,45 @@ async def _share_uses(svc: Services, interval_s: float = SHARE_USES_S) -> None:
 
 
 async def _keep_records(svc: Services) -> None:
-    """Adopt and replay spools, re-check how Redis persists feedback, trim old records, measure the records Redis's
-    clock; every second or so."""
+    """The records upkeep, a round every second or so (`_records_round`)."""
     rounds = 0
     while True:
         await asyncio.sleep(1.0)
-        await svc.recorder.clock.upkeep()
-        try:
-            await svc.spools[0].adopt()
-            await svc.feedback.replay()
-            if rounds % 30 == 0 or svc.feedback.durability == "spool":
-                await svc.feedback.check_durability()
-            if rounds % 60 == 0:
-                await svc.recorder.trim({t.name: t.logging for t in await svc.tenants.all()})
-        except (RedisError, OSError) as exc:
-            log.debug("records upkeep: %r", exc)
-        except Exception:
-            log.exception("records upkeep failed; trying again next round")
-        svc.refresh_metrics()
+        await _records_round(svc, rounds)
         rounds += 1
+
+
+async def _records_round(svc: Services, number: int) -> None:
+    """Measure the records Redis's clock, adopt spools, re-check how Redis persists feedback, replay spooled feedback,
+    trim old records. Durability is probed before the replay while it is not trusted (not known: Redis was down, or
+    a write failed or was not confirmed; or Redis does not fsync) and while the completion log spools (a probe then
+    finds Redis down, and feedback spools until Redis is back and has said how it persists), else every 30 rounds.
+    Each step on its own: one that fails does not hold up the others."""
+    await svc.recorder.clock.upkeep()
+    await _upkeep("adopting spools", svc.spools[0].adopt())
+    if number % 30 == 0 or not durability.trusted(svc.feedback.durability) or svc.recorder.degraded:
+        await _upkeep("checking durability", svc.feedback.check_durability())
+    await _upkeep("replaying feedback", svc.feedback.replay())
+    if number % 60 == 0:
+        await _upkeep("trimming records", _trim(svc))
+    await _upkeep("metrics", _refresh_metrics(svc))
+
+
+async def _refresh_metrics(svc: Services) -> None:
+    svc.refresh_metrics()
+
+
+async def _trim(svc: Services) -> None:
+    await svc.recorder.trim({t.name: t.logging for t in await svc.tenants.all()})
+
+
+async def _upkeep(what: str, step: Awaitable[object]) -> None:
+    try:
+        await step
+    except (RedisError, OSError) as exc:
+        log.debug("records upkeep, %s: %r", what, exc)
+    except Exception:
+        log.exception("records upkeep, %s, failed; trying again next round", what)
 
 
 def _redis(url: str, max_connections: int) -> aioredis.Redis:

@@ -4,7 +4,14 @@
   `WAITAOF 1 0` (`confirm` adds it to the write's pipeline, `confirmed` reads its answer);
 - `fsync-always`: AOF with `appendfsync always` and `no-appendfsync-on-rewrite no` (CONFIG GET): Redis fsyncs before
   it answers;
-- `spool`: neither, or Redis cannot say (CONFIG refused, no WAITAOF, down): feedback goes to the local fsynced spool.
+- `spool`: neither, or Redis cannot say (CONFIG refused, no WAITAOF): feedback goes to the local fsynced spool, and
+  is replayed into Redis unconfirmed (only as safe as that Redis);
+- `unknown`: not probed yet, or Redis failed (down, a write that failed or was not confirmed): feedback goes to the
+  spool, and waits there until a probe says how Redis persists (a Redis back from an outage may be another).
+
+Each write is confirmed in its own pipeline: `WAITAOF` under `waitaof`, and under `fsync-always` the settings that
+make Redis fsync before it answers, read again after the write (a Redis restarted or replaced without them, which the
+connection pool reconnects to unnoticed, is caught at its first write, not at the next probe).
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 
-Durability = Literal["waitaof", "fsync-always", "spool"]
+Durability = Literal["waitaof", "fsync-always", "spool", "unknown"]
+FSYNC_ALWAYS = {"appendonly": "yes", "appendfsync": "always", "no-appendfsync-on-rewrite": "no"}
+"""The settings under which Redis fsyncs every write before it answers."""
 WAITAOF_TIMEOUT_MS = 2000
 """How long a write waits for Redis to confirm it fsynced it (`waitaof`), before its feedback goes to the spool."""
 
@@ -41,22 +50,39 @@ async def probe(redis: aioredis.Redis) -> Durability:
             return "fsync-always" if config.get("no-appendfsync-on-rewrite") == "no" else "spool"
         return "spool"
     except (RedisError, OSError):
-        return "spool"  # until it answers again: spooled feedback is never at risk
+        return "unknown"  # until it answers again: spooled feedback waits, never at risk
+
+
+def trusted(durability: Durability) -> bool:
+    """Whether a write can be confirmed on Redis's disk: feedback is acknowledged from Redis (200), not the spool."""
+    return durability in ("waitaof", "fsync-always")
 
 
 def confirm(pipe: Any, durability: Durability) -> None:
-    """Ask, last in a write's pipeline, for Redis to confirm the write reached its disk (`waitaof` only)."""
+    """Ask, last in a write's pipeline, for Redis to confirm the write reached its disk: WAITAOF, or the settings under
+    which it fsyncs before answering."""
     if durability == "waitaof":
         pipe.execute_command("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)
+    elif durability == "fsync-always":
+        pipe.execute_command("CONFIG GET", "*append*")  # one pattern for the three: any Redis version takes it
 
 
 def confirmed(results: list[Any], durability: Durability) -> list[Any]:
     """A pipeline's results without `confirm`'s answer; NotDurable when that answer denies the fsync."""
-    if durability != "waitaof":
-        return results
-    if int(results[-1][0]) < 1:
-        raise NotDurable("Redis did not confirm that the feedback reached its disk")
-    return results[:-1]
+    if durability == "waitaof":
+        if int(results[-1][0]) < 1:
+            raise NotDurable("Redis did not confirm that the feedback reached its disk")
+        return results[:-1]
+    if durability == "fsync-always":
+        settings = {_text(k): _text(v) for k, v in dict(results[-1]).items()}
+        if any(settings.get(name) != value for name, value in FSYNC_ALWAYS.items()):
+            raise NotDurable("Redis no longer fsyncs every write before it answers")
+        return results[:-1]
+    return results
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _fsync_config(redis: aioredis.Redis) -> dict[str, str] | None:

@@ -68,6 +68,11 @@ class CompletionUnknown(NotFound):
         super().__init__(f"No completion `{completion_id}` was found.", param="completion_id")
 
 
+class NotKept(RedisError):
+    """The script refused a new rating (its rater was erased meanwhile, say): it goes to the spool, whose replay drops
+    it. Not a failure of Redis: how Redis persists is still known."""
+
+
 class TooManyRatings(Conflict):
     """A new end user's rating of a completion that has MAX_RATERS already."""
 
@@ -112,13 +117,19 @@ class FeedbackStore:
         self._unverified: Counter[str] = Counter()
         self._spooled_raters: dict[str, set[str]] = {}
         """Per completion's feedback key, the end users whose ratings wait in this process's spool (MAX_RATERS)."""
-        self.durability: Durability = "spool"
+        self.durability: Durability = "unknown"
 
     async def check_durability(self) -> Durability:
         """How Redis persists what it is told (gateway.durability), kept for the writes and the metric."""
         self.durability = await durability.probe(self._redis)
-        self._metrics.feedback_durable.set(0 if self.durability == "spool" else 1)
+        self._metrics.feedback_durable.set(int(durability.trusted(self.durability)))
         return self.durability
+
+    def _unknown_durability(self) -> None:
+        """After a write that failed or was not confirmed: not known until probed again (the records upkeep does, before
+        it replays anything)."""
+        self.durability = "unknown"
+        self._metrics.feedback_durable.set(0)
 
     # -- whose completion ----------------------------------------------------------------------
 
@@ -220,14 +231,16 @@ class FeedbackStore:
         item["tenant_created"] = tenant.created
         item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
         item["feedback"] = feedback.model_dump_json()
-        if owned and self.durability == "spool" and await self._full(tenant.name, given):
+        if owned and not durability.trusted(self.durability) and await self._full(tenant.name, given):
             raise TooManyRatings(given.completion_id)  # known now: not acknowledged (202) to be dropped on replay
-        if owned and self.durability != "spool":
+        if owned and durability.trusted(self.durability):
             try:
                 await self._write([item], replay=False)
                 return feedback, True
             except (RedisError, OSError) as exc:
                 log.warning("feedback not written to Redis (%r): spooled", exc)
+                if not isinstance(exc, NotKept):  # Redis failed: what answers next may not fsync, probed before trusted
+                    self._unknown_durability()
         if owned is None:
             if self._unverified[tenant.name] >= UNVERIFIED_MAX:
                 raise StateUnavailable("Feedback cannot be checked right now; nothing was kept. Try again shortly.")
@@ -254,6 +267,12 @@ class FeedbackStore:
             return list(await pipe.execute())
 
     async def _write(self, items: list[dict[str, Any]], replay: bool) -> None:
+        """Write ratings into Redis, confirmed on its disk as the durability probed says (read once: another write's
+        failure may change it meanwhile). NotDurable where it cannot be: not known, or (for a new rating) Redis does
+        not fsync, and the caller keeps it in the spool."""
+        mode = self.durability
+        if mode == "unknown" or (not replay and not durability.trusted(mode)):
+            raise NotDurable(f"feedback cannot be confirmed on Redis's disk now ({mode})")
         parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
         indexes = await self._indexes(parsed)
         if not replay and indexes[0] is None:  # answered here a moment ago, its record on its way: Redis has it first,
@@ -271,14 +290,14 @@ class FeedbackStore:
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]
                 await self._script(keys=script_keys, args=args, client=pipe)
-            durability.confirm(pipe, self.durability)
-            results = durability.confirmed(await pipe.execute(), self.durability)
+            durability.confirm(pipe, mode)
+            results = durability.confirmed(await pipe.execute(), mode)
         if not replay and results[0] == -1:  # its tenant was deleted (and maybe re-created), or it trimmed, meanwhile
             raise CompletionUnknown(parsed[0]["completion_id"])
         if not replay and results[0] == -3:
             raise TooManyRatings(parsed[0]["completion_id"])
         if not replay and results[0] != 1:
-            raise NotDurable("Redis did not keep the feedback")
+            raise NotKept("Redis did not keep the feedback")
 
     async def _full(self, tenant: str, given: FeedbackIn) -> bool:
         """Whether a rating to be spooled is past MAX_RATERS (a new end user, that many already), counting those in
@@ -315,9 +334,10 @@ class FeedbackStore:
         """Write the spooled feedback into Redis, in order. Feedback taken while its completion could not be
         checked is checked now: kept when it is the tenant's, dropped (counted) when it is another's. Any whose
         record is not in Redis yet (it may be in some spool) is put back to wait, for VERIFY_FOR_S from the first
-        time Redis was asked: a rating counts for the arm its completion's index names."""
+        time Redis was asked: a rating counts for the arm its completion's index names. Nothing while how Redis
+        persists is not known (the records upkeep probes first)."""
         await self._spool.adopt()
-        if not self._spool.pending():
+        if not self._spool.pending() or self.durability == "unknown":
             return 0
 
         async def handle(items: list[dict[str, Any]]) -> None:
@@ -350,6 +370,7 @@ class FeedbackStore:
         try:
             return await self._spool.drain(handle)
         except (RedisError, OSError):
+            self._unknown_durability()
             return 0
 
     # -- reading -------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ class Spool:
                 continue
             self._adopted[other] = fd
             adopted = {segment: _count(segment) for segment in segments}
-            self._segments = {**adopted, **self._segments}  # theirs are older than ours
+            self._segments = _in_order({**self._segments, **adopted})
             log.info("adopted %d spooled items of a stopped process", sum(adopted.values()))
 
     def close(self) -> None:
@@ -208,7 +208,7 @@ class Spool:
 
     def _close_current(self) -> None:
         if self._current is not None and self._current_count:
-            self._segments[self._current] = self._current_count
+            self._segments = _in_order({**self._segments, self._current: self._current_count})  # after adopted newer
         self._current, self._current_count = None, 0
 
     def _enforce_bound(self) -> None:
@@ -240,11 +240,13 @@ class Spool:
         return handled
 
     def _sealed(self) -> list[Path]:
-        """What a drain hands over, oldest first: the closed segments, or when there are none the one being
-        written, closed (not at every drain: while Redis is away that would make a file per retry)."""
+        """What a drain hands over, oldest first: the closed segments, and the one being written, closed, when there
+        are none or it is older than one of them (adopted since it was begun); not at every drain: while Redis is away
+        that would make a file per retry."""
         with self._lock:
             self._adopt_orphans()
-            if not self._segments:
+            newest = next(reversed(self._segments), None)
+            if newest is None or (self._current is not None and self._current.name < newest.name):
                 self._close_current()
             return list(self._segments)
 
@@ -295,19 +297,27 @@ def _lock_orphan(folder: Path) -> int | None:
     return fd
 
 
+def _in_order(segments: dict[Path, int]) -> dict[Path, int]:
+    """Segments in the order they were written, whichever folder holds them (their names are the time they were
+    made, in ns): adopted ones among this spool's own, so that a replay keeps the order and the bound drops the
+    oldest."""
+    return dict(sorted(segments.items(), key=lambda segment: segment[0].name))
+
+
 def _count(segment: Path) -> int:
     with open(segment, "rb") as lines:
         return sum(1 for _ in lines)
 
 
 def _read(segment: Path) -> list[dict[str, Any]]:
-    """The items of a segment; a last line cut short by a crash (never acknowledged) is skipped."""
+    """The items of a segment; a last line cut short by a crash (never acknowledged), or a line damaged on disk (bytes
+    that are not UTF-8 too: each line is decoded on its own), is skipped."""
     items = []
-    with open(segment, encoding="utf-8") as lines:
+    with open(segment, "rb") as lines:
         for line in lines:
             try:
                 items.append(json.loads(line))
-            except ValueError:
+            except ValueError:  # UnicodeDecodeError is one
                 log.warning("skipped a damaged spool line in %s", segment.name)
     return items
 

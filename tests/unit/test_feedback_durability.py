@@ -1,18 +1,27 @@
 """How the feedback store decides what a 2xx means, against a stand-in for Redis 7.2+ (the Redis these machines have
-is 7.0, without WAITAOF; tests/unit/test_recording.py runs the same decision against it). The stand-in answers as
+is 7.0, without WAITAOF; tests/unit/test_recording.py runs the same decision against it), and when it asks again
+(the session's real Redis). The stand-in answers as
 Redis does: WAITAOF waits for the fsync of its own connection's writes only, so on a connection that wrote nothing
 it confirms at once, and under `appendfsync no` it never confirms a write."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway import keys
 from gateway.durability import WAITAOF_TIMEOUT_MS, Durability, NotDurable, confirm, confirmed
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
+from gateway.recorder import Recorder
+from gateway.records import FeedbackIn
+from gateway.tenants import Tenant
+from tests.unit.test_recording import context, feedback_store
 
 
 class Redis72:
@@ -95,15 +104,58 @@ class Pipe:
         self.commands.append(args)
 
 
-@pytest.mark.parametrize("mode", ["waitaof", "fsync-always", "spool"])
-def test_a_write_waits_for_its_fsync_only_under_waitaof(mode: Durability) -> None:
+SETTINGS = {"appendonly": "yes", "appendfsync": "always", "no-appendfsync-on-rewrite": "no", "appendfilename": "a"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "asked", "answer"),
+    [
+        ("waitaof", ("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS), [1, 0]),
+        ("fsync-always", ("CONFIG GET", "*append*"), SETTINGS),
+        ("spool", None, None),
+    ],
+)
+def test_a_write_is_confirmed_on_disk_in_its_own_pipeline(mode: Durability, asked: Any, answer: Any) -> None:
+    """WAITAOF; or under `fsync-always` the settings read again after the write: a Redis restarted or replaced
+    without them is caught at its first write, where it was trusted until the next probe (30 s)."""
     pipe = Pipe()
     confirm(pipe, mode)
-    assert pipe.commands == ([("WAITAOF", 1, 0, WAITAOF_TIMEOUT_MS)] if mode == "waitaof" else [])
-    results = [1, 1] + ([[1, 0]] if mode == "waitaof" else [])
-    assert confirmed(results, mode) == [1, 1], "the scripts' own results, without WAITAOF's answer"
+    assert pipe.commands == ([asked] if asked else [])
+    results = [1, 1] + ([answer] if answer else [])
+    assert confirmed(results, mode) == [1, 1], "the scripts' own results, without the confirmation's answer"
+
+
+@pytest.mark.parametrize("changed", [{"appendfsync": "everysec"}, {"appendonly": "no"}, {"appendfsync": None}])
+def test_a_redis_that_no_longer_fsyncs_every_write_is_caught_at_the_write(changed: dict[str, Any]) -> None:
+    settings = {k: v for k, v in {**SETTINGS, **changed}.items() if v is not None}
+    with pytest.raises(NotDurable):
+        confirmed([1, settings], "fsync-always")
 
 
 def test_a_write_redis_did_not_confirm_on_disk_is_not_acknowledged() -> None:
     with pytest.raises(NotDurable):
         confirmed([1, [0, 0]], "waitaof")  # no local fsync within the timeout: the rating is spooled
+
+
+async def test_a_failed_write_makes_durability_unknown_until_probed_again(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis back from an outage may be another (a replacement without `appendfsync always`): after a write fails,
+    ratings spool (202) until a probe says how it persists, and the upkeep probes before it replays them."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t")
+    recorder.record(context(tenant))
+    write = store._write
+
+    async def down(items: list[dict[str, Any]], replay: bool) -> None:
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(store, "_write", down)
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="up"))
+    assert not stored and store.durability == "unknown", "spooled, and not trusted until probed"
+    assert await store.replay() == 0, "nothing replayed into a Redis not probed since it failed"
+    monkeypatch.setattr(store, "_write", write)
+    _, stored = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u2", thumbs="up"))
+    assert not stored, "Redis is up again, but not yet probed: spooled too"
+    assert await store.check_durability() == "fsync-always"
+    assert await store.replay() == 2 and len(await redis.hgetall(keys.feedback("t", "chatcmpl-7"))) == 2

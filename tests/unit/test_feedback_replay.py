@@ -43,6 +43,7 @@ async def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: boo
     unreachable = aioredis.from_url("redis://127.0.0.1:1")
     recorder = Recorder(unreachable, Spool(tmp_path / "records", fsync=False), Metrics())
     feedback = FeedbackStore(unreachable, spool, recorder, Metrics())
+    feedback.durability = "fsync-always"  # as probed once Redis answers (these tests replace its calls)
 
     async def not_in_redis_yet(
         items: list[dict[str, Any]], parsed: list[dict[str, Any]]

@@ -172,3 +172,40 @@ async def test_items_are_encoded_off_the_event_loop(tmp_path: Path, monkeypatch:
     await spool.append([{"n": 1}, {"n": 2}])
     assert len(threads) == 2 and threading.main_thread() not in threads
     spool.close()
+
+
+async def test_a_line_damaged_on_disk_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (a torn multi-byte tail, a flipped bit) cost their own line only: replay goes on."""
+    spool = Spool(tmp_path, fsync=True)
+    spool.open()
+    await spool.append([{"n": "A"}])
+    segment = spool._current
+    assert segment is not None
+    with open(segment, "ab") as damaged:
+        damaged.write(b'{"n": "\xff\xc3"}\n')
+    await spool.append([{"n": "B"}])
+    assert await drained(spool) == [{"n": "A"}, {"n": "B"}]
+    spool.close()
+
+
+async def test_adopted_segments_are_replayed_in_the_order_they_were_written(tmp_path: Path) -> None:
+    """Two stopped processes' spools, their segments written in turns, and the adopter's own, begun before theirs and
+    still open: one order, by time."""
+    heir = Spool(tmp_path, fsync=False)
+    heir.open()
+    await heir.append([{"n": "own"}])
+    stopped = [Spool(tmp_path, fsync=False) for _ in range(2)]
+    for spool in stopped:
+        spool.open()
+    for n in range(4):
+        spool = stopped[n % 2]
+        await spool.append([{"n": n}])
+        spool._close_current()
+    for spool in stopped:
+        spool.close()  # their processes died
+    await heir.adopt()
+    assert heir.pending() == 5
+    assert [item["n"] for item in await drained(heir)] == ["own", 0, 1, 2, 3]
+    await heir.append([{"n": "after"}])
+    assert [item["n"] for item in await drained(heir)] == ["after"]
+    heir.close()
