@@ -14,6 +14,7 @@ Redis before the deletion does not vouch for a tenant re-created later with the 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import redis.asyncio as aioredis
@@ -115,13 +116,17 @@ async def _delete_record(
     someone else's). An index whose record is gone goes too, with its ratings: the length limit's trim deletes the
     ratings itself (and leaves the index as TRIMMED, which names no tenant), but not for records written before
     entries named their completion (`keys.completion_log`), nor for those trimmed by an age limit lowered since.
-    The index becomes TRIMMED (for `keep_s`, an hour at least), which refuses every later rating of the
-    completion: others' ratings still in a spool, or sent to a process that answered it, quote the erased
-    conversation and would bring its ratings back."""
+    The index becomes TRIMMED, which refuses every later rating of the completion: others' ratings still in a spool,
+    or sent to a process that answered it, quote the erased conversation and would bring its ratings back. It stays
+    as long as the index would have (its record's age limit when written, which a rating of it carries too, maybe
+    longer than the tenant's now: once the marker had gone, such a rating was written as one of a completion yet to
+    come), the tenant's age limit now, or an hour, whichever is longest."""
     found = await redis.xrange(keys.completion_log(tenant), entry, entry)
     if found and id_and_user(found[0][1])[1] != user:
         return 0
-    await redis.set(keys.completion(completion_id), TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S))
+    index = keys.completion(completion_id)
+    left_s = math.ceil(max(await redis.pttl(index), 0) / 1000)
+    await redis.set(index, TRIMMED, ex=max(keep_s, TRIMMED_KEEP_S, left_s))
     if not found:
         return -1
     return int(await redis.xdel(keys.completion_log(tenant), entry)) or -1

@@ -43,7 +43,8 @@ TRIMMED = "-"
 # what most of them hold. A record of a tenant created at or before its deletion is skipped (each tenant's deletion
 # is read once per call), and so is one past its tenant's age limit (a spool replayed late). A record of an end user
 # erased since it was made is skipped too, and its index set to TRIMMED (unless one is there): a rating of it,
-# spooled or sent to the process that answered it (which vouches for it), is then refused. An arm's counters move
+# spooled or sent to the process that answered it (which vouches for it), is then refused, and those kept before
+# (vouched for while the record was on its way) are deleted, as erasure would have. An arm's counters move
 # only when its record is written (a replay counts once). What many records of a call share is summed in the script
 # and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl; never shortened:
 # it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD. A record that fails stops the
@@ -75,6 +76,13 @@ local head = a
 local function bump(counts, field, by)
   if by ~= 0 then counts[field] = (counts[field] or 0) + by end
 end
+local function drop_ratings(tenant, id)  -- a completion's ratings, and its place in the sets of those who rated it
+  local ratings = tenant.ratings .. id
+  for _, rater in ipairs(redis.call('HKEYS', ratings)) do
+    if rater ~= '' then redis.call('SREM', tenant.users .. rater, id) end
+  end
+  redis.call('DEL', ratings)
+end
 local function deletion(key)
   local at = deleted[key]
   if at == nil then
@@ -99,7 +107,8 @@ local function one(i)
   local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. user) or '-1') >= created
   local index = indexes .. id
   if erased then  -- TRIMMED refuses the ratings others give of it (spooled, or sent to the process that answered)
-    redis.call('SET', index, TRIMMED, 'EX', math.max(ttl, tonumber(KEEP)), 'NX')
+    -- its first copy: the ratings kept before it came (vouched for, counted in no arm) quote the erased conversation
+    if redis.call('SET', index, TRIMMED, 'EX', math.max(ttl, tonumber(KEEP)), 'NX') then drop_ratings(tenant, id) end
     return
   end
   if redis.call('EXISTS', index) == 1 then return end
@@ -150,12 +159,8 @@ local function forget(found, entry)
   end
   local index = id and redis.call('GET', indexes .. id)
   if not index or string.match(index, '^%S+ (%S+)') ~= entry[1] then return end
-  local ratings = found.ratings .. id
-  for _, rater in ipairs(redis.call('HKEYS', ratings)) do
-    if rater ~= '' then redis.call('SREM', found.users .. rater, id) end
-  end
+  drop_ratings(found, id)
   if user ~= '' then redis.call('SREM', found.users .. user, id) end
-  redis.call('DEL', ratings)
   redis.call('SET', indexes .. id, TRIMMED, 'EX', KEEP)
 end
 local function warn(stream, err)

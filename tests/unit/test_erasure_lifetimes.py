@@ -294,3 +294,36 @@ async def test_others_ratings_of_a_completion_erased_before_its_record_was_writt
     await store._spool.append([spooled])
     await store.replay()
     assert store._spool.pending() == 0 and await redis.exists(keys.feedback("t", "chatcmpl-1")) == 0
+
+
+async def test_ratings_kept_before_an_erased_users_record_came_go_when_it_comes(
+    redis: aioredis.Redis, store: FeedbackStore
+) -> None:
+    """v's completion was answered while the log spooled; ann's correction of it, vouched for by the process that
+    answered, was kept before its record came. v is erased (their set does not hold it yet), then the record is
+    replayed: it is skipped, and ann's correction, which quotes v's conversation, goes with it."""
+    item = spooled_rating(TENANT, "chatcmpl-9") | {"feedback": Feedback(
+        **FeedbackIn(completion_id="chatcmpl-9", user="ann", correction="v said: BLUEBIRD").model_dump(),
+        created=time.time(),
+    ).model_dump_json()}  # fmt: skip
+    await store._write([item], replay=True)
+    assert await redis.hkeys(keys.feedback("t", "chatcmpl-9")) == ["ann"], "kept: its record may still come"
+    await forget_user(redis, "t", "v", TENANT.logging)
+    assert await redis.exists(keys.feedback("t", "chatcmpl-9")) == 1, "nothing told the erasure of it"
+    assert await RecordStore(redis).write([entry(context(TENANT, 9, user="v"))]) == set()
+    assert await redis.xlen(keys.completion_log("t")) == 0 and await redis.get(keys.completion("chatcmpl-9")) == TRIMMED
+    assert await redis.exists(keys.feedback("t", "chatcmpl-9")) == 0
+    assert not await redis.sismember(keys.end_user("t", "ann"), "chatcmpl-9")
+
+
+async def test_an_erased_completions_marker_lasts_as_long_as_its_index_would_have(
+    redis: aioredis.Redis, recorder: Recorder
+) -> None:
+    """The limit was 30 days when v's completion was recorded (and ann's rating of it spooled: it carries those 30
+    days) and is 1 day at v's erasure: the marker must outlast the day, or the rating, replayed after it, is kept as
+    one of a completion yet to come."""
+    recorder.record(context(Tenant(name="t", logging=LogPolicy(max_age_days=30)), 1, user="v"))
+    await recorder.written()
+    await forget_user(redis, "t", "v", LogPolicy(max_age_days=1))
+    assert await redis.get(keys.completion("chatcmpl-1")) == TRIMMED
+    assert await redis.ttl(keys.completion("chatcmpl-1")) > 30 * 86400 - 60
