@@ -42,6 +42,7 @@ from gateway.lane import Call, ScriptLane
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.quota_leases import LeaseBook, Scopes
+from gateway.records import CHARS_PER_TOKEN
 from gateway.tenants import Tenant
 
 log = logging.getLogger("loragate.quotas")
@@ -103,15 +104,14 @@ def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
     return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
 
 
-def _check_cost(scopes: Scopes, cost: int, reserve_tokens: int) -> None:
+def _check_cost(scopes: Scopes, cost: int, needs: str, remedy: str, param: str) -> None:
+    """400 when `cost` is over a scope's whole tokens-per-minute limit: no minute would admit it."""
     for scope, _, tpm in scopes:
         if tpm is not None and cost > tpm:
             whose = "this key's" if scope.startswith(keys.key_scope("")) else "the tenant's"
             raise InvalidRequest(
-                f"This request may use up to {cost} tokens, more than {whose} tokens-per-minute limit ({tpm}) "
-                f"allows at once: name a lower max_tokens (a chat request naming none counts {reserve_tokens} for "
-                "each answer), ask for fewer answers (n), or for a higher limit.",
-                param="max_tokens",
+                f"{needs}, more than {whose} tokens-per-minute limit ({tpm}) allows at once: {remedy}.",
+                param=param,
                 code="tokens_over_limit",
             )
 
@@ -146,13 +146,20 @@ class QuotaGate:
     def cost(self, max_tokens: int | None, answers: int, prompt_chars: int) -> int:
         """Tokens reserved before forwarding: the request's max_tokens (else the cap, or the configured default) for
         each answer it asks for (n, times the prompts of a batch), plus its prompt at about four characters a token."""
-        return (max_tokens or self._reserve_tokens) * answers + prompt_chars // 4 + 1
+        return (max_tokens or self._reserve_tokens) * answers + prompt_chars // CHARS_PER_TOKEN + 1
 
     async def admit(self, principal: Principal, tenant: Tenant, request_id: str, cost: int) -> Admission:
         scopes = _scopes(principal, tenant)
         if not scopes:
             return Admission.unlimited()
-        _check_cost(scopes, cost, self._reserve_tokens)
+        _check_cost(
+            scopes,
+            cost,
+            f"This request may use up to {cost} tokens",
+            f"name a lower max_tokens (a chat request naming none counts {self._reserve_tokens} for each answer), ask "
+            "for fewer answers (n), or for a higher limit",
+            "max_tokens",
+        )
         for attempt in range(2):
             taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
             if taken is None:
@@ -171,19 +178,32 @@ class QuotaGate:
                 break
         raise self._refused(tenant, found, cost)
 
-    async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str) -> Admission:
-        """A request that generates nothing (a rating): one request of the requests-per-minute limits, no tokens.
-        Taken from the lease this process holds for the tenant's completions where it has room (that room is the
-        tenant's), else checked in Redis asking for no lease (one of its own would hold room completions cannot
-        see). Redis down: admitted whatever `on_redis_down` says of answers (the rating goes to the spool)."""
+    async def admit_request(self, principal: Principal, tenant: Tenant, request_id: str, tokens: int) -> Admission:
+        """A request that generates nothing (a rating): one request of the requests-per-minute limits, no tokens
+        (a tenant whose tokens are used up can still rate its answers), but where a scope limits tokens alone,
+        `tokens` (what its text counts: gateway.records.FeedbackIn.tokens) of that limit: no limit leaves a tenant
+        free to fill the Redis all tenants share with ratings. Taken from the lease this process holds for the
+        tenant's completions where it has room (that room is the tenant's), else checked in Redis asking for no
+        lease (one of its own would hold room completions cannot see). Redis down: admitted whatever
+        `on_redis_down` says of answers (the rating goes to the spool)."""
         scopes = _scopes(principal, tenant)
-        counted = tuple((scope, rpm, None) for scope, rpm, _ in scopes if rpm is not None)
+        counted = tuple((scope, rpm, None if rpm is not None else tpm) for scope, rpm, tpm in scopes)
+        by_tokens = any(tpm is not None for _, _, tpm in counted)
+        cost = tokens if by_tokens else 0
+        _check_cost(
+            counted,
+            cost,
+            f"This rating's text counts {cost} tokens (its correction, comment, labels and user, {CHARS_PER_TOKEN} "
+            "characters a token)",
+            "send a shorter correction or comment, or ask for a higher limit",
+            "correction",
+        )
         if not counted:
             return Admission.unlimited()
-        if (taken := self._leases.take(scopes, 0) or await self._leases.after_ask(scopes, 0)) is not None:
-            return Admission(_headers(taken.found, tokens=False))
+        if (taken := self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)) is not None:
+            return Admission(_headers(taken.found, tokens=by_tokens))
         try:
-            checked = await self._check(counted, tenant, request_id, 0, lease=False)
+            checked = await self._check(counted, tenant, request_id, cost, lease=False)
         except StateUnavailable:
             return Admission.unlimited()
         if isinstance(checked, Admission):
@@ -191,9 +211,9 @@ class QuotaGate:
         found = checked[0]
         if found[0]:
             return Admission(_headers(found))
-        if (taken := await self._leases.after_refusal(scopes, 0)) is not None:  # room the answers' lease holds
-            return Admission(_headers(taken.found, tokens=False))
-        raise self._refused(tenant, found, 0)
+        if (taken := await self._leases.after_refusal(scopes, cost)) is not None:  # room the answers' lease holds
+            return Admission(_headers(taken.found, tokens=by_tokens))
+        raise self._refused(tenant, found, cost)
 
     async def _check(
         self, scopes: Scopes, tenant: Tenant, request_id: str, cost: int, lease: bool = True

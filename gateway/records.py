@@ -183,6 +183,11 @@ class CorrectionMessage(BaseModel):
         return len(self.content or "") + sum(calls)
 
 
+CHARS_PER_TOKEN = 4
+"""Characters a token, as OpenAI counts English text: what a prompt reserves, and a rating stores, of a tokens limit
+(gateway.quotas)."""
+
+
 class FeedbackIn(BaseModel):
     """`POST /v1/feedback`: a rating (thumbs and/or score) and/or a correction of one completion."""
 
@@ -232,6 +237,14 @@ class FeedbackIn(BaseModel):
             except OverflowError:
                 raise ValueError("score must be a finite number") from None
         return value
+
+    def tokens(self) -> int:
+        """What the text it stores counts against a tokens-per-minute limit: its correction, comment, labels and end
+        user, a token for every CHARS_PER_TOKEN characters (one at least)."""
+        correction = self.correction
+        chars = correction.chars() if isinstance(correction, CorrectionMessage) else len(correction or "")
+        chars += len(self.comment or "") + sum(map(len, self.labels)) + len(self.user or "")
+        return max(math.ceil(chars / CHARS_PER_TOKEN), 1)
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackIn:

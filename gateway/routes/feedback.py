@@ -55,7 +55,7 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
     if not given.user and (header_user := user_from_header(request.headers.get(USER_HEADER))):  # "" names no one
         given.user = header_user[:MAX_USER_CHARS]  # as a completion names its end user where its body does not
     tenant = await callers_tenant(svc, caller)
-    admission = await svc.quotas.admit_request(caller, tenant, request.state.request_id)  # rpm: one request
+    admission = await svc.quotas.admit_request(caller, tenant, request.state.request_id, given.tokens())
     request.state.response_headers = admission.headers
     feedback, in_redis = await svc.feedback.submit(tenant, given)
     svc.metrics.feedback.labels(svc.metrics.tenant(tenant.name), "redis" if in_redis else "spool").inc()

@@ -15,12 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import clock, keys, quotas
-from gateway.errors import RateLimited, StateUnavailable
+from gateway.errors import InvalidRequest, RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.quota_leases import LeaseBook
 from gateway.quota_scripts import UNLEASE
 from gateway.quotas import MAX_USED_TOKENS, Admission, QuotaGate, _scopes, duration
+from gateway.records import FeedbackIn
 from gateway.tenants import Limits, Tenant
 from tests.conftest import RedisServer, free_port, redis_client
 
@@ -179,18 +180,38 @@ async def test_a_rating_counts_toward_requests_per_minute_and_costs_no_tokens(re
     gate = QuotaGate(redis, Metrics(), 256)
     tenant = Tenant(name="rater", limits=Limits(rpm=3, tpm=100))
     assert isinstance(await attempt(gate, tenant, 0, cost=100), Admission), "the minute's tokens, all of them"
-    rating = await gate.admit_request(KEY, tenant, "fb-1")
+    rating = await gate.admit_request(KEY, tenant, "fb-1", 5)
     assert rating.reserved == 0 and not rating.token_keys
     assert rating.headers["x-ratelimit-remaining-requests"] == "1"
     assert "x-ratelimit-limit-tokens" not in rating.headers
-    await gate.admit_request(KEY, tenant, "fb-2")
+    await gate.admit_request(KEY, tenant, "fb-2", 5)
     with pytest.raises(RateLimited) as refused:
-        await gate.admit_request(KEY, tenant, "fb-3")
+        await gate.admit_request(KEY, tenant, "fb-3", 5)
     assert refused.value.type == "requests" and refused.value.headers["retry-after"]
     refused_answer = await attempt(gate, tenant, 9, cost=1)
     assert isinstance(refused_answer, RateLimited) and refused_answer.type == "requests", "ratings took the rpm"
-    tokens_only = Tenant(name="tokens-only", limits=Limits(tpm=10))
-    assert (await gate.admit_request(KEY, tokens_only, "fb-4")).headers == {}, "no rpm: nothing to count"
+
+
+async def test_where_only_tokens_are_limited_a_rating_counts_its_text_in_tokens(redis: aioredis.Redis) -> None:
+    """Without an rpm nothing counted ratings: a tenant limited by tokens alone could store 100 ratings of 110 KB on
+    every one-token answer, in the Redis all tenants share. There a rating counts the tokens of its text."""
+    gate = QuotaGate(redis, Metrics(), 256)
+    tenant = Tenant(name="tokens-only", limits=Limits(tpm=100))
+    rating = await gate.admit_request(KEY, tenant, "fb-1", 60)
+    assert rating.headers["x-ratelimit-remaining-tokens"] == "40" and not rating.token_keys
+    with pytest.raises(RateLimited) as refused:
+        await gate.admit_request(KEY, tenant, "fb-2", 60)
+    assert refused.value.type == "tokens"
+    with pytest.raises(InvalidRequest) as never:
+        await gate.admit_request(KEY, tenant, "fb-3", 101)
+    assert never.value.param == "correction" and never.value.code == "tokens_over_limit"
+    refused_answer = await attempt(gate, tenant, 9, cost=50)
+    assert isinstance(refused_answer, RateLimited) and refused_answer.type == "tokens", "the rating took them"
+    key_tokens_only = Principal(tenant="both", key_id="k-tok", role="inference", tpm=30)
+    both = Tenant(name="both", limits=Limits(rpm=10, tpm=1000))
+    admitted = await gate.admit_request(key_tokens_only, both, "fb-4", 20)
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "9", "the tenant's rpm: one request"
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "10", "the key's tpm alone: the text's tokens"
 
 
 async def test_ratings_and_answers_share_the_room_leases_hold(redis: aioredis.Redis) -> None:
@@ -202,14 +223,14 @@ async def test_ratings_and_answers_share_the_room_leases_hold(redis: aioredis.Re
     assert isinstance(await attempt(gate, tenant, 0), Admission)
     leased = await redis.zcard(log)
     assert leased > 1, "the answer's check took a lease"
-    rating = await gate.admit_request(KEY, tenant, "fb-1")
+    rating = await gate.admit_request(KEY, tenant, "fb-1", 5)
     assert await redis.zcard(log) == leased, "the rating took its room from the lease"
     assert "x-ratelimit-limit-tokens" not in rating.headers
     answers = [await attempt(gate, tenant, i) for i in range(1, 120)]
     admitted = sum(isinstance(a, Admission) for a in answers)
     assert admitted == 98, "100 a minute: one answer and one rating before, 98 answers now"
     other = Tenant(name="rater-first", limits=Limits(rpm=50, tpm=10**9))
-    await gate.admit_request(KEY, other, "fb-2")
+    await gate.admit_request(KEY, other, "fb-2", 5)
     assert await redis.zcard(keys.quota_requests("tenant:rater-first")) == 1, "no lease of its own"
     assert sum([isinstance(await attempt(gate, other, i), Admission) for i in range(60)]) == 49
 
@@ -218,7 +239,7 @@ async def test_a_rating_is_admitted_while_redis_is_down_whatever_the_tenant_chos
     """Ratings go to the fsynced spool while Redis is down; a fail-closed tenant's answers are refused then."""
     gate = QuotaGate(aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1), Metrics(), 256)
     strict = Tenant(name="strict", limits=Limits(rpm=1), on_redis_down="closed")
-    assert (await gate.admit_request(KEY, strict, "fb")).headers == {}
+    assert (await gate.admit_request(KEY, strict, "fb", 5)).headers == {}
     with pytest.raises(StateUnavailable):
         await gate.admit(KEY, strict, "answer", 10)
 
@@ -329,3 +350,13 @@ async def test_gateways_whose_clocks_differ_count_tokens_in_the_same_minute(
         for i in range(int(offset_s), int(offset_s) + 20):
             admitted += isinstance(await attempt(gate, tenant, i, Principal("skew", "k1", "inference"), 100), Admission)
     assert admitted * 100 <= 1000
+
+
+def test_a_ratings_tokens_are_the_characters_of_its_text_by_four() -> None:
+    assert FeedbackIn(completion_id="c", thumbs="up").tokens() == 1, "one at least"
+    text = FeedbackIn(completion_id="c", correction="x" * 1000, comment="y" * 99, labels=["ab"], user="u")
+    assert text.tokens() == 276  # 1,102 characters
+    message = FeedbackIn.model_validate_json(
+        '{"completion_id": "c", "correction": {"role": "assistant", "content": "' + "z" * 40 + '"}}'
+    )
+    assert message.tokens() == 10
