@@ -247,7 +247,7 @@ class AdapterStore:
             raise InvalidAdapter(f"The shipped {MANIFEST_FILE} holds more than {MAX_MANIFEST_BYTES} bytes.")
         try:
             document = json.loads(shipped.read_text())
-        except ValueError as exc:  # UnicodeDecodeError too
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too; nesting too deep to read
             raise InvalidAdapter(f"The shipped {MANIFEST_FILE} is not valid JSON.") from exc
         claimed = document.get("files", {}) if isinstance(document, dict) else None
         if not isinstance(claimed, dict):

@@ -106,7 +106,7 @@ def check_folder_safety(folder: Path) -> None:
 def _load_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; nesting too deep to read
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object.")

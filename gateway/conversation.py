@@ -115,7 +115,7 @@ def _arguments(function: dict[str, Any]) -> Any:
     if isinstance(arguments, str):
         try:
             parsed = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read: the string as it is
             return arguments
         return parsed if isinstance(parsed, dict) else arguments
     return arguments if arguments is not None else {}

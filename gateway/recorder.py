@@ -188,8 +188,11 @@ class Recorder:
         return taken
 
     async def written(self) -> None:
-        """Wait until everything queued before this call is written (or spooled)."""
+        """Wait until everything queued before this call is written (or spooled). With all of it written already,
+        at once: the next records keep their batching window (feedback on unknown ids asks this every time)."""
         target = self._queued_seq
+        if self._done_seq >= target:
+            return
         self._flush_seq = max(self._flush_seq, target)
         self._go_now.set()
         self._queued.set()

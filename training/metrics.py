@@ -46,7 +46,7 @@ def parse_json(answer: str) -> tuple[bool, Any]:
     """(True, value) when the answer, fenced or not, is one JSON value; (False, None) otherwise."""
     try:
         return True, json.loads(unfenced(answer))
-    except ValueError:  # json.JSONDecodeError is a ValueError
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError; nested too deep is no answer
         return False, None
 
 

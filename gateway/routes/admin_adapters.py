@@ -107,8 +107,9 @@ def _name(text: str) -> str:
 )
 async def list_adapters(tenant: str, request: Request, _: Manager) -> dict[str, Any]:
     await existing_tenant(request, tenant)
-    manifests = await asyncio.to_thread(services(request).registry.store(tenant).list)
-    return {"object": "list", "data": [m.model_dump(mode="json") for m in manifests]}
+    svc = services(request)
+    manifests = await asyncio.to_thread(svc.registry.store(tenant).list)
+    return {"object": "list", "data": [shown(m, svc.settings.home) for m in manifests]}
 
 
 @router.get("/adapters/{ref}", responses=errors(400, 404))
@@ -118,7 +119,40 @@ async def show_adapter(tenant: str, ref: str, request: Request, _: Manager) -> M
     parsed = _ref(ref)
     pinned = (await svc.pointers.of(tenant)).pins.get(parsed.name)
     with domain_errors():
-        return await asyncio.to_thread(svc.registry.store(tenant).resolve, parsed, pinned)
+        found = await asyncio.to_thread(svc.registry.store(tenant).resolve, parsed, pinned)
+    return Manifest.model_validate(shown(found, svc.settings.home))
+
+
+HOST_PATHS = frozenset({"origin", "adapter_dir", "resumed_from", "jsonl_path", "regression_jsonl", "json_schema_path"})
+"""The manifest's fields (its source's, and in its provenance a training run's and its config's) that name a path on
+the gateway's host."""
+HIDDEN = frozenset({"endpoint"})
+"""Fields shown only as whether they were set: the address a training run reached the gateway at."""
+
+
+def shown(manifest: Manifest, home: Path) -> dict[str, Any]:
+    """A manifest as the admin API shows it: a path on the gateway's host (where a version was added from, a
+    training run's folders and files) relative to LORAGATE_HOME, or its last part where it lies elsewhere, and no
+    internal address. A tenant's manage key is shown its adapters, not the host's layout (absolute paths and the
+    training job's gateway URL before 2026-12-07)."""
+    return _without_host_paths(manifest.model_dump(mode="json"), home.resolve())
+
+
+def _without_host_paths(value: Any, home: Path) -> Any:
+    if isinstance(value, list):
+        return [_without_host_paths(item, home) for item in value]
+    if not isinstance(value, dict):
+        return value
+    shown: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in HOST_PATHS and isinstance(item, str) and item.startswith("/"):
+            path = Path(item)
+            shown[key] = str(path.relative_to(home)) if path.is_relative_to(home) else path.name
+        elif key in HIDDEN and item is not None:
+            shown[key] = "(set)"
+        else:
+            shown[key] = _without_host_paths(item, home)
+    return shown
 
 
 @asynccontextmanager
@@ -199,7 +233,7 @@ async def add_adapter(
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
     manifest = await _still_owned(request, owner, stored)
-    return JSONResponse(manifest.model_dump(mode="json"), status_code=201)
+    return JSONResponse(shown(manifest, svc.settings.home), status_code=201)
 
 
 async def _still_owned(request: Request, owner: Tenant, stored: Manifest) -> Manifest:

@@ -141,3 +141,11 @@ def test_tensor_names_vllm_cannot_parse_are_refused(store: AdapterStore, good: P
     tensors: dict[str, np.ndarray] = load_file(weights)
     save_file({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}, weights)
     refused(store, good, base, r"Unexpected tensor .*lora_A\.default\.weight")
+
+
+def test_a_config_nested_too_deep_to_read_is_refused_as_not_json(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
+    """json.loads raises RecursionError, not ValueError, past its depth: an upload's 400, not a 500."""
+    (good / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(store, good, base, "adapter_config.json is not valid JSON")

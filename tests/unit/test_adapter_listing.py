@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from adapters.manifest import AdapterRef, InvalidAdapter
 from adapters.registry import Registry
 from adapters.store import AdapterNotFound, AdapterStore
+from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
 
 MAX_RANK = 16
@@ -34,6 +35,12 @@ def test_a_shipped_manifest_whose_files_are_not_an_object_is_refused(
     with pytest.raises(InvalidAdapter, match="`files` is an object"):
         store.add(good, "a", base, MAX_RANK)
     assert store.list() == []
+
+
+def test_a_shipped_manifest_nested_too_deep_to_read_is_refused(tmp_path: Path, good: Path, base: BaseModelSpec) -> None:
+    (good / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError, not ValueError, in json.loads
+    with pytest.raises(InvalidAdapter, match="manifest.json is not valid JSON"):
+        AdapterStore(tmp_path / "store" / "t", "t").add(good, "a", base, MAX_RANK)
 
 
 def test_a_shipped_manifest_over_its_cap_is_refused_unread(tmp_path: Path, good: Path, base: BaseModelSpec) -> None:
@@ -97,3 +104,26 @@ def test_a_deleted_tenants_version_with_a_corrupt_manifest_is_deleted_too(
     assert registry.remove_tenant("t") == ["t.a@2", "t.a@1"]
     assert not any(store.root.glob("a/v*")) and not any(store.root.glob("a/.trash*"))
     assert store.add(good, "a", base, MAX_RANK).version == 3, "numbers are still never reused"
+
+
+def test_a_tenant_is_shown_its_adapters_not_the_hosts_paths(
+    api: TestClient, tmp_path_factory: pytest.TempPathFactory, base: BaseModelSpec
+) -> None:
+    """Versions added from a folder on the gateway's host, or published by a training run, name where they came from
+    relative to LORAGATE_HOME, or by the last part of a path elsewhere: a manage key saw `/home/op/...` before."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    home = svc.settings.home
+    elsewhere = make_adapter(tmp_path_factory.mktemp("operator") / "adapter", base, seed=5)
+    run = home / "training" / "acme" / "run-1" / "adapter"
+    config = {"endpoint": "http://10.0.0.5:8080", "jsonl_path": "/srv/data/tickets.jsonl", "label_pattern": "/P[1-4]/"}
+    provenance = {"training": {"adapter_dir": str(run), "resumed_from": None}, "dataset_hash": "ab12", "config": config}
+    svc.registry.store("acme").add(elsewhere, "bot", base, MAX_RANK, provenance=provenance)
+    svc.registry.invalidate("acme", "bot")
+    listed = api.get("/admin/tenants/acme/adapters").json()["data"]
+    shown = api.get("/admin/tenants/acme/adapters/bot@4").json()
+    assert "/" + str(home).strip("/") not in json.dumps(listed) and str(elsewhere.parent) not in json.dumps(shown)
+    assert [m["source"]["origin"] for m in listed] == ["adapter1", "adapter2", "adapter3", "adapter"]
+    assert shown["provenance"]["training"] == {"adapter_dir": "training/acme/run-1/adapter", "resumed_from": None}
+    assert shown["provenance"]["dataset_hash"] == "ab12"
+    kept = {"endpoint": "(set)", "jsonl_path": "tickets.jsonl", "label_pattern": "/P[1-4]/"}  # a regex is no path
+    assert shown["provenance"]["config"] == kept

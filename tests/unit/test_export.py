@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from gateway import keys
 from gateway.cli import app as cli
+from gateway.conversation import tool_calls
 from gateway.dpo_pairs import PreferencePairs
 from gateway.export import (
     FORMATS,
@@ -687,6 +688,14 @@ async def test_tool_calls_and_tools_are_exported_as_trls_trainers_read_them(
     assert first.startswith(head) and first.endswith(f"<|im_start|>assistant\n{call_text}<|im_end|>\n")
     assert f"{call_text}<|im_end|>\n<|im_start|>tool\n18 C<for call-1><|im_end|>\n" in second
     assert all(c["applied"]["prompt"].startswith(head) for c in checked["dpo"] + checked["kto"])
+
+
+def test_arguments_nested_too_deep_to_read_are_exported_as_their_string() -> None:
+    """A logged conversation whose tool call's arguments json.loads cannot read (RecursionError) made the tenant's
+    every export a 500, until the record aged out."""
+    deep = "[" * 100_000 + "]" * 100_000
+    calls = tool_calls([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}])
+    assert calls == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]
 
 
 async def test_a_correction_that_calls_a_tool_is_the_answer_that_calls_it(

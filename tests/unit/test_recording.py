@@ -376,6 +376,28 @@ async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_
     await recorder.close()
 
 
+async def test_waiting_for_what_is_written_already_keeps_the_next_records_batching_window(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Feedback on an id no one knows waits for this process's queue every time (as for one answered a moment ago);
+    with nothing queued that is no reason to hand the next records over at once, in batches of one."""
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    recorder = Recorder(redis, spool, Metrics(), interval_s=30)
+    task = asyncio.create_task(recorder.run())
+    try:
+        await asyncio.wait_for(recorder.written(), 1)  # nothing queued: at once
+        recorder.record(context(Tenant(name="t"), 1))
+        await asyncio.sleep(0.3)
+        assert len(recorder._queue) == 1, "it waits for its batch's window"
+        await asyncio.wait_for(recorder.written(), 5)  # now one is queued: handed over at once
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-1"]
+    finally:
+        await recorder.stop()
+        await task
+        await recorder.close()
+
+
 async def test_record_processes_share_batches_and_write_one_only_while_no_other_holds_one(
     redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:

@@ -237,6 +237,7 @@ def test_redact_value_walks_chat_messages() -> None:
     [
         ('{"phone": 2025550143}', '{"phone": "[PHONE]"}'),
         ('{"phone": -2025550143, "n": [-1, -4155552671]}', '{"phone": "[PHONE]", "n": [-1, "[PHONE]"]}'),  # signs
+        ('{"p": 2025550143.5, "c": [4111111111111111e0, 1.5]}', '{"p": "[PHONE]", "c": ["[CARD]", 1.5]}'),  # the rest
         ('[4111111111111111, "a@b.io", "x [PHONE] y"]', '["[CARD]", "[EMAIL]", "x [PHONE] y"]'),
         ('{"ip": 10.1.2.3 }', '{"ip": [IP] }'),  # not JSON before: left as redaction made it
         ('{"n": "ring \\" 2025550143"}', '{"n": "ring \\" [PHONE]"}'),  # inside a string (an escaped quote before)
