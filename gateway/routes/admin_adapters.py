@@ -134,8 +134,9 @@ def shown(manifest: Manifest, home: Path) -> dict[str, Any]:
     """A manifest as the admin API shows it: a path on the gateway's host (where a version was added from, a
     training run's folders and files) relative to LORAGATE_HOME, or its last part where it lies elsewhere, and no
     internal address. A tenant's manage key is shown its adapters, not the host's layout (absolute paths and the
-    training job's gateway URL before 2026-12-07)."""
-    return _without_host_paths(manifest.model_dump(mode="json"), home.resolve())
+    training job's gateway URL before 2026-12-07). `home` as configured, not resolved: the paths under it were built
+    from it so (and resolving it would be file I/O on the event loop at every request)."""
+    return _without_host_paths(manifest.model_dump(mode="json"), home)
 
 
 def _without_host_paths(value: Any, home: Path) -> Any:
@@ -143,16 +144,16 @@ def _without_host_paths(value: Any, home: Path) -> Any:
         return [_without_host_paths(item, home) for item in value]
     if not isinstance(value, dict):
         return value
-    shown: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, item in value.items():
         if key in HOST_PATHS and isinstance(item, str) and item.startswith("/"):
             path = Path(item)
-            shown[key] = str(path.relative_to(home)) if path.is_relative_to(home) else path.name
+            out[key] = str(path.relative_to(home)) if path.is_relative_to(home) else path.name
         elif key in HIDDEN and item is not None:
-            shown[key] = "(set)"
+            out[key] = "(set)"
         else:
-            shown[key] = _without_host_paths(item, home)
-    return shown
+            out[key] = _without_host_paths(item, home)
+    return out
 
 
 @asynccontextmanager
