@@ -66,15 +66,18 @@ async def post_feedback(request: Request, caller: TenantCaller) -> JSONResponse:
 @router.get(
     "/v1/feedback",
     response_model=None,
-    responses=answer(answers.FeedbackList, "The feedback on that completion.") | errors(404, 503),
+    responses=answer(answers.FeedbackList, "The feedback on that completion.") | errors(404, 429, 503),
 )
 async def get_feedback(
     request: Request, caller: TenantCaller, completion_id: str = Query(min_length=1, max_length=200)
 ) -> dict[str, Any]:
     """404 for a completion that is not the caller's (unknown or another tenant's, alike); 503 while that
-    cannot be told (Redis down, or the completion log spooling)."""
+    cannot be told (Redis down, or the completion log spooling). 429: the tenant's (or key's) requests per minute
+    are used up: a read counts as one request, with no tokens."""
     svc = services(request)
     tenant = await callers_tenant(svc, caller)
+    admission = await svc.quotas.admit_request(caller, tenant, request.state.request_id, 0)
+    request.state.response_headers = admission.headers
     found = await svc.feedback.of_completion(tenant, completion_id)
     return {"object": "list", "data": [feedback.model_dump(mode="json") for feedback in found]}
 

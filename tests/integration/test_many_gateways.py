@@ -116,27 +116,35 @@ def test_quota_admits_exactly_the_limit_across_processes(gateway: Gateway, sides
 
 def test_ratings_count_toward_requests_per_minute_on_every_process(gateway: Gateway, sides: list[Gateway]) -> None:
     """A rating is a request of the minute (a tenant could fill the shared Redis with ratings otherwise), with
-    no tokens; past the limit `/v1/feedback` is refused like a completion, on whichever process it reaches."""
-    loragate(gateway.env, "tenants", "create", "rater3", "--rpm", "3")
-    key = create_key(gateway.env, "rater3")
+    no tokens, and so is reading ratings back; past the limit `/v1/feedback` is refused like a completion, on
+    whichever process it reaches."""
+    loragate(gateway.env, "tenants", "create", "rater4", "--rpm", "4")
+    key = create_key(gateway.env, "rater4")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
     answer = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
-    rated = []
-    for process in (sides[0], sides[1], gateway):
-        rated.append(
-            httpx.post(
+    calls = []
+    for process, method in ((sides[0], "POST"), (sides[1], "POST"), (gateway, "GET"), (gateway, "POST")):
+        rating = {"completion_id": answer.id, "thumbs": "up", "user": f"u{len(calls)}"}
+        calls.append(
+            httpx.request(
+                method,
                 f"{process.base_url}/feedback",
-                json={"completion_id": answer.id, "thumbs": "up", "user": f"u{len(rated)}"},
+                **({"json": rating} if method == "POST" else {"params": {"completion_id": answer.id}}),
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=30,
             )
         )
-    assert [r.status_code for r in rated] == [200, 200, 429], [r.text for r in rated]
-    assert rated[1].headers["x-ratelimit-remaining-requests"] == "0"
-    assert "x-ratelimit-limit-tokens" not in rated[1].headers, "a rating costs no tokens"
-    error = rated[2].json()["error"]
+    assert [r.status_code for r in calls] == [200, 200, 200, 429], [r.text for r in calls]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in calls[:3]] == ["2", "1", "0"]
+    assert len(calls[2].json()["data"]) == 2, "the read found both ratings"
+    assert "x-ratelimit-limit-tokens" not in calls[1].headers, "a rating costs no tokens"
+    error = calls[3].json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests" and error["param"] is None
-    assert 1 <= int(rated[2].headers["retry-after"]) <= 60
+    assert 1 <= int(calls[3].headers["retry-after"]) <= 60
+    read = httpx.get(
+        f"{sides[0].base_url}/feedback", params={"completion_id": answer.id}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert read.status_code == 429 and read.json()["error"]["type"] == "requests", read.text
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
 
