@@ -183,6 +183,12 @@ class Metrics:
         self.records_written = Counter(
             "loragate_records_written", "Completion records written to the log in Redis.", registry=r
         )
+        self.records_skipped = Counter(
+            "loragate_records_skipped",
+            "Completion records not written, on purpose: written already (a replay), of an end user erased or a "
+            "tenant deleted since, or past the tenant's age limit.",
+            registry=r,
+        )
         self.records_spooled = Counter(
             "loragate_records_spooled", "Completion records spooled locally while Redis was unreachable.", registry=r
         )

@@ -8,6 +8,8 @@ Both the gateway process (records built in a thread, and the spool's replay) and
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -56,7 +58,7 @@ TRIMMED = "-"
 # the set of its end user and of each user who rated it. Its index stays TRIMMED_KEEP_S, as TRIMMED (no tenant, no
 # entry), so that a replay of the record is still skipped: written again, it would be the newest entry and push
 # newer records out. What fails in a trim is logged by Redis and fails no record; the entries are trimmed all the same.
-# Returns the records written.
+# Returns the records written; an error says how many were written before it (WRITTEN_BEFORE).
 _RECORD = """
 local TRIM_SLACK, TRIM_MOST, KEEP, TRIMMED = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local META = '^(%d+) (%d+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S*)$'
@@ -182,11 +184,14 @@ for stream, limit in pairs(logs) do
   if not ok then warn(stream, err) end
 end
 if failed ~= nil then
-  if type(failed) == 'table' then return failed end
-  return redis.error_reply(tostring(failed))
+  local suffix = ' (written before it: ' .. written .. ')'
+  if type(failed) == 'table' then failed.err = tostring(failed.err) .. suffix; return failed end
+  return redis.error_reply(tostring(failed) .. suffix)
 end
 return written
 """
+WRITTEN_BEFORE = re.compile(r" \(written before it: (\d+)\)$")
+"""How a script error ends: how many records of the call were written before it (they skip when retried)."""
 CHUNK = 100
 """Records per script call: a call blocks Redis while it runs, so a batch is several short calls."""
 BUSY_NOW = ("OOM", "READONLY", "LOADING", "BUSY", "MISCONF", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN")
@@ -211,34 +216,51 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """What an unreachable Redis raises, or one refusing writes for now (the records then go to the spool)."""
 
 
+@dataclass
+class Written:
+    """What became of the entries of one `RecordStore.write`."""
+
+    refused: set[str] = field(default_factory=set)
+    """Completion ids Redis refused (a record the script could not read): dropped."""
+    written: int = 0
+    """Records the script appended to a log. The rest it skipped: written already (a replay), of an end user erased
+    or a tenant deleted since, or past the tenant's age limit."""
+
+    def skipped(self, entries: int) -> int:
+        return entries - len(self.refused) - self.written
+
+
 class RecordStore:
     """The records Redis, for writing built records (entries of gateway.record_builder.build_entries)."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._lane = ScriptLane(redis, _RECORD, size=2)
 
-    async def write(self, entries: list[dict[str, Any]]) -> set[str]:
-        """Write entries; the completion ids Redis refused (dropped). A chunk Redis refuses (a script error, not
-        an outage) is retried record by record, so one bad record cannot stop the log; the others are sent to
-        the script, which skips those already written, erased or of a deleted tenant. An unreachable Redis
-        raises (UNREACHABLE)."""
+    async def write(self, entries: list[dict[str, Any]]) -> Written:
+        """Write entries. A chunk Redis refuses (a script error, not an outage) is retried record by record, so one
+        bad record cannot stop the log; the others are sent to the script, which skips those already written,
+        erased or of a deleted tenant. An unreachable Redis raises (UNREACHABLE)."""
         chunks = [entries[i : i + CHUNK] for i in range(0, len(entries), CHUNK)]
         replies = _unless_busy(await self._lane.many([_call(chunk) for chunk in chunks]))
-        refused: set[str] = set()
+        done = Written()
         for chunk, reply in zip(chunks, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                refused |= await self._one_by_one(chunk, reply)
-        return refused
+            if isinstance(reply, ResponseError):  # the records before the bad one were written: retried, they skip
+                before = WRITTEN_BEFORE.search(str(reply))
+                done.written += int(before.group(1)) if before else 0
+                await self._one_by_one(chunk, reply, done)
+            else:
+                done.written += int(reply)
+        return done
 
-    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception) -> set[str]:
+    async def _one_by_one(self, chunk: list[dict[str, Any]], error: Exception, done: Written) -> None:
         log.error("completion log: Redis refused a batch (%s); writing its records one by one", error)
-        refused = set()
         replies = _unless_busy(await self._lane.many([_call([entry]) for entry in chunk]))
         for entry, reply in zip(chunk, replies, strict=True):
             if isinstance(reply, ResponseError):
                 log.error("completion log: record %s refused by Redis, dropped: %s", entry["id"], reply)
-                refused.add(entry["id"])
-        return refused
+                done.refused.add(entry["id"])
+            else:
+                done.written += int(reply)
 
     async def close(self) -> None:
         await self._lane.close()

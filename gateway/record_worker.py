@@ -72,6 +72,8 @@ class Built:
     written: dict[str, Owner] = field(default_factory=dict)
     """Written by the record process (sent to the script: it skips what was already written or erased): completion
     id -> owner, the owners shared (one tuple per tenant: pickled once)."""
+    skipped: int = 0
+    """Of those, how many the script skipped (`gateway.record_store.Written`)."""
     refused: int = 0
     """Refused by Redis (a script error), dropped."""
     unreachable: str | None = None
@@ -106,13 +108,14 @@ class _Writer:
         if self._store is None or epoch is None or epoch <= self._failed_epoch or not built.entries:
             return built
         try:
-            refused = await self._store.write(built.entries)
+            done = await self._store.write(built.entries)
         except UNREACHABLE as exc:
             self._failed_epoch = epoch
             built.unreachable = repr(exc)
             return built
-        built.written = owners(e for e in built.entries if e["id"] not in refused)
-        built.refused, built.entries = len(refused), []
+        built.written = owners(e for e in built.entries if e["id"] not in done.refused)
+        built.skipped, built.refused = done.skipped(len(built.entries)), len(done.refused)
+        built.entries = []
         return built
 
     async def close(self) -> None:

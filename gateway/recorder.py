@@ -284,7 +284,7 @@ class Recorder:
             log.warning("completion log: Redis unreachable (%s); spooling records until it returns", built.unreachable)
             self.degraded = True
         self.recent.add(built.written)
-        self._metrics.records_written.inc(len(built.written))
+        self._count(len(built.written) - built.skipped, built.skipped)
         if not built.entries:
             self._done_seq = max(self._done_seq, last_seq)
             return None
@@ -320,10 +320,15 @@ class Recorder:
 
     async def _write(self, entries: list[dict[str, Any]]) -> None:
         """Write entries here (built in a thread, or replayed from the spool); what Redis refuses is dropped."""
-        refused = await self._records.write(entries)
-        self._metrics.records_written.inc(len(entries) - len(refused))
-        if refused:
-            self._metrics.records_dropped.labels("refused").inc(len(refused))
+        done = await self._records.write(entries)
+        self._count(done.written, done.skipped(len(entries)))
+        if done.refused:
+            self._metrics.records_dropped.labels("refused").inc(len(done.refused))
+
+    def _count(self, written: int, skipped: int) -> None:
+        self._metrics.records_written.inc(written)
+        if skipped:
+            self._metrics.records_skipped.inc(skipped)
 
     async def _replay(self) -> None:
         """Write the spool to Redis, oldest first; stay degraded if Redis is still away."""

@@ -16,7 +16,7 @@ from gateway import keys
 from gateway.erasure import MARGIN_S, forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore
+from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore, Written
 from gateway.recorder import Recorder
 from gateway.records import CorrectionCall, CorrectionFunction, CorrectionMessage, Feedback, FeedbackIn, LogPolicy
 from gateway.routing import Route
@@ -80,8 +80,9 @@ async def test_what_is_replayed_past_its_age_limit_is_not_written(redis: aioredi
     limit: its user's erasure tombstone may be gone by then."""
     old, young = entry(context(TENANT, 1)), entry(context(TENANT, 2))
     old["created"] = young["created"] - 61
-    refused = await RecordStore(redis).write([old, young])
-    assert refused == set() and [f["r"] for _, f in await redis.xrange(keys.completion_log("t"))] == [young["record"]]
+    done = await RecordStore(redis).write([old, young])
+    assert done == Written(written=1), "the old one skipped"
+    assert [f["r"] for _, f in await redis.xrange(keys.completion_log("t"))] == [young["record"]]
     assert await redis.exists(keys.completion("chatcmpl-1")) == 0 and await redis.exists(keys.completion("chatcmpl-2"))
     rating = Feedback(
         **FeedbackIn(completion_id="chatcmpl-2", user="ann", thumbs="up").model_dump(), created=time.time()
@@ -143,10 +144,10 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
     short = Tenant(name="t", logging=LogPolicy(max_records=100))
     await redis.xadd(keys.completion_log("t"), {"r": "{}"})  # an entry as older versions wrote them
     entries = [entry(context(short, n, user=f"user-{n % 3}")) for n in range(1, 251)]
-    assert await RecordStore(redis).write(entries[:CHUNK]) == set()
+    assert await RecordStore(redis).write(entries[:CHUNK]) == Written(written=CHUNK)
     for n in (1, 2):
         await store.submit(short, FeedbackIn(completion_id=f"chatcmpl-{n}", user="ann", thumbs="up"))
-    assert await RecordStore(redis).write(entries[CHUNK:]) == set()
+    assert await RecordStore(redis).write(entries[CHUNK:]) == Written(written=150)
     await store.submit(short, FeedbackIn(completion_id="chatcmpl-150", user="ann", thumbs="up"))
     kept = [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))]
     assert kept == [f"chatcmpl-{n}" for n in range(101, 251)], "the old entry and records 1-100 are over the length"
@@ -164,7 +165,7 @@ async def test_the_length_limit_trims_what_was_derived_from_a_record_with_it(
     assert await redis.exists(keys.completion("chatcmpl-101"), keys.feedback("t", "chatcmpl-150")) == 2
     assert await redis.sismember(keys.end_user("t", "user-0"), "chatcmpl-150")
     assert await redis.smembers(keys.end_user("t", "ann")) == {"chatcmpl-150"}, "nor in its raters' sets"
-    assert await RecordStore(redis).write(entries[:CHUNK]) == set()  # replayed (the answer was lost, say)
+    assert await RecordStore(redis).write(entries[:CHUNK]) == Written(written=0)  # replayed (the answer was lost)
     again = [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))]
     assert again == kept, "a replay of trimmed records brings none back, nor pushes newer ones out"
     assert [r.user for r in await store.of_completion(short, "chatcmpl-150")] == ["ann"]
@@ -310,7 +311,7 @@ async def test_ratings_kept_before_an_erased_users_record_came_go_when_it_comes(
     assert await redis.hkeys(keys.feedback("t", "chatcmpl-9")) == ["ann"], "kept: its record may still come"
     await forget_user(redis, "t", "v", TENANT.logging)
     assert await redis.exists(keys.feedback("t", "chatcmpl-9")) == 1, "nothing told the erasure of it"
-    assert await RecordStore(redis).write([entry(context(TENANT, 9, user="v"))]) == set()
+    assert await RecordStore(redis).write([entry(context(TENANT, 9, user="v"))]) == Written(written=0)
     assert await redis.xlen(keys.completion_log("t")) == 0 and await redis.get(keys.completion("chatcmpl-9")) == TRIMMED
     assert await redis.exists(keys.feedback("t", "chatcmpl-9")) == 0
     assert not await redis.sismember(keys.end_user("t", "ann"), "chatcmpl-9")

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, RecordStore
+from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, RecordStore, Written
 from gateway.tenants import Tenant
 from tests.unit.test_recording import context, entry
 
@@ -34,7 +34,7 @@ async def test_a_call_of_many_tenants_arms_and_odd_names_lands_as_meant(redis: a
         record(beta, 5, ODD_USERS[1], id="chatcmpl 5 with spaces"),
         record(beta, 6, ODD_USERS[3], experiment="exp", arm="a"),  # the same names as acme's arm: another arm
     ]
-    assert await RecordStore(redis).write(entries) == set()
+    assert await RecordStore(redis).write(entries) == Written(written=6)
     logs = {t: await redis.xrange(keys.completion_log(t)) for t in ("acme", "beta")}
     assert [f["c"] for _, f in logs["acme"]] == ["chatcmpl-1", "chatcmpl-3", "chatcmpl-4"]
     assert [f["c"] for _, f in logs["beta"]] == ["chatcmpl-2", "chatcmpl 5 with spaces", "chatcmpl-6"]
@@ -57,7 +57,8 @@ async def test_a_call_of_many_tenants_arms_and_odd_names_lands_as_meant(redis: a
     where = redis.connection_pool.connection_kwargs
     raw = aioredis.Redis(host=where["host"], port=where["port"], db=where.get("db", 0))  # DUMP's bytes as they are
     before = {key: await raw.dump(key) for key in await raw.keys("*")}
-    assert await RecordStore(redis).write(entries) == set()  # a replay (the answer was lost, say)
+    replayed = await RecordStore(redis).write(entries)  # a replay (the answer was lost, say)
+    assert replayed == Written(written=0) and replayed.skipped(len(entries)) == 6
     assert {key: await raw.dump(key) for key in await raw.keys("*")} == before, "nothing written twice"
     await raw.aclose()
 
@@ -70,7 +71,7 @@ async def test_an_erased_user_and_a_deleted_tenants_records_are_skipped_in_the_s
     await redis.set(keys.forgotten("kept", "zoë"), "9999999999")
     await redis.set(keys.tenant_deleted("gone"), "1000.0 0")
     entries = [record(gone, 1, "ann"), record(kept, 2, "zoë"), record(kept, 3, "ann")]
-    assert await RecordStore(redis).write(entries) == set()
+    assert await RecordStore(redis).write(entries) == Written(written=1), "two skipped, none refused"
     assert await redis.xlen(keys.completion_log("gone")) == 0
     assert [f["c"] for _, f in await redis.xrange(keys.completion_log("kept"))] == ["chatcmpl-3"]
     assert await redis.get(keys.completion("chatcmpl-2")) == TRIMMED, "an erased user's: refuses its ratings"
@@ -84,5 +85,5 @@ async def test_a_record_whose_numbers_do_not_read_is_refused_alone(redis: aiored
     tenant = Tenant(name="t")
     entries = [record(tenant, n, "ann") for n in range(1, 4)]
     entries[1] = {**entries[1], **bad}
-    assert await RecordStore(redis).write(entries) == {"chatcmpl-2"}
+    assert await RecordStore(redis).write(entries) == Written({"chatcmpl-2"}, written=2)
     assert [f["c"] for _, f in await redis.xrange(keys.completion_log("t"))] == ["chatcmpl-1", "chatcmpl-3"]

@@ -338,6 +338,33 @@ async def test_pipelined_batches_are_written_in_the_order_they_came(
     await recorder.close()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_what_the_script_skips_is_counted_skipped_not_written(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, workers: int
+) -> None:
+    """A record written already (a replay) or of an end user erased since is skipped by the script: counted in
+    `loragate_records_skipped_total`, not as written (before 2026-12-07, as written)."""
+    await redis.set(keys.forgotten("t", "gone"), "9999999999")
+    spool = Spool(tmp_path, fsync=False)
+    spool.open()
+    metrics = Metrics()
+    recorder = Recorder(redis, spool, metrics, batch=3, workers=workers, redis_url=redis_server.url)
+    try:
+        for n in range(3):
+            recorder.record(context(Tenant(name="t"), n))
+        recorder.record(context(Tenant(name="t"), 3, user="gone"))
+        await recorder._cycle()
+        for n in range(2):
+            recorder.record(context(Tenant(name="t"), n))  # the same completions again
+        await recorder._cycle()
+        assert stream_ids(await redis.xrange(keys.completion_log("t"))) == [f"chatcmpl-{n}" for n in range(3)]
+        assert metrics.registry.get_sample_value("loragate_records_written_total") == 3
+        assert metrics.registry.get_sample_value("loragate_records_skipped_total") == 3
+        assert metrics.registry.get_sample_value("loragate_records_dropped_total", {"reason": "refused"}) is None
+    finally:
+        await recorder.close()
+
+
 async def test_records_that_arrive_during_a_cycle_wait_for_the_next_unless_they_fill_a_batch(
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
