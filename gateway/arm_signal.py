@@ -78,14 +78,37 @@ return #gone
 """
 )
 
-# KEYS: the tenant's deletion tombstone (keys.tenant_deleted), then the arms' counters. ARGV: SINCE_MARGIN_S, when
-# the experiment was created. Each arm's ratings since start again from none, from now plus the margin, and the period
-# notes the arm's totals it began at (`since:base`: the experiment's `rated_before` must match it, below); returns per
-# arm its identified requests so far (requests less anonymous ones) and that base, in KEYS' order. Nothing is written
-# for an experiment whose tenant was deleted since (its counters were purged: the change is refused as it is saved).
-_BEGIN_PERIOD = """
+# The guard rails judge an arm on what it did since its split last changed or its experiment was last resumed
+# (`guard_window`, gateway.experiment_results), not on its whole life: an arm given a weight again once its failure was
+# mended, or an experiment resumed after a pause, was rolled back again at once for its old errors, and an arm that
+# begins to fail after 10,000 good requests passed 20% errors only some 2,500 failures later. `guard:base` holds the
+# arm's requests, errors, ratings and negative ratings when its window began (none before the first change).
+# KEYS: the tenant's deletion tombstone, then the arms' counters. ARGV[2]: when the experiment was created. Nothing is
+# written for an experiment whose tenant was deleted since (its counters were purged: the change is refused as saved).
+_GUARD = """
 local deleted = redis.call('GET', KEYS[1])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return {} end
+local function guard_base(key)
+  local n = redis.call('HMGET', key, 'requests', 'errors', 'rated', 'negative')
+  local base = (n[1] or '0') .. ' ' .. (n[2] or '0') .. ' ' .. (n[3] or '0') .. ' ' .. (n[4] or '0')
+  redis.call('HSET', key, 'guard:base', base)
+end
+"""
+_RESTART_GUARD = (
+    _GUARD
+    + """
+for i = 2, #KEYS do guard_base(KEYS[i]) end
+return #KEYS - 1
+"""
+)
+
+# KEYS, ARGV[2]: as _GUARD's; ARGV[1]: SINCE_MARGIN_S. Each arm's ratings since start again from none, from now plus
+# the margin, and the period notes the arm's totals it began at (`since:base`: the experiment's `rated_before` must
+# match it, below); its guard window begins too. Returns per arm its identified requests so far (requests less
+# anonymous ones) and that base, in KEYS' order.
+_BEGIN_PERIOD = (
+    _GUARD
+    + """
 local now = redis.call('TIME')
 local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
 local found = {}
@@ -95,10 +118,12 @@ for i = 2, #KEYS do
   local base = (n[3] or '0') .. ' ' .. (n[4] or '0') .. ' ' .. (n[5] or '0')
   redis.call('HSET', key, 'since:at', at, 'since:base', base, 'since:rated', 0, 'since:positive_sum', 0,
     'since:positive_squares', 0)
+  guard_base(key)
   found[i - 1] = {(tonumber(n[1]) or 0) - (tonumber(n[2]) or 0), base}
 end
 return found
 """
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,20 @@ async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, crea
     for arm, (exposed, base) in zip(arms, found, strict=False):
         period.exposed[arm], period.rated[arm] = int(exposed), _base(base)
     return period
+
+
+async def restart_guard(redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]) -> None:
+    """The arms' guard windows begin now (an experiment resumed): the guard rails judge what they do from here."""
+    script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
+    await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
+
+
+def guard_window(counters: dict[str, float], base: str | None) -> dict[str, int]:
+    """An arm's requests, errors, ratings and negative ratings since its guard window began (`guard:base`; its whole
+    life where none did), from its counters read as numbers."""
+    began = [int(float(n)) for n in base.split()] if base else [0, 0, 0, 0]
+    names = ("requests", "errors", "rated", "negative")
+    return {name: max(int(counters.get(name, 0)) - start, 0) for name, start in zip(names, began, strict=False)}
 
 
 def _base(text: str | bytes) -> tuple[int, float, float]:

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.arm_signal import counted_since
+from gateway.arm_signal import counted_since, guard_window
 from gateway.assignment import shares
 from gateway.experiments import Experiment
 from gateway.record_builder import LATENCY_BUCKETS_MS
@@ -55,8 +55,9 @@ def _since(counters: dict[str, str], number: dict[str, float], before: tuple[int
 
 def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] | None) -> dict[str, Any]:
     """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read."""
-    number = {k: float(v) for k, v in counters.items() if k != "since:base"}
+    number = {k: float(v) for k, v in counters.items() if k not in ("since:base", "guard:base")}
     requests = int(number.get("requests", 0))
+    guard = guard_window(number, counters.get("guard:base"))
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
     rated = int(number.get("rated", 0))
     return {
@@ -73,6 +74,7 @@ def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] 
         "positive_rate": number.get("positive_sum", 0) / rated if rated else None,
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
+        "guard_window": {**guard, "error_rate": guard["errors"] / guard["requests"] if guard["requests"] else None},
         "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
         "_sample": _since(counters, number, before),
     }

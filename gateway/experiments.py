@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from gateway import experiment_scripts, keys
-from gateway.arm_signal import begin_period
+from gateway.arm_signal import begin_period, restart_guard
 from gateway.assignment import BUCKETS, allocate, reallocate
 from gateway.tenants import TenantNotFound
 
@@ -274,7 +274,10 @@ class ExperimentStore:
             return experiment
         alias = alias_target(experiment, status, arm)
         # The split stays as it was: paused requests count for no arm, and an ended experiment keeps the
-        # results (and the comparison period) it ended with.
+        # results (and the comparison period) it ended with. Resumed, its guard rails judge what comes from here.
+        if status == "running":
+            arms = [a.name for a in experiment.arms]
+            await restart_guard(self._counters, tenant, name, experiment.created, arms)
         ended = {} if status in LIVE else {"allocation": ""}
         changed = experiment.model_copy(update={"status": status, **ended})
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(

@@ -45,11 +45,13 @@ def _negative_share(figures: dict[str, Any]) -> float | None:
     return negative / rated if isinstance(rated, int) and isinstance(negative, int) and rated else None
 
 
-def _breach(experiment: Experiment, arm: str, figures: dict[str, Any], control: dict[str, Any]) -> str | None:
-    """Why an arm must be rolled back, if it must. Errors count beyond control's error rate: an outage that fails
+def _breach(experiment: Experiment, arm: str, found: dict[str, Any], control_found: dict[str, Any]) -> str | None:
+    """Why an arm must be rolled back, if it must, judged on its guard window (since its split last changed or
+    the experiment was resumed: gateway.arm_signal). Errors count beyond control's error rate: an outage that fails
     every arm alike (the engines unreachable for a moment) is not the arm's. Negative ratings count only when they
     are also worse than control's: a canary rated better than what it would replace is not rolled back for being
     imperfect."""
+    figures, control = found["guard_window"], control_found["guard_window"]
     requests = figures["requests"]
     if arm == experiment.control or not isinstance(requests, int) or requests < experiment.guard_min_requests:
         return None

@@ -111,6 +111,43 @@ async def test_an_arm_rolled_back_is_not_promoted_in_the_same_round(redis: aiore
     assert [c.action for c in audit] == ["create", "weights"] and "error rate 40.0%" in audit[1].detail
 
 
+async def test_guard_rails_judge_what_an_arm_did_since_its_split_changed_or_its_experiment_resumed(
+    redis: aioredis.Redis,
+) -> None:
+    """An arm rolled back for its errors and given a weight again once they were mended, or an experiment paused by
+    its guard rail and resumed, was rolled back (paused) again at once for the same old errors: the guard rails
+    judged whole lives. They judge each arm's guard window now, which a new split or a resume begins."""
+    await TenantStore(redis).create("gw")
+    store, router = ExperimentStore(redis), rails_router(ExperimentStore(redis))
+
+    async def round_() -> list[str]:
+        experiment = await store.get("gw", "canary")
+        return await guard_rails.check(experiment, router, await guard_rails.results(redis, experiment))
+
+    await store.create(_experiment("gw", "canary", "bot", (50, 50), max_error_rate=0.2), by="test")
+    await _counters(redis, "gw", "canary", "control", requests=100)
+    await _counters(redis, "gw", "canary", "treat", requests=100, errors=100)
+    assert (await round_())[0].startswith("rolled back treat: error rate 100.0%")
+    await store.set_weights("gw", "canary", {"treat": 50}, by="operator", reason="mended")
+    assert await round_() == [], "its old errors are not judged again"
+    await _counters(redis, "gw", "canary", "treat", requests=130, errors=100)  # 30 good requests since
+    assert await round_() == []
+    found = await guard_rails.results(redis, await store.get("gw", "canary"))
+    assert found["arms"]["treat"]["guard_window"] == {
+        "requests": 30, "errors": 0, "rated": 0, "negative": 0, "error_rate": 0.0,
+    }  # fmt: skip
+    assert found["arms"]["treat"]["requests"] == 130, "its whole life, as ever, beside the window"
+    await _counters(redis, "gw", "canary", "treat", requests=160, errors=115)  # then it fails again: 15 of 30
+    assert (await round_())[0].startswith("rolled back treat: error rate 25.0%"), "judged on its window: 50%"
+
+    await store.set_weights("gw", "canary", {"control": 0, "treat": 100}, by="operator")
+    await _counters(redis, "gw", "canary", "treat", requests=200, errors=155)
+    assert (await round_())[0].startswith("paused: roll back treat"), "no other arm has a weight"
+    await store.set_status("gw", "canary", "running", by="operator", reason="mended again")
+    assert await round_() == [], "resumed: what it did before is not judged again"
+    assert (await store.get("gw", "canary")).status == "running"
+
+
 async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_up_the_others(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,6 +250,7 @@ async def test_a_guard_rail_overtaken_by_an_operator_changes_nothing_and_decides
         await guard_rails.check(seen, rails_router(store), found)
     store.forget_cached()  # as the state watch does, in a gateway
     assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 10]
+    await _counters(redis, "t", "tone", "treat", requests=120, errors=70)  # failing on under the new split
     await guard_rails.check_all(redis, rails_router(store), ["t"])  # the next round reads it again
     assert [a.weight for a in (await store.get("t", "tone")).arms] == [90, 0]
 

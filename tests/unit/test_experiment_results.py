@@ -308,7 +308,7 @@ def test_guard_rails_roll_back_errors_beyond_controls_and_negative_ratings_only_
     )  # fmt: skip
 
     def figures(requests: int, errors: float, rated: int, negative: int) -> dict[str, object]:
-        return {"requests": requests, "error_rate": errors, "rated": rated, "negative": negative}
+        return {"guard_window": {"requests": requests, "error_rate": errors, "rated": rated, "negative": negative}}
 
     control_bad, control_good = figures(100, 0.0, 100, 100), figures(40, 0.0, 30, 6)
     assert _breach(experiment, "b", figures(60, 0.0, 60, 55), control_bad) is None, "better than control: kept"
@@ -347,12 +347,13 @@ def test_an_arm_rated_as_control_is_seldom_rolled_back_for_its_negative_share_ho
         for n in range(1, 601):
             negative += rng.random() < 0.5
             arm = {"requests": n, "error_rate": 0.0, "rated": n, "negative": negative}
-            if _breach(experiment, "b", arm, {"rated": 0, "negative": 0}):
+            if _breach(experiment, "b", {"guard_window": arm}, {"guard_window": {"rated": 0, "negative": 0}}):
                 rolled_back += 1
                 break
     assert rolled_back <= 0.05 * 200, rolled_back
     bad = [{"requests": n, "error_rate": 0.0, "rated": n, "negative": n} for n in range(20, 100)]
-    first = next(arm["rated"] for arm in bad if _breach(experiment, "b", arm, {"rated": 0, "negative": 0}))
+    none = {"guard_window": {"rated": 0, "negative": 0}}
+    first = next(arm["rated"] for arm in bad if _breach(experiment, "b", {"guard_window": arm}, none))
     assert first <= 30, first
 
 
