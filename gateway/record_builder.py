@@ -168,7 +168,7 @@ def _entry(raw: RawRecord) -> dict[str, Any]:
         "created": raw.received,
         "experiment": raw.experiment,
         "arm": raw.arm,
-        "error": int(raw.outcome == "error"),
+        "error": int(arm_error(raw.outcome, raw.status)),
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
         "latency_bucket": latency_bucket(record["latency_ms"]),
@@ -183,6 +183,14 @@ def record_json(record: dict[str, Any]) -> str:
         return orjson.dumps(record).decode()
     except TypeError:  # orjson.JSONEncodeError is one
         return pydantic_core.to_json(record).decode()
+
+
+def arm_error(outcome: str, status: int) -> bool:
+    """Whether a request counts as an error of its experiment arm (what `max_error_rate` judges): one the arm failed
+    (5xx: its engine or adapter), or a 404 (routed, so its target: an arm the tenant can no longer use). Not what the
+    caller got wrong (a prompt over the context, a bad parameter: the engine's 400s): one end user's bad requests,
+    always assigned to the same arm, rolled it back."""
+    return outcome == "error" and (status >= 500 or status == 404)
 
 
 def latency_bucket(latency_ms: float | None) -> str:

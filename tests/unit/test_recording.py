@@ -300,6 +300,19 @@ async def test_a_write_cycle_survives_a_record_that_cannot_be_built(
     await recorder.close()
 
 
+def test_only_what_the_arm_failed_counts_as_its_error() -> None:
+    """A caller's mistakes (the engine's 400 for a prompt over the context, say) are not the arm's: one end user's bad
+    requests, always assigned to the same arm, rolled it back. 5xx and the 404 of an arm that cannot serve are."""
+    routed = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    found = {}
+    for status in (200, 400, 404, 422, 499, 500, 502, 503, 504):
+        ctx = context(Tenant(name="t"), status)
+        ctx.route, ctx.latency_s = routed, None
+        ctx.finish(status)
+        found[status] = build_entries([raw_record(ctx)])[0]["error"]
+    assert found == {200: 0, 400: 0, 404: 1, 422: 0, 499: 0, 500: 1, 502: 1, 503: 1, 504: 1}
+
+
 async def test_a_record_redis_refuses_costs_only_itself(redis: aioredis.Redis, tmp_path: Path) -> None:
     """One call writes 100 records and sums what they share (end users' sets, an arm's counters) at its end.
     A record in the middle that the script refuses: the others all land, with their sets and counters, once."""
