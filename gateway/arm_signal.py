@@ -2,9 +2,10 @@
 (gateway.feedback) and the one that erases ratings (gateway.erasure), so that an erased rating takes away exactly
 what it added.
 
-A rating's signal is its positive share: thumbs up 1, down 0, a score scaled to 0..1 by the tenant's range, their
-mean when it has both. The arm's hash (`keys.arm_counters`) counts `rated`, `positive_sum`, `positive_squares`,
-`negative` (a signal under 0.5) and `corrected`.
+A rating's signal is its positive share: thumbs up 1, down 0, a score scaled to 0..1 by the tenant's range when it
+was given (its `score_range`; the range now for a rating kept without one), their mean when it has both: a rating
+replaced or erased after the range changed takes away what it added. The arm's hash (`keys.arm_counters`) counts
+`rated`, `positive_sum`, `positive_squares`, `negative` (a signal under 0.5) and `corrected`.
 
 Arms are compared on the ratings given since the split last changed (gateway.experiment_results), which the hash
 counts apart: `since:rated`, `since:positive_sum` and `since:positive_squares` hold the ratings dated (`created`) at
@@ -33,7 +34,10 @@ SIGNAL = """
 local function signal(counters, raw, sign, lo, hi)
   local ok, f = pcall(cjson.decode, raw)
   if not ok then return end
-  local sum, n = 0, 0
+  local sum, n, range = 0, 0, f['score_range']
+  if type(range) == 'table' and tonumber(range[1]) and tonumber(range[2]) then  -- the range it was given in
+    lo, hi = tonumber(range[1]), tonumber(range[2])
+  end
   if f['thumbs'] == 'up' then sum, n = 1, 1 elseif f['thumbs'] == 'down' then n = 1 end
   if type(f['score']) == 'number' and hi - lo < math.huge then  -- a range of +-1e308 is wider than a float holds
     sum, n = sum + math.min(math.max((f['score'] - lo) / (hi - lo), 0), 1), n + 1

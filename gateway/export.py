@@ -4,7 +4,8 @@ Each record of the log (`keys.completion_log`) is joined with the feedback of it
 (`keys.feedback`); records nobody rated are left out.
 
 Judgement of one completion: each feedback gives a value in [0, 1] (thumbs up 1, down 0, a score
-`(score - score_min) / (score_max - score_min)` by the tenant's policy; a feedback with both gives
+`(score - score_min) / (score_max - score_min)` by the tenant's range when it was given (`score_range`; the
+policy's now for one kept without it); a feedback with both gives
 their mean); the completion's judgement is the mean over its feedbacks (several end users may rate
 one completion), positive when >= 0.5. A feedback with only a correction does not judge. The latest
 correction (by `created`) is the completion's ideal answer.
@@ -126,7 +127,8 @@ def feedback_value(feedback: Feedback, policy: LogPolicy) -> float | None:
     if feedback.thumbs is not None:
         values.append(1.0 if feedback.thumbs == "up" else 0.0)
     if feedback.score is not None:
-        normalised = (feedback.score - policy.score_min) / (policy.score_max - policy.score_min)
+        low, high = feedback.score_range or (policy.score_min, policy.score_max)  # the range it was given in
+        normalised = (feedback.score - low) / (high - low)
         values.append(min(1.0, max(0.0, normalised)))
     return fmean(values) if values else None
 

@@ -211,6 +211,8 @@ class FeedbackStore:
                 "This tenant keeps no prompts or responses, so a correction cannot be stored.", param="correction"
             )
         feedback = Feedback(**given.model_dump(), created=self._recorder.clock.now())  # by the records Redis's clock
+        if given.score is not None:
+            feedback.score_range = (policy.score_min, policy.score_max)
         redactor = Redactor(policy.redact, policy.phone_region)
         counts = Findings()
         if redactor.kinds:

@@ -296,3 +296,8 @@ class Feedback(FeedbackIn):
     id: str = Field(default_factory=lambda: f"fb-{uuid.uuid4().hex}")
     created: float = Field(description="When it was given (Unix time, by the records Redis's clock).")
     redactions: dict[str, int] = Field(default_factory=dict)
+    score_range: tuple[float, float] | None = Field(
+        None,
+        description="The tenant's score range when the score was given: its judgement stays what it was when the "
+        "range changes later (none for a rating without a score, or kept before 2026-12-07: the range now).",
+    )

@@ -23,7 +23,7 @@ from gateway.answer import Answer
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.erasure import forget_user, mark_tenant_deleted, purge_tenant, tenant_deleted
 from gateway.errors import StateUnavailable
-from gateway.export import export
+from gateway.export import export, feedback_value
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_builder import MAX_CHARS, build_entries, raw_record, raw_row, record_json, record_of
@@ -754,6 +754,29 @@ async def test_a_score_range_wider_than_a_float_holds_does_not_stop_feedback(
     assert stored and [f.score for f in await store.of_completion(tenant, "chatcmpl-7")] == [5.0]
     counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
     assert (counters["rated"], float(counters["positive_sum"])) == ("1", 1.0), counters
+
+
+async def test_a_rating_keeps_the_score_range_it_was_given_in(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A score of 4 out of 0-10 is a negative judgement whatever the tenant's range becomes: replaced after the range
+    became 0-5, its arm took away 0.8 (by the range then) where it had added 0.4, and kept a phantom negative; and
+    every export re-judged it (a top rating became a thumbs-down)."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t", logging=LogPolicy(score_min=0, score_max=10))
+    ctx = context(tenant)
+    ctx.route = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    recorder.record(ctx)
+    await recorder.written()
+    given, _ = await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", score=4.0))
+    assert given.score_range == (0.0, 10.0)
+    narrower = tenant.model_copy(update={"logging": LogPolicy(score_min=0, score_max=5)})
+    assert feedback_value(given, narrower.logging) == 0.4, "judged by the range it was given in"
+    await store.submit(narrower, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="up"))
+    counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
+    assert (counters["rated"], float(counters["positive_sum"]), counters["negative"]) == ("1", 1.0, "0"), counters
+    [read] = await store.of_completion(narrower, "chatcmpl-7")
+    assert read.score_range is None, "a thumb has no score, so no range"
 
 
 async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
