@@ -130,10 +130,30 @@ class UpstreamError(APIError):
     code = "upstream_error"
 
 
+NOT_RETRIED = {"x-should-retry": "false"}
+"""OpenAI's SDKs retry a 5xx twice unless the answer says not to (this header): for an answer that the request itself
+may have caused, a retry would take one more engine down each time, or wait out one more timeout."""
+
+
+class EngineFailed(UpstreamError):
+    """The engine failed while it had this request (it died, or answered 5xx): the gateway sends a request to one
+    more replica at most, and tells clients not to retry it (NOT_RETRIED), or one SDK call reached six replicas."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers.update(NOT_RETRIED)
+
+
 class UpstreamTimeout(APIError):
+    """The engine sent nothing for the read timeout: not replayed elsewhere, nor retried by clients (NOT_RETRIED)."""
+
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers.update(NOT_RETRIED)
 
 
 def param_path(loc: tuple[int | str, ...]) -> str:

@@ -24,7 +24,7 @@ from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.http1 import ConnectFailed, EngineResponse
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.engine.sessions import EngineSessions, stale
-from gateway.errors import AdapterUnavailable, UpstreamError, UpstreamTimeout, engine_refusal
+from gateway.errors import AdapterUnavailable, EngineFailed, UpstreamError, UpstreamTimeout, engine_refusal
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
@@ -187,7 +187,7 @@ class Forwarder:
                 tried.add(replica)
                 lost += _may_have_run(exc)
                 if lost > 1:
-                    raise UpstreamError("The engine failed while processing the request.") from exc
+                    raise EngineFailed("The engine failed while processing the request.") from exc
                 continue
             except BaseException:
                 self._track(replica, -1)
@@ -200,7 +200,7 @@ class Forwarder:
                     log.warning("replica %s failed a request and its health check: taken out", replica.url)
                     tried.add(replica)
                     continue
-                raise UpstreamError("The engine failed while processing the request.")
+                raise EngineFailed("The engine failed while processing the request.")
             if upstream.status == 404 and route.adapter_path is not None:
                 self._track(replica, -1)
                 upstream.release()
@@ -292,7 +292,7 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             upstream.close()
             finish(502)
-            raise UpstreamError("The engine stopped in the middle of the response.") from exc
+            raise EngineFailed("The engine stopped in the middle of the response.") from exc
         except BaseException:  # cancelled: the client left (`forward` counts it)
             self._abandon(replica, upstream)
             raise

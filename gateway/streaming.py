@@ -28,6 +28,7 @@ from gateway.context import CLIENT_CLOSED
 from gateway.engine.http1 import EngineResponse
 from gateway.errors import (
     APIError,
+    EngineFailed,
     InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
@@ -116,12 +117,12 @@ async def refused_at_start(upstream: EngineResponse, timeout_s: float) -> APIErr
             return UpstreamTimeout(f"The engine sent nothing for {timeout_s:g} s; the request was abandoned.")
     except aiohttp.ClientError:
         if not seen:
-            return UpstreamError("The engine stopped before the response started.")
+            return EngineFailed("The engine stopped before the response started.")
     upstream.unread(seen)
     if not seen.startswith(ERROR_EVENT):
         return None
     refused = client_error(seen.partition(b"\n\n")[0])
-    return refused if isinstance(refused, InvalidRequest) else UpstreamError("The engine failed to start the answer.")
+    return refused if isinstance(refused, InvalidRequest) else EngineFailed("The engine failed to start the answer.")
 
 
 def client_error_event(event: bytes) -> bytes:

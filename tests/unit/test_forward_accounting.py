@@ -288,6 +288,7 @@ async def test_an_engine_failing_before_a_streams_first_event_is_answered_as_uns
     assert call.context.status == refused.value.status == (504 if code == "upstream_timeout" else 502)  # type: ignore[attr-defined]
     assert call.context.error_type == code and replica.inflight == 0
     assert forwarder._metrics.upstream_errors.labels(replica.url)._value.get() == 1  # noqa: SLF001
+    assert refused.value.headers == {"x-should-retry": "false"}, "the request may have caused it: SDKs must not retry"  # type: ignore[attr-defined]
 
 
 async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
