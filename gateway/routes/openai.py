@@ -228,7 +228,8 @@ async def retrieve_model(model_id: str, request: Request, caller: TenantCaller) 
     listed = await svc.model_lists.alias_card(tenant.name, model_id)
     if listed is not None:  # as the list shows it: what it points at, an experiment's alias drawing no arm
         return listed
-    route = await svc.router.resolve(model_id, tenant.name)  # an alias the list leaves out: its 404
+    # an alias the list leaves out: its 404; a candidate (`name@V` unlisted): what a training key may call, it may read
+    route = await svc.router.resolve(model_id, tenant.name, candidates=caller.sees_candidates)
     base = svc.settings.served_model_name
     if route.adapter is None:
         return ModelCard(id=base, created=int(time.time()), root=base)

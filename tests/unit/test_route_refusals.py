@@ -4,9 +4,13 @@ key whose tenant is gone is a 401."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from starlette.testclient import TestClient
 
+from adapters.synthetic import make_adapter
+from adapters.validate import BaseModelSpec
 from gateway.tenants import TenantNotFound
 from tests.unit.admin_api import BASE
 
@@ -81,3 +85,21 @@ def test_the_tenant_in_the_path_is_checked_before_anything_else(api: TestClient)
     error = answer.json()["error"]
     assert answer.status_code == 400 and (error["param"], error["code"]) == ("user", "invalid_user"), answer.text
     assert api.post("/admin/tenants/acme/users/u1/forget").status_code == 200, "a named user still is"
+
+
+def test_a_training_key_reads_the_candidate_it_may_call_and_no_other_key_does(
+    api: TestClient, base: BaseModelSpec, tmp_path: Path
+) -> None:
+    """A retraining run's key completes on its unpublished candidate (`name@V` exactly); retrieving that model was a
+    404 for it all the same. Other keys still get the 404 any model they may not use gets."""
+    svc = api.app.state.services  # type: ignore[attr-defined]
+    folder = make_adapter(tmp_path / "candidate", base, seed=9)
+    candidate = svc.registry.store("acme").add(folder, "bot", base, 16, listed=False)
+    svc.registry.invalidate("acme", "bot")
+    model = f"bot@{candidate.version}"
+    for role, status in (("training", 200), ("inference", 404)):
+        key = api.post("/admin/tenants/acme/keys", json={"role": role}).json()["key"]
+        answer = api.get(f"/v1/models/{model}", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == status, (role, answer.text)
+        if status == 200:
+            assert answer.json()["id"] == model and answer.json()["parent"] == BASE
