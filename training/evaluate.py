@@ -97,6 +97,10 @@ class Answer(BaseModel):
     latency_ms: float
     error: str | None = None
     """Why there is no answer ("" then stands for it); None for an answer."""
+    unavailable: bool = False
+    """The request failed for no fault of the model: rate-limited (429: the tenant's quota, spent by its own traffic),
+    no engine or state to serve it (503: a replica restarting, Redis away), the connection lost or timed out. Not a
+    502, which an adapter that cannot load, or that fails its engine, gets."""
 
 
 async def answer_one(
@@ -129,12 +133,18 @@ async def answer_one(
             )
             texts = [choice.message.content or "" for choice in chat.choices]
     except openai.OpenAIError as exc:
-        error: str | None = f"{type(exc).__name__}: {exc}"
-        texts = [""]
-    else:
-        error = None if texts else "the response has no choices"
+        latency_ms, error = (time.perf_counter() - start) * 1000, f"{type(exc).__name__}: {exc}"
+        return Answer(text="", latency_ms=latency_ms, error=error, unavailable=_unavailable(exc))
     latency_ms = (time.perf_counter() - start) * 1000
+    error = None if texts else "the response has no choices"
     return Answer(text=texts[0] if texts else "", latency_ms=latency_ms, error=error)
+
+
+def _unavailable(exc: openai.OpenAIError) -> bool:
+    """Whether a failed request says nothing of the model (Answer.unavailable)."""
+    if isinstance(exc, openai.APIConnectionError):  # its timeout too
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (429, 503)
 
 
 async def answer_all(
@@ -173,6 +183,8 @@ class Scores(BaseModel):
     errors: int
     failed: list[int] = Field(default_factory=list)
     """Which prompts' answers failed (their indices)."""
+    unavailable: list[int] = Field(default_factory=list)
+    """Of those, the ones whose request failed for no fault of the model (Answer.unavailable)."""
     first_error: str | None = None
     """The first failed answer's error, as the client said it (an outage named rather than counted only)."""
     metrics: dict[str, float]
@@ -201,6 +213,7 @@ def score(answers: Sequence[Answer], references: Sequence[str], config: RetrainC
         n=len(answers),
         errors=len(answers) - len(latencies),
         failed=[i for i, answer in enumerate(answers) if answer.error is not None],
+        unavailable=[i for i, answer in enumerate(answers) if answer.unavailable],
         first_error=next((answer.error[:300] for answer in answers if answer.error is not None), None),
         metrics=metric_means([answer.text for answer in answers], references, config),
         latency_p50_ms=percentile(latencies, 50) if latencies else None,
@@ -225,7 +238,9 @@ def comparison_failures(
     other model on some (an outage while they were asked one after the other). A prompt both fail on (one over the
     context, say) scores 0 for both and is no reason: it would fail the same way whenever the eval were asked again.
     No threshold above zero: on a test split of a few dozen prompts one failure moves the mean by as much as
-    `publish_margin`, and asking again costs one eval."""
+    `publish_margin`, and asking again costs one eval. So too where the candidate's own requests failed for no
+    fault of its answers (Scores.unavailable) on prompts the other model answered: scored 0, a better candidate was
+    rejected, and its run ended, for two 429s."""
     who = "the version now serving" if name == "current" else "the base"
     pairs = [("the test split", candidate, serving)]
     if regression is not None:
@@ -233,6 +248,7 @@ def comparison_failures(
     reasons = []
     for where, ours, theirs in pairs:
         only_theirs = set(theirs.failed) - set(ours.failed)
+        only_ours = set(ours.unavailable) - set(theirs.failed)
         if only_theirs:
             reasons.append(
                 f"{who} failed on {len(only_theirs)} of {theirs.n} prompts of {where} that the candidate answered "
@@ -242,6 +258,12 @@ def comparison_failures(
             reasons.append(
                 f"the candidate failed on all {ours.n} prompts of {where} and {who} on {len(theirs.failed)}: an "
                 f"outage, not a verdict ({ours.first_error})"
+            )
+        elif only_ours:  # asked last, the candidate meets a quota its tenant's traffic spent, a replica restarting
+            reasons.append(
+                f"the candidate's requests failed on {len(only_ours)} of {ours.n} prompts of {where} that {who} "
+                f"answered, for no fault of its own ({ours.first_error}): rate-limited, no engine free or a lost "
+                "connection is no verdict on it"
             )
     return reasons
 
@@ -255,8 +277,8 @@ def decide(
 ) -> Decision:
     """The publish rule. `current` is None when the alias serves the base, which is then the bar;
     `regression` is (candidate, serving version) scored on the regression set, None without one. No verdict
-    (`unjudged`) when the bar failed where the candidate answered (`comparison_failures`); the candidate's own
-    failures count as wrong answers."""
+    (`unjudged`) when the bar failed where the candidate answered, or the candidate's requests failed for no fault of
+    its answers (`comparison_failures`); the candidate's other failures count as wrong answers."""
     primary, margin = config.primary_metric, config.publish_margin
     serving, name = (current, "current") if current is not None else (base, "base")
     unjudged = comparison_failures(candidate, serving, name, regression)

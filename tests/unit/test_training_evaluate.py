@@ -26,6 +26,7 @@ from training.evaluate import (
     Example,
     RegressionScores,
     Scores,
+    _unavailable,
     answer_all,
     decide,
     evaluate,
@@ -294,6 +295,32 @@ def test_no_verdict_against_a_bar_that_failed(config: RetrainConfig) -> None:
     assert other_prompt.unjudged, "the bar failed where the candidate answered"
     base_down = decide(scores_of(0.95), scores_of(0.10), scores_of(0.0, errors=20), None, config)
     assert base_down.publish and not base_down.unjudged, "the base is no bar when a version serves the alias"
+
+
+def test_no_verdict_on_a_candidate_whose_requests_were_refused_for_no_fault_of_its_own(config: RetrainConfig) -> None:
+    """Asked last, the candidate met the quota its tenant's traffic had spent (429) or a replica restarting (503):
+    those prompts scored 0, and a candidate right on every prompt it was let answer was rejected and its run ended.
+    A 502 (its adapter cannot load, or fails its engine) is still its failure."""
+    refused = scores_of(1.0, failed=[3, 9])
+    refused.unavailable = [3, 9]
+    decision = decide(refused, scores_of(0.8), scores_of(0.0), None, config)
+    assert decision.unjudged and not decision.publish
+    assert decision.reasons[0].startswith(
+        "the candidate's requests failed on 2 of 20 prompts of the test split that the version now serving answered"
+    )
+    assert decide(scores_of(1.0, failed=[3, 9]), scores_of(0.8), scores_of(0.0), None, config).publish, "its own"
+    request = httpx.Request("POST", "http://gateway/v1/chat/completions")
+
+    def status(code: int) -> openai.APIStatusError:
+        return openai.APIStatusError("refused", response=httpx.Response(code, request=request), body=None)
+
+    kinds = {
+        "429": status(429), "503": status(503), "502": status(502), "400": status(400), "500": status(500),
+        "lost": openai.APIConnectionError(request=request), "slow": openai.APITimeoutError(request=request),
+    }  # fmt: skip
+    assert {name: _unavailable(exc) for name, exc in kinds.items()} == {
+        "429": True, "503": True, "502": False, "400": False, "500": False, "lost": True, "slow": True,
+    }  # fmt: skip
 
 
 def test_load_rows_reads_both_files(tmp_path: Path) -> None:
