@@ -44,7 +44,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "dpo": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
 }
-"""The columns each method reads from the dataset builder's rows (TRL's formats); others are dropped."""
+"""The columns each method reads from the dataset builder's rows (TRL's formats), and `tools` (the JSON of the tools a
+chat prompt was asked with, None for the others: TRL's trainers pass them to the chat template, as serving and the
+eval do); other columns are dropped."""
 
 SPLITS = ("train", "validation")
 ADAPTER_DIR = "adapter"
@@ -137,12 +139,17 @@ def _read_rows(path: Path, method: str) -> Iterator[dict[str, Any]]:
         missing = [c for c in columns if not isinstance(row, dict) or c not in row]
         if missing:
             raise TrainingRefused(f"{path}:{number} lacks {missing}: method {method} needs rows with {list(columns)}.")
-        yield {c: row[c] for c in columns}
+        tools = row.get("tools")
+        yield {c: row[c] for c in columns} | {"tools": tools if isinstance(tools, str) else None}
 
 
 def load_split(dataset_dir: Path, split: str, method: str) -> Dataset:
-    """One split of a built dataset folder, reduced to the columns `method` trains on; never empty."""
-    from datasets import Dataset
+    """One split of a built dataset folder, reduced to the columns `method` trains on; never empty. Each row's
+    prompt and answers are kept as JSON (`datasets.Json`), exactly as written: Arrow's own types give every row of a
+    column one schema, so that the arguments of one row's tool call gained the keys of every other row's as None
+    (which TRL does not strip: the model learned calls it never made), and two rows giving one argument two types
+    (`5`, `"5"`) failed the whole run at the fit."""
+    from datasets import Dataset, Features, Json, Value
 
     path = dataset_dir / f"{split}.jsonl"
     if not path.is_file():
@@ -150,7 +157,8 @@ def load_split(dataset_dir: Path, split: str, method: str) -> Dataset:
     rows = list(_read_rows(path, method))
     if not rows:
         raise TrainingRefused(f"{path} holds no examples; training needs a {split} split.")
-    return Dataset.from_list(rows)
+    kinds = {column: Value("bool") if column == "label" else Json() for column in COLUMNS[method]}
+    return Dataset.from_list(rows, features=Features({**kinds, "tools": Value("string")}))
 
 
 def load_base(base_dir: Path, precision: Precision, qlora: bool) -> PreTrainedModel:

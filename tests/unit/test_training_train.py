@@ -342,6 +342,36 @@ def test_rows_the_method_cannot_read_are_refused(base_model_dir: Path, sft_data:
         train(tiny(), empty, base_model_dir, tmp_path)
 
 
+def tool_row(i: int, arguments: object) -> dict[str, Any]:
+    """A conversation whose earlier turn called a tool, with the tools it declared (JSON, as the builder writes)."""
+    call = {"id": f"call_{i}", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+    prompt = [
+        {"role": "user", "content": alert(i)},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "restarted twice today", "tool_call_id": f"call_{i}"},
+    ]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer(i)}], "tools": json.dumps(tools)}
+
+
+def test_conversations_with_tool_calls_train_as_they_were_written(small_base_dir: Path, tmp_path: Path) -> None:
+    """Arrow gave a column one schema for all its rows: one call's arguments gained every other call's keys as None
+    (`{"days": 3, "host": None}`: a call the model never made, which TRL does not strip), and two rows giving an
+    argument two types (`5`, `"5"`), or arguments that are no object, failed the run at its fit. And the tools a
+    prompt was asked with were dropped, though serving and the eval ask with them."""
+    rows = [tool_row(i, {"host": f"h{i}"}) for i in range(4)] + [tool_row(4, {"days": 3}), tool_row(5, {"days": "3"})]
+    rows += [tool_row(6, "not an object"), chat_row(7)]
+    data = write_dataset(tmp_path / "tools", rows[:6], rows[6:])
+    loaded = train_module.load_split(data, "train", "sft")
+    assert [row["prompt"] for row in loaded] == [row["prompt"] for row in rows[:6]], "every row as it was written"
+    assert loaded[0]["tools"] == rows[0]["tools"]
+    validation = train_module.load_split(data, "validation", "sft")
+    assert validation[0]["prompt"][1]["tool_calls"][0]["function"]["arguments"] == "not an object"
+    assert validation[1]["tools"] is None and "tool_calls" not in validation[1]["prompt"][1]
+    result = train(tiny(epochs=1), data, small_base_dir, tmp_path / "run")
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
 def test_epoch_losses_pair_each_epochs_train_and_validation_loss() -> None:
     history = [
         {"loss": 2.0, "epoch": 1.0, "step": 2},
