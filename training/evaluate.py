@@ -133,11 +133,12 @@ async def answer_one(
             )
             texts = [choice.message.content or "" for choice in chat.choices]
     except openai.OpenAIError as exc:
-        latency_ms, error = (time.perf_counter() - start) * 1000, f"{type(exc).__name__}: {exc}"
-        return Answer(text="", latency_ms=latency_ms, error=error, unavailable=_unavailable(exc))
+        error: str | None = f"{type(exc).__name__}: {exc}"
+        texts, unavailable = [""], _unavailable(exc)
+    else:
+        error, unavailable = (None if texts else "the response has no choices"), False
     latency_ms = (time.perf_counter() - start) * 1000
-    error = None if texts else "the response has no choices"
-    return Answer(text=texts[0] if texts else "", latency_ms=latency_ms, error=error)
+    return Answer(text=texts[0] if texts else "", latency_ms=latency_ms, error=error, unavailable=unavailable)
 
 
 def _unavailable(exc: openai.OpenAIError) -> bool:
