@@ -242,15 +242,19 @@ class RelayResponse(StreamingResponse):
                     # the answer is whole then, so it is not a cancellation.
                     self._done = self._done or _ends(whole)
                     yield self._pass_on(whole)
-            if pending:
-                yield self._pass_on(pending)
+            if pending and _ends(pending):  # `[DONE]` without its blank line: whole all the same
+                self._done = True
+                yield self._pass_on(pending + b"\n\n")
+            if not self._done:  # ended as complete (a proxy that closed it so), but cut short: no `[DONE]` came
+                raise aiohttp.ClientPayloadError("the stream ended before its [DONE]")
         except (TimeoutError, aiohttp.ClientError) as exc:
             if self._done:  # it broke after `[DONE]`: the answer is whole, and the client has its terminator
                 log.info("upstream stream closed uncleanly after its end: %s", exc)
             else:
                 log.warning("upstream stream broke: %s", exc)
                 self._outcome, self._done = 502, True
-                # Only whole events were passed on, so the error arrives as an event of its own.
+                # Only whole events were passed on (a piece of one is not), so the error arrives as an event of its
+                # own: the client knows the answer is cut short, where the end of a body left it looking complete.
                 yield self._release(None) + sse_error_frame(
                     UpstreamError("The engine stopped in the middle of the response.")
                 )

@@ -90,6 +90,17 @@ async def test_the_first_token_is_timed_when_it_passes_and_kept_if_the_stream_fa
     assert context.status == 200 and seen[0] is not None and _tokens_used(context) == 3
 
 
+@pytest.mark.parametrize("hide_usage", [False, True])
+async def test_a_stream_whose_body_ends_before_its_done_is_cut_short_not_complete(hide_usage: bool) -> None:
+    """An engine (or a proxy before it) that ends the body cleanly mid-answer: the client's stream ended with no
+    `[DONE]` and no error, which the SDK takes for a whole answer, and the log recorded a 200. A `[DONE]` missing only
+    its blank line is still the end."""
+    context, _ = await relay([TOKEN, b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hal'], hide_usage)
+    assert (context.status, context.outcome) == (502, "error")
+    context, _ = await relay([TOKEN + USAGE + DONE[:-2]], hide_usage)
+    assert (context.status, context.outcome) == (200, "ok")
+
+
 class Answer:
     """vLLM's answer to a request: `status`, its body read as `reading` says (waits for ever when None)."""
 
