@@ -285,6 +285,17 @@ def _split(groups: list[_Group], shares: list[float], seed: int) -> dict[str, li
     )
 
 
+def _with_validation(splits: dict[str, list[_Group]], method: str) -> dict[str, list[_Group]]:
+    """The splits, with one more prompt group moved from train to validation where validation would give the method
+    no example and train has two such groups at least: the fit refuses an empty validation split, and the dataset
+    step took one (8 DPO pairs among 30 prompts could all fall in train; the run had to start again)."""
+    train, validation = splits["train"], splits["validation"]
+    useful = [g for g in train if getattr(g, method)]
+    if any(getattr(g, method) for g in validation) or len(useful) < 2:
+        return splits
+    return {**splits, "train": [g for g in train if g is not useful[0]], "validation": [*validation, useful[0]]}
+
+
 def _jsonl(rows: Iterable[Row]) -> str:
     return "".join(json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows)
 
@@ -303,7 +314,7 @@ def build(loaded: Loaded, config: RetrainConfig) -> BuiltDataset:
     if config.label_pattern:
         groups, labels = _balanced(groups, re.compile(config.label_pattern), config.seed, filters)
     filters = {name: filters[name] for name in FILTERS if name in filters}
-    splits = _split(groups, config.split, config.seed)
+    splits = _with_validation(_split(groups, config.split, config.seed), config.method)
     rows = {
         name: {kind: [r for g in part for r in getattr(g, kind)] for kind in KINDS} for name, part in splits.items()
     }

@@ -6,13 +6,13 @@ error, a stream its client cancelled) is dropped but its correction kept, as exp
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 from redis.asyncio import Redis
 
 from gateway import keys
@@ -148,7 +148,7 @@ def from_jsonl(path: str | Path) -> Loaded:
                 continue
             read += 1
             try:
-                found = _from_row(json.loads(line), dropped)
+                found = _from_row(pydantic_core.from_json(line), dropped)  # json.loads takes a lone surrogate
             except ValueError as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from None
             if (kept := _kept(found, None, dropped)) is not None:

@@ -418,6 +418,28 @@ def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> No
         from_jsonl(tmp_path / "bad.jsonl")
 
 
+def test_a_jsonl_row_with_a_lone_surrogate_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    """`json.loads` takes `"\\ud83d"`, which no text can be encoded from: the dataset step failed on it later with no
+    file or line named."""
+    lines = ['{"prompt": "q", "completion": "a"}', '{"prompt": "\\ud83d", "completion": "a"}']
+    (tmp_path / "odd.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"odd\.jsonl:2: "):
+        from_jsonl(tmp_path / "odd.jsonl")
+
+
+def test_a_validation_split_gets_an_example_of_the_method_where_train_has_two() -> None:
+    """8 of 30 prompts give a DPO pair: a split could leave none in validation, which the dataset step took and the
+    fit refused (the run had to start again). One such group moves from train to validation; the test split stays."""
+    samples = [
+        sample(user(f"ticket {i} about printer {i * 7}"), *((f"bad {i}", 0.0, f"good {i}") if i < 8 else (f"ok {i}",)))
+        for i in range(30)
+    ]
+    for seed in range(40):
+        built = build(loaded(*samples), config(method="dpo", seed=seed))
+        assert built.rows["validation"]["dpo"] and built.rows["train"]["dpo"], seed
+        assert sum(len(rows["dpo"]) for rows in built.rows.values()) == 8, "every pair in one split or another"
+
+
 def test_one_kind_of_prompt_is_kept() -> None:
     samples = [sample(user(f"q{n}"), "a") for n in range(4)] + [sample(f"text prompt {n}", "a") for n in range(3)]
     assert build(loaded(*samples), config()).card.filters["other_endpoint"] == 3
