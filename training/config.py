@@ -25,6 +25,7 @@ Method = Literal["sft", "dpo", "kto"]
 Source = Literal["feedback", "jsonl"]
 METHODS = ("sft", "dpo", "kto")
 SOURCES = ("feedback", "jsonl")
+ENDPOINTS = ("chat", "completions")
 METRICS = ("exact_match", "json_valid", "json_schema", "format", "rouge_l", "accuracy")
 """Eval metrics (training.evaluate): all in [0, 1], higher is better."""
 
@@ -176,6 +177,8 @@ class RetrainConfig:
             yield "source=jsonl needs jsonl_path"
         if self.method not in METHODS:
             yield f"method must be one of {METHODS}, not {self.method!r}"
+        if self.endpoint is not None and self.endpoint not in ENDPOINTS:  # `text` kept nothing, with a vague refusal
+            yield f"endpoint must be 'chat', 'completions' or unset, not {self.endpoint!r}"
         if len(self.split) != 3 or any(x <= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-6:
             yield f"split must be three positive shares adding up to 1, not {self.split}"
         if not 0 < self.near_duplicate_threshold <= 1:

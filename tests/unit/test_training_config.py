@@ -57,6 +57,7 @@ def test_yaml_then_flags_each_over_the_last(tmp_path: Path) -> None:
         ("", ["--canary_max_error_rate", "-5"], "canary_max_error_rate must be at least 0"),
         ("max_regression: .nan\n", [], "max_regression must be a finite number"),
         ("canary_max_negative_rate: 2\n", [], "canary_max_negative_rate must be a share"),
+        ("endpoint: text\n", [], "endpoint must be 'chat', 'completions' or unset, not 'text'"),
     ],
 )
 def test_a_bad_config_is_refused_with_what_is_wrong(
