@@ -4,8 +4,10 @@ what it added.
 
 A rating's signal is its positive share: thumbs up 1, down 0, a score scaled to 0..1 by the tenant's range when it
 was given (its `score_range`; the range now for a rating kept without one), their mean when it has both: a rating
-replaced or erased after the range changed takes away what it added. The arm's hash (`keys.arm_counters`) counts
-`rated`, `positive_sum`, `positive_squares`, `negative` (a signal under 0.5) and `corrected`.
+replaced or erased after the range changed takes away what it added, and one that no arm counted when it was written
+(`counted` false: its completion's record had not come yet) takes away nothing. The arm's hash
+(`keys.arm_counters`) counts `rated`, `positive_sum`, `positive_squares`, `negative` (a signal under 0.5) and
+`corrected`.
 
 Arms are compared on the ratings given since the split last changed (gateway.experiment_results), which the hash
 counts apart: `since:rated`, `since:positive_sum` and `since:positive_squares` hold the ratings dated (`created`) at
@@ -33,7 +35,7 @@ reading of that clock, off by less than this: a rating written before the change
 SIGNAL = """
 local function signal(counters, raw, sign, lo, hi)
   local ok, f = pcall(cjson.decode, raw)
-  if not ok then return end
+  if not ok or (sign < 0 and f['counted'] == false) then return end  -- taken away only if it was added
   local sum, n, range = 0, 0, f['score_range']
   if type(range) == 'table' and tonumber(range[1]) and tonumber(range[2]) then  -- the range it was given in
     lo, hi = tonumber(range[1]), tonumber(range[2])

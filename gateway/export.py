@@ -64,7 +64,7 @@ from gateway.conversation import (
     tools_of,
 )
 from gateway.dpo_pairs import POSITIVE, PreferencePairs
-from gateway.records import CompletionRecord, CorrectionMessage, Feedback, LogPolicy
+from gateway.records import CompletionRecord, CorrectionMessage, Feedback, LogPolicy, stored_feedback
 
 log = logging.getLogger(__name__)
 
@@ -249,18 +249,8 @@ def _records(entries: list[tuple[str, dict[str, str]]]) -> list[CompletionRecord
     return [r for entry_id, fields in entries if (r := _record(fields, entry_id)) is not None]
 
 
-def _feedback(stored: dict[str, str]) -> list[Feedback]:
-    feedback = []
-    for user, value in stored.items():
-        try:
-            feedback.append(Feedback.model_validate_json(value))
-        except ValidationError as exc:
-            log.warning("feedback of user %r unreadable, left out: %s", user, exc)
-    return sorted(feedback, key=lambda fb: fb.created)
-
-
 def _examples(records: list[CompletionRecord], stored: list[dict[str, str]]) -> list[Example]:
-    return [Example(r, fb) for r, s in zip(records, stored, strict=True) if (fb := _feedback(s))]
+    return [Example(r, fb) for r, s in zip(records, stored, strict=True) if (fb := stored_feedback(s))]
 
 
 async def _pages(

@@ -41,7 +41,7 @@ from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.record_store import TRIMMED, parse_index
 from gateway.recorder import Recorder
-from gateway.records import CorrectionMessage, Feedback, FeedbackIn
+from gateway.records import CorrectionMessage, Feedback, FeedbackIn, stored_feedback
 from gateway.redaction import Findings, Redactor, map_strings
 from gateway.spool import Spool
 from gateway.tenants import Tenant
@@ -286,9 +286,10 @@ class FeedbackStore:
                 script_keys = [keys.feedback(tenant, completion_id)]
                 script_keys += [keys.end_user(tenant, user), keys.forgotten(tenant, user)] if user else ["", ""]
                 _, _, experiment, arm = parse_index(index)
-                script_keys.append(keys.arm_counters(tenant, experiment, arm) if experiment and arm else "")
-                script_keys += [keys.tenant_deleted(tenant), keys.completion(completion_id)]
-                args = [user, item["feedback"], feedback["created"], completion_id, item["ttl"], int(replay)]
+                counters = keys.arm_counters(tenant, experiment, arm) if experiment and arm else ""
+                script_keys += [counters, keys.tenant_deleted(tenant), keys.completion(completion_id)]
+                raw = item["feedback"] if counters else item["feedback"][:-1] + ',"counted":false}'  # Feedback.counted
+                args = [user, raw, feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]
                 await self._script(keys=script_keys, args=args, client=pipe)
@@ -386,8 +387,7 @@ class FeedbackStore:
         gone = self._answered_here(tenant, completion_id) and await self._owner(completion_id, tenant.name) == GONE
         if not owned or gone:  # gone: erased (or trimmed) though this process answered it, as other processes say
             raise CompletionUnknown(completion_id)
-        stored = await self._redis.hgetall(keys.feedback(tenant.name, completion_id))
-        return sorted((Feedback.model_validate_json(raw) for raw in stored.values()), key=lambda f: f.created)
+        return stored_feedback(await self._redis.hgetall(keys.feedback(tenant.name, completion_id)))
 
 
 def _redacted_correction(

@@ -9,6 +9,7 @@ alias and the version that served, and room for the experiment and arm that chos
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import uuid
@@ -274,9 +275,11 @@ def _check_call(i: int, call: CorrectionCall) -> None:
 
 class Feedback(FeedbackIn):
     """Feedback as stored and returned. The lengths FeedbackIn allows are checked on what was sent: redaction can
-    lengthen a string a little (`a@b.cc` becomes `[EMAIL]`), so what is stored is read back without them."""
+    lengthen a string a little (`a@b.cc` becomes `[EMAIL]`), so what is stored is read back without them. Fields it
+    does not know are ignored: a later release's (`score_range`, `counted` were new on 2026-12-07), so that during a
+    rolling upgrade a gateway of this release still reads what one of the next wrote."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     correction: str | CorrectionMessage | None = Field(None, description="The ideal answer.")
     comment: str | None = None
@@ -301,3 +304,21 @@ class Feedback(FeedbackIn):
         description="The tenant's score range when the score was given: its judgement stays what it was when the "
         "range changes later (none for a rating without a score, or kept before 2026-12-07: the range now).",
     )
+    counted: bool | None = Field(
+        None,
+        exclude=True,  # never shown, nor sent: the feedback store marks what it writes (gateway.feedback)
+        description="False where its completion's record had not come when it was written, so that no experiment "
+        "arm counted it: replacing or erasing it then takes nothing from the arm (None: counted where it had one).",
+    )
+
+
+def stored_feedback(stored: dict[str, str]) -> list[Feedback]:
+    """The ratings of one completion as its hash keeps them (end user -> JSON), oldest first; one that cannot be read
+    (a shape only a later release knows) is logged and left out, not the reason the others cannot be read."""
+    found = []
+    for user, value in stored.items():
+        try:
+            found.append(Feedback.model_validate_json(value))
+        except ValueError as exc:  # pydantic's ValidationError is one
+            logging.getLogger("loragate.feedback").warning("feedback of user %r unreadable, left out: %s", user, exc)
+    return sorted(found, key=lambda feedback: feedback.created)

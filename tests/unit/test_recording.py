@@ -779,6 +779,29 @@ async def test_a_rating_keeps_the_score_range_it_was_given_in(
     assert read.score_range is None, "a thumb has no score, so no range"
 
 
+async def test_a_rating_no_arm_counted_takes_nothing_from_the_arm_when_replaced_or_erased(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Written before its completion's record came (a spool replayed first), a rating counted for no arm; replaced or
+    erased once the record had come, it took from the arm what the arm never had: one rating fewer, a phantom +1 in
+    its positive sum, which could name a false winner."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t")
+    early = [spooled_rating(tenant, "chatcmpl-7")]
+    early.append(early[0] | {"feedback": early[0]["feedback"].replace('"user":"u1"', '"user":"u2"')})
+    await store._write(early, replay=True)  # the record not in Redis yet: no arm counts them
+    ctx = context(tenant)
+    ctx.route = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    recorder.record(ctx)
+    await recorder.written()
+    assert await redis.hget(keys.arm_counters("t", "e", "a"), "rated") is None
+    await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-7", user="u1", thumbs="down"))  # replaces u1's
+    await forget_user(redis, "t", "u2", tenant.logging)  # erases u2's
+    counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
+    assert (counters["rated"], float(counters["positive_sum"]), counters["negative"]) == ("1", 0.0, "1"), counters
+    assert [f.counted for f in await store.of_completion(tenant, "chatcmpl-7")] == [None], "counted: not marked"
+
+
 async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
     """Feedback taken while its completion could not be vouched for: the tenant's is written, another
     tenant's dropped, one whose record is not in Redis yet waits."""
