@@ -5,7 +5,8 @@ candidate, and the second's canary would find the first's experiment on the alia
 version listed for nothing. So each `loragate train` command that works on a run holds the alias's lease in the
 state Redis while it works: a second run's command is refused, naming the run that holds it. The lease expires
 LEASE_S after its holder's last renewal (every LEASE_S / 3 while it works), so a run whose process died frees the
-alias within a minute; only the holder (its run id is the lease's value) renews or releases it.
+alias within a minute; only the holder (its run id is the lease's value) renews or releases it, and a holder whose
+lease expired under it (Redis out of reach for longer) is stopped (LeaseLost).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from gateway import keys
 from training.publish import RetrainRefused
 
 LEASE_S = 60.0
+
+
+class LeaseLost(RetrainRefused):
+    """The run's lease expired under it (it could not be renewed in time): its work was stopped."""
 
 
 @contextlib.asynccontextmanager
@@ -38,17 +43,35 @@ async def alias_lease(redis: aioredis.Redis, tenant: str, alias: str, run_id: st
                 f"Alias `{alias}` is being retrained by run {holder or 'that just ended'}: one run at a time per "
                 f"alias. Try again when it ends (a run whose process died frees it within {LEASE_S:g} s)."
             )
-    renewing = asyncio.create_task(_renew(lease))
+    owner, lost = asyncio.current_task(), asyncio.Event()
+    renewing = asyncio.create_task(_renew(lease, owner, lost))
     try:
         yield
+    except asyncio.CancelledError:
+        if lost.is_set() and owner is not None and owner.uncancel() == 0:  # cancelled by _renew, nothing else
+            raise LeaseLost(
+                f"Run {run_id} lost its lease of alias `{alias}` (Redis was out of reach past {LEASE_S:g} s, or "
+                "another run took the alias meanwhile): stopped, so that two runs never work on one alias."
+            ) from None
+        raise
     finally:
         renewing.cancel()
         with contextlib.suppress(LockError, RedisError, OSError):  # expired or Redis away: it frees itself
             await asyncio.shield(lease.release())
 
 
-async def _renew(lease: aioredis.lock.Lock) -> None:
+async def _renew(lease: aioredis.lock.Lock, owner: asyncio.Task[object] | None, lost: asyncio.Event) -> None:
+    """Renew the lease every LEASE_S / 3; once it is no longer the run's (it expired while Redis was out of reach,
+    and maybe another run took it: renewing swallowed that before, and the run went on beside the other), stop the
+    run's work (`owner`)."""
     while True:
         await asyncio.sleep(LEASE_S / 3)
-        with contextlib.suppress(RedisError, OSError):  # Redis away a moment: the next renewal may do
+        try:
             await lease.reacquire()
+        except LockNotOwnedError:
+            lost.set()
+            if owner is not None:
+                owner.cancel()
+            return
+        except (RedisError, OSError):  # Redis away a moment: the next renewal may do
+            continue

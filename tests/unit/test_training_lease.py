@@ -45,6 +45,19 @@ async def test_the_lease_is_renewed_while_the_run_works(redis: aioredis.Redis, m
                 pass
 
 
+async def test_a_run_whose_lease_was_lost_is_stopped(redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expired while Redis was out of reach (and taken by another run): renewing swallowed that, and the run went on
+    working on the alias beside the other. Its work is stopped now, and the step fails saying why."""
+    monkeypatch.setattr(lease, "LEASE_S", 1.5)  # renewed every 0.5 s
+    name = keys.retrain_lease("acme", "support")
+    with pytest.raises(lease.LeaseLost, match="run-1 lost its lease of alias `support`"):
+        async with lease.alias_lease(redis, "acme", "support", "run-1"):
+            await redis.set(name, "run-2", px=60_000)  # run-1's expired, and run-2 took it
+            await asyncio.sleep(10)
+            pytest.fail("the run went on without its lease")
+    assert await redis.get(name) == "run-2", "the other run's lease is left as it is"
+
+
 async def test_a_dead_runs_lease_frees_itself_and_a_runs_own_is_taken_over(redis: aioredis.Redis) -> None:
     name = keys.retrain_lease("acme", "support")
     await redis.set(name, "run-dead", px=2000)  # a process killed while it held the alias: nobody renews it
