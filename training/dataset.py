@@ -233,8 +233,8 @@ def _prepared(group: list[Sample]) -> _Group:
     means = {text: fmean(values) for text, values in judged.items() if values}
     corrections = [(s, s.correction) for s in group if s.correction is not None]
     reference: str | None
-    if corrections:
-        origin, reference = corrections[-1]
+    if corrections:  # the latest that was never itself rejected (`chosen` against one row, `rejected` in another)
+        origin, reference = ([(s, c) for s, c in corrections if c not in corrected] or corrections)[-1]
         worse = [t for t in judged if t != reference and (t in corrected or means.get(t, 1.0) < 0.5)]
     else:
         reference = max((t for t in means if means[t] >= 0.5), key=lambda t: means[t], default=None)
@@ -244,13 +244,18 @@ def _prepared(group: list[Sample]) -> _Group:
     head = {"prompt": prompt, **tools_field(origin.tools)}
     labels = {t: means[t] >= 0.5 for t in means} | {c: True for _, c in corrections}
     chosen = [] if reference is None else [reference]
+    # each correction against the answer it corrects (a JSONL row's own pair), as well as the reference against
+    # every worse answer: a group's earlier corrections were lost, and a pair whose rejected was the reference
+    pairs = dict.fromkeys(
+        [(c, t) for c in chosen for t in worse] + [(c, s.text) for s, c in corrections if s.text and c != s.text]
+    )
     return _Group(
         group[0].key,
         prompt,
         origin.tools,
         reference,
         sft=[head | {"completion": answer(prompt, c)} for c in chosen],
-        dpo=[head | {"chosen": answer(prompt, c), "rejected": answer(prompt, t)} for c in chosen for t in worse],
+        dpo=[head | {"chosen": answer(prompt, c), "rejected": answer(prompt, t)} for c, t in pairs],
         kto=[head | {"completion": answer(prompt, t), "label": label} for t, label in labels.items()],
     )
 

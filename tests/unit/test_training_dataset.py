@@ -409,6 +409,26 @@ def test_jsonl_rows_of_each_trl_format(chat: bool, tmp_path: Path) -> None:
     assert negatives == [json.dumps(a("bad")), json.dumps(a("wrong"))]
 
 
+def test_every_preference_pair_of_a_jsonl_file_is_kept_and_no_rejected_answer_is_the_reference(tmp_path: Path) -> None:
+    """Two rows of one prompt, Paris over Lyon and Lyon over Marseille: only the last row's pair was kept, and SFT
+    trained on Lyon, an answer the file rejects against Paris; Paris was lost."""
+    ask = user("Capital of France?")
+    rows = [
+        {"prompt": ask, "chosen": assistant("Paris"), "rejected": assistant("Lyon")},
+        {"prompt": ask, "chosen": assistant("Lyon"), "rejected": assistant("Marseille")},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    built = build(loaded(*from_jsonl(path).samples, *PADDING), config(method="dpo"))
+    pairs = {
+        (r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in all_rows(built, "dpo") if r["prompt"] == ask
+    }
+    assert {("Paris", "Lyon"), ("Lyon", "Marseille")} <= pairs, pairs
+    assert ("Lyon", "Paris") not in pairs
+    sft = [r["completion"][0]["content"] for r in all_rows(built, "sft") if r["prompt"] == ask]
+    assert sft == ["Paris"], "the reference is a chosen answer never rejected"
+
+
 def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "label": 1}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a TRL row"):
