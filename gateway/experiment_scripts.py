@@ -3,8 +3,9 @@ and set in one step) and setting an alias while no experiment holds it."""
 
 # KEYS: the tenant's experiments, the experiment's audit log, the tenant's aliases, the state version, the
 # tenant. ARGV: name, experiment JSON, change JSON, alias target ('' for none), alias, mode, revision, alias
-# before. mode `change`: the experiment must exist (one changed as its tenant is deleted does not bring its keys
-# back: 0) at the revision the change was made from (else -1: another change came first). mode `create`: the
+# before, how many changes the audit log keeps (the latest). mode `change`: the experiment must exist (one changed
+# as its tenant is deleted does not bring its keys back: 0) at the revision the change was made from (else -1:
+# another change came first). mode `create`: the
 # tenant must exist (-4: deleted since the caller looked, its keys not brought back for a tenant re-created
 # under its name), the name must be free (-2), and the alias must still point where it did when the caller
 # looked (-3 if it runs an experiment now, -1 if it moved otherwise). Compare-and-set: two processes cannot
@@ -23,6 +24,7 @@ else
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[9]), -1)
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[4]) end
 redis.call('INCR', KEYS[4])
 return 1

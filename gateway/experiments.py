@@ -36,6 +36,10 @@ PREFIX = "experiment:"
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 Status = Literal["running", "paused", "stopped", "promoted", "rolled back"]
 LIVE = ("running", "paused")
+RUNNING = '"status":"running"'
+"""How a running experiment's JSON says so (pydantic's compact JSON): what `running` looks for before parsing."""
+MAX_AUDIT = 1000
+"""Changes an experiment's audit log keeps, the latest: it is read whole by the admin API and the page."""
 MAX_WEIGHT = 1e6
 """Weights are relative: up to a million is plenty (and their sum stays finite)."""
 Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")]
@@ -196,6 +200,12 @@ class ExperimentStore:
     async def all(self, tenant: str) -> list[Experiment]:
         return self.parsed(await self._redis.hgetall(keys.experiments(tenant)))
 
+    async def running(self, tenant: str) -> list[Experiment]:
+        """The tenant's running experiments, oldest first: the others are not parsed (a tenant keeps every ended
+        one, a retraining run's canary each: the guard rails parsed them all, every round)."""
+        raw = await self._redis.hgetall(keys.experiments(tenant))
+        return [e for e in self.parsed({k: v for k, v in raw.items() if RUNNING in v}) if e.status == "running"]
+
     @staticmethod
     def parsed(raw: dict[str, str]) -> list[Experiment]:
         """The experiments of a tenant's hash (keys.experiments), oldest first."""
@@ -334,7 +344,7 @@ class ExperimentStore:
         stored = saved.model_dump_json(exclude=None if saved.rated_before else {"rated_before"})
         args = [name, stored, change.model_dump_json(), alias or "", experiment.alias]
         mode = "create" if new else "change"
-        args += [mode, str(experiment.revision), experiment.previous_target or ""]
+        args += [mode, str(experiment.revision), experiment.previous_target or "", str(MAX_AUDIT)]
         done = await self._save_script(keys=script_keys, args=args)
         self.forget_cached()
         if done == 0:

@@ -126,7 +126,7 @@ async def check_all(records: aioredis.Redis, router: Router, tenants: list[str])
     the others are checked all the same)."""
     for tenant in tenants:
         try:
-            experiments = await router.experiments.all(tenant)
+            experiments = await router.experiments.running(tenant)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             raise  # Redis is down: the whole round waits for the next one
         except (ValidationError, RedisError) as exc:  # one tenant's (a key of another type): the others go on

@@ -191,6 +191,26 @@ async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_
     assert "mm/broken failed; the others go on" in caplog.text
 
 
+async def test_a_round_reads_running_experiments_only_and_audit_logs_keep_the_latest_changes(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant keeps every ended experiment (a retraining run's canary each), which every guard-rail round parsed;
+    and an audit log grew with every change, read whole at every look."""
+    from gateway import experiments
+
+    store = ExperimentStore(redis)
+    await store.create(_experiment("t", "old", "bot", (50, 50)), by="test")
+    await store.set_status("t", "old", "stopped", by="test")
+    await store.create(_experiment("t", "new", "bot", (50, 50)), by="test")
+    await store.create(_experiment("t", "held", "other", (50, 50)), by="test")
+    await store.set_status("t", "held", "paused", by="test")
+    assert [e.name for e in await store.running("t")] == ["new"]
+    monkeypatch.setattr(experiments, "MAX_AUDIT", 3)
+    for weight in (10, 20, 30, 40):
+        await store.set_weights("t", "new", {"treat": weight}, by="test")
+    assert [c.detail for c in await store.audit("t", "new")] == [f"control=50, treat={w}" for w in (20, 30, 40)]
+
+
 async def test_a_redis_error_of_one_experiment_holds_up_no_other(redis: aioredis.Redis) -> None:
     """A key of another type under one experiment's name (WRONGTYPE) failed every round for every tenant after
     it: only an unreachable Redis stops a round."""
