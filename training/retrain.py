@@ -192,7 +192,7 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
             report = await evaluate.evaluate(
                 client, rows, config, candidate=candidate, base=base, current=current, regression_rows=regression,
                 concurrency=config.eval_concurrency,
-                progress=lambda what, done, total: progress(f"eval {what}: {done}/{total}") if done == total else None,
+                progress=eval_report.each_tenth(progress),
             )  # fmt: skip
     finally:
         await apikeys.revoke(info.id)

@@ -17,7 +17,7 @@ except ImportError:  # openai 1 and 2: on httpx
     import httpx  # type: ignore[no-redef]
 
 from training.config import METRICS, RetrainConfig
-from training.eval_report import markdown_table, write_report
+from training.eval_report import each_tenth, markdown_table, write_report
 from training.evaluate import (
     Answer,
     Decision,
@@ -549,3 +549,16 @@ def test_write_report_writes_json_and_markdown(tmp_path: Path) -> None:
     example_row = next(line for line in markdown.splitlines() if line.startswith("| ref | b | c | "))
     assert example_row.endswith("… |") and "word \\| word" in example_row
     assert len(example_row) < 400  # the 600-character answer is shortened
+
+
+def test_the_eval_shows_each_models_progress_at_every_tenth() -> None:
+    """Only each model's last answer was shown: a test set of hundreds of prompts ran for minutes with no line."""
+    lines: list[str] = []
+    report = each_tenth(lines.append)
+    for done in range(1, 26):
+        report("candidate", done, 25)
+    assert lines == [f"eval candidate: {n}/25" for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25)]
+    lines.clear()
+    for done in range(1, 4):
+        report("base", done, 3)
+    assert lines == ["eval base: 1/3", "eval base: 2/3", "eval base: 3/3"]
