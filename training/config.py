@@ -151,7 +151,11 @@ class RetrainConfig:
     examples_in_report: int = _help("Example answers shown side by side in the eval report.", default=3)
 
     # --- publish and canary (training.publish) ---
-    canary: bool = _help("Start a canary experiment on the alias after publishing.", default=True)
+    canary: bool = _help(
+        "Start a canary experiment on the alias after publishing; off, the version is listed but nothing routes to it "
+        "(the alias and the bare name stay where they were) until an operator points the alias at it.",
+        default=True,
+    )
     canary_weight: float = _help("The candidate arm's share of traffic, in percent.", default=10.0)
     canary_min_samples: int = _help("Rated completions per arm before the guard rails may promote.", default=30)
     canary_max_error_rate: float | None = _help(

@@ -241,6 +241,9 @@ async def publish_candidate(run: Run, stack: Stack, progress: Progress, by: str)
         if config.canary:
             stores = (pointers, experiments)
             await _when_free(lambda: _start_canary(run, stack, stores, published, by, progress, alias_now), progress)
+        else:
+            ref = published.ref
+            progress(f"canary off: nothing routes to {ref} (`loragate aliases set {state.alias} {ref}` does)")
     _done(run, "publish", started)
     return state.published
 

@@ -121,9 +121,10 @@ async def test_a_pin_that_holds_is_kept_and_a_new_name_needs_none(world: World) 
 
 async def test_an_unpinned_name_stays_on_its_latest_not_on_the_aliass_version(world: World) -> None:
     world.store.add(world.folder, "helper", world.base, 16)  # helper@2: bare `helper` serves it; the alias, helper@1
-    run = await world.run(canary=False)
-    assert await publish_candidate(run, world.stack, quiet, "test") == "helper@3"
+    run, lines = await world.run(canary=False), []
+    assert await publish_candidate(run, world.stack, lines.append, "test") == "helper@3"
     assert run.state.pinned == "helper@2" and await world.served("helper") == "helper@2"
+    assert any(line.startswith("canary off: nothing routes to helper@3") for line in lines), lines
 
 
 async def test_a_pin_an_operator_sets_while_the_run_reads_it_is_kept(
