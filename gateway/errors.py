@@ -241,6 +241,8 @@ def from_errors(errors: Sequence[Mapping[str, Any]], code: str | None = "invalid
                 f"but got {json_type(first['input'])} instead."
             )
             return InvalidRequest(message, param=param, code="invalid_type")
+    elif param and first.get("type") == "missing":  # OpenAI's own words and code
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     elif param and first.get("type") in _EXPECTED and "input" in first:
         expected, got = _EXPECTED[first["type"]], json_type(first["input"])
         message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."

@@ -103,3 +103,23 @@ def test_a_training_key_reads_the_candidate_it_may_call_and_no_other_key_does(
         assert answer.status_code == status, (role, answer.text)
         if status == 200:
             assert answer.json()["id"] == model and answer.json()["parent"] == BASE
+
+
+def test_a_missing_parameter_is_named_as_openai_names_it(api: TestClient) -> None:
+    """OpenAI: `Missing required parameter: 'messages[0].role'.`, code `missing_required_parameter`; the gateway said
+    `Invalid value for 'model': Field required` with code `invalid_value`, which clients branching on codes missed."""
+    key = api.post("/admin/tenants/acme/keys", json={"role": "inference"}).json()["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for body, param in (
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": BASE, "messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"model": BASE}, "messages"),
+    ):
+        answer = api.post("/v1/chat/completions", json=body, headers=auth)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == {
+            "message": f"Missing required parameter: '{param}'.",
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "missing_required_parameter",
+        }
