@@ -229,6 +229,11 @@ class ExperimentStore:
         if expect_alias is None:
             expect_alias = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
         experiment.previous_target = expect_alias  # the script refuses (-1) unless the alias still points there
+        # After a deletion of a tenant of its name (gateway.erasure's tombstone, by another host's clock maybe): the
+        # experiment was taken for one of the deleted tenant's, and neither its history nor its periods were kept
+        if deleted := await self._counters.get(keys.tenant_deleted(experiment.tenant)):
+            at = (deleted.decode() if isinstance(deleted, bytes) else deleted).partition(" ")[0]
+            experiment.created = max(experiment.created, float(at) + 0.001)
         arms = ", ".join(f"{a.name}={a.target}:{a.weight:g}" for a in experiment.arms)
         change = Change(at=time.time(), by=by, action="create", detail=arms)
         return await self._save(experiment, change, alias=PREFIX + experiment.name, new=True)

@@ -367,6 +367,20 @@ async def test_history_thins_in_one_step_whatever_its_length(redis: aioredis.Red
     assert await redis.eval(experiment_history._THIN, 1, key, 2400) == 0, "short enough: left as it is"  # noqa: SLF001
 
 
+async def test_an_experiment_of_a_tenant_created_again_is_dated_after_the_deletion(redis: aioredis.Redis) -> None:
+    """The tombstone is dated by the deleting host's clock, which may run ahead: an experiment created just after the
+    tenant was created again was taken for the deleted tenant's (no history point, no new period) for good."""
+    ahead = time.time() + 5
+    await redis.set(keys.tenant_deleted("t"), f"{ahead!r} 0")
+    arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
+    created = await ExperimentStore(redis).create(
+        Experiment(name="e", tenant="t", alias="bot", control="a", arms=arms), "x"
+    )
+    assert created.created > ahead
+    assert await experiment_history.record(redis, created, await results(redis, created))
+    assert await arm_signal.begin_period(redis, "t", "e", created.created, ["a", "b"]) != arm_signal.Period({}, {})
+
+
 async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_deleted(redis: aioredis.Redis) -> None:
     """A guard-rail round that read the experiment just before its tenant was deleted neither brings its purged
     history back (a make test run found its key after the deletion) nor its arms' counters (a roll-back's new
