@@ -233,7 +233,7 @@ class RetrainConfig:
                     continue
                 if name == "label_pattern" and compiled.groups < 1:
                     yield "label_pattern needs a group, the label"
-        for name in ("jsonl_path", "regression_jsonl", "json_schema_path"):
+        for name in ("regression_jsonl", "json_schema_path"):  # read by every eval of the run
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 yield f"{name} {path!r} is not a file"
@@ -266,6 +266,8 @@ def load(yaml_path: str | Path | None = None, flags: Sequence[str] = ()) -> Retr
     if extra:
         raise ValueError(f"unknown config flags {extra}")
     assert isinstance(config, RetrainConfig)
+    if config.jsonl_path and not Path(config.jsonl_path).is_file():  # a new run's: read by its dataset step only,
+        raise ValueError(f"invalid retraining config: jsonl_path {config.jsonl_path!r} is not a file")  # not later
     return config
 
 

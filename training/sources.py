@@ -142,6 +142,8 @@ def _from_row(row: Any, dropped: Counter[str]) -> Sample:
 def from_jsonl(path: str | Path) -> Loaded:
     """Samples of a JSONL file of TRL rows; ValueError naming the line of a malformed one. Synchronous."""
     samples, dropped, read = [], Counter({"empty_answer": 0, "tool_call_answer": 0}), 0
+    if not Path(path).is_file():  # an OSError would be told as Redis or the gateway out of reach
+        raise ValueError(f"jsonl_path {str(path)!r} is not a file")
     with Path(path).open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.config import RetrainConfig, load
+from training.sources import from_jsonl
 
 
 def test_every_field_has_a_default_and_help_and_the_defaults_validate() -> None:
@@ -83,3 +84,16 @@ def test_yaml_reads_a_learning_rate_written_without_a_dot(tmp_path: Path) -> Non
 def test_more_data_trains_fewer_whole_epochs_under_the_cap(cap: int | None, train_examples: int, epochs: int) -> None:
     config = load(None, ["--epochs", "3"] + ([] if cap is None else ["--max_examples_seen", str(cap)]))
     assert config.epochs_for(train_examples) == epochs
+
+
+def test_a_run_whose_jsonl_file_went_after_its_dataset_step_goes_on(tmp_path: Path) -> None:
+    """A run's config is checked again each time its run.json is read: its JSONL source, copied into its dataset
+    long since, stopped every later step once it was moved ("cannot be read by this version of loragate"). A new run
+    is still refused it, and the dataset step names it."""
+    saved = RetrainConfig(source="jsonl", jsonl_path=str(tmp_path / "gone.jsonl"), min_examples=1)
+    assert saved.jsonl_path.endswith("gone.jsonl")
+    (tmp_path / "c.yaml").write_text(f"source: jsonl\njsonl_path: {tmp_path / 'gone.jsonl'}\n")
+    with pytest.raises(ValueError, match="jsonl_path .* is not a file"):
+        load(tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="jsonl_path .* is not a file"):
+        from_jsonl(tmp_path / "gone.jsonl")
