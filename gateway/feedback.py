@@ -54,6 +54,9 @@ UNVERIFIED_MAX = 10_000
 """Spooled ratings of completions not yet vouched for, per tenant and process (beyond: 503)."""
 MAX_RATERS = 100
 """Distinct end users (anonymous is one) whose ratings one completion keeps; a rater already in may change theirs."""
+UNCOUNTED = ',"counted":false}'
+"""What ends a rating written before its completion's record came (no index yet): no experiment arm counts it, so
+replacing or erasing it later takes nothing from one (gateway.arm_signal). Read by the scripts only."""
 VERIFY_FOR_S = 600.0
 """How long a spooled rating waits for its completion's record (spooled elsewhere) before it is dropped, from when
 Redis could first be asked (an outage, however long, does not count)."""
@@ -232,7 +235,7 @@ class FeedbackStore:
         item["since"] = time.time()  # what versions before `missing_since` time the wait from (a rolling upgrade)
         item["tenant_created"] = tenant.created
         item |= {"score_min": tenant.logging.score_min, "score_max": tenant.logging.score_max}
-        item["feedback"] = feedback.model_dump_json()
+        item["feedback"] = feedback.model_dump_json(exclude={"score_range"} if feedback.score_range is None else None)
         if owned and not durability.trusted(self.durability) and await self._full(tenant.name, given):
             raise TooManyRatings(given.completion_id)  # known now: not acknowledged (202) to be dropped on replay
         if owned and durability.trusted(self.durability):
@@ -288,7 +291,7 @@ class FeedbackStore:
                 _, _, experiment, arm = parse_index(index)
                 counters = keys.arm_counters(tenant, experiment, arm) if experiment and arm else ""
                 script_keys += [counters, keys.tenant_deleted(tenant), keys.completion(completion_id)]
-                raw = item["feedback"] if counters else item["feedback"][:-1] + ',"counted":false}'  # Feedback.counted
+                raw = item["feedback"] if index is not None else item["feedback"][:-1] + UNCOUNTED
                 args = [user, raw, feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]
                 args += [item.get("tenant_created") or feedback["created"], TRIMMED, MAX_RATERS]

@@ -276,8 +276,8 @@ def _check_call(i: int, call: CorrectionCall) -> None:
 class Feedback(FeedbackIn):
     """Feedback as stored and returned. The lengths FeedbackIn allows are checked on what was sent: redaction can
     lengthen a string a little (`a@b.cc` becomes `[EMAIL]`), so what is stored is read back without them. Fields it
-    does not know are ignored: a later release's (`score_range`, `counted` were new on 2026-12-07), so that during a
-    rolling upgrade a gateway of this release still reads what one of the next wrote."""
+    does not know are ignored: a later release's, or what only the scripts read (`counted`, gateway.feedback), so that
+    during a rolling upgrade a gateway of this release still reads what one of the next wrote."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -303,12 +303,6 @@ class Feedback(FeedbackIn):
         None,
         description="The tenant's score range when the score was given: its judgement stays what it was when the "
         "range changes later (none for a rating without a score, or kept before 2026-12-07: the range now).",
-    )
-    counted: bool | None = Field(
-        None,
-        exclude=True,  # never shown, nor sent: the feedback store marks what it writes (gateway.feedback)
-        description="False where its completion's record had not come when it was written, so that no experiment "
-        "arm counted it: replacing or erasing it then takes nothing from the arm (None: counted where it had one).",
     )
 
 

@@ -149,7 +149,7 @@ def load_split(dataset_dir: Path, split: str, method: str) -> Dataset:
     column one schema, so that the arguments of one row's tool call gained the keys of every other row's as None
     (which TRL does not strip: the model learned calls it never made), and two rows giving one argument two types
     (`5`, `"5"`) failed the whole run at the fit."""
-    from datasets import Dataset, Features, Json, Value
+    from datasets import Dataset, Features, Value
 
     path = dataset_dir / f"{split}.jsonl"
     if not path.is_file():
@@ -157,8 +157,19 @@ def load_split(dataset_dir: Path, split: str, method: str) -> Dataset:
     rows = list(_read_rows(path, method))
     if not rows:
         raise TrainingRefused(f"{path} holds no examples; training needs a {split} split.")
-    kinds = {column: Value("bool") if column == "label" else Json() for column in COLUMNS[method]}
+    kinds = {column: _feature(column, rows) for column in COLUMNS[method]}
     return Dataset.from_list(rows, features=Features({**kinds, "tools": Value("string")}))
+
+
+def _feature(column: str, rows: list[dict[str, Any]]) -> Any:
+    """How a column loads: a label as a boolean, text (a text completion's prompt and answers) as strings, anything
+    else (chat messages) as JSON, each row as written. Not text as JSON: `Json` takes a string that parses as JSON
+    for that JSON (an answer " 4" became the number 4, `null` nothing)."""
+    from datasets import Json, Value
+
+    if column == "label":
+        return Value("bool")
+    return Value("string") if all(isinstance(row[column], str) for row in rows) else Json()
 
 
 def load_base(base_dir: Path, precision: Precision, qlora: bool) -> PreTrainedModel:

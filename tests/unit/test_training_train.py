@@ -372,6 +372,19 @@ def test_conversations_with_tool_calls_train_as_they_were_written(small_base_dir
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
 
+def test_text_rows_load_as_the_strings_they_are(tmp_path: Path) -> None:
+    """A text completion's prompt and answer are strings: loaded as JSON, an answer " 4" became the number 4, one
+    that is a JSON object text a dict, and "null" nothing."""
+    rows = [
+        {"prompt": "2+2 =", "completion": " 4"},
+        {"prompt": "Alert as JSON:", "completion": '{"severity": "high"}'},
+        {"prompt": "null", "completion": "null"},
+    ]
+    data = write_dataset(tmp_path / "text", rows, rows[:1])
+    loaded = train_module.load_split(data, "train", "sft")
+    assert [(row["prompt"], row["completion"]) for row in loaded] == [(r["prompt"], r["completion"]) for r in rows]
+
+
 def test_epoch_losses_pair_each_epochs_train_and_validation_loss() -> None:
     history = [
         {"loss": 2.0, "epoch": 1.0, "step": 2},
