@@ -24,7 +24,14 @@ from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.http1 import ConnectFailed, EngineResponse
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.engine.sessions import EngineSessions, stale
-from gateway.errors import AdapterUnavailable, EngineFailed, UpstreamError, UpstreamTimeout, engine_refusal
+from gateway.errors import (
+    AdapterUnavailable,
+    EngineFailed,
+    EngineUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    engine_refusal,
+)
 from gateway.metrics import Metrics
 from gateway.placement import Placement
 from gateway.routing import Route
@@ -169,7 +176,12 @@ class Forwarder:
         """Failures after the request may have reached a replica: it is sent to one more replica, no more (a request
         that makes engines fail must not take every replica down in turn)."""
         while True:
-            replica = await self._placement.acquire(route, exclude=frozenset(tried))
+            try:
+                replica = await self._placement.acquire(route, exclude=frozenset(tried))
+            except EngineUnavailable:
+                if lost:  # it took the last replica able to serve down: told as its failure, not retried
+                    raise EngineFailed("The engine failed while processing the request.") from None
+                raise
             self._track(replica, +1)
             sent_at = time.monotonic()
             try:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import serving
 from gateway.context import RequestContext
-from gateway.errors import EngineUnavailable, UpstreamError
+from gateway.errors import EngineFailed, UpstreamError
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest
 from gateway.routes.openai import cap_max_tokens
@@ -169,6 +169,33 @@ async def test_a_request_that_takes_its_replica_down_is_tried_on_one_more_not_on
             await runner.cleanup()
 
 
+async def test_a_request_that_takes_the_only_replica_down_is_not_retried_by_the_sdk(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With no other replica left to try, it was a 503 `engine_unavailable`, which OpenAI's SDKs retry twice: the
+    replica, back, would be taken down twice more."""
+    got: list[int] = []
+
+    async def crash(request: web.Request) -> web.Response:
+        got.append(1)
+        assert request.transport is not None
+        request.transport.close()
+        await asyncio.sleep(1)
+        return web.Response()
+
+    runner, url = await serve_engine(crash, healthy=lambda: not got)
+    placement, pool, sessions = await gateway_process([url], redis_server.url, tmp_path)
+    try:
+        call = chat_call({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5})
+        with pytest.raises(UpstreamError) as failed:
+            await Forwarder(sessions, pool, placement, Metrics(), 30).forward(call)
+        assert got == [1] and failed.value.status == 502
+        assert failed.value.headers == {"x-should-retry": "false"}
+    finally:
+        await sessions.close()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("closes", "after_s", "reset", "posts"),
     [(1, 0, False, 2), (1, 0, True, 2), (2, 0, False, 2), (1, 0.6, False, 1)],
@@ -212,8 +239,8 @@ async def test_a_connection_closed_by_a_healthy_replica_as_it_is_sent_is_sent_ag
         forwarder = Forwarder(sessions, pool, placement, Metrics(), 30)
         if posts > closes:
             assert (await forwarder.forward(call)).status_code == 200 and pool.replicas[0].healthy
-        else:
-            with pytest.raises(EngineUnavailable):
+        else:  # it may have run, on the only replica: the engine's failure, which SDKs are told not to retry
+            with pytest.raises(EngineFailed):
                 await forwarder.forward(call)
         assert len(got) == posts and len(set(got)) == 1, "the same request, sent at most twice"
     finally:
