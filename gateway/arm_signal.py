@@ -52,10 +52,15 @@ local function signal(counters, raw, sign, lo, hi)
   redis.call('HINCRBYFLOAT', counters, 'positive_sum', sign * v)
   redis.call('HINCRBYFLOAT', counters, 'positive_squares', sign * v * v)
   if v < 0.5 then redis.call('HINCRBY', counters, 'negative', sign) end
-  if (tonumber(f['created']) or 0) >= (tonumber(redis.call('HGET', counters, 'since:at') or '0') or 0) then
+  local created, at = tonumber(f['created']) or 0, redis.call('HMGET', counters, 'since:at', 'guard:at')
+  if created >= (tonumber(at[1] or '0') or 0) then
     redis.call('HINCRBY', counters, 'since:rated', sign)
     redis.call('HINCRBYFLOAT', counters, 'since:positive_sum', sign * v)
     redis.call('HINCRBYFLOAT', counters, 'since:positive_squares', sign * v * v)
+  end
+  if at[2] and created >= (tonumber(at[2]) or 0) then  -- the guard window's (gateway.arm_signal.guard_window)
+    redis.call('HINCRBY', counters, 'guard:rated', sign)
+    if v < 0.5 then redis.call('HINCRBY', counters, 'guard:negative', sign) end
   end
 end
 """
@@ -84,39 +89,44 @@ return #gone
 """
 )
 
-# The guard rails judge an arm on what it did since its split last changed or its experiment was last resumed
+# The guard rails judge an arm on what it did since its own weight last changed or its experiment was last resumed
 # (`guard_window`, gateway.experiment_results), not on its whole life: an arm given a weight again once its failure was
 # mended, or an experiment resumed after a pause, was rolled back again at once for its old errors, and an arm that
-# begins to fail after 10,000 good requests passed 20% errors only some 2,500 failures later. `guard:base` holds the
-# arm's requests, errors, ratings and negative ratings when its window began (none before the first change).
-# KEYS: the tenant's deletion tombstone, then the arms' counters. ARGV[2]: when the experiment was created. Nothing is
-# written for an experiment whose tenant was deleted since (its counters were purged: the change is refused as saved).
+# begins to fail after 10,000 good requests passed 20% errors only some 2,500 failures later. The window's fields are
+# numbers (a release before reads every field but `since:base` as one): `guard:at` (when it began, by the records
+# Redis's clock plus SINCE_MARGIN_S), `guard:requests` and `guard:errors` (the arm's totals then), and `guard:rated`
+# and `guard:negative`, the ratings dated (`created`) in it, as the ratings since the split changed are counted: a
+# rating given before and replaced or erased after takes nothing from them.
+# KEYS: the tenant's deletion tombstone, then the arms' counters. ARGV[1]: SINCE_MARGIN_S, ARGV[2]: when the experiment
+# was created, ARGV[3]: per arm, '1' where its window begins anew. Nothing is written for an experiment whose tenant
+# was deleted since (its counters were purged: the change is refused as it is saved).
 _GUARD = """
 local deleted = redis.call('GET', KEYS[1])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return {} end
-local function guard_base(key)
-  local n = redis.call('HMGET', key, 'requests', 'errors', 'rated', 'negative')
-  local base = (n[1] or '0') .. ' ' .. (n[2] or '0') .. ' ' .. (n[3] or '0') .. ' ' .. (n[4] or '0')
-  redis.call('HSET', key, 'guard:base', base)
+local now = redis.call('TIME')
+local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
+local function guard_begins(i)
+  if string.sub(ARGV[3], i - 1, i - 1) ~= '1' then return end
+  local n = redis.call('HMGET', KEYS[i], 'requests', 'errors')
+  redis.call('HSET', KEYS[i], 'guard:at', at, 'guard:requests', n[1] or 0, 'guard:errors', n[2] or 0,
+    'guard:rated', 0, 'guard:negative', 0)
 end
 """
 _RESTART_GUARD = (
     _GUARD
     + """
-for i = 2, #KEYS do guard_base(KEYS[i]) end
+for i = 2, #KEYS do guard_begins(i) end
 return #KEYS - 1
 """
 )
 
-# KEYS, ARGV[2]: as _GUARD's; ARGV[1]: SINCE_MARGIN_S. Each arm's ratings since start again from none, from now plus
-# the margin, and the period notes the arm's totals it began at (`since:base`: the experiment's `rated_before` must
-# match it, below); its guard window begins too. Returns per arm its identified requests so far (requests less
-# anonymous ones) and that base, in KEYS' order.
+# KEYS, ARGV: as _GUARD's. Each arm's ratings since start again from none, from now plus the margin, and the period
+# notes the arm's totals it began at (`since:base`: the experiment's `rated_before` must match it, below); the guard
+# windows ARGV[3] names begin too. Returns per arm its identified requests so far (requests less anonymous ones) and
+# that base, in KEYS' order.
 _BEGIN_PERIOD = (
     _GUARD
     + """
-local now = redis.call('TIME')
-local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1]))
 local found = {}
 for i = 2, #KEYS do
   local key = KEYS[i]
@@ -124,7 +134,7 @@ for i = 2, #KEYS do
   local base = (n[3] or '0') .. ' ' .. (n[4] or '0') .. ' ' .. (n[5] or '0')
   redis.call('HSET', key, 'since:at', at, 'since:base', base, 'since:rated', 0, 'since:positive_sum', 0,
     'since:positive_squares', 0)
-  guard_base(key)
+  guard_begins(i)
   found[i - 1] = {(tonumber(n[1]) or 0) - (tonumber(n[2]) or 0), base}
 end
 return found
@@ -140,14 +150,18 @@ class Period:
     rated: dict[str, tuple[int, float, float]]
 
 
-async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]) -> Period:
+async def begin_period(
+    redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str], guarded: set[str]
+) -> Period:
     """A new comparison period for the arms of the experiment (created at `created`) whose split changed: their
-    ratings since count from none. Returns what each arm had until then (nothing for an experiment whose tenant was
-    deleted since): the sample ratio test counts requests from there; the totals are the experiment's `rated_before`,
-    which gateways of the release before compare from (and which tells this one whether they changed the split
-    since: `counted_since`)."""
+    ratings since count from none; so do the guard windows of the arms `guarded` names (those whose own weight
+    changed: another arm's roll-back does not start a failing arm's window again). Returns what each arm had until
+    then (nothing for an experiment whose tenant was deleted since): the sample ratio test counts requests from
+    there; the totals are the experiment's `rated_before`, which gateways of the release before compare from (and
+    which tells this one whether they changed the split since: `counted_since`)."""
     script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
-    found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
+    which = "".join("1" if arm in guarded else "0" for arm in arms)
+    found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created), which)
     period = Period({}, {})
     for arm, (exposed, base) in zip(arms, found, strict=False):
         period.exposed[arm], period.rated[arm] = int(exposed), _base(base)
@@ -157,15 +171,21 @@ async def begin_period(redis: aioredis.Redis, tenant: str, experiment: str, crea
 async def restart_guard(redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]) -> None:
     """The arms' guard windows begin now (an experiment resumed): the guard rails judge what they do from here."""
     script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
-    await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created))
+    await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created), "1" * len(arms))
 
 
-def guard_window(counters: dict[str, float], base: str | None) -> dict[str, int]:
-    """An arm's requests, errors, ratings and negative ratings since its guard window began (`guard:base`; its whole
-    life where none did), from its counters read as numbers."""
-    began = [int(float(n)) for n in base.split()] if base else [0, 0, 0, 0]
-    names = ("requests", "errors", "rated", "negative")
-    return {name: max(int(counters.get(name, 0)) - start, 0) for name, start in zip(names, began, strict=False)}
+def guard_window(counters: dict[str, float]) -> dict[str, int]:
+    """An arm's requests, errors, ratings and negative ratings in its guard window (its whole life where none began),
+    from its counters read as numbers."""
+    figure = {name: int(counters.get(name, 0)) for name in ("requests", "errors", "rated", "negative")}
+    if "guard:at" not in counters:
+        return figure
+    return {
+        "requests": max(figure["requests"] - int(counters.get("guard:requests", 0)), 0),
+        "errors": max(figure["errors"] - int(counters.get("guard:errors", 0)), 0),
+        "rated": max(int(counters.get("guard:rated", 0)), 0),
+        "negative": max(int(counters.get("guard:negative", 0)), 0),
+    }
 
 
 def _base(text: str | bytes) -> tuple[int, float, float]:

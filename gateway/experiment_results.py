@@ -55,9 +55,9 @@ def _since(counters: dict[str, str], number: dict[str, float], before: tuple[int
 
 def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] | None) -> dict[str, Any]:
     """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read."""
-    number = {k: float(v) for k, v in counters.items() if k not in ("since:base", "guard:base")}
+    number = {k: float(v) for k, v in counters.items() if k != "since:base"}
     requests = int(number.get("requests", 0))
-    guard = guard_window(number, counters.get("guard:base"))
+    guard = guard_window(number)
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
     rated = int(number.get("rated", 0))
     return {

@@ -267,7 +267,8 @@ class ExperimentStore:
         buckets = reallocate(experiment.buckets, [arm.weight for arm in arms])
         update: dict[str, Any] = {"arms": arms, "allocation": base64.b64encode(buckets).decode()}
         if buckets != experiment.buckets:  # a new split: its sample ratio and comparisons begin now
-            update.update(await self._split_changed(experiment))
+            moved = {new.name for new, old in zip(arms, experiment.arms, strict=True) if new.weight != old.weight}
+            update.update(await self._split_changed(experiment, moved))
         changed = experiment.model_copy(update=update)
         detail = ", ".join(f"{a.name}={a.weight:g}" for a in arms) + (f" ({reason})" if reason else "")
         return await self._save(changed, Change(at=time.time(), by=by, action="weights", detail=detail))
@@ -315,14 +316,14 @@ class ExperimentStore:
             )
         return bool(done)
 
-    async def _split_changed(self, experiment: Experiment) -> dict[str, Any]:
+    async def _split_changed(self, experiment: Experiment, moved: set[str]) -> dict[str, Any]:
         """A new comparison period, begun in the arms' counters before the change is saved (they may be in another
-        Redis). A change then refused by a conflict has restarted the period all the same, and its base is no
-        longer the saved experiment's `rated_before`: its results are read the old way (arm_signal.counted_since)
-        until the split next changes. `exposed_before`: each arm's identified requests so far (requests less
-        anonymous ones, as the results count them)."""
-        arms = [arm.name for arm in experiment.arms]
-        period = await begin_period(self._counters, experiment.tenant, experiment.name, experiment.created, arms)
+        Redis), and a new guard window for the arms whose weight `moved`. A change then refused by a conflict has
+        restarted the period all the same, and its base is no longer the saved experiment's `rated_before`: its
+        results are read the old way (arm_signal.counted_since) until the split next changes. `exposed_before`: each
+        arm's identified requests so far (requests less anonymous ones, as the results count them)."""
+        arms, created = [arm.name for arm in experiment.arms], experiment.created
+        period = await begin_period(self._counters, experiment.tenant, experiment.name, created, arms, moved)
         return {"exposed_before": period.exposed, "rated_before": period.rated}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:

@@ -148,6 +148,21 @@ async def test_guard_rails_judge_what_an_arm_did_since_its_split_changed_or_its_
     assert (await store.get("gw", "canary")).status == "running"
 
 
+async def test_a_roll_back_begins_the_guard_window_of_the_arm_rolled_back_only(redis: aioredis.Redis) -> None:
+    """Any change of split began every arm's window: another arm's roll-back (or a tweak of control's weight) sent a
+    failing arm, 90 requests into its window, back to none. Each field stays a number, as the release before reads
+    every field but `since:base`."""
+    store = ExperimentStore(redis)
+    arms = [Arm(name=n, target=BASE if n == "control" else "bot@2", weight=30) for n in ("control", "x", "y")]
+    await store.create(Experiment(name="three", tenant="t", alias="bot", control="control", arms=arms), by="test")
+    await store.set_weights("t", "three", {"x": 0}, by="guard rail")
+    began = {a: await redis.hget(keys.arm_counters("t", "three", a), "guard:at") for a in ("control", "x", "y")}
+    assert began["x"] is not None and began["control"] is None and began["y"] is None, began
+    for arm in ("control", "x", "y"):
+        fields = await redis.hgetall(keys.arm_counters("t", "three", arm))
+        assert all(isinstance(float(v), float) for k, v in fields.items() if k != "since:base"), fields
+
+
 async def test_a_roll_back_that_leaves_no_weight_pauses_and_no_experiment_holds_up_the_others(
     redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

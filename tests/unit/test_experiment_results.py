@@ -378,7 +378,8 @@ async def test_an_experiment_of_a_tenant_created_again_is_dated_after_the_deleti
     )
     assert created.created > ahead
     assert await experiment_history.record(redis, created, await results(redis, created))
-    assert await arm_signal.begin_period(redis, "t", "e", created.created, ["a", "b"]) != arm_signal.Period({}, {})
+    begun = await arm_signal.begin_period(redis, "t", "e", created.created, ["a", "b"], set())
+    assert begun != arm_signal.Period({}, {})
 
 
 async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_deleted(redis: aioredis.Redis) -> None:
@@ -392,13 +393,13 @@ async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_delet
     found = await results(redis, old)
     await mark_tenant_deleted(redis, "t", TENANT.created, 3600)
     assert not await experiment_history.record(redis, old, found)
-    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"]) == arm_signal.Period({}, {})
+    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"], set()) == arm_signal.Period({}, {})
     written = [keys.experiment_history("t", "e"), keys.arm_counters("t", "e", "a"), keys.arm_counters("t", "e", "b")]
     assert await redis.exists(*written) == 0
     await asyncio.sleep(0.01)
     new = old.model_copy(update={"created": time.time()})
     assert await experiment_history.record(redis, new, found)
-    assert (await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"])).exposed == {"a": 0, "b": 0}
+    assert (await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"], set())).exposed == {"a": 0, "b": 0}
 
 
 async def test_a_split_change_keeps_the_snapshot_the_release_before_compares_from(redis: aioredis.Redis) -> None:

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway import keys
+from gateway import arm_signal, keys
 from gateway.answer import Answer
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.erasure import forget_user, mark_tenant_deleted, purge_tenant, tenant_deleted
@@ -801,6 +801,30 @@ async def test_a_rating_no_arm_counted_takes_nothing_from_the_arm_when_replaced_
     assert (counters["rated"], float(counters["positive_sum"]), counters["negative"]) == ("1", 0.0, "1"), counters
     stored = await redis.hget(keys.feedback("t", "chatcmpl-7"), "u1")
     assert stored is not None and "counted" not in stored, "written once its record had come: counted, not marked"
+
+
+async def test_a_guard_window_counts_the_ratings_given_in_it(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path
+) -> None:
+    """The window began as a snapshot of the arm's totals: a rating given before it and erased after it lowered
+    the totals, and the new ratings were hidden under the snapshot (30 old thumbs-down erased, 30 new ones: none
+    seen). Ratings are dated in it as in a comparison period; every field a number, as the release before reads."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    tenant = Tenant(name="t")
+    route = Route(requested="prod", upstream_model="m", served_model="m", alias="prod", experiment="e", arm="a")
+    for n, user in ((1, "old"), (2, "new")):
+        ctx = context(tenant, n, user=user)
+        ctx.route = route
+        recorder.record(ctx)
+    await recorder.written()
+    await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-1", user="old", thumbs="down"))
+    await arm_signal.restart_guard(redis, "t", "e", 0.0, ["a"])
+    await asyncio.sleep(arm_signal.SINCE_MARGIN_S + 0.1)  # the window begins that long after
+    await forget_user(redis, "t", "old", tenant.logging)
+    await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-2", user="new", thumbs="down"))
+    counters = await redis.hgetall(keys.arm_counters("t", "e", "a"))
+    window = arm_signal.guard_window({k: float(v) for k, v in counters.items() if k != "since:base"})
+    assert window == {"requests": 0, "errors": 0, "rated": 1, "negative": 1}, counters
 
 
 async def test_spooled_feedback_is_checked_on_replay(redis: aioredis.Redis, recorder: Recorder, tmp_path: Path) -> None:
