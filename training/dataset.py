@@ -234,7 +234,8 @@ def _prepared(group: list[Sample]) -> _Group:
     corrections = [(s, s.correction) for s in group if s.correction is not None]
     reference: str | None
     if corrections:  # the latest that was never itself rejected (`chosen` against one row, `rejected` in another)
-        origin, reference = ([(s, c) for s, c in corrections if c not in corrected] or corrections)[-1]
+        unrejected = [(s, c) for s, c in corrections if c not in corrected]
+        origin, reference = unrejected[-1] if unrejected else (corrections[-1][0], None)  # all: no reference
         worse = [t for t in judged if t != reference and (t in corrected or means.get(t, 1.0) < 0.5)]
     else:
         reference = max((t for t in means if means[t] >= 0.5), key=lambda t: means[t], default=None)

@@ -427,6 +427,11 @@ def test_every_preference_pair_of_a_jsonl_file_is_kept_and_no_rejected_answer_is
     assert ("Lyon", "Paris") not in pairs
     sft = [r["completion"][0]["content"] for r in all_rows(built, "sft") if r["prompt"] == ask]
     assert sft == ["Paris"], "the reference is a chosen answer never rejected"
+    rows.append({"prompt": ask, "chosen": assistant("Marseille"), "rejected": assistant("Paris")})  # a cycle
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    built = build(loaded(*from_jsonl(path).samples, *PADDING), config(method="dpo"))
+    assert not [r for r in all_rows(built, "sft") if r["prompt"] == ask], "every chosen answer is rejected once"
+    assert len([r for r in all_rows(built, "dpo") if r["prompt"] == ask]) == 3, "each row's own pair"
 
 
 def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> None:
