@@ -72,8 +72,9 @@ class Built:
     written: dict[str, Owner] = field(default_factory=dict)
     """Written by the record process (sent to the script: it skips what was already written or erased): completion
     id -> owner, the owners shared (one tuple per tenant: pickled once)."""
+    stored: int = 0
+    """Of those, how many the script appended to a log; `skipped`, how many it skipped (record_store.Written)."""
     skipped: int = 0
-    """Of those, how many the script skipped (`gateway.record_store.Written`)."""
     refused: int = 0
     """Refused by Redis (a script error), dropped."""
     unreachable: str | None = None
@@ -114,7 +115,7 @@ class _Writer:
             built.unreachable = repr(exc)
             return built
         built.written = owners(e for e in built.entries if e["id"] not in done.refused)
-        built.skipped, built.refused = done.skipped(len(built.entries)), len(done.refused)
+        built.stored, built.skipped, built.refused = done.written, done.skipped(len(built.entries)), len(done.refused)
         built.entries = []
         return built
 

@@ -284,7 +284,7 @@ class Recorder:
             log.warning("completion log: Redis unreachable (%s); spooling records until it returns", built.unreachable)
             self.degraded = True
         self.recent.add(built.written)
-        self._count(len(built.written) - built.skipped, built.skipped)
+        self._count(built.stored, built.skipped)
         if not built.entries:
             self._done_seq = max(self._done_seq, last_seq)
             return None
