@@ -22,6 +22,7 @@ from gateway import keys
 from training.publish import RetrainRefused
 
 LEASE_S = 60.0
+LOST = "the run's lease of its alias was lost (Redis out of reach past its lifetime, or another run took it)"
 
 
 class LeaseLost(RetrainRefused):
@@ -71,7 +72,7 @@ async def _renew(lease: aioredis.lock.Lock, owner: asyncio.Task[object] | None, 
         except LockNotOwnedError:
             lost.set()
             if owner is not None:
-                owner.cancel()
+                owner.cancel(LOST)  # the message the step's CancelledError carries (what run.json says)
             return
         except (RedisError, OSError):  # Redis away a moment: the next renewal may do
             continue

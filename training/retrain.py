@@ -402,7 +402,8 @@ async def _abandon(run: Run, stack: Stack, exc: BaseException) -> TenantGone | N
             await asyncio.wait_for(released, OWNER_CHECK_S)
             state.pinned = None
     stopped = isinstance(exc, asyncio.CancelledError)
-    state.error = "stopped (SIGTERM or Ctrl-C)" if stopped else f"{type(exc).__name__}: {exc}"
+    why = str(exc.args[0]) if stopped and exc.args else "SIGTERM or Ctrl-C"  # a lost lease says so (training.lease)
+    state.error = f"stopped ({why})" if stopped else f"{type(exc).__name__}: {exc}"
     if run.folder.is_dir():
         with contextlib.suppress(OSError):  # removed meanwhile (its tenant deleted): the original error stands
             run.save()
