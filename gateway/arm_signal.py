@@ -97,9 +97,12 @@ return #gone
 # Redis's clock plus SINCE_MARGIN_S), `guard:requests` and `guard:errors` (the arm's totals then), and `guard:rated`
 # and `guard:negative`, the ratings dated (`created`) in it, as the ratings since the split changed are counted: a
 # rating given before and replaced or erased after takes nothing from them.
+# An arm is judged against control over its own window: the window notes control's totals when it begins
+# (`guard:control_*`), so that an outage failing every arm alike after a canary's weight changed reads as control's
+# too (control's whole life diluted it, and the canary was rolled back).
 # KEYS: the tenant's deletion tombstone, then the arms' counters. ARGV[1]: SINCE_MARGIN_S, ARGV[2]: when the experiment
-# was created, ARGV[3]: per arm, '1' where its window begins anew. Nothing is written for an experiment whose tenant
-# was deleted since (its counters were purged: the change is refused as it is saved).
+# was created, ARGV[3]: per arm, '1' where its window begins anew, ARGV[4]: control's place in KEYS. Nothing is
+# written for an experiment whose tenant was deleted since (its counters were purged: the change is refused as saved).
 _GUARD = """
 local deleted = redis.call('GET', KEYS[1])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[2]) then return {} end
@@ -108,8 +111,10 @@ local at = string.format('%.6f', tonumber(now[1]) + tonumber(now[2]) / 1e6 + ton
 local function guard_begins(i)
   if string.sub(ARGV[3], i - 1, i - 1) ~= '1' then return end
   local n = redis.call('HMGET', KEYS[i], 'requests', 'errors')
+  local c = redis.call('HMGET', KEYS[tonumber(ARGV[4])], 'requests', 'errors', 'rated', 'negative')
   redis.call('HSET', KEYS[i], 'guard:at', at, 'guard:requests', n[1] or 0, 'guard:errors', n[2] or 0,
-    'guard:rated', 0, 'guard:negative', 0)
+    'guard:rated', 0, 'guard:negative', 0, 'guard:control_requests', c[1] or 0, 'guard:control_errors', c[2] or 0,
+    'guard:control_rated', c[3] or 0, 'guard:control_negative', c[4] or 0)
 end
 """
 _RESTART_GUARD = (
@@ -151,7 +156,13 @@ class Period:
 
 
 async def begin_period(
-    redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str], guarded: set[str]
+    redis: aioredis.Redis,
+    tenant: str,
+    experiment: str,
+    created: float,
+    arms: list[str],
+    guarded: set[str],
+    control: str,
 ) -> Period:
     """A new comparison period for the arms of the experiment (created at `created`) whose split changed: their
     ratings since count from none; so do the guard windows of the arms `guarded` names (those whose own weight
@@ -161,17 +172,21 @@ async def begin_period(
     which tells this one whether they changed the split since: `counted_since`)."""
     script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
     which = "".join("1" if arm in guarded else "0" for arm in arms)
-    found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created), which)
+    args = (SINCE_MARGIN_S, repr(created), which, arms.index(control) + 2)  # control's place in KEYS
+    found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, *args)
     period = Period({}, {})
     for arm, (exposed, base) in zip(arms, found, strict=False):
         period.exposed[arm], period.rated[arm] = int(exposed), _base(base)
     return period
 
 
-async def restart_guard(redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str]) -> None:
+async def restart_guard(
+    redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str], control: str
+) -> None:
     """The arms' guard windows begin now (an experiment resumed): the guard rails judge what they do from here."""
     script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
-    await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, SINCE_MARGIN_S, repr(created), "1" * len(arms))
+    args = (SINCE_MARGIN_S, repr(created), "1" * len(arms), arms.index(control) + 2)
+    await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, *args)
 
 
 def guard_window(counters: dict[str, float]) -> dict[str, int]:
@@ -186,6 +201,14 @@ def guard_window(counters: dict[str, float]) -> dict[str, int]:
         "rated": max(int(counters.get("guard:rated", 0)), 0),
         "negative": max(int(counters.get("guard:negative", 0)), 0),
     }
+
+
+def control_window(control: dict[str, float], arm: dict[str, float]) -> dict[str, int]:
+    """Control's requests, errors, ratings and negative ratings over an arm's guard window (from the totals the
+    window noted; its whole life where the arm has no window), each counter read as a number."""
+    names = ("requests", "errors", "rated", "negative")
+    began = {name: int(arm.get(f"guard:control_{name}", 0)) if "guard:at" in arm else 0 for name in names}
+    return {name: max(int(control.get(name, 0)) - began[name], 0) for name in names}
 
 
 def _base(text: str | bytes) -> tuple[int, float, float]:

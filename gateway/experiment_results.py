@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.arm_signal import counted_since, guard_window
+from gateway.arm_signal import control_window, counted_since, guard_window
 from gateway.assignment import shares
 from gateway.experiments import Experiment
 from gateway.record_builder import LATENCY_BUCKETS_MS
@@ -53,11 +53,21 @@ def _since(counters: dict[str, str], number: dict[str, float], before: tuple[int
     return Sample(max(rated - before[0], 0), total - before[1], squares - before[2])
 
 
-def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] | None) -> dict[str, Any]:
-    """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read."""
-    number = {k: float(v) for k, v in counters.items() if k != "since:base"}
+def _numbers(counters: dict[str, str]) -> dict[str, float]:
+    return {k: float(v) for k, v in counters.items() if k != "since:base"}
+
+
+def _with_rate(figures: dict[str, int]) -> dict[str, Any]:
+    return {**figures, "error_rate": figures["errors"] / figures["requests"] if figures["requests"] else None}
+
+
+def _arm(
+    counters: dict[str, str], users: int, before: tuple[int, float, float] | None, control: dict[str, str]
+) -> dict[str, Any]:
+    """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read;
+    `guard_window` and `guard_control`, its own and `control`'s over its guard window, which the guard rails read."""
+    number = _numbers(counters)
     requests = int(number.get("requests", 0))
-    guard = guard_window(number)
     latency = {int(k.split(":")[1]): int(v) for k, v in number.items() if k.startswith("latency:")}
     rated = int(number.get("rated", 0))
     return {
@@ -74,7 +84,8 @@ def _arm(counters: dict[str, str], users: int, before: tuple[int, float, float] 
         "positive_rate": number.get("positive_sum", 0) / rated if rated else None,
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
-        "guard_window": {**guard, "error_rate": guard["errors"] / guard["requests"] if guard["requests"] else None},
+        "guard_window": _with_rate(guard_window(number)),
+        "guard_control": _with_rate(control_window(_numbers(control), number)),
         "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
         "_sample": _since(counters, number, before),
     }
@@ -100,7 +111,11 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
 def _summary(experiment: Experiment, read: list[Any]) -> dict[str, Any]:
     """The results, from each arm's counters and distinct users as `results` read them (two replies an arm)."""
     before = experiment.rated_before  # arms are compared on the ratings since the split last changed
-    arms = {arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name)) for i, arm in enumerate(experiment.arms)}
+    control_at = 2 * [arm.name for arm in experiment.arms].index(experiment.control)
+    arms = {
+        arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name), read[control_at])
+        for i, arm in enumerate(experiment.arms)
+    }
     since = experiment.exposed_before  # the split the weights describe began then
     identified = [max(a["requests"] - a["anonymous"] - since.get(arm, 0), 0) for arm, a in arms.items()]
     # each arm's buckets, as its allocation holds them (the weights rounded to whole buckets, one at least): from the

@@ -293,7 +293,7 @@ class ExperimentStore:
         # results (and the comparison period) it ended with. Resumed, its guard rails judge what comes from here.
         if status == "running":
             arms = [a.name for a in experiment.arms]
-            await restart_guard(self._counters, tenant, name, experiment.created, arms)
+            await restart_guard(self._counters, tenant, name, experiment.created, arms, experiment.control)
         ended = {} if status in LIVE else {"allocation": ""}
         changed = experiment.model_copy(update={"status": status, **ended})
         action = {"running": "resume", "paused": "pause", "stopped": "stop", "promoted": "promote"}.get(
@@ -323,7 +323,8 @@ class ExperimentStore:
         results are read the old way (arm_signal.counted_since) until the split next changes. `exposed_before`: each
         arm's identified requests so far (requests less anonymous ones, as the results count them)."""
         arms, created = [arm.name for arm in experiment.arms], experiment.created
-        period = await begin_period(self._counters, experiment.tenant, experiment.name, created, arms, moved)
+        control = experiment.control
+        period = await begin_period(self._counters, experiment.tenant, experiment.name, created, arms, moved, control)
         return {"exposed_before": period.exposed, "rated_before": period.rated}
 
     async def _live(self, tenant: str, name: str, revision: int | None = None) -> Experiment:

@@ -45,13 +45,13 @@ def _negative_share(figures: dict[str, Any]) -> float | None:
     return negative / rated if isinstance(rated, int) and isinstance(negative, int) and rated else None
 
 
-def _breach(experiment: Experiment, arm: str, found: dict[str, Any], control_found: dict[str, Any]) -> str | None:
-    """Why an arm must be rolled back, if it must, judged on its guard window (since its split last changed or
-    the experiment was resumed: gateway.arm_signal). Errors count beyond control's error rate: an outage that fails
-    every arm alike (the engines unreachable for a moment) is not the arm's. Negative ratings count only when they
-    are also worse than control's: a canary rated better than what it would replace is not rolled back for being
-    imperfect."""
-    figures, control = found["guard_window"], control_found["guard_window"]
+def _breach(experiment: Experiment, arm: str, found: dict[str, Any]) -> str | None:
+    """Why an arm must be rolled back, if it must, judged on its guard window (since its own weight last changed or
+    the experiment was resumed: gateway.arm_signal) against control's figures over that window. Errors count beyond
+    control's error rate: an outage that fails every arm alike (the engines unreachable for a moment) is not the
+    arm's. Negative ratings count only when they are also worse than control's: a canary rated better than what it
+    would replace is not rolled back for being imperfect."""
+    figures, control = found["guard_window"], found["guard_control"]
     requests = figures["requests"]
     if arm == experiment.control or not isinstance(requests, int) or requests < experiment.guard_min_requests:
         return None
@@ -81,12 +81,11 @@ async def check(experiment: Experiment, router: Router, found: dict[str, Any]) -
     made from the revision the results were read at (another change first: ExperimentConflict, and the
     next round decides again). A round that rolls back an arm promotes nothing: the next round reads
     results without it."""
-    control = found["arms"][experiment.control]
     live = {arm.name for arm in experiment.arms if arm.weight > 0}
     breaches = {
         arm: reason
         for arm, figures in found["arms"].items()
-        if arm in live and (reason := _breach(experiment, arm, figures, control))
+        if arm in live and (reason := _breach(experiment, arm, figures))
     }
     if breaches:
         return await _roll_back(experiment, router.experiments, breaches, live)

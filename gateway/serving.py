@@ -179,7 +179,9 @@ class Forwarder:
             try:
                 replica = await self._placement.acquire(route, exclude=frozenset(tried))
             except EngineUnavailable:
-                if lost:  # it took the last replica able to serve down: told as its failure, not retried
+                # it took the last replica able to serve down: told as its failure, not retried (not a healthy
+                # replica's refusal to load an adapter now, which a retry may find done)
+                if lost and not self._pool.healthy(frozenset(tried)):
                     raise EngineFailed("The engine failed while processing the request.") from None
                 raise
             self._track(replica, +1)

@@ -148,6 +148,27 @@ async def test_guard_rails_judge_what_an_arm_did_since_its_split_changed_or_its_
     assert (await store.get("gw", "canary")).status == "running"
 
 
+async def test_an_arm_is_judged_against_control_over_its_own_window(redis: aioredis.Redis) -> None:
+    """A canary's weight raised began its window, while control's figures stayed its whole life: an outage failing
+    both alike (30%) read as 30% against control's 1.4%, and the canary was rolled back."""
+    await TenantStore(redis).create("ramp")
+    store, router = ExperimentStore(redis), rails_router(ExperimentStore(redis))
+    await store.create(_experiment("ramp", "canary", "bot", (90, 10), max_error_rate=0.2, guard_min_requests=50), "t")
+    await _counters(redis, "ramp", "canary", "control", requests=10_000, errors=30)
+    await _counters(redis, "ramp", "canary", "treat", requests=1_100, errors=3)
+    await store.set_weights("ramp", "canary", {"treat": 20}, by="operator")
+
+    async def round_() -> list[str]:
+        experiment = await store.get("ramp", "canary")
+        return await guard_rails.check(experiment, router, await guard_rails.results(redis, experiment))
+
+    await _counters(redis, "ramp", "canary", "control", requests=10_400, errors=150)  # both fail alike: 30%
+    await _counters(redis, "ramp", "canary", "treat", requests=1_200, errors=33)
+    assert await round_() == [], "an outage of every arm is not the canary's"
+    await _counters(redis, "ramp", "canary", "treat", requests=1_300, errors=133)  # then the canary alone fails
+    assert (await round_())[0].startswith("rolled back treat: error rate 65.0% > 20.0% beyond control's 30.0%")
+
+
 async def test_a_roll_back_begins_the_guard_window_of_the_arm_rolled_back_only(redis: aioredis.Redis) -> None:
     """Any change of split began every arm's window: another arm's roll-back (or a tweak of control's weight) sent a
     failing arm, 90 requests into its window, back to none. Each field stays a number, as the release before reads

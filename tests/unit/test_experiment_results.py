@@ -298,8 +298,15 @@ def test_the_page_holds_a_chart_of_every_arm_and_the_changes() -> None:
     assert len(chart.data) == 2 * 4 + 3, "per arm: a band (2 traces), the rate, the requests; for b the difference too"
 
 
-def test_guard_rails_roll_back_errors_beyond_controls_and_negative_ratings_only_when_worse_than_control() -> None:
+def against_control(experiment: Experiment, arm: str, found: dict[str, Any], control: dict[str, Any]) -> str | None:
+    """The guard rails' judgement of an arm whose window control's figures `control` (its `guard_window`) cover."""
     from gateway.guard_rails import _breach
+
+    return _breach(experiment, arm, {**found, "guard_control": control["guard_window"]})
+
+
+def test_guard_rails_roll_back_errors_beyond_controls_and_negative_ratings_only_when_worse_than_control() -> None:
+    _breach = against_control
 
     arms = [Arm(name="a", target="helper@1", weight=80), Arm(name="b", target="helper@2", weight=20)]
     experiment = Experiment(
@@ -334,7 +341,7 @@ def test_an_arm_rated_as_control_is_seldom_rolled_back_for_its_negative_share_ho
     """Every round looks again: a point estimate over the limit rolled back about a third of canaries as good as
     control (true share 0.5, limit 0.6, a look after each rating); the always-valid bound keeps that under alpha,
     and still rolls back a canary rated down throughout within a few dozen ratings."""
-    from gateway.guard_rails import _breach
+    _breach = against_control
 
     arms = [Arm(name="a", target="helper@1", weight=50), Arm(name="b", target="helper@2", weight=50)]
     experiment = Experiment(
@@ -378,7 +385,7 @@ async def test_an_experiment_of_a_tenant_created_again_is_dated_after_the_deleti
     )
     assert created.created > ahead
     assert await experiment_history.record(redis, created, await results(redis, created))
-    begun = await arm_signal.begin_period(redis, "t", "e", created.created, ["a", "b"], set())
+    begun = await arm_signal.begin_period(redis, "t", "e", created.created, ["a", "b"], set(), "a")
     assert begun != arm_signal.Period({}, {})
 
 
@@ -393,13 +400,15 @@ async def test_nothing_of_an_experiment_is_written_back_once_its_tenant_is_delet
     found = await results(redis, old)
     await mark_tenant_deleted(redis, "t", TENANT.created, 3600)
     assert not await experiment_history.record(redis, old, found)
-    assert await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"], set()) == arm_signal.Period({}, {})
+    begun = await arm_signal.begin_period(redis, "t", "e", old.created, ["a", "b"], set(), "a")
+    assert begun == arm_signal.Period({}, {})
     written = [keys.experiment_history("t", "e"), keys.arm_counters("t", "e", "a"), keys.arm_counters("t", "e", "b")]
     assert await redis.exists(*written) == 0
     await asyncio.sleep(0.01)
     new = old.model_copy(update={"created": time.time()})
     assert await experiment_history.record(redis, new, found)
-    assert (await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"], set())).exposed == {"a": 0, "b": 0}
+    begun = await arm_signal.begin_period(redis, "t", "e", new.created, ["a", "b"], set(), "a")
+    assert begun.exposed == {"a": 0, "b": 0}
 
 
 async def test_a_split_change_keeps_the_snapshot_the_release_before_compares_from(redis: aioredis.Redis) -> None:

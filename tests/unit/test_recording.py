@@ -818,7 +818,7 @@ async def test_a_guard_window_counts_the_ratings_given_in_it(
         recorder.record(ctx)
     await recorder.written()
     await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-1", user="old", thumbs="down"))
-    await arm_signal.restart_guard(redis, "t", "e", 0.0, ["a"])
+    await arm_signal.restart_guard(redis, "t", "e", 0.0, ["a"], "a")
     await asyncio.sleep(arm_signal.SINCE_MARGIN_S + 0.1)  # the window begins that long after
     await forget_user(redis, "t", "old", tenant.logging)
     await store.submit(tenant, FeedbackIn(completion_id="chatcmpl-2", user="new", thumbs="down"))
