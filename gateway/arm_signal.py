@@ -170,7 +170,7 @@ async def begin_period(
     then (nothing for an experiment whose tenant was deleted since): the sample ratio test counts requests from
     there; the totals are the experiment's `rated_before`, which gateways of the release before compare from (and
     which tells this one whether they changed the split since: `counted_since`)."""
-    script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
+    script_keys = _script_keys(tenant, experiment, arms)
     which = "".join("1" if arm in guarded else "0" for arm in arms)
     args = (SINCE_MARGIN_S, repr(created), which, arms.index(control) + 2)  # control's place in KEYS
     found = await redis.eval(_BEGIN_PERIOD, len(script_keys), *script_keys, *args)
@@ -184,9 +184,14 @@ async def restart_guard(
     redis: aioredis.Redis, tenant: str, experiment: str, created: float, arms: list[str], control: str
 ) -> None:
     """The arms' guard windows begin now (an experiment resumed): the guard rails judge what they do from here."""
-    script_keys = [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
+    script_keys = _script_keys(tenant, experiment, arms)
     args = (SINCE_MARGIN_S, repr(created), "1" * len(arms), arms.index(control) + 2)
     await redis.eval(_RESTART_GUARD, len(script_keys), *script_keys, *args)
+
+
+def _script_keys(tenant: str, experiment: str, arms: list[str]) -> list[str]:
+    """_GUARD's KEYS: the tenant's deletion tombstone, then the arms' counters."""
+    return [keys.tenant_deleted(tenant), *(keys.arm_counters(tenant, experiment, arm) for arm in arms)]
 
 
 def guard_window(counters: dict[str, float]) -> dict[str, int]:

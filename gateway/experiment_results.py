@@ -62,7 +62,7 @@ def _with_rate(figures: dict[str, int]) -> dict[str, Any]:
 
 
 def _arm(
-    counters: dict[str, str], users: int, before: tuple[int, float, float] | None, control: dict[str, str]
+    counters: dict[str, str], users: int, before: tuple[int, float, float] | None, control: dict[str, float]
 ) -> dict[str, Any]:
     """One arm's figures; `_sample`, its ratings since the split last changed, which the comparisons read;
     `guard_window` and `guard_control`, its own and `control`'s over its guard window, which the guard rails read."""
@@ -85,7 +85,7 @@ def _arm(
         "negative": int(number.get("negative", 0)),
         "corrected_share": number.get("corrected", 0) / requests if requests else None,
         "guard_window": _with_rate(guard_window(number)),
-        "guard_control": _with_rate(control_window(_numbers(control), number)),
+        "guard_control": _with_rate(control_window(control, number)),
         "_all": Sample(rated, number.get("positive_sum", 0.0), number.get("positive_squares", 0.0)),
         "_sample": _since(counters, number, before),
     }
@@ -111,9 +111,9 @@ async def results(redis: aioredis.Redis, experiment: Experiment) -> dict[str, An
 def _summary(experiment: Experiment, read: list[Any]) -> dict[str, Any]:
     """The results, from each arm's counters and distinct users as `results` read them (two replies an arm)."""
     before = experiment.rated_before  # arms are compared on the ratings since the split last changed
-    control_at = 2 * [arm.name for arm in experiment.arms].index(experiment.control)
+    counts = _numbers(read[2 * [arm.name for arm in experiment.arms].index(experiment.control)])  # control's, once
     arms = {
-        arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name), read[control_at])
+        arm.name: _arm(read[2 * i], read[2 * i + 1], before.get(arm.name), counts)
         for i, arm in enumerate(experiment.arms)
     }
     since = experiment.exposed_before  # the split the weights describe began then
