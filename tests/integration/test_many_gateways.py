@@ -80,8 +80,11 @@ def test_a_revoked_key_fails_on_every_process_within_a_second(gateway: Gateway, 
     assert all(ask(p, key).status_code == 401 for p in processes), "completions are refused as the list is"
 
 
-async def _burst(processes: list[Gateway], key: str, count: int) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=count)
+async def _burst(processes: list[Gateway], key: str, count: int, at_once: int = 64) -> list[httpx.Response]:
+    """`count` completions spread over `processes`, `at_once` of them in flight. All 200 at once, on a CI machine
+    training beside it, once kept 13 of a process's quota checks waiting past the Redis client's 5 s (checked
+    fail-open: the test's point is the count across processes, not surviving that)."""
+    limits = httpx.Limits(max_connections=at_once)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         return await asyncio.gather(
             *(
@@ -102,7 +105,10 @@ def test_quota_admits_exactly_the_limit_across_processes(gateway: Gateway, sides
     before = [metric(process, failures) for process in (gateway, sides[0])]
     answers = asyncio.run(_burst([gateway, sides[0]], key, 200))
     statuses = [answer.status_code for answer in answers]
-    assert [metric(process, failures) for process in (gateway, sides[0])] == before, "no quota check was skipped"
+    skipped = [
+        line for process in (gateway, sides[0]) for line in process.log_tail().splitlines() if "not checked" in line
+    ]
+    assert [metric(process, failures) for process in (gateway, sides[0])] == before, skipped
     others = [(answer.status_code, answer.text) for answer in answers if answer.status_code not in (200, 429)]
     assert (statuses.count(200), statuses.count(429)) == (50, 150), others
     for answer in answers:
