@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.records import CompletionRecord
+from gateway.records import CompletionRecord, strict_json
 
 Messages = list[dict[str, Any]]
 Prompt = Messages | str
@@ -114,8 +114,8 @@ def _arguments(function: dict[str, Any]) -> Any:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            parsed = json.loads(arguments)
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to read: the string as it is
+            parsed = strict_json(arguments)
+        except (ValueError, RecursionError):  # not JSON (NaN too), or nested too deep to read: the string as it is
             return arguments
         return parsed if isinstance(parsed, dict) else arguments
     return arguments if arguments is not None else {}

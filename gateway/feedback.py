@@ -209,10 +209,11 @@ class FeedbackStore:
             raise InvalidRequest(
                 f"score must be between {policy.score_min:g} and {policy.score_max:g} for this tenant.", param="score"
             )
-        if given.correction is not None and not policy.content:
-            raise InvalidRequest(
-                "This tenant keeps no prompts or responses, so a correction cannot be stored.", param="correction"
-            )
+        for field in ("correction", "comment") if not policy.content else ():
+            if getattr(given, field) is not None:  # free text an end user wrote: content, as a prompt is
+                raise InvalidRequest(
+                    f"This tenant keeps no prompts or responses, so a {field} cannot be stored.", param=field
+                )
         feedback = Feedback(**given.model_dump(), created=self._recorder.clock.now())  # by the records Redis's clock
         if given.score is not None:
             feedback.score_range = (policy.score_min, policy.score_max)

@@ -13,6 +13,7 @@ import bisect
 import functools
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -21,12 +22,17 @@ import pydantic_core
 from gateway.answer import Answer
 from gateway.context import RequestContext
 from gateway.records import age_seconds
-from gateway.redaction import Findings, Redactor, map_strings
+from gateway.redaction import LONG_NUMBER, Findings, Redactor, map_strings
 
 REQUEST_FIELDS = ("messages", "prompt", "suffix", "tools", "tool_choice", "response_format")
 """What of a request is content (kept only when the tenant keeps content); every other field is a parameter."""
 DROPPED_FIELDS = ("model", "user", "safety_identifier", "stream_options", "cache_salt")
 """Not kept as parameters: named elsewhere in the record, or the gateway's own (the per-tenant cache salt)."""
+API_NUMBERS = frozenset(
+    {"seed", "n", "best_of", "max_tokens", "max_completion_tokens", "min_tokens", "top_k", "logprobs", "top_logprobs"}
+)
+"""Parameters of the API whose whole numbers are kept as they are: the other long ones, wherever they are, are
+redacted as their digits (`gateway.redaction.map_strings`)."""
 MAX_CHARS = 32_768
 """Longest string kept in a record (prompts and answers beyond it are cut, and the record says so)."""
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 600_000)
@@ -208,8 +214,8 @@ def _redactor(kinds: tuple[str, ...], phone_region: str) -> Redactor:
 def _clean(record: dict[str, Any], redactor: Redactor) -> None:
     """Cut and redact the words of a record: every string of the request's messages (content and its parts, names,
     the tool calls of earlier turns), prompts, suffix and parameters (`metadata`, `stop`), and the answers' text and
-    tool-call arguments. Tool definitions and schemas, the application's own, are kept as they are. What straddles
-    a cut is redacted whole before it is cut."""
+    tool calls (as an earlier turn's). Tool definitions and schemas, the application's own, are kept as they are.
+    What straddles a cut is redacted whole before it is cut."""
     counts = Findings()
 
     def clean(text: str) -> str:
@@ -226,18 +232,24 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
     request = record["request"]
     for field in ("messages", "prompt", "suffix", "params") if request else ():
         if field in request:
-            request[field] = map_strings(request[field], clean)
+            request[field] = map_strings(request[field], clean) if field != "params" else _params(request[field], clean)
     if request and redactor.kinds and (tokens := _token_ids(request.get("prompt"))):
         request["prompt"] = []  # they read back as the text they encode, PII and all, with the model's tokenizer
         counts["token_ids"] += tokens
     for choice in record["choices"] or ():
         if isinstance(choice.get("text"), str):
             choice["text"] = clean(choice["text"])
-        for call in choice.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                function["arguments"] = clean(function["arguments"])
+        if choice.get("tool_calls"):  # as a later turn's request holds them: name and arguments, the id if no label
+            choice["tool_calls"] = map_strings(choice["tool_calls"], clean)
     record["redactions"] = dict(counts)
+
+
+def _params(params: dict[str, Any], clean: Callable[[str], str]) -> dict[str, Any]:
+    """A request's parameters redacted, but for the long whole numbers of API_NUMBERS: no phone number in a seed."""
+    kept = {k: params[k] for k in API_NUMBERS.intersection(params) if type(params[k]) is int}
+    if not any(not -LONG_NUMBER < number < LONG_NUMBER for number in kept.values()):
+        return map_strings(params, clean)  # (nearly every request: no long number to keep)
+    return {**map_strings({k: v for k, v in params.items() if k not in kept}, clean), **kept}
 
 
 def _token_ids(prompt: object) -> int:

@@ -260,13 +260,30 @@ _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """A function's name as OpenAI's API takes it."""
 
 
+def _not_a_number(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e400: Python reads it as infinity, JSON readers elsewhere refuse or null it
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def strict_json(text: str) -> Any:
+    """`text` read as strict JSON: `NaN`, `Infinity` and numbers out of a double's range, which Python's reader
+    takes and other readers (and `datasets`, which makes them null) do not, raise ValueError."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
+
+
 def _check_call(i: int, call: CorrectionCall) -> None:
     """A correction's call as the ideal answer should make it: a function name the API takes, arguments that are a
     JSON object (as a function's parameters are). Checked on what was sent (redaction may change both)."""
     if not _FUNCTION_NAME.fullmatch(call.function.name):
         raise ValueError(f"tool_calls[{i}].function.name must be 1 to 64 letters, digits, underscores or dashes")
     try:
-        arguments = json.loads(call.function.arguments)
+        arguments = strict_json(call.function.arguments)
     except (ValueError, RecursionError):  # not JSON, or nested too deep to read
         arguments = None
     if not isinstance(arguments, dict):

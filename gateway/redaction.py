@@ -342,7 +342,7 @@ _PLAIN_KEY = re.compile(r"[A-Za-z_]{1,64}")
 
 def redact_value(redactor: Redactor, value: object) -> tuple[object, Counter[str]]:
     """Redact every string in a JSON-like value (dicts, lists, strings), such as chat `messages` whose content is
-    a string or a list of parts. Plain dict keys, LABELS and other scalars are left as they are."""
+    a string or a list of parts. Plain dict keys, LABELS and other scalars but long numbers are left as they are."""
     counts = Findings()
     return map_strings(value, lambda text: redactor.redact_into(text, counts)), counts
 
@@ -358,11 +358,34 @@ _API_KEYS = frozenset({"role", "content", "name", "type", "text", "tool_calls", 
 """Plain keys (`_PLAIN_KEY`) of every message: known without a regex."""
 
 
+LONG_NUMBER = 1_000_000
+"""A number from here on (7 digits, the shortest phone number PHONE_RUN finds) goes through `change` as the digits of
+its whole part: `{"phone": 2025550143}` is a phone number whether the client quoted it or not, as it is in JSON text
+(`JsonPlaceholders`)."""
+
+
+def _is_long(value: object) -> bool:
+    return (type(value) is int or type(value) is float) and not -LONG_NUMBER < value < LONG_NUMBER  # type: ignore[operator]
+
+
+def _number(value: float, change: Callable[[str], str]) -> float | str:
+    """A long number as it is, or what `change` made of its whole part's digits where it found something there (a
+    placeholder: sign and fraction go with it, as in JSON text)."""
+    digits = str(abs(value)).partition(".")[0]  # as JSON writes it (1e+300 holds no run of digits)
+    if not digits.isdigit():
+        return value
+    changed = change(digits)
+    return value if changed == digits else changed
+
+
 def map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """A copy of a JSON-like value with `change` applied to each of its strings and dict keys but the values of
-    LABELS (CALL_LABELS in a tool call) of a label's shape and plain keys (the value itself is not modified)."""
+    """A copy of a JSON-like value with `change` applied to each of its strings, long whole numbers (`_number`) and
+    dict keys but the values of LABELS (CALL_LABELS in a tool call) of a label's shape and plain keys (the value
+    itself is not modified)."""
     if isinstance(value, str):
         return change(value)
+    if _is_long(value):
+        return _number(value, change)
     if isinstance(value, dict):
         labels = CALL_LABELS if value.get("type") == "function" and isinstance(value.get("function"), dict) else LABELS
         return {
@@ -371,7 +394,7 @@ def map_strings(value: Any, change: Callable[[str], str]) -> Any:
             )
             if isinstance(item, str)
             else item
-            if type(item) in _SCALARS
+            if type(item) in _SCALARS and not _is_long(item)
             else map_strings(item, change)
             for key, item in value.items()
         }

@@ -250,7 +250,10 @@ def test_a_metadata_only_tenant_keeps_no_content(teams: dict[str, Team], store: 
     with team.http() as http:
         refused = http.post("/v1/feedback", json={"completion_id": answer.id, "correction": "Red."})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "correction"
-        assert http.post("/v1/feedback", json={"completion_id": answer.id, "thumbs": "up"}).status_code == 200
+        said = http.post("/v1/feedback", json={"completion_id": answer.id, "thumbs": "up", "comment": "Jane, rude"})
+        assert said.status_code == 400 and said.json()["error"]["param"] == "comment", "free text is content too"
+        rated = {"completion_id": answer.id, "thumbs": "up", "labels": ["tone"]}
+        assert http.post("/v1/feedback", json=rated).status_code == 200, "labels are tags: kept"
 
 
 def test_an_end_user_is_forgotten_through_the_cli_and_the_admin_api(

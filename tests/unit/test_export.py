@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from gateway import keys
@@ -37,7 +38,7 @@ from gateway.export import (
     judgement,
     rows,
 )
-from gateway.records import Choice, CompletionRecord, CorrectionMessage, Feedback, LogPolicy
+from gateway.records import Choice, CompletionRecord, CorrectionMessage, Feedback, FeedbackIn, LogPolicy
 from gateway.tenants import Tenant
 from tests.conftest import ROOT, RedisServer, free_port, sync_redis_client
 from tests.unit.conftest import emptied
@@ -696,6 +697,19 @@ def test_arguments_nested_too_deep_to_read_are_exported_as_their_string() -> Non
     deep = "[" * 100_000 + "]" * 100_000
     calls = tool_calls([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}])
     assert calls == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]
+
+
+def test_arguments_holding_what_strict_json_refuses_are_exported_as_their_string() -> None:
+    """`NaN`, `Infinity` and `1e400` Python reads (as nan and inf) and writes back as no JSON: `datasets` made them
+    null, other readers refuse the line. A correction holding them is refused (`_check_call`)."""
+    for arguments in ('{"a": NaN}', '{"b": 1e400}', '{"c": -Infinity}'):
+        calls = tool_calls([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}])
+        assert calls[0]["function"]["arguments"] == arguments
+        with pytest.raises(ValidationError, match="JSON object"):
+            ideal = CorrectionMessage(tool_calls=[{"function": {"name": "f", "arguments": arguments}}])  # type: ignore[list-item]
+            FeedbackIn(completion_id="chatcmpl-1", correction=ideal)
+    kept = tool_calls([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"d": 1.5e3}'}}])
+    assert kept[0]["function"]["arguments"] == {"d": 1500.0}
 
 
 async def test_a_correction_that_calls_a_tool_is_the_answer_that_calls_it(

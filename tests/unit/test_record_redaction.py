@@ -101,6 +101,49 @@ def test_tool_call_arguments_stay_json_where_a_number_was_redacted() -> None:
     assert record["redactions"] == {"email": 2, "phone": 4, "card": 2}
 
 
+def test_long_whole_numbers_are_redacted_wherever_they_are_but_in_the_apis_own_parameters() -> None:
+    """A phone or card number is one whether the client quoted it or not: `{"phone": 2025550143}` in `metadata`, a
+    message's extra field or a list, as `"2025550143"` would be. The API's own numbers (a seed) are kept as sent."""
+    part = {"type": "text", "text": "hi", "ref": 4155552671}
+    record = stored(
+        messages=[{"role": "user", "content": [part]}],
+        metadata={
+            "phone": 2025550143,
+            "card": 4111111111111111,
+            "count": 1234567,
+            "small": 12,
+            "ok": [-2025550143, 4111111111111111.0, 1e300],
+        },
+        seed=2025550143,
+        max_tokens=4,
+    )
+    params = record["request"]["params"]
+    assert params["metadata"] == {
+        "phone": "[PHONE]",
+        "card": "[CARD]",
+        "count": 1234567,
+        "small": 12,
+        "ok": ["[PHONE]", "[CARD]", 1e300],
+    }
+    assert (params["seed"], params["max_tokens"]) == (2025550143, 4), "the API's parameters as sent"
+    assert record["request"]["messages"][0]["content"][0]["ref"] == "[PHONE]"
+    assert record["redactions"] == {"phone": 4, "card": 2}, "(the answer holds a phone number)"
+
+
+def test_an_answers_tool_call_is_redacted_as_an_earlier_turns_is() -> None:
+    """Its function's name too (a model can write anything there), and its id unless it has a label's shape."""
+    calls = [
+        {"id": "call_1", "type": "function", "function": {"name": "mail_bob@example.com", "arguments": "{}"}},
+        {"id": "4155552671", "type": "function", "function": {"name": "ring", "arguments": "{}"}},
+    ]
+    ctx = context(TENANT, 1)
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    ctx.answer = Answer(body=json.dumps({"id": "c1", "choices": [{"index": 0, "message": message}]}).encode())
+    (entry,) = build_entries([raw_record(ctx)])
+    kept = json.loads(entry["record"])["choices"][0]["tool_calls"]
+    assert [(c["id"], c["function"]["name"]) for c in kept] == [("call_1", "[EMAIL]"), ("[PHONE]", "ring")]
+
+
 def test_a_cut_after_redaction_shortened_the_text_keeps_no_part_of_a_finding() -> None:
     """Redaction shortens what comes before the cut (long e-mails become `[EMAIL]`): the kept text ended inside
     the first slice, in an e-mail that slice had cut in two and so was not found (`...john.smith@e`)."""
