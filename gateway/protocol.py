@@ -34,8 +34,12 @@ MAX_CONTENT_PARTS = 4096
 text completion: prompts in a batch, and token ids in one prompt (more than any context holds). Counted before the
 items are validated: a body of millions of wrong-typed items took the event loop seconds to validate and tens of
 seconds to report, for every tenant of the process."""
-MAX_PROMPTS = 2048
+MAX_PROMPTS = 1024
 MAX_PROMPT_TOKENS = 262_144
+MAX_ANSWERS = 1024
+"""Most completions one text completion request asks for, `n` times its prompts: vLLM's own limit on a batch's
+prompts (`VLLM_MAX_COMPLETION_PROMPTS`), so that one request of a tenant counted by requests alone does not hold the
+engines every tenant shares with up to 128 times that many sequences."""
 
 
 def _count_parts(messages: Any) -> int:
@@ -230,6 +234,16 @@ class CompletionRequest(SamplingParams):
                 "max_tokens must be at least 1, or 0 with echo true (the prompt scored, nothing generated)"
             )
             details = {"type": "value_error", "loc": ("max_tokens",), "input": 0, "ctx": {"error": problem}}
+            raise ValidationError.from_exception_data(type(self).__name__, [details])  # type: ignore[list-item]
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_answers(self) -> CompletionRequest:
+        if self.answers() > MAX_ANSWERS:
+            problem = ValueError(
+                f"n times the prompts of the batch ({self.n} x {self.prompts()}) must be at most {MAX_ANSWERS}"
+            )
+            details = {"type": "value_error", "loc": ("n",), "input": self.n, "ctx": {"error": problem}}
             raise ValidationError.from_exception_data(type(self).__name__, [details])  # type: ignore[list-item]
         return self
 

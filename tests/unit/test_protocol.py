@@ -137,6 +137,15 @@ def test_a_batch_of_prompts_each_within_the_bound_is_taken() -> None:
     assert CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompts() == 8
 
 
+def test_a_text_completion_asks_for_at_most_1024_answers_all_together() -> None:
+    """`n` times the prompts: 1,024 prompts with `n` 128 were 131,072 sequences, counted as one request."""
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["x"] * 8, "n": 128}).answers() == 1024
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["x"] * 1024}).answers() == 1024
+    param, message = error_of(CompletionRequest, {"model": "m", "prompt": ["x"] * 9, "n": 128})
+    assert param == "n" and "(128 x 9) must be at most 1024" in message
+    assert error_of(CompletionRequest, {"model": "m", "prompt": ["x"] * 1025})[0] == "prompt", "vLLM's own limit"
+
+
 def test_best_of_is_typed_and_only_one_is_served() -> None:
     """vLLM's V1 engine ignores `best_of`: `best_of=3` came back as one completion, as if the best of three had been
     chosen, and reserved three answers' tokens of the quota."""
