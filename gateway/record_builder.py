@@ -44,6 +44,9 @@ REMEMBERED_CHARS = 1 << 19
 again in every turn's request): at most 64 redactors, 32 M characters, in each record process."""
 MAX_RECORD_CHARS = 262_144
 """Past this, a record loses the request's tool definitions and schemas."""
+MAX_KEPT_CHARS = 2_097_152
+"""Past this, a record loses its request's words (`_bounded`): a tenant's records fill the Redis every tenant shares,
+and a request of 8 MiB (a few hundred messages cut at MAX_CHARS) stored one of that size."""
 _ID = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')
 
 
@@ -157,12 +160,7 @@ def _entry(raw: RawRecord) -> dict[str, Any]:
         record["choices"] = answer.choice_dicts() or None
     if record["request"] is not None or record["choices"] is not None:
         _clean(record, _redactor(tuple(sorted(raw.redact)), raw.phone_region))
-    text = record_json(record)
-    if len(text) > MAX_RECORD_CHARS and record["request"]:  # tools, schemas: kept only while small
-        for field in ("tools", "tool_choice", "response_format"):
-            record["request"].pop(field, None)
-        record["truncated"] = True
-        text = record_json(record)
+    text = _bounded(record, record_json(record))
     usage = record["usage"] or {}
     return {
         "id": record["id"],
@@ -242,6 +240,25 @@ def _clean(record: dict[str, Any], redactor: Redactor) -> None:
         if choice.get("tool_calls"):  # as a later turn's request holds them: name and arguments, the id if no label
             choice["tool_calls"] = map_strings(choice["tool_calls"], clean)
     record["redactions"] = dict(counts)
+
+
+def _bounded(record: dict[str, Any], text: str) -> str:
+    """The record's JSON within MAX_RECORD_CHARS while its tools and schemas can go, and within MAX_KEPT_CHARS:
+    past that it keeps no request, then no answers (more words than any context holds; each string is cut already,
+    but a request may hold thousands of them). A record that loses anything says so (`truncated`)."""
+    for drop, limit in ((("tools", "tool_choice", "response_format"), MAX_RECORD_CHARS), ((), MAX_KEPT_CHARS)):
+        if len(text) <= limit or not record["request"]:
+            continue
+        record["truncated"] = True
+        for field in drop:
+            record["request"].pop(field, None)
+        if not drop:
+            record["request"] = None
+        text = record_json(record)
+    if len(text) > MAX_KEPT_CHARS and record["choices"]:
+        record["truncated"], record["choices"] = True, None
+        text = record_json(record)
+    return text
 
 
 def _params(params: dict[str, Any], clean: Callable[[str], str]) -> dict[str, Any]:

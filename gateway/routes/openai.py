@@ -147,7 +147,6 @@ async def _complete(
             validated = schema.model_validate(payload)
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
-        context.validated = True  # recorded with its request from here on, refused or not
         _refuse_unserved(validated, svc.settings.allow_prompt_logprobs)
         asked = cap_max_tokens(payload, validated, svc.settings.max_tokens_cap)
         if svc.settings.isolate_prefix_cache:
@@ -155,6 +154,7 @@ async def _complete(
         hide_usage = ask_for_usage(payload, validated)
         cost = svc.quotas.cost(asked, validated.answers(), size)  # the bytes read: a chunked body has no length
         admission = await svc.quotas.admit(caller, tenant, context.request_id, cost)
+        context.validated = True  # recorded with its request from here on: what quotas refuse, as metadata only
         request.state.response_headers = admission.headers
         svc.keys.note_use(caller.key_id)
         context.route = await svc.router.resolve(

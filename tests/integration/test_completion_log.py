@@ -138,6 +138,11 @@ def test_a_text_completion_and_a_refused_request_are_logged(teams: dict[str, Tea
         client.chat.completions.create(model="no-such-bot", messages=ASK, user="carol")  # type: ignore[arg-type]
     refused = logged(store, "log-a", user="carol", status=404)
     assert (refused["outcome"], refused["error_type"], refused["model"]) == ("error", "model_not_found", "no-such-bot")
+    assert refused["request"]["messages"] == ASK, "admitted (a request of its quota): kept whole"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x" * 30_000, best_of=3, user="dave")
+    unserved = logged(store, "log-a", user="dave", status=400)
+    assert unserved["request"] is None, "refused before its quota was checked: metadata only (quotas bound the rest)"
 
 
 def test_a_client_that_leaves_a_stream_is_logged_as_a_cancellation(teams: dict[str, Team], store: redis.Redis) -> None:

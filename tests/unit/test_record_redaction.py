@@ -15,7 +15,7 @@ from gateway import keys
 from gateway.answer import Answer
 from gateway.feedback import FeedbackStore
 from gateway.metrics import Metrics
-from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, build_entries, raw_record
+from gateway.record_builder import LONGEST_FINDING, MAX_CHARS, MAX_KEPT_CHARS, build_entries, raw_record
 from gateway.recorder import Recorder
 from gateway.records import MAX_CORRECTION_CHARS, FeedbackIn, LogPolicy
 from gateway.spool import Spool
@@ -142,6 +142,17 @@ def test_an_answers_tool_call_is_redacted_as_an_earlier_turns_is() -> None:
     (entry,) = build_entries([raw_record(ctx)])
     kept = json.loads(entry["record"])["choices"][0]["tool_calls"]
     assert [(c["id"], c["function"]["name"]) for c in kept] == [("call_1", "[EMAIL]"), ("[PHONE]", "ring")]
+
+
+def test_a_record_past_two_million_characters_keeps_no_request() -> None:
+    """Each string is cut at MAX_CHARS, but 70 messages of that were a record of 2.3 M characters in a Redis all
+    tenants share: past MAX_KEPT_CHARS the request goes (first its tools), its answers stay while they fit."""
+    messages = [{"role": "user", "content": "x" * 40_000}] * 70
+    record = stored(messages=messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert record["request"] is None and record["truncated"] and record["choices"][0]["text"] == "call [PHONE]"
+    kept = stored(messages=messages[:60])
+    assert len(kept["request"]["messages"]) == 60 and kept["truncated"], "cut at MAX_CHARS each, but kept"
+    assert MAX_KEPT_CHARS < 70 * MAX_CHARS
 
 
 def test_a_cut_after_redaction_shortened_the_text_keeps_no_part_of_a_finding() -> None:
