@@ -1,5 +1,5 @@
 """A route class for the routes whose JSON body FastAPI parses (the admin API, `/v1/feedback`): the body is
-parsed as the completion routes parse theirs (`gateway.body.parse_json`), not by `json.loads`.
+parsed as the completion routes parse theirs (`gateway.body.parse_json_beside`), not by `json.loads`.
 
 `json.loads` takes a lone surrogate (`"\\ud800"`) into a string that can be neither stored (Redis, JSON) nor
 echoed in an answer: an error message naming it, or a comment holding it, failed as a 500. It also takes NaN,
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.body import parse_json
+from gateway.body import parse_json_beside
 from gateway.errors import InvalidRequest
 
 _UNPARSED = object()
@@ -31,7 +31,7 @@ check first) run and its body then fails, and that failure is answered with why 
 class _StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = parse_json(await self.body())
+            self._json = await parse_json_beside(await self.body())
         return self._json
 
 
