@@ -35,6 +35,9 @@ SPREAD_MARGIN = 4
 REFUSED_S = 30.0
 """How long an adapter vLLM refused to load (4xx) is not asked for again by this process: each try would take the
 replica's lock and make room for it first, evicting another tenant's adapter."""
+FAILED_S = 10.0
+"""The same, on that replica, for a load vLLM failed (5xx): it may pass later, but if the adapter is at fault (an
+exception of vLLM's parser that is no ValueError) each try evicted an adapter, on every replica."""
 
 
 class Placement:
@@ -58,7 +61,7 @@ class Placement:
         self._slots: defaultdict[Replica, asyncio.Lock] = defaultdict(asyncio.Lock)
         """One load at a time per replica, so making room and loading never overshoot capacity."""
         self._refused: dict[str, float] = {}
-        """Upstream name -> until when a load vLLM refused is not tried again."""
+        """Upstream name (or "name replica-url", a failed load) -> until when a load is not tried again (there)."""
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
         """A replica ready to serve `route`; the adapter stays protected from eviction until `release`.
@@ -96,11 +99,11 @@ class Placement:
     def _holds(self, replica: Replica, name: str) -> bool:
         return name in replica.resident or (replica, replica.generation, name) in self._loading
 
-    def _refuse(self, name: str) -> None:
-        """Not asked for again for REFUSED_S; refusals past theirs leave the map (a name never asked for again too)."""
+    def _refuse(self, name: str, seconds: float) -> None:
+        """Not asked for again for `seconds`; refusals past theirs leave the map (a name never asked for again too)."""
         now = time.monotonic()
         self._refused = {other: until for other, until in self._refused.items() if until > now}
-        self._refused[name] = now + REFUSED_S
+        self._refused[name] = now + seconds
 
     def _choose(self, name: str, exclude: frozenset[Replica]) -> Replica:
         healthy = self._pool.healthy(exclude)
@@ -158,11 +161,10 @@ class Placement:
     async def _load(self, replica: Replica, route: Route) -> None:
         name = route.upstream_model
         assert route.adapter is not None
-        started = time.perf_counter()
-        refused_until = self._refused.pop(name, 0.0)
-        if refused_until > time.monotonic():  # neither asked again nor room made for it
-            self._refused[name] = refused_until
-            raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
+        started, generation = time.perf_counter(), replica.generation
+        here = f"{name} {replica.url}"
+        if max(self._refused.get(name, 0.0), self._refused.get(here, 0.0)) > time.monotonic():
+            raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")  # no room made for it
         try:
             await asyncio.to_thread(self._registry.verify_once, route.adapter)
         except (IntegrityError, OSError) as exc:
@@ -172,6 +174,8 @@ class Placement:
                 f"Adapter `{route.requested}` failed its integrity check and was not loaded."
             ) from exc
         async with self._slots[replica], self._residency.exclusive(replica.url):
+            if not replica.healthy or replica.generation != generation:  # went down while this load waited its turn
+                raise EngineUnavailable("The engine went away before the adapter could be loaded.")  # (another then)
             await self._refresh(replica)
             if name not in replica.resident:
                 await self._make_room(replica)
@@ -182,7 +186,9 @@ class Placement:
                     self._metrics.adapter_loaded(name, "error")
                     log.error("loading %s on %s failed (%s): %s", name, replica.url, status, text[:500])
                     if 400 <= status < 500:  # the adapter's fault: every replica would refuse it
-                        self._refuse(name)
+                        self._refuse(name, REFUSED_S)
+                    else:  # this replica's, or the adapter's: the others are tried
+                        self._refuse(here, FAILED_S)
                     raise UpstreamError(f"The engine could not load adapter `{route.requested}`.")
                 replica.resident[name] = None
                 await self._residency.loaded_now(replica.url, name)

@@ -46,6 +46,11 @@ class FakeVLLM:
         self.health_checks = 0
         self.connections: list[object] = []
         """The connections it has answered on (held, so that a new one never takes a closed one's id)."""
+        self.posted: Counter[str] = Counter()
+        """Loads asked for, whatever their answer."""
+        self.hold: asyncio.Event | None = None
+        """Set: each load waits for it (a replica hung in a load)."""
+        self.holding = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -70,12 +75,16 @@ class FakeVLLM:
 
     async def load(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.posted[body["lora_name"]] += 1
         if self.drop_reused and any(request.transport is known for known in self.connections):
             self.dropped += 1
             assert request.transport is not None
             request.transport.close()
             await asyncio.sleep(1)
         self.connections.append(request.transport)
+        if self.hold is not None:
+            self.holding += 1
+            await self.hold.wait()
         if self.broken:
             return web.Response(status=500, text="Internal Server Error")
         if body["lora_name"] in self.refuse:
@@ -231,6 +240,19 @@ async def test_an_adapter_vllm_refuses_is_not_tried_again_at_every_request(setup
     assert {"b@1", "c@1"} <= set().union(*(fake.loaded for fake in fakes)), "one eviction for it (a), no more"
 
 
+async def test_a_load_that_failed_on_a_replica_is_not_tried_there_again_for_a_while(setup) -> None:  # type: ignore[no-untyped-def]
+    """A 500 to a load (an exception in vLLM's adapter parsing) evicted an adapter at every request, on every
+    replica: each replica is now asked once in FAILED_S, and the other replicas still are."""
+    placement, pool, fakes = setup
+    fakes[0].broken = fakes[1].broken = True
+    for _ in range(4):
+        with pytest.raises(UpstreamError):
+            await use(placement, route("bad"))
+    assert [fake.posted["bad@1"] for fake in fakes] == [1, 1], "each replica asked once"
+    fakes[1].broken = False
+    assert await use(placement, route("good")) is pool.replicas[1], "a failure of one adapter blocks no other"
+
+
 async def test_refusals_past_their_time_leave_the_map(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Adapters refused once and never asked for again are not kept for the process's life."""
     placement, pool, fakes = setup
@@ -308,6 +330,24 @@ async def test_a_replica_that_fails_the_load_is_skipped(setup) -> None:  # type:
     fakes[1].broken = True
     with pytest.raises(UpstreamError):
         await placement.acquire(route("b"))
+
+
+async def test_loads_waiting_their_turn_on_a_replica_that_went_down_go_to_another(setup) -> None:  # type: ignore[no-untyped-def]
+    """A load waits for the one before it on its replica: if the replica is marked down meanwhile (a load hung on a
+    frozen vLLM, up to two minutes), the next one is not sent there after it but to another replica."""
+    placement, pool, fakes = setup
+    pool.replicas[1].inflight = 5  # replica 0 is chosen first
+    fakes[0].hold = asyncio.Event()
+    first = asyncio.create_task(use(placement, route("a")))
+    while not fakes[0].holding:
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(use(placement, route("b")))
+    await asyncio.sleep(0.2)  # chosen replica 0, and waits for its turn there
+    pool.replicas[0].mark_down()
+    fakes[0].hold.set()
+    assert await second is pool.replicas[1] and "b@1" in fakes[1].loaded
+    assert fakes[0].loads["b@1"] == 0 and fakes[0].holding == 1, "nothing more sent to the replica marked down"
+    await first
 
 
 async def test_unload_everywhere(setup) -> None:  # type: ignore[no-untyped-def]
