@@ -37,6 +37,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on (0: any free one).")
+    shutdown_timeout_s: int = Field(
+        25,
+        ge=0,
+        description="How long a stopping gateway (SIGTERM, Ctrl-C) waits for the requests in flight, streams too, "
+        "before it cancels them (each recorded as cancelled): within Kubernetes' 30 s grace period. Without a limit, "
+        "one client that stopped reading its stream kept the gateway, and its vLLM, from ever stopping.",
+    )
     keep_alive_s: int = Field(
         75,
         ge=1,

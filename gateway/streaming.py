@@ -142,7 +142,7 @@ class RelayResponse(StreamingResponse):
     Closing (not releasing) the upstream connection is what makes vLLM abort the generation.
     `on_first()` is called when the first event that carries a choice passes (see `_feed`).
     `on_close(status)` is called once: 200 (done), 400 (vLLM refused it in the stream), 502 (the engine
-    failed) or 499 (the client left).
+    failed), 504 (it was silent for the read timeout) or 499 (the client left).
     """
 
     def __init__(
@@ -251,13 +251,16 @@ class RelayResponse(StreamingResponse):
             if self._done:  # it broke after `[DONE]`: the answer is whole, and the client has its terminator
                 log.info("upstream stream closed uncleanly after its end: %s", exc)
             else:
-                log.warning("upstream stream broke: %s", exc)
-                self._outcome, self._done = 502, True
+                log.warning("upstream stream broke: %r", exc)
+                error: APIError = UpstreamError("The engine stopped in the middle of the response.")
+                if isinstance(exc, TimeoutError):  # aiohttp's socket timeout is one: silent, not gone (a 504)
+                    error = UpstreamTimeout(
+                        "The engine sent nothing for the read timeout in the middle of the response."
+                    )
+                self._outcome, self._done = error.status, True
                 # Only whole events were passed on (a piece of one is not), so the error arrives as an event of its
                 # own: the client knows the answer is cut short, where the end of a body left it looking complete.
-                yield self._release(None) + sse_error_frame(
-                    UpstreamError("The engine stopped in the middle of the response.")
-                )
+                yield self._release(None) + sse_error_frame(error)
         if self._held:  # the stream ended without its usage chunk
             yield self._release(None)
         self._done = True

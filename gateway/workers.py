@@ -81,6 +81,20 @@ class Workers(Multiprocess):
             old.join()
             self.processes[slot] = new
 
+    def handle_ttin(self) -> None:
+        """uvicorn's SIGTTIN adds a worker on every socket (one slot each here: a later replacement of it failed the
+        supervisor); the number of workers is set at start (`LORAGATE_WORKERS`)."""
+        log.warning(
+            "Received SIGTTIN: the number of workers is fixed (LORAGATE_WORKERS=%d); ignored", self.processes_num
+        )
+
+    def handle_ttou(self) -> None:
+        """uvicorn's SIGTTOU retires the last worker while its socket stays open: the kernel would keep handing it
+        connections that nobody answers."""
+        log.warning(
+            "Received SIGTTOU: the number of workers is fixed (LORAGATE_WORKERS=%d); ignored", self.processes_num
+        )
+
     def keep_subprocess_alive(self) -> None:
         """A worker that died or hangs is replaced on its socket; one that failed to start stops the gateway
         (its app or settings are broken: every replacement would fail alike)."""

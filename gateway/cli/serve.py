@@ -161,6 +161,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
             lifespan="on",
             proxy_headers=False,  # no client address or scheme is read: one ASGI layer less per request (~10 µs)
             timeout_keep_alive=settings.keep_alive_s,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
             http=HTTP_PROTOCOL,
         )
         server = _Server(config)
@@ -213,6 +214,7 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
         lifespan="on",
         proxy_headers=False,  # as above
         timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         http=HTTP_PROTOCOL,
         loop="uvloop" if event_loop_factory() is not None else "asyncio",
     )

@@ -117,17 +117,34 @@ def test_n_workers_serve_and_a_dead_one_is_replaced(served: Gateway) -> None:
         assert len(asyncio.run(answered(served, key, 4))) == 4
         until_workers(served, killed)
     assert "Child process" in served.log_tail(20_000), "the supervisor noted the dead workers"
+    for sig in (signal.SIGTTOU, signal.SIGTTIN):  # uvicorn's: one worker less (its socket left unanswered), one more
+        os.kill(served.process.pid, sig)
+    assert eventually(lambda: "Received SIGTTIN: the number of workers is fixed" in served.log_tail(20_000), timeout=10)
+    assert "Received SIGTTOU: the number of workers is fixed" in served.log_tail(20_000)
+    assert len(until_workers(served, killed)) == WORKERS and len(asyncio.run(answered(served, key, 8))) == 8
 
 
 def test_stopping_the_gateway_stops_every_worker(
     gateway: Gateway, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     side = start_side_gateway(
-        tmp_path_factory.mktemp("stop"), redis_server.url, gateway.engine_ports[:1], LORAGATE_WORKERS=str(WORKERS)
+        tmp_path_factory.mktemp("stop"),
+        redis_server.url,
+        gateway.engine_ports[:1],
+        LORAGATE_WORKERS=str(WORKERS),
+        LORAGATE_SHUTDOWN_TIMEOUT_S="2",
     )
     processes = [psutil.Process(side.process.pid), *psutil.Process(side.process.pid).children(recursive=True)]
     assert len(workers(side)) == WORKERS and len(processes) > WORKERS + 1, "workers and their record builders"
+    key = create_key(side.env, "stopping")
+    client = openai.OpenAI(base_url=side.base_url, api_key=key, max_retries=0, timeout=120)
+    long = client.completions.create(
+        model=MODEL, prompt="Count:", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(long))  # under way, for minutes on these cores: a stopping gateway waits LORAGATE_SHUTDOWN_TIMEOUT_S
+    stopping = time.monotonic()
     stop_gateway(side)
     _, running = psutil.wait_procs(processes, timeout=30)
     assert not running, f"left running after the gateway stopped: {[p.pid for p in running]}"
-    assert side.process.returncode == 0
+    assert side.process.returncode == 0 and time.monotonic() - stopping < 20, side.log_tail()
+    long.close()

@@ -5,6 +5,7 @@ client leaves (or the read fails) closes its upstream and no longer counts as in
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -223,6 +224,30 @@ async def test_a_connection_failing_after_the_end_of_the_stream_leaves_the_answe
     sent = b"".join(body)
     assert sent.count(b"[DONE]") == 1 and b'"error"' not in sent
     assert context.status == 200 and context.outcome == "ok"
+
+
+class FallsSilent(Stream):
+    """A stream whose engine says nothing more after its events, past the read timeout."""
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield event
+        raise aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+
+
+async def test_an_engine_silent_in_the_middle_of_a_stream_is_a_timeout_not_a_failure() -> None:
+    """As without streaming, and as the README says of `LORAGATE_UPSTREAM_TIMEOUT_S`: a 504 `upstream_timeout`
+    (the replica's error), not "the engine stopped", a 502 as though it had died."""
+    context, body = new_context(), []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        body.append(message.get("body", b""))
+
+    response = RelayResponse(FallsSilent([TOKEN]), context.answer, context.first_token, context.finish, None, False)  # type: ignore[arg-type]
+    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
+    event = b"".join(body).split(b"\n\n")[-3]
+    assert json.loads(event.removeprefix(b"data: "))["error"]["code"] == "upstream_timeout", event
+    assert context.status == 504, "(the forwarder's finisher names it upstream_timeout, as an unstreamed 504)"
 
 
 class StreamAnswer:
