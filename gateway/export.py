@@ -29,8 +29,9 @@ skipped and counted.
 
 A completion's own text is an answer only when it is whole: its request ended `ok` (not an error, not a stream
 the client cancelled), the log did not cut it (`truncated`) and the model was not stopped by its token limit
-(finish_reason `length`), as retraining reads it (training.sources). Otherwise its ratings judge nothing that
-can be trained on: only a correction of it is exported, and a record without one is skipped and counted.
+(finish_reason `length`) and it is the completion's only choice (a rating of `n` > 1 choices does not say which
+it judged), as retraining reads it (training.sources). Otherwise its ratings judge nothing that can be trained on:
+only a correction of it is exported, and a record without one is skipped and counted.
 
 An export reads the log as it was when it began (up to its last entry then): a tenant writing fast
 does not keep it reading.
@@ -170,9 +171,15 @@ def latest_correction(feedback: Iterable[Feedback], chat: bool, calls: bool = Tr
 
 def whole_answer(record: CompletionRecord) -> bool:
     """Whether the record's own text is a whole answer: not of a failed or cancelled request, not cut by the
-    log, not stopped by the token limit."""
+    log, not stopped by the token limit, and the only one (`several_answers`)."""
     cut = record.truncated or bool(record.choices and record.choices[0].finish_reason == "length")
-    return record.outcome == "ok" and not cut
+    return record.outcome == "ok" and not cut and not several_answers(record)
+
+
+def several_answers(record: CompletionRecord) -> bool:
+    """Whether the completion holds several choices (`n` > 1): a rating of it does not say which one it judged (the
+    user may have picked the second), so none of them is its answer; only a correction of it is."""
+    return len(record.choices or ()) > 1
 
 
 def exportable(example: Example, policy: LogPolicy) -> Sample | None:

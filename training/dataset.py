@@ -53,6 +53,7 @@ FILTERS = MappingProxyType(
         "empty_answer": "answers (or corrections) left out as empty",
         "truncated_answer": "answers left out as cut short (finish_reason 'length', or cut by the log)",
         "unfinished_answer": "answers left out as unfinished (the request failed, or its client cancelled the stream)",
+        "several_answers": "answers left out as one of several choices (n > 1: a rating does not say which it judged)",
         "tool_call_answer": "answers and corrections left out as calls of tools (the eval scores text)",
         "other_endpoint": "samples of the other kind of prompt (chat vs text)",
         "exact_duplicate_prompts": "samples whose prompt repeats an earlier one (answers pooled under it)",

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.conversation import Calls, Messages, message_of, prompt_key, tools_json
-from gateway.export import Example, Sample, joined, sample, whole_answer
+from gateway.export import Example, Sample, joined, sample, several_answers, whole_answer
 from gateway.records import CorrectionMessage, LogPolicy
 from gateway.tenants import TenantStore
 from training.config import RetrainConfig
@@ -57,7 +57,7 @@ def _calls(correction: str | CorrectionMessage | None) -> bool:
 
 def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
     """Samples of joined log records (`policy` gives the score range); synchronous."""
-    names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer", "tool_call_answer")
+    names = ("unusable", "empty_answer", "truncated_answer", "unfinished_answer", "several_answers", "tool_call_answer")
     samples, dropped = [], Counter(dict.fromkeys(names, 0))
     for example in examples:
         found = sample(example, policy, calls_corrected=False)  # the latest correction without calls of tools
@@ -68,7 +68,10 @@ def from_examples(examples: Sequence[Example], policy: LogPolicy) -> Loaded:
             continue
         record = example.record
         unfinished = record.outcome != "ok"  # an error, or a stream its client cancelled: a part of an answer
-        left_out = "unfinished_answer" if unfinished else None if whole_answer(record) else "truncated_answer"
+        several = "several_answers" if several_answers(record) else None  # n > 1: which one the rating judged?
+        left_out = (
+            "unfinished_answer" if unfinished else several or (None if whole_answer(record) else "truncated_answer")
+        )
         if (kept := _kept(found, left_out, dropped)) is not None:
             samples.append(kept)
     return Loaded(samples, {}, len(examples), len(examples), dict(dropped))

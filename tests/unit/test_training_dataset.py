@@ -196,9 +196,14 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         rated(called(), thumbs="down", correction="It is sunny."),
         rated(record("Sunny?"), thumbs="down", correction=CorrectionMessage(content="", tool_calls=[WEATHER_CALL])),
         later_calls(record("Rain?")),
+        rated(record("one of two"), thumbs="up"),  # n = 2 (below): which one did the user like?
+        rated(record("one of two more"), thumbs="down", correction="C"),
     ]
+    for example in examples[-2:]:
+        example.record.choices = [*(example.record.choices or []), Choice(index=1, text="the second")]
     got = from_examples(examples, LogPolicy())
     dropped = {"unusable": 1, "empty_answer": 1, "truncated_answer": 3, "unfinished_answer": 1, "tool_call_answer": 4}
+    dropped["several_answers"] = 2
     assert got.dropped == dropped, "a correction that calls a tool, too: its rated answer stays"
     assert [(s.text, s.correction) for s in got.samples] == [
         ("fine answer", None),
@@ -206,15 +211,17 @@ def test_empty_and_truncated_answers_are_dropped_and_corrections_kept() -> None:
         (None, "It is sunny."),
         ("Sunny?", None),
         ("Rain?", "It rains."),  # a text correction before one that calls a tool: taken
+        (None, "C"),  # of several choices, only the correction says what the answer should be
     ]
     padded = Loaded([*got.samples, *PADDING], got.source, got.records_read, got.with_feedback, got.dropped)
     built = build(padded, config())
     kto = [r["completion"][0]["content"] for r in all_rows(built, "kto")]
-    kept = ["It is sunny.", "It rains.", "Rain?", "Sunny?", "fine answer", "the whole answer"]
+    kept = ["C", "It is sunny.", "It rains.", "Rain?", "Sunny?", "fine answer", "the whole answer"]
     assert sorted(a for a in kto if not a.startswith("padding")) == kept
     dpo = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in all_rows(built, "dpo")]
-    assert dpo == [("It rains.", "Rain?")]
-    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 11
+    assert dpo == [("It rains.", "Rain?")], "no pair of C with either of the two choices"
+    assert built.card.filters["truncated_answer"] == 3 and built.card.with_feedback == 13
+    assert built.card.filters["several_answers"] == 2
 
 
 def test_pii_is_redacted_in_prompts_answers_and_corrections(tmp_path: Path) -> None:
