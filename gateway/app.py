@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from adapters.base_model import prepared_dir
 from adapters.registry import Registry
 from adapters.validate import BaseModelSpec
-from gateway import __version__, durability, guard_rails, native
+from gateway import __version__, durability, erasure, guard_rails, native
 from gateway.apikeys import KeyStore
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.clock import RedisClock
@@ -162,9 +162,10 @@ async def _keep_records(svc: Services) -> None:
 
 async def _records_round(svc: Services, number: int) -> None:
     """Measure the records Redis's clock, adopt spools, re-check how Redis persists feedback, replay spooled feedback,
-    trim old records. Durability is probed before the replay while it is not trusted (not known: Redis was down, or
-    a write failed or was not confirmed; or Redis does not fsync) and while the completion log spools (a probe then
-    finds Redis down, and feedback spools until Redis is back and has said how it persists), else every 30 rounds.
+    trim old records, move tombstones named in clear (`erasure.digest_named_tombstones`). Durability is probed before
+    the replay while it is not trusted (not known: Redis was down, or a write failed or was not confirmed; or Redis
+    does not fsync) and while the completion log spools (a probe then finds Redis down, and feedback spools until
+    Redis is back and has said how it persists), else every 30 rounds.
     Each step on its own: one that fails does not hold up the others."""
     await svc.recorder.clock.upkeep()
     await _upkeep("adopting spools", svc.spools[0].adopt())
@@ -173,6 +174,8 @@ async def _records_round(svc: Services, number: int) -> None:
     await _upkeep("replaying feedback", svc.feedback.replay())
     if number % 60 == 0:
         await _upkeep("trimming records", _trim(svc))
+    if number % 3600 == 0:  # at start, then hourly while a gateway of a release before may still write them
+        await _upkeep("digesting tombstones", erasure.digest_named_tombstones(svc.records_redis))
     await _upkeep("metrics", _refresh_metrics(svc))
 
 

@@ -1,8 +1,8 @@
 """Erasing what the completion log and feedback hold: one end user of a tenant, or a whole tenant.
 
-Erasing an end user leaves a tombstone (`keys.forgotten`) for the longest age limit a record can carry:
-records and ratings of theirs made before the erasure that are still in some gateway's spool (Redis
-was down, or a process died) are not written back when the spool is replayed.
+Erasing an end user leaves a tombstone (`keys.forgotten`, named by a digest of the user's name) for the longest age
+limit a record can carry: records and ratings of theirs made before the erasure that are still in some gateway's
+spool (Redis was down, or a process died) are not written back when the spool is replayed.
 
 Deleting a tenant leaves one too (`keys.tenant_deleted`): the deletion time, and the records Redis's
 own clock then. Records and ratings carry when their tenant was created (`tenant_created`: which tenant
@@ -168,6 +168,35 @@ async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
         async for key in redis.scan_iter(match=pattern, count=PAGE):
             await redis.delete(key)
     return deleted
+
+
+# KEYS: a tombstone named in clear, the same under its digest. Moved, the later of the two times kept (with the time
+# to live of the one kept); 1 if there was one to move.
+_DIGESTED = """
+local at = redis.call('GET', KEYS[1])
+if not at then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if tonumber(at) > tonumber(redis.call('GET', KEYS[2]) or '-1') then
+  if ttl > 0 then redis.call('SET', KEYS[2], at, 'PX', ttl) else redis.call('SET', KEYS[2], at) end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+async def digest_named_tombstones(redis: aioredis.Redis) -> int:
+    """Tombstones of releases before 2026-12-07 named the erased user in clear (`keys.named_tombstones`), where
+    scripts now look under the digest of the name: each is moved there. A pass that finds none sets a marker, and
+    later ones return at once (each pass SCANs the whole records Redis). How many were moved."""
+    if await redis.exists(keys.named_tombstones_gone()):
+        return 0
+    move, moved = redis.register_script(_DIGESTED), 0
+    async for key in redis.scan_iter(match=keys.named_tombstones(), count=PAGE):
+        _, _, tenant, user = str(key).split(":", 3)
+        moved += int(await move(keys=[key, keys.forgotten(tenant, user)]))
+    if not moved:
+        await redis.set(keys.named_tombstones_gone(), "1")
+    return moved
 
 
 def id_and_user(fields: dict[str, str]) -> tuple[str | None, str | None]:

@@ -6,6 +6,8 @@ as a key of another.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "loragate"
 
 
@@ -182,12 +184,24 @@ def end_user_prefix(tenant: str) -> str:
 
 def forgotten(tenant: str, user: str) -> str:
     """When an end user of a tenant was erased: records and feedback of theirs made before then, replayed
-    from a spool later, are not written back."""
-    return forgotten_prefix(tenant) + user
+    from a spool later, are not written back. Named by the SHA-1 of the user's name (the record script computes it
+    alike, `redis.sha1hex`): an erased user's name, often an e-mail address, is not kept for the tombstone's years."""
+    return forgotten_prefix(tenant) + hashlib.sha1(user.encode()).hexdigest()
 
 
 def forgotten_prefix(tenant: str) -> str:
-    return f"{PREFIX}:forgotten:{tenant}:"
+    return f"{PREFIX}:erased:{tenant}:"
+
+
+def named_tombstones() -> str:
+    """SCAN pattern of the tombstones releases before 2026-12-07 wrote, under the user's name in clear
+    (`loragate:forgotten:TENANT:USER`): each is moved under its digest (gateway.erasure.digest_named_tombstones)."""
+    return f"{PREFIX}:forgotten:*"
+
+
+def named_tombstones_gone() -> str:
+    """Set once a pass found no tombstone named in clear: no more passes."""
+    return f"{PREFIX}:forgotten-digested"
 
 
 def tenant_deleted(tenant: str) -> str:
@@ -210,5 +224,6 @@ def tenant_records_pattern(tenant: str) -> list[str]:
         feedback_prefix(tenant) + "*",
         end_user_prefix(tenant) + "*",
         forgotten_prefix(tenant) + "*",
+        f"{PREFIX}:forgotten:{tenant}:*",  # named in clear, before 2026-12-07 (not moved yet)
         f"{PREFIX}:tenant:{tenant}:experiment:*",  # arms' counters and users, audit logs
     ]

@@ -106,7 +106,7 @@ local function one(i)
     error('record ' .. id .. ': bad counts')
   end
   if deletion(tenant.deleted) >= incarnation or created + ttl < now then return end
-  local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. user) or '-1') >= created
+  local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. redis.sha1hex(user)) or '-1') >= created
   local index = indexes .. id
   if erased then  -- TRIMMED refuses the ratings others give of it (spooled, or sent to the process that answered)
     -- its first copy: the ratings kept before it came (vouched for, counted in no arm) quote the erased conversation

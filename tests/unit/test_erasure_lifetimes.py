@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.erasure import MARGIN_S, forget_user
+from gateway.erasure import MARGIN_S, digest_named_tombstones, forget_user
 from gateway.feedback import CompletionUnknown, FeedbackStore
 from gateway.metrics import Metrics
 from gateway.record_store import CHUNK, TRIMMED, TRIMMED_KEEP_S, RecordStore, Written
@@ -328,3 +328,26 @@ async def test_an_erased_completions_marker_lasts_as_long_as_its_index_would_hav
     await forget_user(redis, "t", "v", LogPolicy(max_age_days=1))
     assert await redis.get(keys.completion("chatcmpl-1")) == TRIMMED
     assert await redis.ttl(keys.completion("chatcmpl-1")) > 30 * 86400 - 60
+
+
+async def test_an_erased_users_tombstone_does_not_name_them_and_old_named_ones_are_moved(
+    redis: aioredis.Redis, recorder: Recorder
+) -> None:
+    """Tombstones last ten years: they were named by the user's name, often an e-mail address. Now by its digest, and
+    the record script finds them (a record of theirs still queued is not written); those of the release before are
+    moved under their digest, keeping the later time, once, then passes stop."""
+    user = "zoë.mail@example.com"
+    await forget_user(redis, "t", user, TENANT.logging)
+    assert not [key async for key in redis.scan_iter(match="*example.com*")], "no key names them"
+    recorder.record(context(TENANT, 1, user=user))
+    await recorder.written()
+    assert await redis.xlen(keys.completion_log("t")) == 0, "the record script read the tombstone by its digest"
+    await redis.set(f"loragate:forgotten:t:{user}", "99999999999", ex=600)  # an older release's erasure, later
+    await redis.set("loragate:forgotten:u:ann:x", "5", ex=600)
+    assert await digest_named_tombstones(redis) == 2
+    assert await redis.get(keys.forgotten("t", user)) == "99999999999" and await redis.get(keys.forgotten("u", "ann:x"))
+    assert 590 <= await redis.ttl(keys.forgotten("u", "ann:x")) <= 600
+    assert not [key async for key in redis.scan_iter(match="loragate:forgotten:*")]
+    assert await digest_named_tombstones(redis) == 0 and await redis.exists(keys.named_tombstones_gone())
+    await redis.set("loragate:forgotten:t:late", "5")
+    assert await digest_named_tombstones(redis) == 0, "a pass that found none ended the passes"
