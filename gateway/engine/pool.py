@@ -12,6 +12,11 @@ import aiohttp
 from gateway.errors import EngineUnavailable
 
 log = logging.getLogger("loragate.engine")
+HEALTH_TIMEOUT_S = 3.0
+SILENT_CHECKS = 3
+"""Health checks in a row a replica may leave unanswered for HEALTH_TIMEOUT_S before it is taken for down: one slow
+answer from an engine busy on the CPU turned every request into a 503 until the next check. A refused connection or an
+error answer takes it down at once."""
 
 
 async def loaded_adapters(session: aiohttp.ClientSession, url: str, timeout_s: float) -> list[str] | None:
@@ -37,6 +42,8 @@ class Replica:
     """Bumped whenever the replica comes back from being down: what it had loaded is gone."""
     resident: dict[str, None] = field(default_factory=dict)
     """Adapters loaded on this replica, least recently used first."""
+    silent: int = 0
+    """Health checks in a row it did not answer in time (`SILENT_CHECKS`)."""
     in_use: Counter[str] = field(default_factory=Counter)
     """Adapters of requests chosen for this replica that vLLM has not received yet: not to be evicted."""
 
@@ -79,10 +86,17 @@ class ReplicaPool:
 
     async def _check(self, replica: Replica) -> bool:
         try:
-            async with self._session.get(f"{replica.url}/health", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            async with self._session.get(f"{replica.url}/health", timeout=timeout) as resp:
                 ok = resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except TimeoutError:  # busy (a CPU engine under load answers late), or frozen: down only if it stays silent
+            replica.silent += 1
+            if replica.silent >= SILENT_CHECKS or not replica.healthy:
+                replica.mark_down()
+            return replica.healthy
+        except (aiohttp.ClientError, OSError):
             ok = False
+        replica.silent = 0
         if not ok:
             replica.mark_down()
         elif not replica.healthy:  # what vLLM has registered: a replica marked down for a blip has lost nothing

@@ -21,6 +21,7 @@ from gateway import app as app_module
 from gateway import clock, keys, residency
 from gateway import placement as placement_module
 from gateway.app import UPSTREAM_KEEPALIVE_S
+from gateway.engine import pool as pool_module
 from gateway.engine.pool import Replica, ReplicaPool
 from gateway.engine.sessions import EngineSessions
 from gateway.errors import UpstreamError
@@ -46,6 +47,8 @@ class FakeVLLM:
         self.health_checks = 0
         self.connections: list[object] = []
         """The connections it has answered on (held, so that a new one never takes a closed one's id)."""
+        self.health_s = 0.05
+        """How long /health takes to answer."""
         self.posted: Counter[str] = Counter()
         """Loads asked for, whatever their answer."""
         self.hold: asyncio.Event | None = None
@@ -63,7 +66,7 @@ class FakeVLLM:
     async def health(self, request: web.Request) -> web.Response:
         self.connections.append(request.transport)
         self.health_checks += 1
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(self.health_s)
         return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
@@ -296,6 +299,22 @@ async def test_down_replica_is_avoided_and_forgets_its_adapters(setup) -> None: 
     fakes[pool.replicas.index(first)].loaded.clear()  # it restarted
     await pool.check(first)
     assert first.healthy and first.resident == {}, "a replica that restarted holds nothing"
+
+
+async def test_a_replica_is_down_after_three_health_checks_in_a_row_it_left_unanswered(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One late answer (an engine busy on 2 cores) took it down, and every request with it, until the next check."""
+    placement, pool, fakes = setup
+    monkeypatch.setattr(pool_module, "HEALTH_TIMEOUT_S", 0.2)
+    replica, fake = pool.replicas[0], fakes[0]
+    fake.health_s = 1.0
+    assert [await pool.check(replica) for _ in range(2)] == [True, True] and replica.healthy
+    fake.health_s = 0.05
+    assert await pool.check(replica) and replica.silent == 0, "answered in time: the count starts again"
+    fake.health_s = 1.0
+    assert [await pool.check(replica) for _ in range(3)] == [True, True, False] and not replica.healthy
+    assert not await pool.check(replica), "silent and down: stays down"
+    fake.health_s = 0.05
+    assert await pool.check(replica) and replica.healthy
 
 
 async def test_a_replica_back_from_a_blip_keeps_what_vllm_still_holds(setup) -> None:  # type: ignore[no-untyped-def]
