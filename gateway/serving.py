@@ -162,17 +162,20 @@ class Forwarder:
         upstream.close()
         self._track(replica, -1)
 
-    async def _send(self, call: Call, body: bytes) -> tuple[Replica, EngineResponse]:
+    async def _send(
+        self, call: Call, body: bytes, failed: frozenset[Replica] = frozenset()
+    ) -> tuple[Replica, EngineResponse]:
         """Post to a replica, moving to another one when a replica cannot be reached, has lost the
         adapter, or fails because its engine died (vLLM then answers 5xx and fails its health check).
 
         The request counts as in flight on its replica from before it is sent (vLLM answers a
-        non-streaming request only when it is done), until `forward` finishes it.
+        non-streaming request only when it is done), until `forward` finishes it. `failed`: a replica that failed
+        this request already (a stream's, before its first event: `_open`), which counts as one lost.
         """
         route = call.route
-        tried: set[Replica] = set()
+        tried: set[Replica] = set(failed)
         reloaded = resent = False
-        lost = 0
+        lost = len(failed)
         """Failures after the request may have reached a replica: it is sent to one more replica, no more (a request
         that makes engines fail must not take every replica down in turn)."""
         while True:
@@ -261,12 +264,14 @@ class Forwarder:
 
         return finish
 
-    async def _sent(self, call: Call, body: bytes) -> tuple[Replica, EngineResponse]:
+    async def _sent(
+        self, call: Call, body: bytes, failed: frozenset[Replica] = frozenset()
+    ) -> tuple[Replica, EngineResponse]:
         """`_send`, and once more without `max_tokens` when it was the gateway's cap (the client named no limit) and
         the engine refuses it for the context: vLLM counts a named limit against the prompt's room (prompt plus
         `max_tokens` must fit), where without one it generates what the context has left. That is below the cap
         whenever the cap did not fit, so the cap still holds, and the client gets what vLLM alone would give."""
-        replica, upstream = await self._send(call, body)
+        replica, upstream = await self._send(call, body, failed)
         if upstream.status != 400 or not call.capped_by_default:
             return replica, upstream
         try:
@@ -283,10 +288,10 @@ class Forwarder:
         call.payload.pop("max_tokens", None)
         call.capped_by_default = False
         body = call.context.sent = pydantic_core.to_json(call.payload)
-        return await self._send(call, body)
+        return await self._send(call, body, failed)
 
-    async def _open(self, call: Call, body: bytes) -> Response:
-        replica, upstream = await self._sent(call, body)
+    async def _open(self, call: Call, body: bytes, failed: frozenset[Replica] = frozenset()) -> Response:
+        replica, upstream = await self._sent(call, body, failed)
         finish = self._finisher(call, replica)
         context = call.context
         if upstream.status == 200 and upstream.content_type == "text/event-stream":
@@ -295,6 +300,13 @@ class Forwarder:
             except BaseException:  # cancelled: the client left (`forward` counts it)
                 self._abandon(replica, upstream)
                 raise
+            if isinstance(refused, EngineFailed) and not failed and not await self._pool.check(replica):
+                # its engine died before the first event (vLLM sends a stream's head first): nothing was sent to the
+                # client yet, so it goes to one more replica, as an unstreamed request whose engine died does
+                self._abandon(replica, upstream)
+                self._metrics.upstream_errors.labels(replica.url).inc()
+                log.warning("replica %s failed a stream before it began, and its health check: taken out", replica.url)
+                return await self._open(call, body, frozenset({replica}))
             if refused is not None:
                 upstream.close()
                 finish(refused.status)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.pool import Replica
-from gateway.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import EngineUnavailable, InvalidRequest, UpstreamError, UpstreamTimeout
 from gateway.metrics import Metrics
 from gateway.routes.openai import _tokens_used
 from gateway.routing import Route
@@ -127,32 +127,53 @@ class Answer:
 
 
 class Session:
-    """The engine client (`EngineSessions.engine`): every post is answered `answer`."""
+    """The engine client (`EngineSessions.engine`): every post is answered `answer` (given a dict, its replica's)."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Any) -> None:
         self.answer = answer
         self.engine = self
 
-    async def post(self, url: str, *_: Any) -> Answer:
+    async def post(self, url: str, *_: Any) -> Any:
+        if isinstance(self.answer, dict):
+            return next(answer for replica, answer in self.answer.items() if url.startswith(replica))
         return self.answer
 
 
 class Placement:
-    def __init__(self, replica: Replica) -> None:
-        self.replica = replica
+    def __init__(self, *replicas: Replica) -> None:
+        self.replicas = replicas
 
     async def acquire(self, route: Route, exclude: frozenset[Replica] = frozenset()) -> Replica:
-        return self.replica
+        left = [r for r in self.replicas if r not in exclude and r.healthy]
+        if not left:
+            raise EngineUnavailable("No inference engine is available right now; try again shortly.")
+        return left[0]
 
     def release(self, replica: Replica, route: Route) -> None:
         pass
+
+
+class Pool:
+    """Replicas' health checks: those of `down` fail (and mark them down)."""
+
+    def __init__(self, down: frozenset[str] = frozenset()) -> None:
+        self.down, self.checked = down, list[str]()
+
+    async def check(self, replica: Replica) -> bool:
+        self.checked.append(replica.url)
+        if replica.url in self.down:
+            replica.mark_down()
+        return replica.url not in self.down
+
+    def healthy(self, exclude: frozenset[Replica] = frozenset()) -> list[Replica]:
+        return []
 
 
 def forwarding(answer: Answer, stream: bool, receive: Any = stays) -> tuple[Forwarder, Call, Replica]:
     """A forwarder to one replica that answers `answer`, and a chat request that named no limit (the gateway's cap
     was sent: a 400 is read to see whether the cap is what vLLM refused)."""
     replica = Replica("http://engine", healthy=True)
-    forwarder = Forwarder(Session(answer), None, Placement(replica), Metrics(), 30)  # type: ignore[arg-type]
+    forwarder = Forwarder(Session(answer), Pool(), Placement(replica), Metrics(), 30)  # type: ignore[arg-type]
     payload = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048}
     call = Call("chat", "/v1/chat/completions", payload, ROUTE, "r1", stream, receive, new_context(stream))
     call.capped_by_default = True
@@ -325,6 +346,39 @@ async def test_an_engine_failing_before_a_streams_first_event_is_answered_as_uns
     assert call.context.error_type == code and replica.inflight == 0
     assert forwarder._metrics.upstream_errors.labels(replica.url)._value.get() == 1  # noqa: SLF001
     assert refused.value.headers == {"x-should-retry": "false"}, "the request may have caused it: SDKs must not retry"  # type: ignore[attr-defined]
+
+
+async def test_a_stream_whose_engine_died_before_its_first_event_goes_to_another_replica() -> None:
+    """vLLM sends a stream's head before its first token: an engine core dying meanwhile answered an error event, and
+    the client got a 502 it was told not to retry, where the same request unstreamed went to another replica. Nothing
+    was sent to the client yet: one more replica is tried, as without streaming, when the first fails its check."""
+    died = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n'
+    first, second = Replica("http://one", healthy=True), Replica("http://two", healthy=True)
+    dying, answering = StreamAnswer([died, DONE]), StreamAnswer([TOKEN + USAGE + DONE])
+    pool = Pool(down=frozenset({"http://one"}))
+    forwarder = Forwarder(
+        Session({"http://one": dying, "http://two": answering}), pool, Placement(first, second), Metrics(), 30
+    )  # type: ignore[arg-type]
+    call = Call(
+        "chat", "/v1/chat/completions", {"model": "base", "messages": []}, ROUTE, "r1", True, stays, new_context()
+    )
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert isinstance(response, RelayResponse) and dying.closed and not first.healthy
+    assert (first.inflight, second.inflight, pool.checked) == (0, 1, ["http://one"])
+    assert forwarder._metrics.upstream_errors.labels("http://one")._value.get() == 1  # noqa: SLF001
+    second.healthy = first.healthy = True  # and again, with the second one dying too: a 502, no third try
+    forwarder = Forwarder(
+        Session(StreamAnswer([died, DONE])),
+        Pool(down=frozenset({"http://one", "http://two"})),
+        Placement(first, second),
+        Metrics(),
+        30,
+    )  # type: ignore[arg-type]
+    call = Call(
+        "chat", "/v1/chat/completions", {"model": "base", "messages": []}, ROUTE, "r2", True, stays, new_context()
+    )
+    with pytest.raises(UpstreamError):
+        await asyncio.wait_for(forwarder.forward(call), 5)
 
 
 async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
