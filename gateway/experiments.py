@@ -40,6 +40,9 @@ RUNNING = '"status":"running"'
 """How a running experiment's JSON says so (pydantic's compact JSON): what `running` looks for before parsing."""
 MAX_AUDIT = 1000
 """Changes an experiment's audit log keeps, the latest: it is read whole by the admin API and the page."""
+MAX_RUNNING = 16
+"""Experiments a tenant runs (or has paused) at once: one guard-rail round judges every tenant's, so one tenant's
+thousands of experiments (255 arms each) would hold back every other tenant's rollbacks."""
 MAX_WEIGHT = 1e6
 """Weights are relative: up to a million is plenty (and their sum stays finite)."""
 Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False, description=f"0 to {MAX_WEIGHT:g}.")]
@@ -206,6 +209,10 @@ class ExperimentStore:
         raw = await self._redis.hgetall(keys.experiments(tenant))
         return [e for e in self.parsed({k: v for k, v in raw.items() if RUNNING in v}) if e.status == "running"]
 
+    async def live(self, tenant: str) -> list[Experiment]:
+        """The tenant's experiments running or paused."""
+        return [e for e in await self.all(tenant) if e.status in LIVE]
+
     @staticmethod
     def parsed(raw: dict[str, str]) -> list[Experiment]:
         """The experiments of a tenant's hash (keys.experiments), oldest first."""
@@ -226,6 +233,10 @@ class ExperimentStore:
         for arm in experiment.arms:  # they are parts of Redis keys, of the completion index and of a header
             if not NAME.fullmatch(arm.name):
                 raise InvalidExperiment(f"Invalid arm name {arm.name[:64]!r}: a-z 0-9 . _ -, up to 63.")
+        if len(live := await self.live(experiment.tenant)) >= MAX_RUNNING:
+            raise InvalidExperiment(
+                f"This tenant has {len(live)} experiments running or paused, the most it may: stop or end one first."
+            )
         if expect_alias is None:
             expect_alias = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
         experiment.previous_target = expect_alias  # the script refuses (-1) unless the alias still points there

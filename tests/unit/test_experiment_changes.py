@@ -247,6 +247,26 @@ async def test_a_round_reads_running_experiments_only_and_audit_logs_keep_the_la
     assert [c.detail for c in await store.audit("t", "new")] == [f"control=50, treat={w}" for w in (20, 30, 40)]
 
 
+async def test_a_tenant_runs_at_most_max_running_experiments_at_once(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One guard-rail round judges every tenant's experiments: one tenant's thousands would hold back the others'
+    rollbacks. Running and paused ones count; ended ones do not."""
+    from gateway import experiments
+
+    monkeypatch.setattr(experiments, "MAX_RUNNING", 2)
+    store = ExperimentStore(redis)
+    await store.create(_experiment("t", "one", "a1", (50, 50)), by="test")
+    await store.create(_experiment("t", "two", "a2", (50, 50)), by="test")
+    await store.set_status("t", "two", "paused", by="test")
+    with pytest.raises(InvalidExperiment, match="2 experiments running or paused"):
+        await store.create(_experiment("t", "three", "a3", (50, 50)), by="test")
+    await store.create(_experiment("acme", "three", "a3", (50, 50)), by="test")  # another tenant's own count
+    await store.set_status("t", "one", "stopped", by="test")
+    await store.create(_experiment("t", "three", "a3", (50, 50)), by="test")
+    assert [e.name for e in await store.live("t")] == ["two", "three"]
+
+
 async def test_a_redis_error_of_one_experiment_holds_up_no_other(redis: aioredis.Redis) -> None:
     """A key of another type under one experiment's name (WRONGTYPE) failed every round for every tenant after
     it: only an unreachable Redis stops a round."""
