@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
@@ -58,11 +59,16 @@ def plain_table(*headers: str, title: str | None = None, caption: str | None = N
     return table
 
 
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 def output_file(path: Path) -> TextIO:
     """PATH opened for writing (text); the command ends with the reason where it cannot be (a folder, a folder that
-    does not exist, no permission), rather than with a traceback."""
+    does not exist, no permission), rather than with a traceback. A new file is its owner's alone (an export holds
+    end users' conversations: the usual umask made it readable by every user of the host)."""
     try:
-        return open(path, "w", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
+        return open(path, "w", encoding="utf-8", opener=_private)  # noqa: SIM115 (the caller closes it)
     except OSError as exc:
         raise fail(f"cannot write {path}: {exc.strerror or exc}") from exc
 
