@@ -368,9 +368,10 @@ def _is_long(value: object) -> bool:
     return (type(value) is int or type(value) is float) and not -LONG_NUMBER < value < LONG_NUMBER  # type: ignore[operator]
 
 
-def _number(value: float, change: Callable[[str], str]) -> float | str:
+def _number(value: Any, change: Callable[[str], str]) -> Any:
     """A long number as it is, or what `change` made of its whole part's digits where it found something there (a
-    placeholder: sign and fraction go with it, as in JSON text)."""
+    placeholder: sign and fraction go with it, as in JSON text). Typed Any: compiled, a `float` parameter is a C
+    double, and an int passed as one came back a float (1234567.0), past 1e16 in exponent form, unread."""
     digits = str(abs(value)).partition(".")[0]  # as JSON writes it (1e+300 holds no run of digits)
     if not digits.isdigit():
         return value

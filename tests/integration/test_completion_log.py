@@ -140,8 +140,8 @@ def test_a_text_completion_and_a_refused_request_are_logged(teams: dict[str, Tea
     assert (refused["outcome"], refused["error_type"], refused["model"]) == ("error", "model_not_found", "no-such-bot")
     assert refused["request"]["messages"] == ASK, "admitted (a request of its quota): kept whole"
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="x" * 30_000, best_of=3, user="dave")
-    unserved = logged(store, "log-a", user="dave", status=400)
+        client.completions.create(model=MODEL, prompt="x" * 30_000, best_of=3, user="unserved")
+    unserved = logged(store, "log-a", user="unserved", status=400)
     assert unserved["request"] is None, "refused before its quota was checked: metadata only (quotas bound the rest)"
 
 

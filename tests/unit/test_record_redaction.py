@@ -113,6 +113,8 @@ def test_long_whole_numbers_are_redacted_wherever_they_are_but_in_the_apis_own_p
             "count": 1234567,
             "small": 12,
             "ok": [-2025550143, 4111111111111111.0, 1e300],
+            "big": 10**400,  # past a double (compiled, it failed the record): 401 digits, redacted whole as in text
+            "card19": 6221260000000000001,  # a 19-digit card (Luhn-valid), past 1e16
         },
         seed=2025550143,
         max_tokens=4,
@@ -124,10 +126,13 @@ def test_long_whole_numbers_are_redacted_wherever_they_are_but_in_the_apis_own_p
         "count": 1234567,
         "small": 12,
         "ok": ["[PHONE]", "[CARD]", 1e300],
+        "big": "[PHONE]",
+        "card19": "[CARD]",
     }
+    assert type(params["metadata"]["count"]) is int, "compiled, a whole number came back a float (1234567.0)"
     assert (params["seed"], params["max_tokens"]) == (2025550143, 4), "the API's parameters as sent"
     assert record["request"]["messages"][0]["content"][0]["ref"] == "[PHONE]"
-    assert record["redactions"] == {"phone": 4, "card": 2}, "(the answer holds a phone number)"
+    assert record["redactions"] == {"phone": 5, "card": 3}, "(the answer holds a phone number)"
 
 
 def test_an_answers_tool_call_is_redacted_as_an_earlier_turns_is() -> None:
