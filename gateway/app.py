@@ -162,10 +162,9 @@ async def _keep_records(svc: Services) -> None:
 
 async def _records_round(svc: Services, number: int) -> None:
     """Measure the records Redis's clock, adopt spools, re-check how Redis persists feedback, replay spooled feedback,
-    trim old records, move tombstones named in clear (`erasure.digest_named_tombstones`). Durability is probed before
-    the replay while it is not trusted (not known: Redis was down, or a write failed or was not confirmed; or Redis
-    does not fsync) and while the completion log spools (a probe then finds Redis down, and feedback spools until
-    Redis is back and has said how it persists), else every 30 rounds.
+    trim old records. Durability is probed before the replay while it is not trusted (not known: Redis was down, or a
+    write failed or was not confirmed; or Redis does not fsync) and while the completion log spools (a probe then
+    finds Redis down, and feedback spools until Redis is back and has said how it persists), else every 30 rounds.
     Each step on its own: one that fails does not hold up the others."""
     await svc.recorder.clock.upkeep()
     await _upkeep("adopting spools", svc.spools[0].adopt())
@@ -174,8 +173,6 @@ async def _records_round(svc: Services, number: int) -> None:
     await _upkeep("replaying feedback", svc.feedback.replay())
     if number % 60 == 0:
         await _upkeep("trimming records", _trim(svc))
-    if number % 3600 == 0:  # at start, then hourly while a gateway of a release before may still write them
-        await _upkeep("digesting tombstones", erasure.digest_named_tombstones(svc.records_redis))
     await _upkeep("metrics", _refresh_metrics(svc))
 
 
@@ -293,6 +290,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
         asyncio.create_task(watcher.run()),
         asyncio.create_task(svc.quotas.run()),
         asyncio.create_task(_keep_records(svc)),
+        asyncio.create_task(erasure.digest_named_tombstones_until_done(svc.records_redis)),
         asyncio.create_task(guard_rails.run(svc.redis, svc.records_redis, svc.router, settings.guard_rails_s)),
         asyncio.create_task(svc.recorder.run()),
     ]

@@ -13,11 +13,14 @@ Redis before the deletion does not vouch for a tenant re-created later with the 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import time
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from gateway import keys
 from gateway.arm_signal import ERASE
@@ -25,6 +28,7 @@ from gateway.context import MAX_USER_CHARS
 from gateway.record_store import TRIMMED, TRIMMED_KEEP_S, parse_index
 from gateway.records import LogPolicy
 
+log = logging.getLogger("loragate.erasure")
 PAGE = 500
 MARGIN_S = 2
 """Records this much younger than the age limit are searched too (their index may be expiring meanwhile)."""
@@ -170,33 +174,53 @@ async def purge_tenant(redis: aioredis.Redis, tenant: str) -> int:
     return deleted
 
 
-# KEYS: a tombstone named in clear, the same under its digest. Moved, the later of the two times kept (with the time
-# to live of the one kept); 1 if there was one to move.
+# KEYS: a tombstone named in clear, the same under its digest. ARGV: how long (ms) the one named in clear is kept
+# still. Copied under its digest unless that holds a later time (with the time to live it had), and kept ARGV[1] at
+# most (gateways of the release before read it meanwhile); 1 if it was copied.
 _DIGESTED = """
 local at = redis.call('GET', KEYS[1])
 if not at then return 0 end
-local ttl = redis.call('PTTL', KEYS[1])
+local ttl, copied = redis.call('PTTL', KEYS[1]), 0
 if tonumber(at) > tonumber(redis.call('GET', KEYS[2]) or '-1') then
   if ttl > 0 then redis.call('SET', KEYS[2], at, 'PX', ttl) else redis.call('SET', KEYS[2], at) end
+  copied = 1
 end
-redis.call('DEL', KEYS[1])
-return 1
+if ttl < 0 or ttl > tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return copied
 """
+NAMED_KEPT_S = 86_400
+"""How long a tombstone named in clear is kept once copied under its digest: gateways of the release before, still
+serving during a rolling upgrade, read it there."""
+DIGEST_EVERY_S = 3600.0
 
 
 async def digest_named_tombstones(redis: aioredis.Redis) -> int:
     """Tombstones of releases before 2026-12-07 named the erased user in clear (`keys.named_tombstones`), where
-    scripts now look under the digest of the name: each is moved there. A pass that finds none sets a marker, and
-    later ones return at once (each pass SCANs the whole records Redis). How many were moved."""
+    scripts now look under the digest of the name (and under the name too, until this is done): each is copied
+    there, and the one named in clear expires in NAMED_KEPT_S. A pass that copies none sets a marker (the scripts
+    stop reading names, later passes return at once: each SCANs the whole records Redis). How many it copied."""
     if await redis.exists(keys.named_tombstones_gone()):
         return 0
-    move, moved = redis.register_script(_DIGESTED), 0
+    copy, copied = redis.register_script(_DIGESTED), 0
     async for key in redis.scan_iter(match=keys.named_tombstones(), count=PAGE):
         _, _, tenant, user = str(key).split(":", 3)
-        moved += int(await move(keys=[key, keys.forgotten(tenant, user)]))
-    if not moved:
+        copied += int(await copy(keys=[key, keys.forgotten(tenant, user)], args=[NAMED_KEPT_S * 1000]))
+    if not copied:
         await redis.set(keys.named_tombstones_gone(), "1")
-    return moved
+    return copied
+
+
+async def digest_named_tombstones_until_done(redis: aioredis.Redis, every_s: float = DIGEST_EVERY_S) -> None:
+    """`digest_named_tombstones` at start, then every `every_s` until a pass finds none to copy: a task of its own,
+    as its SCAN may take a while on a large Redis. An error (Redis away) is tried again next time."""
+    while True:
+        try:
+            await digest_named_tombstones(redis)
+            if await redis.exists(keys.named_tombstones_gone()):
+                return
+        except (RedisError, OSError) as exc:
+            log.debug("digesting tombstones named in clear: %r", exc)
+        await asyncio.sleep(every_s)
 
 
 def id_and_user(fields: dict[str, str]) -> tuple[str | None, str | None]:

@@ -292,6 +292,7 @@ class FeedbackStore:
                 _, _, experiment, arm = parse_index(index)
                 counters = keys.arm_counters(tenant, experiment, arm) if experiment and arm else ""
                 script_keys += [counters, keys.tenant_deleted(tenant), keys.completion(completion_id)]
+                script_keys.append(keys.named_tombstone_prefix(tenant) + user if user else "")
                 raw = item["feedback"] if index is not None else item["feedback"][:-1] + UNCOUNTED
                 args = [user, raw, feedback["created"], completion_id, item["ttl"], int(replay)]
                 args += [item.get("score_min", 0.0), item.get("score_max", 1.0)]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from gateway.arm_signal import SIGNAL
 
 # KEYS: the completion's feedback hash, the end user's set, the end user's erasure, the experiment arm's
-# counters ('' where none), the tenant's deletion, the completion's index. ARGV: field (end user), feedback JSON,
+# counters ('' where none), the tenant's deletion, the completion's index, the end user's erasure as releases before
+# 2026-12-07 named it (gateway.erasure.digest_named_tombstones). ARGV: field (end user), feedback JSON,
 # created, completion id, ttl (s), replay (1/0), score_min, score_max, when its tenant was created, TRIMMED,
 # MAX_RATERS. Feedback of a tenant created at or before its deletion, or of a completion the length limit trimmed, is
 # refused (-1); one made before its end user's erasure, or (replayed) past the tenant's age limit, is dropped (0); a
@@ -20,7 +21,10 @@ STORE = (
 local deleted = redis.call('GET', KEYS[5])
 if deleted and tonumber(string.match(deleted, '^%S+')) >= tonumber(ARGV[9]) then return -1 end
 if redis.call('GET', KEYS[6]) == ARGV[10] then return -1 end
-if KEYS[2] ~= '' and tonumber(redis.call('GET', KEYS[3]) or '-1') >= tonumber(ARGV[3]) then return 0 end
+if KEYS[2] ~= '' then
+  local erased = math.max(tonumber(redis.call('GET', KEYS[3]) or '-1'), tonumber(redis.call('GET', KEYS[7]) or '-1'))
+  if erased >= tonumber(ARGV[3]) then return 0 end
+end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local ttl = tonumber(ARGV[5])
 if ARGV[6] == '1' then

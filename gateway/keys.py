@@ -195,8 +195,14 @@ def forgotten_prefix(tenant: str) -> str:
 
 def named_tombstones() -> str:
     """SCAN pattern of the tombstones releases before 2026-12-07 wrote, under the user's name in clear
-    (`loragate:forgotten:TENANT:USER`): each is moved under its digest (gateway.erasure.digest_named_tombstones)."""
+    (`named_tombstone_prefix`): each is moved under its digest (gateway.erasure.digest_named_tombstones)."""
     return f"{PREFIX}:forgotten:*"
+
+
+def named_tombstone_prefix(tenant: str) -> str:
+    """`loragate:forgotten:TENANT:`, followed by the user's name: a tombstone of a release before 2026-12-07, read
+    beside `forgotten` until they are all moved (`named_tombstones_gone`)."""
+    return f"{PREFIX}:forgotten:{tenant}:"
 
 
 def named_tombstones_gone() -> str:
@@ -224,6 +230,6 @@ def tenant_records_pattern(tenant: str) -> list[str]:
         feedback_prefix(tenant) + "*",
         end_user_prefix(tenant) + "*",
         forgotten_prefix(tenant) + "*",
-        f"{PREFIX}:forgotten:{tenant}:*",  # named in clear, before 2026-12-07 (not moved yet)
+        named_tombstone_prefix(tenant) + "*",  # named in clear, before 2026-12-07 (not moved yet)
         f"{PREFIX}:tenant:{tenant}:experiment:*",  # arms' counters and users, audit logs
     ]

@@ -65,11 +65,12 @@ local META = '^(%d+) (%d+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S*)$'
 local written, sets, counted, deleted, logs = 0, {}, {}, {}, {}
 local now = tonumber(redis.call('TIME')[1])
 local indexes, tenant_count, arm_count = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local tenants, arms, prefixes, a = {}, {}, {}, 8
+local named = redis.call('EXISTS', ARGV[8]) == 0  -- tombstones named in clear may be left (gateway.erasure)
+local tenants, arms, prefixes, a = {}, {}, {}, 9
 for t = 1, tenant_count do
   local tenant = {name = ARGV[a], log = ARGV[a + 1], ratings = ARGV[a + 2], users = ARGV[a + 3]}
-  tenant.forgotten, tenant.deleted = ARGV[a + 4], ARGV[a + 5]
-  tenants[t], prefixes[tenant.log], a = tenant, tenant, a + 6
+  tenant.forgotten, tenant.deleted, tenant.named = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  tenants[t], prefixes[tenant.log], a = tenant, tenant, a + 7
 end
 for r = 1, arm_count do
   arms[r], a = {counters = ARGV[a], users = ARGV[a + 1], label = ARGV[a + 2]}, a + 3
@@ -94,6 +95,11 @@ local function deletion(key)
   end
   return at
 end
+local function erased_at(tenant, user)  -- by its digest; by its name too while tombstones may be named so
+  local at = tonumber(redis.call('GET', tenant.forgotten .. redis.sha1hex(user)) or '-1')
+  if named then at = math.max(at, tonumber(redis.call('GET', tenant.named .. user) or '-1')) end
+  return at
+end
 local function one(i)
   local a = head + 4 * i
   local id, user = ARGV[a + 1], ARGV[a + 2]
@@ -106,7 +112,7 @@ local function one(i)
     error('record ' .. id .. ': bad counts')
   end
   if deletion(tenant.deleted) >= incarnation or created + ttl < now then return end
-  local erased = user ~= '' and tonumber(redis.call('GET', tenant.forgotten .. redis.sha1hex(user)) or '-1') >= created
+  local erased = user ~= '' and erased_at(tenant, user) >= created
   local index = indexes .. id
   if erased then  -- TRIMMED refuses the ratings others give of it (spooled, or sent to the process that answered)
     -- its first copy: the ratings kept before it came (vouched for, counted in no arm) quote the erased conversation
@@ -286,10 +292,10 @@ def _call(chunk: list[dict[str, Any]]) -> Call:
         r = arms.setdefault((tenant, experiment, arm), len(arms) + 1) if experiment and arm else 0
         records += (e["record"], e["id"], user, _numbers(e, t, r))
     args: list[Any] = [TRIM_SLACK, TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, keys.completion_prefix()]
-    args += (len(tenants), len(arms))
+    args += (len(tenants), len(arms), keys.named_tombstones_gone())
     for tenant in tenants:
         args += (tenant, keys.completion_log(tenant), keys.feedback_prefix(tenant), keys.end_user_prefix(tenant))
-        args += (keys.forgotten_prefix(tenant), keys.tenant_deleted(tenant))
+        args += (keys.forgotten_prefix(tenant), keys.tenant_deleted(tenant), keys.named_tombstone_prefix(tenant))
     for tenant, experiment, arm in arms:
         args += (keys.arm_counters(tenant, experiment, arm), keys.arm_users(tenant, experiment, arm))
         args.append(f" {experiment} {arm}")

@@ -331,23 +331,37 @@ async def test_an_erased_completions_marker_lasts_as_long_as_its_index_would_hav
 
 
 async def test_an_erased_users_tombstone_does_not_name_them_and_old_named_ones_are_moved(
-    redis: aioredis.Redis, recorder: Recorder
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
 ) -> None:
     """Tombstones last ten years: they were named by the user's name, often an e-mail address. Now by its digest, and
-    the record script finds them (a record of theirs still queued is not written); those of the release before are
-    moved under their digest, keeping the later time, once, then passes stop."""
-    user = "zoë.mail@example.com"
+    the scripts find them (a record of theirs still queued is not written). Those of the release before are read by
+    name until they are copied under their digest (the named ones kept a day, for gateways of that release), once:
+    a pass that copies none ends the passes, and the scripts stop reading names."""
+    user, old = "zoë.mail@example.com", "old@example.com"
     await forget_user(redis, "t", user, TENANT.logging)
     assert not [key async for key in redis.scan_iter(match="*example.com*")], "no key names them"
     recorder.record(context(TENANT, 1, user=user))
     await recorder.written()
     assert await redis.xlen(keys.completion_log("t")) == 0, "the record script read the tombstone by its digest"
-    await redis.set(f"loragate:forgotten:t:{user}", "99999999999", ex=600)  # an older release's erasure, later
-    await redis.set("loragate:forgotten:u:ann:x", "5", ex=600)
+    await redis.set(keys.named_tombstone_prefix("t") + old, "99999999999", ex=10 * 86400)  # the release before's
+    await redis.set(keys.named_tombstone_prefix("u") + "ann:x", "5", ex=600)
+    recorder.record(context(TENANT, 2, user=old))
+    await recorder.written()
+    assert await redis.xlen(keys.completion_log("t")) == 0, "read by its name while names may be left"
+    recorder.record(context(TENANT, 3, user="v"))
+    await recorder.written()
+    rating = Feedback(**FeedbackIn(completion_id="chatcmpl-3", user=old, thumbs="up").model_dump(), created=time.time())
+    item = {"tenant": "t", "verify": False, "ttl": 60, "since": time.time(), "feedback": rating.model_dump_json()}
+    with pytest.raises(Exception, match="did not keep"):
+        await store._write([item], replay=False)  # noqa: SLF001
     assert await digest_named_tombstones(redis) == 2
-    assert await redis.get(keys.forgotten("t", user)) == "99999999999" and await redis.get(keys.forgotten("u", "ann:x"))
+    assert await redis.get(keys.forgotten("t", old)) == "99999999999"
+    assert 86_390 <= await redis.ttl(keys.named_tombstone_prefix("t") + old) <= 86_400, "kept a day, not ten years"
     assert 590 <= await redis.ttl(keys.forgotten("u", "ann:x")) <= 600
-    assert not [key async for key in redis.scan_iter(match="loragate:forgotten:*")]
+    assert 590 <= await redis.ttl(keys.named_tombstone_prefix("u") + "ann:x") <= 600, "not lengthened"
     assert await digest_named_tombstones(redis) == 0 and await redis.exists(keys.named_tombstones_gone())
-    await redis.set("loragate:forgotten:t:late", "5")
-    assert await digest_named_tombstones(redis) == 0, "a pass that found none ended the passes"
+    await redis.set(keys.named_tombstone_prefix("t") + "late", "99999999999")  # a gateway of the release before's
+    assert await digest_named_tombstones(redis) == 0, "a pass that copied none ended the passes"
+    recorder.record(context(TENANT, 4, user="late"))
+    await recorder.written()
+    assert await redis.xlen(keys.completion_log("t")) == 2, "v's, and late's: names are no longer read (erase again)"

@@ -37,12 +37,11 @@ def services(calls: list[str], durability: str, failing: str = "", degraded: boo
         spools=[SimpleNamespace(adopt=step("adopt"))],
         feedback=feedback,
         tenants=SimpleNamespace(all=step("tenants", [])),
-        records_redis=SimpleNamespace(exists=step("tombstones", 1)),  # digested already
         refresh_metrics=metrics,
     )
 
 
-FIRST = ["clock", "adopt", "check", "replay", "tenants", "trim", "tombstones", "metrics"]
+FIRST = ["clock", "adopt", "check", "replay", "tenants", "trim", "metrics"]
 """The first round does every step; later ones probe only while durability is not trusted (or every 30 rounds)."""
 
 
@@ -62,7 +61,7 @@ async def test_durability_is_probed_before_spooled_feedback_is_replayed(
     assert calls == [*FIRST, "clock", "adopt", *(["check"] if probed else []), "replay", "metrics"]
 
 
-@pytest.mark.parametrize("failing", ["adopt", "replay", "trim", "tombstones", "metrics"])
+@pytest.mark.parametrize("failing", ["adopt", "replay", "trim", "metrics"])
 async def test_a_step_that_fails_holds_up_none_of_the_others(failing: str) -> None:
     calls: list[str] = []
     svc = services(calls, "unknown", failing)
