@@ -5,6 +5,7 @@ request → principal (auth) → quota → route (alias or adapter → version) 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from starlette.responses import Response
 
 from gateway.auth import TenantCaller
 from gateway.body import read_json_sized
-from gateway.context import USER_HEADER, RequestContext, user_from_header
+from gateway.context import CLIENT_CLOSED, USER_HEADER, RequestContext, user_from_header
 from gateway.errors import APIError, InvalidRequest, from_validation_error
 from gateway.openapi import answer, errors, event_stream, json_body
 from gateway.protocol import (
@@ -167,6 +168,11 @@ async def _complete(
             context, finished, hide_usage, capped_by_default=asked is None,
         )  # fmt: skip
         return await svc.forwarder.forward(call)
+    except asyncio.CancelledError:  # from outside (a stopping server past LORAGATE_SHUTDOWN_TIMEOUT_S), client there
+        if not handed_over:  # recorded, its reservation kept (tokens may have been generated), as a client that left
+            context.finish(CLIENT_CLOSED)
+            finished(context)
+        raise
     except Exception as exc:
         if isinstance(exc, ArmUnavailable):
             context.route = exc.route  # assigned to an arm that cannot serve: recorded as that arm's error

@@ -5,8 +5,11 @@ on; stopping the gateway stops every worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -15,8 +18,9 @@ import openai
 import psutil
 import pytest
 
+from gateway import keys
 from loadtest.services import alive
-from tests.conftest import MODEL, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway
+from tests.conftest import MODEL, Gateway, RedisServer, create_key, start_side_gateway, stop_gateway, sync_redis_client
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -142,9 +146,24 @@ def test_stopping_the_gateway_stops_every_worker(
         model=MODEL, prompt="Count:", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
     )
     next(iter(long))  # under way, for minutes on these cores: a stopping gateway waits LORAGATE_SHUTDOWN_TIMEOUT_S
+
+    def unstreamed() -> None:  # one not streamed, waiting for its answer
+        with contextlib.suppress(openai.APIError):
+            client.completions.create(
+                model=MODEL, prompt="Count:", max_tokens=4000, user="unstreamed", extra_body={"ignore_eos": True}
+            )
+
+    whole = threading.Thread(target=unstreamed)
+    whole.start()
+    time.sleep(2)
     stopping = time.monotonic()
     stop_gateway(side)
     _, running = psutil.wait_procs(processes, timeout=30)
     assert not running, f"left running after the gateway stopped: {[p.pid for p in running]}"
     assert side.process.returncode == 0 and time.monotonic() - stopping < 20, side.log_tail()
     long.close()
+    whole.join(30)
+    log = sync_redis_client(redis_server.url, decode_responses=True)
+    records = [json.loads(fields["r"]) for _, fields in log.xrange(keys.completion_log("stopping"))]
+    cancelled = [(False, "cancelled", 499), (True, "cancelled", 499)]
+    assert sorted((r["stream"], r["outcome"], r["status"]) for r in records) == cancelled, "both recorded"
