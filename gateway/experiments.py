@@ -57,6 +57,10 @@ class InvalidExperiment(ValueError):
     """An experiment or a change of it is refused; the message says why."""
 
 
+class TooManyExperiments(InvalidExperiment):
+    """The tenant runs (or has paused) MAX_RUNNING experiments already."""
+
+
 class ExperimentConflict(InvalidExperiment):
     """Refused for what is there now: the name or the alias is taken, or another change of the experiment
     came first (read it again and retry)."""
@@ -234,7 +238,7 @@ class ExperimentStore:
             if not NAME.fullmatch(arm.name):
                 raise InvalidExperiment(f"Invalid arm name {arm.name[:64]!r}: a-z 0-9 . _ -, up to 63.")
         if len(live := await self.live(experiment.tenant)) >= MAX_RUNNING:
-            raise InvalidExperiment(
+            raise TooManyExperiments(
                 f"This tenant has {len(live)} experiments running or paused, the most it may: stop or end one first."
             )
         if expect_alias is None:

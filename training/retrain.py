@@ -27,7 +27,7 @@ from adapters.manifest import Manifest
 from adapters.validate import BaseModelSpec
 from gateway import version_guard
 from gateway.apikeys import KeyStore
-from gateway.experiments import ExperimentConflict, ExperimentStore
+from gateway.experiments import ExperimentConflict, ExperimentStore, TooManyExperiments
 from gateway.pointers import PointerStore
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -331,10 +331,12 @@ async def _start_canary(
     router = Router(stack.settings.served_model_name, stack.registry, *stores)
     try:
         await publish.start_canary(stack.state, router, experiment, published, by, alias_now)
-    except ExperimentConflict as exc:  # the alias moved since `still_serving`: it stays where it was moved
+    except (ExperimentConflict, TooManyExperiments) as exc:  # the alias moved since `still_serving` (it stays where
+        moved = isinstance(exc, ExperimentConflict)  # it was moved), or the tenant runs the most experiments it may
+        then = f"Point alias `{state.alias}` at {before.target} again and" if moved else "Then"
         raise publish.RetrainRefused(
             f"{published.ref} is listed (its bare name pinned to what it served) but its canary did not start: "
-            f"{exc} Point alias `{state.alias}` at {before.target} again and `train publish --run` starts it."
+            f"{exc} {then} `train publish --run` starts it."
         ) from exc
     state.canary = name
     run.save()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import getpass
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
@@ -60,12 +61,18 @@ def plain_table(*headers: str, title: str | None = None, caption: str | None = N
 
 
 def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
+    """Created readable by its owner alone; a file of this user's written over is made so too (not a FIFO or a
+    terminal: /dev/stdout is written to as it is)."""
+    fd = os.open(path, flags, 0o600)
+    found = os.fstat(fd)
+    if stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid() and found.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 def output_file(path: Path) -> TextIO:
     """PATH opened for writing (text); the command ends with the reason where it cannot be (a folder, a folder that
-    does not exist, no permission), rather than with a traceback. A new file is its owner's alone (an export holds
+    does not exist, no permission), rather than with a traceback. The file is its owner's alone (an export holds
     end users' conversations: the usual umask made it readable by every user of the host)."""
     try:
         return open(path, "w", encoding="utf-8", opener=_private)  # noqa: SIM115 (the caller closes it)

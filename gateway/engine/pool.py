@@ -75,7 +75,8 @@ class ReplicaPool:
         """The check of a replica under way, which checks asked meanwhile share."""
 
     async def check(self, replica: Replica) -> bool:
-        """Ask the replica's /health (on a connection of its own, in the gateway) and mark it up or down. Checks
+        """Ask the replica's /health (on a connection of its own, in the gateway) and mark it up or down (down after
+        SILENT_CHECKS unanswered in a row); whether it answered, healthy, in time. Checks
         asked while one is under way share its answer: a burst of requests that met closed connections, or of
         readiness probes, sends the engine one request, not one each."""
         running = self._checking.get(replica)
@@ -89,11 +90,11 @@ class ReplicaPool:
             timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
             async with self._session.get(f"{replica.url}/health", timeout=timeout) as resp:
                 ok = resp.status == 200
-        except TimeoutError:  # busy (a CPU engine under load answers late), or frozen: down only if it stays silent
-            replica.silent += 1
+        except TimeoutError:  # busy (a CPU engine under load answers late), or frozen: down only if it stays silent,
+            replica.silent += 1  # but no answer all the same for the request that asked (it moves on: `_send`)
             if replica.silent >= SILENT_CHECKS or not replica.healthy:
                 replica.mark_down()
-            return replica.healthy
+            return False
         except (aiohttp.ClientError, OSError):
             ok = False
         replica.silent = 0

@@ -259,7 +259,7 @@ async def test_a_tenant_runs_at_most_max_running_experiments_at_once(
     await store.create(_experiment("t", "one", "a1", (50, 50)), by="test")
     await store.create(_experiment("t", "two", "a2", (50, 50)), by="test")
     await store.set_status("t", "two", "paused", by="test")
-    with pytest.raises(InvalidExperiment, match="2 experiments running or paused"):
+    with pytest.raises(experiments.TooManyExperiments, match="2 experiments running or paused"):
         await store.create(_experiment("t", "three", "a3", (50, 50)), by="test")
     await store.create(_experiment("acme", "three", "a3", (50, 50)), by="test")  # another tenant's own count
     await store.set_status("t", "one", "stopped", by="test")

@@ -604,6 +604,8 @@ def test_the_cli_refuses_a_since_no_log_starts_from(redis_server: RedisServer, t
         done = CliRunner().invoke(cli, [*command, "--since", since], env=env)
         assert done.exit_code == 1 and isinstance(done.exception, SystemExit), (since, done.output, done.exception)
         assert "error:" in done.output and "since must be a Unix time" in done.output, done.output
+    (tmp_path / "out.jsonl").touch()
+    (tmp_path / "out.jsonl").chmod(0o644)  # an export of a release before, written over
     done = CliRunner().invoke(cli, [*command, "--since", "2024-01-01"], env=env)
     assert done.exit_code == 0, done.output
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o600, "end users' conversations: the owner's alone"

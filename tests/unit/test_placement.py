@@ -307,11 +307,13 @@ async def test_a_replica_is_down_after_three_health_checks_in_a_row_it_left_unan
     monkeypatch.setattr(pool_module, "HEALTH_TIMEOUT_S", 0.2)
     replica, fake = pool.replicas[0], fakes[0]
     fake.health_s = 1.0
-    assert [await pool.check(replica) for _ in range(2)] == [True, True] and replica.healthy
+    assert [await pool.check(replica) for _ in range(2)] == [False, False], "no answer for the request that asked"
+    assert replica.healthy, "but still among the choices"
     fake.health_s = 0.05
     assert await pool.check(replica) and replica.silent == 0, "answered in time: the count starts again"
     fake.health_s = 1.0
-    assert [await pool.check(replica) for _ in range(3)] == [True, True, False] and not replica.healthy
+    assert [await pool.check(replica) for _ in range(2)] == [False, False] and replica.healthy
+    assert not await pool.check(replica) and not replica.healthy, "the third in a row"
     assert not await pool.check(replica), "silent and down: stays down"
     fake.health_s = 0.05
     assert await pool.check(replica) and replica.healthy
