@@ -197,21 +197,23 @@ DIGEST_EVERY_S = 3600.0
 async def digest_named_tombstones(redis: aioredis.Redis) -> int:
     """Tombstones of releases before 2026-12-07 named the erased user in clear (`keys.named_tombstones`), where
     scripts now look under the digest of the name (and under the name too, until this is done): each is copied
-    there, and the one named in clear expires in NAMED_KEPT_S. A pass that copies none sets a marker (the scripts
-    stop reading names, later passes return at once: each SCANs the whole records Redis). How many it copied."""
+    there, and the one named in clear expires in NAMED_KEPT_S. A pass that finds none (a day after the last one
+    a gateway of the release before wrote, at the earliest) sets a marker: the record script stops reading names,
+    and later passes return at once (each SCANs the whole records Redis). How many it copied."""
     if await redis.exists(keys.named_tombstones_gone()):
         return 0
-    copy, copied = redis.register_script(_DIGESTED), 0
+    copy, copied, found = redis.register_script(_DIGESTED), 0, 0
     async for key in redis.scan_iter(match=keys.named_tombstones(), count=PAGE):
         _, _, tenant, user = str(key).split(":", 3)
         copied += int(await copy(keys=[key, keys.forgotten(tenant, user)], args=[NAMED_KEPT_S * 1000]))
-    if not copied:
+        found += 1
+    if not found:
         await redis.set(keys.named_tombstones_gone(), "1")
     return copied
 
 
 async def digest_named_tombstones_until_done(redis: aioredis.Redis, every_s: float = DIGEST_EVERY_S) -> None:
-    """`digest_named_tombstones` at start, then every `every_s` until a pass finds none to copy: a task of its own,
+    """`digest_named_tombstones` at start, then every `every_s` until a pass finds none: a task of its own,
     as its SCAN may take a while on a large Redis. An error (Redis away) is tried again next time."""
     while True:
         try:
@@ -220,6 +222,8 @@ async def digest_named_tombstones_until_done(redis: aioredis.Redis, every_s: flo
                 return
         except (RedisError, OSError) as exc:
             log.debug("digesting tombstones named in clear: %r", exc)
+        except Exception:  # a key of a shape no release writes: said, and the task goes on
+            log.exception("digesting tombstones named in clear failed; trying again in %g s", every_s)
         await asyncio.sleep(every_s)
 
 

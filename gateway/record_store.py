@@ -33,32 +33,32 @@ answer, a spool adopted from a process that died) to be skipped by it, and short
 TRIMMED = "-"
 """A trimmed record's completion index: names no tenant and no entry (feedback and erasure take it as unknown)."""
 
-# Every argument is in ARGV (no KEYS: the keys are the tenants' and arms' listed in the call, and the script needs
-# one Redis, not a cluster; it finds more in the entries it trims). ARGV opens with what trimming needs: TRIM_SLACK,
+# Every argument is in ARGV (no KEYS: the keys are the tenants' and arms' listed in the call, and the script needs one
+# Redis, not a cluster; it finds more in the entries it trims). ARGV opens with what trimming needs: TRIM_SLACK,
 # TRIM_MOST, TRIMMED_KEEP_S, TRIMMED, the index prefix; then how many tenants and how many experiment arms the call
-# writes for. Per tenant: its name, its log stream, its ratings prefix, its end users' prefix, its
-# erasures' prefix and its deletion key. Per arm: its counters, its users and ' EXPERIMENT ARM' for the
-# index. Then per record: its JSON, its completion id, its end user ('' for none) and its numbers,
-# space-separated (`_numbers`, read with META): its tenant's place in the list (from 1), its arm's (0: none), created,
-# when its tenant was created, max length, ttl (s), error (1/0), prompt tokens, completion tokens, latency bucket (or
-# nothing). Four arguments a record rather than twenty: packing and passing each argument costs both sides more than
-# what most of them hold. A record of a tenant created at or before its deletion is skipped (each tenant's deletion
-# is read once per call), and so is one past its tenant's age limit (a spool replayed late). A record of an end user
-# erased since it was made is skipped too, and its index set to TRIMMED (unless one is there): a rating of it,
-# spooled or sent to the process that answered it (which vouches for it), is then refused, and those kept before
-# (vouched for while the record was on its way) are deleted, as erasure would have. An arm's counters move
-# only when its record is written (a replay counts once). What many records of a call share is summed in the script
-# and written once at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl; never shortened:
-# it also finds the user's ratings), each arm one HINCRBY per counter and one PFADD. A record that fails stops the
-# loop, but what the records before it share is still written before the error is returned: the recorder then
-# retries record by record, and the index skips those.
-# Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). Once the records are written, a log
-# TRIM_SLACK entries over its length is trimmed to it (at most TRIM_MOST entries a call), and what was derived from
-# each record trimmed goes with it, if its index still names that entry: the ratings and the completion's place in
-# the set of its end user and of each user who rated it. Its index stays TRIMMED_KEEP_S, as TRIMMED (no tenant, no
-# entry), so that a replay of the record is still skipped: written again, it would be the newest entry and push
-# newer records out. What fails in a trim is logged by Redis and fails no record; the entries are trimmed all the same.
-# Returns the records written; an error says how many were written before it (WRITTEN_BEFORE).
+# writes for, and the key that says no erasure is named in clear any more (keys.named_tombstones_gone). Per tenant: its
+# name, its log stream, its ratings prefix, its end users' prefix, its erasures' prefix (a digest of the user's name
+# follows), its deletion key and its erasures' prefix of releases before (the name follows). Per arm: its counters, its
+# users and ' EXPERIMENT ARM' for the index. Then per record: its JSON, its completion id, its end user ('' for none)
+# and its numbers, space-separated (`_numbers`, read with META): its tenant's place in the list (from 1), its arm's (0:
+# none), created, when its tenant was created, max length, ttl (s), error (1/0), prompt tokens, completion tokens,
+# latency bucket (or nothing). Four arguments a record rather than twenty: packing and passing each argument costs both
+# sides more than what most of them hold. A record of a tenant created at or before its deletion is skipped (each
+# tenant's deletion is read once per call), and so is one past its tenant's age limit (a spool replayed late). A record
+# of an end user erased since it was made is skipped too, and its index set to TRIMMED (unless one is there): a rating
+# of it, spooled or sent to the process that answered it (which vouches for it), is then refused, and those kept before
+# (vouched for while the record was on its way) are deleted, as erasure would have. An arm's counters move only when its
+# record is written (a replay counts once). What many records of a call share is summed in the script and written once
+# at its end: each end user's set gets one SADD and one EXPIRE (the longest ttl; never shortened: it also finds the
+# user's ratings), each arm one HINCRBY per counter and one PFADD. A record that fails stops the loop, but what the
+# records before it share is still written before the error is returned: the recorder then retries record by record, and
+# the index skips those. Each entry holds the record (`r`), its completion id (`c`) and end user (`u`). Once the records
+# are written, a log TRIM_SLACK entries over its length is trimmed to it (at most TRIM_MOST entries a call), and what
+# was derived from each record trimmed goes with it, if its index still names that entry: the ratings and the
+# completion's place in the set of its end user and of each user who rated it. Its index stays TRIMMED_KEEP_S, as
+# TRIMMED (no tenant, no entry), so that a replay of the record is still skipped: written again, it would be the newest
+# entry and push newer records out. What fails in a trim is logged by Redis and fails no record; the entries are trimmed
+# all the same. Returns the records written; an error says how many were written before it (WRITTEN_BEFORE).
 _RECORD = """
 local TRIM_SLACK, TRIM_MOST, KEEP, TRIMMED = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local META = '^(%d+) (%d+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S*)$'

@@ -236,7 +236,7 @@ class Forwarder:
         generation cut by a proxy's time limit): it is not run again on the same replica."""
         if not stale(exc) or time.monotonic() - sent_at > RESEND_WITHIN_S:
             return False
-        return await self._pool.check(replica)
+        return await self._pool.check(replica) or replica.healthy  # a check left unanswered: still up (pool)
 
     async def forward(self, call: Call) -> Response:
         """Answer the request from a replica. A request whose client disconnects before its answer (a stream's:
@@ -300,7 +300,12 @@ class Forwarder:
             except BaseException:  # cancelled: the client left (`forward` counts it)
                 self._abandon(replica, upstream)
                 raise
-            if isinstance(refused, EngineFailed) and not failed and not await self._pool.check(replica):
+            try:
+                gone = isinstance(refused, EngineFailed) and not failed and not await self._pool.check(replica)
+            except BaseException:  # cancelled while its replica is checked (the client left)
+                self._abandon(replica, upstream)
+                raise
+            if gone:
                 # its engine died before the first event (vLLM sends a stream's head first): nothing was sent to the
                 # client yet, so it goes to one more replica, as an unstreamed request whose engine died does
                 self._abandon(replica, upstream)

@@ -64,9 +64,13 @@ def _private(path: str, flags: int) -> int:
     """Created readable by its owner alone; a file of this user's written over is made so too (not a FIFO or a
     terminal: /dev/stdout is written to as it is)."""
     fd = os.open(path, flags, 0o600)
-    found = os.fstat(fd)
-    if stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid() and found.st_mode & 0o077:
-        os.fchmod(fd, 0o600)
+    try:
+        found = os.fstat(fd)
+        if stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid() and found.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -97,6 +97,8 @@ async def readyz(request: Request, verbose: bool = False) -> JSONResponse:
         _within(_redis_ok(svc.records_redis)) if separate else asyncio.sleep(0, True),
         *(_within(svc.pool.check(r), r.healthy) for r in svc.pool.replicas),  # slow: as its last check said
     )
+    # a check left unanswered (a busy engine) keeps the replica in service until the third in a row: so here
+    engines = [ok or replica.healthy for ok, replica in zip(engines, svc.pool.replicas, strict=True)]
     records_ok = records_ok and (redis_ok or separate)
     spooled = sum(spool.pending() for spool in svc.spools)
     status = "not ready" if not any(engines) else "ready"

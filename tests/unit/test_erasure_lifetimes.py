@@ -335,8 +335,8 @@ async def test_an_erased_users_tombstone_does_not_name_them_and_old_named_ones_a
 ) -> None:
     """Tombstones last ten years: they were named by the user's name, often an e-mail address. Now by its digest, and
     the scripts find them (a record of theirs still queued is not written). Those of the release before are read by
-    name until they are copied under their digest (the named ones kept a day, for gateways of that release), once:
-    a pass that copies none ends the passes, and the scripts stop reading names."""
+    name until they are copied under their digest (the named ones kept a day, for gateways of that release): a pass
+    that finds none ends the passes, and the record script stops reading names."""
     user, old = "zoë.mail@example.com", "old@example.com"
     await forget_user(redis, "t", user, TENANT.logging)
     assert not [key async for key in redis.scan_iter(match="*example.com*")], "no key names them"
@@ -359,9 +359,14 @@ async def test_an_erased_users_tombstone_does_not_name_them_and_old_named_ones_a
     assert 86_390 <= await redis.ttl(keys.named_tombstone_prefix("t") + old) <= 86_400, "kept a day, not ten years"
     assert 590 <= await redis.ttl(keys.forgotten("u", "ann:x")) <= 600
     assert 590 <= await redis.ttl(keys.named_tombstone_prefix("u") + "ann:x") <= 600, "not lengthened"
+    assert await digest_named_tombstones(redis) == 0 and not await redis.exists(keys.named_tombstones_gone())
+    await redis.set(keys.named_tombstone_prefix("t") + "later", "99999999999", ex=3650 * 86400)  # the release before's
+    assert await digest_named_tombstones(redis) == 1, "named ones are left (a day): passes go on, and copy it"
+    assert await redis.ttl(keys.named_tombstone_prefix("t") + "later") <= 86_400
+    await redis.delete(*[key async for key in redis.scan_iter(match=keys.named_tombstones())])  # a day later
     assert await digest_named_tombstones(redis) == 0 and await redis.exists(keys.named_tombstones_gone())
-    await redis.set(keys.named_tombstone_prefix("t") + "late", "99999999999")  # a gateway of the release before's
-    assert await digest_named_tombstones(redis) == 0, "a pass that copied none ended the passes"
+    await redis.set(keys.named_tombstone_prefix("t") + "late", "99999999999")  # the release before's, after that
+    assert await digest_named_tombstones(redis) == 0, "a pass that found none ended the passes"
     recorder.record(context(TENANT, 4, user="late"))
     await recorder.written()
     assert await redis.xlen(keys.completion_log("t")) == 2, "v's, and late's: names are no longer read (erase again)"

@@ -381,6 +381,73 @@ async def test_a_stream_whose_engine_died_before_its_first_event_goes_to_another
         await asyncio.wait_for(forwarder.forward(call), 5)
 
 
+class ClosedOnce(Session):
+    """A pooled connection the engine closed: the first post meets it, the next is answered."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__(answer)
+        self.posts = 0
+
+    async def post(self, url: str, *_: Any) -> Any:
+        self.posts += 1
+        if self.posts == 1:
+            raise aiohttp.ServerDisconnectedError("Server disconnected")
+        return self.answer
+
+
+class Unanswered(Pool):
+    """Health checks that time out: no answer, and the replica still healthy (the first two in a row)."""
+
+    async def check(self, replica: Replica) -> bool:
+        self.checked.append(replica.url)
+        return False
+
+
+class Hangs(Pool):
+    """A health check that never comes back (a frozen engine, within its 3 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+
+    async def check(self, replica: Replica) -> bool:
+        self.asked.set()
+        await asyncio.Event().wait()
+        return False
+
+
+async def test_a_stream_cancelled_while_its_failed_replica_is_checked_leaves_nothing_in_flight() -> None:
+    """Its first event said the engine failed; the client left while the replica's health was asked: the replica
+    looked busier for good, and the connection to it stayed open."""
+    died = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n'
+    answer, pool, replica = StreamAnswer([died, DONE]), Hangs(), Replica("http://engine", healthy=True)
+    forwarder = Forwarder(Session(answer), pool, Placement(replica), Metrics(), 30)  # type: ignore[arg-type]
+    call = Call(
+        "chat", "/v1/chat/completions", {"model": "base", "messages": []}, ROUTE, "r1", True, stays, new_context()
+    )
+    request = asyncio.ensure_future(forwarder.forward(call))
+    await asyncio.wait_for(pool.asked.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert replica.inflight == 0 and answer.closed
+
+
+async def test_a_request_on_a_closed_connection_is_sent_again_when_the_health_check_is_late() -> None:
+    """A pooled connection closed under a request, and the engine's `/health` answering late (busy on the CPU): the
+    request is sent again and the replica stays in, as with a check answered. It was taken down at once, the one
+    late answer that SILENT_CHECKS lets pass."""
+    answer = Answer(200, b'{"id": "c1", "choices": []}')
+    replica = Replica("http://engine", healthy=True)
+    session = ClosedOnce(answer)
+    forwarder = Forwarder(session, Unanswered(), Placement(replica), Metrics(), 30)  # type: ignore[arg-type]
+    call = Call(
+        "chat", "/v1/chat/completions", {"model": "base", "messages": []}, ROUTE, "r1", False, stays, new_context(False)
+    )
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert response.status_code == 200 and session.posts == 2 and replica.healthy
+
+
 async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
     """Its first event, read to choose the status, is put back: the client gets every byte once."""
     answer = StreamAnswer([TOKEN[:30], TOKEN[30:] + USAGE[:10], USAGE[10:] + DONE])

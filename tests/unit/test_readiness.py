@@ -45,3 +45,22 @@ def test_readyz_answers_degraded_after_its_wait_while_redis_hangs(
             os.kill(pid, signal.SIGCONT)
     assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
     assert ready.json()["redis"] == "unreachable" and took < 4.5, took  # not the socket's 5 s
+
+
+def test_a_replica_whose_health_check_went_unanswered_is_still_ready(
+    own_redis: RedisServer, engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine busy on the CPU answers `/health` late: it stays in service until the third check in a row it leaves
+    unanswered (gateway.engine.pool), and the readiness probe, which shares the check under way, says so too (it
+    took the gateway out of service while it served)."""
+    from gateway.engine.pool import Replica, ReplicaPool
+
+    settings = Settings(home=tmp_path, redis_url=own_redis.url, served_model_name=BASE)
+    with TestClient(create_app(settings, engine_urls=[engine])) as client:
+        assert client.get("/readyz").json() == {"status": "ready"}
+
+        async def unanswered(self: ReplicaPool, replica: Replica) -> bool:
+            return False  # timed out: no answer, the replica still healthy
+
+        monkeypatch.setattr(ReplicaPool, "check", unanswered)
+        assert client.get("/readyz").json() == {"status": "ready"}
