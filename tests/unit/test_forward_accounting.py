@@ -222,51 +222,46 @@ async def test_a_refusal_read_for_the_cap_is_answered_and_untracked_once() -> No
     assert replica.inflight == 0 and not answer.closed and answer.released
 
 
-class BreaksAfter(Stream):
-    """A stream whose connection fails after its events."""
+class FailsAfter(Stream):
+    """A stream whose connection fails (`failure`) after its events."""
+
+    def __init__(self, events: list[bytes], failure: BaseException) -> None:
+        super().__init__(events)
+        self.failure = failure
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         for event in self.events:
             yield event
-        raise aiohttp.ClientPayloadError("Response payload is not completed")
+        raise self.failure
+
+
+async def relayed(upstream: Stream) -> tuple[RequestContext, bytes]:
+    """A new request's context once `upstream` is relayed to a client that stays, and what the client got."""
+    context, body = new_context(), []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        body.append(message.get("body", b""))
+
+    response = RelayResponse(upstream, context.answer, context.first_token, context.finish, None, False)  # type: ignore[arg-type]
+    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
+    return context, b"".join(body)
 
 
 async def test_a_connection_failing_after_the_end_of_the_stream_leaves_the_answer_whole() -> None:
     """The replica killed just after `[DONE]`: before, the client got an error event and a second `[DONE]`, and the
     finished answer was recorded as a 502."""
-    context, body = new_context(), []
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        body.append(message.get("body", b""))
-
-    upstream = BreaksAfter([TOKEN + USAGE + DONE])
-    response = RelayResponse(upstream, context.answer, context.first_token, context.finish, None, False)  # type: ignore[arg-type]
-    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
-    sent = b"".join(body)
+    cut = aiohttp.ClientPayloadError("Response payload is not completed")
+    context, sent = await relayed(FailsAfter([TOKEN + USAGE + DONE], cut))
     assert sent.count(b"[DONE]") == 1 and b'"error"' not in sent
     assert context.status == 200 and context.outcome == "ok"
-
-
-class FallsSilent(Stream):
-    """A stream whose engine says nothing more after its events, past the read timeout."""
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for event in self.events:
-            yield event
-        raise aiohttp.SocketTimeoutError("Timeout on reading data from socket")
 
 
 async def test_an_engine_silent_in_the_middle_of_a_stream_is_a_timeout_not_a_failure() -> None:
     """As without streaming, and as the README says of `LORAGATE_UPSTREAM_TIMEOUT_S`: a 504 `upstream_timeout`
     (the replica's error), not "the engine stopped", a 502 as though it had died."""
-    context, body = new_context(), []
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        body.append(message.get("body", b""))
-
-    response = RelayResponse(FallsSilent([TOKEN]), context.answer, context.first_token, context.finish, None, False)  # type: ignore[arg-type]
-    await asyncio.wait_for(response({"type": "http"}, stays, send), 5)
-    event = b"".join(body).split(b"\n\n")[-3]
+    silent = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+    context, sent = await relayed(FailsAfter([TOKEN], silent))
+    event = sent.split(b"\n\n")[-3]
     assert json.loads(event.removeprefix(b"data: "))["error"]["code"] == "upstream_timeout", event
     assert context.status == 504, "(the forwarder's finisher names it upstream_timeout, as an unstreamed 504)"
 
