@@ -151,7 +151,7 @@ def _read_once(raw: IO[bytes], into: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_bounded_info()) as tar:
             _unpack(tar, into, max_bytes)
-    except (InvalidAdapter, tarfile.TarError):
+    except (ValueError, tarfile.TarError):  # InvalidAdapter is a ValueError, as tarfile's malformed headers raise
         if isinstance(stream, _Inflated):
             stream.read_to_end()  # raises the stream's own refusal again, when it was the stream's
         raise
@@ -171,6 +171,12 @@ def safe_extract(archive: Path, into: Path, max_bytes: int = MAX_UNPACKED_BYTES)
                 _read_once(raw, into, max_bytes)
         except tarfile.FilterError as exc:  # its text names this server's paths
             raise InvalidAdapter(f"Archive member {exc.tarinfo.name!r} cannot be unpacked safely.") from exc
+        except InvalidAdapter:
+            raise
+        except ValueError as exc:  # tarfile's own, for a malformed PAX header (a sparse map, a size) or a NUL in a name
+            raise InvalidAdapter(
+                "Not a readable tar archive (a member's header is malformed); send a .tar.gz or an uncompressed .tar."
+            ) from exc
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise InvalidAdapter(
                 f"Not a readable tar archive ({exc}); send a .tar.gz or an uncompressed .tar."

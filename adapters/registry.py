@@ -253,6 +253,10 @@ class Registry:
                 out.append(manifest)
         return out
 
+    def sweep(self, older_than_s: float) -> list[str]:
+        """`AdapterStore.sweep` of every tenant's store: what it removed, each as `TENANT/...`."""
+        return [f"{tenant}/{left}" for tenant in self.tenants() for left in self.store(tenant).sweep(older_than_s)]
+
     def remove_tenant(self, tenant: str) -> list[str]:
         """Delete every adapter version of a deleted tenant; return their upstream names (to unload).
 

@@ -18,7 +18,7 @@ _FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 """numpy's reading of each float dtype (bfloat16, no numpy type, as the top half of a float32)."""
 
 
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
+def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, dict[str, Any]]:
     """Tensor name -> {"dtype", "shape", "data_offsets"}; raises ValueError if it is not safetensors, or not a file
     that `safetensors.safe_open` (what vLLM loads it with) would open: a header of strict UTF-8 JSON, a
     `__metadata__` of strings to strings, and tensors' data laid end to end from the data section's start to the
@@ -29,8 +29,10 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
         if len(prefix) != 8:
             raise ValueError("file is too short to be safetensors")
         (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_HEADER_BYTES, size - 8):
+        if length > size - 8:
             raise ValueError("header length is out of range: not a safetensors file")
+        if length > max_bytes:
+            raise ValueError(f"header holds {length} bytes, more than the {max_bytes} taken")
         try:
             header = json.loads(handle.read(length).decode("utf-8"), parse_constant=_no_constant)
         except RecursionError as exc:  # nested deeper than any real header

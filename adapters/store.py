@@ -10,6 +10,7 @@ means (a pin) is a mutable pointer, kept in Redis by the gateway, not here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -316,6 +317,28 @@ class AdapterStore:
                         self._delete(name, version)
                         discarded += (f"{name}@{version}",)
         return discarded
+
+    def sweep(self, older_than_s: float) -> tuple[str, ...]:  # (`list` here is the method)
+        """Remove what a process that died mid-change left, untouched for `older_than_s`: an upload's scratch folder
+        (`.incoming-*`), a deletion's (`.trash-v*`), and a version uploaded unlisted that was never listed (uploads
+        are listed once their tenant is checked, seconds later; a retraining run's candidate, kept unlisted for its
+        eval, is not swept). Returns what it removed, as paths under the store and refs."""
+        before, swept = time.time() - older_than_s, tuple[str, ...]()
+        if not self.root.is_dir():
+            return swept
+        for folder in (self.root, *(self._name_dir(name) for name in self.names())):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile (its tenant deleted)
+                for entry in folder.iterdir():
+                    if entry.name.startswith((".incoming-", ".trash-v")) and entry.lstat().st_mtime < before:
+                        shutil.rmtree(entry, ignore_errors=True)
+                        swept += (str(entry.relative_to(self.root)),)
+        with self._locked():
+            for manifest in self.list():
+                left = not manifest.listed and manifest.source.kind == "uploaded"
+                if left and manifest.created.timestamp() < before:
+                    self._delete(manifest.name, manifest.version)
+                    swept += (manifest.ref,)
+        return swept
 
     def _delete(self, name: str, version: int) -> None:
         folder = self.version_dir(name, version)

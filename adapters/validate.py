@@ -25,6 +25,14 @@ PATTERN_SECONDS = 0.25
 """What matching a `target_modules` pattern against the base's modules may take, all modules together:
 the pattern is the uploader's, so it is matched with a time limit (and without holding the GIL)."""
 MAX_PATTERN_CHARS = 1000
+MAX_CONFIG_BYTES = 1024 * 1024
+"""The largest adapter_config.json taken (PEFT writes 1-2 KB): it is read whole, holding the GIL, in the gateway."""
+MAX_ADAPTER_HEADER_BYTES = 2 * 1024 * 1024
+"""The largest safetensors header an adapter's weights may have (a rank-16 LoRA of every module of a 126-layer model
+has one of about 270 KB): it is parsed whole, holding the GIL, in the gateway."""
+MAX_PATTERN_KEYS = 256
+"""Keys `rank_pattern` and `alpha_pattern` hold at most, together: vLLM matches every key against every module at each
+load, compiling each again once its `regex` cache (500 patterns) is full, so 2,000 keys made a load take minutes."""
 MAX_WEIGHT = 1000.0
 """The largest weight (in magnitude) an adapter may hold: trained LoRA weights stay far below 1. With MAX_ALPHA, this
 keeps out adapters whose numbers are absurd (lora_alpha 1e30 was taken), not only NaN and infinities: an adapter that
@@ -104,12 +112,18 @@ def check_folder_safety(folder: Path) -> None:
 
 
 def _load_config(folder: Path) -> dict[str, Any]:
+    if (size := (folder / CONFIG_FILE).stat().st_size) > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{CONFIG_FILE} holds {size} bytes; at most {MAX_CONFIG_BYTES} are taken.")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; nesting too deep to read
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object.")
+    try:  # a lone surrogate (`"\ud800"`) reads, and then cannot be stored in the manifest (a 500)
+        json.dumps(config, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} holds a lone surrogate (U+{ord(exc.object[exc.start]):04X}).") from exc
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise InvalidAdapter(f"Only LoRA adapters are served; peft_type is {config.get('peft_type')!r}.")
     if config.get("use_dora"):
@@ -190,7 +204,7 @@ def _check_targets(config: dict[str, Any], base: BaseModelSpec) -> list[str]:
 
 def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_ranks: Callable[[str], int]) -> str:
     try:
-        header = read_header(folder / WEIGHTS_FILE)
+        header = read_header(folder / WEIGHTS_FILE, MAX_ADAPTER_HEADER_BYTES)
     except (ValueError, OSError) as exc:
         raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
     if not header:
@@ -255,7 +269,9 @@ def _positive_int(value: Any) -> TypeGuard[int]:
 
 
 def _positive_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (isinstance(value, int) or math.isfinite(value)) and value > 0  # isfinite(10**400) raises OverflowError
 
 
 def _alpha_value(value: Any) -> bool:
@@ -316,7 +332,7 @@ def _check_alpha(config: dict[str, Any]) -> float:
     if not _positive_number(alpha):
         raise InvalidAdapter(f"adapter_config.json has an invalid lora_alpha={alpha!r:.40}.")
     if alpha > MAX_ALPHA:
-        raise InvalidAdapter(f"adapter_config.json has lora_alpha={alpha:g}, above {MAX_ALPHA:g}.")
+        raise InvalidAdapter(f"adapter_config.json has lora_alpha={alpha!r:.40}, above {MAX_ALPHA:g}.")
     return float(alpha)
 
 
@@ -333,6 +349,11 @@ def check_adapter(folder: Path, base: BaseModelSpec, max_rank: int) -> CheckedAd
     alpha_pattern = _pattern_field(
         config, "alpha_pattern", _alpha_value, f"a finite number above 0, at most {MAX_ALPHA:g}"
     )
+    if len(rank_pattern) + len(alpha_pattern) > MAX_PATTERN_KEYS:
+        raise InvalidAdapter(
+            f"adapter_config.json's rank_pattern and alpha_pattern hold {len(rank_pattern) + len(alpha_pattern)} keys; "
+            f"at most {MAX_PATTERN_KEYS} are taken."
+        )
     ranks = [rank, *rank_pattern.values()]
     if max(ranks) > max_rank:
         raise InvalidAdapter(f"Adapter rank {max(ranks)} exceeds the engine's max_lora_rank {max_rank}.", param="rank")

@@ -53,6 +53,10 @@ log = logging.getLogger("loragate")
 UPSTREAM_KEEPALIVE_S = 2.0
 """How long an idle connection to an engine is kept: well under vLLM's own keep-alive (5 s), as the gateway's clock
 of idling lags the engine's under load (at 4 s, a CI burst after a lull met closed ones: `gateway.engine.sessions`)."""
+LEFTOVER_S = 3600.0
+"""How long what a process that died mid-change left (an upload's scratch folder, a version uploaded and never
+listed) stays before `_sweep` removes it; an upload's body, which a slow client sends for longer, a day."""
+UPLOAD_LEFTOVER_S = 86400.0
 SHARE_USES_S = 1.0
 """How often each process shares its adapter uses (well within a use's protection, `Residency.protect_s`)."""
 
@@ -135,6 +139,20 @@ async def _maintain(svc: Services) -> None:
         except Exception:
             log.exception("maintenance failed; trying again next round")
         await asyncio.sleep(svc.settings.health_interval_s)
+
+
+async def _sweep(svc: Services) -> None:
+    """What processes that died mid-change left (`Registry.sweep`: scratch folders, uploads never listed; uploads'
+    bodies), at start and then every LEFTOVER_S: each is removed once untouched for LEFTOVER_S (a body, a day)."""
+    while True:
+        try:
+            swept = await asyncio.to_thread(svc.registry.sweep, LEFTOVER_S)
+            swept += await asyncio.to_thread(admin_adapters.sweep_uploads, UPLOAD_LEFTOVER_S)
+            if swept:
+                log.warning("removed what stopped processes left: %s", ", ".join(swept[:20]))
+        except Exception:
+            log.exception("sweeping what stopped processes left failed; trying again later")
+        await asyncio.sleep(LEFTOVER_S)
 
 
 async def _share_uses(svc: Services, interval_s: float = SHARE_USES_S) -> None:
@@ -287,6 +305,7 @@ async def _start(app: FastAPI, settings: Settings, urls: list[str], model_dir: P
     return [
         asyncio.create_task(_maintain(svc)),
         asyncio.create_task(_share_uses(svc)),
+        asyncio.create_task(_sweep(svc)),
         asyncio.create_task(watcher.run()),
         asyncio.create_task(svc.quotas.run()),
         asyncio.create_task(_keep_records(svc)),

@@ -45,10 +45,14 @@ def shares(weights: Sequence[float]) -> list[int]:
     return counts
 
 
+MAX_ARMS = 255
+"""Arms an experiment has at most: a bucket names its arm in one byte."""
+
+
 def allocate(weights: Sequence[float]) -> bytes:
     """A first allocation: arm 0 takes the first buckets, arm 1 the next, and so on (one byte per bucket)."""
-    if len(weights) > 255:
-        raise ValueError("at most 255 arms")
+    if len(weights) > MAX_ARMS:
+        raise ValueError(f"at most {MAX_ARMS} arms")
     return b"".join(bytes([arm]) * count for arm, count in enumerate(shares(weights)))
 
 

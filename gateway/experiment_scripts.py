@@ -8,13 +8,20 @@ and set in one step) and setting an alias while no experiment holds it."""
 # another change came first). mode `create`: the
 # tenant must exist (-4: deleted since the caller looked, its keys not brought back for a tenant re-created
 # under its name), the name must be free (-2), and the alias must still point where it did when the caller
-# looked (-3 if it runs an experiment now, -1 if it moved otherwise). Compare-and-set: two processes cannot
-# both win.
+# looked (-3 if it runs an experiment now, -1 if it moved otherwise), and the tenant must run (or have paused) fewer
+# than ARGV[10] experiments (-5: counted here, or creates racing each other all passed a count made before).
+# Compare-and-set: two processes cannot both win.
 SAVE = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[6] == 'create' then
   if redis.call('EXISTS', KEYS[5]) == 0 then return -4 end
   if raw then return -2 end
+  local live = 0
+  for _, stored in ipairs(redis.call('HVALS', KEYS[1])) do
+    local status = cjson.decode(stored)['status']
+    if status == 'running' or status == 'paused' then live = live + 1 end
+  end
+  if live >= tonumber(ARGV[10]) then return -5 end
   local now = redis.call('HGET', KEYS[3], ARGV[5]) or ''
   if string.sub(now, 1, 11) == 'experiment:' then return -3 end
   if now ~= ARGV[8] then return -1 end

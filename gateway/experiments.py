@@ -60,6 +60,11 @@ class InvalidExperiment(ValueError):
 class TooManyExperiments(InvalidExperiment):
     """The tenant runs (or has paused) MAX_RUNNING experiments already."""
 
+    def __init__(self, live: int) -> None:
+        super().__init__(
+            f"This tenant has {live} experiments running or paused, the most it may: stop or end one first."
+        )
+
 
 class ExperimentConflict(InvalidExperiment):
     """Refused for what is there now: the name or the alias is taken, or another change of the experiment
@@ -237,10 +242,8 @@ class ExperimentStore:
         for arm in experiment.arms:  # they are parts of Redis keys, of the completion index and of a header
             if not NAME.fullmatch(arm.name):
                 raise InvalidExperiment(f"Invalid arm name {arm.name[:64]!r}: a-z 0-9 . _ -, up to 63.")
-        if len(live := await self.live(experiment.tenant)) >= MAX_RUNNING:
-            raise TooManyExperiments(
-                f"This tenant has {len(live)} experiments running or paused, the most it may: stop or end one first."
-            )
+        if len(live := await self.live(experiment.tenant)) >= MAX_RUNNING:  # and again in the script
+            raise TooManyExperiments(len(live))
         if expect_alias is None:
             expect_alias = await self._redis.hget(keys.aliases(experiment.tenant), experiment.alias)
         experiment.previous_target = expect_alias  # the script refuses (-1) unless the alias still points there
@@ -366,7 +369,7 @@ class ExperimentStore:
         stored = saved.model_dump_json(exclude=None if saved.rated_before else {"rated_before"})
         args = [name, stored, change.model_dump_json(), alias or "", experiment.alias]
         mode = "create" if new else "change"
-        args += [mode, str(experiment.revision), experiment.previous_target or "", str(MAX_AUDIT)]
+        args += [mode, str(experiment.revision), experiment.previous_target or "", str(MAX_AUDIT), str(MAX_RUNNING)]
         done = await self._save_script(keys=script_keys, args=args)
         self.forget_cached()
         if done == 0:
@@ -375,6 +378,8 @@ class ExperimentStore:
             raise TenantNotFound(tenant)
         if done == -2:
             raise ExperimentConflict(f"Experiment `{name}` already exists.")
+        if done == -5:
+            raise TooManyExperiments(MAX_RUNNING)
         if done == -3:
             running = (await self._redis.hget(keys.aliases(tenant), experiment.alias) or "").removeprefix(PREFIX)
             raise ExperimentConflict(f"Alias `{experiment.alias}` already runs experiment `{running}`; end it first.")

@@ -90,7 +90,7 @@ class JSONSchemaFormat(PassThrough):
 class ResponseFormat(PassThrough):
     model_config = ConfigDict(json_schema_extra=_needs("type", "json_schema", "json_schema"))
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]  # the last vLLM's (`format` or `structures`)
     json_schema: JSONSchemaFormat | None = None
 
     @model_validator(mode="after")

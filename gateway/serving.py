@@ -311,7 +311,7 @@ class Forwarder:
                 self._abandon(replica, upstream)
                 self._metrics.upstream_errors.labels(replica.url).inc()
                 log.warning("replica %s failed a stream before it began, and its health check: taken out", replica.url)
-                return await self._open(call, body, frozenset({replica}))
+                return await self._open(call, call.context.sent or body, frozenset({replica}))  # as last sent
             if refused is not None:
                 upstream.close()
                 finish(refused.status)

@@ -288,17 +288,23 @@ async def same_tenant(tenants: TenantStore, name: str, created: float | None) ->
 
 
 async def publish_unaliased(
-    redis: aioredis.Redis, tenants: TenantStore, store: AdapterStore, owner: Tenant, manifest: Manifest
+    redis: aioredis.Redis,
+    tenants: TenantStore,
+    store: AdapterStore,
+    owner: Tenant,
+    manifest: Manifest,
+    *,
+    publish: bool = True,
 ) -> Manifest:
-    """`keep_if_still_owned(publish=True)` of a version just stored unlisted, unless its name became an alias of
-    its tenant while it was uploaded (an alias set then checked for versions before there was one): the version is
-    removed and NameTaken raised. Holds the name's lock, as `pointing_at` does to write an alias, so that one of the
-    two always sees the other."""
+    """`keep_if_still_owned(publish=publish)` of a version just stored unlisted, unless its name became an alias
+    of its tenant while it was uploaded or trained (an alias set then checked for versions before there was one):
+    the version is removed and NameTaken raised. Holds the name's lock, as `pointing_at` does to write an alias, so
+    that one of the two always sees the other (once a version is on disk, listed or not, no alias takes its name)."""
     try:
         async with holding(redis, [(owner.name, manifest.name)], owner.name):
             if await redis.hexists(keys.aliases(owner.name), manifest.name):
                 raise NameTaken(manifest.name)
-            return await keep_if_still_owned(tenants, store, owner, manifest, publish=True)
+            return await keep_if_still_owned(tenants, store, owner, manifest, publish=publish)
     except BaseException:  # the lock not had (AdapterBusy), Redis away, the name taken: nothing left unlisted
         with suppress(Exception):  # removed already (keep_if_still_owned's own failures), or the disk fails too
             await asyncio.to_thread(store.remove, manifest.name, manifest.version)

@@ -197,11 +197,12 @@ class RetrainConfig:
             yield "lora_dropout must be in [0, 1)"
         if not self.learning_rate > 0:
             yield "learning_rate must be positive"
-        for name in ("publish_margin", "max_regression", "canary_max_error_rate"):
+        for name in ("publish_margin", "max_regression"):
             if (value := getattr(self, name)) is not None and value < 0:
                 yield f"{name} must be at least 0 (below it, a worse candidate would pass)"
-        if self.canary_max_negative_rate is not None and not 0 <= self.canary_max_negative_rate <= 1:
-            yield "canary_max_negative_rate must be a share, from 0 to 1"
+        for name in ("canary_max_error_rate", "canary_max_negative_rate"):  # as the experiment takes them
+            if (value := getattr(self, name)) is not None and not 0 < value <= 1:
+                yield f"{name} must be a share above 0 and at most 1 (or unset)"
         if not self.target_modules:
             yield "target_modules must name at least one module"
         yield from self._eval_problems()

@@ -232,19 +232,22 @@ def _prepared(group: list[Sample]) -> _Group:
             if s.correction is not None and s.correction != s.text:
                 corrected.add(s.text)
     means = {text: fmean(values) for text, values in judged.items() if values}
+    rejected = corrected | {text for text, mean in means.items() if mean < 0.5}
+    """Corrected in some row, or rated down as an answer (a model trained on a correction answers with it, and the
+    users who rate that answer down judge the correction)."""
     corrections = [(s, s.correction) for s in group if s.correction is not None]
     reference: str | None
     if corrections:  # the latest that was never itself rejected (`chosen` against one row, `rejected` in another)
-        unrejected = [(s, c) for s, c in corrections if c not in corrected]
+        unrejected = [(s, c) for s, c in corrections if c not in rejected]
         origin, reference = unrejected[-1] if unrejected else (corrections[-1][0], None)  # all: no reference
-        worse = [t for t in judged if t != reference and (t in corrected or means.get(t, 1.0) < 0.5)]
+        worse = [t for t in judged if t != reference and t in rejected]
     else:
         reference = max((t for t in means if means[t] >= 0.5), key=lambda t: means[t], default=None)
         origin = next((s for s in group if s.text == reference), group[0])
         worse = [t for t in means if reference is not None and means[t] < means[reference]]
     prompt = origin.prompt
     head = {"prompt": prompt, **tools_field(origin.tools)}
-    labels = {t: means[t] >= 0.5 for t in means} | {c: True for _, c in corrections}
+    labels = {t: means[t] >= 0.5 for t in means} | {c: c not in rejected for _, c in corrections}
     chosen = [] if reference is None else [reference]
     # each correction against the answer it corrects (a JSONL row's own pair), as well as the reference against
     # every worse answer: a group's earlier corrections were lost, and a pair whose rejected was the reference

@@ -87,7 +87,18 @@ async def serving(
     ref = target.partition("/")[2] if "/" in target else target
     if "@" in ref and "/" not in target:
         return Serving(alias, target, AdapterRef.parse(ref).name, target)
-    return Serving(alias, target, check_name(f"{alias}-tuned"), None)
+    name = check_name(f"{alias}-tuned")
+    if name in (await pointers.of(tenant)).aliases:  # an adapter of that name would freeze that alias (and hide)
+        raise RetrainRefused(alias_named(tenant, name, alias))
+    return Serving(alias, target, name, None)
+
+
+def alias_named(tenant: str, name: str, alias: str) -> str:
+    """Why a candidate cannot be staged under `name`, the adapter name a run on `alias` takes."""
+    return (
+        f"Tenant {tenant} has an alias `{name}`, the name of the adapter a retraining run on `{alias}` (which serves "
+        f"the base model) trains: rename or delete that alias, or point `{alias}` at a version of an adapter first."
+    )
 
 
 def _rolled_back_canary(experiment: Experiment) -> bool:

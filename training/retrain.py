@@ -162,9 +162,12 @@ async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
         state.serving["adapter_name"], spec, settings.max_lora_rank, _provenance(run, settings.served_model_name),
     ), undo=functools.partial(publish.discard, store))  # fmt: skip
     try:
-        await version_guard.keep_if_still_owned(TenantStore(stack.state), store, owner, staged)
+        tenants = TenantStore(stack.state)
+        await version_guard.publish_unaliased(stack.state, tenants, store, owner, staged, publish=False)
     except TenantNotFound as exc:
         raise _tenant_gone(state) from exc
+    except version_guard.NameTaken as exc:
+        raise publish.RetrainRefused(publish.alias_named(state.tenant, staged.name, state.serving["alias"])) from exc
     state.candidate = staged.ref
     run.save()
     progress(f"candidate {staged.ref} staged (unlisted)")
@@ -204,7 +207,8 @@ async def evaluate_candidate(run: Run, stack: Stack, progress: Progress) -> eval
     state.eval = {"publish": decision.publish, "reasons": decision.reasons, "unjudged": decision.unjudged}
     state.eval["table"] = eval_report.markdown_table(report)
     state.eval["scores"] = json.loads(report.model_dump_json(include={"candidate", "current", "base", "regression"}))
-    if decision.unjudged:  # not done: the candidate was neither passed nor failed
+    if decision.unjudged:  # not done: the candidate was neither passed nor failed (nor by an eval asked before)
+        state.done = [step for step in state.done if step != "eval"]
         run.save()
         raise publish.RetrainRefused(
             f"No verdict on {candidate}: " + "; ".join(decision.reasons) + f". Nothing was published; once "

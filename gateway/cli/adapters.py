@@ -181,7 +181,10 @@ def adapters_share(
 
     consumers = [t.strip() for t in with_.split(",") if t.strip() and t.strip() != tenant]
     with refusals():
-        _store(tenant).resolve(AdapterRef.parse(name))
+        ref = AdapterRef.parse(name)
+        if ref.version is not None:  # shared as `acme/bot@5`, which no request looks up: nothing was shared
+            raise fail(f"`{name}` names a version; this takes the adapter's name (`{ref.name}`).")
+        _store(tenant).resolve(ref)
 
     async def share(redis: Any) -> None:
         for other in consumers:

@@ -14,10 +14,12 @@ DELETE /admin/tenants/{tenant}/aliases/{alias}
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -44,6 +46,8 @@ log = logging.getLogger("loragate")
 
 router = APIRouter(prefix="/admin/tenants/{tenant}", route_class=StrictJSONRoute)
 
+UPLOAD_PREFIX = "loragate-upload-"
+"""An upload's body is received into a folder of this name in the temporary folder (`sweep_uploads`)."""
 UPLOAD_WRITE_BYTES = 1 << 20
 
 
@@ -221,7 +225,7 @@ async def add_adapter(
     if name in (await svc.pointers.of(tenant)).aliases:
         raise _alias_named(name)
     base = await svc.base_spec()
-    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="loragate-upload-"))
+    scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=UPLOAD_PREFIX))
     try:
         archive, settings = scratch / "adapter.tar.gz", svc.settings
         if await _receive_archive(request, archive, settings) == 0:
@@ -250,6 +254,18 @@ async def _still_owned(request: Request, owner: Tenant, stored: Manifest) -> Man
         raise _alias_named(stored.name) from exc
     finally:
         svc.registry.invalidate(owner.name, stored.name)
+
+
+def sweep_uploads(older_than_s: float) -> list[str]:
+    """Remove the bodies of uploads (UPLOAD_PREFIX folders in the temporary folder) untouched for `older_than_s`: a
+    process that died while it received or checked one left it (up to a gibibyte each). Blocking."""
+    before, swept = time.time() - older_than_s, list[str]()
+    for folder in Path(tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile (its upload ended)
+            if folder.is_dir() and not folder.is_symlink() and folder.lstat().st_mtime < before:
+                shutil.rmtree(folder, ignore_errors=True)
+                swept.append(str(folder))
+    return swept
 
 
 def _alias_named(name: str) -> Conflict:

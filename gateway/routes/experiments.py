@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adapters.manifest import check_name
 from gateway import admin_protocol as answers
 from gateway import experiment_history, experiment_page, version_guard
+from gateway.assignment import MAX_ARMS
 from gateway.auth import Manager
 from gateway.errors import Conflict, InvalidRequest, NotFound, from_validation_error
 from gateway.experiment_results import results
@@ -70,7 +71,7 @@ class NewExperiment(BaseModel):
     name: str
     alias: str
     control: str
-    arms: list[Arm]
+    arms: list[Arm] = Field(max_length=MAX_ARMS)  # refused before a lock is taken for each arm's target
     alpha: float = 0.05
     min_samples: int = 100
     mixture_sd: float = 0.1

@@ -261,3 +261,23 @@ def test_an_existing_folder_is_never_unpacked_into_nor_removed(adapter: Path, tm
     with pytest.raises(FileExistsError):
         safe_extract(archive, into)
     assert [p.name for p in into.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"GNU.sparse.size": "abc"},
+        {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.map": "a,b"},
+        {"GNU.sparse.map": "a,b"},
+        {"path": "a\x00b/adapter_config.json"},
+    ],
+)
+def test_a_malformed_member_header_is_refused_not_a_crash(
+    adapter: Path, tmp_path: Path, headers: dict[str, str]
+) -> None:
+    """tarfile raises a plain ValueError for these (a 500 with a traceback, the archive's folder left behind)."""
+    info, data = _member("notes.txt", b"x")
+    info.pax_headers = headers
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(gzip.compress(_plain_tar(adapter, [(info, data)])))
+    _refused(archive, tmp_path / "out", "Not a readable tar archive")

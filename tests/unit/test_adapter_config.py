@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from adapters.manifest import InvalidAdapter
 from adapters.store import AdapterStore
-from adapters.validate import BaseModelSpec
+from adapters.validate import MAX_ADAPTER_HEADER_BYTES, MAX_CONFIG_BYTES, MAX_PATTERN_KEYS, BaseModelSpec
 from tests.unit.conftest import edit_config as configure
 
 MAX_RANK = 16
@@ -135,6 +135,17 @@ def test_a_pattern_key_that_is_invalid_or_too_costly_is_refused(
     assert time.monotonic() - started < 20, "given up after PATTERN_SECONDS, not matched for ever (slack: a busy CI)"
 
 
+def test_pattern_keys_past_the_bound_are_refused_together(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    """vLLM matches every key against every module at each load, compiling each again past its cache of 500: 2,000
+    keys that match nothing passed here and made each load take minutes."""
+    half = MAX_PATTERN_KEYS // 2
+    configure(good, rank_pattern={f"none{i}": 4 for i in range(half)}, alpha_pattern={f"no{i}": 2 for i in range(half)})
+    assert store.add(good, "a", base, MAX_RANK).ref == "a@1", "the bound itself is taken"
+    configure(good, alpha_pattern={f"no{i}": 2 for i in range(half + 1)})
+    with pytest.raises(InvalidAdapter, match=f"hold {MAX_PATTERN_KEYS + 1} keys; at most {MAX_PATTERN_KEYS}"):
+        store.add(good, "b", base, MAX_RANK)
+
+
 def test_tensor_names_vllm_cannot_parse_are_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     """PEFT's in-memory name (`lora_A.default.weight`) fails vLLM's parse_fine_tuned_lora_name."""
     weights = good / "adapter_model.safetensors"
@@ -149,3 +160,30 @@ def test_a_config_nested_too_deep_to_read_is_refused_as_not_json(
     """json.loads raises RecursionError, not ValueError, past its depth: an upload's 400, not a 500."""
     (good / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(store, good, base, "adapter_config.json is not valid JSON")
+
+
+def test_a_config_or_header_larger_than_any_adapter_has_is_refused_before_it_is_parsed(
+    store: AdapterStore, good: Path, base: BaseModelSpec
+) -> None:
+    """Both are parsed whole in the gateway, holding the GIL: a 40 MB one, a megabyte gzipped, held every tenant's
+    requests on that process for seconds."""
+    config = json.loads((good / "adapter_config.json").read_text())
+    (good / "adapter_config.json").write_text(json.dumps(config | {"notes": "x" * MAX_CONFIG_BYTES}))
+    refused(store, good, base, rf"adapter_config.json holds \d+ bytes; at most {MAX_CONFIG_BYTES} are taken")
+    (good / "adapter_config.json").write_text(json.dumps(config))
+    weights = good / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header["__metadata__"] = {"notes": "x" * MAX_ADAPTER_HEADER_BYTES}
+    text = json.dumps(header).encode()
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    refused(store, good, base, f"more than the {MAX_ADAPTER_HEADER_BYTES} taken")
+
+
+def test_a_config_holding_a_lone_surrogate_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
+    """`".*q_proj|\\ud800"` compiles and matches, and the manifest keeping target_modules could not be written: 500."""
+    config = json.loads((good / "adapter_config.json").read_text()) | {"target_modules": "PLACEHOLDER"}
+    (good / "adapter_config.json").write_text(json.dumps(config).replace("PLACEHOLDER", ".*q_proj|\\ud800"))
+    assert json.loads((good / "adapter_config.json").read_text())["target_modules"].endswith("\ud800")
+    refused(store, good, base, r"lone surrogate \(U\+D800\)")

@@ -223,10 +223,11 @@ def test_an_absurd_alpha_is_refused(tmp_path: Path, base: BaseModelSpec, field: 
 
     folder = make_adapter(tmp_path / "a", base, seed=5)
     config = json.loads((folder / "adapter_config.json").read_text())
-    config[field] = 1e30 if field == "lora_alpha" else {"q_proj": 1e30}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidAdapter, match="10000"):
-        check_adapter(folder, base, 16)
+    for absurd in (1e30, 10**400):  # an int past a float's range was an OverflowError (a 500)
+        config[field] = absurd if field == "lora_alpha" else {"q_proj": absurd}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(InvalidAdapter, match="10000"):
+            check_adapter(folder, base, 16)
     config[field] = 10_000 if field == "lora_alpha" else {"q_proj": 10_000}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     assert check_adapter(folder, base, 16).rank == 8

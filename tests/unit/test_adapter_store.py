@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -533,3 +534,26 @@ def test_lora_pairs_of_one_rank_as_configured(
 def test_a_rank_pattern_gives_its_modules_their_rank(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:
     edit_config(good, r=2, rank_pattern={"q_proj": 4, "v_proj": 4})
     assert store.add(good, "a", base, MAX_RANK).rank == 2
+
+
+def test_what_a_process_that_died_mid_change_left_is_swept_once_old(
+    tmp_path: Path, good: Path, base: BaseModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed mid-upload left its scratch folders and a version stored unlisted for good: that version
+    made its name an alias could never take (409), though no listing showed it."""
+    from gateway.routes.admin_adapters import UPLOAD_PREFIX, sweep_uploads
+
+    registry = Registry(tmp_path / "adapters")
+    store = registry.store("acme")
+    store.add(good, "kept", base, 16)
+    store.add(good, "left", base, 16, listed=False)  # an upload whose process died before listing it
+    store.add(good, "candidate", base, 16, listed=False, provenance={"run": "r"})  # a run's, in its eval
+    (store.root / ".incoming-abc" / "unpacked").mkdir(parents=True)
+    (store.root / "kept" / ".trash-v9-123").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"{UPLOAD_PREFIX}x").mkdir()
+    assert registry.sweep(3600) == [] and sweep_uploads(3600) == [], "nothing young is touched (an upload going on)"
+    assert sorted(registry.sweep(-1)) == ["acme/.incoming-abc", "acme/kept/.trash-v9-123", "acme/left@1"]
+    assert sweep_uploads(-1) == [str(tmp_path / f"{UPLOAD_PREFIX}x")] and not (tmp_path / f"{UPLOAD_PREFIX}x").exists()
+    assert [m.ref for m in store.list()] == ["candidate@1", "kept@1"] and store.versions("left") == []
+    assert not (store.root / ".incoming-abc").exists() and (store.root / ".lock").exists()

@@ -197,3 +197,18 @@ async def test_a_command_waits_out_a_redis_that_answers_late_and_ends_cleanly_wh
     assert stuck.exit_code == 1 and "Redis cannot be reached" in stuck.output, stuck.output
     assert "Traceback" not in stuck.output and own_redis.url.removesuffix("/0") in stuck.output
     assert 1 <= took < 5, f"ended after {took:.1f} s: by its own wait (1 s), not another limit"
+
+
+def test_the_cli_shares_an_adapter_not_a_version(api: TestClient, redis_server: RedisServer, tmp_path: Path) -> None:
+    """`adapters share bot@2` said `acme/bot@2 shared with ghost` and wrote a share no request looks up (the admin
+    API refuses a version there)."""
+    assert api.post("/admin/tenants", json={"name": "ghost"}).status_code == 201
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
+    share = [sys.executable, "-m", "gateway", "adapters", "share", "bot@2", "--tenant", "acme", "--with", "ghost"]
+    done = subprocess.run(share, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "`bot@2` names a version" in output and "Traceback" not in output, output
+    assert sync_redis_client(redis_server.url).hgetall(keys.shares()) == {}, "nothing was shared"
+    done = subprocess.run([*share[:5], "bot", *share[6:]], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "acme/bot shared with ghost" in done.stdout, done.stdout + done.stderr
+    assert sync_redis_client(redis_server.url).hgetall(keys.shares()) != {}

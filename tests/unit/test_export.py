@@ -305,7 +305,9 @@ async def test_a_dpo_export_keeps_each_prompt_once_not_each_record(
     assert measured["read"] == 2000 and measured["rows"] == 1800
     with (tmp_path / "dpo.jsonl").open() as written:
         assert json.loads(next(written))["chosen"] == assistant("Answer 0.")
-    assert measured["traced"] < 16 << 20, f"peak {measured['traced'] / 2**20:.1f} MiB"
+    # 7.8 MiB alone, 17.2 once beside the rest of the suite on 2 cores (a page read in more pieces); every record's
+    # prompt kept would be 40 MB more
+    assert measured["traced"] < 24 << 20, f"peak {measured['traced'] / 2**20:.1f} MiB"
 
 
 _EXPORT_PEAK = """

@@ -443,6 +443,37 @@ async def test_a_request_on_a_closed_connection_is_sent_again_when_the_health_ch
     assert response.status_code == 200 and session.posts == 2 and replica.healthy
 
 
+async def test_a_stream_sent_again_without_the_cap_goes_to_another_replica_without_it() -> None:
+    """The cap refused for the context, the stream was sent again without it; its engine dying before the first
+    event, the request went to the next replica with the cap again, and the client got that 400 for a limit it never
+    named."""
+    died = b'data: {"error":{"message":"EngineCore died","type":"InternalServerError","code":500}}\n\n'
+    over = Answer(400, b'{"error":{"message":"max_tokens=2048 cannot be greater than max_model_len=1024"}}')
+    answers = {"http://one": [over, StreamAnswer([died, DONE])], "http://two": [StreamAnswer([TOKEN + USAGE + DONE])]}
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Sending:
+        engine = None
+
+        async def post(self, url: str, body: bytes, *_: Any) -> Any:
+            sent.append((url, json.loads(body)))
+            return answers[url.removesuffix("/v1/chat/completions")].pop(0)
+
+    one, two = Replica("http://one", healthy=True), Replica("http://two", healthy=True)
+    session = Sending()
+    session.engine = session  # type: ignore[assignment]
+    forwarder = Forwarder(session, Pool(down=frozenset({"http://one"})), Placement(one, two), Metrics(), 30)  # type: ignore[arg-type]
+    payload = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048}
+    call = Call("chat", "/v1/chat/completions", payload, ROUTE, "r1", True, stays, new_context())
+    call.capped_by_default = True
+    response = await asyncio.wait_for(forwarder.forward(call), 5)
+    assert isinstance(response, RelayResponse), response
+    assert [(url.split("/v1")[0], "max_tokens" in body) for url, body in sent] == [
+        ("http://one", True), ("http://one", False), ("http://two", False)
+    ]  # fmt: skip
+    assert b"max_tokens" not in (call.context.sent or b"max_tokens"), "the record keeps what was sent"
+
+
 async def test_a_stream_looked_at_before_it_starts_is_relayed_whole() -> None:
     """Its first event, read to choose the status, is put back: the client gets every byte once."""
     answer = StreamAnswer([TOKEN[:30], TOKEN[30:] + USAGE[:10], USAGE[10:] + DONE])

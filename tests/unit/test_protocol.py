@@ -78,6 +78,16 @@ def test_json_schema_format_needs_its_schema() -> None:
     assert "json_schema" in message
 
 
+def test_vllms_structural_tag_format_passes_through() -> None:
+    """vLLM takes `structural_tag` formats, new (`format`) and legacy (`structures`, `triggers`); it was a 400."""
+    for tag in (
+        {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f>"], "tags": []}},
+        {"type": "structural_tag", "structures": [{"begin": "<f>", "schema": {}, "end": "</f>"}], "triggers": ["<f>"]},
+    ):
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "response_format": tag})
+        assert request.model_dump(exclude_unset=True, by_alias=True)["response_format"] == tag
+
+
 def test_stream_options_need_stream() -> None:
     _, message = error_of(
         ChatCompletionRequest, {"model": "m", "messages": MSG, "stream_options": {"include_usage": True}}

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from adapters.synthetic import make_adapter
 from adapters.validate import BaseModelSpec
+from gateway.assignment import MAX_ARMS
 from gateway.tenants import TenantNotFound
 from tests.unit.admin_api import BASE
 
@@ -123,3 +124,20 @@ def test_a_missing_parameter_is_named_as_openai_names_it(api: TestClient) -> Non
             "param": param,
             "code": "missing_required_parameter",
         }
+
+
+def test_an_experiment_of_more_arms_than_an_experiment_takes_is_refused_before_any_lock(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8 MiB body held 150,000 arms, and the route took a lock in Redis and looked on disk for each target before
+    the 255-arm bound refused it."""
+
+    def locked(*args: object) -> None:
+        raise AssertionError("a lock was taken for the arms' targets")
+
+    monkeypatch.setattr("gateway.routes.experiments.version_guard.pointing_at", locked)
+    arms = [{"name": f"a{i}", "target": f"a{i}@1", "weight": 1} for i in range(MAX_ARMS + 1)]
+    body = {"name": "e", "alias": "x", "control": "a0", "arms": arms}
+    answer = api.post("/admin/tenants/acme/experiments", json=body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "arms", answer.text
+    assert api.get("/admin/tenants/acme/experiments").json()["data"] == []

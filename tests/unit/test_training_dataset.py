@@ -441,6 +441,26 @@ def test_every_preference_pair_of_a_jsonl_file_is_kept_and_no_rejected_answer_is
     assert len([r for r in all_rows(built, "dpo") if r["prompt"] == ask]) == 3, "each row's own pair"
 
 
+def test_a_correction_rated_down_or_corrected_later_is_neither_the_reference_nor_labelled_good() -> None:
+    """A model trained on a correction answers with it, and users then rate that answer: a correction rated down
+    (or corrected) since was the reference, SFT's example and the eval's bar, and KTO's `True` over its own
+    thumbs down."""
+    ask = user("How do I reset my password?")
+    later = [sample(ask, "A", 0.0, "C"), sample(ask, "C", 0.0, "D")]  # C was answered, rated down and corrected
+    twice = [sample(ask, "A", 0.0, "C"), sample(ask, "C", 0.0), sample(ask, "C", 0.0)]  # C rated down twice
+    for samples, reference in ((later, "D"), (twice, None)):
+        built = build(loaded(*samples, *PADDING), config())
+
+        def mine(kind: str) -> list[dict[str, Any]]:
+            return [r for r in all_rows(built, kind) if r["prompt"] == ask]  # noqa: B023
+
+        labels = {r["completion"][0]["content"]: r["label"] for r in mine("kto")}
+        assert labels["C"] is False and labels["A"] is False, labels
+        assert [r["completion"][0]["content"] for r in mine("sft")] == ([reference] if reference else [])
+        pairs = {(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in mine("dpo")}
+        assert ("C", "A") in pairs, "a correction is still preferred to the answer it corrects"
+
+
 def test_a_malformed_jsonl_row_is_an_error_naming_its_line(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "label": 1}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a TRL row"):

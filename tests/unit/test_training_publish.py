@@ -43,6 +43,9 @@ async def test_the_canary_is_a_guarded_split_of_the_config(redis: aioredis.Redis
         ("control", "helper@2", 80), ("candidate", "helper@3", 20)
     ]  # fmt: skip
     assert experiment.auto_promote and experiment.min_samples == 30 and experiment.max_error_rate == 0.1
+    for rate in (1e-9, 1.0):  # every rate the config takes makes a canary (0 and 1.5 failed only at publish)
+        edges = RetrainConfig(canary_max_error_rate=rate, canary_max_negative_rate=rate)
+        assert canary("t", before, "helper@3", edges, "retrain-y").max_negative_rate == rate
 
 
 async def test_an_earlier_runs_canary_rolled_back_by_its_guard_rails_is_ended_not_a_refusal(

@@ -350,11 +350,17 @@ async def test_a_publish_step_asked_again_after_its_canary_failed_goes_on(
             await step(run, world.stack, quiet)
 
 
+@pytest.mark.parametrize("asked_again", [False, True])
 async def test_an_eval_whose_bar_failed_is_not_done_and_publishes_nothing(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch, asked_again: bool
 ) -> None:
+    """Asked again after an eval that passed, one with no verdict left `eval` done and its own `publish: false`:
+    `train publish` then removed the candidate that had passed."""
     run = await world.run()
     run.state.done, run.state.eval = ["dataset", "fit"], None
+    if asked_again:
+        run.state.done.append("eval")
+        run.state.eval = {"publish": True, "reasons": [], "unjudged": False}
     (run.data).mkdir()
     (run.data / "eval.jsonl").write_text('{"prompt": "hi", "reference": "hello"}\n')
     scores = evaluate.Scores(n=1, errors=0, metrics={"rouge_l": 1.0}, latency_p50_ms=1.0, latency_p95_ms=1.0)
@@ -462,3 +468,21 @@ async def test_a_candidate_whose_removal_failed_half_way_is_forgotten(
     with pytest.raises(RuntimeError, match="the eval failed"):
         await retrain(run, world.stack, quiet)
     assert world.store.versions("helper") == [1] and run.state.candidate is None
+
+
+async def test_a_candidate_is_never_staged_under_the_name_of_an_alias_of_its_tenant(world: World) -> None:
+    """A run on an alias serving the base trains the adapter `ALIAS-tuned`: staged beside an alias of that name, it
+    froze that alias (every repoint a 409, the version being on disk) and hid behind it."""
+    await PointerStore(world.redis).set_alias(TENANT, "desk", world.base.name)
+    await PointerStore(world.redis).set_alias(TENANT, "desk-tuned", world.base.name)
+    with pytest.raises(RetrainRefused, match="has an alias `desk-tuned`, the name of the adapter a retraining run on"):
+        await publish.serving(PointerStore(world.redis), ExperimentStore(world.redis), TENANT, "desk")
+    await world.redis.hdel(keys.aliases(TENANT), "desk-tuned")
+    run = await world.run("desk")  # the alias came after the dataset step's check, before the candidate
+    world.store.remove("desk-tuned", 1)
+    run.state.done, run.state.candidate = ["dataset", "fit"], None
+    run.state.train, run.state.data_card = {"adapter_dir": str(world.folder)}, {"dataset_hash": "0" * 64}
+    await PointerStore(world.redis).set_alias(TENANT, "desk-tuned", world.base.name)
+    with pytest.raises(RetrainRefused, match="has an alias `desk-tuned`"):
+        await stage_candidate(run, world.stack, quiet)
+    assert world.store.versions("desk-tuned") == [] and run.state.candidate is None
