@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from adapters.manifest import AdapterRef, InvalidAdapter, Manifest
 from adapters.store import AdapterNotFound, AdapterStore, IntegrityError
+
+log = logging.getLogger("loragate")
 
 
 @dataclass
@@ -254,8 +257,15 @@ class Registry:
         return out
 
     def sweep(self, older_than_s: float) -> list[str]:
-        """`AdapterStore.sweep` of every tenant's store: what it removed, each as `TENANT/...`."""
-        return [f"{tenant}/{left}" for tenant in self.tenants() for left in self.store(tenant).sweep(older_than_s)]
+        """`AdapterStore.sweep` of every tenant's store: what it removed, each as `TENANT/...`; a store that fails
+        (a disk error, a folder of a name no tenant can have) is logged and the others are swept."""
+        swept: list[str] = []
+        for tenant in self.tenants():
+            try:
+                swept += [f"{tenant}/{left}" for left in self.store(tenant).sweep(older_than_s)]
+            except (OSError, ValueError) as exc:
+                log.warning("sweeping the adapters of %s failed: %r", tenant, exc)
+        return swept
 
     def remove_tenant(self, tenant: str) -> list[str]:
         """Delete every adapter version of a deleted tenant; return their upstream names (to unload).

@@ -39,6 +39,10 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, dict
             raise ValueError("header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
+    try:  # a lone surrogate escape (`"\ud800"`): json reads it, safe_open's serde_json does not
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("header holds a lone surrogate (an escape of half a UTF-16 pair)") from exc
     _check_metadata(header.pop("__metadata__", None))
     end = 8 + length
     for name, info in header.items():

@@ -326,13 +326,14 @@ class AdapterStore:
         before, swept = time.time() - older_than_s, tuple[str, ...]()
         if not self.root.is_dir():
             return swept
-        for folder in (self.root, *(self._name_dir(name) for name in self.names())):
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile (its tenant deleted)
-                for entry in folder.iterdir():
-                    if entry.name.startswith((".incoming-", ".trash-v")) and entry.lstat().st_mtime < before:
-                        shutil.rmtree(entry, ignore_errors=True)
-                        swept += (str(entry.relative_to(self.root)),)
-        with self._locked():
+        with self._locked():  # as every deletion holds it: its `.trash-v*` is renamed, not made (an old mtime)
+            names = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            for folder in (self.root, *names):  # names with no version left too (a deletion of the last one)
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile (its tenant deleted)
+                    for entry in folder.iterdir():
+                        if entry.name.startswith((".incoming-", ".trash-v")) and entry.lstat().st_ctime < before:
+                            shutil.rmtree(entry, ignore_errors=True)
+                            swept += (str(entry.relative_to(self.root)),)
             for manifest in self.list():
                 left = not manifest.listed and manifest.source.kind == "uploaded"
                 if left and manifest.created.timestamp() < before:

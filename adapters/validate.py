@@ -27,12 +27,16 @@ the pattern is the uploader's, so it is matched with a time limit (and without h
 MAX_PATTERN_CHARS = 1000
 MAX_CONFIG_BYTES = 1024 * 1024
 """The largest adapter_config.json taken (PEFT writes 1-2 KB): it is read whole, holding the GIL, in the gateway."""
-MAX_ADAPTER_HEADER_BYTES = 2 * 1024 * 1024
-"""The largest safetensors header an adapter's weights may have (a rank-16 LoRA of every module of a 126-layer model
-has one of about 270 KB): it is parsed whole, holding the GIL, in the gateway."""
-MAX_PATTERN_KEYS = 256
+HEADER_BYTES = 1024 * 1024
+HEADER_BYTES_A_MODULE = 512
+"""The largest safetensors header an adapter's weights may have: HEADER_BYTES, and HEADER_BYTES_A_MODULE more for
+each linear module of its base (its lora_A and lora_B take about 200 bytes: a rank-16 LoRA of every module of a
+126-layer model has a header of about 270 KB, of every expert of a 30B MoE model about 5 MB). It is parsed whole,
+holding the GIL, in the gateway: a 40 MB one held every request of the process for seconds."""
+MAX_PATTERN_KEYS = 480
 """Keys `rank_pattern` and `alpha_pattern` hold at most, together: vLLM matches every key against every module at each
-load, compiling each again once its `regex` cache (500 patterns) is full, so 2,000 keys made a load take minutes."""
+load, and compiles each again once its `regex` cache (500 patterns) is full, so 2,000 keys made a load take minutes;
+under the cache, a key a module (two fields of 196 modules) is still taken."""
 MAX_WEIGHT = 1000.0
 """The largest weight (in magnitude) an adapter may hold: trained LoRA weights stay far below 1. With MAX_ALPHA, this
 keeps out adapters whose numbers are absurd (lora_alpha 1e30 was taken), not only NaN and infinities: an adapter that
@@ -202,9 +206,14 @@ def _check_targets(config: dict[str, Any], base: BaseModelSpec) -> list[str]:
     return [str(t) for t in targets]
 
 
+def max_header_bytes(base: BaseModelSpec) -> int:
+    """The largest safetensors header an adapter of `base` may have (HEADER_BYTES_A_MODULE)."""
+    return HEADER_BYTES + HEADER_BYTES_A_MODULE * len(base.linear_shapes)
+
+
 def _check_tensors(folder: Path, base: BaseModelSpec, max_rank: int, config_ranks: Callable[[str], int]) -> str:
     try:
-        header = read_header(folder / WEIGHTS_FILE, MAX_ADAPTER_HEADER_BYTES)
+        header = read_header(folder / WEIGHTS_FILE, max_header_bytes(base))
     except (ValueError, OSError) as exc:
         raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
     if not header:

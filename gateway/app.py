@@ -230,7 +230,7 @@ def _services(settings: Settings, urls: list[str], model_dir: Path | None, sessi
     records_redis = redis
     if settings.records_redis_url and settings.records_redis_url != settings.redis_url:
         records_redis = _redis(settings.records_redis_url, settings.redis_max_connections)
-    metrics = Metrics(settings.metrics_max_tenants)
+    metrics = Metrics(settings.metrics_max_tenants, settings.metrics_max_names)
     records_spool = Spool(
         settings.spool_root / "records",
         fsync=False,

@@ -16,10 +16,11 @@ local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[6] == 'create' then
   if redis.call('EXISTS', KEYS[5]) == 0 then return -4 end
   if raw then return -2 end
-  local live = 0
+  local live = 0  -- found in pydantic's compact JSON, not decoded: a tenant keeps every ended experiment
   for _, stored in ipairs(redis.call('HVALS', KEYS[1])) do
-    local status = cjson.decode(stored)['status']
-    if status == 'running' or status == 'paused' then live = live + 1 end
+    if string.find(stored, '"status":"running"', 1, true) or string.find(stored, '"status":"paused"', 1, true) then
+      live = live + 1
+    end
   end
   if live >= tonumber(ARGV[10]) then return -5 end
   local now = redis.call('HGET', KEYS[3], ARGV[5]) or ''

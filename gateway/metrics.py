@@ -58,6 +58,25 @@ class TenantLabels:
         return label == OTHER and tenant != OTHER
 
 
+class NameLabels:
+    """Which of a tenant's names (model, adapter and arm together; or an adapter) get labels of their own: the first
+    `cap` this process sees of each tenant; the rest are `other`. A manage key creates aliases and adapters without
+    bound, and each name seen made series kept until the process ends."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.named: dict[str, set[tuple[str, ...]]] = {}
+
+    def __call__(self, tenant: str, names: tuple[str, ...]) -> tuple[str, ...]:
+        seen = self.named.setdefault(tenant, set())
+        if names in seen:
+            return names
+        if len(seen) < self.cap:
+            seen.add(names)
+            return names
+        return tuple(OTHER if name else "" for name in names)
+
+
 class _Series:
     """One request label set's children, each made on first use: a finished request then costs dictionary
     lookups, not label validation."""
@@ -79,9 +98,10 @@ class _Series:
 class Metrics:
     """One registry per app, so several apps (tests) in one process never collide."""
 
-    def __init__(self, max_tenants: int = 100) -> None:
+    def __init__(self, max_tenants: int = 100, max_names: int = 10) -> None:
         disable_created_metrics()  # no `_created` twin of every counter and histogram series
         self.tenant = TenantLabels(max_tenants)
+        self.names, self.adapters = NameLabels(max_names), NameLabels(max_names)
         self._series: dict[tuple[str, ...], _Series] = {}
         self._resident_shown: set[tuple[str, str, str]] = set()
         self.registry = r = CollectorRegistry()
@@ -214,6 +234,8 @@ class Metrics:
         model, adapter, arm = route.requested.partition("@")[0], route.adapter_label or "", route.arm or ""
         if self.tenant.beyond(tenant, named):
             model, adapter, arm = (OTHER if value else "" for value in (model, adapter, arm))
+        else:
+            model, adapter, arm = self.names(tenant, (model, adapter, arm))
         return route_name, named, model, adapter, arm
 
     def adapter_labels(self, upstream: str) -> tuple[str, str]:
@@ -222,7 +244,9 @@ class Metrics:
         if not dot:
             owner, rest = "", upstream
         named = self.tenant(owner) if owner else ""
-        return named, OTHER if self.tenant.beyond(owner, named) else rest.rpartition("@")[0] or rest
+        if self.tenant.beyond(owner, named):
+            return named, OTHER
+        return named, self.adapters(owner, (rest.rpartition("@")[0] or rest,))[0]
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -296,6 +320,14 @@ def forget_dead_processes(folder: Path) -> None:
             mark_process_dead(int(found[1]), str(folder))
         except PermissionError:
             continue
+
+
+def join_multiprocess_dir(folder: Path) -> None:
+    """Make the operator's PROMETHEUS_MULTIPROC_DIR ready for this process without emptying it (other processes
+    may be writing to it), dropping the live gauges left under this process's pid: restarted in a container, the
+    gateway is pid 1 again, and an earlier pid 1's resident adapters stayed on /metrics as loaded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mark_process_dead(os.getpid(), str(folder))
 
 
 def fresh_multiprocess_dir(folder: Path) -> Path:

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -117,7 +117,9 @@ class Settings(BaseSettings):
         "where bf16 is emulated and slow; vLLM's own choice elsewhere.",
     )
     engine_kv_cache_gib: int = Field(2, ge=1, description="KV cache of each started vLLM server (CPU), GiB.")
-    engine_start_timeout_s: float = Field(600.0, description="How long a started vLLM may take to become healthy.")
+    engine_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long a started vLLM may take to become healthy."
+    )
     engine_extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra vLLM command-line arguments, comma-separated."
     )
@@ -171,8 +173,10 @@ class Settings(BaseSettings):
         "when it computes them in a batch with a request of n > 1 (vLLM issue 16668), whoever sent either. Turn on "
         "only for engines known to be free of that.",
     )
-    upstream_timeout_s: float = Field(600.0, description="Longest silence from vLLM during one request.")
-    health_interval_s: float = Field(2.0, description="How often vLLM replicas are health-checked.")
+    upstream_timeout_s: float = Field(600.0, gt=0, description="Longest silence from vLLM during one request.")
+    health_interval_s: float = Field(
+        2.0, ge=0.05, description="How often vLLM replicas are health-checked (0.05 s at least: 0 spun the checks)."
+    )
     auth_cache_s: float = Field(
         5.0, ge=0, description="Longest a verified API key is trusted without asking Redis again (changes show sooner)."
     )
@@ -203,7 +207,26 @@ class Settings(BaseSettings):
         ge=1,
         description="Tenants with a label of their own on /metrics, the first seen by each process; the rest: `other`.",
     )
-    log_level: str = Field("info", description="Gateway log level.")
+    metrics_max_names: int = Field(
+        10,
+        ge=1,
+        description="A tenant's models (with their adapter and arm) with labels of their own on /metrics, the first "
+        "seen by each process; the rest: `other` (a manage key makes aliases and adapters without bound).",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Gateway log level (uvicorn's names; `warn` is refused, as uvicorn refuses it)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, level: Any) -> Any:
+        return level.strip().lower() if isinstance(level, str) else level
+
+    @model_validator(mode="after")
+    def _ports_exist(self) -> Settings:
+        if self.engine_port + self.engine_replicas - 1 > 65535:
+            raise ValueError(f"engine_port {self.engine_port} with {self.engine_replicas} replicas passes port 65535")
+        return self
 
     @field_validator("engine_urls", "engine_extra_args", "hot_adapters", mode="before")
     @classmethod

@@ -77,11 +77,15 @@ def adapter_of(target: str, tenant: str) -> Adapter | None:
 
 
 @asynccontextmanager
-async def holding(redis: aioredis.Redis, adapters: Iterable[Adapter], tenant: str) -> AsyncIterator[None]:
-    """Hold the locks of `adapters`, taken in one order everywhere (no two changes wait on each other)."""
+async def holding(
+    redis: aioredis.Redis, adapters: Iterable[Adapter], tenant: str, wait_s: float | None = None
+) -> AsyncIterator[None]:
+    """Hold the locks of `adapters`, taken in one order everywhere (no two changes wait on each other), each waited
+    for `wait_s` (default WAIT_S) at most, then AdapterBusy."""
     async with AsyncExitStack() as stack:
         for adapter in sorted(set(adapters)):
-            lock = redis.lock(keys.adapter_lock(*adapter), timeout=HOLD_S, blocking_timeout=WAIT_S)
+            wait = WAIT_S if wait_s is None else wait_s
+            lock = redis.lock(keys.adapter_lock(*adapter), timeout=HOLD_S, blocking_timeout=wait)
             if not await lock.acquire():
                 raise AdapterBusy(adapter, tenant)
             stack.push_async_callback(_release, lock)
@@ -295,13 +299,15 @@ async def publish_unaliased(
     manifest: Manifest,
     *,
     publish: bool = True,
+    wait_s: float | None = None,
 ) -> Manifest:
     """`keep_if_still_owned(publish=publish)` of a version just stored unlisted, unless its name became an alias
     of its tenant while it was uploaded or trained (an alias set then checked for versions before there was one):
     the version is removed and NameTaken raised. Holds the name's lock, as `pointing_at` does to write an alias, so
-    that one of the two always sees the other (once a version is on disk, listed or not, no alias takes its name)."""
+    that one of the two always sees the other (once a version is on disk, listed or not, no alias takes its name).
+    The lock is waited for `wait_s` (a retraining run waits out a holder that died: HOLD_S + WAIT_S)."""
     try:
-        async with holding(redis, [(owner.name, manifest.name)], owner.name):
+        async with holding(redis, [(owner.name, manifest.name)], owner.name, wait_s):
             if await redis.hexists(keys.aliases(owner.name), manifest.name):
                 raise NameTaken(manifest.name)
             return await keep_if_still_owned(tenants, store, owner, manifest, publish=publish)

@@ -20,6 +20,8 @@ if [ "${LORAGATE_QUANTIZATION:-none}" = bitsandbytes ] && [ -z "${LORAGATE_ENGIN
 fi
 
 started_redis=""
+cleanup() { for port in $started_redis; do scripts/redis.sh stop "$port"; done; }
+trap cleanup EXIT  # set first: a records Redis that fails to start must not leave the state one running
 if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   scripts/redis.sh start "$REDIS_PORT" "$LORAGATE_HOME/redis" persist
   started_redis="$REDIS_PORT"
@@ -28,8 +30,6 @@ if [ "$LORAGATE_RECORDS_REDIS_URL" = "redis://127.0.0.1:$RECORDS_PORT/0" ] && ! 
   scripts/redis.sh start "$RECORDS_PORT" "$LORAGATE_HOME/redis-records" durable
   started_redis="$started_redis $RECORDS_PORT"
 fi
-cleanup() { for port in $started_redis; do scripts/redis.sh stop "$port"; done; }
-trap cleanup EXIT
 
 "$LG" model prepare >/dev/null
 keyfile="$LORAGATE_HOME/demo-key"

@@ -269,6 +269,9 @@ def load(yaml_path: str | Path | None = None, flags: Sequence[str] = ()) -> Retr
     assert isinstance(config, RetrainConfig)
     if config.jsonl_path and not Path(config.jsonl_path).is_file():  # a new run's: read by its dataset step only,
         raise ValueError(f"invalid retraining config: jsonl_path {config.jsonl_path!r} is not a file")  # not later
+    for name in ("jsonl_path", "regression_jsonl", "json_schema_path"):  # run.json keeps them: a later step of the
+        if path := getattr(config, name):  # run, asked from another folder, read another file or none at all
+            setattr(config, name, str(Path(path).absolute()))
     return config
 
 

@@ -62,17 +62,22 @@ async def alias_lease(redis: aioredis.Redis, tenant: str, alias: str, run_id: st
 
 
 async def _renew(lease: aioredis.lock.Lock, owner: asyncio.Task[object] | None, lost: asyncio.Event) -> None:
-    """Renew the lease every LEASE_S / 3; once it is no longer the run's (it expired while Redis was out of reach,
-    and maybe another run took it: renewing swallowed that before, and the run went on beside the other), stop the
-    run's work (`owner`)."""
+    """Renew the lease every LEASE_S / 3, each renewal given LEASE_S / 6 at most, and one that failed tried again
+    within a second or so (a renewal that hung 30 s, then waited another 20, let the lease expire after an outage of
+    half its lifetime); once it is no longer the run's (it expired while Redis was out of reach, and maybe another
+    run took it: renewing swallowed that before, and the run went on beside the other), stop the run's work
+    (`owner`)."""
+    delay = LEASE_S / 3
     while True:
-        await asyncio.sleep(LEASE_S / 3)
+        await asyncio.sleep(delay)
         try:
-            await lease.reacquire()
+            await asyncio.wait_for(lease.reacquire(), LEASE_S / 6)
         except LockNotOwnedError:
             lost.set()
             if owner is not None:
                 owner.cancel(LOST)  # the message the step's CancelledError carries (what run.json says)
             return
-        except (RedisError, OSError):  # Redis away a moment: the next renewal may do
+        except (RedisError, OSError, TimeoutError):  # Redis away a moment: tried again soon
+            delay = min(1.0, LEASE_S / 30)
             continue
+        delay = LEASE_S / 3

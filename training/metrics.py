@@ -43,11 +43,16 @@ def unfenced(answer: str) -> str:
 
 
 def parse_json(answer: str) -> tuple[bool, Any]:
-    """(True, value) when the answer, fenced or not, is one JSON value; (False, None) otherwise."""
+    """(True, value) when the answer, fenced or not, is one JSON value; (False, None) otherwise (NaN and Infinity
+    too, which Python's json reads and JSON has not)."""
     try:
-        return True, json.loads(unfenced(answer))
+        return True, json.loads(unfenced(answer), parse_constant=_not_json)
     except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError; nested too deep is no answer
         return False, None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def exact_match(answer: str, reference: str, config: RetrainConfig) -> float:
@@ -63,7 +68,10 @@ def load_schema_validator(config: RetrainConfig) -> Any:
     import jsonschema
 
     path = _needs(config, "json_schema_path", "json_schema")
-    schema = json.loads(Path(path).read_text())
+    try:
+        schema = json.loads(Path(path).read_text())
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"json_schema_path {path!r} is not JSON: {exc}") from exc
     cls = jsonschema.validators.validator_for(schema)
     try:
         cls.check_schema(schema)
@@ -74,7 +82,12 @@ def load_schema_validator(config: RetrainConfig) -> Any:
 
 def _schema_valid(validator: Any, answer: str) -> float:
     parsed, value = parse_json(answer)
-    return float(parsed and validator.is_valid(value))
+    if not parsed:
+        return 0.0
+    try:
+        return float(validator.is_valid(value))
+    except Exception as exc:  # a `$ref` it cannot resolve (referencing's errors are no ValueError): the schema's fault
+        raise ValueError(f"json_schema_path's schema cannot be applied to an answer: {exc!r:.300}") from exc
 
 
 def json_schema(answer: str, reference: str, config: RetrainConfig) -> float:

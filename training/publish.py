@@ -96,8 +96,9 @@ async def serving(
 def alias_named(tenant: str, name: str, alias: str) -> str:
     """Why a candidate cannot be staged under `name`, the adapter name a run on `alias` takes."""
     return (
-        f"Tenant {tenant} has an alias `{name}`, the name of the adapter a retraining run on `{alias}` (which serves "
-        f"the base model) trains: rename or delete that alias, or point `{alias}` at a version of an adapter first."
+        f"Tenant {tenant} has an alias `{name}`, the name of the adapter a retraining run on `{alias}` trains (it "
+        f"serves the base model or another tenant's adapter): delete or rename that alias and ask again, or point "
+        f"`{alias}` at a version of an adapter of {tenant}'s and start a new run."
     )
 
 

@@ -73,6 +73,11 @@ async def fit(run: Run, stack: Stack, progress: Progress, resume: bool = False) 
     started = time.monotonic()
     run.require("dataset")
     _not_published(run, "fit")
+    if run.state.candidate:  # the eval and publish steps would go on with it, not with the new weights
+        raise publish.RetrainRefused(
+            f"Run {run.state.run_id} has staged {run.state.candidate} from its fit: its fit step is not run again; "
+            "start another run."
+        )
     await _owner(run, stack)
     base_dir = await asyncio.to_thread(_base_dir, stack.settings, progress)
     stop = threading.Event()
@@ -163,7 +168,8 @@ async def stage_candidate(run: Run, stack: Stack, progress: Progress) -> str:
     ), undo=functools.partial(publish.discard, store))  # fmt: skip
     try:
         tenants = TenantStore(stack.state)
-        await version_guard.publish_unaliased(stack.state, tenants, store, owner, staged, publish=False)
+        wait_s = version_guard.HOLD_S + version_guard.WAIT_S  # a run's training is not given up for a busy name
+        await version_guard.publish_unaliased(stack.state, tenants, store, owner, staged, publish=False, wait_s=wait_s)
     except TenantNotFound as exc:
         raise _tenant_gone(state) from exc
     except version_guard.NameTaken as exc:

@@ -209,6 +209,7 @@ def trainer_args(config: RetrainConfig, run_dir: Path, precision: Precision, epo
         logging_strategy="epoch",
         save_total_limit=2,  # with load_best_model_at_end the best is kept besides the last
         load_best_model_at_end=early_stopping,
+        restore_callback_states_from_checkpoint=early_stopping,  # a resumed run's patience goes on, not from 0
         metric_for_best_model="eval_loss" if early_stopping else None,
         greater_is_better=False if early_stopping else None,
         include_num_input_tokens_seen="non_padding",
@@ -333,6 +334,11 @@ def train(
     args = trainer_args(config, run_dir, precision, epochs)
     trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
     _check_kept(trainer, len(data["train"]), config.max_length, report)
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:  # type: ignore[arg-type]
+        raise TrainingRefused(  # epoch 1's evaluation had no eval_loss, and early stopping failed on its KeyError
+            f"all {len(data['validation'])} validation examples are longer than max_length={config.max_length} tokens "
+            "before their answer begins: raise max_length"
+        )
     watch = EpochWatch(epochs, len(data["train"]), progress)
     trainer.add_callback(as_trainer_callback(watch))
     if stop is not None:

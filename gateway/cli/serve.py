@@ -90,6 +90,7 @@ def serve(
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
     _logging(settings)
+    _refuse_taken_ports(settings)
     validation_model: Path | None = settings.model_dir
     supervisor: EngineSupervisor | None = None
     if not settings.engine_urls:
@@ -108,6 +109,21 @@ def serve(
             runner.run(_serve(settings, supervisor, validation_model))
     except KeyboardInterrupt:
         pass
+
+
+def _refuse_taken_ports(settings: Settings) -> None:
+    """End at once, before vLLM starts, if the gateway's port or a port of a vLLM it would start is in use (another
+    gateway, or one still stopping): its sockets would be shared with the other, or its vLLM's health read from the
+    other's."""
+    from gateway.ports import taken
+
+    wanted = [("the gateway", settings.host, settings.port)]
+    if not settings.engine_urls:
+        ports = range(settings.engine_port, settings.engine_port + settings.engine_replicas)
+        wanted += [("vLLM", settings.engine_host, port) for port in ports]
+    for what, host, port in wanted:
+        if taken(host, port):
+            raise fail(f"{host}:{port}, the port {what} listens on, is in use (another loragate, or one stopping?)")
 
 
 HTTP_PROTOCOL = "gateway.http_protocol:HttpProtocol"
@@ -135,7 +151,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
                     loop.remove_signal_handler(sig)
 
     from gateway.app import create_app
-    from gateway.metrics import MULTIPROC_ENV
+    from gateway.metrics import MULTIPROC_ENV, join_multiprocess_dir
 
     urls = settings.engine_urls
     if supervisor is not None:
@@ -151,7 +167,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
             await _serve_workers(settings, urls, validation_model)
             return
         if metrics := os.environ.get(MULTIPROC_ENV):  # the operator's (the chart's): made, never emptied, as other
-            Path(metrics).mkdir(parents=True, exist_ok=True)  # processes may be writing to it already
+            join_multiprocess_dir(Path(metrics))  # processes may be writing to it already
         config = uvicorn.Config(
             create_app(settings, urls, validation_model),
             host=settings.host,

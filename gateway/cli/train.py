@@ -87,8 +87,10 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
         ValueError,
     ) as exc:
         raise _failed(job, said, str(exc)) from exc
-    except (RedisError, OSError) as exc:
+    except (RedisError, ConnectionError) as exc:
         raise _failed(job, said, f"Redis or the gateway cannot be reached: {exc}") from exc
+    except OSError as exc:  # the disk (full, a permission), a file the step reads: said as it is
+        raise _failed(job, said, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _failed(job: Run, said: str | None, message: str) -> typer.Exit:
@@ -102,12 +104,21 @@ def _failed(job: Run, said: str | None, message: str) -> typer.Exit:
 
 
 def _config(path: Path | None, flags: list[str]) -> Any:
+    """A new run's config, the files its eval reads checked now rather than after the fit: the schema is one, each
+    regression row is an eval row."""
     from training.config import load
+    from training.evaluate import load_rows
+    from training.metrics import load_schema_validator
 
     try:
-        return load(path, flags)
-    except (ValueError, OSError) as exc:
+        config = load(path, flags)
+        if config.json_schema_path:
+            load_schema_validator(config)
+        if config.regression_jsonl:
+            load_rows(config.regression_jsonl)
+    except (ValueError, OSError) as exc:  # json's JSONDecodeError (a schema that is no JSON) is a ValueError
         raise fail(str(exc)) from exc
+    return config
 
 
 def _new_run(tenant: str, alias: str, config: Any) -> Run:

@@ -31,6 +31,11 @@ def is_internal_address(host: str) -> bool:
     return (address.is_loopback or address.is_private) and not address.is_unspecified
 
 
+def _url_host(host: str) -> str:
+    """`host` as a URL names it: an IPv6 address in brackets (`http://::1:8100` is no URL)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def engine_command(settings: Settings, model_dir: Path, port: int, dtype: str | None = None) -> list[str]:
     return [
         str(settings.engine_python or sys.executable),
@@ -292,7 +297,7 @@ class EngineSupervisor:
             EngineProcess(
                 engine_command(settings, model_dir, port, dtype),
                 engine_env(settings, cores),
-                f"http://{settings.engine_host}:{port}",
+                f"http://{_url_host(settings.engine_host)}:{port}",
                 log_dir / f"vllm-{port}.log",
                 settings,
             )

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from adapters.manifest import InvalidAdapter
 from adapters.store import AdapterStore
-from adapters.validate import MAX_ADAPTER_HEADER_BYTES, MAX_CONFIG_BYTES, MAX_PATTERN_KEYS, BaseModelSpec
+from adapters.validate import MAX_CONFIG_BYTES, MAX_PATTERN_KEYS, BaseModelSpec, max_header_bytes
 from tests.unit.conftest import edit_config as configure
 
 MAX_RANK = 16
@@ -175,10 +175,10 @@ def test_a_config_or_header_larger_than_any_adapter_has_is_refused_before_it_is_
     raw = weights.read_bytes()
     length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + length])
-    header["__metadata__"] = {"notes": "x" * MAX_ADAPTER_HEADER_BYTES}
+    header["__metadata__"] = {"notes": "x" * max_header_bytes(base)}
     text = json.dumps(header).encode()
     weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
-    refused(store, good, base, f"more than the {MAX_ADAPTER_HEADER_BYTES} taken")
+    refused(store, good, base, f"more than the {max_header_bytes(base)} taken")
 
 
 def test_a_config_holding_a_lone_surrogate_is_refused(store: AdapterStore, good: Path, base: BaseModelSpec) -> None:

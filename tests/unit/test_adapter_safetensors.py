@@ -37,6 +37,8 @@ def _safetensors_opens(path: Path) -> bool:
     return True
 
 
+ENTRY = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+"""One tensor's entry, and the header's end, as bytes (a test's escapes written as they are)."""
 CASES: dict[str, tuple[dict[str, Any] | bytes, int]] = {
     "two tensors end to end": ({"a": _entry(0, 4), "b": _entry(4, 8)}, 8),
     "listed out of order": ({"b": _entry(4, 8), "a": _entry(0, 4)}, 8),
@@ -55,6 +57,8 @@ CASES: dict[str, tuple[dict[str, Any] | bytes, int]] = {
     "dtype an object": ({"a": _entry(0, 4, dtype={"F32": 1})}, 4),
     "header in UTF-16": (json.dumps({"a": _entry(0, 4)}).encode("utf-16"), 4),
     "NaN in the header": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}', 4),
+    "a lone surrogate": (b'{"__metadata__":{"k":"\\ud800"},"a":' + ENTRY, 4),
+    "a surrogate pair": (b'{"__metadata__":{"k":"\\ud83d\\ude00"},"a":' + ENTRY, 4),
 }
 
 

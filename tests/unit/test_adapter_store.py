@@ -550,10 +550,13 @@ def test_what_a_process_that_died_mid_change_left_is_swept_once_old(
     store.add(good, "candidate", base, 16, listed=False, provenance={"run": "r"})  # a run's, in its eval
     (store.root / ".incoming-abc" / "unpacked").mkdir(parents=True)
     (store.root / "kept" / ".trash-v9-123").mkdir()
+    (store.root / "gone" / ".trash-v1-77").mkdir(parents=True)  # a deletion of a name's last version, killed
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (tmp_path / f"{UPLOAD_PREFIX}x").mkdir()
     assert registry.sweep(3600) == [] and sweep_uploads(3600) == [], "nothing young is touched (an upload going on)"
-    assert sorted(registry.sweep(-1)) == ["acme/.incoming-abc", "acme/kept/.trash-v9-123", "acme/left@1"]
+    assert sorted(registry.sweep(-1)) == [
+        "acme/.incoming-abc", "acme/gone/.trash-v1-77", "acme/kept/.trash-v9-123", "acme/left@1"
+    ]  # fmt: skip
     assert sweep_uploads(-1) == [str(tmp_path / f"{UPLOAD_PREFIX}x")] and not (tmp_path / f"{UPLOAD_PREFIX}x").exists()
     assert [m.ref for m in store.list()] == ["candidate@1", "kept@1"] and store.versions("left") == []
     assert not (store.root / ".incoming-abc").exists() and (store.root / ".lock").exists()

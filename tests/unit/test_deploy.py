@@ -295,3 +295,10 @@ def _default_command(dockerfile: Path) -> list[str]:
 
 def _shared_networks(a: Service, b: Service) -> set[str]:
     return set(a.get("networks") or {}) & set(b.get("networks") or {})
+
+
+def test_the_gateway_is_given_time_to_drain_and_write_its_last_records(stack: dict[str, Service]) -> None:
+    """Docker kills a container 10 s after SIGTERM unless told otherwise: before the gateway's 25 s drain
+    (LORAGATE_SHUTDOWN_TIMEOUT_S) and the records it writes last."""
+    grace = stack["gateway"]["stop_grace_period"]  # as compose resolves it: "40s"
+    assert grace.endswith("s") and grace[:-1].isdigit() and int(grace[:-1]) >= 35, grace

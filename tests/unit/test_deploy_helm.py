@@ -307,3 +307,32 @@ def _kept(rules: list[dict[str, Any]], meta: dict[str, str]) -> bool:
         if bool(re.fullmatch(rule["regex"], value)) != (rule["action"] == "keep"):
             return False
     return True
+
+
+def test_a_key_changed_in_the_values_rolls_the_gateways_and_a_stop_drains_before_the_kill(
+    default: list[Manifest],
+) -> None:
+    """Only the ConfigMap was hashed: a leaked admin key changed with `helm upgrade` kept opening /admin in the running
+    gateways (which read keys at start), and Prometheus got 401s. A rolling update refused connections while kube-proxy
+    still sent them (no preStop pause), and the kubelet's 30 s came before the gateway's 25 s drain and last records."""
+
+    def pod(values: dict[str, Any]) -> dict[str, Any]:
+        return _pod_template(find(manifests(helm_render(values)), "Deployment", f"{FULL}-gateway"))
+
+    keys = {"adminKey": {"value": "an-admin-key-0123456789"}}
+    annotations = [pod(v)["metadata"]["annotations"]["checksum/keys"] for v in ({}, keys, keys)]
+    assert annotations[0] != annotations[1] == annotations[2]
+    spec = _pod(find(default, "Deployment", f"{FULL}-gateway"))
+    (container,) = spec["containers"]
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    config = find(default, "ConfigMap", f"{FULL}-config")["data"]
+    drain = float(config.get("LORAGATE_SHUTDOWN_TIMEOUT_S", 25))
+    assert pause >= 5 and spec["terminationGracePeriodSeconds"] >= pause + drain + 10
+
+
+def test_the_volume_init_makes_the_spool_folder_the_gateway_writes_to(default: list[Manifest]) -> None:
+    """values.yaml suggests a spoolDir on the volume; where the volume's driver applies no fsGroup (NFS) the gateway
+    (uid 10001) could not make it, and crash-looped."""
+    statefulset = next(o for o in default if o["kind"] == "StatefulSet")
+    (init,) = _pod(statefulset)["initContainers"]
+    assert "/spool" in init["args"][0] and "chown 10001:10001" in init["args"][0]

@@ -5,6 +5,7 @@ checked against the metrics that exist. Expositions are read back with Prometheu
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.context import RequestContext
 from gateway.engine.pool import Replica
-from gateway.metrics import OTHER, Metrics, TenantLabels, fresh_multiprocess_dir, sample_names
+from gateway.metrics import (
+    OTHER,
+    Metrics,
+    TenantLabels,
+    fresh_multiprocess_dir,
+    join_multiprocess_dir,
+    sample_names,
+)
 from gateway.routing import Route
 from gateway.tenants import Tenant
 from tests.conftest import METRICS_KEY, ROOT, RedisServer, free_port, start_side_gateway, stop_gateway
@@ -71,6 +79,20 @@ def test_request_labels_roll_versions_up_and_hide_names_past_the_cap() -> None:
     assert metrics.request_labels("chat", "gamma", base) == ("chat", OTHER, OTHER, "", "")
     assert metrics.adapter_labels("acme.bot@3") == ("acme", "bot")
     assert metrics.adapter_labels("gamma.secret@1") == (OTHER, OTHER)
+
+
+def test_a_tenants_names_past_its_cap_are_other_so_its_aliases_and_adapters_cannot_grow_the_series() -> None:
+    """A manage key makes aliases and uploads adapters without bound: each name it then called made about 40 series
+    in every process, kept until it ended, whatever the tenant cap."""
+    metrics = Metrics(max_tenants=10, max_names=2)
+    first, second = adapter_route("a@1", "acme", 1, "acme"), adapter_route("b@1", "acme", 1, "acme")
+    third = adapter_route("c@1", "acme", 1, "acme")
+    assert [metrics.request_labels("chat", "acme", r)[2:] for r in (first, second, third, first)] == [
+        ("a", "a", ""), ("b", "b", ""), (OTHER, OTHER, ""), ("a", "a", "")
+    ]  # fmt: skip
+    assert metrics.request_labels("chat", "beta", third)[2:] == ("c", "c", ""), "each tenant's own names"
+    loads = [metrics.adapter_labels(f"acme.{name}@1") for name in ("x", "y", "z", "x")]
+    assert loads == [("acme", "x"), ("acme", "y"), ("acme", OTHER), ("acme", "x")]
 
 
 def test_a_finished_request_is_counted_with_its_latency_first_token_tokens_and_error() -> None:
@@ -154,6 +176,21 @@ def test_several_processes_are_added_up_and_a_gone_one_keeps_only_its_counters(t
         staying.wait()
     assert found["loragate_requests_total"] == 5, "both processes' counters, the gone one's too"
     assert found["loragate_inflight_requests"] == 2, "only the live process's gauge"
+
+
+def test_a_process_joining_a_metrics_folder_drops_live_gauges_left_under_its_pid(tmp_path: Path) -> None:
+    """A container's gateway is pid 1 again after a restart, on the same folder (the pod's own /tmp): the earlier
+    pid 1's live gauges were taken for its own (it is alive), and adapters it had loaded showed loaded for good."""
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    mine, another = folder / f"gauge_livemax_{os.getpid()}.db", folder / "gauge_livemax_999999999.db"
+    counters = folder / f"counter_{os.getpid()}.db"
+    for path in (mine, another, counters):
+        path.write_bytes(b"")
+    join_multiprocess_dir(folder)
+    assert not mine.exists() and another.exists() and counters.exists(), "counters never go back"
+    join_multiprocess_dir(tmp_path / "new" / "prom")
+    assert (tmp_path / "new" / "prom").is_dir()
 
 
 def test_one_process_serves_with_a_metrics_folder_it_was_given_that_does_not_exist_yet(

@@ -1,14 +1,22 @@
 """Ports for test and benchmark services (loadtest.services.free_port): drawn below the kernel's ephemeral range,
-a share of it per pytest-xdist worker, free when drawn."""
+a share of it per pytest-xdist worker, free when drawn. And a gateway refuses to start where another listens: its
+own sockets set SO_REUSEPORT, so a second gateway on the same port bound beside the first without an error, and
+the kernel split the clients between the two."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from gateway.ports import taken
+from gateway.workers import reuseport_sockets
 from loadtest import services
+from tests.conftest import ROOT
 
 
 def ephemeral_low() -> int:
@@ -61,3 +69,31 @@ def test_without_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch: py
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # free, and it came from the kernel
     assert port >= ephemeral_low()
+
+
+def test_a_port_a_gateway_listens_on_is_taken_and_free_again_once_closed() -> None:
+    sockets = reuseport_sockets("127.0.0.1", 0, 2)
+    port = sockets[0].getsockname()[1]
+    try:
+        assert taken("127.0.0.1", port) and taken("0.0.0.0", port)
+        assert not taken("127.0.0.1", 0), "any free port is never taken"
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert not taken("127.0.0.1", port)
+
+
+def test_serve_ends_at_once_where_another_gateway_listens(tmp_path: Path) -> None:
+    sockets = reuseport_sockets("127.0.0.1", 0, 1)
+    port = sockets[0].getsockname()[1]
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path), "LORAGATE_ENGINE_URLS": "http://127.0.0.1:9"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        sockets[0].close()
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and f"127.0.0.1:{port}, the port the gateway listens on, is in use" in output, output
+    assert "Traceback" not in output

@@ -3,12 +3,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.apikeys import hash_key
 from gateway.auth import bearer_matches, bearer_token
-from gateway.engine.supervisor import engine_command, is_internal_address
+from gateway.engine.supervisor import _url_host, engine_command, is_internal_address
 from gateway.errors import AuthenticationFailed
 from gateway.settings import Settings
 from tests.conftest import ROOT, gateway_env
@@ -126,3 +127,23 @@ def test_guard_rails_run_no_more_often_than_their_round_lock_can_say() -> None:
     assert Settings(guard_rails_s=0.01).guard_rails_s == 0.01
     with pytest.raises(ValueError, match="guard_rails_s"):
         Settings(guard_rails_s=0.001)
+
+
+@pytest.mark.parametrize(
+    ("given", "field"),
+    [
+        ({"health_interval_s": 0}, "health_interval_s"),  # the health checks and maintenance looped without a pause
+        ({"upstream_timeout_s": 0}, "upstream_timeout_s"),  # every completion a 504 at once
+        ({"engine_start_timeout_s": -1}, "engine_start_timeout_s"),
+        ({"log_level": "warn"}, "log_level"),  # uvicorn's KeyError, after vLLM had started
+        ({"engine_port": 65535, "engine_replicas": 2}, "passes port 65535"),
+    ],
+)
+def test_settings_that_would_fail_later_are_refused_at_start(given: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Settings(**given)
+
+
+def test_a_log_level_is_read_in_any_case_and_an_ipv6_engine_host_makes_a_url() -> None:
+    assert Settings(log_level="WARNING").log_level == "warning"
+    assert (_url_host("::1"), _url_host("127.0.0.1"), _url_host("[::1]")) == ("[::1]", "127.0.0.1", "[::1]")

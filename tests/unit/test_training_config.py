@@ -73,6 +73,14 @@ def test_a_bad_config_is_refused_with_what_is_wrong(
         load(path, flags)
 
 
+def test_a_new_runs_files_are_kept_as_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.json keeps them: a later step asked from another folder was refused (not a file), or read another file."""
+    (tmp_path / "reg.jsonl").write_text('{"prompt": "hi", "reference": "hello"}\n')
+    (tmp_path / "c.yaml").write_text("regression_jsonl: reg.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    assert load(tmp_path / "c.yaml").regression_jsonl == str(tmp_path / "reg.jsonl")
+
+
 def test_yaml_reads_a_learning_rate_written_without_a_dot(tmp_path: Path) -> None:
     """YAML 1.1 (PyYAML) reads `1e-4` as a string: taken as the number it spells."""
     path = tmp_path / "c.yaml"

@@ -90,6 +90,9 @@ def test_exact_match_ignores_surrounding_whitespace_only(config: RetrainConfig) 
         ('Sure: {"a": 1}', 0.0),
         ('```json\n{"a": 1}\n``` and more', 0.0),
         ("", 0.0),
+        ("NaN", 0.0),  # Python's json reads these; JSON has none of them
+        ('{"a": Infinity}', 0.0),
+        ("-Infinity", 0.0),
     ],
 )
 def test_json_valid_tolerates_a_fence(config: RetrainConfig, answer: str, valid: float) -> None:
@@ -116,6 +119,10 @@ def test_a_schema_file_that_is_no_schema_is_an_error(config: RetrainConfig, tmp_
     Path(config.json_schema_path or "").write_text(json.dumps({"type": "no-such-type"}))
     with pytest.raises(ValueError, match="not a valid JSON Schema"):
         json_schema("{}", "", config)
+    unresolvable = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+    Path(config.json_schema_path or "").write_text(json.dumps(unresolvable))  # a valid schema, until applied
+    with pytest.raises(ValueError, match="schema cannot be applied to an answer"):  # not referencing's own error
+        json_schema('{"a": 1}', "", config)
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,14 @@ def test_the_train_commands_name_a_bad_config_or_run_folder_without_a_traceback(
     env = {"LORAGATE_HOME": str(tmp_path), "LORAGATE_REDIS_URL": redis_server.url}
     config, run = tmp_path / "c.yaml", tmp_path / "run"
     run.mkdir()
-    for text, says in (("foo: [1\n", "not valid YAML"), ("lora_r: 8.5\n", "lora_r must be a whole number")):
+    (tmp_path / "schema.json").write_text("{not json")
+    (tmp_path / "regression.jsonl").write_text('{"prompt": "hi"}\n')  # no reference: no eval row
+    for text, says in (
+        ("foo: [1\n", "not valid YAML"),
+        ("lora_r: 8.5\n", "lora_r must be a whole number"),
+        (f"json_schema_path: {tmp_path / 'schema.json'}\n", "schema.json' is not JSON"),  # found before the fit
+        (f"regression_jsonl: {tmp_path / 'regression.jsonl'}\n", "regression.jsonl:1: not an eval row"),
+    ):
         config.write_text(text)
         command = ["train", "run", "--tenant", "acme", "--alias", "support", "--config", str(config)]
         done = CliRunner().invoke(cli, command, env=env)
@@ -116,3 +123,25 @@ def test_the_train_commands_name_a_bad_config_or_run_folder_without_a_traceback(
 
 RUN_JSON = json.dumps({"run_id": "r", "tenant": "acme", "alias": "support", "config": {"bogus": 1}})
 """A run.json of a loragate version whose config has a field this one does not know."""
+
+
+async def test_a_renewal_that_hangs_is_given_up_and_tried_again_in_time(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that hung (Redis slow, the client's 30 s timeout) and then waited the full interval let the lease
+    expire after an outage of half its lifetime, and a multi-hour fit was stopped."""
+    from redis.asyncio.lock import Lock
+
+    monkeypatch.setattr(lease, "LEASE_S", 3.0)  # renewed every second
+    real, calls = Lock.reacquire, [0]
+
+    async def hangs_once(self: Lock) -> bool:
+        calls[0] += 1
+        if calls[0] == 1:
+            await asyncio.sleep(10)  # past the lease's lifetime
+        return await real(self)
+
+    monkeypatch.setattr(Lock, "reacquire", hangs_once)
+    async with lease.alias_lease(redis, "acme", "support", "run-1"):
+        await asyncio.sleep(4.5)  # past a lifetime from the last renewal, had the hung one been waited for
+        assert await redis.get(keys.retrain_lease("acme", "support")) == "run-1" and calls[0] >= 2

@@ -403,7 +403,8 @@ async def test_a_stopped_fit_ends_its_training_thread_first(world: World, monkey
     """asyncio cannot cancel a thread: SIGTERM or Ctrl-C used to end the step while training went on (and
     asyncio.run then waited for it at exit). The step sets the trainer's `stop` and waits for its thread."""
     run = await world.run()
-    run.state.done = ["dataset"]
+    world.store.remove("helper", 2)
+    run.state.done, run.state.candidate = ["dataset"], None
     started, ended, stopped = threading.Event(), threading.Event(), threading.Event()
 
     def training(*args: Any, stop: threading.Event | None = None, **kwargs: Any) -> Any:
@@ -486,3 +487,28 @@ async def test_a_candidate_is_never_staged_under_the_name_of_an_alias_of_its_ten
     with pytest.raises(RetrainRefused, match="has an alias `desk-tuned`"):
         await stage_candidate(run, world.stack, quiet)
     assert world.store.versions("desk-tuned") == [] and run.state.candidate is None
+
+
+async def test_staging_waits_out_a_name_lock_held_past_wait_s(
+    world: World, monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    """Staging checks the name under its lock since the alias check: a lock held past WAIT_S (an operator's change,
+    a process that died holding it) removed the candidate and failed the step, its training thrown away."""
+    monkeypatch.setattr(version_guard, "WAIT_S", 0.2)
+    run = await world.run()
+    world.store.remove("helper", 2)
+    run.state.done, run.state.candidate = ["dataset", "fit"], None
+    run.state.train, run.state.data_card = {"adapter_dir": str(world.folder)}, {"dataset_hash": "0" * 64}
+    held = sync_redis_client(redis_server.url).lock(keys.adapter_lock(TENANT, "helper"), timeout=2)
+    assert held.acquire(blocking=False)  # expires by itself, as HOLD_S does
+    assert await stage_candidate(run, world.stack, quiet) == "helper@3"
+    assert run.state.candidate == "helper@3" and not world.store.manifest("helper", 3).listed
+
+
+async def test_a_fit_asked_again_once_its_candidate_is_staged_is_refused(world: World) -> None:
+    """It trained new weights and left the staged candidate and the eval of the old ones: `train eval` and `train
+    publish` went on with those, and run.json's training summary described weights nobody evaluated."""
+    run = await world.run()  # helper@2 staged, eval passed
+    with pytest.raises(RetrainRefused, match="has staged helper@2 from its fit: its fit step is not run again"):
+        await fit(run, world.stack, quiet)
+    assert run.state.candidate == "helper@2" and world.store.versions("helper") == [1, 2]

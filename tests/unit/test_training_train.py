@@ -407,3 +407,23 @@ def test_a_max_length_that_leaves_no_answer_is_refused_before_training(
     template's default system prompt alone is longer), where torch failed with `num_samples=0`."""
     with pytest.raises(TrainingRefused, match="all 8 training examples are longer than max_length=16"):
         train(tiny(max_length=16), sft_data, small_base_dir, tmp_path / "run")
+
+
+def test_a_validation_split_max_length_empties_is_refused_before_training(small_base_dir: Path, tmp_path: Path) -> None:
+    """TRL drops the validation examples max_length leaves no answer in too: with all of them gone, the first epoch
+    trained, then its evaluation had no eval_loss and early stopping failed on a KeyError."""
+    long = [chat_row(i) for i in range(8, 12)]
+    for row in long:
+        row["prompt"][1]["content"] += " " + "details " * 80  # past max_length=64 before the answer begins
+    data = write_dataset(tmp_path / "data", [chat_row(i) for i in range(8)], long)
+    with pytest.raises(TrainingRefused, match="all 4 validation examples are longer than max_length=64"):
+        train(tiny(), data, small_base_dir, tmp_path / "run")
+
+
+def test_a_resumed_run_restores_early_stoppings_patience(tmp_path: Path) -> None:
+    """transformers restores callbacks' state only when asked: a resumed run's patience began again at 0, and it
+    trained more epochs than the run it resumed would have."""
+    precision = choose_precision()
+    assert train_module.trainer_args(tiny(), tmp_path, precision, 3).restore_callback_states_from_checkpoint
+    off = tiny(early_stopping_patience=0)
+    assert not train_module.trainer_args(off, tmp_path, precision, 3).restore_callback_states_from_checkpoint

@@ -1,0 +1,26 @@
+"""Whether an address is free to listen on, asked before anything starts: a gateway's own listening sockets set
+SO_REUSEPORT (`gateway.workers`), so a second gateway on the same port bound beside the first without an error and
+the kernel split the clients between them; and a vLLM port held by another gateway's vLLM answered the health
+checks of one that could not start."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+def taken(host: str, port: int) -> bool:
+    """Whether something listens on `host`:`port` (or holds it): a socket bound there without SO_REUSEPORT cannot
+    bind beside a listener, whatever that one set. Port 0 (any free one) is never taken."""
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closed lately do not count
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
