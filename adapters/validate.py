@@ -33,10 +33,10 @@ HEADER_BYTES_A_MODULE = 512
 each linear module of its base (its lora_A and lora_B take about 200 bytes: a rank-16 LoRA of every module of a
 126-layer model has a header of about 270 KB, of every expert of a 30B MoE model about 5 MB). It is parsed whole,
 holding the GIL, in the gateway: a 40 MB one held every request of the process for seconds."""
-MAX_PATTERN_KEYS = 480
+MAX_PATTERN_KEYS = 400
 """Keys `rank_pattern` and `alpha_pattern` hold at most, together: vLLM matches every key against every module at each
-load, and compiles each again once its `regex` cache (500 patterns) is full, so 2,000 keys made a load take minutes;
-under the cache, a key a module (two fields of 196 modules) is still taken."""
+load, and compiles each again once its regex cache (500 patterns, shared with the rest of the process) is full, so
+2,000 keys made a load take minutes; well under the cache, a key a module in both fields (196 modules) is taken."""
 MAX_WEIGHT = 1000.0
 """The largest weight (in magnitude) an adapter may hold: trained LoRA weights stay far below 1. With MAX_ALPHA, this
 keeps out adapters whose numbers are absurd (lora_alpha 1e30 was taken), not only NaN and infinities: an adapter that

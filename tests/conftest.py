@@ -119,6 +119,9 @@ def gateway_env(home: Path, redis_url: str, port: int, **extra: str) -> dict[str
         LORAGATE_METRICS_KEY=METRICS_KEY,
         LORAGATE_HEALTH_INTERVAL_S="0.5",
         LORAGATE_WORKERS="1",  # one process per test gateway on these 2 cores; test_workers runs several
+        # The suite's session gateway serves dozens of one tenant's adapters, and tests read their series by name
+        # (the cap's `other` is tested in tests/unit/test_metrics.py)
+        LORAGATE_METRICS_MAX_NAMES="1000",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

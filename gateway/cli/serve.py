@@ -15,6 +15,7 @@ import typer
 from gateway import heap
 from gateway.cli.common import console, fail, progress
 from gateway.event_loop import event_loop_factory
+from gateway.ports import taken, url_host
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -115,14 +116,12 @@ def _refuse_taken_ports(settings: Settings) -> None:
     """End at once, before vLLM starts, if the gateway's port or a port of a vLLM it would start is in use (another
     gateway, or one still stopping): its sockets would be shared with the other, or its vLLM's health read from the
     other's."""
-    from gateway.ports import taken
-
-    wanted = [("the gateway", settings.host, settings.port)]
+    wanted = [("the gateway", settings.host, settings.port, settings.workers == 1)]
     if not settings.engine_urls:
         ports = range(settings.engine_port, settings.engine_port + settings.engine_replicas)
-        wanted += [("vLLM", settings.engine_host, port) for port in ports]
-    for what, host, port in wanted:
-        if taken(host, port):
+        wanted += [("vLLM", settings.engine_host, port, True) for port in ports]
+    for what, host, port, v6only in wanted:
+        if taken(host, port, v6only):
             raise fail(f"{host}:{port}, the port {what} listens on, is in use (another loragate, or one stopping?)")
 
 
@@ -181,7 +180,7 @@ async def _serve(settings: Settings, supervisor: EngineSupervisor | None, valida
             http=HTTP_PROTOCOL,
         )
         server = _Server(config)
-        console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1")
+        console.log(f"loragate serving on http://{url_host(settings.host)}:{settings.port}/v1")
         await server.serve()
     finally:
         if supervisor is not None:
@@ -240,5 +239,6 @@ async def _serve_workers(settings: Settings, urls: list[str], validation_model: 
     except OSError as exc:
         raise fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
     supervisor = Workers(config, sockets)  # takes SIGINT/SIGTERM: both end the run
-    console.log(f"loragate serving on http://{settings.host}:{settings.port}/v1 with {settings.workers} processes")
+    address = f"http://{url_host(settings.host)}:{settings.port}/v1"
+    console.log(f"loragate serving on {address} with {settings.workers} processes")
     await asyncio.to_thread(supervisor.run)

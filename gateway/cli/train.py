@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from gateway.cli.common import console, fail, job_redis, plain_table, tenant_must_exist, who
+from gateway.ports import url_host
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def _with_stack(work: Callable[[Stack], Awaitable[T]], gateway_url: str | None, 
     async def run() -> T:
         state = job_redis(settings.redis_url)
         records = job_redis(settings.records_redis_url or settings.redis_url)
-        url = (gateway_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        url = (gateway_url or f"http://{url_host(settings.host)}:{settings.port}").rstrip("/")
         task = asyncio.current_task()
         if task is not None:  # SIGTERM (a deadline, `docker stop`) cancels, as asyncio.run makes Ctrl-C do
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)

@@ -15,6 +15,7 @@ from typing import BinaryIO, Literal
 
 import aiohttp
 
+from gateway.ports import url_host
 from gateway.settings import Settings
 
 log = logging.getLogger("loragate.engine")
@@ -29,11 +30,6 @@ def is_internal_address(host: str) -> bool:
     except ValueError:
         return False
     return (address.is_loopback or address.is_private) and not address.is_unspecified
-
-
-def _url_host(host: str) -> str:
-    """`host` as a URL names it: an IPv6 address in brackets (`http://::1:8100` is no URL)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def engine_command(settings: Settings, model_dir: Path, port: int, dtype: str | None = None) -> list[str]:
@@ -297,7 +293,7 @@ class EngineSupervisor:
             EngineProcess(
                 engine_command(settings, model_dir, port, dtype),
                 engine_env(settings, cores),
-                f"http://{_url_host(settings.engine_host)}:{port}",
+                f"http://{url_host(settings.engine_host)}:{port}",
                 log_dir / f"vllm-{port}.log",
                 settings,
             )

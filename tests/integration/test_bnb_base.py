@@ -118,6 +118,7 @@ def test_adapter_trained_on_the_nf4_base_serves_on_it(bnb_gateway: Gateway, qlor
 def test_serve_refuses_a_vllm_without_bitsandbytes(redis_server, base_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The gateway's own vLLM (0.32) has no bitsandbytes: serve says what to install instead of starting it."""
     env = gateway_env(tmp_path, redis_server.url, free_port(), LORAGATE_QUANTIZATION="bitsandbytes")
+    env["LORAGATE_ENGINE_PORT"] = str(free_port())  # the default 8100 may be `make run`'s vLLM: refused for that
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
     )

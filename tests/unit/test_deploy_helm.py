@@ -309,19 +309,12 @@ def _kept(rules: list[dict[str, Any]], meta: dict[str, str]) -> bool:
     return True
 
 
-def test_a_key_changed_in_the_values_rolls_the_gateways_and_a_stop_drains_before_the_kill(
-    default: list[Manifest],
-) -> None:
-    """Only the ConfigMap was hashed: a leaked admin key changed with `helm upgrade` kept opening /admin in the running
-    gateways (which read keys at start), and Prometheus got 401s. A rolling update refused connections while kube-proxy
-    still sent them (no preStop pause), and the kubelet's 30 s came before the gateway's 25 s drain and last records."""
-
-    def pod(values: dict[str, Any]) -> dict[str, Any]:
-        return _pod_template(find(manifests(helm_render(values)), "Deployment", f"{FULL}-gateway"))
-
-    keys = {"adminKey": {"value": "an-admin-key-0123456789"}}
-    annotations = [pod(v)["metadata"]["annotations"]["checksum/keys"] for v in ({}, keys, keys)]
-    assert annotations[0] != annotations[1] == annotations[2]
+def test_a_stopping_gateway_pod_pauses_then_drains_before_the_kill(default: list[Manifest]) -> None:
+    """A rolling update refused connections while kube-proxy still sent them (no preStop pause), and the kubelet's
+    30 s came before the gateway's 25 s drain and its last records. No checksum of the keys is on the pod: whoever
+    may read pods could test guesses of them."""
+    annotations = _pod_template(find(default, "Deployment", f"{FULL}-gateway"))["metadata"]["annotations"]
+    assert not [name for name in annotations if "key" in name], annotations
     spec = _pod(find(default, "Deployment", f"{FULL}-gateway"))
     (container,) = spec["containers"]
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][1])

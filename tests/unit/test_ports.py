@@ -97,3 +97,14 @@ def test_serve_ends_at_once_where_another_gateway_listens(tmp_path: Path) -> Non
     output = done.stdout + done.stderr
     assert done.returncode == 1 and f"127.0.0.1:{port}, the port the gateway listens on, is in use" in output, output
     assert "Traceback" not in output
+
+
+def test_an_ipv6_address_is_probed_as_the_gateway_binds_it() -> None:
+    """One process (uvicorn) binds `::` for IPv6 alone, beside an IPv4 listener of the port; workers' sockets take
+    IPv4 too. The probe refused a one-process start on `::` that uvicorn made beside an IPv4 listener."""
+    sockets = reuseport_sockets("127.0.0.1", 0, 1)
+    port = sockets[0].getsockname()[1]
+    try:
+        assert not taken("::", port, v6only=True) and taken("::", port, v6only=False)
+    finally:
+        sockets[0].close()

@@ -9,8 +9,9 @@ import pytest
 
 from gateway.apikeys import hash_key
 from gateway.auth import bearer_matches, bearer_token
-from gateway.engine.supervisor import _url_host, engine_command, is_internal_address
+from gateway.engine.supervisor import engine_command, is_internal_address
 from gateway.errors import AuthenticationFailed
+from gateway.ports import url_host
 from gateway.settings import Settings
 from tests.conftest import ROOT, gateway_env
 
@@ -146,4 +147,4 @@ def test_settings_that_would_fail_later_are_refused_at_start(given: dict[str, An
 
 def test_a_log_level_is_read_in_any_case_and_an_ipv6_engine_host_makes_a_url() -> None:
     assert Settings(log_level="WARNING").log_level == "warning"
-    assert (_url_host("::1"), _url_host("127.0.0.1"), _url_host("[::1]")) == ("[::1]", "127.0.0.1", "[::1]")
+    assert (url_host("::1"), url_host("127.0.0.1"), url_host("[::1]")) == ("[::1]", "127.0.0.1", "[::1]")
