@@ -76,9 +76,11 @@ async def forget_user(redis: aioredis.Redis, tenant: str, user: str, policy: Log
             own = 0
             if owner == tenant and entry:
                 own = await _delete_record(redis, tenant, user, completion_id, entry, keep_s)
-            script_keys = [keys.feedback(tenant, completion_id), counters]
-            args = ["" if own else user, policy.score_min, policy.score_max]
-            removed["feedback"] += int(await erase(keys=script_keys, args=args))
+            script_keys, scores = [keys.feedback(tenant, completion_id), counters], [policy.score_min, policy.score_max]
+            removed["feedback"] += int(await erase(keys=script_keys, args=["" if own == 1 else user, *scores]))
+            if own == -1:  # its record is gone (whose, unknown): the others' ratings go with it, as a trim takes
+                # them, their arm keeping them (erasing this user took them out of its results)
+                removed["feedback"] += int(await erase(keys=[script_keys[0], ""], args=["", *scores]))
             removed["completions"] += own == 1
         await redis.srem(keys.end_user(tenant, user), *ids)  # only what was done: ids added meanwhile stay
     removed["completions"] += await _forget_past_age(redis, tenant, user, keep_s)

@@ -196,9 +196,12 @@ class FeedbackStore:
                 await asyncio.sleep(0.1)
                 if await indexed():
                     return True
+            if self._recorder.degraded:  # when spooling, its record may be in a spool
+                return None
+            replaying = await self._redis.zcount(keys.records_replaying(), self._recorder.clock.now(), "+inf")
         except (RedisError, OSError):
             return None
-        return None if self._recorder.degraded else False  # when spooling, its record may be in a spool
+        return None if replaying else False  # another process's spool is being replayed: it may be there
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -351,7 +354,7 @@ class FeedbackStore:
         async def handle(items: list[dict[str, Any]]) -> None:
             """One segment: written, and what waits put back (fsynced) before the segment is removed, so that
             a crash or a failed write in between loses nothing and copies nothing."""
-            kept, kept_ratings, waiting = [], [], []
+            kept, kept_ratings, waiting, checked, dropped = [], [], [], Counter[str](), 0
             parsed = [pydantic_core.from_json(item["feedback"]) for item in items]
             owners = await self._owners(items, parsed)
             for item, rating, (owner, deleted) in zip(items, parsed, owners, strict=True):
@@ -363,9 +366,9 @@ class FeedbackStore:
                         waiting.append(item)
                         continue
                 if item["verify"]:
-                    self._unverified[item["tenant"]] = max(self._unverified[item["tenant"]] - 1, 0)
+                    checked[item["tenant"]] += 1
                     if owner != item["tenant"]:
-                        self._metrics.feedback_dropped.inc()
+                        dropped += 1
                         continue
                 kept.append(item)
                 kept_ratings.append(rating)
@@ -374,6 +377,9 @@ class FeedbackStore:
                 self._replayed(kept, kept_ratings)
             if waiting:
                 await self._spool.append(waiting)
+            for tenant, count in checked.items():  # once the segment is done: a failed pass takes it again
+                self._unverified[tenant] = max(self._unverified[tenant] - count, 0)
+            self._metrics.feedback_dropped.inc(dropped)
 
         try:
             return await self._spool.drain(handle)

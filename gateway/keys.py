@@ -147,6 +147,12 @@ def completion_log(tenant: str) -> str:
     return f"{PREFIX}:log:{tenant}"
 
 
+def records_replaying() -> str:
+    """Sorted set of the gateway processes replaying spooled records into the log (a process token, scored by when
+    its mark lapses, Unix time): while one is, a completion id no index names yet may be one of its records."""
+    return f"{PREFIX}:records:replaying"
+
+
 def completion(completion_id: str) -> str:
     """`TENANT ENTRY-ID[ EXPERIMENT ARM]` of one recorded completion: who owns it, where its record is in
     the log, and the experiment arm that answered it (so that its feedback counts for that arm); for an hour after

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ from gateway.clock import RedisClock
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
 from gateway.record_builder import RawRow, raw_row, row_size
-from gateway.record_store import UNREACHABLE, RecordStore
+from gateway.record_store import TRIMMED_KEEP_S, UNREACHABLE, RecordStore
 from gateway.record_worker import Built, Owner, RecordWorker, RecordWorkers, ThreadBuilder, owners
 from gateway.spool import Spool
 
@@ -61,34 +62,49 @@ behind at 5,000 requests/s (it gives the CPU away every few records) left this p
 writing 49-74% of the records itself; at four it wrote none. One gateway process switched between the two under load
 (64 clients, 2 cores, three runs): 1.1%, 3.9% and 5.3% more requests/s at four, 1.0, 6.8 and 9.7 µs less of its CPU
 per request."""
+KEPT_S = TRIMMED_KEEP_S - 600
+"""How long a completion is vouched for by the process that answered it: less than a trimmed record's index keeps
+saying TRIMMED (record_store.TRIMMED_KEEP_S). Remembered past that, a completion trimmed from its log took ratings
+again, 200, where every other process said 404, and its owner's erasure left them."""
+REPLAY_MARK_S = 30.0
+"""How long a process's mark as replaying records lasts unless renewed (a process that died mid-replay)."""
+MERGE_S = 60.0
+"""A batch remembered takes the small ones after it for this long at most (each forgotten KEPT_S after the first)."""
 MERGED = 256
 """Remembered batches smaller than this are merged (a lookup walks the batches); full ones (500) are kept as sent."""
 
 
 class RecentCompletions:
-    """Who answered the last RECENT (at least) completions this process handled, for feedback that arrives while
-    Redis is down. Kept a batch at a time, as the record process sends them (a dict each; small ones merged, at C
-    speed): no Python work per record; a lookup walks the batches, newest first (at most about 260 when full)."""
+    """Who answered the last RECENT (at least) completions this process handled in the last KEPT_S, for feedback
+    that arrives while Redis is down. Kept a batch at a time, as the record process sends them (a dict each; small
+    ones merged, at C speed, into one begun within MERGE_S): no Python work per record; a lookup walks the batches,
+    newest first (at most about 260 when full)."""
 
-    def __init__(self, limit: int = RECENT) -> None:
-        self._batches: deque[dict[str, Owner]] = deque()
+    def __init__(self, limit: int = RECENT, kept_s: float = KEPT_S) -> None:
+        self._batches: deque[tuple[float, dict[str, Owner]]] = deque()
         self._count = 0
-        self._limit = limit
+        self._limit, self._kept_s = limit, kept_s
 
     def add(self, batch: dict[str, Owner]) -> None:
         if not batch:
             return
-        if self._batches and len(self._batches[-1]) < MERGED:
-            self._count -= len(self._batches[-1])
-            self._batches[-1].update(batch)
+        now = time.monotonic()
+        if self._batches and len(self._batches[-1][1]) < MERGED and now - self._batches[-1][0] < MERGE_S:
+            self._count -= len(self._batches[-1][1])
+            self._batches[-1][1].update(batch)
         else:
-            self._batches.append(batch)
-        self._count += len(self._batches[-1])
-        while self._count - len(self._batches[0]) >= self._limit:
-            self._count -= len(self._batches.popleft())
+            self._batches.append((now, batch))
+        self._count += len(self._batches[-1][1])
+        while self._count - len(self._batches[0][1]) >= self._limit or now - self._batches[0][0] > self._kept_s:
+            self._count -= len(self._batches.popleft()[1])
+            if not self._batches:
+                break
 
     def get(self, completion_id: str) -> Owner | None:
-        for batch in reversed(self._batches):
+        oldest = time.monotonic() - self._kept_s
+        for added, batch in reversed(self._batches):
+            if added < oldest:
+                return None
             if (owner := batch.get(completion_id)) is not None:
                 return owner
         return None
@@ -101,7 +117,7 @@ class RecentCompletions:
 
     def __iter__(self) -> Iterator[str]:
         """The ids remembered, oldest first (one remembered twice, twice)."""
-        for batch in self._batches:
+        for _, batch in self._batches:
             yield from batch
 
     def clear(self) -> None:
@@ -148,6 +164,8 @@ class Recorder:
         self._flush_seq = 0
         """Records queued up to here are waited for (`written`): they go at once."""
         self._records = RecordStore(redis)
+        self._token = secrets.token_hex(8)
+        """This recorder's name in `keys.records_replaying`."""
         self.clock = RedisClock(redis, "the records Redis")
         """Records are dated by the records Redis's clock (its scripts compare them with tombstones and ages)."""
         self._builder: RecordWorker | RecordWorkers | ThreadBuilder = ThreadBuilder()
@@ -331,11 +349,23 @@ class Recorder:
             self._metrics.records_skipped.inc(skipped)
 
     async def _replay(self) -> None:
-        """Write the spool to Redis, oldest first; stay degraded if Redis is still away."""
-        replayed = 0
+        """Write the spool to Redis, oldest first; stay degraded if Redis is still away. While it replays, the
+        process is marked in Redis (`keys.records_replaying`): feedback on a completion no index names yet is then
+        not a 404 at another process (it may be one of these records), but a 503, or spooled."""
+        replayed, marked = 0, [0.0]
+
+        async def write(entries: list[dict[str, Any]]) -> None:
+            if time.monotonic() >= marked[0]:  # every REPLAY_MARK_S / 3 at most
+                lapses = self.clock.now() + REPLAY_MARK_S
+                await self._redis.zadd(keys.records_replaying(), {self._token: lapses})
+                marked[0] = time.monotonic() + REPLAY_MARK_S / 3
+            await self._write(entries)
+
         try:
             while self._spool.pending():  # what was spooled during a pass, too, before the log goes on
-                replayed += await self._spool.drain(self._write)
+                replayed += await self._spool.drain(write)
+            if marked[0]:
+                await self._redis.zrem(keys.records_replaying(), self._token)
         except (RedisError, OSError):
             return
         self.degraded = False

@@ -276,6 +276,26 @@ async def test_erased_ratings_leave_their_experiment_arms_counters(
     assert await redis.hmget(counters, "rated", "negative") == ["1", "1"]
 
 
+async def test_erasing_a_rater_of_a_completion_whose_record_is_gone_takes_only_their_rating_from_its_arm(
+    redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
+) -> None:
+    """A record gone from the log (an age limit lowered since) while its index stays: erasing one user who rated it
+    took every rating of it out of the arm's results, as if all three raters had been erased."""
+    ctx = context(TENANT, 1, user="bo")
+    ctx.route = Route(requested="bot", upstream_model="m", served_model="m", alias="bot", experiment="e", arm="a")
+    recorder.record(ctx)
+    await recorder.written()
+    for rater, thumbs in (("ann", "down"), ("cy", "down"), ("di", "up")):
+        await store.submit(TENANT, FeedbackIn(completion_id="chatcmpl-1", user=rater, thumbs=thumbs))
+    counters = keys.arm_counters("t", "e", "a")
+    assert await redis.hmget(counters, "rated", "negative") == ["3", "2"]
+    (entry,) = await redis.xrange(keys.completion_log("t"))
+    await redis.xdel(keys.completion_log("t"), entry[0])  # as the age trim takes it, its index left
+    removed = await forget_user(redis, "t", "ann", TENANT.logging)
+    assert removed["feedback"] == 3, "the others' ratings go with the record, as a trim takes them"
+    assert await redis.hmget(counters, "rated", "negative") == ["2", "1"], "only ann's left the arm's results"
+
+
 async def test_others_ratings_of_a_completion_erased_before_its_record_was_written_are_refused(
     redis: aioredis.Redis, recorder: Recorder, store: FeedbackStore
 ) -> None:

@@ -245,3 +245,32 @@ async def test_a_segment_is_checked_in_a_few_round_trips_however_many_ratings_it
         keys.feedback("d", "chatcmpl-later"),
     ]
     assert not await redis.exists(*refused)
+
+
+async def test_a_failed_replay_leaves_its_ratings_counted_as_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass took an unvouched-for rating off the tenant's count of waiting ones before writing it; the write
+    failed, the segment stayed, and each later pass took it off again: past the cap (UNVERIFIED_MAX) more waited."""
+    store = await spooled(tmp_path, monkeypatch, together=True)
+
+    async def owned_now(items: list[dict[str, Any]], parsed: list[dict[str, Any]]) -> list[tuple[str | None, bool]]:
+        return [(item["tenant"], False) for item in items]
+
+    async def redis_down(items: list[dict[str, Any]], replay: bool) -> None:
+        raise RedisConnectionError("flapping")
+
+    written: list[str] = []
+
+    async def write(items: list[dict[str, Any]], replay: bool) -> None:
+        written.extend(json.loads(item["feedback"])["completion_id"] for item in items)
+
+    monkeypatch.setattr(store, "_owners", owned_now)
+    store._unverified["t"] = 2  # WAITS (unvouched for) and one more of the tenant's, waiting elsewhere
+    monkeypatch.setattr(store, "_write", redis_down)
+    for _ in range(3):
+        assert await store.replay() == 0
+    assert store._unverified["t"] == 2, "nothing was written: the rating still waits"
+    monkeypatch.setattr(store, "_write", write)
+    store.durability = "fsync-always"  # probed again once Redis answers (a failed pass forgets it)
+    assert await store.replay() == 2 and sorted(written) == [KNOWN, WAITS] and store._unverified["t"] == 1

@@ -12,7 +12,7 @@ from gateway.answer import Answer
 from gateway.context import RequestContext
 from gateway.record_builder import raw_row
 from gateway.record_worker import owners
-from gateway.recorder import MERGED, RECENT, RecentCompletions
+from gateway.recorder import KEPT_S, MERGE_S, MERGED, RECENT, RecentCompletions
 from gateway.routing import Route
 from gateway.tenants import Tenant
 
@@ -37,6 +37,28 @@ def test_small_batches_are_merged_so_a_lookup_walks_few_dicts() -> None:
     assert len(recent._batches) <= RECENT // MERGED + 2
     assert recent.get(f"chatcmpl-{RECENT * 2 - 1}") == ("t", None) and recent.get("chatcmpl-0") is None
     assert list(recent)[-1] == f"chatcmpl-{RECENT * 2 - 1}", "oldest first"
+
+
+def test_completions_are_vouched_for_less_long_than_a_trimmed_ones_index_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Remembered for good (but by count), a completion trimmed from its log over an hour before (its TRIMMED index
+    gone) took a rating again at the process that answered it, 200, where every other said 404."""
+    from gateway import recorder as recorder_module
+    from gateway.record_store import TRIMMED_KEEP_S
+
+    clock = [1000.0]
+    monkeypatch.setattr(recorder_module.time, "monotonic", lambda: clock[0])
+    recent = RecentCompletions()
+    recent.add(batch(0, 10))
+    clock[0] += MERGE_S + 1  # a batch of its own
+    recent.add(batch(10, 10))
+    clock[0] += KEPT_S - MERGE_S  # the first batch past KEPT_S, the second not yet
+    assert recent.get("chatcmpl-0") is None and recent.get("chatcmpl-10") == ("t", 1.0)
+    assert KEPT_S < TRIMMED_KEEP_S
+    clock[0] += MERGE_S + 1
+    recent.add(batch(20, 1))  # adding forgets what is past KEPT_S
+    assert list(recent) == ["chatcmpl-20"] and len(recent) == 1
 
 
 def test_a_later_answer_for_an_id_wins() -> None:

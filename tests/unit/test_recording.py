@@ -957,6 +957,35 @@ async def test_another_tenants_completion_takes_the_path_and_time_of_an_unknown_
         recorder.degraded = False
 
 
+async def test_a_completion_no_index_names_is_no_404_while_another_process_replays_its_spool(
+    redis: aioredis.Redis, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis back after an outage, the process that answered it still replaying its spooled records: another process
+    answered 404 for the completion (it waited half a second), which a client does not retry, and the rating was
+    lost. The replaying process marks itself in Redis, and an id no index names is "cannot tell yet" meanwhile."""
+    store = await feedback_store(redis, recorder, tmp_path)
+    mine = Tenant(name="t")
+    replaying = keys.records_replaying()
+    assert await store.owned(mine, "chatcmpl-elsewhere") is False
+    await redis.zadd(replaying, {"a-process": recorder.clock.now() + 30})
+    assert await store.owned(mine, "chatcmpl-elsewhere") is None, "its record may be in that spool: a 503, or 202"
+    await redis.zadd(replaying, {"a-process": recorder.clock.now() - 1})  # lapsed: a process that died replaying
+    assert await store.owned(mine, "chatcmpl-elsewhere") is False
+    await redis.delete(replaying)
+    spool = Spool(tmp_path / "records", fsync=False)
+    spool.open()
+    await spool.append([{"some": "record"}])
+    other = Recorder(redis, spool, Metrics())
+    seen: list[list[str]] = []
+
+    async def write(entries: list[dict[str, Any]]) -> None:
+        seen.append(await redis.zrange(replaying, 0, -1))
+
+    monkeypatch.setattr(other, "_write", write)
+    await other._replay()
+    assert seen == [[other._token]] and await redis.zcard(replaying) == 0, "marked while it replays, then not"
+
+
 async def test_reading_feedback_while_redis_is_down_is_a_503_not_a_404(own_redis: RedisServer, tmp_path: Path) -> None:
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     spool = Spool(tmp_path / "records", fsync=False)
