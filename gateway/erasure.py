@@ -56,7 +56,9 @@ class NoUserNamed(ValueError):
 async def forget_user(redis: aioredis.Redis, tenant: str, user: str, policy: LogPolicy) -> dict[str, int]:
     """Delete every completion record of an end user, every rating they gave, and every rating of their completions
     (others' corrections quote their conversation), and take what those ratings added out of their experiment arms'
-    counters (a user who rates a completion again after their erasure counts once). Returns the counts. `policy`:
+    counters (a user who rates a completion again after their erasure counts once); a completion whose record is
+    gone already (whose, unknown) loses every rating, but only the user's leaves its arm, as a trim leaves the others'
+    there. Returns the counts. `policy`:
     the tenant's (its age limit: the tombstone stays LONGEST_AGE_S at least; its score range). The tombstone is
     dated by Redis's clock plus MARGIN_S (records and ratings are dated by Redis's clock as each gateway last
     measured it, gateway.clock; the margin covers what a measurement can be off by): what the user sends in the

@@ -34,7 +34,7 @@ import pydantic_core
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway import durability, feedback_script, keys
+from gateway import durability, feedback_script, keys, replay_marks
 from gateway.durability import Durability, NotDurable
 from gateway.erasure import entry_ms, parse_tombstone
 from gateway.errors import Conflict, InvalidRequest, NotFound, StateUnavailable
@@ -170,8 +170,10 @@ class FeedbackStore:
         return owned
 
     def _answered_here(self, tenant: Tenant, completion_id: str) -> bool:
-        """Whether this process answered the completion for this tenant (not for a deleted one of that name)."""
-        return self._recorder.recent.get(completion_id) == (tenant.name, tenant.created)
+        """Whether this process answered the completion for this tenant (not for a deleted one of that name), within
+        the tenant's age limit: past it, the record and its index are gone, and no marker says so."""
+        owner = self._recorder.recent.get(completion_id, within_s=tenant.logging.max_age_s)
+        return owner == (tenant.name, tenant.created)
 
     async def owned(self, tenant: Tenant, completion_id: str) -> bool | None:
         """Whether the completion is the tenant's; None when it cannot be told yet (Redis is down, or the
@@ -198,7 +200,7 @@ class FeedbackStore:
                     return True
             if self._recorder.degraded:  # when spooling, its record may be in a spool
                 return None
-            replaying = await self._redis.zcount(keys.records_replaying(), self._recorder.clock.now(), "+inf")
+            replaying = await replay_marks.any_replaying(self._redis)
         except (RedisError, OSError):
             return None
         return None if replaying else False  # another process's spool is being replayed: it may be there

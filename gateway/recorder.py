@@ -41,7 +41,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway import keys
+from gateway import keys, replay_marks
 from gateway.clock import RedisClock
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
@@ -66,8 +66,6 @@ KEPT_S = TRIMMED_KEEP_S - 600
 """How long a completion is vouched for by the process that answered it: less than a trimmed record's index keeps
 saying TRIMMED (record_store.TRIMMED_KEEP_S). Remembered past that, a completion trimmed from its log took ratings
 again, 200, where every other process said 404, and its owner's erasure left them."""
-REPLAY_MARK_S = 30.0
-"""How long a process's mark as replaying records lasts unless renewed (a process that died mid-replay)."""
 MERGE_S = 60.0
 """A batch remembered takes the small ones after it for this long at most (each forgotten KEPT_S after the first)."""
 MERGED = 256
@@ -100,8 +98,9 @@ class RecentCompletions:
             if not self._batches:
                 break
 
-    def get(self, completion_id: str) -> Owner | None:
-        oldest = time.monotonic() - self._kept_s
+    def get(self, completion_id: str, within_s: float | None = None) -> Owner | None:
+        """Who answered the completion, if this process did within KEPT_S (and `within_s`)."""
+        oldest = time.monotonic() - min(self._kept_s, self._kept_s if within_s is None else within_s)
         for added, batch in reversed(self._batches):
             if added < oldest:
                 return None
@@ -166,6 +165,8 @@ class Recorder:
         self._records = RecordStore(redis)
         self._token = secrets.token_hex(8)
         """This recorder's name in `keys.records_replaying`."""
+        self._marked_until: int | None = None
+        """Marked as replaying until the records queued up to here are written (`_replay`)."""
         self.clock = RedisClock(redis, "the records Redis")
         """Records are dated by the records Redis's clock (its scripts compare them with tombstones and ages)."""
         self._builder: RecordWorker | RecordWorkers | ThreadBuilder = ThreadBuilder()
@@ -246,6 +247,10 @@ class Recorder:
                 self._retry_at = time.monotonic() + RETRY_S
                 await self._replay()
             await self._drain_queue()
+            if self._marked_until is not None and self._done_seq >= self._marked_until:
+                self._marked_until = None  # what was queued while it replayed is written too
+                with contextlib.suppress(RedisError, OSError):  # it lapses by itself
+                    await replay_marks.unmark(self._redis, self._token)
         except Exception:
             log.exception("completion log: a write cycle failed; the next one tries again")
         async with self._progress:
@@ -349,25 +354,30 @@ class Recorder:
             self._metrics.records_skipped.inc(skipped)
 
     async def _replay(self) -> None:
-        """Write the spool to Redis, oldest first; stay degraded if Redis is still away. While it replays, the
-        process is marked in Redis (`keys.records_replaying`): feedback on a completion no index names yet is then
-        not a 404 at another process (it may be one of these records), but a 503, or spooled."""
-        replayed, marked = 0, [0.0]
+        """Write the spool to Redis, oldest first; stay degraded if Redis is still away. While it replays, and
+        until the records queued meanwhile are written too (`_cycle`), the process is marked in Redis
+        (gateway.replay_marks): feedback on a completion no index names yet is then not a 404 at another process
+        (it may be one of these records), but a 503, or spooled."""
+        replayed, renew_at = 0, [time.monotonic() + replay_marks.MARK_S / 3]
 
         async def write(entries: list[dict[str, Any]]) -> None:
-            if time.monotonic() >= marked[0]:  # every REPLAY_MARK_S / 3 at most
-                lapses = self.clock.now() + REPLAY_MARK_S
-                await self._redis.zadd(keys.records_replaying(), {self._token: lapses})
-                marked[0] = time.monotonic() + REPLAY_MARK_S / 3
+            if time.monotonic() >= renew_at[0]:
+                await replay_marks.mark(self._redis, self._token)
+                renew_at[0] = time.monotonic() + replay_marks.MARK_S / 3
             await self._write(entries)
 
         try:
+            await replay_marks.mark(self._redis, self._token)
             while self._spool.pending():  # what was spooled during a pass, too, before the log goes on
                 replayed += await self._spool.drain(write)
-            if marked[0]:
-                await self._redis.zrem(keys.records_replaying(), self._token)
+            await replay_marks.mark(self._redis, self._token)
+            self._marked_until = self._queued_seq
         except (RedisError, OSError):
-            return
+            return  # the mark lapses by itself: the records still wait
+        except Exception:  # a record that fails every pass: no mark kept alive for good, for every process
+            with contextlib.suppress(RedisError, OSError):
+                await replay_marks.unmark(self._redis, self._token)
+            raise
         self.degraded = False
         self._epoch += 1
         if replayed:

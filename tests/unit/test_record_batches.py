@@ -59,6 +59,8 @@ def test_completions_are_vouched_for_less_long_than_a_trimmed_ones_index_says_so
     clock[0] += MERGE_S + 1
     recent.add(batch(20, 1))  # adding forgets what is past KEPT_S
     assert list(recent) == ["chatcmpl-20"] and len(recent) == 1
+    clock[0] += 61  # a tenant keeping records a minute: past its age limit, its record and index are gone
+    assert recent.get("chatcmpl-20", within_s=60) is None and recent.get("chatcmpl-20") == ("t", 1.0)
 
 
 def test_a_later_answer_for_an_id_wins() -> None:

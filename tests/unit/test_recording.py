@@ -887,7 +887,7 @@ async def test_a_deleted_tenants_queued_and_spooled_records_stay_out_of_its_name
     assert await purge_tenant(redis, "t") >= 2, "chatcmpl-1 and -2 (and -5, if written in time)"
 
     await elsewhere._cycle()
-    await Recorder(redis, dead, Metrics())._replay()
+    await Recorder(redis, dead, Metrics())._cycle()  # a process adopting the dead one's spool replays it
     assert dead.pending() == 0
     late = FeedbackStore(redis, ratings, elsewhere, Metrics(), settle_s=0)
     assert await late.check_durability() == "fsync-always"
@@ -983,7 +983,20 @@ async def test_a_completion_no_index_names_is_no_404_while_another_process_repla
 
     monkeypatch.setattr(other, "_write", write)
     await other._replay()
-    assert seen == [[other._token]] and await redis.zcard(replaying) == 0, "marked while it replays, then not"
+    assert seen == [[other._token]] and await redis.zscore(replaying, other._token) is not None, "while it replays"
+    other.record(context(mine, 1))  # queued while it replayed: written next, then the mark goes
+    monkeypatch.undo()
+    await other._cycle()
+    assert await redis.zscore(replaying, other._token) is None and await store.owned(mine, "chatcmpl-1") is True
+    await spool.append([{"some": "record"}])
+
+    async def broken(entries: list[dict[str, Any]]) -> None:
+        raise KeyError("tenant")  # a record that fails every pass, not an outage
+
+    monkeypatch.setattr(other, "_write", broken)
+    with pytest.raises(KeyError):
+        await other._replay()
+    assert await redis.zscore(replaying, other._token) is None, "no mark kept alive for every process, for good"
 
 
 async def test_reading_feedback_while_redis_is_down_is_a_503_not_a_404(own_redis: RedisServer, tmp_path: Path) -> None:
