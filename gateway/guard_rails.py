@@ -150,40 +150,15 @@ async def check_all(records: aioredis.Redis, router: Router, tenants: list[str])
 
 
 async def run(state: aioredis.Redis, records: aioredis.Redis, router: Router, interval_s: float) -> None:
-    """Check every running experiment with guard rails, every `interval_s`, in one process at a time: a round holds
-    its lock (90% of the interval, renewed while it runs) and leaves it to expire, so the next round comes no sooner
-    than that, from whichever process takes it then."""
+    """Check every running experiment with guard rails, every `interval_s`, in one process at a time."""
     tenants = TenantStore(state)
     while True:
         await asyncio.sleep(interval_s)
-        token = secrets.token_hex(8)
         try:
-            if not await state.set(keys.guard_rails_lock(), token, nx=True, px=int(interval_s * 900)):
+            if not await state.set(keys.guard_rails_lock(), secrets.token_hex(8), nx=True, px=int(interval_s * 900)):
                 continue
-            renewing = asyncio.create_task(_renew(state, token, interval_s))
-            try:
-                await check_all(records, router, await tenants.names())
-            finally:
-                renewing.cancel()
+            await check_all(records, router, await tenants.names())
         except (RedisError, OSError) as exc:
             log.warning("guard rails skipped a round: %r", exc)
         except Exception:
             log.exception("guard rails failed a round; trying again next one")
-
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-
-
-async def _renew(state: aioredis.Redis, token: str, interval_s: float) -> None:
-    """Keep a round's lock while the round runs (rounds of many tenants' experiments outlast it: another process
-    then began a round of its own beside it, judging the same revisions and writing history twice)."""
-    while True:
-        await asyncio.sleep(interval_s * 0.3)
-        try:
-            if not await state.eval(_RENEW, 1, keys.guard_rails_lock(), token, int(interval_s * 900)):
-                return  # expired already (Redis was slow to answer): another round may run beside this one
-        except RedisError as exc:
-            log.warning("guard rails: the round's lock was not renewed: %r", exc)
