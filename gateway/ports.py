@@ -27,8 +27,6 @@ def taken(host: str, port: int, v6only: bool = True) -> bool:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         try:
             probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise
+        except OSError as exc:  # anything else (a name that does not resolve): the server's own bind says it
+            return exc.errno == errno.EADDRINUSE
     return False

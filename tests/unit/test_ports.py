@@ -108,3 +108,9 @@ def test_an_ipv6_address_is_probed_as_the_gateway_binds_it() -> None:
         assert not taken("::", port, v6only=True) and taken("::", port, v6only=False)
     finally:
         sockets[0].close()
+
+
+def test_an_address_the_probe_cannot_bind_for_another_reason_is_left_to_the_server() -> None:
+    """A host that does not resolve, or is not this machine's: the probe says nothing (no traceback), and the
+    server's own bind refuses it in its words."""
+    assert not taken("no-such-host.invalid", 8080) and not taken("192.0.2.1", 8080)
