@@ -100,7 +100,7 @@ class RecentCompletions:
 
     def get(self, completion_id: str, within_s: float | None = None) -> Owner | None:
         """Who answered the completion, if this process did within KEPT_S (and `within_s`)."""
-        oldest = time.monotonic() - min(self._kept_s, self._kept_s if within_s is None else within_s)
+        oldest = time.monotonic() - (self._kept_s if within_s is None else min(self._kept_s, within_s))
         for added, batch in reversed(self._batches):
             if added < oldest:
                 return None

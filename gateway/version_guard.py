@@ -82,9 +82,9 @@ async def holding(
 ) -> AsyncIterator[None]:
     """Hold the locks of `adapters`, taken in one order everywhere (no two changes wait on each other), each waited
     for `wait_s` (default WAIT_S) at most, then AdapterBusy."""
+    wait = WAIT_S if wait_s is None else wait_s  # read at the call: tests lower WAIT_S
     async with AsyncExitStack() as stack:
         for adapter in sorted(set(adapters)):
-            wait = WAIT_S if wait_s is None else wait_s
             lock = redis.lock(keys.adapter_lock(*adapter), timeout=HOLD_S, blocking_timeout=wait)
             if not await lock.acquire():
                 raise AdapterBusy(adapter, tenant)

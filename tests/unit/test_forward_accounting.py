@@ -195,14 +195,19 @@ async def test_a_client_that_leaves_while_the_answer_is_read_leaves_no_request_i
     assert answer.closed, "the upstream connection is closed: vLLM aborts the request"
 
 
-async def test_a_stream_request_cancelled_while_its_refusal_is_read_leaves_no_request_in_flight() -> None:
-    answer = Answer(400, None)
-    forwarder, call, replica = forwarding(answer, stream=True)
+async def cancelled_once(forwarder: Forwarder, call: Call, reached: asyncio.Event) -> None:
+    """Forward `call`, and cancel it once `reached` is set (the client left): the cancellation gets through."""
     request = asyncio.ensure_future(forwarder.forward(call))
-    await asyncio.wait_for(answer.started.wait(), 5)
+    await asyncio.wait_for(reached.wait(), 5)
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
+
+
+async def test_a_stream_request_cancelled_while_its_refusal_is_read_leaves_no_request_in_flight() -> None:
+    answer = Answer(400, None)
+    forwarder, call, replica = forwarding(answer, stream=True)
+    await cancelled_once(forwarder, call, answer.started)
     assert replica.inflight == 0 and answer.closed
 
 
@@ -420,11 +425,7 @@ async def test_a_stream_cancelled_while_its_failed_replica_is_checked_leaves_not
     call = Call(
         "chat", "/v1/chat/completions", {"model": "base", "messages": []}, ROUTE, "r1", True, stays, new_context()
     )
-    request = asyncio.ensure_future(forwarder.forward(call))
-    await asyncio.wait_for(pool.asked.wait(), 5)
-    request.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await request
+    await cancelled_once(forwarder, call, pool.asked)
     assert replica.inflight == 0 and answer.closed
 
 
