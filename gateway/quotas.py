@@ -29,6 +29,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -104,10 +105,12 @@ def _scopes(principal: Principal, tenant: Tenant) -> Scopes:
     return tuple(scope for scope in scopes if scope[1] is not None or scope[2] is not None)
 
 
-def _check_cost(scopes: Scopes, cost: int, needs: str, remedy: str, param: str) -> None:
-    """400 when `cost` is over a scope's whole tokens-per-minute limit: no minute would admit it."""
+def _check_cost(scopes: Scopes, cost: int, param: str, words: Callable[[], tuple[str, str]]) -> None:
+    """400 when `cost` is over a scope's whole tokens-per-minute limit: no minute would admit it. `words`: what the
+    request needs and the remedy, written only then (formatting them for every request cost it a microsecond)."""
     for scope, _, tpm in scopes:
         if tpm is not None and cost > tpm:
+            needs, remedy = words()
             whose = "this key's" if scope.startswith(keys.key_scope("")) else "the tenant's"
             raise InvalidRequest(
                 f"{needs}, more than {whose} tokens-per-minute limit ({tpm}) allows at once: {remedy}.",
@@ -155,10 +158,12 @@ class QuotaGate:
         _check_cost(
             scopes,
             cost,
-            f"This request may use up to {cost} tokens",
-            f"name a lower max_tokens (a chat request naming none counts {self._reserve_tokens} for each answer), ask "
-            "for fewer answers (n), or for a higher limit",
             "max_tokens",
+            lambda: (
+                f"This request may use up to {cost} tokens",
+                f"name a lower max_tokens (a chat request naming none counts {self._reserve_tokens} for each answer), "
+                "ask for fewer answers (n), or for a higher limit",
+            ),
         )
         for attempt in range(2):
             taken = self._leases.take(scopes, cost) or await self._leases.after_ask(scopes, cost)
@@ -193,10 +198,12 @@ class QuotaGate:
         _check_cost(
             counted,
             cost,
-            f"This rating's text counts {cost} tokens (its correction, comment, labels and user, {CHARS_PER_TOKEN} "
-            "characters a token)",
-            "send a shorter correction or comment, or ask for a higher limit",
             "correction",
+            lambda: (
+                f"This rating's text counts {cost} tokens (its correction, comment, labels and user, {CHARS_PER_TOKEN} "
+                "characters a token)",
+                "send a shorter correction or comment, or ask for a higher limit",
+            ),
         )
         if not counted:
             return Admission.unlimited()

@@ -28,13 +28,13 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import redis.asyncio as aioredis
 
 from gateway import heap
+from gateway.recent_completions import PackedOwners, owners
 from gateway.record_builder import RawRecord, RawRow, build_entries
 from gateway.record_store import UNREACHABLE, RecordStore
 
@@ -58,8 +58,6 @@ away costs the record process a little: every 5 records, 3% of its records/s int
 measured (four runs each)."""
 STOP_WAIT_S = 5.0
 """How long a stopping gateway waits for its record process to write what it holds and end, before killing it."""
-Owner = tuple[str, float | None]
-"""Who answered a completion: the tenant's name and when that tenant was created (None: not known)."""
 
 
 @dataclass
@@ -69,9 +67,9 @@ class Built:
     entries: list[dict[str, Any]]
     """Built and not written: the gateway writes or spools them."""
     unbuildable: int = 0
-    written: dict[str, Owner] = field(default_factory=dict)
+    written: PackedOwners = field(default_factory=PackedOwners)
     """Written by the record process (sent to the script: it skips what was already written or erased): completion
-    id -> owner, the owners shared (one tuple per tenant: pickled once)."""
+    id -> owner, the owners shared (one tuple per tenant: marshalled once)."""
     stored: int = 0
     """Of those, how many the script appended to a log; `skipped`, how many it skipped (record_store.Written)."""
     skipped: int = 0
@@ -114,7 +112,7 @@ class _Writer:
             self._failed_epoch = epoch
             built.unreachable = repr(exc)
             return built
-        built.written = owners(e for e in built.entries if e["id"] not in done.refused)
+        built.written = PackedOwners.pack(owners(e for e in built.entries if e["id"] not in done.refused))
         built.stored, built.skipped, built.refused = done.written, done.skipped(len(built.entries)), len(done.refused)
         built.entries = []
         return built
@@ -123,16 +121,6 @@ class _Writer:
         if self._store is not None and self._redis is not None:
             await self._store.close()
             await self._redis.aclose()
-
-
-def owners(entries: Iterable[dict[str, Any]]) -> dict[str, Owner]:
-    """Completion id -> owner of built entries."""
-    shared: dict[Owner, Owner] = {}
-    written = {}
-    for entry in entries:
-        owner = (entry["tenant"], entry.get("tenant_created"))
-        written[entry["id"]] = shared.setdefault(owner, owner)
-    return written
 
 
 async def _message(reader: asyncio.StreamReader) -> Any:
@@ -220,7 +208,7 @@ class _Process:
 
     def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.batches.write(len(data).to_bytes(HEADER, "big") + data)
+        self.batches.writelines((len(data).to_bytes(HEADER, "big"), data))
 
     async def answer(self) -> Built:
         size = int.from_bytes(await self.answers.readexactly(HEADER), "big")

@@ -35,7 +35,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -45,83 +44,22 @@ from gateway import keys, replay_marks
 from gateway.clock import RedisClock
 from gateway.context import RequestContext
 from gateway.metrics import Metrics
+from gateway.recent_completions import RecentCompletions, owners
 from gateway.record_builder import RawRow, raw_row, row_size
-from gateway.record_store import TRIMMED_KEEP_S, UNREACHABLE, RecordStore
-from gateway.record_worker import Built, Owner, RecordWorker, RecordWorkers, ThreadBuilder, owners
+from gateway.record_store import UNREACHABLE, RecordStore
+from gateway.record_worker import Built, RecordWorker, RecordWorkers, ThreadBuilder
 from gateway.spool import Spool
 
 log = logging.getLogger("loragate.recorder")
 
 RETRY_S = 1.0
 """How often Redis is tried again while the log is degraded (and how often an idle recorder looks at its spool)."""
-RECENT = 65536
-"""Completion ids remembered per process (owner tenant), for feedback that arrives while Redis is down."""
 SHARE_AFTER = 4
 """Batches waiting before this process writes too (`_drain_queue`). At one (before), a record process that fell 100 ms
 behind at 5,000 requests/s (it gives the CPU away every few records) left this process, the one the requests wait on,
 writing 49-74% of the records itself; at four it wrote none. One gateway process switched between the two under load
 (64 clients, 2 cores, three runs): 1.1%, 3.9% and 5.3% more requests/s at four, 1.0, 6.8 and 9.7 µs less of its CPU
 per request."""
-KEPT_S = TRIMMED_KEEP_S - 600
-"""How long a completion is vouched for by the process that answered it: less than a trimmed record's index keeps
-saying TRIMMED (record_store.TRIMMED_KEEP_S). Remembered past that, a completion trimmed from its log took ratings
-again, 200, where every other process said 404, and its owner's erasure left them."""
-MERGE_S = 60.0
-"""A batch remembered takes the small ones after it for this long at most (each forgotten KEPT_S after the first)."""
-MERGED = 256
-"""Remembered batches smaller than this are merged (a lookup walks the batches); full ones (500) are kept as sent."""
-
-
-class RecentCompletions:
-    """Who answered the last RECENT (at least) completions this process handled in the last KEPT_S, for feedback
-    that arrives while Redis is down. Kept a batch at a time, as the record process sends them (a dict each; small
-    ones merged, at C speed, into one begun within MERGE_S): no Python work per record; a lookup walks the batches,
-    newest first (at most about 260 when full)."""
-
-    def __init__(self, limit: int = RECENT, kept_s: float = KEPT_S) -> None:
-        self._batches: deque[tuple[float, dict[str, Owner]]] = deque()
-        self._count = 0
-        self._limit, self._kept_s = limit, kept_s
-
-    def add(self, batch: dict[str, Owner]) -> None:
-        if not batch:
-            return
-        now = time.monotonic()
-        if self._batches and len(self._batches[-1][1]) < MERGED and now - self._batches[-1][0] < MERGE_S:
-            self._count -= len(self._batches[-1][1])
-            self._batches[-1][1].update(batch)
-        else:
-            self._batches.append((now, batch))
-        self._count += len(self._batches[-1][1])
-        while self._count - len(self._batches[0][1]) >= self._limit or now - self._batches[0][0] > self._kept_s:
-            self._count -= len(self._batches.popleft()[1])
-            if not self._batches:
-                break
-
-    def get(self, completion_id: str, within_s: float | None = None) -> Owner | None:
-        """Who answered the completion, if this process did within KEPT_S (and `within_s`)."""
-        oldest = time.monotonic() - (self._kept_s if within_s is None else min(self._kept_s, within_s))
-        for added, batch in reversed(self._batches):
-            if added < oldest:
-                return None
-            if (owner := batch.get(completion_id)) is not None:
-                return owner
-        return None
-
-    def __setitem__(self, completion_id: str, owner: Owner) -> None:
-        self.add({completion_id: owner})
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[str]:
-        """The ids remembered, oldest first (one remembered twice, twice)."""
-        for _, batch in self._batches:
-            yield from batch
-
-    def clear(self) -> None:
-        self._batches.clear()
-        self._count = 0
 
 
 class Recorder:

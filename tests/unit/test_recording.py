@@ -245,7 +245,7 @@ async def test_the_record_process_writes_nothing_after_a_failed_write_until_a_ne
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
         await worker.send([raw_row(context(tenant, 0))], "first", 0)
-        assert (await worker.receive())[1].written == {"chatcmpl-0": ("t", tenant.created)}
+        assert (await worker.receive())[1].written.unpack() == {"chatcmpl-0": ("t", tenant.created)}
         own_redis.kill()
         await worker.send([raw_row(context(tenant, 1))], "failed", 0)
         _, failed = await worker.receive()
@@ -258,7 +258,7 @@ async def test_the_record_process_writes_nothing_after_a_failed_write_until_a_ne
             assert got == tag and len(built.entries) == 1 and not built.written and not built.unreachable
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0"], "nothing after the failure"
         await worker.send([raw_row(context(tenant, 4))], "next epoch", 1)
-        assert (await worker.receive())[1].written == {"chatcmpl-4": ("t", tenant.created)}
+        assert (await worker.receive())[1].written.unpack() == {"chatcmpl-4": ("t", tenant.created)}
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0", "chatcmpl-4"]
     finally:
         await worker.stop()
@@ -452,12 +452,14 @@ async def test_record_processes_share_batches_and_write_one_only_while_no_other_
         assert [worker.pending for worker in pool._workers] == [2, 1] and pool.pending == 3
         got = [await pool.receive() for _ in range(3)]
         assert [tag for tag, _ in got] == [0, 1, 2]
-        assert list(got[0][1].written) == ["chatcmpl-0"] and not got[0][1].entries, "alone in flight: written there"
+        first = got[0][1]
+        assert list(first.written.unpack()) == ["chatcmpl-0"] and not first.entries, "alone in flight: written there"
         assert [[e["id"] for e in built.entries] for _, built in got[1:]] == [["chatcmpl-1"], ["chatcmpl-2"]]
         assert not any(built.written for _, built in got[1:]), "sent while another was in flight: built only"
         assert stream_ids(await redis.xrange(keys.completion_log("t"))) == ["chatcmpl-0"]
         await pool.send([raw_row(context(tenant, 3))], 3, epoch=0)
-        assert list((await pool.receive())[1].written) == ["chatcmpl-3"], "nothing else in flight: written there"
+        last = (await pool.receive())[1]
+        assert list(last.written.unpack()) == ["chatcmpl-3"], "nothing else in flight: written there"
         processes = [worker._process for worker in pool._workers]
         assert all(processes) and len({p.process.pid for p in processes if p}) == 2, "two processes"
     finally:
@@ -584,12 +586,12 @@ async def test_a_batch_sent_after_its_record_process_died_is_left_to_the_gateway
     await worker.send([raw_row(context(Tenant(name="t"), 1))], 1, epoch=0)  # to a new process
     await worker.send([raw_row(context(Tenant(name="t"), 2))], 2, epoch=0)
     got = [await worker.receive() for _ in range(3)]
-    assert [(tag, [e["id"] for e in built.entries], built.written) for tag, built in got] == [
+    assert [(tag, [e["id"] for e in built.entries], built.written.unpack()) for tag, built in got] == [
         (n, [f"chatcmpl-{n}"], {}) for n in range(3)
     ], "all three come back to be written by the gateway, in order"
     assert await redis.xlen(keys.completion_log("t")) == 0
     await worker.send([raw_row(context(Tenant(name="t"), 3))], 3, epoch=0)
-    assert list((await worker.receive())[1].written) == ["chatcmpl-3"], "once they are back, it writes again"
+    assert list((await worker.receive())[1].written.unpack()) == ["chatcmpl-3"], "once they are back, it writes again"
     await worker.stop()
 
 
