@@ -33,16 +33,20 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, dict
             raise ValueError("header length is out of range: not a safetensors file")
         if length > max_bytes:
             raise ValueError(f"header holds {length} bytes, more than the {max_bytes} taken")
+        raw = handle.read(length)
         try:
-            header = json.loads(handle.read(length).decode("utf-8"), parse_constant=_no_constant)
+            header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except RecursionError as exc:  # nested deeper than any real header
             raise ValueError("header is nested too deeply") from exc
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    try:  # a lone surrogate escape (`"\ud800"`): json reads it, safe_open's serde_json does not
-        json.dumps(header, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("header holds a lone surrogate (an escape of half a UTF-16 pair)") from exc
+    # A lone surrogate escape (`"\ud800"`): json reads it, safe_open's serde_json does not. The bytes were strict
+    # UTF-8, so only an escape can hold one: the header is written out again only when it has escapes.
+    if b"\\u" in raw:
+        try:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("header holds a lone surrogate (an escape of half a UTF-16 pair)") from exc
     _check_metadata(header.pop("__metadata__", None))
     end = 8 + length
     for name, info in header.items():

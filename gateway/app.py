@@ -55,8 +55,9 @@ UPSTREAM_KEEPALIVE_S = 2.0
 of idling lags the engine's under load (at 4 s, a CI burst after a lull met closed ones: `gateway.engine.sessions`)."""
 LEFTOVER_S = 3600.0
 """How long what a process that died mid-change left (an upload's scratch folder, a version uploaded and never
-listed) stays before `_sweep` removes it; an upload's body, which a slow client sends for longer, a day."""
+listed) stays before `_sweep` removes it."""
 UPLOAD_LEFTOVER_S = 86400.0
+"""The same for an upload's body, which a slow client sends for longer."""
 SHARE_USES_S = 1.0
 """How often each process shares its adapter uses (well within a use's protection, `Residency.protect_s`)."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter as Tally
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,16 +65,19 @@ class NameLabels:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.named: dict[str, set[tuple[str, ...]]] = {}
+        self.seen: dict[str, set[Hashable]] = {}
 
-    def __call__(self, tenant: str, names: tuple[str, ...]) -> tuple[str, ...]:
-        seen = self.named.setdefault(tenant, set())
+    def shown(self, tenant: str, names: Hashable) -> bool:
+        """Whether `names` get labels of their own (else they are `other`)."""
+        seen = self.seen.get(tenant)
+        if seen is None:
+            seen = self.seen[tenant] = set()
         if names in seen:
-            return names
+            return True
         if len(seen) < self.cap:
             seen.add(names)
-            return names
-        return tuple(OTHER if name else "" for name in names)
+            return True
+        return False
 
 
 class _Series:
@@ -232,10 +235,8 @@ class Metrics:
         if route is None:
             return route_name, named, "", "", ""
         model, adapter, arm = route.requested.partition("@")[0], route.adapter_label or "", route.arm or ""
-        if self.tenant.beyond(tenant, named):
+        if self.tenant.beyond(tenant, named) or not self.names.shown(tenant, (model, adapter, arm)):
             model, adapter, arm = (OTHER if value else "" for value in (model, adapter, arm))
-        else:
-            model, adapter, arm = self.names(tenant, (model, adapter, arm))
         return route_name, named, model, adapter, arm
 
     def adapter_labels(self, upstream: str) -> tuple[str, str]:
@@ -246,7 +247,8 @@ class Metrics:
         named = self.tenant(owner) if owner else ""
         if self.tenant.beyond(owner, named):
             return named, OTHER
-        return named, self.adapters(owner, (rest.rpartition("@")[0] or rest,))[0]
+        name = rest.rpartition("@")[0] or rest
+        return named, name if self.adapters.shown(owner, name) else (OTHER if name else "")
 
     # -- recording -------------------------------------------------------------------------------
 

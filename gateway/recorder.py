@@ -296,19 +296,23 @@ class Recorder:
         until the records queued meanwhile are written too (`_cycle`), the process is marked in Redis
         (gateway.replay_marks): feedback on a completion no index names yet is then not a 404 at another process
         (it may be one of these records), but a 503, or spooled."""
-        replayed, renew_at = 0, [time.monotonic() + replay_marks.MARK_S / 3]
+        replayed, renew_at = 0, 0.0
+
+        async def mark() -> None:
+            nonlocal renew_at
+            await replay_marks.mark(self._redis, self._token)
+            renew_at = time.monotonic() + replay_marks.MARK_S / 3
 
         async def write(entries: list[dict[str, Any]]) -> None:
-            if time.monotonic() >= renew_at[0]:
-                await replay_marks.mark(self._redis, self._token)
-                renew_at[0] = time.monotonic() + replay_marks.MARK_S / 3
+            if time.monotonic() >= renew_at:
+                await mark()
             await self._write(entries)
 
         try:
-            await replay_marks.mark(self._redis, self._token)
+            await mark()
             while self._spool.pending():  # what was spooled during a pass, too, before the log goes on
                 replayed += await self._spool.drain(write)
-            await replay_marks.mark(self._redis, self._token)
+            await mark()
             self._marked_until = self._queued_seq
         except (RedisError, OSError):
             return  # the mark lapses by itself: the records still wait

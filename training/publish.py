@@ -65,7 +65,8 @@ async def serving(
     run's canary whose guard rails rolled its candidate back (weight 0, the experiment left running): that one is
     rolled back (the alias then serves what it served before the canary, as every request did already), or a
     retraining job on a schedule was refused until somebody ended it by hand."""
-    target = (await pointers.of(tenant)).aliases.get(alias)
+    aliases = (await pointers.of(tenant)).aliases
+    target = aliases.get(alias)
     if target is None:
         raise RetrainRefused(
             f"Tenant {tenant} has no alias `{alias}`: create it first "
@@ -88,7 +89,7 @@ async def serving(
     if "@" in ref and "/" not in target:
         return Serving(alias, target, AdapterRef.parse(ref).name, target)
     name = check_name(f"{alias}-tuned")
-    if name in (await pointers.of(tenant)).aliases:  # an adapter of that name would freeze that alias (and hide)
+    if name in aliases:  # an adapter of that name would freeze that alias (and hide)
         raise RetrainRefused(alias_named(tenant, name, alias))
     return Serving(alias, target, name, None)
 

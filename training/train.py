@@ -333,12 +333,7 @@ def train(
     )
     args = trainer_args(config, run_dir, precision, epochs)
     trainer = build_trainer(config, args, load_base(base_dir, precision, qlora), base_dir, data)
-    _check_kept(trainer, len(data["train"]), config.max_length, report)
-    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:  # type: ignore[arg-type]
-        raise TrainingRefused(  # epoch 1's evaluation had no eval_loss, and early stopping failed on its KeyError
-            f"all {len(data['validation'])} validation examples are longer than max_length={config.max_length} tokens "
-            "before their answer begins: raise max_length"
-        )
+    _check_kept(trainer, len(data["train"]), len(data["validation"]), config.max_length, report)
     watch = EpochWatch(epochs, len(data["train"]), progress)
     trainer.add_callback(as_trainer_callback(watch))
     if stop is not None:
@@ -355,10 +350,11 @@ def train(
     return _result(config, trainer, watch, run_dir, checked, resume_from, qlora, precision, started)
 
 
-def _check_kept(trainer: Trainer, given: int, max_length: int, report: Progress) -> None:
+def _check_kept(trainer: Trainer, given: int, validation: int, max_length: int, report: Progress) -> None:
     """The trainer drops examples whose answer `max_length` cuts away entirely (TRL: "fully masked"): said when it
     drops some, refused when it drops them all (torch then failed with `num_samples=0`, and the data card still
-    counted every example)."""
+    counted every example); refused too when it drops every one of the `validation` examples (epoch 1's evaluation
+    then had no eval_loss, and early stopping failed on its KeyError)."""
     kept = len(trainer.train_dataset) if trainer.train_dataset is not None else given  # type: ignore[arg-type]
     if kept == 0:
         raise TrainingRefused(
@@ -367,6 +363,11 @@ def _check_kept(trainer: Trainer, given: int, max_length: int, report: Progress)
         )
     if kept < given:
         report(f"{given - kept} of {given} training examples dropped: no answer left within max_length={max_length}")
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:  # type: ignore[arg-type]
+        raise TrainingRefused(
+            f"all {validation} validation examples are longer than max_length={max_length} tokens before their "
+            "answer begins: raise max_length"
+        )
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
+from gateway.ports import url_host
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -147,8 +148,7 @@ def redis_servers(settings: Settings) -> str:
         parts = urlsplit(url)
         if not parts.netloc:  # unix:///path
             return url.partition("?")[0]
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
+        netloc = url_host(parts.hostname or "")
         return parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc, query="").geturl()
 
     named = f"LORAGATE_REDIS_URL={shown(settings.redis_url)}"
